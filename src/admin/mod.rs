@@ -1,0 +1,284 @@
+//! The admin API on its own listener (default 127.0.0.1:9901): liveness, readiness, metrics,
+//! the effective config, the log level and a shutdown endpoint.
+//!
+//! Requests come in from probes, scrapers and operators; they leave as reads of shared state or
+//! as [`Control`] values on the one control channel. Endpoints that change something
+//! (`PUT /log-level`, `POST /shutdown`, `POST /reload`) answer 403 to non-loopback peers even
+//! when the admin listener is configured on another address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::runtime::{Control, Health, RunningConfig};
+use crate::telemetry::log::LogLevel;
+use crate::telemetry::metrics::{self, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+
+/// What the admin handlers read and where they send requests.
+#[derive(Clone)]
+pub struct AdminState {
+    pub health: Arc<Health>,
+    pub registry: Arc<Registry>,
+    pub config: Arc<RunningConfig>,
+    pub log_level: LogLevel,
+    pub control: mpsc::Sender<Control>,
+}
+
+/// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`: the
+/// loopback check needs the peer address.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_handler))
+        .route("/config", get(config))
+        .route("/log-level", get(get_log_level).put(put_log_level))
+        .route("/shutdown", post(shutdown))
+        .route("/reload", post(reload))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut text = body.to_string();
+    text.push('\n');
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    json_response(status, json!({ "error": message.into() }))
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; try /live, /ready, /metrics, /config, /log-level, /reload or /shutdown",
+    )
+}
+
+async fn live() -> &'static str {
+    "live\n"
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    let report = s.health.report();
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, serde_json::to_value(&report).unwrap_or_default())
+}
+
+async fn metrics_handler(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let body = metrics::encode(&s.registry, openmetrics);
+    let content_type = if openmetrics {
+        OPENMETRICS_CONTENT_TYPE
+    } else {
+        PROMETHEUS_CONTENT_TYPE
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn config(State(s): State<AdminState>) -> Response {
+    let config = s.config.config.load_full();
+    let last_reload = s.config.last_reload.lock().expect("not poisoned").clone();
+    json_response(
+        StatusCode::OK,
+        json!({
+            "config": &*config,
+            "log_level": s.log_level.get(),
+            "last_reload": last_reload,
+        }),
+    )
+}
+
+async fn get_log_level(State(s): State<AdminState>) -> String {
+    format!("{}\n", s.log_level.get())
+}
+
+fn loopback_only(peer: SocketAddr) -> Result<(), Response> {
+    if peer.ip().to_canonical().is_loopback() {
+        Ok(())
+    } else {
+        tracing::warn!(peer.addr = %peer, "refused an admin change from a non-loopback peer");
+        Err(error(
+            StatusCode::FORBIDDEN,
+            "this endpoint answers loopback peers only",
+        ))
+    }
+}
+
+async fn put_log_level(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = loopback_only(peer) {
+        return r;
+    }
+    let Ok(spec) = std::str::from_utf8(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected a UTF-8 log filter like debug",
+        );
+    };
+    match s.log_level.set(spec) {
+        Ok(()) => {
+            tracing::info!(
+                level = spec.trim(),
+                "log level changed through the admin API"
+            );
+            (StatusCode::OK, format!("{}\n", s.log_level.get())).into_response()
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("expected a log filter like info, debug or info,outrigger=debug: {e}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct ShutdownQuery {
+    #[serde(default)]
+    fast: bool,
+}
+
+async fn shutdown(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<ShutdownQuery>,
+) -> Response {
+    if let Err(r) = loopback_only(peer) {
+        return r;
+    }
+    let graceful = !query.fast;
+    send(&s, Control::Shutdown { graceful }, "shutdown")
+}
+
+async fn reload(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if let Err(r) = loopback_only(peer) {
+        return r;
+    }
+    send(&s, Control::Reload, "reload")
+}
+
+fn send(s: &AdminState, control: Control, what: &str) -> Response {
+    match s.control.try_send(control) {
+        Ok(()) => {
+            tracing::info!(request = what, "accepted through the admin API");
+            json_response(StatusCode::ACCEPTED, json!({ "accepted": what }))
+        }
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the sidecar is busy stopping or has too many pending requests",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn state() -> (AdminState, mpsc::Receiver<Control>) {
+        let m = crate::telemetry::metrics::Metrics::new();
+        let (tx, rx) = mpsc::channel(4);
+        let health = Arc::new(Health::new(m.runtime.clone()));
+        (
+            AdminState {
+                health,
+                registry: Arc::new(m.registry),
+                config: Arc::new(RunningConfig::new(crate::config::Config::defaults())),
+                log_level: LogLevel::detached("info"),
+                control: tx,
+            },
+            rx,
+        )
+    }
+
+    fn request(method: &str, uri: &str, peer: &str, body: &str) -> Request<Body> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
+    }
+
+    async fn call(state: &AdminState, req: Request<Body>) -> (StatusCode, String) {
+        let res = router(state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn changes_are_refused_to_remote_peers() {
+        let (s, mut rx) = state();
+        let (status, _) = call(&s, request("POST", "/shutdown", "10.1.2.3:5555", "")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _) = call(&s, request("PUT", "/log-level", "10.1.2.3:5555", "debug")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(s.log_level.get(), "info");
+        assert!(rx.try_recv().is_err());
+        // IPv4-mapped loopback counts as loopback.
+        let (status, _) = call(
+            &s,
+            request("POST", "/shutdown?fast=true", "[::ffff:127.0.0.1]:1", ""),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Control::Shutdown { graceful: false }
+        );
+    }
+
+    #[tokio::test]
+    async fn log_level_is_validated() {
+        let (s, _rx) = state();
+        let (status, body) = call(
+            &s,
+            request("PUT", "/log-level", "127.0.0.1:1", "not a [filter"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(s.log_level.get(), "info");
+        let (status, body) = call(&s, request("PUT", "/log-level", "127.0.0.1:1", "debug\n")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "debug\n");
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_json() {
+        let (s, _rx) = state();
+        let (status, body) = call(&s, request("GET", "/nope", "127.0.0.1:1", "")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("\"error\""), "{body}");
+    }
+}

@@ -1,0 +1,389 @@
+//! Configuration: one YAML file (or none: embedded defaults), then environment overrides, then
+//! `--set` flags, parsed into [`raw::RawConfig`] and validated into the typed [`Config`].
+//!
+//! Every problem is collected with its file:line:column ([`document`]) so users fix them all
+//! in one go; `main` prints them and exits with 78 (EX_CONFIG) before anything starts.
+//! Overrides are merged here and only here, through [`Environment`] so tests can pass a map.
+
+pub mod document;
+pub mod raw;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use document::{Origin, Problem};
+pub use raw::LogFormat;
+pub use types::{Address, Duration, Secret};
+
+use document::Document;
+use raw::RawConfig;
+
+/// Environment variables that override a config key, for the few keys people change per
+/// deployment. `--set key=value` reaches every key.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("OUTRIGGER_SERVICE", "service"),
+    ("OUTRIGGER_ADMIN_ADDRESS", "admin.address"),
+    ("OUTRIGGER_LOG_LEVEL", "log.level"),
+    ("OUTRIGGER_LOG_FORMAT", "log.format"),
+    ("OUTRIGGER_WORKER_THREADS", "runtime.worker_threads"),
+];
+
+/// Where overrides come from: the process environment, or a map in tests.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// What to load: the file (if any) and the `--set key=value` flags, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    pub file: Option<PathBuf>,
+    pub sets: Vec<(String, String)>,
+    /// The app command from `outrigger run -- CMD`; replaces `app.command`.
+    pub app_command: Option<Vec<String>>,
+}
+
+/// The validated, typed configuration the sidecar runs with.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// The file it was read from (none: embedded defaults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+    /// This workload's name: metric labels and, later, its identity.
+    pub service: String,
+    pub admin: AdminConfig,
+    pub runtime: RuntimeConfig,
+    pub log: LogConfig,
+    /// The supervised app, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppConfig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RuntimeConfig {
+    pub worker_threads: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, or `info,outrigger::admin=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AppConfig {
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<Vec<Problem>> for ConfigError {
+    fn from(mut problems: Vec<Problem>) -> Self {
+        problems.sort_by(|a, b| a.origin.cmp(&b.origin));
+        ConfigError { problems }
+    }
+}
+
+/// Reads, merges and validates the configuration.
+pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigError> {
+    let name = document::display_name(source.file.as_deref());
+    let text = match &source.file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::from(vec![Problem {
+                origin: Origin::Whole {
+                    file: name.display().to_string(),
+                },
+                path: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?,
+        None => String::new(),
+    };
+    let mut doc = Document::parse(&name, &text).map_err(|p| ConfigError::from(vec![p]))?;
+
+    let mut problems = Vec::new();
+    for (var, key) in ENV_OVERRIDES {
+        if let Some(v) = env.var(var) {
+            if let Err(p) = doc.set(key, &v, &format!("env {var}")) {
+                problems.push(p);
+            }
+        }
+    }
+    for (key, v) in &source.sets {
+        if let Err(p) = doc.set(key, v, &format!("--set {key}")) {
+            problems.push(p);
+        }
+    }
+    let raw: RawConfig = match doc.deserialize() {
+        Ok(raw) => raw,
+        Err(mut more) => {
+            problems.append(&mut more);
+            return Err(problems.into());
+        }
+    };
+    let config = validate(raw, source, &doc, &mut problems);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems.into())
+    }
+}
+
+/// Raw → typed, with the checks serde cannot express. Pushes a located problem for each.
+fn validate(
+    raw: RawConfig,
+    source: &Source,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Config {
+    let service = raw
+        .service
+        .unwrap_or_else(|| raw::DEFAULT_SERVICE.to_string());
+    if service.is_empty()
+        || !service
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        problems.push(doc.problem(
+            "service",
+            format!("expected a name of letters, digits, '-', '_' or '.', found {service:?}"),
+        ));
+    }
+
+    let admin_address = raw
+        .admin
+        .address
+        .map(|a| a.0)
+        .unwrap_or_else(|| raw::DEFAULT_ADMIN_ADDRESS.parse().expect("valid default"));
+
+    let worker_threads = raw
+        .runtime
+        .worker_threads
+        .unwrap_or(raw::DEFAULT_WORKER_THREADS);
+    if worker_threads == 0 || worker_threads > 64 {
+        problems.push(doc.problem(
+            "runtime.worker_threads",
+            format!("expected a number of threads from 1 to 64, found {worker_threads}"),
+        ));
+    }
+
+    let level = raw
+        .log
+        .level
+        .unwrap_or_else(|| raw::DEFAULT_LOG_LEVEL.to_string());
+    if let Err(e) = crate::telemetry::log::parse_filter(&level) {
+        problems.push(doc.problem(
+            "log.level",
+            format!("expected a log filter like info, debug or info,outrigger=debug: {e}"),
+        ));
+    }
+
+    let command = source.app_command.clone().or(raw.app.command);
+    let app = match command {
+        Some(cmd) if cmd.is_empty() || cmd[0].is_empty() => {
+            problems.push(doc.problem(
+                "app.command",
+                "expected a program and its arguments, like [python3, app.py], found an empty list",
+            ));
+            None
+        }
+        Some(command) => Some(AppConfig {
+            command,
+            env: raw.app.env.unwrap_or_default(),
+        }),
+        None => {
+            if raw.app.env.is_some() {
+                problems.push(doc.problem(
+                    "app.env",
+                    "app.env is set but there is no app.command (or `-- CMD`) to give it to",
+                ));
+            }
+            None
+        }
+    };
+
+    Config {
+        source: source.file.clone(),
+        service,
+        admin: AdminConfig {
+            address: admin_address,
+        },
+        runtime: RuntimeConfig {
+            worker_threads,
+            shutdown_grace: raw
+                .runtime
+                .shutdown_grace
+                .unwrap_or(raw::DEFAULT_SHUTDOWN_GRACE),
+        },
+        log: LogConfig {
+            level,
+            format: raw.log.format.unwrap_or_default(),
+        },
+        app,
+    }
+}
+
+impl Config {
+    /// The embedded defaults (what `outrigger run` uses without `-c`).
+    pub fn defaults() -> Config {
+        load(&Source::default(), &BTreeMap::new()).expect("the defaults are valid")
+    }
+
+    /// The effective config as YAML, secrets redacted (for `outrigger check`).
+    pub fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Parses `key=value` as given to `--set`.
+pub fn parse_set(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, found {s:?}"))?;
+    if k.trim().is_empty() {
+        return Err(format!("expected key=value with a key, found {s:?}"));
+    }
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_text(
+        text: &str,
+        env: &[(&str, &str)],
+        sets: &[(&str, &str)],
+    ) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let source = Source {
+            file: Some(f.path().to_path_buf()),
+            sets: sets
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            app_command: None,
+        };
+        load(&source, &env)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::defaults();
+        assert_eq!(c.service, "app");
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.runtime.worker_threads, 1);
+        assert_eq!(c.runtime.shutdown_grace.get().as_secs(), 30);
+        assert_eq!(c.log.level, "info");
+        assert!(c.app.is_none());
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_set() {
+        let c = load_text(
+            "service: from-file\nadmin:\n  address: 127.0.0.1:1\n",
+            &[
+                ("OUTRIGGER_SERVICE", "from-env"),
+                ("OUTRIGGER_ADMIN_ADDRESS", "127.0.0.1:2"),
+            ],
+            &[("admin.address", "127.0.0.1:3")],
+        )
+        .unwrap();
+        assert_eq!(c.service, "from-env");
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:3");
+    }
+
+    #[test]
+    fn semantic_problems_are_located() {
+        let err = load_text(
+            "service: 'bad name'\nruntime:\n  worker_threads: 0\nlog:\n  level: 'not a [level'\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].contains(":1:10: service: expected a name"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].contains(":3:19: runtime.worker_threads: expected a number of threads"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[2].contains(":5:10: log.level: expected a log filter"),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn bad_override_is_named() {
+        let err = load_text("", &[("OUTRIGGER_WORKER_THREADS", "many")], &[]).unwrap_err();
+        assert_eq!(
+            err.problems[0].to_string(),
+            "env OUTRIGGER_WORKER_THREADS: runtime.worker_threads: invalid type: string \"many\", expected usize"
+        );
+    }
+
+    #[test]
+    fn set_parsing() {
+        assert_eq!(parse_set("a.b=c=d").unwrap(), ("a.b".into(), "c=d".into()));
+        assert!(parse_set("nokey").is_err());
+        assert!(parse_set("=v").is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! The `outrigger` command line: parses arguments, loads the config, runs the sidecar.
+//! Exit codes: 0 ok, 64 usage, 78 config (nothing was started), the app's code in supervision
+//! mode, 1 for any other failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use outrigger::config::{self, ProcessEnv, Source};
+
+/// Exit code for a command-line usage error (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+/// Exit code for an invalid configuration (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "outrigger",
+    version,
+    about = "One small sidecar for proxying, TLS, telemetry, lifecycle, reloads and a Dapr-compatible API",
+    after_help = "Examples:\n  \
+        outrigger run                                   admin only, embedded defaults\n  \
+        outrigger run -c outrigger.yaml -- python3 app.py   supervise an app\n  \
+        outrigger check -c outrigger.yaml               validate and print the effective config\n  \
+        outrigger run -c f.yaml --set admin.address=127.0.0.1:9902\n\n\
+        Docs: docs/configuration.md"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (and the app after `--`, if given).
+    #[command(after_help = "Example:\n  outrigger run -c outrigger.yaml -- python3 app.py")]
+    Run(RunArgs),
+    /// Validate a config and print the effective config (secrets redacted); exit 78 if invalid.
+    #[command(after_help = "Example:\n  outrigger check -c outrigger.yaml --set log.level=debug")]
+    Check(ConfigArgs),
+    /// Print the version and the compiled-in modules.
+    Version,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Config file (YAML). Without it, the embedded defaults.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "OUTRIGGER_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set admin.address=127.0.0.1:9902 (repeatable; wins over
+    /// the file and OUTRIGGER_* variables).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set)]
+    sets: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Log filter, like info or info,outrigger=debug (same as --set log.level=...).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format for Outrigger's own logs (same as --set log.format=...).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormatArg>,
+    /// Write the bound listener addresses as JSON to this file once all are bound.
+    #[arg(long, value_name = "FILE")]
+    listeners_file: Option<PathBuf>,
+    /// The app to run and supervise, after `--`.
+    #[arg(last = true, value_name = "APP ARGS")]
+    app: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+fn source(args: &ConfigArgs) -> Source {
+    Source {
+        file: args.config.clone(),
+        sets: args.sets.clone(),
+        app_command: None,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EX_USAGE),
+            };
+        }
+    };
+    match cli.command {
+        Command::Version => {
+            let features = if outrigger::FEATURES.is_empty() {
+                "none yet".to_string()
+            } else {
+                outrigger::FEATURES.join(", ")
+            };
+            println!(
+                "outrigger {} (modules: {features})",
+                env!("CARGO_PKG_VERSION")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Check(args) => match config::load(&source(&args), &ProcessEnv) {
+            Ok(c) => {
+                print!("{}", c.to_yaml());
+                eprintln!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("error: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let mut source = source(&args.config);
+    if let Some(level) = &args.log_level {
+        source.sets.push(("log.level".into(), level.clone()));
+    }
+    if let Some(format) = args.log_format {
+        let f = match format {
+            LogFormatArg::Human => "human",
+            LogFormatArg::Json => "json",
+        };
+        source.sets.push(("log.format".into(), f.into()));
+    }
+    if !args.app.is_empty() {
+        source.app_command = Some(args.app.clone());
+    }
+    let config = match config::load(&source, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let log_level = outrigger::telemetry::log::init(&config.log.level, config.log.format);
+    let options = outrigger::app::RunOptions {
+        source,
+        listeners_file: args.listeners_file,
+        log_level,
+    };
+    match outrigger::app::run(config, options) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "outrigger failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

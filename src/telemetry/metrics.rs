@@ -1,0 +1,287 @@
+//! The metrics registry behind the admin `/metrics`, and Outrigger's self-metrics: build info,
+//! uptime, process resources, module state and config reloads.
+//!
+//! Every metric name is registered here or in a module's `metrics` type and listed in
+//! `docs/metrics.md`. The registry is built once at start-up (modules add theirs), then shared
+//! read-only; values are atomics updated on the data path.
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// `Content-Type` of the Prometheus text format (the default).
+pub const PROMETHEUS_CONTENT_TYPE: &str =
+    prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+/// `Content-Type` of OpenMetrics text (when the scraper's `Accept` asks for it).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleLabels {
+    pub module: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleStateLabels {
+    pub module: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    features: String,
+}
+
+/// Metrics the runtime itself updates.
+#[derive(Clone, Default)]
+pub struct RuntimeMetrics {
+    /// 1 for the module's current state, 0 for the others.
+    pub module_state: Family<ModuleStateLabels, Gauge>,
+    pub module_restarts: Family<ModuleLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub config_last_reload_success: Gauge<f64, AtomicU64>,
+}
+
+/// The registry being built: modules register their metrics before the sidecar starts.
+pub struct Metrics {
+    pub registry: Registry,
+    pub runtime: RuntimeMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ProcessCollector {
+            started: Instant::now(),
+        }));
+        let runtime = RuntimeMetrics::default();
+        let ours = registry.sub_registry_with_prefix("outrigger");
+        ours.register(
+            "build",
+            "Outrigger version and compiled-in features",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                features: crate::FEATURES.join(","),
+            }),
+        );
+        ours.register(
+            "module_state",
+            "1 for the state each module is in (starting, ready, backoff, stopping, stopped)",
+            runtime.module_state.clone(),
+        );
+        ours.register(
+            "module_restarts",
+            "Times a module was restarted after it failed or panicked",
+            runtime.module_restarts.clone(),
+        );
+        ours.register(
+            "config_reloads",
+            "Config reload attempts by result (success, failure)",
+            runtime.config_reloads.clone(),
+        );
+        ours.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config reload (0: none yet)",
+            runtime.config_last_reload_success.clone(),
+        );
+        Metrics { registry, runtime }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Encodes the registry in the Prometheus text format, or OpenMetrics when asked.
+pub fn encode(registry: &Registry, openmetrics: bool) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let res = if openmetrics {
+        prometheus_client::encoding::text::encode(&mut out, registry)
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+    };
+    // Writing to a String cannot fail; a collector error would be a bug we want to see.
+    if let Err(e) = res {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
+/// Unix time now, in seconds.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Reads the process's resources from `/proc` at scrape time, under the standard `process_*`
+/// names that Prometheus client libraries use. Written by hand: prometheus-client has no
+/// process collector, and reading three `/proc` files does not justify another dependency.
+#[derive(Debug)]
+struct ProcessCollector {
+    started: Instant,
+}
+
+#[derive(Default)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    threads: i64,
+    start_time: f64,
+    virtual_bytes: i64,
+    resident_bytes: i64,
+}
+
+fn read_process_stats() -> Option<ProcessStats> {
+    use nix::unistd::{SysconfVar, sysconf};
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let page = sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as f64;
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+    Some(ProcessStats {
+        cpu_seconds: (field(14)? + field(15)?) / ticks,
+        threads: field(20)? as i64,
+        start_time: boot + field(22)? / ticks,
+        virtual_bytes: field(23)? as i64,
+        resident_bytes: (field(24)? * page) as i64,
+    })
+}
+
+/// The resident set size of this process in bytes (for logs and benchmarks).
+pub fn resident_bytes() -> Option<i64> {
+    read_process_stats().map(|s| s.resident_bytes)
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        fn gauge<T: prometheus_client::encoding::EncodeGaugeValue>(
+            encoder: &mut DescriptorEncoder,
+            name: &str,
+            help: &str,
+            value: T,
+        ) -> Result<(), std::fmt::Error> {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+        }
+        gauge(
+            &mut encoder,
+            "outrigger_uptime_seconds",
+            "Seconds since Outrigger started",
+            self.started.elapsed().as_secs_f64(),
+        )?;
+        if let Some(s) = read_process_stats() {
+            let cpu = ConstCounter::new(s.cpu_seconds);
+            cpu.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                cpu.metric_type(),
+            )?)?;
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                s.resident_bytes,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                s.virtual_bytes,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                s.start_time,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_threads",
+                "Number of OS threads in the process",
+                s.threads,
+            )?;
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The directory handle itself is one of the entries.
+            let open = dir.count().saturating_sub(1) as i64;
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors",
+                open,
+            )?;
+        }
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                soft as i64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_stats_are_read() {
+        let s = read_process_stats().expect("/proc is readable");
+        assert!(s.resident_bytes > 0);
+        assert!(s.threads >= 1);
+        assert!(s.start_time > 1_600_000_000.0);
+    }
+
+    #[test]
+    fn both_formats_encode_self_metrics() {
+        let m = Metrics::new();
+        m.runtime
+            .module_restarts
+            .get_or_create(&ModuleLabels { module: "x".into() })
+            .inc();
+        let text = encode(&m.registry, false);
+        assert!(
+            text.contains("# TYPE outrigger_module_restarts_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outrigger_module_restarts_total{module=\"x\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        let om = encode(&m.registry, true);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE outrigger_build info"), "{om}");
+    }
+}
