@@ -112,12 +112,13 @@ async fn get_log_level(State(s): State<AdminState>) -> String {
     format!("{}\n", s.log_level.get())
 }
 
-fn loopback_only(peer: SocketAddr) -> Result<(), Response> {
+/// A 403 for non-loopback peers; None when the peer may go on.
+fn refuse_remote(peer: SocketAddr) -> Option<Response> {
     if peer.ip().to_canonical().is_loopback() {
-        Ok(())
+        None
     } else {
         tracing::warn!(peer.addr = %peer, "refused an admin change from a non-loopback peer");
-        Err(error(
+        Some(error(
             StatusCode::FORBIDDEN,
             "this endpoint answers loopback peers only",
         ))
@@ -129,7 +130,7 @@ async fn put_log_level(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = loopback_only(peer) {
+    if let Some(r) = refuse_remote(peer) {
         return r;
     }
     let Ok(spec) = std::str::from_utf8(&body) else {
@@ -164,7 +165,7 @@ async fn shutdown(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<ShutdownQuery>,
 ) -> Response {
-    if let Err(r) = loopback_only(peer) {
+    if let Some(r) = refuse_remote(peer) {
         return r;
     }
     let graceful = !query.fast;
@@ -175,7 +176,7 @@ async fn reload(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    if let Err(r) = loopback_only(peer) {
+    if let Some(r) = refuse_remote(peer) {
         return r;
     }
     send(&s, Control::Reload, "reload")

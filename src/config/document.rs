@@ -547,7 +547,8 @@ mod tests {
         let mut d = doc("");
         d.set("a.port", "8080", "--set a.port").unwrap();
         let t: T = d.deserialize().unwrap();
-        assert_eq!(t.a.unwrap().port, Some(8080));
+        let a = t.a.unwrap();
+        assert_eq!((a.port, a.name, t.list), (Some(8080), None, vec![]));
     }
 
     #[test]

@@ -151,10 +151,10 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
 
     let mut problems = Vec::new();
     for (var, key) in ENV_OVERRIDES {
-        if let Some(v) = env.var(var) {
-            if let Err(p) = doc.set(key, &v, &format!("env {var}")) {
-                problems.push(p);
-            }
+        if let Some(v) = env.var(var)
+            && let Err(p) = doc.set(key, &v, &format!("env {var}"))
+        {
+            problems.push(p);
         }
     }
     for (key, v) in &source.sets {

@@ -97,6 +97,12 @@ impl Metrics {
             "Unix time of the last successful config reload (0: none yet)",
             runtime.config_last_reload_success.clone(),
         );
+        // Both results exist from the start, so a scrape can tell "no failures" from "unknown".
+        for result in ["success", "failure"] {
+            let _ = runtime
+                .config_reloads
+                .get_or_create(&ResultLabels { result });
+        }
         Metrics { registry, runtime }
     }
 }

@@ -1,0 +1,239 @@
+//! Config errors and overrides, through the real binary: every problem reported with its
+//! file:line:column, exit code 78, nothing started.
+
+use crate::support::{BIN, Spawn, run_to_end};
+
+/// Runs `outrigger run` (and `check`) on `config`; asserts exit 78 with each `expected` line in
+/// stderr, and that nothing was bound. Returns stderr.
+fn rejected(config: &str, expected: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, config).unwrap();
+    let listeners = dir.path().join("listeners.json");
+    let (code, _, stderr) = run_to_end(
+        &[
+            "run",
+            "-c",
+            path.to_str().unwrap(),
+            "--listeners-file",
+            listeners.to_str().unwrap(),
+            "--",
+            "touch",
+            "app-started",
+        ],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(code, 78, "{BIN} run: expected exit 78, stderr:\n{stderr}");
+    assert!(
+        !listeners.exists(),
+        "listeners were bound despite a bad config"
+    );
+    assert!(
+        !dir.path().join("app-started").exists(),
+        "the app was started despite a bad config"
+    );
+    for e in expected {
+        assert!(stderr.contains(e), "missing `{e}` in stderr:\n{stderr}");
+    }
+    let (code, _, check_stderr) =
+        run_to_end(&["check", "-c", path.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "check: {check_stderr}");
+    assert_eq!(
+        check_stderr, stderr,
+        "run and check report the same problems"
+    );
+    stderr
+}
+
+#[test]
+fn unknown_key() {
+    let e = rejected(
+        "admin:\n  adress: 127.0.0.1:9901\n",
+        &["bad.yaml:2:3: admin.adress: unknown field `adress`, expected `address`"],
+    );
+    assert!(e.contains("invalid configuration (1 problem)"), "{e}");
+}
+
+#[test]
+fn bad_address() {
+    rejected(
+        "admin:\n  address: localhost:99999\n",
+        &[
+            "bad.yaml:2:12: admin.address: invalid value: string \"localhost:99999\", expected a TCP address like 127.0.0.1:9901",
+        ],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    rejected(
+        "runtime:\n  shutdown_grace: 30\n",
+        &[
+            "bad.yaml:2:19: runtime.shutdown_grace: invalid value: integer `30`, expected a duration with a unit, like 250ms, 30s or 1m30s",
+        ],
+    );
+}
+
+#[test]
+fn wrong_type() {
+    rejected(
+        "runtime:\n  worker_threads: [1]\n",
+        &["bad.yaml:2:19: runtime.worker_threads: invalid type: sequence, expected usize"],
+    );
+}
+
+#[test]
+fn every_problem_at_once() {
+    let e = rejected(
+        "service: checkout\nadmin:\n  address: nowhere\nruntime:\n  worker_threads: two\n  shutdown_grace: soon\nlog:\n  format: xml\nextra: 1\n",
+        &[
+            "invalid configuration (5 problems)",
+            "bad.yaml:3:12: admin.address: invalid value",
+            "bad.yaml:5:19: runtime.worker_threads: invalid type: string \"two\", expected usize",
+            "bad.yaml:6:19: runtime.shutdown_grace: invalid value: string \"soon\"",
+            "bad.yaml:8:11: log.format: unknown variant `xml`, expected `human` or `json`",
+            "bad.yaml:9:1: extra: unknown field `extra`",
+        ],
+    );
+    // In file order.
+    let lines: Vec<&str> = e.lines().filter(|l| l.contains("bad.yaml:")).collect();
+    let mut sorted = lines.clone();
+    sorted.sort_by_key(|l| l.split(':').nth(1).unwrap().parse::<u32>().unwrap());
+    assert_eq!(lines, sorted);
+}
+
+#[test]
+fn semantic_and_syntax_problems() {
+    rejected(
+        "runtime:\n  worker_threads: 0\nlog:\n  level: 'info,,=['\n",
+        &[
+            "bad.yaml:2:19: runtime.worker_threads: expected a number of threads from 1 to 64, found 0",
+            "bad.yaml:4:10: log.level: expected a log filter",
+        ],
+    );
+    rejected("admin: [unclosed\n", &["bad.yaml:2:1: invalid YAML"]);
+}
+
+#[test]
+fn missing_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run_to_end(&["run", "-c", "nope.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("nope.yaml: cannot read the config file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_overrides_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run_to_end(
+        &[
+            "check",
+            "--set",
+            "runtime.worker_threads=many",
+            "--set",
+            "admin.port=1",
+        ],
+        &[("OUTRIGGER_ADMIN_ADDRESS", "somewhere")],
+        dir.path(),
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("env OUTRIGGER_ADMIN_ADDRESS: admin.address: invalid value"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--set runtime.worker_threads: runtime.worker_threads: invalid type"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--set admin.port: admin.port: unknown field `port`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn overrides_reach_the_running_config() {
+    let sc = Spawn {
+        config: "service: from-file\nlog:\n  level: info\n",
+        args: &["--set", "log.level=warn", "--log-format", "json"],
+        env: &[("OUTRIGGER_SERVICE", "from-env")],
+        app: &[],
+    }
+    .start();
+    sc.wait_ready();
+    let c = sc.get_json("/config");
+    assert_eq!(c["config"]["service"], "from-env", "{c}");
+    assert_eq!(c["config"]["log"]["level"], "warn", "{c}");
+    assert_eq!(c["config"]["log"]["format"], "json", "{c}");
+}
+
+#[test]
+fn json_logs_are_json() {
+    let mut sc = Spawn {
+        config: "",
+        args: &["--log-format", "json"],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(std::time::Duration::from_secs(10));
+    let stderr = sc.stderr();
+    assert!(!stderr.is_empty());
+    for line in stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        stderr.contains("\"message\":\"admin listening\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_prints_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.yaml"), "service: checkout\n").unwrap();
+    let (code, stdout, stderr) = run_to_end(
+        &[
+            "check",
+            "-c",
+            "c.yaml",
+            "--set",
+            "runtime.shutdown_grace=5s",
+        ],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("service: checkout"), "{stdout}");
+    assert!(stdout.contains("shutdown_grace: 5s"), "{stdout}");
+    assert!(stdout.contains("address: 127.0.0.1:9901"), "{stdout}");
+    assert!(stderr.contains("configuration is valid"), "{stderr}");
+}
+
+#[test]
+fn cli_basics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, _) = run_to_end(&["version"], &[], dir.path());
+    assert_eq!(code, 0);
+    assert!(
+        stdout.starts_with(&format!("outrigger {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run_to_end(&["--help"], &[], dir.path());
+    assert_eq!(code, 0);
+    assert!(stdout.contains("Examples:"), "{stdout}");
+    let (code, _, stderr) = run_to_end(&["run", "--no-such-flag"], &[], dir.path());
+    assert_eq!(code, 64, "{stderr}");
+    let (code, _, stderr) = run_to_end(&["check", "--set", "novalue"], &[], dir.path());
+    assert_eq!(code, 64, "{stderr}");
+}

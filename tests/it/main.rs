@@ -1,0 +1,7 @@
+//! Integration tests: one binary, one file per module. Each test spawns the real `outrigger`
+//! binary on port 0 (see `support`).
+
+mod admin;
+mod app;
+mod config;
+mod support;

@@ -1,0 +1,225 @@
+//! Test support: spawn the real `outrigger` binary with a config in a temp dir, on port 0, wait
+//! for it to report its bound addresses and to be ready, and print everything useful (command,
+//! config, stdout, stderr) when an assertion fails.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_outrigger");
+/// Generous: CI machines are slow; a healthy start takes milliseconds.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Sidecar {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    command: String,
+}
+
+/// How to start a sidecar.
+#[derive(Default)]
+pub struct Spawn<'a> {
+    pub config: &'a str,
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+    pub app: &'a [&'a str],
+}
+
+impl Spawn<'_> {
+    pub fn start(self) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("outrigger.yaml");
+        std::fs::write(&config_path, self.config).unwrap();
+        let listeners = dir.path().join("listeners.json");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--listeners-file")
+            .arg(&listeners)
+            .args(self.args)
+            // Port 0 unless the test says otherwise (a later --set wins).
+            .env("OUTRIGGER_ADMIN_ADDRESS", "127.0.0.1:0")
+            .envs(self.env.iter().copied())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
+        if !self.app.is_empty() {
+            cmd.arg("--").args(self.app);
+        }
+        let command = format!("{cmd:?}");
+        let child = cmd.spawn().expect("spawn outrigger");
+        let mut sc = Sidecar {
+            child: Some(child),
+            dir,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            config_path,
+            command,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&listeners) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                sc.admin = v["admin"].as_str().unwrap().parse().unwrap();
+                return sc;
+            }
+            if let Some(status) = sc.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "outrigger exited before binding ({status})\n{}",
+                    sc.diagnostics()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outrigger never bound its listeners\n{}",
+                sc.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Sidecar {
+    /// Starts with `config` and nothing else.
+    pub fn start(config: &str) -> Sidecar {
+        Spawn {
+            config,
+            ..Spawn::default()
+        }
+        .start()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Polls `/ready` until it answers 200.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(r) = client().get(self.url("/ready")).send()
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never ready\n{}",
+                self.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let r = client()
+            .get(self.url(path))
+            .send()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.diagnostics()));
+        (r.status().as_u16(), r.text().unwrap())
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path);
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET {path} ({status}) is not JSON: {e}: {body}"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "outrigger did not exit within {timeout:?}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The command, the config, and what the sidecar printed.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- command\n{}\n--- config ({})\n{}\n--- stdout\n{}\n--- stderr\n{}",
+            self.command,
+            self.config_path.display(),
+            std::fs::read_to_string(&self.config_path).unwrap_or_default(),
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the binary to completion with `args`; returns (exit code, stdout, stderr).
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
