@@ -5,6 +5,7 @@
 //! app. Stop (graceful): `/ready` goes 503 → the app gets SIGTERM and what is left of the grace
 //! period → modules drain within the grace period → admin stops → exit with the app's code.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{self, Config, ProcessEnv, Source};
+use crate::config::{self, Address, Config, ProcessEnv, Source};
 use crate::lifecycle::{self, App};
 use crate::runtime::{
     self, Control, Health, Module, ReloadOutcome, RunningConfig, State, Stop, supervisor,
@@ -59,7 +60,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<i32> {
 
 async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     let started = Instant::now();
-    let mut metrics = Metrics::new();
+    let metrics = Metrics::new();
     let health = Arc::new(Health::new(metrics.runtime.clone()));
 
     // Bind everything before starting anything: a taken port stops start-up here.
@@ -70,7 +71,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     if !config.admin.address.ip().to_canonical().is_loopback() {
         warn!(address = %admin_addr, "the admin API listens beyond loopback; changes are still refused to non-loopback peers");
     }
-    let modules: Vec<Arc<dyn Module>> = build_modules(&config, &mut metrics.registry).await?;
+    let (modules, bound) = build_modules(&config, &metrics).await?;
 
     let registry = Arc::new(metrics.registry);
     let running = Arc::new(RunningConfig::new(config.clone()));
@@ -105,12 +106,12 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     info!(address = %admin_addr, "admin listening");
 
     if let Some(path) = &options.listeners_file {
-        write_listeners_file(path, admin_addr).await?;
+        write_listeners_file(path, admin_addr, &bound).await?;
     }
     spawn_signal_handlers(control_tx.clone())?;
 
     let mut app = None;
-    if let Some(app_config) = &config.app {
+    if let Some(command) = &config.app.command {
         health.register_component("app");
         let env = vec![
             (
@@ -119,7 +120,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
             ),
             ("OUTRIGGER_SERVICE".to_string(), config.service.clone()),
         ];
-        match App::spawn(app_config, &env) {
+        match App::spawn(command, &config.app.env, &env) {
             Ok(a) => {
                 info!(pid = a.pid(), program = a.program(), "app started");
                 // Probes come with the lifecycle module; until then a running app is ready.
@@ -127,7 +128,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
                 app = Some(a);
             }
             Err(e) => {
-                error!(program = %app_config.command[0], error = %e, "cannot start the app");
+                error!(program = %command[0], error = %e, "cannot start the app");
                 health.set("app", State::Stopped, Some(format!("cannot start: {e}")));
                 // 127: what a shell returns for a command it cannot run.
                 let code = if e.kind() == std::io::ErrorKind::NotFound {
@@ -204,12 +205,37 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         .unwrap_or(0))
 }
 
-/// The modules enabled by the config, each with its listeners bound.
+/// The modules enabled by the config, each with its listeners bound, and the bound addresses
+/// by listener name.
 async fn build_modules(
-    _config: &Config,
-    _registry: &mut prometheus_client::registry::Registry,
-) -> Result<Vec<Arc<dyn Module>>> {
-    Ok(Vec::new())
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(Vec<Arc<dyn Module>>, BTreeMap<String, Address>)> {
+    let mut modules: Vec<Arc<dyn Module>> = Vec::new();
+    let mut bound = BTreeMap::new();
+    #[cfg(feature = "proxy")]
+    if let Some((proxy, addresses)) = crate::proxy::Proxy::build(config, &metrics.proxy).await? {
+        modules.push(Arc::new(proxy));
+        bound.extend(addresses);
+    }
+    #[cfg(not(feature = "proxy"))]
+    let _ = (config, metrics);
+    Ok((modules, bound))
+}
+
+/// `OUTRIGGER_LISTENER_<NAME>`: the variable that tells the app where listener NAME is.
+pub fn listener_env_name(name: &str) -> String {
+    let upper: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("OUTRIGGER_LISTENER_{upper}")
 }
 
 /// Stops in order: `/ready` 503 → app → modules → admin. Returns the app's status if it ran.
@@ -393,10 +419,17 @@ fn spawn_signal_handlers(control: mpsc::Sender<Control>) -> Result<()> {
     Ok(())
 }
 
-/// Writes `{"admin": "127.0.0.1:PORT"}` atomically (temp file + rename), so a reader never
-/// sees half of it.
-async fn write_listeners_file(path: &std::path::Path, admin: SocketAddr) -> Result<()> {
-    let body = serde_json::json!({ "admin": admin.to_string() }).to_string();
+/// Writes `{"admin": "127.0.0.1:PORT", "listeners": {"NAME": "ADDRESS"}}` atomically (temp
+/// file + rename), so a reader never sees half of it.
+async fn write_listeners_file(
+    path: &std::path::Path,
+    admin: SocketAddr,
+    bound: &BTreeMap<String, Address>,
+) -> Result<()> {
+    let listeners: BTreeMap<&String, String> =
+        bound.iter().map(|(k, v)| (k, v.to_string())).collect();
+    let body =
+        serde_json::json!({ "admin": admin.to_string(), "listeners": listeners }).to_string();
     let tmp = path.with_extension("tmp");
     tokio::fs::write(&tmp, body)
         .await

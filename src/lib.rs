@@ -22,9 +22,14 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod lifecycle;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod runtime;
 pub mod telemetry;
 
 /// The optional modules compiled into this binary (cargo features), for `outrigger version`
 /// and `outrigger_build_info`.
-pub const FEATURES: &[&str] = &[];
+pub const FEATURES: &[&str] = &[
+    #[cfg(feature = "proxy")]
+    "proxy",
+];

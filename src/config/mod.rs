@@ -6,6 +6,7 @@
 //! Overrides are merged here and only here, through [`Environment`] so tests can pass a map.
 
 pub mod document;
+pub mod proxy;
 pub mod raw;
 pub mod types;
 
@@ -73,9 +74,11 @@ pub struct Config {
     pub admin: AdminConfig,
     pub runtime: RuntimeConfig,
     pub log: LogConfig,
-    /// The supervised app, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub app: Option<AppConfig>,
+    pub app: AppConfig,
+    /// Where traffic comes in and goes out (the proxy module).
+    pub listeners: Vec<proxy::ListenerConfig>,
+    /// Upstream clusters by name, including `app` when `app.address` is set.
+    pub clusters: BTreeMap<String, proxy::ClusterConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -98,7 +101,13 @@ pub struct LogConfig {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct AppConfig {
-    pub command: Vec<String>,
+    /// Where the app listens (inbound listeners forward here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    /// The app to start and supervise, when Outrigger runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
 }
 
@@ -227,28 +236,38 @@ fn validate(
     }
 
     let command = source.app_command.clone().or(raw.app.command);
-    let app = match command {
-        Some(cmd) if cmd.is_empty() || cmd[0].is_empty() => {
-            problems.push(doc.problem(
-                "app.command",
-                "expected a program and its arguments, like [python3, app.py], found an empty list",
-            ));
-            None
-        }
-        Some(command) => Some(AppConfig {
-            command,
-            env: raw.app.env.unwrap_or_default(),
-        }),
-        None => {
-            if raw.app.env.is_some() {
-                problems.push(doc.problem(
-                    "app.env",
-                    "app.env is set but there is no app.command (or `-- CMD`) to give it to",
-                ));
-            }
-            None
-        }
+    if let Some(cmd) = &command
+        && (cmd.is_empty() || cmd[0].is_empty())
+    {
+        problems.push(doc.problem(
+            "app.command",
+            "expected a program and its arguments, like [python3, app.py], found an empty list",
+        ));
+    }
+    if command.is_none() && raw.app.env.is_some() {
+        problems.push(doc.problem(
+            "app.env",
+            "app.env is set but there is no app.command (or `-- CMD`) to give it to",
+        ));
+    }
+    let app = AppConfig {
+        address: raw.app.address,
+        command,
+        env: raw.app.env.unwrap_or_default(),
     };
+    if !cfg!(feature = "proxy") && !raw.listeners.is_empty() {
+        problems.push(doc.problem(
+            "listeners",
+            "listeners need the proxy module, and this binary was built without it (cargo feature `proxy`)",
+        ));
+    }
+    let (listeners, clusters) = proxy::validate(
+        raw.listeners,
+        raw.clusters,
+        app.address.as_ref(),
+        doc,
+        problems,
+    );
 
     Config {
         source: source.file.clone(),
@@ -268,6 +287,8 @@ fn validate(
             format: raw.log.format.unwrap_or_default(),
         },
         app,
+        listeners,
+        clusters,
     }
 }
 
@@ -329,7 +350,7 @@ mod tests {
         assert_eq!(c.runtime.worker_threads, 1);
         assert_eq!(c.runtime.shutdown_grace.get().as_secs(), 30);
         assert_eq!(c.log.level, "info");
-        assert!(c.app.is_none());
+        assert!(c.app.command.is_none() && c.listeners.is_empty() && c.clusters.is_empty());
     }
 
     #[test]

@@ -4,9 +4,12 @@
 //! Defaults are named consts with the reason they are what they are; `docs/configuration.md`
 //! lists the same values.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
-use super::types::{Duration, TcpAddress};
+use super::types::{Address, Duration, TcpAddress};
 
 /// The service name when none is configured.
 pub const DEFAULT_SERVICE: &str = "app";
@@ -28,6 +31,8 @@ pub struct RawConfig {
     pub runtime: RawRuntime,
     pub log: RawLog,
     pub app: RawApp,
+    pub listeners: Vec<RawListener>,
+    pub clusters: BTreeMap<String, RawCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,8 +69,161 @@ pub enum LogFormat {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawApp {
+    /// Where the app listens: inbound listeners forward here.
+    pub address: Option<Address>,
     /// The app to run and supervise: program and arguments. `outrigger run -- CMD` sets it too.
     pub command: Option<Vec<String>>,
     /// Extra environment variables for the app.
     pub env: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Traffic to the app.
+    #[default]
+    Inbound,
+    /// Traffic from the app to clusters.
+    Outbound,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 (h2c prior knowledge, detected per connection).
+    #[default]
+    Http,
+    /// Opaque bytes, copied both ways.
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lb {
+    #[default]
+    RoundRobin,
+    /// Power of two choices, by peak-EWMA latency times in-flight requests.
+    P2cEwma,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub address: Address,
+    #[serde(default)]
+    pub direction: Direction,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Where a `tcp` listener sends bytes (inbound default: the app).
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Unix socket permissions, octal as a string ("0600").
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub header_read_timeout: Option<Duration>,
+    pub max_header_bytes: Option<usize>,
+    pub idle_timeout: Option<Duration>,
+    pub max_requests_in_flight: Option<usize>,
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_second: f64,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRoute {
+    /// The route's name in metrics and logs (default: its index).
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matches: RawMatch,
+    pub cluster: Option<String>,
+    pub timeout: Option<Duration>,
+    pub retry: Option<RawRetry>,
+    pub request_headers: RawHeaderOps,
+    pub response_headers: RawHeaderOps,
+    pub rewrite: Option<RawRewrite>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMatch {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub method: Option<String>,
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: u32,
+    #[serde(default)]
+    pub on: Vec<String>,
+    #[serde(default)]
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHeaderOps {
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRewrite {
+    pub path_prefix: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCluster {
+    pub endpoints: Option<Vec<Address>>,
+    /// `host:port`, resolved (A and AAAA) every `refresh`.
+    pub dns: Option<String>,
+    /// A YAML file with `endpoints: [...]`, re-read when it changes.
+    pub file: Option<PathBuf>,
+    pub refresh: Option<Duration>,
+    pub lb: Option<Lb>,
+    pub connect_timeout: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub http2: Option<bool>,
+    pub pool_idle_timeout: Option<Duration>,
+    pub max_requests_in_flight: Option<usize>,
+    pub outlier: Option<RawOutlier>,
+    pub retry_budget: Option<RawRetryBudget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<u32>,
+    pub ejection_time: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetryBudget {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<u32>,
 }

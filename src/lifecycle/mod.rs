@@ -6,6 +6,7 @@
 //! This is the foundation's part of lifecycle; probes, restart policies and signal forwarding
 //! settings belong to the lifecycle issue.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::process::ExitStatus;
 use std::time::Instant;
@@ -13,8 +14,6 @@ use std::time::Instant;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-
-use crate::config::AppConfig;
 
 /// A running app process (and its process group).
 pub struct App {
@@ -24,12 +23,17 @@ pub struct App {
 }
 
 impl App {
-    /// Starts the app. `env` is added to the inherited environment, then `app.env`.
-    pub fn spawn(config: &AppConfig, env: &[(String, String)]) -> io::Result<App> {
-        let mut cmd = Command::new(&config.command[0]);
-        cmd.args(&config.command[1..])
+    /// Starts `command`. `env` is added to the inherited environment, then `app_env`
+    /// (`app.env`).
+    pub fn spawn(
+        command: &[String],
+        app_env: &BTreeMap<String, String>,
+        env: &[(String, String)],
+    ) -> io::Result<App> {
+        let mut cmd = Command::new(&command[0]);
+        cmd.args(&command[1..])
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .envs(&config.env)
+            .envs(app_env)
             // Its own group, so that a stop reaches the app's children too and a terminal's
             // Ctrl-C reaches only the sidecar, which then stops the app in order.
             .process_group(0)
@@ -41,7 +45,7 @@ impl App {
         Ok(App {
             child,
             pgid: Pid::from_raw(pid as i32),
-            program: config.command[0].clone(),
+            program: command[0].clone(),
         })
     }
 

@@ -5,6 +5,7 @@
 //! `docs/metrics.md`. The registry is built once at start-up (modules add theirs), then shared
 //! read-only; values are atomics updated on the data path.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -55,10 +57,183 @@ pub struct RuntimeMetrics {
     pub config_last_reload_success: Gauge<f64, AtomicU64>,
 }
 
+/// A label value shared by many series (listener, route and cluster names): cheap to clone.
+pub type Name = Arc<String>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub direction: &'static str,
+    pub listener: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub direction: &'static str,
+    pub listener: Name,
+    /// `received` (from the downstream peer) or `sent` (to it).
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: &'static str,
+    pub listener: Name,
+    pub route: Name,
+    pub cluster: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub direction: &'static str,
+    pub listener: Name,
+    pub route: Name,
+    pub cluster: Name,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+    /// Why Outrigger answered itself (`connect`, `timeout`, `overload`, …), or empty.
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: &'static str,
+    pub listener: Name,
+    pub cluster: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub cluster: Name,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub listener: Name,
+    /// `rate_limit`, `concurrency`, `breaker`.
+    pub reason: &'static str,
+}
+
+/// Latency buckets: 0.5 ms to 10 s, dense where a sidecar hop lives.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The proxy's metrics (`docs/metrics.md` lists each).
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    pub requests: Family<RouteLabels, Counter>,
+    pub responses: Family<ResponseLabels, Counter>,
+    pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub connections_opened: Family<ListenerLabels, Counter>,
+    pub connections_closed: Family<ListenerLabels, Counter>,
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    pub bytes: Family<FlowLabels, Counter>,
+    pub retries: Family<OutcomeLabels, Counter>,
+    pub ejections: Family<ClusterLabels, Counter>,
+    pub shed: Family<ShedLabels, Counter>,
+    pub endpoints: Family<ClusterLabels, Gauge>,
+    pub discovery: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            connections_open: Family::default(),
+            bytes: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            shed: Family::default(),
+            endpoints: Family::default(),
+            discovery: Family::default(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "http_requests",
+            "HTTP requests received, by direction, listener, route and cluster",
+            self.requests.clone(),
+        );
+        r.register(
+            "http_responses",
+            "HTTP responses sent downstream, by status class and, when Outrigger answered itself, the error",
+            self.responses.clone(),
+        );
+        r.register(
+            "http_response_latency_seconds",
+            "Time from the request's arrival to the response headers, in seconds",
+            self.latency.clone(),
+        );
+        r.register(
+            "connections_opened",
+            "Downstream connections accepted",
+            self.connections_opened.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Downstream connections closed",
+            self.connections_closed.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Downstream connections open now",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes on downstream connections, received from and sent to the peer",
+            self.bytes.clone(),
+        );
+        r.register(
+            "retries",
+            "Retries by outcome: attempted, or skipped because the retry budget was spent",
+            self.retries.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected after consecutive failures",
+            self.ejections.clone(),
+        );
+        r.register(
+            "shed_requests",
+            "Requests refused with 503 by a local limit",
+            self.shed.clone(),
+        );
+        r.register(
+            "cluster_endpoints",
+            "Endpoints currently known for each cluster",
+            self.endpoints.clone(),
+        );
+        r.register(
+            "discovery_updates",
+            "Endpoint discovery (dns, file) refreshes by outcome: changed, unchanged, failed",
+            self.discovery.clone(),
+        );
+    }
+}
+
 /// The registry being built: modules register their metrics before the sidecar starts.
 pub struct Metrics {
     pub registry: Registry,
     pub runtime: RuntimeMetrics,
+    pub proxy: ProxyMetrics,
 }
 
 impl Metrics {
@@ -103,7 +278,13 @@ impl Metrics {
                 .config_reloads
                 .get_or_create(&ResultLabels { result });
         }
-        Metrics { registry, runtime }
+        let proxy = ProxyMetrics::default();
+        proxy.register(ours);
+        Metrics {
+            registry,
+            runtime,
+            proxy,
+        }
     }
 }
 

@@ -3,5 +3,7 @@
 
 mod admin;
 mod app;
+mod backend;
 mod config;
+mod proxy;
 mod support;

@@ -15,6 +15,8 @@ pub struct Sidecar {
     pub child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub admin: SocketAddr,
+    /// Bound proxy listeners by name (`127.0.0.1:PORT` or `unix:/path`).
+    pub listeners: std::collections::BTreeMap<String, String>,
     pub config_path: PathBuf,
     command: String,
 }
@@ -57,6 +59,7 @@ impl Spawn<'_> {
             child: Some(child),
             dir,
             admin: "127.0.0.1:0".parse().unwrap(),
+            listeners: Default::default(),
             config_path,
             command,
         };
@@ -65,6 +68,12 @@ impl Spawn<'_> {
             if let Ok(text) = std::fs::read_to_string(&listeners) {
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap();
                 sc.admin = v["admin"].as_str().unwrap().parse().unwrap();
+                if let Some(m) = v["listeners"].as_object() {
+                    sc.listeners = m
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                        .collect();
+                }
                 return sc;
             }
             if let Some(status) = sc.child.as_mut().unwrap().try_wait().unwrap() {
@@ -91,6 +100,19 @@ impl Sidecar {
             ..Spawn::default()
         }
         .start()
+    }
+
+    /// `http://ADDRESS` of the named TCP listener.
+    pub fn listener_url(&self, name: &str, path: &str) -> String {
+        format!("http://{}{path}", self.listeners[name])
+    }
+
+    /// The value of a metric sample (exact series text before the value), or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self, path: &str) -> String {

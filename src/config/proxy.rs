@@ -1,0 +1,654 @@
+//! The validated proxy config: listeners, their routes and limits, and clusters. Built from the
+//! raw structs by [`validate`], which checks every cross-reference (a route's cluster exists, an
+//! inbound listener has an app to forward to, …) and reports each problem at its key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::document::{Document, Problem};
+use super::raw::{self, Direction, Lb, Protocol, RawCluster, RawListener, RawRoute};
+use super::types::{Address, Duration};
+
+/// Inbound listeners forward to this cluster, made from `app.address`.
+pub const APP_CLUSTER: &str = "app";
+
+/// Per-listener connection cap: far above a sidecar's usual load, low enough to bound memory.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Slowloris guard: a request head must arrive within this.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads above this are answered 431 (HTTP/1) or refused (HTTP/2).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Idle keep-alive connections from clients are closed after this.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time to the upstream's response headers (Envoy's route default).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Idle pooled upstream connections are closed after this (below common server keep-alives).
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5);
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// Outlier ejection: this many consecutive failures eject an endpoint…
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// …for this long (then it gets traffic again).
+pub const DEFAULT_EJECTION_TIME: Duration = Duration::from_secs(30);
+/// Retry budget (linkerd's): retries may add this share of requests…
+pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+/// …plus this many retries per second regardless.
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// Unix sockets are private to the user unless configured otherwise.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: Address,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    /// tcp listeners: the cluster that receives the bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Unix socket permissions.
+    #[serde(serialize_with = "octal")]
+    pub socket_mode: u32,
+    pub routes: Vec<RouteConfig>,
+    pub limits: Limits,
+}
+
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:04o}"))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+    /// Requests served at once; more are shed with 503.
+    pub max_requests_in_flight: Option<usize>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: MatchConfig,
+    pub cluster: String,
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub rewrite_path_prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MatchConfig {
+    /// Lowercase authority without port; `*.example.com` matches subdomains.
+    pub host: Option<String>,
+    pub path: PathMatch,
+    pub method: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    #[default]
+    Any,
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeaderOps {
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    pub on: RetryOn,
+    /// Base of the jittered exponential backoff between attempts.
+    pub backoff: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    pub timeout: bool,
+    pub reset: bool,
+    pub any_5xx: bool,
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    pub fn status(&self, status: u16) -> bool {
+        (self.any_5xx && (500..600).contains(&status)) || self.statuses.contains(&status)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub discovery: Discovery,
+    pub lb: Lb,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub http2: bool,
+    pub pool_idle_timeout: Duration,
+    pub max_requests_in_flight: Option<usize>,
+    pub outlier: Outlier,
+    pub retry_budget: RetryBudget,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    Static(Vec<Address>),
+    Dns {
+        host: String,
+        port: u16,
+        refresh: Duration,
+    },
+    File {
+        path: PathBuf,
+        refresh: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RetryBudget {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+const RETRY_ON: &str = "connect-failure, timeout, reset, 5xx or a status code like \"503\"";
+
+/// Validates listeners and clusters; every problem is pushed with its location.
+pub fn validate(
+    raw_listeners: Vec<RawListener>,
+    raw_clusters: BTreeMap<String, RawCluster>,
+    app_address: Option<&Address>,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> (Vec<ListenerConfig>, BTreeMap<String, ClusterConfig>) {
+    let mut clusters = BTreeMap::new();
+    for (name, raw) in raw_clusters {
+        let at = format!("clusters.{name}");
+        if name == APP_CLUSTER {
+            problems.push(doc.problem(
+                &at,
+                "the cluster name `app` is reserved: it is made from app.address",
+            ));
+            continue;
+        }
+        if let Some(c) = cluster(&name, raw, &at, doc, problems) {
+            clusters.insert(name, c);
+        }
+    }
+    if let Some(addr) = app_address {
+        clusters.insert(
+            APP_CLUSTER.to_string(),
+            ClusterConfig {
+                name: APP_CLUSTER.to_string(),
+                discovery: Discovery::Static(vec![addr.clone()]),
+                lb: Lb::RoundRobin,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                timeout: DEFAULT_TIMEOUT,
+                http2: false,
+                pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+                max_requests_in_flight: None,
+                outlier: Outlier {
+                    // One endpoint: ejecting it would only turn errors into 503s.
+                    consecutive_failures: 0,
+                    ejection_time: DEFAULT_EJECTION_TIME,
+                },
+                retry_budget: RetryBudget {
+                    ratio: DEFAULT_BUDGET_RATIO,
+                    min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+                },
+            },
+        );
+    }
+
+    let mut listeners = Vec::new();
+    let mut names = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
+    for (i, raw) in raw_listeners.into_iter().enumerate() {
+        let at = format!("listeners[{i}]");
+        if let Some(prev) = names.insert(raw.name.clone(), i) {
+            problems.push(doc.problem(
+                &format!("{at}.name"),
+                format!(
+                    "the name {:?} is already used by listeners[{prev}]",
+                    raw.name
+                ),
+            ));
+        }
+        let port_zero = matches!(raw.address, Address::Tcp(a) if a.port() == 0);
+        if !port_zero && let Some(prev) = addresses.insert(raw.address.to_string(), i) {
+            problems.push(doc.problem(
+                &format!("{at}.address"),
+                format!(
+                    "the address {} is already used by listeners[{prev}]",
+                    raw.address
+                ),
+            ));
+        }
+        if let Some(l) = listener(raw, &at, &clusters, app_address.is_some(), doc, problems) {
+            listeners.push(l);
+        }
+    }
+    (listeners, clusters)
+}
+
+fn cluster(
+    name: &str,
+    raw: RawCluster,
+    at: &str,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<ClusterConfig> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        problems.push(doc.problem(
+            at,
+            format!("expected a cluster name of letters, digits, '-', '_' or '.', found {name:?}"),
+        ));
+    }
+    let refresh = raw.refresh.unwrap_or(DEFAULT_REFRESH);
+    let sources = [
+        raw.endpoints.is_some(),
+        raw.dns.is_some(),
+        raw.file.is_some(),
+    ];
+    let discovery = match (raw.endpoints, raw.dns, raw.file) {
+        _ if sources.iter().filter(|s| **s).count() != 1 => {
+            problems.push(doc.problem(at, "expected exactly one of endpoints, dns or file"));
+            return None;
+        }
+        (Some(eps), _, _) => {
+            if eps.is_empty() {
+                problems.push(
+                    doc.problem(&format!("{at}.endpoints"), "expected at least one endpoint"),
+                );
+            }
+            Discovery::Static(eps)
+        }
+        (_, Some(dns), _) => match dns
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        {
+            Some((host, port)) if !host.is_empty() && port != 0 => Discovery::Dns {
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                port,
+                refresh,
+            },
+            _ => {
+                problems.push(doc.problem(
+                    &format!("{at}.dns"),
+                    format!("expected host:port like payments.shop.svc:8080, found {dns:?}"),
+                ));
+                return None;
+            }
+        },
+        (_, _, Some(path)) => Discovery::File { path, refresh },
+        _ => unreachable!("exactly one source"),
+    };
+    if refresh.get().is_zero() {
+        problems.push(doc.problem(&format!("{at}.refresh"), "expected a positive duration"));
+    }
+    let outlier = raw.outlier.unwrap_or_default();
+    let budget = raw.retry_budget.unwrap_or_default();
+    let ratio = budget.ratio.unwrap_or(DEFAULT_BUDGET_RATIO);
+    if !(0.0..=1000.0).contains(&ratio) {
+        problems.push(doc.problem(
+            &format!("{at}.retry_budget.ratio"),
+            format!("expected a ratio from 0 to 1000, found {ratio}"),
+        ));
+    }
+    Some(ClusterConfig {
+        name: name.to_string(),
+        discovery,
+        lb: raw.lb.unwrap_or_default(),
+        connect_timeout: raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        timeout: raw.timeout.unwrap_or(DEFAULT_TIMEOUT),
+        http2: raw.http2.unwrap_or(false),
+        pool_idle_timeout: raw.pool_idle_timeout.unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT),
+        max_requests_in_flight: raw.max_requests_in_flight,
+        outlier: Outlier {
+            consecutive_failures: outlier
+                .consecutive_failures
+                .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
+            ejection_time: outlier.ejection_time.unwrap_or(DEFAULT_EJECTION_TIME),
+        },
+        retry_budget: RetryBudget {
+            ratio,
+            min_per_second: budget
+                .min_per_second
+                .unwrap_or(DEFAULT_BUDGET_MIN_PER_SECOND),
+        },
+    })
+}
+
+fn listener(
+    raw: RawListener,
+    at: &str,
+    clusters: &BTreeMap<String, ClusterConfig>,
+    has_app: bool,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<ListenerConfig> {
+    let inbound = raw.direction == Direction::Inbound;
+    if inbound && !has_app {
+        problems.push(doc.problem(
+            &format!("{at}.direction"),
+            "an inbound listener forwards to the app, but app.address is not set",
+        ));
+    }
+    let socket_mode = match &raw.socket_mode {
+        None => DEFAULT_SOCKET_MODE,
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 => v,
+            _ => {
+                problems.push(doc.problem(
+                    &format!("{at}.socket_mode"),
+                    format!("expected octal permissions like \"0600\", found {m:?}"),
+                ));
+                DEFAULT_SOCKET_MODE
+            }
+        },
+    };
+    let check_cluster = |name: &str, path: &str, problems: &mut Vec<Problem>| {
+        if !clusters.contains_key(name) {
+            let known: Vec<&str> = clusters.keys().map(String::as_str).collect();
+            problems.push(doc.problem(
+                path,
+                format!(
+                    "no cluster named {name:?} (defined: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    };
+    let cluster = match raw.protocol {
+        Protocol::Tcp => {
+            if !raw.routes.is_empty() {
+                problems.push(doc.problem(
+                    &format!("{at}.routes"),
+                    "a tcp listener has no routes; set `cluster` instead",
+                ));
+            }
+            let name = match (&raw.cluster, inbound) {
+                (Some(c), _) => c.clone(),
+                (None, true) => APP_CLUSTER.to_string(),
+                (None, false) => {
+                    problems.push(doc.problem(
+                        at,
+                        "an outbound tcp listener needs a `cluster` to send bytes to",
+                    ));
+                    return None;
+                }
+            };
+            if has_app || !inbound || raw.cluster.is_some() {
+                check_cluster(&name, &format!("{at}.cluster"), problems);
+            }
+            Some(name)
+        }
+        Protocol::Http => {
+            if raw.cluster.is_some() {
+                problems.push(doc.problem(
+                    &format!("{at}.cluster"),
+                    "an http listener picks clusters in its routes; `cluster` is for tcp listeners",
+                ));
+            }
+            None
+        }
+    };
+    let default_cluster = inbound.then_some(APP_CLUSTER);
+    let mut routes = Vec::new();
+    for (j, r) in raw.routes.into_iter().enumerate() {
+        let rat = format!("{at}.routes[{j}]");
+        if let Some(route) = route(r, j, &rat, default_cluster, doc, problems) {
+            if !(inbound && route.cluster == APP_CLUSTER && !has_app) {
+                check_cluster(&route.cluster, &format!("{rat}.cluster"), problems);
+            }
+            routes.push(route);
+        }
+    }
+    let l = raw.limits;
+    let max_header_bytes = l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    if !(8192..=1 << 20).contains(&max_header_bytes) {
+        problems.push(doc.problem(
+            &format!("{at}.limits.max_header_bytes"),
+            format!("expected 8192 to 1048576 bytes, found {max_header_bytes}"),
+        ));
+    }
+    let rate_limit = l.rate_limit.and_then(|r| {
+        if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) {
+            problems.push(doc.problem(
+                &format!("{at}.limits.rate_limit.requests_per_second"),
+                format!(
+                    "expected a positive number, found {}",
+                    r.requests_per_second
+                ),
+            ));
+            return None;
+        }
+        Some(RateLimit {
+            requests_per_second: r.requests_per_second,
+            burst: r
+                .burst
+                .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32),
+        })
+    });
+    Some(ListenerConfig {
+        name: raw.name,
+        address: raw.address,
+        direction: raw.direction,
+        protocol: raw.protocol,
+        cluster,
+        socket_mode,
+        routes,
+        limits: Limits {
+            max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            header_read_timeout: l.header_read_timeout.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+            max_header_bytes,
+            idle_timeout: l.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            max_requests_in_flight: l.max_requests_in_flight,
+            rate_limit,
+        },
+    })
+}
+
+fn route(
+    raw: RawRoute,
+    index: usize,
+    at: &str,
+    default_cluster: Option<&str>,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<RouteConfig> {
+    let m = raw.matches;
+    let paths = [
+        m.path.is_some(),
+        m.path_prefix.is_some(),
+        m.path_regex.is_some(),
+    ];
+    if paths.iter().filter(|p| **p).count() > 1 {
+        problems.push(doc.problem(
+            &format!("{at}.match"),
+            "expected at most one of path, path_prefix or path_regex",
+        ));
+    }
+    let path = if let Some(p) = m.path {
+        PathMatch::Exact(p)
+    } else if let Some(p) = m.path_prefix {
+        PathMatch::Prefix(p)
+    } else if let Some(r) = m.path_regex {
+        if let Err(e) = regex::Regex::new(&r) {
+            // regex renders syntax errors over several lines; one line per problem here.
+            let e = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            problems.push(doc.problem(
+                &format!("{at}.match.path_regex"),
+                format!("expected a regular expression: {e}"),
+            ));
+        }
+        PathMatch::Regex(r)
+    } else {
+        PathMatch::Any
+    };
+    for (what, p) in [("path", &path)] {
+        if let PathMatch::Exact(s) | PathMatch::Prefix(s) = p
+            && !s.starts_with('/')
+        {
+            problems.push(doc.problem(
+                &format!("{at}.match"),
+                format!("expected the {what} to start with '/', found {s:?}"),
+            ));
+        }
+    }
+    let method = m.method.map(|s| s.to_ascii_uppercase());
+    if let Some(meth) = &method
+        && http::Method::from_bytes(meth.as_bytes()).is_err()
+    {
+        problems.push(doc.problem(
+            &format!("{at}.match.method"),
+            format!("expected an HTTP method like GET, found {meth:?}"),
+        ));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in m.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            problems.push(doc.problem(
+                &format!("{at}.match.headers.{k}"),
+                format!("expected a header name, found {k:?}"),
+            ));
+        }
+        headers.push((k.to_ascii_lowercase(), v));
+    }
+    let cluster = match (raw.cluster, default_cluster) {
+        (Some(c), _) => c,
+        (None, Some(d)) => d.to_string(),
+        (None, None) => {
+            problems.push(doc.problem(at, "an outbound route needs a `cluster`"));
+            return None;
+        }
+    };
+    let retry = raw.retry.map(|r| {
+        let mut on = RetryOn::default();
+        for (k, cond) in r.on.iter().enumerate() {
+            match cond.as_str() {
+                "connect-failure" => on.connect_failure = true,
+                "timeout" => on.timeout = true,
+                "reset" => on.reset = true,
+                "5xx" => on.any_5xx = true,
+                s => match s.parse::<u16>() {
+                    Ok(code) if (100..600).contains(&code) => on.statuses.push(code),
+                    _ => problems.push(doc.problem(
+                        &format!("{at}.retry.on[{k}]"),
+                        format!("expected {RETRY_ON}, found {s:?}"),
+                    )),
+                },
+            }
+        }
+        if r.on.is_empty() {
+            on.connect_failure = true;
+        }
+        if r.attempts > 10 {
+            problems.push(doc.problem(
+                &format!("{at}.retry.attempts"),
+                format!("expected at most 10 retries, found {}", r.attempts),
+            ));
+        }
+        RetryPolicy {
+            attempts: r.attempts,
+            on,
+            backoff: r.backoff.unwrap_or(DEFAULT_RETRY_BACKOFF),
+        }
+    });
+    let ops = |raw: raw::RawHeaderOps, which: &str, problems: &mut Vec<Problem>| {
+        for k in raw.add.keys().chain(raw.remove.iter()) {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                problems.push(doc.problem(
+                    &format!("{at}.{which}"),
+                    format!("expected header names, found {k:?}"),
+                ));
+            }
+        }
+        for v in raw.add.values() {
+            if http::HeaderValue::from_str(v).is_err() {
+                problems.push(doc.problem(
+                    &format!("{at}.{which}.add"),
+                    format!("expected a header value, found {v:?}"),
+                ));
+            }
+        }
+        HeaderOps {
+            add: raw
+                .add
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            remove: raw
+                .remove
+                .into_iter()
+                .map(|k| k.to_ascii_lowercase())
+                .collect(),
+        }
+    };
+    let rewrite_path_prefix = raw.rewrite.map(|r| r.path_prefix);
+    if rewrite_path_prefix.is_some() && !matches!(path, PathMatch::Prefix(_)) {
+        problems.push(doc.problem(
+            &format!("{at}.rewrite"),
+            "a path_prefix rewrite needs a match.path_prefix to replace",
+        ));
+    }
+    Some(RouteConfig {
+        name: raw.name.unwrap_or_else(|| index.to_string()),
+        matches: MatchConfig {
+            host: m.host.map(|h| h.to_ascii_lowercase()),
+            path,
+            method,
+            headers,
+        },
+        cluster,
+        timeout: raw.timeout,
+        retry,
+        request_headers: ops(raw.request_headers, "request_headers", problems),
+        response_headers: ops(raw.response_headers, "response_headers", problems),
+        rewrite_path_prefix,
+    })
+}

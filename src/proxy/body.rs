@@ -1,0 +1,188 @@
+//! Body types of the proxy's data path.
+//!
+//! Request bodies up to [`REPLAY_LIMIT`] are read before forwarding when their length is known
+//! or they are HTTP/1 chunked: then they can be replayed on a retry, and an invalid chunked
+//! body is refused with 400 before a byte reaches the upstream. Longer or open-ended bodies
+//! (gRPC streams) are forwarded as they arrive and are not retried.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Bodies up to this size are buffered so that a retry can replay them.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+pub fn full(data: impl Into<Bytes>) -> ProxyBody {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn incoming(body: Incoming) -> ProxyBody {
+    body.map_err(BoxError::from).boxed()
+}
+
+/// A request body as the proxy holds it.
+pub enum RequestBody {
+    /// Read to its end: can be sent any number of times.
+    Complete {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Too long (or open-ended) to hold: sent once, as it arrives.
+    Streaming(ProxyBody),
+    /// A streaming body that was already sent.
+    Taken,
+}
+
+impl RequestBody {
+    /// A body for one attempt; `None` when a streaming body was already sent.
+    pub fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            RequestBody::Complete {
+                data,
+                trailers: None,
+            } if data.is_empty() => Some(empty()),
+            RequestBody::Complete {
+                data,
+                trailers: None,
+            } => Some(full(data.clone())),
+            RequestBody::Complete {
+                data,
+                trailers: Some(t),
+            } => {
+                let mut frames = VecDeque::with_capacity(2);
+                if !data.is_empty() {
+                    frames.push_back(Frame::data(data.clone()));
+                }
+                frames.push_back(Frame::trailers(t.clone()));
+                Some(Prefixed { frames, rest: None }.boxed())
+            }
+            RequestBody::Streaming(_) => match std::mem::replace(self, RequestBody::Taken) {
+                RequestBody::Streaming(b) => Some(b),
+                _ => None,
+            },
+            RequestBody::Taken => None,
+        }
+    }
+
+    pub fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Complete { .. })
+    }
+}
+
+/// Reads `body` up to `limit` bytes. Returns the whole body when it ends within the limit,
+/// or what was read plus the rest, as one stream. An error (an invalid chunk) is returned
+/// before anything is forwarded.
+pub async fn prebuffer(mut body: Incoming, limit: usize) -> Result<RequestBody, hyper::Error> {
+    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut len = 0usize;
+    loop {
+        if len > limit {
+            return Ok(RequestBody::Streaming(
+                Prefixed {
+                    frames,
+                    rest: Some(body),
+                }
+                .boxed(),
+            ));
+        }
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    len += d.len();
+                }
+                frames.push_back(frame);
+            }
+        }
+    }
+    let mut data = BytesMut::with_capacity(len);
+    let mut trailers = None;
+    for f in frames {
+        match f.into_data() {
+            Ok(d) => data.extend_from_slice(&d),
+            Err(f) => trailers = f.into_trailers().ok(),
+        }
+    }
+    Ok(RequestBody::Complete {
+        data: data.freeze(),
+        trailers,
+    })
+}
+
+/// Frames already read, then the rest of the body.
+struct Prefixed {
+    frames: VecDeque<Frame<Bytes>>,
+    rest: Option<Incoming>,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(BoxError::from),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+}
+
+/// A response body that holds `guard` (permits of the limits it counted against) until the
+/// body has been sent or dropped.
+pub struct Guarded<G> {
+    inner: ProxyBody,
+    _guard: G,
+}
+
+impl<G: Send + Sync + Unpin + 'static> Guarded<G> {
+    pub fn wrap(inner: ProxyBody, guard: G) -> ProxyBody {
+        Guarded {
+            inner,
+            _guard: guard,
+        }
+        .boxed()
+    }
+}
+
+impl<G: Unpin> Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,519 @@
+//! Clusters: a named set of endpoints, how they are discovered (static, DNS, file), how one is
+//! picked (round robin or power-of-two-choices by peak-EWMA latency), and the protections around
+//! them (outlier ejection, a retry budget, a cap on requests in flight).
+//!
+//! Each endpoint has its own connection pool (hyper-util's client with a connector fixed to
+//! that endpoint), so pools survive discovery updates for endpoints that stay. The balancer is
+//! written here rather than taken from `tower::balance` because our endpoints are plain structs
+//! shared with discovery and ejection, not `tower::Service`s, and the whole of P2C + peak-EWMA is
+//! a few dozen lines.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use super::body::ProxyBody;
+use super::listener::{self, Stream};
+use crate::config::Address;
+use crate::config::proxy::{ClusterConfig, Discovery};
+use crate::config::raw::Lb;
+use crate::telemetry::metrics::{ClusterLabels, Name, OutcomeLabels, ProxyMetrics};
+
+/// Peak-EWMA decay time: older latency samples weigh less after this.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// An endpoint with no latency sample yet is assumed this slow (so it gets tried).
+const EWMA_DEFAULT: Duration = Duration::from_millis(1);
+
+/// Connects to one endpoint, whatever URI the client asks for: the URI carries the request's
+/// authority (for `Host` and the pool key), the endpoint is fixed.
+#[derive(Clone)]
+pub struct Connector {
+    address: Address,
+    timeout: Duration,
+}
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Stream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (address, timeout) = (self.address.clone(), self.timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, listener::connect(&address)).await {
+                Ok(Ok(s)) => Ok(TokioIo::new(s)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                )),
+            }
+        })
+    }
+}
+
+pub type HttpClient = Client<Connector, ProxyBody>;
+
+/// One upstream endpoint and its state.
+pub struct Endpoint {
+    pub address: Address,
+    pub client: HttpClient,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since the cluster's epoch until which the endpoint is ejected (0: never).
+    ejected_until_ms: AtomicU64,
+    /// Peak-EWMA of response latency (seconds) and when it was last updated.
+    ewma: Mutex<(f64, Instant)>,
+}
+
+impl Endpoint {
+    fn new(address: Address, config: &ClusterConfig) -> Endpoint {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout.get())
+            .http2_only(config.http2);
+        let client = builder.build(Connector {
+            address: address.clone(),
+            timeout: config.connect_timeout.get(),
+        });
+        Endpoint {
+            address,
+            client,
+            in_flight: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ewma: Mutex::new((EWMA_DEFAULT.as_secs_f64(), Instant::now())),
+        }
+    }
+
+    /// The balancer's cost: latency estimate times (requests in flight + 1).
+    fn cost(&self) -> f64 {
+        let (ewma, _) = *self.ewma.lock().expect("not poisoned");
+        ewma * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let sample = rtt.as_secs_f64();
+        let mut guard = self.ewma.lock().expect("not poisoned");
+        let (ewma, at) = *guard;
+        let now = Instant::now();
+        // Peak: a slower sample takes over at once; faster ones pull the estimate down slowly.
+        let next = if sample > ewma {
+            sample
+        } else {
+            let w = (-(now - at).as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp();
+            ewma * w + sample * (1.0 - w)
+        };
+        *guard = (next, now);
+    }
+}
+
+/// A request in flight to an endpoint; reports the outcome when dropped or finished.
+pub struct Attempt {
+    pub endpoint: Arc<Endpoint>,
+    started: Instant,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The cluster already has `max_requests_in_flight` requests in flight.
+#[derive(Debug)]
+pub struct Saturated;
+
+/// A named set of endpoints.
+pub struct Cluster {
+    pub name: Name,
+    pub config: ClusterConfig,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    next: AtomicUsize,
+    epoch: Instant,
+    budget: TpsBudget,
+    in_flight: Option<Arc<Semaphore>>,
+    metrics: ProxyMetrics,
+}
+
+impl Cluster {
+    pub fn new(config: ClusterConfig, metrics: ProxyMetrics) -> Arc<Cluster> {
+        let initial = match &config.discovery {
+            Discovery::Static(addrs) => addrs
+                .iter()
+                .map(|a| Arc::new(Endpoint::new(a.clone(), &config)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let budget = TpsBudget::new(
+            Duration::from_secs(10),
+            config.retry_budget.min_per_second,
+            config.retry_budget.ratio as f32,
+        );
+        let cluster = Arc::new(Cluster {
+            name: Arc::new(config.name.clone()),
+            in_flight: config
+                .max_requests_in_flight
+                .map(|n| Arc::new(Semaphore::new(n))),
+            endpoints: ArcSwap::from_pointee(initial),
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            budget,
+            config,
+            metrics,
+        });
+        cluster.export_endpoint_count();
+        cluster
+    }
+
+    fn export_endpoint_count(&self) {
+        self.metrics
+            .endpoints
+            .get_or_create(&ClusterLabels {
+                cluster: self.name.clone(),
+            })
+            .set(self.endpoints.load().len() as i64);
+    }
+
+    pub fn endpoint_addresses(&self) -> Vec<Address> {
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| e.address.clone())
+            .collect()
+    }
+
+    /// Replaces the endpoint set, keeping the pools of endpoints that stay.
+    pub fn set_endpoints(&self, addresses: Vec<Address>) -> bool {
+        let current = self.endpoints.load();
+        let mut by_addr: HashMap<&Address, &Arc<Endpoint>> =
+            current.iter().map(|e| (&e.address, e)).collect();
+        let mut changed = addresses.len() != current.len();
+        let next: Vec<Arc<Endpoint>> = addresses
+            .into_iter()
+            .map(|a| match by_addr.remove(&a) {
+                Some(e) => e.clone(),
+                None => {
+                    changed = true;
+                    Arc::new(Endpoint::new(a, &self.config))
+                }
+            })
+            .collect();
+        if changed {
+            self.endpoints.store(Arc::new(next));
+            self.export_endpoint_count();
+        }
+        changed
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Picks an endpoint, skipping ejected ones (unless all are: then any, as Envoy's panic
+    /// mode does, because refusing everything helps no one).
+    pub fn pick(&self) -> Option<Attempt> {
+        let all = self.endpoints.load();
+        if all.is_empty() {
+            return None;
+        }
+        let now = self.now_ms();
+        let healthy: Vec<&Arc<Endpoint>> = all
+            .iter()
+            .filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) <= now)
+            .collect();
+        let pool: Vec<&Arc<Endpoint>> = if healthy.is_empty() {
+            all.iter().collect()
+        } else {
+            healthy
+        };
+        let chosen = match (self.config.lb, pool.len()) {
+            (_, 1) => pool[0],
+            (Lb::RoundRobin, n) => pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
+            (Lb::P2cEwma, n) => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if pool[a].cost() <= pool[b].cost() {
+                    pool[a]
+                } else {
+                    pool[b]
+                }
+            }
+        };
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Attempt {
+            endpoint: chosen.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Records a success (a response that is not a failure by the outlier rules).
+    pub fn succeeded(&self, attempt: &Attempt) {
+        attempt.endpoint.observe(attempt.started.elapsed());
+        attempt
+            .endpoint
+            .consecutive_failures
+            .store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failure (connect error, reset, timeout or 5xx); ejects the endpoint after
+    /// `outlier.consecutive_failures` in a row.
+    pub fn failed(&self, attempt: &Attempt) {
+        let e = &attempt.endpoint;
+        e.observe(attempt.started.elapsed());
+        let n = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = self.config.outlier.consecutive_failures;
+        if limit > 0 && n >= limit {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+            let until = self.now_ms() + self.config.outlier.ejection_time.get().as_millis() as u64;
+            e.ejected_until_ms.store(until, Ordering::Relaxed);
+            self.metrics
+                .ejections
+                .get_or_create(&ClusterLabels {
+                    cluster: self.name.clone(),
+                })
+                .inc();
+            tracing::warn!(
+                cluster = %self.name,
+                endpoint = %e.address,
+                failures = n,
+                for_ = ?self.config.outlier.ejection_time.get(),
+                "endpoint ejected after consecutive failures"
+            );
+        }
+    }
+
+    /// Counts a request toward the retry budget.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Asks the budget for a retry; counts the outcome.
+    pub fn withdraw_retry(&self) -> bool {
+        let ok = self.budget.withdraw();
+        self.metrics
+            .retries
+            .get_or_create(&OutcomeLabels {
+                cluster: self.name.clone(),
+                outcome: if ok { "attempted" } else { "budget_exhausted" },
+            })
+            .inc();
+        ok
+    }
+
+    /// A permit for one more request in flight, if the cluster caps them.
+    pub fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Saturated> {
+        match &self.in_flight {
+            None => Ok(None),
+            Some(s) => s
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| Saturated),
+        }
+    }
+
+    /// Keeps DNS- or file-discovered endpoints fresh; runs until dropped.
+    pub async fn discover(self: Arc<Self>) {
+        let refresh = match &self.config.discovery {
+            Discovery::Static(_) => return,
+            Discovery::Dns { refresh, .. } | Discovery::File { refresh, .. } => refresh.get(),
+        };
+        loop {
+            let outcome = match self.resolve().await {
+                Ok(addrs) if addrs.is_empty() => {
+                    tracing::warn!(cluster = %self.name, "discovery found no endpoints; keeping the last ones");
+                    "failed"
+                }
+                Ok(addrs) => {
+                    if self.set_endpoints(addrs) {
+                        tracing::info!(cluster = %self.name, endpoints = ?self.endpoint_addresses().iter().map(ToString::to_string).collect::<Vec<_>>(), "endpoints changed");
+                        "changed"
+                    } else {
+                        "unchanged"
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %self.name, error = %e, "discovery failed; keeping the last endpoints");
+                    "failed"
+                }
+            };
+            self.metrics
+                .discovery
+                .get_or_create(&OutcomeLabels {
+                    cluster: self.name.clone(),
+                    outcome,
+                })
+                .inc();
+            tokio::time::sleep(refresh).await;
+        }
+    }
+
+    async fn resolve(&self) -> Result<Vec<Address>, String> {
+        match &self.config.discovery {
+            Discovery::Static(a) => Ok(a.clone()),
+            Discovery::Dns { host, port, .. } => {
+                let mut addrs: Vec<Address> = tokio::net::lookup_host((host.as_str(), *port))
+                    .await
+                    .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                    .map(Address::Tcp)
+                    .collect();
+                addrs.sort_by_key(ToString::to_string);
+                addrs.dedup();
+                Ok(addrs)
+            }
+            Discovery::File { path, .. } => {
+                let text = tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                parse_endpoints_file(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+/// An endpoints file: `endpoints: [10.0.0.1:80, unix:/run/x.sock]` (or just the list).
+pub fn parse_endpoints_file(text: &str) -> Result<Vec<Address>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum File {
+        Wrapped { endpoints: Vec<Address> },
+        List(Vec<Address>),
+    }
+    match serde_norway::from_str::<File>(text) {
+        Ok(File::Wrapped { endpoints }) | Ok(File::List(endpoints)) => Ok(endpoints),
+        Err(e) => Err(format!("expected `endpoints: [host:port, ...]`: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::proxy::{Outlier, RetryBudget};
+
+    fn config(lb: Lb, n: u16) -> ClusterConfig {
+        ClusterConfig {
+            name: "c".into(),
+            discovery: Discovery::Static(
+                (0..n)
+                    .map(|i| Address::Tcp(([127, 0, 0, 1], 1000 + i).into()))
+                    .collect(),
+            ),
+            lb,
+            connect_timeout: crate::config::Duration::from_secs(1),
+            timeout: crate::config::Duration::from_secs(1),
+            http2: false,
+            pool_idle_timeout: crate::config::Duration::from_secs(1),
+            max_requests_in_flight: Some(1),
+            outlier: Outlier {
+                consecutive_failures: 2,
+                ejection_time: crate::config::Duration::from_secs(60),
+            },
+            retry_budget: RetryBudget {
+                ratio: 0.2,
+                min_per_second: 10,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn round_robin_skips_ejected_endpoints() {
+        let c = Cluster::new(config(Lb::RoundRobin, 3), ProxyMetrics::default());
+        let picks: Vec<String> = (0..3)
+            .map(|_| c.pick().unwrap().endpoint.address.to_string())
+            .collect();
+        assert_eq!(
+            picks,
+            ["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"]
+        );
+        // Two failures in a row eject :1000.
+        for _ in 0..2 {
+            let a = loop {
+                let a = c.pick().unwrap();
+                if a.endpoint.address.to_string() == "127.0.0.1:1000" {
+                    break a;
+                }
+            };
+            c.failed(&a);
+        }
+        for _ in 0..10 {
+            assert_ne!(
+                c.pick().unwrap().endpoint.address.to_string(),
+                "127.0.0.1:1000"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn p2c_prefers_the_faster_endpoint() {
+        let c = Cluster::new(config(Lb::P2cEwma, 2), ProxyMetrics::default());
+        let eps = c.endpoints.load();
+        eps[0].observe(Duration::from_millis(50));
+        eps[1].observe(Duration::from_micros(100));
+        drop(eps);
+        let fast = (0..100)
+            .filter(|_| c.pick().unwrap().endpoint.address.to_string() == "127.0.0.1:1001")
+            .count();
+        assert_eq!(fast, 100);
+    }
+
+    #[tokio::test]
+    async fn discovery_updates_keep_existing_endpoints() {
+        let c = Cluster::new(config(Lb::RoundRobin, 2), ProxyMetrics::default());
+        let before = c.endpoints.load_full();
+        let a: Address = "127.0.0.1:1001".parse().unwrap();
+        let b: Address = "127.0.0.1:2000".parse().unwrap();
+        assert!(c.set_endpoints(vec![a.clone(), b]));
+        let after = c.endpoints.load_full();
+        assert!(
+            Arc::ptr_eq(&before[1], &after[0]),
+            "the pool of a staying endpoint is kept"
+        );
+        assert!(!c.set_endpoints(vec![a, "127.0.0.1:2000".parse().unwrap()]));
+    }
+
+    #[test]
+    fn endpoints_files() {
+        assert_eq!(
+            parse_endpoints_file("endpoints: [127.0.0.1:1]\n")
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            parse_endpoints_file("- 127.0.0.1:1\n- unix:/x\n")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_endpoints_file("endpoints: [nowhere]\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn in_flight_cap() {
+        let c = Cluster::new(config(Lb::RoundRobin, 1), ProxyMetrics::default());
+        let p = c.admit().unwrap();
+        assert!(c.admit().is_err());
+        drop(p);
+        assert!(c.admit().is_ok());
+    }
+}

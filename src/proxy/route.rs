@@ -1,0 +1,310 @@
+//! Routing: the first route whose match accepts the request wins; on an outbound listener a
+//! request no route takes goes to the cluster named by its Host. Each route carries what the
+//! forward phase needs (cluster, timeout, retry policy, header edits, rewrite) and its
+//! pre-created metric series, so the data path allocates no labels.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use regex::Regex;
+
+use super::cluster::Cluster;
+use crate::config::proxy::{HeaderOps, MatchConfig, PathMatch, RetryPolicy, RouteConfig};
+use crate::telemetry::metrics::{LatencyLabels, Name, ProxyMetrics, ResponseLabels, RouteLabels};
+
+/// Where a matched request goes and how.
+pub struct Target {
+    pub name: Name,
+    pub cluster: Arc<Cluster>,
+    pub timeout: Duration,
+    pub retry: Option<RetryPolicy>,
+    pub request_headers: Edits,
+    pub response_headers: Edits,
+    /// Replace the matched path prefix with this.
+    pub rewrite: Option<(String, String)>,
+    pub stats: RouteStats,
+}
+
+/// The metric series of one route, created up front.
+pub struct RouteStats {
+    pub requests: Counter,
+    /// Responses by class 1xx..5xx when the upstream answered.
+    pub responses: [Counter; 5],
+    pub latency: Histogram,
+    labels: RouteLabels,
+    metrics: ProxyMetrics,
+}
+
+impl RouteStats {
+    pub fn new(
+        metrics: &ProxyMetrics,
+        direction: &'static str,
+        listener: &Name,
+        route: Name,
+        cluster: &Name,
+    ) -> RouteStats {
+        let labels = RouteLabels {
+            direction,
+            listener: listener.clone(),
+            route,
+            cluster: cluster.clone(),
+        };
+        let responses = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metrics
+                .responses
+                .get_or_create(&response_labels(&labels, class, ""))
+                .clone()
+        });
+        RouteStats {
+            requests: metrics.requests.get_or_create(&labels).clone(),
+            responses,
+            latency: metrics
+                .latency
+                .get_or_create(&LatencyLabels {
+                    direction,
+                    listener: listener.clone(),
+                    cluster: cluster.clone(),
+                })
+                .clone(),
+            labels,
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Counts a response: pre-created series for upstream answers, a labelled one for
+    /// Outrigger's own error answers.
+    pub fn response(&self, status: u16, error: &'static str) {
+        if error.is_empty() && (100..600).contains(&status) {
+            self.responses[(status / 100 - 1) as usize].inc();
+        } else {
+            self.metrics
+                .responses
+                .get_or_create(&response_labels(&self.labels, class(status), error))
+                .inc();
+        }
+    }
+}
+
+fn response_labels(l: &RouteLabels, class: &'static str, error: &'static str) -> ResponseLabels {
+    ResponseLabels {
+        direction: l.direction,
+        listener: l.listener.clone(),
+        route: l.route.clone(),
+        cluster: l.cluster.clone(),
+        class,
+        error,
+    }
+}
+
+pub fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Header edits, parsed once.
+#[derive(Default)]
+pub struct Edits {
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl Edits {
+    fn new(ops: &HeaderOps) -> Edits {
+        // Names and values were validated with the config.
+        Edits {
+            add: ops
+                .add
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+            remove: ops
+                .remove
+                .iter()
+                .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
+                .collect(),
+        }
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for k in &self.remove {
+            headers.remove(k);
+        }
+        for (k, v) in &self.add {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+enum HostMatch {
+    Exact(String),
+    /// `*.example.com`: the suffix with its dot.
+    Suffix(String),
+}
+
+enum PathMatcher {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+struct Matcher {
+    host: Option<HostMatch>,
+    path: PathMatcher,
+    method: Option<Method>,
+    headers: Vec<(HeaderName, String)>,
+}
+
+impl Matcher {
+    fn new(m: &MatchConfig) -> Matcher {
+        Matcher {
+            host: m.host.as_ref().map(|h| match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+                None => HostMatch::Exact(h.clone()),
+            }),
+            path: match &m.path {
+                PathMatch::Any => PathMatcher::Any,
+                PathMatch::Exact(p) => PathMatcher::Exact(p.clone()),
+                PathMatch::Prefix(p) => PathMatcher::Prefix(p.clone()),
+                PathMatch::Regex(r) => {
+                    PathMatcher::Regex(Regex::new(r).expect("validated with the config"))
+                }
+            },
+            method: m
+                .method
+                .as_ref()
+                .and_then(|s| Method::from_bytes(s.as_bytes()).ok()),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, v.clone())))
+                .collect(),
+        }
+    }
+
+    fn matches(&self, host: &str, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+        let host_ok = match &self.host {
+            None => true,
+            Some(HostMatch::Exact(h)) => h == host,
+            Some(HostMatch::Suffix(s)) => host.ends_with(s.as_str()),
+        };
+        let path_ok = match &self.path {
+            PathMatcher::Any => true,
+            PathMatcher::Exact(p) => p == path,
+            PathMatcher::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatcher::Regex(r) => r.is_match(path),
+        };
+        host_ok
+            && path_ok
+            && self.method.as_ref().is_none_or(|m| m == method)
+            && self
+                .headers
+                .iter()
+                .all(|(k, v)| headers.get(k).is_some_and(|h| h.as_bytes() == v.as_bytes()))
+    }
+}
+
+/// A listener's routes.
+pub struct Router {
+    routes: Vec<(Matcher, Arc<Target>)>,
+    /// Outbound only: a cluster for each name, used when no route matched.
+    by_host: HashMap<String, Arc<Target>>,
+}
+
+impl Router {
+    pub fn new(
+        direction: &'static str,
+        listener: &Name,
+        routes: &[RouteConfig],
+        clusters: &HashMap<String, Arc<Cluster>>,
+        route_by_host: bool,
+        metrics: &ProxyMetrics,
+    ) -> Router {
+        let routes = routes
+            .iter()
+            .filter_map(|r| {
+                let cluster = clusters.get(&r.cluster)?.clone();
+                let name = Arc::new(r.name.clone());
+                let rewrite = match (&r.matches.path, &r.rewrite_path_prefix) {
+                    (PathMatch::Prefix(from), Some(to)) => Some((from.clone(), to.clone())),
+                    _ => None,
+                };
+                let target = Target {
+                    stats: RouteStats::new(
+                        metrics,
+                        direction,
+                        listener,
+                        name.clone(),
+                        &cluster.name,
+                    ),
+                    name,
+                    timeout: r.timeout.unwrap_or(cluster.config.timeout).get(),
+                    retry: r.retry.clone(),
+                    request_headers: Edits::new(&r.request_headers),
+                    response_headers: Edits::new(&r.response_headers),
+                    rewrite,
+                    cluster,
+                };
+                Some((Matcher::new(&r.matches), Arc::new(target)))
+            })
+            .collect();
+        let by_host = if route_by_host {
+            clusters
+                .iter()
+                .map(|(name, cluster)| {
+                    let route = Arc::new(format!("host:{name}"));
+                    let target = Target {
+                        stats: RouteStats::new(
+                            metrics,
+                            direction,
+                            listener,
+                            route.clone(),
+                            &cluster.name,
+                        ),
+                        name: route,
+                        timeout: cluster.config.timeout.get(),
+                        retry: None,
+                        request_headers: Edits::default(),
+                        response_headers: Edits::default(),
+                        rewrite: None,
+                        cluster: cluster.clone(),
+                    };
+                    (name.clone(), Arc::new(target))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        Router { routes, by_host }
+    }
+
+    /// The route for a request; `host` is lowercase, without port.
+    pub fn route(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Option<&Arc<Target>> {
+        self.routes
+            .iter()
+            .find(|(m, _)| m.matches(host, path, method, headers))
+            .map(|(_, t)| t)
+            .or_else(|| self.by_host.get(host))
+    }
+}

@@ -1,0 +1,679 @@
+//! The proxy through the real binary with real backends: HTTP/1.1, h2c, a gRPC-shaped h2
+//! stream with trailers, upgrades, TCP mode, unix sockets, routing, retries and their budget,
+//! ejection, discovery from a file, limits, timeouts and request smuggling shapes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::backend::{Backend, dead_port, tcp_echo};
+use crate::support::{Sidecar, client, eventually};
+
+fn inbound(app: &Backend, extra: &str) -> Sidecar {
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n{extra}",
+        app.address()
+    ));
+    sc.wait_ready();
+    sc
+}
+
+/// Sends raw bytes and returns everything read until the peer closes or 5 s pass.
+fn raw(addr: &str, data: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(data).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn inbound_http1_and_h2c_reach_the_app_with_forwarding_headers() {
+    let app = Backend::http();
+    let sc = inbound(&app, "");
+    let r = client()
+        .get(sc.listener_url("public", "/hello?x=1"))
+        .header("connection", "x-secret")
+        .header("x-secret", "hop")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = &app.seen()[0];
+    assert_eq!(seen.path, "/hello?x=1");
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-proto"),
+        Some("http"),
+        "inbound overwrites the client's claim"
+    );
+    assert_eq!(seen.header("via"), Some("1.1 outrigger"));
+    assert_eq!(seen.header("x-request-id").map(str::len), Some(32));
+    assert_eq!(
+        seen.header("x-secret"),
+        None,
+        "headers named in Connection are hop-by-hop"
+    );
+
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .post(sc.listener_url("public", "/h2"))
+        .body("over h2c")
+        .send()
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(seen.body, b"over h2c");
+    assert_eq!(
+        seen.header("host").map(|h| h.starts_with("127.0.0.1:")),
+        Some(true),
+        "HTTP/1.1 upstream gets a Host"
+    );
+    assert_eq!(seen.header("via"), Some("2 outrigger"));
+
+    assert_eq!(sc.metric("outrigger_http_requests_total{direction=\"inbound\",listener=\"public\",route=\"default\",cluster=\"app\"}"), 2.0);
+    assert_eq!(
+        sc.metric("outrigger_http_responses_total{direction=\"inbound\",listener=\"public\",route=\"default\",cluster=\"app\",class=\"2xx\",error=\"\"}"),
+        2.0
+    );
+}
+
+#[test]
+fn outbound_routes_match_rewrite_and_fall_back_to_host() {
+    let (a, b) = (Backend::http(), Backend::http());
+    let sc = Sidecar::start(&format!(
+        r#"
+clusters:
+  alpha: {{ endpoints: ["{}"] }}
+  beta: {{ endpoints: ["{}"] }}
+listeners:
+  - name: egress
+    address: 127.0.0.1:0
+    direction: outbound
+    routes:
+      - name: canary
+        match: {{ headers: {{ x-env: canary }} }}
+        cluster: beta
+      - name: v1
+        match: {{ host: api.example.com, path_prefix: /v1/ }}
+        cluster: alpha
+        rewrite: {{ path_prefix: / }}
+        request_headers: {{ add: {{ x-route: v1 }}, remove: [x-drop] }}
+        response_headers: {{ add: {{ x-served-by: alpha }} }}
+      - match: {{ path_regex: "^/items/[0-9]+$", method: delete }}
+        cluster: beta
+"#,
+        a.address(),
+        b.address()
+    ));
+    sc.wait_ready();
+    let url = |p: &str| sc.listener_url("egress", p);
+    let r = client()
+        .get(url("/v1/pay?id=7"))
+        .header("host", "api.example.com")
+        .header("x-drop", "1")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-served-by"], "alpha");
+    let seen = a.seen().pop().unwrap();
+    assert_eq!(seen.path, "/pay?id=7");
+    assert_eq!(seen.header("x-route"), Some("v1"));
+    assert_eq!(seen.header("x-drop"), None);
+    assert_eq!(
+        seen.header("host"),
+        Some("api.example.com"),
+        "the authority is kept"
+    );
+
+    client()
+        .get(url("/anything"))
+        .header("host", "api.example.com")
+        .header("x-env", "canary")
+        .send()
+        .unwrap();
+    assert_eq!(b.count(), 1, "first match wins: the canary route");
+    client()
+        .delete(url("/items/42"))
+        .header("host", "x")
+        .send()
+        .unwrap();
+    assert_eq!(b.count(), 2);
+    // No route: the Host names a cluster.
+    client()
+        .get(url("/by-host"))
+        .header("host", "alpha:8080")
+        .send()
+        .unwrap();
+    assert_eq!(a.seen().pop().unwrap().path, "/by-host");
+    let r = client()
+        .get(url("/nope"))
+        .header("host", "nowhere")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-outrigger-error"], "no-route");
+}
+
+#[test]
+fn grpc_shaped_h2_stream_flows_both_ways_with_trailers() {
+    use http_body_util::BodyExt;
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        "clusters:\n  grpc: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        app.address()
+    ));
+    sc.wait_ready();
+    let addr = sc.listeners["egress"].clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >(4);
+            let body = http_body_util::StreamBody::new(ReceiverStream(rx));
+            let req = http::Request::post("http://grpc/echo.Echo/Stream")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(body)
+                .unwrap();
+            tx.send(Ok(hyper::body::Frame::data("one".into())))
+                .await
+                .unwrap();
+            let res = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+                .await
+                .expect("headers before the request ended")
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            let mut body = res.into_body();
+            // Each message comes back before the next is sent: nothing is buffered on the way.
+            for msg in ["one", "two", "three"] {
+                if msg != "one" {
+                    tx.send(Ok(hyper::body::Frame::data(msg.into())))
+                        .await
+                        .unwrap();
+                }
+                let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                    .await
+                    .expect("echo in time")
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(frame.into_data().unwrap(), msg);
+            }
+            drop(tx);
+            let trailers = loop {
+                let frame = body.frame().await.unwrap().unwrap();
+                if let Ok(t) = frame.into_trailers() {
+                    break t;
+                }
+            };
+            assert_eq!(trailers["grpc-status"], "0");
+        })
+    }));
+    if let Err(e) = outcome {
+        eprintln!("{}", sc.diagnostics());
+        std::panic::resume_unwind(e);
+    }
+    let seen = app.seen()[0].clone();
+    assert_eq!(seen.version, "HTTP/2.0");
+    assert_eq!(seen.header("te"), Some("trailers"));
+}
+
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+#[test]
+fn upgrades_are_spliced() {
+    let app = Backend::http();
+    let sc = inbound(&app, "");
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    for msg in [&b"ping"[..], b"pong and more"] {
+        s.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    }
+    assert_eq!(app.seen()[0].header("upgrade"), Some("websocket"));
+}
+
+#[test]
+fn tcp_mode_copies_bytes_both_ways() {
+    let (echo, _t) = tcp_echo();
+    let sc = Sidecar::start(&format!(
+        "clusters:\n  db: {{ endpoints: [\"{echo}\"] }}\nlisteners:\n  - name: db\n    address: 127.0.0.1:0\n    direction: outbound\n    protocol: tcp\n    cluster: db\n"
+    ));
+    sc.wait_ready();
+    let mut s = TcpStream::connect(&sc.listeners["db"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A protocol that speaks first from the client and is not HTTP.
+    let msg = b"\x00\x01binary\xffpayload";
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, msg);
+    drop(s);
+    eventually(Duration::from_secs(5), "byte counters", || {
+        (sc.metric(
+            "outrigger_bytes_total{direction=\"outbound\",listener=\"db\",flow=\"received\"}",
+        ) == msg.len() as f64)
+            .then_some(())
+    });
+}
+
+#[test]
+fn unix_sockets_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Backend::http_unix(dir.path().join("app.sock"));
+    let listen = dir.path().join("in.sock");
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: unix:{}\n",
+        app.address(),
+        listen.display()
+    ));
+    sc.wait_ready();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&listen).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "unix listeners are private by default");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--unix-socket",
+            listen.to_str().unwrap(),
+            "http://app/over-unix",
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/over-unix"),
+        "{out:?}\n{}",
+        sc.diagnostics()
+    );
+    assert_eq!(
+        app.seen()[0].header("x-forwarded-for"),
+        None,
+        "no IP for a unix peer"
+    );
+}
+
+#[test]
+fn retries_happen_and_stop_at_the_budget() {
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        r#"
+clusters:
+  flaky:
+    endpoints: ["{}"]
+    outlier: {{ consecutive_failures: 0 }}
+    retry_budget: {{ ratio: 0.2, min_per_second: 1 }}
+listeners:
+  - name: egress
+    address: 127.0.0.1:0
+    direction: outbound
+    routes:
+      - cluster: flaky
+        retry: {{ attempts: 3, on: ["503"], backoff: 1ms }}
+"#,
+        app.address()
+    ));
+    sc.wait_ready();
+    let n = 50;
+    for _ in 0..n {
+        let r = client()
+            .get(sc.listener_url("egress", "/status/503"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 503, "the last answer passes through");
+    }
+    let attempted = sc.metric("outrigger_retries_total{cluster=\"flaky\",outcome=\"attempted\"}");
+    let exhausted =
+        sc.metric("outrigger_retries_total{cluster=\"flaky\",outcome=\"budget_exhausted\"}");
+    // The budget: 20% of requests plus 1/s (over a 10 s window) — far below 3 retries each.
+    assert!(attempted >= 3.0, "retries happened: {attempted}");
+    assert!(
+        attempted <= 0.2 * n as f64 + 12.0,
+        "retries stopped at the budget: {attempted}"
+    );
+    assert!(exhausted > 0.0, "the budget refused some retries");
+    assert_eq!(
+        app.count() as f64,
+        n as f64 + attempted,
+        "every attempt reached the backend once"
+    );
+}
+
+#[test]
+fn a_dead_endpoint_is_ejected() {
+    let live = Backend::http();
+    let dead = dead_port();
+    let sc = Sidecar::start(&format!(
+        r#"
+clusters:
+  svc:
+    endpoints: ["{dead}", "{}"]
+    outlier: {{ consecutive_failures: 2, ejection_time: 60s }}
+listeners:
+  - name: egress
+    address: 127.0.0.1:0
+    direction: outbound
+    routes:
+      - cluster: svc
+        retry: {{ attempts: 1, on: [connect-failure] }}
+"#,
+        live.address()
+    ));
+    sc.wait_ready();
+    for _ in 0..20 {
+        let r = client()
+            .get(sc.listener_url("egress", "/ok"))
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "a connect failure is retried on the other endpoint"
+        );
+    }
+    assert_eq!(
+        sc.metric("outrigger_endpoint_ejections_total{cluster=\"svc\"}"),
+        1.0
+    );
+    // After the ejection every request goes to the live endpoint at once: no more retries.
+    let retries = sc.metric("outrigger_retries_total{cluster=\"svc\",outcome=\"attempted\"}");
+    assert!(retries <= 2.0, "{retries}");
+    assert_eq!(live.count(), 20);
+}
+
+#[test]
+fn endpoints_file_is_hot_reloaded() {
+    let (a, b) = (Backend::http(), Backend::http());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("endpoints.yaml");
+    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", a.address())).unwrap();
+    let sc = Sidecar::start(&format!(
+        "clusters:\n  svc: {{ file: {}, refresh: 100ms }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        file.display()
+    ));
+    sc.wait_ready();
+    let get = || {
+        client()
+            .get(sc.listener_url("egress", "/x"))
+            .header("host", "svc")
+            .send()
+            .unwrap()
+            .status()
+    };
+    eventually(Duration::from_secs(10), "the first endpoint", || {
+        (get() == 200 && a.count() > 0).then_some(())
+    });
+    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", b.address())).unwrap();
+    eventually(Duration::from_secs(10), "the new endpoint", || {
+        (get() == 200 && b.count() > 0).then_some(())
+    });
+    // A broken file keeps the last good endpoints.
+    std::fs::write(&file, "endpoints: [nonsense\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = b.count();
+    assert_eq!(get(), 200);
+    assert_eq!(b.count(), before + 1);
+    assert!(
+        sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"failed\"}") >= 1.0
+    );
+}
+
+#[test]
+fn dns_discovery_resolves_names() {
+    let app = Backend::http();
+    let port = app.addr.unwrap().port();
+    let sc = Sidecar::start(&format!(
+        "clusters:\n  svc: {{ dns: \"127.0.0.1:{port}\", refresh: 100ms }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n"
+    ));
+    sc.wait_ready();
+    eventually(Duration::from_secs(10), "a resolved endpoint", || {
+        let r = client()
+            .get(sc.listener_url("egress", "/dns"))
+            .header("host", "svc")
+            .send()
+            .ok()?;
+        (r.status() == 200).then_some(())
+    });
+    assert!(
+        sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"unchanged\"}")
+            >= 1.0
+            || sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"changed\"}")
+                >= 1.0
+    );
+    assert_eq!(
+        sc.metric("outrigger_cluster_endpoints{cluster=\"svc\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn failures_answer_502_504_503_with_a_reason() {
+    let app = Backend::http();
+    let dead = dead_port();
+    let sc = Sidecar::start(&format!(
+        r#"
+clusters:
+  down: {{ endpoints: ["{dead}"] }}
+  slow: {{ endpoints: ["{}"] }}
+listeners:
+  - name: egress
+    address: 127.0.0.1:0
+    direction: outbound
+    routes:
+      - match: {{ host: slow }}
+        cluster: slow
+        timeout: 200ms
+"#,
+        app.address()
+    ));
+    sc.wait_ready();
+    let r = client()
+        .get(sc.listener_url("egress", "/"))
+        .header("host", "down")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-outrigger-error"], "connect");
+    let r = client()
+        .get(sc.listener_url("egress", "/slow/3000"))
+        .header("host", "slow")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-outrigger-error"], "timeout");
+    let stderr = sc.stderr();
+    assert!(
+        stderr.contains("request failed")
+            && stderr.contains("cluster=down")
+            && stderr.contains("route=host:down"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cluster=slow") && stderr.contains("route=0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn limits_shed_with_503_and_retry_after() {
+    let app = Backend::http();
+    let sc = inbound(
+        &app,
+        "    limits:\n      rate_limit: { requests_per_second: 0.01, burst: 2 }\n",
+    );
+    let codes: Vec<u16> = (0..4)
+        .map(|_| {
+            client()
+                .get(sc.listener_url("public", "/"))
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+        .collect();
+    assert_eq!(codes, [200, 200, 503, 503]);
+    let r = client().get(sc.listener_url("public", "/")).send().unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["x-outrigger-error"], "overload");
+    assert_eq!(app.count(), 2);
+    assert_eq!(
+        sc.metric("outrigger_shed_requests_total{listener=\"public\",reason=\"rate_limit\"}"),
+        3.0
+    );
+
+    let app = Backend::http();
+    let sc = inbound(&app, "    limits:\n      max_requests_in_flight: 1\n");
+    let url = sc.listener_url("public", "/slow/1000");
+    let slow = std::thread::spawn(move || client().get(url).send().unwrap().status());
+    eventually(
+        Duration::from_secs(5),
+        "the slow request at the app",
+        || (app.count() == 1).then_some(()),
+    );
+    let r = client().get(sc.listener_url("public", "/")).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(slow.join().unwrap(), 200);
+    assert_eq!(
+        client()
+            .get(sc.listener_url("public", "/"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn smuggling_shapes_are_refused_and_never_reach_the_app() {
+    let app = Backend::http();
+    let sc = inbound(&app, "    limits:\n      max_header_bytes: 8192\n");
+    let addr = sc.listeners["public"].clone();
+    let cases: [(&str, &[u8], &str); 8] = [
+        ("duplicate differing Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", "400"),
+        ("invalid chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
+        ("whitespace before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "400"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", "400"),
+        ("unknown transfer coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "400"),
+        ("chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", "400"),
+        ("chunked in HTTP/1.0", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("header too large", &[b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".as_slice(), &[b'a'; 9000], b"\r\n\r\n"].concat(), "431"),
+    ];
+    for (what, bytes, status) in cases {
+        let out = raw(&addr, bytes);
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {out}"
+        );
+    }
+    assert_eq!(app.count(), 0, "nothing reached the app: {:?}", app.seen());
+    // A well-formed chunked request still works.
+    let out = raw(&addr, b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.seen()[0].body, b"abc");
+}
+
+#[test]
+fn slow_headers_are_cut_off() {
+    let app = Backend::http();
+    let sc = inbound(&app, "    limits:\n      header_read_timeout: 300ms\n");
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the connection was closed by the header timeout"
+    );
+    assert_eq!(app.count(), 0);
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let app = Backend::http();
+    let mut sc = inbound(&app, "");
+    let url = sc.listener_url("public", "/slow/700");
+    let inflight =
+        std::thread::spawn(move || client().get(url).send().map(|r| r.status().as_u16()));
+    eventually(Duration::from_secs(5), "the request at the app", || {
+        (app.count() == 1).then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        inflight.join().unwrap().unwrap(),
+        200,
+        "{}",
+        sc.diagnostics()
+    );
+    let status = sc.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", sc.diagnostics());
+}
+
+#[test]
+fn proxy_config_errors_are_located() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "listeners:\n  - name: public\n    address: 127.0.0.1:0\n  - name: public\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - cluster: nope\n        retry: { attempts: 1, on: [sometimes] }\n        match: { path_regex: \"([\" }\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    for e in [
+        "bad.yaml:2:5: listeners[0].direction: an inbound listener forwards to the app, but app.address is not set",
+        "bad.yaml:4:11: listeners[1].name: the name \"public\" is already used by listeners[0]",
+        "bad.yaml:8:18: listeners[1].routes[0].cluster: no cluster named \"nope\"",
+        "bad.yaml:9:36: listeners[1].routes[0].retry.on[0]: expected connect-failure, timeout, reset, 5xx",
+        "bad.yaml:10:30: listeners[1].routes[0].match.path_regex: expected a regular expression",
+    ] {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+}
