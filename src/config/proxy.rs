@@ -180,6 +180,53 @@ pub struct RetryBudget {
     pub min_per_second: u32,
 }
 
+/// Upper bound of counts (connections, requests in flight): beyond any sidecar's need, and
+/// below what a semaphore can hold.
+const MAX_COUNT: usize = 1_000_000;
+/// Upper bound of every duration: a day (larger values overflow deadline arithmetic).
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Headers a route may not add or remove: they frame the message or describe the hop, and an
+/// edit would desynchronise the proxy and the upstream.
+const FRAMING_HEADERS: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "content-length",
+    "host",
+    "trailer",
+];
+
+fn check_count(doc: &Document, problems: &mut Vec<Problem>, path: &str, n: Option<usize>) {
+    if let Some(n) = n
+        && !(1..=MAX_COUNT).contains(&n)
+    {
+        problems.push(doc.problem(
+            path,
+            format!("expected a number from 1 to {MAX_COUNT}, found {n}"),
+        ));
+    }
+}
+
+fn check_duration(
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+    path: &str,
+    d: Option<Duration>,
+    allow_zero: bool,
+) {
+    if let Some(d) = d {
+        if d.get().is_zero() && !allow_zero {
+            problems.push(doc.problem(path, "expected a positive duration, found 0s"));
+        } else if d.get() > MAX_DURATION {
+            problems.push(doc.problem(path, format!("expected at most 24h, found {d}")));
+        }
+    }
+}
+
 const RETRY_ON: &str = "connect-failure, timeout, reset, 5xx or a status code like \"503\"";
 
 /// Validates listeners and clusters; every problem is pushed with its location.
@@ -319,11 +366,46 @@ fn cluster(
         (_, _, Some(path)) => Discovery::File { path, refresh },
         _ => unreachable!("exactly one source"),
     };
-    if refresh.get().is_zero() {
-        problems.push(doc.problem(&format!("{at}.refresh"), "expected a positive duration"));
-    }
+
+    check_duration(doc, problems, &format!("{at}.refresh"), raw.refresh, false);
+    check_duration(
+        doc,
+        problems,
+        &format!("{at}.connect_timeout"),
+        raw.connect_timeout,
+        false,
+    );
+    check_duration(doc, problems, &format!("{at}.timeout"), raw.timeout, false);
+    check_duration(
+        doc,
+        problems,
+        &format!("{at}.pool_idle_timeout"),
+        raw.pool_idle_timeout,
+        false,
+    );
+    check_count(
+        doc,
+        problems,
+        &format!("{at}.max_requests_in_flight"),
+        raw.max_requests_in_flight,
+    );
     let outlier = raw.outlier.unwrap_or_default();
+    check_duration(
+        doc,
+        problems,
+        &format!("{at}.outlier.ejection_time"),
+        outlier.ejection_time,
+        false,
+    );
     let budget = raw.retry_budget.unwrap_or_default();
+    if let Some(m) = budget.min_per_second
+        && m > MAX_COUNT as u32
+    {
+        problems.push(doc.problem(
+            &format!("{at}.retry_budget.min_per_second"),
+            format!("expected at most {MAX_COUNT}, found {m}"),
+        ));
+    }
     let ratio = budget.ratio.unwrap_or(DEFAULT_BUDGET_RATIO);
     if !(0.0..=1000.0).contains(&ratio) {
         problems.push(doc.problem(
@@ -445,6 +527,32 @@ fn listener(
         }
     }
     let l = raw.limits;
+    check_count(
+        doc,
+        problems,
+        &format!("{at}.limits.max_connections"),
+        l.max_connections,
+    );
+    check_count(
+        doc,
+        problems,
+        &format!("{at}.limits.max_requests_in_flight"),
+        l.max_requests_in_flight,
+    );
+    check_duration(
+        doc,
+        problems,
+        &format!("{at}.limits.header_read_timeout"),
+        l.header_read_timeout,
+        false,
+    );
+    check_duration(
+        doc,
+        problems,
+        &format!("{at}.limits.idle_timeout"),
+        l.idle_timeout,
+        false,
+    );
     let max_header_bytes = l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
     if !(8192..=1 << 20).contains(&max_header_bytes) {
         problems.push(doc.problem(
@@ -540,6 +648,16 @@ fn route(
             ));
         }
     }
+    if let Some(h) = &m.host
+        && h.starts_with('*')
+        && !h.starts_with("*.")
+    {
+        problems.push(doc.problem(
+            &format!("{at}.match.host"),
+            format!("expected a host or a wildcard like *.example.com, found {h:?}"),
+        ));
+    }
+    check_duration(doc, problems, &format!("{at}.timeout"), raw.timeout, false);
     let method = m.method.map(|s| s.to_ascii_uppercase());
     if let Some(meth) = &method
         && http::Method::from_bytes(meth.as_bytes()).is_err()
@@ -587,6 +705,13 @@ fn route(
         if r.on.is_empty() {
             on.connect_failure = true;
         }
+        check_duration(
+            doc,
+            problems,
+            &format!("{at}.retry.backoff"),
+            r.backoff,
+            true,
+        );
         if r.attempts > 10 {
             problems.push(doc.problem(
                 &format!("{at}.retry.attempts"),
@@ -605,6 +730,11 @@ fn route(
                 problems.push(doc.problem(
                     &format!("{at}.{which}"),
                     format!("expected header names, found {k:?}"),
+                ));
+            } else if FRAMING_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
+                problems.push(doc.problem(
+                    &format!("{at}.{which}"),
+                    format!("{k:?} frames the message or describes the hop; routes cannot edit it"),
                 ));
             }
         }

@@ -68,10 +68,16 @@ impl tower::Service<http::Uri> for Connector {
 
 pub type HttpClient = Client<Connector, ProxyBody>;
 
+/// Idle pooled connections kept per endpoint.
+const POOL_MAX_IDLE: usize = 256;
+
 /// One upstream endpoint and its state.
 pub struct Endpoint {
     pub address: Address,
     pub client: HttpClient,
+    /// The URI authority of requests to this endpoint: the pool key. Fixed, so clients cannot
+    /// grow the pool by varying Host; the Host header carries the request's own authority.
+    authority: http::uri::Authority,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the cluster's epoch until which the endpoint is ejected (0: never).
@@ -87,19 +93,40 @@ impl Endpoint {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout.get())
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .set_host(false)
             .http2_only(config.http2);
         let client = builder.build(Connector {
             address: address.clone(),
             timeout: config.connect_timeout.get(),
         });
+        let authority = match &address {
+            Address::Tcp(a) => http::uri::Authority::try_from(a.to_string())
+                .expect("a socket address is an authority"),
+            Address::Unix(_) => http::uri::Authority::from_static("localhost"),
+        };
         Endpoint {
             address,
             client,
+            authority,
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ewma: Mutex::new((EWMA_DEFAULT.as_secs_f64(), Instant::now())),
         }
+    }
+
+    /// The URI of a request to this endpoint.
+    pub fn uri(&self, path: http::uri::PathAndQuery) -> http::Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path);
+        http::Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+    }
+
+    fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
     /// The balancer's cost: latency estimate times (requests in flight + 1).
@@ -227,35 +254,42 @@ impl Cluster {
     }
 
     /// Picks an endpoint, skipping ejected ones (unless all are: then any, as Envoy's panic
-    /// mode does, because refusing everything helps no one).
+    /// mode does, because refusing everything helps no one). No allocation.
     pub fn pick(&self) -> Option<Attempt> {
         let all = self.endpoints.load();
-        if all.is_empty() {
+        let n = all.len();
+        if n == 0 {
             return None;
         }
         let now = self.now_ms();
-        let healthy: Vec<&Arc<Endpoint>> = all
-            .iter()
-            .filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) <= now)
-            .collect();
-        let pool: Vec<&Arc<Endpoint>> = if healthy.is_empty() {
-            all.iter().collect()
-        } else {
-            healthy
-        };
-        let chosen = match (self.config.lb, pool.len()) {
-            (_, 1) => pool[0],
-            (Lb::RoundRobin, n) => pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
+        let chosen = match (self.config.lb, n) {
+            (_, 1) => &all[0],
+            (Lb::RoundRobin, n) => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &all[(start + i) % n])
+                    .find(|e| !e.ejected(now))
+                    .unwrap_or(&all[start % n])
+            }
             (Lb::P2cEwma, n) => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
                 if b >= a {
                     b += 1;
                 }
-                if pool[a].cost() <= pool[b].cost() {
-                    pool[a]
-                } else {
-                    pool[b]
+                let (ea, eb) = (&all[a], &all[b]);
+                match (ea.ejected(now), eb.ejected(now)) {
+                    (false, true) => ea,
+                    (true, false) => eb,
+                    // Both ejected: look for any healthy one before giving up on ejection.
+                    (true, true) => all.iter().find(|e| !e.ejected(now)).unwrap_or(ea),
+                    (false, false) => {
+                        if ea.cost() <= eb.cost() {
+                            ea
+                        } else {
+                            eb
+                        }
+                    }
                 }
             }
         };
@@ -282,9 +316,14 @@ impl Cluster {
         e.observe(attempt.started.elapsed());
         let n = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let limit = self.config.outlier.consecutive_failures;
-        if limit > 0 && n >= limit {
+        // Never eject more than half the cluster: past that, ejection only concentrates load.
+        let now = self.now_ms();
+        let all = self.endpoints.load();
+        let ejected = all.iter().filter(|x| x.ejected(now)).count();
+        if limit > 0 && n >= limit && (ejected + 1) * 2 <= all.len().max(2) {
             e.consecutive_failures.store(0, Ordering::Relaxed);
-            let until = self.now_ms() + self.config.outlier.ejection_time.get().as_millis() as u64;
+            let until =
+                now.saturating_add(self.config.outlier.ejection_time.get().as_millis() as u64);
             e.ejected_until_ms.store(until, Ordering::Relaxed);
             self.metrics
                 .ejections

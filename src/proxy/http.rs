@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
@@ -24,9 +25,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::{self, Guarded, ProxyBody, REPLAY_LIMIT, RequestBody};
-use super::listener::Peer;
+use super::listener::{Activity, Peer};
 use super::route::{RouteStats, Router, Target};
 use crate::config::proxy::{Limits, RateLimit};
+use crate::runtime::Drain;
 use crate::telemetry::metrics::{Name, ProxyMetrics, ShedLabels};
 
 static X_OUTRIGGER_ERROR: HeaderName = HeaderName::from_static("x-outrigger-error");
@@ -36,7 +38,9 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one hop and never travel further (RFC 9110 §7.6.1).
+/// Headers that describe one hop and never travel further (RFC 9110 §7.6.1), plus the
+/// credentials a client meant for a proxy. `Trailer` is end to end: it declares the trailers
+/// HTTP/1 must send.
 fn hop_by_hop() -> [&'static HeaderName; 8] {
     [
         &header::CONNECTION,
@@ -44,9 +48,9 @@ fn hop_by_hop() -> [&'static HeaderName; 8] {
         &PROXY_CONNECTION,
         &header::TRANSFER_ENCODING,
         &header::TE,
-        &header::TRAILER,
         &header::UPGRADE,
         &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
     ]
 }
 
@@ -55,6 +59,8 @@ fn hop_by_hop() -> [&'static HeaderName; 8] {
 pub enum Failure {
     /// Malformed or ambiguous request (400, downstream's fault).
     BadRequest,
+    /// The request body did not arrive in time (408, downstream's fault).
+    RequestTimeout,
     /// No route matched (404).
     NoRoute,
     /// A local limit shed the request (503).
@@ -73,6 +79,7 @@ impl Failure {
     pub fn status(self) -> StatusCode {
         match self {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
+            Failure::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Overload | Failure::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Connect | Failure::Upstream => StatusCode::BAD_GATEWAY,
@@ -83,6 +90,7 @@ impl Failure {
     pub fn reason(self) -> &'static str {
         match self {
             Failure::BadRequest => "bad-request",
+            Failure::RequestTimeout => "request-timeout",
             Failure::NoRoute => "no-route",
             Failure::Overload => "overload",
             Failure::NoEndpoints => "no-endpoints",
@@ -157,6 +165,16 @@ pub struct HttpListener {
     unrouted: RouteStats,
 }
 
+/// The downstream connection a request arrived on.
+pub struct Downstream {
+    pub peer: Peer,
+    /// The connection's slot under `max_connections`; an upgraded stream keeps it.
+    pub guard: Arc<super::ConnectionGuard>,
+    pub drain: Drain,
+    pub activity: Activity,
+    pub idle_timeout: Duration,
+}
+
 /// Permits a request holds until its response body is done.
 struct Permits {
     _listener: Option<OwnedSemaphorePermit>,
@@ -199,7 +217,7 @@ impl HttpListener {
     /// Serves one request; never fails (errors become responses).
     pub async fn handle(
         self: Arc<Self>,
-        peer: Peer,
+        down: Arc<Downstream>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
@@ -211,56 +229,57 @@ impl HttpListener {
             }
         };
         if let Err(why) = check_framing(&req) {
-            tracing::warn!(listener = %self.name, peer = ?peer, error = why, "refused ambiguous request framing");
+            tracing::warn!(listener = %self.name, peer = ?down.peer, error = why, "refused ambiguous request framing");
             self.unrouted.response(400, Failure::BadRequest.reason());
             return Ok(with_close(error_response(Failure::BadRequest, why)));
         }
-        let Some(host) = authority(&req) else {
-            self.unrouted.response(400, Failure::BadRequest.reason());
-            return Ok(error_response(
-                Failure::BadRequest,
-                "the request has no Host",
-            ));
-        };
-        let host_name = host_without_port(&host);
-        let Some(target) = self
-            .router
-            .route(&host_name, req.uri().path(), req.method(), req.headers())
-            .cloned()
-        else {
-            tracing::debug!(listener = %self.name, host = %host_name, path = req.uri().path(), "no route");
-            self.unrouted.response(404, Failure::NoRoute.reason());
-            return Ok(error_response(
-                Failure::NoRoute,
-                &format!("no route for host {host_name:?}"),
-            ));
+        // Phase 3: route by the request's authority (absolute-form or :authority first, as
+        // RFC 9112 §3.2.2 says), which is also the Host the upstream will see.
+        let (target, host) = {
+            let (authority, from_uri) = match authority(&req) {
+                Ok(a) => a,
+                Err(why) => {
+                    self.unrouted.response(400, Failure::BadRequest.reason());
+                    return Ok(error_response(Failure::BadRequest, why));
+                }
+            };
+            let key = route_key(authority);
+            let Some(target) = self
+                .router
+                .route(&key, req.uri().path(), req.method(), req.headers())
+                .cloned()
+            else {
+                tracing::debug!(listener = %self.name, host = %key, path = req.uri().path(), "no route");
+                self.unrouted.response(404, Failure::NoRoute.reason());
+                return Ok(error_response(
+                    Failure::NoRoute,
+                    &format!("no route for host {key:?}"),
+                ));
+            };
+            let host = if from_uri {
+                HeaderValue::from_str(authority).ok()
+            } else {
+                None
+            };
+            (target, host)
         };
         target.stats.requests.inc();
-        let cluster_permit = match target.cluster.admit() {
-            Ok(p) => p,
-            Err(_) => {
-                self.shed_breaker.inc();
-                return Ok(self.fail(
-                    &target,
-                    Failure::Overload,
-                    "the cluster has too many requests in flight",
-                    started,
-                ));
-            }
-        };
-        let mut res = match self.forward(&target, &peer, host, req, started).await {
-            Ok(res) => res,
+        let (mut res, cluster_permit) = match self.forward(&target, &down, host, req, started).await
+        {
+            Ok(pair) => pair,
             Err(res) => return Ok(res),
         };
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(res.headers_mut(), switching);
         target.response_headers.apply(res.headers_mut());
-        let status = res.status().as_u16();
-        target.stats.response(status, "");
+        target.stats.response(res.status().as_u16(), "");
         target
             .stats
             .latency
             .observe(started.elapsed().as_secs_f64());
+        if permit.is_none() && cluster_permit.is_none() {
+            return Ok(res);
+        }
         let permits = Permits {
             _listener: permit,
             _cluster: cluster_permit,
@@ -295,14 +314,19 @@ impl HttpListener {
         message: &str,
         started: Instant,
     ) -> Response<ProxyBody> {
-        tracing::warn!(
-            listener = %self.name,
-            route = %target.name,
-            cluster = %target.cluster.name,
-            error = failure.reason(),
-            message,
-            "request failed"
-        );
+        // Shed requests are counted; logging each would flood the log exactly under overload.
+        if failure == Failure::Overload {
+            tracing::debug!(listener = %self.name, route = %target.name, cluster = %target.cluster.name, message, "request shed");
+        } else {
+            tracing::warn!(
+                listener = %self.name,
+                route = %target.name,
+                cluster = %target.cluster.name,
+                error = failure.reason(),
+                message,
+                "request failed"
+            );
+        }
         target
             .stats
             .response(failure.status().as_u16(), failure.reason());
@@ -313,60 +337,45 @@ impl HttpListener {
         error_response(failure, message)
     }
 
-    /// Phases 4 and 5: prepare the request and send it, retrying within the policy.
+    /// Phases 4 and 5: prepare the request and send it, retrying within the policy. Returns the
+    /// response and the cluster's in-flight permit (held until the response body is done).
     async fn forward(
         &self,
         target: &Target,
-        peer: &Peer,
-        authority: String,
+        down: &Arc<Downstream>,
+        host: Option<HeaderValue>,
         mut req: Request<Incoming>,
         started: Instant,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    ) -> Result<(Response<ProxyBody>, Option<OwnedSemaphorePermit>), Response<ProxyBody>> {
         let cluster = &target.cluster;
-        cluster.deposit();
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
         prepare(
             &mut parts.headers,
-            peer,
+            &down.peer,
             self.direction == "inbound",
             upgrade.is_some(),
             parts.version,
         );
         target.request_headers.apply(&mut parts.headers);
-        let path = rewrite(&parts.uri, target.rewrite.as_ref());
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(path)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => {
-                return Err(self.fail(
-                    target,
-                    Failure::BadRequest,
-                    "the request target is invalid",
-                    started,
-                ));
-            }
+        if let Some(host) = host {
+            parts.headers.insert(header::HOST, host);
+        }
+        let Some(path) = rewrite(&parts.uri, target.rewrite.as_ref()) else {
+            return Err(self.fail(
+                target,
+                Failure::BadRequest,
+                "the rewritten path is invalid",
+                started,
+            ));
         };
         parts.version = if cluster.config.http2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        if parts.version == Version::HTTP_11 && !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 clients send :authority, HTTP/1.1 upstreams need Host.
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(header::HOST, v);
-            }
-        } else if parts.version == Version::HTTP_2 {
-            // :authority carries it; a Host header as well is allowed but redundant.
-            parts.headers.remove(header::HOST);
-        }
 
         let known_small = incoming
             .size_hint()
@@ -378,9 +387,12 @@ impl HttpListener {
                 trailers: None,
             }
         } else if known_small || h1_chunked {
-            match body::prebuffer(incoming, REPLAY_LIMIT).await {
-                Ok(b) => b,
-                Err(e) => {
+            // A client that stops sending mid-body must not hold its permits forever.
+            match tokio::time::timeout(target.timeout, body::prebuffer(incoming, REPLAY_LIMIT))
+                .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
                     let msg = format!("invalid request body: {e}");
                     return Err(with_close(self.fail(
                         target,
@@ -389,12 +401,36 @@ impl HttpListener {
                         started,
                     )));
                 }
+                Err(_) => {
+                    let msg = format!(
+                        "the request body did not arrive within {:?}",
+                        target.timeout
+                    );
+                    return Err(with_close(self.fail(
+                        target,
+                        Failure::RequestTimeout,
+                        &msg,
+                        started,
+                    )));
+                }
             }
         } else {
             RequestBody::Streaming(body::incoming(incoming))
         };
+        // Taken after the body is read: a slow client does not hold a cluster slot meanwhile.
+        let Ok(cluster_permit) = cluster.admit() else {
+            self.shed_breaker.inc();
+            return Err(self.fail(
+                target,
+                Failure::Overload,
+                "the cluster has too many requests in flight",
+                started,
+            ));
+        };
+        cluster.deposit();
 
         let policy = target.retry.as_ref();
+        let max_retries = policy.map_or(0, |p| p.attempts);
         let idempotent = is_idempotent(&parts.method);
         let mut tries = 0u32;
         loop {
@@ -406,6 +442,7 @@ impl HttpListener {
                     started,
                 ));
             };
+            let replayable = body.replayable();
             let Some(b) = body.take() else {
                 return Err(self.fail(
                     target,
@@ -416,18 +453,19 @@ impl HttpListener {
             };
             let mut attempt_req = Request::new(b);
             *attempt_req.method_mut() = parts.method.clone();
-            *attempt_req.uri_mut() = parts.uri.clone();
+            *attempt_req.uri_mut() = attempt.endpoint.uri(path.clone());
             *attempt_req.version_mut() = parts.version;
-            *attempt_req.headers_mut() = parts.headers.clone();
+            // The headers are copied only when another attempt may follow.
+            *attempt_req.headers_mut() = if replayable && tries < max_retries {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
             let outcome =
                 tokio::time::timeout(target.timeout, attempt.endpoint.client.request(attempt_req))
                     .await;
-            let replayable = body.replayable();
             let can_retry = |on: bool, safe: bool| {
-                on && safe
-                    && replayable
-                    && tries < policy.map_or(0, |p| p.attempts)
-                    && cluster.withdraw_retry()
+                on && safe && replayable && tries < max_retries && cluster.withdraw_retry()
             };
             let (failure, message) = match outcome {
                 Ok(Ok(res)) => {
@@ -452,10 +490,15 @@ impl HttpListener {
                         && let Some(downstream) = upgrade
                     {
                         let upstream = hyper::upgrade::on(&mut res);
-                        tokio::spawn(splice(downstream, upstream, self.name.clone()));
-                        return Ok(res.map(|_| body::empty()));
+                        tokio::spawn(splice(
+                            downstream,
+                            upstream,
+                            self.name.clone(),
+                            down.clone(),
+                        ));
+                        return Ok((res.map(|_| body::empty()), cluster_permit));
                     }
-                    return Ok(res);
+                    return Ok((res, cluster_permit));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     cluster.failed(&attempt);
@@ -528,22 +571,31 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Copies bytes both ways between the two halves of an upgraded connection.
+/// Copies bytes both ways between the two halves of an upgraded connection (WebSocket). It
+/// holds the downstream connection's slot, ends on drain, and on the listener's idle timeout.
 async fn splice(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     listener: Name,
+    down: Arc<Downstream>,
 ) {
-    let (down, up) = match tokio::try_join!(downstream, upstream) {
+    let (d, u) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(listener = %listener, error = %e, "upgrade failed");
             return;
         }
     };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(listener = %listener, error = %e, "upgraded connection ended");
+    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+    let mut drain = down.drain.clone();
+    tokio::select! {
+        res = tokio::io::copy_bidirectional(&mut d, &mut u) => {
+            if let Err(e) = res {
+                tracing::debug!(listener = %listener, error = %e, "upgraded connection ended");
+            }
+        }
+        _ = drain.signaled() => tracing::debug!(listener = %listener, "upgraded connection closed: draining"),
+        _ = super::idle_for(&down.activity, down.idle_timeout) => tracing::debug!(listener = %listener, "upgraded connection idle; closed"),
     }
 }
 
@@ -560,16 +612,22 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// An HTTP/1.1 upgrade (WebSocket and the like), except h2c, which is refused by stripping it:
-/// a proxy that passes h2c upgrades can be used to smuggle requests past it.
+/// An HTTP/1.1 upgrade (WebSocket and the like). A request that offers h2c among its
+/// protocols is not treated as one (its Upgrade header is then dropped as hop-by-hop): a proxy
+/// that passes h2c upgrades can be used to smuggle requests past its routing and limits.
 fn is_upgrade<B>(req: &Request<B>) -> bool {
+    let mut protocols = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("h2c"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .peekable();
     req.version() == Version::HTTP_11
         && connection_has(req.headers(), "upgrade")
-        && req
-            .headers()
-            .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("h2c"))
+        && protocols.peek().is_some()
+        && protocols.all(|p| !p.eq_ignore_ascii_case("h2c") && !p.is_empty())
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -603,38 +661,53 @@ pub fn check_framing<B>(req: &Request<B>) -> Result<(), &'static str> {
         }
     }
     if has_te {
-        let codings: Vec<String> = te
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|c| c.trim().to_ascii_lowercase())
-            .collect();
-        if req.version() == Version::HTTP_10
-            || codings.last().map(String::as_str) != Some("chunked")
-            || codings.iter().filter(|c| *c == "chunked").count() != 1
-        {
-            return Err("Transfer-Encoding must end in a single chunked");
+        // hyper refuses HTTP/1.0 with Transfer-Encoding and a final coding other than chunked;
+        // we go further and accept chunked alone: stripping Transfer-Encoding (hop-by-hop)
+        // from `gzip, chunked` would hand the upstream a body it cannot decode.
+        let mut codings = te.iter().flat_map(|v| v.to_str().unwrap_or("?").split(','));
+        let only_chunked = codings
+            .next()
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+            && codings.next().is_none();
+        if req.version() == Version::HTTP_10 || !only_chunked {
+            return Err("Transfer-Encoding must be exactly chunked");
         }
     }
     Ok(())
 }
 
-/// The request's authority: the URI's (absolute-form, HTTP/2), else the Host header.
-fn authority<B>(req: &Request<B>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+/// The request's authority and whether it came from the URI (absolute-form, HTTP/2
+/// `:authority`) rather than the Host header. The URI wins, as RFC 9112 §3.2.2 says; several
+/// Host headers are refused.
+fn authority<B>(req: &Request<B>) -> Result<(&str, bool), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
     }
-    let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    (!host.is_empty()).then(|| host.to_string())
+    if let Some(a) = req.uri().authority() {
+        return Ok((a.as_str(), true));
+    }
+    match host.map(|h| h.to_str()) {
+        Some(Ok(h)) if !h.is_empty() => Ok((h, false)),
+        Some(_) => Err("the Host header is empty or not text"),
+        None => Err("the request has no Host"),
+    }
 }
 
-/// `Example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
-fn host_without_port(authority: &str) -> String {
-    let host = match authority.rfind(':') {
-        Some(i) if !authority[i..].contains(']') => &authority[..i],
-        _ => authority,
+/// What routes match on: the host of an authority, lowercase, without userinfo and port
+/// (`User@Example.com:8080` → `example.com`, `[::1]:80` → `[::1]`).
+fn route_key(authority: &str) -> std::borrow::Cow<'_, str> {
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
     };
-    host.to_ascii_lowercase()
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -711,8 +784,14 @@ fn prepare(headers: &mut HeaderMap, peer: &Peer, inbound: bool, upgrade: bool, v
     }
 }
 
-/// The path and query for the upstream, with the route's prefix rewrite applied.
-fn rewrite(uri: &Uri, rule: Option<&(String, String)>) -> String {
+/// The path and query for the upstream, with the route's prefix rewrite applied; None when
+/// the rewrite produced an invalid target.
+fn rewrite(uri: &Uri, rule: Option<&(String, String)>) -> Option<PathAndQuery> {
+    let original = || {
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    };
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
     match rule {
         Some((from, to)) if pq.starts_with(from.as_str()) => {
@@ -726,9 +805,9 @@ fn rewrite(uri: &Uri, rule: Option<&(String, String)>) -> String {
             if !out.starts_with('/') {
                 out.insert(0, '/');
             }
-            out
+            PathAndQuery::try_from(out).ok()
         }
-        _ => pq.to_string(),
+        _ => Some(original()),
     }
 }
 
@@ -769,24 +848,58 @@ mod tests {
 
     #[test]
     fn hosts_and_rewrites() {
-        assert_eq!(host_without_port("Example.COM:8080"), "example.com");
-        assert_eq!(host_without_port("[::1]:80"), "[::1]");
-        assert_eq!(host_without_port("[::1]"), "[::1]");
-        assert_eq!(host_without_port("payments"), "payments");
+        assert_eq!(route_key("Example.COM:8080"), "example.com");
+        assert_eq!(route_key("user@api:80"), "api");
+        assert_eq!(route_key("[::1]:80"), "[::1]");
+        assert_eq!(route_key("[::1]"), "[::1]");
+        assert_eq!(route_key("payments"), "payments");
         let u: Uri = "/v1/pay?x=1".parse().unwrap();
-        assert_eq!(rewrite(&u, Some(&("/v1/".into(), "/".into()))), "/pay?x=1");
-        assert_eq!(
-            rewrite(&u, Some(&("/v1".into(), "/api".into()))),
-            "/api/pay?x=1"
-        );
-        assert_eq!(rewrite(&u, Some(&("/v1/pay".into(), "".into()))), "/?x=1");
-        assert_eq!(rewrite(&u, None), "/v1/pay?x=1");
+        let rw = |from: &str, to: &str| {
+            rewrite(&u, Some(&(from.into(), to.into())))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(rw("/v1/", "/"), "/pay?x=1");
+        assert_eq!(rw("/v1", "/api"), "/api/pay?x=1");
+        assert_eq!(rw("/v1/pay", ""), "/?x=1");
+        assert_eq!(rewrite(&u, None).unwrap(), "/v1/pay?x=1");
+        let two_hosts = Request::builder()
+            .uri("/")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert!(authority(&two_hosts).is_err());
+        let absolute = Request::builder()
+            .uri("http://public/x")
+            .header("host", "admin")
+            .body(())
+            .unwrap();
+        assert_eq!(authority(&absolute).unwrap(), ("public", true));
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade() {
+        let up = |v: &[&str]| {
+            let mut r = Request::builder().uri("/").header("connection", "upgrade");
+            for x in v {
+                r = r.header("upgrade", *x);
+            }
+            is_upgrade(&r.body(()).unwrap())
+        };
+        assert!(up(&["websocket"]));
+        assert!(!up(&["h2c"]));
+        assert!(!up(&["websocket, h2c"]));
+        assert!(!up(&["websocket", "H2C"]));
+        assert!(!up(&[]));
     }
 
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
         h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("trailer", "x-checksum".parse().unwrap());
         h.insert("x-secret", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("te", "trailers".parse().unwrap());
@@ -804,6 +917,8 @@ mod tests {
                 && !h.contains_key("keep-alive")
         );
         assert_eq!(h["te"], "trailers");
+        assert!(!h.contains_key("proxy-authorization"));
+        assert_eq!(h["trailer"], "x-checksum", "Trailer is end to end");
         assert_eq!(h["x-kept"], "1");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");

@@ -57,6 +57,22 @@ struct Listener {
     sent: Counter,
 }
 
+/// A downstream connection's slot: releases the `max_connections` permit and updates the
+/// connection gauges when the last holder (the connection, or an upgraded stream spliced from
+/// it) is gone, even on a panic.
+pub struct ConnectionGuard {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: Gauge,
+    closed: Counter,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+        self.closed.inc();
+    }
+}
+
 /// The proxy module.
 pub struct Proxy {
     listeners: Vec<Arc<Listener>>,
@@ -87,7 +103,7 @@ impl Proxy {
             let local = bound.local_address()?;
             tracing::info!(listener = %l.name, address = %local, direction = ?l.direction, protocol = ?l.protocol, "listening");
             bound_addresses.insert(l.name.clone(), local);
-            listeners.push(Arc::new(build_listener(l, bound, &clusters, metrics)));
+            listeners.push(Arc::new(build_listener(l, bound, &clusters, metrics)?));
         }
         Ok(Some((
             Proxy {
@@ -104,7 +120,7 @@ fn build_listener(
     bound: Bound,
     clusters: &HashMap<String, Arc<Cluster>>,
     metrics: &ProxyMetrics,
-) -> Listener {
+) -> Result<Listener> {
     let name: Name = Arc::new(l.name.clone());
     let direction = match l.direction {
         Direction::Inbound => "inbound",
@@ -125,7 +141,14 @@ fn build_listener(
             .clone()
     };
     let kind = match l.protocol {
-        Protocol::Tcp => Kind::Tcp(clusters[l.cluster.as_deref().unwrap_or(APP_CLUSTER)].clone()),
+        Protocol::Tcp => {
+            let name = l.cluster.as_deref().unwrap_or(APP_CLUSTER);
+            // Validation guarantees the cluster; say so plainly if that ever breaks.
+            let cluster = clusters
+                .get(name)
+                .with_context(|| format!("listener `{}`: no cluster `{name}`", l.name))?;
+            Kind::Tcp(cluster.clone())
+        }
         Protocol::Http => {
             let mut routes = l.routes.clone();
             if l.direction == Direction::Inbound {
@@ -159,7 +182,7 @@ fn build_listener(
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
     };
-    Listener {
+    Ok(Listener {
         connections: Arc::new(Semaphore::new(l.limits.max_connections)),
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
@@ -170,7 +193,7 @@ fn build_listener(
         bound,
         kind,
         name,
-    }
+    })
 }
 
 fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -210,7 +233,12 @@ impl Module for Proxy {
             tokio::select! {
                 _ = cx.drain.signaled() => {}
                 Some(done) = accepting.join_next() => {
-                    // A listener stopped without being asked to: let the supervisor restart us.
+                    // Accept loops end on their own only when drained (this select may see that
+                    // before the drain branch); otherwise let the supervisor restart us.
+                    if cx.drain.is_draining() {
+                        while accepting.join_next().await.is_some() {}
+                        return Ok(());
+                    }
                     return match done {
                         Ok(Err(e)) => Err(e.into()),
                         Ok(Ok(())) => Err("a listener stopped".into()),
@@ -249,26 +277,33 @@ async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> 
         while connections.try_join_next().is_some() {}
         let l2 = l.clone();
         let drain = drain.clone();
-        connections.spawn(async move {
-            l2.opened.inc();
-            l2.open.inc();
-            serve_connection(&l2, stream, peer, drain).await;
-            l2.open.dec();
-            l2.closed.inc();
-            drop(permit);
+        l.opened.inc();
+        l.open.inc();
+        let guard = Arc::new(ConnectionGuard {
+            _permit: permit,
+            open: l.open.clone(),
+            closed: l.closed.clone(),
         });
+        connections.spawn(async move { serve_connection(&l2, stream, peer, drain, guard).await });
     }
     tracing::info!(listener = %l.name, open = connections.len(), "listener draining");
     while connections.join_next().await.is_some() {}
     Ok(())
 }
 
-async fn serve_connection(l: &Listener, stream: listener::Stream, peer: Peer, mut drain: Drain) {
+async fn serve_connection(
+    l: &Listener,
+    stream: listener::Stream,
+    peer: Peer,
+    mut drain: Drain,
+    guard: Arc<ConnectionGuard>,
+) {
     let activity = Activity::new();
     let io = Metered::new(stream, activity.clone(), l.received.clone(), l.sent.clone());
     let idle = l.limits.idle_timeout.get();
     match &l.kind {
         Kind::Tcp(cluster) => {
+            let _guard = guard;
             tokio::select! {
                 _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
                 _ = idle_for(&activity, idle) => tracing::debug!(listener = %l.name, "tcp connection idle; closed"),
@@ -276,8 +311,15 @@ async fn serve_connection(l: &Listener, stream: listener::Stream, peer: Peer, mu
         }
         Kind::Http(state, builder) => {
             let state = state.clone();
+            let down = Arc::new(http::Downstream {
+                peer,
+                guard,
+                drain: drain.clone(),
+                activity: activity.clone(),
+                idle_timeout: idle,
+            });
             let service =
-                hyper::service::service_fn(move |req| state.clone().handle(peer.clone(), req));
+                hyper::service::service_fn(move |req| state.clone().handle(down.clone(), req));
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
             let mut closing = false;
@@ -305,7 +347,7 @@ async fn serve_connection(l: &Listener, stream: listener::Stream, peer: Peer, mu
 }
 
 /// Resolves once the connection has been quiet for `limit`.
-async fn idle_for(activity: &Activity, limit: Duration) {
+pub(crate) async fn idle_for(activity: &Activity, limit: Duration) {
     loop {
         let idle = activity.idle_for();
         if idle >= limit {
