@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use prometheus_client::metrics::counter::Counter;
@@ -169,35 +168,23 @@ impl Connection for Stream {
     }
 }
 
-/// When a connection was last active, in milliseconds since `epoch`; shared between the
-/// connection's I/O and its idle watcher.
-#[derive(Clone)]
-pub struct Activity {
-    epoch: Instant,
-    last_ms: Arc<AtomicU64>,
-}
+/// Whether a connection has moved bytes: a counter bumped on every read and write, shared
+/// between the connection's I/O and its idle watcher. A counter rather than a timestamp: the
+/// data path then never reads the clock; the watcher compares the counter across one idle
+/// period, so a connection is closed after between one and two idle periods of silence.
+#[derive(Clone, Default)]
+pub struct Activity(Arc<AtomicU64>);
 
 impl Activity {
     pub fn new() -> Self {
-        Activity {
-            epoch: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
+        Self::default()
     }
     fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
-    /// How long the connection has been quiet.
-    pub fn idle_for(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
+    /// The current count; unchanged across an idle period means no bytes moved.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

@@ -687,7 +687,10 @@ fn a_stalled_request_body_gets_408_and_never_reaches_the_app() {
     ));
     sc.wait_ready();
     let started = std::time::Instant::now();
-    let out = raw(&sc.listeners["public"], b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b");
+    let out = raw(
+        &sc.listeners["public"],
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b",
+    );
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(app.count(), 0);
@@ -704,10 +707,16 @@ fn hostile_headers_are_neutralised() {
     let seen = app.seen().pop().unwrap();
     assert_eq!(seen.header("upgrade"), None, "{seen:?}");
     // Two Host headers: which one would the app believe?
-    let out = raw(&addr, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n");
+    let out = raw(
+        &addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+    );
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     // Absolute-form: the URI's authority is the Host the app sees.
-    let out = raw(&addr, b"GET http://public/abs HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let out = raw(
+        &addr,
+        b"GET http://public/abs HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    );
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(app.seen().pop().unwrap().header("host"), Some("public"));
     assert_eq!(app.count(), 2);
@@ -724,12 +733,20 @@ fn content_length_with_transfer_encoding_cannot_smuggle() {
         &sc.listeners["public"],
         b"POST /first HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
     );
-    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "one response, then the connection closed: {out}");
+    assert_eq!(
+        out.matches("HTTP/1.1 ").count(),
+        1,
+        "one response, then the connection closed: {out}"
+    );
     let seen = app.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].path, "/first");
     assert_eq!(seen[0].body, b"abc");
-    assert_eq!(seen[0].header("content-length"), Some("3"), "re-framed from the buffered body");
+    assert_eq!(
+        seen[0].header("content-length"),
+        Some("3"),
+        "re-framed from the buffered body"
+    );
 }
 
 #[test]
@@ -740,7 +757,8 @@ fn proxy_limits_and_patterns_are_validated() {
         "app: { address: 127.0.0.1:1 }\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: { max_connections: 0, idle_timeout: 0s }\n    routes:\n      - match: { host: \"*foo.com\" }\n        request_headers: { add: { content-length: \"0\" } }\n",
     )
     .unwrap();
-    let (code, _, stderr) = crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir.path());
+    let (code, _, stderr) =
+        crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir.path());
     assert_eq!(code, 78, "{stderr}");
     for e in [
         "listeners[0].limits.max_connections: expected a number from 1 to 1000000, found 0",
