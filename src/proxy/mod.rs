@@ -205,11 +205,11 @@ fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(limits.header_read_timeout.get())
         // Heads larger than the buffer are answered 431.
         .max_buf_size(limits.max_header_bytes.max(8192));
+    // No server pings: they would count as activity and keep idle HTTP/2 connections open
+    // forever; the idle timeout closes connections to dead peers instead.
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .max_header_list_size(limits.max_header_bytes as u32);
     b
 }
 
