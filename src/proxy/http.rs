@@ -173,6 +173,9 @@ pub struct Downstream {
     pub drain: Drain,
     pub activity: Activity,
     pub idle_timeout: Duration,
+    /// Raised when a request head on this connection had both Content-Length and
+    /// Transfer-Encoding (hyper then shows only the latter).
+    pub framing_alarm: super::framing::Alarm,
 }
 
 /// Permits a request holds until its response body is done.
@@ -228,7 +231,15 @@ impl HttpListener {
                 return Ok(error_response(Failure::Overload, why));
             }
         };
-        if let Err(why) = check_framing(&req) {
+        let framing = if down.framing_alarm.raised()
+            && req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            // hyper has already dropped the Content-Length; the scanner saw it.
+            Err("both Content-Length and Transfer-Encoding")
+        } else {
+            check_framing(&req)
+        };
+        if let Err(why) = framing {
             tracing::warn!(listener = %self.name, peer = ?down.peer, error = why, "refused ambiguous request framing");
             self.unrouted.response(400, Failure::BadRequest.reason());
             return Ok(with_close(error_response(Failure::BadRequest, why)));

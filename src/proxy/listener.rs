@@ -188,21 +188,30 @@ impl Activity {
     }
 }
 
-/// Counts bytes each way and records activity.
+/// Counts bytes each way, records activity, and lets an HTTP/1 framing scanner see what was
+/// received.
 pub struct Metered<S> {
     inner: S,
     activity: Activity,
     received: Counter,
     sent: Counter,
+    scanner: Option<super::framing::Scanner>,
 }
 
 impl<S> Metered<S> {
-    pub fn new(inner: S, activity: Activity, received: Counter, sent: Counter) -> Self {
+    pub fn new(
+        inner: S,
+        activity: Activity,
+        received: Counter,
+        sent: Counter,
+        scanner: Option<super::framing::Scanner>,
+    ) -> Self {
         Metered {
             inner,
             activity,
             received,
             sent,
+            scanner,
         }
     }
 }
@@ -220,6 +229,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         if n > 0 {
             this.received.inc_by(n as u64);
             this.activity.touch();
+            if let Some(scanner) = &mut this.scanner {
+                scanner.feed(&buf.filled()[before..]);
+            }
         }
         res
     }

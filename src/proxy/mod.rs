@@ -12,6 +12,7 @@
 
 pub mod body;
 pub mod cluster;
+pub mod framing;
 pub mod http;
 pub mod listener;
 pub mod route;
@@ -299,7 +300,15 @@ async fn serve_connection(
     guard: Arc<ConnectionGuard>,
 ) {
     let activity = Activity::new();
-    let io = Metered::new(stream, activity.clone(), l.received.clone(), l.sent.clone());
+    let alarm = framing::Alarm::default();
+    let scanner = matches!(l.kind, Kind::Http(..)).then(|| framing::Scanner::new(alarm.clone()));
+    let io = Metered::new(
+        stream,
+        activity.clone(),
+        l.received.clone(),
+        l.sent.clone(),
+        scanner,
+    );
     let idle = l.limits.idle_timeout.get();
     match &l.kind {
         Kind::Tcp(cluster) => {
@@ -317,6 +326,7 @@ async fn serve_connection(
                 drain: drain.clone(),
                 activity: activity.clone(),
                 idle_timeout: idle,
+                framing_alarm: alarm,
             });
             let service =
                 hyper::service::service_fn(move |req| state.clone().handle(down.clone(), req));

@@ -51,15 +51,22 @@ pub struct Backend {
 impl Backend {
     /// An HTTP backend on 127.0.0.1, port 0.
     pub fn http() -> Backend {
-        Self::start(None)
+        Self::start(None, "127.0.0.1:0")
+    }
+
+    /// An HTTP backend on `addr`, or None when it cannot be bound.
+    pub fn http_at(addr: &str) -> Option<Backend> {
+        std::net::TcpListener::bind(addr).ok()?;
+        Some(Self::start(None, addr))
     }
 
     /// An HTTP backend on a unix socket at `path`.
     pub fn http_unix(path: PathBuf) -> Backend {
-        Self::start(Some(path))
+        Self::start(Some(path), "")
     }
 
-    fn start(unix: Option<PathBuf>) -> Backend {
+    fn start(unix: Option<PathBuf>, tcp: &str) -> Backend {
+        let tcp = tcp.to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -78,7 +85,7 @@ impl Backend {
                 }
                 let l = match &unix2 {
                     Some(p) => L::Unix(tokio::net::UnixListener::bind(p).unwrap()),
-                    None => L::Tcp(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                    None => L::Tcp(tokio::net::TcpListener::bind(&tcp).await.unwrap()),
                 };
                 let addr = match &l {
                     L::Tcp(t) => Some(t.local_addr().unwrap()),

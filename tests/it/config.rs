@@ -237,3 +237,11 @@ fn cli_basics() {
     let (code, _, stderr) = run_to_end(&["check", "--set", "novalue"], &[], dir.path());
     assert_eq!(code, 64, "{stderr}");
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, stdout, stderr) = run_to_end(&["check", "-c", "examples/outrigger.yaml"], &[], root);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("name: egress"), "{stdout}");
+}

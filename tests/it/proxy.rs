@@ -464,28 +464,80 @@ fn endpoints_file_is_hot_reloaded() {
     );
 }
 
+/// A name in /etc/hosts for one test; the system resolver reads the file on every lookup, so
+/// changing the entry changes what DNS discovery sees. Removed on drop.
+struct HostsEntry {
+    name: String,
+}
+
+static HOSTS_FILE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl HostsEntry {
+    fn set(name: &str, ip: Option<&str>) {
+        let _lock = HOSTS_FILE.lock().unwrap();
+        let text = std::fs::read_to_string("/etc/hosts").unwrap();
+        let mut lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.ends_with(&format!(" {name}")))
+            .collect();
+        let line = ip.map(|ip| format!("{ip} {name}"));
+        if let Some(l) = &line {
+            lines.push(l);
+        }
+        // Written in place: /etc/hosts is often a bind mount that cannot be replaced.
+        std::fs::write("/etc/hosts", lines.join("\n") + "\n").expect(
+            "this test edits /etc/hosts (root, as on CI) to give DNS discovery a changing answer",
+        );
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        HostsEntry::set(&self.name, None);
+    }
+}
+
 #[test]
-fn dns_discovery_resolves_names() {
-    let app = Backend::http();
-    let port = app.addr.unwrap().port();
+fn dns_is_re_resolved_and_the_last_good_answer_kept() {
+    // Two backends on one port at two loopback addresses.
+    let (a, b) = loop {
+        let a = Backend::http();
+        if let Some(b) = Backend::http_at(&format!("127.0.0.2:{}", a.addr.unwrap().port())) {
+            break (a, b);
+        }
+    };
+    let port = a.addr.unwrap().port();
+    let name = format!("outrigger-it-{}-{port}.test", std::process::id());
+    HostsEntry::set(&name, Some("127.0.0.1"));
+    let _entry = HostsEntry { name: name.clone() };
     let sc = Sidecar::start(&format!(
-        "clusters:\n  svc: {{ dns: \"127.0.0.1:{port}\", refresh: 100ms }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n"
+        "clusters:\n  svc: {{ dns: \"{name}:{port}\", refresh: 100ms }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n"
     ));
     sc.wait_ready();
-    eventually(Duration::from_secs(10), "a resolved endpoint", || {
-        let r = client()
+    let get = || {
+        client()
             .get(sc.listener_url("egress", "/dns"))
             .header("host", "svc")
             .send()
-            .ok()?;
-        (r.status() == 200).then_some(())
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(10), "the first answer", || {
+        (get() == 200 && a.count() > 0).then_some(())
     });
-    assert!(
-        sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"unchanged\"}")
-            >= 1.0
-            || sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"changed\"}")
-                >= 1.0
-    );
+    HostsEntry::set(&name, Some("127.0.0.2"));
+    eventually(Duration::from_secs(10), "the new answer", || {
+        (get() == 200 && b.count() > 0).then_some(())
+    });
+    // The name disappears: resolution fails, the last good endpoint keeps serving.
+    HostsEntry::set(&name, None);
+    eventually(Duration::from_secs(10), "a failed resolution", || {
+        (sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"failed\"}") >= 1.0)
+            .then_some(())
+    });
+    let before = b.count();
+    assert_eq!(get(), 200);
+    assert_eq!(b.count(), before + 1);
     assert_eq!(
         sc.metric("outrigger_cluster_endpoints{cluster=\"svc\"}"),
         1.0
@@ -722,30 +774,41 @@ fn hostile_headers_are_neutralised() {
     assert_eq!(app.count(), 2);
 }
 
-/// Content-Length with Transfer-Encoding: hyper applies RFC 9112 §6.3 (chunked wins,
-/// Content-Length is dropped, the connection closes after the response), so the app receives
-/// one unambiguous chunked request and nothing smuggled behind it.
+/// Content-Length with Transfer-Encoding: refused with 400 (hyper alone would apply RFC 9112
+/// §6.3 and forward it as chunked), in whichever order the two headers come and also behind
+/// another request on the same connection; nothing reaches the app.
 #[test]
-fn content_length_with_transfer_encoding_cannot_smuggle() {
+fn content_length_with_transfer_encoding_is_refused() {
     let app = Backend::http();
     let sc = inbound(&app, "");
+    let addr = sc.listeners["public"].clone();
+    for head in [
+        "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n",
+    ] {
+        let out = raw(
+            &addr,
+            format!("{head}3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+                .as_bytes(),
+        );
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert_eq!(
+            out.matches("HTTP/1.1 ").count(),
+            1,
+            "then the connection closed: {out}"
+        );
+    }
+    assert_eq!(app.count(), 0, "{:?}", app.seen());
+    // Behind a well-formed request on the same connection.
     let out = raw(
-        &sc.listeners["public"],
-        b"POST /first HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        &addr,
+        b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcPOST /bad HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     );
-    assert_eq!(
-        out.matches("HTTP/1.1 ").count(),
-        1,
-        "one response, then the connection closed: {out}"
-    );
-    let seen = app.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(seen[0].path, "/first");
-    assert_eq!(seen[0].body, b"abc");
-    assert_eq!(
-        seen[0].header("content-length"),
-        Some("3"),
-        "re-framed from the buffered body"
+    assert!(out.contains("HTTP/1.1 400"), "{out}");
+    assert!(
+        app.seen().iter().all(|s| s.path != "/bad"),
+        "{:?}",
+        app.seen()
     );
 }
 
