@@ -371,39 +371,55 @@ impl Cluster {
         }
     }
 
-    /// Keeps DNS- or file-discovered endpoints fresh; runs until dropped.
+    /// True for clusters whose endpoints come from DNS or a file.
+    pub fn is_discovered(&self) -> bool {
+        !matches!(self.config.discovery, Discovery::Static(_))
+    }
+
+    /// Resolves the endpoints once, keeping the last good ones when that fails.
+    pub async fn refresh(&self) {
+        let outcome = match self.resolve().await {
+            Ok(addrs) if addrs.is_empty() => {
+                tracing::warn!(cluster = %self.name, "discovery found no endpoints; keeping the last ones");
+                "failed"
+            }
+            Ok(addrs) => {
+                if self.set_endpoints(addrs) {
+                    let now: Vec<String> = self
+                        .endpoint_addresses()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    tracing::info!(cluster = %self.name, endpoints = ?now, "endpoints changed");
+                    "changed"
+                } else {
+                    "unchanged"
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %self.name, error = %e, "discovery failed; keeping the last endpoints");
+                "failed"
+            }
+        };
+        self.metrics
+            .discovery
+            .get_or_create(&OutcomeLabels {
+                cluster: self.name.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Keeps DNS- or file-discovered endpoints fresh, one refresh every `refresh` (the first
+    /// after one period: the module refreshes once before it reports ready). Runs until dropped.
     pub async fn discover(self: Arc<Self>) {
         let refresh = match &self.config.discovery {
             Discovery::Static(_) => return,
             Discovery::Dns { refresh, .. } | Discovery::File { refresh, .. } => refresh.get(),
         };
         loop {
-            let outcome = match self.resolve().await {
-                Ok(addrs) if addrs.is_empty() => {
-                    tracing::warn!(cluster = %self.name, "discovery found no endpoints; keeping the last ones");
-                    "failed"
-                }
-                Ok(addrs) => {
-                    if self.set_endpoints(addrs) {
-                        tracing::info!(cluster = %self.name, endpoints = ?self.endpoint_addresses().iter().map(ToString::to_string).collect::<Vec<_>>(), "endpoints changed");
-                        "changed"
-                    } else {
-                        "unchanged"
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(cluster = %self.name, error = %e, "discovery failed; keeping the last endpoints");
-                    "failed"
-                }
-            };
-            self.metrics
-                .discovery
-                .get_or_create(&OutcomeLabels {
-                    cluster: self.name.clone(),
-                    outcome,
-                })
-                .inc();
             tokio::time::sleep(refresh).await;
+            self.refresh().await;
         }
     }
 

@@ -38,6 +38,9 @@ use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
 use cluster::Cluster;
 use listener::{Activity, Bound, Metered, Peer};
 
+/// How long the proxy waits for the first DNS/file resolution before reporting ready.
+const FIRST_DISCOVERY: Duration = Duration::from_secs(5);
+
 /// What a listener does with a connection.
 enum Kind {
     Http(Arc<http::HttpListener>, Box<auto::Builder<TokioExecutor>>),
@@ -221,6 +224,20 @@ impl Module for Proxy {
 
     fn run(self: Arc<Self>, mut cx: ModuleContext) -> ModuleFuture {
         Box::pin(async move {
+            // First resolution before reporting ready, so that early requests do not meet an
+            // empty cluster; bounded, since a resolver that hangs must not hold the sidecar.
+            let mut first = JoinSet::new();
+            for c in self.clusters.iter().filter(|c| c.is_discovered()) {
+                let c = c.clone();
+                first.spawn(async move { c.refresh().await });
+            }
+            let all_done = async { while first.join_next().await.is_some() {} };
+            if tokio::time::timeout(FIRST_DISCOVERY, all_done)
+                .await
+                .is_err()
+            {
+                tracing::warn!(timeout = ?FIRST_DISCOVERY, "endpoint discovery still pending; serving anyway");
+            }
             // Dropped (and so aborted) when this run ends.
             let mut discovery = JoinSet::new();
             for c in &self.clusters {
