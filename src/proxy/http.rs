@@ -478,7 +478,7 @@ impl HttpListener {
             let can_retry = |on: bool, safe: bool| {
                 on && safe && replayable && tries < max_retries && cluster.withdraw_retry()
             };
-            let (failure, message) = match outcome {
+            let (failure, message, retry_on, safe) = match outcome {
                 Ok(Ok(res)) => {
                     let status = res.status().as_u16();
                     if status >= 500 {
@@ -511,55 +511,45 @@ impl HttpListener {
                     }
                     return Ok((res, cluster_permit));
                 }
-                Ok(Err(e)) if e.is_connect() => {
-                    cluster.failed(&attempt);
-                    // Nothing was sent: safe to retry for any method.
-                    if can_retry(policy.is_some_and(|p| p.on.connect_failure), true) {
-                        tries += 1;
-                        backoff(policy.map_or(Duration::ZERO, |p| p.backoff.get()), tries).await;
-                        continue;
-                    }
-                    (
-                        Failure::Connect,
-                        format!(
-                            "cannot connect to {}: {}",
-                            attempt.endpoint.address,
-                            source_chain(&e)
-                        ),
-                    )
-                }
-                Ok(Err(e)) => {
-                    cluster.failed(&attempt);
-                    if can_retry(policy.is_some_and(|p| p.on.reset), idempotent) {
-                        tries += 1;
-                        backoff(policy.map_or(Duration::ZERO, |p| p.backoff.get()), tries).await;
-                        continue;
-                    }
-                    (
-                        Failure::Upstream,
-                        format!(
-                            "{} broke the exchange: {}",
-                            attempt.endpoint.address,
-                            source_chain(&e)
-                        ),
-                    )
-                }
-                Err(_) => {
-                    cluster.failed(&attempt);
-                    if can_retry(policy.is_some_and(|p| p.on.timeout), idempotent) {
-                        tries += 1;
-                        backoff(policy.map_or(Duration::ZERO, |p| p.backoff.get()), tries).await;
-                        continue;
-                    }
-                    (
-                        Failure::Timeout,
-                        format!(
-                            "no response from {} within {:?}",
-                            attempt.endpoint.address, target.timeout
-                        ),
-                    )
-                }
+                // Every failed exchange: count it against the endpoint, then retry when the
+                // policy names the failure and it is safe (a connect failure sent nothing, so
+                // any method; otherwise idempotent methods only).
+                Ok(Err(e)) if e.is_connect() => (
+                    Failure::Connect,
+                    format!(
+                        "cannot connect to {}: {}",
+                        attempt.endpoint.address,
+                        source_chain(&e)
+                    ),
+                    policy.is_some_and(|p| p.on.connect_failure),
+                    true,
+                ),
+                Ok(Err(e)) => (
+                    Failure::Upstream,
+                    format!(
+                        "{} broke the exchange: {}",
+                        attempt.endpoint.address,
+                        source_chain(&e)
+                    ),
+                    policy.is_some_and(|p| p.on.reset),
+                    idempotent,
+                ),
+                Err(_) => (
+                    Failure::Timeout,
+                    format!(
+                        "no response from {} within {:?}",
+                        attempt.endpoint.address, target.timeout
+                    ),
+                    policy.is_some_and(|p| p.on.timeout),
+                    idempotent,
+                ),
             };
+            cluster.failed(&attempt);
+            if can_retry(retry_on, safe) {
+                tries += 1;
+                backoff(policy.map_or(Duration::ZERO, |p| p.backoff.get()), tries).await;
+                continue;
+            }
             return Err(self.fail(target, failure, &message, started));
         }
     }

@@ -223,7 +223,7 @@ async fn handle(
             trailers.insert("grpc-status", "0".parse().unwrap());
             let _ = tx.send(Ok(Frame::trailers(trailers))).await;
         });
-        let stream = tokio_stream_from(rx);
+        let stream = ReceiverStream(rx);
         let mut r = Response::new(StreamBody::new(stream).boxed());
         r.headers_mut()
             .insert("content-type", "application/grpc".parse().unwrap());
@@ -258,18 +258,16 @@ async fn handle(
 }
 
 /// A `Stream` over an mpsc receiver (what `tokio-stream` would give, in a few lines).
-fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core::Stream<Item = T> {
-    struct S<T>(tokio::sync::mpsc::Receiver<T>);
-    impl<T> futures_core::Stream for S<T> {
-        type Item = T;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<T>> {
-            self.0.poll_recv(cx)
-        }
+pub struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
     }
-    S(rx)
 }
 
 /// A TCP echo server on 127.0.0.1, port 0 (for `tcp` listeners).

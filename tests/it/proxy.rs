@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::backend::{Backend, dead_port, tcp_echo};
+use crate::backend::{Backend, ReceiverStream, dead_port, tcp_echo};
 use crate::support::{Sidecar, client, eventually};
 
 fn inbound(app: &Backend, extra: &str) -> Sidecar {
@@ -239,17 +239,6 @@ fn grpc_shaped_h2_stream_flows_both_ways_with_trailers() {
     let seen = app.seen()[0].clone();
     assert_eq!(seen.version, "HTTP/2.0");
     assert_eq!(seen.header("te"), Some("trailers"));
-}
-
-struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
-impl<T> futures_core::Stream for ReceiverStream<T> {
-    type Item = T;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
-    }
 }
 
 #[test]
