@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Address, Config, ProcessEnv, Source};
@@ -113,13 +113,18 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     let mut app = None;
     if let Some(command) = &config.app.command {
         health.register_component("app");
-        let env = vec![
+        let mut env = vec![
             (
                 "OUTRIGGER_ADMIN_ADDRESS".to_string(),
                 admin_addr.to_string(),
             ),
             ("OUTRIGGER_SERVICE".to_string(), config.service.clone()),
         ];
+        env.extend(
+            bound
+                .iter()
+                .map(|(name, address)| (listener_env_name(name), address.to_string())),
+        );
         match App::spawn(command, &config.app.env, &env) {
             Ok(a) => {
                 info!(pid = a.pid(), program = a.program(), "app started");
@@ -141,6 +146,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
                     &config,
                     &health,
                     None,
+                    &mut control_rx,
                     drain_trigger,
                     module_tasks,
                     admin_stop_tx,
@@ -193,6 +199,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         &config,
         &health,
         app_running,
+        &mut control_rx,
         drain_trigger,
         module_tasks,
         admin_stop_tx,
@@ -245,6 +252,7 @@ async fn stop(
     config: &Config,
     health: &Health,
     app: Option<&mut App>,
+    control: &mut mpsc::Receiver<Control>,
     drain_trigger: runtime::DrainTrigger,
     module_tasks: Vec<tokio::task::JoinHandle<()>>,
     admin_stop: tokio::sync::oneshot::Sender<()>,
@@ -264,7 +272,14 @@ async fn stop(
             Stop::Graceful => Signal::SIGTERM,
             Stop::Fast => Signal::SIGINT,
         };
-        match app.stop(signal, deadline).await {
+        // A fast stop (SIGINT, `POST /shutdown?fast=true`) during a graceful one cuts it short.
+        let outcome = tokio::select! {
+            r = app.stop(signal, deadline) => r,
+            _ = fast_requested(control), if kind == Stop::Graceful => {
+                app.stop(Signal::SIGINT, Instant::now() + FAST_STOP).await
+            }
+        };
+        match outcome {
             Ok(s) => {
                 info!(code = lifecycle::exit_code(s), "the app exited");
                 health.set("app", State::Stopped, Some(format!("exited: {s}")));
@@ -277,10 +292,15 @@ async fn stop(
     drain_trigger.trigger(kind);
     let left = deadline.saturating_duration_since(Instant::now());
     let aborts: Vec<_> = module_tasks.iter().map(|t| t.abort_handle()).collect();
-    if tokio::time::timeout(left, futures_join_all(module_tasks))
-        .await
-        .is_err()
-    {
+    let join = futures_join_all(module_tasks);
+    tokio::pin!(join);
+    let drained = tokio::select! {
+        r = tokio::time::timeout(left, &mut join) => r.is_ok(),
+        _ = fast_requested(control), if kind == Stop::Graceful => {
+            tokio::time::timeout(FAST_STOP, &mut join).await.is_ok()
+        }
+    };
+    if !drained {
         warn!("modules did not drain within the grace period; stopping them now");
         aborts.iter().for_each(|a| a.abort());
     }
@@ -293,6 +313,20 @@ async fn stop(
     }
     info!("stopped");
     status
+}
+
+/// Resolves when a fast stop is asked for; other requests are ignored while stopping.
+async fn fast_requested(control: &mut mpsc::Receiver<Control>) {
+    loop {
+        match control.recv().await {
+            Some(Control::Shutdown { graceful: false }) => {
+                info!("fast stop requested; cutting the graceful stop short");
+                return;
+            }
+            Some(other) => debug!(request = ?other, "ignored while stopping"),
+            None => std::future::pending().await,
+        }
+    }
 }
 
 async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {

@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -154,21 +153,25 @@ async fn put_log_level(
     }
 }
 
-#[derive(Deserialize)]
-struct ShutdownQuery {
-    #[serde(default)]
-    fast: bool,
-}
-
 async fn shutdown(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<ShutdownQuery>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     if let Some(r) = refuse_remote(peer) {
         return r;
     }
-    let graceful = !query.fast;
+    // Parsed here, after the peer check, so remote peers always get 403.
+    let graceful = match query.as_deref() {
+        None | Some("") | Some("fast=false") => true,
+        Some("fast=true") | Some("fast") => false,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected ?fast=true or nothing, found ?{other}"),
+            );
+        }
+    };
     send(&s, Control::Shutdown { graceful }, "shutdown")
 }
 

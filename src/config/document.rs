@@ -185,9 +185,16 @@ impl Document {
     /// Where the node at `path` came from: an override, its position in the file, or the
     /// closest enclosing node that has a position.
     pub fn origin(&self, path: &str, key: bool) -> Origin {
-        if let Some((_, name)) = self.overrides.iter().rev().find(|(p, _)| {
-            path == p || path.starts_with(&format!("{p}.")) || path.starts_with(&format!("{p}["))
-        }) {
+        // The override set this node, something inside it, or created the mapping it is in.
+        let within = |a: &str, b: &str| {
+            a == b || a.starts_with(&format!("{b}.")) || a.starts_with(&format!("{b}["))
+        };
+        if let Some((_, name)) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|(p, _)| within(path, p) || (!path.is_empty() && within(p, path)))
+        {
             return Origin::Override(name.clone());
         }
         let mut probe = path.to_string();
@@ -229,6 +236,16 @@ impl Document {
     /// Deserializes the document into `T`, collecting every problem with its location. Returns
     /// `T` only when there were none.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, Vec<Problem>> {
+        match self.deserialize_pruned() {
+            (Some(t), problems) if problems.is_empty() => Ok(t),
+            (_, problems) => Err(problems),
+        }
+    }
+
+    /// Like [`Self::deserialize`], but also returns `T` made from what was left once the bad
+    /// nodes were removed (when that succeeds), so later checks can still report their
+    /// problems in the same run.
+    pub fn deserialize_pruned<T: DeserializeOwned>(&self) -> (Option<T>, Vec<Problem>) {
         let mut value = self.value.clone();
         let mut problems = Vec::new();
         // Indices removed from each sequence (by original path), so that later errors in the same
@@ -237,8 +254,7 @@ impl Document {
         let mut seen = Vec::new();
         loop {
             let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-                Ok(t) if problems.is_empty() => return Ok(t),
-                Ok(_) => return Err(problems),
+                Ok(t) => return (Some(t), problems),
                 Err(e) => e,
             };
             let current: Vec<Step> = err
@@ -253,6 +269,20 @@ impl Document {
             let original = original_path(&current, &removed);
             let path = render(&original);
             let message = err.inner().to_string();
+            // A required key we removed ourselves, after reporting its bad value: already said.
+            if let Some(field) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+            {
+                let removed = if path.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{path}.{field}")
+                };
+                if seen.contains(&removed) {
+                    return (None, problems);
+                }
+            }
             let unknown_key = message.starts_with("unknown field");
             problems.push(Problem {
                 origin: self.origin(&path, unknown_key),
@@ -265,7 +295,7 @@ impl Document {
                 || problems.len() >= MAX_PROBLEMS
                 || !remove(&mut value, &current)
             {
-                return Err(problems);
+                return (None, problems);
             }
             if let Some((Step::Index(i), parent)) = original.split_last() {
                 removed.entry(render(parent)).or_default().push(*i);

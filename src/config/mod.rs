@@ -160,7 +160,8 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
 
     let mut problems = Vec::new();
     for (var, key) in ENV_OVERRIDES {
-        if let Some(v) = env.var(var)
+        // An empty variable counts as unset (as `VAR= cmd` in a shell means "no value").
+        if let Some(v) = env.var(var).filter(|v| !v.is_empty())
             && let Err(p) = doc.set(key, &v, &format!("env {var}"))
         {
             problems.push(p);
@@ -171,12 +172,11 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
             problems.push(p);
         }
     }
-    let raw: RawConfig = match doc.deserialize() {
-        Ok(raw) => raw,
-        Err(mut more) => {
-            problems.append(&mut more);
-            return Err(problems.into());
-        }
+    // Even when some keys were bad, the rest is validated too: every problem in one run.
+    let (raw, mut more) = doc.deserialize_pruned::<RawConfig>();
+    problems.append(&mut more);
+    let Some(raw) = raw else {
+        return Err(problems.into());
     };
     let config = validate(raw, source, &doc, &mut problems);
     if problems.is_empty() {
@@ -269,6 +269,18 @@ fn validate(
         problems,
     );
 
+    let shutdown_grace = raw
+        .runtime
+        .shutdown_grace
+        .unwrap_or(raw::DEFAULT_SHUTDOWN_GRACE);
+    if shutdown_grace.get().is_zero()
+        || shutdown_grace.get() > std::time::Duration::from_secs(86_400)
+    {
+        problems.push(doc.problem(
+            "runtime.shutdown_grace",
+            format!("expected a duration from 1ms to 24h, found {shutdown_grace}"),
+        ));
+    }
     Config {
         source: source.file.clone(),
         service,
@@ -277,10 +289,7 @@ fn validate(
         },
         runtime: RuntimeConfig {
             worker_threads,
-            shutdown_grace: raw
-                .runtime
-                .shutdown_grace
-                .unwrap_or(raw::DEFAULT_SHUTDOWN_GRACE),
+            shutdown_grace,
         },
         log: LogConfig {
             level,
@@ -389,6 +398,56 @@ mod tests {
         assert!(
             lines[2].contains(":5:10: log.level: expected a log filter"),
             "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn type_and_semantic_problems_are_reported_together() {
+        let err = load_text(
+            "admin:\n  colour: x\nruntime:\n  worker_threads: 0\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].contains("admin.colour: unknown field"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].contains("runtime.worker_threads: expected a number of threads"),
+            "{lines:#?}"
+        );
+        // A bad required value is reported once, not again as "missing field".
+        let err =
+            load_text("listeners:\n  - name: x\n    address: nowhere\n", &[], &[]).unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].contains(":3:14: listeners[0].address: invalid value"),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn overrides_are_blamed_even_for_new_keys() {
+        let err = load_text("service: a\n", &[], &[("foo.bar", "1")]).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert!(
+            err.problems[0]
+                .to_string()
+                .starts_with("--set foo.bar: foo: unknown field"),
+            "{}",
+            err.problems[0]
+        );
+        let c = load_text("", &[("OUTRIGGER_SERVICE", "")], &[]).unwrap();
+        assert_eq!(c.service, "app", "an empty variable is unset");
+        let err = load_text("runtime: { shutdown_grace: 0s }\n", &[], &[]).unwrap_err();
+        assert!(
+            err.problems[0]
+                .to_string()
+                .contains("expected a duration from 1ms to 24h")
         );
     }
 

@@ -57,14 +57,18 @@ impl App {
         &self.program
     }
 
-    /// Waits for the app to exit. Cancel-safe.
+    /// Waits for the app to exit. Cancel-safe. Whatever the app left running in its process
+    /// group is killed then: the group lives and dies with the app.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.child.wait().await
+        let status = self.child.wait().await;
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        status
     }
 
     /// Sends `signal` to the app's process group and waits until `deadline`; then SIGKILL.
     pub async fn stop(&mut self, signal: Signal, deadline: Instant) -> io::Result<ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
             return Ok(status);
         }
         tracing::info!(pid = self.pid(), %signal, "stopping the app");
@@ -72,13 +76,18 @@ impl App {
         let _ = killpg(self.pgid, signal);
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, self.child.wait()).await {
-            Ok(status) => status,
+            Ok(status) => {
+                let _ = killpg(self.pgid, Signal::SIGKILL);
+                status
+            }
             Err(_) => {
                 tracing::warn!(
                     pid = self.pid(),
                     "the app did not stop within the grace period; killing it"
                 );
                 let _ = killpg(self.pgid, Signal::SIGKILL);
+                // Also the process itself, in case it left its group.
+                let _ = self.child.start_kill();
                 self.child.wait().await
             }
         }

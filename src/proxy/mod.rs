@@ -332,6 +332,8 @@ async fn serve_connection(
             let _guard = guard;
             tokio::select! {
                 _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
+                // Opaque bytes cannot be drained gracefully: close at the start of a stop.
+                _ = drain.signaled() => tracing::debug!(listener = %l.name, "tcp connection closed: draining"),
                 _ = idle_for(&activity, idle) => tracing::debug!(listener = %l.name, "tcp connection idle; closed"),
             }
         }

@@ -141,7 +141,11 @@ fn sigterm_stops_promptly_with_exit_0() {
         "{}",
         sc.diagnostics()
     );
-    assert!(sc.stderr().contains("stopped"), "{}", sc.diagnostics());
+    assert!(
+        sc.stderr().contains("outrigger::app: stopped"),
+        "{}",
+        sc.diagnostics()
+    );
 }
 
 #[test]

@@ -421,7 +421,13 @@ fn endpoints_file_is_hot_reloaded() {
     let (a, b) = (Backend::http(), Backend::http());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("endpoints.yaml");
-    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", a.address())).unwrap();
+    // Replaced atomically, as Kubernetes and editors do: a half-written file is never read.
+    let write = |text: String| {
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(format!("endpoints: [\"{}\"]\n", a.address()));
     let sc = Sidecar::start(&format!(
         "clusters:\n  svc: {{ file: {}, refresh: 100ms }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
         file.display()
@@ -438,43 +444,53 @@ fn endpoints_file_is_hot_reloaded() {
     eventually(Duration::from_secs(10), "the first endpoint", || {
         (get() == 200 && a.count() > 0).then_some(())
     });
-    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", b.address())).unwrap();
+    write(format!("endpoints: [\"{}\"]\n", b.address()));
     eventually(Duration::from_secs(10), "the new endpoint", || {
         (get() == 200 && b.count() > 0).then_some(())
     });
     // A broken file keeps the last good endpoints.
-    std::fs::write(&file, "endpoints: [nonsense\n").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let failed =
+        || sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"failed\"}");
+    let baseline = failed();
+    write("endpoints: [nonsense\n".to_string());
+    eventually(Duration::from_secs(10), "the broken file read", || {
+        (failed() > baseline).then_some(())
+    });
     let before = b.count();
     assert_eq!(get(), 200);
-    assert_eq!(b.count(), before + 1);
-    assert!(
-        sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"failed\"}") >= 1.0
-    );
+    assert_eq!(b.count(), before + 1, "the last good endpoint still serves");
 }
 
 /// A name in /etc/hosts for one test; the system resolver reads the file on every lookup, so
 /// changing the entry changes what DNS discovery sees. Removed on drop.
 struct HostsEntry {
-    name: String,
+    /// The file as it was before the test, written back on drop.
+    original: Vec<u8>,
 }
 
 static HOSTS_FILE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl HostsEntry {
-    fn set(name: &str, ip: Option<&str>) {
-        let _lock = HOSTS_FILE.lock().unwrap();
-        let text = std::fs::read_to_string("/etc/hosts").unwrap();
-        let mut lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.ends_with(&format!(" {name}")))
-            .collect();
-        let line = ip.map(|ip| format!("{ip} {name}"));
-        if let Some(l) = &line {
-            lines.push(l);
+    fn new() -> HostsEntry {
+        HostsEntry {
+            original: std::fs::read("/etc/hosts").unwrap(),
+        }
+    }
+
+    /// The original file plus one line for `name` (or none).
+    fn set(&self, name: &str, ip: Option<&str>) {
+        let _lock = HOSTS_FILE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut text = self.original.clone();
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            text.push(b'\n');
+        }
+        if let Some(ip) = ip {
+            text.extend_from_slice(format!("{ip} {name}\n").as_bytes());
         }
         // Written in place: /etc/hosts is often a bind mount that cannot be replaced.
-        std::fs::write("/etc/hosts", lines.join("\n") + "\n").expect(
+        std::fs::write("/etc/hosts", text).expect(
             "this test edits /etc/hosts (root, as on CI) to give DNS discovery a changing answer",
         );
     }
@@ -482,23 +498,27 @@ impl HostsEntry {
 
 impl Drop for HostsEntry {
     fn drop(&mut self) {
-        HostsEntry::set(&self.name, None);
+        let _lock = HOSTS_FILE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = std::fs::write("/etc/hosts", &self.original);
     }
 }
 
 #[test]
 fn dns_is_re_resolved_and_the_last_good_answer_kept() {
     // Two backends on one port at two loopback addresses.
-    let (a, b) = loop {
-        let a = Backend::http();
-        if let Some(b) = Backend::http_at(&format!("127.0.0.2:{}", a.addr.unwrap().port())) {
-            break (a, b);
-        }
-    };
+    let (a, b) = (0..20)
+        .find_map(|_| {
+            let a = Backend::http();
+            let b = Backend::http_at(&format!("127.0.0.2:{}", a.addr.unwrap().port()))?;
+            Some((a, b))
+        })
+        .expect("a port free on both 127.0.0.1 and 127.0.0.2");
     let port = a.addr.unwrap().port();
     let name = format!("outrigger-it-{}-{port}.test", std::process::id());
-    HostsEntry::set(&name, Some("127.0.0.1"));
-    let _entry = HostsEntry { name: name.clone() };
+    let hosts = HostsEntry::new();
+    hosts.set(&name, Some("127.0.0.1"));
     let sc = Sidecar::start(&format!(
         "clusters:\n  svc: {{ dns: \"{name}:{port}\", refresh: 100ms }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n"
     ));
@@ -514,12 +534,12 @@ fn dns_is_re_resolved_and_the_last_good_answer_kept() {
     eventually(Duration::from_secs(10), "the first answer", || {
         (get() == 200 && a.count() > 0).then_some(())
     });
-    HostsEntry::set(&name, Some("127.0.0.2"));
+    hosts.set(&name, Some("127.0.0.2"));
     eventually(Duration::from_secs(10), "the new answer", || {
         (get() == 200 && b.count() > 0).then_some(())
     });
     // The name disappears: resolution fails, the last good endpoint keeps serving.
-    HostsEntry::set(&name, None);
+    hosts.set(&name, None);
     eventually(Duration::from_secs(10), "a failed resolution", || {
         (sc.metric("outrigger_discovery_updates_total{cluster=\"svc\",outcome=\"failed\"}") >= 1.0)
             .then_some(())
@@ -537,11 +557,16 @@ fn dns_is_re_resolved_and_the_last_good_answer_kept() {
 fn failures_answer_502_504_503_with_a_reason() {
     let app = Backend::http();
     let dead = dead_port();
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("none.yaml");
+    std::fs::write(&empty, "endpoints: []\n").unwrap();
+    let empty = empty.display();
     let sc = Sidecar::start(&format!(
         r#"
 clusters:
   down: {{ endpoints: ["{dead}"] }}
   slow: {{ endpoints: ["{}"] }}
+  empty: {{ file: {empty} }}
 listeners:
   - name: egress
     address: 127.0.0.1:0
@@ -568,6 +593,13 @@ listeners:
         .unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["x-outrigger-error"], "timeout");
+    let r = client()
+        .get(sc.listener_url("egress", "/"))
+        .header("host", "empty")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-outrigger-error"], "no-endpoints");
     let stderr = sc.stderr();
     assert!(
         stderr.contains("request failed")
@@ -610,7 +642,7 @@ fn limits_shed_with_503_and_retry_after() {
 
     let app = Backend::http();
     let sc = inbound(&app, "    limits:\n      max_requests_in_flight: 1\n");
-    let url = sc.listener_url("public", "/slow/1000");
+    let url = sc.listener_url("public", "/slow/3000");
     let slow = std::thread::spawn(move || client().get(url).send().unwrap().status());
     eventually(
         Duration::from_secs(5),

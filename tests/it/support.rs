@@ -202,8 +202,18 @@ impl Sidecar {
 }
 
 impl Drop for Sidecar {
+    /// SIGTERM first, so a supervised app is stopped too (SIGKILL would orphan it), then
+    /// SIGKILL if the sidecar has not exited within a few seconds.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Ok(None) = c.try_wait() {
+                let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
