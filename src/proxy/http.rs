@@ -524,6 +524,17 @@ impl HttpListener {
                     policy.is_some_and(|p| p.on.connect_failure),
                     true,
                 ),
+                Ok(Err(e)) if downstream_fault(&e) => {
+                    // The client's own body failed (it went away mid-upload): nothing to hold
+                    // against the endpoint, and nothing to retry.
+                    let msg = format!("the request body failed: {}", source_chain(&e));
+                    return Err(with_close(self.fail(
+                        target,
+                        Failure::BadRequest,
+                        &msg,
+                        started,
+                    )));
+                }
                 Ok(Err(e)) => (
                     Failure::Upstream,
                     format!(
@@ -559,6 +570,22 @@ impl HttpListener {
 async fn backoff(base: Duration, n: u32) {
     let exp = base.saturating_mul(1u32 << (n - 1).min(10));
     tokio::time::sleep(exp.mul_f64(0.5 + fastrand::f64())).await;
+}
+
+/// True when an exchange failed because the downstream's request body did (hyper reports the
+/// body we stream as "user" input), not because of the endpoint.
+fn downstream_fault(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

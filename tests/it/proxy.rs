@@ -853,3 +853,52 @@ fn proxy_limits_and_patterns_are_validated() {
         assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
     }
 }
+
+/// A client that gives up in the middle of a large (streamed) upload says nothing about the
+/// endpoint: no ejection however often it happens.
+#[test]
+fn aborted_uploads_do_not_eject_endpoints() {
+    let (a, b) = (Backend::http(), Backend::http());
+    let sc = Sidecar::start(&format!(
+        "clusters:\n  svc:\n    endpoints: [\"{}\", \"{}\"]\n    outlier: {{ consecutive_failures: 2 }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        a.address(),
+        b.address()
+    ));
+    sc.wait_ready();
+    let addr = sc.listeners["egress"].clone();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n")
+            .unwrap();
+        s.write_all(&[b'x'; 200_000]).unwrap();
+        drop(s); // gone mid-body
+    }
+    // Each abort is answered (to no one) as the client's fault.
+    let aborted = "outrigger_http_responses_total{direction=\"outbound\",listener=\"egress\",route=\"host:svc\",cluster=\"svc\",class=\"4xx\",error=\"bad-request\"}";
+    eventually(
+        Duration::from_secs(10),
+        "six aborted uploads handled",
+        || (sc.metric(aborted) == 6.0).then_some(()),
+    );
+    assert_eq!(
+        sc.metric("outrigger_endpoint_ejections_total{cluster=\"svc\"}"),
+        0.0,
+        "{}",
+        sc.diagnostics()
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            client()
+                .get(sc.listener_url("egress", "/ok"))
+                .header("host", "svc")
+                .send()
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    assert!(
+        a.seen().iter().any(|s| s.path == "/ok") && b.seen().iter().any(|s| s.path == "/ok"),
+        "both endpoints still get traffic"
+    );
+}
