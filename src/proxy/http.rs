@@ -275,11 +275,15 @@ impl HttpListener {
             (target, host)
         };
         target.stats.requests.inc();
+        let version = req.version();
         let (mut res, cluster_permit) = match self.forward(&target, &down, host, req, started).await
         {
             Ok(pair) => pair,
             Err(res) => return Ok(res),
         };
+        // The downstream's version, not the upstream's: an HTTP/1.0 app must not turn the
+        // client's keep-alive HTTP/1.1 connection into one request per connection.
+        *res.version_mut() = version;
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(res.headers_mut(), switching);
         target.response_headers.apply(res.headers_mut());

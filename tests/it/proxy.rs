@@ -902,3 +902,36 @@ fn aborted_uploads_do_not_eject_endpoints() {
         "both endpoints still get traffic"
     );
 }
+
+/// An app that answers HTTP/1.0 (Python's http.server does) must not cost the client its
+/// keep-alive connection: the client gets HTTP/1.1 responses, several on one connection.
+#[test]
+fn an_http10_app_keeps_client_connections_alive() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut byte).is_ok() {
+                head.push(byte[0]);
+            }
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {app}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n"
+    ));
+    sc.wait_ready();
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("ok"), "{text}");
+    }
+}
