@@ -59,19 +59,7 @@ fn sigterm_reaches_the_app_which_sees_the_sidecar() {
 
 #[test]
 fn an_app_that_ignores_sigterm_is_killed_after_the_grace_period() {
-    let mut sc = Spawn {
-        config: "runtime:\n  shutdown_grace: 1s\n",
-        app: &[
-            "sh",
-            "-c",
-            "trap '' TERM; touch trapped; while :; do sleep 0.05; done",
-        ],
-        ..Spawn::default()
-    }
-    .start();
-    eventually(Duration::from_secs(10), "the app's trap", || {
-        sc.path("trapped").exists().then_some(())
-    });
+    let mut sc = app_ignoring_sigterm("1s");
     sc.signal(Signal::SIGTERM);
     let status = sc.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(128 + 9), "{}", sc.diagnostics());
@@ -97,19 +85,7 @@ fn a_missing_program_exits_127() {
 
 #[test]
 fn a_fast_stop_cuts_a_graceful_one_short() {
-    let mut sc = Spawn {
-        config: "runtime:\n  shutdown_grace: 60s\n",
-        app: &[
-            "sh",
-            "-c",
-            "trap '' TERM; touch trapped; while :; do sleep 0.05; done",
-        ],
-        ..Spawn::default()
-    }
-    .start();
-    eventually(Duration::from_secs(10), "the app's trap", || {
-        sc.path("trapped").exists().then_some(())
-    });
+    let mut sc = app_ignoring_sigterm("60s");
     sc.signal(Signal::SIGTERM);
     eventually(Duration::from_secs(10), "the graceful stop", || {
         sc.stderr().contains("stopping the app").then_some(())
@@ -123,4 +99,23 @@ fn a_fast_stop_cuts_a_graceful_one_short() {
         "{}",
         sc.diagnostics()
     );
+}
+
+/// A sidecar whose app ignores SIGTERM, once the app has set that up.
+fn app_ignoring_sigterm(grace: &str) -> crate::support::Sidecar {
+    let config = format!("runtime:\n  shutdown_grace: {grace}\n");
+    let sc = Spawn {
+        config: &config,
+        app: &[
+            "sh",
+            "-c",
+            "trap '' TERM; touch trapped; while :; do sleep 0.05; done",
+        ],
+        ..Spawn::default()
+    }
+    .start();
+    eventually(Duration::from_secs(10), "the app's trap", || {
+        sc.path("trapped").exists().then_some(())
+    });
+    sc
 }
