@@ -358,11 +358,6 @@ fn read_process_stats() -> Option<ProcessStats> {
     })
 }
 
-/// The resident set size of this process in bytes (for logs and benchmarks).
-pub fn resident_bytes() -> Option<i64> {
-    read_process_stats().map(|s| s.resident_bytes)
-}
-
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         fn gauge<T: prometheus_client::encoding::EncodeGaugeValue>(
