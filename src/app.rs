@@ -2,8 +2,10 @@
 //! modules and then the app, serves admin, and turns [`Control`] values into reloads and stops.
 //!
 //! Start: bind admin and module listeners → start modules → report bound addresses → start the
-//! app. Stop (graceful): `/ready` goes 503 → the app gets SIGTERM and what is left of the grace
-//! period → modules drain within the grace period → admin stops → exit with the app's code.
+//! app (its probe opens `/ready` and the inbound gate) → watchers. Stop (graceful): `/ready`
+//! goes 503 → inbound drains → the app gets `app.stop_signal` and what is left of the grace
+//! period while outbound keeps serving it → the rest drains → admin stops → exit with the
+//! app's code. Reload: validate, apply what can change live, name the rest.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,14 +17,16 @@ use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Address, Config, ProcessEnv, Source};
-use crate::lifecycle::{self, App};
+use crate::lifecycle::probe::AppStatus;
+use crate::lifecycle::{self, AppEnd, AppHandle, AppSpec};
+use crate::reload;
 use crate::runtime::{
-    self, Control, Health, Module, ReloadOutcome, RunningConfig, State, Stop, supervisor,
+    self, AppGate, Control, Health, Module, ReloadOutcome, RunningConfig, Stop, supervisor,
 };
 use crate::telemetry::log::LogLevel;
 use crate::telemetry::metrics::{Metrics, ResultLabels, unix_now};
@@ -71,7 +75,10 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     if !config.admin.address.ip().to_canonical().is_loopback() {
         warn!(address = %admin_addr, "the admin API listens beyond loopback; changes are still refused to non-loopback peers");
     }
-    let (modules, bound) = build_modules(&config, &metrics).await?;
+    // Inbound traffic waits for the app when there is one to wait for.
+    let watched_app = config.app.command.is_some() || config.app.lifecycle.probe.is_some();
+    let (gate_setter, gate) = runtime::app_gate(!watched_app);
+    let (modules, bound) = build_modules(&config, &metrics, &gate).await?;
 
     let registry = Arc::new(metrics.registry);
     let running = Arc::new(RunningConfig::new(config.clone()));
@@ -79,8 +86,15 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     let (drain_trigger, drain) = runtime::drain();
 
     let module_tasks: Vec<_> = modules
-        .into_iter()
-        .map(|m| supervisor::spawn(m, health.clone(), metrics.runtime.clone(), drain.clone()))
+        .iter()
+        .map(|m| {
+            supervisor::spawn(
+                m.clone(),
+                health.clone(),
+                metrics.runtime.clone(),
+                drain.clone(),
+            )
+        })
         .collect();
 
     let admin_state = AdminState {
@@ -108,97 +122,98 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     if let Some(path) = &options.listeners_file {
         write_listeners_file(path, admin_addr, &bound).await?;
     }
-    spawn_signal_handlers(control_tx.clone())?;
+    spawn_signal_handlers(control_tx.clone(), &config.app.lifecycle.forward_signals)?;
 
-    let mut app = None;
-    if let Some(command) = &config.app.command {
+    let app_status = AppStatus {
+        health: health.clone(),
+        gate: Arc::new(gate_setter),
+        metrics: metrics.runtime.clone(),
+        ready: Arc::new(watch::channel(false).0),
+    };
+    if watched_app {
         health.register_component("app");
-        let mut env = vec![
-            (
-                "OUTRIGGER_ADMIN_ADDRESS".to_string(),
-                admin_addr.to_string(),
-            ),
-            ("OUTRIGGER_SERVICE".to_string(), config.service.clone()),
-        ];
-        env.extend(
-            bound
-                .iter()
-                .map(|(name, address)| (listener_env_name(name), address.to_string())),
-        );
-        match App::spawn(command, &config.app.env, &env) {
-            Ok(a) => {
-                info!(pid = a.pid(), program = a.program(), "app started");
-                // Probes come with the lifecycle module; until then a running app is ready.
-                health.set("app", State::Ready, None);
-                app = Some(a);
-            }
-            Err(e) => {
-                error!(program = %command[0], error = %e, "cannot start the app");
-                health.set("app", State::Stopped, Some(format!("cannot start: {e}")));
-                // 127: what a shell returns for a command it cannot run.
-                let code = if e.kind() == std::io::ErrorKind::NotFound {
-                    127
-                } else {
-                    126
-                };
-                stop(
-                    Stop::Fast,
-                    &config,
-                    &health,
-                    None,
-                    &mut control_rx,
-                    drain_trigger,
-                    module_tasks,
-                    admin_stop_tx,
-                    admin_task,
-                )
-                .await;
-                return Ok(code);
-            }
-        }
+        metrics.runtime.app_ready.set(0);
     }
+    // Supervision mode: the app is ours to start, restart and stop. Otherwise (the app runs in
+    // another container) only its probe, if any.
+    let mut app: Option<(AppHandle, tokio::task::JoinHandle<AppEnd>)> = None;
+    let mut _probe = None;
+    if let Some(command) = &config.app.command {
+        let spec = AppSpec {
+            command: command.clone(),
+            app_env: config.app.env.clone(),
+            env: app_env(&config, admin_addr, &bound),
+            lifecycle: config.app.lifecycle.clone(),
+        };
+        app = Some(lifecycle::supervise(spec, app_status.clone()));
+    } else if let Some(probe) = &config.app.lifecycle.probe {
+        _probe = Some(AbortOnDrop(tokio::spawn(
+            lifecycle::probe::run(probe.clone(), app_status.clone()).instrument(info_span!("app")),
+        )));
+    }
+    let app_handle = app.as_ref().map(|(h, _)| h.clone());
+    let reloader = reload::Reloader::start(
+        config.reload.clone(),
+        app_handle.clone(),
+        metrics.runtime.clone(),
+    );
+    let _config_watch = match (&config.source, config.runtime.watch_config) {
+        (Some(file), true) => Some(AbortOnDrop(reload::watch_config(
+            file.clone(),
+            control_tx.clone(),
+        ))),
+        _ => None,
+    };
     info!(
         service = %config.service,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "outrigger started"
     );
 
-    // Run until a stop is asked for or the app ends.
-    let mut app_status = None;
+    // Run until a stop is asked for or the app ends for good.
+    let mut app_end = None;
     let stop_kind = loop {
-        let app_exit = async {
+        let app_ended = async {
             match app.as_mut() {
-                Some(a) => a.wait().await,
+                Some((_, task)) => task.await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             control = control_rx.recv() => match control {
-                Some(Control::Reload) => reload(&options, &running, &metrics.runtime).await,
+                Some(Control::Reload) => {
+                    reload(&options, &running, &metrics.runtime, &modules, &reloader).await
+                }
+                Some(Control::Forward(signal)) => match &app_handle {
+                    Some(h) => h.signal(signal),
+                    None => debug!(%signal, "no supervised app to pass the signal to"),
+                },
                 Some(Control::Shutdown { graceful }) => {
                     break if graceful { Stop::Graceful } else { Stop::Fast };
                 }
                 None => break Stop::Graceful,
             },
-            status = app_exit => {
-                let status = status.context("cannot wait for the app")?;
-                info!(code = lifecycle::exit_code(status), "the app exited; stopping");
-                health.set("app", State::Stopped, Some(format!("exited: {status}")));
-                app_status = Some(status);
-                break Stop::Graceful;
+            end = app_ended => {
+                let end = end.unwrap_or_else(|e| AppEnd::NotStarted(std::io::Error::other(e)));
+                let kind = if matches!(end, AppEnd::NotStarted(_)) { Stop::Fast } else { Stop::Graceful };
+                if let AppEnd::Exited(s) = &end {
+                    info!(code = lifecycle::exit_code(*s), "the app ended; stopping");
+                }
+                app_end = Some(end);
+                break kind;
             }
         }
     };
-    let app_running = if app_status.is_none() {
-        app.as_mut()
-    } else {
-        None
+    let app_running = match (app_end.is_none(), app) {
+        (true, Some(pair)) => Some(pair),
+        _ => None,
     };
-    let stopped_status = stop(
+    let stopped = stop(
         stop_kind,
         &config,
         &health,
         app_running,
+        &app_status,
         &mut control_rx,
         drain_trigger,
         module_tasks,
@@ -206,10 +221,49 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         admin_task,
     )
     .await;
-    Ok(app_status
-        .or(stopped_status)
-        .map(lifecycle::exit_code)
-        .unwrap_or(0))
+    drop(reloader);
+    Ok(match app_end.or(stopped) {
+        Some(AppEnd::Exited(s)) => lifecycle::exit_code(s),
+        // 127: what a shell returns for a command it cannot find; 126: found, cannot run.
+        Some(AppEnd::NotStarted(e)) if e.kind() == std::io::ErrorKind::NotFound => 127,
+        Some(AppEnd::NotStarted(_)) => 126,
+        None => 0,
+    })
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the app finds in its environment: where the sidecar and each listener are.
+fn app_env(
+    config: &Config,
+    admin: SocketAddr,
+    bound: &BTreeMap<String, Address>,
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("OUTRIGGER_ADMIN_ADDRESS".to_string(), admin.to_string()),
+        ("OUTRIGGER_SERVICE".to_string(), config.service.clone()),
+    ];
+    env.extend(
+        bound
+            .iter()
+            .map(|(name, address)| (listener_env_name(name), address.to_string())),
+    );
+    // The first outbound HTTP listener: where the app sends its calls.
+    if let Some(l) = config.listeners.iter().find(|l| {
+        l.direction == crate::config::raw::Direction::Outbound
+            && l.protocol == crate::config::raw::Protocol::Http
+    }) && let Some(address) = bound.get(&l.name)
+    {
+        env.push(("OUTRIGGER_OUTBOUND_ADDRESS".into(), address.to_string()));
+    }
+    env
 }
 
 /// The modules enabled by the config, each with its listeners bound, and the bound addresses
@@ -217,16 +271,19 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
 async fn build_modules(
     config: &Config,
     metrics: &Metrics,
+    gate: &AppGate,
 ) -> Result<(Vec<Arc<dyn Module>>, BTreeMap<String, Address>)> {
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
     let mut bound = BTreeMap::new();
     #[cfg(feature = "proxy")]
-    if let Some((proxy, addresses)) = crate::proxy::Proxy::build(config, &metrics.proxy).await? {
+    if let Some((proxy, addresses)) =
+        crate::proxy::Proxy::build(config, &metrics.proxy, gate.clone()).await?
+    {
         modules.push(Arc::new(proxy));
         bound.extend(addresses);
     }
     #[cfg(not(feature = "proxy"))]
-    let _ = (config, metrics);
+    let _ = (config, metrics, gate);
     Ok((modules, bound))
 }
 
@@ -245,57 +302,105 @@ pub fn listener_env_name(name: &str) -> String {
     format!("OUTRIGGER_LISTENER_{upper}")
 }
 
-/// Stops in order: `/ready` 503 → app → modules → admin. Returns the app's status if it ran.
+/// Stops in the order of the lifecycle contract: `/ready` 503 → inbound stops accepting and
+/// drains → the app gets its stop signal and the rest of the grace period (outbound keeps
+/// serving it meanwhile) → everything else drains → admin stops. A fast stop asked for on the
+/// way cuts the rest short. Returns how the app ended, if it was still running.
 #[allow(clippy::too_many_arguments)]
 async fn stop(
     kind: Stop,
     config: &Config,
     health: &Health,
-    app: Option<&mut App>,
+    app: Option<(AppHandle, tokio::task::JoinHandle<AppEnd>)>,
+    app_status: &AppStatus,
     control: &mut mpsc::Receiver<Control>,
     drain_trigger: runtime::DrainTrigger,
     module_tasks: Vec<tokio::task::JoinHandle<()>>,
     admin_stop: tokio::sync::oneshot::Sender<()>,
     admin_task: tokio::task::JoinHandle<std::io::Result<()>>,
-) -> Option<std::process::ExitStatus> {
-    let budget = match kind {
-        Stop::Graceful => config.runtime.shutdown_grace.get(),
-        Stop::Fast => FAST_STOP.min(config.runtime.shutdown_grace.get()),
-    };
-    let deadline = Instant::now() + budget;
-    info!(kind = ?kind, grace = ?budget, "stopping");
+) -> Option<AppEnd> {
+    let mut kind = kind;
+    let grace = config.runtime.shutdown_grace.get();
+    let mut deadline = Instant::now()
+        + match kind {
+            Stop::Graceful => grace,
+            Stop::Fast => FAST_STOP.min(grace),
+        };
+    info!(kind = ?kind, grace = ?deadline.saturating_duration_since(Instant::now()), "stopping");
     health.set_draining();
+    let lifecycle = &config.app.lifecycle;
+    let watched_app = app.is_some() || lifecycle.probe.is_some();
 
-    let mut status = None;
-    if let Some(app) = app {
-        let signal = match kind {
-            Stop::Graceful => Signal::SIGTERM,
-            Stop::Fast => Signal::SIGINT,
-        };
-        // A fast stop (SIGINT, `POST /shutdown?fast=true`) during a graceful one cuts it short.
-        let outcome = tokio::select! {
-            r = app.stop(signal, deadline) => r,
-            _ = fast_requested(control), if kind == Stop::Graceful => {
-                app.stop(Signal::SIGINT, Instant::now() + FAST_STOP).await
-            }
-        };
-        match outcome {
-            Ok(s) => {
-                info!(code = lifecycle::exit_code(s), "the app exited");
-                health.set("app", State::Stopped, Some(format!("exited: {s}")));
-                status = Some(s);
-            }
-            Err(e) => error!(error = %e, "cannot wait for the app"),
+    // 1. Inbound: stop accepting, finish in-flight requests; keep `stop_timeout` for the app.
+    drain_trigger.trigger_inbound(kind);
+    let inbound_deadline = if watched_app && kind == Stop::Graceful {
+        deadline
+            .checked_sub(lifecycle.stop_timeout.get())
+            .unwrap_or_else(Instant::now)
+    } else {
+        deadline
+    };
+    let inbound = tokio::time::timeout_at(inbound_deadline.into(), drain_trigger.inbound_drained());
+    tokio::pin!(inbound);
+    tokio::select! {
+        r = &mut inbound => match r {
+            Ok(()) => info!("inbound drained"),
+            Err(_) => warn!("inbound did not drain in time; going on"),
+        },
+        _ = fast_requested(control), if kind == Stop::Graceful => {
+            kind = Stop::Fast;
+            deadline = deadline.min(Instant::now() + FAST_STOP);
         }
     }
 
+    // 2. The app: its stop signal, then SIGKILL at the deadline. Outbound still serves it.
+    let mut end = None;
+    if let Some((handle, mut task)) = app {
+        let signal = match kind {
+            Stop::Graceful => lifecycle.stop_signal.0,
+            Stop::Fast => Signal::SIGINT,
+        };
+        handle.stop(signal, deadline);
+        let ended = tokio::select! {
+            r = &mut task => r,
+            _ = fast_requested(control), if kind == Stop::Graceful => {
+                kind = Stop::Fast;
+                deadline = deadline.min(Instant::now() + FAST_STOP);
+                handle.stop(Signal::SIGINT, deadline);
+                (&mut task).await
+            }
+        };
+        end = Some(ended.unwrap_or_else(|e| AppEnd::NotStarted(std::io::Error::other(e))));
+    } else if lifecycle.probe.is_some()
+        && kind == Stop::Graceful
+        && config
+            .listeners
+            .iter()
+            .any(|l| l.direction == crate::config::raw::Direction::Outbound)
+    {
+        // The app runs in another container and gets its own SIGTERM: serve its outbound
+        // calls until its probe says it is gone, or the grace period ends.
+        let mut ready = app_status.ready.subscribe();
+        let gone = tokio::time::timeout_at(deadline.into(), ready.wait_for(|r| !*r));
+        tokio::select! {
+            r = gone => match r {
+                Ok(_) => info!("the app is gone"),
+                Err(_) => warn!("the app still answers its probe at the end of the grace period"),
+            },
+            _ = fast_requested(control) => {
+                kind = Stop::Fast;
+                deadline = deadline.min(Instant::now() + FAST_STOP);
+            }
+        }
+    }
+
+    // 3. Everything else: outbound, and whatever inbound is left.
     drain_trigger.trigger(kind);
-    let left = deadline.saturating_duration_since(Instant::now());
     let aborts: Vec<_> = module_tasks.iter().map(|t| t.abort_handle()).collect();
     let join = futures_join_all(module_tasks);
     tokio::pin!(join);
     let drained = tokio::select! {
-        r = tokio::time::timeout(left, &mut join) => r.is_ok(),
+        r = tokio::time::timeout_at(deadline.into(), &mut join) => r.is_ok(),
         _ = fast_requested(control), if kind == Stop::Graceful => {
             tokio::time::timeout(FAST_STOP, &mut join).await.is_ok()
         }
@@ -312,7 +417,7 @@ async fn stop(
         _ => {}
     }
     info!("stopped");
-    status
+    end
 }
 
 /// Resolves when a fast stop is asked for; other requests are ignored while stopping.
@@ -335,75 +440,134 @@ async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// Reads the config again. A bad file changes nothing and is reported; a good one applies
-/// what can change live (the log level) and names what needs a restart.
+/// Reads the config again. A bad file changes nothing and is reported; a good one is applied
+/// live (routes, clusters, limits, log level, reload entries) and what cannot change live
+/// (listener addresses, the admin address, runtime and app settings) is kept as it was and
+/// named as needing a restart.
 async fn reload(
     options: &RunOptions,
     running: &RunningConfig,
     metrics: &crate::telemetry::metrics::RuntimeMetrics,
+    modules: &[Arc<dyn Module>],
+    reloader: &reload::Reloader,
 ) {
     let source = options.source.clone();
     let loaded = tokio::task::spawn_blocking(move || config::load(&source, &ProcessEnv))
         .await
-        .map_err(|e| e.to_string());
+        .map_err(|e| vec![e.to_string()]);
+    let loaded = match loaded {
+        Ok(Ok(new)) => Ok(new),
+        Ok(Err(e)) => Err(e.problems.iter().map(ToString::to_string).collect()),
+        Err(e) => Err(e),
+    };
     let outcome = match loaded {
-        Ok(Ok(new)) => {
+        Ok(new) => {
             let old = running.config.load_full();
-            let mut applied = (*old).clone();
-            if new.log.level != old.log.level {
-                match options.log_level.set(&new.log.level) {
-                    Ok(()) => applied.log.level = new.log.level.clone(),
-                    Err(e) => warn!(error = %e, "cannot apply the new log level"),
+            let (applied, needs_restart) = live_part(&old, &new);
+            let applied = Arc::new(applied);
+            let mut failed = Vec::new();
+            for m in modules {
+                if let Err(e) = m.clone().reload(applied.clone()).await {
+                    error!(module = m.name(), error = %e, "the module could not apply the new config; it keeps the old one");
+                    failed.push(format!("{}: {e}", m.name()));
                 }
             }
-            let needs_restart = changed_keys(&applied, &new);
+            if applied.log.level != old.log.level
+                && let Err(e) = options.log_level.set(&applied.log.level)
+            {
+                warn!(error = %e, "cannot apply the new log level");
+            }
+            reloader.update(applied.reload.clone());
             for key in &needs_restart {
                 warn!(key, "config changed but takes effect only after a restart");
             }
-            running.config.store(Arc::new(applied));
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabels { result: "success" })
-                .inc();
-            metrics.config_last_reload_success.set(unix_now());
-            info!("config reloaded");
-            ReloadOutcome {
-                at: unix_now(),
-                result: "success",
-                errors: Vec::new(),
-                needs_restart,
+            running.config.store(applied);
+            if failed.is_empty() {
+                info!(needs_restart = needs_restart.len(), "config reloaded");
+                ReloadOutcome {
+                    at: unix_now(),
+                    result: "success",
+                    errors: Vec::new(),
+                    needs_restart,
+                }
+            } else {
+                ReloadOutcome {
+                    at: unix_now(),
+                    result: "failure",
+                    errors: failed,
+                    needs_restart,
+                }
             }
         }
-        Ok(Err(e)) => {
-            for p in &e.problems {
+        Err(errors) => {
+            for p in &errors {
                 error!(problem = %p, "config reload rejected; keeping the running config");
             }
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabels { result: "failure" })
-                .inc();
             ReloadOutcome {
                 at: unix_now(),
                 result: "failure",
-                errors: e.problems.iter().map(ToString::to_string).collect(),
-                needs_restart: Vec::new(),
-            }
-        }
-        Err(e) => {
-            error!(error = %e, "config reload failed");
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabels { result: "failure" })
-                .inc();
-            ReloadOutcome {
-                at: unix_now(),
-                result: "failure",
-                errors: vec![e],
+                errors,
                 needs_restart: Vec::new(),
             }
         }
     };
+    metrics
+        .config_reloads
+        .get_or_create(&ResultLabels {
+            result: outcome.result,
+        })
+        .inc();
+    if outcome.result == "success" {
+        metrics.config_last_reload_success.set(unix_now());
+    }
     *running.last_reload.lock().expect("not poisoned") = Some(outcome);
+}
+
+/// What of `new` can be applied live: `new`, with the keys that cannot change while running
+/// kept from `old`; and the names of those keys that differ.
+fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
+    let mut applied = new.clone();
+    applied.source = old.source.clone();
+    applied.admin = old.admin.clone();
+    applied.runtime = old.runtime.clone();
+    applied.log.format = old.log.format;
+    // The app's address feeds the `app` cluster (live); the rest of `app` is the process's.
+    let address = applied.app.address.clone();
+    applied.app = old.app.clone();
+    applied.app.address = address;
+    // Listeners stay bound where they are; their routes and limits change.
+    let mut listeners = Vec::new();
+    let mut restart = Vec::new();
+    for l in &old.listeners {
+        match new.listeners.iter().find(|n| n.name == l.name) {
+            Some(n) => {
+                let mut n = n.clone();
+                if n.address != l.address {
+                    restart.push(format!("listeners[{}].address", l.name));
+                    n.address = l.address.clone();
+                }
+                if n.socket_mode != l.socket_mode {
+                    restart.push(format!("listeners[{}].socket_mode", l.name));
+                    n.socket_mode = l.socket_mode;
+                }
+                listeners.push(n);
+            }
+            None => {
+                restart.push(format!("listeners[{}] (removed)", l.name));
+                listeners.push(l.clone());
+            }
+        }
+    }
+    for n in &new.listeners {
+        if !old.listeners.iter().any(|l| l.name == n.name) {
+            restart.push(format!("listeners[{}] (added)", n.name));
+        }
+    }
+    applied.listeners = listeners;
+    let mut keys = changed_keys(&applied, new);
+    keys.retain(|k| k != "listeners");
+    keys.extend(restart);
+    (applied, keys)
 }
 
 /// Top-level keys (and their direct children) whose values differ.
@@ -425,6 +589,9 @@ fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
                             out.push(format!("{k}.{ck}"));
                         }
                     }
+                    for ck in cb.keys().filter(|ck| !ca.contains_key(*ck)) {
+                        out.push(format!("{k}.{ck}"));
+                    }
                 }
                 _ => out.push(k.clone()),
             }
@@ -433,23 +600,54 @@ fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-fn spawn_signal_handlers(control: mpsc::Sender<Control>) -> Result<()> {
+fn spawn_signal_handlers(
+    control: mpsc::Sender<Control>,
+    forward: &[crate::config::lifecycle::SignalName],
+) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::spawn(async move {
-        loop {
-            let (name, c) = tokio::select! {
-                _ = term.recv() => ("SIGTERM", Control::Shutdown { graceful: true }),
-                _ = int.recv() => ("SIGINT", Control::Shutdown { graceful: false }),
-                _ = hup.recv() => ("SIGHUP", Control::Reload),
-            };
-            info!(signal = name, "signal received");
-            if control.send(c).await.is_err() {
-                return;
+    let forward_hup = forward.iter().any(|s| s.0 == Signal::SIGHUP);
+    {
+        let control = control.clone();
+        tokio::spawn(async move {
+            loop {
+                let (name, c) = tokio::select! {
+                    _ = term.recv() => ("SIGTERM", Control::Shutdown { graceful: true }),
+                    _ = int.recv() => ("SIGINT", Control::Shutdown { graceful: false }),
+                    _ = hup.recv() => ("SIGHUP", Control::Reload),
+                };
+                info!(signal = name, "signal received");
+                if control.send(c).await.is_err() {
+                    return;
+                }
+                if name == "SIGHUP"
+                    && forward_hup
+                    && control
+                        .send(Control::Forward(Signal::SIGHUP))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
             }
-        }
-    });
+        });
+    }
+    // The others are only passed on.
+    for s in forward.iter().filter(|s| s.0 != Signal::SIGHUP) {
+        let sig = s.0;
+        let mut stream = signal(SignalKind::from_raw(sig as i32))
+            .with_context(|| format!("cannot handle {sig}"))?;
+        let control = control.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                info!(signal = %sig, "signal received; passing it to the app");
+                if control.send(Control::Forward(sig)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     Ok(())
 }
 

@@ -6,15 +6,17 @@
 //!  outrigger run -c FILE [-- APP ARGS]
 //!      │
 //!      ├─ config::load     YAML + env + --set → RawConfig → Config (all problems, file:line:col)
-//!      ├─ app::run         bind every listener → start modules → start the app
+//!      ├─ app::run         bind every listener → start modules → start the app → watchers
 //!      │    ├─ runtime     Module trait, supervisor (restart with backoff), readiness, drain
 //!      │    ├─ admin       /live /ready /metrics /config /log-level /reload /shutdown
 //!      │    ├─ telemetry   own logs (human | json), metrics registry, process metrics
-//!      │    └─ lifecycle   the supervised app: process group, stop signal, exit code
-//!      └─ exit code        0 ok · 64 usage · 78 config · the app's code when it ran
+//!      │    ├─ proxy       inbound/outbound listeners, routes, clusters
+//!      │    ├─ lifecycle   the app: process group, probes, restarts, signals, stop order
+//!      │    └─ reload      watched files → signal / webhook / restart; own config file
+//!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
 //! ```
 //!
-//! Signals, the admin API and (later) file watchers all speak [`runtime::Control`].
+//! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod config;
 pub mod lifecycle;
 #[cfg(feature = "proxy")]
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod telemetry;
 

@@ -38,6 +38,12 @@ enum Command {
     /// Validate a config and print the effective config (secrets redacted); exit 78 if invalid.
     #[command(after_help = "Example:\n  outrigger check -c outrigger.yaml --set log.level=debug")]
     Check(ConfigArgs),
+    /// Wait until the sidecar is ready for the app's calls, then run CMD (for an app in its own
+    /// container); with --shutdown, stop the sidecar when CMD ends. Exit 69 if not ready in time.
+    #[command(
+        after_help = "Examples:\n  outrigger wait -- python3 app.py\n  outrigger wait --shutdown --timeout 2m -- ./batch-job"
+    )]
+    Wait(WaitArgs),
     /// Print the version and the compiled-in modules.
     Version,
 }
@@ -76,10 +82,37 @@ struct RunArgs {
     app: Vec<String>,
 }
 
+#[derive(Args)]
+struct WaitArgs {
+    /// The sidecar's admin address (host:port or unix:/path).
+    #[arg(
+        long,
+        env = "OUTRIGGER_ADMIN_ADDRESS",
+        default_value = "127.0.0.1:9901",
+        value_name = "ADDRESS",
+        value_parser = parse_address
+    )]
+    admin: outrigger::config::Address,
+    /// Give up after this long (exit 69).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    timeout: std::time::Duration,
+    /// Run CMD as a child (signals passed on) and ask the sidecar to stop when it ends.
+    #[arg(long)]
+    shutdown: bool,
+    /// The command to run once the sidecar is ready, after `--`. Without it, just wait.
+    #[arg(last = true, value_name = "CMD ARGS")]
+    command: Vec<String>,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormatArg {
     Human,
     Json,
+}
+
+fn parse_address(s: &str) -> Result<outrigger::config::Address, String> {
+    s.parse()
+        .map_err(|()| format!("expected host:port or unix:/path, found {s:?}"))
 }
 
 fn source(args: &ConfigArgs) -> Source {
@@ -129,6 +162,21 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => run(args),
+        Command::Wait(args) => {
+            let options = outrigger::lifecycle::wait::WaitOptions {
+                admin: args.admin,
+                timeout: args.timeout,
+                shutdown: args.shutdown,
+                command: args.command,
+            };
+            match outrigger::lifecycle::wait::run(options) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

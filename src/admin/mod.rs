@@ -39,6 +39,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/live", get(live))
         .route("/ready", get(ready))
+        .route("/ready/outbound", get(ready_outbound))
         .route("/metrics", get(metrics_handler))
         .route("/config", get(config))
         .route("/log-level", get(get_log_level).put(put_log_level))
@@ -61,7 +62,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint; try /live, /ready, /metrics, /config, /log-level, /reload or /shutdown",
+        "no such endpoint; try /live, /ready, /ready/outbound, /metrics, /config, /log-level, /reload or /shutdown",
     )
 }
 
@@ -70,7 +71,16 @@ async fn live() -> &'static str {
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {
-    let report = s.health.report();
+    ready_response(s.health.report())
+}
+
+/// The sidecar's own readiness, without the app: what the app waits for before its first
+/// outbound call (`outrigger wait`), since `/ready` itself waits for the app.
+async fn ready_outbound(State(s): State<AdminState>) -> Response {
+    ready_response(s.health.report_modules())
+}
+
+fn ready_response(report: crate::runtime::health::Report) -> Response {
     let status = if report.ready {
         StatusCode::OK
     } else {

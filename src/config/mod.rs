@@ -6,6 +6,7 @@
 //! Overrides are merged here and only here, through [`Environment`] so tests can pass a map.
 
 pub mod document;
+pub mod lifecycle;
 pub mod proxy;
 pub mod raw;
 pub mod types;
@@ -79,6 +80,8 @@ pub struct Config {
     pub listeners: Vec<proxy::ListenerConfig>,
     /// Upstream clusters by name, including `app` when `app.address` is set.
     pub clusters: BTreeMap<String, proxy::ClusterConfig>,
+    /// Files and directories watched for the app, and what to do when they change.
+    pub reload: Vec<lifecycle::ReloadConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -90,6 +93,7 @@ pub struct AdminConfig {
 pub struct RuntimeConfig {
     pub worker_threads: usize,
     pub shutdown_grace: Duration,
+    pub watch_config: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -109,6 +113,8 @@ pub struct AppConfig {
     pub command: Option<Vec<String>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub lifecycle: lifecycle::AppLifecycle,
 }
 
 /// Every problem found in a configuration.
@@ -235,7 +241,7 @@ fn validate(
         ));
     }
 
-    let command = source.app_command.clone().or(raw.app.command);
+    let command = source.app_command.clone().or(raw.app.command.clone());
     if let Some(cmd) = &command
         && (cmd.is_empty() || cmd[0].is_empty())
     {
@@ -250,10 +256,19 @@ fn validate(
             "app.env is set but there is no app.command (or `-- CMD`) to give it to",
         ));
     }
+    let lifecycle = lifecycle::app(
+        &raw.app,
+        raw.app.address.as_ref(),
+        command.is_some(),
+        doc,
+        problems,
+    );
+    let reload = lifecycle::reloads(raw.reload, command.is_some(), doc, problems);
     let app = AppConfig {
         address: raw.app.address,
         command,
         env: raw.app.env.unwrap_or_default(),
+        lifecycle,
     };
     if !cfg!(feature = "proxy") && !raw.listeners.is_empty() {
         problems.push(doc.problem(
@@ -290,6 +305,7 @@ fn validate(
         runtime: RuntimeConfig {
             worker_threads,
             shutdown_grace,
+            watch_config: raw.runtime.watch_config.unwrap_or(true),
         },
         log: LogConfig {
             level,
@@ -298,6 +314,7 @@ fn validate(
         app,
         listeners,
         clusters,
+        reload,
     }
 }
 

@@ -33,6 +33,7 @@ pub struct RawConfig {
     pub app: RawApp,
     pub listeners: Vec<RawListener>,
     pub clusters: BTreeMap<String, RawCluster>,
+    pub reload: Vec<RawReload>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +47,8 @@ pub struct RawAdmin {
 pub struct RawRuntime {
     pub worker_threads: Option<usize>,
     pub shutdown_grace: Option<Duration>,
+    /// Reload Outrigger's own config file when it changes (besides SIGHUP and `POST /reload`).
+    pub watch_config: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +78,90 @@ pub struct RawApp {
     pub command: Option<Vec<String>>,
     /// Extra environment variables for the app.
     pub env: Option<std::collections::BTreeMap<String, String>>,
+    /// How Outrigger decides the app is ready.
+    pub probe: Option<RawProbe>,
+    pub restart: Option<RestartPolicy>,
+    /// Give up (and exit with the app's code) after this many restarts in a row.
+    pub max_restarts: Option<u32>,
+    /// What the app gets on a graceful stop.
+    pub stop_signal: Option<String>,
+    /// Time kept for the app to exit after inbound traffic has drained.
+    pub stop_timeout: Option<Duration>,
+    /// Signals sent to Outrigger that are passed on to the app.
+    pub forward_signals: Option<Vec<String>>,
+    /// How long inbound requests wait for the app to be ready before a 503.
+    pub hold_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProbe {
+    pub enabled: Option<bool>,
+    /// An HTTP GET on this path at app.address; 2xx and 3xx pass.
+    pub http: Option<String>,
+    /// A TCP (or unix socket) connect to this address.
+    pub tcp: Option<Address>,
+    /// A command; exit status 0 passes.
+    pub exec: Option<Vec<String>>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub initial_delay: Option<Duration>,
+    pub failure_threshold: Option<u32>,
+    pub success_threshold: Option<u32>,
+}
+
+/// What happens when the supervised app exits on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// The sidecar stops and exits with the app's code (the container's own policy decides).
+    #[default]
+    Never,
+    /// Restart after a non-zero exit or a signal; a clean exit stops the sidecar.
+    OnFailure,
+    /// Restart whatever the exit.
+    Always,
+}
+
+/// One `reload:` entry: watch a file or directory, act when its content changes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub watch: PathBuf,
+    pub action: RawAction,
+    #[serde(default)]
+    pub debounce: RawDebounce,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAction {
+    pub signal: Option<String>,
+    pub webhook: Option<RawWebhook>,
+    pub restart: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub expect: Option<u16>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDebounce {
+    pub quiet: Option<Duration>,
+    pub max: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]

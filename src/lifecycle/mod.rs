@@ -1,19 +1,31 @@
-//! The supervised app (`outrigger run -- CMD` or `app.command`): spawned after every listener is
-//! bound and every module started, in its own process group, with stdio passed through and
-//! `OUTRIGGER_*` variables telling it where the sidecar is. On a stop it gets a signal and the
-//! rest of the grace period, then SIGKILL; the sidecar exits with its exit code.
+//! The app's lifecycle: the supervised process (`outrigger run -- CMD` or `app.command`), its
+//! probes, restart policy and signals, and `outrigger wait` for apps that run in another
+//! container.
 //!
-//! This is the foundation's part of lifecycle; probes, restart policies and signal forwarding
-//! settings belong to the lifecycle issue.
+//! The app is spawned after every listener is bound and every module started, in its own
+//! process group, with stdio passed through and `OUTRIGGER_*` variables telling it where the
+//! sidecar is. [`supervise`] owns it from then on: it restarts it per `app.restart` with capped
+//! backoff, passes on signals and restart requests ([`AppHandle`]), and on a stop sends
+//! `app.stop_signal`, waits, then SIGKILLs the group. Its task ends with the app's last exit.
+
+pub mod probe;
+pub mod wait;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::process::ExitStatus;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::config::lifecycle::AppLifecycle;
+use crate::config::raw::RestartPolicy;
+use crate::runtime::State;
+use probe::AppStatus;
 
 /// A running app process (and its process group).
 pub struct App {
@@ -65,15 +77,21 @@ impl App {
         status
     }
 
-    /// Sends `signal` to the app's process group and waits until `deadline`; then SIGKILL.
-    pub async fn stop(&mut self, signal: Signal, deadline: Instant) -> io::Result<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let _ = killpg(self.pgid, Signal::SIGKILL);
-            return Ok(status);
+    /// Sends `signal` to the app's process group.
+    pub fn signal(&self, signal: Signal) {
+        if let Err(e) = killpg(self.pgid, signal) {
+            warn!(pid = self.pid(), %signal, error = %e, "cannot signal the app");
         }
-        tracing::info!(pid = self.pid(), %signal, "stopping the app");
-        // ESRCH: the group is already gone; wait() below reaps the child.
+    }
+
+    /// Sends `signal` to the app's process group, ignoring a group that is already gone.
+    fn signal_quietly(&self, signal: Signal) {
+        // ESRCH: the group is already gone; waiting reaps the child.
         let _ = killpg(self.pgid, signal);
+    }
+
+    /// Waits for the app to exit until `deadline`; then SIGKILLs it. Cancel-safe.
+    pub async fn wait_until(&mut self, deadline: Instant) -> io::Result<ExitStatus> {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, self.child.wait()).await {
             Ok(status) => {
@@ -81,7 +99,7 @@ impl App {
                 status
             }
             Err(_) => {
-                tracing::warn!(
+                warn!(
                     pid = self.pid(),
                     "the app did not stop within the grace period; killing it"
                 );
@@ -101,4 +119,285 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(1)
+}
+
+/// What can be asked of the supervised app.
+#[derive(Debug)]
+enum Command_ {
+    Signal(Signal),
+    /// Stop it gracefully and start it again.
+    Restart,
+    /// Stop it for good: `signal`, then SIGKILL at `deadline`. A second `Stop` tightens the
+    /// first (a fast stop during a graceful one).
+    Stop {
+        signal: Signal,
+        deadline: Instant,
+    },
+}
+
+/// Sends requests to the supervised app; cheap to clone.
+#[derive(Clone)]
+pub struct AppHandle(mpsc::UnboundedSender<Command_>);
+
+impl AppHandle {
+    /// Sends `signal` to the app's process group (if it runs).
+    pub fn signal(&self, signal: Signal) {
+        let _ = self.0.send(Command_::Signal(signal));
+    }
+
+    /// Restarts the app gracefully (`stop_signal`, `stop_timeout`, then start again).
+    pub fn restart(&self) {
+        let _ = self.0.send(Command_::Restart);
+    }
+
+    /// Stops the app for good; the supervising task then ends with its status.
+    pub fn stop(&self, signal: Signal, deadline: Instant) {
+        let _ = self.0.send(Command_::Stop { signal, deadline });
+    }
+}
+
+/// How the supervised app ended.
+#[derive(Debug)]
+pub enum AppEnd {
+    /// It exited (on its own, for good, or because it was stopped).
+    Exited(ExitStatus),
+    /// It could not be started at all (the first time).
+    NotStarted(io::Error),
+}
+
+/// What [`supervise`] needs.
+pub struct AppSpec {
+    pub command: Vec<String>,
+    /// `app.env`.
+    pub app_env: BTreeMap<String, String>,
+    /// `OUTRIGGER_*` and the like.
+    pub env: Vec<(String, String)>,
+    pub lifecycle: AppLifecycle,
+}
+
+/// The first restart waits this long; each failure doubles it up to [`RESTART_BACKOFF_MAX`].
+pub const RESTART_BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A run this long was healthy: the backoff starts over.
+pub const RESTART_STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Starts the app and supervises it in a task; the task ends with how the app ended for good.
+pub fn supervise(spec: AppSpec, status: AppStatus) -> (AppHandle, tokio::task::JoinHandle<AppEnd>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(supervise_loop(spec, status, rx));
+    (AppHandle(tx), task)
+}
+
+/// The probe of one app run: aborted when the run ends.
+struct ProbeTask(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn start_probe(spec: &AppSpec, status: &AppStatus) -> ProbeTask {
+    match &spec.lifecycle.probe {
+        Some(p) => ProbeTask(Some(tokio::spawn(probe::run(p.clone(), status.clone())))),
+        None => {
+            status.set_ready();
+            ProbeTask(None)
+        }
+    }
+}
+
+async fn supervise_loop(
+    spec: AppSpec,
+    status: AppStatus,
+    mut rx: mpsc::UnboundedReceiver<Command_>,
+) -> AppEnd {
+    let policy = spec.lifecycle.restart;
+    let mut failures = 0u32;
+    let mut restarts = 0u32;
+    let mut first = true;
+    loop {
+        let mut app = match App::spawn(&spec.command, &spec.app_env, &spec.env) {
+            Ok(a) => a,
+            Err(e) if first => {
+                error!(program = %spec.command[0], error = %e, "cannot start the app");
+                status.set_not_ready(State::Stopped, format!("cannot start: {e}"), true);
+                return AppEnd::NotStarted(e);
+            }
+            Err(e) => {
+                // It started before: treat like a failed run and try again later.
+                error!(program = %spec.command[0], error = %e, "cannot start the app again");
+                status.set_not_ready(State::Backoff, format!("cannot start: {e}"), true);
+                let wait = restart_backoff(failures);
+                failures += 1;
+                if let Some(end) = wait_or_stop(&mut rx, wait).await {
+                    return end;
+                }
+                continue;
+            }
+        };
+        first = false;
+        info!(pid = app.pid(), program = app.program(), "app started");
+        let started = Instant::now();
+        let probe = start_probe(&spec, &status);
+
+        // Serve requests until the app exits.
+        let exit = loop {
+            tokio::select! {
+                s = app.wait() => break s.map_err(Some),
+                cmd = rx.recv() => match cmd {
+                    Some(Command_::Signal(sig)) => {
+                        info!(pid = app.pid(), signal = %sig, "signalling the app");
+                        app.signal(sig);
+                    }
+                    Some(Command_::Restart) => {
+                        info!(pid = app.pid(), "restarting the app");
+                        status.set_not_ready(State::Starting, "restarting".into(), true);
+                        let deadline = Instant::now() + spec.lifecycle.stop_timeout.get();
+                        let (s, for_good) =
+                            stop_app(&mut app, spec.lifecycle.stop_signal.0, deadline, &mut rx).await;
+                        if for_good {
+                            return finish(s, &status);
+                        }
+                        break Err(None);
+                    }
+                    Some(Command_::Stop { signal, deadline }) => {
+                        let (s, _) = stop_app(&mut app, signal, deadline, &mut rx).await;
+                        return finish(s, &status);
+                    }
+                    // Nobody can ask anything any more: keep running until the app exits.
+                    None => break app.wait().await.map_err(Some),
+                },
+            }
+        };
+        drop(probe);
+        let exit = match exit {
+            Ok(exit) => exit,
+            // A restart that was asked for: start again at once.
+            Err(None) => {
+                status.metrics.app_restarts.inc();
+                continue;
+            }
+            Err(Some(e)) => {
+                error!(error = %e, "cannot wait for the app");
+                return AppEnd::NotStarted(e);
+            }
+        };
+        let code = exit_code(exit);
+        let restart = match policy {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => !exit.success(),
+            RestartPolicy::Always => true,
+        };
+        if !restart {
+            info!(code, "the app exited");
+            status.set_not_ready(State::Stopped, format!("exited: {exit}"), true);
+            return AppEnd::Exited(exit);
+        }
+        if let Some(max) = spec.lifecycle.max_restarts
+            && restarts >= max
+        {
+            error!(
+                code,
+                max_restarts = max,
+                "the app exited and was restarted too often; giving up"
+            );
+            status.set_not_ready(
+                State::Stopped,
+                format!("exited: {exit}; max_restarts reached"),
+                true,
+            );
+            return AppEnd::Exited(exit);
+        }
+        if started.elapsed() >= RESTART_STABLE_AFTER {
+            failures = 0;
+        }
+        let wait = restart_backoff(failures);
+        failures += 1;
+        restarts += 1;
+        warn!(code, restart_in = ?wait, restarts, "the app exited; restarting it");
+        status.set_not_ready(State::Backoff, format!("exited: {exit}; restarting"), true);
+        if let Some(end) = wait_or_stop(&mut rx, wait).await {
+            return end;
+        }
+        status.metrics.app_restarts.inc();
+    }
+}
+
+fn finish(status: io::Result<ExitStatus>, app: &AppStatus) -> AppEnd {
+    match status {
+        Ok(s) => {
+            info!(code = exit_code(s), "the app exited");
+            app.set_not_ready(State::Stopped, format!("exited: {s}"), true);
+            AppEnd::Exited(s)
+        }
+        Err(e) => {
+            error!(error = %e, "cannot wait for the app");
+            app.set_not_ready(State::Stopped, format!("cannot wait: {e}"), true);
+            AppEnd::NotStarted(e)
+        }
+    }
+}
+
+/// Stops `app` (`signal`, SIGKILL at `deadline`); a `Stop` arriving meanwhile tightens the
+/// deadline and makes the stop final. Returns the status and whether the stop is final.
+async fn stop_app(
+    app: &mut App,
+    signal: Signal,
+    deadline: Instant,
+    rx: &mut mpsc::UnboundedReceiver<Command_>,
+) -> (io::Result<ExitStatus>, bool) {
+    let mut for_good = false;
+    let mut deadline = deadline;
+    info!(pid = app.pid(), %signal, "stopping the app");
+    app.signal_quietly(signal);
+    loop {
+        tokio::select! {
+            s = app.wait_until(deadline) => return (s, for_good),
+            Some(cmd) = rx.recv() => match cmd {
+                Command_::Stop { signal: sig, deadline: d } => {
+                    for_good = true;
+                    if sig != signal {
+                        app.signal_quietly(sig);
+                    }
+                    deadline = deadline.min(d);
+                }
+                Command_::Signal(sig) => app.signal(sig),
+                Command_::Restart => {}
+            },
+        }
+    }
+}
+
+/// Waits `delay` before a restart; a stop request meanwhile ends supervision (the app is not
+/// running, so there is nothing to stop).
+async fn wait_or_stop(
+    rx: &mut mpsc::UnboundedReceiver<Command_>,
+    delay: Duration,
+) -> Option<AppEnd> {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return None,
+            cmd = rx.recv() => match cmd {
+                Some(Command_::Stop { .. }) | None => {
+                    info!("stop requested while the app was waiting to restart");
+                    return Some(AppEnd::Exited(ExitStatus::default()));
+                }
+                // Not running: nothing to signal; a restart request starts it now.
+                Some(Command_::Signal(_)) => {}
+                Some(Command_::Restart) => return None,
+            },
+        }
+    }
+}
+
+/// The delay before restart number `failures` (0-based).
+pub fn restart_backoff(failures: u32) -> Duration {
+    RESTART_BACKOFF_BASE
+        .saturating_mul(1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX))
+        .min(RESTART_BACKOFF_MAX)
 }

@@ -411,15 +411,17 @@ impl Cluster {
     }
 
     /// Keeps DNS- or file-discovered endpoints fresh, one refresh every `refresh` (the first
-    /// after one period: the module refreshes once before it reports ready). Runs until dropped.
-    pub async fn discover(self: Arc<Self>) {
-        let refresh = match &self.config.discovery {
-            Discovery::Static(_) => return,
-            Discovery::Dns { refresh, .. } | Discovery::File { refresh, .. } => refresh.get(),
+    /// after one period: the module refreshes once before it reports ready). Ends once the
+    /// cluster is gone (replaced by a reload and no longer used by any request).
+    pub async fn discover(cluster: std::sync::Weak<Cluster>) {
+        let refresh = match cluster.upgrade().map(|c| c.config.discovery.clone()) {
+            Some(Discovery::Dns { refresh, .. } | Discovery::File { refresh, .. }) => refresh.get(),
+            _ => return,
         };
         loop {
             tokio::time::sleep(refresh).await;
-            self.refresh().await;
+            let Some(c) = cluster.upgrade() else { return };
+            c.refresh().await;
         }
     }
 

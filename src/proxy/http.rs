@@ -28,7 +28,7 @@ use super::body::{self, Guarded, ProxyBody, REPLAY_LIMIT, RequestBody};
 use super::listener::{Activity, Peer};
 use super::route::{RouteStats, Router, Target};
 use crate::config::proxy::{Limits, RateLimit};
-use crate::runtime::Drain;
+use crate::runtime::{AppGate, Drain};
 use crate::telemetry::metrics::{Name, ProxyMetrics, ShedLabels};
 
 static X_OUTRIGGER_ERROR: HeaderName = HeaderName::from_static("x-outrigger-error");
@@ -73,6 +73,9 @@ pub enum Failure {
     Upstream,
     /// No response headers within the route's timeout (504).
     Timeout,
+    /// The app is starting or restarting and did not become ready within `app.hold_timeout`
+    /// (503, with retry-after).
+    AppNotReady,
 }
 
 impl Failure {
@@ -81,7 +84,9 @@ impl Failure {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Failure::NoRoute => StatusCode::NOT_FOUND,
-            Failure::Overload | Failure::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Overload | Failure::NoEndpoints | Failure::AppNotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Failure::Connect | Failure::Upstream => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -97,6 +102,7 @@ impl Failure {
             Failure::Connect => "connect",
             Failure::Upstream => "upstream-reset",
             Failure::Timeout => "timeout",
+            Failure::AppNotReady => "app-not-ready",
         }
     }
 }
@@ -114,7 +120,7 @@ pub fn error_response(failure: Failure, message: &str) -> Response<ProxyBody> {
         X_OUTRIGGER_ERROR.clone(),
         HeaderValue::from_static(failure.reason()),
     );
-    if failure == Failure::Overload {
+    if matches!(failure, Failure::Overload | Failure::AppNotReady) {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     res
@@ -163,6 +169,8 @@ pub struct HttpListener {
     shed_concurrency: Counter,
     shed_breaker: Counter,
     unrouted: RouteStats,
+    /// Inbound: requests wait for the app (starting or restarting) up to this long.
+    hold: Option<(AppGate, Duration)>,
 }
 
 /// The downstream connection a request arrived on.
@@ -191,6 +199,7 @@ impl HttpListener {
         router: Router,
         limits: &Limits,
         metrics: &ProxyMetrics,
+        hold: Option<(AppGate, Duration)>,
     ) -> Self {
         let shed = |reason| {
             metrics
@@ -214,6 +223,7 @@ impl HttpListener {
             name,
             direction,
             router,
+            hold,
         }
     }
 
@@ -224,6 +234,16 @@ impl HttpListener {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
+        if let Some((gate, limit)) = &self.hold
+            && !gate.wait(*limit).await
+        {
+            tracing::debug!(listener = %self.name, "the app is not ready; request refused");
+            self.unrouted.response(503, Failure::AppNotReady.reason());
+            return Ok(error_response(
+                Failure::AppNotReady,
+                "the app is not ready yet; retry shortly",
+            ));
+        }
         let permit = match self.admit() {
             Ok(p) => p,
             Err(why) => {

@@ -19,10 +19,11 @@ pub mod route;
 pub mod tcp;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
@@ -33,7 +34,7 @@ use tokio::task::JoinSet;
 use crate::config::proxy::{APP_CLUSTER, Limits, ListenerConfig, MatchConfig, RouteConfig};
 use crate::config::raw::{Direction, Protocol};
 use crate::config::{Address, Config};
-use crate::runtime::{Drain, Module, ModuleContext, ModuleFuture};
+use crate::runtime::{AppGate, Drain, Module, ModuleContext, ModuleFuture, ReloadFuture};
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
 use cluster::Cluster;
 use listener::{Activity, Bound, Metered, Peer};
@@ -47,18 +48,29 @@ enum Kind {
     Tcp(Arc<Cluster>),
 }
 
-/// A bound listener and what it serves.
+/// A bound listener. The socket and counters stay for the sidecar's life; what it serves
+/// (routes, clusters, limits) is swapped whole on a config reload.
 struct Listener {
     name: Name,
     bound: Bound,
-    kind: Kind,
-    limits: Limits,
-    connections: Arc<Semaphore>,
+    inbound: bool,
+    serving: ArcSwap<Serving>,
     opened: Counter,
     closed: Counter,
     open: Gauge,
     received: Counter,
     sent: Counter,
+}
+
+/// One generation of a listener's config. A connection keeps the generation it was accepted
+/// under for its connection-level settings (timeouts, its `max_connections` slot); every HTTP
+/// request is routed by the newest one.
+struct Serving {
+    kind: Kind,
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    /// Inbound: connections and requests wait for the app up to this long.
+    hold: Option<(AppGate, Duration)>,
 }
 
 /// A downstream connection's slot: releases the `max_connections` permit and updates the
@@ -80,7 +92,11 @@ impl Drop for ConnectionGuard {
 /// The proxy module.
 pub struct Proxy {
     listeners: Vec<Arc<Listener>>,
-    clusters: Vec<Arc<Cluster>>,
+    clusters: Mutex<HashMap<String, Arc<Cluster>>>,
+    metrics: ProxyMetrics,
+    gate: AppGate,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Proxy {
@@ -89,6 +105,7 @@ impl Proxy {
     pub async fn build(
         config: &Config,
         metrics: &ProxyMetrics,
+        gate: AppGate,
     ) -> Result<Option<(Proxy, BTreeMap<String, Address>)>> {
         if config.listeners.is_empty() {
             return Ok(None);
@@ -98,6 +115,9 @@ impl Proxy {
             .values()
             .map(|c| (c.name.clone(), Cluster::new(c.clone(), metrics.clone())))
             .collect();
+        for c in clusters.values() {
+            tokio::spawn(Cluster::discover(Arc::downgrade(c)));
+        }
         let mut listeners = Vec::new();
         let mut bound_addresses = BTreeMap::new();
         for l in &config.listeners {
@@ -107,29 +127,49 @@ impl Proxy {
             let local = bound.local_address()?;
             tracing::info!(listener = %l.name, address = %local, direction = ?l.direction, protocol = ?l.protocol, "listening");
             bound_addresses.insert(l.name.clone(), local);
-            listeners.push(Arc::new(build_listener(l, bound, &clusters, metrics)?));
+            listeners.push(Arc::new(build_listener(
+                l, config, bound, &clusters, metrics, &gate,
+            )?));
         }
         Ok(Some((
             Proxy {
                 listeners,
-                clusters: clusters.into_values().collect(),
+                clusters: Mutex::new(clusters),
+                metrics: metrics.clone(),
+                gate,
+                reloading: tokio::sync::Mutex::new(()),
             },
             bound_addresses,
         )))
+    }
+
+    fn clusters(&self) -> Vec<Arc<Cluster>> {
+        self.clusters
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+fn direction_label(d: Direction) -> &'static str {
+    match d {
+        Direction::Inbound => "inbound",
+        Direction::Outbound => "outbound",
     }
 }
 
 fn build_listener(
     l: &ListenerConfig,
+    config: &Config,
     bound: Bound,
     clusters: &HashMap<String, Arc<Cluster>>,
     metrics: &ProxyMetrics,
+    gate: &AppGate,
 ) -> Result<Listener> {
     let name: Name = Arc::new(l.name.clone());
-    let direction = match l.direction {
-        Direction::Inbound => "inbound",
-        Direction::Outbound => "outbound",
-    };
+    let direction = direction_label(l.direction);
     let labels = ListenerLabels {
         direction,
         listener: name.clone(),
@@ -144,6 +184,32 @@ fn build_listener(
             })
             .clone()
     };
+    let serving = build_serving(l, config, clusters, metrics, gate)?;
+    Ok(Listener {
+        opened: metrics.connections_opened.get_or_create(&labels).clone(),
+        closed: metrics.connections_closed.get_or_create(&labels).clone(),
+        open: metrics.connections_open.get_or_create(&labels).clone(),
+        received: flow("received"),
+        sent: flow("sent"),
+        inbound: l.direction == Direction::Inbound,
+        serving: ArcSwap::from_pointee(serving),
+        bound,
+        name,
+    })
+}
+
+/// What a listener serves under `config`: its routes (or tcp cluster), limits and hold.
+fn build_serving(
+    l: &ListenerConfig,
+    config: &Config,
+    clusters: &HashMap<String, Arc<Cluster>>,
+    metrics: &ProxyMetrics,
+    gate: &AppGate,
+) -> Result<Serving> {
+    let name: Name = Arc::new(l.name.clone());
+    let direction = direction_label(l.direction);
+    let hold = (l.direction == Direction::Inbound)
+        .then(|| (gate.clone(), config.app.lifecycle.hold_timeout.get()));
     let kind = match l.protocol {
         Protocol::Tcp => {
             let name = l.cluster.as_deref().unwrap_or(APP_CLUSTER);
@@ -182,21 +248,16 @@ fn build_listener(
                 router,
                 &l.limits,
                 metrics,
+                hold.clone(),
             ));
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
     };
-    Ok(Listener {
-        connections: Arc::new(Semaphore::new(l.limits.max_connections)),
-        opened: metrics.connections_opened.get_or_create(&labels).clone(),
-        closed: metrics.connections_closed.get_or_create(&labels).clone(),
-        open: metrics.connections_open.get_or_create(&labels).clone(),
-        received: flow("received"),
-        sent: flow("sent"),
-        limits: l.limits.clone(),
-        bound,
+    Ok(Serving {
         kind,
-        name,
+        connections: Arc::new(Semaphore::new(l.limits.max_connections)),
+        limits: l.limits.clone(),
+        hold,
     })
 }
 
@@ -226,42 +287,31 @@ impl Module for Proxy {
         Box::pin(async move {
             // First resolution before reporting ready, so that early requests do not meet an
             // empty cluster; bounded, since a resolver that hangs must not hold the sidecar.
-            let mut first = JoinSet::new();
-            for c in self.clusters.iter().filter(|c| c.is_discovered()) {
-                let c = c.clone();
-                first.spawn(async move { c.refresh().await });
-            }
-            let all_done = async { while first.join_next().await.is_some() {} };
-            if tokio::time::timeout(FIRST_DISCOVERY, all_done)
-                .await
-                .is_err()
-            {
-                tracing::warn!(timeout = ?FIRST_DISCOVERY, "endpoint discovery still pending; serving anyway");
-            }
-            // Dropped (and so aborted) when this run ends.
-            let mut discovery = JoinSet::new();
-            for c in &self.clusters {
-                discovery.spawn(c.clone().discover());
-            }
+            first_discovery(&self.clusters()).await;
             let mut accepting = JoinSet::new();
             for l in &self.listeners {
-                accepting.spawn(accept_loop(l.clone(), cx.drain.clone()));
+                let drain = if l.inbound {
+                    cx.drain.inbound()
+                } else {
+                    cx.drain.clone()
+                };
+                accepting.spawn(accept_loop(l.clone(), drain));
             }
             cx.set_ready();
-            tokio::select! {
-                _ = cx.drain.signaled() => {}
-                Some(done) = accepting.join_next() => {
-                    // Accept loops end on their own only when drained (this select may see that
-                    // before the drain branch); otherwise let the supervisor restart us.
-                    if cx.drain.is_draining() {
-                        while accepting.join_next().await.is_some() {}
-                        return Ok(());
-                    }
-                    return match done {
-                        Ok(Err(e)) => Err(e.into()),
-                        Ok(Ok(())) => Err("a listener stopped".into()),
-                        Err(e) => Err(e.into()),
-                    };
+            loop {
+                tokio::select! {
+                    _ = cx.drain.signaled() => break,
+                    done = accepting.join_next() => match done {
+                        // An accept loop ends on its own only once drained: inbound listeners
+                        // drain first, the module runs on for the outbound ones.
+                        Some(Ok(Ok(()))) => {}
+                        Some(Ok(Err(e))) => return Err(e.into()),
+                        Some(Err(e)) => return Err(e.into()),
+                        None => {
+                            cx.drain.signaled().await;
+                            break;
+                        }
+                    },
                 }
             }
             // Draining: every accept loop finishes once its connections have.
@@ -269,16 +319,96 @@ impl Module for Proxy {
             Ok(())
         })
     }
+
+    fn reload(self: Arc<Self>, config: Arc<Config>) -> ReloadFuture {
+        Box::pin(async move {
+            let _one = self.reloading.lock().await;
+            // Clusters whose settings did not change are kept, with their pools, endpoints
+            // and ejection state; the others are built new.
+            let old = self.clusters.lock().expect("not poisoned").clone();
+            let mut next = HashMap::new();
+            let mut fresh = Vec::new();
+            for c in config.clusters.values() {
+                match old.get(&c.name) {
+                    Some(o) if same(&o.config, c) => {
+                        next.insert(c.name.clone(), o.clone());
+                    }
+                    _ => {
+                        let n = Cluster::new(c.clone(), self.metrics.clone());
+                        fresh.push(n.clone());
+                        next.insert(c.name.clone(), n);
+                    }
+                }
+            }
+            first_discovery(&fresh).await;
+            // Everything is built before anything is swapped.
+            let mut generations = Vec::new();
+            for l in &self.listeners {
+                let Some(lc) = config.listeners.iter().find(|c| *c.name == **l.name) else {
+                    continue;
+                };
+                let serving = build_serving(lc, &config, &next, &self.metrics, &self.gate)
+                    .map_err(|e| format!("{e:#}"))?;
+                generations.push((l, serving));
+            }
+            for (l, serving) in generations {
+                l.serving.store(Arc::new(serving));
+            }
+            for c in &fresh {
+                tokio::spawn(Cluster::discover(Arc::downgrade(c)));
+            }
+            let (kept, built) = (next.len() - fresh.len(), fresh.len());
+            *self.clusters.lock().expect("not poisoned") = next;
+            tracing::info!(
+                clusters_kept = kept,
+                clusters_new = built,
+                "proxy config applied"
+            );
+            Ok(())
+        })
+    }
 }
 
-/// Accepts until drained, then waits for the listener's connections to finish.
+/// Whether two cluster configs are the same (they hold regexes and durations; comparing their
+/// serialized forms is simplest and reload is rare).
+fn same(a: &crate::config::proxy::ClusterConfig, b: &crate::config::proxy::ClusterConfig) -> bool {
+    matches!((serde_json::to_value(a), serde_json::to_value(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Resolves DNS- and file-discovered clusters once, bounded: so that early requests do not
+/// meet an empty cluster, while a resolver that hangs does not hold the sidecar.
+async fn first_discovery(clusters: &[Arc<Cluster>]) {
+    let mut first = JoinSet::new();
+    for c in clusters.iter().filter(|c| c.is_discovered()) {
+        let c = c.clone();
+        first.spawn(async move { c.refresh().await });
+    }
+    if first.is_empty() {
+        return;
+    }
+    let all_done = async { while first.join_next().await.is_some() {} };
+    if tokio::time::timeout(FIRST_DISCOVERY, all_done)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?FIRST_DISCOVERY, "endpoint discovery still pending; serving anyway");
+    }
+}
+
+/// Accepts until drained, then waits for the listener's connections to finish. An inbound
+/// listener counts as an inbound task (the stop waits for it before signalling the app).
 async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> {
+    let _tracked = l.inbound.then(|| drain.track());
     let mut connections = JoinSet::new();
     loop {
         // Backpressure: at the connection cap, stop accepting until one closes.
-        let permit = tokio::select! {
+        let (serving, permit) = tokio::select! {
             _ = drain.signaled() => break,
-            p = l.connections.clone().acquire_owned() => p.expect("never closed"),
+            p = async {
+                let serving = l.serving.load_full();
+                let permit = serving.connections.clone().acquire_owned().await;
+                (serving, permit)
+            } => (p.0, p.1.expect("never closed")),
         };
         let (stream, peer) = tokio::select! {
             _ = drain.signaled() => break,
@@ -302,7 +432,8 @@ async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> 
             open: l.open.clone(),
             closed: l.closed.clone(),
         });
-        connections.spawn(async move { serve_connection(&l2, stream, peer, drain, guard).await });
+        connections
+            .spawn(async move { serve_connection(l2, serving, stream, peer, drain, guard).await });
     }
     tracing::info!(listener = %l.name, open = connections.len(), "listener draining");
     while connections.join_next().await.is_some() {}
@@ -310,7 +441,8 @@ async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> 
 }
 
 async fn serve_connection(
-    l: &Listener,
+    l: Arc<Listener>,
+    serving: Arc<Serving>,
     stream: listener::Stream,
     peer: Peer,
     mut drain: Drain,
@@ -318,7 +450,8 @@ async fn serve_connection(
 ) {
     let activity = Activity::new();
     let alarm = framing::Alarm::default();
-    let scanner = matches!(l.kind, Kind::Http(..)).then(|| framing::Scanner::new(alarm.clone()));
+    let scanner =
+        matches!(serving.kind, Kind::Http(..)).then(|| framing::Scanner::new(alarm.clone()));
     let io = Metered::new(
         stream,
         activity.clone(),
@@ -326,10 +459,16 @@ async fn serve_connection(
         l.sent.clone(),
         scanner,
     );
-    let idle = l.limits.idle_timeout.get();
-    match &l.kind {
+    let idle = serving.limits.idle_timeout.get();
+    match &serving.kind {
         Kind::Tcp(cluster) => {
             let _guard = guard;
+            if let Some((gate, limit)) = &serving.hold
+                && !gate.wait(*limit).await
+            {
+                tracing::debug!(listener = %l.name, "the app is not ready; tcp connection closed");
+                return;
+            }
             tokio::select! {
                 _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
                 // Opaque bytes cannot be drained gracefully: close at the start of a stop.
@@ -337,8 +476,7 @@ async fn serve_connection(
                 _ = idle_for(&activity, idle) => tracing::debug!(listener = %l.name, "tcp connection idle; closed"),
             }
         }
-        Kind::Http(state, builder) => {
-            let state = state.clone();
+        Kind::Http(first, builder) => {
             let down = Arc::new(http::Downstream {
                 peer,
                 guard,
@@ -347,8 +485,17 @@ async fn serve_connection(
                 idle_timeout: idle,
                 framing_alarm: alarm,
             });
-            let service =
-                hyper::service::service_fn(move |req| state.clone().handle(down.clone(), req));
+            // Each request is handled by the listener's newest config generation: a reload
+            // reaches keep-alive connections too.
+            let (listener, fallback) = (l.clone(), first.clone());
+            let service = hyper::service::service_fn(move |req| {
+                let state = match &listener.serving.load().kind {
+                    Kind::Http(state, _) => state.clone(),
+                    // Reloaded as a tcp listener: this connection still speaks HTTP.
+                    Kind::Tcp(_) => fallback.clone(),
+                };
+                state.handle(down.clone(), req)
+            });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
             // Made once per connection, not per wake-up: a fresh timer for every request was

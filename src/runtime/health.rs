@@ -16,15 +16,18 @@ pub enum State {
     Ready,
     /// Failed; waiting before the next restart.
     Backoff,
+    /// Running but failing its probe (the app only).
+    Unhealthy,
     Stopping,
     Stopped,
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 6] = [
         State::Starting,
         State::Ready,
         State::Backoff,
+        State::Unhealthy,
         State::Stopping,
         State::Stopped,
     ];
@@ -34,6 +37,7 @@ impl State {
             State::Starting => "starting",
             State::Ready => "ready",
             State::Backoff => "backoff",
+            State::Unhealthy => "unhealthy",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
         }
@@ -145,10 +149,21 @@ impl Health {
     }
 
     pub fn report(&self) -> Report {
+        self.report_of(false)
+    }
+
+    /// Like [`Health::report`], for the modules only (not the app): what an app waits for
+    /// before it makes outbound calls (`/ready/outbound`, `outrigger wait`).
+    pub fn report_modules(&self) -> Report {
+        self.report_of(true)
+    }
+
+    fn report_of(&self, modules_only: bool) -> Report {
         let inner = self.inner.lock().expect("not poisoned");
         let not_ready: Vec<String> = inner
             .components
             .iter()
+            .filter(|(_, s)| s.is_module || !modules_only)
             .filter(|(_, s)| s.state != State::Ready)
             .map(|(n, _)| n.clone())
             .collect();
@@ -156,7 +171,12 @@ impl Health {
             ready: !inner.draining && not_ready.is_empty(),
             draining: inner.draining,
             not_ready,
-            components: inner.components.clone(),
+            components: inner
+                .components
+                .iter()
+                .filter(|(_, s)| s.is_module || !modules_only)
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect(),
         }
     }
 }

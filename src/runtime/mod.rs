@@ -11,11 +11,12 @@ pub mod supervisor;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 pub use health::{Health, State};
@@ -28,6 +29,8 @@ pub enum Control {
     /// Stop. Graceful: `/ready` goes 503 and in-flight work drains within the grace period
     /// (SIGTERM, `POST /shutdown`). Fast: stop now (SIGINT).
     Shutdown { graceful: bool },
+    /// Pass a signal Outrigger received on to the supervised app (`app.forward_signals`).
+    Forward(nix::sys::signal::Signal),
 }
 
 /// How a stop was asked for.
@@ -37,38 +40,187 @@ pub enum Stop {
     Fast,
 }
 
-/// Tells tasks to stop. Cheap to clone; every task holds one.
+/// Where a stop is: inbound traffic drains first, then everything else (outbound keeps
+/// serving the app while it finishes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Inbound(Stop),
+    All(Stop),
+}
+
+/// Tells tasks to stop. Cheap to clone; every task holds one. An inbound drain (see
+/// [`Drain::inbound`]) fires at the first phase of a stop, the others at the second.
 #[derive(Clone)]
-pub struct Drain(watch::Receiver<Option<Stop>>);
+pub struct Drain {
+    rx: watch::Receiver<Phase>,
+    inbound: bool,
+    tracker: Arc<Tracker>,
+}
 
 /// The sending half of [`Drain`].
-pub struct DrainTrigger(watch::Sender<Option<Stop>>);
+pub struct DrainTrigger {
+    tx: watch::Sender<Phase>,
+    tracker: Arc<Tracker>,
+}
+
+/// Counts inbound tasks still running, so a stop knows when inbound has drained.
+#[derive(Default)]
+struct Tracker {
+    running: AtomicUsize,
+    changed: Notify,
+}
+
+/// Held by an inbound task until it has drained; see [`Drain::track`].
+pub struct Tracked(Arc<Tracker>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
 
 /// A new drain signal and its trigger.
 pub fn drain() -> (DrainTrigger, Drain) {
-    let (tx, rx) = watch::channel(None);
-    (DrainTrigger(tx), Drain(rx))
+    let (tx, rx) = watch::channel(Phase::Running);
+    let tracker = Arc::new(Tracker::default());
+    (
+        DrainTrigger {
+            tx,
+            tracker: tracker.clone(),
+        },
+        Drain {
+            rx,
+            inbound: false,
+            tracker,
+        },
+    )
 }
 
 impl DrainTrigger {
+    /// First phase: inbound listeners stop accepting and finish their requests.
+    pub fn trigger_inbound(&self, stop: Stop) {
+        self.tx.send_if_modified(|p| {
+            if *p == Phase::Running {
+                *p = Phase::Inbound(stop);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Second phase: everything drains.
     pub fn trigger(&self, stop: Stop) {
-        self.0.send_replace(Some(stop));
+        self.tx.send_replace(Phase::All(stop));
+    }
+
+    /// Resolves once every tracked inbound task has finished.
+    pub async fn inbound_drained(&self) {
+        loop {
+            let changed = self.tracker.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.tracker.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
+        }
     }
 }
 
 impl Drain {
+    /// The same signal, firing already at the inbound phase of a stop.
+    pub fn inbound(&self) -> Drain {
+        Drain {
+            inbound: true,
+            ..self.clone()
+        }
+    }
+
+    /// Counts the caller as an inbound task until the guard is dropped.
+    pub fn track(&self) -> Tracked {
+        self.tracker.running.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.tracker.clone())
+    }
+
+    fn fired(&self, p: Phase) -> Option<Stop> {
+        match p {
+            Phase::Running => None,
+            Phase::Inbound(stop) => self.inbound.then_some(stop),
+            Phase::All(stop) => Some(stop),
+        }
+    }
+
     /// Resolves once a stop was asked for (also when the trigger is gone: nothing can call
     /// this task back then).
     pub async fn signaled(&mut self) -> Stop {
-        match self.0.wait_for(Option::is_some).await {
-            Ok(stop) => stop.unwrap_or(Stop::Fast),
-            Err(_) => Stop::Fast,
-        }
+        let inbound = self.inbound;
+        let fired = |p: &Phase| match p {
+            Phase::Running => false,
+            Phase::Inbound(_) => inbound,
+            Phase::All(_) => true,
+        };
+        let phase = match self.rx.wait_for(fired).await {
+            Ok(p) => *p,
+            Err(_) => return Stop::Fast,
+        };
+        self.fired(phase).unwrap_or(Stop::Fast)
     }
 
     /// True once a stop was asked for.
     pub fn is_draining(&self) -> bool {
-        self.0.borrow().is_some()
+        let p = *self.rx.borrow();
+        self.fired(p).is_some()
+    }
+}
+
+/// Whether inbound traffic may reach the app: closed while the app starts (until its probe
+/// passes) and while it restarts; inbound requests wait for it up to `app.hold_timeout`.
+#[derive(Clone)]
+pub struct AppGate(watch::Receiver<bool>);
+
+/// The sending half of [`AppGate`].
+pub struct AppGateSetter(watch::Sender<bool>);
+
+/// A gate, initially open or closed.
+pub fn app_gate(open: bool) -> (AppGateSetter, AppGate) {
+    let (tx, rx) = watch::channel(open);
+    (AppGateSetter(tx), AppGate(rx))
+}
+
+impl AppGateSetter {
+    pub fn set(&self, open: bool) {
+        self.0
+            .send_if_modified(|v| std::mem::replace(v, open) != open);
+    }
+}
+
+impl AppGate {
+    /// A gate that is always open (no supervised or probed app).
+    pub fn open() -> AppGate {
+        let (tx, rx) = watch::channel(true);
+        // Keep the value forever: a gate whose sender is gone still reads `true`.
+        drop(tx);
+        AppGate(rx)
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until the gate is open, at most `limit`. True if it is open.
+    pub async fn wait(&self, limit: std::time::Duration) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let mut rx = self.0.clone();
+        matches!(
+            tokio::time::timeout(limit, rx.wait_for(|open| *open)).await,
+            Ok(Ok(_))
+        )
     }
 }
 
@@ -76,6 +228,8 @@ impl Drain {
 pub type ModuleResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 /// The future a module's `run` returns.
 pub type ModuleFuture = Pin<Box<dyn Future<Output = ModuleResult> + Send>>;
+/// The future a module's `reload` returns: an error leaves the module as it was.
+pub type ReloadFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// What a running module is given.
 pub struct ModuleContext {
@@ -99,6 +253,14 @@ pub trait Module: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Serves until `cx.drain` fires (then drains and returns `Ok`) or fails.
     fn run(self: Arc<Self>, cx: ModuleContext) -> ModuleFuture;
+    /// Applies a new, validated config to the running module, without dropping connections.
+    /// Everything is prepared first and swapped in at once; an error changes nothing. Keys that
+    /// cannot change live (listener addresses) are left as they are: the caller has already
+    /// kept the old values for them and reports them as needing a restart.
+    fn reload(self: Arc<Self>, config: Arc<Config>) -> ReloadFuture {
+        let _ = config;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The config the sidecar is running with, and how the last reload went; shown by `/config`.

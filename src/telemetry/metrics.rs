@@ -55,6 +55,26 @@ pub struct RuntimeMetrics {
     pub module_restarts: Family<ModuleLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_last_reload_success: Gauge<f64, AtomicU64>,
+    /// 1 while the app's probe passes (or the app runs, without a probe).
+    pub app_ready: Gauge,
+    pub app_restarts: Counter,
+    pub app_probe_failures: Counter,
+    /// Effective content changes seen by each `reload:` entry.
+    pub reload_changes: Family<ReloadLabels, Counter>,
+    pub reload_actions: Family<ReloadResultLabels, Counter>,
+    pub reload_last_success: Family<ReloadLabels, Gauge<f64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub reload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadResultLabels {
+    pub reload: String,
+    /// `success` or `failure`.
+    pub result: &'static str,
 }
 
 /// A label value shared by many series (listener, route and cluster names): cheap to clone.
@@ -271,6 +291,36 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config reload (0: none yet)",
             runtime.config_last_reload_success.clone(),
+        );
+        ours.register(
+            "app_ready",
+            "1 while the app's probe passes (or, without a probe, while it runs)",
+            runtime.app_ready.clone(),
+        );
+        ours.register(
+            "app_restarts",
+            "Times the supervised app was started again (restart policy or a reload action)",
+            runtime.app_restarts.clone(),
+        );
+        ours.register(
+            "app_probe_failures",
+            "App probes that failed",
+            runtime.app_probe_failures.clone(),
+        );
+        ours.register(
+            "reload_changes",
+            "Content changes seen by each reload entry (after debounce; unchanged content is not counted)",
+            runtime.reload_changes.clone(),
+        );
+        ours.register(
+            "reload_actions",
+            "Reload actions run, by entry and result (success, failure)",
+            runtime.reload_actions.clone(),
+        );
+        ours.register(
+            "reload_last_success_timestamp_seconds",
+            "Unix time of each reload entry's last successful action",
+            runtime.reload_last_success.clone(),
         );
         // Both results exist from the start, so a scrape can tell "no failures" from "unknown".
         for result in ["success", "failure"] {

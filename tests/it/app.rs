@@ -26,7 +26,7 @@ fn sigterm_reaches_the_app_which_sees_the_sidecar() {
                   echo \"$OUTRIGGER_ADMIN_ADDRESS $OUTRIGGER_SERVICE $GREETING $OUTRIGGER_LISTENER_PUBLIC_IN\" > env.txt; \
                   echo app-output; while :; do sleep 0.05; done";
     let mut sc = Spawn {
-        config: "service: shop\napp:\n  address: 127.0.0.1:1\n  env:\n    GREETING: hello\nlisteners:\n  - name: public-in\n    address: 127.0.0.1:0\n",
+        config: "service: shop\napp:\n  address: 127.0.0.1:1\n  probe:\n    enabled: false\n  env:\n    GREETING: hello\nlisteners:\n  - name: public-in\n    address: 127.0.0.1:0\n",
         app: &["sh", "-c", script],
         ..Spawn::default()
     }

@@ -1,0 +1,199 @@
+//! App probes: an HTTP GET, a TCP (or unix socket) connect, or a command, run every
+//! `interval`. `success_threshold` passes in a row make the app ready (`/ready`, the inbound
+//! gate); `failure_threshold` failures in a row make it unhealthy again (`/ready` 503; inbound
+//! traffic keeps flowing, since a half-working app usually serves better than none).
+//!
+//! Until the app is ready for the first time the probe runs every [`STARTUP_INTERVAL`] (or
+//! `interval`, when shorter), so a starting app gets traffic a moment after it listens instead
+//! of up to a whole interval later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::config::Address;
+use crate::config::lifecycle::{ProbeCheck, ProbeConfig};
+use crate::runtime::{AppGateSetter, Health, State};
+use crate::telemetry::metrics::RuntimeMetrics;
+
+/// How often a starting app is probed.
+pub const STARTUP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Where probe results go: `/ready`, the inbound gate, metrics, and a watch for whoever waits
+/// for the app to come or go.
+#[derive(Clone)]
+pub struct AppStatus {
+    pub health: Arc<Health>,
+    pub gate: Arc<AppGateSetter>,
+    pub metrics: RuntimeMetrics,
+    /// True while the app counts as ready.
+    pub ready: Arc<watch::Sender<bool>>,
+}
+
+impl AppStatus {
+    /// The app is ready: `/ready` and the inbound gate open.
+    pub fn set_ready(&self) {
+        self.health.set("app", State::Ready, None);
+        self.gate.set(true);
+        self.metrics.app_ready.set(1);
+        self.ready.send_replace(true);
+    }
+
+    /// The app is not ready; with `close_gate`, inbound requests wait for it again (it is not
+    /// running).
+    pub fn set_not_ready(&self, state: State, detail: String, close_gate: bool) {
+        self.health.set("app", state, Some(detail));
+        if close_gate {
+            self.gate.set(false);
+        }
+        self.metrics.app_ready.set(0);
+        self.ready.send_replace(false);
+    }
+}
+
+/// Probes until cancelled (dropped), reporting into `status`.
+pub async fn run(config: ProbeConfig, status: AppStatus) {
+    tokio::time::sleep(config.initial_delay.get()).await;
+    let (mut ready, mut passes, mut failures) = (false, 0u32, 0u32);
+    let mut ever_ready = false;
+    loop {
+        match check(&config.check, config.timeout.get()).await {
+            Ok(()) => {
+                failures = 0;
+                passes = passes.saturating_add(1);
+                if !ready && passes >= config.success_threshold {
+                    ready = true;
+                    ever_ready = true;
+                    info!(probe = %describe(&config.check), "the app is ready");
+                    status.set_ready();
+                }
+            }
+            Err(e) => {
+                status.metrics.app_probe_failures.inc();
+                passes = 0;
+                failures = failures.saturating_add(1);
+                if ready && failures >= config.failure_threshold {
+                    ready = false;
+                    warn!(probe = %describe(&config.check), error = %e, failures, "the app failed its probe; not ready");
+                    status.set_not_ready(State::Unhealthy, format!("probe failing: {e}"), false);
+                } else if !ready {
+                    debug!(probe = %describe(&config.check), error = %e, "the app is not ready yet");
+                    let state = if ever_ready {
+                        State::Unhealthy
+                    } else {
+                        State::Starting
+                    };
+                    status.health.set("app", state, Some(format!("probe: {e}")));
+                }
+            }
+        }
+        let interval = config.interval.get();
+        let next = if ever_ready {
+            interval
+        } else {
+            interval.min(STARTUP_INTERVAL)
+        };
+        tokio::time::sleep(next).await;
+    }
+}
+
+/// One-line description for logs.
+pub fn describe(check: &ProbeCheck) -> String {
+    match check {
+        ProbeCheck::Http { address, path } => format!("http {address}{path}"),
+        ProbeCheck::Tcp(a) => format!("tcp {a}"),
+        ProbeCheck::Exec(cmd) => format!("exec {}", cmd.join(" ")),
+    }
+}
+
+/// Runs one check within `timeout`.
+pub async fn check(check: &ProbeCheck, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, check_inner(check)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
+    match check {
+        ProbeCheck::Tcp(address) => match address {
+            Address::Tcp(a) => TcpStream::connect(a).await.map(drop),
+            Address::Unix(p) => UnixStream::connect(p).await.map(drop),
+        }
+        .map_err(|e| format!("cannot connect to {address}: {e}")),
+        ProbeCheck::Http { address, path } => {
+            let status = request(address, http::Method::GET, path).await?;
+            if (200..400).contains(&status) {
+                Ok(())
+            } else {
+                Err(format!("GET {path} answered {status}"))
+            }
+        }
+        ProbeCheck::Exec(cmd) => {
+            let status = tokio::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .status()
+                .await
+                .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{} exited with {status}", cmd[0]))
+            }
+        }
+    }
+}
+
+/// One request on a fresh connection (as kubelet probes: a probe must not reuse a
+/// connection the app may have half-closed); returns the status. No timeout of its own.
+pub async fn request(address: &Address, method: http::Method, path: &str) -> Result<u16, String> {
+    match address {
+        Address::Tcp(a) => {
+            let s = TcpStream::connect(a)
+                .await
+                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+            request_on(s, method, path).await
+        }
+        Address::Unix(p) => {
+            let s = UnixStream::connect(p)
+                .await
+                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+            request_on(s, method, path).await
+        }
+    }
+}
+
+async fn request_on<S>(io: S, method: http::Method, path: &str) -> Result<u16, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(http::header::HOST, "localhost")
+        .header(http::header::USER_AGENT, "outrigger")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await;
+    conn.abort();
+    res.map(|r| r.status().as_u16())
+        .map_err(|e| format!("{method} {path} failed: {e}"))
+}
