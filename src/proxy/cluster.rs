@@ -249,6 +249,19 @@ impl Cluster {
         changed
     }
 
+    /// Closes the idle pooled connections (new endpoint clients, same addresses): once inbound
+    /// has drained, so that an app waiting for its keep-alive connections to end can exit.
+    /// Requests in flight finish on their connection, which then closes.
+    pub fn close_idle(&self) {
+        let fresh: Vec<Arc<Endpoint>> = self
+            .endpoints
+            .load()
+            .iter()
+            .map(|e| Arc::new(Endpoint::new(e.address.clone(), &self.config)))
+            .collect();
+        self.endpoints.store(Arc::new(fresh));
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

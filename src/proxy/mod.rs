@@ -437,6 +437,13 @@ async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> 
     }
     tracing::info!(listener = %l.name, open = connections.len(), "listener draining");
     while connections.join_next().await.is_some() {}
+    if l.inbound
+        && let Kind::Http(state, _) = &l.serving.load().kind
+    {
+        for c in state.router.clusters() {
+            c.close_idle();
+        }
+    }
     Ok(())
 }
 

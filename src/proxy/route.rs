@@ -293,6 +293,11 @@ impl Router {
         Router { routes, by_host }
     }
 
+    /// The clusters this router's routes send to (not the outbound by-host ones).
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.routes.iter().map(|(_, t)| &t.cluster)
+    }
+
     /// The route for a request; `host` is lowercase, without port.
     pub fn route(
         &self,

@@ -245,3 +245,47 @@ fn the_example_config_is_valid() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("name: egress"), "{stdout}");
 }
+
+#[test]
+fn lifecycle_and_reload_errors_are_located() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "app:\n  command: [sleep, \"1\"]\n  probe: { http: healthz, interval: 0s }\n  stop_signal: SIGNOPE\n  forward_signals: [SIGTERM]\nreload:\n  - watch: /nonexistent/dir/file\n    action: { signal: HUP, restart: true }\n  - watch: .\n    action:\n      webhook: { url: \"https://example.com/\" }\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    for e in [
+        "bad.yaml:3:18: app.probe.http: expected a path starting with '/', found \"healthz\"",
+        "bad.yaml:4:16: app.stop_signal: expected a signal name like SIGHUP or SIGUSR1, found \"SIGNOPE\"",
+        "bad.yaml:5:21: app.forward_signals[0]: SIGTERM cannot be forwarded",
+        "bad.yaml:7:12: reload[0].watch: neither /nonexistent/dir/file nor its directory /nonexistent/dir exists",
+        "bad.yaml:8:5: reload[0].action: expected exactly one of signal, webhook or restart, found 2",
+        "bad.yaml:11:23: reload[1].action.webhook.url: expected an http:// URL with a host",
+    ] {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+    // Supervision settings without an app to supervise.
+    std::fs::write(
+        dir.path().join("unsupervised.yaml"),
+        "app:\n  address: 127.0.0.1:8080\n  restart: always\nreload:\n  - watch: .\n    action: { signal: SIGHUP }\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        crate::support::run_to_end(&["check", "-c", "unsupervised.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains(
+            "unsupervised.yaml:3:12: app.restart: app.restart is set but there is no app.command"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "unsupervised.yaml:6:5: reload[0].action: signal and restart act on the supervised app"
+        ),
+        "{stderr}"
+    );
+}

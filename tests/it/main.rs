@@ -5,5 +5,7 @@ mod admin;
 mod app;
 mod backend;
 mod config;
+mod lifecycle;
 mod proxy;
+mod reload;
 mod support;
