@@ -78,6 +78,11 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     // Inbound traffic waits for the app when there is one to wait for.
     let watched_app = config.app.command.is_some() || config.app.lifecycle.probe.is_some();
     let (gate_setter, gate) = runtime::app_gate(!watched_app);
+    if watched_app {
+        // Before anything can answer `/ready`: it must never be 200 without the app.
+        health.register_component("app");
+        metrics.runtime.app_ready.set(0);
+    }
     let (modules, bound) = build_modules(&config, &metrics, &gate).await?;
 
     let registry = Arc::new(metrics.registry);
@@ -130,15 +135,12 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         metrics: metrics.runtime.clone(),
         ready: Arc::new(watch::channel(false).0),
     };
-    if watched_app {
-        health.register_component("app");
-        metrics.runtime.app_ready.set(0);
-    }
     // Supervision mode: the app is ours to start, restart and stop. Otherwise (the app runs in
     // another container) only its probe, if any.
     let mut app: Option<(AppHandle, tokio::task::JoinHandle<AppEnd>)> = None;
     let mut _probe = None;
     if let Some(command) = &config.app.command {
+        lifecycle::reaper::start_if_init();
         let spec = AppSpec {
             command: command.clone(),
             app_env: config.app.env.clone(),
@@ -157,7 +159,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         app_handle.clone(),
         metrics.runtime.clone(),
     );
-    let _config_watch = match (&config.source, config.runtime.watch_config) {
+    let config_watch = match (&config.source, config.runtime.watch_config) {
         (Some(file), true) => Some(AbortOnDrop(reload::watch_config(
             file.clone(),
             control_tx.clone(),
@@ -208,6 +210,12 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         (true, Some(pair)) => Some(pair),
         _ => None,
     };
+    // No reload may restart the app or change anything while stopping.
+    drop(config_watch);
+    drop(reloader);
+    if let Some((h, _)) = &app_running {
+        h.draining();
+    }
     let stopped = stop(
         stop_kind,
         &config,
@@ -221,7 +229,6 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         admin_task,
     )
     .await;
-    drop(reloader);
     Ok(match app_end.or(stopped) {
         Some(AppEnd::Exited(s)) => lifecycle::exit_code(s),
         // 127: what a shell returns for a command it cannot find; 126: found, cannot run.
@@ -331,25 +338,42 @@ async fn stop(
     let lifecycle = &config.app.lifecycle;
     let watched_app = app.is_some() || lifecycle.probe.is_some();
 
+    // 0. Optionally keep accepting for a while with `/ready` at 503, while load balancers
+    //    (Kubernetes endpoints, ingresses) notice.
+    let delay = config.runtime.drain_delay.get();
+    if kind == Stop::Graceful && !delay.is_zero() {
+        info!(delay = ?delay, "still accepting while load balancers notice /ready 503");
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.min(Instant::now() + delay).into()) => {}
+            _ = fast_requested(control) => {
+                kind = Stop::Fast;
+                deadline = deadline.min(Instant::now() + FAST_STOP);
+            }
+        }
+    }
+
     // 1. Inbound: stop accepting, finish in-flight requests; keep `stop_timeout` for the app.
+    //    A fast stop does not wait: the app gets SIGINT at once.
     drain_trigger.trigger_inbound(kind);
-    let inbound_deadline = if watched_app && kind == Stop::Graceful {
-        deadline
-            .checked_sub(lifecycle.stop_timeout.get())
-            .unwrap_or_else(Instant::now)
-    } else {
-        deadline
-    };
-    let inbound = tokio::time::timeout_at(inbound_deadline.into(), drain_trigger.inbound_drained());
-    tokio::pin!(inbound);
-    tokio::select! {
-        r = &mut inbound => match r {
-            Ok(()) => info!("inbound drained"),
-            Err(_) => warn!("inbound did not drain in time; going on"),
-        },
-        _ = fast_requested(control), if kind == Stop::Graceful => {
-            kind = Stop::Fast;
-            deadline = deadline.min(Instant::now() + FAST_STOP);
+    if kind == Stop::Graceful {
+        let inbound_deadline = if watched_app {
+            deadline
+                .checked_sub(lifecycle.stop_timeout.get())
+                .unwrap_or_else(Instant::now)
+        } else {
+            deadline
+        };
+        let inbound =
+            tokio::time::timeout_at(inbound_deadline.into(), drain_trigger.inbound_drained());
+        tokio::select! {
+            r = inbound => match r {
+                Ok(()) => info!("inbound drained"),
+                Err(_) => warn!("inbound did not drain in time; going on"),
+            },
+            _ = fast_requested(control) => {
+                kind = Stop::Fast;
+                deadline = deadline.min(Instant::now() + FAST_STOP);
+            }
         }
     }
 
@@ -472,17 +496,17 @@ async fn reload(
                     failed.push(format!("{}: {e}", m.name()));
                 }
             }
-            if applied.log.level != old.log.level
-                && let Err(e) = options.log_level.set(&applied.log.level)
-            {
-                warn!(error = %e, "cannot apply the new log level");
-            }
-            reloader.update(applied.reload.clone());
-            for key in &needs_restart {
-                warn!(key, "config changed but takes effect only after a restart");
-            }
-            running.config.store(applied);
             if failed.is_empty() {
+                if applied.log.level != old.log.level
+                    && let Err(e) = options.log_level.set(&applied.log.level)
+                {
+                    warn!(error = %e, "cannot apply the new log level");
+                }
+                reloader.update(applied.reload.clone());
+                for key in &needs_restart {
+                    warn!(key, "config changed but takes effect only after a restart");
+                }
+                running.config.store(applied);
                 info!(needs_restart = needs_restart.len(), "config reloaded");
                 ReloadOutcome {
                     at: unix_now(),
@@ -491,11 +515,13 @@ async fn reload(
                     needs_restart,
                 }
             } else {
+                // The running config stays what /config shows (a module that failed kept its
+                // old config; with one module there is nothing half-applied).
                 ReloadOutcome {
                     at: unix_now(),
                     result: "failure",
                     errors: failed,
-                    needs_restart,
+                    needs_restart: Vec::new(),
                 }
             }
         }
@@ -528,6 +554,7 @@ async fn reload(
 fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
     let mut applied = new.clone();
     applied.source = old.source.clone();
+    applied.service = old.service.clone();
     applied.admin = old.admin.clone();
     applied.runtime = old.runtime.clone();
     applied.log.format = old.log.format;
@@ -549,6 +576,13 @@ fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
                 if n.socket_mode != l.socket_mode {
                     restart.push(format!("listeners[{}].socket_mode", l.name));
                     n.socket_mode = l.socket_mode;
+                }
+                // What kind of listener it is decides how its connections drain: the old one
+                // stays whole until a restart.
+                if n.direction != l.direction || n.protocol != l.protocol || n.cluster != l.cluster
+                {
+                    restart.push(format!("listeners[{}].direction/protocol/cluster", l.name));
+                    n = l.clone();
                 }
                 listeners.push(n);
             }

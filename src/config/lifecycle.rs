@@ -229,7 +229,7 @@ pub fn app(
             if set {
                 problems.push(doc.problem(
                     key,
-                    format!("{key} is set but there is no app.command (or `-- CMD`) to supervise"),
+                    "set, but there is no app.command (or `-- CMD`) to supervise",
                 ));
             }
         }
@@ -402,6 +402,18 @@ pub fn reloads(
             None
         } else if let Some(s) = &a.signal {
             match parse_signal(s) {
+                Ok(sig)
+                    if matches!(
+                        sig,
+                        Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGTERM | Signal::SIGINT
+                    ) =>
+                {
+                    problems.push(doc.problem(
+                        &format!("{action_at}.signal"),
+                        format!("{sig} would stop the app rather than reload it; use {{ restart: true }} for a restart"),
+                    ));
+                    None
+                }
                 Ok(sig) => Some(ReloadAction::Signal(SignalName(sig))),
                 Err(e) => {
                     problems.push(doc.problem(&format!("{action_at}.signal"), e));

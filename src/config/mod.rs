@@ -94,6 +94,7 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
     pub shutdown_grace: Duration,
     pub watch_config: bool,
+    pub drain_delay: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -256,6 +257,7 @@ fn validate(
             "app.env is set but there is no app.command (or `-- CMD`) to give it to",
         ));
     }
+    let stop_timeout_set = raw.app.stop_timeout.is_some();
     let lifecycle = lifecycle::app(
         &raw.app,
         raw.app.address.as_ref(),
@@ -296,6 +298,34 @@ fn validate(
             format!("expected a duration from 1ms to 24h, found {shutdown_grace}"),
         ));
     }
+    let drain_delay = raw.runtime.drain_delay.unwrap_or(Duration::from_secs(0));
+    if drain_delay >= shutdown_grace && !drain_delay.get().is_zero() {
+        problems.push(doc.problem(
+            "runtime.drain_delay",
+            format!(
+                "expected less than runtime.shutdown_grace ({shutdown_grace}), found {drain_delay}: nothing would be left to drain in"
+            ),
+        ));
+    }
+    let mut app = app;
+    if stop_timeout_set {
+        let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
+        if app_watched && app.lifecycle.stop_timeout >= shutdown_grace {
+            problems.push(doc.problem(
+            "app.stop_timeout",
+            format!(
+                "expected less than runtime.shutdown_grace ({shutdown_grace}), found {}: the inbound drain gets the difference",
+                app.lifecycle.stop_timeout
+            ),
+        ));
+        }
+    } else {
+        // A third of a short grace period, so that the inbound drain always gets most of it.
+        app.lifecycle.stop_timeout = app
+            .lifecycle
+            .stop_timeout
+            .min(Duration(shutdown_grace.get() / 3));
+    }
     Config {
         source: source.file.clone(),
         service,
@@ -306,6 +336,7 @@ fn validate(
             worker_threads,
             shutdown_grace,
             watch_config: raw.runtime.watch_config.unwrap_or(true),
+            drain_delay,
         },
         log: LogConfig {
             level,

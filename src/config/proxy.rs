@@ -71,7 +71,7 @@ pub struct Limits {
     pub rate_limit: Option<RateLimit>,
 }
 
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct RateLimit {
     pub requests_per_second: f64,
     pub burst: u32,

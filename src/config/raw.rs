@@ -49,6 +49,8 @@ pub struct RawRuntime {
     pub shutdown_grace: Option<Duration>,
     /// Reload Outrigger's own config file when it changes (besides SIGHUP and `POST /reload`).
     pub watch_config: Option<bool>,
+    /// Keep accepting inbound traffic this long after a stop begins (with `/ready` at 503).
+    pub drain_delay: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

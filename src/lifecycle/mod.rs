@@ -9,6 +9,7 @@
 //! `app.stop_signal`, waits, then SIGKILLs the group. Its task ends with the app's last exit.
 
 pub mod probe;
+pub mod reaper;
 pub mod wait;
 
 use std::collections::BTreeMap;
@@ -50,10 +51,13 @@ impl App {
             // Ctrl-C reaches only the sidecar, which then stops the app in order.
             .process_group(0)
             .kill_on_drop(true);
+        let mut ours = reaper::spawning();
         let child = cmd.spawn()?;
         let pid = child
             .id()
             .ok_or_else(|| io::Error::other("the app exited at once"))?;
+        ours.insert(pid as i32);
+        drop(ours);
         Ok(App {
             child,
             pgid: Pid::from_raw(pid as i32),
@@ -77,9 +81,10 @@ impl App {
         status
     }
 
-    /// Sends `signal` to the app's process group.
+    /// Sends `signal` to the app's main process (forwarded signals, reload actions): a
+    /// prefork server's master handles SIGHUP and manages its workers, which may not.
     pub fn signal(&self, signal: Signal) {
-        if let Err(e) = killpg(self.pgid, signal) {
+        if let Err(e) = nix::sys::signal::kill(self.pgid, signal) {
             warn!(pid = self.pid(), %signal, error = %e, "cannot signal the app");
         }
     }
@@ -106,9 +111,21 @@ impl App {
                 let _ = killpg(self.pgid, Signal::SIGKILL);
                 // Also the process itself, in case it left its group.
                 let _ = self.child.start_kill();
-                self.child.wait().await
+                // SIGKILL ends anything but a process stuck in the kernel (D state).
+                match tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => Err(io::Error::other(
+                        "the app did not exit even after SIGKILL (stuck in the kernel?)",
+                    )),
+                }
             }
         }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        reaper::forget(self.pid());
     }
 }
 
@@ -123,7 +140,7 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 /// What can be asked of the supervised app.
 #[derive(Debug)]
-enum Command_ {
+enum AppCommand {
     Signal(Signal),
     /// Stop it gracefully and start it again.
     Restart,
@@ -133,26 +150,33 @@ enum Command_ {
         signal: Signal,
         deadline: Instant,
     },
+    /// A stop has begun: from now on the app is not restarted, whatever the policy.
+    Draining,
 }
 
 /// Sends requests to the supervised app; cheap to clone.
 #[derive(Clone)]
-pub struct AppHandle(mpsc::UnboundedSender<Command_>);
+pub struct AppHandle(mpsc::UnboundedSender<AppCommand>);
 
 impl AppHandle {
     /// Sends `signal` to the app's process group (if it runs).
     pub fn signal(&self, signal: Signal) {
-        let _ = self.0.send(Command_::Signal(signal));
+        let _ = self.0.send(AppCommand::Signal(signal));
     }
 
     /// Restarts the app gracefully (`stop_signal`, `stop_timeout`, then start again).
     pub fn restart(&self) {
-        let _ = self.0.send(Command_::Restart);
+        let _ = self.0.send(AppCommand::Restart);
+    }
+
+    /// A stop has begun: no more restarts (by policy or reload action).
+    pub fn draining(&self) {
+        let _ = self.0.send(AppCommand::Draining);
     }
 
     /// Stops the app for good; the supervising task then ends with its status.
     pub fn stop(&self, signal: Signal, deadline: Instant) {
-        let _ = self.0.send(Command_::Stop { signal, deadline });
+        let _ = self.0.send(AppCommand::Stop { signal, deadline });
     }
 }
 
@@ -212,12 +236,16 @@ fn start_probe(spec: &AppSpec, status: &AppStatus) -> ProbeTask {
 async fn supervise_loop(
     spec: AppSpec,
     status: AppStatus,
-    mut rx: mpsc::UnboundedReceiver<Command_>,
+    mut rx: mpsc::UnboundedReceiver<AppCommand>,
 ) -> AppEnd {
     let policy = spec.lifecycle.restart;
     let mut failures = 0u32;
+    // Restarts in a row: a stable run starts the count over.
     let mut restarts = 0u32;
     let mut first = true;
+    let mut last_exit = ExitStatus::default();
+    // A stop has begun (inbound is draining): no more restarts of any kind.
+    let mut draining = false;
     loop {
         let mut app = match App::spawn(&spec.command, &spec.app_env, &spec.env) {
             Ok(a) => a,
@@ -229,31 +257,47 @@ async fn supervise_loop(
             Err(e) => {
                 // It started before: treat like a failed run and try again later.
                 error!(program = %spec.command[0], error = %e, "cannot start the app again");
+                if spec
+                    .lifecycle
+                    .max_restarts
+                    .is_some_and(|max| restarts >= max)
+                {
+                    status.set_not_ready(State::Stopped, format!("cannot start: {e}"), true);
+                    return AppEnd::NotStarted(e);
+                }
+                restarts += 1;
                 status.set_not_ready(State::Backoff, format!("cannot start: {e}"), true);
                 let wait = restart_backoff(failures);
                 failures += 1;
-                if let Some(end) = wait_or_stop(&mut rx, wait).await {
+                if let Some(end) = wait_or_stop(&mut rx, wait, last_exit).await {
                     return end;
                 }
+                status.metrics.app_restarts.inc();
                 continue;
             }
         };
         first = false;
         info!(pid = app.pid(), program = app.program(), "app started");
         let started = Instant::now();
-        let probe = start_probe(&spec, &status);
+        let mut probe = Some(start_probe(&spec, &status));
 
         // Serve requests until the app exits.
         let exit = loop {
             tokio::select! {
                 s = app.wait() => break s.map_err(Some),
                 cmd = rx.recv() => match cmd {
-                    Some(Command_::Signal(sig)) => {
+                    Some(AppCommand::Signal(sig)) => {
                         info!(pid = app.pid(), signal = %sig, "signalling the app");
                         app.signal(sig);
                     }
-                    Some(Command_::Restart) => {
+                    Some(AppCommand::Draining) => draining = true,
+                    Some(AppCommand::Restart) if draining => {
+                        info!("restart not done: the sidecar is stopping");
+                    }
+                    Some(AppCommand::Restart) => {
                         info!(pid = app.pid(), "restarting the app");
+                        // The old run's probe must not open the gate again meanwhile.
+                        probe.take();
                         status.set_not_ready(State::Starting, "restarting".into(), true);
                         let deadline = Instant::now() + spec.lifecycle.stop_timeout.get();
                         let (s, for_good) =
@@ -261,9 +305,13 @@ async fn supervise_loop(
                         if for_good {
                             return finish(s, &status);
                         }
+                        if let Ok(s) = s {
+                            last_exit = s;
+                        }
                         break Err(None);
                     }
-                    Some(Command_::Stop { signal, deadline }) => {
+                    Some(AppCommand::Stop { signal, deadline }) => {
+                        probe.take();
                         let (s, _) = stop_app(&mut app, signal, deadline, &mut rx).await;
                         return finish(s, &status);
                     }
@@ -272,7 +320,7 @@ async fn supervise_loop(
                 },
             }
         };
-        drop(probe);
+        probe.take();
         let exit = match exit {
             Ok(exit) => exit,
             // A restart that was asked for: start again at once.
@@ -285,16 +333,22 @@ async fn supervise_loop(
                 return AppEnd::NotStarted(e);
             }
         };
+        last_exit = exit;
         let code = exit_code(exit);
-        let restart = match policy {
-            RestartPolicy::Never => false,
-            RestartPolicy::OnFailure => !exit.success(),
-            RestartPolicy::Always => true,
-        };
+        let restart = !draining
+            && match policy {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => !exit.success(),
+                RestartPolicy::Always => true,
+            };
         if !restart {
             info!(code, "the app exited");
             status.set_not_ready(State::Stopped, format!("exited: {exit}"), true);
             return AppEnd::Exited(exit);
+        }
+        if started.elapsed() >= RESTART_STABLE_AFTER {
+            failures = 0;
+            restarts = 0;
         }
         if let Some(max) = spec.lifecycle.max_restarts
             && restarts >= max
@@ -311,15 +365,12 @@ async fn supervise_loop(
             );
             return AppEnd::Exited(exit);
         }
-        if started.elapsed() >= RESTART_STABLE_AFTER {
-            failures = 0;
-        }
         let wait = restart_backoff(failures);
         failures += 1;
         restarts += 1;
         warn!(code, restart_in = ?wait, restarts, "the app exited; restarting it");
         status.set_not_ready(State::Backoff, format!("exited: {exit}; restarting"), true);
-        if let Some(end) = wait_or_stop(&mut rx, wait).await {
+        if let Some(end) = wait_or_stop(&mut rx, wait, exit).await {
             return end;
         }
         status.metrics.app_restarts.inc();
@@ -347,7 +398,7 @@ async fn stop_app(
     app: &mut App,
     signal: Signal,
     deadline: Instant,
-    rx: &mut mpsc::UnboundedReceiver<Command_>,
+    rx: &mut mpsc::UnboundedReceiver<AppCommand>,
 ) -> (io::Result<ExitStatus>, bool) {
     let mut for_good = false;
     let mut deadline = deadline;
@@ -357,25 +408,26 @@ async fn stop_app(
         tokio::select! {
             s = app.wait_until(deadline) => return (s, for_good),
             Some(cmd) = rx.recv() => match cmd {
-                Command_::Stop { signal: sig, deadline: d } => {
+                AppCommand::Stop { signal: sig, deadline: d } => {
                     for_good = true;
                     if sig != signal {
                         app.signal_quietly(sig);
                     }
                     deadline = deadline.min(d);
                 }
-                Command_::Signal(sig) => app.signal(sig),
-                Command_::Restart => {}
+                AppCommand::Signal(sig) => app.signal(sig),
+                AppCommand::Restart | AppCommand::Draining => {}
             },
         }
     }
 }
 
-/// Waits `delay` before a restart; a stop request meanwhile ends supervision (the app is not
-/// running, so there is nothing to stop).
+/// Waits `delay` before a restart; a stop request meanwhile ends supervision with the app's
+/// last exit (it is not running, so there is nothing to stop).
 async fn wait_or_stop(
-    rx: &mut mpsc::UnboundedReceiver<Command_>,
+    rx: &mut mpsc::UnboundedReceiver<AppCommand>,
     delay: Duration,
+    last: ExitStatus,
 ) -> Option<AppEnd> {
     let sleep = tokio::time::sleep(delay);
     tokio::pin!(sleep);
@@ -383,13 +435,13 @@ async fn wait_or_stop(
         tokio::select! {
             _ = &mut sleep => return None,
             cmd = rx.recv() => match cmd {
-                Some(Command_::Stop { .. }) | None => {
-                    info!("stop requested while the app was waiting to restart");
-                    return Some(AppEnd::Exited(ExitStatus::default()));
+                Some(AppCommand::Stop { .. } | AppCommand::Draining) | None => {
+                    info!("the sidecar is stopping; the app is not restarted");
+                    return Some(AppEnd::Exited(last));
                 }
                 // Not running: nothing to signal; a restart request starts it now.
-                Some(Command_::Signal(_)) => {}
-                Some(Command_::Restart) => return None,
+                Some(AppCommand::Signal(_)) => {}
+                Some(AppCommand::Restart) => return None,
             },
         }
     }

@@ -4,8 +4,8 @@
 //! traffic keeps flowing, since a half-working app usually serves better than none).
 //!
 //! Until the app is ready for the first time the probe runs every [`STARTUP_INTERVAL`] (or
-//! `interval`, when shorter), so a starting app gets traffic a moment after it listens instead
-//! of up to a whole interval later.
+//! `interval`, when shorter; for at most [`STARTUP_FAST_FOR`]), so a starting app gets traffic
+//! a moment after it listens instead of up to a whole interval later.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +23,11 @@ use crate::config::lifecycle::{ProbeCheck, ProbeConfig};
 use crate::runtime::{AppGateSetter, Health, State};
 use crate::telemetry::metrics::RuntimeMetrics;
 
-/// How often a starting app is probed.
+/// How often a starting app is probed…
 pub const STARTUP_INTERVAL: Duration = Duration::from_millis(100);
+/// …for at most this long; an app that takes longer is probed every `interval` (an exec probe
+/// must not fork ten times a second forever).
+pub const STARTUP_FAST_FOR: Duration = Duration::from_secs(30);
 
 /// Where probe results go: `/ready`, the inbound gate, metrics, and a watch for whoever waits
 /// for the app to come or go.
@@ -63,6 +66,7 @@ pub async fn run(config: ProbeConfig, status: AppStatus) {
     tokio::time::sleep(config.initial_delay.get()).await;
     let (mut ready, mut passes, mut failures) = (false, 0u32, 0u32);
     let mut ever_ready = false;
+    let fast_until = tokio::time::Instant::now() + STARTUP_FAST_FOR;
     loop {
         match check(&config.check, config.timeout.get()).await {
             Ok(()) => {
@@ -95,7 +99,7 @@ pub async fn run(config: ProbeConfig, status: AppStatus) {
             }
         }
         let interval = config.interval.get();
-        let next = if ever_ready {
+        let next = if ever_ready || tokio::time::Instant::now() >= fast_until {
             interval
         } else {
             interval.min(STARTUP_INTERVAL)
@@ -140,15 +144,12 @@ async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
             }
         }
         ProbeCheck::Exec(cmd) => {
-            let status = tokio::process::Command::new(&cmd[0])
-                .args(&cmd[1..])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status()
-                .await
-                .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+            let (mut child, pid) = spawn_registered(cmd)?;
+            let status = child.wait().await;
+            if let Some(pid) = pid {
+                super::reaper::forget(pid);
+            }
+            let status = status.map_err(|e| format!("cannot wait for {}: {e}", cmd[0]))?;
             if status.success() {
                 Ok(())
             } else {
@@ -156,6 +157,25 @@ async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Spawns an exec probe, registered with the reaper (not inside an async fn: the registry's
+/// lock must not be held across an await).
+fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32>), String> {
+    let mut ours = super::reaper::spawning();
+    let child = tokio::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+    let pid = child.id();
+    if let Some(pid) = pid {
+        ours.insert(pid as i32);
+    }
+    Ok((child, pid))
 }
 
 /// One request on a fresh connection (as kubelet probes: a probe must not reuse a

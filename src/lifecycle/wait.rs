@@ -82,8 +82,23 @@ async fn wait_ready(admin: &Address, timeout: Duration) -> Result<(), String> {
 }
 
 async fn run_then_shutdown(options: &WaitOptions) -> anyhow::Result<i32> {
+    // Handlers first: a signal between the spawn and their setup would kill us, not CMD.
+    let kinds = [
+        (SignalKind::terminate(), Signal::SIGTERM),
+        (SignalKind::interrupt(), Signal::SIGINT),
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+        (SignalKind::quit(), Signal::SIGQUIT),
+    ];
+    let mut streams = Vec::new();
+    for (kind, sig) in kinds {
+        streams.push((signal(kind)?, sig));
+    }
+    // Its own process group: a terminal's Ctrl-C reaches only us, and we pass it on once.
     let mut child = match tokio::process::Command::new(&options.command[0])
         .args(&options.command[1..])
+        .process_group(0)
         .spawn()
     {
         Ok(c) => c,
@@ -97,22 +112,15 @@ async fn run_then_shutdown(options: &WaitOptions) -> anyhow::Result<i32> {
             });
         }
     };
-    let pid = Pid::from_raw(child.id().unwrap_or(0) as i32);
-    let kinds = [
-        (SignalKind::terminate(), Signal::SIGTERM),
-        (SignalKind::interrupt(), Signal::SIGINT),
-        (SignalKind::hangup(), Signal::SIGHUP),
-        (SignalKind::user_defined1(), Signal::SIGUSR1),
-        (SignalKind::user_defined2(), Signal::SIGUSR2),
-        (SignalKind::quit(), Signal::SIGQUIT),
-    ];
-    for (kind, sig) in kinds {
-        let mut stream = signal(kind)?;
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                let _ = kill(pid, sig);
-            }
-        });
+    if let Some(pid) = child.id() {
+        let pid = Pid::from_raw(pid as i32);
+        for (mut stream, sig) in streams {
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    let _ = kill(pid, sig);
+                }
+            });
+        }
     }
     let status = child.wait().await?;
     ask_shutdown(&options.admin).await;

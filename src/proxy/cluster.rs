@@ -177,6 +177,8 @@ pub struct Cluster {
     budget: TpsBudget,
     in_flight: Option<Arc<Semaphore>>,
     metrics: ProxyMetrics,
+    /// Replaced by a config reload: no more discovery or reporting.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -204,12 +206,21 @@ impl Cluster {
             budget,
             config,
             metrics,
+            retired: std::sync::atomic::AtomicBool::new(false),
         });
         cluster.export_endpoint_count();
         cluster
     }
 
-    fn export_endpoint_count(&self) {
+    /// Marks the cluster replaced by a reload (its successor, if any, has the same name).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn export_endpoint_count(&self) {
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         self.metrics
             .endpoints
             .get_or_create(&ClusterLabels {
@@ -253,13 +264,13 @@ impl Cluster {
     /// has drained, so that an app waiting for its keep-alive connections to end can exit.
     /// Requests in flight finish on their connection, which then closes.
     pub fn close_idle(&self) {
-        let fresh: Vec<Arc<Endpoint>> = self
-            .endpoints
-            .load()
-            .iter()
-            .map(|e| Arc::new(Endpoint::new(e.address.clone(), &self.config)))
-            .collect();
-        self.endpoints.store(Arc::new(fresh));
+        // rcu: a discovery update racing with this is not lost.
+        self.endpoints.rcu(|current| {
+            current
+                .iter()
+                .map(|e| Arc::new(Endpoint::new(e.address.clone(), &self.config)))
+                .collect::<Vec<_>>()
+        });
     }
 
     fn now_ms(&self) -> u64 {
@@ -434,6 +445,9 @@ impl Cluster {
         loop {
             tokio::time::sleep(refresh).await;
             let Some(c) = cluster.upgrade() else { return };
+            if c.retired.load(Ordering::Relaxed) {
+                return;
+            }
             c.refresh().await;
         }
     }

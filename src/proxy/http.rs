@@ -164,13 +164,14 @@ pub struct HttpListener {
     pub direction: &'static str,
     pub router: Router,
     in_flight: Option<Arc<Semaphore>>,
-    rate: Option<Mutex<TokenBucket>>,
+    rate: Option<Arc<Mutex<TokenBucket>>>,
     shed_rate: Counter,
     shed_concurrency: Counter,
     shed_breaker: Counter,
     unrouted: RouteStats,
     /// Inbound: requests wait for the app (starting or restarting) up to this long.
     hold: Option<(AppGate, Duration)>,
+    limits: Limits,
 }
 
 /// The downstream connection a request arrived on.
@@ -200,6 +201,7 @@ impl HttpListener {
         limits: &Limits,
         metrics: &ProxyMetrics,
         hold: Option<(AppGate, Duration)>,
+        previous: Option<&HttpListener>,
     ) -> Self {
         let shed = |reason| {
             metrics
@@ -212,10 +214,23 @@ impl HttpListener {
         };
         let none = Arc::new("none".to_string());
         HttpListener {
-            in_flight: limits
-                .max_requests_in_flight
-                .map(|n| Arc::new(Semaphore::new(n))),
-            rate: limits.rate_limit.map(|r| Mutex::new(TokenBucket::new(r))),
+            // Unchanged limits keep their state across a reload: requests admitted before it
+            // still count, and a reload does not refill the rate limiter's bucket.
+            in_flight: match previous {
+                Some(p) if p.limits.max_requests_in_flight == limits.max_requests_in_flight => {
+                    p.in_flight.clone()
+                }
+                _ => limits
+                    .max_requests_in_flight
+                    .map(|n| Arc::new(Semaphore::new(n))),
+            },
+            rate: match previous {
+                Some(p) if p.limits.rate_limit == limits.rate_limit => p.rate.clone(),
+                _ => limits
+                    .rate_limit
+                    .map(|r| Arc::new(Mutex::new(TokenBucket::new(r)))),
+            },
+            limits: limits.clone(),
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),
             shed_breaker: shed("breaker"),
@@ -234,16 +249,6 @@ impl HttpListener {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        if let Some((gate, limit)) = &self.hold
-            && !gate.wait(*limit).await
-        {
-            tracing::debug!(listener = %self.name, "the app is not ready; request refused");
-            self.unrouted.response(503, Failure::AppNotReady.reason());
-            return Ok(error_response(
-                Failure::AppNotReady,
-                "the app is not ready yet; retry shortly",
-            ));
-        }
         let permit = match self.admit() {
             Ok(p) => p,
             Err(why) => {
@@ -251,6 +256,25 @@ impl HttpListener {
                 return Ok(error_response(Failure::Overload, why));
             }
         };
+        // Inbound while the app starts or restarts: wait for it (admitted, so held requests
+        // count against the limits), but not past the start of a stop.
+        if let Some((gate, limit)) = &self.hold
+            && !gate.is_open()
+        {
+            let mut drain = down.drain.clone();
+            let open = tokio::select! {
+                open = gate.wait(*limit) => open,
+                _ = drain.signaled() => false,
+            };
+            if !open {
+                tracing::debug!(listener = %self.name, "the app is not ready; request refused");
+                self.unrouted.response(503, Failure::AppNotReady.reason());
+                return Ok(error_response(
+                    Failure::AppNotReady,
+                    "the app is not ready yet; retry shortly",
+                ));
+            }
+        }
         let framing = if down.framing_alarm.raised()
             && req.headers().contains_key(header::TRANSFER_ENCODING)
         {

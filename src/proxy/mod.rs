@@ -66,6 +66,8 @@ struct Listener {
 /// under for its connection-level settings (timeouts, its `max_connections` slot); every HTTP
 /// request is routed by the newest one.
 struct Serving {
+    /// The listener's config this was built from (to tell whether a reload changes it).
+    config: ListenerConfig,
     kind: Kind,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -184,7 +186,7 @@ fn build_listener(
             })
             .clone()
     };
-    let serving = build_serving(l, config, clusters, metrics, gate)?;
+    let serving = build_serving(l, config, clusters, metrics, gate, None)?;
     Ok(Listener {
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
@@ -205,6 +207,7 @@ fn build_serving(
     clusters: &HashMap<String, Arc<Cluster>>,
     metrics: &ProxyMetrics,
     gate: &AppGate,
+    previous: Option<&Serving>,
 ) -> Result<Serving> {
     let name: Name = Arc::new(l.name.clone());
     let direction = direction_label(l.direction);
@@ -249,13 +252,23 @@ fn build_serving(
                 &l.limits,
                 metrics,
                 hold.clone(),
+                previous.and_then(|p| match &p.kind {
+                    Kind::Http(h, _) => Some(&**h),
+                    Kind::Tcp(_) => None,
+                }),
             ));
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
     };
+    // An unchanged cap keeps its semaphore, so connections from before a reload still count.
+    let connections = match previous {
+        Some(p) if p.limits.max_connections == l.limits.max_connections => p.connections.clone(),
+        _ => Arc::new(Semaphore::new(l.limits.max_connections)),
+    };
     Ok(Serving {
+        config: l.clone(),
         kind,
-        connections: Arc::new(Semaphore::new(l.limits.max_connections)),
+        connections,
         limits: l.limits.clone(),
         hold,
     })
@@ -341,22 +354,48 @@ impl Module for Proxy {
                 }
             }
             first_discovery(&fresh).await;
-            // Everything is built before anything is swapped.
+            // Everything is built before anything is swapped. A listener whose config and
+            // clusters are unchanged keeps its generation (and so its limiters' state).
+            let replaced: Vec<&String> = old
+                .iter()
+                .filter(|(name, c)| next.get(*name).is_none_or(|n| !Arc::ptr_eq(c, n)))
+                .map(|(name, _)| name)
+                .collect();
             let mut generations = Vec::new();
             for l in &self.listeners {
                 let Some(lc) = config.listeners.iter().find(|c| *c.name == **l.name) else {
                     continue;
                 };
-                let serving = build_serving(lc, &config, &next, &self.metrics, &self.gate)
-                    .map_err(|e| format!("{e:#}"))?;
+                let current = l.serving.load_full();
+                let uses_replaced = replaced.iter().any(|r| uses_cluster(&current.config, r));
+                if same(&current.config, lc) && !uses_replaced {
+                    continue;
+                }
+                let serving = build_serving(
+                    lc,
+                    &config,
+                    &next,
+                    &self.metrics,
+                    &self.gate,
+                    Some(&current),
+                )
+                .map_err(|e| format!("{e:#}"))?;
                 generations.push((l, serving));
             }
+            let swapped = generations.len();
             for (l, serving) in generations {
                 l.serving.store(Arc::new(serving));
             }
+            for name in replaced {
+                // Its discovery stops and it no longer reports; connections that still hold
+                // it finish their requests.
+                old[name].retire();
+            }
             for c in &fresh {
                 tokio::spawn(Cluster::discover(Arc::downgrade(c)));
+                c.export_endpoint_count();
             }
+            tracing::debug!(listeners_changed = swapped, "listeners swapped");
             let (kept, built) = (next.len() - fresh.len(), fresh.len());
             *self.clusters.lock().expect("not poisoned") = next;
             tracing::info!(
@@ -369,10 +408,22 @@ impl Module for Proxy {
     }
 }
 
-/// Whether two cluster configs are the same (they hold regexes and durations; comparing their
+/// Whether two configs are the same (they hold regexes and durations; comparing their
 /// serialized forms is simplest and reload is rare).
-fn same(a: &crate::config::proxy::ClusterConfig, b: &crate::config::proxy::ClusterConfig) -> bool {
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
     matches!((serde_json::to_value(a), serde_json::to_value(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Whether a listener sends traffic to `cluster` (outbound listeners route by Host to every
+/// cluster).
+fn uses_cluster(l: &ListenerConfig, cluster: &str) -> bool {
+    match (l.protocol, l.direction) {
+        (Protocol::Tcp, _) => l.cluster.as_deref().unwrap_or(APP_CLUSTER) == cluster,
+        (Protocol::Http, Direction::Outbound) => true,
+        (Protocol::Http, Direction::Inbound) => {
+            cluster == APP_CLUSTER || l.routes.iter().any(|r| r.cluster == cluster)
+        }
+    }
 }
 
 /// Resolves DNS- and file-discovered clusters once, bounded: so that early requests do not
@@ -402,13 +453,12 @@ async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> 
     let mut connections = JoinSet::new();
     loop {
         // Backpressure: at the connection cap, stop accepting until one closes.
-        let (serving, permit) = tokio::select! {
+        let permit = tokio::select! {
             _ = drain.signaled() => break,
             p = async {
-                let serving = l.serving.load_full();
-                let permit = serving.connections.clone().acquire_owned().await;
-                (serving, permit)
-            } => (p.0, p.1.expect("never closed")),
+                let connections = l.serving.load().connections.clone();
+                connections.acquire_owned().await
+            } => p.expect("never closed"),
         };
         let (stream, peer) = tokio::select! {
             _ = drain.signaled() => break,
@@ -423,6 +473,9 @@ async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> 
             },
         };
         while connections.try_join_next().is_some() {}
+        // The newest generation, loaded after the accept: an idle listener must not hand its
+        // first connection after a reload the old settings.
+        let serving = l.serving.load_full();
         let l2 = l.clone();
         let drain = drain.clone();
         l.opened.inc();
@@ -470,9 +523,14 @@ async fn serve_connection(
     match &serving.kind {
         Kind::Tcp(cluster) => {
             let _guard = guard;
-            if let Some((gate, limit)) = &serving.hold
-                && !gate.wait(*limit).await
-            {
+            let open = match &serving.hold {
+                Some((gate, limit)) if !gate.is_open() => tokio::select! {
+                    open = gate.wait(*limit) => open,
+                    _ = drain.signaled() => false,
+                },
+                _ => true,
+            };
+            if !open {
                 tracing::debug!(listener = %l.name, "the app is not ready; tcp connection closed");
                 return;
             }

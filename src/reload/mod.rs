@@ -8,6 +8,7 @@
 
 pub mod watch;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,7 +17,6 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch as channel};
-use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::lifecycle::{ReloadAction, ReloadConfig, WebhookConfig};
@@ -83,24 +83,48 @@ fn register(metrics: &RuntimeMetrics, name: &str) {
     }
 }
 
+/// The running entries by name; aborted when dropped.
+struct Running(HashMap<String, (ReloadConfig, tokio::task::JoinHandle<()>)>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for (_, task) in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
 async fn run(
     mut entries: channel::Receiver<Vec<ReloadConfig>>,
     app: Option<AppHandle>,
     metrics: RuntimeMetrics,
 ) {
+    let mut running = Running(HashMap::new());
     loop {
         let current = entries.borrow_and_update().clone();
-        // Dropped (and so aborted) when the entries change.
-        let mut tasks = JoinSet::new();
+        // Entries that did not change keep running: their watches keep their baseline and a
+        // change being debounced (or a webhook being retried) is not lost.
+        running.0.retain(|name, (config, task)| {
+            let keep = current.iter().any(|c| c == config);
+            if !keep {
+                info!(reload = %name, "reload entry changed or removed; stopping its watch");
+                task.abort();
+            }
+            keep
+        });
         for e in current {
+            if running.0.contains_key(&e.name) {
+                continue;
+            }
             register(&metrics, &e.name);
             let span = info_span!("reload", reload = %e.name);
-            tasks.spawn(entry(e, app.clone(), metrics.clone()).instrument(span));
+            let task =
+                tokio::spawn(entry(e.clone(), app.clone(), metrics.clone()).instrument(span));
+            running.0.insert(e.name.clone(), (e, task));
         }
         if entries.changed().await.is_err() {
             return;
         }
-        info!("reload entries changed; restarting their watches");
     }
 }
 

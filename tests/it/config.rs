@@ -270,22 +270,18 @@ fn lifecycle_and_reload_errors_are_located() {
     // Supervision settings without an app to supervise.
     std::fs::write(
         dir.path().join("unsupervised.yaml"),
-        "app:\n  address: 127.0.0.1:8080\n  restart: always\nreload:\n  - watch: .\n    action: { signal: SIGHUP }\n",
+        "runtime:\n  shutdown_grace: 5s\n  drain_delay: 5s\napp:\n  address: 127.0.0.1:8080\n  restart: always\n  stop_timeout: 6s\nreload:\n  - watch: .\n    action: { signal: SIGHUP }\n",
     )
     .unwrap();
     let (code, _, stderr) =
         crate::support::run_to_end(&["check", "-c", "unsupervised.yaml"], &[], dir.path());
     assert_eq!(code, 78, "{stderr}");
-    assert!(
-        stderr.contains(
-            "unsupervised.yaml:3:12: app.restart: app.restart is set but there is no app.command"
-        ),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(
-            "unsupervised.yaml:6:5: reload[0].action: signal and restart act on the supervised app"
-        ),
-        "{stderr}"
-    );
+    for e in [
+        "unsupervised.yaml:3:16: runtime.drain_delay: expected less than runtime.shutdown_grace (5s), found 5s",
+        "unsupervised.yaml:6:12: app.restart: set, but there is no app.command",
+        "unsupervised.yaml:7:17: app.stop_timeout: expected less than runtime.shutdown_grace (5s), found 6s",
+        "unsupervised.yaml:10:5: reload[0].action: signal and restart act on the supervised app",
+    ] {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
 }

@@ -360,3 +360,205 @@ fn kubernetes_mode_ready_follows_the_app_probe() {
             .any(|s| s.path == "/healthz" && s.header("user-agent") == Some("outrigger"))
     );
 }
+
+fn app_pid(sc: &Sidecar) -> i32 {
+    events(sc)
+        .iter()
+        .find_map(|(e, _)| e.strip_prefix("pid-")?.parse().ok())
+        .expect("the app wrote its pid")
+}
+
+#[test]
+fn a_fast_stop_signals_the_app_at_once_even_with_inbound_in_flight() {
+    let backend = Backend::http();
+    let mut sc = Spawn {
+        config: &config(&backend, "", ""),
+        app: &["python3", APP],
+        env: &[("APP_SOCKET", "app.sock")],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    let url = sc.listener_url("in", "/slow/5000");
+    let _inflight = std::thread::spawn(move || client().get(url).send().map(|r| r.status()));
+    eventually(Duration::from_secs(5), "the in-flight request", || {
+        (sc.metric("outrigger_connections_open{direction=\"inbound\",listener=\"in\"}") >= 1.0)
+            .then_some(())
+    });
+    let started = Instant::now();
+    sc.signal(Signal::SIGINT);
+    let status = sc.wait_exit(Duration::from_secs(10));
+    // The app got SIGINT and exited 0 on its own; not SIGKILLed (137) at an expired deadline.
+    assert_eq!(status.code(), Some(0), "{}", sc.diagnostics());
+    assert!(event_time(&sc, "int").is_some(), "{:?}", events(&sc));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a fast stop took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_stop_during_restart_backoff_exits_with_the_apps_last_code() {
+    let mut sc = Spawn {
+        config: "app:\n  restart: always\n",
+        app: &["sh", "-c", "echo run >> runs; exit 3"],
+        ..Spawn::default()
+    }
+    .start();
+    eventually(Duration::from_secs(10), "the first restart wait", || {
+        sc.stderr().contains("restarting it").then_some(())
+    });
+    sc.signal(Signal::SIGTERM);
+    let status = sc.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(3), "{}", sc.diagnostics());
+    let runs = std::fs::read_to_string(sc.path("runs")).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "restarted while stopping\n{}",
+        sc.diagnostics()
+    );
+}
+
+#[test]
+fn an_app_that_dies_during_the_inbound_drain_is_not_restarted() {
+    let backend = Backend::http();
+    let mut sc = Spawn {
+        config: &config(&backend, "  restart: on-failure\n", ""),
+        app: &["python3", APP],
+        env: &[("APP_SOCKET", "app.sock")],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    let url = sc.listener_url("in", "/slow/3000");
+    let inflight =
+        std::thread::spawn(move || client().get(url).send().map(|r| r.status().as_u16()));
+    eventually(Duration::from_secs(5), "the in-flight request", || {
+        (sc.metric("outrigger_connections_open{direction=\"inbound\",listener=\"in\"}") >= 1.0)
+            .then_some(())
+    });
+    sc.signal(Signal::SIGTERM);
+    eventually(Duration::from_secs(5), "the inbound drain", || {
+        (sc.get("/ready").0 == 503).then_some(())
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pid(&sc)), Signal::SIGKILL).unwrap();
+    let status = sc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(137), "{}", sc.diagnostics());
+    let started = events(&sc).iter().filter(|(e, _)| e == "started").count();
+    assert_eq!(started, 1, "restarted while stopping\n{}", sc.diagnostics());
+    // The client sees the app's connection die: a 502, not a hang.
+    assert_eq!(inflight.join().unwrap().unwrap(), 502);
+}
+
+#[test]
+fn drain_delay_keeps_accepting_with_ready_503() {
+    let backend = Backend::http();
+    let mut sc = Spawn {
+        config: &format!("runtime:\n  drain_delay: 1s\n{}", config(&backend, "", "")),
+        app: &["python3", APP],
+        env: &[("APP_SOCKET", "app.sock")],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    sc.signal(Signal::SIGTERM);
+    eventually(Duration::from_secs(5), "/ready 503", || {
+        (sc.get("/ready").0 == 503).then_some(())
+    });
+    // A new connection during the delay is still served.
+    let r = client().get(sc.listener_url("in", "/late")).send().unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.diagnostics());
+    assert_eq!(sc.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert!(
+        sc.stderr().contains("still accepting"),
+        "{}",
+        sc.diagnostics()
+    );
+}
+
+#[test]
+fn a_probe_failing_after_ready_turns_ready_503_while_traffic_flows() {
+    let backend = Backend::http();
+    let sc = Spawn {
+        config: &config(&backend, "    interval: 100ms\n", ""),
+        app: &["python3", APP],
+        env: &[("APP_SOCKET", "app.sock")],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    std::fs::write(sc.path("unhealthy"), "").unwrap();
+    let report = eventually(Duration::from_secs(10), "/ready 503", || {
+        let r = sc.get_json("/ready");
+        (r["ready"] == false).then_some(r)
+    });
+    assert_eq!(
+        report["components"]["app"]["state"], "unhealthy",
+        "{report}"
+    );
+    assert_eq!(sc.metric("outrigger_app_ready"), 0.0);
+    let r = client()
+        .get(sc.listener_url("in", "/still"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    std::fs::remove_file(sc.path("unhealthy")).unwrap();
+    sc.wait_ready();
+}
+
+#[test]
+fn an_exec_probe_gates_ready() {
+    let sc = Spawn {
+        config: "app:\n  probe:\n    exec: [test, -f, ready-flag]\n    interval: 100ms\n",
+        app: &["sleep", "30"],
+        ..Spawn::default()
+    }
+    .start();
+    eventually(Duration::from_secs(5), "a failed probe", || {
+        (sc.metric("outrigger_app_probe_failures_total") >= 1.0).then_some(())
+    });
+    assert_eq!(sc.get("/ready").0, 503);
+    std::fs::write(sc.path("ready-flag"), "").unwrap();
+    sc.wait_ready();
+}
+
+#[test]
+fn as_pid_1_orphans_are_reaped() {
+    // A PID namespace makes Outrigger PID 1, as in a container. Needs root (CI runs as root).
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            BIN,
+            "run",
+            "--set",
+            "admin.address=127.0.0.1:0",
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do (sleep 0.1 &); done; sleep 1.5; ps -eo stat=,comm=",
+        ])
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("outrigger"),
+        "ps ran in the namespace: {stdout}\n{stderr}"
+    );
+    let zombies: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with('Z'))
+        .collect();
+    assert!(
+        zombies.is_empty(),
+        "zombies left: {zombies:?}\n{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("reaping orphaned processes"), "{stderr}");
+}

@@ -258,3 +258,87 @@ fn a_changed_config_file_is_applied_and_restart_only_keys_are_named() {
     assert_eq!(b.count(), 1, "the new route applies");
     assert_eq!(a.count(), 1);
 }
+
+#[test]
+fn connection_limits_survive_reloads() {
+    use std::io::{Read, Write};
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_connections: 2 }}\n",
+        app.address()
+    ));
+    sc.wait_ready();
+    let addr = sc.listeners["public"].clone();
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let served = |s: &mut std::net::TcpStream| -> bool {
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s.write_all(request).unwrap();
+        let mut buf = [0u8; 512];
+        matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+    };
+    let mut held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    for s in &mut held {
+        assert!(served(s));
+    }
+    // Reloads of the unchanged file must not hand out a fresh set of slots.
+    for i in 1..=3 {
+        client().post(sc.url("/reload")).send().unwrap();
+        eventually(Duration::from_secs(10), "the reload", || {
+            (sc.metric("outrigger_config_reloads_total{result=\"success\"}") == i as f64)
+                .then_some(())
+        });
+    }
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    assert!(
+        !served(&mut third),
+        "a third connection was served past max_connections: 2"
+    );
+    drop(held.pop());
+    // Its request is answered once a slot is free.
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = third.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}
+
+#[test]
+fn changing_reload_entries_keeps_the_unchanged_ones_watching() {
+    let hook = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+    std::fs::write(&a, "1").unwrap();
+    std::fs::write(&b, "1").unwrap();
+    let entry = |name: &str, path: &Path| {
+        format!(
+            "  - name: {name}\n    watch: {}\n    action: {{ webhook: {{ url: \"http://{}/{name}\" }} }}\n    debounce: {{ quiet: 300ms, max: 1s }}\n",
+            path.display(),
+            hook.address()
+        )
+    };
+    let sc = Sidecar::start(&format!("reload:\n{}", entry("a", &a)));
+    sc.wait_ready();
+    // The app's file and the config (adding entry b) change together, as when one ConfigMap
+    // holds both: a's pending change must not be lost when the entries are swapped.
+    std::fs::write(&a, "2").unwrap();
+    std::fs::write(
+        &sc.config_path,
+        format!("reload:\n{}{}", entry("a", &a), entry("b", &b)),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "a's webhook", || {
+        hook.seen().iter().any(|s| s.path == "/a").then_some(())
+    });
+    eventually(Duration::from_secs(10), "the reload", || {
+        (sc.metric("outrigger_config_reloads_total{result=\"success\"}") == 1.0).then_some(())
+    });
+    std::fs::write(&b, "2").unwrap();
+    eventually(Duration::from_secs(10), "b's webhook", || {
+        hook.seen().iter().any(|s| s.path == "/b").then_some(())
+    });
+    assert_eq!(hook.seen().iter().filter(|s| s.path == "/a").count(), 1);
+}
