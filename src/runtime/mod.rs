@@ -11,7 +11,7 @@ pub mod supervisor;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -179,36 +179,43 @@ impl Drain {
 
 /// Whether inbound traffic may reach the app: closed while the app starts (until its probe
 /// passes) and while it restarts; inbound requests wait for it up to `app.hold_timeout`.
+/// Checked on every inbound request, so the open case is one atomic load.
 #[derive(Clone)]
-pub struct AppGate(watch::Receiver<bool>);
+pub struct AppGate {
+    open: Arc<AtomicBool>,
+    rx: watch::Receiver<bool>,
+}
 
 /// The sending half of [`AppGate`].
-pub struct AppGateSetter(watch::Sender<bool>);
+pub struct AppGateSetter {
+    open: Arc<AtomicBool>,
+    tx: watch::Sender<bool>,
+}
 
 /// A gate, initially open or closed.
 pub fn app_gate(open: bool) -> (AppGateSetter, AppGate) {
     let (tx, rx) = watch::channel(open);
-    (AppGateSetter(tx), AppGate(rx))
+    let flag = Arc::new(AtomicBool::new(open));
+    (
+        AppGateSetter {
+            open: flag.clone(),
+            tx,
+        },
+        AppGate { open: flag, rx },
+    )
 }
 
 impl AppGateSetter {
     pub fn set(&self, open: bool) {
-        self.0
+        self.open.store(open, Ordering::Release);
+        self.tx
             .send_if_modified(|v| std::mem::replace(v, open) != open);
     }
 }
 
 impl AppGate {
-    /// A gate that is always open (no supervised or probed app).
-    pub fn open() -> AppGate {
-        let (tx, rx) = watch::channel(true);
-        // Keep the value forever: a gate whose sender is gone still reads `true`.
-        drop(tx);
-        AppGate(rx)
-    }
-
     pub fn is_open(&self) -> bool {
-        *self.0.borrow()
+        self.open.load(Ordering::Acquire)
     }
 
     /// Waits until the gate is open, at most `limit`. True if it is open.
@@ -216,7 +223,7 @@ impl AppGate {
         if self.is_open() {
             return true;
         }
-        let mut rx = self.0.clone();
+        let mut rx = self.rx.clone();
         matches!(
             tokio::time::timeout(limit, rx.wait_for(|open| *open)).await,
             Ok(Ok(_))

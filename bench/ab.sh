@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A/B throughput of two Outrigger binaries through the same inbound config, alternating runs so
+# that machine noise hits both alike (this box varies ±15% between runs of bench/proxy.sh).
+#
+#   bench/ab.sh OLD_BINARY NEW_BINARY [ROUNDS] [SECONDS]     (default 4 rounds of 5 s)
+#
+# e.g. git worktree add /tmp/old <rev> && (cd /tmp/old && cargo build --release) &&
+#      bench/ab.sh /tmp/old/target/release/outrigger target/release/outrigger
+# Upstream: nginx (one worker) answering 12 bytes; wrk -t1 -c32 on CPU 0, the rest on CPU 1.
+set -euo pipefail
+old=$1; new=$2; rounds=${3:-4}; secs=${4:-5}
+for tool in nginx wrk taskset; do
+  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
+done
+dir=$(mktemp -d); pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
+trap cleanup EXIT
+UP=18381; A=18391; B=18392
+cat > "$dir/up.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
+events { worker_connections 8192; }
+http { access_log off;
+  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
+           location / { return 200 "hello world\n"; } } }
+CONF
+for v in a b; do
+  port=$([ $v = a ] && echo $A || echo $B)
+  printf 'admin: { address: 127.0.0.1:0 }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$UP" "$port" > "$dir/$v.yaml"
+done
+taskset -c 1 nginx -c "$dir/up.conf" & pids+=($!)
+taskset -c 1 "$old" run -c "$dir/a.yaml" 2>/dev/null & pids+=($!)
+taskset -c 1 "$new" run -c "$dir/b.yaml" 2>/dev/null & pids+=($!)
+for port in $A $B; do
+  for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+done
+sum_a=0; sum_b=0
+run() { taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$1/" | awk '/Requests\/sec/ {print $2}'; }
+for r in $(seq "$rounds"); do
+  # ABBA order: a drift of the machine during the run does not favour either side.
+  if (( r % 2 )); then a=$(run $A); b=$(run $B); else b=$(run $B); a=$(run $A); fi
+  echo "round $r: old $a req/s, new $b req/s"
+  sum_a=$(echo "$sum_a + $a" | bc); sum_b=$(echo "$sum_b + $b" | bc)
+done
+echo "new/old: $(echo "scale=3; $sum_b / $sum_a" | bc)×"
