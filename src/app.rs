@@ -84,6 +84,11 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         metrics.runtime.app_ready.set(0);
     }
     let (modules, bound) = build_modules(&config, &metrics, &gate).await?;
+    #[cfg(feature = "proxy")]
+    metrics
+        .proxy
+        .tls
+        .spawn_expiry_task(config.tls.expiry_warning.get());
 
     let registry = Arc::new(metrics.registry);
     let running = Arc::new(RunningConfig::new(config.clone()));

@@ -29,6 +29,7 @@ pub mod proxy;
 pub mod reload;
 pub mod runtime;
 pub mod telemetry;
+pub mod tls;
 
 /// The optional modules compiled into this binary (cargo features), for `outrigger version`
 /// and `outrigger_build_info`.

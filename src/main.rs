@@ -44,6 +44,14 @@ enum Command {
         after_help = "Examples:\n  outrigger wait -- python3 app.py\n  outrigger wait --shutdown --timeout 2m -- ./batch-job"
     )]
     Wait(WaitArgs),
+    /// Create a development CA and workload certificates with SPIFFE IDs (for quick starts and
+    /// tests, not production).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  outrigger certs ca --out certs\n  \
+            outrigger certs issue --ca certs --out certs --name web --spiffe spiffe://example.org/ns/shop/sa/web --dns localhost"
+    )]
+    Certs(CertsCommand),
     /// Print the version and the compiled-in modules.
     Version,
 }
@@ -104,6 +112,71 @@ struct WaitArgs {
     command: Vec<String>,
 }
 
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a self-signed CA: DIR/ca.crt and DIR/ca.key (never replaces an existing ca.key).
+    Ca(CaArgs),
+    /// Issue a workload certificate signed by the CA, for TLS server and client use.
+    ///
+    /// Writes DIR/NAME.crt (the leaf, then the CA) and DIR/NAME.key. Give at least one of
+    /// --spiffe, --dns, --ip.
+    #[command(group = clap::ArgGroup::new("names").required(true).multiple(true))]
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+struct CaArgs {
+    /// Directory to write ca.crt and ca.key into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The SPIFFE trust domain this CA is for (shown in its name).
+    #[arg(long, default_value = "example.org", value_name = "DOMAIN")]
+    trust_domain: String,
+    /// Days the CA is valid.
+    #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
+    days: u32,
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    /// Directory holding the CA's ca.crt and ca.key.
+    #[arg(long = "ca", value_name = "DIR")]
+    ca_dir: PathBuf,
+    /// Directory to write NAME.crt and NAME.key into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// File name for the certificate and key, without extension.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// SPIFFE ID as a URI SAN, e.g. spiffe://example.org/ns/shop/sa/web.
+    #[arg(long, value_name = "URI", group = "names", value_parser = parse_spiffe_id)]
+    spiffe: Option<String>,
+    /// DNS name SAN (repeatable); the first is also the subject's common name.
+    #[arg(long, value_name = "NAME", group = "names")]
+    dns: Vec<String>,
+    /// IP address SAN (repeatable).
+    #[arg(long = "ip", value_name = "IP", group = "names")]
+    ips: Vec<std::net::IpAddr>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+    days: u32,
+    /// Key algorithm.
+    #[arg(long, value_enum, default_value = "ecdsa", value_name = "KIND")]
+    key: KeyArg,
+    /// Issue a certificate that expired yesterday (for testing how peers reject it).
+    #[arg(long)]
+    expired: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyArg {
+    /// ECDSA P-256
+    Ecdsa,
+    Ed25519,
+    /// RSA 2048
+    Rsa,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormatArg {
     Human,
@@ -113,6 +186,11 @@ enum LogFormatArg {
 fn parse_address(s: &str) -> Result<outrigger::config::Address, String> {
     s.parse()
         .map_err(|()| format!("expected host:port or unix:/path, found {s:?}"))
+}
+
+fn parse_spiffe_id(s: &str) -> Result<String, String> {
+    outrigger::tls::certs::check_spiffe_id(s).map_err(|e| format!("{e:#}"))?;
+    Ok(s.to_string())
 }
 
 fn source(args: &ConfigArgs) -> Source {
@@ -176,6 +254,45 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Certs(command) => certs(command),
+    }
+}
+
+fn certs(command: CertsCommand) -> ExitCode {
+    use outrigger::tls::certs::{self, KeyKind};
+    let written = match command {
+        CertsCommand::Ca(args) => certs::create_ca(&certs::CaOptions {
+            out: args.out,
+            trust_domain: args.trust_domain,
+            days: args.days,
+        }),
+        CertsCommand::Issue(args) => certs::issue(&certs::IssueOptions {
+            ca_dir: args.ca_dir,
+            out: args.out,
+            name: args.name,
+            spiffe: args.spiffe,
+            dns: args.dns,
+            ips: args.ips,
+            days: args.days,
+            expired: args.expired,
+            key: match args.key {
+                KeyArg::Ecdsa => KeyKind::Ecdsa,
+                KeyArg::Ed25519 => KeyKind::Ed25519,
+                KeyArg::Rsa => KeyKind::Rsa,
+            },
+        }),
+    };
+    match written {
+        Ok(files) => {
+            for file in files {
+                println!("wrote {}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod document;
 pub mod lifecycle;
 pub mod proxy;
 pub mod raw;
+pub mod tls;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -82,6 +83,13 @@ pub struct Config {
     pub clusters: BTreeMap<String, proxy::ClusterConfig>,
     /// Files and directories watched for the app, and what to do when they change.
     pub reload: Vec<lifecycle::ReloadConfig>,
+    pub tls: TlsGlobalConfig,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsGlobalConfig {
+    /// Warn in the log when a loaded certificate expires sooner than this.
+    pub expiry_warning: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -346,6 +354,12 @@ fn validate(
         listeners,
         clusters,
         reload,
+        tls: TlsGlobalConfig {
+            expiry_warning: raw
+                .tls
+                .expiry_warning
+                .unwrap_or(tls::DEFAULT_EXPIRY_WARNING),
+        },
     }
 }
 

@@ -54,6 +54,11 @@ pub struct ListenerConfig {
     pub socket_mode: u32,
     pub routes: Vec<RouteConfig>,
     pub limits: Limits,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ServerTlsConfig>,
+    /// Peer identities allowed in; None: anyone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Vec<super::tls::IdentityPattern>>,
 }
 
 fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
@@ -88,6 +93,8 @@ pub struct RouteConfig {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub rewrite_path_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Vec<super::tls::IdentityPattern>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -151,6 +158,8 @@ pub struct ClusterConfig {
     pub max_requests_in_flight: Option<usize>,
     pub outlier: Outlier,
     pub retry_budget: RetryBudget,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ClientTlsConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -272,6 +281,7 @@ pub fn validate(
                     ratio: DEFAULT_BUDGET_RATIO,
                     min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
                 },
+                tls: None,
             },
         );
     }
@@ -413,7 +423,12 @@ fn cluster(
             format!("expected a ratio from 0 to 1000, found {ratio}"),
         ));
     }
+    let tls = match &raw.tls {
+        Some(t) => Some(super::tls::client(t, &format!("{at}.tls"), doc, problems)?),
+        None => None,
+    };
     Some(ClusterConfig {
+        tls,
         name: name.to_string(),
         discovery,
         lb: raw.lb.unwrap_or_default(),
@@ -446,6 +461,36 @@ fn listener(
     problems: &mut Vec<Problem>,
 ) -> Option<ListenerConfig> {
     let inbound = raw.direction == Direction::Inbound;
+    let tls = raw.tls.as_ref().and_then(|t| {
+        super::tls::server(
+            t,
+            &format!("{at}.tls"),
+            raw.protocol == Protocol::Http,
+            doc,
+            problems,
+        )
+    });
+    let authz = raw
+        .authz
+        .as_ref()
+        .map(|a| super::tls::identities(a, &format!("{at}.authz"), doc, problems));
+    let mtls = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if !mtls {
+        if raw.authz.is_some() {
+            problems.push(doc.problem(
+                &format!("{at}.authz"),
+                "identities come from client certificates: set tls.client_ca too",
+            ));
+        }
+        for (i, r) in raw.routes.iter().enumerate() {
+            if r.authz.is_some() {
+                problems.push(doc.problem(
+                    &format!("{at}.routes[{i}].authz"),
+                    "identities come from client certificates: set the listener's tls.client_ca too",
+                ));
+            }
+        }
+    }
     if inbound && !has_app {
         problems.push(doc.problem(
             &format!("{at}.direction"),
@@ -579,6 +624,8 @@ fn listener(
         })
     });
     Some(ListenerConfig {
+        tls,
+        authz,
         name: raw.name,
         address: raw.address,
         direction: raw.direction,
@@ -766,7 +813,12 @@ fn route(
             "a path_prefix rewrite needs a match.path_prefix to replace",
         ));
     }
+    let authz = raw
+        .authz
+        .as_ref()
+        .map(|a| super::tls::identities(a, &format!("{at}.authz"), doc, problems));
     Some(RouteConfig {
+        authz,
         name: raw.name.unwrap_or_else(|| index.to_string()),
         matches: MatchConfig {
             host: m.host.map(|h| h.to_ascii_lowercase()),

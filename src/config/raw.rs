@@ -34,6 +34,70 @@ pub struct RawConfig {
     pub listeners: Vec<RawListener>,
     pub clusters: BTreeMap<String, RawCluster>,
     pub reload: Vec<RawReload>,
+    pub tls: RawTlsGlobal,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTlsGlobal {
+    /// Warn in the log when a certificate expires sooner than this.
+    pub expiry_warning: Option<Duration>,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    /// PEM certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// More certificates, chosen by the client's SNI.
+    #[serde(default)]
+    pub sni: Vec<RawSniCert>,
+    /// Verify client certificates against this PEM bundle (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<ClientCertMode>,
+    #[serde(default)]
+    pub min_version: Option<String>,
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniCert {
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Whether a client certificate is required once `client_ca` is set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    #[default]
+    Required,
+    /// Verified when sent; a client without one is let through without an identity.
+    Optional,
+}
+
+/// TLS origination on a cluster.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawClientTls {
+    /// PEM bundle to verify the upstream with; default: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// SNI and the name the certificate must carry (default: the DNS host, else the IP).
+    pub server_name: Option<String>,
+    /// Client certificate for upstream mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The identity the upstream must present (SPIFFE ID or DNS name; `prefix*`).
+    pub identity: Option<String>,
+    pub min_version: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +278,11 @@ pub struct RawListener {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub tls: Option<RawServerTls>,
+    /// Peer identities allowed in (needs client certificates); default deny once set.
+    #[serde(default)]
+    pub authz: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +317,8 @@ pub struct RawRoute {
     pub request_headers: RawHeaderOps,
     pub response_headers: RawHeaderOps,
     pub rewrite: Option<RawRewrite>,
+    /// Peer identities allowed on this route; default deny once set.
+    pub authz: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,6 +372,7 @@ pub struct RawCluster {
     pub max_requests_in_flight: Option<usize>,
     pub outlier: Option<RawOutlier>,
     pub retry_budget: Option<RawRetryBudget>,
+    pub tls: Option<RawClientTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]

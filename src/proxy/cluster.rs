@@ -40,6 +40,59 @@ const EWMA_DEFAULT: Duration = Duration::from_millis(1);
 pub struct Connector {
     address: Address,
     timeout: Duration,
+    tls: Option<(Arc<Origination>, rustls_pki_types::ServerName<'static>)>,
+}
+
+/// TLS origination for a cluster's endpoints.
+pub struct Origination {
+    /// The rustls client config, or why it could not be built (connections then fail: never
+    /// fall back to plain text).
+    connector: Result<tokio_rustls::TlsConnector, String>,
+    cluster: String,
+    /// `tls.server_name`, else the DNS host; else each endpoint's IP.
+    server_name: Option<String>,
+    metrics: crate::tls::TlsMetrics,
+}
+
+impl Origination {
+    fn new(config: &ClusterConfig, metrics: &ProxyMetrics) -> Option<Arc<Origination>> {
+        let tls = config.tls.as_ref()?;
+        let connector = match crate::tls::client_config(tls, config.http2) {
+            Ok(loaded) => {
+                metrics
+                    .tls
+                    .track(&format!("cluster/{}", config.name), &loaded.certs);
+                Ok(tokio_rustls::TlsConnector::from(loaded.config))
+            }
+            Err(e) => {
+                tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
+                Err(e)
+            }
+        };
+        let server_name = tls.server_name.clone().or_else(|| match &config.discovery {
+            Discovery::Dns { host, .. } => Some(host.clone()),
+            _ => None,
+        });
+        Some(Arc::new(Origination {
+            connector,
+            cluster: config.name.clone(),
+            server_name,
+            metrics: metrics.tls.clone(),
+        }))
+    }
+
+    fn server_name(&self, address: &Address) -> rustls_pki_types::ServerName<'static> {
+        let by_name = self
+            .server_name
+            .as_ref()
+            .and_then(|n| rustls_pki_types::ServerName::try_from(n.clone()).ok());
+        by_name.unwrap_or_else(|| match address {
+            Address::Tcp(a) => rustls_pki_types::ServerName::IpAddress(a.ip().into()),
+            Address::Unix(_) => {
+                rustls_pki_types::ServerName::try_from("localhost").expect("a valid DNS name")
+            }
+        })
+    }
 }
 
 impl tower::Service<http::Uri> for Connector {
@@ -52,9 +105,36 @@ impl tower::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (address, timeout) = (self.address.clone(), self.timeout);
+        let (address, timeout, tls) = (self.address.clone(), self.timeout, self.tls.clone());
         Box::pin(async move {
-            match tokio::time::timeout(timeout, listener::connect(&address)).await {
+            // The connect timeout covers the TLS handshake too.
+            let connect = async {
+                let stream = listener::connect(&address).await?;
+                let Some((origination, name)) = tls else {
+                    return Ok(stream);
+                };
+                let connector = origination
+                    .connector
+                    .as_ref()
+                    .map_err(|e| std::io::Error::other(e.clone()))?;
+                match connector.connect(name, stream).await {
+                    Ok(s) => {
+                        origination
+                            .metrics
+                            .handshake("client", &origination.cluster, "ok");
+                        Ok(Stream::TlsClient(Box::new(s)))
+                    }
+                    Err(e) => {
+                        let reason = crate::tls::classify(&e);
+                        origination
+                            .metrics
+                            .handshake("client", &origination.cluster, reason);
+                        tracing::warn!(cluster = %origination.cluster, endpoint = %address, reason, error = %e, "TLS handshake with the upstream failed");
+                        Err(e)
+                    }
+                }
+            };
+            match tokio::time::timeout(timeout, connect).await {
                 Ok(Ok(s)) => Ok(TokioIo::new(s)),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(std::io::Error::new(
@@ -87,7 +167,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(address: Address, config: &ClusterConfig) -> Endpoint {
+    fn new(address: Address, config: &ClusterConfig, tls: Option<&Arc<Origination>>) -> Endpoint {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -99,6 +179,7 @@ impl Endpoint {
         let client = builder.build(Connector {
             address: address.clone(),
             timeout: config.connect_timeout.get(),
+            tls: tls.map(|o| (o.clone(), o.server_name(&address))),
         });
         let authority = match &address {
             Address::Tcp(a) => http::uri::Authority::try_from(a.to_string())
@@ -179,14 +260,16 @@ pub struct Cluster {
     metrics: ProxyMetrics,
     /// Replaced by a config reload: no more discovery or reporting.
     retired: std::sync::atomic::AtomicBool,
+    tls: Option<Arc<Origination>>,
 }
 
 impl Cluster {
     pub fn new(config: ClusterConfig, metrics: ProxyMetrics) -> Arc<Cluster> {
+        let tls = Origination::new(&config, &metrics);
         let initial = match &config.discovery {
             Discovery::Static(addrs) => addrs
                 .iter()
-                .map(|a| Arc::new(Endpoint::new(a.clone(), &config)))
+                .map(|a| Arc::new(Endpoint::new(a.clone(), &config, tls.as_ref())))
                 .collect(),
             _ => Vec::new(),
         };
@@ -207,6 +290,7 @@ impl Cluster {
             config,
             metrics,
             retired: std::sync::atomic::AtomicBool::new(false),
+            tls,
         });
         cluster.export_endpoint_count();
         cluster
@@ -249,7 +333,7 @@ impl Cluster {
                 Some(e) => e.clone(),
                 None => {
                     changed = true;
-                    Arc::new(Endpoint::new(a, &self.config))
+                    Arc::new(Endpoint::new(a, &self.config, self.tls.as_ref()))
                 }
             })
             .collect();
@@ -268,7 +352,13 @@ impl Cluster {
         self.endpoints.rcu(|current| {
             current
                 .iter()
-                .map(|e| Arc::new(Endpoint::new(e.address.clone(), &self.config)))
+                .map(|e| {
+                    Arc::new(Endpoint::new(
+                        e.address.clone(),
+                        &self.config,
+                        self.tls.as_ref(),
+                    ))
+                })
                 .collect::<Vec<_>>()
         });
     }
@@ -506,6 +596,7 @@ mod tests {
             connect_timeout: crate::config::Duration::from_secs(1),
             timeout: crate::config::Duration::from_secs(1),
             http2: false,
+            tls: None,
             pool_idle_timeout: crate::config::Duration::from_secs(1),
             max_requests_in_flight: Some(1),
             outlier: Outlier {

@@ -35,6 +35,7 @@ static X_OUTRIGGER_ERROR: HeaderName = HeaderName::from_static("x-outrigger-erro
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -76,6 +77,8 @@ pub enum Failure {
     /// The app is starting or restarting and did not become ready within `app.hold_timeout`
     /// (503, with retry-after).
     AppNotReady,
+    /// The peer's identity is not in the listener's or route's `authz` (403).
+    Forbidden,
 }
 
 impl Failure {
@@ -89,6 +92,7 @@ impl Failure {
             }
             Failure::Connect | Failure::Upstream => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -103,6 +107,7 @@ impl Failure {
             Failure::Upstream => "upstream-reset",
             Failure::Timeout => "timeout",
             Failure::AppNotReady => "app-not-ready",
+            Failure::Forbidden => "forbidden",
         }
     }
 }
@@ -185,6 +190,12 @@ pub struct Downstream {
     /// Raised when a request head on this connection had both Content-Length and
     /// Transfer-Encoding (hyper then shows only the latter).
     pub framing_alarm: super::framing::Alarm,
+    /// The connection came over TLS (`x-forwarded-proto: https`).
+    pub secure: bool,
+    /// The verified client certificate's identity (mutual TLS).
+    pub identity: Option<crate::tls::PeerIdentity>,
+    /// The listener's `authz` refused the identity: every request gets 403.
+    pub forbidden: bool,
 }
 
 /// Permits a request holds until its response body is done.
@@ -249,6 +260,13 @@ impl HttpListener {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
+        if down.forbidden {
+            self.unrouted.response(403, Failure::Forbidden.reason());
+            return Ok(error_response(
+                Failure::Forbidden,
+                "your identity is not allowed on this listener",
+            ));
+        }
         let permit = match self.admit() {
             Ok(p) => p,
             Err(why) => {
@@ -318,6 +336,21 @@ impl HttpListener {
             };
             (target, host)
         };
+        if let Some(allowed) = &target.authz {
+            let ids = down
+                .identity
+                .as_ref()
+                .map(|i| i.identities.as_slice())
+                .unwrap_or_default();
+            if !crate::config::tls::allowed(allowed, ids) {
+                tracing::warn!(listener = %self.name, route = %target.name, identity = ?ids.first(), "identity not allowed on this route");
+                target.stats.response(403, Failure::Forbidden.reason());
+                return Ok(error_response(
+                    Failure::Forbidden,
+                    "your identity is not allowed on this route",
+                ));
+            }
+        }
         target.stats.requests.inc();
         let version = req.version();
         let (mut res, cluster_permit) = match self.forward(&target, &down, host, req, started).await
@@ -418,6 +451,20 @@ impl HttpListener {
             upgrade.is_some(),
             parts.version,
         );
+        if self.direction == "inbound" {
+            if down.secure {
+                parts
+                    .headers
+                    .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+            }
+            // Only Outrigger says who the peer is: a client's own claim is removed.
+            parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
+            if let Some(id) = &down.identity
+                && let Ok(v) = HeaderValue::from_str(&id.xfcc)
+            {
+                parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v);
+            }
+        }
         target.request_headers.apply(&mut parts.headers);
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);

@@ -105,10 +105,14 @@ pub async fn connect(address: &Address) -> io::Result<Stream> {
     }
 }
 
-/// A TCP or unix stream.
+/// A TCP or unix stream, or TLS over one.
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A terminated TLS connection (inbound).
+    TlsServer(Box<tokio_rustls::server::TlsStream<Stream>>),
+    /// An originated TLS connection (to an upstream).
+    TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
 }
 
 impl AsyncRead for Stream {
@@ -120,6 +124,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsServer(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -133,6 +139,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsServer(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -143,6 +151,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::TlsServer(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::TlsClient(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -152,12 +162,16 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsServer(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsClient(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsServer(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsClient(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

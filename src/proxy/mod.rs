@@ -73,6 +73,8 @@ struct Serving {
     connections: Arc<Semaphore>,
     /// Inbound: connections and requests wait for the app up to this long.
     hold: Option<(AppGate, Duration)>,
+    /// TLS termination.
+    tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// A downstream connection's slot: releases the `max_connections` permit and updates the
@@ -235,6 +237,7 @@ fn build_serving(
                     request_headers: Default::default(),
                     response_headers: Default::default(),
                     rewrite_path_prefix: None,
+                    authz: None,
                 });
             }
             let router = route::Router::new(
@@ -265,12 +268,26 @@ fn build_serving(
         Some(p) if p.limits.max_connections == l.limits.max_connections => p.connections.clone(),
         _ => Arc::new(Semaphore::new(l.limits.max_connections)),
     };
+    // The same TLS settings keep their material holder (and re-read the files, as SIGHUP
+    // asks); other settings build a new one.
+    let tls = match (&l.tls, previous.and_then(|p| p.tls.as_ref())) {
+        (Some(c), Some(prev)) if prev.config == *c => {
+            let _ = prev.reload_files();
+            Some(prev.clone())
+        }
+        (Some(c), _) => Some(
+            crate::tls::ServerTls::new(&l.name, c.clone(), metrics.tls.clone())
+                .map_err(|e| anyhow::anyhow!("listener `{}`: {e}", l.name))?,
+        ),
+        (None, _) => None,
+    };
     Ok(Serving {
         config: l.clone(),
         kind,
         connections,
         limits: l.limits.clone(),
         hold,
+        tls,
     })
 }
 
@@ -369,6 +386,10 @@ impl Module for Proxy {
                 let current = l.serving.load_full();
                 let uses_replaced = replaced.iter().any(|r| uses_cluster(&current.config, r));
                 if same(&current.config, lc) && !uses_replaced {
+                    if let Some(tls) = &current.tls {
+                        // SIGHUP re-reads certificates even when the config is unchanged.
+                        let _ = tls.reload_files();
+                    }
                     continue;
                 }
                 let serving = build_serving(
@@ -508,6 +529,37 @@ async fn serve_connection(
     mut drain: Drain,
     guard: Arc<ConnectionGuard>,
 ) {
+    let mut identity = None;
+    let mut forbidden = false;
+    let secure = serving.tls.is_some();
+    let stream = match &serving.tls {
+        None => stream,
+        Some(tls) => {
+            let handshake = tls_handshake(&l, &serving, tls, stream, &peer);
+            let done = tokio::select! {
+                r = handshake => r,
+                _ = drain.signaled() => None,
+            };
+            let Some((stream, id)) = done else { return };
+            if let Some(allowed) = &serving.config.authz {
+                let ids = id
+                    .as_ref()
+                    .map(|i| i.identities.as_slice())
+                    .unwrap_or_default();
+                if !crate::config::tls::allowed(allowed, ids) {
+                    tracing::warn!(listener = %l.name, peer = ?peer, identity = ?ids.first(), "identity not allowed on this listener");
+                    tls.metrics().handshake("server", &l.name, "forbidden");
+                    if matches!(serving.kind, Kind::Tcp(_)) {
+                        return;
+                    }
+                    // HTTP: every request on it is answered 403, none reaches the app.
+                    forbidden = true;
+                }
+            }
+            identity = id;
+            stream
+        }
+    };
     let activity = Activity::new();
     let alarm = framing::Alarm::default();
     let scanner =
@@ -549,6 +601,9 @@ async fn serve_connection(
                 activity: activity.clone(),
                 idle_timeout: idle,
                 framing_alarm: alarm,
+                secure,
+                identity,
+                forbidden,
             });
             // Each request is handled by the listener's newest config generation: a reload
             // reaches keep-alive connections too.
@@ -590,6 +645,67 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// TLS on an accepted connection, within the header read timeout. Plain HTTP sent to a TLS
+/// port gets a 400 that says so. Returns the TLS stream and the client certificate's identity;
+/// None (logged and counted) when the handshake fails.
+async fn tls_handshake(
+    l: &Listener,
+    serving: &Serving,
+    tls: &crate::tls::ServerTls,
+    stream: listener::Stream,
+    peer: &Peer,
+) -> Option<(listener::Stream, Option<crate::tls::PeerIdentity>)> {
+    use tokio::io::AsyncWriteExt;
+    let limit = serving.limits.header_read_timeout.get();
+    let metrics = tls.metrics();
+    let mut stream = stream;
+    // A TLS connection starts with a handshake record (0x16); anything else is a client
+    // speaking plain HTTP to an HTTPS port.
+    if let listener::Stream::Tcp(tcp) = &stream {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(limit, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] != 0x16 => {
+                tracing::warn!(listener = %l.name, peer = ?peer, "plain text on a TLS listener; answered 400");
+                metrics.handshake("server", &l.name, "not_tls");
+                let _ = stream
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 51\r\n\r\noutrigger: this port speaks TLS; use https:// here\n")
+                    .await;
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                metrics.handshake("server", &l.name, "timeout");
+                return None;
+            }
+        }
+    }
+    let accepted = tokio::time::timeout(limit, tls.acceptor().accept(stream)).await;
+    let tls_stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = crate::tls::classify(&e);
+            metrics.handshake("server", &l.name, reason);
+            tracing::warn!(listener = %l.name, peer = ?peer, reason, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics.handshake("server", &l.name, "timeout");
+            tracing::debug!(listener = %l.name, peer = ?peer, "TLS handshake timed out");
+            return None;
+        }
+    };
+    metrics.handshake("server", &l.name, "ok");
+    let (_, conn) = tls_stream.get_ref();
+    let own = tls.own_identity.load();
+    let identity = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| crate::tls::PeerIdentity::of(c, own.as_deref()));
+    Some((listener::Stream::TlsServer(Box::new(tls_stream)), identity))
 }
 
 /// Resolves once the connection has moved no bytes for a whole `limit` (so after between one

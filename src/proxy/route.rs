@@ -28,6 +28,8 @@ pub struct Target {
     /// Replace the matched path prefix with this.
     pub rewrite: Option<(String, String)>,
     pub stats: RouteStats,
+    /// Identities allowed on this route (mutual TLS); None: anyone.
+    pub authz: Option<Vec<crate::config::tls::IdentityPattern>>,
 }
 
 /// The metric series of one route, created up front.
@@ -259,6 +261,7 @@ impl Router {
                     response_headers: Edits::new(&r.response_headers),
                     rewrite,
                     cluster,
+                    authz: r.authz.clone(),
                 };
                 Some((Matcher::new(&r.matches), Arc::new(target)))
             })
@@ -283,6 +286,7 @@ impl Router {
                         response_headers: Edits::default(),
                         rewrite: None,
                         cluster: cluster.clone(),
+                        authz: None,
                     };
                     (name.clone(), Arc::new(target))
                 })

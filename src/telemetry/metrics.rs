@@ -163,6 +163,7 @@ pub struct ProxyMetrics {
     pub shed: Family<ShedLabels, Counter>,
     pub endpoints: Family<ClusterLabels, Gauge>,
     pub discovery: Family<OutcomeLabels, Counter>,
+    pub tls: crate::tls::TlsMetrics,
 }
 
 impl Default for ProxyMetrics {
@@ -180,12 +181,14 @@ impl Default for ProxyMetrics {
             shed: Family::default(),
             endpoints: Family::default(),
             discovery: Family::default(),
+            tls: crate::tls::TlsMetrics::default(),
         }
     }
 }
 
 impl ProxyMetrics {
     fn register(&self, r: &mut Registry) {
+        self.tls.register(r);
         r.register(
             "http_requests",
             "HTTP requests received, by direction, listener, route and cluster",

@@ -4,8 +4,10 @@
 mod admin;
 mod app;
 mod backend;
+mod certs;
 mod config;
 mod lifecycle;
 mod proxy;
 mod reload;
 mod support;
+mod tls;

@@ -1,0 +1,250 @@
+//! TLS settings: termination on listeners (`listeners[].tls`), origination on clusters
+//! (`clusters.<name>.tls`), identity lists (`authz`), validated from their raw form. Files are
+//! read and parsed during validation, so a missing, unreadable or mismatched certificate or key
+//! is reported with the key's file:line like any other mistake, before anything starts.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::document::{Document, Problem};
+use super::raw::{ClientCertMode, RawClientTls, RawServerTls};
+use super::types::Duration;
+
+/// Warn this long before a certificate expires.
+pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// A certificate chain and its key.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The lowest TLS version accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// An identity (SPIFFE ID or DNS name) a peer must have: exact, or a prefix when it ends
+/// with `*` (`spiffe://example.org/ns/shop/*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct IdentityPattern(pub String);
+
+impl IdentityPattern {
+    pub fn matches(&self, identity: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => identity.starts_with(prefix),
+            None => self.0 == identity,
+        }
+    }
+}
+
+/// Whether any of `identities` is allowed by `patterns`.
+pub fn allowed(patterns: &[IdentityPattern], identities: &[String]) -> bool {
+    identities
+        .iter()
+        .any(|i| patterns.iter().any(|p| p.matches(i)))
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerTlsConfig {
+    #[serde(flatten)]
+    pub default: CertFiles,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<SniCert>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    pub client_cert: ClientCertMode,
+    pub min_version: TlsVersion,
+    pub alpn: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SniCert {
+    pub names: Vec<String>,
+    #[serde(flatten)]
+    pub files: CertFiles,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClientTlsConfig {
+    /// None: the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<CertFiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityPattern>,
+    pub min_version: TlsVersion,
+}
+
+fn version(raw: Option<&str>, at: &str, doc: &Document, problems: &mut Vec<Problem>) -> TlsVersion {
+    match raw.map(str::trim) {
+        None | Some("1.2") => TlsVersion::V1_2,
+        Some("1.3") => TlsVersion::V1_3,
+        Some(other) => {
+            problems.push(doc.problem(
+                at,
+                format!(
+                    "expected \"1.2\" or \"1.3\" (TLS 1.0 and 1.1 are not supported), found {other:?}"
+                ),
+            ));
+            TlsVersion::V1_2
+        }
+    }
+}
+
+/// Validates identity patterns (`authz` lists).
+pub fn identities(
+    raw: &[String],
+    at: &str,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Vec<IdentityPattern> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let bad = s.is_empty()
+                || s.contains(char::is_whitespace)
+                || s[..s.len().saturating_sub(1)].contains('*');
+            if bad {
+                problems.push(doc.problem(
+                    &format!("{at}[{i}]"),
+                    format!(
+                        "expected a SPIFFE ID or DNS name, optionally ending in * (spiffe://example.org/ns/shop/*), found {s:?}"
+                    ),
+                ));
+                return None;
+            }
+            Some(IdentityPattern(s.clone()))
+        })
+        .collect()
+}
+
+/// Validates a listener's `tls`; `http` selects the default ALPN.
+pub fn server(
+    raw: &RawServerTls,
+    at: &str,
+    http: bool,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<ServerTlsConfig> {
+    let min_version = version(
+        raw.min_version.as_deref(),
+        &format!("{at}.min_version"),
+        doc,
+        problems,
+    );
+    let alpn = match &raw.alpn {
+        Some(list) => {
+            for (i, p) in list.iter().enumerate() {
+                if !matches!(p.as_str(), "h2" | "http/1.1") {
+                    problems.push(doc.problem(
+                        &format!("{at}.alpn[{i}]"),
+                        format!("expected h2 or http/1.1, found {p:?}"),
+                    ));
+                }
+            }
+            list.clone()
+        }
+        None if http => vec!["h2".into(), "http/1.1".into()],
+        None => Vec::new(),
+    };
+    if raw.client_cert.is_some() && raw.client_ca.is_none() {
+        problems.push(doc.problem(
+            &format!("{at}.client_cert"),
+            "set, but there is no client_ca to verify client certificates with",
+        ));
+    }
+    let config = ServerTlsConfig {
+        default: CertFiles {
+            cert: raw.cert.clone(),
+            key: raw.key.clone(),
+        },
+        sni: raw
+            .sni
+            .iter()
+            .map(|s| SniCert {
+                names: s.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                files: CertFiles {
+                    cert: s.cert.clone(),
+                    key: s.key.clone(),
+                },
+            })
+            .collect(),
+        client_ca: raw.client_ca.clone(),
+        client_cert: raw.client_cert.unwrap_or_default(),
+        min_version,
+        alpn,
+    };
+    // Read everything now: a bad file is a config error, reported before anything starts.
+    if let Err(e) = crate::tls::server_config(&config) {
+        problems.push(doc.problem(at, e));
+        return None;
+    }
+    Some(config)
+}
+
+/// Validates a cluster's `tls`.
+pub fn client(
+    raw: &RawClientTls,
+    at: &str,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<ClientTlsConfig> {
+    let min_version = version(
+        raw.min_version.as_deref(),
+        &format!("{at}.min_version"),
+        doc,
+        problems,
+    );
+    let client = match (&raw.cert, &raw.key) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => None,
+        _ => {
+            problems.push(doc.problem(at, "a client certificate needs both cert and key"));
+            return None;
+        }
+    };
+    let identity = raw.identity.as_ref().and_then(|i| {
+        identities(
+            std::slice::from_ref(i),
+            &format!("{at}.identity"),
+            doc,
+            problems,
+        )
+        .pop()
+    });
+    if let Some(name) = &raw.server_name
+        && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        problems.push(doc.problem(
+            &format!("{at}.server_name"),
+            format!("expected a DNS name or an IP address, found {name:?}"),
+        ));
+        return None;
+    }
+    let config = ClientTlsConfig {
+        ca: raw.ca.clone(),
+        server_name: raw.server_name.clone(),
+        client,
+        identity,
+        min_version,
+    };
+    if let Err(e) = crate::tls::client_config(&config, false) {
+        problems.push(doc.problem(at, e));
+        return None;
+    }
+    Some(config)
+}

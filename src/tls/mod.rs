@@ -1,0 +1,655 @@
+//! TLS with rustls (aws-lc-rs provider): termination on listeners (several certificates by
+//! SNI, ALPN, a minimum version, session resumption, client certificates from a trust bundle),
+//! origination on clusters (a CA bundle or the system roots, SNI, a client certificate, a
+//! required upstream identity), workload identities (SPIFFE ID in a URI SAN, or a DNS SAN), the
+//! `x-forwarded-client-cert` value, hot reload of the files, and certificate expiry metrics.
+//!
+//! A listener's material lives in a [`ServerTls`]: new handshakes use whatever it holds now;
+//! a watcher re-reads the files when they change (Kubernetes secret volumes too) and a file
+//! that does not parse keeps the old material, reported in the log and the metrics.
+
+pub mod certs;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use std::sync::atomic::AtomicU64;
+
+use crate::config::raw::ClientCertMode;
+use crate::config::tls::{
+    CertFiles, ClientTlsConfig, IdentityPattern, ServerTlsConfig, TlsVersion,
+};
+use crate::telemetry::metrics::unix_now;
+
+/// The one crypto provider (aws-lc-rs), as DESIGN.md asks.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    match min {
+        // TLS 1.3 and 1.2: rustls has no 1.0 or 1.1 at all.
+        TlsVersion::V1_2 => rustls::DEFAULT_VERSIONS,
+        TlsVersion::V1_3 => TLS13_ONLY,
+    }
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        format!(
+            "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
+            path.display()
+        )
+    })
+}
+
+/// A certificate and key, checked to belong together.
+fn certified_key(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let info = CertInfo::of(&files.cert, &certs[0])?;
+    let ck = CertifiedKey::from_der(certs, key, &provider())
+        .map_err(|e| format!("{} / {}: {e}", files.cert.display(), files.key.display()))?;
+    ck.keys_match().map_err(|_| {
+        format!(
+            "{} does not belong to the certificate in {}",
+            files.key.display(),
+            files.cert.display()
+        )
+    })?;
+    Ok((Arc::new(ck), info))
+}
+
+fn roots(path: &Path) -> Result<Arc<RootCertStore>, String> {
+    let mut store = RootCertStore::empty();
+    for c in load_certs(path)? {
+        store
+            .add(c)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+    }
+    Ok(Arc::new(store))
+}
+
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(format!(
+            "no system CA certificates found ({}); set tls.ca",
+            found
+                .errors
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "install ca-certificates".into())
+        ));
+    }
+    Ok(Arc::new(store))
+}
+
+/// What is known of a loaded certificate: for expiry metrics and logs.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    pub path: PathBuf,
+    /// Unix time.
+    pub not_after: i64,
+    pub identities: Vec<String>,
+}
+
+impl CertInfo {
+    fn of(path: &Path, der: &CertificateDer<'_>) -> Result<CertInfo, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("{}: cannot parse the certificate: {e}", path.display()))?;
+        Ok(CertInfo {
+            path: path.to_path_buf(),
+            not_after: cert.validity().not_after.timestamp(),
+            identities: identities_of(der),
+        })
+    }
+}
+
+/// A certificate's identities: URI SANs (SPIFFE IDs) first, then DNS SANs.
+pub fn identities_of(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::URI(u) => uris.push(u.to_string()),
+            GeneralName::DNSName(d) => dns.push(d.to_string()),
+            _ => {}
+        }
+    }
+    uris.extend(dns);
+    uris
+}
+
+/// Picks the certificate by SNI: exact names, then `*.suffix` wildcards, then the default.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<CertifiedKey>,
+    by_name: Vec<(String, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(sni) = hello.server_name() else {
+            return Some(self.default.clone());
+        };
+        let sni = sni.to_ascii_lowercase();
+        let exact = self.by_name.iter().find(|(n, _)| *n == sni);
+        let wildcard = || {
+            self.by_name.iter().find(|(n, _)| {
+                n.strip_prefix("*.").is_some_and(|suffix| {
+                    sni.split_once('.').is_some_and(|(_, rest)| rest == suffix)
+                })
+            })
+        };
+        Some(
+            exact
+                .or_else(wildcard)
+                .map(|(_, k)| k.clone())
+                .unwrap_or_else(|| self.default.clone()),
+        )
+    }
+}
+
+/// A server config and what it was loaded from.
+pub struct LoadedServer {
+    pub config: Arc<ServerConfig>,
+    pub certs: Vec<CertInfo>,
+}
+
+/// Builds a rustls server config from the files (also how validation checks them).
+pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
+    let (default, info) = certified_key(&c.default)?;
+    let mut certs = vec![info];
+    let mut by_name = Vec::new();
+    for s in &c.sni {
+        let (key, info) = certified_key(&s.files)?;
+        certs.push(info);
+        for n in &s.names {
+            by_name.push((n.clone(), key.clone()));
+        }
+    }
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(c.min_version))
+        .map_err(|e| e.to_string())?;
+    let builder = match &c.client_ca {
+        Some(ca) => {
+            let mut v = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider());
+            if c.client_cert == ClientCertMode::Optional {
+                v = v.allow_unauthenticated();
+            }
+            let v = v.build().map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
+    config.alpn_protocols = c.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // Resumption: TLS 1.3 tickets (stateless) and the default session cache for TLS 1.2.
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    Ok(LoadedServer {
+        config: Arc::new(config),
+        certs,
+    })
+}
+
+/// Builds a rustls client config for a cluster; `h2` offers only HTTP/2 by ALPN.
+pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, String> {
+    let roots = match &c.ca {
+        Some(ca) => roots(ca)?,
+        None => system_roots()?,
+    };
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let verifier = Arc::new(IdentityVerifier {
+        inner,
+        identity: c.identity.clone(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(c.min_version))
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut certs = Vec::new();
+    let mut config = match &c.client {
+        Some(files) => {
+            let chain = load_certs(&files.cert)?;
+            certs.push(CertInfo::of(&files.cert, &chain[0])?);
+            let (ck, _) = certified_key(files)?;
+            let _ = ck;
+            builder
+                .with_client_auth_cert(chain, load_key(&files.key)?)
+                .map_err(|e| format!("{}: {e}", files.cert.display()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = if h2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(LoadedClient {
+        config: Arc::new(config),
+        certs,
+    })
+}
+
+pub struct LoadedClient {
+    pub config: Arc<ClientConfig>,
+    pub certs: Vec<CertInfo>,
+}
+
+/// WebPKI verification (chain, validity, usage) plus, when configured, the upstream's identity.
+/// With an identity set, a certificate valid for the identity but not for the server name (a
+/// SPIFFE certificate without DNS names, reached by IP) is accepted: the identity is the
+/// stronger check, as in every mesh.
+#[derive(Debug)]
+struct IdentityVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    identity: Option<IdentityPattern>,
+}
+
+impl ServerCertVerifier for IdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let Some(want) = &self.identity else {
+            return verified;
+        };
+        match verified {
+            Ok(_) => {}
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let ids = identities_of(end_entity);
+        if ids.iter().any(|i| want.matches(i)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(IdentityMismatch {
+                    want: want.0.clone(),
+                    got: ids,
+                })),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The upstream presented another identity than the cluster requires.
+#[derive(Debug)]
+pub struct IdentityMismatch {
+    pub want: String,
+    pub got: Vec<String>,
+}
+
+impl std::fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the upstream's identity {:?} is not the required {}",
+            self.got, self.want
+        )
+    }
+}
+
+impl std::error::Error for IdentityMismatch {}
+
+/// A verified peer (client certificate on an inbound listener).
+#[derive(Clone, Debug, Default)]
+pub struct PeerIdentity {
+    /// URI SANs then DNS SANs; the first is "the" identity.
+    pub identities: Vec<String>,
+    /// `x-forwarded-client-cert` value (Envoy's format).
+    pub xfcc: String,
+}
+
+impl PeerIdentity {
+    /// From the peer's certificate; `by` is this side's own identity (its certificate's).
+    pub fn of(cert: &CertificateDer<'_>, by: Option<&str>) -> PeerIdentity {
+        let identities = identities_of(cert);
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert);
+        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut xfcc = String::new();
+        if let Some(by) = by {
+            xfcc.push_str(&format!("By={by};"));
+        }
+        xfcc.push_str(&format!("Hash={hex}"));
+        for i in &identities {
+            let key = if i.contains("://") { "URI" } else { "DNS" };
+            xfcc.push_str(&format!(";{key}={i}"));
+        }
+        PeerIdentity { identities, xfcc }
+    }
+
+    pub fn identity(&self) -> Option<&str> {
+        self.identities.first().map(String::as_str)
+    }
+}
+
+/// How a handshake ended, for metrics and logs.
+pub fn classify(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "no_client_cert",
+        Some(E::InvalidCertificate(c)) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            // A look-alike CA (same name, other key) shows as a bad signature: untrusted too.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "wrong_name"
+            }
+            CertificateError::Other(o) if o.0.downcast_ref::<IdentityMismatch>().is_some() => {
+                "wrong_identity"
+            }
+            _ => "bad_cert",
+        },
+        Some(E::PeerIncompatible(_)) => "incompatible",
+        Some(E::InvalidMessage(_)) => "not_tls",
+        Some(E::AlertReceived(_)) => "alert",
+        Some(_) => "other",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        None => "io",
+    }
+}
+
+/// TLS metrics: handshakes by result, reloads, certificate expiry.
+#[derive(Clone, Default)]
+pub struct TlsMetrics {
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub expiry: Family<CertLabels, Gauge<f64, AtomicU64>>,
+    /// not_after by certificate, refreshed into `expiry` periodically.
+    known: Arc<Mutex<Vec<(CertLabels, i64)>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `server` (a listener terminating) or `client` (a cluster originating).
+    pub side: &'static str,
+    /// The listener's or the cluster's name.
+    pub name: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub listener: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `listener/<name>` or `cluster/<name>`.
+    pub owner: String,
+    pub path: String,
+}
+
+impl TlsMetrics {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes by side (server, client), listener or cluster name, and result (ok, no_client_cert, unknown_ca, expired, wrong_identity, forbidden, not_tls, incompatible, timeout, ...)",
+            self.handshakes.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Reloads of a listener's certificate files by result (a failed one keeps the old material)",
+            self.reloads.clone(),
+        );
+        r.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until each loaded certificate expires (negative: expired)",
+            self.expiry.clone(),
+        );
+    }
+
+    pub fn handshake(&self, side: &'static str, name: &str, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                side,
+                name: name.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Records the certificates `owner` now uses.
+    pub fn track(&self, owner: &str, certs: &[CertInfo]) {
+        let mut known = self.known.lock().expect("not poisoned");
+        known.retain(|(l, _)| l.owner != owner);
+        for c in certs {
+            known.push((
+                CertLabels {
+                    owner: owner.to_string(),
+                    path: c.path.display().to_string(),
+                },
+                c.not_after,
+            ));
+        }
+        drop(known);
+        self.refresh(None);
+    }
+
+    /// Updates the expiry gauges; with a warning threshold, logs certificates close to expiry.
+    pub fn refresh(&self, warn_below: Option<Duration>) {
+        let now = unix_now();
+        for (labels, not_after) in self.known.lock().expect("not poisoned").iter() {
+            let left = *not_after as f64 - now;
+            self.expiry.get_or_create(labels).set(left);
+            if let Some(w) = warn_below
+                && left < w.as_secs_f64()
+            {
+                tracing::warn!(owner = %labels.owner, path = %labels.path, days_left = format!("{:.1}", left / 86_400.0), "certificate expires soon");
+            }
+        }
+    }
+
+    /// Refreshes the gauges every minute and warns (hourly) about certificates that expire
+    /// within `warn_below`.
+    pub fn spawn_expiry_task(&self, warn_below: Duration) {
+        let m = self.clone();
+        tokio::spawn(async move {
+            let mut tick = 0u64;
+            loop {
+                m.refresh(tick.is_multiple_of(60).then_some(warn_below));
+                tick += 1;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
+    }
+}
+
+/// A listener's TLS material, swapped whole when its files change.
+pub struct ServerTls {
+    pub listener: String,
+    pub config: ServerTlsConfig,
+    current: ArcSwap<ServerConfig>,
+    /// This side's identity (its default certificate's), for `By=` in XFCC.
+    pub own_identity: ArcSwap<Option<String>>,
+    metrics: TlsMetrics,
+}
+
+impl ServerTls {
+    pub fn new(
+        listener: &str,
+        config: ServerTlsConfig,
+        metrics: TlsMetrics,
+    ) -> Result<Arc<ServerTls>, String> {
+        let loaded = server_config(&config)?;
+        let owner = format!("listener/{listener}");
+        metrics.track(&owner, &loaded.certs);
+        for result in ["success", "failure"] {
+            let _ = metrics.reloads.get_or_create(&ReloadLabels {
+                listener: listener.to_string(),
+                result,
+            });
+        }
+        let own = loaded
+            .certs
+            .first()
+            .and_then(|c| c.identities.first().cloned());
+        let tls = Arc::new(ServerTls {
+            listener: listener.to_string(),
+            config,
+            current: ArcSwap::new(loaded.config),
+            own_identity: ArcSwap::from_pointee(own),
+            metrics,
+        });
+        tokio::spawn(watch_files(Arc::downgrade(&tls)));
+        Ok(tls)
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.load_full())
+    }
+
+    pub fn metrics(&self) -> &TlsMetrics {
+        &self.metrics
+    }
+
+    /// Reads the files again; on success new handshakes use them, on failure the old material
+    /// stays (and the error is returned, logged and counted).
+    pub fn reload_files(&self) -> Result<(), String> {
+        let labels = |result| ReloadLabels {
+            listener: self.listener.clone(),
+            result,
+        };
+        match server_config(&self.config) {
+            Ok(loaded) => {
+                self.metrics
+                    .track(&format!("listener/{}", self.listener), &loaded.certs);
+                self.own_identity.store(Arc::new(
+                    loaded
+                        .certs
+                        .first()
+                        .and_then(|c| c.identities.first().cloned()),
+                ));
+                self.current.store(loaded.config);
+                self.metrics.reloads.get_or_create(&labels("success")).inc();
+                tracing::info!(listener = %self.listener, "TLS certificates reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reloads.get_or_create(&labels("failure")).inc();
+                tracing::error!(listener = %self.listener, error = %e, "TLS certificates not reloaded; keeping the old ones");
+                Err(e)
+            }
+        }
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let c = &self.config;
+        let mut files = vec![c.default.cert.clone(), c.default.key.clone()];
+        for s in &c.sni {
+            files.push(s.files.cert.clone());
+            files.push(s.files.key.clone());
+        }
+        files.extend(c.client_ca.clone());
+        files
+    }
+}
+
+/// Re-reads a listener's files when they change; ends once the listener's material is gone
+/// (replaced by a config reload).
+async fn watch_files(tls: Weak<ServerTls>) {
+    let Some(files) = tls.upgrade().map(|t| t.files()) else {
+        return;
+    };
+    let spec = crate::reload::watch::WatchSpec {
+        paths: files,
+        quiet: Duration::from_millis(200),
+        max_delay: Duration::from_secs(2),
+    };
+    let mut watch = match crate::reload::watch::Watch::start(spec) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the TLS files; reload them with SIGHUP");
+            return;
+        }
+    };
+    loop {
+        // Checked every few seconds so a replaced listener's watch does not linger.
+        let changed = tokio::time::timeout(Duration::from_secs(5), watch.changed()).await;
+        let Some(t) = tls.upgrade() else { return };
+        if changed.is_ok() {
+            let _ = t.reload_files();
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! TLS with real clients: curl (HTTPS, HTTP/2, client certificates), `openssl s_client`
+//! (versions, ALPN), two sidecars talking mutual TLS, every rejection case with no bytes to the
+//! app, and certificate hot reload under load. Certificates come from `outrigger certs`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::support::{Sidecar, eventually, run_to_end};
+
+const TD: &str = "spiffe://example.org/ns/shop/sa";
+
+/// A development PKI made with `outrigger certs`.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out, err) = run_to_end(
+            &[
+                "certs",
+                "ca",
+                "--out",
+                "ca",
+                "--trust-domain",
+                "example.org",
+            ],
+            &[],
+            dir.path(),
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        Pki { dir }
+    }
+
+    /// A second, unrelated CA in `ca-<name>`.
+    pub fn other_ca(&self, name: &str) -> PathBuf {
+        let out = format!("ca-{name}");
+        let (code, o, e) = run_to_end(&["certs", "ca", "--out", &out], &[], self.dir.path());
+        assert_eq!(code, 0, "{o}{e}");
+        self.dir.path().join(out)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca/ca.crt")
+    }
+
+    /// Issues NAME with `spiffe://example.org/ns/shop/sa/NAME`, DNS localhost and IP 127.0.0.1.
+    pub fn issue(&self, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        self.issue_from("ca", name, extra)
+    }
+
+    pub fn issue_from(&self, ca: &str, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        let spiffe = format!("{TD}/{name}");
+        let mut args = vec![
+            "certs",
+            "issue",
+            "--ca",
+            ca,
+            "--out",
+            "certs",
+            "--name",
+            name,
+            "--spiffe",
+            &spiffe,
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ];
+        args.extend_from_slice(extra);
+        let (code, o, e) = run_to_end(&args, &[], self.dir.path());
+        assert_eq!(code, 0, "{o}{e}");
+        let d = self.dir.path().join("certs");
+        (d.join(format!("{name}.crt")), d.join(format!("{name}.key")))
+    }
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// curl with the test CA; returns (exit code, stdout, stderr).
+fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `openssl s_client` against `addr` with `args`; returns its output (both streams). Prints
+/// "Protocol version: …" (`-brief`), or without `-brief` the ALPN result and the certificates.
+fn s_client(addr: &str, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", addr])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An inbound TLS listener `public` in front of `app`, with `tls_extra` inside its `tls:` and
+/// `extra` at the listener level.
+fn inbound(pki: &Pki, app: &Backend, tls_extra: &str, extra: &str) -> Sidecar {
+    let (cert, key) = pki.issue("b", &[]);
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    tls:\n      cert: {}\n      key: {}\n{tls_extra}{extra}",
+        app.address(),
+        p(&cert),
+        p(&key)
+    ));
+    sc.wait_ready();
+    sc
+}
+
+#[test]
+fn https_http1_and_http2_alpn_and_versions_with_curl_and_openssl() {
+    let pki = Pki::new();
+    let app = Backend::http();
+    let sc = inbound(&pki, &app, "", "");
+    let port = sc.listeners["public"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("https://localhost:{port}/hello");
+    let ca = p(&pki.ca());
+    let (code, out, err) = curl(&[
+        "--http1.1",
+        "--cacert",
+        &ca,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        &url,
+    ]);
+    assert_eq!((code, out.as_str()), (0, "200 1.1"), "{err}");
+    let (code, out, err) = curl(&[
+        "--http2",
+        "--cacert",
+        &ca,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        &url,
+    ]);
+    assert_eq!((code, out.as_str()), (0, "200 2"), "{err}");
+    let seen = app.seen();
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+
+    let addr = sc.listeners["public"].clone();
+    let h2 = s_client(&addr, &["-alpn", "h2", "-CAfile", &ca]);
+    let brief = |extra: &[&str]| s_client(&addr, &[&["-brief"], extra].concat());
+    assert!(h2.contains("ALPN protocol: h2"), "{h2}");
+    let h1 = s_client(&addr, &["-alpn", "http/1.1", "-CAfile", &ca]);
+    assert!(h1.contains("ALPN protocol: http/1.1"), "{h1}");
+    let v12 = brief(&["-tls1_2", "-CAfile", &ca]);
+    assert!(v12.contains("Protocol version: TLSv1.2"), "{v12}");
+    // TLS 1.0 and 1.1 do not exist in rustls: the handshake fails (SECLEVEL=0 makes openssl
+    // itself willing to try).
+    for v in ["-tls1", "-tls1_1"] {
+        let old = brief(&[v, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(!old.contains("Protocol version"), "{v} was accepted: {old}");
+    }
+    assert_eq!(app.count(), 2, "only the two curl requests reached the app");
+    assert!(sc.metric("outrigger_tls_handshakes_total{side=\"server\",name=\"public\",result=\"incompatible\"}") >= 1.0
+        || sc.stderr().contains("TLS handshake failed"), "{}", sc.diagnostics());
+}
+
+#[test]
+fn min_version_and_plain_http_are_refused() {
+    let pki = Pki::new();
+    let app = Backend::http();
+    let sc = inbound(&pki, &app, "      min_version: \"1.3\"\n", "");
+    let addr = sc.listeners["public"].clone();
+    let ca = p(&pki.ca());
+    let v12 = s_client(&addr, &["-brief", "-tls1_2", "-CAfile", &ca]);
+    assert!(!v12.contains("Protocol version"), "{v12}");
+    let v13 = s_client(&addr, &["-brief", "-tls1_3", "-CAfile", &ca]);
+    assert!(v13.contains("Protocol version: TLSv1.3"), "{v13}");
+    let (code, out, _) = curl(&["-i", &format!("http://{addr}/")]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("this port speaks TLS"), "{out}");
+    assert_eq!(app.count(), 0);
+    assert_eq!(
+        sc.metric(
+            "outrigger_tls_handshakes_total{side=\"server\",name=\"public\",result=\"not_tls\"}"
+        ),
+        1.0
+    );
+}
+
+/// Sidecar B: inbound mTLS in front of its app, allowing `allow`.
+fn service_b(pki: &Pki, app: &Backend, allow: &str) -> Sidecar {
+    inbound(
+        pki,
+        app,
+        &format!("      client_ca: {}\n", p(&pki.ca())),
+        &format!("    authz: [\"{allow}\"]\n"),
+    )
+}
+
+/// Sidecar A: an outbound listener whose cluster `b` is B's inbound port over mTLS, requiring
+/// `identity`.
+fn service_a(pki: &Pki, b_addr: &str, identity: &str) -> Sidecar {
+    let (cert, key) = pki.issue("a", &[]);
+    let sc = Sidecar::start(&format!(
+        "listeners:\n  - name: out\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - cluster: b\nclusters:\n  b:\n    endpoints: [{b_addr}]\n    tls:\n      ca: {}\n      cert: {}\n      key: {}\n      identity: \"{identity}\"\n",
+        p(&pki.ca()),
+        p(&cert),
+        p(&key)
+    ));
+    sc.wait_ready();
+    sc
+}
+
+#[test]
+fn two_sidecars_talk_mutual_tls_and_the_app_sees_the_callers_identity() {
+    let pki = Pki::new();
+    let app_b = Backend::http();
+    let b = service_b(&pki, &app_b, &format!("{TD}/a"));
+    let a = service_a(&pki, &b.listeners["public"], &format!("{TD}/b"));
+    let url = a.listener_url("out", "/orders");
+    let r = crate::support::client()
+        .get(&url)
+        .header("x-forwarded-client-cert", "URI=spiffe://evil/sa/root")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}\n{}", a.diagnostics(), b.diagnostics());
+    let seen = &app_b.seen()[0];
+    let xfcc = seen.header("x-forwarded-client-cert").expect("xfcc");
+    assert!(xfcc.starts_with(&format!("By={TD}/b;Hash=")), "{xfcc}");
+    assert!(xfcc.contains(&format!(";URI={TD}/a")), "{xfcc}");
+    assert!(xfcc.contains(";DNS=localhost"), "{xfcc}");
+    assert!(
+        !xfcc.contains("evil"),
+        "a client's own claim was passed on: {xfcc}"
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        a.metric("outrigger_tls_handshakes_total{side=\"client\",name=\"b\",result=\"ok\"}"),
+        1.0
+    );
+    // A requires B to be `sa/b`: a cluster wanting another identity refuses B (502).
+    let strict = service_a(&pki, &b.listeners["public"], &format!("{TD}/payments"));
+    let r = crate::support::client()
+        .get(strict.listener_url("out", "/x"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(
+        strict.stderr().contains("wrong_identity"),
+        "{}",
+        strict.diagnostics()
+    );
+    assert_eq!(app_b.count(), 1);
+}
+
+#[test]
+fn rejected_clients_never_reach_the_app() {
+    let pki = Pki::new();
+    let app = Backend::http();
+    let b = service_b(&pki, &app, &format!("{TD}/a"));
+    let port = b.listeners["public"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("https://localhost:{port}/");
+    let ca = p(&pki.ca());
+    let with = |cert: &Path, key: &Path| {
+        curl(&[
+            "--cacert",
+            &ca,
+            "--cert",
+            &p(cert),
+            "--key",
+            &p(key),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+    };
+    // No client certificate.
+    let (code, _, _) = curl(&["--cacert", &ca, &url]);
+    assert_ne!(code, 0);
+    // A certificate from another CA.
+    pki.other_ca("rogue");
+    let (cert, key) = pki.issue_from("ca-rogue", "a", &[]);
+    assert_ne!(with(&cert, &key).0, 0);
+    // An expired certificate.
+    let (cert, key) = pki.issue("expired", &["--expired"]);
+    assert_ne!(with(&cert, &key).0, 0);
+    // A valid certificate with an identity the listener does not allow: 403.
+    let (cert, key) = pki.issue("c", &[]);
+    let (code, out, _) = with(&cert, &key);
+    assert_eq!((code, out.as_str()), (0, "403"));
+    let m = |r: &str| {
+        b.metric(&format!(
+            "outrigger_tls_handshakes_total{{side=\"server\",name=\"public\",result=\"{r}\"}}"
+        ))
+    };
+    let counted = || {
+        format!(
+            "{} {} {} {}",
+            m("no_client_cert"),
+            m("unknown_ca"),
+            m("expired"),
+            m("forbidden")
+        )
+    };
+    let all = b.get("/metrics").1;
+    let all: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("tls_handshakes_total{"))
+        .collect();
+    eventually(
+        Duration::from_secs(5),
+        &format!("the rejections counted: {} {all:?}", counted()),
+        || {
+            (m("no_client_cert") == 1.0
+                && m("unknown_ca") == 1.0
+                && m("expired") == 1.0
+                && m("forbidden") == 1.0)
+                .then_some(())
+        },
+    );
+    let log = b.stderr();
+    for reason in [
+        "no_client_cert",
+        "unknown_ca",
+        "expired",
+        "identity not allowed",
+    ] {
+        assert!(log.contains(reason), "no log line for {reason}\n{log}");
+    }
+    assert_eq!(app.count(), 0, "a rejected client reached the app");
+}
+
+#[test]
+fn certificates_reload_under_load_without_a_failed_request() {
+    let pki = Pki::new();
+    let app = Backend::http();
+    let (cert, key) = pki.issue("b", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (live_cert, live_key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    tls: {{ cert: {}, key: {} }}\n",
+        app.address(),
+        p(&live_cert),
+        p(&live_key)
+    ));
+    sc.wait_ready();
+    let port = sc.listeners["public"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("https://localhost:{port}/");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.ca()).unwrap()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, ca, stop, ok, failed) = (
+                url.clone(),
+                ca.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+            );
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    // A new client each time: every request is a new handshake.
+                    let c = reqwest::blocking::Client::builder()
+                        .add_root_certificate(ca.clone())
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .unwrap();
+                    match c.get(&url).send() {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A renewed certificate, swapped in the way Kubernetes does it for secret volumes: key
+    // and certificate replaced by rename.
+    let (new_cert, new_key) = pki.issue("b-renewed", &["--dns", "renewed.example.org"]);
+    std::fs::copy(&new_key, dir.path().join("k.tmp")).unwrap();
+    std::fs::copy(&new_cert, dir.path().join("c.tmp")).unwrap();
+    std::fs::rename(dir.path().join("k.tmp"), &live_key).unwrap();
+    std::fs::rename(dir.path().join("c.tmp"), &live_cert).unwrap();
+    eventually(Duration::from_secs(10), "the reload", || {
+        (sc.metric("outrigger_tls_reloads_total{listener=\"public\",result=\"success\"}") >= 1.0)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{ok} ok\n{}", sc.diagnostics());
+    assert!(ok > 20, "too little load: {ok}");
+    // The new certificate is served now.
+    let served = s_client(
+        &sc.listeners["public"],
+        &["-showcerts", "-CAfile", &p(&pki.ca())],
+    );
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            let pem_start = served.find("-----BEGIN CERTIFICATE-----").unwrap_or(0);
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(&served.as_bytes()[pem_start..])?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let san = String::from_utf8_lossy(&out.stdout);
+    assert!(san.contains("renewed.example.org"), "{san}\n{served}");
+    // A broken file keeps the working material.
+    std::fs::write(&live_cert, "not a certificate").unwrap();
+    eventually(Duration::from_secs(10), "the failed reload", || {
+        (sc.metric("outrigger_tls_reloads_total{listener=\"public\",result=\"failure\"}") >= 1.0)
+            .then_some(())
+    });
+    let (code, out, err) = curl(&[
+        "--cacert",
+        &p(&pki.ca()),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ]);
+    assert_eq!((code, out.as_str()), (0, "200"), "{err}");
+}
