@@ -30,6 +30,9 @@ class Handler(BaseHTTPRequestHandler):
             "sidecar_admin": os.environ.get("OUTRIGGER_ADMIN_ADDRESS"),
             "service": os.environ.get("OUTRIGGER_SERVICE"),
         }
+        caller = self.headers.get("x-forwarded-client-cert")
+        if caller:
+            body["caller"] = caller
         self.reply(200, "application/json", (json.dumps(body) + "\n").encode())
 
     def reply(self, status, content_type, body):

@@ -77,15 +77,18 @@ fn certified_key(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), Str
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
     let info = CertInfo::of(&files.cert, &certs[0])?;
-    let ck = CertifiedKey::from_der(certs, key, &provider())
-        .map_err(|e| format!("{} / {}: {e}", files.cert.display(), files.key.display()))?;
-    ck.keys_match().map_err(|_| {
+    let mismatch = || {
         format!(
             "{} does not belong to the certificate in {}",
             files.key.display(),
             files.cert.display()
         )
+    };
+    let ck = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => mismatch(),
+        e => format!("{} / {}: {e}", files.cert.display(), files.key.display()),
     })?;
+    ck.keys_match().map_err(|_| mismatch())?;
     Ok((Arc::new(ck), info))
 }
 

@@ -285,3 +285,34 @@ fn lifecycle_and_reload_errors_are_located() {
         assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
     }
 }
+
+#[test]
+fn tls_errors_are_located() {
+    let pki = crate::tls::Pki::new();
+    let (a_cert, _) = pki.issue("a", &[]);
+    let (_, b_key) = pki.issue("b", &[]);
+    let dir = pki.dir.path();
+    std::fs::write(
+        dir.join("bad.yaml"),
+        format!(
+            "app:\n  address: 127.0.0.1:8080\nlisteners:\n  - name: one\n    address: 127.0.0.1:0\n    tls: {{ cert: /nonexistent.crt, key: /nonexistent.key }}\n  - name: two\n    address: 127.0.0.1:0\n    tls: {{ cert: {}, key: {}, min_version: \"1.1\" }}\n    authz: [\"spiffe://example.org/ns/*/sa/x\"]\nclusters:\n  up:\n    endpoints: [127.0.0.1:1]\n    tls: {{ cert: {} }}\n",
+            a_cert.display(),
+            b_key.display(),
+            a_cert.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir);
+    assert_eq!(code, 78, "{stderr}");
+    for e in [
+        "bad.yaml:6:5: listeners[0].tls: cannot read /nonexistent.crt",
+        "bad.yaml:9:5: listeners[1].tls: ",
+        "does not belong to the certificate in",
+        "listeners[1].tls.min_version: expected \"1.2\" or \"1.3\" (TLS 1.0 and 1.1 are not supported), found \"1.1\"",
+        "bad.yaml:10:13: listeners[1].authz[0]: expected a SPIFFE ID or DNS name, optionally ending in *",
+        "listeners[1].authz: identities come from client certificates: set tls.client_ca too",
+        "bad.yaml:14:5: clusters.up.tls: a client certificate needs both cert and key",
+    ] {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+}

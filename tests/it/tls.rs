@@ -466,3 +466,133 @@ fn certificates_reload_under_load_without_a_failed_request() {
     ]);
     assert_eq!((code, out.as_str()), (0, "200"), "{err}");
 }
+
+#[test]
+fn sni_picks_the_certificate_sessions_resume_and_tcp_listeners_terminate_tls() {
+    let pki = Pki::new();
+    let app = Backend::http();
+    // Only that name, so its CN is it too.
+    let (code, o, e) = run_to_end(
+        &[
+            "certs",
+            "issue",
+            "--ca",
+            "ca",
+            "--out",
+            "certs",
+            "--name",
+            "other",
+            "--dns",
+            "other.example.org",
+        ],
+        &[],
+        pki.dir.path(),
+    );
+    assert_eq!(code, 0, "{o}{e}");
+    let other_cert = pki.dir.path().join("certs/other.crt");
+    let other_key = pki.dir.path().join("certs/other.key");
+    let (echo, _t) = crate::backend::tcp_echo();
+    let (cert, key) = pki.issue("b", &[]);
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    tls:\n      cert: {c}\n      key: {k}\n      sni:\n        - {{ names: [other.example.org], cert: {}, key: {} }}\n  - name: raw\n    address: 127.0.0.1:0\n    protocol: tcp\n    cluster: echo\n    tls: {{ cert: {c}, key: {k} }}\nclusters:\n  echo:\n    endpoints: [{echo}]\n",
+        app.address(),
+        p(&other_cert),
+        p(&other_key),
+        c = p(&cert),
+        k = p(&key),
+    ));
+    sc.wait_ready();
+    let addr = sc.listeners["public"].clone();
+    let ca = p(&pki.ca());
+    let by_sni = s_client(
+        &addr,
+        &["-brief", "-servername", "other.example.org", "-CAfile", &ca],
+    );
+    assert!(by_sni.contains("CN = other.example.org"), "{by_sni}");
+    let default = s_client(
+        &addr,
+        &["-brief", "-servername", "localhost", "-CAfile", &ca],
+    );
+    assert!(default.contains("CN = localhost"), "{default}");
+
+    // TLS 1.2 session resumption (TLS 1.3 resumes through tickets the same way).
+    let sess = sc.path("session.pem");
+    let first = s_client(&addr, &["-tls1_2", "-CAfile", &ca, "-sess_out", &p(&sess)]);
+    assert!(first.contains("New, TLSv1.2"), "{first}");
+    let again = s_client(&addr, &["-tls1_2", "-CAfile", &ca, "-sess_in", &p(&sess)]);
+    assert!(again.contains("Reused, TLSv1.2"), "{again}");
+
+    // A tcp listener terminating TLS in front of an opaque backend (an echo server).
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-no_ign_eof",
+            "-connect",
+            &sc.listeners["raw"],
+            "-CAfile",
+            &ca,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            let mut stdin = c.stdin.take().unwrap();
+            stdin.write_all(b"ping over tls\n")?;
+            // Give the echo a moment before closing our side (s_client exits on EOF).
+            std::thread::sleep(Duration::from_millis(500));
+            drop(stdin);
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ping over tls"),
+        "{}",
+        sc.diagnostics()
+    );
+}
+
+#[test]
+fn route_authz_allows_per_route() {
+    let pki = Pki::new();
+    let app = Backend::http();
+    let (cert, key) = pki.issue("b", &[]);
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    tls: {{ cert: {}, key: {}, client_ca: {} }}\n    routes:\n      - name: admin\n        match: {{ path_prefix: /admin/ }}\n        cluster: app\n        authz: [\"{TD}/ops\"]\n",
+        app.address(),
+        p(&cert),
+        p(&key),
+        p(&pki.ca())
+    ));
+    sc.wait_ready();
+    let port = sc.listeners["public"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let ca = p(&pki.ca());
+    let get = |who: &str, path: &str| {
+        let (c, k) = pki.issue(who, &[]);
+        let url = format!("https://localhost:{port}{path}");
+        curl(&[
+            "--cacert",
+            &ca,
+            "--cert",
+            &p(&c),
+            "--key",
+            &p(&k),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .1
+    };
+    assert_eq!(get("ops", "/admin/x"), "200");
+    assert_eq!(get("web", "/admin/x"), "403");
+    assert_eq!(get("web", "/public"), "200");
+    assert_eq!(app.count(), 2);
+}
