@@ -121,6 +121,8 @@ pub struct WebhookConfig {
     pub expect: Option<u16>,
     pub retries: u32,
     pub timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -487,18 +489,17 @@ fn webhook(
         }
     };
     let authority = match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(a)) => {
-            if a.port_u16().is_some() {
-                a.to_string()
-            } else {
-                format!("{}:80", a.host())
-            }
+        (Some(scheme @ ("http" | "https")), Some(a)) => {
+            let port = a
+                .port_u16()
+                .unwrap_or(if scheme == "https" { 443 } else { 80 });
+            format!("{}:{port}", a.host())
         }
         _ => {
             problems.push(doc.problem(
                 &format!("{at}.url"),
                 format!(
-                    "expected an http:// URL with a host (https comes with TLS support), found {:?}",
+                    "expected an http:// or https:// URL with a host, found {:?}",
                     raw.url
                 ),
             ));
@@ -546,6 +547,7 @@ fn webhook(
         expect: raw.expect,
         retries,
         timeout,
+        ca: raw.ca.clone(),
     })
 }
 

@@ -221,6 +221,9 @@ pub struct RawWebhook {
     pub retries: Option<u32>,
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// https: the CA bundle to verify the server with (default: the system's roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

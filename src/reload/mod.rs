@@ -226,15 +226,45 @@ async fn webhook(w: &WebhookConfig) -> Result<(), String> {
 }
 
 async fn call(w: &WebhookConfig) -> Result<u16, String> {
+    let uri: http::Uri = w.url.parse().map_err(|e| format!("{e}"))?;
     let stream = TcpStream::connect(&w.authority)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", w.authority))?;
+    if uri.scheme_str() == Some("https") {
+        // Verified against `ca` or the system's roots, by the URL's host.
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_string();
+        let tls = crate::config::tls::ClientTlsConfig {
+            ca: w.ca.clone(),
+            server_name: None,
+            client: None,
+            identity: None,
+            min_version: crate::config::tls::TlsVersion::V1_2,
+        };
+        let config = crate::tls::client_config(&tls, false)?.config;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("{host}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS with {} failed: {e}", w.authority))?;
+        return send(w, &uri, stream).await;
+    }
+    send(w, &uri, stream).await
+}
+
+async fn send<S>(w: &WebhookConfig, uri: &http::Uri, stream: S) -> Result<u16, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake with {} failed: {e}", w.authority))?;
     let conn = tokio::spawn(conn);
     // Origin form, with the URL's authority as Host.
-    let uri: http::Uri = w.url.parse().map_err(|e| format!("{e}"))?;
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let host = uri.authority().map(|a| a.as_str()).unwrap_or("localhost");
     let req = http::Request::builder()

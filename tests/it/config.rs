@@ -251,7 +251,7 @@ fn lifecycle_and_reload_errors_are_located() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bad.yaml"),
-        "app:\n  command: [sleep, \"1\"]\n  probe: { http: healthz, interval: 0s }\n  stop_signal: SIGNOPE\n  forward_signals: [SIGTERM]\nreload:\n  - watch: /nonexistent/dir/file\n    action: { signal: HUP, restart: true }\n  - watch: .\n    action:\n      webhook: { url: \"https://example.com/\" }\n",
+        "app:\n  command: [sleep, \"1\"]\n  probe: { http: healthz, interval: 0s }\n  stop_signal: SIGNOPE\n  forward_signals: [SIGTERM]\nreload:\n  - watch: /nonexistent/dir/file\n    action: { signal: HUP, restart: true }\n  - watch: .\n    action:\n      webhook: { url: \"ftp://example.com/\" }\n",
     )
     .unwrap();
     let (code, _, stderr) =
@@ -263,7 +263,7 @@ fn lifecycle_and_reload_errors_are_located() {
         "bad.yaml:5:21: app.forward_signals[0]: SIGTERM cannot be forwarded",
         "bad.yaml:7:12: reload[0].watch: neither /nonexistent/dir/file nor its directory /nonexistent/dir exists",
         "bad.yaml:8:5: reload[0].action: expected exactly one of signal, webhook or restart, found 2",
-        "bad.yaml:11:23: reload[1].action.webhook.url: expected an http:// URL with a host",
+        "bad.yaml:11:23: reload[1].action.webhook.url: expected an http:// or https:// URL with a host",
     ] {
         assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
     }

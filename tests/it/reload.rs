@@ -342,3 +342,42 @@ fn changing_reload_entries_keeps_the_unchanged_ones_watching() {
     });
     assert_eq!(hook.seen().iter().filter(|s| s.path == "/a").count(), 1);
 }
+
+#[test]
+fn an_https_webhook_is_called_with_the_given_ca() {
+    // The HTTPS server is another sidecar terminating TLS in front of the hook backend.
+    let pki = crate::tls::Pki::new();
+    let hook = Backend::http();
+    let (cert, key) = pki.issue("hook", &[]);
+    let server = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    tls: {{ cert: {}, key: {} }}\n",
+        hook.address(),
+        cert.display(),
+        key.display()
+    ));
+    server.wait_ready();
+    let port = server.listeners["public"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("conf.txt");
+    std::fs::write(&watched, "1").unwrap();
+    let sc = Sidecar::start(&format!(
+        "reload:\n  - name: hook\n    watch: {}\n    action:\n      webhook: {{ url: \"https://localhost:{port}/-/reload\", ca: {} }}\n",
+        watched.display(),
+        pki.ca().display()
+    ));
+    sc.wait_ready();
+    std::fs::write(&watched, "2").unwrap();
+    eventually(Duration::from_secs(10), "the https webhook call", || {
+        (hook.count() == 1).then_some(())
+    });
+    assert_eq!(hook.seen()[0].path, "/-/reload");
+    assert_eq!(hook.seen()[0].header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        sc.metric("outrigger_reload_actions_total{reload=\"hook\",result=\"success\"}"),
+        1.0
+    );
+}
