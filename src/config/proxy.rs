@@ -475,6 +475,12 @@ fn listener(
         .as_ref()
         .map(|a| super::tls::identities(a, &format!("{at}.authz"), doc, problems));
     let mtls = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if mtls && !inbound {
+        problems.push(doc.problem(
+            &format!("{at}.tls.client_ca"),
+            "client certificates are verified on inbound listeners only (the app is the client of an outbound listener)",
+        ));
+    }
     if !mtls {
         if raw.authz.is_some() {
             problems.push(doc.problem(

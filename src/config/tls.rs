@@ -30,17 +30,35 @@ pub enum TlsVersion {
     V1_3,
 }
 
-/// An identity (SPIFFE ID or DNS name) a peer must have: exact, or a prefix when it ends
-/// with `*` (`spiffe://example.org/ns/shop/*`).
+/// An identity (SPIFFE ID or DNS name) a peer must have. A SPIFFE ID (anything with `://`)
+/// matches only URI SANs: exactly, or every ID under a path when it ends in `/*`
+/// (`spiffe://example.org/ns/shop/*`). A DNS name matches only DNS SANs: exactly (any case),
+/// or every subdomain with `*.example.org`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct IdentityPattern(pub String);
 
 impl IdentityPattern {
     pub fn matches(&self, identity: &str) -> bool {
-        match self.0.strip_suffix('*') {
-            Some(prefix) => identity.starts_with(prefix),
-            None => self.0 == identity,
+        let p = self.0.as_str();
+        let uri_pattern = p.contains("://");
+        if uri_pattern != identity.contains("://") {
+            return false;
+        }
+        if uri_pattern {
+            match p.strip_suffix('*') {
+                // Validated to end in "/*": the prefix keeps its '/' boundary.
+                Some(prefix) => identity.starts_with(prefix),
+                None => p == identity,
+            }
+        } else {
+            let identity = identity.to_ascii_lowercase();
+            match p.strip_prefix("*.") {
+                Some(suffix) => identity
+                    .strip_suffix(&suffix.to_ascii_lowercase())
+                    .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+                None => p.eq_ignore_ascii_case(&identity),
+            }
         }
     }
 }
@@ -50,6 +68,63 @@ pub fn allowed(patterns: &[IdentityPattern], identities: &[String]) -> bool {
     identities
         .iter()
         .any(|i| patterns.iter().any(|p| p.matches(i)))
+}
+
+/// Why `s` is not a valid identity pattern, if it is not.
+fn pattern_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() || !s.is_ascii() || s.contains(char::is_whitespace) {
+        return Some("expected a non-empty ASCII SPIFFE ID or DNS name");
+    }
+    if s.contains("://") {
+        let body = s.strip_suffix("/*").unwrap_or(s);
+        if body.contains('*') {
+            return Some("a SPIFFE ID may only end in /* (every ID under that path)");
+        }
+    } else {
+        let body = s.strip_prefix("*.").unwrap_or(s);
+        if body.contains('*')
+            || !body
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        {
+            return Some("a DNS name may only start with *. (every subdomain)");
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_patterns() {
+        let p = |s: &str| IdentityPattern(s.to_string());
+        assert!(p("spiffe://td/ns/shop/*").matches("spiffe://td/ns/shop/sa/web"));
+        assert!(!p("spiffe://td/ns/shop/*").matches("spiffe://td/ns/shopping/sa/web"));
+        assert!(p("spiffe://td/ns/shop/sa/web").matches("spiffe://td/ns/shop/sa/web"));
+        assert!(!p("spiffe://td/ns/shop/sa/web").matches("spiffe://td/ns/shop/sa/web2"));
+        // URI patterns never match DNS names and the other way round.
+        assert!(!p("spiffe://td/ns/shop/*").matches("shop.example.org"));
+        assert!(!p("api.example.org").matches("spiffe://api.example.org"));
+        assert!(p("api.example.org").matches("API.example.org"));
+        assert!(p("*.example.org").matches("a.b.example.org"));
+        assert!(!p("*.example.org").matches("example.org"));
+        assert!(!p("*.example.org").matches("evilexample.org"));
+        for bad in [
+            "spiffe://td*",
+            "spiffe://td/ns/*/sa",
+            "api.example.com*",
+            "a*b",
+            "",
+            "x y",
+            "spiffe://td/opé",
+        ] {
+            assert!(pattern_problem(bad).is_some(), "{bad}");
+        }
+        assert!(pattern_problem("spiffe://td/ns/shop/*").is_none());
+        assert!(pattern_problem("*.example.org").is_none());
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -112,14 +187,11 @@ pub fn identities(
     raw.iter()
         .enumerate()
         .filter_map(|(i, s)| {
-            let bad = s.is_empty()
-                || s.contains(char::is_whitespace)
-                || s[..s.len().saturating_sub(1)].contains('*');
-            if bad {
+            if let Some(why) = pattern_problem(s) {
                 problems.push(doc.problem(
                     &format!("{at}[{i}]"),
                     format!(
-                        "expected a SPIFFE ID or DNS name, optionally ending in * (spiffe://example.org/ns/shop/*), found {s:?}"
+                        "{why} (spiffe://example.org/ns/shop/sa/web, spiffe://example.org/ns/shop/*, api.example.org, *.example.org), found {s:?}"
                     ),
                 ));
                 return None;

@@ -43,44 +43,65 @@ pub struct Connector {
     tls: Option<(Arc<Origination>, rustls_pki_types::ServerName<'static>)>,
 }
 
-/// TLS origination for a cluster's endpoints.
+/// TLS origination for a cluster's endpoints. The client config is swapped when its files
+/// change (watched like a listener's) or on SIGHUP; connections made afterwards use it.
 pub struct Origination {
     /// The rustls client config, or why it could not be built (connections then fail: never
     /// fall back to plain text).
-    connector: Result<tokio_rustls::TlsConnector, String>,
+    connector: ArcSwap<Result<tokio_rustls::TlsConnector, String>>,
     cluster: String,
     /// `tls.server_name`, else the DNS host; else each endpoint's IP.
     server_name: Option<String>,
     metrics: crate::tls::TlsMetrics,
+    tls: crate::config::tls::ClientTlsConfig,
+    h2: bool,
+    fingerprints: Mutex<Vec<u64>>,
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Origination {
     fn new(config: &ClusterConfig, metrics: &ProxyMetrics) -> Option<Arc<Origination>> {
         let tls = config.tls.as_ref()?;
-        let connector = match crate::tls::client_config(tls, config.http2) {
-            Ok(loaded) => {
-                metrics
-                    .tls
-                    .track(&format!("cluster/{}", config.name), &loaded.certs);
-                Ok(tokio_rustls::TlsConnector::from(loaded.config))
-            }
-            Err(e) => {
-                tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
-                Err(e)
-            }
-        };
         let server_name = tls.server_name.clone().or_else(|| match &config.discovery {
             Discovery::Dns { host, .. } => Some(host.clone()),
             _ => None,
         });
-        Some(Arc::new(Origination {
-            connector,
+        let o = Arc::new(Origination {
+            connector: ArcSwap::from_pointee(Err("not loaded yet".to_string())),
             cluster: config.name.clone(),
             server_name,
             metrics: metrics.tls.clone(),
-        }))
+            tls: tls.clone(),
+            h2: config.http2,
+            fingerprints: Mutex::new(Vec::new()),
+            retired: std::sync::atomic::AtomicBool::new(false),
+        });
+        if let Err(e) = o.load() {
+            tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
+            o.connector.store(Arc::new(Err(e)));
+        }
+        crate::tls::spawn_watch(&o);
+        Some(o)
     }
 
+    /// Builds the client config from the files and swaps it in.
+    fn load(&self) -> Result<(), String> {
+        let files = crate::tls::Reloadable::files(self);
+        let fingerprints = crate::tls::fingerprints(&files);
+        let loaded = crate::tls::client_config(&self.tls, self.h2)?;
+        self.metrics
+            .track(&format!("cluster/{}", self.cluster), &loaded.certs);
+        self.connector
+            .store(Arc::new(Ok(tokio_rustls::TlsConnector::from(
+                loaded.config,
+            ))));
+        *self.fingerprints.lock().expect("not poisoned") = fingerprints;
+        Ok(())
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
     fn server_name(&self, address: &Address) -> rustls_pki_types::ServerName<'static> {
         let by_name = self
             .server_name
@@ -92,6 +113,42 @@ impl Origination {
                 rustls_pki_types::ServerName::try_from("localhost").expect("a valid DNS name")
             }
         })
+    }
+}
+
+impl crate::tls::Reloadable for Origination {
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        let t = &self.tls;
+        let mut files: Vec<_> = t.ca.iter().cloned().collect();
+        if let Some(c) = &t.client {
+            files.push(c.cert.clone());
+            files.push(c.key.clone());
+        }
+        files
+    }
+
+    fn reload_files(&self) -> Result<(), String> {
+        if self.retired() {
+            return Ok(());
+        }
+        let now = crate::tls::fingerprints(&self.files());
+        if *self.fingerprints.lock().expect("not poisoned") == now {
+            return Ok(());
+        }
+        match self.load() {
+            Ok(()) => {
+                tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(cluster = %self.cluster, error = %e, "TLS client material not reloaded; keeping the old one");
+                Err(e)
+            }
+        }
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 }
 
@@ -113,8 +170,9 @@ impl tower::Service<http::Uri> for Connector {
                 let Some((origination, name)) = tls else {
                     return Ok(stream);
                 };
-                let connector = origination
-                    .connector
+                let current = origination.connector.load_full();
+                let connector = current
+                    .as_ref()
                     .as_ref()
                     .map_err(|e| std::io::Error::other(e.clone()))?;
                 match connector.connect(name, stream).await {
@@ -164,6 +222,8 @@ pub struct Endpoint {
     ejected_until_ms: AtomicU64,
     /// Peak-EWMA of response latency (seconds) and when it was last updated.
     ewma: Mutex<(f64, Instant)>,
+    /// Reached over TLS.
+    tls: bool,
 }
 
 impl Endpoint {
@@ -187,6 +247,7 @@ impl Endpoint {
             Address::Unix(_) => http::uri::Authority::from_static("localhost"),
         };
         Endpoint {
+            tls: tls.is_some(),
             address,
             client,
             authority,
@@ -200,7 +261,12 @@ impl Endpoint {
     /// The URI of a request to this endpoint.
     pub fn uri(&self, path: http::uri::PathAndQuery) -> http::Uri {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+        // `:scheme` for HTTP/2 upstreams; HTTP/1 requests go out in origin form.
+        parts.scheme = Some(if self.tls {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(path);
         http::Uri::from_parts(parts).expect("scheme, authority and path make a URI")
@@ -299,6 +365,16 @@ impl Cluster {
     /// Marks the cluster replaced by a reload (its successor, if any, has the same name).
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
+        if let Some(o) = &self.tls {
+            o.retire();
+        }
+    }
+
+    /// Re-reads the TLS files (SIGHUP, config reload); a no-op when they did not change.
+    pub fn reload_tls(&self) {
+        if let Some(o) = &self.tls {
+            let _ = crate::tls::Reloadable::reload_files(&**o);
+        }
     }
 
     pub fn export_endpoint_count(&self) {

@@ -177,6 +177,11 @@ pub struct HttpListener {
     /// Inbound: requests wait for the app (starting or restarting) up to this long.
     hold: Option<(AppGate, Duration)>,
     limits: Limits,
+    /// The listener's `authz`: identities allowed in (None: anyone).
+    authz: Option<Vec<crate::config::tls::IdentityPattern>>,
+    /// Some route has `authz`: paths must be canonical, or `//admin`, `/./admin` and
+    /// `/%61dmin` (which apps read as `/admin`) would miss the protected route.
+    strict_paths: bool,
 }
 
 /// The downstream connection a request arrived on.
@@ -194,8 +199,6 @@ pub struct Downstream {
     pub secure: bool,
     /// The verified client certificate's identity (mutual TLS).
     pub identity: Option<crate::tls::PeerIdentity>,
-    /// The listener's `authz` refused the identity: every request gets 403.
-    pub forbidden: bool,
 }
 
 /// Permits a request holds until its response body is done.
@@ -205,6 +208,8 @@ struct Permits {
 }
 
 impl HttpListener {
+    // One call site (proxy::build_serving); a params struct would only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Name,
         direction: &'static str,
@@ -213,6 +218,7 @@ impl HttpListener {
         metrics: &ProxyMetrics,
         hold: Option<(AppGate, Duration)>,
         previous: Option<&HttpListener>,
+        authz: Option<Vec<crate::config::tls::IdentityPattern>>,
     ) -> Self {
         let shed = |reason| {
             metrics
@@ -242,6 +248,8 @@ impl HttpListener {
                     .map(|r| Arc::new(Mutex::new(TokenBucket::new(r)))),
             },
             limits: limits.clone(),
+            strict_paths: router.has_authz(),
+            authz,
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),
             shed_breaker: shed("breaker"),
@@ -260,12 +268,22 @@ impl HttpListener {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        if down.forbidden {
-            self.unrouted.response(403, Failure::Forbidden.reason());
-            return Ok(error_response(
-                Failure::Forbidden,
-                "your identity is not allowed on this listener",
-            ));
+        // Checked per request against the newest config: a reload that changes `authz`
+        // applies to open keep-alive connections too.
+        if let Some(allowed) = &self.authz {
+            let ids = down
+                .identity
+                .as_ref()
+                .map(|i| i.identities.as_slice())
+                .unwrap_or_default();
+            if !crate::config::tls::allowed(allowed, ids) {
+                tracing::warn!(listener = %self.name, peer = ?down.peer, identity = ?ids.first(), "identity not allowed on this listener");
+                self.unrouted.response(403, Failure::Forbidden.reason());
+                return Ok(error_response(
+                    Failure::Forbidden,
+                    "your identity is not allowed on this listener",
+                ));
+            }
         }
         let permit = match self.admit() {
             Ok(p) => p,
@@ -305,6 +323,14 @@ impl HttpListener {
             tracing::warn!(listener = %self.name, peer = ?down.peer, error = why, "refused ambiguous request framing");
             self.unrouted.response(400, Failure::BadRequest.reason());
             return Ok(with_close(error_response(Failure::BadRequest, why)));
+        }
+        if self.strict_paths && !canonical_path(req.uri().path()) {
+            tracing::warn!(listener = %self.name, peer = ?down.peer, path = req.uri().path(), "non-canonical path refused (a route here has authz)");
+            self.unrouted.response(400, Failure::BadRequest.reason());
+            return Ok(error_response(
+                Failure::BadRequest,
+                "non-canonical path (empty or dot segments, backslashes, or encoded unreserved characters)",
+            ));
         }
         // Phase 3: route by the request's authority (absolute-form or :authority first, as
         // RFC 9112 §3.2.2 says), which is also the Host the upstream will see.
@@ -910,6 +936,38 @@ fn prepare(headers: &mut HeaderMap, peer: &Peer, inbound: bool, upgrade: bool, v
     }
 }
 
+/// Whether `path` has one spelling only: no empty or dot segments, no backslash, and no
+/// percent-encoding of what needs none (letters, digits, `-._~`) or of `/` and `\`.
+pub fn canonical_path(path: &str) -> bool {
+    if path.contains("//") || path.contains('\\') {
+        return false;
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return false;
+    }
+    let b = path.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|c| hex(*c)),
+                b.get(i + 2).and_then(|c| hex(*c)),
+            ) else {
+                return false;
+            };
+            let c = (h * 16 + l) as u8;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\') {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
 /// The path and query for the upstream, with the route's prefix rewrite applied; None when
 /// the rewrite produced an invalid target.
 fn rewrite(uri: &Uri, rule: Option<&(String, String)>) -> Option<PathAndQuery> {
@@ -947,6 +1005,26 @@ mod tests {
             r = r.header(*k, *v);
         }
         r.body(()).unwrap()
+    }
+
+    #[test]
+    fn canonical_paths() {
+        for ok in ["/", "/admin/x", "/a%20b", "/a.b/c~d", "/%C3%A9"] {
+            assert!(canonical_path(ok), "{ok}");
+        }
+        for bad in [
+            "//admin/x",
+            "/./admin/x",
+            "/a/../admin",
+            "/%61dmin",
+            "/admin%2Fx",
+            "/a\\b",
+            "/%2e%2e/x",
+            "/%zz",
+            "/x/.",
+        ] {
+            assert!(!canonical_path(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::config::raw::{Direction, Protocol};
 use crate::config::{Address, Config};
 use crate::runtime::{AppGate, Drain, Module, ModuleContext, ModuleFuture, ReloadFuture};
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
+use crate::tls::Reloadable;
 use cluster::Cluster;
 use listener::{Activity, Bound, Metered, Peer};
 
@@ -259,6 +260,7 @@ fn build_serving(
                     Kind::Http(h, _) => Some(&**h),
                     Kind::Tcp(_) => None,
                 }),
+                l.authz.clone(),
             ));
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
@@ -272,6 +274,7 @@ fn build_serving(
     // asks); other settings build a new one.
     let tls = match (&l.tls, previous.and_then(|p| p.tls.as_ref())) {
         (Some(c), Some(prev)) if prev.config == *c => {
+            // A no-op unless the files changed (session tickets survive a reload).
             let _ = prev.reload_files();
             Some(prev.clone())
         }
@@ -279,7 +282,12 @@ fn build_serving(
             crate::tls::ServerTls::new(&l.name, c.clone(), metrics.tls.clone())
                 .map_err(|e| anyhow::anyhow!("listener `{}`: {e}", l.name))?,
         ),
-        (None, _) => None,
+        (None, prev) => {
+            if prev.is_some() {
+                metrics.tls.untrack(&format!("listener/{}", l.name));
+            }
+            None
+        }
     };
     Ok(Serving {
         config: l.clone(),
@@ -405,12 +413,27 @@ impl Module for Proxy {
             }
             let swapped = generations.len();
             for (l, serving) in generations {
-                l.serving.store(Arc::new(serving));
+                let old = l.serving.swap(Arc::new(serving));
+                let new = l.serving.load();
+                if let Some(t) = &old.tls
+                    && !new.tls.as_ref().is_some_and(|n| Arc::ptr_eq(n, t))
+                {
+                    t.retire();
+                }
             }
             for name in replaced {
                 // Its discovery stops and it no longer reports; connections that still hold
                 // it finish their requests.
                 old[name].retire();
+                if next.get(name).is_none_or(|n| n.config.tls.is_none()) {
+                    self.metrics.tls.untrack(&format!("cluster/{name}"));
+                }
+            }
+            for (name, c) in &next {
+                if old.get(name).is_some_and(|o| Arc::ptr_eq(o, c)) {
+                    // Kept: SIGHUP and config reloads re-read its TLS files (if changed).
+                    c.reload_tls();
+                }
             }
             for c in &fresh {
                 tokio::spawn(Cluster::discover(Arc::downgrade(c)));
@@ -530,7 +553,6 @@ async fn serve_connection(
     guard: Arc<ConnectionGuard>,
 ) {
     let mut identity = None;
-    let mut forbidden = false;
     let secure = serving.tls.is_some();
     let stream = match &serving.tls {
         None => stream,
@@ -541,19 +563,17 @@ async fn serve_connection(
                 _ = drain.signaled() => None,
             };
             let Some((stream, id)) = done else { return };
-            if let Some(allowed) = &serving.config.authz {
+            // HTTP listeners check `authz` per request (403, newest config); a tcp
+            // connection has no requests: it is checked here and closed.
+            if let (Some(allowed), Kind::Tcp(_)) = (&serving.config.authz, &serving.kind) {
                 let ids = id
                     .as_ref()
                     .map(|i| i.identities.as_slice())
                     .unwrap_or_default();
                 if !crate::config::tls::allowed(allowed, ids) {
-                    tracing::warn!(listener = %l.name, peer = ?peer, identity = ?ids.first(), "identity not allowed on this listener");
+                    tracing::warn!(listener = %l.name, peer = ?peer, identity = ?ids.first(), "identity not allowed on this listener; connection closed");
                     tls.metrics().handshake("server", &l.name, "forbidden");
-                    if matches!(serving.kind, Kind::Tcp(_)) {
-                        return;
-                    }
-                    // HTTP: every request on it is answered 403, none reaches the app.
-                    forbidden = true;
+                    return;
                 }
             }
             identity = id;
@@ -603,7 +623,6 @@ async fn serve_connection(
                 framing_alarm: alarm,
                 secure,
                 identity,
-                forbidden,
             });
             // Each request is handled by the listener's newest config generation: a reload
             // reaches keep-alive connections too.
@@ -658,14 +677,17 @@ async fn tls_handshake(
     peer: &Peer,
 ) -> Option<(listener::Stream, Option<crate::tls::PeerIdentity>)> {
     use tokio::io::AsyncWriteExt;
-    let limit = serving.limits.header_read_timeout.get();
+    // One deadline for the first byte and the whole handshake: a slow client holds its
+    // connection slot for at most this long before any HTTP timer starts.
+    let deadline = tokio::time::Instant::now() + serving.limits.header_read_timeout.get();
     let metrics = tls.metrics();
     let mut stream = stream;
-    // A TLS connection starts with a handshake record (0x16); anything else is a client
-    // speaking plain HTTP to an HTTPS port.
-    if let listener::Stream::Tcp(tcp) = &stream {
+    let http = matches!(serving.kind, Kind::Http(..));
+    // A TLS connection starts with a handshake record (0x16); anything else on an HTTP
+    // listener is a client speaking plain HTTP to an HTTPS port.
+    if let (listener::Stream::Tcp(tcp), true) = (&stream, http) {
         let mut first = [0u8; 1];
-        match tokio::time::timeout(limit, tcp.peek(&mut first)).await {
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] != 0x16 => {
                 tracing::warn!(listener = %l.name, peer = ?peer, "plain text on a TLS listener; answered 400");
                 metrics.handshake("server", &l.name, "not_tls");
@@ -676,14 +698,19 @@ async fn tls_handshake(
                 return None;
             }
             Ok(Ok(_)) => {}
-            Ok(Err(_)) => return None,
+            Ok(Err(e)) => {
+                metrics.handshake("server", &l.name, "io");
+                tracing::debug!(listener = %l.name, peer = ?peer, error = %e, "connection failed before the TLS handshake");
+                return None;
+            }
             Err(_) => {
                 metrics.handshake("server", &l.name, "timeout");
+                tracing::warn!(listener = %l.name, peer = ?peer, "no TLS handshake within the header read timeout; closed");
                 return None;
             }
         }
     }
-    let accepted = tokio::time::timeout(limit, tls.acceptor().accept(stream)).await;
+    let accepted = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
     let tls_stream = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -694,7 +721,7 @@ async fn tls_handshake(
         }
         Err(_) => {
             metrics.handshake("server", &l.name, "timeout");
-            tracing::debug!(listener = %l.name, peer = ?peer, "TLS handshake timed out");
+            tracing::warn!(listener = %l.name, peer = ?peer, "TLS handshake did not finish within the header read timeout; closed");
             return None;
         }
     };

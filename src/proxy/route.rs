@@ -297,6 +297,11 @@ impl Router {
         Router { routes, by_host }
     }
 
+    /// Whether some route limits who may use it.
+    pub fn has_authz(&self) -> bool {
+        self.routes.iter().any(|(_, t)| t.authz.is_some())
+    }
+
     /// The clusters this router's routes send to (not the outbound by-host ones).
     pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
         self.routes.iter().map(|(_, t)| &t.cluster)

@@ -153,8 +153,16 @@ pub fn identities_of(der: &[u8]) -> Vec<String> {
     let mut dns = Vec::new();
     for name in &san.value.general_names {
         match name {
-            GeneralName::URI(u) => uris.push(u.to_string()),
-            GeneralName::DNSName(d) => dns.push(d.to_string()),
+            // A URI always has a scheme; DNS names never contain "://": the two kinds cannot
+            // be confused when matched (see `IdentityPattern`).
+            GeneralName::URI(u) if u.contains("://") => uris.push(u.to_string()),
+            GeneralName::DNSName(d)
+                if !d.is_empty()
+                    && d.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '*')) =>
+            {
+                dns.push(d.to_ascii_lowercase())
+            }
             _ => {}
         }
     }
@@ -226,8 +234,16 @@ pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
     config.alpn_protocols = c.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    // Resumption: TLS 1.3 tickets (stateless) and the default session cache for TLS 1.2.
-    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    if c.client_ca.is_some() {
+        // A resumed session is not verified again: a client certificate that has since
+        // expired (short-lived workload certs) would keep resuming for the ticket's lifetime.
+        // With client certificates every connection does a full handshake.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    } else {
+        // Resumption: TLS 1.3 tickets (stateless) and the default session cache for TLS 1.2.
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    }
     Ok(LoadedServer {
         config: Arc::new(config),
         certs,
@@ -243,9 +259,12 @@ pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, Stri
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| e.to_string())?;
+    let identity_replaces_name =
+        c.ca.is_some() || c.identity.as_ref().is_some_and(|i| i.0.contains("://"));
     let verifier = Arc::new(IdentityVerifier {
         inner,
         identity: c.identity.clone(),
+        identity_replaces_name,
     });
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(c.min_version))
@@ -289,6 +308,9 @@ pub struct LoadedClient {
 struct IdentityVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     identity: Option<IdentityPattern>,
+    /// Whether a name mismatch may be excused by the identity: only for a SPIFFE identity or
+    /// a private CA (`tls.ca`), never for a DNS identity under the public roots.
+    identity_replaces_name: bool,
 }
 
 impl ServerCertVerifier for IdentityVerifier {
@@ -310,7 +332,7 @@ impl ServerCertVerifier for IdentityVerifier {
             Ok(_) => {}
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
+            )) if self.identity_replaces_name => {}
             Err(e) => return Err(e),
         }
         let ids = identities_of(end_entity);
@@ -385,18 +407,31 @@ impl PeerIdentity {
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         let mut xfcc = String::new();
         if let Some(by) = by {
-            xfcc.push_str(&format!("By={by};"));
+            xfcc.push_str(&format!("By={};", xfcc_value(by)));
         }
         xfcc.push_str(&format!("Hash={hex}"));
         for i in &identities {
             let key = if i.contains("://") { "URI" } else { "DNS" };
-            xfcc.push_str(&format!(";{key}={i}"));
+            xfcc.push_str(&format!(";{key}={}", xfcc_value(i)));
         }
         PeerIdentity { identities, xfcc }
     }
 
     pub fn identity(&self) -> Option<&str> {
         self.identities.first().map(String::as_str)
+    }
+}
+
+/// A value in `x-forwarded-client-cert`, quoted as Envoy does when it holds `,`, `;`, `=` or
+/// `"`, so a crafted SAN cannot add fields or elements.
+fn xfcc_value(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains([',', ';', '=', '"']) {
+        std::borrow::Cow::Owned(format!(
+            "\"{}\"",
+            v.replace('\\', "\\\\").replace('"', "\\\"")
+        ))
+    } else {
+        std::borrow::Cow::Borrowed(v)
     }
 }
 
@@ -495,8 +530,8 @@ impl TlsMetrics {
 
     /// Records the certificates `owner` now uses.
     pub fn track(&self, owner: &str, certs: &[CertInfo]) {
+        self.untrack(owner);
         let mut known = self.known.lock().expect("not poisoned");
-        known.retain(|(l, _)| l.owner != owner);
         for c in certs {
             known.push((
                 CertLabels {
@@ -508,6 +543,19 @@ impl TlsMetrics {
         }
         drop(known);
         self.refresh(None);
+    }
+
+    /// Forgets `owner`'s certificates (a listener or cluster removed or without TLS now).
+    pub fn untrack(&self, owner: &str) {
+        let mut known = self.known.lock().expect("not poisoned");
+        known.retain(|(l, _)| {
+            if l.owner == owner {
+                self.expiry.remove(l);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Updates the expiry gauges; with a warning threshold, logs certificates close to expiry.
@@ -544,6 +592,11 @@ pub struct ServerTls {
     pub listener: String,
     pub config: ServerTlsConfig,
     current: ArcSwap<ServerConfig>,
+    /// The files' content when last loaded: a reload of unchanged files keeps the config
+    /// (and so its session tickets).
+    fingerprints: Mutex<Vec<u64>>,
+    /// Replaced by a config reload: its watch ends and it no longer reports.
+    retired: std::sync::atomic::AtomicBool,
     /// This side's identity (its default certificate's), for `By=` in XFCC.
     pub own_identity: ArcSwap<Option<String>>,
     metrics: TlsMetrics,
@@ -571,11 +624,14 @@ impl ServerTls {
         let tls = Arc::new(ServerTls {
             listener: listener.to_string(),
             config,
+            fingerprints: Mutex::new(Vec::new()),
+            retired: std::sync::atomic::AtomicBool::new(false),
             current: ArcSwap::new(loaded.config),
             own_identity: ArcSwap::from_pointee(own),
             metrics,
         });
-        tokio::spawn(watch_files(Arc::downgrade(&tls)));
+        *tls.fingerprints.lock().expect("not poisoned") = fingerprints(&tls.files());
+        spawn_watch(&tls);
         Ok(tls)
     }
 
@@ -587,13 +643,32 @@ impl ServerTls {
         &self.metrics
     }
 
+    /// Marks this material replaced (a config reload built another): no more reloads.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Reloadable for ServerTls {
+    fn retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Reads the files again; on success new handshakes use them, on failure the old material
     /// stays (and the error is returned, logged and counted).
-    pub fn reload_files(&self) -> Result<(), String> {
+    fn reload_files(&self) -> Result<(), String> {
+        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let labels = |result| ReloadLabels {
             listener: self.listener.clone(),
             result,
         };
+        let now = fingerprints(&self.files());
+        if *self.fingerprints.lock().expect("not poisoned") == now {
+            return Ok(());
+        }
         match server_config(&self.config) {
             Ok(loaded) => {
                 self.metrics
@@ -605,6 +680,7 @@ impl ServerTls {
                         .and_then(|c| c.identities.first().cloned()),
                 ));
                 self.current.store(loaded.config);
+                *self.fingerprints.lock().expect("not poisoned") = now;
                 self.metrics.reloads.get_or_create(&labels("success")).inc();
                 tracing::info!(listener = %self.listener, "TLS certificates reloaded");
                 Ok(())
@@ -629,10 +705,24 @@ impl ServerTls {
     }
 }
 
-/// Re-reads a listener's files when they change; ends once the listener's material is gone
-/// (replaced by a config reload).
-async fn watch_files(tls: Weak<ServerTls>) {
-    let Some(files) = tls.upgrade().map(|t| t.files()) else {
+/// TLS material read from files that can change (a listener's or a cluster's).
+pub trait Reloadable: Send + Sync + 'static {
+    /// The files to watch.
+    fn files(&self) -> Vec<PathBuf>;
+    /// Reads them again; keeps the old material when they do not parse.
+    fn reload_files(&self) -> Result<(), String>;
+    /// Replaced by a config reload: the watch ends.
+    fn retired(&self) -> bool;
+}
+
+/// Re-reads `target`'s files when they change (Kubernetes secret volumes too); ends once the
+/// target is gone or retired.
+pub fn spawn_watch<T: Reloadable>(target: &Arc<T>) {
+    tokio::spawn(watch_files(Arc::downgrade(target)));
+}
+
+async fn watch_files<T: Reloadable>(target: Weak<T>) {
+    let Some(files) = target.upgrade().map(|t| t.files()) else {
         return;
     };
     let spec = crate::reload::watch::WatchSpec {
@@ -647,12 +737,28 @@ async fn watch_files(tls: Weak<ServerTls>) {
             return;
         }
     };
+    // A rotation between the first read and the watch starting is not missed (a no-op when
+    // the files are unchanged).
+    if let Some(t) = target.upgrade() {
+        let _ = t.reload_files();
+    }
     loop {
-        // Checked every few seconds so a replaced listener's watch does not linger.
+        // Checked every few seconds so a replaced target's watch does not linger.
         let changed = tokio::time::timeout(Duration::from_secs(5), watch.changed()).await;
-        let Some(t) = tls.upgrade() else { return };
+        let Some(t) = target.upgrade() else { return };
+        if t.retired() {
+            return;
+        }
         if changed.is_ok() {
             let _ = t.reload_files();
         }
     }
+}
+
+/// The content fingerprints of `files`.
+pub fn fingerprints(files: &[PathBuf]) -> Vec<u64> {
+    files
+        .iter()
+        .map(|f| crate::reload::watch::fingerprint(f))
+        .collect()
 }

@@ -309,7 +309,7 @@ fn tls_errors_are_located() {
         "bad.yaml:9:5: listeners[1].tls: ",
         "does not belong to the certificate in",
         "listeners[1].tls.min_version: expected \"1.2\" or \"1.3\" (TLS 1.0 and 1.1 are not supported), found \"1.1\"",
-        "bad.yaml:10:13: listeners[1].authz[0]: expected a SPIFFE ID or DNS name, optionally ending in *",
+        "bad.yaml:10:13: listeners[1].authz[0]: a SPIFFE ID may only end in /*",
         "listeners[1].authz: identities come from client certificates: set tls.client_ca too",
         "bad.yaml:14:5: clusters.up.tls: a client certificate needs both cert and key",
     ] {
