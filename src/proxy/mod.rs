@@ -697,6 +697,12 @@ async fn tls_handshake(
                 let _ = stream.shutdown().await;
                 return None;
             }
+            // Closed without a byte: a TCP health check (kubelet, load balancers). Not worth
+            // a warning every few seconds.
+            Ok(Ok(0)) => {
+                metrics.handshake("server", &l.name, "eof");
+                return None;
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 metrics.handshake("server", &l.name, "io");
@@ -716,7 +722,11 @@ async fn tls_handshake(
         Ok(Err(e)) => {
             let reason = crate::tls::classify(&e);
             metrics.handshake("server", &l.name, reason);
-            tracing::warn!(listener = %l.name, peer = ?peer, reason, error = %e, "TLS handshake failed");
+            if reason == "eof" {
+                tracing::debug!(listener = %l.name, peer = ?peer, "connection closed during the TLS handshake");
+            } else {
+                tracing::warn!(listener = %l.name, peer = ?peer, reason, error = %e, "TLS handshake failed");
+            }
             return None;
         }
         Err(_) => {
