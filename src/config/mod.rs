@@ -84,7 +84,22 @@ pub struct Config {
     /// Files and directories watched for the app, and what to do when they change.
     pub reload: Vec<lifecycle::ReloadConfig>,
     pub tls: TlsGlobalConfig,
+    pub telemetry: TelemetryConfig,
 }
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TelemetryConfig {
+    pub tracing: TracingConfig,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TracingConfig {
+    /// The share of new traces marked sampled (0 to 1).
+    pub sample: f64,
+}
+
+/// New traces sampled by default: enough to see traffic, cheap for the tracing backend.
+pub const DEFAULT_TRACE_SAMPLE: f64 = 0.01;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TlsGlobalConfig {
@@ -315,6 +330,13 @@ fn validate(
             ),
         ));
     }
+    let sample = raw.telemetry.tracing.sample.unwrap_or(DEFAULT_TRACE_SAMPLE);
+    if !(0.0..=1.0).contains(&sample) {
+        problems.push(doc.problem(
+            "telemetry.tracing.sample",
+            format!("expected a ratio from 0 to 1, found {sample}"),
+        ));
+    }
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -354,6 +376,9 @@ fn validate(
         listeners,
         clusters,
         reload,
+        telemetry: TelemetryConfig {
+            tracing: TracingConfig { sample },
+        },
         tls: TlsGlobalConfig {
             expiry_warning: raw
                 .tls

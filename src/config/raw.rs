@@ -35,6 +35,20 @@ pub struct RawConfig {
     pub clusters: BTreeMap<String, RawCluster>,
     pub reload: Vec<RawReload>,
     pub tls: RawTlsGlobal,
+    pub telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    pub tracing: RawTracing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTracing {
+    /// The share of new traces (requests without trace context) marked sampled.
+    pub sample: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

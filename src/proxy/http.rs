@@ -30,6 +30,7 @@ use super::route::{RouteStats, Router, Target};
 use crate::config::proxy::{Limits, RateLimit};
 use crate::runtime::{AppGate, Drain};
 use crate::telemetry::metrics::{Name, ProxyMetrics, ShedLabels};
+use crate::telemetry::trace::TraceContext;
 
 static X_OUTRIGGER_ERROR: HeaderName = HeaderName::from_static("x-outrigger-error");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -179,6 +180,8 @@ pub struct HttpListener {
     limits: Limits,
     /// The listener's `authz`: identities allowed in (None: anyone).
     authz: Option<Vec<crate::config::tls::IdentityPattern>>,
+    /// The share of new traces marked sampled (`telemetry.tracing.sample`).
+    pub(crate) sample: f64,
     /// Some route has `authz`: paths must be canonical, or `//admin`, `/./admin` and
     /// `/%61dmin` (which apps read as `/admin`) would miss the protected route.
     strict_paths: bool,
@@ -249,6 +252,7 @@ impl HttpListener {
             },
             limits: limits.clone(),
             strict_paths: router.has_authz(),
+            sample: crate::config::DEFAULT_TRACE_SAMPLE,
             authz,
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),
@@ -468,6 +472,16 @@ impl HttpListener {
         let cluster = &target.cluster;
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
+        // This hop is a span: the trace goes on upstream with our span as its parent, and a
+        // request without an id is known by its trace id.
+        let trace = TraceContext::from_headers(&parts.headers, self.sample);
+        trace.inject(&mut parts.headers);
+        if !parts.headers.contains_key(&X_REQUEST_ID) {
+            parts.headers.insert(
+                X_REQUEST_ID.clone(),
+                HeaderValue::from_str(&trace.trace_hex()).expect("hex is a valid value"),
+            );
+        }
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
         prepare(

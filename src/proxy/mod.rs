@@ -249,7 +249,7 @@ fn build_serving(
                 l.direction == Direction::Outbound,
                 metrics,
             );
-            let state = Arc::new(http::HttpListener::new(
+            let mut state = http::HttpListener::new(
                 name.clone(),
                 direction,
                 router,
@@ -261,7 +261,9 @@ fn build_serving(
                     Kind::Tcp(_) => None,
                 }),
                 l.authz.clone(),
-            ));
+            );
+            state.sample = config.telemetry.tracing.sample;
+            let state = Arc::new(state);
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
     };
@@ -393,7 +395,11 @@ impl Module for Proxy {
                 };
                 let current = l.serving.load_full();
                 let uses_replaced = replaced.iter().any(|r| uses_cluster(&current.config, r));
-                if same(&current.config, lc) && !uses_replaced {
+                let sample_changed = match &current.kind {
+                    Kind::Http(h, _) => h.sample != config.telemetry.tracing.sample,
+                    Kind::Tcp(_) => false,
+                };
+                if same(&current.config, lc) && !uses_replaced && !sample_changed {
                     if let Some(tls) = &current.tls {
                         // SIGHUP re-reads certificates even when the config is unchanged.
                         let _ = tls.reload_files();

@@ -1,6 +1,7 @@
-//! Telemetry used by every module: Outrigger's own logs ([`log`]) and the metrics registry with
-//! the self-metrics ([`metrics`]). Request metrics, trace context and access logs arrive with
-//! the proxy.
+//! Telemetry used by every module: Outrigger's own logs ([`log`]), the metrics registry with
+//! the self-metrics and the proxy's request metrics ([`metrics`]), and trace-context
+//! propagation on proxied requests ([`trace`]). Span export and access logs are still to come.
 
 pub mod log;
 pub mod metrics;
+pub mod trace;

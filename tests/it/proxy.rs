@@ -935,3 +935,58 @@ fn an_http10_app_keeps_client_connections_alive() {
         assert!(text.ends_with("ok"), "{text}");
     }
 }
+
+#[test]
+fn trace_context_is_propagated_with_a_new_parent_and_tied_to_the_request_id() {
+    let app = Backend::http();
+    let sc = inbound(&app, "telemetry:\n  tracing: { sample: 1.0 }\n");
+    let url = sc.listener_url("public", "/traced");
+    let c = client();
+    // W3C in: same trace, new parent, tracestate kept, sampled flag kept.
+    c.get(&url)
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        )
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .header("x-request-id", "mine")
+        .send()
+        .unwrap();
+    // None in: a new valid, sampled trace, and x-request-id is its trace id.
+    c.get(&url).send().unwrap();
+    // B3 in: W3C (and B3) out with the same trace id.
+    c.get(&url)
+        .header("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")
+        .send()
+        .unwrap();
+    let seen = app.seen();
+    let tp = seen[0].header("traceparent").unwrap();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert!(tp.ends_with("-00"), "{tp}");
+    assert_ne!(&tp[36..52], "00f067aa0ba902b7");
+    assert_eq!(seen[0].header("tracestate"), Some("congo=t61rcWkgMzE"));
+    assert_eq!(seen[0].header("x-request-id"), Some("mine"));
+
+    let tp = seen[1].header("traceparent").unwrap();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{tp}");
+    assert_eq!(parts[1].len(), 32);
+    assert!(
+        parts[1]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+    assert_eq!(seen[1].header("x-request-id"), Some(parts[1]));
+
+    let tp = seen[2].header("traceparent").unwrap();
+    assert!(
+        tp.starts_with("00-80f198ee56343ba864fe8b2a57d3eff7-"),
+        "{tp}"
+    );
+    let b3 = seen[2].header("b3").unwrap();
+    assert!(b3.starts_with("80f198ee56343ba864fe8b2a57d3eff7-"), "{b3}");
+    assert!(b3.ends_with("-1-e457b5a2e4d86bd1"), "{b3}");
+}

@@ -1,0 +1,306 @@
+//! Trace context: W3C `traceparent`/`tracestate` and B3 (single `b3` header and the
+//! `X-B3-*` headers) are accepted on every proxied request; each hop through Outrigger is a
+//! span whose id replaces the parent id going upstream; a request without context starts a new
+//! trace, sampled with `telemetry.tracing.sample`. `x-request-id`, when absent, is the trace id.
+//!
+//! Written by hand rather than with `opentelemetry`'s propagators: those need its whole SDK and
+//! context machinery for what is a few dozen lines of header parsing, on the data path.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+static B3: HeaderName = HeaderName::from_static("b3");
+static B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// Which format the incoming context came in (also written back going upstream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// None came: a new trace.
+    None,
+    W3c,
+    B3Single,
+    B3Multi,
+}
+
+/// One hop's trace context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    /// The caller's span (None for a new trace).
+    pub parent_id: Option<u64>,
+    /// This hop's span: the parent id the upstream sees.
+    pub span_id: u64,
+    pub sampled: bool,
+    pub format: Format,
+}
+
+fn nonzero_u64() -> u64 {
+    loop {
+        let v = fastrand::u64(..);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn hex_u128(s: &str) -> Option<u128> {
+    match s.len() {
+        32 | 16 if s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u128::from_str_radix(s, 16).ok().filter(|v| *v != 0)
+        }
+        _ => None,
+    }
+}
+
+fn hex_u64(s: &str) -> Option<u64> {
+    if s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u64::from_str_radix(s, 16).ok().filter(|v| *v != 0)
+    } else {
+        None
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+impl TraceContext {
+    /// The context of a request: from its headers, or a new trace sampled with `sample`.
+    pub fn from_headers(h: &HeaderMap, sample: f64) -> TraceContext {
+        let found = header(h, &TRACEPARENT)
+            .and_then(parse_w3c)
+            .or_else(|| header(h, &B3).and_then(parse_b3_single))
+            .or_else(|| parse_b3_multi(h));
+        match found {
+            Some((trace_id, parent, sampled, format)) => TraceContext {
+                trace_id,
+                parent_id: Some(parent),
+                span_id: nonzero_u64(),
+                sampled,
+                format,
+            },
+            None => TraceContext {
+                trace_id: loop {
+                    let v = fastrand::u128(..);
+                    if v != 0 {
+                        break v;
+                    }
+                },
+                parent_id: None,
+                span_id: nonzero_u64(),
+                sampled: sample >= 1.0 || fastrand::f64() < sample,
+                format: Format::None,
+            },
+        }
+    }
+
+    pub fn trace_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    pub fn span_hex(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    /// Writes the context for the upstream: `traceparent` always (this hop's span as the
+    /// parent), and the B3 form too when the request came with B3, so a Zipkin-instrumented
+    /// app keeps working. An invalid or absent `traceparent` also drops `tracestate`.
+    pub fn inject(&self, h: &mut HeaderMap) {
+        let flags = if self.sampled { "01" } else { "00" };
+        let tp = format!("00-{}-{}-{flags}", self.trace_hex(), self.span_hex());
+        h.insert(
+            TRACEPARENT.clone(),
+            HeaderValue::from_str(&tp).expect("hex is a valid value"),
+        );
+        if self.format != Format::W3c {
+            h.remove(&TRACESTATE);
+        }
+        let hex = |s: String| HeaderValue::from_str(&s).expect("hex is a valid value");
+        match self.format {
+            Format::B3Single => {
+                let sampled = if self.sampled { "1" } else { "0" };
+                let mut v = format!("{}-{}-{sampled}", self.trace_hex(), self.span_hex());
+                if let Some(p) = self.parent_id {
+                    v.push_str(&format!("-{p:016x}"));
+                }
+                h.insert(B3.clone(), hex(v));
+            }
+            Format::B3Multi => {
+                h.insert(B3_TRACE_ID.clone(), hex(self.trace_hex()));
+                h.insert(B3_SPAN_ID.clone(), hex(self.span_hex()));
+                if let Some(p) = self.parent_id {
+                    h.insert(B3_PARENT.clone(), hex(format!("{p:016x}")));
+                }
+                h.insert(
+                    B3_SAMPLED.clone(),
+                    HeaderValue::from_static(if self.sampled { "1" } else { "0" }),
+                );
+                h.remove(&B3_FLAGS);
+            }
+            Format::None | Format::W3c => {}
+        }
+    }
+}
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>` (future versions: the same first
+/// four fields).
+fn parse_w3c(v: &str) -> Option<(u128, u64, bool, Format)> {
+    let mut parts = v.split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let parent = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2 || version == "ff" || !version.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    if trace.len() != 32 || flags.len() != 2 {
+        return None;
+    }
+    // Upper-case hex is invalid in traceparent.
+    if v.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some((
+        hex_u128(trace)?,
+        hex_u64(parent)?,
+        flags & 1 == 1,
+        Format::W3c,
+    ))
+}
+
+/// `b3: {TraceId}-{SpanId}[-{Sampled}[-{ParentSpanId}]]`; a bare `b3: 0` only says "do not
+/// sample" and carries no context.
+fn parse_b3_single(v: &str) -> Option<(u128, u64, bool, Format)> {
+    let mut parts = v.split('-');
+    let trace = hex_u128(parts.next()?)?;
+    let span = hex_u64(parts.next()?)?;
+    let sampled = match parts.next() {
+        None | Some("1") | Some("d") => true,
+        Some("0") => false,
+        Some(_) => return None,
+    };
+    Some((trace, span, sampled, Format::B3Single))
+}
+
+fn parse_b3_multi(h: &HeaderMap) -> Option<(u128, u64, bool, Format)> {
+    let trace = hex_u128(header(h, &B3_TRACE_ID)?)?;
+    let span = hex_u64(header(h, &B3_SPAN_ID)?)?;
+    let sampled = header(h, &B3_FLAGS) == Some("1")
+        || !matches!(header(h, &B3_SAMPLED), Some("0") | Some("false"));
+    Some((trace, span, sampled, Format::B3Multi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn w3c_in_w3c_out_keeps_the_trace_and_makes_a_new_parent() {
+        let mut h = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "congo=t61rcWkgMzE"),
+        ]);
+        let t = TraceContext::from_headers(&h, 0.0);
+        assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.parent_id, Some(0x00f067aa0ba902b7));
+        assert!(t.sampled);
+        t.inject(&mut h);
+        let out = h["traceparent"].to_str().unwrap();
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert!(out.ends_with("-01"));
+        assert_ne!(
+            &out[36..52],
+            "00f067aa0ba902b7",
+            "a new span id goes upstream"
+        );
+        assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
+    }
+
+    #[test]
+    fn invalid_or_absent_context_starts_a_new_trace() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "garbage",
+        ] {
+            let mut h = headers(&[("traceparent", bad), ("tracestate", "a=b")]);
+            let t = TraceContext::from_headers(&h, 1.0);
+            assert_eq!(t.format, Format::None, "{bad}");
+            assert_eq!(t.parent_id, None);
+            t.inject(&mut h);
+            assert!(h.get("tracestate").is_none(), "{bad}");
+        }
+        let t = TraceContext::from_headers(&HeaderMap::new(), 0.0);
+        assert!(!t.sampled, "sample 0 samples nothing");
+        assert_ne!(t.trace_id, 0);
+    }
+
+    #[test]
+    fn b3_in_w3c_and_b3_out() {
+        let mut h = headers(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+        )]);
+        let t = TraceContext::from_headers(&h, 0.0);
+        assert_eq!(t.format, Format::B3Single);
+        assert_eq!(t.parent_id, Some(0xe457b5a2e4d86bd1));
+        t.inject(&mut h);
+        assert!(
+            h["traceparent"]
+                .to_str()
+                .unwrap()
+                .starts_with("00-80f198ee56343ba864fe8b2a57d3eff7-")
+        );
+        let b3 = h["b3"].to_str().unwrap();
+        assert!(
+            b3.starts_with(&format!(
+                "80f198ee56343ba864fe8b2a57d3eff7-{}-1-e457b5a2e4d86bd1",
+                t.span_hex()
+            )),
+            "{b3}"
+        );
+
+        // 64-bit B3 trace ids are widened; multi-header form.
+        let mut h = headers(&[
+            ("x-b3-traceid", "a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let t = TraceContext::from_headers(&h, 1.0);
+        assert_eq!(t.trace_hex(), "0000000000000000a3ce929d0e0e4736");
+        assert!(!t.sampled);
+        t.inject(&mut h);
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
+        assert_eq!(h["x-b3-parentspanid"], "00f067aa0ba902b7");
+        assert_eq!(h["x-b3-spanid"].to_str().unwrap(), t.span_hex());
+    }
+}
