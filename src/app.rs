@@ -563,6 +563,8 @@ fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
     applied.admin = old.admin.clone();
     applied.runtime = old.runtime.clone();
     applied.log.format = old.log.format;
+    // The access log's destination is opened once.
+    applied.telemetry.access_log = old.telemetry.access_log.clone();
     // The app's address feeds the `app` cluster (live); the rest of `app` is the process's.
     let address = applied.app.address.clone();
     applied.app = old.app.clone();

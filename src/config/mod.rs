@@ -90,6 +90,18 @@ pub struct Config {
 #[derive(Clone, Debug, Serialize)]
 pub struct TelemetryConfig {
     pub tracing: TracingConfig,
+    /// Where access log lines go; None: no access log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogTo>,
+}
+
+/// Where access log lines go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogTo {
+    Stdout,
+    Stderr,
+    File(PathBuf),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -337,6 +349,41 @@ fn validate(
             format!("expected a ratio from 0 to 1, found {sample}"),
         ));
     }
+    let access_log = raw.telemetry.access_log.as_ref().and_then(|a| {
+        if let Some(f) = &a.format
+            && f != "json"
+        {
+            problems.push(doc.problem(
+                "telemetry.access_log.format",
+                format!("expected json (format strings are not supported yet), found {f:?}"),
+            ));
+        }
+        match a.to.as_deref().unwrap_or("stdout") {
+            "stdout" => Some(AccessLogTo::Stdout),
+            "stderr" => Some(AccessLogTo::Stderr),
+            "" => {
+                problems.push(doc.problem(
+                    "telemetry.access_log.to",
+                    "expected stdout, stderr or a file path",
+                ));
+                None
+            }
+            path => {
+                let path = PathBuf::from(path);
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                if !dir.is_dir() {
+                    problems.push(doc.problem(
+                        "telemetry.access_log.to",
+                        format!("the directory {} does not exist", dir.display()),
+                    ));
+                }
+                Some(AccessLogTo::File(path))
+            }
+        }
+    });
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -378,6 +425,7 @@ fn validate(
         reload,
         telemetry: TelemetryConfig {
             tracing: TracingConfig { sample },
+            access_log,
         },
         tls: TlsGlobalConfig {
             expiry_warning: raw

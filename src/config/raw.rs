@@ -42,6 +42,16 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RawTelemetry {
     pub tracing: RawTracing,
+    pub access_log: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccessLog {
+    /// `stdout`, `stderr` or a file path.
+    pub to: Option<String>,
+    /// `json` (the only format so far).
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,6 +29,7 @@ use super::listener::{Activity, Peer};
 use super::route::{RouteStats, Router, Target};
 use crate::config::proxy::{Limits, RateLimit};
 use crate::runtime::{AppGate, Drain};
+use crate::telemetry::access_log;
 use crate::telemetry::metrics::{Name, ProxyMetrics, ShedLabels};
 use crate::telemetry::trace::TraceContext;
 
@@ -182,6 +183,8 @@ pub struct HttpListener {
     authz: Option<Vec<crate::config::tls::IdentityPattern>>,
     /// The share of new traces marked sampled (`telemetry.tracing.sample`).
     pub(crate) sample: f64,
+    /// Where access log lines go (`telemetry.access_log`), if anywhere.
+    pub(crate) access_log: Option<access_log::AccessLog>,
     /// Some route has `authz`: paths must be canonical, or `//admin`, `/./admin` and
     /// `/%61dmin` (which apps read as `/admin`) would miss the protected route.
     strict_paths: bool,
@@ -253,6 +256,7 @@ impl HttpListener {
             limits: limits.clone(),
             strict_paths: router.has_authz(),
             sample: crate::config::DEFAULT_TRACE_SAMPLE,
+            access_log: None,
             authz,
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),
@@ -267,6 +271,56 @@ impl HttpListener {
 
     /// Serves one request; never fails (errors become responses).
     pub async fn handle(
+        self: Arc<Self>,
+        down: Arc<Downstream>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        // This hop is a span: the trace goes on upstream with our span as its parent, and a
+        // request without an id is known by its trace id.
+        let trace = TraceContext::from_headers(req.headers(), self.sample);
+        trace.inject(req.headers_mut());
+        if !req.headers().contains_key(&X_REQUEST_ID) {
+            req.headers_mut().insert(
+                X_REQUEST_ID.clone(),
+                HeaderValue::from_str(&trace.trace_hex()).expect("hex is a valid value"),
+            );
+        }
+        let Some(log) = self.access_log.clone() else {
+            return self.handle_inner(down, req).await;
+        };
+        let h = req.headers();
+        let text = |v: Option<&HeaderValue>| {
+            v.and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let entry = access_log::Entry {
+            started: Instant::now(),
+            direction: self.direction,
+            listener: self.name.clone(),
+            method: req.method().to_string(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| text(h.get(header::HOST))),
+            path: req.uri().path().to_string(),
+            bytes_in: h
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            trace_id: trace.trace_hex(),
+            request_id: text(h.get(&X_REQUEST_ID)),
+            identity: down
+                .identity
+                .as_ref()
+                .and_then(|i| i.identity().map(str::to_string)),
+        };
+        let res = self.handle_inner(down, req).await?;
+        Ok(access_log::wrap(&log, entry, res))
+    }
+
+    async fn handle_inner(
         self: Arc<Self>,
         down: Arc<Downstream>,
         req: Request<Incoming>,
@@ -456,7 +510,16 @@ impl HttpListener {
             .stats
             .latency
             .observe(started.elapsed().as_secs_f64());
-        error_response(failure, message)
+        let mut res = error_response(failure, message);
+        if self.access_log.is_some() {
+            res.extensions_mut().insert(access_log::Routed {
+                route: Some(target.name.clone()),
+                cluster: Some(target.cluster.name.clone()),
+                upstream: None,
+                retries: 0,
+            });
+        }
+        res
     }
 
     /// Phases 4 and 5: prepare the request and send it, retrying within the policy. Returns the
@@ -472,16 +535,6 @@ impl HttpListener {
         let cluster = &target.cluster;
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
-        // This hop is a span: the trace goes on upstream with our span as its parent, and a
-        // request without an id is known by its trace id.
-        let trace = TraceContext::from_headers(&parts.headers, self.sample);
-        trace.inject(&mut parts.headers);
-        if !parts.headers.contains_key(&X_REQUEST_ID) {
-            parts.headers.insert(
-                X_REQUEST_ID.clone(),
-                HeaderValue::from_str(&trace.trace_hex()).expect("hex is a valid value"),
-            );
-        }
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
         prepare(
@@ -632,6 +685,14 @@ impl HttpListener {
                         continue;
                     }
                     let mut res = res.map(body::incoming);
+                    if self.access_log.is_some() {
+                        res.extensions_mut().insert(access_log::Routed {
+                            route: Some(target.name.clone()),
+                            cluster: Some(cluster.name.clone()),
+                            upstream: Some(attempt.endpoint.address.to_string()),
+                            retries: tries,
+                        });
+                    }
                     if status == 101
                         && let Some(downstream) = upgrade
                     {

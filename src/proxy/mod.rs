@@ -100,6 +100,7 @@ pub struct Proxy {
     clusters: Mutex<HashMap<String, Arc<Cluster>>>,
     metrics: ProxyMetrics,
     gate: AppGate,
+    access_log: Option<crate::telemetry::access_log::AccessLog>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -123,6 +124,16 @@ impl Proxy {
         for c in clusters.values() {
             tokio::spawn(Cluster::discover(Arc::downgrade(c)));
         }
+        let access_log = match &config.telemetry.access_log {
+            Some(to) => Some(
+                crate::telemetry::access_log::AccessLog::start(
+                    to,
+                    metrics.access_log_dropped.clone(),
+                )
+                .with_context(|| format!("cannot open the access log {to:?}"))?,
+            ),
+            None => None,
+        };
         let mut listeners = Vec::new();
         let mut bound_addresses = BTreeMap::new();
         for l in &config.listeners {
@@ -133,7 +144,13 @@ impl Proxy {
             tracing::info!(listener = %l.name, address = %local, direction = ?l.direction, protocol = ?l.protocol, "listening");
             bound_addresses.insert(l.name.clone(), local);
             listeners.push(Arc::new(build_listener(
-                l, config, bound, &clusters, metrics, &gate,
+                l,
+                config,
+                bound,
+                &clusters,
+                metrics,
+                &gate,
+                access_log.as_ref(),
             )?));
         }
         Ok(Some((
@@ -142,6 +159,7 @@ impl Proxy {
                 clusters: Mutex::new(clusters),
                 metrics: metrics.clone(),
                 gate,
+                access_log,
                 reloading: tokio::sync::Mutex::new(()),
             },
             bound_addresses,
@@ -172,6 +190,7 @@ fn build_listener(
     clusters: &HashMap<String, Arc<Cluster>>,
     metrics: &ProxyMetrics,
     gate: &AppGate,
+    access_log: Option<&crate::telemetry::access_log::AccessLog>,
 ) -> Result<Listener> {
     let name: Name = Arc::new(l.name.clone());
     let direction = direction_label(l.direction);
@@ -189,7 +208,7 @@ fn build_listener(
             })
             .clone()
     };
-    let serving = build_serving(l, config, clusters, metrics, gate, None)?;
+    let serving = build_serving(l, config, clusters, metrics, gate, None, access_log)?;
     Ok(Listener {
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
@@ -211,6 +230,7 @@ fn build_serving(
     metrics: &ProxyMetrics,
     gate: &AppGate,
     previous: Option<&Serving>,
+    access_log: Option<&crate::telemetry::access_log::AccessLog>,
 ) -> Result<Serving> {
     let name: Name = Arc::new(l.name.clone());
     let direction = direction_label(l.direction);
@@ -263,6 +283,7 @@ fn build_serving(
                 l.authz.clone(),
             );
             state.sample = config.telemetry.tracing.sample;
+            state.access_log = access_log.cloned();
             let state = Arc::new(state);
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
@@ -413,6 +434,7 @@ impl Module for Proxy {
                     &self.metrics,
                     &self.gate,
                     Some(&current),
+                    self.access_log.as_ref(),
                 )
                 .map_err(|e| format!("{e:#}"))?;
                 generations.push((l, serving));

@@ -164,6 +164,7 @@ pub struct ProxyMetrics {
     pub endpoints: Family<ClusterLabels, Gauge>,
     pub discovery: Family<OutcomeLabels, Counter>,
     pub tls: crate::tls::TlsMetrics,
+    pub access_log_dropped: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -182,6 +183,7 @@ impl Default for ProxyMetrics {
             endpoints: Family::default(),
             discovery: Family::default(),
             tls: crate::tls::TlsMetrics::default(),
+            access_log_dropped: Counter::default(),
         }
     }
 }
@@ -189,6 +191,11 @@ impl Default for ProxyMetrics {
 impl ProxyMetrics {
     fn register(&self, r: &mut Registry) {
         self.tls.register(r);
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped because the destination could not keep up",
+            self.access_log_dropped.clone(),
+        );
         r.register(
             "http_requests",
             "HTTP requests received, by direction, listener, route and cluster",

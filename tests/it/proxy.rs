@@ -990,3 +990,67 @@ fn trace_context_is_propagated_with_a_new_parent_and_tied_to_the_request_id() {
     assert!(b3.starts_with("80f198ee56343ba864fe8b2a57d3eff7-"), "{b3}");
     assert!(b3.ends_with("-1-e457b5a2e4d86bd1"), "{b3}");
 }
+
+#[test]
+fn access_log_lines_match_the_requests() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = Sidecar::start(&format!(
+        // No probe: with one, a stop would keep the outbound listener up until the app (which
+        // outlives the test) is gone.
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n  - name: out\n    address: 127.0.0.1:0\n    direction: outbound\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address(),
+        log.display()
+    ));
+    sc.wait_ready();
+    let c = client();
+    let body = c
+        .get(sc.listener_url("public", "/status/201?secret=1"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("x-request-id", "req-1")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let r = c
+        .get(sc.listener_url("out", "/x"))
+        .header("host", "nowhere")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "two log lines", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    });
+    let ok = &lines[0];
+    assert_eq!(ok["direction"], "inbound");
+    assert_eq!(ok["listener"], "public");
+    assert_eq!(ok["route"], "default");
+    assert_eq!(ok["cluster"], "app");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/status/201", "no query string in the log");
+    assert_eq!(ok["status"], 201);
+    assert_eq!(ok["bytes_out"], body.len());
+    assert_eq!(ok["upstream"], app.address());
+    assert_eq!(ok["retries"], 0);
+    assert_eq!(ok["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(ok["request_id"], "req-1");
+    assert!(ok["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(ok["error"].is_null());
+    assert!(ok["time"].as_str().unwrap().ends_with('Z'));
+    let missed = &lines[1];
+    assert_eq!(missed["direction"], "outbound");
+    assert_eq!(missed["status"], 404);
+    assert_eq!(missed["error"], "no-route");
+    assert_eq!(missed["authority"], "nowhere");
+    assert_eq!(missed["trace_id"].as_str().unwrap().len(), 32);
+    assert_eq!(missed["request_id"], missed["trace_id"]);
+}

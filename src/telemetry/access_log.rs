@@ -1,0 +1,237 @@
+//! Access logs: one JSON object per proxied request, written when its response has been sent
+//! (so the duration and the response bytes are the whole exchange), to stdout, stderr or a
+//! file. Lines go through a bounded queue to a writer task: when the destination cannot keep
+//! up, lines are dropped and counted (`outrigger_access_log_dropped_total`) rather than slowing
+//! traffic down.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::config::AccessLogTo;
+use crate::proxy::body::{BoxError, ProxyBody};
+
+/// Lines waiting for the writer; beyond this they are dropped.
+const QUEUE: usize = 8192;
+
+/// The sending side, shared by every listener.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: mpsc::Sender<String>,
+    dropped: Counter,
+}
+
+impl AccessLog {
+    /// Starts the writer task.
+    pub fn start(to: &AccessLogTo, dropped: Counter) -> std::io::Result<AccessLog> {
+        let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match to {
+            AccessLogTo::Stdout => Box::new(tokio::io::stdout()),
+            AccessLogTo::Stderr => Box::new(tokio::io::stderr()),
+            AccessLogTo::File(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?;
+                Box::new(tokio::fs::File::from_std(f))
+            }
+        };
+        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            while let Some(line) = rx.recv().await {
+                buf.extend_from_slice(line.as_bytes());
+                // Whatever else is queued goes out in the same write.
+                while buf.len() < 64 * 1024
+                    && let Ok(more) = rx.try_recv()
+                {
+                    buf.extend_from_slice(more.as_bytes());
+                }
+                if let Err(e) = out.write_all(&buf).await {
+                    tracing::warn!(error = %e, "cannot write the access log");
+                }
+                let _ = out.flush().await;
+                buf.clear();
+            }
+        });
+        Ok(AccessLog { tx, dropped })
+    }
+
+    fn send(&self, line: String) {
+        if self.tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// What is known of a request when it arrives.
+pub struct Entry {
+    pub started: Instant,
+    pub direction: &'static str,
+    pub listener: crate::telemetry::metrics::Name,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub bytes_in: Option<u64>,
+    pub trace_id: String,
+    pub request_id: String,
+    pub identity: Option<String>,
+}
+
+/// What the proxy learned while handling it: put in the response's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct Routed {
+    pub route: Option<crate::telemetry::metrics::Name>,
+    pub cluster: Option<crate::telemetry::metrics::Name>,
+    pub upstream: Option<String>,
+    pub retries: u32,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    direction: &'static str,
+    listener: &'a str,
+    route: Option<&'a str>,
+    cluster: Option<&'a str>,
+    method: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    status: u16,
+    duration_ms: f64,
+    bytes_in: Option<u64>,
+    bytes_out: u64,
+    upstream: Option<&'a str>,
+    retries: u32,
+    trace_id: &'a str,
+    request_id: &'a str,
+    identity: Option<&'a str>,
+    error: Option<&'a str>,
+}
+
+/// Wraps the response body so the line is written once the body is done (or dropped: the
+/// client went away).
+pub fn wrap(
+    log: &AccessLog,
+    entry: Entry,
+    res: http::Response<ProxyBody>,
+) -> http::Response<ProxyBody> {
+    let status = res.status().as_u16();
+    let error = res
+        .headers()
+        .get("x-outrigger-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let routed = res
+        .extensions()
+        .get::<Routed>()
+        .cloned()
+        .unwrap_or_default();
+    res.map(|body| {
+        Logged {
+            inner: body,
+            pending: Some(Pending {
+                log: log.clone(),
+                entry,
+                status,
+                error,
+                routed,
+                bytes_out: 0,
+            }),
+        }
+        .boxed()
+    })
+}
+
+struct Pending {
+    log: AccessLog,
+    entry: Entry,
+    status: u16,
+    error: Option<String>,
+    routed: Routed,
+    bytes_out: u64,
+}
+
+impl Pending {
+    fn write(self) {
+        let e = &self.entry;
+        let line = Line {
+            time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            direction: e.direction,
+            listener: &e.listener,
+            route: self.routed.route.as_deref().map(String::as_str),
+            cluster: self.routed.cluster.as_deref().map(String::as_str),
+            method: &e.method,
+            authority: &e.authority,
+            path: &e.path,
+            status: self.status,
+            duration_ms: (e.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            bytes_in: e.bytes_in,
+            bytes_out: self.bytes_out,
+            upstream: self.routed.upstream.as_deref(),
+            retries: self.routed.retries,
+            trace_id: &e.trace_id,
+            request_id: &e.request_id,
+            identity: e.identity.as_deref(),
+            error: self.error.as_deref(),
+        };
+        if let Ok(mut s) = serde_json::to_string(&line) {
+            s.push('\n');
+            self.log.send(s);
+        }
+    }
+}
+
+struct Logged {
+    inner: ProxyBody,
+    pending: Option<Pending>,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.write();
+        }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref()
+                    && let Some(p) = &mut self.pending
+                {
+                    p.bytes_out += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = self.pending.take() {
+                    p.write();
+                }
+            }
+            _ => {}
+        }
+        res
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
