@@ -7,6 +7,10 @@
 # e.g. git worktree add /tmp/old <rev> && (cd /tmp/old && cargo build --release) &&
 #      bench/ab.sh /tmp/old/target/release/outrigger target/release/outrigger
 # Upstream: nginx (one worker) answering 12 bytes; wrk -t1 -c32 on CPU 0, the rest on CPU 1.
+# AB_EXTRA_B: YAML appended to the second instance's config, to compare a feature on vs off
+# with the same binary, e.g.
+#   AB_EXTRA_B='telemetry: { access_log: { to: /tmp/access.log } }' \
+#     bench/ab.sh target/release/outrigger target/release/outrigger
 set -euo pipefail
 old=$1; new=$2; rounds=${3:-4}; secs=${4:-5}
 for tool in nginx wrk taskset; do
@@ -27,6 +31,7 @@ for v in a b; do
   port=$([ $v = a ] && echo $A || echo $B)
   printf 'admin: { address: 127.0.0.1:0 }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$UP" "$port" > "$dir/$v.yaml"
 done
+if [ -n "${AB_EXTRA_B:-}" ]; then printf '%s\n' "$AB_EXTRA_B" >> "$dir/b.yaml"; fi
 taskset -c 1 nginx -c "$dir/up.conf" & pids+=($!)
 taskset -c 1 "$old" run -c "$dir/a.yaml" 2>/dev/null & pids+=($!)
 taskset -c 1 "$new" run -c "$dir/b.yaml" 2>/dev/null & pids+=($!)
