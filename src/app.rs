@@ -59,7 +59,13 @@ pub fn run(config: Config, options: RunOptions) -> Result<i32> {
         .thread_name("outrigger")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(config, options))
+    let code = rt.block_on(serve(config, options));
+    // Every task (and so every access log sender) is gone once the runtime is: the writer
+    // then writes what is queued and ends.
+    drop(rt);
+    #[cfg(feature = "proxy")]
+    crate::telemetry::access_log::flush_at_exit(std::time::Duration::from_secs(2));
+    code
 }
 
 async fn serve(config: Config, options: RunOptions) -> Result<i32> {

@@ -445,6 +445,9 @@ impl HttpListener {
         // The downstream's version, not the upstream's: an HTTP/1.0 app must not turn the
         // client's keep-alive HTTP/1.1 connection into one request per connection.
         *res.version_mut() = version;
+        // Only Outrigger says why it answered itself: an upstream's claim is removed (it
+        // would also be logged as Outrigger's own failure).
+        res.headers_mut().remove(&X_OUTRIGGER_ERROR);
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(res.headers_mut(), switching);
         target.response_headers.apply(res.headers_mut());
@@ -954,7 +957,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
     for n in named {
-        if !(keep_upgrade && n == header::UPGRADE) {
+        // Outrigger's own trace and request id headers cannot be stripped by naming them.
+        let ours = matches!(
+            n.as_str(),
+            "traceparent" | "tracestate" | "x-request-id" | "b3" | "x-outrigger-error"
+        );
+        if !(ours || keep_upgrade && n == header::UPGRADE) {
             headers.remove(n);
         }
     }

@@ -34,6 +34,12 @@ impl AccessLog {
     /// Starts the writer: a plain thread with a buffered writer, so the runtime's threads only
     /// ever hand a line over (no blocking-pool round trip per write, as async file I/O costs).
     pub fn start(to: &AccessLogTo, dropped: Counter) -> std::io::Result<AccessLog> {
+        // On a pipe shared with the app's own output, each write must hold whole lines and
+        // stay within PIPE_BUF (4 KiB) to be atomic; a file takes bigger writes.
+        let capacity = match to {
+            AccessLogTo::File(_) => 64 * 1024,
+            _ => 4096,
+        };
         let out: Box<dyn Write + Send> = match to {
             AccessLogTo::Stdout => Box::new(std::io::stdout()),
             AccessLogTo::Stderr => Box::new(std::io::stderr()),
@@ -45,32 +51,49 @@ impl AccessLog {
             ),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUE);
-        std::thread::Builder::new()
+        let lost = dropped.clone();
+        let handle = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+                let mut out = std::io::BufWriter::with_capacity(capacity, out);
+                let mut last_warning: Option<Instant> = None;
+                let mut failed = |e: std::io::Error, lines: u64| {
+                    lost.inc_by(lines);
+                    // A full disk or a closed pipe fails every write: say so once a minute.
+                    if last_warning.is_none_or(|t| t.elapsed().as_secs() >= 60) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(error = %e, "cannot write the access log; lines are dropped and counted");
+                    }
+                };
                 // Polled, not woken: a sender never pays for waking this thread (a futex call
                 // per request cost a quarter of the throughput). The queue holds well over one
                 // period's lines at any rate this proxy reaches.
                 loop {
                     std::thread::sleep(WRITE_EVERY);
+                    let mut done = false;
                     loop {
                         match rx.try_recv() {
                             Ok(line) => {
                                 if let Err(e) = out.write_all(line.as_bytes()) {
-                                    tracing::warn!(error = %e, "cannot write the access log");
+                                    failed(e, 1);
                                 }
                             }
                             Err(std::sync::mpsc::TryRecvError::Empty) => break,
                             Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                                let _ = out.flush();
-                                return;
+                                done = true;
+                                break;
                             }
                         }
                     }
-                    let _ = out.flush();
+                    if let Err(e) = out.flush() {
+                        failed(e, 0);
+                    }
+                    if done {
+                        return;
+                    }
                 }
             })?;
+        *WRITER.lock().expect("not poisoned") = Some(handle);
         Ok(AccessLog { tx, dropped })
     }
 
@@ -78,6 +101,24 @@ impl AccessLog {
         if self.tx.try_send(line).is_err() {
             self.dropped.inc();
         }
+    }
+}
+
+/// The writer thread, joined at exit so the last lines are written.
+static WRITER: std::sync::Mutex<Option<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(None);
+
+/// Waits (at most `limit`) for the writer to write what is queued. Call once every sender is
+/// gone (after the runtime has stopped); the writer then drains the queue and ends.
+pub fn flush_at_exit(limit: std::time::Duration) {
+    let Some(handle) = WRITER.lock().expect("not poisoned").take() else {
+        return;
+    };
+    let deadline = Instant::now() + limit;
+    while !handle.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if handle.is_finished() {
+        let _ = handle.join();
     }
 }
 
@@ -173,7 +214,11 @@ impl Pending {
     fn write(self) {
         let e = &self.entry;
         let line = Line {
-            time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            // humantime panics on a clock before 1970, and this runs in Drop.
+            time: match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                Ok(_) => humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                Err(_) => String::from("1970-01-01T00:00:00Z"),
+            },
             direction: e.direction,
             listener: &e.listener,
             route: self.routed.route.as_deref().map(String::as_str),

@@ -72,7 +72,11 @@ fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
 impl TraceContext {
     /// The context of a request: from its headers, or a new trace sampled with `sample`.
     pub fn from_headers(h: &HeaderMap, sample: f64) -> TraceContext {
-        let found = header(h, &TRACEPARENT)
+        // Two traceparent headers are invalid (W3C): a new trace.
+        let w3c = (h.get_all(&TRACEPARENT).iter().count() == 1)
+            .then(|| header(h, &TRACEPARENT))
+            .flatten();
+        let found = w3c
             .and_then(parse_w3c)
             .or_else(|| header(h, &B3).and_then(parse_b3_single))
             .or_else(|| parse_b3_multi(h));
@@ -85,6 +89,12 @@ impl TraceContext {
                 format,
             },
             None => TraceContext {
+                // `b3: 0` (or `X-B3-Sampled: 0`) alone carries no context, only "do not
+                // sample"; `b3: 1`/`d` only "sample".
+                sampled: match forced_sampling(h) {
+                    Some(decision) => decision,
+                    None => sample >= 1.0 || fastrand::f64() < sample,
+                },
                 trace_id: loop {
                     let v = fastrand::u128(..);
                     if v != 0 {
@@ -93,7 +103,6 @@ impl TraceContext {
                 },
                 parent_id: None,
                 span_id: nonzero_u64(),
-                sampled: sample >= 1.0 || fastrand::f64() < sample,
                 format: Format::None,
             },
         }
@@ -119,6 +128,10 @@ impl TraceContext {
         );
         if self.format != Format::W3c {
             h.remove(&TRACESTATE);
+        }
+        if self.format != Format::B3Single {
+            // A B3 header of another hop (or a sampling-only one) must not contradict ours.
+            h.remove(&B3);
         }
         let hex = |s: String| HeaderValue::from_str(&s).expect("hex is a valid value");
         match self.format {
@@ -168,6 +181,9 @@ fn parse_w3c(v: &str) -> Option<(u128, u64, bool, Format)> {
     if v.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
+    if !flags.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
     let flags = u8::from_str_radix(flags, 16).ok()?;
     Some((
         hex_u128(trace)?,
@@ -189,6 +205,23 @@ fn parse_b3_single(v: &str) -> Option<(u128, u64, bool, Format)> {
         Some(_) => return None,
     };
     Some((trace, span, sampled, Format::B3Single))
+}
+
+/// A sampling decision without context: `b3: 0|1|d`, or `X-B3-Sampled`/`X-B3-Flags` alone.
+fn forced_sampling(h: &HeaderMap) -> Option<bool> {
+    match header(h, &B3) {
+        Some("0") => return Some(false),
+        Some("1") | Some("d") => return Some(true),
+        _ => {}
+    }
+    if header(h, &B3_FLAGS) == Some("1") {
+        return Some(true);
+    }
+    match header(h, &B3_SAMPLED) {
+        Some("0") | Some("false") => Some(false),
+        Some("1") | Some("true") => Some(true),
+        _ => None,
+    }
 }
 
 fn parse_b3_multi(h: &HeaderMap) -> Option<(u128, u64, bool, Format)> {
@@ -262,6 +295,32 @@ mod tests {
         let t = TraceContext::from_headers(&HeaderMap::new(), 0.0);
         assert!(!t.sampled, "sample 0 samples nothing");
         assert_ne!(t.trace_id, 0);
+        // Flags with a sign, and duplicated traceparent headers, are invalid too.
+        let h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+        )]);
+        assert_eq!(TraceContext::from_headers(&h, 1.0).format, Format::None);
+        let mut h = HeaderMap::new();
+        for _ in 0..2 {
+            h.append(
+                "traceparent",
+                HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            );
+        }
+        assert_eq!(TraceContext::from_headers(&h, 1.0).format, Format::None);
+    }
+
+    #[test]
+    fn b3_sampling_only_forms_decide_the_new_trace() {
+        let mut h = headers(&[("b3", "0")]);
+        let t = TraceContext::from_headers(&h, 1.0);
+        assert!(!t.sampled);
+        t.inject(&mut h);
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
+        assert!(h.get("b3").is_none(), "the stale b3 header is gone");
+        let h = headers(&[("x-b3-flags", "1")]);
+        assert!(TraceContext::from_headers(&h, 0.0).sampled);
     }
 
     #[test]

@@ -1054,3 +1054,29 @@ fn access_log_lines_match_the_requests() {
     assert_eq!(missed["trace_id"].as_str().unwrap().len(), 32);
     assert_eq!(missed["request_id"], missed["trace_id"]);
 }
+
+#[test]
+fn every_access_log_line_is_written_before_the_sidecar_exits() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let mut sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address(),
+        log.display()
+    ));
+    sc.wait_ready();
+    let c = client();
+    for i in 0..50 {
+        c.get(sc.listener_url("public", &format!("/n/{i}")))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+    }
+    // Stop at once: lines still queued must be written, not lost with the process.
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(sc.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 50, "{text}");
+}
