@@ -316,8 +316,10 @@ impl HttpListener {
                 .as_ref()
                 .and_then(|i| i.identity().map(str::to_string)),
         };
+        // Written even if this future is dropped before there is a response.
+        let unanswered = access_log::Unanswered::new(&log, entry);
         let res = self.handle_inner(down, req).await?;
-        Ok(access_log::wrap(&log, entry, res))
+        Ok(unanswered.answered(res))
     }
 
     async fn handle_inner(

@@ -167,6 +167,38 @@ struct Line<'a> {
     error: Option<&'a str>,
 }
 
+/// A request not answered yet: if it is dropped first (an HTTP/2 reset, a client gone while
+/// its request waited), its line is still written, with status 499 and `client-closed`.
+pub struct Unanswered(Option<(AccessLog, Entry)>);
+
+impl Unanswered {
+    pub fn new(log: &AccessLog, entry: Entry) -> Unanswered {
+        Unanswered(Some((log.clone(), entry)))
+    }
+
+    /// The request got a response: its line is written when the response is done.
+    pub fn answered(mut self, res: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+        let (log, entry) = self.0.take().expect("answered once");
+        wrap(&log, entry, res)
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((log, entry)) = self.0.take() {
+            Pending {
+                log,
+                entry,
+                status: 499,
+                error: Some("client-closed".to_string()),
+                routed: Routed::default(),
+                bytes_out: 0,
+            }
+            .write();
+        }
+    }
+}
+
 /// Wraps the response body so the line is written once the body is done (or dropped: the
 /// client went away).
 pub fn wrap(

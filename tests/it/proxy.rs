@@ -1080,3 +1080,37 @@ fn every_access_log_line_is_written_before_the_sidecar_exits() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.lines().count(), 50, "{text}");
 }
+
+#[test]
+fn a_request_cancelled_before_its_response_is_logged_as_client_closed() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address(),
+        log.display()
+    ));
+    sc.wait_ready();
+    // An HTTP/2 client that gives up: its stream is reset before the app answers.
+    let impatient = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    assert!(
+        impatient
+            .get(sc.listener_url("public", "/slow/1500"))
+            .send()
+            .is_err()
+    );
+    let line: serde_json::Value = eventually(Duration::from_secs(5), "the log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["error"], "client-closed");
+    assert_eq!(line["path"], "/slow/1500");
+}
