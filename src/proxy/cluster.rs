@@ -80,7 +80,8 @@ impl Origination {
             tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
             o.connector.store(Arc::new(Err(e)));
         }
-        crate::tls::spawn_watch(&o);
+        // Watched through its cluster (see `Cluster::new`), which also drops the pooled
+        // connections made with the old material.
         Some(o)
     }
 
@@ -145,6 +146,31 @@ impl crate::tls::Reloadable for Origination {
                 Err(e)
             }
         }
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
+/// A cluster's TLS files: when they change, new material and new connections (the pooled
+/// ones were made with the old certificate; requests in flight finish on theirs).
+impl crate::tls::Reloadable for Cluster {
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        self.tls
+            .as_ref()
+            .map(|o| crate::tls::Reloadable::files(&**o))
+            .unwrap_or_default()
+    }
+
+    fn reload_files(&self) -> Result<(), String> {
+        let Some(o) = &self.tls else { return Ok(()) };
+        let before = o.fingerprints.lock().expect("not poisoned").clone();
+        crate::tls::Reloadable::reload_files(&**o)?;
+        if *o.fingerprints.lock().expect("not poisoned") != before {
+            self.close_idle();
+        }
+        Ok(())
     }
 
     fn retired(&self) -> bool {
@@ -358,6 +384,9 @@ impl Cluster {
             retired: std::sync::atomic::AtomicBool::new(false),
             tls,
         });
+        if cluster.tls.is_some() {
+            crate::tls::spawn_watch(&cluster);
+        }
         cluster.export_endpoint_count();
         cluster
     }
@@ -372,9 +401,7 @@ impl Cluster {
 
     /// Re-reads the TLS files (SIGHUP, config reload); a no-op when they did not change.
     pub fn reload_tls(&self) {
-        if let Some(o) = &self.tls {
-            let _ = crate::tls::Reloadable::reload_files(&**o);
-        }
+        let _ = crate::tls::Reloadable::reload_files(self);
     }
 
     pub fn export_endpoint_count(&self) {

@@ -360,14 +360,20 @@ fn a_clusters_client_certificate_is_reloaded() {
     std::fs::copy(&other_cert, dir.path().join("c.tmp")).unwrap();
     std::fs::rename(dir.path().join("k.tmp"), &live_key).unwrap();
     std::fs::rename(dir.path().join("c.tmp"), &live_cert).unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "A using the new certificate",
-        || {
-            let status = crate::support::client().get(&url).send().unwrap().status();
-            (status == 403).then_some(())
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = crate::support::client().get(&url).send().unwrap().status();
+        if status == 403 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never used the new certificate (last status {status})\n{}\n{}",
+            a.diagnostics(),
+            b.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         a.stderr().contains("TLS client material reloaded"),
         "{}",
