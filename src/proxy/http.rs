@@ -280,10 +280,8 @@ impl HttpListener {
         let trace = TraceContext::from_headers(req.headers(), self.sample);
         trace.inject(req.headers_mut());
         if !req.headers().contains_key(&X_REQUEST_ID) {
-            req.headers_mut().insert(
-                X_REQUEST_ID.clone(),
-                HeaderValue::from_str(&trace.trace_hex()).expect("hex is a valid value"),
-            );
+            req.headers_mut()
+                .insert(X_REQUEST_ID.clone(), trace.trace_header());
         }
         let Some(log) = self.access_log.clone() else {
             return self.handle_inner(down, req).await;

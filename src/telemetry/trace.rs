@@ -39,6 +39,15 @@ pub struct TraceContext {
     pub format: Format,
 }
 
+/// Writes the low `out.len() * 4` bits of `v` as lowercase hex, right-aligned.
+fn hex_into(out: &mut [u8], mut v: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
 fn nonzero_u64() -> u64 {
     loop {
         let v = fastrand::u64(..);
@@ -112,6 +121,13 @@ impl TraceContext {
         format!("{:032x}", self.trace_id)
     }
 
+    /// The trace id as a header value (for `x-request-id`), without a String in between.
+    pub fn trace_header(&self) -> HeaderValue {
+        let mut buf = [0u8; 32];
+        hex_into(&mut buf, self.trace_id);
+        HeaderValue::from_bytes(&buf).expect("hex is a valid value")
+    }
+
     pub fn span_hex(&self) -> String {
         format!("{:016x}", self.span_id)
     }
@@ -120,11 +136,16 @@ impl TraceContext {
     /// parent), and the B3 form too when the request came with B3, so a Zipkin-instrumented
     /// app keeps working. An invalid or absent `traceparent` also drops `tracestate`.
     pub fn inject(&self, h: &mut HeaderMap) {
-        let flags = if self.sampled { "01" } else { "00" };
-        let tp = format!("00-{}-{}-{flags}", self.trace_hex(), self.span_hex());
+        // Encoded on the stack: this runs for every proxied request.
+        let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&mut tp[3..35], self.trace_id);
+        hex_into(&mut tp[36..52], u128::from(self.span_id));
+        if self.sampled {
+            tp[54] = b'1';
+        }
         h.insert(
             TRACEPARENT.clone(),
-            HeaderValue::from_str(&tp).expect("hex is a valid value"),
+            HeaderValue::from_bytes(&tp).expect("hex is a valid value"),
         );
         if self.format != Format::W3c {
             h.remove(&TRACESTATE);
