@@ -760,7 +760,13 @@ impl HttpListener {
                 backoff(policy.map_or(Duration::ZERO, |p| p.backoff.get()), tries).await;
                 continue;
             }
-            return Err(self.fail(target, failure, &message, started));
+            let mut res = self.fail(target, failure, &message, started);
+            if let Some(r) = res.extensions_mut().get_mut::<access_log::Routed>() {
+                // The access log names the last endpoint tried and the retries spent.
+                r.upstream = Some(attempt.endpoint.address.to_string());
+                r.retries = tries;
+            }
+            return Err(res);
         }
     }
 }

@@ -1114,3 +1114,27 @@ fn a_request_cancelled_before_its_response_is_logged_as_client_closed() {
     assert_eq!(line["error"], "client-closed");
     assert_eq!(line["path"], "/slow/1500");
 }
+
+#[test]
+fn access_log_names_the_endpoint_and_retries_of_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let dead = dead_port();
+    let sc = Sidecar::start(&format!(
+        "listeners:\n  - name: out\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - cluster: gone\n        retry: {{ attempts: 2, on: [connect-failure] }}\nclusters:\n  gone:\n    endpoints: [{dead}]\n    outlier: {{ consecutive_failures: 0 }}\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        log.display()
+    ));
+    sc.wait_ready();
+    let r = client().get(sc.listener_url("out", "/x")).send().unwrap();
+    assert_eq!(r.status(), 502);
+    let line: serde_json::Value = eventually(Duration::from_secs(5), "the log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    assert_eq!(line["status"], 502, "{line}");
+    assert_eq!(line["error"], "connect");
+    assert_eq!(line["upstream"], dead.to_string());
+    assert_eq!(line["retries"], 2);
+}
