@@ -329,11 +329,7 @@ impl HttpListener {
         // Checked per request against the newest config: a reload that changes `authz`
         // applies to open keep-alive connections too.
         if let Some(allowed) = &self.authz {
-            let ids = down
-                .identity
-                .as_ref()
-                .map(|i| i.identities.as_slice())
-                .unwrap_or_default();
+            let ids = crate::tls::PeerIdentity::all(down.identity.as_ref());
             if !crate::config::tls::allowed(allowed, ids) {
                 tracing::warn!(listener = %self.name, peer = ?down.peer, identity = ?ids.first(), "identity not allowed on this listener");
                 self.unrouted.response(403, Failure::Forbidden.reason());
@@ -421,11 +417,7 @@ impl HttpListener {
             (target, host)
         };
         if let Some(allowed) = &target.authz {
-            let ids = down
-                .identity
-                .as_ref()
-                .map(|i| i.identities.as_slice())
-                .unwrap_or_default();
+            let ids = crate::tls::PeerIdentity::all(down.identity.as_ref());
             if !crate::config::tls::allowed(allowed, ids) {
                 tracing::warn!(listener = %self.name, route = %target.name, identity = ?ids.first(), "identity not allowed on this route");
                 target.stats.response(403, Failure::Forbidden.reason());

@@ -594,10 +594,7 @@ async fn serve_connection(
             // HTTP listeners check `authz` per request (403, newest config); a tcp
             // connection has no requests: it is checked here and closed.
             if let (Some(allowed), Kind::Tcp(_)) = (&serving.config.authz, &serving.kind) {
-                let ids = id
-                    .as_ref()
-                    .map(|i| i.identities.as_slice())
-                    .unwrap_or_default();
+                let ids = crate::tls::PeerIdentity::all(id.as_ref());
                 if !crate::config::tls::allowed(allowed, ids) {
                     tracing::warn!(listener = %l.name, peer = ?peer, identity = ?ids.first(), "identity not allowed on this listener; connection closed");
                     tls.metrics().handshake("server", &l.name, "forbidden");

@@ -247,9 +247,11 @@ impl Pending {
         let e = &self.entry;
         let line = Line {
             // humantime panics on a clock before 1970, and this runs in Drop.
-            time: match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-                Ok(_) => humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                Err(_) => String::from("1970-01-01T00:00:00Z"),
+            time: match std::time::SystemTime::now() {
+                now if now >= std::time::UNIX_EPOCH => {
+                    humantime::format_rfc3339_micros(now).to_string()
+                }
+                _ => String::from("1970-01-01T00:00:00Z"),
             },
             direction: e.direction,
             listener: &e.listener,

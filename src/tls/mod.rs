@@ -274,13 +274,10 @@ pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, Stri
     let mut certs = Vec::new();
     let mut config = match &c.client {
         Some(files) => {
-            let chain = load_certs(&files.cert)?;
-            certs.push(CertInfo::of(&files.cert, &chain[0])?);
-            let (ck, _) = certified_key(files)?;
-            let _ = ck;
-            builder
-                .with_client_auth_cert(chain, load_key(&files.key)?)
-                .map_err(|e| format!("{}: {e}", files.cert.display()))?
+            // Read and checked once, as for a listener's certificate.
+            let (ck, info) = certified_key(files)?;
+            certs.push(info);
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)))
         }
         None => builder.with_no_client_auth(),
     };
@@ -419,6 +416,11 @@ impl PeerIdentity {
 
     pub fn identity(&self) -> Option<&str> {
         self.identities.first().map(String::as_str)
+    }
+
+    /// The identities of a peer that may have none (no client certificate).
+    pub fn all(peer: Option<&PeerIdentity>) -> &[String] {
+        peer.map(|i| i.identities.as_slice()).unwrap_or_default()
     }
 }
 
