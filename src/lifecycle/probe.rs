@@ -186,18 +186,25 @@ pub async fn request(address: &Address, method: http::Method, path: &str) -> Res
             let s = TcpStream::connect(a)
                 .await
                 .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-            request_on(s, method, path).await
+            request_on(s, method, path, "localhost", "outrigger").await
         }
         Address::Unix(p) => {
             let s = UnixStream::connect(p)
                 .await
                 .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-            request_on(s, method, path).await
+            request_on(s, method, path, "localhost", "outrigger").await
         }
     }
 }
 
-async fn request_on<S>(io: S, method: http::Method, path: &str) -> Result<u16, String>
+/// One request without a body on `io` (plain or TLS); returns the status.
+pub(crate) async fn request_on<S>(
+    io: S,
+    method: http::Method,
+    path: &str,
+    host: &str,
+    user_agent: &str,
+) -> Result<u16, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -208,8 +215,8 @@ where
     let req = http::Request::builder()
         .method(method.clone())
         .uri(path)
-        .header(http::header::HOST, "localhost")
-        .header(http::header::USER_AGENT, "outrigger")
+        .header(http::header::HOST, host)
+        .header(http::header::USER_AGENT, user_agent)
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let res = sender.send_request(req).await;

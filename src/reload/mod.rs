@@ -12,9 +12,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch as channel};
 use tracing::{Instrument, error, info, info_span, warn};
@@ -260,24 +257,13 @@ async fn send<S>(w: &WebhookConfig, uri: &http::Uri, stream: S) -> Result<u16, S
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake with {} failed: {e}", w.authority))?;
-    let conn = tokio::spawn(conn);
+    let method = http::Method::from_bytes(w.method.as_bytes()).map_err(|e| e.to_string())?;
     // Origin form, with the URL's authority as Host.
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let host = uri.authority().map(|a| a.as_str()).unwrap_or("localhost");
-    let req = http::Request::builder()
-        .method(w.method.as_str())
-        .uri(path)
-        .header(http::header::HOST, host)
-        .header(http::header::USER_AGENT, "outrigger-reload")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let res = sender.send_request(req).await;
-    conn.abort();
-    res.map(|r| r.status().as_u16())
-        .map_err(|e| format!("{} {} failed: {e}", w.method, w.url))
+    crate::lifecycle::probe::request_on(stream, method, path, host, "outrigger-reload")
+        .await
+        .map_err(|e| format!("{}: {e}", w.url))
 }
 
 /// Watches Outrigger's own config file and asks for a reload when its content changes.
