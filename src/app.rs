@@ -571,6 +571,8 @@ fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
     applied.log.format = old.log.format;
     // The access log's destination is opened once.
     applied.telemetry.access_log = old.telemetry.access_log.clone();
+    // So is the span exporter's collector.
+    applied.telemetry.tracing.otlp = old.telemetry.tracing.otlp.clone();
     // The app's address feeds the `app` cluster (live); the rest of `app` is the process's.
     let address = applied.app.address.clone();
     applied.app = old.app.clone();

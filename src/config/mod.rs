@@ -9,6 +9,7 @@ pub mod document;
 pub mod lifecycle;
 pub mod proxy;
 pub mod raw;
+pub mod telemetry;
 pub mod tls;
 pub mod types;
 
@@ -21,6 +22,10 @@ use serde::Serialize;
 
 pub use document::{Origin, Problem};
 pub use raw::LogFormat;
+pub use telemetry::{
+    AccessLogConfig, AccessLogFormat, AccessLogTo, DEFAULT_TRACE_SAMPLE, OtlpConfig,
+    TelemetryConfig, TracingConfig,
+};
 pub use types::{Address, Duration, Secret};
 
 use document::Document;
@@ -86,32 +91,6 @@ pub struct Config {
     pub tls: TlsGlobalConfig,
     pub telemetry: TelemetryConfig,
 }
-
-#[derive(Clone, Debug, Serialize)]
-pub struct TelemetryConfig {
-    pub tracing: TracingConfig,
-    /// Where access log lines go; None: no access log.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_log: Option<AccessLogTo>,
-}
-
-/// Where access log lines go.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AccessLogTo {
-    Stdout,
-    Stderr,
-    File(PathBuf),
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct TracingConfig {
-    /// The share of new traces marked sampled (0 to 1).
-    pub sample: f64,
-}
-
-/// New traces sampled by default: enough to see traffic, cheap for the tracing backend.
-pub const DEFAULT_TRACE_SAMPLE: f64 = 0.01;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TlsGlobalConfig {
@@ -342,48 +321,7 @@ fn validate(
             ),
         ));
     }
-    let sample = raw.telemetry.tracing.sample.unwrap_or(DEFAULT_TRACE_SAMPLE);
-    if !(0.0..=1.0).contains(&sample) {
-        problems.push(doc.problem(
-            "telemetry.tracing.sample",
-            format!("expected a ratio from 0 to 1, found {sample}"),
-        ));
-    }
-    let access_log = raw.telemetry.access_log.as_ref().and_then(|a| {
-        if let Some(f) = &a.format
-            && f != "json"
-        {
-            problems.push(doc.problem(
-                "telemetry.access_log.format",
-                format!("expected json (format strings are not supported yet), found {f:?}"),
-            ));
-        }
-        match a.to.as_deref().unwrap_or("stdout") {
-            "stdout" => Some(AccessLogTo::Stdout),
-            "stderr" => Some(AccessLogTo::Stderr),
-            "" => {
-                problems.push(doc.problem(
-                    "telemetry.access_log.to",
-                    "expected stdout, stderr or a file path",
-                ));
-                None
-            }
-            path => {
-                let path = PathBuf::from(path);
-                let dir = path
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(std::path::Path::new("."));
-                if !dir.is_dir() {
-                    problems.push(doc.problem(
-                        "telemetry.access_log.to",
-                        format!("the directory {} does not exist", dir.display()),
-                    ));
-                }
-                Some(AccessLogTo::File(path))
-            }
-        }
-    });
+    let telemetry = telemetry::validate(&raw.telemetry, doc, problems);
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -423,10 +361,7 @@ fn validate(
         listeners,
         clusters,
         reload,
-        telemetry: TelemetryConfig {
-            tracing: TracingConfig { sample },
-            access_log,
-        },
+        telemetry,
         tls: TlsGlobalConfig {
             expiry_warning: raw
                 .tls

@@ -35,30 +35,7 @@ pub struct RawConfig {
     pub clusters: BTreeMap<String, RawCluster>,
     pub reload: Vec<RawReload>,
     pub tls: RawTlsGlobal,
-    pub telemetry: RawTelemetry,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawTelemetry {
-    pub tracing: RawTracing,
-    pub access_log: Option<RawAccessLog>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawAccessLog {
-    /// `stdout`, `stderr` or a file path.
-    pub to: Option<String>,
-    /// `json` (the only format so far).
-    pub format: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawTracing {
-    /// The share of new traces (requests without trace context) marked sampled.
-    pub sample: Option<f64>,
+    pub telemetry: super::telemetry::RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]

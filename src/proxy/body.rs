@@ -8,12 +8,15 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -152,24 +155,54 @@ impl Body for Prefixed {
     }
 }
 
-/// A response body that holds `guard` (permits of the limits it counted against) until the
-/// body has been sent or dropped.
-pub struct Guarded<G> {
+/// A response body, measured: its bytes and the time to its end go to the route's metrics
+/// when it ends or is dropped. It also holds `guard` (permits of the limits the request
+/// counted against) until then.
+pub struct Measured<G> {
     inner: ProxyBody,
     _guard: G,
+    started: Instant,
+    bytes: u64,
+    metrics: Option<(Histogram, Counter)>,
 }
 
-impl<G: Send + Sync + Unpin + 'static> Guarded<G> {
-    pub fn wrap(inner: ProxyBody, guard: G) -> ProxyBody {
-        Guarded {
+impl<G: Send + Sync + Unpin + 'static> Measured<G> {
+    /// `metrics`: the route's duration histogram and response bytes counter.
+    pub fn wrap(
+        inner: ProxyBody,
+        guard: G,
+        started: Instant,
+        duration: &Histogram,
+        bytes: &Counter,
+    ) -> ProxyBody {
+        Measured {
             inner,
             _guard: guard,
+            started,
+            bytes: 0,
+            metrics: Some((duration.clone(), bytes.clone())),
         }
         .boxed()
     }
+
+    fn done(&mut self) {
+        if let Some((duration, bytes)) = self.metrics.take() {
+            duration.observe(self.started.elapsed().as_secs_f64());
+            bytes.inc_by(self.bytes);
+        }
+    }
 }
 
-impl<G: Unpin> Body for Guarded<G> {
+impl<G> Drop for Measured<G> {
+    fn drop(&mut self) {
+        if let Some((duration, bytes)) = self.metrics.take() {
+            duration.observe(self.started.elapsed().as_secs_f64());
+            bytes.inc_by(self.bytes);
+        }
+    }
+}
+
+impl<G: Send + Sync + Unpin + 'static> Body for Measured<G> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -177,7 +210,51 @@ impl<G: Unpin> Body for Guarded<G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done(),
+            Poll::Pending => {}
+        }
+        res
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A streamed request body whose data bytes are counted as they pass.
+pub fn counted(inner: ProxyBody, counter: Counter) -> ProxyBody {
+    Counted { inner, counter }.boxed()
+}
+
+struct Counted {
+    inner: ProxyBody,
+    counter: Counter,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &res
+            && let Some(d) = frame.data_ref()
+        {
+            self.counter.inc_by(d.len() as u64);
+        }
+        res
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

@@ -24,13 +24,13 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::body::{self, Guarded, ProxyBody, REPLAY_LIMIT, RequestBody};
+use super::body::{self, Measured, ProxyBody, REPLAY_LIMIT, RequestBody};
 use super::listener::{Activity, Peer};
 use super::route::{RouteStats, Router, Target};
 use crate::config::proxy::{Limits, RateLimit};
 use crate::runtime::{AppGate, Drain};
-use crate::telemetry::access_log;
 use crate::telemetry::metrics::{Name, ProxyMetrics, ShedLabels};
+use crate::telemetry::record::{self, Recorder};
 use crate::telemetry::trace::TraceContext;
 
 static X_OUTRIGGER_ERROR: HeaderName = HeaderName::from_static("x-outrigger-error");
@@ -183,8 +183,8 @@ pub struct HttpListener {
     authz: Option<Vec<crate::config::tls::IdentityPattern>>,
     /// The share of new traces marked sampled (`telemetry.tracing.sample`).
     pub(crate) sample: f64,
-    /// Where access log lines go (`telemetry.access_log`), if anywhere.
-    pub(crate) access_log: Option<access_log::AccessLog>,
+    /// Where request records go (access log, span export), if anywhere.
+    pub(crate) recorder: Option<Recorder>,
     /// Some route has `authz`: paths must be canonical, or `//admin`, `/./admin` and
     /// `/%61dmin` (which apps read as `/admin`) would miss the protected route.
     strict_paths: bool,
@@ -256,7 +256,7 @@ impl HttpListener {
             limits: limits.clone(),
             strict_paths: router.has_authz(),
             sample: crate::config::DEFAULT_TRACE_SAMPLE,
-            access_log: None,
+            recorder: None,
             authz,
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),
@@ -283,39 +283,35 @@ impl HttpListener {
             req.headers_mut()
                 .insert(X_REQUEST_ID.clone(), trace.trace_header());
         }
-        let Some(log) = self.access_log.clone() else {
-            return self.handle_inner(down, req).await;
+        let recorder = match &self.recorder {
+            Some(r) if r.wants(&trace) => r.clone(),
+            _ => return self.handle_inner(down, req).await,
         };
+        // Handles, not copies: the URI and header values share the bytes hyper read.
         let h = req.headers();
-        let text = |v: Option<&HeaderValue>| {
-            v.and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string()
-        };
-        let entry = access_log::Entry {
+        let entry = record::Entry {
             started: Instant::now(),
             direction: self.direction,
             listener: self.name.clone(),
-            method: req.method().to_string(),
-            authority: req
-                .uri()
-                .authority()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| text(h.get(header::HOST))),
-            path: req.uri().path().to_string(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: match req.uri().authority() {
+                Some(_) => None,
+                None => h.get(header::HOST).cloned(),
+            },
             bytes_in: h
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
-            trace_id: trace.trace_hex(),
-            request_id: text(h.get(&X_REQUEST_ID)),
+            trace,
+            request_id: h.get(&X_REQUEST_ID).cloned(),
             identity: down
                 .identity
                 .as_ref()
-                .and_then(|i| i.identity().map(str::to_string)),
+                .and_then(|i| i.identity().map(Arc::from)),
         };
-        // Written even if this future is dropped before there is a response.
-        let unanswered = access_log::Unanswered::new(&log, entry);
+        // Finished even if this future is dropped before there is a response.
+        let unanswered = record::Unanswered::new(&recorder, entry);
         let res = self.handle_inner(down, req).await?;
         Ok(unanswered.answered(res))
     }
@@ -448,14 +444,16 @@ impl HttpListener {
             .stats
             .latency
             .observe(started.elapsed().as_secs_f64());
-        if permit.is_none() && cluster_permit.is_none() {
-            return Ok(res);
-        }
         let permits = Permits {
             _listener: permit,
             _cluster: cluster_permit,
         };
-        Ok(res.map(|b| Guarded::wrap(b, permits)))
+        let stats = &target.stats;
+        Ok(
+            res.map(|b| {
+                Measured::wrap(b, permits, started, &stats.duration, &stats.response_bytes)
+            }),
+        )
     }
 
     /// Phase 1: local limits. The error says which one shed the request.
@@ -501,13 +499,12 @@ impl HttpListener {
         target
             .stats
             .response(failure.status().as_u16(), failure.reason());
-        target
-            .stats
-            .latency
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        target.stats.latency.observe(elapsed);
+        target.stats.duration.observe(elapsed);
         let mut res = error_response(failure, message);
-        if self.access_log.is_some() {
-            res.extensions_mut().insert(access_log::Routed {
+        if self.recorder.is_some() {
+            res.extensions_mut().insert(record::Routed {
                 route: Some(target.name.clone()),
                 cluster: Some(target.cluster.name.clone()),
                 upstream: None,
@@ -585,7 +582,14 @@ impl HttpListener {
             match tokio::time::timeout(target.timeout, body::prebuffer(incoming, REPLAY_LIMIT))
                 .await
             {
-                Ok(Ok(b)) => b,
+                Ok(Ok(RequestBody::Complete { data, trailers })) => {
+                    target.stats.request_bytes.inc_by(data.len() as u64);
+                    RequestBody::Complete { data, trailers }
+                }
+                Ok(Ok(RequestBody::Streaming(b))) => {
+                    RequestBody::Streaming(body::counted(b, target.stats.request_bytes.clone()))
+                }
+                Ok(Ok(RequestBody::Taken)) => RequestBody::Taken,
                 Ok(Err(e)) => {
                     let msg = format!("invalid request body: {e}");
                     return Err(with_close(self.fail(
@@ -609,7 +613,10 @@ impl HttpListener {
                 }
             }
         } else {
-            RequestBody::Streaming(body::incoming(incoming))
+            RequestBody::Streaming(body::counted(
+                body::incoming(incoming),
+                target.stats.request_bytes.clone(),
+            ))
         };
         // Taken after the body is read: a slow client does not hold a cluster slot meanwhile.
         let Ok(cluster_permit) = cluster.admit() else {
@@ -680,8 +687,8 @@ impl HttpListener {
                         continue;
                     }
                     let mut res = res.map(body::incoming);
-                    if self.access_log.is_some() {
-                        res.extensions_mut().insert(access_log::Routed {
+                    if self.recorder.is_some() {
+                        res.extensions_mut().insert(record::Routed {
                             route: Some(target.name.clone()),
                             cluster: Some(cluster.name.clone()),
                             upstream: Some(attempt.endpoint.address.to_string()),
@@ -753,7 +760,7 @@ impl HttpListener {
                 continue;
             }
             let mut res = self.fail(target, failure, &message, started);
-            if let Some(r) = res.extensions_mut().get_mut::<access_log::Routed>() {
+            if let Some(r) = res.extensions_mut().get_mut::<record::Routed>() {
                 // The access log names the last endpoint tried and the retries spent.
                 r.upstream = Some(attempt.endpoint.address.to_string());
                 r.retries = tries;

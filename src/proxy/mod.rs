@@ -36,6 +36,7 @@ use crate::config::raw::{Direction, Protocol};
 use crate::config::{Address, Config};
 use crate::runtime::{AppGate, Drain, Module, ModuleContext, ModuleFuture, ReloadFuture};
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
+use crate::telemetry::record::Recorder;
 use crate::tls::Reloadable;
 use cluster::Cluster;
 use listener::{Activity, Bound, Metered, Peer};
@@ -100,7 +101,7 @@ pub struct Proxy {
     clusters: Mutex<HashMap<String, Arc<Cluster>>>,
     metrics: ProxyMetrics,
     gate: AppGate,
-    access_log: Option<crate::telemetry::access_log::AccessLog>,
+    recorder: Option<Recorder>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -124,16 +125,20 @@ impl Proxy {
         for c in clusters.values() {
             tokio::spawn(Cluster::discover(Arc::downgrade(c)));
         }
-        let access_log = match &config.telemetry.access_log {
-            Some(to) => Some(
+        let log = match &config.telemetry.access_log {
+            Some(c) => Some(
                 crate::telemetry::access_log::AccessLog::start(
-                    to,
+                    c,
                     metrics.access_log_dropped.clone(),
                 )
-                .with_context(|| format!("cannot open the access log {to:?}"))?,
+                .with_context(|| format!("cannot open the access log {:?}", c.to))?,
             ),
             None => None,
         };
+        let spans = config.telemetry.tracing.otlp.as_ref().map(|o| {
+            crate::telemetry::otlp::SpanExporter::start(o, &config.service, metrics.spans.clone())
+        });
+        let recorder = (log.is_some() || spans.is_some()).then_some(Recorder { log, spans });
         let mut listeners = Vec::new();
         let mut bound_addresses = BTreeMap::new();
         for l in &config.listeners {
@@ -150,7 +155,7 @@ impl Proxy {
                 &clusters,
                 metrics,
                 &gate,
-                access_log.as_ref(),
+                recorder.as_ref(),
             )?));
         }
         Ok(Some((
@@ -159,7 +164,7 @@ impl Proxy {
                 clusters: Mutex::new(clusters),
                 metrics: metrics.clone(),
                 gate,
-                access_log,
+                recorder,
                 reloading: tokio::sync::Mutex::new(()),
             },
             bound_addresses,
@@ -190,7 +195,7 @@ fn build_listener(
     clusters: &HashMap<String, Arc<Cluster>>,
     metrics: &ProxyMetrics,
     gate: &AppGate,
-    access_log: Option<&crate::telemetry::access_log::AccessLog>,
+    recorder: Option<&Recorder>,
 ) -> Result<Listener> {
     let name: Name = Arc::new(l.name.clone());
     let direction = direction_label(l.direction);
@@ -208,7 +213,7 @@ fn build_listener(
             })
             .clone()
     };
-    let serving = build_serving(l, config, clusters, metrics, gate, None, access_log)?;
+    let serving = build_serving(l, config, clusters, metrics, gate, None, recorder)?;
     Ok(Listener {
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
@@ -230,7 +235,7 @@ fn build_serving(
     metrics: &ProxyMetrics,
     gate: &AppGate,
     previous: Option<&Serving>,
-    access_log: Option<&crate::telemetry::access_log::AccessLog>,
+    recorder: Option<&Recorder>,
 ) -> Result<Serving> {
     let name: Name = Arc::new(l.name.clone());
     let direction = direction_label(l.direction);
@@ -283,7 +288,7 @@ fn build_serving(
                 l.authz.clone(),
             );
             state.sample = config.telemetry.tracing.sample;
-            state.access_log = access_log.cloned();
+            state.recorder = recorder.cloned();
             let state = Arc::new(state);
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }
@@ -434,7 +439,7 @@ impl Module for Proxy {
                     &self.metrics,
                     &self.gate,
                     Some(&current),
-                    self.access_log.as_ref(),
+                    self.recorder.as_ref(),
                 )
                 .map_err(|e| format!("{e:#}"))?;
                 generations.push((l, serving));

@@ -38,6 +38,10 @@ pub struct RouteStats {
     /// Responses by class 1xx..5xx when the upstream answered.
     pub responses: [Counter; 5],
     pub latency: Histogram,
+    /// To the end of the response body.
+    pub duration: Histogram,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
     labels: RouteLabels,
     metrics: ProxyMetrics,
 }
@@ -73,6 +77,16 @@ impl RouteStats {
                     cluster: cluster.clone(),
                 })
                 .clone(),
+            duration: metrics
+                .duration
+                .get_or_create(&LatencyLabels {
+                    direction,
+                    listener: listener.clone(),
+                    cluster: cluster.clone(),
+                })
+                .clone(),
+            request_bytes: metrics.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: metrics.response_bytes.get_or_create(&labels).clone(),
             labels,
             metrics: metrics.clone(),
         }

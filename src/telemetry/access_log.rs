@@ -1,24 +1,21 @@
-//! Access logs: one JSON object per proxied request, written when its response has been sent
-//! (so the duration and the response bytes are the whole exchange), to stdout, stderr or a
-//! file. Lines go through a bounded queue to a writer thread: when the destination cannot keep
-//! up, lines are dropped and counted (`outrigger_access_log_dropped_total`) rather than slowing
+//! Access logs: one line per proxied request, written when its response has been sent (so the
+//! duration and the response bytes are the whole exchange), to stdout, stderr or a file, as a
+//! JSON object (the default) or through a format string. Records go through a bounded queue
+//! to a writer thread that encodes and writes them: when the destination cannot keep up,
+//! records are dropped and counted (`outrigger_access_log_dropped_total`) rather than slowing
 //! traffic down.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::fmt::Write as _;
+use std::io::Write;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use std::io::Write;
 
-use crate::config::AccessLogTo;
-use crate::proxy::body::{BoxError, ProxyBody};
+use crate::config::telemetry::{AccessLogConfig, AccessLogFormat, AccessLogTo, Field, Piece};
+use crate::telemetry::record::Record;
 
-/// Lines waiting for the writer; beyond this they are dropped.
+/// Records waiting for the writer; beyond this they are dropped.
 const QUEUE: usize = 8192;
 /// How often the writer drains the queue.
 const WRITE_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
@@ -26,21 +23,22 @@ const WRITE_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 /// The sending side, shared by every listener.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: std::sync::mpsc::SyncSender<String>,
+    tx: std::sync::mpsc::SyncSender<Record>,
     dropped: Counter,
 }
 
 impl AccessLog {
     /// Starts the writer: a plain thread with a buffered writer, so the runtime's threads only
-    /// ever hand a line over (no blocking-pool round trip per write, as async file I/O costs).
-    pub fn start(to: &AccessLogTo, dropped: Counter) -> std::io::Result<AccessLog> {
+    /// ever hand a record over (no blocking-pool round trip per write, as async file I/O
+    /// costs, and no encoding on the data path).
+    pub fn start(config: &AccessLogConfig, dropped: Counter) -> std::io::Result<AccessLog> {
         // On a pipe shared with the app's own output, each write must hold whole lines and
         // stay within PIPE_BUF (4 KiB) to be atomic; a file takes bigger writes.
-        let capacity = match to {
+        let capacity = match config.to {
             AccessLogTo::File(_) => 64 * 1024,
             _ => 4096,
         };
-        let out: Box<dyn Write + Send> = match to {
+        let out: Box<dyn Write + Send> = match &config.to {
             AccessLogTo::Stdout => Box::new(std::io::stdout()),
             AccessLogTo::Stderr => Box::new(std::io::stderr()),
             AccessLogTo::File(p) => Box::new(
@@ -50,12 +48,14 @@ impl AccessLog {
                     .open(p)?,
             ),
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUE);
+        let format = config.format.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Record>(QUEUE);
         let lost = dropped.clone();
         let handle = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let mut out = std::io::BufWriter::with_capacity(capacity, out);
+                let mut line = String::with_capacity(512);
                 let mut last_warning: Option<Instant> = None;
                 let mut failed = |e: std::io::Error, lines: u64| {
                     lost.inc_by(lines);
@@ -67,13 +67,16 @@ impl AccessLog {
                 };
                 // Polled, not woken: a sender never pays for waking this thread (a futex call
                 // per request cost a quarter of the throughput). The queue holds well over one
-                // period's lines at any rate this proxy reaches.
+                // period's records at any rate this proxy reaches.
                 loop {
                     std::thread::sleep(WRITE_EVERY);
                     let mut done = false;
                     loop {
                         match rx.try_recv() {
-                            Ok(line) => {
+                            Ok(record) => {
+                                line.clear();
+                                encode(&format, &record, &mut line);
+                                line.push('\n');
                                 if let Err(e) = out.write_all(line.as_bytes()) {
                                     failed(e, 1);
                                 }
@@ -97,8 +100,8 @@ impl AccessLog {
         Ok(AccessLog { tx, dropped })
     }
 
-    fn send(&self, line: String) {
-        if self.tx.try_send(line).is_err() {
+    pub(crate) fn send(&self, record: Record) {
+        if self.tx.try_send(record).is_err() {
             self.dropped.inc();
         }
     }
@@ -122,29 +125,6 @@ pub fn flush_at_exit(limit: std::time::Duration) {
     }
 }
 
-/// What is known of a request when it arrives.
-pub struct Entry {
-    pub started: Instant,
-    pub direction: &'static str,
-    pub listener: crate::telemetry::metrics::Name,
-    pub method: String,
-    pub authority: String,
-    pub path: String,
-    pub bytes_in: Option<u64>,
-    pub trace_id: String,
-    pub request_id: String,
-    pub identity: Option<String>,
-}
-
-/// What the proxy learned while handling it: put in the response's extensions.
-#[derive(Clone, Debug, Default)]
-pub struct Routed {
-    pub route: Option<crate::telemetry::metrics::Name>,
-    pub cluster: Option<crate::telemetry::metrics::Name>,
-    pub upstream: Option<String>,
-    pub retries: u32,
-}
-
 #[derive(Serialize)]
 struct Line<'a> {
     time: String,
@@ -161,166 +141,108 @@ struct Line<'a> {
     bytes_out: u64,
     upstream: Option<&'a str>,
     retries: u32,
-    trace_id: &'a str,
+    trace_id: String,
+    span_id: String,
     request_id: &'a str,
     identity: Option<&'a str>,
     error: Option<&'a str>,
 }
 
-/// A request not answered yet: if it is dropped first (an HTTP/2 reset, a client gone while
-/// its request waited), its line is still written, with status 499 and `client-closed`.
-pub struct Unanswered(Option<(AccessLog, Entry)>);
-
-impl Unanswered {
-    pub fn new(log: &AccessLog, entry: Entry) -> Unanswered {
-        Unanswered(Some((log.clone(), entry)))
-    }
-
-    /// The request got a response: its line is written when the response is done.
-    pub fn answered(mut self, res: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
-        let (log, entry) = self.0.take().expect("answered once");
-        wrap(&log, entry, res)
+fn time(r: &Record) -> String {
+    // humantime panics on a clock before 1970.
+    if r.ended >= std::time::UNIX_EPOCH {
+        humantime::format_rfc3339_micros(r.ended).to_string()
+    } else {
+        String::from("1970-01-01T00:00:00Z")
     }
 }
 
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some((log, entry)) = self.0.take() {
-            Pending {
-                log,
-                entry,
-                status: 499,
-                error: Some("client-closed".to_string()),
-                routed: Routed::default(),
-                bytes_out: 0,
+fn duration_ms(r: &Record) -> f64 {
+    (r.duration.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Appends `r` as one line (without the newline) in `format`.
+pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut String) {
+    let e = &r.entry;
+    match format {
+        AccessLogFormat::Json => {
+            let line = Line {
+                time: time(r),
+                direction: e.direction,
+                listener: &e.listener,
+                route: r.routed.route.as_deref().map(String::as_str),
+                cluster: r.routed.cluster.as_deref().map(String::as_str),
+                method: e.method.as_str(),
+                authority: e.authority(),
+                path: e.uri.path(),
+                status: r.status,
+                duration_ms: duration_ms(r),
+                bytes_in: e.bytes_in,
+                bytes_out: r.bytes_out,
+                upstream: r.routed.upstream.as_deref(),
+                retries: r.routed.retries,
+                trace_id: e.trace.trace_hex(),
+                span_id: e.trace.span_hex(),
+                request_id: e.request_id(),
+                identity: e.identity.as_deref(),
+                error: r.error.as_deref(),
+            };
+            if let Ok(s) = serde_json::to_string(&line) {
+                out.push_str(&s);
             }
-            .write();
         }
-    }
-}
-
-/// Wraps the response body so the line is written once the body is done (or dropped: the
-/// client went away).
-pub fn wrap(
-    log: &AccessLog,
-    entry: Entry,
-    res: http::Response<ProxyBody>,
-) -> http::Response<ProxyBody> {
-    let status = res.status().as_u16();
-    let error = res
-        .headers()
-        .get("x-outrigger-error")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let routed = res
-        .extensions()
-        .get::<Routed>()
-        .cloned()
-        .unwrap_or_default();
-    res.map(|body| {
-        Logged {
-            inner: body,
-            pending: Some(Pending {
-                log: log.clone(),
-                entry,
-                status,
-                error,
-                routed,
-                bytes_out: 0,
-            }),
-        }
-        .boxed()
-    })
-}
-
-struct Pending {
-    log: AccessLog,
-    entry: Entry,
-    status: u16,
-    error: Option<String>,
-    routed: Routed,
-    bytes_out: u64,
-}
-
-impl Pending {
-    fn write(self) {
-        let e = &self.entry;
-        let line = Line {
-            // humantime panics on a clock before 1970, and this runs in Drop.
-            time: match std::time::SystemTime::now() {
-                now if now >= std::time::UNIX_EPOCH => {
-                    humantime::format_rfc3339_micros(now).to_string()
-                }
-                _ => String::from("1970-01-01T00:00:00Z"),
-            },
-            direction: e.direction,
-            listener: &e.listener,
-            route: self.routed.route.as_deref().map(String::as_str),
-            cluster: self.routed.cluster.as_deref().map(String::as_str),
-            method: &e.method,
-            authority: &e.authority,
-            path: &e.path,
-            status: self.status,
-            duration_ms: (e.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
-            bytes_in: e.bytes_in,
-            bytes_out: self.bytes_out,
-            upstream: self.routed.upstream.as_deref(),
-            retries: self.routed.retries,
-            trace_id: &e.trace_id,
-            request_id: &e.request_id,
-            identity: e.identity.as_deref(),
-            error: self.error.as_deref(),
-        };
-        if let Ok(mut s) = serde_json::to_string(&line) {
-            s.push('\n');
-            self.log.send(s);
-        }
-    }
-}
-
-struct Logged {
-    inner: ProxyBody,
-    pending: Option<Pending>,
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            p.write();
-        }
-    }
-}
-
-impl Body for Logged {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref()
-                    && let Some(p) = &mut self.pending
-                {
-                    p.bytes_out += d.len() as u64;
+        AccessLogFormat::Template(pieces) => {
+            for p in pieces {
+                let f = match p {
+                    Piece::Text(t) => {
+                        out.push_str(t);
+                        continue;
+                    }
+                    Piece::Field(f) => f,
+                };
+                let text = |out: &mut String, v: Option<&str>| match v {
+                    Some(v) if !v.is_empty() => out.push_str(v),
+                    _ => out.push('-'),
+                };
+                match f {
+                    Field::Time => out.push_str(&time(r)),
+                    Field::Direction => out.push_str(e.direction),
+                    Field::Listener => out.push_str(&e.listener),
+                    Field::Route => text(out, r.routed.route.as_deref().map(String::as_str)),
+                    Field::Cluster => text(out, r.routed.cluster.as_deref().map(String::as_str)),
+                    Field::Method => out.push_str(e.method.as_str()),
+                    Field::Authority => text(out, Some(e.authority())),
+                    Field::Path => out.push_str(e.uri.path()),
+                    Field::Status => {
+                        let _ = write!(out, "{}", r.status);
+                    }
+                    Field::DurationMs => {
+                        let _ = write!(out, "{}", duration_ms(r));
+                    }
+                    Field::BytesIn => match e.bytes_in {
+                        Some(b) => {
+                            let _ = write!(out, "{b}");
+                        }
+                        None => out.push('-'),
+                    },
+                    Field::BytesOut => {
+                        let _ = write!(out, "{}", r.bytes_out);
+                    }
+                    Field::Upstream => text(out, r.routed.upstream.as_deref()),
+                    Field::Retries => {
+                        let _ = write!(out, "{}", r.routed.retries);
+                    }
+                    Field::TraceId => {
+                        let _ = write!(out, "{:032x}", e.trace.trace_id);
+                    }
+                    Field::SpanId => {
+                        let _ = write!(out, "{:016x}", e.trace.span_id);
+                    }
+                    Field::RequestId => text(out, Some(e.request_id())),
+                    Field::Identity => text(out, e.identity.as_deref()),
+                    Field::Error => text(out, r.error.as_deref()),
                 }
             }
-            Poll::Ready(None) => {
-                if let Some(p) = self.pending.take() {
-                    p.write();
-                }
-            }
-            _ => {}
         }
-        res
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

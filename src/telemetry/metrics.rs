@@ -122,6 +122,11 @@ pub struct LatencyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub cluster: Name,
 }
@@ -154,6 +159,9 @@ pub struct ProxyMetrics {
     pub requests: Family<RouteLabels, Counter>,
     pub responses: Family<ResponseLabels, Counter>,
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub duration: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<RouteLabels, Counter>,
+    pub response_bytes: Family<RouteLabels, Counter>,
     pub connections_opened: Family<ListenerLabels, Counter>,
     pub connections_closed: Family<ListenerLabels, Counter>,
     pub connections_open: Family<ListenerLabels, Gauge>,
@@ -165,6 +173,8 @@ pub struct ProxyMetrics {
     pub discovery: Family<OutcomeLabels, Counter>,
     pub tls: crate::tls::TlsMetrics,
     pub access_log_dropped: Counter,
+    #[cfg(feature = "proxy")]
+    pub spans: crate::telemetry::otlp::SpanMetrics,
 }
 
 impl Default for ProxyMetrics {
@@ -173,6 +183,9 @@ impl Default for ProxyMetrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            duration: Family::new_with_constructor(latency_histogram),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             connections_open: Family::default(),
@@ -184,6 +197,8 @@ impl Default for ProxyMetrics {
             discovery: Family::default(),
             tls: crate::tls::TlsMetrics::default(),
             access_log_dropped: Counter::default(),
+            #[cfg(feature = "proxy")]
+            spans: Default::default(),
         }
     }
 }
@@ -196,6 +211,19 @@ impl ProxyMetrics {
             "Access log lines dropped because the destination could not keep up",
             self.access_log_dropped.clone(),
         );
+        #[cfg(feature = "proxy")]
+        {
+            r.register(
+                "spans_exported",
+                "Spans the OTLP collector accepted",
+                self.spans.exported.clone(),
+            );
+            r.register(
+                "spans_dropped",
+                "Spans not exported: the queue was full (queue_full) or the collector failed (export_failed)",
+                self.spans.dropped.clone(),
+            );
+        }
         r.register(
             "http_requests",
             "HTTP requests received, by direction, listener, route and cluster",
@@ -210,6 +238,21 @@ impl ProxyMetrics {
             "http_response_latency_seconds",
             "Time from the request's arrival to the response headers, in seconds",
             self.latency.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time from the request's arrival to the end of the response body, in seconds",
+            self.duration.clone(),
+        );
+        r.register(
+            "http_request_body_bytes",
+            "Request body bytes received from downstream, by route",
+            self.request_bytes.clone(),
+        );
+        r.register(
+            "http_response_body_bytes",
+            "Response body bytes sent downstream, by route",
+            self.response_bytes.clone(),
         );
         r.register(
             "connections_opened",

@@ -1,9 +1,14 @@
 //! Telemetry used by every module: Outrigger's own logs ([`log`]), the metrics registry with
-//! the self-metrics and the proxy's request metrics ([`metrics`]), and trace-context
-//! propagation on proxied requests ([`trace`]), access logs (`access_log`). Span export is still to come.
+//! the self-metrics and the proxy's request metrics ([`metrics`]), trace-context propagation
+//! on proxied requests ([`trace`]), and the record of each proxied request ([`record`]) that
+//! feeds the access log ([`access_log`]) and span export over OTLP/HTTP ([`otlp`]).
 
 #[cfg(feature = "proxy")]
 pub mod access_log;
 pub mod log;
 pub mod metrics;
+#[cfg(feature = "proxy")]
+pub mod otlp;
+#[cfg(feature = "proxy")]
+pub mod record;
 pub mod trace;

@@ -316,3 +316,22 @@ fn tls_errors_are_located() {
         assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
     }
 }
+
+#[test]
+fn telemetry_errors_are_located() {
+    rejected(
+        "telemetry:\n  tracing:\n    sample: 2\n    otlp: ftp://collector\n  access_log:\n    to: stdout\n    format: '{method} {pathh}'\n",
+        &[
+            "bad.yaml:3:13: telemetry.tracing.sample: expected a ratio from 0 to 1, found 2",
+            "bad.yaml:4:11: telemetry.tracing.otlp: expected an http:// or https:// URL with a host",
+            "bad.yaml:7:13: telemetry.access_log.format: expected json or a format string: unknown field {pathh}",
+        ],
+    );
+    rejected(
+        "telemetry:\n  tracing:\n    otlp:\n      endpoint: http://collector:4318\n      ca: /nonexistent/ca.pem\n      timeout: 0s\n",
+        &[
+            "bad.yaml:5:11: telemetry.tracing.otlp.ca: a CA bundle needs an https:// endpoint",
+            "bad.yaml:6:16: telemetry.tracing.otlp.timeout: expected more than 0s",
+        ],
+    );
+}

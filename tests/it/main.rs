@@ -10,4 +10,5 @@ mod lifecycle;
 mod proxy;
 mod reload;
 mod support;
+mod telemetry;
 mod tls;

@@ -1,0 +1,255 @@
+//! The record of one proxied request, for the access log and span export: what is known when
+//! the request arrives ([`Entry`]), what the proxy learned routing it ([`Routed`], put in the
+//! response's extensions) and how it ended. The response body is wrapped so the record is
+//! finished when the body is done, or dropped (the client went away); a request dropped before
+//! it had a response is recorded as 499 `client-closed`.
+//!
+//! The data path only copies cheap handles (the request's `Uri` and header values share the
+//! bytes hyper read) and hands the record over; lines and spans are encoded on the writer
+//! thread and the exporter task.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::proxy::body::{BoxError, ProxyBody};
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics::Name;
+use crate::telemetry::otlp::SpanExporter;
+use crate::telemetry::trace::TraceContext;
+
+/// Where finished records go: the access log, span export, or both.
+#[derive(Clone)]
+pub struct Recorder {
+    pub log: Option<AccessLog>,
+    pub spans: Option<SpanExporter>,
+}
+
+impl Recorder {
+    /// Whether this request needs a record at all: the access log takes every request, the
+    /// exporter only sampled ones.
+    pub fn wants(&self, trace: &TraceContext) -> bool {
+        self.log.is_some() || (trace.sampled && self.spans.is_some())
+    }
+}
+
+/// What is known of a request when it arrives.
+pub struct Entry {
+    pub started: Instant,
+    pub direction: &'static str,
+    pub listener: Name,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    /// The Host header, when the URI has no authority.
+    pub host: Option<HeaderValue>,
+    pub bytes_in: Option<u64>,
+    pub trace: TraceContext,
+    pub request_id: Option<HeaderValue>,
+    pub identity: Option<Arc<str>>,
+}
+
+impl Entry {
+    pub fn authority(&self) -> &str {
+        match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default(),
+        }
+    }
+    pub fn request_id(&self) -> &str {
+        self.request_id
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// What the proxy learned while handling a request: put in the response's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct Routed {
+    pub route: Option<Name>,
+    pub cluster: Option<Name>,
+    pub upstream: Option<String>,
+    pub retries: u32,
+}
+
+/// A finished request.
+pub struct Record {
+    pub entry: Entry,
+    /// When the response was done (the end of its body).
+    pub ended: SystemTime,
+    pub duration: Duration,
+    pub status: u16,
+    /// Why Outrigger answered itself, or why the response did not complete.
+    pub error: Option<String>,
+    pub routed: Routed,
+    pub bytes_out: u64,
+}
+
+impl Record {
+    /// Unix nanoseconds of the start and the end (0 for a clock before 1970).
+    pub fn unix_nanos(&self) -> (u64, u64) {
+        let end = self
+            .ended
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        (end.saturating_sub(self.duration.as_nanos() as u64), end)
+    }
+}
+
+/// A request not answered yet: if it is dropped first (an HTTP/2 reset, a client gone while
+/// its request waited), its record is still finished, with status 499 and `client-closed`.
+pub struct Unanswered(Option<(Recorder, Entry)>);
+
+impl Unanswered {
+    pub fn new(recorder: &Recorder, entry: Entry) -> Unanswered {
+        Unanswered(Some((recorder.clone(), entry)))
+    }
+
+    /// The request got a response: its record is finished when the response body is done.
+    pub fn answered(mut self, res: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+        let (recorder, entry) = self.0.take().expect("answered once");
+        let status = res.status().as_u16();
+        let error = res
+            .headers()
+            .get("x-outrigger-error")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let routed = res
+            .extensions()
+            .get::<Routed>()
+            .cloned()
+            .unwrap_or_default();
+        res.map(|body| {
+            Recorded {
+                inner: body,
+                pending: Some(Pending {
+                    recorder,
+                    entry,
+                    status,
+                    error,
+                    routed,
+                    bytes_out: 0,
+                }),
+            }
+            .boxed()
+        })
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((recorder, entry)) = self.0.take() {
+            Pending {
+                recorder,
+                entry,
+                status: 499,
+                error: Some("client-closed".to_string()),
+                routed: Routed::default(),
+                bytes_out: 0,
+            }
+            .finish();
+        }
+    }
+}
+
+struct Pending {
+    recorder: Recorder,
+    entry: Entry,
+    status: u16,
+    error: Option<String>,
+    routed: Routed,
+    bytes_out: u64,
+}
+
+impl Pending {
+    fn finish(self) {
+        let sampled = self.entry.trace.sampled;
+        let record = Record {
+            duration: self.entry.started.elapsed(),
+            ended: SystemTime::now(),
+            entry: self.entry,
+            status: self.status,
+            error: self.error,
+            routed: self.routed,
+            bytes_out: self.bytes_out,
+        };
+        match (&self.recorder.log, &self.recorder.spans) {
+            (Some(log), Some(spans)) if sampled => {
+                spans.send(record.span());
+                log.send(record);
+            }
+            (Some(log), _) => log.send(record),
+            (None, Some(spans)) if sampled => spans.send(record.span()),
+            _ => {}
+        }
+    }
+}
+
+/// The response body, counted; the record is finished at its end or when it is dropped.
+struct Recorded {
+    inner: ProxyBody,
+    pending: Option<Pending>,
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.pending.take() {
+            // Dropped before its end: the client went away mid-body. (A body with nothing
+            // left, e.g. an empty one hyper never polls, is done, not cut.)
+            if p.error.is_none() && !self.inner.is_end_stream() {
+                p.error = Some("client-closed".to_string());
+            }
+            p.finish();
+        }
+    }
+}
+
+impl Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref()
+                    && let Some(p) = &mut self.pending
+                {
+                    p.bytes_out += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut p) = self.pending.take() {
+                    p.error = Some("upstream-reset".to_string());
+                    p.finish();
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = self.pending.take() {
+                    p.finish();
+                }
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
