@@ -5,7 +5,6 @@
 //! records are dropped and counted (`outrigger_access_log_dropped_total`) rather than slowing
 //! traffic down.
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::time::Instant;
 
@@ -55,7 +54,7 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || {
                 let mut out = std::io::BufWriter::with_capacity(capacity, out);
-                let mut line = String::with_capacity(512);
+                let mut line: Vec<u8> = Vec::with_capacity(512);
                 let mut last_warning: Option<Instant> = None;
                 let mut failed = |e: std::io::Error, lines: u64| {
                     lost.inc_by(lines);
@@ -76,8 +75,8 @@ impl AccessLog {
                             Ok(record) => {
                                 line.clear();
                                 encode(&format, &record, &mut line);
-                                line.push('\n');
-                                if let Err(e) = out.write_all(line.as_bytes()) {
+                                line.push(b'\n');
+                                if let Err(e) = out.write_all(&line) {
                                     failed(e, 1);
                                 }
                             }
@@ -139,7 +138,7 @@ struct Line<'a> {
     duration_ms: f64,
     bytes_in: Option<u64>,
     bytes_out: u64,
-    upstream: Option<&'a str>,
+    upstream: Option<String>,
     retries: u32,
     trace_id: String,
     span_id: String,
@@ -162,7 +161,7 @@ fn duration_ms(r: &Record) -> f64 {
 }
 
 /// Appends `r` as one line (without the newline) in `format`.
-pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut String) {
+pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
     let e = &r.entry;
     match format {
         AccessLogFormat::Json => {
@@ -179,7 +178,7 @@ pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut String) {
                 duration_ms: duration_ms(r),
                 bytes_in: e.bytes_in,
                 bytes_out: r.bytes_out,
-                upstream: r.routed.upstream.as_deref(),
+                upstream: r.routed.upstream.as_ref().map(|a| a.to_string()),
                 retries: r.routed.retries,
                 trace_id: e.trace.trace_hex(),
                 span_id: e.trace.span_hex(),
@@ -187,32 +186,30 @@ pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut String) {
                 identity: e.identity.as_deref(),
                 error: r.error.as_deref(),
             };
-            if let Ok(s) = serde_json::to_string(&line) {
-                out.push_str(&s);
-            }
+            let _ = serde_json::to_writer(&mut *out, &line);
         }
         AccessLogFormat::Template(pieces) => {
             for p in pieces {
                 let f = match p {
                     Piece::Text(t) => {
-                        out.push_str(t);
+                        out.extend_from_slice(t.as_bytes());
                         continue;
                     }
                     Piece::Field(f) => f,
                 };
-                let text = |out: &mut String, v: Option<&str>| match v {
-                    Some(v) if !v.is_empty() => out.push_str(v),
-                    _ => out.push('-'),
+                let text = |out: &mut Vec<u8>, v: Option<&str>| match v {
+                    Some(v) if !v.is_empty() => out.extend_from_slice(v.as_bytes()),
+                    _ => out.push(b'-'),
                 };
                 match f {
-                    Field::Time => out.push_str(&time(r)),
-                    Field::Direction => out.push_str(e.direction),
-                    Field::Listener => out.push_str(&e.listener),
+                    Field::Time => out.extend_from_slice(time(r).as_bytes()),
+                    Field::Direction => out.extend_from_slice(e.direction.as_bytes()),
+                    Field::Listener => out.extend_from_slice(e.listener.as_bytes()),
                     Field::Route => text(out, r.routed.route.as_deref().map(String::as_str)),
                     Field::Cluster => text(out, r.routed.cluster.as_deref().map(String::as_str)),
-                    Field::Method => out.push_str(e.method.as_str()),
+                    Field::Method => out.extend_from_slice(e.method.as_str().as_bytes()),
                     Field::Authority => text(out, Some(e.authority())),
-                    Field::Path => out.push_str(e.uri.path()),
+                    Field::Path => out.extend_from_slice(e.uri.path().as_bytes()),
                     Field::Status => {
                         let _ = write!(out, "{}", r.status);
                     }
@@ -223,12 +220,17 @@ pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut String) {
                         Some(b) => {
                             let _ = write!(out, "{b}");
                         }
-                        None => out.push('-'),
+                        None => out.push(b'-'),
                     },
                     Field::BytesOut => {
                         let _ = write!(out, "{}", r.bytes_out);
                     }
-                    Field::Upstream => text(out, r.routed.upstream.as_deref()),
+                    Field::Upstream => match &r.routed.upstream {
+                        Some(a) => {
+                            let _ = write!(out, "{a}");
+                        }
+                        None => out.push(b'-'),
+                    },
                     Field::Retries => {
                         let _ = write!(out, "{}", r.routed.retries);
                     }
