@@ -238,6 +238,8 @@ const POOL_MAX_IDLE: usize = 256;
 /// One upstream endpoint and its state.
 pub struct Endpoint {
     pub address: Address,
+    /// The address as text, for access log lines and spans (formatted once).
+    pub label: Arc<str>,
     pub client: HttpClient,
     /// The URI authority of requests to this endpoint: the pool key. Fixed, so clients cannot
     /// grow the pool by varying Host; the Host header carries the request's own authority.
@@ -274,6 +276,7 @@ impl Endpoint {
         };
         Endpoint {
             tls: tls.is_some(),
+            label: Arc::from(address.to_string()),
             address,
             client,
             authority,

@@ -691,7 +691,7 @@ impl HttpListener {
                         res.extensions_mut().insert(record::Routed {
                             route: Some(target.name.clone()),
                             cluster: Some(cluster.name.clone()),
-                            upstream: Some(attempt.endpoint.address.clone()),
+                            upstream: Some(attempt.endpoint.label.clone()),
                             retries: tries,
                         });
                     }
@@ -762,7 +762,7 @@ impl HttpListener {
             let mut res = self.fail(target, failure, &message, started);
             if let Some(r) = res.extensions_mut().get_mut::<record::Routed>() {
                 // The access log names the last endpoint tried and the retries spent.
-                r.upstream = Some(attempt.endpoint.address.clone());
+                r.upstream = Some(attempt.endpoint.label.clone());
                 r.retries = tries;
             }
             return Err(res);

@@ -81,7 +81,7 @@ impl Record {
             listener: e.listener.clone(),
             route: self.routed.route.clone(),
             cluster: self.routed.cluster.clone(),
-            upstream: self.routed.upstream.as_ref().map(|a| a.to_string()),
+            upstream: self.routed.upstream.as_deref().map(str::to_string),
             retries: self.routed.retries,
             error: self.error.clone(),
             identity: e.identity.clone(),

@@ -78,7 +78,7 @@ impl Entry {
 pub struct Routed {
     pub route: Option<Name>,
     pub cluster: Option<Name>,
-    pub upstream: Option<crate::config::Address>,
+    pub upstream: Option<Arc<str>>,
     pub retries: u32,
 }
 
