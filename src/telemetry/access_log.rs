@@ -11,6 +11,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::config::telemetry::{AccessLogConfig, AccessLogFormat, AccessLogTo, Field, Piece};
+use crate::telemetry::json::{hex, number, opt_string, string};
 use crate::telemetry::record::Record;
 
 /// Records waiting for the writer; beyond this they are dropped.
@@ -183,42 +184,6 @@ fn duration_ms(r: &Record, out: &mut Vec<u8>) {
     }
 }
 
-fn number(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
-}
-
-fn hex(out: &mut Vec<u8>, v: u128, digits: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut b = [0u8; 32];
-    let b = &mut b[..digits];
-    let mut v = v;
-    for x in b.iter_mut().rev() {
-        *x = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
-    }
-    out.extend_from_slice(b);
-}
-
-/// A JSON string; the common case (nothing to escape) is a plain copy.
-fn string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
-    {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *out, s);
-    }
-}
-
-fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => string(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
 /// The JSON object, keys in a fixed order.
 fn json_line(r: &Record, out: &mut Vec<u8>) {
     let e = &r.entry;
@@ -324,43 +289,15 @@ pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::record::{Entry, Routed};
-    use crate::telemetry::trace::{Format, TraceContext};
-    use std::sync::Arc;
+    use crate::telemetry::record::tests::sample_record;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     fn record(ended: SystemTime, duration: Duration, path: &str) -> Record {
-        Record {
-            entry: Entry {
-                started: std::time::Instant::now(),
-                direction: "inbound",
-                listener: Arc::new("pub\"lic".into()),
-                method: http::Method::POST,
-                uri: path.parse().unwrap(),
-                host: Some(http::HeaderValue::from_static("shop")),
-                bytes_in: Some(12),
-                trace: TraceContext {
-                    trace_id: 0xabc,
-                    parent_id: None,
-                    span_id: 0x1f,
-                    sampled: true,
-                    format: Format::None,
-                },
-                request_id: None,
-                identity: Some(Arc::from("spiffe://x/ns/é")),
-            },
-            ended,
-            duration,
-            status: 201,
-            error: None,
-            routed: Routed {
-                route: Some(Arc::new("r".into())),
-                cluster: None,
-                upstream: Some(Arc::from("127.0.0.1:1")),
-                retries: 2,
-            },
-            bytes_out: 5,
-        }
+        let mut r = sample_record();
+        r.ended = ended;
+        r.duration = duration;
+        r.entry.uri = path.parse().unwrap();
+        r
     }
 
     #[test]

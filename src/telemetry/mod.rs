@@ -5,6 +5,8 @@
 
 #[cfg(feature = "proxy")]
 pub mod access_log;
+#[cfg(feature = "proxy")]
+pub mod json;
 pub mod log;
 pub mod metrics;
 #[cfg(feature = "proxy")]

@@ -17,11 +17,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use serde::Serialize;
-use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use crate::config::OtlpConfig;
+use crate::telemetry::json::{hex, number, string};
 use crate::telemetry::metrics::ReasonLabels;
 use crate::telemetry::record::Record;
 
@@ -39,77 +38,33 @@ pub struct SpanMetrics {
     pub dropped: Family<ReasonLabels, Counter>,
 }
 
-/// One span, as the data path hands it over.
-pub struct Span {
-    pub trace_id: u128,
-    pub span_id: u64,
-    pub parent_id: Option<u64>,
-    /// Inbound hops are servers, outbound hops clients.
-    pub server: bool,
-    pub start_unix_nanos: u64,
-    pub end_unix_nanos: u64,
-    pub method: http::Method,
-    pub authority: String,
-    pub path: String,
-    pub status: u16,
-    pub listener: crate::telemetry::metrics::Name,
-    pub route: Option<crate::telemetry::metrics::Name>,
-    pub cluster: Option<crate::telemetry::metrics::Name>,
-    pub upstream: Option<String>,
-    pub retries: u32,
-    pub error: Option<String>,
-    pub identity: Option<std::sync::Arc<str>>,
-    pub request_id: String,
-}
-
-impl Record {
-    /// This request as a span.
-    pub fn span(&self) -> Span {
-        let e = &self.entry;
-        let (start, end) = self.unix_nanos();
-        Span {
-            trace_id: e.trace.trace_id,
-            span_id: e.trace.span_id,
-            parent_id: e.trace.parent_id,
-            server: e.direction == "inbound",
-            start_unix_nanos: start,
-            end_unix_nanos: end,
-            method: e.method.clone(),
-            authority: e.authority().to_string(),
-            path: e.uri.path().to_string(),
-            status: self.status,
-            listener: e.listener.clone(),
-            route: self.routed.route.clone(),
-            cluster: self.routed.cluster.clone(),
-            upstream: self.routed.upstream.as_deref().map(str::to_string),
-            retries: self.routed.retries,
-            error: self.error.clone(),
-            identity: e.identity.clone(),
-            request_id: e.request_id().to_string(),
-        }
-    }
-}
-
 /// The sending side, shared by every listener.
 #[derive(Clone)]
 pub struct SpanExporter {
-    tx: std::sync::mpsc::SyncSender<Span>,
+    tx: std::sync::mpsc::SyncSender<Record>,
     metrics: SpanMetrics,
 }
 
 impl SpanExporter {
     /// Starts the exporter task (on the current runtime).
     pub fn start(config: &OtlpConfig, service: &str, metrics: SpanMetrics) -> SpanExporter {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Span>(QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Record>(QUEUE);
         let exporter = Exporter {
             config: config.clone(),
-            resource: json!({
-                "attributes": [
-                    attribute("service.name", json!({ "stringValue": service })),
-                    attribute("telemetry.sdk.name", json!({ "stringValue": "outrigger" })),
-                    attribute("telemetry.sdk.version", json!({ "stringValue": env!("CARGO_PKG_VERSION") })),
-                ]
-            }),
+            head: {
+                let mut h = b"{\"resourceSpans\":[{\"resource\":{\"attributes\":[".to_vec();
+                attribute(&mut h, "service.name", service);
+                h.push(b',');
+                attribute(&mut h, "telemetry.sdk.name", "outrigger");
+                h.push(b',');
+                attribute(&mut h, "telemetry.sdk.version", env!("CARGO_PKG_VERSION"));
+                h.extend_from_slice(
+                    b"]},\"scopeSpans\":[{\"scope\":{\"name\":\"outrigger\",\"version\":",
+                );
+                string(&mut h, env!("CARGO_PKG_VERSION"));
+                h.extend_from_slice(b"},\"spans\":[");
+                h
+            },
             connection: None,
             metrics: metrics.clone(),
             last_warning: None,
@@ -118,7 +73,7 @@ impl SpanExporter {
         SpanExporter { tx, metrics }
     }
 
-    pub(crate) fn send(&self, span: Span) {
+    pub(crate) fn send(&self, span: Record) {
         if self.tx.try_send(span).is_err() {
             self.metrics
                 .dropped
@@ -132,14 +87,15 @@ impl SpanExporter {
 
 struct Exporter {
     config: OtlpConfig,
-    resource: Value,
+    /// The request's JSON up to the spans.
+    head: Vec<u8>,
     connection: Option<SendRequest<Full<Bytes>>>,
     metrics: SpanMetrics,
     last_warning: Option<Instant>,
 }
 
 impl Exporter {
-    async fn run(mut self, rx: std::sync::mpsc::Receiver<Span>) {
+    async fn run(mut self, rx: std::sync::mpsc::Receiver<Record>) {
         // Polled, not woken: the data path never pays for waking this task.
         let mut tick = tokio::time::interval(EXPORT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,7 +127,7 @@ impl Exporter {
         }
     }
 
-    async fn export(&mut self, spans: Vec<Span>) {
+    async fn export(&mut self, spans: Vec<Record>) {
         let n = spans.len() as u64;
         let body = self.encode(&spans);
         let result = tokio::time::timeout(self.config.timeout, self.post(body)).await;
@@ -270,18 +226,17 @@ impl Exporter {
     }
 
     /// The batch as an OTLP `ExportTraceServiceRequest` in JSON.
-    fn encode(&self, spans: &[Span]) -> Bytes {
-        let spans: Vec<Value> = spans.iter().map(span_json).collect();
-        let doc = json!({
-            "resourceSpans": [{
-                "resource": self.resource,
-                "scopeSpans": [{
-                    "scope": { "name": "outrigger", "version": env!("CARGO_PKG_VERSION") },
-                    "spans": spans,
-                }],
-            }],
-        });
-        Bytes::from(serde_json::to_vec(&doc).expect("JSON values serialize"))
+    fn encode(&self, spans: &[Record]) -> Bytes {
+        let mut out = Vec::with_capacity(self.head.len() + spans.len() * 700 + 8);
+        out.extend_from_slice(&self.head);
+        for (i, s) in spans.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            span(&mut out, s);
+        }
+        out.extend_from_slice(b"]}]}]}");
+        Bytes::from(out)
     }
 }
 
@@ -298,120 +253,147 @@ where
     Ok(sender)
 }
 
-fn attribute(key: &str, value: Value) -> Value {
-    json!({ "key": key, "value": value })
-}
-
-fn string(key: &str, v: &str) -> Value {
-    attribute(key, json!({ "stringValue": v }))
+fn attribute(out: &mut Vec<u8>, key: &str, v: &str) {
+    out.extend_from_slice(b"{\"key\":");
+    string(out, key);
+    out.extend_from_slice(b",\"value\":{\"stringValue\":");
+    string(out, v);
+    out.extend_from_slice(b"}}");
 }
 
 /// OTLP JSON writes 64-bit integers as strings.
-fn int(key: &str, v: u64) -> Value {
-    attribute(key, json!({ "intValue": v.to_string() }))
+fn int_attribute(out: &mut Vec<u8>, key: &str, v: u64) {
+    out.extend_from_slice(b"{\"key\":");
+    string(out, key);
+    out.extend_from_slice(b",\"value\":{\"intValue\":\"");
+    number(out, v);
+    out.extend_from_slice(b"\"}}");
 }
 
-#[derive(Serialize)]
-struct Status<'a> {
-    code: u8,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    message: &'a str,
-}
-
-/// Attributes follow the OpenTelemetry HTTP semantic conventions where one fits.
-fn span_json(s: &Span) -> Value {
-    let mut attributes = vec![
-        string("http.request.method", s.method.as_str()),
-        string("url.path", &s.path),
-        string("server.address", &s.authority),
-        int("http.response.status_code", u64::from(s.status)),
-        string("outrigger.listener", &s.listener),
+/// One span. Attributes follow the OpenTelemetry HTTP semantic conventions where one fits.
+fn span(out: &mut Vec<u8>, r: &Record) {
+    let e = &r.entry;
+    let server = e.direction == "inbound";
+    let (start, end) = r.unix_nanos();
+    out.extend_from_slice(b"{\"traceId\":\"");
+    hex(out, e.trace.trace_id, 32);
+    out.extend_from_slice(b"\",\"spanId\":\"");
+    hex(out, u128::from(e.trace.span_id), 16);
+    out.push(b'"');
+    if let Some(p) = e.trace.parent_id {
+        out.extend_from_slice(b",\"parentSpanId\":\"");
+        hex(out, u128::from(p), 16);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b",\"name\":");
+    match &r.routed.route {
+        Some(route) => string(out, &format!("{} {route}", e.method)),
+        None => string(out, e.method.as_str()),
+    }
+    // SPAN_KIND_SERVER = 2, SPAN_KIND_CLIENT = 3.
+    out.extend_from_slice(if server {
+        b",\"kind\":2"
+    } else {
+        b",\"kind\":3"
+    });
+    out.extend_from_slice(b",\"startTimeUnixNano\":\"");
+    number(out, start);
+    out.extend_from_slice(b"\",\"endTimeUnixNano\":\"");
+    number(out, end);
+    out.extend_from_slice(b"\",\"attributes\":[");
+    attribute(out, "http.request.method", e.method.as_str());
+    out.push(b',');
+    attribute(out, "url.path", e.uri.path());
+    out.push(b',');
+    attribute(out, "server.address", e.authority());
+    out.push(b',');
+    int_attribute(out, "http.response.status_code", u64::from(r.status));
+    out.push(b',');
+    attribute(out, "outrigger.listener", &e.listener);
+    let optional = [
+        (
+            "outrigger.route",
+            r.routed.route.as_deref().map(String::as_str),
+        ),
+        (
+            "outrigger.cluster",
+            r.routed.cluster.as_deref().map(String::as_str),
+        ),
+        ("network.peer.address", r.routed.upstream.as_deref()),
+        ("error.type", r.error.as_deref()),
+        ("outrigger.peer.identity", e.identity.as_deref()),
+        (
+            "outrigger.request_id",
+            Some(e.request_id()).filter(|v| !v.is_empty()),
+        ),
     ];
-    if let Some(r) = &s.route {
-        attributes.push(string("outrigger.route", r));
+    for (key, value) in optional {
+        if let Some(v) = value {
+            out.push(b',');
+            attribute(out, key, v);
+        }
     }
-    if let Some(c) = &s.cluster {
-        attributes.push(string("outrigger.cluster", c));
-    }
-    if let Some(u) = &s.upstream {
-        attributes.push(string("network.peer.address", u));
-    }
-    if s.retries > 0 {
-        attributes.push(int("outrigger.retries", u64::from(s.retries)));
-    }
-    if let Some(e) = &s.error {
-        attributes.push(string("error.type", e));
-    }
-    if let Some(i) = &s.identity {
-        attributes.push(string("outrigger.peer.identity", i));
-    }
-    if !s.request_id.is_empty() {
-        attributes.push(string("outrigger.request_id", &s.request_id));
+    if r.routed.retries > 0 {
+        out.push(b',');
+        int_attribute(out, "outrigger.retries", u64::from(r.routed.retries));
     }
     // Unset, or Error: 5xx (and a failure of Outrigger's own) on any span, 4xx on a client
     // span (semantic conventions: a server's 4xx is the caller's fault).
-    let failed = s.error.is_some() || s.status >= 500 || (!s.server && s.status >= 400);
-    let status = Status {
-        code: if failed { 2 } else { 0 },
-        message: s.error.as_deref().unwrap_or(""),
-    };
-    let mut span = json!({
-        "traceId": format!("{:032x}", s.trace_id),
-        "spanId": format!("{:016x}", s.span_id),
-        "name": match &s.route {
-            Some(r) => format!("{} {}", s.method, r),
-            None => s.method.to_string(),
-        },
-        // SPAN_KIND_SERVER = 2, SPAN_KIND_CLIENT = 3.
-        "kind": if s.server { 2 } else { 3 },
-        "startTimeUnixNano": s.start_unix_nanos.to_string(),
-        "endTimeUnixNano": s.end_unix_nanos.to_string(),
-        "attributes": attributes,
-        "status": status,
-    });
-    if let Some(p) = s.parent_id {
-        span["parentSpanId"] = json!(format!("{p:016x}"));
+    let failed = r.error.is_some() || r.status >= 500 || (!server && r.status >= 400);
+    out.extend_from_slice(b"],\"status\":{\"code\":");
+    out.push(if failed { b'2' } else { b'0' });
+    if let Some(e) = &r.error {
+        out.extend_from_slice(b",\"message\":");
+        string(out, e);
     }
-    span
+    out.extend_from_slice(b"}}");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::record::tests::sample_record;
 
     #[test]
     fn spans_encode_as_otlp_json_with_hex_ids() {
-        let s = Span {
-            trace_id: 0x0af7651916cd43dd8448eb211c80319c,
-            span_id: 0xb7ad6b7169203331,
-            parent_id: Some(0x00f067aa0ba902b7),
-            server: true,
-            start_unix_nanos: 1_000,
-            end_unix_nanos: 3_000,
-            method: http::Method::GET,
-            authority: "shop".into(),
-            path: "/cart".into(),
-            status: 503,
-            listener: std::sync::Arc::new("public".into()),
-            route: Some(std::sync::Arc::new("cart".into())),
-            cluster: Some(std::sync::Arc::new("app".into())),
-            upstream: Some("127.0.0.1:8080".into()),
-            retries: 1,
-            error: Some("connect".into()),
-            identity: None,
-            request_id: "r1".into(),
-        };
-        let v = span_json(&s);
+        let mut r = sample_record();
+        r.entry.trace.trace_id = 0x0af7651916cd43dd8448eb211c80319c;
+        r.entry.trace.span_id = 0xb7ad6b7169203331;
+        r.entry.trace.parent_id = Some(0x00f067aa0ba902b7);
+        r.status = 503;
+        r.error = Some("connect".into());
+        r.duration = std::time::Duration::from_nanos(2_000);
+        r.ended = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(3_000);
+        let mut out = Vec::new();
+        span(&mut out, &r);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
         assert_eq!(v["traceId"], "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(v["spanId"], "b7ad6b7169203331");
         assert_eq!(v["parentSpanId"], "00f067aa0ba902b7");
-        assert_eq!(v["name"], "GET cart");
+        assert_eq!(v["name"], "POST r");
         assert_eq!(v["kind"], 2);
         assert_eq!(v["startTimeUnixNano"], "1000");
+        assert_eq!(v["endTimeUnixNano"], "3000");
         assert_eq!(v["status"]["code"], 2);
         assert_eq!(v["status"]["message"], "connect");
         let attrs = v["attributes"].as_array().unwrap();
-        assert!(attrs.contains(&int("http.response.status_code", 503)));
-        assert!(attrs.contains(&string("network.peer.address", "127.0.0.1:8080")));
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|a| a["key"] == k)
+                .map(|a| a["value"].clone())
+        };
+        assert_eq!(get("http.response.status_code").unwrap()["intValue"], "503");
+        assert_eq!(
+            get("network.peer.address").unwrap()["stringValue"],
+            "127.0.0.1:1"
+        );
+        assert_eq!(get("outrigger.retries").unwrap()["intValue"], "2");
+        assert_eq!(
+            get("outrigger.listener").unwrap()["stringValue"],
+            "pub\"lic"
+        );
+        assert!(get("outrigger.request_id").is_none());
+        assert!(get("outrigger.cluster").is_none());
     }
 }

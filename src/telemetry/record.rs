@@ -40,6 +40,7 @@ impl Recorder {
 }
 
 /// What is known of a request when it arrives.
+#[derive(Clone)]
 pub struct Entry {
     pub started: Instant,
     pub direction: &'static str,
@@ -83,6 +84,7 @@ pub struct Routed {
 }
 
 /// A finished request.
+#[derive(Clone)]
 pub struct Record {
     pub entry: Entry,
     /// When the response was done (the end of its body).
@@ -185,11 +187,11 @@ impl Pending {
         };
         match (&self.recorder.log, &self.recorder.spans) {
             (Some(log), Some(spans)) if sampled => {
-                spans.send(record.span());
+                spans.send(record.clone());
                 log.send(record);
             }
             (Some(log), _) => log.send(record),
-            (None, Some(spans)) if sampled => spans.send(record.span()),
+            (None, Some(spans)) if sampled => spans.send(record),
             _ => {}
         }
     }
@@ -251,5 +253,47 @@ impl Body for Recorded {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::telemetry::trace::Format;
+    use std::time::UNIX_EPOCH;
+
+    /// A finished request with most fields set, for encoder tests.
+    pub(crate) fn sample_record() -> Record {
+        Record {
+            entry: Entry {
+                started: Instant::now(),
+                direction: "inbound",
+                listener: Arc::new("pub\"lic".into()),
+                method: http::Method::POST,
+                uri: "/a%22b/c".parse().unwrap(),
+                host: Some(HeaderValue::from_static("shop")),
+                bytes_in: Some(12),
+                trace: TraceContext {
+                    trace_id: 0xabc,
+                    parent_id: None,
+                    span_id: 0x1f,
+                    sampled: true,
+                    format: Format::None,
+                },
+                request_id: None,
+                identity: Some(Arc::from("spiffe://x/ns/é")),
+            },
+            ended: UNIX_EPOCH,
+            duration: Duration::ZERO,
+            status: 201,
+            error: None,
+            routed: Routed {
+                route: Some(Arc::new("r".into())),
+                cluster: None,
+                upstream: Some(Arc::from("127.0.0.1:1")),
+                retries: 2,
+            },
+            bytes_out: 5,
+        }
     }
 }
