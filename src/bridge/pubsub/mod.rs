@@ -26,7 +26,8 @@
 //! 4. On stop (after inbound has drained, before the app is stopped): `ps.stop().await` stops
 //!    fetching, lets in-flight deliveries finish (their retries are cut short and left to the
 //!    broker's redelivery) and returns.
-//! 5. `ps.subscriptions_json()` is the `subscriptions` array for `GET /v1.0/metadata`.
+//! 5. `ps.subscriptions_json()` is the `subscriptions` array for `GET /v1.0/metadata`;
+//!    `ps.subscribed()` counts subscriptions running on their brokers.
 
 pub mod broker;
 pub mod cel;
@@ -99,6 +100,8 @@ pub struct PubSub {
     /// Active subscriptions (for `/v1.0/metadata`).
     active: Mutex<Vec<Arc<Subscription>>>,
     running: tokio::sync::Mutex<Vec<broker::Subscription>>,
+    /// How many subscriptions are running on their brokers.
+    subscribed: watch::Sender<usize>,
     stop: watch::Sender<bool>,
 }
 
@@ -175,6 +178,7 @@ impl PubSub {
             app,
             active: Mutex::new(Vec::new()),
             running: tokio::sync::Mutex::new(Vec::new()),
+            subscribed: watch::channel(0).0,
             stop: watch::channel(false).0,
         }))
     }
@@ -295,6 +299,7 @@ impl PubSub {
                     Ok(running) => {
                         tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "subscribed");
                         me.running.lock().await.push(running);
+                        me.subscribed.send_modify(|n| *n += 1);
                         break;
                     }
                     Err(e) => {
@@ -417,6 +422,11 @@ impl PubSub {
         for r in running {
             r.stop().await;
         }
+    }
+
+    /// The number of subscriptions running on their brokers (for readiness and tests).
+    pub fn subscribed(&self) -> watch::Receiver<usize> {
+        self.subscribed.subscribe()
     }
 
     /// The active subscriptions in `/v1.0/metadata`'s shape.
