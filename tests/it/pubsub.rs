@@ -422,10 +422,13 @@ impl Bridge {
 
 // ---------------------------------------------------------------- tests
 
+/// method, uri, headers, body, expected status, expected error code.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, u16, &'a str);
+
 #[tokio::test]
 async fn publish_errors_have_daprs_codes() {
     let b = bridge(None, &[component("ps", "pubsub.in-memory", &[])], vec![], 0).await;
-    let cases: &[(&str, &str, &[(&str, &str)], &str, u16, &str)] = &[
+    let cases: &[Case] = &[
         (
             "POST",
             "/v1.0/publish/nope/t",
