@@ -423,7 +423,14 @@ impl Bridge {
 // ---------------------------------------------------------------- tests
 
 /// method, uri, headers, body, expected status, expected error code.
-type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, u16, &'a str);
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    &'a str,
+    u16,
+    &'a str,
+);
 
 #[tokio::test]
 async fn publish_errors_have_daprs_codes() {

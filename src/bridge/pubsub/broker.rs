@@ -99,7 +99,7 @@ impl Subscription {
     /// Stops fetching new messages and waits for the in-flight ones to finish (their handlers
     /// see the stop and return [`Outcome::Retry`] instead of waiting out a backoff).
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         let _ = self.task.await;
     }
 }

@@ -395,11 +395,12 @@ impl Consumer {
                         data: message.payload.clone(),
                         metadata: BTreeMap::new(),
                     };
-                    let kind = match (me.handler)(m).await {
-                        Outcome::Ack => AckKind::Ack,
-                        Outcome::Retry => AckKind::Nak(None),
+                    // An ack waits for the server's confirmation; a nak need not.
+                    let res = match (me.handler)(m).await {
+                        Outcome::Ack => message.double_ack().await,
+                        Outcome::Retry => message.ack_with(AckKind::Nak(None)).await,
                     };
-                    if let Err(e) = message.ack_with(kind).await {
+                    if let Err(e) = res {
                         // Unacknowledged: the server redelivers after ackWait.
                         tracing::warn!(topic = %me.topic, error = %e, "jetstream ack failed");
                     }

@@ -272,7 +272,8 @@ impl PubSub {
     }
 
     /// Starts `subs` on their brokers (unknown pubsub names and duplicates are logged and
-    /// skipped); a broker that cannot subscribe yet is retried in the background.
+    /// skipped). Each subscription is started on its own task, retried with backoff while its
+    /// broker cannot subscribe yet, so one broker that is down does not hold up the others.
     pub async fn subscribe_all(self: &Arc<Self>, subs: Vec<Subscription>) {
         let mut seen = std::collections::HashSet::new();
         for sub in subs {
@@ -286,29 +287,42 @@ impl PubSub {
             }
             let sub = Arc::new(sub);
             self.active.lock().unwrap().push(sub.clone());
-            let me = self.clone();
-            let mut stop = self.stop.subscribe();
-            let mut attempt = 0u32;
-            loop {
-                let handler = me.handler(sub.clone());
-                let broker = &me.components[&sub.pubsubname].broker;
-                match broker
-                    .subscribe(&sub.topic, &me.options.app_id, handler)
-                    .await
-                {
-                    Ok(running) => {
-                        tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "subscribed");
-                        me.running.lock().await.push(running);
-                        me.subscribed.send_modify(|n| *n += 1);
-                        break;
+            tokio::spawn(self.clone().subscribe_one(sub));
+        }
+    }
+
+    async fn subscribe_one(self: Arc<Self>, sub: Arc<Subscription>) {
+        let mut stop = self.stop.subscribe();
+        let mut attempt = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let handler = self.handler(sub.clone());
+            let broker = &self.components[&sub.pubsubname].broker;
+            match broker
+                .subscribe(&sub.topic, &self.options.app_id, handler)
+                .await
+            {
+                Ok(running) => {
+                    let mut all = self.running.lock().await;
+                    if *stop.borrow() {
+                        // `stop` already drained the list: stop this one here.
+                        drop(all);
+                        running.stop().await;
+                        return;
                     }
-                    Err(e) => {
-                        attempt += 1;
-                        tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, error = %e, "cannot subscribe yet; retrying");
-                        tokio::select! {
-                            _ = broker::stopped(&mut stop) => return,
-                            _ = tokio::time::sleep(broker::reconnect_backoff(attempt)) => {}
-                        }
+                    tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "subscribed");
+                    all.push(running);
+                    self.subscribed.send_modify(|n| *n += 1);
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, error = %e, "cannot subscribe yet; retrying");
+                    tokio::select! {
+                        _ = broker::stopped(&mut stop) => return,
+                        _ = tokio::time::sleep(broker::reconnect_backoff(attempt)) => {}
                     }
                 }
             }
@@ -417,7 +431,7 @@ impl PubSub {
     /// Stops every subscription: no new fetches, in-flight deliveries finish (retry waits are
     /// cut short). Idempotent.
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         let running = std::mem::take(&mut *self.running.lock().await);
         for r in running {
             r.stop().await;
