@@ -753,8 +753,15 @@ async fn redis_retries_then_acks_once_drops_and_dead_letters() {
         json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
     };
     for id in ["retry-me", "drop-me", "fail-me"] {
-        b.publish("ps", "orders", "application/cloudevents+json", &ce(id))
+        let (status, err) = b
+            .call(
+                "POST",
+                "/v1.0/publish/ps/orders?metadata.region=eu&metadata.region=ignored",
+                &[("content-type", "application/cloudevents+json")],
+                &ce(id),
+            )
             .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
     }
     b.publish(
         "ps",
@@ -783,6 +790,12 @@ async fn redis_retries_then_acks_once_drops_and_dead_letters() {
     assert_eq!(count("retry-me"), 4);
     assert_eq!(count("drop-me"), 1);
     assert_eq!(count("fail-me"), 5);
+    // Metadata (first value wins) rides in the stream entry and reaches the app as headers.
+    assert!(
+        app.on("/orders")
+            .iter()
+            .all(|r| r.headers["region"] == "eu")
+    );
     let mut dead: Vec<String> = app
         .on("/poison")
         .iter()
@@ -891,13 +904,16 @@ async fn jetstream_retries_survives_a_restart_and_dead_letters() {
     let ce = |id: &str| {
         json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
     };
-    b.publish(
-        "js",
-        "orders",
-        "application/cloudevents+json",
-        &ce("retry-me"),
-    )
-    .await;
+    // Publish metadata travels with the message (as NATS headers) and reaches the app as headers.
+    let (status, err) = b
+        .call(
+            "POST",
+            "/v1.0/publish/js/orders?metadata.region=eu",
+            &[("content-type", "application/cloudevents+json")],
+            &ce("retry-me"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
     b.publish(
         "js",
         "orders",
@@ -916,6 +932,7 @@ async fn jetstream_retries_survives_a_restart_and_dead_letters() {
             .count()
     };
     assert_eq!(count("retry-me"), 4);
+    assert_eq!(app.on("/orders")[0].headers["region"], "eu");
     assert_eq!(app.on("/poison")[0].event["id"], "drop-me");
 
     // Unacked across a restart: the app refuses, the server restarts, then the app accepts.
@@ -948,4 +965,55 @@ async fn jetstream_retries_survives_a_restart_and_dead_letters() {
     })
     .await;
     b.ps.stop().await;
+}
+
+#[tokio::test]
+async fn stop_cuts_retry_waits_short_and_leaves_the_message_pending() {
+    let redis = RedisServer::start();
+    let app = App::start(
+        Some(json!([{"pubsubname": "ps", "topic": "slow", "route": "/slow"}])),
+        |_, _, _| status("RETRY"),
+    )
+    .await;
+    // A retry wait far longer than the test may take: stop must not sit it out.
+    let mut options = PubSubOptions::new("shop", Some(app.addr.to_string()));
+    options.retry = RetryPolicy {
+        max_attempts: 10,
+        initial_interval: Duration::from_secs(3600),
+        max_interval: Duration::from_secs(3600),
+    };
+    let ps = PubSub::new(
+        options,
+        &[component(
+            "ps",
+            "pubsub.redis",
+            &[("redisHost", &redis.host())],
+        )],
+        vec![],
+        Default::default(),
+    )
+    .unwrap();
+    let (_tx, rx) = watch::channel(true);
+    ps.start(rx);
+    tokio::time::timeout(WAIT, ps.subscribed().wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let router = pubsub::http::router(ps.clone());
+    let res = router
+        .oneshot(
+            axum::http::Request::post("/v1.0/publish/ps/slow")
+                .body(axum::body::Body::from("x"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    until("the first attempt", async || !app.received().is_empty()).await;
+    tokio::time::timeout(WAIT, ps.stop())
+        .await
+        .expect("stop does not wait out a retry backoff");
+    assert_eq!(app.received().len(), 1);
+    // Not acked: the broker still holds it for redelivery.
+    assert_eq!(redis.pending("slow", "shop").await, 1);
 }

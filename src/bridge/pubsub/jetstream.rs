@@ -196,6 +196,32 @@ impl JetStream {
     }
 }
 
+/// Publish metadata as NATS headers (names NATS reserves, `Nats-…`, and unsendable pairs are
+/// left out).
+fn headers(metadata: &BTreeMap<String, String>) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in metadata {
+        let name_ok = !k.is_empty()
+            && k.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+            && !k.to_ascii_lowercase().starts_with("nats-");
+        if name_ok && !v.contains(['\r', '\n']) {
+            h.insert(k.as_str(), v.as_str());
+        }
+    }
+    h
+}
+
+/// The metadata carried in a message's headers.
+fn metadata_of(message: &async_nats::Message) -> BTreeMap<String, String> {
+    message
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .filter_map(|(k, v)| Some((k.to_string(), v.first()?.to_string())))
+        .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("nats-"))
+        .collect()
+}
+
 /// Whether NATS subject pattern `pattern` (with `*` and `>`) covers `subject`.
 fn subject_matches(pattern: &str, subject: &str) -> bool {
     let mut p = pattern.split('.');
@@ -220,7 +246,7 @@ impl Broker for JetStream {
         &'a self,
         topic: &'a str,
         data: Bytes,
-        _metadata: &'a BTreeMap<String, String>,
+        metadata: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
             let known = self.ready_topics.lock().unwrap().contains(topic);
@@ -231,7 +257,7 @@ impl Broker for JetStream {
             }
             let js = self.context().await.map_err(BrokerError::Publish)?;
             let ack = js
-                .publish(topic.to_string(), data)
+                .publish_with_headers(topic.to_string(), headers(metadata), data)
                 .await
                 .map_err(|e| BrokerError::Publish(format!("nats publish failed: {e}")))?;
             ack.await.map(|_| ()).map_err(|e| {
@@ -393,7 +419,7 @@ impl Consumer {
                     let m = Message {
                         topic: me.topic.clone(),
                         data: message.payload.clone(),
-                        metadata: BTreeMap::new(),
+                        metadata: metadata_of(&message),
                     };
                     // An ack waits for the server's confirmation; a nak need not.
                     let res = match (me.handler)(m).await {
