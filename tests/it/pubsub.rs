@@ -441,17 +441,32 @@ async fn publish_errors_have_daprs_codes() {
             "/v1.0/publish/nope/t",
             &[],
             "x",
-            400,
+            404,
             "ERR_PUBSUB_NOT_FOUND",
         ),
-        ("POST", "/v1.0/publish/ps", &[], "x", 404, "ERR_TOPIC_EMPTY"),
+        (
+            "POST",
+            "/v1.0/publish/ps",
+            &[],
+            "x",
+            404,
+            "ERR_TOPIC_NAME_EMPTY",
+        ),
         (
             "POST",
             "/v1.0/publish/ps/",
             &[],
             "x",
             404,
-            "ERR_TOPIC_EMPTY",
+            "ERR_TOPIC_NAME_EMPTY",
+        ),
+        (
+            "POST",
+            "/v1.0/publish/ps/t?metadata.rawPayload=maybe",
+            &[],
+            "x",
+            400,
+            "ERR_PUBSUB_REQUEST_METADATA",
         ),
         (
             "POST",
@@ -487,10 +502,26 @@ async fn publish_errors_have_daprs_codes() {
         ),
         (
             "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"entryId":"1","event":{"a":1},"contentType":"text/plain"}]"#,
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"entryId":"1","event":"not base64!","contentType":"application/octet-stream"}]"#,
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
             "/v1.0-alpha1/publish/bulk/nope/t",
             &[],
             "[]",
-            400,
+            404,
             "ERR_PUBSUB_NOT_FOUND",
         ),
     ];
@@ -513,6 +544,7 @@ async fn publish_errors_have_daprs_codes() {
         (status.as_u16(), err["errorCode"].as_str()),
         (400, Some("ERR_PUBSUB_NOT_CONFIGURED"))
     );
+    assert_eq!(err["message"], "pubsub ps is not configured");
 }
 
 #[tokio::test]
@@ -694,11 +726,12 @@ scopes: [another-app]
             "/v1.0-alpha1/publish/bulk/ps/bulk",
             &[("content-type", "application/json")],
             r#"[{"entryId":"a","event":{"k":1},"contentType":"application/json"},
-                {"entryId":"b","event":"hello","contentType":"text/plain"}]"#,
+                {"entryId":"b","event":"hello","contentType":"text/plain"},
+                {"entryId":"c","event":"AP8=","contentType":"application/octet-stream"}]"#,
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
-    until("three deliveries", async || app.received().len() == 3).await;
+    until("four deliveries", async || app.received().len() == 4).await;
 
     let raw = &app.on("/raw")[0].event;
     assert_eq!(raw["data_base64"], "cmF3IGJ5dGVz");
@@ -712,6 +745,12 @@ scopes: [another-app]
         bulk.contains(&json!({"k": 1})) && bulk.contains(&json!("hello")),
         "{bulk:?}"
     );
+    let binary = app
+        .on("/bulk")
+        .into_iter()
+        .find(|r| r.event.get("data_base64").is_some())
+        .expect("the binary entry");
+    assert_eq!(binary.event["data_base64"], "AP8=");
     assert!(app.on("/not-for-us").is_empty());
     let subs = b.ps.subscriptions_json();
     assert_eq!(subs.as_array().unwrap().len(), 2, "{subs}");

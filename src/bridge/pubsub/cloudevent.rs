@@ -144,9 +144,11 @@ pub fn envelope(p: &Publish) -> Map<String, Value> {
     ce
 }
 
-/// Takes the caller's own CloudEvent (`application/cloudevents+json`) and fills in what is
-/// missing: `id`, `source` (the app id), `type`, `specversion`, `time`, `datacontenttype` when
-/// there is `data`, the trace fields, and always `topic` and `pubsubname`.
+/// Takes the caller's own CloudEvent (`application/cloudevents+json`) as Dapr's
+/// `FromCloudEvent` does: `topic` and `pubsubname` are set, the trace fields come from the
+/// request (kept from the event when the request has none), and a missing `source` (`Dapr`),
+/// `type`, `specversion` or `time` is filled in. A missing `id` gets a random one (Dapr leaves
+/// it out; subscribers need one).
 pub fn pass_through(p: &Publish) -> Result<Map<String, Value>, String> {
     let mut ce = match serde_json::from_slice::<Value>(p.data) {
         Ok(Value::Object(m)) => m,
@@ -159,34 +161,25 @@ pub fn pass_through(p: &Publish) -> Result<Map<String, Value>, String> {
         Err(e) => return Err(format!("the cloud event is not valid JSON: {e}")),
     };
     let mut fill = |k: &str, v: String| {
-        let missing = match ce.get(k) {
-            None | Some(Value::Null) => true,
-            Some(Value::String(s)) => s.is_empty(),
-            _ => false,
-        };
-        if missing {
+        if matches!(ce.get(k), None | Some(Value::Null)) {
             ce.insert(k.to_string(), Value::String(v));
         }
     };
     fill("id", new_id());
-    fill("source", p.app_id.to_string());
+    fill("source", DEFAULT_SOURCE.to_string());
     fill("type", DEFAULT_TYPE.to_string());
     fill("specversion", SPEC_VERSION.to_string());
     fill("time", now_rfc3339());
+    fill("traceid", String::new());
+    fill("traceparent", String::new());
+    fill("tracestate", String::new());
     if let Some(tp) = p.traceparent {
-        fill("traceparent", tp.to_string());
-        fill("traceid", tp.to_string());
-    }
-    if let Some(ts) = p.tracestate {
-        fill("tracestate", ts.to_string());
-    }
-    if ce.contains_key("data") {
-        let mut fill2 = |k: &str, v: &str| {
-            if !ce.contains_key(k) {
-                ce.insert(k.to_string(), Value::String(v.to_string()));
-            }
-        };
-        fill2("datacontenttype", "application/json");
+        ce.insert("traceid".into(), Value::String(tp.to_string()));
+        ce.insert("traceparent".into(), Value::String(tp.to_string()));
+        ce.insert(
+            "tracestate".into(),
+            Value::String(p.tracestate.unwrap_or("").to_string()),
+        );
     }
     ce.insert("topic".into(), Value::String(p.topic.to_string()));
     ce.insert("pubsubname".into(), Value::String(p.pubsub.to_string()));
@@ -297,8 +290,16 @@ mod tests {
         assert_eq!(ce["source"], "s");
         assert_eq!(ce["type"], "t");
         assert_eq!(ce["topic"], "orders");
-        assert_eq!(ce["datacontenttype"], "application/json");
         assert!(ce["time"].is_string());
+        // The request's trace context wins.
+        assert_eq!(
+            ce["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        let ce = pass_through(&publish(None, br#"{"data":1}"#, &md)).unwrap();
+        assert_eq!(ce["source"], DEFAULT_SOURCE);
+        assert_eq!(ce["type"], DEFAULT_TYPE);
+        assert_eq!(ce["id"].as_str().unwrap().len(), 36);
         let err = pass_through(&publish(None, b"[1]", &md)).unwrap_err();
         assert!(err.contains("found an array"), "{err}");
     }

@@ -19,22 +19,23 @@ use serde_json::{Value, json};
 use super::PubSub;
 use super::cloudevent::{self, Publish};
 
-/// Why a publish request failed, with Dapr's error code and status.
+/// Why a publish request failed, with Dapr's error code, status and message (as its runtime's
+/// `pkg/api/errors/pubsub.go` has them).
 #[derive(Debug, thiserror::Error)]
 pub enum PubSubError {
-    #[error("no pubsub is configured")]
-    NotConfigured,
+    #[error("pubsub {0} is not configured")]
+    NotConfigured(String),
     #[error("pubsub name is empty")]
     PubsubEmpty,
-    #[error("pubsub {0} not found")]
+    #[error("pubsub {0} is not found")]
     NotFound(String),
     #[error("topic is empty in pubsub {0}")]
     TopicEmpty(String),
-    #[error("failed deserializing metadata: {0}")]
+    #[error("failed deserializing metadata. Error: {0}")]
     Metadata(String),
     #[error("cannot create cloudevent: {0}")]
     CloudEvent(String),
-    #[error("error when publish to topic {topic} in pubsub {pubsub}: {error}")]
+    #[error("error when publishing to topic {topic} in pubsub {pubsub}: {error}")]
     Publish {
         pubsub: String,
         topic: String,
@@ -46,33 +47,39 @@ pub enum PubSubError {
         topic: String,
         error: String,
     },
-    #[error("entryId is duplicated or not present for entry {0}")]
-    BulkEntryId(usize),
+    #[error("error marshaling events to bytes for topic {topic} pubsub {pubsub}. error: {error}")]
+    BulkEntry {
+        pubsub: String,
+        topic: String,
+        error: String,
+    },
 }
 
 impl PubSubError {
     /// Dapr's `errorCode`.
     pub fn code(&self) -> &'static str {
         match self {
-            PubSubError::NotConfigured => "ERR_PUBSUB_NOT_CONFIGURED",
+            PubSubError::NotConfigured(_) => "ERR_PUBSUB_NOT_CONFIGURED",
             PubSubError::PubsubEmpty => "ERR_PUBSUB_EMPTY",
             PubSubError::NotFound(_) => "ERR_PUBSUB_NOT_FOUND",
-            PubSubError::TopicEmpty(_) => "ERR_TOPIC_EMPTY",
+            PubSubError::TopicEmpty(_) => "ERR_TOPIC_NAME_EMPTY",
             PubSubError::Metadata(_) => "ERR_PUBSUB_REQUEST_METADATA",
             PubSubError::CloudEvent(_) => "ERR_PUBSUB_CLOUD_EVENTS_SER",
             PubSubError::Publish { .. } => "ERR_PUBSUB_PUBLISH_MESSAGE",
-            PubSubError::BulkBody { .. } | PubSubError::BulkEntryId(_) => "ERR_PUBSUB_EVENTS_SER",
+            PubSubError::BulkBody { .. } | PubSubError::BulkEntry { .. } => "ERR_PUBSUB_EVENTS_SER",
         }
     }
 
     /// Dapr's HTTP status for it.
     pub fn status(&self) -> StatusCode {
         match self {
-            PubSubError::NotConfigured | PubSubError::NotFound(_) => StatusCode::BAD_REQUEST,
-            PubSubError::PubsubEmpty | PubSubError::TopicEmpty(_) => StatusCode::NOT_FOUND,
-            PubSubError::Metadata(_)
+            PubSubError::PubsubEmpty | PubSubError::NotFound(_) | PubSubError::TopicEmpty(_) => {
+                StatusCode::NOT_FOUND
+            }
+            PubSubError::NotConfigured(_)
+            | PubSubError::Metadata(_)
             | PubSubError::BulkBody { .. }
-            | PubSubError::BulkEntryId(_) => StatusCode::BAD_REQUEST,
+            | PubSubError::BulkEntry { .. } => StatusCode::BAD_REQUEST,
             PubSubError::CloudEvent(_) | PubSubError::Publish { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -124,8 +131,16 @@ fn metadata(params: Params) -> Result<BTreeMap<String, String>, PubSubError> {
     Ok(out)
 }
 
-fn truthy(v: Option<&String>) -> bool {
-    v.is_some_and(|v| v.eq_ignore_ascii_case("true"))
+/// `rawPayload` as Go's `strconv.ParseBool` reads it (absent or empty: false).
+fn raw_payload(metadata: &BTreeMap<String, String>) -> Result<bool, PubSubError> {
+    match metadata.get("rawPayload").map(String::as_str) {
+        None | Some("") => Ok(false),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some(other) => Err(PubSubError::Metadata(format!(
+            "rawPayload value must be a valid boolean: actual is '{other}'"
+        ))),
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -134,7 +149,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 fn check<'a>(ps: &PubSub, pubsub: &str, topic: &'a str) -> Result<&'a str, PubSubError> {
     if ps.is_empty() {
-        return Err(PubSubError::NotConfigured);
+        return Err(PubSubError::NotConfigured(pubsub.to_string()));
     }
     if pubsub.is_empty() {
         return Err(PubSubError::PubsubEmpty);
@@ -190,7 +205,7 @@ async fn publish(
         tracestate: header(&headers, "tracestate"),
         metadata: &metadata,
     };
-    let data = event_bytes(&p, truthy(metadata.get("rawPayload")))?;
+    let data = event_bytes(&p, raw_payload(&metadata)?)?;
     ps.publish_bytes(&pubsub, topic, data, &metadata)
         .await
         .map_err(|e| PubSubError::Publish {
@@ -199,6 +214,30 @@ async fn publish(
             error: e.to_string(),
         })?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A bulk entry's `event` as bytes, by its content type (Dapr's `ConvertEventToBytes`): JSON and
+/// CloudEvents types take any JSON value; binary types a base64 string; other types (text, XML,
+/// none) a string.
+fn event_to_bytes(event: &Value, content_type: &str) -> Result<Vec<u8>, String> {
+    if cloudevent::is_json(content_type) || cloudevent::is_cloudevent(content_type) {
+        return serde_json::to_vec(event).map_err(|e| e.to_string());
+    }
+    let Value::String(s) = event else {
+        return Err(format!(
+            "expected a string event for content type {content_type:?}, found {}",
+            cloudevent::kind_of(event)
+        ));
+    };
+    if cloudevent::is_binary(content_type) {
+        use base64::Engine;
+        return base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| {
+                format!("expected a base64 event for content type {content_type:?}: {e}")
+            });
+    }
+    Ok(s.as_bytes().to_vec())
 }
 
 #[derive(Deserialize)]
@@ -228,29 +267,29 @@ async fn bulk_publish(
             topic: topic.to_string(),
             error: e.to_string(),
         })?;
+    let raw = raw_payload(&metadata)?;
+    let entry_error = |error: String| PubSubError::BulkEntry {
+        pubsub: pubsub.clone(),
+        topic: topic.to_string(),
+        error,
+    };
     let mut ids = HashSet::new();
-    for (i, e) in entries.iter().enumerate() {
-        if e.entry_id.is_empty() || !ids.insert(e.entry_id.as_str()) {
-            return Err(PubSubError::BulkEntryId(i));
-        }
-    }
     // Build every event first: a bad entry fails the request before anything is published.
     let mut prepared = Vec::with_capacity(entries.len());
     for e in &entries {
+        // Without a contentType, a string is text and anything else JSON.
         let content_type = match (e.content_type.as_str(), &e.event) {
             ("", Value::String(_)) => cloudevent::DEFAULT_CONTENT_TYPE,
             ("", _) => "application/json",
             (c, _) => c,
         };
-        let data = match &e.event {
-            Value::String(s)
-                if !cloudevent::is_json(content_type)
-                    && !cloudevent::is_cloudevent(content_type) =>
-            {
-                s.as_bytes().to_vec()
-            }
-            other => serde_json::to_vec(other).unwrap_or_default(),
-        };
+        let data = event_to_bytes(&e.event, content_type).map_err(&entry_error)?;
+        if e.entry_id.is_empty() || !ids.insert(e.entry_id.as_str()) {
+            return Err(entry_error(
+                "entryId is duplicated or not present for entry".to_string(),
+            ));
+        }
+        // Entry metadata overrides the request's.
         let mut md = metadata.clone();
         md.extend(e.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
         let p = Publish {
@@ -263,7 +302,7 @@ async fn bulk_publish(
             tracestate: header(&headers, "tracestate"),
             metadata: &md,
         };
-        let bytes = event_bytes(&p, truthy(md.get("rawPayload")))?;
+        let bytes = event_bytes(&p, raw)?;
         prepared.push((e.entry_id.as_str(), bytes, md));
     }
     let mut failed = Vec::new();

@@ -9,8 +9,9 @@
 //!
 //! # How to wire this (for the bridge)
 //!
-//! 1. At start-up, only when at least one `pubsub.*` component exists (so an unconfigured bridge
-//!    costs nothing):
+//! 1. At start-up, whenever the bridge runs (with no `pubsub.*` component this is an empty
+//!    registry that starts nothing: no task, thread or connection; publish then answers
+//!    `ERR_PUBSUB_NOT_CONFIGURED` as Dapr does):
 //!    ```ignore
 //!    let declarative = pubsub::load_subscription_files(&yaml_files)?;   // Vec<String> errors → exit 78
 //!    let ps = PubSub::new(options, &components, declarative, metrics.pubsub.clone())?; // same
@@ -18,7 +19,8 @@
 //!    `options` is [`PubSubOptions`]: app id, the app's `host:port` (None: no subscriptions are
 //!    started, as Dapr without an app port), `APP_API_TOKEN`, retry policy. `new` builds and
 //!    validates every broker (errors name the component file) but opens no connection.
-//! 2. Merge `http::router(ps.clone())` into the bridge's axum router (it is `Router<()>`).
+//! 2. Merge `http::router(ps.clone())` into the bridge's axum router (it is `Router<()>`), then
+//!    apply the bridge's layers (body limit: axum's default is 2 MiB, Dapr's 4 MiB; API token).
 //!    [`http::PubSubError`] is the error type; it renders `{"errorCode","message"}`.
 //! 3. When the app is ready, or right away with a `watch` that turns true then: call
 //!    `ps.start(app_ready_rx)`. It waits for `true`, calls `GET /dapr/subscribe` (retrying while
