@@ -568,7 +568,7 @@ async fn bad_component_metadata_is_refused_with_the_file() {
         (
             "pubsub.jetstream",
             vec![("natsURL", "nats://h:1"), ("deliverPolicy", "sometimes")],
-            "deliverPolicy: expected all, last or new",
+            "deliverPolicy: expected all, last, new, sequence",
         ),
         ("pubsub.kafka", vec![], "expected one of pubsub.in-memory"),
     ] {

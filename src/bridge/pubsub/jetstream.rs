@@ -83,12 +83,41 @@ impl JetStream {
         ] {
             meta.unsupported(key, "nothing (only unauthenticated NATS is supported)")?;
         }
-        let deliver_policy = match meta.str("deliverPolicy").unwrap_or("all") {
-            "all" => consumer::DeliverPolicy::All,
-            "last" => consumer::DeliverPolicy::Last,
-            "new" => consumer::DeliverPolicy::New,
-            other => return Err(meta.error("deliverPolicy", "all, last or new", other)),
+        let start_sequence = meta.u64("startSequence", 0)?;
+        let start_time =
+            match meta.i64("startTime", 0)? {
+                0 => None,
+                t => Some(time::OffsetDateTime::from_unix_timestamp(t).map_err(|_| {
+                    meta.error("startTime", "a Unix time in seconds", &t.to_string())
+                })?),
+            };
+        // Dapr's order: an explicit deliverPolicy, else startSequence, startTime, deliverAll.
+        let deliver_policy = match meta.str("deliverPolicy") {
+            Some("all") => consumer::DeliverPolicy::All,
+            Some("last") => consumer::DeliverPolicy::Last,
+            Some("new") => consumer::DeliverPolicy::New,
+            Some("sequence") if start_sequence > 0 => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            Some("time") if start_time.is_some() => consumer::DeliverPolicy::ByStartTime {
+                start_time: start_time.unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            },
+            Some(other) => {
+                return Err(meta.error(
+                    "deliverPolicy",
+                    "all, last, new, sequence (with startSequence) or time (with startTime)",
+                    other,
+                ));
+            }
+            None if start_sequence > 0 => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            None => match start_time {
+                Some(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+                None => consumer::DeliverPolicy::All,
+            },
         };
+        meta.bool("deliverAll", true)?;
         let concurrency = match meta.str("concurrency").unwrap_or("parallel") {
             "single" => 1,
             "parallel" => PARALLEL,
