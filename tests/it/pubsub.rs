@@ -254,6 +254,14 @@ impl App {
         subscribe: Option<Value>,
         behaviour: impl Fn(&str, &Value, usize) -> (StatusCode, String) + Send + Sync + 'static,
     ) -> App {
+        Self::start_at("127.0.0.1:0", subscribe, behaviour).await
+    }
+
+    async fn start_at(
+        address: &str,
+        subscribe: Option<Value>,
+        behaviour: impl Fn(&str, &Value, usize) -> (StatusCode, String) + Send + Sync + 'static,
+    ) -> App {
         let state = Arc::new(AppState {
             subscribe,
             behaviour: Box::new(behaviour),
@@ -295,7 +303,7 @@ impl App {
             .route("/dapr/subscribe", get(subscriptions))
             .fallback(deliver)
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await });
         App { addr, state }
@@ -1055,4 +1063,42 @@ async fn stop_cuts_retry_waits_short_and_leaves_the_message_pending() {
     assert_eq!(app.received().len(), 1);
     // Not acked: the broker still holds it for redelivery.
     assert_eq!(redis.pending("slow", "shop").await, 1);
+}
+
+#[tokio::test]
+async fn subscriptions_are_asked_for_until_the_app_answers() {
+    // The app is "ready" but not listening yet: /dapr/subscribe is retried until it answers.
+    let address = format!("127.0.0.1:{}", free_port());
+    let ps = PubSub::new(
+        PubSubOptions::new("shop", Some(address.clone())),
+        &[component("ps", "pubsub.in-memory", &[])],
+        vec![],
+        Default::default(),
+    )
+    .unwrap();
+    let (_tx, rx) = watch::channel(true);
+    ps.start(rx);
+    let mut asked = ps.subscribed();
+    let app = App::start_at(
+        &address,
+        Some(json!([{"pubsubname": "ps", "topic": "late", "route": "/late"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    tokio::time::timeout(WAIT, asked.wait_for(|n| *n == 1))
+        .await
+        .expect("the subscription starts once the app answers")
+        .unwrap();
+    let res = pubsub::http::router(ps.clone())
+        .oneshot(
+            axum::http::Request::post("/v1.0/publish/ps/late")
+                .body(axum::body::Body::from("hi"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    until("the delivery", async || app.on("/late").len() == 1).await;
+    assert_eq!(app.on("/late")[0].event["data"], "hi");
+    ps.stop().await;
 }

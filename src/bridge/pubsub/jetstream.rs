@@ -465,3 +465,31 @@ impl Consumer {
         let _ = self.permits.acquire_many(self.concurrency as u32).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_subjects() {
+        assert_eq!(sanitize("orders.eu/new"), "orders_eu_new");
+        assert!(subject_matches("orders.*", "orders.eu"));
+        assert!(subject_matches("orders.>", "orders.eu.new"));
+        assert!(subject_matches("orders", "orders"));
+        assert!(!subject_matches("orders.*", "orders.eu.new"));
+        assert!(!subject_matches("orders", "orders.eu"));
+    }
+
+    #[test]
+    fn metadata_headers_skip_reserved_and_unsendable() {
+        let md = BTreeMap::from([
+            ("region".to_string(), "eu".to_string()),
+            ("Nats-Msg-Id".to_string(), "x".to_string()),
+            ("bad:name".to_string(), "x".to_string()),
+            ("multi".to_string(), "a\r\nb".to_string()),
+        ]);
+        let h = headers(&md);
+        assert_eq!(h.get("region").map(|v| v.as_str()), Some("eu"));
+        assert_eq!(h.iter().count(), 1);
+    }
+}
