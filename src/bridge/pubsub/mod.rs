@@ -333,20 +333,21 @@ impl PubSub {
 
     fn handler(self: &Arc<Self>, sub: Arc<Subscription>) -> broker::Handler {
         let me = self.clone();
+        // The metric label, made once per subscription.
+        let topic: Name = Arc::new(sub.topic.clone());
         Arc::new(move |msg| {
-            let (me, sub) = (me.clone(), sub.clone());
-            Box::pin(async move { me.handle(&sub, msg).await })
+            let (me, sub, topic) = (me.clone(), sub.clone(), topic.clone());
+            Box::pin(async move { me.handle(&sub, &topic, msg).await })
         })
     }
 
     /// Delivers one message to the app: route, POST with retries, then dead-letter or leave it
     /// to the broker.
-    async fn handle(&self, sub: &Subscription, msg: Message) -> Outcome {
+    async fn handle(&self, sub: &Subscription, topic: &Name, msg: Message) -> Outcome {
         let Some(app) = &self.app else {
             return Outcome::Retry;
         };
         let label = &self.components[&sub.pubsubname].label;
-        let topic: Name = Arc::new(sub.topic.clone());
         let event = if sub.raw_payload() {
             cloudevent::from_raw_payload(&msg.data, &sub.topic, &sub.pubsubname)
         } else {
@@ -359,7 +360,7 @@ impl PubSub {
         let event = Value::Object(event);
         let Some(path) = sub.route(&event) else {
             tracing::debug!(pubsub = %sub.pubsubname, topic = %sub.topic, "no route matches the event; dropped");
-            self.metrics.delivery(label, &topic, "drop");
+            self.metrics.delivery(label, topic, "drop");
             return Outcome::Ack;
         };
         let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
@@ -372,16 +373,16 @@ impl PubSub {
         for attempt in 1..=policy.max_attempts.max(1) {
             match app.deliver(path, body.clone(), trace, &msg.metadata).await {
                 AppStatus::Success => {
-                    self.metrics.delivery(label, &topic, "success");
+                    self.metrics.delivery(label, topic, "success");
                     return Outcome::Ack;
                 }
                 AppStatus::Drop => {
                     return self
-                        .drop_or_dead_letter(sub, &msg, label, &topic, false)
+                        .drop_or_dead_letter(sub, &msg, label, topic, false)
                         .await;
                 }
                 AppStatus::Retry => {
-                    self.metrics.delivery(label, &topic, "retry");
+                    self.metrics.delivery(label, topic, "retry");
                     if attempt >= policy.max_attempts {
                         break;
                     }
@@ -393,7 +394,7 @@ impl PubSub {
             }
         }
         if sub.dead_letter_topic.is_some() {
-            self.drop_or_dead_letter(sub, &msg, label, &topic, true)
+            self.drop_or_dead_letter(sub, &msg, label, topic, true)
                 .await
         } else {
             Outcome::Retry
