@@ -302,11 +302,71 @@ impl ProxyMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PubSubPublishLabels {
+    /// The pubsub component's name (configured, so bounded).
+    pub pubsub: Name,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PubSubDeliveryLabels {
+    pub pubsub: Name,
+    /// A subscribed topic (bounded by the subscriptions; published topics are not labelled).
+    pub topic: Name,
+    /// `success`, `retry`, `drop` or `dead_letter`.
+    pub result: &'static str,
+}
+
+/// The bridge pub/sub's metrics (`docs/metrics.md` lists each). Families stay empty, and cost
+/// nothing, until a pubsub component is used.
+#[derive(Clone, Default)]
+pub struct PubSubMetrics {
+    pub published: Family<PubSubPublishLabels, Counter>,
+    pub delivered: Family<PubSubDeliveryLabels, Counter>,
+}
+
+impl PubSubMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "pubsub_published",
+            "Messages published through the bridge, by pubsub component and result (success, failure)",
+            self.published.clone(),
+        );
+        r.register(
+            "pubsub_delivered",
+            "Delivery attempts to the app by pubsub, subscribed topic and result (success, retry, drop, dead_letter)",
+            self.delivered.clone(),
+        );
+    }
+
+    pub fn publish(&self, pubsub: &Name, ok: bool) {
+        self.published
+            .get_or_create(&PubSubPublishLabels {
+                pubsub: pubsub.clone(),
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    pub fn delivery(&self, pubsub: &Name, topic: &Name, result: &'static str) {
+        self.delivered
+            .get_or_create(&PubSubDeliveryLabels {
+                pubsub: pubsub.clone(),
+                topic: topic.clone(),
+                result,
+            })
+            .inc();
+    }
+}
+
 /// The registry being built: modules register their metrics before the sidecar starts.
 pub struct Metrics {
     pub registry: Registry,
     pub runtime: RuntimeMetrics,
     pub proxy: ProxyMetrics,
+    pub pubsub: PubSubMetrics,
 }
 
 impl Metrics {
@@ -383,10 +443,15 @@ impl Metrics {
         }
         let proxy = ProxyMetrics::default();
         proxy.register(ours);
+        let pubsub = PubSubMetrics::default();
+        if cfg!(feature = "bridge") {
+            pubsub.register(ours);
+        }
         Metrics {
             registry,
             runtime,
             proxy,
+            pubsub,
         }
     }
 }

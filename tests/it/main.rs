@@ -8,6 +8,8 @@ mod certs;
 mod config;
 mod lifecycle;
 mod proxy;
+#[cfg(feature = "bridge")]
+mod pubsub;
 mod reload;
 mod support;
 mod telemetry;

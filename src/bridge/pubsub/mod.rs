@@ -1,0 +1,473 @@
+//! Dapr-compatible pub/sub: publish (`POST /v1.0/publish/{pubsub}/{topic}`, bulk publish) into a
+//! broker, and deliver what the app subscribed to as CloudEvents `POST`ed to the app, acking the
+//! broker only after the app said SUCCESS or DROP (or the event went to a dead-letter topic).
+//!
+//! Data comes in from the app over HTTP ([`http::router`]) and from the brokers ([`broker`]:
+//! in-memory, Redis Streams, NATS JetStream); it leaves to the brokers and to the app
+//! ([`delivery`]). Subscriptions come from the app's `GET /dapr/subscribe` and from
+//! `Subscription` resources ([`subscription`]); `routes.rules` use a CEL subset ([`cel`]).
+//!
+//! # How to wire this (for the bridge)
+//!
+//! 1. At start-up, whenever the bridge runs (with no `pubsub.*` component this is an empty
+//!    registry that starts nothing: no task, thread or connection; publish then answers
+//!    `ERR_PUBSUB_NOT_CONFIGURED` as Dapr does):
+//!    ```ignore
+//!    let declarative = pubsub::load_subscription_files(&yaml_files)?;   // Vec<String> errors → exit 78
+//!    let ps = PubSub::new(options, &components, declarative, metrics.pubsub.clone())?; // same
+//!    ```
+//!    `options` is [`PubSubOptions`]: app id, the app's `host:port` (None: no subscriptions are
+//!    started, as Dapr without an app port), `APP_API_TOKEN`, retry policy. `new` builds and
+//!    validates every broker (errors name the component file) but opens no connection.
+//! 2. Merge `http::router(ps.clone())` into the bridge's axum router (it is `Router<()>`), then
+//!    apply the bridge's layers (body limit: axum's default is 2 MiB, Dapr's 4 MiB; API token).
+//!    [`http::PubSubError`] is the error type; it renders `{"errorCode","message"}`.
+//! 3. When the app is ready, or right away with a `watch` that turns true then: call
+//!    `ps.start(app_ready_rx)`. It waits for `true`, calls `GET /dapr/subscribe` (retrying while
+//!    the app does not answer), adds the declarative subscriptions and subscribes on the brokers.
+//! 4. On stop (after inbound has drained, before the app is stopped): `ps.stop().await` stops
+//!    fetching, lets in-flight deliveries finish (their retries are cut short and left to the
+//!    broker's redelivery) and returns.
+//! 5. `ps.subscriptions_json()` is the `subscriptions` array for `GET /v1.0/metadata`;
+//!    `ps.subscribed()` counts subscriptions running on their brokers.
+
+pub mod broker;
+pub mod cel;
+pub mod cloudevent;
+pub mod delivery;
+pub mod http;
+pub mod jetstream;
+pub mod memory;
+pub mod redis;
+pub mod subscription;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bridge::components::Component;
+use crate::telemetry::metrics::{Name, PubSubMetrics};
+pub use broker::{Broker, BrokerError, Message, Outcome};
+pub use delivery::{AppChannel, AppStatus, RetryPolicy};
+pub use subscription::Subscription;
+
+/// How long one delivery to the app may take before it counts as failed (and is retried).
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings the bridge passes in (from its config and the app section).
+#[derive(Clone, Debug)]
+pub struct PubSubOptions {
+    /// The app id: CloudEvent `source`, default consumer group.
+    pub app_id: String,
+    /// The app's `host:port` for `/dapr/subscribe` and deliveries; `None`: no subscriptions.
+    pub app_address: Option<String>,
+    /// Sent as `dapr-api-token` on calls to the app (`APP_API_TOKEN`).
+    pub app_token: Option<String>,
+    pub retry: RetryPolicy,
+    pub delivery_timeout: Duration,
+}
+
+impl PubSubOptions {
+    pub fn new(app_id: impl Into<String>, app_address: Option<String>) -> Self {
+        PubSubOptions {
+            app_id: app_id.into(),
+            app_address,
+            app_token: None,
+            retry: RetryPolicy::default(),
+            delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+        }
+    }
+}
+
+/// A configured pubsub component.
+struct Configured {
+    broker: Arc<dyn Broker>,
+    /// Metric label.
+    label: Name,
+}
+
+/// The pub/sub building block: brokers by component name, subscriptions, delivery.
+pub struct PubSub {
+    options: PubSubOptions,
+    components: BTreeMap<String, Configured>,
+    declarative: Vec<Subscription>,
+    metrics: PubSubMetrics,
+    app: Option<AppChannel>,
+    /// Active subscriptions (for `/v1.0/metadata`).
+    active: Mutex<Vec<Arc<Subscription>>>,
+    running: tokio::sync::Mutex<Vec<broker::Subscription>>,
+    /// How many subscriptions are running on their brokers.
+    subscribed: watch::Sender<usize>,
+    stop: watch::Sender<bool>,
+}
+
+/// Reads `Subscription` documents from YAML files (other kinds in them are skipped). All
+/// problems are returned together, each naming its file.
+pub fn load_subscription_files(files: &[PathBuf]) -> Result<Vec<Subscription>, Vec<String>> {
+    let mut subs = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(f) {
+            Ok(text) => match subscription::parse_declarative(&text, f) {
+                Ok(s) => subs.extend(s),
+                Err(e) => errors.extend(e),
+            },
+            Err(e) => errors.push(format!("{}: cannot read: {e}", f.display())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(subs)
+    } else {
+        Err(errors)
+    }
+}
+
+impl PubSub {
+    /// Builds the brokers of the `pubsub.*` components (others are ignored) and keeps the
+    /// declarative subscriptions that apply to this app. Opens no connection.
+    pub fn new(
+        options: PubSubOptions,
+        components: &[Component],
+        declarative: Vec<Subscription>,
+        metrics: PubSubMetrics,
+    ) -> Result<Arc<PubSub>, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut built = BTreeMap::new();
+        for c in components.iter().filter(|c| c.kind.starts_with("pubsub.")) {
+            match broker::build(c) {
+                Ok(broker) => {
+                    if built.contains_key(&c.name) {
+                        errors.push(format!(
+                            "{}: a pubsub component named {:?} is already defined",
+                            c.file.display(),
+                            c.name
+                        ));
+                        continue;
+                    }
+                    built.insert(
+                        c.name.clone(),
+                        Configured {
+                            broker,
+                            label: Arc::new(c.name.clone()),
+                        },
+                    );
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let declarative = declarative
+            .into_iter()
+            .filter(|s| s.in_scope(&options.app_id))
+            .collect();
+        let app = options
+            .app_address
+            .as_deref()
+            .map(|a| AppChannel::new(a, options.app_token.as_deref(), options.delivery_timeout));
+        Ok(Arc::new(PubSub {
+            options,
+            components: built,
+            declarative,
+            metrics,
+            app,
+            active: Mutex::new(Vec::new()),
+            running: tokio::sync::Mutex::new(Vec::new()),
+            subscribed: watch::channel(0).0,
+            stop: watch::channel(false).0,
+        }))
+    }
+
+    /// The app id events are published as.
+    pub fn app_id(&self) -> &str {
+        &self.options.app_id
+    }
+
+    /// Whether any pubsub component is configured.
+    pub fn is_empty(&self) -> bool {
+        self.components.is_empty()
+    }
+
+    /// The broker behind a component name.
+    pub fn broker(&self, name: &str) -> Option<&Arc<dyn Broker>> {
+        self.components.get(name).map(|c| &c.broker)
+    }
+
+    /// Publishes already-enveloped bytes and counts the result.
+    pub async fn publish_bytes(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        data: Bytes,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let Some(c) = self.components.get(pubsub) else {
+            return Err(BrokerError::Publish(format!("pubsub {pubsub} not found")));
+        };
+        let res = c.broker.publish(topic, data, metadata).await;
+        self.metrics.publish(&c.label, res.is_ok());
+        res
+    }
+
+    /// Waits until `app_ready` is true, then discovers the app's subscriptions and starts them
+    /// with the declarative ones. Returns at once (without calling the app) when there is no
+    /// pubsub component or no app address.
+    pub fn start(self: &Arc<Self>, mut app_ready: watch::Receiver<bool>) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if me.components.is_empty() || me.app.is_none() {
+                return;
+            }
+            let mut stop = me.stop.subscribe();
+            tokio::select! {
+                _ = broker::stopped(&mut stop) => return,
+                r = app_ready.wait_for(|r| *r) => if r.is_err() { return },
+            }
+            let Some(mut subs) = me.discover(&mut stop).await else {
+                return;
+            };
+            subs.extend(me.declarative.iter().cloned());
+            me.subscribe_all(subs).await;
+        })
+    }
+
+    /// `GET /dapr/subscribe`, retried while the app does not answer.
+    async fn discover(&self, stop: &mut watch::Receiver<bool>) -> Option<Vec<Subscription>> {
+        let app = self.app.as_ref()?;
+        let mut attempt = 0u32;
+        loop {
+            match app.get_subscriptions().await {
+                Ok((status, body)) if status.is_success() => {
+                    let (subs, errors) = subscription::parse_programmatic(&body);
+                    for e in errors {
+                        tracing::error!(error = %e, "app subscription ignored");
+                    }
+                    return Some(subs);
+                }
+                Ok((status, _)) if status == ::http::StatusCode::NOT_FOUND => {
+                    return Some(Vec::new());
+                }
+                Ok((status, _)) => {
+                    tracing::error!(
+                        status = status.as_u16(),
+                        "GET /dapr/subscribe failed; only declarative subscriptions apply"
+                    );
+                    return Some(Vec::new());
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, "GET /dapr/subscribe: app not answering yet");
+                    tokio::select! {
+                        _ = broker::stopped(stop) => return None,
+                        _ = tokio::time::sleep(broker::reconnect_backoff(attempt)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts `subs` on their brokers (unknown pubsub names and duplicates are logged and
+    /// skipped). Each subscription is started on its own task, retried with backoff while its
+    /// broker cannot subscribe yet, so one broker that is down does not hold up the others.
+    pub async fn subscribe_all(self: &Arc<Self>, subs: Vec<Subscription>) {
+        let mut seen = std::collections::HashSet::new();
+        for sub in subs {
+            if !self.components.contains_key(&sub.pubsubname) {
+                tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, "subscription to an unknown pubsub ignored");
+                continue;
+            }
+            if !seen.insert((sub.pubsubname.clone(), sub.topic.clone())) {
+                tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, "duplicate subscription ignored");
+                continue;
+            }
+            let sub = Arc::new(sub);
+            self.active.lock().unwrap().push(sub.clone());
+            tokio::spawn(self.clone().subscribe_one(sub));
+        }
+    }
+
+    async fn subscribe_one(self: Arc<Self>, sub: Arc<Subscription>) {
+        let mut stop = self.stop.subscribe();
+        let mut attempt = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let handler = self.handler(sub.clone());
+            let broker = &self.components[&sub.pubsubname].broker;
+            match broker
+                .subscribe(&sub.topic, &self.options.app_id, handler)
+                .await
+            {
+                Ok(running) => {
+                    let mut all = self.running.lock().await;
+                    if *stop.borrow() {
+                        // `stop` already drained the list: stop this one here.
+                        drop(all);
+                        running.stop().await;
+                        return;
+                    }
+                    tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "subscribed");
+                    all.push(running);
+                    self.subscribed.send_modify(|n| *n += 1);
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, error = %e, "cannot subscribe yet; retrying");
+                    tokio::select! {
+                        _ = broker::stopped(&mut stop) => return,
+                        _ = tokio::time::sleep(broker::reconnect_backoff(attempt)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn handler(self: &Arc<Self>, sub: Arc<Subscription>) -> broker::Handler {
+        let me = self.clone();
+        // The metric label, made once per subscription.
+        let topic: Name = Arc::new(sub.topic.clone());
+        Arc::new(move |msg| {
+            let (me, sub, topic) = (me.clone(), sub.clone(), topic.clone());
+            Box::pin(async move { me.handle(&sub, &topic, msg).await })
+        })
+    }
+
+    /// Delivers one message to the app: route, POST with retries, then dead-letter or leave it
+    /// to the broker.
+    async fn handle(&self, sub: &Subscription, topic: &Name, msg: Message) -> Outcome {
+        let Some(app) = &self.app else {
+            return Outcome::Retry;
+        };
+        let label = &self.components[&sub.pubsubname].label;
+        let event = if sub.raw_payload() {
+            cloudevent::from_raw_payload(&msg.data, &sub.topic, &sub.pubsubname)
+        } else {
+            match serde_json::from_slice::<Value>(&msg.data) {
+                Ok(Value::Object(m)) => m,
+                // Not a CloudEvent (published raw without a rawPayload subscription): wrap it.
+                _ => cloudevent::from_raw_payload(&msg.data, &sub.topic, &sub.pubsubname),
+            }
+        };
+        let event = Value::Object(event);
+        let Some(path) = sub.route(&event) else {
+            tracing::debug!(pubsub = %sub.pubsubname, topic = %sub.topic, "no route matches the event; dropped");
+            self.metrics.delivery(label, topic, "drop");
+            return Outcome::Ack;
+        };
+        let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
+        let trace = (
+            event.get("traceparent").and_then(Value::as_str),
+            event.get("tracestate").and_then(Value::as_str),
+        );
+        let policy = self.options.retry;
+        let mut stop = self.stop.subscribe();
+        for attempt in 1..=policy.max_attempts.max(1) {
+            match app.deliver(path, body.clone(), trace, &msg.metadata).await {
+                AppStatus::Success => {
+                    self.metrics.delivery(label, topic, "success");
+                    return Outcome::Ack;
+                }
+                AppStatus::Drop => {
+                    return self
+                        .drop_or_dead_letter(sub, &msg, label, topic, false)
+                        .await;
+                }
+                AppStatus::Retry => {
+                    self.metrics.delivery(label, topic, "retry");
+                    if attempt >= policy.max_attempts {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = broker::stopped(&mut stop) => return Outcome::Retry,
+                        _ = tokio::time::sleep(policy.backoff(attempt)) => {}
+                    }
+                }
+            }
+        }
+        if sub.dead_letter_topic.is_some() {
+            self.drop_or_dead_letter(sub, &msg, label, topic, true)
+                .await
+        } else {
+            Outcome::Retry
+        }
+    }
+
+    /// A dropped or exhausted message goes to the dead-letter topic when there is one (then is
+    /// acked); a dropped one without is acked and counted.
+    async fn drop_or_dead_letter(
+        &self,
+        sub: &Subscription,
+        msg: &Message,
+        label: &Name,
+        topic: &Name,
+        exhausted: bool,
+    ) -> Outcome {
+        let Some(dlt) = &sub.dead_letter_topic else {
+            self.metrics.delivery(label, topic, "drop");
+            return Outcome::Ack;
+        };
+        match self
+            .publish_bytes(&sub.pubsubname, dlt, msg.data.clone(), &msg.metadata)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, dead_letter_topic = %dlt, exhausted, "event sent to the dead-letter topic");
+                self.metrics.delivery(label, topic, "dead_letter");
+                Outcome::Ack
+            }
+            Err(e) => {
+                tracing::error!(pubsub = %sub.pubsubname, topic = %sub.topic, dead_letter_topic = %dlt, error = %e, "cannot publish to the dead-letter topic; leaving the event for redelivery");
+                Outcome::Retry
+            }
+        }
+    }
+
+    /// Stops every subscription: no new fetches, in-flight deliveries finish (retry waits are
+    /// cut short). Idempotent.
+    pub async fn stop(&self) {
+        self.stop.send_replace(true);
+        let running = std::mem::take(&mut *self.running.lock().await);
+        for r in running {
+            r.stop().await;
+        }
+    }
+
+    /// The number of subscriptions running on their brokers (for readiness and tests).
+    pub fn subscribed(&self) -> watch::Receiver<usize> {
+        self.subscribed.subscribe()
+    }
+
+    /// The active subscriptions in `/v1.0/metadata`'s shape.
+    pub fn subscriptions_json(&self) -> Value {
+        let active = self.active.lock().unwrap();
+        Value::Array(
+            active
+                .iter()
+                .map(|s| {
+                    let mut o = serde_json::json!({
+                        "pubsubname": s.pubsubname,
+                        "topic": s.topic,
+                        "rules": s.rules.iter().map(|r| serde_json::json!({"match": r.text, "path": r.path})).collect::<Vec<_>>(),
+                        "type": s.source.as_str(),
+                    });
+                    if !s.metadata.is_empty() {
+                        o["metadata"] = serde_json::json!(s.metadata);
+                    }
+                    if let Some(d) = &s.dead_letter_topic {
+                        o["deadLetterTopic"] = Value::String(d.clone());
+                    }
+                    o
+                })
+                .collect(),
+        )
+    }
+}

@@ -1,0 +1,1104 @@
+//! Bridge pub/sub at the library level, against real brokers started here (redis-server,
+//! nats-server -js on free loopback ports, in temp dirs) and a real HTTP app (axum on port 0)
+//! that records what it receives and answers as each test says.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use outrigger::bridge::components::Component;
+use outrigger::bridge::pubsub::{self, PubSub, PubSubOptions, RetryPolicy};
+use outrigger::telemetry::metrics::Metrics;
+
+/// Generous: a healthy run takes well under a second per step.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` until it holds, or panics with `what` after [`WAIT`].
+async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- brokers
+
+/// A redis-server of our own, persisting (AOF, fsync always) so a restart keeps the streams.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 64];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && let Ok(n) = s.read(&mut buf)
+                    && buf[..n].starts_with(b"+PONG")
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://{}/", self.host()))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Entries read by the group and not yet acked.
+    async fn pending(&self, stream: &str, group: &str) -> usize {
+        let reply: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        reply.count()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A nats-server with JetStream, storing in a temp dir (kept across a restart).
+struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn start() -> Self {
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::Read;
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"INFO" {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "nats-server did not greet");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn component(name: &str, kind: &str, metadata: &[(&str, &str)]) -> Component {
+    Component {
+        name: name.into(),
+        kind: kind.into(),
+        version: "v1".into(),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        file: format!("{name}.yaml").into(),
+    }
+}
+
+// ---------------------------------------------------------------- the app
+
+/// What the app answers for one delivery: `(path, event, times this event id was seen)`.
+type Behaviour = dyn Fn(&str, &Value, usize) -> (StatusCode, String) + Send + Sync;
+
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    event: Value,
+    headers: HeaderMap,
+}
+
+struct AppState {
+    subscribe: Option<Value>,
+    behaviour: Box<Behaviour>,
+    received: Mutex<Vec<Received>>,
+    answers: Mutex<Vec<(String, StatusCode, String)>>,
+}
+
+/// A tiny app: `GET /dapr/subscribe` answers `subscribe` (404 when `None`), every POST is
+/// recorded and answered by `behaviour`.
+struct App {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+}
+
+impl App {
+    async fn start(
+        subscribe: Option<Value>,
+        behaviour: impl Fn(&str, &Value, usize) -> (StatusCode, String) + Send + Sync + 'static,
+    ) -> App {
+        Self::start_at("127.0.0.1:0", subscribe, behaviour).await
+    }
+
+    async fn start_at(
+        address: &str,
+        subscribe: Option<Value>,
+        behaviour: impl Fn(&str, &Value, usize) -> (StatusCode, String) + Send + Sync + 'static,
+    ) -> App {
+        let state = Arc::new(AppState {
+            subscribe,
+            behaviour: Box::new(behaviour),
+            received: Mutex::new(Vec::new()),
+            answers: Mutex::new(Vec::new()),
+        });
+        async fn subscriptions(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
+            match &s.subscribe {
+                Some(v) => (StatusCode::OK, v.to_string()),
+                None => (StatusCode::NOT_FOUND, String::new()),
+            }
+        }
+        async fn deliver(
+            State(s): State<Arc<AppState>>,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> (StatusCode, String) {
+            let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let id = event["id"].clone();
+            let seen = {
+                let mut r = s.received.lock().unwrap();
+                r.push(Received {
+                    path: uri.path().to_string(),
+                    event: event.clone(),
+                    headers,
+                });
+                r.iter().filter(|x| x.event["id"] == id).count()
+            };
+            let (status, body) = (s.behaviour)(uri.path(), &event, seen);
+            s.answers.lock().unwrap().push((
+                event["id"].as_str().unwrap_or("").to_string(),
+                status,
+                body.clone(),
+            ));
+            (status, body)
+        }
+        let router = axum::Router::new()
+            .route("/dapr/subscribe", get(subscriptions))
+            .fallback(deliver)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        App { addr, state }
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    fn on(&self, path: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Deliveries the app answered with SUCCESS (2xx and no other status).
+    fn successes(&self) -> Vec<String> {
+        self.state
+            .answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s, b)| s.is_success() && (b.is_empty() || b.contains("SUCCESS")))
+            .map(|(id, _, _)| id.clone())
+            .collect()
+    }
+}
+
+fn ok() -> (StatusCode, String) {
+    (StatusCode::OK, r#"{"status":"SUCCESS"}"#.into())
+}
+
+fn status(s: &str) -> (StatusCode, String) {
+    (StatusCode::OK, format!(r#"{{"status":"{s}"}}"#))
+}
+
+// ---------------------------------------------------------------- the sidecar side
+
+struct Bridge {
+    ps: Arc<PubSub>,
+    router: axum::Router,
+    metrics: Metrics,
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        initial_interval: Duration::from_millis(5),
+        max_interval: Duration::from_millis(20),
+    }
+}
+
+/// Builds the pub/sub block for `app`, starts its subscriptions and waits for `expect` of them.
+async fn bridge(
+    app: Option<&App>,
+    components: &[Component],
+    declarative: Vec<pubsub::Subscription>,
+    expect: usize,
+) -> Bridge {
+    let metrics = Metrics::new();
+    let mut options = PubSubOptions::new("shop", app.map(|a| a.addr.to_string()));
+    options.retry = fast_retry();
+    let ps = PubSub::new(options, components, declarative, metrics.pubsub.clone())
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (_tx, rx) = watch::channel(true);
+    ps.start(rx);
+    let mut subscribed = ps.subscribed();
+    tokio::time::timeout(WAIT, subscribed.wait_for(|n| *n >= expect))
+        .await
+        .expect("subscriptions start")
+        .unwrap();
+    Bridge {
+        router: pubsub::http::router(ps.clone()),
+        ps,
+        metrics,
+    }
+}
+
+impl Bridge {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = self
+            .router
+            .clone()
+            .oneshot(req.body(axum::body::Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn publish(&self, pubsub: &str, topic: &str, content_type: &str, body: &str) {
+        let (status, err) = self
+            .call(
+                "POST",
+                &format!("/v1.0/publish/{pubsub}/{topic}"),
+                &[("content-type", content_type)],
+                body,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    }
+
+    fn metrics_text(&self) -> String {
+        outrigger::telemetry::metrics::encode(&self.metrics.registry, false)
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+/// method, uri, headers, body, expected status, expected error code.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    &'a str,
+    u16,
+    &'a str,
+);
+
+#[tokio::test]
+async fn publish_errors_have_daprs_codes() {
+    let b = bridge(None, &[component("ps", "pubsub.in-memory", &[])], vec![], 0).await;
+    let cases: &[Case] = &[
+        (
+            "POST",
+            "/v1.0/publish/nope/t",
+            &[],
+            "x",
+            404,
+            "ERR_PUBSUB_NOT_FOUND",
+        ),
+        (
+            "POST",
+            "/v1.0/publish/ps",
+            &[],
+            "x",
+            404,
+            "ERR_TOPIC_NAME_EMPTY",
+        ),
+        (
+            "POST",
+            "/v1.0/publish/ps/",
+            &[],
+            "x",
+            404,
+            "ERR_TOPIC_NAME_EMPTY",
+        ),
+        (
+            "POST",
+            "/v1.0/publish/ps/t?metadata.rawPayload=maybe",
+            &[],
+            "x",
+            400,
+            "ERR_PUBSUB_REQUEST_METADATA",
+        ),
+        (
+            "POST",
+            "/v1.0/publish/ps/t",
+            &[("content-type", "application/cloudevents+json")],
+            "{not json",
+            500,
+            "ERR_PUBSUB_CLOUD_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            "{}",
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"entryId":"1","event":"a"},{"entryId":"1","event":"b"}]"#,
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"event":"a"}]"#,
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"entryId":"1","event":{"a":1},"contentType":"text/plain"}]"#,
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"entryId":"1","event":"not base64!","contentType":"application/octet-stream"}]"#,
+            400,
+            "ERR_PUBSUB_EVENTS_SER",
+        ),
+        (
+            "POST",
+            "/v1.0-alpha1/publish/bulk/nope/t",
+            &[],
+            "[]",
+            404,
+            "ERR_PUBSUB_NOT_FOUND",
+        ),
+    ];
+    for (method, uri, headers, body, want_status, want_code) in cases {
+        let (status, err) = b.call(method, uri, headers, body).await;
+        assert_eq!(status.as_u16(), *want_status, "{method} {uri}: {err}");
+        assert_eq!(err["errorCode"], *want_code, "{method} {uri}: {err}");
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{err}"
+        );
+    }
+    // PUT works as POST; a topic may contain '/'.
+    let (status, _) = b.call("PUT", "/v1.0/publish/ps/a/b", &[], "x").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let none = bridge(None, &[], vec![], 0).await;
+    let (status, err) = none.call("POST", "/v1.0/publish/ps/t", &[], "x").await;
+    assert_eq!(
+        (status.as_u16(), err["errorCode"].as_str()),
+        (400, Some("ERR_PUBSUB_NOT_CONFIGURED"))
+    );
+    assert_eq!(err["message"], "pubsub ps is not configured");
+}
+
+#[tokio::test]
+async fn bad_component_metadata_is_refused_with_the_file() {
+    for (kind, md, want) in [
+        (
+            "pubsub.redis",
+            vec![],
+            "metadata redisHost: expected host:port of the Redis server, found \"nothing\"",
+        ),
+        (
+            "pubsub.redis",
+            vec![("redisHost", "h:1"), ("processingTimeout", "soon")],
+            "processingTimeout: expected a duration",
+        ),
+        (
+            "pubsub.redis",
+            vec![("redisHost", "h:1"), ("enableTLS", "true")],
+            "enableTLS",
+        ),
+        (
+            "pubsub.jetstream",
+            vec![("natsURL", "nats://h:1"), ("deliverPolicy", "sometimes")],
+            "deliverPolicy: expected all, last, new, sequence",
+        ),
+        ("pubsub.kafka", vec![], "expected one of pubsub.in-memory"),
+    ] {
+        let c = component("ps", kind, &md);
+        let errors = PubSub::new(
+            PubSubOptions::new("a", None),
+            &[c],
+            vec![],
+            Default::default(),
+        )
+        .err()
+        .expect("refused");
+        assert!(errors[0].starts_with("ps.yaml: "), "{errors:?}");
+        assert!(errors[0].contains(want), "{errors:?}");
+    }
+}
+
+#[tokio::test]
+async fn in_memory_delivers_cloudevents_by_route_rules() {
+    let app = App::start(
+        Some(json!([{
+            "pubsubname": "ps", "topic": "orders",
+            "routes": {"rules": [
+                {"match": "event.type == \"order.gold\" && event.data.total > 100", "path": "/gold"},
+                {"match": "event.type.startsWith(\"order.\")", "path": "/orders"}
+            ], "default": "/other"}
+        }])),
+        |_, _, _| ok(),
+    )
+    .await;
+    let b = bridge(
+        Some(&app),
+        &[component("ps", "pubsub.in-memory", &[])],
+        vec![],
+        1,
+    )
+    .await;
+    // A generated envelope: JSON data, the app id as source, the trace header carried.
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (status, _) = b
+        .call(
+            "POST",
+            "/v1.0/publish/ps/orders",
+            &[("content-type", "application/json"), ("traceparent", tp)],
+            r#"{"n":1}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The caller's own CloudEvents, routed by type and data.
+    let ce = |ty: &str, total: u32| {
+        json!({"specversion":"1.0","id":format!("{ty}-{total}"),"source":"x","type":ty,"datacontenttype":"application/json","data":{"total":total}}).to_string()
+    };
+    b.publish(
+        "ps",
+        "orders",
+        "application/cloudevents+json",
+        &ce("order.gold", 500),
+    )
+    .await;
+    b.publish(
+        "ps",
+        "orders",
+        "application/cloudevents+json",
+        &ce("order.gold", 5),
+    )
+    .await;
+    until("three deliveries", async || app.received().len() == 3).await;
+
+    let other = app.on("/other");
+    assert_eq!(other.len(), 1, "{:?}", app.received());
+    let e = &other[0].event;
+    assert_eq!(e["data"], json!({"n": 1}));
+    assert_eq!(e["source"], "shop");
+    assert_eq!(e["type"], "com.dapr.event.sent");
+    assert_eq!(e["specversion"], "1.0");
+    assert_eq!(e["datacontenttype"], "application/json");
+    assert_eq!(e["topic"], "orders");
+    assert_eq!(e["pubsubname"], "ps");
+    assert_eq!(e["traceparent"], tp);
+    assert_eq!(
+        other[0].headers["content-type"],
+        "application/cloudevents+json"
+    );
+    assert_eq!(other[0].headers["traceparent"], tp);
+    assert_eq!(app.on("/gold")[0].event["id"], "order.gold-500");
+    assert_eq!(app.on("/gold")[0].event["source"], "x");
+    assert_eq!(app.on("/orders")[0].event["id"], "order.gold-5");
+
+    let text = b.metrics_text();
+    assert!(
+        text.contains(
+            r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="orders",result="success"} 3"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"outrigger_pubsub_published_total{pubsub="ps",result="success"} 3"#),
+        "{text}"
+    );
+    b.ps.stop().await;
+}
+
+#[tokio::test]
+async fn raw_payload_bulk_publish_and_declarative_subscriptions() {
+    // No programmatic subscriptions (404): everything comes from a Subscription file.
+    let app = App::start(None, |_, _, _| ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("subs.yaml");
+    std::fs::write(
+        &file,
+        r#"
+apiVersion: dapr.io/v2alpha1
+kind: Subscription
+metadata: {name: raw}
+spec:
+  pubsubname: ps
+  topic: raw
+  routes: {default: /raw}
+  metadata: {rawPayload: "true"}
+---
+apiVersion: dapr.io/v1alpha1
+kind: Subscription
+metadata: {name: bulk}
+spec: {pubsubname: ps, topic: bulk, route: /bulk}
+---
+apiVersion: dapr.io/v1alpha1
+kind: Subscription
+metadata: {name: elsewhere}
+spec: {pubsubname: ps, topic: bulk, route: /not-for-us}
+scopes: [another-app]
+"#,
+    )
+    .unwrap();
+    let declarative = pubsub::load_subscription_files(&[file]).unwrap();
+    let b = bridge(
+        Some(&app),
+        &[component("ps", "pubsub.in-memory", &[])],
+        declarative,
+        2,
+    )
+    .await;
+
+    let (status, err) = b
+        .call(
+            "POST",
+            "/v1.0/publish/ps/raw?metadata.rawPayload=true",
+            &[("content-type", "application/octet-stream")],
+            "raw bytes",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    let (status, err) = b
+        .call(
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/bulk",
+            &[("content-type", "application/json")],
+            r#"[{"entryId":"a","event":{"k":1},"contentType":"application/json"},
+                {"entryId":"b","event":"hello","contentType":"text/plain"},
+                {"entryId":"c","event":"AP8=","contentType":"application/octet-stream"}]"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    until("four deliveries", async || app.received().len() == 4).await;
+
+    let raw = &app.on("/raw")[0].event;
+    assert_eq!(raw["data_base64"], "cmF3IGJ5dGVz");
+    assert_eq!(raw["datacontenttype"], "application/octet-stream");
+    let bulk: Vec<Value> = app
+        .on("/bulk")
+        .into_iter()
+        .map(|r| r.event["data"].clone())
+        .collect();
+    assert!(
+        bulk.contains(&json!({"k": 1})) && bulk.contains(&json!("hello")),
+        "{bulk:?}"
+    );
+    let binary = app
+        .on("/bulk")
+        .into_iter()
+        .find(|r| r.event.get("data_base64").is_some())
+        .expect("the binary entry");
+    assert_eq!(binary.event["data_base64"], "AP8=");
+    assert!(app.on("/not-for-us").is_empty());
+    let subs = b.ps.subscriptions_json();
+    assert_eq!(subs.as_array().unwrap().len(), 2, "{subs}");
+    assert_eq!(subs[0]["type"], "DECLARATIVE");
+    b.ps.stop().await;
+}
+
+#[tokio::test]
+async fn redis_retries_then_acks_once_drops_and_dead_letters() {
+    let redis = RedisServer::start();
+    let host = redis.host();
+    // orders: RETRY three times then SUCCESS for "retry-me"; DROP for "drop-me" (→ poison);
+    // 500 forever for "fail-me" (→ poison after 5 attempts). plain: DROP without a dead-letter topic.
+    let app = App::start(
+        Some(json!([
+            {"pubsubname": "ps", "topic": "orders", "route": "/orders", "deadLetterTopic": "poison"},
+            {"pubsubname": "ps", "topic": "poison", "route": "/poison"},
+            {"pubsubname": "ps", "topic": "plain", "route": "/plain"}
+        ])),
+        |path, event, seen| match (path, event["id"].as_str().unwrap_or("")) {
+            ("/orders", "retry-me") if seen <= 3 => status("RETRY"),
+            ("/orders", "drop-me") | ("/plain", _) => status("DROP"),
+            ("/orders", "fail-me") => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+            _ => ok(),
+        },
+    )
+    .await;
+    let ps = component(
+        "ps",
+        "pubsub.redis",
+        &[
+            ("redisHost", &host),
+            ("processingTimeout", "1s"),
+            ("redeliverInterval", "1s"),
+        ],
+    );
+    let b = bridge(Some(&app), &[ps], vec![], 3).await;
+    let ce = |id: &str| {
+        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
+    };
+    for id in ["retry-me", "drop-me", "fail-me"] {
+        let (status, err) = b
+            .call(
+                "POST",
+                "/v1.0/publish/ps/orders?metadata.region=eu&metadata.region=ignored",
+                &[("content-type", "application/cloudevents+json")],
+                &ce(id),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    }
+    b.publish(
+        "ps",
+        "plain",
+        "application/cloudevents+json",
+        &ce("plain-drop"),
+    )
+    .await;
+
+    until("two dead letters and a success", async || {
+        app.on("/poison").len() == 2 && app.successes().contains(&"retry-me".to_string())
+    })
+    .await;
+    until("nothing pending", async || {
+        redis.pending("orders", "shop").await == 0
+            && redis.pending("plain", "shop").await == 0
+            && redis.pending("poison", "shop").await == 0
+    })
+    .await;
+    let count = |id: &str| {
+        app.on("/orders")
+            .iter()
+            .filter(|r| r.event["id"] == id)
+            .count()
+    };
+    assert_eq!(count("retry-me"), 4);
+    assert_eq!(count("drop-me"), 1);
+    assert_eq!(count("fail-me"), 5);
+    // Metadata (first value wins) rides in the stream entry and reaches the app as headers.
+    assert!(
+        app.on("/orders")
+            .iter()
+            .all(|r| r.headers["region"] == "eu")
+    );
+    let mut dead: Vec<String> = app
+        .on("/poison")
+        .iter()
+        .map(|r| r.event["id"].as_str().unwrap().to_string())
+        .collect();
+    dead.sort();
+    assert_eq!(dead, ["drop-me", "fail-me"]);
+    assert_eq!(app.on("/plain").len(), 1);
+    let text = b.metrics_text();
+    for line in [
+        r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="orders",result="dead_letter"} 2"#,
+        r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="orders",result="retry"} 8"#,
+        r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="plain",result="drop"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    b.ps.stop().await;
+}
+
+#[tokio::test]
+async fn redis_restart_keeps_unacked_messages() {
+    let mut redis = RedisServer::start();
+    let host = redis.host();
+    let accept = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a = accept.clone();
+    let app = App::start(
+        Some(json!([{"pubsubname": "ps", "topic": "jobs", "route": "/jobs"}])),
+        move |_, _, _| {
+            if a.load(std::sync::atomic::Ordering::SeqCst) {
+                ok()
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, String::new())
+            }
+        },
+    )
+    .await;
+    let ps = component(
+        "ps",
+        "pubsub.redis",
+        &[
+            ("redisHost", &host),
+            ("processingTimeout", "1s"),
+            ("redeliverInterval", "1s"),
+        ],
+    );
+    let b = bridge(Some(&app), &[ps], vec![], 1).await;
+    let ids = ["j1", "j2", "j3"];
+    for id in ids {
+        b.publish(
+            "ps",
+            "jobs",
+            "application/cloudevents+json",
+            &json!({"id": id, "source": "t", "type": "t", "specversion": "1.0"}).to_string(),
+        )
+        .await;
+    }
+    until("every job tried", async || {
+        ids.iter()
+            .all(|id| app.received().iter().any(|r| r.event["id"] == *id))
+    })
+    .await;
+    assert_eq!(redis.pending("jobs", "shop").await, 3);
+
+    redis.restart();
+    accept.store(true, std::sync::atomic::Ordering::SeqCst);
+    until("every job delivered after the restart", async || {
+        let s = app.successes();
+        ids.iter().all(|id| s.iter().any(|x| x == id))
+    })
+    .await;
+    until("nothing pending", async || {
+        redis.pending("jobs", "shop").await == 0
+    })
+    .await;
+    b.ps.stop().await;
+}
+
+#[tokio::test]
+async fn jetstream_retries_survives_a_restart_and_dead_letters() {
+    let mut nats = NatsServer::start();
+    let accept = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let a = accept.clone();
+    let app = App::start(
+        Some(json!([
+            {"pubsubname": "js", "topic": "orders", "route": "/orders", "deadLetterTopic": "poison"},
+            {"pubsubname": "js", "topic": "poison", "route": "/poison"}
+        ])),
+        move |path, event, seen| {
+            if !a.load(std::sync::atomic::Ordering::SeqCst) {
+                return (StatusCode::SERVICE_UNAVAILABLE, String::new());
+            }
+            match (path, event["id"].as_str().unwrap_or("")) {
+                ("/orders", "retry-me") if seen <= 3 => status("RETRY"),
+                ("/orders", "drop-me") => status("DROP"),
+                _ => ok(),
+            }
+        },
+    )
+    .await;
+    let js = component(
+        "js",
+        "pubsub.jetstream",
+        &[("natsURL", &nats.url()), ("ackWait", "2s")],
+    );
+    let b = bridge(Some(&app), &[js], vec![], 2).await;
+    let ce = |id: &str| {
+        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
+    };
+    // Publish metadata travels with the message (as NATS headers) and reaches the app as headers.
+    let (status, err) = b
+        .call(
+            "POST",
+            "/v1.0/publish/js/orders?metadata.region=eu",
+            &[("content-type", "application/cloudevents+json")],
+            &ce("retry-me"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    b.publish(
+        "js",
+        "orders",
+        "application/cloudevents+json",
+        &ce("drop-me"),
+    )
+    .await;
+    until("a success after retries and a dead letter", async || {
+        app.successes().contains(&"retry-me".to_string()) && app.on("/poison").len() == 1
+    })
+    .await;
+    let count = |id: &str| {
+        app.on("/orders")
+            .iter()
+            .filter(|r| r.event["id"] == id)
+            .count()
+    };
+    assert_eq!(count("retry-me"), 4);
+    assert_eq!(app.on("/orders")[0].headers["region"], "eu");
+    assert_eq!(app.on("/poison")[0].event["id"], "drop-me");
+
+    // Unacked across a restart: the app refuses, the server restarts, then the app accepts.
+    accept.store(false, std::sync::atomic::Ordering::SeqCst);
+    for id in ["r1", "r2"] {
+        b.publish("js", "orders", "application/cloudevents+json", &ce(id))
+            .await;
+    }
+    until("both tried", async || {
+        ["r1", "r2"].iter().all(|id| count(id) > 0)
+    })
+    .await;
+    nats.restart();
+    accept.store(true, std::sync::atomic::Ordering::SeqCst);
+    until("both delivered after the restart", async || {
+        let s = app.successes();
+        ["r1", "r2"].iter().all(|id| s.iter().any(|x| x == id))
+    })
+    .await;
+    // Nothing left unacknowledged on the consumer.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let ctx = async_nats::jetstream::new(client);
+    until("no ack pending", async || {
+        let mut stream = ctx.get_stream("orders").await.unwrap();
+        let _ = stream.info().await;
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("shop-orders").await.unwrap();
+        let info = c.info().await.unwrap();
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+    b.ps.stop().await;
+}
+
+#[tokio::test]
+async fn stop_cuts_retry_waits_short_and_leaves_the_message_pending() {
+    let redis = RedisServer::start();
+    let app = App::start(
+        Some(json!([{"pubsubname": "ps", "topic": "slow", "route": "/slow"}])),
+        |_, _, _| status("RETRY"),
+    )
+    .await;
+    // A retry wait far longer than the test may take: stop must not sit it out.
+    let mut options = PubSubOptions::new("shop", Some(app.addr.to_string()));
+    options.retry = RetryPolicy {
+        max_attempts: 10,
+        initial_interval: Duration::from_secs(3600),
+        max_interval: Duration::from_secs(3600),
+    };
+    let ps = PubSub::new(
+        options,
+        &[component(
+            "ps",
+            "pubsub.redis",
+            &[("redisHost", &redis.host())],
+        )],
+        vec![],
+        Default::default(),
+    )
+    .unwrap();
+    let (_tx, rx) = watch::channel(true);
+    ps.start(rx);
+    tokio::time::timeout(WAIT, ps.subscribed().wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let router = pubsub::http::router(ps.clone());
+    let res = router
+        .oneshot(
+            axum::http::Request::post("/v1.0/publish/ps/slow")
+                .body(axum::body::Body::from("x"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    until("the first attempt", async || !app.received().is_empty()).await;
+    tokio::time::timeout(WAIT, ps.stop())
+        .await
+        .expect("stop does not wait out a retry backoff");
+    assert_eq!(app.received().len(), 1);
+    // Not acked: the broker still holds it for redelivery.
+    assert_eq!(redis.pending("slow", "shop").await, 1);
+}
+
+#[tokio::test]
+async fn subscriptions_are_asked_for_until_the_app_answers() {
+    // The app is "ready" but not listening yet: /dapr/subscribe is retried until it answers.
+    let address = format!("127.0.0.1:{}", free_port());
+    let ps = PubSub::new(
+        PubSubOptions::new("shop", Some(address.clone())),
+        &[component("ps", "pubsub.in-memory", &[])],
+        vec![],
+        Default::default(),
+    )
+    .unwrap();
+    let (_tx, rx) = watch::channel(true);
+    ps.start(rx);
+    let mut asked = ps.subscribed();
+    let app = App::start_at(
+        &address,
+        Some(json!([{"pubsubname": "ps", "topic": "late", "route": "/late"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    tokio::time::timeout(WAIT, asked.wait_for(|n| *n == 1))
+        .await
+        .expect("the subscription starts once the app answers")
+        .unwrap();
+    let res = pubsub::http::router(ps.clone())
+        .oneshot(
+            axum::http::Request::post("/v1.0/publish/ps/late")
+                .body(axum::body::Body::from("hi"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    until("the delivery", async || app.on("/late").len() == 1).await;
+    assert_eq!(app.on("/late")[0].event["data"], "hi");
+    ps.stop().await;
+}
