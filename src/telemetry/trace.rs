@@ -154,6 +154,18 @@ impl TraceContext {
             // A B3 header of another hop (or a sampling-only one) must not contradict ours.
             h.remove(&B3);
         }
+        if self.format != Format::B3Multi {
+            // Nor may X-B3-* headers left beside a traceparent that won.
+            for name in [
+                &B3_TRACE_ID,
+                &B3_SPAN_ID,
+                &B3_PARENT,
+                &B3_SAMPLED,
+                &B3_FLAGS,
+            ] {
+                h.remove(name);
+            }
+        }
         let hex = |s: String| HeaderValue::from_str(&s).expect("hex is a valid value");
         match self.format {
             Format::B3Single => {
@@ -266,6 +278,32 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn stale_b3_headers_beside_a_winning_traceparent_are_removed() {
+        let mut h = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "0"),
+            ("x-b3-flags", "1"),
+        ]);
+        let t = TraceContext::from_headers(&h, 0.0);
+        assert_eq!(t.format, Format::W3c);
+        t.inject(&mut h);
+        for name in [
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+            "b3",
+        ] {
+            assert!(!h.contains_key(name), "{name} left behind");
+        }
     }
 
     #[test]
