@@ -31,7 +31,7 @@ http { access_log off; client_body_buffer_size 1m;
            location /v1/traces { return 200 "{}"; }
            location / { return 200 "hello world\n"; } } }
 CONF
-base() { printf 'admin: { address: 127.0.0.1:0 }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$UP" "$1"; }
+base() { printf 'admin: { address: 127.0.0.1:%s }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$(( $1 + 100 ))" "$UP" "$1"; }
 base $OFF > "$dir/off.yaml"
 { base $ON; printf 'telemetry:\n  access_log: { to: %s/on.log }\n  tracing: { otlp: http://127.0.0.1:%s }\n' "$dir" "$UP"; } > "$dir/on.yaml"
 { base $FULL; printf 'telemetry:\n  access_log: { to: %s/full.log }\n  tracing: { sample: 1, otlp: http://127.0.0.1:%s }\n' "$dir" "$UP"; } > "$dir/full.yaml"
@@ -55,7 +55,12 @@ done
 echo "on/off:   $(echo "scale=3; ${sum[on]} / ${sum[off]}" | bc)×   (access log + 1% of requests exported)"
 echo "full/off: $(echo "scale=3; ${sum[full]} / ${sum[off]}" | bc)×   (access log + every request exported)"
 echo "access log lines: on $(wc -l < "$dir/on.log"), full $(wc -l < "$dir/full.log")"
+# A run that dropped spans measured a cheaper exporter than it claims: say so.
 for v in on full; do
+  m=$(curl -s "http://127.0.0.1:$(( ${port[$v]} + 100 ))/metrics")
+  exported=$(awk '/^outrigger_spans_exported_total/ {print $2}' <<<"$m")
+  dropped=$(awk '/^outrigger_spans_dropped_total/ {s += $2} END {print s + 0}' <<<"$m")
+  echo "$v: spans exported $exported, dropped $dropped"
   grep -q "cannot export spans" "$dir/$v.err" && { echo "$v: span export failed:"; tail -3 "$dir/$v.err"; }
 done
 exit 0

@@ -615,6 +615,12 @@ fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
     applied.listeners = listeners;
     let mut keys = changed_keys(&applied, new);
     keys.retain(|k| k != "listeners");
+    // Header values serialize redacted, so a rotated token would look unchanged.
+    if applied.telemetry.tracing.otlp != new.telemetry.tracing.otlp
+        && !keys.iter().any(|k| k == "telemetry.tracing")
+    {
+        keys.push("telemetry.tracing".to_string());
+    }
     keys.extend(restart);
     (applied, keys)
 }

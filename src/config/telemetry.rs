@@ -79,7 +79,7 @@ pub struct OtlpConfig {
     /// CA bundle for an https collector; None: the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
-    pub timeout: std::time::Duration,
+    pub timeout: Duration,
 }
 
 fn display<S: Serializer>(v: &http::Uri, s: S) -> Result<S::Ok, S::Error> {
@@ -118,11 +118,32 @@ pub struct RawTracing {
     pub otlp: Option<RawOtlp>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `otlp: URL` or `otlp: {endpoint, …}`. Not `#[serde(untagged)]`: that reports any mistake in
+/// the map as "did not match any variant"; this passes the map's own error on.
+#[derive(Debug)]
 pub enum RawOtlp {
     Url(String),
     Full(RawOtlpFull),
+}
+
+impl<'de> Deserialize<'de> for RawOtlp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawOtlp;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a collector URL, or a map with endpoint, headers, ca, timeout")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawOtlp, E> {
+                Ok(RawOtlp::Url(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawOtlp, A::Error> {
+                RawOtlpFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawOtlp::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +243,13 @@ fn otlp(raw: &RawOtlp, doc: &Document, problems: &mut Vec<Problem>) -> Option<Ot
         }
     };
     let (https, authority, host, server_name) = match (uri.scheme_str(), uri.authority()) {
+        (Some(_), Some(a)) if a.as_str().contains('@') => {
+            problems.push(doc.problem(
+                at,
+                "expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+            ));
+            return None;
+        }
         (Some(scheme @ ("http" | "https")), Some(a)) => {
             let https = scheme == "https";
             let port = a.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -241,9 +269,10 @@ fn otlp(raw: &RawOtlp, doc: &Document, problems: &mut Vec<Problem>) -> Option<Ot
         }
     };
     // As OTEL_EXPORTER_OTLP_ENDPOINT: a base URL gets the signal's path.
-    let path = match uri.path() {
-        "" | "/" => "/v1/traces".to_string(),
-        p => p.to_string(),
+    let path = match uri.path_and_query().map(|p| p.as_str()) {
+        None | Some("" | "/") => "/v1/traces".to_string(),
+        Some(p) if p.starts_with("/?") => format!("/v1/traces{}", &p[1..]),
+        Some(p) => p.to_string(),
     };
     let endpoint: http::Uri = format!(
         "{}://{}{}",
@@ -279,8 +308,8 @@ fn otlp(raw: &RawOtlp, doc: &Document, problems: &mut Vec<Problem>) -> Option<Ot
             problems.push(doc.problem("telemetry.tracing.otlp.ca", e));
         }
     }
-    let timeout = timeout.unwrap_or(DEFAULT_OTLP_TIMEOUT).get();
-    if timeout.is_zero() {
+    let timeout = timeout.unwrap_or(DEFAULT_OTLP_TIMEOUT);
+    if timeout.get().is_zero() {
         problems.push(doc.problem("telemetry.tracing.otlp.timeout", "expected more than 0s"));
     }
     Some(OtlpConfig {
@@ -368,7 +397,18 @@ pub fn parse_template(s: &str) -> Result<Vec<Piece>, String> {
                 text.push('}');
             }
             '{' => {
-                let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                let mut name = String::new();
+                let mut closed = false;
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        closed = true;
+                        break;
+                    }
+                    name.push(c);
+                }
+                if !closed {
+                    return Err(format!("an unclosed `{{{name}`; write `{{{{` for a brace"));
+                }
                 let Some((_, field)) = Field::ALL.iter().find(|(n, _)| *n == name) else {
                     let known: Vec<&str> = Field::ALL.iter().map(|(n, _)| *n).collect();
                     return Err(format!(
@@ -419,5 +459,10 @@ mod tests {
         );
         assert!(parse_template("no fields").is_err());
         assert!(parse_template("{status} }").is_err());
+        assert!(
+            parse_template("{method} {status")
+                .unwrap_err()
+                .contains("unclosed")
+        );
     }
 }

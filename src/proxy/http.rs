@@ -328,7 +328,8 @@ impl HttpListener {
             let ids = crate::tls::PeerIdentity::all(down.identity.as_ref());
             if !crate::config::tls::allowed(allowed, ids) {
                 tracing::warn!(listener = %self.name, peer = ?down.peer, identity = ?ids.first(), "identity not allowed on this listener");
-                self.unrouted.response(403, Failure::Forbidden.reason());
+                self.unrouted
+                    .answered(403, Failure::Forbidden.reason(), started);
                 return Ok(error_response(
                     Failure::Forbidden,
                     "your identity is not allowed on this listener",
@@ -338,7 +339,8 @@ impl HttpListener {
         let permit = match self.admit() {
             Ok(p) => p,
             Err(why) => {
-                self.unrouted.response(503, Failure::Overload.reason());
+                self.unrouted
+                    .answered(503, Failure::Overload.reason(), started);
                 return Ok(error_response(Failure::Overload, why));
             }
         };
@@ -354,7 +356,8 @@ impl HttpListener {
             };
             if !open {
                 tracing::debug!(listener = %self.name, "the app is not ready; request refused");
-                self.unrouted.response(503, Failure::AppNotReady.reason());
+                self.unrouted
+                    .answered(503, Failure::AppNotReady.reason(), started);
                 return Ok(error_response(
                     Failure::AppNotReady,
                     "the app is not ready yet; retry shortly",
@@ -371,12 +374,14 @@ impl HttpListener {
         };
         if let Err(why) = framing {
             tracing::warn!(listener = %self.name, peer = ?down.peer, error = why, "refused ambiguous request framing");
-            self.unrouted.response(400, Failure::BadRequest.reason());
+            self.unrouted
+                .answered(400, Failure::BadRequest.reason(), started);
             return Ok(with_close(error_response(Failure::BadRequest, why)));
         }
         if self.strict_paths && !canonical_path(req.uri().path()) {
             tracing::warn!(listener = %self.name, peer = ?down.peer, path = req.uri().path(), "non-canonical path refused (a route here has authz)");
-            self.unrouted.response(400, Failure::BadRequest.reason());
+            self.unrouted
+                .answered(400, Failure::BadRequest.reason(), started);
             return Ok(error_response(
                 Failure::BadRequest,
                 "non-canonical path (empty or dot segments, backslashes, or encoded unreserved characters)",
@@ -388,7 +393,8 @@ impl HttpListener {
             let (authority, from_uri) = match authority(&req) {
                 Ok(a) => a,
                 Err(why) => {
-                    self.unrouted.response(400, Failure::BadRequest.reason());
+                    self.unrouted
+                        .answered(400, Failure::BadRequest.reason(), started);
                     return Ok(error_response(Failure::BadRequest, why));
                 }
             };
@@ -399,7 +405,8 @@ impl HttpListener {
                 .cloned()
             else {
                 tracing::debug!(listener = %self.name, host = %key, path = req.uri().path(), "no route");
-                self.unrouted.response(404, Failure::NoRoute.reason());
+                self.unrouted
+                    .answered(404, Failure::NoRoute.reason(), started);
                 return Ok(error_response(
                     Failure::NoRoute,
                     &format!("no route for host {key:?}"),
@@ -416,7 +423,9 @@ impl HttpListener {
             let ids = crate::tls::PeerIdentity::all(down.identity.as_ref());
             if !crate::config::tls::allowed(allowed, ids) {
                 tracing::warn!(listener = %self.name, route = %target.name, identity = ?ids.first(), "identity not allowed on this route");
-                target.stats.response(403, Failure::Forbidden.reason());
+                target
+                    .stats
+                    .answered(403, Failure::Forbidden.reason(), started);
                 return Ok(error_response(
                     Failure::Forbidden,
                     "your identity is not allowed on this route",

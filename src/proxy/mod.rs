@@ -135,9 +135,17 @@ impl Proxy {
             ),
             None => None,
         };
-        let spans = config.telemetry.tracing.otlp.as_ref().map(|o| {
-            crate::telemetry::otlp::SpanExporter::start(o, &config.service, metrics.spans.clone())
-        });
+        let spans = match &config.telemetry.tracing.otlp {
+            Some(o) => Some(
+                crate::telemetry::otlp::SpanExporter::start(
+                    o,
+                    &config.service,
+                    metrics.spans.clone(),
+                )
+                .map_err(|e| anyhow::anyhow!("cannot set up span export to {}: {e}", o.endpoint))?,
+            ),
+            None => None,
+        };
         let recorder = (log.is_some() || spans.is_some()).then_some(Recorder { log, spans });
         let mut listeners = Vec::new();
         let mut bound_addresses = BTreeMap::new();

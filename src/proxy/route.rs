@@ -92,6 +92,15 @@ impl RouteStats {
         }
     }
 
+    /// Counts an answer Outrigger wrote itself before forwarding (no body to wait for): the
+    /// response, and both latency histograms.
+    pub fn answered(&self, status: u16, error: &'static str, started: std::time::Instant) {
+        self.response(status, error);
+        let elapsed = started.elapsed().as_secs_f64();
+        self.latency.observe(elapsed);
+        self.duration.observe(elapsed);
+    }
+
     /// Counts a response: pre-created series for upstream answers, a labelled one for
     /// Outrigger's own error answers.
     pub fn response(&self, status: u16, error: &'static str) {

@@ -334,4 +334,14 @@ fn telemetry_errors_are_located() {
             "bad.yaml:6:16: telemetry.tracing.otlp.timeout: expected more than 0s",
         ],
     );
+    rejected(
+        "telemetry:\n  tracing:\n    otlp: http://user:s3cret@collector:4318\n",
+        &["bad.yaml:3:11: telemetry.tracing.otlp: expected no credentials in the URL"],
+    );
+    // The map form's own mistakes are named (not "did not match any variant").
+    let e = rejected(
+        "telemetry:\n  tracing:\n    otlp: { endpoint: 'http://collector:4318', timout: 5s }\n",
+        &["unknown field `timout`"],
+    );
+    assert!(!e.contains("s3cret"));
 }

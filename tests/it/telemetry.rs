@@ -217,11 +217,28 @@ fn spans_reach_a_real_otlp_receiver_with_parent_links() {
     eventually(Duration::from_secs(5), "the export counted", || {
         (a.metric("outrigger_spans_exported_total") == 1.0).then_some(())
     });
-    // The header's value is not shown by /config.
+    // The header's value is not shown by /config…
     let config = a.get_json("/config");
     assert_eq!(
         config["config"]["telemetry"]["tracing"]["otlp"]["headers"]["authorization"], "<redacted>",
         "{config}"
+    );
+    assert!(!config.to_string().contains("t0k3n"));
+    // …but a rotated value is still seen by a reload, and named as needing a restart.
+    let text = std::fs::read_to_string(&a.config_path).unwrap();
+    let tmp = a.config_path.with_extension("new");
+    std::fs::write(&tmp, text.replace("t0k3n", "n3wt0k3n")).unwrap();
+    std::fs::rename(&tmp, &a.config_path).unwrap();
+    let r = c.post(a.url("/reload")).send().unwrap();
+    assert!(r.status().is_success());
+    eventually(
+        Duration::from_secs(10),
+        "telemetry.tracing needing a restart",
+        || {
+            let v = a.get_json("/config");
+            let needs = v["last_reload"]["needs_restart"].as_array()?.clone();
+            needs.iter().any(|k| k == "telemetry.tracing").then_some(())
+        },
     );
 }
 
