@@ -22,6 +22,8 @@
 
 pub mod admin;
 pub mod app;
+#[cfg(feature = "bridge")]
+pub mod bridge;
 pub mod config;
 pub mod lifecycle;
 #[cfg(feature = "proxy")]
@@ -36,4 +38,6 @@ pub mod tls;
 pub const FEATURES: &[&str] = &[
     #[cfg(feature = "proxy")]
     "proxy",
+    #[cfg(feature = "bridge")]
+    "bridge",
 ];

@@ -5,6 +5,7 @@
 //! in one go; `main` prints them and exits with 78 (EX_CONFIG) before anything starts.
 //! Overrides are merged here and only here, through [`Environment`] so tests can pass a map.
 
+pub mod bridge;
 pub mod document;
 pub mod lifecycle;
 pub mod proxy;
@@ -85,6 +86,9 @@ pub struct Config {
     pub reload: Vec<lifecycle::ReloadConfig>,
     pub tls: TlsGlobalConfig,
     pub telemetry: TelemetryConfig,
+    /// The Dapr-compatible API, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<bridge::BridgeConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -217,9 +221,18 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
     // Even when some keys were bad, the rest is validated too: every problem in one run.
     let (raw, mut more) = doc.deserialize_pruned::<RawConfig>();
     problems.append(&mut more);
-    let Some(raw) = raw else {
+    let Some(mut raw) = raw else {
         return Err(problems.into());
     };
+    // The variable daprd reads, for apps moving over from Dapr (the file wins).
+    if let Some(b) = raw.bridge.as_mut()
+        && b.api_token.is_none()
+    {
+        b.api_token = env
+            .var("DAPR_API_TOKEN")
+            .filter(|v| !v.is_empty())
+            .map(Secret::new);
+    }
     let config = validate(raw, source, &doc, &mut problems);
     if problems.is_empty() {
         Ok(config)
@@ -384,6 +397,9 @@ fn validate(
             }
         }
     });
+    let bridge = raw
+        .bridge
+        .and_then(|b| bridge::validate(b, &service, doc, problems));
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -427,6 +443,7 @@ fn validate(
             tracing: TracingConfig { sample },
             access_log,
         },
+        bridge,
         tls: TlsGlobalConfig {
             expiry_warning: raw
                 .tls
