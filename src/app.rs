@@ -325,7 +325,9 @@ async fn build_modules(
     BTreeMap<String, Address>,
     Option<Address>,
 )> {
+    #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
+    #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
     #[cfg(feature = "proxy")]
     let proxy = match crate::proxy::Proxy::build(config, &metrics.proxy, gate.clone()).await? {
@@ -343,14 +345,15 @@ async fn build_modules(
     #[cfg(feature = "bridge")]
     let bridge = match &config.bridge {
         Some(b) => {
-            use crate::bridge::{Bridge, BridgeState, invoke::Clusters};
+            use crate::bridge::invoke::{Clusters, OwnClusters};
+            use crate::bridge::{Bridge, BridgeState};
             let clusters = match proxy {
                 Some(p) => Clusters::Proxy(p),
-                None => Clusters::Own {
+                None => Clusters::Own(Box::new(OwnClusters {
                     configs: config.clusters.clone(),
                     built: Default::default(),
                     metrics: metrics.proxy.clone(),
-                },
+                })),
             };
             let state = BridgeState::new(
                 config,
@@ -369,6 +372,8 @@ async fn build_modules(
     #[cfg(not(feature = "bridge"))]
     let bridge = {
         let _ = control;
+        #[cfg(feature = "proxy")]
+        drop(proxy);
         None
     };
     Ok((modules, bound, bridge))

@@ -200,14 +200,14 @@ pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.is_file()
-                    && matches!(
-                        p.extension().and_then(|e| e.to_str()),
-                        Some("yaml" | "yml")
-                    )
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
             })
             .collect(),
         Err(e) => {
-            problems.push(whole(dir, format!("cannot read the resources directory: {e}")));
+            problems.push(whole(
+                dir,
+                format!("cannot read the resources directory: {e}"),
+            ));
             return Resources::default();
         }
     };
@@ -382,11 +382,7 @@ fn read_document(
         ));
         return;
     }
-    if let Some(other) = out
-        .components
-        .iter()
-        .find(|c| c.name == raw.metadata.name)
-    {
+    if let Some(other) = out.components.iter().find(|c| c.name == raw.metadata.name) {
         problems.push(shifted(
             doc.problem(
                 "metadata.name",
@@ -456,8 +452,7 @@ fn resolve_secrets(out: &mut Resources, pending: Vec<Pending>, problems: &mut Ve
         .iter()
         .filter(|c| c.block() == "secretstores")
         .collect();
-    let mut built: BTreeMap<String, Result<super::secrets::SecretStore, String>> =
-        BTreeMap::new();
+    let mut built: BTreeMap<String, Result<super::secrets::SecretStore, String>> = BTreeMap::new();
     let mut resolved = Vec::new();
     for p in pending {
         let fail = |message: String| Problem {
@@ -497,7 +492,11 @@ fn resolve_secrets(out: &mut Resources, pending: Vec<Pending>, problems: &mut Ve
                 continue;
             }
         };
-        let key = p.secret.key.clone().unwrap_or_else(|| p.secret.name.clone());
+        let key = p
+            .secret
+            .key
+            .clone()
+            .unwrap_or_else(|| p.secret.name.clone());
         match store.get(&p.secret.name).and_then(|m| m.get(&key).cloned()) {
             Some(v) => resolved.push((p.component, p.item, v)),
             None => problems.push(fail(format!(
@@ -533,7 +532,10 @@ mod tests {
         assert_eq!(r.components[0].meta("n"), Some("5"));
         assert_eq!(r.subscriptions.len(), 1);
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].contains("c.yaml:18:14: spec.type"), "{problems:?}");
+        assert!(
+            problems[0].contains("c.yaml:18:14: spec.type"),
+            "{problems:?}"
+        );
         assert!(problems[0].contains("unknown component type \"state.mongodb\""));
     }
 

@@ -63,10 +63,9 @@ impl ApiError {
                 StateError::EtagInvalid(_) => (StatusCode::BAD_REQUEST, code),
                 StateError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, code),
             },
-            ApiError::UnsupportedOperation(_) => (
-                StatusCode::BAD_REQUEST,
-                "ERR_NOT_SUPPORTED_STATE_OPERATION",
-            ),
+            ApiError::UnsupportedOperation(_) => {
+                (StatusCode::BAD_REQUEST, "ERR_NOT_SUPPORTED_STATE_OPERATION")
+            }
             ApiError::Secret(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ERR_SECRET_GET"),
             ApiError::Invoke { status, .. } => (*status, "ERR_DIRECT_INVOKE"),
             ApiError::NoAppId => (StatusCode::BAD_REQUEST, "ERR_DIRECT_INVOKE"),

@@ -29,22 +29,26 @@ pub enum Clusters {
     /// The proxy module's clusters (live across config reloads).
     Proxy(Arc<crate::proxy::Proxy>),
     /// No proxy module runs (no listeners): clusters built on first use from the config.
-    Own {
-        configs: BTreeMap<String, ClusterConfig>,
-        built: Mutex<HashMap<String, Arc<Cluster>>>,
-        metrics: ProxyMetrics,
-    },
+    Own(Box<OwnClusters>),
+}
+
+/// Clusters the bridge builds itself, on first use, when no proxy module runs.
+pub struct OwnClusters {
+    pub configs: BTreeMap<String, ClusterConfig>,
+    pub built: Mutex<HashMap<String, Arc<Cluster>>>,
+    pub metrics: ProxyMetrics,
 }
 
 impl Clusters {
     async fn get(&self, name: &str) -> Option<Arc<Cluster>> {
         match self {
             Clusters::Proxy(p) => p.cluster(name),
-            Clusters::Own {
-                configs,
-                built,
-                metrics,
-            } => {
+            Clusters::Own(own) => {
+                let OwnClusters {
+                    configs,
+                    built,
+                    metrics,
+                } = &**own;
                 if let Some(c) = built.lock().expect("not poisoned").get(name) {
                     return Some(c.clone());
                 }
@@ -74,7 +78,11 @@ pub async fn fallback(State(st): State<Arc<BridgeState>>, req: Request) -> Respo
 
 /// The app id and the path (with query) to call it on.
 fn target(req: &Request) -> Option<(String, String)> {
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     if let Some(id) = req.headers().get(APP_ID_HEADER) {
         let id = id.to_str().ok()?.to_string();
         return Some((id, format!("{}{query}", req.uri().path())));

@@ -128,11 +128,7 @@ struct SaveItem {
     options: Option<Options>,
 }
 
-fn upsert(
-    store: &StateStore,
-    item: SaveItem,
-    code: &'static str,
-) -> Result<Op, ApiError> {
+fn upsert(store: &StateStore, item: SaveItem, code: &'static str) -> Result<Op, ApiError> {
     if item.key.is_empty() {
         return Err(ApiError::Malformed("\"key\" is a required field".into()));
     }
@@ -141,9 +137,10 @@ fn upsert(
         &item.options.unwrap_or_default(),
         code,
     )?;
-    let value = item
-        .value
-        .map_or_else(|| Bytes::from_static(b"null"), |v| Bytes::from(v.get().to_string()));
+    let value = item.value.map_or_else(
+        || Bytes::from_static(b"null"),
+        |v| Bytes::from(v.get().to_string()),
+    );
     Ok(Op::Upsert {
         key: store.prefix.apply(&item.key),
         value,

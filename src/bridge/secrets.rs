@@ -32,9 +32,7 @@ impl SecretStore {
                     None | Some("false") => false,
                     Some("true") => true,
                     Some(v) => {
-                        return Err(format!(
-                            "expected multiValued true or false, found {v:?}"
-                        ));
+                        return Err(format!("expected multiValued true or false, found {v:?}"));
                     }
                 };
                 let text = std::fs::read_to_string(path)
@@ -42,7 +40,9 @@ impl SecretStore {
                 let json: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| format!("expected a JSON object in {path}: {e}"))?;
                 let serde_json::Value::Object(top) = json else {
-                    return Err(format!("expected a JSON object in {path}, found another value"));
+                    return Err(format!(
+                        "expected a JSON object in {path}, found another value"
+                    ));
                 };
                 Ok(SecretStore::File(parse_file(top, separator, multi)))
             }

@@ -99,7 +99,7 @@ impl Op {
 pub enum Store {
     Memory(Mutex<HashMap<String, (Bytes, u64)>>),
     Sqlite(Arc<Sqlite>),
-    Redis(Redis),
+    Redis(Box<Redis>),
 }
 
 impl Store {
@@ -109,7 +109,7 @@ impl Store {
         match c.kind.as_str() {
             "state.in-memory" => Ok(Store::Memory(Mutex::new(HashMap::new()))),
             "state.sqlite" => Ok(Store::Sqlite(Arc::new(Sqlite::open(c)?))),
-            "state.redis" => Ok(Store::Redis(Redis::new(c)?)),
+            "state.redis" => Ok(Store::Redis(Box::new(Redis::new(c)?))),
             other => Err(format!("{other} is not a state store type")),
         }
     }
@@ -241,7 +241,10 @@ impl Sqlite {
             .map_err(sql)?;
         for op in &ops {
             let current: Option<i64> = tx
-                .prepare_cached(&format!("SELECT version FROM {} WHERE key = ?1", self.table))
+                .prepare_cached(&format!(
+                    "SELECT version FROM {} WHERE key = ?1",
+                    self.table
+                ))
                 .map_err(sql)?
                 .query_row([op.key()], |r| r.get(0))
                 .map(Some)

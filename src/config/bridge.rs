@@ -83,7 +83,10 @@ pub fn validate(
     {
         problems.push(doc.problem(
             "bridge.resources",
-            format!("expected a directory of Dapr component YAML files, found no directory at {}", dir.display()),
+            format!(
+                "expected a directory of Dapr component YAML files, found no directory at {}",
+                dir.display()
+            ),
         ));
     }
     for (key, token) in [
