@@ -294,3 +294,113 @@ impl Module for Bridge {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+
+    /// The router over a state built from `yaml` (a whole config file).
+    fn app(yaml: &str) -> Router {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let source = crate::config::Source {
+            file: Some(path),
+            ..Default::default()
+        };
+        let config = crate::config::load(&source, &BTreeMap::<String, String>::new()).unwrap();
+        let bridge = config.bridge.clone().unwrap();
+        let (control, _rx) = mpsc::channel(1);
+        let (_setter, gate) = crate::runtime::app_gate(true);
+        let clusters = invoke::Clusters::Own(Box::new(invoke::OwnClusters {
+            configs: BTreeMap::new(),
+            built: Default::default(),
+            metrics: Default::default(),
+        }));
+        let state = BridgeState::new(
+            &config,
+            &bridge,
+            gate,
+            control,
+            clusters,
+            BridgeMetrics::default(),
+        )
+        .unwrap();
+        state.ready.store(true, Ordering::Release);
+        router(Arc::new(state))
+    }
+
+    async fn call(app: &Router, req: Request<Body>) -> (StatusCode, String) {
+        let res = app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn save_get_and_errors_without_a_socket() {
+        let app = app("service: unit\nbridge: {}\n");
+        let save = |body: &'static str| {
+            Request::post("/v1.0/state/statestore")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        assert_eq!(
+            call(&app, save(r#"[{"key":"a","value":{"n":1}}]"#)).await.0,
+            StatusCode::NO_CONTENT
+        );
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/state/statestore/a")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"n":1}"#));
+        let (status, body) = call(&app, save("not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("ERR_MALFORMED_REQUEST"), "{body}");
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/secrets/any/x")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("ERR_SECRET_STORES_NOT_CONFIGURED"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn token_and_body_limit() {
+        let app = app("bridge:\n  api_token: t0k\n  max_body: 16\n");
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/metadata").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::UNAUTHORIZED, "invalid api token")
+        );
+        let (status, _) = call(
+            &app,
+            Request::get("/v1.0/healthz").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = call(
+            &app,
+            Request::post("/v1.0/state/statestore")
+                .header(TOKEN_HEADER, "t0k")
+                .body(Body::from("[{\"key\":\"a\",\"value\":\"0123456789\"}]"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(body.contains("ERR_BODY_TOO_LARGE"), "{body}");
+    }
+}

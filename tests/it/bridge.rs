@@ -711,3 +711,56 @@ fn the_app_finds_the_bridge_in_its_environment() {
         );
     }
 }
+
+#[test]
+fn h2c_and_unix_socket() {
+    let sc = start("", &[]);
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = h2.get(sc.bridge_url("/v1.0/healthz")).send().unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (204, reqwest::Version::HTTP_2)
+    );
+    let r = h2
+        .post(sc.bridge_url("/v1.0/state/statestore"))
+        .json(&json!([{"key": "h2", "value": 1}]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("dapr.sock");
+    let config = format!("bridge:\n  address: unix:{}\n", sock.display());
+    let sc = Sidecar::start(&config);
+    sc.wait_ready();
+    assert_eq!(
+        sc.bridge.as_deref(),
+        Some(format!("unix:{}", sock.display()).as_str())
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&sock)
+        .arg("http://localhost/v1.0/healthz")
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "204",
+        "{}",
+        sc.diagnostics()
+    );
+}
