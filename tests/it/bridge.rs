@@ -764,3 +764,88 @@ fn h2c_and_unix_socket() {
         sc.diagnostics()
     );
 }
+
+/// `tests/js`, with `@dapr/dapr` installed (`npm ci`); None (after a loud message) only when
+/// npm cannot reach its registry.
+fn dapr_js_sdk() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if dir.join("node_modules/@dapr/dapr/package.json").is_file() {
+        return Some(dir);
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .output()
+        .expect("npm must be installed for the Dapr JS SDK test");
+    if out.status.success() {
+        return Some(dir);
+    }
+    eprintln!(
+        "\n\n!!!!!!!! SKIPPED: the Dapr JavaScript SDK end-to-end test: `npm ci` in tests/js failed (is the npm registry reachable?)\n{}\n!!!!!!!!\n",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    None
+}
+
+#[test]
+fn dapr_js_sdk_end_to_end() {
+    let Some(js) = dapr_js_sdk() else { return };
+    let script = js.join("e2e.mjs");
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The callee: a DaprServer supervised by its own sidecar, reached through its inbound
+    // listener.
+    let server_config = format!(
+        "service: server\napp:\n  address: 127.0.0.1:{app_port}\n  probe: {{ tcp: 127.0.0.1:{app_port} }}\n  env: {{ APP_PORT: \"{app_port}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    direction: inbound\nbridge:\n  address: 127.0.0.1:0\n"
+    );
+    let server = Spawn {
+        config: &server_config,
+        app: &["node", script.to_str().unwrap(), "server"],
+        ..Spawn::default()
+    }
+    .start();
+    server.wait_ready();
+    let client_config = format!(
+        "service: client\nclusters:\n  server:\n    endpoints: [{}]\nbridge:\n  address: 127.0.0.1:0\n",
+        server.listeners["public"]
+    );
+    let sidecar = Sidecar::start(&client_config);
+    sidecar.wait_ready();
+    let port = sidecar
+        .bridge
+        .clone()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new("node")
+        .arg(&script)
+        .arg("client")
+        .env("DAPR_HTTP_PORT", &port)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"ok\":true"),
+        "the JS client failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n--- client sidecar\n{}\n--- server sidecar\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        sidecar.diagnostics(),
+        server.diagnostics()
+    );
+}
