@@ -482,13 +482,14 @@ async fn stop(
         end = Some(ended.unwrap_or_else(|e| AppEnd::NotStarted(std::io::Error::other(e))));
     } else if lifecycle.probe.is_some()
         && kind == Stop::Graceful
-        && config
-            .listeners
-            .iter()
-            .any(|l| l.direction == crate::config::raw::Direction::Outbound)
+        && (config.bridge.is_some()
+            || config
+                .listeners
+                .iter()
+                .any(|l| l.direction == crate::config::raw::Direction::Outbound))
     {
         // The app runs in another container and gets its own SIGTERM: serve its outbound
-        // calls until its probe says it is gone, or the grace period ends.
+        // (and bridge) calls until its probe says it is gone, or the grace period ends.
         let mut ready = app_status.ready.subscribe();
         let gone = tokio::time::timeout_at(deadline.into(), ready.wait_for(|r| !*r));
         tokio::select! {

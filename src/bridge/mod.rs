@@ -186,9 +186,6 @@ fn api_of(req: &Request) -> &'static str {
         .or_else(|| path.strip_prefix("/v1.0-alpha1/"))
         .unwrap_or("");
     let first = rest.split('/').next().unwrap_or("");
-    if req.headers().contains_key(invoke::APP_ID_HEADER) {
-        return "invoke";
-    }
     match first {
         "state" => "state",
         "publish" => "publish",
@@ -197,8 +194,20 @@ fn api_of(req: &Request) -> &'static str {
         "metadata" => "metadata",
         "healthz" => "healthz",
         "shutdown" => "shutdown",
+        // Any other path with the header is an invocation (the fallback route).
+        _ if req.headers().contains_key(invoke::APP_ID_HEADER) => "invoke",
         _ => "other",
     }
+}
+
+/// Compares a presented token with the configured one in time that does not depend on where
+/// they differ.
+fn token_matches(presented: Option<&axum::http::HeaderValue>, token: &str) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    let (a, b) = (presented.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Checks the API token (health GETs are exempt), strips it, and counts and times the call.
@@ -212,10 +221,7 @@ async fn observe_and_authorize(
     let response = match &state.config.api_token {
         Some(token)
             if !(api == "healthz" && req.method() == axum::http::Method::GET)
-                && req
-                    .headers()
-                    .get(TOKEN_HEADER)
-                    .is_none_or(|v| v.as_bytes() != token.expose().as_bytes()) =>
+                && !token_matches(req.headers().get(TOKEN_HEADER), token.expose()) =>
         {
             // daprd answers a plain-text body here.
             (axum::http::StatusCode::UNAUTHORIZED, "invalid api token").into_response()

@@ -849,3 +849,33 @@ fn dapr_js_sdk_end_to_end() {
         server.diagnostics()
     );
 }
+
+#[test]
+fn the_bridge_serves_the_app_until_it_has_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (started, out) = (dir.path().join("started"), dir.path().join("out"));
+    // On SIGTERM the app saves state through the bridge, then exits.
+    let script = format!(
+        "trap 'curl -s -o /dev/null -w \"%{{http_code}}\" -H content-type:application/json -d \"[{{\\\"key\\\":\\\"bye\\\",\\\"value\\\":1}}]\" $DAPR_HTTP_ENDPOINT/v1.0/state/statestore > {out}; exit 0' TERM; touch {started}; while true; do sleep 0.05; done",
+        out = out.display(),
+        started = started.display()
+    );
+    let mut sc = Spawn {
+        config: "bridge:\n  address: 127.0.0.1:0\n",
+        app: &["sh", "-c", &script],
+        ..Spawn::default()
+    }
+    .start();
+    crate::support::eventually(Duration::from_secs(10), "the app to start", || {
+        started.exists().then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", sc.diagnostics());
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        "204",
+        "the app's last save during its stop\n{}",
+        sc.diagnostics()
+    );
+}
