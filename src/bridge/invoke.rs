@@ -4,7 +4,9 @@
 //! own app id goes to the local app (the `app` cluster, `app.address`). The callee's status,
 //! headers and body come back unchanged.
 //!
-//! Routes' retry policies belong to outbound listeners and are not applied here: one attempt.
+//! Routes' retry policies belong to outbound listeners and are not applied here: a request is
+//! sent once, except that a connect failure (nothing was sent) is tried on another endpoint,
+//! within the cluster's retry budget (`outrigger_retries_total`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -110,6 +112,9 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Connect failures retried on another endpoint (within the cluster's retry budget).
+const MAX_CONNECT_RETRIES: u32 = 2;
+
 /// Headers that belong to one hop, never forwarded.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -164,29 +169,9 @@ async fn invoke(
             format!("cluster {app_id:?} has too many requests in flight"),
         ));
     };
-    let Some(attempt) = cluster.pick() else {
-        return Err(fail(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cluster {cluster_name:?} has no endpoints"),
-        ));
-    };
-    let mut out = http::Request::new(body::full(body));
-    *out.method_mut() = parts.method;
-    *out.uri_mut() = attempt.endpoint.uri(path);
-    *out.version_mut() = if cluster.config.http2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
     let mut headers = parts.headers;
     for h in HOP_BY_HOP {
         headers.remove(h);
-    }
-    // HTTP/1 needs a Host; the endpoint's authority is what the callee listens on.
-    if let Some(host) = out.uri().authority().map(|a| a.to_string())
-        && let Ok(v) = HeaderValue::from_str(&host)
-    {
-        headers.insert(header::HOST, v);
     }
     if local && let Some(token) = &st.config.app_api_token {
         headers.insert(
@@ -194,36 +179,69 @@ async fn invoke(
             HeaderValue::from_str(token.expose()).expect("validated as printable ASCII"),
         );
     }
-    *out.headers_mut() = headers;
+    let version = if cluster.config.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     let timeout = cluster.config.timeout.get();
-    match tokio::time::timeout(timeout, attempt.endpoint.client.request(out)).await {
-        Ok(Ok(res)) => {
-            if res.status().is_server_error() {
-                cluster.failed(&attempt);
-            } else {
-                cluster.succeeded(&attempt);
+    cluster.deposit();
+    // A connect failure sent nothing, so it is retried on another endpoint (any method), as
+    // far as the cluster's retry budget allows; every other outcome is final.
+    let mut tries = 0;
+    loop {
+        let Some(attempt) = cluster.pick() else {
+            return Err(fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cluster {cluster_name:?} has no endpoints"),
+            ));
+        };
+        let mut out = http::Request::new(body::full(body.clone()));
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = attempt.endpoint.uri(path.clone());
+        *out.version_mut() = version;
+        let mut headers = headers.clone();
+        // HTTP/1 needs a Host; the endpoint's authority is what the callee listens on.
+        if let Some(host) = out.uri().authority().map(|a| a.to_string())
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            headers.insert(header::HOST, v);
+        }
+        *out.headers_mut() = headers;
+        match tokio::time::timeout(timeout, attempt.endpoint.client.request(out)).await {
+            Ok(Ok(res)) => {
+                if res.status().is_server_error() {
+                    cluster.failed(&attempt);
+                } else {
+                    cluster.succeeded(&attempt);
+                }
+                return Ok(res.map(Body::new).into_response());
             }
-            Ok(res.map(Body::new).into_response())
-        }
-        Ok(Err(e)) => {
-            cluster.failed(&attempt);
-            Err(fail(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!(
-                    "cannot invoke {app_id:?} at {}: {e}",
-                    attempt.endpoint.address
-                ),
-            ))
-        }
-        Err(_) => {
-            cluster.failed(&attempt);
-            Err(fail(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!(
-                    "no response from {app_id:?} at {} within {timeout:?}",
-                    attempt.endpoint.address
-                ),
-            ))
+            Ok(Err(e)) => {
+                cluster.failed(&attempt);
+                if e.is_connect() && tries < MAX_CONNECT_RETRIES && cluster.withdraw_retry() {
+                    tries += 1;
+                    tracing::debug!(app_id, endpoint = %attempt.endpoint.address, "invocation: connect failed; trying another endpoint");
+                    continue;
+                }
+                return Err(fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "cannot invoke {app_id:?} at {}: {e}",
+                        attempt.endpoint.address
+                    ),
+                ));
+            }
+            Err(_) => {
+                cluster.failed(&attempt);
+                return Err(fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "no response from {app_id:?} at {} within {timeout:?}",
+                        attempt.endpoint.address
+                    ),
+                ));
+            }
         }
     }
 }

@@ -137,6 +137,13 @@ impl BridgeState {
     }
 }
 
+impl BridgeState {
+    /// The components of one building block (`state`, `pubsub`, `secretstores`), in file order.
+    pub fn components_of<'a>(&'a self, block: &'a str) -> impl Iterator<Item = &'a Component> {
+        self.components.iter().filter(move |c| c.block() == block)
+    }
+}
+
 /// The bridge module: the bound API socket and the shared state.
 pub struct Bridge {
     bound: Bound,

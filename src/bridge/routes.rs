@@ -75,6 +75,16 @@ fn store<'a>(state: &'a BridgeState, name: &str) -> Result<&'a StateStore, ApiEr
         })
 }
 
+/// The key as stored; with a prefix, a key may not contain the separator `||` (as daprd).
+fn stored_key(store: &StateStore, key: &str) -> Result<String, ApiError> {
+    if store.prefix != super::state::KeyPrefix::None && key.contains("||") {
+        return Err(ApiError::Malformed(format!(
+            "input key/keyPrefix {key:?} can't contain '||'"
+        )));
+    }
+    Ok(store.prefix.apply(key))
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Options {
@@ -142,7 +152,7 @@ fn upsert(store: &StateStore, item: SaveItem, code: &'static str) -> Result<Op, 
         |v| Bytes::from(v.get().to_string()),
     );
     Ok(Op::Upsert {
-        key: store.prefix.apply(&item.key),
+        key: stored_key(store, &item.key)?,
         value,
         etag,
     })
@@ -171,7 +181,7 @@ async fn get_state(
     let store = store(&st, &name)?;
     match store
         .store
-        .get(&store.prefix.apply(&key))
+        .get(&stored_key(store, &key)?)
         .await
         .map_err(ApiError::state("ERR_STATE_GET"))?
     {
@@ -206,7 +216,7 @@ async fn bulk_get(
     let req: BulkRequest = parse_json("{\"keys\": [...]}", &body)?;
     let mut out = Vec::with_capacity(req.keys.len());
     for key in req.keys {
-        let item = match store.store.get(&store.prefix.apply(&key)).await {
+        let item = match store.store.get(&stored_key(store, &key)?).await {
             Ok(Some((value, version))) => {
                 let data = std::str::from_utf8(&value)
                     .ok()
@@ -250,7 +260,7 @@ async fn delete(
     store
         .store
         .apply(vec![Op::Delete {
-            key: store.prefix.apply(&key),
+            key: stored_key(store, &key)?,
             etag,
         }])
         .await
@@ -294,7 +304,7 @@ async fn transaction(
                     code,
                 )?;
                 ops.push(Op::Delete {
-                    key: store.prefix.apply(&item.key),
+                    key: stored_key(store, &item.key)?,
                     etag,
                 });
             }

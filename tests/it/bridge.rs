@@ -211,6 +211,11 @@ fn state_contract(sc: &Sidecar, store: &str) {
     );
     let (s, _) = post_raw(sc, &base, "[]");
     assert_eq!(s, 204);
+    let (s, v) = post_raw(sc, &base, r#"[{"key": "a||b", "value": 1}]"#);
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
     let (s, v) = post_raw(sc, "/v1.0/state/nosuchstore", "[]");
     assert_eq!(
         (s, v["errorCode"].as_str()),
@@ -593,9 +598,12 @@ fn invoke_the_local_app_and_a_cluster() {
     let app = Backend::http();
     let other = Backend::http();
     let config = format!(
-        "service: front\napp:\n  address: {}\nclusters:\n  billing:\n    endpoints: [{}]\nbridge:\n  address: 127.0.0.1:0\n  app_api_token: apptok\n",
+        "service: front\napp:\n  address: {}\nclusters:\n  billing:\n    endpoints: [{}]\n  flaky:\n    endpoints: [{}, {}]\n  dead:\n    endpoints: [{}]\nbridge:\n  address: 127.0.0.1:0\n  app_api_token: apptok\n",
         app.address(),
-        other.address()
+        other.address(),
+        crate::backend::dead_port(),
+        other.address(),
+        crate::backend::dead_port()
     );
     let sc = Sidecar::start(&config);
     sc.wait_ready();
@@ -642,6 +650,30 @@ fn invoke_the_local_app_and_a_cluster() {
     let (s, _, body) = get(&sc, "/v1.0/invoke/ghost/method/x");
     assert_eq!((s, error_code(&body).as_str()), (500, "ERR_DIRECT_INVOKE"));
     assert!(body.contains("ghost"), "{body}");
+    // A cluster with a dead endpoint: connect failures are tried on the other one.
+    for i in 0..4 {
+        let r = client()
+            .get(sc.bridge_url(&format!("/v1.0/invoke/flaky/method/n/{i}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "call {i}\n{}", sc.diagnostics());
+    }
+    assert!(
+        sc.metric("outrigger_retries_total{cluster=\"flaky\",outcome=\"attempted\"}") >= 1.0,
+        "{}",
+        sc.diagnostics()
+    );
+    // Nothing listens for a cluster whose only endpoint is dead.
+    let (s, _, body) = get(&sc, "/v1.0/invoke/dead/method/x");
+    assert_eq!((s, error_code(&body).as_str()), (500, "ERR_DIRECT_INVOKE"));
+    let message = serde_json::from_str::<Value>(&body).unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .starts_with("cannot invoke \"dead\" at"),
+        "{body}"
+    );
 }
 
 #[test]
