@@ -613,6 +613,37 @@ mod tests {
     }
 
     #[test]
+    fn bridge_section() {
+        assert!(
+            load_text("service: a\n", &[], &[])
+                .unwrap()
+                .bridge
+                .is_none()
+        );
+        let c = load_text("service: a\nbridge:\n", &[("DAPR_API_TOKEN", "t")], &[]).unwrap();
+        let b = c.bridge.expect("an empty section turns the bridge on");
+        assert_eq!(b.app_id, "a");
+        assert_eq!(b.address.to_string(), "127.0.0.1:3500");
+        assert_eq!(b.max_body, 4 << 20);
+        assert_eq!(b.api_token.unwrap().expose(), "t");
+        let err = load_text(
+            "bridge:\n  app_id: a/b\n  max_body: 4 parsecs\n  resources: /nonexistent\n  colour: red\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            ":2:11: bridge.app_id: expected an app id",
+            ":3:13: bridge.max_body: invalid value",
+            ":4:14: bridge.resources: expected a directory",
+            ":5:3: bridge.colour: unknown field",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+    }
+
+    #[test]
     fn set_parsing() {
         assert_eq!(parse_set("a.b=c=d").unwrap(), ("a.b".into(), "c=d".into()));
         assert!(parse_set("nokey").is_err());

@@ -36,8 +36,18 @@ pub struct RawConfig {
     pub reload: Vec<RawReload>,
     pub tls: RawTlsGlobal,
     pub telemetry: RawTelemetry,
-    /// The Dapr-compatible API; present (even empty) turns the bridge on.
+    /// The Dapr-compatible API; present (even empty: `bridge:`) turns the bridge on.
+    #[serde(deserialize_with = "present")]
     pub bridge: Option<RawBridge>,
+}
+
+/// A section that is on when its key is there, even with no value (`bridge:` is YAML null).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(d).map(|v| Some(v.unwrap_or_default()))
 }
 
 #[derive(Debug, Default, Deserialize)]
