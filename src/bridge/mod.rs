@@ -273,6 +273,9 @@ impl Module for Bridge {
                 .header_read_timeout(Duration::from_secs(10));
             builder.http2().timer(TokioTimer::new());
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            // Pub/sub's background work (subscriptions, deliveries) starts here, with
+            // `self.state` (its `app_gate` says when to call `GET /dapr/subscribe`) and a clone
+            // of `cx.drain`.
             self.state.ready.store(true, Ordering::Release);
             cx.set_ready();
             loop {
