@@ -89,7 +89,8 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         health.register_component("app");
         metrics.runtime.app_ready.set(0);
     }
-    let (modules, bound) = build_modules(&config, &metrics, &gate).await?;
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
+    let (modules, bound, bridge) = build_modules(&config, &metrics, &gate, &control_tx).await?;
     #[cfg(feature = "proxy")]
     metrics
         .proxy
@@ -98,7 +99,6 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
 
     let registry = Arc::new(metrics.registry);
     let running = Arc::new(RunningConfig::new(config.clone()));
-    let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
     let (drain_trigger, drain) = runtime::drain();
 
     let module_tasks: Vec<_> = modules
@@ -136,7 +136,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
     info!(address = %admin_addr, "admin listening");
 
     if let Some(path) = &options.listeners_file {
-        write_listeners_file(path, admin_addr, &bound).await?;
+        write_listeners_file(path, admin_addr, &bound, bridge.as_ref()).await?;
     }
     spawn_signal_handlers(control_tx.clone(), &config.app.lifecycle.forward_signals)?;
 
@@ -155,7 +155,7 @@ async fn serve(config: Config, options: RunOptions) -> Result<i32> {
         let spec = AppSpec {
             command: command.clone(),
             app_env: config.app.env.clone(),
-            env: app_env(&config, admin_addr, &bound),
+            env: app_env(&config, admin_addr, &bound, bridge.as_ref()),
             lifecycle: config.app.lifecycle.clone(),
         };
         app = Some(lifecycle::supervise(spec, app_status.clone()));
@@ -258,11 +258,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// What the app finds in its environment: where the sidecar and each listener are.
+/// What the app finds in its environment: where the sidecar and each listener are, and, with
+/// the bridge, what Dapr SDKs read (`DAPR_HTTP_PORT`, `DAPR_HTTP_ENDPOINT`, `DAPR_API_TOKEN`,
+/// `APP_ID`, `APP_API_TOKEN`).
 fn app_env(
     config: &Config,
     admin: SocketAddr,
     bound: &BTreeMap<String, Address>,
+    bridge: Option<&Address>,
 ) -> Vec<(String, String)> {
     let mut env = vec![
         ("OUTRIGGER_ADMIN_ADDRESS".to_string(), admin.to_string()),
@@ -281,28 +284,100 @@ fn app_env(
     {
         env.push(("OUTRIGGER_OUTBOUND_ADDRESS".into(), address.to_string()));
     }
+    if let (Some(b), Some(address)) = (&config.bridge, bridge) {
+        env.push(("OUTRIGGER_BRIDGE_ADDRESS".into(), address.to_string()));
+        env.push(("APP_ID".into(), b.app_id.clone()));
+        if let Address::Tcp(a) = address {
+            // A wildcard bind is still reached on loopback.
+            let ip = if a.ip().is_unspecified() {
+                match a {
+                    SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+                    SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                }
+            } else {
+                a.ip()
+            };
+            let host = SocketAddr::new(ip, a.port());
+            env.push(("DAPR_HTTP_PORT".into(), a.port().to_string()));
+            env.push(("DAPR_HTTP_ENDPOINT".into(), format!("http://{host}")));
+            env.push(("DAPR_RUNTIME_HOST".into(), ip.to_string()));
+            env.push(("DAPR_SIDECAR_HOST".into(), ip.to_string()));
+        }
+        if let Some(t) = &b.api_token {
+            env.push(("DAPR_API_TOKEN".into(), t.expose().to_string()));
+        }
+        if let Some(t) = &b.app_api_token {
+            env.push(("APP_API_TOKEN".into(), t.expose().to_string()));
+        }
+    }
     env
 }
 
-/// The modules enabled by the config, each with its listeners bound, and the bound addresses
-/// by listener name.
+/// The modules enabled by the config, each with its listeners bound, the bound addresses by
+/// listener name, and the bridge's bound address.
 async fn build_modules(
     config: &Config,
     metrics: &Metrics,
     gate: &AppGate,
-) -> Result<(Vec<Arc<dyn Module>>, BTreeMap<String, Address>)> {
+    control: &mpsc::Sender<Control>,
+) -> Result<(
+    Vec<Arc<dyn Module>>,
+    BTreeMap<String, Address>,
+    Option<Address>,
+)> {
+    #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
+    #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
     #[cfg(feature = "proxy")]
-    if let Some((proxy, addresses)) =
-        crate::proxy::Proxy::build(config, &metrics.proxy, gate.clone()).await?
-    {
-        modules.push(Arc::new(proxy));
-        bound.extend(addresses);
-    }
+    let proxy = match crate::proxy::Proxy::build(config, &metrics.proxy, gate.clone()).await? {
+        Some((proxy, addresses)) => {
+            let proxy = Arc::new(proxy);
+            modules.push(proxy.clone());
+            bound.extend(addresses);
+            Some(proxy)
+        }
+        None => None,
+    };
     #[cfg(not(feature = "proxy"))]
     let _ = (config, metrics, gate);
-    Ok((modules, bound))
+    // Only with a `bridge:` section: no socket, store or thread otherwise.
+    #[cfg(feature = "bridge")]
+    let bridge = match &config.bridge {
+        Some(b) => {
+            use crate::bridge::invoke::{Clusters, OwnClusters};
+            use crate::bridge::{Bridge, BridgeState};
+            let clusters = match proxy {
+                Some(p) => Clusters::Proxy(p),
+                None => Clusters::Own(Box::new(OwnClusters {
+                    configs: config.clusters.clone(),
+                    built: Default::default(),
+                    metrics: metrics.proxy.clone(),
+                })),
+            };
+            let state = BridgeState::new(
+                config,
+                b,
+                gate.clone(),
+                control.clone(),
+                clusters,
+                metrics.bridge.clone(),
+                metrics.pubsub.clone(),
+            )?;
+            let (bridge, address) = Bridge::build(state).await?;
+            modules.push(Arc::new(bridge));
+            Some(address)
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "bridge"))]
+    let bridge = {
+        let _ = control;
+        #[cfg(feature = "proxy")]
+        drop(proxy);
+        None
+    };
+    Ok((modules, bound, bridge))
 }
 
 /// `OUTRIGGER_LISTENER_<NAME>`: the variable that tells the app where listener NAME is.
@@ -408,13 +483,14 @@ async fn stop(
         end = Some(ended.unwrap_or_else(|e| AppEnd::NotStarted(std::io::Error::other(e))));
     } else if lifecycle.probe.is_some()
         && kind == Stop::Graceful
-        && config
-            .listeners
-            .iter()
-            .any(|l| l.direction == crate::config::raw::Direction::Outbound)
+        && (config.bridge.is_some()
+            || config
+                .listeners
+                .iter()
+                .any(|l| l.direction == crate::config::raw::Direction::Outbound))
     {
         // The app runs in another container and gets its own SIGTERM: serve its outbound
-        // calls until its probe says it is gone, or the grace period ends.
+        // (and bridge) calls until its probe says it is gone, or the grace period ends.
         let mut ready = app_status.ready.subscribe();
         let gone = tokio::time::timeout_at(deadline.into(), ready.wait_for(|r| !*r));
         tokio::select! {
@@ -613,6 +689,8 @@ fn live_part(old: &Config, new: &Config) -> (Config, Vec<String>) {
         }
     }
     applied.listeners = listeners;
+    // The bridge's socket, stores and tokens are set up once.
+    applied.bridge = old.bridge.clone();
     let mut keys = changed_keys(&applied, new);
     keys.retain(|k| k != "listeners");
     // Header values serialize redacted, so a rotated token would look unchanged.
@@ -706,17 +784,21 @@ fn spawn_signal_handlers(
     Ok(())
 }
 
-/// Writes `{"admin": "127.0.0.1:PORT", "listeners": {"NAME": "ADDRESS"}}` atomically (temp
-/// file + rename), so a reader never sees half of it.
+/// Writes `{"admin": "127.0.0.1:PORT", "listeners": {"NAME": "ADDRESS"}, "bridge": "ADDRESS"}`
+/// atomically (temp file + rename), so a reader never sees half of it.
 async fn write_listeners_file(
     path: &std::path::Path,
     admin: SocketAddr,
     bound: &BTreeMap<String, Address>,
+    bridge: Option<&Address>,
 ) -> Result<()> {
     let listeners: BTreeMap<&String, String> =
         bound.iter().map(|(k, v)| (k, v.to_string())).collect();
-    let body =
-        serde_json::json!({ "admin": admin.to_string(), "listeners": listeners }).to_string();
+    let mut body = serde_json::json!({ "admin": admin.to_string(), "listeners": listeners });
+    if let Some(b) = bridge {
+        body["bridge"] = serde_json::Value::String(b.to_string());
+    }
+    let body = body.to_string();
     let tmp = path.with_extension("tmp");
     tokio::fs::write(&tmp, body)
         .await

@@ -1,21 +1,557 @@
-//! A loaded Dapr `Component` resource: its name, type (`pubsub.redis`, …), version and flat
-//! metadata. Stand-in for the bridge's component loader, which reads these from the resources
-//! directory (the integrator keeps one definition).
+//! Dapr resources: Component YAML files from `bridge.resources` (several documents per file,
+//! split on `---`), parsed into [`Component`]s with their `secretKeyRef` values resolved from
+//! the named secret store. Documents of kind `Subscription` are kept raw for pub/sub; other
+//! kinds (Configuration, Resiliency, …) are skipped with a debug log.
+//!
+//! Problems (unknown `spec.type`, a duplicate name, an unresolvable secret reference) are
+//! config problems with the file and line, reported by `config::load` before anything starts.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-/// One Dapr `Component` document, metadata resolved to plain strings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+use serde::Deserialize;
+
+use crate::config::document::Document;
+use crate::config::{Origin, Problem};
+
+/// State store types the bridge implements.
+pub const STATE_TYPES: &[&str] = &["state.in-memory", "state.sqlite", "state.redis"];
+/// Pub/sub types (the broker implementations live in `bridge::pubsub`).
+pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
+/// Secret store types the bridge implements.
+pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
+
+/// The file name shown for the embedded default components.
+pub const EMBEDDED: &str = "<embedded defaults>";
+
+/// One Dapr component, as configured.
+#[derive(Clone)]
 pub struct Component {
-    /// `metadata.name`: what the API calls it (`/v1.0/publish/{name}/…`).
+    /// `metadata.name`: what API calls address (`/v1.0/state/{name}`).
     pub name: String,
-    /// `spec.type`, e.g. `pubsub.redis`.
+    /// `spec.type`, like `state.redis` or `pubsub.jetstream`.
     pub kind: String,
-    /// `spec.version`, e.g. `v1`.
+    /// `spec.version` (`v1` when not given).
     pub version: String,
-    /// `spec.metadata` as name → value.
+    /// `spec.metadata`, secret references resolved. Values may be secrets: never log them.
     pub metadata: BTreeMap<String, String>,
-    /// The file it came from, for error messages.
+    /// `scopes`: the app ids that may use it (empty: every app).
+    pub scopes: Vec<String>,
+    /// Where it was written (for messages).
     pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Debug for Component {
+    /// Metadata keys only: values can be passwords.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Component")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("version", &self.version)
+            .field("metadata", &self.metadata.keys().collect::<Vec<_>>())
+            .field("file", &self.file)
+            .field("line", &self.line)
+            .finish()
+    }
+}
+
+impl Component {
+    /// The building block: `state`, `pubsub`, `secretstores`.
+    pub fn block(&self) -> &str {
+        self.kind.split('.').next().unwrap_or("")
+    }
+
+    /// A metadata value, when set and not empty.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Whether the app `app_id` may use this component.
+    pub fn in_scope(&self, app_id: &str) -> bool {
+        self.scopes.is_empty() || self.scopes.iter().any(|s| s == app_id)
+    }
+
+    /// `file:line` for messages.
+    pub fn location(&self) -> String {
+        format!("{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A resource document kept as written (kind `Subscription`, for pub/sub).
+#[derive(Clone, Debug)]
+pub struct RawDocument {
+    pub file: PathBuf,
+    /// The line the document starts on.
+    pub line: usize,
+    pub value: serde_norway::Value,
+}
+
+/// Everything read from the resources directory.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    pub components: Vec<Component>,
+    /// Documents of kind `Subscription`, for pub/sub to parse.
+    pub subscriptions: Vec<RawDocument>,
+}
+
+impl Resources {
+    /// The quick-start set, used without a resources directory: a `statestore` of type
+    /// `state.in-memory` and a `pubsub` of type `pubsub.in-memory` (no external server).
+    pub fn embedded() -> Resources {
+        let component = |name: &str, kind: &str| Component {
+            name: name.into(),
+            kind: kind.into(),
+            version: "v1".into(),
+            metadata: BTreeMap::new(),
+            scopes: Vec::new(),
+            file: PathBuf::from(EMBEDDED),
+            line: 0,
+        };
+        Resources {
+            components: vec![
+                component("statestore", "state.in-memory"),
+                component("pubsub", "pubsub.in-memory"),
+            ],
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawHead {
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawComponent {
+    #[serde(default)]
+    api_version: Option<String>,
+    metadata: RawMeta,
+    spec: RawSpec,
+    #[serde(default)]
+    auth: Option<RawAuth>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct RawSpec {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    metadata: Vec<RawItem>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawAuth {
+    #[serde(alias = "secretstore")]
+    secret_store: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawItem {
+    name: String,
+    #[serde(default)]
+    value: Option<serde_norway::Value>,
+    #[serde(default)]
+    secret_key_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Deserialize)]
+struct SecretKeyRef {
+    name: String,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// A secret reference waiting for its store.
+struct Pending {
+    component: usize,
+    item: String,
+    store: Option<String>,
+    secret: SecretKeyRef,
+    problem_at: Problem,
+}
+
+/// Reads the resources directory (`None`: the embedded defaults). Problems are pushed, with
+/// their file and line; what could be read is returned.
+pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
+    let Some(dir) = dir else {
+        return Resources::embedded();
+    };
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
+            .collect(),
+        Err(e) => {
+            problems.push(whole(
+                dir,
+                format!("cannot read the resources directory: {e}"),
+            ));
+            return Resources::default();
+        }
+    };
+    files.sort();
+    let mut out = Resources::default();
+    let mut pending = Vec::new();
+    for file in &files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(whole(file, format!("cannot read the resource file: {e}")));
+                continue;
+            }
+        };
+        for (offset, piece) in split_documents(&text) {
+            read_document(file, offset, piece, &mut out, &mut pending, problems);
+        }
+    }
+    resolve_secrets(&mut out, pending, problems);
+    out
+}
+
+fn whole(path: &Path, message: String) -> Problem {
+    Problem {
+        origin: Origin::Whole {
+            file: path.display().to_string(),
+        },
+        path: String::new(),
+        message,
+    }
+}
+
+/// The documents of a multi-document YAML file, each with the number of lines before it.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") {
+            if !current.trim().is_empty() {
+                docs.push((start, std::mem::take(&mut current)));
+            }
+            current.clear();
+            // The separator line stays as a blank line, so positions need no shift inside.
+            start = i + 1;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    if !current.trim().is_empty() {
+        docs.push((start, current));
+    }
+    docs
+}
+
+/// Moves a problem found in a document down by the lines before that document.
+fn shifted(mut p: Problem, offset: usize) -> Problem {
+    if let Origin::File { line, .. } = &mut p.origin {
+        *line += offset;
+    }
+    p
+}
+
+fn read_document(
+    file: &Path,
+    offset: usize,
+    text: String,
+    out: &mut Resources,
+    pending: &mut Vec<Pending>,
+    problems: &mut Vec<Problem>,
+) {
+    let doc = match Document::parse(file, &text) {
+        Ok(d) => d,
+        Err(p) => {
+            problems.push(shifted(p, offset));
+            return;
+        }
+    };
+    let kind = match doc.deserialize::<RawHead>() {
+        Ok(h) => h.kind.unwrap_or_default(),
+        Err(ps) => {
+            problems.extend(ps.into_iter().map(|p| shifted(p, offset)));
+            return;
+        }
+    };
+    match kind.as_str() {
+        "Component" => {}
+        "Subscription" => {
+            if let Ok(value) = doc.deserialize::<serde_norway::Value>() {
+                out.subscriptions.push(RawDocument {
+                    file: file.to_path_buf(),
+                    line: offset + 1,
+                    value,
+                });
+            }
+            return;
+        }
+        other => {
+            tracing::debug!(file = %file.display(), kind = other, "resource kind not used by the bridge; skipped");
+            return;
+        }
+    }
+    let raw = match doc.deserialize::<RawComponent>() {
+        Ok(r) => r,
+        Err(ps) => {
+            problems.extend(ps.into_iter().map(|p| shifted(p, offset)));
+            return;
+        }
+    };
+    let line = match doc.origin("", false) {
+        Origin::File { line, .. } => line + offset,
+        _ => offset + 1,
+    };
+    if let Some(v) = &raw.api_version
+        && v != "dapr.io/v1alpha1"
+    {
+        problems.push(shifted(
+            doc.problem(
+                "apiVersion",
+                format!("expected dapr.io/v1alpha1 for a Component, found {v:?}"),
+            ),
+            offset,
+        ));
+    }
+    let kind = raw.spec.kind.clone();
+    let known = STATE_TYPES
+        .iter()
+        .chain(PUBSUB_TYPES)
+        .chain(SECRET_TYPES)
+        .any(|t| *t == kind);
+    if !known {
+        problems.push(shifted(
+            doc.problem(
+                "spec.type",
+                format!(
+                    "unknown component type {kind:?} (component {:?}); supported: {}",
+                    raw.metadata.name,
+                    STATE_TYPES
+                        .iter()
+                        .chain(PUBSUB_TYPES)
+                        .chain(SECRET_TYPES)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            offset,
+        ));
+        return;
+    }
+    let version = raw.spec.version.clone().unwrap_or_else(|| "v1".into());
+    if version != "v1" {
+        problems.push(shifted(
+            doc.problem(
+                "spec.version",
+                format!("expected v1 for {kind}, found {version:?}"),
+            ),
+            offset,
+        ));
+    }
+    if raw.metadata.name.is_empty() || raw.metadata.name.contains('/') {
+        problems.push(shifted(
+            doc.problem(
+                "metadata.name",
+                format!(
+                    "expected a component name without '/', found {:?}",
+                    raw.metadata.name
+                ),
+            ),
+            offset,
+        ));
+        return;
+    }
+    if let Some(other) = out.components.iter().find(|c| c.name == raw.metadata.name) {
+        problems.push(shifted(
+            doc.problem(
+                "metadata.name",
+                format!(
+                    "a component named {:?} is already defined at {}",
+                    raw.metadata.name,
+                    other.location()
+                ),
+            ),
+            offset,
+        ));
+        return;
+    }
+    let index = out.components.len();
+    let mut metadata = BTreeMap::new();
+    for (i, item) in raw.spec.metadata.into_iter().enumerate() {
+        match (item.value, item.secret_key_ref) {
+            (_, Some(secret)) => pending.push(Pending {
+                component: index,
+                item: item.name,
+                store: raw.auth.as_ref().and_then(|a| a.secret_store.clone()),
+                secret,
+                problem_at: shifted(
+                    doc.problem(&format!("spec.metadata[{i}].secretKeyRef"), ""),
+                    offset,
+                ),
+            }),
+            (Some(v), None) => {
+                metadata.insert(item.name, scalar(&v));
+            }
+            (None, None) => {
+                metadata.insert(item.name, String::new());
+            }
+        }
+    }
+    out.components.push(Component {
+        name: raw.metadata.name,
+        kind,
+        version,
+        metadata,
+        scopes: raw.scopes,
+        file: file.to_path_buf(),
+        line,
+    });
+}
+
+/// A metadata value as the string Dapr would see (`5` and `true` are written unquoted).
+fn scalar(v: &serde_norway::Value) -> String {
+    match v {
+        serde_norway::Value::String(s) => s.clone(),
+        serde_norway::Value::Null => String::new(),
+        serde_norway::Value::Bool(b) => b.to_string(),
+        serde_norway::Value::Number(n) => n.to_string(),
+        other => serde_norway::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+fn resolve_secrets(out: &mut Resources, pending: Vec<Pending>, problems: &mut Vec<Problem>) {
+    if pending.is_empty() {
+        return;
+    }
+    let stores: Vec<&Component> = out
+        .components
+        .iter()
+        .filter(|c| c.block() == "secretstores")
+        .collect();
+    let mut built: BTreeMap<String, Result<super::secrets::SecretStore, String>> = BTreeMap::new();
+    let mut resolved = Vec::new();
+    for p in pending {
+        let fail = |message: String| Problem {
+            message,
+            ..p.problem_at.clone()
+        };
+        let store = match &p.store {
+            Some(name) => stores.iter().find(|c| c.name == *name),
+            // Without `auth.secretStore`, the one secret store there is.
+            None if stores.len() == 1 => stores.first(),
+            None => {
+                problems.push(fail(format!(
+                    "expected auth.secretStore naming the secret store for secretKeyRef {:?} ({} secret stores are defined)",
+                    p.secret.name,
+                    stores.len()
+                )));
+                continue;
+            }
+        };
+        let Some(store) = store else {
+            problems.push(fail(format!(
+                "expected a secret store component named {:?} (auth.secretStore), found none",
+                p.store.clone().unwrap_or_default()
+            )));
+            continue;
+        };
+        let built = built
+            .entry(store.name.clone())
+            .or_insert_with(|| super::secrets::SecretStore::new(store));
+        let store = match built {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(fail(format!(
+                    "cannot open secret store {:?}: {e}",
+                    store.name
+                )));
+                continue;
+            }
+        };
+        let key = p
+            .secret
+            .key
+            .clone()
+            .unwrap_or_else(|| p.secret.name.clone());
+        match store.get(&p.secret.name).and_then(|m| m.get(&key).cloned()) {
+            Some(v) => resolved.push((p.component, p.item, v)),
+            None => problems.push(fail(format!(
+                "expected secret {:?} with key {key:?} in the secret store, found none",
+                p.secret.name
+            ))),
+        }
+    }
+    for (component, item, value) in resolved {
+        out.components[component].metadata.insert(item, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> (Resources, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), text).unwrap();
+        let mut problems = Vec::new();
+        let r = load(Some(dir.path()), &mut problems);
+        (r, problems.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn documents_kinds_and_lines() {
+        let (r, problems) = load_text(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n  type: state.redis\n  metadata:\n  - {name: redisHost, value: \"localhost:6379\"}\n  - {name: n, value: 5}\n---\nkind: Subscription\nmetadata: {name: sub}\nspec: {topic: t}\n---\nkind: Resiliency\n---\nkind: Component\nmetadata: {name: x}\nspec: {type: state.mongodb}\n",
+        );
+        assert_eq!(r.components.len(), 1);
+        assert_eq!(r.components[0].meta("redisHost"), Some("localhost:6379"));
+        assert_eq!(r.components[0].meta("n"), Some("5"));
+        assert_eq!(r.subscriptions.len(), 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("c.yaml:18:14: spec.type"),
+            "{problems:?}"
+        );
+        assert!(problems[0].contains("unknown component type \"state.mongodb\""));
+    }
+
+    #[test]
+    fn secret_references_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets.json");
+        std::fs::write(&secrets, r#"{"redis": {"password": "pw"}}"#).unwrap();
+        let text = format!(
+            "kind: Component\nmetadata: {{name: local}}\nspec:\n  type: secretstores.local.file\n  metadata:\n  - {{name: secretsFile, value: {}}}\n---\nkind: Component\nmetadata: {{name: s}}\nspec:\n  type: state.redis\n  metadata:\n  - name: redisPassword\n    secretKeyRef: {{name: \"redis:password\"}}\n  - name: other\n    secretKeyRef: {{name: missing}}\nauth: {{secretStore: local}}\n",
+            secrets.display()
+        );
+        let (r, problems) = load_text(&text);
+        let s = r.components.iter().find(|c| c.name == "s").unwrap();
+        assert_eq!(s.meta("redisPassword"), Some("pw"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains(":16:"), "{problems:?}");
+    }
 }

@@ -1,6 +1,467 @@
-//! The Dapr-compatible bridge: the HTTP API apps call for pub/sub (and, from the other half of
-//! issue 7, state, invocation and secrets). Components come from Dapr Component YAML
-//! ([`components`]); each building block lives in its own module and exposes an axum router.
+//! The bridge: Dapr's HTTP API v1.0 on `bridge.address` (default 127.0.0.1:3500, or a unix
+//! socket), so apps written against a Dapr SDK run unchanged. Requests come in from the app;
+//! state goes to the configured stores (in-memory, SQLite, Redis), secrets come from local
+//! stores, invocations leave through the proxy's clusters (or to the local app), and pub/sub
+//! is served by [`pubsub`] (brokers, subscriptions, deliveries to the app), whose routes are
+//! merged into [`router`].
+//!
+//! Built only when the config has a `bridge:` section: nothing runs otherwise. The server is
+//! axum on hyper-util's auto builder (HTTP/1.1 and h2c). It drains in the *last* stop phase,
+//! like outbound listeners: the app can still save state and publish while it shuts down.
 
 pub mod components;
+pub mod error;
+pub mod invoke;
 pub mod pubsub;
+pub mod routes;
+pub mod secrets;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use crate::config::bridge::{BridgeConfig, DEFAULT_SOCKET_MODE};
+use crate::config::{Address, Config};
+use crate::proxy::listener::Bound;
+use crate::runtime::{AppGate, Control, Module, ModuleContext, ModuleFuture};
+use crate::telemetry::metrics::{BridgeApiLabels, BridgeMetrics, BridgeRequestLabels};
+use components::{Component, RawDocument};
+
+/// The header that carries the API token (both directions).
+pub const TOKEN_HEADER: &str = "dapr-api-token";
+
+/// A state store component, opened.
+pub struct StateStore {
+    pub component: Component,
+    pub store: state::Store,
+    pub prefix: state::KeyPrefix,
+}
+
+/// Everything a bridge request handler (and pub/sub) can reach.
+pub struct BridgeState {
+    pub config: BridgeConfig,
+    /// Where the app listens (`app.address`): invocations of our own app id go there.
+    pub app_address: Option<Address>,
+    /// The components in scope for this app id, in file order.
+    pub components: Vec<Component>,
+    /// Raw `Subscription` documents from the resources directory, for pub/sub.
+    pub subscription_documents: Vec<RawDocument>,
+    pub state_stores: HashMap<String, StateStore>,
+    pub secret_stores: HashMap<String, secrets::SecretStore>,
+    /// Open once the app's probe passes: pub/sub waits on it before `GET /dapr/subscribe`,
+    /// invocations of the local app wait on it up to `app.hold_timeout`.
+    pub app_gate: AppGate,
+    pub hold_timeout: Duration,
+    /// Shutdown requests (`POST /v1.0/shutdown`) go here.
+    pub control: mpsc::Sender<Control>,
+    /// True while the server runs (`/v1.0/healthz`).
+    pub ready: AtomicBool,
+    /// `PUT /v1.0/metadata/{key}` values.
+    pub extended: Mutex<BTreeMap<String, String>>,
+    /// Pub/sub: publish routes, subscriptions and deliveries (empty, starting nothing, when
+    /// no pubsub component is configured).
+    pub pubsub: Arc<pubsub::PubSub>,
+    /// Pub/sub's background work was started (once, even if the module restarts).
+    pubsub_started: AtomicBool,
+    pub clusters: invoke::Clusters,
+    pub metrics: BridgeMetrics,
+}
+
+impl BridgeState {
+    /// Opens the stores of every component in scope. Fails (before anything starts) when one
+    /// cannot be opened, naming its file and line.
+    pub fn new(
+        config: &Config,
+        bridge: &BridgeConfig,
+        gate: AppGate,
+        control: mpsc::Sender<Control>,
+        clusters: invoke::Clusters,
+        metrics: BridgeMetrics,
+        pubsub_metrics: crate::telemetry::metrics::PubSubMetrics,
+    ) -> Result<BridgeState> {
+        let resources = bridge.resources_loaded.clone();
+        let components: Vec<Component> = resources
+            .components
+            .iter()
+            .filter(|c| c.in_scope(&bridge.app_id))
+            .cloned()
+            .collect();
+        let mut state_stores = HashMap::new();
+        let mut secret_stores = HashMap::new();
+        for c in &components {
+            match c.block() {
+                "state" => {
+                    let store = state::Store::open(c).map_err(|e| {
+                        anyhow::anyhow!("{}: component {:?}: {e}", c.location(), c.name)
+                    })?;
+                    state_stores.insert(
+                        c.name.clone(),
+                        StateStore {
+                            prefix: state::KeyPrefix::from_component(c, &bridge.app_id),
+                            component: c.clone(),
+                            store,
+                        },
+                    );
+                }
+                "secretstores" => {
+                    let store = secrets::SecretStore::new(c).map_err(|e| {
+                        anyhow::anyhow!("{}: component {:?}: {e}", c.location(), c.name)
+                    })?;
+                    secret_stores.insert(c.name.clone(), store);
+                }
+                _ => {}
+            }
+        }
+        // Declarative subscriptions: every file that holds a `Subscription` document.
+        let mut files: Vec<std::path::PathBuf> = resources
+            .subscriptions
+            .iter()
+            .map(|d| d.file.clone())
+            .collect();
+        files.dedup();
+        let declarative = pubsub::load_subscription_files(&files)
+            .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
+        let app_address = match &config.app.address {
+            Some(Address::Tcp(a)) => Some(a.to_string()),
+            Some(Address::Unix(p)) => {
+                if components.iter().any(|c| c.block() == "pubsub") {
+                    tracing::warn!(app = %p.display(), "pub/sub deliveries need the app on TCP (app.address); subscriptions are not started");
+                }
+                None
+            }
+            None => None,
+        };
+        let mut options = pubsub::PubSubOptions::new(bridge.app_id.clone(), app_address);
+        options.app_token = bridge
+            .app_api_token
+            .as_ref()
+            .map(|t| t.expose().to_string());
+        let pubsub = pubsub::PubSub::new(options, &components, declarative, pubsub_metrics)
+            .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
+        Ok(BridgeState {
+            pubsub,
+            pubsub_started: AtomicBool::new(false),
+            config: bridge.clone(),
+            app_address: config.app.address.clone(),
+            subscription_documents: resources.subscriptions.clone(),
+            components,
+            state_stores,
+            secret_stores,
+            app_gate: gate,
+            hold_timeout: config.app.lifecycle.hold_timeout.get(),
+            control,
+            ready: AtomicBool::new(false),
+            extended: Mutex::new(BTreeMap::new()),
+            clusters,
+            metrics,
+        })
+    }
+}
+
+impl BridgeState {
+    /// The components of one building block (`state`, `pubsub`, `secretstores`), in file order.
+    pub fn components_of<'a>(&'a self, block: &'a str) -> impl Iterator<Item = &'a Component> {
+        self.components.iter().filter(move |c| c.block() == block)
+    }
+}
+
+/// The bridge module: the bound API socket and the shared state.
+pub struct Bridge {
+    bound: Bound,
+    state: Arc<BridgeState>,
+}
+
+impl Bridge {
+    /// Opens the stores and binds `bridge.address`. Returns the module and the bound address.
+    pub async fn build(state: BridgeState) -> Result<(Bridge, Address)> {
+        let address = state.config.address.clone();
+        let bound = Bound::bind(&address, DEFAULT_SOCKET_MODE)
+            .await
+            .with_context(|| format!("cannot bind the bridge on {address}"))?;
+        let local = bound.local_address()?;
+        tracing::info!(address = %local, app_id = %state.config.app_id, components = state.components.len(), "bridge listening");
+        Ok((
+            Bridge {
+                bound,
+                state: Arc::new(state),
+            },
+            local,
+        ))
+    }
+
+    pub fn state(&self) -> &Arc<BridgeState> {
+        &self.state
+    }
+}
+
+/// The whole API. Pub/sub's routes are merged here (`.merge(pubsub::routes())`).
+pub fn router(state: Arc<BridgeState>) -> Router {
+    Router::new()
+        .merge(routes::routes())
+        .merge(pubsub::http::router(state.pubsub.clone()).with_state(()))
+        .fallback(invoke::fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe_and_authorize,
+        ))
+        .with_state(state)
+}
+
+/// The bounded `api` label of a request.
+fn api_of(req: &Request) -> &'static str {
+    let path = req.uri().path();
+    let rest = path
+        .strip_prefix("/v1.0/")
+        .or_else(|| path.strip_prefix("/v1.0-alpha1/"))
+        .unwrap_or("");
+    let first = rest.split('/').next().unwrap_or("");
+    match first {
+        "state" => "state",
+        "publish" => "publish",
+        "invoke" => "invoke",
+        "secrets" => "secrets",
+        "metadata" => "metadata",
+        "healthz" => "healthz",
+        "shutdown" => "shutdown",
+        // Any other path with the header is an invocation (the fallback route).
+        _ if req.headers().contains_key(invoke::APP_ID_HEADER) => "invoke",
+        _ => "other",
+    }
+}
+
+/// Compares a presented token with the configured one in time that does not depend on where
+/// they differ.
+fn token_matches(presented: Option<&axum::http::HeaderValue>, token: &str) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    let (a, b) = (presented.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks the API token (health GETs are exempt), strips it, and counts and times the call.
+async fn observe_and_authorize(
+    State(state): State<Arc<BridgeState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let api = api_of(&req);
+    // Health checks work without the token, as daprd's do.
+    let exempt = api == "healthz" && req.method() == axum::http::Method::GET;
+    let response = match &state.config.api_token {
+        Some(token)
+            if !exempt && !token_matches(req.headers().get(TOKEN_HEADER), token.expose()) =>
+        {
+            // daprd answers a plain-text body here.
+            (axum::http::StatusCode::UNAUTHORIZED, "invalid api token").into_response()
+        }
+        _ => {
+            req.headers_mut().remove(TOKEN_HEADER);
+            next.run(req).await
+        }
+    };
+    let class = crate::proxy::route::class(response.status().as_u16());
+    state
+        .metrics
+        .requests
+        .get_or_create(&BridgeRequestLabels {
+            api,
+            status_class: class,
+        })
+        .inc();
+    state
+        .metrics
+        .duration
+        .get_or_create(&BridgeApiLabels { api })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+impl Module for Bridge {
+    fn name(&self) -> &'static str {
+        "bridge"
+    }
+
+    fn run(self: Arc<Self>, mut cx: ModuleContext) -> ModuleFuture {
+        Box::pin(async move {
+            let app = router(self.state.clone());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .keep_alive(true)
+                // daprd's ReadHeaderTimeout.
+                .header_read_timeout(Duration::from_secs(10));
+            builder.http2().timer(TokioTimer::new());
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            // Pub/sub's background work: subscriptions once the app is ready (the gate opens
+            // when its probe passes), stopped when the stop begins — deliveries finish before
+            // the app is told to stop; what is unacked stays with the broker.
+            if !self.state.pubsub_started.swap(true, Ordering::AcqRel) {
+                let ps = self.state.pubsub.clone();
+                ps.start(self.state.app_gate.watch());
+                let mut inbound = cx.drain.inbound();
+                tokio::spawn(async move {
+                    inbound.signaled().await;
+                    ps.stop().await;
+                });
+            }
+            self.state.ready.store(true, Ordering::Release);
+            cx.set_ready();
+            loop {
+                tokio::select! {
+                    _ = cx.drain.signaled() => break,
+                    accepted = self.bound.accept() => {
+                        let (stream, _peer) = match accepted {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "bridge accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        };
+                        let app = app.clone();
+                        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                            app.clone().oneshot(req.map(axum::body::Body::new))
+                        });
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        let conn = graceful.watch(conn.into_owned());
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "bridge connection ended with an error");
+                            }
+                        });
+                    }
+                }
+            }
+            // Draining: in-flight calls finish, idle connections close.
+            graceful.shutdown().await;
+            self.state.ready.store(false, Ordering::Release);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+
+    /// The router over a state built from `yaml` (a whole config file).
+    fn app(yaml: &str) -> Router {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let source = crate::config::Source {
+            file: Some(path),
+            ..Default::default()
+        };
+        let config = crate::config::load(&source, &BTreeMap::<String, String>::new()).unwrap();
+        let bridge = config.bridge.clone().unwrap();
+        let (control, _rx) = mpsc::channel(1);
+        let (_setter, gate) = crate::runtime::app_gate(true);
+        let clusters = invoke::Clusters::Own(Box::new(invoke::OwnClusters {
+            configs: BTreeMap::new(),
+            built: Default::default(),
+            metrics: Default::default(),
+        }));
+        let state = BridgeState::new(
+            &config,
+            &bridge,
+            gate,
+            control,
+            clusters,
+            BridgeMetrics::default(),
+            Default::default(),
+        )
+        .unwrap();
+        state.ready.store(true, Ordering::Release);
+        router(Arc::new(state))
+    }
+
+    async fn call(app: &Router, req: Request<Body>) -> (StatusCode, String) {
+        let res = app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn save_get_and_errors_without_a_socket() {
+        let app = app("service: unit\nbridge: {}\n");
+        let save = |body: &'static str| {
+            Request::post("/v1.0/state/statestore")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        assert_eq!(
+            call(&app, save(r#"[{"key":"a","value":{"n":1}}]"#)).await.0,
+            StatusCode::NO_CONTENT
+        );
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/state/statestore/a")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"n":1}"#));
+        let (status, body) = call(&app, save("not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("ERR_MALFORMED_REQUEST"), "{body}");
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/secrets/any/x")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("ERR_SECRET_STORES_NOT_CONFIGURED"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn token_and_body_limit() {
+        let app = app("bridge:\n  api_token: t0k\n  max_body: 16\n");
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/metadata").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::UNAUTHORIZED, "invalid api token")
+        );
+        let (status, _) = call(
+            &app,
+            Request::get("/v1.0/healthz").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = call(
+            &app,
+            Request::post("/v1.0/state/statestore")
+                .header(TOKEN_HEADER, "t0k")
+                .body(Body::from("[{\"key\":\"a\",\"value\":\"0123456789\"}]"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(body.contains("ERR_BODY_TOO_LARGE"), "{body}");
+    }
+}

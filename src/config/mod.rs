@@ -5,6 +5,7 @@
 //! in one go; `main` prints them and exits with 78 (EX_CONFIG) before anything starts.
 //! Overrides are merged here and only here, through [`Environment`] so tests can pass a map.
 
+pub mod bridge;
 pub mod document;
 pub mod lifecycle;
 pub mod proxy;
@@ -90,6 +91,9 @@ pub struct Config {
     pub reload: Vec<lifecycle::ReloadConfig>,
     pub tls: TlsGlobalConfig,
     pub telemetry: TelemetryConfig,
+    /// The Dapr-compatible API, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<bridge::BridgeConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -196,9 +200,18 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
     // Even when some keys were bad, the rest is validated too: every problem in one run.
     let (raw, mut more) = doc.deserialize_pruned::<RawConfig>();
     problems.append(&mut more);
-    let Some(raw) = raw else {
+    let Some(mut raw) = raw else {
         return Err(problems.into());
     };
+    // The variable daprd reads, for apps moving over from Dapr (the file wins).
+    if let Some(b) = raw.bridge.as_mut()
+        && b.api_token.is_none()
+    {
+        b.api_token = env
+            .var("DAPR_API_TOKEN")
+            .filter(|v| !v.is_empty())
+            .map(Secret::new);
+    }
     let config = validate(raw, source, &doc, &mut problems);
     if problems.is_empty() {
         Ok(config)
@@ -322,6 +335,9 @@ fn validate(
         ));
     }
     let telemetry = telemetry::validate(&raw.telemetry, doc, problems);
+    let bridge = raw
+        .bridge
+        .and_then(|b| bridge::validate(b, &service, doc, problems));
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -362,6 +378,7 @@ fn validate(
         clusters,
         reload,
         telemetry,
+        bridge,
         tls: TlsGlobalConfig {
             expiry_warning: raw
                 .tls
@@ -528,6 +545,37 @@ mod tests {
             err.problems[0].to_string(),
             "env OUTRIGGER_WORKER_THREADS: runtime.worker_threads: invalid type: string \"many\", expected usize"
         );
+    }
+
+    #[test]
+    fn bridge_section() {
+        assert!(
+            load_text("service: a\n", &[], &[])
+                .unwrap()
+                .bridge
+                .is_none()
+        );
+        let c = load_text("service: a\nbridge:\n", &[("DAPR_API_TOKEN", "t")], &[]).unwrap();
+        let b = c.bridge.expect("an empty section turns the bridge on");
+        assert_eq!(b.app_id, "a");
+        assert_eq!(b.address.to_string(), "127.0.0.1:3500");
+        assert_eq!(b.max_body, 4 << 20);
+        assert_eq!(b.api_token.unwrap().expose(), "t");
+        let err = load_text(
+            "bridge:\n  app_id: a/b\n  max_body: 4 parsecs\n  resources: /nonexistent\n  colour: red\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            ":2:11: bridge.app_id: expected an app id",
+            ":3:13: bridge.max_body: invalid value",
+            ":4:14: bridge.resources: expected a directory",
+            ":5:3: bridge.colour: unknown field",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
     }
 
     #[test]

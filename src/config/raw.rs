@@ -36,6 +36,35 @@ pub struct RawConfig {
     pub reload: Vec<RawReload>,
     pub tls: RawTlsGlobal,
     pub telemetry: super::telemetry::RawTelemetry,
+    /// The Dapr-compatible API; present (even empty: `bridge:`) turns the bridge on.
+    #[serde(deserialize_with = "present")]
+    pub bridge: Option<RawBridge>,
+}
+
+/// A section that is on when its key is there, even with no value (`bridge:` is YAML null).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(d).map(|v| Some(v.unwrap_or_default()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBridge {
+    /// Where the Dapr HTTP API listens (`host:port` or `unix:/path`).
+    pub address: Option<Address>,
+    /// A directory of Dapr Component (and Subscription) YAML files.
+    pub resources: Option<PathBuf>,
+    /// The Dapr app id (default: `service`).
+    pub app_id: Option<String>,
+    /// Required as `dapr-api-token` on every call (default: env DAPR_API_TOKEN).
+    pub api_token: Option<super::Secret>,
+    /// Sent to the app as `dapr-api-token` on the calls the bridge makes to it.
+    pub app_api_token: Option<super::Secret>,
+    /// The largest request body accepted.
+    pub max_body: Option<super::bridge::ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -179,6 +179,15 @@ impl Proxy {
         )))
     }
 
+    /// The cluster named `name` as the running config has it (the bridge invokes through it).
+    pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters
+            .lock()
+            .expect("not poisoned")
+            .get(name)
+            .cloned()
+    }
+
     fn clusters(&self) -> Vec<Arc<Cluster>> {
         self.clusters
             .lock()

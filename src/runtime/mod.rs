@@ -218,6 +218,11 @@ impl AppGate {
         self.open.load(Ordering::Acquire)
     }
 
+    /// A receiver of the gate's state (true: open), for tasks that wait on it themselves.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.rx.clone()
+    }
+
     /// Waits until the gate is open, at most `limit`. True if it is open.
     pub async fn wait(&self, limit: std::time::Duration) -> bool {
         if self.is_open() {

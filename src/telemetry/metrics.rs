@@ -361,12 +361,57 @@ impl PubSubMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BridgeRequestLabels {
+    /// `state`, `publish`, `invoke`, `secrets`, `metadata`, `healthz`, `shutdown`, `other`.
+    pub api: &'static str,
+    /// `1xx` … `5xx`.
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BridgeApiLabels {
+    pub api: &'static str,
+}
+
+/// The bridge's metrics (`docs/metrics.md` lists each). Series appear on first use only.
+#[derive(Clone)]
+pub struct BridgeMetrics {
+    pub requests: Family<BridgeRequestLabels, Counter>,
+    pub duration: Family<BridgeApiLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for BridgeMetrics {
+    fn default() -> Self {
+        BridgeMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl BridgeMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "bridge_requests",
+            "Dapr API calls answered by the bridge, by API and status class",
+            self.requests.clone(),
+        );
+        r.register(
+            "bridge_request_duration_seconds",
+            "Time from a Dapr API call's arrival to its response headers, in seconds",
+            self.duration.clone(),
+        );
+    }
+}
+
 /// The registry being built: modules register their metrics before the sidecar starts.
 pub struct Metrics {
     pub registry: Registry,
     pub runtime: RuntimeMetrics,
     pub proxy: ProxyMetrics,
     pub pubsub: PubSubMetrics,
+    pub bridge: BridgeMetrics,
 }
 
 impl Metrics {
@@ -447,11 +492,16 @@ impl Metrics {
         if cfg!(feature = "bridge") {
             pubsub.register(ours);
         }
+        let bridge = BridgeMetrics::default();
+        if cfg!(feature = "bridge") {
+            bridge.register(ours);
+        }
         Metrics {
             registry,
             runtime,
             proxy,
             pubsub,
+            bridge,
         }
     }
 }

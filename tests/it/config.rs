@@ -244,6 +244,9 @@ fn the_example_config_is_valid() {
     let (code, stdout, stderr) = run_to_end(&["check", "-c", "examples/outrigger.yaml"], &[], root);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("name: egress"), "{stdout}");
+    let (code, stdout, stderr) = run_to_end(&["check", "-c", "examples/bridge.yaml"], &[], root);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("app_id: quickstart"), "{stdout}");
 }
 
 #[test]

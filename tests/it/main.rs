@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod backend;
+mod bridge;
 mod certs;
 mod config;
 mod lifecycle;

@@ -220,6 +220,8 @@ fn component(name: &str, kind: &str, metadata: &[(&str, &str)]) -> Component {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         file: format!("{name}.yaml").into(),
+        scopes: Vec::new(),
+        line: 1,
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Sidecar {
     pub admin: SocketAddr,
     /// Bound proxy listeners by name (`127.0.0.1:PORT` or `unix:/path`).
     pub listeners: std::collections::BTreeMap<String, String>,
+    /// The bridge's bound address, when it runs.
+    pub bridge: Option<String>,
     pub config_path: PathBuf,
     command: String,
 }
@@ -60,6 +62,7 @@ impl Spawn<'_> {
             dir,
             admin: "127.0.0.1:0".parse().unwrap(),
             listeners: Default::default(),
+            bridge: None,
             config_path,
             command,
         };
@@ -74,6 +77,7 @@ impl Spawn<'_> {
                         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
                         .collect();
                 }
+                sc.bridge = v["bridge"].as_str().map(str::to_string);
                 return sc;
             }
             if let Some(status) = sc.child.as_mut().unwrap().try_wait().unwrap() {
@@ -113,6 +117,15 @@ impl Sidecar {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// `http://ADDRESS{path}` of the bridge.
+    pub fn bridge_url(&self, path: &str) -> String {
+        let address = self
+            .bridge
+            .as_ref()
+            .unwrap_or_else(|| panic!("the bridge is not running\n{}", self.diagnostics()));
+        format!("http://{address}{path}")
     }
 
     pub fn url(&self, path: &str) -> String {

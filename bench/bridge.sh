@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Bridge state API: get and save through Outrigger's Dapr-compatible bridge (state.redis) vs the
+# same operations straight to Redis, in one run.
+#
+#   bench/bridge.sh [SECONDS]      (default 10 s per measurement)
+#
+# Payload: a 1 KiB JSON value (as in Dapr's perf suite). Fixed concurrency: 16 connections.
+# Through the bridge: wrk (HTTP/1.1 keep-alive, 1 thread) GET /v1.0/state/bench/k and POST
+# /v1.0/state/bench with one item. Direct: redis-benchmark sending the commands the bridge sends
+# (HMGET key data version; the bridge's ETag-checking Lua script through EVAL). CPU pinning: load
+# generators on CPU 0, Outrigger and Redis on CPU 1. The sidecar's peak RSS (VmHWM) is read after
+# the runs. "added p50" = bridge p50 - direct p50: what an app pays for the HTTP hop.
+# Needs: redis-server redis-benchmark wrk taskset curl (Debian: redis-server redis-tools wrk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+for tool in redis-server redis-benchmark wrk taskset curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install redis-server redis-tools wrk curl)"; exit 1; }
+done
+cargo build --release -q
+bin=$PWD/target/release/outrigger
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
+trap cleanup EXIT
+
+REDIS=18300
+BRIDGE=18310
+CONN=16
+start() { taskset -c 1 "$@" & pids+=($!); }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
+
+mkdir "$dir/components"
+printf '%s\n' \
+  'apiVersion: dapr.io/v1alpha1' \
+  'kind: Component' \
+  'metadata: { name: bench }' \
+  'spec:' \
+  '  type: state.redis' \
+  '  version: v1' \
+  '  metadata:' \
+  "    - { name: redisHost, value: \"127.0.0.1:$REDIS\" }" > "$dir/components/redis.yaml"
+printf '%s\n' \
+  'service: bench' \
+  'admin: { address: 127.0.0.1:0 }' \
+  'runtime: { worker_threads: 1 }' \
+  'log: { level: warn }' \
+  'bridge:' \
+  "  address: 127.0.0.1:$BRIDGE" \
+  "  resources: $dir/components" > "$dir/outrigger.yaml"
+
+start redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" --logfile "$dir/redis.log"
+wait_port "$REDIS"
+start "$bin" run -c "$dir/outrigger.yaml"
+sidecar=$!
+wait_port "$BRIDGE"
+
+value=$(printf '{"data":"%s"}' "$(head -c 1000 /dev/zero | tr '\0' 'x')")
+curl -sf -X POST "http://127.0.0.1:$BRIDGE/v1.0/state/bench" -H 'content-type: application/json' \
+  -d "[{\"key\":\"k\",\"value\":$value}]"
+printf '%s\n' \
+  'wrk.method = "POST"' \
+  'wrk.headers["Content-Type"] = "application/json"' \
+  "wrk.body = '[{\"key\":\"s\",\"value\":$value}]'" > "$dir/save.lua"
+
+# wrk: prints "rps p50_ms p99_ms"
+wrk_run() {
+  taskset -c 0 wrk -t1 -c"$CONN" -d1s "$@" >/dev/null # warm up
+  taskset -c 0 wrk -t1 -c"$CONN" -d"${secs}s" --latency "$@" | awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /Requests\/sec/ { rps = $2 }
+    /^ +50%/ { p50 = $2 }
+    /^ +99%/ { p99 = $2 }
+    END { printf "%d %.3f %.3f\n", rps, ms(p50), ms(p99) }'
+}
+# redis-benchmark: prints "rps p50_ms p99_ms"; sized from a short probe to run about SECONDS.
+# (The last CSV fields: the test name is the command, which can hold commas.)
+rb_run() {
+  local probe n
+  probe=$(taskset -c 0 redis-benchmark -p "$REDIS" -c "$CONN" -n 20000 --csv "$@" | tail -1 | awk -F, '{ gsub(/"/, ""); print $(NF-6) }')
+  n=$(awk -v r="$probe" -v s="$secs" 'BEGIN { printf "%d", r * s }')
+  taskset -c 0 redis-benchmark -p "$REDIS" -c "$CONN" -n "$n" --precision 3 --csv "$@" | tail -1 |
+    awk -F, '{ gsub(/"/, ""); printf "%d %.3f %.3f\n", $(NF-6), $(NF-3), $(NF-1) }'
+}
+
+# The bridge's own script, so "direct" does the same work in Redis.
+script=$(sed -n '/^const APPLY_SCRIPT: &str = r#"/,/^"#;/p' src/bridge/state.rs | sed '1d;$d')
+read -r get_b_rps get_b_p50 get_b_p99 < <(wrk_run "http://127.0.0.1:$BRIDGE/v1.0/state/bench/k")
+read -r get_d_rps get_d_p50 get_d_p99 < <(rb_run HMGET "bench||k" data version)
+read -r save_b_rps save_b_p50 save_b_p99 < <(wrk_run -s "$dir/save.lua" "http://127.0.0.1:$BRIDGE/v1.0/state/bench")
+read -r save_d_rps save_d_p50 save_d_p99 < <(rb_run EVAL "$script" 1 "bench||s" 1 u "" "$value")
+rss=$(awk '/VmHWM/ {print $2}' "/proc/$sidecar/status")
+
+added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f us", (a - b) * 1000 }'; }
+printf '\n%-22s %10s %9s %9s %12s\n' "state, $CONN connections" "req/s" "p50 ms" "p99 ms" "added p50"
+printf '%-22s %10s %9s %9s\n' "get: Redis direct" "$get_d_rps" "$get_d_p50" "$get_d_p99"
+printf '%-22s %10s %9s %9s %12s\n' "get: via bridge" "$get_b_rps" "$get_b_p50" "$get_b_p99" "$(added "$get_b_p50" "$get_d_p50")"
+printf '%-22s %10s %9s %9s\n' "save: Redis direct" "$save_d_rps" "$save_d_p50" "$save_d_p99"
+printf '%-22s %10s %9s %9s %12s\n' "save: via bridge" "$save_b_rps" "$save_b_p50" "$save_b_p99" "$(added "$save_b_p50" "$save_d_p50")"
+awk -v k="$rss" 'BEGIN { printf "sidecar peak RSS: %.1f MiB\n", k / 1024 }'

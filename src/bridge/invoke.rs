@@ -1,0 +1,275 @@
+//! Service invocation: `/v1.0/invoke/{appId}/method/{path}` and, on any other path, the
+//! `dapr-app-id` header. The app id names a proxy cluster (`clusters.<appId>`), so the
+//! cluster's balancing, connection pools, outlier ejection, limits and TLS (mTLS) apply; our
+//! own app id goes to the local app (the `app` cluster, `app.address`). The callee's status,
+//! headers and body come back unchanged.
+//!
+//! Routes' retry policies belong to outbound listeners and are not applied here: a request is
+//! sent once, except that a connect failure (nothing was sent) is tried on another endpoint,
+//! within the cluster's retry budget (`outrigger_retries_total`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
+
+use super::BridgeState;
+use super::error::ApiError;
+use crate::config::proxy::{APP_CLUSTER, ClusterConfig};
+use crate::proxy::body;
+use crate::proxy::cluster::Cluster;
+use crate::telemetry::metrics::ProxyMetrics;
+
+/// The header form of invocation: the whole path is the method.
+pub const APP_ID_HEADER: &str = "dapr-app-id";
+
+/// Where app ids are looked up.
+pub enum Clusters {
+    /// The proxy module's clusters (live across config reloads).
+    Proxy(Arc<crate::proxy::Proxy>),
+    /// No proxy module runs (no listeners): clusters built on first use from the config.
+    Own(Box<OwnClusters>),
+}
+
+/// Clusters the bridge builds itself, on first use, when no proxy module runs.
+pub struct OwnClusters {
+    pub configs: BTreeMap<String, ClusterConfig>,
+    pub built: Mutex<HashMap<String, Arc<Cluster>>>,
+    pub metrics: ProxyMetrics,
+}
+
+impl Clusters {
+    async fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        match self {
+            Clusters::Proxy(p) => p.cluster(name),
+            Clusters::Own(own) => {
+                let OwnClusters {
+                    configs,
+                    built,
+                    metrics,
+                } = &**own;
+                if let Some(c) = built.lock().expect("not poisoned").get(name) {
+                    return Some(c.clone());
+                }
+                let config = configs.get(name)?;
+                let cluster = Cluster::new(config.clone(), metrics.clone());
+                if cluster.is_discovered() {
+                    cluster.refresh().await;
+                    tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));
+                }
+                let mut built = built.lock().expect("not poisoned");
+                Some(built.entry(name.to_string()).or_insert(cluster).clone())
+            }
+        }
+    }
+}
+
+/// The fallback route: invocation (URL or header form), or daprd's "no app id" error.
+pub async fn fallback(State(st): State<Arc<BridgeState>>, req: Request) -> Response {
+    match target(&req) {
+        Some((app_id, path)) => match invoke(&st, app_id, path, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+        None => ApiError::NoAppId.into_response(),
+    }
+}
+
+/// The app id and the path (with query) to call it on.
+fn target(req: &Request) -> Option<(String, String)> {
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    if let Some(id) = req.headers().get(APP_ID_HEADER) {
+        let id = id.to_str().ok()?.to_string();
+        return Some((id, format!("{}{query}", req.uri().path())));
+    }
+    let rest = req.uri().path().strip_prefix("/v1.0/invoke/")?;
+    let (id, method) = rest.split_once("/method/")?;
+    let id = percent_decode(id)?;
+    Some((id, format!("/{method}{query}")))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Connect failures retried on another endpoint (within the cluster's retry budget).
+const MAX_CONNECT_RETRIES: u32 = 2;
+
+/// Headers that belong to one hop, never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    APP_ID_HEADER,
+];
+
+async fn invoke(
+    st: &BridgeState,
+    app_id: String,
+    path: String,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
+    if app_id.is_empty() {
+        return Err(ApiError::NoAppId);
+    }
+    let local = app_id == st.config.app_id;
+    let cluster_name = if local { APP_CLUSTER } else { app_id.as_str() };
+    let Some(cluster) = st.clusters.get(cluster_name).await else {
+        return Err(fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            if local {
+                format!("cannot invoke {app_id:?}: the local app has no app.address")
+            } else {
+                format!(
+                    "cannot invoke {app_id:?}: expected a cluster named {app_id:?} in clusters, found none"
+                )
+            },
+        ));
+    };
+    let path: http::uri::PathAndQuery = path
+        .parse()
+        .map_err(|_| ApiError::Malformed(format!("invalid method path {path:?}")))?;
+    let (parts, body) = req.into_parts();
+    let body = super::routes::read_body(st, body).await?;
+    if local && !st.app_gate.wait(st.hold_timeout).await {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the app was not ready within {:?}", st.hold_timeout),
+        ));
+    }
+    let Ok(_permit) = cluster.admit() else {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster {app_id:?} has too many requests in flight"),
+        ));
+    };
+    let mut headers = parts.headers;
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if local && let Some(token) = &st.config.app_api_token {
+        headers.insert(
+            HeaderName::from_static(super::TOKEN_HEADER),
+            HeaderValue::from_str(token.expose()).expect("validated as printable ASCII"),
+        );
+    }
+    let version = if cluster.config.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let timeout = cluster.config.timeout.get();
+    cluster.deposit();
+    // A connect failure sent nothing, so it is retried on another endpoint (any method), as
+    // far as the cluster's retry budget allows; every other outcome is final.
+    let mut tries = 0;
+    loop {
+        let Some(attempt) = cluster.pick() else {
+            return Err(fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cluster {cluster_name:?} has no endpoints"),
+            ));
+        };
+        let mut out = http::Request::new(body::full(body.clone()));
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = attempt.endpoint.uri(path.clone());
+        *out.version_mut() = version;
+        let mut headers = headers.clone();
+        // HTTP/1 needs a Host; the endpoint's authority is what the callee listens on.
+        if let Some(host) = out.uri().authority().map(|a| a.to_string())
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            headers.insert(header::HOST, v);
+        }
+        *out.headers_mut() = headers;
+        match tokio::time::timeout(timeout, attempt.endpoint.client.request(out)).await {
+            Ok(Ok(res)) => {
+                if res.status().is_server_error() {
+                    cluster.failed(&attempt);
+                } else {
+                    cluster.succeeded(&attempt);
+                }
+                return Ok(res.map(Body::new).into_response());
+            }
+            Ok(Err(e)) => {
+                cluster.failed(&attempt);
+                if e.is_connect() && tries < MAX_CONNECT_RETRIES && cluster.withdraw_retry() {
+                    tries += 1;
+                    tracing::debug!(app_id, endpoint = %attempt.endpoint.address, "invocation: connect failed; trying another endpoint");
+                    continue;
+                }
+                return Err(fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "cannot invoke {app_id:?} at {}: {e}",
+                        attempt.endpoint.address
+                    ),
+                ));
+            }
+            Err(_) => {
+                cluster.failed(&attempt);
+                return Err(fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "no response from {app_id:?} at {} within {timeout:?}",
+                        attempt.endpoint.address
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let req = Request::builder()
+            .uri("/v1.0/invoke/my%2Dapp/method/api/v1/add?x=1")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            target(&req),
+            Some(("my-app".into(), "/api/v1/add?x=1".into()))
+        );
+        let req = Request::builder()
+            .uri("/orders/7")
+            .header(APP_ID_HEADER, "shop")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(target(&req), Some(("shop".into(), "/orders/7".into())));
+        let req = Request::builder()
+            .uri("/nothing")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(target(&req), None);
+    }
+}

@@ -1,0 +1,189 @@
+//! The `bridge:` section: the Dapr-compatible API's address, resources directory, app id,
+//! tokens and body limit, validated into [`BridgeConfig`]. The resources directory (Dapr
+//! Component YAML) is read here too, so that an unknown component type or a bad secret
+//! reference stops start-up with its file and line, like any other config problem.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::de::{self, Deserializer, Unexpected, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::document::Document;
+use super::raw::RawBridge;
+use super::{Address, Problem, Secret};
+
+/// Dapr's default HTTP API port, on loopback: the API can read state and secrets.
+pub const DEFAULT_BRIDGE_ADDRESS: &str = "127.0.0.1:3500";
+/// Dapr's default `--dapr-http-max-request-size` (4 MB).
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+/// Unix sockets: only the sidecar's user (the app runs as the same user or is given access).
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// The validated `bridge:` section.
+#[derive(Clone, Serialize)]
+pub struct BridgeConfig {
+    pub address: Address,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<PathBuf>,
+    /// The Dapr app id (state key prefix, CloudEvent `source`, `/v1.0/metadata` id).
+    pub app_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_api_token: Option<Secret>,
+    pub max_body: usize,
+    /// The components and raw Subscription documents read from `resources`.
+    #[cfg(feature = "bridge")]
+    #[serde(skip)]
+    pub resources_loaded: std::sync::Arc<crate::bridge::components::Resources>,
+}
+
+impl fmt::Debug for BridgeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BridgeConfig")
+            .field("address", &self.address)
+            .field("resources", &self.resources)
+            .field("app_id", &self.app_id)
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validates the `bridge:` section (present: the bridge runs).
+pub fn validate(
+    raw: RawBridge,
+    service: &str,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<BridgeConfig> {
+    if !cfg!(feature = "bridge") {
+        problems.push(doc.problem(
+            "bridge",
+            "the bridge needs the bridge module, and this binary was built without it (cargo feature `bridge`)",
+        ));
+        return None;
+    }
+    let app_id = raw.app_id.unwrap_or_else(|| service.to_string());
+    if app_id.is_empty() || app_id.contains("||") || app_id.contains('/') {
+        problems.push(doc.problem(
+            "bridge.app_id",
+            format!("expected an app id without '/' or '||', found {app_id:?}"),
+        ));
+    }
+    let max_body = raw.max_body.map_or(DEFAULT_MAX_BODY, |b| b.0);
+    if max_body == 0 {
+        problems.push(doc.problem(
+            "bridge.max_body",
+            "expected a size above 0, like 4MiB, found 0",
+        ));
+    }
+    if let Some(dir) = &raw.resources
+        && !dir.is_dir()
+    {
+        problems.push(doc.problem(
+            "bridge.resources",
+            format!(
+                "expected a directory of Dapr component YAML files, found no directory at {}",
+                dir.display()
+            ),
+        ));
+    }
+    for (key, token) in [
+        ("bridge.api_token", &raw.api_token),
+        ("bridge.app_api_token", &raw.app_api_token),
+    ] {
+        if let Some(t) = token
+            && (t.expose().is_empty()
+                || t.expose()
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || !b.is_ascii()))
+        {
+            problems.push(doc.problem(
+                key,
+                "expected a non-empty token of printable ASCII characters (it is sent as a header)",
+            ));
+        }
+    }
+    #[cfg(feature = "bridge")]
+    let resources_loaded = std::sync::Arc::new(crate::bridge::components::load(
+        raw.resources.as_deref().filter(|d| d.is_dir()),
+        problems,
+    ));
+    Some(BridgeConfig {
+        address: raw
+            .address
+            .unwrap_or_else(|| DEFAULT_BRIDGE_ADDRESS.parse().expect("valid default")),
+        resources: raw.resources,
+        app_id,
+        api_token: raw.api_token,
+        app_api_token: raw.app_api_token,
+        max_body,
+        #[cfg(feature = "bridge")]
+        resources_loaded,
+    })
+}
+
+/// A size in bytes: a plain number, or a number with a unit (`512KiB`, `4MiB`, `1GiB`, `10MB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl std::str::FromStr for ByteSize {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: usize = num.parse().map_err(|_| ())?;
+        let mult: usize = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return Err(()),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or(())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like 4MiB, 512KiB or a number of bytes")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v as usize))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                usize::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse()
+                    .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!("4MiB".parse::<ByteSize>(), Ok(ByteSize(4 << 20)));
+        assert_eq!("100".parse::<ByteSize>(), Ok(ByteSize(100)));
+        assert_eq!("2 KiB".parse::<ByteSize>(), Ok(ByteSize(2048)));
+        assert!("4 parsecs".parse::<ByteSize>().is_err());
+        assert!("MiB".parse::<ByteSize>().is_err());
+    }
+}

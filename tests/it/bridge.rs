@@ -1,0 +1,914 @@
+//! The Dapr-compatible bridge, end to end: the real binary, real Redis (started per test on a
+//! free port), SQLite files in temp dirs, a real HTTP backend for invocation.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::backend::Backend;
+use crate::support::{Sidecar, Spawn, client, run_to_end};
+
+/// A redis-server of our own, on a free loopback port, without persistence.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for the bridge tests");
+        let r = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.command(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never answered PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    /// Sends one command (RESP), returns the first reply line.
+    fn command(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        Some(text.trim_end().to_string())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const BRIDGE: &str = "bridge:\n  address: 127.0.0.1:0\n";
+
+/// A sidecar with the bridge, `extra` config and a resources dir holding `components`.
+fn start(extra: &str, components: &[(&str, &str)]) -> Sidecar {
+    start_with(extra, components, &[])
+}
+
+fn start_with(extra: &str, components: &[(&str, &str)], env: &[(&str, &str)]) -> Sidecar {
+    let resources = tempfile::tempdir().unwrap().keep();
+    for (name, text) in components {
+        std::fs::write(resources.join(name), text).unwrap();
+    }
+    let resources_line = if components.is_empty() {
+        String::new()
+    } else {
+        format!("  resources: {}\n", resources.display())
+    };
+    let config = format!("{BRIDGE}{resources_line}{extra}");
+    let sc = Spawn {
+        config: &config,
+        env,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    sc
+}
+
+fn post(sc: &Sidecar, path: &str, body: Value) -> (u16, String) {
+    let r = client()
+        .post(sc.bridge_url(path))
+        .json(&body)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+fn post_raw(sc: &Sidecar, path: &str, body: &str) -> (u16, Value) {
+    let r = client()
+        .post(sc.bridge_url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// GET: (status, etag, body).
+fn get(sc: &Sidecar, path: &str) -> (u16, Option<String>, String) {
+    let r = client().get(sc.bridge_url(path)).send().unwrap();
+    let etag = r
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), etag, r.text().unwrap())
+}
+
+fn error_code(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["errorCode"].as_str().unwrap_or_default().to_string()
+}
+
+/// The state API against one store: save/get/ETags/bulk/delete/transactions and the errors.
+fn state_contract(sc: &Sidecar, store: &str) {
+    let base = format!("/v1.0/state/{store}");
+    let (s, body) = post(
+        sc,
+        &base,
+        json!([{"key": "k1", "value": {"a": 1}}, {"key": "k2", "value": "two"}]),
+    );
+    assert_eq!(s, 204, "{body}\n{}", sc.diagnostics());
+    let (s, etag, body) = get(sc, &format!("{base}/k1"));
+    assert_eq!((s, body.as_str()), (200, r#"{"a":1}"#));
+    let etag = etag.expect("an ETag header");
+    let (_, _, body) = get(sc, &format!("{base}/k2"));
+    assert_eq!(body, r#""two""#);
+    // Missing: 204, empty.
+    let (s, etag_missing, body) = get(sc, &format!("{base}/nope"));
+    assert_eq!((s, etag_missing, body.as_str()), (204, None, ""));
+
+    // ETags: the current one writes, a stale one is 409, a non-version is 400.
+    let (s, body) = post(
+        sc,
+        &base,
+        json!([{"key": "k1", "value": 2, "etag": etag, "options": {"concurrency": "first-write", "consistency": "strong"}}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    let (s, body) = post(sc, &base, json!([{"key": "k1", "value": 3, "etag": etag}]));
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (409, "ERR_STATE_SAVE"),
+        "{body}"
+    );
+    let (s, body) = post(
+        sc,
+        &base,
+        json!([{"key": "k1", "value": 3, "etag": "not-a-version"}]),
+    );
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (400, "ERR_STATE_SAVE"),
+        "{body}"
+    );
+    // last-write ignores the etag.
+    let (s, body) = post(
+        sc,
+        &base,
+        json!([{"key": "k1", "value": 4, "etag": etag, "options": {"concurrency": "last-write"}}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    let (_, etag, body) = get(sc, &format!("{base}/k1"));
+    assert_eq!(body, "4");
+    let etag = etag.unwrap();
+
+    // Malformed bodies and missing keys.
+    let (s, v) = post_raw(sc, &base, "[{\"key\": ");
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+    let (s, v) = post_raw(sc, &base, r#"{"key": "k"}"#);
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+    let (s, v) = post_raw(sc, &base, r#"[{"value": 1}]"#);
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+    let (s, _) = post_raw(sc, &base, "[]");
+    assert_eq!(s, 204);
+    let (s, v) = post_raw(sc, &base, r#"[{"key": "a||b", "value": 1}]"#);
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+    let (s, v) = post_raw(sc, "/v1.0/state/nosuchstore", "[]");
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_STATE_STORE_NOT_FOUND"))
+    );
+
+    // Bulk get: found keys with data and etag, missing ones with the key only.
+    let (s, body) = post(
+        sc,
+        &format!("{base}/bulk"),
+        json!({"keys": ["k1", "k2", "nope"], "parallelism": 10}),
+    );
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0], json!({"key": "k1", "data": 4, "etag": etag}));
+    assert_eq!(v[1]["data"], json!("two"));
+    assert_eq!(v[2], json!({"key": "nope"}));
+
+    // Delete with If-Match: stale 409, bad 400, current 204.
+    let del = |etag: Option<&str>| {
+        let mut r = client().delete(sc.bridge_url(&format!("{base}/k1")));
+        if let Some(e) = etag {
+            r = r.header("if-match", e);
+        }
+        let r = r.send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (s, body) = del(Some("999"));
+    assert_eq!((s, error_code(&body).as_str()), (409, "ERR_STATE_DELETE"));
+    let (s, body) = del(Some("x"));
+    assert_eq!((s, error_code(&body).as_str()), (400, "ERR_STATE_DELETE"));
+    assert_eq!(del(Some(&etag)).0, 204);
+    assert_eq!(get(sc, &format!("{base}/k1")).0, 204);
+    // Without an etag a delete of a missing key is fine.
+    assert_eq!(del(None).0, 204);
+
+    // Transactions: all or nothing.
+    let (_, k2_etag, _) = get(sc, &format!("{base}/k2"));
+    let tx = format!("{base}/transaction");
+    let (s, body) = post(
+        sc,
+        &tx,
+        json!({"operations": [
+            {"operation": "upsert", "request": {"key": "t1", "value": "one"}},
+            {"operation": "upsert", "request": {"key": "k2", "value": "changed", "etag": "999"}},
+        ]}),
+    );
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (409, "ERR_STATE_TRANSACTION"),
+        "{body}"
+    );
+    assert_eq!(
+        get(sc, &format!("{base}/t1")).0,
+        204,
+        "nothing of a failed transaction is applied"
+    );
+    assert_eq!(get(sc, &format!("{base}/k2")).2, r#""two""#);
+    let (s, body) = post(
+        sc,
+        &tx,
+        json!({"operations": [
+            {"operation": "upsert", "request": {"key": "t1", "value": "one"}},
+            {"operation": "delete", "request": {"key": "k2", "etag": k2_etag.unwrap()}},
+        ], "metadata": {}}),
+    );
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(get(sc, &format!("{base}/t1")).2, r#""one""#);
+    assert_eq!(get(sc, &format!("{base}/k2")).0, 204);
+    let (s, body) = post(
+        sc,
+        &tx,
+        json!({"operations": [{"operation": "merge", "request": {"key": "a"}}]}),
+    );
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (400, "ERR_NOT_SUPPORTED_STATE_OPERATION")
+    );
+    let (s, v) = post_raw(sc, &tx, "{\"operations\": 7}");
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+}
+
+/// Concurrent read-modify-write with first-write ETags: no update is lost, so the counter
+/// ends at the number of successful writes.
+fn concurrent_counter(sc: &Sidecar, store: &str) {
+    let base = format!("/v1.0/state/{store}");
+    assert_eq!(
+        post(sc, &base, json!([{"key": "counter", "value": 0}])).0,
+        204
+    );
+    let url = sc.bridge_url(&base);
+    let get_url = sc.bridge_url(&format!("{base}/counter"));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, get_url) = (url.clone(), get_url.clone());
+            std::thread::spawn(move || {
+                let c = client();
+                let (mut ok, mut conflicts) = (0, 0);
+                for _ in 0..15 {
+                    let r = c.get(&get_url).send().unwrap();
+                    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+                    let n: u64 = r.text().unwrap().parse().unwrap();
+                    let r = c
+                        .post(&url)
+                        .json(&json!([{"key": "counter", "value": n + 1, "etag": etag, "options": {"concurrency": "first-write"}}]))
+                        .send()
+                        .unwrap();
+                    match r.status().as_u16() {
+                        204 => ok += 1,
+                        409 => conflicts += 1,
+                        s => panic!("unexpected status {s}: {}", r.text().unwrap()),
+                    }
+                }
+                (ok, conflicts)
+            })
+        })
+        .collect();
+    let (mut ok, mut conflicts) = (0u64, 0u64);
+    for t in threads {
+        let (a, b) = t.join().unwrap();
+        ok += a;
+        conflicts += b;
+    }
+    let (_, _, body) = get(sc, &format!("{base}/counter"));
+    assert_eq!(
+        body.parse::<u64>().unwrap(),
+        ok,
+        "{ok} writes succeeded, {conflicts} conflicted"
+    );
+    assert_eq!(ok + conflicts, 8 * 15);
+}
+
+#[test]
+fn in_memory_state_health_metadata_and_metrics() {
+    // No resources directory: the embedded statestore (in-memory) and pubsub.
+    let sc = start("service: shop\n", &[]);
+    assert_eq!(get(&sc, "/v1.0/healthz").0, 204);
+    assert_eq!(get(&sc, "/v1.0/healthz/outbound").0, 204);
+    state_contract(&sc, "statestore");
+    concurrent_counter(&sc, "statestore");
+
+    let r = client()
+        .put(sc.bridge_url("/v1.0/metadata/team"))
+        .body("checkout")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, _, body) = get(&sc, "/v1.0/metadata");
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["id"], "shop", "the app id defaults to the service");
+    assert_eq!(v["extended"]["team"], "checkout");
+    let names: Vec<(&str, &str)> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("statestore", "state.in-memory"),
+            ("pubsub", "pubsub.in-memory")
+        ]
+    );
+    assert!(v["subscriptions"].is_array());
+
+    // Unknown routes are daprd's invocation error.
+    let (s, _, body) = get(&sc, "/v1.0/nothing-here");
+    assert_eq!((s, error_code(&body).as_str()), (400, "ERR_DIRECT_INVOKE"));
+
+    let ok = sc.metric("outrigger_bridge_requests_total{api=\"state\",status_class=\"2xx\"}");
+    assert!(ok >= 10.0, "state 2xx counted: {ok}");
+    assert!(
+        sc.metric("outrigger_bridge_requests_total{api=\"state\",status_class=\"4xx\"}") >= 5.0
+    );
+    assert!(sc.metric("outrigger_bridge_request_duration_seconds_count{api=\"metadata\"}") >= 1.0);
+}
+
+#[test]
+fn redis_state_store() {
+    let redis = Redis::start();
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: cache\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: 127.0.0.1:{}\n  - name: redisPassword\n    value: \"\"\n",
+        redis.port
+    );
+    let sc = start("service: orders\n", &[("redis.yaml", &component)]);
+    state_contract(&sc, "cache");
+    concurrent_counter(&sc, "cache");
+    // Laid out as Dapr's Redis store does: a hash per prefixed key, data and version.
+    assert_eq!(
+        post(
+            &sc,
+            "/v1.0/state/cache",
+            json!([{"key": "layout", "value": {"x": true}}])
+        )
+        .0,
+        204
+    );
+    let data = redis.command(&["HGET", "orders||layout", "data"]).unwrap();
+    assert!(data.ends_with(r#"{"x":true}"#), "{data}");
+    let version = redis
+        .command(&["HGET", "orders||layout", "version"])
+        .unwrap();
+    assert!(version.ends_with("\r\n1"), "{version:?}");
+    // Data written the way daprd writes it is read back.
+    redis.command(&["HSET", "orders||fromdapr", "data", "\"hi\"", "version", "7"]);
+    let (s, etag, body) = get(&sc, "/v1.0/state/cache/fromdapr");
+    assert_eq!(
+        (s, etag.as_deref(), body.as_str()),
+        (200, Some("7"), "\"hi\"")
+    );
+}
+
+#[test]
+fn sqlite_state_persists_across_restarts() {
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("state.db");
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: db\nspec:\n  type: state.sqlite\n  version: v1\n  metadata:\n  - name: connectionString\n    value: {}\n  - name: keyPrefix\n    value: name\n",
+        db.display()
+    );
+    {
+        let sc = start("", &[("db.yaml", &component)]);
+        state_contract(&sc, "db");
+        concurrent_counter(&sc, "db");
+        assert_eq!(
+            post(
+                &sc,
+                "/v1.0/state/db",
+                json!([{"key": "kept", "value": [1, 2]}])
+            )
+            .0,
+            204
+        );
+    }
+    let sc = start("", &[("db.yaml", &component)]);
+    let (s, etag, body) = get(&sc, "/v1.0/state/db/kept");
+    assert_eq!(
+        (s, etag.as_deref(), body.as_str()),
+        (200, Some("1"), "[1,2]"),
+        "{}",
+        sc.diagnostics()
+    );
+}
+
+#[test]
+fn api_token_is_required_except_for_health() {
+    let sc = start_with("", &[], &[("DAPR_API_TOKEN", "s3cret")]);
+    let (s, _, body) = get(&sc, "/v1.0/metadata");
+    assert_eq!((s, body.as_str()), (401, "invalid api token"));
+    let r = client()
+        .get(sc.bridge_url("/v1.0/metadata"))
+        .header("dapr-api-token", "wrong")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(sc.bridge_url("/v1.0/metadata"))
+        .header("dapr-api-token", "s3cret")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&sc, "/v1.0/healthz").0, 204);
+    assert_eq!(get(&sc, "/v1.0/healthz/outbound").0, 204);
+    let r = client()
+        .post(sc.bridge_url("/v1.0/state/statestore"))
+        .json(&json!([{"key": "a", "value": 1}]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The config key wins over the variable.
+    let sc = start_with(
+        "  api_token: fromfile\n",
+        &[],
+        &[("DAPR_API_TOKEN", "s3cret")],
+    );
+    let r = client()
+        .get(sc.bridge_url("/v1.0/metadata"))
+        .header("dapr-api-token", "fromfile")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn body_limit_answers_413() {
+    let sc = start("  max_body: 1KiB\n", &[]);
+    let big = format!("[{{\"key\": \"k\", \"value\": \"{}\"}}]", "x".repeat(2000));
+    let (s, v) = post_raw(&sc, "/v1.0/state/statestore", &big);
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (413, Some("ERR_BODY_TOO_LARGE"))
+    );
+    let (s, _) = post_raw(
+        &sc,
+        "/v1.0/state/statestore",
+        r#"[{"key": "k", "value": 1}]"#,
+    );
+    assert_eq!(s, 204);
+}
+
+#[test]
+fn unknown_component_type_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(
+        resources.join("kafka.yaml"),
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.kafka\n  version: v1\n",
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+            resources.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_to_end(&["run", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("kafka.yaml:6:"), "{stderr}");
+    assert!(
+        stderr.contains("unknown component type \"pubsub.kafka\""),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+}
+
+#[test]
+fn secrets_from_a_file_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.json");
+    std::fs::write(
+        &file,
+        r#"{"db": {"password": "pw", "user": "u"}, "token": "t"}"#,
+    )
+    .unwrap();
+    let components = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: files\nspec:\n  type: secretstores.local.file\n  version: v1\n  metadata:\n  - name: secretsFile\n    value: {}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: env\nspec:\n  type: secretstores.local.env\n  version: v1\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: statestore\nspec:\n  type: state.in-memory\n  version: v1\n  metadata:\n  - name: unused\n    secretKeyRef:\n      name: \"db:password\"\nauth:\n  secretStore: files\n",
+        file.display()
+    );
+    let sc = start_with(
+        "",
+        &[("all.yaml", &components)],
+        &[("BRIDGE_TEST_SECRET", "from-env")],
+    );
+    let (s, _, body) = get(&sc, "/v1.0/secrets/files/db:password");
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"db:password": "pw"})
+    );
+    let (s, _, body) = get(&sc, "/v1.0/secrets/files/bulk");
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["db:user"], json!({"db:user": "u"}));
+    assert_eq!(v["token"], json!({"token": "t"}));
+    assert_eq!(get(&sc, "/v1.0/secrets/files/missing").0, 204);
+    let (_, _, body) = get(&sc, "/v1.0/secrets/env/BRIDGE_TEST_SECRET");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"BRIDGE_TEST_SECRET": "from-env"})
+    );
+    let (s, _, body) = get(&sc, "/v1.0/secrets/nope/x");
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (400, "ERR_SECRET_STORE_NOT_FOUND")
+    );
+}
+
+#[test]
+fn invoke_the_local_app_and_a_cluster() {
+    let app = Backend::http();
+    let other = Backend::http();
+    let config = format!(
+        "service: front\napp:\n  address: {}\nclusters:\n  billing:\n    endpoints: [{}]\n  flaky:\n    endpoints: [{}, {}]\n  dead:\n    endpoints: [{}]\nbridge:\n  address: 127.0.0.1:0\n  app_api_token: apptok\n",
+        app.address(),
+        other.address(),
+        crate::backend::dead_port(),
+        other.address(),
+        crate::backend::dead_port()
+    );
+    let sc = Sidecar::start(&config);
+    sc.wait_ready();
+    // Our own app id: the local app, with the app token.
+    let r = client()
+        .post(sc.bridge_url("/v1.0/invoke/front/method/orders/7?x=1"))
+        .header("x-custom", "yes")
+        .body("hello")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.diagnostics());
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/orders/7?x=1")
+    );
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header("x-custom"), Some("yes"));
+    assert_eq!(seen.header("dapr-api-token"), Some("apptok"));
+    // Another app id: the cluster of that name; the header form; status passes through.
+    let r = client()
+        .put(sc.bridge_url("/status/418"))
+        .header("dapr-app-id", "billing")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 418);
+    let r = client()
+        .delete(sc.bridge_url("/v1.0/invoke/billing/method/items/1"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = other.seen().pop().unwrap();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("DELETE", "/items/1")
+    );
+    assert_eq!(seen.header("dapr-app-id"), None);
+    assert_eq!(
+        seen.header("dapr-api-token"),
+        None,
+        "the app token is for the local app only"
+    );
+    // Unknown app id.
+    let (s, _, body) = get(&sc, "/v1.0/invoke/ghost/method/x");
+    assert_eq!((s, error_code(&body).as_str()), (500, "ERR_DIRECT_INVOKE"));
+    assert!(body.contains("ghost"), "{body}");
+    // A cluster with a dead endpoint: connect failures are tried on the other one.
+    for i in 0..4 {
+        let r = client()
+            .get(sc.bridge_url(&format!("/v1.0/invoke/flaky/method/n/{i}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "call {i}\n{}", sc.diagnostics());
+    }
+    assert!(
+        sc.metric("outrigger_retries_total{cluster=\"flaky\",outcome=\"attempted\"}") >= 1.0,
+        "{}",
+        sc.diagnostics()
+    );
+    // Nothing listens for a cluster whose only endpoint is dead.
+    let (s, _, body) = get(&sc, "/v1.0/invoke/dead/method/x");
+    assert_eq!((s, error_code(&body).as_str()), (500, "ERR_DIRECT_INVOKE"));
+    let message = serde_json::from_str::<Value>(&body).unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .starts_with("cannot invoke \"dead\" at"),
+        "{body}"
+    );
+}
+
+#[test]
+fn invoke_through_the_proxy_clusters_and_shutdown() {
+    // With listeners the proxy module runs, and the bridge uses its clusters.
+    let other = Backend::http();
+    let config = format!(
+        "listeners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - match: {{ path_prefix: / }}\n        cluster: billing\nclusters:\n  billing:\n    endpoints: [{}]\nbridge:\n  address: 127.0.0.1:0\n",
+        other.address()
+    );
+    let mut sc = Sidecar::start(&config);
+    sc.wait_ready();
+    let r = client()
+        .get(sc.bridge_url("/v1.0/invoke/billing/method/hello"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.diagnostics());
+    assert_eq!(other.seen().pop().unwrap().path, "/hello");
+    // POST /v1.0/shutdown stops the sidecar gracefully.
+    let r = client()
+        .post(sc.bridge_url("/v1.0/shutdown"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let status = sc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", sc.diagnostics());
+}
+
+#[test]
+fn the_app_finds_the_bridge_in_its_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("env.txt");
+    let script = format!(
+        "env | grep -E '^(DAPR_|APP_ID|APP_API_TOKEN|OUTRIGGER_BRIDGE)' | sort > {}; sleep 30",
+        out.display()
+    );
+    let config = "service: envapp\nbridge:\n  address: 127.0.0.1:0\n  api_token: tok\n  app_api_token: apptok\n";
+    let sc = Spawn {
+        config,
+        app: &["sh", "-c", &script],
+        ..Spawn::default()
+    }
+    .start();
+    let port = sc
+        .bridge
+        .clone()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let text = crate::support::eventually(Duration::from_secs(10), "the app's env file", || {
+        std::fs::read_to_string(&out)
+            .ok()
+            .filter(|t| t.contains("DAPR_HTTP_PORT"))
+    });
+    for line in [
+        format!("DAPR_HTTP_PORT={port}"),
+        format!("DAPR_HTTP_ENDPOINT=http://127.0.0.1:{port}"),
+        "DAPR_API_TOKEN=tok".to_string(),
+        "APP_API_TOKEN=apptok".to_string(),
+        "APP_ID=envapp".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line} in:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn h2c_and_unix_socket() {
+    let sc = start("", &[]);
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = h2.get(sc.bridge_url("/v1.0/healthz")).send().unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (204, reqwest::Version::HTTP_2)
+    );
+    let r = h2
+        .post(sc.bridge_url("/v1.0/state/statestore"))
+        .json(&json!([{"key": "h2", "value": 1}]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("dapr.sock");
+    let config = format!("bridge:\n  address: unix:{}\n", sock.display());
+    let sc = Sidecar::start(&config);
+    sc.wait_ready();
+    assert_eq!(
+        sc.bridge.as_deref(),
+        Some(format!("unix:{}", sock.display()).as_str())
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&sock)
+        .arg("http://localhost/v1.0/healthz")
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "204",
+        "{}",
+        sc.diagnostics()
+    );
+}
+
+/// `tests/js`, with `@dapr/dapr` installed (`npm ci`); None (after a loud message) only when
+/// npm cannot reach its registry.
+fn dapr_js_sdk() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if dir.join("node_modules/@dapr/dapr/package.json").is_file() {
+        return Some(dir);
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .output()
+        .expect("npm must be installed for the Dapr JS SDK test");
+    if out.status.success() {
+        return Some(dir);
+    }
+    eprintln!(
+        "\n\n!!!!!!!! SKIPPED: the Dapr JavaScript SDK end-to-end test: `npm ci` in tests/js failed (is the npm registry reachable?)\n{}\n!!!!!!!!\n",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    None
+}
+
+#[test]
+fn dapr_js_sdk_end_to_end() {
+    let Some(js) = dapr_js_sdk() else { return };
+    let script = js.join("e2e.mjs");
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The callee: a DaprServer supervised by its own sidecar, reached through its inbound
+    // listener.
+    let server_config = format!(
+        "service: server\napp:\n  address: 127.0.0.1:{app_port}\n  probe: {{ tcp: 127.0.0.1:{app_port} }}\n  env: {{ APP_PORT: \"{app_port}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    direction: inbound\nbridge:\n  address: 127.0.0.1:0\n"
+    );
+    let server = Spawn {
+        config: &server_config,
+        app: &["node", script.to_str().unwrap(), "server"],
+        ..Spawn::default()
+    }
+    .start();
+    server.wait_ready();
+    let client_config = format!(
+        "service: client\nclusters:\n  server:\n    endpoints: [{}]\nbridge:\n  address: 127.0.0.1:0\n",
+        server.listeners["public"]
+    );
+    let sidecar = Sidecar::start(&client_config);
+    sidecar.wait_ready();
+    let port = sidecar
+        .bridge
+        .clone()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new("node")
+        .arg(&script)
+        .arg("client")
+        .env("DAPR_HTTP_PORT", &port)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("JS client: {stdout}");
+    assert!(
+        out.status.success() && stdout.contains("\"ok\":true"),
+        "the JS client failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n--- client sidecar\n{}\n--- server sidecar\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        sidecar.diagnostics(),
+        server.diagnostics()
+    );
+}
+
+#[test]
+fn the_bridge_serves_the_app_until_it_has_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (started, out) = (dir.path().join("started"), dir.path().join("out"));
+    // On SIGTERM the app saves state through the bridge, then exits.
+    let script = format!(
+        "trap 'curl -s -o /dev/null -w \"%{{http_code}}\" -H content-type:application/json -d \"[{{\\\"key\\\":\\\"bye\\\",\\\"value\\\":1}}]\" $DAPR_HTTP_ENDPOINT/v1.0/state/statestore > {out}; exit 0' TERM; touch {started}; while true; do sleep 0.05; done",
+        out = out.display(),
+        started = started.display()
+    );
+    let mut sc = Spawn {
+        config: "bridge:\n  address: 127.0.0.1:0\n",
+        app: &["sh", "-c", &script],
+        ..Spawn::default()
+    }
+    .start();
+    crate::support::eventually(Duration::from_secs(10), "the app to start", || {
+        started.exists().then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", sc.diagnostics());
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        "204",
+        "the app's last save during its stop\n{}",
+        sc.diagnostics()
+    );
+}
