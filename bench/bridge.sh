@@ -26,7 +26,7 @@ trap cleanup EXIT
 
 REDIS=18300
 BRIDGE=18310
-CONN=16
+CONN=${CONN:-16}
 start() { taskset -c 1 "$@" & pids+=($!); }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
 
