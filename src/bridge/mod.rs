@@ -210,7 +210,13 @@ impl Bridge {
 pub fn router(state: Arc<BridgeState>) -> Router {
     Router::new()
         .merge(routes::routes())
-        .merge(pubsub::http::router(state.pubsub.clone()).with_state(()))
+        // Publish bodies are read by axum's extractor: the same limit as the other routes
+        // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
+        .merge(
+            pubsub::http::router(state.pubsub.clone())
+                .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body))
+                .with_state(()),
+        )
         .fallback(invoke::fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -259,8 +265,10 @@ async fn observe_and_authorize(
 ) -> Response {
     let started = Instant::now();
     let api = api_of(&req);
-    // Health checks work without the token, as daprd's do.
-    let exempt = api == "healthz" && req.method() == axum::http::Method::GET;
+    // Health checks work without the token, as daprd's do: exactly those two paths (a
+    // `/v1.0/healthz/…` path with `dapr-app-id` is an invocation, and must not slip through).
+    let exempt = req.method() == axum::http::Method::GET
+        && matches!(req.uri().path(), "/v1.0/healthz" | "/v1.0/healthz/outbound");
     let response = match &state.config.api_token {
         Some(token)
             if !exempt && !token_matches(req.headers().get(TOKEN_HEADER), token.expose()) =>
@@ -270,7 +278,18 @@ async fn observe_and_authorize(
         }
         _ => {
             req.headers_mut().remove(TOKEN_HEADER);
-            next.run(req).await
+            let res = next.run(req).await;
+            // axum's own body-limit rejection (publish routes) is plain text: answer as Dapr.
+            if res.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
+                && res
+                    .headers()
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"))
+            {
+                error::ApiError::TooLarge(state.config.max_body).into_response()
+            } else {
+                res
+            }
         }
     };
     let class = crate::proxy::route::class(response.status().as_u16());
@@ -314,9 +333,13 @@ impl Module for Bridge {
                 let ps = self.state.pubsub.clone();
                 ps.start(self.state.app_gate.watch());
                 let mut inbound = cx.drain.inbound();
+                // Counted as inbound work: the app gets its stop signal only once deliveries
+                // in flight have finished (bounded by the inbound drain's deadline).
+                let tracked = cx.drain.track();
                 tokio::spawn(async move {
                     inbound.signaled().await;
                     ps.stop().await;
+                    drop(tracked);
                 });
             }
             self.state.ready.store(true, Ordering::Release);
@@ -463,5 +486,40 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(body.contains("ERR_BODY_TOO_LARGE"), "{body}");
+        // Publish and bulk publish have the same limit and error.
+        for path in [
+            "/v1.0/publish/pubsub/orders",
+            "/v1.0-alpha1/publish/bulk/pubsub/orders",
+        ] {
+            let (status, body) = call(
+                &app,
+                Request::post(path)
+                    .header(TOKEN_HEADER, "t0k")
+                    .header("content-type", "application/json")
+                    .body(Body::from("[{\"entryId\":\"1\",\"event\":\"0123456789\"}]"))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}: {body}");
+            assert!(body.contains("ERR_BODY_TOO_LARGE"), "{path}: {body}");
+        }
+        // Only the two health paths are exempt: a health-looking invocation needs the token.
+        let (status, _) = call(
+            &app,
+            Request::get("/v1.0/healthz/../../admin")
+                .header("dapr-app-id", "other")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(
+            &app,
+            Request::get("/v1.0/healthz/outbound")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
     }
 }

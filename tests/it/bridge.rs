@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::backend::Backend;
-use crate::support::{Sidecar, Spawn, client, run_to_end};
+use crate::support::{Sidecar, Spawn, client, eventually, run_to_end};
 
 /// A redis-server of our own, on a free loopback port, without persistence.
 struct Redis {
@@ -909,6 +909,64 @@ fn the_bridge_serves_the_app_until_it_has_exited() {
         std::fs::read_to_string(&out).unwrap_or_default(),
         "204",
         "the app's last save during its stop\n{}",
+        sc.diagnostics()
+    );
+}
+
+/// A stop lets a delivery in flight finish before the app gets its stop signal (the app then
+/// has no half-processed event), and the sidecar exits with the app's code.
+#[test]
+fn a_stop_lets_deliveries_in_flight_finish_before_the_app_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pubsub_app.py");
+    let config = format!(
+        "app:\n  address: 127.0.0.1:{port}\n  env: {{ PORT: \"{port}\", EVENTS: \"{}\" }}\nbridge:\n  address: 127.0.0.1:0\n",
+        events.display()
+    );
+    let mut sc = Spawn {
+        config: &config,
+        app: &["python3", script],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    let c = client();
+    eventually(Duration::from_secs(10), "the app's subscription", || {
+        let m: serde_json::Value = c
+            .get(sc.bridge_url("/v1.0/metadata"))
+            .send()
+            .ok()?
+            .json()
+            .ok()?;
+        (!m["subscriptions"].as_array()?.is_empty()).then_some(())
+    });
+    let r = c
+        .post(sc.bridge_url("/v1.0/publish/pubsub/slow"))
+        .json(&serde_json::json!({ "n": 1 }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    eventually(Duration::from_secs(10), "the delivery to start", || {
+        std::fs::read_to_string(&events)
+            .ok()?
+            .contains("delivery-start")
+            .then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", sc.diagnostics());
+    let text = std::fs::read_to_string(&events).unwrap();
+    let order: Vec<&str> = text.lines().filter_map(|l| l.split(' ').nth(1)).collect();
+    assert_eq!(
+        order,
+        ["delivery-start", "delivery-end", "sigterm"],
+        "{text}\n{}",
         sc.diagnostics()
     );
 }
