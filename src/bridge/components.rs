@@ -227,7 +227,56 @@ pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
         }
     }
     resolve_secrets(&mut out, pending, problems);
+    check_pubsub(&out, problems);
     out
+}
+
+/// Pub/sub components' metadata and `Subscription` documents are checked here, with the rest
+/// of the config, so `outrigger check` sees them and `run` refuses them with exit 78 (building
+/// a broker validates its metadata and opens no connection).
+fn check_pubsub(resources: &Resources, problems: &mut Vec<Problem>) {
+    for c in resources
+        .components
+        .iter()
+        .filter(|c| c.block() == "pubsub")
+    {
+        if let Err(e) = crate::bridge::pubsub::broker::build(c) {
+            // The broker's message names the file already; keep the line.
+            let message = e
+                .strip_prefix(&format!("{}: ", c.file.display()))
+                .unwrap_or(&e)
+                .to_string();
+            problems.push(Problem {
+                origin: Origin::File {
+                    file: c.file.display().to_string(),
+                    line: c.line.max(1),
+                    column: 1,
+                },
+                path: String::new(),
+                message,
+            });
+        }
+    }
+    let mut files: Vec<PathBuf> = resources
+        .subscriptions
+        .iter()
+        .map(|d| d.file.clone())
+        .collect();
+    files.dedup();
+    if let Err(errors) = crate::bridge::pubsub::load_subscription_files(&files) {
+        for e in errors {
+            let file = files
+                .iter()
+                .find(|f| e.starts_with(&format!("{}:", f.display())))
+                .cloned()
+                .unwrap_or_default();
+            let message = e
+                .strip_prefix(&format!("{}: ", file.display()))
+                .unwrap_or(&e)
+                .to_string();
+            problems.push(whole(&file, message));
+        }
+    }
 }
 
 fn whole(path: &Path, message: String) -> Problem {

@@ -970,3 +970,37 @@ fn a_stop_lets_deliveries_in_flight_finish_before_the_app_is_stopped() {
         sc.diagnostics()
     );
 }
+
+#[test]
+fn bad_pubsub_metadata_and_subscriptions_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(
+        resources.join("pubsub.yaml"),
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n    - { name: redisHost, value: localhost }\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: local\nspec:\n  type: pubsub.in-memory\n  version: v1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        resources.join("subs.yaml"),
+        "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata:\n  name: orders\nspec:\n  pubsubname: local\n  topic: orders\n  routes:\n    rules:\n      - match: event.type in [\"a\"]\n        path: /a\n    default: /orders\n",
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+            resources.display()
+        ),
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
+        assert_eq!(code, 78, "{cmd}: {stderr}");
+        assert!(stderr.contains("pubsub.yaml:1:1:"), "{cmd}: {stderr}");
+        assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
+        assert!(stderr.contains("subs.yaml:"), "{cmd}: {stderr}");
+        assert!(stderr.contains("orders"), "{cmd}: {stderr}");
+    }
+}
