@@ -1,7 +1,9 @@
 //! `pubsub.in-memory`: topics inside this process. Each consumer group gets every message once;
-//! a message the handler leaves for retry is queued again after a short delay. Nothing survives
-//! a restart, and messages published while a topic has no subscriber are discarded (as Dapr's
-//! in-memory component does).
+//! a message the handler leaves for retry is queued again after a short delay, at most
+//! [`MAX_REDELIVERIES`] times. Each group's queue holds at most [`QUEUE`] messages: a publish
+//! beyond that fails (the sidecar's memory stays bounded when the app is slow or down).
+//! Nothing survives a restart, and messages published while a topic has no subscriber are
+//! discarded (as Dapr's in-memory component does).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,12 @@ const REDELIVER_DELAY: Duration = Duration::from_millis(200);
 /// Handlers running at once per subscription (Dapr's default `concurrency` elsewhere).
 const CONCURRENCY: usize = 10;
 
-type Queue = mpsc::UnboundedSender<Message>;
+/// Messages waiting per consumer group; a publish beyond this fails.
+pub const QUEUE: usize = 10_000;
+/// Times a message left for retry is queued again before it is dropped (logged).
+pub const MAX_REDELIVERIES: u32 = 10;
+
+type Queue = mpsc::Sender<(Message, u32)>;
 
 /// The in-memory broker.
 #[derive(Default)]
@@ -51,10 +58,24 @@ impl Broker for Memory {
             metadata: metadata.clone(),
         };
         let mut topics = self.topics.lock().unwrap();
+        let mut full = None;
         if let Some(groups) = topics.get_mut(topic) {
-            groups.retain(|_, queue| queue.send(message.clone()).is_ok());
+            groups.retain(|group, queue| match queue.try_send((message.clone(), 0)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    full = Some(group.clone());
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
         }
-        Box::pin(async { Ok(()) })
+        let result = match full {
+            None => Ok(()),
+            Some(group) => Err(BrokerError::Publish(format!(
+                "the in-memory queue of topic {topic:?} for {group:?} is full ({QUEUE} messages): the subscriber is not keeping up"
+            ))),
+        };
+        Box::pin(async move { result })
     }
 
     fn subscribe<'a>(
@@ -63,7 +84,7 @@ impl Broker for Memory {
         group: &'a str,
         handler: Handler,
     ) -> BoxFuture<'a, Result<Subscription, BrokerError>> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let (tx, mut rx) = mpsc::channel::<(Message, u32)>(QUEUE);
         self.topics
             .lock()
             .unwrap()
@@ -81,11 +102,21 @@ impl Broker for Memory {
                     break;
                 };
                 let (handler, tx) = (handler.clone(), tx.clone());
+                let (message, redeliveries) = message;
                 tokio::spawn(async move {
                     let _permit = permit;
                     if handler(message.clone()).await == Outcome::Retry {
+                        if redeliveries >= MAX_REDELIVERIES {
+                            tracing::warn!(topic = %message.topic, redeliveries, "in-memory pub/sub: giving up on a message the app keeps refusing");
+                            return;
+                        }
                         tokio::time::sleep(REDELIVER_DELAY).await;
-                        let _ = tx.send(message);
+                        // Never waits: a full queue would wait for the permit this task holds.
+                        if tx.try_send((message, redeliveries + 1)).is_err() {
+                            tracing::warn!(
+                                "in-memory pub/sub: queue full, a message left for retry is dropped"
+                            );
+                        }
                     }
                 });
             }
