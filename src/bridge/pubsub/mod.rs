@@ -105,6 +105,9 @@ pub struct PubSub {
     /// How many subscriptions are running on their brokers.
     subscribed: watch::Sender<usize>,
     stop: watch::Sender<bool>,
+    /// The app's readiness (set by `start`): deliveries wait while the app is down (a
+    /// restart), instead of spending their attempts on connection errors.
+    app_ready: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 /// Reads `Subscription` documents from YAML files (other kinds in them are skipped). All
@@ -182,6 +185,7 @@ impl PubSub {
             running: tokio::sync::Mutex::new(Vec::new()),
             subscribed: watch::channel(0).0,
             stop: watch::channel(false).0,
+            app_ready: std::sync::OnceLock::new(),
         }))
     }
 
@@ -220,6 +224,7 @@ impl PubSub {
     /// with the declarative ones. Returns at once (without calling the app) when there is no
     /// pubsub component or no app address.
     pub fn start(self: &Arc<Self>, mut app_ready: watch::Receiver<bool>) -> JoinHandle<()> {
+        let _ = self.app_ready.set(app_ready.clone());
         let me = self.clone();
         tokio::spawn(async move {
             if me.components.is_empty() || me.app.is_none() {
@@ -371,6 +376,16 @@ impl PubSub {
         let policy = self.options.retry;
         let mut stop = self.stop.subscribe();
         for attempt in 1..=policy.max_attempts.max(1) {
+            // While the app is down (restarting), wait for it: that is not a failed attempt.
+            if let Some(ready) = self.app_ready.get()
+                && !*ready.borrow()
+            {
+                let mut ready = ready.clone();
+                tokio::select! {
+                    _ = broker::stopped(&mut stop) => return Outcome::Retry,
+                    r = ready.wait_for(|open| *open) => if r.is_err() { return Outcome::Retry },
+                }
+            }
             match app.deliver(path, body.clone(), trace, &msg.metadata).await {
                 AppStatus::Success => {
                     self.metrics.delivery(label, topic, "success");
