@@ -9,8 +9,9 @@
 //!      ├─ app::run         bind every listener → start modules → start the app → watchers
 //!      │    ├─ runtime     Module trait, supervisor (restart with backoff), readiness, drain
 //!      │    ├─ admin       /live /ready /metrics /config /log-level /reload /shutdown
-//!      │    ├─ telemetry   own logs (human | json), metrics registry, process metrics
-//!      │    ├─ proxy       inbound/outbound listeners, routes, clusters
+//!      │    ├─ telemetry   own logs, metrics registry, trace context, access log, OTLP spans
+//!      │    ├─ proxy       inbound/outbound listeners, routes, clusters (+ tls)
+//!      │    ├─ bridge      Dapr HTTP API: state, pub/sub, invocation, secrets, metadata
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, signals, stop order
 //!      │    └─ reload      watched files → signal / webhook / restart; own config file
 //!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
