@@ -574,7 +574,7 @@ mod tests {
     #[test]
     fn documents_kinds_and_lines() {
         let (r, problems) = load_text(
-            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n  type: state.redis\n  metadata:\n  - {name: redisHost, value: \"localhost:6379\"}\n  - {name: n, value: 5}\n---\nkind: Subscription\nmetadata: {name: sub}\nspec: {topic: t}\n---\nkind: Resiliency\n---\nkind: Component\nmetadata: {name: x}\nspec: {type: state.mongodb}\n",
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n  type: state.redis\n  metadata:\n  - {name: redisHost, value: \"localhost:6379\"}\n  - {name: n, value: 5}\n---\nkind: Subscription\nmetadata: {name: sub}\nspec: {topic: t, pubsubname: p, route: /t}\n---\nkind: Resiliency\n---\nkind: Component\nmetadata: {name: x}\nspec: {type: state.mongodb}\n",
         );
         assert_eq!(r.components.len(), 1);
         assert_eq!(r.components[0].meta("redisHost"), Some("localhost:6379"));
