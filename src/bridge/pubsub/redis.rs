@@ -290,10 +290,22 @@ impl Consumer {
             match res {
                 Ok(reply) => {
                     failures = 0;
-                    for key in reply.map(|r| r.keys).unwrap_or_default() {
-                        for entry in key.ids {
-                            self.clone().dispatch(entry, &mut stop).await;
+                    let entries: Vec<StreamId> = reply
+                        .map(|r| r.keys)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .flat_map(|k| k.ids)
+                        .collect();
+                    // The whole batch is in flight from now: XAUTOCLAIM (another task) must
+                    // not hand out an entry that waits here for a permit.
+                    {
+                        let mut in_flight = self.in_flight.lock().unwrap();
+                        for e in &entries {
+                            in_flight.insert(e.id.clone());
                         }
+                    }
+                    for entry in entries {
+                        self.clone().dispatch_marked(entry, &mut stop).await;
                     }
                 }
                 Err(e) if e.code() == Some("NOGROUP") => {
@@ -382,9 +394,25 @@ impl Consumer {
         entry: StreamId,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) {
+        if !self.in_flight.lock().unwrap().insert(entry.id.clone()) {
+            return;
+        }
+        self.dispatch_marked(entry, stop).await;
+    }
+
+    /// [`Self::dispatch`] for an entry already marked in flight (unmarked if it is not run).
+    async fn dispatch_marked(
+        self: Arc<Self>,
+        entry: StreamId,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) {
         let permit = tokio::select! {
-            _ = stopped(stop) => return,
-            p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(stop) => None,
+            p = self.permits.clone().acquire_owned() => p.ok(),
+        };
+        let Some(permit) = permit else {
+            self.in_flight.lock().unwrap().remove(&entry.id);
+            return;
         };
         let data: Vec<u8> = entry.get("data").unwrap_or_default();
         let metadata: BTreeMap<String, String> = entry
@@ -396,9 +424,6 @@ impl Consumer {
             data: Bytes::from(data),
             metadata,
         };
-        if !self.in_flight.lock().unwrap().insert(entry.id.clone()) {
-            return;
-        }
         tokio::spawn(async move {
             let _permit = permit;
             if (self.handler)(message).await == Outcome::Ack {
