@@ -409,7 +409,14 @@ impl Consumer {
                     }
                 },
             };
-            let mut messages = match c.messages().await {
+            // Pull no more than can be handled at once: buffered messages would sit past
+            // `ackWait` behind slow deliveries and come back as concurrent duplicates.
+            let mut messages = match c
+                .stream()
+                .max_messages_per_batch(self.concurrency.max(1))
+                .messages()
+                .await
+            {
                 Ok(m) => m,
                 Err(e) => {
                     failures += 1;
@@ -450,8 +457,23 @@ impl Consumer {
                         data: message.payload.clone(),
                         metadata: metadata_of(&message),
                     };
+                    // A delivery may outlast `ackWait` (retries with backoff): tell the server
+                    // it is being worked on, so it is not redelivered meanwhile.
+                    let handling = (me.handler)(m);
+                    tokio::pin!(handling);
+                    let every = (me.config.ack_wait / 3).max(Duration::from_millis(100));
+                    let mut progress =
+                        tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                    let outcome = loop {
+                        tokio::select! {
+                            o = &mut handling => break o,
+                            _ = progress.tick() => {
+                                let _ = message.ack_with(AckKind::Progress).await;
+                            }
+                        }
+                    };
                     // An ack waits for the server's confirmation; a nak need not.
-                    let res = match (me.handler)(m).await {
+                    let res = match outcome {
                         Outcome::Ack => message.double_ack().await,
                         Outcome::Retry => message.ack_with(AckKind::Nak(None)).await,
                     };
