@@ -239,7 +239,11 @@ impl Sqlite {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql)?;
+        // Every ETag is checked against the state before the transaction, as the other
+        // stores do, and only then is anything written (so a key touched twice is checked
+        // twice against the same version, not against the first write's result).
         for op in &ops {
+            let Some(want) = op.etag() else { continue };
             let current: Option<i64> = tx
                 .prepare_cached(&format!(
                     "SELECT version FROM {} WHERE key = ?1",
@@ -253,12 +257,12 @@ impl Sqlite {
                     e => Err(e),
                 })
                 .map_err(sql)?;
-            if let Some(want) = op.etag()
-                && current != Some(want as i64)
-            {
+            if current != Some(want as i64) {
                 // Dropping the transaction rolls it back.
                 return Err(StateError::EtagMismatch(op.key().to_string()));
             }
+        }
+        for op in &ops {
             match op {
                 Op::Upsert { key, value, .. } => {
                     tx.prepare_cached(&format!(

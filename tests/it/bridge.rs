@@ -285,6 +285,20 @@ fn state_contract(sc: &Sidecar, store: &str) {
     assert_eq!(s, 204, "{body}");
     assert_eq!(get(sc, &format!("{base}/t1")).2, r#""one""#);
     assert_eq!(get(sc, &format!("{base}/k2")).0, 204);
+    // Every store checks all ETags against the state before the transaction: a key touched
+    // twice with its current ETag passes on each.
+    let (_, t1_etag, _) = get(sc, &format!("{base}/t1"));
+    let t1_etag = t1_etag.unwrap();
+    let (s, body) = post(
+        sc,
+        &tx,
+        json!({"operations": [
+            {"operation": "upsert", "request": {"key": "t1", "value": "a", "etag": t1_etag}},
+            {"operation": "upsert", "request": {"key": "t1", "value": "b", "etag": t1_etag}},
+        ]}),
+    );
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(get(sc, &format!("{base}/t1")).2, r#""b""#);
     let (s, body) = post(
         sc,
         &tx,
