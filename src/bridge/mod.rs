@@ -280,7 +280,9 @@ async fn observe_and_authorize(
             req.headers_mut().remove(TOKEN_HEADER);
             let res = next.run(req).await;
             // axum's own body-limit rejection (publish routes) is plain text: answer as Dapr.
-            if res.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
+            // (Only there: an invoked app's own 413 comes back unchanged.)
+            if api == "publish"
+                && res.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
                 && res
                     .headers()
                     .get(axum::http::header::CONTENT_TYPE)
