@@ -644,6 +644,14 @@ fn invoke_the_local_app_and_a_cluster() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 418);
+    // The callee's own 413 is not mistaken for the bridge's body limit.
+    let r = client()
+        .get(sc.bridge_url("/v1.0/invoke/billing/method/status/413"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body = r.text().unwrap();
+    assert!(!body.contains("ERR_BODY_TOO_LARGE"), "{body}");
     let r = client()
         .delete(sc.bridge_url("/v1.0/invoke/billing/method/items/1"))
         .send()
