@@ -212,11 +212,27 @@ pub fn router(state: Arc<BridgeState>) -> Router {
         .merge(routes::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
-        .merge(
+        .merge({
+            let max_body = state.config.max_body;
             pubsub::http::router(state.pubsub.clone())
-                .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body))
-                .with_state(()),
-        )
+                .layer(axum::extract::DefaultBodyLimit::max(max_body))
+                // axum's own body-limit rejection is plain text: answer as Dapr does. Mapped
+                // here, on the publish routes only (an invoked app's 413 passes unchanged).
+                .layer(axum::middleware::map_response(
+                    move |res: Response| async move {
+                        let plain = res
+                            .headers()
+                            .get(axum::http::header::CONTENT_TYPE)
+                            .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+                        if res.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE && plain {
+                            error::ApiError::TooLarge(max_body).into_response()
+                        } else {
+                            res
+                        }
+                    },
+                ))
+                .with_state(())
+        })
         .fallback(invoke::fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -278,20 +294,7 @@ async fn observe_and_authorize(
         }
         _ => {
             req.headers_mut().remove(TOKEN_HEADER);
-            let res = next.run(req).await;
-            // axum's own body-limit rejection (publish routes) is plain text: answer as Dapr.
-            // (Only there: an invoked app's own 413 comes back unchanged.)
-            if api == "publish"
-                && res.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
-                && res
-                    .headers()
-                    .get(axum::http::header::CONTENT_TYPE)
-                    .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"))
-            {
-                error::ApiError::TooLarge(state.config.max_body).into_response()
-            } else {
-                res
-            }
+            next.run(req).await
         }
     };
     let class = crate::proxy::route::class(response.status().as_u16());

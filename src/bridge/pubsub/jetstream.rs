@@ -461,7 +461,17 @@ impl Consumer {
                     // it is being worked on, so it is not redelivered meanwhile.
                     let handling = (me.handler)(m);
                     tokio::pin!(handling);
-                    let every = (me.config.ack_wait / 3).max(Duration::from_millis(100));
+                    // With `backOff`, the server's redelivery deadline is its entries, not ackWait.
+                    let deadline = me
+                        .config
+                        .backoff
+                        .iter()
+                        .copied()
+                        .chain(std::iter::once(me.config.ack_wait))
+                        .filter(|d| !d.is_zero())
+                        .min()
+                        .unwrap_or(me.config.ack_wait);
+                    let every = (deadline / 3).max(Duration::from_millis(100));
                     let mut progress =
                         tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                     let outcome = loop {

@@ -58,23 +58,29 @@ impl Broker for Memory {
             metadata: metadata.clone(),
         };
         let mut topics = self.topics.lock().unwrap();
-        let mut full = None;
+        let mut result = Ok(());
         if let Some(groups) = topics.get_mut(topic) {
-            groups.retain(|group, queue| match queue.try_send((message.clone(), 0)) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    full = Some(group.clone());
-                    true
+            groups.retain(|_, queue| !queue.is_closed());
+            // All or nothing: a slot in every group's queue first, so a failed publish (which
+            // the caller may retry) has reached no group.
+            let mut permits = Vec::with_capacity(groups.len());
+            for (group, queue) in groups.iter() {
+                match queue.try_reserve() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => {
+                        result = Err(BrokerError::Publish(format!(
+                            "the in-memory queue of topic {topic:?} for {group:?} is full ({QUEUE} messages): the subscriber is not keeping up"
+                        )));
+                        break;
+                    }
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            });
+            }
+            if result.is_ok() {
+                for p in permits {
+                    p.send((message.clone(), 0));
+                }
+            }
         }
-        let result = match full {
-            None => Ok(()),
-            Some(group) => Err(BrokerError::Publish(format!(
-                "the in-memory queue of topic {topic:?} for {group:?} is full ({QUEUE} messages): the subscriber is not keeping up"
-            ))),
-        };
         Box::pin(async move { result })
     }
 
