@@ -26,6 +26,9 @@ use super::broker::{
 /// Dapr's component defaults (the server's where Dapr leaves them unset).
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECTION_NAME: &str = "dapr.io - pubsub.jetstream";
+/// How long one fetch waits for messages before it is renewed (also bounds how long a lost
+/// pull, e.g. across a server restart, goes unnoticed).
+const FETCH_WAIT: Duration = Duration::from_secs(1);
 /// Handlers at once per subscription with `concurrency: parallel` (`single` is one).
 const PARALLEL: usize = 10;
 
@@ -409,11 +412,21 @@ impl Consumer {
                     }
                 },
             };
-            // Pull no more than can be handled at once: buffered messages would sit past
-            // `ackWait` behind slow deliveries and come back as concurrent duplicates.
+            // Delivery slots first, then fetch exactly that many: nothing waits in a client
+            // buffer past the server's redelivery deadline (only messages being delivered
+            // exist here, and those get progress acks).
+            let first = tokio::select! {
+                _ = stopped(&mut stop) => break 'outer,
+                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+            };
+            let mut slots = vec![first];
+            while let Ok(p) = self.permits.clone().try_acquire_owned() {
+                slots.push(p);
+            }
             let mut messages = match c
-                .stream()
-                .max_messages_per_batch(self.concurrency.max(1))
+                .fetch()
+                .max_messages(slots.len())
+                .expires(FETCH_WAIT)
                 .messages()
                 .await
             {
@@ -436,18 +449,22 @@ impl Consumer {
                     Some(Ok(m)) => m,
                     Some(Err(e)) => {
                         failures += 1;
-                        tracing::warn!(topic = %self.topic, error = %e, "jetstream message stream failed; reopening");
+                        tracing::warn!(topic = %self.topic, error = %e, "jetstream fetch failed; reopening");
                         tokio::select! {
                             _ = stopped(&mut stop) => break 'outer,
                             _ = tokio::time::sleep(reconnect_backoff(failures)) => continue 'outer,
                         }
                     }
-                    None => continue 'outer,
+                    // The batch is done (full, or expired): fetch again with the free slots.
+                    None => {
+                        consumer = Some(c);
+                        continue 'outer;
+                    }
                 };
                 failures = 0;
-                let permit = tokio::select! {
-                    _ = stopped(&mut stop) => break 'outer,
-                    p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+                let Some(permit) = slots.pop() else {
+                    // More than asked for: never expected; leave it to redelivery.
+                    continue;
                 };
                 let me = self.clone();
                 tokio::spawn(async move {
