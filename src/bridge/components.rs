@@ -191,7 +191,9 @@ struct Pending {
 
 /// Reads the resources directory (`None`: the embedded defaults). Problems are pushed, with
 /// their file and line; what could be read is returned.
-pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
+/// `app_id` decides which components are this app's (`scopes`): only those are checked
+/// beyond their type (a shared directory may hold other apps' components).
+pub fn load(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) -> Resources {
     let Some(dir) = dir else {
         return Resources::embedded();
     };
@@ -227,18 +229,18 @@ pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
         }
     }
     resolve_secrets(&mut out, pending, problems);
-    check_pubsub(&out, problems);
+    check_pubsub(&out, app_id, problems);
     out
 }
 
 /// Pub/sub components' metadata and `Subscription` documents are checked here, with the rest
 /// of the config, so `outrigger check` sees them and `run` refuses them with exit 78 (building
 /// a broker validates its metadata and opens no connection).
-fn check_pubsub(resources: &Resources, problems: &mut Vec<Problem>) {
+fn check_pubsub(resources: &Resources, app_id: &str, problems: &mut Vec<Problem>) {
     for c in resources
         .components
         .iter()
-        .filter(|c| c.block() == "pubsub")
+        .filter(|c| c.block() == "pubsub" && c.in_scope(app_id))
     {
         if let Err(e) = crate::bridge::pubsub::broker::build(c) {
             // The broker's message names the file already; keep the line.
@@ -567,7 +569,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("c.yaml"), text).unwrap();
         let mut problems = Vec::new();
-        let r = load(Some(dir.path()), &mut problems);
+        let r = load(Some(dir.path()), "app", &mut problems);
         (r, problems.iter().map(ToString::to_string).collect())
     }
 

@@ -108,6 +108,7 @@ pub fn validate(
     #[cfg(feature = "bridge")]
     let resources_loaded = std::sync::Arc::new(crate::bridge::components::load(
         raw.resources.as_deref().filter(|d| d.is_dir()),
+        &app_id,
         problems,
     ));
     Some(BridgeConfig {

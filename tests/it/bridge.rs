@@ -1026,3 +1026,40 @@ fn bad_pubsub_metadata_and_subscriptions_are_config_errors() {
         assert!(stderr.contains("orders"), "{cmd}: {stderr}");
     }
 }
+
+#[test]
+fn another_apps_pubsub_component_is_not_this_apps_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    // A shared directory: another app's component with a setting we do not support.
+    std::fs::write(
+        resources.join("theirs.yaml"),
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n    - { name: redisHost, value: localhost }\nscopes: [billing]\n",
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "service: shop\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+            resources.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    // For the app it belongs to, it is an error.
+    let (code, _, stderr) = run_to_end(
+        &[
+            "check",
+            "-c",
+            config.to_str().unwrap(),
+            "--set",
+            "service=billing",
+        ],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(code, 78, "{stderr}");
+}
