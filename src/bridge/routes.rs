@@ -138,24 +138,31 @@ struct SaveItem {
     options: Option<Options>,
 }
 
-fn upsert(store: &StateStore, item: SaveItem, code: &'static str) -> Result<Op, ApiError> {
+/// An item's stored key and the version to check: the key is required, then the ETag and
+/// options are checked, then the key's form (the order of the errors a client sees).
+fn key_and_etag(
+    store: &StateStore,
+    item: &SaveItem,
+    code: &'static str,
+) -> Result<(String, Option<u64>), ApiError> {
     if item.key.is_empty() {
         return Err(ApiError::Malformed("\"key\" is a required field".into()));
     }
     let etag = etag_value(
         item.etag.as_deref(),
-        &item.options.unwrap_or_default(),
+        item.options.as_ref().unwrap_or(&Options::default()),
         code,
     )?;
+    Ok((stored_key(store, &item.key)?, etag))
+}
+
+fn upsert(store: &StateStore, item: SaveItem, code: &'static str) -> Result<Op, ApiError> {
+    let (key, etag) = key_and_etag(store, &item, code)?;
     let value = item.value.map_or_else(
         || Bytes::from_static(b"null"),
         |v| Bytes::from(v.get().to_string()),
     );
-    Ok(Op::Upsert {
-        key: stored_key(store, &item.key)?,
-        value,
-        etag,
-    })
+    Ok(Op::Upsert { key, value, etag })
 }
 
 async fn save(State(st): St, Path(name): Path<String>, body: Body) -> Result<Response, ApiError> {
@@ -294,19 +301,8 @@ async fn transaction(
         match op.operation.as_str() {
             "upsert" => ops.push(upsert(store, op.request, code)?),
             "delete" => {
-                let item = op.request;
-                if item.key.is_empty() {
-                    return Err(ApiError::Malformed("\"key\" is a required field".into()));
-                }
-                let etag = etag_value(
-                    item.etag.as_deref(),
-                    &item.options.unwrap_or_default(),
-                    code,
-                )?;
-                ops.push(Op::Delete {
-                    key: stored_key(store, &item.key)?,
-                    etag,
-                });
+                let (key, etag) = key_and_etag(store, &op.request, code)?;
+                ops.push(Op::Delete { key, etag });
             }
             other => return Err(ApiError::UnsupportedOperation(other.to_string())),
         }
