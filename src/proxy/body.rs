@@ -155,19 +155,96 @@ impl Body for Prefixed {
     }
 }
 
-/// A response body, measured: its bytes and the time to its end go to the route's metrics
+/// How a tapped body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Its last frame was sent.
+    Done,
+    /// Its source failed mid-body (the upstream broke it).
+    Failed,
+    /// Dropped before its end was seen: the client went away, unless nothing was left
+    /// (`at_end`: an empty body hyper never polls).
+    Dropped { at_end: bool },
+}
+
+/// What watches a body as it passes: its data frames, then how it ended (exactly once).
+pub trait Tap: Send + Sync + Unpin + 'static {
+    fn data(&mut self, len: u64);
+    fn end(self, how: End);
+}
+
+/// `inner`, with `tap` told of each data frame and of the end.
+pub fn tap<T: Tap>(inner: ProxyBody, tap: T) -> ProxyBody {
+    Tapped {
+        inner,
+        tap: Some(tap),
+    }
+    .boxed()
+}
+
+struct Tapped<T: Tap> {
+    inner: ProxyBody,
+    tap: Option<T>,
+}
+
+impl<T: Tap> Drop for Tapped<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.tap.take() {
+            t.end(End::Dropped {
+                at_end: self.inner.is_end_stream(),
+            });
+        }
+    }
+}
+
+impl<T: Tap> Body for Tapped<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        let end = match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(t)) = (frame.data_ref(), self.tap.as_mut()) {
+                    t.data(d.len() as u64);
+                }
+                None
+            }
+            Poll::Ready(Some(Err(_))) => Some(End::Failed),
+            Poll::Ready(None) => Some(End::Done),
+            Poll::Pending => None,
+        };
+        if let Some(how) = end
+            && let Some(t) = self.tap.take()
+        {
+            t.end(how);
+        }
+        res
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body's measure: its bytes and the time to its end go to the route's metrics
 /// when it ends or is dropped. It also holds `guard` (permits of the limits the request
 /// counted against) until then.
 pub struct Measured<G> {
-    inner: ProxyBody,
-    _guard: G,
+    guard: G,
     started: Instant,
     bytes: u64,
-    metrics: Option<(Histogram, Counter)>,
+    duration: Histogram,
+    counter: Counter,
 }
 
 impl<G: Send + Sync + Unpin + 'static> Measured<G> {
-    /// `metrics`: the route's duration histogram and response bytes counter.
+    /// `duration` and `bytes`: the route's duration histogram and response bytes counter.
     pub fn wrap(
         inner: ProxyBody,
         guard: G,
@@ -175,91 +252,40 @@ impl<G: Send + Sync + Unpin + 'static> Measured<G> {
         duration: &Histogram,
         bytes: &Counter,
     ) -> ProxyBody {
-        Measured {
+        tap(
             inner,
-            _guard: guard,
-            started,
-            bytes: 0,
-            metrics: Some((duration.clone(), bytes.clone())),
-        }
-        .boxed()
-    }
-
-    fn done(&mut self) {
-        if let Some((duration, bytes)) = self.metrics.take() {
-            duration.observe(self.started.elapsed().as_secs_f64());
-            bytes.inc_by(self.bytes);
-        }
+            Measured {
+                guard,
+                started,
+                bytes: 0,
+                duration: duration.clone(),
+                counter: bytes.clone(),
+            },
+        )
     }
 }
 
-impl<G> Drop for Measured<G> {
-    fn drop(&mut self) {
-        if let Some((duration, bytes)) = self.metrics.take() {
-            duration.observe(self.started.elapsed().as_secs_f64());
-            bytes.inc_by(self.bytes);
-        }
+impl<G: Send + Sync + Unpin + 'static> Tap for Measured<G> {
+    fn data(&mut self, len: u64) {
+        self.bytes += len;
     }
-}
-
-impl<G: Send + Sync + Unpin + 'static> Body for Measured<G> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    self.bytes += d.len() as u64;
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done(),
-            Poll::Pending => {}
-        }
-        res
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(self, _: End) {
+        self.duration.observe(self.started.elapsed().as_secs_f64());
+        self.counter.inc_by(self.bytes);
+        drop(self.guard);
     }
 }
 
 /// A streamed request body whose data bytes are counted as they pass.
 pub fn counted(inner: ProxyBody, counter: Counter) -> ProxyBody {
-    Counted { inner, counter }.boxed()
+    tap(inner, Counted(counter))
 }
 
-struct Counted {
-    inner: ProxyBody,
-    counter: Counter,
-}
+struct Counted(Counter);
 
-impl Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &res
-            && let Some(d) = frame.data_ref()
-        {
-            self.counter.inc_by(d.len() as u64);
-        }
-        res
+impl Tap for Counted {
+    fn data(&mut self, len: u64) {
+        self.0.inc_by(len);
     }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    fn end(self, _: End) {}
 }

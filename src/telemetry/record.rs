@@ -8,17 +8,12 @@
 //! bytes hyper read) and hands the record over; lines and spans are encoded on the writer
 //! thread and the exporter task.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use http::HeaderValue;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 
-use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::body::{End, ProxyBody, Tap, tap};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Name;
 use crate::telemetry::otlp::SpanExporter;
@@ -132,18 +127,17 @@ impl Unanswered {
             .cloned()
             .unwrap_or_default();
         res.map(|body| {
-            Recorded {
-                inner: body,
-                pending: Some(Pending {
+            tap(
+                body,
+                Pending {
                     recorder,
                     entry,
                     status,
                     error,
                     routed,
                     bytes_out: 0,
-                }),
-            }
-            .boxed()
+                },
+            )
         })
     }
 }
@@ -198,61 +192,22 @@ impl Pending {
 }
 
 /// The response body, counted; the record is finished at its end or when it is dropped.
-struct Recorded {
-    inner: ProxyBody,
-    pending: Option<Pending>,
-}
-
-impl Drop for Recorded {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.pending.take() {
-            // Dropped before its end: the client went away mid-body. (A body with nothing
-            // left, e.g. an empty one hyper never polls, is done, not cut.)
-            if p.error.is_none() && !self.inner.is_end_stream() {
-                p.error = Some("client-closed".to_string());
+impl Tap for Pending {
+    fn data(&mut self, len: u64) {
+        self.bytes_out += len;
+    }
+    fn end(mut self, how: End) {
+        match how {
+            End::Done => {}
+            End::Failed => self.error = Some("upstream-reset".to_string()),
+            // Dropped before its end: the client went away mid-body.
+            End::Dropped { at_end } => {
+                if self.error.is_none() && !at_end {
+                    self.error = Some("client-closed".to_string());
+                }
             }
-            p.finish();
         }
-    }
-}
-
-impl Body for Recorded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref()
-                    && let Some(p) = &mut self.pending
-                {
-                    p.bytes_out += d.len() as u64;
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(mut p) = self.pending.take() {
-                    p.error = Some("upstream-reset".to_string());
-                    p.finish();
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish();
-                }
-            }
-            Poll::Pending => {}
-        }
-        res
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.finish();
     }
 }
 
