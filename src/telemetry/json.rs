@@ -6,16 +6,11 @@ pub fn number(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
+/// The low `digits * 4` bits of `v` as lowercase hex (trace and span ids).
 pub fn hex(out: &mut Vec<u8>, v: u128, digits: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; 32];
-    let b = &mut b[..digits];
-    let mut v = v;
-    for x in b.iter_mut().rev() {
-        *x = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
-    }
-    out.extend_from_slice(b);
+    crate::telemetry::trace::hex_into(&mut b[..digits], v);
+    out.extend_from_slice(&b[..digits]);
 }
 
 /// A JSON string; the common case (nothing to escape) is a plain copy.

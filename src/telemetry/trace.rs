@@ -40,7 +40,7 @@ pub struct TraceContext {
 }
 
 /// Writes the low `out.len() * 4` bits of `v` as lowercase hex, right-aligned.
-fn hex_into(out: &mut [u8], mut v: u128) {
+pub(crate) fn hex_into(out: &mut [u8], mut v: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in out.iter_mut().rev() {
         *b = DIGITS[(v & 0xf) as usize];
