@@ -234,17 +234,8 @@ async fn call(w: &WebhookConfig) -> Result<u16, String> {
             .unwrap_or_default()
             .trim_matches(['[', ']'])
             .to_string();
-        let tls = crate::config::tls::ClientTlsConfig {
-            ca: w.ca.clone(),
-            server_name: None,
-            client: None,
-            identity: None,
-            min_version: crate::config::tls::TlsVersion::V1_2,
-        };
-        let config = crate::tls::client_config(&tls, false)?.config;
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("{host}: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(config)
+        let (connector, name) = crate::tls::https_connector(w.ca.as_deref(), &host)?;
+        let stream = connector
             .connect(name, stream)
             .await
             .map_err(|e| format!("TLS with {} failed: {e}", w.authority))?;

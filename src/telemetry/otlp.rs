@@ -57,17 +57,10 @@ impl SpanExporter {
         metrics: SpanMetrics,
     ) -> Result<SpanExporter, String> {
         let tls = if config.https {
-            let tls = crate::config::tls::ClientTlsConfig {
-                ca: config.ca.clone(),
-                server_name: None,
-                client: None,
-                identity: None,
-                min_version: crate::config::tls::TlsVersion::V1_2,
-            };
-            let client = crate::tls::client_config(&tls, false)?.config;
-            let name = rustls_pki_types::ServerName::try_from(config.server_name.clone())
-                .map_err(|e| format!("{}: {e}", config.server_name))?;
-            Some((tokio_rustls::TlsConnector::from(client), name))
+            Some(crate::tls::https_connector(
+                config.ca.as_deref(),
+                &config.server_name,
+            )?)
         } else {
             None
         };

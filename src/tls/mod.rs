@@ -250,6 +250,24 @@ pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
     })
 }
 
+/// A TLS connector for an HTTPS endpoint of our own (a reload webhook, the OTLP collector):
+/// verified against `ca` or the system's roots, by `host` (a name or an IP address).
+pub fn https_connector(
+    ca: Option<&std::path::Path>,
+    host: &str,
+) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+    let tls = ClientTlsConfig {
+        ca: ca.map(Path::to_path_buf),
+        server_name: None,
+        client: None,
+        identity: None,
+        min_version: crate::config::tls::TlsVersion::V1_2,
+    };
+    let config = client_config(&tls, false)?.config;
+    let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
+    Ok((tokio_rustls::TlsConnector::from(config), name))
+}
+
 /// Builds a rustls client config for a cluster; `h2` offers only HTTP/2 by ALPN.
 pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, String> {
     let roots = match &c.ca {
