@@ -1,78 +1,14 @@
 //! The Dapr-compatible bridge, end to end: the real binary, real Redis (started per test on a
 //! free port), SQLite files in temp dirs, a real HTTP backend for invocation.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::backend::Backend;
+use crate::servers::{RedisServer, free_port};
 use crate::support::{Sidecar, Spawn, client, eventually, run_to_end};
-
-/// A redis-server of our own, on a free loopback port, without persistence.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed for the bridge tests");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while r.command(&["PING"]).as_deref() != Some("+PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server never answered PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    /// Sends one command (RESP), returns the first reply line.
-    fn command(&self, args: &[&str]) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(req.as_bytes()).ok()?;
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).ok()?;
-        let text = String::from_utf8_lossy(&buf[..n]).to_string();
-        Some(text.trim_end().to_string())
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const BRIDGE: &str = "bridge:\n  address: 127.0.0.1:0\n";
 
@@ -414,7 +350,7 @@ fn in_memory_state_health_metadata_and_metrics() {
 
 #[test]
 fn redis_state_store() {
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let component = format!(
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: cache\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: 127.0.0.1:{}\n  - name: redisPassword\n    value: \"\"\n",
         redis.port
@@ -845,11 +781,7 @@ fn dapr_js_sdk() -> Option<std::path::PathBuf> {
 fn dapr_js_sdk_end_to_end() {
     let Some(js) = dapr_js_sdk() else { return };
     let script = js.join("e2e.mjs");
-    let app_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let app_port = free_port();
     // The callee: a DaprServer supervised by its own sidecar, reached through its inbound
     // listener.
     let server_config = format!(
@@ -941,11 +873,7 @@ fn the_bridge_serves_the_app_until_it_has_exited() {
 fn a_stop_lets_deliveries_in_flight_finish_before_the_app_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pubsub_app.py");
     let config = format!(
         "app:\n  address: 127.0.0.1:{port}\n  env: {{ PORT: \"{port}\", EVENTS: \"{}\" }}\nbridge:\n  address: 127.0.0.1:0\n",

@@ -12,6 +12,7 @@ mod proxy;
 #[cfg(feature = "bridge")]
 mod pubsub;
 mod reload;
+mod servers;
 mod support;
 mod telemetry;
 mod tls;

@@ -2,7 +2,7 @@
 //! nats-server -js on free loopback ports, in temp dirs) and a real HTTP app (axum on port 0)
 //! that records what it receives and answers as each test says.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,16 +19,10 @@ use outrigger::bridge::components::Component;
 use outrigger::bridge::pubsub::{self, PubSub, PubSubOptions, RetryPolicy};
 use outrigger::telemetry::metrics::Metrics;
 
+use crate::servers::{RedisServer, free_port};
+
 /// Generous: a healthy run takes well under a second per step.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Polls `cond` until it holds, or panics with `what` after [`WAIT`].
 async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
@@ -41,78 +35,7 @@ async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
 
 // ---------------------------------------------------------------- brokers
 
-/// A redis-server of our own, persisting (AOF, fsync always) so a restart keeps the streams.
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
 impl RedisServer {
-    fn start() -> Self {
-        let mut s = RedisServer {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
-                let mut buf = [0u8; 64];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && let Ok(n) = s.read(&mut buf)
-                    && buf[..n].starts_with(b"+PONG")
-                {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(format!("redis://{}/", self.host()))
             .unwrap()
@@ -130,12 +53,6 @@ impl RedisServer {
             .await
             .unwrap();
         reply.count()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -770,7 +687,7 @@ scopes: [another-app]
 
 #[tokio::test]
 async fn redis_retries_then_acks_once_drops_and_dead_letters() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start_persistent();
     let host = redis.host();
     // orders: RETRY three times then SUCCESS for "retry-me"; DROP for "drop-me" (→ poison);
     // 500 forever for "fail-me" (→ poison after 5 attempts). plain: DROP without a dead-letter topic.
@@ -866,7 +783,7 @@ async fn redis_retries_then_acks_once_drops_and_dead_letters() {
 
 #[tokio::test]
 async fn redis_restart_keeps_unacked_messages() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_persistent();
     let host = redis.host();
     let accept = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let a = accept.clone();
@@ -1018,7 +935,7 @@ async fn jetstream_retries_survives_a_restart_and_dead_letters() {
 
 #[tokio::test]
 async fn stop_cuts_retry_waits_short_and_leaves_the_message_pending() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start_persistent();
     let app = App::start(
         Some(json!([{"pubsubname": "ps", "topic": "slow", "route": "/slow"}])),
         |_, _, _| status("RETRY"),
