@@ -27,12 +27,14 @@ pub mod app;
 pub mod bridge;
 pub mod config;
 pub mod lifecycle;
+pub mod preflight;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod reload;
 pub mod runtime;
 pub mod telemetry;
 pub mod tls;
+pub mod watch;
 
 /// The optional modules compiled into this binary (cargo features), for `outrigger version`
 /// and `outrigger_build_info`.

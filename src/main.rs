@@ -228,8 +228,8 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Check(args) => match config::load(&source(&args), &ProcessEnv) {
-            Ok(c) => {
+        Command::Check(args) => match outrigger::preflight::load(&source(&args), &ProcessEnv) {
+            Ok((c, _built)) => {
                 print!("{}", c.to_yaml());
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS
@@ -312,8 +312,8 @@ fn run(args: RunArgs) -> ExitCode {
     if !args.app.is_empty() {
         source.app_command = Some(args.app.clone());
     }
-    let config = match config::load(&source, &ProcessEnv) {
-        Ok(c) => c,
+    let (config, built) = match outrigger::preflight::load(&source, &ProcessEnv) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprint!("error: {e}");
             return ExitCode::from(EX_CONFIG);
@@ -325,7 +325,7 @@ fn run(args: RunArgs) -> ExitCode {
         listeners_file: args.listeners_file,
         log_level,
     };
-    match outrigger::app::run(config, options) {
+    match outrigger::app::run(config, built, options) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "outrigger failed");

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::runtime::stop::AdminServer;
 use crate::runtime::{Control, Health, RunningConfig};
 use crate::telemetry::log::LogLevel;
 use crate::telemetry::metrics::{self, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
@@ -31,6 +32,41 @@ pub struct AdminState {
     pub config: Arc<RunningConfig>,
     pub log_level: LogLevel,
     pub control: mpsc::Sender<Control>,
+}
+
+/// Binds the admin listener: with every other listener, before anything starts, so a taken
+/// port stops start-up.
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {address}"))?;
+    if !address.ip().to_canonical().is_loopback() {
+        tracing::warn!(address = %listener.local_addr()?, "the admin API listens beyond loopback; changes are still refused to non-loopback peers");
+    }
+    Ok(listener)
+}
+
+/// Serves the admin API on `listener` until the stop sequence's last step.
+///
+/// Not a supervised [`crate::runtime::Module`], on purpose: admin is what reports the modules'
+/// health, so it must not drain with them (step 3) but answer `/ready` 503 until the very end
+/// (step 4), and there is nothing in it to restart (axum's server does not fail per request).
+pub fn serve(listener: tokio::net::TcpListener, state: AdminState) -> AdminServer {
+    use tracing::Instrument;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(
+        async move {
+            let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+        .instrument(tracing::info_span!("admin")),
+    );
+    AdminServer { stop, task }
 }
 
 /// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`: the

@@ -4,7 +4,8 @@
 //! kinds (Configuration, Resiliency, …) are skipped with a debug log.
 //!
 //! Problems (unknown `spec.type`, a duplicate name, an unresolvable secret reference) are
-//! config problems with the file and line, reported by `config::load` before anything starts.
+//! config problems with the file and line, reported by the preflight stage ([`prepare`]) before
+//! anything starts.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -191,9 +192,9 @@ struct Pending {
 
 /// Reads the resources directory (`None`: the embedded defaults). Problems are pushed, with
 /// their file and line; what could be read is returned.
-/// `app_id` decides which components are this app's (`scopes`): only those are checked
-/// beyond their type (a shared directory may hold other apps' components).
-pub fn load(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) -> Resources {
+/// Components of every app are read; [`prepare`] checks only this app's beyond their type (a
+/// shared directory may hold other apps' components).
+pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
     let Some(dir) = dir else {
         return Resources::embedded();
     };
@@ -229,34 +230,67 @@ pub fn load(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) -> Re
         }
     }
     resolve_secrets(&mut out, pending, problems);
-    check_pubsub(&out, app_id, problems);
     out
 }
 
-/// Pub/sub components' metadata and `Subscription` documents are checked here, with the rest
-/// of the config, so `outrigger check` sees them and `run` refuses them with exit 78 (building
-/// a broker validates its metadata and opens no connection).
-fn check_pubsub(resources: &Resources, app_id: &str, problems: &mut Vec<Problem>) {
+/// What the preflight stage built from the resources directory, kept for the bridge so that
+/// nothing is read, parsed or built twice: the components, the pub/sub brokers of this app's
+/// components (built, connected to nothing yet) and the parsed `Subscription` documents.
+pub struct Prepared {
+    pub resources: Resources,
+    /// This app's `pubsub.*` components' brokers, in file order, by component name.
+    pub brokers: Vec<(
+        String,
+        std::sync::Arc<dyn crate::bridge::pubsub::broker::Broker>,
+    )>,
+    /// Every `Subscription` document (all scopes: pub/sub keeps this app's).
+    pub declarative: Vec<crate::bridge::pubsub::subscription::Subscription>,
+}
+
+impl fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prepared")
+            .field("resources", &self.resources)
+            .field(
+                "brokers",
+                &self.brokers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("declarative", &self.declarative.len())
+            .finish()
+    }
+}
+
+/// The deep check of `bridge.resources` (the preflight stage): reads the directory ([`load`]),
+/// builds this app's pub/sub brokers (building one validates its metadata and opens no
+/// connection) and parses the `Subscription` documents. Every problem is pushed with its file
+/// and line, so `outrigger check` sees them and `run` refuses them with exit 78; what was built
+/// is returned for the bridge to use.
+pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) -> Prepared {
+    let resources = load(dir, problems);
+    let mut brokers = Vec::new();
     for c in resources
         .components
         .iter()
         .filter(|c| c.block() == "pubsub" && c.in_scope(app_id))
     {
-        if let Err(e) = crate::bridge::pubsub::broker::build(c) {
-            // The broker's message names the file already; keep the line.
-            let message = e
-                .strip_prefix(&format!("{}: ", c.file.display()))
-                .unwrap_or(&e)
-                .to_string();
-            problems.push(Problem {
-                origin: Origin::File {
-                    file: c.file.display().to_string(),
-                    line: c.line.max(1),
-                    column: 1,
-                },
-                path: String::new(),
-                message,
-            });
+        match crate::bridge::pubsub::broker::build(c) {
+            Ok(b) => brokers.push((c.name.clone(), b)),
+            Err(e) => {
+                // The broker's message names the file already; keep the line.
+                let message = e
+                    .strip_prefix(&format!("{}: ", c.file.display()))
+                    .unwrap_or(&e)
+                    .to_string();
+                problems.push(Problem {
+                    origin: Origin::File {
+                        file: c.file.display().to_string(),
+                        line: c.line.max(1),
+                        column: 1,
+                    },
+                    path: String::new(),
+                    message,
+                });
+            }
         }
     }
     let mut files: Vec<PathBuf> = resources
@@ -265,19 +299,28 @@ fn check_pubsub(resources: &Resources, app_id: &str, problems: &mut Vec<Problem>
         .map(|d| d.file.clone())
         .collect();
     files.dedup();
-    if let Err(errors) = crate::bridge::pubsub::load_subscription_files(&files) {
-        for e in errors {
-            let file = files
-                .iter()
-                .find(|f| e.starts_with(&format!("{}:", f.display())))
-                .cloned()
-                .unwrap_or_default();
-            let message = e
-                .strip_prefix(&format!("{}: ", file.display()))
-                .unwrap_or(&e)
-                .to_string();
-            problems.push(whole(&file, message));
+    let declarative = match crate::bridge::pubsub::load_subscription_files(&files) {
+        Ok(subs) => subs,
+        Err(errors) => {
+            for e in errors {
+                let file = files
+                    .iter()
+                    .find(|f| e.starts_with(&format!("{}:", f.display())))
+                    .cloned()
+                    .unwrap_or_default();
+                let message = e
+                    .strip_prefix(&format!("{}: ", file.display()))
+                    .unwrap_or(&e)
+                    .to_string();
+                problems.push(whole(&file, message));
+            }
+            Vec::new()
         }
+    };
+    Prepared {
+        resources,
+        brokers,
+        declarative,
     }
 }
 
@@ -569,7 +612,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("c.yaml"), text).unwrap();
         let mut problems = Vec::new();
-        let r = load(Some(dir.path()), "app", &mut problems);
+        let r = prepare(Some(dir.path()), "app", &mut problems).resources;
         (r, problems.iter().map(ToString::to_string).collect())
     }
 

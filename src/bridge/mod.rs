@@ -10,6 +10,7 @@
 //! like outbound listeners: the app can still save state and publish while it shuts down.
 
 pub mod components;
+pub mod env;
 pub mod error;
 pub mod invoke;
 pub mod pubsub;
@@ -80,18 +81,27 @@ pub struct BridgeState {
 }
 
 impl BridgeState {
-    /// Opens the stores of every component in scope. Fails (before anything starts) when one
-    /// cannot be opened, naming its file and line.
+    /// Opens the stores of every component in scope, for `config`'s `bridge:` section and with
+    /// what preflight built from it. Fails (before anything starts) when one cannot be opened,
+    /// naming its file and line.
     pub fn new(
         config: &Config,
-        bridge: &BridgeConfig,
+        prepared: components::Prepared,
         gate: AppGate,
         control: mpsc::Sender<Control>,
         clusters: invoke::Clusters,
         metrics: BridgeMetrics,
         pubsub_metrics: crate::telemetry::metrics::PubSubMetrics,
     ) -> Result<BridgeState> {
-        let resources = bridge.resources_loaded.clone();
+        let bridge = config
+            .bridge
+            .as_ref()
+            .context("the config has no bridge section")?;
+        let components::Prepared {
+            resources,
+            brokers,
+            declarative,
+        } = prepared;
         let components: Vec<Component> = resources
             .components
             .iter()
@@ -124,15 +134,6 @@ impl BridgeState {
                 _ => {}
             }
         }
-        // Declarative subscriptions: every file that holds a `Subscription` document.
-        let mut files: Vec<std::path::PathBuf> = resources
-            .subscriptions
-            .iter()
-            .map(|d| d.file.clone())
-            .collect();
-        files.dedup();
-        let declarative = pubsub::load_subscription_files(&files)
-            .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
         let app_address = match &config.app.address {
             Some(Address::Tcp(a)) => Some(a.to_string()),
             Some(Address::Unix(p)) => {
@@ -148,14 +149,14 @@ impl BridgeState {
             .app_api_token
             .as_ref()
             .map(|t| t.expose().to_string());
-        let pubsub = pubsub::PubSub::new(options, &components, declarative, pubsub_metrics)
+        let pubsub = pubsub::PubSub::with_brokers(options, brokers, declarative, pubsub_metrics)
             .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
         Ok(BridgeState {
             pubsub,
             pubsub_started: AtomicBool::new(false),
             config: bridge.clone(),
             app_address: config.app.address.clone(),
-            subscription_documents: resources.subscriptions.clone(),
+            subscription_documents: resources.subscriptions,
             components,
             state_stores,
             secret_stores,
@@ -399,8 +400,8 @@ mod tests {
             file: Some(path),
             ..Default::default()
         };
-        let config = crate::config::load(&source, &BTreeMap::<String, String>::new()).unwrap();
-        let bridge = config.bridge.clone().unwrap();
+        let (config, built) =
+            crate::preflight::load(&source, &BTreeMap::<String, String>::new()).unwrap();
         let (control, _rx) = mpsc::channel(1);
         let (_setter, gate) = crate::runtime::app_gate(true);
         let clusters = invoke::Clusters::Own(Box::new(invoke::OwnClusters {
@@ -410,7 +411,7 @@ mod tests {
         }));
         let state = BridgeState::new(
             &config,
-            &bridge,
+            built.bridge.unwrap(),
             gate,
             control,
             clusters,

@@ -1,7 +1,8 @@
 //! The `bridge:` section: the Dapr-compatible API's address, resources directory, app id,
 //! tokens and body limit, validated into [`BridgeConfig`]. The resources directory (Dapr
-//! Component YAML) is read here too, so that an unknown component type or a bad secret
-//! reference stops start-up with its file and line, like any other config problem.
+//! Component YAML) is only checked to be a directory here; the preflight stage reads it
+//! (`bridge::components::prepare`), so that an unknown component type or a bad secret reference
+//! stops start-up with its file and line, like any other config problem.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// The validated `bridge:` section.
-#[derive(Clone, Serialize)]
+#[derive(Clone, PartialEq, Serialize)]
 pub struct BridgeConfig {
     pub address: Address,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,10 +34,6 @@ pub struct BridgeConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub app_api_token: Option<Secret>,
     pub max_body: usize,
-    /// The components and raw Subscription documents read from `resources`.
-    #[cfg(feature = "bridge")]
-    #[serde(skip)]
-    pub resources_loaded: std::sync::Arc<crate::bridge::components::Resources>,
 }
 
 impl fmt::Debug for BridgeConfig {
@@ -105,12 +102,6 @@ pub fn validate(
             ));
         }
     }
-    #[cfg(feature = "bridge")]
-    let resources_loaded = std::sync::Arc::new(crate::bridge::components::load(
-        raw.resources.as_deref().filter(|d| d.is_dir()),
-        &app_id,
-        problems,
-    ));
     Some(BridgeConfig {
         address: raw
             .address
@@ -120,8 +111,6 @@ pub fn validate(
         api_token: raw.api_token,
         app_api_token: raw.app_api_token,
         max_body,
-        #[cfg(feature = "bridge")]
-        resources_loaded,
     })
 }
 

@@ -224,6 +224,16 @@ impl Document {
         }
     }
 
+    /// The position of the entry of the top-level list `list` whose `name` is `name`
+    /// (`listeners` by listener name), as written in the file.
+    pub fn index_by_name(&self, list: &str, name: &str) -> Option<usize> {
+        self.value
+            .get(list)?
+            .as_sequence()?
+            .iter()
+            .position(|v| v.get("name").and_then(Value::as_str) == Some(name))
+    }
+
     /// A problem at `path`, located.
     pub fn problem(&self, path: &str, message: impl Into<String>) -> Problem {
         Problem {

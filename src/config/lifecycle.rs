@@ -8,7 +8,8 @@ use nix::sys::signal::Signal;
 use serde::{Serialize, Serializer};
 
 use super::document::{Document, Problem};
-use super::raw::{RawApp, RawProbe, RawReload, RestartPolicy};
+pub use super::raw::RestartPolicy;
+use super::raw::{RawApp, RawProbe, RawReload};
 use super::types::{Address, Duration};
 
 /// Probing often enough that a starting app is seen ready within a second, without load.

@@ -4,8 +4,14 @@
 //! Every problem is collected with its file:line:column ([`document`]) so users fix them all
 //! in one go; `main` prints them and exits with 78 (EX_CONFIG) before anything starts.
 //! Overrides are merged here and only here, through [`Environment`] so tests can pass a map.
+//!
+//! This is the bottom floor: syntax, types and cross-references only, importing nothing from
+//! the modules above. Checks that must read files or build things (TLS material, Dapr
+//! components, brokers, Subscription documents) are the preflight stage's (`preflight.rs`),
+//! which locates its problems through [`Parsed::problem`] and keeps what it built.
 
 pub mod bridge;
+pub mod diff;
 pub mod document;
 pub mod lifecycle;
 pub mod proxy;
@@ -21,6 +27,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+pub use diff::ConfigDiff;
 pub use document::{Origin, Problem};
 pub use raw::LogFormat;
 pub use telemetry::{
@@ -29,7 +36,7 @@ pub use telemetry::{
 };
 pub use types::{Address, Duration, Secret};
 
-use document::Document;
+pub use document::Document;
 use raw::RawConfig;
 
 /// Environment variables that override a config key, for the few keys people change per
@@ -166,22 +173,63 @@ impl From<Vec<Problem>> for ConfigError {
     }
 }
 
-/// Reads, merges and validates the configuration.
+/// Reads, merges and validates the configuration: syntax, types and cross-references (the
+/// first stage; `preflight` does the checks that must read files or build things).
 pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigError> {
+    let (parsed, problems) = parse(source, env);
+    match parsed {
+        Some(parsed) if problems.is_empty() => Ok(parsed.config),
+        _ => Err(problems.into()),
+    }
+}
+
+/// A config as far as it could be validated, and the document it came from (to locate the
+/// later stage's problems at their keys).
+pub struct Parsed {
+    pub config: Config,
+    pub doc: Document,
+}
+
+impl Parsed {
+    /// A problem located at a dotted key (`listeners[0].tls`) of this config's file.
+    pub fn problem(&self, path: &str, message: impl Into<String>) -> Problem {
+        self.doc.problem(path, message)
+    }
+
+    /// The key of the listener named `name` (`listeners[2]`), as written in the file.
+    pub fn listener_key(&self, name: &str) -> String {
+        match self.doc.index_by_name("listeners", name) {
+            Some(i) => format!("listeners[{i}]"),
+            None => "listeners".to_string(),
+        }
+    }
+}
+
+/// The first stage, keeping going after a problem: the config with the parts that were valid
+/// (none when the document itself could not be read), and every problem found. A later stage
+/// can check what is there and add its own problems, so users see them all in one run.
+pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Problem>) {
     let name = document::display_name(source.file.as_deref());
     let text = match &source.file {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::from(vec![Problem {
-                origin: Origin::Whole {
-                    file: name.display().to_string(),
-                },
-                path: String::new(),
-                message: format!("cannot read the config file: {e}"),
-            }])
-        })?,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                let problem = Problem {
+                    origin: Origin::Whole {
+                        file: name.display().to_string(),
+                    },
+                    path: String::new(),
+                    message: format!("cannot read the config file: {e}"),
+                };
+                return (None, vec![problem]);
+            }
+        },
         None => String::new(),
     };
-    let mut doc = Document::parse(&name, &text).map_err(|p| ConfigError::from(vec![p]))?;
+    let mut doc = match Document::parse(&name, &text) {
+        Ok(doc) => doc,
+        Err(p) => return (None, vec![p]),
+    };
 
     let mut problems = Vec::new();
     for (var, key) in ENV_OVERRIDES {
@@ -201,7 +249,7 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
     let (raw, mut more) = doc.deserialize_pruned::<RawConfig>();
     problems.append(&mut more);
     let Some(mut raw) = raw else {
-        return Err(problems.into());
+        return (None, problems);
     };
     // The variable daprd reads, for apps moving over from Dapr (the file wins).
     if let Some(b) = raw.bridge.as_mut()
@@ -213,11 +261,7 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<Config, ConfigErro
             .map(Secret::new);
     }
     let config = validate(raw, source, &doc, &mut problems);
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(problems.into())
-    }
+    (Some(Parsed { config, doc }), problems)
 }
 
 /// Raw → typed, with the checks serde cannot express. Pushes a located problem for each.
@@ -262,7 +306,7 @@ fn validate(
         .log
         .level
         .unwrap_or_else(|| raw::DEFAULT_LOG_LEVEL.to_string());
-    if let Err(e) = crate::telemetry::log::parse_filter(&level) {
+    if let Err(e) = parse_log_filter(&level) {
         problems.push(doc.problem(
             "log.level",
             format!("expected a log filter like info, debug or info,outrigger=debug: {e}"),
@@ -398,6 +442,18 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_norway::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Parses a log filter such as `info` or `info,outrigger::admin=debug` (`log.level`, and
+/// `PUT /log-level` through `telemetry::log`).
+pub fn parse_log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    if spec.trim().is_empty() {
+        return Err("the filter is empty".into());
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(spec)
+        .map_err(|e| e.to_string())
 }
 
 /// Parses `key=value` as given to `--set`.

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::document::{Document, Problem};
-use super::raw::{self, Direction, Lb, Protocol, RawCluster, RawListener, RawRoute};
+use super::raw::{self, RawCluster, RawListener, RawRoute};
+pub use super::raw::{Direction, Lb, Protocol};
 use super::types::{Address, Duration};
 
 /// Inbound listeners forward to this cluster, made from `app.address`.

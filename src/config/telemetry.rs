@@ -298,15 +298,11 @@ fn otlp(raw: &RawOtlp, doc: &Document, problems: &mut Vec<Problem>) -> Option<Ot
             )),
         }
     }
-    if let Some(ca) = &ca {
-        if !https {
-            problems.push(doc.problem(
-                "telemetry.tracing.otlp.ca",
-                "a CA bundle needs an https:// endpoint",
-            ));
-        } else if let Err(e) = crate::tls::load_certs(ca) {
-            problems.push(doc.problem("telemetry.tracing.otlp.ca", e));
-        }
+    if ca.is_some() && !https {
+        problems.push(doc.problem(
+            "telemetry.tracing.otlp.ca",
+            "a CA bundle needs an https:// endpoint",
+        ));
     }
     let timeout = timeout.unwrap_or(DEFAULT_OTLP_TIMEOUT);
     if timeout.get().is_zero() {

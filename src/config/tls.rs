@@ -1,14 +1,16 @@
 //! TLS settings: termination on listeners (`listeners[].tls`), origination on clusters
-//! (`clusters.<name>.tls`), identity lists (`authz`), validated from their raw form. Files are
-//! read and parsed during validation, so a missing, unreadable or mismatched certificate or key
-//! is reported with the key's file:line like any other mistake, before anything starts.
+//! (`clusters.<name>.tls`), identity lists (`authz`), validated from their raw form. The files
+//! are read and parsed by the preflight stage (`preflight.rs`), which keeps what it built for
+//! the proxy, so a missing, unreadable or mismatched certificate or key is reported with the
+//! key's file:line like any other mistake, before anything starts.
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::document::{Document, Problem};
-use super::raw::{ClientCertMode, RawClientTls, RawServerTls};
+pub use super::raw::ClientCertMode;
+use super::raw::{RawClientTls, RawServerTls};
 use super::types::Duration;
 
 /// Warn this long before a certificate expires.
@@ -257,11 +259,8 @@ pub fn server(
         min_version,
         alpn,
     };
-    // Read everything now: a bad file is a config error, reported before anything starts.
-    if let Err(e) = crate::tls::server_config(&config) {
-        problems.push(doc.problem(at, e));
-        return None;
-    }
+    // The files are read by the preflight stage (a bad one is a config error located at this
+    // key, reported before anything starts).
     Some(config)
 }
 
@@ -314,9 +313,5 @@ pub fn client(
         identity,
         min_version,
     };
-    if let Err(e) = crate::tls::client_config(&config, false) {
-        problems.push(doc.problem(at, e));
-        return None;
-    }
     Some(config)
 }

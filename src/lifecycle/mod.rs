@@ -8,6 +8,7 @@
 //! backoff, passes on signals and restart requests ([`AppHandle`]), and on a stop sends
 //! `app.stop_signal`, waits, then SIGKILLs the group. Its task ends with the app's last exit.
 
+pub mod env;
 pub mod probe;
 pub mod reaper;
 pub mod wait;
@@ -24,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::lifecycle::AppLifecycle;
-use crate::config::raw::RestartPolicy;
+use crate::config::lifecycle::RestartPolicy;
 use crate::runtime::State;
 use probe::AppStatus;
 
@@ -189,6 +190,46 @@ pub enum AppEnd {
     NotStarted(io::Error),
 }
 
+impl AppEnd {
+    /// The exit code Outrigger ends with: the app's own, or 127 (cannot be found) / 126 (found,
+    /// cannot run) as a shell says for a command it cannot start.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppEnd::Exited(s) => exit_code(*s),
+            AppEnd::NotStarted(e) if e.kind() == io::ErrorKind::NotFound => 127,
+            AppEnd::NotStarted(_) => 126,
+        }
+    }
+}
+
+/// The supervised app: the handle to send it requests and the task that ends with it.
+pub struct Supervised {
+    pub handle: AppHandle,
+    pub task: tokio::task::JoinHandle<AppEnd>,
+}
+
+impl Supervised {
+    /// Resolves when the app has ended for good (cancel-safe).
+    pub async fn ended(&mut self) -> AppEnd {
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| AppEnd::NotStarted(io::Error::other(e)))
+    }
+}
+
+/// The stop sequence's step 2 reaches the app through this.
+impl crate::runtime::stop::StoppingApp for Supervised {
+    type End = AppEnd;
+
+    fn stop(&self, signal: Signal, deadline: Instant) {
+        self.handle.stop(signal, deadline);
+    }
+
+    async fn ended(&mut self) -> AppEnd {
+        Supervised::ended(self).await
+    }
+}
+
 /// What [`supervise`] needs.
 pub struct AppSpec {
     pub command: Vec<String>,
@@ -206,10 +247,13 @@ pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const RESTART_STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Starts the app and supervises it in a task; the task ends with how the app ended for good.
-pub fn supervise(spec: AppSpec, status: AppStatus) -> (AppHandle, tokio::task::JoinHandle<AppEnd>) {
+pub fn supervise(spec: AppSpec, status: AppStatus) -> Supervised {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(supervise_loop(spec, status, rx));
-    (AppHandle(tx), task)
+    Supervised {
+        handle: AppHandle(tx),
+        task,
+    }
 }
 
 /// The probe of one app run: aborted when the run ends.

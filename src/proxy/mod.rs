@@ -403,7 +403,11 @@ impl Module for Proxy {
         })
     }
 
-    fn reload(self: Arc<Self>, config: Arc<Config>) -> ReloadFuture {
+    fn reload(
+        self: Arc<Self>,
+        config: Arc<Config>,
+        _tls: Arc<crate::tls::Material>,
+    ) -> ReloadFuture {
         Box::pin(async move {
             let _one = self.reloading.lock().await;
             // Clusters whose settings did not change are kept, with their pools, endpoints

@@ -3,10 +3,10 @@
 //! webhook, or restart the app. Also the watcher of Outrigger's own config file, which asks
 //! for a reload through [`Control::Reload`].
 //!
-//! [`watch`] turns raw file events into debounced, content-checked changes; this module runs
+//! [`crate::watch`] turns raw file events into debounced, content-checked changes; this module runs
 //! one task per entry and swaps the set of entries when the config is reloaded.
 
-pub mod watch;
+pub mod live;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ use crate::config::lifecycle::{ReloadAction, ReloadConfig, WebhookConfig};
 use crate::lifecycle::AppHandle;
 use crate::runtime::Control;
 use crate::telemetry::metrics::{ReloadLabels, ReloadResultLabels, RuntimeMetrics, unix_now};
-use watch::{Watch, WatchSpec};
+use crate::watch::{Watch, WatchSpec};
 
 /// A watch that cannot start (its directory is missing) is tried again this often.
 const RETRY_START: Duration = Duration::from_secs(5);

@@ -7,6 +7,8 @@
 //! returns early or panics is restarted with capped exponential backoff; the others keep going.
 
 pub mod health;
+pub mod signals;
+pub mod stop;
 pub mod supervisor;
 
 use std::future::Future;
@@ -269,8 +271,13 @@ pub trait Module: Send + Sync + 'static {
     /// Everything is prepared first and swapped in at once; an error changes nothing. Keys that
     /// cannot change live (listener addresses) are left as they are: the caller has already
     /// kept the old values for them and reports them as needing a restart.
-    fn reload(self: Arc<Self>, config: Arc<Config>) -> ReloadFuture {
-        let _ = config;
+    /// `tls` is the material the preflight stage built for this config (nothing is read twice).
+    fn reload(
+        self: Arc<Self>,
+        config: Arc<Config>,
+        tls: Arc<crate::tls::Material>,
+    ) -> ReloadFuture {
+        let _ = (config, tls);
         Box::pin(async { Ok(()) })
     }
 }
@@ -286,6 +293,18 @@ impl RunningConfig {
         RunningConfig {
             config: ArcSwap::from_pointee(config),
             last_reload: Mutex::new(None),
+        }
+    }
+}
+
+impl ReloadOutcome {
+    /// A rejected reload: the running config was kept.
+    pub fn failure(errors: Vec<String>) -> ReloadOutcome {
+        ReloadOutcome {
+            at: crate::telemetry::metrics::unix_now(),
+            result: "failure",
+            errors,
+            needs_restart: Vec::new(),
         }
     }
 }

@@ -12,16 +12,7 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::LogFormat;
 
-/// Parses a filter such as `info` or `info,outrigger::admin=debug`.
-pub fn parse_filter(spec: &str) -> Result<EnvFilter, String> {
-    if spec.trim().is_empty() {
-        return Err("the filter is empty".into());
-    }
-    EnvFilter::builder()
-        .with_regex(false)
-        .parse(spec)
-        .map_err(|e| e.to_string())
-}
+pub use crate::config::parse_log_filter as parse_filter;
 
 /// Changes the active log filter; cheap to clone.
 #[derive(Clone)]

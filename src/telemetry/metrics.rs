@@ -171,7 +171,7 @@ pub struct ProxyMetrics {
     pub shed: Family<ShedLabels, Counter>,
     pub endpoints: Family<ClusterLabels, Gauge>,
     pub discovery: Family<OutcomeLabels, Counter>,
-    pub tls: crate::tls::TlsMetrics,
+    pub tls: super::tls::TlsMetrics,
     pub access_log_dropped: Counter,
     #[cfg(feature = "proxy")]
     pub spans: crate::telemetry::otlp::SpanMetrics,
@@ -195,7 +195,7 @@ impl Default for ProxyMetrics {
             shed: Family::default(),
             endpoints: Family::default(),
             discovery: Family::default(),
-            tls: crate::tls::TlsMetrics::default(),
+            tls: super::tls::TlsMetrics::default(),
             access_log_dropped: Counter::default(),
             #[cfg(feature = "proxy")]
             spans: Default::default(),

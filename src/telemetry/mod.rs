@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod otlp;
 #[cfg(feature = "proxy")]
 pub mod record;
+pub mod tls;
 pub mod trace;

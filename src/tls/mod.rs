@@ -10,15 +10,13 @@
 
 pub mod certs;
 
+pub use crate::telemetry::tls::{CertLabels, HandshakeLabels, ReloadLabels, TlsMetrics};
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -29,13 +27,11 @@ use rustls::{
     SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject;
-use std::sync::atomic::AtomicU64;
 
-use crate::config::raw::ClientCertMode;
+use crate::config::tls::ClientCertMode;
 use crate::config::tls::{
     CertFiles, ClientTlsConfig, IdentityPattern, ServerTlsConfig, TlsVersion,
 };
-use crate::telemetry::metrics::unix_now;
 
 /// The one crypto provider (aws-lc-rs), as DESIGN.md asks.
 fn provider() -> Arc<CryptoProvider> {
@@ -128,6 +124,15 @@ pub struct CertInfo {
     pub identities: Vec<String>,
 }
 
+impl crate::telemetry::tls::CertExpiry for CertInfo {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn not_after(&self) -> i64 {
+        self.not_after
+    }
+}
+
 impl CertInfo {
     fn of(path: &Path, der: &CertificateDer<'_>) -> Result<CertInfo, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -200,7 +205,17 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// What the preflight stage built from the config's TLS sections, kept for the proxy so that no
+/// file is read twice: each TLS listener's server config by listener name, each TLS cluster's
+/// client config by cluster name.
+#[derive(Clone, Default)]
+pub struct Material {
+    pub servers: std::collections::BTreeMap<String, LoadedServer>,
+    pub clients: std::collections::BTreeMap<String, LoadedClient>,
+}
+
 /// A server config and what it was loaded from.
+#[derive(Clone)]
 pub struct LoadedServer {
     pub config: Arc<ServerConfig>,
     pub certs: Vec<CertInfo>,
@@ -250,12 +265,12 @@ pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
     })
 }
 
+/// A TLS connector for an HTTPS endpoint of our own and the name to verify it by.
+pub type HttpsConnector = (tokio_rustls::TlsConnector, ServerName<'static>);
+
 /// A TLS connector for an HTTPS endpoint of our own (a reload webhook, the OTLP collector):
 /// verified against `ca` or the system's roots, by `host` (a name or an IP address).
-pub fn https_connector(
-    ca: Option<&std::path::Path>,
-    host: &str,
-) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+pub fn https_connector(ca: Option<&std::path::Path>, host: &str) -> Result<HttpsConnector, String> {
     let tls = ClientTlsConfig {
         ca: ca.map(Path::to_path_buf),
         server_name: None,
@@ -310,6 +325,7 @@ pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, Stri
     })
 }
 
+#[derive(Clone)]
 pub struct LoadedClient {
     pub config: Arc<ClientConfig>,
     pub certs: Vec<CertInfo>,
@@ -487,126 +503,6 @@ pub fn classify(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// TLS metrics: handshakes by result, reloads, certificate expiry.
-#[derive(Clone, Default)]
-pub struct TlsMetrics {
-    pub handshakes: Family<HandshakeLabels, Counter>,
-    pub reloads: Family<ReloadLabels, Counter>,
-    pub expiry: Family<CertLabels, Gauge<f64, AtomicU64>>,
-    /// not_after by certificate, refreshed into `expiry` periodically.
-    known: Arc<Mutex<Vec<(CertLabels, i64)>>>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    /// `server` (a listener terminating) or `client` (a cluster originating).
-    pub side: &'static str,
-    /// The listener's or the cluster's name.
-    pub name: String,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
-    pub listener: String,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertLabels {
-    /// `listener/<name>` or `cluster/<name>`.
-    pub owner: String,
-    pub path: String,
-}
-
-impl TlsMetrics {
-    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
-        r.register(
-            "tls_handshakes",
-            "TLS handshakes by side (server, client), listener or cluster name, and result (ok, no_client_cert, unknown_ca, expired, wrong_identity, forbidden, not_tls, incompatible, timeout, ...)",
-            self.handshakes.clone(),
-        );
-        r.register(
-            "tls_reloads",
-            "Reloads of a listener's certificate files by result (a failed one keeps the old material)",
-            self.reloads.clone(),
-        );
-        r.register(
-            "tls_cert_expiry_seconds",
-            "Seconds until each loaded certificate expires (negative: expired)",
-            self.expiry.clone(),
-        );
-    }
-
-    pub fn handshake(&self, side: &'static str, name: &str, result: &'static str) {
-        self.handshakes
-            .get_or_create(&HandshakeLabels {
-                side,
-                name: name.to_string(),
-                result,
-            })
-            .inc();
-    }
-
-    /// Records the certificates `owner` now uses.
-    pub fn track(&self, owner: &str, certs: &[CertInfo]) {
-        self.untrack(owner);
-        let mut known = self.known.lock().expect("not poisoned");
-        for c in certs {
-            known.push((
-                CertLabels {
-                    owner: owner.to_string(),
-                    path: c.path.display().to_string(),
-                },
-                c.not_after,
-            ));
-        }
-        drop(known);
-        self.refresh(None);
-    }
-
-    /// Forgets `owner`'s certificates (a listener or cluster removed or without TLS now).
-    pub fn untrack(&self, owner: &str) {
-        let mut known = self.known.lock().expect("not poisoned");
-        known.retain(|(l, _)| {
-            if l.owner == owner {
-                self.expiry.remove(l);
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    /// Updates the expiry gauges; with a warning threshold, logs certificates close to expiry.
-    pub fn refresh(&self, warn_below: Option<Duration>) {
-        let now = unix_now();
-        for (labels, not_after) in self.known.lock().expect("not poisoned").iter() {
-            let left = *not_after as f64 - now;
-            self.expiry.get_or_create(labels).set(left);
-            if let Some(w) = warn_below
-                && left < w.as_secs_f64()
-            {
-                tracing::warn!(owner = %labels.owner, path = %labels.path, days_left = format!("{:.1}", left / 86_400.0), "certificate expires soon");
-            }
-        }
-    }
-
-    /// Refreshes the gauges every minute and warns (hourly) about certificates that expire
-    /// within `warn_below`.
-    pub fn spawn_expiry_task(&self, warn_below: Duration) {
-        let m = self.clone();
-        tokio::spawn(async move {
-            let mut tick = 0u64;
-            loop {
-                m.refresh(tick.is_multiple_of(60).then_some(warn_below));
-                tick += 1;
-                tokio::time::sleep(Duration::from_secs(60)).await;
-            }
-        });
-    }
-}
-
 /// A listener's TLS material, swapped whole when its files change.
 pub struct ServerTls {
     pub listener: String,
@@ -745,12 +641,12 @@ async fn watch_files<T: Reloadable>(target: Weak<T>) {
     let Some(files) = target.upgrade().map(|t| t.files()) else {
         return;
     };
-    let spec = crate::reload::watch::WatchSpec {
+    let spec = crate::watch::WatchSpec {
         paths: files,
         quiet: Duration::from_millis(200),
         max_delay: Duration::from_secs(2),
     };
-    let mut watch = match crate::reload::watch::Watch::start(spec) {
+    let mut watch = match crate::watch::Watch::start(spec) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the TLS files; reload them with SIGHUP");
@@ -777,8 +673,5 @@ async fn watch_files<T: Reloadable>(target: Weak<T>) {
 
 /// The content fingerprints of `files`.
 pub fn fingerprints(files: &[PathBuf]) -> Vec<u64> {
-    files
-        .iter()
-        .map(|f| crate::reload::watch::fingerprint(f))
-        .collect()
+    files.iter().map(|f| crate::watch::fingerprint(f)).collect()
 }

@@ -13,12 +13,13 @@
 //!    registry that starts nothing: no task, thread or connection; publish then answers
 //!    `ERR_PUBSUB_NOT_CONFIGURED` as Dapr does):
 //!    ```ignore
-//!    let declarative = pubsub::load_subscription_files(&yaml_files)?;   // Vec<String> errors → exit 78
-//!    let ps = PubSub::new(options, &components, declarative, metrics.pubsub.clone())?; // same
+//!    // preflight: bridge::components::prepare built the brokers and parsed the Subscriptions
+//!    let ps = PubSub::with_brokers(options, prepared.brokers, prepared.declarative, metrics)?;
 //!    ```
 //!    `options` is [`PubSubOptions`]: app id, the app's `host:port` (None: no subscriptions are
 //!    started, as Dapr without an app port), `APP_API_TOKEN`, retry policy. `new` builds and
-//!    validates every broker (errors name the component file) but opens no connection.
+//!    validates every broker (errors name the component file) but opens no connection;
+//!    `with_brokers` takes the brokers that preflight built.
 //! 2. Merge `http::router(ps.clone())` into the bridge's axum router (it is `Router<()>`), then
 //!    apply the bridge's layers (body limit: axum's default is 2 MiB, Dapr's 4 MiB; API token).
 //!    [`http::PubSubError`] is the error type; it renders `{"errorCode","message"}`.
@@ -141,28 +142,43 @@ impl PubSub {
         metrics: PubSubMetrics,
     ) -> Result<Arc<PubSub>, Vec<String>> {
         let mut errors = Vec::new();
-        let mut built = BTreeMap::new();
+        let mut brokers = Vec::new();
         for c in components.iter().filter(|c| c.kind.starts_with("pubsub.")) {
             match broker::build(c) {
-                Ok(broker) => {
-                    if built.contains_key(&c.name) {
-                        errors.push(format!(
-                            "{}: a pubsub component named {:?} is already defined",
-                            c.file.display(),
-                            c.name
-                        ));
-                        continue;
-                    }
-                    built.insert(
-                        c.name.clone(),
-                        Configured {
-                            broker,
-                            label: Arc::new(c.name.clone()),
-                        },
-                    );
-                }
+                Ok(broker) => brokers.push((c.name.clone(), broker)),
                 Err(e) => errors.push(e),
             }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        PubSub::with_brokers(options, brokers, declarative, metrics)
+    }
+
+    /// As [`PubSub::new`], with brokers built already (by the preflight stage:
+    /// `bridge::components::prepare`).
+    pub fn with_brokers(
+        options: PubSubOptions,
+        brokers: Vec<(String, Arc<dyn Broker>)>,
+        declarative: Vec<Subscription>,
+        metrics: PubSubMetrics,
+    ) -> Result<Arc<PubSub>, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut built = BTreeMap::new();
+        for (name, broker) in brokers {
+            if built.contains_key(&name) {
+                errors.push(format!(
+                    "a pubsub component named {name:?} is already defined"
+                ));
+                continue;
+            }
+            built.insert(
+                name.clone(),
+                Configured {
+                    broker,
+                    label: Arc::new(name),
+                },
+            );
         }
         if !errors.is_empty() {
             return Err(errors);

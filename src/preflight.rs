@@ -1,0 +1,99 @@
+//! The second stage of loading a config: the checks that must read files or build things —
+//! TLS certificates, keys and CA bundles, the OTLP collector's CA, the Dapr resources directory
+//! (components, secret references, pub/sub brokers, `Subscription` documents). Each problem is
+//! located at its key (file:line:col) like the first stage's, and reported with them in one run.
+//!
+//! What a check builds is *kept* ([`Preflight`]) and handed to the modules, so nothing is read,
+//! parsed or built twice: the proxy takes the rustls configs, the span exporter its TLS
+//! connector, the bridge its components, brokers and subscriptions. `outrigger check`,
+//! `outrigger run` and every live reload go through [`load`].
+//!
+//! Sits above the modules whose builders it calls (tls, telemetry, bridge); `config` below it
+//! imports nothing from them.
+
+use crate::config::{self, Config, ConfigError, Environment, Parsed, Problem, Source};
+
+/// What the deep checks built, for the modules to use.
+#[derive(Default)]
+pub struct Preflight {
+    /// Listeners' server configs and clusters' client configs, by name.
+    pub tls: crate::tls::Material,
+    /// The TLS connector for an https OTLP collector (`telemetry.tracing.otlp`).
+    pub otlp_tls: Option<crate::tls::HttpsConnector>,
+    /// The bridge's components, brokers and subscriptions (with a `bridge:` section).
+    #[cfg(feature = "bridge")]
+    pub bridge: Option<crate::bridge::components::Prepared>,
+}
+
+impl std::fmt::Debug for Preflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preflight")
+            .field("tls_servers", &self.tls.servers.keys().collect::<Vec<_>>())
+            .field("tls_clients", &self.tls.clients.keys().collect::<Vec<_>>())
+            .field("otlp_tls", &self.otlp_tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Both stages: the typed config and what the deep checks built, or every problem of both.
+pub fn load(source: &Source, env: &dyn Environment) -> Result<(Config, Preflight), ConfigError> {
+    let (parsed, mut problems) = config::parse(source, env);
+    let Some(parsed) = parsed else {
+        return Err(problems.into());
+    };
+    // Run on what the first stage could validate even when it found problems: users fix
+    // everything in one go.
+    let built = check(&parsed, &mut problems);
+    if problems.is_empty() {
+        Ok((parsed.config, built))
+    } else {
+        Err(problems.into())
+    }
+}
+
+/// The deep checks of a (possibly partly valid) config. Pushes a located problem for each.
+pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
+    let config = &parsed.config;
+    let mut built = Preflight::default();
+    for l in &config.listeners {
+        if let Some(t) = &l.tls {
+            match crate::tls::server_config(t) {
+                Ok(loaded) => {
+                    built.tls.servers.insert(l.name.clone(), loaded);
+                }
+                Err(e) => problems
+                    .push(parsed.problem(&format!("{}.tls", parsed.listener_key(&l.name)), e)),
+            }
+        }
+    }
+    for (name, c) in &config.clusters {
+        if let Some(t) = &c.tls {
+            match crate::tls::client_config(t, c.http2) {
+                Ok(loaded) => {
+                    built.tls.clients.insert(name.clone(), loaded);
+                }
+                Err(e) => problems.push(parsed.problem(&format!("clusters.{name}.tls"), e)),
+            }
+        }
+    }
+    if let Some(o) = config.telemetry.tracing.otlp.as_ref().filter(|o| o.https) {
+        match crate::tls::https_connector(o.ca.as_deref(), &o.server_name) {
+            Ok(connector) => built.otlp_tls = Some(connector),
+            Err(e) => {
+                let at = if o.ca.is_some() {
+                    "telemetry.tracing.otlp.ca"
+                } else {
+                    "telemetry.tracing.otlp"
+                };
+                problems.push(parsed.problem(at, e));
+            }
+        }
+    }
+    #[cfg(feature = "bridge")]
+    if let Some(b) = &config.bridge {
+        let dir = b.resources.as_deref().filter(|d| d.is_dir());
+        let prepared = crate::bridge::components::prepare(dir, &b.app_id, problems);
+        built.bridge = Some(prepared);
+    }
+    built
+}
