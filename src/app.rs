@@ -139,6 +139,7 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
     let mut _probe = None;
     if let Some(command) = &config.app.command {
         lifecycle::reaper::start_if_init();
+        #[cfg_attr(not(feature = "bridge"), allow(unused_mut))]
         let mut env = lifecycle::env::sidecar(&config, admin_addr, &bound);
         #[cfg(feature = "bridge")]
         if let (Some(b), Some(address)) = (&config.bridge, &bridge) {
@@ -305,7 +306,7 @@ async fn build_modules(
         None => None,
     };
     #[cfg(not(feature = "proxy"))]
-    let _ = (config, &built, metrics, gate);
+    let _ = (config, metrics, gate);
     // Only with a `bridge:` section: no socket, store or thread otherwise.
     #[cfg(feature = "bridge")]
     let bridge = match built.bridge {
@@ -337,7 +338,7 @@ async fn build_modules(
     };
     #[cfg(not(feature = "bridge"))]
     let bridge = {
-        let _ = control;
+        let _ = (control, built);
         #[cfg(feature = "proxy")]
         drop(proxy);
         None

@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod backend;
+#[cfg(feature = "bridge")]
 mod bridge;
 mod certs;
 mod config;
@@ -12,6 +13,7 @@ mod proxy;
 #[cfg(feature = "bridge")]
 mod pubsub;
 mod reload;
+#[cfg(feature = "bridge")]
 mod servers;
 mod support;
 mod telemetry;

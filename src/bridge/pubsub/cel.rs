@@ -147,10 +147,21 @@ fn tokenize(src: &str) -> Result<Vec<(usize, Token)>, String> {
     Ok(out)
 }
 
+/// The deepest nesting of parentheses and `!` a rule may use. The parser, the evaluator and
+/// the expression's drop all recurse once per level: an app can send any `match` at run time
+/// (`/dapr/subscribe`), and 4,000 nested `(` overflowed a worker thread's stack, aborting the
+/// whole sidecar. Real rules nest a handful of levels.
+pub const MAX_NESTING: usize = 32;
+/// The most tokens a rule may have: a chain of `&&`/`||` nests the tree one level per operand,
+/// so this bounds the tree's depth too (a few hundred frames, far from any stack limit).
+pub const MAX_TOKENS: usize = 512;
+
 struct Parser {
     tokens: Vec<(usize, Token)>,
     pos: usize,
     len: usize,
+    /// Parentheses and `!` open around the current position.
+    nesting: usize,
 }
 
 impl Parser {
@@ -210,10 +221,25 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Expr, String> {
+        let column = self.column();
         if self.eat("!") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.enter(column)?;
+            let e = Expr::Not(Box::new(self.unary()?));
+            self.nesting -= 1;
+            return Ok(e);
         }
         self.compare()
+    }
+
+    /// One more level of nesting, refused past [`MAX_NESTING`].
+    fn enter(&mut self, column: usize) -> Result<(), String> {
+        self.nesting += 1;
+        if self.nesting > MAX_NESTING {
+            return Err(format!(
+                "expected at most {MAX_NESTING} levels of parentheses and `!`, found more at column {column}"
+            ));
+        }
+        Ok(())
     }
 
     fn compare(&mut self) -> Result<Expr, String> {
@@ -237,8 +263,10 @@ impl Parser {
         match self.peek().cloned() {
             Some(Token::Sym("(")) => {
                 self.pos += 1;
+                self.enter(column)?;
                 let e = self.or()?;
                 self.expect(")")?;
+                self.nesting -= 1;
                 Ok(e)
             }
             Some(Token::Str(s)) => {
@@ -334,10 +362,17 @@ impl Parser {
 /// Parses a `match` expression; the error says what was expected, where and what was found.
 pub fn parse(src: &str) -> Result<Expr, String> {
     let tokens = tokenize(src)?;
+    if tokens.len() > MAX_TOKENS {
+        return Err(format!(
+            "expected an expression of at most {MAX_TOKENS} tokens, found {}",
+            tokens.len()
+        ));
+    }
     let mut p = Parser {
         tokens,
         pos: 0,
         len: src.len(),
+        nesting: 0,
     };
     let e = p.or()?;
     if p.pos != p.tokens.len() {
@@ -486,5 +521,24 @@ mod tests {
             let err = parse(src).unwrap_err();
             assert!(err.contains(want), "{src}: {err}");
         }
+    }
+
+    #[test]
+    fn deep_or_long_rules_are_refused_not_a_stack_overflow() {
+        // 10,000 nested parentheses aborted the process before the limit.
+        let deep = format!("{}true{}", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(parse(&deep).unwrap_err().contains("at most 512 tokens"));
+        let deep = format!("{}true{}", "(".repeat(100), ")".repeat(100));
+        let err = parse(&deep).unwrap_err();
+        assert!(err.contains("at most 32 levels"), "{err}");
+        let nots = format!("{}true", "!".repeat(100));
+        assert!(parse(&nots).unwrap_err().contains("at most 32 levels"));
+        let chain = vec!["true"; 10_000].join(" && ");
+        assert!(parse(&chain).unwrap_err().contains("at most 512 tokens"));
+        // At the limits, still fine.
+        let ok = format!("{}true{}", "(".repeat(32), ")".repeat(32));
+        assert!(m(&ok, &serde_json::json!({})));
+        let ok = vec!["true"; 256].join(" && ");
+        assert!(m(&ok, &serde_json::json!({})));
     }
 }
