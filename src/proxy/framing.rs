@@ -8,9 +8,22 @@
 //! framing (heads, Content-Length bodies, chunked bodies) to find each head, and raises a flag
 //! the request handler checks. Written by hand because no crate exposes this; it is a follower,
 //! not a parser: on anything it does not understand it stops and leaves the verdict to hyper.
+//!
+//! The check-framing phase lives here too: [`check_framing`] states the rules for one parsed
+//! request head, and [`HttpListener::check_framing`] applies them with the scanner's verdict.
+//! In: the request head (and the connection's [`Alarm`]). Out: nothing, or a 400 that closes
+//! the connection, before anything is forwarded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Version};
+
+use super::body::ProxyBody;
+use super::failure::{Failure, with_close};
+use super::http::{Downstream, HttpListener};
 
 /// Heads longer than this are hyper's to refuse (431); the scanner stops following.
 const MAX_HEAD: usize = 1 << 20;
@@ -190,6 +203,75 @@ impl Scanner {
     }
 }
 
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer itself, moved once to the handler; boxing it would allocate per refusal"
+)]
+impl HttpListener {
+    /// Phase: refuse ambiguous HTTP/1 framing (400, and the connection closes) before anything
+    /// is forwarded.
+    pub(super) fn check_framing<B>(
+        &self,
+        down: &Downstream,
+        req: &Request<B>,
+        started: Instant,
+    ) -> Result<(), Response<ProxyBody>> {
+        let framing = if down.framing_alarm.raised()
+            && req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            // hyper has already dropped the Content-Length; the scanner saw it.
+            Err("both Content-Length and Transfer-Encoding")
+        } else {
+            check_framing(req)
+        };
+        if let Err(why) = framing {
+            tracing::warn!(listener = %self.name, peer = ?down.peer, error = why, "refused ambiguous request framing");
+            return Err(with_close(self.refuse(Failure::BadRequest, why, started)));
+        }
+        Ok(())
+    }
+}
+
+/// HTTP/1 framing that two parsers could read differently is refused. hyper already
+/// refuses obs-fold, whitespace before the colon, bad chunk sizes and differing duplicate
+/// Content-Length values; these checks make the rules ours, whatever the parser does.
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.version() >= Version::HTTP_2 {
+        // h2 frames carry lengths; the h2 crate refuses connection-specific headers.
+        return Ok(());
+    }
+    let h = req.headers();
+    let te = h.get_all(header::TRANSFER_ENCODING);
+    let has_te = te.iter().next().is_some();
+    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
+    // hyper drops Content-Length when Transfer-Encoding is present, so for parsed requests
+    // the framing scanner (`Downstream::framing_alarm`) is what catches this; the rule stays
+    // here as the statement of it, for any parser that keeps both.
+    if has_te && h.contains_key(header::CONTENT_LENGTH) {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if let Some(first) = cl.next() {
+        let valid = |v: &HeaderValue| !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
+        if !valid(first) || cl.any(|v| v != first || !valid(v)) {
+            return Err("invalid or conflicting Content-Length");
+        }
+    }
+    if has_te {
+        // hyper refuses HTTP/1.0 with Transfer-Encoding and a final coding other than chunked;
+        // we go further and accept chunked alone: stripping Transfer-Encoding (hop-by-hop)
+        // from `gzip, chunked` would hand the upstream a body it cannot decode.
+        let mut codings = te.iter().flat_map(|v| v.to_str().unwrap_or("?").split(','));
+        let only_chunked = codings
+            .next()
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+            && codings.next().is_none();
+        if req.version() == Version::HTTP_10 || !only_chunked {
+            return Err("Transfer-Encoding must be exactly chunked");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +329,52 @@ mod tests {
             b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
         ]));
+    }
+
+    fn req(version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut r = Request::builder().uri("/").version(version);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn framing_rules() {
+        let ok = |h: &[(&str, &str)]| check_framing(&req(Version::HTTP_11, h)).is_ok();
+        assert!(ok(&[("content-length", "5")]));
+        assert!(ok(&[("transfer-encoding", "chunked")]));
+        assert!(ok(&[("content-length", "5"), ("content-length", "5")]));
+        assert!(!ok(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked")
+        ]));
+        assert!(!ok(&[("content-length", "5"), ("content-length", "6")]));
+        assert!(!ok(&[("content-length", "+5")]));
+        assert!(!ok(&[("transfer-encoding", "chunked, identity")]));
+        assert!(!ok(&[("transfer-encoding", "xchunked")]));
+        assert!(!ok(&[
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "chunked")
+        ]));
+        assert!(
+            check_framing(&req(Version::HTTP_10, &[("transfer-encoding", "chunked")])).is_err()
+        );
+    }
+
+    #[test]
+    fn framing_rules_are_for_http1_only() {
+        let both = [("content-length", "5"), ("transfer-encoding", "chunked")];
+        assert!(check_framing(&req(Version::HTTP_2, &both)).is_ok());
+        assert!(check_framing(&req(Version::HTTP_11, &[("content-length", "")])).is_err());
+        assert!(
+            check_framing(&req(
+                Version::HTTP_11,
+                &[("transfer-encoding", " Chunked ")]
+            ))
+            .is_ok()
+        );
+        assert!(check_framing(&req(Version::HTTP_10, &[("content-length", "5")])).is_ok());
+        assert!(check_framing(&req(Version::HTTP_11, &[])).is_ok());
     }
 }

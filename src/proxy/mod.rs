@@ -10,13 +10,21 @@
 //! requests and close (HTTP/2 GOAWAY), and returns once all are gone; the runtime's grace
 //! period bounds the wait.
 
+pub mod authz;
 pub mod body;
 pub mod cluster;
+pub mod failure;
+pub mod forward;
 pub mod framing;
+pub mod headers;
+pub mod hold;
 pub mod http;
+pub mod limits;
 pub mod listener;
+pub mod respond;
 pub mod route;
 pub mod tcp;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -293,7 +301,7 @@ fn build_serving(
             );
             let mut state = http::HttpListener::new(
                 name.clone(),
-                direction,
+                l.direction,
                 router,
                 &l.limits,
                 metrics,

@@ -2,18 +2,26 @@
 //! request no route takes goes to the cluster named by its Host. Each route carries what the
 //! forward phase needs (cluster, timeout, retry policy, header edits, rewrite) and its
 //! pre-created metric series, so the data path allocates no labels.
+//!
+//! The route phase lives here too ([`HttpListener::route`]): the request's authority (the URI's
+//! first, then the Host header) gives the host routes match on. In: the request head. Out: the
+//! [`Target`] and the Host the upstream will see, or 400 (no usable authority) / 404 (no route).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Method};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use regex::Regex;
 
+use super::body::ProxyBody;
 use super::cluster::Cluster;
+use super::failure::Failure;
+use super::http::HttpListener;
 use crate::config::proxy::{HeaderOps, MatchConfig, PathMatch, RetryPolicy, RouteConfig};
 use crate::telemetry::metrics::{LatencyLabels, Name, ProxyMetrics, ResponseLabels, RouteLabels};
 
@@ -343,5 +351,123 @@ impl Router {
             .find(|(m, _)| m.matches(host, path, method, headers))
             .map(|(_, t)| t)
             .or_else(|| self.by_host.get(host))
+    }
+}
+
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer itself, moved once to the handler; boxing it would allocate per refusal"
+)]
+impl HttpListener {
+    /// Phase: route by the request's authority (absolute-form or :authority first, as RFC 9112
+    /// §3.2.2 says), which is also the Host the upstream will see: returned when it came from
+    /// the URI (the Host header then travels as it is).
+    pub(super) fn route<B>(
+        &self,
+        req: &Request<B>,
+        started: Instant,
+    ) -> Result<(Arc<Target>, Option<HeaderValue>), Response<ProxyBody>> {
+        let (authority, from_uri) =
+            authority(req).map_err(|why| self.refuse(Failure::BadRequest, why, started))?;
+        let key = route_key(authority);
+        let Some(target) = self
+            .router
+            .route(&key, req.uri().path(), req.method(), req.headers())
+            .cloned()
+        else {
+            tracing::debug!(listener = %self.name, host = %key, path = req.uri().path(), "no route");
+            return Err(self.refuse(
+                Failure::NoRoute,
+                &format!("no route for host {key:?}"),
+                started,
+            ));
+        };
+        let host = if from_uri {
+            HeaderValue::from_str(authority).ok()
+        } else {
+            None
+        };
+        Ok((target, host))
+    }
+}
+
+/// The request's authority and whether it came from the URI (absolute-form, HTTP/2
+/// `:authority`) rather than the Host header. The URI wins, as RFC 9112 §3.2.2 says; several
+/// Host headers are refused.
+fn authority<B>(req: &Request<B>) -> Result<(&str, bool), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if let Some(a) = req.uri().authority() {
+        return Ok((a.as_str(), true));
+    }
+    match host.map(|h| h.to_str()) {
+        Some(Ok(h)) if !h.is_empty() => Ok((h, false)),
+        Some(_) => Err("the Host header is empty or not text"),
+        None => Err("the request has no Host"),
+    }
+}
+
+/// What routes match on: the host of an authority, lowercase, without userinfo and port
+/// (`User@Example.com:8080` → `example.com`, `[::1]:80` → `[::1]`).
+fn route_key(authority: &str) -> Cow<'_, str> {
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        assert_eq!(route_key("Example.COM:8080"), "example.com");
+        assert_eq!(route_key("user@api:80"), "api");
+        assert_eq!(route_key("[::1]:80"), "[::1]");
+        assert_eq!(route_key("[::1]"), "[::1]");
+        assert_eq!(route_key("payments"), "payments");
+        let two_hosts = Request::builder()
+            .uri("/")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert!(authority(&two_hosts).is_err());
+        let absolute = Request::builder()
+            .uri("http://public/x")
+            .header("host", "admin")
+            .body(())
+            .unwrap();
+        assert_eq!(authority(&absolute).unwrap(), ("public", true));
+    }
+
+    #[test]
+    fn route_keys_borrow_unless_they_must_lowercase() {
+        assert!(matches!(
+            route_key("api.internal:80"),
+            Cow::Borrowed("api.internal")
+        ));
+        assert!(matches!(route_key("API"), Cow::Owned(_)));
+        let host = |h: &str| {
+            let r = Request::builder()
+                .uri("/")
+                .header("host", h)
+                .body(())
+                .unwrap();
+            authority(&r).map(|(a, from_uri)| (a.to_string(), from_uri))
+        };
+        assert_eq!(host("api:8080"), Ok(("api:8080".to_string(), false)));
+        assert!(host("").is_err());
+        assert!(authority(&Request::builder().uri("/").body(()).unwrap()).is_err());
     }
 }

@@ -1,0 +1,311 @@
+//! Headers: what the upstream sees of a request, and what the client sees of a response.
+//!
+//! Requests: hop-by-hop headers go (RFC 9110 §7.6.1, and those named in `Connection`),
+//! `x-forwarded-for`, `x-forwarded-proto`, `via` and `x-request-id` are set, inbound the
+//! verified client certificate goes in `x-forwarded-client-cert`, then the route's
+//! `request_headers` edits and `rewrite_path_prefix` apply. Responses lose their hop-by-hop
+//! headers too (see the respond phase). In: the request's parts as hyper parsed them. Out: the
+//! same parts, ready for the forward phase, and the upstream path.
+
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Response, Uri, Version};
+
+use super::body::ProxyBody;
+use super::failure::Failure;
+use super::http::{Downstream, HttpListener};
+use super::listener::Peer;
+use super::route::Target;
+use crate::config::raw::Direction;
+
+pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop and never travel further (RFC 9110 §7.6.1), plus the
+/// credentials a client meant for a proxy. `Trailer` is end to end: it declares the trailers
+/// HTTP/1 must send.
+fn hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer itself, moved once to the handler; boxing it would allocate per refusal"
+)]
+impl HttpListener {
+    /// Phase: the request the upstream sees: [`prepare`]d headers, inbound the client
+    /// certificate, the route's header edits, the Host of an absolute-form request, the
+    /// cluster's HTTP version. Returns the upstream path (the route's rewrite applied).
+    pub(super) fn prepare_request(
+        &self,
+        target: &Target,
+        down: &Downstream,
+        host: Option<HeaderValue>,
+        parts: &mut Parts,
+        upgrade: bool,
+        started: Instant,
+    ) -> Result<PathAndQuery, Response<ProxyBody>> {
+        let inbound = self.direction == Direction::Inbound;
+        prepare(
+            &mut parts.headers,
+            &down.peer,
+            inbound,
+            upgrade,
+            parts.version,
+        );
+        if inbound {
+            if down.secure {
+                parts
+                    .headers
+                    .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+            }
+            // Only Outrigger says who the peer is: a client's own claim is removed.
+            parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
+            if let Some(id) = &down.identity
+                && let Ok(v) = HeaderValue::from_str(&id.xfcc)
+            {
+                parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v);
+            }
+        }
+        target.request_headers.apply(&mut parts.headers);
+        if let Some(host) = host {
+            parts.headers.insert(header::HOST, host);
+        }
+        let Some(path) = rewrite(&parts.uri, target.rewrite.as_ref()) else {
+            return Err(self.fail(
+                target,
+                Failure::BadRequest,
+                "the rewritten path is invalid",
+                started,
+            ));
+        };
+        parts.version = if target.cluster.config.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        Ok(path)
+    }
+}
+
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in named {
+        // Outrigger's own trace and request id headers cannot be stripped by naming them.
+        let ours = matches!(
+            n.as_str(),
+            "traceparent" | "tracestate" | "x-request-id" | "b3" | "x-outrigger-error"
+        );
+        if !(ours || keep_upgrade && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    for h in hop_by_hop() {
+        if keep_upgrade && (*h == header::UPGRADE || *h == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(h);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers {
+        // gRPC needs `te: trailers` end to end.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The request headers the upstream sees, before the route's edits.
+fn prepare(headers: &mut HeaderMap, peer: &Peer, inbound: bool, upgrade: bool, version: Version) {
+    strip_hop_by_hop(headers, upgrade);
+    if let Some(ip) = peer.ip() {
+        let ip = ip.to_string();
+        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+            _ => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    // Inbound, the client's claim is not trusted; outbound, the app's is kept.
+    if inbound || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    let hop = match version {
+        Version::HTTP_10 => "1.0 outrigger",
+        Version::HTTP_2 => "2 outrigger",
+        _ => "1.1 outrigger",
+    };
+    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {hop}"),
+        None => hop.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&via) {
+        headers.insert(header::VIA, v);
+    }
+    if !headers.contains_key(&X_REQUEST_ID) {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        headers.insert(
+            X_REQUEST_ID.clone(),
+            HeaderValue::from_str(&id).expect("hex is a valid value"),
+        );
+    }
+}
+
+/// The path and query for the upstream, with the route's prefix rewrite applied; None when
+/// the rewrite produced an invalid target.
+fn rewrite(uri: &Uri, rule: Option<&(String, String)>) -> Option<PathAndQuery> {
+    let original = || {
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    };
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    match rule {
+        Some((from, to)) if pq.starts_with(from.as_str()) => {
+            let rest = &pq[from.len()..];
+            let mut out = String::with_capacity(to.len() + rest.len() + 1);
+            out.push_str(to);
+            if !out.ends_with('/') && !rest.is_empty() && !rest.starts_with(['/', '?']) {
+                out.push('/');
+            }
+            out.push_str(rest);
+            if !out.starts_with('/') {
+                out.insert(0, '/');
+            }
+            PathAndQuery::try_from(out).ok()
+        }
+        _ => Some(original()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites() {
+        let u: Uri = "/v1/pay?x=1".parse().unwrap();
+        let rw = |from: &str, to: &str| {
+            rewrite(&u, Some(&(from.into(), to.into())))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(rw("/v1/", "/"), "/pay?x=1");
+        assert_eq!(rw("/v1", "/api"), "/api/pay?x=1");
+        assert_eq!(rw("/v1/pay", ""), "/?x=1");
+        assert_eq!(rewrite(&u, None).unwrap(), "/v1/pay?x=1");
+        // A rule that does not match leaves the path alone.
+        assert_eq!(rw("/v2", "/api"), "/v1/pay?x=1");
+        assert_eq!(rw("/v1p", "/api"), "/v1/pay?x=1");
+        // The result is always absolute.
+        assert_eq!(rw("/v1/", "api/"), "/api/pay?x=1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("trailer", "x-checksum".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        prepare(
+            &mut h,
+            &Peer::Tcp("10.0.0.1:5".parse().unwrap()),
+            true,
+            false,
+            Version::HTTP_11,
+        );
+        assert!(
+            !h.contains_key("connection")
+                && !h.contains_key("x-secret")
+                && !h.contains_key("keep-alive")
+        );
+        assert_eq!(h["te"], "trailers");
+        assert!(!h.contains_key("proxy-authorization"));
+        assert_eq!(h["trailer"], "x-checksum", "Trailer is end to end");
+        assert_eq!(h["x-kept"], "1");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["via"], "1.1 outrigger");
+        assert_eq!(h["x-request-id"].len(), 32);
+    }
+
+    #[test]
+    fn prepare_appends_and_keeps_what_it_should() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("via", "1.1 edge".parse().unwrap());
+        h.insert("x-request-id", "abc".parse().unwrap());
+        // Naming Outrigger's own headers in Connection does not strip them.
+        h.insert("connection", "x-request-id, traceparent".parse().unwrap());
+        h.insert("traceparent", "00-x".parse().unwrap());
+        let peer = Peer::Tcp("10.0.0.1:5".parse().unwrap());
+        let mut outbound = h.clone();
+        prepare(&mut outbound, &peer, false, false, Version::HTTP_2);
+        assert_eq!(outbound["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(
+            outbound["x-forwarded-proto"], "https",
+            "outbound keeps the app's"
+        );
+        assert_eq!(outbound["via"], "1.1 edge, 2 outrigger");
+        assert_eq!(outbound["x-request-id"], "abc");
+        assert_eq!(outbound["traceparent"], "00-x");
+        let mut inbound = h;
+        prepare(&mut inbound, &peer, true, false, Version::HTTP_10);
+        assert_eq!(
+            inbound["x-forwarded-proto"], "http",
+            "inbound trusts no claim"
+        );
+        assert_eq!(inbound["via"], "1.1 edge, 1.0 outrigger");
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(!h.contains_key("transfer-encoding"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("connection") && !h.contains_key("upgrade"));
+    }
+}
