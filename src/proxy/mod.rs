@@ -46,11 +46,8 @@ use crate::runtime::{AppGate, Drain, Module, ModuleContext, ModuleFuture, Reload
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
 use crate::telemetry::record::Recorder;
 use crate::tls::Reloadable;
-use cluster::Cluster;
+use cluster::{Cluster, first_discovery};
 use listener::{Activity, Bound, Metered, Peer};
-
-/// How long the proxy waits for the first DNS/file resolution before reporting ready.
-const FIRST_DISCOVERY: Duration = Duration::from_secs(5);
 
 /// What a listener does with a connection.
 enum Kind {
@@ -529,26 +526,6 @@ fn uses_cluster(l: &ListenerConfig, cluster: &str) -> bool {
         (Protocol::Http, Direction::Inbound) => {
             cluster == APP_CLUSTER || l.routes.iter().any(|r| r.cluster == cluster)
         }
-    }
-}
-
-/// Resolves DNS- and file-discovered clusters once, bounded: so that early requests do not
-/// meet an empty cluster, while a resolver that hangs does not hold the sidecar.
-async fn first_discovery(clusters: &[Arc<Cluster>]) {
-    let mut first = JoinSet::new();
-    for c in clusters.iter().filter(|c| c.is_discovered()) {
-        let c = c.clone();
-        first.spawn(async move { c.refresh().await });
-    }
-    if first.is_empty() {
-        return;
-    }
-    let all_done = async { while first.join_next().await.is_some() {} };
-    if tokio::time::timeout(FIRST_DISCOVERY, all_done)
-        .await
-        .is_err()
-    {
-        tracing::warn!(timeout = ?FIRST_DISCOVERY, "endpoint discovery still pending; serving anyway");
     }
 }
 

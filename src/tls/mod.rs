@@ -9,6 +9,7 @@
 //! that does not parse keeps the old material, reported in the log and the metrics.
 
 pub mod certs;
+pub mod origination;
 
 pub use crate::telemetry::tls::{CertLabels, HandshakeLabels, ReloadLabels, TlsMetrics};
 

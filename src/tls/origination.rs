@@ -1,0 +1,166 @@
+//! Origination: TLS from a cluster to its endpoints (`clusters.<name>.tls`). One
+//! [`Origination`] per cluster holds the rustls client config built from the cluster's files
+//! (CA bundle or system roots, client certificate, minimum version, SNI, a required upstream
+//! identity) and swaps it when the files change (watched like a listener's) or on SIGHUP;
+//! connections made afterwards use the new one.
+//!
+//! In: the cluster's config, and a connected stream from the proxy's connector. Out: the TLS
+//! stream (handshake outcomes counted in `outrigger_tls_handshakes_total`, side `client`), or
+//! the handshake error. When the material cannot be built, connections fail: never fall back
+//! to plain text.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Reloadable, TlsMetrics};
+use crate::config::Address;
+use crate::config::proxy::{ClusterConfig, Discovery};
+use crate::config::tls::ClientTlsConfig;
+
+/// TLS origination for a cluster's endpoints. The client config is swapped when its files
+/// change (watched like a listener's) or on SIGHUP; connections made afterwards use it.
+pub struct Origination {
+    /// The rustls client config, or why it could not be built (connections then fail: never
+    /// fall back to plain text).
+    connector: ArcSwap<Result<tokio_rustls::TlsConnector, String>>,
+    cluster: String,
+    /// `tls.server_name`, else the DNS host; else each endpoint's IP.
+    server_name: Option<String>,
+    metrics: TlsMetrics,
+    tls: ClientTlsConfig,
+    h2: bool,
+    fingerprints: Mutex<Vec<u64>>,
+    retired: AtomicBool,
+}
+
+impl Origination {
+    /// The cluster's origination, if it has `tls`. Material that cannot be built is logged
+    /// and kept as the reason connections fail.
+    pub fn new(config: &ClusterConfig, metrics: &TlsMetrics) -> Option<Arc<Origination>> {
+        let tls = config.tls.as_ref()?;
+        let server_name = tls.server_name.clone().or_else(|| match &config.discovery {
+            Discovery::Dns { host, .. } => Some(host.clone()),
+            _ => None,
+        });
+        let o = Arc::new(Origination {
+            connector: ArcSwap::from_pointee(Err("not loaded yet".to_string())),
+            cluster: config.name.clone(),
+            server_name,
+            metrics: metrics.clone(),
+            tls: tls.clone(),
+            h2: config.http2,
+            fingerprints: Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
+        });
+        if let Err(e) = o.load() {
+            tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
+            o.connector.store(Arc::new(Err(e)));
+        }
+        // Watched through its cluster (see `Cluster::new`), which also drops the pooled
+        // connections made with the old material.
+        Some(o)
+    }
+
+    /// Builds the client config from the files and swaps it in.
+    fn load(&self) -> Result<(), String> {
+        let files = Reloadable::files(self);
+        let fingerprints = super::fingerprints(&files);
+        let loaded = super::client_config(&self.tls, self.h2)?;
+        self.metrics
+            .track(&format!("cluster/{}", self.cluster), &loaded.certs);
+        self.connector
+            .store(Arc::new(Ok(tokio_rustls::TlsConnector::from(
+                loaded.config,
+            ))));
+        *self.fingerprints.lock().expect("not poisoned") = fingerprints;
+        Ok(())
+    }
+
+    /// Replaced by a config reload: no more reloading.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// The fingerprints of the files the current material was built from.
+    pub fn fingerprints(&self) -> Vec<u64> {
+        self.fingerprints.lock().expect("not poisoned").clone()
+    }
+
+    /// The name to verify an endpoint's certificate against (and send as SNI).
+    pub fn server_name(&self, address: &Address) -> ServerName<'static> {
+        let by_name = self
+            .server_name
+            .as_ref()
+            .and_then(|n| ServerName::try_from(n.clone()).ok());
+        by_name.unwrap_or_else(|| match address {
+            Address::Tcp(a) => ServerName::IpAddress(a.ip().into()),
+            Address::Unix(_) => ServerName::try_from("localhost").expect("a valid DNS name"),
+        })
+    }
+
+    /// The TLS handshake on a connection to `endpoint`, with the material held now.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        name: ServerName<'static>,
+        stream: S,
+        endpoint: &Address,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
+        let current = self.connector.load_full();
+        let connector = current
+            .as_ref()
+            .as_ref()
+            .map_err(|e| std::io::Error::other(e.clone()))?;
+        match connector.connect(name, stream).await {
+            Ok(s) => {
+                self.metrics.handshake("client", &self.cluster, "ok");
+                Ok(s)
+            }
+            Err(e) => {
+                let reason = super::classify(&e);
+                self.metrics.handshake("client", &self.cluster, reason);
+                tracing::warn!(cluster = %self.cluster, endpoint = %endpoint, reason, error = %e, "TLS handshake with the upstream failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Reloadable for Origination {
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        let t = &self.tls;
+        let mut files: Vec<_> = t.ca.iter().cloned().collect();
+        if let Some(c) = &t.client {
+            files.push(c.cert.clone());
+            files.push(c.key.clone());
+        }
+        files
+    }
+
+    fn reload_files(&self) -> Result<(), String> {
+        if self.retired() {
+            return Ok(());
+        }
+        let now = super::fingerprints(&self.files());
+        if *self.fingerprints.lock().expect("not poisoned") == now {
+            return Ok(());
+        }
+        match self.load() {
+            Ok(()) => {
+                tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(cluster = %self.cluster, error = %e, "TLS client material not reloaded; keeping the old one");
+                Err(e)
+            }
+        }
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
