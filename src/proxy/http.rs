@@ -78,7 +78,7 @@ pub struct HttpListener {
 pub struct Downstream {
     pub peer: Peer,
     /// The connection's slot under `max_connections`; an upgraded stream keeps it.
-    pub guard: Arc<super::ConnectionGuard>,
+    pub guard: Arc<super::accept::ConnectionGuard>,
     pub drain: Drain,
     pub activity: Activity,
     pub idle_timeout: Duration,

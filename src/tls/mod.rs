@@ -8,6 +8,7 @@
 //! a watcher re-reads the files when they change (Kubernetes secret volumes too) and a file
 //! that does not parse keeps the old material, reported in the log and the metrics.
 
+pub mod accept;
 pub mod certs;
 pub mod origination;
 

@@ -1,0 +1,230 @@
+//! Accepting and serving connections: each listener's accept loop (with backpressure at
+//! `max_connections`), then per connection the TLS handshake when the listener terminates TLS
+//! ([`crate::tls::accept`]), the hold for a starting app (`tcp`), and serving: opaque copying
+//! for `tcp` listeners ([`super::tcp`]), hyper's HTTP/1.1 and HTTP/2 server for `http` ones,
+//! each request handled by the listener's newest generation ([`super::http`]).
+//!
+//! In: accepted sockets. Out: requests handed to the HTTP handler, bytes to a cluster; on
+//! drain, connections are told to finish (HTTP/2 GOAWAY) and the loop returns once all are
+//! gone. Idle connections close after `idle_timeout`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::task::JoinSet;
+
+use super::generation::{Kind, Listener, Serving};
+use super::listener::{self, Activity, Metered, Peer};
+use super::{framing, http, tcp};
+use crate::runtime::Drain;
+
+/// A downstream connection's slot: releases the `max_connections` permit and updates the
+/// connection gauges when the last holder (the connection, or an upgraded stream spliced from
+/// it) is gone, even on a panic.
+pub struct ConnectionGuard {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: Gauge,
+    closed: Counter,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+        self.closed.inc();
+    }
+}
+
+/// Accepts until drained, then waits for the listener's connections to finish. An inbound
+/// listener counts as an inbound task (the stop waits for it before signalling the app).
+pub(super) async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> {
+    let _tracked = l.inbound.then(|| drain.track());
+    let mut connections = JoinSet::new();
+    loop {
+        // Backpressure: at the connection cap, stop accepting until one closes.
+        let permit = tokio::select! {
+            _ = drain.signaled() => break,
+            p = async {
+                let connections = l.serving.load().connections.clone();
+                connections.acquire_owned().await
+            } => p.expect("never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = drain.signaled() => break,
+            r = l.bound.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE, ECONNABORTED…: wait a little, keep serving.
+                    tracing::warn!(listener = %l.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        // The newest generation, loaded after the accept: an idle listener must not hand its
+        // first connection after a reload the old settings.
+        let serving = l.serving.load_full();
+        let l2 = l.clone();
+        let drain = drain.clone();
+        l.opened.inc();
+        l.open.inc();
+        let guard = Arc::new(ConnectionGuard {
+            _permit: permit,
+            open: l.open.clone(),
+            closed: l.closed.clone(),
+        });
+        connections
+            .spawn(async move { serve_connection(l2, serving, stream, peer, drain, guard).await });
+    }
+    tracing::info!(listener = %l.name, open = connections.len(), "listener draining");
+    while connections.join_next().await.is_some() {}
+    if l.inbound
+        && let Kind::Http(state, _) = &l.serving.load().kind
+    {
+        for c in state.router.clusters() {
+            c.close_idle();
+        }
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    l: Arc<Listener>,
+    serving: Arc<Serving>,
+    stream: listener::Stream,
+    peer: Peer,
+    mut drain: Drain,
+    guard: Arc<ConnectionGuard>,
+) {
+    let mut identity = None;
+    let secure = serving.tls.is_some();
+    let stream = match &serving.tls {
+        None => stream,
+        Some(tls) => {
+            let handshake = crate::tls::accept::handshake(
+                tls,
+                stream,
+                &l.name,
+                &peer,
+                serving.limits.header_read_timeout.get(),
+                matches!(serving.kind, Kind::Http(..)),
+            );
+            let done = tokio::select! {
+                r = handshake => r,
+                _ = drain.signaled() => None,
+            };
+            let Some((stream, id)) = done else { return };
+            // HTTP listeners check `authz` per request (403, newest config); a tcp
+            // connection has no requests: it is checked here and closed.
+            if let (Some(allowed), Kind::Tcp(_)) = (&serving.config.authz, &serving.kind) {
+                let ids = crate::tls::PeerIdentity::all(id.as_ref());
+                if !crate::config::tls::allowed(allowed, ids) {
+                    tracing::warn!(listener = %l.name, peer = ?peer, identity = ?ids.first(), "identity not allowed on this listener; connection closed");
+                    tls.metrics().handshake("server", &l.name, "forbidden");
+                    return;
+                }
+            }
+            identity = id;
+            stream
+        }
+    };
+    let activity = Activity::new();
+    let alarm = framing::Alarm::default();
+    let scanner =
+        matches!(serving.kind, Kind::Http(..)).then(|| framing::Scanner::new(alarm.clone()));
+    let io = Metered::new(
+        stream,
+        activity.clone(),
+        l.received.clone(),
+        l.sent.clone(),
+        scanner,
+    );
+    let idle = serving.limits.idle_timeout.get();
+    match &serving.kind {
+        Kind::Tcp(cluster) => {
+            let _guard = guard;
+            let open = match &serving.hold {
+                Some((gate, limit)) if !gate.is_open() => tokio::select! {
+                    open = gate.wait(*limit) => open,
+                    _ = drain.signaled() => false,
+                },
+                _ => true,
+            };
+            if !open {
+                tracing::debug!(listener = %l.name, "the app is not ready; tcp connection closed");
+                return;
+            }
+            tokio::select! {
+                _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
+                // Opaque bytes cannot be drained gracefully: close at the start of a stop.
+                _ = drain.signaled() => tracing::debug!(listener = %l.name, "tcp connection closed: draining"),
+                _ = idle_for(&activity, idle) => tracing::debug!(listener = %l.name, "tcp connection idle; closed"),
+            }
+        }
+        Kind::Http(first, builder) => {
+            let down = Arc::new(http::Downstream {
+                peer,
+                guard,
+                drain: drain.clone(),
+                activity: activity.clone(),
+                idle_timeout: idle,
+                framing_alarm: alarm,
+                secure,
+                identity,
+            });
+            // Each request is handled by the listener's newest config generation: a reload
+            // reaches keep-alive connections too.
+            let (listener, fallback) = (l.clone(), first.clone());
+            let service = hyper::service::service_fn(move |req| {
+                let state = match &listener.serving.load().kind {
+                    Kind::Http(state, _) => state.clone(),
+                    // Reloaded as a tcp listener: this connection still speaks HTTP.
+                    Kind::Tcp(_) => fallback.clone(),
+                };
+                state.handle(down.clone(), req)
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            // Made once per connection, not per wake-up: a fresh timer for every request was
+            // a measurable share of the data path.
+            let drained = drain.signaled();
+            let idled = idle_for(&activity, idle);
+            tokio::pin!(drained, idled);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(e) = res {
+                            tracing::debug!(listener = %l.name, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = &mut drained, if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = &mut idled, if !closing => {
+                        // In-flight requests still finish; the connection then closes.
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the connection has moved no bytes for a whole `limit` (so after between one
+/// and two `limit`s of silence).
+pub(crate) async fn idle_for(activity: &Activity, limit: Duration) {
+    loop {
+        let before = activity.count();
+        tokio::time::sleep(limit).await;
+        if activity.count() == before {
+            return;
+        }
+    }
+}
