@@ -40,38 +40,6 @@ pub enum TlsVersion {
 #[serde(transparent)]
 pub struct IdentityPattern(pub String);
 
-impl IdentityPattern {
-    pub fn matches(&self, identity: &str) -> bool {
-        let p = self.0.as_str();
-        let uri_pattern = p.contains("://");
-        if uri_pattern != identity.contains("://") {
-            return false;
-        }
-        if uri_pattern {
-            match p.strip_suffix('*') {
-                // Validated to end in "/*": the prefix keeps its '/' boundary.
-                Some(prefix) => identity.starts_with(prefix),
-                None => p == identity,
-            }
-        } else {
-            let identity = identity.to_ascii_lowercase();
-            match p.strip_prefix("*.") {
-                Some(suffix) => identity
-                    .strip_suffix(&suffix.to_ascii_lowercase())
-                    .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
-                None => p.eq_ignore_ascii_case(&identity),
-            }
-        }
-    }
-}
-
-/// Whether any of `identities` is allowed by `patterns`.
-pub fn allowed(patterns: &[IdentityPattern], identities: &[String]) -> bool {
-    identities
-        .iter()
-        .any(|i| patterns.iter().any(|p| p.matches(i)))
-}
-
 /// Why `s` is not a valid identity pattern, if it is not.
 fn pattern_problem(s: &str) -> Option<&'static str> {
     if s.is_empty() || !s.is_ascii() || s.contains(char::is_whitespace) {
@@ -101,18 +69,7 @@ mod tests {
 
     #[test]
     fn identity_patterns() {
-        let p = |s: &str| IdentityPattern(s.to_string());
-        assert!(p("spiffe://td/ns/shop/*").matches("spiffe://td/ns/shop/sa/web"));
-        assert!(!p("spiffe://td/ns/shop/*").matches("spiffe://td/ns/shopping/sa/web"));
-        assert!(p("spiffe://td/ns/shop/sa/web").matches("spiffe://td/ns/shop/sa/web"));
-        assert!(!p("spiffe://td/ns/shop/sa/web").matches("spiffe://td/ns/shop/sa/web2"));
-        // URI patterns never match DNS names and the other way round.
-        assert!(!p("spiffe://td/ns/shop/*").matches("shop.example.org"));
-        assert!(!p("api.example.org").matches("spiffe://api.example.org"));
-        assert!(p("api.example.org").matches("API.example.org"));
-        assert!(p("*.example.org").matches("a.b.example.org"));
-        assert!(!p("*.example.org").matches("example.org"));
-        assert!(!p("*.example.org").matches("evilexample.org"));
+        // Matching is tested in tls::authz.
         for bad in [
             "spiffe://td*",
             "spiffe://td/ns/*/sa",

@@ -121,7 +121,7 @@ async fn serve_connection(
             // connection has no requests: it is checked here and closed.
             if let (Some(allowed), Kind::Tcp(_)) = (&serving.config.authz, &serving.kind) {
                 let ids = crate::tls::PeerIdentity::all(id.as_ref());
-                if !crate::config::tls::allowed(allowed, ids) {
+                if !crate::tls::authz::allowed(allowed, ids) {
                     tracing::warn!(listener = %l.name, peer = ?peer, identity = ?ids.first(), "identity not allowed on this listener; connection closed");
                     tls.metrics().handshake("server", &l.name, "forbidden");
                     return;

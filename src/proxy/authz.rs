@@ -17,8 +17,8 @@ use super::body::ProxyBody;
 use super::failure::{Failure, error_response};
 use super::http::{Downstream, HttpListener};
 use super::route::Target;
-use crate::config::tls::allowed;
 use crate::tls::PeerIdentity;
+use crate::tls::authz::allowed;
 
 #[allow(
     clippy::result_large_err,

@@ -9,6 +9,7 @@
 //! that does not parse keeps the old material, reported in the log and the metrics.
 
 pub mod accept;
+pub mod authz;
 pub mod certs;
 pub mod origination;
 
