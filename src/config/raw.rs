@@ -273,6 +273,16 @@ pub enum Direction {
     Outbound,
 }
 
+impl Direction {
+    /// The name metric labels, access log lines and spans use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {

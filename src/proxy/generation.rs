@@ -181,7 +181,7 @@ pub(super) fn build_listener(
     recorder: Option<&Recorder>,
 ) -> Result<Listener> {
     let name: Name = Arc::new(l.name.clone());
-    let direction = super::direction_label(l.direction);
+    let direction = l.direction.label();
     let labels = ListenerLabels {
         direction,
         listener: name.clone(),
@@ -221,7 +221,7 @@ fn build_serving(
     recorder: Option<&Recorder>,
 ) -> Result<Serving> {
     let name: Name = Arc::new(l.name.clone());
-    let direction = super::direction_label(l.direction);
+    let direction = l.direction.label();
     let hold = (l.direction == Direction::Inbound)
         .then(|| (gate.clone(), config.app.lifecycle.hold_timeout.get()));
     let kind = match l.protocol {

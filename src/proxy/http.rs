@@ -139,13 +139,7 @@ impl HttpListener {
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),
             shed_breaker: shed("breaker"),
-            unrouted: RouteStats::new(
-                metrics,
-                super::direction_label(direction),
-                &name,
-                none.clone(),
-                &none,
-            ),
+            unrouted: RouteStats::new(metrics, direction.label(), &name, none.clone(), &none),
             name,
             direction,
             router,
@@ -178,7 +172,7 @@ impl HttpListener {
         let h = req.headers();
         let entry = record::Entry {
             started: Instant::now(),
-            direction: super::direction_label(self.direction),
+            direction: self.direction,
             listener: self.name.clone(),
             method: req.method().clone(),
             uri: req.uri().clone(),

@@ -54,7 +54,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use tokio::task::JoinSet;
 
-use crate::config::raw::Direction;
 use crate::config::{Address, Config};
 use crate::runtime::{AppGate, Module, ModuleContext, ModuleFuture, ReloadFuture};
 use crate::telemetry::metrics::ProxyMetrics;
@@ -163,14 +162,6 @@ impl Proxy {
             .values()
             .cloned()
             .collect()
-    }
-}
-
-/// A direction as metric labels and request records name it.
-fn direction_label(d: Direction) -> &'static str {
-    match d {
-        Direction::Inbound => "inbound",
-        Direction::Outbound => "outbound",
     }
 }
 

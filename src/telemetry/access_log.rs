@@ -191,7 +191,7 @@ fn json_line(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"time\":\"");
     time(r, out);
     out.extend_from_slice(b"\",\"direction\":");
-    string(out, e.direction);
+    string(out, e.direction.label());
     out.extend_from_slice(b",\"listener\":");
     string(out, &e.listener);
     out.extend_from_slice(b",\"route\":");
@@ -252,7 +252,7 @@ pub fn encode(format: &AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
                 };
                 match f {
                     Field::Time => time(r, out),
-                    Field::Direction => out.extend_from_slice(e.direction.as_bytes()),
+                    Field::Direction => out.extend_from_slice(e.direction.label().as_bytes()),
                     Field::Listener => out.extend_from_slice(e.listener.as_bytes()),
                     Field::Route => text(out, r.routed.route.as_deref().map(String::as_str)),
                     Field::Cluster => text(out, r.routed.cluster.as_deref().map(String::as_str)),

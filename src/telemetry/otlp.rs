@@ -305,7 +305,7 @@ fn int_attribute(out: &mut Vec<u8>, key: &str, v: u64) {
 /// One span. Attributes follow the OpenTelemetry HTTP semantic conventions where one fits.
 fn span(out: &mut Vec<u8>, r: &Record) {
     let e = &r.entry;
-    let server = e.direction == "inbound";
+    let server = e.direction == crate::config::raw::Direction::Inbound;
     let (start, end) = r.unix_nanos();
     out.extend_from_slice(b"{\"traceId\":\"");
     hex(out, e.trace.trace_id, 32);

@@ -38,7 +38,7 @@ impl Recorder {
 #[derive(Clone)]
 pub struct Entry {
     pub started: Instant,
-    pub direction: &'static str,
+    pub direction: crate::config::raw::Direction,
     pub listener: Name,
     pub method: http::Method,
     pub uri: http::Uri,
@@ -222,7 +222,7 @@ pub(crate) mod tests {
         Record {
             entry: Entry {
                 started: Instant::now(),
-                direction: "inbound",
+                direction: crate::config::raw::Direction::Inbound,
                 listener: Arc::new("pub\"lic".into()),
                 method: http::Method::POST,
                 uri: "/a%22b/c".parse().unwrap(),
