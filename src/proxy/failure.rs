@@ -4,7 +4,7 @@
 //! (400/403/404/408 downstream's fault, 502/504 upstream's, 503 ours) and the reason that goes
 //! into the `x-outrigger-error` header and the `error` metric label; [`error_response`] writes
 //! the short text answer. Exchanges that got no response are classified here too
-//! ([`exchange_fault`]): the client's own body failing is the downstream's fault, a connect
+//! (`exchange_fault`): the client's own body failing is the downstream's fault, a connect
 //! failure or reset is the endpoint's. What leaves: a `Response` for the handler to return, and
 //! the route's or listener's response and latency metrics.
 

@@ -10,7 +10,7 @@
 //! not a parser: on anything it does not understand it stops and leaves the verdict to hyper.
 //!
 //! The check-framing phase lives here too: [`check_framing`] states the rules for one parsed
-//! request head, and [`HttpListener::check_framing`] applies them with the scanner's verdict.
+//! request head, and `HttpListener::check_framing` applies them with the scanner's verdict.
 //! In: the request head (and the connection's [`Alarm`]). Out: nothing, or a 400 that closes
 //! the connection, before anything is forwarded.
 

@@ -1,14 +1,14 @@
 //! Listener generations and what a reload rebuilds.
 //!
-//! A [`Listener`] keeps its socket and counters for the sidecar's life; what it serves (routes,
-//! clusters, limits, hold, TLS) is a [`Serving`] generation, swapped whole on a config reload.
+//! A `Listener` keeps its socket and counters for the sidecar's life; what it serves (routes,
+//! clusters, limits, hold, TLS) is a `Serving` generation, swapped whole on a config reload.
 //! A connection keeps the generation it was accepted under for its connection-level settings;
 //! every HTTP request is handled by the newest one.
 //!
-//! On reload ([`Proxy::apply`]) everything is built before anything is swapped. A cluster whose
+//! On reload (`Proxy::apply`) everything is built before anything is swapped. A cluster whose
 //! settings did not change is kept, with its pools, endpoints and ejection state
-//! ([`rebuilds_cluster`]); a listener whose settings, clusters and trace sampling did not
-//! change keeps its generation, and so its limiters' state ([`rebuilds_listener`]). In: the
+//! (`rebuilds_cluster`); a listener whose settings, clusters and trace sampling did not
+//! change keeps its generation, and so its limiters' state (`rebuilds_listener`). In: the
 //! running generations and the new [`Config`]. Out: new generations swapped in, replaced
 //! clusters and TLS material retired.
 

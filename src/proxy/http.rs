@@ -1,24 +1,19 @@
 //! The HTTP listener's request handler: one request at a time, in named phases (after
 //! pingora's `ProxyHttp`), each a method of [`HttpListener`] in a file named after it:
 //!
-//! 1. [`authorize_listener`](HttpListener::authorize_listener) (`authz.rs`): the listener's
-//!    `authz` (403);
-//! 2. [`admit`](HttpListener::admit) (`limits.rs`): local rate limit and in-flight cap (503 +
-//!    `retry-after`);
-//! 3. [`hold`](HttpListener::hold) (`hold.rs`): inbound, wait for a starting app (503
-//!    `app-not-ready` after `app.hold_timeout`);
-//! 4. [`check_framing`](HttpListener::check_framing) (`framing.rs`): refuse ambiguous HTTP/1
-//!    framing (400) before anything is forwarded; [`check_path`](HttpListener::check_path)
-//!    (`authz.rs`): canonical paths where a route has `authz` (400);
-//! 5. [`route`](HttpListener::route) (`route.rs`): the listener's [`Router`] picks a
-//!    [`Target`](super::route::Target)
-//!    (404 when none);
-//! 6. [`authorize_route`](HttpListener::authorize_route) (`authz.rs`): the route's `authz`
-//!    (403);
-//! 7. [`forward`](HttpListener::forward) (`forward.rs`): prepare the headers (`headers.rs`),
-//!    read the body ahead, pick an endpoint, send with a timeout, retry within the policy and
-//!    the cluster's budget; a 101 is spliced (`upgrade.rs`);
-//! 8. [`respond`](HttpListener::respond) (`respond.rs`): response edits and metrics.
+//! 1. `authorize_listener` (`authz.rs`): the listener's `authz` (403);
+//! 2. `admit` (`limits.rs`): local rate limit and in-flight cap (503 + `retry-after`);
+//! 3. `hold` (`hold.rs`): inbound, wait for a starting app (503 `app-not-ready` after
+//!    `app.hold_timeout`);
+//! 4. `check_framing` (`framing.rs`): refuse ambiguous HTTP/1 framing (400) before anything
+//!    is forwarded; `check_path` (`authz.rs`): canonical paths where a route has `authz` (400);
+//! 5. `route` (`route.rs`): the listener's [`Router`] picks a
+//!    [`Target`](super::route::Target) (404 when none);
+//! 6. `authorize_route` (`authz.rs`): the route's `authz` (403);
+//! 7. `forward` (`forward.rs`): prepare the headers (`headers.rs`), read the body ahead, pick
+//!    an endpoint, send with a timeout, retry within the policy and the cluster's budget; a 101
+//!    is spliced (`upgrade.rs`);
+//! 8. `respond` (`respond.rs`): response edits and metrics.
 //!
 //! Any phase can end the request with an error response (`failure.rs`) carrying an
 //! `x-outrigger-error` reason (502 connect, 504 timeout, 503 overload, …); every error is

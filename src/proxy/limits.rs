@@ -4,7 +4,7 @@
 //! `outrigger_shed_total` by reason.
 //!
 //! In: the request's listener state. Out: an in-flight permit the request holds until its
-//! response body is done (see [`Permits`]), or the 503.
+//! response body is done (see `Permits`), or the 503.
 
 use std::time::Instant;
 

@@ -3,7 +3,7 @@
 //! forward phase needs (cluster, timeout, retry policy, header edits, rewrite) and its
 //! pre-created metric series, so the data path allocates no labels.
 //!
-//! The route phase lives here too ([`HttpListener::route`]): the request's authority (the URI's
+//! The route phase lives here too (`HttpListener::route`): the request's authority (the URI's
 //! first, then the Host header) gives the host routes match on. In: the request head. Out: the
 //! [`Target`] and the Host the upstream will see, or 400 (no usable authority) / 404 (no route).
 
