@@ -296,7 +296,15 @@ async fn build_modules(
     #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
     #[cfg(feature = "proxy")]
-    let proxy = match crate::proxy::Proxy::build(config, &metrics.proxy, gate.clone()).await? {
+    let proxy = match crate::proxy::Proxy::build(
+        config,
+        &built.tls,
+        built.otlp_tls.clone(),
+        &metrics.proxy,
+        gate.clone(),
+    )
+    .await?
+    {
         Some((proxy, addresses)) => {
             let proxy = Arc::new(proxy);
             modules.push(proxy.clone());
@@ -319,6 +327,7 @@ async fn build_modules(
                     configs: config.clusters.clone(),
                     built: Default::default(),
                     metrics: metrics.proxy.clone(),
+                    tls: built.tls.clone(),
                 })),
             };
             let state = BridgeState::new(

@@ -3,21 +3,74 @@
 //! API — as modules that are off unless configured.
 //!
 //! ```text
-//!  outrigger run -c FILE [-- APP ARGS]
+//!  outrigger run -c FILE [-- APP ARGS]          (outrigger check: the first two steps only)
 //!      │
-//!      ├─ config::load     YAML + env + --set → RawConfig → Config (all problems, file:line:col)
-//!      ├─ app::run         bind every listener → start modules → start the app → watchers
-//!      │    ├─ runtime     Module trait, supervisor (restart with backoff), readiness, drain
+//!      ├─ config::parse    YAML + env + --set → RawConfig → Config: syntax, types, references
+//!      ├─ preflight        deep checks that build things (TLS material, Dapr components,
+//!      │                   brokers, Subscriptions), located like config errors, and KEPT
+//!      ├─ app::run         bind → build → spawn → wait → stop
+//!      │    ├─ runtime     Module trait, supervisor, readiness, drain, signals, stop sequence
 //!      │    ├─ admin       /live /ready /metrics /config /log-level /reload /shutdown
-//!      │    ├─ telemetry   own logs, metrics registry, trace context, access log, OTLP spans
-//!      │    ├─ proxy       inbound/outbound listeners, routes, clusters (+ tls)
+//!      │    ├─ proxy       inbound/outbound listeners, request phases, clusters (+ tls)
 //!      │    ├─ bridge      Dapr HTTP API: state, pub/sub, invocation, secrets, metadata
-//!      │    ├─ lifecycle   the app: process group, probes, restarts, signals, stop order
-//!      │    └─ reload      watched files → signal / webhook / restart; own config file
+//!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
+//!      │    └─ reload      `reload:` entries; live reload of our own config
 //!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
 //! ```
 //!
+//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch` →
+//! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge` → `preflight` →
+//! `app` → `main`. Every import runs downward; no two top-level modules import each other.
 //! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
+//!
+//! # Where is…
+//!
+//! | behaviour | file |
+//! |---|---|
+//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge}.rs`, `config/document.rs` |
+//! | deep config checks (certificates, components, brokers, Subscriptions) | `preflight.rs` |
+//! | what a reload changes live and what needs a restart | `config/diff.rs` (`ConfigDiff`) |
+//! | live reload of our own config (SIGHUP, `POST /reload`, file watch) | `reload/live.rs` |
+//! | `reload:` entries (signal, webhook, restart the app) | `reload/mod.rs` |
+//! | watching files and directories (ConfigMaps too) | `watch.rs` |
+//! | the start order | `app.rs` |
+//! | the stop order (drain delay, inbound, app, the rest, admin) | `runtime/stop.rs` |
+//! | signals → control requests | `runtime/signals.rs` |
+//! | module restarts with backoff, `/ready` | `runtime/supervisor.rs`, `runtime/health.rs` |
+//! | the request phases, in order | `proxy/http.rs` (`phases`) |
+//! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
+//! | connection and rate limits, load shedding | `proxy/limits.rs`, `proxy/accept.rs` |
+//! | holding requests while the app starts | `proxy/hold.rs` |
+//! | ambiguous framing (smuggling) | `proxy/framing.rs` |
+//! | routing | `proxy/route.rs` |
+//! | header edits, hop-by-hop, `x-forwarded-*` | `proxy/headers.rs` |
+//! | the retry loop, timeouts | `proxy/forward.rs` |
+//! | WebSocket / upgrades | `proxy/upgrade.rs` |
+//! | Outrigger's own error answers | `proxy/failure.rs` |
+//! | what a reload rebuilds in the proxy | `proxy/generation.rs` |
+//! | balancing, ejection, retry budget, discovery, connecting | `proxy/cluster/{balance,outlier,budget,discovery,connect}.rs` |
+//! | TLS handshake on accept, origination, authz, certificates | `tls/accept.rs`, `tls/origination.rs`, `tls/authz.rs`, `tls/mod.rs` |
+//! | access log line and span of a request | `proxy/record.rs` → `telemetry/{record,access_log,otlp}.rs` |
+//! | every metric | `telemetry/metrics.rs`, `telemetry/tls.rs` |
+//! | the app's process, probe, restarts | `lifecycle/mod.rs`, `lifecycle/probe.rs` |
+//! | the app's environment (`OUTRIGGER_*`, `DAPR_*`) | `lifecycle/env.rs`, `bridge/env.rs` |
+//! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
+//!
+//! # Long-running work that is not a supervised `Module`, and why
+//!
+//! The proxy and the bridge are [`runtime::Module`]s: supervised, restarted with backoff, on
+//! `/ready`, drained in step 3 of the stop. The rest is not, on purpose:
+//! - **admin** reports the modules' health, so it must not drain with them: it answers `/ready`
+//!   503 until the stop's last step (`admin::serve`);
+//! - **the app** (`lifecycle::supervise`) has its own restart policy (`app.restart`) and its
+//!   readiness is the `app` component on `/ready`, driven by its probe; it is stopped in step 2,
+//!   before the modules;
+//! - **`reload:` entries and the config file watcher** must stop *before* the stop begins (no
+//!   reload may restart the app while it stops), earlier than any module drain; a watch that
+//!   cannot start retries on its own and is counted;
+//! - **TLS file watchers, the certificate expiry task, the span exporter and the access log
+//!   writer** belong to the material or the listener that made them and end with it; they
+//!   cannot fail (a failed export or a full queue is dropped and counted).
 
 #![forbid(unsafe_code)]
 

@@ -39,6 +39,8 @@ pub struct OwnClusters {
     pub configs: BTreeMap<String, ClusterConfig>,
     pub built: Mutex<HashMap<String, Arc<Cluster>>>,
     pub metrics: ProxyMetrics,
+    /// The clusters' TLS material, built by preflight.
+    pub tls: crate::tls::Material,
 }
 
 impl Clusters {
@@ -50,12 +52,17 @@ impl Clusters {
                     configs,
                     built,
                     metrics,
+                    tls,
                 } = &**own;
                 if let Some(c) = built.lock().expect("not poisoned").get(name) {
                     return Some(c.clone());
                 }
                 let config = configs.get(name)?;
-                let cluster = Cluster::new(config.clone(), metrics.clone());
+                let cluster = Cluster::new(
+                    config.clone(),
+                    metrics.clone(),
+                    tls.clients.get(name).cloned(),
+                );
                 if cluster.is_discovered() {
                     cluster.refresh().await;
                     tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));

@@ -408,6 +408,7 @@ mod tests {
             configs: BTreeMap::new(),
             built: Default::default(),
             metrics: Default::default(),
+            tls: Default::default(),
         }));
         let state = BridgeState::new(
             &config,

@@ -7,11 +7,11 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::de::{self, Deserializer, Unexpected, Visitor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::document::Document;
 use super::raw::RawBridge;
+pub use super::types::ByteSize;
 use super::{Address, Problem, Secret};
 
 /// Dapr's default HTTP API port, on loopback: the API can read state and secrets.
@@ -112,68 +112,4 @@ pub fn validate(
         app_api_token: raw.app_api_token,
         max_body,
     })
-}
-
-/// A size in bytes: a plain number, or a number with a unit (`512KiB`, `4MiB`, `1GiB`, `10MB`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteSize(pub usize);
-
-impl std::str::FromStr for ByteSize {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: usize = num.parse().map_err(|_| ())?;
-        let mult: usize = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            _ => return Err(()),
-        };
-        n.checked_mul(mult).map(ByteSize).ok_or(())
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size like 4MiB, 512KiB or a number of bytes")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v as usize))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                usize::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                v.parse()
-                    .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!("4MiB".parse::<ByteSize>(), Ok(ByteSize(4 << 20)));
-        assert_eq!("100".parse::<ByteSize>(), Ok(ByteSize(100)));
-        assert_eq!("2 KiB".parse::<ByteSize>(), Ok(ByteSize(2048)));
-        assert!("4 parsecs".parse::<ByteSize>().is_err());
-        assert!("MiB".parse::<ByteSize>().is_err());
-    }
 }

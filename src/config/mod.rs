@@ -16,6 +16,7 @@ pub mod document;
 pub mod lifecycle;
 pub mod proxy;
 pub mod raw;
+pub mod route;
 pub mod telemetry;
 pub mod tls;
 pub mod types;

@@ -64,7 +64,7 @@ pub struct RawBridge {
     /// Sent to the app as `dapr-api-token` on the calls the bridge makes to it.
     pub app_api_token: Option<super::Secret>,
     /// The largest request body accepted.
-    pub max_body: Option<super::bridge::ByteSize>,
+    pub max_body: Option<super::types::ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::task::JoinSet;
 
 use super::generation::{Kind, Listener, Serving};
-use super::listener::{self, Activity, Metered, Peer};
+use super::listener::{self, Activity, Metered, Peer, Stream};
 use super::{framing, http, tcp};
 use crate::runtime::Drain;
 
@@ -128,7 +128,7 @@ async fn serve_connection(
                 }
             }
             identity = id;
-            stream
+            Stream::TlsServer(Box::new(stream))
         }
     };
     let activity = Activity::new();

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::config::proxy::{
     APP_CLUSTER, ClusterConfig, Limits, ListenerConfig, MatchConfig, RouteConfig,
 };
-use crate::config::raw::{Direction, Protocol};
+use crate::config::proxy::{Direction, Protocol};
 use crate::runtime::AppGate;
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
 use crate::telemetry::record::Recorder;
@@ -75,7 +75,11 @@ pub(super) struct Serving {
 impl Proxy {
     /// Applies a reloaded config: clusters first (kept or built), then each listener's new
     /// generation, then the swap, then retiring what was replaced.
-    pub(super) async fn apply(&self, config: Arc<Config>) -> Result<(), String> {
+    pub(super) async fn apply(
+        &self,
+        config: Arc<Config>,
+        tls: &crate::tls::Material,
+    ) -> Result<(), String> {
         let _one = self.reloading.lock().await;
         // Clusters whose settings did not change are kept, with their pools, endpoints
         // and ejection state; the others are built new.
@@ -88,7 +92,8 @@ impl Proxy {
                     next.insert(c.name.clone(), o.clone());
                 }
                 _ => {
-                    let n = Cluster::new(c.clone(), self.metrics.clone());
+                    let built = tls.clients.get(&c.name).cloned();
+                    let n = Cluster::new(c.clone(), self.metrics.clone(), built);
                     fresh.push(n.clone());
                     next.insert(c.name.clone(), n);
                 }
@@ -119,16 +124,16 @@ impl Proxy {
                 }
                 continue;
             }
-            let serving = build_serving(
-                lc,
-                &config,
-                &next,
-                &self.metrics,
-                &self.gate,
-                Some(&current),
-                self.recorder.as_ref(),
-            )
-            .map_err(|e| format!("{e:#}"))?;
+            let build = Build {
+                config: &config,
+                clusters: &next,
+                tls,
+                metrics: &self.metrics,
+                gate: &self.gate,
+                recorder: self.recorder.as_ref(),
+            };
+            let serving =
+                build_serving(lc, &build, Some(&current)).map_err(|e| format!("{e:#}"))?;
             generations.push((l, serving));
         }
         let swapped = generations.len();
@@ -171,15 +176,20 @@ impl Proxy {
     }
 }
 
-pub(super) fn build_listener(
-    l: &ListenerConfig,
-    config: &Config,
-    bound: Bound,
-    clusters: &HashMap<String, Arc<Cluster>>,
-    metrics: &ProxyMetrics,
-    gate: &AppGate,
-    recorder: Option<&Recorder>,
-) -> Result<Listener> {
+/// What building a listener's generation takes besides the listener's own config.
+pub(super) struct Build<'a> {
+    pub config: &'a Config,
+    /// The clusters of `config`, by name.
+    pub clusters: &'a HashMap<String, Arc<Cluster>>,
+    /// What preflight built for `config` (listeners' TLS material).
+    pub tls: &'a crate::tls::Material,
+    pub metrics: &'a ProxyMetrics,
+    pub gate: &'a AppGate,
+    pub recorder: Option<&'a Recorder>,
+}
+
+pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) -> Result<Listener> {
+    let metrics = b.metrics;
     let name: Name = Arc::new(l.name.clone());
     let direction = l.direction.label();
     let labels = ListenerLabels {
@@ -196,7 +206,7 @@ pub(super) fn build_listener(
             })
             .clone()
     };
-    let serving = build_serving(l, config, clusters, metrics, gate, None, recorder)?;
+    let serving = build_serving(l, b, None)?;
     Ok(Listener {
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
@@ -210,16 +220,16 @@ pub(super) fn build_listener(
     })
 }
 
-/// What a listener serves under `config`: its routes (or tcp cluster), limits and hold.
-fn build_serving(
-    l: &ListenerConfig,
-    config: &Config,
-    clusters: &HashMap<String, Arc<Cluster>>,
-    metrics: &ProxyMetrics,
-    gate: &AppGate,
-    previous: Option<&Serving>,
-    recorder: Option<&Recorder>,
-) -> Result<Serving> {
+/// What a listener serves: its routes (or tcp cluster), limits, hold and TLS.
+fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) -> Result<Serving> {
+    let Build {
+        config,
+        clusters,
+        tls: material,
+        metrics,
+        gate,
+        recorder,
+    } = *b;
     let name: Name = Arc::new(l.name.clone());
     let direction = l.direction.label();
     let hold = (l.direction == Direction::Inbound)
@@ -290,8 +300,13 @@ fn build_serving(
             Some(prev.clone())
         }
         (Some(c), _) => Some(
-            crate::tls::ServerTls::new(&l.name, c.clone(), metrics.tls.clone())
-                .map_err(|e| anyhow::anyhow!("listener `{}`: {e}", l.name))?,
+            crate::tls::ServerTls::new(
+                &l.name,
+                c.clone(),
+                material.servers.get(&l.name).cloned(),
+                metrics.tls.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("listener `{}`: {e}", l.name))?,
         ),
         (None, prev) => {
             if prev.is_some() {

@@ -19,7 +19,7 @@ use super::failure::Failure;
 use super::http::{Downstream, HttpListener};
 use super::listener::Peer;
 use super::route::Target;
-use crate::config::raw::Direction;
+use crate::config::proxy::Direction;
 
 pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -35,8 +35,8 @@ use super::headers::X_REQUEST_ID;
 use super::limits::{Permits, TokenBucket};
 use super::listener::{Activity, Peer};
 use super::route::{RouteStats, Router};
+use crate::config::proxy::Direction;
 use crate::config::proxy::Limits;
-use crate::config::raw::Direction;
 use crate::config::tls::IdentityPattern;
 use crate::runtime::{AppGate, Drain};
 use crate::telemetry::metrics::{Name, ProxyMetrics, ShedLabels};
@@ -187,7 +187,7 @@ impl HttpListener {
                 .and_then(|i| i.identity().map(Arc::from)),
         };
         // Finished even if this future is dropped before there is a response.
-        let unanswered = record::Unanswered::new(&recorder, entry);
+        let unanswered = super::record::Unanswered::new(&recorder, entry);
         let (Ok(res) | Err(res)) = self.phases(down, req).await;
         Ok(unanswered.answered(res))
     }

@@ -176,6 +176,15 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl crate::tls::accept::Accepted for Stream {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 impl Connection for Stream {
     fn connected(&self) -> Connected {
         Connected::new()

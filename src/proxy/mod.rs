@@ -43,6 +43,7 @@ pub mod hold;
 pub mod http;
 pub mod limits;
 pub mod listener;
+pub mod record;
 pub mod respond;
 pub mod route;
 pub mod tcp;
@@ -76,8 +77,12 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy and binds every listener. `None` when no listener is configured.
     /// Returns the bound addresses by listener name.
+    /// `tls` is the material preflight built (listeners' and clusters' rustls configs) and
+    /// `otlp_tls` the span exporter's connector to an https collector.
     pub async fn build(
         config: &Config,
+        tls: &crate::tls::Material,
+        otlp_tls: Option<crate::tls::HttpsConnector>,
         metrics: &ProxyMetrics,
         gate: AppGate,
     ) -> Result<Option<(Proxy, BTreeMap<String, Address>)>> {
@@ -87,7 +92,13 @@ impl Proxy {
         let clusters: HashMap<String, Arc<Cluster>> = config
             .clusters
             .values()
-            .map(|c| (c.name.clone(), Cluster::new(c.clone(), metrics.clone())))
+            .map(|c| {
+                let built = tls.clients.get(&c.name).cloned();
+                (
+                    c.name.clone(),
+                    Cluster::new(c.clone(), metrics.clone(), built),
+                )
+            })
             .collect();
         for c in clusters.values() {
             tokio::spawn(Cluster::discover(Arc::downgrade(c)));
@@ -106,6 +117,7 @@ impl Proxy {
             Some(o) => Some(
                 crate::telemetry::otlp::SpanExporter::start(
                     o,
+                    otlp_tls,
                     &config.service,
                     metrics.spans.clone(),
                 )
@@ -123,15 +135,15 @@ impl Proxy {
             let local = bound.local_address()?;
             tracing::info!(listener = %l.name, address = %local, direction = ?l.direction, protocol = ?l.protocol, "listening");
             bound_addresses.insert(l.name.clone(), local);
-            listeners.push(Arc::new(generation::build_listener(
-                l,
+            let build = generation::Build {
                 config,
-                bound,
-                &clusters,
+                clusters: &clusters,
+                tls,
                 metrics,
-                &gate,
-                recorder.as_ref(),
-            )?));
+                gate: &gate,
+                recorder: recorder.as_ref(),
+            };
+            listeners.push(Arc::new(generation::build_listener(l, bound, &build)?));
         }
         Ok(Some((
             Proxy {
@@ -210,8 +222,8 @@ impl Module for Proxy {
     fn reload(
         self: Arc<Self>,
         config: Arc<Config>,
-        _tls: Arc<crate::tls::Material>,
+        tls: Arc<crate::tls::Material>,
     ) -> ReloadFuture {
-        Box::pin(async move { self.apply(config).await })
+        Box::pin(async move { self.apply(config, &tls).await })
     }
 }

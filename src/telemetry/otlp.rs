@@ -49,21 +49,20 @@ pub struct SpanExporter {
 }
 
 impl SpanExporter {
-    /// Starts the exporter task (on the current runtime). Fails when the TLS setup for an
-    /// https collector cannot be built (its CA file).
+    /// Starts the exporter task (on the current runtime). `tls`: the connector to an https
+    /// collector, built by preflight (its CA file checked there); required for one.
     pub fn start(
         config: &OtlpConfig,
+        tls: Option<(
+            tokio_rustls::TlsConnector,
+            rustls_pki_types::ServerName<'static>,
+        )>,
         service: &str,
         metrics: SpanMetrics,
     ) -> Result<SpanExporter, String> {
-        let tls = if config.https {
-            Some(crate::tls::https_connector(
-                config.ca.as_deref(),
-                &config.server_name,
-            )?)
-        } else {
-            None
-        };
+        if config.https && tls.is_none() {
+            return Err("an https collector needs its TLS connector (built by preflight)".into());
+        }
         // Both reasons exist from the start, so `increase()` sees the first drop.
         for reason in ["queue_full", "export_failed"] {
             let _ = metrics.dropped.get_or_create(&ReasonLabels { reason });
@@ -305,7 +304,7 @@ fn int_attribute(out: &mut Vec<u8>, key: &str, v: u64) {
 /// One span. Attributes follow the OpenTelemetry HTTP semantic conventions where one fits.
 fn span(out: &mut Vec<u8>, r: &Record) {
     let e = &r.entry;
-    let server = e.direction == crate::config::raw::Direction::Inbound;
+    let server = e.direction == crate::config::proxy::Direction::Inbound;
     let (start, end) = r.unix_nanos();
     out.extend_from_slice(b"{\"traceId\":\"");
     hex(out, e.trace.trace_id, 32);

@@ -1,8 +1,7 @@
 //! The record of one proxied request, for the access log and span export: what is known when
 //! the request arrives ([`Entry`]), what the proxy learned routing it ([`Routed`], put in the
-//! response's extensions) and how it ended. The response body is wrapped so the record is
-//! finished when the body is done, or dropped (the client went away); a request dropped before
-//! it had a response is recorded as 499 `client-closed`.
+//! response's extensions) and how it ended ([`Record`]), handed over by [`Recorder::finish`].
+//! The proxy finishes it when the response body is done or dropped (`proxy::record`).
 //!
 //! The data path only copies cheap handles (the request's `Uri` and header values share the
 //! bytes hyper read) and hands the record over; lines and spans are encoded on the writer
@@ -13,7 +12,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
 
-use crate::proxy::body::{End, ProxyBody, Tap, tap};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Name;
 use crate::telemetry::otlp::SpanExporter;
@@ -38,7 +36,7 @@ impl Recorder {
 #[derive(Clone)]
 pub struct Entry {
     pub started: Instant,
-    pub direction: crate::config::raw::Direction,
+    pub direction: crate::config::proxy::Direction,
     pub listener: Name,
     pub method: http::Method,
     pub uri: http::Uri,
@@ -103,83 +101,28 @@ impl Record {
     }
 }
 
-/// A request not answered yet: if it is dropped first (an HTTP/2 reset, a client gone while
-/// its request waited), its record is still finished, with status 499 and `client-closed`.
-pub struct Unanswered(Option<(Recorder, Entry)>);
-
-impl Unanswered {
-    pub fn new(recorder: &Recorder, entry: Entry) -> Unanswered {
-        Unanswered(Some((recorder.clone(), entry)))
-    }
-
-    /// The request got a response: its record is finished when the response body is done.
-    pub fn answered(mut self, res: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
-        let (recorder, entry) = self.0.take().expect("answered once");
-        let status = res.status().as_u16();
-        let error = res
-            .headers()
-            .get("x-outrigger-error")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let routed = res
-            .extensions()
-            .get::<Routed>()
-            .cloned()
-            .unwrap_or_default();
-        res.map(|body| {
-            tap(
-                body,
-                Pending {
-                    recorder,
-                    entry,
-                    status,
-                    error,
-                    routed,
-                    bytes_out: 0,
-                },
-            )
-        })
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some((recorder, entry)) = self.0.take() {
-            Pending {
-                recorder,
-                entry,
-                status: 499,
-                error: Some("client-closed".to_string()),
-                routed: Routed::default(),
-                bytes_out: 0,
-            }
-            .finish();
-        }
-    }
-}
-
-struct Pending {
-    recorder: Recorder,
-    entry: Entry,
-    status: u16,
-    error: Option<String>,
-    routed: Routed,
-    bytes_out: u64,
-}
-
-impl Pending {
-    fn finish(self) {
-        let sampled = self.entry.trace.sampled;
+impl Recorder {
+    /// Finishes a request's record and hands it over: to the access log, and to the span
+    /// exporter when the request is sampled. `entry`: what was known when it arrived.
+    pub fn finish(
+        &self,
+        entry: Entry,
+        status: u16,
+        error: Option<String>,
+        routed: Routed,
+        bytes_out: u64,
+    ) {
+        let sampled = entry.trace.sampled;
         let record = Record {
-            duration: self.entry.started.elapsed(),
+            duration: entry.started.elapsed(),
             ended: SystemTime::now(),
-            entry: self.entry,
-            status: self.status,
-            error: self.error,
-            routed: self.routed,
-            bytes_out: self.bytes_out,
+            entry,
+            status,
+            error,
+            routed,
+            bytes_out,
         };
-        match (&self.recorder.log, &self.recorder.spans) {
+        match (&self.log, &self.spans) {
             (Some(log), Some(spans)) if sampled => {
                 spans.send(record.clone());
                 log.send(record);
@@ -188,26 +131,6 @@ impl Pending {
             (None, Some(spans)) if sampled => spans.send(record),
             _ => {}
         }
-    }
-}
-
-/// The response body, counted; the record is finished at its end or when it is dropped.
-impl Tap for Pending {
-    fn data(&mut self, len: u64) {
-        self.bytes_out += len;
-    }
-    fn end(mut self, how: End) {
-        match how {
-            End::Done => {}
-            End::Failed => self.error = Some("upstream-reset".to_string()),
-            // Dropped before its end: the client went away mid-body.
-            End::Dropped { at_end } => {
-                if self.error.is_none() && !at_end {
-                    self.error = Some("client-closed".to_string());
-                }
-            }
-        }
-        self.finish();
     }
 }
 
@@ -222,7 +145,7 @@ pub(crate) mod tests {
         Record {
             entry: Entry {
                 started: Instant::now(),
-                direction: crate::config::raw::Direction::Inbound,
+                direction: crate::config::proxy::Direction::Inbound,
                 listener: Arc::new("pub\"lic".into()),
                 method: http::Method::POST,
                 uri: "/a%22b/c".parse().unwrap(),

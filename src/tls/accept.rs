@@ -7,24 +7,33 @@
 //! TLS stream and the verified client certificate's identity (for `authz` and
 //! `x-forwarded-client-cert`), or nothing; every outcome is counted in
 //! `outrigger_tls_handshakes_total` (side `server`).
-#![cfg(feature = "proxy")]
 
+use std::fmt::Debug;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
 use super::{PeerIdentity, ServerTls};
-use crate::proxy::listener::{Peer, Stream};
+
+/// An accepted connection: a TCP one can be peeked at for plain text before the handshake.
+pub trait Accepted: AsyncRead + AsyncWrite + Unpin {
+    /// The TCP socket under it, if it is one (a unix socket is not peeked at).
+    fn tcp(&self) -> Option<&TcpStream>;
+}
 
 /// TLS on an accepted connection, within the header read timeout. Plain HTTP sent to a TLS
 /// port gets a 400 that says so. Returns the TLS stream and the client certificate's identity;
 /// None (logged and counted) when the handshake fails.
-pub async fn handshake(
+pub async fn handshake<S: Accepted>(
     tls: &ServerTls,
-    stream: Stream,
+    stream: S,
     listener: &str,
-    peer: &Peer,
+    peer: &impl Debug,
     timeout: Duration,
     http: bool,
-) -> Option<(Stream, Option<PeerIdentity>)> {
+) -> Option<(TlsStream<S>, Option<PeerIdentity>)> {
     use tokio::io::AsyncWriteExt;
     // One deadline for the first byte and the whole handshake: a slow client holds its
     // connection slot for at most this long before any HTTP timer starts.
@@ -33,7 +42,7 @@ pub async fn handshake(
     let mut stream = stream;
     // A TLS connection starts with a handshake record (0x16); anything else on an HTTP
     // listener is a client speaking plain HTTP to an HTTPS port.
-    if let (Stream::Tcp(tcp), true) = (&stream, http) {
+    if let (Some(tcp), true) = (stream.tcp(), http) {
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] != 0x16 => {
@@ -90,5 +99,5 @@ pub async fn handshake(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| PeerIdentity::of(c, own.as_deref()));
-    Some((Stream::TlsServer(Box::new(tls_stream)), identity))
+    Some((tls_stream, identity))
 }

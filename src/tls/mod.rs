@@ -522,12 +522,17 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
+    /// A listener's TLS, with the material preflight built (`None`: built here).
     pub fn new(
         listener: &str,
         config: ServerTlsConfig,
+        built: Option<LoadedServer>,
         metrics: TlsMetrics,
     ) -> Result<Arc<ServerTls>, String> {
-        let loaded = server_config(&config)?;
+        let loaded = match built {
+            Some(loaded) => loaded,
+            None => server_config(&config)?,
+        };
         let owner = format!("listener/{listener}");
         metrics.track(&owner, &loaded.certs);
         for result in ["success", "failure"] {

@@ -38,9 +38,14 @@ pub struct Origination {
 }
 
 impl Origination {
-    /// The cluster's origination, if it has `tls`. Material that cannot be built is logged
-    /// and kept as the reason connections fail.
-    pub fn new(config: &ClusterConfig, metrics: &TlsMetrics) -> Option<Arc<Origination>> {
+    /// The cluster's origination, if it has `tls`, with the material preflight built (`None`:
+    /// built here). Material that cannot be built is logged and kept as the reason connections
+    /// fail.
+    pub fn new(
+        config: &ClusterConfig,
+        metrics: &TlsMetrics,
+        built: Option<super::LoadedClient>,
+    ) -> Option<Arc<Origination>> {
         let tls = config.tls.as_ref()?;
         let server_name = tls.server_name.clone().or_else(|| match &config.discovery {
             Discovery::Dns { host, .. } => Some(host.clone()),
@@ -56,7 +61,11 @@ impl Origination {
             fingerprints: Mutex::new(Vec::new()),
             retired: AtomicBool::new(false),
         });
-        if let Err(e) = o.load() {
+        let loaded = match built {
+            Some(loaded) => Ok(loaded),
+            None => super::client_config(tls, config.http2),
+        };
+        if let Err(e) = loaded.map(|l| o.install(l, super::fingerprints(&Reloadable::files(&*o)))) {
             tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
             o.connector.store(Arc::new(Err(e)));
         }
@@ -67,9 +76,14 @@ impl Origination {
 
     /// Builds the client config from the files and swaps it in.
     fn load(&self) -> Result<(), String> {
-        let files = Reloadable::files(self);
-        let fingerprints = super::fingerprints(&files);
+        let fingerprints = super::fingerprints(&Reloadable::files(self));
         let loaded = super::client_config(&self.tls, self.h2)?;
+        self.install(loaded, fingerprints);
+        Ok(())
+    }
+
+    /// Swaps in `loaded`, built from files with these fingerprints.
+    fn install(&self, loaded: super::LoadedClient, fingerprints: Vec<u64>) {
         self.metrics
             .track(&format!("cluster/{}", self.cluster), &loaded.certs);
         self.connector
@@ -77,7 +91,6 @@ impl Origination {
                 loaded.config,
             ))));
         *self.fingerprints.lock().expect("not poisoned") = fingerprints;
-        Ok(())
     }
 
     /// Replaced by a config reload: no more reloading.

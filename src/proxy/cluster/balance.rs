@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{Attempt, Cluster, Endpoint};
-use crate::config::raw::Lb;
+use crate::config::proxy::Lb;
 
 /// Peak-EWMA decay time: older latency samples weigh less after this.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -100,7 +100,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_skips_ejected_endpoints() {
-        let c = Cluster::new(config(Lb::RoundRobin, 3), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::RoundRobin, 3), ProxyMetrics::default(), None);
         let picks: Vec<String> = (0..3)
             .map(|_| c.pick().unwrap().endpoint.address.to_string())
             .collect();
@@ -128,7 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn p2c_prefers_the_faster_endpoint() {
-        let c = Cluster::new(config(Lb::P2cEwma, 2), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::P2cEwma, 2), ProxyMetrics::default(), None);
         let eps = c.endpoints.load();
         eps[0].observe(Duration::from_millis(50));
         eps[1].observe(Duration::from_micros(100));
@@ -141,7 +141,7 @@ mod tests {
 
     #[tokio::test]
     async fn peak_ewma_jumps_up_and_decays_down() {
-        let c = Cluster::new(config(Lb::P2cEwma, 1), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::P2cEwma, 1), ProxyMetrics::default(), None);
         let e = c.endpoints.load()[0].clone();
         e.observe(Duration::from_millis(100));
         assert_eq!(
@@ -156,14 +156,14 @@ mod tests {
 
     #[tokio::test]
     async fn attempts_count_in_flight_until_dropped() {
-        let c = Cluster::new(config(Lb::RoundRobin, 1), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::RoundRobin, 1), ProxyMetrics::default(), None);
         let a = c.pick().unwrap();
         assert_eq!(a.endpoint.in_flight.load(Ordering::Relaxed), 1);
         let e = a.endpoint.clone();
         drop(a);
         assert_eq!(e.in_flight.load(Ordering::Relaxed), 0);
         assert!(
-            Cluster::new(config(Lb::RoundRobin, 0), ProxyMetrics::default())
+            Cluster::new(config(Lb::RoundRobin, 0), ProxyMetrics::default(), None)
                 .pick()
                 .is_none()
         );

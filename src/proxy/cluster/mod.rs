@@ -123,8 +123,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(config: ClusterConfig, metrics: ProxyMetrics) -> Arc<Cluster> {
-        let tls = Origination::new(&config, &metrics.tls);
+    /// A cluster for `config`; `tls` is the client material preflight built for it (`None`:
+    /// built here from the files, when it has `tls`).
+    pub fn new(
+        config: ClusterConfig,
+        metrics: ProxyMetrics,
+        tls: Option<crate::tls::LoadedClient>,
+    ) -> Arc<Cluster> {
+        let tls = Origination::new(&config, &metrics.tls, tls);
         let initial = match &config.discovery {
             Discovery::Static(addrs) => addrs
                 .iter()
@@ -274,8 +280,8 @@ impl crate::tls::Reloadable for Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::proxy::Lb;
     use crate::config::proxy::{Outlier, RetryBudget};
-    use crate::config::raw::Lb;
 
     pub(super) fn config(lb: Lb, n: u16) -> ClusterConfig {
         ClusterConfig {
@@ -305,7 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn discovery_updates_keep_existing_endpoints() {
-        let c = Cluster::new(config(Lb::RoundRobin, 2), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::RoundRobin, 2), ProxyMetrics::default(), None);
         let before = c.endpoints.load_full();
         let a: Address = "127.0.0.1:1001".parse().unwrap();
         let b: Address = "127.0.0.1:2000".parse().unwrap();
@@ -320,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_flight_cap() {
-        let c = Cluster::new(config(Lb::RoundRobin, 1), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::RoundRobin, 1), ProxyMetrics::default(), None);
         let p = c.admit().unwrap();
         assert!(c.admit().is_err());
         drop(p);

@@ -66,7 +66,7 @@ impl Cluster {
 mod tests {
     use super::super::tests::config;
     use super::*;
-    use crate::config::raw::Lb;
+    use crate::config::proxy::Lb;
     use crate::telemetry::metrics::ProxyMetrics;
 
     fn ejected(c: &Cluster) -> usize {
@@ -76,7 +76,7 @@ mod tests {
 
     #[tokio::test]
     async fn ejects_after_consecutive_failures_only() {
-        let c = Cluster::new(config(Lb::RoundRobin, 4), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::RoundRobin, 4), ProxyMetrics::default(), None);
         let first = c.endpoints.load()[0].clone();
         let attempt = || {
             first.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -95,7 +95,7 @@ mod tests {
 
     #[tokio::test]
     async fn never_ejects_more_than_half() {
-        let c = Cluster::new(config(Lb::RoundRobin, 2), ProxyMetrics::default());
+        let c = Cluster::new(config(Lb::RoundRobin, 2), ProxyMetrics::default(), None);
         for e in c.endpoints.load().iter() {
             for _ in 0..4 {
                 e.in_flight.fetch_add(1, Ordering::Relaxed);
