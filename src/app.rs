@@ -241,7 +241,8 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
             drain_delay: config.runtime.drain_delay.get(),
             stop_signal: lifecycle.stop_signal.0,
             stop_timeout: lifecycle.stop_timeout.get(),
-            watched_app,
+            // An app that already ended needs none of the grace: inbound gets all of it.
+            watched_app: app_running.is_some() || lifecycle.probe.is_some(),
         },
         health: &health,
         control: &mut control_rx,

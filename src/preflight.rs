@@ -55,14 +55,18 @@ pub fn load(source: &Source, env: &dyn Environment) -> Result<(Config, Preflight
 pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
     let config = &parsed.config;
     let mut built = Preflight::default();
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
     for l in &config.listeners {
+        // A duplicate name is a problem already; its certificates are located at its own key.
+        let nth = seen.entry(&l.name).or_default();
+        let key = parsed.listener_key(&l.name, *nth);
+        *nth += 1;
         if let Some(t) = &l.tls {
             match crate::tls::server_config(t) {
                 Ok(loaded) => {
                     built.tls.servers.insert(l.name.clone(), loaded);
                 }
-                Err(e) => problems
-                    .push(parsed.problem(&format!("{}.tls", parsed.listener_key(&l.name)), e)),
+                Err(e) => problems.push(parsed.problem(&format!("{key}.tls"), e.to_string())),
             }
         }
     }
@@ -72,11 +76,22 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
                 Ok(loaded) => {
                     built.tls.clients.insert(name.clone(), loaded);
                 }
-                Err(e) => problems.push(parsed.problem(&format!("clusters.{name}.tls"), e)),
+                Err(e) => {
+                    problems.push(parsed.problem(&format!("clusters.{name}.tls"), e.to_string()))
+                }
             }
         }
     }
-    if let Some(o) = config.telemetry.tracing.otlp.as_ref().filter(|o| o.https) {
+    // The span exporter runs in the proxy (it exports the proxy's requests): its connector is
+    // built only when there is a proxy; the CA file is checked either way.
+    let otlp = config.telemetry.tracing.otlp.as_ref().filter(|o| o.https);
+    if let Some(o) = otlp.filter(|_| config.listeners.is_empty())
+        && let Some(ca) = &o.ca
+        && let Err(e) = crate::tls::load_certs(ca)
+    {
+        problems.push(parsed.problem("telemetry.tracing.otlp.ca", e.to_string()));
+    }
+    if let Some(o) = otlp.filter(|_| !config.listeners.is_empty()) {
         match crate::tls::https_connector(o.ca.as_deref(), &o.server_name) {
             Ok(connector) => built.otlp_tls = Some(connector),
             Err(e) => {
@@ -85,7 +100,7 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
                 } else {
                     "telemetry.tracing.otlp"
                 };
-                problems.push(parsed.problem(at, e));
+                problems.push(parsed.problem(at, e.to_string()));
             }
         }
     }

@@ -224,14 +224,17 @@ impl Document {
         }
     }
 
-    /// The position of the entry of the top-level list `list` whose `name` is `name`
-    /// (`listeners` by listener name), as written in the file.
-    pub fn index_by_name(&self, list: &str, name: &str) -> Option<usize> {
+    /// The position of the `nth` (from 0) entry of the top-level list `list` whose `name` is
+    /// `name` (`listeners` by listener name), as written in the file.
+    pub fn index_by_name(&self, list: &str, name: &str, nth: usize) -> Option<usize> {
         self.value
             .get(list)?
             .as_sequence()?
             .iter()
-            .position(|v| v.get("name").and_then(Value::as_str) == Some(name))
+            .enumerate()
+            .filter(|(_, v)| v.get("name").and_then(Value::as_str) == Some(name))
+            .nth(nth)
+            .map(|(i, _)| i)
     }
 
     /// A problem at `path`, located.

@@ -197,9 +197,10 @@ impl Parsed {
         self.doc.problem(path, message)
     }
 
-    /// The key of the listener named `name` (`listeners[2]`), as written in the file.
-    pub fn listener_key(&self, name: &str) -> String {
-        match self.doc.index_by_name("listeners", name) {
+    /// The key of the `nth` (from 0) listener named `name` (`listeners[2]`), as written in the
+    /// file (the config holds only the listeners that were valid, so its indexes can differ).
+    pub fn listener_key(&self, name: &str, nth: usize) -> String {
+        match self.doc.index_by_name("listeners", name, nth) {
             Some(i) => format!("listeners[{i}]"),
             None => "listeners".to_string(),
         }

@@ -35,7 +35,6 @@ use crate::config::proxy::{Direction, Protocol};
 use crate::runtime::AppGate;
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
 use crate::telemetry::record::Recorder;
-use crate::tls::Reloadable;
 
 /// What a listener does with a connection.
 pub(super) enum Kind {
@@ -118,9 +117,9 @@ impl Proxy {
                 Kind::Tcp(_) => false,
             };
             if !rebuilds_listener(&current.config, lc, &replaced, sample_changed) {
-                if let Some(tls) = &current.tls {
-                    // SIGHUP re-reads certificates even when the config is unchanged.
-                    let _ = tls.reload_files();
+                if let Some(t) = &current.tls {
+                    // SIGHUP takes new certificates even when the config is unchanged.
+                    t.adopt(tls.servers.get(&*l.name));
                 }
                 continue;
             }
@@ -156,8 +155,8 @@ impl Proxy {
         }
         for (name, c) in &next {
             if old.get(name).is_some_and(|o| Arc::ptr_eq(o, c)) {
-                // Kept: SIGHUP and config reloads re-read its TLS files (if changed).
-                c.reload_tls();
+                // Kept: SIGHUP and config reloads take its TLS files' new content, if any.
+                c.adopt_tls(tls.clients.get(name));
             }
         }
         for c in &fresh {
@@ -291,12 +290,12 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
         Some(p) if p.limits.max_connections == l.limits.max_connections => p.connections.clone(),
         _ => Arc::new(Semaphore::new(l.limits.max_connections)),
     };
-    // The same TLS settings keep their material holder (and re-read the files, as SIGHUP
-    // asks); other settings build a new one.
+    // The same TLS settings keep their material holder (taking the files' new content, as
+    // SIGHUP asks); other settings get a new one, with what preflight built.
     let tls = match (&l.tls, previous.and_then(|p| p.tls.as_ref())) {
         (Some(c), Some(prev)) if prev.config == *c => {
             // A no-op unless the files changed (session tickets survive a reload).
-            let _ = prev.reload_files();
+            prev.adopt(material.servers.get(&l.name));
             Some(prev.clone())
         }
         (Some(c), _) => Some(

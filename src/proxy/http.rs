@@ -87,7 +87,7 @@ pub struct Downstream {
 }
 
 impl HttpListener {
-    // One call site (proxy::build_serving); a params struct would only rename the list.
+    // One call site (proxy::generation::build_serving); a params struct would only rename the list.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Name,

@@ -234,7 +234,8 @@ async fn call(w: &WebhookConfig) -> Result<u16, String> {
             .unwrap_or_default()
             .trim_matches(['[', ']'])
             .to_string();
-        let (connector, name) = crate::tls::https_connector(w.ca.as_deref(), &host)?;
+        let (connector, name) =
+            crate::tls::https_connector(w.ca.as_deref(), &host).map_err(|e| e.to_string())?;
         let stream = connector
             .connect(name, stream)
             .await

@@ -53,7 +53,8 @@ pub struct StopSettings {
     pub stop_signal: Signal,
     /// `app.stop_timeout`: what step 1 leaves of the grace for the app, when there is one.
     pub stop_timeout: Duration,
-    /// An app is supervised or probed: inbound drains only until `stop_timeout` is left.
+    /// A supervised app is still running, or an app is probed: inbound drains only until
+    /// `stop_timeout` is left.
     pub watched_app: bool,
 }
 
@@ -113,7 +114,6 @@ impl<A: StoppingApp> StopSequence<'_, A> {
         let end = self.step2_stop_the_app(&mut clock).await;
         self.step3_drain_the_rest(&mut clock).await;
         self.step4_stop_admin().await;
-        info!("stopped");
         end
     }
 

@@ -36,6 +36,58 @@ use crate::config::tls::{
     CertFiles, ClientTlsConfig, IdentityPattern, ServerTlsConfig, TlsVersion,
 };
 
+/// Why TLS material could not be built from its files: reported by preflight at the config
+/// key (`listeners[0].tls: cannot read …`), logged when a certificate reload keeps the old
+/// material, or the reason a cluster's connections fail.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: not a PEM certificate file: {source}", path.display())]
+    NotPem {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: no certificate in it", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: cannot parse the certificate: {message}", path.display())]
+    BadCertificate { path: PathBuf, message: String },
+    #[error("{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {source}", path.display())]
+    NoKey {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{} does not belong to the certificate in {}", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{} / {}: {source}", cert.display(), key.display())]
+    Key {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{}: not a usable CA certificate: {source}", path.display())]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Verifier { path: PathBuf, message: String },
+    #[error("no system CA certificates found ({0}); set tls.ca")]
+    NoSystemRoots(String),
+    #[error("{host}: {source}")]
+    ServerName {
+        host: String,
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("{0}")]
+    Build(String),
+}
+
 /// The one crypto provider (aws-lc-rs), as DESIGN.md asks.
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -51,68 +103,74 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
     }
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let path_buf = || path.to_path_buf();
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map_err(|source| TlsError::Read {
+            path: path_buf(),
+            source,
+        })?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+        .map_err(|source| TlsError::NotPem {
+            path: path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate in it", path.display()));
+        return Err(TlsError::NoCertificate { path: path_buf() });
     }
     Ok(certs)
 }
 
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        format!(
-            "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
-            path.display()
-        )
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::NoKey {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
 /// A certificate and key, checked to belong together.
-fn certified_key(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
+fn certified_key(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
     let info = CertInfo::of(&files.cert, &certs[0])?;
-    let mismatch = || {
-        format!(
-            "{} does not belong to the certificate in {}",
-            files.key.display(),
-            files.cert.display()
-        )
+    let mismatch = || TlsError::KeyMismatch {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
     };
     let ck = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => mismatch(),
-        e => format!("{} / {}: {e}", files.cert.display(), files.key.display()),
+        source => TlsError::Key {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        },
     })?;
     ck.keys_match().map_err(|_| mismatch())?;
     Ok((Arc::new(ck), info))
 }
 
-fn roots(path: &Path) -> Result<Arc<RootCertStore>, String> {
+fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
     for c in load_certs(path)? {
-        store
-            .add(c)
-            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+        store.add(c).map_err(|source| TlsError::BadCa {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
     Ok(Arc::new(store))
 }
 
-fn system_roots() -> Result<Arc<RootCertStore>, String> {
+fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
     let found = rustls_native_certs::load_native_certs();
     let mut store = RootCertStore::empty();
     let (added, _) = store.add_parsable_certificates(found.certs);
     if added == 0 {
-        return Err(format!(
-            "no system CA certificates found ({}); set tls.ca",
+        return Err(TlsError::NoSystemRoots(
             found
                 .errors
                 .first()
                 .map(ToString::to_string)
-                .unwrap_or_else(|| "install ca-certificates".into())
+                .unwrap_or_else(|| "install ca-certificates".into()),
         ));
     }
     Ok(Arc::new(store))
@@ -137,9 +195,12 @@ impl crate::telemetry::tls::CertExpiry for CertInfo {
 }
 
 impl CertInfo {
-    fn of(path: &Path, der: &CertificateDer<'_>) -> Result<CertInfo, String> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| format!("{}: cannot parse the certificate: {e}", path.display()))?;
+    fn of(path: &Path, der: &CertificateDer<'_>) -> Result<CertInfo, TlsError> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCertificate {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         Ok(CertInfo {
             path: path.to_path_buf(),
             not_after: cert.validity().not_after.timestamp(),
@@ -222,10 +283,35 @@ pub struct Material {
 pub struct LoadedServer {
     pub config: Arc<ServerConfig>,
     pub certs: Vec<CertInfo>,
+    /// The files' fingerprints, taken *before* they were read: a change after that is seen as
+    /// a change by whoever holds this material.
+    pub fingerprints: Vec<u64>,
+}
+
+/// The files a listener's TLS is built from (watched for changes).
+pub fn server_files(c: &ServerTlsConfig) -> Vec<PathBuf> {
+    let mut files = vec![c.default.cert.clone(), c.default.key.clone()];
+    for s in &c.sni {
+        files.push(s.files.cert.clone());
+        files.push(s.files.key.clone());
+    }
+    files.extend(c.client_ca.clone());
+    files
+}
+
+/// The files a cluster's TLS is built from (watched for changes).
+pub fn client_files(c: &ClientTlsConfig) -> Vec<PathBuf> {
+    let mut files: Vec<_> = c.ca.iter().cloned().collect();
+    if let Some(f) = &c.client {
+        files.push(f.cert.clone());
+        files.push(f.key.clone());
+    }
+    files
 }
 
 /// Builds a rustls server config from the files (also how validation checks them).
-pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
+pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, TlsError> {
+    let fingerprints = fingerprints(&server_files(c));
     let (default, info) = certified_key(&c.default)?;
     let mut certs = vec![info];
     let mut by_name = Vec::new();
@@ -237,15 +323,17 @@ pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
         }
     }
     let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(c.min_version))
-        .map_err(|e| e.to_string())?;
+        .with_protocol_versions(versions(c.min_version))?;
     let builder = match &c.client_ca {
         Some(ca) => {
             let mut v = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider());
             if c.client_cert == ClientCertMode::Optional {
                 v = v.allow_unauthenticated();
             }
-            let v = v.build().map_err(|e| format!("{}: {e}", ca.display()))?;
+            let v = v.build().map_err(|e| TlsError::Verifier {
+                path: ca.clone(),
+                message: e.to_string(),
+            })?;
             builder.with_client_cert_verifier(v)
         }
         None => builder.with_no_client_auth(),
@@ -260,11 +348,12 @@ pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, String> {
         config.send_tls13_tickets = 0;
     } else {
         // Resumption: TLS 1.3 tickets (stateless) and the default session cache for TLS 1.2.
-        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     }
     Ok(LoadedServer {
         config: Arc::new(config),
         certs,
+        fingerprints,
     })
 }
 
@@ -273,7 +362,10 @@ pub type HttpsConnector = (tokio_rustls::TlsConnector, ServerName<'static>);
 
 /// A TLS connector for an HTTPS endpoint of our own (a reload webhook, the OTLP collector):
 /// verified against `ca` or the system's roots, by `host` (a name or an IP address).
-pub fn https_connector(ca: Option<&std::path::Path>, host: &str) -> Result<HttpsConnector, String> {
+pub fn https_connector(
+    ca: Option<&std::path::Path>,
+    host: &str,
+) -> Result<HttpsConnector, TlsError> {
     let tls = ClientTlsConfig {
         ca: ca.map(Path::to_path_buf),
         server_name: None,
@@ -282,19 +374,23 @@ pub fn https_connector(ca: Option<&std::path::Path>, host: &str) -> Result<Https
         min_version: crate::config::tls::TlsVersion::V1_2,
     };
     let config = client_config(&tls, false)?.config;
-    let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
+    let name = ServerName::try_from(host.to_string()).map_err(|source| TlsError::ServerName {
+        host: host.to_string(),
+        source,
+    })?;
     Ok((tokio_rustls::TlsConnector::from(config), name))
 }
 
 /// Builds a rustls client config for a cluster; `h2` offers only HTTP/2 by ALPN.
-pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, String> {
+pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, TlsError> {
+    let fingerprints = fingerprints(&client_files(c));
     let roots = match &c.ca {
         Some(ca) => roots(ca)?,
         None => system_roots()?,
     };
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TlsError::Build(e.to_string()))?;
     let identity_replaces_name =
         c.ca.is_some() || c.identity.as_ref().is_some_and(|i| i.0.contains("://"));
     let verifier = Arc::new(IdentityVerifier {
@@ -303,8 +399,7 @@ pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, Stri
         identity_replaces_name,
     });
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(c.min_version))
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(versions(c.min_version))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut certs = Vec::new();
@@ -325,6 +420,7 @@ pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, Stri
     Ok(LoadedClient {
         config: Arc::new(config),
         certs,
+        fingerprints,
     })
 }
 
@@ -332,6 +428,8 @@ pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, Stri
 pub struct LoadedClient {
     pub config: Arc<ClientConfig>,
     pub certs: Vec<CertInfo>,
+    /// As [`LoadedServer::fingerprints`].
+    pub fingerprints: Vec<u64>,
 }
 
 /// WebPKI verification (chain, validity, usage) plus, when configured, the upstream's identity.
@@ -528,7 +626,7 @@ impl ServerTls {
         config: ServerTlsConfig,
         built: Option<LoadedServer>,
         metrics: TlsMetrics,
-    ) -> Result<Arc<ServerTls>, String> {
+    ) -> Result<Arc<ServerTls>, TlsError> {
         let loaded = match built {
             Some(loaded) => loaded,
             None => server_config(&config)?,
@@ -548,13 +646,12 @@ impl ServerTls {
         let tls = Arc::new(ServerTls {
             listener: listener.to_string(),
             config,
-            fingerprints: Mutex::new(Vec::new()),
+            fingerprints: Mutex::new(loaded.fingerprints),
             retired: std::sync::atomic::AtomicBool::new(false),
             current: ArcSwap::new(loaded.config),
             own_identity: ArcSwap::from_pointee(own),
             metrics,
         });
-        *tls.fingerprints.lock().expect("not poisoned") = fingerprints(&tls.files());
         spawn_watch(&tls);
         Ok(tls)
     }
@@ -565,6 +662,44 @@ impl ServerTls {
 
     pub fn metrics(&self) -> &TlsMetrics {
         &self.metrics
+    }
+
+    /// A config reload kept this holder (same TLS settings) and preflight built `built` from
+    /// the files just now: swap it in when the files changed since the current material was
+    /// read, else keep the current one (and its session tickets). Without `built`, read the
+    /// files again if they changed (SIGHUP).
+    pub fn adopt(&self, built: Option<&LoadedServer>) {
+        match built {
+            Some(b) if *self.fingerprints.lock().expect("not poisoned") != b.fingerprints => {
+                self.install(b.clone());
+            }
+            Some(_) => {}
+            None => {
+                let _ = self.reload_files();
+            }
+        }
+    }
+
+    /// Swaps in new material; new handshakes use it.
+    fn install(&self, loaded: LoadedServer) {
+        self.metrics
+            .track(&format!("listener/{}", self.listener), &loaded.certs);
+        self.own_identity.store(Arc::new(
+            loaded
+                .certs
+                .first()
+                .and_then(|c| c.identities.first().cloned()),
+        ));
+        self.current.store(loaded.config);
+        *self.fingerprints.lock().expect("not poisoned") = loaded.fingerprints;
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels {
+                listener: self.listener.clone(),
+                result: "success",
+            })
+            .inc();
+        tracing::info!(listener = %self.listener, "TLS certificates reloaded");
     }
 
     /// Marks this material replaced (a config reload built another): no more reloads.
@@ -581,7 +716,7 @@ impl Reloadable for ServerTls {
 
     /// Reads the files again; on success new handshakes use them, on failure the old material
     /// stays (and the error is returned, logged and counted).
-    fn reload_files(&self) -> Result<(), String> {
+    fn reload_files(&self) -> Result<(), TlsError> {
         if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
@@ -595,18 +730,7 @@ impl Reloadable for ServerTls {
         }
         match server_config(&self.config) {
             Ok(loaded) => {
-                self.metrics
-                    .track(&format!("listener/{}", self.listener), &loaded.certs);
-                self.own_identity.store(Arc::new(
-                    loaded
-                        .certs
-                        .first()
-                        .and_then(|c| c.identities.first().cloned()),
-                ));
-                self.current.store(loaded.config);
-                *self.fingerprints.lock().expect("not poisoned") = now;
-                self.metrics.reloads.get_or_create(&labels("success")).inc();
-                tracing::info!(listener = %self.listener, "TLS certificates reloaded");
+                self.install(loaded);
                 Ok(())
             }
             Err(e) => {
@@ -618,14 +742,7 @@ impl Reloadable for ServerTls {
     }
 
     fn files(&self) -> Vec<PathBuf> {
-        let c = &self.config;
-        let mut files = vec![c.default.cert.clone(), c.default.key.clone()];
-        for s in &c.sni {
-            files.push(s.files.cert.clone());
-            files.push(s.files.key.clone());
-        }
-        files.extend(c.client_ca.clone());
-        files
+        server_files(&self.config)
     }
 }
 
@@ -634,7 +751,7 @@ pub trait Reloadable: Send + Sync + 'static {
     /// The files to watch.
     fn files(&self) -> Vec<PathBuf>;
     /// Reads them again; keeps the old material when they do not parse.
-    fn reload_files(&self) -> Result<(), String>;
+    fn reload_files(&self) -> Result<(), TlsError>;
     /// Replaced by a config reload: the watch ends.
     fn retired(&self) -> bool;
 }

@@ -65,9 +65,9 @@ impl Origination {
             Some(loaded) => Ok(loaded),
             None => super::client_config(tls, config.http2),
         };
-        if let Err(e) = loaded.map(|l| o.install(l, super::fingerprints(&Reloadable::files(&*o)))) {
+        if let Err(e) = loaded.map(|l| o.install(l)) {
             tracing::error!(cluster = %config.name, error = %e, "cannot set up TLS; connections to this cluster will fail");
-            o.connector.store(Arc::new(Err(e)));
+            o.connector.store(Arc::new(Err(e.to_string())));
         }
         // Watched through its cluster (see `Cluster::new`), which also drops the pooled
         // connections made with the old material.
@@ -75,15 +75,27 @@ impl Origination {
     }
 
     /// Builds the client config from the files and swaps it in.
-    fn load(&self) -> Result<(), String> {
-        let fingerprints = super::fingerprints(&Reloadable::files(self));
+    fn load(&self) -> Result<(), super::TlsError> {
         let loaded = super::client_config(&self.tls, self.h2)?;
-        self.install(loaded, fingerprints);
+        self.install(loaded);
         Ok(())
     }
 
-    /// Swaps in `loaded`, built from files with these fingerprints.
-    fn install(&self, loaded: super::LoadedClient, fingerprints: Vec<u64>) {
+    /// A config reload kept this cluster (same settings) and preflight built `built` from the
+    /// files just now: swap it in when the files changed since the current material was read.
+    /// True when the material changed (pooled connections then belong to the old one).
+    pub fn adopt(&self, built: &super::LoadedClient) -> bool {
+        if *self.fingerprints.lock().expect("not poisoned") == built.fingerprints {
+            return false;
+        }
+        self.install(built.clone());
+        tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
+        true
+    }
+
+    /// Swaps in `loaded`.
+    fn install(&self, loaded: super::LoadedClient) {
+        let fingerprints = loaded.fingerprints.clone();
         self.metrics
             .track(&format!("cluster/{}", self.cluster), &loaded.certs);
         self.connector
@@ -144,16 +156,10 @@ impl Origination {
 
 impl Reloadable for Origination {
     fn files(&self) -> Vec<std::path::PathBuf> {
-        let t = &self.tls;
-        let mut files: Vec<_> = t.ca.iter().cloned().collect();
-        if let Some(c) = &t.client {
-            files.push(c.cert.clone());
-            files.push(c.key.clone());
-        }
-        files
+        super::client_files(&self.tls)
     }
 
-    fn reload_files(&self) -> Result<(), String> {
+    fn reload_files(&self) -> Result<(), super::TlsError> {
         if self.retired() {
             return Ok(());
         }

@@ -501,6 +501,45 @@ fn unknown_component_type_is_a_config_error() {
     assert_eq!(code, 78, "{stderr}");
 }
 
+/// The preflight stage's problems (a component, a certificate) come with the first stage's
+/// (a bad key) in one run, each located, and `check` says the same.
+#[test]
+fn component_certificate_and_key_problems_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(
+        resources.join("kafka.yaml"),
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.kafka\n  version: v1\n",
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "service: \"bad name\"\napp: {{ address: 127.0.0.1:1 }}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    tls: {{ cert: /nonexistent.crt, key: /nonexistent.key }}\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+            resources.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, run_stderr) =
+        run_to_end(&["run", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{run_stderr}");
+    for e in [
+        "outrigger.yaml:1:10: service: expected a name",
+        "outrigger.yaml:6:5: listeners[0].tls: cannot read /nonexistent.crt",
+        "kafka.yaml:6:",
+        "unknown component type \"pubsub.kafka\"",
+        "invalid configuration (3 problems)",
+    ] {
+        assert!(run_stderr.contains(e), "missing `{e}` in:\n{run_stderr}");
+    }
+    let (code, _, check_stderr) =
+        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{check_stderr}");
+    assert_eq!(check_stderr, run_stderr);
+}
+
 #[test]
 fn secrets_from_a_file_and_the_environment() {
     let dir = tempfile::tempdir().unwrap();

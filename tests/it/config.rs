@@ -337,6 +337,11 @@ fn telemetry_errors_are_located() {
             "bad.yaml:6:16: telemetry.tracing.otlp.timeout: expected more than 0s",
         ],
     );
+    // An https collector's CA is read by the preflight stage, located the same way.
+    rejected(
+        "telemetry:\n  tracing:\n    otlp:\n      endpoint: https://collector:4318\n      ca: /nonexistent/ca.pem\n",
+        &["bad.yaml:5:11: telemetry.tracing.otlp.ca: cannot read /nonexistent/ca.pem"],
+    );
     rejected(
         "telemetry:\n  tracing:\n    otlp: http://user:s3cret@collector:4318\n",
         &["bad.yaml:3:11: telemetry.tracing.otlp: expected no credentials in the URL"],

@@ -120,6 +120,7 @@ impl Sidecar {
     }
 
     /// `http://ADDRESS{path}` of the bridge.
+    #[cfg(feature = "bridge")]
     pub fn bridge_url(&self, path: &str) -> String {
         let address = self
             .bridge

@@ -173,6 +173,20 @@ impl Cluster {
         let _ = crate::tls::Reloadable::reload_files(self);
     }
 
+    /// A config reload kept this cluster: take the TLS material preflight built for it when
+    /// its files changed (new connections then; pooled ones were made with the old material),
+    /// or read them again if nothing was built (SIGHUP).
+    pub fn adopt_tls(&self, built: Option<&crate::tls::LoadedClient>) {
+        match (&self.tls, built) {
+            (Some(o), Some(b)) => {
+                if o.adopt(b) {
+                    self.close_idle();
+                }
+            }
+            _ => self.reload_tls(),
+        }
+    }
+
     pub fn export_endpoint_count(&self) {
         if self.retired.load(Ordering::Relaxed) {
             return;
@@ -262,7 +276,7 @@ impl crate::tls::Reloadable for Cluster {
             .unwrap_or_default()
     }
 
-    fn reload_files(&self) -> Result<(), String> {
+    fn reload_files(&self) -> Result<(), crate::tls::TlsError> {
         let Some(o) = &self.tls else { return Ok(()) };
         let before = o.fingerprints();
         crate::tls::Reloadable::reload_files(&**o)?;
