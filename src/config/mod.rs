@@ -606,6 +606,14 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "bridge"))]
+    fn a_bridge_section_needs_the_bridge_module() {
+        let err = load_text("bridge:\n", &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("cargo feature `bridge`"), "{err}");
+    }
+
+    #[test]
+    #[cfg(feature = "bridge")]
     fn bridge_section() {
         assert!(
             load_text("service: a\n", &[], &[])
