@@ -151,7 +151,7 @@ impl<'de> Deserialize<'de> for RawOtlp {
 pub struct RawOtlpFull {
     pub endpoint: String,
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, super::Secret>,
     pub ca: Option<PathBuf>,
     pub timeout: Option<Duration>,
 }
@@ -286,7 +286,7 @@ fn otlp(raw: &RawOtlp, doc: &Document, problems: &mut Vec<Problem>) -> Option<Ot
     for (k, v) in headers.into_iter().flatten() {
         match (
             http::HeaderName::from_bytes(k.as_bytes()),
-            http::HeaderValue::from_str(v),
+            http::HeaderValue::from_str(v.expose()),
         ) {
             (Ok(k), Ok(mut v)) => {
                 v.set_sensitive(true);

@@ -154,10 +154,48 @@ impl<'de> Deserialize<'de> for TcpAddress {
 }
 
 /// A value that must never be printed: logs, `/config` and `outrigger check` show it as
-/// `<redacted>`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+/// `<redacted>`. A number or a boolean is taken as its text (`api_token: 4242424242` is a token);
+/// anything else is refused without echoing it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            // Serde's own messages quote the value they found: say only what kind it was.
+            fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(de::Error::custom("expected a string, found a list"))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(de::Error::custom("expected a string, found a map"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Secret, E> {
+                Err(E::custom("expected a string, found nothing"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -257,6 +295,22 @@ mod tests {
         assert_eq!(a, Address::Tcp("[::1]:80".parse().unwrap()));
         assert!(serde_json::from_str::<Address>("\"localhost:99999\"").is_err());
         assert!(serde_json::from_str::<Address>("\"unix:\"").is_err());
+    }
+
+    #[test]
+    fn secrets_written_as_numbers_are_taken_and_never_echoed() {
+        let s: Secret = serde_norway::from_str("4242424242").unwrap();
+        assert_eq!(s.expose(), "4242424242");
+        let s: Secret = serde_norway::from_str("true").unwrap();
+        assert_eq!(s.expose(), "true");
+        let e = serde_norway::from_str::<Secret>("[4242424242]")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("4242424242"), "{e}");
+        let e = serde_norway::from_str::<Secret>("{a: 4242424242}")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("4242424242"), "{e}");
     }
 
     #[test]

@@ -325,6 +325,26 @@ fn tls_errors_are_located() {
     }
 }
 
+/// A token or header value written as a number is a secret like any other: taken as its text,
+/// never printed (it used to be quoted in the type error).
+#[test]
+fn secrets_written_as_numbers_are_never_echoed() {
+    let bridge = if cfg!(feature = "bridge") {
+        "bridge:\n  api_token: 4242424242\n  max_body: 0\n"
+    } else {
+        ""
+    };
+    let e = rejected(
+        &format!(
+            "{bridge}telemetry:\n  tracing:\n    otlp:\n      endpoint: http://collector:4318\n      headers: {{ authorization: 4343434343, x-key: [4444444444] }}\n"
+        ),
+        &["telemetry.tracing.otlp.headers.x-key: expected a string, found a list"],
+    );
+    for secret in ["4242424242", "4343434343", "4444444444"] {
+        assert!(!e.contains(secret), "{secret} echoed in:\n{e}");
+    }
+}
+
 #[test]
 fn telemetry_errors_are_located() {
     rejected(
