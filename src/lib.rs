@@ -80,6 +80,7 @@ pub mod app;
 pub mod bridge;
 pub mod config;
 pub mod lifecycle;
+pub mod origin;
 pub mod preflight;
 #[cfg(feature = "proxy")]
 pub mod proxy;

@@ -82,7 +82,40 @@ pub fn router(state: AdminState) -> Router {
         .route("/shutdown", post(shutdown))
         .route("/reload", post(reload))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(refuse_browsers))
         .with_state(state)
+}
+
+/// Refuses what only a web page sends (see [`crate::origin`]): a change (`PUT`, `POST`) from
+/// another site's page, and anything but probes and scrapes (`/live`, `/ready*`, `/metrics`)
+/// under a `Host` that is not an IP address or `localhost` (DNS rebinding would let a page read
+/// `/config`).
+async fn refuse_browsers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = req.headers();
+    let change = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    let probe = matches!(
+        req.uri().path(),
+        "/live" | "/ready" | "/ready/outbound" | "/metrics"
+    );
+    let refusal = if change && crate::origin::cross_origin(headers) {
+        Some(
+            "cross-origin requests cannot change the sidecar; call the admin API with curl or a script",
+        )
+    } else if !probe && crate::origin::foreign_host(headers) {
+        Some("the admin API answers Host: an IP address or localhost")
+    } else {
+        None
+    };
+    match refusal {
+        Some(why) => {
+            tracing::warn!(path = req.uri().path(), origin = ?headers.get(header::ORIGIN), host = ?headers.get(header::HOST), "refused an admin request a web page sent");
+            error(StatusCode::FORBIDDEN, why)
+        }
+        None => next.run(req).await,
+    }
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {

@@ -47,6 +47,9 @@ pub enum ApiError {
     /// The route does not exist (as daprd: invocation without an app id, 400).
     #[error("failed getting app id either from the URL path or the header dapr-app-id")]
     NoAppId,
+    /// A web page of another site sent a change (403; Outrigger's own code: daprd has none).
+    #[error("cross-origin requests cannot change state, publish or stop the sidecar")]
+    CrossOrigin,
 }
 
 impl ApiError {
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::Secret(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ERR_SECRET_GET"),
             ApiError::Invoke { status, .. } => (*status, "ERR_DIRECT_INVOKE"),
             ApiError::NoAppId => (StatusCode::BAD_REQUEST, "ERR_DIRECT_INVOKE"),
+            ApiError::CrossOrigin => (StatusCode::FORBIDDEN, "ERR_CROSS_ORIGIN_REQUEST"),
         }
     }
 

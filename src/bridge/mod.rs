@@ -286,7 +286,20 @@ async fn observe_and_authorize(
     // `/v1.0/healthz/…` path with `dapr-app-id` is an invocation, and must not slip through).
     let exempt = req.method() == axum::http::Method::GET
         && matches!(req.uri().path(), "/v1.0/healthz" | "/v1.0/healthz/outbound");
+    // A page open in a browser on this host must not write state, publish or stop the sidecar
+    // (a "simple" cross-origin POST needs no preflight). Invocations pass through: an app
+    // forwarding its own users' requests forwards their `Origin` too.
     let response = match &state.config.api_token {
+        _ if api != "invoke"
+            && !matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD
+            )
+            && crate::origin::cross_origin(req.headers()) =>
+        {
+            tracing::warn!(api, origin = ?req.headers().get(axum::http::header::ORIGIN), "refused a cross-origin bridge request");
+            error::ApiError::CrossOrigin.into_response()
+        }
         Some(token)
             if !exempt && !token_matches(req.headers().get(TOKEN_HEADER), token.expose()) =>
         {

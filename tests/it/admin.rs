@@ -219,3 +219,51 @@ fn sighup_reloads_and_a_bad_file_keeps_the_running_config() {
     );
     assert!(sc.get_json("/ready")["ready"] == true);
 }
+
+/// A web page on this host can POST to any loopback port without a CORS preflight, and read a
+/// rebound DNS name's answers: admin refuses both, and curl-style calls still work.
+#[test]
+fn web_pages_cannot_stop_reload_or_read_the_config() {
+    let sc = Sidecar::start("service: checkout\n");
+    sc.wait_ready();
+    for path in ["/shutdown", "/reload"] {
+        let r = client()
+            .post(sc.url(path))
+            .header("origin", "http://evil.example")
+            .header("content-type", "text/plain")
+            .body("x")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    let r = client()
+        .put(sc.url("/log-level"))
+        .header("sec-fetch-site", "cross-site")
+        .body("trace")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // DNS rebinding: the page's own name in Host.
+    let r = client()
+        .get(sc.url("/config"))
+        .header("host", "evil.example:9901")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Probes and scrapes answer whatever the Host.
+    let r = client()
+        .get(sc.url("/ready"))
+        .header("host", "my-pod.shop.svc:9901")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Still running, nothing reloaded; the usual calls work.
+    assert_eq!(sc.get("/live").0, 200);
+    assert_eq!(
+        sc.get_json("/config")["last_reload"],
+        serde_json::Value::Null
+    );
+    assert_eq!(sc.get("/log-level").1.trim(), "info");
+    let r = client().post(sc.url("/reload")).send().unwrap();
+    assert_eq!(r.status(), 202);
+}

@@ -1030,3 +1030,38 @@ fn another_apps_pubsub_component_is_not_this_apps_config_error() {
     );
     assert_eq!(code, 78, "{stderr}");
 }
+
+/// Without an API token, a web page on this host could write state or stop the sidecar with a
+/// "simple" cross-origin POST: refused (403, Dapr-style JSON), nothing written; the SDK's calls
+/// (no Origin) work as before.
+#[test]
+fn web_pages_cannot_write_state_or_stop_the_sidecar() {
+    let sc = start("", &[]);
+    let r = client()
+        .post(sc.bridge_url("/v1.0/state/statestore"))
+        .header("origin", "http://evil.example")
+        .header("content-type", "text/plain")
+        .body(r#"[{"key":"k","value":"evil"}]"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(&r.text().unwrap()), "ERR_CROSS_ORIGIN_REQUEST");
+    let r = client()
+        .post(sc.bridge_url("/v1.0/shutdown"))
+        .header("origin", "null")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        get(&sc, "/v1.0/state/statestore/k").0,
+        204,
+        "nothing written"
+    );
+    let (s, _) = post(
+        &sc,
+        "/v1.0/state/statestore",
+        json!([{"key": "k", "value": "ok"}]),
+    );
+    assert_eq!(s, 204);
+    assert_eq!(get(&sc, "/v1.0/healthz").0, 204);
+}
