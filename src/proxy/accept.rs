@@ -161,7 +161,7 @@ async fn serve_connection(
                 _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
                 // Opaque bytes cannot be drained gracefully: close at the start of a stop.
                 _ = drain.signaled() => tracing::debug!(listener = %l.name, "tcp connection closed: draining"),
-                _ = idle_for(&activity, idle) => tracing::debug!(listener = %l.name, "tcp connection idle; closed"),
+                silence = silent_for(&activity, idle) => tracing::debug!(listener = %l.name, ?silence, "tcp connection closed"),
             }
         }
         Kind::Http(first, builder) => {
@@ -191,9 +191,11 @@ async fn serve_connection(
             // Made once per connection, not per wake-up: a fresh timer for every request was
             // a measurable share of the data path.
             let drained = drain.signaled();
-            let idled = idle_for(&activity, idle);
-            tokio::pin!(drained, idled);
+            let silent = silent_for(&activity, idle);
+            tokio::pin!(drained, silent);
             let mut closing = false;
+            // Asked to close for being idle, and still silent since.
+            let mut idle_closing = false;
             loop {
                 tokio::select! {
                     res = conn.as_mut() => {
@@ -206,10 +208,22 @@ async fn serve_connection(
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
-                    _ = &mut idled, if !closing => {
-                        // In-flight requests still finish; the connection then closes.
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
+                    silence = &mut silent => {
+                        // A client that reads nothing holds its response, the upstream
+                        // connection behind it and their buffers for as long as it likes: a
+                        // write that waited a whole idle period, or a second idle period after
+                        // being asked to close, ends the connection (in-flight requests too).
+                        if silence == Silence::WriteStalled || idle_closing {
+                            tracing::debug!(listener = %l.name, ?silence, "the client read nothing for the idle timeout; connection closed");
+                            break;
+                        }
+                        // Idle: in-flight requests still finish; the connection then closes.
+                        if !closing {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        idle_closing = true;
+                        silent.set(silent_for(&activity, idle));
                     }
                 }
             }
@@ -217,14 +231,28 @@ async fn serve_connection(
     }
 }
 
-/// Resolves once the connection has moved no bytes for a whole `limit` (so after between one
-/// and two `limit`s of silence).
-pub(crate) async fn idle_for(activity: &Activity, limit: Duration) {
+/// Why a connection's watcher fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Silence {
+    /// No byte moved either way for a whole idle period.
+    Idle,
+    /// A write has waited a whole idle period: the peer reads nothing (bytes it sends do not
+    /// count).
+    WriteStalled,
+}
+
+/// Resolves once the connection has moved no bytes for a whole `limit`, or a write has waited
+/// that long (so after between one and two `limit`s). One timer per connection.
+pub(crate) async fn silent_for(activity: &Activity, limit: Duration) -> Silence {
     loop {
-        let before = activity.count();
+        let (moved, written) = (activity.count(), activity.written());
+        let waiting = activity.write_stalled();
         tokio::time::sleep(limit).await;
-        if activity.count() == before {
-            return;
+        if activity.count() == moved {
+            return Silence::Idle;
+        }
+        if waiting && activity.write_stalled() && activity.written() == written {
+            return Silence::WriteStalled;
         }
     }
 }

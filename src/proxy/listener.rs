@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -195,19 +195,51 @@ impl Connection for Stream {
 /// between the connection's I/O and its idle watcher. A counter rather than a timestamp: the
 /// data path then never reads the clock; the watcher compares the counter across one idle
 /// period, so a connection is closed after between one and two idle periods of silence.
+///
+/// It also tells a write that waits (the peer reads nothing: its window or our socket buffer
+/// is full) from silence: bytes the peer *sends* keep a connection from being idle, so a client
+/// that trickles bytes but never reads is caught by [`Activity::write_stalled`] instead.
 #[derive(Clone, Default)]
-pub struct Activity(Arc<AtomicU64>);
+pub struct Activity(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    /// Reads and writes that moved bytes.
+    moved: AtomicU64,
+    /// Writes that moved bytes.
+    written: AtomicU64,
+    /// A write returned `Pending` and none has moved bytes since.
+    write_waiting: AtomicBool,
+}
 
 impl Activity {
     pub fn new() -> Self {
         Self::default()
     }
     fn touch(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.moved.fetch_add(1, Ordering::Relaxed);
+    }
+    fn wrote(&self) {
+        self.touch();
+        self.0.written.fetch_add(1, Ordering::Relaxed);
+        if self.0.write_waiting.load(Ordering::Relaxed) {
+            self.0.write_waiting.store(false, Ordering::Relaxed);
+        }
+    }
+    fn write_blocked(&self) {
+        self.0.write_waiting.store(true, Ordering::Relaxed);
     }
     /// The current count; unchanged across an idle period means no bytes moved.
     pub fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.moved.load(Ordering::Relaxed)
+    }
+    /// Writes that moved bytes so far.
+    pub fn written(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
+    }
+    /// Whether a write waits now, with no write moving bytes since it began to.
+    pub fn write_stalled(&self) -> bool {
+        self.0.write_waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -268,11 +300,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res
-            && n > 0
-        {
-            this.sent.inc_by(n as u64);
-            this.activity.touch();
+        match res {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                this.sent.inc_by(n as u64);
+                this.activity.wrote();
+            }
+            Poll::Pending => this.activity.write_blocked(),
+            _ => {}
         }
         res
     }
@@ -283,11 +317,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res
-            && n > 0
-        {
-            this.sent.inc_by(n as u64);
-            this.activity.touch();
+        match res {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                this.sent.inc_by(n as u64);
+                this.activity.wrote();
+            }
+            Poll::Pending => this.activity.write_blocked(),
+            _ => {}
         }
         res
     }

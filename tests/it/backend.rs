@@ -243,6 +243,9 @@ async fn handle(
             format!("status {code}\n"),
         ));
     }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        return Ok(full(200, vec![b'x'; n.parse().unwrap_or(0)]));
+    }
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
         return Ok(full(200, "slow done\n"));

@@ -1138,3 +1138,32 @@ fn access_log_names_the_endpoint_and_retries_of_a_failed_request() {
     assert_eq!(line["upstream"], dead.to_string());
     assert_eq!(line["retries"], 2);
 }
+
+/// A client that asks for a large response and reads none of it held its connection, the
+/// upstream one and their buffers forever (the idle timeout only asked it to close): now it is
+/// cut after the idle timeout, twice over at most.
+#[test]
+fn a_client_that_reads_nothing_is_cut_off() {
+    let app = Backend::http();
+    let sc = inbound(&app, "    limits: { idle_timeout: 1s }\n");
+    let open = "outrigger_connections_open{direction=\"inbound\",listener=\"public\"}";
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.write_all(b"GET /bytes/16777216 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    eventually(Duration::from_secs(5), "the connection open", || {
+        (sc.metric(open) >= 1.0).then_some(())
+    });
+    // Nothing is read from `s` until the sidecar has closed its side.
+    eventually(
+        Duration::from_secs(15),
+        "the non-reading connection cut off",
+        || (sc.metric(open) == 0.0).then_some(()),
+    );
+    drop(s);
+    // Other clients are served as usual.
+    let r = client()
+        .get(sc.listener_url("public", "/x"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
