@@ -161,7 +161,7 @@ async fn serve_connection(
                 _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
                 // Opaque bytes cannot be drained gracefully: close at the start of a stop.
                 _ = drain.signaled() => tracing::debug!(listener = %l.name, "tcp connection closed: draining"),
-                silence = silent_for(&activity, idle) => tracing::debug!(listener = %l.name, ?silence, "tcp connection closed"),
+                silence = silent_for(&activity, idle, idle) => tracing::debug!(listener = %l.name, ?silence, "tcp connection closed"),
             }
         }
         Kind::Http(first, builder) => {
@@ -191,7 +191,11 @@ async fn serve_connection(
             // Made once per connection, not per wake-up: a fresh timer for every request was
             // a measurable share of the data path.
             let drained = drain.signaled();
-            let silent = silent_for(&activity, idle);
+            // hyper's header timer starts at a request's first byte: a connection that never
+            // sends one (a bare TCP connect, or silence after the TLS handshake) is given the
+            // same `header_read_timeout` before its first watch period ends.
+            let first = serving.limits.header_read_timeout.get().min(idle);
+            let silent = silent_for(&activity, first, idle);
             tokio::pin!(drained, silent);
             let mut closing = false;
             // Asked to close for being idle, and still silent since.
@@ -223,7 +227,7 @@ async fn serve_connection(
                             closing = true;
                         }
                         idle_closing = true;
-                        silent.set(silent_for(&activity, idle));
+                        silent.set(silent_for(&activity, idle, idle));
                     }
                 }
             }
@@ -242,12 +246,15 @@ pub(crate) enum Silence {
 }
 
 /// Resolves once the connection has moved no bytes for a whole `limit`, or a write has waited
-/// that long (so after between one and two `limit`s). One timer per connection.
-pub(crate) async fn silent_for(activity: &Activity, limit: Duration) -> Silence {
+/// that long (so after between one and two `limit`s); the first period is `first` long. One
+/// timer per connection.
+pub(crate) async fn silent_for(activity: &Activity, first: Duration, limit: Duration) -> Silence {
+    let mut period = first;
     loop {
         let (moved, written) = (activity.count(), activity.written());
         let waiting = activity.write_stalled();
-        tokio::time::sleep(limit).await;
+        tokio::time::sleep(period).await;
+        period = limit;
         if activity.count() == moved {
             return Silence::Idle;
         }

@@ -88,7 +88,7 @@ async fn splice(
             }
         }
         _ = drain.signaled() => tracing::debug!(listener = %listener, "upgraded connection closed: draining"),
-        silence = super::accept::silent_for(&down.activity, down.idle_timeout) => tracing::debug!(listener = %listener, ?silence, "upgraded connection closed"),
+        silence = super::accept::silent_for(&down.activity, down.idle_timeout, down.idle_timeout) => tracing::debug!(listener = %listener, ?silence, "upgraded connection closed"),
     }
 }
 

@@ -1167,3 +1167,23 @@ fn a_client_that_reads_nothing_is_cut_off() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A connection that never sends a byte held its slot until the idle timeout (hyper's header
+/// timer starts at the first byte): it now gets `header_read_timeout`.
+#[test]
+fn a_silent_connection_gets_the_header_read_timeout_not_the_idle_timeout() {
+    let app = Backend::http();
+    let sc = inbound(
+        &app,
+        "    limits: { header_read_timeout: 1s, idle_timeout: 1h }\n",
+    );
+    let open = "outrigger_connections_open{direction=\"inbound\",listener=\"public\"}";
+    let s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    eventually(Duration::from_secs(5), "the connection open", || {
+        (sc.metric(open) >= 1.0).then_some(())
+    });
+    eventually(Duration::from_secs(10), "the silent connection closed", || {
+        (sc.metric(open) == 0.0).then_some(())
+    });
+    drop(s);
+}
