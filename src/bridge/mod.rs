@@ -42,6 +42,16 @@ use components::{Component, RawDocument};
 
 /// The header that carries the API token (both directions).
 pub const TOKEN_HEADER: &str = "dapr-api-token";
+/// Connections served at once; more wait in the listen backlog. An app's SDK keeps a handful:
+/// without a cap, silent sockets to the bridge exhausted the process's descriptors and took
+/// the proxy's listeners down with them.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// daprd's `ReadHeaderTimeout`: a request head must arrive within this, and a connection that
+/// sends no byte at all is closed after it.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that moves no byte for this long, or whose client reads nothing for this long,
+/// is closed (after one to two periods).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A state store component, opened.
 pub struct StateStore {
@@ -341,8 +351,7 @@ impl Module for Bridge {
                 .http1()
                 .timer(TokioTimer::new())
                 .keep_alive(true)
-                // daprd's ReadHeaderTimeout.
-                .header_read_timeout(Duration::from_secs(10));
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             builder.http2().timer(TokioTimer::new());
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // Pub/sub's background work: subscriptions once the app is ready (the gate opens
@@ -363,7 +372,13 @@ impl Module for Bridge {
             }
             self.state.ready.store(true, Ordering::Release);
             cx.set_ready();
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
             loop {
+                // At the cap, stop accepting until a connection ends (as the proxy does).
+                let slot = tokio::select! {
+                    _ = cx.drain.signaled() => break,
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                };
                 tokio::select! {
                     _ = cx.drain.signaled() => break,
                     accepted = self.bound.accept() => {
@@ -379,11 +394,25 @@ impl Module for Bridge {
                         let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                             app.clone().oneshot(req.map(axum::body::Body::new))
                         });
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        let activity = crate::proxy::listener::Activity::new();
+                        let io = crate::proxy::listener::Metered::new(
+                            stream,
+                            activity.clone(),
+                            Default::default(),
+                            Default::default(),
+                            None,
+                        );
+                        let conn = builder.serve_connection(TokioIo::new(io), service);
                         let conn = graceful.watch(conn.into_owned());
                         tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "bridge connection ended with an error");
+                            let _slot = slot;
+                            tokio::select! {
+                                res = conn => if let Err(e) = res {
+                                    tracing::debug!(error = %e, "bridge connection ended with an error");
+                                },
+                                silence = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT) => {
+                                    tracing::debug!(?silence, "bridge connection closed");
+                                }
                             }
                         });
                     }

@@ -1065,3 +1065,23 @@ fn web_pages_cannot_write_state_or_stop_the_sidecar() {
     assert_eq!(s, 204);
     assert_eq!(get(&sc, "/v1.0/healthz").0, 204);
 }
+
+/// Silent sockets to the bridge were kept forever (no connection cap, no idle timeout): one
+/// that sends nothing is closed after the 10 s header timeout.
+#[test]
+fn a_silent_connection_to_the_bridge_is_closed() {
+    use std::io::Read;
+    let sc = start("", &[]);
+    let address = sc.bridge_url("");
+    let address = address.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    // An error here is the 30 s read timeout: the bridge kept the socket.
+    let n = s
+        .read(&mut buf)
+        .expect("the bridge closes the connection before the read times out");
+    assert_eq!(n, 0, "expected the bridge to close the connection");
+    // The bridge still answers.
+    assert_eq!(get(&sc, "/v1.0/healthz").0, 204);
+}

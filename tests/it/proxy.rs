@@ -1182,8 +1182,10 @@ fn a_silent_connection_gets_the_header_read_timeout_not_the_idle_timeout() {
     eventually(Duration::from_secs(5), "the connection open", || {
         (sc.metric(open) >= 1.0).then_some(())
     });
-    eventually(Duration::from_secs(10), "the silent connection closed", || {
-        (sc.metric(open) == 0.0).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the silent connection closed",
+        || (sc.metric(open) == 0.0).then_some(()),
+    );
     drop(s);
 }
