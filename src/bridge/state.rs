@@ -419,14 +419,10 @@ impl Redis {
         }
         match inv.invoke_async::<i64>(&mut conn).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("ETAGMISMATCH") => {
-                let i: usize = e
-                    .to_string()
-                    .split("ETAGMISMATCH ")
-                    .nth(1)
-                    .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(1);
+            // The script's error reply is `ETAGMISMATCH <i>`: the code, then the 1-based index
+            // of the operation whose ETag did not match (its text form is not "CODE detail").
+            Err(e) if e.code() == Some("ETAGMISMATCH") => {
+                let i: usize = e.detail().and_then(|d| d.trim().parse().ok()).unwrap_or(1);
                 let key = ops.get(i.saturating_sub(1)).map_or("", |o| o.key());
                 Err(StateError::EtagMismatch(key.to_string()))
             }

@@ -304,10 +304,20 @@ impl Document {
             });
             // Remove the node so the next round gets past it. A problem we cannot get past
             // (a missing node, the root itself) ends the collection.
-            if seen.contains(&path)
-                || problems.len() >= MAX_PROBLEMS
-                || !remove(&mut value, &current)
-            {
+            if problems.len() >= MAX_PROBLEMS {
+                // Said, not dropped silently: the rest come once these are fixed.
+                problems.push(Problem {
+                    origin: Origin::Whole {
+                        file: self.file.clone(),
+                    },
+                    path: String::new(),
+                    message: format!(
+                        "stopped after {MAX_PROBLEMS} problems: fix these and check again for the rest"
+                    ),
+                });
+                return (None, problems);
+            }
+            if seen.contains(&path) || !remove(&mut value, &current) {
                 return (None, problems);
             }
             if let Some((Step::Index(i), parent)) = original.split_last() {
@@ -512,6 +522,24 @@ mod tests {
 
     fn doc(text: &str) -> Document {
         Document::parse(Path::new("c.yaml"), text).unwrap()
+    }
+
+    #[test]
+    fn past_the_cap_the_rest_is_announced_not_dropped_silently() {
+        let text = format!(
+            "list: [{}]\n",
+            (0..80).map(|_| "x").collect::<Vec<_>>().join(", ")
+        );
+        let (t, problems) = doc(&text).deserialize_pruned::<T>();
+        assert!(t.is_none());
+        assert_eq!(problems.len(), MAX_PROBLEMS + 1);
+        assert!(
+            problems[MAX_PROBLEMS]
+                .to_string()
+                .contains("stopped after 50 problems"),
+            "{}",
+            problems[MAX_PROBLEMS]
+        );
     }
 
     #[test]

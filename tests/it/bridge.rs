@@ -204,6 +204,8 @@ fn state_contract(sc: &Sidecar, store: &str) {
         (409, "ERR_STATE_TRANSACTION"),
         "{body}"
     );
+    // The message names the key whose ETag did not match (Redis named the first one).
+    assert!(body.contains("k2\\\""), "{body}");
     assert_eq!(
         get(sc, &format!("{base}/t1")).0,
         204,
