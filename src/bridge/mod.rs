@@ -373,6 +373,7 @@ impl Module for Bridge {
             self.state.ready.store(true, Ordering::Release);
             cx.set_ready();
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            let mut errors = crate::proxy::listener::AcceptErrors::default();
             loop {
                 // At the cap, stop accepting until a connection ends (as the proxy does).
                 let slot = tokio::select! {
@@ -383,10 +384,12 @@ impl Module for Bridge {
                     _ = cx.drain.signaled() => break,
                     accepted = self.bound.accept() => {
                         let (stream, _peer) = match accepted {
-                            Ok(s) => s,
+                            Ok(s) => {
+                                errors.succeeded();
+                                s
+                            }
                             Err(e) => {
-                                tracing::warn!(error = %e, "bridge accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                errors.failed("bridge", &e).await;
                                 continue;
                             }
                         };

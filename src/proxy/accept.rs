@@ -42,6 +42,7 @@ impl Drop for ConnectionGuard {
 pub(super) async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::Result<()> {
     let _tracked = l.inbound.then(|| drain.track());
     let mut connections = JoinSet::new();
+    let mut errors = listener::AcceptErrors::default();
     loop {
         // Backpressure: at the connection cap, stop accepting until one closes.
         let permit = tokio::select! {
@@ -54,11 +55,13 @@ pub(super) async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::
         let (stream, peer) = tokio::select! {
             _ = drain.signaled() => break,
             r = l.bound.accept() => match r {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    errors.succeeded();
+                    pair
+                }
                 Err(e) => {
-                    // EMFILE, ECONNABORTED…: wait a little, keep serving.
-                    tracing::warn!(listener = %l.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE, ECONNABORTED…: back off, keep serving.
+                    errors.failed(&l.name, &e).await;
                     continue;
                 }
             },
