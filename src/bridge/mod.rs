@@ -284,6 +284,23 @@ fn token_matches(presented: Option<&axum::http::HeaderValue>, token: &str) -> bo
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// axum's own rejections (a path segment that is not UTF-8 once decoded, like `%FF`; a missing
+/// or wrong content type) are plain text: as Dapr's JSON `ERR_MALFORMED_REQUEST`, like every
+/// other bad request to the API.
+async fn dapr_rejection(response: Response) -> Response {
+    let plain = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if response.status() != axum::http::StatusCode::BAD_REQUEST || !plain {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    error::ApiError::Malformed(String::from_utf8_lossy(&text).into_owned()).into_response()
+}
+
 /// Checks the API token (health GETs are exempt), strips it, and counts and times the call.
 async fn observe_and_authorize(
     State(state): State<Arc<BridgeState>>,
@@ -318,7 +335,13 @@ async fn observe_and_authorize(
         }
         _ => {
             req.headers_mut().remove(TOKEN_HEADER);
-            next.run(req).await
+            let response = next.run(req).await;
+            if api == "invoke" {
+                // The callee's answer, unchanged.
+                response
+            } else {
+                dapr_rejection(response).await
+            }
         }
     };
     let class = crate::proxy::route::class(response.status().as_u16());

@@ -1136,3 +1136,12 @@ fn a_down_redis_fails_fast_and_recovers() {
         (r.status() == 200 || r.status() == 204).then_some(())
     });
 }
+
+/// A path segment that is not UTF-8 once decoded got axum's plain-text 400: now Dapr's JSON.
+#[test]
+fn undecodable_paths_get_dapr_errors() {
+    let sc = start("", &[]);
+    let (s, _, body) = get(&sc, "/v1.0/state/statestore/%FF");
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(error_code(&body), "ERR_MALFORMED_REQUEST", "{body}");
+}
