@@ -8,13 +8,23 @@
 //! - [`foreign_host`]: a `Host` that is not an IP address or `localhost` — what a rebound DNS
 //!   name looks like.
 //!
-//! Pure functions over the headers; the refusals themselves (403, logged) are the callers'.
+//! Pure functions over the request head; the refusals themselves (403, logged) are the
+//! callers'. The request's host is its `Host` header, or the URI's authority (HTTP/2
+//! `:authority`) when it has none.
 
-use http::HeaderMap;
 use http::header::{HOST, ORIGIN};
+use http::{HeaderMap, Uri};
+
+/// The request's host: `Host`, else the URI's authority.
+fn host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<Result<&'a str, ()>> {
+    match headers.get(HOST) {
+        Some(h) => Some(h.to_str().map_err(|_| ())),
+        None => uri.authority().map(|a| Ok(a.as_str())),
+    }
+}
 
 /// Whether a browser sent this request from another site's page.
-pub fn cross_origin(headers: &HeaderMap) -> bool {
+pub fn cross_origin(headers: &HeaderMap, uri: &Uri) -> bool {
     if let Some(site) = headers.get("sec-fetch-site")
         && matches!(site.as_bytes(), b"cross-site" | b"same-site")
     {
@@ -30,18 +40,16 @@ pub fn cross_origin(headers: &HeaderMap) -> bool {
     let Some((_, authority)) = origin.split_once("://") else {
         return true;
     };
-    let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-    !host.is_some_and(|h| h.eq_ignore_ascii_case(authority))
+    !matches!(host(headers, uri), Some(Ok(h)) if h.eq_ignore_ascii_case(authority))
 }
 
 /// Whether the `Host` header names something other than an IP address or `localhost` (with or
 /// without a port). No `Host` (HTTP/1.0, or HTTP/2 with `:authority` only) is not foreign.
-pub fn foreign_host(headers: &HeaderMap) -> bool {
-    let Some(host) = headers.get(HOST) else {
-        return false;
-    };
-    let Ok(host) = host.to_str() else {
-        return true;
+pub fn foreign_host(headers: &HeaderMap, uri: &Uri) -> bool {
+    let host = match host(headers, uri) {
+        None => return false,
+        Some(Err(())) => return true,
+        Some(Ok(h)) => h,
     };
     let name = match host.strip_prefix('[') {
         // [v6]:port
@@ -74,24 +82,29 @@ mod tests {
         h
     }
 
+    fn co(pairs: &[(&'static str, &'static str)]) -> bool {
+        cross_origin(&headers(pairs), &Uri::from_static("/"))
+    }
+
+    fn fh(pairs: &[(&'static str, &'static str)]) -> bool {
+        foreign_host(&headers(pairs), &Uri::from_static("/"))
+    }
+
     #[test]
     fn cross_origin_requests_are_told_apart() {
-        assert!(!cross_origin(&headers(&[("host", "127.0.0.1:9901")])));
-        assert!(!cross_origin(&headers(&[
+        assert!(!co(&[("host", "127.0.0.1:9901")]));
+        assert!(!co(&[
             ("host", "127.0.0.1:9901"),
             ("origin", "http://127.0.0.1:9901")
-        ])));
-        assert!(!cross_origin(&headers(&[("sec-fetch-site", "none")])));
-        assert!(cross_origin(&headers(&[
+        ]));
+        assert!(!co(&[("sec-fetch-site", "none")]));
+        assert!(co(&[
             ("host", "127.0.0.1:9901"),
             ("origin", "http://evil.example")
-        ])));
-        assert!(cross_origin(&headers(&[("origin", "null")])));
-        assert!(cross_origin(&headers(&[(
-            "origin",
-            "http://127.0.0.1:9901"
-        )])));
-        assert!(cross_origin(&headers(&[("sec-fetch-site", "cross-site")])));
+        ]));
+        assert!(co(&[("origin", "null")]));
+        assert!(co(&[("origin", "http://127.0.0.1:9901")]));
+        assert!(co(&[("sec-fetch-site", "cross-site")]));
     }
 
     #[test]
@@ -105,16 +118,24 @@ mod tests {
             "LOCALHOST",
             "10.0.0.7:9901",
         ] {
-            assert!(!foreign_host(&headers(&[("host", ok)])), "{ok}");
+            assert!(!fh(&[("host", ok)]), "{ok}");
         }
-        assert!(!foreign_host(&HeaderMap::new()));
+        assert!(!foreign_host(&HeaderMap::new(), &Uri::from_static("/")));
+        // HTTP/2: the authority stands for Host.
+        let h2: Uri = "http://evil.example:3500/x".parse().unwrap();
+        assert!(foreign_host(&HeaderMap::new(), &h2));
+        let h2: Uri = "http://127.0.0.1:3500/x".parse().unwrap();
+        assert!(!cross_origin(
+            &headers(&[("origin", "http://127.0.0.1:3500")]),
+            &h2
+        ));
         for bad in [
             "evil.example",
             "evil.example:9901",
             "localhost.evil.example",
             "[evil]:1",
         ] {
-            assert!(foreign_host(&headers(&[("host", bad)])), "{bad}");
+            assert!(fh(&[("host", bad)]), "{bad}");
         }
     }
 }

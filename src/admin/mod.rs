@@ -100,11 +100,11 @@ async fn refuse_browsers(req: axum::extract::Request, next: axum::middleware::Ne
         req.uri().path(),
         "/live" | "/ready" | "/ready/outbound" | "/metrics"
     );
-    let refusal = if change && crate::origin::cross_origin(headers) {
+    let refusal = if change && crate::origin::cross_origin(headers, req.uri()) {
         Some(
             "cross-origin requests cannot change the sidecar; call the admin API with curl or a script",
         )
-    } else if !probe && crate::origin::foreign_host(headers) {
+    } else if !probe && crate::origin::foreign_host(headers, req.uri()) {
         Some("the admin API answers Host: an IP address or localhost")
     } else {
         None

@@ -50,6 +50,11 @@ pub enum ApiError {
     /// A web page of another site sent a change (403; Outrigger's own code: daprd has none).
     #[error("cross-origin requests cannot change state, publish or stop the sidecar")]
     CrossOrigin,
+    /// A `Host` other than an IP address or localhost, without an API token (403).
+    #[error(
+        "without bridge.api_token the bridge answers Host: an IP address or localhost only (set a token to call it by name)"
+    )]
+    ForeignHost,
 }
 
 impl ApiError {
@@ -73,6 +78,7 @@ impl ApiError {
             ApiError::Invoke { status, .. } => (*status, "ERR_DIRECT_INVOKE"),
             ApiError::NoAppId => (StatusCode::BAD_REQUEST, "ERR_DIRECT_INVOKE"),
             ApiError::CrossOrigin => (StatusCode::FORBIDDEN, "ERR_CROSS_ORIGIN_REQUEST"),
+            ApiError::ForeignHost => (StatusCode::FORBIDDEN, "ERR_FOREIGN_HOST"),
         }
     }
 

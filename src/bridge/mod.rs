@@ -313,19 +313,29 @@ async fn observe_and_authorize(
     // `/v1.0/healthz/…` path with `dapr-app-id` is an invocation, and must not slip through).
     let exempt = req.method() == axum::http::Method::GET
         && matches!(req.uri().path(), "/v1.0/healthz" | "/v1.0/healthz/outbound");
-    // A page open in a browser on this host must not write state, publish or stop the sidecar
-    // (a "simple" cross-origin POST needs no preflight). Invocations pass through: an app
-    // forwarding its own users' requests forwards their `Origin` too.
+    // An invocation whatever its path: `/v1.0/invoke/…`, or the `dapr-app-id` header (a page's
+    // "simple" cross-origin request cannot carry a custom header without a CORS preflight,
+    // which the bridge never grants).
+    let invocation = req.uri().path().starts_with("/v1.0/invoke/")
+        || req.headers().contains_key(invoke::APP_ID_HEADER);
+    let change = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
     let response = match &state.config.api_token {
-        _ if api != "invoke"
-            && !matches!(
-                *req.method(),
-                axum::http::Method::GET | axum::http::Method::HEAD
-            )
-            && crate::origin::cross_origin(req.headers()) =>
-        {
+        // A page open in a browser on this host must not write state, publish or stop the
+        // sidecar (a "simple" cross-origin POST needs no preflight). Invocations pass through:
+        // an app forwarding its own users' requests forwards their `Origin` too.
+        _ if !invocation && change && crate::origin::cross_origin(req.headers(), req.uri()) => {
             tracing::warn!(api, origin = ?req.headers().get(axum::http::header::ORIGIN), "refused a cross-origin bridge request");
             error::ApiError::CrossOrigin.into_response()
+        }
+        // Without a token, DNS rebinding would let a page read secrets and state (and write,
+        // with its own name as Origin and Host): only IP addresses and localhost are answered.
+        // With a token the page cannot know it; health checks answer any Host.
+        None if !exempt && crate::origin::foreign_host(req.headers(), req.uri()) => {
+            tracing::warn!(api, host = ?req.headers().get(axum::http::header::HOST), "refused a bridge request for a foreign Host");
+            error::ApiError::ForeignHost.into_response()
         }
         Some(token)
             if !exempt && !token_matches(req.headers().get(TOKEN_HEADER), token.expose()) =>
@@ -336,7 +346,7 @@ async fn observe_and_authorize(
         _ => {
             req.headers_mut().remove(TOKEN_HEADER);
             let response = next.run(req).await;
-            if api == "invoke" {
+            if invocation {
                 // The callee's answer, unchanged.
                 response
             } else {
@@ -376,7 +386,6 @@ impl Module for Bridge {
                 .keep_alive(true)
                 .header_read_timeout(HEADER_READ_TIMEOUT);
             builder.http2().timer(TokioTimer::new());
-            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // Pub/sub's background work: subscriptions once the app is ready (the gate opens
             // when its probe passes), stopped when the stop begins — deliveries finish before
             // the app is told to stop; what is unacked stays with the broker.
@@ -428,24 +437,49 @@ impl Module for Bridge {
                             Default::default(),
                             None,
                         );
-                        let conn = builder.serve_connection(TokioIo::new(io), service);
-                        let conn = graceful.watch(conn.into_owned());
+                        let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                        let mut drain = cx.drain.clone();
                         tokio::spawn(async move {
                             let _slot = slot;
-                            tokio::select! {
-                                res = conn => if let Err(e) = res {
-                                    tracing::debug!(error = %e, "bridge connection ended with an error");
-                                },
-                                silence = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT) => {
-                                    tracing::debug!(?silence, "bridge connection closed");
+                            tokio::pin!(conn);
+                            let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
+                            tokio::pin!(silent);
+                            let mut closing = false;
+                            loop {
+                                tokio::select! {
+                                    res = conn.as_mut() => {
+                                        if let Err(e) = res {
+                                            tracing::debug!(error = %e, "bridge connection ended with an error");
+                                        }
+                                        break;
+                                    }
+                                    _ = drain.signaled(), if !closing => {
+                                        // In-flight calls finish, idle connections close.
+                                        conn.as_mut().graceful_shutdown();
+                                        closing = true;
+                                    }
+                                    silence = &mut silent => {
+                                        // A client that reads nothing: cut. Idle: closed once
+                                        // its calls in flight are done (a slow invocation
+                                        // waiting on its callee is not cut).
+                                        if silence == crate::proxy::accept::Silence::WriteStalled {
+                                            tracing::debug!("bridge client read nothing for the idle timeout; connection closed");
+                                            break;
+                                        }
+                                        if !closing {
+                                            conn.as_mut().graceful_shutdown();
+                                            closing = true;
+                                        }
+                                        silent.set(crate::proxy::accept::silent_for(&activity, IDLE_TIMEOUT, IDLE_TIMEOUT));
+                                    }
                                 }
                             }
                         });
                     }
                 }
             }
-            // Draining: in-flight calls finish, idle connections close.
-            graceful.shutdown().await;
+            // Draining: every connection finishes its calls in flight (each was told to).
+            let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
             self.state.ready.store(false, Ordering::Release);
             Ok(())
         })

@@ -115,6 +115,13 @@ impl Document {
                 if let Some(i) = message.find(" at line ") {
                     message.truncate(i);
                 }
+                // A number too large for any integer type is quoted in the message: it may be
+                // a token (`api_token: 12345678901234567890123`), so it is not repeated.
+                if let Some(start) = message.find("integer `")
+                    && let Some(len) = message[start + 9..].find('`')
+                {
+                    message.replace_range(start + 9..start + 9 + len, "…");
+                }
                 return Err(Problem {
                     origin,
                     path: String::new(),
@@ -297,13 +304,6 @@ impl Document {
                 }
             }
             let unknown_key = message.starts_with("unknown field");
-            problems.push(Problem {
-                origin: self.origin(&path, unknown_key),
-                path: path.clone(),
-                message,
-            });
-            // Remove the node so the next round gets past it. A problem we cannot get past
-            // (a missing node, the root itself) ends the collection.
             if problems.len() >= MAX_PROBLEMS {
                 // Said, not dropped silently: the rest come once these are fixed.
                 problems.push(Problem {
@@ -317,6 +317,13 @@ impl Document {
                 });
                 return (None, problems);
             }
+            problems.push(Problem {
+                origin: self.origin(&path, unknown_key),
+                path: path.clone(),
+                message,
+            });
+            // Remove the node so the next round gets past it. A problem we cannot get past
+            // (a missing node, the root itself) ends the collection.
             if seen.contains(&path) || !remove(&mut value, &current) {
                 return (None, problems);
             }

@@ -11,6 +11,7 @@
 //! which locates its problems through [`Parsed::problem`] and keeps what it built.
 
 pub mod bridge;
+pub mod check;
 pub mod diff;
 pub mod document;
 pub mod lifecycle;

@@ -7,10 +7,13 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use super::check::{MAX_COUNT, check_count, check_duration};
 use super::document::{Document, Problem};
 pub use super::raw::{Direction, Lb, Protocol};
 use super::raw::{RawCluster, RawListener};
-pub use super::route::{HeaderOps, MatchConfig, PathMatch, RetryOn, RetryPolicy, RouteConfig};
+pub use super::route::{
+    DEFAULT_RETRY_BACKOFF, HeaderOps, MatchConfig, PathMatch, RetryOn, RetryPolicy, RouteConfig,
+};
 use super::types::{Address, Duration};
 
 /// Inbound listeners forward to this cluster, made from `app.address`.
@@ -30,7 +33,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle pooled upstream connections are closed after this (below common server keep-alives).
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5);
-pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// Outlier ejection: this many consecutive failures eject an endpoint…
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
 /// …for this long (then it gets traffic again).
@@ -125,44 +127,6 @@ pub struct Outlier {
 pub struct RetryBudget {
     pub ratio: f64,
     pub min_per_second: u32,
-}
-
-/// Upper bound of counts (connections, requests in flight): beyond any sidecar's need, and
-/// below what a semaphore can hold.
-pub(super) const MAX_COUNT: usize = 1_000_000;
-/// Upper bound of every duration: a day (larger values overflow deadline arithmetic).
-const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(86_400);
-
-pub(super) fn check_count(
-    doc: &Document,
-    problems: &mut Vec<Problem>,
-    path: &str,
-    n: Option<usize>,
-) {
-    if let Some(n) = n
-        && !(1..=MAX_COUNT).contains(&n)
-    {
-        problems.push(doc.problem(
-            path,
-            format!("expected a number from 1 to {MAX_COUNT}, found {n}"),
-        ));
-    }
-}
-
-pub(super) fn check_duration(
-    doc: &Document,
-    problems: &mut Vec<Problem>,
-    path: &str,
-    d: Option<Duration>,
-    allow_zero: bool,
-) {
-    if let Some(d) = d {
-        if d.get().is_zero() && !allow_zero {
-            problems.push(doc.problem(path, "expected a positive duration, found 0s"));
-        } else if d.get() > MAX_DURATION {
-            problems.push(doc.problem(path, format!("expected at most 24h, found {d}")));
-        }
-    }
 }
 
 /// Validates listeners and clusters; every problem is pushed with its location.

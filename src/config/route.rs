@@ -5,10 +5,12 @@
 
 use serde::Serialize;
 
+use super::check::check_duration;
 use super::document::{Document, Problem};
-use super::proxy::{DEFAULT_RETRY_BACKOFF, check_duration};
 use super::raw::{self, RawRoute};
 use super::types::Duration;
+
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteConfig {

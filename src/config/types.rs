@@ -154,14 +154,21 @@ impl<'de> Deserialize<'de> for TcpAddress {
 }
 
 /// A value that must never be printed: logs, `/config` and `outrigger check` show it as
-/// `<redacted>`. A number or a boolean is taken as its text (`api_token: 4242424242` is a token);
-/// anything else is refused without echoing it.
+/// `<redacted>`. It must be written as a string: a number or a boolean is refused — YAML would
+/// change it (`0042` is read as 42, `0x1F` as 31, `1.50` as 1.5) — and no refusal repeats the
+/// value (serde's own type errors quote it).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
+        /// Says what kind of value was found, never the value.
+        fn refuse<E: de::Error>(found: &str) -> E {
+            E::custom(format!(
+                "expected a string, found {found}: write the secret in quotes"
+            ))
+        }
         impl<'de> Visitor<'de> for V {
             type Value = Secret;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -170,27 +177,26 @@ impl<'de> Deserialize<'de> for Secret {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Secret, E> {
                 Ok(Secret(v.to_string()))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(refuse("a number"))
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(refuse("a number"))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(refuse("a number"))
             }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(refuse("a boolean"))
             }
-            // Serde's own messages quote the value they found: say only what kind it was.
             fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
-                Err(de::Error::custom("expected a string, found a list"))
+                Err(refuse("a list"))
             }
             fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
-                Err(de::Error::custom("expected a string, found a map"))
+                Err(refuse("a map"))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Secret, E> {
-                Err(E::custom("expected a string, found nothing"))
+                Err(refuse("nothing"))
             }
         }
         d.deserialize_any(V)
@@ -298,19 +304,25 @@ mod tests {
     }
 
     #[test]
-    fn secrets_written_as_numbers_are_taken_and_never_echoed() {
-        let s: Secret = serde_norway::from_str("4242424242").unwrap();
-        assert_eq!(s.expose(), "4242424242");
-        let s: Secret = serde_norway::from_str("true").unwrap();
-        assert_eq!(s.expose(), "true");
-        let e = serde_norway::from_str::<Secret>("[4242424242]")
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("4242424242"), "{e}");
-        let e = serde_norway::from_str::<Secret>("{a: 4242424242}")
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("4242424242"), "{e}");
+    fn secrets_written_as_numbers_are_refused_and_never_echoed() {
+        for text in [
+            "4242424242",
+            "1.50",
+            "0x1F",
+            "true",
+            "[4242424242]",
+            "{a: 4242424242}",
+        ] {
+            let e = serde_norway::from_str::<Secret>(text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("write the secret in quotes"), "{text}: {e}");
+            for digits in ["4242424242", "1.5", "31", "0x1F"] {
+                assert!(!e.contains(digits), "{text}: {e}");
+            }
+        }
+        let s: Secret = serde_norway::from_str("'0042'").unwrap();
+        assert_eq!(s.expose(), "0042");
     }
 
     #[test]

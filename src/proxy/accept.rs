@@ -201,8 +201,6 @@ async fn serve_connection(
             let silent = silent_for(&activity, first, idle);
             tokio::pin!(drained, silent);
             let mut closing = false;
-            // Asked to close for being idle, and still silent since.
-            let mut idle_closing = false;
             loop {
                 tokio::select! {
                     res = conn.as_mut() => {
@@ -218,10 +216,11 @@ async fn serve_connection(
                     silence = &mut silent => {
                         // A client that reads nothing holds its response, the upstream
                         // connection behind it and their buffers for as long as it likes: a
-                        // write that waited a whole idle period, or a second idle period after
-                        // being asked to close, ends the connection (in-flight requests too).
-                        if silence == Silence::WriteStalled || idle_closing {
-                            tracing::debug!(listener = %l.name, ?silence, "the client read nothing for the idle timeout; connection closed");
+                        // write that waited a whole idle period ends the connection, requests
+                        // in flight too. (A quiet request waiting for its upstream is not
+                        // that: nothing is being written.)
+                        if silence == Silence::WriteStalled {
+                            tracing::debug!(listener = %l.name, "the client read nothing for the idle timeout; connection closed");
                             break;
                         }
                         // Idle: in-flight requests still finish; the connection then closes.
@@ -229,7 +228,6 @@ async fn serve_connection(
                             conn.as_mut().graceful_shutdown();
                             closing = true;
                         }
-                        idle_closing = true;
                         silent.set(silent_for(&activity, idle, idle));
                     }
                 }
@@ -240,7 +238,7 @@ async fn serve_connection(
 
 /// Why a connection's watcher fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Silence {
+pub enum Silence {
     /// No byte moved either way for a whole idle period.
     Idle,
     /// A write has waited a whole idle period: the peer reads nothing (bytes it sends do not
@@ -251,18 +249,20 @@ pub(crate) enum Silence {
 /// Resolves once the connection has moved no bytes for a whole `limit`, or a write has waited
 /// that long (so after between one and two `limit`s); the first period is `first` long. One
 /// timer per connection.
-pub(crate) async fn silent_for(activity: &Activity, first: Duration, limit: Duration) -> Silence {
+pub async fn silent_for(activity: &Activity, first: Duration, limit: Duration) -> Silence {
     let mut period = first;
     loop {
         let (moved, written) = (activity.count(), activity.written());
         let waiting = activity.write_stalled();
         tokio::time::sleep(period).await;
         period = limit;
-        if activity.count() == moved {
-            return Silence::Idle;
-        }
+        // Checked first: a stalled write is also silence, but only it means the client reads
+        // nothing.
         if waiting && activity.write_stalled() && activity.written() == written {
             return Silence::WriteStalled;
+        }
+        if activity.count() == moved {
+            return Silence::Idle;
         }
     }
 }

@@ -204,11 +204,11 @@ pub struct Activity(Arc<Counts>);
 
 #[derive(Default)]
 struct Counts {
-    /// Reads and writes that moved bytes.
-    moved: AtomicU64,
+    /// Reads that moved bytes.
+    read: AtomicU64,
     /// Writes that moved bytes.
     written: AtomicU64,
-    /// A write returned `Pending` and none has moved bytes since.
+    /// A write (or flush) returned `Pending` and no write has moved bytes since.
     write_waiting: AtomicBool,
 }
 
@@ -217,10 +217,9 @@ impl Activity {
         Self::default()
     }
     fn touch(&self) {
-        self.0.moved.fetch_add(1, Ordering::Relaxed);
+        self.0.read.fetch_add(1, Ordering::Relaxed);
     }
     fn wrote(&self) {
-        self.touch();
         self.0.written.fetch_add(1, Ordering::Relaxed);
         if self.0.write_waiting.load(Ordering::Relaxed) {
             self.0.write_waiting.store(false, Ordering::Relaxed);
@@ -229,9 +228,9 @@ impl Activity {
     fn write_blocked(&self) {
         self.0.write_waiting.store(true, Ordering::Relaxed);
     }
-    /// The current count; unchanged across an idle period means no bytes moved.
+    /// Reads and writes so far; unchanged across an idle period means no bytes moved.
     pub fn count(&self) -> u64 {
-        self.0.moved.load(Ordering::Relaxed)
+        self.0.read.load(Ordering::Relaxed) + self.0.written.load(Ordering::Relaxed)
     }
     /// Writes that moved bytes so far.
     pub fn written(&self) -> u64 {
@@ -270,8 +269,16 @@ impl Default for AcceptErrors {
 }
 
 impl AcceptErrors {
-    /// Counts a failure, logs (at most once a second) and waits before the next accept.
+    /// Counts a failure, logs (at most once a second) and waits before the next accept. A
+    /// connection that failed on its own (aborted or reset while queued) is retried at once.
     pub async fn failed(&mut self, listener: &str, error: &io::Error) {
+        if matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+        ) {
+            tracing::debug!(listener, %error, "a queued connection failed before its accept");
+            return;
+        }
         self.unlogged += 1;
         let now = std::time::Instant::now();
         if self
@@ -286,8 +293,16 @@ impl AcceptErrors {
         self.delay = (self.delay * 2).min(ACCEPT_BACKOFF_MAX);
     }
 
-    /// An accept worked: the next failure waits the shortest time again.
+    /// An accept worked: the next failure waits the shortest time again, and failures not
+    /// logged yet are (so a later line does not carry a stale count).
     pub fn succeeded(&mut self) {
+        if self.unlogged > 0 {
+            tracing::warn!(
+                failures = self.unlogged,
+                "accept failed; accepting again now"
+            );
+            self.unlogged = 0;
+        }
         self.delay = ACCEPT_BACKOFF_MIN;
     }
 }
@@ -380,7 +395,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         self.inner.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        // TLS takes a whole response into its buffer and waits only here.
+        if res.is_pending() {
+            this.activity.write_blocked();
+        }
+        res
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)

@@ -1054,6 +1054,21 @@ fn web_pages_cannot_write_state_or_stop_the_sidecar() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 403);
+    // DNS rebinding: the page's own name as Host (and as Origin, same-origin to the browser).
+    let r = client()
+        .post(sc.bridge_url("/v1.0/shutdown"))
+        .header("host", "evil.example:3500")
+        .header("origin", "http://evil.example:3500")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client()
+        .get(sc.bridge_url("/v1.0/state/statestore/k"))
+        .header("host", "evil.example:3500")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(&r.text().unwrap()), "ERR_FOREIGN_HOST");
     assert_eq!(
         get(&sc, "/v1.0/state/statestore/k").0,
         204,

@@ -325,24 +325,33 @@ fn tls_errors_are_located() {
     }
 }
 
-/// A token or header value written as a number is a secret like any other: taken as its text,
-/// never printed (it used to be quoted in the type error).
+/// A token or header value written as a number was quoted in serde's type error: refused now
+/// (YAML would change it: `0042` is 42) with a message that never repeats it.
 #[test]
 fn secrets_written_as_numbers_are_never_echoed() {
     let bridge = if cfg!(feature = "bridge") {
-        "bridge:\n  api_token: 4242424242\n  max_body: 0\n"
+        "bridge:\n  api_token: 4242424242\n"
     } else {
         ""
     };
     let e = rejected(
         &format!(
-            "{bridge}telemetry:\n  tracing:\n    otlp:\n      endpoint: http://collector:4318\n      headers: {{ authorization: 4343434343, x-key: [4444444444] }}\n"
+            "{bridge}telemetry:\n  tracing:\n    otlp:\n      endpoint: http://collector:4318\n      headers: {{ authorization: 4343434343, x-key: [4444444444], x-other: 0x1F }}\n"
         ),
-        &["telemetry.tracing.otlp.headers.x-key: expected a string, found a list"],
+        &[
+            "telemetry.tracing.otlp.headers.authorization: expected a string, found a number: write the secret in quotes",
+            "telemetry.tracing.otlp.headers.x-key: expected a string, found a list",
+        ],
     );
-    for secret in ["4242424242", "4343434343", "4444444444"] {
+    for secret in ["4242424242", "4343434343", "4444444444", "0x1F"] {
         assert!(!e.contains(secret), "{secret} echoed in:\n{e}");
     }
+    // Too large for any integer type: YAML itself refuses it, without repeating it.
+    let e = rejected(
+        "telemetry:\n  tracing:\n    otlp:\n      endpoint: http://collector:4318\n      headers: { authorization: 1234567890123456789012345 }\n",
+        &["invalid YAML"],
+    );
+    assert!(!e.contains("1234567890123456789012345"), "{e}");
 }
 
 #[test]

@@ -1189,3 +1189,20 @@ fn a_silent_connection_gets_the_header_read_timeout_not_the_idle_timeout() {
     );
     drop(s);
 }
+
+/// Cutting off clients that read nothing must not cut a quiet request that waits for its
+/// upstream longer than the idle timeout (nothing is being written to its client).
+#[test]
+fn a_request_waiting_on_a_slow_upstream_outlives_the_idle_timeout() {
+    let app = Backend::http();
+    let sc = inbound(
+        &app,
+        "    limits: { idle_timeout: 1s }\n    routes:\n      - cluster: app\n        timeout: 30s\n",
+    );
+    let r = client()
+        .get(sc.listener_url("public", "/slow/3500"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "slow done\n");
+}

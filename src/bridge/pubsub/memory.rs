@@ -106,10 +106,18 @@ impl Broker for Memory {
                 let held = self.held.fetch_add(need, Ordering::AcqRel) + need;
                 if held > MAX_BYTES {
                     self.held.fetch_sub(need, Ordering::AcqRel);
-                    result = Err(BrokerError::Publish(format!(
-                        "the in-memory broker holds {} bytes of undelivered messages (at most {MAX_BYTES}): the subscribers of topic {topic:?} are not keeping up",
-                        held - need
-                    )));
+                    result = Err(BrokerError::Publish(if need > MAX_BYTES {
+                        format!(
+                            "a message of {} bytes for {} consumer groups is more than the in-memory broker holds at once ({MAX_BYTES} bytes)",
+                            message.data.len(),
+                            permits.len()
+                        )
+                    } else {
+                        format!(
+                            "the in-memory broker holds {} bytes of undelivered messages across all its topics (at most {MAX_BYTES}): some subscribers are not keeping up",
+                            held - need
+                        )
+                    }));
                 }
             }
             if result.is_ok() {
@@ -161,10 +169,13 @@ impl Broker for Memory {
                         }
                         tokio::time::sleep(REDELIVER_DELAY).await;
                         // Never waits: a full queue would wait for the permit this task holds.
-                        if tx.try_send((message, redeliveries + 1, held)).is_err() {
-                            tracing::warn!(
+                        match tx.try_send((message, redeliveries + 1, held)) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => tracing::warn!(
                                 "in-memory pub/sub: queue full, a message left for retry is dropped"
-                            );
+                            ),
+                            // Stopping: nothing survives a stop.
+                            Err(mpsc::error::TrySendError::Closed(_)) => {}
                         }
                     }
                 });
