@@ -8,6 +8,7 @@ mod backend;
 mod bridge;
 mod certs;
 mod config;
+mod generative;
 mod lifecycle;
 mod proxy;
 #[cfg(feature = "bridge")]

@@ -81,18 +81,19 @@ fn tokenize(src: &str) -> Result<Vec<(usize, Token)>, String> {
                     break;
                 }
                 if ch == '\\' {
-                    let Some(&e) = b.get(i + 1) else {
+                    // The escaped character whole: a multi-byte one must not be split.
+                    let Some(e) = src[i + 1..].chars().next() else {
                         return Err(format!(
                             "unterminated string starting at column {}",
                             start + 1
                         ));
                     };
-                    s.push(match e as char {
+                    s.push(match e {
                         'n' => '\n',
                         't' => '\t',
                         other => other,
                     });
-                    i += 2;
+                    i += 1 + e.len_utf8();
                     continue;
                 }
                 // Copy a whole UTF-8 character.
@@ -540,5 +541,13 @@ mod tests {
         assert!(m(&ok, &serde_json::json!({})));
         let ok = vec!["true"; 256].join(" && ");
         assert!(m(&ok, &serde_json::json!({})));
+    }
+
+    #[test]
+    fn an_escaped_multibyte_character_is_taken_whole() {
+        // Found by the generative tests: the escape skipped one byte, then sliced mid-char.
+        let e = parse("event.type == '\\ਫ਼x'").unwrap();
+        assert!(e.matches(&serde_json::json!({"type": "ਫ਼x"})));
+        assert!(parse("'\\ਫ਼").is_err());
     }
 }

@@ -255,7 +255,9 @@ pub fn parse_declarative(yaml: &str, file: &Path) -> Result<Vec<Subscription>, V
             Ok(v) => v,
             Err(e) => {
                 errors.push(format!("{}: document {}: {e}", file.display(), i + 1));
-                continue;
+                // A syntax error ends the stream: the iterator would yield it again forever
+                // (found by the generative tests: memory grew until the process was killed).
+                break;
             }
         };
         if value.is_null() {
@@ -375,5 +377,13 @@ spec: {type: pubsub.redis}
             errors[0].starts_with("bad.yaml: Subscription \"bad\": topic \"t\": rule match"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_once_not_forever() {
+        let errors =
+            parse_declarative("a: [\nkind: Subscription\n", Path::new("s.yaml")).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("s.yaml: document 1:"), "{errors:?}");
     }
 }
