@@ -221,6 +221,7 @@ async fn serve_connection(
                         // that: nothing is being written.)
                         if silence == Silence::WriteStalled {
                             tracing::debug!(listener = %l.name, "the client read nothing for the idle timeout; connection closed");
+                            l.stalled.inc();
                             break;
                         }
                         // Idle: in-flight requests still finish; the connection then closes.

@@ -51,6 +51,8 @@ pub(super) struct Listener {
     pub(super) serving: ArcSwap<Serving>,
     pub(super) opened: Counter,
     pub(super) closed: Counter,
+    /// Connections cut because their client read nothing (`outrigger_client_stalls_total`).
+    pub(super) stalled: Counter,
     pub(super) open: Gauge,
     pub(super) received: Counter,
     pub(super) sent: Counter,
@@ -209,6 +211,7 @@ pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) ->
     Ok(Listener {
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
+        stalled: metrics.client_stalls.get_or_create(&labels).clone(),
         open: metrics.connections_open.get_or_create(&labels).clone(),
         received: flow("received"),
         sent: flow("sent"),

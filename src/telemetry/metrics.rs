@@ -164,6 +164,8 @@ pub struct ProxyMetrics {
     pub response_bytes: Family<RouteLabels, Counter>,
     pub connections_opened: Family<ListenerLabels, Counter>,
     pub connections_closed: Family<ListenerLabels, Counter>,
+    /// Connections cut because their client read nothing for the idle timeout.
+    pub client_stalls: Family<ListenerLabels, Counter>,
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub bytes: Family<FlowLabels, Counter>,
     pub retries: Family<OutcomeLabels, Counter>,
@@ -188,6 +190,7 @@ impl Default for ProxyMetrics {
             response_bytes: Family::default(),
             connections_opened: Family::default(),
             connections_closed: Family::default(),
+            client_stalls: Family::default(),
             connections_open: Family::default(),
             bytes: Family::default(),
             retries: Family::default(),
@@ -263,6 +266,11 @@ impl ProxyMetrics {
             "connections_closed",
             "Downstream connections closed",
             self.connections_closed.clone(),
+        );
+        r.register(
+            "client_stalls",
+            "Downstream connections cut because the client read nothing for the idle timeout (a write waited that long)",
+            self.client_stalls.clone(),
         );
         r.register(
             "connections_open",

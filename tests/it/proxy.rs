@@ -1159,6 +1159,10 @@ fn a_client_that_reads_nothing_is_cut_off() {
         "the non-reading connection cut off",
         || (sc.metric(open) == 0.0).then_some(()),
     );
+    assert_eq!(
+        sc.metric("outrigger_client_stalls_total{direction=\"inbound\",listener=\"public\"}"),
+        1.0
+    );
     drop(s);
     // Other clients are served as usual.
     let r = client()
