@@ -335,6 +335,20 @@ impl<S> Metered<S> {
     }
 }
 
+impl<S> Metered<S> {
+    /// Counts what a write moved, or notes that it waits (the peer reads nothing).
+    fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
+        match res {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.sent.inc_by(*n as u64);
+                self.activity.wrote();
+            }
+            Poll::Pending => self.activity.write_blocked(),
+            _ => {}
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -364,14 +378,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        match res {
-            Poll::Ready(Ok(n)) if n > 0 => {
-                this.sent.inc_by(n as u64);
-                this.activity.wrote();
-            }
-            Poll::Pending => this.activity.write_blocked(),
-            _ => {}
-        }
+        this.wrote(&res);
         res
     }
     fn poll_write_vectored(
@@ -381,14 +388,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        match res {
-            Poll::Ready(Ok(n)) if n > 0 => {
-                this.sent.inc_by(n as u64);
-                this.activity.wrote();
-            }
-            Poll::Pending => this.activity.write_blocked(),
-            _ => {}
-        }
+        this.wrote(&res);
         res
     }
     fn is_write_vectored(&self) -> bool {

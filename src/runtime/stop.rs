@@ -317,31 +317,47 @@ mod tests {
         Health::new(Metrics::new().runtime)
     }
 
-    #[tokio::test]
-    async fn graceful_order_is_inbound_app_rest() {
-        let log: Log = Default::default();
+    /// Runs a stop with an inbound and an outbound module task logging into `log`; returns how
+    /// the app ended and whether `/ready` said draining.
+    async fn stop_with(
+        log: &Log,
+        settings: StopSettings,
+        control: &mut mpsc::Receiver<Control>,
+        app: Option<FakeApp>,
+        app_ready: Option<watch::Receiver<bool>>,
+    ) -> (Option<&'static str>, bool) {
         let (trigger, d) = drain();
-        let tasks = modules(&d, &log);
-        let (_tx, mut rx) = mpsc::channel(1);
         let health = health();
-        let app = FakeApp {
-            log: log.clone(),
-            after: Duration::from_millis(100),
-            deadline: Default::default(),
-        };
         let end = StopSequence {
             kind: Stop::Graceful,
-            settings: settings(600),
+            settings,
             health: &health,
-            control: &mut rx,
+            control,
             drain: trigger,
-            modules: tasks,
-            app: Some(app),
-            app_ready: None,
+            modules: modules(&d, log),
+            app,
+            app_ready,
             admin: None,
         }
         .run()
         .await;
+        (end, health.report().draining)
+    }
+
+    fn fake(log: &Log, after: Duration) -> FakeApp {
+        FakeApp {
+            log: log.clone(),
+            after,
+            deadline: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn graceful_order_is_inbound_app_rest() {
+        let log: Log = Default::default();
+        let (_tx, mut rx) = mpsc::channel(1);
+        let app = fake(&log, Duration::from_millis(100));
+        let (end, draining) = stop_with(&log, settings(600), &mut rx, Some(app), None).await;
         assert_eq!(end, Some("exited"));
         assert_eq!(
             *log.lock().unwrap(),
@@ -352,34 +368,16 @@ mod tests {
                 "outbound drained"
             ]
         );
-        assert!(health.report().draining);
+        assert!(draining);
     }
 
     #[tokio::test]
     async fn an_app_that_does_not_exit_is_killed_at_the_deadline() {
         let log: Log = Default::default();
-        let (trigger, d) = drain();
-        let tasks = modules(&d, &log);
         let (_tx, mut rx) = mpsc::channel(1);
-        let health = health();
         let started = Instant::now();
-        let end = StopSequence {
-            kind: Stop::Graceful,
-            settings: settings(600),
-            health: &health,
-            control: &mut rx,
-            drain: trigger,
-            modules: tasks,
-            app: Some(FakeApp {
-                log: log.clone(),
-                after: Duration::from_secs(60),
-                deadline: Default::default(),
-            }),
-            app_ready: None,
-            admin: None,
-        }
-        .run()
-        .await;
+        let app = fake(&log, Duration::from_secs(60));
+        let (end, _) = stop_with(&log, settings(600), &mut rx, Some(app), None).await;
         assert_eq!(end, Some("killed"));
         // Not before the end of the grace period.
         let took = started.elapsed();
@@ -394,38 +392,20 @@ mod tests {
     #[tokio::test]
     async fn a_fast_stop_on_the_way_cuts_the_app_short_with_sigint() {
         let log: Log = Default::default();
-        let (trigger, d) = drain();
-        let tasks = modules(&d, &log);
         let (tx, mut rx) = mpsc::channel(4);
-        let health = health();
-        let deadline = Arc::new(Mutex::new(None));
-        let app = FakeApp {
-            log: log.clone(),
-            after: Duration::from_secs(60),
-            deadline: deadline.clone(),
-        };
+        let app = fake(&log, Duration::from_secs(60));
+        let deadline = app.deadline.clone();
         // A reload asked for while stopping is ignored; the fast stop is heeded.
         tx.send(Control::Reload).await.unwrap();
         tx.send(Control::Shutdown { graceful: false })
             .await
             .unwrap();
         let started = Instant::now();
-        let end = StopSequence {
-            kind: Stop::Graceful,
-            settings: StopSettings {
-                drain_delay: Duration::from_secs(10),
-                ..settings(30_000)
-            },
-            health: &health,
-            control: &mut rx,
-            drain: trigger,
-            modules: tasks,
-            app: Some(app),
-            app_ready: None,
-            admin: None,
-        }
-        .run()
-        .await;
+        let slow = StopSettings {
+            drain_delay: Duration::from_secs(10),
+            ..settings(30_000)
+        };
+        let (end, _) = stop_with(&log, slow, &mut rx, Some(app), None).await;
         assert_eq!(end, Some("killed"));
         // The drain delay was cut short, and the app got SIGINT with FAST_STOP left.
         let (signal, at) = deadline.lock().unwrap().unwrap();
@@ -437,10 +417,7 @@ mod tests {
     #[tokio::test]
     async fn an_app_in_another_container_is_served_until_its_probe_fails() {
         let log: Log = Default::default();
-        let (trigger, d) = drain();
-        let tasks = modules(&d, &log);
         let (_tx, mut rx) = mpsc::channel(1);
-        let health = health();
         let (ready_tx, ready_rx) = watch::channel(true);
         let probe_log = log.clone();
         tokio::spawn(async move {
@@ -450,19 +427,7 @@ mod tests {
             // Kept alive: a closed channel would also end the wait.
             tokio::time::sleep(Duration::from_secs(3600)).await;
         });
-        let end = StopSequence::<FakeApp> {
-            kind: Stop::Graceful,
-            settings: settings(600),
-            health: &health,
-            control: &mut rx,
-            drain: trigger,
-            modules: tasks,
-            app: None,
-            app_ready: Some(ready_rx),
-            admin: None,
-        }
-        .run()
-        .await;
+        let (end, _) = stop_with(&log, settings(600), &mut rx, None, Some(ready_rx)).await;
         assert_eq!(end, None);
         assert_eq!(
             *log.lock().unwrap(),
