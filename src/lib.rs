@@ -18,7 +18,7 @@
 //!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
 //! ```
 //!
-//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch` →
+//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →
 //! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge` → `preflight` →
 //! `app` → `main`. Every import runs downward; no two top-level modules import each other.
 //! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
@@ -27,7 +27,7 @@
 //!
 //! | behaviour | file |
 //! |---|---|
-//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge}.rs`, `config/document.rs` |
+//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,check}.rs`, `config/document.rs` |
 //! | deep config checks (certificates, components, brokers, Subscriptions) | `preflight.rs` |
 //! | what a reload changes live and what needs a restart | `config/diff.rs` (`ConfigDiff`) |
 //! | live reload of our own config (SIGHUP, `POST /reload`, file watch) | `reload/live.rs` |
@@ -40,6 +40,8 @@
 //! | the request phases, in order | `proxy/http.rs` (`phases`) |
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
 //! | connection and rate limits, load shedding | `proxy/limits.rs`, `proxy/accept.rs` |
+//! | idle, silent and non-reading connections (`silent_for`), accept backoff | `proxy/accept.rs`, `proxy/listener.rs` |
+//! | refusing what only a web page sends (cross-origin, DNS rebinding) | `origin.rs` (used by admin and the bridge) |
 //! | holding requests while the app starts | `proxy/hold.rs` |
 //! | ambiguous framing (smuggling) | `proxy/framing.rs` |
 //! | routing | `proxy/route.rs` |
