@@ -312,7 +312,15 @@ pub fn client_files(c: &ClientTlsConfig) -> Vec<PathBuf> {
 
 /// Builds a rustls server config from the files (also how validation checks them).
 pub fn server_config(c: &ServerTlsConfig) -> Result<LoadedServer, TlsError> {
-    let fingerprints = fingerprints(&server_files(c));
+    server_config_from(c, fingerprints(&server_files(c)))
+}
+
+/// [`server_config`] for files whose `fingerprints` the caller took already (a reload that
+/// compared them first).
+pub fn server_config_from(
+    c: &ServerTlsConfig,
+    fingerprints: Vec<u64>,
+) -> Result<LoadedServer, TlsError> {
     let (default, info) = certified_key(&c.default)?;
     let mut certs = vec![info];
     let mut by_name = Vec::new();
@@ -384,7 +392,15 @@ pub fn https_connector(
 
 /// Builds a rustls client config for a cluster; `h2` offers only HTTP/2 by ALPN.
 pub fn client_config(c: &ClientTlsConfig, h2: bool) -> Result<LoadedClient, TlsError> {
-    let fingerprints = fingerprints(&client_files(c));
+    client_config_from(c, h2, fingerprints(&client_files(c)))
+}
+
+/// [`client_config`] for files whose `fingerprints` the caller took already.
+pub fn client_config_from(
+    c: &ClientTlsConfig,
+    h2: bool,
+    fingerprints: Vec<u64>,
+) -> Result<LoadedClient, TlsError> {
     let roots = match &c.ca {
         Some(ca) => roots(ca)?,
         None => system_roots()?,

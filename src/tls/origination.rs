@@ -74,9 +74,10 @@ impl Origination {
         Some(o)
     }
 
-    /// Builds the client config from the files and swaps it in.
-    fn load(&self) -> Result<(), super::TlsError> {
-        let loaded = super::client_config(&self.tls, self.h2)?;
+    /// Builds the client config from the files (whose `fingerprints` were just taken) and
+    /// swaps it in.
+    fn load(&self, fingerprints: Vec<u64>) -> Result<(), super::TlsError> {
+        let loaded = super::client_config_from(&self.tls, self.h2, fingerprints)?;
         self.install(loaded);
         Ok(())
     }
@@ -167,7 +168,7 @@ impl Reloadable for Origination {
         if *self.fingerprints.lock().expect("not poisoned") == now {
             return Ok(());
         }
-        match self.load() {
+        match self.load(now) {
             Ok(()) => {
                 tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
                 Ok(())

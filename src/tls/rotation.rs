@@ -12,7 +12,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 
-use super::{LoadedServer, ReloadLabels, TlsError, TlsMetrics, server_config, server_files};
+use super::{
+    LoadedServer, ReloadLabels, TlsError, TlsMetrics, server_config, server_config_from,
+    server_files,
+};
 use crate::config::tls::ServerTlsConfig;
 
 /// A listener's TLS material, swapped whole when its files change.
@@ -139,7 +142,7 @@ impl Reloadable for ServerTls {
         if *self.fingerprints.lock().expect("not poisoned") == now {
             return Ok(());
         }
-        match server_config(&self.config) {
+        match server_config_from(&self.config, now) {
             Ok(loaded) => {
                 self.install(loaded);
                 Ok(())
