@@ -77,10 +77,17 @@ impl Clusters {
 /// The fallback route: invocation (URL or header form), or daprd's "no app id" error.
 pub async fn fallback(State(st): State<Arc<BridgeState>>, req: Request) -> Response {
     match target(&req) {
-        Some((app_id, path)) => match invoke(&st, app_id, path, req).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(),
-        },
+        Some((app_id, path)) => {
+            let (parts, body) = req.into_parts();
+            let call = async {
+                let body = super::routes::read_body(&st, body).await?;
+                call(&st, &app_id, parts.method, &path, parts.headers, body).await
+            };
+            match call.await {
+                Ok(r) => r.map(Body::new).into_response(),
+                Err(e) => e.into_response(),
+            }
+        }
         None => ApiError::NoAppId.into_response(),
     }
 }
@@ -135,18 +142,22 @@ const HOP_BY_HOP: [&str; 9] = [
     APP_ID_HEADER,
 ];
 
-async fn invoke(
+/// Calls `app_id` (a cluster, or our own app) with one request and returns its answer as
+/// received: the HTTP fallback and gRPC's `InvokeService` both come here.
+pub async fn call(
     st: &BridgeState,
-    app_id: String,
-    path: String,
-    req: Request,
-) -> Result<Response, ApiError> {
+    app_id: &str,
+    method: http::Method,
+    path: &str,
+    mut headers: http::HeaderMap,
+    body: bytes::Bytes,
+) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
     let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
     if app_id.is_empty() {
         return Err(ApiError::NoAppId);
     }
     let local = app_id == st.config.app_id;
-    let cluster_name = if local { APP_CLUSTER } else { app_id.as_str() };
+    let cluster_name = if local { APP_CLUSTER } else { app_id };
     let Some(cluster) = st.clusters.get(cluster_name).await else {
         return Err(fail(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -162,8 +173,6 @@ async fn invoke(
     let path: http::uri::PathAndQuery = path
         .parse()
         .map_err(|_| ApiError::Malformed(format!("invalid method path {path:?}")))?;
-    let (parts, body) = req.into_parts();
-    let body = super::routes::read_body(st, body).await?;
     if local && !st.app_gate.wait(st.hold_timeout).await {
         return Err(fail(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -176,7 +185,6 @@ async fn invoke(
             format!("cluster {app_id:?} has too many requests in flight"),
         ));
     };
-    let mut headers = parts.headers;
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
@@ -204,7 +212,7 @@ async fn invoke(
             ));
         };
         let mut out = http::Request::new(body::full(body.clone()));
-        *out.method_mut() = parts.method.clone();
+        *out.method_mut() = method.clone();
         *out.uri_mut() = attempt.endpoint.uri(path.clone());
         *out.version_mut() = version;
         let mut headers = headers.clone();
@@ -222,7 +230,7 @@ async fn invoke(
                 } else {
                     cluster.succeeded(&attempt);
                 }
-                return Ok(res.map(Body::new).into_response());
+                return Ok(res);
             }
             Ok(Err(e)) => {
                 cluster.failed(&attempt);

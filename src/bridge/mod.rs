@@ -13,6 +13,7 @@ pub mod components;
 pub mod env;
 pub mod error;
 pub mod invoke;
+pub mod ops;
 pub mod pubsub;
 pub mod routes;
 pub mod secrets;

@@ -2,7 +2,6 @@
 //! up to `bridge.max_body`; every failure is an [`ApiError`] rendered as Dapr does.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
@@ -15,10 +14,9 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::BridgeState;
 use super::error::ApiError;
-use super::state::{Op, parse_etag};
-use super::{BridgeState, StateStore};
-use crate::runtime::Control;
+use super::ops::{self, Item, Options, TxOp};
 
 type St = State<Arc<BridgeState>>;
 
@@ -58,72 +56,7 @@ fn parse_json<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, A
         .map_err(|e| ApiError::Malformed(format!("expected {what}, found invalid JSON: {e}")))
 }
 
-fn store<'a>(state: &'a BridgeState, name: &str) -> Result<&'a StateStore, ApiError> {
-    if state.state_stores.is_empty() {
-        return Err(ApiError::NotConfigured {
-            block: "state",
-            code: "ERR_STATE_STORE_NOT_CONFIGURED",
-        });
-    }
-    state
-        .state_stores
-        .get(name)
-        .ok_or_else(|| ApiError::StoreNotFound {
-            block: "state",
-            code: "ERR_STATE_STORE_NOT_FOUND",
-            name: name.to_string(),
-        })
-}
-
-/// The key as stored; with a prefix, a key may not contain the separator `||` (as daprd).
-fn stored_key(store: &StateStore, key: &str) -> Result<String, ApiError> {
-    if store.prefix != super::state::KeyPrefix::None && key.contains("||") {
-        return Err(ApiError::Malformed(format!(
-            "input key/keyPrefix {key:?} can't contain '||'"
-        )));
-    }
-    Ok(store.prefix.apply(key))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Options {
-    concurrency: Option<String>,
-    consistency: Option<String>,
-}
-
-/// The version to check, from an etag and the options: last-write ignores the etag (as Dapr's
-/// stores do); first-write (the default) with an etag requires it to match. No etag: no check.
-fn etag_value(
-    etag: Option<&str>,
-    options: &Options,
-    code: &'static str,
-) -> Result<Option<u64>, ApiError> {
-    match options.consistency.as_deref() {
-        None | Some("" | "eventual" | "strong") => {}
-        Some(other) => {
-            return Err(ApiError::Malformed(format!(
-                "expected consistency eventual or strong, found {other:?}"
-            )));
-        }
-    }
-    let last_write = match options.concurrency.as_deref() {
-        None | Some("" | "first-write") => false,
-        Some("last-write") => true,
-        Some(other) => {
-            return Err(ApiError::Malformed(format!(
-                "expected concurrency first-write or last-write, found {other:?}"
-            )));
-        }
-    };
-    match etag {
-        Some(e) if !e.is_empty() && !last_write => {
-            parse_etag(e).map(Some).map_err(ApiError::state(code))
-        }
-        _ => Ok(None),
-    }
-}
-
+/// A state item as the HTTP API sends it: `value` is any JSON, stored as its text.
 #[derive(Deserialize)]
 struct SaveItem {
     #[serde(default)]
@@ -132,52 +65,47 @@ struct SaveItem {
     value: Option<Box<RawValue>>,
     #[serde(default)]
     etag: Option<String>,
-    #[serde(default, rename = "metadata")]
-    _metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
     #[serde(default)]
     options: Option<Options>,
 }
 
-/// An item's stored key and the version to check: the key is required, then the ETag and
-/// options are checked, then the key's form (the order of the errors a client sees).
-fn key_and_etag(
-    store: &StateStore,
-    item: &SaveItem,
-    code: &'static str,
-) -> Result<(String, Option<u64>), ApiError> {
-    if item.key.is_empty() {
-        return Err(ApiError::Malformed("\"key\" is a required field".into()));
+impl SaveItem {
+    fn into_item(self) -> Item {
+        let metadata = match self.metadata {
+            Some(serde_json::Value::Object(m)) => m
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Some((k, s)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Default::default(),
+        };
+        Item {
+            key: self.key,
+            value: self.value.map_or_else(
+                || Bytes::from_static(b"null"),
+                |v| Bytes::from(v.get().to_string()),
+            ),
+            etag: self.etag,
+            options: self.options.unwrap_or_default(),
+            metadata,
+        }
     }
-    let etag = etag_value(
-        item.etag.as_deref(),
-        item.options.as_ref().unwrap_or(&Options::default()),
-        code,
-    )?;
-    Ok((stored_key(store, &item.key)?, etag))
-}
-
-fn upsert(store: &StateStore, item: SaveItem, code: &'static str) -> Result<Op, ApiError> {
-    let (key, etag) = key_and_etag(store, &item, code)?;
-    let value = item.value.map_or_else(
-        || Bytes::from_static(b"null"),
-        |v| Bytes::from(v.get().to_string()),
-    );
-    Ok(Op::Upsert { key, value, etag })
 }
 
 async fn save(State(st): St, Path(name): Path<String>, body: Body) -> Result<Response, ApiError> {
-    let store = store(&st, &name)?;
+    ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
     let items: Vec<SaveItem> = parse_json("a JSON array of state items", &body)?;
-    let ops = items
-        .into_iter()
-        .map(|i| upsert(store, i, "ERR_STATE_SAVE"))
-        .collect::<Result<Vec<_>, _>>()?;
-    store
-        .store
-        .apply(ops)
-        .await
-        .map_err(ApiError::state("ERR_STATE_SAVE"))?;
+    ops::save(
+        &st,
+        &name,
+        items.into_iter().map(SaveItem::into_item).collect(),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -185,13 +113,7 @@ async fn get_state(
     State(st): St,
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let store = store(&st, &name)?;
-    match store
-        .store
-        .get(&stored_key(store, &key)?)
-        .await
-        .map_err(ApiError::state("ERR_STATE_GET"))?
-    {
+    match ops::get(&st, &name, &key).await? {
         Some((value, version)) => Ok((
             StatusCode::OK,
             [
@@ -218,12 +140,13 @@ async fn bulk_get(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let store = store(&st, &name)?;
+    ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
     let req: BulkRequest = parse_json("{\"keys\": [...]}", &body)?;
-    let mut out = Vec::with_capacity(req.keys.len());
-    for key in req.keys {
-        let item = match store.store.get(&stored_key(store, &key)?).await {
+    let items = ops::bulk_get(&st, &name, req.keys).await?;
+    let out: Vec<serde_json::Value> = items
+        .into_iter()
+        .map(|ops::BulkItem { key, outcome }| match outcome {
             Ok(Some((value, version))) => {
                 let data = std::str::from_utf8(&value)
                     .ok()
@@ -236,42 +159,23 @@ async fn bulk_get(
                 serde_json::json!({"key": key, "data": data, "etag": version.to_string()})
             }
             Ok(None) => serde_json::json!({ "key": key }),
-            Err(e) => serde_json::json!({"key": key, "error": e.to_string()}),
-        };
-        out.push(item);
-    }
+            Err(e) => serde_json::json!({"key": key, "error": e}),
+        })
+        .collect();
     Ok(axum::Json(out).into_response())
-}
-
-#[derive(Deserialize)]
-struct DeleteQuery {
-    concurrency: Option<String>,
-    consistency: Option<String>,
 }
 
 async fn delete(
     State(st): St,
     Path((name, key)): Path<(String, String)>,
-    Query(q): Query<DeleteQuery>,
+    Query(options): Query<Options>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let store = store(&st, &name)?;
+    ops::state_store(&st, &name)?;
     let etag = headers
         .get(header::IF_MATCH)
         .map(|v| v.to_str().unwrap_or("\u{0}").to_string());
-    let options = Options {
-        concurrency: q.concurrency,
-        consistency: q.consistency,
-    };
-    let etag = etag_value(etag.as_deref(), &options, "ERR_STATE_DELETE")?;
-    store
-        .store
-        .apply(vec![Op::Delete {
-            key: stored_key(store, &key)?,
-            etag,
-        }])
-        .await
-        .map_err(ApiError::state("ERR_STATE_DELETE"))?;
+    ops::delete(&st, &name, &key, etag.as_deref(), &options).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -292,64 +196,34 @@ async fn transaction(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let store = store(&st, &name)?;
+    ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
     let tx: Transaction = parse_json("{\"operations\": [...]}", &body)?;
-    let code = "ERR_STATE_TRANSACTION";
-    let mut ops = Vec::with_capacity(tx.operations.len());
-    for op in tx.operations {
-        match op.operation.as_str() {
-            "upsert" => ops.push(upsert(store, op.request, code)?),
-            "delete" => {
-                let (key, etag) = key_and_etag(store, &op.request, code)?;
-                ops.push(Op::Delete { key, etag });
-            }
-            other => return Err(ApiError::UnsupportedOperation(other.to_string())),
-        }
-    }
-    store
-        .store
-        .apply(ops)
-        .await
-        .map_err(ApiError::state(code))?;
+    let ops = tx
+        .operations
+        .into_iter()
+        .map(|op| TxOp::new(&op.operation, op.request.into_item()))
+        .collect::<Result<Vec<_>, _>>()?;
+    ops::transaction(&st, &name, ops).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-fn secret_store<'a>(
-    st: &'a BridgeState,
-    name: &str,
-) -> Result<&'a super::secrets::SecretStore, ApiError> {
-    if st.secret_stores.is_empty() {
-        return Err(ApiError::NotConfigured {
-            block: "secret",
-            code: "ERR_SECRET_STORES_NOT_CONFIGURED",
-        });
-    }
-    st.secret_stores
-        .get(name)
-        .ok_or_else(|| ApiError::StoreNotFound {
-            block: "secret",
-            code: "ERR_SECRET_STORE_NOT_FOUND",
-            name: name.to_string(),
-        })
 }
 
 async fn get_secret(
     State(st): St,
     Path((store, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    match secret_store(&st, &store)?.get(&name) {
+    match ops::secret(&st, &store, &name)? {
         Some(secret) => Ok(axum::Json(secret).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
 
 async fn bulk_secrets(State(st): St, Path(store): Path<String>) -> Result<Response, ApiError> {
-    Ok(axum::Json(secret_store(&st, &store)?.bulk()).into_response())
+    Ok(axum::Json(ops::bulk_secrets(&st, &store)?).into_response())
 }
 
 async fn healthz(State(st): St) -> Response {
-    if st.ready.load(Ordering::Acquire) {
+    if ops::ready(&st) {
         StatusCode::NO_CONTENT.into_response()
     } else {
         (
@@ -361,27 +235,22 @@ async fn healthz(State(st): St) -> Response {
 }
 
 async fn metadata(State(st): St) -> Response {
-    let components: Vec<serde_json::Value> = st
-        .components
-        .iter()
+    let components: Vec<serde_json::Value> = ops::components(&st)
+        .into_iter()
         .map(|c| {
-            let capabilities: &[&str] = match c.block() {
-                "state" => &["ETAG", "TRANSACTIONAL"],
-                _ => &[],
-            };
             serde_json::json!({
                 "name": c.name,
                 "type": c.kind,
                 "version": c.version,
-                "capabilities": capabilities,
+                "capabilities": c.capabilities,
             })
         })
         .collect();
-    let extended = st.extended.lock().expect("not poisoned").clone();
+    let extended = ops::extended(&st);
     let subscriptions = st.pubsub.subscriptions_json();
     let mut body = serde_json::json!({
         "id": st.config.app_id,
-        "runtimeVersion": concat!("outrigger-", env!("CARGO_PKG_VERSION")),
+        "runtimeVersion": ops::RUNTIME_VERSION,
         "enabledFeatures": [],
         "actors": [],
         "components": components,
@@ -405,20 +274,13 @@ async fn put_metadata(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_body(&st, body).await?;
-    st.extended
-        .lock()
-        .expect("not poisoned")
-        .insert(key, String::from_utf8_lossy(&body).into_owned());
+    ops::set_metadata(&st, key, String::from_utf8_lossy(&body).into_owned());
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `POST /v1.0/shutdown`: the same graceful stop as SIGTERM (with `dapr-force-shutdown`, a
 /// fast stop). Answers first; the stop runs after.
 async fn shutdown(State(st): St, headers: HeaderMap) -> Response {
-    let graceful = !headers.contains_key("dapr-force-shutdown");
-    let control = st.control.clone();
-    tokio::spawn(async move {
-        let _ = control.send(Control::Shutdown { graceful }).await;
-    });
+    ops::shutdown(&st, !headers.contains_key("dapr-force-shutdown"));
     StatusCode::NO_CONTENT.into_response()
 }

@@ -1,0 +1,323 @@
+//! The building blocks' operations, once, for both front doors: the HTTP routes
+//! ([`super::routes`]) and the gRPC service ([`super::grpc`]) parse their own wire shapes into
+//! the types here, call these functions, and render the result (or the [`ApiError`]) in their
+//! own way. Validation order and error texts live here, so both APIs answer alike.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::error::ApiError;
+use super::secrets::{Secret, SecretStore};
+use super::state::{KeyPrefix, Op, StateError, parse_etag};
+use super::{BridgeState, StateStore};
+use crate::runtime::Control;
+
+/// A write's concurrency and consistency, as Dapr's HTTP API spells them (`first-write`,
+/// `last-write`; `eventual`, `strong`; empty or absent: the default).
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct Options {
+    pub concurrency: Option<String>,
+    pub consistency: Option<String>,
+}
+
+/// One state item to save (or, in a transaction or bulk delete, to delete).
+#[derive(Clone, Debug, Default)]
+pub struct Item {
+    pub key: String,
+    /// The bytes stored: the JSON text of the HTTP API's `value`, or gRPC's raw bytes.
+    pub value: Bytes,
+    pub etag: Option<String>,
+    pub options: Options,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A transaction's operation.
+#[derive(Clone, Debug)]
+pub enum TxOp {
+    Upsert(Item),
+    Delete(Item),
+}
+
+impl TxOp {
+    /// `upsert` or `delete` (the HTTP and gRPC spelling); anything else is refused.
+    pub fn new(operation: &str, item: Item) -> Result<TxOp, ApiError> {
+        match operation {
+            "upsert" => Ok(TxOp::Upsert(item)),
+            "delete" => Ok(TxOp::Delete(item)),
+            other => Err(ApiError::UnsupportedOperation(other.to_string())),
+        }
+    }
+}
+
+/// One key of a bulk get: its value and version, none, or the store's error for that key.
+pub struct BulkItem {
+    pub key: String,
+    pub outcome: Result<Option<(Bytes, u64)>, String>,
+}
+
+/// The state store `name`, or Dapr's error for a missing one.
+pub fn state_store<'a>(st: &'a BridgeState, name: &str) -> Result<&'a StateStore, ApiError> {
+    if st.state_stores.is_empty() {
+        return Err(ApiError::NotConfigured {
+            block: "state",
+            code: "ERR_STATE_STORE_NOT_CONFIGURED",
+        });
+    }
+    st.state_stores
+        .get(name)
+        .ok_or_else(|| ApiError::StoreNotFound {
+            block: "state",
+            code: "ERR_STATE_STORE_NOT_FOUND",
+            name: name.to_string(),
+        })
+}
+
+/// The key as stored; with a prefix, a key may not contain the separator `||` (as daprd).
+fn stored_key(store: &StateStore, key: &str) -> Result<String, ApiError> {
+    if store.prefix != KeyPrefix::None && key.contains("||") {
+        return Err(ApiError::Malformed(format!(
+            "input key/keyPrefix {key:?} can't contain '||'"
+        )));
+    }
+    Ok(store.prefix.apply(key))
+}
+
+/// The version to check, from an etag and the options: last-write ignores the etag (as Dapr's
+/// stores do); first-write (the default) with an etag requires it to match. No etag: no check.
+fn etag_value(
+    etag: Option<&str>,
+    options: &Options,
+    code: &'static str,
+) -> Result<Option<u64>, ApiError> {
+    match options.consistency.as_deref() {
+        None | Some("" | "eventual" | "strong") => {}
+        Some(other) => {
+            return Err(ApiError::Malformed(format!(
+                "expected consistency eventual or strong, found {other:?}"
+            )));
+        }
+    }
+    let last_write = match options.concurrency.as_deref() {
+        None | Some("" | "first-write") => false,
+        Some("last-write") => true,
+        Some(other) => {
+            return Err(ApiError::Malformed(format!(
+                "expected concurrency first-write or last-write, found {other:?}"
+            )));
+        }
+    };
+    match etag {
+        Some(e) if !e.is_empty() && !last_write => {
+            parse_etag(e).map(Some).map_err(ApiError::state(code))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// An item's stored key and the version to check: the key is required, then the ETag and
+/// options are checked, then the key's form (the order of the errors a client sees).
+fn key_and_etag(
+    store: &StateStore,
+    item: &Item,
+    code: &'static str,
+) -> Result<(String, Option<u64>), ApiError> {
+    if item.key.is_empty() {
+        return Err(ApiError::Malformed("\"key\" is a required field".into()));
+    }
+    let etag = etag_value(item.etag.as_deref(), &item.options, code)?;
+    Ok((stored_key(store, &item.key)?, etag))
+}
+
+fn upsert(store: &StateStore, item: Item, code: &'static str) -> Result<Op, ApiError> {
+    let (key, etag) = key_and_etag(store, &item, code)?;
+    Ok(Op::Upsert {
+        key,
+        value: item.value,
+        etag,
+    })
+}
+
+/// Saves every item, or none.
+pub async fn save(st: &BridgeState, name: &str, items: Vec<Item>) -> Result<(), ApiError> {
+    let store = state_store(st, name)?;
+    let code = "ERR_STATE_SAVE";
+    let ops = items
+        .into_iter()
+        .map(|i| upsert(store, i, code))
+        .collect::<Result<Vec<_>, _>>()?;
+    store.store.apply(ops).await.map_err(ApiError::state(code))
+}
+
+/// The value of `key` and its version, or None.
+pub async fn get(
+    st: &BridgeState,
+    name: &str,
+    key: &str,
+) -> Result<Option<(Bytes, u64)>, ApiError> {
+    let store = state_store(st, name)?;
+    store
+        .store
+        .get(&stored_key(store, key)?)
+        .await
+        .map_err(ApiError::state("ERR_STATE_GET"))
+}
+
+/// Every key's value; one key's failure is reported in its item, not for the whole call.
+pub async fn bulk_get(
+    st: &BridgeState,
+    name: &str,
+    keys: Vec<String>,
+) -> Result<Vec<BulkItem>, ApiError> {
+    let store = state_store(st, name)?;
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let outcome = match store.store.get(&stored_key(store, &key)?).await {
+            Ok(found) => Ok(found),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push(BulkItem { key, outcome });
+    }
+    Ok(out)
+}
+
+/// Deletes `key` (checking `etag` unless last-write).
+pub async fn delete(
+    st: &BridgeState,
+    name: &str,
+    key: &str,
+    etag: Option<&str>,
+    options: &Options,
+) -> Result<(), ApiError> {
+    let store = state_store(st, name)?;
+    let code = "ERR_STATE_DELETE";
+    let etag = etag_value(etag, options, code)?;
+    store
+        .store
+        .apply(vec![Op::Delete {
+            key: stored_key(store, key)?,
+            etag,
+        }])
+        .await
+        .map_err(ApiError::state(code))
+}
+
+/// Deletes every item (gRPC's DeleteBulkState), all or none.
+pub async fn delete_bulk(st: &BridgeState, name: &str, items: Vec<Item>) -> Result<(), ApiError> {
+    let store = state_store(st, name)?;
+    let code = "ERR_STATE_DELETE";
+    let mut ops = Vec::with_capacity(items.len());
+    for item in &items {
+        let (key, etag) = key_and_etag(store, item, code)?;
+        ops.push(Op::Delete { key, etag });
+    }
+    store.store.apply(ops).await.map_err(ApiError::state(code))
+}
+
+/// Applies a transaction's operations atomically.
+pub async fn transaction(st: &BridgeState, name: &str, ops: Vec<TxOp>) -> Result<(), ApiError> {
+    let store = state_store(st, name)?;
+    let code = "ERR_STATE_TRANSACTION";
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            TxOp::Upsert(item) => out.push(upsert(store, item, code)?),
+            TxOp::Delete(item) => {
+                let (key, etag) = key_and_etag(store, &item, code)?;
+                out.push(Op::Delete { key, etag });
+            }
+        }
+    }
+    store.store.apply(out).await.map_err(ApiError::state(code))
+}
+
+/// Whether a state error is an ETag conflict (gRPC answers `Aborted` for it).
+pub fn is_etag_mismatch(e: &ApiError) -> bool {
+    matches!(
+        e,
+        ApiError::State {
+            source: StateError::EtagMismatch(_),
+            ..
+        }
+    )
+}
+
+/// The secret store `name`, or Dapr's error for a missing one.
+pub fn secret_store<'a>(st: &'a BridgeState, name: &str) -> Result<&'a SecretStore, ApiError> {
+    if st.secret_stores.is_empty() {
+        return Err(ApiError::NotConfigured {
+            block: "secret",
+            code: "ERR_SECRET_STORES_NOT_CONFIGURED",
+        });
+    }
+    st.secret_stores
+        .get(name)
+        .ok_or_else(|| ApiError::StoreNotFound {
+            block: "secret",
+            code: "ERR_SECRET_STORE_NOT_FOUND",
+            name: name.to_string(),
+        })
+}
+
+/// One secret, or None.
+pub fn secret(st: &BridgeState, store: &str, name: &str) -> Result<Option<Secret>, ApiError> {
+    Ok(secret_store(st, store)?.get(name))
+}
+
+/// Every secret of a store.
+pub fn bulk_secrets(st: &BridgeState, store: &str) -> Result<BTreeMap<String, Secret>, ApiError> {
+    Ok(secret_store(st, store)?.bulk())
+}
+
+/// A registered component, as `GetMetadata` shows it.
+pub struct ComponentView<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub version: &'a str,
+    pub capabilities: &'static [&'static str],
+}
+
+/// The components in scope, with the capabilities we implement.
+pub fn components(st: &BridgeState) -> Vec<ComponentView<'_>> {
+    st.components
+        .iter()
+        .map(|c| ComponentView {
+            name: &c.name,
+            kind: &c.kind,
+            version: &c.version,
+            capabilities: match c.block() {
+                "state" => &["ETAG", "TRANSACTIONAL"],
+                _ => &[],
+            },
+        })
+        .collect()
+}
+
+/// The runtime version `GetMetadata` reports.
+pub const RUNTIME_VERSION: &str = concat!("outrigger-", env!("CARGO_PKG_VERSION"));
+
+/// `PUT /v1.0/metadata/{key}`, `SetMetadata`.
+pub fn set_metadata(st: &BridgeState, key: String, value: String) {
+    st.extended.lock().expect("not poisoned").insert(key, value);
+}
+
+/// The extended metadata set so far.
+pub fn extended(st: &BridgeState) -> BTreeMap<String, String> {
+    st.extended.lock().expect("not poisoned").clone()
+}
+
+/// The same graceful stop as SIGTERM (`graceful: false`, a fast stop). Returns at once; the
+/// stop runs after the caller has answered.
+pub fn shutdown(st: &BridgeState, graceful: bool) {
+    let control = st.control.clone();
+    tokio::spawn(async move {
+        let _ = control.send(Control::Shutdown { graceful }).await;
+    });
+}
+
+/// Whether the bridge serves (`/v1.0/healthz`).
+pub fn ready(st: &BridgeState) -> bool {
+    st.ready.load(Ordering::Acquire)
+}
