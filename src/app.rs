@@ -142,8 +142,8 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
         #[cfg_attr(not(feature = "bridge"), allow(unused_mut))]
         let mut env = lifecycle::env::sidecar(&config, admin_addr, &bound);
         #[cfg(feature = "bridge")]
-        if let (Some(b), Some(address)) = (&config.bridge, &bridge) {
-            env.extend(crate::bridge::env::dapr(b, address));
+        if let (Some(b), Some((http, grpc))) = (&config.bridge, &bridge) {
+            env.extend(crate::bridge::env::dapr(b, http, grpc));
         }
         let spec = AppSpec {
             command: command.clone(),
@@ -280,8 +280,9 @@ struct Built {
     modules: Vec<Arc<dyn Module>>,
     /// Bound addresses by listener name.
     bound: BTreeMap<String, Address>,
-    /// The bridge's bound address.
-    bridge: Option<Address>,
+    /// The bridge's bound addresses: the HTTP API's, and the gRPC API's (the same when it has
+    /// no socket of its own).
+    bridge: Option<(Address, Address)>,
 }
 
 /// Builds the modules enabled by the config, each with its listeners bound.
@@ -340,9 +341,9 @@ async fn build_modules(
                 metrics.bridge.clone(),
                 metrics.pubsub.clone(),
             )?;
-            let (bridge, address) = Bridge::build(state).await?;
+            let (bridge, addresses) = Bridge::build(state).await?;
             modules.push(Arc::new(bridge));
-            Some(address)
+            Some((addresses.http, addresses.grpc))
         }
         None => None,
     };
@@ -360,19 +361,21 @@ async fn build_modules(
     })
 }
 
-/// Writes `{"admin": "127.0.0.1:PORT", "listeners": {"NAME": "ADDRESS"}, "bridge": "ADDRESS"}`
+/// Writes `{"admin": "127.0.0.1:PORT", "listeners": {"NAME": "ADDRESS"}, "bridge": "ADDRESS",
+/// "bridge_grpc": "ADDRESS"}`
 /// atomically (temp file + rename), so a reader never sees half of it.
 async fn write_listeners_file(
     path: &std::path::Path,
     admin: SocketAddr,
     bound: &BTreeMap<String, Address>,
-    bridge: Option<&Address>,
+    bridge: Option<&(Address, Address)>,
 ) -> Result<()> {
     let listeners: BTreeMap<&String, String> =
         bound.iter().map(|(k, v)| (k, v.to_string())).collect();
     let mut body = serde_json::json!({ "admin": admin.to_string(), "listeners": listeners });
-    if let Some(b) = bridge {
-        body["bridge"] = serde_json::Value::String(b.to_string());
+    if let Some((http, grpc)) = bridge {
+        body["bridge"] = serde_json::Value::String(http.to_string());
+        body["bridge_grpc"] = serde_json::Value::String(grpc.to_string());
     }
     let body = body.to_string();
     let tmp = path.with_extension("tmp");

@@ -12,6 +12,7 @@
 pub mod components;
 pub mod env;
 pub mod error;
+pub mod grpc;
 pub mod invoke;
 pub mod ops;
 pub mod pubsub;
@@ -189,27 +190,55 @@ impl BridgeState {
     }
 }
 
-/// The bridge module: the bound API socket and the shared state.
+/// The bridge module: the bound API sockets and the shared state.
 pub struct Bridge {
     bound: Bound,
+    /// `bridge.grpc_address`, when it is a socket of its own.
+    grpc_bound: Option<Bound>,
     state: Arc<BridgeState>,
 }
 
+/// Where the bridge listens once bound.
+#[derive(Clone, Debug)]
+pub struct BridgeAddresses {
+    /// `bridge.address`: the HTTP API, and gRPC too.
+    pub http: Address,
+    /// `bridge.grpc_address`, or `http` when there is no second socket.
+    pub grpc: Address,
+}
+
 impl Bridge {
-    /// Opens the stores and binds `bridge.address`. Returns the module and the bound address.
-    pub async fn build(state: BridgeState) -> Result<(Bridge, Address)> {
+    /// Binds `bridge.address` and `bridge.grpc_address`. Returns the module and the bound
+    /// addresses.
+    pub async fn build(state: BridgeState) -> Result<(Bridge, BridgeAddresses)> {
         let address = state.config.address.clone();
         let bound = Bound::bind(&address, DEFAULT_SOCKET_MODE)
             .await
             .with_context(|| format!("cannot bind the bridge on {address}"))?;
         let local = bound.local_address()?;
-        tracing::info!(address = %local, app_id = %state.config.app_id, components = state.components.len(), "bridge listening");
+        let grpc_bound = match &state.config.grpc_address {
+            Some(g) => Some(
+                Bound::bind(g, DEFAULT_SOCKET_MODE)
+                    .await
+                    .with_context(|| format!("cannot bind the bridge's gRPC API on {g}"))?,
+            ),
+            None => None,
+        };
+        let grpc_local = match &grpc_bound {
+            Some(b) => b.local_address()?,
+            None => local.clone(),
+        };
+        tracing::info!(address = %local, grpc_address = %grpc_local, app_id = %state.config.app_id, components = state.components.len(), "bridge listening");
         Ok((
             Bridge {
                 bound,
+                grpc_bound,
                 state: Arc::new(state),
             },
-            local,
+            BridgeAddresses {
+                http: local,
+                grpc: grpc_local,
+            },
         ))
     }
 
@@ -277,7 +306,7 @@ fn api_of(req: &Request) -> &'static str {
 
 /// Compares a presented token with the configured one in time that does not depend on where
 /// they differ.
-fn token_matches(presented: Option<&axum::http::HeaderValue>, token: &str) -> bool {
+pub(crate) fn token_matches(presented: Option<&axum::http::HeaderValue>, token: &str) -> bool {
     let Some(presented) = presented else {
         return false;
     };
@@ -377,9 +406,23 @@ impl Module for Bridge {
         "bridge"
     }
 
-    fn run(self: Arc<Self>, mut cx: ModuleContext) -> ModuleFuture {
+    fn run(self: Arc<Self>, cx: ModuleContext) -> ModuleFuture {
         Box::pin(async move {
             let app = router(self.state.clone());
+            let grpc = grpc::Grpc::new(self.state.clone());
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let req = req.map(axum::body::Body::new);
+                    let (app, grpc) = (app.clone(), grpc.clone());
+                    async move {
+                        // One port for both APIs: gRPC by its content type.
+                        if grpc::is_grpc(&req) {
+                            grpc.call(req).await
+                        } else {
+                            app.oneshot(req).await
+                        }
+                    }
+                });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
@@ -406,84 +449,125 @@ impl Module for Bridge {
             self.state.ready.store(true, Ordering::Release);
             cx.set_ready();
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-            let mut errors = crate::proxy::listener::AcceptErrors::default();
-            loop {
-                // At the cap, stop accepting until a connection ends (as the proxy does).
-                let slot = tokio::select! {
-                    _ = cx.drain.signaled() => break,
-                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-                };
-                tokio::select! {
-                    _ = cx.drain.signaled() => break,
-                    accepted = self.bound.accept() => {
-                        let (stream, _peer) = match accepted {
-                            Ok(s) => {
-                                errors.succeeded();
-                                s
-                            }
-                            Err(e) => {
-                                errors.failed("bridge", &e).await;
-                                continue;
-                            }
-                        };
-                        let app = app.clone();
-                        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                            app.clone().oneshot(req.map(axum::body::Body::new))
-                        });
-                        let activity = crate::proxy::listener::Activity::new();
-                        let io = crate::proxy::listener::Metered::new(
-                            stream,
-                            activity.clone(),
-                            Default::default(),
-                            Default::default(),
-                            None,
-                        );
-                        let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
-                        let mut drain = cx.drain.clone();
-                        tokio::spawn(async move {
-                            let _slot = slot;
-                            tokio::pin!(conn);
-                            let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
-                            tokio::pin!(silent);
-                            let mut closing = false;
-                            loop {
-                                tokio::select! {
-                                    res = conn.as_mut() => {
-                                        if let Err(e) = res {
-                                            tracing::debug!(error = %e, "bridge connection ended with an error");
-                                        }
-                                        break;
-                                    }
-                                    _ = drain.signaled(), if !closing => {
-                                        // In-flight calls finish, idle connections close.
-                                        conn.as_mut().graceful_shutdown();
-                                        closing = true;
-                                    }
-                                    silence = &mut silent => {
-                                        // A client that reads nothing: cut. Idle: closed once
-                                        // its calls in flight are done (a slow invocation
-                                        // waiting on its callee is not cut).
-                                        if silence == crate::proxy::accept::Silence::WriteStalled {
-                                            tracing::debug!("bridge client read nothing for the idle timeout; connection closed");
-                                            break;
-                                        }
-                                        if !closing {
-                                            conn.as_mut().graceful_shutdown();
-                                            closing = true;
-                                        }
-                                        silent.set(crate::proxy::accept::silent_for(&activity, IDLE_TIMEOUT, IDLE_TIMEOUT));
-                                    }
-                                }
-                            }
-                        });
-                    }
+            let http = accept_loop(
+                "bridge",
+                &self.bound,
+                &builder,
+                service.clone(),
+                cx.drain.clone(),
+                slots.clone(),
+            );
+            match &self.grpc_bound {
+                Some(g) => {
+                    let grpc = accept_loop(
+                        "bridge gRPC",
+                        g,
+                        &builder,
+                        service,
+                        cx.drain.clone(),
+                        slots.clone(),
+                    );
+                    tokio::join!(http, grpc);
                 }
+                None => http.await,
             }
             // Draining: every connection finishes its calls in flight (each was told to).
             let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
             self.state.ready.store(false, Ordering::Release);
             Ok(())
         })
+    }
+}
+
+/// Accepts connections on one of the bridge's sockets until the drain begins, serving each
+/// with `service` (both APIs) under the bridge's limits: the connection cap shared by both
+/// sockets, the header deadline, the idle and write-stall cut-offs.
+async fn accept_loop<S>(
+    name: &'static str,
+    bound: &Bound,
+    builder: &auto::Builder<TokioExecutor>,
+    service: S,
+    mut drain: crate::runtime::Drain,
+    slots: Arc<tokio::sync::Semaphore>,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut errors = crate::proxy::listener::AcceptErrors::default();
+    loop {
+        // At the cap, stop accepting until a connection ends (as the proxy does).
+        let slot = tokio::select! {
+            _ = drain.signaled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
+        tokio::select! {
+            _ = drain.signaled() => break,
+            accepted = bound.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(s) => {
+                        errors.succeeded();
+                        s
+                    }
+                    Err(e) => {
+                        errors.failed(name, &e).await;
+                        continue;
+                    }
+                };
+                let service = service.clone();
+                let activity = crate::proxy::listener::Activity::new();
+                let io = crate::proxy::listener::Metered::new(
+                    stream,
+                    activity.clone(),
+                    Default::default(),
+                    Default::default(),
+                    None,
+                );
+                let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                let mut drain = drain.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    tokio::pin!(conn);
+                    let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
+                    tokio::pin!(silent);
+                    let mut closing = false;
+                    loop {
+                        tokio::select! {
+                            res = conn.as_mut() => {
+                                if let Err(e) = res {
+                                    tracing::debug!(error = %e, "bridge connection ended with an error");
+                                }
+                                break;
+                            }
+                            _ = drain.signaled(), if !closing => {
+                                // In-flight calls finish, idle connections close.
+                                conn.as_mut().graceful_shutdown();
+                                closing = true;
+                            }
+                            silence = &mut silent => {
+                                // A client that reads nothing: cut. Idle: closed once
+                                // its calls in flight are done (a slow invocation
+                                // waiting on its callee is not cut).
+                                if silence == crate::proxy::accept::Silence::WriteStalled {
+                                    tracing::debug!("bridge client read nothing for the idle timeout; connection closed");
+                                    break;
+                                }
+                                if !closing {
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = true;
+                                }
+                                silent.set(crate::proxy::accept::silent_for(&activity, IDLE_TIMEOUT, IDLE_TIMEOUT));
+                            }
+                        }
+                    }
+                });
+            }
+        }
     }
 }
 

@@ -16,6 +16,8 @@ use super::{Address, Problem, Secret};
 
 /// Dapr's default HTTP API port, on loopback: the API can read state and secrets.
 pub const DEFAULT_BRIDGE_ADDRESS: &str = "127.0.0.1:3500";
+/// Dapr's default gRPC API port, on loopback.
+pub const DEFAULT_GRPC_ADDRESS: &str = "127.0.0.1:50001";
 /// Dapr's default `--dapr-http-max-request-size` (4 MB).
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 /// Unix sockets: only the sidecar's user (the app runs as the same user or is given access).
@@ -25,6 +27,11 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 #[derive(Clone, PartialEq, Serialize)]
 pub struct BridgeConfig {
     pub address: Address,
+    /// A second socket for the gRPC API (which `address` serves too): `bridge.grpc_address`;
+    /// with neither key set, Dapr's 127.0.0.1:50001; with only `address` set, none (one port
+    /// for both APIs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_address: Option<Address>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resources: Option<PathBuf>,
     /// The Dapr app id (state key prefix, CloudEvent `source`, `/v1.0/metadata` id).
@@ -40,6 +47,7 @@ impl fmt::Debug for BridgeConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BridgeConfig")
             .field("address", &self.address)
+            .field("grpc_address", &self.grpc_address)
             .field("resources", &self.resources)
             .field("app_id", &self.app_id)
             .field("max_body", &self.max_body)
@@ -102,10 +110,21 @@ pub fn validate(
             ));
         }
     }
+    let grpc_address = match (&raw.address, raw.grpc_address) {
+        (_, Some(g)) => Some(g),
+        (None, None) => Some(DEFAULT_GRPC_ADDRESS.parse().expect("valid default")),
+        (Some(_), None) => None,
+    };
+    let address = raw
+        .address
+        .unwrap_or_else(|| DEFAULT_BRIDGE_ADDRESS.parse().expect("valid default"));
+    // The same socket twice is one socket: gRPC is served on `address` anyway (port 0 twice is
+    // two sockets).
+    let grpc_address =
+        grpc_address.filter(|g| *g != address || matches!(g, Address::Tcp(a) if a.port() == 0));
     Some(BridgeConfig {
-        address: raw
-            .address
-            .unwrap_or_else(|| DEFAULT_BRIDGE_ADDRESS.parse().expect("valid default")),
+        address,
+        grpc_address,
         resources: raw.resources,
         app_id,
         api_token: raw.api_token,

@@ -55,6 +55,8 @@ where
 pub struct RawBridge {
     /// Where the Dapr HTTP API listens (`host:port` or `unix:/path`).
     pub address: Option<Address>,
+    /// Where Dapr's gRPC API listens too (it is always served on `address` as well).
+    pub grpc_address: Option<Address>,
     /// A directory of Dapr Component (and Subscription) YAML files.
     pub resources: Option<PathBuf>,
     /// The Dapr app id (default: `service`).

@@ -1,6 +1,7 @@
 //! The publish routes of Dapr's HTTP API: `POST|PUT /v1.0/publish/{pubsub}/{topic…}` and bulk
 //! publish under `v1.0-alpha1` (and `v1.0`), with `metadata.*` query parameters, and the
 //! [`PubSubError`] they answer with (`{"errorCode","message"}` and Dapr's status codes).
+//! [`publish_event`] and [`publish_entries`] are the publish core, called by gRPC too.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -193,27 +194,115 @@ async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, PubSubError> {
-    let topic = check(&ps, &pubsub, &topic)?;
+    check(&ps, &pubsub, &topic)?;
     let metadata = metadata(params)?;
+    let trace = (
+        header(&headers, "traceparent"),
+        header(&headers, "tracestate"),
+    );
+    publish_event(
+        &ps,
+        &pubsub,
+        &topic,
+        header(&headers, "content-type"),
+        &body,
+        &metadata,
+        trace,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Publishes one event (the HTTP route and gRPC's `PublishEvent`): checks the names, wraps the
+/// data in a CloudEvent (or completes the caller's, or sends it raw with `rawPayload`), and
+/// hands it to the broker.
+pub async fn publish_event(
+    ps: &PubSub,
+    pubsub: &str,
+    topic: &str,
+    content_type: Option<&str>,
+    data: &[u8],
+    metadata: &BTreeMap<String, String>,
+    trace: (Option<&str>, Option<&str>),
+) -> Result<(), PubSubError> {
+    let topic = check(ps, pubsub, topic)?;
     let p = Publish {
         app_id: ps.app_id(),
-        pubsub: &pubsub,
+        pubsub,
         topic,
-        content_type: header(&headers, "content-type"),
-        data: &body,
-        traceparent: header(&headers, "traceparent"),
-        tracestate: header(&headers, "tracestate"),
-        metadata: &metadata,
+        content_type,
+        data,
+        traceparent: trace.0,
+        tracestate: trace.1,
+        metadata,
     };
-    let data = event_bytes(&p, raw_payload(&metadata)?)?;
-    ps.publish_bytes(&pubsub, topic, data, &metadata)
+    let data = event_bytes(&p, raw_payload(metadata)?)?;
+    ps.publish_bytes(pubsub, topic, data, metadata)
         .await
         .map_err(|e| PubSubError::Publish {
-            pubsub: pubsub.clone(),
+            pubsub: pubsub.to_string(),
             topic: topic.to_string(),
             error: e.to_string(),
-        })?;
-    Ok(StatusCode::NO_CONTENT)
+        })
+}
+
+/// One entry of a bulk publish, its event already in bytes.
+pub struct Entry {
+    pub id: String,
+    pub content_type: String,
+    pub data: Vec<u8>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Publishes a batch (the HTTP bulk route and gRPC's `BulkPublishEvent`): every entry is
+/// checked and enveloped first, so a bad one fails the request before anything is published;
+/// then each is published and the failed ones are returned with their errors.
+pub async fn publish_entries(
+    ps: &PubSub,
+    pubsub: &str,
+    topic: &str,
+    entries: Vec<Entry>,
+    metadata: &BTreeMap<String, String>,
+    trace: (Option<&str>, Option<&str>),
+) -> Result<Vec<(String, String)>, PubSubError> {
+    let topic = check(ps, pubsub, topic)?;
+    let raw = raw_payload(metadata)?;
+    let entry_error = |error: String| PubSubError::BulkEntry {
+        pubsub: pubsub.to_string(),
+        topic: topic.to_string(),
+        error,
+    };
+    let mut ids = HashSet::new();
+    let mut prepared = Vec::with_capacity(entries.len());
+    for e in &entries {
+        if e.id.is_empty() || !ids.insert(e.id.as_str()) {
+            return Err(entry_error(
+                "entryId is duplicated or not present for entry".to_string(),
+            ));
+        }
+        // Entry metadata overrides the request's.
+        let mut md = metadata.clone();
+        md.extend(e.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let p = Publish {
+            app_id: ps.app_id(),
+            pubsub,
+            topic,
+            content_type: Some(e.content_type.as_str()),
+            data: &e.data,
+            traceparent: trace.0,
+            tracestate: trace.1,
+            metadata: &md,
+        };
+        let bytes = event_bytes(&p, raw)?;
+        prepared.push((e.id.as_str(), bytes, md));
+    }
+    let mut failed = Vec::new();
+    for (id, bytes, md) in prepared {
+        if let Err(e) = ps.publish_bytes(pubsub, topic, bytes, &md).await {
+            failed.push((id.to_string(), e.to_string()));
+        }
+    }
+    Ok(failed)
 }
 
 /// A bulk entry's `event` as bytes, by its content type (Dapr's `ConvertEventToBytes`): JSON and
@@ -267,53 +356,40 @@ async fn bulk_publish(
             topic: topic.to_string(),
             error: e.to_string(),
         })?;
-    let raw = raw_payload(&metadata)?;
-    let entry_error = |error: String| PubSubError::BulkEntry {
-        pubsub: pubsub.clone(),
-        topic: topic.to_string(),
-        error,
-    };
-    let mut ids = HashSet::new();
-    // Build every event first: a bad entry fails the request before anything is published.
-    let mut prepared = Vec::with_capacity(entries.len());
-    for e in &entries {
+    raw_payload(&metadata)?;
+    let mut converted = Vec::with_capacity(entries.len());
+    for e in entries {
         // Without a contentType, a string is text and anything else JSON.
         let content_type = match (e.content_type.as_str(), &e.event) {
             ("", Value::String(_)) => cloudevent::DEFAULT_CONTENT_TYPE,
             ("", _) => "application/json",
             (c, _) => c,
         };
-        let data = event_to_bytes(&e.event, content_type).map_err(&entry_error)?;
-        if e.entry_id.is_empty() || !ids.insert(e.entry_id.as_str()) {
-            return Err(entry_error(
-                "entryId is duplicated or not present for entry".to_string(),
-            ));
-        }
-        // Entry metadata overrides the request's.
-        let mut md = metadata.clone();
-        md.extend(e.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let p = Publish {
-            app_id: ps.app_id(),
-            pubsub: &pubsub,
-            topic,
-            content_type: Some(content_type),
-            data: &data,
-            traceparent: header(&headers, "traceparent"),
-            tracestate: header(&headers, "tracestate"),
-            metadata: &md,
-        };
-        let bytes = event_bytes(&p, raw)?;
-        prepared.push((e.entry_id.as_str(), bytes, md));
+        let data =
+            event_to_bytes(&e.event, content_type).map_err(|error| PubSubError::BulkEntry {
+                pubsub: pubsub.clone(),
+                topic: topic.to_string(),
+                error,
+            })?;
+        converted.push(Entry {
+            id: e.entry_id,
+            content_type: content_type.to_string(),
+            data,
+            metadata: e.metadata,
+        });
     }
-    let mut failed = Vec::new();
-    for (id, bytes, md) in prepared {
-        if let Err(e) = ps.publish_bytes(&pubsub, topic, bytes, &md).await {
-            failed.push(json!({"entryId": id, "error": e.to_string()}));
-        }
-    }
+    let trace = (
+        header(&headers, "traceparent"),
+        header(&headers, "tracestate"),
+    );
+    let failed = publish_entries(&ps, &pubsub, topic, converted, &metadata, trace).await?;
     if failed.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    let failed: Vec<Value> = failed
+        .into_iter()
+        .map(|(id, error)| json!({"entryId": id, "error": error}))
+        .collect();
     Ok((
         StatusCode::INTERNAL_SERVER_ERROR,
         Json(json!({"failedEntries": failed, "errorCode": "ERR_PUBSUB_PUBLISH_MESSAGE"})),

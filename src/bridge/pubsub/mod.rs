@@ -58,6 +58,55 @@ pub use broker::{Broker, BrokerError, Message, Outcome};
 pub use delivery::{AppChannel, AppStatus, RetryPolicy};
 pub use subscription::Subscription;
 
+/// Where a subscription's events go.
+#[derive(Clone)]
+pub enum Consumer {
+    /// `POST`ed to the app (`app.address`).
+    App,
+    /// Sent over a streaming subscription (gRPC `SubscribeTopicEventsAlpha1`).
+    Stream(StreamConsumer),
+}
+
+/// A streaming subscription's side of delivery.
+#[derive(Clone)]
+pub struct StreamConsumer {
+    /// Sends one event and resolves with the app's answer.
+    pub sink: StreamSink,
+    /// Turns true when the stream has ended: deliveries stop waiting and retrying at once
+    /// (the broker redelivers).
+    pub closed: watch::Receiver<bool>,
+}
+
+/// One event for a streaming subscription: the CloudEvent (as delivered over HTTP) and the
+/// message's metadata.
+pub struct StreamEvent {
+    pub event: serde_json::Map<String, Value>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Sends one event over a stream and waits for the app's status.
+pub type StreamSink =
+    Arc<dyn Fn(StreamEvent) -> broker::BoxFuture<'static, AppStatus> + Send + Sync>;
+
+/// A streaming subscription running on its broker; [`StreamSubscription::stop`] ends it (in
+/// flight events are left to the broker's redelivery).
+pub struct StreamSubscription {
+    running: broker::Subscription,
+    sub: Arc<Subscription>,
+    pubsub: Arc<PubSub>,
+}
+
+impl StreamSubscription {
+    pub async fn stop(self) {
+        self.running.stop().await;
+        self.pubsub
+            .active
+            .lock()
+            .unwrap()
+            .retain(|s| !Arc::ptr_eq(s, &self.sub));
+    }
+}
+
 /// How long one delivery to the app may take before it counts as failed (and is retried).
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -321,7 +370,7 @@ impl PubSub {
             if *stop.borrow() {
                 return;
             }
-            let handler = self.handler(sub.clone());
+            let handler = self.handler(sub.clone(), Consumer::App);
             let broker = &self.components[&sub.pubsubname].broker;
             match broker
                 .subscribe(&sub.topic, &self.options.app_id, handler)
@@ -352,21 +401,89 @@ impl PubSub {
         }
     }
 
-    fn handler(self: &Arc<Self>, sub: Arc<Subscription>) -> broker::Handler {
+    fn handler(self: &Arc<Self>, sub: Arc<Subscription>, consumer: Consumer) -> broker::Handler {
         let me = self.clone();
         // The metric label, made once per subscription.
         let topic: Name = Arc::new(sub.topic.clone());
         Arc::new(move |msg| {
-            let (me, sub, topic) = (me.clone(), sub.clone(), topic.clone());
-            Box::pin(async move { me.handle(&sub, &topic, msg).await })
+            let (me, sub, topic, consumer) =
+                (me.clone(), sub.clone(), topic.clone(), consumer.clone());
+            Box::pin(async move { me.handle(&sub, &topic, msg, &consumer).await })
         })
     }
 
-    /// Delivers one message to the app: route, POST with retries, then dead-letter or leave it
-    /// to the broker.
-    async fn handle(&self, sub: &Subscription, topic: &Name, msg: Message) -> Outcome {
-        let Some(app) = &self.app else {
-            return Outcome::Retry;
+    /// Starts a streaming subscription (gRPC `SubscribeTopicEventsAlpha1`): events go to
+    /// `sink` with the same retries, dead-lettering and acks as deliveries to the app. Refused
+    /// for an unknown pubsub and for a topic this app already subscribes to.
+    pub async fn subscribe_stream(
+        self: &Arc<Self>,
+        sub: Subscription,
+        consumer: StreamConsumer,
+    ) -> Result<StreamSubscription, String> {
+        let Some(c) = self.components.get(&sub.pubsubname) else {
+            return Err(format!("pubsub {} is not found", sub.pubsubname));
+        };
+        if *self.stop.borrow() {
+            return Err("the sidecar is shutting down".to_string());
+        }
+        let sub = Arc::new(sub);
+        {
+            let mut active = self.active.lock().unwrap();
+            if active
+                .iter()
+                .any(|s| s.pubsubname == sub.pubsubname && s.topic == sub.topic)
+            {
+                return Err(format!(
+                    "already subscribed to pubsub {:?} topic {:?}",
+                    sub.pubsubname, sub.topic
+                ));
+            }
+            active.push(sub.clone());
+        }
+        let handler = self.handler(sub.clone(), Consumer::Stream(consumer));
+        match c
+            .broker
+            .subscribe(&sub.topic, &self.options.app_id, handler)
+            .await
+        {
+            Ok(running) => {
+                tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "streaming subscription started");
+                Ok(StreamSubscription {
+                    running,
+                    sub,
+                    pubsub: self.clone(),
+                })
+            }
+            Err(e) => {
+                self.active
+                    .lock()
+                    .unwrap()
+                    .retain(|s| !Arc::ptr_eq(s, &sub));
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Turns true when pub/sub stops (the sidecar is stopping): streams end then.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Delivers one message to its consumer: route, deliver with retries, then dead-letter or
+    /// leave it to the broker.
+    async fn handle(
+        &self,
+        sub: &Subscription,
+        topic: &Name,
+        msg: Message,
+        consumer: &Consumer,
+    ) -> Outcome {
+        let app = match consumer {
+            Consumer::App => match &self.app {
+                Some(app) => Some(app),
+                None => return Outcome::Retry,
+            },
+            Consumer::Stream(_) => None,
         };
         let label = &self.components[&sub.pubsubname].label;
         let event = if sub.raw_payload() {
@@ -379,7 +496,12 @@ impl PubSub {
             }
         };
         let event = Value::Object(event);
-        let Some(path) = sub.route(&event) else {
+        // A stream has no routes: every event goes over it.
+        let path = match consumer {
+            Consumer::App => sub.route(&event),
+            Consumer::Stream(_) => Some(""),
+        };
+        let Some(path) = path else {
             tracing::debug!(pubsub = %sub.pubsubname, topic = %sub.topic, "no route matches the event; dropped");
             self.metrics.delivery(label, topic, "drop");
             return Outcome::Ack;
@@ -393,7 +515,8 @@ impl PubSub {
         let mut stop = self.stop.subscribe();
         for attempt in 1..=policy.max_attempts.max(1) {
             // While the app is down (restarting), wait for it: that is not a failed attempt.
-            if let Some(ready) = self.app_ready.get()
+            if app.is_some()
+                && let Some(ready) = self.app_ready.get()
                 && !*ready.borrow()
             {
                 let mut ready = ready.clone();
@@ -402,7 +525,25 @@ impl PubSub {
                     r = ready.wait_for(|open| *open) => if r.is_err() { return Outcome::Retry },
                 }
             }
-            match app.deliver(path, body.clone(), trace, &msg.metadata).await {
+            let status = match (consumer, app) {
+                (Consumer::Stream(c), _) => {
+                    let Value::Object(event) = event.clone() else {
+                        unreachable!("built as an object above")
+                    };
+                    let metadata = msg.metadata.clone();
+                    let mut closed = c.closed.clone();
+                    tokio::select! {
+                        _ = broker::stopped(&mut stop) => return Outcome::Retry,
+                        _ = broker::stopped(&mut closed) => return Outcome::Retry,
+                        status = (c.sink)(StreamEvent { event, metadata }) => status,
+                    }
+                }
+                (Consumer::App, Some(app)) => {
+                    app.deliver(path, body.clone(), trace, &msg.metadata).await
+                }
+                (Consumer::App, None) => return Outcome::Retry,
+            };
+            match status {
                 AppStatus::Success => {
                     self.metrics.delivery(label, topic, "success");
                     return Outcome::Ack;
@@ -417,8 +558,16 @@ impl PubSub {
                     if attempt >= policy.max_attempts {
                         break;
                     }
+                    // A stream that ended stops waiting (the broker redelivers).
+                    let closed = async {
+                        match consumer {
+                            Consumer::Stream(c) => broker::stopped(&mut c.closed.clone()).await,
+                            Consumer::App => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = broker::stopped(&mut stop) => return Outcome::Retry,
+                        _ = closed => return Outcome::Retry,
                         _ = tokio::time::sleep(policy.backoff(attempt)) => {}
                     }
                 }
@@ -475,6 +624,11 @@ impl PubSub {
     /// The number of subscriptions running on their brokers (for readiness and tests).
     pub fn subscribed(&self) -> watch::Receiver<usize> {
         self.subscribed.subscribe()
+    }
+
+    /// The active subscriptions (for gRPC's `GetMetadata`).
+    pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
+        self.active.lock().unwrap().clone()
     }
 
     /// The active subscriptions in `/v1.0/metadata`'s shape.

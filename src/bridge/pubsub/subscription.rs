@@ -16,6 +16,8 @@ use super::cel;
 pub enum Source {
     Programmatic,
     Declarative,
+    /// A gRPC `SubscribeTopicEventsAlpha1` stream (for as long as it is open).
+    Streaming,
 }
 
 impl Source {
@@ -23,6 +25,7 @@ impl Source {
         match self {
             Source::Programmatic => "PROGRAMMATIC",
             Source::Declarative => "DECLARATIVE",
+            Source::Streaming => "STREAMING",
         }
     }
 }
