@@ -9,6 +9,8 @@ mod bridge;
 mod certs;
 mod config;
 mod generative;
+#[cfg(feature = "bridge")]
+mod grpc;
 mod lifecycle;
 mod proxy;
 #[cfg(feature = "bridge")]

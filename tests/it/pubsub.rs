@@ -2,8 +2,7 @@
 //! nats-server -js on free loopback ports, in temp dirs) and a real HTTP app (axum on port 0)
 //! that records what it receives and answers as each test says.
 
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use outrigger::bridge::components::Component;
 use outrigger::bridge::pubsub::{self, PubSub, PubSubOptions, RetryPolicy};
 use outrigger::telemetry::metrics::Metrics;
 
-use crate::servers::{RedisServer, free_port};
+use crate::servers::{NatsServer, RedisServer, free_port};
 
 /// Generous: a healthy run takes well under a second per step.
 const WAIT: Duration = Duration::from_secs(30);
@@ -53,77 +52,6 @@ impl RedisServer {
             .await
             .unwrap();
         reply.count()
-    }
-}
-
-/// A nats-server with JetStream, storing in a temp dir (kept across a restart).
-struct NatsServer {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    fn start() -> Self {
-        let mut s = NatsServer {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server is installed");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::Read;
-                let mut buf = [0u8; 4];
-                if s.read_exact(&mut buf).is_ok() && &buf == b"INFO" {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "nats-server did not greet");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

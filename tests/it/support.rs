@@ -19,6 +19,8 @@ pub struct Sidecar {
     pub listeners: std::collections::BTreeMap<String, String>,
     /// The bridge's bound address, when it runs.
     pub bridge: Option<String>,
+    /// The bridge's gRPC address (`bridge.address` again when it has no socket of its own).
+    pub bridge_grpc: Option<String>,
     pub config_path: PathBuf,
     command: String,
 }
@@ -63,6 +65,7 @@ impl Spawn<'_> {
             admin: "127.0.0.1:0".parse().unwrap(),
             listeners: Default::default(),
             bridge: None,
+            bridge_grpc: None,
             config_path,
             command,
         };
@@ -78,6 +81,7 @@ impl Spawn<'_> {
                         .collect();
                 }
                 sc.bridge = v["bridge"].as_str().map(str::to_string);
+                sc.bridge_grpc = v["bridge_grpc"].as_str().map(str::to_string);
                 return sc;
             }
             if let Some(status) = sc.child.as_mut().unwrap().try_wait().unwrap() {
