@@ -84,7 +84,7 @@ pub async fn fallback(State(st): State<Arc<BridgeState>>, req: Request) -> Respo
                 call(&st, &app_id, parts.method, &path, parts.headers, body).await
             };
             match call.await {
-                Ok(r) => r.map(Body::new).into_response(),
+                Ok(r) => r.into_response(),
                 Err(e) => e.into_response(),
             }
         }
@@ -151,7 +151,7 @@ pub async fn call(
     path: &str,
     mut headers: http::HeaderMap,
     body: bytes::Bytes,
-) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+) -> Result<http::Response<Body>, ApiError> {
     let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
     if app_id.is_empty() {
         return Err(ApiError::NoAppId);
@@ -178,6 +178,29 @@ pub async fn call(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the app was not ready within {:?}", st.hold_timeout),
         ));
+    }
+    // A gRPC app takes invocations of its own id through `OnInvoke`.
+    if local && let Some(app) = &st.grpc_app {
+        let (method_path, query) = path.as_str().split_once('?').unwrap_or((path.as_str(), ""));
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let (body, content_type) = app
+            .invoke(method_path, &method, query, &content_type, body, &headers)
+            .await
+            .map_err(|s| {
+                fail(
+                    super::grpc::http_status(s.code()),
+                    format!("{app_id:?} answered {:?}: {}", s.code(), s.message()),
+                )
+            })?;
+        let mut res = http::Response::new(Body::from(body));
+        if let Ok(v) = HeaderValue::from_str(&content_type) {
+            res.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        return Ok(res);
     }
     let Ok(_permit) = cluster.admit() else {
         return Err(fail(
@@ -230,7 +253,7 @@ pub async fn call(
                 } else {
                     cluster.succeeded(&attempt);
                 }
-                return Ok(res);
+                return Ok(res.map(Body::new));
             }
             Ok(Err(e)) => {
                 cluster.failed(&attempt);

@@ -89,6 +89,9 @@ pub struct BridgeState {
     /// Pub/sub's background work was started (once, even if the module restarts).
     pubsub_started: AtomicBool,
     pub clusters: invoke::Clusters,
+    /// The app's `AppCallback` service, when `app.protocol` is grpc: invocations of our own
+    /// app id go there.
+    pub grpc_app: Option<grpc::app::GrpcApp>,
     pub metrics: BridgeMetrics,
 }
 
@@ -157,10 +160,25 @@ impl BridgeState {
             None => None,
         };
         let mut options = pubsub::PubSubOptions::new(bridge.app_id.clone(), app_address);
+        options.app_protocol = config.app.protocol;
         options.app_token = bridge
             .app_api_token
             .as_ref()
             .map(|t| t.expose().to_string());
+        let grpc_app = match (&config.app.address, config.app.protocol) {
+            (Some(Address::Tcp(a)), crate::config::AppProtocol::Grpc) => Some(
+                grpc::app::GrpcApp::new(
+                    &a.to_string(),
+                    options.app_token.as_deref(),
+                    config
+                        .clusters
+                        .get(crate::config::proxy::APP_CLUSTER)
+                        .map_or(pubsub::DEFAULT_DELIVERY_TIMEOUT, |c| c.timeout.get()),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            _ => None,
+        };
         let pubsub = pubsub::PubSub::with_brokers(options, brokers, declarative, pubsub_metrics)
             .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
         Ok(BridgeState {
@@ -178,6 +196,7 @@ impl BridgeState {
             ready: AtomicBool::new(false),
             extended: Mutex::new(BTreeMap::new()),
             clusters,
+            grpc_app,
             metrics,
         })
     }

@@ -131,11 +131,24 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// What the app speaks at `app.address` (Dapr's `--app-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (the proxy may use h2c when the cluster says so).
+    #[default]
+    Http,
+    /// gRPC (h2c): the proxy's `app` cluster speaks HTTP/2, and the bridge calls the app's
+    /// `AppCallback` service for subscriptions, events and invocations.
+    Grpc,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct AppConfig {
     /// Where the app listens (inbound listeners forward here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<Address>,
+    pub protocol: AppProtocol,
     /// The app to start and supervise, when Outrigger runs it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
@@ -340,8 +353,10 @@ fn validate(
         problems,
     );
     let reload = lifecycle::reloads(raw.reload, command.is_some(), doc, problems);
+    let protocol = raw.app.protocol.unwrap_or_default();
     let app = AppConfig {
         address: raw.app.address,
+        protocol,
         command,
         env: raw.app.env.unwrap_or_default(),
         lifecycle,
@@ -352,13 +367,19 @@ fn validate(
             "listeners need the proxy module, and this binary was built without it (cargo feature `proxy`)",
         ));
     }
-    let (listeners, clusters) = proxy::validate(
+    let (listeners, mut clusters) = proxy::validate(
         raw.listeners,
         raw.clusters,
         app.address.as_ref(),
         doc,
         problems,
     );
+    // A gRPC app is reached over HTTP/2 (h2c) by the inbound listeners.
+    if app.protocol == AppProtocol::Grpc
+        && let Some(c) = clusters.get_mut(proxy::APP_CLUSTER)
+    {
+        c.http2 = true;
+    }
 
     let shutdown_grace = raw
         .runtime

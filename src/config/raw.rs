@@ -172,6 +172,8 @@ pub enum LogFormat {
 pub struct RawApp {
     /// Where the app listens: inbound listeners forward here.
     pub address: Option<Address>,
+    /// What the app speaks at that address: `http` or `grpc` (Dapr's `--app-protocol`).
+    pub protocol: Option<super::AppProtocol>,
     /// The app to run and supervise: program and arguments. `outrigger run -- CMD` sets it too.
     pub command: Option<Vec<String>>,
     /// Extra environment variables for the app.

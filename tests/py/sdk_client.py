@@ -120,6 +120,7 @@ def pubsub(d, name):
         while m is None and time.time() < deadline:
             m = dead.next_message()
         expect(m is not None and m.data()["n"] == 2, "the dropped event on the dead-letter topic")
+        expect(m.topic() == topic + "-dead", f"the dead-letter event's topic: {m.topic()}")
         dead.respond_success(m)
         # Metadata lists the streaming subscription (the SDK's wrapper drops subscriptions: ask
         # through its own generated stub).

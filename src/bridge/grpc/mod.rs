@@ -46,6 +46,7 @@ pub mod dapr {
     }
 }
 
+pub mod app;
 mod subscribe;
 
 use dapr::proto::common::v1 as common;
@@ -322,6 +323,24 @@ fn http_code(status: http::StatusCode) -> Code {
     }
 }
 
+/// The HTTP status for a gRPC code (the reverse of [`http_code`]).
+pub fn http_status(code: Code) -> http::StatusCode {
+    use http::StatusCode as S;
+    match code {
+        Code::Ok => S::OK,
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => S::BAD_REQUEST,
+        Code::Unauthenticated => S::UNAUTHORIZED,
+        Code::PermissionDenied => S::FORBIDDEN,
+        Code::NotFound => S::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => S::CONFLICT,
+        Code::ResourceExhausted => S::TOO_MANY_REQUESTS,
+        Code::Unimplemented => S::NOT_IMPLEMENTED,
+        Code::Unavailable => S::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => S::GATEWAY_TIMEOUT,
+        _ => S::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// The Dapr service over the bridge's state.
 #[derive(Clone)]
 pub struct Api {
@@ -454,6 +473,7 @@ impl Dapr for Api {
             .to_string();
         let limit = self.state.config.max_body;
         let body = http_body_util::Limited::new(res.into_body(), limit);
+        // (An HTTP callee's body; a gRPC app's answer is already whole.)
         let body = http_body_util::BodyExt::collect(body)
             .await
             .map_err(|e| Status::internal(format!("cannot read the answer of {:?}: {e}", req.id)))?

@@ -178,7 +178,7 @@ pub async fn subscribe(
 
 /// A CloudEvent as the stream's `TopicEventRequest`: the core attributes in their fields, the
 /// data as bytes (JSON text for JSON data), every other attribute in `extensions`.
-fn topic_event(ev: StreamEvent) -> TopicEventRequest {
+pub(super) fn topic_event(ev: StreamEvent) -> TopicEventRequest {
     let mut event = ev.event;
     let mut take = |k: &str| match event.remove(k) {
         Some(Value::String(s)) => s,
@@ -190,8 +190,10 @@ fn topic_event(ev: StreamEvent) -> TopicEventRequest {
     let r#type = take("type");
     let spec_version = take("specversion");
     let data_content_type = take("datacontenttype");
-    let topic = take("topic");
-    let pubsub_name = take("pubsubname");
+    // The subscription's, not the event's (a dead-lettered event names its first topic).
+    take("topic");
+    take("pubsubname");
+    let (topic, pubsub_name) = (ev.topic, ev.pubsub);
     let data = match (event.remove("data"), event.remove("data_base64")) {
         (_, Some(Value::String(b64))) => {
             use base64::Engine;
@@ -256,6 +258,8 @@ mod tests {
         .unwrap();
         let t = topic_event(StreamEvent {
             event,
+            pubsub: "ps".into(),
+            topic: "orders".into(),
             metadata: Default::default(),
         });
         assert_eq!(t.id, "1");
@@ -270,6 +274,8 @@ mod tests {
                 .unwrap();
         let t = topic_event(StreamEvent {
             event: text,
+            pubsub: "ps".into(),
+            topic: "orders".into(),
             metadata: Default::default(),
         });
         assert_eq!(t.data, b"hello");

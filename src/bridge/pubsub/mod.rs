@@ -58,6 +58,14 @@ pub use broker::{Broker, BrokerError, Message, Outcome};
 pub use delivery::{AppChannel, AppStatus, RetryPolicy};
 pub use subscription::Subscription;
 
+/// How pub/sub reaches the app.
+pub enum App {
+    /// `GET /dapr/subscribe` and `POST {route}`.
+    Http(AppChannel),
+    /// The app's `AppCallback` gRPC service (`app.protocol: grpc`).
+    Grpc(crate::bridge::grpc::app::GrpcApp),
+}
+
 /// Where a subscription's events go.
 #[derive(Clone)]
 pub enum Consumer {
@@ -77,10 +85,13 @@ pub struct StreamConsumer {
     pub closed: watch::Receiver<bool>,
 }
 
-/// One event for a streaming subscription: the CloudEvent (as delivered over HTTP) and the
-/// message's metadata.
+/// One event for a gRPC consumer (a streaming subscription or a gRPC app): the CloudEvent (as
+/// delivered over HTTP), the subscription's pubsub and topic (a dead-lettered event keeps its
+/// original topic inside), and the message's metadata.
 pub struct StreamEvent {
     pub event: serde_json::Map<String, Value>,
+    pub pubsub: String,
+    pub topic: String,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -117,6 +128,8 @@ pub struct PubSubOptions {
     pub app_id: String,
     /// The app's `host:port` for `/dapr/subscribe` and deliveries; `None`: no subscriptions.
     pub app_address: Option<String>,
+    /// What the app speaks there: HTTP (`/dapr/subscribe`, `POST`s) or gRPC (`AppCallback`).
+    pub app_protocol: crate::config::AppProtocol,
     /// Sent as `dapr-api-token` on calls to the app (`APP_API_TOKEN`).
     pub app_token: Option<String>,
     pub retry: RetryPolicy,
@@ -128,6 +141,7 @@ impl PubSubOptions {
         PubSubOptions {
             app_id: app_id.into(),
             app_address,
+            app_protocol: crate::config::AppProtocol::Http,
             app_token: None,
             retry: RetryPolicy::default(),
             delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
@@ -148,7 +162,7 @@ pub struct PubSub {
     components: BTreeMap<String, Configured>,
     declarative: Vec<Subscription>,
     metrics: PubSubMetrics,
-    app: Option<AppChannel>,
+    app: Option<App>,
     /// Active subscriptions (for `/v1.0/metadata`).
     active: Mutex<Vec<Arc<Subscription>>>,
     running: tokio::sync::Mutex<Vec<broker::Subscription>>,
@@ -236,10 +250,22 @@ impl PubSub {
             .into_iter()
             .filter(|s| s.in_scope(&options.app_id))
             .collect();
-        let app = options
-            .app_address
-            .as_deref()
-            .map(|a| AppChannel::new(a, options.app_token.as_deref(), options.delivery_timeout));
+        let app = match (&options.app_address, options.app_protocol) {
+            (None, _) => None,
+            (Some(a), crate::config::AppProtocol::Http) => Some(App::Http(AppChannel::new(
+                a,
+                options.app_token.as_deref(),
+                options.delivery_timeout,
+            ))),
+            (Some(a), crate::config::AppProtocol::Grpc) => Some(App::Grpc(
+                crate::bridge::grpc::app::GrpcApp::new(
+                    a,
+                    options.app_token.as_deref(),
+                    options.delivery_timeout,
+                )
+                .map_err(|e| vec![e])?,
+            )),
+        };
         Ok(Arc::new(PubSub {
             options,
             components: built,
@@ -313,7 +339,27 @@ impl PubSub {
         let app = self.app.as_ref()?;
         let mut attempt = 0u32;
         loop {
-            match app.get_subscriptions().await {
+            let http = match app {
+                App::Http(http) => http,
+                App::Grpc(grpc) => match grpc.subscriptions().await {
+                    Ok((subs, errors)) => {
+                        for e in errors {
+                            tracing::error!(error = %e, "app subscription ignored");
+                        }
+                        return Some(subs);
+                    }
+                    Err(e) => {
+                        attempt += 1;
+                        tracing::debug!(error = %e, "ListTopicSubscriptions: app not answering yet");
+                        tokio::select! {
+                            _ = broker::stopped(stop) => return None,
+                            _ = tokio::time::sleep(broker::reconnect_backoff(attempt)) => {}
+                        }
+                        continue;
+                    }
+                },
+            };
+            match http.get_subscriptions().await {
                 Ok((status, body)) if status.is_success() => {
                     let (subs, errors) = subscription::parse_programmatic(&body);
                     for e in errors {
@@ -535,11 +581,32 @@ impl PubSub {
                     tokio::select! {
                         _ = broker::stopped(&mut stop) => return Outcome::Retry,
                         _ = broker::stopped(&mut closed) => return Outcome::Retry,
-                        status = (c.sink)(StreamEvent { event, metadata }) => status,
+                        status = (c.sink)(StreamEvent {
+                        event,
+                        pubsub: sub.pubsubname.clone(),
+                        topic: sub.topic.clone(),
+                        metadata,
+                    }) => status,
                     }
                 }
-                (Consumer::App, Some(app)) => {
+                (Consumer::App, Some(App::Http(app))) => {
                     app.deliver(path, body.clone(), trace, &msg.metadata).await
+                }
+                (Consumer::App, Some(App::Grpc(app))) => {
+                    let Value::Object(event) = event.clone() else {
+                        unreachable!("built as an object above")
+                    };
+                    let metadata = msg.metadata.clone();
+                    app.deliver(
+                        StreamEvent {
+                            event,
+                            pubsub: sub.pubsubname.clone(),
+                            topic: sub.topic.clone(),
+                            metadata,
+                        },
+                        path,
+                    )
+                    .await
                 }
                 (Consumer::App, None) => return Outcome::Retry,
             };

@@ -191,6 +191,53 @@ fn from_spec(
     }))
 }
 
+/// A subscription a gRPC app listed (`ListTopicSubscriptions`): paths are sent as given (the
+/// app routes by them, `""` for the default), and there is always a default rule.
+pub fn from_app_callback(
+    pubsubname: String,
+    topic: String,
+    metadata: BTreeMap<String, String>,
+    rules: Vec<(String, String)>,
+    default: String,
+    dead_letter_topic: String,
+) -> Result<Subscription, String> {
+    if pubsubname.is_empty() || topic.is_empty() {
+        return Err(format!(
+            "expected a pubsub name and a topic, found {pubsubname:?} and {topic:?}"
+        ));
+    }
+    let mut compiled = Vec::with_capacity(rules.len() + 1);
+    for (text, path) in rules {
+        let matcher = if text.trim().is_empty() {
+            None
+        } else {
+            Some(
+                cel::parse(&text)
+                    .map_err(|e| format!("topic {topic:?}: rule match {text:?}: {e}"))?,
+            )
+        };
+        compiled.push(Rule {
+            text,
+            matcher,
+            path,
+        });
+    }
+    compiled.push(Rule {
+        text: String::new(),
+        matcher: None,
+        path: default,
+    });
+    Ok(Subscription {
+        pubsubname,
+        topic,
+        rules: compiled,
+        dead_letter_topic: Some(dead_letter_topic).filter(|t| !t.is_empty()),
+        metadata,
+        scopes: Vec::new(),
+        source: Source::Programmatic,
+    })
+}
+
 /// Parses the app's `GET /dapr/subscribe` answer. An element that cannot be used is skipped
 /// with the reason in the returned error list (the app is up; there is no start-up to stop).
 pub fn parse_programmatic(body: &[u8]) -> (Vec<Subscription>, Vec<String>) {
