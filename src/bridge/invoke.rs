@@ -34,6 +34,76 @@ pub enum Clusters {
     Own(Box<OwnClusters>),
 }
 
+/// App ids without a cluster of their name, resolved by `bridge.name_resolution`: a cluster
+/// with default settings and DNS discovery per app id, made on first use and kept. At most
+/// [`MAX_RESOLVED`] ids (each is a cluster with its own metrics series).
+pub struct Resolver {
+    template: String,
+    namespace: String,
+    metrics: ProxyMetrics,
+    resolved: Mutex<HashMap<String, Arc<Cluster>>>,
+}
+
+/// App ids a [`Resolver`] keeps clusters for.
+pub const MAX_RESOLVED: usize = 256;
+
+impl Resolver {
+    /// `namespace` fills `{namespace}` (Kubernetes: the pod's, from `NAMESPACE` or
+    /// `POD_NAMESPACE`).
+    pub fn new(template: String, namespace: String, metrics: ProxyMetrics) -> Resolver {
+        Resolver {
+            template,
+            namespace,
+            metrics,
+            resolved: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn get(&self, app_id: &str) -> Result<Arc<Cluster>, ApiError> {
+        if let Some(c) = self.resolved.lock().expect("not poisoned").get(app_id) {
+            return Ok(c.clone());
+        }
+        // An app id becomes a DNS name: letters, digits, '-', '_' and '.' only.
+        if app_id.is_empty()
+            || app_id.len() > 63
+            || !app_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(ApiError::Malformed(format!(
+                "app id {app_id:?} cannot be resolved: expected letters, digits, '-', '_' or '.' (at most 63)"
+            )));
+        }
+        let (host, port) =
+            crate::config::bridge::resolve_name(&self.template, app_id, &self.namespace)
+                .map_err(ApiError::Malformed)?;
+        let config = ClusterConfig::with_defaults(
+            app_id,
+            crate::config::proxy::Discovery::Dns {
+                host,
+                port,
+                refresh: crate::config::proxy::DEFAULT_REFRESH,
+            },
+        );
+        let cluster = Cluster::new(config, self.metrics.clone(), None);
+        cluster.refresh().await;
+        tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));
+        let mut resolved = self.resolved.lock().expect("not poisoned");
+        if resolved.len() >= MAX_RESOLVED && !resolved.contains_key(app_id) {
+            return Err(ApiError::Invoke {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "cannot invoke {app_id:?}: {MAX_RESOLVED} app ids are resolved already (declare the clusters you use)"
+                ),
+            });
+        }
+        Ok(resolved
+            .entry(app_id.to_string())
+            .or_insert(cluster)
+            .clone())
+    }
+}
+
 /// Clusters the bridge builds itself, on first use, when no proxy module runs.
 pub struct OwnClusters {
     pub configs: BTreeMap<String, ClusterConfig>,
@@ -44,6 +114,14 @@ pub struct OwnClusters {
 }
 
 impl Clusters {
+    /// The proxy's metrics, for clusters the bridge makes.
+    pub fn metrics(&self) -> ProxyMetrics {
+        match self {
+            Clusters::Proxy(p) => p.metrics().clone(),
+            Clusters::Own(own) => own.metrics.clone(),
+        }
+    }
+
     async fn get(&self, name: &str) -> Option<Arc<Cluster>> {
         match self {
             Clusters::Proxy(p) => p.cluster(name),
@@ -158,17 +236,21 @@ pub async fn call(
     }
     let local = app_id == st.config.app_id;
     let cluster_name = if local { APP_CLUSTER } else { app_id };
-    let Some(cluster) = st.clusters.get(cluster_name).await else {
-        return Err(fail(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            if local {
-                format!("cannot invoke {app_id:?}: the local app has no app.address")
-            } else {
-                format!(
-                    "cannot invoke {app_id:?}: expected a cluster named {app_id:?} in clusters, found none"
-                )
-            },
-        ));
+    let cluster = match (st.clusters.get(cluster_name).await, &st.resolver) {
+        (Some(c), _) => c,
+        (None, Some(resolver)) if !local => resolver.get(app_id).await?,
+        (None, _) => {
+            return Err(fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                if local {
+                    format!("cannot invoke {app_id:?}: the local app has no app.address")
+                } else {
+                    format!(
+                        "cannot invoke {app_id:?}: expected a cluster named {app_id:?} in clusters (or bridge.name_resolution), found none"
+                    )
+                },
+            ));
+        }
     };
     let path: http::uri::PathAndQuery = path
         .parse()

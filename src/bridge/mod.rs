@@ -89,6 +89,8 @@ pub struct BridgeState {
     /// Pub/sub's background work was started (once, even if the module restarts).
     pubsub_started: AtomicBool,
     pub clusters: invoke::Clusters,
+    /// `bridge.name_resolution`: app ids without a cluster.
+    pub resolver: Option<invoke::Resolver>,
     /// The app's `AppCallback` service, when `app.protocol` is grpc: invocations of our own
     /// app id go there.
     pub grpc_app: Option<grpc::app::GrpcApp>,
@@ -195,6 +197,12 @@ impl BridgeState {
             control,
             ready: AtomicBool::new(false),
             extended: Mutex::new(BTreeMap::new()),
+            resolver: bridge.name_resolution.clone().map(|t| {
+                let namespace = std::env::var("NAMESPACE")
+                    .or_else(|_| std::env::var("POD_NAMESPACE"))
+                    .unwrap_or_else(|_| "default".to_string());
+                invoke::Resolver::new(t, namespace, clusters.metrics())
+            }),
             clusters,
             grpc_app,
             metrics,

@@ -32,6 +32,10 @@ pub struct BridgeConfig {
     /// for both APIs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_address: Option<Address>,
+    /// Where an app id without a cluster of its name is invoked: a `host:port` template with
+    /// `{app_id}` and `{namespace}` (`bridge.name_resolution`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_resolution: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resources: Option<PathBuf>,
     /// The Dapr app id (state key prefix, CloudEvent `source`, `/v1.0/metadata` id).
@@ -52,6 +56,43 @@ impl fmt::Debug for BridgeConfig {
             .field("app_id", &self.app_id)
             .field("max_body", &self.max_body)
             .finish_non_exhaustive()
+    }
+}
+
+/// Fills a `bridge.name_resolution` template: `{app_id}` and `{namespace}` replaced, giving
+/// `host:port`. Errors name what is wrong with the template.
+pub fn resolve_name(
+    template: &str,
+    app_id: &str,
+    namespace: &str,
+) -> Result<(String, u16), String> {
+    if !template.contains("{app_id}") {
+        return Err(format!(
+            "expected a host:port template with {{app_id}} (like {{app_id}}.{{namespace}}.svc.cluster.local:3500), found {template:?}"
+        ));
+    }
+    let filled = template
+        .replace("{app_id}", app_id)
+        .replace("{namespace}", namespace);
+    if let Some(unknown) = filled.find('{') {
+        return Err(format!(
+            "unknown placeholder at {:?}: expected {{app_id}} or {{namespace}}",
+            &filled[unknown..]
+        ));
+    }
+    match filled.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok((
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                p,
+            )),
+            _ => Err(format!(
+                "expected a port number after the last ':', found {port:?}"
+            )),
+        },
+        _ => Err(format!("expected host:port, found {filled:?}")),
     }
 }
 
@@ -122,9 +163,15 @@ pub fn validate(
     // two sockets).
     let grpc_address =
         grpc_address.filter(|g| *g != address || matches!(g, Address::Tcp(a) if a.port() == 0));
+    if let Some(t) = &raw.name_resolution
+        && let Err(e) = resolve_name(t, "app", "default")
+    {
+        problems.push(doc.problem("bridge.name_resolution", e));
+    }
     Some(BridgeConfig {
         address,
         grpc_address,
+        name_resolution: raw.name_resolution,
         resources: raw.resources,
         app_id,
         api_token: raw.api_token,

@@ -102,6 +102,33 @@ pub struct ClusterConfig {
     pub tls: Option<super::tls::ClientTlsConfig>,
 }
 
+impl ClusterConfig {
+    /// A cluster with every default (round robin, default timeouts, outlier ejection and
+    /// retry budget, no TLS): the `app` cluster, and the bridge's clusters made by name
+    /// resolution.
+    pub fn with_defaults(name: &str, discovery: Discovery) -> ClusterConfig {
+        ClusterConfig {
+            name: name.to_string(),
+            discovery,
+            lb: Lb::RoundRobin,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
+            http2: false,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            max_requests_in_flight: None,
+            outlier: Outlier {
+                consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+                ejection_time: DEFAULT_EJECTION_TIME,
+            },
+            retry_budget: RetryBudget {
+                ratio: DEFAULT_BUDGET_RATIO,
+                min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+            },
+            tls: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Discovery {
@@ -152,29 +179,11 @@ pub fn validate(
         }
     }
     if let Some(addr) = app_address {
-        clusters.insert(
-            APP_CLUSTER.to_string(),
-            ClusterConfig {
-                name: APP_CLUSTER.to_string(),
-                discovery: Discovery::Static(vec![addr.clone()]),
-                lb: Lb::RoundRobin,
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                timeout: DEFAULT_TIMEOUT,
-                http2: false,
-                pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
-                max_requests_in_flight: None,
-                outlier: Outlier {
-                    // One endpoint: ejecting it would only turn errors into 503s.
-                    consecutive_failures: 0,
-                    ejection_time: DEFAULT_EJECTION_TIME,
-                },
-                retry_budget: RetryBudget {
-                    ratio: DEFAULT_BUDGET_RATIO,
-                    min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
-                },
-                tls: None,
-            },
-        );
+        let mut app =
+            ClusterConfig::with_defaults(APP_CLUSTER, Discovery::Static(vec![addr.clone()]));
+        // One endpoint: ejecting it would only turn errors into 503s.
+        app.outlier.consecutive_failures = 0;
+        clusters.insert(APP_CLUSTER.to_string(), app);
     }
 
     let mut listeners = Vec::new();

@@ -57,6 +57,9 @@ pub struct RawBridge {
     pub address: Option<Address>,
     /// Where Dapr's gRPC API listens too (it is always served on `address` as well).
     pub grpc_address: Option<Address>,
+    /// `host:port` of an app id without a cluster of its name: `{app_id}` and `{namespace}`
+    /// are replaced.
+    pub name_resolution: Option<String>,
     /// A directory of Dapr Component (and Subscription) YAML files.
     pub resources: Option<PathBuf>,
     /// The Dapr app id (default: `service`).

@@ -158,6 +158,11 @@ impl Proxy {
         )))
     }
 
+    /// The proxy's metrics (the bridge's own clusters report there too).
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.metrics
+    }
+
     /// The cluster named `name` as the running config has it (the bridge invokes through it).
     pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
         self.clusters

@@ -1160,3 +1160,42 @@ fn undecodable_paths_get_dapr_errors() {
     assert_eq!(s, 400, "{body}");
     assert_eq!(error_code(&body), "ERR_MALFORMED_REQUEST", "{body}");
 }
+
+#[test]
+fn app_ids_without_a_cluster_are_resolved_by_the_name_template() {
+    let backend = Backend::http();
+    let port = backend.address().rsplit(':').next().unwrap().to_string();
+    // `{app_id}:PORT`: the app id "localhost" is a name the resolver knows.
+    let sc = start(&format!("  name_resolution: \"{{app_id}}:{port}\"\n"), &[]);
+    let r = client()
+        .post(sc.bridge_url("/v1.0/invoke/localhost/method/orders?x=1"))
+        .body("hi")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.diagnostics());
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["path"], "/orders?x=1");
+    assert_eq!(body["body"], "hi");
+    // An app id that is not a DNS name is refused before any lookup.
+    let r = client()
+        .get(sc.bridge_url("/v1.0/invoke/bad%20id/method/x"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().contains("cannot be resolved"));
+    // The cluster it made reports like any other.
+    assert!(sc.metric("outrigger_cluster_endpoints{cluster=\"localhost\"}") >= 1.0);
+}
+
+#[test]
+fn a_bad_name_template_is_a_config_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, "bridge:\n  name_resolution: \"{app}.svc:80\"\n").unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("c.yaml:2:") && stderr.contains("{app_id}"),
+        "{stderr}"
+    );
+}
