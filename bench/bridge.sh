@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# Bridge state API: get and save through Outrigger's Dapr-compatible bridge (state.redis) vs the
-# same operations straight to Redis, in one run.
+# Bridge state API: get and save through Outrigger's Dapr-compatible bridge (state.redis), over
+# the HTTP API and over the gRPC API, vs the same operations straight to Redis, in one run.
 #
 #   bench/bridge.sh [SECONDS]      (default 10 s per measurement)
 #
 # Payload: a 1 KiB JSON value (as in Dapr's perf suite). Fixed concurrency: 16 connections.
 # Through the bridge: wrk (HTTP/1.1 keep-alive, 1 thread) GET /v1.0/state/bench/k and POST
 # /v1.0/state/bench with one item. Direct: redis-benchmark sending the commands the bridge sends
-# (HMGET key data version; the bridge's ETag-checking Lua script through EVAL). CPU pinning: load
+# (HMGET key data version; the bridge's ETag-checking Lua script through EVAL). gRPC: h2load (one
+# HTTP/2 connection per client, one call in flight on each) sending GetState / SaveState as
+# framed protobuf to /dapr.proto.runtime.v1.Dapr/…; percentiles from its per-request log. CPU pinning: load
 # generators on CPU 0, Outrigger and Redis on CPU 1. The sidecar's peak RSS (VmHWM) is read after
 # the runs. "added p50" = bridge p50 - direct p50: what an app pays for the HTTP hop.
-# Needs: redis-server redis-benchmark wrk taskset curl (Debian: redis-server redis-tools wrk).
+# Needs: redis-server redis-benchmark wrk h2load taskset curl python3 (Debian: redis-server
+# redis-tools wrk nghttp2-client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
-for tool in redis-server redis-benchmark wrk taskset curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install redis-server redis-tools wrk curl)"; exit 1; }
+for tool in redis-server redis-benchmark wrk h2load taskset curl python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install redis-server redis-tools wrk nghttp2-client curl)"; exit 1; }
 done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
+# OUTRIGGER_BIN: a binary built already (skips the release build).
+bin=${OUTRIGGER_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release -q
+  bin=$PWD/target/release/outrigger
+fi
 dir=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
@@ -83,18 +90,60 @@ rb_run() {
     awk -F, '{ gsub(/"/, ""); printf "%d %.3f %.3f\n", $(NF-6), $(NF-3), $(NF-1) }'
 }
 
+# gRPC request bodies: a 5-byte gRPC frame header and the protobuf message, encoded by hand
+# (GetStateRequest{store_name=1, key=2}; SaveStateRequest{store_name=1, states=2:
+# StateItem{key=1, value=2}}), so the script needs no protobuf package.
+python3 - "$dir" "$value" <<'PY'
+import struct, sys
+def varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+def field(num, data):
+    return varint(num << 3 | 2) + varint(len(data)) + data
+def frame(msg):
+    return b"\x00" + struct.pack(">I", len(msg)) + msg
+d, value = sys.argv[1], sys.argv[2].encode()
+open(d + "/get.bin", "wb").write(frame(field(1, b"bench") + field(2, b"k")))
+open(d + "/save.bin", "wb").write(frame(field(1, b"bench") + field(2, field(1, b"g") + field(2, value))))
+PY
+# One call each first: grpc-status 0 in the trailers, or the figures would measure errors.
+for m in GetState:get SaveState:save; do
+  curl -s --http2-prior-knowledge -v -H 'content-type: application/grpc' -H 'te: trailers' \
+    --data-binary "@$dir/${m#*:}.bin" "http://127.0.0.1:$BRIDGE/dapr.proto.runtime.v1.Dapr/${m%%:*}" -o /dev/null 2>&1 |
+    grep -q 'grpc-status: 0' || { echo "gRPC ${m%%:*} failed"; exit 1; }
+done
+# h2load: prints "rps p50_ms p99_ms" (from the per-request log: start, status, elapsed µs).
+h2_run() {
+  local method=$1 body=$2
+  local args=(-c "$CONN" -m 1 -t 1 -d "$body" -H 'content-type: application/grpc' -H 'te: trailers')
+  taskset -c 0 h2load "${args[@]}" -D 1 "http://127.0.0.1:$BRIDGE/dapr.proto.runtime.v1.Dapr/$method" >/dev/null # warm up
+  taskset -c 0 h2load "${args[@]}" -D "$secs" --log-file="$dir/h2.log" \
+    "http://127.0.0.1:$BRIDGE/dapr.proto.runtime.v1.Dapr/$method" >/dev/null
+  awk '{ print $3 }' "$dir/h2.log" | sort -n | awk -v s="$secs" '
+    { v[NR] = $1 }
+    END { printf "%d %.3f %.3f\n", NR / s, v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000 }'
+}
+
 # The bridge's own script, so "direct" does the same work in Redis.
 script=$(sed -n '/^const APPLY_SCRIPT: &str = r#"/,/^"#;/p' src/bridge/state.rs | sed '1d;$d')
 read -r get_b_rps get_b_p50 get_b_p99 < <(wrk_run "http://127.0.0.1:$BRIDGE/v1.0/state/bench/k")
 read -r get_d_rps get_d_p50 get_d_p99 < <(rb_run HMGET "bench||k" data version)
 read -r save_b_rps save_b_p50 save_b_p99 < <(wrk_run -s "$dir/save.lua" "http://127.0.0.1:$BRIDGE/v1.0/state/bench")
 read -r save_d_rps save_d_p50 save_d_p99 < <(rb_run EVAL "$script" 1 "bench||s" 1 u "" "$value")
+read -r get_g_rps get_g_p50 get_g_p99 < <(h2_run GetState "$dir/get.bin")
+read -r save_g_rps save_g_p50 save_g_p99 < <(h2_run SaveState "$dir/save.bin")
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$sidecar/status")
 
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f us", (a - b) * 1000 }'; }
 printf '\n%-22s %10s %9s %9s %12s\n' "state, $CONN connections" "req/s" "p50 ms" "p99 ms" "added p50"
 printf '%-22s %10s %9s %9s\n' "get: Redis direct" "$get_d_rps" "$get_d_p50" "$get_d_p99"
 printf '%-22s %10s %9s %9s %12s\n' "get: via bridge" "$get_b_rps" "$get_b_p50" "$get_b_p99" "$(added "$get_b_p50" "$get_d_p50")"
+printf '%-22s %10s %9s %9s %12s\n' "get: via bridge gRPC" "$get_g_rps" "$get_g_p50" "$get_g_p99" "$(added "$get_g_p50" "$get_d_p50")"
 printf '%-22s %10s %9s %9s\n' "save: Redis direct" "$save_d_rps" "$save_d_p50" "$save_d_p99"
 printf '%-22s %10s %9s %9s %12s\n' "save: via bridge" "$save_b_rps" "$save_b_p50" "$save_b_p99" "$(added "$save_b_p50" "$save_d_p50")"
+printf '%-22s %10s %9s %9s %12s\n' "save: via bridge gRPC" "$save_g_rps" "$save_g_p50" "$save_g_p99" "$(added "$save_g_p50" "$save_d_p50")"
 awk -v k="$rss" 'BEGIN { printf "sidecar peak RSS: %.1f MiB\n", k / 1024 }'

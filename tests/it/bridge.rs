@@ -879,6 +879,51 @@ fn dapr_js_sdk_end_to_end() {
 }
 
 #[test]
+fn dapr_js_sdk_in_grpc_mode() {
+    let Some(js) = dapr_js_sdk() else { return };
+    let sc_grpc = Spawn {
+        config: "service: client\nbridge:\n  address: 127.0.0.1:0\n",
+        ..Spawn::default()
+    }
+    .start();
+    sc_grpc.wait_ready();
+    let port = sc_grpc
+        .bridge_grpc
+        .clone()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new("node")
+        .arg(js.join("e2e.mjs"))
+        .arg("grpc-client")
+        .env("DAPR_GRPC_PORT", &port)
+        .env("DAPR_HTTP_PORT", &port)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"ok\":true"),
+        "the JS gRPC client failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n--- sidecar\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        sc_grpc.diagnostics()
+    );
+}
+
+#[test]
 fn the_bridge_serves_the_app_until_it_has_exited() {
     let dir = tempfile::tempdir().unwrap();
     let (started, out) = (dir.path().join("started"), dir.path().join("out"));

@@ -88,7 +88,7 @@ impl Grpc {
         let path = req.uri().path().to_string();
         let method = path.strip_prefix(SERVICE_PREFIX);
         let api = method.map_or("grpc", api_of);
-        let response = if let Err(status) = self.authorize(req.headers()) {
+        let response = if let Err(status) = self.authorize(&req) {
             tracing::debug!(path, "gRPC call refused: {}", status.message());
             status_response(status)
         } else {
@@ -125,12 +125,17 @@ impl Grpc {
         Ok(response)
     }
 
-    /// The API token, when one is configured, must come as `dapr-api-token` metadata.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Status> {
+    /// The API token, when one is configured, must come as `dapr-api-token` metadata; without
+    /// one, only IP addresses and localhost are answered (as the HTTP API: a DNS-rebinding page
+    /// must not reach it by name).
+    fn authorize(&self, req: &Request<Body>) -> Result<(), Status> {
         let Some(token) = &self.state.config.api_token else {
+            if crate::origin::foreign_host(req.headers(), req.uri()) {
+                return Err(Status::permission_denied(ApiError::ForeignHost.to_string()));
+            }
             return Ok(());
         };
-        match headers.get(TOKEN_HEADER) {
+        match req.headers().get(TOKEN_HEADER) {
             None => Err(Status::unauthenticated(
                 "missing api token in request metadata",
             )),

@@ -578,9 +578,15 @@ impl PubSub {
                     };
                     let metadata = msg.metadata.clone();
                     let mut closed = c.closed.clone();
+                    // An app that never answers an event: a failed attempt, as over HTTP.
+                    let timeout = self.options.delivery_timeout;
                     tokio::select! {
                         _ = broker::stopped(&mut stop) => return Outcome::Retry,
                         _ = broker::stopped(&mut closed) => return Outcome::Retry,
+                        _ = tokio::time::sleep(timeout) => {
+                            tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, ?timeout, "no answer from the streaming subscriber; will retry");
+                            AppStatus::Retry
+                        }
                         status = (c.sink)(StreamEvent {
                         event,
                         pubsub: sub.pubsubname.clone(),
