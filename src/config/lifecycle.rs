@@ -73,6 +73,21 @@ pub enum ProbeCheck {
     Tcp(Address),
     /// The command exits 0.
     Exec(Vec<String>),
+    /// A gRPC health call at `address` answers OK (and, for `grpc.health.v1`, SERVING).
+    Grpc {
+        address: Address,
+        service: GrpcHealth,
+    },
+}
+
+/// Which gRPC health service a probe calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrpcHealth {
+    /// `dapr.proto.runtime.v1.AppCallbackHealthCheck/HealthCheck` (Dapr's app health check).
+    Dapr,
+    /// `grpc.health.v1.Health/Check` for the whole server (kubelet's gRPC probe).
+    Health,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -259,14 +274,19 @@ fn probe(
     if raw.enabled == Some(false) {
         return None;
     }
-    let set = [raw.http.is_some(), raw.tcp.is_some(), raw.exec.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let set = [
+        raw.http.is_some(),
+        raw.tcp.is_some(),
+        raw.exec.is_some(),
+        raw.grpc.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if set > 1 {
         problems.push(doc.problem(
             "app.probe",
-            "expected one of http, tcp or exec, found several",
+            "expected one of http, tcp, exec or grpc, found several",
         ));
         return None;
     }
@@ -289,6 +309,29 @@ fn probe(
             address: address.clone(),
             path: path.clone(),
         }
+    } else if let Some(kind) = &raw.grpc {
+        let service = match kind.as_str() {
+            "dapr" => GrpcHealth::Dapr,
+            "health" => GrpcHealth::Health,
+            other => {
+                problems.push(doc.problem(
+                    "app.probe.grpc",
+                    format!("expected dapr (AppCallbackHealthCheck) or health (grpc.health.v1), found {other:?}"),
+                ));
+                return None;
+            }
+        };
+        let Some(address) = address else {
+            problems.push(doc.problem(
+                "app.probe.grpc",
+                "a gRPC probe needs app.address (where to send it)",
+            ));
+            return None;
+        };
+        ProbeCheck::Grpc {
+            address: address.clone(),
+            service,
+        }
     } else if let Some(a) = &raw.tcp {
         ProbeCheck::Tcp(a.clone())
     } else if let Some(cmd) = &raw.exec {
@@ -307,7 +350,7 @@ fn probe(
             None if raw.enabled == Some(true) => {
                 problems.push(doc.problem(
                     "app.probe",
-                    "expected http, tcp or exec (or app.address for the default TCP probe)",
+                    "expected http, tcp, exec or grpc (or app.address for the default TCP probe)",
                 ));
                 return None;
             }

@@ -206,6 +206,9 @@ pub struct RawProbe {
     pub tcp: Option<Address>,
     /// A command; exit status 0 passes.
     pub exec: Option<Vec<String>>,
+    /// A gRPC health call at app.address: `dapr` (Dapr's AppCallbackHealthCheck) or `health`
+    /// (the standard grpc.health.v1.Health/Check).
+    pub grpc: Option<String>,
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
     pub initial_delay: Option<Duration>,

@@ -1,4 +1,5 @@
-//! App probes: an HTTP GET, a TCP (or unix socket) connect, or a command, run every
+//! App probes: an HTTP GET, a TCP (or unix socket) connect, a command, or a gRPC health call
+//! (Dapr's `AppCallbackHealthCheck` or `grpc.health.v1`), run every
 //! `interval`. `success_threshold` passes in a row make the app ready (`/ready`, the inbound
 //! gate); `failure_threshold` failures in a row make it unhealthy again (`/ready` 503; inbound
 //! traffic keeps flowing, since a half-working app usually serves better than none).
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::Address;
-use crate::config::lifecycle::{ProbeCheck, ProbeConfig};
+use crate::config::lifecycle::{GrpcHealth, ProbeCheck, ProbeConfig};
 use crate::runtime::{AppGateSetter, Health, State};
 use crate::telemetry::metrics::RuntimeMetrics;
 
@@ -114,6 +115,7 @@ pub fn describe(check: &ProbeCheck) -> String {
         ProbeCheck::Http { address, path } => format!("http {address}{path}"),
         ProbeCheck::Tcp(a) => format!("tcp {a}"),
         ProbeCheck::Exec(cmd) => format!("exec {}", cmd.join(" ")),
+        ProbeCheck::Grpc { address, service } => format!("grpc {service:?} {address}"),
     }
 }
 
@@ -143,6 +145,7 @@ async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
                 Err(format!("GET {path} answered {status}"))
             }
         }
+        ProbeCheck::Grpc { address, service } => grpc_health(address, *service).await,
         ProbeCheck::Exec(cmd) => {
             let (mut child, pid) = spawn_registered(cmd)?;
             let status = child.wait().await;
@@ -177,6 +180,88 @@ fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32
     }
     Ok((child, pid))
 }
+
+/// One unary gRPC health call on a fresh HTTP/2 connection. Written on hyper's client rather
+/// than a generated gRPC client: the request is an empty message (five bytes of framing), the
+/// answer needs only `grpc-status` and, for `grpc.health.v1`, one varint field — and the
+/// lifecycle floor stays free of the bridge's protobuf code.
+async fn grpc_health(address: &Address, service: GrpcHealth) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    let path = match service {
+        GrpcHealth::Dapr => "/dapr.proto.runtime.v1.AppCallbackHealthCheck/HealthCheck",
+        GrpcHealth::Health => "/grpc.health.v1.Health/Check",
+    };
+    let io: Box<dyn Io> = match address {
+        Address::Tcp(a) => Box::new(
+            TcpStream::connect(a)
+                .await
+                .map_err(|e| format!("cannot connect to {address}: {e}"))?,
+        ),
+        Address::Unix(p) => Box::new(
+            UnixStream::connect(p)
+                .await
+                .map_err(|e| format!("cannot connect to {address}: {e}"))?,
+        ),
+    };
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(io),
+    )
+    .await
+    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("http://localhost{path}"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "outrigger")
+        // An empty message: not compressed, length 0.
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .map_err(|e| e.to_string())?;
+    let answer = async {
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("{path} failed: {e}"))?;
+        if res.status() != http::StatusCode::OK {
+            return Err(format!("{path} answered HTTP {}", res.status()));
+        }
+        let early = res.headers().get("grpc-status").cloned();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{path}: reading the answer: {e}"))?;
+        let status = body
+            .trailers()
+            .and_then(|t| t.get("grpc-status").cloned())
+            .or(early);
+        match status.as_ref().map(|v| v.as_bytes()) {
+            Some(b"0") => Ok(body.to_bytes()),
+            Some(code) => Err(format!(
+                "{path} answered grpc-status {}",
+                String::from_utf8_lossy(code)
+            )),
+            None => Err(format!("{path} answered without a grpc-status")),
+        }
+    };
+    let message = answer.await;
+    conn.abort();
+    let message = message?;
+    if service == GrpcHealth::Health {
+        // HealthCheckResponse{status = 1 (SERVING)}: frame header, then field 1 as a varint.
+        let serving = message.len() >= 7 && message[5] == 0x08 && message[6] == 1;
+        if !serving {
+            return Err(format!("{path}: the server is not SERVING"));
+        }
+    }
+    Ok(())
+}
+
+/// A connection of either kind, boxed for the gRPC probe.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One request on a fresh connection (as kubelet probes: a probe must not reuse a
 /// connection the app may have half-closed); returns the status. No timeout of its own.
@@ -223,4 +308,55 @@ where
     conn.abort();
     res.map(|r| r.status().as_u16())
         .map_err(|e| format!("{method} {path} failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    /// An h2c server answering every call with `message` and `grpc-status: status` in the
+    /// trailers, as a gRPC server does.
+    async fn server(message: &'static [u8], status: &'static str) -> Address {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::Tcp(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", status.parse().unwrap());
+                    let body = Full::new(Bytes::from_static(message))
+                        .with_trailers(async move { Some(Ok(trailers)) });
+                    let mut res = http::Response::new(body);
+                    res.headers_mut()
+                        .insert("content-type", "application/grpc".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(res)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc),
+                );
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_read_the_status_and_serving() {
+        let serving = server(&[0, 0, 0, 0, 2, 0x08, 0x01], "0").await;
+        assert_eq!(grpc_health(&serving, GrpcHealth::Health).await, Ok(()));
+        assert_eq!(grpc_health(&serving, GrpcHealth::Dapr).await, Ok(()));
+        let not_serving = server(&[0, 0, 0, 0, 2, 0x08, 0x02], "0").await;
+        let e = grpc_health(&not_serving, GrpcHealth::Health)
+            .await
+            .unwrap_err();
+        assert!(e.contains("not SERVING"), "{e}");
+        let unimplemented = server(&[], "12").await;
+        let e = grpc_health(&unimplemented, GrpcHealth::Dapr)
+            .await
+            .unwrap_err();
+        assert!(e.contains("grpc-status 12"), "{e}");
+        let nobody = Address::Tcp("127.0.0.1:1".parse().unwrap());
+        assert!(grpc_health(&nobody, GrpcHealth::Dapr).await.is_err());
+    }
 }

@@ -278,7 +278,7 @@ fn a_dapr_ext_grpc_app_gets_events_and_invocations_over_its_app_callback() {
     let out = dir.path().join("out.jsonl");
     let port = crate::servers::free_port();
     let config = format!(
-        "service: gapp\napp:\n  address: 127.0.0.1:{port}\n  protocol: grpc\n  probe: {{ tcp: 127.0.0.1:{port} }}\n  env: {{ APP_PORT: \"{port}\", OUT: \"{}\" }}\nbridge:\n  address: 127.0.0.1:0\n",
+        "service: gapp\napp:\n  address: 127.0.0.1:{port}\n  protocol: grpc\n  probe: {{ grpc: dapr }}\n  env: {{ APP_PORT: \"{port}\", OUT: \"{}\" }}\nbridge:\n  address: 127.0.0.1:0\n",
         out.display()
     );
     let sc = Spawn {
