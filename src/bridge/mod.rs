@@ -13,6 +13,7 @@ pub mod components;
 pub mod env;
 pub mod error;
 pub mod invoke;
+pub mod not_implemented;
 pub mod ops;
 pub mod pubsub;
 pub mod routes;
@@ -222,6 +223,7 @@ impl Bridge {
 pub fn router(state: Arc<BridgeState>) -> Router {
     Router::new()
         .merge(routes::routes())
+        .merge(not_implemented::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
         .merge({
@@ -631,5 +633,86 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+
+    /// Every daprd route we do not serve answers 501 naming its building block (it fell
+    /// through to invocation and answered 400 `ERR_DIRECT_INVOKE` before).
+    #[tokio::test]
+    async fn unserved_building_blocks_answer_501() {
+        let app = app("service: unit\nbridge: {}\n");
+        for (method, path, block) in [
+            ("POST", "/v1.0/actors/cart/1/method/add", "actors"),
+            ("GET", "/v1.0/actors/cart/1/state/k", "actors"),
+            ("POST", "/v1.0/workflows/dapr/order/start", "workflows"),
+            ("GET", "/v1.0-beta1/workflows/dapr/abc", "workflows"),
+            (
+                "POST",
+                "/v1.0-alpha1/workflows/dapr/abc/terminate",
+                "workflows",
+            ),
+            ("POST", "/v1.0/bindings/cron", "bindings"),
+            ("GET", "/v1.0/configuration/cfg", "configuration"),
+            (
+                "GET",
+                "/v1.0-alpha1/configuration/cfg/subscribe",
+                "configuration",
+            ),
+            ("POST", "/v1.0-alpha1/lock/redislock", "lock"),
+            ("POST", "/v1.0-alpha1/unlock/redislock", "lock"),
+            ("PUT", "/v1.0-alpha1/crypto/vault/encrypt", "crypto"),
+            ("POST", "/v1.0-alpha1/subtlecrypto/vault/sign", "crypto"),
+            ("POST", "/v1.0-alpha1/jobs/nightly", "jobs"),
+            (
+                "POST",
+                "/v1.0-alpha1/conversation/llm/converse",
+                "conversation",
+            ),
+            (
+                "POST",
+                "/v1.0-alpha2/conversation/llm/converse",
+                "conversation",
+            ),
+            ("POST", "/v1.0-alpha1/state/statestore/query", "state query"),
+        ] {
+            let (status, body) = call(
+                &app,
+                Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(
+                status,
+                StatusCode::NOT_IMPLEMENTED,
+                "{method} {path}: {body}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["errorCode"], "ERR_NOT_IMPLEMENTED", "{path}");
+            assert_eq!(
+                v["message"],
+                format!("outrigger: {block} API is not implemented"),
+                "{path}"
+            );
+        }
+        // Served routes and invocation are unchanged: an unknown path without an app id is
+        // still daprd's invocation error, and the header form still invokes.
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/nothing").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("ERR_DIRECT_INVOKE"), "{body}");
+        let (status, body) = call(
+            &app,
+            Request::post("/v1.0/bindings/cron")
+                .header("dapr-app-id", "nobody")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_ne!(status, StatusCode::NOT_IMPLEMENTED, "{body}");
     }
 }
