@@ -12,6 +12,7 @@
 pub mod components;
 pub mod env;
 pub mod error;
+pub mod field_case;
 pub mod invoke;
 pub mod not_implemented;
 pub mod ops;
@@ -714,5 +715,42 @@ mod tests {
         )
         .await;
         assert_ne!(status, StatusCode::NOT_IMPLEMENTED, "{body}");
+    }
+
+    /// State bodies' field names match as daprd's Go decoder matches them: exact, then
+    /// ignoring case (serde alone refused `Key` as a missing key and dropped `Operations`).
+    #[tokio::test]
+    async fn state_field_names_ignore_case() {
+        let app = app("service: unit\nbridge: {}\n");
+        let post = |path: &'static str, body: &'static str| {
+            Request::post(path).body(Body::from(body)).unwrap()
+        };
+        let (status, body) = call(
+            &app,
+            post(
+                "/v1.0/state/statestore",
+                r#"[{"Key":"a","VALUE":{"Kept":1},"Options":{"CONCURRENCY":"last-write"}}]"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) = call(
+            &app,
+            post(
+                "/v1.0/state/statestore/transaction",
+                r#"{"Operations":[{"Operation":"upsert","Request":{"KEY":"b","Value":2}}]}"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) = call(
+            &app,
+            post("/v1.0/state/statestore/bulk", r#"{"Keys":["a","b"]}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v[0]["data"], serde_json::json!({"Kept": 1}), "{body}");
+        assert_eq!(v[1]["data"], 2, "{body}");
     }
 }

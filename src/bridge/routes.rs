@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 
 use super::BridgeState;
 use super::error::ApiError;
+use super::field_case::{self, Shape};
 use super::ops::{self, Item, Options, TxOp};
 
 type St = State<Arc<BridgeState>>;
@@ -51,9 +52,18 @@ pub async fn read_body(state: &BridgeState, body: Body) -> Result<Bytes, ApiErro
     }
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::Malformed(format!("expected {what}, found invalid JSON: {e}")))
+/// Parses a body whose field names are matched as daprd's Go decoder matches them (exact, then
+/// ignoring case: see [`field_case`]).
+fn parse_json<T: for<'a> Deserialize<'a>>(
+    what: &str,
+    shape: &Shape,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let malformed = |e: serde_json::Error| {
+        ApiError::Malformed(format!("expected {what}, found invalid JSON: {e}"))
+    };
+    let text = field_case::canonical(body, shape).map_err(malformed)?;
+    serde_json::from_str(&text).map_err(malformed)
 }
 
 /// A state item as the HTTP API sends it: `value` is any JSON, stored as its text.
@@ -99,7 +109,11 @@ impl SaveItem {
 async fn save(State(st): St, Path(name): Path<String>, body: Body) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
-    let items: Vec<SaveItem> = parse_json("a JSON array of state items", &body)?;
+    let items: Vec<SaveItem> = parse_json(
+        "a JSON array of state items",
+        &field_case::STATE_SAVE,
+        &body,
+    )?;
     ops::save(
         &st,
         &name,
@@ -142,7 +156,7 @@ async fn bulk_get(
 ) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
-    let req: BulkRequest = parse_json("{\"keys\": [...]}", &body)?;
+    let req: BulkRequest = parse_json("{\"keys\": [...]}", &field_case::STATE_BULK_GET, &body)?;
     let items = ops::bulk_get(&st, &name, req.keys).await?;
     let out: Vec<serde_json::Value> = items
         .into_iter()
@@ -198,7 +212,11 @@ async fn transaction(
 ) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
-    let tx: Transaction = parse_json("{\"operations\": [...]}", &body)?;
+    let tx: Transaction = parse_json(
+        "{\"operations\": [...]}",
+        &field_case::STATE_TRANSACTION,
+        &body,
+    )?;
     let ops = tx
         .operations
         .into_iter()

@@ -654,11 +654,13 @@ scopes: [another-app]
             &[("content-type", "application/json")],
             r#"[{"entryId":"a","event":{"k":1},"contentType":"application/json"},
                 {"entryId":"b","event":"hello","contentType":"text/plain"},
-                {"entryId":"c","event":"AP8=","contentType":"application/octet-stream"}]"#,
+                {"entryId":"c","event":"AP8=","contentType":"application/octet-stream"},
+                {"entryID":"d","Event":{"js":true},"CONTENTTYPE":"application/json"}]"#,
         )
         .await;
+    // `entryID` (the JS SDK's spelling): field names match as in daprd's Go decoder.
     assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
-    until("four deliveries", async || app.received().len() == 4).await;
+    until("five deliveries", async || app.received().len() == 5).await;
 
     let raw = &app.on("/raw")[0].event;
     assert_eq!(raw["data_base64"], "cmF3IGJ5dGVz");
@@ -669,7 +671,9 @@ scopes: [another-app]
         .map(|r| r.event["data"].clone())
         .collect();
     assert!(
-        bulk.contains(&json!({"k": 1})) && bulk.contains(&json!("hello")),
+        bulk.contains(&json!({"k": 1}))
+            && bulk.contains(&json!("hello"))
+            && bulk.contains(&json!({"js": true})),
         "{bulk:?}"
     );
     let binary = app
