@@ -72,7 +72,9 @@ impl ApiError {
             }
             ApiError::State { code, source } => match source {
                 StateError::EtagMismatch(_) => (StatusCode::CONFLICT, code),
-                StateError::EtagInvalid(_) => (StatusCode::BAD_REQUEST, code),
+                StateError::EtagInvalid(_) | StateError::TtlInvalid(_) => {
+                    (StatusCode::BAD_REQUEST, code)
+                }
                 StateError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, code),
             },
             ApiError::UnsupportedOperation(_) => {

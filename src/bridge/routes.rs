@@ -1,6 +1,7 @@
 //! The state, secrets, metadata, health and shutdown routes of the Dapr API. Bodies are read
 //! up to `bridge.max_body`; every failure is an [`ApiError`] rendered as Dapr does.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -106,7 +107,25 @@ impl SaveItem {
     }
 }
 
-async fn save(State(st): St, Path(name): Path<String>, body: Body) -> Result<Response, ApiError> {
+/// `metadata.<k>=<v>` query parameters (the first value of a key wins).
+fn query_metadata(pairs: Vec<(String, String)>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if let Some(k) = k.strip_prefix("metadata.") {
+            out.entry(k.to_string()).or_insert(v);
+        }
+    }
+    out
+}
+
+/// Saves the items; `?metadata.k=v` applies to every item that does not set `k` itself (so
+/// `?metadata.ttlInSeconds=60` gives them all a time to live).
+async fn save(
+    State(st): St,
+    Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    body: Body,
+) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
     let items: Vec<SaveItem> = parse_json(
@@ -114,29 +133,49 @@ async fn save(State(st): St, Path(name): Path<String>, body: Body) -> Result<Res
         &field_case::STATE_SAVE,
         &body,
     )?;
-    ops::save(
-        &st,
-        &name,
-        items.into_iter().map(SaveItem::into_item).collect(),
-    )
-    .await?;
+    let query = query_metadata(query);
+    let items = items
+        .into_iter()
+        .map(|i| {
+            let mut item = i.into_item();
+            for (k, v) in &query {
+                item.metadata.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            item
+        })
+        .collect();
+    ops::save(&st, &name, items).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The value, its `ETag`, and its response metadata as `metadata.<key>` headers (as daprd:
+/// `metadata.ttlExpireTime` when it expires).
 async fn get_state(
     State(st): St,
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    match ops::get(&st, &name, &key).await? {
-        Some((value, version)) => Ok((
-            StatusCode::OK,
-            [
-                (header::ETAG, version.to_string()),
-                (header::CONTENT_TYPE, "application/json".to_string()),
-            ],
-            value,
-        )
-            .into_response()),
+    match ops::get_entry(&st, &name, &key).await? {
+        Some(entry) => {
+            let metadata = entry.metadata();
+            let mut response = (
+                StatusCode::OK,
+                [
+                    (header::ETAG, entry.version.to_string()),
+                    (header::CONTENT_TYPE, "application/json".to_string()),
+                ],
+                entry.value,
+            )
+                .into_response();
+            for (k, v) in metadata {
+                if let (Ok(name), Ok(value)) = (
+                    header::HeaderName::try_from(format!("metadata.{k}")),
+                    header::HeaderValue::try_from(v),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            Ok(response)
+        }
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }

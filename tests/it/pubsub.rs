@@ -533,12 +533,21 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
         1,
     )
     .await;
-    // A generated envelope: JSON data, the app id as source, the trace header carried.
+    // An event past its `expiration` is dropped, not delivered.
+    b.publish(
+        "ps",
+        "orders",
+        "application/cloudevents+json",
+        &json!({"specversion":"1.0","id":"stale","source":"x","type":"order.gold","expiration":"2020-01-01T00:00:00Z","data":{"total":1000}}).to_string(),
+    )
+    .await;
+    // A generated envelope: JSON data, the app id as source, the trace header carried, and an
+    // `expiration` from the ttl.
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let (status, _) = b
         .call(
             "POST",
-            "/v1.0/publish/ps/orders",
+            "/v1.0/publish/ps/orders?metadata.ttlInSeconds=60",
             &[("content-type", "application/json"), ("traceparent", tp)],
             r#"{"n":1}"#,
         )
@@ -575,6 +584,11 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
     assert_eq!(e["topic"], "orders");
     assert_eq!(e["pubsubname"], "ps");
     assert_eq!(e["traceparent"], tp);
+    let expiration = e["expiration"].as_str().expect("an expiration");
+    assert!(
+        humantime::parse_rfc3339(expiration).unwrap() > std::time::SystemTime::now(),
+        "{expiration}"
+    );
     assert_eq!(
         other[0].headers["content-type"],
         "application/cloudevents+json"
@@ -583,6 +597,13 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
     assert_eq!(app.on("/gold")[0].event["id"], "order.gold-500");
     assert_eq!(app.on("/gold")[0].event["source"], "x");
     assert_eq!(app.on("/orders")[0].event["id"], "order.gold-5");
+    until("the expired event dropped", async || {
+        b.metrics_text().contains(
+            r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="orders",result="drop"} 1"#,
+        )
+    })
+    .await;
+    assert!(app.received().iter().all(|r| r.event["id"] != "stale"));
 
     let text = b.metrics_text();
     assert!(
@@ -591,8 +612,9 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
         ),
         "{text}"
     );
+
     assert!(
-        text.contains(r#"outrigger_pubsub_published_total{pubsub="ps",result="success"} 3"#),
+        text.contains(r#"outrigger_pubsub_published_total{pubsub="ps",result="success"} 4"#),
         "{text}"
     );
     b.ps.stop().await;

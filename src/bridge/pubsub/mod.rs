@@ -378,6 +378,13 @@ impl PubSub {
                 _ => cloudevent::from_raw_payload(&msg.data, &sub.topic, &sub.pubsubname),
             }
         };
+        // Past its `expiration` (a publish with a ttl): dropped, as daprd does.
+        if cloudevent::expired(&event) {
+            tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, id = ?event.get("id"), expiration = ?event.get("expiration"), "dropping an expired event");
+            return self
+                .drop_or_dead_letter(sub, &msg, label, topic, false)
+                .await;
+        }
         let event = Value::Object(event);
         let Some(path) = sub.route(&event) else {
             tracing::debug!(pubsub = %sub.pubsubname, topic = %sub.topic, "no route matches the event; dropped");
