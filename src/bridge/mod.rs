@@ -68,8 +68,10 @@ pub struct BridgeState {
     pub config: BridgeConfig,
     /// Where the app listens (`app.address`): invocations of our own app id go there.
     pub app_address: Option<Address>,
-    /// The components in scope for this app id, in file order.
+    /// The components in scope for this app id, in file order (less the skipped ones).
     pub components: Vec<Component>,
+    /// Components that failed to open and were skipped (`spec.ignoreErrors: true`).
+    pub skipped: Vec<components::Skipped>,
     /// Raw `Subscription` documents from the resources directory, for pub/sub.
     pub subscription_documents: Vec<RawDocument>,
     pub state_stores: HashMap<String, StateStore>,
@@ -115,20 +117,19 @@ impl BridgeState {
             brokers,
             declarative,
         } = prepared;
-        let components: Vec<Component> = resources
+        let mut components: Vec<Component> = resources
             .components
             .iter()
             .filter(|c| c.in_scope(&bridge.app_id))
             .cloned()
             .collect();
+        let mut skipped: Vec<components::Skipped> = resources.skipped.clone();
         let mut state_stores = HashMap::new();
         let mut secret_stores = HashMap::new();
-        for c in &components {
-            match c.block() {
-                "state" => {
-                    let store = state::Store::open(c).map_err(|e| {
-                        anyhow::anyhow!("{}: component {:?}: {e}", c.location(), c.name)
-                    })?;
+        let mut failed = Vec::new();
+        for (i, c) in components.iter().enumerate() {
+            let opened = match c.block() {
+                "state" => state::Store::open(c).map(|store| {
                     state_stores.insert(
                         c.name.clone(),
                         StateStore {
@@ -137,15 +138,22 @@ impl BridgeState {
                             store,
                         },
                     );
-                }
-                "secretstores" => {
-                    let store = secrets::SecretStore::new(c).map_err(|e| {
-                        anyhow::anyhow!("{}: component {:?}: {e}", c.location(), c.name)
-                    })?;
+                }),
+                "secretstores" => secrets::SecretStore::new(c).map(|store| {
                     secret_stores.insert(c.name.clone(), store);
-                }
-                _ => {}
+                }),
+                _ => Ok(()),
+            };
+            match opened {
+                Ok(()) => {}
+                // `spec.ignoreErrors`: logged, skipped, shown in `/v1.0/metadata`.
+                Err(e) if c.ignore_errors => failed.push((i, e)),
+                Err(e) => anyhow::bail!("{}: component {:?}: {e}", c.location(), c.name),
             }
+        }
+        for (i, e) in failed.into_iter().rev() {
+            let c = components.remove(i);
+            skipped.push(components::Skipped::new(&c, e));
         }
         let app_address = match &config.app.address {
             Some(Address::Tcp(a)) => Some(a.to_string()),
@@ -171,6 +179,7 @@ impl BridgeState {
             app_address: config.app.address.clone(),
             subscription_documents: resources.subscriptions,
             components,
+            skipped,
             state_stores,
             secret_stores,
             app_gate: gate,

@@ -318,9 +318,12 @@ pub fn set_metadata(st: &BridgeState, key: String, value: String) {
     st.extended.lock().expect("not poisoned").insert(key, value);
 }
 
-/// The extended metadata set so far.
+/// The extended metadata: what was set so far, and an `outrigger.skipped.<name>` entry for
+/// each component skipped under `spec.ignoreErrors` (`<type> (<file:line>): <error>`).
 pub fn extended(st: &BridgeState) -> BTreeMap<String, String> {
-    st.extended.lock().expect("not poisoned").clone()
+    let mut out = st.extended.lock().expect("not poisoned").clone();
+    out.extend(st.skipped.iter().map(|s| s.extended_entry()));
+    out
 }
 
 /// The same graceful stop as SIGTERM (`graceful: false`, a fast stop). Returns at once; the

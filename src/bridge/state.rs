@@ -266,6 +266,17 @@ impl Store {
         }
     }
 
+    /// Checks a component's metadata without opening anything (no file is created, no
+    /// connection made): for the preflight stage, so `outrigger check` reports it.
+    pub fn check(c: &Component) -> Result<(), String> {
+        match c.kind.as_str() {
+            "state.in-memory" => Ok(()),
+            "state.sqlite" => Sqlite::table_name(c).map(drop),
+            "state.redis" => Redis::new(c).map(drop),
+            other => Err(format!("{other} is not a state store type")),
+        }
+    }
+
     /// The value, its ETag and expiry, or None (also when it has expired).
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {
         match self {
@@ -326,11 +337,8 @@ fn unix_ms(t: SystemTime) -> i64 {
 pub const DEFAULT_SQLITE_FILE: &str = "outrigger-state.db";
 
 impl Sqlite {
-    fn open(c: &Component) -> Result<Sqlite, String> {
-        let target = c
-            .meta("connectionString")
-            .unwrap_or(DEFAULT_SQLITE_FILE)
-            .to_string();
+    /// `tableName` (default `state`), which is written into SQL: letters, digits and `_` only.
+    fn table_name(c: &Component) -> Result<String, String> {
         let table = c.meta("tableName").unwrap_or("state").to_string();
         if table.is_empty()
             || !table
@@ -341,6 +349,15 @@ impl Sqlite {
                 "expected tableName of letters, digits and '_', found {table:?}"
             ));
         }
+        Ok(table)
+    }
+
+    fn open(c: &Component) -> Result<Sqlite, String> {
+        let target = c
+            .meta("connectionString")
+            .unwrap_or(DEFAULT_SQLITE_FILE)
+            .to_string();
+        let table = Sqlite::table_name(c)?;
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
             | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
             | rusqlite::OpenFlags::SQLITE_OPEN_URI

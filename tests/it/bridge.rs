@@ -1314,3 +1314,106 @@ fn ttl_on_sqlite_and_an_older_table_is_migrated() {
     );
     ttl_contract(&sc, "db", "sqlite");
 }
+
+/// `spec.ignoreErrors: true`: a component that cannot be opened (bad metadata found by the
+/// preflight stage, an unknown type, a SQLite file that cannot be created at start) is logged
+/// and skipped, the others serve, and `/v1.0/metadata` lists it under `extended`. Without the
+/// flag the same component stops `check` and `run` with exit 78 and its file and line.
+#[test]
+fn ignore_errors_skips_a_failing_component_and_shows_it() {
+    let component = |name: &str, kind: &str, meta: &str, ignore: bool| {
+        format!(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  ignoreErrors: {ignore}\n  metadata:\n{meta}"
+        )
+    };
+    let bad_redis = "  - name: redisHost\n    value: no-port-here\n";
+    let bad_sqlite =
+        "  - name: connectionString\n    value: /nonexistent-dir/for/outrigger/state.db\n";
+    let sc = start(
+        "service: app\n",
+        &[
+            (
+                "a-bad-redis.yaml",
+                &component("cache", "state.redis", bad_redis, true),
+            ),
+            (
+                "b-bad-sqlite.yaml",
+                &component("db", "state.sqlite", bad_sqlite, true),
+            ),
+            (
+                "c-unknown.yaml",
+                &component("events", "pubsub.kafka", "    []\n", true),
+            ),
+            (
+                "d-bad-pubsub.yaml",
+                &component("bus", "pubsub.redis", "    []\n", true),
+            ),
+            (
+                "e-good.yaml",
+                &component("good", "state.in-memory", "    []\n", false),
+            ),
+        ],
+    );
+    let (s, _, body) = get(&sc, "/v1.0/metadata");
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["good"], "{body}");
+    for (name, kind, file) in [
+        ("cache", "state.redis", "a-bad-redis.yaml"),
+        ("db", "state.sqlite", "b-bad-sqlite.yaml"),
+        ("events", "pubsub.kafka", "c-unknown.yaml"),
+        ("bus", "pubsub.redis", "d-bad-pubsub.yaml"),
+    ] {
+        let note = v["extended"][format!("outrigger.skipped.{name}")]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} not in extended: {body}"));
+        assert!(note.starts_with(kind) && note.contains(file), "{note}");
+    }
+    assert!(
+        sc.stderr().contains("ignoring error opening component")
+            || sc.stdout().contains("ignoring error opening component"),
+        "{}",
+        sc.diagnostics()
+    );
+    assert_eq!(
+        post(&sc, "/v1.0/state/good", json!([{"key": "k", "value": 1}])).0,
+        204
+    );
+    let (s, body) = post(&sc, "/v1.0/state/cache", json!([{"key": "k", "value": 1}]));
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (400, "ERR_STATE_STORE_NOT_FOUND")
+    );
+    drop(sc);
+
+    // Without the flag: refused before anything starts, located, by `check` too.
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(
+        resources.join("redis.yaml"),
+        component("cache", "state.redis", bad_redis, false),
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+            resources.display()
+        ),
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
+        assert_eq!(code, 78, "{cmd}: {stderr}");
+        assert!(stderr.contains("redis.yaml:1:"), "{cmd}: {stderr}");
+        assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
+    }
+}

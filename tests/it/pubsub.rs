@@ -138,6 +138,7 @@ fn component(name: &str, kind: &str, metadata: &[(&str, &str)]) -> Component {
             .collect(),
         file: format!("{name}.yaml").into(),
         scopes: Vec::new(),
+        ignore_errors: false,
         line: 1,
     }
 }
