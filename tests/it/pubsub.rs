@@ -712,6 +712,113 @@ scopes: [another-app]
     b.ps.stop().await;
 }
 
+/// `bulkSubscribe.enabled`: the app gets daprd's bulk envelope and answers per entry; SUCCESS
+/// acks, DROP drops, a missing or empty status retries that entry alone (in a later envelope).
+#[tokio::test]
+async fn bulk_subscribe_delivers_envelopes_and_reads_per_entry_statuses() {
+    let retried = Arc::new(Mutex::new(false));
+    let seen_retry = retried.clone();
+    let app = App::start(
+        Some(json!([{
+            "pubsubname": "ps", "topic": "bulk", "route": "/bulk",
+            // A Java-style handler: up to 3 events per envelope; the wait is long so that
+            // the three published at once arrive together (it ships when full).
+            "bulkSubscribe": {"enabled": true, "maxMessagesCount": 3, "maxAwaitDurationMs": 2000}
+        }])),
+        move |_, envelope, _| {
+            let statuses: Vec<Value> = envelope["entries"]
+                .as_array()
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .filter_map(|e| {
+                            let status = match e["event"]["data"]["n"].as_i64() {
+                                Some(1) => "SUCCESS",
+                                Some(2) => "DROP",
+                                // No status the first time: RETRY; then SUCCESS.
+                                Some(3)
+                                    if !std::mem::replace(
+                                        &mut *seen_retry.lock().unwrap(),
+                                        true,
+                                    ) =>
+                                {
+                                    return None;
+                                }
+                                _ => "SUCCESS",
+                            };
+                            Some(json!({"entryId": e["entryId"], "status": status}))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (StatusCode::OK, json!({ "statuses": statuses }).to_string())
+        },
+    )
+    .await;
+    let b = bridge(
+        Some(&app),
+        &[component("ps", "pubsub.in-memory", &[])],
+        vec![],
+        1,
+    )
+    .await;
+    for n in 1..=3 {
+        b.publish(
+            "ps",
+            "bulk",
+            "application/json",
+            &json!({ "n": n }).to_string(),
+        )
+        .await;
+    }
+    until("the retried entry delivered again", async || {
+        b.metrics_text().contains(
+            r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="bulk",result="success"} 2"#,
+        )
+    })
+    .await;
+    assert!(*retried.lock().unwrap());
+    let envelopes = app.on("/bulk");
+    // The first envelope holds the three events, as daprd lays it out.
+    let first = &envelopes[0];
+    assert_eq!(first.headers["content-type"], "application/json");
+    let e = &first.event;
+    assert_eq!(e["type"], "com.dapr.event.sent.bulk");
+    assert_eq!(
+        (e["topic"].as_str(), e["pubsubname"].as_str()),
+        (Some("bulk"), Some("ps"))
+    );
+    assert_eq!(e["id"].as_str().unwrap().len(), 36);
+    let entries = e["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3, "{e}");
+    let mut ns: Vec<i64> = entries
+        .iter()
+        .map(|x| x["event"]["data"]["n"].as_i64().unwrap())
+        .collect();
+    ns.sort();
+    assert_eq!(ns, [1, 2, 3]);
+    for x in entries {
+        assert_eq!(x["contentType"], "application/cloudevents+json");
+        assert!(!x["entryId"].as_str().unwrap().is_empty());
+        assert_eq!(x["event"]["type"], "com.dapr.event.sent");
+    }
+    // Then only the retried event, alone.
+    let later: Vec<i64> = envelopes[1..]
+        .iter()
+        .flat_map(|r| r.event["entries"].as_array().unwrap().clone())
+        .map(|x| x["event"]["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(later, [3]);
+    let text = b.metrics_text();
+    for (result, n) in [("drop", 1), ("retry", 1)] {
+        let line = format!(
+            r#"outrigger_pubsub_delivered_total{{pubsub="ps",topic="bulk",result="{result}"}} {n}"#
+        );
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
+    b.ps.stop().await;
+}
+
 #[tokio::test]
 async fn redis_retries_then_acks_once_drops_and_dead_letters() {
     let redis = RedisServer::start_persistent();

@@ -33,6 +33,7 @@
 //!    `ps.subscribed()` counts subscriptions running on their brokers.
 
 pub mod broker;
+pub mod bulk_subscribe;
 pub mod cel;
 pub mod cloudevent;
 pub mod delivery;
@@ -356,15 +357,30 @@ impl PubSub {
         let me = self.clone();
         // The metric label, made once per subscription.
         let topic: Name = Arc::new(sub.topic.clone());
+        // `bulkSubscribe`: deliveries go through envelopes (dropped with the handler).
+        let batches = sub.bulk.map(|config| {
+            Arc::new(bulk_subscribe::Batches::new(
+                me.clone(),
+                sub.clone(),
+                config,
+            ))
+        });
         Arc::new(move |msg| {
             let (me, sub, topic) = (me.clone(), sub.clone(), topic.clone());
-            Box::pin(async move { me.handle(&sub, &topic, msg).await })
+            let batches = batches.clone();
+            Box::pin(async move { me.handle(&sub, &topic, msg, batches.as_deref()).await })
         })
     }
 
     /// Delivers one message to the app: route, POST with retries, then dead-letter or leave it
     /// to the broker.
-    async fn handle(&self, sub: &Subscription, topic: &Name, msg: Message) -> Outcome {
+    async fn handle(
+        &self,
+        sub: &Subscription,
+        topic: &Name,
+        msg: Message,
+        batches: Option<&bulk_subscribe::Batches>,
+    ) -> Outcome {
         let Some(app) = &self.app else {
             return Outcome::Retry;
         };
@@ -409,7 +425,11 @@ impl PubSub {
                     r = ready.wait_for(|open| *open) => if r.is_err() { return Outcome::Retry },
                 }
             }
-            match app.deliver(path, body.clone(), trace, &msg.metadata).await {
+            let status = match (batches, &event) {
+                (Some(b), Value::Object(m)) => b.deliver(path, m.clone(), &msg.metadata).await,
+                _ => app.deliver(path, body.clone(), trace, &msg.metadata).await,
+            };
+            match status {
                 AppStatus::Success => {
                     self.metrics.delivery(label, topic, "success");
                     return Outcome::Ack;
