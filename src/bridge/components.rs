@@ -105,6 +105,8 @@ pub struct Skipped {
     /// `file:line`.
     pub location: String,
     pub error: String,
+    /// The component's `scopes` (only this app's skipped components are shown).
+    pub scopes: Vec<String>,
 }
 
 impl Skipped {
@@ -116,6 +118,7 @@ impl Skipped {
             kind: c.kind.clone(),
             location: c.location(),
             error,
+            scopes: c.scopes.clone(),
         }
     }
 
@@ -349,6 +352,10 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
         let c = resources.components.remove(i);
         resources.skipped.push(Skipped::new(&c, message));
     }
+    // Another app's skipped component (an unknown type) is not this app's concern.
+    resources
+        .skipped
+        .retain(|s| s.scopes.is_empty() || s.scopes.iter().any(|a| a == app_id));
     let mut files: Vec<PathBuf> = resources
         .subscriptions
         .iter()
