@@ -39,6 +39,9 @@ pub struct Component {
     pub metadata: BTreeMap<String, String>,
     /// `scopes`: the app ids that may use it (empty: every app).
     pub scopes: Vec<String>,
+    /// `spec.ignoreErrors`: when it cannot be opened, the component is logged and skipped
+    /// ([`Skipped`]) instead of stopping the start.
+    pub ignore_errors: bool,
     /// Where it was written (for messages).
     pub file: PathBuf,
     pub line: usize,
@@ -92,10 +95,48 @@ pub struct RawDocument {
     pub value: serde_norway::Value,
 }
 
+/// A component with `spec.ignoreErrors: true` that could not be opened: left out of
+/// [`Resources::components`] (its API answers "not found"), logged, and listed in
+/// `/v1.0/metadata`'s `extended` (daprd only logs it).
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    pub name: String,
+    pub kind: String,
+    /// `file:line`.
+    pub location: String,
+    pub error: String,
+    /// The component's `scopes` (only this app's skipped components are shown).
+    pub scopes: Vec<String>,
+}
+
+impl Skipped {
+    /// Logs the skip and records it.
+    pub fn new(c: &Component, error: String) -> Skipped {
+        tracing::warn!(component = %c.name, kind = %c.kind, at = %c.location(), %error, "ignoring error opening component (spec.ignoreErrors); the component is skipped");
+        Skipped {
+            name: c.name.clone(),
+            kind: c.kind.clone(),
+            location: c.location(),
+            error,
+            scopes: c.scopes.clone(),
+        }
+    }
+
+    /// The `extended` metadata entry: `outrigger.skipped.<name>` → `<type> (<file:line>): <error>`.
+    pub fn extended_entry(&self) -> (String, String) {
+        (
+            format!("outrigger.skipped.{}", self.name),
+            format!("{} ({}): {}", self.kind, self.location, self.error),
+        )
+    }
+}
+
 /// Everything read from the resources directory.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub components: Vec<Component>,
+    /// Components skipped under `spec.ignoreErrors`.
+    pub skipped: Vec<Skipped>,
     /// Documents of kind `Subscription`, for pub/sub to parse.
     pub subscriptions: Vec<RawDocument>,
 }
@@ -110,6 +151,7 @@ impl Resources {
             version: "v1".into(),
             metadata: BTreeMap::new(),
             scopes: Vec::new(),
+            ignore_errors: false,
             file: PathBuf::from(EMBEDDED),
             line: 0,
         };
@@ -119,6 +161,7 @@ impl Resources {
                 component("pubsub", "pubsub.in-memory"),
             ],
             subscriptions: Vec::new(),
+            skipped: Vec::new(),
         }
     }
 }
@@ -155,6 +198,8 @@ struct RawSpec {
     version: Option<String>,
     #[serde(default)]
     metadata: Vec<RawItem>,
+    #[serde(default, rename = "ignoreErrors")]
+    ignore_errors: bool,
 }
 
 #[derive(Deserialize)]
@@ -266,33 +311,51 @@ impl fmt::Debug for Prepared {
 /// and line, so `outrigger check` sees them and `run` refuses them with exit 78; what was built
 /// is returned for the bridge to use.
 pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) -> Prepared {
-    let resources = load(dir, problems);
+    let mut resources = load(dir, problems);
     let mut brokers = Vec::new();
-    for c in resources
-        .components
-        .iter()
-        .filter(|c| c.block() == "pubsub" && c.in_scope(app_id))
-    {
-        match crate::bridge::pubsub::broker::build(c) {
-            Ok(b) => brokers.push((c.name.clone(), b)),
-            Err(e) => {
-                // The broker's message names the file already; keep the line.
-                let message = e
-                    .strip_prefix(&format!("{}: ", c.file.display()))
-                    .unwrap_or(&e)
-                    .to_string();
-                problems.push(Problem {
-                    origin: Origin::File {
-                        file: c.file.display().to_string(),
-                        line: c.line.max(1),
-                        column: 1,
-                    },
-                    path: String::new(),
-                    message,
-                });
-            }
+    let mut failed = Vec::new();
+    for (i, c) in resources.components.iter().enumerate() {
+        if !c.in_scope(app_id) {
+            continue;
         }
+        // Built (brokers) or checked without opening anything (stores): a problem is located
+        // at the component, unless `spec.ignoreErrors` says to skip it.
+        let outcome = match c.block() {
+            "pubsub" => {
+                crate::bridge::pubsub::broker::build(c).map(|b| brokers.push((c.name.clone(), b)))
+            }
+            "state" => crate::bridge::state::Store::check(c),
+            "secretstores" => crate::bridge::secrets::SecretStore::new(c).map(drop),
+            _ => Ok(()),
+        };
+        let Err(e) = outcome else { continue };
+        // The broker's message names the file already; keep the line.
+        let message = e
+            .strip_prefix(&format!("{}: ", c.file.display()))
+            .unwrap_or(&e)
+            .to_string();
+        if c.ignore_errors {
+            failed.push((i, message));
+            continue;
+        }
+        problems.push(Problem {
+            origin: Origin::File {
+                file: c.file.display().to_string(),
+                line: c.line.max(1),
+                column: 1,
+            },
+            path: String::new(),
+            message: format!("component {:?}: {message}", c.name),
+        });
     }
+    for (i, message) in failed.into_iter().rev() {
+        let c = resources.components.remove(i);
+        resources.skipped.push(Skipped::new(&c, message));
+    }
+    // Another app's skipped component (an unknown type) is not this app's concern.
+    resources
+        .skipped
+        .retain(|s| s.scopes.is_empty() || s.scopes.iter().any(|a| a == app_id));
     let mut files: Vec<PathBuf> = resources
         .subscriptions
         .iter()
@@ -434,23 +497,32 @@ fn read_document(
         .chain(SECRET_TYPES)
         .any(|t| *t == kind);
     if !known {
-        problems.push(shifted(
-            doc.problem(
-                "spec.type",
-                format!(
-                    "unknown component type {kind:?} (component {:?}); supported: {}",
-                    raw.metadata.name,
-                    STATE_TYPES
-                        .iter()
-                        .chain(PUBSUB_TYPES)
-                        .chain(SECRET_TYPES)
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ),
-            offset,
-        ));
+        let message = format!(
+            "unknown component type {kind:?} (component {:?}); supported: {}",
+            raw.metadata.name,
+            STATE_TYPES
+                .iter()
+                .chain(PUBSUB_TYPES)
+                .chain(SECRET_TYPES)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if raw.spec.ignore_errors {
+            let c = Component {
+                name: raw.metadata.name,
+                kind,
+                version: raw.spec.version.unwrap_or_else(|| "v1".into()),
+                metadata: BTreeMap::new(),
+                scopes: raw.scopes,
+                ignore_errors: true,
+                file: file.to_path_buf(),
+                line,
+            };
+            out.skipped.push(Skipped::new(&c, message));
+        } else {
+            problems.push(shifted(doc.problem("spec.type", message), offset));
+        }
         return;
     }
     let version = raw.spec.version.clone().unwrap_or_else(|| "v1".into());
@@ -518,6 +590,7 @@ fn read_document(
         version,
         metadata,
         scopes: raw.scopes,
+        ignore_errors: raw.spec.ignore_errors,
         file: file.to_path_buf(),
         line,
     });
@@ -639,7 +712,7 @@ mod tests {
         let secrets = dir.path().join("secrets.json");
         std::fs::write(&secrets, r#"{"redis": {"password": "pw"}}"#).unwrap();
         let text = format!(
-            "kind: Component\nmetadata: {{name: local}}\nspec:\n  type: secretstores.local.file\n  metadata:\n  - {{name: secretsFile, value: {}}}\n---\nkind: Component\nmetadata: {{name: s}}\nspec:\n  type: state.redis\n  metadata:\n  - name: redisPassword\n    secretKeyRef: {{name: \"redis:password\"}}\n  - name: other\n    secretKeyRef: {{name: missing}}\nauth: {{secretStore: local}}\n",
+            "kind: Component\nmetadata: {{name: local}}\nspec:\n  type: secretstores.local.file\n  metadata:\n  - {{name: secretsFile, value: {}}}\n---\nkind: Component\nmetadata: {{name: s}}\nspec:\n  type: state.redis\n  metadata:\n  - name: redisPassword\n    secretKeyRef: {{name: \"redis:password\"}}\n  - name: other\n    secretKeyRef: {{name: missing}}\n  - {{name: redisHost, value: \"localhost:6379\"}}\nauth: {{secretStore: local}}\n",
             secrets.display()
         );
         let (r, problems) = load_text(&text);

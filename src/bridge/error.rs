@@ -47,6 +47,10 @@ pub enum ApiError {
     /// The route does not exist (as daprd: invocation without an app id, 400).
     #[error("failed getting app id either from the URL path or the header dapr-app-id")]
     NoAppId,
+    /// A daprd route whose building block Outrigger does not serve (501
+    /// `ERR_NOT_IMPLEMENTED`), named so the caller knows what is missing.
+    #[error("outrigger: {0} API is not implemented")]
+    NotImplemented(&'static str),
     /// A web page of another site sent a change (403; Outrigger's own code: daprd has none).
     #[error("cross-origin requests cannot change state, publish or stop the sidecar")]
     CrossOrigin,
@@ -68,7 +72,9 @@ impl ApiError {
             }
             ApiError::State { code, source } => match source {
                 StateError::EtagMismatch(_) => (StatusCode::CONFLICT, code),
-                StateError::EtagInvalid(_) => (StatusCode::BAD_REQUEST, code),
+                StateError::EtagInvalid(_) | StateError::TtlInvalid(_) => {
+                    (StatusCode::BAD_REQUEST, code)
+                }
                 StateError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, code),
             },
             ApiError::UnsupportedOperation(_) => {
@@ -77,6 +83,7 @@ impl ApiError {
             ApiError::Secret(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ERR_SECRET_GET"),
             ApiError::Invoke { status, .. } => (*status, "ERR_DIRECT_INVOKE"),
             ApiError::NoAppId => (StatusCode::BAD_REQUEST, "ERR_DIRECT_INVOKE"),
+            ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "ERR_NOT_IMPLEMENTED"),
             ApiError::CrossOrigin => (StatusCode::FORBIDDEN, "ERR_CROSS_ORIGIN_REQUEST"),
             ApiError::ForeignHost => (StatusCode::FORBIDDEN, "ERR_FOREIGN_HOST"),
         }

@@ -12,8 +12,10 @@
 pub mod components;
 pub mod env;
 pub mod error;
+pub mod field_case;
 pub mod grpc;
 pub mod invoke;
+pub mod not_implemented;
 pub mod ops;
 pub mod pubsub;
 pub mod routes;
@@ -67,8 +69,10 @@ pub struct BridgeState {
     pub config: BridgeConfig,
     /// Where the app listens (`app.address`): invocations of our own app id go there.
     pub app_address: Option<Address>,
-    /// The components in scope for this app id, in file order.
+    /// The components in scope for this app id, in file order (less the skipped ones).
     pub components: Vec<Component>,
+    /// Components that failed to open and were skipped (`spec.ignoreErrors: true`).
+    pub skipped: Vec<components::Skipped>,
     /// Raw `Subscription` documents from the resources directory, for pub/sub.
     pub subscription_documents: Vec<RawDocument>,
     pub state_stores: HashMap<String, StateStore>,
@@ -119,20 +123,19 @@ impl BridgeState {
             brokers,
             declarative,
         } = prepared;
-        let components: Vec<Component> = resources
+        let mut components: Vec<Component> = resources
             .components
             .iter()
             .filter(|c| c.in_scope(&bridge.app_id))
             .cloned()
             .collect();
+        let mut skipped: Vec<components::Skipped> = resources.skipped.clone();
         let mut state_stores = HashMap::new();
         let mut secret_stores = HashMap::new();
-        for c in &components {
-            match c.block() {
-                "state" => {
-                    let store = state::Store::open(c).map_err(|e| {
-                        anyhow::anyhow!("{}: component {:?}: {e}", c.location(), c.name)
-                    })?;
+        let mut failed = Vec::new();
+        for (i, c) in components.iter().enumerate() {
+            let opened = match c.block() {
+                "state" => state::Store::open(c).map(|store| {
                     state_stores.insert(
                         c.name.clone(),
                         StateStore {
@@ -141,15 +144,22 @@ impl BridgeState {
                             store,
                         },
                     );
-                }
-                "secretstores" => {
-                    let store = secrets::SecretStore::new(c).map_err(|e| {
-                        anyhow::anyhow!("{}: component {:?}: {e}", c.location(), c.name)
-                    })?;
+                }),
+                "secretstores" => secrets::SecretStore::new(c).map(|store| {
                     secret_stores.insert(c.name.clone(), store);
-                }
-                _ => {}
+                }),
+                _ => Ok(()),
+            };
+            match opened {
+                Ok(()) => {}
+                // `spec.ignoreErrors`: logged, skipped, shown in `/v1.0/metadata`.
+                Err(e) if c.ignore_errors => failed.push((i, e)),
+                Err(e) => anyhow::bail!("{}: component {:?}: {e}", c.location(), c.name),
             }
+        }
+        for (i, e) in failed.into_iter().rev() {
+            let c = components.remove(i);
+            skipped.push(components::Skipped::new(&c, e));
         }
         let app_address = match &config.app.address {
             Some(Address::Tcp(a)) => Some(a.to_string()),
@@ -190,6 +200,7 @@ impl BridgeState {
             app_address: config.app.address.clone(),
             subscription_documents: resources.subscriptions,
             components,
+            skipped,
             state_stores,
             secret_stores,
             app_gate: gate,
@@ -278,6 +289,7 @@ impl Bridge {
 pub fn router(state: Arc<BridgeState>) -> Router {
     Router::new()
         .merge(routes::routes())
+        .merge(not_implemented::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
         .merge({
@@ -742,5 +754,123 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+
+    /// Every daprd route we do not serve answers 501 naming its building block (it fell
+    /// through to invocation and answered 400 `ERR_DIRECT_INVOKE` before).
+    #[tokio::test]
+    async fn unserved_building_blocks_answer_501() {
+        let app = app("service: unit\nbridge: {}\n");
+        for (method, path, block) in [
+            ("POST", "/v1.0/actors/cart/1/method/add", "actors"),
+            ("GET", "/v1.0/actors/cart/1/state/k", "actors"),
+            ("POST", "/v1.0/workflows/dapr/order/start", "workflows"),
+            ("GET", "/v1.0-beta1/workflows/dapr/abc", "workflows"),
+            (
+                "POST",
+                "/v1.0-alpha1/workflows/dapr/abc/terminate",
+                "workflows",
+            ),
+            ("POST", "/v1.0/bindings/cron", "bindings"),
+            ("GET", "/v1.0/configuration/cfg", "configuration"),
+            (
+                "GET",
+                "/v1.0-alpha1/configuration/cfg/subscribe",
+                "configuration",
+            ),
+            ("POST", "/v1.0-alpha1/lock/redislock", "lock"),
+            ("POST", "/v1.0-alpha1/unlock/redislock", "lock"),
+            ("PUT", "/v1.0-alpha1/crypto/vault/encrypt", "crypto"),
+            ("POST", "/v1.0-alpha1/subtlecrypto/vault/sign", "crypto"),
+            ("POST", "/v1.0-alpha1/jobs/nightly", "jobs"),
+            (
+                "POST",
+                "/v1.0-alpha1/conversation/llm/converse",
+                "conversation",
+            ),
+            (
+                "POST",
+                "/v1.0-alpha2/conversation/llm/converse",
+                "conversation",
+            ),
+            ("POST", "/v1.0-alpha1/state/statestore/query", "state query"),
+        ] {
+            let (status, body) = call(
+                &app,
+                Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(
+                status,
+                StatusCode::NOT_IMPLEMENTED,
+                "{method} {path}: {body}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["errorCode"], "ERR_NOT_IMPLEMENTED", "{path}");
+            assert_eq!(
+                v["message"],
+                format!("outrigger: {block} API is not implemented"),
+                "{path}"
+            );
+        }
+        // Served routes and invocation are unchanged: an unknown path without an app id is
+        // still daprd's invocation error, and the header form still invokes.
+        let (status, body) = call(
+            &app,
+            Request::get("/v1.0/nothing").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("ERR_DIRECT_INVOKE"), "{body}");
+        let (status, body) = call(
+            &app,
+            Request::post("/v1.0/bindings/cron")
+                .header("dapr-app-id", "nobody")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_ne!(status, StatusCode::NOT_IMPLEMENTED, "{body}");
+    }
+
+    /// State bodies' field names match as daprd's Go decoder matches them: exact, then
+    /// ignoring case (serde alone refused `Key` as a missing key and dropped `Operations`).
+    #[tokio::test]
+    async fn state_field_names_ignore_case() {
+        let app = app("service: unit\nbridge: {}\n");
+        let post = |path: &'static str, body: &'static str| {
+            Request::post(path).body(Body::from(body)).unwrap()
+        };
+        let (status, body) = call(
+            &app,
+            post(
+                "/v1.0/state/statestore",
+                r#"[{"Key":"a","VALUE":{"Kept":1},"Options":{"CONCURRENCY":"last-write"}}]"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) = call(
+            &app,
+            post(
+                "/v1.0/state/statestore/transaction",
+                r#"{"Operations":[{"Operation":"upsert","Request":{"KEY":"b","Value":2}}]}"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) = call(
+            &app,
+            post("/v1.0/state/statestore/bulk", r#"{"Keys":["a","b"]}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v[0]["data"], serde_json::json!({"Kept": 1}), "{body}");
+        assert_eq!(v[1]["data"], 2, "{body}");
     }
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::error::ApiError;
 use super::secrets::{Secret, SecretStore};
-use super::state::{KeyPrefix, Op, StateError, parse_etag};
+use super::state::{Entry, KeyPrefix, Op, StateError, parse_etag, parse_ttl};
 use super::{BridgeState, StateStore};
 use crate::runtime::Control;
 
@@ -31,8 +31,12 @@ pub struct Item {
     pub value: Bytes,
     pub etag: Option<String>,
     pub options: Options,
+    /// The item's metadata; `ttlInSeconds` sets its time to live.
     pub metadata: BTreeMap<String, String>,
 }
+
+/// The metadata key of a value's (or a published message's) time to live, in seconds.
+pub const TTL_KEY: &str = "ttlInSeconds";
 
 /// A transaction's operation.
 #[derive(Clone, Debug)]
@@ -133,10 +137,13 @@ fn key_and_etag(
 
 fn upsert(store: &StateStore, item: Item, code: &'static str) -> Result<Op, ApiError> {
     let (key, etag) = key_and_etag(store, &item, code)?;
+    let ttl =
+        parse_ttl(item.metadata.get(TTL_KEY).map(String::as_str)).map_err(ApiError::state(code))?;
     Ok(Op::Upsert {
         key,
         value: item.value,
         etag,
+        ttl,
     })
 }
 
@@ -151,18 +158,26 @@ pub async fn save(st: &BridgeState, name: &str, items: Vec<Item>) -> Result<(), 
     store.store.apply(ops).await.map_err(ApiError::state(code))
 }
 
-/// The value of `key` and its version, or None.
-pub async fn get(
-    st: &BridgeState,
-    name: &str,
-    key: &str,
-) -> Result<Option<(Bytes, u64)>, ApiError> {
+/// The value of `key`, its version and expiry, or None (also once it has expired). Its
+/// [`Entry::metadata`] is the response metadata (`ttlExpireTime`).
+pub async fn get_entry(st: &BridgeState, name: &str, key: &str) -> Result<Option<Entry>, ApiError> {
     let store = state_store(st, name)?;
     store
         .store
         .get(&stored_key(store, key)?)
         .await
         .map_err(ApiError::state("ERR_STATE_GET"))
+}
+
+/// The value of `key` and its version, or None ([`get_entry`] without the expiry).
+pub async fn get(
+    st: &BridgeState,
+    name: &str,
+    key: &str,
+) -> Result<Option<(Bytes, u64)>, ApiError> {
+    Ok(get_entry(st, name, key)
+        .await?
+        .map(|e| (e.value, e.version)))
 }
 
 /// Every key's value; one key's failure is reported in its item, not for the whole call.
@@ -175,7 +190,7 @@ pub async fn bulk_get(
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
         let outcome = match store.store.get(&stored_key(store, &key)?).await {
-            Ok(found) => Ok(found),
+            Ok(found) => Ok(found.map(|e| (e.value, e.version))),
             Err(e) => Err(e.to_string()),
         };
         out.push(BulkItem { key, outcome });
@@ -303,9 +318,12 @@ pub fn set_metadata(st: &BridgeState, key: String, value: String) {
     st.extended.lock().expect("not poisoned").insert(key, value);
 }
 
-/// The extended metadata set so far.
+/// The extended metadata: what was set so far, and an `outrigger.skipped.<name>` entry for
+/// each component skipped under `spec.ignoreErrors` (`<type> (<file:line>): <error>`).
 pub fn extended(st: &BridgeState) -> BTreeMap<String, String> {
-    st.extended.lock().expect("not poisoned").clone()
+    let mut out = st.extended.lock().expect("not poisoned").clone();
+    out.extend(st.skipped.iter().map(|s| s.extended_entry()));
+    out
 }
 
 /// The same graceful stop as SIGTERM (`graceful: false`, a fast stop). Returns at once; the

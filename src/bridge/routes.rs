@@ -1,6 +1,7 @@
 //! The state, secrets, metadata, health and shutdown routes of the Dapr API. Bodies are read
 //! up to `bridge.max_body`; every failure is an [`ApiError`] rendered as Dapr does.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -16,6 +17,7 @@ use serde_json::value::RawValue;
 
 use super::BridgeState;
 use super::error::ApiError;
+use super::field_case::{self, Shape};
 use super::ops::{self, Item, Options, TxOp};
 
 type St = State<Arc<BridgeState>>;
@@ -51,9 +53,18 @@ pub async fn read_body(state: &BridgeState, body: Body) -> Result<Bytes, ApiErro
     }
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::Malformed(format!("expected {what}, found invalid JSON: {e}")))
+/// Parses a body whose field names are matched as daprd's Go decoder matches them (exact, then
+/// ignoring case: see [`field_case`]).
+fn parse_json<T: for<'a> Deserialize<'a>>(
+    what: &str,
+    shape: &Shape,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let malformed = |e: serde_json::Error| {
+        ApiError::Malformed(format!("expected {what}, found invalid JSON: {e}"))
+    };
+    let text = field_case::canonical(body, shape).map_err(malformed)?;
+    serde_json::from_str(&text).map_err(malformed)
 }
 
 /// A state item as the HTTP API sends it: `value` is any JSON, stored as its text.
@@ -96,33 +107,75 @@ impl SaveItem {
     }
 }
 
-async fn save(State(st): St, Path(name): Path<String>, body: Body) -> Result<Response, ApiError> {
+/// `metadata.<k>=<v>` query parameters (the first value of a key wins).
+fn query_metadata(pairs: Vec<(String, String)>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if let Some(k) = k.strip_prefix("metadata.") {
+            out.entry(k.to_string()).or_insert(v);
+        }
+    }
+    out
+}
+
+/// Saves the items; `?metadata.k=v` applies to every item that does not set `k` itself (so
+/// `?metadata.ttlInSeconds=60` gives them all a time to live).
+async fn save(
+    State(st): St,
+    Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    body: Body,
+) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
-    let items: Vec<SaveItem> = parse_json("a JSON array of state items", &body)?;
-    ops::save(
-        &st,
-        &name,
-        items.into_iter().map(SaveItem::into_item).collect(),
-    )
-    .await?;
+    let items: Vec<SaveItem> = parse_json(
+        "a JSON array of state items",
+        &field_case::STATE_SAVE,
+        &body,
+    )?;
+    let query = query_metadata(query);
+    let items = items
+        .into_iter()
+        .map(|i| {
+            let mut item = i.into_item();
+            for (k, v) in &query {
+                item.metadata.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            item
+        })
+        .collect();
+    ops::save(&st, &name, items).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The value, its `ETag`, and its response metadata as `metadata.<key>` headers (as daprd:
+/// `metadata.ttlExpireTime` when it expires).
 async fn get_state(
     State(st): St,
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    match ops::get(&st, &name, &key).await? {
-        Some((value, version)) => Ok((
-            StatusCode::OK,
-            [
-                (header::ETAG, version.to_string()),
-                (header::CONTENT_TYPE, "application/json".to_string()),
-            ],
-            value,
-        )
-            .into_response()),
+    match ops::get_entry(&st, &name, &key).await? {
+        Some(entry) => {
+            let metadata = entry.metadata();
+            let mut response = (
+                StatusCode::OK,
+                [
+                    (header::ETAG, entry.version.to_string()),
+                    (header::CONTENT_TYPE, "application/json".to_string()),
+                ],
+                entry.value,
+            )
+                .into_response();
+            for (k, v) in metadata {
+                if let (Ok(name), Ok(value)) = (
+                    header::HeaderName::try_from(format!("metadata.{k}")),
+                    header::HeaderValue::try_from(v),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            Ok(response)
+        }
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
@@ -142,7 +195,7 @@ async fn bulk_get(
 ) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
-    let req: BulkRequest = parse_json("{\"keys\": [...]}", &body)?;
+    let req: BulkRequest = parse_json("{\"keys\": [...]}", &field_case::STATE_BULK_GET, &body)?;
     let items = ops::bulk_get(&st, &name, req.keys).await?;
     let out: Vec<serde_json::Value> = items
         .into_iter()
@@ -198,7 +251,11 @@ async fn transaction(
 ) -> Result<Response, ApiError> {
     ops::state_store(&st, &name)?;
     let body = read_body(&st, body).await?;
-    let tx: Transaction = parse_json("{\"operations\": [...]}", &body)?;
+    let tx: Transaction = parse_json(
+        "{\"operations\": [...]}",
+        &field_case::STATE_TRANSACTION,
+        &body,
+    )?;
     let ops = tx
         .operations
         .into_iter()

@@ -5,10 +5,15 @@
 //!
 //! Keys arrive already prefixed (`appid||key`, see [`KeyPrefix`]). Every write goes through
 //! [`Store::apply`], a list of operations applied atomically after all ETag checks pass.
+//!
+//! A save may carry a time to live (`ttlInSeconds`): Redis expires the hash (`EXPIRE`, and
+//! `PERSIST` on a later save without one), SQLite keeps a deadline column filtered on read and
+//! deleted now and then, memory keeps a deadline checked on read and swept on writes. An expired
+//! value is gone for every purpose: reads, ETag checks, versions (a new write starts at 1).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -55,6 +60,9 @@ pub enum StateError {
     EtagMismatch(String),
     #[error("invalid etag value: expected a version number, found {0:?}")]
     EtagInvalid(String),
+    /// `ttlInSeconds` is not an integer of -1 or more (400, as a bad ETag).
+    #[error("incorrect value for metadata 'ttlInSeconds': {0}")]
+    TtlInvalid(String),
     #[error("{0}")]
     Store(String),
 }
@@ -69,6 +77,52 @@ pub fn parse_etag(s: &str) -> Result<u64, StateError> {
         .map_err(|_| StateError::EtagInvalid(s.to_string()))
 }
 
+/// `ttlInSeconds` as daprd's stores read it (components-contrib `state/utils.ParseTTL`):
+/// absent or empty, none; otherwise an integer from -1 to 2^31-1. Returns the seconds after
+/// which the value expires: None for no expiry (also for 0 and -1, "never", which clear an
+/// earlier expiry).
+pub fn parse_ttl(value: Option<&str>) -> Result<Option<u32>, StateError> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let n: i64 = v.parse().map_err(|_| {
+        StateError::TtlInvalid(format!(
+            "expected an integer number of seconds (-1: never expires), found {v:?}"
+        ))
+    })?;
+    if !(-1..=i64::from(i32::MAX)).contains(&n) {
+        return Err(StateError::TtlInvalid(format!(
+            "must be -1 or greater (and at most {}), found {n}",
+            i32::MAX
+        )));
+    }
+    Ok(u32::try_from(n).ok().filter(|&n| n > 0))
+}
+
+/// A stored value: its bytes, its version (the ETag) and when it expires, if it does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Bytes,
+    pub version: u64,
+    pub expires: Option<SystemTime>,
+}
+
+impl Entry {
+    /// The response metadata daprd returns with a value: `ttlExpireTime` (RFC 3339, UTC, whole
+    /// seconds) when it expires.
+    pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        self.expires
+            .map(|t| {
+                (
+                    "ttlExpireTime".to_string(),
+                    humantime::format_rfc3339_seconds(t).to_string(),
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+}
+
 /// One write.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -76,6 +130,8 @@ pub enum Op {
         key: String,
         value: Bytes,
         etag: Etag,
+        /// Seconds to live; None: never expires (an earlier expiry is cleared).
+        ttl: Option<u32>,
     },
     Delete {
         key: String,
@@ -96,9 +152,104 @@ impl Op {
     }
 }
 
+/// How often, at most, a write to the in-memory store sweeps out expired values (reads skip
+/// them anyway): sweeping costs a pass over the map, and values only accumulate through writes,
+/// so sweeping on writes bounds the map by what one period writes plus what is live.
+const MEMORY_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// `state.in-memory`: values with their version and deadline.
+pub struct Memory {
+    entries: HashMap<String, MemoryEntry>,
+    next_sweep: Instant,
+}
+
+struct MemoryEntry {
+    value: Bytes,
+    version: u64,
+    deadline: Option<Instant>,
+}
+
+impl MemoryEntry {
+    fn live(&self, now: Instant) -> bool {
+        self.deadline.is_none_or(|d| d > now)
+    }
+}
+
+impl Memory {
+    fn new() -> Memory {
+        Memory {
+            entries: HashMap::new(),
+            next_sweep: Instant::now() + MEMORY_SWEEP_INTERVAL,
+        }
+    }
+
+    fn get(&mut self, key: &str, now: Instant) -> Option<Entry> {
+        match self.entries.get(key) {
+            Some(e) if e.live(now) => Some(Entry {
+                value: e.value.clone(),
+                version: e.version,
+                expires: e.deadline.map(|d| SystemTime::now() + (d - now)),
+            }),
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn version(&self, key: &str, now: Instant) -> Option<u64> {
+        self.entries
+            .get(key)
+            .filter(|e| e.live(now))
+            .map(|e| e.version)
+    }
+
+    fn apply(&mut self, ops: Vec<Op>, now: Instant) -> Result<(), StateError> {
+        for op in &ops {
+            if let Some(want) = op.etag()
+                && self.version(op.key(), now) != Some(want)
+            {
+                return Err(StateError::EtagMismatch(op.key().to_string()));
+            }
+        }
+        for op in ops {
+            match op {
+                Op::Upsert {
+                    key, value, ttl, ..
+                } => {
+                    let version = self.version(&key, now).map_or(1, |v| v + 1);
+                    let deadline = ttl.map(|s| now + Duration::from_secs(u64::from(s)));
+                    self.entries.insert(
+                        key,
+                        MemoryEntry {
+                            value,
+                            version,
+                            deadline,
+                        },
+                    );
+                }
+                Op::Delete { key, .. } => {
+                    self.entries.remove(&key);
+                }
+            }
+        }
+        if now >= self.next_sweep {
+            self.sweep(now);
+        }
+        Ok(())
+    }
+
+    /// Drops every expired value.
+    fn sweep(&mut self, now: Instant) {
+        self.entries.retain(|_, e| e.live(now));
+        self.next_sweep = now + MEMORY_SWEEP_INTERVAL;
+    }
+}
+
 /// A configured state store.
 pub enum Store {
-    Memory(Mutex<HashMap<String, (Bytes, u64)>>),
+    Memory(Mutex<Memory>),
     Sqlite(Arc<Sqlite>),
     Redis(Box<Redis>),
 }
@@ -108,17 +259,28 @@ impl Store {
     /// first use (so the sidecar starts while Redis is still coming up).
     pub fn open(c: &Component) -> Result<Store, String> {
         match c.kind.as_str() {
-            "state.in-memory" => Ok(Store::Memory(Mutex::new(HashMap::new()))),
+            "state.in-memory" => Ok(Store::Memory(Mutex::new(Memory::new()))),
             "state.sqlite" => Ok(Store::Sqlite(Arc::new(Sqlite::open(c)?))),
             "state.redis" => Ok(Store::Redis(Box::new(Redis::new(c)?))),
             other => Err(format!("{other} is not a state store type")),
         }
     }
 
-    /// The value and its ETag, or None.
-    pub async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>, StateError> {
+    /// Checks a component's metadata without opening anything (no file is created, no
+    /// connection made): for the preflight stage, so `outrigger check` reports it.
+    pub fn check(c: &Component) -> Result<(), String> {
+        match c.kind.as_str() {
+            "state.in-memory" => Ok(()),
+            "state.sqlite" => Sqlite::table_name(c).map(drop),
+            "state.redis" => Redis::new(c).map(drop),
+            other => Err(format!("{other} is not a state store type")),
+        }
+    }
+
+    /// The value, its ETag and expiry, or None (also when it has expired).
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {
         match self {
-            Store::Memory(m) => Ok(m.lock().expect("not poisoned").get(key).cloned()),
+            Store::Memory(m) => Ok(m.lock().expect("not poisoned").get(key, Instant::now())),
             Store::Sqlite(s) => {
                 let s = s.clone();
                 let key = key.to_string();
@@ -134,28 +296,7 @@ impl Store {
             return Ok(());
         }
         match self {
-            Store::Memory(m) => {
-                let mut map = m.lock().expect("not poisoned");
-                for op in &ops {
-                    if let Some(want) = op.etag()
-                        && map.get(op.key()).map(|(_, v)| *v) != Some(want)
-                    {
-                        return Err(StateError::EtagMismatch(op.key().to_string()));
-                    }
-                }
-                for op in ops {
-                    match op {
-                        Op::Upsert { key, value, .. } => {
-                            let next = map.get(&key).map_or(1, |(_, v)| v + 1);
-                            map.insert(key, (value, next));
-                        }
-                        Op::Delete { key, .. } => {
-                            map.remove(&key);
-                        }
-                    }
-                }
-                Ok(())
-            }
+            Store::Memory(m) => m.lock().expect("not poisoned").apply(ops, Instant::now()),
             Store::Sqlite(s) => {
                 let s = s.clone();
                 blocking(move || s.apply(ops)).await
@@ -173,21 +314,31 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StateError::Store(format!("the store call failed: {e}")))?
 }
 
-/// `state.sqlite`: one table `(key TEXT PRIMARY KEY, value BLOB, version INTEGER)`.
+/// `state.sqlite`: one table `(key TEXT PRIMARY KEY, value BLOB, version INTEGER,
+/// expires_at INTEGER)`, `expires_at` in Unix milliseconds (NULL: never).
 pub struct Sqlite {
     conn: Mutex<rusqlite::Connection>,
     table: String,
+    /// When a write next deletes the expired rows.
+    next_cleanup: Mutex<Instant>,
+}
+
+/// How often, at most, a write deletes expired SQLite rows (reads filter them anyway; daprd's
+/// `cleanupInterval` default is the same hour).
+const SQLITE_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Unix milliseconds.
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What `connectionString` defaults to: a file in the working directory.
 pub const DEFAULT_SQLITE_FILE: &str = "outrigger-state.db";
 
 impl Sqlite {
-    fn open(c: &Component) -> Result<Sqlite, String> {
-        let target = c
-            .meta("connectionString")
-            .unwrap_or(DEFAULT_SQLITE_FILE)
-            .to_string();
+    /// `tableName` (default `state`), which is written into SQL: letters, digits and `_` only.
+    fn table_name(c: &Component) -> Result<String, String> {
         let table = c.meta("tableName").unwrap_or("state").to_string();
         if table.is_empty()
             || !table
@@ -198,6 +349,15 @@ impl Sqlite {
                 "expected tableName of letters, digits and '_', found {table:?}"
             ));
         }
+        Ok(table)
+    }
+
+    fn open(c: &Component) -> Result<Sqlite, String> {
+        let target = c
+            .meta("connectionString")
+            .unwrap_or(DEFAULT_SQLITE_FILE)
+            .to_string();
+        let table = Sqlite::table_name(c)?;
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
             | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
             | rusqlite::OpenFlags::SQLITE_OPEN_URI
@@ -206,30 +366,59 @@ impl Sqlite {
             .map_err(|e| format!("cannot open the SQLite database {target:?}: {e}"))?;
         let setup = format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS {table} (key TEXT NOT NULL PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL);"
+             CREATE TABLE IF NOT EXISTS {table} (key TEXT NOT NULL PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL, expires_at INTEGER);"
         );
-        conn.execute_batch(&setup)
-            .map_err(|e| format!("cannot prepare the SQLite database {target:?}: {e}"))?;
+        let prepare =
+            |e: rusqlite::Error| format!("cannot prepare the SQLite database {target:?}: {e}");
+        conn.execute_batch(&setup).map_err(prepare)?;
+        // A table made before values could expire gets the column (NULL: never expires).
+        let has_expiry: bool = conn
+            .query_row(
+                &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = 'expires_at'"),
+                [],
+                |r| r.get(0),
+            )
+            .map_err(prepare)?;
+        if !has_expiry {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN expires_at INTEGER;"
+            ))
+            .map_err(prepare)?;
+        }
+        conn.execute_batch(&format!(
+            "CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at) WHERE expires_at IS NOT NULL;"
+        ))
+        .map_err(prepare)?;
         Ok(Sqlite {
             conn: Mutex::new(conn),
             table,
+            // The first write cleans up what expired while the sidecar was down.
+            next_cleanup: Mutex::new(Instant::now()),
         })
     }
 
-    fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>, StateError> {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {
         let conn = self.conn.lock().expect("not poisoned");
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT value, version FROM {} WHERE key = ?1",
+                "SELECT value, version, expires_at FROM {} WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
                 self.table
             ))
             .map_err(sql)?;
-        let mut rows = stmt.query([key]).map_err(sql)?;
+        let mut rows = stmt
+            .query(rusqlite::params![key, unix_ms(SystemTime::now())])
+            .map_err(sql)?;
         match rows.next().map_err(sql)? {
             Some(row) => {
                 let value: Vec<u8> = row.get(0).map_err(sql)?;
                 let version: i64 = row.get(1).map_err(sql)?;
-                Ok(Some((Bytes::from(value), version as u64)))
+                let expires: Option<i64> = row.get(2).map_err(sql)?;
+                Ok(Some(Entry {
+                    value: Bytes::from(value),
+                    version: version as u64,
+                    expires: expires
+                        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
+                }))
             }
             None => Ok(None),
         }
@@ -237,6 +426,8 @@ impl Sqlite {
 
     fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
         let mut conn = self.conn.lock().expect("not poisoned");
+        let now = SystemTime::now();
+        let now_ms = unix_ms(now);
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql)?;
@@ -247,11 +438,11 @@ impl Sqlite {
             let Some(want) = op.etag() else { continue };
             let current: Option<i64> = tx
                 .prepare_cached(&format!(
-                    "SELECT version FROM {} WHERE key = ?1",
+                    "SELECT version FROM {} WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
                     self.table
                 ))
                 .map_err(sql)?
-                .query_row([op.key()], |r| r.get(0))
+                .query_row(rusqlite::params![op.key(), now_ms], |r| r.get(0))
                 .map(Some)
                 .or_else(|e| match e {
                     rusqlite::Error::QueryReturnedNoRows => Ok(None),
@@ -265,14 +456,20 @@ impl Sqlite {
         }
         for op in &ops {
             match op {
-                Op::Upsert { key, value, .. } => {
+                Op::Upsert {
+                    key, value, ttl, ..
+                } => {
+                    // An expired row counts as absent: the new value starts again at version 1.
+                    let expires_at = ttl.map(|s| unix_ms(now + Duration::from_secs(u64::from(s))));
                     tx.prepare_cached(&format!(
-                        "INSERT INTO {} (key, value, version) VALUES (?1, ?2, 1)
-                         ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = version + 1",
+                        "INSERT INTO {} (key, value, version, expires_at) VALUES (?1, ?2, 1, ?3)
+                         ON CONFLICT(key) DO UPDATE SET value = excluded.value,
+                           version = CASE WHEN expires_at IS NOT NULL AND expires_at <= ?4 THEN 1 ELSE version + 1 END,
+                           expires_at = excluded.expires_at",
                         self.table
                     ))
                     .map_err(sql)?
-                    .execute(rusqlite::params![key, value.as_ref()])
+                    .execute(rusqlite::params![key, value.as_ref(), expires_at, now_ms])
                     .map_err(sql)?;
                 }
                 Op::Delete { key, .. } => {
@@ -282,6 +479,17 @@ impl Sqlite {
                         .map_err(sql)?;
                 }
             }
+        }
+        let mut next_cleanup = self.next_cleanup.lock().expect("not poisoned");
+        if Instant::now() >= *next_cleanup {
+            tx.prepare_cached(&format!(
+                "DELETE FROM {} WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+                self.table
+            ))
+            .map_err(sql)?
+            .execute([now_ms])
+            .map_err(sql)?;
+            *next_cleanup = Instant::now() + SQLITE_CLEANUP_INTERVAL;
         }
         tx.commit().map_err(sql)
     }
@@ -304,11 +512,13 @@ pub struct Redis {
 }
 
 /// Checks every ETag, then applies every operation: one script, so atomic. ARGV: the number
-/// of operations, then for each: kind (`u`/`d`), expected version (empty: no check), value.
+/// of operations, then for each: kind (`u`/`d`), expected version (empty: no check), value,
+/// seconds to live (empty: never expires, and an earlier expiry is cleared, as daprd's
+/// `PERSIST`). KEYS: one per operation.
 const APPLY_SCRIPT: &str = r#"
 local n = tonumber(ARGV[1])
 for i = 1, n do
-  local want = ARGV[(i - 1) * 3 + 3]
+  local want = ARGV[(i - 1) * 4 + 3]
   if want ~= "" then
     local cur = redis.call("HGET", KEYS[i], "version")
     if (not cur) or cur ~= want then
@@ -317,10 +527,15 @@ for i = 1, n do
   end
 end
 for i = 1, n do
-  local base = (i - 1) * 3 + 2
+  local base = (i - 1) * 4 + 2
   if ARGV[base] == "u" then
     redis.call("HSET", KEYS[i], "data", ARGV[base + 2])
     redis.call("HINCRBY", KEYS[i], "version", 1)
+    if ARGV[base + 3] ~= "" then
+      redis.call("EXPIRE", KEYS[i], ARGV[base + 3])
+    else
+      redis.call("PERSIST", KEYS[i])
+    end
   else
     redis.call("DEL", KEYS[i])
   end
@@ -381,20 +596,27 @@ impl Redis {
             .map_err(|e| StateError::Store(format!("redis: {e}")))
     }
 
-    async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>, StateError> {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {
         let mut conn = self.conn().await?;
-        let (data, version): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
+        // The value and its time to live at once (PTTL: -1 without an expiry).
+        let ((data, version), pttl): ((Option<Vec<u8>>, Option<String>), i64) = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
             .arg(key)
             .arg("data")
             .arg("version")
+            .cmd("PTTL")
+            .arg(key)
             .query_async(&mut conn)
             .await
             .map_err(|e| StateError::Store(format!("redis: {e}")))?;
-        Ok(data.map(|d| {
-            (
-                Bytes::from(d),
-                version.and_then(|v| v.parse().ok()).unwrap_or(0),
-            )
+        let expires = u64::try_from(pttl)
+            .ok()
+            .map(|ms| SystemTime::now() + Duration::from_millis(ms));
+        Ok(data.map(|d| Entry {
+            value: Bytes::from(d),
+            version: version.and_then(|v| v.parse().ok()).unwrap_or(0),
+            expires,
         }))
     }
 
@@ -405,14 +627,18 @@ impl Redis {
         for op in &ops {
             inv.key(op.key());
             match op {
-                Op::Upsert { value, etag, .. } => {
+                Op::Upsert {
+                    value, etag, ttl, ..
+                } => {
                     inv.arg("u")
                         .arg(etag.map(|e| e.to_string()).unwrap_or_default())
-                        .arg(value.as_ref());
+                        .arg(value.as_ref())
+                        .arg(ttl.map(|s| s.to_string()).unwrap_or_default());
                 }
                 Op::Delete { etag, .. } => {
                     inv.arg("d")
                         .arg(etag.map(|e| e.to_string()).unwrap_or_default())
+                        .arg("")
                         .arg("");
                 }
             }
@@ -428,5 +654,62 @@ impl Redis {
             }
             Err(e) => Err(StateError::Store(format!("redis: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(key: &str, ttl: Option<u32>) -> Op {
+        Op::Upsert {
+            key: key.into(),
+            value: Bytes::from_static(b"1"),
+            etag: None,
+            ttl,
+        }
+    }
+
+    #[test]
+    fn ttls_parse_as_daprs_stores_read_them() {
+        assert_eq!(parse_ttl(None).unwrap(), None);
+        assert_eq!(parse_ttl(Some("")).unwrap(), None);
+        assert_eq!(parse_ttl(Some("5")).unwrap(), Some(5));
+        assert_eq!(parse_ttl(Some("0")).unwrap(), None);
+        assert_eq!(parse_ttl(Some("-1")).unwrap(), None);
+        for bad in ["-2", "1.5", "x", "2147483648"] {
+            let e = parse_ttl(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("incorrect value for metadata 'ttlInSeconds'"),
+                "{e}"
+            );
+        }
+    }
+
+    /// Expired values are invisible at once and swept on a later write: the map does not keep
+    /// every value ever written with a ttl.
+    #[test]
+    fn memory_expiry_is_invisible_then_swept() {
+        let mut m = Memory::new();
+        let t0 = Instant::now();
+        let ops = (0..100)
+            .map(|i| upsert(&format!("k{i}"), Some(1)))
+            .collect();
+        m.apply(ops, t0).unwrap();
+        m.apply(vec![upsert("forever", None)], t0).unwrap();
+        assert!(m.get("k1", t0).is_some_and(|e| e.expires.is_some()));
+        let later = t0 + Duration::from_secs(2);
+        assert!(m.get("k1", later).is_none());
+        assert_eq!(m.version("k2", later), None);
+        // A write after the sweep interval drops everything expired.
+        m.apply(
+            vec![upsert("k2", None)],
+            t0 + MEMORY_SWEEP_INTERVAL + Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(m.entries.len(), 2);
+        // The rewritten key started again at version 1.
+        assert_eq!(m.version("k2", later), Some(1));
+        assert!(m.get("forever", later).is_some_and(|e| e.expires.is_none()));
     }
 }

@@ -1244,3 +1244,260 @@ fn a_bad_name_template_is_a_config_problem() {
         "{stderr}"
     );
 }
+
+/// GET with the `metadata.ttlExpireTime` header: (status, header, body).
+fn get_ttl(sc: &Sidecar, path: &str) -> (u16, Option<String>, String) {
+    let r = client().get(sc.bridge_url(path)).send().unwrap();
+    let ttl = r
+        .headers()
+        .get("metadata.ttlExpireTime")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), ttl, r.text().unwrap())
+}
+
+/// `ttlInSeconds` against one store: a value expires (polled, bounded), the
+/// `metadata.ttlExpireTime` header says when, a later save without a ttl keeps the value, and
+/// invalid ttls are refused. Keys are prefixed with `tag` so stores can be shared.
+fn ttl_contract(sc: &Sidecar, store: &str, tag: &str) {
+    let save = |body: Value| post(sc, &format!("/v1.0/state/{store}"), body);
+    let path = |key: &str| format!("/v1.0/state/{store}/{tag}-{key}");
+    // Saved with a ttl, then again without: the second save clears the expiry.
+    let (s, body) = save(
+        json!([{"key": format!("{tag}-kept"), "value": 1, "metadata": {"ttlInSeconds": "1"}}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    let (s, body) = save(json!([{"key": format!("{tag}-kept"), "value": 2}]));
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(get_ttl(sc, &path("kept")).1, None);
+    // -1 is "never"; with it no header either.
+    let (s, body) = save(
+        json!([{"key": format!("{tag}-never"), "value": 3, "metadata": {"ttlInSeconds": "-1"}}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(get_ttl(sc, &path("never")).1, None);
+    let before = std::time::SystemTime::now();
+    let (s, body) = save(
+        json!([{"key": format!("{tag}-short"), "value": {"a": 1}, "metadata": {"ttlInSeconds": "1"}}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    let (s, expires, body) = get_ttl(sc, &path("short"));
+    // Read back at once: still there (a 1 s ttl), with its expiry in RFC 3339.
+    if s == 200 {
+        assert_eq!(body, r#"{"a":1}"#);
+        let expires = expires.expect("the metadata.ttlExpireTime header");
+        let at = humantime::parse_rfc3339(&expires).unwrap_or_else(|e| panic!("{expires}: {e}"));
+        assert!(
+            at + Duration::from_secs(1) >= before && at <= before + Duration::from_secs(3),
+            "{expires}"
+        );
+    }
+    eventually(Duration::from_secs(10), "the value to expire", || {
+        (get_ttl(sc, &path("short")).0 == 204).then_some(())
+    });
+    // Its first ttl has passed too: the save without one kept it.
+    let (s, _, body) = get_ttl(sc, &path("kept"));
+    assert_eq!((s, body.as_str()), (200, "2"));
+    // An expired key is absent for ETags too: a write with its old ETag conflicts.
+    let (s, body) = save(json!([{"key": format!("{tag}-short"), "value": 1, "etag": "1"}]));
+    assert_eq!(s, 409, "{body}");
+    // Transactions and the query string carry a ttl as well.
+    let (s, body) = post(
+        sc,
+        &format!("/v1.0/state/{store}/transaction"),
+        json!({"operations": [{"operation": "upsert", "request": {"key": format!("{tag}-tx"), "value": 1, "metadata": {"ttlInSeconds": "100"}}}]}),
+    );
+    assert_eq!(s, 204, "{body}");
+    let expires = get_ttl(sc, &path("tx")).1.expect("metadata.ttlExpireTime");
+    let at = humantime::parse_rfc3339(&expires).unwrap_or_else(|e| panic!("{expires}: {e}"));
+    assert!(
+        at > std::time::SystemTime::now() + Duration::from_secs(90),
+        "{expires}"
+    );
+    let (s, body) = post(
+        sc,
+        &format!("/v1.0/state/{store}?metadata.ttlInSeconds=100"),
+        json!([{"key": format!("{tag}-query"), "value": 1}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    assert!(get_ttl(sc, &path("query")).1.is_some());
+    // Not an integer, or below -1: 400, and nothing is written.
+    for bad in ["soon", "1.5", "-2"] {
+        let (s, body) = save(json!([
+            {"key": format!("{tag}-ok"), "value": 1},
+            {"key": format!("{tag}-bad"), "value": 1, "metadata": {"ttlInSeconds": bad}},
+        ]));
+        assert_eq!(s, 400, "{bad}: {body}");
+        assert_eq!(error_code(&body), "ERR_STATE_SAVE", "{body}");
+        assert!(body.contains("ttlInSeconds"), "{body}");
+        assert_eq!(get_ttl(sc, &path("ok")).0, 204);
+    }
+}
+
+#[test]
+fn ttl_in_memory() {
+    let sc = start("", &[]);
+    ttl_contract(&sc, "statestore", "mem");
+}
+
+#[test]
+fn ttl_on_redis() {
+    let redis = RedisServer::start();
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: cache\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: 127.0.0.1:{}\n",
+        redis.port
+    );
+    let sc = start("service: orders\n", &[("redis.yaml", &component)]);
+    // Redis itself expires the hash (EXPIRE in the write script).
+    let (s, body) = post(
+        &sc,
+        "/v1.0/state/cache",
+        json!([{"key": "long", "value": 1, "metadata": {"ttlInSeconds": "100"}}]),
+    );
+    assert_eq!(s, 204, "{body}");
+    let ttl = redis.command(&["TTL", "orders||long"]).unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
+    assert!(ttl > 0 && ttl <= 100, "{ttl}");
+    // A save without a ttl makes it persistent again (PERSIST).
+    assert_eq!(
+        post(
+            &sc,
+            "/v1.0/state/cache",
+            json!([{"key": "long", "value": 2}])
+        )
+        .0,
+        204
+    );
+    assert_eq!(redis.command(&["TTL", "orders||long"]).unwrap(), ":-1");
+    ttl_contract(&sc, "cache", "redis");
+}
+
+#[test]
+fn ttl_on_sqlite_and_an_older_table_is_migrated() {
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("state.db");
+    // A table as earlier versions made it, without the expiry column, with a value in it.
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE state (key TEXT NOT NULL PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL);
+             INSERT INTO state VALUES ('app||old', CAST('\"before\"' AS BLOB), 4);",
+        )
+        .unwrap();
+    }
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: db\nspec:\n  type: state.sqlite\n  version: v1\n  metadata:\n  - name: connectionString\n    value: {}\n",
+        db.display()
+    );
+    let sc = start("service: app\n", &[("db.yaml", &component)]);
+    let (s, etag, body) = get(&sc, "/v1.0/state/db/old");
+    assert_eq!(
+        (s, etag.as_deref(), body.as_str()),
+        (200, Some("4"), "\"before\""),
+        "{}",
+        sc.diagnostics()
+    );
+    ttl_contract(&sc, "db", "sqlite");
+}
+
+/// `spec.ignoreErrors: true`: a component that cannot be opened (bad metadata found by the
+/// preflight stage, an unknown type, a SQLite file that cannot be created at start) is logged
+/// and skipped, the others serve, and `/v1.0/metadata` lists it under `extended`. Without the
+/// flag the same component stops `check` and `run` with exit 78 and its file and line.
+#[test]
+fn ignore_errors_skips_a_failing_component_and_shows_it() {
+    let component = |name: &str, kind: &str, meta: &str, ignore: bool| {
+        format!(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  ignoreErrors: {ignore}\n  metadata:\n{meta}"
+        )
+    };
+    let bad_redis = "  - name: redisHost\n    value: no-port-here\n";
+    let bad_sqlite =
+        "  - name: connectionString\n    value: /nonexistent-dir/for/outrigger/state.db\n";
+    let sc = start(
+        "service: app\n",
+        &[
+            (
+                "a-bad-redis.yaml",
+                &component("cache", "state.redis", bad_redis, true),
+            ),
+            (
+                "b-bad-sqlite.yaml",
+                &component("db", "state.sqlite", bad_sqlite, true),
+            ),
+            (
+                "c-unknown.yaml",
+                &component("events", "pubsub.kafka", "    []\n", true),
+            ),
+            (
+                "d-bad-pubsub.yaml",
+                &component("bus", "pubsub.redis", "    []\n", true),
+            ),
+            (
+                "e-good.yaml",
+                &component("good", "state.in-memory", "    []\n", false),
+            ),
+        ],
+    );
+    let (s, _, body) = get(&sc, "/v1.0/metadata");
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["good"], "{body}");
+    for (name, kind, file) in [
+        ("cache", "state.redis", "a-bad-redis.yaml"),
+        ("db", "state.sqlite", "b-bad-sqlite.yaml"),
+        ("events", "pubsub.kafka", "c-unknown.yaml"),
+        ("bus", "pubsub.redis", "d-bad-pubsub.yaml"),
+    ] {
+        let note = v["extended"][format!("outrigger.skipped.{name}")]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} not in extended: {body}"));
+        assert!(note.starts_with(kind) && note.contains(file), "{note}");
+    }
+    assert!(
+        sc.stderr().contains("ignoring error opening component")
+            || sc.stdout().contains("ignoring error opening component"),
+        "{}",
+        sc.diagnostics()
+    );
+    assert_eq!(
+        post(&sc, "/v1.0/state/good", json!([{"key": "k", "value": 1}])).0,
+        204
+    );
+    let (s, body) = post(&sc, "/v1.0/state/cache", json!([{"key": "k", "value": 1}]));
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (400, "ERR_STATE_STORE_NOT_FOUND")
+    );
+    drop(sc);
+
+    // Without the flag: refused before anything starts, located, by `check` too.
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(
+        resources.join("redis.yaml"),
+        component("cache", "state.redis", bad_redis, false),
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+            resources.display()
+        ),
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
+        assert_eq!(code, 78, "{cmd}: {stderr}");
+        assert!(stderr.contains("redis.yaml:1:"), "{cmd}: {stderr}");
+        assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
+    }
+}

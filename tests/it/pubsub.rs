@@ -66,6 +66,7 @@ fn component(name: &str, kind: &str, metadata: &[(&str, &str)]) -> Component {
             .collect(),
         file: format!("{name}.yaml").into(),
         scopes: Vec::new(),
+        ignore_errors: false,
         line: 1,
     }
 }
@@ -461,12 +462,21 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
         1,
     )
     .await;
-    // A generated envelope: JSON data, the app id as source, the trace header carried.
+    // An event past its `expiration` is dropped, not delivered.
+    b.publish(
+        "ps",
+        "orders",
+        "application/cloudevents+json",
+        &json!({"specversion":"1.0","id":"stale","source":"x","type":"order.gold","expiration":"2020-01-01T00:00:00Z","data":{"total":1000}}).to_string(),
+    )
+    .await;
+    // A generated envelope: JSON data, the app id as source, the trace header carried, and an
+    // `expiration` from the ttl.
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let (status, _) = b
         .call(
             "POST",
-            "/v1.0/publish/ps/orders",
+            "/v1.0/publish/ps/orders?metadata.ttlInSeconds=60",
             &[("content-type", "application/json"), ("traceparent", tp)],
             r#"{"n":1}"#,
         )
@@ -503,6 +513,11 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
     assert_eq!(e["topic"], "orders");
     assert_eq!(e["pubsubname"], "ps");
     assert_eq!(e["traceparent"], tp);
+    let expiration = e["expiration"].as_str().expect("an expiration");
+    assert!(
+        humantime::parse_rfc3339(expiration).unwrap() > std::time::SystemTime::now(),
+        "{expiration}"
+    );
     assert_eq!(
         other[0].headers["content-type"],
         "application/cloudevents+json"
@@ -511,6 +526,13 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
     assert_eq!(app.on("/gold")[0].event["id"], "order.gold-500");
     assert_eq!(app.on("/gold")[0].event["source"], "x");
     assert_eq!(app.on("/orders")[0].event["id"], "order.gold-5");
+    until("the expired event dropped", async || {
+        b.metrics_text().contains(
+            r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="orders",result="drop"} 1"#,
+        )
+    })
+    .await;
+    assert!(app.received().iter().all(|r| r.event["id"] != "stale"));
 
     let text = b.metrics_text();
     assert!(
@@ -519,8 +541,9 @@ async fn in_memory_delivers_cloudevents_by_route_rules() {
         ),
         "{text}"
     );
+
     assert!(
-        text.contains(r#"outrigger_pubsub_published_total{pubsub="ps",result="success"} 3"#),
+        text.contains(r#"outrigger_pubsub_published_total{pubsub="ps",result="success"} 4"#),
         "{text}"
     );
     b.ps.stop().await;
@@ -582,11 +605,13 @@ scopes: [another-app]
             &[("content-type", "application/json")],
             r#"[{"entryId":"a","event":{"k":1},"contentType":"application/json"},
                 {"entryId":"b","event":"hello","contentType":"text/plain"},
-                {"entryId":"c","event":"AP8=","contentType":"application/octet-stream"}]"#,
+                {"entryId":"c","event":"AP8=","contentType":"application/octet-stream"},
+                {"entryID":"d","Event":{"js":true},"CONTENTTYPE":"application/json"}]"#,
         )
         .await;
+    // `entryID` (the JS SDK's spelling): field names match as in daprd's Go decoder.
     assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
-    until("four deliveries", async || app.received().len() == 4).await;
+    until("five deliveries", async || app.received().len() == 5).await;
 
     let raw = &app.on("/raw")[0].event;
     assert_eq!(raw["data_base64"], "cmF3IGJ5dGVz");
@@ -597,7 +622,9 @@ scopes: [another-app]
         .map(|r| r.event["data"].clone())
         .collect();
     assert!(
-        bulk.contains(&json!({"k": 1})) && bulk.contains(&json!("hello")),
+        bulk.contains(&json!({"k": 1}))
+            && bulk.contains(&json!("hello"))
+            && bulk.contains(&json!({"js": true})),
         "{bulk:?}"
     );
     let binary = app
@@ -610,6 +637,113 @@ scopes: [another-app]
     let subs = b.ps.subscriptions_json();
     assert_eq!(subs.as_array().unwrap().len(), 2, "{subs}");
     assert_eq!(subs[0]["type"], "DECLARATIVE");
+    b.ps.stop().await;
+}
+
+/// `bulkSubscribe.enabled`: the app gets daprd's bulk envelope and answers per entry; SUCCESS
+/// acks, DROP drops, a missing or empty status retries that entry alone (in a later envelope).
+#[tokio::test]
+async fn bulk_subscribe_delivers_envelopes_and_reads_per_entry_statuses() {
+    let retried = Arc::new(Mutex::new(false));
+    let seen_retry = retried.clone();
+    let app = App::start(
+        Some(json!([{
+            "pubsubname": "ps", "topic": "bulk", "route": "/bulk",
+            // A Java-style handler: up to 3 events per envelope; the wait is long so that
+            // the three published at once arrive together (it ships when full).
+            "bulkSubscribe": {"enabled": true, "maxMessagesCount": 3, "maxAwaitDurationMs": 2000}
+        }])),
+        move |_, envelope, _| {
+            let statuses: Vec<Value> = envelope["entries"]
+                .as_array()
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .filter_map(|e| {
+                            let status = match e["event"]["data"]["n"].as_i64() {
+                                Some(1) => "SUCCESS",
+                                Some(2) => "DROP",
+                                // No status the first time: RETRY; then SUCCESS.
+                                Some(3)
+                                    if !std::mem::replace(
+                                        &mut *seen_retry.lock().unwrap(),
+                                        true,
+                                    ) =>
+                                {
+                                    return None;
+                                }
+                                _ => "SUCCESS",
+                            };
+                            Some(json!({"entryId": e["entryId"], "status": status}))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (StatusCode::OK, json!({ "statuses": statuses }).to_string())
+        },
+    )
+    .await;
+    let b = bridge(
+        Some(&app),
+        &[component("ps", "pubsub.in-memory", &[])],
+        vec![],
+        1,
+    )
+    .await;
+    for n in 1..=3 {
+        b.publish(
+            "ps",
+            "bulk",
+            "application/json",
+            &json!({ "n": n }).to_string(),
+        )
+        .await;
+    }
+    until("the retried entry delivered again", async || {
+        b.metrics_text().contains(
+            r#"outrigger_pubsub_delivered_total{pubsub="ps",topic="bulk",result="success"} 2"#,
+        )
+    })
+    .await;
+    assert!(*retried.lock().unwrap());
+    let envelopes = app.on("/bulk");
+    // The first envelope holds the three events, as daprd lays it out.
+    let first = &envelopes[0];
+    assert_eq!(first.headers["content-type"], "application/json");
+    let e = &first.event;
+    assert_eq!(e["type"], "com.dapr.event.sent.bulk");
+    assert_eq!(
+        (e["topic"].as_str(), e["pubsubname"].as_str()),
+        (Some("bulk"), Some("ps"))
+    );
+    assert_eq!(e["id"].as_str().unwrap().len(), 36);
+    let entries = e["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3, "{e}");
+    let mut ns: Vec<i64> = entries
+        .iter()
+        .map(|x| x["event"]["data"]["n"].as_i64().unwrap())
+        .collect();
+    ns.sort();
+    assert_eq!(ns, [1, 2, 3]);
+    for x in entries {
+        assert_eq!(x["contentType"], "application/cloudevents+json");
+        assert!(!x["entryId"].as_str().unwrap().is_empty());
+        assert_eq!(x["event"]["type"], "com.dapr.event.sent");
+    }
+    // Then only the retried event, alone.
+    let later: Vec<i64> = envelopes[1..]
+        .iter()
+        .flat_map(|r| r.event["entries"].as_array().unwrap().clone())
+        .map(|x| x["event"]["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(later, [3]);
+    let text = b.metrics_text();
+    for (result, n) in [("drop", 1), ("retry", 1)] {
+        let line = format!(
+            r#"outrigger_pubsub_delivered_total{{pubsub="ps",topic="bulk",result="{result}"}} {n}"#
+        );
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
     b.ps.stop().await;
 }
 

@@ -80,6 +80,12 @@ def state(d, store):
     expect(code == "ABORTED", f"delete with a stale etag: {code}")
     d.delete_state(store, "t1", etag=cur)
     expect(d.get_state(store, "t1").data == b"", "deleted")
+    # A value with a ttl says when it expires.
+    d.save_state(store, "ttl", "short", state_metadata={"ttlInSeconds": "60"})
+    got = d.get_state(store, "ttl")
+    expect(got.data == b"short", "ttl value")
+    raw = d._stub.GetState(__import__("dapr.proto").proto.api_v1.GetStateRequest(store_name=store, key="ttl"))
+    expect("ttlExpireTime" in raw.metadata, f"ttlExpireTime: {dict(raw.metadata)}")
     # Errors as daprd maps them.
     code, details = code_of(lambda: d.get_state("no-such-store", "k"))
     expect(code == "INVALID_ARGUMENT" and "no-such-store" in details, f"unknown store: {code} {details}")

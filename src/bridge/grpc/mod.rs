@@ -281,10 +281,10 @@ impl From<ApiError> for Status {
             ApiError::NotConfigured { .. } => Code::FailedPrecondition,
             ApiError::State { source, .. } => match source {
                 StateError::EtagMismatch(_) => Code::Aborted,
-                StateError::EtagInvalid(_) => Code::InvalidArgument,
+                StateError::EtagInvalid(_) | StateError::TtlInvalid(_) => Code::InvalidArgument,
                 StateError::Store(_) => Code::Internal,
             },
-            ApiError::UnsupportedOperation(_) => Code::Unimplemented,
+            ApiError::UnsupportedOperation(_) | ApiError::NotImplemented(_) => Code::Unimplemented,
             ApiError::Secret(_) => Code::Internal,
             ApiError::Invoke { status, .. } => http_code(*status),
             ApiError::CrossOrigin | ApiError::ForeignHost => Code::PermissionDenied,
@@ -509,15 +509,15 @@ impl Dapr for Api {
         request: tonic::Request<runtime::GetStateRequest>,
     ) -> Reply<runtime::GetStateResponse> {
         let req = request.into_inner();
-        let found = ops::get(&self.state, &req.store_name, &req.key).await?;
-        let (data, etag) = match found {
-            Some((value, version)) => (value.to_vec(), version.to_string()),
-            None => (Vec::new(), String::new()),
-        };
-        ok(runtime::GetStateResponse {
-            data,
-            etag,
-            metadata: HashMap::new(),
+        // With `ttlExpireTime` in the metadata when the value expires (as the HTTP header).
+        let found = ops::get_entry(&self.state, &req.store_name, &req.key).await?;
+        ok(match found {
+            Some(entry) => runtime::GetStateResponse {
+                metadata: entry.metadata().into_iter().collect(),
+                data: entry.value.to_vec(),
+                etag: entry.version.to_string(),
+            },
+            None => runtime::GetStateResponse::default(),
         })
     }
 

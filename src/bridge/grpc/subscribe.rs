@@ -116,6 +116,7 @@ pub async fn subscribe(
         metadata: initial.metadata.into_iter().collect(),
         scopes: Vec::new(),
         source: Source::Streaming,
+        bulk: None,
     };
     let consumer = StreamConsumer {
         sink,

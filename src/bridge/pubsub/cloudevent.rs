@@ -80,6 +80,29 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// The CloudEvent `expiration` (RFC 3339, UTC) of a publish with `metadata.ttlInSeconds`, as
+/// daprd's `ApplyMetadata` sets it (none of our brokers expires messages itself): now plus the
+/// ttl. A ttl that is not a positive integer sets none (daprd ignores it too).
+pub fn expiration(metadata: &BTreeMap<String, String>) -> Option<String> {
+    let seconds: u64 = metadata
+        .get("ttlInSeconds")?
+        .parse()
+        .ok()
+        .filter(|&s| s > 0)?;
+    let at = std::time::SystemTime::now().checked_add(std::time::Duration::from_secs(seconds))?;
+    Some(humantime::format_rfc3339_seconds(at).to_string())
+}
+
+/// Whether an event's `expiration` has passed (daprd drops such events instead of delivering
+/// them). An event without one, or with one that is not RFC 3339, has not expired.
+pub fn expired(event: &Map<String, Value>) -> bool {
+    event
+        .get("expiration")
+        .and_then(Value::as_str)
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .is_some_and(|t| t <= std::time::SystemTime::now())
+}
+
 /// A metadata override: `cloudevent.<field>` (Dapr's code) or `cloudevent-<field>` (its docs).
 fn overridden<'a>(metadata: &'a BTreeMap<String, String>, field: &str) -> Option<&'a str> {
     metadata
@@ -141,6 +164,9 @@ pub fn envelope(p: &Publish) -> Map<String, Value> {
             .unwrap_or("")),
     );
     ce.insert("time".into(), s(&now_rfc3339()));
+    if let Some(at) = expiration(p.metadata) {
+        ce.insert("expiration".into(), s(&at));
+    }
     ce
 }
 
@@ -183,6 +209,9 @@ pub fn pass_through(p: &Publish) -> Result<Map<String, Value>, String> {
     }
     ce.insert("topic".into(), Value::String(p.topic.to_string()));
     ce.insert("pubsubname".into(), Value::String(p.pubsub.to_string()));
+    if let Some(at) = expiration(p.metadata) {
+        ce.insert("expiration".into(), Value::String(at));
+    }
     Ok(ce)
 }
 
@@ -302,6 +331,37 @@ mod tests {
         assert_eq!(ce["id"].as_str().unwrap().len(), 36);
         let err = pass_through(&publish(None, b"[1]", &md)).unwrap_err();
         assert!(err.contains("found an array"), "{err}");
+    }
+
+    #[test]
+    fn ttl_sets_the_expiration() {
+        let md = BTreeMap::from([("ttlInSeconds".to_string(), "60".to_string())]);
+        let ce = envelope(&publish(None, b"x", &md));
+        let at = humantime::parse_rfc3339(ce["expiration"].as_str().unwrap()).unwrap();
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        assert!(left.as_secs() > 50 && left.as_secs() <= 60, "{left:?}");
+        assert!(!expired(&ce));
+        let ce = pass_through(&publish(
+            Some(CLOUDEVENTS_CONTENT_TYPE),
+            br#"{"data":1}"#,
+            &md,
+        ))
+        .unwrap();
+        assert!(ce["expiration"].is_string());
+        // Not a positive integer: no expiration, as daprd.
+        for bad in ["0", "-1", "soon", ""] {
+            let md = BTreeMap::from([("ttlInSeconds".to_string(), bad.to_string())]);
+            assert!(
+                !envelope(&publish(None, b"x", &md)).contains_key("expiration"),
+                "{bad}"
+            );
+        }
+        let mut old = envelope(&publish(None, b"x", &BTreeMap::new()));
+        assert!(!expired(&old));
+        old.insert("expiration".into(), "2020-01-01T00:00:00Z".into());
+        assert!(expired(&old));
     }
 
     #[test]

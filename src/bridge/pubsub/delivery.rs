@@ -166,6 +166,104 @@ impl AppChannel {
     }
 }
 
+impl AppChannel {
+    /// Delivers a bulk envelope (`application/json`) to `path` and reads one status per entry
+    /// id, in the order of `ids` ([`interpret_bulk`]).
+    pub async fn deliver_bulk(
+        &self,
+        path: &str,
+        envelope: Bytes,
+        ids: &[String],
+        trace: (Option<&str>, Option<&str>),
+    ) -> Vec<AppStatus> {
+        let mut b = self
+            .request(Method::POST, path)
+            .header("content-type", "application/json");
+        for (name, value) in [("traceparent", trace.0), ("tracestate", trace.1)] {
+            if let Some(v) = value.filter(|v| !v.is_empty())
+                && let Ok(v) = HeaderValue::from_str(v)
+            {
+                b = b.header(name, v);
+            }
+        }
+        let req = match b.body(Full::new(envelope)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(path, error = %e, "cannot build the bulk delivery request");
+                return vec![AppStatus::Retry; ids.len()];
+            }
+        };
+        match self.send(req).await {
+            Err(e) => {
+                tracing::warn!(path, error = %e, "bulk delivery to the app failed; will retry");
+                vec![AppStatus::Retry; ids.len()]
+            }
+            Ok((status, body)) => interpret_bulk(status, &body, ids, path),
+        }
+    }
+}
+
+/// Reads the app's answer to a bulk delivery as daprd does: 2xx with
+/// `{"statuses":[{"entryId","status"}]}` gives each entry its status (SUCCESS, RETRY, DROP); an
+/// entry missing from it, or with an empty or unknown status, is RETRY, and so is every entry
+/// when the body does not parse. 404 drops every entry; any other status retries them all.
+pub fn interpret_bulk(
+    status: StatusCode,
+    body: &[u8],
+    ids: &[String],
+    path: &str,
+) -> Vec<AppStatus> {
+    if status == StatusCode::NOT_FOUND {
+        tracing::error!(
+            path,
+            "the app answered 404 for a bulk delivery; dropping its events"
+        );
+        return vec![AppStatus::Drop; ids.len()];
+    }
+    if !status.is_success() {
+        tracing::warn!(
+            path,
+            status = status.as_u16(),
+            "the app failed a bulk delivery; will retry"
+        );
+        return vec![AppStatus::Retry; ids.len()];
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        statuses: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(rename = "entryId", default)]
+        entry_id: String,
+        #[serde(default)]
+        status: String,
+    }
+    let statuses: BTreeMap<String, String> = match serde_json::from_slice::<Answer>(body) {
+        Ok(a) => a
+            .statuses
+            .into_iter()
+            .map(|e| (e.entry_id, e.status))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(path, error = %e, "cannot read the app's bulk answer; will retry every entry");
+            return vec![AppStatus::Retry; ids.len()];
+        }
+    };
+    ids.iter()
+        .map(
+            |id| match statuses.get(id).map(|s| s.to_ascii_uppercase()).as_deref() {
+                Some("SUCCESS") => AppStatus::Success,
+                Some("DROP") => {
+                    tracing::warn!(path, entry_id = %id, "the app dropped the event (status DROP)");
+                    AppStatus::Drop
+                }
+                _ => AppStatus::Retry,
+            },
+        )
+        .collect()
+}
+
 /// Reads the app's answer as Dapr does.
 pub fn interpret(status: StatusCode, body: &[u8], path: &str) -> AppStatus {
     if status.is_success() {
@@ -208,6 +306,39 @@ pub fn interpret(status: StatusCode, body: &[u8], path: &str) -> AppStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bulk_answers_are_read_per_entry() {
+        use AppStatus::*;
+        let ids: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).into();
+        let body = br#"{"statuses":[{"entryId":"a","status":"SUCCESS"},{"entryId":"b","status":"drop"},{"entryId":"c","status":"RETRY"},{"entryId":"d","status":""}]}"#;
+        assert_eq!(
+            interpret_bulk(StatusCode::OK, body, &ids, "/p"),
+            [Success, Drop, Retry, Retry, Retry]
+        );
+        assert_eq!(
+            interpret_bulk(StatusCode::OK, b"ok", &ids[..2], "/p"),
+            [Retry, Retry]
+        );
+        // daprd's docs show `statuses` as an object: that is not what its runtime reads.
+        assert_eq!(
+            interpret_bulk(
+                StatusCode::OK,
+                br#"{"statuses":{"a":"SUCCESS"}}"#,
+                &ids[..1],
+                "/p"
+            ),
+            [Retry]
+        );
+        assert_eq!(
+            interpret_bulk(StatusCode::NOT_FOUND, b"", &ids[..2], "/p"),
+            [Drop, Drop]
+        );
+        assert_eq!(
+            interpret_bulk(StatusCode::INTERNAL_SERVER_ERROR, body, &ids[..1], "/p"),
+            [Retry]
+        );
+    }
 
     #[test]
     fn answers_are_read_as_dapr_reads_them() {

@@ -350,12 +350,15 @@ async fn bulk_publish(
 ) -> Result<Response, PubSubError> {
     let topic = check(&ps, &pubsub, &topic)?;
     let metadata = metadata(params)?;
+    // Field names matched as daprd's Go decoder does (the JS SDK sends `entryID`).
     let entries: Vec<BulkEntry> =
-        serde_json::from_slice(&body).map_err(|e| PubSubError::BulkBody {
-            pubsub: pubsub.clone(),
-            topic: topic.to_string(),
-            error: e.to_string(),
-        })?;
+        crate::bridge::field_case::canonical(&body, &crate::bridge::field_case::BULK_PUBLISH)
+            .and_then(|text| serde_json::from_str(&text))
+            .map_err(|e| PubSubError::BulkBody {
+                pubsub: pubsub.clone(),
+                topic: topic.to_string(),
+                error: e.to_string(),
+            })?;
     raw_payload(&metadata)?;
     let mut converted = Vec::with_capacity(entries.len());
     for e in entries {

@@ -33,6 +33,7 @@
 //!    `ps.subscribed()` counts subscriptions running on their brokers.
 
 pub mod broker;
+pub mod bulk_subscribe;
 pub mod cel;
 pub mod cloudevent;
 pub mod delivery;
@@ -451,10 +452,26 @@ impl PubSub {
         let me = self.clone();
         // The metric label, made once per subscription.
         let topic: Name = Arc::new(sub.topic.clone());
+        // `bulkSubscribe`: deliveries go through envelopes (dropped with the handler).
+        let bulk = match (&consumer, &self.app) {
+            (Consumer::App, Some(App::Http(_))) => sub.bulk,
+            _ => None,
+        };
+        let batches = bulk.map(|config| {
+            Arc::new(bulk_subscribe::Batches::new(
+                me.clone(),
+                sub.clone(),
+                config,
+            ))
+        });
         Arc::new(move |msg| {
             let (me, sub, topic, consumer) =
                 (me.clone(), sub.clone(), topic.clone(), consumer.clone());
-            Box::pin(async move { me.handle(&sub, &topic, msg, &consumer).await })
+            let batches = batches.clone();
+            Box::pin(async move {
+                me.handle(&sub, &topic, msg, &consumer, batches.as_deref())
+                    .await
+            })
         })
     }
 
@@ -523,6 +540,7 @@ impl PubSub {
         topic: &Name,
         msg: Message,
         consumer: &Consumer,
+        batches: Option<&bulk_subscribe::Batches>,
     ) -> Outcome {
         let app = match consumer {
             Consumer::App => match &self.app {
@@ -541,6 +559,13 @@ impl PubSub {
                 _ => cloudevent::from_raw_payload(&msg.data, &sub.topic, &sub.pubsubname),
             }
         };
+        // Past its `expiration` (a publish with a ttl): dropped, as daprd does.
+        if cloudevent::expired(&event) {
+            tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, id = ?event.get("id"), expiration = ?event.get("expiration"), "dropping an expired event");
+            return self
+                .drop_or_dead_letter(sub, &msg, label, topic, false)
+                .await;
+        }
         let event = Value::Object(event);
         // A stream has no routes: every event goes over it.
         let path = match consumer {
@@ -595,9 +620,10 @@ impl PubSub {
                     }) => status,
                     }
                 }
-                (Consumer::App, Some(App::Http(app))) => {
-                    app.deliver(path, body.clone(), trace, &msg.metadata).await
-                }
+                (Consumer::App, Some(App::Http(app))) => match (batches, &event) {
+                    (Some(b), Value::Object(m)) => b.deliver(path, m.clone(), &msg.metadata).await,
+                    _ => app.deliver(path, body.clone(), trace, &msg.metadata).await,
+                },
                 (Consumer::App, Some(App::Grpc(app))) => {
                     let Value::Object(event) = event.clone() else {
                         unreachable!("built as an object above")

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -39,6 +40,18 @@ pub struct Rule {
     pub path: String,
 }
 
+/// `bulkSubscribe` with `enabled: true`: events go to the app in envelopes of up to
+/// `max_messages`, sent when full or `max_await` after their first event arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BulkSubscribe {
+    pub max_messages: usize,
+    pub max_await: Duration,
+}
+
+/// daprd's defaults (`pkg/runtime/pubsub/bulksubscriber.go`): 100 messages, 1 s.
+pub const BULK_DEFAULT_MAX_MESSAGES: usize = 100;
+pub const BULK_DEFAULT_MAX_AWAIT: Duration = Duration::from_millis(1000);
+
 /// A topic subscription.
 #[derive(Clone, Debug)]
 pub struct Subscription {
@@ -51,6 +64,8 @@ pub struct Subscription {
     /// App ids this applies to (declarative `scopes`); empty means every app.
     pub scopes: Vec<String>,
     pub source: Source,
+    /// Bulk delivery (`bulkSubscribe.enabled`); None: one event per request.
+    pub bulk: Option<BulkSubscribe>,
 }
 
 impl Subscription {
@@ -106,6 +121,35 @@ struct RawSpec {
     metadata: BTreeMap<String, Value>,
     #[serde(default)]
     dead_letter_topic: Option<String>,
+    #[serde(default)]
+    bulk_subscribe: Option<RawBulk>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBulk {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    max_messages_count: Option<i64>,
+    #[serde(default)]
+    max_await_duration_ms: Option<i64>,
+}
+
+impl RawBulk {
+    /// Enabled: the settings, a missing or non-positive value taking daprd's default.
+    fn settings(&self) -> Option<BulkSubscribe> {
+        self.enabled.then(|| BulkSubscribe {
+            max_messages: self
+                .max_messages_count
+                .filter(|&n| n > 0)
+                .map_or(BULK_DEFAULT_MAX_MESSAGES, |n| n as usize),
+            max_await: self
+                .max_await_duration_ms
+                .filter(|&n| n > 0)
+                .map_or(BULK_DEFAULT_MAX_AWAIT, |n| Duration::from_millis(n as u64)),
+        })
+    }
 }
 
 fn metadata_strings(m: BTreeMap<String, Value>) -> BTreeMap<String, String> {
@@ -188,6 +232,7 @@ fn from_spec(
         metadata: metadata_strings(raw.metadata),
         scopes,
         source,
+        bulk: raw.bulk_subscribe.as_ref().and_then(RawBulk::settings),
     }))
 }
 
@@ -235,6 +280,8 @@ pub fn from_app_callback(
         metadata,
         scopes: Vec::new(),
         source: Source::Programmatic,
+        // Bulk delivery to a gRPC app (OnBulkTopicEventAlpha1) is not implemented.
+        bulk: None,
     })
 }
 
@@ -370,17 +417,32 @@ mod tests {
     #[test]
     fn programmatic_v1_and_v2() {
         let body = json!([
-            {"pubsubname": "ps", "topic": "a", "route": "a-handler"},
+            {"pubsubname": "ps", "topic": "a", "route": "a-handler", "bulkSubscribe": {"enabled": true}},
             {"pubsubname": "ps", "topic": "b", "routes": {
                 "rules": [{"match": "event.type == \"x\"", "path": "/x"}], "default": "/other"},
-             "deadLetterTopic": "dead", "metadata": {"rawPayload": "true"}},
+             "deadLetterTopic": "dead", "metadata": {"rawPayload": "true"},
+             "bulkSubscribe": {"enabled": true, "maxMessagesCount": 5, "maxAwaitDurationMs": 40}},
             {"pubsubname": "ps", "topic": "c"},
             {"pubsubname": "ps", "topic": "d", "routes": {"rules": [{"match": "event.type ==", "path": "/d"}]}}
         ]);
         let (subs, errors) = parse_programmatic(body.to_string().as_bytes());
         assert_eq!(subs.len(), 2, "{errors:?}");
         assert_eq!(subs[0].rules[0].path, "/a-handler");
+        assert_eq!(
+            subs[0].bulk,
+            Some(BulkSubscribe {
+                max_messages: BULK_DEFAULT_MAX_MESSAGES,
+                max_await: BULK_DEFAULT_MAX_AWAIT
+            })
+        );
         let b = &subs[1];
+        assert_eq!(
+            b.bulk,
+            Some(BulkSubscribe {
+                max_messages: 5,
+                max_await: Duration::from_millis(40)
+            })
+        );
         assert_eq!(b.route(&json!({"type": "x"})), Some("/x"));
         assert_eq!(b.route(&json!({"type": "y"})), Some("/other"));
         assert_eq!(b.dead_letter_topic.as_deref(), Some("dead"));
