@@ -7,7 +7,8 @@
 # Payload: a 1 KiB JSON value (as in Dapr's perf suite). Fixed concurrency: 16 connections.
 # Through the bridge: wrk (HTTP/1.1 keep-alive, 1 thread) GET /v1.0/state/bench/k and POST
 # /v1.0/state/bench with one item. Direct: redis-benchmark sending the commands the bridge sends
-# (HMGET key data version; the bridge's ETag-checking Lua script through EVAL). gRPC: h2load (one
+# (HMGET key data version; the bridge's ETag-checking Lua script through EVAL, no ttl). The
+# bridge's get also reads PTTL in the same round trip (for ttlExpireTime); direct does not. gRPC: h2load (one
 # HTTP/2 connection per client, one call in flight on each) sending GetState / SaveState as
 # framed protobuf to /dapr.proto.runtime.v1.Dapr/…; percentiles from its per-request log. CPU pinning: load
 # generators on CPU 0, Outrigger and Redis on CPU 1. The sidecar's peak RSS (VmHWM) is read after
@@ -133,7 +134,7 @@ script=$(sed -n '/^const APPLY_SCRIPT: &str = r#"/,/^"#;/p' src/bridge/state.rs 
 read -r get_b_rps get_b_p50 get_b_p99 < <(wrk_run "http://127.0.0.1:$BRIDGE/v1.0/state/bench/k")
 read -r get_d_rps get_d_p50 get_d_p99 < <(rb_run HMGET "bench||k" data version)
 read -r save_b_rps save_b_p50 save_b_p99 < <(wrk_run -s "$dir/save.lua" "http://127.0.0.1:$BRIDGE/v1.0/state/bench")
-read -r save_d_rps save_d_p50 save_d_p99 < <(rb_run EVAL "$script" 1 "bench||s" 1 u "" "$value")
+read -r save_d_rps save_d_p50 save_d_p99 < <(rb_run EVAL "$script" 1 "bench||s" 1 u "" "$value" "")
 read -r get_g_rps get_g_p50 get_g_p99 < <(h2_run GetState "$dir/get.bin")
 read -r save_g_rps save_g_p50 save_g_p99 < <(h2_run SaveState "$dir/save.bin")
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$sidecar/status")
