@@ -41,6 +41,7 @@
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
 //! | connection and rate limits, load shedding | `proxy/limits.rs`, `proxy/accept.rs` |
 //! | idle, silent and non-reading connections (`silent_for`), accept backoff | `proxy/accept.rs`, `proxy/listener.rs` |
+//! | HTTP/2 streams whose client reads nothing (zero window) | `proxy/unread_streams.rs` |
 //! | refusing what only a web page sends (cross-origin, DNS rebinding) | `origin.rs` (used by admin and the bridge) |
 //! | holding requests while the app starts | `proxy/hold.rs` |
 //! | ambiguous framing (smuggling) | `proxy/framing.rs` |

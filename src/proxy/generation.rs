@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 
 use super::cluster::{Cluster, first_discovery};
 use super::listener::Bound;
+use super::unread_streams::StreamExecutor;
 use super::{Proxy, http, route};
 use crate::config::Config;
 use crate::config::proxy::{
@@ -38,7 +39,7 @@ use crate::telemetry::record::Recorder;
 
 /// What a listener does with a connection.
 pub(super) enum Kind {
-    Http(Arc<http::HttpListener>, Box<auto::Builder<TokioExecutor>>),
+    Http(Arc<http::HttpListener>, Box<auto::Builder<StreamExecutor>>),
     Tcp(Arc<Cluster>),
 }
 
@@ -53,6 +54,9 @@ pub(super) struct Listener {
     pub(super) closed: Counter,
     /// Connections cut because their client read nothing (`outrigger_client_stalls_total`).
     pub(super) stalled: Counter,
+    /// HTTP/2 streams reset because their client read nothing
+    /// (`outrigger_client_stream_stalls_total`).
+    pub(super) stalled_streams: Counter,
     pub(super) open: Gauge,
     pub(super) received: Counter,
     pub(super) sent: Counter,
@@ -212,6 +216,7 @@ pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) ->
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
         stalled: metrics.client_stalls.get_or_create(&labels).clone(),
+        stalled_streams: metrics.client_stream_stalls.get_or_create(&labels).clone(),
         open: metrics.connections_open.get_or_create(&labels).clone(),
         received: flow("received"),
         sent: flow("sent"),
@@ -327,8 +332,9 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
     })
 }
 
-fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn server_builder(limits: &Limits) -> auto::Builder<StreamExecutor> {
+    // HTTP/2 stream tasks that can be ended when their client reads nothing.
+    let mut b = auto::Builder::new(StreamExecutor);
     b.http1()
         .timer(TokioTimer::new())
         .keep_alive(true)

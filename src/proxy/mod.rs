@@ -47,6 +47,7 @@ pub mod record;
 pub mod respond;
 pub mod route;
 pub mod tcp;
+pub mod unread_streams;
 pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};

@@ -166,6 +166,9 @@ pub struct ProxyMetrics {
     pub connections_closed: Family<ListenerLabels, Counter>,
     /// Connections cut because their client read nothing for the idle timeout.
     pub client_stalls: Family<ListenerLabels, Counter>,
+    /// HTTP/2 streams reset because their client took none of their response for the idle
+    /// timeout.
+    pub client_stream_stalls: Family<ListenerLabels, Counter>,
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub bytes: Family<FlowLabels, Counter>,
     pub retries: Family<OutcomeLabels, Counter>,
@@ -191,6 +194,7 @@ impl Default for ProxyMetrics {
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             client_stalls: Family::default(),
+            client_stream_stalls: Family::default(),
             connections_open: Family::default(),
             bytes: Family::default(),
             retries: Family::default(),
@@ -271,6 +275,11 @@ impl ProxyMetrics {
             "client_stalls",
             "Downstream connections cut because the client read nothing for the idle timeout (a write waited that long)",
             self.client_stalls.clone(),
+        );
+        r.register(
+            "client_stream_stalls",
+            "HTTP/2 streams reset because the client took none of their response for the idle timeout (flow control kept the socket writable)",
+            self.client_stream_stalls.clone(),
         );
         r.register(
             "connections_open",
