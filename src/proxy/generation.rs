@@ -346,9 +346,16 @@ fn server_builder(limits: &Limits) -> auto::Builder<StreamExecutor> {
     // forever; the idle timeout closes connections to dead peers instead.
     b.http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(limits.max_header_bytes as u32);
     b
 }
+
+/// Concurrent HTTP/2 streams one downstream connection may open (hyper's default is 200).
+/// Each in-flight stream can hold an upstream connection; 100 is what RFC 9113 asks a peer to
+/// allow at least, nginx's 128 and Envoy's recommended value are alike. A listener's total is
+/// then at most `max_connections` × 100 (or `max_requests_in_flight`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// Whether a reload builds a cluster anew (new pools, endpoints and ejection state) instead
 /// of keeping the running one: its settings changed.

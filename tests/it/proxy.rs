@@ -1176,6 +1176,7 @@ fn a_client_that_reads_nothing_is_cut_off() {
 /// nothing, yet its socket stays writable: each stream held an upstream connection forever
 /// (40 connections × 200 streams held 8,064 descriptors). Now each such stream is reset after
 /// the idle timeout and its upstream connection released; other clients are served as usual.
+/// A connection may open at most 100 streams at once.
 #[test]
 fn http2_streams_whose_client_reads_nothing_are_reset() {
     const STREAMS: usize = 5;
@@ -1190,6 +1191,8 @@ fn http2_streams_whose_client_reads_nothing_are_reset() {
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let (mut client, conn) = h2::client::Builder::new()
             .initial_window_size(0)
+            // Until the server's SETTINGS say otherwise (h2's own default is 100).
+            .initial_max_send_streams(1000)
             .handshake::<_, bytes::Bytes>(tcp)
             .await
             .unwrap();
@@ -1211,6 +1214,8 @@ fn http2_streams_whose_client_reads_nothing_are_reset() {
             STREAMS,
             "one upstream connection per stream"
         );
+        // And a connection may open at most 100 at once (hyper's default was 200).
+        assert_eq!(client.current_max_send_streams(), 100);
         for mut body in bodies {
             // No byte of data: the window stays shut. The stream ends in a reset (the
             // deadline only turns a hang into a failure).
