@@ -28,6 +28,7 @@
 //! | behaviour | file |
 //! |---|---|
 //! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,check}.rs`, `config/document.rs` |
+//! | limits on YAML files (size, nesting, nodes) | `config/file_limits.rs` |
 //! | deep config checks (certificates, components, brokers, Subscriptions) | `preflight.rs` |
 //! | what a reload changes live and what needs a restart | `config/diff.rs` (`ConfigDiff`) |
 //! | live reload of our own config (SIGHUP, `POST /reload`, file watch) | `reload/live.rs` |

@@ -218,7 +218,7 @@ pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
     let mut out = Resources::default();
     let mut pending = Vec::new();
     for file in &files {
-        let text = match std::fs::read_to_string(file) {
+        let text = match crate::config::file_limits::read(file) {
             Ok(t) => t,
             Err(e) => {
                 problems.push(whole(file, format!("cannot read the resource file: {e}")));

@@ -99,6 +99,18 @@ impl Document {
     /// problem returned: nothing after it can be trusted.
     pub fn parse(file: &Path, text: &str) -> Result<Document, Problem> {
         let file = file.display().to_string();
+        // Before serde_norway, whose scanner is slow on deep nesting (file_limits.rs).
+        if let Err(deep) = super::file_limits::check_shape(text) {
+            return Err(Problem {
+                origin: Origin::File {
+                    file,
+                    line: deep.line,
+                    column: deep.column,
+                },
+                path: String::new(),
+                message: deep.message,
+            });
+        }
         let mut value: Value = match serde_norway::from_str(text) {
             Ok(v) => v,
             Err(e) => {
@@ -163,7 +175,10 @@ impl Document {
         if keys.iter().any(|k| k.is_empty()) {
             return Err(problem("expected a dotted key like admin.address".into()));
         }
-        let new: Value = serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
+        let new: Value = super::file_limits::check_shape(raw)
+            .ok()
+            .and_then(|()| serde_norway::from_str(raw).ok())
+            .unwrap_or_else(|| Value::String(raw.into()));
         let mut node = &mut self.value;
         for (i, key) in keys.iter().enumerate() {
             let Value::Mapping(map) = node else {

@@ -14,6 +14,7 @@ pub mod bridge;
 pub mod check;
 pub mod diff;
 pub mod document;
+pub mod file_limits;
 pub mod lifecycle;
 pub mod proxy;
 pub mod raw;
@@ -214,7 +215,7 @@ impl Parsed {
 pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Problem>) {
     let name = document::display_name(source.file.as_deref());
     let text = match &source.file {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match file_limits::read(path) {
             Ok(text) => text,
             Err(e) => {
                 let problem = Problem {

@@ -117,7 +117,7 @@ pub fn load_subscription_files(files: &[PathBuf]) -> Result<Vec<Subscription>, V
     let mut subs = Vec::new();
     let mut errors = Vec::new();
     for f in files {
-        match std::fs::read_to_string(f) {
+        match crate::config::file_limits::read(f) {
             Ok(text) => match subscription::parse_declarative(&text, f) {
                 Ok(s) => subs.extend(s),
                 Err(e) => errors.extend(e),

@@ -250,6 +250,16 @@ struct ResourceMeta {
 pub fn parse_declarative(yaml: &str, file: &Path) -> Result<Vec<Subscription>, Vec<String>> {
     let mut subs = Vec::new();
     let mut errors = Vec::new();
+    // Before serde_norway, whose scanner is slow on deep nesting.
+    if let Err(deep) = crate::config::file_limits::check_shape(yaml) {
+        return Err(vec![format!(
+            "{}:{}:{}: {}",
+            file.display(),
+            deep.line,
+            deep.column,
+            deep.message
+        )]);
+    }
     for (i, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
