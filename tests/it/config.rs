@@ -450,3 +450,26 @@ fn huge_and_deep_resource_files_are_refused_naming_the_file() {
         "{stderr}"
     );
 }
+
+/// A Subscription document's problem had no line (`./res/subs.yaml: Subscription "bad": …`):
+/// it is now located at the document's first key.
+#[cfg(feature = "bridge")]
+#[test]
+fn a_subscription_problem_is_located_at_its_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let components = dir.path().join("components");
+    std::fs::create_dir(&components).unwrap();
+    std::fs::write(
+        components.join("subs.yaml"),
+        "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {name: ok}\nspec: {topic: a, route: /a, pubsubname: pubsub}\n---\n# the second\napiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {name: bad}\nspec:\n  topic: b\n  pubsubname: pubsub\n  routes:\n    rules:\n      - {match: 'event.type == ', path: /x}\n",
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(&config, "bridge:\n  resources: ./components\n").unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("components/subs.yaml:7:1: Subscription \"bad\": topic \"b\": rule match"),
+        "{stderr}"
+    );
+}
