@@ -348,7 +348,7 @@ impl PubSubMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "pubsub_published",
-            "Messages published through the bridge, by pubsub component and result (success, failure)",
+            "Messages published through the bridge, by pubsub component and result (success, failure, timeout)",
             self.published.clone(),
         );
         r.register(
@@ -358,11 +358,12 @@ impl PubSubMetrics {
         );
     }
 
-    pub fn publish(&self, pubsub: &Name, ok: bool) {
+    /// `result`: success, failure, or timeout (no answer within the publish timeout).
+    pub fn publish(&self, pubsub: &Name, result: &'static str) {
         self.published
             .get_or_create(&PubSubPublishLabels {
                 pubsub: pubsub.clone(),
-                result: if ok { "success" } else { "failure" },
+                result,
             })
             .inc();
     }

@@ -306,8 +306,14 @@ async fn bulk_publish(
         prepared.push((e.entry_id.as_str(), bytes, md));
     }
     let mut failed = Vec::new();
+    // One deadline for the whole request: entries after a broker that stopped answering fail
+    // at once instead of waiting in turn.
+    let deadline = tokio::time::Instant::now() + super::PUBLISH_TIMEOUT;
     for (id, bytes, md) in prepared {
-        if let Err(e) = ps.publish_bytes(&pubsub, topic, bytes, &md).await {
+        if let Err(e) = ps
+            .publish_bytes_by(deadline, &pubsub, topic, bytes, &md)
+            .await
+        {
             failed.push(json!({"entryId": id, "error": e.to_string()}));
         }
     }
