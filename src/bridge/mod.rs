@@ -439,6 +439,7 @@ impl Module for Bridge {
                         );
                         let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                         let mut drain = cx.drain.clone();
+                        let metrics = self.state.metrics.clone();
                         tokio::spawn(async move {
                             let _slot = slot;
                             tokio::pin!(conn);
@@ -464,7 +465,11 @@ impl Module for Bridge {
                                         // waiting on its callee is not cut).
                                         if silence == crate::proxy::accept::Silence::WriteStalled {
                                             tracing::debug!("bridge client read nothing for the idle timeout; connection closed");
+                                            metrics.cut("read_nothing");
                                             break;
+                                        }
+                                        if activity.count() == 0 {
+                                            metrics.cut("silent");
                                         }
                                         if !closing {
                                             conn.as_mut().graceful_shutdown();

@@ -232,6 +232,11 @@ async fn serve_connection(
                             l.stalled.inc();
                             break;
                         }
+                        if activity.count() == 0 {
+                            // Not a byte since the accept (or the TLS handshake).
+                            tracing::debug!(listener = %l.name, "the client sent nothing; connection closed");
+                            l.silent.inc();
+                        }
                         // Idle: in-flight requests still finish; the connection then closes.
                         if !closing {
                             conn.as_mut().graceful_shutdown();

@@ -57,6 +57,9 @@ pub(super) struct Listener {
     /// HTTP/2 streams reset because their client read nothing
     /// (`outrigger_client_stream_stalls_total`).
     pub(super) stalled_streams: Counter,
+    /// HTTP connections closed because their client sent no byte
+    /// (`outrigger_client_silent_closes_total`).
+    pub(super) silent: Counter,
     pub(super) open: Gauge,
     pub(super) received: Counter,
     pub(super) sent: Counter,
@@ -217,6 +220,7 @@ pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) ->
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
         stalled: metrics.client_stalls.get_or_create(&labels).clone(),
         stalled_streams: metrics.client_stream_stalls.get_or_create(&labels).clone(),
+        silent: metrics.client_silent.get_or_create(&labels).clone(),
         open: metrics.connections_open.get_or_create(&labels).clone(),
         received: flow("received"),
         sent: flow("sent"),

@@ -1296,6 +1296,12 @@ fn a_silent_connection_gets_the_header_read_timeout_not_the_idle_timeout() {
         "the silent connection closed",
         || (sc.metric(open) == 0.0).then_some(()),
     );
+    assert_eq!(
+        sc.metric(
+            "outrigger_client_silent_closes_total{direction=\"inbound\",listener=\"public\"}"
+        ),
+        1.0
+    );
     drop(s);
 }
 
