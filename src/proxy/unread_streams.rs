@@ -60,6 +60,10 @@ where
     }
 }
 
+/// Past this many entries, finished ones are dropped before another is added (twice the
+/// streams a connection may have open, so it happens at most once per 128 responses).
+const FORGET_FINISHED_AT: usize = 2 * super::generation::MAX_STREAMS_PER_CONNECTION as usize;
+
 /// One watched response body.
 struct Watch {
     /// Polls of the body by hyper.
@@ -98,6 +102,11 @@ impl Streams {
             end,
         });
         let mut watched = self.watched.lock().expect("not poisoned");
+        // Finished bodies leave at the next sweep, or here: a busy connection must not pile
+        // up a period's worth of them (at most 100 streams are open at once).
+        if watched.len() >= FORGET_FINISHED_AT {
+            watched.retain(|w| !w.done.load(Ordering::Relaxed));
+        }
         if watched.is_empty() {
             self.busy.notify_one();
         }
@@ -215,6 +224,22 @@ mod tests {
         assert_eq!(streams.sweep(&reset), 2);
         assert_eq!(streams.sweep(&reset), 1);
         assert_eq!(reset.get(), 1);
+    }
+
+    /// Finished bodies do not pile up between sweeps on a busy connection.
+    #[tokio::test]
+    async fn finished_bodies_are_forgotten_before_the_next_sweep() {
+        let streams = Arc::new(Streams::default());
+        let s = streams.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        StreamExecutor.execute_stream(async move {
+            for _ in 0..10_000 {
+                drop(s.watch(super::super::body::empty()));
+            }
+            let _ = tx.send(());
+        });
+        rx.await.unwrap();
+        assert!(streams.watched.lock().unwrap().len() <= FORGET_FINISHED_AT);
     }
 
     fn futures_stream(
