@@ -288,19 +288,23 @@ impl Document {
             .any(|p| p != path && within(p, path))
     }
 
+    /// A path into what [`Self::deserialize_pruned`] returned, as the user wrote it: renumbered
+    /// past the list entries that were removed.
+    pub fn written(&self, path: &str) -> String {
+        let removed = self.removed.lock().expect("not poisoned");
+        if removed.is_empty() {
+            path.to_string()
+        } else {
+            render(&original_path(&parse_path(path), &removed))
+        }
+    }
+
     /// A problem found in what [`Self::deserialize_pruned`] returned, where the user wrote it:
     /// its path renumbered past the list entries that were removed (the second listener is
     /// `listeners[1]` even when the first was removed), and None when it is about a node that
     /// was removed (a consequence of a problem reported already).
     pub fn as_written(&self, problem: Problem) -> Option<Problem> {
-        let written = {
-            let removed = self.removed.lock().expect("not poisoned");
-            if removed.is_empty() {
-                problem.path.clone()
-            } else {
-                render(&original_path(&parse_path(&problem.path), &removed))
-            }
-        };
+        let written = self.written(&problem.path);
         if self.pruned(&written) {
             return None;
         }

@@ -629,6 +629,16 @@ mod tests {
                 "3:5: listeners[1]: an outbound tcp listener needs a `cluster` to send bytes to",
             ]
         );
+        let lines = problems_of(
+            "listeners:\n  - address: 127.0.0.1:0\n  - name: a\n    address: 127.0.0.1:0\n    direction: outbound\n  - name: a\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        );
+        assert_eq!(
+            lines,
+            [
+                "2:5: listeners[0]: missing field `name`",
+                "6:11: listeners[2].name: the name \"a\" is already used by listeners[1]",
+            ]
+        );
     }
 
     #[test]

@@ -186,8 +186,9 @@ pub fn validate(
             problems.push(doc.problem(
                 &format!("{at}.name"),
                 format!(
-                    "the name {:?} is already used by listeners[{prev}]",
-                    raw.name
+                    "the name {:?} is already used by {}",
+                    raw.name,
+                    doc.written(&format!("listeners[{prev}]"))
                 ),
             ));
         }
@@ -196,8 +197,9 @@ pub fn validate(
             problems.push(doc.problem(
                 &format!("{at}.address"),
                 format!(
-                    "the address {} is already used by listeners[{prev}]",
-                    raw.address
+                    "the address {} is already used by {}",
+                    raw.address,
+                    doc.written(&format!("listeners[{prev}]"))
                 ),
             ));
         }
