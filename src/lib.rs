@@ -28,6 +28,7 @@
 //! | behaviour | file |
 //! |---|---|
 //! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,check}.rs`, `config/document.rs` |
+//! | limits on YAML files (size, nesting, nodes) | `config/file_limits.rs` |
 //! | deep config checks (certificates, components, brokers, Subscriptions) | `preflight.rs` |
 //! | what a reload changes live and what needs a restart | `config/diff.rs` (`ConfigDiff`) |
 //! | live reload of our own config (SIGHUP, `POST /reload`, file watch) | `reload/live.rs` |
@@ -41,6 +42,7 @@
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
 //! | connection and rate limits, load shedding | `proxy/limits.rs`, `proxy/accept.rs` |
 //! | idle, silent and non-reading connections (`silent_for`), accept backoff | `proxy/accept.rs`, `proxy/listener.rs` |
+//! | HTTP/2 streams whose client reads nothing (zero window) | `proxy/unread_streams.rs` |
 //! | refusing what only a web page sends (cross-origin, DNS rebinding) | `origin.rs` (used by admin and the bridge) |
 //! | holding requests while the app starts | `proxy/hold.rs` |
 //! | ambiguous framing (smuggling) | `proxy/framing.rs` |

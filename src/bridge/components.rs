@@ -263,7 +263,7 @@ pub fn load(dir: Option<&Path>, problems: &mut Vec<Problem>) -> Resources {
     let mut out = Resources::default();
     let mut pending = Vec::new();
     for file in &files {
-        let text = match std::fs::read_to_string(file) {
+        let text = match crate::config::file_limits::read(file) {
             Ok(t) => t,
             Err(e) => {
                 problems.push(whole(file, format!("cannot read the resource file: {e}")));
@@ -356,30 +356,26 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
     resources
         .skipped
         .retain(|s| s.scopes.is_empty() || s.scopes.iter().any(|a| a == app_id));
-    let mut files: Vec<PathBuf> = resources
-        .subscriptions
-        .iter()
-        .map(|d| d.file.clone())
-        .collect();
-    files.dedup();
-    let declarative = match crate::bridge::pubsub::load_subscription_files(&files) {
-        Ok(subs) => subs,
-        Err(errors) => {
-            for e in errors {
-                let file = files
-                    .iter()
-                    .find(|f| e.starts_with(&format!("{}:", f.display())))
-                    .cloned()
-                    .unwrap_or_default();
-                let message = e
-                    .strip_prefix(&format!("{}: ", file.display()))
-                    .unwrap_or(&e)
-                    .to_string();
-                problems.push(whole(&file, message));
-            }
-            Vec::new()
+    // Each document read above, located at its first line (its problems were file-wide).
+    let mut declarative = Vec::new();
+    for doc in &resources.subscriptions {
+        let parsed = serde_json::Value::deserialize(doc.value.clone())
+            .map_err(|e| e.to_string())
+            .and_then(crate::bridge::pubsub::subscription::parse_document);
+        match parsed {
+            Ok(Some(s)) => declarative.push(s),
+            Ok(None) => {}
+            Err(message) => problems.push(Problem {
+                origin: Origin::File {
+                    file: doc.file.display().to_string(),
+                    line: doc.line,
+                    column: 1,
+                },
+                path: String::new(),
+                message,
+            }),
         }
-    };
+    }
     Prepared {
         resources,
         brokers,
@@ -457,7 +453,11 @@ fn read_document(
             if let Ok(value) = doc.deserialize::<serde_norway::Value>() {
                 out.subscriptions.push(RawDocument {
                     file: file.to_path_buf(),
-                    line: offset + 1,
+                    // Its first key (not a comment or separator before it).
+                    line: match doc.origin("", false) {
+                        Origin::File { line, .. } => line + offset,
+                        _ => offset + 1,
+                    },
                     value,
                 });
             }

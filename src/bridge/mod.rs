@@ -495,6 +495,7 @@ impl Module for Bridge {
                 service.clone(),
                 cx.drain.clone(),
                 slots.clone(),
+                self.state.metrics.clone(),
             );
             match &self.grpc_bound {
                 Some(g) => {
@@ -505,6 +506,7 @@ impl Module for Bridge {
                         service,
                         cx.drain.clone(),
                         slots.clone(),
+                        self.state.metrics.clone(),
                     );
                     tokio::join!(http, grpc);
                 }
@@ -528,6 +530,7 @@ async fn accept_loop<S>(
     service: S,
     mut drain: crate::runtime::Drain,
     slots: Arc<tokio::sync::Semaphore>,
+    metrics: BridgeMetrics,
 ) where
     S: hyper::service::Service<
             hyper::Request<hyper::body::Incoming>,
@@ -569,6 +572,7 @@ async fn accept_loop<S>(
                 );
                 let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                 let mut drain = drain.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     tokio::pin!(conn);
@@ -594,7 +598,11 @@ async fn accept_loop<S>(
                                 // waiting on its callee is not cut).
                                 if silence == crate::proxy::accept::Silence::WriteStalled {
                                     tracing::debug!("bridge client read nothing for the idle timeout; connection closed");
+                                    metrics.cut("read_nothing");
                                     break;
+                                }
+                                if activity.count() == 0 {
+                                    metrics.cut("silent");
                                 }
                                 if !closing {
                                     conn.as_mut().graceful_shutdown();

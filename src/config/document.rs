@@ -81,6 +81,11 @@ fn render(path: &[Step]) -> String {
     out
 }
 
+/// Whether the node at path `a` is the one at `b` or inside it.
+fn within(a: &str, b: &str) -> bool {
+    a == b || (a.starts_with(b) && matches!(a.as_bytes().get(b.len()), Some(b'.' | b'[')))
+}
+
 /// A parsed config document.
 pub struct Document {
     /// How the file is named in messages.
@@ -92,6 +97,11 @@ pub struct Document {
     keys: HashMap<String, Marker>,
     /// Nodes that overrides replaced: rendered path → how the user named the override.
     overrides: Vec<(String, String)>,
+    /// Nodes [`Self::deserialize_pruned`] removed because they were wrong (paths as written):
+    /// later checks must not report what their absence causes.
+    pruned: std::sync::Mutex<Vec<String>>,
+    /// Indices removed from each sequence by that pruning (by original path).
+    removed: std::sync::Mutex<HashMap<String, Vec<usize>>>,
 }
 
 impl Document {
@@ -99,6 +109,18 @@ impl Document {
     /// problem returned: nothing after it can be trusted.
     pub fn parse(file: &Path, text: &str) -> Result<Document, Problem> {
         let file = file.display().to_string();
+        // Before serde_norway, whose scanner is slow on deep nesting (file_limits.rs).
+        if let Err(deep) = super::file_limits::check_shape(text) {
+            return Err(Problem {
+                origin: Origin::File {
+                    file,
+                    line: deep.line,
+                    column: deep.column,
+                },
+                path: String::new(),
+                message: deep.message,
+            });
+        }
         let mut value: Value = match serde_norway::from_str(text) {
             Ok(v) => v,
             Err(e) => {
@@ -147,6 +169,8 @@ impl Document {
             values: locator.values,
             keys: locator.keys,
             overrides: Vec::new(),
+            pruned: Default::default(),
+            removed: Default::default(),
         })
     }
 
@@ -163,7 +187,10 @@ impl Document {
         if keys.iter().any(|k| k.is_empty()) {
             return Err(problem("expected a dotted key like admin.address".into()));
         }
-        let new: Value = serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
+        let new: Value = super::file_limits::check_shape(raw)
+            .ok()
+            .and_then(|()| serde_norway::from_str(raw).ok())
+            .unwrap_or_else(|| Value::String(raw.into()));
         let mut node = &mut self.value;
         for (i, key) in keys.iter().enumerate() {
             let Value::Mapping(map) = node else {
@@ -193,9 +220,6 @@ impl Document {
     /// closest enclosing node that has a position.
     pub fn origin(&self, path: &str, key: bool) -> Origin {
         // The override set this node, something inside it, or created the mapping it is in.
-        let within = |a: &str, b: &str| {
-            a == b || a.starts_with(&format!("{b}.")) || a.starts_with(&format!("{b}["))
-        };
         if let Some((_, name)) = self
             .overrides
             .iter()
@@ -244,6 +268,52 @@ impl Document {
             .map(|(i, _)| i)
     }
 
+    /// Whether the node at `path` was removed as wrong, or is inside one that was (its problem
+    /// was reported; what its absence causes would only repeat it).
+    pub fn pruned(&self, path: &str) -> bool {
+        self.pruned
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .any(|p| within(path, p))
+    }
+
+    /// Whether a node inside the one at `path` was removed as wrong (a list that is empty only
+    /// because its one bad entry was removed).
+    pub fn pruned_inside(&self, path: &str) -> bool {
+        self.pruned
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .any(|p| p != path && within(p, path))
+    }
+
+    /// A path into what [`Self::deserialize_pruned`] returned, as the user wrote it: renumbered
+    /// past the list entries that were removed.
+    pub fn written(&self, path: &str) -> String {
+        let removed = self.removed.lock().expect("not poisoned");
+        if removed.is_empty() {
+            path.to_string()
+        } else {
+            render(&original_path(&parse_path(path), &removed))
+        }
+    }
+
+    /// A problem found in what [`Self::deserialize_pruned`] returned, where the user wrote it:
+    /// its path renumbered past the list entries that were removed (the second listener is
+    /// `listeners[1]` even when the first was removed), and None when it is about a node that
+    /// was removed (a consequence of a problem reported already).
+    pub fn as_written(&self, problem: Problem) -> Option<Problem> {
+        let written = self.written(&problem.path);
+        if self.pruned(&written) {
+            return None;
+        }
+        if written == problem.path {
+            return Some(problem);
+        }
+        Some(self.problem(&written, problem.message))
+    }
+
     /// A problem at `path`, located.
     pub fn problem(&self, path: &str, message: impl Into<String>) -> Problem {
         Problem {
@@ -272,9 +342,13 @@ impl Document {
         // sequence still point at the element the user wrote.
         let mut removed: HashMap<String, Vec<usize>> = HashMap::new();
         let mut seen = Vec::new();
+        self.pruned.lock().expect("not poisoned").clear();
         loop {
             let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-                Ok(t) => return (Some(t), problems),
+                Ok(t) => {
+                    *self.removed.lock().expect("not poisoned") = removed;
+                    return (Some(t), problems);
+                }
                 Err(e) => e,
             };
             let current: Vec<Step> = err
@@ -288,7 +362,7 @@ impl Document {
                 .collect();
             let original = original_path(&current, &removed);
             let path = render(&original);
-            let message = err.inner().to_string();
+            let message = plain_words(err.inner().to_string());
             // A required key we removed ourselves, after reporting its bad value: already said.
             if let Some(field) = message
                 .strip_prefix("missing field `")
@@ -327,12 +401,48 @@ impl Document {
             if seen.contains(&path) || !remove(&mut value, &current) {
                 return (None, problems);
             }
+            self.pruned.lock().expect("not poisoned").push(path.clone());
             if let Some((Step::Index(i), parent)) = original.split_last() {
                 removed.entry(render(parent)).or_default().push(*i);
             }
             seen.push(path);
         }
     }
+}
+
+/// serde names the Rust type it expected (`expected struct RawListener`): users wrote a
+/// mapping there.
+fn plain_words(mut message: String) -> String {
+    while let Some(i) = message.find("expected struct ") {
+        let name_end = message[i + 16..]
+            .find(|c: char| !c.is_alphanumeric() && c != '_')
+            .map_or(message.len(), |n| i + 16 + n);
+        message.replace_range(i..name_end, "expected a mapping");
+    }
+    message
+}
+
+/// The steps of a rendered path (`a.b[2].c`). A key written with a dot in it comes back as
+/// two keys, which render the same: good enough to renumber indices.
+fn parse_path(path: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            steps.push(Step::Key(key.to_string()));
+        }
+        while let Some(end) = rest.find(']') {
+            match rest[1..end].parse() {
+                Ok(i) => steps.push(Step::Index(i)),
+                Err(_) => steps.push(Step::Key(rest[1..end].to_string())),
+            }
+            rest = &rest[end + 1..];
+        }
+    }
+    steps
 }
 
 /// Maps a path in the pruned value back to the path the user wrote.

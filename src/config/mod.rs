@@ -14,6 +14,7 @@ pub mod bridge;
 pub mod check;
 pub mod diff;
 pub mod document;
+pub mod file_limits;
 pub mod lifecycle;
 pub mod proxy;
 pub mod raw;
@@ -227,7 +228,7 @@ impl Parsed {
 pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Problem>) {
     let name = document::display_name(source.file.as_deref());
     let text = match &source.file {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match file_limits::read(path) {
             Ok(text) => text,
             Err(e) => {
                 let problem = Problem {
@@ -276,7 +277,12 @@ pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Pro
             .filter(|v| !v.is_empty())
             .map(Secret::new);
     }
-    let config = validate(raw, source, &doc, &mut problems);
+    let mut semantic = Vec::new();
+    let config = validate(raw, source, &doc, &mut semantic);
+    // Located where the user wrote them (list entries removed as wrong shift the indices); a
+    // check of a node that was removed sees the default in its place (an invalid `direction`
+    // read as inbound): its problem was reported, the consequences are not.
+    problems.extend(semantic.into_iter().filter_map(|p| doc.as_written(p)));
     (Some(Parsed { config, doc }), problems)
 }
 
@@ -565,6 +571,103 @@ mod tests {
         assert!(
             lines[2].contains(":5:10: log.level: expected a log filter"),
             "{lines:#?}"
+        );
+    }
+
+    /// The problems of `text`, each as `line:column: path: message` (file name cut).
+    fn problems_of(text: &str) -> Vec<String> {
+        let err = load_text(text, &[], &[]).unwrap_err();
+        err.problems
+            .iter()
+            .map(|p| {
+                let line = p.to_string();
+                line.split_once(':')
+                    .map_or(line.clone(), |(_, rest)| rest.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_listener_problem_hides_no_other() {
+        let lines = problems_of(
+            "bogus: 1\nlisteners:\n  - name: out\n    address: nope\n    direction: outbound\n    routes:\n      - cluster: api\nclusters:\n  api:\n    endpoints: [127.0.0.1:1, not-an-endpoint]\n",
+        );
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].starts_with("1:1: bogus: unknown field"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].starts_with("4:14: listeners[0].address: invalid value"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[2].starts_with("10:30: clusters.api.endpoints[1]: invalid value"),
+            "{lines:#?}"
+        );
+    }
+
+    /// A bad node is removed so the rest can be checked: what its absence causes is not a
+    /// second problem (an endpoint list emptied by its one bad entry, an invalid `direction`
+    /// read as the default, inbound, which needs `app.address`).
+    #[test]
+    fn a_removed_bad_node_adds_no_consequences() {
+        let lines = problems_of(
+            "listeners:\n  - name: out\n    address: 127.0.0.1:0\n    direction: sideways\n    routes:\n      - cluster: api\nclusters:\n  api:\n    endpoints: [not-an-endpoint]\n  db:\n    dns: 5\n",
+        );
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].starts_with("4:16: listeners[0].direction: unknown variant"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].starts_with("9:17: clusters.api.endpoints[0]: invalid value"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[2].starts_with("11:10: clusters.db.dns: invalid type"),
+            "{lines:#?}"
+        );
+        // Still said when it is the user's own doing.
+        let lines = problems_of("clusters:\n  api:\n    endpoints: []\n");
+        assert!(
+            lines[0].contains("expected at least one endpoint"),
+            "{lines:#?}"
+        );
+    }
+
+    /// A later check's problem points at the entry the user wrote, not at its index once a bad
+    /// entry before it was removed.
+    #[test]
+    fn problems_after_a_removed_entry_point_at_the_entry_written() {
+        let lines = problems_of(
+            "listeners:\n  - address: 127.0.0.1:0\n  - name: b\n    address: 127.0.0.1:0\n    direction: outbound\n    protocol: tcp\n",
+        );
+        assert_eq!(
+            lines,
+            [
+                "2:5: listeners[0]: missing field `name`",
+                "3:5: listeners[1]: an outbound tcp listener needs a `cluster` to send bytes to",
+            ]
+        );
+        let lines = problems_of(
+            "listeners:\n  - address: 127.0.0.1:0\n  - name: a\n    address: 127.0.0.1:0\n    direction: outbound\n  - name: a\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        );
+        assert_eq!(
+            lines,
+            [
+                "2:5: listeners[0]: missing field `name`",
+                "6:11: listeners[2].name: the name \"a\" is already used by listeners[1]",
+            ]
+        );
+    }
+
+    #[test]
+    fn type_errors_name_no_rust_types() {
+        let lines = problems_of("listeners: [nope]\n");
+        assert_eq!(
+            lines,
+            ["1:13: listeners[0]: invalid type: string \"nope\", expected a mapping"]
         );
     }
 

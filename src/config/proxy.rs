@@ -195,8 +195,9 @@ pub fn validate(
             problems.push(doc.problem(
                 &format!("{at}.name"),
                 format!(
-                    "the name {:?} is already used by listeners[{prev}]",
-                    raw.name
+                    "the name {:?} is already used by {}",
+                    raw.name,
+                    doc.written(&format!("listeners[{prev}]"))
                 ),
             ));
         }
@@ -205,8 +206,9 @@ pub fn validate(
             problems.push(doc.problem(
                 &format!("{at}.address"),
                 format!(
-                    "the address {} is already used by listeners[{prev}]",
-                    raw.address
+                    "the address {} is already used by {}",
+                    raw.address,
+                    doc.written(&format!("listeners[{prev}]"))
                 ),
             ));
         }
@@ -242,14 +244,17 @@ fn cluster(
     ];
     let discovery = match (raw.endpoints, raw.dns, raw.file) {
         _ if sources.iter().filter(|s| **s).count() != 1 => {
-            problems.push(doc.problem(at, "expected exactly one of endpoints, dns or file"));
+            // Not when the one source written was removed as wrong (reported already).
+            if !doc.pruned_inside(at) {
+                problems.push(doc.problem(at, "expected exactly one of endpoints, dns or file"));
+            }
             return None;
         }
         (Some(eps), _, _) => {
-            if eps.is_empty() {
-                problems.push(
-                    doc.problem(&format!("{at}.endpoints"), "expected at least one endpoint"),
-                );
+            let endpoints = format!("{at}.endpoints");
+            // Empty only because its bad entries were removed: those were reported.
+            if eps.is_empty() && !doc.pruned_inside(&endpoints) {
+                problems.push(doc.problem(&endpoints, "expected at least one endpoint"));
             }
             Discovery::Static(eps)
         }

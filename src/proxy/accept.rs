@@ -6,7 +6,9 @@
 //!
 //! In: accepted sockets. Out: requests handed to the HTTP handler, bytes to a cluster; on
 //! drain, connections are told to finish (HTTP/2 GOAWAY) and the loop returns once all are
-//! gone. Idle connections close after `idle_timeout`.
+//! gone. Idle connections close after `idle_timeout`; so do clients that read nothing (a write
+//! waiting that long), and HTTP/2 streams whose client reads nothing are reset
+//! ([`super::unread_streams`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,6 +176,7 @@ async fn serve_connection(
                 drain: drain.clone(),
                 activity: activity.clone(),
                 idle_timeout: idle,
+                streams: Default::default(),
                 framing_alarm: alarm,
                 secure,
                 identity,
@@ -181,6 +184,7 @@ async fn serve_connection(
             // Each request is handled by the listener's newest config generation: a reload
             // reaches keep-alive connections too.
             let (listener, fallback) = (l.clone(), first.clone());
+            let watched = down.clone();
             let service = hyper::service::service_fn(move |req| {
                 let state = match &listener.serving.load().kind {
                     Kind::Http(state, _) => state.clone(),
@@ -199,7 +203,10 @@ async fn serve_connection(
             // same `header_read_timeout` before its first watch period ends.
             let first = serving.limits.header_read_timeout.get().min(idle);
             let silent = silent_for(&activity, first, idle);
-            tokio::pin!(drained, silent);
+            // HTTP/2 response bodies the client reads nothing of: flow control keeps the
+            // socket writable, so only a watch on each body sees them.
+            let unread = watched.streams.sweep_every(idle, &l.stalled_streams);
+            tokio::pin!(drained, silent, unread);
             let mut closing = false;
             loop {
                 tokio::select! {
@@ -209,6 +216,7 @@ async fn serve_connection(
                         }
                         break;
                     }
+                    _ = &mut unread => {}
                     _ = &mut drained, if !closing => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
@@ -223,6 +231,11 @@ async fn serve_connection(
                             tracing::debug!(listener = %l.name, "the client read nothing for the idle timeout; connection closed");
                             l.stalled.inc();
                             break;
+                        }
+                        if activity.count() == 0 {
+                            // Not a byte since the accept (or the TLS handshake).
+                            tracing::debug!(listener = %l.name, "the client sent nothing; connection closed");
+                            l.silent.inc();
                         }
                         // Idle: in-flight requests still finish; the connection then closes.
                         if !closing {

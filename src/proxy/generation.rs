@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 
 use super::cluster::{Cluster, first_discovery};
 use super::listener::Bound;
+use super::unread_streams::StreamExecutor;
 use super::{Proxy, http, route};
 use crate::config::Config;
 use crate::config::proxy::{
@@ -38,7 +39,7 @@ use crate::telemetry::record::Recorder;
 
 /// What a listener does with a connection.
 pub(super) enum Kind {
-    Http(Arc<http::HttpListener>, Box<auto::Builder<TokioExecutor>>),
+    Http(Arc<http::HttpListener>, Box<auto::Builder<StreamExecutor>>),
     Tcp(Arc<Cluster>),
 }
 
@@ -53,6 +54,12 @@ pub(super) struct Listener {
     pub(super) closed: Counter,
     /// Connections cut because their client read nothing (`outrigger_client_stalls_total`).
     pub(super) stalled: Counter,
+    /// HTTP/2 streams reset because their client read nothing
+    /// (`outrigger_client_stream_stalls_total`).
+    pub(super) stalled_streams: Counter,
+    /// HTTP connections closed because their client sent no byte
+    /// (`outrigger_client_silent_closes_total`).
+    pub(super) silent: Counter,
     pub(super) open: Gauge,
     pub(super) received: Counter,
     pub(super) sent: Counter,
@@ -212,6 +219,8 @@ pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) ->
         opened: metrics.connections_opened.get_or_create(&labels).clone(),
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
         stalled: metrics.client_stalls.get_or_create(&labels).clone(),
+        stalled_streams: metrics.client_stream_stalls.get_or_create(&labels).clone(),
+        silent: metrics.client_silent.get_or_create(&labels).clone(),
         open: metrics.connections_open.get_or_create(&labels).clone(),
         received: flow("received"),
         sent: flow("sent"),
@@ -327,8 +336,9 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
     })
 }
 
-fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn server_builder(limits: &Limits) -> auto::Builder<StreamExecutor> {
+    // HTTP/2 stream tasks that can be ended when their client reads nothing.
+    let mut b = auto::Builder::new(StreamExecutor);
     b.http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
@@ -340,9 +350,16 @@ fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     // forever; the idle timeout closes connections to dead peers instead.
     b.http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(limits.max_header_bytes as u32);
     b
 }
+
+/// Concurrent HTTP/2 streams one downstream connection may open (hyper's default is 200).
+/// Each in-flight stream can hold an upstream connection; 100 is what RFC 9113 asks a peer to
+/// allow at least, nginx's 128 and Envoy's recommended value are alike. A listener's total is
+/// then at most `max_connections` × 100 (or `max_requests_in_flight`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// Whether a reload builds a cluster anew (new pools, endpoints and ejection state) instead
 /// of keeping the running one: its settings changed.

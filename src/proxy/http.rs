@@ -77,6 +77,8 @@ pub struct Downstream {
     pub drain: Drain,
     pub activity: Activity,
     pub idle_timeout: Duration,
+    /// HTTP/2: response bodies in flight, reset when their client reads nothing.
+    pub streams: super::unread_streams::Streams,
     /// Raised when a request head on this connection had both Content-Length and
     /// Transfer-Encoding (hyper then shows only the latter).
     pub framing_alarm: super::framing::Alarm,
@@ -84,6 +86,16 @@ pub struct Downstream {
     pub secure: bool,
     /// The verified client certificate's identity (mutual TLS).
     pub identity: Option<crate::tls::PeerIdentity>,
+}
+
+/// An HTTP/2 response's body, watched for a client that reads none of it
+/// ([`super::unread_streams`]).
+fn watched(down: &Downstream, h2: bool, res: Response<ProxyBody>) -> Response<ProxyBody> {
+    if h2 {
+        res.map(|b| down.streams.watch(b))
+    } else {
+        res
+    }
 }
 
 impl HttpListener {
@@ -156,11 +168,12 @@ impl HttpListener {
             req.headers_mut()
                 .insert(X_REQUEST_ID.clone(), trace.trace_header());
         }
+        let h2 = req.version() == http::Version::HTTP_2;
         let recorder = match &self.recorder {
             Some(r) if r.wants(&trace) => r.clone(),
             _ => {
-                let (Ok(res) | Err(res)) = self.phases(down, req).await;
-                return Ok(res);
+                let (Ok(res) | Err(res)) = self.phases(down.clone(), req).await;
+                return Ok(watched(&down, h2, res));
             }
         };
         // Handles, not copies: the URI and header values share the bytes hyper read.
@@ -188,8 +201,8 @@ impl HttpListener {
         };
         // Finished even if this future is dropped before there is a response.
         let unanswered = super::record::Unanswered::new(&recorder, entry);
-        let (Ok(res) | Err(res)) = self.phases(down, req).await;
-        Ok(unanswered.answered(res))
+        let (Ok(res) | Err(res)) = self.phases(down.clone(), req).await;
+        Ok(watched(&down, h2, unanswered.answered(res)))
     }
 
     /// The phases in order. `Err` is a response a phase answered itself (refused or failed).

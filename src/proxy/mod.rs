@@ -6,7 +6,8 @@
 //!
 //! 1. bind: [`listener`] (TCP or unix sockets, the byte counters, the upstream `Stream`);
 //! 2. accept: [`accept`] (accept loop, backpressure at `max_connections`, serving a
-//!    connection, idle timeout); TLS termination in [`crate::tls::accept`];
+//!    connection, idle timeout, clients that read nothing); HTTP/2 streams whose client reads
+//!    nothing in [`unread_streams`]; TLS termination in [`crate::tls::accept`];
 //! 3. serve: `tcp` listeners copy bytes to a cluster ([`tcp`]); `http` listeners run hyper
 //!    (HTTP/1.1 or HTTP/2) with the [`framing`] scanner watching the bytes, and hand each
 //!    request to the listener's [`http::HttpListener`], whose phases are, in order:
@@ -47,6 +48,7 @@ pub mod record;
 pub mod respond;
 pub mod route;
 pub mod tcp;
+pub mod unread_streams;
 pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};

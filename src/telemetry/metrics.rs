@@ -166,6 +166,11 @@ pub struct ProxyMetrics {
     pub connections_closed: Family<ListenerLabels, Counter>,
     /// Connections cut because their client read nothing for the idle timeout.
     pub client_stalls: Family<ListenerLabels, Counter>,
+    /// HTTP/2 streams reset because their client took none of their response for the idle
+    /// timeout.
+    pub client_stream_stalls: Family<ListenerLabels, Counter>,
+    /// Connections closed because the client sent no byte within `header_read_timeout`.
+    pub client_silent: Family<ListenerLabels, Counter>,
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub bytes: Family<FlowLabels, Counter>,
     pub retries: Family<OutcomeLabels, Counter>,
@@ -191,6 +196,8 @@ impl Default for ProxyMetrics {
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             client_stalls: Family::default(),
+            client_stream_stalls: Family::default(),
+            client_silent: Family::default(),
             connections_open: Family::default(),
             bytes: Family::default(),
             retries: Family::default(),
@@ -273,6 +280,16 @@ impl ProxyMetrics {
             self.client_stalls.clone(),
         );
         r.register(
+            "client_stream_stalls",
+            "HTTP/2 streams reset because the client took none of their response for the idle timeout (flow control kept the socket writable)",
+            self.client_stream_stalls.clone(),
+        );
+        r.register(
+            "client_silent_closes",
+            "Downstream connections on HTTP listeners closed because the client sent no byte within header_read_timeout (a bare connect, or silence after the TLS handshake)",
+            self.client_silent.clone(),
+        );
+        r.register(
             "connections_open",
             "Downstream connections open now",
             self.connections_open.clone(),
@@ -339,7 +356,7 @@ impl PubSubMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "pubsub_published",
-            "Messages published through the bridge, by pubsub component and result (success, failure)",
+            "Messages published through the bridge, by pubsub component and result (success, failure, timeout)",
             self.published.clone(),
         );
         r.register(
@@ -349,11 +366,12 @@ impl PubSubMetrics {
         );
     }
 
-    pub fn publish(&self, pubsub: &Name, ok: bool) {
+    /// `result`: success, failure, or timeout (no answer within the publish timeout).
+    pub fn publish(&self, pubsub: &Name, result: &'static str) {
         self.published
             .get_or_create(&PubSubPublishLabels {
                 pubsub: pubsub.clone(),
-                result: if ok { "success" } else { "failure" },
+                result,
             })
             .inc();
     }
@@ -387,6 +405,15 @@ pub struct BridgeApiLabels {
 pub struct BridgeMetrics {
     pub requests: Family<BridgeRequestLabels, Counter>,
     pub duration: Family<BridgeApiLabels, Histogram, fn() -> Histogram>,
+    /// Connections the bridge closed on its own: `silent` (no byte within the header
+    /// timeout), `read_nothing` (a write waited the idle timeout).
+    pub cut: Family<CutLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    /// `silent` or `read_nothing`.
+    pub reason: &'static str,
 }
 
 impl Default for BridgeMetrics {
@@ -394,11 +421,17 @@ impl Default for BridgeMetrics {
         BridgeMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
+            cut: Family::default(),
         }
     }
 }
 
 impl BridgeMetrics {
+    /// A connection closed by the bridge for `reason` (`silent`, `read_nothing`).
+    pub fn cut(&self, reason: &'static str) {
+        self.cut.get_or_create(&CutLabels { reason }).inc();
+    }
+
     fn register(&self, r: &mut Registry) {
         r.register(
             "bridge_requests",
@@ -409,6 +442,11 @@ impl BridgeMetrics {
             "bridge_request_duration_seconds",
             "Time from a Dapr API call's arrival to its response headers, in seconds",
             self.duration.clone(),
+        );
+        r.register(
+            "bridge_connections_cut",
+            "Bridge connections closed by the bridge: silent (no byte within 10 s) or read_nothing (a write waited 60 s)",
+            self.cut.clone(),
         );
     }
 }

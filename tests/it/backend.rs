@@ -1,7 +1,8 @@
 //! A real HTTP backend for proxy tests: a hyper server (HTTP/1.1 and h2c) on a loopback port or
 //! a unix socket, in its own runtime thread, recording every request it sees.
 //!
-//! Paths: `/status/N` answers N; `/slow/MS` answers after MS milliseconds; `/upgrade` switches
+//! Paths: `/status/N` answers N; `/slow/MS` answers after MS milliseconds; `/drip/MS` sends
+//! `a`, then `b` MS milliseconds later; `/upgrade` switches
 //! protocols and echoes bytes; `/stream` (or a gRPC-like `/pkg.Svc/Stream`) echoes the request body frame by frame and ends with
 //! `grpc-status: 0` trailers (the shape of a gRPC bidi stream); anything else echoes the request
 //! as JSON (method, path, headers, body).
@@ -44,6 +45,8 @@ pub struct Backend {
     pub addr: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections open to the backend now.
+    open: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -72,6 +75,8 @@ impl Backend {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let seen2 = seen.clone();
         let unix2 = unix.clone();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open2 = open.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -104,12 +109,15 @@ impl Backend {
                             }
                         } => {
                             let Ok(s) = c else { continue };
+                            let open = open2.clone();
+                            open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             tokio::spawn(async move {
                                 let b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                                 let _ = match s {
                                     Either::Tcp(s) => b.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
                                     Either::Unix(s) => b.serve_connection_with_upgrades(TokioIo::new(s), svc).await,
                                 };
+                                open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                             });
                         }
                     }
@@ -121,6 +129,7 @@ impl Backend {
             addr,
             unix,
             seen,
+            open,
             shutdown: Some(tx),
             thread: Some(thread),
         }
@@ -136,6 +145,11 @@ impl Backend {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Connections open to the backend now (from the sidecar's pools, mostly).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {
@@ -245,6 +259,17 @@ async fn handle(
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         return Ok(full(200, vec![b'x'; n.parse().unwrap_or(0)]));
+    }
+    if let Some(ms) = path.strip_prefix("/drip/") {
+        // "a", then "b" after MS milliseconds: a body whose upstream is quiet mid-way.
+        let ms = ms.parse().unwrap_or(1000);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"b")))).await;
+        });
+        return Ok(Response::new(StreamBody::new(ReceiverStream(rx)).boxed()));
     }
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;

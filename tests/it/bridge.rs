@@ -1146,6 +1146,11 @@ fn a_silent_connection_to_the_bridge_is_closed() {
     assert_eq!(n, 0, "expected the bridge to close the connection");
     // The bridge still answers.
     assert_eq!(get(&sc, "/v1.0/healthz").0, 204);
+    // And counts it.
+    assert_eq!(
+        sc.metric("outrigger_bridge_connections_cut_total{reason=\"silent\"}"),
+        1.0
+    );
 }
 
 /// A down Redis made every state call wait 9.4 s for its 500 (the client's reconnect

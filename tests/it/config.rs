@@ -387,3 +387,89 @@ fn telemetry_errors_are_located() {
     );
     assert!(!e.contains("s3cret"));
 }
+
+/// A huge, deep or wide config was parsed at any cost before being refused (a 200 KB file of
+/// `[` took 19 s, a 111 MB one 4.9 GB): now each is refused at its limit, naming the file.
+#[test]
+fn huge_deep_and_wide_configs_are_refused_at_their_limits() {
+    // 2 MiB of comments: valid YAML, and read whole before.
+    let huge = "# padding\n".repeat(2 * 1024 * 1024 / 10);
+    rejected(
+        &huge,
+        &["bad.yaml: cannot read the config file: the file is larger than 1 MiB"],
+    );
+    let deep = format!("listeners: {}{}\n", "[".repeat(20_000), "]".repeat(20_000));
+    rejected(
+        &deep,
+        &[
+            "bad.yaml:1:",
+            "mappings and sequences nest more than 32 levels deep here",
+        ],
+    );
+    let wide = format!("service: a\nlog: [{}1]\n", "1, ".repeat(100_000));
+    rejected(
+        &wide,
+        &[
+            "bad.yaml:2:",
+            "more than 100000 keys and values; that is the limit for one file",
+        ],
+    );
+}
+
+/// Resource files in `bridge.resources` have the same limits, named by their own file.
+#[cfg(feature = "bridge")]
+#[test]
+fn huge_and_deep_resource_files_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let components = dir.path().join("components");
+    std::fs::create_dir(&components).unwrap();
+    std::fs::write(
+        components.join("big.yaml"),
+        "# padding\n".repeat(2 * 1024 * 1024 / 10),
+    )
+    .unwrap();
+    std::fs::write(
+        components.join("deep.yaml"),
+        format!(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{ name: x }}\nspec: {}{}\n",
+            "{a: ".repeat(20_000),
+            "}".repeat(20_000)
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(&config, "bridge:\n  resources: ./components\n").unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("big.yaml: cannot read the resource file: the file is larger than 1 MiB"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("deep.yaml:4:") && stderr.contains("nest more than 32 levels deep"),
+        "{stderr}"
+    );
+}
+
+/// A Subscription document's problem had no line (`./res/subs.yaml: Subscription "bad": …`):
+/// it is now located at the document's first key.
+#[cfg(feature = "bridge")]
+#[test]
+fn a_subscription_problem_is_located_at_its_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let components = dir.path().join("components");
+    std::fs::create_dir(&components).unwrap();
+    std::fs::write(
+        components.join("subs.yaml"),
+        "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {name: ok}\nspec: {topic: a, route: /a, pubsubname: pubsub}\n---\n# the second\napiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {name: bad}\nspec:\n  topic: b\n  pubsubname: pubsub\n  routes:\n    rules:\n      - {match: 'event.type == ', path: /x}\n",
+    )
+    .unwrap();
+    let config = dir.path().join("outrigger.yaml");
+    std::fs::write(&config, "bridge:\n  resources: ./components\n").unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("components/subs.yaml:7:1: Subscription \"bad\": topic \"b\": rule match"),
+        "{stderr}"
+    );
+}

@@ -1172,6 +1172,111 @@ fn a_client_that_reads_nothing_is_cut_off() {
     assert_eq!(r.status(), 200);
 }
 
+/// An HTTP/2 client that opens streams with a zero window and never sends WINDOW_UPDATE reads
+/// nothing, yet its socket stays writable: each stream held an upstream connection forever
+/// (40 connections × 200 streams held 8,064 descriptors). Now each such stream is reset after
+/// the idle timeout and its upstream connection released; other clients are served as usual.
+/// A connection may open at most 100 streams at once.
+#[test]
+fn http2_streams_whose_client_reads_nothing_are_reset() {
+    const STREAMS: usize = 5;
+    let app = Backend::http();
+    let sc = inbound(&app, "    limits: { idle_timeout: 1s }\n");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = sc.listeners["public"].clone();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut client, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            // Until the server's SETTINGS say otherwise (h2's own default is 100).
+            .initial_max_send_streams(1000)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut bodies = Vec::new();
+        for _ in 0..STREAMS {
+            client = client.ready().await.unwrap();
+            let req = http::Request::get("http://a/bytes/1048576")
+                .body(())
+                .unwrap();
+            let (res, _) = client.send_request(req, true).unwrap();
+            // Headers are not flow-controlled: the answer arrives, its body cannot.
+            let res = res.await.unwrap();
+            assert_eq!(res.status(), 200);
+            bodies.push(res.into_body());
+        }
+        assert_eq!(
+            app.open_connections(),
+            STREAMS,
+            "one upstream connection per stream"
+        );
+        // And a connection may open at most 100 at once (hyper's default was 200).
+        assert_eq!(client.current_max_send_streams(), 100);
+        for mut body in bodies {
+            // No byte of data: the window stays shut. The stream ends in a reset (the
+            // deadline only turns a hang into a failure).
+            let end = tokio::time::timeout(Duration::from_secs(20), body.data())
+                .await
+                .expect("the stream was never reset");
+            let err = match end {
+                Some(Err(e)) => e,
+                other => panic!("expected a reset, got {other:?}"),
+            };
+            assert_eq!(err.reason(), Some(h2::Reason::CANCEL), "{err}");
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the upstream connections released",
+        || (app.open_connections() <= 1).then_some(()),
+    );
+    assert_eq!(
+        sc.metric(
+            "outrigger_client_stream_stalls_total{direction=\"inbound\",listener=\"public\"}"
+        ),
+        STREAMS as f64
+    );
+    // A client that reads is served in full.
+    let h2c = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2c
+        .get(sc.listener_url("public", "/bytes/1048576"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().len(), 1048576);
+}
+
+/// The HTTP/2 watch cuts a client that reads nothing, not a body whose upstream is quiet for
+/// longer than the idle timeout.
+#[test]
+fn an_http2_body_waiting_on_a_quiet_upstream_outlives_the_idle_timeout() {
+    let app = Backend::http();
+    let sc = inbound(&app, "    limits: { idle_timeout: 1s }\n");
+    let h2c = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2c
+        .get(sc.listener_url("public", "/drip/3500"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "ab");
+    assert_eq!(
+        sc.metric(
+            "outrigger_client_stream_stalls_total{direction=\"inbound\",listener=\"public\"}"
+        ),
+        0.0
+    );
+}
+
 /// A connection that never sends a byte held its slot until the idle timeout (hyper's header
 /// timer starts at the first byte): it now gets `header_read_timeout`.
 #[test]
@@ -1190,6 +1295,12 @@ fn a_silent_connection_gets_the_header_read_timeout_not_the_idle_timeout() {
         Duration::from_secs(10),
         "the silent connection closed",
         || (sc.metric(open) == 0.0).then_some(()),
+    );
+    assert_eq!(
+        sc.metric(
+            "outrigger_client_silent_closes_total{direction=\"inbound\",listener=\"public\"}"
+        ),
+        1.0
     );
     drop(s);
 }

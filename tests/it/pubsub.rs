@@ -1083,3 +1083,56 @@ async fn subscriptions_are_asked_for_until_the_app_answers() {
     assert_eq!(app.on("/late")[0].event["data"], "hi");
     ps.stop().await;
 }
+
+/// A JetStream publish to a new topic while NATS is down waited 5 s per request to it (10 s
+/// here, more for a bulk publish: each entry in turn): the whole publish now has one 5 s
+/// deadline, answered with Dapr's error, and a bulk publish shares it across its entries.
+#[tokio::test]
+async fn a_publish_to_an_unreachable_broker_fails_within_the_publish_timeout() {
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let b = bridge(
+        None,
+        &[component("ps", "pubsub.jetstream", &[("natsURL", &dead)])],
+        vec![],
+        0,
+    )
+    .await;
+    // The deadline only turns a hang into a failure.
+    let (status, err) = tokio::time::timeout(
+        Duration::from_secs(30),
+        b.call("POST", "/v1.0/publish/ps/t", &[], "x"),
+    )
+    .await
+    .expect("the publish never answered");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+    assert_eq!(err["errorCode"], "ERR_PUBSUB_PUBLISH_MESSAGE", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pubsub.jetstream did not take the message within 5s")),
+        "{err}"
+    );
+    let (status, err) = tokio::time::timeout(
+        Duration::from_secs(30),
+        b.call(
+            "POST",
+            "/v1.0-alpha1/publish/bulk/ps/t",
+            &[],
+            r#"[{"entryId":"1","event":"a","contentType":"text/plain"},{"entryId":"2","event":"b","contentType":"text/plain"}]"#,
+        ),
+    )
+    .await
+    .expect("the bulk publish never answered");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+    assert_eq!(
+        err["failedEntries"].as_array().map(Vec::len),
+        Some(2),
+        "{err}"
+    );
+    assert!(
+        b.metrics_text()
+            .contains("outrigger_pubsub_published_total{pubsub=\"ps\",result=\"timeout\"} 3"),
+        "{}",
+        b.metrics_text()
+    );
+}

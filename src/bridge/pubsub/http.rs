@@ -297,8 +297,14 @@ pub async fn publish_entries(
         prepared.push((e.id.as_str(), bytes, md));
     }
     let mut failed = Vec::new();
+    // One deadline for the whole request: entries after a broker that stopped answering fail
+    // at once instead of waiting in turn.
+    let deadline = tokio::time::Instant::now() + super::PUBLISH_TIMEOUT;
     for (id, bytes, md) in prepared {
-        if let Err(e) = ps.publish_bytes(pubsub, topic, bytes, &md).await {
+        if let Err(e) = ps
+            .publish_bytes_by(deadline, pubsub, topic, bytes, &md)
+            .await
+        {
             failed.push((id.to_string(), e.to_string()));
         }
     }

@@ -347,6 +347,16 @@ struct ResourceMeta {
 pub fn parse_declarative(yaml: &str, file: &Path) -> Result<Vec<Subscription>, Vec<String>> {
     let mut subs = Vec::new();
     let mut errors = Vec::new();
+    // Before serde_norway, whose scanner is slow on deep nesting.
+    if let Err(deep) = crate::config::file_limits::check_shape(yaml) {
+        return Err(vec![format!(
+            "{}:{}:{}: {}",
+            file.display(),
+            deep.line,
+            deep.column,
+            deep.message
+        )]);
+    }
     for (i, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
@@ -360,46 +370,10 @@ pub fn parse_declarative(yaml: &str, file: &Path) -> Result<Vec<Subscription>, V
         if value.is_null() {
             continue;
         }
-        let res: Resource = match serde_json::from_value(value) {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(format!("{}: document {}: {e}", file.display(), i + 1));
-                continue;
-            }
-        };
-        if res.kind != "Subscription" {
-            continue;
-        }
-        let at = format!(
-            "{}: Subscription {:?}",
-            file.display(),
-            if res.metadata.name.is_empty() {
-                "(unnamed)"
-            } else {
-                &res.metadata.name
-            }
-        );
-        let Some(spec) = res.spec else {
-            errors.push(format!("{at}: expected a spec, found nothing"));
-            continue;
-        };
-        let raw = match serde_json::from_value::<RawSpec>(spec) {
-            Ok(mut raw) => {
-                // v1alpha1 (and any other apiVersion) routes with `spec.route` only.
-                if res.api_version != "dapr.io/v2alpha1" {
-                    raw.routes = None;
-                }
-                raw
-            }
-            Err(e) => {
-                errors.push(format!("{at}: spec: {e}"));
-                continue;
-            }
-        };
-        match from_spec(raw, Source::Declarative, res.scopes) {
-            Ok(Some(s)) => subs.push(s),
+        match parse_document(value) {
+            Ok(Some(sub)) => subs.push(sub),
             Ok(None) => {}
-            Err(e) => errors.push(format!("{at}: {e}")),
+            Err(e) => errors.push(format!("{}: document {}: {e}", file.display(), i + 1)),
         }
     }
     if errors.is_empty() {
@@ -407,6 +381,34 @@ pub fn parse_declarative(yaml: &str, file: &Path) -> Result<Vec<Subscription>, V
     } else {
         Err(errors)
     }
+}
+
+/// One YAML document of a resources file, as JSON: its `Subscription` (None for another kind,
+/// or a subscription that routes nowhere), or what is wrong with it — without the file, which
+/// the caller names with the document's position.
+pub fn parse_document(value: Value) -> Result<Option<Subscription>, String> {
+    let res: Resource = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    if res.kind != "Subscription" {
+        return Ok(None);
+    }
+    let at = format!(
+        "Subscription {:?}",
+        if res.metadata.name.is_empty() {
+            "(unnamed)"
+        } else {
+            &res.metadata.name
+        }
+    );
+    let Some(spec) = res.spec else {
+        return Err(format!("{at}: expected a spec, found nothing"));
+    };
+    let mut raw =
+        serde_json::from_value::<RawSpec>(spec).map_err(|e| format!("{at}: spec: {e}"))?;
+    // v1alpha1 (and any other apiVersion) routes with `spec.route` only.
+    if res.api_version != "dapr.io/v2alpha1" {
+        raw.routes = None;
+    }
+    from_spec(raw, Source::Declarative, res.scopes).map_err(|e| format!("{at}: {e}"))
 }
 
 #[cfg(test)]
@@ -486,7 +488,8 @@ spec: {type: pubsub.redis}
         let bad = "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {name: bad}\nspec: {pubsubname: p, topic: t, routes: {rules: [{match: 'event.type = 1', path: /x}]}}\n";
         let errors = parse_declarative(bad, Path::new("bad.yaml")).unwrap_err();
         assert!(
-            errors[0].starts_with("bad.yaml: Subscription \"bad\": topic \"t\": rule match"),
+            errors[0]
+                .starts_with("bad.yaml: document 1: Subscription \"bad\": topic \"t\": rule match"),
             "{errors:?}"
         );
     }

@@ -93,9 +93,14 @@ impl Cluster {
                 Ok(addrs)
             }
             Discovery::File { path, .. } => {
-                let text = tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                // At most 1 MiB, like every YAML file read (config/file_limits.rs).
+                let text = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || crate::config::file_limits::read(&path)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 parse_endpoints_file(&text).map_err(|e| format!("{}: {e}", path.display()))
             }
         }
@@ -130,6 +135,8 @@ pub fn parse_endpoints_file(text: &str) -> Result<Vec<Address>, String> {
         Wrapped { endpoints: Vec<Address> },
         List(Vec<Address>),
     }
+    crate::config::file_limits::check_shape(text)
+        .map_err(|d| format!("line {} column {}: {}", d.line, d.column, d.message))?;
     match serde_norway::from_str::<File>(text) {
         Ok(File::Wrapped { endpoints }) | Ok(File::List(endpoints)) => Ok(endpoints),
         Err(e) => Err(format!("expected `endpoints: [host:port, ...]`: {e}")),
@@ -139,6 +146,13 @@ pub fn parse_endpoints_file(text: &str) -> Result<Vec<Address>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deep_endpoints_file_is_refused_at_its_limit() {
+        let deep = format!("endpoints: {}{}\n", "[".repeat(20_000), "]".repeat(20_000));
+        let e = parse_endpoints_file(&deep).unwrap_err();
+        assert!(e.contains("nest more than 32 levels deep"), "{e}");
+    }
 
     #[test]
     fn endpoints_files() {
