@@ -46,11 +46,14 @@ pub fn dapr(config: &BridgeConfig, http: &Address, grpc: &Address) -> Vec<(Strin
             env.push(("DAPR_GRPC_ENDPOINT".into(), format!("http://{host}")));
         }
         // gRPC's own URI scheme for a unix socket, as the Dapr SDKs accept it.
+        // gRPC's URI forms for a unix socket: `unix:///abs/path`, `unix:rel/path`.
         Address::Unix(p) => {
-            env.push((
-                "DAPR_GRPC_ENDPOINT".into(),
-                format!("unix://{}", p.display()),
-            ));
+            let endpoint = if p.is_absolute() {
+                format!("unix://{}", p.display())
+            } else {
+                format!("unix:{}", p.display())
+            };
+            env.push(("DAPR_GRPC_ENDPOINT".into(), endpoint));
         }
     }
     if let Some(t) = &config.api_token {

@@ -44,6 +44,10 @@ pub enum ApiError {
     /// Service invocation failed before the callee answered.
     #[error("{message}")]
     Invoke { status: StatusCode, message: String },
+    /// A gRPC app (`app.protocol: grpc`) answered an invocation with this status: passed on
+    /// unchanged to a gRPC caller, as the matching HTTP status to an HTTP one.
+    #[error("{message}")]
+    AppStatus { code: i32, message: String },
     /// The route does not exist (as daprd: invocation without an app id, 400).
     #[error("failed getting app id either from the URL path or the header dapr-app-id")]
     NoAppId,
@@ -83,6 +87,10 @@ impl ApiError {
             ApiError::Secret(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ERR_SECRET_GET"),
             ApiError::Invoke { status, .. } => (*status, "ERR_DIRECT_INVOKE"),
             ApiError::NoAppId => (StatusCode::BAD_REQUEST, "ERR_DIRECT_INVOKE"),
+            ApiError::AppStatus { code, .. } => (
+                super::grpc::http_status(tonic::Code::from(*code)),
+                "ERR_DIRECT_INVOKE",
+            ),
             ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "ERR_NOT_IMPLEMENTED"),
             ApiError::CrossOrigin => (StatusCode::FORBIDDEN, "ERR_CROSS_ORIGIN_REQUEST"),
             ApiError::ForeignHost => (StatusCode::FORBIDDEN, "ERR_FOREIGN_HOST"),

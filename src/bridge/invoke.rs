@@ -63,33 +63,15 @@ impl Resolver {
         if let Some(c) = self.resolved.lock().expect("not poisoned").get(app_id) {
             return Ok(c.clone());
         }
-        // An app id becomes a DNS name: letters, digits, '-', '_' and '.' only.
-        if app_id.is_empty()
-            || app_id.len() > 63
-            || !app_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        {
+        // `id` or daprd's cross-namespace `id.namespace`; each a DNS label (lowercase letters,
+        // digits, '-'), so an app id names a service and never an arbitrary host.
+        let (id, namespace) = app_id.split_once('.').unwrap_or((app_id, &self.namespace));
+        if !dns_label(id) || !dns_label(namespace) {
             return Err(ApiError::Malformed(format!(
-                "app id {app_id:?} cannot be resolved: expected letters, digits, '-', '_' or '.' (at most 63)"
+                "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
             )));
         }
-        let (host, port) =
-            crate::config::bridge::resolve_name(&self.template, app_id, &self.namespace)
-                .map_err(ApiError::Malformed)?;
-        let config = ClusterConfig::with_defaults(
-            app_id,
-            crate::config::proxy::Discovery::Dns {
-                host,
-                port,
-                refresh: crate::config::proxy::DEFAULT_REFRESH,
-            },
-        );
-        let cluster = Cluster::new(config, self.metrics.clone(), None);
-        cluster.refresh().await;
-        tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));
-        let mut resolved = self.resolved.lock().expect("not poisoned");
-        if resolved.len() >= MAX_RESOLVED && !resolved.contains_key(app_id) {
+        if self.resolved.lock().expect("not poisoned").len() >= MAX_RESOLVED {
             return Err(ApiError::Invoke {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
@@ -97,11 +79,44 @@ impl Resolver {
                 ),
             });
         }
-        Ok(resolved
-            .entry(app_id.to_string())
-            .or_insert(cluster)
-            .clone())
+        let (host, port) = crate::config::bridge::resolve_name(&self.template, id, namespace)
+            .map_err(ApiError::Malformed)?;
+        let config = ClusterConfig::with_defaults(
+            app_id,
+            crate::config::proxy::Discovery::Dns {
+                host: host.clone(),
+                port,
+                refresh: crate::config::proxy::DEFAULT_REFRESH,
+            },
+        );
+        let cluster = Cluster::new(config, self.metrics.clone(), None);
+        cluster.refresh().await;
+        // A name that does not resolve is not kept (nor re-resolved forever).
+        if cluster.endpoint_addresses().is_empty() {
+            return Err(ApiError::Invoke {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("cannot invoke {app_id:?}: {host}:{port} does not resolve"),
+            });
+        }
+        let mut resolved = self.resolved.lock().expect("not poisoned");
+        if let Some(c) = resolved.get(app_id) {
+            return Ok(c.clone());
+        }
+        tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));
+        resolved.insert(app_id.to_string(), cluster.clone());
+        Ok(cluster)
     }
+}
+
+/// A DNS label as Kubernetes names services: 1–63 lowercase letters, digits and '-', not
+/// starting or ending with '-'.
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Clusters the bridge builds itself, on first use, when no proxy module runs.
@@ -272,11 +287,9 @@ pub async fn call(
         let (body, content_type) = app
             .invoke(method_path, &method, query, &content_type, body, &headers)
             .await
-            .map_err(|s| {
-                fail(
-                    super::grpc::http_status(s.code()),
-                    format!("{app_id:?} answered {:?}: {}", s.code(), s.message()),
-                )
+            .map_err(|s| ApiError::AppStatus {
+                code: s.code() as i32,
+                message: s.message().to_string(),
             })?;
         let mut res = http::Response::new(Body::from(body));
         if let Ok(v) = HeaderValue::from_str(&content_type) {

@@ -69,6 +69,8 @@ pub struct BridgeState {
     pub config: BridgeConfig,
     /// Where the app listens (`app.address`): invocations of our own app id go there.
     pub app_address: Option<Address>,
+    /// What the app speaks there (`app.protocol`).
+    pub app_protocol: crate::config::AppProtocol,
     /// The components in scope for this app id, in file order (less the skipped ones).
     pub components: Vec<Component>,
     /// Components that failed to open and were skipped (`spec.ignoreErrors: true`).
@@ -171,17 +173,11 @@ impl BridgeState {
             }
             None => None,
         };
-        let mut options = pubsub::PubSubOptions::new(bridge.app_id.clone(), app_address);
-        options.app_protocol = config.app.protocol;
-        options.app_token = bridge
-            .app_api_token
-            .as_ref()
-            .map(|t| t.expose().to_string());
         let grpc_app = match (&config.app.address, config.app.protocol) {
             (Some(Address::Tcp(a)), crate::config::AppProtocol::Grpc) => Some(
                 grpc::app::GrpcApp::new(
                     &a.to_string(),
-                    options.app_token.as_deref(),
+                    bridge.app_api_token.as_ref().map(|t| t.expose()),
                     config
                         .clusters
                         .get(crate::config::proxy::APP_CLUSTER)
@@ -191,6 +187,13 @@ impl BridgeState {
             ),
             _ => None,
         };
+        let mut options = pubsub::PubSubOptions::new(bridge.app_id.clone(), app_address);
+        options.app_protocol = config.app.protocol;
+        options.grpc_app = grpc_app.clone();
+        options.app_token = bridge
+            .app_api_token
+            .as_ref()
+            .map(|t| t.expose().to_string());
         let pubsub = pubsub::PubSub::with_brokers(options, brokers, declarative, pubsub_metrics)
             .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
         Ok(BridgeState {
@@ -198,6 +201,7 @@ impl BridgeState {
             pubsub_started: AtomicBool::new(false),
             config: bridge.clone(),
             app_address: config.app.address.clone(),
+            app_protocol: config.app.protocol,
             subscription_documents: resources.subscriptions,
             components,
             skipped,
@@ -454,8 +458,10 @@ impl Module for Bridge {
                     let req = req.map(axum::body::Body::new);
                     let (app, grpc) = (app.clone(), grpc.clone());
                     async move {
-                        // One port for both APIs: gRPC by its content type.
-                        if grpc::is_grpc(&req) {
+                        // One port for both APIs: gRPC by its content type — except a call
+                        // to another service with `dapr-app-id`, which is invoked (daprd's
+                        // gRPC proxying).
+                        if grpc::is_grpc(&req) && !grpc::is_proxied(&req) {
                             grpc.call(req).await
                         } else {
                             app.oneshot(req).await

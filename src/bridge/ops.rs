@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::error::ApiError;
 use super::secrets::{Secret, SecretStore};
-use super::state::{Entry, KeyPrefix, Op, StateError, parse_etag, parse_ttl};
+use super::state::{Entry, KeyPrefix, Op, parse_etag, parse_ttl};
 use super::{BridgeState, StateStore};
 use crate::runtime::Control;
 
@@ -169,17 +169,6 @@ pub async fn get_entry(st: &BridgeState, name: &str, key: &str) -> Result<Option
         .map_err(ApiError::state("ERR_STATE_GET"))
 }
 
-/// The value of `key` and its version, or None ([`get_entry`] without the expiry).
-pub async fn get(
-    st: &BridgeState,
-    name: &str,
-    key: &str,
-) -> Result<Option<(Bytes, u64)>, ApiError> {
-    Ok(get_entry(st, name, key)
-        .await?
-        .map(|e| (e.value, e.version)))
-}
-
 /// Every key's value; one key's failure is reported in its item, not for the whole call.
 pub async fn bulk_get(
     st: &BridgeState,
@@ -248,17 +237,6 @@ pub async fn transaction(st: &BridgeState, name: &str, ops: Vec<TxOp>) -> Result
     store.store.apply(out).await.map_err(ApiError::state(code))
 }
 
-/// Whether a state error is an ETag conflict (gRPC answers `Aborted` for it).
-pub fn is_etag_mismatch(e: &ApiError) -> bool {
-    matches!(
-        e,
-        ApiError::State {
-            source: StateError::EtagMismatch(_),
-            ..
-        }
-    )
-}
-
 /// The secret store `name`, or Dapr's error for a missing one.
 pub fn secret_store<'a>(st: &'a BridgeState, name: &str) -> Result<&'a SecretStore, ApiError> {
     if st.secret_stores.is_empty() {
@@ -308,6 +286,28 @@ pub fn components(st: &BridgeState) -> Vec<ComponentView<'_>> {
             },
         })
         .collect()
+}
+
+/// How the bridge reaches the app, as `GetMetadata` shows it (`appConnectionProperties`).
+pub struct AppConnection {
+    pub port: u16,
+    pub protocol: &'static str,
+    pub channel_address: String,
+}
+
+/// The app's address and protocol, when the app listens on TCP.
+pub fn app_connection(st: &BridgeState) -> Option<AppConnection> {
+    match &st.app_address {
+        Some(crate::config::Address::Tcp(a)) => Some(AppConnection {
+            port: a.port(),
+            protocol: match st.app_protocol {
+                crate::config::AppProtocol::Http => "http",
+                crate::config::AppProtocol::Grpc => "grpc",
+            },
+            channel_address: a.ip().to_string(),
+        }),
+        _ => None,
+    }
 }
 
 /// The runtime version `GetMetadata` reports.

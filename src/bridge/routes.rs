@@ -315,11 +315,11 @@ async fn metadata(State(st): St) -> Response {
         "subscriptions": subscriptions,
         "httpEndpoints": [],
     });
-    if let Some(crate::config::Address::Tcp(a)) = &st.app_address {
+    if let Some(c) = ops::app_connection(&st) {
         body["appConnectionProperties"] = serde_json::json!({
-            "port": a.port(),
-            "protocol": "http",
-            "channelAddress": a.ip().to_string(),
+            "port": c.port,
+            "protocol": c.protocol,
+            "channelAddress": c.channel_address,
         });
     }
     axum::Json(body).into_response()

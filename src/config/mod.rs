@@ -360,6 +360,12 @@ fn validate(
     );
     let reload = lifecycle::reloads(raw.reload, command.is_some(), doc, problems);
     let protocol = raw.app.protocol.unwrap_or_default();
+    if protocol == AppProtocol::Grpc && matches!(raw.app.address, Some(Address::Unix(_))) {
+        problems.push(doc.problem(
+            "app.protocol",
+            "a gRPC app is reached on TCP: expected app.address host:port with protocol grpc, found a unix socket",
+        ));
+    }
     let app = AppConfig {
         address: raw.app.address,
         protocol,

@@ -18,7 +18,7 @@ use crate::bridge::pubsub::{AppStatus, StreamEvent};
 
 /// A gRPC channel to the app (one HTTP/2 connection, opened on first use and re-opened after
 /// a failure).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct GrpcApp {
     client: AppCallbackClient<Channel>,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
@@ -37,6 +37,14 @@ impl GrpcApp {
             token: token.and_then(|t| t.parse().ok()),
             timeout,
         })
+    }
+
+    /// The same channel with another per-call timeout (deliveries and invocations differ).
+    pub fn with_timeout(&self, timeout: Duration) -> GrpcApp {
+        GrpcApp {
+            timeout,
+            ..self.clone()
+        }
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -88,9 +96,29 @@ impl GrpcApp {
     /// `OnTopicEvent` with one CloudEvent, routed to `path`; the app's answer as Dapr reads
     /// it: a status, or RETRY for an error (DROP when the app says it has no such handler).
     pub async fn deliver(&self, event: StreamEvent, path: &str) -> AppStatus {
+        // The message's metadata and the event's trace context travel as call metadata (as
+        // daprd sends them; over HTTP they are headers).
+        let mut extra = Vec::new();
+        for k in ["traceparent", "tracestate"] {
+            if let Some(serde_json::Value::String(v)) = event.event.get(k) {
+                extra.push((k.to_string(), v.clone()));
+            }
+        }
+        extra.extend(event.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut req = super::subscribe::topic_event(event);
         req.path = path.to_string();
-        match self.client.clone().on_topic_event(self.request(req)).await {
+        let mut req = self.request(req);
+        for (k, v) in extra {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()),
+                tonic::metadata::MetadataValue::try_from(v.as_str()),
+            ) && !matches!(k.as_str(), "content-type" | "te" | "dapr-api-token")
+                && !k.as_str().starts_with("grpc-")
+            {
+                req.metadata_mut().insert(k, v);
+            }
+        }
+        match self.client.clone().on_topic_event(req).await {
             Ok(r) => match TopicEventResponseStatus::try_from(r.into_inner().status) {
                 Ok(TopicEventResponseStatus::Success) => AppStatus::Success,
                 Ok(TopicEventResponseStatus::Drop) => AppStatus::Drop,

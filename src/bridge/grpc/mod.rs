@@ -63,6 +63,14 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Whether a gRPC call is for another service, to invoke by its `dapr-app-id` (daprd's gRPC
+/// proxying) rather than for Dapr's own API.
+pub fn is_proxied<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .contains_key(crate::bridge::invoke::APP_ID_HEADER)
+        && !req.uri().path().starts_with(SERVICE_PREFIX)
+}
+
 /// The gRPC front door: the generated server over [`Api`], plus token, metrics and the
 /// `UNIMPLEMENTED` answers.
 #[derive(Clone)]
@@ -287,6 +295,9 @@ impl From<ApiError> for Status {
             ApiError::UnsupportedOperation(_) | ApiError::NotImplemented(_) => Code::Unimplemented,
             ApiError::Secret(_) => Code::Internal,
             ApiError::Invoke { status, .. } => http_code(*status),
+            ApiError::AppStatus { code, message } => {
+                return Status::new(Code::from(*code), message.clone());
+            }
             ApiError::CrossOrigin | ApiError::ForeignHost => Code::PermissionDenied,
         };
         Status::new(code, e.to_string())
@@ -470,6 +481,7 @@ impl Dapr for Api {
         let res =
             crate::bridge::invoke::call(&self.state, &req.id, method, &path, headers, body).await?;
         let status = res.status();
+        let headers = res.headers().clone();
         let content_type = res
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -495,13 +507,29 @@ impl Dapr for Api {
                 ),
             ));
         }
-        ok(common::InvokeResponse {
+        let mut reply = tonic::Response::new(common::InvokeResponse {
             data: Some(prost_types::Any {
                 type_url: String::new(),
                 value: body.to_vec(),
             }),
             content_type,
-        })
+        });
+        // The callee's headers come back as response metadata (as daprd returns them).
+        for (name, value) in &headers {
+            if forwardable(name.as_str())
+                && !matches!(
+                    name.as_str(),
+                    "content-length" | "transfer-encoding" | "connection" | "keep-alive"
+                )
+                && let (Ok(k), Ok(v)) = (
+                    tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
+                    tonic::metadata::MetadataValue::try_from(value.as_bytes()),
+                )
+            {
+                reply.metadata_mut().append(k, v);
+            }
+        }
+        Ok(reply)
     }
 
     async fn get_state(
@@ -773,15 +801,13 @@ impl Dapr for Api {
                 } as i32,
             })
             .collect();
-        let app_connection_properties = match &st.app_address {
-            Some(crate::config::Address::Tcp(a)) => Some(runtime::AppConnectionProperties {
-                port: i32::from(a.port()),
-                protocol: "http".to_string(),
-                channel_address: a.ip().to_string(),
+        let app_connection_properties =
+            ops::app_connection(st).map(|c| runtime::AppConnectionProperties {
+                port: i32::from(c.port),
+                protocol: c.protocol.to_string(),
+                channel_address: c.channel_address,
                 ..Default::default()
-            }),
-            _ => None,
-        };
+            });
         ok(runtime::GetMetadataResponse {
             id: st.config.app_id.clone(),
             registered_components,

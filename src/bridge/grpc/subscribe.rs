@@ -26,7 +26,7 @@ use super::runtime::{
 use crate::bridge::BridgeState;
 use crate::bridge::pubsub::cloudevent;
 use crate::bridge::pubsub::subscription::{Rule, Source, Subscription};
-use crate::bridge::pubsub::{AppStatus, StreamConsumer, StreamEvent};
+use crate::bridge::pubsub::{AppStatus, StreamConsumer, StreamError, StreamEvent};
 
 /// Events sent and not yet answered, bounded by the broker's concurrency; the channel holds a
 /// few more so a slow reader does not stall acks.
@@ -36,8 +36,34 @@ pub type EventStream = Pin<
     Box<dyn tokio_stream::Stream<Item = Result<SubscribeTopicEventsResponseAlpha1, Status>> + Send>,
 >;
 
-/// Answers to events in flight, by event id; `None` once the stream has ended.
-type Pending = Arc<Mutex<Option<HashMap<String, oneshot::Sender<AppStatus>>>>>;
+/// Answers awaited for events in flight, by event id (the app answers with the id), oldest
+/// first when two deliveries share an id; `None` once the stream has ended.
+type Pending = Arc<Mutex<Option<HashMap<String, Vec<Waiter>>>>>;
+
+/// One delivery waiting for its answer: a sequence number (its own, to remove it) and where
+/// the answer goes.
+type Waiter = (u64, oneshot::Sender<AppStatus>);
+
+/// Removes a delivery's waiter when the delivery ends without an answer (its timeout, a stop):
+/// nothing stays behind in [`Pending`] for an event the app never answered.
+struct Waiting {
+    pending: Pending,
+    id: String,
+    seq: u64,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(map) = self.pending.lock().expect("not poisoned").as_mut()
+            && let Some(waiters) = map.get_mut(&self.id)
+        {
+            waiters.retain(|(seq, _)| *seq != self.seq);
+            if waiters.is_empty() {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
 
 /// Reads the initial request, starts the subscription and returns the stream of events.
 pub async fn subscribe(
@@ -84,15 +110,22 @@ pub async fn subscribe(
     let (closed_tx, closed) = watch::channel(false);
     let sink = {
         let (tx, pending) = (tx.clone(), pending.clone());
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Arc::new(move |ev: StreamEvent| {
             let (tx, pending) = (tx.clone(), pending.clone());
+            let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(async move {
                 let req = topic_event(ev);
                 let id = req.id.clone();
                 let (done, answer) = oneshot::channel();
                 match pending.lock().expect("not poisoned").as_mut() {
-                    Some(p) => p.insert(id.clone(), done),
+                    Some(p) => p.entry(id.clone()).or_default().push((seq, done)),
                     None => return AppStatus::Retry,
+                };
+                let _waiting = Waiting {
+                    pending: pending.clone(),
+                    id,
+                    seq,
                 };
                 let msg = SubscribeTopicEventsResponseAlpha1 {
                     subscribe_topic_events_response_type: Some(Out::EventMessage(req)),
@@ -126,13 +159,12 @@ pub async fn subscribe(
         .pubsub
         .subscribe_stream(sub, consumer)
         .await
-        .map_err(|e| {
-            if e.contains("not found") {
-                Status::invalid_argument(e)
-            } else if e.contains("already subscribed") {
-                Status::already_exists(e)
-            } else {
-                Status::internal(e)
+        .map_err(|e| match e {
+            StreamError::NotFound(_) => Status::invalid_argument(e.to_string()),
+            StreamError::AlreadySubscribed { .. } => Status::already_exists(e.to_string()),
+            // The SDKs reconnect on UNAVAILABLE.
+            StreamError::ShuttingDown | StreamError::Broker(_) => {
+                Status::unavailable(e.to_string())
             }
         })?;
     let mut stopping = st.pubsub.stopping();
@@ -149,7 +181,14 @@ pub async fn subscribe(
                                 Some(Ok(TopicEventResponseStatus::Drop)) => AppStatus::Drop,
                                 Some(Ok(TopicEventResponseStatus::Retry)) | Some(Err(_)) | None => AppStatus::Retry,
                             };
-                            let waiter = pending.lock().expect("not poisoned").as_mut().and_then(|w| w.remove(&p.id));
+                            let waiter = pending.lock().expect("not poisoned").as_mut().and_then(|map| {
+                                let waiters = map.get_mut(&p.id)?;
+                                let first = (!waiters.is_empty()).then(|| waiters.remove(0).1)?;
+                                if waiters.is_empty() {
+                                    map.remove(&p.id);
+                                }
+                                Some(first)
+                            });
                             match waiter {
                                 Some(w) => { let _ = w.send(status); }
                                 None => tracing::debug!(pubsub, topic, id = %p.id, "streaming subscription: an answer for no event in flight"),
@@ -206,7 +245,7 @@ pub(super) fn topic_event(ev: StreamEvent) -> TopicEventRequest {
         (Some(v), _) => serde_json::to_vec(&v).unwrap_or_default(),
         (None, _) => Vec::new(),
     };
-    let _ = ev.metadata;
+    // (A stream message has no per-event metadata: the broker's metadata is not sent.)
     let extensions = prost_types::Struct {
         fields: event
             .into_iter()
@@ -248,6 +287,35 @@ fn prost_value(v: Value) -> prost_types::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_that_ends_unanswered_leaves_no_waiter() {
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (a, _ra) = oneshot::channel();
+        let (b, _rb) = oneshot::channel();
+        // Two deliveries of the same event id at once (a redelivery while the first waits).
+        pending
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .entry("e1".into())
+            .or_default()
+            .extend([(1, a), (2, b)]);
+        let waiting = |seq| Waiting {
+            pending: pending.clone(),
+            id: "e1".into(),
+            seq,
+        };
+        drop(waiting(1));
+        let left: Vec<u64> = pending.lock().unwrap().as_ref().unwrap()["e1"]
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(left, [2]);
+        drop(waiting(2));
+        assert!(pending.lock().unwrap().as_ref().unwrap().is_empty());
+    }
 
     #[test]
     fn cloudevent_to_topic_event() {

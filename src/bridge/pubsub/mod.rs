@@ -88,7 +88,8 @@ pub struct StreamConsumer {
 
 /// One event for a gRPC consumer (a streaming subscription or a gRPC app): the CloudEvent (as
 /// delivered over HTTP), the subscription's pubsub and topic (a dead-lettered event keeps its
-/// original topic inside), and the message's metadata.
+/// original topic inside), and the message's metadata (sent to a gRPC app as call metadata; a
+/// stream message has no place for it).
 pub struct StreamEvent {
     pub event: serde_json::Map<String, Value>,
     pub pubsub: String,
@@ -104,19 +105,46 @@ pub type StreamSink =
 /// flight events are left to the broker's redelivery).
 pub struct StreamSubscription {
     running: broker::Subscription,
-    sub: Arc<Subscription>,
-    pubsub: Arc<PubSub>,
+    active: Active,
 }
 
 impl StreamSubscription {
+    /// Ends the subscription. It leaves `active` first, so a stream reconnecting at once is
+    /// not refused as a duplicate while this one's deliveries wind down.
     pub async fn stop(self) {
+        drop(self.active);
         self.running.stop().await;
+    }
+}
+
+/// A subscription's place in `active`, given up when dropped — also when the call that made
+/// it is cancelled half-way (a stream reset while its broker was still subscribing).
+struct Active {
+    pubsub: Arc<PubSub>,
+    sub: Arc<Subscription>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
         self.pubsub
             .active
             .lock()
             .unwrap()
             .retain(|s| !Arc::ptr_eq(s, &self.sub));
     }
+}
+
+/// Why a streaming subscription was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("pubsub {0} is not found")]
+    NotFound(String),
+    #[error("already subscribed to pubsub {pubsub:?} topic {topic:?}")]
+    AlreadySubscribed { pubsub: String, topic: String },
+    #[error("the sidecar is shutting down")]
+    ShuttingDown,
+    #[error("cannot subscribe: {0}")]
+    Broker(String),
 }
 
 /// How long one delivery to the app may take before it counts as failed (and is retried).
@@ -131,6 +159,9 @@ pub struct PubSubOptions {
     pub app_address: Option<String>,
     /// What the app speaks there: HTTP (`/dapr/subscribe`, `POST`s) or gRPC (`AppCallback`).
     pub app_protocol: crate::config::AppProtocol,
+    /// The bridge's channel to a gRPC app, shared (one HTTP/2 connection); made here when
+    /// absent.
+    pub grpc_app: Option<crate::bridge::grpc::app::GrpcApp>,
     /// Sent as `dapr-api-token` on calls to the app (`APP_API_TOKEN`).
     pub app_token: Option<String>,
     pub retry: RetryPolicy,
@@ -143,6 +174,7 @@ impl PubSubOptions {
             app_id: app_id.into(),
             app_address,
             app_protocol: crate::config::AppProtocol::Http,
+            grpc_app: None,
             app_token: None,
             retry: RetryPolicy::default(),
             delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
@@ -264,14 +296,17 @@ impl PubSub {
                 options.app_token.as_deref(),
                 options.delivery_timeout,
             ))),
-            (Some(a), crate::config::AppProtocol::Grpc) => Some(App::Grpc(
-                crate::bridge::grpc::app::GrpcApp::new(
-                    a,
-                    options.app_token.as_deref(),
-                    options.delivery_timeout,
-                )
-                .map_err(|e| vec![e])?,
-            )),
+            (Some(a), crate::config::AppProtocol::Grpc) => {
+                Some(App::Grpc(match &options.grpc_app {
+                    Some(shared) => shared.with_timeout(options.delivery_timeout),
+                    None => crate::bridge::grpc::app::GrpcApp::new(
+                        a,
+                        options.app_token.as_deref(),
+                        options.delivery_timeout,
+                    )
+                    .map_err(|e| vec![e])?,
+                }))
+            }
         };
         Ok(Arc::new(PubSub {
             options,
@@ -438,7 +473,18 @@ impl PubSub {
                 continue;
             }
             let sub = Arc::new(sub);
-            self.active.lock().unwrap().push(sub.clone());
+            {
+                // A streaming subscription that came first keeps the topic.
+                let mut active = self.active.lock().unwrap();
+                if active
+                    .iter()
+                    .any(|s| s.pubsubname == sub.pubsubname && s.topic == sub.topic)
+                {
+                    tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, "the topic already has a streaming subscription; this subscription is ignored");
+                    continue;
+                }
+                active.push(sub.clone());
+            }
             tokio::spawn(self.clone().subscribe_one(sub));
         }
     }
@@ -515,49 +561,40 @@ impl PubSub {
         self: &Arc<Self>,
         sub: Subscription,
         consumer: StreamConsumer,
-    ) -> Result<StreamSubscription, String> {
+    ) -> Result<StreamSubscription, StreamError> {
         let Some(c) = self.components.get(&sub.pubsubname) else {
-            return Err(format!("pubsub {} is not found", sub.pubsubname));
+            return Err(StreamError::NotFound(sub.pubsubname));
         };
         if *self.stop.borrow() {
-            return Err("the sidecar is shutting down".to_string());
+            return Err(StreamError::ShuttingDown);
         }
         let sub = Arc::new(sub);
-        {
+        // One subscription per topic, whoever asked first (a stream, the app, a resource).
+        let active = {
             let mut active = self.active.lock().unwrap();
             if active
                 .iter()
                 .any(|s| s.pubsubname == sub.pubsubname && s.topic == sub.topic)
             {
-                return Err(format!(
-                    "already subscribed to pubsub {:?} topic {:?}",
-                    sub.pubsubname, sub.topic
-                ));
+                return Err(StreamError::AlreadySubscribed {
+                    pubsub: sub.pubsubname.clone(),
+                    topic: sub.topic.clone(),
+                });
             }
             active.push(sub.clone());
-        }
+            Active {
+                pubsub: self.clone(),
+                sub: sub.clone(),
+            }
+        };
         let handler = self.handler(sub.clone(), Consumer::Stream(consumer));
-        match c
+        let running = c
             .broker
             .subscribe(&sub.topic, &self.options.app_id, handler)
             .await
-        {
-            Ok(running) => {
-                tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "streaming subscription started");
-                Ok(StreamSubscription {
-                    running,
-                    sub,
-                    pubsub: self.clone(),
-                })
-            }
-            Err(e) => {
-                self.active
-                    .lock()
-                    .unwrap()
-                    .retain(|s| !Arc::ptr_eq(s, &sub));
-                Err(e.to_string())
-            }
-        }
+            .map_err(|e| StreamError::Broker(e.to_string()))?;
+        tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "streaming subscription started");
+        Ok(StreamSubscription { running, active })
     }
 
     /// Turns true when pub/sub stops (the sidecar is stopping): streams end then.
