@@ -118,15 +118,23 @@ for m in GetState:get SaveState:save; do
     grep -q 'grpc-status: 0' || { echo "gRPC ${m%%:*} failed"; exit 1; }
 done
 # h2load: prints "rps p50_ms p99_ms" (from the per-request log: start, status, elapsed µs).
+# h2_run METHOD BODY: a gRPC call; h2_url PATH: the HTTP API's GET over h2c (the same client
+# and protocol as gRPC, so the two front doors compare without wrk/h2load differences).
 h2_run() {
   local method=$1 body=$2
-  local args=(-c "$CONN" -m 1 -t 1 -d "$body" -H 'content-type: application/grpc' -H 'te: trailers')
-  taskset -c 0 h2load "${args[@]}" -D 1 "http://127.0.0.1:$BRIDGE/dapr.proto.runtime.v1.Dapr/$method" >/dev/null # warm up
-  taskset -c 0 h2load "${args[@]}" -D "$secs" --log-file="$dir/h2.log" \
-    "http://127.0.0.1:$BRIDGE/dapr.proto.runtime.v1.Dapr/$method" >/dev/null
-  awk '{ print $3 }' "$dir/h2.log" | sort -n | awk -v s="$secs" '
+  h2_load "/dapr.proto.runtime.v1.Dapr/$method" -d "$body" -H 'content-type: application/grpc' -H 'te: trailers'
+}
+h2_url() { h2_load "$1"; }
+h2_load() {
+  local path=$1; shift
+  local args=(-c "$CONN" -m 1 -t 1 "$@")
+  taskset -c 0 h2load "${args[@]}" -D 1 "http://127.0.0.1:$BRIDGE$path" >/dev/null # warm up
+  local rps
+  rps=$(taskset -c 0 h2load "${args[@]}" -D "$secs" --log-file="$dir/h2.log" \
+    "http://127.0.0.1:$BRIDGE$path" | awk '/^finished in/ { print int($4) }')
+  awk '{ print $3 }' "$dir/h2.log" | sort -n | awk -v rps="$rps" '
     { v[NR] = $1 }
-    END { printf "%d %.3f %.3f\n", NR / s, v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000 }'
+    END { printf "%d %.3f %.3f\n", rps, v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000 }'
 }
 
 # The bridge's own script, so "direct" does the same work in Redis.
@@ -136,15 +144,17 @@ read -r get_d_rps get_d_p50 get_d_p99 < <(rb_run HMGET "bench||k" data version)
 read -r save_b_rps save_b_p50 save_b_p99 < <(wrk_run -s "$dir/save.lua" "http://127.0.0.1:$BRIDGE/v1.0/state/bench")
 read -r save_d_rps save_d_p50 save_d_p99 < <(rb_run EVAL "$script" 1 "bench||s" 1 u "" "$value" "")
 read -r get_g_rps get_g_p50 get_g_p99 < <(h2_run GetState "$dir/get.bin")
+read -r get_h_rps get_h_p50 get_h_p99 < <(h2_url "/v1.0/state/bench/k")
 read -r save_g_rps save_g_p50 save_g_p99 < <(h2_run SaveState "$dir/save.bin")
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$sidecar/status")
 
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f us", (a - b) * 1000 }'; }
 printf '\n%-22s %10s %9s %9s %12s\n' "state, $CONN connections" "req/s" "p50 ms" "p99 ms" "added p50"
 printf '%-22s %10s %9s %9s\n' "get: Redis direct" "$get_d_rps" "$get_d_p50" "$get_d_p99"
-printf '%-22s %10s %9s %9s %12s\n' "get: via bridge" "$get_b_rps" "$get_b_p50" "$get_b_p99" "$(added "$get_b_p50" "$get_d_p50")"
+printf '%-22s %10s %9s %9s %12s\n' "get: via bridge wrk" "$get_b_rps" "$get_b_p50" "$get_b_p99" "$(added "$get_b_p50" "$get_d_p50")"
+printf '%-22s %10s %9s %9s %12s\n' "get: via bridge h2c" "$get_h_rps" "$get_h_p50" "$get_h_p99" "$(added "$get_h_p50" "$get_d_p50")"
 printf '%-22s %10s %9s %9s %12s\n' "get: via bridge gRPC" "$get_g_rps" "$get_g_p50" "$get_g_p99" "$(added "$get_g_p50" "$get_d_p50")"
 printf '%-22s %10s %9s %9s\n' "save: Redis direct" "$save_d_rps" "$save_d_p50" "$save_d_p99"
-printf '%-22s %10s %9s %9s %12s\n' "save: via bridge" "$save_b_rps" "$save_b_p50" "$save_b_p99" "$(added "$save_b_p50" "$save_d_p50")"
+printf '%-22s %10s %9s %9s %12s\n' "save: via bridge wrk" "$save_b_rps" "$save_b_p50" "$save_b_p99" "$(added "$save_b_p50" "$save_d_p50")"
 printf '%-22s %10s %9s %9s %12s\n' "save: via bridge gRPC" "$save_g_rps" "$save_g_p50" "$save_g_p99" "$(added "$save_g_p50" "$save_d_p50")"
 awk -v k="$rss" 'BEGIN { printf "sidecar peak RSS: %.1f MiB\n", k / 1024 }'
