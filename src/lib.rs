@@ -12,7 +12,7 @@
 //!      │    ├─ runtime     Module trait, supervisor, readiness, drain, signals, stop sequence
 //!      │    ├─ admin       /live /ready /metrics /config /log-level /reload /shutdown
 //!      │    ├─ proxy       inbound/outbound listeners, request phases, clusters (+ tls)
-//!      │    ├─ bridge      Dapr HTTP API: state, pub/sub, invocation, secrets, metadata
+//!      │    ├─ bridge      Dapr HTTP and gRPC APIs: state, pub/sub, invocation, secrets, metadata
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
 //!      │    └─ reload      `reload:` entries; live reload of our own config
 //!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
@@ -59,6 +59,9 @@
 //! | the app's process, probe, restarts | `lifecycle/mod.rs`, `lifecycle/probe.rs` |
 //! | the app's environment (`OUTRIGGER_*`, `DAPR_*`) | `lifecycle/env.rs`, `bridge/env.rs` |
 //! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
+//! | one operation for both Dapr front doors (HTTP routes, gRPC RPCs) | `bridge/ops.rs`, called by `bridge/routes.rs` and `bridge/grpc/mod.rs` |
+//! | Dapr's gRPC API: the `.proto` files, their build, streaming subscriptions, gRPC apps | `proto/`, `build.rs`, `bridge/grpc/{mod,subscribe,app}.rs` |
+//! | app ids without a cluster (`bridge.name_resolution`) | `bridge/invoke.rs` (`Resolver`) |
 //!
 //! # Long-running work that is not a supervised `Module`, and why
 //!
