@@ -14,12 +14,13 @@
 //!      │    ├─ proxy       inbound/outbound listeners, request phases, clusters (+ tls)
 //!      │    ├─ bridge      Dapr HTTP API: state, pub/sub, invocation, secrets, metadata
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
+//!      │    ├─ logs        the log agent: app stdio and files → parse/enrich → sink, checkpoints
 //!      │    └─ reload      `reload:` entries; live reload of our own config
 //!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
 //! ```
 //!
 //! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →
-//! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge` → `preflight` →
+//! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge`, `logs` → `preflight` →
 //! `app` → `main`. Every import runs downward; no two top-level modules import each other.
 //! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
 //!
@@ -27,7 +28,7 @@
 //!
 //! | behaviour | file |
 //! |---|---|
-//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,check}.rs`, `config/document.rs` |
+//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,logs,check}.rs`, `config/document.rs` |
 //! | deep config checks (certificates, components, brokers, Subscriptions) | `preflight.rs` |
 //! | what a reload changes live and what needs a restart | `config/diff.rs` (`ConfigDiff`) |
 //! | live reload of our own config (SIGHUP, `POST /reload`, file watch) | `reload/live.rs` |
@@ -57,10 +58,16 @@
 //! | the app's process, probe, restarts | `lifecycle/mod.rs`, `lifecycle/probe.rs` |
 //! | the app's environment (`OUTRIGGER_*`, `DAPR_*`) | `lifecycle/env.rs`, `bridge/env.rs` |
 //! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
+//! | capturing the app's stdout/stderr (echo + bounded queue) | `lifecycle/capture.rs` |
+//! | the log agent's loop: batch, send, retry, checkpoint | `logs/mod.rs` |
+//! | following files by glob across rotation | `logs/files.rs` |
+//! | the checkpoint state file | `logs/checkpoint.rs` |
+//! | redaction, parsing, enrichment of a log line | `logs/parse.rs` |
+//! | log sinks (http NDJSON, file, stdout) and backoff | `logs/sink.rs` |
 //!
 //! # Long-running work that is not a supervised `Module`, and why
 //!
-//! The proxy and the bridge are [`runtime::Module`]s: supervised, restarted with backoff, on
+//! The proxy, the bridge and the log agent are [`runtime::Module`]s: supervised, restarted with backoff, on
 //! `/ready`, drained in step 3 of the stop. The rest is not, on purpose:
 //! - **admin** reports the modules' health, so it must not drain with them: it answers `/ready`
 //!   503 until the stop's last step (`admin::serve`);
@@ -82,6 +89,8 @@ pub mod app;
 pub mod bridge;
 pub mod config;
 pub mod lifecycle;
+#[cfg(feature = "logs")]
+pub mod logs;
 pub mod origin;
 pub mod preflight;
 #[cfg(feature = "proxy")]
@@ -99,4 +108,6 @@ pub const FEATURES: &[&str] = &[
     "proxy",
     #[cfg(feature = "bridge")]
     "bridge",
+    #[cfg(feature = "logs")]
+    "logs",
 ];
