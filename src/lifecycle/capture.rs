@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Which of the app's streams a line came from.
@@ -92,38 +92,50 @@ impl Capture {
         }
     }
 
-    /// Reads `pipe` to its end, echoing every line to `echo` and queueing it.
+    /// Reads `pipe` to its end, echoing every byte to `echo` and queueing each line. The echo
+    /// is written a whole read at a time (one write per up to 64 KiB, not one per line: a
+    /// write to our stdout goes through tokio's blocking pool).
     pub async fn pump(
         self,
         stream: Stream,
-        pipe: impl AsyncRead + Unpin,
+        mut pipe: impl AsyncRead + Unpin,
         mut echo: impl AsyncWrite + Unpin,
     ) {
-        let mut reader = BufReader::with_capacity(64 * 1024, pipe);
-        let mut line = Vec::with_capacity(256);
+        let mut buf = vec![0u8; 64 * 1024];
+        // The start of a line whose end has not been read yet.
+        let mut partial: Vec<u8> = Vec::new();
         loop {
-            line.clear();
-            // `take` bounds one read: a longer line arrives in MAX_LINE pieces.
-            let n = match (&mut reader)
-                .take(MAX_LINE as u64)
-                .read_until(b'\n', &mut line)
-                .await
-            {
+            let n = match pipe.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            let chunk = &buf[..n];
             // Echo first, exactly as written; a closed stdout of ours must not stop capture.
-            let _ = echo.write_all(&line[..n]).await;
+            let _ = echo.write_all(chunk).await;
             let _ = echo.flush().await;
-            let mut text = std::mem::take(&mut line);
-            if text.last() == Some(&b'\n') {
-                text.pop();
-                if text.last() == Some(&b'\r') {
-                    text.pop();
+            let mut rest = chunk;
+            while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                let mut line = if partial.is_empty() {
+                    rest[..nl].to_vec()
+                } else {
+                    let mut l = std::mem::take(&mut partial);
+                    l.extend_from_slice(&rest[..nl]);
+                    l
+                };
+                if line.last() == Some(&b'\r') {
+                    line.pop();
                 }
+                self.offer(stream, line);
+                rest = &rest[nl + 1..];
             }
-            self.offer(stream, text);
-            line = Vec::with_capacity(256);
+            partial.extend_from_slice(rest);
+            while partial.len() >= MAX_LINE {
+                let tail = partial.split_off(MAX_LINE);
+                self.offer(stream, std::mem::replace(&mut partial, tail));
+            }
+        }
+        if !partial.is_empty() {
+            self.offer(stream, partial);
         }
     }
 }

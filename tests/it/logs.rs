@@ -307,3 +307,22 @@ fn a_logs_section_with_problems_is_refused_with_locations() {
     assert!(err.contains("logs.redact[0].pattern"), "{err}");
     assert!(err.contains("app: stdio needs a supervised app"), "{err}");
 }
+
+#[test]
+fn an_app_writing_100k_lines_and_exiting_has_every_line_shipped_once() {
+    let rx = Receiver::start();
+    let config = format!(
+        "logs:\n  sources: [{{app: stdio, format: plain}}]\n  sinks: [{{http: {}}}]\n",
+        rx.url
+    );
+    let mut sc = Spawn {
+        config: &config,
+        app: &["seq", "1", "100000"],
+        ..Spawn::default()
+    }
+    .start();
+    let status = sc.wait_exit(WAIT);
+    assert!(status.success(), "{status}\n{}", sc.diagnostics());
+    let want: Vec<String> = (1..=100_000).map(|i| i.to_string()).collect();
+    assert_once(&rx.counts("message"), &want, &sc);
+}
