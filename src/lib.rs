@@ -63,7 +63,7 @@
 //! | following files by glob across rotation | `logs/files.rs` |
 //! | the checkpoint state file | `logs/checkpoint.rs` |
 //! | redaction, parsing, enrichment of a log line | `logs/parse.rs` |
-//! | log sinks (http NDJSON, file, stdout) and backoff | `logs/sink.rs` |
+//! | log sinks (http NDJSON, Loki push, file, stdout) and backoff | `logs/sink.rs` |
 //!
 //! # Long-running work that is not a supervised `Module`, and why
 //!

@@ -65,6 +65,11 @@ pub struct RawLogSource {
 pub struct RawLogSink {
     /// POST batches as NDJSON to this `http://` URL.
     pub http: Option<String>,
+    /// Push to Loki's push API (JSON) at this `http://` URL (`/loki/api/v1/push` when the URL
+    /// has no path).
+    pub loki: Option<String>,
+    /// Loki stream labels: the record fields whose values label a stream (default: `source`).
+    pub labels: Option<Vec<String>>,
     /// Write NDJSON lines to Outrigger's stdout.
     pub stdout: Option<bool>,
     /// Append NDJSON lines to this file.
@@ -159,7 +164,18 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
     },
+    Loki {
+        #[serde(serialize_with = "display")]
+        url: http::Uri,
+        timeout: Duration,
+        #[serde(serialize_with = "header_names")]
+        headers: Vec<(String, super::Secret)>,
+        labels: Vec<String>,
+    },
 }
+
+/// At most this many Loki label names: each multiplies the streams Loki has to index.
+pub const MAX_LOKI_LABELS: usize = 8;
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
@@ -377,33 +393,51 @@ pub const RESERVED_FIELDS: &[&str] = &["message", "source", "stream", "file", "t
 
 fn sink(raw: RawLogSink, doc: &Document, problems: &mut Vec<Problem>) -> Option<LogSink> {
     let key = "logs.sinks[0]";
-    let chosen =
-        raw.http.is_some() as u8 + raw.file.is_some() as u8 + (raw.stdout == Some(true)) as u8;
+    let chosen = raw.http.is_some() as u8
+        + raw.loki.is_some() as u8
+        + raw.file.is_some() as u8
+        + (raw.stdout == Some(true)) as u8;
     if chosen != 1 {
         problems.push(doc.problem(
             key,
-            "expected exactly one of http: URL, file: PATH or stdout: true",
+            "expected exactly one of http: URL, loki: URL, file: PATH or stdout: true",
         ));
         return None;
     }
-    if let Some(url) = raw.http {
-        let uri: http::Uri = match url.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                problems.push(doc.problem(
-                    &format!("{key}.http"),
-                    format!("expected a URL like http://collector:8080/logs: {e}"),
-                ));
-                return None;
-            }
+    if raw.labels.is_some() && raw.loki.is_none() {
+        problems.push(doc.problem(&format!("{key}.labels"), "labels apply to a loki sink only"));
+        return None;
+    }
+    if let Some(url) = raw.loki {
+        let mut uri = http_url(&url, &format!("{key}.loki"), doc, problems)?;
+        if uri.path() == "/" && !url.ends_with('/') {
+            let mut parts = uri.into_parts();
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/loki/api/v1/push"));
+            uri = http::Uri::from_parts(parts).ok()?;
+        }
+        let labels = raw.labels.unwrap_or_else(|| vec!["source".into()]);
+        let valid = |l: &String| {
+            l.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         };
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        if labels.is_empty() || labels.len() > MAX_LOKI_LABELS || !labels.iter().all(valid) {
             problems.push(doc.problem(
-                &format!("{key}.http"),
-                format!("expected an http:// URL with a host (https is not supported yet), found {url:?}"),
+                &format!("{key}.labels"),
+                format!("expected 1 to {MAX_LOKI_LABELS} field names of letters, digits and '_', found {labels:?}"),
             ));
             return None;
         }
+        return Some(LogSink::Loki {
+            url: uri,
+            timeout: raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT),
+            headers: raw.headers.into_iter().collect(),
+            labels,
+        });
+    }
+    if let Some(url) = raw.http {
+        let uri = http_url(&url, &format!("{key}.http"), doc, problems)?;
         return Some(LogSink::Http {
             url: uri,
             timeout: raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT),
@@ -414,6 +448,34 @@ fn sink(raw: RawLogSink, doc: &Document, problems: &mut Vec<Problem>) -> Option<
         return Some(LogSink::File(path));
     }
     Some(LogSink::Stdout)
+}
+
+fn http_url(
+    url: &str,
+    key: &str,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<http::Uri> {
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            problems.push(doc.problem(
+                key,
+                format!("expected a URL like http://collector:8080/logs: {e}"),
+            ));
+            return None;
+        }
+    };
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        problems.push(doc.problem(
+            key,
+            format!(
+                "expected an http:// URL with a host (https is not supported yet), found {url:?}"
+            ),
+        ));
+        return None;
+    }
+    Some(uri)
 }
 
 /// `files:` as a matcher: `*` stays within one directory.

@@ -316,7 +316,8 @@ impl Logs {
                             .started
                             .is_some_and(|t| t.elapsed() >= c.batch_wait.get())));
             if due && w.batch.lines > 0 {
-                let body = Bytes::from(std::mem::take(&mut w.batch.body));
+                let ndjson = Bytes::from(std::mem::take(&mut w.batch.body));
+                let body = sink.prepare(ndjson.clone());
                 let lines = w.batch.lines;
                 let started = Instant::now();
                 let mut attempt = 0u32;
@@ -380,7 +381,8 @@ impl Logs {
                 }
                 self.metrics.checkpoint_lag.set(w.files.lag() as i64);
                 // Reuse the allocation when nothing else holds the bytes.
-                w.batch.body = match body.try_into_mut() {
+                drop(body);
+                w.batch.body = match ndjson.try_into_mut() {
                     Ok(mut b) => {
                         b.clear();
                         b.into()

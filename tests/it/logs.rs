@@ -78,13 +78,15 @@ fn serve(
         let mut len = 0usize;
         let mut line = String::new();
         let mut first = true;
+        let mut loki = false;
         loop {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
                 return;
             }
             if first {
-                assert!(line.starts_with("POST /ingest "), "{line}");
+                loki = line.starts_with("POST /loki/api/v1/push ");
+                assert!(loki || line.starts_with("POST /ingest "), "{line}");
                 first = false;
             }
             let l = line.to_ascii_lowercase();
@@ -104,13 +106,43 @@ fn serve(
             "503 Service Unavailable"
         } else {
             let mut r = records.lock().unwrap();
-            for l in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                r.push(serde_json::from_slice(l).expect("every record is JSON"));
+            if loki {
+                r.extend(loki_records(&body));
+            } else {
+                for l in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    r.push(serde_json::from_slice(l).expect("every record is JSON"));
+                }
             }
             "200 OK"
         };
         let _ = write!(out, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
     }
+}
+
+/// The records of a Loki push request, checked against the push API's JSON shape
+/// (`{"streams":[{"stream":{label:value},"values":[["<unix ns>","<line>"]]}]}`); each record
+/// gets its stream's labels under `_labels`.
+fn loki_records(body: &[u8]) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("a Loki push is JSON");
+    let mut out = Vec::new();
+    for s in v["streams"].as_array().expect("streams") {
+        let labels = s["stream"].as_object().expect("stream labels");
+        assert!(!labels.is_empty() && labels.values().all(|l| l.is_string()));
+        for e in s["values"].as_array().expect("values") {
+            let e = e.as_array().unwrap();
+            assert_eq!(e.len(), 2);
+            let ns = e[0].as_str().expect("the timestamp is a string");
+            assert!(
+                ns.len() >= 19 && ns.bytes().all(|b| b.is_ascii_digit()),
+                "{ns}"
+            );
+            let mut record: serde_json::Value =
+                serde_json::from_str(e[1].as_str().expect("the line is a string")).unwrap();
+            record["_labels"] = s["stream"].clone();
+            out.push(record);
+        }
+    }
+    out
 }
 
 fn append(path: &Path, from: usize, to: usize, prefix: &str) {
@@ -325,4 +357,33 @@ fn an_app_writing_100k_lines_and_exiting_has_every_line_shipped_once() {
     assert!(status.success(), "{status}\n{}", sc.diagnostics());
     let want: Vec<String> = (1..=100_000).map(|i| i.to_string()).collect();
     assert_once(&rx.counts("message"), &want, &sc);
+}
+
+#[test]
+fn loki_receives_labelled_streams_in_the_push_shape() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let mut lines = String::new();
+    for i in 0..300 {
+        let level = if i % 3 == 0 { "error" } else { "info" };
+        lines.push_str(&format!(
+            "{{\"level\":\"{level}\",\"message\":\"l {i}\"}}\n"
+        ));
+    }
+    std::fs::write(&log, lines).unwrap();
+    let base = rx.url.trim_end_matches("/ingest");
+    let config = format!(
+        "logs:\n  sources: [{{files: {}/*.log, name: web}}]\n  sinks: [{{loki: {base}, labels: [source, level]}}]\n  poll: 50ms\n  batch: {{max_wait: 50ms, max_lines: 64}}\n",
+        dir.path().display()
+    );
+    let sc = Sidecar::start(&config);
+    let want = expected(0, 300, "l");
+    let counts = rx.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    for r in rx.records() {
+        assert_eq!(r["_labels"]["source"], "web");
+        assert_eq!(r["_labels"]["level"], r["level"], "{r}");
+    }
+    assert!(sc.metric("outrigger_logs_shipped_lines_total{sink=\"loki\"}") >= 300.0);
 }
