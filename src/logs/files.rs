@@ -158,6 +158,11 @@ impl Files {
             }
             t.check();
         }
+        if self.first_scan {
+            // Positions of files that are gone for good would otherwise be carried from run
+            // to run; a file still there but outside the glob now is not read again either.
+            self.saved.retain(|_, p| p.path.exists());
+        }
         self.first_scan = false;
     }
 
@@ -375,16 +380,57 @@ mod tests {
     use std::io::Write;
 
     fn files(dir: &Path) -> Files {
+        files_from(dir, false)
+    }
+
+    fn files_from(dir: &Path, from_end: bool) -> Files {
         let glob = format!("{}/*.log", dir.display());
         Files::new(
             vec![FileSource {
                 source: 0,
                 matcher: crate::config::logs::compile_glob(&glob).unwrap(),
                 base: dir.to_path_buf(),
-                from_end: false,
+                from_end,
             }],
             BTreeMap::new(),
         )
+    }
+
+    #[test]
+    fn start_at_end_skips_what_was_there_but_not_files_that_appear_later() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.log"), "before\n").unwrap();
+        let mut f = files_from(dir.path(), true);
+        assert!(lines(&mut f).is_empty());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("old.log"))
+            .unwrap()
+            .write_all(b"after\n")
+            .unwrap();
+        std::fs::write(dir.path().join("new.log"), "new\n").unwrap();
+        let mut got = lines(&mut f);
+        got.sort();
+        assert_eq!(got, ["after", "new"]);
+    }
+
+    #[test]
+    fn a_file_deleted_while_open_is_read_to_its_end_then_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        let mut w = std::fs::File::create(&log).unwrap();
+        writeln!(w, "one").unwrap();
+        let mut f = files(dir.path());
+        assert_eq!(lines(&mut f), ["one"]);
+        std::fs::remove_file(&log).unwrap();
+        write!(w, "two\nlast without end").unwrap();
+        assert_eq!(lines(&mut f), ["two"]);
+        // Quiet for ORPHAN_QUIET: its last line is taken as it is and the file closed.
+        for t in f.tailers.values_mut() {
+            t.grew_at -= ORPHAN_QUIET;
+        }
+        assert_eq!(lines(&mut f), ["last without end"]);
+        assert!(f.tailers.is_empty());
     }
 
     fn lines(f: &mut Files) -> Vec<String> {
