@@ -89,6 +89,7 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
         modules,
         bound,
         bridge,
+        capture,
     } = build_modules(&config, built, &metrics, &gate, &control_tx).await?;
     #[cfg(feature = "proxy")]
     metrics
@@ -150,6 +151,7 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
             app_env: config.app.env.clone(),
             env,
             lifecycle: config.app.lifecycle.clone(),
+            capture,
         };
         app = Some(lifecycle::supervise(spec, app_status.clone()));
     } else if let Some(probe) = &config.app.lifecycle.probe {
@@ -283,6 +285,8 @@ struct Built {
     /// The bridge's bound addresses: the HTTP API's, and the gRPC API's (the same when it has
     /// no socket of its own).
     bridge: Option<(Address, Address)>,
+    /// Where the app's stdout/stderr lines go for the log agent (`logs` with `app: stdio`).
+    capture: Option<lifecycle::capture::Capture>,
 }
 
 /// Builds the modules enabled by the config, each with its listeners bound.
@@ -293,7 +297,7 @@ async fn build_modules(
     gate: &AppGate,
     control: &mpsc::Sender<Control>,
 ) -> Result<Built> {
-    #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
+    #[cfg_attr(not(any(feature = "proxy", feature = "logs")), allow(unused_mut))]
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
     #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
@@ -354,10 +358,32 @@ async fn build_modules(
         drop(proxy);
         None
     };
+    // Only with a `logs:` section: no task, file or queue otherwise.
+    #[cfg(feature = "logs")]
+    let capture = match &config.logs {
+        Some(logs) => {
+            let (capture, captured) = if logs.captures_app() {
+                let (c, r) = lifecycle::capture::capture(logs.app_buffer);
+                (Some(c), Some(r))
+            } else {
+                (None, None)
+            };
+            modules.push(Arc::new(crate::logs::Logs::new(
+                logs.clone(),
+                captured,
+                metrics.logs.clone(),
+            )));
+            capture
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "logs"))]
+    let capture = None;
     Ok(Built {
         modules,
         bound,
         bridge,
+        capture,
     })
 }
 

@@ -14,12 +14,13 @@
 //!      │    ├─ proxy       inbound/outbound listeners, request phases, clusters (+ tls)
 //!      │    ├─ bridge      Dapr HTTP and gRPC APIs: state, pub/sub, invocation, secrets, metadata
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
+//!      │    ├─ logs        the log agent: app stdio and files → parse/enrich → sink, checkpoints
 //!      │    └─ reload      `reload:` entries; live reload of our own config
 //!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
 //! ```
 //!
 //! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →
-//! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge` → `preflight` →
+//! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge`, `logs` → `preflight` →
 //! `app` → `main`. Every import runs downward; no two top-level modules import each other.
 //! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
 //!
@@ -27,7 +28,7 @@
 //!
 //! | behaviour | file |
 //! |---|---|
-//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,check}.rs`, `config/document.rs` |
+//! | config syntax, types, defaults, located errors | `config/mod.rs`, `config/{proxy,route,tls,lifecycle,telemetry,bridge,logs,check}.rs`, `config/document.rs` |
 //! | limits on YAML files (size, nesting, nodes) | `config/file_limits.rs` |
 //! | deep config checks (certificates, components, brokers, Subscriptions) | `preflight.rs` |
 //! | what a reload changes live and what needs a restart | `config/diff.rs` (`ConfigDiff`) |
@@ -62,10 +63,16 @@
 //! | one operation for both Dapr front doors (HTTP routes, gRPC RPCs) | `bridge/ops.rs`, called by `bridge/routes.rs` and `bridge/grpc/mod.rs` |
 //! | Dapr's gRPC API: the `.proto` files, their build, streaming subscriptions, gRPC apps | `proto/`, `build.rs`, `bridge/grpc/{mod,subscribe,app}.rs` |
 //! | app ids without a cluster (`bridge.name_resolution`) | `bridge/invoke.rs` (`Resolver`) |
+//! | capturing the app's stdout/stderr (echo + bounded queue) | `lifecycle/capture.rs` |
+//! | the log agent's loop: batch, send, retry, checkpoint | `logs/mod.rs` |
+//! | following files by glob across rotation | `logs/files.rs` |
+//! | the checkpoint state file | `logs/checkpoint.rs` |
+//! | redaction, parsing, enrichment of a log line | `logs/parse.rs` |
+//! | log sinks (http NDJSON, Loki push, file, stdout) and backoff | `logs/sink.rs` |
 //!
 //! # Long-running work that is not a supervised `Module`, and why
 //!
-//! The proxy and the bridge are [`runtime::Module`]s: supervised, restarted with backoff, on
+//! The proxy, the bridge and the log agent are [`runtime::Module`]s: supervised, restarted with backoff, on
 //! `/ready`, drained in step 3 of the stop. The rest is not, on purpose:
 //! - **admin** reports the modules' health, so it must not drain with them: it answers `/ready`
 //!   503 until the stop's last step (`admin::serve`);
@@ -87,6 +94,8 @@ pub mod app;
 pub mod bridge;
 pub mod config;
 pub mod lifecycle;
+#[cfg(feature = "logs")]
+pub mod logs;
 pub mod origin;
 pub mod preflight;
 #[cfg(feature = "proxy")]
@@ -104,4 +113,6 @@ pub const FEATURES: &[&str] = &[
     "proxy",
     #[cfg(feature = "bridge")]
     "bridge",
+    #[cfg(feature = "logs")]
+    "logs",
 ];

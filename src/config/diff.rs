@@ -1,6 +1,7 @@
 //! The diff of a live reload: what of a new config can be applied while running, and which
 //! changed keys take effect only after a restart (listener addresses, the admin address,
-//! runtime and app settings, the access log's destination, the span exporter, the bridge).
+//! runtime and app settings, the access log's destination, the span exporter, the bridge, the
+//! log agent).
 //!
 //! Pure data in, data out: the reload task (`reload::live`) applies `applied` to the modules and
 //! reports `needs_restart` in the log, `/config` and `outrigger_config_reloads_total`.
@@ -75,6 +76,8 @@ impl ConfigDiff {
         applied.listeners = listeners;
         // The bridge's socket, stores and tokens are set up once.
         applied.bridge = old.bridge.clone();
+        // The log agent's sources, sink and checkpoint are set up once, too.
+        applied.logs = old.logs.clone();
         let mut keys = changed_keys(&applied, new);
         keys.retain(|k| k != "listeners");
         // Header values serialize redacted, so a rotated token would look unchanged.

@@ -16,6 +16,7 @@ pub mod diff;
 pub mod document;
 pub mod file_limits;
 pub mod lifecycle;
+pub mod logs;
 pub mod proxy;
 pub mod raw;
 pub mod route;
@@ -104,6 +105,9 @@ pub struct Config {
     /// The Dapr-compatible API, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge: Option<bridge::BridgeConfig>,
+    /// The log agent, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<logs::LogsConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -418,6 +422,9 @@ fn validate(
     let bridge = raw
         .bridge
         .and_then(|b| bridge::validate(b, &service, doc, problems));
+    let logs = raw
+        .logs
+        .and_then(|l| logs::validate(l, app.command.is_some(), doc, problems));
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -459,6 +466,7 @@ fn validate(
         reload,
         telemetry,
         bridge,
+        logs,
         tls: TlsGlobalConfig {
             expiry_warning: raw
                 .tls

@@ -39,6 +39,9 @@ pub struct RawConfig {
     /// The Dapr-compatible API; present (even empty: `bridge:`) turns the bridge on.
     #[serde(deserialize_with = "present")]
     pub bridge: Option<RawBridge>,
+    /// The log agent; on when present.
+    #[serde(deserialize_with = "present")]
+    pub logs: Option<super::logs::RawLogs>,
 }
 
 /// A section that is on when its key is there, even with no value (`bridge:` is YAML null).

@@ -8,6 +8,7 @@
 //! backoff, passes on signals and restart requests ([`AppHandle`]), and on a stop sends
 //! `app.stop_signal`, waits, then SIGKILLs the group. Its task ends with the app's last exit.
 
+pub mod capture;
 pub mod env;
 pub mod probe;
 pub mod reaper;
@@ -38,11 +39,13 @@ pub struct App {
 
 impl App {
     /// Starts `command`. `env` is added to the inherited environment, then `app_env`
-    /// (`app.env`).
+    /// (`app.env`). With `capture`, its stdout and stderr are pipes read by two tasks that echo
+    /// every line to ours and queue it for the log agent; without, they are ours.
     pub fn spawn(
         command: &[String],
         app_env: &BTreeMap<String, String>,
         env: &[(String, String)],
+        capture: Option<&capture::Capture>,
     ) -> io::Result<App> {
         let mut cmd = Command::new(&command[0]);
         cmd.args(&command[1..])
@@ -52,8 +55,21 @@ impl App {
             // Ctrl-C reaches only the sidecar, which then stops the app in order.
             .process_group(0)
             .kill_on_drop(true);
+        if capture.is_some() {
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+        }
         let mut ours = reaper::spawning();
-        let child = cmd.spawn()?;
+        let mut child = cmd.spawn()?;
+        if let Some(c) = capture {
+            use capture::Stream;
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(c.clone().pump(Stream::Stdout, out, tokio::io::stdout()));
+            }
+            if let Some(err) = child.stderr.take() {
+                tokio::spawn(c.clone().pump(Stream::Stderr, err, tokio::io::stderr()));
+            }
+        }
         let pid = child
             .id()
             .ok_or_else(|| io::Error::other("the app exited at once"))?;
@@ -238,6 +254,8 @@ pub struct AppSpec {
     /// `OUTRIGGER_*` and the like.
     pub env: Vec<(String, String)>,
     pub lifecycle: AppLifecycle,
+    /// Where the app's stdout/stderr lines go besides ours (`logs` with `app: stdio`).
+    pub capture: Option<capture::Capture>,
 }
 
 /// The first restart waits this long; each failure doubles it up to [`RESTART_BACKOFF_MAX`].
@@ -291,7 +309,12 @@ async fn supervise_loop(
     // A stop has begun (inbound is draining): no more restarts of any kind.
     let mut draining = false;
     loop {
-        let mut app = match App::spawn(&spec.command, &spec.app_env, &spec.env) {
+        let mut app = match App::spawn(
+            &spec.command,
+            &spec.app_env,
+            &spec.env,
+            spec.capture.as_ref(),
+        ) {
             Ok(a) => a,
             Err(e) if first => {
                 error!(program = %spec.command[0], error = %e, "cannot start the app");

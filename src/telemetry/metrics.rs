@@ -400,6 +400,97 @@ pub struct BridgeApiLabels {
     pub api: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogSourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogDropLabels {
+    pub source: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogSinkLabels {
+    pub sink: &'static str,
+}
+
+/// The log agent's metrics (`docs/metrics.md` lists each). Series appear on first use only.
+#[derive(Clone)]
+pub struct LogsMetrics {
+    pub read: Family<LogSourceLabels, Counter>,
+    pub read_bytes: Family<LogSourceLabels, Counter>,
+    pub dropped: Family<LogDropLabels, Counter>,
+    pub shipped: Family<LogSinkLabels, Counter>,
+    pub retries: Family<LogSinkLabels, Counter>,
+    pub batch_duration: Family<LogSinkLabels, Histogram, fn() -> Histogram>,
+    /// Bytes read from files but not yet acknowledged by the sink (what a restart re-reads).
+    pub checkpoint_lag: Gauge,
+    /// Bytes of the app's lines waiting for the sink.
+    pub app_buffer: Gauge,
+}
+
+impl Default for LogsMetrics {
+    fn default() -> Self {
+        LogsMetrics {
+            read: Family::default(),
+            read_bytes: Family::default(),
+            dropped: Family::default(),
+            shipped: Family::default(),
+            retries: Family::default(),
+            batch_duration: Family::new_with_constructor(latency_histogram),
+            checkpoint_lag: Gauge::default(),
+            app_buffer: Gauge::default(),
+        }
+    }
+}
+
+impl LogsMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "logs_read_lines",
+            "Log lines read, by source",
+            self.read.clone(),
+        );
+        r.register(
+            "logs_read_bytes",
+            "Bytes of log lines read, by source",
+            self.read_bytes.clone(),
+        );
+        r.register(
+            "logs_dropped_lines",
+            "Log lines not shipped, by source and reason (buffer_full, shutdown)",
+            self.dropped.clone(),
+        );
+        r.register(
+            "logs_shipped_lines",
+            "Log lines the sink acknowledged, by sink (http, file, stdout)",
+            self.shipped.clone(),
+        );
+        r.register(
+            "logs_sink_retries",
+            "Batches sent again after the sink failed or refused them, by sink",
+            self.retries.clone(),
+        );
+        r.register(
+            "logs_batch_duration_seconds",
+            "Time from a batch's first attempt to the sink's acknowledgement, retries included, in seconds",
+            self.batch_duration.clone(),
+        );
+        r.register(
+            "logs_checkpoint_lag_bytes",
+            "Bytes read from files and not yet acknowledged by the sink (re-read after a restart)",
+            self.checkpoint_lag.clone(),
+        );
+        r.register(
+            "logs_app_buffer_bytes",
+            "Bytes of the app's stdout/stderr lines waiting for the sink",
+            self.app_buffer.clone(),
+        );
+    }
+}
+
 /// The bridge's metrics (`docs/metrics.md` lists each). Series appear on first use only.
 #[derive(Clone)]
 pub struct BridgeMetrics {
@@ -458,6 +549,7 @@ pub struct Metrics {
     pub proxy: ProxyMetrics,
     pub pubsub: PubSubMetrics,
     pub bridge: BridgeMetrics,
+    pub logs: LogsMetrics,
 }
 
 impl Metrics {
@@ -542,12 +634,17 @@ impl Metrics {
         if cfg!(feature = "bridge") {
             bridge.register(ours);
         }
+        let logs = LogsMetrics::default();
+        if cfg!(feature = "logs") {
+            logs.register(ours);
+        }
         Metrics {
             registry,
             runtime,
             proxy,
             pubsub,
             bridge,
+            logs,
         }
     }
 }

@@ -5,7 +5,7 @@
 
 #[cfg(feature = "proxy")]
 pub mod access_log;
-#[cfg(feature = "proxy")]
+#[cfg(any(feature = "proxy", feature = "logs"))]
 pub mod json;
 pub mod log;
 pub mod metrics;

@@ -252,6 +252,14 @@ fn the_example_config_is_valid() {
         assert_eq!(code, 78, "{stderr}");
         assert!(stderr.contains("cargo feature `bridge`"), "{stderr}");
     }
+    let (code, stdout, stderr) = run_to_end(&["check", "-c", "examples/logs.yaml"], &[], root);
+    if cfg!(feature = "logs") {
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("redact"), "{stdout}");
+    } else {
+        assert_eq!(code, 78, "{stderr}");
+        assert!(stderr.contains("cargo feature `logs`"), "{stderr}");
+    }
 }
 
 #[test]

@@ -12,6 +12,8 @@ mod generative;
 #[cfg(feature = "bridge")]
 mod grpc;
 mod lifecycle;
+#[cfg(feature = "logs")]
+mod logs;
 mod proxy;
 #[cfg(feature = "bridge")]
 mod pubsub;

@@ -1,0 +1,328 @@
+//! Sinks: where batches of NDJSON records go, and what counts as acknowledged.
+//!
+//! - `http`: one POST per batch (`Content-Type: application/x-ndjson`); a 2xx answer
+//!   acknowledges it. 408, 429, 5xx, a timeout or a connection error is a failed attempt (sent
+//!   again); any other 4xx is a refusal: the batch will never be accepted, so it is dropped and
+//!   counted (`reason="rejected"`) rather than stalling every line behind it.
+//! - `loki`: Loki's push API (JSON), acknowledged and retried like `http`; records grouped
+//!   into streams by the values of `labels`, at most [`MAX_LOKI_STREAMS`] label sets.
+//! - `file`: appended and `fdatasync`ed before it counts as acknowledged.
+//! - `stdout`: written and flushed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::logs::LogSink;
+
+/// How a batch fared.
+#[derive(Debug)]
+pub enum SendError {
+    /// Try again later.
+    Failed(String),
+    /// The sink will never take this batch.
+    Rejected(String),
+}
+
+pub enum Sink {
+    Stdout,
+    File(PathBuf),
+    Http(Box<HttpSink>),
+    Loki(Box<LokiSink>),
+}
+
+/// A POST endpoint.
+pub struct HttpSink {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: http::Uri,
+    timeout: Duration,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    content_type: &'static str,
+}
+
+/// Loki's push API: records grouped into streams by the values of `labels`.
+pub struct LokiSink {
+    http: HttpSink,
+    labels: Vec<String>,
+    /// Label sets pushed so far; past [`MAX_LOKI_STREAMS`] a new set goes to the overflow
+    /// stream (`{overflow="true"}`), so a high-cardinality field cannot flood Loki's index.
+    streams: std::sync::Mutex<std::collections::HashSet<Vec<(String, String)>>>,
+}
+
+/// Distinct label sets one sidecar pushes to Loki.
+pub const MAX_LOKI_STREAMS: usize = 1000;
+/// Longer label values are cut to this many bytes.
+const MAX_LABEL_VALUE: usize = 128;
+
+impl HttpSink {
+    fn new(
+        url: &http::Uri,
+        timeout: crate::config::Duration,
+        headers: &[(String, crate::config::Secret)],
+        content_type: &'static str,
+    ) -> HttpSink {
+        HttpSink {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build_http(),
+            url: url.clone(),
+            timeout: timeout.get(),
+            headers: headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        http::HeaderName::try_from(k.as_str()).ok()?,
+                        http::HeaderValue::try_from(v.expose()).ok()?,
+                    ))
+                })
+                .collect(),
+            content_type,
+        }
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(), SendError> {
+        let mut req = http::Request::post(self.url.clone())
+            .header(http::header::CONTENT_TYPE, self.content_type);
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| SendError::Rejected(e.to_string()))?;
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            // Read the answer to its end so the connection can be used again.
+            let _ = resp.into_body().collect().await;
+            Ok::<_, String>(status)
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(SendError::Failed(format!(
+                "no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+            Ok(Err(e)) => Err(SendError::Failed(e)),
+            Ok(Ok(s)) if s.is_success() => Ok(()),
+            Ok(Ok(s))
+                if s.is_client_error()
+                    && s != http::StatusCode::REQUEST_TIMEOUT
+                    && s != http::StatusCode::TOO_MANY_REQUESTS =>
+            {
+                Err(SendError::Rejected(format!("answered {s}")))
+            }
+            Ok(Ok(s)) => Err(SendError::Failed(format!("answered {s}"))),
+        }
+    }
+}
+
+impl LokiSink {
+    /// The push request of one NDJSON batch: `{"streams":[{"stream":{labels},"values":[[ns,
+    /// line]…]}]}`, each record's JSON as its log line, timestamps from now (one nanosecond
+    /// apart, so the batch's order is kept and a retry sends the very same entries).
+    fn push_body(&self, ndjson: &[u8]) -> Bytes {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let mut streams: std::collections::BTreeMap<Vec<(String, String)>, Vec<[String; 2]>> =
+            Default::default();
+        let mut seen = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, line) in ndjson
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .enumerate()
+        {
+            let record: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+            let mut labels: Vec<(String, String)> = self
+                .labels
+                .iter()
+                .filter_map(|k| {
+                    let v = match record.get(k)? {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => return None,
+                        other => other.to_string(),
+                    };
+                    let mut cut = v.len().min(MAX_LABEL_VALUE);
+                    while !v.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    Some((k.clone(), v[..cut].to_string()))
+                })
+                .collect();
+            if labels.is_empty() {
+                labels.push(("job".into(), "outrigger".into()));
+            }
+            if !seen.contains(&labels) {
+                if seen.len() < MAX_LOKI_STREAMS {
+                    seen.insert(labels.clone());
+                } else {
+                    labels = vec![("overflow".into(), "true".into())];
+                }
+            }
+            streams.entry(labels).or_default().push([
+                (now + i as u128).to_string(),
+                String::from_utf8_lossy(line).into_owned(),
+            ]);
+        }
+        let streams: Vec<serde_json::Value> = streams
+            .into_iter()
+            .map(|(labels, values)| {
+                let stream: serde_json::Map<String, serde_json::Value> = labels
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                serde_json::json!({ "stream": stream, "values": values })
+            })
+            .collect();
+        Bytes::from(
+            serde_json::to_vec(&serde_json::json!({ "streams": streams })).unwrap_or_default(),
+        )
+    }
+}
+
+impl Sink {
+    pub fn new(config: &LogSink) -> Sink {
+        match config {
+            LogSink::Stdout => Sink::Stdout,
+            LogSink::File(p) => Sink::File(p.clone()),
+            LogSink::Http {
+                url,
+                timeout,
+                headers,
+            } => Sink::Http(Box::new(HttpSink::new(
+                url,
+                *timeout,
+                headers,
+                "application/x-ndjson",
+            ))),
+            LogSink::Loki {
+                url,
+                timeout,
+                headers,
+                labels,
+            } => Sink::Loki(Box::new(LokiSink {
+                http: HttpSink::new(url, *timeout, headers, "application/json"),
+                labels: labels.clone(),
+                streams: Default::default(),
+            })),
+        }
+    }
+
+    /// The `sink` label of its metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Sink::Stdout => "stdout",
+            Sink::File(_) => "file",
+            Sink::Http(_) => "http",
+            Sink::Loki(_) => "loki",
+        }
+    }
+
+    /// What is sent for a batch of NDJSON records, built once so every retry sends the same.
+    pub fn prepare(&self, ndjson: Bytes) -> Bytes {
+        match self {
+            Sink::Loki(l) => l.push_body(&ndjson),
+            _ => ndjson,
+        }
+    }
+
+    /// Sends one prepared batch; Ok once the sink has acknowledged it.
+    pub async fn send(&self, body: Bytes) -> Result<(), SendError> {
+        match self {
+            Sink::Stdout => {
+                let mut out = tokio::io::stdout();
+                out.write_all(&body)
+                    .await
+                    .map_err(|e| SendError::Failed(e.to_string()))?;
+                out.flush()
+                    .await
+                    .map_err(|e| SendError::Failed(e.to_string()))
+            }
+            Sink::File(path) => {
+                let mut f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| SendError::Failed(format!("{}: {e}", path.display())))?;
+                f.write_all(&body)
+                    .await
+                    .map_err(|e| SendError::Failed(e.to_string()))?;
+                f.sync_data()
+                    .await
+                    .map_err(|e| SendError::Failed(e.to_string()))
+            }
+            Sink::Http(h) => h.post(body).await,
+            Sink::Loki(l) => l.http.post(body).await,
+        }
+    }
+}
+
+/// The first retry waits about this long; each failure doubles it up to `logs.batch.retry_max`.
+pub const RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// The wait before attempt `attempt + 1`: exponential, capped, with jitter (between half and
+/// all of it) so that many sidecars do not retry a recovering collector in step.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let exp = RETRY_BASE.saturating_mul(1u32 << attempt.min(16)).min(max);
+    exp.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loki_push_groups_records_into_labelled_streams_and_bounds_them() {
+        let sink = Sink::new(&LogSink::Loki {
+            url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+            timeout: crate::config::Duration::from_secs(1),
+            headers: vec![],
+            labels: vec!["source".into(), "level".into()],
+        });
+        let body = sink.prepare(Bytes::from_static(
+            b"{\"source\":\"app\",\"level\":\"info\",\"message\":\"a\"}\n{\"source\":\"app\",\"message\":\"b\"}\n{\"source\":\"app\",\"level\":\"info\",\"message\":\"c\"}\n",
+        ));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 2);
+        let info = streams
+            .iter()
+            .find(|s| s["stream"]["level"] == "info")
+            .unwrap();
+        assert_eq!(info["stream"]["source"], "app");
+        let values = info["values"].as_array().unwrap();
+        assert_eq!(values.len(), 2);
+        let (t0, t1): (u128, u128) = (
+            values[0][0].as_str().unwrap().parse().unwrap(),
+            values[1][0].as_str().unwrap().parse().unwrap(),
+        );
+        assert!(t0 < t1);
+        assert!(values[1][1].as_str().unwrap().contains("\"c\""));
+
+        let Sink::Loki(l) = &sink else { unreachable!() };
+        for i in 0..MAX_LOKI_STREAMS {
+            l.streams
+                .lock()
+                .unwrap()
+                .insert(vec![("n".into(), i.to_string())]);
+        }
+        let body = sink.prepare(Bytes::from_static(b"{\"source\":\"new\"}\n"));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["streams"][0]["stream"]["overflow"], "true");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(2);
+        assert!(backoff(0, max) <= RETRY_BASE);
+        assert!(backoff(3, max) >= RETRY_BASE * 4);
+        assert!(backoff(30, max) <= max);
+    }
+}
