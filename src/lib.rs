@@ -20,7 +20,8 @@
 //!
 //! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →
 //! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge` → `preflight` →
-//! `app` → `main`. Every import runs downward; no two top-level modules import each other.
+//! `app` → `main`; `k8s` (inject, injector) sits beside `preflight`, above `config` and `tls`,
+//! and nothing imports it but `main`. Every import runs downward; no two top-level modules import each other.
 //! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
 //!
 //! # Where is…
@@ -57,6 +58,10 @@
 //! | the app's process, probe, restarts | `lifecycle/mod.rs`, `lifecycle/probe.rs` |
 //! | the app's environment (`OUTRIGGER_*`, `DAPR_*`) | `lifecycle/env.rs`, `bridge/env.rs` |
 //! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
+//! | `outrigger inject`: manifests in and out, workload kinds | `k8s/inject.rs` |
+//! | what the sidecar container, volumes, app env and grace period look like in a pod | `k8s/sidecar.rs` |
+//! | the `outrigger.dev/*` annotations | `k8s/annotations.rs` |
+//! | the admission webhook: review → JSONPatch; its HTTPS server | `k8s/admission.rs`, `k8s/injector.rs` |
 //!
 //! # Long-running work that is not a supervised `Module`, and why
 //!
@@ -81,6 +86,8 @@ pub mod app;
 #[cfg(feature = "bridge")]
 pub mod bridge;
 pub mod config;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod lifecycle;
 pub mod origin;
 pub mod preflight;
@@ -99,4 +106,6 @@ pub const FEATURES: &[&str] = &[
     "proxy",
     #[cfg(feature = "bridge")]
     "bridge",
+    #[cfg(feature = "k8s")]
+    "k8s",
 ];

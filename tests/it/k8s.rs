@@ -1,0 +1,448 @@
+//! `outrigger inject` and `outrigger injector`, run as the real binary: golden files per
+//! workload kind (`tests/fixtures/inject/*.yaml` → `golden/`; `OUTRIGGER_UPDATE_GOLDEN=1`
+//! rewrites them), idempotence, annotations, bad input; the injected sidecar's own arguments
+//! started for real; the webhook over real TLS with its JSONPatch applied; every produced and
+//! shipped manifest checked by `kubernetes-validate --strict` (a venv made from
+//! `tests/k8s/requirements.txt`) and the Kustomize base rendered by `kubectl kustomize`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{BIN, Spawn, eventually, run_to_end, venv_python};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject")
+}
+
+/// Every input fixture (`*.yaml` directly in the directory), sorted.
+fn inputs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 8, "fixtures missing: {v:?}");
+    v
+}
+
+/// `outrigger inject ARGS` with `stdin`; (exit code, stdout, stderr).
+fn inject(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("inject")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The flags a fixture is injected with: `legacy-*` with `--legacy`.
+fn flags(input: &Path) -> Vec<&'static str> {
+    let name = input.file_name().unwrap().to_string_lossy();
+    if name.starts_with("legacy-") {
+        vec!["--legacy"]
+    } else {
+        vec![]
+    }
+}
+
+fn golden(input: &Path) -> PathBuf {
+    fixtures().join("golden").join(input.file_name().unwrap())
+}
+
+/// Injects a fixture file through `-f` and returns stdout (panics with stderr on failure).
+fn inject_file(input: &Path) -> String {
+    let mut args = vec!["-f", input.to_str().unwrap()];
+    args.extend(flags(input));
+    let (code, stdout, stderr) = inject(&args, "");
+    assert_eq!(code, 0, "outrigger inject {args:?}\n--- stderr\n{stderr}");
+    stdout
+}
+
+#[test]
+fn inject_matches_the_golden_file_of_every_workload_kind() {
+    let update = std::env::var_os("OUTRIGGER_UPDATE_GOLDEN").is_some();
+    for input in inputs() {
+        let out = inject_file(&input);
+        let path = golden(&input);
+        if update {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &out).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (OUTRIGGER_UPDATE_GOLDEN=1 writes it)",
+                path.display()
+            )
+        });
+        assert_eq!(
+            out,
+            want,
+            "{} differs from {} (review, then OUTRIGGER_UPDATE_GOLDEN=1)",
+            input.display(),
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    for input in inputs() {
+        let once = inject_file(&input);
+        let (code, twice, stderr) = inject(&flags(&input), &once);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(twice, once, "{}", input.display());
+        assert!(!stderr.contains(": injected"), "{stderr}");
+    }
+}
+
+/// The first document of `yaml` as JSON.
+fn first_doc(yaml: &str) -> Value {
+    let docs = outrigger::k8s::inject::parse(yaml, "test").unwrap();
+    docs.into_iter().next().unwrap()
+}
+
+fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
+    pod[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {list} in {pod}"))
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {list} {name} in {pod}"))
+}
+
+fn env<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
+    c["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| &e["value"])
+}
+
+#[test]
+fn annotations_are_honoured() {
+    let out = first_doc(&inject_file(&fixtures().join("deployment.yaml")));
+    let pod = &out["spec"]["template"]["spec"];
+    let side = container(pod, "initContainers", "outrigger");
+    assert_eq!(side["restartPolicy"], "Always");
+    assert_eq!(side["image"], "registry.example.org/outrigger:0.1.0");
+    let args: Vec<&str> = side["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for want in [
+        "/etc/outrigger/outrigger.yaml",
+        "runtime.shutdown_grace=90s",
+        "app.address=127.0.0.1:50051",
+        "app.protocol=grpc",
+        "bridge.address=127.0.0.1:3500",
+    ] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    assert_eq!(env(side, "OUTRIGGER_SERVICE").unwrap(), "checkout-api");
+    assert_eq!(side["resources"]["requests"]["cpu"], "100m");
+    assert_eq!(side["resources"]["limits"]["cpu"], "2");
+    assert_eq!(side["resources"]["requests"]["memory"], "64Mi");
+    assert_eq!(side["resources"]["limits"]["memory"], "256Mi");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 90);
+    let config = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "outrigger-config")
+        .unwrap();
+    assert_eq!(config["configMap"]["name"], "checkout-outrigger");
+    let sc = &side["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    let app = container(pod, "containers", "checkout");
+    assert_eq!(env(app, "DAPR_GRPC_PORT").unwrap(), "50001");
+    assert_eq!(env(app, "APP_ID").unwrap(), "checkout-api");
+    assert_eq!(
+        env(app, "OUTRIGGER_OUTBOUND_ADDRESS").unwrap(),
+        "127.0.0.1:15001"
+    );
+
+    // A variable the app sets itself is kept; a longer pod grace period is kept.
+    let out = first_doc(&inject_file(&fixtures().join("pod.yaml")));
+    let pod = &out["spec"];
+    assert_eq!(
+        env(container(pod, "containers", "orders"), "DAPR_HTTP_PORT").unwrap(),
+        "3600"
+    );
+    assert_eq!(pod["terminationGracePeriodSeconds"], 60);
+    let names: Vec<&str> = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["outrigger", "migrate"]);
+
+    // inject: "false" leaves the workload alone; other kinds pass through.
+    let input = std::fs::read_to_string(fixtures().join("list.yaml")).unwrap();
+    let (code, out, stderr) = inject(&[], &input);
+    assert_eq!(code, 0, "{stderr}");
+    let list = first_doc(&out);
+    assert_eq!(
+        list["items"][0],
+        first_doc(&input)["items"][0],
+        "opted out, unchanged"
+    );
+    assert_eq!(list["items"][2], first_doc(&input)["items"][2]);
+    assert!(
+        stderr.contains("Deployment legacy-batch: skipped"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Pod debug: injected"), "{stderr}");
+}
+
+#[test]
+fn legacy_wraps_the_app_and_jobs_stop_their_sidecar() {
+    let out = first_doc(&inject_file(&fixtures().join("legacy-job.yaml")));
+    let pod = &out["spec"]["template"]["spec"];
+    assert_eq!(
+        container(pod, "containers", "report")["command"],
+        serde_json::json!([
+            "/outrigger/outrigger",
+            "wait",
+            "--shutdown",
+            "--",
+            "python3",
+            "report.py"
+        ])
+    );
+    let side = container(pod, "containers", "outrigger");
+    assert!(side.get("restartPolicy").is_none());
+    assert_eq!(
+        container(pod, "initContainers", "outrigger-install")["args"],
+        serde_json::json!(["install", "--to", "/outrigger"])
+    );
+    let out = first_doc(&inject_file(&fixtures().join("legacy-deployment.yaml")));
+    let app = container(&out["spec"]["template"]["spec"], "containers", "checkout");
+    assert_eq!(app["command"][2], "--", "no --shutdown outside Jobs: {app}");
+    assert_eq!(app["args"], serde_json::json!(["--port", "50051"]));
+
+    // What the install init container runs: a working copy of the binary.
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("bin");
+    let (code, stdout, stderr) =
+        run_to_end(&["install", "--to", to.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let (code, version, _) = {
+        let out = Command::new(to.join("outrigger"))
+            .arg("version")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            (),
+        )
+    };
+    assert_eq!(code, 0);
+    assert!(version.starts_with("outrigger "), "{version}");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_located_error_and_exit_65() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&[], "kind: Pod\n  spec: [\n", "stdin:"),
+        (
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {outrigger.dev/app-port: \"eighty\"}\nspec:\n  containers: [{name: a, image: a}]\n",
+            "stdin: document 1 (Pod p): annotation outrigger.dev/app-port: expected a port 1-65535, found \"eighty\"",
+        ),
+        (
+            &[],
+            "kind: ConfigMap\napiVersion: v1\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {template: {spec: {containers: []}}}\n",
+            "stdin: document 2 (Deployment d): spec.template.spec.containers: expected at least one container",
+        ),
+        (
+            &["--legacy"],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a}]\n",
+            "spec.containers[0]: --legacy puts `outrigger wait` in front of the container's command, and it has none",
+        ),
+        (
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec:\n  containers: [{name: a, image: a}]\n",
+            "is not a DNS label; set outrigger.dev/app-id",
+        ),
+    ];
+    for (args, input, want) in cases {
+        let (code, stdout, stderr) = inject(args, input);
+        assert_eq!(code, 65, "{input}\n--- stderr\n{stderr}");
+        assert!(stdout.is_empty(), "nothing written on error: {stdout}");
+        assert!(stderr.contains(want), "{want:?} not in {stderr:?}");
+    }
+    let (code, _, stderr) = run_to_end(
+        &["inject", "-f", "/nonexistent/x.yaml"],
+        &[],
+        Path::new("/"),
+    );
+    assert_eq!(code, 65);
+    assert!(stderr.contains("/nonexistent/x.yaml"), "{stderr}");
+}
+
+/// The sidecar exactly as injected (its args and env), started for real: it binds, reports
+/// ready for the app's calls, and its effective config is what the pod spec promised.
+#[test]
+fn the_injected_sidecar_runs_with_its_own_arguments() {
+    let out = first_doc(&inject_file(&fixtures().join("replicaset.yaml")));
+    let side = container(
+        &out["spec"]["template"]["spec"],
+        "initContainers",
+        "outrigger",
+    );
+    let mut args: Vec<String> = side["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(args.remove(0), "run");
+    // Port 0 instead of Dapr's fixed ports (later --set wins).
+    args.extend(
+        [
+            "--set",
+            "bridge.address=127.0.0.1:0",
+            "--set",
+            "bridge.grpc_address=127.0.0.1:0",
+        ]
+        .map(String::from),
+    );
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in side["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if name == "OUTRIGGER_ADMIN_ADDRESS" {
+            assert_eq!(e["value"], "0.0.0.0:9901");
+            continue; // port 0 (Spawn's)
+        }
+        let value = e["value"].as_str().unwrap_or("shop"); // POD_NAMESPACE's fieldRef
+        env.push((name.into(), value.into()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sc = Spawn {
+        config: "",
+        args: &args,
+        env: &env,
+        ..Spawn::default()
+    }
+    .start();
+    let (status, body) = eventually(Duration::from_secs(20), "/ready/outbound", || {
+        let r = sc.get("/ready/outbound");
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!(status, 200, "{body}");
+    // The app (127.0.0.1:6380) is not running: the pod is not ready, the sidecar is.
+    assert_eq!(sc.get("/ready").0, 503, "{}", sc.diagnostics());
+    let config = &sc.get_json("/config")["config"];
+    assert_eq!(config["service"], "cache");
+    assert_eq!(config["app"]["address"], "127.0.0.1:6380");
+    assert_eq!(config["runtime"]["shutdown_grace"], "30s");
+    assert_eq!(config["bridge"]["app_id"], "cache");
+    assert!(sc.bridge.is_some(), "the bridge runs\n{}", sc.diagnostics());
+}
+
+/// `kubernetes-validate` in a venv, or None when PyPI cannot be reached (loudly skipped).
+fn validator() -> Option<PathBuf> {
+    venv_python("tests/k8s", "the Kubernetes schema checks")
+}
+
+/// Runs `kubernetes-validate --strict -k VERSION FILES` for 1.29 and the newest version it
+/// knows; panics with its output when anything fails.
+fn validate(python: &Path, files: &[PathBuf]) {
+    let latest = Command::new(python)
+        .args([
+            "-c",
+            "import kubernetes_validate.utils as u; print(u.latest_version())",
+        ])
+        .output()
+        .unwrap();
+    assert!(latest.status.success());
+    let latest = String::from_utf8_lossy(&latest.stdout).trim().to_string();
+    for version in ["1.29", latest.as_str()] {
+        let out = Command::new(python)
+            .args([
+                "-m",
+                "kubernetes_validate",
+                "--strict",
+                "--quiet",
+                "-k",
+                version,
+            ])
+            .args(files)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubernetes-validate --strict -k {version} failed\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn injected_and_shipped_manifests_pass_the_strict_schema_check() {
+    let Some(python) = validator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for input in inputs() {
+        let out = dir.path().join(input.file_name().unwrap());
+        std::fs::write(&out, inject_file(&input)).unwrap();
+        files.push(out);
+    }
+    files.extend(shipped_manifests());
+    validate(&python, &files);
+}
+
+/// Every Kubernetes manifest under `deploy/kubernetes` (not Kustomize's own files).
+fn shipped_manifests() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+            {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
