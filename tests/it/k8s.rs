@@ -446,3 +446,222 @@ fn shipped_manifests() -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// `outrigger injector` on port 0 with a certificate from `outrigger certs`; killed on drop.
+struct Injector {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    url: String,
+    client: reqwest::blocking::Client,
+}
+
+impl Injector {
+    fn start() -> Injector {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for args in [
+            &["certs", "ca", "--out", "certs"][..],
+            &[
+                "certs",
+                "issue",
+                "--ca",
+                "certs",
+                "--out",
+                "certs",
+                "--name",
+                "injector",
+                "--dns",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+            ],
+        ] {
+            let (code, _, stderr) = run_to_end(args, &[], d);
+            assert_eq!(code, 0, "{args:?}: {stderr}");
+        }
+        let listeners = d.join("listeners.json");
+        let child = Command::new(BIN)
+            .args([
+                "injector",
+                "--cert",
+                "certs/injector.crt",
+                "--key",
+                "certs/injector.key",
+                "--address",
+                "127.0.0.1:0",
+                "--listeners-file",
+            ])
+            .arg(&listeners)
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(d.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(d.join("stderr")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut injector = Injector {
+            child,
+            url: String::new(),
+            client: reqwest::blocking::Client::builder()
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(&std::fs::read(d.join("certs/ca.crt")).unwrap())
+                        .unwrap(),
+                )
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            dir,
+        };
+        let address = eventually(Duration::from_secs(20), "the injector binds", || {
+            if let Some(status) = injector.child.try_wait().unwrap() {
+                panic!("injector exited ({status})\n{}", injector.stderr());
+            }
+            let text = std::fs::read_to_string(&listeners).ok()?;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            Some(v["injector"].as_str().unwrap().to_string())
+        });
+        let port = address.rsplit(':').next().unwrap();
+        injector.url = format!("https://localhost:{port}");
+        injector
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// POSTs `body` to /inject; (status, the answer as JSON).
+    fn review(&self, body: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}/inject", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap_or_else(|e| panic!("POST /inject: {e}\n{}", self.stderr()));
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\n{}", self.stderr()));
+        (status, v)
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An AdmissionReview v1 request for creating `object`, in the shape the Kubernetes docs give.
+fn review_of(uid: &str, object: &Value) -> String {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": object,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        }
+    })
+    .to_string()
+}
+
+#[test]
+fn the_webhook_answers_over_tls_with_the_patch_inject_would_make() {
+    let injector = Injector::start();
+    let health = injector
+        .client
+        .get(format!("{}/healthz", injector.url))
+        .send()
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    let input = std::fs::read_to_string(fixtures().join("pod.yaml")).unwrap();
+    let pod = first_doc(&input);
+    let (status, answer) = injector.review(&review_of("uid-1", &pod));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "uid-1");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    use base64::Engine;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let injected = first_doc(&inject_file(&fixtures().join("pod.yaml")));
+    assert_eq!(patched, injected, "the webhook and inject differ");
+
+    // Injected already: admitted, no patch.
+    let (status, answer) = injector.review(&review_of("uid-2", &injected));
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+    // A pod it cannot inject: admitted unchanged, with a warning saying why.
+    let mut bad = pod.clone();
+    bad["metadata"]["annotations"] = serde_json::json!({"outrigger.dev/memory-limit": "lots"});
+    let (status, answer) = injector.review(&review_of("uid-3", &bad));
+    assert_eq!(status, 200);
+    let r = &answer["response"];
+    assert_eq!(r["allowed"], true);
+    assert!(r.get("patch").is_none(), "{answer}");
+    let warning = r["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("admitted without the sidecar")
+            && warning.contains("outrigger.dev/memory-limit: expected a resource quantity"),
+        "{warning}"
+    );
+
+    // Malformed reviews: a clear AdmissionReview error, and the injector keeps serving.
+    for (body, want) in [
+        (
+            "this is not json",
+            "malformed AdmissionReview: the body is not JSON",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+            "request.uid: missing",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","operation":"CREATE"}}"#,
+            "request.object: expected the object being created",
+        ),
+    ] {
+        let (status, answer) = injector.review(body);
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["kind"], "AdmissionReview");
+        assert_eq!(answer["response"]["allowed"], false);
+        let message = answer["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{want:?} not in {message:?}");
+    }
+    let (status, _) = injector.review(&review_of("uid-4", &pod));
+    assert_eq!(status, 200, "still serving after malformed reviews");
+}
+
+#[test]
+fn the_webhook_stops_on_sigterm() {
+    let mut injector = Injector::start();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(injector.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = eventually(Duration::from_secs(10), "the injector exits", || {
+        injector.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}\n{}", injector.stderr());
+}
