@@ -54,11 +54,39 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Value>, InjectError> {
 }
 
 /// Writes documents as YAML, `---` between them.
+///
+/// With yaml-rust2's emitter, not serde_norway's: Kubernetes reads YAML 1.1, where a plain
+/// `on`, `yes` or `n` is a boolean, and serde_norway writes those strings unquoted (a ConfigMap
+/// value `"on"` would come back as `true` and be refused). yaml-rust2 quotes them, and numbers
+/// and nulls written as strings. Multi-line strings (files in ConfigMaps) stay literal blocks.
 pub fn render(docs: &[Value]) -> String {
-    docs.iter()
-        .map(|d| serde_norway::to_string(d).expect("a JSON value is always YAML"))
-        .collect::<Vec<_>>()
-        .join("---\n")
+    let mut out = String::new();
+    for doc in docs {
+        let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
+        emitter.multiline_strings(true);
+        emitter.dump(&to_yaml(doc)).expect("writing to a String");
+        out.push('\n');
+    }
+    out
+}
+
+fn to_yaml(v: &Value) -> yaml_rust2::Yaml {
+    use yaml_rust2::Yaml;
+    match v {
+        Value::Null => Yaml::Null,
+        Value::Bool(b) => Yaml::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Integer(i),
+            None => Yaml::Real(n.to_string()),
+        },
+        Value::String(s) => Yaml::String(s.clone()),
+        Value::Array(a) => Yaml::Array(a.iter().map(to_yaml).collect()),
+        Value::Object(m) => Yaml::Hash(
+            m.iter()
+                .map(|(k, v)| (Yaml::String(k.clone()), to_yaml(v)))
+                .collect(),
+        ),
+    }
 }
 
 /// Injects every workload of `text`; returns the new YAML and what was done.
@@ -180,5 +208,34 @@ fn with_prefix(prefix: &str, message: String) -> String {
         format!("{prefix}{message}")
     } else {
         message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strings a YAML 1.1 reader (Kubernetes) would take for booleans, numbers or null stay
+    /// strings; files stay literal blocks; everything reads back the same.
+    #[test]
+    fn render_quotes_what_kubernetes_would_misread() {
+        let doc = serde_json::json!({
+            "data": {"a": "on", "b": "yes", "c": "n", "d": "0x10", "e": "010", "f": "~", "g": "1e3",
+                     "file": "line 1\nline 2\n"},
+            "n": 3, "t": true, "z": null,
+        });
+        let text = render(std::slice::from_ref(&doc));
+        for want in [
+            "a: \"on\"",
+            "b: \"yes\"",
+            "c: \"n\"",
+            "d: \"0x10\"",
+            "e: \"010\"",
+            "g: \"1e3\"",
+            "file: |\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+        assert_eq!(parse(&text, "t").unwrap(), vec![doc]);
     }
 }

@@ -416,14 +416,24 @@ fn injected_and_shipped_manifests_pass_the_strict_schema_check() {
     let mut files = Vec::new();
     for input in inputs() {
         let out = dir.path().join(input.file_name().unwrap());
-        std::fs::write(&out, inject_file(&input)).unwrap();
+        // kubernetes-validate has no schema for List: its items are checked one by one.
+        let docs: Vec<Value> = outrigger::k8s::inject::parse(&inject_file(&input), "out")
+            .unwrap()
+            .into_iter()
+            .flat_map(|d| match d["items"].as_array() {
+                Some(items) if d["kind"] == "List" => items.clone(),
+                _ => vec![d],
+            })
+            .collect();
+        std::fs::write(&out, outrigger::k8s::inject::render(&docs)).unwrap();
         files.push(out);
     }
     files.extend(shipped_manifests());
     validate(&python, &files);
 }
 
-/// Every Kubernetes manifest under `deploy/kubernetes` (not Kustomize's own files).
+/// Every Kubernetes manifest under `deploy/kubernetes` (not Kustomize's own files, nor
+/// Outrigger configs for ConfigMaps: `outrigger check` reads those).
 fn shipped_manifests() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
     let mut out = Vec::new();
@@ -437,7 +447,8 @@ fn shipped_manifests() -> Vec<PathBuf> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|e| e == "yaml")
-                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+                && p.file_name()
+                    .is_some_and(|n| n != "kustomization.yaml" && n != "outrigger.yaml")
             {
                 out.push(p);
             }
@@ -664,4 +675,85 @@ fn the_webhook_stops_on_sigterm() {
         injector.child.try_wait().unwrap()
     });
     assert!(status.success(), "{status}\n{}", injector.stderr());
+}
+
+/// `kubectl kustomize DIR` (Debian's or any kubectl; `.ci/run` installs it).
+fn kustomize(dir: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .expect("kubectl is installed (for kubectl kustomize)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The Kustomize bases render; the example, injected as the webhook would, passes the schema
+/// check, and its ConfigMap config with the injected sidecar's arguments passes `outrigger check`.
+#[test]
+fn the_kustomize_bases_render_and_the_injected_example_is_valid() {
+    let injector = kustomize("deploy/kubernetes/injector");
+    let example = kustomize("deploy/kubernetes/example");
+    let (code, injected, stderr) = inject(&[], &example);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("Deployment outrigger-demo/sample: injected"),
+        "{stderr}"
+    );
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert_eq!(
+        std::fs::read_to_string(root.join("deploy/kubernetes/example/app.py")).unwrap(),
+        std::fs::read_to_string(root.join("examples/app.py")).unwrap(),
+        "deploy/kubernetes/example/app.py must be a copy of examples/app.py"
+    );
+
+    let docs = outrigger::k8s::inject::parse(&injected, "example").unwrap();
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "sample-outrigger")
+        .expect("the sidecar's ConfigMap, named as the annotation says");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let side = container(
+        &deployment["spec"]["template"]["spec"],
+        "initContainers",
+        "outrigger",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("outrigger.yaml");
+    std::fs::write(&file, config["data"]["outrigger.yaml"].as_str().unwrap()).unwrap();
+    let mut args: Vec<String> = side["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("/etc/outrigger/outrigger.yaml", file.to_str().unwrap())
+        })
+        .collect();
+    args[0] = "check".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, effective, stderr) =
+        run_to_end(&args, &[("OUTRIGGER_SERVICE", "sample")], dir.path());
+    assert_eq!(code, 0, "outrigger {args:?}\n{stderr}");
+    assert!(effective.contains("shutdown_grace: 20s"), "{effective}");
+
+    let Some(python) = validator() else { return };
+    let mut files = Vec::new();
+    for (name, text) in [
+        ("injector.yaml", &injector),
+        ("example.yaml", &example),
+        ("example-injected.yaml", &injected),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        files.push(p);
+    }
+    validate(&python, &files);
 }
