@@ -757,3 +757,63 @@ fn the_kustomize_bases_render_and_the_injected_example_is_valid() {
     }
     validate(&python, &files);
 }
+
+/// The other orchestrators' recipes hold configs Outrigger accepts: the ECS task definition's
+/// sidecar command and the Nomad job's config template pass `outrigger check`. (Nomad and ECS
+/// themselves are not here to run them.)
+#[test]
+fn the_nomad_and_ecs_recipes_hold_valid_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dir = tempfile::tempdir().unwrap();
+
+    let ecs: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("ecs/task-definition.json")).unwrap(),
+    )
+    .unwrap();
+    let side = ecs["containerDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "outrigger")
+        .unwrap();
+    let app = ecs["containerDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "app")
+        .unwrap();
+    assert_eq!(
+        app["dependsOn"][0],
+        serde_json::json!({"containerName": "outrigger", "condition": "HEALTHY"})
+    );
+    let mut args: Vec<&str> = side["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "run");
+    args[0] = "check";
+    let (code, _, stderr) = run_to_end(&args, &[("OUTRIGGER_SERVICE", "sample")], dir.path());
+    assert_eq!(code, 0, "ECS: outrigger {args:?}\n{stderr}");
+
+    let hcl = std::fs::read_to_string(root.join("nomad/sample.nomad.hcl")).unwrap();
+    assert!(
+        hcl.contains("hook    = \"prestart\"\n        sidecar = true"),
+        "{hcl}"
+    );
+    let template = hcl
+        .split("<<-EOT\n")
+        .nth(1)
+        .and_then(|rest| rest.split("        EOT").next())
+        .expect("the config heredoc");
+    let config: String = template
+        .lines()
+        .map(|l| l.strip_prefix("          ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = dir.path().join("nomad.yaml");
+    std::fs::write(&file, config).unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", file.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 0, "Nomad template\n{stderr}");
+}
