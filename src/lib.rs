@@ -15,7 +15,9 @@
 //!      │    ├─ bridge      Dapr HTTP API: state, pub/sub, invocation, secrets, metadata
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
 //!      │    └─ reload      `reload:` entries; live reload of our own config
-//!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
+//!      └─ exit code        0 ok · 64 usage · 65 inject input · 69 wait timed out · 78 config · the app's code
+//!
+//!  outrigger inject / injector   k8s: manifests or AdmissionReviews in, Outrigger added as a native sidecar
 //! ```
 //!
 //! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →

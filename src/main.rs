@@ -1,6 +1,6 @@
 //! The `outrigger` command line: parses arguments, loads the config, runs the sidecar.
-//! Exit codes: 0 ok, 64 usage, 78 config (nothing was started), the app's code in supervision
-//! mode, 1 for any other failure.
+//! Exit codes: 0 ok, 64 usage, 65 `inject` input, 78 config (nothing was started), the app's
+//! code in supervision mode, 1 for any other failure.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
