@@ -64,7 +64,7 @@ pub fn answer(body: &[u8], options: &Options) -> Answer {
     let mut injected = object.clone();
     let mut reports = Vec::new();
     let described = describe(object);
-    match inject_object(&mut injected, None, options, &mut reports) {
+    match inject_object(&mut injected, options, &mut reports) {
         Err((what, message)) => {
             let warning = format!("outrigger: {what} admitted without the sidecar: {message}");
             allowed(uid, None, vec![warning.clone()], warning)

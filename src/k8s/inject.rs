@@ -98,7 +98,7 @@ pub fn inject_text(
     let mut docs = parse(text, source_name)?;
     let mut reports = Vec::new();
     for (i, doc) in docs.iter_mut().enumerate() {
-        inject_object(doc, None, options, &mut reports).map_err(|(object, message)| {
+        inject_object(doc, options, &mut reports).map_err(|(object, message)| {
             InjectError::Workload {
                 source_name: source_name.to_string(),
                 document: i + 1,
@@ -127,11 +127,9 @@ pub fn describe(object: &Value) -> String {
     }
 }
 
-/// Injects one object (and the items of a `List`). `name_hint` names a pod whose own name is
-/// not set yet (the webhook's pods made from `generateName`). On error: (object, message).
+/// Injects one object (and the items of a `List`). On error: (object, message).
 pub fn inject_object(
     object: &mut Value,
-    name_hint: Option<&str>,
     options: &Options,
     reports: &mut Vec<Report>,
 ) -> Result<(), (String, String)> {
@@ -154,7 +152,7 @@ pub fn inject_object(
                 return Err((described, "items: expected a list".into()));
             };
             for item in items {
-                inject_object(item, None, options, reports)?;
+                inject_object(item, options, reports)?;
             }
             return Ok(());
         }
@@ -170,8 +168,7 @@ pub fn inject_object(
     let name = object
         .pointer("/metadata/name")
         .and_then(Value::as_str)
-        .map(str::to_owned)
-        .or_else(|| name_hint.map(str::to_owned));
+        .map(str::to_owned);
     let mut pod = &mut *object;
     for (i, key) in path.iter().enumerate() {
         let at = path[..=i].join(".");

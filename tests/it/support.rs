@@ -277,6 +277,7 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Stri
 /// `DIR/.venv/bin/python` (DIR relative to the package) with `DIR/requirements.txt` installed,
 /// made on first use; None (after a loud message naming `what` as skipped) only when pip
 /// cannot reach PyPI. `.ci/run` makes the same venvs ahead of the tests.
+#[cfg(any(feature = "bridge", feature = "k8s"))]
 pub fn venv_python(dir: &str, what: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let python = dir.join(".venv/bin/python");
