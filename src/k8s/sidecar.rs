@@ -125,10 +125,11 @@ pub fn inject_pod(
         }
     }
 
+    let bridge = a.bridge != Some(false);
+    ports_are_free(&a, &new, bridge)?;
     let grace = grace_seconds(&a, &new)?;
     new.insert("terminationGracePeriodSeconds".into(), json!(grace));
 
-    let bridge = a.bridge != Some(false);
     // Environment for every app container; a variable the container sets itself is kept.
     let mut app_env = vec![
         ("OUTRIGGER_ADMIN_ADDRESS", format!("127.0.0.1:{ADMIN_PORT}")),
@@ -243,6 +244,63 @@ fn app_id(a: &Annotations, metadata: Option<&Value>, owner: &Owner<'_>) -> Resul
             annotations::PREFIX
         )),
     }
+}
+
+/// The pod's containers share one network namespace: a port the app uses that the sidecar
+/// binds too (admin, the bridge) would fail at run time, so it fails here. A `hostNetwork` pod
+/// shares the node's ports with every other such pod: fixed ports there collide, and admin on
+/// all addresses would face the node's network.
+fn ports_are_free(a: &Annotations, pod: &Map<String, Value>, bridge: bool) -> Result<(), String> {
+    if pod.get("hostNetwork") == Some(&Value::Bool(true)) {
+        return Err(format!(
+            "spec.hostNetwork: a pod on the node's network cannot have the sidecar (its ports \
+             {ADMIN_PORT}, {BRIDGE_HTTP_PORT} and {BRIDGE_GRPC_PORT} would be the node's); set {}inject: \"false\"",
+            annotations::PREFIX
+        ));
+    }
+    let mut ours = vec![(ADMIN_PORT, "admin")];
+    if bridge {
+        ours.extend([
+            (BRIDGE_HTTP_PORT, "the bridge"),
+            (BRIDGE_GRPC_PORT, "the bridge's gRPC"),
+        ]);
+    }
+    let mut used: Vec<(u64, String)> = Vec::new();
+    if let Some(p) = a.app_port {
+        used.push((
+            p.into(),
+            format!("annotation {}app-port", annotations::PREFIX),
+        ));
+    }
+    for key in ["containers", "initContainers"] {
+        for (i, c) in pod
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            for (j, p) in c
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if let Some(n) = p.get("containerPort").and_then(Value::as_u64) {
+                    used.push((n, format!("spec.{key}[{i}].ports[{j}].containerPort")));
+                }
+            }
+        }
+    }
+    for (port, at) in used {
+        if let Some((_, what)) = ours.iter().find(|(p, _)| u64::from(*p) == port) {
+            return Err(format!(
+                "{at}: port {port} is {what}'s in the sidecar, which shares the pod's network"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `runtime.shutdown_grace` and the pod's `terminationGracePeriodSeconds`, in seconds: the

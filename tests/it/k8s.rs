@@ -290,6 +290,16 @@ fn bad_input_is_refused_with_a_located_error_and_exit_65() {
         ),
         (
             &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers: [{name: a, image: a}]\n",
+            "spec.hostNetwork: a pod on the node's network cannot have the sidecar",
+        ),
+        (
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 3500}]}]\n",
+            "spec.containers[0].ports[0].containerPort: port 3500 is the bridge's in the sidecar, which shares the pod's network",
+        ),
+        (
+            &[],
             "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec:\n  containers: [{name: a, image: a}]\n",
             "is not a DNS label; set outrigger.dev/app-id",
         ),
