@@ -127,8 +127,8 @@ pub fn inject_pod(
 
     let bridge = a.bridge != Some(false);
     ports_are_free(&a, &new, bridge)?;
-    let grace = grace_seconds(&a, &new)?;
-    new.insert("terminationGracePeriodSeconds".into(), json!(grace));
+    let (grace, pod_grace) = grace_seconds(&a, &new)?;
+    new.insert("terminationGracePeriodSeconds".into(), json!(pod_grace));
 
     // Environment for every app container; a variable the container sets itself is kept.
     let mut app_env = vec![
@@ -303,23 +303,19 @@ fn ports_are_free(a: &Annotations, pod: &Map<String, Value>, bridge: bool) -> Re
     Ok(())
 }
 
-/// `runtime.shutdown_grace` and the pod's `terminationGracePeriodSeconds`, in seconds: the
-/// annotation, else the pod's own value, else Kubernetes' default; the pod's is raised to the
-/// annotation when lower, so the kubelet never kills a stop that is still within its grace.
-fn grace_seconds(a: &Annotations, pod: &Map<String, Value>) -> Result<u64, String> {
+/// `runtime.shutdown_grace` and the pod's `terminationGracePeriodSeconds`, in seconds. The
+/// sidecar's: the annotation, else the pod's own value, else Kubernetes' default (30). The
+/// pod's: its own (or the default), raised to the sidecar's when lower — never lowered — so the
+/// kubelet never kills a stop that is still within its grace.
+fn grace_seconds(a: &Annotations, pod: &Map<String, Value>) -> Result<(u64, u64), String> {
     let pod_grace = match pod.get("terminationGracePeriodSeconds") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
+        None | Some(Value::Null) => DEFAULT_GRACE_SECONDS,
+        Some(v) => v.as_u64().ok_or_else(|| {
             format!("spec.terminationGracePeriodSeconds: expected a whole number, found {v}")
-        })?),
+        })?,
     };
-    Ok(match (a.shutdown_grace_seconds, pod_grace) {
-        (Some(want), Some(have)) => want.max(have),
-        (Some(want), None) => want,
-        (None, Some(have)) => have,
-        (None, None) => DEFAULT_GRACE_SECONDS,
-    }
-    .max(1))
+    let sidecar = a.shutdown_grace_seconds.unwrap_or(pod_grace).max(1);
+    Ok((sidecar, pod_grace.max(sidecar)))
 }
 
 /// The sidecar container.
@@ -485,4 +481,40 @@ fn wrap_command(c: &mut Map<String, Value>, job: bool) -> Result<(), String> {
     wrapped.extend(command);
     c.insert("command".into(), Value::Array(wrapped));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grace_period_follows_the_annotation_and_the_pod_never_shrinks() {
+        let pod = |g: Option<u64>| {
+            let mut m = Map::new();
+            if let Some(g) = g {
+                m.insert("terminationGracePeriodSeconds".into(), json!(g));
+            }
+            m
+        };
+        let ann = |s: Option<u64>| Annotations {
+            shutdown_grace_seconds: s,
+            ..Annotations::default()
+        };
+        // (annotation, pod's) → (sidecar's, pod's)
+        for (a, p, want) in [
+            (None, None, (30, 30)),
+            (None, Some(60), (60, 60)),
+            (Some(90), None, (90, 90)),
+            (Some(10), None, (10, 30)),
+            (Some(10), Some(60), (10, 60)),
+            (Some(90), Some(60), (90, 90)),
+            (None, Some(0), (1, 1)),
+        ] {
+            assert_eq!(
+                grace_seconds(&ann(a), &pod(p)).unwrap(),
+                want,
+                "{a:?} {p:?}"
+            );
+        }
+    }
 }

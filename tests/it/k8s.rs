@@ -827,3 +827,144 @@ fn the_nomad_and_ecs_recipes_hold_valid_configs() {
     let (code, _, stderr) = run_to_end(&["check", "-c", file.to_str().unwrap()], &[], dir.path());
     assert_eq!(code, 0, "Nomad template\n{stderr}");
 }
+
+/// The pod specs of a document (a List's items too), with their JSON path.
+fn pod_specs(doc: &Value) -> Vec<(String, Value)> {
+    let path = match doc["kind"].as_str().unwrap_or("") {
+        "List" => {
+            return doc["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .flat_map(|(i, item)| {
+                    pod_specs(item)
+                        .into_iter()
+                        .map(move |(p, s)| (format!("/items/{i}{p}"), s))
+                })
+                .collect();
+        }
+        "Pod" => "/spec",
+        "CronJob" => "/spec/jobTemplate/spec/template/spec",
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => "/spec/template/spec",
+        _ => return vec![],
+    };
+    vec![(path.to_string(), doc.pointer(path).unwrap().clone())]
+}
+
+/// What injection may change in a pod spec, and nothing else: `after` minus Outrigger's
+/// containers, volumes, mounts, env and wrapped command is `before`; the grace period only grows.
+fn only_outrigger_was_added(before: &Value, after: &Value, what: &str) {
+    if before == after {
+        return; // opted out
+    }
+    let ours = |name: &str| name.starts_with("outrigger");
+    let added_env = [
+        "OUTRIGGER_ADMIN_ADDRESS",
+        "APP_ID",
+        "DAPR_HTTP_PORT",
+        "DAPR_GRPC_PORT",
+        "DAPR_HTTP_ENDPOINT",
+        "DAPR_GRPC_ENDPOINT",
+        "OUTRIGGER_OUTBOUND_ADDRESS",
+    ];
+    let list = |v: &Value, key: &str| v[key].as_array().cloned().unwrap_or_default();
+    let mut rest = after.as_object().unwrap().clone();
+    let grace_before = before["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap_or(30);
+    assert!(
+        rest["terminationGracePeriodSeconds"].as_u64().unwrap() >= grace_before,
+        "{what}"
+    );
+    rest.remove("terminationGracePeriodSeconds");
+    for key in ["volumes", "initContainers"] {
+        let kept: Vec<Value> = list(after, key)
+            .into_iter()
+            .filter(|v| !ours(v["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(kept, list(before, key), "{what}: {key}");
+        rest.remove(key);
+    }
+    let app: Vec<Value> = list(after, "containers")
+        .into_iter()
+        .filter(|c| c["name"] != "outrigger")
+        .collect();
+    let was = list(before, "containers");
+    assert_eq!(app.len(), was.len(), "{what}: containers");
+    for (now, was) in app.iter().zip(&was) {
+        let mut now = now.as_object().unwrap().clone();
+        let mut was = was.as_object().unwrap().clone();
+        let env_was = list(&Value::Object(was.clone()), "env");
+        let env_now = list(&Value::Object(now.clone()), "env");
+        assert_eq!(
+            env_now[..env_was.len()],
+            env_was[..],
+            "{what}: env kept, in order"
+        );
+        for e in &env_now[env_was.len()..] {
+            assert!(
+                added_env.contains(&e["name"].as_str().unwrap()),
+                "{what}: {e}"
+            );
+        }
+        let mounts_was = list(&Value::Object(was.clone()), "volumeMounts");
+        let mounts_now = list(&Value::Object(now.clone()), "volumeMounts");
+        assert_eq!(
+            mounts_now[..mounts_was.len()],
+            mounts_was[..],
+            "{what}: mounts"
+        );
+        for m in &mounts_now[mounts_was.len()..] {
+            assert!(ours(m["name"].as_str().unwrap()), "{what}: {m}");
+        }
+        if let (Some(c_now), Some(c_was)) = (now.get("command"), was.get("command")) {
+            let (c_now, c_was) = (c_now.as_array().unwrap(), c_was.as_array().unwrap());
+            assert!(
+                c_now.ends_with(c_was),
+                "{what}: the app's command is kept at the end"
+            );
+        }
+        for key in ["env", "volumeMounts", "command"] {
+            now.remove(key);
+            was.remove(key);
+        }
+        assert_eq!(now, was, "{what}: the rest of the container");
+    }
+    rest.remove("containers");
+    let mut before_rest = before.as_object().unwrap().clone();
+    for key in [
+        "terminationGracePeriodSeconds",
+        "volumes",
+        "initContainers",
+        "containers",
+    ] {
+        before_rest.remove(key);
+    }
+    assert_eq!(rest, before_rest, "{what}: the rest of the pod spec");
+}
+
+#[test]
+fn everything_else_in_the_documents_is_kept() {
+    for input in inputs() {
+        let text = std::fs::read_to_string(&input).unwrap();
+        let before = outrigger::k8s::inject::parse(&text, "in").unwrap();
+        let after = outrigger::k8s::inject::parse(&inject_file(&input), "out").unwrap();
+        assert_eq!(before.len(), after.len(), "{}", input.display());
+        for (b, a) in before.iter().zip(&after) {
+            let what = format!(
+                "{} {}",
+                input.display(),
+                outrigger::k8s::inject::describe(b)
+            );
+            let (specs_b, specs_a) = (pod_specs(b), pod_specs(a));
+            assert_eq!(specs_b.len(), specs_a.len(), "{what}");
+            let mut a_rest = a.clone();
+            for ((path, sb), (_, sa)) in specs_b.iter().zip(&specs_a) {
+                only_outrigger_was_added(sb, sa, &what);
+                *a_rest.pointer_mut(path).unwrap() = sb.clone();
+            }
+            assert_eq!(&a_rest, b, "{what}: outside the pod specs");
+        }
+    }
+}
