@@ -671,6 +671,31 @@ fn the_webhook_answers_over_tls_with_the_patch_inject_would_make() {
     }
     let (status, _) = injector.review(&review_of("uid-4", &pod));
     assert_eq!(status, 200, "still serving after malformed reviews");
+
+    // A pod made by a ReplicaSet has no name yet (generateName): its app id is its label.
+    let made = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "web-5d8f7c9b4-", "namespace": "shop",
+                     "labels": {"app": "web", "pod-template-hash": "5d8f7c9b4"}},
+        "spec": {"containers": [{"name": "web", "image": "example/web:1"}]},
+    });
+    let (status, answer) = injector.review(&review_of("uid-5", &made));
+    assert_eq!(status, 200);
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let mut patched = made.clone();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let app = container(&patched["spec"], "containers", "web");
+    assert_eq!(env(app, "APP_ID").unwrap(), "web");
+    let side = container(&patched["spec"], "initContainers", "outrigger");
+    assert_eq!(env(side, "OUTRIGGER_SERVICE").unwrap(), "web");
+    assert!(
+        injector.stderr().contains("review answered"),
+        "{}",
+        injector.stderr()
+    );
 }
 
 #[test]
