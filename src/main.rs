@@ -60,7 +60,8 @@ enum Command {
         after_help = "Examples:\n  outrigger inject -f deploy.yaml | kubectl apply -f -\n  \
             kubectl get deploy web -o yaml | outrigger inject --legacy\n\n\
             Annotations (pod template): outrigger.dev/inject, app-id, config, app-port, app-protocol, bridge,\n\
-            outbound-address, shutdown-grace, image, cpu-request, cpu-limit, memory-request, memory-limit.\n\
+            outbound-address, shutdown-grace, image, identity, cpu-request, cpu-limit, memory-request,\n\
+            memory-limit.\n\
             Docs: docs/kubernetes.md"
     )]
     Inject(InjectArgs),

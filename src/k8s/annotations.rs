@@ -20,6 +20,7 @@ pub const KNOWN: &[&str] = &[
     "outbound-address",
     "shutdown-grace",
     "image",
+    "identity",
     "cpu-request",
     "cpu-limit",
     "memory-request",
@@ -44,6 +45,8 @@ pub struct Annotations {
     /// Whole seconds, rounded up.
     pub shutdown_grace_seconds: Option<u64>,
     pub image: Option<String>,
+    /// `outrigger.dev/identity: "true"`: mount the service account's identity Secret.
+    pub identity: Option<bool>,
     pub cpu_request: Option<String>,
     pub cpu_limit: Option<String>,
     pub memory_request: Option<String>,
@@ -78,6 +81,7 @@ pub fn read(annotations: Option<&Value>) -> Result<Annotations, String> {
         let result = match name {
             "inject" => boolean(text).map(|b| out.inject = Some(b)),
             "bridge" => boolean(text).map(|b| out.bridge = Some(b)),
+            "identity" => boolean(text).map(|b| out.identity = Some(b)),
             "app-id" => dns_label(text).map(|()| out.app_id = Some(text.into())),
             "config" => dns_subdomain(text).map(|()| out.config = Some(text.into())),
             "app-port" => match text.parse::<u16>() {
@@ -228,6 +232,7 @@ mod tests {
             "outrigger.dev/outbound-address": "127.0.0.1:15001",
             "outrigger.dev/shutdown-grace": "1m30s",
             "outrigger.dev/image": "registry.local/outrigger:dev",
+            "outrigger.dev/identity": "true",
             "outrigger.dev/cpu-request": "100m",
             "outrigger.dev/cpu-limit": "1",
             "outrigger.dev/memory-request": "64Mi",
@@ -238,6 +243,7 @@ mod tests {
         assert_eq!(a.app_port, Some(8080));
         assert_eq!(a.shutdown_grace_seconds, Some(90));
         assert_eq!(a.bridge, Some(false));
+        assert_eq!(a.identity, Some(true));
         assert_eq!(a.memory_limit.as_deref(), Some("256Mi"));
     }
 

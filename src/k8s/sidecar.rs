@@ -39,6 +39,12 @@ const MEMORY_LIMIT: &str = "128Mi";
 
 const SOCKETS_VOLUME: &str = "outrigger-sockets";
 const CONFIG_VOLUME: &str = "outrigger-config";
+const IDENTITY_VOLUME: &str = "outrigger-identity";
+/// Where the identity Secret is mounted (`tls.crt`, `tls.key`, `ca.crt`), in the sidecar only:
+/// the app never holds the key.
+pub const IDENTITY_DIR: &str = "/var/run/outrigger/identity";
+/// The identity Secret of service account SA is `outrigger-identity-SA`.
+pub const IDENTITY_SECRET_PREFIX: &str = "outrigger-identity-";
 const BIN_VOLUME: &str = "outrigger-bin";
 
 /// How to inject, beyond what the annotations say.
@@ -116,7 +122,15 @@ pub fn inject_pod(
         if let Some(list) = new.get(key).and_then(Value::as_array) {
             for item in list {
                 let name = item.get("name").and_then(Value::as_str).unwrap_or("");
-                if [SOCKETS_VOLUME, CONFIG_VOLUME, BIN_VOLUME, INSTALL_CONTAINER].contains(&name) {
+                if [
+                    SOCKETS_VOLUME,
+                    CONFIG_VOLUME,
+                    IDENTITY_VOLUME,
+                    BIN_VOLUME,
+                    INSTALL_CONTAINER,
+                ]
+                .contains(&name)
+                {
                     return Err(format!(
                         "spec.{key}: a {what} named {name} exists already (Outrigger's name); rename it"
                     ));
@@ -128,6 +142,7 @@ pub fn inject_pod(
     let bridge = a.bridge != Some(false);
     ports_are_free(&a, &new, bridge)?;
     let (grace, pod_grace) = grace_seconds(&a, &new)?;
+    let identity = identity_secret(&a, &new)?;
     new.insert("terminationGracePeriodSeconds".into(), json!(pod_grace));
 
     // Environment for every app container; a variable the container sets itself is kept.
@@ -176,10 +191,19 @@ pub fn inject_pod(
     }
 
     let image = a.image.clone().unwrap_or_else(|| options.image.clone());
-    let sidecar = container(&a, &app_id, grace, bridge, &image, options.legacy);
+    let mut sidecar = container(&a, &app_id, grace, bridge, &image, options.legacy);
+    if identity.is_some() {
+        sidecar["volumeMounts"]
+            .as_array_mut()
+            .expect("built above")
+            .push(json!({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true}));
+    }
     let mut volumes = vec![json!({"name": SOCKETS_VOLUME, "emptyDir": {}})];
     if let Some(cm) = &a.config {
         volumes.push(json!({"name": CONFIG_VOLUME, "configMap": {"name": cm}}));
+    }
+    if let Some(secret) = &identity {
+        volumes.push(json!({"name": IDENTITY_VOLUME, "secret": {"secretName": secret}}));
     }
     if options.legacy {
         volumes.push(json!({"name": BIN_VOLUME, "emptyDir": {}}));
@@ -244,6 +268,32 @@ fn app_id(a: &Annotations, metadata: Option<&Value>, owner: &Owner<'_>) -> Resul
             annotations::PREFIX
         )),
     }
+}
+
+/// `outrigger.dev/identity: "true"`: the Secret `outrigger-identity-SA` of the pod's service
+/// account (`default` when none is named), whose certificate carries the SPIFFE ID
+/// `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SA` (docs/kubernetes.md). Not optional: a pod whose
+/// Secret is missing waits for it, with an event naming it, rather than starting without TLS.
+fn identity_secret(a: &Annotations, pod: &Map<String, Value>) -> Result<Option<String>, String> {
+    if a.identity != Some(true) {
+        return Ok(None);
+    }
+    let sa = match pod.get("serviceAccountName") {
+        None | Some(Value::Null) => "default",
+        Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+        Some(v) => {
+            return Err(format!(
+                "spec.serviceAccountName: expected a name, found {v}"
+            ));
+        }
+    };
+    let name = format!("{IDENTITY_SECRET_PREFIX}{sa}");
+    if name.len() > 253 {
+        return Err(format!(
+            "spec.serviceAccountName: {sa:?} is too long for the identity Secret's name {name:?} (at most 253)"
+        ));
+    }
+    Ok(Some(name))
 }
 
 /// The pod's containers share one network namespace: a port the app uses that the sidecar

@@ -166,13 +166,29 @@ fn annotations_are_honoured() {
     assert_eq!(side["resources"]["requests"]["memory"], "64Mi");
     assert_eq!(side["resources"]["limits"]["memory"], "256Mi");
     assert_eq!(pod["terminationGracePeriodSeconds"], 90);
-    let config = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "outrigger-config")
-        .unwrap();
-    assert_eq!(config["configMap"]["name"], "checkout-outrigger");
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        volume("outrigger-config")["configMap"]["name"],
+        "checkout-outrigger"
+    );
+    // The service account's identity, in the sidecar only.
+    assert_eq!(
+        volume("outrigger-identity")["secret"]["secretName"],
+        "outrigger-identity-checkout"
+    );
+    assert!(
+        side["volumeMounts"]
+            .to_string()
+            .contains("/var/run/outrigger/identity")
+    );
     let sc = &side["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -992,4 +1008,70 @@ fn everything_else_in_the_documents_is_kept() {
             assert_eq!(&a_rest, b, "{what}: outside the pod specs");
         }
     }
+}
+
+/// The identity config of docs/kubernetes.md, with certificates laid out as the Secret
+/// `outrigger-identity-SA` mounts them (made by `outrigger certs` for a SPIFFE ID of namespace
+/// and service account), passes `outrigger check`, which loads every certificate and key.
+#[test]
+fn the_documented_identity_config_loads_the_secret_layout() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/kubernetes.md")).unwrap();
+    let snippet = guide
+        .split("The config (the ConfigMap) then uses the files")
+        .nth(1)
+        .and_then(|rest| rest.split("```yaml\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the identity config in docs/kubernetes.md");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [
+        &[
+            "certs",
+            "ca",
+            "--out",
+            "ca",
+            "--trust-domain",
+            "cluster.local",
+        ][..],
+        &[
+            "certs",
+            "issue",
+            "--ca",
+            "ca",
+            "--out",
+            "ca",
+            "--name",
+            "checkout",
+            "--spiffe",
+            "spiffe://cluster.local/ns/shop/sa/checkout",
+        ],
+    ] {
+        let (code, _, stderr) = run_to_end(args, &[], d);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+    }
+    let secret = d.join("identity");
+    std::fs::create_dir(&secret).unwrap();
+    for (from, to) in [
+        ("checkout.crt", "tls.crt"),
+        ("checkout.key", "tls.key"),
+        ("ca.crt", "ca.crt"),
+    ] {
+        std::fs::copy(d.join("ca").join(from), secret.join(to)).unwrap();
+    }
+    let config = snippet.replace("/var/run/outrigger/identity", secret.to_str().unwrap());
+    std::fs::write(d.join("outrigger.yaml"), &config).unwrap();
+    // app.address comes from outrigger.dev/app-port, as injected.
+    let (code, _, stderr) = run_to_end(
+        &[
+            "check",
+            "-c",
+            "outrigger.yaml",
+            "--set",
+            "app.address=127.0.0.1:8080",
+        ],
+        &[],
+        d,
+    );
+    assert_eq!(code, 0, "{config}\n{stderr}");
 }
