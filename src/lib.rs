@@ -16,12 +16,15 @@
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
 //!      │    ├─ logs        the log agent: app stdio and files → parse/enrich → sink, checkpoints
 //!      │    └─ reload      `reload:` entries; live reload of our own config
-//!      └─ exit code        0 ok · 64 usage · 69 wait timed out · 78 config · the app's code
+//!      └─ exit code        0 ok · 64 usage · 65 inject input · 69 wait timed out · 78 config · the app's code
+//!
+//!  outrigger inject / injector   k8s: manifests or AdmissionReviews in, Outrigger added as a native sidecar
 //! ```
 //!
 //! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →
 //! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge`, `logs` → `preflight` →
-//! `app` → `main`. Every import runs downward; no two top-level modules import each other.
+//! `app` → `main`; `k8s` (inject, injector) sits beside `preflight`, above `config` and `tls`,
+//! and nothing imports it but `main`. Every import runs downward; no two top-level modules import each other.
 //! Signals, the admin API and the config file watcher all speak [`runtime::Control`].
 //!
 //! # Where is…
@@ -69,6 +72,10 @@
 //! | the checkpoint state file | `logs/checkpoint.rs` |
 //! | redaction, parsing, enrichment of a log line | `logs/parse.rs` |
 //! | log sinks (http NDJSON, Loki push, file, stdout) and backoff | `logs/sink.rs` |
+//! | `outrigger inject`: manifests in and out, workload kinds | `k8s/inject.rs` |
+//! | what the sidecar container, volumes, app env and grace period look like in a pod | `k8s/sidecar.rs` |
+//! | the `outrigger.dev/*` annotations | `k8s/annotations.rs` |
+//! | the admission webhook: review → JSONPatch; its HTTPS server | `k8s/admission.rs`, `k8s/injector.rs` |
 //!
 //! # Long-running work that is not a supervised `Module`, and why
 //!
@@ -93,6 +100,8 @@ pub mod app;
 #[cfg(feature = "bridge")]
 pub mod bridge;
 pub mod config;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod lifecycle;
 #[cfg(feature = "logs")]
 pub mod logs;
@@ -115,4 +124,6 @@ pub const FEATURES: &[&str] = &[
     "bridge",
     #[cfg(feature = "logs")]
     "logs",
+    #[cfg(feature = "k8s")]
+    "k8s",
 ];

@@ -1,6 +1,6 @@
 //! The `outrigger` command line: parses arguments, loads the config, runs the sidecar.
-//! Exit codes: 0 ok, 64 usage, 78 config (nothing was started), the app's code in supervision
-//! mode, 1 for any other failure.
+//! Exit codes: 0 ok, 64 usage, 65 `inject` input, 78 config (nothing was started), the app's
+//! code in supervision mode, 1 for any other failure.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,8 +52,83 @@ enum Command {
             outrigger certs issue --ca certs --out certs --name web --spiffe spiffe://example.org/ns/shop/sa/web --dns localhost"
     )]
     Certs(CertsCommand),
+    /// Add Outrigger to Kubernetes manifests as a native sidecar (Pod, Deployment, StatefulSet,
+    /// DaemonSet, ReplicaSet, Job, CronJob, List); other documents pass through. Exit 65 on
+    /// input that is not YAML or a workload that cannot be injected.
+    #[cfg(feature = "k8s")]
+    #[command(
+        after_help = "Examples:\n  outrigger inject -f deploy.yaml | kubectl apply -f -\n  \
+            kubectl get deploy web -o yaml | outrigger inject --legacy\n\n\
+            Annotations (pod template): outrigger.dev/inject, app-id, config, app-port, app-protocol, bridge,\n\
+            outbound-address, shutdown-grace, image, identity, cpu-request, cpu-limit, memory-request,\n\
+            memory-limit.\n\
+            Docs: docs/kubernetes.md"
+    )]
+    Inject(InjectArgs),
+    /// Serve the mutating admission webhook (AdmissionReview v1 over HTTPS on /inject), which
+    /// injects pods as they are created, with the same code as `inject`.
+    #[cfg(feature = "k8s")]
+    #[command(
+        after_help = "Example:\n  outrigger injector --cert /tls/tls.crt --key /tls/tls.key --address 0.0.0.0:8443"
+    )]
+    Injector(InjectorArgs),
+    /// Copy this binary to DIR/outrigger (for `outrigger wait` in an app container whose image
+    /// lacks it: the legacy Kubernetes pattern).
+    #[command(after_help = "Example:\n  outrigger install --to /outrigger")]
+    Install(InstallArgs),
     /// Print the version and the compiled-in modules.
     Version,
+}
+
+#[cfg(feature = "k8s")]
+#[derive(Args)]
+struct InjectOptionArgs {
+    /// The sidecar image (the outrigger.dev/image annotation wins).
+    #[arg(long, default_value = outrigger::k8s::sidecar::DEFAULT_IMAGE, value_name = "IMAGE")]
+    image: String,
+    /// For clusters older than 1.29: a regular sidecar container, and `outrigger wait` in
+    /// front of each app container's command.
+    #[arg(long)]
+    legacy: bool,
+}
+
+#[cfg(feature = "k8s")]
+#[derive(Args)]
+struct InjectArgs {
+    /// The manifests to read; `-` or none: stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    file: Option<PathBuf>,
+    #[command(flatten)]
+    options: InjectOptionArgs,
+}
+
+#[cfg(feature = "k8s")]
+#[derive(Args)]
+struct InjectorArgs {
+    /// Where to listen (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:8443", value_name = "ADDRESS")]
+    address: std::net::SocketAddr,
+    /// The serving certificate chain (PEM), valid for the webhook Service's DNS name.
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Write {"injector": "ADDRESS"} to this file once bound.
+    #[arg(long, value_name = "FILE")]
+    listeners_file: Option<PathBuf>,
+    /// Log filter.
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    log_level: String,
+    #[command(flatten)]
+    options: InjectOptionArgs,
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// The directory to copy the binary into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
 }
 
 #[derive(Args)]
@@ -256,6 +331,95 @@ fn main() -> ExitCode {
             }
         }
         Command::Certs(command) => certs(command),
+        #[cfg(feature = "k8s")]
+        Command::Inject(args) => inject(args),
+        #[cfg(feature = "k8s")]
+        Command::Injector(args) => {
+            outrigger::telemetry::log::init(&args.log_level, Default::default());
+            let options = outrigger::k8s::injector::InjectorOptions {
+                address: args.address,
+                cert: args.cert,
+                key: args.key,
+                inject: inject_options(args.options),
+                listeners_file: args.listeners_file,
+            };
+            match outrigger::k8s::injector::run(options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Install(args) => match outrigger::lifecycle::wait::install(&args.to) {
+            Ok(path) => {
+                println!("wrote {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+#[cfg(feature = "k8s")]
+fn inject_options(args: InjectOptionArgs) -> outrigger::k8s::sidecar::Options {
+    outrigger::k8s::sidecar::Options {
+        image: args.image,
+        legacy: args.legacy,
+    }
+}
+
+/// Exit code for input that is not what was expected (sysexits EX_DATAERR).
+#[cfg(feature = "k8s")]
+const EX_DATAERR: u8 = 65;
+
+#[cfg(feature = "k8s")]
+fn inject(args: InjectArgs) -> ExitCode {
+    use std::io::Read;
+    let (text, name) = match args.file.as_deref() {
+        None => (String::new(), "stdin".to_string()),
+        Some(p) if p == std::path::Path::new("-") => (String::new(), "stdin".to_string()),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => (t, p.display().to_string()),
+            Err(e) => {
+                eprintln!("error: read {}: {e}", p.display());
+                return ExitCode::from(EX_DATAERR);
+            }
+        },
+    };
+    let text = if name == "stdin" {
+        let mut t = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut t) {
+            eprintln!("error: read stdin: {e}");
+            return ExitCode::from(EX_DATAERR);
+        }
+        t
+    } else {
+        text
+    };
+    let options = inject_options(args.options);
+    match outrigger::k8s::inject::inject_text(&text, &name, &options) {
+        Ok((yaml, reports)) => {
+            print!("{yaml}");
+            for r in reports {
+                let what = match r.outcome {
+                    outrigger::k8s::sidecar::Outcome::Injected => "injected",
+                    outrigger::k8s::sidecar::Outcome::AlreadyInjected => "already injected",
+                    outrigger::k8s::sidecar::Outcome::OptedOut => {
+                        "skipped (outrigger.dev/inject: \"false\")"
+                    }
+                };
+                eprintln!("{}: {what}", r.object);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EX_DATAERR)
+        }
     }
 }
 

@@ -146,3 +146,21 @@ async fn ask_shutdown(admin: &Address) {
     }
     eprintln!("outrigger wait: could not ask the sidecar at {admin} to stop: {last}");
 }
+
+/// `outrigger install --to DIR`: copies this binary to `DIR/outrigger` (mode 0755), so an app
+/// container without Outrigger in its image can run `outrigger wait` from a shared volume (the
+/// legacy Kubernetes pattern; the image has no shell or `cp` to do it). Written to a temporary
+/// name first and renamed, so a reader never sees half a binary.
+pub fn install(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("find this binary")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let target = dir.join("outrigger");
+    let tmp = dir.join(".outrigger.tmp");
+    std::fs::copy(&me, &tmp)
+        .with_context(|| format!("copy {} to {}", me.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("rename to {}", target.display()))?;
+    Ok(target)
+}

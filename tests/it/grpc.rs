@@ -14,39 +14,7 @@ use crate::support::{Sidecar, Spawn};
 /// `tests/py/.venv/bin/python` with the pinned SDK, made on first use; None (after a loud
 /// message) only when pip cannot reach PyPI.
 fn python() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py");
-    let python = dir.join(".venv/bin/python");
-    let ready = dir.join(".venv/.installed");
-    // Several tests may ask at once: one makes the venv, the others wait for it.
-    let lock = std::fs::File::create(std::env::temp_dir().join("outrigger-py-venv.lock")).unwrap();
-    lock.lock().expect("lock the venv");
-    // The marker holds the requirements it was made from: a change installs again.
-    let wanted = std::fs::read_to_string(dir.join("requirements.txt")).unwrap();
-    if std::fs::read_to_string(&ready).ok().as_deref() == Some(wanted.as_str()) {
-        return Some(python);
-    }
-    if !python.is_file() {
-        let venv = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(dir.join(".venv"))
-            .status()
-            .expect("python3 must be installed for the gRPC SDK tests");
-        assert!(venv.success(), "python3 -m venv failed");
-    }
-    let out = Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "-r"])
-        .arg(dir.join("requirements.txt"))
-        .output()
-        .unwrap();
-    if out.status.success() {
-        std::fs::write(&ready, wanted).unwrap();
-        return Some(python);
-    }
-    eprintln!(
-        "\n\n!!!!!!!! SKIPPED: the Dapr Python SDK tests: pip install failed (is PyPI reachable?)\n{}\n!!!!!!!!\n",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    None
+    crate::support::venv_python("tests/py", "the Dapr Python SDK tests")
 }
 
 /// The port of `host:port`.

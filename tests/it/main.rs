@@ -11,6 +11,8 @@ mod config;
 mod generative;
 #[cfg(feature = "bridge")]
 mod grpc;
+#[cfg(feature = "k8s")]
+mod k8s;
 mod lifecycle;
 #[cfg(feature = "logs")]
 mod logs;

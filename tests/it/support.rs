@@ -273,3 +273,47 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Stri
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `DIR/.venv/bin/python` (DIR relative to the package) with `DIR/requirements.txt` installed,
+/// made on first use; None (after a loud message naming `what` as skipped) only when pip
+/// cannot reach PyPI. `.ci/run` makes the same venvs ahead of the tests.
+#[cfg(any(feature = "bridge", feature = "k8s"))]
+pub fn venv_python(dir: &str, what: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let python = dir.join(".venv/bin/python");
+    let ready = dir.join(".venv/.installed");
+    // Several tests may ask at once: one makes the venv, the others wait for it.
+    let lock_name = format!(
+        "outrigger-venv-{}.lock",
+        dir.file_name().unwrap().to_string_lossy()
+    );
+    let lock = std::fs::File::create(std::env::temp_dir().join(lock_name)).unwrap();
+    lock.lock().expect("lock the venv");
+    // The marker holds the requirements it was made from: a change installs again.
+    let wanted = std::fs::read_to_string(dir.join("requirements.txt")).unwrap();
+    if std::fs::read_to_string(&ready).ok().as_deref() == Some(wanted.as_str()) {
+        return Some(python);
+    }
+    if !python.is_file() {
+        let venv = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(dir.join(".venv"))
+            .status()
+            .unwrap_or_else(|e| panic!("python3 must be installed for {what}: {e}"));
+        assert!(venv.success(), "python3 -m venv failed");
+    }
+    let out = Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(dir.join("requirements.txt"))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        std::fs::write(&ready, wanted).unwrap();
+        return Some(python);
+    }
+    eprintln!(
+        "\n\n!!!!!!!! SKIPPED: {what}: pip install failed (is PyPI reachable?)\n{}\n!!!!!!!!\n",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    None
+}
