@@ -20,6 +20,8 @@ use crate::config::{Origin, Problem};
 pub const STATE_TYPES: &[&str] = &["state.in-memory", "state.sqlite", "state.redis"];
 /// Pub/sub types (the broker implementations live in `bridge::pubsub`).
 pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
+/// Distributed lock store types.
+pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 
@@ -326,6 +328,7 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
             }
             "state" => crate::bridge::state::Store::check(c),
             "secretstores" => crate::bridge::secrets::SecretStore::new(c).map(drop),
+            "lock" => crate::bridge::lock::LockStore::check(c),
             _ => Ok(()),
         };
         let Err(e) = outcome else { continue };
@@ -495,6 +498,7 @@ fn read_document(
         .iter()
         .chain(PUBSUB_TYPES)
         .chain(SECRET_TYPES)
+        .chain(LOCK_TYPES)
         .any(|t| *t == kind);
     if !known {
         let message = format!(
@@ -504,6 +508,7 @@ fn read_document(
                 .iter()
                 .chain(PUBSUB_TYPES)
                 .chain(SECRET_TYPES)
+                .chain(LOCK_TYPES)
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", ")

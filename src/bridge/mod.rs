@@ -15,6 +15,8 @@ pub mod error;
 pub mod field_case;
 pub mod grpc;
 pub mod invoke;
+pub mod lock;
+pub mod lock_routes;
 pub mod not_implemented;
 pub mod ops;
 pub mod pubsub;
@@ -77,6 +79,8 @@ pub struct BridgeState {
     pub subscription_documents: Vec<RawDocument>,
     pub state_stores: HashMap<String, StateStore>,
     pub secret_stores: HashMap<String, secrets::SecretStore>,
+    /// `lock.*` components, opened (they connect on first use).
+    pub lock_stores: HashMap<String, lock::LockStore>,
     /// Open once the app's probe passes: pub/sub waits on it before `GET /dapr/subscribe`,
     /// invocations of the local app wait on it up to `app.hold_timeout`.
     pub app_gate: AppGate,
@@ -132,6 +136,7 @@ impl BridgeState {
         let mut skipped: Vec<components::Skipped> = resources.skipped.clone();
         let mut state_stores = HashMap::new();
         let mut secret_stores = HashMap::new();
+        let mut lock_stores = HashMap::new();
         let mut failed = Vec::new();
         for (i, c) in components.iter().enumerate() {
             let opened = match c.block() {
@@ -147,6 +152,9 @@ impl BridgeState {
                 }),
                 "secretstores" => secrets::SecretStore::new(c).map(|store| {
                     secret_stores.insert(c.name.clone(), store);
+                }),
+                "lock" => lock::LockStore::open(c, &bridge.app_id).map(|store| {
+                    lock_stores.insert(c.name.clone(), store);
                 }),
                 _ => Ok(()),
             };
@@ -203,6 +211,7 @@ impl BridgeState {
             skipped,
             state_stores,
             secret_stores,
+            lock_stores,
             app_gate: gate,
             hold_timeout: config.app.lifecycle.hold_timeout.get(),
             control,
@@ -289,6 +298,7 @@ impl Bridge {
 pub fn router(state: Arc<BridgeState>) -> Router {
     Router::new()
         .merge(routes::routes())
+        .merge(lock_routes::routes())
         .merge(not_implemented::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
@@ -334,6 +344,7 @@ fn api_of(req: &Request) -> &'static str {
         "publish" => "publish",
         "invoke" => "invoke",
         "secrets" => "secrets",
+        "lock" | "unlock" => "lock",
         "metadata" => "metadata",
         "healthz" => "healthz",
         "shutdown" => "shutdown",
@@ -778,8 +789,6 @@ mod tests {
                 "/v1.0-alpha1/configuration/cfg/subscribe",
                 "configuration",
             ),
-            ("POST", "/v1.0-alpha1/lock/redislock", "lock"),
-            ("POST", "/v1.0-alpha1/unlock/redislock", "lock"),
             ("PUT", "/v1.0-alpha1/crypto/vault/encrypt", "crypto"),
             ("POST", "/v1.0-alpha1/subtlecrypto/vault/sign", "crypto"),
             ("POST", "/v1.0-alpha1/jobs/nightly", "jobs"),

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::error::ApiError;
+use super::lock::{LockStore, UnlockStatus};
 use super::secrets::{Secret, SecretStore};
 use super::state::{Entry, KeyPrefix, Op, StateError, parse_etag, parse_ttl};
 use super::{BridgeState, StateStore};
@@ -284,6 +285,85 @@ pub fn secret(st: &BridgeState, store: &str, name: &str) -> Result<Option<Secret
 /// Every secret of a store.
 pub fn bulk_secrets(st: &BridgeState, store: &str) -> Result<BTreeMap<String, Secret>, ApiError> {
     Ok(secret_store(st, store)?.bulk())
+}
+
+/// The lock store `name`, or Dapr's error for a missing one.
+pub fn lock_store<'a>(st: &'a BridgeState, name: &str) -> Result<&'a LockStore, ApiError> {
+    st.lock_stores
+        .get(name)
+        .ok_or_else(|| ApiError::StoreNotFound {
+            block: "lock",
+            code: "ERR_LOCK_STORE_NOT_FOUND",
+            name: name.to_string(),
+        })
+}
+
+fn lock_configured(st: &BridgeState) -> Result<(), ApiError> {
+    if st.lock_stores.is_empty() {
+        return Err(ApiError::NotConfigured {
+            block: "lock",
+            code: "ERR_LOCK_STORE_NOT_CONFIGURED",
+        });
+    }
+    Ok(())
+}
+
+fn lock_fields(store: &str, resource_id: &str, owner: &str) -> Result<(), ApiError> {
+    if resource_id.is_empty() {
+        return Err(ApiError::Malformed(format!(
+            "ResourceId is empty in lock store {store}"
+        )));
+    }
+    if owner.is_empty() {
+        return Err(ApiError::Malformed(format!(
+            "LockOwner is empty in lock store {store}"
+        )));
+    }
+    Ok(())
+}
+
+/// Takes the lock on `resource_id` for `owner` for `expiry_seconds`; false when another owner
+/// holds it. Checked in daprd's order: a lock store exists, the resource id, the owner, the
+/// expiry, then the store's name.
+pub async fn try_lock(
+    st: &BridgeState,
+    store: &str,
+    resource_id: &str,
+    owner: &str,
+    expiry_seconds: i32,
+) -> Result<bool, ApiError> {
+    lock_configured(st)?;
+    lock_fields(store, resource_id, owner)?;
+    let Some(expiry) = u32::try_from(expiry_seconds).ok().filter(|&s| s > 0) else {
+        return Err(ApiError::Malformed(format!(
+            "ExpiryInSeconds is not positive in lock store {store}"
+        )));
+    };
+    let lock = lock_store(st, store)?;
+    let failed = |message: String| ApiError::Failed {
+        code: "ERR_TRY_LOCK",
+        message: format!("failed to try acquiring lock: {message}"),
+    };
+    let key = lock.key(resource_id).map_err(failed)?;
+    lock.try_lock(&key, owner, expiry).await.map_err(failed)
+}
+
+/// Releases the lock on `resource_id` if `owner` holds it.
+pub async fn unlock(
+    st: &BridgeState,
+    store: &str,
+    resource_id: &str,
+    owner: &str,
+) -> Result<UnlockStatus, ApiError> {
+    lock_configured(st)?;
+    lock_fields(store, resource_id, owner)?;
+    let lock = lock_store(st, store)?;
+    let failed = |message: String| ApiError::Failed {
+        code: "ERR_UNLOCK",
+        message: format!("failed to release lock: {message}"),
+    };
+    let key = lock.key(resource_id).map_err(failed)?;
+    lock.unlock(&key, owner).await.map_err(failed)
 }
 
 /// A registered component, as `GetMetadata` shows it.

@@ -543,57 +543,76 @@ end
 return n
 "#;
 
+/// A Redis client for a component's `redisHost`, `redisPassword`, `redisUsername` and
+/// `redisDB` (shared by the Redis state, lock and configuration stores). Connects nothing.
+pub(crate) fn redis_client(c: &Component) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    let host = c
+        .meta("redisHost")
+        .ok_or("expected metadata redisHost (host:port), found none")?;
+    let (h, port) = host
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("expected redisHost as host:port, found {host:?}"))?;
+    let db: i64 = redis_db(c)?;
+    if c.meta("enableTLS") == Some("true") {
+        return Err("enableTLS is not supported by the bridge's Redis components".into());
+    }
+    let mut settings = redis::RedisConnectionInfo::default().set_db(db);
+    if let Some(p) = c.meta("redisPassword") {
+        settings = settings.set_password(p);
+    }
+    if let Some(u) = c.meta("redisUsername") {
+        settings = settings.set_username(u);
+    }
+    let info = (h.to_string(), port)
+        .into_connection_info()
+        .map_err(|e| format!("invalid redisHost {host:?}: {e}"))?
+        .set_redis_settings(settings);
+    redis::Client::open(info).map_err(|e| e.to_string())
+}
+
+/// `redisDB` (default 0).
+pub(crate) fn redis_db(c: &Component) -> Result<i64, String> {
+    match c.meta("redisDB") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("expected redisDB as a number, found {v:?}")),
+        None => Ok(0),
+    }
+}
+
+/// The shared connection of a Redis component, made on first use. The client's defaults
+/// retry a refused or unauthenticated connection 6 times with backoff: every call to a down
+/// store waited 9.4 s for its 500. This fails fast instead; the next call tries again, and a
+/// store that comes back is used at once.
+pub(crate) async fn redis_connection(
+    client: &redis::Client,
+    cell: &tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+) -> Result<redis::aio::ConnectionManager, String> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+    cell.get_or_try_init(|| client.get_connection_manager_with_config(config))
+        .await
+        .cloned()
+        .map_err(|e| format!("redis: {e}"))
+}
+
 impl Redis {
     fn new(c: &Component) -> Result<Redis, String> {
-        use redis::IntoConnectionInfo;
-        let host = c
-            .meta("redisHost")
-            .ok_or("expected metadata redisHost (host:port), found none")?;
-        let (h, port) = host
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| format!("expected redisHost as host:port, found {host:?}"))?;
-        let db: i64 = match c.meta("redisDB") {
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("expected redisDB as a number, found {v:?}"))?,
-            None => 0,
-        };
-        if c.meta("enableTLS") == Some("true") {
-            return Err("enableTLS is not supported by the bridge's Redis store".into());
-        }
-        let mut settings = redis::RedisConnectionInfo::default().set_db(db);
-        if let Some(p) = c.meta("redisPassword") {
-            settings = settings.set_password(p);
-        }
-        if let Some(u) = c.meta("redisUsername") {
-            settings = settings.set_username(u);
-        }
-        let info = (h.to_string(), port)
-            .into_connection_info()
-            .map_err(|e| format!("invalid redisHost {host:?}: {e}"))?
-            .set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
         Ok(Redis {
-            client,
+            client: redis_client(c)?,
             conn: tokio::sync::OnceCell::new(),
             apply: redis::Script::new(APPLY_SCRIPT),
         })
     }
 
     async fn conn(&self) -> Result<redis::aio::ConnectionManager, StateError> {
-        // The client's defaults retry a refused or unauthenticated connection 6 times with
-        // backoff: every call to a down store waited 9.4 s for its 500. Fail fast instead; the
-        // next call tries again, and a store that comes back is used at once.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-            .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
-        self.conn
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+        redis_connection(&self.client, &self.conn)
             .await
-            .cloned()
-            .map_err(|e| StateError::Store(format!("redis: {e}")))
+            .map_err(StateError::Store)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {

@@ -363,3 +363,23 @@ fn our_proto_files_match_the_sdk_descriptors() {
     );
     assert!(stdout.contains("match"), "{stdout}");
 }
+
+/// The distributed lock through the Python SDK (`try_lock`, `unlock`, the context manager)
+/// on `lock.redis`: the same keys as over HTTP.
+#[test]
+fn python_sdk_lock_on_redis() {
+    let redis = RedisServer::start();
+    let components = component("lockstore", "lock.redis", &[("redisHost", &redis.host())]);
+    let sc = sidecar("", &components);
+    scenario(&sc, &[], &["lock", "lockstore"]).unwrap_or_else(|e| panic!("{e}"));
+    // dave still holds order-2, under daprd's key, and HTTP sees it.
+    let key = "lock||pyapp||order-2";
+    assert_eq!(redis.command(&["GET", key]).unwrap(), "$4\r\ndave");
+    let r = crate::support::client()
+        .post(sc.bridge_url("/v1.0-alpha1/unlock/lockstore"))
+        .json(&serde_json::json!({"resourceId": "order-2", "lockOwner": "dave"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.text().unwrap(), r#"{"status":0}"#);
+    assert!(sc.metric("outrigger_bridge_requests_total{api=\"lock\",status_class=\"2xx\"}") >= 8.0);
+}

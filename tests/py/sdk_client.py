@@ -169,8 +169,9 @@ def misc(d, callee):
     # Building blocks we do not serve say so.
     code, details = code_of(lambda: d.invoke_binding("b", "create", "x"))
     expect(code == "UNIMPLEMENTED" and "bindings" in details, f"binding: {code} {details}")
+    # Served, but no lock store is configured here.
     code, details = code_of(lambda: d.try_lock("store", "res", "me", 10))
-    expect(code == "UNIMPLEMENTED" and "lock" in details, f"lock: {code} {details}")
+    expect(code == "FAILED_PRECONDITION" and "lock" in details, f"lock: {code} {details}")
     return {"metadata": md.application_id}
 
 
@@ -179,10 +180,32 @@ def shutdown(d):
     return {"shutdown": True}
 
 
+def lock(d, store):
+    from dapr.clients.grpc._response import UnlockResponseStatus as S
+
+    expect(d.try_lock(store, "order-1", "alice", 60).success, "alice takes the lock")
+    expect(not d.try_lock(store, "order-1", "bob", 60).success, "bob does not")
+    expect(d.unlock(store, "order-1", "bob").status == S.lock_belongs_to_others, "bob's unlock")
+    expect(d.unlock(store, "order-1", "alice").status == S.success, "alice's unlock")
+    expect(d.unlock(store, "order-1", "alice").status == S.lock_does_not_exist, "unlock twice")
+    # As a context manager: released on exit.
+    with d.try_lock(store, "order-2", "carol", 60) as held:
+        expect(held, "carol takes order-2")
+        expect(not d.try_lock(store, "order-2", "dave", 60), "dave waits")
+    expect(d.try_lock(store, "order-2", "dave", 60).success, "released on exit")
+    code, details = code_of(lambda: d.try_lock("nope", "r", "o", 5))
+    expect(code == "INVALID_ARGUMENT", f"unknown store: {code} {details}")
+    code, details = code_of(lambda: d.try_lock(store, "a||b", "o", 5))
+    expect(code == "INTERNAL" and "||" in details, f"a key with the separator: {code} {details}")
+    return {}
+
+
 def main():
     scenario, args = sys.argv[1], sys.argv[2:]
     with DaprClient() as d:
-        out = {"state": state, "pubsub": pubsub, "misc": misc, "shutdown": shutdown}[scenario](d, *args)
+        out = {
+            "state": state, "pubsub": pubsub, "misc": misc, "shutdown": shutdown, "lock": lock,
+        }[scenario](d, *args)
     out["ok"] = True
     print(json.dumps(out))
 

@@ -180,8 +180,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("GetConfiguration", "configuration"),
     ("SubscribeConfiguration", "configuration"),
     ("UnsubscribeConfiguration", "configuration"),
-    ("TryLockAlpha1", "distributed lock"),
-    ("UnlockAlpha1", "distributed lock"),
 ];
 
 /// The building block of a Dapr RPC we do not serve, by its name.
@@ -236,6 +234,7 @@ fn api_of(method: &str) -> &'static str {
         "SubscribeTopicEventsAlpha1" => "subscribe",
         "InvokeService" => "invoke",
         "GetSecret" | "GetBulkSecret" => "secrets",
+        "TryLockAlpha1" | "UnlockAlpha1" => "lock",
         "GetMetadata" | "SetMetadata" => "metadata",
         "Shutdown" => "shutdown",
         _ => "other",
@@ -285,7 +284,7 @@ impl From<ApiError> for Status {
                 StateError::Store(_) => Code::Internal,
             },
             ApiError::UnsupportedOperation(_) | ApiError::NotImplemented(_) => Code::Unimplemented,
-            ApiError::Secret(_) => Code::Internal,
+            ApiError::Secret(_) | ApiError::Failed { .. } => Code::Internal,
             ApiError::Invoke { status, .. } => http_code(*status),
             ApiError::CrossOrigin | ApiError::ForeignHost => Code::PermissionDenied,
         };
@@ -721,16 +720,35 @@ impl Dapr for Api {
 
     async fn try_lock_alpha1(
         &self,
-        _request: tonic::Request<runtime::TryLockRequest>,
+        request: tonic::Request<runtime::TryLockRequest>,
     ) -> Reply<runtime::TryLockResponse> {
-        Err(unimplemented("TryLockAlpha1"))
+        let req = request.into_inner();
+        let success = ops::try_lock(
+            &self.state,
+            &req.store_name,
+            &req.resource_id,
+            &req.lock_owner,
+            req.expiry_in_seconds,
+        )
+        .await?;
+        ok(runtime::TryLockResponse { success })
     }
 
     async fn unlock_alpha1(
         &self,
-        _request: tonic::Request<runtime::UnlockRequest>,
+        request: tonic::Request<runtime::UnlockRequest>,
     ) -> Reply<runtime::UnlockResponse> {
-        Err(unimplemented("UnlockAlpha1"))
+        let req = request.into_inner();
+        let status = ops::unlock(
+            &self.state,
+            &req.store_name,
+            &req.resource_id,
+            &req.lock_owner,
+        )
+        .await?;
+        ok(runtime::UnlockResponse {
+            status: status as i32,
+        })
     }
 
     async fn get_metadata(
