@@ -17,7 +17,13 @@ use crate::config::document::Document;
 use crate::config::{Origin, Problem};
 
 /// State store types the bridge implements.
-pub const STATE_TYPES: &[&str] = &["state.in-memory", "state.sqlite", "state.redis"];
+pub const STATE_TYPES: &[&str] = &[
+    "state.in-memory",
+    "state.sqlite",
+    "state.redis",
+    "state.postgresql",
+    "state.postgres",
+];
 /// Pub/sub types (the broker implementations live in `bridge::pubsub`).
 pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
 /// Distributed lock store types.

@@ -1,6 +1,7 @@
 //! The bridge: Dapr's HTTP API v1.0 on `bridge.address` (default 127.0.0.1:3500, or a unix
 //! socket), so apps written against a Dapr SDK run unchanged. Requests come in from the app;
-//! state goes to the configured stores (in-memory, SQLite, Redis), secrets come from local
+//! state goes to the configured stores (in-memory, SQLite, Redis, PostgreSQL), locks to
+//! `lock.redis`, secrets come from local
 //! stores, invocations leave through the proxy's clusters (or to the local app), and pub/sub
 //! is served by [`pubsub`] (brokers, subscriptions, deliveries to the app), whose routes are
 //! merged into [`router`].
@@ -23,6 +24,7 @@ pub mod pubsub;
 pub mod routes;
 pub mod secrets;
 pub mod state;
+pub mod state_postgresql;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -34,6 +34,8 @@ pub struct Item {
     pub options: Options,
     /// The item's metadata; `ttlInSeconds` sets its time to live.
     pub metadata: BTreeMap<String, String>,
+    /// `value` is JSON text (the HTTP API) rather than raw bytes (gRPC).
+    pub json: bool,
 }
 
 /// The metadata key of a value's (or a published message's) time to live, in seconds.
@@ -145,6 +147,7 @@ fn upsert(store: &StateStore, item: Item, code: &'static str) -> Result<Op, ApiE
         value: item.value,
         etag,
         ttl,
+        json: item.json,
     })
 }
 

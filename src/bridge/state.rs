@@ -1,7 +1,7 @@
 //! State stores behind `/v1.0/state/{store}`: `state.in-memory`, `state.sqlite` (rusqlite,
-//! bundled, WAL; calls run on the blocking pool) and `state.redis` (a hash per key with `data`
+//! bundled, WAL; calls run on the blocking pool), `state.redis` (a hash per key with `data`
 //! and `version` fields, written by Lua scripts that check ETags, as Dapr's Redis store lays
-//! data out). ETags are versions: decimal integers, incremented on every write.
+//! data out) and `state.postgresql` ([`super::state_postgresql`], daprd's v1 table). ETags are versions: decimal integers, incremented on every write.
 //!
 //! Keys arrive already prefixed (`appid||key`, see [`KeyPrefix`]). Every write goes through
 //! [`Store::apply`], a list of operations applied atomically after all ETag checks pass.
@@ -132,6 +132,9 @@ pub enum Op {
         etag: Etag,
         /// Seconds to live; None: never expires (an earlier expiry is cleared).
         ttl: Option<u32>,
+        /// The value is JSON text (an HTTP save) rather than raw bytes (gRPC): PostgreSQL
+        /// stores JSON as is and raw bytes base64-encoded with `isbinary`, as daprd does.
+        json: bool,
     },
     Delete {
         key: String,
@@ -252,6 +255,7 @@ pub enum Store {
     Memory(Mutex<Memory>),
     Sqlite(Arc<Sqlite>),
     Redis(Box<Redis>),
+    Postgres(Box<super::state_postgresql::Postgres>),
 }
 
 impl Store {
@@ -262,6 +266,9 @@ impl Store {
             "state.in-memory" => Ok(Store::Memory(Mutex::new(Memory::new()))),
             "state.sqlite" => Ok(Store::Sqlite(Arc::new(Sqlite::open(c)?))),
             "state.redis" => Ok(Store::Redis(Box::new(Redis::new(c)?))),
+            "state.postgresql" | "state.postgres" => Ok(Store::Postgres(Box::new(
+                super::state_postgresql::Postgres::new(c)?,
+            ))),
             other => Err(format!("{other} is not a state store type")),
         }
     }
@@ -273,6 +280,7 @@ impl Store {
             "state.in-memory" => Ok(()),
             "state.sqlite" => Sqlite::table_name(c).map(drop),
             "state.redis" => Redis::new(c).map(drop),
+            "state.postgresql" | "state.postgres" => super::state_postgresql::Postgres::check(c),
             other => Err(format!("{other} is not a state store type")),
         }
     }
@@ -287,6 +295,7 @@ impl Store {
                 blocking(move || s.get(&key)).await
             }
             Store::Redis(r) => r.get(key).await,
+            Store::Postgres(p) => p.get(key).await,
         }
     }
 
@@ -302,6 +311,7 @@ impl Store {
                 blocking(move || s.apply(ops)).await
             }
             Store::Redis(r) => r.apply(ops).await,
+            Store::Postgres(p) => p.apply(ops).await,
         }
     }
 }
@@ -686,6 +696,7 @@ mod tests {
             value: Bytes::from_static(b"1"),
             etag: None,
             ttl,
+            json: true,
         }
     }
 

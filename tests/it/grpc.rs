@@ -383,3 +383,26 @@ fn python_sdk_lock_on_redis() {
     assert_eq!(r.text().unwrap(), r#"{"status":0}"#);
     assert!(sc.metric("outrigger_bridge_requests_total{api=\"lock\",status_class=\"2xx\"}") >= 8.0);
 }
+
+/// The Python SDK's state scenario on `state.postgresql`: gRPC's raw bytes are stored as
+/// daprd stores them (base64 with `isbinary`), and HTTP reads the same bytes back.
+#[test]
+fn python_sdk_state_on_postgresql() {
+    let db = crate::servers::PostgresDb::create();
+    let components = component(
+        "pg",
+        "state.postgresql",
+        &[("connectionString", &db.connection_string())],
+    );
+    let sc = sidecar("", &components);
+    scenario(&sc, &[], &["state", "pg"]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        db.sql("SELECT value::text || '|' || isbinary FROM state WHERE key = 'pyapp||k1'"),
+        "\"djQ=\"|true"
+    );
+    let r = crate::support::client()
+        .get(sc.bridge_url("/v1.0/state/pg/k1"))
+        .send()
+        .unwrap();
+    assert_eq!(r.text().unwrap(), "v4");
+}

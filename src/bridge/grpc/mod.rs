@@ -378,6 +378,7 @@ fn item(i: common::StateItem) -> Item {
         etag: i.etag.map(|e| e.value),
         options: options(i.options),
         metadata: i.metadata.into_iter().collect(),
+        json: false,
     }
 }
 
