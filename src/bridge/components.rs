@@ -28,6 +28,8 @@ pub const STATE_TYPES: &[&str] = &[
 pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
 /// Distributed lock store types.
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
+/// Configuration store types.
+pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 
@@ -335,6 +337,7 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
             "state" => crate::bridge::state::Store::check(c),
             "secretstores" => crate::bridge::secrets::SecretStore::new(c).map(drop),
             "lock" => crate::bridge::lock::LockStore::check(c),
+            "configuration" => crate::bridge::configuration::ConfigurationStore::check(c),
             _ => Ok(()),
         };
         let Err(e) = outcome else { continue };
@@ -505,6 +508,7 @@ fn read_document(
         .chain(PUBSUB_TYPES)
         .chain(SECRET_TYPES)
         .chain(LOCK_TYPES)
+        .chain(CONFIGURATION_TYPES)
         .any(|t| *t == kind);
     if !known {
         let message = format!(
@@ -515,6 +519,7 @@ fn read_document(
                 .chain(PUBSUB_TYPES)
                 .chain(SECRET_TYPES)
                 .chain(LOCK_TYPES)
+                .chain(CONFIGURATION_TYPES)
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", ")

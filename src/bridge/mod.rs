@@ -11,6 +11,8 @@
 //! like outbound listeners: the app can still save state and publish while it shuts down.
 
 pub mod components;
+pub mod configuration;
+pub mod configuration_routes;
 pub mod env;
 pub mod error;
 pub mod field_case;
@@ -83,6 +85,9 @@ pub struct BridgeState {
     pub secret_stores: HashMap<String, secrets::SecretStore>,
     /// `lock.*` components, opened (they connect on first use).
     pub lock_stores: HashMap<String, lock::LockStore>,
+    /// `configuration.*` components, opened (they connect on first use), and their watches.
+    pub configuration_stores: HashMap<String, configuration::ConfigurationStore>,
+    pub configuration_watches: configuration::Watches,
     /// Open once the app's probe passes: pub/sub waits on it before `GET /dapr/subscribe`,
     /// invocations of the local app wait on it up to `app.hold_timeout`.
     pub app_gate: AppGate,
@@ -139,6 +144,7 @@ impl BridgeState {
         let mut state_stores = HashMap::new();
         let mut secret_stores = HashMap::new();
         let mut lock_stores = HashMap::new();
+        let mut configuration_stores = HashMap::new();
         let mut failed = Vec::new();
         for (i, c) in components.iter().enumerate() {
             let opened = match c.block() {
@@ -157,6 +163,9 @@ impl BridgeState {
                 }),
                 "lock" => lock::LockStore::open(c, &bridge.app_id).map(|store| {
                     lock_stores.insert(c.name.clone(), store);
+                }),
+                "configuration" => configuration::ConfigurationStore::open(c).map(|store| {
+                    configuration_stores.insert(c.name.clone(), store);
                 }),
                 _ => Ok(()),
             };
@@ -214,6 +223,8 @@ impl BridgeState {
             state_stores,
             secret_stores,
             lock_stores,
+            configuration_stores,
+            configuration_watches: Default::default(),
             app_gate: gate,
             hold_timeout: config.app.lifecycle.hold_timeout.get(),
             control,
@@ -301,6 +312,7 @@ pub fn router(state: Arc<BridgeState>) -> Router {
     Router::new()
         .merge(routes::routes())
         .merge(lock_routes::routes())
+        .merge(configuration_routes::routes())
         .merge(not_implemented::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
@@ -347,6 +359,7 @@ fn api_of(req: &Request) -> &'static str {
         "invoke" => "invoke",
         "secrets" => "secrets",
         "lock" | "unlock" => "lock",
+        "configuration" => "configuration",
         "metadata" => "metadata",
         "healthz" => "healthz",
         "shutdown" => "shutdown",
@@ -785,12 +798,6 @@ mod tests {
                 "workflows",
             ),
             ("POST", "/v1.0/bindings/cron", "bindings"),
-            ("GET", "/v1.0/configuration/cfg", "configuration"),
-            (
-                "GET",
-                "/v1.0-alpha1/configuration/cfg/subscribe",
-                "configuration",
-            ),
             ("PUT", "/v1.0-alpha1/crypto/vault/encrypt", "crypto"),
             ("POST", "/v1.0-alpha1/subtlecrypto/vault/sign", "crypto"),
             ("POST", "/v1.0-alpha1/jobs/nightly", "jobs"),

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
+use super::configuration::{Changes, ConfigItem, ConfigurationStore};
 use super::error::ApiError;
 use super::lock::{LockStore, UnlockStatus};
 use super::secrets::{Secret, SecretStore};
@@ -367,6 +368,72 @@ pub async fn unlock(
     };
     let key = lock.key(resource_id).map_err(failed)?;
     lock.unlock(&key, owner).await.map_err(failed)
+}
+
+/// The configuration store `name`, or Dapr's error for a missing one.
+pub fn configuration_store<'a>(
+    st: &'a BridgeState,
+    name: &str,
+) -> Result<&'a ConfigurationStore, ApiError> {
+    if st.configuration_stores.is_empty() {
+        return Err(ApiError::NotConfigured {
+            block: "configuration",
+            code: "ERR_CONFIGURATION_STORE_NOT_CONFIGURED",
+        });
+    }
+    st.configuration_stores
+        .get(name)
+        .ok_or_else(|| ApiError::StoreNotFound {
+            block: "configuration",
+            code: "ERR_CONFIGURATION_STORE_NOT_FOUND",
+            name: name.to_string(),
+        })
+}
+
+/// The items of `keys` that exist (no keys: all of them).
+pub async fn get_configuration(
+    st: &BridgeState,
+    store: &str,
+    keys: &[String],
+) -> Result<BTreeMap<String, ConfigItem>, ApiError> {
+    configuration_store(st, store)?
+        .get(keys)
+        .await
+        .map_err(|e| ApiError::Failed {
+            code: "ERR_CONFIGURATION_GET",
+            message: format!("failed to get {keys:?} from Configuration store {store}: {e}"),
+        })
+}
+
+/// Starts watching `keys` of `store`: the watch's id and its changes.
+pub async fn subscribe_configuration(
+    st: &BridgeState,
+    store: &str,
+    keys: Vec<String>,
+) -> Result<(String, Changes), ApiError> {
+    let (changes, task) = configuration_store(st, store)?
+        .watch(keys.clone())
+        .await
+        .map_err(|e| ApiError::Failed {
+            code: "ERR_CONFIGURATION_SUBSCRIBE",
+            message: format!("failed to subscribe {keys:?} from Configuration store {store}: {e}"),
+        })?;
+    Ok((st.configuration_watches.add(store, &task), changes))
+}
+
+/// Stops the watch `id`.
+pub fn unsubscribe_configuration(st: &BridgeState, store: &str, id: &str) -> Result<(), ApiError> {
+    configuration_store(st, store)?;
+    if st.configuration_watches.remove(store, id) {
+        Ok(())
+    } else {
+        Err(ApiError::Failed {
+            code: "ERR_CONFIGURATION_UNSUBSCRIBE",
+            message: format!(
+                "failed to unsubscribe subscription {id} from Configuration store {store}: subscription does not exist"
+            ),
+        })
+    }
 }
 
 /// A registered component, as `GetMetadata` shows it.

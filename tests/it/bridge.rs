@@ -1877,3 +1877,119 @@ fn postgres_down_fails_per_request_and_recovers() {
         "{stderr}"
     );
 }
+
+/// `configuration.redis` as the Dapr docs write it, on a Redis with keyspace notifications.
+fn configuration_component(redis: &RedisServer) -> String {
+    assert_eq!(
+        redis
+            .command(&["CONFIG", "SET", "notify-keyspace-events", "KA"])
+            .unwrap(),
+        "+OK"
+    );
+    format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: configstore\nspec:\n  type: configuration.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: localhost:{}\n  - name: redisPassword\n    value: \"\"\n",
+        redis.port
+    )
+}
+
+/// Get (both API versions), subscribe: a `redis-cli SET` reaches the app as daprd sends it
+/// (polled, bounded), unsubscribe stops it; and the errors.
+#[test]
+fn configuration_get_subscribe_and_unsubscribe_on_redis() {
+    let redis = RedisServer::start();
+    let app = Backend::http();
+    let sc = start(
+        &format!("service: orders\napp:\n  address: {}\n", app.address()),
+        &[("config.yaml", &configuration_component(&redis))],
+    );
+    redis.command(&["SET", "orderconfig", "v1||1"]);
+    redis.command(&["SET", "plain", "x"]);
+    for version in ["v1.0", "v1.0-alpha1"] {
+        let (s, _, body) = get(
+            &sc,
+            &format!("/{version}/configuration/configstore?key=orderconfig&key=missing"),
+        );
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap(),
+            json!({"orderconfig": {"value": "v1", "version": "1", "metadata": {}}})
+        );
+    }
+    // No keys: all of them.
+    let (s, _, body) = get(&sc, "/v1.0/configuration/configstore");
+    assert_eq!(s, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        all["plain"],
+        json!({"value": "x", "version": "", "metadata": {}})
+    );
+    assert_eq!(
+        get(&sc, "/v1.0/configuration/configstore?key=missing").0,
+        204
+    );
+    let (s, _, body) = get(&sc, "/v1.0/configuration/nope?key=a");
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (400, "ERR_CONFIGURATION_STORE_NOT_FOUND")
+    );
+
+    let (s, _, body) = get(
+        &sc,
+        "/v1.0-alpha1/configuration/configstore/subscribe?key=orderconfig",
+    );
+    assert_eq!(s, 200, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(id.len(), 36, "{id}");
+    redis.command(&["SET", "orderconfig", "v2||2"]);
+    redis.command(&["SET", "unwatched", "z||9"]);
+    let seen = eventually(Duration::from_secs(10), "the change at the app", || {
+        app.seen()
+            .into_iter()
+            .find(|s| s.path == "/configuration/configstore/orderconfig")
+    });
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.header("content-type"), Some("application/json"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&seen.body).unwrap(),
+        json!({"id": id, "items": {"orderconfig": {"value": "v2", "version": "2", "metadata": {}}}})
+    );
+    // Unsubscribed: later changes do not reach the app; a second unsubscribe is an error.
+    let (s, _, body) = get(
+        &sc,
+        &format!("/v1.0/configuration/configstore/{id}/unsubscribe"),
+    );
+    assert_eq!((s, body.as_str()), (200, r#"{"ok":true}"#));
+    let (s, _, body) = get(
+        &sc,
+        &format!("/v1.0/configuration/configstore/{id}/unsubscribe"),
+    );
+    assert_eq!(s, 500, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["ok"], false);
+    // A fresh subscription sees the next change; the old one sent nothing more.
+    let (_, _, body) = get(
+        &sc,
+        "/v1.0/configuration/configstore/subscribe?key=orderconfig",
+    );
+    let id2 = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    redis.command(&["SET", "orderconfig", "v3||3"]);
+    eventually(Duration::from_secs(10), "the second change", || {
+        app.seen()
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.body).contains("v3"))
+            .then_some(())
+    });
+    let old = app
+        .seen()
+        .iter()
+        .filter(|s| String::from_utf8_lossy(&s.body).contains(&id))
+        .count();
+    assert_eq!(old, 1, "the unsubscribed watch sent only the first change");
+    assert!(app.seen().iter().all(|s| !s.path.contains("unwatched")));
+    let _ = id2;
+}

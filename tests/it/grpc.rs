@@ -406,3 +406,25 @@ fn python_sdk_state_on_postgresql() {
         .unwrap();
     assert_eq!(r.text().unwrap(), "v4");
 }
+
+/// The configuration API through the Python SDK (`get_configuration`,
+/// `subscribe_configuration` with a handler fed by the server stream, `unsubscribe`) on
+/// `configuration.redis`.
+#[test]
+fn python_sdk_configuration_on_redis() {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis
+            .command(&["CONFIG", "SET", "notify-keyspace-events", "KA"])
+            .unwrap(),
+        "+OK"
+    );
+    let components = component(
+        "configstore",
+        "configuration.redis",
+        &[("redisHost", &redis.host())],
+    );
+    let sc = sidecar("", &components);
+    let port = redis.port.to_string();
+    scenario(&sc, &[], &["configuration", "configstore", &port]).unwrap_or_else(|e| panic!("{e}"));
+}

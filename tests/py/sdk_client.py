@@ -200,11 +200,44 @@ def lock(d, store):
     return {}
 
 
+def configuration(d, store, redis_port):
+    import subprocess
+    import threading
+
+    def redis_set(key, value):
+        subprocess.run(["redis-cli", "-p", redis_port, "SET", key, value], check=True,
+                       capture_output=True)
+
+    redis_set("orderconfig", "v1||1")
+    got = d.get_configuration(store, ["orderconfig", "missing"])
+    item = got.items["orderconfig"]
+    expect((item.value, item.version) == ("v1", "1"), f"get: {got.items}")
+    expect("missing" not in got.items, f"missing key: {got.items}")
+    seen, changed = [], threading.Event()
+
+    def handler(sub_id, response):
+        for key, it in response.items.items():
+            seen.append((sub_id, key, it.value, it.version))
+            changed.set()
+
+    sub_id = d.subscribe_configuration(store, ["orderconfig"], handler)
+    expect(sub_id, f"a subscription id: {sub_id!r}")
+    redis_set("orderconfig", "v2||2")
+    # Bounded wait: the change reaches the handler (no timing assertion beyond the bound).
+    expect(changed.wait(10), f"the change reached the handler: {seen}")
+    expect(seen[0] == (sub_id, "orderconfig", "v2", "2"), f"change: {seen}")
+    expect(d.unsubscribe_configuration(store, sub_id), "unsubscribe")
+    code, details = code_of(lambda: d.get_configuration("nope", ["a"]))
+    expect(code == "INVALID_ARGUMENT", f"unknown store: {code} {details}")
+    return {"changes": len(seen)}
+
+
 def main():
     scenario, args = sys.argv[1], sys.argv[2:]
     with DaprClient() as d:
         out = {
             "state": state, "pubsub": pubsub, "misc": misc, "shutdown": shutdown, "lock": lock,
+            "configuration": configuration,
         }[scenario](d, *args)
     out["ok"] = True
     print(json.dumps(out))

@@ -166,6 +166,9 @@ const IMPLEMENTED: &[&str] = &[
     "GetConfiguration",
     "SubscribeConfiguration",
     "UnsubscribeConfiguration",
+    "GetConfigurationAlpha1",
+    "SubscribeConfigurationAlpha1",
+    "UnsubscribeConfigurationAlpha1",
     "TryLockAlpha1",
     "UnlockAlpha1",
     "GetMetadata",
@@ -175,12 +178,7 @@ const IMPLEMENTED: &[&str] = &[
 
 /// Declared in `proto/` for the building blocks that are coming, answered `UNIMPLEMENTED` until
 /// they land (the bridge building-blocks work).
-const NOT_YET: &[(&str, &str)] = &[
-    ("InvokeBinding", "bindings"),
-    ("GetConfiguration", "configuration"),
-    ("SubscribeConfiguration", "configuration"),
-    ("UnsubscribeConfiguration", "configuration"),
-];
+const NOT_YET: &[(&str, &str)] = &[("InvokeBinding", "bindings")];
 
 /// The building block of a Dapr RPC we do not serve, by its name.
 fn block_of(method: &str) -> &'static str {
@@ -235,6 +233,12 @@ fn api_of(method: &str) -> &'static str {
         "InvokeService" => "invoke",
         "GetSecret" | "GetBulkSecret" => "secrets",
         "TryLockAlpha1" | "UnlockAlpha1" => "lock",
+        "GetConfiguration"
+        | "GetConfigurationAlpha1"
+        | "SubscribeConfiguration"
+        | "SubscribeConfigurationAlpha1"
+        | "UnsubscribeConfiguration"
+        | "UnsubscribeConfigurationAlpha1" => "configuration",
         "GetMetadata" | "SetMetadata" => "metadata",
         "Shutdown" => "shutdown",
         _ => "other",
@@ -693,9 +697,13 @@ impl Dapr for Api {
 
     async fn get_configuration(
         &self,
-        _request: tonic::Request<runtime::GetConfigurationRequest>,
+        request: tonic::Request<runtime::GetConfigurationRequest>,
     ) -> Reply<runtime::GetConfigurationResponse> {
-        Err(unimplemented("GetConfiguration"))
+        let req = request.into_inner();
+        let items = ops::get_configuration(&self.state, &req.store_name, &req.keys).await?;
+        ok(runtime::GetConfigurationResponse {
+            items: configuration_items(items),
+        })
     }
 
     type SubscribeConfigurationStream = Pin<
@@ -707,16 +715,68 @@ impl Dapr for Api {
 
     async fn subscribe_configuration(
         &self,
-        _request: tonic::Request<runtime::SubscribeConfigurationRequest>,
+        request: tonic::Request<runtime::SubscribeConfigurationRequest>,
     ) -> Reply<Self::SubscribeConfigurationStream> {
-        Err(unimplemented("SubscribeConfiguration"))
+        let req = request.into_inner();
+        let (id, mut changes) =
+            ops::subscribe_configuration(&self.state, &req.store_name, req.keys).await?;
+        // As daprd: the first frame carries only the watch's id, then one per change. The
+        // stream ends when the watch is unsubscribed; the watch ends when the client goes.
+        let stream = async_stream_of(id.clone(), move |tx| async move {
+            while let Some(items) = changes.recv().await {
+                let frame = runtime::SubscribeConfigurationResponse {
+                    id: id.clone(),
+                    items: configuration_items(items),
+                };
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ok(stream)
     }
 
     async fn unsubscribe_configuration(
         &self,
-        _request: tonic::Request<runtime::UnsubscribeConfigurationRequest>,
+        request: tonic::Request<runtime::UnsubscribeConfigurationRequest>,
     ) -> Reply<runtime::UnsubscribeConfigurationResponse> {
-        Err(unimplemented("UnsubscribeConfiguration"))
+        let req = request.into_inner();
+        ok(
+            match ops::unsubscribe_configuration(&self.state, &req.store_name, &req.id) {
+                Ok(()) => runtime::UnsubscribeConfigurationResponse {
+                    ok: true,
+                    message: String::new(),
+                },
+                Err(e @ ApiError::Failed { .. }) => runtime::UnsubscribeConfigurationResponse {
+                    ok: false,
+                    message: e.to_string(),
+                },
+                Err(e) => return Err(e.into()),
+            },
+        )
+    }
+
+    async fn get_configuration_alpha1(
+        &self,
+        request: tonic::Request<runtime::GetConfigurationRequest>,
+    ) -> Reply<runtime::GetConfigurationResponse> {
+        self.get_configuration(request).await
+    }
+
+    type SubscribeConfigurationAlpha1Stream = Self::SubscribeConfigurationStream;
+
+    async fn subscribe_configuration_alpha1(
+        &self,
+        request: tonic::Request<runtime::SubscribeConfigurationRequest>,
+    ) -> Reply<Self::SubscribeConfigurationAlpha1Stream> {
+        self.subscribe_configuration(request).await
+    }
+
+    async fn unsubscribe_configuration_alpha1(
+        &self,
+        request: tonic::Request<runtime::UnsubscribeConfigurationRequest>,
+    ) -> Reply<runtime::UnsubscribeConfigurationResponse> {
+        self.unsubscribe_configuration(request).await
     }
 
     async fn try_lock_alpha1(
@@ -824,6 +884,64 @@ impl Dapr for Api {
     async fn shutdown(&self, _request: tonic::Request<runtime::ShutdownRequest>) -> Reply<()> {
         ops::shutdown(&self.state, true);
         ok(())
+    }
+}
+
+/// Configuration items as the gRPC messages carry them.
+fn configuration_items(
+    items: BTreeMap<String, crate::bridge::configuration::ConfigItem>,
+) -> HashMap<String, common::ConfigurationItem> {
+    items
+        .into_iter()
+        .map(|(k, i)| {
+            (
+                k,
+                common::ConfigurationItem {
+                    value: i.value,
+                    version: i.version,
+                    metadata: i.metadata.into_iter().collect(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A server stream whose first frame is the watch `id` (no items), then what `feed` sends.
+fn async_stream_of<F, Fut>(
+    id: String,
+    feed: F,
+) -> Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<runtime::SubscribeConfigurationResponse, Status>>
+            + Send,
+    >,
+>
+where
+    F: FnOnce(
+        tokio::sync::mpsc::Sender<Result<runtime::SubscribeConfigurationResponse, Status>>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let first = runtime::SubscribeConfigurationResponse {
+        id,
+        items: HashMap::new(),
+    };
+    let _ = tx.try_send(Ok(first));
+    tokio::spawn(feed(tx));
+    Box::pin(ReceiverStream(rx))
+}
+
+/// An mpsc receiver as a stream.
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> tokio_stream::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
     }
 }
 
