@@ -30,6 +30,8 @@ pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Configuration store types.
 pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
+/// Output binding types.
+pub const BINDING_TYPES: &[&str] = &["bindings.http"];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 
@@ -338,6 +340,7 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
             "secretstores" => crate::bridge::secrets::SecretStore::new(c).map(drop),
             "lock" => crate::bridge::lock::LockStore::check(c),
             "configuration" => crate::bridge::configuration::ConfigurationStore::check(c),
+            "bindings" => crate::bridge::bindings::OutputBinding::check(c),
             _ => Ok(()),
         };
         let Err(e) = outcome else { continue };
@@ -509,6 +512,7 @@ fn read_document(
         .chain(SECRET_TYPES)
         .chain(LOCK_TYPES)
         .chain(CONFIGURATION_TYPES)
+        .chain(BINDING_TYPES)
         .any(|t| *t == kind);
     if !known {
         let message = format!(
@@ -520,6 +524,7 @@ fn read_document(
                 .chain(SECRET_TYPES)
                 .chain(LOCK_TYPES)
                 .chain(CONFIGURATION_TYPES)
+                .chain(BINDING_TYPES)
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -10,6 +10,8 @@
 //! axum on hyper-util's auto builder (HTTP/1.1 and h2c). It drains in the *last* stop phase,
 //! like outbound listeners: the app can still save state and publish while it shuts down.
 
+pub mod binding_routes;
+pub mod bindings;
 pub mod components;
 pub mod configuration;
 pub mod configuration_routes;
@@ -88,6 +90,8 @@ pub struct BridgeState {
     /// `configuration.*` components, opened (they connect on first use), and their watches.
     pub configuration_stores: HashMap<String, configuration::ConfigurationStore>,
     pub configuration_watches: configuration::Watches,
+    /// Output binding components (`bindings.*`).
+    pub output_bindings: HashMap<String, bindings::OutputBinding>,
     /// Open once the app's probe passes: pub/sub waits on it before `GET /dapr/subscribe`,
     /// invocations of the local app wait on it up to `app.hold_timeout`.
     pub app_gate: AppGate,
@@ -145,6 +149,7 @@ impl BridgeState {
         let mut secret_stores = HashMap::new();
         let mut lock_stores = HashMap::new();
         let mut configuration_stores = HashMap::new();
+        let mut output_bindings = HashMap::new();
         let mut failed = Vec::new();
         for (i, c) in components.iter().enumerate() {
             let opened = match c.block() {
@@ -166,6 +171,9 @@ impl BridgeState {
                 }),
                 "configuration" => configuration::ConfigurationStore::open(c).map(|store| {
                     configuration_stores.insert(c.name.clone(), store);
+                }),
+                "bindings" => bindings::OutputBinding::open(c).map(|b| {
+                    output_bindings.insert(c.name.clone(), b);
                 }),
                 _ => Ok(()),
             };
@@ -225,6 +233,7 @@ impl BridgeState {
             lock_stores,
             configuration_stores,
             configuration_watches: Default::default(),
+            output_bindings,
             app_gate: gate,
             hold_timeout: config.app.lifecycle.hold_timeout.get(),
             control,
@@ -313,6 +322,7 @@ pub fn router(state: Arc<BridgeState>) -> Router {
         .merge(routes::routes())
         .merge(lock_routes::routes())
         .merge(configuration_routes::routes())
+        .merge(binding_routes::routes())
         .merge(not_implemented::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
@@ -360,6 +370,7 @@ fn api_of(req: &Request) -> &'static str {
         "secrets" => "secrets",
         "lock" | "unlock" => "lock",
         "configuration" => "configuration",
+        "bindings" => "bindings",
         "metadata" => "metadata",
         "healthz" => "healthz",
         "shutdown" => "shutdown",
@@ -797,7 +808,6 @@ mod tests {
                 "/v1.0-alpha1/workflows/dapr/abc/terminate",
                 "workflows",
             ),
-            ("POST", "/v1.0/bindings/cron", "bindings"),
             ("PUT", "/v1.0-alpha1/crypto/vault/encrypt", "crypto"),
             ("POST", "/v1.0-alpha1/subtlecrypto/vault/sign", "crypto"),
             ("POST", "/v1.0-alpha1/jobs/nightly", "jobs"),

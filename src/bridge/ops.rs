@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
+use super::bindings::BindingResponse;
 use super::configuration::{Changes, ConfigItem, ConfigurationStore};
 use super::error::ApiError;
 use super::lock::{LockStore, UnlockStatus};
@@ -434,6 +435,28 @@ pub fn unsubscribe_configuration(st: &BridgeState, store: &str, id: &str) -> Res
             ),
         })
     }
+}
+
+/// Invokes the output binding `name` (daprd's `ERR_INVOKE_OUTPUT_BINDING` on any failure).
+pub async fn invoke_binding(
+    st: &BridgeState,
+    name: &str,
+    operation: &str,
+    data: bytes::Bytes,
+    metadata: &BTreeMap<String, String>,
+) -> Result<BindingResponse, ApiError> {
+    let failed = |e: String| ApiError::Failed {
+        code: "ERR_INVOKE_OUTPUT_BINDING",
+        message: format!("error invoking output binding {name}: {e}"),
+    };
+    let binding = st
+        .output_bindings
+        .get(name)
+        .ok_or_else(|| failed(format!("couldn't find output binding {name}")))?;
+    binding
+        .invoke(operation, data, metadata)
+        .await
+        .map_err(failed)
 }
 
 /// A registered component, as `GetMetadata` shows it.

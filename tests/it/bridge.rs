@@ -1993,3 +1993,72 @@ fn configuration_get_subscribe_and_unsubscribe_on_redis() {
     assert!(app.seen().iter().all(|s| !s.path.contains("unwatched")));
     let _ = id2;
 }
+
+/// `bindings.http` as the Dapr docs write it: the operation is the method, `path` is appended,
+/// other metadata goes as headers; the answer's body, status and headers come back; a non-2xx
+/// answer is 500 `ERR_INVOKE_OUTPUT_BINDING`.
+#[test]
+fn output_binding_http() {
+    let backend = Backend::http();
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: webhook\nspec:\n  type: bindings.http\n  version: v1\n  metadata:\n  - name: url\n    value: http://{}/\n",
+        backend.address()
+    );
+    let sc = start("service: orders\n", &[("http.yaml", &component)]);
+    let r = client()
+        .post(sc.bridge_url("/v1.0/bindings/webhook"))
+        .json(&json!({"data": {"n": 1}, "metadata": {"path": "/items", "x-team": "pay"}, "operation": "create"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["metadata.statusCode"], "200");
+    assert_eq!(r.headers()["metadata.status"], "200 OK");
+    let echoed: Value = r.json().unwrap();
+    assert_eq!(echoed["method"], "POST");
+    assert_eq!(echoed["path"], "/items");
+    assert_eq!(echoed["body"], r#"{"n":1}"#);
+    let seen = backend.seen();
+    assert_eq!(seen[0].header("x-team"), Some("pay"));
+    // A JSON string is sent as its text; `Operation` matches ignoring case; PUT works too.
+    let r = client()
+        .put(sc.bridge_url("/v1.0/bindings/webhook"))
+        .json(&json!({"Data": "plain text", "Operation": "put"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed: Value = r.json().unwrap();
+    assert_eq!(
+        (echoed["method"].as_str(), echoed["body"].as_str()),
+        (Some("PUT"), Some("plain text"))
+    );
+    // The server's error, an unknown operation, an unknown binding: 500 with daprd's code.
+    for (body, text) in [
+        (
+            json!({"operation": "get", "metadata": {"path": "/status/503"}}),
+            "received status code 503",
+        ),
+        (json!({"operation": "merge"}), "invalid operation"),
+    ] {
+        let (s, got) = post(&sc, "/v1.0/bindings/webhook", body);
+        assert_eq!(
+            (s, error_code(&got).as_str()),
+            (500, "ERR_INVOKE_OUTPUT_BINDING"),
+            "{got}"
+        );
+        assert!(
+            got.contains("error invoking output binding webhook") && got.contains(text),
+            "{got}"
+        );
+    }
+    let (s, got) = post(&sc, "/v1.0/bindings/nope", json!({"operation": "create"}));
+    assert_eq!(
+        (s, error_code(&got).as_str()),
+        (500, "ERR_INVOKE_OUTPUT_BINDING"),
+        "{got}"
+    );
+    let (s, v) = post_raw(&sc, "/v1.0/bindings/webhook", "not json");
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+}

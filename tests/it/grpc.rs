@@ -428,3 +428,18 @@ fn python_sdk_configuration_on_redis() {
     let port = redis.port.to_string();
     scenario(&sc, &[], &["configuration", "configstore", &port]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// An output binding through the Python SDK (`invoke_binding`, gRPC `InvokeBinding`) on
+/// `bindings.http`: the same core as `POST /v1.0/bindings/{name}`.
+#[test]
+fn python_sdk_output_binding_http() {
+    let backend = Backend::http();
+    let components = component(
+        "webhook",
+        "bindings.http",
+        &[("url", &format!("http://{}", backend.address()))],
+    );
+    let sc = sidecar("", &components);
+    scenario(&sc, &[], &["binding", "webhook"]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(backend.count(), 2);
+}

@@ -167,8 +167,9 @@ def misc(d, callee):
     code, _ = code_of(lambda: d.invoke_method("nobody", "x", data=b"", http_verb="GET"))
     expect(code is not None, "invoking an unknown app id fails")
     # Building blocks we do not serve say so.
+    # Served, but no binding of that name is configured here.
     code, details = code_of(lambda: d.invoke_binding("b", "create", "x"))
-    expect(code == "UNIMPLEMENTED" and "bindings" in details, f"binding: {code} {details}")
+    expect(code == "INTERNAL" and "output binding b" in details, f"binding: {code} {details}")
     # Served, but no lock store is configured here.
     code, details = code_of(lambda: d.try_lock("store", "res", "me", 10))
     expect(code == "FAILED_PRECONDITION" and "lock" in details, f"lock: {code} {details}")
@@ -232,12 +233,23 @@ def configuration(d, store, redis_port):
     return {"changes": len(seen)}
 
 
+def binding(d, name):
+    r = d.invoke_binding(name, "create", b"ping", binding_metadata={"path": "/hook", "x-team": "pay"})
+    echoed = json.loads(r.data)
+    expect((echoed["method"], echoed["path"], echoed["body"]) == ("POST", "/hook", "ping"), f"{echoed}")
+    expect("x-team: pay" in echoed["headers"], f"headers: {echoed['headers']}")
+    expect(r.binding_metadata.get("statusCode") == "200", f"metadata: {r.binding_metadata}")
+    code, details = code_of(lambda: d.invoke_binding(name, "get", binding_metadata={"path": "/status/503"}))
+    expect(code == "INTERNAL" and "503" in details, f"a 503: {code} {details}")
+    return {}
+
+
 def main():
     scenario, args = sys.argv[1], sys.argv[2:]
     with DaprClient() as d:
         out = {
             "state": state, "pubsub": pubsub, "misc": misc, "shutdown": shutdown, "lock": lock,
-            "configuration": configuration,
+            "configuration": configuration, "binding": binding,
         }[scenario](d, *args)
     out["ok"] = True
     print(json.dumps(out))

@@ -178,7 +178,7 @@ const IMPLEMENTED: &[&str] = &[
 
 /// Declared in `proto/` for the building blocks that are coming, answered `UNIMPLEMENTED` until
 /// they land (the bridge building-blocks work).
-const NOT_YET: &[(&str, &str)] = &[("InvokeBinding", "bindings")];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// The building block of a Dapr RPC we do not serve, by its name.
 fn block_of(method: &str) -> &'static str {
@@ -233,6 +233,7 @@ fn api_of(method: &str) -> &'static str {
         "InvokeService" => "invoke",
         "GetSecret" | "GetBulkSecret" => "secrets",
         "TryLockAlpha1" | "UnlockAlpha1" => "lock",
+        "InvokeBinding" => "bindings",
         "GetConfiguration"
         | "GetConfigurationAlpha1"
         | "SubscribeConfiguration"
@@ -660,9 +661,28 @@ impl Dapr for Api {
 
     async fn invoke_binding(
         &self,
-        _request: tonic::Request<runtime::InvokeBindingRequest>,
+        request: tonic::Request<runtime::InvokeBindingRequest>,
     ) -> Reply<runtime::InvokeBindingResponse> {
-        Err(unimplemented("InvokeBinding"))
+        let (traceparent, tracestate) = trace(request.metadata());
+        let req = request.into_inner();
+        let mut metadata = sorted(req.metadata);
+        for (k, v) in [("traceparent", traceparent), ("tracestate", tracestate)] {
+            if let Some(v) = v {
+                metadata.entry(k.to_string()).or_insert(v);
+            }
+        }
+        let res = ops::invoke_binding(
+            &self.state,
+            &req.name,
+            &req.operation,
+            Bytes::from(req.data),
+            &metadata,
+        )
+        .await?;
+        ok(runtime::InvokeBindingResponse {
+            data: res.data.to_vec(),
+            metadata: res.metadata.into_iter().collect(),
+        })
     }
 
     async fn get_secret(
