@@ -17,9 +17,21 @@ use crate::config::document::Document;
 use crate::config::{Origin, Problem};
 
 /// State store types the bridge implements.
-pub const STATE_TYPES: &[&str] = &["state.in-memory", "state.sqlite", "state.redis"];
+pub const STATE_TYPES: &[&str] = &[
+    "state.in-memory",
+    "state.sqlite",
+    "state.redis",
+    "state.postgresql",
+    "state.postgres",
+];
 /// Pub/sub types (the broker implementations live in `bridge::pubsub`).
 pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
+/// Distributed lock store types.
+pub const LOCK_TYPES: &[&str] = &["lock.redis"];
+/// Configuration store types.
+pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
+/// Output binding types.
+pub const BINDING_TYPES: &[&str] = &["bindings.http"];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 
@@ -326,6 +338,9 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
             }
             "state" => crate::bridge::state::Store::check(c),
             "secretstores" => crate::bridge::secrets::SecretStore::new(c).map(drop),
+            "lock" => crate::bridge::lock::LockStore::check(c),
+            "configuration" => crate::bridge::configuration::ConfigurationStore::check(c),
+            "bindings" => crate::bridge::bindings::OutputBinding::check(c),
             _ => Ok(()),
         };
         let Err(e) = outcome else { continue };
@@ -495,6 +510,9 @@ fn read_document(
         .iter()
         .chain(PUBSUB_TYPES)
         .chain(SECRET_TYPES)
+        .chain(LOCK_TYPES)
+        .chain(CONFIGURATION_TYPES)
+        .chain(BINDING_TYPES)
         .any(|t| *t == kind);
     if !known {
         let message = format!(
@@ -504,6 +522,9 @@ fn read_document(
                 .iter()
                 .chain(PUBSUB_TYPES)
                 .chain(SECRET_TYPES)
+                .chain(LOCK_TYPES)
+                .chain(CONFIGURATION_TYPES)
+                .chain(BINDING_TYPES)
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -38,6 +38,10 @@ pub enum ApiError {
     /// A transaction named an operation other than upsert or delete (400).
     #[error("operation type {0} not supported")]
     UnsupportedOperation(String),
+    /// A component's call failed (500 with the operation's code: `ERR_TRY_LOCK`,
+    /// `ERR_UNLOCK`, …; gRPC `INTERNAL`).
+    #[error("{message}")]
+    Failed { code: &'static str, message: String },
     /// A secret store failed (500 `ERR_SECRET_GET`).
     #[error("{0}")]
     Secret(String),
@@ -85,6 +89,7 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "ERR_NOT_SUPPORTED_STATE_OPERATION")
             }
             ApiError::Secret(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ERR_SECRET_GET"),
+            ApiError::Failed { code, .. } => (StatusCode::INTERNAL_SERVER_ERROR, code),
             ApiError::Invoke { status, .. } => (*status, "ERR_DIRECT_INVOKE"),
             ApiError::NoAppId => (StatusCode::BAD_REQUEST, "ERR_DIRECT_INVOKE"),
             ApiError::AppStatus { code, .. } => (

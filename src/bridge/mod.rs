@@ -1,6 +1,7 @@
 //! The bridge: Dapr's HTTP API v1.0 on `bridge.address` (default 127.0.0.1:3500, or a unix
 //! socket), so apps written against a Dapr SDK run unchanged. Requests come in from the app;
-//! state goes to the configured stores (in-memory, SQLite, Redis), secrets come from local
+//! state goes to the configured stores (in-memory, SQLite, Redis, PostgreSQL), locks to
+//! `lock.redis`, secrets come from local
 //! stores, invocations leave through the proxy's clusters (or to the local app), and pub/sub
 //! is served by [`pubsub`] (brokers, subscriptions, deliveries to the app), whose routes are
 //! merged into [`router`].
@@ -9,18 +10,25 @@
 //! axum on hyper-util's auto builder (HTTP/1.1 and h2c). It drains in the *last* stop phase,
 //! like outbound listeners: the app can still save state and publish while it shuts down.
 
+pub mod binding_routes;
+pub mod bindings;
 pub mod components;
+pub mod configuration;
+pub mod configuration_routes;
 pub mod env;
 pub mod error;
 pub mod field_case;
 pub mod grpc;
 pub mod invoke;
+pub mod lock;
+pub mod lock_routes;
 pub mod not_implemented;
 pub mod ops;
 pub mod pubsub;
 pub mod routes;
 pub mod secrets;
 pub mod state;
+pub mod state_postgresql;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +87,13 @@ pub struct BridgeState {
     pub subscription_documents: Vec<RawDocument>,
     pub state_stores: HashMap<String, StateStore>,
     pub secret_stores: HashMap<String, secrets::SecretStore>,
+    /// `lock.*` components, opened (they connect on first use).
+    pub lock_stores: HashMap<String, lock::LockStore>,
+    /// `configuration.*` components, opened (they connect on first use), and their watches.
+    pub configuration_stores: HashMap<String, configuration::ConfigurationStore>,
+    pub configuration_watches: configuration::Watches,
+    /// Output binding components (`bindings.*`).
+    pub output_bindings: HashMap<String, bindings::OutputBinding>,
     /// Open once the app's probe passes: pub/sub waits on it before `GET /dapr/subscribe`,
     /// invocations of the local app wait on it up to `app.hold_timeout`.
     pub app_gate: AppGate,
@@ -134,6 +149,9 @@ impl BridgeState {
         let mut skipped: Vec<components::Skipped> = resources.skipped.clone();
         let mut state_stores = HashMap::new();
         let mut secret_stores = HashMap::new();
+        let mut lock_stores = HashMap::new();
+        let mut configuration_stores = HashMap::new();
+        let mut output_bindings = HashMap::new();
         let mut failed = Vec::new();
         for (i, c) in components.iter().enumerate() {
             let opened = match c.block() {
@@ -149,6 +167,15 @@ impl BridgeState {
                 }),
                 "secretstores" => secrets::SecretStore::new(c).map(|store| {
                     secret_stores.insert(c.name.clone(), store);
+                }),
+                "lock" => lock::LockStore::open(c, &bridge.app_id).map(|store| {
+                    lock_stores.insert(c.name.clone(), store);
+                }),
+                "configuration" => configuration::ConfigurationStore::open(c).map(|store| {
+                    configuration_stores.insert(c.name.clone(), store);
+                }),
+                "bindings" => bindings::OutputBinding::open(c).map(|b| {
+                    output_bindings.insert(c.name.clone(), b);
                 }),
                 _ => Ok(()),
             };
@@ -207,6 +234,10 @@ impl BridgeState {
             skipped,
             state_stores,
             secret_stores,
+            lock_stores,
+            configuration_stores,
+            configuration_watches: Default::default(),
+            output_bindings,
             app_gate: gate,
             hold_timeout: config.app.lifecycle.hold_timeout.get(),
             control,
@@ -293,6 +324,9 @@ impl Bridge {
 pub fn router(state: Arc<BridgeState>) -> Router {
     Router::new()
         .merge(routes::routes())
+        .merge(lock_routes::routes())
+        .merge(configuration_routes::routes())
+        .merge(binding_routes::routes())
         .merge(not_implemented::routes())
         // Publish bodies are read by axum's extractor: the same limit as the other routes
         // (413 mapped to Dapr's JSON error in `observe_and_authorize`).
@@ -338,6 +372,9 @@ fn api_of(req: &Request) -> &'static str {
         "publish" => "publish",
         "invoke" => "invoke",
         "secrets" => "secrets",
+        "lock" | "unlock" => "lock",
+        "configuration" => "configuration",
+        "bindings" => "bindings",
         "metadata" => "metadata",
         "healthz" => "healthz",
         "shutdown" => "shutdown",
@@ -785,15 +822,6 @@ mod tests {
                 "/v1.0-alpha1/workflows/dapr/abc/terminate",
                 "workflows",
             ),
-            ("POST", "/v1.0/bindings/cron", "bindings"),
-            ("GET", "/v1.0/configuration/cfg", "configuration"),
-            (
-                "GET",
-                "/v1.0-alpha1/configuration/cfg/subscribe",
-                "configuration",
-            ),
-            ("POST", "/v1.0-alpha1/lock/redislock", "lock"),
-            ("POST", "/v1.0-alpha1/unlock/redislock", "lock"),
             ("PUT", "/v1.0-alpha1/crypto/vault/encrypt", "crypto"),
             ("POST", "/v1.0-alpha1/subtlecrypto/vault/sign", "crypto"),
             ("POST", "/v1.0-alpha1/jobs/nightly", "jobs"),

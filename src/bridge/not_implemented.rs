@@ -1,5 +1,5 @@
 //! daprd's routes for the building blocks Outrigger does not serve (actors, workflows,
-//! bindings, configuration, locks, crypto, jobs, conversation, state query): each answers 501
+//! crypto, jobs, conversation, state query): each answers 501
 //! `ERR_NOT_IMPLEMENTED` naming the building block. Without these, such a request fell through
 //! to invocation (the fallback) and got a misleading 400 `ERR_DIRECT_INVOKE` ("failed getting
 //! app id"), so an app could not tell a missing feature from its own mistake.
@@ -25,11 +25,6 @@ pub const UNSERVED: &[(&str, &str)] = &[
     ("/v1.0/workflows", "workflows"),
     ("/v1.0-alpha1/workflows", "workflows"),
     ("/v1.0-beta1/workflows", "workflows"),
-    ("/v1.0/bindings", "bindings"),
-    ("/v1.0/configuration", "configuration"),
-    ("/v1.0-alpha1/configuration", "configuration"),
-    ("/v1.0-alpha1/lock", "lock"),
-    ("/v1.0-alpha1/unlock", "lock"),
     ("/v1.0-alpha1/crypto", "crypto"),
     ("/v1.0-alpha1/subtlecrypto", "crypto"),
     ("/v1.0-alpha1/jobs", "jobs"),

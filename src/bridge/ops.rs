@@ -8,7 +8,10 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
+use super::bindings::BindingResponse;
+use super::configuration::{Changes, ConfigItem, ConfigurationStore};
 use super::error::ApiError;
+use super::lock::{LockStore, UnlockStatus};
 use super::secrets::{Secret, SecretStore};
 use super::state::{Entry, KeyPrefix, Op, parse_etag, parse_ttl};
 use super::{BridgeState, StateStore};
@@ -33,6 +36,8 @@ pub struct Item {
     pub options: Options,
     /// The item's metadata; `ttlInSeconds` sets its time to live.
     pub metadata: BTreeMap<String, String>,
+    /// `value` is JSON text (the HTTP API) rather than raw bytes (gRPC).
+    pub json: bool,
 }
 
 /// The metadata key of a value's (or a published message's) time to live, in seconds.
@@ -144,6 +149,7 @@ fn upsert(store: &StateStore, item: Item, code: &'static str) -> Result<Op, ApiE
         value: item.value,
         etag,
         ttl,
+        json: item.json,
     })
 }
 
@@ -262,6 +268,173 @@ pub fn secret(st: &BridgeState, store: &str, name: &str) -> Result<Option<Secret
 /// Every secret of a store.
 pub fn bulk_secrets(st: &BridgeState, store: &str) -> Result<BTreeMap<String, Secret>, ApiError> {
     Ok(secret_store(st, store)?.bulk())
+}
+
+/// The lock store `name`, or Dapr's error for a missing one.
+pub fn lock_store<'a>(st: &'a BridgeState, name: &str) -> Result<&'a LockStore, ApiError> {
+    st.lock_stores
+        .get(name)
+        .ok_or_else(|| ApiError::StoreNotFound {
+            block: "lock",
+            code: "ERR_LOCK_STORE_NOT_FOUND",
+            name: name.to_string(),
+        })
+}
+
+fn lock_configured(st: &BridgeState) -> Result<(), ApiError> {
+    if st.lock_stores.is_empty() {
+        return Err(ApiError::NotConfigured {
+            block: "lock",
+            code: "ERR_LOCK_STORE_NOT_CONFIGURED",
+        });
+    }
+    Ok(())
+}
+
+fn lock_fields(store: &str, resource_id: &str, owner: &str) -> Result<(), ApiError> {
+    if resource_id.is_empty() {
+        return Err(ApiError::Malformed(format!(
+            "ResourceId is empty in lock store {store}"
+        )));
+    }
+    if owner.is_empty() {
+        return Err(ApiError::Malformed(format!(
+            "LockOwner is empty in lock store {store}"
+        )));
+    }
+    Ok(())
+}
+
+/// Takes the lock on `resource_id` for `owner` for `expiry_seconds`; false when another owner
+/// holds it. Checked in daprd's order: a lock store exists, the resource id, the owner, the
+/// expiry, then the store's name.
+pub async fn try_lock(
+    st: &BridgeState,
+    store: &str,
+    resource_id: &str,
+    owner: &str,
+    expiry_seconds: i32,
+) -> Result<bool, ApiError> {
+    lock_configured(st)?;
+    lock_fields(store, resource_id, owner)?;
+    let Some(expiry) = u32::try_from(expiry_seconds).ok().filter(|&s| s > 0) else {
+        return Err(ApiError::Malformed(format!(
+            "ExpiryInSeconds is not positive in lock store {store}"
+        )));
+    };
+    let lock = lock_store(st, store)?;
+    let failed = |message: String| ApiError::Failed {
+        code: "ERR_TRY_LOCK",
+        message: format!("failed to try acquiring lock: {message}"),
+    };
+    let key = lock.key(resource_id).map_err(failed)?;
+    lock.try_lock(&key, owner, expiry).await.map_err(failed)
+}
+
+/// Releases the lock on `resource_id` if `owner` holds it.
+pub async fn unlock(
+    st: &BridgeState,
+    store: &str,
+    resource_id: &str,
+    owner: &str,
+) -> Result<UnlockStatus, ApiError> {
+    lock_configured(st)?;
+    lock_fields(store, resource_id, owner)?;
+    let lock = lock_store(st, store)?;
+    let failed = |message: String| ApiError::Failed {
+        code: "ERR_UNLOCK",
+        message: format!("failed to release lock: {message}"),
+    };
+    let key = lock.key(resource_id).map_err(failed)?;
+    lock.unlock(&key, owner).await.map_err(failed)
+}
+
+/// The configuration store `name`, or Dapr's error for a missing one.
+pub fn configuration_store<'a>(
+    st: &'a BridgeState,
+    name: &str,
+) -> Result<&'a ConfigurationStore, ApiError> {
+    if st.configuration_stores.is_empty() {
+        return Err(ApiError::NotConfigured {
+            block: "configuration",
+            code: "ERR_CONFIGURATION_STORE_NOT_CONFIGURED",
+        });
+    }
+    st.configuration_stores
+        .get(name)
+        .ok_or_else(|| ApiError::StoreNotFound {
+            block: "configuration",
+            code: "ERR_CONFIGURATION_STORE_NOT_FOUND",
+            name: name.to_string(),
+        })
+}
+
+/// The items of `keys` that exist (no keys: all of them).
+pub async fn get_configuration(
+    st: &BridgeState,
+    store: &str,
+    keys: &[String],
+) -> Result<BTreeMap<String, ConfigItem>, ApiError> {
+    configuration_store(st, store)?
+        .get(keys)
+        .await
+        .map_err(|e| ApiError::Failed {
+            code: "ERR_CONFIGURATION_GET",
+            message: format!("failed to get {keys:?} from Configuration store {store}: {e}"),
+        })
+}
+
+/// Starts watching `keys` of `store`: the watch's id and its changes.
+pub async fn subscribe_configuration(
+    st: &BridgeState,
+    store: &str,
+    keys: Vec<String>,
+) -> Result<(String, Changes), ApiError> {
+    let (changes, task) = configuration_store(st, store)?
+        .watch(keys.clone())
+        .await
+        .map_err(|e| ApiError::Failed {
+            code: "ERR_CONFIGURATION_SUBSCRIBE",
+            message: format!("failed to subscribe {keys:?} from Configuration store {store}: {e}"),
+        })?;
+    Ok((st.configuration_watches.add(store, &task), changes))
+}
+
+/// Stops the watch `id`.
+pub fn unsubscribe_configuration(st: &BridgeState, store: &str, id: &str) -> Result<(), ApiError> {
+    configuration_store(st, store)?;
+    if st.configuration_watches.remove(store, id) {
+        Ok(())
+    } else {
+        Err(ApiError::Failed {
+            code: "ERR_CONFIGURATION_UNSUBSCRIBE",
+            message: format!(
+                "failed to unsubscribe subscription {id} from Configuration store {store}: subscription does not exist"
+            ),
+        })
+    }
+}
+
+/// Invokes the output binding `name` (daprd's `ERR_INVOKE_OUTPUT_BINDING` on any failure).
+pub async fn invoke_binding(
+    st: &BridgeState,
+    name: &str,
+    operation: &str,
+    data: bytes::Bytes,
+    metadata: &BTreeMap<String, String>,
+) -> Result<BindingResponse, ApiError> {
+    let failed = |e: String| ApiError::Failed {
+        code: "ERR_INVOKE_OUTPUT_BINDING",
+        message: format!("error invoking output binding {name}: {e}"),
+    };
+    let binding = st
+        .output_bindings
+        .get(name)
+        .ok_or_else(|| failed(format!("couldn't find output binding {name}")))?;
+    binding
+        .invoke(operation, data, metadata)
+        .await
+        .map_err(failed)
 }
 
 /// A registered component, as `GetMetadata` shows it.

@@ -103,6 +103,7 @@ impl SaveItem {
             etag: self.etag,
             options: self.options.unwrap_or_default(),
             metadata,
+            json: true,
         }
     }
 }

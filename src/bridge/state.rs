@@ -1,7 +1,7 @@
 //! State stores behind `/v1.0/state/{store}`: `state.in-memory`, `state.sqlite` (rusqlite,
-//! bundled, WAL; calls run on the blocking pool) and `state.redis` (a hash per key with `data`
+//! bundled, WAL; calls run on the blocking pool), `state.redis` (a hash per key with `data`
 //! and `version` fields, written by Lua scripts that check ETags, as Dapr's Redis store lays
-//! data out). ETags are versions: decimal integers, incremented on every write.
+//! data out) and `state.postgresql` ([`super::state_postgresql`], daprd's v1 table). ETags are versions: decimal integers, incremented on every write.
 //!
 //! Keys arrive already prefixed (`appid||key`, see [`KeyPrefix`]). Every write goes through
 //! [`Store::apply`], a list of operations applied atomically after all ETag checks pass.
@@ -132,6 +132,9 @@ pub enum Op {
         etag: Etag,
         /// Seconds to live; None: never expires (an earlier expiry is cleared).
         ttl: Option<u32>,
+        /// The value is JSON text (an HTTP save) rather than raw bytes (gRPC): PostgreSQL
+        /// stores JSON as is and raw bytes base64-encoded with `isbinary`, as daprd does.
+        json: bool,
     },
     Delete {
         key: String,
@@ -252,6 +255,7 @@ pub enum Store {
     Memory(Mutex<Memory>),
     Sqlite(Arc<Sqlite>),
     Redis(Box<Redis>),
+    Postgres(Box<super::state_postgresql::Postgres>),
 }
 
 impl Store {
@@ -262,6 +266,9 @@ impl Store {
             "state.in-memory" => Ok(Store::Memory(Mutex::new(Memory::new()))),
             "state.sqlite" => Ok(Store::Sqlite(Arc::new(Sqlite::open(c)?))),
             "state.redis" => Ok(Store::Redis(Box::new(Redis::new(c)?))),
+            "state.postgresql" | "state.postgres" => Ok(Store::Postgres(Box::new(
+                super::state_postgresql::Postgres::new(c)?,
+            ))),
             other => Err(format!("{other} is not a state store type")),
         }
     }
@@ -273,6 +280,7 @@ impl Store {
             "state.in-memory" => Ok(()),
             "state.sqlite" => Sqlite::table_name(c).map(drop),
             "state.redis" => Redis::new(c).map(drop),
+            "state.postgresql" | "state.postgres" => super::state_postgresql::Postgres::check(c),
             other => Err(format!("{other} is not a state store type")),
         }
     }
@@ -287,6 +295,7 @@ impl Store {
                 blocking(move || s.get(&key)).await
             }
             Store::Redis(r) => r.get(key).await,
+            Store::Postgres(p) => p.get(key).await,
         }
     }
 
@@ -302,6 +311,7 @@ impl Store {
                 blocking(move || s.apply(ops)).await
             }
             Store::Redis(r) => r.apply(ops).await,
+            Store::Postgres(p) => p.apply(ops).await,
         }
     }
 }
@@ -543,57 +553,76 @@ end
 return n
 "#;
 
+/// A Redis client for a component's `redisHost`, `redisPassword`, `redisUsername` and
+/// `redisDB` (shared by the Redis state, lock and configuration stores). Connects nothing.
+pub(crate) fn redis_client(c: &Component) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    let host = c
+        .meta("redisHost")
+        .ok_or("expected metadata redisHost (host:port), found none")?;
+    let (h, port) = host
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("expected redisHost as host:port, found {host:?}"))?;
+    let db: i64 = redis_db(c)?;
+    if c.meta("enableTLS") == Some("true") {
+        return Err("enableTLS is not supported by the bridge's Redis components".into());
+    }
+    let mut settings = redis::RedisConnectionInfo::default().set_db(db);
+    if let Some(p) = c.meta("redisPassword") {
+        settings = settings.set_password(p);
+    }
+    if let Some(u) = c.meta("redisUsername") {
+        settings = settings.set_username(u);
+    }
+    let info = (h.to_string(), port)
+        .into_connection_info()
+        .map_err(|e| format!("invalid redisHost {host:?}: {e}"))?
+        .set_redis_settings(settings);
+    redis::Client::open(info).map_err(|e| e.to_string())
+}
+
+/// `redisDB` (default 0).
+pub(crate) fn redis_db(c: &Component) -> Result<i64, String> {
+    match c.meta("redisDB") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("expected redisDB as a number, found {v:?}")),
+        None => Ok(0),
+    }
+}
+
+/// The shared connection of a Redis component, made on first use. The client's defaults
+/// retry a refused or unauthenticated connection 6 times with backoff: every call to a down
+/// store waited 9.4 s for its 500. This fails fast instead; the next call tries again, and a
+/// store that comes back is used at once.
+pub(crate) async fn redis_connection(
+    client: &redis::Client,
+    cell: &tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+) -> Result<redis::aio::ConnectionManager, String> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+    cell.get_or_try_init(|| client.get_connection_manager_with_config(config))
+        .await
+        .cloned()
+        .map_err(|e| format!("redis: {e}"))
+}
+
 impl Redis {
     fn new(c: &Component) -> Result<Redis, String> {
-        use redis::IntoConnectionInfo;
-        let host = c
-            .meta("redisHost")
-            .ok_or("expected metadata redisHost (host:port), found none")?;
-        let (h, port) = host
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| format!("expected redisHost as host:port, found {host:?}"))?;
-        let db: i64 = match c.meta("redisDB") {
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("expected redisDB as a number, found {v:?}"))?,
-            None => 0,
-        };
-        if c.meta("enableTLS") == Some("true") {
-            return Err("enableTLS is not supported by the bridge's Redis store".into());
-        }
-        let mut settings = redis::RedisConnectionInfo::default().set_db(db);
-        if let Some(p) = c.meta("redisPassword") {
-            settings = settings.set_password(p);
-        }
-        if let Some(u) = c.meta("redisUsername") {
-            settings = settings.set_username(u);
-        }
-        let info = (h.to_string(), port)
-            .into_connection_info()
-            .map_err(|e| format!("invalid redisHost {host:?}: {e}"))?
-            .set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
         Ok(Redis {
-            client,
+            client: redis_client(c)?,
             conn: tokio::sync::OnceCell::new(),
             apply: redis::Script::new(APPLY_SCRIPT),
         })
     }
 
     async fn conn(&self) -> Result<redis::aio::ConnectionManager, StateError> {
-        // The client's defaults retry a refused or unauthenticated connection 6 times with
-        // backoff: every call to a down store waited 9.4 s for its 500. Fail fast instead; the
-        // next call tries again, and a store that comes back is used at once.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-            .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
-        self.conn
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+        redis_connection(&self.client, &self.conn)
             .await
-            .cloned()
-            .map_err(|e| StateError::Store(format!("redis: {e}")))
+            .map_err(StateError::Store)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {
@@ -667,6 +696,7 @@ mod tests {
             value: Bytes::from_static(b"1"),
             etag: None,
             ttl,
+            json: true,
         }
     }
 

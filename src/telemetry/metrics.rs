@@ -389,7 +389,7 @@ impl PubSubMetrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BridgeRequestLabels {
-    /// `state`, `publish`, `invoke`, `secrets`, `metadata`, `healthz`, `shutdown`, `other`.
+    /// `state`, `publish`, `invoke`, `secrets`, `lock`, `configuration`, `bindings`, `metadata`, `healthz`, `shutdown`, `other`.
     pub api: &'static str,
     /// `1xx` … `5xx`.
     pub status_class: &'static str,

@@ -179,3 +179,75 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// A database of our own on the machine's PostgreSQL (127.0.0.1:5432, trust auth), named
+/// `outrigger_test_<random>`, dropped when dropped.
+pub struct PostgresDb {
+    pub name: String,
+}
+
+impl PostgresDb {
+    pub fn create() -> Self {
+        let name = format!("outrigger_test_{:016x}", fastrand_u64());
+        let db = PostgresDb { name };
+        db.admin(&format!("CREATE DATABASE {}", db.name));
+        db
+    }
+
+    /// `connectionString` in the Dapr docs' key=value form.
+    pub fn connection_string(&self) -> String {
+        format!(
+            "host=127.0.0.1 user=postgres port=5432 connect_timeout=10 database={}",
+            self.name
+        )
+    }
+
+    fn admin(&self, sql: &str) -> String {
+        psql("postgres", sql)
+    }
+
+    /// Runs SQL in this database; returns the unaligned, tuples-only output.
+    pub fn sql(&self, sql: &str) -> String {
+        psql(&self.name, sql)
+    }
+}
+
+fn psql(db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", db])
+        .args(["-v", "ON_ERROR_STOP=1", "-XAtq", "-c", sql])
+        .output()
+        .expect("psql must be installed (PostgreSQL runs on 127.0.0.1:5432 for these tests)");
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+impl Drop for PostgresDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-XAtq",
+                "-c",
+            ])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}

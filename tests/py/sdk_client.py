@@ -167,10 +167,12 @@ def misc(d, callee):
     code, _ = code_of(lambda: d.invoke_method("nobody", "x", data=b"", http_verb="GET"))
     expect(code is not None, "invoking an unknown app id fails")
     # Building blocks we do not serve say so.
+    # Served, but no binding of that name is configured here.
     code, details = code_of(lambda: d.invoke_binding("b", "create", "x"))
-    expect(code == "UNIMPLEMENTED" and "bindings" in details, f"binding: {code} {details}")
+    expect(code == "INTERNAL" and "output binding b" in details, f"binding: {code} {details}")
+    # Served, but no lock store is configured here.
     code, details = code_of(lambda: d.try_lock("store", "res", "me", 10))
-    expect(code == "UNIMPLEMENTED" and "lock" in details, f"lock: {code} {details}")
+    expect(code == "FAILED_PRECONDITION" and "lock" in details, f"lock: {code} {details}")
     return {"metadata": md.application_id}
 
 
@@ -179,10 +181,76 @@ def shutdown(d):
     return {"shutdown": True}
 
 
+def lock(d, store):
+    from dapr.clients.grpc._response import UnlockResponseStatus as S
+
+    expect(d.try_lock(store, "order-1", "alice", 60).success, "alice takes the lock")
+    expect(not d.try_lock(store, "order-1", "bob", 60).success, "bob does not")
+    expect(d.unlock(store, "order-1", "bob").status == S.lock_belongs_to_others, "bob's unlock")
+    expect(d.unlock(store, "order-1", "alice").status == S.success, "alice's unlock")
+    expect(d.unlock(store, "order-1", "alice").status == S.lock_does_not_exist, "unlock twice")
+    # As a context manager: released on exit.
+    with d.try_lock(store, "order-2", "carol", 60) as held:
+        expect(held, "carol takes order-2")
+        expect(not d.try_lock(store, "order-2", "dave", 60), "dave waits")
+    expect(d.try_lock(store, "order-2", "dave", 60).success, "released on exit")
+    code, details = code_of(lambda: d.try_lock("nope", "r", "o", 5))
+    expect(code == "INVALID_ARGUMENT", f"unknown store: {code} {details}")
+    code, details = code_of(lambda: d.try_lock(store, "a||b", "o", 5))
+    expect(code == "INTERNAL" and "||" in details, f"a key with the separator: {code} {details}")
+    return {}
+
+
+def configuration(d, store, redis_port):
+    import subprocess
+    import threading
+
+    def redis_set(key, value):
+        subprocess.run(["redis-cli", "-p", redis_port, "SET", key, value], check=True,
+                       capture_output=True)
+
+    redis_set("orderconfig", "v1||1")
+    got = d.get_configuration(store, ["orderconfig", "missing"])
+    item = got.items["orderconfig"]
+    expect((item.value, item.version) == ("v1", "1"), f"get: {got.items}")
+    expect("missing" not in got.items, f"missing key: {got.items}")
+    seen, changed = [], threading.Event()
+
+    def handler(sub_id, response):
+        for key, it in response.items.items():
+            seen.append((sub_id, key, it.value, it.version))
+            changed.set()
+
+    sub_id = d.subscribe_configuration(store, ["orderconfig"], handler)
+    expect(sub_id, f"a subscription id: {sub_id!r}")
+    redis_set("orderconfig", "v2||2")
+    # Bounded wait: the change reaches the handler (no timing assertion beyond the bound).
+    expect(changed.wait(10), f"the change reached the handler: {seen}")
+    expect(seen[0] == (sub_id, "orderconfig", "v2", "2"), f"change: {seen}")
+    expect(d.unsubscribe_configuration(store, sub_id), "unsubscribe")
+    code, details = code_of(lambda: d.get_configuration("nope", ["a"]))
+    expect(code == "INVALID_ARGUMENT", f"unknown store: {code} {details}")
+    return {"changes": len(seen)}
+
+
+def binding(d, name):
+    r = d.invoke_binding(name, "create", b"ping", binding_metadata={"path": "/hook", "x-team": "pay"})
+    echoed = json.loads(r.data)
+    expect((echoed["method"], echoed["path"], echoed["body"]) == ("POST", "/hook", "ping"), f"{echoed}")
+    expect("x-team: pay" in echoed["headers"], f"headers: {echoed['headers']}")
+    expect(r.binding_metadata.get("statusCode") == "200", f"metadata: {r.binding_metadata}")
+    code, details = code_of(lambda: d.invoke_binding(name, "get", binding_metadata={"path": "/status/503"}))
+    expect(code == "INTERNAL" and "503" in details, f"a 503: {code} {details}")
+    return {}
+
+
 def main():
     scenario, args = sys.argv[1], sys.argv[2:]
     with DaprClient() as d:
-        out = {"state": state, "pubsub": pubsub, "misc": misc, "shutdown": shutdown}[scenario](d, *args)
+        out = {
+            "state": state, "pubsub": pubsub, "misc": misc, "shutdown": shutdown, "lock": lock,
+            "configuration": configuration, "binding": binding,
+        }[scenario](d, *args)
     out["ok"] = True
     print(json.dumps(out))
 

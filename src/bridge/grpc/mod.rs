@@ -174,6 +174,9 @@ const IMPLEMENTED: &[&str] = &[
     "GetConfiguration",
     "SubscribeConfiguration",
     "UnsubscribeConfiguration",
+    "GetConfigurationAlpha1",
+    "SubscribeConfigurationAlpha1",
+    "UnsubscribeConfigurationAlpha1",
     "TryLockAlpha1",
     "UnlockAlpha1",
     "GetMetadata",
@@ -183,14 +186,7 @@ const IMPLEMENTED: &[&str] = &[
 
 /// Declared in `proto/` for the building blocks that are coming, answered `UNIMPLEMENTED` until
 /// they land (the bridge building-blocks work).
-const NOT_YET: &[(&str, &str)] = &[
-    ("InvokeBinding", "bindings"),
-    ("GetConfiguration", "configuration"),
-    ("SubscribeConfiguration", "configuration"),
-    ("UnsubscribeConfiguration", "configuration"),
-    ("TryLockAlpha1", "distributed lock"),
-    ("UnlockAlpha1", "distributed lock"),
-];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// The building block of a Dapr RPC we do not serve, by its name.
 fn block_of(method: &str) -> &'static str {
@@ -244,6 +240,14 @@ fn api_of(method: &str) -> &'static str {
         "SubscribeTopicEventsAlpha1" => "subscribe",
         "InvokeService" => "invoke",
         "GetSecret" | "GetBulkSecret" => "secrets",
+        "TryLockAlpha1" | "UnlockAlpha1" => "lock",
+        "InvokeBinding" => "bindings",
+        "GetConfiguration"
+        | "GetConfigurationAlpha1"
+        | "SubscribeConfiguration"
+        | "SubscribeConfigurationAlpha1"
+        | "UnsubscribeConfiguration"
+        | "UnsubscribeConfigurationAlpha1" => "configuration",
         "GetMetadata" | "SetMetadata" => "metadata",
         "Shutdown" => "shutdown",
         _ => "other",
@@ -293,7 +297,7 @@ impl From<ApiError> for Status {
                 StateError::Store(_) => Code::Internal,
             },
             ApiError::UnsupportedOperation(_) | ApiError::NotImplemented(_) => Code::Unimplemented,
-            ApiError::Secret(_) => Code::Internal,
+            ApiError::Secret(_) | ApiError::Failed { .. } => Code::Internal,
             ApiError::Invoke { status, .. } => http_code(*status),
             ApiError::AppStatus { code, message } => {
                 return Status::new(Code::from(*code), message.clone());
@@ -390,6 +394,7 @@ fn item(i: common::StateItem) -> Item {
         etag: i.etag.map(|e| e.value),
         options: options(i.options),
         metadata: i.metadata.into_iter().collect(),
+        json: false,
     }
 }
 
@@ -684,9 +689,28 @@ impl Dapr for Api {
 
     async fn invoke_binding(
         &self,
-        _request: tonic::Request<runtime::InvokeBindingRequest>,
+        request: tonic::Request<runtime::InvokeBindingRequest>,
     ) -> Reply<runtime::InvokeBindingResponse> {
-        Err(unimplemented("InvokeBinding"))
+        let (traceparent, tracestate) = trace(request.metadata());
+        let req = request.into_inner();
+        let mut metadata = sorted(req.metadata);
+        for (k, v) in [("traceparent", traceparent), ("tracestate", tracestate)] {
+            if let Some(v) = v {
+                metadata.entry(k.to_string()).or_insert(v);
+            }
+        }
+        let res = ops::invoke_binding(
+            &self.state,
+            &req.name,
+            &req.operation,
+            Bytes::from(req.data),
+            &metadata,
+        )
+        .await?;
+        ok(runtime::InvokeBindingResponse {
+            data: res.data.to_vec(),
+            metadata: res.metadata.into_iter().collect(),
+        })
     }
 
     async fn get_secret(
@@ -721,9 +745,13 @@ impl Dapr for Api {
 
     async fn get_configuration(
         &self,
-        _request: tonic::Request<runtime::GetConfigurationRequest>,
+        request: tonic::Request<runtime::GetConfigurationRequest>,
     ) -> Reply<runtime::GetConfigurationResponse> {
-        Err(unimplemented("GetConfiguration"))
+        let req = request.into_inner();
+        let items = ops::get_configuration(&self.state, &req.store_name, &req.keys).await?;
+        ok(runtime::GetConfigurationResponse {
+            items: configuration_items(items),
+        })
     }
 
     type SubscribeConfigurationStream = Pin<
@@ -735,30 +763,101 @@ impl Dapr for Api {
 
     async fn subscribe_configuration(
         &self,
-        _request: tonic::Request<runtime::SubscribeConfigurationRequest>,
+        request: tonic::Request<runtime::SubscribeConfigurationRequest>,
     ) -> Reply<Self::SubscribeConfigurationStream> {
-        Err(unimplemented("SubscribeConfiguration"))
+        let req = request.into_inner();
+        let (id, mut changes) =
+            ops::subscribe_configuration(&self.state, &req.store_name, req.keys).await?;
+        // As daprd: the first frame carries only the watch's id, then one per change. The
+        // stream ends when the watch is unsubscribed; the watch ends when the client goes.
+        let stream = async_stream_of(id.clone(), move |tx| async move {
+            while let Some(items) = changes.recv().await {
+                let frame = runtime::SubscribeConfigurationResponse {
+                    id: id.clone(),
+                    items: configuration_items(items),
+                };
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ok(stream)
     }
 
     async fn unsubscribe_configuration(
         &self,
-        _request: tonic::Request<runtime::UnsubscribeConfigurationRequest>,
+        request: tonic::Request<runtime::UnsubscribeConfigurationRequest>,
     ) -> Reply<runtime::UnsubscribeConfigurationResponse> {
-        Err(unimplemented("UnsubscribeConfiguration"))
+        let req = request.into_inner();
+        ok(
+            match ops::unsubscribe_configuration(&self.state, &req.store_name, &req.id) {
+                Ok(()) => runtime::UnsubscribeConfigurationResponse {
+                    ok: true,
+                    message: String::new(),
+                },
+                Err(e @ ApiError::Failed { .. }) => runtime::UnsubscribeConfigurationResponse {
+                    ok: false,
+                    message: e.to_string(),
+                },
+                Err(e) => return Err(e.into()),
+            },
+        )
+    }
+
+    async fn get_configuration_alpha1(
+        &self,
+        request: tonic::Request<runtime::GetConfigurationRequest>,
+    ) -> Reply<runtime::GetConfigurationResponse> {
+        self.get_configuration(request).await
+    }
+
+    type SubscribeConfigurationAlpha1Stream = Self::SubscribeConfigurationStream;
+
+    async fn subscribe_configuration_alpha1(
+        &self,
+        request: tonic::Request<runtime::SubscribeConfigurationRequest>,
+    ) -> Reply<Self::SubscribeConfigurationAlpha1Stream> {
+        self.subscribe_configuration(request).await
+    }
+
+    async fn unsubscribe_configuration_alpha1(
+        &self,
+        request: tonic::Request<runtime::UnsubscribeConfigurationRequest>,
+    ) -> Reply<runtime::UnsubscribeConfigurationResponse> {
+        self.unsubscribe_configuration(request).await
     }
 
     async fn try_lock_alpha1(
         &self,
-        _request: tonic::Request<runtime::TryLockRequest>,
+        request: tonic::Request<runtime::TryLockRequest>,
     ) -> Reply<runtime::TryLockResponse> {
-        Err(unimplemented("TryLockAlpha1"))
+        let req = request.into_inner();
+        let success = ops::try_lock(
+            &self.state,
+            &req.store_name,
+            &req.resource_id,
+            &req.lock_owner,
+            req.expiry_in_seconds,
+        )
+        .await?;
+        ok(runtime::TryLockResponse { success })
     }
 
     async fn unlock_alpha1(
         &self,
-        _request: tonic::Request<runtime::UnlockRequest>,
+        request: tonic::Request<runtime::UnlockRequest>,
     ) -> Reply<runtime::UnlockResponse> {
-        Err(unimplemented("UnlockAlpha1"))
+        let req = request.into_inner();
+        let status = ops::unlock(
+            &self.state,
+            &req.store_name,
+            &req.resource_id,
+            &req.lock_owner,
+        )
+        .await?;
+        ok(runtime::UnlockResponse {
+            status: status as i32,
+        })
     }
 
     async fn get_metadata(
@@ -831,6 +930,64 @@ impl Dapr for Api {
     async fn shutdown(&self, _request: tonic::Request<runtime::ShutdownRequest>) -> Reply<()> {
         ops::shutdown(&self.state, true);
         ok(())
+    }
+}
+
+/// Configuration items as the gRPC messages carry them.
+fn configuration_items(
+    items: BTreeMap<String, crate::bridge::configuration::ConfigItem>,
+) -> HashMap<String, common::ConfigurationItem> {
+    items
+        .into_iter()
+        .map(|(k, i)| {
+            (
+                k,
+                common::ConfigurationItem {
+                    value: i.value,
+                    version: i.version,
+                    metadata: i.metadata.into_iter().collect(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A server stream whose first frame is the watch `id` (no items), then what `feed` sends.
+fn async_stream_of<F, Fut>(
+    id: String,
+    feed: F,
+) -> Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<runtime::SubscribeConfigurationResponse, Status>>
+            + Send,
+    >,
+>
+where
+    F: FnOnce(
+        tokio::sync::mpsc::Sender<Result<runtime::SubscribeConfigurationResponse, Status>>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let first = runtime::SubscribeConfigurationResponse {
+        id,
+        items: HashMap::new(),
+    };
+    let _ = tx.try_send(Ok(first));
+    tokio::spawn(feed(tx));
+    Box::pin(ReceiverStream(rx))
+}
+
+/// An mpsc receiver as a stream.
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> tokio_stream::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
     }
 }
 

@@ -110,6 +110,16 @@ impl AppChannel {
         b
     }
 
+    /// POSTs a JSON body to `path` (configuration changes): the status and body.
+    pub async fn post_json(&self, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), String> {
+        let req = self
+            .request(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        self.send(req).await
+    }
+
     /// `GET /dapr/subscribe`: the status and body, or why there is none.
     pub async fn get_subscriptions(&self) -> Result<(StatusCode, Bytes), String> {
         let req = self

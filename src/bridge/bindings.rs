@@ -1,0 +1,192 @@
+//! Output bindings behind `POST|PUT /v1.0/bindings/{name}` and `InvokeBinding`:
+//! `bindings.http` (components-contrib `bindings/http`): the operation is the HTTP method
+//! (`create` is POST), `path` metadata is appended to the component's `url`, the other request
+//! metadata goes as headers, and the answer's status (`statusCode`, `status`) and headers come
+//! back as response metadata. A non-2xx answer is an error unless `errorIfNot2XX` is false.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::components::Component;
+
+/// contrib's default `responseTimeout` is none; a call must end some day.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest answer read back (bytes).
+const MAX_RESPONSE: usize = 16 << 20;
+
+/// What a binding answered.
+#[derive(Debug, Default)]
+pub struct BindingResponse {
+    pub data: Bytes,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An output binding component.
+pub struct OutputBinding {
+    url: String,
+    error_if_not_2xx: bool,
+    timeout: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl OutputBinding {
+    /// Checks the metadata without connecting (preflight).
+    pub fn check(c: &Component) -> Result<(), String> {
+        OutputBinding::open(c).map(drop)
+    }
+
+    pub fn open(c: &Component) -> Result<OutputBinding, String> {
+        if c.kind != "bindings.http" {
+            return Err(format!("{} is not an output binding type", c.kind));
+        }
+        let url = c
+            .meta("url")
+            .ok_or("expected metadata url (http://host:port/path), found none")?
+            .trim_end_matches('/')
+            .to_string();
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("expected url as an http:// URL, found {url:?}: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(format!(
+                "expected url as an http:// URL (https is not supported yet), found {url:?}"
+            ));
+        }
+        let error_if_not_2xx = match c.meta("errorIfNot2XX") {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(format!(
+                    "expected errorIfNot2XX true or false, found {other:?}"
+                ));
+            }
+        };
+        let timeout = match c.meta("responseTimeout") {
+            None => DEFAULT_TIMEOUT,
+            Some(v) => humantime::parse_duration(v).map_err(|_| {
+                format!("expected responseTimeout as a duration (like 10s), found {v:?}")
+            })?,
+        };
+        Ok(OutputBinding {
+            url,
+            error_if_not_2xx,
+            timeout,
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        })
+    }
+
+    /// Sends `data` with `operation`.
+    pub async fn invoke(
+        &self,
+        operation: &str,
+        data: Bytes,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<BindingResponse, String> {
+        let method = match operation.to_ascii_lowercase().as_str() {
+            "create" | "post" => http::Method::POST,
+            "get" => http::Method::GET,
+            "head" => http::Method::HEAD,
+            "put" => http::Method::PUT,
+            "patch" => http::Method::PATCH,
+            "delete" => http::Method::DELETE,
+            "options" => http::Method::OPTIONS,
+            "trace" => http::Method::TRACE,
+            other => {
+                return Err(format!(
+                    "invalid operation {other:?}: expected one of create, get, head, post, put, patch, delete, options, trace"
+                ));
+            }
+        };
+        let mut url = self.url.clone();
+        if let Some(path) = metadata.get("path").filter(|p| !p.is_empty()) {
+            if !path.starts_with('/') {
+                url.push('/');
+            }
+            url.push_str(path);
+        }
+        let mut req = http::Request::builder().method(method).uri(&url);
+        for (k, v) in metadata {
+            if k == "path" {
+                continue;
+            }
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::try_from(k.as_str()),
+                http::HeaderValue::from_str(v),
+            ) {
+                req = req.header(k, v);
+            }
+        }
+        let req = req
+            .body(Full::new(data))
+            .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
+        let call = async {
+            let res = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("error invoking {url}: {}", chain(&e)))?;
+            let status = res.status();
+            let mut out = BindingResponse::default();
+            out.metadata
+                .insert("statusCode".into(), status.as_u16().to_string());
+            out.metadata.insert("status".into(), status.to_string());
+            for (k, v) in res.headers() {
+                if let Ok(v) = v.to_str() {
+                    out.metadata
+                        .entry(canonical(k.as_str()))
+                        .and_modify(|e| {
+                            e.push_str(", ");
+                            e.push_str(v);
+                        })
+                        .or_insert_with(|| v.to_string());
+                }
+            }
+            out.data = http_body_util::Limited::new(res.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer of {url}: {e}"))?
+                .to_bytes();
+            if self.error_if_not_2xx && !status.is_success() {
+                return Err(format!(
+                    "received status code {}: {}",
+                    status.as_u16(),
+                    String::from_utf8_lossy(&out.data[..out.data.len().min(512)])
+                ));
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from {url} within {:?}", self.timeout)))
+    }
+}
+
+/// A header name as Go's `http.Header` spells it (`Content-Type`), as contrib reports them.
+fn canonical(name: &str) -> String {
+    name.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

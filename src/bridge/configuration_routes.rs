@@ -1,0 +1,115 @@
+//! The configuration routes of the Dapr API, under `v1.0` and `v1.0-alpha1` alike: get
+//! (`?key=a&key=b`, none: every key), subscribe (each change is POSTed to the app at
+//! `/configuration/{store}/{key}` with `{"id", "items"}`, as daprd does) and unsubscribe.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+
+use super::BridgeState;
+use super::error::ApiError;
+use super::ops;
+
+type St = State<Arc<BridgeState>>;
+
+pub fn routes() -> Router<Arc<BridgeState>> {
+    let mut router = Router::new();
+    for version in ["v1.0", "v1.0-alpha1"] {
+        router = router
+            .route(
+                &format!("/{version}/configuration/{{store}}"),
+                get(get_items),
+            )
+            .route(
+                &format!("/{version}/configuration/{{store}}/subscribe"),
+                get(subscribe),
+            )
+            .route(
+                &format!("/{version}/configuration/{{store}}/{{id}}/unsubscribe"),
+                get(unsubscribe),
+            );
+    }
+    router
+}
+
+/// The `key` query parameters, in order.
+fn keys(query: Vec<(String, String)>) -> Vec<String> {
+    query
+        .into_iter()
+        .filter(|(k, _)| k == "key")
+        .map(|(_, v)| v)
+        .collect()
+}
+
+async fn get_items(
+    State(st): St,
+    Path(store): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let items = ops::get_configuration(&st, &store, &keys(query)).await?;
+    if items.is_empty() {
+        // daprd: no items, no content.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok(axum::Json(items).into_response())
+}
+
+async fn subscribe(
+    State(st): St,
+    Path(store): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let Some(crate::config::Address::Tcp(app)) = st.app_address.clone() else {
+        return Err(ApiError::Failed {
+            code: "ERR_CONFIGURATION_SUBSCRIBE",
+            message: "configuration changes are sent to the app: app.address must be a TCP address"
+                .into(),
+        });
+    };
+    let (id, mut changes) = ops::subscribe_configuration(&st, &store, keys(query)).await?;
+    let channel = crate::bridge::pubsub::delivery::AppChannel::new(
+        &app.to_string(),
+        st.config.app_api_token.as_ref().map(|t| t.expose()),
+        crate::bridge::pubsub::DEFAULT_DELIVERY_TIMEOUT,
+    );
+    let watch = id.clone();
+    tokio::spawn(async move {
+        while let Some(items) = changes.recv().await {
+            let body = Bytes::from(
+                serde_json::to_vec(&serde_json::json!({"id": watch, "items": items}))
+                    .expect("serializable"),
+            );
+            for key in items.keys() {
+                let path = format!("/configuration/{store}/{key}");
+                match channel.post_json(&path, body.clone()).await {
+                    Ok((status, _)) if status == StatusCode::OK => {}
+                    Ok((status, body)) => tracing::warn!(
+                        path, %status, body = %String::from_utf8_lossy(&body[..body.len().min(256)]),
+                        "the app did not take a configuration change (expected 200)"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(path, error = %e, "cannot send a configuration change to the app")
+                    }
+                }
+            }
+        }
+    });
+    Ok(axum::Json(serde_json::json!({ "id": id })).into_response())
+}
+
+async fn unsubscribe(State(st): St, Path((store, id)): Path<(String, String)>) -> Response {
+    match ops::unsubscribe_configuration(&st, &store, &id) {
+        Ok(()) => axum::Json(serde_json::json!({"ok": true})).into_response(),
+        Err(e @ ApiError::Failed { .. }) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(serde_json::json!({"ok": false, "message": e.to_string()})),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}

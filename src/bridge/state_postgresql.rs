@@ -1,0 +1,486 @@
+//! `state.postgresql` (alias `state.postgres`): daprd's v1 PostgreSQL store, laid out the same
+//! (components-contrib `state/postgresql/v1`), so a table written by daprd reads back here and
+//! the other way round: `key text PRIMARY KEY, value jsonb, isbinary boolean, insertdate,
+//! updatedate, expiredate`; the ETag is the row's `xmin`; a value that is not JSON (gRPC's raw
+//! bytes) is stored as a base64 JSON string with `isbinary = true`. The migrations table
+//! (`dapr_metadata`) records the schema level (`migrations` = `2`) as daprd's does.
+//!
+//! Requests come from [`super::state::Store`]; they leave on a bounded deadpool of
+//! tokio-postgres connections (no TLS). The first call creates the tables when missing (under
+//! an advisory lock, so sidecars starting together do not race) and starts the periodic
+//! cleanup of expired rows; a database that is down fails each call with a clear error and
+//! is used again as soon as it is back (nothing connects at start).
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::components::Component;
+use super::state::{Entry, Op, StateError};
+
+/// daprd's default `timeout` for every database operation.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+/// daprd's default `cleanupInterval`: expired rows are invisible at once, deleted hourly.
+const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
+/// daprd's default pool size is the greater of 4 and the number of CPUs.
+const MIN_CONNECTIONS: usize = 4;
+
+/// A `state.postgresql` component.
+pub struct Postgres {
+    pool: Pool,
+    table: String,
+    metadata_table: String,
+    timeout: Duration,
+    /// None: no periodic cleanup (`cleanupInterval` of 0 or less).
+    cleanup_interval: Option<Duration>,
+    /// Set once the tables exist (and the cleanup runs).
+    migrated: tokio::sync::OnceCell<()>,
+}
+
+/// A table name written into SQL: letters, digits and `_`, optionally `schema.table`.
+fn table_name(c: &Component, key: &str, default: &str) -> Result<String, String> {
+    let name = c.meta(key).unwrap_or(default).to_string();
+    let parts: Vec<&str> = name.split('.').collect();
+    let ok = parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                && !p.starts_with(|ch: char| ch.is_ascii_digit())
+        });
+    if !ok {
+        return Err(format!(
+            "expected {key} as a table name of letters, digits and '_' (optionally schema.table), found {name:?}"
+        ));
+    }
+    Ok(name)
+}
+
+/// A duration as daprd reads one: a Go-style duration (`20s`, `1h`, `500ms`) or a number of
+/// seconds. Negative: `None`.
+fn duration(c: &Component, key: &str, default: Duration) -> Result<Option<Duration>, String> {
+    let Some(v) = c.meta(key) else {
+        return Ok(Some(default));
+    };
+    if let Ok(n) = v.trim().parse::<i64>() {
+        return Ok(u64::try_from(n).ok().map(Duration::from_secs));
+    }
+    if v.trim().starts_with('-') {
+        return Ok(None);
+    }
+    humantime::parse_duration(v.trim()).map(Some).map_err(|_| {
+        format!("expected {key} as a duration (like 20s, 1h) or a number of seconds, found {v:?}")
+    })
+}
+
+/// `connectionString` as daprd takes it: a `postgres://` URL or `key=value` pairs. pgx's
+/// `database=` is libpq's `dbname=`, and pgx's pool settings (`pool_*`) are not the
+/// connection's.
+fn connection_config(s: &str) -> Result<tokio_postgres::Config, String> {
+    let text = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        s.to_string()
+    } else {
+        s.split_whitespace()
+            .filter(|kv| !kv.starts_with("pool_"))
+            .map(|kv| match kv.strip_prefix("database=") {
+                Some(db) => format!("dbname={db}"),
+                None => kv.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    text.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("invalid connectionString: {e}"))
+}
+
+impl Postgres {
+    /// Checks the metadata without connecting (preflight).
+    pub fn check(c: &Component) -> Result<(), String> {
+        Postgres::new(c).map(drop)
+    }
+
+    /// The store, with its pool built but nothing connected.
+    pub fn new(c: &Component) -> Result<Postgres, String> {
+        let conn = c
+            .meta("connectionString")
+            .ok_or("expected metadata connectionString, found none")?;
+        let mut config = connection_config(conn)?;
+        let table = table_name(c, "tableName", "state")?;
+        let metadata_table = table_name(c, "metadataTableName", "dapr_metadata")?;
+        let timeout = match c.meta("timeout").or(c.meta("timeoutInSeconds")) {
+            Some(_) => {
+                let key = if c.meta("timeout").is_some() {
+                    "timeout"
+                } else {
+                    "timeoutInSeconds"
+                };
+                duration(c, key, DEFAULT_TIMEOUT)?
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("expected {key} greater than 0"))?
+            }
+            None => DEFAULT_TIMEOUT,
+        };
+        // `cleanupIntervalInSeconds` is daprd's older name.
+        let cleanup_key = if c.meta("cleanupInterval").is_none()
+            && c.meta("cleanupIntervalInSeconds").is_some()
+        {
+            "cleanupIntervalInSeconds"
+        } else {
+            "cleanupInterval"
+        };
+        let cleanup_interval =
+            duration(c, cleanup_key, DEFAULT_CLEANUP_INTERVAL)?.filter(|d| !d.is_zero());
+        let max = match c.meta("maxConns") {
+            Some(v) => v
+                .parse::<i64>()
+                .map_err(|_| format!("expected maxConns as a number, found {v:?}"))?,
+            None => 0,
+        };
+        let max = usize::try_from(max)
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(MIN_CONNECTIONS, |n| n.get())
+                    .max(MIN_CONNECTIONS)
+            });
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeout);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| format!("cannot build the connection pool: {e}"))?;
+        Ok(Postgres {
+            pool,
+            table,
+            metadata_table,
+            timeout,
+            cleanup_interval,
+            migrated: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// A pooled connection, once the tables exist.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
+        let mut client =
+            self.pool.get().await.map_err(|e| {
+                StateError::Store(format!("postgresql: cannot connect: {}", chain(&e)))
+            })?;
+        if self.migrated.get().is_none() {
+            self.migrated
+                .get_or_try_init(|| self.migrate(&mut client))
+                .await?;
+        }
+        Ok(client)
+    }
+
+    /// Creates what is missing, as daprd's migrations 1 and 2 leave it.
+    async fn migrate(&self, client: &mut deadpool_postgres::Object) -> Result<(), StateError> {
+        let (t, m) = (&self.table, &self.metadata_table);
+        let index = format!("{}_expiredate_idx", t.replace('.', "_"));
+        let sql = format!(
+            "SELECT pg_advisory_xact_lock(hashtext('outrigger-migrate-' || '{t}'));
+             CREATE TABLE IF NOT EXISTS {m} (key text NOT NULL PRIMARY KEY, value text NOT NULL);
+             CREATE TABLE IF NOT EXISTS {t} (key text NOT NULL PRIMARY KEY, value jsonb NOT NULL,
+               isbinary boolean NOT NULL, insertdate TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT NOW(),
+               updatedate TIMESTAMP WITH TIME ZONE NULL);
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS expiredate TIMESTAMP WITH TIME ZONE NULL;
+             CREATE INDEX IF NOT EXISTS {index} ON {t} (expiredate);
+             INSERT INTO {m} (key, value) VALUES ('migrations', '2')
+               ON CONFLICT (key) DO UPDATE SET value = '2' WHERE {m}.value ~ '^[0-9]+$' AND {m}.value::int < 2;"
+        );
+        let what = format!("cannot create the table {t}");
+        let work = async {
+            // Dropping the transaction on an error rolls it back.
+            let tx = client.transaction().await.map_err(|e| pg(&what, &e))?;
+            tx.batch_execute(&sql).await.map_err(|e| pg(&what, &e))?;
+            tx.commit().await.map_err(|e| pg(&what, &e))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))?;
+        self.start_cleanup();
+        Ok(())
+    }
+
+    /// Deletes expired rows every `cleanupInterval` (first right away: what expired while no
+    /// sidecar ran), while the pool is open.
+    fn start_cleanup(&self) {
+        let Some(every) = self.cleanup_interval else {
+            return;
+        };
+        let pool = self.pool.clone();
+        let sql = format!(
+            "DELETE FROM {} WHERE expiredate IS NOT NULL AND expiredate < now()",
+            self.table
+        );
+        tokio::spawn(async move {
+            loop {
+                if pool.is_closed() {
+                    return;
+                }
+                match pool.get().await {
+                    Ok(client) => match client.execute(&sql, &[]).await {
+                        Ok(n) => tracing::debug!(rows = n, "postgresql: expired state deleted"),
+                        Err(e) => {
+                            tracing::warn!(error = %chain(&e), "postgresql: cannot delete expired state")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %chain(&e), "postgresql: cleanup skipped, no connection")
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    fn timed_out(&self) -> StateError {
+        StateError::Store(format!(
+            "postgresql: the operation did not finish within {} (timeout)",
+            humantime::format_duration(self.timeout)
+        ))
+    }
+
+    /// The value, its ETag (`xmin`) and its expiry, or None (also once expired).
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, StateError> {
+        let work = async {
+            let client = self.client().await?;
+            let sql = format!(
+                "SELECT value::text, isbinary, xmin::text::bigint,
+                   (extract(epoch FROM expiredate) * 1000)::bigint
+                 FROM {} WHERE key = $1 AND (expiredate IS NULL OR expiredate > now())",
+                self.table
+            );
+            let stmt = client
+                .prepare_cached(&sql)
+                .await
+                .map_err(|e| pg("get", &e))?;
+            let Some(row) = client
+                .query_opt(&stmt, &[&key])
+                .await
+                .map_err(|e| pg("get", &e))?
+            else {
+                return Ok(None);
+            };
+            let text: String = row.get(0);
+            let binary: bool = row.get(1);
+            let xmin: i64 = row.get(2);
+            let expires: Option<i64> = row.get(3);
+            let value = if binary {
+                let encoded: String = serde_json::from_str(&text).map_err(|e| {
+                    StateError::Store(format!(
+                        "postgresql: key {key:?} is marked isbinary but its value is not a JSON string: {e}"
+                    ))
+                })?;
+                Bytes::from(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .map_err(|e| {
+                            StateError::Store(format!(
+                                "postgresql: key {key:?} is marked isbinary but its value is not base64: {e}"
+                            ))
+                        })?,
+                )
+            } else {
+                Bytes::from(text)
+            };
+            Ok(Some(Entry {
+                value,
+                version: xmin as u64,
+                expires: expires
+                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
+            }))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    /// Every ETag is checked first (locking the rows), then every operation is applied: one
+    /// SQL transaction, so all or nothing.
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
+        let work = async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| pg("begin", &e))?;
+            let check = format!(
+                "SELECT 1 FROM {} WHERE key = $1 AND xmin::text::bigint = $2
+                   AND (expiredate IS NULL OR expiredate > now()) FOR UPDATE",
+                self.table
+            );
+            for op in &ops {
+                let Some(want) = op_etag(op) else { continue };
+                let found = tx
+                    .query_opt(&check, &[&op_key(op), &(want as i64)])
+                    .await
+                    .map_err(|e| pg("etag check", &e))?;
+                if found.is_none() {
+                    // Dropping the transaction rolls it back.
+                    return Err(StateError::EtagMismatch(op_key(op).to_string()));
+                }
+            }
+            let upsert = format!(
+                "INSERT INTO {} (key, value, isbinary, expiredate)
+                 VALUES ($1, $2::text::jsonb, $3, now() + $4::bigint * interval '1 second')
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, isbinary = EXCLUDED.isbinary,
+                   updatedate = now(), expiredate = EXCLUDED.expiredate",
+                self.table
+            );
+            let delete = format!("DELETE FROM {} WHERE key = $1", self.table);
+            for op in &ops {
+                match op {
+                    Op::Upsert {
+                        key,
+                        value,
+                        ttl,
+                        json,
+                        ..
+                    } => {
+                        let (text, binary) = stored_value(value, *json);
+                        let ttl = ttl.map(i64::from);
+                        tx.execute(&upsert, &[key, &text, &binary, &ttl])
+                            .await
+                            .map_err(|e| pg("upsert", &e))?;
+                    }
+                    Op::Delete { key, .. } => {
+                        tx.execute(&delete, &[key])
+                            .await
+                            .map_err(|e| pg("delete", &e))?;
+                    }
+                }
+            }
+            tx.commit().await.map_err(|e| pg("commit", &e))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+}
+
+/// The JSON text stored, and `isbinary`: JSON as is; anything else (gRPC's bytes) as a base64
+/// JSON string, as daprd stores `[]byte` values.
+fn stored_value(value: &[u8], json: bool) -> (String, bool) {
+    if json
+        && let Ok(text) = std::str::from_utf8(value)
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+        && !text.contains("\\u0000")
+    {
+        return (text.to_string(), false);
+    }
+    let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+    (serde_json::Value::String(encoded).to_string(), true)
+}
+
+fn op_key(op: &Op) -> &str {
+    match op {
+        Op::Upsert { key, .. } | Op::Delete { key, .. } => key,
+    }
+}
+
+fn op_etag(op: &Op) -> Option<u64> {
+    match op {
+        Op::Upsert { etag, .. } | Op::Delete { etag, .. } => *etag,
+    }
+}
+
+/// An error with its causes (tokio-postgres' own text is often just "db error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn pg(what: &str, e: &tokio_postgres::Error) -> StateError {
+    StateError::Store(format!("postgresql: {what}: {}", chain(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(meta: &[(&str, &str)]) -> Component {
+        Component {
+            name: "pg".into(),
+            kind: "state.postgresql".into(),
+            version: "v1".into(),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            scopes: Vec::new(),
+            ignore_errors: false,
+            file: "c.yaml".into(),
+            line: 1,
+        }
+    }
+
+    #[test]
+    fn metadata_as_daprd_reads_it() {
+        // The Dapr docs' key=value form, with pgx's `database`.
+        let c = component(&[(
+            "connectionString",
+            "host=localhost user=postgres password=example port=5432 connect_timeout=10 database=my_dapr",
+        )]);
+        let p = Postgres::new(&c).unwrap();
+        assert_eq!(
+            (p.table.as_str(), p.metadata_table.as_str()),
+            ("state", "dapr_metadata")
+        );
+        assert_eq!(p.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(p.cleanup_interval, Some(DEFAULT_CLEANUP_INTERVAL));
+        let c = component(&[
+            (
+                "connectionString",
+                "postgres://u@127.0.0.1:5432/db?sslmode=disable",
+            ),
+            ("tableName", "app.orders"),
+            ("timeout", "5"),
+            ("cleanupInterval", "-1"),
+        ]);
+        let p = Postgres::new(&c).unwrap();
+        assert_eq!(p.table, "app.orders");
+        assert_eq!(p.timeout, Duration::from_secs(5));
+        assert_eq!(p.cleanup_interval, None);
+        for bad in [
+            vec![],
+            vec![("connectionString", "host=x"), ("tableName", "x; drop")],
+            vec![("connectionString", "host=x"), ("timeout", "soon")],
+            vec![("connectionString", "nonsense=1")],
+        ] {
+            assert!(Postgres::new(&component(&bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_is_stored_as_is_and_bytes_as_base64() {
+        assert_eq!(
+            stored_value(br#"{"a":1}"#, true),
+            (r#"{"a":1}"#.into(), false)
+        );
+        assert_eq!(stored_value(b"v1", false), (r#""djE=""#.into(), true));
+        assert!(stored_value(br#"{"a":1}"#, false).1);
+        assert!(stored_value(b"not json", true).1);
+    }
+}
