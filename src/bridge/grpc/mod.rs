@@ -101,9 +101,7 @@ impl Grpc {
             status_response(status)
         } else {
             match method {
-                Some(m) if !IMPLEMENTED.contains(&m) || NOT_YET.iter().any(|(n, _)| *n == m) => {
-                    status_response(unimplemented(m))
-                }
+                Some(m) if !IMPLEMENTED.contains(&m) => status_response(unimplemented(m)),
                 Some(_) => {
                     let mut req = req;
                     req.headers_mut().remove(TOKEN_HEADER);
@@ -184,15 +182,8 @@ const IMPLEMENTED: &[&str] = &[
     "Shutdown",
 ];
 
-/// Declared in `proto/` for the building blocks that are coming, answered `UNIMPLEMENTED` until
-/// they land (the bridge building-blocks work).
-const NOT_YET: &[(&str, &str)] = &[];
-
 /// The building block of a Dapr RPC we do not serve, by its name.
 fn block_of(method: &str) -> &'static str {
-    if let Some((_, block)) = NOT_YET.iter().find(|(n, _)| *n == method) {
-        return block;
-    }
     const BY_WORD: &[(&str, &str)] = &[
         ("Actor", "actors"),
         ("Reminder", "actors"),
@@ -1029,5 +1020,43 @@ impl Api {
                 )
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `IMPLEMENTED` decides what reaches the generated server: it must name exactly the RPCs
+    /// `proto/` declares (a new RPC would otherwise answer UNIMPLEMENTED, or an undeclared one
+    /// reach the server's own empty UNIMPLEMENTED).
+    #[test]
+    fn implemented_is_the_declared_service() {
+        let proto = include_str!("../../../proto/dapr/proto/runtime/v1/dapr.proto");
+        let service = &proto[proto.find("service Dapr").expect("the Dapr service")..];
+        let service = &service[..service.find("\n}").expect("its end")];
+        let mut declared: Vec<&str> = service
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap().trim())
+            .collect();
+        let mut ours = IMPLEMENTED.to_vec();
+        declared.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(declared, ours);
+    }
+
+    #[test]
+    fn unserved_rpcs_name_their_building_block() {
+        for (method, block) in [
+            ("ScheduleJobAlpha1", "jobs"),
+            ("InvokeActor", "actors"),
+            ("StartWorkflowBeta1", "workflows"),
+            ("EncryptAlpha1", "cryptography"),
+            ("QueryStateAlpha1", "state query"),
+        ] {
+            assert_eq!(block_of(method), block, "{method}");
+            assert!(unimplemented(method).message().contains(block));
+        }
     }
 }
