@@ -112,7 +112,22 @@ impl OutputBinding {
         }
         let mut req = http::Request::builder().method(method).uri(&url);
         for (k, v) in metadata {
-            if k == "path" {
+            // Metadata becomes headers, but never the ones that pick the target or frame the
+            // body (Go's client, which daprd uses, ignores those too).
+            if k == "path"
+                || matches!(
+                    k.to_ascii_lowercase().as_str(),
+                    "host"
+                        | "content-length"
+                        | "transfer-encoding"
+                        | "connection"
+                        | "te"
+                        | "upgrade"
+                        | "keep-alive"
+                        | "trailer"
+                )
+                || k.to_ascii_lowercase().starts_with("proxy-")
+            {
                 continue;
             }
             if let (Ok(k), Ok(v)) = (

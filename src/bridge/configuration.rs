@@ -177,7 +177,18 @@ pub struct Watches {
     open: Mutex<HashMap<String, (String, tokio::task::AbortHandle)>>,
 }
 
+/// Configuration subscriptions open at once (each holds up to two Redis connections and two
+/// tasks until unsubscribed or, over gRPC, until its stream closes).
+pub const MAX_WATCHES: usize = 128;
+
 impl Watches {
+    /// How many watches are running now.
+    pub fn open(&self) -> usize {
+        let mut open = self.open.lock().expect("not poisoned");
+        open.retain(|_, (_, t)| !t.is_finished());
+        open.len()
+    }
+
     /// Registers a watch of `store`; returns its id.
     pub fn add(&self, store: &str, task: &tokio::task::JoinHandle<()>) -> String {
         let id = new_id();

@@ -76,7 +76,10 @@ impl LockStore {
     /// Opens the store a component describes, for the app `app_id`.
     pub fn open(c: &Component, app_id: &str) -> Result<LockStore, String> {
         LockStore::check(c)?;
-        let prefix = match c.meta("keyPrefix").unwrap_or("appid") {
+        // daprd reads the strategy lowercased (`keyPrefix: AppID` is the appid strategy,
+        // `Shared` the prefix `shared`): the same keys, so both exclude each other.
+        let strategy = c.meta("keyPrefix").unwrap_or("appid").to_ascii_lowercase();
+        let prefix = match strategy.as_str() {
             "appid" => Prefix::AppId(app_id.to_string()),
             "name" => Prefix::Name(c.name.clone()),
             "none" => Prefix::None,

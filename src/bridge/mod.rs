@@ -428,10 +428,12 @@ async fn observe_and_authorize(
     // which the bridge never grants).
     let invocation = req.uri().path().starts_with("/v1.0/invoke/")
         || req.headers().contains_key(invoke::APP_ID_HEADER);
+    // A configuration subscription is a GET that opens connections and tasks: a change too.
     let change = !matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
-    );
+    ) || (req.uri().path().contains("/configuration/")
+        && (req.uri().path().ends_with("/subscribe") || req.uri().path().contains("/unsubscribe")));
     let response = match &state.config.api_token {
         // A page open in a browser on this host must not write state, publish or stop the
         // sidecar (a "simple" cross-origin POST needs no preflight). Invocations pass through:

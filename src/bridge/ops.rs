@@ -390,7 +390,17 @@ pub async fn subscribe_configuration(
     store: &str,
     keys: Vec<String>,
 ) -> Result<(String, Changes), ApiError> {
-    let (changes, task) = configuration_store(st, store)?
+    let watch_store = configuration_store(st, store)?;
+    if st.configuration_watches.open() >= super::configuration::MAX_WATCHES {
+        return Err(ApiError::Failed {
+            code: "ERR_CONFIGURATION_SUBSCRIBE",
+            message: format!(
+                "failed to subscribe {keys:?} from Configuration store {store}: {} subscriptions are open already (unsubscribe some)",
+                super::configuration::MAX_WATCHES
+            ),
+        });
+    }
+    let (changes, task) = watch_store
         .watch(keys.clone())
         .await
         .map_err(|e| ApiError::Failed {

@@ -277,10 +277,15 @@ impl Postgres {
             else {
                 return Ok(None);
             };
-            let text: String = row.get(0);
-            let binary: bool = row.get(1);
-            let xmin: i64 = row.get(2);
-            let expires: Option<i64> = row.get(3);
+            // `try_get`: a table of another shape (a NULL `isbinary`) is an error, not a panic.
+            let column = |e: tokio_postgres::Error| pg("get", &e);
+            let text: String = row.try_get(0).map_err(column)?;
+            let binary: bool = row
+                .try_get::<_, Option<bool>>(1)
+                .map_err(column)?
+                .unwrap_or(false);
+            let xmin: i64 = row.try_get(2).map_err(column)?;
+            let expires: Option<i64> = row.try_get(3).map_err(column)?;
             let value = if binary {
                 let encoded: String = serde_json::from_str(&text).map_err(|e| {
                     StateError::Store(format!(

@@ -369,6 +369,15 @@ pub fn validate(
     if poll.get().is_zero() {
         problems.push(doc.problem("logs.poll", "expected a duration above 0"));
     }
+    // Zero would spin: a batch tick of 0, or retries back to back against a sink that is down.
+    for (key, value) in [
+        ("logs.batch.max_wait", raw.batch.max_wait),
+        ("logs.batch.retry_max", raw.batch.retry_max),
+    ] {
+        if value.is_some_and(|d| d.get().is_zero()) {
+            problems.push(doc.problem(key, "expected a duration above 0"));
+        }
+    }
     if problems.len() > before {
         return None;
     }

@@ -109,10 +109,19 @@ impl HttpSink {
             ))),
             Ok(Err(e)) => Err(SendError::Failed(e)),
             Ok(Ok(s)) if s.is_success() => Ok(()),
+            // A refusal that retrying cannot fix (a malformed or too large batch) is dropped
+            // and counted; an answer that says "not now" or "not you, yet" (a token being
+            // rotated, a route not yet deployed) is retried, keeping the files' positions.
             Ok(Ok(s))
                 if s.is_client_error()
-                    && s != http::StatusCode::REQUEST_TIMEOUT
-                    && s != http::StatusCode::TOO_MANY_REQUESTS =>
+                    && !matches!(
+                        s,
+                        http::StatusCode::REQUEST_TIMEOUT
+                            | http::StatusCode::TOO_MANY_REQUESTS
+                            | http::StatusCode::UNAUTHORIZED
+                            | http::StatusCode::FORBIDDEN
+                            | http::StatusCode::NOT_FOUND
+                    ) =>
             {
                 Err(SendError::Rejected(format!("answered {s}")))
             }

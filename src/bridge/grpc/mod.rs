@@ -762,7 +762,16 @@ impl Dapr for Api {
         // As daprd: the first frame carries only the watch's id, then one per change. The
         // stream ends when the watch is unsubscribed; the watch ends when the client goes.
         let stream = async_stream_of(id.clone(), move |tx| async move {
-            while let Some(items) = changes.recv().await {
+            loop {
+                // A client that goes away ends the watch now, not at the key's next change
+                // (which may never come): its Redis connections and tasks are released.
+                let items = tokio::select! {
+                    _ = tx.closed() => return,
+                    items = changes.recv() => match items {
+                        Some(items) => items,
+                        None => return,
+                    },
+                };
                 let frame = runtime::SubscribeConfigurationResponse {
                     id: id.clone(),
                     items: configuration_items(items),
