@@ -188,12 +188,49 @@ impl Postgres {
         Ok(client)
     }
 
+    /// Whether both tables exist at daprd's migration level 2 already: then no DDL runs, so a
+    /// role with only SELECT/INSERT/UPDATE/DELETE (tables made by a DBA or by daprd; PG 15+
+    /// grants no CREATE on `public`) works. Any error reads as "not yet" (the DDL then says why).
+    async fn migrated_already(&self, client: &deadpool_postgres::Object) -> bool {
+        let (t, m) = (&self.table, &self.metadata_table);
+        let check = async {
+            let row = client
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                    &[t, m],
+                )
+                .await?;
+            if !row.try_get::<_, bool>(0)? {
+                return Ok::<_, tokio_postgres::Error>(false);
+            }
+            let level = client
+                .query_opt(
+                    &format!("SELECT value FROM {m} WHERE key = 'migrations'"),
+                    &[],
+                )
+                .await?;
+            Ok(level
+                .and_then(|r| r.try_get::<_, String>(0).ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|v| v >= 2))
+        };
+        matches!(
+            tokio::time::timeout(self.timeout, check).await,
+            Ok(Ok(true))
+        )
+    }
+
     /// Creates what is missing, as daprd's migrations 1 and 2 leave it.
     async fn migrate(&self, client: &mut deadpool_postgres::Object) -> Result<(), StateError> {
+        if self.migrated_already(client).await {
+            self.start_cleanup();
+            return Ok(());
+        }
         let (t, m) = (&self.table, &self.metadata_table);
         let index = format!("{}_expiredate_idx", t.replace('.', "_"));
+        // One lock per metadata table: components with different state tables share it.
         let sql = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('outrigger-migrate-' || '{t}'));
+            "SELECT pg_advisory_xact_lock(hashtext('outrigger-migrate-' || '{m}'));
              CREATE TABLE IF NOT EXISTS {m} (key text NOT NULL PRIMARY KEY, value text NOT NULL);
              CREATE TABLE IF NOT EXISTS {t} (key text NOT NULL PRIMARY KEY, value jsonb NOT NULL,
                isbinary boolean NOT NULL, insertdate TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT NOW(),

@@ -2067,3 +2067,34 @@ fn output_binding_http() {
         (400, Some("ERR_MALFORMED_REQUEST"))
     );
 }
+
+/// Tables made beforehand (by a DBA, or by daprd) and a role that may only read and write rows:
+/// no DDL runs, so the store works (it needed CREATE and ownership on every start before).
+#[test]
+fn postgres_state_works_for_a_role_without_ddl_rights() {
+    let db = PostgresDb::create();
+    // First start as the owner: the tables are created at daprd's migration level 2.
+    let owner = postgres_component("pg", "state.postgresql", &db.connection_string(), "");
+    let sc = start("service: orders\n", &[("pg.yaml", owner.as_str())]);
+    let (s, _) = post(&sc, "/v1.0/state/pg", json!([{"key": "a", "value": 1}]));
+    assert_eq!(s, 204);
+    drop(sc);
+    let role = format!("{}_dml", db.name);
+    db.sql(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON state, dapr_metadata TO {role}; REVOKE CREATE ON SCHEMA public FROM PUBLIC; REVOKE CREATE ON SCHEMA public FROM {role};"
+    ));
+    let dml = db
+        .connection_string()
+        .replace("user=postgres", &format!("user={role}"));
+    let limited = postgres_component("pg", "state.postgresql", &dml, "");
+    let sc = start("service: orders\n", &[("pg.yaml", limited.as_str())]);
+    let (s, body) = post(&sc, "/v1.0/state/pg", json!([{"key": "b", "value": 2}]));
+    assert_eq!(s, 204, "{body}\n{}", sc.diagnostics());
+    let (s, _, body) = get(&sc, "/v1.0/state/pg/a");
+    assert_eq!((s, body.as_str()), (200, "1"));
+    drop(sc);
+    db.sql(&format!(
+        "REASSIGN OWNED BY {role} TO postgres; DROP OWNED BY {role};"
+    ));
+    PostgresDb::drop_role(&role);
+}

@@ -202,6 +202,11 @@ impl PostgresDb {
         )
     }
 
+    /// Drops a role a test made (cluster-wide: after `DROP OWNED BY` in each database).
+    pub fn drop_role(role: &str) {
+        psql("postgres", &format!("DROP ROLE IF EXISTS {role}"));
+    }
+
     fn admin(&self, sql: &str) -> String {
         psql("postgres", sql)
     }
