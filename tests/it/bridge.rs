@@ -1,8 +1,8 @@
 //! The Dapr-compatible bridge, end to end: the real binary, real Redis (started per test on a
 //! free port), SQLite files in temp dirs, a real HTTP backend for invocation.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -854,23 +854,13 @@ fn dapr_js_sdk_end_to_end() {
         .next()
         .unwrap()
         .to_string();
-    let mut child = Command::new("node")
-        .arg(&script)
-        .arg("client")
-        .env("DAPR_HTTP_PORT", &port)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::output_within(
+        Command::new("node")
+            .arg(&script)
+            .arg("client")
+            .env("DAPR_HTTP_PORT", &port),
+        Duration::from_secs(60),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("JS client: {stdout}");
     assert!(
@@ -900,24 +890,14 @@ fn dapr_js_sdk_in_grpc_mode() {
         .next()
         .unwrap()
         .to_string();
-    let mut child = Command::new("node")
-        .arg(js.join("e2e.mjs"))
-        .arg("grpc-client")
-        .env("DAPR_GRPC_PORT", &port)
-        .env("DAPR_HTTP_PORT", &port)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::output_within(
+        Command::new("node")
+            .arg(js.join("e2e.mjs"))
+            .arg("grpc-client")
+            .env("DAPR_GRPC_PORT", &port)
+            .env("DAPR_HTTP_PORT", &port),
+        Duration::from_secs(60),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("\"ok\":true"),

@@ -4,8 +4,8 @@
 //! metadata, invocation, tokens, shutdown; our `.proto` files against the SDK's descriptors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::servers::{NatsServer, RedisServer};
@@ -32,27 +32,17 @@ fn scenario(sc: &Sidecar, env: &[(&str, &str)], args: &[&str]) -> Result<String,
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/sdk_client.py");
     let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
     let http = sc.bridge.clone().expect("the bridge runs");
-    let mut child = Command::new(python)
-        .arg(script)
-        .args(args)
-        .env("DAPR_GRPC_PORT", port(&grpc))
-        .env("DAPR_HTTP_PORT", port(&http))
-        .env("DAPR_API_METHOD_INVOCATION_PROTOCOL", "grpc")
-        .env_remove("DAPR_API_TOKEN")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::output_within(
+        Command::new(python)
+            .arg(script)
+            .args(args)
+            .env("DAPR_GRPC_PORT", port(&grpc))
+            .env("DAPR_HTTP_PORT", port(&http))
+            .env("DAPR_API_METHOD_INVOCATION_PROTOCOL", "grpc")
+            .env_remove("DAPR_API_TOKEN")
+            .envs(env.iter().copied()),
+        Duration::from_secs(90),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success()
         && stdout

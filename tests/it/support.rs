@@ -274,6 +274,25 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Stri
     )
 }
 
+/// Runs `cmd` (stdout and stderr captured) and waits for it at most `timeout`; past that it is
+/// killed and what it wrote so far is returned (the caller's assertion then shows it).
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// `DIR/.venv/bin/python` (DIR relative to the package) with `DIR/requirements.txt` installed,
 /// made on first use; None (after a loud message naming `what` as skipped) only when pip
 /// cannot reach PyPI. `.ci/run` makes the same venvs ahead of the tests.
