@@ -276,6 +276,10 @@ pub async fn call(
             format!("the app was not ready within {:?}", st.hold_timeout),
         ));
     }
+    // Hop-by-hop headers belong to this hop, whichever way the call goes on.
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
     // A gRPC app takes invocations of its own id through `OnInvoke`.
     if local && let Some(app) = &st.grpc_app {
         let (method_path, query) = path.as_str().split_once('?').unwrap_or((path.as_str(), ""));
@@ -303,9 +307,6 @@ pub async fn call(
             format!("cluster {app_id:?} has too many requests in flight"),
         ));
     };
-    for h in HOP_BY_HOP {
-        headers.remove(h);
-    }
     if local && let Some(token) = &st.config.app_api_token {
         headers.insert(
             HeaderName::from_static(super::TOKEN_HEADER),

@@ -112,8 +112,7 @@ impl GrpcApp {
             if let (Ok(k), Ok(v)) = (
                 tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()),
                 tonic::metadata::MetadataValue::try_from(v.as_str()),
-            ) && !matches!(k.as_str(), "content-type" | "te" | "dapr-api-token")
-                && !k.as_str().starts_with("grpc-")
+            ) && super::forwardable(k.as_str())
             {
                 req.metadata_mut().insert(k, v);
             }
@@ -167,14 +166,10 @@ impl GrpcApp {
             }),
         };
         let mut req = self.request(message);
-        // The caller's headers travel as metadata (those that are valid metadata).
+        // The caller's headers travel as metadata (those that are valid metadata; hop-by-hop
+        // headers were removed by the caller).
         for (name, value) in headers {
-            if name.as_str().starts_with("grpc-")
-                || matches!(
-                    name.as_str(),
-                    "content-type" | "content-length" | "te" | "host" | "connection"
-                )
-            {
+            if !super::forwardable(name.as_str()) {
                 continue;
             }
             if let (Ok(k), Ok(v)) = (

@@ -426,8 +426,10 @@ fn verb(ext: Option<&common::HttpExtension>) -> http::Method {
     }
 }
 
-/// gRPC metadata that is the call's, not the callee's: never forwarded as HTTP headers.
-fn forwardable(name: &str) -> bool {
+/// A header that belongs to the callee, not to this call: copied between HTTP headers and gRPC
+/// metadata either way (an invocation's metadata to HTTP headers, an HTTP caller's headers or a
+/// message's metadata to a gRPC app); the call's own framing, pseudo-headers and token never.
+pub(crate) fn forwardable(name: &str) -> bool {
     !(name.starts_with("grpc-")
         || name.starts_with(':')
         || matches!(
