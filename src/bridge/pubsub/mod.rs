@@ -473,20 +473,27 @@ impl PubSub {
                 continue;
             }
             let sub = Arc::new(sub);
-            {
-                // A streaming subscription that came first keeps the topic.
-                let mut active = self.active.lock().unwrap();
-                if active
-                    .iter()
-                    .any(|s| s.pubsubname == sub.pubsubname && s.topic == sub.topic)
-                {
-                    tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, "the topic already has a streaming subscription; this subscription is ignored");
-                    continue;
-                }
-                active.push(sub.clone());
+            // A streaming subscription that came first keeps the topic.
+            if !self.claim(&sub) {
+                tracing::warn!(pubsub = %sub.pubsubname, topic = %sub.topic, "the topic already has a streaming subscription; this subscription is ignored");
+                continue;
             }
             tokio::spawn(self.clone().subscribe_one(sub));
         }
+    }
+
+    /// Adds `sub` to the active subscriptions unless its pubsub and topic already have one
+    /// (one subscription per topic, whoever asked first: a stream, the app, a resource).
+    fn claim(&self, sub: &Arc<Subscription>) -> bool {
+        let mut active = self.active.lock().unwrap();
+        if active
+            .iter()
+            .any(|s| s.pubsubname == sub.pubsubname && s.topic == sub.topic)
+        {
+            return false;
+        }
+        active.push(sub.clone());
+        true
     }
 
     async fn subscribe_one(self: Arc<Self>, sub: Arc<Subscription>) {
@@ -569,23 +576,15 @@ impl PubSub {
             return Err(StreamError::ShuttingDown);
         }
         let sub = Arc::new(sub);
-        // One subscription per topic, whoever asked first (a stream, the app, a resource).
-        let active = {
-            let mut active = self.active.lock().unwrap();
-            if active
-                .iter()
-                .any(|s| s.pubsubname == sub.pubsubname && s.topic == sub.topic)
-            {
-                return Err(StreamError::AlreadySubscribed {
-                    pubsub: sub.pubsubname.clone(),
-                    topic: sub.topic.clone(),
-                });
-            }
-            active.push(sub.clone());
-            Active {
-                pubsub: self.clone(),
-                sub: sub.clone(),
-            }
+        if !self.claim(&sub) {
+            return Err(StreamError::AlreadySubscribed {
+                pubsub: sub.pubsubname.clone(),
+                topic: sub.topic.clone(),
+            });
+        }
+        let active = Active {
+            pubsub: self.clone(),
+            sub: sub.clone(),
         };
         let handler = self.handler(sub.clone(), Consumer::Stream(consumer));
         let running = c
