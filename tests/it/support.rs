@@ -276,6 +276,7 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Stri
 
 /// Runs `cmd` (stdout and stderr captured) and waits for it at most `timeout`; past that it is
 /// killed and what it wrote so far is returned (the caller's assertion then shows it).
+#[cfg(feature = "bridge")]
 pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
     let mut child = cmd
         .stdout(Stdio::piped())
