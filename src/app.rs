@@ -26,6 +26,7 @@ use crate::lifecycle::{self, AppEnd, AppSpec, Supervised};
 use crate::preflight::Preflight;
 use crate::reload::{self, live::LiveReload};
 use crate::runtime::stop::{StopSequence, StopSettings};
+use crate::runtime::upgrade::{self, Successor};
 use crate::runtime::{self, AppGate, Control, Health, Module, RunningConfig, Stop, supervisor};
 use crate::telemetry::log::LogLevel;
 use crate::telemetry::metrics::Metrics;
@@ -39,6 +40,10 @@ pub struct RunOptions {
     /// Write the bound addresses here as JSON once every listener is bound.
     pub listeners_file: Option<PathBuf>,
     pub log_level: LogLevel,
+    /// `--upgrade`: take over the listening sockets and app of the running Outrigger.
+    pub upgrade: bool,
+    /// `--upgrade-socket`: where (instead of `runtime.upgrade_socket` or its default).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// Runs the sidecar until it is stopped; returns the process exit code.
@@ -66,10 +71,32 @@ pub fn run(config: Config, built: Preflight, options: RunOptions) -> Result<i32>
     code
 }
 
-async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<i32> {
+async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Result<i32> {
     let started = Instant::now();
     let metrics = Metrics::new();
     let health = Arc::new(Health::new(metrics.runtime.clone()));
+    // What `/config` shows and reloads compare with: the config as written, before an
+    // upgrade gives its port-0 addresses the ports it inherited.
+    let as_configured = config.clone();
+    let upgrade_socket = options.upgrade_socket.clone().or_else(|| {
+        upgrade::socket_path(config.runtime.upgrade_socket.as_ref(), config.admin.address)
+    });
+    // Hot restart: take over the running Outrigger's sockets before binding anything.
+    let successor = if options.upgrade {
+        let path = upgrade_socket.as_deref().context(
+            "--upgrade: nowhere to find the running Outrigger; give --upgrade-socket PATH or set runtime.upgrade_socket (there is no default with an admin port of 0)",
+        )?;
+        let s = Successor::connect(path, config.runtime.upgrade_timeout.get())?;
+        pin_inherited_ports(&mut config, &s);
+        Some(s)
+    } else {
+        None
+    };
+    let server_info = Arc::new(upgrade::ServerInfo::new(
+        successor.as_ref().map_or(0, |s| s.generation),
+        successor.as_ref().map(|s| s.parent_pid),
+        upgrade_socket.clone(),
+    ));
 
     // Bind: everything before starting anything, so a taken port stops start-up here.
     let admin_listener = admin::bind(config.admin.address).await?;
@@ -97,7 +124,7 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
         .tls
         .spawn_expiry_task(config.tls.expiry_warning.get());
     let registry = Arc::new(metrics.registry);
-    let running = Arc::new(RunningConfig::new(config.clone()));
+    let running = Arc::new(RunningConfig::new(as_configured));
     let (drain_trigger, drain) = runtime::drain();
 
     // Spawn: the modules, admin, the signal handlers, the app, the watchers.
@@ -120,6 +147,7 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
             config: running.clone(),
             log_level: options.log_level.clone(),
             control: control_tx.clone(),
+            server_info: server_info.clone(),
         },
     );
     info!(address = %admin_addr, "admin listening");
@@ -127,6 +155,46 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
         write_listeners_file(path, admin_addr, &bound, bridge.as_ref()).await?;
     }
     runtime::signals::spawn(control_tx.clone(), &config.app.lifecycle.forward_signals)?;
+
+    // Hot restart, new side: once every module is up, the old process hands over the app
+    // and drains. Until then it serves alone; if we fail before, it carries on.
+    let (handover_tx, mut handover_rx) = mpsc::channel::<upgrade::Handover>(1);
+    let inherited_app = match successor {
+        Some(s) => {
+            let timeout = config.runtime.upgrade_timeout.get();
+            let ready = async {
+                while !health.report_modules().ready {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(timeout, ready).await.map_err(|_| {
+                anyhow::anyhow!(
+                    "the modules were not ready within runtime.upgrade_timeout ({timeout:?}): {:?}; the old process keeps serving",
+                    health.report_modules().not_ready
+                )
+            })?;
+            upgrade::close_untaken();
+            let app = tokio::task::spawn_blocking(move || s.started())
+                .await
+                .context("the upgrade task failed")??;
+            info!(generation = server_info.generation, parent_pid = ?server_info.parent_pid, "took over from the previous Outrigger");
+            app
+        }
+        None => None,
+    };
+    let names = socket_names(admin_addr, &bound, bridge.as_ref());
+    let upgrade_server = match &upgrade_socket {
+        Some(path) => Some(upgrade::UpgradeServer::start(
+            path,
+            names,
+            server_info.generation,
+            config.runtime.upgrade_timeout.get(),
+            handover_tx.clone(),
+            options.upgrade,
+        )?),
+        None => None,
+    };
+    let invocation = upgrade::Invocation::current();
 
     let app_status = AppStatus {
         health: health.clone(),
@@ -146,14 +214,36 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
         if let (Some(b), Some((http, grpc))) = (&config.bridge, &bridge) {
             env.extend(crate::bridge::env::dapr(b, http, grpc));
         }
+        let adopt = inherited_app.map(|(a, fds)| {
+            let mut fds = fds.into_iter();
+            let pidfd = fds.next().expect("checked: the pidfd comes first");
+            lifecycle::Adopted {
+                pid: a.pid,
+                pidfd,
+                program: a.program,
+                ready: a.ready,
+                stdio: fds.next().zip(fds.next()),
+            }
+        });
         let spec = AppSpec {
             command: command.clone(),
             app_env: config.app.env.clone(),
             env,
             lifecycle: config.app.lifecycle.clone(),
             capture,
+            adopt,
         };
         app = Some(lifecycle::supervise(spec, app_status.clone()));
+    } else if let Some((a, _)) = &inherited_app {
+        // The old process supervised an app this config has no command for: it runs on,
+        // unsupervised.
+        tracing::warn!(pid = a.pid, program = %a.program, "the previous Outrigger supervised an app, but this config has no app.command: it keeps running unsupervised");
+        if let Some(probe) = &config.app.lifecycle.probe {
+            _probe = Some(AbortOnDrop(tokio::spawn(
+                lifecycle::probe::run(probe.clone(), app_status.clone())
+                    .instrument(info_span!("app")),
+            )));
+        }
     } else if let Some(probe) = &config.app.lifecycle.probe {
         _probe = Some(AbortOnDrop(tokio::spawn(
             lifecycle::probe::run(probe.clone(), app_status.clone()).instrument(info_span!("app")),
@@ -183,9 +273,13 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
         elapsed_ms = started.elapsed().as_millis() as u64,
         "outrigger started"
     );
+    // systemd follows the new main process after a hot restart.
+    upgrade::notify_systemd(&format!("READY=1\nMAINPID={}\n", std::process::id()));
 
-    // Wait: until a stop is asked for or the app ends for good.
+    // Wait: until a stop is asked for, the app ends for good, or a new process takes over.
     let mut app_end = None;
+    let mut handed_over = false;
+    let mut handover_sent = None;
     let stop_kind = loop {
         let app_ended = async {
             match app.as_mut() {
@@ -206,8 +300,20 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
                 Some(Control::Shutdown { graceful }) => {
                     break if graceful { Stop::Graceful } else { Stop::Fast };
                 }
+                Some(Control::Upgrade) => start_successor(upgrade_server.as_ref(), invocation.as_ref()),
                 None => break Stop::Graceful,
             },
+            Some(h) = handover_rx.recv() => {
+                let released = match &app {
+                    Some(a) => a.handle.release().await,
+                    None => None,
+                };
+                let _ = h.reply.send(released);
+                info!(successor_pid = h.successor_pid, "a new Outrigger took over; draining");
+                handed_over = true;
+                handover_sent = Some(h.sent);
+                break Stop::Graceful;
+            }
             end = app_ended => {
                 let kind = if matches!(end, AppEnd::NotStarted(_)) { Stop::Fast } else { Stop::Graceful };
                 if let AppEnd::Exited(s) = &end {
@@ -218,7 +324,11 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
             }
         }
     };
-    let app_running = if app_end.is_none() { app } else { None };
+    let app_running = if app_end.is_none() && !handed_over {
+        app
+    } else {
+        None
+    };
 
     // Stop: no reload may restart the app or change anything from here on.
     drop(config_watch);
@@ -234,17 +344,36 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
             .listeners
             .iter()
             .any(|l| l.direction == Direction::Outbound);
-    let app_ready =
-        (lifecycle.probe.is_some() && serves_the_app).then(|| app_status.ready.subscribe());
+    let app_ready = (lifecycle.probe.is_some() && serves_the_app && !handed_over)
+        .then(|| app_status.ready.subscribe());
+    let admin_server = if handed_over {
+        // The new process answers admin requests on the same socket from now on: ours
+        // stops accepting at once (finishing what it has) instead of saying 503 to probes.
+        let _ = admin_server.stop.send(());
+        runtime::stop::AdminServer {
+            stop: tokio::sync::oneshot::channel().0,
+            task: admin_server.task,
+        }
+    } else {
+        admin_server
+    };
+    if handed_over {
+        drain_trigger.hand_over();
+    }
     let stopped = StopSequence {
         kind: stop_kind,
         settings: StopSettings {
             grace: config.runtime.shutdown_grace.get(),
-            drain_delay: config.runtime.drain_delay.get(),
+            // Nobody needs to notice a hand-over: the new process accepts on the same sockets.
+            drain_delay: if handed_over {
+                std::time::Duration::ZERO
+            } else {
+                config.runtime.drain_delay.get()
+            },
             stop_signal: lifecycle.stop_signal.0,
             stop_timeout: lifecycle.stop_timeout.get(),
-            // An app that already ended needs none of the grace: inbound gets all of it.
-            watched_app: app_running.is_some() || lifecycle.probe.is_some(),
+            // An app that already ended (or was handed over) needs none of the grace.
+            watched_app: app_running.is_some() || (lifecycle.probe.is_some() && !handed_over),
         },
         health: &health,
         control: &mut control_rx,
@@ -256,8 +385,86 @@ async fn serve(config: Config, built: Preflight, options: RunOptions) -> Result<
     }
     .run()
     .await;
+    if let Some(sent) = handover_sent {
+        // The successor must have its app before this process (and the thread talking to
+        // it) is gone.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sent).await;
+    }
     info!("stopped");
     Ok(app_end.or(stopped).map_or(0, |end| end.exit_code()))
+}
+
+/// Starts a new Outrigger from our binary path and arguments, with `--upgrade` (SIGUSR2,
+/// `POST /upgrade`). It takes over when it is ready; if it fails, it says why on its own
+/// output, and this process, which never stopped serving, logs its exit.
+fn start_successor(
+    server: Option<&upgrade::UpgradeServer>,
+    invocation: Option<&upgrade::Invocation>,
+) {
+    let (Some(server), Some(invocation)) = (server, invocation) else {
+        tracing::warn!(
+            "cannot upgrade: no upgrade socket (set runtime.upgrade_socket; the default needs a fixed admin port)"
+        );
+        return;
+    };
+    match invocation.spawn_successor(server.path()) {
+        Ok(mut child) => {
+            let pid = child.id();
+            info!(pid, exe = %invocation.exe.display(), "started a new Outrigger to take over");
+            tokio::spawn(async move {
+                if let Ok(status) = child.wait().await {
+                    tracing::warn!(pid, %status, "the new Outrigger exited");
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(exe = %invocation.exe.display(), error = %e, "cannot start a new Outrigger; still serving")
+        }
+    }
+}
+
+/// Gives port-0 addresses the ports the old process had for the same names, so the sockets
+/// it hands over are used (and the app's `DAPR_HTTP_PORT` & co. stay true).
+fn pin_inherited_ports(config: &mut Config, successor: &Successor) {
+    let admin = Address::Tcp(config.admin.address);
+    if let Some(Address::Tcp(a)) = successor.pinned("admin", &admin) {
+        config.admin.address = a;
+    }
+    for l in &mut config.listeners {
+        if let Some(a) = successor.pinned(&format!("listener:{}", l.name), &l.address) {
+            l.address = a;
+        }
+    }
+    if let Some(b) = &mut config.bridge {
+        if let Some(a) = successor.pinned("bridge", &b.address) {
+            b.address = a;
+        }
+        if let Some(g) = &mut b.grpc_address
+            && let Some(a) = successor.pinned("bridge_grpc", g)
+        {
+            *g = a;
+        }
+    }
+}
+
+/// The names of our listening sockets by address, for a successor's [`pin_inherited_ports`].
+fn socket_names(
+    admin: SocketAddr,
+    bound: &BTreeMap<String, Address>,
+    bridge: Option<&(Address, Address)>,
+) -> BTreeMap<String, String> {
+    let mut names = BTreeMap::new();
+    names.insert(admin.to_string(), "admin".to_string());
+    for (name, address) in bound {
+        names.insert(address.to_string(), format!("listener:{name}"));
+    }
+    if let Some((http, grpc)) = bridge {
+        names
+            .entry(grpc.to_string())
+            .or_insert("bridge_grpc".into());
+        names.insert(http.to_string(), "bridge".into());
+    }
+    names
 }
 
 /// Both config stages again, for a live reload: the config and the TLS material built from it.

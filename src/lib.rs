@@ -93,7 +93,7 @@
 //!   writer** belong to the material or the listener that made them and end with it; they
 //!   cannot fail (a failed export or a full queue is dropped and counted).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;

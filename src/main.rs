@@ -160,6 +160,14 @@ struct RunArgs {
     /// Write the bound listener addresses as JSON to this file once all are bound.
     #[arg(long, value_name = "FILE")]
     listeners_file: Option<PathBuf>,
+    /// Take over from the running Outrigger (hot restart): its listening sockets and its app,
+    /// with no refused connection; it drains and exits once this one is ready.
+    #[arg(long)]
+    upgrade: bool,
+    /// The running Outrigger's upgrade socket (default: runtime.upgrade_socket, or
+    /// outrigger-<admin port>.upgrade in $XDG_RUNTIME_DIR or /tmp).
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
     /// The app to run and supervise, after `--`.
     #[arg(last = true, value_name = "APP ARGS")]
     app: Vec<String>,
@@ -488,6 +496,8 @@ fn run(args: RunArgs) -> ExitCode {
         source,
         listeners_file: args.listeners_file,
         log_level,
+        upgrade: args.upgrade,
+        upgrade_socket: args.upgrade_socket,
     };
     match outrigger::app::run(config, built, options) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

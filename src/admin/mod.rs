@@ -32,15 +32,25 @@ pub struct AdminState {
     pub config: Arc<RunningConfig>,
     pub log_level: LogLevel,
     pub control: mpsc::Sender<Control>,
+    /// `GET /server_info`: which process and generation this is (hot restart).
+    pub server_info: Arc<crate::runtime::upgrade::ServerInfo>,
 }
 
 /// Binds the admin listener: with every other listener, before anything starts, so a taken
 /// port stops start-up.
 pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot bind the admin listener on {address}"))?;
+    let listener = match crate::runtime::upgrade::take(&crate::config::Address::Tcp(address)) {
+        // Handed over by the Outrigger this one takes over from (hot restart).
+        Some(fd) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)?
+        }
+        None => tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot bind the admin listener on {address}"))?,
+    };
     if !address.ip().to_canonical().is_loopback() {
         tracing::warn!(address = %listener.local_addr()?, "the admin API listens beyond loopback; changes are still refused to non-loopback peers");
     }
@@ -81,6 +91,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/shutdown", post(shutdown))
         .route("/reload", post(reload))
+        .route("/upgrade", post(upgrade))
+        .route("/server_info", get(server_info))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(refuse_browsers))
         .with_state(state)
@@ -264,6 +276,32 @@ async fn reload(
     send(&s, Control::Reload, "reload")
 }
 
+/// Starts a new Outrigger from the same binary path and arguments, which takes over this one's
+/// sockets and app (as SIGUSR2 does). 202 means started, not taken over: watch
+/// `/server_info` (pid, generation) or the logs for the outcome.
+async fn upgrade(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if let Some(r) = refuse_remote(peer) {
+        return r;
+    }
+    if s.server_info.upgrade_socket.is_none() {
+        return error(
+            StatusCode::CONFLICT,
+            "no upgrade socket: set runtime.upgrade_socket (the default needs a fixed admin port)",
+        );
+    }
+    send(&s, Control::Upgrade, "upgrade")
+}
+
+async fn server_info(State(s): State<AdminState>) -> Response {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_value(&*s.server_info).unwrap_or_default(),
+    )
+}
+
 fn send(s: &AdminState, control: Control, what: &str) -> Response {
     match s.control.try_send(control) {
         Ok(()) => {
@@ -295,6 +333,7 @@ mod tests {
                 config: Arc::new(RunningConfig::new(crate::config::Config::defaults())),
                 log_level: LogLevel::detached("info"),
                 control: tx,
+                server_info: Arc::new(crate::runtime::upgrade::ServerInfo::new(0, None, None)),
             },
             rx,
         )

@@ -24,7 +24,8 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Long enough for a typical app to start, short enough that a client is not left hanging.
 pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Signals with no meaning to Outrigger: whoever sends them to the sidecar means the app.
-pub const DEFAULT_FORWARD_SIGNALS: [Signal; 2] = [Signal::SIGUSR1, Signal::SIGUSR2];
+/// (SIGUSR2 starts a hot restart, as for nginx and HAProxy, unless listed here.)
+pub const DEFAULT_FORWARD_SIGNALS: [Signal; 1] = [Signal::SIGUSR1];
 /// Signals that can be forwarded (SIGTERM and SIGINT stop the sidecar and reach the app
 /// through `stop_signal`; SIGKILL and SIGSTOP cannot be caught).
 pub const FORWARDABLE: [Signal; 5] = [

@@ -127,6 +127,26 @@ pub struct RuntimeConfig {
     pub shutdown_grace: Duration,
     pub watch_config: bool,
     pub drain_delay: Duration,
+    /// `runtime.upgrade_socket`: None means the default (beside the admin port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<UpgradeSocket>,
+    pub upgrade_timeout: Duration,
+}
+
+/// `runtime.upgrade_socket`: a path, or `off`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpgradeSocket {
+    Off,
+    Path(PathBuf),
+}
+
+impl Serialize for UpgradeSocket {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UpgradeSocket::Off => s.serialize_str("off"),
+            UpgradeSocket::Path(p) => s.collect_str(&p.display()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -418,6 +438,30 @@ fn validate(
             ),
         ));
     }
+    let upgrade_socket = match raw.runtime.upgrade_socket.as_deref() {
+        None => None,
+        Some("off") => Some(UpgradeSocket::Off),
+        Some("") => {
+            problems.push(doc.problem(
+                "runtime.upgrade_socket",
+                "expected a path, or `off`, found an empty string",
+            ));
+            None
+        }
+        Some(p) => Some(UpgradeSocket::Path(PathBuf::from(p))),
+    };
+    let upgrade_timeout = raw
+        .runtime
+        .upgrade_timeout
+        .unwrap_or(Duration::from_secs(60));
+    if upgrade_timeout.get() < std::time::Duration::from_secs(1)
+        || upgrade_timeout.get() > std::time::Duration::from_secs(3600)
+    {
+        problems.push(doc.problem(
+            "runtime.upgrade_timeout",
+            format!("expected a duration from 1s to 1h, found {upgrade_timeout}"),
+        ));
+    }
     let telemetry = telemetry::validate(&raw.telemetry, doc, problems);
     let bridge = raw
         .bridge
@@ -455,6 +499,8 @@ fn validate(
             shutdown_grace,
             watch_config: raw.runtime.watch_config.unwrap_or(true),
             drain_delay,
+            upgrade_socket,
+            upgrade_timeout,
         },
         log: LogConfig {
             level,

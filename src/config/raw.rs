@@ -153,6 +153,10 @@ pub struct RawRuntime {
     pub watch_config: Option<bool>,
     /// Keep accepting inbound traffic this long after a stop begins (with `/ready` at 503).
     pub drain_delay: Option<Duration>,
+    /// Where a new process (`outrigger run --upgrade`) asks for the listening sockets; `off`.
+    pub upgrade_socket: Option<String>,
+    /// How long a new process may take to start before the old one gives up on it.
+    pub upgrade_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,6 +16,7 @@ pub mod wait;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -32,10 +33,37 @@ use probe::AppStatus;
 
 /// A running app process (and its process group).
 pub struct App {
-    child: Child,
+    process: Process,
     pgid: Pid,
     program: String,
+    /// The tasks copying its captured stdout/stderr, and duplicates of those pipes' read ends
+    /// (to hand them over on a hot restart).
+    stdio: Vec<(tokio::task::JoinHandle<()>, OwnedFd)>,
+    /// Handed over to a new Outrigger (hot restart): dropping it must not kill it.
+    released: bool,
 }
+
+/// Our own child, or an app adopted from the Outrigger we took over from (hot restart): not
+/// our child, so watched through a pidfd instead of `waitpid`.
+enum Process {
+    Own(Child),
+    Adopted(tokio::io::unix::AsyncFd<OwnedFd>),
+}
+
+/// An app handed over by the Outrigger this one took over from (see `runtime::upgrade`).
+pub struct Adopted {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub program: String,
+    /// Its probe passed in the old process: open the gate at once.
+    pub ready: bool,
+    /// The read ends of its stdout and stderr pipes, when the old process captured them.
+    pub stdio: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// What a released app becomes in the hand-over message: its description and descriptors
+/// (its pidfd, then its stdout and stderr pipes when captured).
+pub type Released = (crate::runtime::upgrade::AppHandover, Vec<OwnedFd>);
 
 impl App {
     /// Starts `command`. `env` is added to the inherited environment, then `app_env`
@@ -53,21 +81,25 @@ impl App {
             .envs(app_env)
             // Its own group, so that a stop reaches the app's children too and a terminal's
             // Ctrl-C reaches only the sidecar, which then stops the app in order.
-            .process_group(0)
-            .kill_on_drop(true);
+            .process_group(0);
         if capture.is_some() {
             cmd.stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped());
         }
         let mut ours = reaper::spawning();
         let mut child = cmd.spawn()?;
+        let mut stdio = Vec::new();
         if let Some(c) = capture {
             use capture::Stream;
             if let Some(out) = child.stdout.take() {
-                tokio::spawn(c.clone().pump(Stream::Stdout, out, tokio::io::stdout()));
+                let dup = out.as_fd().try_clone_to_owned()?;
+                let task = tokio::spawn(c.clone().pump(Stream::Stdout, out, tokio::io::stdout()));
+                stdio.push((task, dup));
             }
             if let Some(err) = child.stderr.take() {
-                tokio::spawn(c.clone().pump(Stream::Stderr, err, tokio::io::stderr()));
+                let dup = err.as_fd().try_clone_to_owned()?;
+                let task = tokio::spawn(c.clone().pump(Stream::Stderr, err, tokio::io::stderr()));
+                stdio.push((task, dup));
             }
         }
         let pid = child
@@ -76,10 +108,73 @@ impl App {
         ours.insert(pid as i32);
         drop(ours);
         Ok(App {
-            child,
+            process: Process::Own(child),
             pgid: Pid::from_raw(pid as i32),
             program: command[0].clone(),
+            stdio,
+            released: false,
         })
+    }
+
+    /// Takes over an app another Outrigger started. Its captured stdout/stderr are read again
+    /// here (into `capture`, or just echoed when this config captures nothing): a pipe nobody
+    /// reads would block the app, and one nobody holds would kill it with SIGPIPE.
+    pub fn adopt(adopted: Adopted, capture: Option<&capture::Capture>) -> io::Result<App> {
+        use capture::Stream;
+        let mut stdio = Vec::new();
+        if let Some((out, err)) = adopted.stdio {
+            for (stream, fd) in [(Stream::Stdout, out), (Stream::Stderr, err)] {
+                let dup = fd.try_clone()?;
+                let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+                let task = match (capture, stream) {
+                    (Some(c), Stream::Stdout) => {
+                        tokio::spawn(c.clone().pump(stream, pipe, tokio::io::stdout()))
+                    }
+                    (Some(c), Stream::Stderr) => {
+                        tokio::spawn(c.clone().pump(stream, pipe, tokio::io::stderr()))
+                    }
+                    (None, Stream::Stdout) => tokio::spawn(echo(pipe, tokio::io::stdout())),
+                    (None, Stream::Stderr) => tokio::spawn(echo(pipe, tokio::io::stderr())),
+                };
+                stdio.push((task, dup));
+            }
+        }
+        Ok(App {
+            process: Process::Adopted(crate::runtime::upgrade::sys::async_pidfd(adopted.pidfd)?),
+            pgid: Pid::from_raw(adopted.pid),
+            program: adopted.program,
+            stdio,
+            released: false,
+        })
+    }
+
+    /// Lets go of the app for a new Outrigger: stops reading its pipes (the successor reads
+    /// them from now on) and returns what to hand over. The app keeps running.
+    fn release(&mut self, ready: bool) -> io::Result<Released> {
+        let pidfd = match &self.process {
+            // Still our unreaped child: its pid cannot have been reused.
+            Process::Own(_) => crate::runtime::upgrade::sys::pidfd_open(self.pgid.as_raw())?,
+            Process::Adopted(fd) => fd.get_ref().try_clone()?,
+        };
+        let mut fds = vec![pidfd];
+        for (task, fd) in std::mem::take(&mut self.stdio) {
+            task.abort();
+            fds.push(fd);
+        }
+        let captured = fds.len() == 3;
+        if fds.len() == 2 {
+            fds.truncate(1);
+        }
+        self.released = true;
+        Ok((
+            crate::runtime::upgrade::AppHandover {
+                pid: self.pgid.as_raw(),
+                program: self.program.clone(),
+                ready,
+                captured,
+            },
+            fds,
+        ))
     }
 
     pub fn pid(&self) -> u32 {
@@ -93,15 +188,30 @@ impl App {
     /// Waits for the app to exit. Cancel-safe. Whatever the app left running in its process
     /// group is killed then: the group lives and dies with the app.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        let status = self.child.wait().await;
+        let status = self.wait_process().await;
         let _ = killpg(self.pgid, Signal::SIGKILL);
         status
+    }
+
+    /// Waits for the main process to exit (cancel-safe).
+    async fn wait_process(&mut self) -> io::Result<ExitStatus> {
+        match &mut self.process {
+            Process::Own(child) => child.wait().await,
+            Process::Adopted(pidfd) => wait_adopted(pidfd, self.pgid.as_raw()).await,
+        }
     }
 
     /// Sends `signal` to the app's main process (forwarded signals, reload actions): a
     /// prefork server's master handles SIGHUP and manages its workers, which may not.
     pub fn signal(&self, signal: Signal) {
-        if let Err(e) = nix::sys::signal::kill(self.pgid, signal) {
+        let sent = match &self.process {
+            Process::Own(_) => nix::sys::signal::kill(self.pgid, signal).map_err(io::Error::from),
+            // Not our child: once it is gone its pid may be someone else's.
+            Process::Adopted(fd) => {
+                crate::runtime::upgrade::sys::pidfd_send_signal(fd.get_ref(), signal as i32)
+            }
+        };
+        if let Err(e) = sent {
             warn!(pid = self.pid(), %signal, error = %e, "cannot signal the app");
         }
     }
@@ -115,7 +225,7 @@ impl App {
     /// Waits for the app to exit until `deadline`; then SIGKILLs it. Cancel-safe.
     pub async fn wait_until(&mut self, deadline: Instant) -> io::Result<ExitStatus> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.child.wait()).await {
+        match tokio::time::timeout(left, self.wait_process()).await {
             Ok(status) => {
                 let _ = killpg(self.pgid, Signal::SIGKILL);
                 status
@@ -127,9 +237,19 @@ impl App {
                 );
                 let _ = killpg(self.pgid, Signal::SIGKILL);
                 // Also the process itself, in case it left its group.
-                let _ = self.child.start_kill();
+                match &mut self.process {
+                    Process::Own(child) => {
+                        let _ = child.start_kill();
+                    }
+                    Process::Adopted(fd) => {
+                        let _ = crate::runtime::upgrade::sys::pidfd_send_signal(
+                            fd.get_ref(),
+                            libc::SIGKILL,
+                        );
+                    }
+                }
                 // SIGKILL ends anything but a process stuck in the kernel (D state).
-                match tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await {
+                match tokio::time::timeout(Duration::from_secs(1), self.wait_process()).await {
                     Ok(s) => s,
                     Err(_) => Err(io::Error::other(
                         "the app did not exit even after SIGKILL (stuck in the kernel?)",
@@ -142,8 +262,49 @@ impl App {
 
 impl Drop for App {
     fn drop(&mut self) {
-        reaper::forget(self.pid());
+        if let Process::Own(child) = &mut self.process {
+            // An app that outlives its supervision is killed (tokio's `kill_on_drop`, which
+            // could not be turned off for a hand-over); one that exited is not touched.
+            if !self.released {
+                let _ = child.start_kill();
+            }
+            reaper::forget(self.pid());
+        }
     }
+}
+
+/// Copies an adopted app's pipe to ours when this config ships nothing from it.
+async fn echo(
+    mut pipe: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+) {
+    let _ = tokio::io::copy(&mut pipe, &mut to).await;
+}
+
+/// Waits for an adopted app (not our child) to exit, through its pidfd; its status comes from
+/// the kernel once whoever is its parent now has reaped it (PIDFD_INFO_EXIT, Linux ≥ 6.15).
+/// Without that, the status is unknown and reported as exit code 1 (so `on-failure` restarts).
+async fn wait_adopted(
+    pidfd: &tokio::io::unix::AsyncFd<OwnedFd>,
+    pid: i32,
+) -> io::Result<ExitStatus> {
+    use crate::runtime::upgrade::sys::{ExitInfo, pidfd_exit_info};
+    use std::os::unix::process::ExitStatusExt;
+    // Readable once the process has exited; it stays readable.
+    let _ = pidfd.readable().await?;
+    // Its new parent (init, or a subreaper) reaps it shortly after.
+    for _ in 0..200 {
+        match pidfd_exit_info(pidfd.get_ref()) {
+            ExitInfo::Status(s) => return Ok(ExitStatus::from_raw(s)),
+            ExitInfo::NotYet => tokio::time::sleep(Duration::from_millis(10)).await,
+            ExitInfo::Unsupported => break,
+        }
+    }
+    warn!(
+        pid,
+        "the adopted app exited; its exit status is unknown (this kernel cannot tell it to a process that is not its parent, or it was not reaped): taken as 1"
+    );
+    Ok(ExitStatus::from_raw(1 << 8))
 }
 
 /// The exit code a shell would report: the code, or 128 + the signal number.
@@ -169,6 +330,9 @@ enum AppCommand {
     },
     /// A stop has begun: from now on the app is not restarted, whatever the policy.
     Draining,
+    /// A new Outrigger takes over (hot restart): let go of the app without stopping it and
+    /// answer with what to hand over (None when it is not running).
+    Release(tokio::sync::oneshot::Sender<Option<Released>>),
 }
 
 /// Sends requests to the supervised app; cheap to clone.
@@ -195,6 +359,15 @@ impl AppHandle {
     pub fn stop(&self, signal: Signal, deadline: Instant) {
         let _ = self.0.send(AppCommand::Stop { signal, deadline });
     }
+
+    /// Lets go of the app for a new Outrigger (hot restart): supervision ends with
+    /// [`AppEnd::Released`], the app keeps running. None: it was not running (or supervision
+    /// had already ended).
+    pub async fn release(&self) -> Option<Released> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.send(AppCommand::Release(tx)).ok()?;
+        rx.await.ok().flatten()
+    }
 }
 
 /// How the supervised app ended.
@@ -204,6 +377,8 @@ pub enum AppEnd {
     Exited(ExitStatus),
     /// It could not be started at all (the first time).
     NotStarted(io::Error),
+    /// Handed over to a new Outrigger (hot restart); still running.
+    Released,
 }
 
 impl AppEnd {
@@ -214,6 +389,7 @@ impl AppEnd {
             AppEnd::Exited(s) => exit_code(*s),
             AppEnd::NotStarted(e) if e.kind() == io::ErrorKind::NotFound => 127,
             AppEnd::NotStarted(_) => 126,
+            AppEnd::Released => 0,
         }
     }
 }
@@ -256,6 +432,8 @@ pub struct AppSpec {
     pub lifecycle: AppLifecycle,
     /// Where the app's stdout/stderr lines go besides ours (`logs` with `app: stdio`).
     pub capture: Option<capture::Capture>,
+    /// An app to take over instead of starting one (hot restart).
+    pub adopt: Option<Adopted>,
 }
 
 /// The first restart waits this long; each failure doubles it up to [`RESTART_BACKOFF_MAX`].
@@ -308,13 +486,36 @@ async fn supervise_loop(
     let mut last_exit = ExitStatus::default();
     // A stop has begun (inbound is draining): no more restarts of any kind.
     let mut draining = false;
+    let mut adopt = spec.adopt;
+    let spec = AppSpec {
+        adopt: None,
+        ..spec
+    };
     loop {
-        let mut app = match App::spawn(
-            &spec.command,
-            &spec.app_env,
-            &spec.env,
-            spec.capture.as_ref(),
-        ) {
+        let started = match adopt.take() {
+            Some(a) => {
+                let (pid, ready) = (a.pid, a.ready);
+                App::adopt(a, spec.capture.as_ref()).map(|app| {
+                    info!(
+                        pid,
+                        program = app.program(),
+                        "adopted the app from the previous Outrigger"
+                    );
+                    (app, ready)
+                })
+            }
+            None => App::spawn(
+                &spec.command,
+                &spec.app_env,
+                &spec.env,
+                spec.capture.as_ref(),
+            )
+            .map(|app| {
+                info!(pid = app.pid(), program = app.program(), "app started");
+                (app, false)
+            }),
+        };
+        let (mut app, adopted_ready) = match started {
             Ok(a) => a,
             Err(e) if first => {
                 error!(program = %spec.command[0], error = %e, "cannot start the app");
@@ -344,8 +545,12 @@ async fn supervise_loop(
             }
         };
         first = false;
-        info!(pid = app.pid(), program = app.program(), "app started");
         let started = Instant::now();
+        if adopted_ready {
+            // Its probe passed in the old process: the new one need not hold traffic until
+            // its own first probe.
+            status.set_ready();
+        }
         let mut probe = Some(start_probe(&spec, &status));
 
         // Serve requests until the app exits.
@@ -358,6 +563,21 @@ async fn supervise_loop(
                         app.signal(sig);
                     }
                     Some(AppCommand::Draining) => draining = true,
+                    Some(AppCommand::Release(reply)) => {
+                        probe.take();
+                        match app.release(*status.ready.borrow()) {
+                            Ok(released) => {
+                                info!(pid = app.pid(), "handing the app over to the new Outrigger");
+                                let _ = reply.send(Some(released));
+                                return AppEnd::Released;
+                            }
+                            Err(e) => {
+                                // It stays ours; the new process starts its own.
+                                warn!(error = %e, "cannot hand the app over");
+                                let _ = reply.send(None);
+                            }
+                        }
+                    }
                     Some(AppCommand::Restart) if draining => {
                         info!("restart not done: the sidecar is stopping");
                     }
@@ -483,6 +703,10 @@ async fn stop_app(
                     deadline = deadline.min(d);
                 }
                 AppCommand::Signal(sig) => app.signal(sig),
+                AppCommand::Release(reply) => {
+                    // Being stopped: there is nothing to hand over.
+                    let _ = reply.send(None);
+                }
                 AppCommand::Restart | AppCommand::Draining => {}
             },
         }
@@ -509,6 +733,11 @@ async fn wait_or_stop(
                 // Not running: nothing to signal; a restart request starts it now.
                 Some(AppCommand::Signal(_)) => {}
                 Some(AppCommand::Restart) => return None,
+                // Not running: the new Outrigger starts it.
+                Some(AppCommand::Release(reply)) => {
+                    let _ = reply.send(None);
+                    return Some(AppEnd::Released);
+                }
             },
         }
     }

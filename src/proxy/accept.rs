@@ -164,8 +164,9 @@ async fn serve_connection(
             }
             tokio::select! {
                 _ = tcp::serve(io, peer, cluster.clone(), &l.name) => {}
-                // Opaque bytes cannot be drained gracefully: close at the start of a stop.
-                _ = drain.signaled() => tracing::debug!(listener = %l.name, "tcp connection closed: draining"),
+                // Opaque bytes cannot be drained gracefully: close at the start of a stop (a
+                // hot restart's hand-over lets them finish).
+                _ = drain.must_close() => tracing::debug!(listener = %l.name, "tcp connection closed: draining"),
                 silence = silent_for(&activity, idle, idle) => tracing::debug!(listener = %l.name, ?silence, "tcp connection closed"),
             }
         }
@@ -185,13 +186,33 @@ async fn serve_connection(
             // reaches keep-alive connections too.
             let (listener, fallback) = (l.clone(), first.clone());
             let watched = down.clone();
+            // Seen an HTTP/2 request: a drain can send GOAWAY at once.
+            let h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let saw_h2 = h2.clone();
             let service = hyper::service::service_fn(move |req| {
                 let state = match &listener.serving.load().kind {
                     Kind::Http(state, _) => state.clone(),
                     // Reloaded as a tcp listener: this connection still speaks HTTP.
                     Kind::Tcp(_) => fallback.clone(),
                 };
-                state.handle(down.clone(), req)
+                let http1 = req.version() < hyper::Version::HTTP_2;
+                if !http1 {
+                    saw_h2.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let down = down.clone();
+                async move {
+                    let mut response = state.handle(down.clone(), req).await?;
+                    // Draining: the client's next request goes on a new connection (to the
+                    // process that took over, or nowhere after a stop) instead of racing the
+                    // close of this one.
+                    if http1 && down.drain.is_draining() {
+                        response.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
@@ -206,8 +227,10 @@ async fn serve_connection(
             // HTTP/2 response bodies the client reads nothing of: flow control keeps the
             // socket writable, so only a watch on each body sees them.
             let unread = watched.streams.sweep_every(idle, &l.stalled_streams);
-            tokio::pin!(drained, silent, unread);
+            let quiet = silent_for(&activity, DRAIN_QUIET, DRAIN_QUIET);
+            tokio::pin!(drained, silent, unread, quiet);
             let mut closing = false;
+            let mut draining = false;
             loop {
                 tokio::select! {
                     res = conn.as_mut() => {
@@ -217,7 +240,21 @@ async fn serve_connection(
                         break;
                     }
                     _ = &mut unread => {}
-                    _ = &mut drained, if !closing => {
+                    _ = &mut drained, if !closing && !draining => {
+                        // A keep-alive connection closed the moment a stop begins races the
+                        // client's next request on it (which then fails). Instead: responses
+                        // from now on say `connection: close`, and a connection with nothing
+                        // moving for a moment is closed (HTTP/2 gets its GOAWAY at once: a
+                        // client retries the streams it refuses).
+                        draining = true;
+                        if h2.load(std::sync::atomic::Ordering::Relaxed) {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        } else {
+                            quiet.set(silent_for(&activity, DRAIN_QUIET, DRAIN_QUIET));
+                        }
+                    }
+                    _ = &mut quiet, if draining && !closing => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
@@ -249,6 +286,11 @@ async fn serve_connection(
         }
     }
 }
+
+/// How long a draining HTTP/1 connection must be quiet before it is closed (see the drain arm
+/// of the connection loop): long enough that a client between two requests is not cut, short
+/// next to any grace period.
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 /// Why a connection's watcher fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

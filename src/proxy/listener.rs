@@ -41,8 +41,23 @@ impl Peer {
 
 impl Bound {
     /// Binds `address`. A stale unix socket file from a previous run is replaced (never a
-    /// regular file), and the socket gets `mode`.
+    /// regular file), and the socket gets `mode`. A socket handed over by the Outrigger this
+    /// one takes over from (hot restart) is used as it is.
     pub async fn bind(address: &Address, mode: u32) -> io::Result<Bound> {
+        if let Some(fd) = crate::runtime::upgrade::take(address) {
+            return match address {
+                Address::Tcp(_) => {
+                    let l = std::net::TcpListener::from(fd);
+                    l.set_nonblocking(true)?;
+                    Ok(Bound::Tcp(TcpListener::from_std(l)?))
+                }
+                Address::Unix(_) => {
+                    let l = std::os::unix::net::UnixListener::from(fd);
+                    l.set_nonblocking(true)?;
+                    Ok(Bound::Unix(UnixListener::from_std(l)?))
+                }
+            };
+        }
         match address {
             Address::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a).await?)),
             Address::Unix(path) => {

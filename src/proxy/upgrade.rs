@@ -65,7 +65,8 @@ impl HttpListener {
 }
 
 /// Copies bytes both ways between the two halves of an upgraded connection (WebSocket). It
-/// holds the downstream connection's slot, ends on drain, and on the listener's idle timeout.
+/// holds the downstream connection's slot, ends on drain (but runs on through a hot restart's
+/// hand-over), and on the listener's idle timeout.
 async fn splice(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
@@ -87,7 +88,7 @@ async fn splice(
                 tracing::debug!(listener = %listener, error = %e, "upgraded connection ended");
             }
         }
-        _ = drain.signaled() => tracing::debug!(listener = %listener, "upgraded connection closed: draining"),
+        _ = drain.must_close() => tracing::debug!(listener = %listener, "upgraded connection closed: draining"),
         silence = super::accept::silent_for(&down.activity, down.idle_timeout, down.idle_timeout) => tracing::debug!(listener = %listener, ?silence, "upgraded connection closed"),
     }
 }

@@ -10,6 +10,7 @@ pub mod health;
 pub mod signals;
 pub mod stop;
 pub mod supervisor;
+pub mod upgrade;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +34,8 @@ pub enum Control {
     Shutdown { graceful: bool },
     /// Pass a signal Outrigger received on to the supervised app (`app.forward_signals`).
     Forward(nix::sys::signal::Signal),
+    /// Start a new Outrigger that takes over (SIGUSR2, `POST /upgrade`): see [`upgrade`].
+    Upgrade,
 }
 
 /// How a stop was asked for.
@@ -71,6 +74,8 @@ pub struct DrainTrigger {
 struct Tracker {
     running: AtomicUsize,
     changed: Notify,
+    /// This stop is a hot restart's: another process accepts on the same sockets.
+    handover: AtomicBool,
 }
 
 /// Held by an inbound task until it has drained; see [`Drain::track`].
@@ -112,6 +117,14 @@ impl DrainTrigger {
                 false
             }
         });
+    }
+
+    /// Marks the coming stop as a hand-over to a new process (hot restart): connections that
+    /// cannot be drained gracefully (upgraded ones, tcp listeners') are left to finish within
+    /// the grace period instead of being closed at once — the clients have somewhere else to
+    /// open new ones. Call before [`DrainTrigger::trigger_inbound`].
+    pub fn hand_over(&self) {
+        self.tracker.handover.store(true, Ordering::Release);
     }
 
     /// Second phase: everything drains.
@@ -170,6 +183,16 @@ impl Drain {
             Err(_) => return Stop::Fast,
         };
         self.fired(phase).unwrap_or(Stop::Fast)
+    }
+
+    /// Resolves once a stop was asked for that closes connections which cannot drain
+    /// gracefully (opaque tcp, upgraded ones): every stop but a hand-over, during which they
+    /// run to their end (or the grace deadline, when the module is aborted).
+    pub async fn must_close(&mut self) {
+        self.signaled().await;
+        if self.tracker.handover.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// True once a stop was asked for.

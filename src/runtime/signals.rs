@@ -1,6 +1,7 @@
 //! OS signals into [`Control`] values: SIGTERM → graceful stop, SIGINT → fast stop, SIGHUP →
 //! reload of our own config (and passed on to the app when `app.forward_signals` names it);
-//! the other signals in `app.forward_signals` are only passed on to the app.
+//! the other signals in `app.forward_signals` are only passed on to the app. SIGUSR2 starts a
+//! hot restart (unless `app.forward_signals` gives it to the app).
 
 use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
@@ -18,6 +19,21 @@ pub fn spawn(control: mpsc::Sender<Control>, forward: &[SignalName]) -> Result<(
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let forward_hup = forward.iter().any(|s| s.0 == Signal::SIGHUP);
+    if !forward.iter().any(|s| s.0 == Signal::SIGUSR2) {
+        let mut usr2 = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
+        let control = control.clone();
+        tokio::spawn(async move {
+            while usr2.recv().await.is_some() {
+                info!(
+                    signal = "SIGUSR2",
+                    "signal received; starting a new Outrigger to take over"
+                );
+                if control.send(Control::Upgrade).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     {
         let control = control.clone();
         tokio::spawn(async move {

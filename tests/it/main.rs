@@ -25,3 +25,4 @@ mod servers;
 mod support;
 mod telemetry;
 mod tls;
+mod upgrade;
