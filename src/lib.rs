@@ -41,6 +41,7 @@
 //! | the start order | `app.rs` |
 //! | the stop order (drain delay, inbound, app, the rest, admin) | `runtime/stop.rs` |
 //! | signals → control requests | `runtime/signals.rs` |
+//! | hot restart: socket and app hand-over, `/server_info`, systemd notify | `runtime/upgrade/` (its `sys.rs` holds the crate's only `unsafe`) |
 //! | module restarts with backoff, `/ready` | `runtime/supervisor.rs`, `runtime/health.rs` |
 //! | the request phases, in order | `proxy/http.rs` (`phases`) |
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |

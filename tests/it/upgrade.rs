@@ -443,3 +443,169 @@ fn systemd_is_told_the_new_main_pid() {
     );
     assert!(old.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// A subscriber app: `/dapr/subscribe` names topic `t` of `ps`; every delivery's `data.n` is
+/// recorded and acknowledged.
+#[cfg(feature = "bridge")]
+fn subscriber() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
+    use axum::routing::{get, post};
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new()
+                .route(
+                    "/dapr/subscribe",
+                    get(|| async { r#"[{"pubsubname":"ps","topic":"t","route":"/t"}]"# }),
+                )
+                .route(
+                    "/t",
+                    post(move |body: axum::body::Bytes| {
+                        let record = record.clone();
+                        async move {
+                            let event: serde_json::Value =
+                                serde_json::from_slice(&body).unwrap_or_default();
+                            if let Some(n) = event["data"]["n"].as_u64() {
+                                record.lock().unwrap().push(n);
+                            }
+                            r#"{"status":"SUCCESS"}"#
+                        }
+                    }),
+                );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (addr, seen)
+}
+
+#[cfg(feature = "bridge")]
+#[test]
+fn bridge_publishes_and_deliveries_go_on_across_an_upgrade() {
+    let redis = crate::servers::RedisServer::start();
+    let (app, seen) = subscriber();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let resources = dir.path().join("resources");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(
+        resources.join("ps.yaml"),
+        format!(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: ps\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: 127.0.0.1:{}\n  - name: processingTimeout\n    value: 2s\n  - name: redeliverInterval\n    value: 1s\n",
+            redis.port
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "app:\n  address: {app}\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\nruntime:\n  shutdown_grace: 10s\n  upgrade_socket: {}\n",
+        resources.display(),
+        socket.display()
+    );
+    let mut old = Sidecar::start(&config);
+    old.wait_ready();
+    let url = format!("http://{}/v1.0/publish/ps/t", old.bridge.clone().unwrap());
+    const N: u64 = 400;
+    let publisher = std::thread::spawn(move || {
+        let c = client();
+        let mut failed = Vec::new();
+        for n in 0..N {
+            match c.post(&url).json(&serde_json::json!({ "n": n })).send() {
+                Ok(r) if r.status() == 204 => {}
+                other => failed.push(format!("{n}: {other:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        failed
+    });
+    eventually(
+        Duration::from_secs(10),
+        "deliveries before the upgrade",
+        || (seen.lock().unwrap().len() > 20).then_some(()),
+    );
+    let new = take_over(&mut old, &config, &[]);
+    assert_eq!(new.bridge, old.bridge, "the bridge's port is kept");
+    let failed = publisher.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "failed publishes: {failed:?}\n{}",
+        new.diagnostics()
+    );
+    // Every message delivered, at least once.
+    let missing = eventually(Duration::from_secs(20), "every message delivered", || {
+        let seen = seen.lock().unwrap();
+        let missing: Vec<u64> = (0..N).filter(|n| !seen.contains(n)).collect();
+        if !missing.is_empty() {
+            eprintln!("missing {} (first {:?})", missing.len(), missing.first());
+        }
+        missing.is_empty().then_some(missing)
+    });
+    assert!(missing.is_empty());
+    let seen = seen.lock().unwrap();
+    eprintln!(
+        "{N} published, {} deliveries ({} redelivered)",
+        seen.len(),
+        seen.len() as u64 - N
+    );
+}
+
+/// The log agent captures the app's stdout through a pipe: the pipe is handed over with the
+/// app, so the app is not killed by SIGPIPE when the old process exits, and its lines keep
+/// reaching the sink from the new process.
+#[cfg(feature = "logs")]
+#[test]
+fn captured_app_output_keeps_flowing_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let sink = dir.path().join("shipped.ndjson");
+    let pids = dir.path().join("pids");
+    let config = format!(
+        "runtime:\n  shutdown_grace: 10s\n  upgrade_socket: {}\nlogs:\n  sources: [{{app: stdio, format: plain}}]\n  sinks: [{{file: {}}}]\n",
+        socket.display(),
+        sink.display()
+    );
+    let script = format!(
+        "echo $$ >> {}; i=0; while true; do echo line $i; i=$((i+1)); sleep 0.01; done",
+        pids.display()
+    );
+    let app = ["sh", "-c", script.as_str()];
+    let mut old = Spawn {
+        config: &config,
+        app: &app,
+        ..Spawn::default()
+    }
+    .start();
+    old.wait_ready();
+    let shipped = || std::fs::read_to_string(&sink).unwrap_or_default();
+    eventually(Duration::from_secs(10), "lines shipped", || {
+        (shipped().lines().count() > 10).then_some(())
+    });
+    let new = take_over(&mut old, &config, &app);
+    let after = shipped().lines().count();
+    eventually(
+        Duration::from_secs(10),
+        "lines shipped by the new process",
+        || (shipped().lines().count() > after + 50).then_some(()),
+    );
+    // Started once: the app was neither killed nor restarted.
+    assert_eq!(std::fs::read_to_string(&pids).unwrap().lines().count(), 1);
+    let stderr = new.stderr();
+    assert!(stderr.contains("adopted the app"), "{stderr}");
+    // The numbers go on (a line being read at the switch may be cut in two; none other lost).
+    let numbers: Vec<u64> = shipped()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["message"].as_str()?.strip_prefix("line ")?.parse().ok()
+        })
+        .collect();
+    let max = *numbers.iter().max().unwrap();
+    let missing = (0..max).filter(|n| !numbers.contains(n)).count();
+    assert!(missing <= 2, "{missing} of {max} lines missing");
+}
