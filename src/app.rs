@@ -156,6 +156,35 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
     }
     runtime::signals::spawn(control_tx.clone(), &config.app.lifecycle.forward_signals)?;
 
+    let app_status = AppStatus {
+        health: health.clone(),
+        gate: Arc::new(gate_setter),
+        metrics: metrics.runtime.clone(),
+        ready: Arc::new(watch::channel(false).0),
+    };
+    if watched_app && successor.as_ref().is_some_and(|s| s.app_ready) {
+        // The app (still running, about to be handed over) passed its probe in the old
+        // process: no gate closes for it here; its probe here confirms it or not.
+        app_status.set_ready();
+    }
+    // The app's readiness as the upgrade socket reports it to a successor.
+    let app_ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(!watched_app));
+    {
+        let flag = app_ready_flag.clone();
+        let mut ready = app_status.ready.subscribe();
+        tokio::spawn(async move {
+            loop {
+                flag.store(
+                    *ready.borrow_and_update(),
+                    std::sync::atomic::Ordering::Release,
+                );
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     // Hot restart, new side: once every module is up, the old process hands over the app
     // and drains. Until then it serves alone; if we fail before, it carries on.
     let (handover_tx, mut handover_rx) = mpsc::channel::<upgrade::Handover>(1);
@@ -183,25 +212,38 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
         None => None,
     };
     let names = socket_names(admin_addr, &bound, bridge.as_ref());
+    // A socket asked for by name must work; the default one is a convenience: where it
+    // cannot be made (a read-only /tmp, another user's file), there is just no hot restart.
+    let explicit = options.upgrade_socket.is_some()
+        || matches!(
+            config.runtime.upgrade_socket,
+            Some(crate::config::UpgradeSocket::Path(_))
+        );
     let upgrade_server = match &upgrade_socket {
-        Some(path) => Some(upgrade::UpgradeServer::start(
+        Some(path) => match upgrade::UpgradeServer::start(
             path,
             names,
             server_info.generation,
             config.runtime.upgrade_timeout.get(),
             handover_tx.clone(),
             options.upgrade,
-        )?),
+            app_ready_flag.clone(),
+        ) {
+            Ok(s) => Some(s),
+            // Having taken over, failing now would leave nobody serving.
+            Err(e) if !explicit || options.upgrade => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "no hot restart: the upgrade socket cannot be served"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     let invocation = upgrade::Invocation::current();
 
-    let app_status = AppStatus {
-        health: health.clone(),
-        gate: Arc::new(gate_setter),
-        metrics: metrics.runtime.clone(),
-        ready: Arc::new(watch::channel(false).0),
-    };
     // Supervision mode: the app is ours to start, restart and stop. Otherwise (the app runs in
     // another container) only its probe, if any.
     let mut app: Option<Supervised> = None;
@@ -279,7 +321,6 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
     // Wait: until a stop is asked for, the app ends for good, or a new process takes over.
     let mut app_end = None;
     let mut handed_over = false;
-    let mut handover_sent = None;
     let stop_kind = loop {
         let app_ended = async {
             match app.as_mut() {
@@ -306,12 +347,26 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
             Some(h) = handover_rx.recv() => {
                 let released = match &app {
                     Some(a) => a.handle.release().await,
-                    None => None,
+                    None => Ok(None),
                 };
+                let refused = released.is_err();
                 let _ = h.reply.send(released);
+                if refused {
+                    continue;
+                }
+                // The successor acknowledges the app before anything here stops.
+                let taken = matches!(h.outcome.await, Ok(Ok(())));
+                if let Some(a) = &app {
+                    a.handle.released(taken);
+                }
+                if !taken {
+                    tracing::warn!(successor_pid = h.successor_pid, "the new Outrigger failed during the hand-over; still serving");
+                    continue;
+                }
                 info!(successor_pid = h.successor_pid, "a new Outrigger took over; draining");
+                // systemd follows the new main process even if it never says so itself.
+                upgrade::notify_systemd(&format!("MAINPID={}\n", h.successor_pid));
                 handed_over = true;
-                handover_sent = Some(h.sent);
                 break Stop::Graceful;
             }
             end = app_ended => {
@@ -385,11 +440,6 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
     }
     .run()
     .await;
-    if let Some(sent) = handover_sent {
-        // The successor must have its app before this process (and the thread talking to
-        // it) is gone.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sent).await;
-    }
     info!("stopped");
     Ok(app_end.or(stopped).map_or(0, |end| end.exit_code()))
 }

@@ -148,33 +148,38 @@ impl App {
         })
     }
 
-    /// Lets go of the app for a new Outrigger: stops reading its pipes (the successor reads
-    /// them from now on) and returns what to hand over. The app keeps running.
-    fn release(&mut self, ready: bool) -> io::Result<Released> {
+    /// What to hand a new Outrigger (hot restart): a pidfd and duplicates of the pipes we
+    /// read. Nothing changes here until [`App::release_for_good`]: the successor may still
+    /// fail, and then the app stays ours.
+    fn handover(&self, ready: bool) -> io::Result<Released> {
         let pidfd = match &self.process {
             // Still our unreaped child: its pid cannot have been reused.
             Process::Own(_) => crate::runtime::upgrade::sys::pidfd_open(self.pgid.as_raw())?,
             Process::Adopted(fd) => fd.get_ref().try_clone()?,
         };
         let mut fds = vec![pidfd];
-        for (task, fd) in std::mem::take(&mut self.stdio) {
-            task.abort();
-            fds.push(fd);
+        if self.stdio.len() == 2 {
+            for (_, fd) in &self.stdio {
+                fds.push(fd.try_clone()?);
+            }
         }
-        let captured = fds.len() == 3;
-        if fds.len() == 2 {
-            fds.truncate(1);
-        }
-        self.released = true;
         Ok((
             crate::runtime::upgrade::AppHandover {
                 pid: self.pgid.as_raw(),
                 program: self.program.clone(),
                 ready,
-                captured,
+                captured: fds.len() == 3,
             },
             fds,
         ))
+    }
+
+    /// The successor has the app: stop reading its pipes (it reads them now) and never kill it.
+    fn release_for_good(&mut self) {
+        for (task, _) in std::mem::take(&mut self.stdio) {
+            task.abort();
+        }
+        self.released = true;
     }
 
     pub fn pid(&self) -> u32 {
@@ -189,7 +194,11 @@ impl App {
     /// group is killed then: the group lives and dies with the app.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         let status = self.wait_process().await;
-        let _ = killpg(self.pgid, Signal::SIGKILL);
+        // Not for an adopted app: it was reaped by another parent, maybe long enough ago that
+        // its pid (and so its group id) belongs to someone else now.
+        if matches!(self.process, Process::Own(_)) {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
         status
     }
 
@@ -330,9 +339,12 @@ enum AppCommand {
     },
     /// A stop has begun: from now on the app is not restarted, whatever the policy.
     Draining,
-    /// A new Outrigger takes over (hot restart): let go of the app without stopping it and
-    /// answer with what to hand over (None when it is not running).
-    Release(tokio::sync::oneshot::Sender<Option<Released>>),
+    /// A new Outrigger takes over (hot restart): answer with what to hand over (None when it
+    /// is not running; an error when it cannot be handed over), then wait for the verdict.
+    Release(tokio::sync::oneshot::Sender<Result<Option<Released>, String>>),
+    /// The verdict on a release: true, the successor has the app (supervision ends, the app
+    /// runs on); false, it failed (supervision goes on as before).
+    Released(bool),
 }
 
 /// Sends requests to the supervised app; cheap to clone.
@@ -360,13 +372,21 @@ impl AppHandle {
         let _ = self.0.send(AppCommand::Stop { signal, deadline });
     }
 
-    /// Lets go of the app for a new Outrigger (hot restart): supervision ends with
-    /// [`AppEnd::Released`], the app keeps running. None: it was not running (or supervision
-    /// had already ended).
-    pub async fn release(&self) -> Option<Released> {
+    /// Asks for what to hand a new Outrigger (hot restart); answer the verdict with
+    /// [`AppHandle::released`]. `Ok(None)`: it is not running. `Err`: it cannot be handed
+    /// over (refuse the successor).
+    pub async fn release(&self) -> Result<Option<Released>, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.0.send(AppCommand::Release(tx)).ok()?;
-        rx.await.ok().flatten()
+        if self.0.send(AppCommand::Release(tx)).is_err() {
+            return Ok(None);
+        }
+        rx.await.unwrap_or(Ok(None))
+    }
+
+    /// After [`AppHandle::release`]: whether the successor took the app (supervision ends
+    /// with [`AppEnd::Released`]) or not (it goes on, as if nothing had happened).
+    pub fn released(&self, taken: bool) {
+        let _ = self.0.send(AppCommand::Released(taken));
     }
 }
 
@@ -564,20 +584,26 @@ async fn supervise_loop(
                     }
                     Some(AppCommand::Draining) => draining = true,
                     Some(AppCommand::Release(reply)) => {
-                        probe.take();
-                        match app.release(*status.ready.borrow()) {
+                        let ready = *status.ready.borrow();
+                        match app.handover(ready) {
                             Ok(released) => {
                                 info!(pid = app.pid(), "handing the app over to the new Outrigger");
-                                let _ = reply.send(Some(released));
-                                return AppEnd::Released;
+                                let _ = reply.send(Ok(Some(released)));
+                                if verdict(&mut rx, Some(&app)).await {
+                                    probe.take();
+                                    app.release_for_good();
+                                    return AppEnd::Released;
+                                }
+                                info!(pid = app.pid(), "the new Outrigger did not take the app; it stays ours");
                             }
                             Err(e) => {
-                                // It stays ours; the new process starts its own.
+                                // It stays ours, and the successor is refused.
                                 warn!(error = %e, "cannot hand the app over");
-                                let _ = reply.send(None);
+                                let _ = reply.send(Err(format!("cannot hand the app over: {e}")));
                             }
                         }
                     }
+                    Some(AppCommand::Released(_)) => {}
                     Some(AppCommand::Restart) if draining => {
                         info!("restart not done: the sidecar is stopping");
                     }
@@ -704,10 +730,9 @@ async fn stop_app(
                 }
                 AppCommand::Signal(sig) => app.signal(sig),
                 AppCommand::Release(reply) => {
-                    // Being stopped: there is nothing to hand over.
-                    let _ = reply.send(None);
+                    let _ = reply.send(Err("the app is being stopped or restarted".into()));
                 }
-                AppCommand::Restart | AppCommand::Draining => {}
+                AppCommand::Restart | AppCommand::Draining | AppCommand::Released(_) => {}
             },
         }
     }
@@ -733,12 +758,34 @@ async fn wait_or_stop(
                 // Not running: nothing to signal; a restart request starts it now.
                 Some(AppCommand::Signal(_)) => {}
                 Some(AppCommand::Restart) => return None,
-                // Not running: the new Outrigger starts it.
+                // Not running: the new Outrigger starts it (or, if it fails, we do, now).
                 Some(AppCommand::Release(reply)) => {
-                    let _ = reply.send(None);
-                    return Some(AppEnd::Released);
+                    let _ = reply.send(Ok(None));
+                    return verdict(rx, None).await.then_some(AppEnd::Released);
                 }
+                Some(AppCommand::Released(_)) => {}
             },
+        }
+    }
+}
+
+/// Waits for the verdict on a release (the main loop sends it within seconds); signals meant
+/// for the app meanwhile still reach it.
+async fn verdict(rx: &mut mpsc::UnboundedReceiver<AppCommand>, app: Option<&App>) -> bool {
+    loop {
+        match rx.recv().await {
+            Some(AppCommand::Released(taken)) => return taken,
+            Some(AppCommand::Signal(sig)) => {
+                if let Some(app) = app {
+                    app.signal(sig);
+                }
+            }
+            Some(AppCommand::Release(reply)) => {
+                let _ = reply.send(Err("a hand-over is already in progress".into()));
+            }
+            Some(_) => {}
+            // Nobody left to decide: the process is ending; keep the app ours.
+            None => return false,
         }
     }
 }

@@ -89,6 +89,9 @@ enum Message {
         generation: u64,
         pid: u32,
         sockets: Vec<Socket>,
+        /// The app passed its probe in the old process: the new one opens its gate at once.
+        #[serde(default)]
+        app_ready: bool,
     },
     Refused {
         reason: String,
@@ -98,6 +101,10 @@ enum Message {
     },
     App {
         app: Option<AppHandover>,
+    },
+    /// The successor has the app (and its descriptors): the old process may drain.
+    Adopted {
+        pid: u32,
     },
 }
 
@@ -197,6 +204,8 @@ pub struct Successor {
     pub generation: u64,
     /// What was handed over, by name, to give port-0 addresses the old port.
     sockets: Vec<Socket>,
+    /// The app was ready in the old process.
+    pub app_ready: bool,
 }
 
 impl Successor {
@@ -211,6 +220,18 @@ impl Successor {
         })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
+        // Whoever holds the socket hands us listening sockets and an app: it must be an
+        // Outrigger of our own user (or root), not another user's socket at a guessable path.
+        let cred = getsockopt(&stream, sockopt::PeerCredentials)?;
+        let uid = nix::unistd::geteuid().as_raw();
+        if cred.uid() != uid && cred.uid() != 0 {
+            anyhow::bail!(
+                "{} is served by uid {} (pid {}), not by an Outrigger of ours (uid {uid})",
+                path.display(),
+                cred.uid(),
+                cred.pid()
+            );
+        }
         send(
             &stream,
             &Message::Hello {
@@ -226,6 +247,7 @@ impl Successor {
                     generation,
                     pid,
                     sockets,
+                    app_ready,
                 },
                 fds,
             )) => {
@@ -250,6 +272,7 @@ impl Successor {
                     parent_pid: pid,
                     generation: generation + 1,
                     sockets,
+                    app_ready,
                 })
             }
             Some((Message::Refused { reason }, _)) => {
@@ -291,7 +314,7 @@ impl Successor {
             },
             &[],
         )?;
-        match recv(&self.stream)? {
+        let app = match recv(&self.stream)? {
             Some((Message::App { app: Some(app) }, fds)) => {
                 let want = if app.captured { 3 } else { 1 };
                 if fds.len() != want {
@@ -300,12 +323,25 @@ impl Successor {
                         fds.len()
                     );
                 }
-                Ok(Some((app, fds)))
+                Some((app, fds))
             }
-            Some((Message::App { app: None }, _)) => Ok(None),
+            Some((Message::App { app: None }, _)) => None,
+            Some((Message::Refused { reason }, _)) => {
+                anyhow::bail!("the old process refused the hand-over: {reason}")
+            }
             Some((other, _)) => anyhow::bail!("unexpected answer from the old process: {other:?}"),
             None => anyhow::bail!("the old process closed the upgrade socket before handing over"),
-        }
+        };
+        // From here the app is ours: the old process drains once it reads this (until then,
+        // a failure of ours gives the app back to it).
+        send(
+            &self.stream,
+            &Message::Adopted {
+                pid: std::process::id(),
+            },
+            &[],
+        )?;
+        Ok(app)
     }
 }
 
@@ -316,11 +352,14 @@ impl Successor {
 /// (and the descriptors to send), then drain.
 pub struct Handover {
     pub successor_pid: u32,
-    pub reply: oneshot::Sender<Option<(AppHandover, Vec<OwnedFd>)>>,
-    /// Resolves once the app has been sent on: the process must not exit before (a quick
-    /// drain would end the conversation's thread mid-message).
-    pub sent: oneshot::Receiver<()>,
+    pub reply: oneshot::Sender<Result<Option<ReleasedApp>, String>>,
+    /// `Ok`: the successor has the app; drain. `Err`: it failed after the release; the app
+    /// comes back (to supervise again) and this process carries on.
+    pub outcome: oneshot::Receiver<Result<(), Option<ReleasedApp>>>,
 }
+
+/// An app on its way to a successor: its description and descriptors (pidfd, stdio pipes).
+pub type ReleasedApp = (AppHandover, Vec<OwnedFd>);
 
 /// Serves the upgrade socket until the process ends.
 pub struct UpgradeServer {
@@ -339,6 +378,7 @@ impl UpgradeServer {
         timeout: Duration,
         handover: mpsc::Sender<Handover>,
         took_over: bool,
+        app_ready: std::sync::Arc<AtomicBool>,
     ) -> anyhow::Result<UpgradeServer> {
         use anyhow::Context;
         use std::os::unix::fs::FileTypeExt;
@@ -368,6 +408,7 @@ impl UpgradeServer {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     let ctx = Conversation {
+                        app_ready: &app_ready,
                         names: &names,
                         generation,
                         timeout,
@@ -404,6 +445,8 @@ impl UpgradeServer {
 }
 
 struct Conversation<'a> {
+    /// The app's readiness now (its probe), for the successor's gate.
+    app_ready: &'a AtomicBool,
     names: &'a BTreeMap<String, String>,
     generation: u64,
     timeout: Duration,
@@ -487,6 +530,7 @@ impl Conversation<'_> {
                 generation: self.generation,
                 pid: std::process::id(),
                 sockets,
+                app_ready: self.app_ready.load(Ordering::Acquire),
             },
             &fds,
         )?;
@@ -517,35 +561,69 @@ impl Conversation<'_> {
             Err(e) => return Err(e),
         }
         let (reply, app) = oneshot::channel();
-        let (sent_tx, sent) = oneshot::channel();
+        let (outcome_tx, outcome) = oneshot::channel();
         if self
             .handover
             .blocking_send(Handover {
                 successor_pid: pid,
                 reply,
-                sent,
+                outcome,
             })
             .is_err()
         {
             return Err(io::Error::other("this process is already stopping"));
         }
-        let app = app.blocking_recv().unwrap_or(None);
-        let (app, fds) = match app {
-            Some((a, fds)) => (Some(a), fds),
-            None => (None, Vec::new()),
+        let released = match app.blocking_recv() {
+            Ok(Ok(released)) => released,
+            Ok(Err(reason)) => {
+                let _ = send(
+                    conn,
+                    &Message::Refused {
+                        reason: reason.clone(),
+                    },
+                    &[],
+                );
+                return Err(io::Error::other(reason));
+            }
+            Err(_) => return Err(io::Error::other("this process is stopping")),
         };
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        // The successor may have died meanwhile: the app is then orphaned, and the sockets
-        // are still open in no other process; say so loudly.
-        if let Err(e) = send(conn, &Message::App { app }, &raw) {
-            warn!(error = %e, "could not hand the app over; the new process is gone");
-        }
-        let _ = sent_tx.send(());
-        info!(
-            successor_pid = pid,
-            "handed over to the new process; draining"
+        let raw: Vec<RawFd> = released
+            .iter()
+            .flat_map(|(_, fds)| fds.iter().map(|f| f.as_raw_fd()))
+            .collect();
+        let sent = send(
+            conn,
+            &Message::App {
+                app: released.as_ref().map(|(a, _)| a.clone()),
+            },
+            &raw,
         );
-        Ok(true)
+        // Only its acknowledgement lets this process drain: a successor that died meanwhile
+        // would leave nobody serving, and the app (its pipes unread) to die of SIGPIPE.
+        let acked = sent
+            .and_then(|()| conn.set_read_timeout(Some(Duration::from_secs(10))))
+            .and_then(|()| recv(conn));
+        match acked {
+            Ok(Some((Message::Adopted { .. }, _))) => {
+                let _ = outcome_tx.send(Ok(()));
+                info!(
+                    successor_pid = pid,
+                    "handed over to the new process; draining"
+                );
+                Ok(true)
+            }
+            other => {
+                let _ = outcome_tx.send(Err(released));
+                let why = match other {
+                    Ok(None) => "it went away".to_string(),
+                    Ok(Some((m, _))) => format!("it answered {m:?}"),
+                    Err(e) => e.to_string(),
+                };
+                Err(io::Error::other(format!(
+                    "the new process (pid {pid}) did not take the app over ({why}); keeping it"
+                )))
+            }
+        }
     }
 }
 
@@ -608,7 +686,14 @@ pub struct Invocation {
 
 impl Invocation {
     pub fn current() -> Option<Invocation> {
-        let exe = std::env::current_exe().ok()?;
+        // The path we were started by (a symlink to a versioned install stays a symlink, so the
+        // new version behind it is what starts), else the resolved one.
+        let exe = std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .filter(|p| p.components().count() > 1)
+            .and_then(|p| std::env::current_dir().ok().map(|d| d.join(p)))
+            .or_else(|| std::env::current_exe().ok())?;
         Some(Invocation {
             exe,
             args: std::env::args_os().skip(1).collect(),
@@ -744,6 +829,7 @@ mod tests {
                     name: Some("admin".into()),
                     address: Address::Tcp(addr),
                 }],
+                app_ready: true,
             },
             &[listener.as_raw_fd()],
         )
