@@ -25,7 +25,12 @@ pub const STATE_TYPES: &[&str] = &[
     "state.postgres",
 ];
 /// Pub/sub types (the broker implementations live in `bridge::pubsub`).
-pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
+pub const PUBSUB_TYPES: &[&str] = &[
+    "pubsub.in-memory",
+    "pubsub.redis",
+    "pubsub.jetstream",
+    "pubsub.rabbitmq",
+];
 /// Distributed lock store types.
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Configuration store types.

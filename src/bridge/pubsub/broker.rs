@@ -116,11 +116,13 @@ pub fn build(component: &Component) -> Result<Arc<dyn Broker>, String> {
         "pubsub.in-memory" => Arc::new(super::memory::Memory::new()),
         "pubsub.redis" => Arc::new(super::redis::Redis::new(&Meta::new(component))?),
         "pubsub.jetstream" => Arc::new(super::jetstream::JetStream::new(&Meta::new(component))?),
+        "pubsub.rabbitmq" => Arc::new(super::rabbitmq::RabbitMq::new(&Meta::new(component))?),
         other => {
             return Err(format!(
-                "{}: component {:?} has type {other:?}; expected one of pubsub.in-memory, pubsub.redis, pubsub.jetstream",
+                "{}: component {:?} has type {other:?}; expected one of {}",
                 component.file.display(),
-                component.name
+                component.name,
+                super::super::components::PUBSUB_TYPES.join(", ")
             ));
         }
     };
