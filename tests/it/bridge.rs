@@ -2078,3 +2078,50 @@ fn postgres_state_works_for_a_role_without_ddl_rights() {
     ));
     PostgresDb::drop_role(&role);
 }
+
+/// A PostgreSQL call that times out does not leave its statement running on a pooled
+/// connection (it waited there on a row lock until the lock was released, holding up the next
+/// user of that connection): the server cancels it at the component's `timeout`.
+#[test]
+fn postgres_timed_out_statements_do_not_keep_running() {
+    let db = PostgresDb::create();
+    let component = postgres_component(
+        "pg",
+        "state.postgresql",
+        &db.connection_string(),
+        "  - name: timeout\n    value: \"1s\"\n",
+    );
+    let sc = start("service: orders\n", &[("pg.yaml", component.as_str())]);
+    let (s, _) = post(&sc, "/v1.0/state/pg", json!([{"key": "a", "value": 1}]));
+    assert_eq!(s, 204);
+    let (_, etag, _) = get(&sc, "/v1.0/state/pg/a");
+    // Another session holds the row's lock for a minute.
+    let mut holder = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", &db.name, "-XAtq", "-c"])
+        .arg("BEGIN; SELECT 1 FROM state WHERE key = 'orders||a' FOR UPDATE; SELECT pg_sleep(60); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    eventually(Duration::from_secs(30), "the lock holder", || {
+        (db.sql(&format!(
+            "{others} AND query LIKE '%pg_sleep(60)%' AND state = 'active'"
+        )) == "1")
+            .then_some(())
+    });
+    // A write with the ETag locks the row first: it waits, and fails at the timeout.
+    let (s, body) = post(
+        &sc,
+        "/v1.0/state/pg",
+        json!([{"key": "a", "value": 2, "etag": etag.unwrap()}]),
+    );
+    assert_eq!(s, 500, "{body}");
+    // Its statement is gone from the server (it would wait out the minute otherwise).
+    eventually(
+        Duration::from_secs(30),
+        "no statement of ours waiting on the lock",
+        || (db.sql(&format!("{others} AND wait_event_type = 'Lock'")) == "0").then_some(()),
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
