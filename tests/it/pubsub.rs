@@ -18,7 +18,7 @@ use outrigger::bridge::components::Component;
 use outrigger::bridge::pubsub::{self, PubSub, PubSubOptions, RetryPolicy};
 use outrigger::telemetry::metrics::Metrics;
 
-use crate::servers::{NatsServer, RabbitVhost, RedisServer, free_port};
+use crate::servers::{MosquittoServer, NatsServer, RabbitVhost, RedisServer, free_port};
 
 /// Generous: a healthy run takes well under a second per step.
 const WAIT: Duration = Duration::from_secs(30);
@@ -440,6 +440,16 @@ async fn bad_component_metadata_is_refused_with_the_file() {
             "pubsub.rabbitmq",
             vec![("connectionString", "amqp://h"), ("exchangeKind", "topic")],
             "exchangeKind: expected fanout",
+        ),
+        (
+            "pubsub.mqtt3",
+            vec![("url", "ssl://u:secret@h:8883")],
+            "metadata url: expected tcp://[user:password@]host:port (TLS to MQTT is not supported), found \"ssl://u:***@h:8883\"",
+        ),
+        (
+            "pubsub.mqtt3",
+            vec![("url", "tcp://h:1883"), ("qos", "3")],
+            "qos: expected 0, 1 or 2",
         ),
         ("pubsub.kafka", vec![], "expected one of pubsub.in-memory"),
     ] {
@@ -1382,4 +1392,149 @@ async fn rabbitmq_connection_loss_redelivers_and_an_absent_broker_fails_publishe
         "{err}"
     );
     ps.stop().await;
+}
+
+/// MQTT on the machine's Mosquitto (topics under a prefix of our own): RETRY then SUCCESS, DROP
+/// to the dead-letter topic, `retained` as daprd sends it, a retained publish kept by the
+/// broker.
+#[tokio::test]
+async fn mqtt3_retries_dead_letters_and_retains() {
+    let prefix = format!("outrigger-test-{:08x}", fastrand::u32(..));
+    let (orders, poison, kept) = (
+        format!("{prefix}/orders"),
+        format!("{prefix}/poison"),
+        format!("{prefix}/kept"),
+    );
+    let app = App::start(
+        Some(json!([
+            {"pubsubname": "mq", "topic": orders, "route": "/orders", "deadLetterTopic": poison},
+            {"pubsubname": "mq", "topic": poison, "route": "/poison"}
+        ])),
+        |path, event, seen| match (path, event["id"].as_str().unwrap_or("")) {
+            ("/orders", "retry-me") if seen <= 3 => status("RETRY"),
+            ("/orders", "drop-me") => status("DROP"),
+            _ => ok(),
+        },
+    )
+    .await;
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[
+            ("url", "tcp://127.0.0.1:1883"),
+            ("consumerID", &format!("{prefix}-client")),
+            ("qos", "1"),
+        ],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 2).await;
+    let ce = |id: &str| {
+        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
+    };
+    for id in ["retry-me", "drop-me"] {
+        b.publish("mq", &orders, "application/cloudevents+json", &ce(id))
+            .await;
+    }
+    until("a success after retries and a dead letter", async || {
+        app.successes().contains(&"retry-me".to_string()) && app.on("/poison").len() == 1
+    })
+    .await;
+    let count = |id: &str| {
+        app.on("/orders")
+            .iter()
+            .filter(|r| r.event["id"] == id)
+            .count()
+    };
+    assert_eq!(count("retry-me"), 4);
+    assert_eq!(count("drop-me"), 1);
+    assert_eq!(app.on("/poison")[0].event["id"], "drop-me");
+    assert_eq!(app.on("/orders")[0].headers["retained"], "false");
+    // `retain` per publish: the broker keeps the message for later subscribers.
+    let (status, err) = b
+        .call(
+            "POST",
+            &format!("/v1.0/publish/mq/{kept}?metadata.retain=true"),
+            &[("content-type", "application/cloudevents+json")],
+            &ce("kept-1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    let out = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-t",
+            &kept,
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept-1"),
+        "{out:?}"
+    );
+    let _ = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", "1883", "-t", &kept, "-r", "-n"])
+        .output();
+    let text = b.metrics_text();
+    assert!(
+        text.contains(&format!(
+            r#"outrigger_pubsub_delivered_total{{pubsub="mq",topic="{orders}",result="dead_letter"}} 1"#
+        )),
+        "{text}"
+    );
+    b.ps.stop().await;
+}
+
+/// An MQTT broker that is not there: publishes fail at once with Dapr's error and the
+/// subscription waits; once the broker starts, publishes succeed and the subscription
+/// delivers (the connection is retried with backoff).
+#[tokio::test]
+async fn mqtt3_broker_down_fails_publishes_then_recovers() {
+    let port = free_port();
+    let app = App::start(
+        Some(json!([{"pubsubname": "mq", "topic": "jobs", "route": "/jobs"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[("url", &format!("tcp://127.0.0.1:{port}"))],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 0).await;
+    let publish = async || b.call("POST", "/v1.0/publish/mq/jobs", &[], "hello").await;
+    let (status, err) = tokio::time::timeout(Duration::from_secs(30), publish())
+        .await
+        .expect("the publish never answered");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+    assert_eq!(err["errorCode"], "ERR_PUBSUB_PUBLISH_MESSAGE", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("mqtt 127.0.0.1:{port}"))),
+        "{err}"
+    );
+    let _mosquitto = MosquittoServer::start(port);
+    tokio::time::timeout(WAIT, b.ps.subscribed().wait_for(|n| *n == 1))
+        .await
+        .expect("the subscription starts once the broker is up")
+        .unwrap();
+    let mut delivered = false;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if publish().await.0 == StatusCode::NO_CONTENT {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "no publish succeeded after the broker started");
+    until("the delivery", async || !app.on("/jobs").is_empty()).await;
+    assert_eq!(app.on("/jobs")[0].event["data"], "hello");
+    b.ps.stop().await;
 }

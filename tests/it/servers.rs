@@ -328,3 +328,33 @@ fn rabbitmqctl(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A mosquitto of our own on a given loopback port (anonymous, no persistence), killed when
+/// dropped.
+pub struct MosquittoServer {
+    child: Child,
+}
+
+impl MosquittoServer {
+    pub fn start(port: u16) -> Self {
+        let child = Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (.ci/run installs it)");
+        let deadline = Instant::now() + START_WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        MosquittoServer { child }
+    }
+}
+
+impl Drop for MosquittoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -144,7 +144,11 @@ impl RabbitMq {
         let delivery_mode = match meta.u64("deliveryMode", 0)? {
             n @ 0..=2 => n as u8,
             n => {
-                return Err(meta.error("deliveryMode", "0, 1 or 2 (2: persistent)", &n.to_string()));
+                return Err(meta.error(
+                    "deliveryMode",
+                    "0, 1 or 2 (2: persistent)",
+                    &n.to_string(),
+                ));
             }
         };
         let prefetch = match meta.u64("prefetchCount", 0)? {
