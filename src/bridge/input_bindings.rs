@@ -44,6 +44,12 @@ pub struct InputBinding {
 
 enum Source {
     Cron(Schedule),
+    /// `bindings.mqtt3`: messages on the topic (the component's connection, shared with its
+    /// output side).
+    Mqtt {
+        broker: Arc<super::pubsub::mqtt::Mqtt>,
+        topic: String,
+    },
 }
 
 /// Whether `direction` metadata (`input`, `output`, `input, output`; absent: both) lets the
@@ -96,6 +102,28 @@ impl InputBinding {
             name: c.name.clone(),
             route: format!("/{}", route.trim_start_matches('/')),
             source,
+        }))
+    }
+}
+
+impl InputBinding {
+    /// A `bindings.mqtt3` component's input side (`None`: output only).
+    pub fn mqtt(
+        c: &Component,
+        broker: Arc<super::pubsub::mqtt::Mqtt>,
+        topic: &str,
+    ) -> Result<Option<InputBinding>, String> {
+        if !reads_input(c)? {
+            return Ok(None);
+        }
+        let route = c.meta("route").unwrap_or(&c.name);
+        Ok(Some(InputBinding {
+            name: c.name.clone(),
+            route: format!("/{}", route.trim_start_matches('/')),
+            source: Source::Mqtt {
+                broker,
+                topic: topic.to_string(),
+            },
         }))
     }
 }
@@ -202,7 +230,12 @@ async fn run(
     }
     tracing::info!(binding = %b.name, route = %b.route, "input binding started");
     let label: Name = Arc::new(b.name.clone());
-    let Source::Cron(schedule) = &b.source;
+    let schedule = match &b.source {
+        Source::Cron(schedule) => schedule,
+        Source::Mqtt { broker, topic } => {
+            return read_mqtt(&b, broker, topic, target, stop, metrics, label).await;
+        }
+    };
     loop {
         let Some(wait) = schedule.wait_from(jiff::Timestamp::now()) else {
             tracing::info!(binding = %b.name, "the schedule never fires again; input binding stopped");
@@ -241,6 +274,59 @@ async fn run(
             }
         }
     }
+}
+
+/// `bindings.mqtt3`'s input side: subscribes (retrying while the broker is away), hands each
+/// message to the app and acks it once the app took it (not acked otherwise: the broker sends
+/// it again when the session resumes), until `stop`.
+async fn read_mqtt(
+    b: &Arc<InputBinding>,
+    broker: &Arc<super::pubsub::mqtt::Mqtt>,
+    topic: &str,
+    target: Target,
+    mut stop: watch::Receiver<bool>,
+    metrics: BridgeMetrics,
+    label: Name,
+) {
+    use super::pubsub::broker::{Broker, Outcome};
+    let handler: super::pubsub::broker::Handler = {
+        let (b, target) = (b.clone(), target.clone());
+        Arc::new(move |msg: super::pubsub::Message| {
+            let (b, target, metrics, label) =
+                (b.clone(), target.clone(), metrics.clone(), label.clone());
+            Box::pin(async move {
+                let mut metadata = msg.metadata;
+                metadata.insert("topic".into(), msg.topic);
+                match deliver(&b, &target, msg.data, &metadata).await {
+                    Ok(()) => {
+                        metrics.binding_event(&label, "success");
+                        Outcome::Ack
+                    }
+                    Err(e) => {
+                        metrics.binding_event(&label, "failure");
+                        tracing::warn!(binding = %b.name, route = %b.route, error = %e, "input binding event not delivered; left unacked");
+                        Outcome::Retry
+                    }
+                }
+            })
+        })
+    };
+    let mut attempt = 0u32;
+    let running = loop {
+        match broker.subscribe(topic, &b.name, handler.clone()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(binding = %b.name, error = %e, "input binding cannot subscribe yet; retrying");
+                tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(reconnect_backoff(attempt)) => {}
+                }
+            }
+        }
+    };
+    stopped(&mut stop).await;
+    running.stop().await;
 }
 
 /// Sends one event to the app.

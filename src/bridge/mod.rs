@@ -186,6 +186,16 @@ impl BridgeState {
                         input_bindings.extend(b.map(Arc::new));
                     })
                 }
+                "bindings" if c.kind == "bindings.mqtt3" => bindings::mqtt_parts(c, &bridge.app_id)
+                    .and_then(|(broker, topic)| {
+                        let input = input_bindings::InputBinding::mqtt(c, broker.clone(), &topic)?;
+                        input_bindings.extend(input.map(Arc::new));
+                        output_bindings.insert(
+                            c.name.clone(),
+                            bindings::OutputBinding::Mqtt { broker, topic },
+                        );
+                        Ok(())
+                    }),
                 "bindings" => bindings::OutputBinding::open(c).map(|b| {
                     output_bindings.insert(c.name.clone(), b);
                 }),

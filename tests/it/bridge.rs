@@ -2262,3 +2262,59 @@ fn postgres_timed_out_statements_do_not_keep_running() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// `bindings.mqtt3` both ways on the machine's Mosquitto: `create` publishes to the topic, the
+/// same component's input side reads it back and POSTs it to the app (after `OPTIONS`).
+#[test]
+fn mqtt3_binding_round_trip() {
+    let app = Backend::http();
+    let prefix = format!("outrigger-test-{:08x}", fastrand::u32(..));
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: mq\nspec:\n  type: bindings.mqtt3\n  version: v1\n  metadata:\n  - name: url\n    value: \"tcp://127.0.0.1:1883\"\n  - name: topic\n    value: \"{prefix}/events\"\n  - name: consumerID\n    value: \"{prefix}\"\n"
+    );
+    let sc = start(
+        &format!("service: orders\napp:\n  address: {}\n", app.address()),
+        &[("mq.yaml", &component)],
+    );
+    let posts = || {
+        app.seen()
+            .into_iter()
+            .filter(|s| s.method == "POST" && s.path == "/mq")
+            .collect::<Vec<_>>()
+    };
+    // Until the input side has subscribed, what is published is nobody's: publish until one
+    // comes back.
+    let mut n = 0;
+    let got = eventually(
+        Duration::from_secs(30),
+        "a message back through the binding",
+        || {
+            n += 1;
+            let (s, body) = post(
+                &sc,
+                "/v1.0/bindings/mq",
+                json!({"operation": "create", "data": {"n": n}}),
+            );
+            assert_eq!(s, 204, "{body}");
+            posts().into_iter().next()
+        },
+    );
+    assert!(
+        String::from_utf8_lossy(&got.body).starts_with(r#"{"n":"#),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.header("topic"),
+        Some(format!("{prefix}/events").as_str())
+    );
+    assert!(
+        app.seen()
+            .iter()
+            .any(|s| s.method == "OPTIONS" && s.path == "/mq")
+    );
+    let (s, body) = post(&sc, "/v1.0/bindings/mq", json!({"operation": "delete"}));
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (500, "ERR_INVOKE_OUTPUT_BINDING")
+    );
+}
