@@ -64,6 +64,8 @@
 //! | the app's process, probe, restarts | `lifecycle/mod.rs`, `lifecycle/probe.rs` |
 //! | the app's environment (`OUTRIGGER_*`, `DAPR_*`) | `lifecycle/env.rs`, `bridge/env.rs` |
 //! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
+//! | pub/sub brokers (Redis Streams, JetStream, RabbitMQ, MQTT, in-memory) | `bridge/pubsub/{redis,jetstream,rabbitmq,mqtt,memory}.rs` |
+//! | input bindings to the app (`OPTIONS`/`POST /{route}`, `OnBindingEvent`), cron schedules | `bridge/input_bindings.rs`, `bridge/cron.rs` |
 //! | one operation for both Dapr front doors (HTTP routes, gRPC RPCs) | `bridge/ops.rs`, called by `bridge/routes.rs` and `bridge/grpc/mod.rs` |
 //! | Dapr's gRPC API: the `.proto` files, their build, streaming subscriptions, gRPC apps | `proto/`, `build.rs`, `bridge/grpc/{mod,subscribe,app}.rs` |
 //! | app ids without a cluster (`bridge.name_resolution`) | `bridge/invoke.rs` (`Resolver`) |

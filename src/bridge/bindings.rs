@@ -3,6 +3,8 @@
 //! (`create` is POST), `path` metadata is appended to the component's `url`, the other request
 //! metadata goes as headers, and the answer's status (`statusCode`, `status`) and headers come
 //! back as response metadata. A non-2xx answer is an error unless `errorIfNot2XX` is false.
+//! `bindings.mqtt3` (`create`): publishes the data to the component's `topic` (or the request's
+//! `topic` metadata) through the same MQTT connection its input side reads with.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::components::Component;
+use super::pubsub::broker::{Broker, Meta};
+use super::pubsub::mqtt::Mqtt;
 
 /// contrib's default `responseTimeout` is none; a call must end some day.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,20 +32,82 @@ pub struct BindingResponse {
 }
 
 /// An output binding component.
-pub struct OutputBinding {
+pub enum OutputBinding {
+    Http(Box<HttpBinding>),
+    /// `bindings.mqtt3`: the component's connection (shared with its input side) and topic.
+    Mqtt {
+        broker: std::sync::Arc<Mqtt>,
+        topic: String,
+    },
+}
+
+/// `bindings.mqtt3`'s connection and topic: built once per component, for its output and
+/// input sides (two connections with one client id would push each other off the broker).
+pub fn mqtt_parts(c: &Component, app_id: &str) -> Result<(std::sync::Arc<Mqtt>, String), String> {
+    let meta = Meta::new(c);
+    let topic = meta
+        .required("topic", "the MQTT topic to publish to and read from")?
+        .to_string();
+    let broker = Mqtt::new(&meta)?;
+    broker.set_app_id(app_id);
+    Ok((std::sync::Arc::new(broker), topic))
+}
+
+impl OutputBinding {
+    /// Checks the metadata without connecting (preflight).
+    pub fn check(c: &Component) -> Result<(), String> {
+        match c.kind.as_str() {
+            "bindings.mqtt3" => mqtt_parts(c, "check").map(drop),
+            _ => HttpBinding::open(c).map(drop),
+        }
+    }
+
+    /// Opens a `bindings.http` component (`bindings.mqtt3`: [`mqtt_parts`]).
+    pub fn open(c: &Component) -> Result<OutputBinding, String> {
+        HttpBinding::open(c).map(|h| OutputBinding::Http(Box::new(h)))
+    }
+
+    /// Sends `data` with `operation`.
+    pub async fn invoke(
+        &self,
+        operation: &str,
+        data: Bytes,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<BindingResponse, String> {
+        match self {
+            OutputBinding::Http(h) => h.invoke(operation, data, metadata).await,
+            OutputBinding::Mqtt { broker, topic } => {
+                if !operation.eq_ignore_ascii_case("create") {
+                    return Err(format!("invalid operation {operation:?}: expected create"));
+                }
+                let topic = metadata
+                    .get("topic")
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or(topic);
+                let publish = broker.publish(topic, data, metadata);
+                match tokio::time::timeout(super::pubsub::PUBLISH_TIMEOUT, publish).await {
+                    Ok(Ok(())) => Ok(BindingResponse::default()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "mqtt did not take the message within {}s",
+                        super::pubsub::PUBLISH_TIMEOUT.as_secs()
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// `bindings.http`.
+pub struct HttpBinding {
     url: String,
     error_if_not_2xx: bool,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
-impl OutputBinding {
-    /// Checks the metadata without connecting (preflight).
-    pub fn check(c: &Component) -> Result<(), String> {
-        OutputBinding::open(c).map(drop)
-    }
-
-    pub fn open(c: &Component) -> Result<OutputBinding, String> {
+impl HttpBinding {
+    pub fn open(c: &Component) -> Result<HttpBinding, String> {
         if c.kind != "bindings.http" {
             return Err(format!("{} is not an output binding type", c.kind));
         }
@@ -73,7 +139,7 @@ impl OutputBinding {
                 format!("expected responseTimeout as a duration (like 10s), found {v:?}")
             })?,
         };
-        Ok(OutputBinding {
+        Ok(HttpBinding {
             url,
             error_if_not_2xx,
             timeout,

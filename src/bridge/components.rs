@@ -25,13 +25,19 @@ pub const STATE_TYPES: &[&str] = &[
     "state.postgres",
 ];
 /// Pub/sub types (the broker implementations live in `bridge::pubsub`).
-pub const PUBSUB_TYPES: &[&str] = &["pubsub.in-memory", "pubsub.redis", "pubsub.jetstream"];
+pub const PUBSUB_TYPES: &[&str] = &[
+    "pubsub.in-memory",
+    "pubsub.redis",
+    "pubsub.jetstream",
+    "pubsub.rabbitmq",
+    "pubsub.mqtt3",
+];
 /// Distributed lock store types.
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Configuration store types.
 pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
-/// Output binding types.
-pub const BINDING_TYPES: &[&str] = &["bindings.http"];
+/// Binding types: output (`bindings.http`), input (`bindings.cron`), both (`bindings.mqtt3`).
+pub const BINDING_TYPES: &[&str] = &["bindings.http", "bindings.cron", "bindings.mqtt3"];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 
@@ -340,6 +346,9 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
             "secretstores" => crate::bridge::secrets::SecretStore::new(c).map(drop),
             "lock" => crate::bridge::lock::LockStore::check(c),
             "configuration" => crate::bridge::configuration::ConfigurationStore::check(c),
+            "bindings" if crate::bridge::input_bindings::INPUT_TYPES.contains(&c.kind.as_str()) => {
+                crate::bridge::input_bindings::InputBinding::check(c)
+            }
             "bindings" => crate::bridge::bindings::OutputBinding::check(c),
             _ => Ok(()),
         };

@@ -108,25 +108,39 @@ impl ConfigurationStore {
         &self,
         keys: Vec<String>,
     ) -> Result<(Changes, tokio::task::JoinHandle<()>), String> {
-        let mut pubsub = self
-            .client
-            .get_async_pubsub()
-            .await
-            .map_err(|e| format!("redis: {e}"))?;
         let prefix = format!("__keyspace@{}__:", self.db);
-        if keys.is_empty() {
-            pubsub
-                .psubscribe(format!("{prefix}*"))
+        // Connecting and subscribing are bounded like every other Redis call: a server that
+        // accepts but never answers (or a host that drops packets) fails the subscribe.
+        let setup = async {
+            let mut pubsub = self
+                .client
+                .get_async_pubsub()
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
-        } else {
-            for k in &keys {
+            if keys.is_empty() {
                 pubsub
-                    .subscribe(format!("{prefix}{k}"))
+                    .psubscribe(format!("{prefix}*"))
                     .await
                     .map_err(|e| format!("redis: {e}"))?;
+            } else {
+                for k in &keys {
+                    pubsub
+                        .subscribe(format!("{prefix}{k}"))
+                        .await
+                        .map_err(|e| format!("redis: {e}"))?;
+                }
             }
-        }
+            Ok::<_, String>(pubsub)
+        };
+        let limit = super::state::REDIS_CONNECT_TIMEOUT + super::state::REDIS_RESPONSE_TIMEOUT;
+        let pubsub = tokio::time::timeout(limit, setup)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "redis: no answer to the subscription within {}s",
+                    limit.as_secs()
+                ))
+            })?;
         let (tx, rx) = mpsc::channel(CHANGES_BUFFERED);
         let client = self.client.clone();
         let task = tokio::spawn(async move {
@@ -149,7 +163,13 @@ impl ConfigurationStore {
                     continue;
                 };
                 if conn.is_none() {
-                    conn = client.get_multiplexed_async_connection().await.ok();
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(super::state::REDIS_CONNECT_TIMEOUT))
+                        .set_response_timeout(Some(super::state::REDIS_RESPONSE_TIMEOUT));
+                    conn = client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .ok();
                 }
                 let Some(c) = conn.as_mut() else { continue };
                 let value: redis::RedisResult<Option<String>> =

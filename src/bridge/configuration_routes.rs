@@ -78,14 +78,36 @@ async fn subscribe(
         crate::bridge::pubsub::DEFAULT_DELIVERY_TIMEOUT,
     );
     let watch = id.clone();
+    // The subscription belongs to this run of the app: when the app stops (a restart closes
+    // the gate) it ends, and the app subscribes again when it starts — kept, each change
+    // reached the restarted app once per subscription it ever made.
+    let mut gate = st.app_gate.watch();
+    let state = st.clone();
     tokio::spawn(async move {
-        while let Some(items) = changes.recv().await {
+        let app_stopped = async {
+            if gate.wait_for(|open| *open).await.is_err()
+                || gate.wait_for(|open| !*open).await.is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(app_stopped);
+        loop {
+            let items = tokio::select! {
+                _ = &mut app_stopped => {
+                    tracing::info!(store = %store, id = %watch, "the app stopped: its configuration subscription ends");
+                    state.configuration_watches.remove(&store, &watch);
+                    return;
+                }
+                items = changes.recv() => items,
+            };
+            let Some(items) = items else { return };
             let body = Bytes::from(
                 serde_json::to_vec(&serde_json::json!({"id": watch, "items": items}))
                     .expect("serializable"),
             );
             for key in items.keys() {
-                let path = format!("/configuration/{store}/{key}");
+                let path = format!("/configuration/{}/{}", segment(&store), segment(key));
                 match channel.post_json(&path, body.clone()).await {
                     Ok((status, _)) if status == StatusCode::OK => {}
                     Ok((status, body)) => tracing::warn!(
@@ -102,6 +124,21 @@ async fn subscribe(
     Ok(axum::Json(serde_json::json!({ "id": id })).into_response())
 }
 
+/// `s` as one URL path segment: every byte but the unreserved ones percent-encoded, so a key
+/// with `/`, `?`, `#`, `%`, spaces or non-ASCII letters names itself, not another path (or a
+/// request that cannot be built).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 async fn unsubscribe(State(st): St, Path((store, id)): Path<(String, String)>) -> Response {
     match ops::unsubscribe_configuration(&st, &store, &id) {
         Ok(()) => axum::Json(serde_json::json!({"ok": true})).into_response(),
@@ -111,5 +148,15 @@ async fn unsubscribe(State(st): St, Path((store, id)): Path<(String, String)>) -
         )
             .into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_are_one_path_segment() {
+        assert_eq!(super::segment("orderconfig"), "orderconfig");
+        assert_eq!(super::segment("a/b?c#d e%"), "a%2Fb%3Fc%23d%20e%25");
+        assert_eq!(super::segment("café"), "caf%C3%A9");
     }
 }

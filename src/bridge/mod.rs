@@ -15,10 +15,12 @@ pub mod bindings;
 pub mod components;
 pub mod configuration;
 pub mod configuration_routes;
+pub mod cron;
 pub mod env;
 pub mod error;
 pub mod field_case;
 pub mod grpc;
+pub mod input_bindings;
 pub mod invoke;
 pub mod lock;
 pub mod lock_routes;
@@ -94,6 +96,10 @@ pub struct BridgeState {
     pub configuration_watches: configuration::Watches,
     /// Output binding components (`bindings.*`).
     pub output_bindings: HashMap<String, bindings::OutputBinding>,
+    /// Input binding components (`bindings.cron`), started with pub/sub once the app is ready.
+    pub input_bindings: Vec<Arc<input_bindings::InputBinding>>,
+    /// Where input binding events go (`None`: no app address on TCP).
+    input_target: Option<input_bindings::Target>,
     /// Open once the app's probe passes: pub/sub waits on it before `GET /dapr/subscribe`,
     /// invocations of the local app wait on it up to `app.hold_timeout`.
     pub app_gate: AppGate,
@@ -152,6 +158,7 @@ impl BridgeState {
         let mut lock_stores = HashMap::new();
         let mut configuration_stores = HashMap::new();
         let mut output_bindings = HashMap::new();
+        let mut input_bindings = Vec::new();
         let mut failed = Vec::new();
         for (i, c) in components.iter().enumerate() {
             let opened = match c.block() {
@@ -174,6 +181,21 @@ impl BridgeState {
                 "configuration" => configuration::ConfigurationStore::open(c).map(|store| {
                     configuration_stores.insert(c.name.clone(), store);
                 }),
+                "bindings" if input_bindings::INPUT_TYPES.contains(&c.kind.as_str()) => {
+                    input_bindings::InputBinding::open(c).map(|b| {
+                        input_bindings.extend(b.map(Arc::new));
+                    })
+                }
+                "bindings" if c.kind == "bindings.mqtt3" => bindings::mqtt_parts(c, &bridge.app_id)
+                    .and_then(|(broker, topic)| {
+                        let input = input_bindings::InputBinding::mqtt(c, broker.clone(), &topic)?;
+                        input_bindings.extend(input.map(Arc::new));
+                        output_bindings.insert(
+                            c.name.clone(),
+                            bindings::OutputBinding::Mqtt { broker, topic },
+                        );
+                        Ok(())
+                    }),
                 "bindings" => bindings::OutputBinding::open(c).map(|b| {
                     output_bindings.insert(c.name.clone(), b);
                 }),
@@ -214,6 +236,24 @@ impl BridgeState {
             ),
             _ => None,
         };
+        let input_target = match (&app_address, &grpc_app) {
+            (_, Some(g)) => Some(input_bindings::Target::Grpc(Arc::new(
+                g.with_timeout(pubsub::DEFAULT_DELIVERY_TIMEOUT),
+            ))),
+            (Some(a), None) => Some(input_bindings::Target::Http(Arc::new(
+                pubsub::AppChannel::new(
+                    a,
+                    bridge.app_api_token.as_ref().map(|t| t.expose()),
+                    pubsub::DEFAULT_DELIVERY_TIMEOUT,
+                ),
+            ))),
+            (None, None) => None,
+        };
+        if input_target.is_none() && !input_bindings.is_empty() {
+            tracing::warn!(
+                "input bindings need the app on TCP (app.address); they are not started"
+            );
+        }
         let mut options = pubsub::PubSubOptions::new(bridge.app_id.clone(), app_address);
         options.app_protocol = config.app.protocol;
         options.grpc_app = grpc_app.clone();
@@ -238,6 +278,8 @@ impl BridgeState {
             configuration_stores,
             configuration_watches: Default::default(),
             output_bindings,
+            input_bindings,
+            input_target,
             app_gate: gate,
             hold_timeout: config.app.lifecycle.hold_timeout.get(),
             control,
@@ -520,6 +562,16 @@ impl Module for Bridge {
             if !self.state.pubsub_started.swap(true, Ordering::AcqRel) {
                 let ps = self.state.pubsub.clone();
                 ps.start(self.state.app_gate.watch());
+                // Input bindings start with it and stop when it stops.
+                if let Some(target) = &self.state.input_target {
+                    input_bindings::start(
+                        self.state.input_bindings.clone(),
+                        target.clone(),
+                        self.state.app_gate.watch(),
+                        ps.stopping(),
+                        self.state.metrics.clone(),
+                    );
+                }
                 let mut inbound = cx.drain.inbound();
                 // Counted as inbound work: the app gets its stop signal only once deliveries
                 // in flight have finished (bounded by the inbound drain's deadline).

@@ -510,9 +510,9 @@ fn sql(e: rusqlite::Error) -> StateError {
 }
 
 /// How long connecting to Redis may take (daprd's `dialTimeout` default is 5 s).
-const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a Redis command may wait for its answer before the call fails with 500.
-const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `state.redis`: `HSET key data <value> version <n>`, like Dapr's Redis store.
 pub struct Redis {

@@ -78,6 +78,17 @@ fn duration(c: &Component, key: &str, default: Duration) -> Result<Option<Durati
 /// `connectionString` as daprd takes it: a `postgres://` URL or `key=value` pairs. pgx's
 /// `database=` is libpq's `dbname=`, and pgx's pool settings (`pool_*`) are not the
 /// connection's.
+/// The connection's `options` with `-c statement_timeout=<timeout in ms>` added, unless the
+/// connection string sets a statement timeout itself (`None`: leave them as they are).
+fn statement_timeout(options: Option<&str>, timeout: Duration) -> Option<String> {
+    let ms = timeout.as_millis().max(1);
+    match options {
+        Some(o) if o.contains("statement_timeout") => None,
+        Some(o) if !o.trim().is_empty() => Some(format!("{o} -c statement_timeout={ms}")),
+        _ => Some(format!("-c statement_timeout={ms}")),
+    }
+}
+
 fn connection_config(s: &str) -> Result<tokio_postgres::Config, String> {
     let text = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
         s.to_string()
@@ -148,6 +159,12 @@ impl Postgres {
             });
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout);
+        }
+        // A call that times out drops its future, and the pooled connection goes back with its
+        // statement still running (a row lock wait, a slow query), holding up the next user:
+        // the server cancels a statement that outlives `timeout` itself.
+        if let Some(options) = statement_timeout(config.get_options(), timeout) {
+            config.options(&options);
         }
         let manager = Manager::from_config(
             config,
@@ -476,6 +493,20 @@ mod tests {
             file: "c.yaml".into(),
             line: 1,
         }
+    }
+
+    #[test]
+    fn statements_are_cut_at_the_timeout_by_the_server() {
+        let t = Duration::from_secs(20);
+        assert_eq!(
+            statement_timeout(None, t).as_deref(),
+            Some("-c statement_timeout=20000")
+        );
+        assert_eq!(
+            statement_timeout(Some("-c search_path=x"), t).as_deref(),
+            Some("-c search_path=x -c statement_timeout=20000")
+        );
+        assert_eq!(statement_timeout(Some("-c statement_timeout=5s"), t), None);
     }
 
     #[test]

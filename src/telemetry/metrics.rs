@@ -499,6 +499,15 @@ pub struct BridgeMetrics {
     /// Connections the bridge closed on its own: `silent` (no byte within the header
     /// timeout), `read_nothing` (a write waited the idle timeout).
     pub cut: Family<CutLabels, Counter>,
+    /// Input binding events sent to the app, by binding and result.
+    pub binding_events: Family<BindingEventLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BindingEventLabels {
+    pub binding: Name,
+    /// `success` (the app answered 2xx) or `failure` (any other answer, or none).
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -513,6 +522,7 @@ impl Default for BridgeMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             cut: Family::default(),
+            binding_events: Family::default(),
         }
     }
 }
@@ -521,6 +531,16 @@ impl BridgeMetrics {
     /// A connection closed by the bridge for `reason` (`silent`, `read_nothing`).
     pub fn cut(&self, reason: &'static str) {
         self.cut.get_or_create(&CutLabels { reason }).inc();
+    }
+
+    /// An input binding event sent to the app: `success` or `failure`.
+    pub fn binding_event(&self, binding: &Name, result: &'static str) {
+        self.binding_events
+            .get_or_create(&BindingEventLabels {
+                binding: binding.clone(),
+                result,
+            })
+            .inc();
     }
 
     fn register(&self, r: &mut Registry) {
@@ -538,6 +558,11 @@ impl BridgeMetrics {
             "bridge_connections_cut",
             "Bridge connections closed by the bridge: silent (no byte within 10 s) or read_nothing (a write waited 60 s)",
             self.cut.clone(),
+        );
+        r.register(
+            "bindings_input_events",
+            "Input binding events sent to the app, by binding and result (success, failure)",
+            self.binding_events.clone(),
         );
     }
 }

@@ -250,9 +250,38 @@ fn a_dapr_ext_grpc_app_gets_events_and_invocations_over_its_app_callback() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let port = crate::servers::free_port();
+    // The in-memory pubsub, and two cron input bindings: `tick`, which the app lists in
+    // ListInputBindings, and `tock`, which it does not (never started).
+    let resources = dir.path().join("components");
+    std::fs::create_dir(&resources).unwrap();
+    let component = |name: &str, kind: &str, metadata: &str| {
+        format!(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n{metadata}"
+        )
+    };
+    for (name, kind, metadata) in [
+        ("pubsub", "pubsub.in-memory", "  metadata: []\n"),
+        (
+            "tick",
+            "bindings.cron",
+            "  metadata:\n  - {name: schedule, value: \"@every 1s\"}\n",
+        ),
+        (
+            "tock",
+            "bindings.cron",
+            "  metadata:\n  - {name: schedule, value: \"@every 1s\"}\n",
+        ),
+    ] {
+        std::fs::write(
+            resources.join(format!("{name}.yaml")),
+            component(name, kind, metadata),
+        )
+        .unwrap();
+    }
     let config = format!(
-        "service: gapp\napp:\n  address: 127.0.0.1:{port}\n  protocol: grpc\n  probe: {{ grpc: dapr }}\n  env: {{ APP_PORT: \"{port}\", OUT: \"{}\" }}\nbridge:\n  address: 127.0.0.1:0\n",
-        out.display()
+        "service: gapp\napp:\n  address: 127.0.0.1:{port}\n  protocol: grpc\n  probe: {{ grpc: dapr }}\n  env: {{ APP_PORT: \"{port}\", OUT: \"{}\" }}\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
+        out.display(),
+        resources.display()
     );
     let sc = Spawn {
         config: &config,
@@ -296,6 +325,20 @@ fn a_dapr_ext_grpc_app_gets_events_and_invocations_over_its_app_callback() {
     assert!(
         lines.contains(r#""id": "retry-me", "status": "retry""#),
         "{lines}"
+    );
+    // OnBindingEvent: the listed cron binding ticks (twice), the other one never.
+    let ticks = crate::support::eventually(Duration::from_secs(30), "two ticks", || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        (text.matches(r#""binding": "tick""#).count() >= 2).then_some(text)
+    });
+    assert!(ticks.contains(" +0000 UTC"), "{ticks}");
+    assert!(
+        sc.metric(r#"outrigger_bindings_input_events_total{binding="tick",result="success"}"#)
+            >= 2.0
+    );
+    assert_eq!(
+        sc.metric(r#"outrigger_bindings_input_events_total{binding="tock",result="success"}"#),
+        0.0
     );
     // OnInvoke: an invocation of our own app id, over HTTP and over gRPC.
     let r = crate::support::client()

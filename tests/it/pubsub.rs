@@ -18,7 +18,7 @@ use outrigger::bridge::components::Component;
 use outrigger::bridge::pubsub::{self, PubSub, PubSubOptions, RetryPolicy};
 use outrigger::telemetry::metrics::Metrics;
 
-use crate::servers::{NatsServer, RedisServer, free_port};
+use crate::servers::{MosquittoServer, NatsServer, RabbitVhost, RedisServer, free_port};
 
 /// Generous: a healthy run takes well under a second per step.
 const WAIT: Duration = Duration::from_secs(30);
@@ -425,6 +425,31 @@ async fn bad_component_metadata_is_refused_with_the_file() {
             "pubsub.jetstream",
             vec![("natsURL", "nats://h:1"), ("deliverPolicy", "sometimes")],
             "deliverPolicy: expected all, last, new, sequence",
+        ),
+        (
+            "pubsub.rabbitmq",
+            vec![("connectionString", "amqps://u:secret@h:5671")],
+            "connectionString: expected an amqp:// URL (TLS to RabbitMQ is not supported), found \"amqps://u:***@h:5671\"",
+        ),
+        (
+            "pubsub.rabbitmq",
+            vec![("connectionString", "amqp://h"), ("deliveryMode", "3")],
+            "deliveryMode: expected 0, 1 or 2",
+        ),
+        (
+            "pubsub.rabbitmq",
+            vec![("connectionString", "amqp://h"), ("exchangeKind", "topic")],
+            "exchangeKind: expected fanout",
+        ),
+        (
+            "pubsub.mqtt3",
+            vec![("url", "ssl://u:secret@h:8883")],
+            "metadata url: expected tcp://[user:password@]host:port (TLS to MQTT is not supported), found \"ssl://u:***@h:8883\"",
+        ),
+        (
+            "pubsub.mqtt3",
+            vec![("url", "tcp://h:1883"), ("qos", "3")],
+            "qos: expected 0, 1 or 2",
         ),
         ("pubsub.kafka", vec![], "expected one of pubsub.in-memory"),
     ] {
@@ -1135,4 +1160,381 @@ async fn a_publish_to_an_unreachable_broker_fails_within_the_publish_timeout() {
         "{}",
         b.metrics_text()
     );
+}
+
+/// RabbitMQ in daprd's layout: RETRY then SUCCESS, DROP and exhausted attempts to the
+/// subscription's dead-letter topic, an exhausted message without one nacked into the
+/// component's dead-letter queue (`enableDeadLetter`), metadata as AMQP headers, nothing left
+/// unacked.
+#[tokio::test]
+async fn rabbitmq_retries_dead_letters_and_acks_in_daprs_layout() {
+    let vhost = RabbitVhost::create();
+    let app = App::start(
+        Some(json!([
+            {"pubsubname": "rmq", "topic": "orders", "route": "/orders", "deadLetterTopic": "poison"},
+            {"pubsubname": "rmq", "topic": "poison", "route": "/poison"},
+            {"pubsubname": "rmq", "topic": "plain", "route": "/plain"}
+        ])),
+        |path, event, seen| match (path, event["id"].as_str().unwrap_or("")) {
+            ("/orders", "retry-me") if seen <= 3 => status("RETRY"),
+            ("/orders", "drop-me") => status("DROP"),
+            ("/orders", "fail-me") | ("/plain", _) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, String::new())
+            }
+            _ => ok(),
+        },
+    )
+    .await;
+    let rmq = component(
+        "rmq",
+        "pubsub.rabbitmq",
+        &[
+            ("connectionString", &vhost.url()),
+            ("durable", "true"),
+            ("deletedWhenUnused", "false"),
+            ("deliveryMode", "2"),
+            ("prefetchCount", "5"),
+            ("enableDeadLetter", "true"),
+        ],
+    );
+    let b = bridge(Some(&app), &[rmq], vec![], 3).await;
+    let ce = |id: &str| {
+        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
+    };
+    for id in ["retry-me", "drop-me", "fail-me"] {
+        let (status, err) = b
+            .call(
+                "POST",
+                "/v1.0/publish/rmq/orders?metadata.region=eu",
+                &[("content-type", "application/cloudevents+json")],
+                &ce(id),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    }
+    b.publish(
+        "rmq",
+        "plain",
+        "application/cloudevents+json",
+        &ce("nacked"),
+    )
+    .await;
+    until(
+        "two dead letters, a success and a nacked message",
+        async || {
+            app.on("/poison").len() == 2
+                && app.successes().contains(&"retry-me".to_string())
+                && app.on("/plain").len() == 5
+        },
+    )
+    .await;
+    let count = |id: &str| {
+        app.on("/orders")
+            .iter()
+            .filter(|r| r.event["id"] == id)
+            .count()
+    };
+    assert_eq!(count("retry-me"), 4);
+    assert_eq!(count("drop-me"), 1);
+    assert_eq!(count("fail-me"), 5);
+    assert!(
+        app.on("/orders")
+            .iter()
+            .all(|r| r.headers["region"] == "eu")
+    );
+    let mut dead: Vec<String> = app
+        .on("/poison")
+        .iter()
+        .map(|r| r.event["id"].as_str().unwrap().to_string())
+        .collect();
+    dead.sort();
+    assert_eq!(dead, ["drop-me", "fail-me"]);
+    // daprd's names: queue `{consumerID}-{topic}`, dead-letter queue `dlq-{queue}`; the
+    // exhausted message without a dead-letter topic was nacked into it; nothing is unacked.
+    until("the broker's counts settle", async || {
+        let q = vhost.queues();
+        q.get("shop-orders") == Some(&(0, 0))
+            && q.get("shop-poison") == Some(&(0, 0))
+            && q.get("shop-plain") == Some(&(0, 0))
+            && q.get("dlq-shop-plain") == Some(&(1, 0))
+    })
+    .await;
+    let text = b.metrics_text();
+    for line in [
+        r#"outrigger_pubsub_delivered_total{pubsub="rmq",topic="orders",result="dead_letter"} 2"#,
+        r#"outrigger_pubsub_delivered_total{pubsub="rmq",topic="plain",result="retry"} 5"#,
+        r#"outrigger_pubsub_published_total{pubsub="rmq",result="success"} 6"#,
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    b.ps.stop().await;
+}
+
+/// RabbitMQ drops every connection (as a restart does) while deliveries are unacked: the
+/// subscription and the publisher reconnect, the broker redelivers what was in flight, and a
+/// broker that is not there at all fails a publish at once with Dapr's error.
+#[tokio::test]
+async fn rabbitmq_connection_loss_redelivers_and_an_absent_broker_fails_publishes() {
+    let vhost = RabbitVhost::create();
+    let accept = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a = accept.clone();
+    let app = App::start(
+        Some(json!([{"pubsubname": "rmq", "topic": "jobs", "route": "/jobs"}])),
+        move |_, _, _| {
+            if a.load(std::sync::atomic::Ordering::SeqCst) {
+                ok()
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, String::new())
+            }
+        },
+    )
+    .await;
+    let mut options = PubSubOptions::new("shop", Some(app.addr.to_string()));
+    // Attempts that outlast the connection drop: the messages are in flight when it comes.
+    options.retry = RetryPolicy {
+        max_attempts: 10_000,
+        initial_interval: Duration::from_millis(20),
+        max_interval: Duration::from_millis(50),
+    };
+    let dead = format!("amqp://guest:guest@127.0.0.1:{}/", free_port());
+    let ps = PubSub::new(
+        options,
+        &[
+            component(
+                "rmq",
+                "pubsub.rabbitmq",
+                &[
+                    ("connectionString", &vhost.url()),
+                    ("reconnectWaitSeconds", "0"),
+                ],
+            ),
+            component("down", "pubsub.rabbitmq", &[("connectionString", &dead)]),
+        ],
+        vec![],
+        Default::default(),
+    )
+    .unwrap();
+    let (_tx, rx) = watch::channel(true);
+    ps.start(rx);
+    tokio::time::timeout(WAIT, ps.subscribed().wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let publish = async |pubsub: &str, body: &str| {
+        let res = pubsub::http::router(ps.clone())
+            .oneshot(
+                axum::http::Request::post(format!("/v1.0/publish/{pubsub}/jobs"))
+                    .header("content-type", "application/cloudevents+json")
+                    .body(axum::body::Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
+        )
+    };
+    let ce =
+        |id: &str| json!({"id": id, "source": "t", "type": "t", "specversion": "1.0"}).to_string();
+    for id in ["j1", "j2"] {
+        assert_eq!(publish("rmq", &ce(id)).await.0, StatusCode::NO_CONTENT);
+    }
+    until("both tried", async || {
+        ["j1", "j2"]
+            .iter()
+            .all(|id| app.received().iter().any(|r| r.event["id"] == *id))
+    })
+    .await;
+    assert_eq!(vhost.queues().get("shop-jobs"), Some(&(0, 2)));
+
+    vhost.close_connections();
+    accept.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The publisher reconnects on its next publish (its old connection was closed).
+    let mut published = false;
+    for _ in 0..50 {
+        if publish("rmq", &ce("j3")).await.0 == StatusCode::NO_CONTENT {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        published,
+        "a publish after the connection drop never succeeded"
+    );
+    until("every job delivered after the drop", async || {
+        let s = app.successes();
+        ["j1", "j2", "j3"]
+            .iter()
+            .all(|id| s.iter().any(|x| x == id))
+    })
+    .await;
+    until("nothing left in the queue", async || {
+        vhost.queues().get("shop-jobs") == Some(&(0, 0))
+    })
+    .await;
+
+    // Nothing listens there: a clear 500 at once, not a hang.
+    let (status, err) = tokio::time::timeout(Duration::from_secs(30), publish("down", &ce("x")))
+        .await
+        .expect("the publish never answered");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+    assert_eq!(err["errorCode"], "ERR_PUBSUB_PUBLISH_MESSAGE", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rabbitmq: cannot connect to amqp://guest:***@127.0.0.1")),
+        "{err}"
+    );
+    ps.stop().await;
+}
+
+/// MQTT on the machine's Mosquitto (topics under a prefix of our own): RETRY then SUCCESS, DROP
+/// to the dead-letter topic, `retained` as daprd sends it, a retained publish kept by the
+/// broker.
+#[tokio::test]
+async fn mqtt3_retries_dead_letters_and_retains() {
+    let prefix = format!("outrigger-test-{:08x}", fastrand::u32(..));
+    let (orders, poison, kept) = (
+        format!("{prefix}/orders"),
+        format!("{prefix}/poison"),
+        format!("{prefix}/kept"),
+    );
+    let app = App::start(
+        Some(json!([
+            {"pubsubname": "mq", "topic": orders, "route": "/orders", "deadLetterTopic": poison},
+            {"pubsubname": "mq", "topic": poison, "route": "/poison"}
+        ])),
+        |path, event, seen| match (path, event["id"].as_str().unwrap_or("")) {
+            ("/orders", "retry-me") if seen <= 3 => status("RETRY"),
+            ("/orders", "drop-me") => status("DROP"),
+            _ => ok(),
+        },
+    )
+    .await;
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[
+            ("url", "tcp://127.0.0.1:1883"),
+            ("consumerID", &format!("{prefix}-client")),
+            ("qos", "1"),
+        ],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 2).await;
+    let ce = |id: &str| {
+        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
+    };
+    for id in ["retry-me", "drop-me"] {
+        b.publish("mq", &orders, "application/cloudevents+json", &ce(id))
+            .await;
+    }
+    until("a success after retries and a dead letter", async || {
+        app.successes().contains(&"retry-me".to_string()) && app.on("/poison").len() == 1
+    })
+    .await;
+    let count = |id: &str| {
+        app.on("/orders")
+            .iter()
+            .filter(|r| r.event["id"] == id)
+            .count()
+    };
+    assert_eq!(count("retry-me"), 4);
+    assert_eq!(count("drop-me"), 1);
+    assert_eq!(app.on("/poison")[0].event["id"], "drop-me");
+    assert_eq!(app.on("/orders")[0].headers["retained"], "false");
+    // `retain` per publish: the broker keeps the message for later subscribers.
+    let (status, err) = b
+        .call(
+            "POST",
+            &format!("/v1.0/publish/mq/{kept}?metadata.retain=true"),
+            &[("content-type", "application/cloudevents+json")],
+            &ce("kept-1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    let out = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-t",
+            &kept,
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept-1"),
+        "{out:?}"
+    );
+    let _ = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", "1883", "-t", &kept, "-r", "-n"])
+        .output();
+    let text = b.metrics_text();
+    assert!(
+        text.contains(&format!(
+            r#"outrigger_pubsub_delivered_total{{pubsub="mq",topic="{orders}",result="dead_letter"}} 1"#
+        )),
+        "{text}"
+    );
+    b.ps.stop().await;
+}
+
+/// An MQTT broker that is not there: publishes fail at once with Dapr's error and the
+/// subscription waits; once the broker starts, publishes succeed and the subscription
+/// delivers (the connection is retried with backoff).
+#[tokio::test]
+async fn mqtt3_broker_down_fails_publishes_then_recovers() {
+    let port = free_port();
+    let app = App::start(
+        Some(json!([{"pubsubname": "mq", "topic": "jobs", "route": "/jobs"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[("url", &format!("tcp://127.0.0.1:{port}"))],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 0).await;
+    let publish = async || b.call("POST", "/v1.0/publish/mq/jobs", &[], "hello").await;
+    let (status, err) = tokio::time::timeout(Duration::from_secs(30), publish())
+        .await
+        .expect("the publish never answered");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+    assert_eq!(err["errorCode"], "ERR_PUBSUB_PUBLISH_MESSAGE", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("mqtt 127.0.0.1:{port}"))),
+        "{err}"
+    );
+    let _mosquitto = MosquittoServer::start(port);
+    tokio::time::timeout(WAIT, b.ps.subscribed().wait_for(|n| *n == 1))
+        .await
+        .expect("the subscription starts once the broker is up")
+        .unwrap();
+    let mut delivered = false;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if publish().await.0 == StatusCode::NO_CONTENT {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "no publish succeeded after the broker started");
+    until("the delivery", async || !app.on("/jobs").is_empty()).await;
+    assert_eq!(app.on("/jobs")[0].event["data"], "hello");
+    b.ps.stop().await;
 }

@@ -256,3 +256,105 @@ impl Drop for PostgresDb {
             .output();
     }
 }
+
+/// A vhost of our own on the machine's RabbitMQ (127.0.0.1:5672, guest/guest), named
+/// `outrigger_test_<random>`, deleted (with its exchanges and queues) when dropped.
+pub struct RabbitVhost {
+    pub name: String,
+}
+
+impl RabbitVhost {
+    pub fn create() -> Self {
+        let name = format!("outrigger_test_{:016x}", fastrand_u64());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        RabbitVhost { name }
+    }
+
+    /// `connectionString` for this vhost.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+    }
+
+    /// Each queue's `(ready, unacknowledged)` message counts.
+    pub fn queues(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            &self.name,
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?.to_string();
+            Some((name, (f.next()?.parse().ok()?, f.next()?.parse().ok()?)))
+        })
+        .collect()
+    }
+
+    /// The broker closes every client connection to this vhost (as a broker restart would).
+    pub fn close_connections(&self) {
+        rabbitmqctl(&[
+            "close_all_connections",
+            "-p",
+            &self.name,
+            "test: connection dropped",
+        ]);
+    }
+}
+
+impl Drop for RabbitVhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be installed (RabbitMQ runs on 127.0.0.1:5672 for these tests)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A mosquitto of our own on a given loopback port (anonymous, no persistence), killed when
+/// dropped.
+pub struct MosquittoServer {
+    child: Child,
+}
+
+impl MosquittoServer {
+    pub fn start(port: u16) -> Self {
+        let child = Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (.ci/run installs it)");
+        let deadline = Instant::now() + START_WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        MosquittoServer { child }
+    }
+}
+
+impl Drop for MosquittoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -8,7 +8,7 @@ import os
 
 from cloudevents.sdk.event import v1
 from dapr.clients.grpc._response import TopicEventResponse
-from dapr.ext.grpc import App, InvokeMethodRequest, InvokeMethodResponse
+from dapr.ext.grpc import App, BindingRequest, InvokeMethodRequest, InvokeMethodResponse
 
 app = App()
 # Dapr's app health check (AppCallbackHealthCheck), which the sidecar's `grpc: dapr` probe calls.
@@ -41,6 +41,12 @@ def orders(event: v1.Event) -> TopicEventResponse:
 def dead(event: v1.Event) -> TopicEventResponse:
     record(topic="orders-dead", id=json.loads(event.Data()).get("id"), status="success")
     return TopicEventResponse("success")
+
+
+@app.binding("tick")
+def tick(request: BindingRequest):
+    # An input binding (bindings.cron): OnBindingEvent, listed by ListInputBindings.
+    record(binding="tick", readTimeUTC=request.binding_metadata.get("readTimeUTC"))
 
 
 @app.method(name="hello")

@@ -185,6 +185,44 @@ impl GrpcApp {
     }
 }
 
+impl GrpcApp {
+    /// `ListInputBindings`: the input bindings the app listens to (an app that does not
+    /// implement it listens to none).
+    pub async fn input_bindings(&self) -> Result<Vec<String>, String> {
+        match self
+            .client
+            .clone()
+            .list_input_bindings(self.request(()))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().bindings),
+            Err(s) if s.code() == Code::Unimplemented => Ok(Vec::new()),
+            Err(s) => Err(describe(&s)),
+        }
+    }
+
+    /// `OnBindingEvent`: one event of input binding `name`; an error status is a failed
+    /// delivery.
+    pub async fn binding_event(
+        &self,
+        name: &str,
+        data: Bytes,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let req = self.request(super::runtime::BindingEventRequest {
+            name: name.to_string(),
+            data: data.to_vec(),
+            metadata: metadata.clone().into_iter().collect(),
+        });
+        self.client
+            .clone()
+            .on_binding_event(req)
+            .await
+            .map(drop)
+            .map_err(|s| describe(&s))
+    }
+}
+
 /// A status for logs and errors: its code and message.
 fn describe(s: &Status) -> String {
     format!("{:?}: {}", s.code(), s.message())

@@ -57,6 +57,10 @@ pub trait Broker: Send + Sync + 'static {
     /// The component type, e.g. `pubsub.redis`.
     fn kind(&self) -> &'static str;
 
+    /// Tells the broker the app id before any publish or subscription (MQTT's client id
+    /// defaults to it). Most brokers need nothing.
+    fn set_app_id(&self, _app_id: &str) {}
+
     /// Stores one message; resolves once the broker has accepted it.
     fn publish<'a>(
         &'a self,
@@ -116,11 +120,14 @@ pub fn build(component: &Component) -> Result<Arc<dyn Broker>, String> {
         "pubsub.in-memory" => Arc::new(super::memory::Memory::new()),
         "pubsub.redis" => Arc::new(super::redis::Redis::new(&Meta::new(component))?),
         "pubsub.jetstream" => Arc::new(super::jetstream::JetStream::new(&Meta::new(component))?),
+        "pubsub.rabbitmq" => Arc::new(super::rabbitmq::RabbitMq::new(&Meta::new(component))?),
+        "pubsub.mqtt3" => Arc::new(super::mqtt::Mqtt::new(&Meta::new(component))?),
         other => {
             return Err(format!(
-                "{}: component {:?} has type {other:?}; expected one of pubsub.in-memory, pubsub.redis, pubsub.jetstream",
+                "{}: component {:?} has type {other:?}; expected one of {}",
                 component.file.display(),
-                component.name
+                component.name,
+                super::super::components::PUBSUB_TYPES.join(", ")
             ));
         }
     };

@@ -110,6 +110,34 @@ impl AppChannel {
         b
     }
 
+    /// Sends `method path` with `headers` (those that are valid; `Host` and framing headers
+    /// left out) and `body`: the status and body (input binding events).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &BTreeMap<String, String>,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let mut b = self.request(method, path);
+        for (k, v) in headers {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v))
+                && !matches!(
+                    k.as_str(),
+                    "host"
+                        | "content-length"
+                        | "transfer-encoding"
+                        | "connection"
+                        | "dapr-api-token"
+                )
+            {
+                b = b.header(k, v);
+            }
+        }
+        let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+        self.send(req).await
+    }
+
     /// POSTs a JSON body to `path` (configuration changes): the status and body.
     pub async fn post_json(&self, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), String> {
         let req = self

@@ -3,7 +3,7 @@
 //! broker only after the app said SUCCESS or DROP (or the event went to a dead-letter topic).
 //!
 //! Data comes in from the app over HTTP ([`http::router`]) and from the brokers ([`broker`]:
-//! in-memory, Redis Streams, NATS JetStream); it leaves to the brokers and to the app
+//! in-memory, Redis Streams, NATS JetStream, RabbitMQ, MQTT); it leaves to the brokers and to the app
 //! ([`delivery`]). Subscriptions come from the app's `GET /dapr/subscribe` and from
 //! `Subscription` resources ([`subscription`]); `routes.rules` use a CEL subset ([`cel`]).
 //!
@@ -40,6 +40,8 @@ pub mod delivery;
 pub mod http;
 pub mod jetstream;
 pub mod memory;
+pub mod mqtt;
+pub mod rabbitmq;
 pub mod redis;
 pub mod subscription;
 
@@ -268,6 +270,7 @@ impl PubSub {
         let mut errors = Vec::new();
         let mut built = BTreeMap::new();
         for (name, broker) in brokers {
+            broker.set_app_id(&options.app_id);
             if built.contains_key(&name) {
                 errors.push(format!(
                     "a pubsub component named {name:?} is already defined"

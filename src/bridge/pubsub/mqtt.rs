@@ -1,0 +1,548 @@
+//! `pubsub.mqtt3`: an MQTT 3.1.1 broker (rumqttc), as daprd's component (components-contrib
+//! `pubsub/mqtt3`): one connection per component whose client id is `consumerID` (the app id
+//! by default), shared by publishes and every subscription; topics are MQTT topics (a
+//! subscription may use `+`, `#` and `$share/{group}/…`).
+//!
+//! A publish resolves once the broker has acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2;
+//! QoS 0 once written). Deliveries use manual acks: a message is acked after the handler says
+//! [`Outcome::Ack`]; one it leaves is not acked, as daprd does, so the broker sends it again
+//! when the session resumes (a reconnection with `cleanSession: false`, the default). MQTT
+//! carries no metadata: the app gets `retained` (`true`/`false`) as daprd sends it.
+//!
+//! The connection is opened on first use by a driver task that polls it and reconnects with
+//! backoff, re-subscribing every topic; while it is down a publish fails at once with the last
+//! connection error. Each (re)connection is a fresh client, so nothing half-sent is replayed
+//! behind the caller's back: a publish cut short by a lost connection is an error.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
+use tokio::sync::{Semaphore, oneshot, watch};
+
+use super::broker::{
+    BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription,
+    reconnect_backoff, stopped,
+};
+
+/// Handlers at once per subscription.
+const PARALLEL: usize = 10;
+/// MQTT keep-alive (rumqttc's default is 60 s; a lost broker is noticed sooner).
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Requests queued for the connection before callers wait.
+const REQUEST_CAPACITY: usize = 128;
+
+/// A user name and maybe a password.
+type Credentials = (String, Option<String>);
+
+#[derive(Clone, Debug)]
+struct Settings {
+    host: String,
+    port: u16,
+    user: Option<Credentials>,
+    consumer_id: Option<String>,
+    qos: QoS,
+    retain: bool,
+    clean_session: bool,
+}
+
+/// What the driver knows of the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Link {
+    /// Connecting (the first time, or again).
+    Connecting,
+    Up,
+    /// The last attempt failed with this error; the driver tries again after a backoff.
+    Down(String),
+}
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// One connection's client and what waits on it.
+struct Live {
+    client: AsyncClient,
+    /// Publishes sent, in order, waiting for their packet id (the `Outgoing::Publish` events
+    /// come in the order the requests were sent).
+    unsent: VecDeque<Waiter>,
+    /// Publishes waiting for the broker's acknowledgement, by packet id.
+    unacked: HashMap<u16, Waiter>,
+    /// Subscribes sent, in order, then by packet id.
+    subscribes_unsent: VecDeque<Waiter>,
+    subscribes: HashMap<u16, Waiter>,
+}
+
+impl Live {
+    fn fail_all(&mut self, error: &str) {
+        let all = self
+            .unsent
+            .drain(..)
+            .chain(self.unacked.drain().map(|(_, w)| w))
+            .chain(self.subscribes_unsent.drain(..))
+            .chain(self.subscribes.drain().map(|(_, w)| w));
+        for w in all {
+            let _ = w.send(Err(error.to_string()));
+        }
+    }
+}
+
+/// A subscribed topic filter and its handler.
+struct Route {
+    filter: String,
+    handler: Handler,
+    permits: Arc<Semaphore>,
+}
+
+struct Shared {
+    settings: Settings,
+    client_id: Mutex<Option<String>>,
+    link: watch::Sender<Link>,
+    live: tokio::sync::Mutex<Option<Live>>,
+    routes: Mutex<Vec<Arc<Route>>>,
+    driver: Mutex<bool>,
+}
+
+/// The MQTT broker.
+pub struct Mqtt {
+    shared: Arc<Shared>,
+}
+
+/// `tcp://user:pass@host:port` (also `mqtt://`); TLS schemes refused.
+fn parse_url(url: &str) -> Result<(String, u16, Option<Credentials>), String> {
+    let (scheme, rest) = url.split_once("://").ok_or("no scheme")?;
+    match scheme {
+        "tcp" | "mqtt" => {}
+        "ssl" | "mqtts" | "tcps" | "tls" => return Err("TLS to MQTT is not supported".into()),
+        _ => return Err(format!("unknown scheme {scheme:?}")),
+    }
+    let rest = rest.trim_end_matches('/');
+    let (user, hostport) = match rest.rsplit_once('@') {
+        Some((u, h)) => {
+            let user = match u.split_once(':') {
+                Some((n, p)) => (n.to_string(), Some(p.to_string())),
+                None => (u.to_string(), None),
+            };
+            (Some(user), h)
+        }
+        None => (None, rest),
+    };
+    if hostport.contains('/') {
+        return Err("a path after host:port".into());
+    }
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("port {p:?}"))?),
+        None => (hostport, 1883),
+    };
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    Ok((host.trim_matches(['[', ']']).to_string(), port, user))
+}
+
+/// Hides the password of a URL in messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+/// Whether MQTT topic filter `filter` (`+`, `#`, `$share/{group}/…`) covers `topic`.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+        None => filter,
+    };
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl Mqtt {
+    pub fn new(meta: &Meta) -> Result<Self, String> {
+        let url = meta.required("url", "the broker's URL, e.g. tcp://localhost:1883")?;
+        let (host, port, user) = parse_url(url).map_err(|e| {
+            meta.error(
+                "url",
+                &format!("tcp://[user:password@]host:port ({e})"),
+                &redact(url),
+            )
+        })?;
+        let qos = match meta.u64("qos", 1)? {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            n => return Err(meta.error("qos", "0, 1 or 2", &n.to_string())),
+        };
+        for k in ["caCert", "clientCert", "clientKey"] {
+            if let Some(v) = meta.str(k) {
+                return Err(meta.error(
+                    k,
+                    "nothing (TLS to MQTT is not supported)",
+                    &format!("{} bytes", v.len()),
+                ));
+            }
+        }
+        let settings = Settings {
+            host,
+            port,
+            user,
+            consumer_id: meta.str("consumerID").map(str::to_string),
+            qos,
+            retain: meta.bool("retain", false)?,
+            clean_session: meta.bool("cleanSession", false)?,
+        };
+        Ok(Mqtt {
+            shared: Arc::new(Shared {
+                settings,
+                client_id: Mutex::new(None),
+                link: watch::channel(Link::Connecting).0,
+                live: tokio::sync::Mutex::new(None),
+                routes: Mutex::new(Vec::new()),
+                driver: Mutex::new(false),
+            }),
+        })
+    }
+}
+
+impl Shared {
+    /// Starts the driver once. The client id is the component's `consumerID`, else the app id
+    /// ([`Broker::set_app_id`]), else the consumer group of the first subscription.
+    fn start(self: &Arc<Self>, group: Option<&str>) {
+        {
+            let mut id = self.client_id.lock().unwrap();
+            if id.is_none() {
+                *id = Some(
+                    self.settings
+                        .consumer_id
+                        .clone()
+                        .or_else(|| group.map(str::to_string))
+                        .unwrap_or_else(|| format!("outrigger-{:08x}", fastrand::u32(..))),
+                );
+            }
+        }
+        let mut running = self.driver.lock().unwrap();
+        if !*running {
+            *running = true;
+            tokio::spawn(self.clone().drive());
+        }
+    }
+
+    fn options(&self) -> MqttOptions {
+        let id = self.client_id.lock().unwrap().clone().unwrap_or_default();
+        let mut o = MqttOptions::new(id, self.settings.host.clone(), self.settings.port);
+        o.set_clean_session(self.settings.clean_session)
+            .set_manual_acks(true)
+            .set_keep_alive(KEEP_ALIVE);
+        if let Some((user, password)) = &self.settings.user {
+            o.set_credentials(user.clone(), password.clone().unwrap_or_default());
+        }
+        o
+    }
+
+    /// Connects, polls, reconnects: forever (the component lives as long as the sidecar).
+    async fn drive(self: Arc<Self>) {
+        let mut failures = 0u32;
+        loop {
+            let (client, eventloop) = AsyncClient::new(self.options(), REQUEST_CAPACITY);
+            self.link.send_replace(Link::Connecting);
+            *self.live.lock().await = Some(Live {
+                client: client.clone(),
+                unsent: VecDeque::new(),
+                unacked: HashMap::new(),
+                subscribes_unsent: VecDeque::new(),
+                subscribes: HashMap::new(),
+            });
+            let error = self.poll(eventloop, &client, &mut failures).await;
+            tracing::warn!(host = %self.settings.host, port = self.settings.port, %error, "mqtt connection lost or refused; reconnecting");
+            self.link.send_replace(Link::Down(error.clone()));
+            if let Some(live) = self.live.lock().await.as_mut() {
+                live.fail_all(&format!("mqtt connection lost: {error}"));
+            }
+            failures += 1;
+            tokio::time::sleep(reconnect_backoff(failures)).await;
+        }
+    }
+
+    /// Polls one connection until it fails; returns the error.
+    async fn poll(
+        &self,
+        mut eventloop: EventLoop,
+        client: &AsyncClient,
+        failures: &mut u32,
+    ) -> String {
+        loop {
+            let event = match eventloop.poll().await {
+                Ok(e) => e,
+                Err(e) => {
+                    return format!("mqtt {}:{}: {e}", self.settings.host, self.settings.port);
+                }
+            };
+            match event {
+                Event::Incoming(Incoming::ConnAck(_)) => {
+                    *failures = 0;
+                    // Subscriptions are the session's: sent again on every connection (a
+                    // resumed session keeps them anyway; a clean one needs them).
+                    let filters: Vec<String> = self
+                        .routes
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.filter.clone())
+                        .collect();
+                    for f in filters {
+                        let _ = client.try_subscribe(f, self.settings.qos);
+                    }
+                    self.link.send_replace(Link::Up);
+                }
+                Event::Outgoing(Outgoing::Publish(pkid)) => {
+                    let mut live = self.live.lock().await;
+                    if let Some(live) = live.as_mut()
+                        && let Some(w) = live.unsent.pop_front()
+                    {
+                        if pkid == 0 {
+                            let _ = w.send(Ok(()));
+                        } else {
+                            live.unacked.insert(pkid, w);
+                        }
+                    }
+                }
+                Event::Incoming(Incoming::PubAck(ack)) => self.acked(ack.pkid, Ok(())).await,
+                Event::Incoming(Incoming::PubComp(ack)) => self.acked(ack.pkid, Ok(())).await,
+                Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                    let mut live = self.live.lock().await;
+                    if let Some(live) = live.as_mut()
+                        && let Some(w) = live.subscribes_unsent.pop_front()
+                    {
+                        live.subscribes.insert(pkid, w);
+                    }
+                }
+                Event::Incoming(Incoming::SubAck(ack)) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    let mut live = self.live.lock().await;
+                    if let Some(w) = live.as_mut().and_then(|l| l.subscribes.remove(&ack.pkid)) {
+                        let _ = w.send(if refused {
+                            Err("the broker refused the subscription".into())
+                        } else {
+                            Ok(())
+                        });
+                    }
+                }
+                Event::Incoming(Incoming::Publish(p)) => self.dispatch(p, client.clone()),
+                _ => {}
+            }
+        }
+    }
+
+    async fn acked(&self, pkid: u16, result: Result<(), String>) {
+        let mut live = self.live.lock().await;
+        if let Some(w) = live.as_mut().and_then(|l| l.unacked.remove(&pkid)) {
+            let _ = w.send(result);
+        }
+    }
+
+    /// Hands a message to the handler of the first filter that covers its topic, on its own
+    /// task; acks it when the handler says so.
+    fn dispatch(&self, p: rumqttc::Publish, client: AsyncClient) {
+        let topic = p.topic.clone();
+        let route = self
+            .routes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| filter_matches(&r.filter, &topic))
+            .cloned();
+        let Some(route) = route else {
+            tracing::warn!(%topic, "mqtt message on a topic nobody subscribes to; not acked");
+            return;
+        };
+        tokio::spawn(async move {
+            let Ok(_permit) = route.permits.clone().acquire_owned().await else {
+                return;
+            };
+            let message = Message {
+                topic: topic.clone(),
+                data: p.payload.clone(),
+                metadata: BTreeMap::from([("retained".to_string(), p.retain.to_string())]),
+            };
+            if (route.handler)(message).await == Outcome::Ack
+                && let Err(e) = client.ack(&p).await
+            {
+                tracing::debug!(%topic, error = %e, "mqtt ack not sent (connection gone); the broker redelivers");
+            }
+        });
+    }
+
+    /// Waits until the link is up, or fails with why it is down (a first connection gets the
+    /// time it takes: the caller's deadline bounds it).
+    async fn up(&self) -> Result<(), String> {
+        let mut rx = self.link.subscribe();
+        loop {
+            match rx.borrow_and_update().clone() {
+                Link::Up => return Ok(()),
+                Link::Down(e) => return Err(e),
+                Link::Connecting => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err("mqtt connection closed".into());
+            }
+        }
+    }
+}
+
+impl Broker for Mqtt {
+    fn kind(&self) -> &'static str {
+        "pubsub.mqtt3"
+    }
+
+    fn set_app_id(&self, app_id: &str) {
+        let mut id = self.shared.client_id.lock().unwrap();
+        if id.is_none() {
+            *id = Some(
+                self.shared
+                    .settings
+                    .consumer_id
+                    .clone()
+                    .unwrap_or_else(|| app_id.to_string()),
+            );
+        }
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        data: Bytes,
+        metadata: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let s = &self.shared;
+            s.start(None);
+            s.up().await.map_err(BrokerError::Publish)?;
+            let retain = match metadata.get("retain") {
+                None => s.settings.retain,
+                Some(v) => matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "t"),
+            };
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut live = s.live.lock().await;
+                let live = live
+                    .as_mut()
+                    .ok_or_else(|| BrokerError::Publish("mqtt is not connected".into()))?;
+                live.unsent.push_back(tx);
+                if let Err(e) =
+                    live.client
+                        .try_publish(topic, s.settings.qos, retain, data.to_vec())
+                {
+                    live.unsent.pop_back();
+                    return Err(BrokerError::Publish(format!(
+                        "mqtt publish to {topic:?} refused: {e}"
+                    )));
+                }
+            }
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(BrokerError::Publish(e)),
+                Err(_) => Err(BrokerError::Publish("mqtt connection lost".into())),
+            }
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        handler: Handler,
+    ) -> BoxFuture<'a, Result<Subscription, BrokerError>> {
+        Box::pin(async move {
+            let s = self.shared.clone();
+            s.start(Some(group));
+            s.up().await.map_err(BrokerError::Subscribe)?;
+            let route = Arc::new(Route {
+                filter: topic.to_string(),
+                handler,
+                permits: Arc::new(Semaphore::new(PARALLEL)),
+            });
+            s.routes.lock().unwrap().push(route.clone());
+            let (tx, rx) = oneshot::channel();
+            let sent = {
+                let mut live = s.live.lock().await;
+                match live.as_mut() {
+                    Some(live) => {
+                        live.subscribes_unsent.push_back(tx);
+                        match live.client.try_subscribe(topic, s.settings.qos) {
+                            Ok(()) => Ok(()),
+                            Err(e) => {
+                                live.subscribes_unsent.pop_back();
+                                Err(format!("mqtt cannot subscribe to {topic:?}: {e}"))
+                            }
+                        }
+                    }
+                    None => Err("mqtt is not connected".into()),
+                }
+            };
+            let result = match sent {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("mqtt connection lost".into())),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                s.routes.lock().unwrap().retain(|r| !Arc::ptr_eq(r, &route));
+                return Err(BrokerError::Subscribe(e));
+            }
+            Ok(Subscription::spawn(move |mut stop| async move {
+                stopped(&mut stop).await;
+                s.routes.lock().unwrap().retain(|r| !Arc::ptr_eq(r, &route));
+                // With a clean session nothing is kept for us anyway: unsubscribe (as daprd);
+                // otherwise the broker keeps the subscription and queues for the next start.
+                if s.settings.clean_session
+                    && let Some(live) = s.live.lock().await.as_ref()
+                {
+                    let _ = live.client.try_unsubscribe(route.filter.clone());
+                }
+                // Deliveries in flight finish (they leave unacked what they do not ack).
+                let _ = route.permits.acquire_many(PARALLEL as u32).await;
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_filters() {
+        assert_eq!(
+            parse_url("tcp://localhost:1883").unwrap(),
+            ("localhost".into(), 1883, None)
+        );
+        assert_eq!(
+            parse_url("mqtt://u:p@h").unwrap(),
+            ("h".into(), 1883, Some(("u".into(), Some("p".into()))))
+        );
+        assert!(parse_url("ssl://h:8883").unwrap_err().contains("TLS"));
+        assert!(parse_url("h:1883").is_err());
+        assert_eq!(redact("tcp://u:secret@h:1"), "tcp://u:***@h:1");
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(filter_matches("a/#", "a/b/c"));
+        assert!(filter_matches("$share/g/a/b", "a/b"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(!filter_matches("a/b", "a/c"));
+    }
+}

@@ -1,0 +1,705 @@
+//! `pubsub.rabbitmq`: RabbitMQ over AMQP 0-9-1 (lapin), laid out as daprd's component
+//! (components-contrib `pubsub/rabbitmq`) so a daprd and Outrigger of the same app share queues.
+//!
+//! A topic is a durable `fanout` exchange named after it; a subscription is the queue
+//! `{consumerID}-{topic}` (consumerID: the component's, else the app id) bound to that exchange.
+//! With `enableDeadLetter` the queue dead-letters into the exchange `dlx-{queue}`, bound to the
+//! durable queue `dlq-{queue}`, as daprd declares them.
+//!
+//! Publish runs on a channel in confirm mode and resolves only when the broker has confirmed
+//! the message (so a 204 means RabbitMQ has it; daprd confirms only with `publisherConfirm`).
+//! Deliveries are acked after the handler says [`Outcome::Ack`]; a message the handler leaves
+//! ([`Outcome::Retry`]: its attempts are spent and it has no dead-letter topic) is nacked with
+//! `requeue = requeueInFailure`, as daprd does — without requeue RabbitMQ dead-letters it (with
+//! `enableDeadLetter`) or discards it. A message in flight when the subscription stops (or its
+//! connection breaks) is neither acked nor nacked: the broker puts it back when the channel
+//! closes. Each subscription has a connection of its own and reconnects by itself
+//! (`reconnectWait`); the publisher connects on first use and again after any failure.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::{Semaphore, watch};
+
+use super::broker::{
+    BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription, stopped,
+};
+
+/// daprd's `reconnectWaitSeconds` default.
+const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(3);
+/// Messages the broker may hand over unacked when `prefetchCount` is 0. daprd leaves it
+/// unlimited; the sidecar bounds what it holds in memory.
+const DEFAULT_PREFETCH: u16 = 100;
+/// Handlers at once per subscription with `concurrencyMode: parallel` (`single` is one).
+const PARALLEL: usize = 10;
+
+#[derive(Clone, Debug)]
+struct Settings {
+    uri: String,
+    consumer_id: Option<String>,
+    durable: bool,
+    delete_when_unused: bool,
+    auto_ack: bool,
+    requeue_in_failure: bool,
+    delivery_mode: u8,
+    prefetch: u16,
+    reconnect_wait: Duration,
+    max_len: Option<i64>,
+    max_len_bytes: Option<i64>,
+    enable_dead_letter: bool,
+    /// Default message TTL (`ttlInSeconds`), in milliseconds.
+    ttl_ms: Option<u64>,
+    concurrency: usize,
+    client_name: Option<String>,
+}
+
+/// The RabbitMQ broker.
+pub struct RabbitMq {
+    settings: Arc<Settings>,
+    /// The publishing connection, opened on first use and dropped after a failure.
+    publisher: tokio::sync::Mutex<Option<Arc<Publisher>>>,
+}
+
+/// A connection with one channel in confirm mode, and the exchanges declared on it.
+struct Publisher {
+    connection: Connection,
+    channel: Channel,
+    declared: Mutex<HashSet<String>>,
+}
+
+/// A RabbitMQ name (exchange, queue): at most 255 bytes, as AMQP's short strings.
+fn short(s: &str) -> Result<ShortString, String> {
+    ShortString::try_new(s).map_err(|_| format!("{s:?} is longer than 255 bytes"))
+}
+
+impl RabbitMq {
+    pub fn new(meta: &Meta) -> Result<Self, String> {
+        // `connectionString` (daprd's `host` before it), else protocol + hostname + username +
+        // password.
+        let uri = match meta.str("connectionString").or_else(|| meta.str("host")) {
+            Some(s) => s.to_string(),
+            None => {
+                let protocol = meta.str("protocol").unwrap_or("amqp");
+                let hostname = meta.str("hostname").unwrap_or("localhost");
+                let auth = match (meta.str("username"), meta.str("password")) {
+                    (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
+                    (Some(u), None) => format!("{}@", enc(u)),
+                    _ => String::new(),
+                };
+                format!("{protocol}://{auth}{hostname}")
+            }
+        };
+        let key = if meta.str("connectionString").is_some() {
+            "connectionString"
+        } else if meta.str("host").is_some() {
+            "host"
+        } else {
+            "protocol"
+        };
+        if uri.starts_with("amqps://") {
+            return Err(meta.error(
+                key,
+                "an amqp:// URL (TLS to RabbitMQ is not supported)",
+                &redact(&uri),
+            ));
+        }
+        if uri.parse::<lapin::uri::AMQPUri>().is_err() || !uri.starts_with("amqp://") {
+            return Err(meta.error(
+                key,
+                "an amqp:// URL such as amqp://user:pass@localhost:5672/vhost",
+                &redact(&uri),
+            ));
+        }
+        for k in ["caCert", "clientCert", "clientKey"] {
+            if let Some(v) = meta.str(k) {
+                return Err(meta.error(
+                    k,
+                    "nothing (TLS to RabbitMQ is not supported)",
+                    &format!("{} bytes", v.len()),
+                ));
+            }
+        }
+        meta.unsupported(
+            "saslExternal",
+            "false (only user and password authentication is supported)",
+        )?;
+        if let Some(kind) = meta.str("exchangeKind")
+            && kind != "fanout"
+        {
+            return Err(meta.error(
+                "exchangeKind",
+                "fanout (topic, direct and headers exchanges route by key, which Outrigger does not support yet)",
+                kind,
+            ));
+        }
+        let delivery_mode = match meta.u64("deliveryMode", 0)? {
+            n @ 0..=2 => n as u8,
+            n => {
+                return Err(meta.error(
+                    "deliveryMode",
+                    "0, 1 or 2 (2: persistent)",
+                    &n.to_string(),
+                ));
+            }
+        };
+        let prefetch = match meta.u64("prefetchCount", 0)? {
+            0 => DEFAULT_PREFETCH,
+            n if n <= u16::MAX as u64 => n as u16,
+            n => return Err(meta.error("prefetchCount", "at most 65535", &n.to_string())),
+        };
+        let concurrency = match meta
+            .str("concurrencyMode")
+            .or_else(|| meta.str("concurrency"))
+            .unwrap_or("parallel")
+        {
+            "single" => 1,
+            "parallel" => PARALLEL,
+            other => return Err(meta.error("concurrencyMode", "single or parallel", other)),
+        };
+        // daprd reads whole seconds (`reconnectWaitSeconds`; its docs say `reconnectWait`).
+        let reconnect_wait = match meta
+            .str("reconnectWaitSeconds")
+            .or_else(|| meta.str("reconnectWait"))
+        {
+            None => DEFAULT_RECONNECT_WAIT,
+            Some(v) => match v.parse::<u64>() {
+                Ok(s) => Duration::from_secs(s),
+                Err(_) => humantime::parse_duration(v)
+                    .map_err(|_| meta.error("reconnectWaitSeconds", "seconds, such as 3", v))?,
+            },
+        };
+        let positive = |key: &str| -> Result<Option<i64>, String> {
+            match meta.i64(key, 0)? {
+                n if n > 0 => Ok(Some(n)),
+                0 => Ok(None),
+                n => Err(meta.error(key, "a positive integer", &n.to_string())),
+            }
+        };
+        let ttl_ms = match meta.i64("ttlInSeconds", 0)? {
+            n if n > 0 => Some(n as u64 * 1000),
+            0 => None,
+            n => {
+                return Err(meta.error(
+                    "ttlInSeconds",
+                    "a positive number of seconds",
+                    &n.to_string(),
+                ));
+            }
+        };
+        // Accepted: confirms are always on. `publisherConfirm: false` cannot turn them off.
+        meta.bool("publisherConfirm", false)?;
+        let settings = Settings {
+            uri,
+            consumer_id: meta.str("consumerID").map(str::to_string),
+            durable: meta.bool("durable", true)?,
+            delete_when_unused: meta.bool("deletedWhenUnused", true)?,
+            auto_ack: meta.bool("autoAck", false)?,
+            requeue_in_failure: meta.bool("requeueInFailure", false)?,
+            delivery_mode,
+            prefetch,
+            reconnect_wait,
+            max_len: positive("maxLen")?,
+            max_len_bytes: positive("maxLenBytes")?,
+            enable_dead_letter: meta.bool("enableDeadLetter", false)?,
+            ttl_ms,
+            concurrency,
+            client_name: meta.str("clientName").map(str::to_string),
+        };
+        if let Some(id) = &settings.consumer_id {
+            short(id).map_err(|_| meta.error("consumerID", "at most 255 bytes", id))?;
+        }
+        Ok(RabbitMq {
+            settings: Arc::new(settings),
+            publisher: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The publishing channel, connecting when there is none.
+    async fn publisher(&self) -> Result<Arc<Publisher>, String> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(p) = slot.as_ref()
+            && p.channel.status().connected()
+        {
+            return Ok(p.clone());
+        }
+        if let Some(old) = slot.take() {
+            let _ = old.connection.close(200, "reconnecting".into()).await;
+        }
+        let connection = connect(&self.settings).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("rabbitmq: cannot open a channel: {e}"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| format!("rabbitmq: cannot turn publisher confirms on: {e}"))?;
+        let p = Arc::new(Publisher {
+            connection,
+            channel,
+            declared: Mutex::new(HashSet::new()),
+        });
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Forgets `p` after a failure (the next publish reconnects).
+    async fn reset(&self, p: &Arc<Publisher>) {
+        let mut slot = self.publisher.lock().await;
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, p)) {
+            *slot = None;
+            let _ = p.connection.close(200, "reconnecting".into()).await;
+        }
+    }
+
+    async fn publish_on(
+        &self,
+        p: &Publisher,
+        topic: &str,
+        data: &[u8],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let exchange = short(topic)?;
+        let known = p.declared.lock().unwrap().contains(topic);
+        if !known {
+            declare_exchange(&p.channel, topic).await?;
+            p.declared.lock().unwrap().insert(topic.to_string());
+        }
+        let mut properties = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers(metadata));
+        if self.settings.delivery_mode != 0 {
+            properties = properties.with_delivery_mode(self.settings.delivery_mode);
+        }
+        // A per-message ttl (publish metadata), else the component's default, in ms.
+        let ttl = metadata
+            .get(super::super::ops::TTL_KEY)
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .map(|s| s * 1000)
+            .or(self.settings.ttl_ms);
+        if let Some(ms) = ttl {
+            properties = properties.with_expiration(ms.to_string().into());
+        }
+        let confirm = p
+            .channel
+            .basic_publish(
+                exchange,
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                data,
+                properties,
+            )
+            .await
+            .map_err(|e| format!("rabbitmq publish failed: {e}"))?
+            .await
+            .map_err(|e| format!("rabbitmq did not confirm the message: {e}"))?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Nack(_) => Err("rabbitmq refused the message (nack)".into()),
+            Confirmation::NotRequested => Err("rabbitmq publisher confirms are off".into()),
+        }
+    }
+}
+
+/// Hides the password of an AMQP URL in messages.
+fn redact(uri: &str) -> String {
+    match (uri.find("://"), uri.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &uri[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &uri[..s + 3], &uri[at..]),
+                None => uri.to_string(),
+            }
+        }
+        _ => uri.to_string(),
+    }
+}
+
+/// Percent-encodes a URL userinfo part.
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn connect(settings: &Settings) -> Result<Connection, String> {
+    let mut props = ConnectionProperties::default();
+    if let Some(name) = &settings.client_name {
+        props = props.with_connection_name(name.as_str().into());
+    }
+    Connection::connect(&settings.uri, props)
+        .await
+        .map_err(|e| format!("rabbitmq: cannot connect to {}: {e}", redact(&settings.uri)))
+}
+
+/// The topic's exchange as daprd declares it: durable, not auto-deleted, fanout.
+async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), String> {
+    channel
+        .exchange_declare(
+            short(name)?,
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("rabbitmq: cannot declare exchange {name:?}: {e}"))
+}
+
+/// Publish metadata as AMQP headers (string values; names longer than 255 bytes left out).
+fn headers(metadata: &BTreeMap<String, String>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in metadata {
+        if let Ok(name) = ShortString::try_new(k.as_str()) {
+            table.insert(name, AMQPValue::LongString(LongString::from(v.as_bytes())));
+        }
+    }
+    table
+}
+
+/// The metadata carried in a delivery's headers (string values only).
+fn metadata_of(properties: &BasicProperties) -> BTreeMap<String, String> {
+    let Some(table) = properties.headers() else {
+        return BTreeMap::new();
+    };
+    table
+        .inner()
+        .iter()
+        .filter_map(|(k, v)| {
+            let text = match v {
+                AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
+                AMQPValue::ShortString(s) => s.as_str().to_string(),
+                _ => return None,
+            };
+            Some((k.as_str().to_string(), text))
+        })
+        .collect()
+}
+
+impl Broker for RabbitMq {
+    fn kind(&self) -> &'static str {
+        "pubsub.rabbitmq"
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        data: Bytes,
+        metadata: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let p = self.publisher().await.map_err(BrokerError::Publish)?;
+            match self.publish_on(&p, topic, &data, metadata).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A failed declare or publish closes the channel: start again next time.
+                    self.reset(&p).await;
+                    Err(BrokerError::Publish(e))
+                }
+            }
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        handler: Handler,
+    ) -> BoxFuture<'a, Result<Subscription, BrokerError>> {
+        Box::pin(async move {
+            let consumer_id = self.settings.consumer_id.as_deref().unwrap_or(group);
+            let queue = format!("{consumer_id}-{topic}");
+            short(&queue).map_err(|e| BrokerError::Subscribe(format!("queue name {e}")))?;
+            let consumer = Arc::new(Consumer {
+                topic: topic.to_string(),
+                queue,
+                settings: self.settings.clone(),
+                handler,
+                permits: Arc::new(Semaphore::new(self.settings.concurrency)),
+            });
+            let open = consumer.open().await.map_err(BrokerError::Subscribe)?;
+            Ok(Subscription::spawn(move |stop| {
+                consumer.run(Some(open), stop)
+            }))
+        })
+    }
+}
+
+/// One subscription: its queue, its own connection, its handlers.
+struct Consumer {
+    topic: String,
+    queue: String,
+    settings: Arc<Settings>,
+    handler: Handler,
+    permits: Arc<Semaphore>,
+}
+
+/// A subscription's connection and the deliveries coming over it.
+struct Open {
+    connection: Connection,
+    deliveries: lapin::Consumer,
+}
+
+impl Consumer {
+    /// Connects, declares the exchange, the queue (and the dead-letter pair) as daprd does,
+    /// binds them and starts consuming.
+    async fn open(&self) -> Result<Open, String> {
+        let connection = connect(&self.settings).await?;
+        match self.declare_and_consume(&connection).await {
+            Ok(deliveries) => Ok(Open {
+                connection,
+                deliveries,
+            }),
+            Err(e) => {
+                let _ = connection.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn declare_and_consume(
+        &self,
+        connection: &Connection,
+    ) -> Result<lapin::Consumer, String> {
+        let s = &self.settings;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("rabbitmq: cannot open a channel: {e}"))?;
+        declare_exchange(&channel, &self.topic).await?;
+        let limits = |mut t: FieldTable| {
+            if let Some(n) = s.max_len {
+                t.insert("x-max-length".into(), AMQPValue::LongLongInt(n));
+            }
+            if let Some(n) = s.max_len_bytes {
+                t.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(n));
+            }
+            t
+        };
+        let mut args = FieldTable::default();
+        if s.enable_dead_letter {
+            let dlx = format!("dlx-{}", self.queue);
+            let dlq = format!("dlq-{}", self.queue);
+            declare_exchange(&channel, &dlx).await?;
+            let mut dlq_args = limits(FieldTable::default());
+            dlq_args.insert(
+                "x-queue-mode".into(),
+                AMQPValue::LongString(LongString::from("lazy")),
+            );
+            channel
+                .queue_declare(
+                    short(&dlq)?,
+                    QueueDeclareOptions {
+                        durable: true,
+                        auto_delete: s.delete_when_unused,
+                        ..Default::default()
+                    },
+                    dlq_args,
+                )
+                .await
+                .map_err(|e| format!("rabbitmq: cannot declare queue {dlq:?}: {e}"))?;
+            channel
+                .queue_bind(
+                    short(&dlq)?,
+                    short(&dlx)?,
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("rabbitmq: cannot bind {dlq:?} to {dlx:?}: {e}"))?;
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from(dlx.as_bytes())),
+            );
+        }
+        let queue = short(&self.queue)?;
+        channel
+            .queue_declare(
+                queue.clone(),
+                QueueDeclareOptions {
+                    durable: s.durable,
+                    auto_delete: s.delete_when_unused,
+                    ..Default::default()
+                },
+                limits(args),
+            )
+            .await
+            .map_err(|e| format!("rabbitmq: cannot declare queue {:?}: {e}", self.queue))?;
+        channel
+            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| format!("rabbitmq: cannot set the prefetch count: {e}"))?;
+        channel
+            .queue_bind(
+                queue.clone(),
+                short(&self.topic)?,
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "rabbitmq: cannot bind queue {:?} to exchange {:?}: {e}",
+                    self.queue, self.topic
+                )
+            })?;
+        channel
+            .basic_consume(
+                queue.clone(),
+                queue,
+                BasicConsumeOptions {
+                    no_ack: s.auto_ack,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("rabbitmq: cannot consume from {:?}: {e}", self.queue))
+    }
+
+    async fn run(self: Arc<Self>, mut open: Option<Open>, mut stop: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let mut current = match open.take() {
+                Some(o) => o,
+                None => match self.open().await {
+                    Ok(o) => {
+                        tracing::info!(topic = %self.topic, queue = %self.queue, "rabbitmq subscription reconnected");
+                        o
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(topic = %self.topic, queue = %self.queue, error = %e, "rabbitmq subscription cannot reconnect yet");
+                        let wait = self.settings.reconnect_wait.max(
+                            super::broker::reconnect_backoff(failures).min(Duration::from_secs(1)),
+                        );
+                        tokio::select! {
+                            _ = stopped(&mut stop) => break,
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                },
+            };
+            failures = 0;
+            loop {
+                // A free handler slot first: deliveries wait in the broker's prefetch, not here.
+                let permit = tokio::select! {
+                    _ = stopped(&mut stop) => None,
+                    p = self.permits.clone().acquire_owned() => p.ok(),
+                };
+                let Some(permit) = permit else { break };
+                let next = tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    n = current.deliveries.next() => n,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        let me = self.clone();
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            me.handle(delivery, stop).await;
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic = %self.topic, queue = %self.queue, error = %e, "rabbitmq subscription lost its connection; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!(topic = %self.topic, queue = %self.queue, "rabbitmq ended the subscription (queue deleted?); reconnecting");
+                        break;
+                    }
+                }
+            }
+            // Handlers in flight finish (their acks need this connection) before it closes:
+            // what they leave unacked goes back to the queue when it does.
+            let all = self.settings.concurrency as u32;
+            if let Ok(p) = self.permits.acquire_many(all).await {
+                drop(p);
+            }
+            let _ = current.connection.close(200, "bye".into()).await;
+            if !*stop.borrow() {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tokio::time::sleep(self.settings.reconnect_wait) => {}
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, delivery: lapin::message::Delivery, stop: watch::Receiver<bool>) {
+        let message = Message {
+            topic: self.topic.clone(),
+            metadata: metadata_of(&delivery.properties),
+            data: Bytes::from(delivery.data),
+        };
+        let outcome = (self.handler)(message).await;
+        if self.settings.auto_ack {
+            return;
+        }
+        let res = match outcome {
+            Outcome::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+            // Stopping: left unacked, so the broker requeues it as the channel closes.
+            Outcome::Retry if *stop.borrow() => return,
+            Outcome::Retry => {
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: self.settings.requeue_in_failure,
+                    })
+                    .await
+            }
+        };
+        if let Err(e) = res {
+            // The connection is gone: the broker redelivers the message.
+            tracing::warn!(topic = %self.topic, queue = %self.queue, error = %e, "rabbitmq ack/nack failed; the broker will redeliver");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("amqp://guest:secret@localhost:5672/v"),
+            "amqp://guest:***@localhost:5672/v"
+        );
+        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+    }
+
+    #[test]
+    fn metadata_round_trips_through_headers() {
+        let m: BTreeMap<String, String> = [("region".to_string(), "eu".to_string())].into();
+        let props = BasicProperties::default().with_headers(headers(&m));
+        assert_eq!(metadata_of(&props), m);
+        let long: BTreeMap<String, String> = [("k".repeat(300), "v".to_string())].into();
+        assert!(headers(&long).inner().is_empty());
+    }
+}
