@@ -3,6 +3,7 @@
 #
 #   bench/logs.sh [MIB] [ROUNDS]      (default 1024 MiB of JSON lines, 1 round)
 #   AGENTS="outrigger syslog-ng" NO_BUILD=1 bench/logs.sh 64     (a subset, the build as it is)
+#   OLD_BIN=/tmp/old/outrigger bench/logs.sh                       (an older build beside, as outrigger-old)
 #
 # Each agent reads one file of realistic JSON log lines (~330 bytes, written before the agent
 # starts, so it is read from the page cache), parses each line as JSON, adds two fields and
@@ -80,7 +81,7 @@ printf 'input: %s lines, %.1f MiB (avg %d B/line); raw read (cat > /dev/null, pa
 mkconf() { # $1 agent, $2 sink, $3 state dir
   local out=$3/out.log
   case $1 in
-  outrigger)
+  outrigger|outrigger-old)
     printf 'admin: { address: 127.0.0.1:%s }\nlogs:\n  sources:\n    - files: %s\n      format: json\n' "$ADMIN_PORT" "$in"
     printf '  fields: { cluster: eu-1, env: bench }\n  checkpoint: %s/checkpoint.json\n  sinks:\n' "$3"
     if [ "$2" = http ]; then printf '    - http: http://127.0.0.1:%s/ingest\n' "$HTTP_PORT"
@@ -120,6 +121,7 @@ CONF
 start() { # $1 agent, $2 config, $3 state dir → pid in $apid
   case $1 in
   outrigger) "$bin" run -c "$2" >"$3/stdout" 2>"$3/stderr" & apid=$! ;;
+  outrigger-old) "$OLD_BIN" run -c "$2" >"$3/stdout" 2>"$3/stderr" & apid=$! ;;
   rsyslog) rsyslogd -n -f "$2" -i "$3/pid" >"$3/stdout" 2>"$3/stderr" & apid=$! ;;
   syslog-ng) LD_LIBRARY_PATH=$SNG/usr/lib/syslog-ng "$SNG/usr/sbin/syslog-ng" -F --no-caps -f "$2" \
        --module-path "$SNG/usr/lib/syslog-ng/3.38" --persist-file "$3/persist" --pidfile "$3/pid" \
@@ -130,10 +132,10 @@ start() { # $1 agent, $2 config, $3 state dir → pid in $apid
 cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }   # USER_HZ = 100
 hwm() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
-printf '\n%-10s %-5s %8s %9s %11s %9s %8s %9s %s\n' agent sink seconds 'MiB/s' 'lines/s' 'peak MiB' 'CPU s' 'rcv CPU' check
+printf '\n%-13s %-5s %8s %9s %11s %9s %8s %9s %s\n' agent sink seconds 'MiB/s' 'lines/s' 'peak MiB' 'CPU s' 'rcv CPU' check
 for round in $(seq "$rounds"); do
   for sink in http file; do
-    for agent in ${AGENTS:-outrigger rsyslog syslog-ng}; do
+    for agent in ${AGENTS:-outrigger ${OLD_BIN:+outrigger-old} rsyslog syslog-ng}; do
       st=$dir/$agent-$sink; rm -rf "$st"; mkdir -p "$st"
       mkconf "$agent" "$sink" "$st" > "$st/conf"
       rpid=
@@ -163,10 +165,10 @@ for round in $(seq "$rounds"); do
       if [ "$ok" = 1 ]; then
         s=$(echo "$t1 - $t0" | bc -l)
         check="lines $got/$lines"; [ "$got" = "$lines" ] || check="$check MISMATCH"
-        printf '%-10s %-5s %8.2f %9.1f %11.0f %9s %8s %9s %s\n' "$agent" "$sink" "$s" \
+        printf '%-13s %-5s %8.2f %9.1f %11.0f %9s %8s %9s %s\n' "$agent" "$sink" "$s" \
           "$(echo "$size / 1048576 / $s" | bc -l)" "$(echo "$lines / $s" | bc -l)" "$apk" "$acpu" "$rcpu" "$check"
       else
-        printf '%-10s %-5s did not finish in %.0f s (%s lines arrived); stderr:\n' "$agent" "$sink" \
+        printf '%-13s %-5s did not finish in %.0f s (%s lines arrived); stderr:\n' "$agent" "$sink" \
           "$(echo "$t1 - $t0" | bc -l)" "${got:-?}"; tail -5 "$st/stderr"
       fi
       rm -f "$st/out.log"
