@@ -2,12 +2,18 @@
 //! stdio}]`), while still echoing every byte to Outrigger's own stdout and stderr so that
 //! `kubectl logs` keeps working.
 //!
-//! With capture on, the app's stdout and stderr are pipes; one task per pipe reads lines, writes
-//! each to our own stream first, then offers it to a queue bounded in bytes. The app is never
-//! blocked by the log agent: when the queue is full (the sink is slow or down), the line is
-//! still echoed but not shipped, and counted as dropped (`buffer_full`). Blocking the app
-//! instead would turn a log backend outage into an app outage; the echoed copy stays in the
-//! container runtime's log.
+//! With capture on, the app's stdout and stderr are pipes; one task per pipe reads them, offers
+//! each line to the agent's queue (bounded in bytes) and then hands the whole lines read to an
+//! echo writer beside it (bounded in bytes too). The app is never blocked by either:
+//! - when the queue is full (the sink is slow or down), the line is still echoed but not
+//!   shipped, and counted as dropped (`buffer_full`). Blocking the app instead would turn a log
+//!   backend outage into an app outage; the echoed copy stays in the container runtime's log;
+//! - when Outrigger's own stdout/stderr does not keep up (a full pipe), lines are still shipped
+//!   but not echoed once [`ECHO_BUFFER`] is waiting, and counted (`echo_full`).
+//!
+//! The echo is written whole lines at a time (a line still being written is held until its end,
+//! up to [`MAX_LINE`]), so the app's stdout and stderr sharing one terminal or pipe do not cut
+//! into each other's lines.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,6 +48,11 @@ pub struct AppLine {
 /// all memory); each piece is shipped as a line.
 pub const MAX_LINE: usize = 256 * 1024;
 
+/// Bytes of whole lines waiting to be echoed, per stream, before more are not echoed (and
+/// counted): a few seconds of a chatty app, so a briefly slow terminal or log pipe loses
+/// nothing.
+pub const ECHO_BUFFER: usize = 4 << 20;
+
 /// The sending half: handed to the app's supervisor; cheap to clone.
 #[derive(Clone)]
 pub struct Capture {
@@ -61,6 +72,8 @@ struct Shared {
     cap: usize,
     /// Lines refused because the queue was full, not yet reported.
     dropped: AtomicUsize,
+    /// Lines not echoed because our own stream did not keep up, not yet reported.
+    echo_dropped: AtomicUsize,
 }
 
 /// A new capture queue holding at most `cap` bytes of lines.
@@ -70,6 +83,7 @@ pub fn capture(cap: usize) -> (Capture, Captured) {
         bytes: AtomicUsize::new(0),
         cap,
         dropped: AtomicUsize::new(0),
+        echo_dropped: AtomicUsize::new(0),
     });
     (
         Capture {
@@ -92,29 +106,66 @@ impl Capture {
         }
     }
 
-    /// Reads `pipe` to its end, echoing every byte to `echo` and queueing each line. The echo
-    /// is written a whole read at a time (one write per up to 64 KiB, not one per line: a
-    /// write to our stdout goes through tokio's blocking pool).
+    /// Reads `pipe` to its end, queueing each line and echoing every byte to `echo`. The
+    /// reading never waits for the echo: whole lines go to the echo writer through a buffer of
+    /// [`ECHO_BUFFER`] bytes, written a read at a time (one write per up to 64 KiB, not one
+    /// per line: a write to our stdout goes through tokio's blocking pool).
     pub async fn pump(
         self,
         stream: Stream,
-        mut pipe: impl AsyncRead + Unpin,
+        pipe: impl AsyncRead + Unpin,
         mut echo: impl AsyncWrite + Unpin,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let waiting = AtomicUsize::new(0);
+        let read = self.read(stream, pipe, tx, &waiting);
+        let write = async {
+            while let Some(chunk) = rx.recv().await {
+                // A closed stdout of ours must not stop capture.
+                let _ = echo.write_all(&chunk).await;
+                if rx.is_empty() {
+                    let _ = echo.flush().await;
+                }
+                waiting.fetch_sub(chunk.len(), Ordering::AcqRel);
+            }
+        };
+        // Both run in this task; the reader goes on while the writer waits on a full stdout.
+        tokio::join!(read, write);
+    }
+
+    async fn read(
+        self,
+        stream: Stream,
+        mut pipe: impl AsyncRead + Unpin,
+        echo: mpsc::UnboundedSender<Vec<u8>>,
+        waiting: &AtomicUsize,
     ) {
         let mut buf = vec![0u8; 64 * 1024];
         // The start of a line whose end has not been read yet.
         let mut partial: Vec<u8> = Vec::new();
+        // What was read and not echoed yet: the partial line's bytes.
+        let mut unechoed: Vec<u8> = Vec::new();
+        let send_echo = |bytes: Vec<u8>| {
+            if bytes.is_empty() {
+                return;
+            }
+            let n = bytes.len();
+            if waiting.fetch_add(n, Ordering::AcqRel) + n > ECHO_BUFFER {
+                waiting.fetch_sub(n, Ordering::AcqRel);
+                let lines = memchr::memchr_iter(b'\n', &bytes).count().max(1);
+                self.shared.echo_dropped.fetch_add(lines, Ordering::Relaxed);
+            } else if echo.send(bytes).is_err() {
+                waiting.fetch_sub(n, Ordering::AcqRel);
+            }
+        };
         loop {
             let n = match pipe.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             let chunk = &buf[..n];
-            // Echo first, exactly as written; a closed stdout of ours must not stop capture.
-            let _ = echo.write_all(chunk).await;
-            let _ = echo.flush().await;
             let mut rest = chunk;
-            while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            while let Some(nl) = memchr::memchr(b'\n', rest) {
                 let mut line = if partial.is_empty() {
                     rest[..nl].to_vec()
                 } else {
@@ -129,14 +180,23 @@ impl Capture {
                 rest = &rest[nl + 1..];
             }
             partial.extend_from_slice(rest);
+            let mut cut = false;
             while partial.len() >= MAX_LINE {
                 let tail = partial.split_off(MAX_LINE);
                 self.offer(stream, std::mem::replace(&mut partial, tail));
+                cut = true;
             }
+            // Echo exactly the bytes read, up to the last line end (all of it when a line was
+            // cut: it is too long to hold).
+            let whole = if cut { n } else { n - rest.len() };
+            unechoed.extend_from_slice(&chunk[..whole]);
+            send_echo(std::mem::take(&mut unechoed));
+            unechoed.extend_from_slice(&chunk[whole..]);
         }
         if !partial.is_empty() {
             self.offer(stream, partial);
         }
+        send_echo(unechoed);
     }
 }
 
@@ -170,6 +230,11 @@ impl Captured {
     pub fn take_dropped(&self) -> usize {
         self.shared.dropped.swap(0, Ordering::Relaxed)
     }
+
+    /// Lines not echoed since the last call.
+    pub fn take_echo_dropped(&self) -> usize {
+        self.shared.echo_dropped.swap(0, Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -195,5 +260,97 @@ mod tests {
         drop(cap);
         assert_eq!(got.recv().await.unwrap().stream, Stream::Stderr);
         assert!(got.recv().await.is_none());
+    }
+
+    /// An AsyncWrite into a shared buffer; `stuck` ones never take a byte.
+    #[derive(Clone, Default)]
+    struct Sink {
+        out: Arc<std::sync::Mutex<Vec<u8>>>,
+        stuck: bool,
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.stuck {
+                return std::task::Poll::Pending;
+            }
+            self.out.lock().unwrap().extend_from_slice(b);
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn stdout_and_stderr_echoed_to_one_place_do_not_cut_into_each_others_lines() {
+        let (cap, mut got) = capture(1 << 20);
+        let shared = Sink::default();
+        let (mut out_w, out_r) = tokio::io::duplex(1024);
+        let (mut err_w, err_r) = tokio::io::duplex(1024);
+        let a = tokio::spawn(cap.clone().pump(Stream::Stdout, out_r, shared.clone()));
+        let b = tokio::spawn(cap.pump(Stream::Stderr, err_r, shared.clone()));
+        out_w.write_all(b"half a line, ").await.unwrap();
+        err_w.write_all(b"an error\n").await.unwrap();
+        // The stderr line is echoed while stdout's is still open.
+        assert_eq!(got.recv().await.unwrap().line, b"an error");
+        while shared.out.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        out_w.write_all(b"then the rest\n").await.unwrap();
+        drop((out_w, err_w));
+        let (a, b) = tokio::join!(a, b);
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(
+            String::from_utf8(shared.out.lock().unwrap().clone()).unwrap(),
+            "an error\nhalf a line, then the rest\n"
+        );
+        assert_eq!(
+            got.recv().await.unwrap().line,
+            b"half a line, then the rest"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stdout_that_takes_nothing_neither_blocks_the_app_nor_its_shipping() {
+        let (cap, mut got) = capture(64 << 20);
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let stuck = Sink {
+            stuck: true,
+            ..Default::default()
+        };
+        let pump = tokio::spawn(cap.pump(Stream::Stdout, r, stuck));
+        let line = [b'x'; 1023];
+        let lines = 2 * ECHO_BUFFER / 1024;
+        let writer = tokio::spawn(async move {
+            for _ in 0..lines {
+                w.write_all(&line).await.unwrap();
+                w.write_all(b"\n").await.unwrap();
+            }
+        });
+        // Every line written reaches the queue although nothing was echoed.
+        let mut n = 0;
+        while got.recv().await.is_some() {
+            n += 1;
+        }
+        writer.await.unwrap();
+        assert_eq!(n, lines);
+        let not_echoed = got.take_echo_dropped();
+        assert!(not_echoed >= lines / 2 - 64, "{not_echoed}");
+        pump.abort();
     }
 }

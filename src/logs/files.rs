@@ -19,7 +19,7 @@
 //!
 //! Only complete lines are read: a line still being written waits for its `\n`, except at the
 //! end of a file that was rotated away (its last line is taken as it is once the file has been
-//! quiet for [`ORPHAN_QUIET`]).
+//! quiet for `rotate_wait`, [`DEFAULT_ROTATE_WAIT`] unless configured).
 //!
 //! All of it is blocking file I/O; the pipeline runs it on tokio's blocking pool.
 
@@ -33,13 +33,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::checkpoint::{self, FileId, Position};
+#[cfg(doc)]
+use crate::config::logs::DEFAULT_ROTATE_WAIT;
 use crate::lifecycle::capture::MAX_LINE;
 
 /// The first bytes of a file whose hash tells it apart from another with the same inode.
 pub const HEAD_BYTES: u64 = 256;
-/// A file whose name is gone is closed once read to its end and quiet this long (a writer may
-/// still append a little after the rename, until it reopens its log).
-pub const ORPHAN_QUIET: Duration = Duration::from_secs(1);
 /// How deep a glob's directory is listed (`/var/log/**/x.log`).
 const MAX_DEPTH: usize = 8;
 
@@ -50,6 +49,8 @@ pub struct FileSource {
     pub matcher: globset::GlobMatcher,
     pub base: PathBuf,
     pub from_end: bool,
+    /// How long a renamed or deleted file must stay quiet, read to its end, before it is closed.
+    pub rotate_wait: Duration,
 }
 
 /// A file being followed.
@@ -69,6 +70,8 @@ struct Tailer {
     orphan_since: Option<Instant>,
     /// When it last grew.
     grew_at: Instant,
+    /// Bumped when the file is read anew (truncated, replaced): marks taken before do not apply.
+    generation: u32,
 }
 
 /// A line read from a file.
@@ -87,6 +90,8 @@ pub struct Files {
     first_scan: bool,
     last_scan: Option<Instant>,
     buf: Vec<u8>,
+    /// Bytes lost to truncation per source, not yet reported.
+    truncated: Vec<(usize, u64)>,
 }
 
 impl Files {
@@ -98,6 +103,7 @@ impl Files {
             first_scan: true,
             last_scan: None,
             buf: Vec::new(),
+            truncated: Vec::new(),
         }
     }
 
@@ -156,14 +162,53 @@ impl Files {
                 debug!(path = %t.path.display(), "log file renamed away or deleted; reading it to its end");
                 t.orphan_since = Some(now);
             }
-            t.check();
+            if let Some(lost) = t.check() {
+                self.truncated.push((t.source, lost));
+            }
         }
         if self.first_scan {
-            // Positions of files that are gone for good would otherwise be carried from run
-            // to run; a file still there but outside the glob now is not read again either.
-            self.saved.retain(|_, p| p.path.exists());
+            self.find_rotated();
         }
         self.first_scan = false;
+    }
+
+    /// After the first scan: checkpointed files not found under their glob were rotated away
+    /// (or deleted) while Outrigger was down, maybe before they were read to their end. Each
+    /// is looked for by its identity beside its last path (`app.log` → `app.log.1`) and, when
+    /// there with the same head, read to its end as a rotated-away file. Every other entry is
+    /// dropped, so the state file does not carry files that are gone for good.
+    fn find_rotated(&mut self) {
+        for (id, p) in std::mem::take(&mut self.saved) {
+            let Some(source) = self
+                .sources
+                .iter()
+                .position(|s| p.path.starts_with(&s.base))
+            else {
+                continue;
+            };
+            let Some(dir) = p.path.parent() else { continue };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let found = entries.flatten().map(|e| e.path()).find(|path| {
+                std::fs::metadata(path)
+                    .is_ok_and(|m| m.is_file() && m.dev() == id.dev && m.ino() == id.ino)
+            });
+            if let Some(path) = found {
+                self.saved.insert(id, p);
+                self.open(source, id, &path);
+                if let Some(t) = self.tailers.get_mut(&id) {
+                    info!(path = %path.display(), "finishing a log file rotated away while stopped");
+                    t.orphan_since = Some(Instant::now());
+                }
+            }
+        }
+        self.saved.clear();
+    }
+
+    /// Bytes lost to truncation since the last call, per source.
+    pub fn take_truncated(&mut self) -> Vec<(usize, u64)> {
+        std::mem::take(&mut self.truncated)
     }
 
     fn open(&mut self, source: usize, id: FileId, path: &Path) {
@@ -181,7 +226,8 @@ impl Files {
             Some(p)
                 if p.head_len <= size
                     && head(&file, p.head_len) == Some(p.head_hash)
-                    && p.offset <= size =>
+                    && p.offset <= size
+                    && at_line_start(&file, p.offset) =>
             {
                 p.offset
             }
@@ -206,6 +252,7 @@ impl Files {
                 head_hash,
                 orphan_since: None,
                 grew_at: Instant::now(),
+                generation: 0,
             },
         );
     }
@@ -236,7 +283,7 @@ impl Files {
                 let chunk = &self.buf[..n];
                 let mut used = 0;
                 let mut stopped = false;
-                while let Some(nl) = chunk[used..].iter().position(|&b| b == b'\n') {
+                while let Some(nl) = memchr::memchr(b'\n', &chunk[used..]) {
                     let end = used + nl;
                     let mut line = &chunk[used..end];
                     if line.last() == Some(&b'\r') {
@@ -254,9 +301,10 @@ impl Files {
                 }
                 // No line ending in a whole MAX_LINE: ship the piece as a line. At the end of a
                 // rotated-away file that has gone quiet: its last, unterminated line.
+                let rotate_wait = self.sources[t.source].rotate_wait;
                 let last_of_orphan = t.orphan_since.is_some()
                     && t.read + n as u64 == t.size
-                    && t.grew_at.elapsed() >= ORPHAN_QUIET;
+                    && t.grew_at.elapsed() >= rotate_wait;
                 if !stopped && used < n && (used == 0 && n == MAX_LINE || last_of_orphan) {
                     if emit(FileLine {
                         source: t.source,
@@ -277,8 +325,19 @@ impl Files {
                     break;
                 }
             }
-            if t.orphan_since.is_some() && t.read >= t.size && t.grew_at.elapsed() >= ORPHAN_QUIET {
-                done.push(*id);
+            if t.orphan_since.is_some()
+                && t.read >= t.size
+                && t.grew_at.elapsed() >= self.sources[t.source].rotate_wait
+            {
+                // Written to since the last look? Then it is not done: read on next time.
+                let now = t.file.metadata().map_or(t.size, |m| m.len());
+                if now > t.size {
+                    t.size = now;
+                    t.grew_at = Instant::now();
+                    more = true;
+                } else {
+                    done.push(*id);
+                }
             }
         }
         for id in done {
@@ -289,10 +348,37 @@ impl Files {
         more
     }
 
-    /// The sink acknowledged everything read so far.
-    pub fn ack(&mut self) {
-        for t in self.tailers.values_mut() {
-            t.acked = t.read;
+    /// Where each file's reading stands now: what a batch sealed now covers.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            files: self
+                .tailers
+                .iter()
+                .map(|(id, t)| (*id, t.generation, t.read))
+                .collect(),
+            positions: self
+                .tailers
+                .iter()
+                .map(|(id, t)| Position {
+                    path: t.path.to_path_buf(),
+                    id: *id,
+                    offset: t.read,
+                    head_len: t.head_len,
+                    head_hash: t.head_hash,
+                })
+                .chain(self.saved.values().cloned())
+                .collect(),
+        }
+    }
+
+    /// The sink acknowledged everything up to `mark`.
+    pub fn ack(&mut self, mark: &Mark) {
+        for (id, generation, read) in &mark.files {
+            if let Some(t) = self.tailers.get_mut(id)
+                && t.generation == *generation
+            {
+                t.acked = (*read).min(t.read).max(t.acked);
+            }
         }
     }
 
@@ -304,36 +390,41 @@ impl Files {
             .map(|t| t.size.saturating_sub(t.acked))
             .sum()
     }
+}
 
-    /// The acknowledged positions, for the checkpoint (positions of files not opened in this
-    /// run are kept until they are).
-    pub fn positions(&self) -> impl Iterator<Item = Position> + '_ {
-        self.tailers
-            .iter()
-            .map(|(id, t)| Position {
-                path: t.path.to_path_buf(),
-                id: *id,
-                offset: t.acked,
-                head_len: t.head_len,
-                head_hash: t.head_hash,
-            })
-            .chain(self.saved.values().cloned())
-    }
+/// The files' positions when a batch was sealed: applied when the sink acknowledges it.
+pub struct Mark {
+    files: Vec<(FileId, u32, u64)>,
+    /// What the checkpoint holds once the batch is acknowledged.
+    pub positions: Vec<Position>,
 }
 
 impl Tailer {
-    /// Notices growth, truncation and replaced content.
-    fn check(&mut self) {
+    /// Notices growth, truncation and replaced content. Returns the bytes lost when the file
+    /// was truncated or replaced before it was read to its end (at least what it held beyond
+    /// our position at the last look).
+    fn check(&mut self) -> Option<u64> {
         let size = match self.file.metadata() {
             Ok(m) => m.len(),
-            Err(_) => return,
+            Err(_) => return None,
         };
+        let before = self.size;
         if size > self.size {
             self.grew_at = Instant::now();
         }
         self.size = size;
         let replaced = head(&self.file, self.head_len) != Some(self.head_hash);
+        let mut lost = None;
         if size < self.read || replaced {
+            let unread = before.saturating_sub(self.read);
+            if unread > 0 {
+                warn!(
+                    path = %self.path.display(),
+                    lost_bytes = unread,
+                    "log file truncated before it was read to its end; those bytes are lost"
+                );
+                lost = Some(unread);
+            }
             info!(
                 path = %self.path.display(),
                 was = self.read,
@@ -342,6 +433,7 @@ impl Tailer {
             );
             self.read = 0;
             self.acked = 0;
+            self.generation = self.generation.wrapping_add(1);
             self.head_len = 0;
             self.head_hash = checkpoint::head_hash(b"");
         }
@@ -349,6 +441,30 @@ impl Tailer {
             self.head_len = size.min(HEAD_BYTES);
             self.head_hash = head(&self.file, self.head_len).unwrap_or(0);
         }
+        lost
+    }
+}
+
+/// Whether `offset` is where a record of ours could have ended: at 0, after a `\n`, or a whole
+/// number of [`MAX_LINE`] pieces into a line too long to ship whole. A checkpoint pointing
+/// elsewhere belongs to other content (the head matched by chance), so the file is read anew.
+fn at_line_start(file: &File, offset: u64) -> bool {
+    if offset == 0 {
+        return true;
+    }
+    let from = offset.saturating_sub(MAX_LINE as u64);
+    let mut b = vec![0u8; (offset - from) as usize];
+    if file.read_exact_at(&mut b, from).is_err() {
+        return false;
+    }
+    match b.iter().rposition(|&c| c == b'\n') {
+        Some(i) => {
+            let line_start = from + i as u64 + 1;
+            (offset - line_start).is_multiple_of(MAX_LINE as u64)
+        }
+        // No line end in the last MAX_LINE bytes: a cut is only possible at MAX_LINE multiples
+        // from a line start further back; accept it (one piece is all a wrong guess costs).
+        None => true,
     }
 }
 
@@ -379,6 +495,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    const ROTATE_WAIT: Duration = Duration::from_secs(1);
+
     fn files(dir: &Path) -> Files {
         files_from(dir, false)
     }
@@ -391,6 +509,7 @@ mod tests {
                 matcher: crate::config::logs::compile_glob(&glob).unwrap(),
                 base: dir.to_path_buf(),
                 from_end,
+                rotate_wait: ROTATE_WAIT,
             }],
             BTreeMap::new(),
         )
@@ -425,9 +544,9 @@ mod tests {
         std::fs::remove_file(&log).unwrap();
         write!(w, "two\nlast without end").unwrap();
         assert_eq!(lines(&mut f), ["two"]);
-        // Quiet for ORPHAN_QUIET: its last line is taken as it is and the file closed.
+        // Quiet for rotate_wait: its last line is taken as it is and the file closed.
         for t in f.tailers.values_mut() {
-            t.grew_at -= ORPHAN_QUIET;
+            t.grew_at -= ROTATE_WAIT;
         }
         assert_eq!(lines(&mut f), ["last without end"]);
         assert!(f.tailers.is_empty());
@@ -481,8 +600,9 @@ mod tests {
         std::fs::write(&log, "one\ntwo\n").unwrap();
         let mut f = files(dir.path());
         assert_eq!(lines(&mut f), ["one", "two"]);
-        f.ack();
-        let saved: BTreeMap<_, _> = f.positions().map(|p| (p.id, p)).collect();
+        let mark = f.mark();
+        f.ack(&mark);
+        let saved: BTreeMap<_, _> = mark.positions.into_iter().map(|p| (p.id, p)).collect();
         std::fs::OpenOptions::new()
             .append(true)
             .open(&log)
@@ -492,5 +612,118 @@ mod tests {
         let mut again = files(dir.path());
         again.saved = saved;
         assert_eq!(lines(&mut again), ["three"]);
+    }
+
+    #[test]
+    fn bytes_lost_to_a_truncation_before_they_were_read_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "one\n").unwrap();
+        let mut f = files(dir.path());
+        assert_eq!(lines(&mut f), ["one"]);
+        // Seen by a scan but not read (the sink was down), then truncated: lost.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"two\nthree\n")
+            .unwrap();
+        f.scan();
+        assert!(f.take_truncated().is_empty());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        f.scan();
+        assert_eq!(f.take_truncated(), [(0, 10)]);
+    }
+
+    #[test]
+    fn a_rotated_file_stays_open_until_quiet_for_rotate_wait_even_if_written_since_the_last_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        let mut w = std::fs::File::create(&log).unwrap();
+        writeln!(w, "one").unwrap();
+        let mut f = files(dir.path());
+        assert_eq!(lines(&mut f), ["one"]);
+        std::fs::rename(&log, dir.path().join("app.log.1")).unwrap();
+        assert!(lines(&mut f).is_empty());
+        // Not quiet long enough: still open, and a late write is read.
+        writeln!(w, "late").unwrap();
+        assert_eq!(lines(&mut f), ["late"]);
+        // Quiet for rotate_wait as of the last look, but written since: not closed yet.
+        for t in f.tailers.values_mut() {
+            t.grew_at -= ROTATE_WAIT;
+        }
+        writeln!(w, "later").unwrap();
+        let mut got = Vec::new();
+        assert!(f.read(|l| {
+            got.push(String::from_utf8_lossy(l.line).into_owned());
+            true
+        }));
+        assert!(got.is_empty() && f.tailers.len() == 1);
+        assert_eq!(lines(&mut f), ["later"]);
+        for t in f.tailers.values_mut() {
+            t.grew_at -= ROTATE_WAIT;
+        }
+        assert!(lines(&mut f).is_empty());
+        assert!(f.tailers.is_empty());
+    }
+
+    #[test]
+    fn a_checkpoint_pointing_into_the_middle_of_a_line_reads_the_file_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "one\ntwo\n").unwrap();
+        let mut f = files(dir.path());
+        assert_eq!(lines(&mut f), ["one", "two"]);
+        let mut mark = f.mark();
+        // Same head, same inode, an offset inside "two".
+        mark.positions[0].offset = 5;
+        let mut again = files(dir.path());
+        again.saved = mark.positions.into_iter().map(|p| (p.id, p)).collect();
+        assert_eq!(lines(&mut again), ["one", "two"]);
+    }
+
+    #[test]
+    fn a_file_rotated_away_while_stopped_is_finished_and_stale_entries_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "one\n").unwrap();
+        let mut f = files(dir.path());
+        assert_eq!(lines(&mut f), ["one"]);
+        let mark = f.mark();
+        let mut saved: BTreeMap<_, _> = mark.positions.into_iter().map(|p| (p.id, p)).collect();
+        // An entry for a file gone for good.
+        let gone = FileId { dev: 0, ino: 1 };
+        saved.insert(
+            gone,
+            Position {
+                path: dir.path().join("gone.log"),
+                id: gone,
+                offset: 1,
+                head_len: 0,
+                head_hash: 0,
+            },
+        );
+        // While stopped: more lines, then rotation by rename and create.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"two\n")
+            .unwrap();
+        std::fs::rename(&log, dir.path().join("app.log.1")).unwrap();
+        std::fs::write(&log, "three\n").unwrap();
+        let mut again = files(dir.path());
+        again.saved = saved;
+        let mut got = lines(&mut again);
+        got.sort();
+        assert_eq!(got, ["three", "two"]);
+        let kept: Vec<_> = again.mark().positions.into_iter().map(|p| p.path).collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(!kept.contains(&dir.path().join("gone.log")));
     }
 }

@@ -11,9 +11,10 @@
 //!                      checkpoint ◄── ack ◄── sink (retries) ◄──┴── batch (lines/bytes/wait)
 //! ```
 //!
-//! One batch is in flight at a time. While the sink is down the batch is retried (exponential
-//! backoff, jitter) and nothing more is read from files — backpressure: their bytes wait on
-//! disk and their positions do not move. The app's lines cannot wait there: they queue up to
+//! One batch is in flight at a time while the next is read and encoded on the blocking pool.
+//! While the sink is down the batch is retried (exponential backoff, jitter; halves after a
+//! 413) and nothing more is read from files once the next batch is full — backpressure: their
+//! bytes wait on disk and their positions do not move. The app's lines cannot wait there: they queue up to
 //! `logs.app_buffer`, then are dropped and counted. Delivery is at-least-once for files (a crash
 //! between the sink's acknowledgement and the checkpoint write sends that one batch again) and
 //! best-effort, counted, for the app's stdio. `docs/logs.md` states the guarantees.
@@ -27,6 +28,7 @@ pub mod files;
 pub mod parse;
 pub mod sink;
 
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,11 +37,11 @@ use prometheus_client::metrics::counter::Counter;
 use tracing::{info, warn};
 
 use crate::config::logs::{LineFormat, LogSourceKind, LogsConfig};
-use crate::lifecycle::capture::{AppLine, Captured};
+use crate::lifecycle::capture::{AppLine, Captured, Stream};
 use crate::runtime::{Module, ModuleContext, ModuleFuture};
 use crate::telemetry::metrics::{LogDropLabels, LogSinkLabels, LogSourceLabels, LogsMetrics};
 use files::{FileSource, Files};
-use parse::{Encoder, Origin};
+use parse::{Encoder, Origin, Tail};
 use sink::{SendError, Sink};
 
 /// How long a stop waits for the sink to take the last batches before giving up on them (file
@@ -95,6 +97,36 @@ struct Work {
     max_lines: usize,
     max_bytes: usize,
     poll: Duration,
+    /// The app's lines taken from the queue that did not fit the last batch.
+    app_pending: std::collections::VecDeque<AppLine>,
+    /// The app's tails (stdout, stderr), rendered once.
+    app_tails: Option<[Tail; 2]>,
+    /// The tail of the file read last: (source, path, tail), reused while it stays the same.
+    file_tail: Option<(usize, std::path::PathBuf, Tail)>,
+}
+
+impl Batch {
+    /// Appends the record `encode` writes, unless the batch would then hold more than
+    /// `max_lines` records or `max_bytes` encoded bytes (one record always fits an empty
+    /// batch, however long). False when it did not fit: the record is taken back.
+    fn push(
+        &mut self,
+        max_lines: usize,
+        max_bytes: usize,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> bool {
+        if self.lines >= max_lines {
+            return false;
+        }
+        let mark = self.body.len();
+        encode(&mut self.body);
+        if self.lines > 0 && self.body.len() > max_bytes {
+            self.body.truncate(mark);
+            return false;
+        }
+        self.lines += 1;
+        true
+    }
 }
 
 impl Work {
@@ -102,26 +134,38 @@ impl Work {
         self.batch.lines >= self.max_lines || self.batch.body.len() >= self.max_bytes
     }
 
-    /// Encodes `app` lines, then reads files until the batch is full. True when files still
-    /// have lines to read.
+    /// Takes `app` lines, encodes the app's pending lines and then reads files until the batch
+    /// is full. True when lines are left for the next batch (the caller should come back
+    /// without waiting).
     fn fill(&mut self, app: Vec<AppLine>) -> bool {
         let now = SystemTime::now();
+        self.app_pending.extend(app);
         if let Some(s) = self.app_source {
             let (name, format, lines, bytes) = &self.sources[s];
-            for l in &app {
-                lines.inc();
-                bytes.inc_by(l.line.len() as u64 + 1);
-                self.encoder.encode(
-                    &mut self.batch.body,
-                    &l.line,
-                    name,
-                    *format,
-                    Origin::Stream(l.stream.as_str()),
-                    now,
-                );
+            let tails = self.app_tails.get_or_insert_with(|| {
+                [
+                    Tail::new(name, Origin::Stream(Stream::Stdout.as_str())),
+                    Tail::new(name, Origin::Stream(Stream::Stderr.as_str())),
+                ]
+            });
+            let (mut n, mut b) = (0, 0);
+            while let Some(l) = self.app_pending.front() {
+                let tail = &tails[usize::from(l.stream == Stream::Stderr)];
+                if !self.batch.push(self.max_lines, self.max_bytes, |out| {
+                    self.encoder.encode(out, &l.line, *format, tail, now)
+                }) {
+                    break;
+                }
+                n += 1;
+                b += l.line.len() as u64 + 1;
+                self.batch.app_lines += 1;
+                self.app_pending.pop_front();
             }
-            self.batch.lines += app.len();
-            self.batch.app_lines += app.len();
+            lines.inc_by(n);
+            bytes.inc_by(b);
+        }
+        if !self.app_pending.is_empty() {
+            return true;
         }
         if self.files.is_empty() {
             return false;
@@ -133,32 +177,59 @@ impl Work {
             encoder,
             batch,
             sources,
+            file_tail,
             ..
         } = self;
-        files.read(|l| {
-            // One line always fits an empty batch, however long it is.
-            let room = batch.lines == 0
-                || (batch.lines < max_lines && batch.body.len() + l.line.len() < max_bytes);
-            if !room {
+        // Lines and bytes read per source, added to the counters once per fill.
+        let mut read = vec![(0u64, 0u64); sources.len()];
+        let more = files.read(|l| {
+            if batch.lines >= max_lines {
                 return false;
             }
-            {
-                let (name, format, lines, bytes) = &sources[l.source];
-                lines.inc();
-                bytes.inc_by(l.line.len() as u64 + 1);
-                encoder.encode(
-                    &mut batch.body,
-                    l.line,
-                    name,
-                    *format,
-                    Origin::File(l.path),
-                    now,
-                );
-                batch.lines += 1;
+            let same = file_tail.as_ref().is_some_and(|(s, p, _)| {
+                *s == l.source && p.as_os_str().as_bytes() == l.path.as_os_str().as_bytes()
+            });
+            if !same {
+                let tail = Tail::new(&sources[l.source].0, Origin::File(l.path));
+                *file_tail = Some((l.source, l.path.to_path_buf(), tail));
             }
+            let (_, _, tail) = file_tail.as_ref().expect("set above");
+            let format = sources[l.source].1;
+            if !batch.push(max_lines, max_bytes, |out| {
+                encoder.encode(out, l.line, format, tail, now)
+            }) {
+                return false;
+            }
+            read[l.source].0 += 1;
+            read[l.source].1 += l.line.len() as u64 + 1;
             true
-        })
+        });
+        for (i, (n, b)) in read.into_iter().enumerate() {
+            if n > 0 {
+                sources[i].2.inc_by(n);
+                sources[i].3.inc_by(b);
+            }
+        }
+        more
     }
+}
+
+/// Records in an NDJSON batch.
+fn count_lines(ndjson: &[u8]) -> usize {
+    memchr::memchr_iter(b'\n', ndjson).count()
+}
+
+/// An NDJSON batch of two records or more cut in two at the line end nearest its middle.
+fn split_half(ndjson: &Bytes) -> (Bytes, Bytes) {
+    let mid = ndjson.len() / 2;
+    let ends: Vec<usize> = memchr::memchr_iter(b'\n', ndjson).map(|i| i + 1).collect();
+    // Never at the very end: both halves hold a record.
+    let cut = ends[..ends.len() - 1]
+        .iter()
+        .copied()
+        .min_by_key(|&e| e.abs_diff(mid))
+        .unwrap_or(ndjson.len());
+    (ndjson.slice(..cut), ndjson.slice(cut..))
 }
 
 /// Why the pipeline ended.
@@ -198,12 +269,14 @@ impl Logs {
                     glob,
                     base,
                     from_end,
+                    rotate_wait,
                 } => file_sources.push(FileSource {
                     source: i,
                     matcher: crate::config::logs::compile_glob(glob)
                         .expect("validated with the config"),
                     base: base.clone(),
                     from_end: *from_end,
+                    rotate_wait: rotate_wait.get(),
                 }),
             }
         }
@@ -231,6 +304,9 @@ impl Logs {
             max_lines: c.batch_lines,
             max_bytes: c.batch_bytes,
             poll: c.poll.get(),
+            app_pending: Default::default(),
+            app_tails: None,
+            file_tail: None,
         });
         let sink = Sink::new(&c.sink);
         let sink_label = LogSinkLabels { sink: sink.kind() };
@@ -253,15 +329,23 @@ impl Logs {
             "log agent started"
         );
 
-        let mut drain = cx.drain.clone();
-        let mut draining = drain.is_draining();
+        let mut stop = Stop {
+            drain: cx.drain.clone(),
+            draining: cx.drain.is_draining(),
+            since: None,
+        };
         let mut app_open = captured.is_some();
         let tick = c.poll.get().min(c.batch_wait.get());
         let mut more = false;
+        // The batch being shipped while the next one is filled: the sink's round trip and the
+        // checkpoint's fsync overlap with reading and encoding (bench/logs.sh: 2× the
+        // throughput of one thing at a time). At most two batches are held.
+        let mut sealed: Option<Sealed> = None;
         loop {
-            // Wait for a line from the app, the next poll, or a stop — unless files have more.
+            stop.budget();
+            // Wait for a line from the app, the next poll, or a stop — unless there is work.
             let mut app = Vec::new();
-            if !more {
+            if !more && sealed.is_none() {
                 let recv = async {
                     match captured.as_mut() {
                         Some(q) if app_open => q.recv().await,
@@ -274,12 +358,14 @@ impl Logs {
                         None => app_open = false,
                     },
                     _ = tokio::time::sleep(tick) => {}
-                    _ = drain.signaled(), if !draining => draining = true,
+                    _ = stop.drain.signaled(), if !stop.draining => stop.draining = true,
                 }
             }
             let mut app_bytes = app.iter().map(|l| l.line.len()).sum::<usize>();
+            let pending = work.as_ref().map_or(0, |w| w.app_pending.len());
             if let Some(q) = captured.as_mut() {
-                while app.len() < c.batch_lines && app_bytes < c.batch_bytes {
+                // Only as many as one batch can take: the rest wait in the bounded queue.
+                while pending == 0 && app.len() < c.batch_lines && app_bytes < c.batch_bytes {
                     match q.try_recv() {
                         Ok(l) => {
                             app_bytes += l.line.len();
@@ -293,111 +379,253 @@ impl Logs {
                     }
                 }
                 dropped("buffer_full", q.take_dropped());
+                self.metrics
+                    .echo_dropped
+                    .inc_by(q.take_echo_dropped() as u64);
                 self.metrics.app_buffer.set(q.queued_bytes() as i64);
             }
+            // Fill the next batch on the blocking pool while the sealed one is shipped.
             let mut w = work.take().expect("work is back after each fill");
-            let (w, m) = tokio::task::spawn_blocking(move || {
+            let fill = tokio::task::spawn_blocking(move || {
                 let more = w.fill(app);
                 (w, more)
-            })
-            .await
-            .map_err(|e| LogsError::Blocking(e.to_string()))?;
+            });
+            let shipped = match sealed.take() {
+                Some(b) => Some(self.ship(&sink, &sink_label, b, &mut stop).await),
+                None => None,
+            };
+            let (w, m) = fill.await.map_err(|e| LogsError::Blocking(e.to_string()))?;
             more = m;
             let w = work.insert(w);
+            let out_of_budget = match shipped {
+                Some(Shipped::Acked(mark)) => {
+                    w.files.ack(&mark);
+                    // Lines still coming faster than the sink takes them when the budget ends.
+                    stop.budget()
+                        .is_some_and(|left| left.is_zero())
+                        .then_some(0)
+                }
+                Some(Shipped::Stopped { app_lines }) => Some(app_lines),
+                None => None,
+            };
+            if let Some(app_lines) = out_of_budget {
+                // The stop's budget ran out: files resume from the checkpoint; the app's
+                // lines not shipped are counted.
+                let mut lost = app_lines + w.batch.app_lines + w.app_pending.len();
+                if let Some(q) = captured.as_mut() {
+                    while q.try_recv().is_ok() {
+                        lost += 1;
+                    }
+                }
+                dropped("shutdown", lost);
+                warn!(
+                    lost,
+                    "the stop's flush budget ran out with lines left; files resume from the checkpoint"
+                );
+                return Ok(());
+            }
             self.metrics.checkpoint_lag.set(w.files.lag() as i64);
+            for (source, bytes) in w.files.take_truncated() {
+                self.metrics
+                    .truncated_bytes
+                    .get_or_create(&LogSourceLabels {
+                        source: c.sources[source].name.clone(),
+                    })
+                    .inc_by(bytes);
+            }
             if w.batch.lines > 0 && w.batch.started.is_none() {
                 w.batch.started = Some(Instant::now());
             }
             let due = w.full()
                 || more
                 || (w.batch.lines > 0
-                    && (draining
+                    && (stop.draining
                         || w.batch
                             .started
                             .is_some_and(|t| t.elapsed() >= c.batch_wait.get())));
             if due && w.batch.lines > 0 {
-                let ndjson = Bytes::from(std::mem::take(&mut w.batch.body));
-                let body = sink.prepare(ndjson.clone());
-                let lines = w.batch.lines;
-                let started = Instant::now();
-                let mut attempt = 0u32;
-                let shipped = loop {
-                    match sink.send(body.clone()).await {
-                        Ok(()) => break true,
-                        Err(SendError::Rejected(e)) => {
-                            warn!(sink = sink.kind(), error = %e, lines, "the sink refused a batch; dropping it");
-                            // The refusal is the batch's, not one source's: `source="*"`.
-                            self.metrics
-                                .dropped
-                                .get_or_create(&LogDropLabels {
-                                    source: "*".into(),
-                                    reason: "rejected",
-                                })
-                                .inc_by(lines as u64);
-                            break false;
-                        }
-                        Err(SendError::Failed(e)) => {
-                            if draining && started.elapsed() >= DRAIN_FLUSH {
-                                warn!(sink = sink.kind(), error = %e, lines, "the sink did not take the last batch before the stop; files resume from the checkpoint");
-                                dropped("shutdown", w.batch.app_lines);
-                                return Ok(());
-                            }
-                            let wait = sink::backoff(attempt, c.retry_max.get());
-                            attempt = attempt.saturating_add(1);
-                            self.metrics.retries.get_or_create(&sink_label).inc();
-                            warn!(sink = sink.kind(), error = %e, attempt, retry_in = ?wait, "cannot ship log batch; retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = drain.signaled(), if !draining => draining = true,
-                            }
-                        }
-                    }
-                };
-                let w = work.as_mut().expect("work");
-                if shipped {
-                    self.metrics
-                        .shipped
-                        .get_or_create(&sink_label)
-                        .inc_by(lines as u64);
-                }
-                self.metrics
-                    .batch_duration
-                    .get_or_create(&sink_label)
-                    .observe(started.elapsed().as_secs_f64());
-                w.files.ack();
-                if let Some(path) = &c.checkpoint {
-                    // The write ends with an fsync: off the async workers.
-                    let positions: Vec<_> = w.files.positions().collect();
-                    let path = path.clone();
-                    let saved = tokio::task::spawn_blocking(move || {
-                        checkpoint::save(&path, positions.into_iter())
-                            .map_err(|e| format!("{}: {e}", path.display()))
-                    })
-                    .await
-                    .map_err(|e| LogsError::Blocking(e.to_string()))?;
-                    if let Err(e) = saved {
-                        warn!(error = %e, "cannot write the log checkpoint");
-                    }
-                }
-                self.metrics.checkpoint_lag.set(w.files.lag() as i64);
-                // Reuse the allocation when nothing else holds the bytes.
-                drop(body);
-                w.batch.body = match ndjson.try_into_mut() {
-                    Ok(mut b) => {
-                        b.clear();
-                        b.into()
-                    }
-                    Err(_) => Vec::with_capacity(c.batch_bytes.min(1 << 20)),
-                };
+                let ndjson = Bytes::from(std::mem::replace(
+                    &mut w.batch.body,
+                    Vec::with_capacity(c.batch_bytes.min(1 << 20) + 4096),
+                ));
+                sealed = Some(Sealed {
+                    ndjson,
+                    lines: w.batch.lines,
+                    app_lines: w.batch.app_lines,
+                    mark: w.files.mark(),
+                });
                 w.batch.lines = 0;
                 w.batch.app_lines = 0;
                 w.batch.started = None;
             }
-            let w = work.as_ref().expect("work");
-            if draining && !app_open && !more && w.batch.lines == 0 {
+            if stop.draining
+                && !app_open
+                && !more
+                && sealed.is_none()
+                && w.batch.lines == 0
+                && w.app_pending.is_empty()
+            {
                 info!("log agent drained");
                 return Ok(());
             }
         }
+    }
+
+    /// Sends one sealed batch until the sink takes it (retrying with backoff; halves after a
+    /// 413), then writes the checkpoint. Stopped when the stop's flush budget runs out first.
+    async fn ship(
+        &self,
+        sink: &Sink,
+        sink_label: &LogSinkLabels,
+        batch: Sealed,
+        stop: &mut Stop,
+    ) -> Shipped {
+        let c = &self.config;
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let (mut shipped, mut rejected) = (0usize, 0usize);
+        // Pieces still to send, the next one last: the batch, or its halves after a 413.
+        let mut parts = vec![(batch.ndjson, batch.lines)];
+        while let Some((part, lines)) = parts.pop() {
+            let body = sink.prepare(part.clone());
+            loop {
+                // A stop during the attempt bounds what is left of it by the flush budget.
+                let send = sink.send(body.clone());
+                tokio::pin!(send);
+                let sent = loop {
+                    match stop.budget() {
+                        None => tokio::select! {
+                            r = &mut send => break r,
+                            _ = stop.drain.signaled() => stop.draining = true,
+                        },
+                        Some(left) => {
+                            break tokio::time::timeout(left, &mut send).await.unwrap_or_else(
+                                |_| {
+                                    Err(SendError::Failed("the stop's flush budget ran out".into()))
+                                },
+                            );
+                        }
+                    }
+                };
+                match sent {
+                    Ok(()) => {
+                        shipped += lines;
+                        break;
+                    }
+                    Err(SendError::TooLarge(e)) if lines > 1 => {
+                        // Split at the line end nearest the middle; each half is sent (and
+                        // split again) on its own.
+                        let (first, second) = split_half(&part);
+                        warn!(sink = sink.kind(), error = %e, lines, "the sink refused a batch as too large; sending it in halves");
+                        let n = count_lines(&first);
+                        parts.push((second, lines - n));
+                        parts.push((first, n));
+                        break;
+                    }
+                    Err(SendError::Partial {
+                        rejected: n,
+                        message,
+                    }) => {
+                        warn!(sink = sink.kind(), error = %message, lines, rejected = n, "the sink refused part of a batch; dropping that part");
+                        shipped += lines.saturating_sub(n);
+                        rejected += n.min(lines);
+                        break;
+                    }
+                    Err(SendError::TooLarge(e) | SendError::Rejected(e)) => {
+                        warn!(sink = sink.kind(), error = %e, lines, "the sink refused a batch; dropping it");
+                        rejected += lines;
+                        break;
+                    }
+                    Err(SendError::Failed(e)) => {
+                        if stop.budget().is_some_and(|left| left.is_zero()) {
+                            warn!(sink = sink.kind(), error = %e, lines, "the sink did not take the last batch before the stop; files resume from the checkpoint");
+                            return Shipped::Stopped {
+                                app_lines: batch.app_lines,
+                            };
+                        }
+                        let wait = sink::backoff(attempt, c.retry_max.get());
+                        attempt = attempt.saturating_add(1);
+                        self.metrics.retries.get_or_create(sink_label).inc();
+                        warn!(sink = sink.kind(), error = %e, attempt, retry_in = ?wait, "cannot ship log batch; retrying");
+                        let wait = stop.budget().map_or(wait, |left| wait.min(left));
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stop.drain.signaled(), if !stop.draining => stop.draining = true,
+                        }
+                    }
+                }
+            }
+        }
+        if rejected > 0 {
+            // The refusal is the batch's, not one source's: `source="*"`.
+            self.metrics
+                .dropped
+                .get_or_create(&LogDropLabels {
+                    source: "*".into(),
+                    reason: "rejected",
+                })
+                .inc_by(rejected as u64);
+        }
+        if shipped > 0 {
+            self.metrics
+                .shipped
+                .get_or_create(sink_label)
+                .inc_by(shipped as u64);
+        }
+        self.metrics
+            .batch_duration
+            .get_or_create(sink_label)
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(path) = &c.checkpoint {
+            // The write ends with an fsync: off the async workers.
+            let positions = batch.mark.positions.clone();
+            let path = path.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                checkpoint::save(&path, positions.into_iter())
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = saved {
+                warn!(error = %e, "cannot write the log checkpoint");
+            }
+        }
+        Shipped::Acked(batch.mark)
+    }
+}
+
+/// A batch ready to send, and where reading stood when it was sealed.
+struct Sealed {
+    ndjson: Bytes,
+    lines: usize,
+    /// Lines from the app (they cannot be read again if the batch is lost).
+    app_lines: usize,
+    mark: files::Mark,
+}
+
+/// How shipping a batch ended.
+enum Shipped {
+    /// Taken (or refused for good, counted): file positions move to the batch's mark.
+    Acked(files::Mark),
+    /// The stop's flush budget ran out first.
+    Stopped { app_lines: usize },
+}
+
+/// The stop signal, and when it came: from then on the agent has [`DRAIN_FLUSH`] in all to
+/// ship what is left.
+struct Stop {
+    drain: crate::runtime::Drain,
+    draining: bool,
+    since: Option<Instant>,
+}
+
+impl Stop {
+    /// What is left of the flush budget; None while not stopping.
+    fn budget(&mut self) -> Option<Duration> {
+        if !self.draining {
+            return None;
+        }
+        let at = *self.since.get_or_insert_with(Instant::now);
+        Some(DRAIN_FLUSH.saturating_sub(at.elapsed()))
     }
 }

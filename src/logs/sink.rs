@@ -2,8 +2,9 @@
 //!
 //! - `http`: one POST per batch (`Content-Type: application/x-ndjson`); a 2xx answer
 //!   acknowledges it. 408, 429, 5xx, a timeout or a connection error is a failed attempt (sent
-//!   again); any other 4xx is a refusal: the batch will never be accepted, so it is dropped and
-//!   counted (`reason="rejected"`) rather than stalling every line behind it.
+//!   again); 413 (too large) has the batch sent again in halves (down to single records); any
+//!   other 4xx is a refusal: the batch will never be accepted, so it is dropped and counted
+//!   (`reason="rejected"`) rather than stalling every line behind it.
 //! - `loki`: Loki's push API (JSON), acknowledged and retried like `http`; records grouped
 //!   into streams by the values of `labels`, at most [`MAX_LOKI_STREAMS`] label sets.
 //! - `file`: appended and `fdatasync`ed before it counts as acknowledged.
@@ -28,6 +29,11 @@ pub enum SendError {
     Failed(String),
     /// The sink will never take this batch.
     Rejected(String),
+    /// The sink will not take a batch this large (HTTP 413): smaller pieces may go through.
+    TooLarge(String),
+    /// The sink took the batch but for `rejected` of its records (Loki's 400 naming how many
+    /// entries it ignored): sending it again would double the others.
+    Partial { rejected: usize, message: String },
 }
 
 pub enum Sink {
@@ -53,7 +59,15 @@ pub struct LokiSink {
     /// Label sets pushed so far; past [`MAX_LOKI_STREAMS`] a new set goes to the overflow
     /// stream (`{overflow="true"}`), so a high-cardinality field cannot flood Loki's index.
     streams: std::sync::Mutex<std::collections::HashSet<Vec<(String, String)>>>,
+    /// The last timestamp given to an entry (ns): the next batch starts after it, so entries
+    /// stay in order per stream even when the clock steps back or batches come within the
+    /// same nanoseconds (Loki refuses out-of-order entries unless configured otherwise).
+    last_ns: std::sync::atomic::AtomicU64,
 }
+
+/// How much of a refusal's body is kept for the log line: Loki's ends with the count of the
+/// entries it ignored, after one line per ignored entry (up to a handful).
+const MAX_ERROR_BODY: usize = 4096;
 
 /// Distinct label sets one sidecar pushes to Loki.
 pub const MAX_LOKI_STREAMS: usize = 1000;
@@ -99,8 +113,13 @@ impl HttpSink {
             let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
             // Read the answer to its end so the connection can be used again.
-            let _ = resp.into_body().collect().await;
-            Ok::<_, String>(status)
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, String>((status, body))
         };
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(SendError::Failed(format!(
@@ -108,11 +127,14 @@ impl HttpSink {
                 humantime::format_duration(self.timeout)
             ))),
             Ok(Err(e)) => Err(SendError::Failed(e)),
-            Ok(Ok(s)) if s.is_success() => Ok(()),
+            Ok(Ok((s, _))) if s.is_success() => Ok(()),
+            Ok(Ok((s, _))) if s == http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(SendError::TooLarge(format!("answered {s}")))
+            }
             // A refusal that retrying cannot fix (a malformed or too large batch) is dropped
             // and counted; an answer that says "not now" or "not you, yet" (a token being
             // rotated, a route not yet deployed) is retried, keeping the files' positions.
-            Ok(Ok(s))
+            Ok(Ok((s, body)))
                 if s.is_client_error()
                     && !matches!(
                         s,
@@ -123,9 +145,13 @@ impl HttpSink {
                             | http::StatusCode::NOT_FOUND
                     ) =>
             {
-                Err(SendError::Rejected(format!("answered {s}")))
+                let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]);
+                Err(SendError::Rejected(format!(
+                    "answered {s}: {}",
+                    text.trim()
+                )))
             }
-            Ok(Ok(s)) => Err(SendError::Failed(format!("answered {s}"))),
+            Ok(Ok((s, _))) => Err(SendError::Failed(format!("answered {s}"))),
         }
     }
 }
@@ -135,10 +161,20 @@ impl LokiSink {
     /// line]…]}]}`, each record's JSON as its log line, timestamps from now (one nanosecond
     /// apart, so the batch's order is kept and a retry sends the very same entries).
     fn push_body(&self, ndjson: &[u8]) -> Bytes {
-        let now = std::time::SystemTime::now()
+        use std::sync::atomic::Ordering;
+        let clock = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_nanos();
+            .as_nanos() as u64;
+        let lines = memchr::memchr_iter(b'\n', ndjson).count() as u64;
+        let mut now = 0;
+        let _ = self
+            .last_ns
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                now = clock.max(last + 1);
+                Some(now + lines.max(1) - 1)
+            });
+        let now = u128::from(now);
         let mut streams: std::collections::BTreeMap<Vec<(String, String)>, Vec<[String; 2]>> =
             Default::default();
         let mut seen = self.streams.lock().unwrap_or_else(|e| e.into_inner());
@@ -219,6 +255,7 @@ impl Sink {
                 http: HttpSink::new(url, *timeout, headers, "application/json"),
                 labels: labels.clone(),
                 streams: Default::default(),
+                last_ns: Default::default(),
             })),
         }
     }
@@ -268,9 +305,25 @@ impl Sink {
                     .map_err(|e| SendError::Failed(e.to_string()))
             }
             Sink::Http(h) => h.post(body).await,
-            Sink::Loki(l) => l.http.post(body).await,
+            Sink::Loki(l) => match l.http.post(body).await {
+                Err(SendError::Rejected(message)) => match loki_ignored(&message) {
+                    Some(rejected) => Err(SendError::Partial { rejected, message }),
+                    None => Err(SendError::Rejected(message)),
+                },
+                other => other,
+            },
         }
     }
+}
+
+/// How many entries a Loki 400 says it ignored: Loki takes the valid entries of a push and
+/// answers 400 listing the others, ending with `total ignored: N out of M`.
+fn loki_ignored(message: &str) -> Option<usize> {
+    let rest = &message[message.rfind("total ignored: ")? + "total ignored: ".len()..];
+    let (n, rest) = rest.split_once(" out of ")?;
+    let m: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let (n, m) = (n.trim().parse::<usize>().ok()?, m.parse::<usize>().ok()?);
+    (n < m).then_some(n)
 }
 
 /// The first retry waits about this long; each failure doubles it up to `logs.batch.retry_max`.
@@ -333,5 +386,39 @@ mod tests {
         assert!(backoff(0, max) <= RETRY_BASE);
         assert!(backoff(3, max) >= RETRY_BASE * 4);
         assert!(backoff(30, max) <= max);
+    }
+
+    #[test]
+    fn loki_timestamps_never_go_back_and_partial_refusals_are_read() {
+        let sink = Sink::new(&LogSink::Loki {
+            url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+            timeout: crate::config::Duration::from_secs(1),
+            headers: vec![],
+            labels: vec!["source".into()],
+        });
+        let Sink::Loki(l) = &sink else { unreachable!() };
+        // As if the last batch had been stamped an hour ahead (the clock stepped back since).
+        let ahead = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            + 3_600_000_000_000;
+        l.last_ns.store(ahead, std::sync::atomic::Ordering::SeqCst);
+        let body = sink.prepare(Bytes::from_static(
+            b"{\"source\":\"a\"}\n{\"source\":\"a\"}\n",
+        ));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let ts: Vec<u64> = v["streams"][0]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e[0].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(ts, [ahead + 1, ahead + 2]);
+
+        let answer = "entry with timestamp 2026-01-01 ignored, reason: 'entry too far behind' for stream: {source=\"a\"},\ntotal ignored: 1 out of 3";
+        assert_eq!(loki_ignored(answer), Some(1));
+        assert_eq!(loki_ignored("total ignored: 3 out of 3"), None);
+        assert_eq!(loki_ignored("bad request"), None);
     }
 }

@@ -429,6 +429,10 @@ pub struct LogsMetrics {
     pub checkpoint_lag: Gauge,
     /// Bytes of the app's lines waiting for the sink.
     pub app_buffer: Gauge,
+    /// The app's lines not echoed to our own stdout/stderr (it did not keep up).
+    pub echo_dropped: Counter,
+    /// Bytes of files lost to truncation before they were read (copytruncate).
+    pub truncated_bytes: Family<LogSourceLabels, Counter>,
 }
 
 impl Default for LogsMetrics {
@@ -442,6 +446,8 @@ impl Default for LogsMetrics {
             batch_duration: Family::new_with_constructor(latency_histogram),
             checkpoint_lag: Gauge::default(),
             app_buffer: Gauge::default(),
+            echo_dropped: Counter::default(),
+            truncated_bytes: Family::default(),
         }
     }
 }
@@ -460,7 +466,7 @@ impl LogsMetrics {
         );
         r.register(
             "logs_dropped_lines",
-            "Log lines not shipped, by source and reason (buffer_full, shutdown)",
+            "Log lines not shipped, by source and reason (buffer_full, shutdown, rejected)",
             self.dropped.clone(),
         );
         r.register(
@@ -487,6 +493,16 @@ impl LogsMetrics {
             "logs_app_buffer_bytes",
             "Bytes of the app's stdout/stderr lines waiting for the sink",
             self.app_buffer.clone(),
+        );
+        r.register(
+            "logs_echo_dropped_lines",
+            "The app's stdout/stderr lines not echoed to Outrigger's own because it did not keep up (still shipped)",
+            self.echo_dropped.clone(),
+        );
+        r.register(
+            "logs_truncated_lost_bytes",
+            "Bytes of a file lost unread when it was truncated (copytruncate while behind), by source",
+            self.truncated_bytes.clone(),
         );
     }
 }

@@ -13,12 +13,25 @@ use crate::support::{Sidecar, Spawn, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// An NDJSON receiver: keeps every record; answers 503 while `failing`.
+/// An NDJSON receiver: keeps every record; answers 503 while `failing`, 413 to a body over
+/// `max_body` bytes, and never answers at all while `hanging`.
 struct Receiver {
     url: String,
     records: Arc<Mutex<Vec<serde_json::Value>>>,
     failing: Arc<AtomicBool>,
     refused: Arc<AtomicUsize>,
+    limits: Arc<Limits>,
+}
+
+#[derive(Default)]
+struct Limits {
+    max_body: AtomicUsize,
+    /// The largest body taken.
+    largest: AtomicUsize,
+    too_large: AtomicUsize,
+    hanging: AtomicBool,
+    /// Requests left without an answer.
+    hung: AtomicUsize,
 }
 
 impl Receiver {
@@ -30,13 +43,24 @@ impl Receiver {
             records: Default::default(),
             failing: Default::default(),
             refused: Default::default(),
+            limits: Default::default(),
         };
-        let (records, failing, refused) = (r.records.clone(), r.failing.clone(), r.refused.clone());
+        r.limits.max_body.store(usize::MAX, Ordering::SeqCst);
+        let (records, failing, refused, limits) = (
+            r.records.clone(),
+            r.failing.clone(),
+            r.refused.clone(),
+            r.limits.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (records, failing, refused) =
-                    (records.clone(), failing.clone(), refused.clone());
-                std::thread::spawn(move || serve(conn, &records, &failing, &refused));
+                let (records, failing, refused, limits) = (
+                    records.clone(),
+                    failing.clone(),
+                    refused.clone(),
+                    limits.clone(),
+                );
+                std::thread::spawn(move || serve(conn, &records, &failing, &refused, &limits));
             }
         });
         r
@@ -71,6 +95,7 @@ fn serve(
     records: &Mutex<Vec<serde_json::Value>>,
     failing: &AtomicBool,
     refused: &AtomicUsize,
+    limits: &Limits,
 ) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
@@ -101,10 +126,20 @@ fn serve(
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        if limits.hanging.load(Ordering::SeqCst) {
+            limits.hung.fetch_add(1, Ordering::SeqCst);
+            // Keep the connection open and say nothing.
+            let _ = reader.read(&mut [0; 1]);
+            return;
+        }
         let status = if failing.load(Ordering::SeqCst) {
             refused.fetch_add(1, Ordering::SeqCst);
             "503 Service Unavailable"
+        } else if len > limits.max_body.load(Ordering::SeqCst) {
+            limits.too_large.fetch_add(1, Ordering::SeqCst);
+            "413 Payload Too Large"
         } else {
+            limits.largest.fetch_max(len, Ordering::SeqCst);
             let mut r = records.lock().unwrap();
             if loki {
                 r.extend(loki_records(&body));
@@ -268,6 +303,77 @@ fn files_rotated_by_rename_and_by_copytruncate_lose_and_double_no_line() {
     assert_once(&rx.counts("message"), &want, &sc);
     let r = &rx.records()[0];
     assert!(r["file"].as_str().unwrap().ends_with("app.log"), "{r}");
+}
+
+#[test]
+fn batches_are_bounded_by_encoded_bytes_and_a_413_splits_them_down_to_one_refused_line() {
+    let rx = Receiver::start();
+    // Takes bodies of up to 2,000 bytes: the 1 KiB batches pass (a record is ~150 bytes);
+    // after a restart with 100 KiB batches, each is refused and halved until its pieces fit.
+    rx.limits.max_body.store(2000, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 300, "b");
+    let config = |bytes: &str| {
+        files_config(dir.path(), &rx.url, "").replace(
+            "max_lines: 100",
+            &format!("max_lines: 1000\n    max_bytes: {bytes}"),
+        )
+    };
+    let mut sc = Sidecar::start(&config("1KiB"));
+    rx.wait_for(&expected(0, 300, "b"));
+    assert!(rx.limits.largest.load(Ordering::SeqCst) <= 1024);
+    assert_eq!(rx.limits.too_large.load(Ordering::SeqCst), 0);
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(WAIT);
+
+    // One line alone is over the limit: it is dropped and counted, every other line arrives.
+    append(&log, 300, 1300, "b");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(format!("{}\n", "x".repeat(3000)).as_bytes())
+        .unwrap();
+    append(&log, 1301, 1500, "b");
+    let sc = Sidecar::start(&config("100KiB"));
+    let mut want = expected(0, 1300, "b");
+    want.extend(expected(1301, 1500, "b"));
+    let counts = rx.wait_for(&want);
+    eventually(WAIT, "the long line counted as refused", || {
+        (sc.metric("outrigger_logs_dropped_lines_total{source=\"*\",reason=\"rejected\"}") == 1.0)
+            .then_some(())
+    });
+    assert_once(&counts, &want, &sc);
+    assert!(rx.limits.too_large.load(Ordering::SeqCst) > 1);
+    assert!(rx.limits.largest.load(Ordering::SeqCst) <= 2000);
+}
+
+#[test]
+fn a_stop_while_the_sink_hangs_ends_within_the_flush_budget_and_resumes_after() {
+    let rx = Receiver::start();
+    rx.limits.hanging.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 500, "h");
+    // A sink timeout far longer than the stop's budget: the stop must not wait for it.
+    let config = files_config(dir.path(), &rx.url, "").replace(
+        &format!("    - http: {}\n", rx.url),
+        &format!("    - http: {}\n      timeout: 10m\n", rx.url),
+    );
+    let mut sc = Sidecar::start(&config);
+    eventually(WAIT, "a batch sent and left unanswered", || {
+        (rx.limits.hung.load(Ordering::SeqCst) > 0).then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sc.wait_exit(WAIT);
+    assert!(status.code().is_some(), "{status:?}\n{}", sc.diagnostics());
+    // Nothing was acknowledged: after a restart with the sink back, every line arrives once.
+    rx.limits.hanging.store(false, Ordering::SeqCst);
+    let sc = Sidecar::start(&config);
+    let want = expected(0, 500, "h");
+    let counts = rx.wait_for(&want);
+    assert_once(&counts, &want, &sc);
 }
 
 #[test]
