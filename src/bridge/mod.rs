@@ -116,6 +116,9 @@ pub struct BridgeState {
     /// app id go there.
     pub grpc_app: Option<grpc::app::GrpcApp>,
     pub metrics: BridgeMetrics,
+    /// Connections served at once, both sockets together: [`MAX_CONNECTIONS`], or the
+    /// bridge's share of the descriptors when they are fewer ([`Config::connection_share`]).
+    pub max_connections: usize,
 }
 
 impl BridgeState {
@@ -252,6 +255,7 @@ impl BridgeState {
             clusters,
             grpc_app,
             metrics,
+            max_connections: MAX_CONNECTIONS.min(config.connection_share()),
         })
     }
 }
@@ -532,7 +536,8 @@ impl Module for Bridge {
             }
             self.state.ready.store(true, Ordering::Release);
             cx.set_ready();
-            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            let cap = self.state.max_connections;
+            let slots = Arc::new(tokio::sync::Semaphore::new(cap));
             let http = accept_loop(
                 "bridge",
                 &self.bound,
@@ -558,7 +563,7 @@ impl Module for Bridge {
                 None => http.await,
             }
             // Draining: every connection finishes its calls in flight (each was told to).
-            let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+            let _ = slots.acquire_many(cap as u32).await;
             self.state.ready.store(false, Ordering::Release);
             Ok(())
         })
@@ -586,7 +591,7 @@ async fn accept_loop<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut errors = crate::proxy::listener::AcceptErrors::default();
+    let mut errors = crate::descriptors::AcceptErrors::default();
     loop {
         // At the cap, stop accepting until a connection ends (as the proxy does).
         let slot = tokio::select! {
@@ -595,8 +600,10 @@ async fn accept_loop<S>(
         };
         tokio::select! {
             _ = drain.signaled() => break,
-            accepted = bound.accept() => {
-                let (stream, _peer) = match accepted {
+            // Out of descriptors (a flooded proxy listener), a spare is used: the app's
+            // health checks still get an answer.
+            accepted = crate::descriptors::accept_with_reserve(|| bound.accept()) => {
+                let ((stream, _peer), refill) = match accepted {
                     Ok(s) => {
                         errors.succeeded();
                         s
@@ -620,6 +627,9 @@ async fn accept_loop<S>(
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
+                    // Dropped after `conn` (declared before it): the socket's descriptor
+                    // goes back into the reserve.
+                    let _refill = refill;
                     tokio::pin!(conn);
                     let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
                     tokio::pin!(silent);

@@ -350,6 +350,15 @@ pub struct RawLimits {
     pub idle_timeout: Option<Duration>,
     pub max_requests_in_flight: Option<usize>,
     pub rate_limit: Option<RawRateLimit>,
+    pub min_body_rate: Option<RawMinBodyRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMinBodyRate {
+    pub bytes_per_second: u64,
+    #[serde(default)]
+    pub grace: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
