@@ -20,6 +20,7 @@ pub mod error;
 pub mod field_case;
 pub mod grpc;
 pub mod invoke;
+pub mod isolation;
 pub mod lock;
 pub mod lock_routes;
 pub mod not_implemented;
@@ -492,7 +493,15 @@ impl Module for Bridge {
         "bridge"
     }
 
+    /// Served on the bridge's own thread ([`isolation`]): its JSON work cannot delay the
+    /// proxy's requests.
     fn run(self: Arc<Self>, cx: ModuleContext) -> ModuleFuture {
+        Box::pin(isolation::run(self.serve(cx)))
+    }
+}
+
+impl Bridge {
+    fn serve(self: Arc<Self>, cx: ModuleContext) -> ModuleFuture {
         Box::pin(async move {
             let app = router(self.state.clone());
             let grpc = grpc::Grpc::new(self.state.clone());
