@@ -400,7 +400,9 @@ pub struct RawMatch {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    pub attempts: u32,
+    /// Required; checked in validation so that its absence is reported with the rest.
+    #[serde(default)]
+    pub attempts: Option<u32>,
     #[serde(default)]
     pub on: Vec<String>,
     #[serde(default)]

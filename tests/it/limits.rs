@@ -212,3 +212,23 @@ fn min_body_rate_mistakes_are_located() {
         "{stderr}"
     );
 }
+
+/// `retry: {on: [bogus]}` without `attempts` reported the missing `attempts` alone; the bad
+/// condition came only after it was fixed. Both now, each located.
+#[test]
+fn a_retry_without_attempts_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        "app:\n  address: 127.0.0.1:1\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - retry: { on: [bogus] }\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = crate::support::run_to_end(&["check", "-c", "c.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    for e in [
+        "c.yaml:7:9: listeners[0].routes[0].retry: missing field `attempts`",
+        "c.yaml:7:23: listeners[0].routes[0].retry.on[0]: expected connect-failure",
+    ] {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+}
