@@ -45,6 +45,7 @@
 //! | the request phases, in order | `proxy/http.rs` (`phases`) |
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
 //! | connection and rate limits, load shedding | `proxy/limits.rs`, `proxy/accept.rs` |
+//! | the minimum data rate of request bodies (`min_body_rate`) | `proxy/min_body_rate.rs` |
 //! | idle, silent and non-reading connections (`silent_for`) | `proxy/accept.rs`, `proxy/listener.rs` |
 //! | running out of descriptors: the reserve that keeps admin and bridge health answering, accept backoff | `descriptors.rs`; default connection caps from `RLIMIT_NOFILE`: `config/proxy.rs` |
 //! | HTTP/2 streams whose client reads nothing (zero window) | `proxy/unread_streams.rs` |
@@ -64,6 +65,8 @@
 //! | the app's process, probe, restarts | `lifecycle/mod.rs`, `lifecycle/probe.rs` |
 //! | the app's environment (`OUTRIGGER_*`, `DAPR_*`) | `lifecycle/env.rs`, `bridge/env.rs` |
 //! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
+//! | the bridge on its own thread and runtime (module isolation) | `bridge/isolation.rs` |
+//! | limits, timeouts and the worst-case memory formula, for users | `docs/security.md` |
 //! | one operation for both Dapr front doors (HTTP routes, gRPC RPCs) | `bridge/ops.rs`, called by `bridge/routes.rs` and `bridge/grpc/mod.rs` |
 //! | Dapr's gRPC API: the `.proto` files, their build, streaming subscriptions, gRPC apps | `proto/`, `build.rs`, `bridge/grpc/{mod,subscribe,app}.rs` |
 //! | app ids without a cluster (`bridge.name_resolution`) | `bridge/invoke.rs` (`Resolver`) |
