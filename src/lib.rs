@@ -21,7 +21,7 @@
 //!  outrigger inject / injector   k8s: manifests or AdmissionReviews in, Outrigger added as a native sidecar
 //! ```
 //!
-//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin` →
+//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin`, `descriptors` →
 //! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge`, `logs` → `preflight` →
 //! `app` → `main`; `k8s` (inject, injector) sits beside `preflight`, above `config` and `tls`,
 //! and nothing imports it but `main`. Every import runs downward; no two top-level modules import each other.
@@ -46,7 +46,9 @@
 //! | the request phases, in order | `proxy/http.rs` (`phases`) |
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
 //! | connection and rate limits, load shedding | `proxy/limits.rs`, `proxy/accept.rs` |
-//! | idle, silent and non-reading connections (`silent_for`), accept backoff | `proxy/accept.rs`, `proxy/listener.rs` |
+//! | the minimum data rate of request bodies (`min_body_rate`) | `proxy/min_body_rate.rs` |
+//! | idle, silent and non-reading connections (`silent_for`) | `proxy/accept.rs`, `proxy/listener.rs` |
+//! | running out of descriptors: the reserve that keeps admin and bridge health answering, accept backoff | `descriptors.rs`; default connection caps from `RLIMIT_NOFILE`: `config/proxy.rs` |
 //! | HTTP/2 streams whose client reads nothing (zero window) | `proxy/unread_streams.rs` |
 //! | refusing what only a web page sends (cross-origin, DNS rebinding) | `origin.rs` (used by admin and the bridge) |
 //! | holding requests while the app starts | `proxy/hold.rs` |
@@ -66,6 +68,8 @@
 //! | Dapr components, state, pub/sub, invocation, secrets | `bridge/` |
 //! | pub/sub brokers (Redis Streams, JetStream, RabbitMQ, MQTT, in-memory) | `bridge/pubsub/{redis,jetstream,rabbitmq,mqtt,memory}.rs` |
 //! | input bindings to the app (`OPTIONS`/`POST /{route}`, `OnBindingEvent`), cron schedules | `bridge/input_bindings.rs`, `bridge/cron.rs` |
+//! | the bridge on its own thread and runtime (module isolation) | `bridge/isolation.rs` |
+//! | limits, timeouts and the worst-case memory formula, for users | `docs/security.md` |
 //! | one operation for both Dapr front doors (HTTP routes, gRPC RPCs) | `bridge/ops.rs`, called by `bridge/routes.rs` and `bridge/grpc/mod.rs` |
 //! | Dapr's gRPC API: the `.proto` files, their build, streaming subscriptions, gRPC apps | `proto/`, `build.rs`, `bridge/grpc/{mod,subscribe,app}.rs` |
 //! | app ids without a cluster (`bridge.name_resolution`) | `bridge/invoke.rs` (`Resolver`) |
@@ -103,6 +107,7 @@ pub mod app;
 #[cfg(feature = "bridge")]
 pub mod bridge;
 pub mod config;
+pub mod descriptors;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod lifecycle;

@@ -68,6 +68,16 @@ pub fn serve(listener: tokio::net::TcpListener, state: AdminState) -> AdminServe
     let task = tokio::spawn(
         async move {
             let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+            // The reserve is filled now, before any listener can be flooded.
+            crate::descriptors::reserve();
+            // `tap_io` only for axum's `ConnectInfo` of a custom listener.
+            let listener = axum::serve::ListenerExt::tap_io(
+                AdminListener {
+                    inner: listener,
+                    errors: Default::default(),
+                },
+                |_| {},
+            );
             axum::serve(listener, service)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
@@ -77,6 +87,36 @@ pub fn serve(listener: tokio::net::TcpListener, state: AdminState) -> AdminServe
         .instrument(tracing::info_span!("admin")),
     );
     AdminServer { stop, task }
+}
+
+/// The admin socket: when the process is out of descriptors (a flooded proxy listener), an
+/// accept uses a spare from [`crate::descriptors`], so `/live` and `/ready` still answer; other
+/// failures back off and are logged once a second (axum's own loop sleeps a second and logs
+/// each one).
+struct AdminListener {
+    inner: tokio::net::TcpListener,
+    errors: crate::descriptors::AcceptErrors,
+}
+
+impl axum::serve::Listener for AdminListener {
+    type Io = crate::descriptors::Held<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            match crate::descriptors::accept_with_reserve(|| self.inner.accept()).await {
+                Ok(((stream, peer), refill)) => {
+                    self.errors.succeeded();
+                    return (crate::descriptors::Held::new(stream, refill), peer);
+                }
+                Err(e) => self.errors.failed("admin", &e).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
 }
 
 /// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`: the

@@ -22,6 +22,7 @@ pub mod field_case;
 pub mod grpc;
 pub mod input_bindings;
 pub mod invoke;
+pub mod isolation;
 pub mod lock;
 pub mod lock_routes;
 pub mod not_implemented;
@@ -122,6 +123,9 @@ pub struct BridgeState {
     /// app id go there.
     pub grpc_app: Option<grpc::app::GrpcApp>,
     pub metrics: BridgeMetrics,
+    /// Connections served at once, both sockets together: [`MAX_CONNECTIONS`], or the
+    /// bridge's share of the descriptors when they are fewer ([`Config::connection_share`]).
+    pub max_connections: usize,
 }
 
 impl BridgeState {
@@ -294,6 +298,7 @@ impl BridgeState {
             clusters,
             grpc_app,
             metrics,
+            max_connections: MAX_CONNECTIONS.min(config.connection_share()),
         })
     }
 }
@@ -530,7 +535,15 @@ impl Module for Bridge {
         "bridge"
     }
 
+    /// Served on the bridge's own thread ([`isolation`]): its JSON work cannot delay the
+    /// proxy's requests.
     fn run(self: Arc<Self>, cx: ModuleContext) -> ModuleFuture {
+        Box::pin(isolation::run(self.serve(cx)))
+    }
+}
+
+impl Bridge {
+    fn serve(self: Arc<Self>, cx: ModuleContext) -> ModuleFuture {
         Box::pin(async move {
             let app = router(self.state.clone());
             let grpc = grpc::Grpc::new(self.state.clone());
@@ -584,7 +597,8 @@ impl Module for Bridge {
             }
             self.state.ready.store(true, Ordering::Release);
             cx.set_ready();
-            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            let cap = self.state.max_connections;
+            let slots = Arc::new(tokio::sync::Semaphore::new(cap));
             let http = accept_loop(
                 "bridge",
                 &self.bound,
@@ -610,7 +624,7 @@ impl Module for Bridge {
                 None => http.await,
             }
             // Draining: every connection finishes its calls in flight (each was told to).
-            let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+            let _ = slots.acquire_many(cap as u32).await;
             self.state.ready.store(false, Ordering::Release);
             Ok(())
         })
@@ -638,7 +652,7 @@ async fn accept_loop<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut errors = crate::proxy::listener::AcceptErrors::default();
+    let mut errors = crate::descriptors::AcceptErrors::default();
     loop {
         // At the cap, stop accepting until a connection ends (as the proxy does).
         let slot = tokio::select! {
@@ -647,8 +661,10 @@ async fn accept_loop<S>(
         };
         tokio::select! {
             _ = drain.signaled() => break,
-            accepted = bound.accept() => {
-                let (stream, _peer) = match accepted {
+            // Out of descriptors (a flooded proxy listener), a spare is used: the app's
+            // health checks still get an answer.
+            accepted = crate::descriptors::accept_with_reserve(|| bound.accept()) => {
+                let ((stream, _peer), refill) = match accepted {
                     Ok(s) => {
                         errors.succeeded();
                         s
@@ -672,6 +688,9 @@ async fn accept_loop<S>(
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
+                    // Dropped after `conn` (declared before it): the socket's descriptor
+                    // goes back into the reserve.
+                    let _refill = refill;
                     tokio::pin!(conn);
                     let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
                     tokio::pin!(silent);

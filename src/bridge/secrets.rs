@@ -18,6 +18,29 @@ pub enum SecretStore {
     Env,
 }
 
+/// A `secretstores.local.file` JSON file is refused above this (the same cap as config
+/// files): it is read whole into memory, and a huge file (or a FIFO) must not fill it.
+pub const MAX_SECRETS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a secrets file of at most [`MAX_SECRETS_FILE_BYTES`], not reading a longer one whole.
+fn read_secrets_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read secretsFile {path}: {e}");
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_SECRETS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_SECRETS_FILE_BYTES {
+        return Err(format!(
+            "secretsFile {path} is larger than {} MiB, the limit for a secrets file",
+            MAX_SECRETS_FILE_BYTES >> 20
+        ));
+    }
+    Ok(text)
+}
+
 impl SecretStore {
     /// Opens the store a component describes (reads the file now).
     pub fn new(c: &Component) -> Result<SecretStore, String> {
@@ -35,8 +58,7 @@ impl SecretStore {
                         return Err(format!("expected multiValued true or false, found {v:?}"));
                     }
                 };
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read secretsFile {path}: {e}"))?;
+                let text = read_secrets_file(path)?;
                 let json: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| format!("expected a JSON object in {path}: {e}"))?;
                 let serde_json::Value::Object(top) = json else {
@@ -125,6 +147,20 @@ fn flatten(prefix: &str, v: serde_json::Value, sep: &str, out: &mut BTreeMap<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secrets_file_over_the_cap_is_refused_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let mut big = String::from("{\"k\": \"");
+        big.push_str(&"x".repeat(MAX_SECRETS_FILE_BYTES as usize));
+        big.push_str("\"}");
+        std::fs::write(&path, big).unwrap();
+        let e = read_secrets_file(path.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("larger than 1 MiB"), "{e}");
+        std::fs::write(&path, "{\"k\": \"v\"}").unwrap();
+        assert!(read_secrets_file(path.to_str().unwrap()).is_ok());
+    }
 
     #[test]
     fn nested_keys() {

@@ -154,15 +154,41 @@ impl Document {
         if value.is_null() {
             value = Value::Mapping(Mapping::new());
         }
-        value.apply_merge().map_err(|e| Problem {
-            origin: Origin::Whole { file: file.clone() },
-            path: String::new(),
-            message: format!("invalid YAML merge key: {e}"),
-        })?;
         let mut locator = Locator::default();
         // The text parsed above, so this parse succeeds too; if it did not, positions are
         // simply missing and problems point at the whole file.
         let _ = Parser::new_from_str(text).load(&mut locator, false);
+        if let Err(e) = value.apply_merge() {
+            // serde_norway does not say which merge key failed: located at the merge key when
+            // there is one, at the first (and saying so) when there are several.
+            let mut merges: Vec<&Marker> = locator
+                .keys
+                .iter()
+                .filter(|(path, _)| *path == "<<" || path.ends_with(".<<"))
+                .map(|(_, m)| m)
+                .collect();
+            merges.sort_by_key(|m| m.index());
+            let (origin, which) = match merges.first() {
+                Some(m) => (
+                    Origin::File {
+                        file: file.clone(),
+                        line: m.line(),
+                        column: m.col() + 1,
+                    },
+                    if merges.len() > 1 {
+                        format!(" (one of {} merge keys; the first is here)", merges.len())
+                    } else {
+                        String::new()
+                    },
+                ),
+                None => (Origin::Whole { file: file.clone() }, String::new()),
+            };
+            return Err(Problem {
+                origin,
+                path: String::new(),
+                message: format!("invalid YAML merge key: {e}{which}"),
+            });
+        }
         Ok(Document {
             file,
             value,
@@ -639,6 +665,26 @@ mod tests {
 
     fn doc(text: &str) -> Document {
         Document::parse(Path::new("c.yaml"), text).unwrap()
+    }
+
+    #[test]
+    fn a_bad_merge_key_is_located() {
+        let text = "base: &b 5\nadmin:\n  <<: *b\n";
+        let e = Document::parse(Path::new("c.yaml"), text).err().unwrap();
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("c.yaml:3:3: ") && shown.contains("invalid YAML merge key"),
+            "{shown}"
+        );
+        let text = "a: &a {x: 1}\nb:\n  <<: *a\nc:\n  <<: 7\n";
+        let shown = Document::parse(Path::new("c.yaml"), text)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            shown.starts_with("c.yaml:3:3: ") && shown.contains("one of 2 merge keys"),
+            "{shown}"
+        );
     }
 
     #[test]

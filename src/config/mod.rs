@@ -403,10 +403,12 @@ fn validate(
             "listeners need the proxy module, and this binary was built without it (cargo feature `proxy`)",
         ));
     }
+    let sockets = raw.listeners.len() + usize::from(raw.bridge.is_some());
     let (listeners, mut clusters) = proxy::validate(
         raw.listeners,
         raw.clusters,
         app.address.as_ref(),
+        sockets,
         doc,
         problems,
     );
@@ -526,6 +528,13 @@ impl Config {
     /// The embedded defaults (what `outrigger run` uses without `-c`).
     pub fn defaults() -> Config {
         load(&Source::default(), &BTreeMap::new()).expect("the defaults are valid")
+    }
+
+    /// The default connection cap of each socket that accepts connections (each proxy
+    /// listener, and the bridge), from the descriptors the process may open
+    /// ([`proxy::default_max_connections`]).
+    pub fn connection_share(&self) -> usize {
+        proxy::default_max_connections(self.listeners.len() + usize::from(self.bridge.is_some()))
     }
 
     /// The effective config as YAML, secrets redacted (for `outrigger check`).

@@ -20,9 +20,36 @@ use super::types::{Address, Duration};
 pub const APP_CLUSTER: &str = "app";
 
 /// Per-listener connection cap: far above a sidecar's usual load, low enough to bound memory.
+/// Lower when the process may open fewer descriptors ([`default_max_connections`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Descriptors left out of the listeners' default shares: admin and its reserve, the bridge's
+/// stores, log files, the app's pipes, DNS, the runtime's own.
+pub const DESCRIPTORS_KEPT: u64 = 64;
+
+/// The default `max_connections` of each of `sockets` sockets that accept connections (proxy
+/// listeners, and the bridge): [`DEFAULT_MAX_CONNECTIONS`], or less when the soft
+/// `RLIMIT_NOFILE` is lower — each connection may hold two descriptors (the client's and an
+/// upstream's), and every listener flooded at once must still leave [`DESCRIPTORS_KEPT`]. So
+/// a flood on one listener cannot take the descriptors the others need. At least 1.
+pub fn default_max_connections(sockets: usize) -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft);
+    share_of_descriptors(soft, sockets)
+}
+
+fn share_of_descriptors(soft_limit: u64, sockets: usize) -> usize {
+    let share = soft_limit.saturating_sub(DESCRIPTORS_KEPT) / (2 * sockets.max(1) as u64);
+    usize::try_from(share)
+        .unwrap_or(usize::MAX)
+        .clamp(1, DEFAULT_MAX_CONNECTIONS)
+}
 /// Slowloris guard: a request head must arrive within this.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must arrive at least this fast on average (Kestrel's default, 240 B/s)…
+pub const DEFAULT_MIN_BODY_RATE: u64 = 240;
+/// …after this long, and it never saves up more slack than this (Kestrel's grace period): a
+/// body that trickles is cut after at most this long below the rate, not the route timeout.
+pub const DEFAULT_MIN_BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 /// Request heads above this are answered 431 (HTTP/1) or refused (HTTP/2).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Idle keep-alive connections from clients are closed after this.
@@ -78,6 +105,16 @@ pub struct Limits {
     /// Requests served at once; more are shed with 503.
     pub max_requests_in_flight: Option<usize>,
     pub rate_limit: Option<RateLimit>,
+    /// The data rate a request body must keep up; None: off (`bytes_per_second: 0`).
+    pub min_body_rate: Option<MinBodyRate>,
+}
+
+/// `limits.min_body_rate`: a request body that arrives slower than `bytes_per_second` (on
+/// average, with up to `grace` of slack saved up) is cut: 408, connection closed.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct MinBodyRate {
+    pub bytes_per_second: u64,
+    pub grace: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -157,10 +194,14 @@ pub struct RetryBudget {
 }
 
 /// Validates listeners and clusters; every problem is pushed with its location.
+///
+/// `sockets`: how many sockets accept connections (these listeners and the bridge), for the
+/// default `max_connections`.
 pub fn validate(
     raw_listeners: Vec<RawListener>,
     raw_clusters: BTreeMap<String, RawCluster>,
     app_address: Option<&Address>,
+    sockets: usize,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> (Vec<ListenerConfig>, BTreeMap<String, ClusterConfig>) {
@@ -186,6 +227,7 @@ pub fn validate(
         clusters.insert(APP_CLUSTER.to_string(), app);
     }
 
+    let default_connections = default_max_connections(sockets);
     let mut listeners = Vec::new();
     let mut names = BTreeMap::new();
     let mut addresses = BTreeMap::new();
@@ -212,7 +254,15 @@ pub fn validate(
                 ),
             ));
         }
-        if let Some(l) = listener(raw, &at, &clusters, app_address.is_some(), doc, problems) {
+        if let Some(l) = listener(
+            raw,
+            &at,
+            &clusters,
+            app_address.is_some(),
+            default_connections,
+            doc,
+            problems,
+        ) {
             listeners.push(l);
         }
     }
@@ -362,6 +412,7 @@ fn listener(
     at: &str,
     clusters: &BTreeMap<String, ClusterConfig>,
     has_app: bool,
+    default_connections: usize,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Option<ListenerConfig> {
@@ -534,6 +585,26 @@ fn listener(
                 .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32),
         })
     });
+    let min_body_rate = match l.min_body_rate {
+        None => Some(MinBodyRate {
+            bytes_per_second: DEFAULT_MIN_BODY_RATE,
+            grace: DEFAULT_MIN_BODY_RATE_GRACE,
+        }),
+        Some(r) if r.bytes_per_second == 0 => None,
+        Some(r) => {
+            check_duration(
+                doc,
+                problems,
+                &format!("{at}.limits.min_body_rate.grace"),
+                r.grace,
+                false,
+            );
+            Some(MinBodyRate {
+                bytes_per_second: r.bytes_per_second,
+                grace: r.grace.unwrap_or(DEFAULT_MIN_BODY_RATE_GRACE),
+            })
+        }
+    };
     Some(ListenerConfig {
         tls,
         authz,
@@ -545,12 +616,32 @@ fn listener(
         socket_mode,
         routes,
         limits: Limits {
-            max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections: l.max_connections.unwrap_or(default_connections),
             header_read_timeout: l.header_read_timeout.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
             max_header_bytes,
             idle_timeout: l.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
             max_requests_in_flight: l.max_requests_in_flight,
             rate_limit,
+            min_body_rate,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_connection_caps_leave_descriptors_for_the_others() {
+        // Plenty of descriptors: the fixed default.
+        assert_eq!(share_of_descriptors(1 << 20, 3), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(share_of_descriptors(u64::MAX, 1), DEFAULT_MAX_CONNECTIONS);
+        // 1,024: (1024 - 64) / (2 × 2) each; all flooded at once stay below the limit.
+        let each = share_of_descriptors(1024, 2);
+        assert_eq!(each, 240);
+        assert!(2 * 2 * each as u64 + DESCRIPTORS_KEPT <= 1024);
+        // Never zero.
+        assert_eq!(share_of_descriptors(10, 4), 1);
+        assert_eq!(share_of_descriptors(1024, 0), 480);
+    }
 }

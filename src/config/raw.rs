@@ -354,6 +354,15 @@ pub struct RawLimits {
     pub idle_timeout: Option<Duration>,
     pub max_requests_in_flight: Option<usize>,
     pub rate_limit: Option<RawRateLimit>,
+    pub min_body_rate: Option<RawMinBodyRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMinBodyRate {
+    pub bytes_per_second: u64,
+    #[serde(default)]
+    pub grace: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,7 +404,9 @@ pub struct RawMatch {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    pub attempts: u32,
+    /// Required; checked in validation so that its absence is reported with the rest.
+    #[serde(default)]
+    pub attempts: Option<u32>,
     #[serde(default)]
     pub on: Vec<String>,
     #[serde(default)]

@@ -208,14 +208,27 @@ pub(super) fn route(
             r.backoff,
             true,
         );
-        if r.attempts > 10 {
-            problems.push(doc.problem(
-                &format!("{at}.retry.attempts"),
-                format!("expected at most 10 retries, found {}", r.attempts),
-            ));
-        }
+        // Checked here, not by serde: a missing `attempts` must not hide the other problems
+        // of the same `retry` (they came one at a time).
+        let attempts = match r.attempts {
+            None => {
+                problems.push(doc.problem(
+                    &format!("{at}.retry"),
+                    "missing field `attempts` (how many retries, 0 to 10)",
+                ));
+                0
+            }
+            Some(n) if n > 10 => {
+                problems.push(doc.problem(
+                    &format!("{at}.retry.attempts"),
+                    format!("expected at most 10 retries, found {n}"),
+                ));
+                n
+            }
+            Some(n) => n,
+        };
         RetryPolicy {
-            attempts: r.attempts,
+            attempts,
             on,
             backoff: r.backoff.unwrap_or(DEFAULT_RETRY_BACKOFF),
         }

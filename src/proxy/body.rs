@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -33,8 +33,13 @@ pub fn full(data: impl Into<Bytes>) -> ProxyBody {
     Full::new(data.into()).map_err(|e| match e {}).boxed()
 }
 
-pub fn incoming(body: Incoming) -> ProxyBody {
-    body.map_err(BoxError::from).boxed()
+/// A body from hyper (or a watched one, see `min_body_rate`), boxed.
+pub fn incoming<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
 }
 
 /// A request body as the proxy holds it.
@@ -89,7 +94,11 @@ impl RequestBody {
 /// Reads `body` up to `limit` bytes. Returns the whole body when it ends within the limit,
 /// or what was read plus the rest, as one stream. An error (an invalid chunk) is returned
 /// before anything is forwarded.
-pub async fn prebuffer(mut body: Incoming, limit: usize) -> Result<RequestBody, hyper::Error> {
+pub async fn prebuffer<B>(mut body: B, limit: usize) -> Result<RequestBody, BoxError>
+where
+    B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
     let mut len = 0usize;
     loop {
@@ -97,14 +106,14 @@ pub async fn prebuffer(mut body: Incoming, limit: usize) -> Result<RequestBody, 
             return Ok(RequestBody::Streaming(
                 Prefixed {
                     frames,
-                    rest: Some(body),
+                    rest: Some(incoming(body)),
                 }
                 .boxed(),
             ));
         }
         match body.frame().await {
             None => break,
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     len += d.len();
@@ -130,7 +139,7 @@ pub async fn prebuffer(mut body: Incoming, limit: usize) -> Result<RequestBody, 
 /// Frames already read, then the rest of the body.
 struct Prefixed {
     frames: VecDeque<Frame<Bytes>>,
-    rest: Option<Incoming>,
+    rest: Option<ProxyBody>,
 }
 
 impl Body for Prefixed {
@@ -145,7 +154,7 @@ impl Body for Prefixed {
             return Poll::Ready(Some(Ok(f)));
         }
         match self.rest.as_mut() {
-            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(BoxError::from),
+            Some(rest) => Pin::new(rest).poll_frame(cx),
             None => Poll::Ready(None),
         }
     }

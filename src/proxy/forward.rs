@@ -22,6 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::body::{self, ProxyBody, REPLAY_LIMIT, RequestBody};
 use super::failure::{Failure, Fault, exchange_fault, with_close};
 use super::http::{Downstream, HttpListener};
+use super::min_body_rate;
 use super::route::Target;
 use super::upgrade::is_upgrade;
 use crate::telemetry::record;
@@ -45,6 +46,9 @@ impl HttpListener {
         let cluster = &target.cluster;
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
+        // A body that trickles is cut (`limits.min_body_rate`).
+        let rate = min_body_rate::applies(self.limits.min_body_rate, &parts.headers);
+        let incoming = min_body_rate::watch(incoming, rate);
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
         let path =
@@ -171,12 +175,12 @@ impl HttpListener {
                         idempotent,
                     ),
                     Fault::Downstream(message) => {
-                        return Err(with_close(self.fail(
-                            target,
-                            Failure::BadRequest,
-                            &message,
-                            started,
-                        )));
+                        let failure = if min_body_rate::too_slow(&e) {
+                            Failure::RequestTimeout
+                        } else {
+                            Failure::BadRequest
+                        };
+                        return Err(with_close(self.fail(target, failure, &message, started)));
                     }
                 },
                 Err(_) => (
@@ -210,7 +214,7 @@ impl HttpListener {
     fn read_ahead(
         &self,
         target: &Target,
-        read: Result<Result<RequestBody, hyper::Error>, tokio::time::error::Elapsed>,
+        read: Result<Result<RequestBody, body::BoxError>, tokio::time::error::Elapsed>,
         started: Instant,
     ) -> Result<RequestBody, Response<ProxyBody>> {
         match read {
@@ -223,6 +227,12 @@ impl HttpListener {
                 target.stats.request_bytes.clone(),
             ))),
             Ok(Ok(RequestBody::Taken)) => Ok(RequestBody::Taken),
+            Ok(Err(e)) if min_body_rate::too_slow(&*e) => Err(with_close(self.fail(
+                target,
+                Failure::RequestTimeout,
+                &e.to_string(),
+                started,
+            ))),
             Ok(Err(e)) => {
                 let msg = format!("invalid request body: {e}");
                 Err(with_close(self.fail(

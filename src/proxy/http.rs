@@ -57,7 +57,7 @@ pub struct HttpListener {
     pub(super) unrouted: RouteStats,
     /// Inbound: requests wait for the app (starting or restarting) up to this long.
     pub(super) hold: Option<(AppGate, Duration)>,
-    limits: Limits,
+    pub(super) limits: Limits,
     /// The listener's `authz`: identities allowed in (None: anyone).
     pub(super) authz: Option<Vec<IdentityPattern>>,
     /// The share of new traces marked sampled (`telemetry.tracing.sample`).

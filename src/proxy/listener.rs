@@ -257,70 +257,8 @@ impl Activity {
     }
 }
 
-/// Accept failures (EMFILE when descriptors run out, ECONNABORTED…) on one listener: wait
-/// before trying again, longer while they go on, and log them once a second with their count
-/// (one line per failure was 2,126 warnings in 40 s when descriptors ran out).
-#[derive(Debug)]
-pub struct AcceptErrors {
-    /// Failures not logged yet.
-    unlogged: u64,
-    last_log: Option<std::time::Instant>,
-    delay: std::time::Duration,
-}
-
-/// The first wait after a failure; doubled while failures go on, up to [`ACCEPT_BACKOFF_MAX`].
-const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
-const ACCEPT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl Default for AcceptErrors {
-    fn default() -> Self {
-        AcceptErrors {
-            unlogged: 0,
-            last_log: None,
-            delay: ACCEPT_BACKOFF_MIN,
-        }
-    }
-}
-
-impl AcceptErrors {
-    /// Counts a failure, logs (at most once a second) and waits before the next accept. A
-    /// connection that failed on its own (aborted or reset while queued) is retried at once.
-    pub async fn failed(&mut self, listener: &str, error: &io::Error) {
-        if matches!(
-            error.kind(),
-            io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-        ) {
-            tracing::debug!(listener, %error, "a queued connection failed before its accept");
-            return;
-        }
-        self.unlogged += 1;
-        let now = std::time::Instant::now();
-        if self
-            .last_log
-            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
-        {
-            tracing::warn!(listener, %error, failures = self.unlogged, "accept failed; backing off");
-            self.unlogged = 0;
-            self.last_log = Some(now);
-        }
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(ACCEPT_BACKOFF_MAX);
-    }
-
-    /// An accept worked: the next failure waits the shortest time again, and failures not
-    /// logged yet are (so a later line does not carry a stale count).
-    pub fn succeeded(&mut self) {
-        if self.unlogged > 0 {
-            tracing::warn!(
-                failures = self.unlogged,
-                "accept failed; accepting again now"
-            );
-            self.unlogged = 0;
-        }
-        self.delay = ACCEPT_BACKOFF_MIN;
-    }
-}
+/// Accept failures back off and are logged once a second ([`crate::descriptors`]).
+pub use crate::descriptors::AcceptErrors;
 
 /// Counts bytes each way, records activity, and lets an HTTP/1 framing scanner see what was
 /// received.
@@ -420,28 +358,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn accept_failures_back_off_and_are_logged_together() {
-        let mut errors = AcceptErrors::default();
-        let e = io::Error::from_raw_os_error(24); // EMFILE
-        for _ in 0..5 {
-            errors.failed("in", &e).await;
-        }
-        // The first was logged; the next four wait for the next line (within the second).
-        assert_eq!(errors.unlogged, 4);
-        assert_eq!(errors.delay, std::time::Duration::from_millis(320));
-        for _ in 0..10 {
-            errors.failed("in", &e).await;
-        }
-        assert_eq!(errors.delay, ACCEPT_BACKOFF_MAX);
-        errors.succeeded();
-        assert_eq!(errors.delay, ACCEPT_BACKOFF_MIN);
     }
 }

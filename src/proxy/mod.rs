@@ -44,6 +44,7 @@ pub mod hold;
 pub mod http;
 pub mod limits;
 pub mod listener;
+pub mod min_body_rate;
 pub mod record;
 pub mod respond;
 pub mod route;

@@ -161,7 +161,7 @@ fn overrides_reach_the_running_config() {
         config: "service: from-file\nlog:\n  level: info\n",
         args: &["--set", "log.level=warn", "--log-format", "json"],
         env: &[("OUTRIGGER_SERVICE", "from-env")],
-        app: &[],
+        ..Spawn::default()
     }
     .start();
     sc.wait_ready();

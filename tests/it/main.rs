@@ -14,6 +14,7 @@ mod grpc;
 #[cfg(feature = "k8s")]
 mod k8s;
 mod lifecycle;
+mod limits;
 #[cfg(feature = "logs")]
 mod logs;
 mod proxy;

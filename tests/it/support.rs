@@ -32,6 +32,8 @@ pub struct Spawn<'a> {
     pub args: &'a [&'a str],
     pub env: &'a [(&'a str, &'a str)],
     pub app: &'a [&'a str],
+    /// Run under this descriptor limit (soft and hard `RLIMIT_NOFILE`, set by `prlimit`).
+    pub nofile: Option<u64>,
 }
 
 impl Spawn<'_> {
@@ -40,7 +42,15 @@ impl Spawn<'_> {
         let config_path = dir.path().join("outrigger.yaml");
         std::fs::write(&config_path, self.config).unwrap();
         let listeners = dir.path().join("listeners.json");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                // prlimit execs the binary: the child's pid is the sidecar's.
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(BIN);
+                c
+            }
+        };
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
