@@ -8,7 +8,11 @@
 # the proxy and the upstream on CPU 1 (a sidecar shares its pod with the app). HTTP/1.1: wrk,
 # 1 thread, 32 connections. HTTP/2 (h2c prior knowledge): h2load, 32 connections, 1 stream each;
 # proxies forward over HTTP/1.1. RSS is read from /proc after each proxy's runs.
-# Needs: nginx haproxy wrk h2load (Debian: nginx haproxy wrk nghttp2-client).
+# The unix-socket path: a second Outrigger, the same config but reaching the upstream (app) at
+# a unix socket instead of 127.0.0.1, both in this run: the app<->sidecar hop over UDS vs TCP.
+# Then bench/proxy-instructions.sh: callgrind instructions per request for Outrigger, HAProxy
+# and nginx, and Outrigger's heap allocations per request (INSTRUCTIONS=0 skips it).
+# Needs: nginx haproxy wrk h2load valgrind (Debian: nginx haproxy wrk nghttp2-client valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -22,13 +26,13 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
 trap cleanup EXIT
 
-UP=18181; UP_H2=18182; NGX=18190; NGX_H2=18191; HAP=18200; HAP_H2=18201; OUT=18210
+UP=18181; UP_H2=18182; NGX=18190; NGX_H2=18191; HAP=18200; HAP_H2=18201; OUT=18210; OUT_UDS=18211
 
 cat > "$dir/upstream.conf" <<EOF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log stderr error;
 events { worker_connections 8192; }
 http { access_log off;
-  server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP_H2 http2; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP; listen 127.0.0.1:$UP_H2 http2; listen unix:$dir/up.sock; keepalive_requests 1000000;
            location / { return 200 "hello world\n"; } } }
 EOF
 cat > "$dir/nginx.conf" <<EOF
@@ -65,6 +69,7 @@ listeners:
   - name: public
     address: 127.0.0.1:$OUT
 EOF
+sed -e "s|127.0.0.1:$UP|unix:$dir/up.sock|" -e "s|127.0.0.1:$OUT|127.0.0.1:$OUT_UDS|" "$dir/outrigger.yaml" > "$dir/outrigger-uds.yaml"
 
 start() { taskset -c 1 "$@" & pids+=($!); }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
@@ -74,6 +79,7 @@ start nginx -c "$dir/upstream.conf"; wait_port $UP
 start nginx -c "$dir/nginx.conf"; wait_port $NGX
 start haproxy -f "$dir/haproxy.cfg"; hap_pid=$!; wait_port $HAP
 start "$bin" run -c "$dir/outrigger.yaml"; out_pid=$!; wait_port $OUT
+start "$bin" run -c "$dir/outrigger-uds.yaml"; wait_port $OUT_UDS
 
 # wrk: prints "rps p50_ms p99_ms"
 h1() {
@@ -105,6 +111,9 @@ for target in direct:$UP:$UP_H2 outrigger:$OUT:$OUT haproxy:$HAP:$HAP_H2 nginx:$
   R[$name.h2]=$(h2 "$p2")
   echo "$name  h1: ${R[$name.h1]}   h2c: ${R[$name.h2]}" >&2
 done
+R[outrigger-uds.h1]=$(h1 $OUT_UDS)
+R[outrigger-uds.h2]=$(h2 $OUT_UDS)
+echo "outrigger-uds  h1: ${R[outrigger-uds.h1]}   h2c: ${R[outrigger-uds.h2]}" >&2
 R[outrigger.rss]=$(rss_kib /proc/$out_pid/status)
 R[haproxy.rss]=$(rss_kib /proc/$hap_pid/status)
 ngx_pids=$(pgrep -f "nginx -c $dir/nginx.conf" || true)
@@ -132,3 +141,17 @@ for proto in h1 h2; do
   echo
 done
 echo "RSS after the runs: Outrigger $(awk -v k="${R[outrigger.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, HAProxy $(awk -v k="${R[haproxy.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, nginx (master + worker) $(awk -v k="${R[nginx.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB"
+echo
+echo "### App<->sidecar over a unix socket vs loopback TCP (Outrigger to the upstream)"
+echo
+echo "| path | HTTP/1.1 req/s | h2c req/s |"
+echo "|---|---:|---:|"
+echo "| TCP 127.0.0.1 | $(field outrigger.h1 1) | $(field outrigger.h2 1) |"
+echo "| unix socket | $(field outrigger-uds.h1 1) | $(field outrigger-uds.h2 1) |"
+echo
+echo "unix/TCP: HTTP/1.1 **$(ratio "$(field outrigger-uds.h1 1)" "$(field outrigger.h1 1)")×**, h2c **$(ratio "$(field outrigger-uds.h2 1)" "$(field outrigger.h2 1)")×**"
+if [ "${INSTRUCTIONS:-1}" != 0 ]; then
+  cleanup; trap - EXIT
+  echo
+  OUTRIGGER_BIN=$bin bench/proxy-instructions.sh "${N:-4000}"
+fi

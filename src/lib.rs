@@ -59,7 +59,7 @@
 //! | WebSocket / upgrades | `proxy/upgrade.rs` |
 //! | Outrigger's own error answers | `proxy/failure.rs` |
 //! | what a reload rebuilds in the proxy | `proxy/generation.rs` |
-//! | balancing, ejection, retry budget, discovery, connecting | `proxy/cluster/{balance,outlier,budget,discovery,connect}.rs` |
+//! | balancing, ejection, retry budget, discovery, connecting, the HTTP/1.1 upstream pool | `proxy/cluster/{balance,outlier,budget,discovery,connect,pool}.rs` |
 //! | TLS handshake on accept, origination, authz, certificates | `tls/accept.rs`, `tls/origination.rs`, `tls/authz.rs`, `tls/mod.rs` |
 //! | access log line and span of a request | `proxy/record.rs` → `telemetry/{record,access_log,otlp}.rs` |
 //! | every metric | `telemetry/metrics.rs`, `telemetry/tls.rs` |

@@ -8,6 +8,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use outrigger::config::{self, ProcessEnv, Source};
 
+#[cfg(feature = "alloc-count")]
+mod counting_alloc;
+/// Bench builds only: every heap allocation counted (see `counting_alloc.rs`).
+#[cfg(feature = "alloc-count")]
+#[global_allocator]
+static ALLOCATOR: counting_alloc::Counting = counting_alloc::Counting;
+
 /// Exit code for a command-line usage error (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
 /// Exit code for an invalid configuration (sysexits EX_CONFIG).

@@ -172,6 +172,7 @@ async fn serve_connection(
         }
         Kind::Http(first, builder) => {
             let down = Arc::new(http::Downstream {
+                forwarded_for: peer.forwarded_for(),
                 peer,
                 guard,
                 drain: drain.clone(),

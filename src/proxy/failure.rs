@@ -14,6 +14,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::body::{self, ProxyBody};
+use super::cluster::pool::SendError;
 use super::http::HttpListener;
 use super::route::Target;
 use crate::config::Address;
@@ -170,18 +171,19 @@ pub(super) enum Fault {
 
 /// Classifies an exchange that failed before response headers (timeouts are the caller's:
 /// they never reach the client).
-pub(super) fn exchange_fault(e: &hyper_util::client::legacy::Error, endpoint: &Address) -> Fault {
-    if e.is_connect() {
+pub(super) fn exchange_fault(e: &SendError, endpoint: &Address) -> Fault {
+    let error: &(dyn std::error::Error + 'static) = &*e.error;
+    if e.connect {
         Fault::Endpoint(
             Failure::Connect,
-            format!("cannot connect to {endpoint}: {}", source_chain(e)),
+            format!("cannot connect to {endpoint}: {}", source_chain(error)),
         )
-    } else if downstream_fault(e) {
-        Fault::Downstream(format!("the request body failed: {}", source_chain(e)))
+    } else if downstream_fault(error) {
+        Fault::Downstream(format!("the request body failed: {}", source_chain(error)))
     } else {
         Fault::Endpoint(
             Failure::Upstream,
-            format!("{endpoint} broke the exchange: {}", source_chain(e)),
+            format!("{endpoint} broke the exchange: {}", source_chain(error)),
         )
     }
 }

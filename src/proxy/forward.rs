@@ -119,8 +119,7 @@ impl HttpListener {
                 std::mem::take(&mut parts.headers)
             };
             let outcome =
-                tokio::time::timeout(target.timeout, attempt.endpoint.client.request(attempt_req))
-                    .await;
+                tokio::time::timeout(target.timeout, attempt.endpoint.send(attempt_req)).await;
             let can_retry = |on: bool, safe: bool| {
                 on && safe && replayable && tries < max_retries && cluster.withdraw_retry()
             };
@@ -142,7 +141,7 @@ impl HttpListener {
                         backoff(p.backoff.get(), tries).await;
                         continue;
                     }
-                    let mut res = res.map(body::incoming);
+                    let mut res = res;
                     if self.recorder.is_some() {
                         res.extensions_mut().insert(record::Routed {
                             route: Some(target.name.clone()),

@@ -113,22 +113,28 @@ impl Scanner {
         }
     }
 
-    /// Appends bytes to `buf` up to the end of the current head or line; when it is complete,
-    /// acts on it and returns the remaining input.
+    /// Takes bytes up to the end of the current head or line; when it is complete, acts on it
+    /// and returns the remaining input. A unit that arrives whole in one read (the common
+    /// case) is looked at where it lies; only one split across reads is collected in `buf`.
     fn take_until_end<'a>(&mut self, data: &mut &'a [u8]) -> Option<&'a [u8]> {
         let head = matches!(self.state, State::Head);
         let end: &[u8] = if head { b"\r\n\r\n" } else { b"\r\n" };
+        if self.buf.is_empty() {
+            let Some(i) = memchr::memmem::find(data, end) else {
+                self.buf.extend_from_slice(data);
+                self.check_size();
+                *data = &[];
+                return None;
+            };
+            let (unit, rest) = data.split_at(i + end.len());
+            self.state = self.after_unit(unit);
+            return Some(rest);
+        }
         let start = self.buf.len().saturating_sub(end.len() - 1);
         self.buf.extend_from_slice(data);
-        let found = self.buf[start..]
-            .windows(end.len())
-            .position(|w| w == end)
-            .map(|i| start + i + end.len());
+        let found = memchr::memmem::find(&self.buf[start..], end).map(|i| start + i + end.len());
         let Some(stop) = found else {
-            if self.buf.len() > MAX_HEAD {
-                self.state = State::Done;
-                self.buf = Vec::new();
-            }
+            self.check_size();
             *data = &[];
             return None;
         };
@@ -138,8 +144,24 @@ impl Scanner {
         // Reuse the buffer's allocation for the next head.
         let mut owned = std::mem::take(&mut self.buf);
         owned.truncate(stop);
-        let unit = owned.as_slice();
-        let next = match self.state {
+        let next = self.after_unit(&owned);
+        owned.clear();
+        self.buf = owned;
+        self.state = next;
+        Some(rest)
+    }
+
+    /// Past [`MAX_HEAD`] the scanner stops following (hyper refuses such heads).
+    fn check_size(&mut self) {
+        if self.buf.len() > MAX_HEAD {
+            self.state = State::Done;
+            self.buf = Vec::new();
+        }
+    }
+
+    /// The state after a complete head or line `unit` (its CRLFs included).
+    fn after_unit(&self, unit: &[u8]) -> State {
+        match self.state {
             State::Head if unit == b"\r\n" || unit == b"\r\n\r\n" => State::Head, // stray CRLF between messages
             State::Head => self.after_head(unit),
             State::ChunkSize => {
@@ -158,11 +180,7 @@ impl Scanner {
             State::Trailers if unit == b"\r\n" => State::Head,
             State::Trailers => State::Trailers,
             _ => State::Done,
-        };
-        owned.clear();
-        self.buf = owned;
-        self.state = next;
-        Some(rest)
+        }
     }
 
     fn after_head(&self, head: &[u8]) -> State {

@@ -72,6 +72,8 @@ pub struct HttpListener {
 /// The downstream connection a request arrived on.
 pub struct Downstream {
     pub peer: Peer,
+    /// The peer's IP as an `x-forwarded-for` value ([`Peer::forwarded_for`]).
+    pub forwarded_for: Option<http::HeaderValue>,
     /// The connection's slot under `max_connections`; an upgraded stream keeps it.
     pub guard: Arc<super::accept::ConnectionGuard>,
     pub drain: Drain,

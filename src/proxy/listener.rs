@@ -37,6 +37,13 @@ impl Peer {
             Peer::Unix => None,
         }
     }
+
+    /// The peer's IP as an `x-forwarded-for` value (none for unix sockets): formatted once per
+    /// connection, not per request (formatting it was ~1,300 instructions per request).
+    pub fn forwarded_for(&self) -> Option<http::HeaderValue> {
+        let ip = self.ip()?;
+        http::HeaderValue::from_str(&ip.to_string()).ok()
+    }
 }
 
 impl Bound {

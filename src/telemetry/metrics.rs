@@ -719,6 +719,11 @@ pub fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Heap allocations so far, counted by the bench build's global allocator (`alloc-count`
+/// feature, in `main.rs`); exported as `outrigger_heap_allocations_total`.
+#[cfg(feature = "alloc-count")]
+pub static HEAP_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
 /// Reads the process's resources from `/proc` at scrape time, under the standard `process_*`
 /// names that Prometheus client libraries use. Written by hand: prometheus-client has no
 /// process collector, and reading three `/proc` files does not justify another dependency.
@@ -777,6 +782,16 @@ impl Collector for ProcessCollector {
             "Seconds since Outrigger started",
             self.started.elapsed().as_secs_f64(),
         )?;
+        #[cfg(feature = "alloc-count")]
+        {
+            let n = ConstCounter::new(HEAP_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed));
+            n.encode(encoder.encode_descriptor(
+                "outrigger_heap_allocations",
+                "Heap allocations since start (bench builds with the alloc-count feature only)",
+                None,
+                n.metric_type(),
+            )?)?;
+        }
         if let Some(s) = read_process_stats() {
             let cpu = ConstCounter::new(s.cpu_seconds);
             cpu.encode(encoder.encode_descriptor(

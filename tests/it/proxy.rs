@@ -667,7 +667,7 @@ fn smuggling_shapes_are_refused_and_never_reach_the_app() {
     let app = Backend::http();
     let sc = inbound(&app, "    limits:\n      max_header_bytes: 8192\n");
     let addr = sc.listeners["public"].clone();
-    let cases: [(&str, &[u8], &str); 8] = [
+    let cases: [(&str, &[u8], &str); 13] = [
         ("duplicate differing Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", "400"),
         ("invalid chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
         ("whitespace before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "400"),
@@ -676,6 +676,11 @@ fn smuggling_shapes_are_refused_and_never_reach_the_app() {
         ("chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", "400"),
         ("chunked in HTTP/1.0", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
         ("header too large", &[b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".as_slice(), &[b'a'; 9000], b"\r\n\r\n"].concat(), "431"),
+        ("bare CR in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rX-B: c\r\n\r\n", "400"),
+        ("bare CR ending a header line", b"GET / HTTP/1.1\r\nHost: a\rX-B: c\r\n\r\n", "400"),
+        ("NUL in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\0c\r\n\r\n", "400"),
+        ("header line without a colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A b\r\n\r\n", "400"),
+        ("several Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
     ];
     for (what, bytes, status) in cases {
         let out = raw(&addr, bytes);
@@ -689,6 +694,48 @@ fn smuggling_shapes_are_refused_and_never_reach_the_app() {
     let out = raw(&addr, b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(app.seen()[0].body, b"abc");
+}
+
+/// The HTTP/1.1 upstream pool: sequential requests reuse one upstream connection, whatever
+/// their body (none, small, large, HEAD) and whichever client connection they come on; the
+/// connection closes once idle for the cluster's `pool_idle_timeout`, and the next request
+/// opens a new one.
+#[test]
+fn upstream_connections_are_reused_then_closed_when_idle() {
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        "clusters:\n  a: {{ endpoints: [\"{}\"], pool_idle_timeout: 1s }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - cluster: a\n",
+        app.address()
+    ));
+    sc.wait_ready();
+    let url = |p: &str| sc.listener_url("egress", p);
+    for path in ["/", "/bytes/200000", "/x", "/bytes/10"] {
+        let r = client().get(url(path)).send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.bytes().unwrap();
+    }
+    let r = client().head(url("/bytes/5000")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let out = raw(
+        &sc.listeners["egress"],
+        b"GET /raw HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.count(), 6, "{:?}", app.seen());
+    assert_eq!(
+        app.open_connections(),
+        1,
+        "one upstream connection for sequential requests\n{}",
+        sc.diagnostics()
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the idle upstream connection closed",
+        || (app.open_connections() == 0).then_some(()),
+    );
+    let r = client().get(url("/again")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.count(), 7);
 }
 
 #[test]

@@ -49,25 +49,29 @@ pub(super) fn client(
         .pool_max_idle_per_host(POOL_MAX_IDLE)
         .set_host(false)
         .http2_only(config.http2);
-    builder.build(Connector {
-        address: address.clone(),
-        timeout: config.connect_timeout.get(),
-        tls: tls.map(|o| (o.clone(), o.server_name(address))),
-    })
+    builder.build(Connector::new(address, config, tls))
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<Stream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Stream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+impl Connector {
+    /// For `address`, with the cluster's connect timeout and TLS.
+    pub(super) fn new(
+        address: &Address,
+        config: &ClusterConfig,
+        tls: Option<&Arc<Origination>>,
+    ) -> Connector {
+        Connector {
+            address: address.clone(),
+            timeout: config.connect_timeout.get(),
+            tls: tls.map(|o| (o.clone(), o.server_name(address))),
+        }
     }
 
-    fn call(&mut self, _: http::Uri) -> Self::Future {
+    /// A new connection to the endpoint (TLS included), within the connect timeout.
+    pub(super) fn connect(
+        &self,
+    ) -> impl Future<Output = std::io::Result<TokioIo<Stream>>> + Send + 'static {
         let (address, timeout, tls) = (self.address.clone(), self.timeout, self.tls.clone());
-        Box::pin(async move {
+        async move {
             // The connect timeout covers the TLS handshake too.
             let connect = async {
                 let stream = listener::connect(&address).await?;
@@ -85,6 +89,20 @@ impl tower::Service<http::Uri> for Connector {
                     "connect timed out",
                 )),
             }
-        })
+        }
+    }
+}
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Stream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        Box::pin(self.connect())
     }
 }

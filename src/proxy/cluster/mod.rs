@@ -9,8 +9,9 @@
 //!   [`crate::tls::origination`]);
 //! - here: the [`Cluster`] itself, its [`Endpoint`]s and the cap on requests in flight.
 //!
-//! Each endpoint has its own connection pool (hyper-util's client with a connector fixed to
-//! that endpoint), so pools survive discovery updates for endpoints that stay. In: the
+//! Each endpoint has its own connection pools (for HTTP/1.1 the proxy's own, [`pool`]; for
+//! HTTP/2, CONNECT and the bridge hyper-util's client, with a connector fixed to that
+//! endpoint), so pools survive discovery updates for endpoints that stay. In: the
 //! cluster's config (rebuilt on reload only when it changed) and discovery's updates. Out:
 //! an [`Attempt`] per request for the forward phase and tcp listeners.
 
@@ -19,6 +20,7 @@ pub mod budget;
 pub mod connect;
 pub mod discovery;
 pub mod outlier;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -41,7 +43,10 @@ pub struct Endpoint {
     pub address: Address,
     /// The address as text, for access log lines and spans (formatted once).
     pub label: Arc<str>,
+    /// hyper-util's pooled client: HTTP/2 clusters, CONNECT, the bridge's invocations.
     pub client: HttpClient,
+    /// The proxy's HTTP/1.1 requests (None for `http2` clusters).
+    pool: Option<Arc<pool::Pool>>,
     /// The URI authority of requests to this endpoint: the pool key. Fixed, so clients cannot
     /// grow the pool by varying Host; the Host header carries the request's own authority.
     authority: http::uri::Authority,
@@ -58,6 +63,12 @@ pub struct Endpoint {
 impl Endpoint {
     fn new(address: Address, config: &ClusterConfig, tls: Option<&Arc<Origination>>) -> Endpoint {
         let client = connect::client(&address, config, tls);
+        let pool = (!config.http2).then(|| {
+            pool::Pool::new(
+                Connector::new(&address, config, tls),
+                config.pool_idle_timeout.get(),
+            )
+        });
         let authority = match &address {
             Address::Tcp(a) => http::uri::Authority::try_from(a.to_string())
                 .expect("a socket address is an authority"),
@@ -68,11 +79,39 @@ impl Endpoint {
             label: Arc::from(address.to_string()),
             address,
             client,
+            pool,
             authority,
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ewma: Mutex::new((balance::EWMA_DEFAULT.as_secs_f64(), Instant::now())),
+        }
+    }
+
+    /// Sends a request to this endpoint: an HTTP/1.1 one on the endpoint's own pool (in
+    /// origin form), anything else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI
+    /// is the endpoint's ([`Endpoint::uri`]).
+    pub async fn send(
+        &self,
+        mut req: http::Request<crate::proxy::body::ProxyBody>,
+    ) -> Result<http::Response<crate::proxy::body::ProxyBody>, pool::SendError> {
+        match &self.pool {
+            Some(pool) if req.method() != http::Method::CONNECT => {
+                let origin = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                *req.uri_mut() = http::Uri::from(origin);
+                pool.send(req).await
+            }
+            _ => match self.client.request(req).await {
+                Ok(res) => Ok(res.map(crate::proxy::body::incoming)),
+                Err(e) => Err(pool::SendError {
+                    connect: e.is_connect(),
+                    error: e.into(),
+                }),
+            },
         }
     }
 
