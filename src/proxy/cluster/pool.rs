@@ -46,6 +46,20 @@ pub struct SendError {
     pub error: BoxError,
 }
 
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Its cause is the exchange's error, so a walk of the chain (e.g. for a body that came too
+/// slowly, `min_body_rate::too_slow`) finds what is inside.
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.error)
+    }
+}
+
 /// One endpoint's idle HTTP/1.1 connections.
 pub struct Pool {
     connector: Connector,
