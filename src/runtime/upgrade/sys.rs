@@ -129,3 +129,26 @@ pub fn async_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
     };
     registered.map_err(io::Error::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout and request number of `PIDFD_GET_INFO`: a reaped child's status reads back
+    /// (on kernels before 6.15 the call is unsupported, and the test says so).
+    #[test]
+    fn the_exit_status_of_a_reaped_process_reads_back() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        let pidfd = pidfd_open(child.id() as i32).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(3));
+        match pidfd_exit_info(&pidfd) {
+            ExitInfo::Status(raw) => assert_eq!(raw, 3 << 8, "wait status of exit(3)"),
+            ExitInfo::NotYet => panic!("reaped, yet no exit info"),
+            ExitInfo::Unsupported => eprintln!("PIDFD_INFO_EXIT unsupported here (Linux < 6.15)"),
+        }
+    }
+}
