@@ -37,13 +37,14 @@ runtime: { shutdown_grace: 10s, upgrade_socket: $dir/upgrade.sock }
 EOF
 until curl -sf "http://127.0.0.1:$UP/" >/dev/null; do sleep 0.05; done
 
-start() { "$bin" run -c "$dir/outrigger.yaml" "$@" >>"$dir/out.log" 2>&1 & echo $!; }
+# Sets $started (not `$(start)`: a command substitution would wait for the child's output).
+start() { "$bin" run -c "$dir/outrigger.yaml" "$@" >>"$dir/out.log" 2>&1 & started=$!; }
 wait_gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.005; done; }
 ms() { date +%s%3N; }
 
 run_case() { # $1: upgrade | restart
   local mode=$1 pid t0 new handovers=()
-  pid=$(start)
+  start; pid=$started
   until curl -sf "http://127.0.0.1:$LISTEN/" >/dev/null; do sleep 0.02; done
   wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$LISTEN/" >"$dir/wrk-$mode.txt" 2>&1 &
   local wrk_pid=$!
@@ -51,11 +52,11 @@ run_case() { # $1: upgrade | restart
     sleep "$(echo "$secs / 4" | bc -l)"
     t0=$(ms)
     if [ "$mode" = upgrade ]; then
-      new=$(start --upgrade)
+      start --upgrade; new=$started
       wait_gone "$pid"
     else
       kill -TERM "$pid"; wait_gone "$pid"
-      new=$(start)
+      start; new=$started
       until curl -s -o /dev/null "http://127.0.0.1:$LISTEN/"; do sleep 0.001; done
     fi
     handovers+=($(( $(ms) - t0 )))
