@@ -58,9 +58,11 @@ impl Bound {
                     l.set_nonblocking(true)?;
                     Ok(Bound::Tcp(TcpListener::from_std(l)?))
                 }
-                Address::Unix(_) => {
+                Address::Unix(path) => {
                     let l = std::os::unix::net::UnixListener::from(fd);
                     l.set_nonblocking(true)?;
+                    // The new config's `socket_mode`, which may differ from the old one's.
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
                     Ok(Bound::Unix(UnixListener::from_std(l)?))
                 }
             };

@@ -619,3 +619,44 @@ fn captured_app_output_keeps_flowing_across_an_upgrade() {
     let missing = (0..max).filter(|n| !numbers.contains(n)).count();
     assert!(missing <= 2, "{missing} of {max} lines missing");
 }
+
+/// A unix-socket listener is handed over like a TCP one (same file, no rebind), and takes the
+/// new config's `socket_mode`.
+#[test]
+fn a_unix_socket_listener_is_handed_over_with_the_new_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let listener = dir.path().join("in.sock");
+    let config = |mode: &str| {
+        format!(
+            "app:\n  address: {}\nlisteners:\n  - name: in\n    address: unix:{}\n    socket_mode: \"{mode}\"\nruntime:\n  shutdown_grace: 10s\n  upgrade_socket: {}\n",
+            backend.address(),
+            listener.display(),
+            socket.display()
+        )
+    };
+    let get = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&listener).unwrap();
+        s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let mode = || std::fs::metadata(&listener).unwrap().permissions().mode() & 0o777;
+    let mut old = Sidecar::start(&config("0600"));
+    old.wait_ready();
+    assert!(get().starts_with("HTTP/1.1 200"));
+    assert_eq!(mode(), 0o600);
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&listener).unwrap());
+    let _new = take_over(&mut old, &config("0660"), &[]);
+    assert!(get().starts_with("HTTP/1.1 200"));
+    assert_eq!(mode(), 0o660);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&listener).unwrap()),
+        inode,
+        "the same socket file, not a new bind"
+    );
+}
