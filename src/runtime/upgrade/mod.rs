@@ -11,9 +11,11 @@
 //!   3. builds and starts every module, admin, probes…; until every module is ready the old
 //!      process keeps serving alone (a new process that fails here just goes away: the old one
 //!      notices the closed socket and carries on)
-//!      Started{pid}                  ───────▶  releases the app (no restart, no stop)
+//!      Started{pid}                  ───────▶  hands out the app (still supervising it)
 //!   4.                               ◀───────  App{pid, ready} + its pidfd (+ stdio pipes)
-//!      adopts the app                           stops accepting, drains in-flight requests and
+//!      Adopted{pid}                  ───────▶  (no ack, a closed socket, an error: it keeps
+//!                                               the app and carries on serving)
+//!   5. supervises the app                       stops accepting, drains in-flight requests and
 //!                                               streams within the grace period, flushes, exits
 //! ```
 //!
@@ -24,7 +26,7 @@
 //!
 //! The socket is a unix stream socket (mode 0600, peers with another uid refused); each frame
 //! is a 4-byte big-endian length and a JSON message, and descriptors ride on a frame's first
-//! bytes. Written by hand: no crate does this hand-off, and the protocol is four messages.
+//! bytes. Written by hand: no crate does this hand-off, and the protocol is five messages.
 
 pub mod sys;
 
