@@ -167,23 +167,6 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
         // process: no gate closes for it here; its probe here confirms it or not.
         app_status.set_ready();
     }
-    // The app's readiness as the upgrade socket reports it to a successor.
-    let app_ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(!watched_app));
-    {
-        let flag = app_ready_flag.clone();
-        let mut ready = app_status.ready.subscribe();
-        tokio::spawn(async move {
-            loop {
-                flag.store(
-                    *ready.borrow_and_update(),
-                    std::sync::atomic::Ordering::Release,
-                );
-                if ready.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
 
     // Hot restart, new side: once every module is up, the old process hands over the app
     // and drains. Until then it serves alone; if we fail before, it carries on.
@@ -227,7 +210,8 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
             config.runtime.upgrade_timeout.get(),
             handover_tx.clone(),
             options.upgrade,
-            app_ready_flag.clone(),
+            // The app's readiness, as the upgrade socket reports it to a successor.
+            app_status.ready.subscribe(),
         ) {
             Ok(s) => Some(s),
             // Having taken over, failing now would leave nobody serving.

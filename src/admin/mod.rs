@@ -40,13 +40,9 @@ pub struct AdminState {
 /// port stops start-up.
 pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context;
-    let listener = match crate::runtime::upgrade::take(&crate::config::Address::Tcp(address)) {
-        // Handed over by the Outrigger this one takes over from (hot restart).
-        Some(fd) => {
-            let l = std::net::TcpListener::from(fd);
-            l.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(l)?
-        }
+    // Handed over by the Outrigger this one takes over from (hot restart), or bound now.
+    let listener = match crate::runtime::upgrade::take_tcp(address)? {
+        Some(l) => l,
         None => tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot bind the admin listener on {address}"))?,

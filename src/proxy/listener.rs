@@ -51,25 +51,18 @@ impl Bound {
     /// regular file), and the socket gets `mode`. A socket handed over by the Outrigger this
     /// one takes over from (hot restart) is used as it is.
     pub async fn bind(address: &Address, mode: u32) -> io::Result<Bound> {
-        if let Some(fd) = crate::runtime::upgrade::take(address) {
-            return match address {
-                Address::Tcp(_) => {
-                    let l = std::net::TcpListener::from(fd);
-                    l.set_nonblocking(true)?;
-                    Ok(Bound::Tcp(TcpListener::from_std(l)?))
-                }
-                Address::Unix(path) => {
-                    let l = std::os::unix::net::UnixListener::from(fd);
-                    l.set_nonblocking(true)?;
+        use crate::runtime::upgrade::{take_tcp, take_unix};
+        match address {
+            Address::Tcp(a) => match take_tcp(*a)? {
+                Some(l) => Ok(Bound::Tcp(l)),
+                None => Ok(Bound::Tcp(TcpListener::bind(a).await?)),
+            },
+            Address::Unix(path) => {
+                if let Some(l) = take_unix(path)? {
                     // The new config's `socket_mode`, which may differ from the old one's.
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-                    Ok(Bound::Unix(UnixListener::from_std(l)?))
+                    return Ok(Bound::Unix(l));
                 }
-            };
-        }
-        match address {
-            Address::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a).await?)),
-            Address::Unix(path) => {
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     if meta.file_type().is_socket() {
                         std::fs::remove_file(path)?;

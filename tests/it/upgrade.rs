@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,13 +10,17 @@ use std::time::{Duration, Instant};
 use crate::backend::Backend;
 use crate::support::{BIN, Sidecar, Spawn, client, eventually};
 
-/// An inbound listener to `backend`, with the upgrade socket at `socket`.
-fn config(backend: &Backend, socket: &Path) -> String {
-    format!(
+/// A backend, a temp dir holding the upgrade socket, and the config joining them: an inbound
+/// listener to the backend, with that upgrade socket.
+fn setup() -> (Backend, tempfile::TempDir, String) {
+    let backend = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
         "app:\n  address: {}\nlisteners:\n  - name: in\n    address: 127.0.0.1:0\nruntime:\n  shutdown_grace: 10s\n  upgrade_socket: {}\n",
         backend.address(),
-        socket.display()
-    )
+        dir.path().join("upgrade.sock").display()
+    );
+    (backend, dir, config)
 }
 
 fn server_info(sc: &Sidecar) -> serde_json::Value {
@@ -105,10 +108,7 @@ fn load(
 
 #[test]
 fn three_upgrades_in_a_row_under_load_refuse_nothing() {
-    let backend = Backend::http();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("upgrade.sock");
-    let config = config(&backend, &socket);
+    let (backend, _dir, config) = setup();
     let mut sc = Sidecar::start(&config);
     sc.wait_ready();
     let first_pid = sc.pid();
@@ -160,10 +160,7 @@ fn three_upgrades_in_a_row_under_load_refuse_nothing() {
 
 #[test]
 fn a_websocket_and_a_slow_upload_finish_on_the_old_process() {
-    let backend = Backend::http();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("upgrade.sock");
-    let config = config(&backend, &socket);
+    let (_backend, _dir, config) = setup();
     let mut old = Sidecar::start(&config);
     old.wait_ready();
     let addr = old.listeners["in"].clone();
@@ -238,10 +235,7 @@ fn a_websocket_and_a_slow_upload_finish_on_the_old_process() {
 
 #[test]
 fn a_new_process_that_fails_leaves_the_old_one_serving() {
-    let backend = Backend::http();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("upgrade.sock");
-    let good = config(&backend, &socket);
+    let (_backend, dir, good) = setup();
     let mut old = Sidecar::start(&good);
     old.wait_ready();
     let old_pid = old.pid();
@@ -298,10 +292,8 @@ fn a_new_process_that_fails_leaves_the_old_one_serving() {
 
 #[test]
 fn sigusr2_and_post_upgrade_start_a_successor_from_the_same_binary() {
-    let backend = Backend::http();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("upgrade.sock");
-    let mut sc = Sidecar::start(&config(&backend, &socket));
+    let (_backend, _dir, config) = setup();
+    let mut sc = Sidecar::start(&config);
     sc.wait_ready();
     let url = sc.listener_url("in", "/status/200");
     let first = sc.pid();
@@ -401,16 +393,13 @@ fn server_info_and_upgrade_without_a_socket() {
 
 #[test]
 fn systemd_is_told_the_new_main_pid() {
-    let backend = Backend::http();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("upgrade.sock");
+    let (_backend, dir, config) = setup();
     let notify = dir.path().join("notify.sock");
     let receiver = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     receiver
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let notify_env = notify.to_str().unwrap();
-    let config = config(&backend, &socket);
     let mut old = Spawn {
         config: &config,
         env: &[("NOTIFY_SOCKET", notify_env)],

@@ -181,12 +181,32 @@ static INHERITED: Mutex<Vec<(Address, OwnedFd)>> = Mutex::new(Vec::new());
 
 /// The listening socket handed over for `address`, if any (taken: a second bind of the same
 /// address gets none).
-pub fn take(address: &Address) -> Option<OwnedFd> {
+fn take(address: &Address) -> Option<OwnedFd> {
     let mut inherited = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
     let i = inherited.iter().position(|(a, _)| a == address)?;
     let (_, fd) = inherited.swap_remove(i);
     debug!(%address, "using the listening socket handed over by the old process");
     Some(fd)
+}
+
+/// The TCP listening socket handed over for `address`, ready for tokio.
+pub fn take_tcp(address: SocketAddr) -> io::Result<Option<tokio::net::TcpListener>> {
+    let Some(fd) = take(&Address::Tcp(address)) else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l).map(Some)
+}
+
+/// The unix listening socket handed over for `path`, ready for tokio.
+pub fn take_unix(path: &Path) -> io::Result<Option<tokio::net::UnixListener>> {
+    let Some(fd) = take(&Address::Unix(path.to_path_buf())) else {
+        return Ok(None);
+    };
+    let l = UnixListener::from(fd);
+    l.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(l).map(Some)
 }
 
 /// Closes the sockets the new config has no listener for (the old process stops accepting on
@@ -380,7 +400,7 @@ impl UpgradeServer {
         timeout: Duration,
         handover: mpsc::Sender<Handover>,
         took_over: bool,
-        app_ready: std::sync::Arc<AtomicBool>,
+        app_ready: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<UpgradeServer> {
         use anyhow::Context;
         use std::os::unix::fs::FileTypeExt;
@@ -448,7 +468,7 @@ impl UpgradeServer {
 
 struct Conversation<'a> {
     /// The app's readiness now (its probe), for the successor's gate.
-    app_ready: &'a AtomicBool,
+    app_ready: &'a tokio::sync::watch::Receiver<bool>,
     names: &'a BTreeMap<String, String>,
     generation: u64,
     timeout: Duration,
@@ -532,7 +552,7 @@ impl Conversation<'_> {
                 generation: self.generation,
                 pid: std::process::id(),
                 sockets,
-                app_ready: self.app_ready.load(Ordering::Acquire),
+                app_ready: *self.app_ready.borrow(),
             },
             &fds,
         )?;
