@@ -266,9 +266,13 @@ echo "to stderr" >&2"#;
         assert_eq!(r["pod"], "shop-0");
         assert_eq!(r["source"], "app");
     }
-    // Still echoed, unredacted, for `kubectl logs`.
-    assert!(sc.stdout().contains("line 2999 password=hunter2999\n"));
-    assert!(sc.stderr().contains("to stderr\n"));
+    // Still echoed, unredacted, for `kubectl logs` (the echo is written after the line is
+    // queued for shipping, so it may trail the sink by a moment).
+    eventually(Duration::from_secs(10), "the echo", || {
+        (sc.stdout().contains("line 2999 password=hunter2999\n")
+            && sc.stderr().contains("to stderr\n"))
+        .then_some(())
+    });
 }
 
 #[test]
