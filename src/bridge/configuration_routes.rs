@@ -14,6 +14,7 @@ use bytes::Bytes;
 use super::BridgeState;
 use super::error::ApiError;
 use super::ops;
+use crate::bridge::percent_encode;
 
 type St = State<Arc<BridgeState>>;
 
@@ -107,7 +108,11 @@ async fn subscribe(
                     .expect("serializable"),
             );
             for key in items.keys() {
-                let path = format!("/configuration/{}/{}", segment(&store), segment(key));
+                let path = format!(
+                    "/configuration/{}/{}",
+                    percent_encode(&store),
+                    percent_encode(key)
+                );
                 match channel.post_json(&path, body.clone()).await {
                     Ok((status, _)) if status == StatusCode::OK => {}
                     Ok((status, body)) => tracing::warn!(
@@ -124,21 +129,6 @@ async fn subscribe(
     Ok(axum::Json(serde_json::json!({ "id": id })).into_response())
 }
 
-/// `s` as one URL path segment: every byte but the unreserved ones percent-encoded, so a key
-/// with `/`, `?`, `#`, `%`, spaces or non-ASCII letters names itself, not another path (or a
-/// request that cannot be built).
-fn segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 async fn unsubscribe(State(st): St, Path((store, id)): Path<(String, String)>) -> Response {
     match ops::unsubscribe_configuration(&st, &store, &id) {
         Ok(()) => axum::Json(serde_json::json!({"ok": true})).into_response(),
@@ -148,15 +138,5 @@ async fn unsubscribe(State(st): St, Path((store, id)): Path<(String, String)>) -
         )
             .into_response(),
         Err(e) => e.into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn keys_are_one_path_segment() {
-        assert_eq!(super::segment("orderconfig"), "orderconfig");
-        assert_eq!(super::segment("a/b?c#d e%"), "a%2Fb%3Fc%23d%20e%25");
-        assert_eq!(super::segment("café"), "caf%C3%A9");
     }
 }

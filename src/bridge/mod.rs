@@ -734,8 +734,30 @@ async fn accept_loop<S>(
     }
 }
 
+/// Every byte of `s` but RFC 3986's unreserved ones percent-encoded: safe as one URL path
+/// segment (a key with `/`, `?`, `#`, `%`, spaces or non-ASCII letters names itself, not
+/// another path) and as a URL's userinfo (broker user names and passwords).
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn percent_encoding_leaves_only_unreserved_bytes() {
+        assert_eq!(super::percent_encode("orderconfig"), "orderconfig");
+        assert_eq!(super::percent_encode("a/b?c#d e%"), "a%2Fb%3Fc%23d%20e%25");
+        assert_eq!(super::percent_encode("café"), "caf%C3%A9");
+    }
+
     use super::*;
     use axum::body::Body;
     use axum::http::{Request, StatusCode};

@@ -33,6 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use super::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription, stopped,
 };
+use crate::bridge::percent_encode;
 
 /// daprd's `reconnectWaitSeconds` default.
 const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(3);
@@ -91,8 +92,8 @@ impl RabbitMq {
                 let protocol = meta.str("protocol").unwrap_or("amqp");
                 let hostname = meta.str("hostname").unwrap_or("localhost");
                 let auth = match (meta.str("username"), meta.str("password")) {
-                    (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
-                    (Some(u), None) => format!("{}@", enc(u)),
+                    (Some(u), Some(p)) => format!("{}:{}@", percent_encode(u), percent_encode(p)),
+                    (Some(u), None) => format!("{}@", percent_encode(u)),
                     _ => String::new(),
                 };
                 format!("{protocol}://{auth}{hostname}")
@@ -323,19 +324,6 @@ fn redact(uri: &str) -> String {
         }
         _ => uri.to_string(),
     }
-}
-
-/// Percent-encodes a URL userinfo part.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 async fn connect(settings: &Settings) -> Result<Connection, String> {

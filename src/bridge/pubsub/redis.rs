@@ -22,6 +22,7 @@ use super::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription,
     reconnect_backoff, stopped,
 };
+use crate::bridge::percent_encode;
 
 /// Dapr's defaults for the Redis component.
 const DEFAULT_PROCESSING_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,8 +96,8 @@ impl Redis {
         let db = meta.u64("redisDB", 0)?;
         let user = meta.str("redisUsername").unwrap_or("");
         let auth = match meta.str("redisPassword") {
-            Some(p) => format!("{}:{}@", enc(user), enc(p)),
-            None if !user.is_empty() => format!("{}@", enc(user)),
+            Some(p) => format!("{}:{}@", percent_encode(user), percent_encode(p)),
+            None if !user.is_empty() => format!("{}@", percent_encode(user)),
             None => String::new(),
         };
         let url = format!("redis://{auth}{host}/{db}");
@@ -127,19 +128,6 @@ impl Redis {
             }),
         })
     }
-}
-
-/// Percent-encodes a URL userinfo part.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl Broker for Redis {
