@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idle memory of `outrigger run` on an empty config (admin only), release build.
-# Reports RSS right after start, and after 1,000 admin requests (/ready and /metrics).
+# Reports RSS right after start, and after 1,000 admin requests (/ready and /metrics), each
+# split into anonymous memory and the binary's file-backed pages.
 # Usage: bench/idle-rss.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,12 @@ pid=$!
 for _ in $(seq 1 500); do [ -s "$dir/l.json" ] && break; sleep 0.01; done
 admin=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$dir/l.json")
 until curl -fs "http://$admin/ready" >/dev/null; do sleep 0.01; done
-rss() { awk '/VmRSS/ {printf "%.2f MiB", $2/1024}' "/proc/$pid/status"; }
+# VmRSS counts the binary's own mapped file pages (text, rodata: page cache, shared and
+# reclaimable) next to anonymous memory (heap, stacks): print both parts too.
+rss() {
+  awk '/VmRSS/ {t=$2} /RssAnon/ {a=$2} /RssFile/ {f=$2}
+       END {printf "%.2f MiB (anonymous %.2f, file-backed %.2f)", t/1024, a/1024, f/1024}' "/proc/$pid/status"
+}
 echo "outrigger $(./target/release/outrigger version | cut -d' ' -f2), pid $pid"
 echo "idle RSS after start:              $(rss)"
 for _ in $(seq 1 500); do curl -s "http://$admin/ready" >/dev/null; curl -s "http://$admin/metrics" >/dev/null; done
