@@ -676,8 +676,10 @@ async fn accept_loop<S>(
                 };
                 let service = service.clone();
                 let activity = crate::proxy::listener::Activity::new();
+                // Out of descriptors, the connection's descriptor goes back into the reserve
+                // when it closes.
                 let io = crate::proxy::listener::Metered::new(
-                    stream,
+                    crate::descriptors::Held::new(stream, refill),
                     activity.clone(),
                     Default::default(),
                     Default::default(),
