@@ -577,15 +577,19 @@ async fn build_modules(
                     tls: built.tls.clone(),
                 })),
             };
-            let state = BridgeState::new(
-                config,
-                prepared,
-                gate.clone(),
-                control.clone(),
-                clusters,
-                metrics.bridge.clone(),
-                metrics.pubsub.clone(),
-            )?;
+            // Made on the bridge's runtime: a task or timer it starts wakes the bridge's
+            // thread, not the proxy's workers.
+            let state = crate::bridge::isolation::build(|| {
+                BridgeState::new(
+                    config,
+                    prepared,
+                    gate.clone(),
+                    control.clone(),
+                    clusters,
+                    metrics.bridge.clone(),
+                    metrics.pubsub.clone(),
+                )
+            })?;
             let (bridge, addresses) = Bridge::build(state).await?;
             modules.push(Arc::new(bridge));
             Some((addresses.http, addresses.grpc))

@@ -5,10 +5,15 @@
 //! - **The reserve**: a few spare descriptors (`/dev/null`, opened at start-up) kept aside.
 //!   When an accept of admin or the bridge fails with EMFILE/ENFILE, one spare is closed and
 //!   the accept tried again at once, so `/live`, `/ready` and `/v1.0/healthz` are answered;
-//!   when that connection closes, its descriptor goes straight back into the reserve (the
-//!   close and the reopen run without a wait between them, so the flooded listener cannot
-//!   take it in between on the same thread). The classic trick (libev, nginx, libuv) closes a
-//!   spare to *shed* a queued connection; here it serves the ones that must not fail.
+//!   when that connection closes, its descriptor *number* becomes the spare again: `dup2` of
+//!   `/dev/null` onto the socket's descriptor closes the socket and fills the slot in one
+//!   system call, so no other thread (a flooded listener's accept on another worker, the
+//!   bridge's runtime) can take the slot in between. The classic trick (libev, nginx, libuv)
+//!   closes a spare to *shed* a queued connection; here it serves the ones that must not fail.
+//! - **With several threads** the gap between closing a spare and the accept that uses its
+//!   slot cannot be closed (Linux has no "accept into this descriptor"): a descriptor opened by
+//!   another thread in those microseconds takes it, and the accept fails again. It then takes
+//!   the next spare, up to all [`SPARES`] of them, instead of giving up after one.
 //! - **Accept errors** ([`AcceptErrors`]): every accept loop (proxy listeners, bridge, admin)
 //!   backs off while accepts fail and logs once a second with a count.
 //! - The proxy's per-listener connection caps leave room below `RLIMIT_NOFILE` by default
@@ -19,6 +24,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -34,6 +40,9 @@ pub const SPARES: usize = 8;
 /// The spare descriptors.
 pub struct Reserve {
     spares: Mutex<Vec<std::fs::File>>,
+    /// `/dev/null`, kept open to `dup2` onto a closing connection's descriptor (one more
+    /// descriptor, so that turning a socket into a spare never needs a free slot).
+    null: Option<std::fs::File>,
 }
 
 static RESERVE: OnceLock<Reserve> = OnceLock::new();
@@ -44,6 +53,7 @@ pub fn reserve() -> &'static Reserve {
     RESERVE.get_or_init(|| {
         let r = Reserve {
             spares: Mutex::new(Vec::with_capacity(SPARES)),
+            null: std::fs::File::open("/dev/null").ok(),
         };
         r.refill();
         r
@@ -66,6 +76,21 @@ impl Reserve {
                 Err(_) => break,
             }
         }
+    }
+
+    /// Makes `fd` (a connection's socket, deregistered from its runtime) a spare in one system
+    /// call: `/dev/null` is duplicated onto it, which closes the socket and keeps the slot.
+    /// False when the reserve is full or the call failed (`fd` is then closed as it is).
+    fn take_back(&self, mut fd: OwnedFd) -> bool {
+        let mut spares = self.spares.lock().expect("not poisoned");
+        let Some(null) = &self.null else {
+            return false;
+        };
+        if spares.len() >= SPARES || nix::unistd::dup2(null, &mut fd).is_err() {
+            return false;
+        }
+        spares.push(std::fs::File::from(fd));
+        true
     }
 
     /// Spares held now.
@@ -93,73 +118,127 @@ impl Drop for Refill {
 }
 
 /// Accepts with `accept`; when the process is out of descriptors, closes a spare and accepts
-/// again at once. The connection then comes with a [`Refill`] to keep until it closes.
+/// again at once — and again with the next spare while another thread takes the freed slot
+/// first. The connection then comes with a [`Refill`] to keep until it closes.
 pub async fn accept_with_reserve<T, F, Fut>(mut accept: F) -> io::Result<(T, Option<Refill>)>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = io::Result<T>>,
 {
-    match accept().await {
-        Err(e) if out_of_descriptors(&e) && reserve().release() => {
-            let refill = Refill(());
-            // On an error the refill (dropped here) takes the spare back.
-            let accepted = accept().await?;
-            Ok((accepted, Some(refill)))
+    let mut refill = None;
+    loop {
+        match accept().await {
+            Ok(accepted) => return Ok((accepted, refill)),
+            // On an error the refill (dropped here) takes the spares back.
+            Err(e) if out_of_descriptors(&e) && reserve().release() => {
+                // One for all the spares used (a second would refill on being replaced).
+                if refill.is_none() {
+                    refill = Some(Refill(()));
+                }
+            }
+            Err(e) => return Err(e),
         }
-        Ok(accepted) => Ok((accepted, None)),
-        Err(e) => Err(e),
     }
 }
 
-/// A stream and the [`Refill`] it may hold: the stream is closed first, then the reserve
-/// refilled (fields drop in order).
-pub struct Held<S> {
-    io: S,
-    _refill: Option<Refill>,
+/// A socket whose descriptor can become a spare when its connection closes.
+pub trait IntoSpare {
+    /// Deregisters the socket from its runtime and gives its descriptor (None: it has none of
+    /// its own, like a TLS stream).
+    fn into_spare(self) -> Option<OwnedFd>;
 }
 
-impl<S> Held<S> {
+impl IntoSpare for tokio::net::TcpStream {
+    fn into_spare(self) -> Option<OwnedFd> {
+        self.into_std().ok().map(OwnedFd::from)
+    }
+}
+
+impl IntoSpare for tokio::net::UnixStream {
+    fn into_spare(self) -> Option<OwnedFd> {
+        self.into_std().ok().map(OwnedFd::from)
+    }
+}
+
+#[cfg(feature = "proxy")]
+impl IntoSpare for crate::proxy::listener::Stream {
+    fn into_spare(self) -> Option<OwnedFd> {
+        use crate::proxy::listener::Stream;
+        match self {
+            Stream::Tcp(s) => s.into_spare(),
+            Stream::Unix(s) => s.into_spare(),
+            _ => None,
+        }
+    }
+}
+
+/// A stream and the [`Refill`] it may hold: when it drops, a stream that used a spare gives
+/// its descriptor back to the reserve in one system call ([`IntoSpare`]); failing that, it is
+/// closed and the reserve refilled by opening.
+pub struct Held<S: IntoSpare> {
+    /// Always `Some` until the drop.
+    io: Option<S>,
+    refill: Option<Refill>,
+}
+
+impl<S: IntoSpare> Held<S> {
     pub fn new(io: S, refill: Option<Refill>) -> Self {
         Held {
-            io,
-            _refill: refill,
+            io: Some(io),
+            refill,
+        }
+    }
+
+    fn io(&mut self) -> &mut S {
+        self.io.as_mut().expect("taken only by the drop")
+    }
+}
+
+impl<S: IntoSpare> Drop for Held<S> {
+    fn drop(&mut self) {
+        if let (Some(refill), Some(io)) = (self.refill.take(), self.io.take())
+            && let Some(fd) = io.into_spare()
+        {
+            reserve().take_back(fd);
+            // Tops up what other threads took while this connection held a spare.
+            drop(refill);
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+impl<S: IntoSpare + AsyncRead + Unpin> AsyncRead for Held<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        Pin::new(self.get_mut().io()).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+impl<S: IntoSpare + AsyncWrite + Unpin> AsyncWrite for Held<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        Pin::new(self.get_mut().io()).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        Pin::new(self.get_mut().io()).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        Pin::new(self.get_mut().io()).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        Pin::new(self.get_mut().io()).poll_shutdown(cx)
     }
 }
 
@@ -250,8 +329,12 @@ mod tests {
         assert_eq!(errors.delay, ACCEPT_BACKOFF_MIN);
     }
 
+    /// The reserve is the process's: tests that count its spares take turns.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn out_of_descriptors_an_accept_uses_a_spare_and_gives_it_back() {
+        let _turn = TURN.lock().await;
         let r = reserve();
         r.refill();
         assert_eq!(r.available(), SPARES);
@@ -278,5 +361,68 @@ mod tests {
         let e = accept_with_reserve(|| async { Err::<(), _>(io::Error::other("nope")) }).await;
         assert!(e.is_err());
         assert_eq!(r.available(), SPARES);
+    }
+
+    /// Another thread that takes the freed slot first (simulated: the accept fails again)
+    /// makes the accept use the next spare, not give up.
+    #[tokio::test]
+    async fn an_accept_raced_for_a_freed_slot_takes_the_next_spare() {
+        let _turn = TURN.lock().await;
+        let r = reserve();
+        r.refill();
+        let mut calls = 0;
+        let (_, refill) = accept_with_reserve(|| {
+            calls += 1;
+            let lost = calls <= 3;
+            async move {
+                if lost {
+                    Err(io::Error::from_raw_os_error(libc::EMFILE))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls, 4);
+        assert_eq!(r.available(), SPARES - 3);
+        drop(refill);
+        assert_eq!(r.available(), SPARES);
+        // Every spare lost to other threads: the error is the caller's, the spares come back.
+        let e = accept_with_reserve(|| async {
+            Err::<(), _>(io::Error::from_raw_os_error(libc::EMFILE))
+        })
+        .await;
+        assert!(e.is_err());
+        assert_eq!(r.available(), SPARES);
+    }
+
+    /// A connection that used a spare gives its own descriptor number back as the spare: the
+    /// socket is closed (the peer reads end of stream) and the slot holds `/dev/null`, with no
+    /// moment in which another thread could have taken it.
+    #[tokio::test]
+    async fn a_closing_connection_turns_its_own_descriptor_into_the_spare() {
+        use std::os::fd::AsRawFd;
+        use tokio::io::AsyncReadExt;
+
+        let _turn = TURN.lock().await;
+        let r = reserve();
+        r.refill();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(r.release());
+        let fd = server.as_raw_fd();
+        let held = Held::new(server, Some(Refill(())));
+        drop(held);
+        assert_eq!(r.available(), SPARES);
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_eq!(target, std::path::Path::new("/dev/null"));
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+        // The descriptor is one of the spares (closing one reopens nothing in its place).
+        assert!(r.spares.lock().unwrap().iter().any(|f| f.as_raw_fd() == fd));
     }
 }

@@ -421,10 +421,15 @@ fn inject(args: InjectArgs) -> ExitCode {
             print!("{yaml}");
             for r in reports {
                 let what = match r.outcome {
-                    outrigger::k8s::sidecar::Outcome::Injected => "injected",
-                    outrigger::k8s::sidecar::Outcome::AlreadyInjected => "already injected",
+                    outrigger::k8s::sidecar::Outcome::Injected => "injected".to_string(),
+                    outrigger::k8s::sidecar::Outcome::AlreadyInjected => {
+                        "already injected".to_string()
+                    }
                     outrigger::k8s::sidecar::Outcome::OptedOut => {
-                        "skipped (outrigger.dev/inject: \"false\")"
+                        "skipped (outrigger.dev/inject: \"false\")".into()
+                    }
+                    outrigger::k8s::sidecar::Outcome::NotAWorkload(why) => {
+                        format!("warning: not injected: {why}")
                     }
                 };
                 eprintln!("{}: {what}", r.object);

@@ -331,17 +331,25 @@ impl Bridge {
     /// Binds `bridge.address` and `bridge.grpc_address`. Returns the module and the bound
     /// addresses.
     pub async fn build(state: BridgeState) -> Result<(Bridge, BridgeAddresses)> {
+        // Bound on the bridge's runtime: their wake-ups are its thread's ([`isolation`]).
         let address = state.config.address.clone();
-        let bound = Bound::bind(&address, DEFAULT_SOCKET_MODE)
-            .await
-            .with_context(|| format!("cannot bind the bridge on {address}"))?;
+        let at = address.clone();
+        let bound =
+            isolation::on_bridge(async move { Bound::bind(&at, DEFAULT_SOCKET_MODE).await })
+                .await
+                .with_context(|| format!("cannot bind the bridge on {address}"))?;
         let local = bound.local_address()?;
-        let grpc_bound = match &state.config.grpc_address {
-            Some(g) => Some(
-                Bound::bind(g, DEFAULT_SOCKET_MODE)
+        let grpc_bound = match state.config.grpc_address.clone() {
+            Some(g) => {
+                let at = g.clone();
+                Some(
+                    isolation::on_bridge(
+                        async move { Bound::bind(&at, DEFAULT_SOCKET_MODE).await },
+                    )
                     .await
                     .with_context(|| format!("cannot bind the bridge's gRPC API on {g}"))?,
-            ),
+                )
+            }
             None => None,
         };
         let grpc_local = match &grpc_bound {
@@ -676,8 +684,10 @@ async fn accept_loop<S>(
                 };
                 let service = service.clone();
                 let activity = crate::proxy::listener::Activity::new();
+                // Out of descriptors, the connection's descriptor goes back into the reserve
+                // when it closes.
                 let io = crate::proxy::listener::Metered::new(
-                    stream,
+                    crate::descriptors::Held::new(stream, refill),
                     activity.clone(),
                     Default::default(),
                     Default::default(),
@@ -688,9 +698,6 @@ async fn accept_loop<S>(
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    // Dropped after `conn` (declared before it): the socket's descriptor
-                    // goes back into the reserve.
-                    let _refill = refill;
                     tokio::pin!(conn);
                     let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
                     tokio::pin!(silent);

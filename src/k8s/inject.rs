@@ -79,14 +79,38 @@ fn to_yaml(v: &Value) -> yaml_rust2::Yaml {
             Some(i) => Yaml::Integer(i),
             None => Yaml::Real(n.to_string()),
         },
-        Value::String(s) => Yaml::String(s.clone()),
+        Value::String(s) => string(s),
         Value::Array(a) => Yaml::Array(a.iter().map(to_yaml).collect()),
-        Value::Object(m) => Yaml::Hash(
-            m.iter()
-                .map(|(k, v)| (Yaml::String(k.clone()), to_yaml(v)))
-                .collect(),
-        ),
+        Value::Object(m) => Yaml::Hash(m.iter().map(|(k, v)| (string(k), to_yaml(v))).collect()),
     }
+}
+
+/// A string (value or key) that stays one for a YAML 1.1 reader. yaml-rust2 quotes YAML 1.1's
+/// booleans and nulls and what Rust parses as a number, but leaves plain what Kubernetes' Go
+/// reader still takes for a number or a date: `0b101`, `0o755`, `+0x1`, `1_000`, `2001-12-14`.
+/// Those are written double-quoted here (JSON's quoting is valid YAML; `Yaml::Real` is written
+/// as it is), and the emitter keeps every other decision.
+fn string(s: &str) -> yaml_rust2::Yaml {
+    if may_read_as_a_number_or_date(s) {
+        yaml_rust2::Yaml::Real(serde_json::to_string(s).expect("a string serializes"))
+    } else {
+        yaml_rust2::Yaml::String(s.to_owned())
+    }
+}
+
+/// Over-approximates YAML 1.1's int, float and timestamp forms and Go's `ParseInt`/`ParseFloat`
+/// with base prefixes and `_`: a leading digit, sign or dot, then only digits, signs, `.`,
+/// `_`, `:` and the letters of hex digits, base prefixes, exponents and timestamps. Quoting a
+/// string that did not need it changes nothing for any reader.
+fn may_read_as_a_number_or_date(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
+        && s.chars().all(|c| {
+            c.is_ascii_hexdigit()
+                || matches!(
+                    c,
+                    '+' | '-' | '.' | '_' | ':' | 'x' | 'X' | 'o' | 'O' | 't' | 'T' | 'z' | 'Z'
+                )
+        })
 }
 
 /// Injects every workload of `text`; returns the new YAML and what was done.
@@ -127,6 +151,28 @@ pub fn describe(object: &Value) -> String {
     }
 }
 
+/// The kinds `inject` changes, with the one apiVersion of each it knows.
+pub const WORKLOADS: &[(&str, &str)] = &[
+    ("Pod", "v1"),
+    ("Deployment", "apps/v1"),
+    ("StatefulSet", "apps/v1"),
+    ("DaemonSet", "apps/v1"),
+    ("ReplicaSet", "apps/v1"),
+    ("Job", "batch/v1"),
+    ("CronJob", "batch/v1"),
+];
+
+/// Whether an object of a kind we do not know looks like it makes pods (`spec.template.spec`
+/// or `spec.jobTemplate…` with containers).
+fn has_pod_template(object: &Value) -> bool {
+    [
+        "/spec/template/spec/containers",
+        "/spec/jobTemplate/spec/template/spec/containers",
+    ]
+    .iter()
+    .any(|p| object.pointer(p).is_some_and(Value::is_array))
+}
+
 /// Injects one object (and the items of a `List`). On error: (object, message).
 pub fn inject_object(
     object: &mut Value,
@@ -162,7 +208,35 @@ pub fn inject_object(
         }
         ("Job", "batch/v1") => &["spec", "template"],
         ("CronJob", "batch/v1") => &["spec", "jobTemplate", "spec", "template"],
-        _ => return Ok(()),
+        // A kind we inject under an apiVersion we do not know: refused rather than passed on
+        // without the sidecar (the older ones are no longer served by Kubernetes ≥ 1.25).
+        (k, _) if WORKLOADS.iter().any(|(kind, _)| *kind == k) => {
+            let want = WORKLOADS
+                .iter()
+                .find(|(kind, _)| *kind == k)
+                .map(|(_, api)| *api)
+                .expect("found above");
+            return Err((
+                describe(object),
+                format!(
+                    "apiVersion {api:?}: expected {want} for a {k} (the only version Kubernetes serves since 1.25); `kubectl convert` it first"
+                ),
+            ));
+        }
+        // Anything else with a pod template (a custom resource such as an Argo Rollout): its
+        // pods are not injected here, and the summary says so.
+        _ => {
+            if has_pod_template(object) {
+                reports.push(Report {
+                    object: describe(object),
+                    outcome: Outcome::NotAWorkload(format!(
+                        "kind {kind:?} apiVersion {api:?} has a pod template, but inject knows only {}; its pods get the sidecar from the admission webhook, or not at all",
+                        WORKLOADS.iter().map(|(k, a)| format!("{a} {k}")).collect::<Vec<_>>().join(", ")
+                    )),
+                });
+            }
+            return Ok(());
+        }
     };
     let described = describe(object);
     let name = object
@@ -218,6 +292,8 @@ mod tests {
     fn render_quotes_what_kubernetes_would_misread() {
         let doc = serde_json::json!({
             "data": {"a": "on", "b": "yes", "c": "n", "d": "0x10", "e": "010", "f": "~", "g": "1e3",
+                     "h": "0b101", "i": "0o755", "j": "+0x1F", "k": "1_000", "l": "2001-12-14",
+                     "m": "0755", "yes": "1:20", "2024": "x", "cpu": "50m", "v": "v1.29",
                      "file": "line 1\nline 2\n"},
             "n": 3, "t": true, "z": null,
         });
@@ -229,6 +305,15 @@ mod tests {
             "d: \"0x10\"",
             "e: \"010\"",
             "g: \"1e3\"",
+            "h: \"0b101\"",
+            "i: \"0o755\"",
+            "j: \"+0x1F\"",
+            "k: \"1_000\"",
+            "l: \"2001-12-14\"",
+            "m: \"0755\"",
+            "\"yes\": \"1:20\"",
+            "\"2024\": x",
+            "cpu: 50m",
             "file: |\n",
         ] {
             assert!(text.contains(want), "{want:?} not in\n{text}");

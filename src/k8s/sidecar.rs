@@ -76,6 +76,8 @@ pub enum Outcome {
     AlreadyInjected,
     /// `outrigger.dev/inject: "false"`.
     OptedOut,
+    /// Not a kind `inject` knows, though it has a pod template: why its pods get no sidecar.
+    NotAWorkload(String),
 }
 
 /// Names that identify the workload, for its default app id.

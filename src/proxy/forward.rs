@@ -90,6 +90,8 @@ impl HttpListener {
         let max_retries = policy.map_or(0, |p| p.attempts);
         let idempotent = is_idempotent(&parts.method);
         let mut tries = 0u32;
+        // Held once for an app that restarts under this request (hold.rs).
+        let mut held = false;
         loop {
             let Some(attempt) = cluster.pick() else {
                 return Err(self.fail(
@@ -193,6 +195,14 @@ impl HttpListener {
                 ),
             };
             cluster.failed(&attempt);
+            if failure == Failure::Connect
+                && replayable
+                && !held
+                && self.held_after_refusal(down).await
+            {
+                held = true;
+                continue;
+            }
             if can_retry(retry_on, safe) {
                 tries += 1;
                 backoff(policy.map_or(Duration::ZERO, |p| p.backoff.get()), tries).await;

@@ -2,7 +2,10 @@
 //! or overflows the stack, and the properties that keep requests and configs honest hold.
 //! Fixed case counts (128 each) so CI stays fast. What they found on the first run: a match rule
 //! with an escaped multi-byte character panicked the parser, and a Subscription file with a YAML
-//! syntax error made the loader loop forever (memory until the process was killed).
+//! syntax error made the loader loop forever (memory until the process was killed). Also
+//! covered: cron schedules, the log agent's line parsing (JSON, plain, auto), `inject`'s YAML
+//! (its output must read back as the same documents), Subscription `rules` nested deep, and
+//! component metadata checked at preflight.
 
 use proptest::prelude::*;
 
@@ -148,6 +151,96 @@ mod bridge {
             let _ = subscription::parse_programmatic(&body);
         }
 
+        /// `bindings.cron`'s `schedule` and `timeZone` come from component files; a schedule
+        /// that parses can compute its next wait without panicking.
+        #[test]
+        fn cron_schedules_parse_or_fail_but_never_crash(
+            spec in prop_oneof![
+                "\\PC{0,40}",
+                prop::collection::vec(
+                    prop_oneof![
+                        Just("*"), Just("*/0"), Just("*/7"), Just("0-59"), Just("59-0"), Just("1,2,3"),
+                        Just("L"), Just("W"), Just("#"), Just("?"), Just("JAN"), Just("SUN-SAT"),
+                        Just("99999999999"), Just("-1"), Just("@every 0s"), Just("@every 1h"),
+                        Just("@every 9999999999h"), Just("@yearly"), Just("CRON_TZ=Nowhere/X"),
+                        Just("TZ=UTC"),
+                    ],
+                    0..8,
+                ).prop_map(|v| v.join(" ")),
+            ],
+            zone in prop_oneof![Just(None), Just(Some("UTC")), Just(Some("Europe/Paris")), Just(Some("../../etc/passwd")), Just(Some(""))],
+        ) {
+            if let Ok(schedule) = outrigger::bridge::cron::Schedule::parse(&spec, zone) {
+                let _ = schedule.wait_from(jiff::Timestamp::now());
+            }
+        }
+
+        /// A Subscription's `routes.rules[].match` nested deep or long, in the file as an app
+        /// would write it: an error located in the file, never a crash.
+        #[test]
+        fn subscription_rules_nested_deep_never_crash(depth in 0usize..20_000, rule in rule()) {
+            let deep = format!("{}event.type == \"a\"{}", "(".repeat(depth), ")".repeat(depth));
+            for m in [deep.as_str(), rule.as_str()] {
+                // A single-quoted YAML scalar: only `'` is escaped (doubled).
+                let text = format!(
+                    "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {{name: s}}\nspec:\n  pubsubname: p\n  topic: t\n  routes:\n    rules:\n    - match: '{}'\n      path: /a\n    default: /d\n",
+                    m.replace('\'', "''")
+                );
+                let _ = subscription::parse_declarative(&text, std::path::Path::new("s.yaml"));
+            }
+        }
+
+        /// Component metadata (any type the bridge knows, any keys and values) is checked at
+        /// preflight without panicking; every problem is located in the file.
+        #[test]
+        fn component_metadata_is_checked_never_crashes(
+            kind in prop::sample::select(
+                [
+                    outrigger::bridge::components::STATE_TYPES,
+                    outrigger::bridge::components::PUBSUB_TYPES,
+                    outrigger::bridge::components::LOCK_TYPES,
+                    outrigger::bridge::components::CONFIGURATION_TYPES,
+                    outrigger::bridge::components::BINDING_TYPES,
+                    outrigger::bridge::components::SECRET_TYPES,
+                ]
+                .concat(),
+            ),
+            metadata in prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "redisHost", "redisPassword", "connectionString", "natsURL", "url", "host",
+                        "qos", "retain", "consumerID", "schedule", "timeZone", "maxLen",
+                        "processingTimeout", "redeliverInterval", "queueDepth", "concurrency",
+                        "tableName", "keyPrefix", "ttlInSeconds", "timeout", "durable", "prefetchCount",
+                        "secretsFile", "nestedSeparator", "cleanupInterval", "enableTLS", "direction",
+                    ]),
+                    prop_oneof![
+                        Just("".to_string()), Just("-1".to_string()), Just("0".to_string()),
+                        Just("18446744073709551616".to_string()), Just("1h".to_string()),
+                        Just("@every 1s".to_string()), Just("true".to_string()),
+                        Just("localhost:1".to_string()), Just("nats://[::1".to_string()),
+                        "\\PC{0,16}",
+                    ],
+                ),
+                0..6,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut yaml = format!(
+                "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{name: c}}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n"
+            );
+            for (k, v) in &metadata {
+                yaml.push_str(&format!("  - name: {k}\n    value: {}\n", serde_json::to_string(v).unwrap()));
+            }
+            yaml.push_str("  - name: end\n    value: x\n");
+            std::fs::write(dir.path().join("c.yaml"), &yaml).unwrap();
+            let mut problems = Vec::new();
+            let _ = outrigger::bridge::components::prepare(Some(dir.path()), "app", &mut problems);
+            for p in &problems {
+                prop_assert!(!p.message.is_empty());
+            }
+        }
+
         #[test]
         fn declarative_subscriptions_never_panic(text in "\\PC{0,300}") {
             let _ = subscription::parse_declarative(&text, std::path::Path::new("s.yaml"));
@@ -174,6 +267,150 @@ mod bridge {
                 metadata: &metadata,
             };
             let _ = cloudevent::pass_through(&p);
+        }
+    }
+}
+
+#[cfg(feature = "k8s")]
+mod k8s {
+    use proptest::prelude::*;
+
+    use outrigger::k8s::inject::{inject_text, parse};
+    use outrigger::k8s::sidecar::Options;
+
+    /// Manifest-looking YAML: workload kinds and apiVersions, pod specs, annotations, lists,
+    /// and scalars a YAML 1.1 reader could take for something else.
+    fn manifest() -> impl Strategy<Value = String> {
+        let scalar = prop_oneof![
+            Just("a".to_string()),
+            Just("\"on\"".to_string()),
+            Just("\"0o755\"".to_string()),
+            Just("\"1_000\"".to_string()),
+            Just("\"2001-12-14\"".to_string()),
+            Just("\"+0x1F\"".to_string()),
+            Just("\"yes\"".to_string()),
+            Just("3500".to_string()),
+            Just("null".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            "[a-z0-9\\-]{0,8}",
+        ];
+        let kind = prop_oneof![
+            Just("apiVersion: v1\nkind: Pod\n"),
+            Just("apiVersion: apps/v1\nkind: Deployment\n"),
+            Just("apiVersion: batch/v1\nkind: CronJob\n"),
+            Just("apiVersion: extensions/v1beta1\nkind: Deployment\n"),
+            Just("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n"),
+            Just("apiVersion: x.io/v1\nkind: Rollout\n"),
+            Just(""),
+        ];
+        let body = prop_oneof![
+            Just("metadata:\n  name: "),
+            Just("metadata:\n  annotations:\n    outrigger.dev/app-port: "),
+            Just("metadata:\n  annotations:\n    outrigger.dev/identity: "),
+            Just("spec:\n  containers:\n  - name: app\n    image: "),
+            Just(
+                "spec:\n  template:\n    spec:\n      containers:\n      - name: a\n        env: "
+            ),
+            Just(
+                "spec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          containers: "
+            ),
+            Just("data:\n  k: "),
+            Just("---\n"),
+        ];
+        prop::collection::vec((kind, prop::collection::vec((body, scalar), 0..4)), 1..4).prop_map(
+            |docs| {
+                docs.into_iter()
+                    .map(|(k, parts)| {
+                        let mut d = k.to_string();
+                        for (b, v) in parts {
+                            d.push_str(b);
+                            d.push_str(&v);
+                            d.push('\n');
+                        }
+                        d
+                    })
+                    .collect::<Vec<_>>()
+                    .join("---\n")
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(super::config())]
+
+        /// Whatever the manifest, inject answers (YAML or a located error); what it writes
+        /// reads back, and injecting it again changes nothing.
+        #[test]
+        fn inject_never_panics_and_its_output_reads_back(text in manifest()) {
+            let options = Options::default();
+            if let Ok((out, _)) = inject_text(&text, "g.yaml", &options) {
+                let docs = parse(&out, "out");
+                prop_assert!(docs.is_ok(), "{out}");
+                let (again, _) = inject_text(&out, "out", &options).expect("injected output injects");
+                prop_assert_eq!(parse(&again, "again").unwrap(), docs.unwrap());
+            }
+        }
+
+        #[test]
+        fn inject_never_panics_on_any_text(text in "\\PC{0,300}") {
+            let _ = inject_text(&text, "g.yaml", &Options::default());
+        }
+    }
+}
+
+#[cfg(feature = "logs")]
+mod logs {
+    use std::time::SystemTime;
+
+    use outrigger::config::logs::LineFormat;
+    use outrigger::logs::parse::{Encoder, Origin, Tail};
+    use proptest::prelude::*;
+
+    /// JSON-looking lines: the keys the parser looks at, nesting, escapes, broken endings.
+    fn line() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just("{".to_string()),
+            Just("}".to_string()),
+            Just("[".to_string()),
+            Just("]".to_string()),
+            Just(",".to_string()),
+            Just(":".to_string()),
+            Just("\"time\":".to_string()),
+            Just("\"traceparent\":".to_string()),
+            Just("\"trace_id\":".to_string()),
+            Just("\"source\":".to_string()),
+            Just("\"msg\":".to_string()),
+            Just("\"\\u00e9\\ud800\"".to_string()),
+            Just("\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"".to_string()),
+            Just("1e999".to_string()),
+            Just("null".to_string()),
+            "[ -~]{0,10}",
+        ];
+        prop_oneof![
+            prop::collection::vec(piece, 0..30).prop_map(|v| v.concat().into_bytes()),
+            prop::collection::vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(super::config())]
+
+        /// Every line becomes exactly one record that is valid JSON, whichever format the
+        /// source declares and whatever the line holds (invalid UTF-8 included).
+        #[test]
+        fn every_line_becomes_one_json_record(
+            line in line(),
+            format in prop_oneof![Just(LineFormat::Auto), Just(LineFormat::Json), Just(LineFormat::Plain)],
+        ) {
+            let encoder = Encoder::new(vec![], vec![("env".into(), "g".into())]);
+            let tail = Tail::new("app", Origin::Stream("stdout"));
+            let mut out = Vec::new();
+            encoder.encode(&mut out, &line, format, &tail, SystemTime::now());
+            prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+            let record: Result<serde_json::Value, _> = serde_json::from_slice(&out);
+            prop_assert!(record.is_ok(), "{}", String::from_utf8_lossy(&out));
+            prop_assert!(record.unwrap().is_object());
         }
     }
 }

@@ -319,6 +319,18 @@ fn bad_input_is_refused_with_a_located_error_and_exit_65() {
             "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec:\n  containers: [{name: a, image: a}]\n",
             "is not a DNS label; set outrigger.dev/app-id",
         ),
+        // A workload kind under an apiVersion inject does not know is refused, not passed on
+        // without the sidecar.
+        (
+            &[],
+            "apiVersion: extensions/v1beta1\nkind: Deployment\nmetadata: {name: old}\nspec: {template: {spec: {containers: [{name: a, image: a}]}}}\n",
+            "stdin: document 1 (Deployment old): apiVersion \"extensions/v1beta1\": expected apps/v1 for a Deployment",
+        ),
+        (
+            &[],
+            "apiVersion: batch/v1beta1\nkind: CronJob\nmetadata: {name: c}\nspec: {}\n",
+            "apiVersion \"batch/v1beta1\": expected batch/v1 for a CronJob",
+        ),
     ];
     for (args, input, want) in cases {
         let (code, stdout, stderr) = inject(args, input);
@@ -1074,4 +1086,35 @@ fn the_documented_identity_config_loads_the_secret_layout() {
         d,
     );
     assert_eq!(code, 0, "{config}\n{stderr}");
+}
+
+/// A kind inject does not know that has a pod template (a custom resource) passes through
+/// unchanged, with a warning on stderr naming it; other kinds pass silently. Values a YAML 1.1
+/// reader would take for numbers or dates stay quoted strings in the output.
+#[test]
+fn unknown_kinds_with_pod_templates_are_reported_and_strings_stay_strings() {
+    let input = "apiVersion: argoproj.io/v1alpha1\nkind: Rollout\nmetadata: {name: r}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: a}]\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {mode: \"0o755\", bits: \"0b101\", n: \"1_000\", day: \"2001-12-14\", hex: \"+0x1F\", on: \"yes\"}\n";
+    let (code, stdout, stderr) = inject(&[], input);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("Rollout r: warning: not injected: kind \"Rollout\" apiVersion \"argoproj.io/v1alpha1\" has a pod template"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("ConfigMap"), "{stderr}");
+    for want in [
+        "mode: \"0o755\"",
+        "bits: \"0b101\"",
+        "\"n\": \"1_000\"",
+        "day: \"2001-12-14\"",
+        "hex: \"+0x1F\"",
+        "\"on\": \"yes\"",
+    ] {
+        assert!(stdout.contains(want), "{want:?} not in\n{stdout}");
+    }
+    let docs: Vec<Value> = outrigger::k8s::inject::parse(&stdout, "out").unwrap();
+    assert!(
+        docs[0]
+            .pointer("/spec/template/spec/initContainers")
+            .is_none()
+    );
 }

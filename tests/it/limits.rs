@@ -35,6 +35,18 @@ fn open_connections(sc: &Sidecar, listener: &str) -> f64 {
 /// accept and failed again).
 #[test]
 fn admin_and_bridge_health_answer_when_a_listener_took_every_descriptor() {
+    health_answers_out_of_descriptors(1);
+}
+
+/// The same with four worker threads: the flooded listener's accepts run on other threads
+/// while a spare is used and given back (a closing connection's descriptor becomes the spare
+/// in one `dup2`, so no other thread takes the slot in between).
+#[test]
+fn health_answers_out_of_descriptors_with_several_worker_threads() {
+    health_answers_out_of_descriptors(4);
+}
+
+fn health_answers_out_of_descriptors(worker_threads: usize) {
     let app = Backend::http();
     let bridge = if cfg!(feature = "bridge") {
         "bridge:\n  address: 127.0.0.1:0\n"
@@ -42,7 +54,7 @@ fn admin_and_bridge_health_answer_when_a_listener_took_every_descriptor() {
         ""
     };
     let config = format!(
-        "app:\n  address: {}\nlisteners:\n  - name: flood\n    address: 127.0.0.1:0\n    limits: {{ max_connections: 10000, header_read_timeout: 1h, idle_timeout: 1h }}\n{bridge}",
+        "runtime: {{ worker_threads: {worker_threads} }}\napp:\n  address: {}\nlisteners:\n  - name: flood\n    address: 127.0.0.1:0\n    limits: {{ max_connections: 10000, header_read_timeout: 1h, idle_timeout: 1h }}\n{bridge}",
         app.address()
     );
     let sc = Spawn {
@@ -59,7 +71,7 @@ fn admin_and_bridge_health_answer_when_a_listener_took_every_descriptor() {
         "the sidecar out of descriptors",
         || sc.stderr().contains("accept failed").then_some(()),
     );
-    for i in 0..10 {
+    for i in 0..20 {
         assert_eq!(
             fresh_get(&sc.url("/live")),
             Ok(200),
