@@ -36,6 +36,7 @@ pub mod authz;
 pub mod body;
 pub mod cluster;
 pub mod failure;
+mod fast_path;
 pub mod forward;
 pub mod framing;
 pub mod generation;
