@@ -107,8 +107,9 @@ for p in outrigger haproxy nginx; do
 done
 
 # Heap allocations per request: the counting build, warmed up, then N requests.
-cargo build -q --features alloc-count
-"$PWD/target/debug/outrigger" run -c "$dir/outrigger.yaml" >/dev/null 2>"$dir/alloc.err" & pids+=($!)
+# `ALLOC_BIN=path` uses that (alloc-count) binary instead of building it.
+if [ -z "${ALLOC_BIN:-}" ]; then cargo build -q --features alloc-count; fi
+"${ALLOC_BIN:-$PWD/target/debug/outrigger}" run -c "$dir/outrigger.yaml" >/dev/null 2>"$dir/alloc.err" & pids+=($!)
 wait_up
 allocs() { curl -sf "http://127.0.0.1:$ADMIN/metrics" | awk '/^outrigger_heap_allocations_total / {print $2}'; }
 load 400

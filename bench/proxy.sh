@@ -19,8 +19,9 @@ secs=${1:-10}
 for tool in nginx haproxy wrk h2load taskset; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx haproxy wrk nghttp2-client)"; exit 1; }
 done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
+# `OUTRIGGER_BIN=path` measures that binary instead of building (also for the instructions part).
+if [ -z "${OUTRIGGER_BIN:-}" ]; then cargo build --release -q; fi
+bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}
 dir=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }

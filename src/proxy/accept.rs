@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use super::generation::{Kind, Listener, Serving};
 use super::listener::{self, Activity, Metered, Peer, Stream};
-use super::{framing, http, tcp};
+use super::{fast_path, framing, http, tcp};
 use crate::runtime::Drain;
 
 /// A downstream connection's slot: releases the `max_connections` permit and updates the
@@ -138,14 +138,13 @@ async fn serve_connection(
     };
     let activity = Activity::new();
     let alarm = framing::Alarm::default();
-    let scanner =
-        matches!(serving.kind, Kind::Http(..)).then(|| framing::Scanner::new(alarm.clone()));
-    let io = Metered::new(
+    // HTTP: the fast path reads heads itself; the framing scanner starts with hyper.
+    let mut io = Metered::new(
         stream,
         activity.clone(),
         l.received.clone(),
         l.sent.clone(),
-        scanner,
+        None,
     );
     let idle = serving.limits.idle_timeout.get();
     match &serving.kind {
@@ -183,6 +182,77 @@ async fn serve_connection(
                 secure,
                 identity,
             });
+            // Made once per connection, not per wake-up: a fresh timer for every request was
+            // a measurable share of the data path.
+            let drained = drain.signaled();
+            // hyper's header timer starts at a request's first byte: a connection that never
+            // sends one (a bare TCP connect, or silence after the TLS handshake) is given the
+            // same `header_read_timeout` before its first watch period ends.
+            let first_period = serving.limits.header_read_timeout.get().min(idle);
+            let silent = silent_for(&activity, first_period, idle);
+            let quiet = silent_for(&activity, DRAIN_QUIET, DRAIN_QUIET);
+            tokio::pin!(drained, silent, quiet);
+            let mut draining = false;
+            // The HTTP/1 fast path first: it serves the requests it takes, and hands hyper the
+            // connection (with the bytes it read) at the first one it does not.
+            let flags = fast_path::Flags::default();
+            let outcome = {
+                let fast = fast_path::serve(
+                    fast_path::Ctx {
+                        listener: &l,
+                        first,
+                        down: &down,
+                        flags: &flags,
+                        header_read_timeout: serving.limits.header_read_timeout.get(),
+                        max_head: serving.limits.max_header_bytes,
+                    },
+                    &mut io,
+                );
+                tokio::pin!(fast);
+                loop {
+                    tokio::select! {
+                        outcome = &mut fast => break outcome,
+                        _ = &mut drained, if !draining => {
+                            // As below: responses from now on say `connection: close`, and a
+                            // connection quiet for a moment is closed.
+                            draining = true;
+                            quiet.set(silent_for(&activity, DRAIN_QUIET, DRAIN_QUIET));
+                        }
+                        _ = &mut quiet, if draining => {
+                            if !flags.busy() {
+                                break fast_path::Outcome::Closed;
+                            }
+                            flags.close_when_done();
+                            quiet.set(silent_for(&activity, DRAIN_QUIET, DRAIN_QUIET));
+                        }
+                        silence = &mut silent => {
+                            if silence == Silence::WriteStalled {
+                                tracing::debug!(listener = %l.name, "the client read nothing for the idle timeout; connection closed");
+                                l.stalled.inc();
+                                break fast_path::Outcome::Closed;
+                            }
+                            if activity.count() == 0 {
+                                tracing::debug!(listener = %l.name, "the client sent nothing; connection closed");
+                                l.silent.inc();
+                            }
+                            if !flags.busy() {
+                                break fast_path::Outcome::Closed;
+                            }
+                            flags.close_when_done();
+                            silent.set(silent_for(&activity, idle, idle));
+                        }
+                    }
+                }
+            };
+            let fast_path::Outcome::Fallback(prefix) = outcome else {
+                return;
+            };
+            // hyper reads the head the fast path stopped at again: the framing scanner starts
+            // there too.
+            let mut scanner = framing::Scanner::new(down.framing_alarm.clone());
+            scanner.feed(&prefix);
+            io.set_scanner(Some(scanner));
+            let io = fast_path::Rewind::new(prefix, io);
             // Each request is handled by the listener's newest config generation: a reload
             // reaches keep-alive connections too.
             let (listener, fallback) = (l.clone(), first.clone());
@@ -217,21 +287,11 @@ async fn serve_connection(
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
-            // Made once per connection, not per wake-up: a fresh timer for every request was
-            // a measurable share of the data path.
-            let drained = drain.signaled();
-            // hyper's header timer starts at a request's first byte: a connection that never
-            // sends one (a bare TCP connect, or silence after the TLS handshake) is given the
-            // same `header_read_timeout` before its first watch period ends.
-            let first = serving.limits.header_read_timeout.get().min(idle);
-            let silent = silent_for(&activity, first, idle);
             // HTTP/2 response bodies the client reads nothing of: flow control keeps the
             // socket writable, so only a watch on each body sees them.
             let unread = watched.streams.sweep_every(idle, &l.stalled_streams);
-            let quiet = silent_for(&activity, DRAIN_QUIET, DRAIN_QUIET);
-            tokio::pin!(drained, silent, unread, quiet);
+            tokio::pin!(unread);
             let mut closing = false;
-            let mut draining = false;
             loop {
                 tokio::select! {
                     res = conn.as_mut() => {

@@ -291,6 +291,12 @@ impl<S> Metered<S> {
 }
 
 impl<S> Metered<S> {
+    /// Starts (or stops) the framing scanner: the HTTP/1 fast path parses heads itself and
+    /// hands hyper a scanner that starts at a head when it falls back.
+    pub fn set_scanner(&mut self, scanner: Option<super::framing::Scanner>) {
+        self.scanner = scanner;
+    }
+
     /// Counts what a write moved, or notes that it waits (the peer reads nothing).
     fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
         match res {

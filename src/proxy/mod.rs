@@ -8,9 +8,12 @@
 //! 2. accept: [`accept`] (accept loop, backpressure at `max_connections`, serving a
 //!    connection, idle timeout, clients that read nothing); HTTP/2 streams whose client reads
 //!    nothing in [`unread_streams`]; TLS termination in [`crate::tls::accept`];
-//! 3. serve: `tcp` listeners copy bytes to a cluster ([`tcp`]); `http` listeners run hyper
-//!    (HTTP/1.1 or HTTP/2) with the [`framing`] scanner watching the bytes, and hand each
-//!    request to the listener's [`http::HttpListener`], whose phases are, in order:
+//! 3. serve: `tcp` listeners copy bytes to a cluster ([`tcp`]); `http` listeners first serve
+//!    plain keep-alive HTTP/1.1 requests without a body on the HTTP/1 fast path (`fast_path`:
+//!    httparse, the original header lines with our edits, an upstream connection owned for the
+//!    exchange, no hyper), and at the first request it does not take hand the connection to
+//!    hyper (HTTP/1.1 or HTTP/2) with the [`framing`] scanner watching the bytes, which hands
+//!    each request to the listener's [`http::HttpListener`], whose phases are, in order:
 //!    1. authorize the listener ([`authz`]);
 //!    2. admit ([`limits`]);
 //!    3. hold for a starting app ([`hold`]);
@@ -36,6 +39,7 @@ pub mod authz;
 pub mod body;
 pub mod cluster;
 pub mod failure;
+mod fast_path;
 pub mod forward;
 pub mod framing;
 pub mod generation;

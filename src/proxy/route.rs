@@ -173,6 +173,11 @@ impl Edits {
         }
     }
 
+    /// No edit at all (the HTTP/1 fast path takes only such routes).
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+
     pub fn apply(&self, headers: &mut HeaderMap) {
         for k in &self.remove {
             headers.remove(k);
@@ -230,7 +235,14 @@ impl Matcher {
         }
     }
 
-    fn matches(&self, host: &str, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+    /// `header` gives a header's first value, as `HeaderMap::get` does.
+    fn matches<'h>(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        header: &impl Fn(&HeaderName) -> Option<&'h [u8]>,
+    ) -> bool {
         let host_ok = match &self.host {
             None => true,
             Some(HostMatch::Exact(h)) => h == host,
@@ -248,7 +260,7 @@ impl Matcher {
             && self
                 .headers
                 .iter()
-                .all(|(k, v)| headers.get(k).is_some_and(|h| h.as_bytes() == v.as_bytes()))
+                .all(|(k, v)| header(k).is_some_and(|h| h == v.as_bytes()))
     }
 }
 
@@ -346,9 +358,22 @@ impl Router {
         method: &Method,
         headers: &HeaderMap,
     ) -> Option<&Arc<Target>> {
+        self.route_by(host, path, method, &|k| {
+            headers.get(k).map(|v| v.as_bytes())
+        })
+    }
+
+    /// [`Router::route`] with headers looked up by `header` (the HTTP/1 fast path's raw head).
+    pub fn route_by<'h>(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        header: &impl Fn(&HeaderName) -> Option<&'h [u8]>,
+    ) -> Option<&Arc<Target>> {
         self.routes
             .iter()
-            .find(|(m, _)| m.matches(host, path, method, headers))
+            .find(|(m, _)| m.matches(host, path, method, header))
             .map(|(_, t)| t)
             .or_else(|| self.by_host.get(host))
     }
@@ -412,7 +437,7 @@ fn authority<B>(req: &Request<B>) -> Result<(&str, bool), &'static str> {
 
 /// What routes match on: the host of an authority, lowercase, without userinfo and port
 /// (`User@Example.com:8080` → `example.com`, `[::1]:80` → `[::1]`).
-fn route_key(authority: &str) -> Cow<'_, str> {
+pub(super) fn route_key(authority: &str) -> Cow<'_, str> {
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let host = match host.rfind(':') {
         Some(i) if !host[i..].contains(']') => &host[..i],

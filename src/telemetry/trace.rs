@@ -144,14 +144,20 @@ impl TraceContext {
     /// Writes the context for the upstream: `traceparent` always (this hop's span as the
     /// parent), and the B3 form too when the request came with B3, so a Zipkin-instrumented
     /// app keeps working. An invalid or absent `traceparent` also drops `tracestate`.
-    pub fn inject(&self, h: &mut HeaderMap) {
-        // Encoded on the stack: this runs for every proxied request.
+    /// The `traceparent` value the upstream sees (this hop's span as the parent), encoded on
+    /// the stack: this runs for every proxied request.
+    pub fn traceparent(&self) -> [u8; 55] {
         let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
         hex_into(&mut tp[3..35], self.trace_id);
         hex_into(&mut tp[36..52], u128::from(self.span_id));
         if self.sampled {
             tp[54] = b'1';
         }
+        tp
+    }
+
+    pub fn inject(&self, h: &mut HeaderMap) {
+        let tp = self.traceparent();
         h.insert(
             TRACEPARENT.clone(),
             HeaderValue::from_bytes(&tp).expect("hex is a valid value"),
@@ -270,6 +276,14 @@ fn forced_sampling(h: &HeaderMap) -> Option<bool> {
         Some("1") | Some("true") => Some(true),
         _ => None,
     }
+}
+
+/// Whether a raw header name (any case) carries trace context ([`is_context_header`]).
+pub(crate) fn is_context_name(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"traceparent")
+        || name.eq_ignore_ascii_case(b"tracestate")
+        || name.eq_ignore_ascii_case(b"b3")
+        || name.len() > 5 && name[..5].eq_ignore_ascii_case(b"x-b3-")
 }
 
 /// A header that carries (or would contradict) trace context.

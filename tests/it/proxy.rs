@@ -662,28 +662,34 @@ fn limits_shed_with_503_and_retry_after() {
     );
 }
 
+/// Request heads that must be refused (with the status), whatever path reads them.
+fn smuggling_shapes() -> [(&'static str, Vec<u8>, &'static str); 14] {
+    [
+        ("Content-Length with Transfer-Encoding", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), "400"),
+        ("duplicate differing Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_vec(), "400"),
+        ("invalid chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(), "400"),
+        ("whitespace before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n".to_vec(), "400"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n".to_vec(), "400"),
+        ("unknown transfer coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n".to_vec(), "400"),
+        ("chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n".to_vec(), "400"),
+        ("chunked in HTTP/1.0", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), "400"),
+        ("header too large", [b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".as_slice(), &[b'a'; 9000], b"\r\n\r\n"].concat(), "431"),
+        ("bare CR in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rX-B: c\r\n\r\n".to_vec(), "400"),
+        ("bare CR ending a header line", b"GET / HTTP/1.1\r\nHost: a\rX-B: c\r\n\r\n".to_vec(), "400"),
+        ("NUL in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\0c\r\n\r\n".to_vec(), "400"),
+        ("header line without a colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A b\r\n\r\n".to_vec(), "400"),
+        ("several Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), "400"),
+    ]
+}
+
 #[test]
 fn smuggling_shapes_are_refused_and_never_reach_the_app() {
     let app = Backend::http();
     let sc = inbound(&app, "    limits:\n      max_header_bytes: 8192\n");
     let addr = sc.listeners["public"].clone();
-    let cases: [(&str, &[u8], &str); 13] = [
-        ("duplicate differing Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", "400"),
-        ("invalid chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
-        ("whitespace before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "400"),
-        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", "400"),
-        ("unknown transfer coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "400"),
-        ("chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", "400"),
-        ("chunked in HTTP/1.0", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
-        ("header too large", &[b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".as_slice(), &[b'a'; 9000], b"\r\n\r\n"].concat(), "431"),
-        ("bare CR in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rX-B: c\r\n\r\n", "400"),
-        ("bare CR ending a header line", b"GET / HTTP/1.1\r\nHost: a\rX-B: c\r\n\r\n", "400"),
-        ("NUL in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\0c\r\n\r\n", "400"),
-        ("header line without a colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A b\r\n\r\n", "400"),
-        ("several Host headers", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
-    ];
+    let cases = smuggling_shapes();
     for (what, bytes, status) in cases {
-        let out = raw(&addr, bytes);
+        let out = raw(&addr, &bytes);
         assert!(
             out.starts_with(&format!("HTTP/1.1 {status}")),
             "{what}: {out}"
@@ -1367,4 +1373,195 @@ fn a_request_waiting_on_a_slow_upstream_outlives_the_idle_timeout() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().unwrap(), "slow done\n");
+}
+
+/// An upstream that records each request head as it came (header names in their case: hyper
+/// would have lowercased them) and answers each with what `answer` gives for the head; with
+/// `close`, it closes the connection after answering.
+struct RawApp {
+    address: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RawApp {
+    fn start(answer: fn(&str) -> (Vec<u8>, bool)) -> RawApp {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                            buf.drain(..end + 4);
+                            seen.lock().unwrap().push(head.clone());
+                            let (bytes, close) = answer(&head);
+                            if conn.write_all(&bytes).is_err() || close {
+                                return;
+                            }
+                        }
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        RawApp { address, heads }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+fn inbound_to(app: &RawApp) -> Sidecar {
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_header_bytes: 8192\n",
+        app.address
+    ));
+    sc.wait_ready();
+    sc
+}
+
+/// Reads one response whose body ends with `end`.
+fn read_until(s: &mut TcpStream, end: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).ends_with(end) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every refused framing shape arrives on a connection the HTTP/1 fast path is serving (a
+/// first request went through it: the upstream saw its header names in the client's case,
+/// which hyper would have lowercased), and is refused there as on hyper's path: the fast path
+/// hands the bytes to hyper, which refuses them. Nothing of them reaches the upstream.
+#[test]
+fn refused_shapes_meet_the_fast_path_first_and_are_refused() {
+    let app = RawApp::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    });
+    let sc = inbound_to(&app);
+    let addr = sc.listeners["public"].clone();
+    let cases = smuggling_shapes();
+    for (what, bytes, status) in &cases {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /fast HTTP/1.1\r\nHost: a\r\nX-Case-Probe: 1\r\n\r\n")
+            .unwrap();
+        let first = read_until(&mut s, "ok");
+        assert!(first.starts_with("HTTP/1.1 200"), "{what}: {first}");
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {out}"
+        );
+    }
+    let heads = app.heads();
+    assert_eq!(
+        heads.len(),
+        cases.len(),
+        "only the first requests: {heads:?}"
+    );
+    for h in &heads {
+        assert!(
+            h.starts_with("GET /fast HTTP/1.1\r\n") && h.contains("\r\nX-Case-Probe: 1\r\n"),
+            "forwarded by the fast path (names as sent): {h}"
+        );
+    }
+}
+
+/// Response shapes the fast path streams itself: chunked with trailers (passed on as they
+/// came), a body up to the upstream's close (sent on chunked, the client connection kept), a
+/// 1xx before the answer (skipped), more than 100 headers (hyper's client gave 502), and
+/// broken ones (502). Each response is checked on one keep-alive client connection.
+#[test]
+fn response_framings_pass_through_the_fast_path() {
+    let app = RawApp::start(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let ok = |s: &str| (s.as_bytes().to_vec(), false);
+        match path {
+            "/chunked" => ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
+            "/close" => ("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end".as_bytes().to_vec(), true),
+            "/continue" => ok("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"),
+            "/many" => {
+                let mut r = String::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n");
+                for i in 0..150 {
+                    r.push_str(&format!("x-h{i}: {i}\r\n"));
+                }
+                r.push_str("\r\nmany");
+                ok(&r)
+            }
+            "/bad-chunk" => ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".as_bytes().to_vec(), true),
+            "/both" => ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_bytes().to_vec(), true),
+            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        }
+    });
+    let sc = inbound_to(&app);
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut get = |path: &str, end: &str| {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        read_until(&mut s, end)
+    };
+    let out = get("/chunked", "\r\n\r\n0\r\nx-sum: 11\r\n\r\n");
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK\r\n")
+            && out.contains("5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
+        "{out}"
+    );
+    let out = get("/close", "0\r\n\r\n");
+    assert!(
+        out.contains("transfer-encoding: chunked\r\n")
+            && out.ends_with("d\r\nuntil the end\r\n0\r\n\r\n")
+            && !out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    let out = get("/continue", "late");
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK\r\n") && !out.contains("103"),
+        "{out}"
+    );
+    let out = get("/many", "many");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("x-h149: 149\r\n"),
+        "{out}"
+    );
+    // The same connection still serves after all of these.
+    let out = get("/plain", "ok");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /both HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 502") && out.contains("x-outrigger-error: upstream-reset"),
+        "{out}"
+    );
+    // A broken chunked body: the client's connection is cut before a complete response (the
+    // bytes before the broken chunk line may have gone, never a final chunk).
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /bad-chunk HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(!out.contains("0\r\n\r\n") && !out.contains("zz"), "{out}");
 }

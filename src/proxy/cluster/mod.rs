@@ -115,6 +115,12 @@ impl Endpoint {
         }
     }
 
+    /// The endpoint's HTTP/1.1 pool (None for `http2` clusters): the fast path's raw
+    /// connections live there too.
+    pub fn pool(&self) -> Option<&Arc<pool::Pool>> {
+        self.pool.as_ref()
+    }
+
     /// The URI of a request to this endpoint.
     pub fn uri(&self, path: http::uri::PathAndQuery) -> http::Uri {
         let mut parts = http::uri::Parts::default();

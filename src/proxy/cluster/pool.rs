@@ -34,6 +34,7 @@ use hyper::client::conn::http1;
 
 use super::connect::Connector;
 use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::listener::Stream;
 
 /// Idle connections kept per endpoint (as hyper-util's pool was configured).
 const MAX_IDLE: usize = 256;
@@ -60,10 +61,12 @@ impl std::error::Error for SendError {
     }
 }
 
-/// One endpoint's idle HTTP/1.1 connections.
+/// One endpoint's idle HTTP/1.1 connections: hyper's (the forward phase's) and raw ones (the
+/// HTTP/1 fast path's, [`crate::proxy::fast_path`]), each in its own stack.
 pub struct Pool {
     connector: Connector,
     idle: Mutex<Vec<Idle>>,
+    raw: Mutex<Vec<RawIdle>>,
     idle_timeout: Duration,
     /// A sweep task is running (it ends once the pool is empty or gone).
     sweeping: AtomicBool,
@@ -74,11 +77,40 @@ struct Idle {
     since: Instant,
 }
 
+/// An upstream connection the fast path speaks HTTP/1.1 on itself, with its read buffer (made
+/// once per connection; empty whenever the connection is idle).
+pub struct Raw {
+    pub io: Stream,
+    pub buf: Vec<u8>,
+}
+
+/// A raw connection's read buffer: a response head of a typical size and body reads of a
+/// socket buffer's order.
+const RAW_BUFFER: usize = 16 * 1024;
+
+struct RawIdle {
+    conn: Raw,
+    since: Instant,
+}
+
+/// Whether an idle connection can no longer take a request: the upstream closed it (or sent
+/// something unasked, which makes it unusable too). A read polled once without waiting.
+fn unusable(io: &mut Stream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    !matches!(
+        tokio::io::AsyncRead::poll_read(Pin::new(io), &mut cx, &mut buf),
+        Poll::Pending
+    )
+}
+
 impl Pool {
     pub(super) fn new(connector: Connector, idle_timeout: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
             idle: Mutex::new(Vec::new()),
+            raw: Mutex::new(Vec::new()),
             idle_timeout,
             sweeping: AtomicBool::new(false),
         })
@@ -154,6 +186,43 @@ impl Pool {
         }
     }
 
+    /// The most recently used idle raw connection that is still open and not past the idle
+    /// timeout (the fast path's).
+    pub fn take_raw(&self) -> Option<Raw> {
+        let mut idle = self.raw.lock().expect("not poisoned");
+        while let Some(mut i) = idle.pop() {
+            if i.since.elapsed() < self.idle_timeout && !unusable(&mut i.conn.io) {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// A raw connection whose exchange ended cleanly goes back on its stack.
+    pub fn put_raw(self: &Arc<Self>, conn: Raw) {
+        let mut idle = self.raw.lock().expect("not poisoned");
+        if idle.len() >= MAX_IDLE {
+            return;
+        }
+        idle.push(RawIdle {
+            conn,
+            since: Instant::now(),
+        });
+        drop(idle);
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+
+    /// A new raw connection (TLS included, within the connect timeout).
+    pub async fn connect_raw(&self) -> std::io::Result<Raw> {
+        let io = self.connector.connect().await?.into_inner();
+        Ok(Raw {
+            io,
+            buf: vec![0; RAW_BUFFER],
+        })
+    }
+
     async fn connect(&self) -> Result<http1::SendRequest<ProxyBody>, SendError> {
         let io = self.connector.connect().await.map_err(|e| SendError {
             connect: true,
@@ -180,7 +249,9 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         let mut idle = pool.idle.lock().expect("not poisoned");
         idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < every);
-        if idle.is_empty() {
+        let mut raw = pool.raw.lock().expect("not poisoned");
+        raw.retain_mut(|i| i.since.elapsed() < every && !unusable(&mut i.conn.io));
+        if idle.is_empty() && raw.is_empty() {
             pool.sweeping.store(false, Ordering::Relaxed);
             return;
         }

@@ -1,0 +1,1330 @@
+//! The HTTP/1 fast path: plain keep-alive HTTP/1.1 requests without a body are proxied here
+//! without hyper, from the bytes as they came.
+//!
+//! Why: hyper's two HTTP/1 codecs (decode the request into an `http::Request`, encode it again
+//! for the upstream, and the same for the response), their header maps and the client's
+//! dispatch were about 25,000 of the 41,000 user-space instructions a proxied request cost
+//! (callgrind, `bench/proxy-instructions.sh`), and most of its heap allocations. Like
+//! pingora's and HAProxy's own HTTP/1 code, this path parses the request head once with
+//! `httparse`, writes the upstream's head by copying the original header lines with only our
+//! edits (hop-by-hop headers gone; `x-forwarded-for`, `x-forwarded-proto`, `via`,
+//! `x-request-id`, `traceparent` written in place), sends it on an upstream connection this
+//! connection's task owns for the exchange (taken from and returned to the endpoint's pool,
+//! [`super::cluster::pool::Pool::take_raw`]), parses the response head with `httparse` and
+//! streams the body (Content-Length, chunked, or up to the close, which is sent on chunked)
+//! back with one vectored write of head and first bytes. One read buffer per downstream
+//! connection and one per upstream connection, reused: no heap allocation per request.
+//!
+//! What it takes, checked before anything has an effect (no metric, no permit kept): HTTP/1.1,
+//! origin-form target, exactly one Host, no body (no Content-Length other than 0, no
+//! Transfer-Encoding, no Expect), no Upgrade, a listener without `authz`, rate limit or canonical
+//! path rule, an open app gate, and a route without retries, header edits, rewrite or `authz` to
+//! an HTTP/1.1 cluster, no access log line or exported span wanted for it. Anything else, and
+//! every head `httparse` does not read as complete and well formed, goes to hyper's path on the
+//! same connection ([`Outcome::Fallback`] hands over the bytes read so far): what is refused
+//! is refused there, as before, so this path is never less strict than hyper's (it is
+//! stricter: it refuses bare LF line ends, obs-text in Host and duplicate Host by falling back).
+//!
+//! The phases of [`super::http`] apply in the same order with the same effects: listener
+//! limits (in-flight cap), route, the route's metrics, the cluster's in-flight cap and retry
+//! budget deposit, balancing, outlier reports, the route's timeout (504) and connect/reset
+//! failures (502, `x-outrigger-error`), `connection: close` when draining. The connection's
+//! idle, header-read and stalled-client watches stay in [`super::accept`].
+
+use std::cell::Cell;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::Method;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::cluster::pool::{Pool, Raw};
+use super::failure::Failure;
+use super::generation::{Kind, Listener};
+use super::http::{Downstream, HttpListener};
+use super::listener::Metered;
+use super::route::{Target, route_key};
+use crate::config::proxy::Direction;
+use crate::telemetry::trace::{TraceContext, is_context_name};
+
+/// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
+/// hyper, which refuses it).
+const MAX_REQUEST_HEADERS: usize = 100;
+/// Response headers read on the stack; a response with more is read again with
+/// [`MANY_HEADERS`] on the heap (hyper's client refused more than 100 with a 502).
+const RESPONSE_HEADERS: usize = 128;
+const MANY_HEADERS: usize = 1024;
+/// The largest response head read (hyper's default buffer limit).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
+/// A downstream connection's read buffer to begin with (hyper's too); grown up to the
+/// listener's `max_header_bytes` for a larger head.
+const FIRST_BUFFER: usize = 8 * 1024;
+
+/// What the connection's watcher and the fast path tell each other.
+#[derive(Default)]
+pub(super) struct Flags {
+    /// A request is being served (read whole, not yet answered in full).
+    busy: AtomicBool,
+    /// Close once the request being served is answered (idle or drain watch).
+    closing: AtomicBool,
+}
+
+impl Flags {
+    pub(super) fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+    pub(super) fn close_when_done(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How the fast path left a connection.
+pub(super) enum Outcome {
+    /// Closed (the client's, ours, an error or a watch).
+    Closed,
+    /// A request it does not take: hyper goes on with these bytes first.
+    Fallback(Bytes),
+}
+
+/// What serving a connection on the fast path takes.
+pub(super) struct Ctx<'a> {
+    pub(super) listener: &'a Listener,
+    /// The generation the connection was accepted under (if a reload made the listener tcp).
+    pub(super) first: &'a Arc<HttpListener>,
+    pub(super) down: &'a Arc<Downstream>,
+    pub(super) flags: &'a Flags,
+    pub(super) header_read_timeout: Duration,
+    /// The listener's `max_header_bytes` (hyper's buffer limit: a larger head is hyper's 431).
+    pub(super) max_head: usize,
+}
+
+/// Serves requests on the fast path until the connection closes or a request needs hyper.
+pub(super) async fn serve<S>(cx: Ctx<'_>, io: &mut Metered<S>) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_head = cx.max_head.max(FIRST_BUFFER);
+    let mut buf = vec![0u8; FIRST_BUFFER];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let fallback = |buf: &[u8]| Outcome::Fallback(Bytes::copy_from_slice(buf));
+    loop {
+        cx.flags.busy.store(false, Ordering::Relaxed);
+        // Read until a whole head is buffered (`\r\n\r\n`; a head `httparse` would end
+        // otherwise, with bare LFs, is hyper's).
+        let mut deadline = None;
+        let mut searched = start;
+        let head_len = loop {
+            if let Some(i) = memchr::memmem::find(&buf[searched..end], b"\r\n\r\n") {
+                break searched + i + 4 - start;
+            }
+            if start < end {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+                let mut req = httparse::Request::new(&mut headers);
+                if !matches!(req.parse(&buf[start..end]), Ok(httparse::Status::Partial))
+                    || end - start >= max_head
+                {
+                    return fallback(&buf[start..end]);
+                }
+            }
+            searched = end.saturating_sub(3).max(start);
+            if start > 0 {
+                buf.copy_within(start..end, 0);
+                (searched, end, start) = (searched - start, end - start, 0);
+            }
+            if end == buf.len() {
+                buf.resize((buf.len() * 2).min(max_head), 0);
+            }
+            let read = io.read(&mut buf[end..]);
+            let n = match deadline {
+                // hyper's header timer starts at a request's first byte: the rest of the
+                // head must follow within `header_read_timeout`.
+                Some(d) => match tokio::time::timeout_at(d, read).await {
+                    Ok(r) => r,
+                    Err(_) => return Outcome::Closed,
+                },
+                None => read.await,
+            };
+            match n {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(n) => end += n,
+            }
+            if deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + cx.header_read_timeout);
+            }
+        };
+        let head = &buf[start..start + head_len];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(head), Ok(httparse::Status::Complete(n)) if n == head_len) {
+            return fallback(&buf[start..end]);
+        }
+        let state = match &cx.listener.serving.load().kind {
+            Kind::Http(state, _) => state.clone(),
+            Kind::Tcp(_) => cx.first.clone(),
+        };
+        let Some(plan) = plan(&state, &req) else {
+            return fallback(&buf[start..end]);
+        };
+        cx.flags.busy.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        plan.target.stats.requests.inc();
+        plan.target.cluster.deposit();
+        out.clear();
+        write_request_head(&mut out, &state, cx.down, &req, &plan);
+        let keep = forward(&cx, io, &state, &plan, &mut out, started).await;
+        drop(plan);
+        start += head_len;
+        if start == end {
+            (start, end) = (0, 0);
+        }
+        if !keep {
+            let _ = io.shutdown().await;
+            return Outcome::Closed;
+        }
+    }
+}
+
+/// A request the fast path takes, and what its checks found.
+struct Plan {
+    target: Arc<Target>,
+    attempt: super::cluster::Attempt,
+    pool: Arc<Pool>,
+    /// The listener's and the cluster's in-flight permits, held until the response's end.
+    _permits: super::limits::Permits,
+    trace: TraceContext,
+    /// The request's trace context headers when it had some, with ours injected.
+    context: Option<HeaderMap>,
+    /// The client asked to close after this response.
+    close: bool,
+    head: bool,
+    idempotent: bool,
+    /// Some `Connection` token names a header to strip.
+    named: bool,
+}
+
+/// Whether the fast path takes this request, and with what; None leaves it to hyper. Nothing
+/// here has an effect that outlives a None (permits taken are dropped with it).
+fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let method = req.method?;
+    let target = req.path?;
+    if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(plain_target_byte) {
+        return None;
+    }
+    if state.authz.is_some() || state.strict_paths || state.rate.is_some() {
+        return None;
+    }
+    if let Some((gate, _)) = &state.hold
+        && !gate.is_open()
+    {
+        return None;
+    }
+    let mut host = None;
+    let mut close = false;
+    let mut named = false;
+    let mut context = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"host") {
+            if host.is_some() {
+                return None;
+            }
+            host = Some(std::str::from_utf8(h.value).ok()?);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if h.value != b"0" {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"http2-settings")
+        {
+            return None;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    return None;
+                } else if !hop_by_hop(t) {
+                    named = true;
+                }
+            }
+        } else if is_context_name(name) {
+            context = true;
+        }
+    }
+    // hyper's HeaderValue::to_str: visible ASCII only.
+    let host = host.filter(|h| !h.is_empty() && h.bytes().all(|b| (0x20..0x7f).contains(&b)))?;
+    let method = Method::from_bytes(method.as_bytes()).ok()?;
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let first = |k: &HeaderName| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(k.as_str()))
+            .map(|h| h.value)
+    };
+    let target = state
+        .router
+        .route_by(&route_key(host), path, &method, &first)?;
+    if target.retry.is_some()
+        || !target.request_headers.is_empty()
+        || !target.response_headers.is_empty()
+        || target.rewrite.is_some()
+        || target.authz.is_some()
+        || target.cluster.config.http2
+    {
+        return None;
+    }
+    let (trace, context) = if context {
+        let mut map = HeaderMap::new();
+        for h in req
+            .headers
+            .iter()
+            .filter(|h| is_context_name(h.name.as_bytes()))
+        {
+            map.append(
+                HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                HeaderValue::from_bytes(h.value).ok()?,
+            );
+        }
+        let trace = TraceContext::from_headers(&map, state.sample);
+        trace.inject(&mut map);
+        (trace, Some(map))
+    } else {
+        (
+            TraceContext::from_headers(&HeaderMap::new(), state.sample),
+            None,
+        )
+    };
+    if let Some(r) = &state.recorder
+        && r.wants(&trace)
+    {
+        return None;
+    }
+    let listener_permit = match &state.in_flight {
+        None => None,
+        Some(s) => Some(s.clone().try_acquire_owned().ok()?),
+    };
+    let cluster_permit = target.cluster.admit().ok()?;
+    let attempt = target.cluster.pick()?;
+    let pool = attempt.endpoint.pool()?.clone();
+    Some(Plan {
+        idempotent: matches!(
+            method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        ),
+        head: method == Method::HEAD,
+        target: target.clone(),
+        attempt,
+        pool,
+        _permits: super::limits::Permits {
+            _listener: listener_permit,
+            _cluster: cluster_permit,
+        },
+        trace,
+        context,
+        close,
+        named,
+    })
+}
+
+/// Request-target bytes the fast path passes on as they are: those `http`'s URI parser takes
+/// in a path and query, less `#` (hyper drops a fragment) — anything else is hyper's to judge.
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// A header list's comma-separated tokens, trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// The hop-by-hop headers of RFC 9110 §7.6.1 and a proxy's credentials (as
+/// [`super::headers`] strips them).
+fn hop_by_hop(name: &[u8]) -> bool {
+    const HOPS: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ];
+    HOPS.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Whether `name` is listed in one of the message's `Connection` headers (Outrigger's own
+/// trace and request id headers excepted, as in [`super::headers`]).
+fn named_in_connection(headers: &[httparse::Header<'_>], name: &[u8]) -> bool {
+    const OURS: [&[u8]; 5] = [
+        b"traceparent",
+        b"tracestate",
+        b"x-request-id",
+        b"b3",
+        b"x-outrigger-error",
+    ];
+    if OURS.iter().any(|o| name.eq_ignore_ascii_case(o)) {
+        return false;
+    }
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| tokens(h.value))
+        .any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// Whether a `te` header asks for trailers (gRPC's `te: trailers` goes on end to end).
+fn te_trailers(v: &[u8]) -> bool {
+    tokens(v).any(|t| t.eq_ignore_ascii_case(b"trailers"))
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The upstream's request head: the client's lines with hop-by-hop headers gone and the
+/// forwarding headers written as [`super::headers`] writes them.
+fn write_request_head(
+    out: &mut Vec<u8>,
+    state: &HttpListener,
+    down: &Downstream,
+    req: &httparse::Request<'_, '_>,
+    plan: &Plan,
+) {
+    let inbound = state.direction == Direction::Inbound;
+    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let (mut xff, mut via, mut request_id, mut proto, mut te) = (false, false, false, false, false);
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if hop_by_hop(name) {
+            if name.eq_ignore_ascii_case(b"te") && te_trailers(h.value) && !te {
+                te = true;
+                out.extend_from_slice(b"te: trailers\r\n");
+            }
+            continue;
+        }
+        if plan.named && named_in_connection(&req.headers[..], name) {
+            continue;
+        }
+        if is_context_name(name) {
+            continue; // written below, ours injected
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            let Some(ip) = &down.forwarded_for else {
+                header_line(out, name, h.value);
+                continue;
+            };
+            // The first one, joined with the peer (an empty or invalid one replaced); the
+            // others go, as `HeaderMap::entry(…).insert` does.
+            if !xff {
+                xff = true;
+                out.extend_from_slice(b"x-forwarded-for: ");
+                if !h.value.is_empty() && visible(h.value) {
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(ip.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            // Inbound, the client's claim is not trusted; outbound, the app's is kept.
+            proto = true;
+            if !inbound {
+                header_line(out, name, h.value);
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"via") {
+            if !via {
+                via = true;
+                out.extend_from_slice(b"via: ");
+                if visible(h.value) {
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(b"1.1 outrigger\r\n");
+            }
+            continue;
+        }
+        if inbound && name.eq_ignore_ascii_case(b"x-forwarded-client-cert") {
+            continue; // only Outrigger says who the peer is
+        }
+        if name.eq_ignore_ascii_case(b"x-request-id") {
+            request_id = true;
+        }
+        header_line(out, name, h.value);
+    }
+    if !xff && let Some(ip) = &down.forwarded_for {
+        header_line(out, b"x-forwarded-for", ip.as_bytes());
+    }
+    if inbound || !proto {
+        let scheme: &[u8] = if inbound && down.secure {
+            b"https"
+        } else {
+            b"http"
+        };
+        header_line(out, b"x-forwarded-proto", scheme);
+    }
+    if !via {
+        out.extend_from_slice(b"via: 1.1 outrigger\r\n");
+    }
+    if inbound
+        && let Some(id) = &down.identity
+        && HeaderValue::from_str(&id.xfcc).is_ok()
+    {
+        header_line(out, b"x-forwarded-client-cert", id.xfcc.as_bytes());
+    }
+    match &plan.context {
+        Some(map) => {
+            for (k, v) in map {
+                header_line(out, k.as_str().as_bytes(), v.as_bytes());
+            }
+        }
+        None => header_line(out, b"traceparent", &plan.trace.traceparent()),
+    }
+    if !request_id {
+        let mut id = [0u8; 32];
+        crate::telemetry::trace::hex_into(&mut id, plan.trace.trace_id);
+        header_line(out, b"x-request-id", &id);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `HeaderValue::to_str`'s test: visible ASCII and tabs.
+fn visible(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// How a response body ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Up to the upstream's close; sent on chunked.
+    Close,
+}
+
+/// A response head as the client will see it, written into `out`.
+struct Head {
+    status: u16,
+    framing: Framing,
+    /// The upstream connection can take another request after this body.
+    reusable: bool,
+    /// The head's length in the upstream buffer.
+    len: usize,
+}
+
+/// Why an exchange got no response.
+struct Failed {
+    failure: Failure,
+    message: String,
+}
+
+/// Sends the request, streams the response back. Returns whether the downstream connection
+/// stays open.
+async fn forward<S>(
+    cx: &Ctx<'_>,
+    io: &mut Metered<S>,
+    state: &HttpListener,
+    plan: &Plan,
+    out: &mut Vec<u8>,
+    started: Instant,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let target = &plan.target;
+    let cluster = &target.cluster;
+    let close =
+        plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
+    let exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
+    let (mut conn, head, end) = match exchanged {
+        Ok(Ok(r)) => r,
+        Ok(Err(f)) => return answer(io, state, plan, f, out, close, started).await,
+        Err(_) => {
+            let message = format!(
+                "no response from {} within {:?}",
+                plan.attempt.endpoint.address, target.timeout
+            );
+            let f = Failed {
+                failure: Failure::Timeout,
+                message,
+            };
+            return answer(io, state, plan, f, out, close, started).await;
+        }
+    };
+    if head.status >= 500 {
+        cluster.failed(&plan.attempt);
+    } else {
+        cluster.succeeded(&plan.attempt);
+    }
+    target.stats.response(head.status, "");
+    target
+        .stats
+        .latency
+        .observe(started.elapsed().as_secs_f64());
+    let streamed = stream_body(io, &mut conn, &head, end, out).await;
+    target
+        .stats
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    match streamed {
+        Ok((bytes, upstream_clean)) => {
+            target.stats.response_bytes.inc_by(bytes);
+            if upstream_clean && head.reusable {
+                plan.pool.put_raw(conn);
+            }
+            !close && io.flush().await.is_ok()
+        }
+        Err(Broken { bytes }) => {
+            target.stats.response_bytes.inc_by(bytes);
+            false
+        }
+    }
+}
+
+/// Outrigger's own answer to a failed exchange (the forward phase's, [`HttpListener::fail`]).
+async fn answer<S>(
+    io: &mut Metered<S>,
+    state: &HttpListener,
+    plan: &Plan,
+    f: Failed,
+    out: &mut Vec<u8>,
+    close: bool,
+    started: Instant,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    plan.target.cluster.failed(&plan.attempt);
+    let res = state.fail(&plan.target, f.failure, &f.message, started);
+    let (parts, body) = res.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in &parts.headers {
+        header_line(out, k.as_str().as_bytes(), v.as_bytes());
+    }
+    let mut len = itoa_buf();
+    header_line(out, b"content-length", fmt_u64(&mut len, body.len() as u64));
+    date(out);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let ok = write_all(io, &mut [IoSlice::new(out), IoSlice::new(&body)])
+        .await
+        .is_ok();
+    ok && !close && io.flush().await.is_ok()
+}
+
+/// Sends the head on a pooled connection (or a new one) and reads the response head, writing
+/// the client's version of it into `out`. A pooled connection the upstream closed before
+/// answering anything is replaced once more for idempotent requests, as hyper's pool resends
+/// a request a closed connection did not take. Returns the connection, the head and the end
+/// of the bytes read.
+async fn exchange(
+    plan: &Plan,
+    out: &mut Vec<u8>,
+    close: bool,
+) -> Result<(Raw, Head, usize), Failed> {
+    let address = &plan.attempt.endpoint.address;
+    loop {
+        let (mut conn, pooled) = match plan.pool.take_raw() {
+            Some(c) => (c, true),
+            None => match plan.pool.connect_raw().await {
+                Ok(c) => (c, false),
+                Err(e) => {
+                    return Err(Failed {
+                        failure: Failure::Connect,
+                        message: format!("cannot connect to {address}: {e}"),
+                    });
+                }
+            },
+        };
+        let sent = async {
+            conn.io.write_all(out).await?;
+            conn.io.flush().await
+        };
+        if let Err(e) = sent.await {
+            if pooled {
+                continue;
+            }
+            return Err(broke(address, &e.to_string()));
+        }
+        let mut end = 0;
+        // Something came back (a 1xx counts): a close is no longer "closed while idle".
+        let mut answered = false;
+        loop {
+            if end == conn.buf.len() {
+                if end >= MAX_RESPONSE_HEAD {
+                    return Err(broke(address, "the response head is too large"));
+                }
+                conn.buf.resize((end * 2).min(MAX_RESPONSE_HEAD), 0);
+            }
+            let resend = !answered && pooled && plan.idempotent;
+            let n = match conn.io.read(&mut conn.buf[end..]).await {
+                Ok(0) | Err(_) if resend => break, // closed while idle: on a new connection
+                Ok(0) => return Err(broke(address, "the connection closed before a response")),
+                Err(e) => return Err(broke(address, &e.to_string())),
+                Ok(n) => n,
+            };
+            answered = true;
+            end += n;
+            loop {
+                match response_head(&conn.buf[..end], plan.head, close, out) {
+                    // 1xx (not 101, refused there): skipped, as hyper's client does.
+                    Ok(Some(head)) if (100..200).contains(&head.status) => {
+                        conn.buf.copy_within(head.len..end, 0);
+                        end -= head.len;
+                    }
+                    Ok(Some(head)) => return Ok((conn, head, end)),
+                    Ok(None) => break,
+                    Err(why) => return Err(broke(address, why)),
+                }
+            }
+        }
+    }
+}
+
+fn broke(address: &crate::config::Address, why: &str) -> Failed {
+    Failed {
+        failure: Failure::Upstream,
+        message: format!("{address} broke the exchange: {why}"),
+    }
+}
+
+/// Reads a response head; `Ok(None)` when it is not complete yet. Writes the client's head
+/// into `out` (not for 1xx, which are skipped).
+fn response_head(
+    bytes: &[u8],
+    head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<Head>, &'static str> {
+    let mut stack = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut stack);
+    let mut heap;
+    let parsed = match res.parse(bytes) {
+        Err(httparse::Error::TooManyHeaders) => {
+            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
+            res = httparse::Response::new(&mut heap);
+            res.parse(bytes)
+        }
+        other => other,
+    };
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("invalid response head"),
+    };
+    let status = res.code.ok_or("invalid response head")?;
+    if status == 101 {
+        return Err("101 Switching Protocols to a request that asked for no upgrade");
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some(Head {
+            status,
+            framing: Framing::Empty,
+            reusable: false,
+            len,
+        }));
+    }
+    let mut length: Option<&[u8]> = None;
+    let mut chunked = None;
+    let mut upstream_close = res.version != Some(1);
+    let mut named = false;
+    for h in res.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if length.is_some_and(|l| l != h.value) || !valid_length(h.value) {
+                return Err("invalid or conflicting Content-Length");
+            }
+            length = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only the last coding matters: chunked or read to the close.
+            chunked = Some(
+                tokens(h.value)
+                    .last()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if !hop_by_hop(t) {
+                    named = true;
+                }
+            }
+        }
+    }
+    let no_body = head_request || status == 204 || status == 304;
+    let framing = match (chunked, length) {
+        _ if no_body => Framing::Empty,
+        (Some(_), Some(_)) => return Err("both Content-Length and Transfer-Encoding"),
+        (Some(true), None) => Framing::Chunked,
+        (Some(false), None) | (None, None) => Framing::Close,
+        (None, Some(l)) => Framing::Length(parse_length(l)),
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = itoa_buf();
+    out.extend_from_slice(fmt_u64(&mut code, u64::from(status)));
+    out.push(b' ');
+    match res.reason {
+        Some(r) if !r.is_empty() => out.extend_from_slice(r.as_bytes()),
+        _ => out.extend_from_slice(
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    let mut te = false;
+    for h in res.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") && framing == Framing::Chunked {
+            header_line(out, name, h.value); // the body goes on as it came
+            continue;
+        }
+        if hop_by_hop(name) {
+            if name.eq_ignore_ascii_case(b"te") && te_trailers(h.value) && !te {
+                te = true;
+                out.extend_from_slice(b"te: trailers\r\n");
+            }
+            continue;
+        }
+        // Only Outrigger says why it answered itself.
+        if name.eq_ignore_ascii_case(b"x-outrigger-error")
+            || named && named_in_connection(&res.headers[..], name)
+        {
+            continue;
+        }
+        has_date |= name.eq_ignore_ascii_case(b"date");
+        header_line(out, name, h.value);
+    }
+    if framing == Framing::Close {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !has_date {
+        date(out);
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(Head {
+        status,
+        framing,
+        reusable: !upstream_close && framing != Framing::Close,
+        len,
+    }))
+}
+
+fn valid_length(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit)
+}
+
+fn parse_length(v: &[u8]) -> u64 {
+    v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'))
+}
+
+/// The response body broke off (upstream or client): the client's connection closes.
+struct Broken {
+    bytes: u64,
+}
+
+/// Writes the head in `out` and the body to the client. Returns the body's data bytes and
+/// whether the upstream connection ended the body exactly (nothing more was read).
+async fn stream_body<S>(
+    io: &mut Metered<S>,
+    conn: &mut Raw,
+    head: &Head,
+    mut end: usize,
+    out: &[u8],
+) -> Result<(u64, bool), Broken>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut start = head.len;
+    let broken = |bytes| Err(Broken { bytes });
+    match head.framing {
+        Framing::Empty => {
+            if write_all(io, &mut [IoSlice::new(out)]).await.is_err() {
+                return broken(0);
+            }
+            Ok((0, start == end))
+        }
+        Framing::Length(total) => {
+            let mut left = total;
+            let n = (left.min((end - start) as u64)) as usize;
+            if write_all(
+                io,
+                &mut [IoSlice::new(out), IoSlice::new(&conn.buf[start..start + n])],
+            )
+            .await
+            .is_err()
+            {
+                return broken(0);
+            }
+            left -= n as u64;
+            start += n;
+            while left > 0 {
+                let n = match conn.io.read(&mut conn.buf).await {
+                    Ok(0) | Err(_) => return broken(total - left),
+                    Ok(n) => n,
+                };
+                let take = (left.min(n as u64)) as usize;
+                if write_all(io, &mut [IoSlice::new(&conn.buf[..take])])
+                    .await
+                    .is_err()
+                {
+                    return broken(total - left);
+                }
+                left -= take as u64;
+                (start, end) = (take, n);
+            }
+            Ok((total, start == end))
+        }
+        Framing::Chunked => {
+            let mut chunks = Chunked::default();
+            let mut first = Some(out);
+            loop {
+                let done = match chunks.scan(&conn.buf[start..end]) {
+                    Ok(d) => d,
+                    Err(()) => return broken(chunks.data),
+                };
+                let upto = done.map_or(end, |n| start + n);
+                let body = IoSlice::new(&conn.buf[start..upto]);
+                let written = match first.take() {
+                    Some(h) => write_all(io, &mut [IoSlice::new(h), body]).await,
+                    None => write_all(io, &mut [body]).await,
+                };
+                if written.is_err() {
+                    return broken(chunks.data);
+                }
+                if done.is_some() {
+                    return Ok((chunks.data, upto == end));
+                }
+                start = 0;
+                match conn.io.read(&mut conn.buf).await {
+                    Ok(0) | Err(_) => return broken(chunks.data),
+                    Ok(n) => end = n,
+                }
+            }
+        }
+        Framing::Close => {
+            let mut bytes = 0u64;
+            let mut first = Some(out);
+            loop {
+                let data = &conn.buf[start..end];
+                let mut size = [0u8; 18];
+                let size = chunk_size(&mut size, data.len());
+                let mut slices = [
+                    IoSlice::new(first.take().unwrap_or_default()),
+                    IoSlice::new(if data.is_empty() { b"" } else { size }),
+                    IoSlice::new(data),
+                    IoSlice::new(if data.is_empty() { b"" } else { b"\r\n" }),
+                ];
+                if write_all(io, &mut slices).await.is_err() {
+                    return broken(bytes);
+                }
+                bytes += data.len() as u64;
+                start = 0;
+                match conn.io.read(&mut conn.buf).await {
+                    Ok(0) => break,
+                    Err(_) => return broken(bytes),
+                    Ok(n) => end = n,
+                }
+            }
+            if write_all(io, &mut [IoSlice::new(b"0\r\n\r\n")])
+                .await
+                .is_err()
+            {
+                return broken(bytes);
+            }
+            Ok((bytes, false))
+        }
+    }
+}
+
+/// `{len:x}\r\n` on the stack.
+fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    crate::telemetry::trace::hex_into(&mut buf[..digits], len as u128);
+    buf[digits..digits + 2].copy_from_slice(b"\r\n");
+    &buf[..digits + 2]
+}
+
+/// Follows a chunked body passed on as it is, to find its end (RFC 9112 §7.1; as strict as
+/// hyper's decoder: hex sizes of at most 16 digits, CRLF line ends, extensions skipped,
+/// trailers passed on). Written by hand: hyper's decoder is not public, and this one only
+/// follows, it copies nothing.
+#[derive(Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    /// Data bytes so far.
+    data: u64,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    /// Spaces after the size (hyper accepts them).
+    SizeSpace,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty one).
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+impl Chunked {
+    /// Follows `data`; Ok(Some(n)) when the body ends after its first n bytes.
+    fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        self.digits += 1;
+                        if self.digits > 16 {
+                            return Err(());
+                        }
+                        let v = (b as char).to_digit(16).ok_or(())?;
+                        self.size = self.size << 4 | u64::from(v);
+                    }
+                    _ if self.digits == 0 => return Err(()),
+                    b' ' | b'\t' => self.state = SizeSpace,
+                    b';' => self.state = Extension,
+                    b'\r' => self.state = SizeLf,
+                    _ => return Err(()),
+                },
+                SizeSpace => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Extension,
+                    b'\r' => self.state = SizeLf,
+                    _ => return Err(()),
+                },
+                Extension => match b {
+                    b'\r' => self.state = SizeLf,
+                    b'\n' | 0 => return Err(()),
+                    _ => {}
+                },
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.digits = 0;
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                Data => {
+                    let n = (self.size.min((data.len() - i) as u64)) as usize;
+                    self.size -= n as u64;
+                    self.data += n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(());
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Size;
+                }
+                TrailerStart => match b {
+                    b'\r' => self.state = EndLf,
+                    b'\n' | 0 => return Err(()),
+                    _ => self.state = Trailer,
+                },
+                Trailer => match b {
+                    b'\r' => self.state = TrailerLf,
+                    b'\n' | 0 => return Err(()),
+                    _ => {}
+                },
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = TrailerStart;
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    return Ok(Some(i + 1));
+                }
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+}
+
+/// Writes every slice whole (vectored: head and body in one `writev` when they fit).
+async fn write_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+thread_local! {
+    /// The `date` value of the current second (hyper caches it the same way).
+    static DATE: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+}
+
+/// A `date` header line, as hyper's server adds to a response without one.
+fn date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (cached, mut text) = DATE.get();
+    if cached != secs {
+        use std::io::Write;
+        let mut w = &mut text[..];
+        let _ = write!(w, "{}", httpdate::HttpDate::from(now));
+        DATE.set((secs, text));
+    }
+    header_line(out, b"date", &text);
+}
+
+/// Bytes read ahead, then the stream: how hyper gets a connection the fast path began.
+pub(super) struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub(super) fn new(prefix: Bytes, inner: S) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow(parts: &[&[u8]]) -> Result<Option<usize>, ()> {
+        let mut c = Chunked::default();
+        let mut r = Ok(None);
+        for p in parts {
+            r = c.scan(p);
+            if !matches!(r, Ok(None)) {
+                return r;
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_end() {
+        let body = b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\nGET";
+        assert_eq!(follow(&[body]), Ok(Some(body.len() - 3)));
+        // Split anywhere.
+        for i in 1..body.len() - 3 {
+            let (a, b) = body.split_at(i);
+            let mut c = Chunked::default();
+            assert_eq!(c.scan(a), Ok(None), "split at {i}");
+            assert_eq!(c.scan(b), Ok(Some(b.len() - 3)), "split at {i}");
+            assert_eq!(c.data, 11);
+        }
+        assert_eq!(follow(&[b"0\r\nx-sum: 1\r\n\r\n"]), Ok(Some(15)));
+    }
+
+    #[test]
+    fn bad_chunks_are_refused() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello",
+            b"5\r\nhelloX",
+            b"11111111111111111\r\n",
+            b"0\r\n\n",
+            b"5;a\nb\r\n",
+        ] {
+            assert_eq!(
+                follow(&[bad]),
+                Err(()),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn response_heads_are_rewritten() {
+        let mut out = Vec::new();
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\nx-outrigger-error: forged\r\nDate: Sun, 06 Dec 2026 11:51:36 GMT\r\nx-kept: 1\r\n\r\nhello";
+        let h = response_head(raw, false, false, &mut out).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.reusable);
+        assert_eq!(h.len, raw.len() - 5);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDate: Sun, 06 Dec 2026 11:51:36 GMT\r\nx-kept: 1\r\n\r\n"
+        );
+        let raw = b"HTTP/1.0 200 OK\r\n\r\nabc";
+        let h = response_head(raw, false, true, &mut out).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Close);
+        assert!(!h.reusable);
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert!(
+            text.contains("date: ") && text.ends_with("connection: close\r\n\r\n"),
+            "{text}"
+        );
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(response_head(bad, false, false, &mut out).is_err());
+        }
+        // More headers than hyper's client took (100).
+        let mut many = b"HTTP/1.1 204 No Content\r\n".to_vec();
+        for i in 0..300 {
+            many.extend_from_slice(format!("x-h{i}: {i}\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let h = response_head(&many, false, false, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.status, h.framing), (204, Framing::Empty));
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size(&mut b, 0), b"0\r\n");
+        assert_eq!(chunk_size(&mut b, 255), b"ff\r\n");
+        assert_eq!(chunk_size(&mut b, 4096), b"1000\r\n");
+        let mut n = itoa_buf();
+        assert_eq!(fmt_u64(&mut n, 0), b"0");
+        assert_eq!(
+            fmt_u64(&mut n, 18446744073709551615),
+            b"18446744073709551615"
+        );
+    }
+}
