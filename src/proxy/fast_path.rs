@@ -23,7 +23,15 @@
 //! every head `httparse` does not read as complete and well formed, goes to hyper's path on the
 //! same connection ([`Outcome::Fallback`] hands over the bytes read so far): what is refused
 //! is refused there, as before, so this path is never less strict than hyper's (it is
-//! stricter: it refuses bare LF line ends, obs-text in Host and duplicate Host by falling back).
+//! stricter: heads `httparse` ends before their `\r\n\r\n`, obs-text in Host and duplicate
+//! Host go to hyper).
+//!
+//! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
+//! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the
+//! `Trailer` header declares); and a pooled upstream connection that closes or resets before
+//! a single response byte, the keep-alive race with an upstream's idle timeout, gets an
+//! idempotent request once more on a new connection (as nginx does by default; hyper's pool
+//! resends only a request it had not written yet, and answers 502 here).
 //!
 //! The phases of [`super::http`] apply in the same order with the same effects: listener
 //! limits (in-flight cap), route, the route's metrics, the cluster's in-flight cap and retry
@@ -185,8 +193,16 @@ where
         if start == end {
             (start, end) = (0, 0);
         }
-        if !keep {
-            let _ = io.shutdown().await;
+        // A watch that asked for a close while the response was on its way (idle, drain) is
+        // obeyed now, as hyper's graceful shutdown closes after the response in flight.
+        if !keep || cx.flags.closing.load(Ordering::Relaxed) {
+            // Not busy any more: the connection's idle watch closes it if the client never
+            // takes the rest (a TLS shutdown must send what rustls still holds, then
+            // close_notify); the flush first lets the watch see a stalled write.
+            cx.flags.busy.store(false, Ordering::Relaxed);
+            if io.flush().await.is_ok() {
+                let _ = io.shutdown().await;
+            }
             return Outcome::Closed;
         }
     }
@@ -218,7 +234,12 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
     }
     let method = req.method?;
     let target = req.path?;
-    if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(plain_target_byte) {
+    // hyper answers a request-target of 65,535 bytes or more with 414: its path.
+    if method == "CONNECT"
+        || !target.starts_with('/')
+        || target.len() >= usize::from(u16::MAX)
+        || !target.bytes().all(plain_target_byte)
+    {
         return None;
     }
     if state.authz.is_some() || state.strict_paths || state.rate.is_some() {
@@ -307,9 +328,10 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
             None,
         )
     };
-    if let Some(r) = &state.recorder
-        && r.wants(&trace)
-    {
+    // An access log wants every request, span export the sampled ones. Any recorder sends
+    // the request to hyper's path: a fresh trace's sampling draw made here and made again
+    // there would export spans with probability p² instead of p.
+    if state.recorder.is_some() {
         return None;
     }
     let listener_permit = match &state.in_flight {
@@ -322,7 +344,12 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
     Some(Plan {
         idempotent: matches!(
             method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
         ),
         head: method == Method::HEAD,
         target: target.clone(),
@@ -559,11 +586,23 @@ where
 {
     let target = &plan.target;
     let cluster = &target.cluster;
-    let close =
-        plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
+    let closing =
+        || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
+    let close = closing();
     let exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
+    // A drain or idle watch may have begun while the upstream answered: the response says
+    // `connection: close` then (as hyper's path decides after the upstream answered).
+    let late = !close && closing();
+    let close = close || late;
     let (mut conn, head, end) = match exchanged {
-        Ok(Ok(r)) => r,
+        Ok(Ok(r)) => {
+            if late {
+                // `out` holds the client's head, ending in its blank line.
+                out.truncate(out.len() - 2);
+                out.extend_from_slice(b"connection: close\r\n\r\n");
+            }
+            r
+        }
         Ok(Err(f)) => return answer(io, state, plan, f, out, close, started).await,
         Err(_) => {
             let message = format!(
@@ -751,6 +790,10 @@ fn response_head(
         Err(_) => return Err("invalid response head"),
     };
     let status = res.code.ok_or("invalid response head")?;
+    // httparse takes any three digits; `http::StatusCode` (hyper's client) refuses 000–099.
+    if status < 100 {
+        return Err("invalid status code");
+    }
     if status == 101 {
         return Err("101 Switching Protocols to a request that asked for no upgrade");
     }
@@ -941,6 +984,11 @@ where
                 if done.is_some() {
                     return Ok((chunks.data, upto == end));
                 }
+                // What a TLS stream still holds goes out before we wait on the upstream
+                // (server-sent events must not sit in rustls until the next chunk).
+                if io.flush().await.is_err() {
+                    return broken(chunks.data);
+                }
                 start = 0;
                 match conn.io.read(&mut conn.buf).await {
                     Ok(0) | Err(_) => return broken(chunks.data),
@@ -965,6 +1013,9 @@ where
                     return broken(bytes);
                 }
                 bytes += data.len() as u64;
+                if io.flush().await.is_err() {
+                    return broken(bytes);
+                }
                 start = 0;
                 match conn.io.read(&mut conn.buf).await {
                     Ok(0) => break,

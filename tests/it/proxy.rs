@@ -766,15 +766,23 @@ fn sigterm_lets_in_flight_requests_finish() {
     let app = Backend::http();
     let mut sc = inbound(&app, "");
     let url = sc.listener_url("public", "/slow/700");
-    let inflight =
-        std::thread::spawn(move || client().get(url).send().map(|r| r.status().as_u16()));
+    let inflight = std::thread::spawn(move || {
+        client().get(url).send().map(|r| {
+            let connection = r.headers().get("connection").cloned();
+            (r.status().as_u16(), connection)
+        })
+    });
     eventually(Duration::from_secs(5), "the request at the app", || {
         (app.count() == 1).then_some(())
     });
     sc.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, connection) = inflight.join().unwrap().unwrap();
+    assert_eq!(status, 200, "{}", sc.diagnostics());
+    // The drain began while the upstream was answering: the response tells the client to
+    // close, rather than leaving it to race its next request against the close.
     assert_eq!(
-        inflight.join().unwrap().unwrap(),
-        200,
+        connection.as_ref().map(|v| v.as_bytes()),
+        Some(b"close".as_slice()),
         "{}",
         sc.diagnostics()
     );
@@ -1523,7 +1531,7 @@ fn response_framings_pass_through_the_fast_path() {
             .unwrap();
         read_until(&mut s, end)
     };
-    let out = get("/chunked", "\r\n\r\n0\r\nx-sum: 11\r\n\r\n");
+    let out = get("/chunked", "0\r\nx-sum: 11\r\n\r\n");
     assert!(
         out.starts_with("HTTP/1.1 200 OK\r\n")
             && out.contains("5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
@@ -1564,4 +1572,58 @@ fn response_framings_pass_through_the_fast_path() {
         b"GET /bad-chunk HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert!(!out.contains("0\r\n\r\n") && !out.contains("zz"), "{out}");
+}
+
+/// Responses without a body (HEAD, 204, 304: their Content-Length is not followed by bytes)
+/// leave the keep-alive connection usable, and a status below 100 (which httparse reads but
+/// `http::StatusCode` refuses) is a 502 on the fast path as on hyper's.
+#[test]
+fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
+    let app = RawApp::start(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let ok = |s: &str| (s.as_bytes().to_vec(), false);
+        match path {
+            "/no-content" => ok("HTTP/1.1 204 No Content\r\n\r\n"),
+            "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+            "/low" => (
+                "HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n"
+                    .as_bytes()
+                    .to_vec(),
+                true,
+            ),
+            // HEAD: the length of the body a GET would have had, and no body.
+            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        }
+    });
+    let sc = inbound_to(&app);
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for (method, path, status) in [
+        ("HEAD", "/head", "200"),
+        ("GET", "/no-content", "204"),
+        ("GET", "/not-modified", "304"),
+        ("HEAD", "/head", "200"),
+    ] {
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let out = read_until(&mut s, "\r\n\r\n");
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {out}"
+        );
+    }
+    // Nothing more was sent: the next bytes are the next response's.
+    s.write_all(b"HEAD /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let out = read_until(&mut s, "\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /low HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(
+        app.heads().iter().all(|h| !h.contains("host: a")),
+        "served by the fast path (Host in the client's case)"
+    );
 }

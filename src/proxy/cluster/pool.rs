@@ -199,7 +199,12 @@ impl Pool {
     }
 
     /// A raw connection whose exchange ended cleanly goes back on its stack.
-    pub fn put_raw(self: &Arc<Self>, conn: Raw) {
+    pub fn put_raw(self: &Arc<Self>, mut conn: Raw) {
+        // A large response head grew the buffer (up to 400 KiB): idle, it shrinks back.
+        if conn.buf.len() > RAW_BUFFER {
+            conn.buf.truncate(RAW_BUFFER);
+            conn.buf.shrink_to_fit();
+        }
         let mut idle = self.raw.lock().expect("not poisoned");
         if idle.len() >= MAX_IDLE {
             return;
