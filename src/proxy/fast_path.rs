@@ -589,7 +589,16 @@ where
     let closing =
         || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
     let close = closing();
-    let exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
+    let mut exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
+    // A connect the app refused because it just died: held for its restart and sent once more
+    // (hold.rs), as on hyper's path. `out` still holds the request head: nothing was written.
+    if let Ok(Err(f)) = &exchanged
+        && f.failure == Failure::Connect
+        && state.hold.is_some()
+        && state.held_after_refusal(cx.down).await
+    {
+        exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
+    }
     // A drain or idle watch may have begun while the upstream answered: the response says
     // `connection: close` then (as hyper's path decides after the upstream answered).
     let late = !close && closing();
