@@ -36,8 +36,17 @@ pub const PUBSUB_TYPES: &[&str] = &[
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Configuration store types.
 pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
-/// Binding types: output (`bindings.http`), input (`bindings.cron`), both (`bindings.mqtt3`).
-pub const BINDING_TYPES: &[&str] = &["bindings.http", "bindings.cron", "bindings.mqtt3"];
+/// Binding types: output (`bindings.http`, `bindings.postgresql`, `bindings.redis`), input
+/// (`bindings.cron`), both (`bindings.mqtt3`, `bindings.rabbitmq`).
+pub const BINDING_TYPES: &[&str] = &[
+    "bindings.http",
+    "bindings.cron",
+    "bindings.mqtt3",
+    "bindings.postgresql",
+    "bindings.postgres",
+    "bindings.redis",
+    "bindings.rabbitmq",
+];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 

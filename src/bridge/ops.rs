@@ -432,7 +432,7 @@ pub async fn invoke_binding(
     operation: &str,
     data: bytes::Bytes,
     metadata: &BTreeMap<String, String>,
-) -> Result<BindingResponse, ApiError> {
+) -> Result<Option<BindingResponse>, ApiError> {
     let failed = |e: String| ApiError::Failed {
         code: "ERR_INVOKE_OUTPUT_BINDING",
         message: format!("error invoking output binding {name}: {e}"),

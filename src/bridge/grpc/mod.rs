@@ -699,7 +699,8 @@ impl Dapr for Api {
             Bytes::from(req.data),
             &metadata,
         )
-        .await?;
+        .await?
+        .unwrap_or_default();
         ok(runtime::InvokeBindingResponse {
             data: res.data.to_vec(),
             metadata: res.metadata.into_iter().collect(),
