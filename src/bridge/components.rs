@@ -35,7 +35,11 @@ pub const PUBSUB_TYPES: &[&str] = &[
 /// Distributed lock store types.
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Configuration store types.
-pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
+pub const CONFIGURATION_TYPES: &[&str] = &[
+    "configuration.redis",
+    "configuration.postgresql",
+    "configuration.postgres",
+];
 /// Binding types: output (`bindings.http`, `bindings.postgresql`, `bindings.redis`), input
 /// (`bindings.cron`), both (`bindings.mqtt3`, `bindings.rabbitmq`).
 pub const BINDING_TYPES: &[&str] = &[

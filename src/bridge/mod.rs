@@ -17,6 +17,7 @@ pub mod binding_routes;
 pub mod bindings;
 pub mod components;
 pub mod configuration;
+pub mod configuration_postgresql;
 pub mod configuration_routes;
 pub mod cron;
 pub mod env;

@@ -106,10 +106,9 @@ pub(crate) fn connection_config(s: &str) -> Result<tokio_postgres::Config, Strin
         .map_err(|e| format!("invalid connectionString: {e}"))
 }
 
-/// The connection pool a PostgreSQL component describes (`connectionString`, `timeout`,
-/// `maxConns`), built with nothing connected, and its `timeout`. Shared by `state.postgresql`,
-/// `bindings.postgresql` and `configuration.postgresql`, which read these keys alike.
-pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
+/// The connection settings a PostgreSQL component describes (`connectionString`, with the
+/// `timeout` as connect and statement timeout), and its `timeout`.
+pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Duration), String> {
     let conn = c
         .meta("connectionString")
         .ok_or("expected metadata connectionString, found none")?;
@@ -127,6 +126,23 @@ pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
         }
         None => DEFAULT_TIMEOUT,
     };
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
+    // A call that times out drops its future, and the pooled connection goes back with its
+    // statement still running (a row lock wait, a slow query), holding up the next user:
+    // the server cancels a statement that outlives `timeout` itself.
+    if let Some(options) = statement_timeout(config.get_options(), timeout) {
+        config.options(&options);
+    }
+    Ok((config, timeout))
+}
+
+/// The connection pool a PostgreSQL component describes (`connectionString`, `timeout`,
+/// `maxConns`), built with nothing connected, and its `timeout`. Shared by `state.postgresql`,
+/// `bindings.postgresql` and `configuration.postgresql`, which read these keys alike.
+pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
+    let (config, timeout) = client_config(c)?;
     let max = match c.meta("maxConns") {
         Some(v) => v
             .parse::<i64>()
@@ -141,15 +157,6 @@ pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
                 .map_or(MIN_CONNECTIONS, |n| n.get())
                 .max(MIN_CONNECTIONS)
         });
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(timeout);
-    }
-    // A call that times out drops its future, and the pooled connection goes back with its
-    // statement still running (a row lock wait, a slow query), holding up the next user:
-    // the server cancels a statement that outlives `timeout` itself.
-    if let Some(options) = statement_timeout(config.get_options(), timeout) {
-        config.options(&options);
-    }
     let manager = Manager::from_config(
         config,
         NoTls,

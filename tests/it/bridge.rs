@@ -2768,3 +2768,133 @@ fn rabbitmq_binding_output_and_input() {
         assert!(got.contains(text), "{text}: {got}");
     }
 }
+
+/// `configuration.postgresql` as the Dapr docs set it up: the user's table and `notify_event()`
+/// trigger; get (several rows of a key: the highest numeric version; metadata JSON), subscribe
+/// with `metadata.pgNotifyChannel` (a change reaches the app within a second or so, unwatched
+/// keys do not), unsubscribe; no channel or a bad one is a 500.
+#[test]
+fn configuration_on_postgresql_with_listen_notify() {
+    let db = PostgresDb::create();
+    db.sql(
+        "CREATE TABLE configtable (KEY VARCHAR NOT NULL, VALUE VARCHAR NOT NULL, VERSION VARCHAR NOT NULL, METADATA JSON);
+         CREATE OR REPLACE FUNCTION notify_event() RETURNS TRIGGER AS $$
+           DECLARE data json; notification json;
+           BEGIN
+             IF (TG_OP = 'DELETE') THEN data = row_to_json(OLD); ELSE data = row_to_json(NEW); END IF;
+             notification = json_build_object('table', TG_TABLE_NAME, 'action', TG_OP, 'data', data);
+             PERFORM pg_notify('config', notification::text);
+             RETURN NULL;
+           END;
+         $$ LANGUAGE plpgsql;
+         CREATE TRIGGER config AFTER INSERT OR UPDATE OR DELETE ON configtable
+           FOR EACH ROW EXECUTE PROCEDURE notify_event();
+         INSERT INTO configtable VALUES ('orderconfig', 'v1', '1', '{\"team\": \"pay\"}'), ('orderconfig', 'v0', '0', NULL), ('other', 'x', 'a', NULL);",
+    );
+    let app = Backend::http();
+    let sc = start(
+        &format!("service: orders\napp:\n  address: {}\n", app.address()),
+        &[(
+            "config.yaml",
+            &binding_component(
+                "pgconfig",
+                "configuration.postgresql",
+                &[
+                    ("connectionString", &db.connection_string()),
+                    ("table", "configtable"),
+                ],
+            ),
+        )],
+    );
+    let (s, _, body) = get(
+        &sc,
+        "/v1.0/configuration/pgconfig?key=orderconfig&key=missing",
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"orderconfig": {"value": "v1", "version": "1", "metadata": {"team": "pay"}}})
+    );
+    let (s, _, body) = get(&sc, "/v1.0/configuration/pgconfig");
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["other"],
+        json!({"value": "x", "version": "a", "metadata": {}})
+    );
+    assert_eq!(get(&sc, "/v1.0/configuration/pgconfig?key=missing").0, 204);
+    let (s, _, body) = get(&sc, "/v1.0/configuration/pgconfig?key=bad'key");
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (500, "ERR_CONFIGURATION_GET")
+    );
+    // Subscribing needs the channel.
+    for query in [
+        "key=orderconfig",
+        "key=orderconfig&metadata.pgNotifyChannel=x;drop",
+    ] {
+        let (s, _, body) = get(
+            &sc,
+            &format!("/v1.0/configuration/pgconfig/subscribe?{query}"),
+        );
+        assert_eq!(
+            (s, error_code(&body).as_str()),
+            (500, "ERR_CONFIGURATION_SUBSCRIBE"),
+            "{body}"
+        );
+    }
+    let (s, _, body) = get(
+        &sc,
+        "/v1.0/configuration/pgconfig/subscribe?key=orderconfig&metadata.pgNotifyChannel=config",
+    );
+    assert_eq!(s, 200, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.sql("UPDATE configtable SET value = 'v2', version = '2' WHERE key = 'orderconfig' AND version = '1'");
+    db.sql("UPDATE configtable SET value = 'y' WHERE key = 'other'");
+    let seen = eventually(Duration::from_secs(10), "the change at the app", || {
+        app.seen()
+            .into_iter()
+            .find(|s| s.path == "/configuration/pgconfig/orderconfig")
+    });
+    assert_eq!(seen.method, "POST");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&seen.body).unwrap(),
+        json!({"id": id, "items": {"orderconfig": {"value": "v2", "version": "2", "metadata": {"team": "pay"}}}})
+    );
+    let (s, _, body) = get(
+        &sc,
+        &format!("/v1.0/configuration/pgconfig/{id}/unsubscribe"),
+    );
+    assert_eq!((s, body.as_str()), (200, r#"{"ok":true}"#));
+    // After the unsubscribe a change reaches nobody; a new subscription to every key sees it.
+    let (_, _, body) = get(
+        &sc,
+        "/v1.0/configuration/pgconfig/subscribe?metadata.pgNotifyChannel=config",
+    );
+    let id2 = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.sql("DELETE FROM configtable WHERE key = 'other'");
+    eventually(Duration::from_secs(10), "the delete at the app", || {
+        app.seen()
+            .into_iter()
+            .find(|s| s.path == "/configuration/pgconfig/other")
+    });
+    let with_first = app
+        .seen()
+        .iter()
+        .filter(|s| String::from_utf8_lossy(&s.body).contains(&id))
+        .count();
+    assert_eq!(
+        with_first, 1,
+        "the unsubscribed watch sent only the first change"
+    );
+    assert!(
+        app.seen()
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.body).contains(&id2))
+    );
+}
