@@ -507,6 +507,7 @@ mod tests {
             ignore_errors: false,
             file: "c.yaml".into(),
             line: 1,
+            lines: Default::default(),
         }
     }
 

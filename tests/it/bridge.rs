@@ -1019,7 +1019,8 @@ fn bad_pubsub_metadata_and_subscriptions_are_config_errors() {
     for cmd in ["check", "run"] {
         let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
         assert_eq!(code, 78, "{cmd}: {stderr}");
-        assert!(stderr.contains("pubsub.yaml:1:1:"), "{cmd}: {stderr}");
+        // At the value of the key at fault, not the component's first line.
+        assert!(stderr.contains("pubsub.yaml:9:1:"), "{cmd}: {stderr}");
         assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
         assert!(stderr.contains("subs.yaml:"), "{cmd}: {stderr}");
         assert!(stderr.contains("orders"), "{cmd}: {stderr}");
@@ -1490,7 +1491,7 @@ fn ignore_errors_skips_a_failing_component_and_shows_it() {
     for cmd in ["check", "run"] {
         let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
         assert_eq!(code, 78, "{cmd}: {stderr}");
-        assert!(stderr.contains("redis.yaml:1:"), "{cmd}: {stderr}");
+        assert!(stderr.contains("redis.yaml:11:"), "{cmd}: {stderr}");
         assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
     }
 }
@@ -2223,10 +2224,20 @@ fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
         ),
     ] {
         let good = std::fs::read_to_string(resources.join(file)).unwrap();
-        std::fs::write(resources.join(file), format!("# a comment\n{text}")).unwrap();
+        let text = format!("# a comment\n{text}");
+        std::fs::write(resources.join(file), &text).unwrap();
         let (code, _, stderr) = check();
         assert_eq!(code, 78, "{file}: {stderr}");
-        assert!(stderr.contains(&format!("{file}:2:")), "{file}: {stderr}");
+        // Located at the faulty key's value: the line after its `- name:`.
+        let line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with(&format!("- name: {key}")))
+            .unwrap()
+            + 2;
+        assert!(
+            stderr.contains(&format!("{file}:{line}:")),
+            "{file}: {stderr}"
+        );
         assert!(stderr.contains(key), "{file}: {stderr}");
         std::fs::write(resources.join(file), good).unwrap();
     }
