@@ -1,7 +1,8 @@
 //! The output binding route of the Dapr API: `POST|PUT /v1.0/bindings/{name}` with
 //! `{"data", "metadata", "operation"}` (field names matched ignoring case, as Go's decoder).
-//! Answers 200 with the binding's data (204 when there is none) and its response metadata as
-//! `metadata.<key>` headers; any failure is 500 `ERR_INVOKE_OUTPUT_BINDING`.
+//! Answers 200 with the binding's data and its response metadata as `metadata.<key>` headers
+//! when the binding answered (even with no data), 204 when it answered nothing (as daprd: a
+//! component's nil response); any failure is 500 `ERR_INVOKE_OUTPUT_BINDING`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -76,12 +77,10 @@ async fn invoke(
                 .or_insert_with(|| v.to_string());
         }
     }
-    let res = ops::invoke_binding(&st, &name, &req.operation, data, &metadata).await?;
-    let mut response = if res.data.is_empty() {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        (StatusCode::OK, res.data).into_response()
+    let Some(res) = ops::invoke_binding(&st, &name, &req.operation, data, &metadata).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    let mut response = (StatusCode::OK, res.data).into_response();
     for (k, v) in res.metadata {
         if let (Ok(name), Ok(value)) = (
             header::HeaderName::try_from(format!("metadata.{k}")),

@@ -5,6 +5,11 @@
 //! back as response metadata. A non-2xx answer is an error unless `errorIfNot2XX` is false.
 //! `bindings.mqtt3` (`create`): publishes the data to the component's `topic` (or the request's
 //! `topic` metadata) through the same MQTT connection its input side reads with.
+//! `bindings.postgresql`, `bindings.redis` and `bindings.rabbitmq` live in their own files
+//! (`binding_postgresql.rs`, `binding_redis.rs`, `binding_rabbitmq.rs`).
+//!
+//! An invocation answers `Some(response)` (HTTP 200, even with no data) or `None` (HTTP 204),
+//! as daprd answers a component's `InvokeResponse` or its nil.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,7 +44,15 @@ pub enum OutputBinding {
         broker: std::sync::Arc<Mqtt>,
         topic: String,
     },
+    Postgres(Box<super::binding_postgresql::PostgresBinding>),
+    Redis(Box<super::binding_redis::RedisBinding>),
+    /// `bindings.rabbitmq`: shared with its input side.
+    Rabbit(std::sync::Arc<super::binding_rabbitmq::RabbitBinding>),
 }
+
+/// The output binding types with a component of their own here (`bindings.mqtt3` and
+/// `bindings.rabbitmq` are built with their input side in `BridgeState::new`).
+pub const POSTGRES_TYPES: &[&str] = &["bindings.postgresql", "bindings.postgres"];
 
 /// `bindings.mqtt3`'s connection and topic: built once per component, for its output and
 /// input sides (two connections with one client id would push each other off the broker).
@@ -58,13 +71,21 @@ impl OutputBinding {
     pub fn check(c: &Component) -> Result<(), String> {
         match c.kind.as_str() {
             "bindings.mqtt3" => mqtt_parts(c, "check").map(drop),
-            _ => HttpBinding::open(c).map(drop),
+            "bindings.rabbitmq" => super::binding_rabbitmq::RabbitBinding::open(c).map(drop),
+            _ => OutputBinding::open(c).map(drop),
         }
     }
 
-    /// Opens a `bindings.http` component (`bindings.mqtt3`: [`mqtt_parts`]).
+    /// Opens a `bindings.http`, `bindings.postgresql` or `bindings.redis` component
+    /// (`bindings.mqtt3`: [`mqtt_parts`]; `bindings.rabbitmq`: with its input side).
     pub fn open(c: &Component) -> Result<OutputBinding, String> {
-        HttpBinding::open(c).map(|h| OutputBinding::Http(Box::new(h)))
+        match c.kind.as_str() {
+            k if POSTGRES_TYPES.contains(&k) => super::binding_postgresql::PostgresBinding::open(c)
+                .map(|b| OutputBinding::Postgres(Box::new(b))),
+            "bindings.redis" => super::binding_redis::RedisBinding::open(c)
+                .map(|b| OutputBinding::Redis(Box::new(b))),
+            _ => HttpBinding::open(c).map(|h| OutputBinding::Http(Box::new(h))),
+        }
     }
 
     /// Sends `data` with `operation`.
@@ -73,9 +94,29 @@ impl OutputBinding {
         operation: &str,
         data: Bytes,
         metadata: &BTreeMap<String, String>,
-    ) -> Result<BindingResponse, String> {
+    ) -> Result<Option<BindingResponse>, String> {
         match self {
-            OutputBinding::Http(h) => h.invoke(operation, data, metadata).await,
+            OutputBinding::Http(h) => h.invoke(operation, data, metadata).await.map(Some),
+            OutputBinding::Postgres(p) => p.invoke(operation, metadata).await,
+            OutputBinding::Redis(r) => r.invoke(operation, data, metadata).await,
+            OutputBinding::Rabbit(r) => {
+                if operation != "create" {
+                    return Err(format!("invalid operation {operation:?}: expected create"));
+                }
+                match tokio::time::timeout(
+                    super::pubsub::PUBLISH_TIMEOUT,
+                    r.create(&data, metadata),
+                )
+                .await
+                {
+                    Ok(Ok(())) => Ok(None),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(format!(
+                        "rabbitmq did not take the message within {}s",
+                        super::pubsub::PUBLISH_TIMEOUT.as_secs()
+                    )),
+                }
+            }
             OutputBinding::Mqtt { broker, topic } => {
                 if !operation.eq_ignore_ascii_case("create") {
                     return Err(format!("invalid operation {operation:?}: expected create"));
@@ -86,7 +127,7 @@ impl OutputBinding {
                     .unwrap_or(topic);
                 let publish = broker.publish(topic, data, metadata);
                 match tokio::time::timeout(super::pubsub::PUBLISH_TIMEOUT, publish).await {
-                    Ok(Ok(())) => Ok(BindingResponse::default()),
+                    Ok(Ok(())) => Ok(None),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!(
                         "mqtt did not take the message within {}s",
@@ -124,14 +165,15 @@ impl HttpBinding {
                 "expected url as an http:// URL (https is not supported yet), found {url:?}"
             ));
         }
+        // Go's spellings (contrib reads it with `IsTruthy`, so anything else would be false;
+        // a typo is refused here rather than silently turning the check off).
         let error_if_not_2xx = match c.meta("errorIfNot2XX") {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                return Err(format!(
-                    "expected errorIfNot2XX true or false, found {other:?}"
-                ));
-            }
+            None => true,
+            Some(v) => truthy(v).ok_or_else(|| {
+                format!(
+                    "expected errorIfNot2XX true or false (or 1/0, yes/no, on/off), found {v:?}"
+                )
+            })?,
         };
         let timeout = match c.meta("responseTimeout") {
             None => DEFAULT_TIMEOUT,
@@ -169,6 +211,11 @@ impl HttpBinding {
                 ));
             }
         };
+        // A request's `errorIfNot2XX` overrides the component's (contrib's `IsTruthy`).
+        let error_if_not_2xx = match metadata.get("errorIfNot2XX").filter(|v| !v.is_empty()) {
+            Some(v) => truthy(v) == Some(true),
+            None => self.error_if_not_2xx,
+        };
         let mut url = self.url.clone();
         if let Some(path) = metadata.get("path").filter(|p| !p.is_empty()) {
             if !path.starts_with('/') {
@@ -181,6 +228,7 @@ impl HttpBinding {
             // Metadata becomes headers, but never the ones that pick the target or frame the
             // body (Go's client, which daprd uses, ignores those too).
             if k == "path"
+                || k == "errorIfNot2XX"
                 || matches!(
                     k.to_ascii_lowercase().as_str(),
                     "host"
@@ -233,7 +281,7 @@ impl HttpBinding {
                 .await
                 .map_err(|e| format!("reading the answer of {url}: {e}"))?
                 .to_bytes();
-            if self.error_if_not_2xx && !status.is_success() {
+            if error_if_not_2xx && !status.is_success() {
                 return Err(format!(
                     "received status code {}: {}",
                     status.as_u16(),
@@ -245,6 +293,16 @@ impl HttpBinding {
         tokio::time::timeout(self.timeout, call)
             .await
             .unwrap_or_else(|_| Err(format!("no answer from {url} within {:?}", self.timeout)))
+    }
+}
+
+/// A boolean as Go spells one: `Some(true)` for contrib's `IsTruthy` set (`true`, `1`, `yes`,
+/// `on`, `y`, `t`), `Some(false)` for their opposites, `None` for anything else.
+fn truthy(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" | "yes" | "y" | "on" => Some(true),
+        "false" | "f" | "0" | "no" | "n" | "off" => Some(false),
+        _ => None,
     }
 }
 

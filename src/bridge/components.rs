@@ -35,9 +35,22 @@ pub const PUBSUB_TYPES: &[&str] = &[
 /// Distributed lock store types.
 pub const LOCK_TYPES: &[&str] = &["lock.redis"];
 /// Configuration store types.
-pub const CONFIGURATION_TYPES: &[&str] = &["configuration.redis"];
-/// Binding types: output (`bindings.http`), input (`bindings.cron`), both (`bindings.mqtt3`).
-pub const BINDING_TYPES: &[&str] = &["bindings.http", "bindings.cron", "bindings.mqtt3"];
+pub const CONFIGURATION_TYPES: &[&str] = &[
+    "configuration.redis",
+    "configuration.postgresql",
+    "configuration.postgres",
+];
+/// Binding types: output (`bindings.http`, `bindings.postgresql`, `bindings.redis`), input
+/// (`bindings.cron`), both (`bindings.mqtt3`, `bindings.rabbitmq`).
+pub const BINDING_TYPES: &[&str] = &[
+    "bindings.http",
+    "bindings.cron",
+    "bindings.mqtt3",
+    "bindings.postgresql",
+    "bindings.postgres",
+    "bindings.redis",
+    "bindings.rabbitmq",
+];
 /// Secret store types the bridge implements.
 pub const SECRET_TYPES: &[&str] = &["secretstores.local.file", "secretstores.local.env"];
 
@@ -63,6 +76,9 @@ pub struct Component {
     /// Where it was written (for messages).
     pub file: PathBuf,
     pub line: usize,
+    /// The line of each `spec.metadata` item's value, by name: a problem with one metadata key
+    /// is located there ([`Component::line_of`]).
+    pub lines: BTreeMap<String, usize>,
 }
 
 impl fmt::Debug for Component {
@@ -96,6 +112,25 @@ impl Component {
     /// Whether the app `app_id` may use this component.
     pub fn in_scope(&self, app_id: &str) -> bool {
         self.scopes.is_empty() || self.scopes.iter().any(|s| s == app_id)
+    }
+
+    /// The line a problem `message` is about: the line of the metadata key it names (as a
+    /// whole word; the longest such name wins, so `redisHost` beats `host`), else the
+    /// component's first line.
+    pub fn line_of(&self, message: &str) -> usize {
+        let names = |key: &str| {
+            message.match_indices(key).any(|(at, _)| {
+                let before = message[..at].chars().next_back();
+                let after = message[at + key.len()..].chars().next();
+                !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+        };
+        self.lines
+            .iter()
+            .filter(|(key, _)| !key.is_empty() && names(key))
+            .max_by_key(|(key, _)| key.len())
+            .map_or(self.line, |(_, line)| *line)
     }
 
     /// `file:line` for messages.
@@ -172,6 +207,7 @@ impl Resources {
             ignore_errors: false,
             file: PathBuf::from(EMBEDDED),
             line: 0,
+            lines: BTreeMap::new(),
         };
         Resources {
             components: vec![
@@ -365,7 +401,7 @@ pub fn prepare(dir: Option<&Path>, app_id: &str, problems: &mut Vec<Problem>) ->
         problems.push(Problem {
             origin: Origin::File {
                 file: c.file.display().to_string(),
-                line: c.line.max(1),
+                line: c.line_of(&message).max(1),
                 column: 1,
             },
             path: String::new(),
@@ -548,6 +584,7 @@ fn read_document(
                 ignore_errors: true,
                 file: file.to_path_buf(),
                 line,
+                lines: BTreeMap::new(),
             };
             out.skipped.push(Skipped::new(&c, message));
         } else {
@@ -594,7 +631,18 @@ fn read_document(
     }
     let index = out.components.len();
     let mut metadata = BTreeMap::new();
+    let mut lines = BTreeMap::new();
     for (i, item) in raw.spec.metadata.into_iter().enumerate() {
+        let at = |path: &str| match doc.origin(path, false) {
+            Origin::File { line, .. } => Some(line + offset),
+            _ => None,
+        };
+        if let Some(line) = at(&format!("spec.metadata[{i}].value"))
+            .or_else(|| at(&format!("spec.metadata[{i}].secretKeyRef")))
+            .or_else(|| at(&format!("spec.metadata[{i}]")))
+        {
+            lines.insert(item.name.clone(), line);
+        }
         match (item.value, item.secret_key_ref) {
             (_, Some(secret)) => pending.push(Pending {
                 component: index,
@@ -623,6 +671,7 @@ fn read_document(
         ignore_errors: raw.spec.ignore_errors,
         file: file.to_path_buf(),
         line,
+        lines,
     });
 }
 
@@ -734,6 +783,30 @@ mod tests {
             "{problems:?}"
         );
         assert!(problems[0].contains("unknown component type \"state.mongodb\""));
+    }
+
+    #[test]
+    fn metadata_problems_are_located_at_their_key() {
+        let (_, problems) = load_text(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: q\nspec:\n  type: pubsub.rabbitmq\n  version: v1\n  metadata:\n  - name: host\n    value: amqp://localhost\n  - name: prefetchCount\n    value: lots\n",
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("c.yaml:12:"), "{problems:?}");
+        // A problem that names no key stays at the component's first line.
+        let c = Component {
+            name: "c".into(),
+            kind: "state.redis".into(),
+            version: "v1".into(),
+            metadata: BTreeMap::new(),
+            scopes: Vec::new(),
+            ignore_errors: false,
+            file: "c.yaml".into(),
+            line: 3,
+            lines: [("host".to_string(), 7), ("redisHost".to_string(), 9)].into(),
+        };
+        assert_eq!(c.line_of("expected redisHost as host:port"), 9);
+        assert_eq!(c.line_of("cannot open"), 3);
+        assert_eq!(c.line_of("hostname missing"), 3);
     }
 
     #[test]

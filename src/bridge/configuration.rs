@@ -1,5 +1,6 @@
 //! Configuration stores behind `/v1.0/configuration/{store}` and `GetConfiguration` /
-//! `SubscribeConfiguration`: `configuration.redis`, read as daprd's (components-contrib
+//! `SubscribeConfiguration`: `configuration.postgresql` (in `configuration_postgresql.rs`) and
+//! `configuration.redis`, read as daprd's (components-contrib
 //! `configuration/redis`): each key is a Redis string `value||version`; changes are watched
 //! through keyspace notifications (`__keyspace@<db>__:<key>`, which need the server's
 //! `notify-keyspace-events` to include `K` and the string or generic events), and each change
@@ -29,7 +30,7 @@ pub struct ConfigItem {
 pub type Changes = mpsc::Receiver<BTreeMap<String, ConfigItem>>;
 
 /// How many change batches may wait for a slow consumer before the watch waits too.
-const CHANGES_BUFFERED: usize = 64;
+pub(crate) const CHANGES_BUFFERED: usize = 64;
 
 /// `value||version` as contrib splits it: the part before the first `||`, the part after it.
 fn parse(raw: &str) -> ConfigItem {
@@ -41,11 +42,10 @@ fn parse(raw: &str) -> ConfigItem {
     }
 }
 
-/// A `configuration.redis` component (connects on first use).
-pub struct ConfigurationStore {
-    client: redis::Client,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
-    db: i64,
+/// A configuration store component (connects on first use).
+pub enum ConfigurationStore {
+    Redis(Box<RedisConfiguration>),
+    Postgres(Box<super::configuration_postgresql::PostgresConfiguration>),
 }
 
 impl ConfigurationStore {
@@ -62,16 +62,51 @@ impl ConfigurationStore {
                         "expected redisType node (a single Redis server), found {t:?}"
                     ));
                 }
-                Ok(ConfigurationStore {
+                Ok(ConfigurationStore::Redis(Box::new(RedisConfiguration {
                     client: super::state::redis_client(c)?,
                     conn: tokio::sync::OnceCell::new(),
                     db: super::state::redis_db(c)?,
-                })
+                })))
+            }
+            "configuration.postgresql" | "configuration.postgres" => {
+                super::configuration_postgresql::PostgresConfiguration::open(c)
+                    .map(|p| ConfigurationStore::Postgres(Box::new(p)))
             }
             other => Err(format!("{other} is not a configuration store type")),
         }
     }
 
+    /// The items of `keys` that exist (no keys: all of them).
+    pub async fn get(&self, keys: &[String]) -> Result<BTreeMap<String, ConfigItem>, String> {
+        match self {
+            ConfigurationStore::Redis(r) => r.get(keys).await,
+            ConfigurationStore::Postgres(p) => p.get(keys).await,
+        }
+    }
+
+    /// Watches `keys` (none: every key) with the subscription's `metadata`: subscribes now (so
+    /// an error is the caller's), then sends each change until the receiver is dropped or the
+    /// subscription breaks.
+    pub async fn watch(
+        &self,
+        keys: Vec<String>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(Changes, tokio::task::JoinHandle<()>), String> {
+        match self {
+            ConfigurationStore::Redis(r) => r.watch(keys).await,
+            ConfigurationStore::Postgres(p) => p.watch(keys, metadata).await,
+        }
+    }
+}
+
+/// A `configuration.redis` component (connects on first use).
+pub struct RedisConfiguration {
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    db: i64,
+}
+
+impl RedisConfiguration {
     /// The items of `keys` that exist (no keys: every key in the database).
     pub async fn get(&self, keys: &[String]) -> Result<BTreeMap<String, ConfigItem>, String> {
         let mut conn = super::state::redis_connection(&self.client, &self.conn).await?;

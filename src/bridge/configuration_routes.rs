@@ -38,6 +38,15 @@ pub fn routes() -> Router<Arc<BridgeState>> {
     router
 }
 
+/// The `metadata.<name>` query parameters (daprd's request metadata, e.g.
+/// `metadata.pgNotifyChannel`).
+fn metadata(query: &[(String, String)]) -> std::collections::BTreeMap<String, String> {
+    query
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?.to_string(), v.clone())))
+        .collect()
+}
+
 /// The `key` query parameters, in order.
 fn keys(query: Vec<(String, String)>) -> Vec<String> {
     query
@@ -72,7 +81,9 @@ async fn subscribe(
                 .into(),
         });
     };
-    let (id, mut changes) = ops::subscribe_configuration(&st, &store, keys(query)).await?;
+    let metadata = metadata(&query);
+    let (id, mut changes) =
+        ops::subscribe_configuration(&st, &store, keys(query), &metadata).await?;
     let channel = crate::bridge::pubsub::delivery::AppChannel::new(
         &app.to_string(),
         st.config.app_api_token.as_ref().map(|t| t.expose()),

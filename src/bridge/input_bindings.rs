@@ -6,7 +6,8 @@
 //! delivered, anything else or no answer within the delivery timeout is a failure, logged and
 //! counted) or `OnBindingEvent`. `route` is the component's `route` metadata, else its name.
 //!
-//! Events come in from the components' sources (here: [`crate::bridge::cron::Schedule`]) and
+//! Events come in from the components' sources ([`crate::bridge::cron::Schedule`], an MQTT
+//! topic, a RabbitMQ queue) and
 //! leave to the app; nothing is queued: a tick while the app is down waits for it, and ticks
 //! missed meanwhile are skipped (as robfig/cron skips them).
 
@@ -44,10 +45,10 @@ pub struct InputBinding {
 
 enum Source {
     Cron(Schedule),
-    /// `bindings.mqtt3`: messages on the topic (the component's connection, shared with its
-    /// output side).
-    Mqtt {
-        broker: Arc<super::pubsub::mqtt::Mqtt>,
+    /// `bindings.mqtt3` (messages on the topic) and `bindings.rabbitmq` (messages in the
+    /// queue): the component's connection, shared with its output side.
+    Broker {
+        broker: Arc<dyn super::pubsub::broker::Broker>,
         topic: String,
     },
 }
@@ -107,10 +108,11 @@ impl InputBinding {
 }
 
 impl InputBinding {
-    /// A `bindings.mqtt3` component's input side (`None`: output only).
-    pub fn mqtt(
+    /// A `bindings.mqtt3` or `bindings.rabbitmq` component's input side, reading `topic` (the
+    /// queue for RabbitMQ) through `broker` (`None`: output only).
+    pub fn from_broker(
         c: &Component,
-        broker: Arc<super::pubsub::mqtt::Mqtt>,
+        broker: Arc<dyn super::pubsub::broker::Broker>,
         topic: &str,
     ) -> Result<Option<InputBinding>, String> {
         if !reads_input(c)? {
@@ -120,7 +122,7 @@ impl InputBinding {
         Ok(Some(InputBinding {
             name: c.name.clone(),
             route: format!("/{}", route.trim_start_matches('/')),
-            source: Source::Mqtt {
+            source: Source::Broker {
                 broker,
                 topic: topic.to_string(),
             },
@@ -232,8 +234,8 @@ async fn run(
     let label: Name = Arc::new(b.name.clone());
     let schedule = match &b.source {
         Source::Cron(schedule) => schedule,
-        Source::Mqtt { broker, topic } => {
-            return read_mqtt(&b, broker, topic, target, stop, metrics, label).await;
+        Source::Broker { broker, topic } => {
+            return read_broker(&b, broker, topic, target, stop, metrics, label).await;
         }
     };
     loop {
@@ -276,19 +278,20 @@ async fn run(
     }
 }
 
-/// `bindings.mqtt3`'s input side: subscribes (retrying while the broker is away), hands each
-/// message to the app and acks it once the app took it (not acked otherwise: the broker sends
-/// it again when the session resumes), until `stop`.
-async fn read_mqtt(
+/// `bindings.mqtt3`'s and `bindings.rabbitmq`'s input side: subscribes (retrying while the
+/// broker is away), hands each message to the app and acks it once the app took it (MQTT: not
+/// acked otherwise, the broker sends it again when the session resumes; RabbitMQ: nacked with
+/// requeue), until `stop`.
+async fn read_broker(
     b: &Arc<InputBinding>,
-    broker: &Arc<super::pubsub::mqtt::Mqtt>,
+    broker: &Arc<dyn super::pubsub::broker::Broker>,
     topic: &str,
     target: Target,
     mut stop: watch::Receiver<bool>,
     metrics: BridgeMetrics,
     label: Name,
 ) {
-    use super::pubsub::broker::{Broker, Outcome};
+    use super::pubsub::broker::Outcome;
     let handler: super::pubsub::broker::Handler = {
         let (b, target) = (b.clone(), target.clone());
         Arc::new(move |msg: super::pubsub::Message| {

@@ -168,6 +168,7 @@ mod tests {
             ignore_errors: false,
             file: "c.yaml".into(),
             line: 1,
+            lines: Default::default(),
         }
     }
 

@@ -10,10 +10,14 @@
 //! axum on hyper-util's auto builder (HTTP/1.1 and h2c). It drains in the *last* stop phase,
 //! like outbound listeners: the app can still save state and publish while it shuts down.
 
+pub mod binding_postgresql;
+pub mod binding_rabbitmq;
+pub mod binding_redis;
 pub mod binding_routes;
 pub mod bindings;
 pub mod components;
 pub mod configuration;
+pub mod configuration_postgresql;
 pub mod configuration_routes;
 pub mod cron;
 pub mod env;
@@ -192,7 +196,8 @@ impl BridgeState {
                 }
                 "bindings" if c.kind == "bindings.mqtt3" => bindings::mqtt_parts(c, &bridge.app_id)
                     .and_then(|(broker, topic)| {
-                        let input = input_bindings::InputBinding::mqtt(c, broker.clone(), &topic)?;
+                        let input =
+                            input_bindings::InputBinding::from_broker(c, broker.clone(), &topic)?;
                         input_bindings.extend(input.map(Arc::new));
                         output_bindings.insert(
                             c.name.clone(),
@@ -200,6 +205,17 @@ impl BridgeState {
                         );
                         Ok(())
                     }),
+                "bindings" if c.kind == "bindings.rabbitmq" => {
+                    binding_rabbitmq::RabbitBinding::open(c).and_then(|b| {
+                        let b = Arc::new(b);
+                        let queue = b.queue().to_string();
+                        let input =
+                            input_bindings::InputBinding::from_broker(c, b.clone(), &queue)?;
+                        input_bindings.extend(input.map(Arc::new));
+                        output_bindings.insert(c.name.clone(), bindings::OutputBinding::Rabbit(b));
+                        Ok(())
+                    })
+                }
                 "bindings" => bindings::OutputBinding::open(c).map(|b| {
                     output_bindings.insert(c.name.clone(), b);
                 }),

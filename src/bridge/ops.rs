@@ -389,6 +389,7 @@ pub async fn subscribe_configuration(
     st: &BridgeState,
     store: &str,
     keys: Vec<String>,
+    metadata: &BTreeMap<String, String>,
 ) -> Result<(String, Changes), ApiError> {
     let watch_store = configuration_store(st, store)?;
     if st.configuration_watches.open() >= super::configuration::MAX_WATCHES {
@@ -401,7 +402,7 @@ pub async fn subscribe_configuration(
         });
     }
     let (changes, task) = watch_store
-        .watch(keys.clone())
+        .watch(keys.clone(), metadata)
         .await
         .map_err(|e| ApiError::Failed {
             code: "ERR_CONFIGURATION_SUBSCRIBE",
@@ -432,7 +433,7 @@ pub async fn invoke_binding(
     operation: &str,
     data: bytes::Bytes,
     metadata: &BTreeMap<String, String>,
-) -> Result<BindingResponse, ApiError> {
+) -> Result<Option<BindingResponse>, ApiError> {
     let failed = |e: String| ApiError::Failed {
         code: "ERR_INVOKE_OUTPUT_BINDING",
         message: format!("error invoking output binding {name}: {e}"),

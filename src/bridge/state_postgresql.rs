@@ -89,7 +89,7 @@ fn statement_timeout(options: Option<&str>, timeout: Duration) -> Option<String>
     }
 }
 
-fn connection_config(s: &str) -> Result<tokio_postgres::Config, String> {
+pub(crate) fn connection_config(s: &str) -> Result<tokio_postgres::Config, String> {
     let text = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
         s.to_string()
     } else {
@@ -106,6 +106,75 @@ fn connection_config(s: &str) -> Result<tokio_postgres::Config, String> {
         .map_err(|e| format!("invalid connectionString: {e}"))
 }
 
+/// The connection settings a PostgreSQL component describes (`connectionString`, with the
+/// `timeout` as connect and statement timeout), and its `timeout`.
+pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Duration), String> {
+    let conn = c
+        .meta("connectionString")
+        .ok_or("expected metadata connectionString, found none")?;
+    let mut config = connection_config(conn)?;
+    let timeout = match c.meta("timeout").or(c.meta("timeoutInSeconds")) {
+        Some(_) => {
+            let key = if c.meta("timeout").is_some() {
+                "timeout"
+            } else {
+                "timeoutInSeconds"
+            };
+            duration(c, key, DEFAULT_TIMEOUT)?
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| format!("expected {key} greater than 0"))?
+        }
+        None => DEFAULT_TIMEOUT,
+    };
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
+    // A call that times out drops its future, and the pooled connection goes back with its
+    // statement still running (a row lock wait, a slow query), holding up the next user:
+    // the server cancels a statement that outlives `timeout` itself.
+    if let Some(options) = statement_timeout(config.get_options(), timeout) {
+        config.options(&options);
+    }
+    Ok((config, timeout))
+}
+
+/// The connection pool a PostgreSQL component describes (`connectionString`, `timeout`,
+/// `maxConns`), built with nothing connected, and its `timeout`. Shared by `state.postgresql`,
+/// `bindings.postgresql` and `configuration.postgresql`, which read these keys alike.
+pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
+    let (config, timeout) = client_config(c)?;
+    let max = match c.meta("maxConns") {
+        Some(v) => v
+            .parse::<i64>()
+            .map_err(|_| format!("expected maxConns as a number, found {v:?}"))?,
+        None => 0,
+    };
+    let max = usize::try_from(max)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(MIN_CONNECTIONS, |n| n.get())
+                .max(MIN_CONNECTIONS)
+        });
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(max)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        .map_err(|e| format!("cannot build the connection pool: {e}"))?;
+    Ok((pool, timeout))
+}
+
 impl Postgres {
     /// Checks the metadata without connecting (preflight).
     pub fn check(c: &Component) -> Result<(), String> {
@@ -114,25 +183,9 @@ impl Postgres {
 
     /// The store, with its pool built but nothing connected.
     pub fn new(c: &Component) -> Result<Postgres, String> {
-        let conn = c
-            .meta("connectionString")
-            .ok_or("expected metadata connectionString, found none")?;
-        let mut config = connection_config(conn)?;
+        let (pool, timeout) = pool(c)?;
         let table = table_name(c, "tableName", "state")?;
         let metadata_table = table_name(c, "metadataTableName", "dapr_metadata")?;
-        let timeout = match c.meta("timeout").or(c.meta("timeoutInSeconds")) {
-            Some(_) => {
-                let key = if c.meta("timeout").is_some() {
-                    "timeout"
-                } else {
-                    "timeoutInSeconds"
-                };
-                duration(c, key, DEFAULT_TIMEOUT)?
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| format!("expected {key} greater than 0"))?
-            }
-            None => DEFAULT_TIMEOUT,
-        };
         // `cleanupIntervalInSeconds` is daprd's older name.
         let cleanup_key = if c.meta("cleanupInterval").is_none()
             && c.meta("cleanupIntervalInSeconds").is_some()
@@ -143,44 +196,6 @@ impl Postgres {
         };
         let cleanup_interval =
             duration(c, cleanup_key, DEFAULT_CLEANUP_INTERVAL)?.filter(|d| !d.is_zero());
-        let max = match c.meta("maxConns") {
-            Some(v) => v
-                .parse::<i64>()
-                .map_err(|_| format!("expected maxConns as a number, found {v:?}"))?,
-            None => 0,
-        };
-        let max = usize::try_from(max)
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map_or(MIN_CONNECTIONS, |n| n.get())
-                    .max(MIN_CONNECTIONS)
-            });
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(timeout);
-        }
-        // A call that times out drops its future, and the pooled connection goes back with its
-        // statement still running (a row lock wait, a slow query), holding up the next user:
-        // the server cancels a statement that outlives `timeout` itself.
-        if let Some(options) = statement_timeout(config.get_options(), timeout) {
-            config.options(&options);
-        }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(max)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| format!("cannot build the connection pool: {e}"))?;
         Ok(Postgres {
             pool,
             table,
@@ -457,7 +472,7 @@ fn op_etag(op: &Op) -> Option<u64> {
 }
 
 /// An error with its causes (tokio-postgres' own text is often just "db error").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -492,6 +507,7 @@ mod tests {
             ignore_errors: false,
             file: "c.yaml".into(),
             line: 1,
+            lines: Default::default(),
         }
     }
 

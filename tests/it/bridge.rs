@@ -1019,7 +1019,8 @@ fn bad_pubsub_metadata_and_subscriptions_are_config_errors() {
     for cmd in ["check", "run"] {
         let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
         assert_eq!(code, 78, "{cmd}: {stderr}");
-        assert!(stderr.contains("pubsub.yaml:1:1:"), "{cmd}: {stderr}");
+        // At the value of the key at fault, not the component's first line.
+        assert!(stderr.contains("pubsub.yaml:9:1:"), "{cmd}: {stderr}");
         assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
         assert!(stderr.contains("subs.yaml:"), "{cmd}: {stderr}");
         assert!(stderr.contains("orders"), "{cmd}: {stderr}");
@@ -1490,7 +1491,7 @@ fn ignore_errors_skips_a_failing_component_and_shows_it() {
     for cmd in ["check", "run"] {
         let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
         assert_eq!(code, 78, "{cmd}: {stderr}");
-        assert!(stderr.contains("redis.yaml:1:"), "{cmd}: {stderr}");
+        assert!(stderr.contains("redis.yaml:11:"), "{cmd}: {stderr}");
         assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
     }
 }
@@ -2016,6 +2017,22 @@ fn output_binding_http() {
         (echoed["method"].as_str(), echoed["body"].as_str()),
         (Some("PUT"), Some("plain text"))
     );
+    // An answer without a body is still an answer: 200 (daprd), with its status as metadata.
+    let (s, md, body) = invoke_binding(
+        &sc,
+        "webhook",
+        json!({"operation": "get", "metadata": {"path": "/status/204"}}),
+    );
+    assert_eq!((s, body.as_str()), (200, ""));
+    assert_eq!(md.get("statuscode").map(String::as_str), Some("204"));
+    // A request's errorIfNot2XX turns the check off for that call (contrib's IsTruthy).
+    let (s, md, body) = invoke_binding(
+        &sc,
+        "webhook",
+        json!({"operation": "get", "metadata": {"path": "/status/503", "errorIfNot2XX": "false"}}),
+    );
+    assert_eq!((s, body.as_str()), (200, "status 503\n"));
+    assert_eq!(md.get("statuscode").map(String::as_str), Some("503"));
     // The server's error, an unknown operation, an unknown binding: 500 with daprd's code.
     for (body, text) in [
         (
@@ -2207,10 +2224,20 @@ fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
         ),
     ] {
         let good = std::fs::read_to_string(resources.join(file)).unwrap();
-        std::fs::write(resources.join(file), format!("# a comment\n{text}")).unwrap();
+        let text = format!("# a comment\n{text}");
+        std::fs::write(resources.join(file), &text).unwrap();
         let (code, _, stderr) = check();
         assert_eq!(code, 78, "{file}: {stderr}");
-        assert!(stderr.contains(&format!("{file}:2:")), "{file}: {stderr}");
+        // Located at the faulty key's value: the line after its `- name:`.
+        let line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with(&format!("- name: {key}")))
+            .unwrap()
+            + 2;
+        assert!(
+            stderr.contains(&format!("{file}:{line}:")),
+            "{file}: {stderr}"
+        );
         assert!(stderr.contains(key), "{file}: {stderr}");
         std::fs::write(resources.join(file), good).unwrap();
     }
@@ -2316,5 +2343,569 @@ fn mqtt3_binding_round_trip() {
     assert_eq!(
         (s, error_code(&body).as_str()),
         (500, "ERR_INVOKE_OUTPUT_BINDING")
+    );
+}
+
+/// `POST /v1.0/bindings/{name}`: status, the `metadata.*` headers (without the prefix, names
+/// lowercased as HTTP carries them), body.
+fn invoke_binding(
+    sc: &Sidecar,
+    name: &str,
+    body: Value,
+) -> (u16, std::collections::BTreeMap<String, String>, String) {
+    let r = client()
+        .post(sc.bridge_url(&format!("/v1.0/bindings/{name}")))
+        .json(&body)
+        .send()
+        .unwrap();
+    let metadata = r
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.as_str().strip_prefix("metadata.")?;
+            Some((key.to_string(), v.to_str().ok()?.to_string()))
+        })
+        .collect();
+    (r.status().as_u16(), metadata, r.text().unwrap())
+}
+
+fn binding_component(name: &str, kind: &str, metadata: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n"
+    );
+    for (k, v) in metadata {
+        text.push_str(&format!("  - name: {k}\n    value: \"{v}\"\n"));
+    }
+    text
+}
+
+/// `bindings.postgresql` as daprd's: `exec` answers `rows-affected` (200, no body), `query` the
+/// rows as JSON arrays of values typed as pgx/Go marshal them, both with `operation`, `sql`,
+/// `start-time`, `end-time`, `duration`; params bind `$1`…; every mistake is a 500
+/// `ERR_INVOKE_OUTPUT_BINDING`; `close` answers 204 and later calls fail. A database that is
+/// not there yet fails each call and is used once it appears.
+#[test]
+fn output_binding_postgresql_exec_query_close() {
+    let db = PostgresDb::create();
+    let late = format!("outrigger_test_late_binding_{}", std::process::id());
+    let late_connection = format!("host=127.0.0.1 user=postgres port=5432 database={late}");
+    let sc = start(
+        "service: orders\n",
+        &[
+            (
+                "sql.yaml",
+                &binding_component(
+                    "sql",
+                    "bindings.postgresql",
+                    &[("connectionString", &db.connection_string())],
+                ),
+            ),
+            (
+                "late.yaml",
+                &binding_component(
+                    "late",
+                    "bindings.postgres",
+                    &[("connectionString", &late_connection)],
+                ),
+            ),
+        ],
+    );
+    let exec = |sql: &str, params: Option<&str>| {
+        let mut metadata = json!({"sql": sql});
+        if let Some(p) = params {
+            metadata["params"] = json!(p);
+        }
+        invoke_binding(
+            &sc,
+            "sql",
+            json!({"operation": "exec", "metadata": metadata}),
+        )
+    };
+    let (s, md, body) = exec(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2), tags text[], doc jsonb, at timestamptz, raw bytea, ok boolean, ratio float8)",
+        None,
+    );
+    assert_eq!((s, body.as_str()), (200, ""), "{body}");
+    assert_eq!(md.get("rows-affected").map(String::as_str), Some("0"));
+    assert_eq!(md.get("operation").map(String::as_str), Some("exec"));
+    assert!(md["sql"].starts_with("CREATE TABLE items"), "{md:?}");
+    for key in ["start-time", "end-time"] {
+        assert!(md[key].ends_with('Z') && md[key].contains('T'), "{md:?}");
+    }
+    assert!(
+        ["ns", "µs", "ms", "s"]
+            .iter()
+            .any(|u| md["duration"].ends_with(u)),
+        "{md:?}"
+    );
+    let (s, md, body) = exec(
+        "INSERT INTO items (id, name, price, tags, doc, at, raw, ok, ratio) VALUES ($1, $2, $3, ARRAY['a', 'b'], $4, '2024-01-02T03:04:05.5Z', '\\x6869', $5, $6), ($7, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+        Some(r#"[1, "apple", 1.5, {"k": [1, 2]}, true, 0.25, 2.0]"#),
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(md.get("rows-affected").map(String::as_str), Some("2"));
+    // The rows as pgx gives them and Go marshals them.
+    let (s, md, body) = invoke_binding(
+        &sc,
+        "sql",
+        json!({"operation": "query", "metadata": {"sql": "SELECT id, name, price, tags, doc, at, raw, ok, ratio FROM items ORDER BY id"}}),
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(md.get("operation").map(String::as_str), Some("query"));
+    assert!(!md.contains_key("rows-affected"), "{md:?}");
+    let rows: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        rows,
+        json!([
+            [1, "apple", 1.5, ["a", "b"], {"k": [1, 2]}, "2024-01-02T03:04:05.5Z", "aGk=", true, 0.25],
+            [2, null, null, null, null, null, null, null, null]
+        ])
+    );
+    let (s, _, body) = invoke_binding(
+        &sc,
+        "sql",
+        json!({"operation": "query", "metadata": {"sql": "SELECT name FROM items WHERE id = $1", "params": "[3]"}}),
+    );
+    assert_eq!((s, body.as_str()), (200, "[]"));
+    // Mistakes: each a 500 with daprd's code and a message saying what.
+    for (body, text) in [
+        (
+            json!({"operation": "query", "metadata": {"sql": "SELECT nope FROM items"}}),
+            "error executing query",
+        ),
+        (
+            json!({"operation": "query"}),
+            "required metadata not set: sql",
+        ),
+        (
+            json!({"operation": "exec", "metadata": {"sql": "SELECT 1", "params": "{\"a\": 1}"}}),
+            "invalid metadata property params",
+        ),
+        (
+            json!({"operation": "exec", "metadata": {"sql": "SELECT $1::int", "params": "[\"x\"]"}}),
+            "error executing query",
+        ),
+        (
+            json!({"operation": "drop", "metadata": {"sql": "SELECT 1"}}),
+            "invalid operation type: drop",
+        ),
+    ] {
+        let (s, _, got) = invoke_binding(&sc, "sql", body);
+        assert_eq!(
+            (s, error_code(&got).as_str()),
+            (500, "ERR_INVOKE_OUTPUT_BINDING"),
+            "{got}"
+        );
+        assert!(got.contains(text), "{text}: {got}");
+    }
+    // The database that is not there yet: a 500 naming it, then it works once created.
+    let (s, _, got) = invoke_binding(
+        &sc,
+        "late",
+        json!({"operation": "query", "metadata": {"sql": "SELECT 1"}}),
+    );
+    assert_eq!(s, 500, "{got}");
+    assert!(got.contains(&late), "{got}");
+    let late_db = PostgresDb { name: late };
+    let _ = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-XAtq",
+            "-c",
+        ])
+        .arg(format!("CREATE DATABASE {}", late_db.name))
+        .output();
+    let got = eventually(Duration::from_secs(15), "the late database", || {
+        let (s, _, body) = invoke_binding(
+            &sc,
+            "late",
+            json!({"operation": "query", "metadata": {"sql": "SELECT 41 + 1"}}),
+        );
+        (s == 200).then_some(body)
+    });
+    assert_eq!(got, "[[42]]");
+    // close: 204, and the component is closed from then on (a second close is fine).
+    let (s, _, _) = invoke_binding(&sc, "sql", json!({"operation": "close"}));
+    assert_eq!(s, 204);
+    let (s, _, got) = exec("SELECT 1", None);
+    assert_eq!(s, 500);
+    assert!(got.contains("component is closed"), "{got}");
+    assert_eq!(
+        invoke_binding(&sc, "sql", json!({"operation": "close"})).0,
+        204
+    );
+}
+
+/// A reply of [`RedisServer::command`] without its RESP framing (`$7\r\n…` → `…`; a missing
+/// bulk string → `None`; `:1` → `1`).
+fn resp(reply: Option<String>) -> Option<String> {
+    let reply = reply?;
+    match reply.as_bytes().first() {
+        Some(b'$') if reply.starts_with("$-1") => None,
+        Some(b'$') => reply.split_once("\r\n").map(|(_, v)| v.to_string()),
+        Some(b':' | b'+') => Some(reply[1..].to_string()),
+        _ => Some(reply),
+    }
+}
+
+/// `bindings.redis` as daprd's: `create` sets the key (with `ttlInSeconds`, an expiry), `get`
+/// answers the value (200 and no body when there is none; `delete: "true"` takes it), `delete`
+/// removes it, `increment` counts; a missing key or a bad ttl is a 500. Redis killed: a 500 per
+/// call, and it works again once Redis is back.
+#[test]
+fn output_binding_redis() {
+    let mut redis = RedisServer::start();
+    let sc = start(
+        "service: orders\n",
+        &[(
+            "kv.yaml",
+            &binding_component("kv", "bindings.redis", &[("redisHost", &redis.host())]),
+        )],
+    );
+    let call = |op: &str, data: Value, metadata: Value| {
+        invoke_binding(
+            &sc,
+            "kv",
+            json!({"operation": op, "data": data, "metadata": metadata}),
+        )
+    };
+    let (s, _, body) = call("create", json!({"n": 1}), json!({"key": "k1"}));
+    assert_eq!((s, body.as_str()), (204, ""));
+    assert_eq!(
+        resp(redis.command(&["GET", "k1"])).as_deref(),
+        Some(r#"{"n":1}"#)
+    );
+    assert_eq!(resp(redis.command(&["TTL", "k1"])).as_deref(), Some("-1"));
+    let (s, _, body) = call("get", Value::Null, json!({"key": "k1"}));
+    assert_eq!((s, body.as_str()), (200, r#"{"n":1}"#));
+    // A key that is not there: 200 without a body (daprd's empty response).
+    let (s, _, body) = call("get", Value::Null, json!({"key": "nope"}));
+    assert_eq!((s, body.as_str()), (200, ""));
+    // ttlInSeconds on create and increment.
+    assert_eq!(
+        call(
+            "create",
+            json!("text"),
+            json!({"key": "k2", "ttlInSeconds": "100"})
+        )
+        .0,
+        204
+    );
+    let ttl: i64 = resp(redis.command(&["TTL", "k2"]))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=100).contains(&ttl), "{ttl}");
+    assert_eq!(resp(redis.command(&["GET", "k2"])).as_deref(), Some("text"));
+    for _ in 0..3 {
+        assert_eq!(
+            call(
+                "increment",
+                Value::Null,
+                json!({"key": "n", "ttlInSeconds": "50"})
+            )
+            .0,
+            204
+        );
+    }
+    assert_eq!(resp(redis.command(&["GET", "n"])).as_deref(), Some("3"));
+    assert!(
+        resp(redis.command(&["TTL", "n"]))
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            > 0
+    );
+    // get with delete: "true" takes the value.
+    let (s, _, body) = call("get", Value::Null, json!({"key": "k2", "delete": "true"}));
+    assert_eq!((s, body.as_str()), (200, "text"));
+    assert_eq!(resp(redis.command(&["EXISTS", "k2"])).as_deref(), Some("0"));
+    assert_eq!(call("delete", Value::Null, json!({"key": "k1"})).0, 204);
+    assert_eq!(resp(redis.command(&["EXISTS", "k1"])).as_deref(), Some("0"));
+    for (op, metadata, text) in [
+        ("create", json!({}), "missing key"),
+        (
+            "create",
+            json!({"key": "k3", "ttlInSeconds": "soon"}),
+            "ttlInSeconds",
+        ),
+        (
+            "rename",
+            json!({"key": "k3"}),
+            "invalid operation type: rename",
+        ),
+    ] {
+        let (s, _, got) = call(op, json!(1), metadata);
+        assert_eq!(
+            (s, error_code(&got).as_str()),
+            (500, "ERR_INVOKE_OUTPUT_BINDING"),
+            "{got}"
+        );
+        assert!(got.contains(text), "{text}: {got}");
+    }
+    // A bad ttl wrote nothing.
+    assert_eq!(resp(redis.command(&["EXISTS", "k3"])).as_deref(), Some("0"));
+    redis.kill();
+    let (s, _, got) = call("get", Value::Null, json!({"key": "n"}));
+    assert_eq!(
+        (s, error_code(&got).as_str()),
+        (500, "ERR_INVOKE_OUTPUT_BINDING")
+    );
+    redis.restart();
+    eventually(Duration::from_secs(15), "redis back", || {
+        (call("create", json!(5), json!({"key": "back"})).0 == 204).then_some(())
+    });
+    assert_eq!(resp(redis.command(&["GET", "back"])).as_deref(), Some("5"));
+}
+
+/// `bindings.rabbitmq` both ways, as daprd's: the queue declared with its ttl and priority
+/// arguments; `create` publishes persistent messages with a per-message ttl and priority; the
+/// input side consumes the queue: `OPTIONS` then `POST /{name}` per message, acked on 2xx and
+/// requeued (delivered again) when the app refuses it.
+#[test]
+fn rabbitmq_binding_output_and_input() {
+    let vhost = crate::servers::RabbitVhost::create();
+    let app = Backend::http();
+    let sc = start(
+        &format!("service: orders\napp:\n  address: {}\n", app.address()),
+        &[
+            (
+                "jobs.yaml",
+                &binding_component(
+                    "jobs",
+                    "bindings.rabbitmq",
+                    &[
+                        ("host", &vhost.url()),
+                        ("queueName", "jobs"),
+                        ("durable", "true"),
+                        ("maxPriority", "5"),
+                        ("ttlInSeconds", "60"),
+                    ],
+                ),
+            ),
+            // A route the app refuses: OPTIONS and POST answer 405 (OPTIONS 405: it listens).
+            (
+                "refused.yaml",
+                &binding_component(
+                    "refused",
+                    "bindings.rabbitmq",
+                    &[
+                        ("host", &vhost.url()),
+                        ("queueName", "refused"),
+                        ("route", "/status/405"),
+                    ],
+                ),
+            ),
+            // Output only.
+            (
+                "out.yaml",
+                &binding_component(
+                    "out",
+                    "bindings.rabbitmq",
+                    &[
+                        ("host", &vhost.url()),
+                        ("queueName", "outq"),
+                        ("direction", "output"),
+                    ],
+                ),
+            ),
+        ],
+    );
+    let (s, _, body) = invoke_binding(
+        &sc,
+        "jobs",
+        json!({"operation": "create", "data": {"job": 1}, "metadata": {"ttlInSeconds": "30", "priority": "3", "team": "pay"}}),
+    );
+    assert_eq!((s, body.as_str()), (204, ""));
+    let got = eventually(Duration::from_secs(30), "the message at the app", || {
+        app.seen()
+            .into_iter()
+            .find(|r| r.method == "POST" && r.path == "/jobs")
+    });
+    assert_eq!(String::from_utf8_lossy(&got.body), r#"{"job":1}"#);
+    assert_eq!(got.header("team"), Some("pay"));
+    assert!(
+        app.seen()
+            .iter()
+            .any(|r| r.method == "OPTIONS" && r.path == "/jobs")
+    );
+    // Acked: the queue is empty (nothing ready, nothing unacked).
+    eventually(Duration::from_secs(15), "the ack", || {
+        (vhost.queues().get("jobs") == Some(&(0, 0))).then_some(())
+    });
+    // Output only: the message stays in its queue (nobody reads it).
+    assert_eq!(
+        invoke_binding(&sc, "out", json!({"operation": "create", "data": "x"})).0,
+        204
+    );
+    eventually(Duration::from_secs(15), "the message in outq", || {
+        (vhost.queues().get("outq") == Some(&(1, 0))).then_some(())
+    });
+    assert!(!app.seen().iter().any(|r| r.path == "/out"));
+    // Refused by the app: nacked with requeue, so it comes again, and stays in the queue.
+    assert_eq!(
+        invoke_binding(&sc, "refused", json!({"operation": "create", "data": "r1"})).0,
+        204
+    );
+    eventually(Duration::from_secs(30), "the refused message twice", || {
+        (app.seen()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/status/405" && r.body == b"r1")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let (ready, unacked) = vhost.queues()["refused"];
+    assert_eq!(ready + unacked, 1);
+    // Mistakes: an unknown operation, a bad priority.
+    for (body, text) in [
+        (json!({"operation": "get"}), "invalid operation"),
+        (
+            json!({"operation": "create", "data": 1, "metadata": {"priority": "high"}}),
+            "priority",
+        ),
+    ] {
+        let (s, _, got) = invoke_binding(&sc, "jobs", body);
+        assert_eq!(
+            (s, error_code(&got).as_str()),
+            (500, "ERR_INVOKE_OUTPUT_BINDING"),
+            "{got}"
+        );
+        assert!(got.contains(text), "{text}: {got}");
+    }
+}
+
+/// `configuration.postgresql` as the Dapr docs set it up: the user's table and `notify_event()`
+/// trigger; get (several rows of a key: the highest numeric version; metadata JSON), subscribe
+/// with `metadata.pgNotifyChannel` (a change reaches the app within a second or so, unwatched
+/// keys do not), unsubscribe; no channel or a bad one is a 500.
+#[test]
+fn configuration_on_postgresql_with_listen_notify() {
+    let db = PostgresDb::create();
+    db.sql(
+        "CREATE TABLE configtable (KEY VARCHAR NOT NULL, VALUE VARCHAR NOT NULL, VERSION VARCHAR NOT NULL, METADATA JSON);
+         CREATE OR REPLACE FUNCTION notify_event() RETURNS TRIGGER AS $$
+           DECLARE data json; notification json;
+           BEGIN
+             IF (TG_OP = 'DELETE') THEN data = row_to_json(OLD); ELSE data = row_to_json(NEW); END IF;
+             notification = json_build_object('table', TG_TABLE_NAME, 'action', TG_OP, 'data', data);
+             PERFORM pg_notify('config', notification::text);
+             RETURN NULL;
+           END;
+         $$ LANGUAGE plpgsql;
+         CREATE TRIGGER config AFTER INSERT OR UPDATE OR DELETE ON configtable
+           FOR EACH ROW EXECUTE PROCEDURE notify_event();
+         INSERT INTO configtable VALUES ('orderconfig', 'v1', '1', '{\"team\": \"pay\"}'), ('orderconfig', 'v0', '0', NULL), ('other', 'x', 'a', NULL);",
+    );
+    let app = Backend::http();
+    let sc = start(
+        &format!("service: orders\napp:\n  address: {}\n", app.address()),
+        &[(
+            "config.yaml",
+            &binding_component(
+                "pgconfig",
+                "configuration.postgresql",
+                &[
+                    ("connectionString", &db.connection_string()),
+                    ("table", "configtable"),
+                ],
+            ),
+        )],
+    );
+    let (s, _, body) = get(
+        &sc,
+        "/v1.0/configuration/pgconfig?key=orderconfig&key=missing",
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"orderconfig": {"value": "v1", "version": "1", "metadata": {"team": "pay"}}})
+    );
+    let (s, _, body) = get(&sc, "/v1.0/configuration/pgconfig");
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["other"],
+        json!({"value": "x", "version": "a", "metadata": {}})
+    );
+    assert_eq!(get(&sc, "/v1.0/configuration/pgconfig?key=missing").0, 204);
+    let (s, _, body) = get(&sc, "/v1.0/configuration/pgconfig?key=bad'key");
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (500, "ERR_CONFIGURATION_GET")
+    );
+    // Subscribing needs the channel.
+    for query in [
+        "key=orderconfig",
+        "key=orderconfig&metadata.pgNotifyChannel=x;drop",
+    ] {
+        let (s, _, body) = get(
+            &sc,
+            &format!("/v1.0/configuration/pgconfig/subscribe?{query}"),
+        );
+        assert_eq!(
+            (s, error_code(&body).as_str()),
+            (500, "ERR_CONFIGURATION_SUBSCRIBE"),
+            "{body}"
+        );
+    }
+    let (s, _, body) = get(
+        &sc,
+        "/v1.0/configuration/pgconfig/subscribe?key=orderconfig&metadata.pgNotifyChannel=config",
+    );
+    assert_eq!(s, 200, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.sql("UPDATE configtable SET value = 'v2', version = '2' WHERE key = 'orderconfig' AND version = '1'");
+    db.sql("UPDATE configtable SET value = 'y' WHERE key = 'other'");
+    let seen = eventually(Duration::from_secs(10), "the change at the app", || {
+        app.seen()
+            .into_iter()
+            .find(|s| s.path == "/configuration/pgconfig/orderconfig")
+    });
+    assert_eq!(seen.method, "POST");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&seen.body).unwrap(),
+        json!({"id": id, "items": {"orderconfig": {"value": "v2", "version": "2", "metadata": {"team": "pay"}}}})
+    );
+    let (s, _, body) = get(
+        &sc,
+        &format!("/v1.0/configuration/pgconfig/{id}/unsubscribe"),
+    );
+    assert_eq!((s, body.as_str()), (200, r#"{"ok":true}"#));
+    // After the unsubscribe a change reaches nobody; a new subscription to every key sees it.
+    let (_, _, body) = get(
+        &sc,
+        "/v1.0/configuration/pgconfig/subscribe?metadata.pgNotifyChannel=config",
+    );
+    let id2 = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.sql("DELETE FROM configtable WHERE key = 'other'");
+    eventually(Duration::from_secs(10), "the delete at the app", || {
+        app.seen()
+            .into_iter()
+            .find(|s| s.path == "/configuration/pgconfig/other")
+    });
+    let with_first = app
+        .seen()
+        .iter()
+        .filter(|s| String::from_utf8_lossy(&s.body).contains(&id))
+        .count();
+    assert_eq!(
+        with_first, 1,
+        "the unsubscribed watch sent only the first change"
+    );
+    assert!(
+        app.seen()
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.body).contains(&id2))
     );
 }

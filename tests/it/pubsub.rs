@@ -68,6 +68,7 @@ fn component(name: &str, kind: &str, metadata: &[(&str, &str)]) -> Component {
         scopes: Vec::new(),
         ignore_errors: false,
         line: 1,
+        lines: Default::default(),
     }
 }
 

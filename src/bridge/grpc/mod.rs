@@ -699,7 +699,8 @@ impl Dapr for Api {
             Bytes::from(req.data),
             &metadata,
         )
-        .await?;
+        .await?
+        .unwrap_or_default();
         ok(runtime::InvokeBindingResponse {
             data: res.data.to_vec(),
             metadata: res.metadata.into_iter().collect(),
@@ -759,8 +760,9 @@ impl Dapr for Api {
         request: tonic::Request<runtime::SubscribeConfigurationRequest>,
     ) -> Reply<Self::SubscribeConfigurationStream> {
         let req = request.into_inner();
+        let metadata = sorted(req.metadata);
         let (id, mut changes) =
-            ops::subscribe_configuration(&self.state, &req.store_name, req.keys).await?;
+            ops::subscribe_configuration(&self.state, &req.store_name, req.keys, &metadata).await?;
         // As daprd: the first frame carries only the watch's id, then one per change. The
         // stream ends when the watch is unsubscribed; the watch ends when the client goes.
         let stream = async_stream_of(id.clone(), move |tx| async move {

@@ -78,7 +78,7 @@ struct Publisher {
 }
 
 /// A RabbitMQ name (exchange, queue): at most 255 bytes, as AMQP's short strings.
-fn short(s: &str) -> Result<ShortString, String> {
+pub(crate) fn short(s: &str) -> Result<ShortString, String> {
     ShortString::try_new(s).map_err(|_| format!("{s:?} is longer than 255 bytes"))
 }
 
@@ -313,7 +313,7 @@ impl RabbitMq {
 }
 
 /// Hides the password of an AMQP URL in messages.
-fn redact(uri: &str) -> String {
+pub(crate) fn redact(uri: &str) -> String {
     match (uri.find("://"), uri.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &uri[s + 3..at];
@@ -327,13 +327,18 @@ fn redact(uri: &str) -> String {
 }
 
 async fn connect(settings: &Settings) -> Result<Connection, String> {
+    connect_uri(&settings.uri, settings.client_name.as_deref()).await
+}
+
+/// A connection to `uri` (named `name` in the management UI when given).
+pub(crate) async fn connect_uri(uri: &str, name: Option<&str>) -> Result<Connection, String> {
     let mut props = ConnectionProperties::default();
-    if let Some(name) = &settings.client_name {
-        props = props.with_connection_name(name.as_str().into());
+    if let Some(name) = name {
+        props = props.with_connection_name(name.into());
     }
-    Connection::connect(&settings.uri, props)
+    Connection::connect(uri, props)
         .await
-        .map_err(|e| format!("rabbitmq: cannot connect to {}: {e}", redact(&settings.uri)))
+        .map_err(|e| format!("rabbitmq: cannot connect to {}: {e}", redact(uri)))
 }
 
 /// The topic's exchange as daprd declares it: durable, not auto-deleted, fanout.
@@ -353,7 +358,7 @@ async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), String> {
 }
 
 /// Publish metadata as AMQP headers (string values; names longer than 255 bytes left out).
-fn headers(metadata: &BTreeMap<String, String>) -> FieldTable {
+pub(crate) fn headers(metadata: &BTreeMap<String, String>) -> FieldTable {
     let mut table = FieldTable::default();
     for (k, v) in metadata {
         if let Ok(name) = ShortString::try_new(k.as_str()) {
@@ -364,7 +369,7 @@ fn headers(metadata: &BTreeMap<String, String>) -> FieldTable {
 }
 
 /// The metadata carried in a delivery's headers (string values only).
-fn metadata_of(properties: &BasicProperties) -> BTreeMap<String, String> {
+pub(crate) fn metadata_of(properties: &BasicProperties) -> BTreeMap<String, String> {
     let Some(table) = properties.headers() else {
         return BTreeMap::new();
     };

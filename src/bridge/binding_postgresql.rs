@@ -1,0 +1,461 @@
+//! `bindings.postgresql` (alias `bindings.postgres`): SQL through an output binding, as daprd's
+//! (components-contrib `bindings/postgres`). Operations:
+//! - `exec`: metadata `sql` and optional `params` (a JSON array, `$1`, `$2`… in the SQL); answers
+//!   no data and the metadata `rows-affected`;
+//! - `query`: the same, answering the rows as a JSON array of arrays of column values (pgx's
+//!   `rows.Values()` marshalled by Go: numbers, strings, booleans, JSON as JSON, `bytea` as
+//!   base64, timestamps and dates as RFC 3339 in UTC, arrays as arrays, `uuid` as 16 numbers);
+//! - `close`: closes the pool; later calls fail ("component is closed"), as daprd's.
+//!
+//! Both answers carry `operation`, `sql`, `start-time`, `end-time` (RFC 3339, nanoseconds) and
+//! `duration` (Go's spelling, `1.234ms`). Requests come from [`super::bindings::OutputBinding`];
+//! they leave on the same bounded deadpool as `state.postgresql` ([`super::state_postgresql::pool`]:
+//! `connectionString`, `timeout`, `maxConns`; nothing connects at start, a database that is down
+//! fails each call and is used again once it is back).
+//!
+//! Parameters are sent in PostgreSQL's text format and typed by the server, as pgx sends the
+//! `[]any` daprd decodes them into: `1`, `"a"`, `true`, `null` fit any column whose type reads
+//! them; objects and arrays go as their JSON text (fit for `json`/`jsonb` columns).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+
+use super::bindings::BindingResponse;
+use super::components::Component;
+use super::state_postgresql::{chain, pool};
+
+/// A `bindings.postgresql` component.
+pub struct PostgresBinding {
+    pool: Pool,
+    timeout: Duration,
+    closed: AtomicBool,
+}
+
+impl PostgresBinding {
+    /// Checks the metadata and builds the pool (nothing connects).
+    pub fn open(c: &Component) -> Result<PostgresBinding, String> {
+        let (pool, timeout) = pool(c)?;
+        Ok(PostgresBinding {
+            pool,
+            timeout,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub async fn invoke(
+        &self,
+        operation: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Option<BindingResponse>, String> {
+        // daprd lets `close` succeed even when closed already.
+        if operation == "close" {
+            self.closed.store(true, Ordering::SeqCst);
+            self.pool.close();
+            return Ok(None);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err("component is closed".into());
+        }
+        let sql = metadata
+            .get("sql")
+            .filter(|s| !s.is_empty())
+            .ok_or("required metadata not set: sql")?;
+        let params: Vec<serde_json::Value> = match metadata.get("params").filter(|p| !p.is_empty())
+        {
+            None => Vec::new(),
+            Some(p) => serde_json::from_str(p).map_err(|e| {
+                format!(
+                    "invalid metadata property params: failed to unserialize into an array: {e}"
+                )
+            })?,
+        };
+        let params: Vec<TextParam> = params.iter().map(TextParam::from_json).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let start_time = jiff::Timestamp::now();
+        let started = Instant::now();
+        let mut out = BindingResponse::default();
+        let work = async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| format!("postgresql: cannot connect: {}", chain(&e)))?;
+            match operation {
+                "exec" => {
+                    let n = client
+                        .execute(sql.as_str(), &refs)
+                        .await
+                        .map_err(|e| format!("error executing query: {}", chain(&e)))?;
+                    out.metadata.insert("rows-affected".into(), n.to_string());
+                }
+                "query" => {
+                    let rows = client
+                        .query(sql.as_str(), &refs)
+                        .await
+                        .map_err(|e| format!("error executing query: {}", chain(&e)))?;
+                    let mut values = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let mut cols = Vec::with_capacity(row.len());
+                        for (i, column) in row.columns().iter().enumerate() {
+                            let raw: Option<Raw> = row
+                                .try_get(i)
+                                .map_err(|e| format!("error reading result: {e}"))?;
+                            cols.push(match raw {
+                                None => serde_json::Value::Null,
+                                Some(r) => to_json(column.type_(), r.0)?,
+                            });
+                        }
+                        values.push(serde_json::Value::Array(cols));
+                    }
+                    out.data = Bytes::from(
+                        serde_json::to_vec(&values)
+                            .map_err(|e| format!("error serializing results: {e}"))?,
+                    );
+                }
+                other => {
+                    return Err(format!(
+                        "invalid operation type: {other}. Expected exec, query, or close"
+                    ));
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "postgresql: no answer within {}",
+                    go_duration(self.timeout)
+                ))
+            })?;
+        let elapsed = started.elapsed();
+        let end_time = start_time
+            .checked_add(jiff::SignedDuration::try_from(elapsed).unwrap_or_default())
+            .unwrap_or(start_time);
+        out.metadata.insert("operation".into(), operation.into());
+        out.metadata.insert("sql".into(), sql.clone());
+        out.metadata
+            .insert("start-time".into(), rfc3339_nano(start_time));
+        out.metadata
+            .insert("end-time".into(), rfc3339_nano(end_time));
+        out.metadata.insert("duration".into(), go_duration(elapsed));
+        Ok(Some(out))
+    }
+}
+
+/// A parameter in PostgreSQL's text format (the server parses it for the column's type).
+#[derive(Debug)]
+struct TextParam(Option<String>);
+
+impl TextParam {
+    fn from_json(v: &serde_json::Value) -> TextParam {
+        TextParam(match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            // Go decodes every number as float64 and pgx writes a whole one into an integer
+            // column: `1.0` is `1` here too.
+            serde_json::Value::Number(n) => Some(match n.as_f64() {
+                Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                    format!("{}", f as i64)
+                }
+                _ => n.to_string(),
+            }),
+            other => Some(other.to_string()),
+        })
+    }
+}
+
+impl ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            None => Ok(IsNull::Yes),
+            Some(s) => {
+                out.extend_from_slice(s.as_bytes());
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> tokio_postgres::types::Format {
+        tokio_postgres::types::Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// A column value as the server sent it (binary format), decoded by [`to_json`].
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for Raw<'a> {
+    fn from_sql(
+        _ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Raw<'a>, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw))
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+fn take<const N: usize>(raw: &[u8], at: usize) -> Result<[u8; N], String> {
+    raw.get(at..at + N)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| "truncated value from the server".to_string())
+}
+
+/// A binary column value as pgx's `rows.Values()` marshalled by Go's `encoding/json` reads.
+/// Hand-written: tokio-postgres has no "any value" type, and the crates that decode numeric
+/// and arrays each pull in a second time/decimal library for what is a few lines here.
+fn to_json(ty: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
+    use serde_json::Value;
+    Ok(match *ty {
+        Type::BOOL => Value::Bool(raw.first().is_some_and(|b| *b != 0)),
+        Type::INT2 => i16::from_be_bytes(take(raw, 0)?).into(),
+        Type::INT4 => i32::from_be_bytes(take(raw, 0)?).into(),
+        Type::INT8 => i64::from_be_bytes(take(raw, 0)?).into(),
+        Type::OID => u32::from_be_bytes(take(raw, 0)?).into(),
+        Type::FLOAT4 => float(f32::from_be_bytes(take(raw, 0)?) as f64),
+        Type::FLOAT8 => float(f64::from_be_bytes(take(raw, 0)?)),
+        Type::JSON => serde_json::from_slice(raw).map_err(|e| e.to_string())?,
+        // jsonb: a version byte (1), then the text.
+        Type::JSONB => {
+            serde_json::from_slice(raw.get(1..).unwrap_or_default()).map_err(|e| e.to_string())?
+        }
+        Type::BYTEA => Value::String(base64::engine::general_purpose::STANDARD.encode(raw)),
+        Type::TIMESTAMP | Type::TIMESTAMPTZ => {
+            let micros = i64::from_be_bytes(take(raw, 0)?);
+            match micros {
+                i64::MAX => Value::String("infinity".into()),
+                i64::MIN => Value::String("-infinity".into()),
+                m => jiff::Timestamp::from_microsecond(m.saturating_add(PG_EPOCH_MICROS))
+                    .map(|t| Value::String(rfc3339_nano(t)))
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+        Type::DATE => {
+            let days = i32::from_be_bytes(take(raw, 0)?) as i64;
+            match days {
+                d if d == i32::MAX as i64 => Value::String("infinity".into()),
+                d if d == i32::MIN as i64 => Value::String("-infinity".into()),
+                d => jiff::Timestamp::from_second(d * 86_400 + PG_EPOCH_MICROS / 1_000_000)
+                    .map(|t| Value::String(rfc3339_nano(t)))
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+        Type::NUMERIC => numeric(raw)?,
+        // pgx gives a `[16]byte`, which Go marshals as 16 numbers.
+        Type::UUID => Value::Array(raw.iter().map(|b| Value::from(*b)).collect()),
+        _ if matches!(ty.kind(), tokio_postgres::types::Kind::Array(_)) => {
+            let tokio_postgres::types::Kind::Array(element) = ty.kind() else {
+                unreachable!()
+            };
+            array(element, raw)?
+        }
+        // Text-like types (text, varchar, name, enums…) and anything else readable as text.
+        _ => match std::str::from_utf8(raw) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(_) => Value::String(base64::engine::general_purpose::STANDARD.encode(raw)),
+        },
+    })
+}
+
+/// A float as JSON (Go cannot marshal NaN or ±Inf; they come out as null here).
+fn float(f: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// PostgreSQL's binary array: dimensions, flags, element type, (length, lower bound) per
+/// dimension, then each element length-prefixed (-1: NULL). Nested arrays for more dimensions.
+fn array(element: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
+    let ndim = i32::from_be_bytes(take(raw, 0)?).max(0) as usize;
+    if ndim == 0 {
+        return Ok(serde_json::Value::Array(Vec::new()));
+    }
+    let mut dims = Vec::with_capacity(ndim);
+    for d in 0..ndim {
+        dims.push(i32::from_be_bytes(take(raw, 12 + d * 8)?).max(0) as usize);
+    }
+    let mut at = 12 + ndim * 8;
+    let mut items = Vec::new();
+    let total: usize = dims.iter().product();
+    for _ in 0..total {
+        let len = i32::from_be_bytes(take(raw, at)?);
+        at += 4;
+        if len < 0 {
+            items.push(serde_json::Value::Null);
+            continue;
+        }
+        let bytes = raw
+            .get(at..at + len as usize)
+            .ok_or("truncated array from the server")?;
+        items.push(to_json(element, bytes)?);
+        at += len as usize;
+    }
+    // Fold the flat list into nested arrays, innermost dimension first.
+    for &d in dims.iter().skip(1).rev() {
+        let mut folded = Vec::new();
+        let mut it = items.into_iter();
+        loop {
+            let chunk: Vec<_> = it.by_ref().take(d).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            folded.push(serde_json::Value::Array(chunk));
+        }
+        items = folded;
+    }
+    Ok(serde_json::Value::Array(items))
+}
+
+/// PostgreSQL's binary numeric (base-10000 digits) as a JSON number, as pgtype.Numeric
+/// marshals (`NaN` and infinities as strings).
+fn numeric(raw: &[u8]) -> Result<serde_json::Value, String> {
+    let ndigits = u16::from_be_bytes(take(raw, 0)?) as usize;
+    let weight = i16::from_be_bytes(take(raw, 2)?) as i32;
+    let sign = u16::from_be_bytes(take(raw, 4)?);
+    let dscale = u16::from_be_bytes(take(raw, 6)?) as usize;
+    match sign {
+        0xC000 => return Ok(serde_json::Value::String("NaN".into())),
+        0xD000 => return Ok(serde_json::Value::String("Infinity".into())),
+        0xF000 => return Ok(serde_json::Value::String("-Infinity".into())),
+        _ => {}
+    }
+    let mut digits = Vec::with_capacity(ndigits);
+    for i in 0..ndigits {
+        digits.push(u16::from_be_bytes(take(raw, 8 + i * 2)?));
+    }
+    let mut int = String::new();
+    for w in 0..=weight.max(-1) {
+        let d = digits.get(w as usize).copied().unwrap_or(0);
+        if int.is_empty() {
+            int = d.to_string();
+        } else {
+            int.push_str(&format!("{d:04}"));
+        }
+    }
+    if int.is_empty() {
+        int.push('0');
+    }
+    let mut frac = String::new();
+    let mut w = weight + 1;
+    while frac.len() < dscale {
+        let d = if w < 0 {
+            0
+        } else {
+            digits.get(w as usize).copied().unwrap_or(0)
+        };
+        frac.push_str(&format!("{d:04}"));
+        w += 1;
+    }
+    frac.truncate(dscale);
+    let text = format!(
+        "{}{int}{}{frac}",
+        if sign == 0x4000 { "-" } else { "" },
+        if frac.is_empty() { "" } else { "." }
+    );
+    serde_json::from_str(&text).map_err(|e| format!("numeric {text}: {e}"))
+}
+
+/// Go's `time.RFC3339Nano` of the UTC time (fraction without trailing zeros).
+fn rfc3339_nano(t: jiff::Timestamp) -> String {
+    let nanos = t.subsec_nanosecond();
+    let base = t.strftime("%Y-%m-%dT%H:%M:%S").to_string();
+    if nanos == 0 {
+        return format!("{base}Z");
+    }
+    let frac = format!("{nanos:09}");
+    format!("{base}.{}Z", frac.trim_end_matches('0'))
+}
+
+/// Go's `time.Duration.String()`: `0s`, `850ns`, `1.5µs`, `12.345ms`, `2.5s`, `1m30s`.
+pub fn go_duration(d: Duration) -> String {
+    let n = d.as_nanos();
+    let trim = |whole: u128, frac: u128, width: usize, unit: &str| {
+        let f = format!("{frac:0width$}");
+        let f = f.trim_end_matches('0');
+        if f.is_empty() {
+            format!("{whole}{unit}")
+        } else {
+            format!("{whole}.{f}{unit}")
+        }
+    };
+    if n == 0 {
+        return "0s".into();
+    }
+    if n < 1_000 {
+        return format!("{n}ns");
+    }
+    if n < 1_000_000 {
+        return trim(n / 1_000, n % 1_000, 3, "µs");
+    }
+    if n < 1_000_000_000 {
+        return trim(n / 1_000_000, n % 1_000_000, 6, "ms");
+    }
+    let secs = n / 1_000_000_000;
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    let seconds = trim(s, n % 1_000_000_000, 9, "s");
+    match (h, m) {
+        (0, 0) => seconds,
+        (0, m) => format!("{m}m{seconds}"),
+        (h, m) => format!("{h}h{m}m{seconds}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_go_writes_them() {
+        assert_eq!(go_duration(Duration::ZERO), "0s");
+        assert_eq!(go_duration(Duration::from_nanos(850)), "850ns");
+        assert_eq!(go_duration(Duration::from_nanos(1_500)), "1.5µs");
+        assert_eq!(go_duration(Duration::from_micros(12_345)), "12.345ms");
+        assert_eq!(go_duration(Duration::from_millis(2_500)), "2.5s");
+        assert_eq!(go_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(go_duration(Duration::from_secs(3_661)), "1h1m1s");
+    }
+
+    #[test]
+    fn numerics_decode() {
+        // 12.34: ndigits 2, weight 0, sign +, dscale 2, digits [12, 3400]
+        let raw = [0, 2, 0, 0, 0, 0, 0, 2, 0, 12, 0x0D, 0x48];
+        assert_eq!(numeric(&raw).unwrap().to_string(), "12.34");
+        // -10000.5: digits [1, 0, 5000], weight 1, dscale 1
+        let raw = [0, 3, 0, 1, 0x40, 0, 0, 1, 0, 1, 0, 0, 0x13, 0x88];
+        assert_eq!(numeric(&raw).unwrap().to_string(), "-10000.5");
+        // 0.0001: digits [1], weight -1, dscale 4
+        let raw = [0, 1, 0xFF, 0xFF, 0, 0, 0, 4, 0, 1];
+        assert_eq!(numeric(&raw).unwrap().to_string(), "0.0001");
+    }
+
+    #[test]
+    fn whole_floats_go_as_integers() {
+        let p = |v: serde_json::Value| TextParam::from_json(&v).0;
+        assert_eq!(p(serde_json::json!(1.0)), Some("1".into()));
+        assert_eq!(p(serde_json::json!(1.5)), Some("1.5".into()));
+        assert_eq!(p(serde_json::json!(null)), None);
+        assert_eq!(p(serde_json::json!({"a": 1})), Some(r#"{"a":1}"#.into()));
+    }
+}
