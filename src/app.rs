@@ -117,6 +117,7 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
         bound,
         bridge,
         capture,
+        dashboard,
     } = build_modules(&config, built, &metrics, &gate, &control_tx).await?;
     #[cfg(feature = "proxy")]
     metrics
@@ -148,6 +149,22 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
             log_level: options.log_level.clone(),
             control: control_tx.clone(),
             server_info: server_info.clone(),
+            sources: Arc::new(admin::status::Sources {
+                started_at: crate::telemetry::metrics::unix_now() - started.elapsed().as_secs_f64(),
+                bound: bound
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_string()))
+                    .collect(),
+                bridge_address: bridge.as_ref().map(|(http, _)| http.to_string()),
+                runtime: metrics.runtime.clone(),
+                tls: metrics.proxy.tls.clone(),
+                logs: metrics.logs.clone(),
+                #[cfg(feature = "proxy")]
+                proxy: dashboard.proxy,
+                #[cfg(feature = "bridge")]
+                bridge: dashboard.bridge,
+                history: Default::default(),
+            }),
         },
     );
     info!(address = %admin_addr, "admin listening");
@@ -528,6 +545,17 @@ struct Built {
     bridge: Option<(Address, Address)>,
     /// Where the app's stdout/stderr lines go for the log agent (`logs` with `app: stdio`).
     capture: Option<lifecycle::capture::Capture>,
+    /// What the admin dashboard reads (`GET /status`).
+    dashboard: DashboardHandles,
+}
+
+/// The modules' shared state the admin dashboard reads.
+#[derive(Default)]
+struct DashboardHandles {
+    #[cfg(feature = "proxy")]
+    proxy: Option<Arc<crate::proxy::Proxy>>,
+    #[cfg(feature = "bridge")]
+    bridge: Option<Arc<crate::bridge::BridgeState>>,
 }
 
 /// Builds the modules enabled by the config, each with its listeners bound.
@@ -542,6 +570,8 @@ async fn build_modules(
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
     #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
+    #[cfg_attr(not(any(feature = "proxy", feature = "bridge")), allow(unused_mut))]
+    let mut dashboard = DashboardHandles::default();
     #[cfg(feature = "proxy")]
     let proxy = match crate::proxy::Proxy::build(
         config,
@@ -555,6 +585,7 @@ async fn build_modules(
         Some((proxy, addresses)) => {
             let proxy = Arc::new(proxy);
             modules.push(proxy.clone());
+            dashboard.proxy = Some(proxy.clone());
             bound.extend(addresses);
             Some(proxy)
         }
@@ -591,6 +622,7 @@ async fn build_modules(
                 )
             })?;
             let (bridge, addresses) = Bridge::build(state).await?;
+            dashboard.bridge = Some(bridge.state().clone());
             modules.push(Arc::new(bridge));
             Some((addresses.http, addresses.grpc))
         }
@@ -629,6 +661,7 @@ async fn build_modules(
         bound,
         bridge,
         capture,
+        dashboard,
     })
 }
 

@@ -10,7 +10,7 @@
 //!      │                   brokers, Subscriptions), located like config errors, and KEPT
 //!      ├─ app::run         bind → build → spawn → wait → stop
 //!      │    ├─ runtime     Module trait, supervisor, readiness, drain, signals, stop sequence
-//!      │    ├─ admin       /live /ready /metrics /config /log-level /reload /shutdown
+//!      │    ├─ admin       /live /ready /metrics /config /log-level /reload /shutdown /status, dashboard /
 //!      │    ├─ proxy       inbound/outbound listeners, request phases, clusters (+ tls)
 //!      │    ├─ bridge      Dapr HTTP and gRPC APIs: state, pub/sub, invocation, secrets, metadata
 //!      │    ├─ lifecycle   the app: process group, probes, restarts, its environment
@@ -38,6 +38,7 @@
 //! | live reload of our own config (SIGHUP, `POST /reload`, file watch) | `reload/live.rs` |
 //! | `reload:` entries (signal, webhook, restart the app) | `reload/mod.rs` |
 //! | watching files and directories (ConfigMaps too) | `watch.rs` |
+//! | the dashboard (`GET /`) and `GET /status`; its history sampler | `admin/dashboard.html`, `admin/status.rs`, `admin/history.rs` (reads `/metrics` back: `admin/scrape.rs`) |
 //! | the start order | `app.rs` |
 //! | the stop order (drain delay, inbound, app, the rest, admin) | `runtime/stop.rs` |
 //! | signals → control requests | `runtime/signals.rs` |

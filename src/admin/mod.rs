@@ -1,10 +1,15 @@
 //! The admin API on its own listener (default 127.0.0.1:9901): liveness, readiness, metrics,
-//! the effective config, the log level and a shutdown endpoint.
+//! the effective config, the log level, a shutdown endpoint, and a live dashboard (`GET /`,
+//! `/ui`: one page compiled in, drawing [`status`]'s `GET /status` every second).
 //!
 //! Requests come in from probes, scrapers and operators; they leave as reads of shared state or
 //! as [`Control`] values on the one control channel. Endpoints that change something
 //! (`PUT /log-level`, `POST /shutdown`, `POST /reload`) answer 403 to non-loopback peers even
 //! when the admin listener is configured on another address.
+
+pub mod history;
+pub mod scrape;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +39,8 @@ pub struct AdminState {
     pub control: mpsc::Sender<Control>,
     /// `GET /server_info`: which process and generation this is (hot restart).
     pub server_info: Arc<crate::runtime::upgrade::ServerInfo>,
+    /// What `GET /status` reads besides the above, and the dashboard's history.
+    pub sources: Arc<status::Sources>,
 }
 
 /// Binds the admin listener: with every other listener, before anything starts, so a taken
@@ -129,6 +136,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/reload", post(reload))
         .route("/upgrade", post(upgrade))
         .route("/server_info", get(server_info))
+        .route("/status", get(status_handler))
+        .route("/", get(dashboard))
+        .route("/ui", get(dashboard))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(refuse_browsers))
         .with_state(state)
@@ -179,7 +189,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint; try /live, /ready, /ready/outbound, /metrics, /config, /log-level, /reload or /shutdown",
+        "no such endpoint; try /, /status, /live, /ready, /ready/outbound, /metrics, /config, /log-level, /reload or /shutdown",
     )
 }
 
@@ -232,6 +242,35 @@ async fn config(State(s): State<AdminState>) -> Response {
             "last_reload": last_reload,
         }),
     )
+}
+
+/// The dashboard: one page, its CSS and script inline, no other request than `/status`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Nothing but itself and /status: no external asset can load, nothing can frame it.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+async fn status_handler(State(s): State<AdminState>) -> Response {
+    let mut res = json_response(StatusCode::OK, status::status(&s));
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    res
 }
 
 async fn get_log_level(State(s): State<AdminState>) -> String {
@@ -370,6 +409,7 @@ mod tests {
                 log_level: LogLevel::detached("info"),
                 control: tx,
                 server_info: Arc::new(crate::runtime::upgrade::ServerInfo::new(0, None, None)),
+                sources: Arc::new(status::Sources::empty()),
             },
             rx,
         )
@@ -430,6 +470,63 @@ mod tests {
         let (status, body) = call(&s, request("PUT", "/log-level", "127.0.0.1:1", "debug\n")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, "debug\n");
+    }
+
+    #[tokio::test]
+    async fn the_dashboard_and_its_status() {
+        let (s, _rx) = state();
+        let res = router(s.clone())
+            .oneshot(request("GET", "/", "127.0.0.1:1", ""))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let csp = res.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+        let (status, page) = call(&s, request("GET", "/ui", "127.0.0.1:1", "")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains("fetch(\"/status\""), "the page polls /status");
+        // Nothing but itself: no stylesheet, script or image from elsewhere.
+        assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));
+        assert!(page.len() < 64 << 10, "a few tens of KiB: {}", page.len());
+
+        let (status, body) = call(&s, request("GET", "/status", "127.0.0.1:1", "")).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for key in [
+            "service",
+            "modules",
+            "app",
+            "listeners",
+            "routes",
+            "clusters",
+            "tls",
+            "bridge",
+            "logs",
+            "reload",
+            "errors",
+            "history",
+            "links",
+        ] {
+            assert!(v.get(key).is_some(), "/status has {key}: {v:#}");
+        }
+        assert_eq!(v["logs"]["enabled"], false);
+        assert_eq!(
+            v["modules"][0]["state"], "off",
+            "no listeners: the proxy is off"
+        );
+        assert!(
+            s.sources.history.running(),
+            "the first /status starts the sampler"
+        );
+
+        // A page on another site cannot read it through DNS rebinding.
+        let mut req = request("GET", "/status", "127.0.0.1:1", "");
+        req.headers_mut()
+            .insert(header::HOST, "evil.example:9901".parse().unwrap());
+        let (status, _) = call(&s, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
     }
 
     #[tokio::test]

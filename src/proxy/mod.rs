@@ -179,6 +179,14 @@ impl Proxy {
             .cloned()
     }
 
+    /// Every cluster's endpoints and their state, by cluster name (the admin dashboard).
+    pub fn cluster_status(&self) -> BTreeMap<String, Vec<cluster::EndpointStatus>> {
+        self.clusters()
+            .iter()
+            .map(|c| (c.name.to_string(), c.endpoint_status()))
+            .collect()
+    }
+
     fn clusters(&self) -> Vec<Arc<Cluster>> {
         self.clusters
             .lock()

@@ -20,6 +20,21 @@ pub trait CertExpiry {
     fn path(&self) -> &Path;
     /// Unix time.
     fn not_after(&self) -> i64;
+    /// The identities it proves (SPIFFE IDs, DNS names), for the admin dashboard.
+    fn identities(&self) -> &[String] {
+        &[]
+    }
+}
+
+/// A loaded certificate as the admin dashboard shows it ([`TlsMetrics::certificates`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CertStatus {
+    /// `listener/<name>` or `cluster/<name>`.
+    pub owner: String,
+    pub path: String,
+    pub identities: Vec<String>,
+    /// Unix time.
+    pub not_after: i64,
 }
 
 /// TLS metrics: handshakes by result, reloads, certificate expiry.
@@ -28,9 +43,12 @@ pub struct TlsMetrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub expiry: Family<CertLabels, Gauge<f64, AtomicU64>>,
-    /// not_after by certificate, refreshed into `expiry` periodically.
-    known: Arc<Mutex<Vec<(CertLabels, i64)>>>,
+    /// not_after (and identities) by certificate, refreshed into `expiry` periodically.
+    known: Arc<Mutex<Vec<Known>>>,
 }
+
+/// A tracked certificate: its labels, not_after (Unix time) and identities.
+type Known = (CertLabels, i64, Vec<String>);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -94,6 +112,7 @@ impl TlsMetrics {
                     path: c.path().display().to_string(),
                 },
                 c.not_after(),
+                c.identities().to_vec(),
             ));
         }
         drop(known);
@@ -103,7 +122,7 @@ impl TlsMetrics {
     /// Forgets `owner`'s certificates (a listener or cluster removed or without TLS now).
     pub fn untrack(&self, owner: &str) {
         let mut known = self.known.lock().expect("not poisoned");
-        known.retain(|(l, _)| {
+        known.retain(|(l, _, _)| {
             if l.owner == owner {
                 self.expiry.remove(l);
                 false
@@ -113,10 +132,25 @@ impl TlsMetrics {
         });
     }
 
+    /// The certificates in use now, with their identities and expiry.
+    pub fn certificates(&self) -> Vec<CertStatus> {
+        self.known
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(l, not_after, identities)| CertStatus {
+                owner: l.owner.clone(),
+                path: l.path.clone(),
+                identities: identities.clone(),
+                not_after: *not_after,
+            })
+            .collect()
+    }
+
     /// Updates the expiry gauges; with a warning threshold, logs certificates close to expiry.
     pub fn refresh(&self, warn_below: Option<Duration>) {
         let now = unix_now();
-        for (labels, not_after) in self.known.lock().expect("not poisoned").iter() {
+        for (labels, not_after, _) in self.known.lock().expect("not poisoned").iter() {
             let left = *not_after as f64 - now;
             self.expiry.get_or_create(labels).set(left);
             if let Some(w) = warn_below

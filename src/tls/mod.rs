@@ -193,6 +193,9 @@ impl crate::telemetry::tls::CertExpiry for CertInfo {
     fn not_after(&self) -> i64 {
         self.not_after
     }
+    fn identities(&self) -> &[String] {
+        &self.identities
+    }
 }
 
 impl CertInfo {

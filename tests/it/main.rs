@@ -8,6 +8,9 @@ mod backend;
 mod bridge;
 mod certs;
 mod config;
+// The dashboard test runs the bridge too (a subscription's deliveries).
+#[cfg(feature = "bridge")]
+mod dashboard;
 mod generative;
 #[cfg(feature = "bridge")]
 mod grpc;

@@ -136,6 +136,18 @@ impl Endpoint {
     }
 }
 
+/// An endpoint's state as the admin dashboard shows it ([`Cluster::endpoint_status`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EndpointStatus {
+    pub address: String,
+    /// Milliseconds until the endpoint is back in balancing (0: not ejected).
+    pub ejected_for_ms: u64,
+    pub in_flight: usize,
+    pub consecutive_failures: u32,
+    /// The balancer's peak-EWMA latency estimate, in seconds.
+    pub ewma_seconds: f64,
+}
+
 /// A request in flight to an endpoint; reports the outcome when dropped or finished.
 pub struct Attempt {
     pub endpoint: Arc<Endpoint>,
@@ -296,6 +308,26 @@ impl Cluster {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Each endpoint's state now, for the admin dashboard (`GET /status`): atomics and the
+    /// EWMA's lock read once per endpoint, nothing on the data path.
+    pub fn endpoint_status(&self) -> Vec<EndpointStatus> {
+        let now = self.now_ms();
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| {
+                let until = e.ejected_until_ms.load(Ordering::Relaxed);
+                EndpointStatus {
+                    address: e.label.to_string(),
+                    ejected_for_ms: until.saturating_sub(now),
+                    in_flight: e.in_flight.load(Ordering::Relaxed),
+                    consecutive_failures: e.consecutive_failures.load(Ordering::Relaxed),
+                    ewma_seconds: e.ewma.lock().expect("not poisoned").0,
+                }
+            })
+            .collect()
     }
 
     /// A permit for one more request in flight, if the cluster caps them.

@@ -91,6 +91,10 @@ mod tests {
         assert_eq!(ejected(&c), 0, "a success in between resets the count");
         c.failed(&attempt());
         assert_eq!(ejected(&c), 1);
+        // As the admin dashboard sees it.
+        let status = c.endpoint_status();
+        assert!(status[0].ejected_for_ms > 59_000, "{status:?}");
+        assert_eq!(status[1].ejected_for_ms, 0);
     }
 
     #[tokio::test]
