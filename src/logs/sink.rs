@@ -260,16 +260,6 @@ impl Sink {
         }
     }
 
-    /// The `sink` label of its metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Sink::Stdout => "stdout",
-            Sink::File(_) => "file",
-            Sink::Http(_) => "http",
-            Sink::Loki(_) => "loki",
-        }
-    }
-
     /// What is sent for a batch of NDJSON records, built once so every retry sends the same.
     pub fn prepare(&self, ndjson: Bytes) -> Bytes {
         match self {
