@@ -110,6 +110,14 @@ pub struct RawLogSink {
     pub loki: Option<String>,
     /// Loki stream labels: the record fields whose values label a stream (default: `source`).
     pub labels: Option<Vec<String>>,
+    /// OTLP/HTTP logs, JSON encoding, at this `http://` URL (`/v1/logs` when it has no path).
+    pub otlp: Option<String>,
+    /// Elasticsearch/OpenSearch `_bulk` at this `http://` URL (`/_bulk` when it has no path).
+    pub elasticsearch: Option<String>,
+    /// Elasticsearch only: the index or data stream.
+    pub index: Option<String>,
+    /// Compress request bodies with gzip (http, loki, otlp, elasticsearch).
+    pub gzip: Option<bool>,
     /// Write NDJSON lines to Outrigger's stdout.
     pub stdout: Option<bool>,
     /// Append NDJSON lines to this file.
@@ -262,6 +270,7 @@ pub enum LogSink {
         /// Values are never shown.
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
+        gzip: bool,
     },
     Loki {
         #[serde(serialize_with = "display")]
@@ -270,8 +279,30 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
         labels: Vec<String>,
+        gzip: bool,
+    },
+    Otlp {
+        #[serde(serialize_with = "display")]
+        url: http::Uri,
+        timeout: Duration,
+        #[serde(serialize_with = "header_names")]
+        headers: Vec<(String, super::Secret)>,
+        gzip: bool,
+    },
+    Elasticsearch {
+        #[serde(serialize_with = "display")]
+        url: http::Uri,
+        timeout: Duration,
+        #[serde(serialize_with = "header_names")]
+        headers: Vec<(String, super::Secret)>,
+        index: String,
+        gzip: bool,
     },
 }
+
+/// The Elasticsearch index or data stream when `index` is not set (`logs-*-*` matches
+/// Elasticsearch's built-in logs data stream template, which needs `@timestamp`: added).
+pub const DEFAULT_ES_INDEX: &str = "logs-outrigger-default";
 
 /// At most this many Loki label names: each multiplies the streams Loki has to index.
 pub const MAX_LOKI_LABELS: usize = 8;
@@ -668,6 +699,8 @@ impl LogSink {
             LogSink::File(_) => "file",
             LogSink::Http { .. } => "http",
             LogSink::Loki { .. } => "loki",
+            LogSink::Otlp { .. } => "otlp",
+            LogSink::Elasticsearch { .. } => "elasticsearch",
         }
     }
 }
@@ -680,12 +713,14 @@ fn sink(
 ) -> Option<LogSink> {
     let chosen = raw.http.is_some() as u8
         + raw.loki.is_some() as u8
+        + raw.otlp.is_some() as u8
+        + raw.elasticsearch.is_some() as u8
         + raw.file.is_some() as u8
         + (raw.stdout == Some(true)) as u8;
     if chosen != 1 {
         problems.push(doc.problem(
             key,
-            "expected exactly one of http: URL, loki: URL, file: PATH or stdout: true",
+            "expected exactly one of http: URL, loki: URL, otlp: URL, elasticsearch: URL, file: PATH or stdout: true",
         ));
         return None;
     }
@@ -693,13 +728,34 @@ fn sink(
         problems.push(doc.problem(&format!("{key}.labels"), "labels apply to a loki sink only"));
         return None;
     }
-    if let Some(url) = raw.loki {
-        let mut uri = http_url(&url, &format!("{key}.loki"), doc, problems)?;
+    if raw.index.is_some() && raw.elasticsearch.is_none() {
+        problems.push(doc.problem(
+            &format!("{key}.index"),
+            "index applies to an elasticsearch sink only",
+        ));
+        return None;
+    }
+    if raw.gzip.is_some() && (raw.file.is_some() || raw.stdout.is_some()) {
+        problems.push(doc.problem(
+            &format!("{key}.gzip"),
+            "gzip applies to the HTTP sinks only (http, loki, otlp, elasticsearch)",
+        ));
+        return None;
+    }
+    let gzip = raw.gzip.unwrap_or(false);
+    let timeout = raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT);
+    // A URL without a path gets the API's usual one.
+    let with_path = |url: &str, field: &str, default: &'static str, problems: &mut Vec<Problem>| {
+        let mut uri = http_url(url, &format!("{key}.{field}"), doc, problems)?;
         if uri.path() == "/" && !url.ends_with('/') {
             let mut parts = uri.into_parts();
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/loki/api/v1/push"));
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(default));
             uri = http::Uri::from_parts(parts).ok()?;
         }
+        Some(uri)
+    };
+    if let Some(url) = raw.loki {
+        let uri = with_path(&url, "loki", "/loki/api/v1/push", problems)?;
         let labels = raw.labels.unwrap_or_else(|| vec!["source".into()]);
         let valid = |l: &String| {
             l.chars()
@@ -716,17 +772,52 @@ fn sink(
         }
         return Some(LogSink::Loki {
             url: uri,
-            timeout: raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT),
+            timeout,
             headers: raw.headers.into_iter().collect(),
             labels,
+            gzip,
+        });
+    }
+    if let Some(url) = raw.otlp {
+        return Some(LogSink::Otlp {
+            url: with_path(&url, "otlp", "/v1/logs", problems)?,
+            timeout,
+            headers: raw.headers.into_iter().collect(),
+            gzip,
+        });
+    }
+    if let Some(url) = raw.elasticsearch {
+        let index = raw.index.unwrap_or_else(|| DEFAULT_ES_INDEX.into());
+        // Elasticsearch's rules for index names that a config can break.
+        if index.is_empty()
+            || index.starts_with(['-', '_', '+'])
+            || index
+                .chars()
+                .any(|c| c.is_ascii_uppercase() || " \\/*?\"<>|,#:".contains(c))
+        {
+            problems.push(doc.problem(
+                &format!("{key}.index"),
+                format!(
+                    "expected a lowercase index name without spaces or \\/*?\"<>|,#:, found {index:?}"
+                ),
+            ));
+            return None;
+        }
+        return Some(LogSink::Elasticsearch {
+            url: with_path(&url, "elasticsearch", "/_bulk", problems)?,
+            timeout,
+            headers: raw.headers.into_iter().collect(),
+            index,
+            gzip,
         });
     }
     if let Some(url) = raw.http {
         let uri = http_url(&url, &format!("{key}.http"), doc, problems)?;
         return Some(LogSink::Http {
             url: uri,
-            timeout: raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT),
+            timeout,
             headers: raw.headers.into_iter().collect(),
+            gzip,
         });
     }
     if let Some(path) = raw.file {

@@ -23,10 +23,12 @@
 //! reads the app's last lines and the files to their current end, sends them, checkpoints and
 //! returns.
 
+pub mod bulk;
 pub mod checkpoint;
 pub mod container;
 pub mod files;
 pub mod multiline;
+pub mod otlp;
 pub mod parse;
 pub mod rate_limit;
 pub mod sink;
@@ -625,6 +627,29 @@ impl Logs {
                         warn!(sink = %name, error = %message, lines, rejected = n, "the sink refused part of a batch; dropping that part");
                         shipped += lines.saturating_sub(n);
                         rejected += n.min(lines);
+                        break;
+                    }
+                    Err(SendError::Items {
+                        retry,
+                        rejected: n,
+                        message,
+                    }) => {
+                        // Only the items refused for now go again, after a backoff.
+                        let again = retry.len().min(lines);
+                        warn!(sink = %name, error = %message, lines, retry = again, rejected = n, "the sink refused some records of a batch; sending those again");
+                        shipped += lines.saturating_sub(again + n);
+                        rejected += n.min(lines);
+                        if again > 0 {
+                            parts.push((Bytes::from(bulk::pick(&part, &retry)), again));
+                            let wait = sink::backoff(attempt, c.retry_max.get());
+                            attempt = attempt.saturating_add(1);
+                            self.metrics.retries.get_or_create(sink_label).inc();
+                            let wait = stop.budget().map_or(wait, |left| wait.min(left));
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = drain.signaled(), if !stop.draining() => stop.set_draining(),
+                            }
+                        }
                         break;
                     }
                     Err(SendError::TooLarge(e) | SendError::Rejected(e)) => {

@@ -32,6 +32,8 @@ struct Limits {
     hanging: AtomicBool,
     /// Requests left without an answer.
     hung: AtomicUsize,
+    /// `_bulk`: messages refused once with a 429 already (a `flaky` one is, the first time).
+    flaky_seen: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Receiver {
@@ -104,6 +106,8 @@ fn serve(
         let mut line = String::new();
         let mut first = true;
         let mut loki = false;
+        let mut path = String::new();
+        let mut gzip = false;
         loop {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -111,10 +115,18 @@ fn serve(
             }
             if first {
                 loki = line.starts_with("POST /loki/api/v1/push ");
-                assert!(loki || line.starts_with("POST /ingest "), "{line}");
+                path = line.split(' ').nth(1).unwrap_or("").to_string();
+                assert!(
+                    ["/loki/api/v1/push", "/ingest", "/v1/logs", "/_bulk"].contains(&path.as_str()),
+                    "{line}"
+                );
                 first = false;
             }
             let l = line.to_ascii_lowercase();
+            if l.starts_with("content-encoding:") {
+                assert_eq!(l.trim(), "content-encoding: gzip");
+                gzip = true;
+            }
             if let Some(v) = l.strip_prefix("content-length:") {
                 len = v.trim().parse().unwrap();
             }
@@ -132,6 +144,14 @@ fn serve(
             let _ = reader.read(&mut [0; 1]);
             return;
         }
+        if gzip {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut plain)
+                .expect("a gzip body");
+            body = plain;
+        }
+        let mut answer = String::new();
         let status = if failing.load(Ordering::SeqCst) {
             refused.fetch_add(1, Ordering::SeqCst);
             "503 Service Unavailable"
@@ -143,6 +163,12 @@ fn serve(
             let mut r = records.lock().unwrap();
             if loki {
                 r.extend(loki_records(&body));
+            } else if path == "/v1/logs" {
+                r.extend(otlp_records(&body));
+            } else if path == "/_bulk" {
+                let (taken, items) = bulk_records(&body, limits);
+                r.extend(taken);
+                answer = items;
             } else {
                 for l in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                     r.push(serde_json::from_slice(l).expect("every record is JSON"));
@@ -150,8 +176,91 @@ fn serve(
             }
             "200 OK"
         };
-        let _ = write!(out, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
     }
+}
+
+/// The records of an OTLP/HTTP logs export request (JSON encoding), checked against its
+/// shape: `resourceLogs[].scopeLogs[].logRecords[]`, nanosecond times as digit strings, a
+/// `body` AnyValue, attributes as `{key, value: AnyValue}`. Each record: `message` from the
+/// body, its attributes as fields, `_service` from the resource, `_severity` and `_trace`.
+fn otlp_records(body: &[u8]) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("an OTLP request is JSON");
+    let any = |v: &serde_json::Value| -> serde_json::Value {
+        let (k, v) = v.as_object().unwrap().iter().next().expect("an AnyValue");
+        assert!(
+            ["stringValue", "boolValue", "intValue", "doubleValue"].contains(&k.as_str()),
+            "{k}"
+        );
+        v.clone()
+    };
+    let mut out = Vec::new();
+    for rl in v["resourceLogs"].as_array().expect("resourceLogs") {
+        let service = rl["resource"]["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| any(&a["value"]));
+        for sl in rl["scopeLogs"].as_array().expect("scopeLogs") {
+            assert_eq!(sl["scope"]["name"], "outrigger");
+            for lr in sl["logRecords"].as_array().expect("logRecords") {
+                for t in ["timeUnixNano", "observedTimeUnixNano"] {
+                    let ns = lr[t].as_str().expect("times are strings");
+                    assert!(ns.bytes().all(|b| b.is_ascii_digit()), "{ns}");
+                }
+                let mut record = serde_json::json!({ "message": any(&lr["body"]) });
+                for a in lr["attributes"].as_array().expect("attributes") {
+                    record[a["key"].as_str().unwrap()] = any(&a["value"]);
+                }
+                record["_service"] = service.clone().unwrap_or_default();
+                record["_severity"] = lr["severityNumber"].clone();
+                record["_trace"] = lr["traceId"].clone();
+                out.push(record);
+            }
+        }
+    }
+    out
+}
+
+/// The documents of a `_bulk` request (`create` action lines, each followed by its document)
+/// and the answer: a message containing `poison` is refused (400), one containing `flaky` is
+/// refused with a 429 the first time it comes; the others are taken (and returned).
+fn bulk_records(body: &[u8], limits: &Limits) -> (Vec<serde_json::Value>, String) {
+    let lines: Vec<serde_json::Value> = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("every _bulk line is JSON"))
+        .collect();
+    assert!(lines.len().is_multiple_of(2), "action and document pairs");
+    let mut taken = Vec::new();
+    let mut items = Vec::new();
+    for pair in lines.chunks(2) {
+        assert_eq!(
+            pair[0]["create"]["_index"], "logs-test-default",
+            "{}",
+            pair[0]
+        );
+        let doc = &pair[1];
+        assert!(doc["@timestamp"].is_string(), "{doc}");
+        let m = doc["message"].as_str().unwrap_or("").to_string();
+        let status = if m.contains("poison") {
+            400
+        } else if m.contains("flaky") && limits.flaky_seen.lock().unwrap().insert(m.clone()) {
+            429
+        } else {
+            taken.push(doc.clone());
+            201
+        };
+        items.push(serde_json::json!({"create": {"status": status}}));
+    }
+    let errors = items.iter().any(|i| i["create"]["status"] != 201);
+    let answer = serde_json::json!({"took": 1, "errors": errors, "items": items}).to_string();
+    (taken, answer)
 }
 
 /// The records of a Loki push request, checked against the push API's JSON shape
@@ -776,4 +885,54 @@ fn new_source_and_sink_keys_with_problems_are_each_located() {
             "line {line}: {what}\n{err}"
         );
     }
+}
+
+#[test]
+fn otlp_and_bulk_sinks_with_gzip_receive_their_shapes_and_bulk_retries_only_failed_items() {
+    let (otlp, es) = (Receiver::start(), Receiver::start());
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..300 {
+        text.push_str(&format!(
+            "{{\"message\":\"o {i}\",\"level\":\"error\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\"}}\n"
+        ));
+    }
+    text.push_str("flaky 1\nflaky 2\npoison\n");
+    std::fs::write(dir.path().join("app.log"), text).unwrap();
+    let base = |r: &Receiver| r.url.trim_end_matches("/ingest").to_string();
+    let config = format!(
+        "logs:\n  sources: [{{files: {}/*.log}}]\n  fields: {{service: shop}}\n  sinks:\n    - otlp: {}\n      gzip: true\n    - elasticsearch: {}\n      index: logs-test-default\n      gzip: true\n  poll: 50ms\n  batch: {{max_wait: 50ms, retry_max: 200ms}}\n",
+        dir.path().display(),
+        base(&otlp),
+        base(&es)
+    );
+    let sc = Sidecar::start(&config);
+    let mut want = expected(0, 300, "o");
+    want.extend(["flaky 1".to_string(), "flaky 2".to_string()]);
+    let counts = es.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    want.push("poison".into());
+    let counts = otlp.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    let r = otlp
+        .records()
+        .into_iter()
+        .find(|r| r["message"] == "o 7")
+        .unwrap();
+    assert_eq!(r["_service"], "shop");
+    assert_eq!(r["_severity"], 17);
+    assert_eq!(r["_trace"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(r["file"].as_str().unwrap().ends_with("app.log"), "{r}");
+    eventually(
+        WAIT,
+        "the refused item counted, the flaky ones retried",
+        || {
+            (sc.metric("outrigger_logs_dropped_lines_total{source=\"*\",reason=\"rejected\"}")
+                == 1.0
+                && sc.metric("outrigger_logs_sink_retries_total{sink=\"elasticsearch\"}") >= 1.0
+                && sc.metric("outrigger_logs_shipped_lines_total{sink=\"elasticsearch\"}") == 302.0
+                && sc.metric("outrigger_logs_shipped_lines_total{sink=\"otlp\"}") == 303.0)
+                .then_some(())
+        },
+    );
 }
