@@ -221,6 +221,17 @@ impl Files {
         self.saved.clear();
     }
 
+    /// Sends on every record still being joined (the agent stops: the last stack trace of a
+    /// file must not wait for a line that will not come before the exit).
+    pub fn flush_joined(&mut self) {
+        let now = Instant::now();
+        for t in self.tailers.values_mut() {
+            if let Some(a) = &mut t.assembler {
+                a.flush_all(now);
+            }
+        }
+    }
+
     /// Bytes lost to truncation since the last call, per source.
     pub fn take_truncated(&mut self) -> Vec<(usize, u64)> {
         std::mem::take(&mut self.truncated)

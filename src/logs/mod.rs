@@ -148,7 +148,8 @@ impl Work {
     }
 
     /// Takes `app` lines, encodes the app's pending lines and then reads files until the batch
-    /// is full. True when lines are left for the next batch (the caller should come back
+    /// is full. `flush_app`: the agent stops and the app is gone, so records still being joined
+    /// (app and files) leave now. True when lines are left for the next batch (the caller should come back
     /// without waiting).
     fn fill(&mut self, app: Vec<AppLine>, flush_app: bool) -> bool {
         let now = SystemTime::now();
@@ -216,6 +217,9 @@ impl Work {
             return false;
         }
         self.files.scan_if_due(self.poll);
+        if flush_app {
+            self.files.flush_joined();
+        }
         let (max_lines, max_bytes) = (self.max_lines, self.max_bytes);
         let Work {
             files,

@@ -936,3 +936,37 @@ fn otlp_and_bulk_sinks_with_gzip_receive_their_shapes_and_bulk_retries_only_fail
         },
     );
 }
+
+#[test]
+fn the_apps_stack_traces_are_joined_per_stream_and_the_last_leaves_at_exit() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    // A file's last trace waits for its timeout (an hour) — or for the stop.
+    std::fs::write(&log, "ERROR file trace\n  at f()\n").unwrap();
+    let config = format!(
+        "logs:\n  sources:\n    - app: stdio\n      format: plain\n      multiline: {{start: '^\\S', timeout: 1h}}\n    - files: {}/*.log\n      format: plain\n      multiline: {{start: '^\\S', timeout: 1h}}\n  sinks: [{{http: {}}}]\n  poll: 50ms\n",
+        dir.path().display(),
+        rx.url
+    );
+    let script = r#"echo 'ERROR out trace'; echo '  at a()' >&2; echo '  at b()'; echo 'ERROR err trace' >&2; echo '  at c()' >&2; echo 'next'"#;
+    let mut sc = Spawn {
+        config: &config,
+        app: &["sh", "-c", script],
+        ..Spawn::default()
+    }
+    .start();
+    let status = sc.wait_exit(WAIT);
+    assert!(status.success(), "{status}\n{}", sc.diagnostics());
+    // stderr's `  at a()` has no start line before it on stderr: a record of its own.
+    let want: Vec<String> = [
+        "ERROR out trace\n  at b()",
+        "  at a()",
+        "ERROR err trace\n  at c()",
+        "next",
+        "ERROR file trace\n  at f()",
+    ]
+    .map(String::from)
+    .into();
+    assert_once(&rx.counts("message"), &want, &sc);
+}
