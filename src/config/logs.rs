@@ -61,17 +61,48 @@ pub struct RawLogSource {
     pub files: Option<String>,
     /// For files seen for the first time at start-up: `beginning` (default) or `end`.
     pub start_at: Option<String>,
-    /// `auto` (default: JSON when the line is a JSON object), `json` or `plain`.
+    /// `auto` (default: JSON when the line is a JSON object), `json`, `plain`, `logfmt`,
+    /// `regex` (with `pattern`), or a container runtime's file format: `cri` or `docker`.
     pub format: Option<String>,
+    /// `cri`/`docker` only: how the message inside is parsed (default `auto`).
+    pub message_format: Option<String>,
+    /// `regex` only: a regular expression whose named captures become the record's fields.
+    pub pattern: Option<String>,
+    /// Lines joined into one record (stack traces): a line matching `start` begins a record.
+    pub multiline: Option<RawMultiline>,
+    /// At most this many lines per second from this source.
+    pub rate_limit: Option<RawRateLimit>,
     /// The `source` field of its lines (default: `app` or the glob).
     pub name: Option<String>,
     /// Files only: how long a rotated-away file is kept open, read to its end and quiet.
     pub rotate_wait: Option<Duration>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMultiline {
+    pub start: String,
+    #[serde(default)]
+    pub max_lines: Option<usize>,
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLogSink {
+    /// The `sink` label of its metrics (default: its kind, like `http`).
+    pub name: Option<String>,
     /// POST batches as NDJSON to this `http://` URL.
     pub http: Option<String>,
     /// Push to Loki's push API (JSON) at this `http://` URL (`/loki/api/v1/push` when the URL
@@ -79,6 +110,14 @@ pub struct RawLogSink {
     pub loki: Option<String>,
     /// Loki stream labels: the record fields whose values label a stream (default: `source`).
     pub labels: Option<Vec<String>>,
+    /// OTLP/HTTP logs, JSON encoding, at this `http://` URL (`/v1/logs` when it has no path).
+    pub otlp: Option<String>,
+    /// Elasticsearch/OpenSearch `_bulk` at this `http://` URL (`/_bulk` when it has no path).
+    pub elasticsearch: Option<String>,
+    /// Elasticsearch only: the index or data stream.
+    pub index: Option<String>,
+    /// Compress request bodies with gzip (http, loki, otlp, elasticsearch).
+    pub gzip: Option<bool>,
     /// Write NDJSON lines to Outrigger's stdout.
     pub stdout: Option<bool>,
     /// Append NDJSON lines to this file.
@@ -109,7 +148,8 @@ pub struct RawBatch {
 #[derive(Clone, Debug, Serialize)]
 pub struct LogsConfig {
     pub sources: Vec<LogSource>,
-    pub sink: LogSink,
+    /// Every batch goes to each; file positions move once all acknowledged it.
+    pub sinks: Vec<NamedSink>,
     pub fields: BTreeMap<String, String>,
     pub env_fields: BTreeMap<String, String>,
     pub redact: Vec<Redact>,
@@ -137,8 +177,61 @@ pub struct LogSource {
     /// The `source` field of its lines.
     pub name: String,
     pub kind: LogSourceKind,
+    /// How a line (or, for `container`, the message inside it) is parsed.
     pub format: LineFormat,
+    /// Files only: the container runtime's wrapper, decoded first (partial lines joined).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiline: Option<Multiline>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// The file format of a container runtime's logs (`/var/log/pods/…`, `/var/lib/docker/…`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    /// Kubernetes CRI: `<RFC 3339 time> <stdout|stderr> <P|F> <message>`.
+    Cri,
+    /// Docker's json-file driver: `{"log":"…\n","stream":"stdout","time":"…"}`.
+    Docker,
+}
+
+/// Lines joined into one record: a line matching `start` begins one, the others are added to
+/// the record before them.
+#[derive(Clone, Debug, Serialize)]
+pub struct Multiline {
+    #[serde(serialize_with = "display")]
+    pub start: regex::Regex,
+    pub max_lines: usize,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// A token bucket: `per_second` lines on average, `burst` at once.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// A sink and the name its metrics and `/ready` use.
+#[derive(Clone, Debug, Serialize)]
+pub struct NamedSink {
+    pub name: String,
+    #[serde(flatten)]
+    pub sink: LogSink,
+}
+
+/// A record holds at most this many lines joined by `multiline` (a runaway "continuation" —
+/// every line, when `start` never matches — still leaves in records of bounded size).
+pub const DEFAULT_MULTILINE_MAX_LINES: usize = 500;
+/// …and at most this many bytes (the longest single line a source reads, 256 KiB).
+pub const DEFAULT_MULTILINE_MAX_BYTES: usize = 256 * 1024;
+/// A record being joined is sent once no line was added to it for this long (the last stack
+/// trace of a burst must not wait for the next log line, which may never come).
+pub const DEFAULT_MULTILINE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -153,12 +246,16 @@ pub enum LogSourceKind {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LineFormat {
     Auto,
     Json,
     Plain,
+    /// `key=value key2="quoted value"` pairs.
+    Logfmt,
+    /// Named captures become fields; a line that does not match becomes `message`.
+    Regex(#[serde(serialize_with = "display")] regex::Regex),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -173,6 +270,7 @@ pub enum LogSink {
         /// Values are never shown.
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
+        gzip: bool,
     },
     Loki {
         #[serde(serialize_with = "display")]
@@ -181,8 +279,30 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
         labels: Vec<String>,
+        gzip: bool,
+    },
+    Otlp {
+        #[serde(serialize_with = "display")]
+        url: http::Uri,
+        timeout: Duration,
+        #[serde(serialize_with = "header_names")]
+        headers: Vec<(String, super::Secret)>,
+        gzip: bool,
+    },
+    Elasticsearch {
+        #[serde(serialize_with = "display")]
+        url: http::Uri,
+        timeout: Duration,
+        #[serde(serialize_with = "header_names")]
+        headers: Vec<(String, super::Secret)>,
+        index: String,
+        gzip: bool,
     },
 }
+
+/// The Elasticsearch index or data stream when `index` is not set (`logs-*-*` matches
+/// Elasticsearch's built-in logs data stream template, which needs `@timestamp`: added).
+pub const DEFAULT_ES_INDEX: &str = "logs-outrigger-default";
 
 /// At most this many Loki label names: each multiplies the streams Loki has to index.
 pub const MAX_LOKI_LABELS: usize = 8;
@@ -233,18 +353,137 @@ pub fn validate(
     let mut app_seen = false;
     for (i, s) in raw.sources.into_iter().enumerate() {
         let key = format!("logs.sources[{i}]");
-        let format = match s.format.as_deref() {
-            None | Some("auto") => LineFormat::Auto,
-            Some("json") => LineFormat::Json,
-            Some("plain") => LineFormat::Plain,
-            Some(other) => {
-                problems.push(doc.problem(
-                    &format!("{key}.format"),
-                    format!("expected auto, json or plain, found {other:?}"),
-                ));
-                continue;
+        let before_source = problems.len();
+        let parser = |name: Option<&str>, at: &str, problems: &mut Vec<Problem>| {
+            Some(match name {
+                None | Some("auto") => LineFormat::Auto,
+                Some("json") => LineFormat::Json,
+                Some("plain") => LineFormat::Plain,
+                Some("logfmt") => LineFormat::Logfmt,
+                Some("regex") => match s.pattern.as_deref().map(regex::Regex::new) {
+                    Some(Ok(r)) if r.capture_names().flatten().next().is_some() => {
+                        LineFormat::Regex(r)
+                    }
+                    Some(Ok(_)) => {
+                        problems.push(doc.problem(
+                            &format!("{key}.pattern"),
+                            "expected a regular expression with named captures, like (?P<level>\\w+)",
+                        ));
+                        return None;
+                    }
+                    Some(Err(e)) => {
+                        problems.push(doc.problem(
+                            &format!("{key}.pattern"),
+                            format!("expected a regular expression: {e}"),
+                        ));
+                        return None;
+                    }
+                    None => {
+                        problems.push(doc.problem(
+                            at,
+                            "regex needs a pattern: with named captures, like pattern: '^(?P<level>\\w+) (?P<message>.*)$'",
+                        ));
+                        return None;
+                    }
+                },
+                Some(other) => {
+                    problems.push(doc.problem(
+                        at,
+                        format!("expected auto, json, plain, logfmt, regex, cri or docker, found {other:?}"),
+                    ));
+                    return None;
+                }
+            })
+        };
+        let format_key = format!("{key}.format");
+        let (container, format) = match s.format.as_deref() {
+            Some("cri") => (
+                Some(Container::Cri),
+                parser(
+                    s.message_format.as_deref(),
+                    &format!("{key}.message_format"),
+                    problems,
+                ),
+            ),
+            Some("docker") => (
+                Some(Container::Docker),
+                parser(
+                    s.message_format.as_deref(),
+                    &format!("{key}.message_format"),
+                    problems,
+                ),
+            ),
+            other => {
+                if s.message_format.is_some() {
+                    problems.push(doc.problem(
+                        &format!("{key}.message_format"),
+                        "message_format applies to format: cri or docker only",
+                    ));
+                }
+                (None, parser(other, &format_key, problems))
             }
         };
+        if s.pattern.is_some() && !matches!(format, Some(LineFormat::Regex(_)) | None) {
+            problems.push(doc.problem(
+                &format!("{key}.pattern"),
+                "pattern applies to format: regex (or message_format: regex) only",
+            ));
+        }
+        let multiline = s.multiline.and_then(|m| {
+            let at = format!("{key}.multiline");
+            let start = regex::Regex::new(&m.start)
+                .map_err(|e| {
+                    problems.push(doc.problem(
+                        &format!("{at}.start"),
+                        format!("expected a regular expression: {e}"),
+                    ))
+                })
+                .ok();
+            let max_lines = m.max_lines.unwrap_or(DEFAULT_MULTILINE_MAX_LINES);
+            if !(2..=100_000).contains(&max_lines) {
+                problems.push(doc.problem(
+                    &format!("{at}.max_lines"),
+                    format!("expected 2 to 100000, found {max_lines}"),
+                ));
+            }
+            let max_bytes = m.max_bytes.map_or(DEFAULT_MULTILINE_MAX_BYTES, |b| b.0);
+            if !(1024..=(16 << 20)).contains(&max_bytes) {
+                problems.push(doc.problem(
+                    &format!("{at}.max_bytes"),
+                    format!("expected 1KiB to 16MiB, found {max_bytes} bytes"),
+                ));
+            }
+            let timeout = m.timeout.unwrap_or(DEFAULT_MULTILINE_TIMEOUT);
+            if timeout.get().is_zero() {
+                problems.push(doc.problem(&format!("{at}.timeout"), "expected a duration above 0"));
+            }
+            Some(Multiline {
+                start: start?,
+                max_lines,
+                max_bytes,
+                timeout,
+            })
+        });
+        let rate_limit = s.rate_limit.map(|r| {
+            let burst = r.burst.unwrap_or(r.per_second);
+            if r.per_second == 0 {
+                problems.push(doc.problem(
+                    &format!("{key}.rate_limit.per_second"),
+                    "expected at least 1 line per second",
+                ));
+            }
+            if burst == 0 {
+                problems.push(doc.problem(
+                    &format!("{key}.rate_limit.burst"),
+                    format!("expected at least 1, found {burst}"),
+                ));
+            }
+            RateLimit {
+                per_second: r.per_second,
+                burst,
+            }
+        });
+        let Some(format) = format else { continue };
         match (s.app.as_deref(), s.files) {
             (Some("stdio"), None) => {
                 if app_seen {
@@ -269,10 +508,19 @@ pub fn validate(
                         "rotate_wait applies to files only",
                     ));
                 }
+                if container.is_some() {
+                    problems.push(doc.problem(
+                        &format_key,
+                        "cri and docker are formats of a container runtime's files: the app's stdio is read as the app writes it",
+                    ));
+                }
                 sources.push(LogSource {
                     name: s.name.unwrap_or_else(|| "app".into()),
                     kind: LogSourceKind::App,
                     format,
+                    container: None,
+                    multiline,
+                    rate_limit,
                 });
             }
             (Some(other), None) => problems.push(doc.problem(
@@ -306,6 +554,9 @@ pub fn validate(
                     ));
                     continue;
                 }
+                if problems.len() > before_source {
+                    continue;
+                }
                 sources.push(LogSource {
                     name: s.name.unwrap_or_else(|| glob.clone()),
                     kind: LogSourceKind::Files {
@@ -315,6 +566,9 @@ pub fn validate(
                         rotate_wait: s.rotate_wait.unwrap_or(DEFAULT_ROTATE_WAIT),
                     },
                     format,
+                    container,
+                    multiline,
+                    rate_limit,
                 });
             }
             _ => problems
@@ -322,23 +576,40 @@ pub fn validate(
         }
     }
 
-    let sink = match raw.sinks.len() {
-        0 => {
+    if raw.sinks.is_empty() {
+        problems.push(doc.problem(
+            "logs.sinks",
+            "expected a sink, like [{http: http://collector:8080/logs}] or [{stdout: true}]",
+        ));
+    }
+    if raw.sinks.len() > MAX_SINKS {
+        problems.push(doc.problem(
+            "logs.sinks",
+            format!(
+                "expected at most {MAX_SINKS} sinks, found {}",
+                raw.sinks.len()
+            ),
+        ));
+    }
+    let mut sinks: Vec<NamedSink> = Vec::new();
+    for (i, raw) in raw.sinks.into_iter().enumerate() {
+        let key = format!("logs.sinks[{i}]");
+        let name = raw.name.clone();
+        let Some(s) = sink(raw, &key, doc, problems) else {
+            continue;
+        };
+        let name = name.unwrap_or_else(|| s.kind().to_string());
+        if name.is_empty() || sinks.iter().any(|o| o.name == name) {
             problems.push(doc.problem(
-                "logs.sinks",
-                "expected a sink, like [{http: http://collector:8080/logs}] or [{stdout: true}]",
+                &format!("{key}.name"),
+                format!(
+                    "expected a name no other sink has ({name:?} is taken; two sinks of one kind need a name: each)"
+                ),
             ));
-            None
+            continue;
         }
-        1 => sink(raw.sinks.into_iter().next()?, doc, problems),
-        n => {
-            problems.push(doc.problem(
-                "logs.sinks",
-                format!("expected one sink (this version ships to one), found {n}"),
-            ));
-            None
-        }
-    };
+        sinks.push(NamedSink { name, sink: s });
+    }
 
     let mut redact = Vec::new();
     for (i, r) in raw.redact.into_iter().enumerate() {
@@ -400,7 +671,7 @@ pub fn validate(
     }
     Some(LogsConfig {
         sources,
-        sink: sink?,
+        sinks,
         fields: raw.fields,
         env_fields: raw.env_fields,
         redact,
@@ -417,16 +688,39 @@ pub fn validate(
 /// Fields every shipped line carries, which `fields` may not replace.
 pub const RESERVED_FIELDS: &[&str] = &["message", "source", "stream", "file", "time"];
 
-fn sink(raw: RawLogSink, doc: &Document, problems: &mut Vec<Problem>) -> Option<LogSink> {
-    let key = "logs.sinks[0]";
+/// At most this many sinks: each holds a copy of the batch in flight.
+pub const MAX_SINKS: usize = 8;
+
+impl LogSink {
+    /// Its kind, the default `sink` label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LogSink::Stdout => "stdout",
+            LogSink::File(_) => "file",
+            LogSink::Http { .. } => "http",
+            LogSink::Loki { .. } => "loki",
+            LogSink::Otlp { .. } => "otlp",
+            LogSink::Elasticsearch { .. } => "elasticsearch",
+        }
+    }
+}
+
+fn sink(
+    raw: RawLogSink,
+    key: &str,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<LogSink> {
     let chosen = raw.http.is_some() as u8
         + raw.loki.is_some() as u8
+        + raw.otlp.is_some() as u8
+        + raw.elasticsearch.is_some() as u8
         + raw.file.is_some() as u8
         + (raw.stdout == Some(true)) as u8;
     if chosen != 1 {
         problems.push(doc.problem(
             key,
-            "expected exactly one of http: URL, loki: URL, file: PATH or stdout: true",
+            "expected exactly one of http: URL, loki: URL, otlp: URL, elasticsearch: URL, file: PATH or stdout: true",
         ));
         return None;
     }
@@ -434,13 +728,34 @@ fn sink(raw: RawLogSink, doc: &Document, problems: &mut Vec<Problem>) -> Option<
         problems.push(doc.problem(&format!("{key}.labels"), "labels apply to a loki sink only"));
         return None;
     }
-    if let Some(url) = raw.loki {
-        let mut uri = http_url(&url, &format!("{key}.loki"), doc, problems)?;
+    if raw.index.is_some() && raw.elasticsearch.is_none() {
+        problems.push(doc.problem(
+            &format!("{key}.index"),
+            "index applies to an elasticsearch sink only",
+        ));
+        return None;
+    }
+    if raw.gzip.is_some() && (raw.file.is_some() || raw.stdout.is_some()) {
+        problems.push(doc.problem(
+            &format!("{key}.gzip"),
+            "gzip applies to the HTTP sinks only (http, loki, otlp, elasticsearch)",
+        ));
+        return None;
+    }
+    let gzip = raw.gzip.unwrap_or(false);
+    let timeout = raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT);
+    // A URL without a path gets the API's usual one.
+    let with_path = |url: &str, field: &str, default: &'static str, problems: &mut Vec<Problem>| {
+        let mut uri = http_url(url, &format!("{key}.{field}"), doc, problems)?;
         if uri.path() == "/" && !url.ends_with('/') {
             let mut parts = uri.into_parts();
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/loki/api/v1/push"));
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(default));
             uri = http::Uri::from_parts(parts).ok()?;
         }
+        Some(uri)
+    };
+    if let Some(url) = raw.loki {
+        let uri = with_path(&url, "loki", "/loki/api/v1/push", problems)?;
         let labels = raw.labels.unwrap_or_else(|| vec!["source".into()]);
         let valid = |l: &String| {
             l.chars()
@@ -457,17 +772,52 @@ fn sink(raw: RawLogSink, doc: &Document, problems: &mut Vec<Problem>) -> Option<
         }
         return Some(LogSink::Loki {
             url: uri,
-            timeout: raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT),
+            timeout,
             headers: raw.headers.into_iter().collect(),
             labels,
+            gzip,
+        });
+    }
+    if let Some(url) = raw.otlp {
+        return Some(LogSink::Otlp {
+            url: with_path(&url, "otlp", "/v1/logs", problems)?,
+            timeout,
+            headers: raw.headers.into_iter().collect(),
+            gzip,
+        });
+    }
+    if let Some(url) = raw.elasticsearch {
+        let index = raw.index.unwrap_or_else(|| DEFAULT_ES_INDEX.into());
+        // Elasticsearch's rules for index names that a config can break.
+        if index.is_empty()
+            || index.starts_with(['-', '_', '+'])
+            || index
+                .chars()
+                .any(|c| c.is_ascii_uppercase() || " \\/*?\"<>|,#:".contains(c))
+        {
+            problems.push(doc.problem(
+                &format!("{key}.index"),
+                format!(
+                    "expected a lowercase index name without spaces or \\/*?\"<>|,#:, found {index:?}"
+                ),
+            ));
+            return None;
+        }
+        return Some(LogSink::Elasticsearch {
+            url: with_path(&url, "elasticsearch", "/_bulk", problems)?,
+            timeout,
+            headers: raw.headers.into_iter().collect(),
+            index,
+            gzip,
         });
     }
     if let Some(url) = raw.http {
         let uri = http_url(&url, &format!("{key}.http"), doc, problems)?;
         return Some(LogSink::Http {
             url: uri,
-            timeout: raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT),
+            timeout,
             headers: raw.headers.into_iter().collect(),
+            gzip,
         });
     }
     if let Some(path) = raw.file {

@@ -33,9 +33,13 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::checkpoint::{self, FileId, Position};
+use super::multiline::Assembler;
+use super::rate_limit::TokenBucket;
 #[cfg(doc)]
 use crate::config::logs::DEFAULT_ROTATE_WAIT;
+use crate::config::logs::{Container, Multiline};
 use crate::lifecycle::capture::MAX_LINE;
+use crate::lifecycle::capture::Stream;
 
 /// The first bytes of a file whose hash tells it apart from another with the same inode.
 pub const HEAD_BYTES: u64 = 256;
@@ -51,10 +55,15 @@ pub struct FileSource {
     pub from_end: bool,
     /// How long a renamed or deleted file must stay quiet, read to its end, before it is closed.
     pub rotate_wait: Duration,
+    /// A container runtime's format and multiline joining ([`Assembler`]).
+    pub container: Option<Container>,
+    pub multiline: Option<Multiline>,
+    pub limit: Option<TokenBucket>,
 }
 
 /// A file being followed.
 struct Tailer {
+    /// Its source's index in [`Files::sources`].
     source: usize,
     path: Arc<Path>,
     file: File,
@@ -72,13 +81,19 @@ struct Tailer {
     grew_at: Instant,
     /// Bumped when the file is read anew (truncated, replaced): marks taken before do not apply.
     generation: u32,
+    /// Joins lines into records (container formats, multiline); None: a line is a record.
+    assembler: Option<Assembler>,
 }
 
 /// A line read from a file.
 pub struct FileLine<'a> {
+    /// Its source's index in `logs.sources`.
     pub source: usize,
     pub path: &'a Path,
     pub line: &'a [u8],
+    /// From a container runtime's format: the stream and timestamp it gave the line.
+    pub stream: Option<Stream>,
+    pub time: Option<&'a str>,
 }
 
 /// Every file source's open files and positions.
@@ -163,7 +178,7 @@ impl Files {
                 t.orphan_since = Some(now);
             }
             if let Some(lost) = t.check() {
-                self.truncated.push((t.source, lost));
+                self.truncated.push((self.sources[t.source].source, lost));
             }
         }
         if self.first_scan {
@@ -204,6 +219,17 @@ impl Files {
             }
         }
         self.saved.clear();
+    }
+
+    /// Sends on every record still being joined (the agent stops: the last stack trace of a
+    /// file must not wait for a line that will not come before the exit).
+    pub fn flush_joined(&mut self) {
+        let now = Instant::now();
+        for t in self.tailers.values_mut() {
+            if let Some(a) = &mut t.assembler {
+                a.flush_all(now);
+            }
+        }
     }
 
     /// Bytes lost to truncation since the last call, per source.
@@ -253,82 +279,153 @@ impl Files {
                 orphan_since: None,
                 grew_at: Instant::now(),
                 generation: 0,
+                assembler: Assembler::new(
+                    self.sources[source].container,
+                    self.sources[source].multiline.clone(),
+                ),
             },
         );
     }
 
-    /// Hands complete lines to `emit` until it refuses one (returns false: no room; that line
-    /// is read again next time). Returns true when some file still had lines left (the caller
-    /// should come back without waiting).
+    /// Hands complete records to `emit` until it refuses one (returns false: no room; that
+    /// record is offered again next time) or a source's rate limit stops its files. Returns
+    /// true when some file still had lines left for the batch (the caller should come back
+    /// without waiting; a rate-limited file waits for the next poll).
     pub fn read(&mut self, mut emit: impl FnMut(FileLine<'_>) -> bool) -> bool {
         let mut more = false;
         let mut done = Vec::new();
-        for (id, t) in &mut self.tailers {
-            loop {
-                let want = MAX_LINE.min((t.size.saturating_sub(t.read)) as usize);
-                if want == 0 {
-                    break;
+        let now = Instant::now();
+        let Files {
+            tailers,
+            sources,
+            buf,
+            ..
+        } = self;
+        for (id, t) in tailers.iter_mut() {
+            let source = &mut sources[t.source];
+            // The source's index in `logs.sources` (`t.source` is its index among files).
+            let index = source.source;
+            let rotate_wait = source.rotate_wait;
+            let closing = |t: &Tailer| {
+                t.orphan_since.is_some() && t.read >= t.size && t.grew_at.elapsed() >= rotate_wait
+            };
+            let mut stopped = false;
+            'file: loop {
+                // Records joined earlier and not yet taken go first.
+                if let Some(a) = &mut t.assembler {
+                    while let Some(r) = a.ready.front() {
+                        let line = FileLine {
+                            source: index,
+                            path: &t.path,
+                            line: &r.text,
+                            stream: r.stream,
+                            time: r.time.as_deref(),
+                        };
+                        match give(&mut emit, &mut source.limit, now, line) {
+                            Given::Taken => {
+                                a.ready.pop_front();
+                            }
+                            Given::Full => {
+                                more = true;
+                                stopped = true;
+                                break 'file;
+                            }
+                            Given::Limited => {
+                                stopped = true;
+                                break 'file;
+                            }
+                        }
+                    }
                 }
-                self.buf.resize(want, 0);
-                let n = match t.file.read_at(&mut self.buf, t.read) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        warn!(path = %t.path.display(), error = %e, "cannot read log file");
-                        break;
+                let want = MAX_LINE.min((t.size.saturating_sub(t.read)) as usize);
+                let n = if want == 0 {
+                    0
+                } else {
+                    buf.resize(want, 0);
+                    match t.file.read_at(buf, t.read) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            warn!(path = %t.path.display(), error = %e, "cannot read log file");
+                            0
+                        }
                     }
                 };
-                if n == 0 {
-                    break;
-                }
-                let chunk = &self.buf[..n];
+                let chunk = &buf[..n];
                 let mut used = 0;
-                let mut stopped = false;
+                // One line (or the piece of one) at `start..start + len` of the chunk,
+                // `taken` bytes of it consumed: handed on, or joined.
+                let mut offer = |t: &mut Tailer, start: usize, line: &[u8], taken: usize| {
+                    if let Some(a) = &mut t.assembler {
+                        let at = t.read + start as u64;
+                        a.push(line, at, at + taken as u64, None, now);
+                        return Given::Taken;
+                    }
+                    let line = FileLine {
+                        source: index,
+                        path: &t.path,
+                        line,
+                        stream: None,
+                        time: None,
+                    };
+                    give(&mut emit, &mut source.limit, now, line)
+                };
+                let mut given = Given::Taken;
                 while let Some(nl) = memchr::memchr(b'\n', &chunk[used..]) {
                     let end = used + nl;
                     let mut line = &chunk[used..end];
                     if line.last() == Some(&b'\r') {
                         line = &line[..line.len() - 1];
                     }
-                    if !emit(FileLine {
-                        source: t.source,
-                        path: &t.path,
-                        line,
-                    }) {
-                        stopped = true;
+                    given = offer(t, used, line, end + 1 - used);
+                    if !matches!(given, Given::Taken) {
                         break;
                     }
                     used = end + 1;
                 }
                 // No line ending in a whole MAX_LINE: ship the piece as a line. At the end of a
                 // rotated-away file that has gone quiet: its last, unterminated line.
-                let rotate_wait = self.sources[t.source].rotate_wait;
                 let last_of_orphan = t.orphan_since.is_some()
                     && t.read + n as u64 == t.size
                     && t.grew_at.elapsed() >= rotate_wait;
-                if !stopped && used < n && (used == 0 && n == MAX_LINE || last_of_orphan) {
-                    if emit(FileLine {
-                        source: t.source,
-                        path: &t.path,
-                        line: &chunk[used..n],
-                    }) {
+                if matches!(given, Given::Taken)
+                    && used < n
+                    && (used == 0 && n == MAX_LINE || last_of_orphan)
+                {
+                    given = offer(t, used, &chunk[used..n], n - used);
+                    if matches!(given, Given::Taken) {
                         used = n;
-                    } else {
-                        stopped = true;
                     }
                 }
                 t.read += used as u64;
-                if stopped {
-                    more = true;
-                    break;
+                match given {
+                    Given::Taken => {}
+                    Given::Full => {
+                        more = true;
+                        stopped = true;
+                        break;
+                    }
+                    Given::Limited => {
+                        stopped = true;
+                        break;
+                    }
                 }
                 if used == 0 {
+                    // Read to its end: records that waited too long for their next line
+                    // leave, and all of them once the file is done.
+                    let finished = closing(t);
+                    if let Some(a) = &mut t.assembler {
+                        a.flush_expired(now);
+                        if finished {
+                            a.flush_all(now);
+                        }
+                        if !a.ready.is_empty() {
+                            continue;
+                        }
+                    }
                     break;
                 }
             }
-            if t.orphan_since.is_some()
-                && t.read >= t.size
-                && t.grew_at.elapsed() >= self.sources[t.source].rotate_wait
-            {
+            if !stopped && closing(t) && t.assembler.as_ref().is_none_or(Assembler::is_empty) {
                 // Written to since the last look? Then it is not done: read on next time.
                 let now = t.file.metadata().map_or(t.size, |m| m.len());
                 if now > t.size {
@@ -354,7 +451,7 @@ impl Files {
             files: self
                 .tailers
                 .iter()
-                .map(|(id, t)| (*id, t.generation, t.read))
+                .map(|(id, t)| (*id, t.generation, t.done()))
                 .collect(),
             positions: self
                 .tailers
@@ -362,7 +459,7 @@ impl Files {
                 .map(|(id, t)| Position {
                     path: t.path.to_path_buf(),
                     id: *id,
-                    offset: t.read,
+                    offset: t.done(),
                     head_len: t.head_len,
                     head_hash: t.head_hash,
                 })
@@ -400,6 +497,16 @@ pub struct Mark {
 }
 
 impl Tailer {
+    /// Bytes whose records are all in batches: the next read starts at `read`, but lines being
+    /// joined into a record (or joined, waiting for room in a batch) are read again after a
+    /// restart.
+    fn done(&self) -> u64 {
+        self.assembler
+            .as_ref()
+            .and_then(Assembler::oldest)
+            .map_or(self.read, |o| o.min(self.read))
+    }
+
     /// Notices growth, truncation and replaced content. Returns the bytes lost when the file
     /// was truncated or replaced before it was read to its end (at least what it held beyond
     /// our position at the last look).
@@ -434,6 +541,9 @@ impl Tailer {
             self.read = 0;
             self.acked = 0;
             self.generation = self.generation.wrapping_add(1);
+            if let Some(a) = &mut self.assembler {
+                a.clear();
+            }
             self.head_len = 0;
             self.head_hash = checkpoint::head_hash(b"");
         }
@@ -443,6 +553,36 @@ impl Tailer {
         }
         lost
     }
+}
+
+/// What became of a record offered to a batch.
+enum Given {
+    Taken,
+    /// The batch is full.
+    Full,
+    /// The source's rate limit says wait.
+    Limited,
+}
+
+/// Offers one record to the batch, within the source's rate limit.
+fn give(
+    emit: &mut impl FnMut(FileLine<'_>) -> bool,
+    limit: &mut Option<TokenBucket>,
+    now: Instant,
+    line: FileLine<'_>,
+) -> Given {
+    if let Some(b) = limit.as_mut()
+        && !b.ready(now)
+    {
+        return Given::Limited;
+    }
+    if !emit(line) {
+        return Given::Full;
+    }
+    if let Some(b) = limit {
+        b.take();
+    }
+    Given::Taken
 }
 
 /// Whether `offset` is where a record of ours could have ended: at 0, after a `\n`, or a whole
@@ -510,6 +650,9 @@ mod tests {
                 base: dir.to_path_buf(),
                 from_end,
                 rotate_wait: ROTATE_WAIT,
+                container: None,
+                multiline: None,
+                limit: None,
             }],
             BTreeMap::new(),
         )

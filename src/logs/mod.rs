@@ -23,13 +23,19 @@
 //! reads the app's last lines and the files to their current end, sends them, checkpoints and
 //! returns.
 
+pub mod bulk;
 pub mod checkpoint;
+pub mod container;
 pub mod files;
+pub mod multiline;
+pub mod otlp;
 pub mod parse;
+pub mod rate_limit;
 pub mod sink;
 
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -41,7 +47,9 @@ use crate::lifecycle::capture::{AppLine, Captured, Stream};
 use crate::runtime::{Module, ModuleContext, ModuleFuture};
 use crate::telemetry::metrics::{LogDropLabels, LogSinkLabels, LogSourceLabels, LogsMetrics};
 use files::{FileSource, Files};
-use parse::{Encoder, Origin, Tail};
+use multiline::Assembler;
+use parse::{Encoder, Meta, Origin, Tail};
+use rate_limit::TokenBucket;
 use sink::{SendError, Sink};
 
 /// How long a stop waits for the sink to take the last batches before giving up on them (file
@@ -99,6 +107,11 @@ struct Work {
     poll: Duration,
     /// The app's lines taken from the queue that did not fit the last batch.
     app_pending: std::collections::VecDeque<AppLine>,
+    /// The app's lines joined into records (`multiline:`), per stream.
+    app_join: Option<Assembler>,
+    /// The app source's rate limit, and the records it dropped since the pipeline last looked.
+    app_limit: Option<TokenBucket>,
+    app_limited: usize,
     /// The app's tails (stdout, stderr), rendered once.
     app_tails: Option<[Tail; 2]>,
     /// The tail of the file read last: (source, path, tail), reused while it stays the same.
@@ -135,11 +148,43 @@ impl Work {
     }
 
     /// Takes `app` lines, encodes the app's pending lines and then reads files until the batch
-    /// is full. True when lines are left for the next batch (the caller should come back
+    /// is full. `flush_app`: the agent stops and the app is gone, so records still being joined
+    /// (app and files) leave now. True when lines are left for the next batch (the caller should come back
     /// without waiting).
-    fn fill(&mut self, app: Vec<AppLine>) -> bool {
+    fn fill(&mut self, app: Vec<AppLine>, flush_app: bool) -> bool {
         let now = SystemTime::now();
-        self.app_pending.extend(app);
+        let clock = Instant::now();
+        let mut records = std::collections::VecDeque::new();
+        match &mut self.app_join {
+            Some(a) => {
+                for l in app {
+                    a.push(&l.line, 0, 0, Some(l.stream), clock);
+                }
+                a.flush_expired(clock);
+                if flush_app {
+                    a.flush_all(clock);
+                }
+                records.extend(a.ready.drain(..).map(|r| AppLine {
+                    stream: r.stream.unwrap_or(Stream::Stdout),
+                    line: r.text,
+                }));
+            }
+            None => records.extend(app),
+        }
+        match &mut self.app_limit {
+            // Past the limit the app's records are dropped (it cannot be paused), counted.
+            Some(b) => {
+                for l in records {
+                    if b.ready(clock) {
+                        b.take();
+                        self.app_pending.push_back(l);
+                    } else {
+                        self.app_limited += 1;
+                    }
+                }
+            }
+            None => self.app_pending.extend(records),
+        }
         if let Some(s) = self.app_source {
             let (name, format, lines, bytes) = &self.sources[s];
             let tails = self.app_tails.get_or_insert_with(|| {
@@ -152,7 +197,8 @@ impl Work {
             while let Some(l) = self.app_pending.front() {
                 let tail = &tails[usize::from(l.stream == Stream::Stderr)];
                 if !self.batch.push(self.max_lines, self.max_bytes, |out| {
-                    self.encoder.encode(out, &l.line, *format, tail, now)
+                    self.encoder
+                        .encode(out, &l.line, format, tail, Meta::default(), now)
                 }) {
                     break;
                 }
@@ -171,6 +217,9 @@ impl Work {
             return false;
         }
         self.files.scan_if_due(self.poll);
+        if flush_app {
+            self.files.flush_joined();
+        }
         let (max_lines, max_bytes) = (self.max_lines, self.max_bytes);
         let Work {
             files,
@@ -194,9 +243,13 @@ impl Work {
                 *file_tail = Some((l.source, l.path.to_path_buf(), tail));
             }
             let (_, _, tail) = file_tail.as_ref().expect("set above");
-            let format = sources[l.source].1;
+            let format = &sources[l.source].1;
+            let meta = Meta {
+                stream: l.stream.map(Stream::as_str),
+                time: l.time,
+            };
             if !batch.push(max_lines, max_bytes, |out| {
-                encoder.encode(out, l.line, format, tail, now)
+                encoder.encode(out, l.line, format, tail, meta, now)
             }) {
                 return false;
             }
@@ -259,7 +312,7 @@ impl Logs {
             };
             sources.push((
                 s.name.clone(),
-                s.format,
+                s.format.clone(),
                 self.metrics.read.get_or_create(&label).clone(),
                 self.metrics.read_bytes.get_or_create(&label).clone(),
             ));
@@ -277,6 +330,9 @@ impl Logs {
                     base: base.clone(),
                     from_end: *from_end,
                     rotate_wait: rotate_wait.get(),
+                    container: s.container,
+                    multiline: s.multiline.clone(),
+                    limit: s.rate_limit.map(TokenBucket::new),
                 }),
             }
         }
@@ -305,11 +361,24 @@ impl Logs {
             max_bytes: c.batch_bytes,
             poll: c.poll.get(),
             app_pending: Default::default(),
+            app_join: app_source.and_then(|i| Assembler::new(None, c.sources[i].multiline.clone())),
+            app_limit: app_source
+                .and_then(|i| c.sources[i].rate_limit)
+                .map(TokenBucket::new),
+            app_limited: 0,
             app_tails: None,
             file_tail: None,
         });
-        let sink = Sink::new(&c.sink);
-        let sink_label = LogSinkLabels { sink: sink.kind() };
+        let outlets: Vec<Outlet> = c
+            .sinks
+            .iter()
+            .map(|s| Outlet {
+                sink: Sink::new(&s.sink),
+                label: LogSinkLabels {
+                    sink: s.name.clone(),
+                },
+            })
+            .collect();
         let app_name = app_source.map(|s| c.sources[s].name.clone());
         let dropped = |reason: &'static str, n: usize| {
             if let (Some(name), true) = (&app_name, n > 0) {
@@ -324,15 +393,16 @@ impl Logs {
         };
         cx.set_ready();
         info!(
-            sink = sink.kind(),
+            sinks = ?c.sinks.iter().map(|s| &s.name).collect::<Vec<_>>(),
             sources = c.sources.len(),
             "log agent started"
         );
 
-        let mut stop = Stop {
+        let mut drain = cx.drain.clone();
+        let stop = Stop {
             drain: cx.drain.clone(),
-            draining: cx.drain.is_draining(),
-            since: None,
+            draining: AtomicBool::new(cx.drain.is_draining()),
+            since: OnceLock::new(),
         };
         let mut app_open = captured.is_some();
         let tick = c.poll.get().min(c.batch_wait.get());
@@ -358,7 +428,7 @@ impl Logs {
                         None => app_open = false,
                     },
                     _ = tokio::time::sleep(tick) => {}
-                    _ = stop.drain.signaled(), if !stop.draining => stop.draining = true,
+                    _ = drain.signaled(), if !stop.draining() => stop.set_draining(),
                 }
             }
             let mut app_bytes = app.iter().map(|l| l.line.len()).sum::<usize>();
@@ -386,17 +456,19 @@ impl Logs {
             }
             // Fill the next batch on the blocking pool while the sealed one is shipped.
             let mut w = work.take().expect("work is back after each fill");
+            let flush_app = stop.draining() && !app_open;
             let fill = tokio::task::spawn_blocking(move || {
-                let more = w.fill(app);
+                let more = w.fill(app, flush_app);
                 (w, more)
             });
             let shipped = match sealed.take() {
-                Some(b) => Some(self.ship(&sink, &sink_label, b, &mut stop).await),
+                Some(b) => Some(self.ship(&outlets, b, &stop).await),
                 None => None,
             };
             let (w, m) = fill.await.map_err(|e| LogsError::Blocking(e.to_string()))?;
             more = m;
             let w = work.insert(w);
+            dropped("rate_limit", std::mem::take(&mut w.app_limited));
             let out_of_budget = match shipped {
                 Some(Shipped::Acked(mark)) => {
                     w.files.ack(&mark);
@@ -439,7 +511,7 @@ impl Logs {
             let due = w.full()
                 || more
                 || (w.batch.lines > 0
-                    && (stop.draining
+                    && (stop.draining()
                         || w.batch
                             .started
                             .is_some_and(|t| t.elapsed() >= c.batch_wait.get())));
@@ -458,12 +530,13 @@ impl Logs {
                 w.batch.app_lines = 0;
                 w.batch.started = None;
             }
-            if stop.draining
+            if stop.draining()
                 && !app_open
                 && !more
                 && sealed.is_none()
                 && w.batch.lines == 0
                 && w.app_pending.is_empty()
+                && w.app_join.as_ref().is_none_or(Assembler::is_empty)
             {
                 info!("log agent drained");
                 return Ok(());
@@ -471,21 +544,50 @@ impl Logs {
         }
     }
 
-    /// Sends one sealed batch until the sink takes it (retrying with backoff; halves after a
-    /// 413), then writes the checkpoint. Stopped when the stop's flush budget runs out first.
-    async fn ship(
-        &self,
-        sink: &Sink,
-        sink_label: &LogSinkLabels,
-        batch: Sealed,
-        stop: &mut Stop,
-    ) -> Shipped {
+    /// Sends one sealed batch to every sink at once until each took it (or refused it for
+    /// good), then writes the checkpoint: file positions move only once all of them have it.
+    /// Stopped when the stop's flush budget runs out first.
+    async fn ship(&self, outlets: &[Outlet], batch: Sealed, stop: &Stop) -> Shipped {
+        let sent = futures_util::future::join_all(
+            outlets
+                .iter()
+                .map(|o| self.ship_to(o, &batch.ndjson, batch.lines, stop)),
+        )
+        .await;
+        if sent.contains(&false) {
+            return Shipped::Stopped {
+                app_lines: batch.app_lines,
+            };
+        }
+        if let Some(path) = &self.config.checkpoint {
+            // The write ends with an fsync: off the async workers.
+            let positions = batch.mark.positions.clone();
+            let path = path.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                checkpoint::save(&path, positions.into_iter())
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = saved {
+                warn!(error = %e, "cannot write the log checkpoint");
+            }
+        }
+        Shipped::Acked(batch.mark)
+    }
+
+    /// Sends one batch to one sink until it takes it (retrying with backoff; halves after a
+    /// 413). True once taken or refused for good; false when the stop's budget ran out first.
+    async fn ship_to(&self, outlet: &Outlet, ndjson: &Bytes, lines: usize, stop: &Stop) -> bool {
         let c = &self.config;
+        let (sink, sink_label) = (&outlet.sink, &outlet.label);
+        let name = &sink_label.sink;
+        let mut drain = stop.drain.clone();
         let started = Instant::now();
         let mut attempt = 0u32;
         let (mut shipped, mut rejected) = (0usize, 0usize);
         // Pieces still to send, the next one last: the batch, or its halves after a 413.
-        let mut parts = vec![(batch.ndjson, batch.lines)];
+        let mut parts = vec![(ndjson.clone(), lines)];
         while let Some((part, lines)) = parts.pop() {
             let body = sink.prepare(part.clone());
             loop {
@@ -496,7 +598,7 @@ impl Logs {
                     match stop.budget() {
                         None => tokio::select! {
                             r = &mut send => break r,
-                            _ = stop.drain.signaled() => stop.draining = true,
+                            _ = drain.signaled() => stop.set_draining(),
                         },
                         Some(left) => {
                             break tokio::time::timeout(left, &mut send).await.unwrap_or_else(
@@ -516,7 +618,7 @@ impl Logs {
                         // Split at the line end nearest the middle; each half is sent (and
                         // split again) on its own.
                         let (first, second) = split_half(&part);
-                        warn!(sink = sink.kind(), error = %e, lines, "the sink refused a batch as too large; sending it in halves");
+                        warn!(sink = %name, error = %e, lines, "the sink refused a batch as too large; sending it in halves");
                         let n = count_lines(&first);
                         parts.push((second, lines - n));
                         parts.push((first, n));
@@ -526,38 +628,60 @@ impl Logs {
                         rejected: n,
                         message,
                     }) => {
-                        warn!(sink = sink.kind(), error = %message, lines, rejected = n, "the sink refused part of a batch; dropping that part");
+                        warn!(sink = %name, error = %message, lines, rejected = n, "the sink refused part of a batch; dropping that part");
                         shipped += lines.saturating_sub(n);
                         rejected += n.min(lines);
                         break;
                     }
+                    Err(SendError::Items {
+                        retry,
+                        rejected: n,
+                        message,
+                    }) => {
+                        // Only the items refused for now go again, after a backoff.
+                        let again = retry.len().min(lines);
+                        warn!(sink = %name, error = %message, lines, retry = again, rejected = n, "the sink refused some records of a batch; sending those again");
+                        shipped += lines.saturating_sub(again + n);
+                        rejected += n.min(lines);
+                        if again > 0 {
+                            parts.push((Bytes::from(bulk::pick(&part, &retry)), again));
+                            let wait = sink::backoff(attempt, c.retry_max.get());
+                            attempt = attempt.saturating_add(1);
+                            self.metrics.retries.get_or_create(sink_label).inc();
+                            let wait = stop.budget().map_or(wait, |left| wait.min(left));
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = drain.signaled(), if !stop.draining() => stop.set_draining(),
+                            }
+                        }
+                        break;
+                    }
                     Err(SendError::TooLarge(e) | SendError::Rejected(e)) => {
-                        warn!(sink = sink.kind(), error = %e, lines, "the sink refused a batch; dropping it");
+                        warn!(sink = %name, error = %e, lines, "the sink refused a batch; dropping it");
                         rejected += lines;
                         break;
                     }
                     Err(SendError::Failed(e)) => {
                         if stop.budget().is_some_and(|left| left.is_zero()) {
-                            warn!(sink = sink.kind(), error = %e, lines, "the sink did not take the last batch before the stop; files resume from the checkpoint");
-                            return Shipped::Stopped {
-                                app_lines: batch.app_lines,
-                            };
+                            warn!(sink = %name, error = %e, lines, "the sink did not take the last batch before the stop; files resume from the checkpoint");
+                            return false;
                         }
                         let wait = sink::backoff(attempt, c.retry_max.get());
                         attempt = attempt.saturating_add(1);
                         self.metrics.retries.get_or_create(sink_label).inc();
-                        warn!(sink = sink.kind(), error = %e, attempt, retry_in = ?wait, "cannot ship log batch; retrying");
+                        warn!(sink = %name, error = %e, attempt, retry_in = ?wait, "cannot ship log batch; retrying");
                         let wait = stop.budget().map_or(wait, |left| wait.min(left));
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
-                            _ = stop.drain.signaled(), if !stop.draining => stop.draining = true,
+                            _ = drain.signaled(), if !stop.draining() => stop.set_draining(),
                         }
                     }
                 }
             }
         }
         if rejected > 0 {
-            // The refusal is the batch's, not one source's: `source="*"`.
+            // The refusal is the batch's, not one source's: `source="*"` (once per sink that
+            // refused it).
             self.metrics
                 .dropped
                 .get_or_create(&LogDropLabels {
@@ -576,22 +700,14 @@ impl Logs {
             .batch_duration
             .get_or_create(sink_label)
             .observe(started.elapsed().as_secs_f64());
-        if let Some(path) = &c.checkpoint {
-            // The write ends with an fsync: off the async workers.
-            let positions = batch.mark.positions.clone();
-            let path = path.clone();
-            let saved = tokio::task::spawn_blocking(move || {
-                checkpoint::save(&path, positions.into_iter())
-                    .map_err(|e| format!("{}: {e}", path.display()))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-            if let Err(e) = saved {
-                warn!(error = %e, "cannot write the log checkpoint");
-            }
-        }
-        Shipped::Acked(batch.mark)
+        true
     }
+}
+
+/// A sink and its metrics' labels.
+struct Outlet {
+    sink: Sink,
+    label: LogSinkLabels,
 }
 
 /// A batch ready to send, and where reading stood when it was sealed.
@@ -605,27 +721,35 @@ struct Sealed {
 
 /// How shipping a batch ended.
 enum Shipped {
-    /// Taken (or refused for good, counted): file positions move to the batch's mark.
+    /// Taken (or refused for good, counted) by every sink: file positions move to the mark.
     Acked(files::Mark),
     /// The stop's flush budget ran out first.
     Stopped { app_lines: usize },
 }
 
 /// The stop signal, and when it came: from then on the agent has [`DRAIN_FLUSH`] in all to
-/// ship what is left.
+/// ship what is left. Shared by the sinks shipping one batch at once.
 struct Stop {
     drain: crate::runtime::Drain,
-    draining: bool,
-    since: Option<Instant>,
+    draining: AtomicBool,
+    since: OnceLock<Instant>,
 }
 
 impl Stop {
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// What is left of the flush budget; None while not stopping.
-    fn budget(&mut self) -> Option<Duration> {
-        if !self.draining {
+    fn budget(&self) -> Option<Duration> {
+        if !self.draining() {
             return None;
         }
-        let at = *self.since.get_or_insert_with(Instant::now);
+        let at = *self.since.get_or_init(Instant::now);
         Some(DRAIN_FLUSH.saturating_sub(at.elapsed()))
     }
 }

@@ -62,6 +62,20 @@ impl Tail {
     }
 }
 
+/// What a container runtime said of a line (`format: cri` or `docker`): its stream and time.
+#[derive(Clone, Copy, Default)]
+pub struct Meta<'a> {
+    pub stream: Option<&'a str>,
+    pub time: Option<&'a str>,
+}
+
+impl Meta<'_> {
+    /// Whether the line's own `key` gives way to Outrigger's.
+    fn replaces(&self, tail: &Tail, key: &str) -> bool {
+        tail.replaces(key) || (self.stream.is_some() && key == "stream")
+    }
+}
+
 /// Turns lines into records; built once per run.
 pub struct Encoder {
     redact: Vec<Redact>,
@@ -141,8 +155,9 @@ impl Encoder {
         &self,
         out: &mut Vec<u8>,
         line: &[u8],
-        format: LineFormat,
+        format: &LineFormat,
         tail: &Tail,
+        meta: Meta<'_>,
         now: SystemTime,
     ) {
         // The validation alone first: `from_utf8_lossy` walks the line in chunks at ~5× the
@@ -156,27 +171,45 @@ impl Encoder {
                 text = Cow::Owned(s);
             }
         }
-        let members = match format {
+        // logfmt and regex fields are written as a JSON object and go the JSON way.
+        let object: String;
+        let json: Option<&str> = match format {
             LineFormat::Plain => None,
-            _ if !text.trim_start().starts_with('{') => None,
-            _ => serde_json::from_str::<Members<'_>>(&text).ok(),
+            LineFormat::Auto | LineFormat::Json => {
+                Some(&*text).filter(|t| t.trim_start().starts_with('{'))
+            }
+            LineFormat::Logfmt => match logfmt(&text) {
+                Some(o) => {
+                    object = o;
+                    Some(&object)
+                }
+                None => None,
+            },
+            LineFormat::Regex(r) => match captures(r, &text) {
+                Some(o) => {
+                    object = o;
+                    Some(&object)
+                }
+                None => None,
+            },
         };
-        let Some(Members(members)) = members else {
+        let members = json.and_then(|j| serde_json::from_str::<Members<'_>>(j).ok());
+        let (Some(Members(members)), Some(json)) = (members, json) else {
             out.extend_from_slice(b"{\"message\":");
             json::string(out, &text);
-            self.finish(out, &Seen::default(), &[], true, tail, now);
+            self.finish(out, &Seen::default(), &[], true, (tail, meta, now));
             return;
         };
         let mut seen = Seen::default();
         for (k, v) in &members {
-            self.look(&mut seen, k, v, tail);
+            self.look(&mut seen, k, v, tail, meta);
         }
         if seen.replaced {
             // Rare: copy every member but the replaced ones.
             out.push(b'{');
             let mut first = true;
             for (k, v) in &members {
-                if tail.replaces(k) {
+                if meta.replaces(tail, k) {
                     continue;
                 }
                 if !first {
@@ -187,17 +220,24 @@ impl Encoder {
                 out.push(b':');
                 out.extend_from_slice(v.get().as_bytes());
             }
-            self.finish(out, &seen, &members, !first, tail, now);
+            self.finish(out, &seen, &members, !first, (tail, meta, now));
         } else {
             // The line as written, up to its closing brace.
-            let t = text.trim_end();
+            let t = json.trim_end();
             out.extend_from_slice(t[..t.len() - 1].trim_end().as_bytes());
-            self.finish(out, &seen, &members, !members.is_empty(), tail, now);
+            self.finish(out, &seen, &members, !members.is_empty(), (tail, meta, now));
         }
     }
 
     /// Notes what one member of the line is.
-    fn look<'a>(&self, seen: &mut Seen<'a>, key: &str, value: &'a RawValue, tail: &Tail) {
+    fn look<'a>(
+        &self,
+        seen: &mut Seen<'a>,
+        key: &str,
+        value: &'a RawValue,
+        tail: &Tail,
+        meta: Meta<'_>,
+    ) {
         if !self.first_bytes[usize::from(key.bytes().next().unwrap_or(0))] {
             return;
         }
@@ -227,7 +267,7 @@ impl Encoder {
             "traceparent" if string => seen.traceparent = Some(value),
             _ => {}
         }
-        if tail.replaces(key) {
+        if meta.replaces(tail, key) {
             seen.replaced = true;
         }
         for (i, (name, _)) in self.fields.iter().enumerate().take(64) {
@@ -245,8 +285,7 @@ impl Encoder {
         seen: &Seen<'_>,
         members: &[(Cow<'_, str>, &RawValue)],
         comma: bool,
-        tail: &Tail,
-        now: SystemTime,
+        (tail, meta, now): (&Tail, Meta<'_>, SystemTime),
     ) {
         let sep = |out: &mut Vec<u8>| out.push(b',');
         if comma {
@@ -286,9 +325,23 @@ impl Encoder {
             span_added = true;
         }
         if !seen.time {
-            out.extend_from_slice(b"\"time\":\"");
-            json::time(out, now);
-            out.extend_from_slice(b"\",");
+            match meta.time {
+                Some(t) => {
+                    out.extend_from_slice(b"\"time\":");
+                    json::string(out, t);
+                    sep(out);
+                }
+                None => {
+                    out.extend_from_slice(b"\"time\":\"");
+                    json::time(out, now);
+                    out.extend_from_slice(b"\",");
+                }
+            }
+        }
+        if let Some(s) = meta.stream {
+            out.extend_from_slice(b"\"stream\":");
+            json::string(out, s);
+            sep(out);
         }
         for (i, (name, member)) in self.fields.iter().enumerate() {
             let has = if i < 64 {
@@ -305,6 +358,91 @@ impl Encoder {
         out.extend_from_slice(&tail.bytes);
         out.extend_from_slice(b"}\n");
     }
+}
+
+/// A logfmt line (`level=info msg="a b" took=5ms ok`) as a JSON object of strings (a bare key
+/// is `true`); None when a token is not `key`, `key=value` or `key="quoted"`, or no token has
+/// a value — then the line is shipped as `message`. The first of a repeated key wins.
+///
+/// Written by hand (forty lines): the Rust logfmt crates are unmaintained or build a map of
+/// owned strings per line; this writes the object straight from the line.
+fn logfmt(line: &str) -> Option<String> {
+    let mut out = String::with_capacity(line.len() + 16);
+    out.push('{');
+    let mut keys: Vec<&str> = Vec::new();
+    let mut valued = false;
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let key_end = rest.find(['=', ' ', '"']).unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        if key.is_empty() {
+            return None;
+        }
+        rest = &rest[key_end..];
+        let value: Option<Cow<'_, str>> = if let Some(r) = rest.strip_prefix('=') {
+            valued = true;
+            if r.starts_with('"') {
+                // A JSON string's escapes are logfmt's (`\"`, `\\`): serde reads it to its end.
+                let mut de = serde_json::Deserializer::from_str(r).into_iter::<String>();
+                let v = de.next()?.ok()?;
+                rest = &r[de.byte_offset()..];
+                Some(Cow::Owned(v))
+            } else {
+                let end = r.find(' ').unwrap_or(r.len());
+                rest = &r[end..];
+                Some(Cow::Borrowed(&r[..end]))
+            }
+        } else if rest.is_empty() || rest.starts_with(' ') {
+            None
+        } else {
+            return None;
+        };
+        if !rest.is_empty() && !rest.starts_with(' ') {
+            return None;
+        }
+        rest = rest.trim_start();
+        if keys.contains(&key) {
+            continue;
+        }
+        keys.push(key);
+        if out.len() > 1 {
+            out.push(',');
+        }
+        push_json(&mut out, key);
+        out.push(':');
+        match value {
+            Some(v) => push_json(&mut out, &v),
+            None => out.push_str("true"),
+        }
+    }
+    out.push('}');
+    valued.then_some(out)
+}
+
+/// The named captures of `pattern` in `line` as a JSON object of strings; None when it does not
+/// match (the line is then shipped as `message`).
+fn captures(pattern: &regex::Regex, line: &str) -> Option<String> {
+    let c = pattern.captures(line)?;
+    let mut out = String::with_capacity(line.len() + 32);
+    out.push('{');
+    for name in pattern.capture_names().flatten() {
+        if let Some(m) = c.name(name) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            push_json(&mut out, name);
+            out.push(':');
+            push_json(&mut out, m.as_str());
+        }
+    }
+    out.push('}');
+    Some(out)
+}
+
+fn push_json(out: &mut String, s: &str) {
+    let mut b = Vec::with_capacity(s.len() + 2);
+    json::string(&mut b, s);
+    out.push_str(std::str::from_utf8(&b).unwrap_or("\"\""));
 }
 
 /// A JSON object's top-level members in order, values left unparsed.
@@ -375,8 +513,9 @@ mod tests {
         enc().encode(
             &mut out,
             line.as_bytes(),
-            format,
+            &format,
             &Tail::new("app", Origin::Stream("stdout")),
+            Meta::default(),
             SystemTime::UNIX_EPOCH,
         );
         assert_eq!(out.last(), Some(&b'\n'));
@@ -423,8 +562,9 @@ mod tests {
         e.encode(
             &mut out,
             br#" {"a": [1, {"b":2}] , "ts":3} "#,
-            LineFormat::Json,
+            &LineFormat::Json,
             &tail,
+            Meta::default(),
             SystemTime::UNIX_EPOCH,
         );
         assert_eq!(
@@ -457,5 +597,84 @@ mod tests {
         assert!(r.get("span_id").is_none());
         let r = record(r#"{"trace_id":7,"traceId":"aaa"}"#, LineFormat::Json);
         assert_eq!(r["trace_id"], 7);
+    }
+
+    #[test]
+    fn logfmt_lines_become_fields_and_other_lines_messages() {
+        let r = record(
+            r#"level=info msg="user \"x\" logged in" took=5ms cached source=own trace_id=abc"#,
+            LineFormat::Logfmt,
+        );
+        assert_eq!(r["level"], "info");
+        assert_eq!(r["msg"], r#"user "x" logged in"#);
+        assert_eq!(r["took"], "5ms");
+        assert_eq!(r["cached"], true);
+        assert_eq!(r["trace_id"], "abc");
+        assert_eq!(r["source"], "app");
+        assert_eq!(r["service"], "shop");
+        // No pair, or a malformed token: the line is the message.
+        for l in [
+            "just words here",
+            r#"a="unterminated"#,
+            "=x",
+            r#"k="v"rest"#,
+        ] {
+            let r = record(l, LineFormat::Logfmt);
+            assert_eq!(r["message"], l, "{r:?}");
+        }
+        // Redaction runs before parsing: the secret never becomes a field.
+        let r = record("user=a password=hunter2", LineFormat::Logfmt);
+        assert_eq!(r["password"], "***");
+    }
+
+    #[test]
+    fn regex_captures_become_fields() {
+        let re = regex::Regex::new(r"^(?P<level>[A-Z]+) \[(?P<thread>[^\]]*)\] (?P<message>.*)$")
+            .unwrap();
+        let r = record("WARN [main] disk \"full\"", LineFormat::Regex(re.clone()));
+        assert_eq!(r["level"], "WARN");
+        assert_eq!(r["thread"], "main");
+        assert_eq!(r["message"], "disk \"full\"");
+        let r = record("no match", LineFormat::Regex(re));
+        assert_eq!(r["message"], "no match");
+        assert!(r.get("level").is_none());
+    }
+
+    #[test]
+    fn a_container_runtimes_stream_and_time_are_used() {
+        let mut out = Vec::new();
+        let meta = Meta {
+            stream: Some("stderr"),
+            time: Some("2024-01-01T00:00:00.5Z"),
+        };
+        let tail = Tail::new("pods", Origin::File(std::path::Path::new("/var/log/0.log")));
+        enc().encode(
+            &mut out,
+            br#"{"stream":"x","a":1}"#,
+            &LineFormat::Auto,
+            &tail,
+            meta,
+            SystemTime::UNIX_EPOCH,
+        );
+        enc().encode(
+            &mut out,
+            b"plain",
+            &LineFormat::Auto,
+            &tail,
+            meta,
+            SystemTime::UNIX_EPOCH,
+        );
+        let rs: Vec<Map<String, Value>> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        for r in &rs {
+            assert_eq!(r["stream"], "stderr");
+            assert_eq!(r["time"], "2024-01-01T00:00:00.5Z");
+            assert_eq!(r["file"], "/var/log/0.log");
+        }
+        assert_eq!(rs[0]["a"], 1);
+        assert_eq!(rs[1]["message"], "plain");
     }
 }

@@ -413,7 +413,7 @@ pub struct LogDropLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LogSinkLabels {
-    pub sink: &'static str,
+    pub sink: String,
 }
 
 /// The log agent's metrics (`docs/metrics.md` lists each). Series appear on first use only.

@@ -32,6 +32,8 @@ struct Limits {
     hanging: AtomicBool,
     /// Requests left without an answer.
     hung: AtomicUsize,
+    /// `_bulk`: messages refused once with a 429 already (a `flaky` one is, the first time).
+    flaky_seen: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Receiver {
@@ -104,6 +106,8 @@ fn serve(
         let mut line = String::new();
         let mut first = true;
         let mut loki = false;
+        let mut path = String::new();
+        let mut gzip = false;
         loop {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -111,10 +115,18 @@ fn serve(
             }
             if first {
                 loki = line.starts_with("POST /loki/api/v1/push ");
-                assert!(loki || line.starts_with("POST /ingest "), "{line}");
+                path = line.split(' ').nth(1).unwrap_or("").to_string();
+                assert!(
+                    ["/loki/api/v1/push", "/ingest", "/v1/logs", "/_bulk"].contains(&path.as_str()),
+                    "{line}"
+                );
                 first = false;
             }
             let l = line.to_ascii_lowercase();
+            if l.starts_with("content-encoding:") {
+                assert_eq!(l.trim(), "content-encoding: gzip");
+                gzip = true;
+            }
             if let Some(v) = l.strip_prefix("content-length:") {
                 len = v.trim().parse().unwrap();
             }
@@ -132,6 +144,14 @@ fn serve(
             let _ = reader.read(&mut [0; 1]);
             return;
         }
+        if gzip {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut plain)
+                .expect("a gzip body");
+            body = plain;
+        }
+        let mut answer = String::new();
         let status = if failing.load(Ordering::SeqCst) {
             refused.fetch_add(1, Ordering::SeqCst);
             "503 Service Unavailable"
@@ -143,6 +163,12 @@ fn serve(
             let mut r = records.lock().unwrap();
             if loki {
                 r.extend(loki_records(&body));
+            } else if path == "/v1/logs" {
+                r.extend(otlp_records(&body));
+            } else if path == "/_bulk" {
+                let (taken, items) = bulk_records(&body, limits);
+                r.extend(taken);
+                answer = items;
             } else {
                 for l in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                     r.push(serde_json::from_slice(l).expect("every record is JSON"));
@@ -150,8 +176,91 @@ fn serve(
             }
             "200 OK"
         };
-        let _ = write!(out, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
     }
+}
+
+/// The records of an OTLP/HTTP logs export request (JSON encoding), checked against its
+/// shape: `resourceLogs[].scopeLogs[].logRecords[]`, nanosecond times as digit strings, a
+/// `body` AnyValue, attributes as `{key, value: AnyValue}`. Each record: `message` from the
+/// body, its attributes as fields, `_service` from the resource, `_severity` and `_trace`.
+fn otlp_records(body: &[u8]) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("an OTLP request is JSON");
+    let any = |v: &serde_json::Value| -> serde_json::Value {
+        let (k, v) = v.as_object().unwrap().iter().next().expect("an AnyValue");
+        assert!(
+            ["stringValue", "boolValue", "intValue", "doubleValue"].contains(&k.as_str()),
+            "{k}"
+        );
+        v.clone()
+    };
+    let mut out = Vec::new();
+    for rl in v["resourceLogs"].as_array().expect("resourceLogs") {
+        let service = rl["resource"]["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| any(&a["value"]));
+        for sl in rl["scopeLogs"].as_array().expect("scopeLogs") {
+            assert_eq!(sl["scope"]["name"], "outrigger");
+            for lr in sl["logRecords"].as_array().expect("logRecords") {
+                for t in ["timeUnixNano", "observedTimeUnixNano"] {
+                    let ns = lr[t].as_str().expect("times are strings");
+                    assert!(ns.bytes().all(|b| b.is_ascii_digit()), "{ns}");
+                }
+                let mut record = serde_json::json!({ "message": any(&lr["body"]) });
+                for a in lr["attributes"].as_array().expect("attributes") {
+                    record[a["key"].as_str().unwrap()] = any(&a["value"]);
+                }
+                record["_service"] = service.clone().unwrap_or_default();
+                record["_severity"] = lr["severityNumber"].clone();
+                record["_trace"] = lr["traceId"].clone();
+                out.push(record);
+            }
+        }
+    }
+    out
+}
+
+/// The documents of a `_bulk` request (`create` action lines, each followed by its document)
+/// and the answer: a message containing `poison` is refused (400), one containing `flaky` is
+/// refused with a 429 the first time it comes; the others are taken (and returned).
+fn bulk_records(body: &[u8], limits: &Limits) -> (Vec<serde_json::Value>, String) {
+    let lines: Vec<serde_json::Value> = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("every _bulk line is JSON"))
+        .collect();
+    assert!(lines.len().is_multiple_of(2), "action and document pairs");
+    let mut taken = Vec::new();
+    let mut items = Vec::new();
+    for pair in lines.chunks(2) {
+        assert_eq!(
+            pair[0]["create"]["_index"], "logs-test-default",
+            "{}",
+            pair[0]
+        );
+        let doc = &pair[1];
+        assert!(doc["@timestamp"].is_string(), "{doc}");
+        let m = doc["message"].as_str().unwrap_or("").to_string();
+        let status = if m.contains("poison") {
+            400
+        } else if m.contains("flaky") && limits.flaky_seen.lock().unwrap().insert(m.clone()) {
+            429
+        } else {
+            taken.push(doc.clone());
+            201
+        };
+        items.push(serde_json::json!({"create": {"status": status}}));
+    }
+    let errors = items.iter().any(|i| i["create"]["status"] != 201);
+    let answer = serde_json::json!({"took": 1, "errors": errors, "items": items}).to_string();
+    (taken, answer)
 }
 
 /// The records of a Loki push request, checked against the push API's JSON shape
@@ -500,4 +609,364 @@ fn loki_receives_labelled_streams_in_the_push_shape() {
         assert_eq!(r["_labels"]["level"], r["level"], "{r}");
     }
     assert!(sc.metric("outrigger_logs_shipped_lines_total{sink=\"loki\"}") >= 300.0);
+}
+
+#[test]
+fn cri_and_docker_files_arrive_with_partial_lines_joined_and_their_stream_and_time() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (pods, docker) = (dir.path().join("pods"), dir.path().join("docker"));
+    std::fs::create_dir_all(&pods).unwrap();
+    std::fs::create_dir_all(&docker).unwrap();
+    // A line cut in three by the runtime, with a stderr line between its pieces; a JSON
+    // message inside (its keys kept); an empty line.
+    let long = "x".repeat(20_000);
+    std::fs::write(
+        pods.join("0.log"),
+        format!(
+            "2024-05-01T10:00:00.000000001Z stdout P {}\n2024-05-01T10:00:00.000000002Z stderr F boom\n2024-05-01T10:00:00.000000003Z stdout P {}\n2024-05-01T10:00:00.000000004Z stdout F end\n2024-05-01T10:00:00.000000005Z stdout F {{\"message\":\"cri json\",\"level\":\"warn\"}}\n2024-05-01T10:00:00.000000006Z stdout F \n",
+            &long[..16_384],
+            &long[16_384..]
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        docker.join("c-json.log"),
+        "{\"log\":\"docker \",\"stream\":\"stdout\",\"time\":\"2024-05-01T11:00:00.1Z\"}\n{\"log\":\"joined\\n\",\"stream\":\"stdout\",\"time\":\"2024-05-01T11:00:00.2Z\"}\n{\"log\":\"docker err\\n\",\"stream\":\"stderr\",\"time\":\"2024-05-01T11:00:00.3Z\"}\n",
+    )
+    .unwrap();
+    let config = format!(
+        "logs:\n  sources:\n    - files: {}/*.log\n      format: cri\n      name: pods\n    - files: {}/*-json.log\n      format: docker\n      message_format: plain\n      name: docker\n  sinks: [{{http: {}}}]\n  poll: 50ms\n  batch: {{max_wait: 50ms}}\n",
+        pods.display(),
+        docker.display(),
+        rx.url
+    );
+    let sc = Sidecar::start(&config);
+    let want: Vec<String> = [
+        format!("{long}end"),
+        "boom".into(),
+        "cri json".into(),
+        "".into(),
+        "docker joined".into(),
+        "docker err".into(),
+    ]
+    .into();
+    let counts = rx.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    let records = rx.records();
+    let by = |m: &str| records.iter().find(|r| r["message"] == m).unwrap().clone();
+    let joined = by(&format!("{long}end"));
+    assert_eq!(joined["stream"], "stdout");
+    assert_eq!(joined["time"], "2024-05-01T10:00:00.000000001Z");
+    assert_eq!(joined["source"], "pods");
+    assert_eq!(by("boom")["stream"], "stderr");
+    assert_eq!(by("cri json")["level"], "warn");
+    let d = by("docker joined");
+    assert_eq!(
+        (&d["stream"], &d["time"]),
+        (&"stdout".into(), &"2024-05-01T11:00:00.1Z".into())
+    );
+    assert_eq!(by("docker err")["stream"], "stderr");
+}
+
+#[test]
+fn stack_traces_are_joined_by_their_start_line_and_a_kill_midway_loses_none() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let trace = |i: usize| {
+        format!(
+            "{i} ERROR failed\njava.lang.IllegalStateException: {i}\n\tat a.B.c(B.java:{i})\n\tat a.B.main(B.java:1)\n"
+        )
+    };
+    let joined = |i: usize| trace(i).trim_end().to_string();
+    let mut text = String::new();
+    for i in 0..200 {
+        text.push_str(&trace(i));
+    }
+    std::fs::write(&log, &text).unwrap();
+    let config = files_config(dir.path(), &rx.url, "")
+        .replace(
+            "      format: plain\n",
+            "      format: plain\n      multiline: {start: '^\\d', timeout: 300ms}\n",
+        )
+        .replace("max_lines: 100", "max_lines: 7");
+    let mut sc = Sidecar::start(&config);
+    eventually(WAIT, "the first batch", || {
+        (!rx.records.lock().unwrap().is_empty()).then_some(())
+    });
+    // kill -9 mid-stream: a record being joined or waiting for a batch is read again.
+    sc.signal(nix::sys::signal::Signal::SIGKILL);
+    sc.wait_exit(WAIT);
+    // The last trace has no line after it: it leaves when the timeout passes.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(trace(200).as_bytes())
+        .unwrap();
+    let sc = Sidecar::start(&config);
+    let want: Vec<String> = (0..=200).map(joined).collect();
+    let counts = rx.wait_for(&want);
+    let missing = want.iter().filter(|e| !counts.contains_key(*e)).count();
+    let stray: Vec<_> = counts.keys().filter(|k| !want.contains(k)).collect();
+    assert!(
+        missing == 0 && stray.is_empty(),
+        "{stray:?}\n{}",
+        sc.diagnostics()
+    );
+    // At-least-once: at most the batch in flight at the kill again.
+    let doubled: usize = counts.values().map(|n| n - 1).sum();
+    assert!(doubled <= 7, "{doubled} doubled\n{}", sc.diagnostics());
+    assert_eq!(counts[&joined(200)], 1);
+}
+
+#[test]
+fn logfmt_and_regex_sources_ship_their_fields() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.logfmt"),
+        "level=info msg=\"order placed\" order=17 duration=12ms\nnot logfmt at all\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.access"),
+        "10.0.0.1 GET /orders/17 200\nunparsable\n",
+    )
+    .unwrap();
+    let config = format!(
+        "logs:\n  sources:\n    - files: {d}/*.logfmt\n      format: logfmt\n    - files: {d}/*.access\n      format: regex\n      pattern: '^(?P<client>\\S+) (?P<method>[A-Z]+) (?P<path>\\S+) (?P<status>\\d+)$'\n  sinks: [{{http: {}}}]\n  poll: 50ms\n  batch: {{max_wait: 50ms}}\n",
+        rx.url,
+        d = dir.path().display(),
+    );
+    let sc = Sidecar::start(&config);
+    let records = eventually(WAIT, "four records", || {
+        let r = rx.records();
+        (r.len() >= 4).then_some(r)
+    });
+    assert_eq!(records.len(), 4, "{records:?}\n{}", sc.diagnostics());
+    let logfmt = records.iter().find(|r| r["msg"] == "order placed").unwrap();
+    assert_eq!(logfmt["level"], "info");
+    assert_eq!(logfmt["order"], "17");
+    assert_eq!(logfmt["duration"], "12ms");
+    let access = records.iter().find(|r| r["path"] == "/orders/17").unwrap();
+    assert_eq!(
+        (&access["client"], &access["method"], &access["status"]),
+        (&"10.0.0.1".into(), &"GET".into(), &"200".into())
+    );
+    for m in ["not logfmt at all", "unparsable"] {
+        assert!(
+            records.iter().any(|r| r["message"] == m),
+            "{m}: {records:?}"
+        );
+    }
+}
+
+#[test]
+fn two_sinks_get_every_line_and_one_down_holds_the_checkpoint_not_the_other() {
+    let (up, down) = (Receiver::start(), Receiver::start());
+    down.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 1000, "f");
+    let config = files_config(dir.path(), &up.url, "").replace(
+        &format!("    - http: {}\n", up.url),
+        &format!(
+            "    - http: {}\n      name: primary\n    - http: {}\n      name: archive\n",
+            up.url, down.url
+        ),
+    );
+    let mut sc = Sidecar::start(&config);
+    // The first batch reaches the sink that is up; the next waits for the other (backpressure).
+    eventually(WAIT, "the archive refusing", || {
+        (down.refused.load(Ordering::SeqCst) >= 3).then_some(())
+    });
+    assert!(up.records().len() <= 200, "{}", up.records().len());
+    assert!(sc.metric("outrigger_logs_sink_retries_total{sink=\"archive\"}") >= 3.0);
+    // A restart while it is down: nothing was committed past what both have.
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(WAIT);
+    down.failing.store(false, Ordering::SeqCst);
+    let sc = Sidecar::start(&config);
+    let want = expected(0, 1000, "f");
+    let (a, b) = (up.wait_for(&want), down.wait_for(&want));
+    assert_once(&b, &want, &sc);
+    // The sink that was up may see the batch in flight at the stop again, no more.
+    let doubled: usize = a.values().map(|n| n - 1).sum();
+    assert!(
+        a.len() == 1000 && doubled <= 100,
+        "{doubled}\n{}",
+        sc.diagnostics()
+    );
+    eventually(WAIT, "both counted", || {
+        (sc.metric("outrigger_logs_shipped_lines_total{sink=\"archive\"}") >= 1000.0
+            && sc.metric("outrigger_logs_shipped_lines_total{sink=\"primary\"}") >= 900.0)
+            .then_some(())
+    });
+}
+
+#[test]
+fn rate_limits_drop_the_apps_excess_and_delay_files() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    append(&dir.path().join("app.log"), 0, 300, "file");
+    let config = format!(
+        "logs:\n  sources:\n    - app: stdio\n      format: plain\n      rate_limit: {{per_second: 50, burst: 100}}\n    - files: {}/*.log\n      format: plain\n      rate_limit: {{per_second: 400, burst: 100}}\n  sinks: [{{http: {}}}]\n  poll: 50ms\n  batch: {{max_wait: 50ms}}\n",
+        dir.path().display(),
+        rx.url
+    );
+    let sc = Spawn {
+        config: &config,
+        app: &["sh", "-c", "seq 1 5000; exec sleep 60"],
+        ..Spawn::default()
+    }
+    .start();
+    let files = dir.path().join("*.log").display().to_string();
+    // Files wait: every line arrives. The app's lines past the limit are dropped and counted.
+    eventually(WAIT, "every line read or dropped", || {
+        let app = sc.metric("outrigger_logs_read_lines_total{source=\"app\"}");
+        let limited =
+            sc.metric("outrigger_logs_dropped_lines_total{source=\"app\",reason=\"rate_limit\"}");
+        let got = rx.counts("source");
+        (app + limited == 5000.0
+            && got.get(&files) == Some(&300)
+            && got.get("app").map(|&n| n as f64) == Some(app))
+        .then_some(())
+    });
+    // The 5,000 lines come at once: the burst passes, and what the rate adds meanwhile.
+    let shipped = sc.metric("outrigger_logs_read_lines_total{source=\"app\"}");
+    assert!(
+        (100.0..=600.0).contains(&shipped),
+        "{shipped}\n{}",
+        sc.diagnostics()
+    );
+    assert_once(
+        &rx.counts("message")
+            .into_iter()
+            .filter(|(m, _)| m.starts_with("file"))
+            .collect(),
+        &expected(0, 300, "file"),
+        &sc,
+    );
+    eventually(WAIT, "every line echoed", || {
+        sc.stdout().contains("\n5000\n").then_some(())
+    });
+}
+
+#[test]
+fn new_source_and_sink_keys_with_problems_are_each_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "app:\n  command: [sleep, '1']\nlogs:\n  sources:\n    - files: /var/log/a/*.log\n      format: regex\n    - files: /var/log/b/*.log\n      format: plain\n      message_format: json\n      multiline: {start: '(', max_lines: 1}\n    - app: stdio\n      format: cri\n      rate_limit: {per_second: 0}\n    - files: /var/log/c/*.log\n      format: regex\n      pattern: 'no captures'\n  sinks:\n    - http: http://127.0.0.1:9/a\n    - http: http://127.0.0.1:9/b\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        crate::support::run_to_end(&["check", "-c", path.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{err}");
+    for (line, what) in [
+        (6, "regex needs a pattern"),
+        (9, "message_format applies to format: cri or docker only"),
+        (10, "logs.sources[1].multiline.start"),
+        (10, "logs.sources[1].multiline.max_lines"),
+        (
+            12,
+            "cri and docker are formats of a container runtime's files",
+        ),
+        (13, "logs.sources[2].rate_limit.per_second"),
+        (16, "named captures"),
+        (19, "two sinks of one kind need a name"),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("bad.yaml:{line}:")) && l.contains(what)),
+            "line {line}: {what}\n{err}"
+        );
+    }
+}
+
+#[test]
+fn otlp_and_bulk_sinks_with_gzip_receive_their_shapes_and_bulk_retries_only_failed_items() {
+    let (otlp, es) = (Receiver::start(), Receiver::start());
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..300 {
+        text.push_str(&format!(
+            "{{\"message\":\"o {i}\",\"level\":\"error\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\"}}\n"
+        ));
+    }
+    text.push_str("flaky 1\nflaky 2\npoison\n");
+    std::fs::write(dir.path().join("app.log"), text).unwrap();
+    let base = |r: &Receiver| r.url.trim_end_matches("/ingest").to_string();
+    let config = format!(
+        "logs:\n  sources: [{{files: {}/*.log}}]\n  fields: {{service: shop}}\n  sinks:\n    - otlp: {}\n      gzip: true\n    - elasticsearch: {}\n      index: logs-test-default\n      gzip: true\n  poll: 50ms\n  batch: {{max_wait: 50ms, retry_max: 200ms}}\n",
+        dir.path().display(),
+        base(&otlp),
+        base(&es)
+    );
+    let sc = Sidecar::start(&config);
+    let mut want = expected(0, 300, "o");
+    want.extend(["flaky 1".to_string(), "flaky 2".to_string()]);
+    let counts = es.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    want.push("poison".into());
+    let counts = otlp.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    let r = otlp
+        .records()
+        .into_iter()
+        .find(|r| r["message"] == "o 7")
+        .unwrap();
+    assert_eq!(r["_service"], "shop");
+    assert_eq!(r["_severity"], 17);
+    assert_eq!(r["_trace"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(r["file"].as_str().unwrap().ends_with("app.log"), "{r}");
+    eventually(
+        WAIT,
+        "the refused item counted, the flaky ones retried",
+        || {
+            (sc.metric("outrigger_logs_dropped_lines_total{source=\"*\",reason=\"rejected\"}")
+                == 1.0
+                && sc.metric("outrigger_logs_sink_retries_total{sink=\"elasticsearch\"}") >= 1.0
+                && sc.metric("outrigger_logs_shipped_lines_total{sink=\"elasticsearch\"}") == 302.0
+                && sc.metric("outrigger_logs_shipped_lines_total{sink=\"otlp\"}") == 303.0)
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn the_apps_stack_traces_are_joined_per_stream_and_the_last_leaves_at_exit() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    // A file's last trace waits for its timeout (an hour) — or for the stop.
+    std::fs::write(&log, "ERROR file trace\n  at f()\n").unwrap();
+    let config = format!(
+        "logs:\n  sources:\n    - app: stdio\n      format: plain\n      multiline: {{start: '^\\S', timeout: 1h}}\n    - files: {}/*.log\n      format: plain\n      multiline: {{start: '^\\S', timeout: 1h}}\n  sinks: [{{http: {}}}]\n  poll: 50ms\n",
+        dir.path().display(),
+        rx.url
+    );
+    let script = r#"echo 'ERROR out trace'; echo '  at a()' >&2; echo '  at b()'; echo 'ERROR err trace' >&2; echo '  at c()' >&2; echo 'next'"#;
+    let mut sc = Spawn {
+        config: &config,
+        app: &["sh", "-c", script],
+        ..Spawn::default()
+    }
+    .start();
+    let status = sc.wait_exit(WAIT);
+    assert!(status.success(), "{status}\n{}", sc.diagnostics());
+    // stderr's `  at a()` has no start line before it on stderr: a record of its own.
+    let want: Vec<String> = [
+        "ERROR out trace\n  at b()",
+        "  at a()",
+        "ERROR err trace\n  at c()",
+        "next",
+        "ERROR file trace\n  at f()",
+    ]
+    .map(String::from)
+    .into();
+    assert_once(&rx.counts("message"), &want, &sc);
 }
