@@ -595,7 +595,9 @@ where
     if let Ok(Err(f)) = &exchanged
         && f.failure == Failure::Connect
         && state.hold.is_some()
-        && state.held_after_refusal(cx.down).await
+        && state
+            .held_after_refusal(cx.down, &plan.target.cluster)
+            .await
     {
         exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
     }

@@ -25,6 +25,7 @@ use super::http::{Downstream, HttpListener};
 use super::min_body_rate;
 use super::route::Target;
 use super::upgrade::is_upgrade;
+use crate::config::proxy::APP_CLUSTER;
 use crate::telemetry::record;
 
 #[allow(
@@ -114,8 +115,10 @@ impl HttpListener {
             *attempt_req.method_mut() = parts.method.clone();
             *attempt_req.uri_mut() = attempt.endpoint.uri(path.clone());
             *attempt_req.version_mut() = parts.version;
-            // The headers are copied only when another attempt may follow.
-            *attempt_req.headers_mut() = if replayable && tries < max_retries {
+            // The headers are copied only when another attempt may follow: a retry, or the
+            // one resend after the supervised app restarted under the request (hold.rs).
+            let may_hold = !held && self.supervised && cluster.name.as_str() == APP_CLUSTER;
+            *attempt_req.headers_mut() = if replayable && (tries < max_retries || may_hold) {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
@@ -198,7 +201,7 @@ impl HttpListener {
             if failure == Failure::Connect
                 && replayable
                 && !held
-                && self.held_after_refusal(down).await
+                && self.held_after_refusal(down, cluster).await
             {
                 held = true;
                 continue;

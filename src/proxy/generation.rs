@@ -293,6 +293,7 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
             );
             state.sample = config.telemetry.tracing.sample;
             state.recorder = recorder.cloned();
+            state.supervised = config.app.command.is_some();
             let state = Arc::new(state);
             Kind::Http(state, Box::new(server_builder(&l.limits)))
         }

@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use http::Response;
 
 use super::body::ProxyBody;
+use super::cluster::Cluster;
 use super::failure::Failure;
 use super::http::{Downstream, HttpListener};
+use crate::config::proxy::APP_CLUSTER;
 
 impl HttpListener {
     /// Phase: wait for the app, if this listener holds for it and it is not ready. `None`
@@ -56,7 +58,12 @@ impl HttpListener {
     /// (the gate closed within [`EXIT_NOTICE`]) and is ready again within `app.hold_timeout`,
     /// so the request can be sent again; false when this listener holds nothing, the app is
     /// running but refused (a 502 as before, [`EXIT_NOTICE`] later), or did not come back.
-    pub(super) async fn held_after_refusal(&self, down: &Downstream) -> bool {
+    pub(super) async fn held_after_refusal(&self, down: &Downstream, cluster: &Cluster) -> bool {
+        // Only the supervised app restarts under Outrigger's eyes: any other refusal is a
+        // 502 (or a retry) at once, not 250 ms later.
+        if !self.supervised || cluster.name.as_str() != APP_CLUSTER {
+            return false;
+        }
         let Some((gate, limit)) = self.hold.as_ref() else {
             return false;
         };

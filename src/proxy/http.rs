@@ -57,6 +57,9 @@ pub struct HttpListener {
     pub(super) unrouted: RouteStats,
     /// Inbound: requests wait for the app (starting or restarting) up to this long.
     pub(super) hold: Option<(AppGate, Duration)>,
+    /// Outrigger supervises the app (`app.command`): a refused connect to it may be a restart
+    /// the gate has not seen yet (hold.rs `held_after_refusal`).
+    pub(super) supervised: bool,
     pub(super) limits: Limits,
     /// The listener's `authz`: identities allowed in (None: anyone).
     pub(super) authz: Option<Vec<IdentityPattern>>,
@@ -144,6 +147,7 @@ impl HttpListener {
             strict_paths: router.has_authz(),
             sample: crate::config::DEFAULT_TRACE_SAMPLE,
             recorder: None,
+            supervised: false,
             authz,
             shed_rate: shed("rate_limit"),
             shed_concurrency: shed("concurrency"),

@@ -224,6 +224,16 @@ fn requests_during_an_app_restart_wait_for_it_instead_of_502() {
         assert_eq!(r.status(), 200, "round {round}\n{}", sc.diagnostics());
         // The socket file is gone and the app still runs: the next requests are refused by
         // the app's address until it has exited, restarted and passed its probe.
+        // The first is a POST (hyper's path; the GETs take the fast path): the resent
+        // request keeps its headers and body.
+        let r = client()
+            .post(sc.listener_url("in", "/echo"))
+            .header("x-probe", "kept")
+            .body("payload")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "round {round}\n{}", sc.diagnostics());
+        assert_eq!(r.text().unwrap(), "kept:payload", "round {round}");
         for i in 0..3 {
             let r = client().get(sc.listener_url("in", "/x")).send().unwrap();
             assert_eq!(
