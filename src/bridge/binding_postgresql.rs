@@ -9,7 +9,7 @@
 //!
 //! Both answers carry `operation`, `sql`, `start-time`, `end-time` (RFC 3339, nanoseconds) and
 //! `duration` (Go's spelling, `1.234ms`). Requests come from [`super::bindings::OutputBinding`];
-//! they leave on the same bounded deadpool as `state.postgresql` ([`super::state_postgresql::pool`]:
+//! they leave on the same bounded deadpool as `state.postgresql` ([`super::state_postgresql::pool_recycled`]:
 //! `connectionString`, `timeout`, `maxConns`; nothing connects at start, a database that is down
 //! fails each call and is used again once it is back).
 //!
@@ -28,7 +28,7 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::bindings::BindingResponse;
 use super::components::Component;
-use super::state_postgresql::{chain, pool};
+use super::state_postgresql::{chain, pool_recycled};
 
 /// A `bindings.postgresql` component.
 pub struct PostgresBinding {
@@ -40,7 +40,14 @@ pub struct PostgresBinding {
 impl PostgresBinding {
     /// Checks the metadata and builds the pool (nothing connects).
     pub fn open(c: &Component) -> Result<PostgresBinding, String> {
-        let (pool, timeout) = pool(c)?;
+        // The app's SQL may leave a connection inside a transaction (`BEGIN` without
+        // `COMMIT`, or after an error) or with a `SET`: such a connection must not reach the
+        // next caller as it is (daprd's pgxpool drops it). Rolled back and reset before reuse;
+        // `RESET ALL` goes back to the startup `statement_timeout`.
+        let (pool, timeout) = pool_recycled(
+            c,
+            deadpool_postgres::RecyclingMethod::Custom("ROLLBACK; RESET ALL".into()),
+        )?;
         Ok(PostgresBinding {
             pool,
             timeout,

@@ -1,6 +1,6 @@
 //! `bindings.redis`: Redis string keys through an output binding, as daprd's
 //! (components-contrib `bindings/redis`). Every operation needs the `key` metadata:
-//! - `create`: `SET key data`, then `EXPIRE key ttlInSeconds` when the request carries one;
+//! - `create`: `SET key data` (with `EX ttlInSeconds` when the request carries one);
 //! - `get`: `GET key` (with `delete: "true"`, `GETDEL`); the value as the answer's data, an
 //!   empty answer (200) when there is no such key;
 //! - `delete`: `DEL key`;
@@ -87,6 +87,10 @@ impl RedisBinding {
                 let cmd = if operation == "create" {
                     let mut c = redis::cmd("SET");
                     c.arg(key).arg(data.as_ref());
+                    // One command: a key never stays without its expiry.
+                    if let Some(seconds) = ttl {
+                        c.arg("EX").arg(seconds);
+                    }
                     c
                 } else {
                     let mut c = redis::cmd("INCR");
@@ -94,7 +98,7 @@ impl RedisBinding {
                     c
                 };
                 cmd.query_async::<()>(&mut conn).await.map_err(fail)?;
-                if let Some(seconds) = ttl {
+                if let Some(seconds) = ttl.filter(|_| operation == "increment") {
                     redis::cmd("EXPIRE")
                         .arg(key)
                         .arg(seconds)

@@ -84,7 +84,8 @@ async fn invoke(
     for (k, v) in res.metadata {
         if let (Ok(name), Ok(value)) = (
             header::HeaderName::try_from(format!("metadata.{k}")),
-            header::HeaderValue::try_from(v),
+            // Go's server turns line breaks into spaces (multi-line `sql` metadata).
+            header::HeaderValue::try_from(v.replace(['\r', '\n'], " ")),
         ) {
             response.headers_mut().insert(name, value);
         }

@@ -245,7 +245,12 @@ async fn forward(
         return true;
     };
     let Some((key, item)) = change(n.payload()) else {
-        tracing::info!(payload = %n.payload(), "configuration watch: a notification without data.key; ignored");
+        // Not the payload itself: it may carry configuration values.
+        tracing::info!(
+            channel = %n.channel(),
+            bytes = n.payload().len(),
+            "configuration watch: a notification without data.key; ignored"
+        );
         return true;
     };
     if !keys.is_empty() && !keys.contains(&key) {

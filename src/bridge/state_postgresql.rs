@@ -142,6 +142,14 @@ pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Du
 /// `maxConns`), built with nothing connected, and its `timeout`. Shared by `state.postgresql`,
 /// `bindings.postgresql` and `configuration.postgresql`, which read these keys alike.
 pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
+    pool_recycled(c, RecyclingMethod::Fast)
+}
+
+/// [`pool`] with its own way of checking a connection before it is reused.
+pub(crate) fn pool_recycled(
+    c: &Component,
+    recycling_method: RecyclingMethod,
+) -> Result<(Pool, Duration), String> {
     let (config, timeout) = client_config(c)?;
     let max = match c.meta("maxConns") {
         Some(v) => v
@@ -157,13 +165,7 @@ pub(crate) fn pool(c: &Component) -> Result<(Pool, Duration), String> {
                 .map_or(MIN_CONNECTIONS, |n| n.get())
                 .max(MIN_CONNECTIONS)
         });
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
     let pool = Pool::builder(manager)
         .max_size(max)
         .runtime(Runtime::Tokio1)
