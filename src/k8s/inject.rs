@@ -103,6 +103,11 @@ fn string(s: &str) -> yaml_rust2::Yaml {
 /// `_`, `:` and the letters of hex digits, base prefixes, exponents and timestamps. Quoting a
 /// string that did not need it changes nothing for any reader.
 fn may_read_as_a_number_or_date(s: &str) -> bool {
+    // YAML 1.1's infinities and NaN, signed too (`+.inf`): the emitter quotes only some.
+    let special = s.trim_start_matches(['+', '-']).to_ascii_lowercase();
+    if special == ".inf" || special == ".nan" {
+        return true;
+    }
     s.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
         && s.chars().all(|c| {
             c.is_ascii_hexdigit()
@@ -294,7 +299,7 @@ mod tests {
             "data": {"a": "on", "b": "yes", "c": "n", "d": "0x10", "e": "010", "f": "~", "g": "1e3",
                      "h": "0b101", "i": "0o755", "j": "+0x1F", "k": "1_000", "l": "2001-12-14",
                      "m": "0755", "yes": "1:20", "2024": "x", "cpu": "50m", "v": "v1.29",
-                     "file": "line 1\nline 2\n"},
+                     "file": "line 1\nline 2\n", "inf": "+.inf", "nan": ".NaN"},
             "n": 3, "t": true, "z": null,
         });
         let text = render(std::slice::from_ref(&doc));
@@ -315,6 +320,8 @@ mod tests {
             "\"2024\": x",
             "cpu: 50m",
             "file: |\n",
+            "\"inf\": \"+.inf\"",
+            "\"nan\": \".NaN\"",
         ] {
             assert!(text.contains(want), "{want:?} not in\n{text}");
         }
