@@ -364,7 +364,7 @@ mod logs {
     use std::time::SystemTime;
 
     use outrigger::config::logs::LineFormat;
-    use outrigger::logs::parse::{Encoder, Origin, Tail};
+    use outrigger::logs::parse::{Encoder, Meta, Origin, Tail};
     use proptest::prelude::*;
 
     /// JSON-looking lines: the keys the parser looks at, nesting, escapes, broken endings.
@@ -397,16 +397,24 @@ mod logs {
         #![proptest_config(super::config())]
 
         /// Every line becomes exactly one record that is valid JSON, whichever format the
-        /// source declares and whatever the line holds (invalid UTF-8 included).
+        /// source declares (logfmt and regex too) and whatever the line holds (invalid UTF-8
+        /// included).
         #[test]
         fn every_line_becomes_one_json_record(
             line in line(),
-            format in prop_oneof![Just(LineFormat::Auto), Just(LineFormat::Json), Just(LineFormat::Plain)],
+            format in prop_oneof![
+                Just(LineFormat::Auto),
+                Just(LineFormat::Json),
+                Just(LineFormat::Plain),
+                Just(LineFormat::Logfmt),
+                Just(LineFormat::Regex(regex::Regex::new(r"^(?P<level>[A-Z]+) (?P<message>.*)$").unwrap())),
+            ],
         ) {
             let encoder = Encoder::new(vec![], vec![("env".into(), "g".into())]);
             let tail = Tail::new("app", Origin::Stream("stdout"));
             let mut out = Vec::new();
-            encoder.encode(&mut out, &line, format, &tail, SystemTime::now());
+            let meta = Meta { stream: Some("stderr"), time: None };
+            encoder.encode(&mut out, &line, &format, &tail, meta, SystemTime::now());
             prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
             let record: Result<serde_json::Value, _> = serde_json::from_slice(&out);
             prop_assert!(record.is_ok(), "{}", String::from_utf8_lossy(&out));
