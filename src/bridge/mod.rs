@@ -709,6 +709,24 @@ async fn accept_loop<S>(
                     Default::default(),
                     None,
                 );
+                // While draining, HTTP/1 responses say `connection: close`: the client opens
+                // its next call on the new process (hot restart) instead of racing the close.
+                let draining = drain.clone();
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let http1 = req.version() < http::Version::HTTP_2;
+                    let call = hyper::service::Service::call(&service, req);
+                    let draining = draining.clone();
+                    async move {
+                        let mut res = call.await?;
+                        if http1 && draining.is_draining() {
+                            res.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("close"),
+                            );
+                        }
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                });
                 let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                 let mut drain = drain.clone();
                 let metrics = metrics.clone();
@@ -716,8 +734,10 @@ async fn accept_loop<S>(
                     let _slot = slot;
                     tokio::pin!(conn);
                     let silent = crate::proxy::accept::silent_for(&activity, HEADER_READ_TIMEOUT, IDLE_TIMEOUT);
-                    tokio::pin!(silent);
+                    let quiet = crate::proxy::accept::silent_for(&activity, crate::proxy::accept::DRAIN_QUIET, crate::proxy::accept::DRAIN_QUIET);
+                    tokio::pin!(silent, quiet);
                     let mut closing = false;
+                    let mut draining = false;
                     loop {
                         tokio::select! {
                             res = conn.as_mut() => {
@@ -726,8 +746,16 @@ async fn accept_loop<S>(
                                 }
                                 break;
                             }
-                            _ = drain.signaled(), if !closing => {
-                                // In-flight calls finish, idle connections close.
+                            _ = drain.signaled(), if !draining => {
+                                // As the proxy's listeners: responses from now on say
+                                // `connection: close`, and the connection closes once quiet
+                                // for a moment (closing an idle keep-alive connection at once
+                                // races the client's next call: IncompleteMessage).
+                                draining = true;
+                                quiet.set(crate::proxy::accept::silent_for(&activity, crate::proxy::accept::DRAIN_QUIET, crate::proxy::accept::DRAIN_QUIET));
+                            }
+                            _ = &mut quiet, if draining && !closing => {
+                                // In-flight calls finish, then the connection closes.
                                 conn.as_mut().graceful_shutdown();
                                 closing = true;
                             }

@@ -351,7 +351,7 @@ async fn serve_connection(
 /// How long a draining HTTP/1 connection must be quiet before it is closed (see the drain arm
 /// of the connection loop): long enough that a client between two requests is not cut, short
 /// next to any grace period.
-const DRAIN_QUIET: Duration = Duration::from_millis(250);
+pub(crate) const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 /// Why a connection's watcher fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
