@@ -122,7 +122,9 @@ impl Assembler {
                     start,
                     end,
                     stream: Some(u.stream),
-                    time: Some(u.time.into_owned()),
+                    // A Docker line without `time` has none (not `""`, which a `_bulk`
+                    // `@timestamp` refuses): the record takes its read time.
+                    time: (!u.time.is_empty()).then(|| u.time.into_owned()),
                 },
                 lines: 1,
                 last: now,

@@ -28,8 +28,19 @@ pub fn export_request(ndjson: &[u8], now: SystemTime) -> Vec<u8> {
         .to_string();
     let mut by_service: BTreeMap<Option<String>, Vec<Value>> = BTreeMap::new();
     for line in ndjson.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let Ok(Value::Object(mut record)) = serde_json::from_slice::<Value>(line) else {
-            continue;
+        // A record the encoder passed on but `Value` cannot hold (a lone surrogate escape, a
+        // number beyond f64, nesting past serde_json's depth limit) is not dropped: it goes
+        // as a record whose body is the line's text.
+        let mut record = match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(record)) => record,
+            _ => {
+                let mut m = Map::new();
+                m.insert(
+                    "message".into(),
+                    Value::String(String::from_utf8_lossy(line).into_owned()),
+                );
+                m
+            }
         };
         let service = match record.get("service") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -124,7 +135,9 @@ fn any_value(v: Value) -> Value {
     match v {
         Value::String(s) => json!({ "stringValue": s }),
         Value::Bool(b) => json!({ "boolValue": b }),
-        Value::Number(n) if n.is_i64() || n.is_u64() => json!({ "intValue": n.to_string() }),
+        // int64 only: a larger integer as intValue makes the collector refuse the batch.
+        Value::Number(n) if n.is_i64() => json!({ "intValue": n.to_string() }),
+        Value::Number(n) if n.is_u64() => json!({ "stringValue": n.to_string() }),
         Value::Number(n) => json!({ "doubleValue": n.as_f64() }),
         other => json!({ "stringValue": other.to_string() }),
     }
@@ -212,6 +225,30 @@ mod tests {
                 .contains("\"b\":1")
         );
         assert_eq!(r["timeUnixNano"], "0");
+    }
+
+    /// Records the encoder passes but `Value` cannot hold still go (as their text), and an
+    /// integer beyond int64 goes as a string: one such value must not lose the batch.
+    #[test]
+    fn unreadable_records_and_huge_integers_are_not_lost() {
+        let body = export_request(
+            b"{\"m\":\"\\ud800\"}\n{\"n\":1e400}\n{\"id\":18446744073709551615}\n",
+            SystemTime::UNIX_EPOCH,
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let records = v["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
+            .as_array()
+            .unwrap();
+        assert_eq!(records.len(), 3, "{v}");
+        assert!(
+            records[0]["body"]["stringValue"]
+                .as_str()
+                .unwrap()
+                .contains("ud800")
+        );
+        let id = &records[2]["attributes"][0];
+        assert_eq!(id["key"], "id");
+        assert_eq!(id["value"]["stringValue"], "18446744073709551615");
     }
 
     #[test]

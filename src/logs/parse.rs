@@ -369,7 +369,8 @@ impl Encoder {
 fn logfmt(line: &str) -> Option<String> {
     let mut out = String::with_capacity(line.len() + 16);
     out.push('{');
-    let mut keys: Vec<&str> = Vec::new();
+    // A set: a joined multiline record can hold many thousands of keys (a Vec was quadratic).
+    let mut keys: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut valued = false;
     let mut rest = line.trim();
     while !rest.is_empty() {
@@ -401,10 +402,9 @@ fn logfmt(line: &str) -> Option<String> {
             return None;
         }
         rest = rest.trim_start();
-        if keys.contains(&key) {
+        if !keys.insert(key) {
             continue;
         }
-        keys.push(key);
         if out.len() > 1 {
             out.push(',');
         }

@@ -134,13 +134,15 @@ impl HttpSink {
         let call = async {
             let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            // Read the answer to its end so the connection can be used again.
+            // Read the answer to its end so the connection can be used again. An answer cut
+            // off is a failed send (sent again): `_bulk` and OTLP answers say which records
+            // were refused, and an empty one would read as "all taken".
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
-                .unwrap_or_default();
+                .map_err(|e| format!("the answer broke off: {e}"))?;
             Ok::<_, String>((status, body))
         };
         match tokio::time::timeout(self.timeout, call).await {
