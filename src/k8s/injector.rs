@@ -56,6 +56,10 @@ async fn serve(o: InjectorOptions) -> anyhow::Result<()> {
     };
     let tls = ServerTls::new("injector", config, None, Default::default())
         .context("the injector's certificate")?;
+    // Before anything says "ready" (the listeners file): a SIGTERM right after must stop it
+    // gracefully, not find the default action (killed by the signal, not exit 0).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let listener = tokio::net::TcpListener::bind(o.address)
         .await
         .with_context(|| format!("bind {}", o.address))?;
@@ -70,7 +74,6 @@ async fn serve(o: InjectorOptions) -> anyhow::Result<()> {
     }
     tracing::info!(address = %bound, image = %o.inject.image, legacy = o.inject.legacy, "injector listening on https");
     let options = Arc::new(o.inject);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -81,7 +84,7 @@ async fn serve(o: InjectorOptions) -> anyhow::Result<()> {
                 }
             },
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
         };
         let acceptor = tls.acceptor();
         let options = options.clone();
