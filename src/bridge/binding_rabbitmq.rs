@@ -35,7 +35,7 @@ use super::components::Component;
 use super::pubsub::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription, stopped,
 };
-use super::pubsub::rabbitmq::{connect_uri, headers, metadata_of, redact, short};
+use super::pubsub::rabbitmq::{check_uri, connect_uri, headers, metadata_of, short};
 
 /// daprd's `reconnectWaitInSeconds` default.
 const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(5);
@@ -71,29 +71,7 @@ impl RabbitBinding {
                 "an amqp:// URL such as amqp://guest:guest@localhost:5672",
             )?
             .to_string();
-        if uri.starts_with("amqps://") {
-            return Err(meta.error(
-                "host",
-                "an amqp:// URL (TLS to RabbitMQ is not supported)",
-                &redact(&uri),
-            ));
-        }
-        if !uri.starts_with("amqp://") || uri.parse::<lapin::uri::AMQPUri>().is_err() {
-            return Err(meta.error(
-                "host",
-                "an amqp:// URL such as amqp://user:pass@localhost:5672/vhost",
-                &redact(&uri),
-            ));
-        }
-        for k in ["caCert", "clientCert", "clientKey"] {
-            if let Some(v) = meta.str(k) {
-                return Err(meta.error(
-                    k,
-                    "nothing (TLS to RabbitMQ is not supported)",
-                    &format!("{} bytes", v.len()),
-                ));
-            }
-        }
+        check_uri(&meta, "host", &uri)?;
         meta.unsupported(
             "externalSasl",
             "false (only user and password authentication is supported)",

@@ -77,6 +77,36 @@ struct Publisher {
     declared: Mutex<HashSet<String>>,
 }
 
+/// The broker URL (`key` names where it came from) and the TLS keys, as both RabbitMQ
+/// components take them: a plain `amqp://` URL lapin reads, no TLS material (not supported
+/// yet). The URL is shown with its password redacted, certificates by their size.
+pub(crate) fn check_uri(meta: &Meta, key: &str, uri: &str) -> Result<(), String> {
+    if uri.starts_with("amqps://") {
+        return Err(meta.error(
+            key,
+            "an amqp:// URL (TLS to RabbitMQ is not supported)",
+            &redact(uri),
+        ));
+    }
+    if !uri.starts_with("amqp://") || uri.parse::<lapin::uri::AMQPUri>().is_err() {
+        return Err(meta.error(
+            key,
+            "an amqp:// URL such as amqp://user:pass@localhost:5672/vhost",
+            &redact(uri),
+        ));
+    }
+    for k in ["caCert", "clientCert", "clientKey"] {
+        if let Some(v) = meta.str(k) {
+            return Err(meta.error(
+                k,
+                "nothing (TLS to RabbitMQ is not supported)",
+                &format!("{} bytes", v.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A RabbitMQ name (exchange, queue): at most 255 bytes, as AMQP's short strings.
 pub(crate) fn short(s: &str) -> Result<ShortString, String> {
     ShortString::try_new(s).map_err(|_| format!("{s:?} is longer than 255 bytes"))
@@ -106,29 +136,7 @@ impl RabbitMq {
         } else {
             "protocol"
         };
-        if uri.starts_with("amqps://") {
-            return Err(meta.error(
-                key,
-                "an amqp:// URL (TLS to RabbitMQ is not supported)",
-                &redact(&uri),
-            ));
-        }
-        if uri.parse::<lapin::uri::AMQPUri>().is_err() || !uri.starts_with("amqp://") {
-            return Err(meta.error(
-                key,
-                "an amqp:// URL such as amqp://user:pass@localhost:5672/vhost",
-                &redact(&uri),
-            ));
-        }
-        for k in ["caCert", "clientCert", "clientKey"] {
-            if let Some(v) = meta.str(k) {
-                return Err(meta.error(
-                    k,
-                    "nothing (TLS to RabbitMQ is not supported)",
-                    &format!("{} bytes", v.len()),
-                ));
-            }
-        }
+        check_uri(meta, key, &uri)?;
         meta.unsupported(
             "saslExternal",
             "false (only user and password authentication is supported)",
