@@ -594,7 +594,6 @@ where
     // (hold.rs), as on hyper's path. `out` still holds the request head: nothing was written.
     if let Ok(Err(f)) = &exchanged
         && f.failure == Failure::Connect
-        && state.hold.is_some()
         && state
             .held_after_refusal(cx.down, &plan.target.cluster)
             .await

@@ -25,7 +25,6 @@ use super::http::{Downstream, HttpListener};
 use super::min_body_rate;
 use super::route::Target;
 use super::upgrade::is_upgrade;
-use crate::config::proxy::APP_CLUSTER;
 use crate::telemetry::record;
 
 #[allow(
@@ -117,7 +116,7 @@ impl HttpListener {
             *attempt_req.version_mut() = parts.version;
             // The headers are copied only when another attempt may follow: a retry, or the
             // one resend after the supervised app restarted under the request (hold.rs).
-            let may_hold = !held && self.supervised && cluster.name.as_str() == APP_CLUSTER;
+            let may_hold = !held && self.may_hold_after_refusal(cluster);
             *attempt_req.headers_mut() = if replayable && (tries < max_retries || may_hold) {
                 parts.headers.clone()
             } else {

@@ -54,14 +54,19 @@ impl HttpListener {
         })
     }
 
+    /// Whether a refused connect to `cluster` may be held for a restart: only the supervised
+    /// app restarts under Outrigger's eyes; any other refusal is a 502 (or a retry) at once,
+    /// not 250 ms later.
+    pub(super) fn may_hold_after_refusal(&self, cluster: &Cluster) -> bool {
+        self.hold.is_some() && self.supervised && cluster.name.as_str() == APP_CLUSTER
+    }
+
     /// After a connect to the app was refused: true when the app turned out to be restarting
     /// (the gate closed within [`EXIT_NOTICE`]) and is ready again within `app.hold_timeout`,
     /// so the request can be sent again; false when this listener holds nothing, the app is
     /// running but refused (a 502 as before, [`EXIT_NOTICE`] later), or did not come back.
     pub(super) async fn held_after_refusal(&self, down: &Downstream, cluster: &Cluster) -> bool {
-        // Only the supervised app restarts under Outrigger's eyes: any other refusal is a
-        // 502 (or a retry) at once, not 250 ms later.
-        if !self.supervised || cluster.name.as_str() != APP_CLUSTER {
+        if !self.may_hold_after_refusal(cluster) {
             return false;
         }
         let Some((gate, limit)) = self.hold.as_ref() else {
