@@ -12,32 +12,19 @@
 #   AB_EXTRA_B='telemetry: { access_log: { to: /tmp/access.log } }' \
 #     bench/ab.sh target/release/outrigger target/release/outrigger
 set -euo pipefail
-old=$1; new=$2; rounds=${3:-4}; secs=${4:-5}
-for tool in nginx wrk taskset; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-4}; secs=${4:-5}
+. "$(dirname "$0")/lib.sh"
+need nginx wrk taskset curl bc
 UP=18381; A=18391; B=18392
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 8192; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location / { return 200 "hello world\n"; } } }
-CONF
 for v in a b; do
   port=$([ $v = a ] && echo $A || echo $B)
   printf 'admin: { address: 127.0.0.1:0 }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$UP" "$port" > "$dir/$v.yaml"
 done
 if [ -n "${AB_EXTRA_B:-}" ]; then printf '%s\n' "$AB_EXTRA_B" >> "$dir/b.yaml"; fi
-taskset -c 1 nginx -c "$dir/up.conf" & pids+=($!)
-taskset -c 1 "$old" run -c "$dir/a.yaml" 2>/dev/null & pids+=($!)
-taskset -c 1 "$new" run -c "$dir/b.yaml" 2>/dev/null & pids+=($!)
-for port in $A $B; do
-  for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
-done
+start nginx -c "$(nginx_upstream $UP)"
+start "$old" run -c "$dir/a.yaml" 2>/dev/null
+start "$new" run -c "$dir/b.yaml" 2>/dev/null
+for port in $A $B; do wait_http "http://127.0.0.1:$port/"; done
 sum_a=0; sum_b=0
 run() { taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$1/" | awk '/Requests\/sec/ {print $2}'; }
 for r in $(seq "$rounds"); do

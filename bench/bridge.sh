@@ -16,27 +16,15 @@
 # Needs: redis-server redis-benchmark wrk h2load taskset curl python3 (Debian: redis-server
 # redis-tools wrk nghttp2-client).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 secs=${1:-10}
-for tool in redis-server redis-benchmark wrk h2load taskset curl python3; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install redis-server redis-tools wrk nghttp2-client curl)"; exit 1; }
-done
+need redis-server redis-benchmark wrk h2load taskset curl python3
 # OUTRIGGER_BIN: a binary built already (skips the release build).
-bin=${OUTRIGGER_BIN:-}
-if [ -z "$bin" ]; then
-  cargo build --release -q
-  bin=$PWD/target/release/outrigger
-fi
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+build_release
 
 REDIS=18300
 BRIDGE=18310
 CONN=${CONN:-16}
-start() { taskset -c 1 "$@" & pids+=($!); }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
 
 mkdir "$dir/components"
 printf '%s\n' \

@@ -10,34 +10,19 @@
 # 3. RSS of each after the runs (the watched one's ring holds the samples taken so far).
 # Upstream: nginx (one worker) answering 12 bytes; wrk and the poller on CPU 0, the rest on CPU 1.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 rounds=${1:-4}; secs=${2:-5}
-for tool in nginx wrk taskset curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+need nginx wrk taskset curl bc
+build_release
 UP=18581; QUIET=18591; WATCHED=18592
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 8192; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location / { return 200 "hello world\n"; } } }
-CONF
 conf() { printf 'admin: { address: 127.0.0.1:%s }\nlisteners:\n  - name: egress\n    address: 127.0.0.1:%s\n    direction: outbound\n    routes:\n      - name: api\n        match: { path_prefix: / }\n        cluster: up\nclusters:\n  up:\n    endpoints: [127.0.0.1:%s]\n' "$(( $1 + 100 ))" "$1" "$UP"; }
 conf $QUIET > "$dir/quiet.yaml"; conf $WATCHED > "$dir/watched.yaml"
-taskset -c 1 nginx -c "$dir/up.conf" & pids+=($!)
+start nginx -c "$(nginx_upstream $UP)"
 declare -A pid port=([quiet]=$QUIET [watched]=$WATCHED)
 for v in quiet watched; do
-  taskset -c 1 "$bin" run -c "$dir/$v.yaml" 2>"$dir/$v.err" >/dev/null & pid[$v]=$!; pids+=($!)
+  start "$bin" run -c "$dir/$v.yaml" 2>"$dir/$v.err" >/dev/null; pid[$v]=$!
 done
-for p in $QUIET $WATCHED; do
-  for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$(( p + 100 ))/ready" && break; sleep 0.1; done
-done
+for p in $QUIET $WATCHED; do wait_http "http://127.0.0.1:$(( p + 100 ))/ready"; done
 # Some traffic first, so the watched instance's /status has routes and latency to show.
 for v in quiet watched; do taskset -c 0 wrk -t1 -c8 -d1s "http://127.0.0.1:${port[$v]}/" >/dev/null; done
 taskset -c 0 bash -c "while :; do curl -s -o /dev/null http://127.0.0.1:$(( WATCHED + 100 ))/status; sleep 1; done" & pids+=($!)

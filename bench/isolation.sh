@@ -7,21 +7,12 @@
 #
 #   bench/isolation.sh BINARY [BINARY…]     (SECONDS=10 per measurement, CLIENTS=32)
 set -euo pipefail
+bins=(); for b in "$@"; do bins+=("$(realpath "$b")"); done
+. "$(dirname "$0")/lib.sh"
 secs=${SECONDS_EACH:-10}; clients=${CLIENTS:-32}
-for tool in nginx wrk python3 curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+need nginx wrk python3 curl taskset
 UP=18491
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 1024; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000; location / { return 200 "ok\n"; } } }
-CONF
-nginx -c "$dir/up.conf" & pids+=($!)
+BENCH_CPU=0-1 start nginx -c "$(nginx_upstream $UP "location / { return 200 \"ok\\n\"; }")"
 
 latency() {  # url → "p50 p99" in ms (wrk, 1 thread, 8 connections)
   wrk -t1 -c8 -d"${secs}s" --latency "$1" | awk '
@@ -29,7 +20,7 @@ latency() {  # url → "p50 p99" in ms (wrk, 1 thread, 8 connections)
     $1=="50%" {p50=ms($2)} $1=="99%" {p99=ms($2)} END {printf "%.2f %.2f", p50, p99}'
 }
 
-for bin in "$@"; do
+for bin in "${bins[@]}"; do
   cat > "$dir/c.yaml" <<YAML
 admin: { address: 127.0.0.1:0 }
 app: { address: 127.0.0.1:$UP, probe: { enabled: false } }

@@ -20,13 +20,10 @@
 #
 #   bench/soak-bridge.sh BINARY [SECONDS]     (default 10)
 set -euo pipefail
-bin=$1; secs=${2:-10}
-for tool in nginx python3 prlimit redis-cli; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-dir=$(mktemp -d); chmod 755 "$dir"; pids=()  # nginx workers read subscribe.json
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+bin=$(realpath "$1"); secs=${2:-10}
+. "$(dirname "$0")/lib.sh"
+need nginx python3 prlimit redis-cli
+chmod 755 "$dir"  # nginx workers read subscribe.json
 UP=18511; HOLE=18512; DEAD=18513
 deep=$(python3 -c 'print("(" * 10000 + "event.type == \"a\"" + ")" * 10000)')
 # The app: nginx answers everything with 200, /dapr/subscribe with the deep rule, and hands

@@ -13,21 +13,11 @@
 #
 #   bench/soak.sh OLD_BINARY NEW_BINARY [SECONDS]     (default 15)
 set -euo pipefail
-old=$1; new=$2; secs=${3:-15}
-for tool in nginx python3 prlimit; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+old=$(realpath "$1"); new=$(realpath "$2"); secs=${3:-15}
+. "$(dirname "$0")/lib.sh"
+need nginx python3 prlimit taskset
 UP=18501
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 4096; }
-http { access_log off; client_body_timeout 120s;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000; location / { return 200 "ok\n"; } } }
-CONF
-nginx -c "$dir/up.conf" & pids+=($!)
+BENCH_CPU=0-1 start nginx -c "$(nginx_upstream $UP "location / { return 200 \"ok\\n\"; }" 'client_body_timeout 120s;')"
 
 run() {  # attack label binary
   local attack=$1 label=$2 bin=$3

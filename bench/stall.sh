@@ -8,24 +8,13 @@
 #
 #   bench/stall.sh OLD_BINARY NEW_BINARY [CONNECTIONS] [SECONDS]   (default 300, 12)
 set -euo pipefail
-old=$1; new=$2; conns=${3:-300}; secs=${4:-12}
-for tool in nginx python3 curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+old=$(realpath "$1"); new=$(realpath "$2"); conns=${3:-300}; secs=${4:-12}
+. "$(dirname "$0")/lib.sh"
+need nginx python3 curl taskset
 UP=18481
 head -c 16777216 /dev/zero | tr '\0' 'x' > "$dir/big"
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 8192; }
-http { access_log off; sendfile on;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location /big { alias $dir/big; }
-           location / { return 200 "ok\n"; } } }
-CONF
-nginx -c "$dir/up.conf" & pids+=($!)
+BENCH_CPU=0-1 start nginx -c "$(nginx_upstream $UP "location /big { alias $dir/big; }
+           location / { return 200 \"ok\\n\"; }" 'sendfile on;')"
 
 run() {  # name binary
   local name=$1 bin=$2

@@ -9,26 +9,13 @@
 # two totals over N is the cost of one request without start-up and shutdown. Upstream: nginx.
 # Needs: valgrind nginx python3.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 n=${1:-4000}
-for tool in valgrind nginx python3; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+need valgrind nginx python3 curl taskset
+build_release
 UP=18581; P=18591
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 1024; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location /v1/traces { return 200 "{}"; }
-           location / { return 200 "hello world\n"; } } }
-CONF
-nginx -c "$dir/up.conf" & pids+=($!)
+start nginx -c "$(nginx_upstream $UP 'location /v1/traces { return 200 "{}"; }
+           location / { return 200 "hello world\n"; }')"
 count() { # SETTING REQUESTS → instructions
   printf 'admin: { address: 127.0.0.1:0 }\nruntime: { worker_threads: 1 }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' $UP $P > "$dir/c.yaml"
   case $1 in

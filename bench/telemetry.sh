@@ -12,36 +12,21 @@
 # exporter does its real work: JSON encoding and an HTTP POST per batch.
 # Upstream: nginx (one worker) answering 12 bytes; wrk -t1 -c32 on CPU 0, the rest on CPU 1.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 rounds=${1:-4}; secs=${2:-5}
-for tool in nginx wrk taskset; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+need nginx wrk taskset curl bc
+build_release
 UP=18481; OFF=18491; ON=18492; FULL=18493
-cat > "$dir/up.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 8192; }
-http { access_log off; client_body_buffer_size 1m;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location /v1/traces { return 200 "{}"; }
-           location / { return 200 "hello world\n"; } } }
-CONF
 base() { printf 'admin: { address: 127.0.0.1:%s }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$(( $1 + 100 ))" "$UP" "$1"; }
 base $OFF > "$dir/off.yaml"
 { base $ON; printf 'telemetry:\n  access_log: { to: %s/on.log }\n  tracing: { otlp: http://127.0.0.1:%s }\n' "$dir" "$UP"; } > "$dir/on.yaml"
 { base $FULL; printf 'telemetry:\n  access_log: { to: %s/full.log }\n  tracing: { sample: 1, otlp: http://127.0.0.1:%s }\n' "$dir" "$UP"; } > "$dir/full.yaml"
-taskset -c 1 nginx -c "$dir/up.conf" & pids+=($!)
+start nginx -c "$(nginx_upstream $UP 'location /v1/traces { return 200 "{}"; }
+           location / { return 200 "hello world\n"; }' 'client_body_buffer_size 1m;')"
 for v in off on full; do
-  taskset -c 1 "$bin" run -c "$dir/$v.yaml" 2>"$dir/$v.err" >/dev/null & pids+=($!)
+  start "$bin" run -c "$dir/$v.yaml" 2>"$dir/$v.err" >/dev/null
 done
-for port in $OFF $ON $FULL; do
-  for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
-done
+for port in $OFF $ON $FULL; do wait_http "http://127.0.0.1:$port/"; done
 declare -A sum=([off]=0 [on]=0 [full]=0) port=([off]=$OFF [on]=$ON [full]=$FULL)
 run() { taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$1/" | awk '/Requests\/sec/ {print $2}'; }
 orders=("off on full" "full on off" "on full off" "off full on")

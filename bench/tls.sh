@@ -11,28 +11,15 @@
 #                and a full TLS handshake (wrk does not resume sessions): new handshakes/s
 # Needs: nginx wrk (Debian packages). The certificate comes from `outrigger certs`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 secs=${1:-8}; rounds=${2:-2}
-for tool in nginx wrk taskset; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx wrk)"; exit 1; }
-done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+need nginx wrk taskset
+build_release
 UP=18581; NGX=18590; OUT=18591
 
 "$bin" certs ca --out "$dir/ca" >/dev/null
 "$bin" certs issue --ca "$dir/ca" --out "$dir" --name server --dns localhost --ip 127.0.0.1 --key ecdsa >/dev/null
 
-cat > "$dir/upstream.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
-events { worker_connections 8192; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location / { return 200 "hello world\n"; } } }
-CONF
 cat > "$dir/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $dir/ngx.pid; error_log /dev/null crit;
 events { worker_connections 8192; }
@@ -54,9 +41,7 @@ listeners:
     tls: { cert: $dir/server.crt, key: $dir/server.key }
 CONF
 
-start() { taskset -c 1 "$@" & pids+=($!); }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
-start nginx -c "$dir/upstream.conf"; wait_port $UP
+start nginx -c "$(nginx_upstream $UP)"; wait_port $UP
 start nginx -c "$dir/nginx.conf"; wait_port $NGX
 start "$bin" run -c "$dir/outrigger.yaml"; out_pid=$!; wait_port $OUT
 

@@ -8,17 +8,12 @@
 # The upstream is nginx (one worker) answering a 12-byte body; wrk: 1 thread, 32 keep-alive
 # connections. Needs: nginx wrk (Debian: nginx wrk).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 secs=${1:-9}
-for tool in nginx wrk curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx wrk curl)"; exit 1; }
-done
-cargo build --release -q
-bin=$PWD/target/release/outrigger
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pkill -f "$dir/outrigger.yaml" 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+need nginx wrk curl
+build_release
+# The upgraded process is not our child: find it by its config path.
+trap 'pkill -f "$dir/outrigger.yaml" 2>/dev/null || true; bench_cleanup' EXIT
 
 UP=18281; LISTEN=18290; ADMIN=18299
 cat > "$dir/upstream.conf" <<EOF
