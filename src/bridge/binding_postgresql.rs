@@ -38,6 +38,11 @@ pub struct PostgresBinding {
 }
 
 impl PostgresBinding {
+    /// The health probe: `SELECT 1` on the pool.
+    pub async fn ping(&self) -> Result<(), String> {
+        super::state_postgresql::pg_ping(&self.pool).await
+    }
+
     /// Checks the metadata and builds the pool (nothing connects).
     pub fn open(c: &Component) -> Result<PostgresBinding, String> {
         // The app's SQL may leave a connection inside a transaction (`BEGIN` without

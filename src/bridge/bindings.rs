@@ -88,6 +88,18 @@ impl OutputBinding {
         }
     }
 
+    /// The health probe ([`super::health`]); None for `bindings.http` (its server is the
+    /// request's, each call says whether it answers).
+    pub fn ping(&self) -> Option<super::pubsub::broker::BoxFuture<'_, Result<(), String>>> {
+        match self {
+            OutputBinding::Http(_) => None,
+            OutputBinding::Postgres(p) => Some(Box::pin(p.ping())),
+            OutputBinding::Redis(r) => Some(Box::pin(r.ping())),
+            OutputBinding::Rabbit(r) => Some(Box::pin(r.ping())),
+            OutputBinding::Mqtt { broker, .. } => broker.ping(),
+        }
+    }
+
     /// Sends `data` with `operation`.
     pub async fn invoke(
         &self,

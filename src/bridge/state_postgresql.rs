@@ -138,6 +138,20 @@ pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Du
     Ok((config, timeout))
 }
 
+/// `SELECT 1` on a connection of `pool`: the health probe of every PostgreSQL component
+/// ([`super::health`]). Uses the component's own pool (and its `maxConns`).
+pub(crate) async fn pg_ping(pool: &Pool) -> Result<(), String> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| format!("postgresql: cannot connect: {}", chain(&e)))?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map(drop)
+        .map_err(|e| format!("postgresql: {}", chain(&e)))
+}
+
 /// The connection pool a PostgreSQL component describes (`connectionString`, `timeout`,
 /// `maxConns`), built with nothing connected, and its `timeout`. Shared by `state.postgresql`,
 /// `bindings.postgresql` and `configuration.postgresql`, which read these keys alike.
@@ -206,6 +220,11 @@ impl Postgres {
             cleanup_interval,
             migrated: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The health probe: `SELECT 1` on a pooled connection.
+    pub async fn ping(&self) -> Result<(), String> {
+        pg_ping(&self.pool).await
     }
 
     /// A pooled connection, once the tables exist.

@@ -1154,14 +1154,57 @@ fn a_down_redis_fails_fast_and_recovers() {
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: gone\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: {}\n",
         crate::backend::dead_port()
     );
+    // A broker and a lock store on the same server: probed and shown as the store is.
+    let broker = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: 127.0.0.1:{}\n",
+        redis.port
+    );
     let sc = start(
         "service: orders\n",
-        &[("redis.yaml", &component), ("gone.yaml", &gone)],
+        &[
+            ("redis.yaml", &component),
+            ("gone.yaml", &gone),
+            ("broker.yaml", &broker),
+            ("lock.yaml", &lock_component("locks", &redis, "")),
+        ],
     );
     let quick = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
+    // The health of each component, as `/v1.0/metadata` and its extended metadata show it.
+    let health = |name: &str| -> (String, String) {
+        let (s, _, body) = get(&sc, "/v1.0/metadata");
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let entry = v["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+            .clone();
+        let extended = v["extended"][format!("outrigger.health.{name}")]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let status = entry["status"].as_str().unwrap_or_default().to_string();
+        if status == "unhealthy" {
+            assert!(
+                extended.starts_with("unhealthy: ") && entry["error"].is_string(),
+                "{body}"
+            );
+        }
+        (status, extended)
+    };
+    for name in ["cache", "events", "locks"] {
+        eventually(Duration::from_secs(10), "healthy at start", || {
+            (health(name).0 == "healthy").then_some(())
+        });
+    }
+    eventually(Duration::from_secs(10), "a store down at start shown", || {
+        (health("gone").0 == "unhealthy").then_some(())
+    });
     let r = quick
         .get(sc.bridge_url("/v1.0/state/gone/k"))
         .send()
@@ -1170,6 +1213,17 @@ fn a_down_redis_fails_fast_and_recovers() {
     let (s, _) = post(&sc, "/v1.0/state/cache", json!([{"key": "k", "value": 1}]));
     assert_eq!(s, 204);
     redis.kill();
+    for name in ["cache", "events", "locks"] {
+        eventually(Duration::from_secs(15), "unhealthy once down", || {
+            (health(name).0 == "unhealthy").then_some(())
+        });
+    }
+    let (s, body) = post(&sc, "/v1.0/publish/events/orders", json!({"a": 1}));
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (500, "ERR_PUBSUB_PUBLISH_MESSAGE"),
+        "{body}"
+    );
     for _ in 0..3 {
         let r = quick
             .get(sc.bridge_url("/v1.0/state/cache/k"))
@@ -1186,6 +1240,14 @@ fn a_down_redis_fails_fast_and_recovers() {
             .ok()?;
         (r.status() == 200 || r.status() == 204).then_some(())
     });
+    for name in ["cache", "events", "locks"] {
+        eventually(Duration::from_secs(15), "healthy again", || {
+            (health(name) == ("healthy".into(), "healthy".into())).then_some(())
+        });
+    }
+    let (s, body) = post(&sc, "/v1.0/publish/events/orders", json!({"a": 1}));
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(health("gone").0, "unhealthy");
 }
 
 /// A path segment that is not UTF-8 once decoded got axum's plain-text 400: now Dapr's JSON.
@@ -1810,6 +1872,11 @@ fn postgres_down_fails_per_request_and_recovers() {
         (500, "ERR_STATE_SAVE"),
         "{body}"
     );
+    eventually(Duration::from_secs(15), "pg unhealthy in the metadata", || {
+        let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
+        let c = &v["components"][0];
+        (c["status"] == "unhealthy" && c["error"].as_str()?.contains(&name)).then_some(())
+    });
     // The database appears: the next calls create the table and work.
     let db = PostgresDb { name };
     let _ = std::process::Command::new("psql")
@@ -1829,6 +1896,11 @@ fn postgres_down_fails_per_request_and_recovers() {
         (post(&sc, "/v1.0/state/pg", json!([{"key": "k", "value": 1}])).0 == 204).then_some(())
     });
     assert_eq!(get(&sc, "/v1.0/state/pg/k").2, "1");
+    // The probe saw it too: the store shows healthy in the metadata.
+    eventually(Duration::from_secs(15), "pg healthy in the metadata", || {
+        let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
+        (v["components"][0]["status"] == "healthy").then_some(())
+    });
 
     let dir = tempfile::tempdir().unwrap();
     let resources = dir.path().join("components");

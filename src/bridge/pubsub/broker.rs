@@ -69,6 +69,12 @@ pub trait Broker: Send + Sync + 'static {
         metadata: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
 
+    /// The health probe ([`crate::bridge::health`]): resolves `Ok` when the broker answers
+    /// (connecting when there is no connection). None: nothing to probe (in-memory).
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        None
+    }
+
     /// Starts consuming `topic` as consumer group `group` (the app id unless the component's
     /// metadata names one). Resolves once the subscription exists on the broker; the returned
     /// [`Subscription`] keeps consuming (and reconnecting) until stopped.

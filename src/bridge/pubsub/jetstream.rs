@@ -270,6 +270,16 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 }
 
 impl Broker for JetStream {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move {
+            let js = self.context().await?;
+            match js.client().connection_state() {
+                async_nats::connection::State::Connected => Ok(()),
+                state => Err(format!("nats at {}: {state}", self.settings.url)),
+            }
+        }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.jetstream"
     }

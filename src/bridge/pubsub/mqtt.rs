@@ -406,6 +406,13 @@ impl Shared {
 }
 
 impl Broker for Mqtt {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move {
+            self.shared.start(None);
+            self.shared.up().await
+        }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.mqtt3"
     }

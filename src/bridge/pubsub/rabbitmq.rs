@@ -396,6 +396,10 @@ pub(crate) fn metadata_of(properties: &BasicProperties) -> BTreeMap<String, Stri
 }
 
 impl Broker for RabbitMq {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move { self.publisher().await.map(drop) }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.rabbitmq"
     }
