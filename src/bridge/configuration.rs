@@ -79,9 +79,7 @@ impl ConfigurationStore {
     /// The health probe ([`super::health`]).
     pub fn ping(&self) -> super::pubsub::broker::BoxFuture<'_, Result<(), String>> {
         match self {
-            ConfigurationStore::Redis(r) => {
-                Box::pin(super::state::redis_ping(&r.client, &r.conn))
-            }
+            ConfigurationStore::Redis(r) => Box::pin(super::state::redis_ping(&r.client, &r.conn)),
             ConfigurationStore::Postgres(p) => Box::pin(p.ping()),
         }
     }

@@ -68,7 +68,11 @@ pub struct Health {
 impl Health {
     /// The status of `name` (None: not probed).
     pub fn get(&self, name: &str) -> Option<Status> {
-        self.by_name.lock().expect("not poisoned").get(name).cloned()
+        self.by_name
+            .lock()
+            .expect("not poisoned")
+            .get(name)
+            .cloned()
     }
 
     /// Every probed component's status, by name.

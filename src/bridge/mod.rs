@@ -199,6 +199,8 @@ impl BridgeState {
                 }
                 "bindings" if c.kind == "bindings.mqtt3" => bindings::mqtt_parts(c, &bridge.app_id)
                     .and_then(|(broker, topic)| {
+                        use pubsub::broker::Broker as _;
+                        broker.set_drop_counter(pubsub_metrics.mqtt_dropped_counter(&c.name));
                         let input =
                             input_bindings::InputBinding::from_broker(c, broker.clone(), &topic)?;
                         input_bindings.extend(input.map(Arc::new));

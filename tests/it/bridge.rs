@@ -1202,9 +1202,11 @@ fn a_down_redis_fails_fast_and_recovers() {
             (health(name).0 == "healthy").then_some(())
         });
     }
-    eventually(Duration::from_secs(10), "a store down at start shown", || {
-        (health("gone").0 == "unhealthy").then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "a store down at start shown",
+        || (health("gone").0 == "unhealthy").then_some(()),
+    );
     let r = quick
         .get(sc.bridge_url("/v1.0/state/gone/k"))
         .send()
@@ -1872,11 +1874,15 @@ fn postgres_down_fails_per_request_and_recovers() {
         (500, "ERR_STATE_SAVE"),
         "{body}"
     );
-    eventually(Duration::from_secs(15), "pg unhealthy in the metadata", || {
-        let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
-        let c = &v["components"][0];
-        (c["status"] == "unhealthy" && c["error"].as_str()?.contains(&name)).then_some(())
-    });
+    eventually(
+        Duration::from_secs(15),
+        "pg unhealthy in the metadata",
+        || {
+            let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
+            let c = &v["components"][0];
+            (c["status"] == "unhealthy" && c["error"].as_str()?.contains(&name)).then_some(())
+        },
+    );
     // The database appears: the next calls create the table and work.
     let db = PostgresDb { name };
     let _ = std::process::Command::new("psql")
@@ -1897,10 +1903,14 @@ fn postgres_down_fails_per_request_and_recovers() {
     });
     assert_eq!(get(&sc, "/v1.0/state/pg/k").2, "1");
     // The probe saw it too: the store shows healthy in the metadata.
-    eventually(Duration::from_secs(15), "pg healthy in the metadata", || {
-        let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
-        (v["components"][0]["status"] == "healthy").then_some(())
-    });
+    eventually(
+        Duration::from_secs(15),
+        "pg healthy in the metadata",
+        || {
+            let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
+            (v["components"][0]["status"] == "healthy").then_some(())
+        },
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let resources = dir.path().join("components");

@@ -33,6 +33,12 @@ const PARALLEL: usize = 10;
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Requests queued for the connection before callers wait.
 const REQUEST_CAPACITY: usize = 128;
+/// Messages a subscription holds for the app at once: being handled ([`PARALLEL`]) or waiting
+/// for a handler. Past it, a QoS 0 message is dropped (and counted: there is no redelivery to
+/// lean on), and a QoS 1 or 2 message waits in the broker: the connection is not read until a
+/// slot frees (the broker's own in-flight window, Mosquitto's `max_inflight_messages`, holds
+/// the rest). A slow app costs at most this many messages of memory per subscription.
+pub const HELD_PER_SUBSCRIPTION: usize = 100;
 
 /// A user name and maybe a password.
 type Credentials = (String, Option<String>);
@@ -92,6 +98,8 @@ struct Route {
     filter: String,
     handler: Handler,
     permits: Arc<Semaphore>,
+    /// [`HELD_PER_SUBSCRIPTION`] slots.
+    held: Arc<Semaphore>,
 }
 
 struct Shared {
@@ -101,6 +109,8 @@ struct Shared {
     live: tokio::sync::Mutex<Option<Live>>,
     routes: Mutex<Vec<Arc<Route>>>,
     driver: Mutex<bool>,
+    /// QoS 0 messages dropped past [`HELD_PER_SUBSCRIPTION`] (the component's metric).
+    dropped: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 /// The MQTT broker.
@@ -212,6 +222,7 @@ impl Mqtt {
                 live: tokio::sync::Mutex::new(None),
                 routes: Mutex::new(Vec::new()),
                 driver: Mutex::new(false),
+                dropped: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -343,7 +354,7 @@ impl Shared {
                         });
                     }
                 }
-                Event::Incoming(Incoming::Publish(p)) => self.dispatch(p, client.clone()),
+                Event::Incoming(Incoming::Publish(p)) => self.dispatch(p, client.clone()).await,
                 _ => {}
             }
         }
@@ -357,8 +368,10 @@ impl Shared {
     }
 
     /// Hands a message to the handler of the first filter that covers its topic, on its own
-    /// task; acks it when the handler says so.
-    fn dispatch(&self, p: rumqttc::Publish, client: AsyncClient) {
+    /// task; acks it when the handler says so. Holds one of the route's
+    /// [`HELD_PER_SUBSCRIPTION`] slots: a QoS 0 message finding none is dropped and counted, a
+    /// QoS 1 or 2 message waits for one (and the connection is not read meanwhile).
+    async fn dispatch(&self, p: rumqttc::Publish, client: AsyncClient) {
         let topic = p.topic.clone();
         let route = self
             .routes
@@ -371,8 +384,25 @@ impl Shared {
             tracing::warn!(%topic, "mqtt message on a topic nobody subscribes to; not acked");
             return;
         };
+        let slot = if p.qos == QoS::AtMostOnce {
+            match route.held.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if let Some(c) = self.dropped.get() {
+                        c.inc();
+                    }
+                    tracing::debug!(%topic, held = HELD_PER_SUBSCRIPTION, "mqtt QoS 0 message dropped: the app is behind");
+                    return;
+                }
+            }
+        } else {
+            match route.held.clone().acquire_owned().await {
+                Ok(slot) => slot,
+                Err(_) => return,
+            }
+        };
         tokio::spawn(async move {
-            let Ok(_permit) = route.permits.clone().acquire_owned().await else {
+            let Ok(permit) = route.permits.clone().acquire_owned().await else {
                 return;
             };
             let message = Message {
@@ -380,7 +410,11 @@ impl Shared {
                 data: p.payload.clone(),
                 metadata: BTreeMap::from([("retained".to_string(), p.retain.to_string())]),
             };
-            if (route.handler)(message).await == Outcome::Ack
+            let outcome = (route.handler)(message).await;
+            // The slot frees before the ack is queued: the poll loop may be waiting for it,
+            // and the ack goes out only once the loop runs again.
+            drop((permit, slot));
+            if outcome == Outcome::Ack
                 && let Err(e) = client.ack(&p).await
             {
                 tracing::debug!(%topic, error = %e, "mqtt ack not sent (connection gone); the broker redelivers");
@@ -406,6 +440,10 @@ impl Shared {
 }
 
 impl Broker for Mqtt {
+    fn set_drop_counter(&self, counter: prometheus_client::metrics::counter::Counter) {
+        let _ = self.shared.dropped.set(counter);
+    }
+
     fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
         Some(Box::pin(async move {
             self.shared.start(None);
@@ -483,6 +521,7 @@ impl Broker for Mqtt {
                 filter: topic.to_string(),
                 handler,
                 permits: Arc::new(Semaphore::new(PARALLEL)),
+                held: Arc::new(Semaphore::new(HELD_PER_SUBSCRIPTION)),
             });
             s.routes.lock().unwrap().push(route.clone());
             let (tx, rx) = oneshot::channel();
