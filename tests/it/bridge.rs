@@ -2543,6 +2543,31 @@ fn output_binding_postgresql_exec_query_close() {
             [2, null, null, null, null, null, null, null, null]
         ])
     );
+    // Numbers digit for digit (a parameter, numeric, jsonb: none through f64), binary types
+    // (a range, an interval) as base64 of their bytes, not those bytes as text.
+    let raw = |body: &str| {
+        let r = client()
+            .post(sc.bridge_url("/v1.0/bindings/sql"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (s, body) = raw(
+        r#"{"operation":"query","metadata":{"sql":"SELECT $1::numeric, 123456789012345678901234567890.5::numeric, '{\"n\": 123456789012345678901}'::jsonb, int4range(1, 5), '1 day'::interval","params":"[123456789012345678901234567890]"}}"#,
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body,
+        r#"[[123456789012345678901234567890,123456789012345678901234567890.5,{"n": 123456789012345678901},"AgAAAAQAAAABAAAABAAAAAU=","AAAAAAAAAAAAAAABAAAAAA=="]]"#
+    );
+    // A result past the cap is refused, with a reason, instead of filling the memory.
+    let (s, body) = raw(
+        r#"{"operation":"query","metadata":{"sql":"SELECT repeat('x', 1000000) FROM generate_series(1, 20)"}}"#,
+    );
+    assert_eq!(s, 500, "{body}");
+    assert!(body.contains("larger than 16 MiB"), "{body}");
     let (s, _, body) = invoke_binding(
         &sc,
         "sql",
