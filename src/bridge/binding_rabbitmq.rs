@@ -47,6 +47,11 @@ struct Settings {
     durable: bool,
     delete_when_unused: bool,
     exclusive: bool,
+    /// The publishing side declares the queue too — except for an `exclusive` queue the input
+    /// side reads: only the connection that declares an exclusive queue may use it, so the
+    /// consumer's declares it and the publisher only sends to it (by the default exchange,
+    /// which any connection may).
+    publisher_declares: bool,
     prefetch: u16,
     max_priority: Option<u8>,
     /// The queue's message TTL (`ttlInSeconds`), in milliseconds.
@@ -114,6 +119,8 @@ impl RabbitBinding {
                 durable: meta.bool("durable", false)?,
                 delete_when_unused: meta.bool("deleteWhenUnused", false)?,
                 exclusive: meta.bool("exclusive", false)?,
+                publisher_declares: !(meta.bool("exclusive", false)?
+                    && super::input_bindings::reads_input(c)?),
                 prefetch,
                 max_priority,
                 queue_ttl_ms,
@@ -143,7 +150,9 @@ impl RabbitBinding {
                 .create_channel()
                 .await
                 .map_err(|e| format!("rabbitmq: cannot open a channel: {e}"))?;
-            declare_queue(&channel, &self.settings).await?;
+            if self.settings.publisher_declares {
+                declare_queue(&channel, &self.settings).await?;
+            }
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await

@@ -2808,6 +2808,20 @@ fn rabbitmq_binding_output_and_input() {
                     ],
                 ),
             ),
+            // An exclusive queue: the consumer's connection declares it, the publisher's only
+            // sends to it (two connections declaring it: RESOURCE_LOCKED).
+            (
+                "solo.yaml",
+                &binding_component(
+                    "solo",
+                    "bindings.rabbitmq",
+                    &[
+                        ("host", &vhost.url()),
+                        ("queueName", "solo"),
+                        ("exclusive", "true"),
+                    ],
+                ),
+            ),
             // Output only.
             (
                 "out.yaml",
@@ -2836,6 +2850,17 @@ fn rabbitmq_binding_output_and_input() {
     });
     assert_eq!(String::from_utf8_lossy(&got.body), r#"{"job":1}"#);
     assert_eq!(got.header("team"), Some("pay"));
+    let (s, _, body) = invoke_binding(&sc, "solo", json!({"operation": "create", "data": "alone"}));
+    assert_eq!((s, body.as_str()), (204, ""));
+    eventually(
+        Duration::from_secs(30),
+        "the exclusive queue's message",
+        || {
+            app.seen()
+                .into_iter()
+                .find(|r| r.method == "POST" && r.path == "/solo" && &r.body[..] == b"alone")
+        },
+    );
     assert!(
         app.seen()
             .iter()
