@@ -419,6 +419,11 @@ impl Postgres {
             );
             for op in &ops {
                 let Some(want) = op_etag(op) else { continue };
+                // `xmin` is 32 bits: a larger ETag is not one of ours (daprd parses it as a
+                // uint32 and answers 400, not 409).
+                if want > u64::from(u32::MAX) {
+                    return Err(StateError::EtagInvalid(want.to_string()));
+                }
                 let found = tx
                     .query_opt(&check, &[&op_key(op), &(want as i64)])
                     .await

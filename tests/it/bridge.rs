@@ -1794,6 +1794,13 @@ fn postgres_state_store() {
     let sc = start("service: orders\n", &components);
     state_contract(&sc, "pg");
     concurrent_counter(&sc, "pg");
+    // An ETag past 32 bits cannot be an xmin: 400 as daprd (uint32), not a 409 mismatch.
+    let (s, body) = post(
+        &sc,
+        "/v1.0/state/pg",
+        json!([{"key": "wide", "value": 1, "etag": "4294967296"}]),
+    );
+    assert_eq!(s, 400, "{body}");
     ttl_contract(&sc, "pg", "pg");
     // daprd's layout: the columns, the migration level, JSON stored as jsonb, the ETag = xmin.
     let columns = db.sql(
