@@ -327,18 +327,21 @@ impl RabbitMq {
 /// The metadata of a subscription made without any.
 static NO_METADATA: BTreeMap<String, String> = BTreeMap::new();
 
-/// Hides the password of an AMQP URL in messages.
+/// Hides the secret of a broker URL in messages, logs and the metadata API (AMQP, MQTT and
+/// NATS share it): `user:password@` becomes `user:***@`, and a lone userinfo becomes `***@`
+/// (NATS reads `nats://TOKEN@host` as a token). A comma-separated server list (NATS) is
+/// redacted server by server.
 pub(crate) fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &uri[s + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &uri[..s + 3], &uri[at..]),
-                None => uri.to_string(),
-            }
-        }
-        _ => uri.to_string(),
-    }
+    uri.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(s), Some(at)) if at > s => match one[s + 3..at].split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &one[..s + 3], &one[at..]),
+                None => format!("{}***{}", &one[..s + 3], &one[at..]),
+            },
+            _ => one.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 async fn connect(settings: &Settings) -> Result<Connection, String> {
@@ -732,6 +735,11 @@ mod tests {
             "amqp://guest:***@localhost:5672/v"
         );
         assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+        assert_eq!(redact("nats://s3cret@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            redact("nats://u:p@a:4222,nats://b:4222"),
+            "nats://u:***@a:4222,nats://b:4222"
+        );
     }
 
     #[test]
