@@ -1,6 +1,6 @@
 //! Component health: a probe per networked component (a Redis `PING`, a PostgreSQL
-//! `SELECT 1` on the component's own pool, a connected RabbitMQ channel, an MQTT CONNACK, a
-//! NATS connection), run when the bridge starts and every [`PROBE_INTERVAL`] after. The result
+//! `SELECT 1` on the component's own pool, a connected RabbitMQ channel, an MQTT CONNACK once
+//! its connection is in use (`unknown` before: see [`NOT_STARTED`]), a NATS connection), run when the bridge starts and every [`PROBE_INTERVAL`] after. The result
 //! is kept here and shown by `GET /v1.0/metadata` and gRPC `GetMetadata`; requests never wait
 //! on it (a request to a down component fails on its own with a 5xx, and the component's
 //! client reconnects by itself on the next request once the server is back).
@@ -29,6 +29,10 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// A probe that has no answer within this counts as failed (a server that accepts but does
 /// not answer is as down as one that refuses).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a probe answers for a component that connects on first use and has not been used
+/// yet (MQTT: connecting would open its session before the app is ready): status `unknown`.
+pub const NOT_STARTED: &str = "not connected yet (connects on first use)";
 
 /// What the last probe of a component found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,6 +104,10 @@ impl Health {
             return;
         }
         match (&status, previous) {
+            // Warned once when it goes down; a changed error while down is only debug.
+            (Status::Unhealthy(error), Some(Status::Unhealthy(_))) => {
+                tracing::debug!(component = %c.name, kind = %c.kind, %error, "component still unhealthy")
+            }
             (Status::Unhealthy(error), _) => {
                 tracing::warn!(component = %c.name, kind = %c.kind, %error, "component unhealthy")
             }
@@ -157,6 +165,7 @@ pub fn start(st: Arc<BridgeState>, mut stop: watch::Receiver<bool>) {
                     let Some(p) = probe(st, c) else { return };
                     let status = match tokio::time::timeout(PROBE_TIMEOUT, p).await {
                         Ok(Ok(())) => Status::Healthy,
+                        Ok(Err(e)) if e == NOT_STARTED => Status::Unknown,
                         Ok(Err(e)) => Status::Unhealthy(e),
                         Err(_) => Status::Unhealthy(format!(
                             "no answer within {}s",
