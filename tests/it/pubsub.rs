@@ -1605,6 +1605,49 @@ async fn mqtt3_qos0_backlog_is_bounded_and_drops_are_counted() {
     b.ps.stop().await;
 }
 
+/// A stuck app and QoS 1 past the backlog bound, on a broker with no in-flight limit (so more
+/// than `HELD_PER_SUBSCRIPTION` unacked messages reach the sidecar): the connection is read
+/// on, so the component's own publishes are still acknowledged (the poll loop used to wait for
+/// a slot, and a consume-and-publish app deadlocked itself), and once the app answers every
+/// message arrives (QoS 1 is not dropped).
+#[tokio::test]
+async fn mqtt3_a_stuck_qos1_subscription_does_not_stall_the_connection() {
+    let held = outrigger::bridge::pubsub::mqtt::HELD_PER_SUBSCRIPTION;
+    let port = free_port();
+    let _mosquitto = MosquittoServer::start_with(port, "max_inflight_messages 0");
+    let app = App::start(
+        Some(json!([{"pubsubname": "mq", "topic": "ticks", "route": "/ticks"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    app.gate(false);
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[
+            ("url", &format!("tcp://127.0.0.1:{port}")),
+            ("consumerID", "stuck-qos1"),
+            ("qos", "1"),
+        ],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 1).await;
+    let total = held + 30;
+    for i in 0..total {
+        tokio::time::timeout(
+            WAIT,
+            b.publish("mq", "ticks", "text/plain", &format!("m{i}")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("publish {i} never acknowledged: the connection stalled"));
+    }
+    app.gate(true);
+    until("every message delivered", async || {
+        app.successes().len() == total
+    })
+    .await;
+    b.ps.stop().await;
+}
+
 /// An MQTT broker that is not there: publishes fail at once with Dapr's error and the
 /// subscription waits; once the broker starts, publishes succeed and the subscription
 /// delivers (the connection is retried with backoff).
