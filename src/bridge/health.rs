@@ -34,6 +34,21 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// yet (MQTT: connecting would open its session before the app is ready): status `unknown`.
 pub const NOT_STARTED: &str = "not connected yet (connects on first use)";
 
+/// What a probe answers when it cannot tell now without waiting behind the component's own
+/// work (a PostgreSQL pool whose every connection is in use): the last status stays.
+pub const BUSY: &str = "busy: every connection in use";
+
+/// The status a probe's answer (or its timeout) gives; None: keep the last one ([`BUSY`]).
+fn status_of(answer: Result<Result<(), String>, tokio::time::error::Elapsed>) -> Option<Status> {
+    Some(match answer {
+        Ok(Ok(())) => Status::Healthy,
+        Ok(Err(e)) if e == NOT_STARTED => Status::Unknown,
+        Ok(Err(e)) if e == BUSY => return None,
+        Ok(Err(e)) => Status::Unhealthy(e),
+        Err(_) => Status::Unhealthy(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+    })
+}
+
 /// What the last probe of a component found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -163,16 +178,9 @@ pub fn start(st: Arc<BridgeState>, mut stop: watch::Receiver<bool>) {
                 let st = &st;
                 async move {
                     let Some(p) = probe(st, c) else { return };
-                    let status = match tokio::time::timeout(PROBE_TIMEOUT, p).await {
-                        Ok(Ok(())) => Status::Healthy,
-                        Ok(Err(e)) if e == NOT_STARTED => Status::Unknown,
-                        Ok(Err(e)) => Status::Unhealthy(e),
-                        Err(_) => Status::Unhealthy(format!(
-                            "no answer within {}s",
-                            PROBE_TIMEOUT.as_secs()
-                        )),
-                    };
-                    st.health.set(c, status);
+                    if let Some(status) = status_of(tokio::time::timeout(PROBE_TIMEOUT, p).await) {
+                        st.health.set(c, status);
+                    }
                 }
             });
             tokio::select! {
@@ -190,6 +198,27 @@ pub fn start(st: Arc<BridgeState>, mut stop: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn answers_give_statuses() {
+        let timed_out = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert_eq!(status_of(Ok(Ok(()))), Some(Status::Healthy));
+        assert_eq!(
+            status_of(Ok(Err(NOT_STARTED.into()))),
+            Some(Status::Unknown)
+        );
+        assert_eq!(status_of(Ok(Err(BUSY.into()))), None);
+        assert_eq!(
+            status_of(Ok(Err("refused".into()))),
+            Some(Status::Unhealthy("refused".into()))
+        );
+        assert_eq!(
+            status_of(Err(timed_out)),
+            Some(Status::Unhealthy("no answer within 3s".into()))
+        );
+    }
 
     #[test]
     fn extended_entries_say_the_status_and_the_error() {

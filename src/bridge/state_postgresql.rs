@@ -141,6 +141,12 @@ pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Du
 /// `SELECT 1` on a connection of `pool`: the health probe of every PostgreSQL component
 /// ([`super::health`]). Uses the component's own pool (and its `maxConns`).
 pub(crate) async fn pg_ping(pool: &Pool) -> Result<(), String> {
+    // Every connection in use: the probe would wait behind the app's own calls (and time out
+    // while the database serves them); the last status stands.
+    let status = pool.status();
+    if status.size >= status.max_size && status.available == 0 {
+        return Err(super::health::BUSY.to_string());
+    }
     let client = pool
         .get()
         .await
