@@ -1886,7 +1886,10 @@ fn postgres_down_fails_per_request_and_recovers() {
         "pg unhealthy in the metadata",
         || {
             let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
-            let c = &v["components"][0];
+            let c = v["components"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "pg")?;
             (c["status"] == "unhealthy" && c["error"].as_str()?.contains(&name)).then_some(())
         },
     );
@@ -1915,7 +1918,11 @@ fn postgres_down_fails_per_request_and_recovers() {
         "pg healthy in the metadata",
         || {
             let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
-            (v["components"][0]["status"] == "healthy").then_some(())
+            let c = v["components"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "pg")?;
+            (c["status"] == "healthy").then_some(())
         },
     );
 
