@@ -4,7 +4,9 @@
 //!   no data and the metadata `rows-affected`;
 //! - `query`: the same, answering the rows as a JSON array of arrays of column values (pgx's
 //!   `rows.Values()` marshalled by Go: numbers, strings, booleans, JSON as JSON, `bytea` as
-//!   base64, timestamps and dates as RFC 3339 in UTC, arrays as arrays, `uuid` as 16 numbers);
+//!   base64, timestamps and dates as RFC 3339 in UTC, arrays as arrays, `uuid` as 16 numbers;
+//!   `numeric` and JSON numbers digit for digit; other binary types as base64), at most
+//!   [`MAX_QUERY_RESULT_BYTES`] of it;
 //! - `close`: closes the pool; later calls fail ("component is closed"), as daprd's.
 //!
 //! Both answers carry `operation`, `sql`, `start-time`, `end-time` (RFC 3339, nanoseconds) and
@@ -24,7 +26,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
-use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use serde_json::value::RawValue;
+use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 
 use super::bindings::BindingResponse;
 use super::components::Component;
@@ -38,6 +41,11 @@ pub struct PostgresBinding {
 }
 
 impl PostgresBinding {
+    /// The health probe: `SELECT 1` on the pool.
+    pub async fn ping(&self) -> Result<(), String> {
+        super::state_postgresql::pg_ping(&self.pool).await
+    }
+
     /// Checks the metadata and builds the pool (nothing connects).
     pub fn open(c: &Component) -> Result<PostgresBinding, String> {
         // The app's SQL may leave a connection inside a transaction (`BEGIN` without
@@ -73,8 +81,7 @@ impl PostgresBinding {
             .get("sql")
             .filter(|s| !s.is_empty())
             .ok_or("required metadata not set: sql")?;
-        let params: Vec<serde_json::Value> = match metadata.get("params").filter(|p| !p.is_empty())
-        {
+        let params: Vec<Box<RawValue>> = match metadata.get("params").filter(|p| !p.is_empty()) {
             None => Vec::new(),
             Some(p) => serde_json::from_str(p).map_err(|e| {
                 format!(
@@ -82,7 +89,7 @@ impl PostgresBinding {
                 )
             })?,
         };
-        let params: Vec<TextParam> = params.iter().map(TextParam::from_json).collect();
+        let params: Vec<TextParam> = params.iter().map(|p| TextParam::from_json(p)).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let start_time = jiff::Timestamp::now();
@@ -103,28 +110,45 @@ impl PostgresBinding {
                     out.metadata.insert("rows-affected".into(), n.to_string());
                 }
                 "query" => {
+                    // Rows are read as they come and written straight into the answer's
+                    // JSON text (no row list, no `Value` tree: one copy of the result), which
+                    // may not pass `MAX_QUERY_RESULT_BYTES`.
+                    use futures_util::StreamExt;
                     let rows = client
-                        .query(sql.as_str(), &refs)
+                        .query_raw(sql.as_str(), refs.iter().copied())
                         .await
                         .map_err(|e| format!("error executing query: {}", chain(&e)))?;
-                    let mut values = Vec::with_capacity(rows.len());
-                    for row in &rows {
-                        let mut cols = Vec::with_capacity(row.len());
+                    let mut rows = std::pin::pin!(rows);
+                    let mut text = String::from("[");
+                    while let Some(row) = rows.next().await {
+                        let row =
+                            row.map_err(|e| format!("error executing query: {}", chain(&e)))?;
+                        if text.len() > 1 {
+                            text.push(',');
+                        }
+                        text.push('[');
                         for (i, column) in row.columns().iter().enumerate() {
+                            if i > 0 {
+                                text.push(',');
+                            }
                             let raw: Option<Raw> = row
                                 .try_get(i)
                                 .map_err(|e| format!("error reading result: {e}"))?;
-                            cols.push(match raw {
-                                None => serde_json::Value::Null,
-                                Some(r) => to_json(column.type_(), r.0)?,
-                            });
+                            match raw {
+                                None => text.push_str("null"),
+                                Some(r) => text.push_str(&to_json(column.type_(), r.0)?),
+                            }
                         }
-                        values.push(serde_json::Value::Array(cols));
+                        text.push(']');
+                        if text.len() > MAX_QUERY_RESULT_BYTES {
+                            return Err(format!(
+                                "the query result is larger than {} MiB: select fewer rows (LIMIT) or columns",
+                                MAX_QUERY_RESULT_BYTES >> 20
+                            ));
+                        }
                     }
-                    out.data = Bytes::from(
-                        serde_json::to_vec(&values)
-                            .map_err(|e| format!("error serializing results: {e}"))?,
-                    );
+                    text.push(']');
+                    out.data = Bytes::from(text);
                 }
                 other => {
                     return Err(format!(
@@ -157,25 +181,39 @@ impl PostgresBinding {
     }
 }
 
+/// The largest `query` answer (its JSON text): a query past it fails with a clear error
+/// instead of holding an unbounded result in the sidecar's memory. Four times the default
+/// request body limit; a result this large belongs in pages anyway.
+pub const MAX_QUERY_RESULT_BYTES: usize = 16 << 20;
+
 /// A parameter in PostgreSQL's text format (the server parses it for the column's type).
 #[derive(Debug)]
 struct TextParam(Option<String>);
 
 impl TextParam {
-    fn from_json(v: &serde_json::Value) -> TextParam {
-        TextParam(match v {
-            serde_json::Value::Null => None,
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Bool(b) => Some(b.to_string()),
-            // Go decodes every number as float64 and pgx writes a whole one into an integer
-            // column: `1.0` is `1` here too.
-            serde_json::Value::Number(n) => Some(match n.as_f64() {
-                Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
-                    format!("{}", f as i64)
-                }
-                _ => n.to_string(),
-            }),
-            other => Some(other.to_string()),
+    /// From the parameter's JSON text, read without going through `f64`: an integer of any
+    /// size reaches the server digit for digit.
+    fn from_json(v: &RawValue) -> TextParam {
+        let text = v.get();
+        TextParam(match text.as_bytes().first() {
+            Some(b'n') => None,
+            Some(b'"') => Some(serde_json::from_str::<String>(text).unwrap_or_default()),
+            Some(b'-' | b'0'..=b'9') => Some(
+                // Go decodes every number as float64 and pgx writes a whole one into an
+                // integer column: `1.0` is `1` here too (an integer stays as written).
+                match text.parse::<f64>() {
+                    Ok(f)
+                        if text.contains(['.', 'e', 'E'])
+                            && f.fract() == 0.0
+                            && f.abs() < 9.0e15 =>
+                    {
+                        format!("{}", f as i64)
+                    }
+                    _ => text.to_string(),
+                },
+            ),
+            // true, false, objects and arrays: their JSON text.
+            _ => Some(text.to_string()),
         })
     }
 }
@@ -231,12 +269,17 @@ fn take<const N: usize>(raw: &[u8], at: usize) -> Result<[u8; N], String> {
         .ok_or_else(|| "truncated value from the server".to_string())
 }
 
-/// A binary column value as pgx's `rows.Values()` marshalled by Go's `encoding/json` reads.
-/// Hand-written: tokio-postgres has no "any value" type, and the crates that decode numeric
-/// and arrays each pull in a second time/decimal library for what is a few lines here.
-fn to_json(ty: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
+/// A binary column value as JSON text, as pgx's `rows.Values()` marshalled by Go's
+/// `encoding/json` reads — except that numbers keep every digit (`numeric`, and `json`/`jsonb`
+/// passed through as stored: Go would round them through `float64`) and a type read neither
+/// as a number, JSON, time nor text goes as the base64 of its binary value (not its bytes as
+/// if they were text). Hand-written: tokio-postgres has no "any value" type, and the crates
+/// that decode numeric and arrays each pull in a second time/decimal library for what is a few
+/// lines here.
+fn to_json(ty: &Type, raw: &[u8]) -> Result<String, String> {
     use serde_json::Value;
-    Ok(match *ty {
+    let base64 = |raw: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(raw));
+    let value = match *ty {
         Type::BOOL => Value::Bool(raw.first().is_some_and(|b| *b != 0)),
         Type::INT2 => i16::from_be_bytes(take(raw, 0)?).into(),
         Type::INT4 => i32::from_be_bytes(take(raw, 0)?).into(),
@@ -244,12 +287,10 @@ fn to_json(ty: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
         Type::OID => u32::from_be_bytes(take(raw, 0)?).into(),
         Type::FLOAT4 => float(f32::from_be_bytes(take(raw, 0)?) as f64),
         Type::FLOAT8 => float(f64::from_be_bytes(take(raw, 0)?)),
-        Type::JSON => serde_json::from_slice(raw).map_err(|e| e.to_string())?,
+        Type::JSON => return json_text(raw),
         // jsonb: a version byte (1), then the text.
-        Type::JSONB => {
-            serde_json::from_slice(raw.get(1..).unwrap_or_default()).map_err(|e| e.to_string())?
-        }
-        Type::BYTEA => Value::String(base64::engine::general_purpose::STANDARD.encode(raw)),
+        Type::JSONB => return json_text(raw.get(1..).unwrap_or_default()),
+        Type::BYTEA => base64(raw),
         Type::TIMESTAMP | Type::TIMESTAMPTZ => {
             let micros = i64::from_be_bytes(take(raw, 0)?);
             match micros {
@@ -270,21 +311,39 @@ fn to_json(ty: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
                     .map_err(|e| e.to_string())?,
             }
         }
-        Type::NUMERIC => numeric(raw)?,
+        Type::NUMERIC => return numeric(raw),
         // pgx gives a `[16]byte`, which Go marshals as 16 numbers.
         Type::UUID => Value::Array(raw.iter().map(|b| Value::from(*b)).collect()),
-        _ if matches!(ty.kind(), tokio_postgres::types::Kind::Array(_)) => {
-            let tokio_postgres::types::Kind::Array(element) = ty.kind() else {
-                unreachable!()
-            };
-            array(element, raw)?
-        }
-        // Text-like types (text, varchar, name, enums…) and anything else readable as text.
-        _ => match std::str::from_utf8(raw) {
+        // Types whose binary form is their text.
+        Type::TEXT
+        | Type::VARCHAR
+        | Type::BPCHAR
+        | Type::NAME
+        | Type::CHAR
+        | Type::XML
+        | Type::UNKNOWN => match std::str::from_utf8(raw) {
             Ok(s) => Value::String(s.to_string()),
-            Err(_) => Value::String(base64::engine::general_purpose::STANDARD.encode(raw)),
+            Err(_) => base64(raw),
         },
-    })
+        _ => match ty.kind() {
+            Kind::Array(element) => return array(element, raw),
+            Kind::Domain(inner) => return to_json(inner, raw),
+            Kind::Enum(_) => Value::String(String::from_utf8_lossy(raw).into_owned()),
+            // An extension's text type (citext) is text; anything else (ranges, intervals,
+            // inet, money, geometric types, bit strings, …) is binary: base64.
+            Kind::Simple if ty.name() == "citext" => {
+                Value::String(String::from_utf8_lossy(raw).into_owned())
+            }
+            _ => base64(raw),
+        },
+    };
+    Ok(value.to_string())
+}
+
+/// A `json`/`jsonb` value's text, checked, as it is (its numbers digit for digit).
+fn json_text(raw: &[u8]) -> Result<String, String> {
+    let value: &RawValue = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    Ok(value.get().to_string())
 }
 
 /// A float as JSON (Go cannot marshal NaN or ±Inf; they come out as null here).
@@ -294,10 +353,10 @@ fn float(f: f64) -> serde_json::Value {
 
 /// PostgreSQL's binary array: dimensions, flags, element type, (length, lower bound) per
 /// dimension, then each element length-prefixed (-1: NULL). Nested arrays for more dimensions.
-fn array(element: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
+fn array(element: &Type, raw: &[u8]) -> Result<String, String> {
     let ndim = i32::from_be_bytes(take(raw, 0)?).max(0) as usize;
     if ndim == 0 {
-        return Ok(serde_json::Value::Array(Vec::new()));
+        return Ok("[]".into());
     }
     let mut dims = Vec::with_capacity(ndim);
     for d in 0..ndim {
@@ -310,7 +369,7 @@ fn array(element: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
         let len = i32::from_be_bytes(take(raw, at)?);
         at += 4;
         if len < 0 {
-            items.push(serde_json::Value::Null);
+            items.push("null".to_string());
             continue;
         }
         let bytes = raw
@@ -328,24 +387,24 @@ fn array(element: &Type, raw: &[u8]) -> Result<serde_json::Value, String> {
             if chunk.is_empty() {
                 break;
             }
-            folded.push(serde_json::Value::Array(chunk));
+            folded.push(format!("[{}]", chunk.join(",")));
         }
         items = folded;
     }
-    Ok(serde_json::Value::Array(items))
+    Ok(format!("[{}]", items.join(",")))
 }
 
-/// PostgreSQL's binary numeric (base-10000 digits) as a JSON number, as pgtype.Numeric
-/// marshals (`NaN` and infinities as strings).
-fn numeric(raw: &[u8]) -> Result<serde_json::Value, String> {
+/// PostgreSQL's binary numeric (base-10000 digits) as JSON number text, every digit kept, as
+/// pgtype.Numeric marshals (`NaN` and infinities as strings).
+fn numeric(raw: &[u8]) -> Result<String, String> {
     let ndigits = u16::from_be_bytes(take(raw, 0)?) as usize;
     let weight = i16::from_be_bytes(take(raw, 2)?) as i32;
     let sign = u16::from_be_bytes(take(raw, 4)?);
     let dscale = u16::from_be_bytes(take(raw, 6)?) as usize;
     match sign {
-        0xC000 => return Ok(serde_json::Value::String("NaN".into())),
-        0xD000 => return Ok(serde_json::Value::String("Infinity".into())),
-        0xF000 => return Ok(serde_json::Value::String("-Infinity".into())),
+        0xC000 => return Ok(r#""NaN""#.into()),
+        0xD000 => return Ok(r#""Infinity""#.into()),
+        0xF000 => return Ok(r#""-Infinity""#.into()),
         _ => {}
     }
     let mut digits = Vec::with_capacity(ndigits);
@@ -381,7 +440,7 @@ fn numeric(raw: &[u8]) -> Result<serde_json::Value, String> {
         if sign == 0x4000 { "-" } else { "" },
         if frac.is_empty() { "" } else { "." }
     );
-    serde_json::from_str(&text).map_err(|e| format!("numeric {text}: {e}"))
+    Ok(text)
 }
 
 /// Go's `time.RFC3339Nano` of the UTC time (fraction without trailing zeros).
@@ -448,21 +507,28 @@ mod tests {
     fn numerics_decode() {
         // 12.34: ndigits 2, weight 0, sign +, dscale 2, digits [12, 3400]
         let raw = [0, 2, 0, 0, 0, 0, 0, 2, 0, 12, 0x0D, 0x48];
-        assert_eq!(numeric(&raw).unwrap().to_string(), "12.34");
+        assert_eq!(numeric(&raw).unwrap(), "12.34");
         // -10000.5: digits [1, 0, 5000], weight 1, dscale 1
         let raw = [0, 3, 0, 1, 0x40, 0, 0, 1, 0, 1, 0, 0, 0x13, 0x88];
-        assert_eq!(numeric(&raw).unwrap().to_string(), "-10000.5");
+        assert_eq!(numeric(&raw).unwrap(), "-10000.5");
         // 0.0001: digits [1], weight -1, dscale 4
         let raw = [0, 1, 0xFF, 0xFF, 0, 0, 0, 4, 0, 1];
-        assert_eq!(numeric(&raw).unwrap().to_string(), "0.0001");
+        assert_eq!(numeric(&raw).unwrap(), "0.0001");
     }
 
     #[test]
     fn whole_floats_go_as_integers() {
-        let p = |v: serde_json::Value| TextParam::from_json(&v).0;
-        assert_eq!(p(serde_json::json!(1.0)), Some("1".into()));
-        assert_eq!(p(serde_json::json!(1.5)), Some("1.5".into()));
-        assert_eq!(p(serde_json::json!(null)), None);
-        assert_eq!(p(serde_json::json!({"a": 1})), Some(r#"{"a":1}"#.into()));
+        let p = |v: &str| TextParam::from_json(&RawValue::from_string(v.into()).unwrap()).0;
+        assert_eq!(p("1.0"), Some("1".into()));
+        assert_eq!(p("1.5"), Some("1.5".into()));
+        assert_eq!(p("null"), None);
+        assert_eq!(p(r#""a\"b""#), Some("a\"b".into()));
+        assert_eq!(p("true"), Some("true".into()));
+        assert_eq!(p(r#"{"a":1}"#), Some(r#"{"a":1}"#.into()));
+        // Beyond f64 and i64: digit for digit.
+        assert_eq!(
+            p("123456789012345678901234567890"),
+            Some("123456789012345678901234567890".into())
+        );
     }
 }

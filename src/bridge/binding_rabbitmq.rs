@@ -47,6 +47,11 @@ struct Settings {
     durable: bool,
     delete_when_unused: bool,
     exclusive: bool,
+    /// The publishing side declares the queue too — except for an `exclusive` queue the input
+    /// side reads: only the connection that declares an exclusive queue may use it, so the
+    /// consumer's declares it and the publisher only sends to it (by the default exchange,
+    /// which any connection may).
+    publisher_declares: bool,
     prefetch: u16,
     max_priority: Option<u8>,
     /// The queue's message TTL (`ttlInSeconds`), in milliseconds.
@@ -114,6 +119,8 @@ impl RabbitBinding {
                 durable: meta.bool("durable", false)?,
                 delete_when_unused: meta.bool("deleteWhenUnused", false)?,
                 exclusive: meta.bool("exclusive", false)?,
+                publisher_declares: !(meta.bool("exclusive", false)?
+                    && super::input_bindings::reads_input(c)?),
                 prefetch,
                 max_priority,
                 queue_ttl_ms,
@@ -127,6 +134,47 @@ impl RabbitBinding {
     /// The queue (the input side's "topic").
     pub fn queue(&self) -> &str {
         &self.settings.queue
+    }
+
+    /// Opens the publishing connection and channel when `slot` has none that is connected.
+    async fn connect(&self, slot: &mut Option<(Connection, Channel)>) -> Result<(), String> {
+        if slot.as_ref().is_some_and(|(_, ch)| ch.status().connected()) {
+            return Ok(());
+        }
+        if let Some((old, _)) = slot.take() {
+            let _ = old.close(200, "reconnecting".into()).await;
+        }
+        let connection = connect_uri(&self.settings.uri, None).await?;
+        let opened = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| format!("rabbitmq: cannot open a channel: {e}"))?;
+            if self.settings.publisher_declares {
+                declare_queue(&channel, &self.settings).await?;
+            }
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| format!("rabbitmq: cannot turn publisher confirms on: {e}"))?;
+            Ok::<_, String>(channel)
+        }
+        .await;
+        match opened {
+            Ok(channel) => {
+                *slot = Some((connection, channel));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = connection.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The health probe: the publishing channel is open (connecting when it is not).
+    pub async fn ping(&self) -> Result<(), String> {
+        self.connect(&mut *self.publisher.lock().await).await
     }
 
     /// `create`: publishes `data` to the queue and waits for the broker's confirm.
@@ -164,32 +212,7 @@ impl RabbitBinding {
             properties = properties.with_headers(headers(&extra));
         }
         let mut slot = self.publisher.lock().await;
-        if slot.as_ref().is_none_or(|(_, ch)| !ch.status().connected()) {
-            if let Some((old, _)) = slot.take() {
-                let _ = old.close(200, "reconnecting".into()).await;
-            }
-            let connection = connect_uri(&self.settings.uri, None).await?;
-            let opened = async {
-                let channel = connection
-                    .create_channel()
-                    .await
-                    .map_err(|e| format!("rabbitmq: cannot open a channel: {e}"))?;
-                declare_queue(&channel, &self.settings).await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| format!("rabbitmq: cannot turn publisher confirms on: {e}"))?;
-                Ok::<_, String>(channel)
-            }
-            .await;
-            match opened {
-                Ok(channel) => *slot = Some((connection, channel)),
-                Err(e) => {
-                    let _ = connection.close(200, "setup failed".into()).await;
-                    return Err(e);
-                }
-            }
-        }
+        self.connect(&mut slot).await?;
         let Some((_, channel)) = slot.as_ref() else {
             unreachable!("connected above")
         };
@@ -249,6 +272,10 @@ async fn declare_queue(channel: &Channel, s: &Settings) -> Result<(), String> {
 }
 
 impl Broker for RabbitBinding {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(RabbitBinding::ping(self)))
+    }
+
     fn kind(&self) -> &'static str {
         "bindings.rabbitmq"
     }

@@ -24,6 +24,11 @@ pub struct RedisBinding {
 }
 
 impl RedisBinding {
+    /// The health probe: a `PING`.
+    pub async fn ping(&self) -> Result<(), String> {
+        super::state::redis_ping(&self.client, &self.conn).await
+    }
+
     /// Checks the metadata (nothing connects).
     pub fn open(c: &Component) -> Result<RedisBinding, String> {
         if let Some(t) = c.meta("redisType").filter(|t| *t != "node") {

@@ -36,17 +36,33 @@ struct BindingRequest {
     operation: String,
 }
 
-/// Lowercases the top-level field names (`Data`, `OPERATION`): Go's decoder matches them so.
+/// Lowercases the top-level field names (`Data`, `OPERATION`): Go's decoder matches them so
+/// (the exact spelling wins over another case). `data` stays the text it was sent as: through
+/// a `Value` an integer past 2^53 would come out rounded.
 fn fold_case(body: &[u8]) -> Result<BindingRequest, serde_json::Error> {
     let raw: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(body)?;
-    let mut folded = serde_json::Map::new();
+    let mut folded: BTreeMap<String, Box<RawValue>> = BTreeMap::new();
     for (k, v) in raw {
         let key = k.to_ascii_lowercase();
         if !folded.contains_key(&key) || k == key {
-            folded.insert(key, serde_json::to_value(&v)?);
+            folded.insert(key, v);
         }
     }
-    serde_json::from_value(serde_json::Value::Object(folded))
+    let mut req = BindingRequest::default();
+    for (key, v) in folded {
+        match key.as_str() {
+            "data" => req.data = Some(v),
+            // null leaves them empty, as Go's decoder does.
+            "metadata" => {
+                req.metadata = serde_json::from_str::<Option<_>>(v.get())?.unwrap_or_default()
+            }
+            "operation" => {
+                req.operation = serde_json::from_str::<Option<_>>(v.get())?.unwrap_or_default()
+            }
+            _ => {}
+        }
+    }
+    Ok(req)
 }
 
 async fn invoke(
@@ -91,4 +107,25 @@ async fn invoke(
         }
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_keeps_its_digits_and_names_fold_case() {
+        let req = fold_case(
+            br#"{"Data": {"id": 123456789012345678901234567890}, "OPERATION": "create", "metadata": null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            req.data.unwrap().get(),
+            r#"{"id": 123456789012345678901234567890}"#
+        );
+        assert_eq!(req.operation, "create");
+        assert!(req.metadata.is_empty());
+        let req = fold_case(br#"{"operation": "get", "Operation": "delete"}"#).unwrap();
+        assert_eq!(req.operation, "get");
+    }
 }

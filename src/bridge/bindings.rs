@@ -88,6 +88,18 @@ impl OutputBinding {
         }
     }
 
+    /// The health probe ([`super::health`]); None for `bindings.http` (its server is the
+    /// request's, each call says whether it answers).
+    pub fn ping(&self) -> Option<super::pubsub::broker::BoxFuture<'_, Result<(), String>>> {
+        match self {
+            OutputBinding::Http(_) => None,
+            OutputBinding::Postgres(p) => Some(Box::pin(p.ping())),
+            OutputBinding::Redis(r) => Some(Box::pin(r.ping())),
+            OutputBinding::Rabbit(r) => Some(Box::pin(r.ping())),
+            OutputBinding::Mqtt { broker, .. } => broker.ping(),
+        }
+    }
+
     /// Sends `data` with `operation`.
     pub async fn invoke(
         &self,
@@ -167,7 +179,10 @@ impl HttpBinding {
         }
         // Go's spellings (contrib reads it with `IsTruthy`, so anything else would be false;
         // a typo is refused here rather than silently turning the check off).
-        let error_if_not_2xx = match c.meta("errorIfNot2XX") {
+        // Empty is unset (the default, true), as for a request's: daprd reads "" as false, but
+        // an empty value is a template's placeholder far more often than a wish to ignore
+        // errors, and `check` refused it outright before.
+        let error_if_not_2xx = match c.meta("errorIfNot2XX").filter(|v| !v.trim().is_empty()) {
             None => true,
             Some(v) => truthy(v).ok_or_else(|| {
                 format!(
@@ -328,4 +343,35 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(error_if_not_2xx: Option<&str>) -> Result<HttpBinding, String> {
+        let mut metadata = BTreeMap::from([("url".to_string(), "http://127.0.0.1:1".to_string())]);
+        if let Some(v) = error_if_not_2xx {
+            metadata.insert("errorIfNot2XX".into(), v.into());
+        }
+        HttpBinding::open(&Component {
+            name: "h".into(),
+            kind: "bindings.http".into(),
+            version: "v1".into(),
+            metadata,
+            scopes: Vec::new(),
+            ignore_errors: false,
+            file: "h.yaml".into(),
+            line: 1,
+            lines: BTreeMap::new(),
+        })
+    }
+
+    #[test]
+    fn an_empty_error_if_not_2xx_is_the_default() {
+        assert!(http(None).unwrap().error_if_not_2xx);
+        assert!(http(Some("")).unwrap().error_if_not_2xx);
+        assert!(!http(Some("false")).unwrap().error_if_not_2xx);
+        assert!(http(Some("maybe")).is_err());
+    }
 }

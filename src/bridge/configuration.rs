@@ -76,6 +76,14 @@ impl ConfigurationStore {
         }
     }
 
+    /// The health probe ([`super::health`]).
+    pub fn ping(&self) -> super::pubsub::broker::BoxFuture<'_, Result<(), String>> {
+        match self {
+            ConfigurationStore::Redis(r) => Box::pin(super::state::redis_ping(&r.client, &r.conn)),
+            ConfigurationStore::Postgres(p) => Box::pin(p.ping()),
+        }
+    }
+
     /// The items of `keys` that exist (no keys: all of them).
     pub async fn get(&self, keys: &[String]) -> Result<BTreeMap<String, ConfigItem>, String> {
         match self {

@@ -51,6 +51,11 @@ fn valid_channel(channel: &str) -> bool {
 }
 
 impl PostgresConfiguration {
+    /// The health probe: `SELECT 1` on the pool.
+    pub async fn ping(&self) -> Result<(), String> {
+        super::state_postgresql::pg_ping(&self.pool).await
+    }
+
     pub fn open(c: &Component) -> Result<PostgresConfiguration, String> {
         let table = c
             .meta("table")

@@ -55,7 +55,7 @@ enum Source {
 
 /// Whether `direction` metadata (`input`, `output`, `input, output`; absent: both) lets the
 /// component read events.
-fn reads_input(c: &Component) -> Result<bool, String> {
+pub(crate) fn reads_input(c: &Component) -> Result<bool, String> {
     let Some(d) = c.meta("direction") else {
         return Ok(true);
     };

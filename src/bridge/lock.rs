@@ -110,6 +110,11 @@ impl LockStore {
         Ok(format!("lock{SEPARATOR}{key}"))
     }
 
+    /// The health probe: a `PING`.
+    pub async fn ping(&self) -> Result<(), String> {
+        super::state::redis_ping(&self.client, &self.conn).await
+    }
+
     /// Takes the lock for `owner` for `expiry_seconds`, unless someone holds it.
     pub async fn try_lock(
         &self,

@@ -24,6 +24,7 @@ pub mod env;
 pub mod error;
 pub mod field_case;
 pub mod grpc;
+pub mod health;
 pub mod input_bindings;
 pub mod invoke;
 pub mod isolation;
@@ -115,6 +116,8 @@ pub struct BridgeState {
     pub ready: AtomicBool,
     /// `PUT /v1.0/metadata/{key}` values.
     pub extended: Mutex<BTreeMap<String, String>>,
+    /// What the last probe of each networked component found ([`health`]).
+    pub health: health::Health,
     /// Pub/sub: publish routes, subscriptions and deliveries (empty, starting nothing, when
     /// no pubsub component is configured).
     pub pubsub: Arc<pubsub::PubSub>,
@@ -196,6 +199,8 @@ impl BridgeState {
                 }
                 "bindings" if c.kind == "bindings.mqtt3" => bindings::mqtt_parts(c, &bridge.app_id)
                     .and_then(|(broker, topic)| {
+                        use pubsub::broker::Broker as _;
+                        broker.set_drop_counter(pubsub_metrics.mqtt_dropped_counter(&c.name));
                         let input =
                             input_bindings::InputBinding::from_broker(c, broker.clone(), &topic)?;
                         input_bindings.extend(input.map(Arc::new));
@@ -305,6 +310,7 @@ impl BridgeState {
             control,
             ready: AtomicBool::new(false),
             extended: Mutex::new(BTreeMap::new()),
+            health: health::Health::default(),
             resolver: bridge.name_resolution.clone().map(|t| {
                 let namespace = std::env::var("NAMESPACE")
                     .or_else(|_| std::env::var("POD_NAMESPACE"))
@@ -609,6 +615,9 @@ impl Bridge {
                         self.state.metrics.clone(),
                     );
                 }
+                // Component probes, for `/v1.0/metadata`: from the start (a component down
+                // at start shows so before the app is ready), until the stop begins.
+                health::start(self.state.clone(), ps.stopping());
                 let mut inbound = cx.drain.inbound();
                 // Counted as inbound work: the app gets its stop signal only once deliveries
                 // in flight have finished (bounded by the inbound drain's deadline).

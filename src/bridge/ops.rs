@@ -454,6 +454,8 @@ pub struct ComponentView<'a> {
     pub kind: &'a str,
     pub version: &'a str,
     pub capabilities: &'static [&'static str],
+    /// What the last probe found (None: a component with nothing to probe).
+    pub status: Option<super::health::Status>,
 }
 
 /// The components in scope, with the capabilities we implement.
@@ -468,6 +470,7 @@ pub fn components(st: &BridgeState) -> Vec<ComponentView<'_>> {
                 "state" => &["ETAG", "TRANSACTIONAL"],
                 _ => &[],
             },
+            status: st.health.get(&c.name),
         })
         .collect()
 }
@@ -502,11 +505,13 @@ pub fn set_metadata(st: &BridgeState, key: String, value: String) {
     st.extended.lock().expect("not poisoned").insert(key, value);
 }
 
-/// The extended metadata: what was set so far, and an `outrigger.skipped.<name>` entry for
-/// each component skipped under `spec.ignoreErrors` (`<type> (<file:line>): <error>`).
+/// The extended metadata: what was set so far, an `outrigger.skipped.<name>` entry for
+/// each component skipped under `spec.ignoreErrors` (`<type> (<file:line>): <error>`), and an
+/// `outrigger.health.<name>` entry for each probed component ([`super::health`]).
 pub fn extended(st: &BridgeState) -> BTreeMap<String, String> {
     let mut out = st.extended.lock().expect("not poisoned").clone();
     out.extend(st.skipped.iter().map(|s| s.extended_entry()));
+    out.extend(st.health.extended_entries());
     out
 }
 

@@ -296,12 +296,20 @@ async fn metadata(State(st): St) -> Response {
     let components: Vec<serde_json::Value> = ops::components(&st)
         .into_iter()
         .map(|c| {
-            serde_json::json!({
+            let mut entry = serde_json::json!({
                 "name": c.name,
                 "type": c.kind,
                 "version": c.version,
                 "capabilities": c.capabilities,
-            })
+            });
+            // Ours (daprd reports no component health): SDKs ignore fields they do not know.
+            if let Some(status) = &c.status {
+                entry["status"] = status.word().into();
+                if let Some(e) = status.error() {
+                    entry["error"] = e.into();
+                }
+            }
+            entry
         })
         .collect();
     let extended = ops::extended(&st);

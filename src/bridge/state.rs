@@ -299,6 +299,15 @@ impl Store {
         }
     }
 
+    /// The health probe ([`super::health`]); None for the stores in this process.
+    pub fn ping(&self) -> Option<super::pubsub::broker::BoxFuture<'_, Result<(), String>>> {
+        match self {
+            Store::Memory(_) | Store::Sqlite(_) => None,
+            Store::Redis(r) => Some(Box::pin(redis_ping(&r.client, &r.conn))),
+            Store::Postgres(p) => Some(Box::pin(p.ping())),
+        }
+    }
+
     /// Applies every operation, or none: all ETag checks pass first.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
         if ops.is_empty() {
@@ -607,6 +616,19 @@ pub(crate) async fn redis_connection(
     cell.get_or_try_init(|| client.get_connection_manager_with_config(config))
         .await
         .cloned()
+        .map_err(|e| format!("redis: {e}"))
+}
+
+/// A `PING` on a component's Redis connection (connecting when there is none): the health
+/// probe of every Redis-backed component ([`super::health`]).
+pub(crate) async fn redis_ping(
+    client: &redis::Client,
+    cell: &tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+) -> Result<(), String> {
+    let mut conn = redis_connection(client, cell).await?;
+    redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
         .map_err(|e| format!("redis: {e}"))
 }
 

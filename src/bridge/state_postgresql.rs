@@ -138,6 +138,26 @@ pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Du
     Ok((config, timeout))
 }
 
+/// `SELECT 1` on a connection of `pool`: the health probe of every PostgreSQL component
+/// ([`super::health`]). Uses the component's own pool (and its `maxConns`).
+pub(crate) async fn pg_ping(pool: &Pool) -> Result<(), String> {
+    // Every connection in use: the probe would wait behind the app's own calls (and time out
+    // while the database serves them); the last status stands.
+    let status = pool.status();
+    if status.size >= status.max_size && status.available == 0 {
+        return Err(super::health::BUSY.to_string());
+    }
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| format!("postgresql: cannot connect: {}", chain(&e)))?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map(drop)
+        .map_err(|e| format!("postgresql: {}", chain(&e)))
+}
+
 /// The connection pool a PostgreSQL component describes (`connectionString`, `timeout`,
 /// `maxConns`), built with nothing connected, and its `timeout`. Shared by `state.postgresql`,
 /// `bindings.postgresql` and `configuration.postgresql`, which read these keys alike.
@@ -206,6 +226,11 @@ impl Postgres {
             cleanup_interval,
             migrated: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The health probe: `SELECT 1` on a pooled connection.
+    pub async fn ping(&self) -> Result<(), String> {
+        pg_ping(&self.pool).await
     }
 
     /// A pooled connection, once the tables exist.
@@ -400,6 +425,11 @@ impl Postgres {
             );
             for op in &ops {
                 let Some(want) = op_etag(op) else { continue };
+                // `xmin` is 32 bits: a larger ETag is not one of ours (daprd parses it as a
+                // uint32 and answers 400, not 409).
+                if want > u64::from(u32::MAX) {
+                    return Err(StateError::EtagInvalid(want.to_string()));
+                }
                 let found = tx
                     .query_opt(&check, &[&op_key(op), &(want as i64)])
                     .await

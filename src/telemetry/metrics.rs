@@ -336,6 +336,12 @@ pub struct PubSubPublishLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PubSubComponentLabels {
+    /// The component's name (a pubsub or a binding).
+    pub pubsub: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PubSubDeliveryLabels {
     pub pubsub: Name,
     /// A subscribed topic (bounded by the subscriptions; published topics are not labelled).
@@ -350,6 +356,8 @@ pub struct PubSubDeliveryLabels {
 pub struct PubSubMetrics {
     pub published: Family<PubSubPublishLabels, Counter>,
     pub delivered: Family<PubSubDeliveryLabels, Counter>,
+    /// QoS 0 MQTT messages dropped because the subscription's queue for the app was full.
+    pub mqtt_dropped: Family<PubSubComponentLabels, Counter>,
 }
 
 impl PubSubMetrics {
@@ -364,6 +372,20 @@ impl PubSubMetrics {
             "Delivery attempts to the app by pubsub, subscribed topic and result (success, retry, drop, dead_letter)",
             self.delivered.clone(),
         );
+        r.register(
+            "pubsub_mqtt_dropped",
+            "QoS 0 MQTT messages dropped by pubsub.mqtt3 or bindings.mqtt3 component because its queue for the app was full",
+            self.mqtt_dropped.clone(),
+        );
+    }
+
+    /// The dropped-message counter of an MQTT component (created at 0).
+    pub fn mqtt_dropped_counter(&self, component: &str) -> Counter {
+        self.mqtt_dropped
+            .get_or_create(&PubSubComponentLabels {
+                pubsub: Arc::new(component.to_string()),
+            })
+            .clone()
     }
 
     /// `result`: success, failure, or timeout (no answer within the publish timeout).

@@ -1154,14 +1154,59 @@ fn a_down_redis_fails_fast_and_recovers() {
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: gone\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: {}\n",
         crate::backend::dead_port()
     );
+    // A broker and a lock store on the same server: probed and shown as the store is.
+    let broker = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: 127.0.0.1:{}\n",
+        redis.port
+    );
     let sc = start(
         "service: orders\n",
-        &[("redis.yaml", &component), ("gone.yaml", &gone)],
+        &[
+            ("redis.yaml", &component),
+            ("gone.yaml", &gone),
+            ("broker.yaml", &broker),
+            ("lock.yaml", &lock_component("locks", &redis, "")),
+        ],
     );
     let quick = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
+    // The health of each component, as `/v1.0/metadata` and its extended metadata show it.
+    let health = |name: &str| -> (String, String) {
+        let (s, _, body) = get(&sc, "/v1.0/metadata");
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let entry = v["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+            .clone();
+        let extended = v["extended"][format!("outrigger.health.{name}")]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let status = entry["status"].as_str().unwrap_or_default().to_string();
+        if status == "unhealthy" {
+            assert!(
+                extended.starts_with("unhealthy: ") && entry["error"].is_string(),
+                "{body}"
+            );
+        }
+        (status, extended)
+    };
+    for name in ["cache", "events", "locks"] {
+        eventually(Duration::from_secs(10), "healthy at start", || {
+            (health(name).0 == "healthy").then_some(())
+        });
+    }
+    eventually(
+        Duration::from_secs(10),
+        "a store down at start shown",
+        || (health("gone").0 == "unhealthy").then_some(()),
+    );
     let r = quick
         .get(sc.bridge_url("/v1.0/state/gone/k"))
         .send()
@@ -1170,6 +1215,17 @@ fn a_down_redis_fails_fast_and_recovers() {
     let (s, _) = post(&sc, "/v1.0/state/cache", json!([{"key": "k", "value": 1}]));
     assert_eq!(s, 204);
     redis.kill();
+    for name in ["cache", "events", "locks"] {
+        eventually(Duration::from_secs(15), "unhealthy once down", || {
+            (health(name).0 == "unhealthy").then_some(())
+        });
+    }
+    let (s, body) = post(&sc, "/v1.0/publish/events/orders", json!({"a": 1}));
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (500, "ERR_PUBSUB_PUBLISH_MESSAGE"),
+        "{body}"
+    );
     for _ in 0..3 {
         let r = quick
             .get(sc.bridge_url("/v1.0/state/cache/k"))
@@ -1186,6 +1242,14 @@ fn a_down_redis_fails_fast_and_recovers() {
             .ok()?;
         (r.status() == 200 || r.status() == 204).then_some(())
     });
+    for name in ["cache", "events", "locks"] {
+        eventually(Duration::from_secs(15), "healthy again", || {
+            (health(name) == ("healthy".into(), "healthy".into())).then_some(())
+        });
+    }
+    let (s, body) = post(&sc, "/v1.0/publish/events/orders", json!({"a": 1}));
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(health("gone").0, "unhealthy");
 }
 
 /// A path segment that is not UTF-8 once decoded got axum's plain-text 400: now Dapr's JSON.
@@ -1730,6 +1794,13 @@ fn postgres_state_store() {
     let sc = start("service: orders\n", &components);
     state_contract(&sc, "pg");
     concurrent_counter(&sc, "pg");
+    // An ETag past 32 bits cannot be an xmin: 400 as daprd (uint32), not a 409 mismatch.
+    let (s, body) = post(
+        &sc,
+        "/v1.0/state/pg",
+        json!([{"key": "wide", "value": 1, "etag": "4294967296"}]),
+    );
+    assert_eq!(s, 400, "{body}");
     ttl_contract(&sc, "pg", "pg");
     // daprd's layout: the columns, the migration level, JSON stored as jsonb, the ETag = xmin.
     let columns = db.sql(
@@ -1810,6 +1881,18 @@ fn postgres_down_fails_per_request_and_recovers() {
         (500, "ERR_STATE_SAVE"),
         "{body}"
     );
+    eventually(
+        Duration::from_secs(15),
+        "pg unhealthy in the metadata",
+        || {
+            let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
+            let c = v["components"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "pg")?;
+            (c["status"] == "unhealthy" && c["error"].as_str()?.contains(&name)).then_some(())
+        },
+    );
     // The database appears: the next calls create the table and work.
     let db = PostgresDb { name };
     let _ = std::process::Command::new("psql")
@@ -1829,6 +1912,19 @@ fn postgres_down_fails_per_request_and_recovers() {
         (post(&sc, "/v1.0/state/pg", json!([{"key": "k", "value": 1}])).0 == 204).then_some(())
     });
     assert_eq!(get(&sc, "/v1.0/state/pg/k").2, "1");
+    // The probe saw it too: the store shows healthy in the metadata.
+    eventually(
+        Duration::from_secs(15),
+        "pg healthy in the metadata",
+        || {
+            let v: Value = serde_json::from_str(&get(&sc, "/v1.0/metadata").2).ok()?;
+            let c = v["components"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "pg")?;
+            (c["status"] == "healthy").then_some(())
+        },
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let resources = dir.path().join("components");
@@ -2461,6 +2557,31 @@ fn output_binding_postgresql_exec_query_close() {
             [2, null, null, null, null, null, null, null, null]
         ])
     );
+    // Numbers digit for digit (a parameter, numeric, jsonb: none through f64), binary types
+    // (a range, an interval) as base64 of their bytes, not those bytes as text.
+    let raw = |body: &str| {
+        let r = client()
+            .post(sc.bridge_url("/v1.0/bindings/sql"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (s, body) = raw(
+        r#"{"operation":"query","metadata":{"sql":"SELECT $1::numeric, 123456789012345678901234567890.5::numeric, '{\"n\": 123456789012345678901}'::jsonb, int4range(1, 5), '1 day'::interval","params":"[123456789012345678901234567890]"}}"#,
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body,
+        r#"[[123456789012345678901234567890,123456789012345678901234567890.5,{"n": 123456789012345678901},"AgAAAAQAAAABAAAABAAAAAU=","AAAAAAAAAAAAAAABAAAAAA=="]]"#
+    );
+    // A result past the cap is refused, with a reason, instead of filling the memory.
+    let (s, body) = raw(
+        r#"{"operation":"query","metadata":{"sql":"SELECT repeat('x', 1000000) FROM generate_series(1, 20)"}}"#,
+    );
+    assert_eq!(s, 500, "{body}");
+    assert!(body.contains("larger than 16 MiB"), "{body}");
     let (s, _, body) = invoke_binding(
         &sc,
         "sql",
@@ -2701,6 +2822,20 @@ fn rabbitmq_binding_output_and_input() {
                     ],
                 ),
             ),
+            // An exclusive queue: the consumer's connection declares it, the publisher's only
+            // sends to it (two connections declaring it: RESOURCE_LOCKED).
+            (
+                "solo.yaml",
+                &binding_component(
+                    "solo",
+                    "bindings.rabbitmq",
+                    &[
+                        ("host", &vhost.url()),
+                        ("queueName", "solo"),
+                        ("exclusive", "true"),
+                    ],
+                ),
+            ),
             // Output only.
             (
                 "out.yaml",
@@ -2729,6 +2864,17 @@ fn rabbitmq_binding_output_and_input() {
     });
     assert_eq!(String::from_utf8_lossy(&got.body), r#"{"job":1}"#);
     assert_eq!(got.header("team"), Some("pay"));
+    let (s, _, body) = invoke_binding(&sc, "solo", json!({"operation": "create", "data": "alone"}));
+    assert_eq!((s, body.as_str()), (204, ""));
+    eventually(
+        Duration::from_secs(30),
+        "the exclusive queue's message",
+        || {
+            app.seen()
+                .into_iter()
+                .find(|r| r.method == "POST" && r.path == "/solo" && &r.body[..] == b"alone")
+        },
+    );
     assert!(
         app.seen()
             .iter()

@@ -89,6 +89,8 @@ struct AppState {
     behaviour: Box<Behaviour>,
     received: Mutex<Vec<Received>>,
     answers: Mutex<Vec<(String, StatusCode, String)>>,
+    /// Deliveries wait while this is false (a slow app).
+    open: watch::Sender<bool>,
 }
 
 /// A tiny app: `GET /dapr/subscribe` answers `subscribe` (404 when `None`), every POST is
@@ -116,6 +118,7 @@ impl App {
             behaviour: Box::new(behaviour),
             received: Mutex::new(Vec::new()),
             answers: Mutex::new(Vec::new()),
+            open: watch::channel(true).0,
         });
         async fn subscriptions(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
             match &s.subscribe {
@@ -129,6 +132,7 @@ impl App {
             headers: HeaderMap,
             body: Bytes,
         ) -> (StatusCode, String) {
+            let _ = s.open.subscribe().wait_for(|open| *open).await;
             let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let id = event["id"].clone();
             let seen = {
@@ -156,6 +160,11 @@ impl App {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await });
         App { addr, state }
+    }
+
+    /// While closed, deliveries wait before they are recorded and answered.
+    fn gate(&self, open: bool) {
+        self.state.open.send_replace(open);
     }
 
     fn received(&self) -> Vec<Received> {
@@ -439,8 +448,11 @@ async fn bad_component_metadata_is_refused_with_the_file() {
         ),
         (
             "pubsub.rabbitmq",
-            vec![("connectionString", "amqp://h"), ("exchangeKind", "topic")],
-            "exchangeKind: expected fanout",
+            vec![
+                ("connectionString", "amqp://h"),
+                ("exchangeKind", "x-delayed"),
+            ],
+            "exchangeKind: expected fanout, topic, direct or headers",
         ),
         (
             "pubsub.mqtt3",
@@ -1271,6 +1283,64 @@ async fn rabbitmq_retries_dead_letters_and_acks_in_daprs_layout() {
     b.ps.stop().await;
 }
 
+/// `exchangeKind: topic` with a subscription's `routingKey` list and a publish's `routingKey`:
+/// only what the keys match reaches the app; nothing is left in the queue.
+#[tokio::test]
+async fn rabbitmq_topic_exchange_routes_by_key() {
+    let vhost = RabbitVhost::create();
+    let app = App::start(
+        Some(json!([
+            {"pubsubname": "rmq", "topic": "orders", "route": "/orders",
+             "metadata": {"routingKey": "eu.*,us.orders"}}
+        ])),
+        |_, _, _| ok(),
+    )
+    .await;
+    let rmq = component(
+        "rmq",
+        "pubsub.rabbitmq",
+        &[
+            ("connectionString", &vhost.url()),
+            ("exchangeKind", "topic"),
+            ("prefetchCount", "0"),
+        ],
+    );
+    let b = bridge(Some(&app), &[rmq], vec![], 1).await;
+    let ce = |id: &str| {
+        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
+    };
+    // Unroutable first: once the later two arrive, it would have too.
+    for (id, key) in [
+        ("asia", "asia.tokyo"),
+        ("paris", "eu.paris"),
+        ("us", "us.orders"),
+    ] {
+        let (status, err) = b
+            .call(
+                "POST",
+                &format!("/v1.0/publish/rmq/orders?metadata.routingKey={key}"),
+                &[("content-type", "application/cloudevents+json")],
+                &ce(id),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    }
+    until("two deliveries", async || app.on("/orders").len() == 2).await;
+    let mut got: Vec<String> = app
+        .on("/orders")
+        .iter()
+        .map(|r| r.event["id"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, ["paris", "us"]);
+    until("nothing left in the queue", async || {
+        vhost.queues().get("shop-orders") == Some(&(0, 0))
+    })
+    .await;
+    assert_eq!(app.on("/orders").len(), 2);
+    b.ps.stop().await;
+}
+
 /// RabbitMQ drops every connection (as a restart does) while deliveries are unacked: the
 /// subscription and the publisher reconnect, the broker redelivers what was in flight, and a
 /// broker that is not there at all fails a publish at once with Dapr's error.
@@ -1488,6 +1558,93 @@ async fn mqtt3_retries_dead_letters_and_retains() {
         )),
         "{text}"
     );
+    b.ps.stop().await;
+}
+
+/// A slow app and QoS 0: the subscription holds `HELD_PER_SUBSCRIPTION` messages (10 being
+/// handled, 90 waiting); the rest are dropped and counted, not queued without bound. Once the
+/// app answers, the held ones arrive.
+#[tokio::test]
+async fn mqtt3_qos0_backlog_is_bounded_and_drops_are_counted() {
+    let held = outrigger::bridge::pubsub::mqtt::HELD_PER_SUBSCRIPTION;
+    let prefix = format!("outrigger-test-{:08x}", fastrand::u32(..));
+    let topic = format!("{prefix}/ticks");
+    let app = App::start(
+        Some(json!([{"pubsubname": "mq", "topic": topic, "route": "/ticks"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    app.gate(false);
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[
+            ("url", "tcp://127.0.0.1:1883"),
+            ("consumerID", &format!("{prefix}-client")),
+            ("qos", "0"),
+        ],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 1).await;
+    let extra = 30;
+    for i in 0..held + extra {
+        b.publish("mq", &topic, "text/plain", &format!("m{i}"))
+            .await;
+    }
+    let dropped = format!(r#"outrigger_pubsub_mqtt_dropped_total{{pubsub="mq"}} {extra}"#);
+    until("the drops counted", async || {
+        b.metrics_text().contains(&dropped)
+    })
+    .await;
+    app.gate(true);
+    until("the held messages delivered", async || {
+        app.successes().len() == held
+    })
+    .await;
+    assert_eq!(app.on("/ticks").len(), held);
+    assert!(b.metrics_text().contains(&dropped), "{}", b.metrics_text());
+    b.ps.stop().await;
+}
+
+/// A stuck app and QoS 1 past the backlog bound, on a broker with no in-flight limit (so more
+/// than `HELD_PER_SUBSCRIPTION` unacked messages reach the sidecar): the connection is read
+/// on, so the component's own publishes are still acknowledged (the poll loop used to wait for
+/// a slot, and a consume-and-publish app deadlocked itself), and once the app answers every
+/// message arrives (QoS 1 is not dropped).
+#[tokio::test]
+async fn mqtt3_a_stuck_qos1_subscription_does_not_stall_the_connection() {
+    let held = outrigger::bridge::pubsub::mqtt::HELD_PER_SUBSCRIPTION;
+    let port = free_port();
+    let _mosquitto = MosquittoServer::start_with(port, "max_inflight_messages 0");
+    let app = App::start(
+        Some(json!([{"pubsubname": "mq", "topic": "ticks", "route": "/ticks"}])),
+        |_, _, _| ok(),
+    )
+    .await;
+    app.gate(false);
+    let mq = component(
+        "mq",
+        "pubsub.mqtt3",
+        &[
+            ("url", &format!("tcp://127.0.0.1:{port}")),
+            ("consumerID", "stuck-qos1"),
+            ("qos", "1"),
+        ],
+    );
+    let b = bridge(Some(&app), &[mq], vec![], 1).await;
+    let total = held + 30;
+    for i in 0..total {
+        tokio::time::timeout(
+            WAIT,
+            b.publish("mq", "ticks", "text/plain", &format!("m{i}")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("publish {i} never acknowledged: the connection stalled"));
+    }
+    app.gate(true);
+    until("every message delivered", async || {
+        app.successes().len() == total
+    })
+    .await;
     b.ps.stop().await;
 }
 

@@ -350,6 +350,29 @@ impl MosquittoServer {
         }
         MosquittoServer { child }
     }
+
+    /// A Mosquitto on `port` with these extra configuration lines.
+    pub fn start_with(port: u16, config: &str) -> Self {
+        let file = std::env::temp_dir().join(format!("outrigger-mosquitto-{port}.conf"));
+        std::fs::write(
+            &file,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{config}\n"),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (.ci/run installs it)");
+        let deadline = Instant::now() + START_WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        MosquittoServer { child }
+    }
 }
 
 impl Drop for MosquittoServer {

@@ -61,6 +61,10 @@ pub trait Broker: Send + Sync + 'static {
     /// defaults to it). Most brokers need nothing.
     fn set_app_id(&self, _app_id: &str) {}
 
+    /// Gives the broker the counter of messages it drops (MQTT QoS 0 past its queue bound).
+    /// Most brokers drop nothing.
+    fn set_drop_counter(&self, _counter: prometheus_client::metrics::counter::Counter) {}
+
     /// Stores one message; resolves once the broker has accepted it.
     fn publish<'a>(
         &'a self,
@@ -68,6 +72,12 @@ pub trait Broker: Send + Sync + 'static {
         data: Bytes,
         metadata: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The health probe ([`crate::bridge::health`]): resolves `Ok` when the broker answers
+    /// (connecting when there is no connection). None: nothing to probe (in-memory).
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        None
+    }
 
     /// Starts consuming `topic` as consumer group `group` (the app id unless the component's
     /// metadata names one). Resolves once the subscription exists on the broker; the returned
@@ -78,6 +88,18 @@ pub trait Broker: Send + Sync + 'static {
         group: &'a str,
         handler: Handler,
     ) -> BoxFuture<'a, Result<Subscription, BrokerError>>;
+
+    /// [`Broker::subscribe`] with the subscription's metadata (RabbitMQ's `routingKey`);
+    /// brokers that read none subscribe as without it.
+    fn subscribe_with<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        _metadata: &'a BTreeMap<String, String>,
+        handler: Handler,
+    ) -> BoxFuture<'a, Result<Subscription, BrokerError>> {
+        self.subscribe(topic, group, handler)
+    }
 }
 
 /// A running subscription: a consuming task and its stop signal.

@@ -22,6 +22,7 @@ use super::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription,
     reconnect_backoff, stopped,
 };
+use super::rabbitmq::redact;
 
 /// Dapr's component defaults (the server's where Dapr leaves them unset).
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
@@ -75,7 +76,11 @@ impl JetStream {
     pub fn new(meta: &Meta) -> Result<Self, String> {
         let url = meta.required("natsURL", "the NATS server URL, e.g. nats://localhost:4222")?;
         if url.parse::<async_nats::ServerAddr>().is_err() {
-            return Err(meta.error("natsURL", "a NATS URL such as nats://localhost:4222", url));
+            return Err(meta.error(
+                "natsURL",
+                "a NATS URL such as nats://localhost:4222",
+                &redact(url),
+            ));
         }
         for key in [
             "jwt",
@@ -174,7 +179,12 @@ impl JetStream {
                     .retry_on_initial_connect()
                     .connect(self.settings.url.as_str())
                     .await
-                    .map_err(|e| format!("cannot connect to nats at {}: {e}", self.settings.url))?;
+                    .map_err(|e| {
+                        format!(
+                            "cannot connect to nats at {}: {e}",
+                            redact(&self.settings.url)
+                        )
+                    })?;
                 Ok(jetstream::new(client))
             })
             .await
@@ -269,7 +279,32 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
+/// How long a health probe waits for a connection still being opened (under the health
+/// module's 3 s probe timeout).
+const PING_PENDING: Duration = Duration::from_secs(2);
+
 impl Broker for JetStream {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move {
+            let js = self.context().await?;
+            // Right after start the first connection is still pending (it is opened in the
+            // background): give it a moment before calling the component unhealthy.
+            let mut waited = Duration::ZERO;
+            loop {
+                match js.client().connection_state() {
+                    async_nats::connection::State::Connected => return Ok(()),
+                    async_nats::connection::State::Pending if waited < PING_PENDING => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        waited += Duration::from_millis(50);
+                    }
+                    state => {
+                        return Err(format!("nats at {}: {state}", redact(&self.settings.url)));
+                    }
+                }
+            }
+        }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.jetstream"
     }

@@ -271,6 +271,9 @@ impl PubSub {
         let mut built = BTreeMap::new();
         for (name, broker) in brokers {
             broker.set_app_id(&options.app_id);
+            if broker.kind() == "pubsub.mqtt3" {
+                broker.set_drop_counter(metrics.mqtt_dropped_counter(&name));
+            }
             if built.contains_key(&name) {
                 errors.push(format!(
                     "a pubsub component named {name:?} is already defined"
@@ -509,7 +512,7 @@ impl PubSub {
             let handler = self.handler(sub.clone(), Consumer::App);
             let broker = &self.components[&sub.pubsubname].broker;
             match broker
-                .subscribe(&sub.topic, &self.options.app_id, handler)
+                .subscribe_with(&sub.topic, &self.options.app_id, &sub.metadata, handler)
                 .await
             {
                 Ok(running) => {
@@ -592,7 +595,7 @@ impl PubSub {
         let handler = self.handler(sub.clone(), Consumer::Stream(consumer));
         let running = c
             .broker
-            .subscribe(&sub.topic, &self.options.app_id, handler)
+            .subscribe_with(&sub.topic, &self.options.app_id, &sub.metadata, handler)
             .await
             .map_err(|e| StreamError::Broker(e.to_string()))?;
         tracing::info!(pubsub = %sub.pubsubname, topic = %sub.topic, "streaming subscription started");

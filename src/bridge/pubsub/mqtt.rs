@@ -9,7 +9,8 @@
 //! when the session resumes (a reconnection with `cleanSession: false`, the default). MQTT
 //! carries no metadata: the app gets `retained` (`true`/`false`) as daprd sends it.
 //!
-//! The connection is opened on first use by a driver task that polls it and reconnects with
+//! The connection is opened on first use (a publish or a subscription; not by the health probe,
+//! since connecting resumes the session and its backlog arrives at once) by a driver task that polls it and reconnects with
 //! backoff, re-subscribing every topic; while it is down a publish fails at once with the last
 //! connection error. Each (re)connection is a fresh client, so nothing half-sent is replayed
 //! behind the caller's back: a publish cut short by a lost connection is an error.
@@ -26,6 +27,7 @@ use super::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription,
     reconnect_backoff, stopped,
 };
+use super::rabbitmq::redact;
 
 /// Handlers at once per subscription.
 const PARALLEL: usize = 10;
@@ -33,6 +35,14 @@ const PARALLEL: usize = 10;
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Requests queued for the connection before callers wait.
 const REQUEST_CAPACITY: usize = 128;
+/// Messages a subscription holds for the app at once: being handled ([`PARALLEL`]) or waiting
+/// for a handler. Past it, a QoS 0 message is dropped (and counted: there is no redelivery to
+/// lean on), and a QoS 1 or 2 message waits for a slot, unacked, on a task of its own: the
+/// connection is read on (it carries the acks of our publishes, other subscriptions and the
+/// keep-alive), and the broker's in-flight window (Mosquitto's `max_inflight_messages`)
+/// bounds how many unacked messages it sends us. Also the bound of messages kept for a
+/// subscription not made yet.
+pub const HELD_PER_SUBSCRIPTION: usize = 100;
 
 /// A user name and maybe a password.
 type Credentials = (String, Option<String>);
@@ -92,6 +102,8 @@ struct Route {
     filter: String,
     handler: Handler,
     permits: Arc<Semaphore>,
+    /// [`HELD_PER_SUBSCRIPTION`] slots.
+    held: Arc<Semaphore>,
 }
 
 struct Shared {
@@ -100,7 +112,11 @@ struct Shared {
     link: watch::Sender<Link>,
     live: tokio::sync::Mutex<Option<Live>>,
     routes: Mutex<Vec<Arc<Route>>>,
+    /// Messages that came before any route covered them, with the client to ack them on.
+    unrouted: Mutex<Vec<(rumqttc::Publish, AsyncClient)>>,
     driver: Mutex<bool>,
+    /// QoS 0 messages dropped past [`HELD_PER_SUBSCRIPTION`] (the component's metric).
+    dropped: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 /// The MQTT broker.
@@ -138,17 +154,6 @@ fn parse_url(url: &str) -> Result<(String, u16, Option<Credentials>), String> {
         return Err("no host".into());
     }
     Ok((host.trim_matches(['[', ']']).to_string(), port, user))
-}
-
-/// Hides the password of a URL in messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
-    }
 }
 
 /// Whether MQTT topic filter `filter` (`+`, `#`, `$share/{group}/…`) covers `topic`.
@@ -211,7 +216,9 @@ impl Mqtt {
                 link: watch::channel(Link::Connecting).0,
                 live: tokio::sync::Mutex::new(None),
                 routes: Mutex::new(Vec::new()),
+                unrouted: Mutex::new(Vec::new()),
                 driver: Mutex::new(false),
+                dropped: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -258,6 +265,9 @@ impl Shared {
         loop {
             let (client, eventloop) = AsyncClient::new(self.options(), REQUEST_CAPACITY);
             self.link.send_replace(Link::Connecting);
+            // Kept messages of the last connection cannot be acked on this one: the session
+            // sends them again.
+            self.unrouted.lock().unwrap().clear();
             *self.live.lock().await = Some(Live {
                 client: client.clone(),
                 unsent: VecDeque::new(),
@@ -357,7 +367,14 @@ impl Shared {
     }
 
     /// Hands a message to the handler of the first filter that covers its topic, on its own
-    /// task; acks it when the handler says so.
+    /// task; acks it when the handler says so. Never waits: the poll loop must go on reading
+    /// (PUBACKs of our publishes, other subscriptions, keep-alive). A message holds one of the
+    /// route's [`HELD_PER_SUBSCRIPTION`] slots: a QoS 0 message finding none is dropped and
+    /// counted; a QoS 1 or 2 message waits for one on its task, unacked (the broker sends no
+    /// more than its in-flight window of unacked messages, which bounds those waiting). A
+    /// message no route covers yet (a resumed session's backlog arrives right after CONNACK,
+    /// before every subscription is made again) is kept, up to [`HELD_PER_SUBSCRIPTION`], for
+    /// a route added later ([`Shared::route_kept`]).
     fn dispatch(&self, p: rumqttc::Publish, client: AsyncClient) {
         let topic = p.topic.clone();
         let route = self
@@ -368,11 +385,39 @@ impl Shared {
             .find(|r| filter_matches(&r.filter, &topic))
             .cloned();
         let Some(route) = route else {
-            tracing::warn!(%topic, "mqtt message on a topic nobody subscribes to; not acked");
+            let mut kept = self.unrouted.lock().unwrap();
+            if kept.len() < HELD_PER_SUBSCRIPTION {
+                tracing::debug!(%topic, "mqtt message before its subscription is made; kept for it");
+                kept.push((p, client));
+            } else {
+                tracing::warn!(%topic, "mqtt message on a topic nobody subscribes to; not acked");
+            }
             return;
         };
+        let slot = if p.qos == QoS::AtMostOnce {
+            match route.held.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    if let Some(c) = self.dropped.get() {
+                        c.inc();
+                    }
+                    tracing::debug!(%topic, held = HELD_PER_SUBSCRIPTION, "mqtt QoS 0 message dropped: the app is behind");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            let Ok(_permit) = route.permits.clone().acquire_owned().await else {
+            let slot = match slot {
+                Some(slot) => slot,
+                // Closed: the subscription stopped; the message stays unacked.
+                None => match route.held.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+            };
+            let Ok(permit) = route.permits.clone().acquire_owned().await else {
                 return;
             };
             let message = Message {
@@ -380,12 +425,22 @@ impl Shared {
                 data: p.payload.clone(),
                 metadata: BTreeMap::from([("retained".to_string(), p.retain.to_string())]),
             };
-            if (route.handler)(message).await == Outcome::Ack
+            let outcome = (route.handler)(message).await;
+            drop((permit, slot));
+            if outcome == Outcome::Ack
                 && let Err(e) = client.ack(&p).await
             {
                 tracing::debug!(%topic, error = %e, "mqtt ack not sent (connection gone); the broker redelivers");
             }
         });
+    }
+
+    /// Hands the kept messages a new route covers to it.
+    fn route_kept(&self) {
+        let kept = std::mem::take(&mut *self.unrouted.lock().unwrap());
+        for (p, client) in kept {
+            self.dispatch(p, client);
+        }
     }
 
     /// Waits until the link is up, or fails with why it is down (a first connection gets the
@@ -406,6 +461,23 @@ impl Shared {
 }
 
 impl Broker for Mqtt {
+    fn set_drop_counter(&self, counter: prometheus_client::metrics::counter::Counter) {
+        let _ = self.shared.dropped.set(counter);
+    }
+
+    /// Does not connect: the connection opens the session (`cleanSession: false` resumes
+    /// the last one, and its backlog arrives at once), which is for the first publish or
+    /// subscription, once the app is ready. Until then the probe says
+    /// [`super::super::health::NOT_STARTED`] (status `unknown`).
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move {
+            if !*self.shared.driver.lock().unwrap() {
+                return Err(super::super::health::NOT_STARTED.to_string());
+            }
+            self.shared.up().await
+        }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.mqtt3"
     }
@@ -476,8 +548,10 @@ impl Broker for Mqtt {
                 filter: topic.to_string(),
                 handler,
                 permits: Arc::new(Semaphore::new(PARALLEL)),
+                held: Arc::new(Semaphore::new(HELD_PER_SUBSCRIPTION)),
             });
             s.routes.lock().unwrap().push(route.clone());
+            s.route_kept();
             let (tx, rx) = oneshot::channel();
             let sent = {
                 let mut live = s.live.lock().await;
@@ -515,7 +589,9 @@ impl Broker for Mqtt {
                 {
                     let _ = live.client.try_unsubscribe(route.filter.clone());
                 }
-                // Deliveries in flight finish (they leave unacked what they do not ack).
+                // Messages waiting for a slot are left unacked; deliveries in flight finish
+                // (they leave unacked what they do not ack).
+                route.held.close();
                 let _ = route.permits.acquire_many(PARALLEL as u32).await;
             }))
         })
@@ -544,5 +620,78 @@ mod tests {
         assert!(filter_matches("$share/g/a/b", "a/b"));
         assert!(!filter_matches("a/+", "a/b/c"));
         assert!(!filter_matches("a/b", "a/c"));
+    }
+
+    fn mqtt() -> Mqtt {
+        let c = crate::bridge::components::Component {
+            name: "mq".into(),
+            kind: "pubsub.mqtt3".into(),
+            version: "v1".into(),
+            metadata: BTreeMap::from([("url".into(), "tcp://127.0.0.1:1".into())]),
+            scopes: Vec::new(),
+            ignore_errors: false,
+            file: "mq.yaml".into(),
+            line: 1,
+            lines: BTreeMap::new(),
+        };
+        Mqtt::new(&super::super::broker::Meta::new(&c)).unwrap()
+    }
+
+    /// A route whose handler reports each message's payload and then never answers.
+    fn stuck_route(filter: &str) -> (Arc<Route>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let handler: Handler = Arc::new(move |m: Message| {
+            let _ = tx.send(m.data);
+            Box::pin(std::future::pending())
+        });
+        let route = Arc::new(Route {
+            filter: filter.into(),
+            handler,
+            permits: Arc::new(Semaphore::new(PARALLEL)),
+            held: Arc::new(Semaphore::new(HELD_PER_SUBSCRIPTION)),
+        });
+        (route, rx)
+    }
+
+    /// The health probe does not connect (that would open a persistent session, whose
+    /// backlog arrives before any subscription exists): `unknown` until first use.
+    #[tokio::test]
+    async fn the_probe_does_not_connect() {
+        let m = mqtt();
+        let answer = m.ping().unwrap().await;
+        assert_eq!(answer, Err(crate::bridge::health::NOT_STARTED.to_string()));
+        assert!(!*m.shared.driver.lock().unwrap());
+        assert!(m.shared.live.lock().await.is_none());
+    }
+
+    /// QoS 1 messages past the bound do not hold the poll loop (dispatch never waits), and a
+    /// message that comes before its route is kept for it.
+    #[tokio::test]
+    async fn dispatch_never_waits_and_keeps_unrouted_messages() {
+        let m = mqtt();
+        m.set_app_id("app");
+        let (client, _eventloop) = AsyncClient::new(m.shared.options(), 10);
+        let (stuck, mut stuck_rx) = stuck_route("stuck");
+        m.shared.routes.lock().unwrap().push(stuck.clone());
+        for i in 0..HELD_PER_SUBSCRIPTION + 50 {
+            let p = rumqttc::Publish::new("stuck", QoS::AtLeastOnce, format!("m{i}"));
+            m.shared.dispatch(p, client.clone());
+        }
+        for _ in 0..PARALLEL {
+            stuck_rx.recv().await.unwrap();
+        }
+        m.shared.dispatch(
+            rumqttc::Publish::new("later", QoS::AtLeastOnce, "early"),
+            client.clone(),
+        );
+        assert_eq!(m.shared.unrouted.lock().unwrap().len(), 1);
+        let (later, mut later_rx) = stuck_route("later");
+        m.shared.routes.lock().unwrap().push(later);
+        m.shared.route_kept();
+        assert_eq!(later_rx.recv().await.unwrap(), Bytes::from("early"));
+        assert!(m.shared.unrouted.lock().unwrap().is_empty());
+        // A stopped route leaves its waiting messages (unacked) instead of delivering them.
+        stuck.held.close();
+        assert!(stuck_rx.try_recv().is_err());
     }
 }

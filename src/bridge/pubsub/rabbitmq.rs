@@ -1,8 +1,11 @@
 //! `pubsub.rabbitmq`: RabbitMQ over AMQP 0-9-1 (lapin), laid out as daprd's component
 //! (components-contrib `pubsub/rabbitmq`) so a daprd and Outrigger of the same app share queues.
 //!
-//! A topic is a durable `fanout` exchange named after it; a subscription is the queue
-//! `{consumerID}-{topic}` (consumerID: the component's, else the app id) bound to that exchange.
+//! A topic is a durable exchange named after it, of the component's `exchangeKind` (`fanout`
+//! by default; `topic`, `direct` or `headers`); a subscription is the queue
+//! `{consumerID}-{topic}` (consumerID: the component's, else the app id) bound to that exchange
+//! once per routing key of its `routingKey` metadata (comma-separated; none: the empty key),
+//! and a publish goes with its `routingKey` metadata as the routing key, as daprd does.
 //! With `enableDeadLetter` the queue dead-letters into the exchange `dlx-{queue}`, bound to the
 //! durable queue `dlq-{queue}`, as daprd declares them.
 //!
@@ -37,9 +40,8 @@ use crate::bridge::percent_encode;
 
 /// daprd's `reconnectWaitSeconds` default.
 const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(3);
-/// Messages the broker may hand over unacked when `prefetchCount` is 0. daprd leaves it
-/// unlimited; the sidecar bounds what it holds in memory.
-const DEFAULT_PREFETCH: u16 = 100;
+/// The metadata key (publish and subscription) for the routing key, as daprd names it.
+const ROUTING_KEY: &str = "routingKey";
 /// Handlers at once per subscription with `concurrencyMode: parallel` (`single` is one).
 const PARALLEL: usize = 10;
 
@@ -52,7 +54,9 @@ struct Settings {
     auto_ack: bool,
     requeue_in_failure: bool,
     delivery_mode: u8,
+    /// `prefetchCount`: 0 is no limit (AMQP's meaning, and daprd's default).
     prefetch: u16,
+    exchange_kind: lapin::ExchangeKind,
     reconnect_wait: Duration,
     max_len: Option<i64>,
     max_len_bytes: Option<i64>,
@@ -141,15 +145,15 @@ impl RabbitMq {
             "saslExternal",
             "false (only user and password authentication is supported)",
         )?;
-        if let Some(kind) = meta.str("exchangeKind")
-            && kind != "fanout"
-        {
-            return Err(meta.error(
-                "exchangeKind",
-                "fanout (topic, direct and headers exchanges route by key, which Outrigger does not support yet)",
-                kind,
-            ));
-        }
+        let exchange_kind = match meta.str("exchangeKind").unwrap_or("fanout") {
+            "fanout" => lapin::ExchangeKind::Fanout,
+            "topic" => lapin::ExchangeKind::Topic,
+            "direct" => lapin::ExchangeKind::Direct,
+            "headers" => lapin::ExchangeKind::Headers,
+            other => {
+                return Err(meta.error("exchangeKind", "fanout, topic, direct or headers", other));
+            }
+        };
         let delivery_mode = match meta.u64("deliveryMode", 0)? {
             n @ 0..=2 => n as u8,
             n => {
@@ -161,7 +165,6 @@ impl RabbitMq {
             }
         };
         let prefetch = match meta.u64("prefetchCount", 0)? {
-            0 => DEFAULT_PREFETCH,
             n if n <= u16::MAX as u64 => n as u16,
             n => return Err(meta.error("prefetchCount", "at most 65535", &n.to_string())),
         };
@@ -215,6 +218,7 @@ impl RabbitMq {
             requeue_in_failure: meta.bool("requeueInFailure", false)?,
             delivery_mode,
             prefetch,
+            exchange_kind,
             reconnect_wait,
             max_len: positive("maxLen")?,
             max_len_bytes: positive("maxLenBytes")?,
@@ -280,7 +284,7 @@ impl RabbitMq {
         let exchange = short(topic)?;
         let known = p.declared.lock().unwrap().contains(topic);
         if !known {
-            declare_exchange(&p.channel, topic).await?;
+            declare_exchange(&p.channel, topic, self.settings.exchange_kind.clone()).await?;
             p.declared.lock().unwrap().insert(topic.to_string());
         }
         let mut properties = BasicProperties::default()
@@ -303,7 +307,7 @@ impl RabbitMq {
             .channel
             .basic_publish(
                 exchange,
-                ShortString::from(""),
+                short(metadata.get(ROUTING_KEY).map_or("", String::as_str))?,
                 BasicPublishOptions::default(),
                 data,
                 properties,
@@ -320,18 +324,24 @@ impl RabbitMq {
     }
 }
 
-/// Hides the password of an AMQP URL in messages.
+/// The metadata of a subscription made without any.
+static NO_METADATA: BTreeMap<String, String> = BTreeMap::new();
+
+/// Hides the secret of a broker URL in messages, logs and the metadata API (AMQP, MQTT and
+/// NATS share it): `user:password@` becomes `user:***@`, and a lone userinfo becomes `***@`
+/// (NATS reads `nats://TOKEN@host` as a token). A comma-separated server list (NATS) is
+/// redacted server by server.
 pub(crate) fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &uri[s + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &uri[..s + 3], &uri[at..]),
-                None => uri.to_string(),
-            }
-        }
-        _ => uri.to_string(),
-    }
+    uri.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(s), Some(at)) if at > s => match one[s + 3..at].split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &one[..s + 3], &one[at..]),
+                None => format!("{}***{}", &one[..s + 3], &one[at..]),
+            },
+            _ => one.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 async fn connect(settings: &Settings) -> Result<Connection, String> {
@@ -349,12 +359,17 @@ pub(crate) async fn connect_uri(uri: &str, name: Option<&str>) -> Result<Connect
         .map_err(|e| format!("rabbitmq: cannot connect to {}: {e}", redact(uri)))
 }
 
-/// The topic's exchange as daprd declares it: durable, not auto-deleted, fanout.
-async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), String> {
+/// An exchange as daprd declares it: durable, not auto-deleted, of `kind` (the topic's:
+/// `exchangeKind`; a dead-letter exchange: fanout).
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: lapin::ExchangeKind,
+) -> Result<(), String> {
     channel
         .exchange_declare(
             short(name)?,
-            lapin::ExchangeKind::Fanout,
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -396,6 +411,10 @@ pub(crate) fn metadata_of(properties: &BasicProperties) -> BTreeMap<String, Stri
 }
 
 impl Broker for RabbitMq {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move { self.publisher().await.map(drop) }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.rabbitmq"
     }
@@ -425,12 +444,31 @@ impl Broker for RabbitMq {
         group: &'a str,
         handler: Handler,
     ) -> BoxFuture<'a, Result<Subscription, BrokerError>> {
+        self.subscribe_with(topic, group, &NO_METADATA, handler)
+    }
+
+    fn subscribe_with<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        metadata: &'a BTreeMap<String, String>,
+        handler: Handler,
+    ) -> BoxFuture<'a, Result<Subscription, BrokerError>> {
         Box::pin(async move {
+            // daprd: `routingKey` split at commas, one binding each (none: the empty key).
+            let routing_keys: Vec<String> = match metadata.get(ROUTING_KEY) {
+                Some(keys) => keys.split(',').map(str::to_string).collect(),
+                None => vec![String::new()],
+            };
+            for k in &routing_keys {
+                short(k).map_err(|e| BrokerError::Subscribe(format!("routingKey {e}")))?;
+            }
             let consumer_id = self.settings.consumer_id.as_deref().unwrap_or(group);
             let queue = format!("{consumer_id}-{topic}");
             short(&queue).map_err(|e| BrokerError::Subscribe(format!("queue name {e}")))?;
             let consumer = Arc::new(Consumer {
                 topic: topic.to_string(),
+                routing_keys,
                 queue,
                 settings: self.settings.clone(),
                 handler,
@@ -447,6 +485,8 @@ impl Broker for RabbitMq {
 /// One subscription: its queue, its own connection, its handlers.
 struct Consumer {
     topic: String,
+    /// The keys the queue is bound with (at least one; `""` when the subscription names none).
+    routing_keys: Vec<String>,
     queue: String,
     settings: Arc<Settings>,
     handler: Handler,
@@ -485,7 +525,7 @@ impl Consumer {
             .create_channel()
             .await
             .map_err(|e| format!("rabbitmq: cannot open a channel: {e}"))?;
-        declare_exchange(&channel, &self.topic).await?;
+        declare_exchange(&channel, &self.topic, s.exchange_kind.clone()).await?;
         let limits = |mut t: FieldTable| {
             if let Some(n) = s.max_len {
                 t.insert("x-max-length".into(), AMQPValue::LongLongInt(n));
@@ -499,7 +539,7 @@ impl Consumer {
         if s.enable_dead_letter {
             let dlx = format!("dlx-{}", self.queue);
             let dlq = format!("dlq-{}", self.queue);
-            declare_exchange(&channel, &dlx).await?;
+            declare_exchange(&channel, &dlx, lapin::ExchangeKind::Fanout).await?;
             let mut dlq_args = limits(FieldTable::default());
             dlq_args.insert(
                 "x-queue-mode".into(),
@@ -549,21 +589,23 @@ impl Consumer {
             .basic_qos(s.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| format!("rabbitmq: cannot set the prefetch count: {e}"))?;
-        channel
-            .queue_bind(
-                queue.clone(),
-                short(&self.topic)?,
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                format!(
-                    "rabbitmq: cannot bind queue {:?} to exchange {:?}: {e}",
-                    self.queue, self.topic
+        for key in &self.routing_keys {
+            channel
+                .queue_bind(
+                    queue.clone(),
+                    short(&self.topic)?,
+                    short(key)?,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
                 )
-            })?;
+                .await
+                .map_err(|e| {
+                    format!(
+                        "rabbitmq: cannot bind queue {:?} to exchange {:?} with key {key:?}: {e}",
+                        self.queue, self.topic
+                    )
+                })?;
+        }
         channel
             .basic_consume(
                 queue.clone(),
@@ -693,6 +735,11 @@ mod tests {
             "amqp://guest:***@localhost:5672/v"
         );
         assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+        assert_eq!(redact("nats://s3cret@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            redact("nats://u:p@a:4222,nats://b:4222"),
+            "nats://u:***@a:4222,nats://b:4222"
+        );
     }
 
     #[test]

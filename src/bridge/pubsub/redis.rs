@@ -131,6 +131,15 @@ impl Redis {
 }
 
 impl Broker for Redis {
+    fn ping(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        Some(Box::pin(async move {
+            self.shared
+                .query::<()>(&redis::cmd("PING"))
+                .await
+                .map_err(|e| format!("redis: {e}"))
+        }))
+    }
+
     fn kind(&self) -> &'static str {
         "pubsub.redis"
     }
