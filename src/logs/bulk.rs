@@ -7,6 +7,11 @@
 //! sent again (only those), other 4xx (a mapping conflict, a malformed document) are refused for
 //! good and counted, 409 on `create` means the document is already there (a retry that raced
 //! its first attempt) and counts as taken.
+//!
+//! An answer that cannot be read that way — not `_bulk`'s JSON, or with a number of items other
+//! than the batch's number of records — says nothing reliable about which record fared how
+//! (items are matched to records by position), so it is a failed attempt: the whole batch is
+//! sent again, and records the first attempt created answer 409 (taken) the second time.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -65,8 +70,9 @@ pub struct Outcome {
     pub message: String,
 }
 
-/// Reads a 2xx `_bulk` answer; None when every item succeeded (or the answer says no errors).
-pub fn outcome(answer: &[u8]) -> Option<Outcome> {
+/// Reads a 2xx `_bulk` answer to a batch of `records`; None when every item succeeded. Err
+/// when the answer is not `_bulk`'s or does not hold one item per record.
+pub fn outcome(answer: &[u8], records: usize) -> Result<Option<Outcome>, String> {
     #[derive(Deserialize)]
     struct Answer {
         #[serde(default)]
@@ -80,9 +86,21 @@ pub fn outcome(answer: &[u8]) -> Option<Outcome> {
         #[serde(default)]
         error: Option<serde_json::Value>,
     }
-    let a: Answer = serde_json::from_slice(answer).ok()?;
+    let a: Answer = serde_json::from_slice(answer).map_err(|e| {
+        let shown = &answer[..answer.len().min(200)];
+        format!(
+            "the _bulk answer is not readable ({e}): {}",
+            String::from_utf8_lossy(shown)
+        )
+    })?;
+    if a.items.len() != records {
+        return Err(format!(
+            "the _bulk answer holds {} items for {records} records",
+            a.items.len()
+        ));
+    }
     if !a.errors {
-        return None;
+        return Ok(None);
     }
     let mut o = Outcome {
         retry: Vec::new(),
@@ -91,7 +109,7 @@ pub fn outcome(answer: &[u8]) -> Option<Outcome> {
     };
     for (i, item) in a.items.iter().enumerate() {
         let Some(item) = item.values().next() else {
-            continue;
+            return Err(format!("the _bulk answer's item {i} is empty"));
         };
         match item.status {
             200..=299 | 409 => continue,
@@ -109,7 +127,7 @@ pub fn outcome(answer: &[u8]) -> Option<Outcome> {
             );
         }
     }
-    (!o.retry.is_empty() || o.rejected > 0).then_some(o)
+    Ok((!o.retry.is_empty() || o.rejected > 0).then_some(o))
 }
 
 /// The records at `positions` of an NDJSON batch.
@@ -159,7 +177,7 @@ mod tests {
             {"create":{"status":400,"error":{"type":"mapper_parsing_exception"}}},
             {"create":{"status":409}},
             {"create":{"status":503}}]}"#;
-        let o = outcome(answer).unwrap();
+        let o = outcome(answer, 5).unwrap().unwrap();
         assert_eq!(o.retry, [1, 4]);
         assert_eq!(o.rejected, 1);
         assert!(
@@ -167,7 +185,24 @@ mod tests {
             "{}",
             o.message
         );
-        assert_eq!(outcome(br#"{"errors":false,"items":[]}"#), None);
+        assert_eq!(outcome(br#"{"errors":false,"items":[]}"#, 0), Ok(None));
         assert_eq!(pick(b"a\nb\nc\nd\ne\n", &[1, 4]), b"b\ne\n");
+    }
+
+    #[test]
+    fn an_answer_with_another_number_of_items_or_unreadable_is_a_failed_attempt() {
+        let ok =
+            br#"{"errors":false,"items":[{"create":{"status":201}},{"create":{"status":201}}]}"#;
+        assert_eq!(outcome(ok, 2), Ok(None));
+        // One item short (or one too many): positions would name the wrong records.
+        let e = outcome(ok, 3).unwrap_err();
+        assert!(e.contains("2 items for 3 records"), "{e}");
+        assert!(outcome(ok, 1).is_err());
+        let short = br#"{"errors":true,"items":[{"create":{"status":429}}]}"#;
+        assert!(outcome(short, 2).is_err());
+        // Not _bulk's answer at all (a proxy's page, a cut body), or an item without its action.
+        assert!(outcome(b"<html>ok</html>", 1).is_err());
+        assert!(outcome(b"", 1).is_err());
+        assert!(outcome(br#"{"errors":true,"items":[{}]}"#, 1).is_err());
     }
 }

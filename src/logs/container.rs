@@ -47,7 +47,9 @@ fn stream(s: &[u8]) -> Option<Stream> {
 
 fn cri(line: &[u8]) -> Option<Unwrapped<'_>> {
     let mut fields = line.splitn(4, |&b| b == b' ');
-    let time = std::str::from_utf8(fields.next()?).ok()?;
+    let time = fields.next().filter(|t| rfc3339(t))?;
+    // ASCII: checked just above.
+    let time = std::str::from_utf8(time).ok()?;
     let stream = stream(fields.next()?)?;
     let tags = fields.next()?;
     let partial = match tags.split(|&b| b == b':').next()? {
@@ -63,6 +65,52 @@ fn cri(line: &[u8]) -> Option<Unwrapped<'_>> {
         partial,
         text: Cow::Borrowed(text),
     })
+}
+
+/// Whether `t` is an RFC 3339 date-time as the runtimes write it (Go's `RFC3339Nano`):
+/// `2016-10-06T00:17:09.669794202Z`, or with an offset (`+02:00`) instead of `Z`. Checked by
+/// its shape and field ranges, byte by byte (it runs for every line of a CRI file): a line
+/// whose first word is not a time is not a CRI line, whatever follows it.
+fn rfc3339(t: &[u8]) -> bool {
+    fn num(t: &[u8], at: usize, len: usize, max: u32) -> bool {
+        let Some(d) = t.get(at..at + len) else {
+            return false;
+        };
+        d.iter().all(u8::is_ascii_digit)
+            && d.iter().fold(0u32, |n, b| n * 10 + u32::from(b - b'0')) <= max
+    }
+    let sep = |at: usize, c: &[u8]| t.get(at).is_some_and(|b| c.contains(b));
+    if !(num(t, 0, 4, 9999)
+        && sep(4, b"-")
+        && num(t, 5, 2, 12)
+        && t[5..7] != *b"00"
+        && sep(7, b"-")
+        && num(t, 8, 2, 31)
+        && t[8..10] != *b"00"
+        && sep(10, b"Tt")
+        && num(t, 11, 2, 23)
+        && sep(13, b":")
+        && num(t, 14, 2, 59)
+        && sep(16, b":")
+        && num(t, 17, 2, 60))
+    {
+        return false;
+    }
+    let mut rest = &t[19..];
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let digits = frac.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return false;
+        }
+        rest = &frac[digits..];
+    }
+    match rest {
+        b"Z" | b"z" => true,
+        [b'+' | b'-', ..] => {
+            rest.len() == 6 && num(rest, 1, 2, 23) && rest[3] == b':' && num(rest, 4, 2, 59)
+        }
+        _ => false,
+    }
 }
 
 #[derive(Deserialize)]
@@ -127,6 +175,35 @@ mod tests {
         assert_eq!(&*u.text, b"");
         assert!(unwrap(Container::Cri, b"just a line").is_none());
         assert!(unwrap(Container::Cri, b"2016 stdin F x").is_none());
+    }
+
+    #[test]
+    fn a_cri_line_whose_time_is_not_rfc_3339_is_not_a_cri_line() {
+        for ok in [
+            "2016-10-06T00:17:09.669794202Z",
+            "2016-10-06T00:17:09Z",
+            "2021-01-01T10:00:00.123+01:00",
+            "2021-12-31T23:59:60-05:30",
+        ] {
+            let line = format!("{ok} stdout F text");
+            assert!(unwrap(Container::Cri, line.as_bytes()).is_some(), "{ok}");
+        }
+        for bad in [
+            "yesterday",
+            "2016-10-06",
+            "2016-10-06 00:17:09Z",
+            "2016-13-06T00:17:09Z",
+            "2016-10-00T00:17:09Z",
+            "2016-10-06T24:17:09Z",
+            "2016-10-06T00:17:09.Z",
+            "2016-10-06T00:17:09",
+            "2016-10-06T00:17:09+0100",
+            "2016-10-06T00:17:09Zjunk",
+            "２016-10-06T00:17:09Z",
+        ] {
+            let line = format!("{bad} stdout F text");
+            assert!(unwrap(Container::Cri, line.as_bytes()).is_none(), "{bad}");
+        }
     }
 
     #[test]
