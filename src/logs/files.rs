@@ -322,14 +322,6 @@ impl Files {
             malformed,
             ..
         } = self;
-        // Records held for joining that waited their time leave on every round, not only when
-        // their file is read to its end: a file read without a pause (a backlog, or the other
-        // stream of a container file) must not hold them, nor its checkpoint behind them.
-        for t in tailers.values_mut() {
-            if let Some(a) = &mut t.assembler {
-                a.flush_expired(now);
-            }
-        }
         let order: Vec<FileId> = match *after {
             Some(last) => tailers
                 .range((Bound::Excluded(last), Bound::Unbounded))
@@ -354,8 +346,14 @@ impl Files {
                 // Records joined earlier and not yet taken go first.
                 if let Some(a) = &mut t.assembler {
                     given = give_ready(a, &t.path, index, &mut emit, &mut source.limit, now);
-                    if !matches!(given, Given::Taken) {
-                        break;
+                    match given {
+                        Given::Taken => {}
+                        Given::Full => {
+                            more = true;
+                            *after = Some(id);
+                            break 'files;
+                        }
+                        Given::Limited => break,
                     }
                 }
                 let want = MAX_LINE.min((t.size.saturating_sub(t.read)) as usize);
@@ -462,11 +460,16 @@ impl Files {
                     if regrown {
                         continue;
                     }
-                    // Read to its end: once the file is done, every record it holds leaves.
-                    if closing(t)
-                        && let Some(a) = &mut t.assembler
-                    {
-                        a.flush_all(now);
+                    // Read to its end (not stopped by a full batch or the rate limit: the
+                    // next lines of a held record may be waiting unread): records that waited
+                    // their time for a next line leave, and once the file is done, all of them.
+                    let close = closing(t);
+                    if let Some(a) = &mut t.assembler {
+                        if close {
+                            a.flush_all(now);
+                        } else {
+                            a.flush_expired(now);
+                        }
                         if !a.ready.is_empty() {
                             continue;
                         }
@@ -818,15 +821,43 @@ mod tests {
     }
 
     #[test]
-    fn a_held_record_leaves_on_time_while_its_file_is_read_without_a_pause() {
+    fn a_trace_stopped_by_a_full_batch_arrives_whole_however_long_it_waits() {
         let dir = tempfile::tempdir().unwrap();
-        // A container file: a stderr trace, then a backlog of stdout lines.
-        let mut text = String::from(
-            "2024-01-01T00:00:00Z stderr F Exception\n2024-01-01T00:00:00Z stderr F   at a()\n",
+        std::fs::write(
+            dir.path().join("app.log"),
+            "one\ntwo\nException\n  at a()\n  at b()\nlast\n",
+        )
+        .unwrap();
+        let mut f = joining(
+            dir.path(),
+            false,
+            None,
+            traces(Duration::from_millis(1), 1024),
         );
+        f.scan();
+        let mut got = Vec::new();
+        loop {
+            // One record a batch, and each send takes longer than the timeout.
+            let (out, more) = round(&mut f, 1);
+            got.extend(out);
+            std::thread::sleep(Duration::from_millis(5));
+            if !more {
+                break;
+            }
+        }
+        got.extend(round(&mut f, 100).0);
+        assert_eq!(got, ["one", "two", "Exception\n  at a()\n  at b()", "last"]);
+    }
+
+    #[test]
+    fn a_held_container_trace_waits_for_a_backlog_of_its_other_stream_and_arrives_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // A container file: a stderr trace cut by a backlog of stdout lines.
+        let mut text = String::from("2024-01-01T00:00:00Z stderr F Exception\n");
         for i in 0..200 {
             text.push_str(&format!("2024-01-01T00:00:00Z stdout F line {i}\n"));
         }
+        text.push_str("2024-01-01T00:00:00Z stderr F   at a()\n");
         std::fs::write(dir.path().join("0.log"), text).unwrap();
         let mut f = joining(
             dir.path(),
@@ -836,18 +867,17 @@ mod tests {
         );
         f.scan();
         let mut got = Vec::new();
-        for _ in 0..4 {
+        loop {
             let (out, more) = round(&mut f, 5);
-            assert!(more, "the backlog is not read yet");
             got.extend(out);
             std::thread::sleep(Duration::from_millis(5));
+            if !more {
+                break;
+            }
         }
-        assert!(
-            got.iter().any(|l| l == "Exception\n  at a()"),
-            "the stderr trace waited for the end of the backlog: {got:?}"
-        );
-        // And the checkpoint no longer waits at its first line.
-        assert!(f.mark().positions[0].offset > 0);
+        got.extend(round(&mut f, 100).0);
+        assert_eq!(got.len(), 201, "{got:?}");
+        assert!(got.iter().any(|l| l == "Exception\n  at a()"), "{got:?}");
     }
 
     #[test]
