@@ -95,6 +95,9 @@ pub struct FileLine<'a> {
     /// From a container runtime's format: the stream and timestamp it gave the line.
     pub stream: Option<Stream>,
     pub time: Option<&'a str>,
+    /// A container file's line not in its runtime's format (already counted as such): shipped
+    /// as plain text, whatever the source's `message_format`.
+    pub malformed: bool,
 }
 
 /// Every file source's open files and positions.
@@ -385,6 +388,7 @@ impl Files {
                                 line,
                                 stream: None,
                                 time: None,
+                                malformed: false,
                             };
                             let g = give(&mut emit, &mut source.limit, now, line);
                             if matches!(g, Given::Taken) {
@@ -429,6 +433,7 @@ impl Files {
                                     line: piece,
                                     stream: None,
                                     time: None,
+                                    malformed: false,
                                 };
                                 let g = give(&mut emit, &mut source.limit, now, line);
                                 if matches!(g, Given::Taken) {
@@ -654,6 +659,7 @@ fn give_ready(
             line: &r.text,
             stream: r.stream,
             time: r.time.as_deref(),
+            malformed: r.stream.is_none() && a.container().is_some(),
         };
         match give(emit, limit, now, line) {
             Given::Taken => {
@@ -881,10 +887,36 @@ mod tests {
     }
 
     #[test]
+    fn a_container_files_line_not_in_its_format_is_flagged_to_be_shipped_as_plain() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("0.log"),
+            "2024-01-01T00:00:00Z stdout F {\"ok\":1}\nyesterday stdout F not cri\n",
+        )
+        .unwrap();
+        let mut f = joining(dir.path(), false, Some(Container::Cri), None);
+        f.scan();
+        let mut got = Vec::new();
+        f.read(|l| {
+            got.push((String::from_utf8_lossy(l.line).into_owned(), l.malformed));
+            true
+        });
+        assert_eq!(
+            got,
+            [
+                ("{\"ok\":1}".to_string(), false),
+                ("yesterday stdout F not cri".to_string(), true)
+            ]
+        );
+        assert_eq!(f.take_malformed(), [(0, 1)]);
+    }
+
+    #[test]
     fn under_backpressure_a_joining_file_reads_no_further_than_the_record_that_did_not_fit() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["a.log", "b.log"] {
-            let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+        for name in ["a", "b"] {
+            let text: String = (0..2000).map(|i| format!("{name} {i}\n")).collect();
+            let name = format!("{name}.log");
             std::fs::write(dir.path().join(name), text).unwrap();
         }
         let mut f = joining(
@@ -920,12 +952,16 @@ mod tests {
         }
         f.flush_joined();
         got.extend(round(&mut f, 100).0);
-        let mut want: Vec<String> = (0..2000)
-            .flat_map(|i| [format!("line {i}"), format!("line {i}")])
-            .collect();
-        want.sort();
-        got.sort();
-        assert_eq!(got, want);
+        // Each file's lines in order.
+        for name in ["a", "b"] {
+            let want: Vec<String> = (0..2000).map(|i| format!("{name} {i}")).collect();
+            let of_file: Vec<&String> = got
+                .iter()
+                .filter(|l| l.starts_with(&format!("{name} ")))
+                .collect();
+            assert_eq!(of_file, want.iter().collect::<Vec<_>>());
+        }
+        assert_eq!(got.len(), 4000);
     }
 
     #[test]

@@ -147,10 +147,11 @@ impl Work {
         self.batch.lines >= self.max_lines || self.batch.body.len() >= self.max_bytes
     }
 
-    /// Takes `app` lines, encodes the app's pending lines and then reads files until the batch
-    /// is full. `flush_app`: the agent stops and the app is gone, so records still being joined
-    /// (app and files) leave now. True when lines are left for the next batch (the caller should come back
-    /// without waiting).
+    /// Joins and rate-limits the `app` lines taken, encodes the app's pending records and then,
+    /// once none waits for room, scans and reads files until the batch is full. `flush_app`:
+    /// the agent drains (the app has exited), so records still being joined (the app's and the
+    /// files') leave now. True when lines are left for the next batch (the caller should come
+    /// back without waiting).
     fn fill(&mut self, app: Vec<AppLine>, flush_app: bool) -> bool {
         let now = SystemTime::now();
         let clock = Instant::now();
@@ -239,6 +240,7 @@ impl Work {
         // Lines, bytes and lines not in their format per source, added to the counters once
         // per fill.
         let mut read = vec![(0u64, 0u64, 0u64); sources.len()];
+        let plain = LineFormat::Plain;
         let more = files.read(|l| {
             if batch.lines >= max_lines {
                 return false;
@@ -251,7 +253,11 @@ impl Work {
                 *file_tail = Some((l.source, l.path.to_path_buf(), tail));
             }
             let (_, _, tail) = file_tail.as_ref().expect("set above");
-            let format = &sources[l.source].1;
+            let format = if l.malformed {
+                &plain
+            } else {
+                &sources[l.source].1
+            };
             let meta = Meta {
                 stream: l.stream.map(Stream::as_str),
                 time: l.time,
@@ -521,7 +527,7 @@ impl Logs {
                     }
                 }
                 dropped("shutdown", lost);
-                if lost > 0 || sealed.is_some() || w.batch.lines > 0 {
+                if lost > 0 || w.batch.lines > 0 {
                     warn!(
                         lost,
                         "the stop's flush budget ran out with lines left; files resume from the checkpoint"

@@ -89,6 +89,11 @@ impl Assembler {
         })
     }
 
+    /// The container runtime's format its lines are in, if any.
+    pub fn container(&self) -> Option<Container> {
+        self.container
+    }
+
     /// Takes one line read from `start..end` of a file (`stream`: the app's stream it came
     /// from, when known without a container format). `cut`: the line had no end within
     /// [`MAX_LINE`] bytes and the next line of the stream is its rest (no container format:

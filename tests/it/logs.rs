@@ -1037,10 +1037,25 @@ fn the_apps_record_being_joined_leaves_at_stop_even_while_a_child_holds_its_stdo
         "logs:\n  sources:\n    - app: stdio\n      format: plain\n      multiline: {{start: '^\\S', timeout: 1h}}\n  sinks: [{{http: {}}}]\n  poll: 50ms\n",
         rx.url
     );
-    let script = r#"echo 'ERROR held'; echo '  at a()'; setsid sleep 20 & exit 0"#;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("child.pid");
+    let script = format!(
+        "echo 'ERROR held'; echo '  at a()'; setsid sleep 20 & echo $! > {}; exit 0",
+        pid_file.display()
+    );
+    // The child is stopped when the test ends, passed or failed.
+    struct Child(std::path::PathBuf);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            if let Ok(pid) = std::fs::read_to_string(&self.0) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+    let _child = Child(pid_file);
     let mut sc = Spawn {
         config: &config,
-        app: &["sh", "-c", script],
+        app: &["sh", "-c", &script],
         ..Spawn::default()
     }
     .start();
