@@ -380,31 +380,20 @@ impl Files {
                     if line.last() == Some(&b'\r') {
                         line = &line[..line.len() - 1];
                     }
-                    given = match &mut t.assembler {
-                        None => {
-                            let line = FileLine {
-                                source: index,
-                                path: &t.path,
-                                line,
-                                stream: None,
-                                time: None,
-                                malformed: false,
-                            };
-                            let g = give(&mut emit, &mut source.limit, now, line);
-                            if matches!(g, Given::Taken) {
-                                used = end + 1;
-                            }
-                            g
-                        }
-                        Some(a) => {
-                            let at = t.read + used as u64;
-                            a.push(line, at, t.read + end as u64 + 1, None, false, now);
-                            // Taken into the record being joined, whether or not a record it
-                            // completed fits the batch now.
-                            used = end + 1;
-                            give_ready(a, &t.path, index, &mut emit, &mut source.limit, now)
-                        }
-                    };
+                    let (start, stop) = (t.read + used as u64, t.read + end as u64 + 1);
+                    let (g, took) = offer(
+                        t.assembler.as_mut(),
+                        &t.path,
+                        index,
+                        (line, start, stop, false),
+                        &mut emit,
+                        &mut source.limit,
+                        now,
+                    );
+                    given = g;
+                    if took {
+                        used = end + 1;
+                    }
                     if !matches!(given, Given::Taken) {
                         break;
                     }
@@ -425,29 +414,20 @@ impl Files {
                         };
                     if cut || last {
                         let piece = &chunk[used..n];
-                        given = match &mut t.assembler {
-                            None => {
-                                let line = FileLine {
-                                    source: index,
-                                    path: &t.path,
-                                    line: piece,
-                                    stream: None,
-                                    time: None,
-                                    malformed: false,
-                                };
-                                let g = give(&mut emit, &mut source.limit, now, line);
-                                if matches!(g, Given::Taken) {
-                                    used = n;
-                                }
-                                g
-                            }
-                            Some(a) => {
-                                let at = t.read + used as u64;
-                                a.push(piece, at, t.read + n as u64, None, cut, now);
-                                used = n;
-                                give_ready(a, &t.path, index, &mut emit, &mut source.limit, now)
-                            }
-                        };
+                        let (start, stop) = (t.read + used as u64, t.read + n as u64);
+                        let (g, took) = offer(
+                            t.assembler.as_mut(),
+                            &t.path,
+                            index,
+                            (piece, start, stop, cut),
+                            &mut emit,
+                            &mut source.limit,
+                            now,
+                        );
+                        given = g;
+                        if took {
+                            used = n;
+                        }
                     }
                 }
                 t.read += used as u64;
@@ -641,6 +621,40 @@ enum Given {
     Full,
     /// The source's rate limit says wait.
     Limited,
+}
+
+/// Offers one line read from `start..stop` of a file (`cut`: its rest follows, it had no end
+/// within [`MAX_LINE`]): to the batch as it is, or into the records `a` joins and then their
+/// complete ones to the batch. Also returns whether the line was taken — into the joining it
+/// always is, whether or not a record it completed fits the batch now.
+fn offer(
+    a: Option<&mut Assembler>,
+    path: &Path,
+    source: usize,
+    (line, start, stop, cut): (&[u8], u64, u64, bool),
+    emit: &mut impl FnMut(FileLine<'_>) -> bool,
+    limit: &mut Option<TokenBucket>,
+    now: Instant,
+) -> (Given, bool) {
+    match a {
+        None => {
+            let line = FileLine {
+                source,
+                path,
+                line,
+                stream: None,
+                time: None,
+                malformed: false,
+            };
+            let g = give(emit, limit, now, line);
+            let took = matches!(g, Given::Taken);
+            (g, took)
+        }
+        Some(a) => {
+            a.push(line, start, stop, None, cut, now);
+            (give_ready(a, path, source, emit, limit, now), true)
+        }
+    }
 }
 
 /// Offers the records `a` has joined, oldest first, until one is not taken.
