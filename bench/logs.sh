@@ -26,15 +26,30 @@ cd "$(dirname "$0")/.."
 mib=${1:-1024}; rounds=${2:-1}
 SNG=${SYSLOG_NG_ROOT:-/opt/peers/syslog-ng}
 HTTP_PORT=18611; TCP_PORT=18612; ADMIN_PORT=18613
+# A peer that cannot be installed or started here is reported as such ("not measured: …") and
+# the rest of the run goes on. (`apt-get install syslog-ng` itself fails on some machines: held
+# broken packages, syslog-ng-core's version against the meta package's; the unpacking below
+# needs neither.)
+missing=()   # "agent: reason"
 if ! command -v rsyslogd >/dev/null; then
-  echo "installing rsyslog"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q rsyslog >/dev/null
+  echo "installing rsyslog"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q rsyslog >/dev/null 2>&1 \
+    || missing+=("rsyslog: apt-get install rsyslog failed")
 fi
 if [ ! -x "$SNG/usr/sbin/syslog-ng" ]; then
   echo "unpacking syslog-ng into $SNG"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libivykis0 libnet1 libwrap0 libglib2.0-0 libpcre3 >/dev/null
-  mkdir -p "$SNG.dl" && (cd "$SNG.dl" && apt-get download -q syslog-ng-core syslog-ng-mod-http >/dev/null)
-  for d in "$SNG".dl/*.deb; do dpkg -x "$d" "$SNG"; done
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -q libivykis0 libnet1 libwrap0 libglib2.0-0 libpcre3 >/dev/null 2>&1 \
+         && mkdir -p "$SNG.dl" && (cd "$SNG.dl" && apt-get download -q syslog-ng-core syslog-ng-mod-http >/dev/null 2>&1) \
+         && (for d in "$SNG".dl/*.deb; do dpkg -x "$d" "$SNG" || exit 1; done); }; then
+    missing+=("syslog-ng: syslog-ng-core/syslog-ng-mod-http could not be downloaded and unpacked")
+  fi
 fi
+if [ -x "$SNG/usr/sbin/syslog-ng" ] && ! LD_LIBRARY_PATH=$SNG/usr/lib/syslog-ng "$SNG/usr/sbin/syslog-ng" --version >/dev/null 2>&1; then
+  missing+=("syslog-ng: the unpacked binary does not start ($(LD_LIBRARY_PATH=$SNG/usr/lib/syslog-ng "$SNG/usr/sbin/syslog-ng" --version 2>&1 | head -1))")
+fi
+unavailable() { # $1 agent → its reason, if it cannot run here
+  local m; for m in "${missing[@]}"; do [ "${m%%:*}" = "$1" ] && { echo "${m#*: }"; return 0; }; done; return 1
+}
 [ -n "${NO_BUILD:-}" ] || nice cargo build --release -q
 bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}
 dir=$(mktemp -d /tmp/logs-bench.XXXXXX); pids=()
@@ -136,6 +151,9 @@ printf '\n%-13s %-5s %8s %9s %11s %9s %8s %9s %s\n' agent sink seconds 'MiB/s' '
 for round in $(seq "$rounds"); do
   for sink in http file; do
     for agent in ${AGENTS:-outrigger ${OLD_BIN:+outrigger-old} rsyslog syslog-ng}; do
+      if why=$(unavailable "$agent"); then
+        printf '%-13s %-5s not measured: %s\n' "$agent" "$sink" "$why"; continue
+      fi
       st=$dir/$agent-$sink; rm -rf "$st"; mkdir -p "$st"
       mkconf "$agent" "$sink" "$st" > "$st/conf"
       rpid=

@@ -803,6 +803,20 @@ fn sink(
             ));
             return None;
         }
+        // `filter_path` drops `_bulk`'s items, by which each record's fate is known: with
+        // errors, the whole batch would be sent again (stored twice), without end when an item
+        // is refused for good.
+        let filtered = url.split_once('?').is_some_and(|(_, q)| {
+            q.split('&')
+                .any(|kv| kv.split('=').next() == Some("filter_path"))
+        });
+        if filtered {
+            problems.push(doc.problem(
+                &format!("{key}.elasticsearch"),
+                "filter_path is not supported: the outcome of each record is read from _bulk's items",
+            ));
+            return None;
+        }
         return Some(LogSink::Elasticsearch {
             url: with_path(&url, "elasticsearch", "/_bulk", problems)?,
             timeout,

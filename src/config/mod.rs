@@ -770,6 +770,23 @@ mod tests {
     }
 
     #[test]
+    fn an_elasticsearch_url_with_filter_path_is_refused_at_its_line() {
+        let err = load_text(
+            "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - elasticsearch: http://127.0.0.1:9200/_bulk?filter_path=items.*.error\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].contains(":4:") && lines[0].contains("filter_path is not supported"),
+            "{lines:#?}"
+        );
+        assert!(load_text("logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - elasticsearch: http://127.0.0.1:9200/_bulk?refresh=false\n", &[], &[]).is_ok());
+    }
+
+    #[test]
     fn overrides_are_blamed_even_for_new_keys() {
         let err = load_text("service: a\n", &[], &[("foo.bar", "1")]).unwrap_err();
         assert_eq!(err.problems.len(), 1);

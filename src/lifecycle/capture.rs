@@ -42,6 +42,8 @@ impl Stream {
 pub struct AppLine {
     pub stream: Stream,
     pub line: Vec<u8>,
+    /// Cut at [`MAX_LINE`]: the next line of this stream is the rest of this one.
+    pub cut: bool,
 }
 
 /// A line longer than this is cut into pieces of this size (so one endless line cannot take
@@ -96,11 +98,11 @@ pub fn capture(cap: usize) -> (Capture, Captured) {
 
 impl Capture {
     /// Queues `line` unless the queue is full (then counts it as dropped).
-    fn offer(&self, stream: Stream, line: Vec<u8>) {
+    fn offer(&self, stream: Stream, line: Vec<u8>, cut: bool) {
         // Each line costs its bytes and a little for the queue entry.
         let cost = line.len() + 32;
         let now = self.shared.bytes.fetch_add(cost, Ordering::AcqRel);
-        if now + cost > self.shared.cap || self.tx.send(AppLine { stream, line }).is_err() {
+        if now + cost > self.shared.cap || self.tx.send(AppLine { stream, line, cut }).is_err() {
             self.shared.bytes.fetch_sub(cost, Ordering::AcqRel);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -176,14 +178,14 @@ impl Capture {
                 if line.last() == Some(&b'\r') {
                     line.pop();
                 }
-                self.offer(stream, line);
+                self.offer(stream, line, false);
                 rest = &rest[nl + 1..];
             }
             partial.extend_from_slice(rest);
             let mut cut = false;
             while partial.len() >= MAX_LINE {
                 let tail = partial.split_off(MAX_LINE);
-                self.offer(stream, std::mem::replace(&mut partial, tail));
+                self.offer(stream, std::mem::replace(&mut partial, tail), true);
                 cut = true;
             }
             // Echo exactly the bytes read, up to the last line end (all of it when a line was
@@ -194,7 +196,7 @@ impl Capture {
             unechoed.extend_from_slice(&chunk[whole..]);
         }
         if !partial.is_empty() {
-            self.offer(stream, partial);
+            self.offer(stream, partial, false);
         }
         send_echo(unechoed);
     }
@@ -254,8 +256,8 @@ mod tests {
         assert_eq!(got.queued_bytes(), 0);
 
         let big = vec![b'x'; 100];
-        cap.offer(Stream::Stderr, big.clone());
-        cap.offer(Stream::Stderr, big);
+        cap.offer(Stream::Stderr, big.clone(), false);
+        cap.offer(Stream::Stderr, big, false);
         assert_eq!(got.take_dropped(), 1);
         drop(cap);
         assert_eq!(got.recv().await.unwrap().stream, Stream::Stderr);

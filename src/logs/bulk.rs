@@ -7,6 +7,14 @@
 //! sent again (only those), other 4xx (a mapping conflict, a malformed document) are refused for
 //! good and counted, 409 on `create` means the document is already there (a retry that raced
 //! its first attempt) and counts as taken.
+//!
+//! `"errors":false` means every document was taken, whatever the items say (a backend may leave
+//! them out). With `"errors":true`, an answer whose number of items is not the batch's number of
+//! records says nothing reliable about which record fared how (items are matched to records by
+//! position), and neither does one that is not `_bulk`'s JSON: a failed attempt, the whole batch
+//! is sent again. Documents carry no `_id` (Elasticsearch makes one), so records the first
+//! attempt created are then stored twice. `filter_path` in the URL, which drops items, is
+//! refused when the configuration is checked.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -65,8 +73,10 @@ pub struct Outcome {
     pub message: String,
 }
 
-/// Reads a 2xx `_bulk` answer; None when every item succeeded (or the answer says no errors).
-pub fn outcome(answer: &[u8]) -> Option<Outcome> {
+/// Reads a 2xx `_bulk` answer to a batch of `records`; None when every item succeeded. Err
+/// when the answer is not `_bulk`'s, or says some items failed without holding one item per
+/// record.
+pub fn outcome(answer: &[u8], records: usize) -> Result<Option<Outcome>, String> {
     #[derive(Deserialize)]
     struct Answer {
         #[serde(default)]
@@ -80,9 +90,21 @@ pub fn outcome(answer: &[u8]) -> Option<Outcome> {
         #[serde(default)]
         error: Option<serde_json::Value>,
     }
-    let a: Answer = serde_json::from_slice(answer).ok()?;
+    let a: Answer = serde_json::from_slice(answer).map_err(|e| {
+        let shown = &answer[..answer.len().min(200)];
+        format!(
+            "the _bulk answer is not readable ({e}): {}",
+            String::from_utf8_lossy(shown)
+        )
+    })?;
     if !a.errors {
-        return None;
+        return Ok(None);
+    }
+    if a.items.len() != records {
+        return Err(format!(
+            "the _bulk answer says some items failed but holds {} items for {records} records",
+            a.items.len()
+        ));
     }
     let mut o = Outcome {
         retry: Vec::new(),
@@ -91,7 +113,7 @@ pub fn outcome(answer: &[u8]) -> Option<Outcome> {
     };
     for (i, item) in a.items.iter().enumerate() {
         let Some(item) = item.values().next() else {
-            continue;
+            return Err(format!("the _bulk answer's item {i} is empty"));
         };
         match item.status {
             200..=299 | 409 => continue,
@@ -109,7 +131,7 @@ pub fn outcome(answer: &[u8]) -> Option<Outcome> {
             );
         }
     }
-    (!o.retry.is_empty() || o.rejected > 0).then_some(o)
+    Ok((!o.retry.is_empty() || o.rejected > 0).then_some(o))
 }
 
 /// The records at `positions` of an NDJSON batch.
@@ -159,7 +181,7 @@ mod tests {
             {"create":{"status":400,"error":{"type":"mapper_parsing_exception"}}},
             {"create":{"status":409}},
             {"create":{"status":503}}]}"#;
-        let o = outcome(answer).unwrap();
+        let o = outcome(answer, 5).unwrap().unwrap();
         assert_eq!(o.retry, [1, 4]);
         assert_eq!(o.rejected, 1);
         assert!(
@@ -167,7 +189,28 @@ mod tests {
             "{}",
             o.message
         );
-        assert_eq!(outcome(br#"{"errors":false,"items":[]}"#), None);
+        assert_eq!(outcome(br#"{"errors":false,"items":[]}"#, 0), Ok(None));
         assert_eq!(pick(b"a\nb\nc\nd\ne\n", &[1, 4]), b"b\ne\n");
+    }
+
+    #[test]
+    fn an_answer_without_errors_is_taken_and_one_with_errors_but_not_an_item_per_record_is_a_failed_attempt()
+     {
+        let ok =
+            br#"{"errors":false,"items":[{"create":{"status":201}},{"create":{"status":201}}]}"#;
+        assert_eq!(outcome(ok, 2), Ok(None));
+        // No errors: taken, whatever the items (a backend that leaves them out, or another
+        // number of them), so the batch is not sent again and stored twice.
+        assert_eq!(outcome(ok, 3), Ok(None));
+        assert_eq!(outcome(br#"{"errors":false}"#, 5), Ok(None));
+        // Errors, and one item short (or one too many): positions would name the wrong records.
+        let short = br#"{"errors":true,"items":[{"create":{"status":429}}]}"#;
+        let e = outcome(short, 2).unwrap_err();
+        assert!(e.contains("1 items for 2 records"), "{e}");
+        assert!(outcome(br#"{"errors":true}"#, 1).is_err());
+        // Not _bulk's answer at all (a proxy's page, a cut body), or an item without its action.
+        assert!(outcome(b"<html>ok</html>", 1).is_err());
+        assert!(outcome(b"", 1).is_err());
+        assert!(outcome(br#"{"errors":true,"items":[{}]}"#, 1).is_err());
     }
 }

@@ -47,7 +47,9 @@ fn stream(s: &[u8]) -> Option<Stream> {
 
 fn cri(line: &[u8]) -> Option<Unwrapped<'_>> {
     let mut fields = line.splitn(4, |&b| b == b' ');
-    let time = std::str::from_utf8(fields.next()?).ok()?;
+    let time = fields.next().filter(|t| rfc3339(t))?;
+    // ASCII: checked just above.
+    let time = std::str::from_utf8(time).ok()?;
     let stream = stream(fields.next()?)?;
     let tags = fields.next()?;
     let partial = match tags.split(|&b| b == b':').next()? {
@@ -63,6 +65,15 @@ fn cri(line: &[u8]) -> Option<Unwrapped<'_>> {
         partial,
         text: Cow::Borrowed(text),
     })
+}
+
+/// Whether `t` is an RFC 3339 date-time as the runtimes write it (Go's `RFC3339Nano`):
+/// `2016-10-06T00:17:09.669794202Z`, or with an offset (`+02:00`) instead of `Z`, and a date
+/// that exists (not 2016-02-31). A line whose first word is not a time is not a CRI line,
+/// whatever follows it.
+fn rfc3339(t: &[u8]) -> bool {
+    use time::format_description::well_known::Rfc3339;
+    std::str::from_utf8(t).is_ok_and(|t| time::OffsetDateTime::parse(t, &Rfc3339).is_ok())
 }
 
 #[derive(Deserialize)]
@@ -127,6 +138,36 @@ mod tests {
         assert_eq!(&*u.text, b"");
         assert!(unwrap(Container::Cri, b"just a line").is_none());
         assert!(unwrap(Container::Cri, b"2016 stdin F x").is_none());
+    }
+
+    #[test]
+    fn a_cri_line_whose_time_is_not_rfc_3339_is_not_a_cri_line() {
+        for ok in [
+            "2016-10-06T00:17:09.669794202Z",
+            "2016-10-06T00:17:09Z",
+            "2021-01-01T10:00:00.123+01:00",
+            "2016-12-31T23:59:60Z",
+        ] {
+            let line = format!("{ok} stdout F text");
+            assert!(unwrap(Container::Cri, line.as_bytes()).is_some(), "{ok}");
+        }
+        for bad in [
+            "yesterday",
+            "2016-10-06",
+            "2016-10-06 00:17:09Z",
+            "2016-13-06T00:17:09Z",
+            "2016-10-00T00:17:09Z",
+            "2016-10-06T24:17:09Z",
+            "2016-10-06T00:17:09.Z",
+            "2016-10-06T00:17:09",
+            "2016-10-06T00:17:09+0100",
+            "2016-10-06T00:17:09Zjunk",
+            "2016-02-31T00:17:09Z",
+            "２016-10-06T00:17:09Z",
+        ] {
+            let line = format!("{bad} stdout F text");
+            assert!(unwrap(Container::Cri, line.as_bytes()).is_none(), "{bad}");
+        }
     }
 
     #[test]

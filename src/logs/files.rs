@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::ops::Bound;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,6 +95,9 @@ pub struct FileLine<'a> {
     /// From a container runtime's format: the stream and timestamp it gave the line.
     pub stream: Option<Stream>,
     pub time: Option<&'a str>,
+    /// A container file's line not in its runtime's format (already counted as such): shipped
+    /// as plain text, whatever the source's `message_format`.
+    pub malformed: bool,
 }
 
 /// Every file source's open files and positions.
@@ -107,6 +111,11 @@ pub struct Files {
     buf: Vec<u8>,
     /// Bytes lost to truncation per source, not yet reported.
     truncated: Vec<(usize, u64)>,
+    /// Lines not in a container runtime's format (shipped as they are) per source, not yet
+    /// reported.
+    malformed: Vec<(usize, u64)>,
+    /// The file that filled the last batch: the next round starts after it.
+    after: Option<FileId>,
 }
 
 impl Files {
@@ -119,6 +128,8 @@ impl Files {
             last_scan: None,
             buf: Vec::new(),
             truncated: Vec::new(),
+            malformed: Vec::new(),
+            after: None,
         }
     }
 
@@ -237,6 +248,11 @@ impl Files {
         std::mem::take(&mut self.truncated)
     }
 
+    /// Lines not in their container runtime's format since the last call, per source.
+    pub fn take_malformed(&mut self) -> Vec<(usize, u64)> {
+        std::mem::take(&mut self.malformed)
+    }
+
     fn open(&mut self, source: usize, id: FileId, path: &Path) {
         let file = match File::open(path) {
             Ok(f) => f,
@@ -287,10 +303,16 @@ impl Files {
         );
     }
 
-    /// Hands complete records to `emit` until it refuses one (returns false: no room; that
-    /// record is offered again next time) or a source's rate limit stops its files. Returns
-    /// true when some file still had lines left for the batch (the caller should come back
-    /// without waiting; a rate-limited file waits for the next poll).
+    /// Hands complete records to `emit` until it refuses one (returns false: the batch is full;
+    /// that record is offered again next time, and no file is read further) or a source's rate
+    /// limit stops its files. Returns true when some file still had lines left for the batch
+    /// (the caller should come back without waiting; a rate-limited file waits for the next
+    /// poll).
+    ///
+    /// Files take turns: the round after a batch filled up starts with the file after the one
+    /// that filled it, so one file's backlog cannot hold back the others. A file that joins
+    /// lines into records reads no further than the record that did not fit: what it holds
+    /// under backpressure is that record and the one being joined, not a chunk of records.
     pub fn read(&mut self, mut emit: impl FnMut(FileLine<'_>) -> bool) -> bool {
         let mut more = false;
         let mut done = Vec::new();
@@ -299,9 +321,22 @@ impl Files {
             tailers,
             sources,
             buf,
+            after,
+            malformed,
             ..
         } = self;
-        for (id, t) in tailers.iter_mut() {
+        let order: Vec<FileId> = match *after {
+            Some(last) => tailers
+                .range((Bound::Excluded(last), Bound::Unbounded))
+                .chain(tailers.range(..=last))
+                .map(|(id, _)| *id)
+                .collect(),
+            None => tailers.keys().copied().collect(),
+        };
+        'files: for id in order {
+            let Some(t) = tailers.get_mut(&id) else {
+                continue;
+            };
             let source = &mut sources[t.source];
             // The source's index in `logs.sources` (`t.source` is its index among files).
             let index = source.source;
@@ -309,32 +344,19 @@ impl Files {
             let closing = |t: &Tailer| {
                 t.orphan_since.is_some() && t.read >= t.size && t.grew_at.elapsed() >= rotate_wait
             };
-            let mut stopped = false;
-            'file: loop {
+            let mut given = Given::Taken;
+            loop {
                 // Records joined earlier and not yet taken go first.
                 if let Some(a) = &mut t.assembler {
-                    while let Some(r) = a.ready.front() {
-                        let line = FileLine {
-                            source: index,
-                            path: &t.path,
-                            line: &r.text,
-                            stream: r.stream,
-                            time: r.time.as_deref(),
-                        };
-                        match give(&mut emit, &mut source.limit, now, line) {
-                            Given::Taken => {
-                                a.ready.pop_front();
-                            }
-                            Given::Full => {
-                                more = true;
-                                stopped = true;
-                                break 'file;
-                            }
-                            Given::Limited => {
-                                stopped = true;
-                                break 'file;
-                            }
+                    given = give_ready(a, &t.path, index, &mut emit, &mut source.limit, now);
+                    match given {
+                        Given::Taken => {}
+                        Given::Full => {
+                            more = true;
+                            *after = Some(id);
+                            break 'files;
                         }
+                        Given::Limited => break,
                     }
                 }
                 let want = MAX_LINE.min((t.size.saturating_sub(t.read)) as usize);
@@ -352,71 +374,86 @@ impl Files {
                 };
                 let chunk = &buf[..n];
                 let mut used = 0;
-                // One line (or the piece of one) at `start..start + len` of the chunk,
-                // `taken` bytes of it consumed: handed on, or joined.
-                let mut offer = |t: &mut Tailer, start: usize, line: &[u8], taken: usize| {
-                    if let Some(a) = &mut t.assembler {
-                        let at = t.read + start as u64;
-                        a.push(line, at, at + taken as u64, None, now);
-                        return Given::Taken;
-                    }
-                    let line = FileLine {
-                        source: index,
-                        path: &t.path,
-                        line,
-                        stream: None,
-                        time: None,
-                    };
-                    give(&mut emit, &mut source.limit, now, line)
-                };
-                let mut given = Given::Taken;
                 while let Some(nl) = memchr::memchr(b'\n', &chunk[used..]) {
                     let end = used + nl;
                     let mut line = &chunk[used..end];
                     if line.last() == Some(&b'\r') {
                         line = &line[..line.len() - 1];
                     }
-                    given = offer(t, used, line, end + 1 - used);
+                    let (start, stop) = (t.read + used as u64, t.read + end as u64 + 1);
+                    let (g, took) = offer(
+                        t.assembler.as_mut(),
+                        &t.path,
+                        index,
+                        (line, start, stop, false),
+                        &mut emit,
+                        &mut source.limit,
+                        now,
+                    );
+                    given = g;
+                    if took {
+                        used = end + 1;
+                    }
                     if !matches!(given, Given::Taken) {
                         break;
                     }
-                    used = end + 1;
                 }
-                // No line ending in a whole MAX_LINE: ship the piece as a line. At the end of a
-                // rotated-away file that has gone quiet: its last, unterminated line.
-                let last_of_orphan = t.orphan_since.is_some()
-                    && t.read + n as u64 == t.size
-                    && t.grew_at.elapsed() >= rotate_wait;
-                if matches!(given, Given::Taken)
-                    && used < n
-                    && (used == 0 && n == MAX_LINE || last_of_orphan)
-                {
-                    given = offer(t, used, &chunk[used..n], n - used);
-                    if matches!(given, Given::Taken) {
-                        used = n;
+                // No line ending in a whole MAX_LINE: ship the piece as a line, flagged cut. At
+                // the end of a rotated-away file that has gone quiet (looked at again now: its
+                // writer may still be appending the rest): its last, unterminated line.
+                let mut regrown = false;
+                if matches!(given, Given::Taken) && used < n {
+                    let cut = used == 0 && n == MAX_LINE;
+                    let last = !cut
+                        && t.orphan_since.is_some()
+                        && t.read + n as u64 == t.size
+                        && t.grew_at.elapsed() >= rotate_wait
+                        && {
+                            regrown = t.grew();
+                            !regrown
+                        };
+                    if cut || last {
+                        let piece = &chunk[used..n];
+                        let (start, stop) = (t.read + used as u64, t.read + n as u64);
+                        let (g, took) = offer(
+                            t.assembler.as_mut(),
+                            &t.path,
+                            index,
+                            (piece, start, stop, cut),
+                            &mut emit,
+                            &mut source.limit,
+                            now,
+                        );
+                        given = g;
+                        if took {
+                            used = n;
+                        }
                     }
                 }
                 t.read += used as u64;
                 match given {
                     Given::Taken => {}
                     Given::Full => {
+                        // The batch is full: no file is read further this round.
                         more = true;
-                        stopped = true;
-                        break;
+                        *after = Some(id);
+                        break 'files;
                     }
-                    Given::Limited => {
-                        stopped = true;
-                        break;
-                    }
+                    Given::Limited => break,
                 }
                 if used == 0 {
-                    // Read to its end: records that waited too long for their next line
-                    // leave, and all of them once the file is done.
-                    let finished = closing(t);
+                    if regrown {
+                        continue;
+                    }
+                    // Read to its end (not stopped by a full batch or the rate limit: the
+                    // next lines of a held record may be waiting unread): records that waited
+                    // their time for a next line leave, and once the file is done, all of them.
+                    let close = closing(t);
                     if let Some(a) = &mut t.assembler {
-                        a.flush_expired(now);
-                        if finished {
+                        if close {
                             a.flush_all(now);
+                        } else {
+                            a.flush_expired(now);
                         }
                         if !a.ready.is_empty() {
                             continue;
@@ -425,20 +462,28 @@ impl Files {
                     break;
                 }
             }
-            if !stopped && closing(t) && t.assembler.as_ref().is_none_or(Assembler::is_empty) {
+            if matches!(given, Given::Taken)
+                && closing(t)
+                && t.assembler.as_ref().is_none_or(Assembler::is_empty)
+            {
                 // Written to since the last look? Then it is not done: read on next time.
-                let now = t.file.metadata().map_or(t.size, |m| m.len());
-                if now > t.size {
-                    t.size = now;
-                    t.grew_at = Instant::now();
+                if t.grew() {
                     more = true;
                 } else {
-                    done.push(*id);
+                    done.push(id);
+                }
+            }
+        }
+        for t in tailers.values_mut() {
+            if let Some(a) = &mut t.assembler {
+                let m = a.take_malformed();
+                if m > 0 {
+                    malformed.push((sources[t.source].source, m));
                 }
             }
         }
         for id in done {
-            if let Some(t) = self.tailers.remove(&id) {
+            if let Some(t) = tailers.remove(&id) {
                 info!(path = %t.path.display(), "finished a rotated-away log file");
             }
         }
@@ -507,6 +552,18 @@ impl Tailer {
             .map_or(self.read, |o| o.min(self.read))
     }
 
+    /// Whether the file grew since the last look (the size is then updated): the writer of a
+    /// rotated-away file may still be appending to it.
+    fn grew(&mut self) -> bool {
+        let now = self.file.metadata().map_or(self.size, |m| m.len());
+        if now <= self.size {
+            return false;
+        }
+        self.size = now;
+        self.grew_at = Instant::now();
+        true
+    }
+
     /// Notices growth, truncation and replaced content. Returns the bytes lost when the file
     /// was truncated or replaced before it was read to its end (at least what it held beyond
     /// our position at the last look).
@@ -541,8 +598,10 @@ impl Tailer {
             self.read = 0;
             self.acked = 0;
             self.generation = self.generation.wrapping_add(1);
+            // Records held for joining came from lines now gone from the file: they leave as
+            // they are (a stack trace cut short is better than none), before the new content.
             if let Some(a) = &mut self.assembler {
-                a.clear();
+                a.flush_detached(Instant::now());
             }
             self.head_len = 0;
             self.head_hash = checkpoint::head_hash(b"");
@@ -562,6 +621,68 @@ enum Given {
     Full,
     /// The source's rate limit says wait.
     Limited,
+}
+
+/// Offers one line read from `start..stop` of a file (`cut`: its rest follows, it had no end
+/// within [`MAX_LINE`]): to the batch as it is, or into the records `a` joins and then their
+/// complete ones to the batch. Also returns whether the line was taken — into the joining it
+/// always is, whether or not a record it completed fits the batch now.
+fn offer(
+    a: Option<&mut Assembler>,
+    path: &Path,
+    source: usize,
+    (line, start, stop, cut): (&[u8], u64, u64, bool),
+    emit: &mut impl FnMut(FileLine<'_>) -> bool,
+    limit: &mut Option<TokenBucket>,
+    now: Instant,
+) -> (Given, bool) {
+    match a {
+        None => {
+            let line = FileLine {
+                source,
+                path,
+                line,
+                stream: None,
+                time: None,
+                malformed: false,
+            };
+            let g = give(emit, limit, now, line);
+            let took = matches!(g, Given::Taken);
+            (g, took)
+        }
+        Some(a) => {
+            a.push(line, start, stop, None, cut, now);
+            (give_ready(a, path, source, emit, limit, now), true)
+        }
+    }
+}
+
+/// Offers the records `a` has joined, oldest first, until one is not taken.
+fn give_ready(
+    a: &mut Assembler,
+    path: &Path,
+    source: usize,
+    emit: &mut impl FnMut(FileLine<'_>) -> bool,
+    limit: &mut Option<TokenBucket>,
+    now: Instant,
+) -> Given {
+    while let Some(r) = a.ready.front() {
+        let line = FileLine {
+            source,
+            path,
+            line: &r.text,
+            stream: r.stream,
+            time: r.time.as_deref(),
+            malformed: r.stream.is_none() && a.container().is_some(),
+        };
+        match give(emit, limit, now, line) {
+            Given::Taken => {
+                a.ready.pop_front();
+            }
+            other => return other,
+        }
+    }
+    Given::Taken
 }
 
 /// Offers one record to the batch, within the source's rate limit.
@@ -642,6 +763,15 @@ mod tests {
     }
 
     fn files_from(dir: &Path, from_end: bool) -> Files {
+        joining(dir, from_end, None, None)
+    }
+
+    fn joining(
+        dir: &Path,
+        from_end: bool,
+        container: Option<Container>,
+        multiline: Option<Multiline>,
+    ) -> Files {
         let glob = format!("{}/*.log", dir.display());
         Files::new(
             vec![FileSource {
@@ -650,12 +780,251 @@ mod tests {
                 base: dir.to_path_buf(),
                 from_end,
                 rotate_wait: ROTATE_WAIT,
-                container: None,
-                multiline: None,
+                container,
+                multiline,
                 limit: None,
             }],
             BTreeMap::new(),
         )
+    }
+
+    /// Multiline records: a line starting with a non-space begins one.
+    fn traces(timeout: Duration, max_bytes: usize) -> Option<Multiline> {
+        Some(Multiline {
+            start: regex::Regex::new(r"^\S").unwrap(),
+            max_lines: 500,
+            max_bytes,
+            timeout: crate::config::Duration::from_millis(timeout.as_millis() as u64),
+        })
+    }
+
+    /// Reads one round taking at most `room` records (the batch is then full).
+    fn round(f: &mut Files, room: usize) -> (Vec<String>, bool) {
+        let mut out = Vec::new();
+        let more = f.read(|l| {
+            if out.len() == room {
+                return false;
+            }
+            out.push(String::from_utf8_lossy(l.line).into_owned());
+            true
+        });
+        (out, more)
+    }
+
+    #[test]
+    fn a_truncated_file_sends_the_record_it_was_joining_then_reads_the_new_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "Exception\n  at a()\n").unwrap();
+        let mut f = joining(
+            dir.path(),
+            false,
+            None,
+            traces(Duration::from_secs(3600), 1024),
+        );
+        assert!(
+            lines(&mut f).is_empty(),
+            "held: its next line may continue it"
+        );
+        // copytruncate: same inode, emptied, written again.
+        let w = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+        w.set_len(0).unwrap();
+        std::fs::write(&log, "next\n").unwrap();
+        assert_eq!(lines(&mut f), ["Exception\n  at a()"]);
+        // The new content is read from 0; the checkpoint waits at the held `next`.
+        let mark = f.mark();
+        assert_eq!(mark.positions[0].offset, 0);
+        f.ack(&mark);
+        f.flush_joined();
+        assert_eq!(lines(&mut f), ["next"]);
+        assert_eq!(f.mark().positions[0].offset, 5);
+    }
+
+    #[test]
+    fn a_trace_stopped_by_a_full_batch_arrives_whole_however_long_it_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("app.log"),
+            "one\ntwo\nException\n  at a()\n  at b()\nlast\n",
+        )
+        .unwrap();
+        let mut f = joining(
+            dir.path(),
+            false,
+            None,
+            traces(Duration::from_millis(1), 1024),
+        );
+        f.scan();
+        let mut got = Vec::new();
+        loop {
+            // One record a batch, and each send takes longer than the timeout.
+            let (out, more) = round(&mut f, 1);
+            got.extend(out);
+            std::thread::sleep(Duration::from_millis(5));
+            if !more {
+                break;
+            }
+        }
+        got.extend(round(&mut f, 100).0);
+        assert_eq!(got, ["one", "two", "Exception\n  at a()\n  at b()", "last"]);
+    }
+
+    #[test]
+    fn a_held_container_trace_waits_for_a_backlog_of_its_other_stream_and_arrives_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // A container file: a stderr trace cut by a backlog of stdout lines.
+        let mut text = String::from("2024-01-01T00:00:00Z stderr F Exception\n");
+        for i in 0..200 {
+            text.push_str(&format!("2024-01-01T00:00:00Z stdout F line {i}\n"));
+        }
+        text.push_str("2024-01-01T00:00:00Z stderr F   at a()\n");
+        std::fs::write(dir.path().join("0.log"), text).unwrap();
+        let mut f = joining(
+            dir.path(),
+            false,
+            Some(Container::Cri),
+            traces(Duration::from_millis(1), 1024),
+        );
+        f.scan();
+        let mut got = Vec::new();
+        loop {
+            let (out, more) = round(&mut f, 5);
+            got.extend(out);
+            std::thread::sleep(Duration::from_millis(5));
+            if !more {
+                break;
+            }
+        }
+        got.extend(round(&mut f, 100).0);
+        assert_eq!(got.len(), 201, "{got:?}");
+        assert!(got.iter().any(|l| l == "Exception\n  at a()"), "{got:?}");
+    }
+
+    #[test]
+    fn a_container_files_line_not_in_its_format_is_flagged_to_be_shipped_as_plain() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("0.log"),
+            "2024-01-01T00:00:00Z stdout F {\"ok\":1}\nyesterday stdout F not cri\n",
+        )
+        .unwrap();
+        let mut f = joining(dir.path(), false, Some(Container::Cri), None);
+        f.scan();
+        let mut got = Vec::new();
+        f.read(|l| {
+            got.push((String::from_utf8_lossy(l.line).into_owned(), l.malformed));
+            true
+        });
+        assert_eq!(
+            got,
+            [
+                ("{\"ok\":1}".to_string(), false),
+                ("yesterday stdout F not cri".to_string(), true)
+            ]
+        );
+        assert_eq!(f.take_malformed(), [(0, 1)]);
+    }
+
+    #[test]
+    fn under_backpressure_a_joining_file_reads_no_further_than_the_record_that_did_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b"] {
+            let text: String = (0..2000).map(|i| format!("{name} {i}\n")).collect();
+            let name = format!("{name}.log");
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let mut f = joining(
+            dir.path(),
+            false,
+            None,
+            traces(Duration::from_secs(3600), 1024),
+        );
+        f.scan();
+        // The batch is full from the start.
+        let (out, more) = round(&mut f, 0);
+        assert!(out.is_empty() && more);
+        let held: Vec<(usize, u64)> = f
+            .tailers
+            .values()
+            .map(|t| (t.assembler.as_ref().unwrap().held(), t.read))
+            .collect();
+        // One file took two lines (a complete record waiting for room, and the record after
+        // it being joined); the other was not read at all.
+        assert_eq!(held.iter().map(|h| h.0).sum::<usize>(), 2, "{held:?}");
+        assert!(
+            held.iter().any(|&(n, read)| n == 0 && read == 0),
+            "{held:?}"
+        );
+        // Room again: everything arrives once, in order.
+        let mut got = Vec::new();
+        loop {
+            let (out, more) = round(&mut f, 100);
+            got.extend(out);
+            if !more {
+                break;
+            }
+        }
+        f.flush_joined();
+        got.extend(round(&mut f, 100).0);
+        // Each file's lines in order.
+        for name in ["a", "b"] {
+            let want: Vec<String> = (0..2000).map(|i| format!("{name} {i}")).collect();
+            let of_file: Vec<&String> = got
+                .iter()
+                .filter(|l| l.starts_with(&format!("{name} ")))
+                .collect();
+            assert_eq!(of_file, want.iter().collect::<Vec<_>>());
+        }
+        assert_eq!(got.len(), 4000);
+    }
+
+    #[test]
+    fn the_unterminated_tail_of_a_rotated_file_completed_late_is_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        let mut w = std::fs::File::create(&log).unwrap();
+        write!(w, "one\nthr").unwrap();
+        let mut f = files(dir.path());
+        assert_eq!(lines(&mut f), ["one"]);
+        // Rotated by rename; the new file starts with a line of its own.
+        std::fs::rename(&log, dir.path().join("app.log.1")).unwrap();
+        std::fs::write(&log, "fresh\n").unwrap();
+        assert_eq!(lines(&mut f), ["fresh"]);
+        // Quiet for rotate_wait as of the last look, then the writer finishes its line.
+        for t in f.tailers.values_mut() {
+            t.grew_at -= ROTATE_WAIT;
+        }
+        writeln!(w, "ee").unwrap();
+        let (got, _) = round(&mut f, 100);
+        assert_eq!(got, ["three"]);
+        // A tail that stays unterminated leaves once, as its own line, when the file is done.
+        write!(w, "four").unwrap();
+        assert!(lines(&mut f).is_empty());
+        for t in f.tailers.values_mut() {
+            t.grew_at -= ROTATE_WAIT;
+        }
+        assert_eq!(lines(&mut f), ["four"]);
+        assert_eq!(f.tailers.len(), 1, "the rotated file is closed");
+        assert!(lines(&mut f).is_empty());
+    }
+
+    #[test]
+    fn a_line_cut_at_max_line_is_joined_again_without_a_line_end_in_a_multiline_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "y".repeat(MAX_LINE + 1000);
+        std::fs::write(
+            dir.path().join("app.log"),
+            format!("ERROR {long}\n  at a()\nnext\n"),
+        )
+        .unwrap();
+        let mut f = joining(
+            dir.path(),
+            false,
+            None,
+            traces(Duration::from_secs(3600), 1 << 20),
+        );
+        let got = lines(&mut f);
+        assert_eq!(got, [format!("ERROR {long}\n  at a()")]);
     }
 
     #[test]

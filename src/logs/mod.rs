@@ -99,8 +99,8 @@ struct Work {
     files: Files,
     encoder: Encoder,
     batch: Batch,
-    /// Per source: name, format, lines and bytes read.
-    sources: Vec<(String, LineFormat, Counter, Counter)>,
+    /// Per source: name, format, lines and bytes read, lines not in its format.
+    sources: Vec<(String, LineFormat, Counter, Counter, Counter)>,
     app_source: Option<usize>,
     max_lines: usize,
     max_bytes: usize,
@@ -147,10 +147,11 @@ impl Work {
         self.batch.lines >= self.max_lines || self.batch.body.len() >= self.max_bytes
     }
 
-    /// Takes `app` lines, encodes the app's pending lines and then reads files until the batch
-    /// is full. `flush_app`: the agent stops and the app is gone, so records still being joined
-    /// (app and files) leave now. True when lines are left for the next batch (the caller should come back
-    /// without waiting).
+    /// Joins and rate-limits the `app` lines taken, encodes the app's pending records and then,
+    /// once none waits for room, scans and reads files until the batch is full. `flush_app`:
+    /// the agent drains (the app has exited), so records still being joined (the app's and the
+    /// files') leave now. True when lines are left for the next batch (the caller should come
+    /// back without waiting).
     fn fill(&mut self, app: Vec<AppLine>, flush_app: bool) -> bool {
         let now = SystemTime::now();
         let clock = Instant::now();
@@ -158,7 +159,7 @@ impl Work {
         match &mut self.app_join {
             Some(a) => {
                 for l in app {
-                    a.push(&l.line, 0, 0, Some(l.stream), clock);
+                    a.push(&l.line, 0, 0, Some(l.stream), l.cut, clock);
                 }
                 a.flush_expired(clock);
                 if flush_app {
@@ -167,6 +168,7 @@ impl Work {
                 records.extend(a.ready.drain(..).map(|r| AppLine {
                     stream: r.stream.unwrap_or(Stream::Stdout),
                     line: r.text,
+                    cut: false,
                 }));
             }
             None => records.extend(app),
@@ -186,22 +188,25 @@ impl Work {
             None => self.app_pending.extend(records),
         }
         if let Some(s) = self.app_source {
-            let (name, format, lines, bytes) = &self.sources[s];
+            let (name, format, lines, bytes, unparsed) = &self.sources[s];
             let tails = self.app_tails.get_or_insert_with(|| {
                 [
                     Tail::new(name, Origin::Stream(Stream::Stdout.as_str())),
                     Tail::new(name, Origin::Stream(Stream::Stderr.as_str())),
                 ]
             });
-            let (mut n, mut b) = (0, 0);
+            let (mut n, mut b, mut bad) = (0, 0, 0);
             while let Some(l) = self.app_pending.front() {
                 let tail = &tails[usize::from(l.stream == Stream::Stderr)];
+                let mut parsed = true;
                 if !self.batch.push(self.max_lines, self.max_bytes, |out| {
-                    self.encoder
-                        .encode(out, &l.line, format, tail, Meta::default(), now)
+                    parsed = self
+                        .encoder
+                        .encode(out, &l.line, format, tail, Meta::default(), now);
                 }) {
                     break;
                 }
+                bad += u64::from(!parsed);
                 n += 1;
                 b += l.line.len() as u64 + 1;
                 self.batch.app_lines += 1;
@@ -209,6 +214,9 @@ impl Work {
             }
             lines.inc_by(n);
             bytes.inc_by(b);
+            if bad > 0 {
+                unparsed.inc_by(bad);
+            }
         }
         if !self.app_pending.is_empty() {
             return true;
@@ -229,8 +237,10 @@ impl Work {
             file_tail,
             ..
         } = self;
-        // Lines and bytes read per source, added to the counters once per fill.
-        let mut read = vec![(0u64, 0u64); sources.len()];
+        // Lines, bytes and lines not in their format per source, added to the counters once
+        // per fill.
+        let mut read = vec![(0u64, 0u64, 0u64); sources.len()];
+        let plain = LineFormat::Plain;
         let more = files.read(|l| {
             if batch.lines >= max_lines {
                 return false;
@@ -243,24 +253,34 @@ impl Work {
                 *file_tail = Some((l.source, l.path.to_path_buf(), tail));
             }
             let (_, _, tail) = file_tail.as_ref().expect("set above");
-            let format = &sources[l.source].1;
+            let format = if l.malformed {
+                &plain
+            } else {
+                &sources[l.source].1
+            };
             let meta = Meta {
                 stream: l.stream.map(Stream::as_str),
                 time: l.time,
             };
+            let mut parsed = true;
             if !batch.push(max_lines, max_bytes, |out| {
-                encoder.encode(out, l.line, format, tail, meta, now)
+                parsed = encoder.encode(out, l.line, format, tail, meta, now);
             }) {
                 return false;
             }
-            read[l.source].0 += 1;
-            read[l.source].1 += l.line.len() as u64 + 1;
+            let r = &mut read[l.source];
+            r.0 += 1;
+            r.1 += l.line.len() as u64 + 1;
+            r.2 += u64::from(!parsed);
             true
         });
-        for (i, (n, b)) in read.into_iter().enumerate() {
+        for (i, (n, b, bad)) in read.into_iter().enumerate() {
             if n > 0 {
                 sources[i].2.inc_by(n);
                 sources[i].3.inc_by(b);
+            }
+            if bad > 0 {
+                sources[i].4.inc_by(bad);
             }
         }
         more
@@ -315,6 +335,13 @@ impl Logs {
                 s.format.clone(),
                 self.metrics.read.get_or_create(&label).clone(),
                 self.metrics.read_bytes.get_or_create(&label).clone(),
+                self.metrics
+                    .unparsed
+                    .get_or_create(&LogDropLabels {
+                        source: s.name.clone(),
+                        reason: "format",
+                    })
+                    .clone(),
             ));
             match &s.kind {
                 LogSourceKind::App => app_source = Some(i),
@@ -456,7 +483,9 @@ impl Logs {
             }
             // Fill the next batch on the blocking pool while the sealed one is shipped.
             let mut w = work.take().expect("work is back after each fill");
-            let flush_app = stop.draining() && !app_open;
+            // The agent drains after the app has exited: records still being joined leave now
+            // (a child the app left behind may still hold its stdout open, and write to it).
+            let flush_app = stop.draining();
             let fill = tokio::task::spawn_blocking(move || {
                 let more = w.fill(app, flush_app);
                 (w, more)
@@ -478,25 +507,48 @@ impl Logs {
                         .then_some(0)
                 }
                 Some(Shipped::Stopped { app_lines }) => Some(app_lines),
-                None => None,
+                // Nothing in flight, and the budget spent waiting for the app's stdio to close
+                // (a child it left behind holds it open).
+                None => stop
+                    .budget()
+                    .is_some_and(|left| left.is_zero())
+                    .then_some(0),
             };
             if let Some(app_lines) = out_of_budget {
                 // The stop's budget ran out: files resume from the checkpoint; the app's
-                // lines not shipped are counted.
-                let mut lost = app_lines + w.batch.app_lines + w.app_pending.len();
+                // lines not shipped are counted, records still being joined among them.
+                let mut lost = app_lines
+                    + w.batch.app_lines
+                    + w.app_pending.len()
+                    + w.app_join.as_ref().map_or(0, Assembler::held);
                 if let Some(q) = captured.as_mut() {
                     while q.try_recv().is_ok() {
                         lost += 1;
                     }
                 }
                 dropped("shutdown", lost);
-                warn!(
-                    lost,
-                    "the stop's flush budget ran out with lines left; files resume from the checkpoint"
-                );
+                if lost > 0 || w.batch.lines > 0 {
+                    warn!(
+                        lost,
+                        "the stop's flush budget ran out with lines left; files resume from the checkpoint"
+                    );
+                } else {
+                    info!(
+                        "the stop's flush budget ran out waiting for the app's stdout/stderr to close (a child of the app holds them)"
+                    );
+                }
                 return Ok(());
             }
             self.metrics.checkpoint_lag.set(w.files.lag() as i64);
+            for (source, lines) in w.files.take_malformed() {
+                self.metrics
+                    .unparsed
+                    .get_or_create(&LogDropLabels {
+                        source: c.sources[source].name.clone(),
+                        reason: "container",
+                    })
+                    .inc_by(lines);
+            }
             for (source, bytes) in w.files.take_truncated() {
                 self.metrics
                     .truncated_bytes
@@ -592,7 +644,7 @@ impl Logs {
             let body = sink.prepare(part.clone());
             loop {
                 // A stop during the attempt bounds what is left of it by the flush budget.
-                let send = sink.send(body.clone());
+                let send = sink.send(body.clone(), lines);
                 tokio::pin!(send);
                 let sent = loop {
                     match stop.budget() {

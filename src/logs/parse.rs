@@ -150,7 +150,9 @@ impl Encoder {
         }
     }
 
-    /// Appends the record of `line` and a `\n` to `out`.
+    /// Appends the record of `line` and a `\n` to `out`. False when the line is not what
+    /// `format` says (`json`, `logfmt`, `regex` that did not parse or match): it is then
+    /// shipped as `message`, like a plain line, and the caller counts it.
     pub fn encode(
         &self,
         out: &mut Vec<u8>,
@@ -159,7 +161,7 @@ impl Encoder {
         tail: &Tail,
         meta: Meta<'_>,
         now: SystemTime,
-    ) {
+    ) -> bool {
         // The validation alone first: `from_utf8_lossy` walks the line in chunks at ~5× the
         // cost of `from_utf8`'s word-at-a-time ASCII path (callgrind).
         let mut text = match std::str::from_utf8(line) {
@@ -198,7 +200,7 @@ impl Encoder {
             out.extend_from_slice(b"{\"message\":");
             json::string(out, &text);
             self.finish(out, &Seen::default(), &[], true, (tail, meta, now));
-            return;
+            return matches!(format, LineFormat::Plain | LineFormat::Auto);
         };
         let mut seen = Seen::default();
         for (k, v) in &members {
@@ -227,6 +229,7 @@ impl Encoder {
             out.extend_from_slice(t[..t.len() - 1].trim_end().as_bytes());
             self.finish(out, &seen, &members, !members.is_empty(), (tail, meta, now));
         }
+        true
     }
 
     /// Notes what one member of the line is.

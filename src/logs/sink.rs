@@ -10,7 +10,8 @@
 //! - `otlp`: an OTLP/HTTP logs export request, JSON encoding ([`super::otlp`]); a
 //!   `partialSuccess` naming refused records counts them as refused.
 //! - `elasticsearch`: `_bulk` ([`super::bulk`]); items refused with 429 or 5xx are sent again,
-//!   alone, other refused items are counted.
+//!   alone, other refused items are counted; an answer without one item per record is a failed
+//!   attempt.
 //! - `gzip: true` compresses the request body of any of the HTTP sinks (once per batch; every
 //!   retry sends the same bytes).
 //! - `file`: appended and `fdatasync`ed before it counts as acknowledged.
@@ -349,8 +350,8 @@ impl Sink {
         }
     }
 
-    /// Sends one prepared batch; Ok once the sink has acknowledged it.
-    pub async fn send(&self, body: Bytes) -> Result<(), SendError> {
+    /// Sends one prepared batch of `records`; Ok once the sink has acknowledged it.
+    pub async fn send(&self, body: Bytes, records: usize) -> Result<(), SendError> {
         match self {
             Sink::Stdout => {
                 let mut out = tokio::io::stdout();
@@ -385,13 +386,14 @@ impl Sink {
             }
             Sink::Elasticsearch(h, _) => {
                 let answer = h.post(body).await?;
-                match super::bulk::outcome(&answer) {
-                    Some(o) => Err(SendError::Items {
+                match super::bulk::outcome(&answer, records) {
+                    Ok(Some(o)) => Err(SendError::Items {
                         retry: o.retry,
                         rejected: o.rejected,
                         message: o.message,
                     }),
-                    None => Ok(()),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(SendError::Failed(e)),
                 }
             }
             Sink::Loki(l) => match l.http.post(body).await.map(drop) {

@@ -455,6 +455,9 @@ pub struct LogsMetrics {
     pub echo_dropped: Counter,
     /// Bytes of files lost to truncation before they were read (copytruncate).
     pub truncated_bytes: Family<LogSourceLabels, Counter>,
+    /// Lines shipped as plain `message` because they were not in their source's format
+    /// (`reason`: `format` for json/logfmt/regex, `container` for a runtime's format).
+    pub unparsed: Family<LogDropLabels, Counter>,
 }
 
 impl Default for LogsMetrics {
@@ -470,6 +473,7 @@ impl Default for LogsMetrics {
             app_buffer: Gauge::default(),
             echo_dropped: Counter::default(),
             truncated_bytes: Family::default(),
+            unparsed: Family::default(),
         }
     }
 }
@@ -525,6 +529,11 @@ impl LogsMetrics {
             "logs_truncated_lost_bytes",
             "Bytes of a file lost unread when it was truncated (copytruncate while behind), by source",
             self.truncated_bytes.clone(),
+        );
+        r.register(
+            "logs_unparsed_lines",
+            "Log lines not in their source's format (reason: format, container), shipped as a plain message",
+            self.unparsed.clone(),
         );
     }
 }

@@ -970,3 +970,97 @@ fn the_apps_stack_traces_are_joined_per_stream_and_the_last_leaves_at_exit() {
     .into();
     assert_once(&rx.counts("message"), &want, &sc);
 }
+
+#[test]
+fn a_cut_long_line_is_one_record_again_and_lines_not_in_their_format_ship_counted() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A CRI file: one good line, and one whose first word is not an RFC 3339 time.
+    std::fs::write(
+        dir.path().join("0.log"),
+        "2024-05-01T10:00:00Z stdout F cri ok\nyesterday stdout F not a cri line\n",
+    )
+    .unwrap();
+    let config = format!(
+        "logs:\n  sources:\n    - app: stdio\n      format: json\n      multiline: {{start: '^\\S', max_bytes: 1MiB, timeout: 100ms}}\n    - files: {}/*.log\n      format: cri\n      name: pods\n  sinks: [{{http: {}}}]\n  poll: 50ms\n  batch: {{max_wait: 50ms}}\n",
+        dir.path().display(),
+        rx.url
+    );
+    // A JSON line of 300,000 bytes: longer than the 256 KiB the capture holds, so it comes in
+    // two pieces; joined again with a `\n` between them it would no longer be JSON.
+    let script = r#"import sys, time
+print('{"big":"' + 'y' * 300000 + '"}')
+print('not json at all')
+sys.stdout.flush()
+time.sleep(60)"#;
+    let sc = Spawn {
+        config: &config,
+        app: &["python3", "-c", script],
+        ..Spawn::default()
+    }
+    .start();
+    let want: Vec<String> = [
+        "not json at all",
+        "cri ok",
+        "yesterday stdout F not a cri line",
+    ]
+    .map(String::from)
+    .into();
+    rx.wait_for(&want);
+    let records = rx.records();
+    let big: Vec<_> = records.iter().filter(|r| r.get("big").is_some()).collect();
+    assert_eq!(big.len(), 1, "{records:?}");
+    assert_eq!(big[0]["big"].as_str().unwrap().len(), 300_000);
+    assert_eq!(big[0]["stream"], "stdout");
+    // The line that is not the runtime's: as it is, no stream, counted.
+    let bad = records
+        .iter()
+        .find(|r| r["message"] == "yesterday stdout F not a cri line")
+        .unwrap();
+    assert!(bad.get("stream").is_none(), "{bad}");
+    eventually(WAIT, "the unparsed lines counted", || {
+        let format =
+            sc.metric("outrigger_logs_unparsed_lines_total{source=\"app\",reason=\"format\"}");
+        let container =
+            sc.metric("outrigger_logs_unparsed_lines_total{source=\"pods\",reason=\"container\"}");
+        (format == 1.0 && container == 1.0).then_some(())
+    });
+    assert_eq!(records.len(), 4, "{records:?}");
+}
+
+#[test]
+fn the_apps_record_being_joined_leaves_at_stop_even_while_a_child_holds_its_stdout() {
+    let rx = Receiver::start();
+    // A stack trace held for joining (timeout: an hour), then the app exits leaving a child
+    // that keeps its stdout open (in a session of its own: not stopped with the app).
+    let config = format!(
+        "logs:\n  sources:\n    - app: stdio\n      format: plain\n      multiline: {{start: '^\\S', timeout: 1h}}\n  sinks: [{{http: {}}}]\n  poll: 50ms\n",
+        rx.url
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("child.pid");
+    let script = format!(
+        "echo 'ERROR held'; echo '  at a()'; setsid sleep 20 & echo $! > {}; exit 0",
+        pid_file.display()
+    );
+    // The child is stopped when the test ends, passed or failed.
+    struct Child(std::path::PathBuf);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            if let Ok(pid) = std::fs::read_to_string(&self.0) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+    let _child = Child(pid_file);
+    let mut sc = Spawn {
+        config: &config,
+        app: &["sh", "-c", &script],
+        ..Spawn::default()
+    }
+    .start();
+    let status = sc.wait_exit(WAIT);
+    assert!(status.success(), "{status}\n{}", sc.diagnostics());
+    let want = ["ERROR held\n  at a()".to_string()];
+    assert_once(&rx.counts("message"), &want, &sc);
+}
