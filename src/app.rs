@@ -568,6 +568,9 @@ async fn build_modules(
 ) -> Result<Built> {
     #[cfg_attr(not(any(feature = "proxy", feature = "logs")), allow(unused_mut))]
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
+    // Taken before the bridge takes the rest of `built`.
+    #[cfg(feature = "logs")]
+    let logs_tls = built.logs_tls.clone();
     #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
     #[cfg_attr(not(any(feature = "proxy", feature = "bridge")), allow(unused_mut))]
@@ -649,6 +652,7 @@ async fn build_modules(
                 logs.clone(),
                 captured,
                 metrics.logs.clone(),
+                logs_tls,
             )));
             capture
         }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::document::{Document, Problem};
+use super::tls::ClientTlsConfig;
 use super::types::{ByteSize, Duration};
 
 /// A batch is sent when it holds this many lines… (10,000: `max_bytes` is the bound that binds
@@ -103,16 +104,16 @@ pub struct RawRateLimit {
 pub struct RawLogSink {
     /// The `sink` label of its metrics (default: its kind, like `http`).
     pub name: Option<String>,
-    /// POST batches as NDJSON to this `http://` URL.
+    /// POST batches as NDJSON to this `http://` or `https://` URL.
     pub http: Option<String>,
-    /// Push to Loki's push API (JSON) at this `http://` URL (`/loki/api/v1/push` when the URL
+    /// Push to Loki's push API (JSON) at this `http(s)://` URL (`/loki/api/v1/push` when the URL
     /// has no path).
     pub loki: Option<String>,
     /// Loki stream labels: the record fields whose values label a stream (default: `source`).
     pub labels: Option<Vec<String>>,
-    /// OTLP/HTTP logs, JSON encoding, at this `http://` URL (`/v1/logs` when it has no path).
+    /// OTLP/HTTP logs, JSON encoding, at this `http(s)://` URL (`/v1/logs` when it has no path).
     pub otlp: Option<String>,
-    /// Elasticsearch/OpenSearch `_bulk` at this `http://` URL (`/_bulk` when it has no path).
+    /// Elasticsearch/OpenSearch `_bulk` at this `http(s)://` URL (`/_bulk` when it has no path).
     pub elasticsearch: Option<String>,
     /// Elasticsearch only: the index or data stream.
     pub index: Option<String>,
@@ -124,6 +125,9 @@ pub struct RawLogSink {
     pub file: Option<PathBuf>,
     pub timeout: Option<Duration>,
     pub headers: BTreeMap<String, super::Secret>,
+    /// `https://` URLs: the CA bundle (default: the system's roots), a client certificate, the
+    /// server name — a cluster's `tls` keys.
+    pub tls: Option<super::raw::RawClientTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +275,8 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
     Loki {
         #[serde(serialize_with = "display")]
@@ -280,6 +286,8 @@ pub enum LogSink {
         headers: Vec<(String, super::Secret)>,
         labels: Vec<String>,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
     Otlp {
         #[serde(serialize_with = "display")]
@@ -288,6 +296,8 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
     Elasticsearch {
         #[serde(serialize_with = "display")]
@@ -297,6 +307,8 @@ pub enum LogSink {
         headers: Vec<(String, super::Secret)>,
         index: String,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
 }
 
@@ -703,6 +715,39 @@ impl LogSink {
             LogSink::Elasticsearch { .. } => "elasticsearch",
         }
     }
+
+    /// Its `tls` keys, when set.
+    pub fn tls(&self) -> Option<&ClientTlsConfig> {
+        match self {
+            LogSink::Stdout | LogSink::File(_) => None,
+            LogSink::Http { tls, .. }
+            | LogSink::Loki { tls, .. }
+            | LogSink::Otlp { tls, .. }
+            | LogSink::Elasticsearch { tls, .. } => tls.as_ref(),
+        }
+    }
+
+    /// The TLS an HTTP sink's `https://` URL is reached with: its `tls`, else the system's
+    /// roots. None for a plain `http://` URL and for `stdout` and `file`.
+    pub fn https(&self) -> Option<ClientTlsConfig> {
+        let url = match self {
+            LogSink::Stdout | LogSink::File(_) => return None,
+            LogSink::Http { url, .. }
+            | LogSink::Loki { url, .. }
+            | LogSink::Otlp { url, .. }
+            | LogSink::Elasticsearch { url, .. } => url,
+        };
+        if url.scheme_str() != Some("https") {
+            return None;
+        }
+        Some(self.tls().cloned().unwrap_or(ClientTlsConfig {
+            ca: None,
+            server_name: None,
+            client: None,
+            identity: None,
+            min_version: super::tls::TlsVersion::V1_2,
+        }))
+    }
 }
 
 fn sink(
@@ -744,6 +789,28 @@ fn sink(
     }
     let gzip = raw.gzip.unwrap_or(false);
     let timeout = raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT);
+    let url = [&raw.http, &raw.loki, &raw.otlp, &raw.elasticsearch]
+        .into_iter()
+        .flatten()
+        .next();
+    let tls = match (&raw.tls, url) {
+        (None, _) => None,
+        (Some(_), None) => {
+            problems.push(doc.problem(
+                &format!("{key}.tls"),
+                "tls applies to the HTTP sinks only (http, loki, otlp, elasticsearch)",
+            ));
+            return None;
+        }
+        (Some(_), Some(u)) if !u.trim_start().starts_with("https://") => {
+            problems.push(doc.problem(
+                &format!("{key}.tls"),
+                format!("tls needs an https:// URL, found {u:?}"),
+            ));
+            return None;
+        }
+        (Some(t), Some(_)) => Some(super::tls::client(t, &format!("{key}.tls"), doc, problems)?),
+    };
     // A URL without a path gets the API's usual one.
     let with_path = |url: &str, field: &str, default: &'static str, problems: &mut Vec<Problem>| {
         let mut uri = http_url(url, &format!("{key}.{field}"), doc, problems)?;
@@ -776,6 +843,7 @@ fn sink(
             headers: raw.headers.into_iter().collect(),
             labels,
             gzip,
+            tls,
         });
     }
     if let Some(url) = raw.otlp {
@@ -784,6 +852,7 @@ fn sink(
             timeout,
             headers: raw.headers.into_iter().collect(),
             gzip,
+            tls,
         });
     }
     if let Some(url) = raw.elasticsearch {
@@ -809,6 +878,7 @@ fn sink(
             headers: raw.headers.into_iter().collect(),
             index,
             gzip,
+            tls,
         });
     }
     if let Some(url) = raw.http {
@@ -818,6 +888,7 @@ fn sink(
             timeout,
             headers: raw.headers.into_iter().collect(),
             gzip,
+            tls,
         });
     }
     if let Some(path) = raw.file {
@@ -842,12 +913,10 @@ fn http_url(
             return None;
         }
     };
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         problems.push(doc.problem(
             key,
-            format!(
-                "expected an http:// URL with a host (https is not supported yet), found {url:?}"
-            ),
+            format!("expected an http:// or https:// URL with a host, found {url:?}"),
         ));
         return None;
     }

@@ -63,14 +63,22 @@ pub struct Logs {
     /// The app's lines; held by the running pipeline (a tokio mutex: a panicking run releases it
     /// for the next one).
     captured: tokio::sync::Mutex<Option<Captured>>,
+    /// The rustls client config of each sink with an `https://` URL, by name (preflight).
+    tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
 }
 
 impl Logs {
-    pub fn new(config: LogsConfig, captured: Option<Captured>, metrics: LogsMetrics) -> Logs {
+    pub fn new(
+        config: LogsConfig,
+        captured: Option<Captured>,
+        metrics: LogsMetrics,
+        tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+    ) -> Logs {
         Logs {
             config,
             metrics,
             captured: tokio::sync::Mutex::new(captured),
+            tls,
         }
     }
 }
@@ -373,12 +381,19 @@ impl Logs {
             .sinks
             .iter()
             .map(|s| Outlet {
-                sink: Sink::new(&s.sink),
+                sink: Sink::new(&s.sink, self.tls.get(&s.name)),
                 label: LogSinkLabels {
                     sink: s.name.clone(),
                 },
             })
             .collect();
+        self.metrics.sinks.reset(
+            outlets.iter().map(|o| o.label.sink.as_str()),
+            c.retry_max.get(),
+        );
+        for o in &outlets {
+            self.metrics.sink_up.get_or_create(&o.label).set(1);
+        }
         let app_name = app_source.map(|s| c.sources[s].name.clone());
         let dropped = |reason: &'static str, n: usize| {
             if let (Some(name), true) = (&app_name, n > 0) {
@@ -609,6 +624,16 @@ impl Logs {
                         }
                     }
                 };
+                match &sent {
+                    Err(SendError::Failed(e)) => {
+                        self.metrics.sinks.failed(name, e);
+                        self.metrics.sink_up.get_or_create(sink_label).set(0);
+                    }
+                    _ => {
+                        self.metrics.sinks.answered(name);
+                        self.metrics.sink_up.get_or_create(sink_label).set(1);
+                    }
+                }
                 match sent {
                     Ok(()) => {
                         shipped += lines;

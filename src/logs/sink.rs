@@ -13,6 +13,9 @@
 //!   alone, other refused items are counted.
 //! - `gzip: true` compresses the request body of any of the HTTP sinks (once per batch; every
 //!   retry sends the same bytes).
+//! - Every HTTP sink takes an `https://` URL: TLS with rustls through
+//!   [`crate::tls::client`], verified against `tls.ca` or the system's roots (a cluster's
+//!   `tls` keys and checks). A failed handshake is a failed attempt, retried like any other.
 //! - `file`: appended and `fdatasync`ed before it counts as acknowledged.
 //! - `stdout`: written and flushed.
 
@@ -21,12 +24,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::logs::LogSink;
+use crate::tls::LoadedClient;
+use crate::tls::client::HttpsClient;
 
 /// How a batch fared.
 #[derive(Debug)]
@@ -60,7 +62,7 @@ pub enum Sink {
 
 /// A POST endpoint.
 pub struct HttpSink {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpsClient<Full<Bytes>>,
     url: http::Uri,
     timeout: Duration,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
@@ -81,6 +83,14 @@ pub struct LokiSink {
     last_ns: std::sync::atomic::AtomicU64,
 }
 
+/// How an HTTP sink reaches an `https://` URL: its TLS settings (None for `http://`), and the
+/// rustls config preflight built from them.
+#[derive(Clone, Copy)]
+struct Tls<'a> {
+    config: &'a Option<crate::config::tls::ClientTlsConfig>,
+    loaded: Option<&'a LoadedClient>,
+}
+
 /// How much of a refusal's body is kept for the log line: Loki's ends with the count of the
 /// entries it ignored, after one line per ignored entry (up to a handful).
 const MAX_ERROR_BODY: usize = 4096;
@@ -97,11 +107,32 @@ impl HttpSink {
         headers: &[(String, crate::config::Secret)],
         content_type: &'static str,
         gzip: bool,
+        tls: Tls<'_>,
     ) -> HttpSink {
+        // An https:// URL without material from preflight (a sink made in a test): built
+        // here; when it cannot be, every request fails (never sent unverified).
+        let built;
+        let loaded = match tls.loaded {
+            Some(l) => Some(l),
+            None => match tls
+                .config
+                .as_ref()
+                .map(|c| crate::tls::client_config(c, false))
+            {
+                Some(Ok(l)) => {
+                    built = l;
+                    Some(&built)
+                }
+                Some(Err(e)) => {
+                    tracing::error!(url = %url, error = %e, "cannot set up TLS for the log sink; its requests will fail");
+                    None
+                }
+                None => None,
+            },
+        };
+        let server_name = tls.config.as_ref().and_then(|c| c.server_name.as_deref());
         HttpSink {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build_http(),
+            client: crate::tls::client::https_client(loaded, server_name, Duration::from_secs(30)),
             url: url.clone(),
             timeout: timeout.get(),
             headers: headers
@@ -132,7 +163,11 @@ impl HttpSink {
             .body(Full::new(body))
             .map_err(|e| SendError::Rejected(e.to_string()))?;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| error_chain(&e))?;
             let status = resp.status();
             // Read the answer to its end so the connection can be used again. An answer cut
             // off is a failed send (sent again): `_bulk` and OTLP answers say which records
@@ -256,7 +291,13 @@ impl LokiSink {
 }
 
 impl Sink {
-    pub fn new(config: &LogSink) -> Sink {
+    /// The sink for `config`; `tls`: the rustls config preflight built for an `https://` URL.
+    pub fn new(config: &LogSink, tls: Option<&LoadedClient>) -> Sink {
+        let https = config.https();
+        let tls = Tls {
+            config: &https,
+            loaded: tls,
+        };
         match config {
             LogSink::Stdout => Sink::Stdout,
             LogSink::File(p) => Sink::File(p.clone()),
@@ -265,24 +306,28 @@ impl Sink {
                 timeout,
                 headers,
                 gzip,
+                tls: _,
             } => Sink::Http(Box::new(HttpSink::new(
                 url,
                 *timeout,
                 headers,
                 "application/x-ndjson",
                 *gzip,
+                tls,
             ))),
             LogSink::Otlp {
                 url,
                 timeout,
                 headers,
                 gzip,
+                tls: _,
             } => Sink::Otlp(Box::new(HttpSink::new(
                 url,
                 *timeout,
                 headers,
                 "application/json",
                 *gzip,
+                tls,
             ))),
             LogSink::Elasticsearch {
                 url,
@@ -290,6 +335,7 @@ impl Sink {
                 headers,
                 index,
                 gzip,
+                tls: _,
             } => Sink::Elasticsearch(
                 Box::new(HttpSink::new(
                     url,
@@ -297,6 +343,7 @@ impl Sink {
                     headers,
                     "application/x-ndjson",
                     *gzip,
+                    tls,
                 )),
                 index.clone(),
             ),
@@ -306,8 +353,9 @@ impl Sink {
                 headers,
                 labels,
                 gzip,
+                tls: _,
             } => Sink::Loki(Box::new(LokiSink {
-                http: HttpSink::new(url, *timeout, headers, "application/json", *gzip),
+                http: HttpSink::new(url, *timeout, headers, "application/json", *gzip, tls),
                 labels: labels.clone(),
                 streams: Default::default(),
                 last_ns: Default::default(),
@@ -405,6 +453,19 @@ impl Sink {
     }
 }
 
+/// An error and its sources, `: `-separated: hyper's own says only "client error (Connect)";
+/// the cause (connection refused, an unknown CA) is further down.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        next = s.source();
+    }
+    text
+}
+
 /// How many entries a Loki 400 says it ignored: Loki takes the valid entries of a push and
 /// answers 400 listing the others, ending with `total ignored: N out of M`.
 fn loki_ignored(message: &str) -> Option<usize> {
@@ -431,13 +492,17 @@ mod tests {
 
     #[test]
     fn loki_push_groups_records_into_labelled_streams_and_bounds_them() {
-        let sink = Sink::new(&LogSink::Loki {
-            url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
-            timeout: crate::config::Duration::from_secs(1),
-            headers: vec![],
-            labels: vec!["source".into(), "level".into()],
-            gzip: false,
-        });
+        let sink = Sink::new(
+            &LogSink::Loki {
+                url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+                timeout: crate::config::Duration::from_secs(1),
+                headers: vec![],
+                labels: vec!["source".into(), "level".into()],
+                gzip: false,
+                tls: None,
+            },
+            None,
+        );
         let body = sink.prepare(Bytes::from_static(
             b"{\"source\":\"app\",\"level\":\"info\",\"message\":\"a\"}\n{\"source\":\"app\",\"message\":\"b\"}\n{\"source\":\"app\",\"level\":\"info\",\"message\":\"c\"}\n",
         ));
@@ -480,13 +545,17 @@ mod tests {
 
     #[test]
     fn loki_timestamps_never_go_back_and_partial_refusals_are_read() {
-        let sink = Sink::new(&LogSink::Loki {
-            url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
-            timeout: crate::config::Duration::from_secs(1),
-            headers: vec![],
-            labels: vec!["source".into()],
-            gzip: false,
-        });
+        let sink = Sink::new(
+            &LogSink::Loki {
+                url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+                timeout: crate::config::Duration::from_secs(1),
+                headers: vec![],
+                labels: vec!["source".into()],
+                gzip: false,
+                tls: None,
+            },
+            None,
+        );
         let Sink::Loki(l) = &sink else { unreachable!() };
         // As if the last batch had been stamped an hour ahead (the clock stepped back since).
         let ahead = std::time::SystemTime::now()

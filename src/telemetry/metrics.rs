@@ -433,6 +433,10 @@ pub struct LogsMetrics {
     pub echo_dropped: Counter,
     /// Bytes of files lost to truncation before they were read (copytruncate).
     pub truncated_bytes: Family<LogSourceLabels, Counter>,
+    /// 1 while a sink's last attempt was answered, 0 while it fails.
+    pub sink_up: Family<LogSinkLabels, Gauge>,
+    /// Each sink's state for `/ready` and `/status`.
+    pub sinks: crate::telemetry::log_sinks::SinkStates,
 }
 
 impl Default for LogsMetrics {
@@ -448,6 +452,8 @@ impl Default for LogsMetrics {
             app_buffer: Gauge::default(),
             echo_dropped: Counter::default(),
             truncated_bytes: Family::default(),
+            sink_up: Family::default(),
+            sinks: Default::default(),
         }
     }
 }
@@ -503,6 +509,11 @@ impl LogsMetrics {
             "logs_truncated_lost_bytes",
             "Bytes of a file lost unread when it was truncated (copytruncate while behind), by source",
             self.truncated_bytes.clone(),
+        );
+        r.register(
+            "logs_sink_up",
+            "1 while a log sink's last attempt was answered, 0 while its attempts fail, by sink",
+            self.sink_up.clone(),
         );
     }
 }
