@@ -60,6 +60,8 @@ pub struct RawLogSource {
     pub app: Option<String>,
     /// A glob of files to follow (`/var/log/app/*.log`).
     pub files: Option<String>,
+    /// `true`: Outrigger's own access log (`telemetry.access_log`), handed over in memory.
+    pub access_log: Option<bool>,
     /// For files seen for the first time at start-up: `beginning` (default) or `end`.
     pub start_at: Option<String>,
     /// `auto` (default: JSON when the line is a JSON object), `json`, `plain`, `logfmt`,
@@ -192,6 +194,13 @@ pub struct LogSource {
     pub rate_limit: Option<RateLimit>,
 }
 
+impl LogSource {
+    /// Whether this is Outrigger's own access log.
+    pub fn is_access_log(&self) -> bool {
+        matches!(self.kind, LogSourceKind::AccessLog)
+    }
+}
+
 /// The file format of a container runtime's logs (`/var/log/pods/…`, `/var/lib/docker/…`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -241,6 +250,8 @@ pub const DEFAULT_MULTILINE_TIMEOUT: Duration = Duration::from_millis(1000);
 #[serde(rename_all = "lowercase")]
 pub enum LogSourceKind {
     App,
+    /// Outrigger's own access log, handed over in memory by its writer.
+    AccessLog,
     Files {
         glob: String,
         /// The directory to list: the glob's part before its first wildcard.
@@ -344,6 +355,7 @@ pub const DEFAULT_MASK: &str = "[REDACTED]";
 pub fn validate(
     raw: RawLogs,
     supervised_app: bool,
+    access_log: bool,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Option<LogsConfig> {
@@ -358,11 +370,12 @@ pub fn validate(
     if raw.sources.is_empty() {
         problems.push(doc.problem(
             "logs.sources",
-            "expected at least one source, like [{app: stdio}] or [{files: /var/log/app/*.log}]",
+            "expected at least one source, like [{app: stdio}], [{files: /var/log/app/*.log}] or [{access_log: true}]",
         ));
     }
     let mut sources = Vec::new();
     let mut app_seen = false;
+    let mut access_seen = false;
     for (i, s) in raw.sources.into_iter().enumerate() {
         let key = format!("logs.sources[{i}]");
         let before_source = problems.len();
@@ -496,6 +509,48 @@ pub fn validate(
             }
         });
         let Some(format) = format else { continue };
+        if s.access_log == Some(true) {
+            if s.app.is_some() || s.files.is_some() {
+                problems.push(doc.problem(
+                    &key,
+                    "expected exactly one of app: stdio, files: GLOB or access_log: true",
+                ));
+                continue;
+            }
+            if access_seen {
+                problems.push(doc.problem(&key, "the access log is listed twice"));
+            }
+            access_seen = true;
+            if !access_log {
+                problems.push(doc.problem(
+                    &format!("{key}.access_log"),
+                    "access_log: true ships the proxy's access log, and there is none: set telemetry.access_log (its format is the line shipped)",
+                ));
+            }
+            for (set, what) in [
+                (s.start_at.is_some(), "start_at"),
+                (s.rotate_wait.is_some(), "rotate_wait"),
+                (container.is_some(), "format"),
+                (multiline.is_some(), "multiline"),
+                (rate_limit.is_some(), "rate_limit"),
+            ] {
+                if set {
+                    problems.push(doc.problem(
+                        &format!("{key}.{what}"),
+                        format!("{what} does not apply to the access log"),
+                    ));
+                }
+            }
+            sources.push(LogSource {
+                name: s.name.unwrap_or_else(|| "access_log".into()),
+                kind: LogSourceKind::AccessLog,
+                format,
+                container: None,
+                multiline: None,
+                rate_limit: None,
+            });
+            continue;
+        }
         match (s.app.as_deref(), s.files) {
             (Some("stdio"), None) => {
                 if app_seen {

@@ -468,9 +468,10 @@ fn validate(
     let bridge = raw
         .bridge
         .and_then(|b| bridge::validate(b, &service, doc, problems));
-    let logs = raw
-        .logs
-        .and_then(|l| logs::validate(l, app.command.is_some(), doc, problems));
+    let logs = raw.logs.and_then(|l| {
+        let access_log = telemetry.access_log.is_some();
+        logs::validate(l, app.command.is_some(), access_log, doc, problems)
+    });
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();

@@ -1,11 +1,13 @@
 //! The log agent (`logs:`): lines come in from the supervised app's stdout/stderr
-//! (`lifecycle::capture`) and from files by glob ([`files`]); each is redacted, parsed and
+//! (`lifecycle::capture`), from Outrigger's own access log (its writer's tap,
+//! `telemetry::access_log::Tap`) and from files by glob ([`files`]); each is redacted, parsed and
 //! enriched into one NDJSON record ([`parse`]); records are batched by count, bytes and time and
 //! leave through one sink ([`sink`]); file positions are checkpointed ([`checkpoint`]) only
 //! after the sink acknowledged the batch.
 //!
 //! ```text
 //!  app stdout/stderr ─► capture queue (bounded, drops counted) ─┐
+//!  access log writer ─► access queue (bounded, drops counted) ──┤
 //!  files (glob, poll) ─► read complete lines ───────────────────┼─► redact → parse → enrich
 //!                                                               │        │
 //!                      checkpoint ◄── ack ◄── sink (retries) ◄──┴── batch (lines/bytes/wait)
@@ -52,6 +54,11 @@ use parse::{Encoder, Meta, Origin, Tail};
 use rate_limit::TokenBucket;
 use sink::{SendError, Sink};
 
+/// Access log lines waiting for the agent (`logs.sources[].access_log`); past it the access
+/// log's writer drops them for the agent, counted (`reason="buffer_full"`): at ~200 bytes a
+/// line, about 3 MiB at most.
+pub const ACCESS_QUEUE: usize = 16_384;
+
 /// How long a stop waits for the sink to take the last batches before giving up on them (file
 /// lines are then read again after a restart; the app's are counted as dropped).
 pub const DRAIN_FLUSH: Duration = Duration::from_secs(5);
@@ -65,6 +72,8 @@ pub struct Logs {
     captured: tokio::sync::Mutex<Option<Captured>>,
     /// The rustls client config of each sink with an `https://` URL, by name (preflight).
     tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+    /// Lines of Outrigger's own access log, from its writer (`access_log: true`).
+    access: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
 }
 
 impl Logs {
@@ -73,12 +82,14 @@ impl Logs {
         captured: Option<Captured>,
         metrics: LogsMetrics,
         tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+        access: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
     ) -> Logs {
         Logs {
             config,
             metrics,
             captured: tokio::sync::Mutex::new(captured),
             tls,
+            access: tokio::sync::Mutex::new(access),
         }
     }
 }
@@ -124,6 +135,10 @@ struct Work {
     app_tails: Option<[Tail; 2]>,
     /// The tail of the file read last: (source, path, tail), reused while it stays the same.
     file_tail: Option<(usize, std::path::PathBuf, Tail)>,
+    /// The access log source, its lines taken from the queue not yet in a batch, its tail.
+    access_source: Option<usize>,
+    access_pending: std::collections::VecDeque<Vec<u8>>,
+    access_tail: Option<Tail>,
 }
 
 impl Batch {
@@ -151,6 +166,34 @@ impl Batch {
 }
 
 impl Work {
+    /// Encodes the access log's pending lines into the batch; true when some did not fit.
+    fn encode_access(&mut self) -> bool {
+        let Some(s) = self.access_source else {
+            return false;
+        };
+        let now = SystemTime::now();
+        let (name, format, lines, bytes) = &self.sources[s];
+        let tail = self
+            .access_tail
+            .get_or_insert_with(|| Tail::new(name, Origin::Stream("access")));
+        let (mut n, mut b) = (0, 0);
+        while let Some(l) = self.access_pending.front() {
+            if !self.batch.push(self.max_lines, self.max_bytes, |out| {
+                self.encoder
+                    .encode(out, l, format, tail, Meta::default(), now)
+            }) {
+                break;
+            }
+            n += 1;
+            b += l.len() as u64 + 1;
+            self.batch.app_lines += 1;
+            self.access_pending.pop_front();
+        }
+        lines.inc_by(n);
+        bytes.inc_by(b);
+        !self.access_pending.is_empty()
+    }
+
     fn full(&self) -> bool {
         self.batch.lines >= self.max_lines || self.batch.body.len() >= self.max_bytes
     }
@@ -159,7 +202,8 @@ impl Work {
     /// is full. `flush_app`: the agent stops and the app is gone, so records still being joined
     /// (app and files) leave now. True when lines are left for the next batch (the caller should come back
     /// without waiting).
-    fn fill(&mut self, app: Vec<AppLine>, flush_app: bool) -> bool {
+    fn fill(&mut self, app: Vec<AppLine>, access: Vec<Vec<u8>>, flush_app: bool) -> bool {
+        self.access_pending.extend(access);
         let now = SystemTime::now();
         let clock = Instant::now();
         let mut records = std::collections::VecDeque::new();
@@ -218,7 +262,7 @@ impl Work {
             lines.inc_by(n);
             bytes.inc_by(b);
         }
-        if !self.app_pending.is_empty() {
+        if !self.app_pending.is_empty() || self.encode_access() {
             return true;
         }
         if self.files.is_empty() {
@@ -314,6 +358,8 @@ impl Logs {
         let mut file_sources = Vec::new();
         let mut sources = Vec::new();
         let mut app_source = None;
+        let mut access_source = None;
+        let mut access = self.access.lock().await;
         for (i, s) in c.sources.iter().enumerate() {
             let label = LogSourceLabels {
                 source: s.name.clone(),
@@ -326,6 +372,7 @@ impl Logs {
             ));
             match &s.kind {
                 LogSourceKind::App => app_source = Some(i),
+                LogSourceKind::AccessLog => access_source = Some(i),
                 LogSourceKind::Files {
                     glob,
                     base,
@@ -376,6 +423,9 @@ impl Logs {
             app_limited: 0,
             app_tails: None,
             file_tail: None,
+            access_source,
+            access_pending: Default::default(),
+            access_tail: None,
         });
         let outlets: Vec<Outlet> = c
             .sinks
@@ -430,6 +480,7 @@ impl Logs {
             stop.budget();
             // Wait for a line from the app, the next poll, or a stop — unless there is work.
             let mut app = Vec::new();
+            let mut access_lines = Vec::new();
             if !more && sealed.is_none() {
                 let recv = async {
                     match captured.as_mut() {
@@ -437,11 +488,18 @@ impl Logs {
                         _ => std::future::pending().await,
                     }
                 };
+                let access_recv = async {
+                    match access.as_mut() {
+                        Some(q) => q.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     l = recv => match l {
                         Some(l) => app.push(l),
                         None => app_open = false,
                     },
+                    Some(l) = access_recv => access_lines.push(l),
                     _ = tokio::time::sleep(tick) => {}
                     _ = drain.signaled(), if !stop.draining() => stop.set_draining(),
                 }
@@ -469,11 +527,21 @@ impl Logs {
                     .inc_by(q.take_echo_dropped() as u64);
                 self.metrics.app_buffer.set(q.queued_bytes() as i64);
             }
+            if let Some(q) = access.as_mut() {
+                // As for the app: only what one batch can take; the rest waits in the queue.
+                let pending = work.as_ref().map_or(0, |w| w.access_pending.len());
+                while pending == 0 && access_lines.len() < c.batch_lines {
+                    match q.try_recv() {
+                        Ok(l) => access_lines.push(l),
+                        Err(_) => break,
+                    }
+                }
+            }
             // Fill the next batch on the blocking pool while the sealed one is shipped.
             let mut w = work.take().expect("work is back after each fill");
             let flush_app = stop.draining() && !app_open;
             let fill = tokio::task::spawn_blocking(move || {
-                let more = w.fill(app, flush_app);
+                let more = w.fill(app, access_lines, flush_app);
                 (w, more)
             });
             let shipped = match sealed.take() {
@@ -551,6 +619,7 @@ impl Logs {
                 && sealed.is_none()
                 && w.batch.lines == 0
                 && w.app_pending.is_empty()
+                && w.access_pending.is_empty()
                 && w.app_join.as_ref().is_none_or(Assembler::is_empty)
             {
                 info!("log agent drained");

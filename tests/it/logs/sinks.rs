@@ -174,3 +174,67 @@ fn tls_keys_of_log_sinks_with_problems_are_located() {
         "{err}"
     );
 }
+
+#[test]
+fn the_access_log_ships_through_the_pipeline_redacted_and_enriched_once_per_request() {
+    let rx = Receiver::start();
+    let app = crate::backend::Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {}/access.log }}\nlogs:\n  sources: [{{access_log: true}}]\n  sinks: [{{http: {}}}]\n  fields: {{env: test}}\n  redact: [{{pattern: 'tok-[a-z]+', mask: 'tok-***'}}]\n  batch: {{max_lines: 64, max_wait: 50ms}}\n",
+        app.address(),
+        dir.path().display(),
+        rx.url
+    );
+    let sc = Sidecar::start(&config);
+    sc.wait_ready();
+    let client = crate::support::client();
+    for i in 0..200 {
+        let r = client
+            .get(sc.listener_url("public", &format!("/r/{i}/tok-abc")))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let want: Vec<String> = (0..200).map(|i| format!("/r/{i}/tok-***")).collect();
+    let counts = eventually(WAIT, "every request's access log line", || {
+        let c = rx.counts("path");
+        want.iter().all(|p| c.contains_key(p)).then_some(c)
+    });
+    assert_once(&counts, &want, &sc);
+    for r in rx.records() {
+        assert_eq!(r["source"], "access_log", "{r}");
+        assert_eq!(r["stream"], "access", "{r}");
+        assert_eq!(r["env"], "test", "{r}");
+        assert_eq!(r["method"], "GET", "{r}");
+        assert_eq!(r["trace_id"].as_str().unwrap().len(), 32, "{r}");
+    }
+    assert_eq!(
+        sc.metric("outrigger_logs_read_lines_total{source=\"access_log\"}"),
+        200.0
+    );
+}
+
+#[test]
+fn an_access_log_source_without_an_access_log_is_refused_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "logs:\n  sources:\n    - access_log: true\n      start_at: end\n  sinks: [{stdout: true}]\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        crate::support::run_to_end(&["check", "-c", path.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("bad.yaml:3:") && l.contains("set telemetry.access_log")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("bad.yaml:4:") && l.contains("does not apply to the access log")),
+        "{err}"
+    );
+}
