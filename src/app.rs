@@ -679,6 +679,7 @@ async fn build_modules(
                 captured,
                 metrics.logs.clone(),
                 logs_tls,
+                metrics.proxy.tls.clone(),
                 access_lines,
             )));
             capture

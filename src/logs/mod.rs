@@ -70,8 +70,9 @@ pub struct Logs {
     /// The app's lines; held by the running pipeline (a tokio mutex: a panicking run releases it
     /// for the next one).
     captured: tokio::sync::Mutex<Option<Captured>>,
-    /// The rustls client config of each sink with an `https://` URL, by name (preflight).
-    tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+    /// The HTTPS client of each sink with an `https://` URL, by name: built from what preflight
+    /// read, and rebuilt when its files change (kept across restarts of the pipeline).
+    tls: std::collections::BTreeMap<String, Arc<sink::SinkClient>>,
     /// Lines of Outrigger's own access log, from its writer (`access_log: true`).
     access: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
 }
@@ -81,9 +82,25 @@ impl Logs {
         config: LogsConfig,
         captured: Option<Captured>,
         metrics: LogsMetrics,
-        tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+        mut built: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+        tls_metrics: crate::tls::TlsMetrics,
         access: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
     ) -> Logs {
+        // Watched from now on (a tokio runtime is running: the modules are built in it).
+        let tls = config
+            .sinks
+            .iter()
+            .filter_map(|s| {
+                let client = sink::SinkClient::new(
+                    format!("logs/{}", s.name),
+                    s.sink.https()?,
+                    built.remove(&s.name),
+                    tls_metrics.clone(),
+                    sink::IDLE,
+                );
+                Some((s.name.clone(), client))
+            })
+            .collect();
         Logs {
             config,
             metrics,
@@ -431,7 +448,7 @@ impl Logs {
             .sinks
             .iter()
             .map(|s| Outlet {
-                sink: Sink::new(&s.sink, self.tls.get(&s.name)),
+                sink: Sink::new(&s.sink, self.tls.get(&s.name).cloned()),
                 label: LogSinkLabels {
                     sink: s.name.clone(),
                 },

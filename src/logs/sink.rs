@@ -15,7 +15,8 @@
 //!   retry sends the same bytes).
 //! - Every HTTP sink takes an `https://` URL: TLS with rustls through
 //!   [`crate::tls::client`], verified against `tls.ca` or the system's roots (a cluster's
-//!   `tls` keys and checks). A failed handshake is a failed attempt, retried like any other.
+//!   `tls` keys and checks), read again when its files change (the next connection uses the
+//!   new material). A failed handshake is a failed attempt, retried like any other.
 //! - `file`: appended and `fdatasync`ed before it counts as acknowledged.
 //! - `stdout`: written and flushed.
 
@@ -27,7 +28,6 @@ use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 
 use crate::config::logs::LogSink;
-use crate::tls::LoadedClient;
 use crate::tls::client::HttpsClient;
 
 /// How a batch fared.
@@ -62,7 +62,7 @@ pub enum Sink {
 
 /// A POST endpoint.
 pub struct HttpSink {
-    client: HttpsClient<Full<Bytes>>,
+    client: Client,
     url: http::Uri,
     timeout: Duration,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
@@ -83,12 +83,26 @@ pub struct LokiSink {
     last_ns: std::sync::atomic::AtomicU64,
 }
 
-/// How an HTTP sink reaches an `https://` URL: its TLS settings (None for `http://`), and the
-/// rustls config preflight built from them.
-#[derive(Clone, Copy)]
-struct Tls<'a> {
-    config: &'a Option<crate::config::tls::ClientTlsConfig>,
-    loaded: Option<&'a LoadedClient>,
+/// The HTTPS client of a sink with an `https://` URL: rebuilt when its TLS files change.
+pub type SinkClient = crate::tls::client::ReloadingClient<Full<Bytes>>;
+
+/// How long an idle pooled connection to a sink is kept.
+pub const IDLE: Duration = Duration::from_secs(30);
+
+/// How an HTTP sink sends: a plain client for `http://`, or the reloading one for `https://`.
+enum Client {
+    Plain(Box<HttpsClient<Full<Bytes>>>),
+    Tls(std::sync::Arc<SinkClient>),
+}
+
+impl Client {
+    /// The client for the next request (the TLS material held now).
+    fn get(&self) -> HttpsClient<Full<Bytes>> {
+        match self {
+            Client::Plain(c) => (**c).clone(),
+            Client::Tls(t) => (*t.client()).clone(),
+        }
+    }
 }
 
 /// How much of a refusal's body is kept for the log line: Loki's ends with the count of the
@@ -107,32 +121,16 @@ impl HttpSink {
         headers: &[(String, crate::config::Secret)],
         content_type: &'static str,
         gzip: bool,
-        tls: Tls<'_>,
+        tls: Option<std::sync::Arc<SinkClient>>,
     ) -> HttpSink {
-        // An https:// URL without material from preflight (a sink made in a test): built
-        // here; when it cannot be, every request fails (never sent unverified).
-        let built;
-        let loaded = match tls.loaded {
-            Some(l) => Some(l),
-            None => match tls
-                .config
-                .as_ref()
-                .map(|c| crate::tls::client_config(c, false))
-            {
-                Some(Ok(l)) => {
-                    built = l;
-                    Some(&built)
-                }
-                Some(Err(e)) => {
-                    tracing::error!(url = %url, error = %e, "cannot set up TLS for the log sink; its requests will fail");
-                    None
-                }
-                None => None,
-            },
+        // An `https://` URL without a client (never from the config: preflight built one)
+        // trusts nothing, so its requests fail rather than go out unverified.
+        let client = match tls {
+            Some(t) => Client::Tls(t),
+            None => Client::Plain(Box::new(crate::tls::client::https_client(None, None, IDLE))),
         };
-        let server_name = tls.config.as_ref().and_then(|c| c.server_name.as_deref());
         HttpSink {
-            client: crate::tls::client::https_client(loaded, server_name, Duration::from_secs(30)),
+            client,
             url: url.clone(),
             timeout: timeout.get(),
             headers: headers
@@ -165,6 +163,7 @@ impl HttpSink {
         let call = async {
             let resp = self
                 .client
+                .get()
                 .request(req)
                 .await
                 .map_err(|e| error_chain(&e))?;
@@ -291,13 +290,8 @@ impl LokiSink {
 }
 
 impl Sink {
-    /// The sink for `config`; `tls`: the rustls config preflight built for an `https://` URL.
-    pub fn new(config: &LogSink, tls: Option<&LoadedClient>) -> Sink {
-        let https = config.https();
-        let tls = Tls {
-            config: &https,
-            loaded: tls,
-        };
+    /// The sink for `config`; `tls`: the client for an `https://` URL.
+    pub fn new(config: &LogSink, tls: Option<std::sync::Arc<SinkClient>>) -> Sink {
         match config {
             LogSink::Stdout => Sink::Stdout,
             LogSink::File(p) => Sink::File(p.clone()),
