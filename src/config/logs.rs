@@ -968,6 +968,14 @@ fn http_url(
             return None;
         }
     };
+    // hyper sends no Authorization for them, so the collector would answer 401 for ever.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        problems.push(doc.problem(
+            key,
+            "expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+        ));
+        return None;
+    }
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         problems.push(doc.problem(
             key,

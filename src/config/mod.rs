@@ -657,6 +657,21 @@ mod tests {
             .collect()
     }
 
+    #[cfg(feature = "logs")]
+    #[test]
+    fn credentials_in_a_log_sink_url_are_refused_without_being_shown() {
+        let lines = problems_of(
+            "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - http: https://user:s3cret@es:9200/logs\n    - elasticsearch: http://elastic:s3cret@es:9200\n",
+        );
+        assert_eq!(
+            lines,
+            [
+                "4:13: logs.sinks[0].http: expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+                "5:22: logs.sinks[1].elasticsearch: expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+            ],
+        );
+    }
+
     #[test]
     fn a_listener_problem_hides_no_other() {
         let lines = problems_of(
