@@ -857,14 +857,23 @@ fn sink(
             ));
             return None;
         }
-        (Some(_), Some(u)) if !u.trim_start().starts_with("https://") => {
-            problems.push(doc.problem(
-                &format!("{key}.tls"),
-                format!("tls needs an https:// URL, found {u:?}"),
-            ));
-            return None;
-        }
-        (Some(t), Some(_)) => Some(super::tls::client(t, &format!("{key}.tls"), doc, problems)?),
+        // By the parsed scheme (`HTTPS://` is https); a URL that does not parse is reported
+        // as such below. The URL is not repeated: it may hold credentials.
+        (Some(t), Some(u)) => match u
+            .parse::<http::Uri>()
+            .ok()
+            .as_ref()
+            .and_then(|p| p.scheme_str())
+        {
+            Some(scheme) if scheme != "https" => {
+                problems.push(doc.problem(
+                    &format!("{key}.tls"),
+                    format!("tls needs an https:// URL, found {scheme}://"),
+                ));
+                return None;
+            }
+            _ => Some(super::tls::client(t, &format!("{key}.tls"), doc, problems)?),
+        },
     };
     // A URL without a path gets the API's usual one.
     let with_path = |url: &str, field: &str, default: &'static str, problems: &mut Vec<Problem>| {

@@ -659,6 +659,18 @@ mod tests {
 
     #[cfg(feature = "logs")]
     #[test]
+    fn a_log_sink_tls_goes_by_the_parsed_scheme() {
+        let lines = problems_of(
+            "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - http: HTTP://es:9200/logs\n      tls: {ca: /nonexistent/ca.pem}\n    - http: HTTPS://es:9200/logs\n      tls: {server_name: es}\n",
+        );
+        assert_eq!(
+            lines,
+            ["5:7: logs.sinks[0].tls: tls needs an https:// URL, found http://"],
+        );
+    }
+
+    #[cfg(feature = "logs")]
+    #[test]
     fn credentials_in_a_log_sink_url_are_refused_without_being_shown() {
         let lines = problems_of(
             "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - http: https://user:s3cret@es:9200/logs\n    - elasticsearch: http://elastic:s3cret@es:9200\n",
