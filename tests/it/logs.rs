@@ -107,7 +107,7 @@ impl Receiver {
     }
 }
 
-/// One HTTP/1.1 connection, keep-alive (plain TCP, or TLS: `sinks::TlsReceiver`).
+/// One HTTP/1.1 connection, keep-alive (plain TCP, or TLS: `Receiver::start_on` with a config).
 fn serve<S: Read + Write>(
     conn: S,
     records: &Mutex<Vec<serde_json::Value>>,
