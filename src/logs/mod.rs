@@ -695,6 +695,9 @@ impl Logs {
                 // A stop during the attempt bounds what is left of it by the flush budget.
                 let send = sink.send(body.clone());
                 tokio::pin!(send);
+                // Cut short by the stop's budget: says nothing about the sink (its state and
+                // `sink_up` stay as they were).
+                let mut cut_short = false;
                 let sent = loop {
                     match stop.budget() {
                         None => tokio::select! {
@@ -704,6 +707,7 @@ impl Logs {
                         Some(left) => {
                             break tokio::time::timeout(left, &mut send).await.unwrap_or_else(
                                 |_| {
+                                    cut_short = true;
                                     Err(SendError::Failed("the stop's flush budget ran out".into()))
                                 },
                             );
@@ -711,6 +715,7 @@ impl Logs {
                     }
                 };
                 match &sent {
+                    _ if cut_short => {}
                     Err(SendError::Failed(e)) => {
                         self.metrics.sinks.failed(name, e);
                         self.metrics.sink_up.get_or_create(sink_label).set(0);
