@@ -166,7 +166,7 @@ impl HttpSink {
                 .get()
                 .request(req)
                 .await
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|e| crate::errors::chain(&e))?;
             let status = resp.status();
             // Read the answer to its end so the connection can be used again. An answer cut
             // off is a failed send (sent again): `_bulk` and OTLP answers say which records
@@ -445,19 +445,6 @@ impl Sink {
             },
         }
     }
-}
-
-/// An error and its sources, `: `-separated: hyper's own says only "client error (Connect)";
-/// the cause (connection refused, an unknown CA) is further down.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        next = s.source();
-    }
-    text
 }
 
 /// How many entries a Loki 400 says it ignored: Loki takes the valid entries of a push and
