@@ -638,8 +638,10 @@ pub fn validate(
                     rate_limit,
                 });
             }
-            _ => problems
-                .push(doc.problem(&key, "expected exactly one of app: stdio or files: GLOB")),
+            _ => problems.push(doc.problem(
+                &key,
+                "expected exactly one of app: stdio, files: GLOB or access_log: true",
+            )),
         }
     }
 
