@@ -568,6 +568,35 @@ async fn build_modules(
 ) -> Result<Built> {
     #[cfg_attr(not(any(feature = "proxy", feature = "logs")), allow(unused_mut))]
     let mut modules: Vec<Arc<dyn Module>> = Vec::new();
+    // Taken before the bridge takes the rest of `built`.
+    #[cfg(feature = "logs")]
+    let logs_tls = built.logs_tls.clone();
+    // The access log as a log source: its writer hands each line over (set before the proxy
+    // starts the writer).
+    #[cfg(feature = "logs")]
+    let access_lines = config
+        .logs
+        .as_ref()
+        .and_then(|l| l.sources.iter().find(|s| s.is_access_log()))
+        .map(|source| {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::logs::ACCESS_QUEUE);
+            let dropped = metrics
+                .logs
+                .dropped
+                .get_or_create(&crate::telemetry::metrics::LogDropLabels {
+                    source: source.name.clone(),
+                    reason: "buffer_full",
+                })
+                .clone();
+            #[cfg(feature = "proxy")]
+            crate::telemetry::access_log::set_tap(crate::telemetry::access_log::Tap {
+                tx,
+                dropped,
+            });
+            #[cfg(not(feature = "proxy"))]
+            drop((tx, dropped));
+            rx
+        });
     #[cfg_attr(not(feature = "proxy"), allow(unused_mut))]
     let mut bound = BTreeMap::new();
     #[cfg_attr(not(any(feature = "proxy", feature = "bridge")), allow(unused_mut))]
@@ -649,6 +678,9 @@ async fn build_modules(
                 logs.clone(),
                 captured,
                 metrics.logs.clone(),
+                logs_tls,
+                metrics.proxy.tls.clone(),
+                access_lines,
             )));
             capture
         }

@@ -109,6 +109,7 @@ pub mod app;
 pub mod bridge;
 pub mod config;
 pub mod descriptors;
+pub mod errors;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod lifecycle;

@@ -20,6 +20,8 @@ pub struct Preflight {
     pub tls: crate::tls::Material,
     /// The TLS connector for an https OTLP collector (`telemetry.tracing.otlp`).
     pub otlp_tls: Option<crate::tls::HttpsConnector>,
+    /// The rustls client config of each log sink with an `https://` URL, by sink name.
+    pub logs_tls: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
     /// The bridge's components, brokers and subscriptions (with a `bridge:` section).
     #[cfg(feature = "bridge")]
     pub bridge: Option<crate::bridge::components::Prepared>,
@@ -101,6 +103,23 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
                     "telemetry.tracing.otlp"
                 };
                 problems.push(parsed.problem(at, e.to_string()));
+            }
+        }
+    }
+    // A log sink's https:// URL: its CA bundle and client certificate (or the system's roots).
+    // `logs` is only set when its section had no problem, so the sinks' indices are the file's.
+    for (i, s) in config.logs.iter().flat_map(|l| l.sinks.iter()).enumerate() {
+        let Some(tls) = s.sink.https() else { continue };
+        match crate::tls::client_config(&tls, false) {
+            Ok(loaded) => {
+                built.logs_tls.insert(s.name.clone(), loaded);
+            }
+            Err(e) => {
+                let at = match s.sink.tls() {
+                    Some(_) => format!("logs.sinks[{i}].tls"),
+                    None => format!("logs.sinks[{i}].{}", s.sink.kind()),
+                };
+                problems.push(parsed.problem(&at, e.to_string()));
             }
         }
     }

@@ -197,23 +197,31 @@ async fn live() -> &'static str {
     "live\n"
 }
 
+/// The readiness report, and each log sink's state (`log_sinks`), which never changes the
+/// answer: a log backend that is down must not take the pod out of service.
 async fn ready(State(s): State<AdminState>) -> Response {
-    ready_response(s.health.report())
+    let (status, mut body) = ready_body(s.health.report());
+    let sinks = s.sources.logs.sinks.report();
+    if !sinks.is_empty() {
+        body["log_sinks"] = serde_json::to_value(sinks).unwrap_or_default();
+    }
+    json_response(status, body)
 }
 
 /// The sidecar's own readiness, without the app: what the app waits for before its first
 /// outbound call (`outrigger wait`), since `/ready` itself waits for the app.
 async fn ready_outbound(State(s): State<AdminState>) -> Response {
-    ready_response(s.health.report_modules())
+    let (status, body) = ready_body(s.health.report_modules());
+    json_response(status, body)
 }
 
-fn ready_response(report: crate::runtime::health::Report) -> Response {
+fn ready_body(report: crate::runtime::health::Report) -> (StatusCode, serde_json::Value) {
     let status = if report.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json_response(status, serde_json::to_value(&report).unwrap_or_default())
+    (status, serde_json::to_value(&report).unwrap_or_default())
 }
 
 async fn metrics_handler(State(s): State<AdminState>, headers: HeaderMap) -> Response {

@@ -371,6 +371,7 @@ fn logs_json(s: &AdminState, metrics: &Snapshot) -> Value {
         "read_lines": metrics.logs_read,
         "shipped_lines": metrics.logs_shipped,
         "dropped_lines": metrics.logs_dropped,
+        "sinks": m.sinks.report(),
     })
 }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::document::{Document, Problem};
+use super::tls::ClientTlsConfig;
 use super::types::{ByteSize, Duration};
 
 /// A batch is sent when it holds this many lines… (10,000: `max_bytes` is the bound that binds
@@ -59,6 +60,8 @@ pub struct RawLogSource {
     pub app: Option<String>,
     /// A glob of files to follow (`/var/log/app/*.log`).
     pub files: Option<String>,
+    /// `true`: Outrigger's own access log (`telemetry.access_log`), handed over in memory.
+    pub access_log: Option<bool>,
     /// For files seen for the first time at start-up: `beginning` (default) or `end`.
     pub start_at: Option<String>,
     /// `auto` (default: JSON when the line is a JSON object), `json`, `plain`, `logfmt`,
@@ -103,16 +106,16 @@ pub struct RawRateLimit {
 pub struct RawLogSink {
     /// The `sink` label of its metrics (default: its kind, like `http`).
     pub name: Option<String>,
-    /// POST batches as NDJSON to this `http://` URL.
+    /// POST batches as NDJSON to this `http://` or `https://` URL.
     pub http: Option<String>,
-    /// Push to Loki's push API (JSON) at this `http://` URL (`/loki/api/v1/push` when the URL
+    /// Push to Loki's push API (JSON) at this `http(s)://` URL (`/loki/api/v1/push` when the URL
     /// has no path).
     pub loki: Option<String>,
     /// Loki stream labels: the record fields whose values label a stream (default: `source`).
     pub labels: Option<Vec<String>>,
-    /// OTLP/HTTP logs, JSON encoding, at this `http://` URL (`/v1/logs` when it has no path).
+    /// OTLP/HTTP logs, JSON encoding, at this `http(s)://` URL (`/v1/logs` when it has no path).
     pub otlp: Option<String>,
-    /// Elasticsearch/OpenSearch `_bulk` at this `http://` URL (`/_bulk` when it has no path).
+    /// Elasticsearch/OpenSearch `_bulk` at this `http(s)://` URL (`/_bulk` when it has no path).
     pub elasticsearch: Option<String>,
     /// Elasticsearch only: the index or data stream.
     pub index: Option<String>,
@@ -124,6 +127,9 @@ pub struct RawLogSink {
     pub file: Option<PathBuf>,
     pub timeout: Option<Duration>,
     pub headers: BTreeMap<String, super::Secret>,
+    /// `https://` URLs: the CA bundle (default: the system's roots), a client certificate, the
+    /// server name — a cluster's `tls` keys.
+    pub tls: Option<super::raw::RawClientTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +194,13 @@ pub struct LogSource {
     pub rate_limit: Option<RateLimit>,
 }
 
+impl LogSource {
+    /// Whether this is Outrigger's own access log.
+    pub fn is_access_log(&self) -> bool {
+        matches!(self.kind, LogSourceKind::AccessLog)
+    }
+}
+
 /// The file format of a container runtime's logs (`/var/log/pods/…`, `/var/lib/docker/…`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -237,6 +250,8 @@ pub const DEFAULT_MULTILINE_TIMEOUT: Duration = Duration::from_millis(1000);
 #[serde(rename_all = "lowercase")]
 pub enum LogSourceKind {
     App,
+    /// Outrigger's own access log, handed over in memory by its writer.
+    AccessLog,
     Files {
         glob: String,
         /// The directory to list: the glob's part before its first wildcard.
@@ -271,6 +286,8 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
     Loki {
         #[serde(serialize_with = "display")]
@@ -280,6 +297,8 @@ pub enum LogSink {
         headers: Vec<(String, super::Secret)>,
         labels: Vec<String>,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
     Otlp {
         #[serde(serialize_with = "display")]
@@ -288,6 +307,8 @@ pub enum LogSink {
         #[serde(serialize_with = "header_names")]
         headers: Vec<(String, super::Secret)>,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
     Elasticsearch {
         #[serde(serialize_with = "display")]
@@ -297,6 +318,8 @@ pub enum LogSink {
         headers: Vec<(String, super::Secret)>,
         index: String,
         gzip: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<ClientTlsConfig>,
     },
 }
 
@@ -332,6 +355,7 @@ pub const DEFAULT_MASK: &str = "[REDACTED]";
 pub fn validate(
     raw: RawLogs,
     supervised_app: bool,
+    access_log: bool,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Option<LogsConfig> {
@@ -346,11 +370,12 @@ pub fn validate(
     if raw.sources.is_empty() {
         problems.push(doc.problem(
             "logs.sources",
-            "expected at least one source, like [{app: stdio}] or [{files: /var/log/app/*.log}]",
+            "expected at least one source, like [{app: stdio}], [{files: /var/log/app/*.log}] or [{access_log: true}]",
         ));
     }
     let mut sources = Vec::new();
     let mut app_seen = false;
+    let mut access_seen = false;
     for (i, s) in raw.sources.into_iter().enumerate() {
         let key = format!("logs.sources[{i}]");
         let before_source = problems.len();
@@ -484,6 +509,48 @@ pub fn validate(
             }
         });
         let Some(format) = format else { continue };
+        if s.access_log == Some(true) {
+            if s.app.is_some() || s.files.is_some() {
+                problems.push(doc.problem(
+                    &key,
+                    "expected exactly one of app: stdio, files: GLOB or access_log: true",
+                ));
+                continue;
+            }
+            if access_seen {
+                problems.push(doc.problem(&key, "the access log is listed twice"));
+            }
+            access_seen = true;
+            if !access_log {
+                problems.push(doc.problem(
+                    &format!("{key}.access_log"),
+                    "access_log: true ships the proxy's access log, and there is none: set telemetry.access_log (its format is the line shipped)",
+                ));
+            }
+            for (set, what) in [
+                (s.start_at.is_some(), "start_at"),
+                (s.rotate_wait.is_some(), "rotate_wait"),
+                (container.is_some(), "format"),
+                (multiline.is_some(), "multiline"),
+                (rate_limit.is_some(), "rate_limit"),
+            ] {
+                if set {
+                    problems.push(doc.problem(
+                        &format!("{key}.{what}"),
+                        format!("{what} does not apply to the access log"),
+                    ));
+                }
+            }
+            sources.push(LogSource {
+                name: s.name.unwrap_or_else(|| "access_log".into()),
+                kind: LogSourceKind::AccessLog,
+                format,
+                container: None,
+                multiline: None,
+                rate_limit: None,
+            });
+            continue;
+        }
         match (s.app.as_deref(), s.files) {
             (Some("stdio"), None) => {
                 if app_seen {
@@ -571,8 +638,10 @@ pub fn validate(
                     rate_limit,
                 });
             }
-            _ => problems
-                .push(doc.problem(&key, "expected exactly one of app: stdio or files: GLOB")),
+            _ => problems.push(doc.problem(
+                &key,
+                "expected exactly one of app: stdio, files: GLOB or access_log: true",
+            )),
         }
     }
 
@@ -703,6 +772,39 @@ impl LogSink {
             LogSink::Elasticsearch { .. } => "elasticsearch",
         }
     }
+
+    /// Its `tls` keys, when set.
+    pub fn tls(&self) -> Option<&ClientTlsConfig> {
+        match self {
+            LogSink::Stdout | LogSink::File(_) => None,
+            LogSink::Http { tls, .. }
+            | LogSink::Loki { tls, .. }
+            | LogSink::Otlp { tls, .. }
+            | LogSink::Elasticsearch { tls, .. } => tls.as_ref(),
+        }
+    }
+
+    /// The TLS an HTTP sink's `https://` URL is reached with: its `tls`, else the system's
+    /// roots. None for a plain `http://` URL and for `stdout` and `file`.
+    pub fn https(&self) -> Option<ClientTlsConfig> {
+        let url = match self {
+            LogSink::Stdout | LogSink::File(_) => return None,
+            LogSink::Http { url, .. }
+            | LogSink::Loki { url, .. }
+            | LogSink::Otlp { url, .. }
+            | LogSink::Elasticsearch { url, .. } => url,
+        };
+        if url.scheme_str() != Some("https") {
+            return None;
+        }
+        Some(self.tls().cloned().unwrap_or(ClientTlsConfig {
+            ca: None,
+            server_name: None,
+            client: None,
+            identity: None,
+            min_version: super::tls::TlsVersion::V1_2,
+        }))
+    }
 }
 
 fn sink(
@@ -744,6 +846,37 @@ fn sink(
     }
     let gzip = raw.gzip.unwrap_or(false);
     let timeout = raw.timeout.unwrap_or(DEFAULT_SINK_TIMEOUT);
+    let url = [&raw.http, &raw.loki, &raw.otlp, &raw.elasticsearch]
+        .into_iter()
+        .flatten()
+        .next();
+    let tls = match (&raw.tls, url) {
+        (None, _) => None,
+        (Some(_), None) => {
+            problems.push(doc.problem(
+                &format!("{key}.tls"),
+                "tls applies to the HTTP sinks only (http, loki, otlp, elasticsearch)",
+            ));
+            return None;
+        }
+        // By the parsed scheme (`HTTPS://` is https); a URL that does not parse is reported
+        // as such below. The URL is not repeated: it may hold credentials.
+        (Some(t), Some(u)) => match u
+            .parse::<http::Uri>()
+            .ok()
+            .as_ref()
+            .and_then(|p| p.scheme_str())
+        {
+            Some(scheme) if scheme != "https" => {
+                problems.push(doc.problem(
+                    &format!("{key}.tls"),
+                    format!("tls needs an https:// URL, found {scheme}://"),
+                ));
+                return None;
+            }
+            _ => Some(super::tls::client(t, &format!("{key}.tls"), doc, problems)?),
+        },
+    };
     // A URL without a path gets the API's usual one.
     let with_path = |url: &str, field: &str, default: &'static str, problems: &mut Vec<Problem>| {
         let mut uri = http_url(url, &format!("{key}.{field}"), doc, problems)?;
@@ -776,6 +909,7 @@ fn sink(
             headers: raw.headers.into_iter().collect(),
             labels,
             gzip,
+            tls,
         });
     }
     if let Some(url) = raw.otlp {
@@ -784,6 +918,7 @@ fn sink(
             timeout,
             headers: raw.headers.into_iter().collect(),
             gzip,
+            tls,
         });
     }
     if let Some(url) = raw.elasticsearch {
@@ -823,6 +958,7 @@ fn sink(
             headers: raw.headers.into_iter().collect(),
             index,
             gzip,
+            tls,
         });
     }
     if let Some(url) = raw.http {
@@ -832,6 +968,7 @@ fn sink(
             timeout,
             headers: raw.headers.into_iter().collect(),
             gzip,
+            tls,
         });
     }
     if let Some(path) = raw.file {
@@ -856,12 +993,18 @@ fn http_url(
             return None;
         }
     };
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    // hyper sends no Authorization for them, so the collector would answer 401 for ever.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         problems.push(doc.problem(
             key,
-            format!(
-                "expected an http:// URL with a host (https is not supported yet), found {url:?}"
-            ),
+            "expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+        ));
+        return None;
+    }
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        problems.push(doc.problem(
+            key,
+            format!("expected an http:// or https:// URL with a host, found {url:?}"),
         ));
         return None;
     }

@@ -468,9 +468,10 @@ fn validate(
     let bridge = raw
         .bridge
         .and_then(|b| bridge::validate(b, &service, doc, problems));
-    let logs = raw
-        .logs
-        .and_then(|l| logs::validate(l, app.command.is_some(), doc, problems));
+    let logs = raw.logs.and_then(|l| {
+        let access_log = telemetry.access_log.is_some();
+        logs::validate(l, app.command.is_some(), access_log, doc, problems)
+    });
     let mut app = app;
     if stop_timeout_set {
         let app_watched = app.command.is_some() || app.lifecycle.probe.is_some();
@@ -654,6 +655,33 @@ mod tests {
                     .map_or(line.clone(), |(_, rest)| rest.to_string())
             })
             .collect()
+    }
+
+    #[cfg(feature = "logs")]
+    #[test]
+    fn a_log_sink_tls_goes_by_the_parsed_scheme() {
+        let lines = problems_of(
+            "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - http: HTTP://es:9200/logs\n      tls: {ca: /nonexistent/ca.pem}\n    - http: HTTPS://es:9200/logs\n      tls: {server_name: es}\n",
+        );
+        assert_eq!(
+            lines,
+            ["5:7: logs.sinks[0].tls: tls needs an https:// URL, found http://"],
+        );
+    }
+
+    #[cfg(feature = "logs")]
+    #[test]
+    fn credentials_in_a_log_sink_url_are_refused_without_being_shown() {
+        let lines = problems_of(
+            "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - http: https://user:s3cret@es:9200/logs\n    - elasticsearch: http://elastic:s3cret@es:9200\n",
+        );
+        assert_eq!(
+            lines,
+            [
+                "4:13: logs.sinks[0].http: expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+                "5:22: logs.sinks[1].elasticsearch: expected no credentials in the URL (they would show in /config and logs); put them in headers, e.g. authorization",
+            ],
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The log agent (`logs:`): lines come in from the supervised app's stdout/stderr
-//! (`lifecycle::capture`) and from files by glob ([`files`]); each is redacted, parsed and
+//! (`lifecycle::capture`), from Outrigger's own access log (its writer's tap,
+//! `telemetry::access_log::Tap`) and from files by glob ([`files`]); each is redacted, parsed and
 //! enriched into one NDJSON record ([`parse`]); records are batched by count, bytes and time and
 //! leave through one sink ([`sink`]); file positions are checkpointed ([`checkpoint`]) only
 //! after the sink acknowledged the batch.
 //!
 //! ```text
 //!  app stdout/stderr ─► capture queue (bounded, drops counted) ─┐
+//!  access log writer ─► access queue (bounded, drops counted) ──┤
 //!  files (glob, poll) ─► read complete lines ───────────────────┼─► redact → parse → enrich
 //!                                                               │        │
 //!                      checkpoint ◄── ack ◄── sink (retries) ◄──┴── batch (lines/bytes/wait)
@@ -52,6 +54,11 @@ use parse::{Encoder, Meta, Origin, Tail};
 use rate_limit::TokenBucket;
 use sink::{SendError, Sink};
 
+/// Access log lines waiting for the agent (`logs.sources[].access_log`); past it the access
+/// log's writer drops them for the agent, counted (`reason="buffer_full"`): at ~200 bytes a
+/// line, about 3 MiB at most.
+pub const ACCESS_QUEUE: usize = 16_384;
+
 /// How long a stop waits for the sink to take the last batches before giving up on them (file
 /// lines are then read again after a restart; the app's are counted as dropped).
 pub const DRAIN_FLUSH: Duration = Duration::from_secs(5);
@@ -63,14 +70,43 @@ pub struct Logs {
     /// The app's lines; held by the running pipeline (a tokio mutex: a panicking run releases it
     /// for the next one).
     captured: tokio::sync::Mutex<Option<Captured>>,
+    /// The HTTPS client of each sink with an `https://` URL, by name: built from what preflight
+    /// read, and rebuilt when its files change (kept across restarts of the pipeline).
+    tls: std::collections::BTreeMap<String, Arc<sink::SinkClient>>,
+    /// Lines of Outrigger's own access log, from its writer (`access_log: true`).
+    access: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
 }
 
 impl Logs {
-    pub fn new(config: LogsConfig, captured: Option<Captured>, metrics: LogsMetrics) -> Logs {
+    pub fn new(
+        config: LogsConfig,
+        captured: Option<Captured>,
+        metrics: LogsMetrics,
+        mut built: std::collections::BTreeMap<String, crate::tls::LoadedClient>,
+        tls_metrics: crate::tls::TlsMetrics,
+        access: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    ) -> Logs {
+        // Watched from now on (a tokio runtime is running: the modules are built in it).
+        let tls = config
+            .sinks
+            .iter()
+            .filter_map(|s| {
+                let client = sink::SinkClient::new(
+                    format!("logs/{}", s.name),
+                    s.sink.https()?,
+                    built.remove(&s.name),
+                    tls_metrics.clone(),
+                    sink::IDLE,
+                );
+                Some((s.name.clone(), client))
+            })
+            .collect();
         Logs {
             config,
             metrics,
             captured: tokio::sync::Mutex::new(captured),
+            tls,
+            access: tokio::sync::Mutex::new(access),
         }
     }
 }
@@ -116,6 +152,10 @@ struct Work {
     app_tails: Option<[Tail; 2]>,
     /// The tail of the file read last: (source, path, tail), reused while it stays the same.
     file_tail: Option<(usize, std::path::PathBuf, Tail)>,
+    /// The access log source, its lines taken from the queue not yet in a batch, its tail.
+    access_source: Option<usize>,
+    access_pending: std::collections::VecDeque<Vec<u8>>,
+    access_tail: Option<Tail>,
 }
 
 impl Batch {
@@ -143,16 +183,45 @@ impl Batch {
 }
 
 impl Work {
+    /// Encodes the access log's pending lines into the batch; true when some did not fit.
+    fn encode_access(&mut self) -> bool {
+        let Some(s) = self.access_source else {
+            return false;
+        };
+        let now = SystemTime::now();
+        let (name, format, lines, bytes) = &self.sources[s];
+        let tail = self
+            .access_tail
+            .get_or_insert_with(|| Tail::new(name, Origin::Stream("access")));
+        let (mut n, mut b) = (0, 0);
+        while let Some(l) = self.access_pending.front() {
+            if !self.batch.push(self.max_lines, self.max_bytes, |out| {
+                self.encoder
+                    .encode(out, l, format, tail, Meta::default(), now)
+            }) {
+                break;
+            }
+            n += 1;
+            b += l.len() as u64 + 1;
+            self.batch.app_lines += 1;
+            self.access_pending.pop_front();
+        }
+        lines.inc_by(n);
+        bytes.inc_by(b);
+        !self.access_pending.is_empty()
+    }
+
     fn full(&self) -> bool {
         self.batch.lines >= self.max_lines || self.batch.body.len() >= self.max_bytes
     }
 
-    /// Joins and rate-limits the `app` lines taken, encodes the app's pending records and then,
+    /// Joins and rate-limits the `app` lines taken, queues the access log's `access` lines, encodes the app's pending records and then,
     /// once none waits for room, scans and reads files until the batch is full. `flush_app`:
     /// the agent drains (the app has exited), so records still being joined (the app's and the
     /// files') leave now. True when lines are left for the next batch (the caller should come
     /// back without waiting).
-    fn fill(&mut self, app: Vec<AppLine>, flush_app: bool) -> bool {
+    fn fill(&mut self, app: Vec<AppLine>, access: Vec<Vec<u8>>, flush_app: bool) -> bool {
+        self.access_pending.extend(access);
         let now = SystemTime::now();
         let clock = Instant::now();
         let mut records = std::collections::VecDeque::new();
@@ -218,7 +287,7 @@ impl Work {
                 unparsed.inc_by(bad);
             }
         }
-        if !self.app_pending.is_empty() {
+        if !self.app_pending.is_empty() || self.encode_access() {
             return true;
         }
         if self.files.is_empty() {
@@ -326,6 +395,8 @@ impl Logs {
         let mut file_sources = Vec::new();
         let mut sources = Vec::new();
         let mut app_source = None;
+        let mut access_source = None;
+        let mut access = self.access.lock().await;
         for (i, s) in c.sources.iter().enumerate() {
             let label = LogSourceLabels {
                 source: s.name.clone(),
@@ -345,6 +416,7 @@ impl Logs {
             ));
             match &s.kind {
                 LogSourceKind::App => app_source = Some(i),
+                LogSourceKind::AccessLog => access_source = Some(i),
                 LogSourceKind::Files {
                     glob,
                     base,
@@ -395,17 +467,27 @@ impl Logs {
             app_limited: 0,
             app_tails: None,
             file_tail: None,
+            access_source,
+            access_pending: Default::default(),
+            access_tail: None,
         });
         let outlets: Vec<Outlet> = c
             .sinks
             .iter()
             .map(|s| Outlet {
-                sink: Sink::new(&s.sink),
+                sink: Sink::new(&s.sink, self.tls.get(&s.name).cloned()),
                 label: LogSinkLabels {
                     sink: s.name.clone(),
                 },
             })
             .collect();
+        self.metrics.sinks.reset(
+            outlets.iter().map(|o| o.label.sink.as_str()),
+            c.retry_max.get(),
+        );
+        for o in &outlets {
+            self.metrics.sink_up.get_or_create(&o.label).set(1);
+        }
         let app_name = app_source.map(|s| c.sources[s].name.clone());
         let dropped = |reason: &'static str, n: usize| {
             if let (Some(name), true) = (&app_name, n > 0) {
@@ -442,6 +524,7 @@ impl Logs {
             stop.budget();
             // Wait for a line from the app, the next poll, or a stop — unless there is work.
             let mut app = Vec::new();
+            let mut access_lines = Vec::new();
             if !more && sealed.is_none() {
                 let recv = async {
                     match captured.as_mut() {
@@ -449,11 +532,18 @@ impl Logs {
                         _ => std::future::pending().await,
                     }
                 };
+                let access_recv = async {
+                    match access.as_mut() {
+                        Some(q) => q.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     l = recv => match l {
                         Some(l) => app.push(l),
                         None => app_open = false,
                     },
+                    Some(l) = access_recv => access_lines.push(l),
                     _ = tokio::time::sleep(tick) => {}
                     _ = drain.signaled(), if !stop.draining() => stop.set_draining(),
                 }
@@ -481,13 +571,23 @@ impl Logs {
                     .inc_by(q.take_echo_dropped() as u64);
                 self.metrics.app_buffer.set(q.queued_bytes() as i64);
             }
+            if let Some(q) = access.as_mut() {
+                // As for the app: only what one batch can take; the rest waits in the queue.
+                let pending = work.as_ref().map_or(0, |w| w.access_pending.len());
+                while pending == 0 && access_lines.len() < c.batch_lines {
+                    match q.try_recv() {
+                        Ok(l) => access_lines.push(l),
+                        Err(_) => break,
+                    }
+                }
+            }
             // Fill the next batch on the blocking pool while the sealed one is shipped.
             let mut w = work.take().expect("work is back after each fill");
             // The agent drains after the app has exited: records still being joined leave now
             // (a child the app left behind may still hold its stdout open, and write to it).
             let flush_app = stop.draining();
             let fill = tokio::task::spawn_blocking(move || {
-                let more = w.fill(app, flush_app);
+                let more = w.fill(app, access_lines, flush_app);
                 (w, more)
             });
             let shipped = match sealed.take() {
@@ -588,6 +688,7 @@ impl Logs {
                 && sealed.is_none()
                 && w.batch.lines == 0
                 && w.app_pending.is_empty()
+                && w.access_pending.is_empty()
                 && w.app_join.as_ref().is_none_or(Assembler::is_empty)
             {
                 info!("log agent drained");
@@ -646,6 +747,9 @@ impl Logs {
                 // A stop during the attempt bounds what is left of it by the flush budget.
                 let send = sink.send(body.clone(), lines);
                 tokio::pin!(send);
+                // Cut short by the stop's budget: says nothing about the sink (its state and
+                // `sink_up` stay as they were).
+                let mut cut_short = false;
                 let sent = loop {
                     match stop.budget() {
                         None => tokio::select! {
@@ -655,12 +759,24 @@ impl Logs {
                         Some(left) => {
                             break tokio::time::timeout(left, &mut send).await.unwrap_or_else(
                                 |_| {
+                                    cut_short = true;
                                     Err(SendError::Failed("the stop's flush budget ran out".into()))
                                 },
                             );
                         }
                     }
                 };
+                match &sent {
+                    _ if cut_short => {}
+                    Err(SendError::Failed(e)) => {
+                        self.metrics.sinks.failed(name, e);
+                        self.metrics.sink_up.get_or_create(sink_label).set(0);
+                    }
+                    _ => {
+                        self.metrics.sinks.answered(name);
+                        self.metrics.sink_up.get_or_create(sink_label).set(1);
+                    }
+                }
                 match sent {
                     Ok(()) => {
                         shipped += lines;

@@ -14,6 +14,10 @@
 //!   attempt.
 //! - `gzip: true` compresses the request body of any of the HTTP sinks (once per batch; every
 //!   retry sends the same bytes).
+//! - Every HTTP sink takes an `https://` URL: TLS with rustls through
+//!   [`crate::tls::client`], verified against `tls.ca` or the system's roots (a cluster's
+//!   `tls` keys and checks), read again when its files change (the next connection uses the
+//!   new material). A failed handshake is a failed attempt, retried like any other.
 //! - `file`: appended and `fdatasync`ed before it counts as acknowledged.
 //! - `stdout`: written and flushed.
 
@@ -22,12 +26,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::logs::LogSink;
+use crate::tls::client::HttpsClient;
 
 /// How a batch fared.
 #[derive(Debug)]
@@ -61,7 +63,7 @@ pub enum Sink {
 
 /// A POST endpoint.
 pub struct HttpSink {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client,
     url: http::Uri,
     timeout: Duration,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
@@ -82,6 +84,28 @@ pub struct LokiSink {
     last_ns: std::sync::atomic::AtomicU64,
 }
 
+/// The HTTPS client of a sink with an `https://` URL: rebuilt when its TLS files change.
+pub type SinkClient = crate::tls::client::ReloadingClient<Full<Bytes>>;
+
+/// How long an idle pooled connection to a sink is kept.
+pub const IDLE: Duration = Duration::from_secs(30);
+
+/// How an HTTP sink sends: a plain client for `http://`, or the reloading one for `https://`.
+enum Client {
+    Plain(Box<HttpsClient<Full<Bytes>>>),
+    Tls(std::sync::Arc<SinkClient>),
+}
+
+impl Client {
+    /// The client for the next request (the TLS material held now).
+    fn get(&self) -> HttpsClient<Full<Bytes>> {
+        match self {
+            Client::Plain(c) => (**c).clone(),
+            Client::Tls(t) => (*t.client()).clone(),
+        }
+    }
+}
+
 /// How much of a refusal's body is kept for the log line: Loki's ends with the count of the
 /// entries it ignored, after one line per ignored entry (up to a handful).
 const MAX_ERROR_BODY: usize = 4096;
@@ -98,11 +122,16 @@ impl HttpSink {
         headers: &[(String, crate::config::Secret)],
         content_type: &'static str,
         gzip: bool,
+        tls: Option<std::sync::Arc<SinkClient>>,
     ) -> HttpSink {
+        // An `https://` URL without a client (never from the config: preflight built one)
+        // trusts nothing, so its requests fail rather than go out unverified.
+        let client = match tls {
+            Some(t) => Client::Tls(t),
+            None => Client::Plain(Box::new(crate::tls::client::https_client(None, None, IDLE))),
+        };
         HttpSink {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build_http(),
+            client,
             url: url.clone(),
             timeout: timeout.get(),
             headers: headers
@@ -133,7 +162,12 @@ impl HttpSink {
             .body(Full::new(body))
             .map_err(|e| SendError::Rejected(e.to_string()))?;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let resp = self
+                .client
+                .get()
+                .request(req)
+                .await
+                .map_err(|e| crate::errors::chain(&e))?;
             let status = resp.status();
             // Read the answer to its end so the connection can be used again. An answer cut
             // off is a failed send (sent again): `_bulk` and OTLP answers say which records
@@ -257,7 +291,8 @@ impl LokiSink {
 }
 
 impl Sink {
-    pub fn new(config: &LogSink) -> Sink {
+    /// The sink for `config`; `tls`: the client for an `https://` URL.
+    pub fn new(config: &LogSink, tls: Option<std::sync::Arc<SinkClient>>) -> Sink {
         match config {
             LogSink::Stdout => Sink::Stdout,
             LogSink::File(p) => Sink::File(p.clone()),
@@ -266,24 +301,28 @@ impl Sink {
                 timeout,
                 headers,
                 gzip,
+                tls: _,
             } => Sink::Http(Box::new(HttpSink::new(
                 url,
                 *timeout,
                 headers,
                 "application/x-ndjson",
                 *gzip,
+                tls,
             ))),
             LogSink::Otlp {
                 url,
                 timeout,
                 headers,
                 gzip,
+                tls: _,
             } => Sink::Otlp(Box::new(HttpSink::new(
                 url,
                 *timeout,
                 headers,
                 "application/json",
                 *gzip,
+                tls,
             ))),
             LogSink::Elasticsearch {
                 url,
@@ -291,6 +330,7 @@ impl Sink {
                 headers,
                 index,
                 gzip,
+                tls: _,
             } => Sink::Elasticsearch(
                 Box::new(HttpSink::new(
                     url,
@@ -298,6 +338,7 @@ impl Sink {
                     headers,
                     "application/x-ndjson",
                     *gzip,
+                    tls,
                 )),
                 index.clone(),
             ),
@@ -307,8 +348,9 @@ impl Sink {
                 headers,
                 labels,
                 gzip,
+                tls: _,
             } => Sink::Loki(Box::new(LokiSink {
-                http: HttpSink::new(url, *timeout, headers, "application/json", *gzip),
+                http: HttpSink::new(url, *timeout, headers, "application/json", *gzip, tls),
                 labels: labels.clone(),
                 streams: Default::default(),
                 last_ns: Default::default(),
@@ -433,13 +475,17 @@ mod tests {
 
     #[test]
     fn loki_push_groups_records_into_labelled_streams_and_bounds_them() {
-        let sink = Sink::new(&LogSink::Loki {
-            url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
-            timeout: crate::config::Duration::from_secs(1),
-            headers: vec![],
-            labels: vec!["source".into(), "level".into()],
-            gzip: false,
-        });
+        let sink = Sink::new(
+            &LogSink::Loki {
+                url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+                timeout: crate::config::Duration::from_secs(1),
+                headers: vec![],
+                labels: vec!["source".into(), "level".into()],
+                gzip: false,
+                tls: None,
+            },
+            None,
+        );
         let body = sink.prepare(Bytes::from_static(
             b"{\"source\":\"app\",\"level\":\"info\",\"message\":\"a\"}\n{\"source\":\"app\",\"message\":\"b\"}\n{\"source\":\"app\",\"level\":\"info\",\"message\":\"c\"}\n",
         ));
@@ -482,13 +528,17 @@ mod tests {
 
     #[test]
     fn loki_timestamps_never_go_back_and_partial_refusals_are_read() {
-        let sink = Sink::new(&LogSink::Loki {
-            url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
-            timeout: crate::config::Duration::from_secs(1),
-            headers: vec![],
-            labels: vec!["source".into()],
-            gzip: false,
-        });
+        let sink = Sink::new(
+            &LogSink::Loki {
+                url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+                timeout: crate::config::Duration::from_secs(1),
+                headers: vec![],
+                labels: vec!["source".into()],
+                gzip: false,
+                tls: None,
+            },
+            None,
+        );
         let Sink::Loki(l) = &sink else { unreachable!() };
         // As if the last batch had been stamped an hour ahead (the clock stepped back since).
         let ahead = std::time::SystemTime::now()

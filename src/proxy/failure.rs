@@ -176,14 +176,23 @@ pub(super) fn exchange_fault(e: &SendError, endpoint: &Address) -> Fault {
     if e.connect {
         Fault::Endpoint(
             Failure::Connect,
-            format!("cannot connect to {endpoint}: {}", source_chain(error)),
+            format!(
+                "cannot connect to {endpoint}: {}",
+                crate::errors::chain(error)
+            ),
         )
     } else if downstream_fault(error) {
-        Fault::Downstream(format!("the request body failed: {}", source_chain(error)))
+        Fault::Downstream(format!(
+            "the request body failed: {}",
+            crate::errors::chain(error)
+        ))
     } else {
         Fault::Endpoint(
             Failure::Upstream,
-            format!("{endpoint} broke the exchange: {}", source_chain(error)),
+            format!(
+                "{endpoint} broke the exchange: {}",
+                crate::errors::chain(error)
+            ),
         )
     }
 }
@@ -202,17 +211,6 @@ fn downstream_fault(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

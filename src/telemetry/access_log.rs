@@ -49,6 +49,7 @@ impl AccessLog {
             ),
         };
         let format = config.format.clone();
+        let tap = TAP.lock().expect("not poisoned").clone();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Box<Record>>(QUEUE);
         let lost = dropped.clone();
         let handle = std::thread::Builder::new()
@@ -76,6 +77,9 @@ impl AccessLog {
                             Ok(record) => {
                                 line.clear();
                                 encode(&format, &record, &mut line);
+                                if let Some(t) = &tap {
+                                    t.send(&line);
+                                }
                                 line.push(b'\n');
                                 if let Err(e) = out.write_all(&line) {
                                     failed(e, 1);
@@ -105,6 +109,31 @@ impl AccessLog {
             self.dropped.inc();
         }
     }
+}
+
+/// The log agent's end of the access log (`logs.sources[].access_log`): each line, as
+/// written, is also handed to it through a bounded queue; a full queue drops the line for the
+/// agent only, counted (the proxy never waits for the log agent, nor does the writer).
+#[derive(Clone)]
+pub struct Tap {
+    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub dropped: Counter,
+}
+
+impl Tap {
+    fn send(&self, line: &[u8]) {
+        if self.tx.try_send(line.to_vec()).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Set by the log agent's wiring before the proxy starts its access log writer.
+static TAP: std::sync::Mutex<Option<Tap>> = std::sync::Mutex::new(None);
+
+/// Hands every access log line written from now on to `tap` as well.
+pub fn set_tap(tap: Tap) {
+    *TAP.lock().expect("not poisoned") = Some(tap);
 }
 
 /// The writer thread, joined at exit so the last lines are written.

@@ -458,6 +458,10 @@ pub struct LogsMetrics {
     /// Lines shipped as plain `message` because they were not in their source's format
     /// (`reason`: `format` for json/logfmt/regex, `container` for a runtime's format).
     pub unparsed: Family<LogDropLabels, Counter>,
+    /// 1 while a sink's last attempt was answered, 0 while it fails.
+    pub sink_up: Family<LogSinkLabels, Gauge>,
+    /// Each sink's state for `/ready` and `/status`.
+    pub sinks: crate::telemetry::log_sinks::SinkStates,
 }
 
 impl Default for LogsMetrics {
@@ -474,6 +478,8 @@ impl Default for LogsMetrics {
             echo_dropped: Counter::default(),
             truncated_bytes: Family::default(),
             unparsed: Family::default(),
+            sink_up: Family::default(),
+            sinks: Default::default(),
         }
     }
 }
@@ -534,6 +540,11 @@ impl LogsMetrics {
             "logs_unparsed_lines",
             "Log lines not in their source's format (reason: format, container), shipped as a plain message",
             self.unparsed.clone(),
+        );
+        r.register(
+            "logs_sink_up",
+            "1 while a log sink's last attempt was answered, 0 while its attempts fail, by sink",
+            self.sink_up.clone(),
         );
     }
 }

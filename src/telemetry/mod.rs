@@ -8,6 +8,7 @@ pub mod access_log;
 #[cfg(any(feature = "proxy", feature = "logs"))]
 pub mod json;
 pub mod log;
+pub mod log_sinks;
 pub mod metrics;
 #[cfg(feature = "proxy")]
 pub mod otlp;

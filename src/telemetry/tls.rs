@@ -29,7 +29,7 @@ pub trait CertExpiry {
 /// A loaded certificate as the admin dashboard shows it ([`TlsMetrics::certificates`]).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CertStatus {
-    /// `listener/<name>` or `cluster/<name>`.
+    /// `listener/<name>`, `cluster/<name>` or `logs/<sink>`.
     pub owner: String,
     pub path: String,
     pub identities: Vec<String>,
@@ -67,7 +67,7 @@ pub struct ReloadLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
-    /// `listener/<name>` or `cluster/<name>`.
+    /// `listener/<name>`, `cluster/<name>` or `logs/<sink>`.
     pub owner: String,
     pub path: String,
 }

@@ -6,12 +6,14 @@
 //!
 //! Building material from files is here (`server_config`, `client_config`: what preflight calls
 //! and keeps); holding it while the files rotate is in [`rotation`] (a listener's
-//! [`ServerTls`]) and [`origination`] (a cluster's); the handshake on accept in [`accept`];
+//! [`ServerTls`]) and [`origination`] (a cluster's); our own HTTPS clients (log sinks) in
+//! [`client`]; the handshake on accept in [`accept`];
 //! identity matching for `authz` in [`authz`].
 
 pub mod accept;
 pub mod authz;
 pub mod certs;
+pub mod client;
 pub mod origination;
 pub mod rotation;
 

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::{Sidecar, Spawn, eventually};
+
+mod sinks;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -38,8 +40,14 @@ struct Limits {
 
 impl Receiver {
     fn start() -> Receiver {
+        Receiver::start_on(None)
+    }
+
+    /// With `tls`, an HTTPS receiver (`https://127.0.0.1:PORT/ingest`).
+    fn start_on(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/ingest", listener.local_addr().unwrap());
         let r = Receiver {
             url,
             records: Default::default(),
@@ -62,7 +70,15 @@ impl Receiver {
                     refused.clone(),
                     limits.clone(),
                 );
-                std::thread::spawn(move || serve(conn, &records, &failing, &refused, &limits));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    Some(config) => {
+                        let tls = rustls::ServerConnection::new(config).unwrap();
+                        let conn = rustls::StreamOwned::new(tls, conn);
+                        serve(conn, &records, &failing, &refused, &limits)
+                    }
+                    None => serve(conn, &records, &failing, &refused, &limits),
+                });
             }
         });
         r
@@ -91,16 +107,15 @@ impl Receiver {
     }
 }
 
-/// One HTTP/1.1 connection, keep-alive.
-fn serve(
-    conn: TcpStream,
+/// One HTTP/1.1 connection, keep-alive (plain TCP, or TLS: `Receiver::start_on` with a config).
+fn serve<S: Read + Write>(
+    conn: S,
     records: &Mutex<Vec<serde_json::Value>>,
     failing: &AtomicBool,
     refused: &AtomicUsize,
     limits: &Limits,
 ) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut out = conn;
+    let mut reader = BufReader::new(conn);
     loop {
         let mut len = 0usize;
         let mut line = String::new();
@@ -177,7 +192,7 @@ fn serve(
             "200 OK"
         };
         let _ = write!(
-            out,
+            reader.get_mut(),
             "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{answer}",
             answer.len()
         );
@@ -548,7 +563,7 @@ fn a_logs_section_with_problems_is_refused_with_locations() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(
         &path,
-        "logs:\n  sources:\n    - files: relative/*.log\n    - app: stdio\n  sinks:\n    - http: https://example.com/x\n  redact:\n    - pattern: '('\n",
+        "logs:\n  sources:\n    - files: relative/*.log\n    - app: stdio\n  sinks:\n    - http: ftp://example.com/x\n  redact:\n    - pattern: '('\n",
     )
     .unwrap();
     let (code, _, err) =
@@ -558,7 +573,7 @@ fn a_logs_section_with_problems_is_refused_with_locations() {
         err.contains("bad.yaml:3:") && err.contains("absolute"),
         "{err}"
     );
-    assert!(err.contains("https is not supported"), "{err}");
+    assert!(err.contains("expected an http:// or https:// URL"), "{err}");
     assert!(err.contains("logs.redact[0].pattern"), "{err}");
     assert!(err.contains("app: stdio needs a supervised app"), "{err}");
 }

@@ -1,0 +1,39 @@
+//! Error text for logs and reports: an error and its sources, `: `-separated (hyper's own says
+//! only "client error (Connect)"; the cause, connection refused or an unknown CA, is further
+//! down). Compiled in every build, for every module.
+
+/// `e` and each of its sources, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_sources_follow_the_error() {
+        let e = ErrorWith(std::io::Error::other("connection refused"));
+        assert_eq!(super::chain(&e), "outer: connection refused");
+    }
+
+    #[derive(Debug)]
+    struct ErrorWith(std::io::Error);
+
+    impl std::fmt::Display for ErrorWith {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("outer")
+        }
+    }
+
+    impl std::error::Error for ErrorWith {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+}

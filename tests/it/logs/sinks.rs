@@ -1,0 +1,240 @@
+//! Log sinks over HTTPS (certificates from `outrigger certs`, a TLS receiver in the test), and
+//! each sink's state in `/ready` and `/status`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Receiver, WAIT, append, assert_once, expected};
+use crate::support::{Sidecar, eventually};
+use crate::tls::Pki;
+
+/// A rustls server config presenting `cert`/`key`.
+fn server_config(cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    )
+}
+
+/// The base URL (no path) of a receiver.
+fn base(r: &Receiver) -> String {
+    r.url.trim_end_matches("/ingest").to_string()
+}
+
+#[test]
+fn https_sinks_verify_the_collector_and_a_wrong_ca_is_retried_without_loss() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("collector", &[]);
+    let other = pki.other_ca("wrong").join("ca.crt");
+    let tls = server_config(&cert, &key);
+    let rxs: Vec<Receiver> = (0..4)
+        .map(|_| Receiver::start_on(Some(tls.clone())))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 500, "s");
+    let config = |ca: &Path| {
+        format!(
+            "logs:\n  sources: [{{files: {}/*.log, format: plain}}]\n  sinks:\n    - http: {}\n      tls: {{ca: {ca}}}\n    - loki: {}\n      tls: {{ca: {ca}}}\n    - otlp: {}\n      tls: {{ca: {ca}, server_name: localhost}}\n    - elasticsearch: {}\n      index: logs-test-default\n      tls: {{ca: {ca}}}\n  checkpoint: {}/checkpoint.json\n  poll: 50ms\n  batch: {{max_lines: 100, max_wait: 50ms, retry_max: 200ms}}\n",
+            dir.path().display(),
+            rxs[0].url,
+            base(&rxs[1]),
+            base(&rxs[2]),
+            base(&rxs[3]),
+            dir.path().display(),
+            ca = ca.display(),
+        )
+    };
+
+    // Trusting another CA: every handshake fails; the attempts are retried, the sink shows as
+    // failing in /ready (which stays 200), and nothing is taken, dropped or checkpointed.
+    let mut sc = Sidecar::start(&config(&other));
+    let ready = eventually(WAIT, "the sinks failing in /ready", || {
+        let r = sc.get_json("/ready");
+        (r["log_sinks"]["http"]["failed_attempts"].as_u64() >= Some(3)).then_some(r)
+    });
+    assert_eq!(sc.get("/ready").0, 200, "{ready}");
+    let http = &ready["log_sinks"]["http"];
+    assert!(
+        ["retrying", "down"].contains(&http["state"].as_str().unwrap()),
+        "{ready}"
+    );
+    assert!(
+        http["last_error"].as_str().unwrap().contains("certificate"),
+        "{ready}"
+    );
+    assert!(sc.metric("outrigger_logs_sink_retries_total{sink=\"loki\"}") >= 1.0);
+    assert_eq!(sc.metric("outrigger_logs_sink_up{sink=\"http\"}"), 0.0);
+    assert!(rxs.iter().all(|r| r.records().is_empty()));
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(WAIT);
+
+    // The right CA: every line reaches each of the four sinks once.
+    append(&log, 500, 700, "s");
+    let sc = Sidecar::start(&config(&pki.ca()));
+    let want = expected(0, 700, "s");
+    for r in &rxs {
+        let counts = r.wait_for(&want);
+        assert_once(&counts, &want, &sc);
+    }
+    let ready = sc.get_json("/ready");
+    for sink in ["http", "loki", "otlp", "elasticsearch"] {
+        assert_eq!(ready["log_sinks"][sink]["state"], "up", "{ready}");
+    }
+    assert_eq!(sc.metric("outrigger_logs_sink_up{sink=\"otlp\"}"), 1.0);
+}
+
+#[test]
+fn ready_and_status_show_a_sink_down_without_failing_readiness() {
+    let rx = Receiver::start();
+    rx.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    append(&dir.path().join("app.log"), 0, 50, "d");
+    let sc = Sidecar::start(&super::files_config(dir.path(), &rx.url, ""));
+    // retry_max is 200ms: failing longer than that is `down`.
+    let ready = eventually(WAIT, "the sink down", || {
+        let r = sc.get_json("/ready");
+        (r["log_sinks"]["http"]["state"] == "down").then_some(r)
+    });
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(sc.get("/ready").0, 200);
+    assert!(ready["log_sinks"]["http"]["since"].is_string(), "{ready}");
+    assert!(
+        ready["log_sinks"]["http"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("503"),
+        "{ready}"
+    );
+    let status = sc.get_json("/status");
+    assert_eq!(status["logs"]["sinks"]["http"]["state"], "down", "{status}");
+    rx.failing.store(false, Ordering::SeqCst);
+    let want = expected(0, 50, "d");
+    let counts = rx.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    let ready = eventually(WAIT, "the sink up again", || {
+        let r = sc.get_json("/ready");
+        (r["log_sinks"]["http"]["state"] == "up").then_some(r)
+    });
+    assert!(ready["log_sinks"]["http"]["last_success"].is_string());
+    assert!(ready["log_sinks"]["http"].get("since").is_none());
+}
+
+#[test]
+fn tls_keys_of_log_sinks_with_problems_are_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "logs:\n  sources: [{files: /tmp/x/*.log}]\n  sinks:\n    - http: http://127.0.0.1:1/x\n      tls: {ca: /nowhere/ca.crt}\n    - file: /tmp/x.out\n      tls: {}\n    - name: a\n      loki: https://127.0.0.1:1\n      tls: {ca: /nowhere/ca.crt}\n    - name: b\n      otlp: https://127.0.0.1:1\n      tls: {cert: /a.crt}\n    - name: c\n      http: ftp://example.com/x\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        crate::support::run_to_end(&["check", "-c", path.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{err}");
+    for (line, what) in [
+        (5, "tls needs an https:// URL"),
+        (7, "tls applies to the HTTP sinks only"),
+        (13, "needs both cert and key"),
+        (15, "expected an http:// or https:// URL"),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("bad.yaml:{line}:")) && l.contains(what)),
+            "line {line}: {what}\n{err}"
+        );
+    }
+
+    // The files themselves are read by preflight: located at the sink's tls.
+    std::fs::write(
+        &path,
+        "logs:\n  sources: [{files: /tmp/x/*.log}]\n  sinks:\n    - loki: https://127.0.0.1:1\n      tls: {ca: /nowhere/ca.crt}\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        crate::support::run_to_end(&["check", "-c", path.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.lines().any(|l| l.contains("bad.yaml:5:")
+            && l.contains("logs.sinks[0].tls")
+            && l.contains("/nowhere/ca.crt")),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_access_log_ships_through_the_pipeline_redacted_and_enriched_once_per_request() {
+    let rx = Receiver::start();
+    let app = crate::backend::Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {}/access.log }}\nlogs:\n  sources: [{{access_log: true}}]\n  sinks: [{{http: {}}}]\n  fields: {{env: test}}\n  redact: [{{pattern: 'tok-[a-z]+', mask: 'tok-***'}}]\n  batch: {{max_lines: 64, max_wait: 50ms}}\n",
+        app.address(),
+        dir.path().display(),
+        rx.url
+    );
+    let sc = Sidecar::start(&config);
+    sc.wait_ready();
+    let client = crate::support::client();
+    for i in 0..200 {
+        let r = client
+            .get(sc.listener_url("public", &format!("/r/{i}/tok-abc")))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let want: Vec<String> = (0..200).map(|i| format!("/r/{i}/tok-***")).collect();
+    let counts = eventually(WAIT, "every request's access log line", || {
+        let c = rx.counts("path");
+        want.iter().all(|p| c.contains_key(p)).then_some(c)
+    });
+    assert_once(&counts, &want, &sc);
+    for r in rx.records() {
+        assert_eq!(r["source"], "access_log", "{r}");
+        assert_eq!(r["stream"], "access", "{r}");
+        assert_eq!(r["env"], "test", "{r}");
+        assert_eq!(r["method"], "GET", "{r}");
+        assert_eq!(r["trace_id"].as_str().unwrap().len(), 32, "{r}");
+    }
+    assert_eq!(
+        sc.metric("outrigger_logs_read_lines_total{source=\"access_log\"}"),
+        200.0
+    );
+}
+
+#[test]
+fn an_access_log_source_without_an_access_log_is_refused_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "logs:\n  sources:\n    - access_log: true\n      start_at: end\n  sinks: [{stdout: true}]\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        crate::support::run_to_end(&["check", "-c", path.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("bad.yaml:3:") && l.contains("set telemetry.access_log")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("bad.yaml:4:") && l.contains("does not apply to the access log")),
+        "{err}"
+    );
+}
