@@ -178,7 +178,7 @@ pub(super) fn exchange_fault(e: &SendError, endpoint: &Address) -> Fault {
             Failure::Connect,
             format!("cannot connect to {endpoint}: {}", source_chain(error)),
         )
-    } else if downstream_fault(error) {
+    } else if e.downstream || downstream_fault(error) {
         Fault::Downstream(format!("the request body failed: {}", source_chain(error)))
     } else {
         Fault::Endpoint(

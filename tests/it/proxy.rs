@@ -1627,3 +1627,83 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
         "served by the fast path (Host in the client's case)"
     );
 }
+
+/// Requests hyper's server decoded (h2c, and an HTTP/1 request with a body, which the fast
+/// path leaves to hyper) go upstream on the raw HTTP/1.1 exchange: the same response shapes
+/// as above come back decoded (a chunked body and its trailers, a body up to the close, a 1xx
+/// skipped, more than 100 headers, which hyper's client answered with 502), the broken ones
+/// are 502, and a request body goes with its length.
+#[test]
+fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
+    let app = RawApp::start(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let ok = |s: &str| (s.as_bytes().to_vec(), false);
+        match path {
+            "/chunked" => ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
+            "/close" => ("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end".as_bytes().to_vec(), true),
+            "/continue" => ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"),
+            "/many" => {
+                let mut r = String::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n");
+                for i in 0..150 {
+                    r.push_str(&format!("x-h{i}: {i}\r\n"));
+                }
+                r.push_str("\r\nmany");
+                ok(&r)
+            }
+            // The body follows the head on this connection: closed after the answer.
+            "/post" => ("HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntook".as_bytes().to_vec(), true),
+            "/both" => ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_bytes().to_vec(), true),
+            "/low" => ("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n".as_bytes().to_vec(), true),
+            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        }
+    });
+    let sc = inbound_to(&app);
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let get = |path: &str| {
+        let r = h2.get(sc.listener_url("public", path)).send().unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        let status = r.status().as_u16();
+        let many = r.headers().get("x-h149").is_some();
+        (status, many, r.text().unwrap_or_default())
+    };
+    assert_eq!(get("/chunked"), (200, false, "hello world".into()));
+    assert_eq!(get("/close"), (200, false, "until the end".into()));
+    assert_eq!(get("/continue"), (200, false, "late".into()));
+    assert_eq!(get("/many"), (200, true, "many".into()));
+    assert_eq!(get("/plain"), (200, false, "ok".into()));
+    assert_eq!(get("/both").0, 502);
+    assert_eq!(get("/low").0, 502);
+    let r = h2
+        .post(sc.listener_url("public", "/post"))
+        .body("hello")
+        .send()
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().unwrap()),
+        (201, "took".into())
+    );
+    // HTTP/1 with a body: hyper's server, then the raw exchange.
+    let out = raw(
+        &sc.listeners["public"],
+        b"POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 201") && out.ends_with("took"),
+        "{out}"
+    );
+    let heads = app.heads();
+    let posts: Vec<_> = heads
+        .iter()
+        .filter(|h| h.starts_with("POST /post HTTP/1.1\r\n"))
+        .collect();
+    assert_eq!(posts.len(), 2, "{heads:?}");
+    for h in posts {
+        assert!(
+            h.contains("\r\ncontent-length: 5\r\n"),
+            "written from the header map: {h}"
+        );
+    }
+}
