@@ -604,7 +604,7 @@ where
     // `connection: close` then (as hyper's path decides after the upstream answered).
     let late = !close && closing();
     let close = close || late;
-    let (mut conn, head, end) = match exchanged {
+    let (mut conn, head, mut end) = match exchanged {
         Ok(Ok(r)) => {
             if late {
                 // `out` holds the client's head, ending in its blank line.
@@ -626,6 +626,38 @@ where
             return answer(io, state, plan, f, out, close, started).await;
         }
     };
+    // A body of known length of which nothing came with the head: its first bytes are
+    // awaited before anything reaches the client, so that an upstream that breaks off here
+    // gets the client a 502 instead of a head and a cut body.
+    if let Framing::Length(n) = head.framing
+        && n > 0
+        && end == head.len
+    {
+        if end == conn.buf.len() {
+            conn.buf.resize(end + FIRST_BUFFER, 0);
+        }
+        let left = target.timeout.saturating_sub(started.elapsed());
+        let f = match tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..])).await {
+            Ok(Ok(n)) if n > 0 => {
+                end += n;
+                None
+            }
+            Ok(_) => Some(broke(
+                &plan.attempt.endpoint.address,
+                "the connection closed before the response body",
+            )),
+            Err(_) => Some(Failed {
+                failure: Failure::Timeout,
+                message: format!(
+                    "no response body from {} within {:?}",
+                    plan.attempt.endpoint.address, target.timeout
+                ),
+            }),
+        };
+        if let Some(f) = f {
+            return answer(io, state, plan, f, out, close, started).await;
+        }
+    }
     if head.status >= 500 {
         cluster.failed(&plan.attempt);
     } else {

@@ -1591,6 +1591,13 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
                     .to_vec(),
                 true,
             ),
+            // A head, then the connection closes before any of the promised body.
+            "/cut" => (
+                "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+                    .as_bytes()
+                    .to_vec(),
+                true,
+            ),
             // HEAD: the length of the body a GET would have had, and no body.
             _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
         }
@@ -1622,6 +1629,15 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
         b"GET /low HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    // Nothing of the body had come: the client gets a 502, not a head and a cut body.
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /cut HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 502") && out.contains("x-outrigger-error: upstream-reset"),
+        "{out}"
+    );
     assert!(
         app.heads().iter().all(|h| !h.contains("host: a")),
         "served by the fast path (Host in the client's case)"
@@ -1654,6 +1670,7 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
             "/post" => ("HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntook".as_bytes().to_vec(), true),
             "/both" => ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_bytes().to_vec(), true),
             "/low" => ("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n".as_bytes().to_vec(), true),
+            "/cut" => ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".as_bytes().to_vec(), true),
             _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
         }
     });
@@ -1676,6 +1693,8 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
     assert_eq!(get("/plain"), (200, false, "ok".into()));
     assert_eq!(get("/both").0, 502);
     assert_eq!(get("/low").0, 502);
+    // Nothing of the promised body came: a 502, not a head and a cut body.
+    assert_eq!(get("/cut").0, 502);
     let r = h2
         .post(sc.listener_url("public", "/post"))
         .body("hello")

@@ -155,7 +155,24 @@ pub(super) async fn send(
             return Err(broke(e.into()));
         }
         match read_head(&mut conn, head_request, pooled && idempotent).await {
-            Ok(Some((res, framing, reusable, len, end))) => {
+            Ok(Some((res, framing, reusable, len, mut end))) => {
+                // A body of known length of which nothing came with the head: its first
+                // bytes are awaited here (within the route's timeout, like the head), so that
+                // an upstream that breaks off gets the client a 502, not a head and a cut body.
+                if matches!(framing, Framing::Length(n) if n > 0) && end == len {
+                    if end == conn.buf.len() {
+                        conn.buf.resize(end + 8 * 1024, 0);
+                    }
+                    match conn.io.read(&mut conn.buf[end..]).await {
+                        Ok(n) if n > 0 => end += n,
+                        Ok(_) => {
+                            return Err(broke(
+                                "the connection closed before the response body".into(),
+                            ));
+                        }
+                        Err(e) => return Err(broke(e.into())),
+                    }
+                }
                 return Ok(respond(pool, conn, res, framing, reusable, len, end));
             }
             Ok(None) => continue, // closed while idle: on a new connection
