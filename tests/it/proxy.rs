@@ -1410,7 +1410,7 @@ impl RawApp {
                             buf.drain(..end + 4);
                             seen.lock().unwrap().push(head.clone());
                             let (bytes, close) = answer(&head);
-                            if conn.write_all(&bytes).is_err() || close {
+                            if write_paced(&mut conn, &bytes).is_err() || close {
                                 return;
                             }
                         }
@@ -1427,6 +1427,24 @@ impl RawApp {
 
     fn heads(&self) -> Vec<String> {
         self.heads.lock().unwrap().clone()
+    }
+}
+
+/// Writes `bytes`, pausing 300 ms at each `<pause>` and 5 s at each `<stall>` (an upstream
+/// that sends its head and then its body later).
+fn write_paced(conn: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    loop {
+        let next = [(&b"<pause>"[..], 300), (&b"<stall>"[..], 5000)]
+            .into_iter()
+            .filter_map(|(m, ms)| Some((bytes.windows(m.len()).position(|w| w == m)?, m, ms)))
+            .min_by_key(|(at, _, _)| *at);
+        let Some((at, marker, ms)) = next else {
+            return conn.write_all(bytes);
+        };
+        conn.write_all(&bytes[..at])?;
+        conn.flush()?;
+        std::thread::sleep(Duration::from_millis(ms));
+        bytes = &bytes[at + marker.len()..];
     }
 }
 
@@ -1642,6 +1660,97 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
         app.heads().iter().all(|h| !h.contains("host: a")),
         "served by the fast path (Host in the client's case)"
     );
+}
+
+/// Waiting for the first body byte before the head goes out never waits for a body that
+/// is not coming (HEAD with a Content-Length, 204, 304, `Content-Length: 0`, a 1xx before the
+/// final head), on the fast path and on the raw exchange (h2c); a body that follows its head
+/// after a pause (a long poll) still arrives; one that does not come within the route's
+/// timeout is a 504, not a hang.
+#[test]
+fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout() {
+    let app = RawApp::start(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let ok = |s: &str| (s.as_bytes().to_vec(), false);
+        match path {
+            "/empty" => ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            "/no-content" => ok("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
+            "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+            "/continue" => ok(
+                "HTTP/1.1 100 Continue\r\n\r\n<pause>HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n<pause>late",
+            ),
+            "/slow" => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<pause>0123456789"),
+            "/stall" => (
+                "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<stall>0123456789"
+                    .as_bytes()
+                    .to_vec(),
+                true,
+            ),
+            // HEAD: the length of the body a GET would have had, and no body.
+            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        }
+    });
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 2s\n",
+        app.address
+    ));
+    sc.wait_ready();
+    // The fast path: one keep-alive connection.
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for (method, path, status, end) in [
+        ("HEAD", "/head", "200", "\r\n\r\n"),
+        ("GET", "/empty", "200", "\r\n\r\n"),
+        ("GET", "/no-content", "204", "\r\n\r\n"),
+        ("GET", "/not-modified", "304", "\r\n\r\n"),
+        ("GET", "/continue", "200", "late"),
+        ("GET", "/slow", "200", "0123456789"),
+        ("HEAD", "/head", "200", "\r\n\r\n"),
+    ] {
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let out = read_until(&mut s, end);
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")) && out.ends_with(end),
+            "{path}: {out}"
+        );
+    }
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /stall HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(
+        app.heads().iter().all(|h| !h.contains("host: a")),
+        "served by the fast path (Host in the client's case)"
+    );
+    // The raw exchange (h2c).
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let send = |method: reqwest::Method, path: &str| {
+        let r = h2
+            .request(method, sc.listener_url("public", path))
+            .send()
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    assert_eq!(send(reqwest::Method::HEAD, "/head"), (200, String::new()));
+    assert_eq!(send(reqwest::Method::GET, "/empty"), (200, String::new()));
+    assert_eq!(send(reqwest::Method::GET, "/no-content").0, 204);
+    assert_eq!(send(reqwest::Method::GET, "/not-modified").0, 304);
+    assert_eq!(
+        send(reqwest::Method::GET, "/continue"),
+        (200, "late".into())
+    );
+    assert_eq!(
+        send(reqwest::Method::GET, "/slow"),
+        (200, "0123456789".into())
+    );
+    assert_eq!(send(reqwest::Method::HEAD, "/head").0, 200);
+    assert_eq!(send(reqwest::Method::GET, "/stall").0, 504);
 }
 
 /// Requests hyper's server decoded (h2c, and an HTTP/1 request with a body, which the fast
