@@ -22,8 +22,8 @@
 //! status below 100, a head over 400 KiB), skips 1xx, and decodes a chunked body as strictly
 //! as hyper's decoder, trailers included. Unlike hyper's client it reads more than 100
 //! response headers (up to 1,024, as the fast path). A pooled connection the upstream closed
-//! while idle gets the request again on another (any request whose write failed; an
-//! idempotent one that got no response byte), as the fast path does.
+//! while idle gets the request again on another (an idempotent or bodiless request whose
+//! write failed; an idempotent one that got no response byte).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -149,8 +149,10 @@ pub(super) async fn send(
         out.clear();
         conn.out = out;
         if let Err(e) = sent {
-            if pooled {
-                continue; // closed while idle: nothing of it was taken
+            // Closed while idle: sent again on another connection, unless part of a body
+            // may have been taken by a request that is not safe to repeat.
+            if pooled && (idempotent || len == 0) {
+                continue;
             }
             return Err(broke(e.into()));
         }
