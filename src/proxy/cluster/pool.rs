@@ -215,6 +215,10 @@ impl Pool {
             conn.buf.truncate(RAW_BUFFER);
             conn.buf.shrink_to_fit();
         }
+        // The same for the request-head buffer after a large request head.
+        if conn.out.capacity() > 4096 {
+            conn.out = Vec::new();
+        }
         let mut idle = self.raw.lock().expect("not poisoned");
         if idle.len() >= MAX_IDLE {
             return;
