@@ -1389,6 +1389,8 @@ fn a_request_waiting_on_a_slow_upstream_outlives_the_idle_timeout() {
 struct RawApp {
     address: String,
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RawApp {
@@ -1397,9 +1399,12 @@ impl RawApp {
         let address = listener.local_addr().unwrap().to_string();
         let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = heads.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = seen.clone();
                 std::thread::spawn(move || {
                     let mut buf = Vec::new();
@@ -1422,7 +1427,11 @@ impl RawApp {
                 });
             }
         });
-        RawApp { address, heads }
+        RawApp {
+            address,
+            heads,
+            accepted,
+        }
     }
 
     fn heads(&self) -> Vec<String> {
@@ -1751,6 +1760,58 @@ fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout
     );
     assert_eq!(send(reqwest::Method::HEAD, "/head").0, 200);
     assert_eq!(send(reqwest::Method::GET, "/stall").0, 504);
+}
+
+/// The raw exchange's connection goes back to the pool once a body has ended cleanly: several
+/// h2c requests use one upstream connection; bytes after a body's end (garbage) cost that
+/// connection, and the next request opens another.
+#[test]
+fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes() {
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let get = |sc: &Sidecar, path: &str| {
+        let r = h2.get(sc.listener_url("public", path)).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    // The app's probe runs a command: no probe connection joins the count.
+    let unprobed = |app: &RawApp| {
+        let sc = Sidecar::start(&format!(
+            "app:\n  address: {}\n  probe: {{ exec: [\"true\"] }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+            app.address
+        ));
+        sc.wait_ready();
+        sc
+    };
+    let app = RawApp::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    });
+    let sc = unprobed(&app);
+    for _ in 0..4 {
+        assert_eq!(get(&sc, "/"), (200, "ok".into()));
+    }
+    assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let app = RawApp::start(|head| {
+        if head.starts_with("GET /garbage ") {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE".to_vec(),
+                false,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        }
+    });
+    let sc = unprobed(&app);
+    assert_eq!(get(&sc, "/garbage"), (200, "ok".into()));
+    assert_eq!(get(&sc, "/plain"), (200, "ok".into()));
+    assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
 /// Requests hyper's server decoded (h2c, and an HTTP/1 request with a body, which the fast
