@@ -181,7 +181,7 @@ pub(super) fn exchange_fault(e: &SendError, endpoint: &Address) -> Fault {
                 crate::errors::chain(error)
             ),
         )
-    } else if downstream_fault(error) {
+    } else if e.downstream || downstream_fault(error) {
         Fault::Downstream(format!(
             "the request body failed: {}",
             crate::errors::chain(error)

@@ -67,10 +67,10 @@ use crate::telemetry::trace::{TraceContext, is_context_name};
 const MAX_REQUEST_HEADERS: usize = 100;
 /// Response headers read on the stack; a response with more is read again with
 /// [`MANY_HEADERS`] on the heap (hyper's client refused more than 100 with a 502).
-const RESPONSE_HEADERS: usize = 128;
-const MANY_HEADERS: usize = 1024;
+pub(super) const RESPONSE_HEADERS: usize = 128;
+pub(super) const MANY_HEADERS: usize = 1024;
 /// The largest response head read (hyper's default buffer limit).
-const MAX_RESPONSE_HEAD: usize = 400 * 1024;
+pub(super) const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// A downstream connection's read buffer to begin with (hyper's too); grown up to the
 /// listener's `max_header_bytes` for a larger head.
 const FIRST_BUFFER: usize = 8 * 1024;
@@ -381,7 +381,7 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1 and a proxy's credentials (as
 /// [`super::headers`] strips them).
-fn hop_by_hop(name: &[u8]) -> bool {
+pub(super) fn hop_by_hop(name: &[u8]) -> bool {
     const HOPS: [&[u8]; 8] = [
         b"connection",
         b"keep-alive",
@@ -547,7 +547,7 @@ fn visible(v: &[u8]) -> bool {
 
 /// How a response body ends.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Framing {
+pub(super) enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -604,7 +604,7 @@ where
     // `connection: close` then (as hyper's path decides after the upstream answered).
     let late = !close && closing();
     let close = close || late;
-    let (mut conn, head, end) = match exchanged {
+    let (mut conn, head, mut end) = match exchanged {
         Ok(Ok(r)) => {
             if late {
                 // `out` holds the client's head, ending in its blank line.
@@ -626,6 +626,38 @@ where
             return answer(io, state, plan, f, out, close, started).await;
         }
     };
+    // A body of known length of which nothing came with the head: its first bytes are
+    // awaited before anything reaches the client, so that an upstream that breaks off here
+    // gets the client a 502 instead of a head and a cut body.
+    if let Framing::Length(n) = head.framing
+        && n > 0
+        && end == head.len
+    {
+        if end == conn.buf.len() {
+            conn.buf.resize(end + FIRST_BUFFER, 0);
+        }
+        let left = target.timeout.saturating_sub(started.elapsed());
+        let f = match tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..])).await {
+            Ok(Ok(n)) if n > 0 => {
+                end += n;
+                None
+            }
+            Ok(_) => Some(broke(
+                &plan.attempt.endpoint.address,
+                "the connection closed before the response body",
+            )),
+            Err(_) => Some(Failed {
+                failure: Failure::Timeout,
+                message: format!(
+                    "no response body from {} within {:?}",
+                    plan.attempt.endpoint.address, target.timeout
+                ),
+            }),
+        };
+        if let Some(f) = f {
+            return answer(io, state, plan, f, out, close, started).await;
+        }
+    }
     if head.status >= 500 {
         cluster.failed(&plan.attempt);
     } else {
@@ -800,56 +832,20 @@ fn response_head(
         Err(_) => return Err("invalid response head"),
     };
     let status = res.code.ok_or("invalid response head")?;
-    // httparse takes any three digits; `http::StatusCode` (hyper's client) refuses 000–099.
-    if status < 100 {
-        return Err("invalid status code");
-    }
-    if status == 101 {
-        return Err("101 Switching Protocols to a request that asked for no upgrade");
-    }
-    if (100..200).contains(&status) {
-        return Ok(Some(Head {
-            status,
-            framing: Framing::Empty,
-            reusable: false,
-            len,
-        }));
-    }
-    let mut length: Option<&[u8]> = None;
-    let mut chunked = None;
-    let mut upstream_close = res.version != Some(1);
-    let mut named = false;
-    for h in res.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            if length.is_some_and(|l| l != h.value) || !valid_length(h.value) {
-                return Err("invalid or conflicting Content-Length");
-            }
-            length = Some(h.value);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Only the last coding matters: chunked or read to the close.
-            chunked = Some(
-                tokens(h.value)
-                    .last()
-                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
-            );
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in tokens(h.value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    upstream_close = true;
-                } else if !hop_by_hop(t) {
-                    named = true;
-                }
-            }
+    let ResponseFraming {
+        framing,
+        upstream_close,
+        named,
+    } = match response_framing(status, res.version, &*res.headers, head_request)? {
+        Some(f) => f,
+        None => {
+            return Ok(Some(Head {
+                status,
+                framing: Framing::Empty,
+                reusable: false,
+                len,
+            }));
         }
-    }
-    let no_body = head_request || status == 204 || status == 304;
-    let framing = match (chunked, length) {
-        _ if no_body => Framing::Empty,
-        (Some(_), Some(_)) => return Err("both Content-Length and Transfer-Encoding"),
-        (Some(true), None) => Framing::Chunked,
-        (Some(false), None) | (None, None) => Framing::Close,
-        (None, Some(l)) => Framing::Length(parse_length(l)),
     };
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -906,6 +902,78 @@ fn response_head(
         framing,
         reusable: !upstream_close && framing != Framing::Close,
         len,
+    }))
+}
+
+/// What a response head says about its body and its connection.
+pub(super) struct ResponseFraming {
+    pub(super) framing: Framing,
+    /// The upstream closes the connection after this response (`Connection: close`, HTTP/1.0).
+    pub(super) upstream_close: bool,
+    /// Some `Connection` token names a header to strip.
+    pub(super) named: bool,
+}
+
+/// The response side's framing refusals (as strict as hyper's client, stricter on
+/// Content-Length with Transfer-Encoding: refused, not resolved) and how the body ends.
+/// `Ok(None)` for a 1xx other than 101 (skipped by the caller, as hyper's client does); a 101
+/// is refused, since no request that reaches here asked for an upgrade.
+pub(super) fn response_framing(
+    status: u16,
+    version: Option<u8>,
+    headers: &[httparse::Header<'_>],
+    head_request: bool,
+) -> Result<Option<ResponseFraming>, &'static str> {
+    // httparse takes any three digits; `http::StatusCode` (hyper's client) refuses 000–099.
+    if status < 100 {
+        return Err("invalid status code");
+    }
+    if status == 101 {
+        return Err("101 Switching Protocols to a request that asked for no upgrade");
+    }
+    if (100..200).contains(&status) {
+        return Ok(None);
+    }
+    let mut length: Option<&[u8]> = None;
+    let mut chunked = None;
+    let mut upstream_close = version != Some(1);
+    let mut named = false;
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if length.is_some_and(|l| l != h.value) || !valid_length(h.value) {
+                return Err("invalid or conflicting Content-Length");
+            }
+            length = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only the last coding matters: chunked or read to the close.
+            chunked = Some(
+                tokens(h.value)
+                    .last()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if !hop_by_hop(t) {
+                    named = true;
+                }
+            }
+        }
+    }
+    let no_body = head_request || status == 204 || status == 304;
+    let framing = match (chunked, length) {
+        _ if no_body => Framing::Empty,
+        (Some(_), Some(_)) => return Err("both Content-Length and Transfer-Encoding"),
+        (Some(true), None) => Framing::Chunked,
+        (Some(false), None) | (None, None) => Framing::Close,
+        (None, Some(l)) => Framing::Length(parse_length(l)),
+    };
+    Ok(Some(ResponseFraming {
+        framing,
+        upstream_close,
+        named,
     }))
 }
 
@@ -1055,14 +1123,32 @@ fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
 /// Follows a chunked body passed on as it is, to find its end (RFC 9112 §7.1; as strict as
 /// hyper's decoder: hex sizes of at most 16 digits, CRLF line ends, extensions skipped,
 /// trailers passed on). Written by hand: hyper's decoder is not public, and this one only
-/// follows, it copies nothing.
+/// follows, it copies nothing. [`Chunked::decode`] also hands out each chunk's data and keeps
+/// the trailer lines, for a body that becomes frames
+/// ([`super::cluster::raw_exchange`]).
 #[derive(Default)]
-struct Chunked {
+pub(super) struct Chunked {
     state: ChunkState,
     size: u64,
     digits: u8,
     /// Data bytes so far.
-    data: u64,
+    pub(super) data: u64,
+    /// The trailer section's lines, when decoding (each ending in CRLF).
+    pub(super) trailers: Vec<u8>,
+}
+
+/// The trailer section a decoded chunked body may carry (hyper's default header buffer).
+const MAX_TRAILERS: usize = 64 * 1024;
+
+/// What [`Chunked::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Everything given was framing (or trailers): more input is needed.
+    More,
+    /// Chunk data at `start..end` of the input; what follows `end` is not read yet.
+    Data(usize, usize),
+    /// The body ended after the first n bytes of the input.
+    Done(usize),
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -1086,10 +1172,23 @@ enum ChunkState {
 impl Chunked {
     /// Follows `data`; Ok(Some(n)) when the body ends after its first n bytes.
     fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
+        match self.run(data, false)? {
+            Step::Done(n) => Ok(Some(n)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Decodes `data` up to the next chunk data (or the body's end), keeping trailer lines.
+    pub(super) fn decode(&mut self, data: &[u8]) -> Result<Step, ()> {
+        self.run(data, true)
+    }
+
+    fn run(&mut self, data: &[u8], decode: bool) -> Result<Step, ()> {
         use ChunkState::*;
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
+            let before = self.state;
             match self.state {
                 Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
@@ -1128,10 +1227,13 @@ impl Chunked {
                     let n = (self.size.min((data.len() - i) as u64)) as usize;
                     self.size -= n as u64;
                     self.data += n as u64;
-                    i += n;
                     if self.size == 0 {
                         self.state = DataCr;
                     }
+                    if decode {
+                        return Ok(Step::Data(i, i + n));
+                    }
+                    i += n;
                     continue;
                 }
                 DataCr => {
@@ -1166,17 +1268,26 @@ impl Chunked {
                     if b != b'\n' {
                         return Err(());
                     }
-                    return Ok(Some(i + 1));
+                    return Ok(Step::Done(i + 1));
                 }
+            }
+            // A trailer line's byte (not the empty line that ends the section).
+            if decode && matches!(self.state, Trailer | TrailerLf)
+                || decode && self.state == TrailerStart && before == TrailerLf
+            {
+                if self.trailers.len() >= MAX_TRAILERS {
+                    return Err(());
+                }
+                self.trailers.push(b);
             }
             i += 1;
         }
-        Ok(None)
+        Ok(Step::More)
     }
 }
 
 /// Writes every slice whole (vectored: head and body in one `writev` when they fit).
-async fn write_all<W: AsyncWrite + Unpin>(
+pub(super) async fn write_all<W: AsyncWrite + Unpin>(
     w: &mut W,
     mut bufs: &mut [IoSlice<'_>],
 ) -> io::Result<()> {
@@ -1191,11 +1302,11 @@ async fn write_all<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn itoa_buf() -> [u8; 20] {
+pub(super) fn itoa_buf() -> [u8; 20] {
     [0; 20]
 }
 
-fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+pub(super) fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;

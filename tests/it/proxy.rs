@@ -1389,6 +1389,8 @@ fn a_request_waiting_on_a_slow_upstream_outlives_the_idle_timeout() {
 struct RawApp {
     address: String,
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RawApp {
@@ -1397,9 +1399,12 @@ impl RawApp {
         let address = listener.local_addr().unwrap().to_string();
         let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = heads.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = seen.clone();
                 std::thread::spawn(move || {
                     let mut buf = Vec::new();
@@ -1410,7 +1415,7 @@ impl RawApp {
                             buf.drain(..end + 4);
                             seen.lock().unwrap().push(head.clone());
                             let (bytes, close) = answer(&head);
-                            if conn.write_all(&bytes).is_err() || close {
+                            if write_paced(&mut conn, &bytes).is_err() || close {
                                 return;
                             }
                         }
@@ -1422,11 +1427,33 @@ impl RawApp {
                 });
             }
         });
-        RawApp { address, heads }
+        RawApp {
+            address,
+            heads,
+            accepted,
+        }
     }
 
     fn heads(&self) -> Vec<String> {
         self.heads.lock().unwrap().clone()
+    }
+}
+
+/// Writes `bytes`, pausing 300 ms at each `<pause>` and 5 s at each `<stall>` (an upstream
+/// that sends its head and then its body later).
+fn write_paced(conn: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    loop {
+        let next = [(&b"<pause>"[..], 300), (&b"<stall>"[..], 5000)]
+            .into_iter()
+            .filter_map(|(m, ms)| Some((bytes.windows(m.len()).position(|w| w == m)?, m, ms)))
+            .min_by_key(|(at, _, _)| *at);
+        let Some((at, marker, ms)) = next else {
+            return conn.write_all(bytes);
+        };
+        conn.write_all(&bytes[..at])?;
+        conn.flush()?;
+        std::thread::sleep(Duration::from_millis(ms));
+        bytes = &bytes[at + marker.len()..];
     }
 }
 
@@ -1591,6 +1618,13 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
                     .to_vec(),
                 true,
             ),
+            // A head, then the connection closes before any of the promised body.
+            "/cut" => (
+                "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+                    .as_bytes()
+                    .to_vec(),
+                true,
+            ),
             // HEAD: the length of the body a GET would have had, and no body.
             _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
         }
@@ -1622,8 +1656,243 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
         b"GET /low HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    // Nothing of the body had come: the client gets a 502, not a head and a cut body.
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /cut HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 502") && out.contains("x-outrigger-error: upstream-reset"),
+        "{out}"
+    );
     assert!(
         app.heads().iter().all(|h| !h.contains("host: a")),
         "served by the fast path (Host in the client's case)"
     );
+}
+
+/// Waiting for the first body byte before the head goes out never waits for a body that
+/// is not coming (HEAD with a Content-Length, 204, 304, `Content-Length: 0`, a 1xx before the
+/// final head), on the fast path and on the raw exchange (h2c); a body that follows its head
+/// after a pause (a long poll) still arrives; one that does not come within the route's
+/// timeout is a 504, not a hang.
+#[test]
+fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout() {
+    let app = RawApp::start(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let ok = |s: &str| (s.as_bytes().to_vec(), false);
+        match path {
+            "/empty" => ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            "/no-content" => ok("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
+            "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+            "/continue" => ok(
+                "HTTP/1.1 100 Continue\r\n\r\n<pause>HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n<pause>late",
+            ),
+            "/slow" => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<pause>0123456789"),
+            "/stall" => (
+                "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<stall>0123456789"
+                    .as_bytes()
+                    .to_vec(),
+                true,
+            ),
+            // HEAD: the length of the body a GET would have had, and no body.
+            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        }
+    });
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 2s\n",
+        app.address
+    ));
+    sc.wait_ready();
+    // The fast path: one keep-alive connection.
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for (method, path, status, end) in [
+        ("HEAD", "/head", "200", "\r\n\r\n"),
+        ("GET", "/empty", "200", "\r\n\r\n"),
+        ("GET", "/no-content", "204", "\r\n\r\n"),
+        ("GET", "/not-modified", "304", "\r\n\r\n"),
+        ("GET", "/continue", "200", "late"),
+        ("GET", "/slow", "200", "0123456789"),
+        ("HEAD", "/head", "200", "\r\n\r\n"),
+    ] {
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let out = read_until(&mut s, end);
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")) && out.ends_with(end),
+            "{path}: {out}"
+        );
+    }
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /stall HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(
+        app.heads().iter().all(|h| !h.contains("host: a")),
+        "served by the fast path (Host in the client's case)"
+    );
+    // The raw exchange (h2c).
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let send = |method: reqwest::Method, path: &str| {
+        let r = h2
+            .request(method, sc.listener_url("public", path))
+            .send()
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    assert_eq!(send(reqwest::Method::HEAD, "/head"), (200, String::new()));
+    assert_eq!(send(reqwest::Method::GET, "/empty"), (200, String::new()));
+    assert_eq!(send(reqwest::Method::GET, "/no-content").0, 204);
+    assert_eq!(send(reqwest::Method::GET, "/not-modified").0, 304);
+    assert_eq!(
+        send(reqwest::Method::GET, "/continue"),
+        (200, "late".into())
+    );
+    assert_eq!(
+        send(reqwest::Method::GET, "/slow"),
+        (200, "0123456789".into())
+    );
+    assert_eq!(send(reqwest::Method::HEAD, "/head").0, 200);
+    assert_eq!(send(reqwest::Method::GET, "/stall").0, 504);
+}
+
+/// The raw exchange's connection goes back to the pool once a body has ended cleanly: several
+/// h2c requests use one upstream connection; bytes after a body's end (garbage) cost that
+/// connection, and the next request opens another.
+#[test]
+fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes() {
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let get = |sc: &Sidecar, path: &str| {
+        let r = h2.get(sc.listener_url("public", path)).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    // The app's probe runs a command: no probe connection joins the count.
+    let unprobed = |app: &RawApp| {
+        let sc = Sidecar::start(&format!(
+            "app:\n  address: {}\n  probe: {{ exec: [\"true\"] }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+            app.address
+        ));
+        sc.wait_ready();
+        sc
+    };
+    let app = RawApp::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    });
+    let sc = unprobed(&app);
+    for _ in 0..4 {
+        assert_eq!(get(&sc, "/"), (200, "ok".into()));
+    }
+    assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let app = RawApp::start(|head| {
+        if head.starts_with("GET /garbage ") {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE".to_vec(),
+                false,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        }
+    });
+    let sc = unprobed(&app);
+    assert_eq!(get(&sc, "/garbage"), (200, "ok".into()));
+    assert_eq!(get(&sc, "/plain"), (200, "ok".into()));
+    assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Requests hyper's server decoded (h2c, and an HTTP/1 request with a body, which the fast
+/// path leaves to hyper) go upstream on the raw HTTP/1.1 exchange: the same response shapes
+/// as above come back decoded (a chunked body and its trailers, a body up to the close, a 1xx
+/// skipped, more than 100 headers, which hyper's client answered with 502), the broken ones
+/// are 502, and a request body goes with its length.
+#[test]
+fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
+    let app = RawApp::start(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let ok = |s: &str| (s.as_bytes().to_vec(), false);
+        match path {
+            "/chunked" => ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
+            "/close" => ("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end".as_bytes().to_vec(), true),
+            "/continue" => ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"),
+            "/many" => {
+                let mut r = String::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n");
+                for i in 0..150 {
+                    r.push_str(&format!("x-h{i}: {i}\r\n"));
+                }
+                r.push_str("\r\nmany");
+                ok(&r)
+            }
+            // The body follows the head on this connection: closed after the answer.
+            "/post" => ("HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntook".as_bytes().to_vec(), true),
+            "/both" => ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_bytes().to_vec(), true),
+            "/low" => ("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n".as_bytes().to_vec(), true),
+            "/cut" => ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".as_bytes().to_vec(), true),
+            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        }
+    });
+    let sc = inbound_to(&app);
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let get = |path: &str| {
+        let r = h2.get(sc.listener_url("public", path)).send().unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        let status = r.status().as_u16();
+        let many = r.headers().get("x-h149").is_some();
+        (status, many, r.text().unwrap_or_default())
+    };
+    assert_eq!(get("/chunked"), (200, false, "hello world".into()));
+    assert_eq!(get("/close"), (200, false, "until the end".into()));
+    assert_eq!(get("/continue"), (200, false, "late".into()));
+    assert_eq!(get("/many"), (200, true, "many".into()));
+    assert_eq!(get("/plain"), (200, false, "ok".into()));
+    assert_eq!(get("/both").0, 502);
+    assert_eq!(get("/low").0, 502);
+    // Nothing of the promised body came: a 502, not a head and a cut body.
+    assert_eq!(get("/cut").0, 502);
+    let r = h2
+        .post(sc.listener_url("public", "/post"))
+        .body("hello")
+        .send()
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().unwrap()),
+        (201, "took".into())
+    );
+    // HTTP/1 with a body: hyper's server, then the raw exchange.
+    let out = raw(
+        &sc.listeners["public"],
+        b"POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 201") && out.ends_with("took"),
+        "{out}"
+    );
+    let heads = app.heads();
+    let posts: Vec<_> = heads
+        .iter()
+        .filter(|h| h.starts_with("POST /post HTTP/1.1\r\n"))
+        .collect();
+    assert_eq!(posts.len(), 2, "{heads:?}");
+    for h in posts {
+        assert!(
+            h.contains("\r\ncontent-length: 5\r\n"),
+            "written from the header map: {h}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ pub mod connect;
 pub mod discovery;
 pub mod outlier;
 pub mod pool;
+mod raw_exchange;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -109,6 +110,7 @@ impl Endpoint {
                 Ok(res) => Ok(res.map(crate::proxy::body::incoming)),
                 Err(e) => Err(pool::SendError {
                     connect: e.is_connect(),
+                    downstream: false,
                     error: e.into(),
                 }),
             },

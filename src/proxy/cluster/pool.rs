@@ -44,6 +44,8 @@ const MAX_IDLE: usize = 256;
 pub struct SendError {
     /// No connection could be made: nothing was sent.
     pub connect: bool,
+    /// The request's own body failed (the downstream's fault, not the endpoint's).
+    pub downstream: bool,
     pub error: BoxError,
 }
 
@@ -82,6 +84,8 @@ struct Idle {
 pub struct Raw {
     pub io: Stream,
     pub buf: Vec<u8>,
+    /// Where [`super::raw_exchange`] writes request heads (empty between requests).
+    pub out: Vec<u8>,
 }
 
 /// A raw connection's read buffer: a response head of a typical size and body reads of a
@@ -116,11 +120,15 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (origin form) on an idle connection, or a new one.
+    /// Sends `req` (origin form) on an idle connection, or a new one: on a raw connection
+    /// ([`super::raw_exchange`]) when that path takes it, else through hyper's client.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
+        if let Some(len) = super::raw_exchange::takes(&req) {
+            return super::raw_exchange::send(self, req, len).await;
+        }
         loop {
             let (mut sender, pooled) = match self.take() {
                 Some(s) => (s, true),
@@ -132,6 +140,7 @@ impl Pool {
                 }
                 return Err(SendError {
                     connect: false,
+                    downstream: false,
                     error: e.into(),
                 });
             }
@@ -147,6 +156,7 @@ impl Pool {
                     _ => {
                         return Err(SendError {
                             connect: false,
+                            downstream: false,
                             error: e.into_error().into(),
                         });
                     }
@@ -205,6 +215,10 @@ impl Pool {
             conn.buf.truncate(RAW_BUFFER);
             conn.buf.shrink_to_fit();
         }
+        // The same for the request-head buffer after a large request head.
+        if conn.out.capacity() > 4096 {
+            conn.out = Vec::new();
+        }
         let mut idle = self.raw.lock().expect("not poisoned");
         if idle.len() >= MAX_IDLE {
             return;
@@ -225,16 +239,19 @@ impl Pool {
         Ok(Raw {
             io,
             buf: vec![0; RAW_BUFFER],
+            out: Vec::new(),
         })
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<ProxyBody>, SendError> {
         let io = self.connector.connect().await.map_err(|e| SendError {
             connect: true,
+            downstream: false,
             error: e.into(),
         })?;
         let (sender, conn) = http1::handshake(io).await.map_err(|e| SendError {
             connect: true,
+            downstream: false,
             error: e.into(),
         })?;
         tokio::spawn(async move {
