@@ -7,6 +7,8 @@
 //! - [`budget`]: the retry budget;
 //! - [`connect`]: connecting to an endpoint (TLS origination is
 //!   [`crate::tls::origination`]);
+//! - [`name_resolution`]: clusters made on demand for app ids (`bridge.name_resolution`, the
+//!   mesh's peers);
 //! - here: the [`Cluster`] itself, its [`Endpoint`]s and the cap on requests in flight.
 //!
 //! Each endpoint has its own connection pools (for HTTP/1.1 the proxy's own, [`pool`]; for
@@ -19,6 +21,7 @@ pub mod balance;
 pub mod budget;
 pub mod connect;
 pub mod discovery;
+pub mod name_resolution;
 pub mod outlier;
 pub mod pool;
 
