@@ -327,7 +327,7 @@ fn resolver(
         {
             return Some(peers.clone());
         }
-        return Some(Arc::new(NameResolution::mesh(mesh, clusters.metrics())));
+        return Some(NameResolution::mesh(mesh, clusters.metrics()));
     }
     let template = config.bridge.as_ref()?.name_resolution.clone()?;
     let namespace = std::env::var("NAMESPACE")

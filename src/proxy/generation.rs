@@ -169,6 +169,10 @@ impl Proxy {
                 c.adopt_tls(tls.clients.get(name));
             }
         }
+        if let Some(p) = &self.peers {
+            // The mesh's peers: their shared material, from the identity files.
+            let _ = crate::tls::Reloadable::reload_files(p.as_ref());
+        }
         for c in &fresh {
             tokio::spawn(Cluster::discover(Arc::downgrade(c)));
             c.export_endpoint_count();

@@ -135,12 +135,10 @@ impl Proxy {
             None => None,
         };
         let recorder = (log.is_some() || spans.is_some()).then_some(Recorder { log, spans });
-        let peers = config.mesh.as_ref().map(|m| {
-            Arc::new(cluster::name_resolution::NameResolution::mesh(
-                m,
-                metrics.clone(),
-            ))
-        });
+        let peers = config
+            .mesh
+            .as_ref()
+            .map(|m| cluster::name_resolution::NameResolution::mesh(m, metrics.clone()));
         let mut listeners = Vec::new();
         let mut bound_addresses = BTreeMap::new();
         for l in &config.listeners {

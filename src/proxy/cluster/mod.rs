@@ -190,6 +190,26 @@ impl Cluster {
         metrics: ProxyMetrics,
         tls: Option<crate::tls::LoadedClient>,
     ) -> Arc<Cluster> {
+        Self::build(config, metrics, tls, true)
+    }
+
+    /// A cluster whose TLS material `tls` is shared with others and watched by its owner (the
+    /// mesh's peers: one file watch for all), who hands it new material with
+    /// [`Cluster::adopt_tls`].
+    pub fn with_shared_tls(
+        config: ClusterConfig,
+        metrics: ProxyMetrics,
+        tls: crate::tls::LoadedClient,
+    ) -> Arc<Cluster> {
+        Self::build(config, metrics, Some(tls), false)
+    }
+
+    fn build(
+        config: ClusterConfig,
+        metrics: ProxyMetrics,
+        tls: Option<crate::tls::LoadedClient>,
+        watch: bool,
+    ) -> Arc<Cluster> {
         let tls = Origination::new(&config, &metrics.tls, tls);
         let initial = match &config.discovery {
             Discovery::Static(addrs) => addrs
@@ -213,7 +233,7 @@ impl Cluster {
             retired: AtomicBool::new(false),
             tls,
         });
-        if cluster.tls.is_some() {
+        if watch && cluster.tls.is_some() {
             crate::tls::spawn_watch(&cluster);
         }
         cluster.export_endpoint_count();
