@@ -45,10 +45,10 @@ const IDENTITY_VOLUME: &str = "outrigger-identity";
 pub const IDENTITY_DIR: &str = "/var/run/outrigger/identity";
 /// The identity Secret of service account SA is `outrigger-identity-SA`.
 pub const IDENTITY_SECRET_PREFIX: &str = "outrigger-identity-";
-/// With identity: the mesh's mutual-TLS port (`mesh.address`), the same in every pod so that
-/// peers know where to call.
+/// With the mesh (`outrigger.dev/mesh`): its mutual-TLS port (`mesh.address`), the same in
+/// every pod so that peers know where to call.
 pub const MESH_PORT: u16 = 15443;
-/// With identity and no `outrigger.dev/outbound-address`: where the app sends host-named
+/// With the mesh and no `outrigger.dev/outbound-address`: where the app sends host-named
 /// requests to mesh peers (`mesh.outbound_address`, `OUTRIGGER_OUTBOUND_ADDRESS`).
 pub const MESH_OUTBOUND_ADDRESS: &str = "127.0.0.1:15001";
 const BIN_VOLUME: &str = "outrigger-bin";
@@ -101,7 +101,11 @@ pub fn inject_pod(
     owner: &Owner<'_>,
     options: &Options,
 ) -> Result<Outcome, String> {
-    let a = annotations::read(metadata.and_then(|m| m.get("annotations")))?;
+    let mut a = annotations::read(metadata.and_then(|m| m.get("annotations")))?;
+    if a.mesh == Some(true) {
+        // The mesh needs the workload's identity.
+        a.identity = Some(true);
+    }
     if a.inject == Some(false) {
         return Ok(Outcome::OptedOut);
     }
@@ -148,7 +152,7 @@ pub fn inject_pod(
     }
 
     let bridge = a.bridge != Some(false);
-    let mesh = a.identity == Some(true);
+    let mesh = a.mesh == Some(true);
     ports_are_free(&a, &new, bridge, mesh)?;
     let (grace, pod_grace) = grace_seconds(&a, &new)?;
     let identity = identity_secret(&a, &new)?;
@@ -423,7 +427,7 @@ fn container(
         set(format!("bridge.address=127.0.0.1:{BRIDGE_HTTP_PORT}"));
         set(format!("bridge.grpc_address=127.0.0.1:{BRIDGE_GRPC_PORT}"));
     }
-    let mesh = a.identity == Some(true);
+    let mesh = a.mesh == Some(true);
     if mesh {
         // The workload's SPIFFE ID is spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SA: the kubelet
         // expands $(VAR) in args from the container's env (the downward API's below).

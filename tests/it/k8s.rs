@@ -189,6 +189,13 @@ fn annotations_are_honoured() {
             .to_string()
             .contains("/var/run/outrigger/identity")
     );
+    // Identity alone (the setup before the mesh) adds no `mesh.*` and no mesh listener, so a
+    // config naming its own listener `mesh` still loads; the mesh is outrigger.dev/mesh.
+    assert!(
+        !side["args"].to_string().contains("mesh."),
+        "{}",
+        side["args"]
+    );
     let sc = &side["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -408,12 +415,12 @@ fn the_injected_sidecar_runs_with_its_own_arguments() {
     assert!(sc.bridge.is_some(), "the bridge runs\n{}", sc.diagnostics());
 }
 
-/// A pod with `outrigger.dev/identity: "true"`, its sidecar started with exactly the injected
+/// A pod with `outrigger.dev/mesh: "true"` (implying identity), its sidecar started with exactly the injected
 /// args and env (the kubelet's part done by hand: `$(VAR)` expanded from the downward API's
 /// values, the identity Secret mounted): it joins the mesh as its service account, with the
 /// mesh's listeners, and needs no config file.
 #[test]
-fn the_injected_identity_sidecar_joins_the_mesh() {
+fn the_injected_mesh_sidecar_joins_the_mesh() {
     let out = first_doc(&inject_file(&fixtures().join("mesh.yaml")));
     let side = container(
         &out["spec"]["template"]["spec"],
