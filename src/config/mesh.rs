@@ -279,6 +279,7 @@ pub fn validate(raw: RawMesh, doc: &Document, problems: &mut Vec<Problem>) -> Op
         .replace("{app_id}", "app")
         .replace("{namespace}", "default");
     if filled.is_empty()
+        || !peer_dns.contains("{app_id}")
         || filled.contains(['{', '}', ':', '/'])
         || filled.contains(char::is_whitespace)
     {
@@ -304,6 +305,18 @@ pub fn validate(raw: RawMesh, doc: &Document, problems: &mut Vec<Problem>) -> Op
         }
         None => address.0.port(),
     };
+    if let Some(Address::Tcp(out)) = &raw.outbound_address
+        && out.port() != 0
+        && out.port() == address.0.port()
+        && (out.ip() == address.0.ip()
+            || out.ip().is_unspecified()
+            || address.0.ip().is_unspecified())
+    {
+        problems.push(doc.problem(
+            "mesh.outbound_address",
+            format!("{out} is mesh.address's too: the inbound and outbound listeners need an address each"),
+        ));
+    }
     let max_peers = raw.max_peers.unwrap_or(DEFAULT_MAX_PEERS);
     if max_peers == 0 || max_peers > 10_000 {
         problems.push(doc.problem(

@@ -301,6 +301,13 @@ fn malformed_mesh_config_is_located() {
     );
     assert!(!e.contains("listeners[0]"), "{e}");
     crate::config::rejected(
+        "mesh:\n  namespace: shop\n  service_account: web\n  peer_dns: \"{namespace}.example\"\n  address: 127.0.0.1:15443\n  outbound_address: 0.0.0.0:15443\n",
+        &[
+            "bad.yaml:4:13: mesh.peer_dns: expected a host name template with {app_id}",
+            "bad.yaml:6:21: mesh.outbound_address: 0.0.0.0:15443 is mesh.address's too",
+        ],
+    );
+    crate::config::rejected(
         "mesh:\n  namespace: shop\n  service_account: web\n  unknown: 1\n",
         &["bad.yaml:4:3: mesh.unknown: unknown field `unknown`"],
     );
