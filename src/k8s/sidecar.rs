@@ -431,8 +431,9 @@ fn container(
     if mesh {
         // The workload's SPIFFE ID is spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SA: the kubelet
         // expands $(VAR) in args from the container's env (the downward API's below).
-        set("mesh.namespace=$(POD_NAMESPACE)".into());
-        set("mesh.service_account=$(POD_SERVICE_ACCOUNT)".into());
+        // Quoted: --set reads YAML, and a namespace or account named `123` is a string.
+        set("mesh.namespace=\"$(POD_NAMESPACE)\"".into());
+        set("mesh.service_account=\"$(POD_SERVICE_ACCOUNT)\"".into());
         set(format!("mesh.identity_dir={IDENTITY_DIR}"));
         set(format!("mesh.address=0.0.0.0:{MESH_PORT}"));
         if a.outbound_address.is_none() {

@@ -475,7 +475,8 @@ fn the_injected_mesh_sidecar_joins_the_mesh() {
         .collect();
     assert_eq!(args.remove(0), "run");
     assert!(
-        args.contains(&"mesh.namespace=shop".to_string()),
+        // Quoted, so that a namespace named `123` is a string too.
+        args.contains(&"mesh.namespace=\"shop\"".to_string()),
         "{args:?}"
     );
     // Port 0 instead of the fixed ports (later --set wins).
