@@ -20,7 +20,7 @@ mod lifecycle;
 mod limits;
 #[cfg(feature = "logs")]
 mod logs;
-#[cfg(feature = "bridge")]
+#[cfg(all(feature = "bridge", feature = "proxy"))]
 mod mesh;
 mod proxy;
 #[cfg(feature = "bridge")]
