@@ -279,14 +279,13 @@ pub fn validate(raw: RawMesh, doc: &Document, problems: &mut Vec<Problem>) -> Op
         .replace("{app_id}", "app")
         .replace("{namespace}", "default");
     if filled.is_empty()
-        || !peer_dns.contains("{app_id}")
         || filled.contains(['{', '}', ':', '/'])
         || filled.contains(char::is_whitespace)
     {
         problems.push(doc.problem(
             "mesh.peer_dns",
             format!(
-                "expected a host name template with {{app_id}} and {{namespace}} (no port: that is peer_port), like {DEFAULT_PEER_DNS}, found {peer_dns:?}"
+                "expected a host name, where {{app_id}} and {{namespace}} are replaced (no port: that is peer_port), like {DEFAULT_PEER_DNS}, found {peer_dns:?}"
             ),
         ));
     }

@@ -294,16 +294,16 @@ fn malformed_mesh_config_is_located() {
             "bad.yaml:2:14: mesh.namespace: expected the workload's namespace",
             "bad.yaml:3:17: mesh.trust_domain: expected a SPIFFE trust domain",
             "bad.yaml:4:10: mesh.authz: expected at least one identity pattern",
-            "bad.yaml:5:13: mesh.peer_dns: expected a host name template",
+            "bad.yaml:5:13: mesh.peer_dns: expected a host name, where",
             "bad.yaml:6:14: mesh.max_peers: expected 1 to 10000, found 0",
             "mesh: mesh.address has port 0, so the peers' port is unknown",
         ],
     );
     assert!(!e.contains("listeners[0]"), "{e}");
     crate::config::rejected(
-        "mesh:\n  namespace: shop\n  service_account: web\n  peer_dns: \"{namespace}.example\"\n  address: 127.0.0.1:15443\n  outbound_address: 0.0.0.0:15443\n",
+        "mesh:\n  namespace: shop\n  service_account: web\n  peer_dns: \"{namespace}:1\"\n  address: 127.0.0.1:15443\n  outbound_address: 0.0.0.0:15443\n",
         &[
-            "bad.yaml:4:13: mesh.peer_dns: expected a host name template with {app_id}",
+            "bad.yaml:4:13: mesh.peer_dns: expected a host name, where {app_id}",
             "bad.yaml:6:21: mesh.outbound_address: 0.0.0.0:15443 is mesh.address's too",
         ],
     );
