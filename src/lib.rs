@@ -73,7 +73,8 @@
 //! | limits, timeouts and the worst-case memory formula, for users | `docs/security.md` |
 //! | one operation for both Dapr front doors (HTTP routes, gRPC RPCs) | `bridge/ops.rs`, called by `bridge/routes.rs` and `bridge/grpc/mod.rs` |
 //! | Dapr's gRPC API: the `.proto` files, their build, streaming subscriptions, gRPC apps | `proto/`, `build.rs`, `bridge/grpc/{mod,subscribe,app}.rs` |
-//! | app ids without a cluster (`bridge.name_resolution`) | `bridge/invoke.rs` (`Resolver`) |
+//! | app ids without a cluster (`bridge.name_resolution`, mesh peers) | `proxy/cluster/name_resolution.rs` |
+//! | the mesh: a workload's SPIFFE ID, its mutual-TLS listener, peers by app id | `config/mesh.rs` → `proxy/cluster/name_resolution.rs`, `proxy/route.rs` (`Router::peer`) |
 //! | capturing the app's stdout/stderr (echo + bounded queue) | `lifecycle/capture.rs` |
 //! | the log agent's loop: batch, send, retry, checkpoint | `logs/mod.rs` |
 //! | following files by glob across rotation | `logs/files.rs` |

@@ -63,14 +63,23 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
         let nth = seen.entry(&l.name).or_default();
         let key = parsed.listener_key(&l.name, *nth);
         *nth += 1;
+        // The mesh's listener is made from `mesh:`, where its files are named.
+        let at = if config.mesh.is_some() && l.name == config::mesh::LISTENER {
+            "mesh.identity_dir".to_string()
+        } else {
+            format!("{key}.tls")
+        };
         if let Some(t) = &l.tls {
             match crate::tls::server_config(t) {
                 Ok(loaded) => {
                     built.tls.servers.insert(l.name.clone(), loaded);
                 }
-                Err(e) => problems.push(parsed.problem(&format!("{key}.tls"), e.to_string())),
+                Err(e) => problems.push(parsed.problem(&at, e.to_string())),
             }
         }
+    }
+    if let Some(m) = &config.mesh {
+        check_mesh_identity(parsed, m, problems);
     }
     for (name, c) in &config.clusters {
         if let Some(t) = &c.tls {
@@ -130,4 +139,31 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
         built.bridge = Some(prepared);
     }
     built
+}
+
+/// The mesh's identity files: the peers' TLS can be built from them (the client side, also
+/// when there is no inbound listener), and the certificate carries this workload's SPIFFE ID,
+/// so that a Secret mounted into the wrong pod is caught before it talks to anyone.
+fn check_mesh_identity(parsed: &Parsed, m: &config::mesh::MeshConfig, problems: &mut Vec<Problem>) {
+    if let Err(e) = crate::tls::client_config(&m.peer_tls(&m.namespace), false) {
+        // The listener reported the same files already.
+        if !problems.iter().any(|p| p.path == "mesh.identity_dir") {
+            problems.push(parsed.problem("mesh.identity_dir", e.to_string()));
+        }
+        return;
+    }
+    let want = m.spiffe_id();
+    let Ok(certs) = crate::tls::load_certs(&m.cert()) else {
+        return;
+    };
+    let ids = crate::tls::identities_of(&certs[0]);
+    if !ids.contains(&want) {
+        problems.push(parsed.problem(
+            "mesh",
+            format!(
+                "{} carries {ids:?}, not this workload's SPIFFE ID {want} (from mesh.trust_domain, namespace and service_account)",
+                m.cert().display()
+            ),
+        ));
+    }
 }

@@ -160,26 +160,38 @@ pub fn status(s: &AdminState) -> Value {
         .unwrap_or_default();
     #[cfg(not(feature = "proxy"))]
     let endpoints: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let clusters: Vec<Value> = config
-        .clusters
-        .values()
-        .map(|c| {
+    // The config's clusters, then the mesh's peers resolved so far (made on demand, with
+    // every default, over mutual TLS).
+    let peers = endpoints
+        .keys()
+        .filter(|name| !config.clusters.contains_key(*name))
+        .map(|name| (name.clone(), json!("round-robin"), true));
+    let declared = config.clusters.values().map(|c| {
+        (
+            c.name.clone(),
+            shown["clusters"][&c.name]["lb"].clone(),
+            c.tls.is_some(),
+        )
+    });
+    let clusters: Vec<Value> = declared
+        .chain(peers)
+        .map(|(name, lb, tls)| {
             let mut latency = crate::admin::scrape::Buckets::default();
             for (k, b) in &metrics.latency {
-                if k.cluster == c.name {
+                if k.cluster == name {
                     merge(&mut latency, b);
                 }
             }
             let endpoints: Vec<Value> = endpoints
-                .get(&c.name)
+                .get(&name)
                 .into_iter()
                 .flatten()
                 .map(endpoint_json)
                 .collect();
             json!({
-                "name": c.name,
-                "lb": shown["clusters"][&c.name]["lb"],
-                "tls": c.tls.is_some(),
+                "name": name,
+                "lb": lb,
+                "tls": tls,
                 "endpoints": endpoints,
                 "latency": {
                     "count": latency.count,

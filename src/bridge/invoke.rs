@@ -1,8 +1,10 @@
 //! Service invocation: `/v1.0/invoke/{appId}/method/{path}` and, on any other path, the
 //! `dapr-app-id` header. The app id names a proxy cluster (`clusters.<appId>`), so the
 //! cluster's balancing, connection pools, outlier ejection, limits and TLS (mTLS) apply; our
-//! own app id goes to the local app (the `app` cluster, `app.address`). The callee's status,
-//! headers and body come back unchanged.
+//! own app id goes to the local app (the `app` cluster, `app.address`). An app id without a
+//! cluster of its name is resolved by `bridge.name_resolution` or, in a mesh, by `mesh:` over
+//! mutual TLS (`proxy::cluster::name_resolution`, shared with the proxy's outbound
+//! listeners). The callee's status, headers and body come back unchanged.
 //!
 //! Routes' retry policies belong to outbound listeners and are not applied here: a request is
 //! sent once, except that a connect failure (nothing was sent) is tried on another endpoint,
@@ -21,6 +23,7 @@ use super::error::ApiError;
 use crate::config::proxy::{APP_CLUSTER, ClusterConfig};
 use crate::proxy::body;
 use crate::proxy::cluster::Cluster;
+use crate::proxy::cluster::name_resolution::ResolveError;
 use crate::telemetry::metrics::ProxyMetrics;
 
 /// The header form of invocation: the whole path is the method.
@@ -32,91 +35,6 @@ pub enum Clusters {
     Proxy(Arc<crate::proxy::Proxy>),
     /// No proxy module runs (no listeners): clusters built on first use from the config.
     Own(Box<OwnClusters>),
-}
-
-/// App ids without a cluster of their name, resolved by `bridge.name_resolution`: a cluster
-/// with default settings and DNS discovery per app id, made on first use and kept. At most
-/// [`MAX_RESOLVED`] ids (each is a cluster with its own metrics series).
-pub struct Resolver {
-    template: String,
-    namespace: String,
-    metrics: ProxyMetrics,
-    resolved: Mutex<HashMap<String, Arc<Cluster>>>,
-}
-
-/// App ids a [`Resolver`] keeps clusters for.
-pub const MAX_RESOLVED: usize = 256;
-
-impl Resolver {
-    /// `namespace` fills `{namespace}` (Kubernetes: the pod's, from `NAMESPACE` or
-    /// `POD_NAMESPACE`).
-    pub fn new(template: String, namespace: String, metrics: ProxyMetrics) -> Resolver {
-        Resolver {
-            template,
-            namespace,
-            metrics,
-            resolved: Mutex::new(HashMap::new()),
-        }
-    }
-
-    async fn get(&self, app_id: &str) -> Result<Arc<Cluster>, ApiError> {
-        if let Some(c) = self.resolved.lock().expect("not poisoned").get(app_id) {
-            return Ok(c.clone());
-        }
-        // `id` or daprd's cross-namespace `id.namespace`; each a DNS label (lowercase letters,
-        // digits, '-'), so an app id names a service and never an arbitrary host.
-        let (id, namespace) = app_id.split_once('.').unwrap_or((app_id, &self.namespace));
-        if !dns_label(id) || !dns_label(namespace) {
-            return Err(ApiError::Malformed(format!(
-                "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
-            )));
-        }
-        if self.resolved.lock().expect("not poisoned").len() >= MAX_RESOLVED {
-            return Err(ApiError::Invoke {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: format!(
-                    "cannot invoke {app_id:?}: {MAX_RESOLVED} app ids are resolved already (declare the clusters you use)"
-                ),
-            });
-        }
-        let (host, port) = crate::config::bridge::resolve_name(&self.template, id, namespace)
-            .map_err(ApiError::Malformed)?;
-        let config = ClusterConfig::with_defaults(
-            app_id,
-            crate::config::proxy::Discovery::Dns {
-                host: host.clone(),
-                port,
-                refresh: crate::config::proxy::DEFAULT_REFRESH,
-            },
-        );
-        let cluster = Cluster::new(config, self.metrics.clone(), None);
-        cluster.refresh().await;
-        // A name that does not resolve is not kept (nor re-resolved forever).
-        if cluster.endpoint_addresses().is_empty() {
-            return Err(ApiError::Invoke {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: format!("cannot invoke {app_id:?}: {host}:{port} does not resolve"),
-            });
-        }
-        let mut resolved = self.resolved.lock().expect("not poisoned");
-        if let Some(c) = resolved.get(app_id) {
-            return Ok(c.clone());
-        }
-        tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));
-        resolved.insert(app_id.to_string(), cluster.clone());
-        Ok(cluster)
-    }
-}
-
-/// A DNS label as Kubernetes names services: 1–63 lowercase letters, digits and '-', not
-/// starting or ending with '-'.
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Clusters the bridge builds itself, on first use, when no proxy module runs.
@@ -253,7 +171,13 @@ pub async fn call(
     let cluster_name = if local { APP_CLUSTER } else { app_id };
     let cluster = match (st.clusters.get(cluster_name).await, &st.resolver) {
         (Some(c), _) => c,
-        (None, Some(resolver)) if !local => resolver.get(app_id).await?,
+        (None, Some(resolver)) if !local => {
+            resolver.cluster(app_id).await.map_err(|e| match e {
+                ResolveError::Malformed(m) => ApiError::Malformed(m),
+                ResolveError::Full(m) => fail(StatusCode::SERVICE_UNAVAILABLE, m),
+                ResolveError::Unresolved(m) => fail(StatusCode::INTERNAL_SERVER_ERROR, m),
+            })?
+        }
         (None, _) => {
             return Err(fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -261,7 +185,7 @@ pub async fn call(
                     format!("cannot invoke {app_id:?}: the local app has no app.address")
                 } else {
                     format!(
-                        "cannot invoke {app_id:?}: expected a cluster named {app_id:?} in clusters (or bridge.name_resolution), found none"
+                        "cannot invoke {app_id:?}: expected a cluster named {app_id:?} in clusters (or bridge.name_resolution, or mesh:), found none"
                     )
                 },
             ));

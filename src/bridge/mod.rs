@@ -124,8 +124,8 @@ pub struct BridgeState {
     /// Pub/sub's background work was started (once, even if the module restarts).
     pubsub_started: AtomicBool,
     pub clusters: invoke::Clusters,
-    /// `bridge.name_resolution`: app ids without a cluster.
-    pub resolver: Option<invoke::Resolver>,
+    /// `bridge.name_resolution`, or `mesh:`: app ids without a cluster.
+    pub resolver: Option<Arc<crate::proxy::cluster::name_resolution::NameResolution>>,
     /// The app's `AppCallback` service, when `app.protocol` is grpc: invocations of our own
     /// app id go there.
     pub grpc_app: Option<grpc::app::GrpcApp>,
@@ -311,18 +311,39 @@ impl BridgeState {
             ready: AtomicBool::new(false),
             extended: Mutex::new(BTreeMap::new()),
             health: health::Health::default(),
-            resolver: bridge.name_resolution.clone().map(|t| {
-                let namespace = std::env::var("NAMESPACE")
-                    .or_else(|_| std::env::var("POD_NAMESPACE"))
-                    .unwrap_or_else(|_| "default".to_string());
-                invoke::Resolver::new(t, namespace, clusters.metrics())
-            }),
+            resolver: resolver(config, &clusters),
             clusters,
             grpc_app,
             metrics,
             max_connections: MAX_CONNECTIONS.min(config.connection_share()),
         })
     }
+}
+
+/// How app ids without a cluster are resolved: the mesh's peers (the proxy's, when it runs,
+/// so both share clusters), else `bridge.name_resolution`'s template.
+fn resolver(
+    config: &Config,
+    clusters: &invoke::Clusters,
+) -> Option<Arc<crate::proxy::cluster::name_resolution::NameResolution>> {
+    use crate::proxy::cluster::name_resolution::NameResolution;
+    if let Some(mesh) = &config.mesh {
+        if let invoke::Clusters::Proxy(p) = clusters
+            && let Some(peers) = p.peers()
+        {
+            return Some(peers.clone());
+        }
+        return Some(NameResolution::mesh(mesh, clusters.metrics()));
+    }
+    let template = config.bridge.as_ref()?.name_resolution.clone()?;
+    let namespace = std::env::var("NAMESPACE")
+        .or_else(|_| std::env::var("POD_NAMESPACE"))
+        .unwrap_or_else(|_| "default".to_string());
+    Some(Arc::new(NameResolution::template(
+        template,
+        namespace,
+        clusters.metrics(),
+    )))
 }
 
 impl BridgeState {

@@ -73,6 +73,19 @@ impl ConfigDiff {
                 restart.push(format!("listeners[{}] (added)", n.name));
             }
         }
+        // The mesh (its identity, its listeners, how peers resolve) is set up once: its
+        // listeners stay as they run, and a changed `mesh:` is named for a restart.
+        applied.mesh = old.mesh.clone();
+        if old.mesh.is_some() {
+            for l in &mut listeners {
+                if [super::mesh::LISTENER, super::mesh::OUTBOUND_LISTENER]
+                    .contains(&l.name.as_str())
+                    && let Some(o) = old.listeners.iter().find(|o| o.name == l.name)
+                {
+                    *l = o.clone();
+                }
+            }
+        }
         applied.listeners = listeners;
         // The bridge's socket, stores and tokens are set up once.
         applied.bridge = old.bridge.clone();

@@ -17,6 +17,7 @@ pub mod document;
 pub mod file_limits;
 pub mod lifecycle;
 pub mod logs;
+pub mod mesh;
 pub mod proxy;
 pub mod raw;
 pub mod route;
@@ -108,6 +109,10 @@ pub struct Config {
     /// The log agent, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logs: Option<logs::LogsConfig>,
+    /// This workload's identity in a mesh of sidecars, when configured (its listeners are in
+    /// `listeners` too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<mesh::MeshConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -403,8 +408,11 @@ fn validate(
             "listeners need the proxy module, and this binary was built without it (cargo feature `proxy`)",
         ));
     }
-    let sockets = raw.listeners.len() + usize::from(raw.bridge.is_some());
-    let (listeners, mut clusters) = proxy::validate(
+    let mesh_sockets = raw.mesh.as_ref().map_or(0, |m| {
+        usize::from(app.address.is_some()) + usize::from(m.outbound_address.is_some())
+    });
+    let sockets = raw.listeners.len() + usize::from(raw.bridge.is_some()) + mesh_sockets;
+    let (mut listeners, mut clusters) = proxy::validate(
         raw.listeners,
         raw.clusters,
         app.address.as_ref(),
@@ -464,6 +472,56 @@ fn validate(
             format!("expected a duration from 1s to 1h, found {upgrade_timeout}"),
         ));
     }
+    let mesh = raw.mesh.and_then(|m| mesh::validate(m, doc, problems));
+    if let Some(m) = &mesh {
+        let added = m.listeners(
+            app.address.is_some(),
+            proxy::default_max_connections(sockets),
+        );
+        for (i, other) in listeners.iter().enumerate() {
+            if [mesh::LISTENER, mesh::OUTBOUND_LISTENER].contains(&other.name.as_str()) {
+                problems.push(doc.problem(
+                    &format!("listeners[{i}].name"),
+                    format!(
+                        "the name {:?} is the mesh's (mesh:); rename this listener",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        for l in &added {
+            for (i, other) in listeners.iter().enumerate() {
+                if other.address == l.address
+                    && !matches!(l.address, Address::Tcp(a) if a.port() == 0)
+                {
+                    let key = if l.name == mesh::LISTENER {
+                        "mesh.address"
+                    } else {
+                        "mesh.outbound_address"
+                    };
+                    problems.push(doc.problem(
+                        key,
+                        format!(
+                            "the address {} is already used by {}",
+                            l.address,
+                            doc.written(&format!("listeners[{i}]"))
+                        ),
+                    ));
+                }
+            }
+        }
+        listeners.extend(added);
+        if raw
+            .bridge
+            .as_ref()
+            .is_some_and(|b| b.name_resolution.is_some())
+        {
+            problems.push(doc.problem(
+                "bridge.name_resolution",
+                "mesh: resolves app ids (mesh.peer_dns, over mutual TLS); remove bridge.name_resolution",
+            ));
+        }
+    }
     let telemetry = telemetry::validate(&raw.telemetry, doc, problems);
     let bridge = raw
         .bridge
@@ -516,6 +574,7 @@ fn validate(
         telemetry,
         bridge,
         logs,
+        mesh,
         tls: TlsGlobalConfig {
             expiry_warning: raw
                 .tls

@@ -42,6 +42,9 @@ pub struct RawConfig {
     /// The log agent; on when present.
     #[serde(deserialize_with = "present")]
     pub logs: Option<super::logs::RawLogs>,
+    /// This workload's identity in a mesh of sidecars; on when present.
+    #[serde(deserialize_with = "present")]
+    pub mesh: Option<super::mesh::RawMesh>,
 }
 
 /// A section that is on when its key is there, even with no value (`bridge:` is YAML null).

@@ -21,6 +21,7 @@ pub const KNOWN: &[&str] = &[
     "shutdown-grace",
     "image",
     "identity",
+    "mesh",
     "cpu-request",
     "cpu-limit",
     "memory-request",
@@ -47,6 +48,9 @@ pub struct Annotations {
     pub image: Option<String>,
     /// `outrigger.dev/identity: "true"`: mount the service account's identity Secret.
     pub identity: Option<bool>,
+    /// `outrigger.dev/mesh: "true"`: join the mesh (its listeners and `mesh.*` settings);
+    /// implies `identity`. Identity alone mounts the Secret and adds nothing else.
+    pub mesh: Option<bool>,
     pub cpu_request: Option<String>,
     pub cpu_limit: Option<String>,
     pub memory_request: Option<String>,
@@ -82,6 +86,7 @@ pub fn read(annotations: Option<&Value>) -> Result<Annotations, String> {
             "inject" => boolean(text).map(|b| out.inject = Some(b)),
             "bridge" => boolean(text).map(|b| out.bridge = Some(b)),
             "identity" => boolean(text).map(|b| out.identity = Some(b)),
+            "mesh" => boolean(text).map(|b| out.mesh = Some(b)),
             "app-id" => dns_label(text).map(|()| out.app_id = Some(text.into())),
             "config" => dns_subdomain(text).map(|()| out.config = Some(text.into())),
             "app-port" => match text.parse::<u16>() {
@@ -233,6 +238,7 @@ mod tests {
             "outrigger.dev/shutdown-grace": "1m30s",
             "outrigger.dev/image": "registry.local/outrigger:dev",
             "outrigger.dev/identity": "true",
+            "outrigger.dev/mesh": "false",
             "outrigger.dev/cpu-request": "100m",
             "outrigger.dev/cpu-limit": "1",
             "outrigger.dev/memory-request": "64Mi",
@@ -244,6 +250,7 @@ mod tests {
         assert_eq!(a.shutdown_grace_seconds, Some(90));
         assert_eq!(a.bridge, Some(false));
         assert_eq!(a.identity, Some(true));
+        assert_eq!(a.mesh, Some(false));
         assert_eq!(a.memory_limit.as_deref(), Some("256Mi"));
     }
 

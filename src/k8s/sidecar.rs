@@ -45,6 +45,12 @@ const IDENTITY_VOLUME: &str = "outrigger-identity";
 pub const IDENTITY_DIR: &str = "/var/run/outrigger/identity";
 /// The identity Secret of service account SA is `outrigger-identity-SA`.
 pub const IDENTITY_SECRET_PREFIX: &str = "outrigger-identity-";
+/// With the mesh (`outrigger.dev/mesh`): its mutual-TLS port (`mesh.address`), the same in
+/// every pod so that peers know where to call.
+pub const MESH_PORT: u16 = 15443;
+/// With the mesh and no `outrigger.dev/outbound-address`: where the app sends host-named
+/// requests to mesh peers (`mesh.outbound_address`, `OUTRIGGER_OUTBOUND_ADDRESS`).
+pub const MESH_OUTBOUND_ADDRESS: &str = "127.0.0.1:15001";
 const BIN_VOLUME: &str = "outrigger-bin";
 
 /// How to inject, beyond what the annotations say.
@@ -95,7 +101,11 @@ pub fn inject_pod(
     owner: &Owner<'_>,
     options: &Options,
 ) -> Result<Outcome, String> {
-    let a = annotations::read(metadata.and_then(|m| m.get("annotations")))?;
+    let mut a = annotations::read(metadata.and_then(|m| m.get("annotations")))?;
+    if a.mesh == Some(true) {
+        // The mesh needs the workload's identity.
+        a.identity = Some(true);
+    }
     if a.inject == Some(false) {
         return Ok(Outcome::OptedOut);
     }
@@ -142,7 +152,8 @@ pub fn inject_pod(
     }
 
     let bridge = a.bridge != Some(false);
-    ports_are_free(&a, &new, bridge)?;
+    let mesh = a.mesh == Some(true);
+    ports_are_free(&a, &new, bridge, mesh)?;
     let (grace, pod_grace) = grace_seconds(&a, &new)?;
     let identity = identity_secret(&a, &new)?;
     new.insert("terminationGracePeriodSeconds".into(), json!(pod_grace));
@@ -166,8 +177,10 @@ pub fn inject_pod(
             ),
         ]);
     }
-    if let Some(out) = &a.outbound_address {
-        app_env.push(("OUTRIGGER_OUTBOUND_ADDRESS", out.clone()));
+    match &a.outbound_address {
+        Some(out) => app_env.push(("OUTRIGGER_OUTBOUND_ADDRESS", out.clone())),
+        None if mesh => app_env.push(("OUTRIGGER_OUTBOUND_ADDRESS", MESH_OUTBOUND_ADDRESS.into())),
+        None => {}
     }
     let job = matches!(
         new.get("restartPolicy").and_then(Value::as_str),
@@ -302,7 +315,12 @@ fn identity_secret(a: &Annotations, pod: &Map<String, Value>) -> Result<Option<S
 /// binds too (admin, the bridge) would fail at run time, so it fails here. A `hostNetwork` pod
 /// shares the node's ports with every other such pod: fixed ports there collide, and admin on
 /// all addresses would face the node's network.
-fn ports_are_free(a: &Annotations, pod: &Map<String, Value>, bridge: bool) -> Result<(), String> {
+fn ports_are_free(
+    a: &Annotations,
+    pod: &Map<String, Value>,
+    bridge: bool,
+    mesh: bool,
+) -> Result<(), String> {
     if pod.get("hostNetwork") == Some(&Value::Bool(true)) {
         return Err(format!(
             "spec.hostNetwork: a pod on the node's network cannot have the sidecar (its ports \
@@ -316,6 +334,12 @@ fn ports_are_free(a: &Annotations, pod: &Map<String, Value>, bridge: bool) -> Re
             (BRIDGE_HTTP_PORT, "the bridge"),
             (BRIDGE_GRPC_PORT, "the bridge's gRPC"),
         ]);
+    }
+    if mesh {
+        ours.push((MESH_PORT, "the mesh's"));
+        if a.outbound_address.is_none() {
+            ours.push((mesh_outbound_port(), "the mesh's outbound"));
+        }
     }
     let mut used: Vec<(u64, String)> = Vec::new();
     if let Some(p) = a.app_port {
@@ -353,6 +377,13 @@ fn ports_are_free(a: &Annotations, pod: &Map<String, Value>, bridge: bool) -> Re
         }
     }
     Ok(())
+}
+
+fn mesh_outbound_port() -> u16 {
+    MESH_OUTBOUND_ADDRESS
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("a host:port constant")
 }
 
 /// `runtime.shutdown_grace` and the pod's `terminationGracePeriodSeconds`, in seconds. The
@@ -396,6 +427,19 @@ fn container(
         set(format!("bridge.address=127.0.0.1:{BRIDGE_HTTP_PORT}"));
         set(format!("bridge.grpc_address=127.0.0.1:{BRIDGE_GRPC_PORT}"));
     }
+    let mesh = a.mesh == Some(true);
+    if mesh {
+        // The workload's SPIFFE ID is spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SA: the kubelet
+        // expands $(VAR) in args from the container's env (the downward API's below).
+        // Quoted: --set reads YAML, and a namespace or account named `123` is a string.
+        set("mesh.namespace=\"$(POD_NAMESPACE)\"".into());
+        set("mesh.service_account=\"$(POD_SERVICE_ACCOUNT)\"".into());
+        set(format!("mesh.identity_dir={IDENTITY_DIR}"));
+        set(format!("mesh.address=0.0.0.0:{MESH_PORT}"));
+        if a.outbound_address.is_none() {
+            set(format!("mesh.outbound_address={MESH_OUTBOUND_ADDRESS}"));
+        }
+    }
     let probe = |path: &str, period: u64, failures: u64| {
         json!({
             "httpGet": {"path": path, "port": ADMIN_PORT},
@@ -407,16 +451,24 @@ fn container(
     if a.config.is_some() {
         mounts.push(json!({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true}));
     }
+    let mut ports =
+        vec![json!({"name": "outrigger-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"})];
+    let mut env = vec![
+        json!({"name": "OUTRIGGER_SERVICE", "value": app_id}),
+        json!({"name": "OUTRIGGER_ADMIN_ADDRESS", "value": format!("0.0.0.0:{ADMIN_PORT}")}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+    ];
+    if mesh {
+        ports
+            .push(json!({"name": "outrigger-mesh", "containerPort": MESH_PORT, "protocol": "TCP"}));
+        env.push(json!({"name": "POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}));
+    }
     let mut c = json!({
         "name": CONTAINER,
         "image": image,
         "args": args,
-        "env": [
-            {"name": "OUTRIGGER_SERVICE", "value": app_id},
-            {"name": "OUTRIGGER_ADMIN_ADDRESS", "value": format!("0.0.0.0:{ADMIN_PORT}")},
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        ],
-        "ports": [{"name": "outrigger-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        "env": env,
+        "ports": ports,
         // The startup probe ignores the app (`/ready/outbound`): a native sidecar's startup
         // gates the app's start, so waiting for the app here would wait forever.
         "startupProbe": probe("/ready/outbound", 1, 120),

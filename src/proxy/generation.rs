@@ -139,6 +139,7 @@ impl Proxy {
                 metrics: &self.metrics,
                 gate: &self.gate,
                 recorder: self.recorder.as_ref(),
+                peers: self.peers.as_ref(),
             };
             let serving =
                 build_serving(lc, &build, Some(&current)).map_err(|e| format!("{e:#}"))?;
@@ -168,6 +169,10 @@ impl Proxy {
                 c.adopt_tls(tls.clients.get(name));
             }
         }
+        if let Some(p) = &self.peers {
+            // The mesh's peers: their shared material, from the identity files.
+            let _ = crate::tls::Reloadable::reload_files(p.as_ref());
+        }
         for c in &fresh {
             tokio::spawn(Cluster::discover(Arc::downgrade(c)));
             c.export_endpoint_count();
@@ -194,6 +199,8 @@ pub(super) struct Build<'a> {
     pub metrics: &'a ProxyMetrics,
     pub gate: &'a AppGate,
     pub recorder: Option<&'a Recorder>,
+    /// `mesh:`: outbound listeners route hosts that name no cluster to the mesh's peers.
+    pub peers: Option<&'a Arc<super::cluster::name_resolution::NameResolution>>,
 }
 
 pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) -> Result<Listener> {
@@ -240,6 +247,7 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
         metrics,
         gate,
         recorder,
+        peers,
     } = *b;
     let name: Name = Arc::new(l.name.clone());
     let direction = l.direction.label();
@@ -277,6 +285,11 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
                 clusters,
                 l.direction == Direction::Outbound,
                 metrics,
+            )
+            .with_peers(
+                peers
+                    .filter(|_| l.direction == Direction::Outbound)
+                    .cloned(),
             );
             let mut state = http::HttpListener::new(
                 name.clone(),

@@ -225,7 +225,7 @@ impl HttpListener {
         }
         self.check_framing(&down, &req, started)?;
         self.check_path(&down, &req, started)?;
-        let (target, host) = self.route(&req, started)?;
+        let (target, host) = self.route(&req, started).await?;
         self.authorize_route(&target, &down, started)?;
         target.stats.requests.inc();
         let version = req.version();

@@ -77,6 +77,8 @@ pub struct Proxy {
     metrics: ProxyMetrics,
     gate: AppGate,
     recorder: Option<Recorder>,
+    /// `mesh:`: peers by app id, made on demand (outbound listeners and the bridge share them).
+    peers: Option<Arc<cluster::name_resolution::NameResolution>>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -133,6 +135,10 @@ impl Proxy {
             None => None,
         };
         let recorder = (log.is_some() || spans.is_some()).then_some(Recorder { log, spans });
+        let peers = config
+            .mesh
+            .as_ref()
+            .map(|m| cluster::name_resolution::NameResolution::mesh(m, metrics.clone()));
         let mut listeners = Vec::new();
         let mut bound_addresses = BTreeMap::new();
         for l in &config.listeners {
@@ -149,6 +155,7 @@ impl Proxy {
                 metrics,
                 gate: &gate,
                 recorder: recorder.as_ref(),
+                peers: peers.as_ref(),
             };
             listeners.push(Arc::new(generation::build_listener(l, bound, &build)?));
         }
@@ -159,6 +166,7 @@ impl Proxy {
                 metrics: metrics.clone(),
                 gate,
                 recorder,
+                peers,
                 reloading: tokio::sync::Mutex::new(()),
             },
             bound_addresses,
@@ -179,10 +187,18 @@ impl Proxy {
             .cloned()
     }
 
-    /// Every cluster's endpoints and their state, by cluster name (the admin dashboard).
+    /// The mesh's peers by app id (`mesh:`), for the bridge's invocations.
+    pub fn peers(&self) -> Option<&Arc<cluster::name_resolution::NameResolution>> {
+        self.peers.as_ref()
+    }
+
+    /// Every cluster's endpoints and their state, by cluster name (the admin dashboard); the
+    /// mesh's peers resolved so far too.
     pub fn cluster_status(&self) -> BTreeMap<String, Vec<cluster::EndpointStatus>> {
+        let peers = self.peers.iter().flat_map(|p| p.clusters());
         self.clusters()
-            .iter()
+            .into_iter()
+            .chain(peers)
             .map(|c| (c.name.to_string(), c.endpoint_status()))
             .collect()
     }

@@ -1,5 +1,6 @@
 //! Routing: the first route whose match accepts the request wins; on an outbound listener a
-//! request no route takes goes to the cluster named by its Host. Each route carries what the
+//! request no route takes goes to the cluster named by its Host (with `mesh:`, else to the mesh
+//! peer its Host names by app id, [`Router::peer`]). Each route carries what the
 //! forward phase needs (cluster, timeout, retry policy, header edits, rewrite) and its
 //! pre-created metric series, so the data path allocates no labels.
 //!
@@ -9,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -20,6 +21,7 @@ use regex::Regex;
 
 use super::body::ProxyBody;
 use super::cluster::Cluster;
+use super::cluster::name_resolution::{NameResolution, ResolveError};
 use super::failure::Failure;
 use super::http::HttpListener;
 use crate::config::proxy::{HeaderOps, MatchConfig, PathMatch, RetryPolicy, RouteConfig};
@@ -269,6 +271,18 @@ pub struct Router {
     routes: Vec<(Matcher, Arc<Target>)>,
     /// Outbound only: a cluster for each name, used when no route matched.
     by_host: HashMap<String, Arc<Target>>,
+    /// Outbound with `mesh:`: a host no route or cluster takes is an app id, a mesh peer.
+    peers: Option<Peers>,
+    direction: &'static str,
+    listener: Name,
+    metrics: ProxyMetrics,
+}
+
+/// The mesh's peers as this listener's targets (route `peer:HOST`), made on a host's first
+/// request and kept, as many as the peers themselves are bounded to.
+struct Peers {
+    resolution: Arc<NameResolution>,
+    targets: Mutex<HashMap<String, Arc<Target>>>,
 }
 
 impl Router {
@@ -337,7 +351,64 @@ impl Router {
         } else {
             HashMap::new()
         };
-        Router { routes, by_host }
+        Router {
+            routes,
+            by_host,
+            peers: None,
+            direction,
+            listener: listener.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Routes what nothing else takes to the mesh's peers (outbound listeners with `mesh:`).
+    pub fn with_peers(mut self, peers: Option<Arc<NameResolution>>) -> Router {
+        self.peers = peers.map(|resolution| Peers {
+            resolution,
+            targets: Mutex::new(HashMap::new()),
+        });
+        self
+    }
+
+    /// The mesh peer named by `host` (an app id, `id` or `id.namespace`), resolved on its
+    /// first request; None without `mesh:`.
+    pub async fn peer(&self, host: &str) -> Option<Result<Arc<Target>, ResolveError>> {
+        let peers = self.peers.as_ref()?;
+        if let Some(t) = peers.targets.lock().expect("not poisoned").get(host) {
+            return Some(Ok(t.clone()));
+        }
+        let cluster = match peers.resolution.cluster(host).await {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut targets = peers.targets.lock().expect("not poisoned");
+        if let Some(t) = targets.get(host) {
+            return Some(Ok(t.clone()));
+        }
+        let route = Arc::new(format!("peer:{host}"));
+        let target = Arc::new(Target {
+            stats: RouteStats::new(
+                &self.metrics,
+                self.direction,
+                &self.listener,
+                route.clone(),
+                &cluster.name,
+            ),
+            name: route,
+            timeout: cluster.config.timeout.get(),
+            retry: None,
+            request_headers: Edits::default(),
+            response_headers: Edits::default(),
+            rewrite: None,
+            cluster,
+            authz: None,
+        });
+        // Two spellings of one app id (`payments`, `payments.shop`) share a cluster, each its
+        // own target: at most twice the peers' bound.
+        if targets.len() < 2 * peers.resolution.max() {
+            targets.insert(host.to_string(), target.clone());
+        }
+        Some(Ok(target))
     }
 
     /// Whether some route limits who may use it.
@@ -386,8 +457,9 @@ impl Router {
 impl HttpListener {
     /// Phase: route by the request's authority (absolute-form or :authority first, as RFC 9112
     /// §3.2.2 says), which is also the Host the upstream will see: returned when it came from
-    /// the URI (the Host header then travels as it is).
-    pub(super) fn route<B>(
+    /// the URI (the Host header then travels as it is). On an outbound listener with `mesh:`,
+    /// a host no route or cluster takes is a mesh peer's app id (resolved on first use).
+    pub(super) async fn route<B>(
         &self,
         req: &Request<B>,
         started: Instant,
@@ -395,17 +467,37 @@ impl HttpListener {
         let (authority, from_uri) =
             authority(req).map_err(|why| self.refuse(Failure::BadRequest, why, started))?;
         let key = route_key(authority);
-        let Some(target) = self
+        let routed = self
             .router
             .route(&key, req.uri().path(), req.method(), req.headers())
-            .cloned()
-        else {
-            tracing::debug!(listener = %self.name, host = %key, path = req.uri().path(), "no route");
-            return Err(self.refuse(
-                Failure::NoRoute,
-                &format!("no route for host {key:?}"),
-                started,
-            ));
+            .cloned();
+        let target = match routed {
+            Some(t) => t,
+            None => match self.router.peer(&key).await {
+                Some(Ok(t)) => t,
+                Some(Err(e)) => {
+                    tracing::debug!(listener = %self.name, host = %key, error = %e, "no route, and not a mesh peer");
+                    let failure = match e {
+                        ResolveError::Full(_) => Failure::Overload,
+                        ResolveError::Malformed(_) | ResolveError::Unresolved(_) => {
+                            Failure::NoRoute
+                        }
+                    };
+                    return Err(self.refuse(
+                        failure,
+                        &format!("no route for host {key:?}; {e}"),
+                        started,
+                    ));
+                }
+                None => {
+                    tracing::debug!(listener = %self.name, host = %key, path = req.uri().path(), "no route");
+                    return Err(self.refuse(
+                        Failure::NoRoute,
+                        &format!("no route for host {key:?}"),
+                        started,
+                    ));
+                }
+            },
         };
         let host = if from_uri {
             HeaderValue::from_str(authority).ok()

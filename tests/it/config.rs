@@ -5,7 +5,7 @@ use crate::support::{BIN, Spawn, run_to_end};
 
 /// Runs `outrigger run` (and `check`) on `config`; asserts exit 78 with each `expected` line in
 /// stderr, and that nothing was bound. Returns stderr.
-fn rejected(config: &str, expected: &[&str]) -> String {
+pub fn rejected(config: &str, expected: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, config).unwrap();

@@ -189,6 +189,13 @@ fn annotations_are_honoured() {
             .to_string()
             .contains("/var/run/outrigger/identity")
     );
+    // Identity alone (the setup before the mesh) adds no `mesh.*` and no mesh listener, so a
+    // config naming its own listener `mesh` still loads; the mesh is outrigger.dev/mesh.
+    assert!(
+        !side["args"].to_string().contains("mesh."),
+        "{}",
+        side["args"]
+    );
     let sc = &side["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -406,6 +413,121 @@ fn the_injected_sidecar_runs_with_its_own_arguments() {
     assert_eq!(config["runtime"]["shutdown_grace"], "30s");
     assert_eq!(config["bridge"]["app_id"], "cache");
     assert!(sc.bridge.is_some(), "the bridge runs\n{}", sc.diagnostics());
+}
+
+/// A pod with `outrigger.dev/mesh: "true"` (implying identity), its sidecar started with exactly the injected
+/// args and env (the kubelet's part done by hand: `$(VAR)` expanded from the downward API's
+/// values, the identity Secret mounted): it joins the mesh as its service account, with the
+/// mesh's listeners, and needs no config file.
+#[test]
+fn the_injected_mesh_sidecar_joins_the_mesh() {
+    let out = first_doc(&inject_file(&fixtures().join("mesh.yaml")));
+    let side = container(
+        &out["spec"]["template"]["spec"],
+        "initContainers",
+        "outrigger",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [
+        &["certs", "ca", "--out", "ca"][..],
+        &[
+            "certs",
+            "issue",
+            "--ca",
+            "ca",
+            "--out",
+            "ca",
+            "--name",
+            "payments",
+            "--spiffe",
+            "spiffe://cluster.local/ns/shop/sa/payments",
+        ],
+    ] {
+        let (code, _, stderr) = run_to_end(args, &[], d);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+    }
+    let secret = d.join("identity");
+    std::fs::create_dir(&secret).unwrap();
+    for (from, to) in [
+        ("payments.crt", "tls.crt"),
+        ("payments.key", "tls.key"),
+        ("ca.crt", "ca.crt"),
+    ] {
+        std::fs::copy(d.join("ca").join(from), secret.join(to)).unwrap();
+    }
+    // The downward API's values, as the kubelet gives them.
+    let fields = [
+        ("POD_NAMESPACE", "shop"),
+        ("POD_SERVICE_ACCOUNT", "payments"),
+    ];
+    let mut args: Vec<String> = side["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let mut a = a.as_str().unwrap().to_string();
+            for (k, v) in fields {
+                a = a.replace(&format!("$({k})"), v);
+            }
+            a.replace("/var/run/outrigger/identity", secret.to_str().unwrap())
+        })
+        .collect();
+    assert_eq!(args.remove(0), "run");
+    assert!(
+        // Quoted, so that a namespace named `123` is a string too.
+        args.contains(&"mesh.namespace=\"shop\"".to_string()),
+        "{args:?}"
+    );
+    // Port 0 instead of the fixed ports (later --set wins).
+    for set in [
+        "bridge.address=127.0.0.1:0",
+        "bridge.grpc_address=127.0.0.1:0",
+        "mesh.address=127.0.0.1:0",
+        "mesh.peer_port=15443",
+        "mesh.outbound_address=127.0.0.1:0",
+    ] {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in side["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if name == "OUTRIGGER_ADMIN_ADDRESS" {
+            continue; // port 0 (Spawn's)
+        }
+        let value = match e["value"].as_str() {
+            Some(v) => v,
+            None => fields.iter().find(|(k, _)| *k == name).unwrap().1,
+        };
+        env.push((name.into(), value.into()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sc = Spawn {
+        config: "",
+        args: &args,
+        env: &env,
+        ..Spawn::default()
+    }
+    .start();
+    let (status, body) = eventually(Duration::from_secs(20), "/ready/outbound", || {
+        let r = sc.get("/ready/outbound");
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!(status, 200, "{body}\n{}", sc.diagnostics());
+    let config = &sc.get_json("/config")["config"];
+    assert_eq!(config["mesh"]["namespace"], "shop");
+    assert_eq!(config["mesh"]["service_account"], "payments");
+    assert_eq!(
+        config["mesh"]["peer_dns"],
+        "{app_id}.{namespace}.svc.cluster.local"
+    );
+    assert!(sc.listeners.contains_key("mesh"), "{:?}", sc.listeners);
+    assert!(
+        sc.listeners.contains_key("mesh-outbound"),
+        "{:?}",
+        sc.listeners
+    );
 }
 
 /// `kubernetes-validate` in a venv, or None when PyPI cannot be reached (loudly skipped).
@@ -1022,19 +1144,20 @@ fn everything_else_in_the_documents_is_kept() {
     }
 }
 
-/// The identity config of docs/kubernetes.md, with certificates laid out as the Secret
-/// `outrigger-identity-SA` mounts them (made by `outrigger certs` for a SPIFFE ID of namespace
-/// and service account), passes `outrigger check`, which loads every certificate and key.
+/// The mesh config of docs/kubernetes.md (a ConfigMap tuning `mesh:`), with the `--set`s
+/// inject writes for identity and certificates laid out as the Secret `outrigger-identity-SA`
+/// mounts them (made by `outrigger certs` as the guide says), passes `outrigger check`, which
+/// loads every certificate and key and checks the SPIFFE ID.
 #[test]
 fn the_documented_identity_config_loads_the_secret_layout() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let guide = std::fs::read_to_string(root.join("docs/kubernetes.md")).unwrap();
     let snippet = guide
-        .split("The config (the ConfigMap) then uses the files")
+        .split("tune the mesh; the injected")
         .nth(1)
         .and_then(|rest| rest.split("```yaml\n").nth(1))
         .and_then(|rest| rest.split("```").next())
-        .expect("the identity config in docs/kubernetes.md");
+        .expect("the mesh config in docs/kubernetes.md");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for args in [
@@ -1071,21 +1194,35 @@ fn the_documented_identity_config_loads_the_secret_layout() {
     ] {
         std::fs::copy(d.join("ca").join(from), secret.join(to)).unwrap();
     }
-    let config = snippet.replace("/var/run/outrigger/identity", secret.to_str().unwrap());
-    std::fs::write(d.join("outrigger.yaml"), &config).unwrap();
-    // app.address comes from outrigger.dev/app-port, as injected.
-    let (code, _, stderr) = run_to_end(
-        &[
-            "check",
-            "-c",
-            "outrigger.yaml",
-            "--set",
-            "app.address=127.0.0.1:8080",
-        ],
-        &[],
-        d,
+    std::fs::write(d.join("outrigger.yaml"), snippet).unwrap();
+    // app.address comes from outrigger.dev/app-port, the mesh's identity from the pod, as
+    // injected.
+    let identity_dir = format!("mesh.identity_dir={}", secret.display());
+    let args = [
+        "check",
+        "-c",
+        "outrigger.yaml",
+        "--set",
+        "app.address=127.0.0.1:8080",
+        "--set",
+        "mesh.namespace=shop",
+        "--set",
+        "mesh.service_account=checkout",
+        "--set",
+        &identity_dir,
+    ];
+    let (code, stdout, stderr) = run_to_end(&args, &[], d);
+    assert_eq!(code, 0, "{snippet}\n{stderr}");
+    assert!(stdout.contains("require_peer_namespace: true"), "{stdout}");
+    // A Secret of another service account is refused.
+    let mut wrong = args;
+    wrong[8] = "mesh.service_account=payments";
+    let (code, _, stderr) = run_to_end(&wrong, &[], d);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("not this workload's SPIFFE ID spiffe://cluster.local/ns/shop/sa/payments"),
+        "{stderr}"
     );
-    assert_eq!(code, 0, "{config}\n{stderr}");
 }
 
 /// A kind inject does not know that has a pod template (a custom resource) passes through

@@ -20,6 +20,8 @@ mod lifecycle;
 mod limits;
 #[cfg(feature = "logs")]
 mod logs;
+#[cfg(all(feature = "bridge", feature = "proxy"))]
+mod mesh;
 mod proxy;
 #[cfg(feature = "bridge")]
 mod pubsub;

@@ -7,6 +7,8 @@
 //! - [`budget`]: the retry budget;
 //! - [`connect`]: connecting to an endpoint (TLS origination is
 //!   [`crate::tls::origination`]);
+//! - [`name_resolution`]: clusters made on demand for app ids (`bridge.name_resolution`, the
+//!   mesh's peers);
 //! - here: the [`Cluster`] itself, its [`Endpoint`]s and the cap on requests in flight.
 //!
 //! Each endpoint has its own connection pools (for HTTP/1.1 the proxy's own, [`pool`]; for
@@ -19,6 +21,7 @@ pub mod balance;
 pub mod budget;
 pub mod connect;
 pub mod discovery;
+pub mod name_resolution;
 pub mod outlier;
 pub mod pool;
 mod raw_exchange;
@@ -189,6 +192,26 @@ impl Cluster {
         metrics: ProxyMetrics,
         tls: Option<crate::tls::LoadedClient>,
     ) -> Arc<Cluster> {
+        Self::build(config, metrics, tls, true)
+    }
+
+    /// A cluster whose TLS material `tls` is shared with others and watched by its owner (the
+    /// mesh's peers: one file watch for all), who hands it new material with
+    /// [`Cluster::adopt_tls`].
+    pub fn with_shared_tls(
+        config: ClusterConfig,
+        metrics: ProxyMetrics,
+        tls: crate::tls::LoadedClient,
+    ) -> Arc<Cluster> {
+        Self::build(config, metrics, Some(tls), false)
+    }
+
+    fn build(
+        config: ClusterConfig,
+        metrics: ProxyMetrics,
+        tls: Option<crate::tls::LoadedClient>,
+        watch: bool,
+    ) -> Arc<Cluster> {
         let tls = Origination::new(&config, &metrics.tls, tls);
         let initial = match &config.discovery {
             Discovery::Static(addrs) => addrs
@@ -212,7 +235,7 @@ impl Cluster {
             retired: AtomicBool::new(false),
             tls,
         });
-        if cluster.tls.is_some() {
+        if watch && cluster.tls.is_some() {
             crate::tls::spawn_watch(&cluster);
         }
         cluster.export_endpoint_count();

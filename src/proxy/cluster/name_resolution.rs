@@ -1,0 +1,502 @@
+//! Name resolution: clusters made on demand for app ids that no cluster of the config is
+//! named after. Two ways to turn an app id into endpoints:
+//!
+//! - `bridge.name_resolution`: a `host:port` template, plain text (the bridge's invocations);
+//! - `mesh:`: the `mesh.peer_dns` template and `mesh.peer_port`, over mutual TLS with this
+//!   workload's certificate, the peer's SPIFFE ID required to be in the trust domain (and in
+//!   the namespace its app id names, with `mesh.require_peer_namespace`). The proxy's outbound
+//!   listeners (a request whose Host is an app id) and the bridge's invocations share it.
+//!
+//! An app id is `id` (this workload's namespace) or `id.namespace`, each a DNS label, so it
+//! names a workload and never an arbitrary host. Each resolved id is an ordinary
+//! [`Cluster`] with default settings and DNS discovery (balancing, pools, outlier ejection,
+//! retry budget, TLS origination and its certificate rotation all apply), kept for the
+//! sidecar's life; at most `max` of them (each has its own metric series). The name is looked
+//! up (at most [`LOOKUP_TIMEOUT`]) before any cluster is made: a name that does not resolve
+//! makes no cluster, no metric series and no log line, and is answered from a short-lived,
+//! bounded cache of failures for [`FAILURE_TTL`]. The mesh's peers share one TLS client
+//! material per required peer namespace, built once from the identity files, watched by one
+//! file watch for all of them (SIGHUP and config reloads read them again too).
+//! In: an app id. Out: its cluster, or why there is none.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Cluster;
+use crate::config::Address;
+use crate::config::mesh::MeshConfig;
+use crate::config::proxy::{ClusterConfig, DEFAULT_REFRESH, Discovery};
+use crate::telemetry::metrics::ProxyMetrics;
+use crate::tls::LoadedClient;
+
+/// How long an app id's name lookup may take.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an app id that did not resolve is answered from the cache of failures.
+pub const FAILURE_TTL: Duration = Duration::from_secs(5);
+/// App ids the cache of failures holds at most (beyond, failures are not cached).
+pub const MAX_FAILURES: usize = 1024;
+
+/// App ids `bridge.name_resolution` keeps clusters for.
+pub const MAX_RESOLVED: usize = 256;
+
+/// How app ids become endpoints.
+enum How {
+    /// `bridge.name_resolution`: `{app_id}` and `{namespace}` in a `host:port` template.
+    Template { template: String, namespace: String },
+    /// `mesh:`, with the peers' TLS material by the namespace it requires of a peer (`""`
+    /// for any, without `require_peer_namespace`), built once and shared by the peers.
+    Mesh(Box<MeshConfig>, Mutex<HashMap<String, LoadedClient>>),
+}
+
+/// Why an app id has no cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Not an app id (or the template does not make a host:port of it).
+    #[error("{0}")]
+    Malformed(String),
+    /// `max` app ids are resolved already.
+    #[error("{0}")]
+    Full(String),
+    /// The name does not resolve (now).
+    #[error("{0}")]
+    Unresolved(String),
+}
+
+/// Clusters for app ids, made on first use and kept.
+pub struct NameResolution {
+    how: How,
+    max: usize,
+    metrics: ProxyMetrics,
+    /// By `id.namespace`, so `payments` and `payments.shop` (in shop) share one.
+    resolved: Mutex<HashMap<String, Arc<Cluster>>>,
+    /// App ids (by the same key) that did not resolve, and when.
+    failed: Mutex<HashMap<String, Instant>>,
+}
+
+impl NameResolution {
+    /// `bridge.name_resolution`: plain-text clusters; `namespace` fills `{namespace}` for ids
+    /// without one.
+    pub fn template(template: String, namespace: String, metrics: ProxyMetrics) -> Self {
+        NameResolution {
+            how: How::Template {
+                template,
+                namespace,
+            },
+            max: MAX_RESOLVED,
+            metrics,
+            resolved: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `mesh:`: mutual-TLS clusters to the peers' inbound mesh listeners, their identity
+    /// files watched (one watch for all peers) when a runtime is running.
+    pub fn mesh(mesh: &MeshConfig, metrics: ProxyMetrics) -> Arc<Self> {
+        let r = Arc::new(NameResolution {
+            max: mesh.max_peers,
+            how: How::Mesh(Box::new(mesh.clone()), Mutex::new(HashMap::new())),
+            metrics,
+            resolved: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            crate::tls::spawn_watch(&r);
+        }
+        r
+    }
+
+    /// How many app ids it keeps clusters for.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The clusters resolved so far (the admin dashboard).
+    pub fn clusters(&self) -> Vec<Arc<Cluster>> {
+        self.resolved
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The cluster of `app_id`, resolved now if it is new.
+    pub async fn cluster(&self, app_id: &str) -> Result<Arc<Cluster>, ResolveError> {
+        let (key, config) = self.config(app_id)?;
+        if let Some(c) = self.resolved.lock().expect("not poisoned").get(&key) {
+            return Ok(c.clone());
+        }
+        let full = || {
+            ResolveError::Full(format!(
+                "cannot resolve {app_id:?}: {} app ids are resolved already (declare the clusters you use, or raise the limit)",
+                self.max
+            ))
+        };
+        if self.resolved.lock().expect("not poisoned").len() >= self.max {
+            return Err(full());
+        }
+        let (host, port) = match &config.discovery {
+            Discovery::Dns { host, port, .. } => (host.clone(), *port),
+            _ => unreachable!("name resolution makes DNS clusters"),
+        };
+        let unresolved = || {
+            ResolveError::Unresolved(format!(
+                "cannot resolve {app_id:?}: {host}:{port} does not resolve"
+            ))
+        };
+        if self.failed_recently(&key) {
+            return Err(unresolved());
+        }
+        let lookup = tokio::time::timeout(
+            LOOKUP_TIMEOUT,
+            tokio::net::lookup_host((host.as_str(), port)),
+        )
+        .await;
+        let mut addrs: Vec<Address> = match lookup {
+            Ok(Ok(a)) => a.map(Address::Tcp).collect(),
+            _ => Vec::new(),
+        };
+        addrs.sort_by_key(ToString::to_string);
+        addrs.dedup();
+        if addrs.is_empty() {
+            self.remember_failure(key);
+            return Err(unresolved());
+        }
+        let tls = self.material(&key)?;
+        let mut resolved = self.resolved.lock().expect("not poisoned");
+        if let Some(c) = resolved.get(&key) {
+            // Resolved by a request racing with this one: one cluster per app id.
+            return Ok(c.clone());
+        }
+        // Checked again under the lock: racing requests for new ids do not overshoot.
+        if resolved.len() >= self.max {
+            return Err(full());
+        }
+        let cluster = match tls {
+            Some(tls) => Cluster::with_shared_tls(config, self.metrics.clone(), tls),
+            None => Cluster::new(config, self.metrics.clone(), None),
+        };
+        cluster.set_endpoints(addrs);
+        tokio::spawn(Cluster::discover(Arc::downgrade(&cluster)));
+        tracing::info!(app_id, cluster = %cluster.name, endpoints = ?cluster.endpoint_addresses().iter().map(ToString::to_string).collect::<Vec<_>>(), "app id resolved");
+        resolved.insert(key, cluster.clone());
+        Ok(cluster)
+    }
+
+    /// `key` did not resolve less than [`FAILURE_TTL`] ago.
+    fn failed_recently(&self, key: &str) -> bool {
+        let failed = self.failed.lock().expect("not poisoned");
+        failed.get(key).is_some_and(|t| t.elapsed() < FAILURE_TTL)
+    }
+
+    /// Caches that `key` did not resolve, within [`MAX_FAILURES`].
+    fn remember_failure(&self, key: String) {
+        let mut failed = self.failed.lock().expect("not poisoned");
+        if failed.len() >= MAX_FAILURES {
+            failed.retain(|_, t| t.elapsed() < FAILURE_TTL);
+        }
+        if failed.len() < MAX_FAILURES {
+            failed.insert(key, Instant::now());
+        }
+    }
+
+    /// The namespace a peer of `key` (`id.namespace`) must be in: its key in the material.
+    fn material_key<'a>(mesh: &MeshConfig, key: &'a str) -> &'a str {
+        match key.split_once('.') {
+            Some((_, ns)) if mesh.require_peer_namespace => ns,
+            _ => "",
+        }
+    }
+
+    /// The peers' TLS material for `key`, built from the identity files on first use (`None`:
+    /// not the mesh).
+    fn material(&self, key: &str) -> Result<Option<LoadedClient>, ResolveError> {
+        let How::Mesh(mesh, material) = &self.how else {
+            return Ok(None);
+        };
+        let ns = Self::material_key(mesh, key);
+        let mut material = material.lock().expect("not poisoned");
+        if let Some(m) = material.get(ns) {
+            return Ok(Some(m.clone()));
+        }
+        let built = crate::tls::client_config(&mesh.peer_tls(ns), false).map_err(|e| {
+            ResolveError::Unresolved(format!("cannot set up mutual TLS to the mesh's peers: {e}"))
+        })?;
+        material.insert(ns.to_string(), built.clone());
+        Ok(Some(built))
+    }
+
+    /// The map key and the cluster config of `app_id`.
+    fn config(&self, app_id: &str) -> Result<(String, ClusterConfig), ResolveError> {
+        match &self.how {
+            How::Template {
+                template,
+                namespace,
+            } => {
+                let (id, ns) = app_id.split_once('.').unwrap_or((app_id, namespace));
+                if !crate::config::mesh::dns_label(id) || !crate::config::mesh::dns_label(ns) {
+                    return Err(ResolveError::Malformed(format!(
+                        "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
+                    )));
+                }
+                let (host, port) = crate::config::bridge::resolve_name(template, id, ns)
+                    .map_err(ResolveError::Malformed)?;
+                let config = ClusterConfig::with_defaults(
+                    app_id,
+                    Discovery::Dns {
+                        host,
+                        port,
+                        refresh: DEFAULT_REFRESH,
+                    },
+                );
+                Ok((format!("{id}.{ns}"), config))
+            }
+            How::Mesh(mesh, _) => {
+                let (namespace, host, port) = mesh.peer(app_id).map_err(ResolveError::Malformed)?;
+                let id = app_id.split('.').next().unwrap_or(app_id);
+                let mut config = ClusterConfig::with_defaults(
+                    app_id,
+                    Discovery::Dns {
+                        host,
+                        port,
+                        refresh: DEFAULT_REFRESH,
+                    },
+                );
+                config.tls = Some(mesh.peer_tls(&namespace));
+                Ok((format!("{id}.{namespace}"), config))
+            }
+        }
+    }
+}
+
+impl crate::tls::Reloadable for NameResolution {
+    /// The identity files (the mesh); none for a template.
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        match &self.how {
+            How::Mesh(mesh, _) => crate::tls::client_files(&mesh.peer_tls(&mesh.namespace)),
+            How::Template { .. } => Vec::new(),
+        }
+    }
+
+    /// Builds the peers' material again when the files changed, once per required namespace,
+    /// and gives it to every peer (whose idle connections then close).
+    fn reload_files(&self) -> Result<(), crate::tls::TlsError> {
+        let How::Mesh(mesh, material) = &self.how else {
+            return Ok(());
+        };
+        let now = crate::tls::fingerprints(&self.files());
+        let rebuilt: Vec<(String, LoadedClient)> = {
+            let mut material = material.lock().expect("not poisoned");
+            let mut rebuilt = Vec::new();
+            for (ns, m) in material.iter_mut() {
+                if m.fingerprints == now {
+                    continue;
+                }
+                match crate::tls::client_config_from(&mesh.peer_tls(ns), false, now.clone()) {
+                    Ok(built) => {
+                        *m = built.clone();
+                        rebuilt.push((ns.clone(), built));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the mesh's TLS material not reloaded; keeping the old one");
+                        return Err(e);
+                    }
+                }
+            }
+            rebuilt
+        };
+        if rebuilt.is_empty() {
+            return Ok(());
+        }
+        let peers: Vec<(String, Arc<Cluster>)> = self
+            .resolved
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        for (key, c) in peers {
+            let ns = Self::material_key(mesh, &key);
+            if let Some((_, built)) = rebuilt.iter().find(|(n, _)| n == ns) {
+                c.adopt_tls(Some(built));
+            }
+        }
+        tracing::info!("the mesh's TLS material reloaded");
+        Ok(())
+    }
+
+    fn retired(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn app_ids_resolve_once_and_within_the_bound() {
+        let r = NameResolution {
+            how: How::Template {
+                // Digits are DNS labels: app id "2" is 127.0.0.2, namespace "9" port 9.
+                template: "127.0.0.{app_id}:{namespace}".into(),
+                namespace: "1".into(),
+            },
+            max: 2,
+            metrics: ProxyMetrics::default(),
+            resolved: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+        };
+        let a = r.cluster("1").await.unwrap();
+        assert_eq!(a.endpoint_addresses()[0].to_string(), "127.0.0.1:1");
+        assert!(
+            Arc::ptr_eq(&a, &r.cluster("1.1").await.unwrap()),
+            "one per id"
+        );
+        let b = r.cluster("2.9").await.unwrap();
+        assert_eq!(b.endpoint_addresses()[0].to_string(), "127.0.0.2:9");
+        assert!(matches!(r.cluster("3").await, Err(ResolveError::Full(_))));
+        assert!(matches!(
+            r.cluster("evil.com:80").await,
+            Err(ResolveError::Malformed(_))
+        ));
+    }
+
+    /// A mesh whose identity files (a CA of cluster.local, a leaf for `web`) are in `dir`, its
+    /// peers `127.0.0.{app_id}`.
+    fn mesh_in(dir: &std::path::Path, require_peer_namespace: bool) -> Arc<NameResolution> {
+        use crate::tls::certs::{CaOptions, IssueOptions, KeyKind};
+        crate::tls::certs::create_ca(&CaOptions {
+            out: dir.join("ca"),
+            trust_domain: "cluster.local".into(),
+            days: 10,
+        })
+        .unwrap();
+        crate::tls::certs::issue(&IssueOptions {
+            ca_dir: dir.join("ca"),
+            out: dir.join("leaves"),
+            name: "web".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/web".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 10,
+            expired: false,
+            key: KeyKind::Ecdsa,
+        })
+        .unwrap();
+        std::fs::copy(dir.join("ca/ca.crt"), dir.join("ca.crt")).unwrap();
+        std::fs::copy(dir.join("leaves/web.crt"), dir.join("tls.crt")).unwrap();
+        std::fs::copy(dir.join("leaves/web.key"), dir.join("tls.key")).unwrap();
+        let mesh = MeshConfig {
+            trust_domain: "cluster.local".into(),
+            namespace: "1".into(),
+            service_account: "web".into(),
+            identity_dir: dir.into(),
+            address: crate::config::types::TcpAddress("127.0.0.1:0".parse().unwrap()),
+            authz: vec![],
+            peer_dns: "127.0.0.{app_id}".into(),
+            peer_port: 15443,
+            require_peer_namespace,
+            max_peers: 3,
+            outbound_address: None,
+        };
+        NameResolution::mesh(&mesh, ProxyMetrics::default())
+    }
+
+    fn fingerprints(c: &Cluster) -> Vec<u64> {
+        c.tls.as_ref().unwrap().fingerprints()
+    }
+
+    #[tokio::test]
+    async fn mesh_peers_share_one_material_that_reloads_for_all() {
+        use crate::tls::Reloadable;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        let b = r.cluster("2.9").await.unwrap();
+        let How::Mesh(_, material) = &r.how else {
+            unreachable!()
+        };
+        assert_eq!(
+            material.lock().unwrap().len(),
+            1,
+            "built once for all peers"
+        );
+        let before = fingerprints(&a);
+        assert_eq!(before, fingerprints(&b));
+
+        // A renewed certificate (as the watch or SIGHUP sees it) reaches every peer.
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.path().join("ca"),
+            out: dir.path().join("renewed"),
+            name: "web".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/web".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        std::fs::copy(
+            dir.path().join("renewed/web.crt"),
+            dir.path().join("tls.crt"),
+        )
+        .unwrap();
+        std::fs::copy(
+            dir.path().join("renewed/web.key"),
+            dir.path().join("tls.key"),
+        )
+        .unwrap();
+        r.reload_files().unwrap();
+        assert_ne!(fingerprints(&a), before);
+        assert_eq!(fingerprints(&a), fingerprints(&b));
+    }
+
+    #[tokio::test]
+    async fn mesh_material_is_per_namespace_when_peers_must_be_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), true);
+        r.cluster("1").await.unwrap();
+        r.cluster("2").await.unwrap();
+        r.cluster("2.9").await.unwrap();
+        let How::Mesh(_, material) = &r.how else {
+            unreachable!()
+        };
+        assert_eq!(material.lock().unwrap().len(), 2, "namespaces 1 and 9");
+        assert!(matches!(r.cluster("3").await, Err(ResolveError::Full(_))));
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_makes_no_cluster_and_is_remembered() {
+        let r = NameResolution::template(
+            "{app_id}.invalid:80".into(),
+            "default".into(),
+            ProxyMetrics::default(),
+        );
+        assert!(matches!(
+            r.cluster("nowhere").await,
+            Err(ResolveError::Unresolved(_))
+        ));
+        assert!(r.clusters().is_empty(), "no cluster kept");
+        assert!(
+            r.failed_recently("nowhere.default"),
+            "the failure is cached"
+        );
+        // Answered from the cache (no second lookup).
+        assert!(matches!(
+            r.cluster("nowhere.default").await,
+            Err(ResolveError::Unresolved(_))
+        ));
+    }
+
+    #[test]
+    fn the_cache_of_failures_is_bounded() {
+        let r = NameResolution::template("{app_id}:80".into(), "d".into(), ProxyMetrics::default());
+        for i in 0..MAX_FAILURES + 10 {
+            r.remember_failure(format!("id{i}.d"));
+        }
+        assert_eq!(r.failed.lock().unwrap().len(), MAX_FAILURES);
+    }
+}

@@ -1,0 +1,404 @@
+//! The mesh (`mesh:`), with real sidecars on loopback and certificates from `outrigger certs`:
+//! app A calls app B by app id through its sidecar — an outbound request whose Host is `b`,
+//! and the bridge's `/v1.0/invoke/b/…` — over mutual TLS with no cluster written, B's app sees
+//! the request and A's SPIFFE ID; a peer whose certificate is outside the trust domain is
+//! refused on both sides (by B's listener, and by A when it is the one called). The DNS
+//! template is `127.0.0.1` with the peers' port from the test (in a cluster it is
+//! `{app_id}.{namespace}.svc.cluster.local` and a fixed port). Malformed `mesh:` config and a
+//! certificate that is not the workload's are refused with file:line, exit 78.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::backend::Backend;
+use crate::support::{Sidecar, client, run_to_end};
+
+const TD: &str = "spiffe://cluster.local";
+
+/// A development CA (trust domain cluster.local) and identity directories laid out as the
+/// Secret `outrigger-identity-SA` mounts them (`tls.crt`, `tls.key`, `ca.crt`).
+struct Identities {
+    dir: tempfile::TempDir,
+}
+
+impl Identities {
+    fn new() -> Identities {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out, err) = run_to_end(
+            &[
+                "certs",
+                "ca",
+                "--out",
+                "ca",
+                "--trust-domain",
+                "cluster.local",
+            ],
+            &[],
+            dir.path(),
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        Identities { dir }
+    }
+
+    /// The identity directory of `spiffe_id` (issued by the one CA), named `name`.
+    fn issue(&self, name: &str, spiffe_id: &str) -> PathBuf {
+        let (code, out, err) = run_to_end(
+            &[
+                "certs",
+                "issue",
+                "--ca",
+                "ca",
+                "--out",
+                "certs",
+                "--name",
+                name,
+                "--spiffe",
+                spiffe_id,
+                "--ip",
+                "127.0.0.1",
+            ],
+            &[],
+            self.dir.path(),
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        let id = self.dir.path().join(format!("identity-{name}"));
+        std::fs::create_dir(&id).unwrap();
+        let certs = self.dir.path().join("certs");
+        for (from, to) in [
+            (format!("{name}.crt"), "tls.crt"),
+            (format!("{name}.key"), "tls.key"),
+        ] {
+            std::fs::copy(certs.join(from), id.join(to)).unwrap();
+        }
+        std::fs::copy(self.dir.path().join("ca/ca.crt"), id.join("ca.crt")).unwrap();
+        id
+    }
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// A sidecar in the mesh as service account `sa` of namespace shop; `extra` goes inside
+/// `mesh:`, `rest` at the top level.
+fn member(identity: &Path, sa: &str, peer_port: u16, extra: &str, rest: &str) -> Sidecar {
+    let sc = Sidecar::start(&format!(
+        "service: {sa}\nmesh:\n  namespace: shop\n  service_account: {sa}\n  identity_dir: {}\n  address: 127.0.0.1:0\n  peer_dns: 127.0.0.1\n  peer_port: {peer_port}\n{extra}{rest}",
+        p(identity)
+    ));
+    sc.wait_ready();
+    sc
+}
+
+fn port(address: &str) -> u16 {
+    address.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn two_services_talk_mutual_tls_by_app_id_and_outsiders_are_refused() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    // B: its app behind the mesh's inbound listener (it calls no one: any peer port).
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let b_mesh = b.listeners["mesh"].clone();
+    // A: no app address (so no inbound listener), an outbound listener and the bridge.
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b_mesh),
+        "  outbound_address: 127.0.0.1:0\n",
+        "bridge:\n  address: 127.0.0.1:0\n",
+    );
+    assert!(
+        !a.listeners.contains_key("mesh"),
+        "no app: no inbound listener"
+    );
+
+    // The proxy: a request whose Host is B's app id.
+    let r = client()
+        .get(format!(
+            "http://{}/orders?x=1",
+            a.listeners["mesh-outbound"]
+        ))
+        .header("host", "b")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}\n{}", a.diagnostics(), b.diagnostics());
+    let seen = app_b.seen();
+    assert_eq!(seen[0].path, "/orders?x=1");
+    let xfcc = seen[0].header("x-forwarded-client-cert").expect("xfcc");
+    assert!(
+        xfcc.starts_with(&format!("By={TD}/ns/shop/sa/b;")),
+        "{xfcc}"
+    );
+    assert!(xfcc.contains(&format!(";URI={TD}/ns/shop/sa/a")), "{xfcc}");
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+
+    // The bridge: Dapr's invocation by app id, and `id.namespace`.
+    for id in ["b", "b.shop"] {
+        let r = client()
+            .post(a.bridge_url(&format!("/v1.0/invoke/{id}/method/hello")))
+            .body("hi")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}: {}", a.diagnostics());
+    }
+    let seen = app_b.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[1].path, "/hello");
+    assert_eq!(seen[1].body, b"hi");
+    assert!(
+        seen[2]
+            .header("x-forwarded-client-cert")
+            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a")))
+    );
+    // One cluster for `b` (both spellings, proxy and bridge), reached over TLS.
+    assert!(
+        a.metric("outrigger_tls_handshakes_total{side=\"client\",name=\"b\",result=\"ok\"}") >= 1.0,
+        "{}",
+        a.get("/metrics").1
+    );
+    let status = a.get_json("/status");
+    assert!(
+        status.to_string().contains(&b_mesh),
+        "the peer is on the dashboard: {status}"
+    );
+    // A host that is not an app id, or one that names another namespace's peer that B is not:
+    // no route.
+    let r = client()
+        .get(format!("http://{}/", a.listeners["mesh-outbound"]))
+        .header("host", "not.an.app-id")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // An outsider: a certificate from the same CA, outside the trust domain.
+    let outsider = ids.issue("c", "spiffe://evil.example/ns/shop/sa/c");
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(outsider.join("ca.crt"))
+        .arg("--cert")
+        .arg(outsider.join("tls.crt"))
+        .arg("--key")
+        .arg(outsider.join("tls.key"))
+        .arg(format!("https://{b_mesh}/steal"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "403",
+        "B lets in only its trust domain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without a client certificate there is no TLS session at all.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "/dev/null"])
+        .arg("--cacert")
+        .arg(outsider.join("ca.crt"))
+        .arg(format!("https://{b_mesh}/steal"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    assert!(!out.status.success(), "no client certificate, no request");
+    assert_eq!(app_b.count(), 3, "no outsider reached B's app");
+
+    // The outsider as the one called: its sidecar would let A in, but A refuses it.
+    let app_c = Backend::http();
+    let c = Sidecar::start(&format!(
+        "service: c\napp:\n  address: {}\nmesh:\n  trust_domain: evil.example\n  namespace: shop\n  service_account: c\n  identity_dir: {}\n  address: 127.0.0.1:0\n  peer_port: 1\n  authz: [\"{TD}/*\"]\n",
+        app_c.address(),
+        p(&outsider)
+    ));
+    c.wait_ready();
+    let a_to_c = member(
+        &ids.issue("a2", &format!("{TD}/ns/shop/sa/a2")),
+        "a2",
+        port(&c.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n",
+        "bridge:\n  address: 127.0.0.1:0\n",
+    );
+    let r = client()
+        .get(format!("http://{}/x", a_to_c.listeners["mesh-outbound"]))
+        .header("host", "c")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 502, "{}", a_to_c.diagnostics());
+    let r = client()
+        .post(a_to_c.bridge_url("/v1.0/invoke/c/method/x"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 500, "{}", a_to_c.diagnostics());
+    assert!(
+        a_to_c.stderr().contains("wrong_identity"),
+        "{}",
+        a_to_c.diagnostics()
+    );
+    assert_eq!(app_c.count(), 0);
+}
+
+/// `require_peer_namespace`: a peer called as `id.namespace` must carry that namespace's ID.
+#[test]
+fn a_peer_must_be_in_the_namespace_its_app_id_names_when_required() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n  require_peer_namespace: true\n",
+        "",
+    );
+    let get = |host: &str| {
+        client()
+            .get(format!("http://{}/", a.listeners["mesh-outbound"]))
+            .header("host", host)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get("b"), 200, "{}", a.diagnostics());
+    // The same endpoint called as billing's `b`: its ID says shop.
+    assert_eq!(get("b.billing"), 502, "{}", a.diagnostics());
+    assert_eq!(app_b.count(), 1);
+}
+
+#[test]
+fn malformed_mesh_config_is_located() {
+    let e = crate::config::rejected(
+        "mesh:\n  namespace: Shop\n  trust_domain: \"Bad Domain\"\n  authz: []\n  peer_dns: \"{app_id}:80\"\n  max_peers: 0\n  address: 127.0.0.1:0\nlisteners:\n  - name: mesh\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        &[
+            "bad.yaml:1:1: mesh: mesh.service_account is not set",
+            "bad.yaml:2:14: mesh.namespace: expected the workload's namespace",
+            "bad.yaml:3:17: mesh.trust_domain: expected a SPIFFE trust domain",
+            "bad.yaml:4:10: mesh.authz: expected at least one identity pattern",
+            "bad.yaml:5:13: mesh.peer_dns: expected a host name, where",
+            "bad.yaml:6:14: mesh.max_peers: expected 1 to 10000, found 0",
+            "mesh: mesh.address has port 0, so the peers' port is unknown",
+        ],
+    );
+    assert!(!e.contains("listeners[0]"), "{e}");
+    crate::config::rejected(
+        "mesh:\n  namespace: shop\n  service_account: web\n  peer_dns: \"{namespace}:1\"\n  address: 127.0.0.1:15443\n  outbound_address: 0.0.0.0:15443\n",
+        &[
+            "bad.yaml:4:13: mesh.peer_dns: expected a host name, where {app_id}",
+            "bad.yaml:6:21: mesh.outbound_address: 0.0.0.0:15443 is mesh.address's too",
+        ],
+    );
+    crate::config::rejected(
+        "mesh:\n  namespace: shop\n  service_account: web\n  unknown: 1\n",
+        &["bad.yaml:4:3: mesh.unknown: unknown field `unknown`"],
+    );
+    crate::config::rejected(
+        "mesh:\n  namespace: shop\n  service_account: web\n  identity_dir: /nonexistent\nlisteners:\n  - name: mesh\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        &[
+            "bad.yaml:6:11: listeners[0].name: the name \"mesh\" is the mesh's",
+            "bad.yaml:4:17: mesh.identity_dir: cannot read /nonexistent/",
+        ],
+    );
+}
+
+/// The certificate in the identity directory must carry the workload's own SPIFFE ID.
+#[test]
+fn a_certificate_that_is_not_the_workloads_is_refused() {
+    let ids = Identities::new();
+    let id = ids.issue("b", &format!("{TD}/ns/shop/sa/b"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("o.yaml"),
+        format!(
+            "mesh:\n  namespace: shop\n  service_account: payments\n  identity_dir: {}\n",
+            p(&id)
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", "o.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "o.yaml:1:1: mesh: {}/tls.crt carries [\"{TD}/ns/shop/sa/b\"",
+            p(&id)
+        )) && stderr.contains(&format!(
+            "not this workload's SPIFFE ID {TD}/ns/shop/sa/payments"
+        )),
+        "{stderr}"
+    );
+}
+
+/// A renewed identity (the Secret's files replaced) is used for new connections to peers
+/// without a restart: B's app sees A's new certificate.
+#[test]
+fn a_renewed_identity_is_used_without_a_restart() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let a_dir = ids.issue("a", &format!("{TD}/ns/shop/sa/a"));
+    let a = member(
+        &a_dir,
+        "a",
+        port(&b.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n",
+        "",
+    );
+    let hash = || {
+        let r = client()
+            .get(format!("http://{}/", a.listeners["mesh-outbound"]))
+            .header("host", "b")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", a.diagnostics());
+        let seen = app_b.seen();
+        let xfcc = seen
+            .last()
+            .unwrap()
+            .header("x-forwarded-client-cert")
+            .unwrap()
+            .to_string();
+        xfcc.split(';')
+            .find_map(|f| f.strip_prefix("Hash="))
+            .unwrap()
+            .to_string()
+    };
+    let before = hash();
+    // The same SPIFFE ID, a new certificate and key, swapped in as the kubelet does: new
+    // files renamed over the old ones.
+    let renewed = ids.issue("a-renewed", &format!("{TD}/ns/shop/sa/a"));
+    for f in ["tls.key", "tls.crt"] {
+        let tmp = a_dir.join(format!(".{f}.new"));
+        std::fs::copy(renewed.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, a_dir.join(f)).unwrap();
+    }
+    crate::support::eventually(
+        std::time::Duration::from_secs(20),
+        "A's new certificate at B",
+        || (hash() != before).then_some(()),
+    );
+}
