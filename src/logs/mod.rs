@@ -189,18 +189,21 @@ impl Work {
             return false;
         };
         let now = SystemTime::now();
-        let (name, format, lines, bytes) = &self.sources[s];
+        let (name, format, lines, bytes, unparsed) = &self.sources[s];
         let tail = self
             .access_tail
             .get_or_insert_with(|| Tail::new(name, Origin::Stream("access")));
-        let (mut n, mut b) = (0, 0);
+        let (mut n, mut b, mut bad) = (0, 0, 0);
         while let Some(l) = self.access_pending.front() {
+            let mut parsed = true;
             if !self.batch.push(self.max_lines, self.max_bytes, |out| {
-                self.encoder
-                    .encode(out, l, format, tail, Meta::default(), now)
+                parsed = self
+                    .encoder
+                    .encode(out, l, format, tail, Meta::default(), now);
             }) {
                 break;
             }
+            bad += u64::from(!parsed);
             n += 1;
             b += l.len() as u64 + 1;
             self.batch.app_lines += 1;
@@ -208,6 +211,9 @@ impl Work {
         }
         lines.inc_by(n);
         bytes.inc_by(b);
+        if bad > 0 {
+            unparsed.inc_by(bad);
+        }
         !self.access_pending.is_empty()
     }
 
