@@ -856,6 +856,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "logs")]
     #[test]
     fn an_elasticsearch_url_with_filter_path_is_refused_at_its_line() {
         let err = load_text(
