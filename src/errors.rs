@@ -2,13 +2,17 @@
 //! only "client error (Connect)"; the cause, connection refused or an unknown CA, is further
 //! down). Compiled in every build, for every module.
 
-/// `e` and each of its sources, `: `-separated.
+/// `e` and each of its sources, `: `-separated; a source whose text is already in what came
+/// before it is left out (tokio-postgres and others repeat their source in their own text).
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cur = s.source();
     }
     out

@@ -274,7 +274,7 @@ impl HttpBinding {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| format!("error invoking {url}: {}", chain(&e)))?;
+                .map_err(|e| format!("error invoking {url}: {}", crate::errors::chain(&e)))?;
             let status = res.status();
             let mut out = BindingResponse::default();
             out.metadata
@@ -332,17 +332,6 @@ fn canonical(name: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("-")
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -503,20 +503,7 @@ fn op_etag(op: &Op) -> Option<u64> {
     }
 }
 
-/// An error with its causes (tokio-postgres' own text is often just "db error").
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub(crate) use crate::errors::chain;
 
 fn pg(what: &str, e: &tokio_postgres::Error) -> StateError {
     StateError::Store(format!("postgresql: {what}: {}", chain(e)))
