@@ -24,18 +24,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::watch;
 
 use super::components::Component;
 use super::pubsub::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription, stopped,
 };
-use super::pubsub::rabbitmq::{check_uri, connect_uri, headers, metadata_of, short};
+use super::pubsub::rabbitmq::{
+    check_uri, connect_uri, headers, metadata_of, publish_confirmed, short,
+};
 
 /// daprd's `reconnectWaitInSeconds` default.
 const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(5);
@@ -216,26 +218,10 @@ impl RabbitBinding {
         let Some((_, channel)) = slot.as_ref() else {
             unreachable!("connected above")
         };
-        let published = async {
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    short(&self.settings.queue)?,
-                    BasicPublishOptions::default(),
-                    data,
-                    properties,
-                )
-                .await
-                .map_err(|e| format!("rabbitmq publish failed: {e}"))?
-                .await
-                .map_err(|e| format!("rabbitmq did not confirm the message: {e}"))?;
-            match confirm {
-                Confirmation::Ack(_) => Ok(()),
-                Confirmation::Nack(_) => Err("rabbitmq refused the message (nack)".to_string()),
-                Confirmation::NotRequested => Err("rabbitmq publisher confirms are off".into()),
-            }
-        }
-        .await;
+        let published = match short(&self.settings.queue) {
+            Ok(queue) => publish_confirmed(channel, "".into(), queue, data, properties).await,
+            Err(e) => Err(e),
+        };
         if published.is_err()
             && let Some((connection, _)) = slot.take()
         {

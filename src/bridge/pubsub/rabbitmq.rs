@@ -303,24 +303,36 @@ impl RabbitMq {
         if let Some(ms) = ttl {
             properties = properties.with_expiration(ms.to_string().into());
         }
-        let confirm = p
-            .channel
-            .basic_publish(
-                exchange,
-                short(metadata.get(ROUTING_KEY).map_or("", String::as_str))?,
-                BasicPublishOptions::default(),
-                data,
-                properties,
-            )
-            .await
-            .map_err(|e| format!("rabbitmq publish failed: {e}"))?
-            .await
-            .map_err(|e| format!("rabbitmq did not confirm the message: {e}"))?;
-        match confirm {
-            Confirmation::Ack(_) => Ok(()),
-            Confirmation::Nack(_) => Err("rabbitmq refused the message (nack)".into()),
-            Confirmation::NotRequested => Err("rabbitmq publisher confirms are off".into()),
-        }
+        let routing_key = short(metadata.get(ROUTING_KEY).map_or("", String::as_str))?;
+        publish_confirmed(&p.channel, exchange, routing_key, data, properties).await
+    }
+}
+
+/// Publishes on a channel in confirm mode and waits for the broker's answer: Ok only on its ack
+/// (pub/sub and `bindings.rabbitmq` both answer 204 only once the broker has the message).
+pub(crate) async fn publish_confirmed(
+    channel: &Channel,
+    exchange: ShortString,
+    routing_key: ShortString,
+    data: &[u8],
+    properties: BasicProperties,
+) -> Result<(), String> {
+    let confirm = channel
+        .basic_publish(
+            exchange,
+            routing_key,
+            BasicPublishOptions::default(),
+            data,
+            properties,
+        )
+        .await
+        .map_err(|e| format!("rabbitmq publish failed: {e}"))?
+        .await
+        .map_err(|e| format!("rabbitmq did not confirm the message: {e}"))?;
+    match confirm {
+        Confirmation::Ack(_) => Ok(()),
+        Confirmation::Nack(_) => Err("rabbitmq refused the message (nack)".into()),
+        Confirmation::NotRequested => Err("rabbitmq publisher confirms are off".into()),
     }
 }
 
