@@ -14,6 +14,12 @@
 //!   slot cannot be closed (Linux has no "accept into this descriptor"): a descriptor opened by
 //!   another thread in those microseconds takes it, and the accept fails again. It then takes
 //!   the next spare, up to all [`SPARES`] of them, instead of giving up after one.
+//! - **A proxy listener gives slots back**: while the reserve is short (a spare is in use, or
+//!   another thread took a freed slot first), a connection a proxy listener accepts is closed
+//!   at once and its descriptor becomes a spare ([`Reserve::short`], [`Reserve::take_back`]).
+//!   Otherwise every race a flooded listener wins would cost the reserve a spare for good
+//!   (its connection is held), and after [`SPARES`] lost races the health endpoints fail.
+//!   Out of descriptors, the process serves no more proxy connections anyway.
 //! - **Accept errors** ([`AcceptErrors`]): every accept loop (proxy listeners, bridge, admin)
 //!   backs off while accepts fail and logs once a second with a count.
 //! - The proxy's per-listener connection caps leave room below `RLIMIT_NOFILE` by default
@@ -78,10 +84,17 @@ impl Reserve {
         }
     }
 
+    /// Whether spares are missing: in use by a connection accepted out of descriptors, or
+    /// taken by another thread's descriptor in a race. A full reserve only gets short when the
+    /// process runs out of descriptors.
+    pub fn short(&self) -> bool {
+        self.spares.lock().expect("not poisoned").len() < SPARES
+    }
+
     /// Makes `fd` (a connection's socket, deregistered from its runtime) a spare in one system
     /// call: `/dev/null` is duplicated onto it, which closes the socket and keeps the slot.
     /// False when the reserve is full or the call failed (`fd` is then closed as it is).
-    fn take_back(&self, mut fd: OwnedFd) -> bool {
+    pub fn take_back(&self, mut fd: OwnedFd) -> bool {
         let mut spares = self.spares.lock().expect("not poisoned");
         let Some(null) = &self.null else {
             return false;

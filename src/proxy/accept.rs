@@ -68,6 +68,18 @@ pub(super) async fn accept_loop(l: Arc<Listener>, mut drain: Drain) -> std::io::
                 }
             },
         };
+        if crate::descriptors::reserve().short() {
+            // Out of descriptors, and admin or the bridge needs one for a health check: this
+            // connection's slot refills the reserve instead (see `crate::descriptors`).
+            if let Some(fd) = crate::descriptors::IntoSpare::into_spare(stream) {
+                crate::descriptors::reserve().take_back(fd);
+            }
+            let e = std::io::Error::other(
+                "out of descriptors: connection closed, its descriptor kept for health checks",
+            );
+            errors.failed(&l.name, &e).await;
+            continue;
+        }
         while connections.try_join_next().is_some() {}
         // The newest generation, loaded after the accept: an idle listener must not hand its
         // first connection after a reload the old settings.
