@@ -22,7 +22,7 @@
 # `apt-get download` + `dpkg -x` into $SYSLOG_NG_ROOT (default /opt/peers/syslog-ng) and run from
 # there. Fluent Bit and Vector are not in Debian's archive, so they are not measured here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 mib=${1:-1024}; rounds=${2:-1}
 SNG=${SYSLOG_NG_ROOT:-/opt/peers/syslog-ng}
 HTTP_PORT=18611; TCP_PORT=18612; ADMIN_PORT=18613
@@ -50,11 +50,7 @@ fi
 unavailable() { # $1 agent → its reason, if it cannot run here
   local m; for m in "${missing[@]}"; do [ "${m%%:*}" = "$1" ] && { echo "${m#*: }"; return 0; }; done; return 1
 }
-[ -n "${NO_BUILD:-}" ] || nice cargo build --release -q
-bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}
-dir=$(mktemp -d /tmp/logs-bench.XXXXXX); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+if [ -n "${NO_BUILD:-}" ]; then bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}; else build_release; fi
 
 # ---- input: realistic JSON lines, a generated block repeated, and a last line to look for.
 python3 - "$dir/in.log" "$mib" <<'PY'
@@ -133,7 +129,7 @@ CONF
     echo 'log { source(s); parser(p); destination(d); flags(flow-control); };' ;;
   esac
 }
-start() { # $1 agent, $2 config, $3 state dir → pid in $apid
+start_agent() { # $1 agent, $2 config, $3 state dir → pid in $apid (not pinned, unlike lib.sh's start)
   case $1 in
   outrigger) "$bin" run -c "$2" >"$3/stdout" 2>"$3/stderr" & apid=$! ;;
   outrigger-old) "$OLD_BIN" run -c "$2" >"$3/stdout" 2>"$3/stderr" & apid=$! ;;
@@ -159,9 +155,9 @@ for round in $(seq "$rounds"); do
       rpid=
       if [ "$sink" = http ]; then
         python3 bench/logs-receiver.py "$HTTP_PORT" "$TCP_PORT" "$lines" "$st/rcv.json" & rpid=$!; pids+=("$rpid")
-        for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT") 2>/dev/null && break; sleep 0.05; done
+        wait_port "$HTTP_PORT"
       fi
-      t0=$(date +%s.%N); start "$agent" "$st/conf" "$st"; ok=1
+      t0=$(date +%s.%N); start_agent "$agent" "$st/conf" "$st"; ok=1
       deadline=$(( $(date +%s) + 600 ))
       while :; do
         if [ "$sink" = http ]; then [ -s "$st/rcv.json" ] && break

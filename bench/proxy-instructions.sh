@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied keep-alive HTTP/1.1 request, counted by valgrind
 # (callgrind) for Outrigger, HAProxy and nginx in one run, and Outrigger's heap allocations per
-# request (a bench build with a counting global allocator).
+# request (a bench build with a counting global allocator) on its three paths.
 #
 #   bench/proxy-instructions.sh [N]      (default 4000 requests)
+#   ALLOCS_ONLY=1 ALLOC_BIN=target/debug/outrigger bench/proxy-instructions.sh 20000
 #
 # Each proxy runs under callgrind twice, serving N/2 and then 3N/2 keep-alive GETs over 4
 # connections (python's http.client, 4 threads); the difference of the two totals over N is one
@@ -12,21 +13,21 @@
 # `master_process off` so that its one process is the worker.
 #
 # Allocations: `cargo build --features alloc-count` (a debug build: allocations do not depend on
-# the optimisation level) counts every heap allocation in `outrigger_heap_allocations_total`;
-# the counter is read from the admin endpoint after a warm-up and again after N requests.
-# `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building.
-# Needs: valgrind nginx haproxy python3 curl.
+# the optimisation level) counts every heap allocation in `outrigger_heap_allocations_total`
+# (`src/counting_alloc.rs`). After a warm-up, the counter is read, N/2 requests sent on 4 new
+# connections, read again, 3N/2 requests on 4 new connections, read again: the difference of
+# the two steps over N is one request's allocations in steady state (the connections' set-up
+# and the `/metrics` scrapes cancel out). Three kinds of request: a keep-alive GET (the HTTP/1
+# fast path), a POST with a 5-byte body (the fast path hands it to hyper's HTTP/1 server; the
+# upstream exchange is the raw one), and an h2c GET (h2load, hyper's HTTP/2 server).
+# `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building;
+# `ALLOCS_ONLY=1` skips the callgrind part.
+# Needs: valgrind nginx haproxy python3 curl h2load.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 n=${1:-4000}
-for tool in valgrind nginx haproxy python3 curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }
-done
-if [ -z "${OUTRIGGER_BIN:-}" ]; then cargo build --release -q; fi
-bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+need valgrind nginx haproxy python3 curl h2load
+[ -n "${ALLOCS_ONLY:-}" ] || build_release
 UP=18681; P=18691; ADMIN=18692
 
 cat > "$dir/up.conf" <<CONF
@@ -70,15 +71,17 @@ listeners:
     address: 127.0.0.1:$P
 CONF
 nginx -c "$dir/up.conf" & pids+=($!)
+wait_port $UP
 
-load() { # REQUESTS: keep-alive GETs over 4 connections
-  python3 - "$P" "$1" <<'PY'
+load() { # REQUESTS [METHOD]: keep-alive requests over 4 connections (POST: a 5-byte body)
+  python3 - "$P" "$1" "${2:-GET}" <<'PY'
 import http.client, sys, threading
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+body = b"hello" if method == "POST" else None
 def work():
     c = http.client.HTTPConnection("127.0.0.1", port)
     for _ in range(n // 4):
-        c.request("GET", "/"); r = c.getresponse(); r.read()
+        c.request(method, "/", body=body); r = c.getresponse(); r.read()
         assert r.status == 200, r.status
 ts = [threading.Thread(target=work) for _ in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
@@ -100,30 +103,49 @@ count() { # PROXY REQUESTS → total instructions
 }
 
 declare -A per
-for p in outrigger haproxy nginx; do
-  a=$(count $p $((n / 2))); b=$(count $p $((3 * n / 2)))
-  per[$p]=$(( (b - a) / n ))
-  echo "$p: ${per[$p]} instructions per request" >&2
-done
+if [ -z "${ALLOCS_ONLY:-}" ]; then
+  for p in outrigger haproxy nginx; do
+    a=$(count $p $((n / 2))); b=$(count $p $((3 * n / 2)))
+    per[$p]=$(( (b - a) / n ))
+    echo "$p: ${per[$p]} instructions per request" >&2
+  done
+fi
 
-# Heap allocations per request: the counting build, warmed up, then N requests.
+# Heap allocations per request: the counting build, warmed up, then N/2 and 3N/2 requests.
 # `ALLOC_BIN=path` uses that (alloc-count) binary instead of building it.
 if [ -z "${ALLOC_BIN:-}" ]; then cargo build -q --features alloc-count; fi
 "${ALLOC_BIN:-$PWD/target/debug/outrigger}" run -c "$dir/outrigger.yaml" >/dev/null 2>"$dir/alloc.err" & pids+=($!)
 wait_up
 allocs() { curl -sf "http://127.0.0.1:$ADMIN/metrics" | awk '/^outrigger_heap_allocations_total / {print $2}'; }
-load 400
-a=$(allocs); load "$n"; b=$(allocs)
-alloc_per=$(awk -v a="$a" -v b="$b" -v n="$n" 'BEGIN { printf "%.2f", (b - a) / n }')
-echo "outrigger: $alloc_per heap allocations per request" >&2
-
-echo
-echo "### Instructions per proxied keep-alive HTTP/1.1 request (callgrind, $n requests, 4 connections)"
-echo
-echo "| proxy | instructions per request | vs nginx |"
-echo "|---|---:|---:|"
-for p in outrigger haproxy nginx; do
-  echo "| $p | ${per[$p]} | $(awk -v a="${per[$p]}" -v b="${per[nginx]}" 'BEGIN { printf "%.2f", a / b }')× |"
+h2c() { local out; out=$(h2load -c4 -m1 -n "$1" "http://127.0.0.1:$P/"); grep -q " $1 succeeded" <<< "$out" || { echo "h2load: not all $1 succeeded" >&2; exit 1; }; }
+declare -A alloc
+for kind in fast hyper h2c; do
+  case $kind in
+    fast) send() { load "$1" GET; } ;;
+    hyper) send() { load "$1" POST; } ;;
+    h2c) send() { h2c "$1"; } ;;
+  esac
+  send 400
+  a0=$(allocs); send $((n / 2)); a1=$(allocs); send $((3 * n / 2)); a2=$(allocs)
+  alloc[$kind]=$(awk -v a0="$a0" -v a1="$a1" -v a2="$a2" -v n="$n" 'BEGIN { printf "%.2f", ((a2 - a1) - (a1 - a0)) / n }')
+  echo "outrigger $kind: ${alloc[$kind]} heap allocations per request (steps $((a1 - a0)), $((a2 - a1)))" >&2
 done
+
+if [ -z "${ALLOCS_ONLY:-}" ]; then
+  echo
+  echo "### Instructions per proxied keep-alive HTTP/1.1 request (callgrind, $n requests, 4 connections)"
+  echo
+  echo "| proxy | instructions per request | vs nginx |"
+  echo "|---|---:|---:|"
+  for p in outrigger haproxy nginx; do
+    echo "| $p | ${per[$p]} | $(awk -v a="${per[$p]}" -v b="${per[nginx]}" 'BEGIN { printf "%.2f", a / b }')× |"
+  done
+fi
 echo
-echo "Outrigger heap allocations per request (steady state, no header edits): **$alloc_per**"
+echo "### Outrigger heap allocations per request (steady state, $n requests, 4 connections, route without header edits)"
+echo
+echo "| request | path | allocations per request |"
+echo "|---|---|---:|"
+echo "| keep-alive GET, HTTP/1.1 | fast path | ${alloc[fast]} |"
+echo "| keep-alive POST, 5-byte body, HTTP/1.1 | hyper's HTTP/1 server, raw upstream exchange | ${alloc[hyper]} |"
+echo "| GET, h2c (h2load) | hyper's HTTP/2 server, raw upstream exchange | ${alloc[h2c]} |"

@@ -7,27 +7,24 @@
 # thread and keeps connections to the upstream alive. CPU pinning: the load generator on CPU 0,
 # the proxy and the upstream on CPU 1 (a sidecar shares its pod with the app). HTTP/1.1: wrk,
 # 1 thread, 32 connections. HTTP/2 (h2c prior knowledge): h2load, 32 connections, 1 stream each;
-# proxies forward over HTTP/1.1. RSS is read from /proc after each proxy's runs.
-# The unix-socket path: a second Outrigger, the same config but reaching the upstream (app) at
-# a unix socket instead of 127.0.0.1, both in this run: the app<->sidecar hop over UDS vs TCP.
+# proxies forward over HTTP/1.1.
+# The unix-socket path: a second Outrigger, the same config but listening on a unix socket and
+# reaching the upstream (app) at a unix socket, measured with h2load over the unix socket
+# (`--base-uri=unix:PATH`; `--h1` for HTTP/1.1) next to the same h2load over 127.0.0.1 to the
+# first Outrigger: both hops over UDS vs both over TCP, same generator. RSS is read from /proc
+# after each proxy's runs (Outrigger's split into anonymous memory and the binary's file pages).
 # Then bench/proxy-instructions.sh: callgrind instructions per request for Outrigger, HAProxy
-# and nginx, and Outrigger's heap allocations per request (INSTRUCTIONS=0 skips it).
-# Needs: nginx haproxy wrk h2load valgrind (Debian: nginx haproxy wrk nghttp2-client valgrind).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-secs=${1:-10}
-for tool in nginx haproxy wrk h2load taskset; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx haproxy wrk nghttp2-client)"; exit 1; }
-done
+# and nginx, and Outrigger's heap allocations per request on its three paths (INSTRUCTIONS=0
+# skips it; ALLOC_BIN=path gives it an alloc-count build).
 # `OUTRIGGER_BIN=path` measures that binary instead of building (also for the instructions part).
-if [ -z "${OUTRIGGER_BIN:-}" ]; then cargo build --release -q; fi
-bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+# Needs: nginx haproxy wrk h2load valgrind curl (Debian: nginx haproxy wrk nghttp2-client valgrind curl).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+secs=${1:-10}
+need nginx haproxy wrk h2load taskset curl
+build_release
 
-UP=18181; UP_H2=18182; NGX=18190; NGX_H2=18191; HAP=18200; HAP_H2=18201; OUT=18210; OUT_UDS=18211
+UP=18181; UP_H2=18182; NGX=18190; NGX_H2=18191; HAP=18200; HAP_H2=18201; OUT=18210
 
 cat > "$dir/upstream.conf" <<EOF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log stderr error;
@@ -70,17 +67,17 @@ listeners:
   - name: public
     address: 127.0.0.1:$OUT
 EOF
-sed -e "s|127.0.0.1:$UP|unix:$dir/up.sock|" -e "s|127.0.0.1:$OUT|127.0.0.1:$OUT_UDS|" "$dir/outrigger.yaml" > "$dir/outrigger-uds.yaml"
+sed -e "s|127.0.0.1:$UP|\"unix:$dir/up.sock\"|" -e "s|127.0.0.1:$OUT|\"unix:$dir/in.sock\"|" "$dir/outrigger.yaml" > "$dir/outrigger-uds.yaml"
 
-start() { taskset -c 1 "$@" & pids+=($!); }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
-rss_kib() { awk '/VmRSS/ {s += $2} END {print s}' "$@" 2>/dev/null; }
+sample_rss() { while sleep 0.5; do awk '$1 == "VmRSS:" {r = $2} $1 == "RssAnon:" {a = $2} END {print r, a}' "/proc/$1/status"; done; }
+rss_kib() { awk -v k="${2:-VmRSS}:" '$1 == k {s += $2} END {print s}' $1 2>/dev/null; }
 
 start nginx -c "$dir/upstream.conf"; wait_port $UP
 start nginx -c "$dir/nginx.conf"; wait_port $NGX
 start haproxy -f "$dir/haproxy.cfg"; hap_pid=$!; wait_port $HAP
 start "$bin" run -c "$dir/outrigger.yaml"; out_pid=$!; wait_port $OUT
-start "$bin" run -c "$dir/outrigger-uds.yaml"; wait_port $OUT_UDS
+start "$bin" run -c "$dir/outrigger-uds.yaml"
+for _ in $(seq 100); do curl -sf -o /dev/null --unix-socket "$dir/in.sock" http://localhost/ && break; sleep 0.1; done
 
 # wrk: prints "rps p50_ms p99_ms"
 h1() {
@@ -105,20 +102,48 @@ h2() {
     END { printf "%.0f %.3f %.3f (%s 2xx)\n", rps, d[int(NR * 0.5)] / 1000, d[int(NR * 0.99)] / 1000, ok }'
 }
 
+# h2load over HTTP/1.1 or h2c to ADDRESS (127.0.0.1:PORT or unix:PATH) → "rps mean_ms"
+h2l() { # h1|h2 ADDRESS
+  local proto=() base
+  [ "$1" = h1 ] && proto=(--h1)
+  case $2 in unix:*) base=(-B "$2" http://localhost/) ;; *) base=("http://$2/") ;; esac
+  taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D1 "${base[@]}" >/dev/null 2>&1 || true
+  taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D"$secs" "${base[@]}" > "$dir/h2l.out" 2>&1
+  # No per-request log (--log-file): it costs h2load a fifth of its rate, and the generator is
+  # near its limit here; the mean latency is h2load's own.
+  awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) { rps = $i; gsub(",", "", rps) } }
+    /^time for request:/ { mean = ms($6) }
+    END { printf "%.0f %.3f\n", rps, mean }' "$dir/h2l.out"
+}
+
 declare -A R
 for target in direct:$UP:$UP_H2 outrigger:$OUT:$OUT haproxy:$HAP:$HAP_H2 nginx:$NGX:$NGX_H2; do
   IFS=: read -r name p1 p2 <<< "$target"
+  # Outrigger's resident set under load: sampled every 0.5 s during its runs (the peak is kept).
+  [ "$name" = outrigger ] && { sample_rss $out_pid > "$dir/rss.samples" & sampler=$!; }
   R[$name.h1]=$(h1 "$p1")
   R[$name.h2]=$(h2 "$p2")
+  [ "$name" = outrigger ] && { kill $sampler; wait $sampler 2>/dev/null || true; }
   echo "$name  h1: ${R[$name.h1]}   h2c: ${R[$name.h2]}" >&2
 done
-R[outrigger-uds.h1]=$(h1 $OUT_UDS)
-R[outrigger-uds.h2]=$(h2 $OUT_UDS)
-echo "outrigger-uds  h1: ${R[outrigger-uds.h1]}   h2c: ${R[outrigger-uds.h2]}" >&2
+# Both hops over TCP vs both over unix sockets, the same generator (h2load), alternating order.
+for proto in h1 h2; do
+  R[tcp.$proto]=$(h2l $proto 127.0.0.1:$OUT)
+  R[uds.$proto]=$(h2l $proto "unix:$dir/in.sock")
+  t2=$(h2l $proto 127.0.0.1:$OUT)
+  R[tcp.$proto]="$(echo "${R[tcp.$proto]} $t2" | awk '{printf "%.0f %.3f", ($1 + $3) / 2, ($2 + $4) / 2}')"
+  echo "$proto over h2load  TCP: ${R[tcp.$proto]}   unix: ${R[uds.$proto]}" >&2
+done
+R[outrigger.peak]=$(sort -n "$dir/rss.samples" | tail -1)
+sleep 3   # the trimmer hands back what the load left once it has been quiet for 2 s
 R[outrigger.rss]=$(rss_kib /proc/$out_pid/status)
+R[outrigger.anon]=$(rss_kib /proc/$out_pid/status RssAnon)
+R[outrigger.file]=$(rss_kib /proc/$out_pid/status RssFile)
 R[haproxy.rss]=$(rss_kib /proc/$hap_pid/status)
 ngx_pids=$(pgrep -f "nginx -c $dir/nginx.conf" || true)
-R[nginx.rss]=$(rss_kib $(for p in $ngx_pids; do echo /proc/$p/status; done))
+R[nginx.rss]=$(rss_kib "$(for p in $ngx_pids; do echo /proc/$p/status; done)")
 
 field() { echo "${R[$1]}" | awk -v f="$2" '{print $f}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -141,18 +166,23 @@ for proto in h1 h2; do
   echo "Outrigger/HAProxy throughput: **$(ratio "$o" "$(field haproxy.$proto 1)")×**, Outrigger/nginx: **$(ratio "$o" "$(field nginx.$proto 1)")×**"
   echo
 done
-echo "RSS after the runs: Outrigger $(awk -v k="${R[outrigger.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, HAProxy $(awk -v k="${R[haproxy.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, nginx (master + worker) $(awk -v k="${R[nginx.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB"
+mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
+echo "Outrigger RSS under load (peak of 0.5 s samples during its runs): $(mib "$(echo "${R[outrigger.peak]}" | cut -d' ' -f1)") MiB, of which $(mib "$(echo "${R[outrigger.peak]}" | cut -d' ' -f2)") MiB anonymous"
 echo
-echo "### App<->sidecar over a unix socket vs loopback TCP (Outrigger to the upstream)"
+echo "RSS 3 s after the runs: Outrigger $(mib "${R[outrigger.rss]}") MiB ($(mib "${R[outrigger.anon]}") anonymous, $(mib "${R[outrigger.file]}") the binary's file pages), HAProxy $(awk -v k="${R[haproxy.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, nginx (master + worker) $(awk -v k="${R[nginx.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB"
 echo
-echo "| path | HTTP/1.1 req/s | h2c req/s |"
-echo "|---|---:|---:|"
-echo "| TCP 127.0.0.1 | $(field outrigger.h1 1) | $(field outrigger.h2 1) |"
-echo "| unix socket | $(field outrigger-uds.h1 1) | $(field outrigger-uds.h2 1) |"
+echo "### App<->sidecar over unix sockets vs loopback TCP (both hops, h2load, 32 connections)"
 echo
-echo "unix/TCP: HTTP/1.1 **$(ratio "$(field outrigger-uds.h1 1)" "$(field outrigger.h1 1)")×**, h2c **$(ratio "$(field outrigger-uds.h2 1)" "$(field outrigger.h2 1)")×**"
+echo "| path | HTTP/1.1 req/s | mean ms | h2c req/s | mean ms |"
+echo "|---|---:|---:|---:|---:|"
+echo "| TCP 127.0.0.1 (mean of the runs before and after unix) | $(field tcp.h1 1) | $(field tcp.h1 2) | $(field tcp.h2 1) | $(field tcp.h2 2) |"
+echo "| unix socket | $(field uds.h1 1) | $(field uds.h1 2) | $(field uds.h2 1) | $(field uds.h2 2) |"
+echo
+echo "unix/TCP: HTTP/1.1 **$(ratio "$(field uds.h1 1)" "$(field tcp.h1 1)")×**, h2c **$(ratio "$(field uds.h2 1)" "$(field tcp.h2 1)")×**"
+echo
+echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "${INSTRUCTIONS:-1}" != 0 ]; then
-  cleanup; trap - EXIT
+  bench_cleanup; pids=(); dir=$(mktemp -d)
   echo
   OUTRIGGER_BIN=$bin bench/proxy-instructions.sh "${N:-4000}"
 fi

@@ -1,6 +1,8 @@
-//! A small HTTP/1.1 keep-alive load generator that can use a unix socket as well as TCP (wrk
-//! and h2load cannot), for `bench/uds.sh`. Standard library only, built with
-//! `rustc -O bench/uds-load.rs -o /tmp/uds-load`.
+//! A small HTTP/1.1 keep-alive load generator that can use a unix socket as well as TCP, for
+//! `bench/uds.sh`. Standard library only, built with `rustc -O bench/uds-load.rs -o /tmp/uds-load`.
+//! `bench/uds.sh` now measures with h2load (`--base-uri=unix:PATH` reaches a unix socket) and
+//! runs this one only as a cross-check: a thread per connection costs a context switch per
+//! request on the generator's core, which capped it below h2load (docs/BENCHMARKS.md).
 //!
 //!     uds-load ADDRESS CONNECTIONS SECONDS      ADDRESS: 127.0.0.1:PORT or unix:/path
 //!

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # App<->sidecar over unix sockets vs loopback TCP, both hops: client -> Outrigger (a unix
-# listener vs 127.0.0.1) -> app (nginx on a unix socket vs 127.0.0.1), measured with
-# bench/uds-load.rs (HTTP/1.1 keep-alive, 32 connections; wrk and h2load have no unix-socket
-# mode). Its TCP figure is checked against wrk's on the direct path (the generator must not be
-# the bottleneck). Alternating TCP/unix rounds (ABBA); the load on CPU 0, the proxy and nginx
-# on CPU 1.
+# listener vs 127.0.0.1) -> app (nginx on a unix socket vs 127.0.0.1). The generator is h2load
+# (`--base-uri=unix:PATH` reaches a unix socket; `--h1` for HTTP/1.1), 32 keep-alive
+# connections, one request in flight on each, the same generator for both paths. Alternating
+# TCP/unix rounds (ABBA); the load on CPU 0, the proxy and nginx on CPU 1.
+#
+# Next to it, the same h2load straight to nginx over TCP and over its unix socket: what the
+# socket family alone gives one hop with no proxy in between (the ceiling for the ratio), and
+# bench/uds-load.rs (a thread-per-connection std-only generator, the first version of this
+# script's) against h2load on the same path, to show what that generator capped.
 #
 #   bench/uds.sh [ROUNDS] [SECONDS]      (default 4 rounds of 5 s)
+#   H2C=1 bench/uds.sh                   (h2c instead of HTTP/1.1 from the client)
 #
-# `OUTRIGGER_BIN=path` measures that binary instead of target/release/outrigger.
-# Needs: nginx wrk rustc taskset.
+# `OUTRIGGER_BIN=path` measures that binary instead of building.
+# Needs: nginx h2load rustc taskset curl.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 rounds=${1:-4}; secs=${2:-5}
-bin=${OUTRIGGER_BIN:-$PWD/target/release/outrigger}
-dir=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+need nginx h2load rustc taskset curl
+build_release
 rustc --edition 2024 -O bench/uds-load.rs -o "$dir/uds-load"
 UP=18781; TCP=18791
 cat > "$dir/up.conf" <<CONF
@@ -28,17 +31,47 @@ http { access_log off;
 CONF
 printf 'admin: { address: 127.0.0.1:0 }\nruntime: { worker_threads: 1 }\nlog: { level: warn }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' $UP $TCP > "$dir/tcp.yaml"
 printf 'admin: { address: 127.0.0.1:0 }\nruntime: { worker_threads: 1 }\nlog: { level: warn }\napp: { address: "unix:%s/app.sock" }\nlisteners:\n  - name: in\n    address: "unix:%s/in.sock"\n' "$dir" "$dir" > "$dir/uds.yaml"
-taskset -c 1 nginx -c "$dir/up.conf" & pids+=($!)
-taskset -c 1 "$bin" run -c "$dir/tcp.yaml" 2>/dev/null & pids+=($!)
-taskset -c 1 "$bin" run -c "$dir/uds.yaml" 2>/dev/null & pids+=($!)
-for _ in $(seq 100); do [ -S "$dir/in.sock" ] && [ -S "$dir/app.sock" ] && curl -sf -o /dev/null "http://127.0.0.1:$TCP/" && break; sleep 0.1; done
-load() { taskset -c 0 "$dir/uds-load" "$1" 32 "$secs"; }
-echo "direct, TCP: wrk $(taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$UP/" | awk '/Requests\/sec/ {print $2}') req/s, uds-load $(load 127.0.0.1:$UP | awk '{print $1}') req/s"
-echo "through Outrigger, TCP: wrk $(taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$TCP/" | awk '/Requests\/sec/ {print $2}') req/s, uds-load $(load 127.0.0.1:$TCP | awk '{print $1}') req/s"
-sum_t=0; sum_u=0
+start nginx -c "$dir/up.conf"
+start "$bin" run -c "$dir/tcp.yaml"; tcp_pid=$!
+start "$bin" run -c "$dir/uds.yaml"; uds_pid=$!
+wait_port $UP; wait_http "http://127.0.0.1:$TCP/"
+for _ in $(seq 100); do curl -sf -o /dev/null --unix-socket "$dir/in.sock" http://localhost/ && break; sleep 0.1; done
+
+proto=(--h1); [ -n "${H2C:-}" ] && proto=()
+# ADDRESS (127.0.0.1:PORT or unix:PATH) → "req/s mean_ms"
+load() {
+  local base
+  case $1 in unix:*) base=(-B "$1" http://localhost/) ;; *) base=("http://$1/") ;; esac
+  taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D"$secs" "${base[@]}" > "$dir/h2l.out" 2>&1
+  # No per-request log (--log-file): it costs h2load a fifth of its rate, and the generator is
+  # near its limit here; the mean latency is h2load's own.
+  awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) { rps = $i; gsub(",", "", rps) } }
+    /^time for request:/ { mean = ms($6) }
+    /^requests:/ { ok = $8 }
+    END { printf "%.0f %.3f %d\n", rps, mean, ok }' "$dir/h2l.out"
+}
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }   # user, system (USER_HZ = 100)
+# PID ADDRESS → "req/s mean_ms user_us/req sys_us/req": the proxy's own CPU per request (from
+# /proc/PID/stat), which the machine's other load does not change the way it changes req/s.
+measure() {
+  local a b r; a=$(ticks "$1"); r=$(load "$2"); b=$(ticks "$1")
+  echo "$a $b $r" | awk '{ n = $7; printf "%s %.3f %.1f %.1f\n", $5, $6, ($3 - $1) * 10000 / n, ($4 - $2) * 10000 / n }'
+}
+echo "$([ -n "${H2C:-}" ] && echo h2c || echo HTTP/1.1) from the client, h2load -c32 -m1, ${secs}s per measurement, $(git rev-parse --short HEAD 2>/dev/null)"
+dt=$(load 127.0.0.1:$UP); du=$(load "unix:$dir/app.sock")
+echo "direct to nginx (one hop, no proxy): TCP ${dt%% *}, unix ${du%% *} req/s: $(echo "scale=2; ${du%% *} / ${dt%% *}" | bc)×"
+if [ -z "${H2C:-}" ]; then
+  echo "generator check, through Outrigger over unix: h2load $(load "unix:$dir/in.sock" | awk '{print $1}'), uds-load $(taskset -c 0 "$dir/uds-load" "unix:$dir/in.sock" 32 "$secs" | awk '{print $1}') req/s"
+fi
+sum_t=0; sum_u=0; cpu_t=0; cpu_u=0
 for r in $(seq "$rounds"); do
-  if (( r % 2 )); then t=$(load 127.0.0.1:$TCP); u=$(load "unix:$dir/in.sock"); else u=$(load "unix:$dir/in.sock"); t=$(load 127.0.0.1:$TCP); fi
-  echo "round $r: TCP $t, unix $u   (req/s p50_ms p99_ms)"
-  sum_t=$(echo "$sum_t + ${t%% *}" | bc); sum_u=$(echo "$sum_u + ${u%% *}" | bc)
+  if (( r % 2 )); then t=$(measure $tcp_pid 127.0.0.1:$TCP); u=$(measure $uds_pid "unix:$dir/in.sock")
+  else u=$(measure $uds_pid "unix:$dir/in.sock"); t=$(measure $tcp_pid 127.0.0.1:$TCP); fi
+  echo "round $r: TCP $t, unix $u   (req/s mean_ms, Outrigger's user and system CPU µs per request)"
+  read -r tr _ tus tsy <<< "$t"; read -r ur _ uus usy <<< "$u"
+  sum_t=$(echo "$sum_t + $tr" | bc); sum_u=$(echo "$sum_u + $ur" | bc)
+  cpu_t=$(echo "$cpu_t + $tus + $tsy" | bc); cpu_u=$(echo "$cpu_u + $uus + $usy" | bc)
 done
-echo "unix/TCP through Outrigger, both hops: $(echo "scale=2; $sum_u / $sum_t" | bc)×"
+echo "unix/TCP through Outrigger, both hops: $(echo "scale=2; $sum_u / $sum_t" | bc)× req/s; Outrigger's CPU per request TCP/unix $(echo "scale=2; $cpu_t / $cpu_u" | bc)×   (load average $(cut -d' ' -f1-3 /proc/loadavg))"
