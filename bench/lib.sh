@@ -17,15 +17,33 @@
 #   wait_port PORT          until 127.0.0.1:PORT accepts a connection (10 s at most)
 #   wait_file FILE          until FILE is not empty (e.g. a --listeners-file; 5 s at most)
 #   wait_http URL           until URL answers 2xx (10 s at most)
+#   wait_http_unix SOCKET   until http://localhost/ over the unix socket SOCKET answers 2xx
+#                           (10 s at most)
 # Every wait exits the script with a message when it runs out.
+#   h2load_rate h1|h2 ADDRESS SECONDS
+#                           h2load (32 connections, one request in flight each) over HTTP/1.1
+#                           or h2c to ADDRESS (127.0.0.1:PORT or unix:PATH); prints "req/s
+#                           mean_ms succeeded"; returns 1 with a message when no request
+#                           succeeded. Set H2LOAD_WARMUP=1 for a 1 s run first.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 need() {
-  local missing=()
-  for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  local missing=() packages=()
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null && continue
+    missing+=("$tool")
+    case $tool in   # the Debian package that has the tool
+      h2load) packages+=(nghttp2-client) ;;
+      taskset | prlimit) packages+=(util-linux) ;;
+      pgrep | ps) packages+=(procps) ;;
+      redis-cli | redis-server | redis-benchmark) packages+=(redis-tools redis-server) ;;
+      heaptrack_print) packages+=(heaptrack) ;;
+      *) packages+=("$tool") ;;   # nginx haproxy wrk valgrind curl python3 rustc bc heaptrack
+    esac
+  done
   if ((${#missing[@]})); then
-    echo "missing: ${missing[*]} (Debian packages; e.g. apt-get install nginx wrk nghttp2-client)" >&2
+    echo "missing: ${missing[*]} (Debian: apt-get install $(printf '%s\n' "${packages[@]}" | sort -u | paste -sd' '))" >&2
     exit 1
   fi
 }
@@ -78,4 +96,31 @@ wait_file() {
 wait_http() {
   for _ in $(seq 1 100); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
   echo "$1 never answered" >&2; exit 1
+}
+
+wait_http_unix() {
+  for _ in $(seq 1 100); do curl -sf -o /dev/null --unix-socket "$1" http://localhost/ && return 0; sleep 0.1; done
+  echo "unix socket $1 never answered" >&2; exit 1
+}
+
+h2load_rate() { # h1|h2 ADDRESS SECONDS → "req/s mean_ms succeeded"
+  local proto=() base out="$dir/h2load_rate.out"
+  [ "$1" = h1 ] && proto=(--h1)
+  case $2 in unix:*) base=(-B "$2" http://localhost/) ;; *) base=("http://$2/") ;; esac
+  if [ -n "${H2LOAD_WARMUP:-}" ]; then
+    taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D1 "${base[@]}" >/dev/null 2>&1 || true
+  fi
+  taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D"$3" "${base[@]}" > "$out" 2>&1 || true
+  # No per-request log (--log-file): it costs h2load a fifth of its rate, and the generator is
+  # near its limit here; the mean latency is h2load's own.
+  local r; r=$(awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) { rps = $i; gsub(",", "", rps) } }
+    /^time for request:/ { mean = ms($6) }
+    /^requests:/ { ok = $8 }
+    END { printf "%.0f %.3f %d\n", rps, mean, ok }' "$out")
+  if [ "${r##* }" = 0 ]; then
+    echo "h2load $1 to $2: no request succeeded:" >&2; tail -5 "$out" >&2; return 1
+  fi
+  echo "$r"
 }

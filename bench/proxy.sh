@@ -69,15 +69,21 @@ listeners:
 EOF
 sed -e "s|127.0.0.1:$UP|\"unix:$dir/up.sock\"|" -e "s|127.0.0.1:$OUT|\"unix:$dir/in.sock\"|" "$dir/outrigger.yaml" > "$dir/outrigger-uds.yaml"
 
-sample_rss() { while sleep 0.5; do awk '$1 == "VmRSS:" {r = $2} $1 == "RssAnon:" {a = $2} END {print r, a}' "/proc/$1/status"; done; }
-rss_kib() { awk -v k="${2:-VmRSS}:" '$1 == k {s += $2} END {print s}' $1 2>/dev/null; }
+# PID: "VmRSS RssAnon" (KiB) every 0.5 s while PID lives
+sample_rss() { while [ -e "/proc/$1" ] && sleep 0.5; do awk '$1 == "VmRSS:" {r = $2} $1 == "RssAnon:" {a = $2} END {print r, a}' "/proc/$1/status" 2>/dev/null; done; }
+# FIELD PID... → the sum of FIELD (KiB) in the processes' /proc/PID/status (0 if none is alive)
+rss_kib() {
+  local k=$1 files=(); shift
+  for p in "$@"; do [ -e "/proc/$p/status" ] && files+=("/proc/$p/status"); done
+  ((${#files[@]})) || { echo 0; return; }
+  awk -v k="$k:" '$1 == k {s += $2} END {print s + 0}' "${files[@]}"
+}
 
 start nginx -c "$dir/upstream.conf"; wait_port $UP
-start nginx -c "$dir/nginx.conf"; wait_port $NGX
+start nginx -c "$dir/nginx.conf"; ngx_pid=$!; wait_port $NGX
 start haproxy -f "$dir/haproxy.cfg"; hap_pid=$!; wait_port $HAP
 start "$bin" run -c "$dir/outrigger.yaml"; out_pid=$!; wait_port $OUT
-start "$bin" run -c "$dir/outrigger-uds.yaml"
-for _ in $(seq 100); do curl -sf -o /dev/null --unix-socket "$dir/in.sock" http://localhost/ && break; sleep 0.1; done
+start "$bin" run -c "$dir/outrigger-uds.yaml"; wait_http_unix "$dir/in.sock"
 
 # wrk: prints "rps p50_ms p99_ms"
 h1() {
@@ -103,26 +109,13 @@ h2() {
 }
 
 # h2load over HTTP/1.1 or h2c to ADDRESS (127.0.0.1:PORT or unix:PATH) → "rps mean_ms"
-h2l() { # h1|h2 ADDRESS
-  local proto=() base
-  [ "$1" = h1 ] && proto=(--h1)
-  case $2 in unix:*) base=(-B "$2" http://localhost/) ;; *) base=("http://$2/") ;; esac
-  taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D1 "${base[@]}" >/dev/null 2>&1 || true
-  taskset -c 0 h2load "${proto[@]}" -c32 -m1 -D"$secs" "${base[@]}" > "$dir/h2l.out" 2>&1
-  # No per-request log (--log-file): it costs h2load a fifth of its rate, and the generator is
-  # near its limit here; the mean latency is h2load's own.
-  awk '
-    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-    /finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) { rps = $i; gsub(",", "", rps) } }
-    /^time for request:/ { mean = ms($6) }
-    END { printf "%.0f %.3f\n", rps, mean }' "$dir/h2l.out"
-}
+h2l() { local r; r=$(H2LOAD_WARMUP=1 h2load_rate "$1" "$2" "$secs") || return 1; echo "${r% *}"; }
 
 declare -A R
 for target in direct:$UP:$UP_H2 outrigger:$OUT:$OUT haproxy:$HAP:$HAP_H2 nginx:$NGX:$NGX_H2; do
   IFS=: read -r name p1 p2 <<< "$target"
   # Outrigger's resident set under load: sampled every 0.5 s during its runs (the peak is kept).
-  [ "$name" = outrigger ] && { sample_rss $out_pid > "$dir/rss.samples" & sampler=$!; }
+  [ "$name" = outrigger ] && { sample_rss $out_pid > "$dir/rss.samples" & sampler=$!; pids+=("$sampler"); }
   R[$name.h1]=$(h1 "$p1")
   R[$name.h2]=$(h2 "$p2")
   [ "$name" = outrigger ] && { kill $sampler; wait $sampler 2>/dev/null || true; }
@@ -137,13 +130,20 @@ for proto in h1 h2; do
   echo "$proto over h2load  TCP: ${R[tcp.$proto]}   unix: ${R[uds.$proto]}" >&2
 done
 R[outrigger.peak]=$(sort -n "$dir/rss.samples" | tail -1)
-sleep 3   # the trimmer hands back what the load left once it has been quiet for 2 s
-R[outrigger.rss]=$(rss_kib /proc/$out_pid/status)
-R[outrigger.anon]=$(rss_kib /proc/$out_pid/status RssAnon)
-R[outrigger.file]=$(rss_kib /proc/$out_pid/status RssFile)
-R[haproxy.rss]=$(rss_kib /proc/$hap_pid/status)
-ngx_pids=$(pgrep -f "nginx -c $dir/nginx.conf" || true)
-R[nginx.rss]=$(rss_kib "$(for p in $ngx_pids; do echo /proc/$p/status; done)")
+# The trimmer (main.rs) samples every second and hands back what the load left once the
+# process has been quiet for 2 s, at most every 10 s: wait 5 s, then until RSS stops falling.
+sleep 5; after=0
+for _ in $(seq 10); do
+  prev=$(rss_kib VmRSS $out_pid); sleep 1; after=$((after + 1))
+  (( $(rss_kib VmRSS $out_pid) < prev )) || break
+done
+R[outrigger.after]=$((5 + after))
+R[outrigger.rss]=$(rss_kib VmRSS $out_pid)
+R[outrigger.anon]=$(rss_kib RssAnon $out_pid)
+R[outrigger.file]=$(rss_kib RssFile $out_pid)
+R[haproxy.rss]=$(rss_kib VmRSS $hap_pid)
+# nginx's worker is a child of the master started above (its title is "nginx: worker process")
+R[nginx.rss]=$(rss_kib VmRSS $ngx_pid $(cat /proc/$ngx_pid/task/*/children 2>/dev/null))
 
 field() { echo "${R[$1]}" | awk -v f="$2" '{print $f}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -169,7 +169,7 @@ done
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
 echo "Outrigger RSS under load (peak of 0.5 s samples during its runs): $(mib "$(echo "${R[outrigger.peak]}" | cut -d' ' -f1)") MiB, of which $(mib "$(echo "${R[outrigger.peak]}" | cut -d' ' -f2)") MiB anonymous"
 echo
-echo "RSS 3 s after the runs: Outrigger $(mib "${R[outrigger.rss]}") MiB ($(mib "${R[outrigger.anon]}") anonymous, $(mib "${R[outrigger.file]}") the binary's file pages), HAProxy $(awk -v k="${R[haproxy.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, nginx (master + worker) $(awk -v k="${R[nginx.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB"
+echo "RSS ${R[outrigger.after]} s after the runs (once it stopped falling): Outrigger $(mib "${R[outrigger.rss]}") MiB ($(mib "${R[outrigger.anon]}") anonymous, $(mib "${R[outrigger.file]}") the binary's file pages), HAProxy $(awk -v k="${R[haproxy.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB, nginx (master + worker) $(awk -v k="${R[nginx.rss]}" 'BEGIN{printf "%.1f", k/1024}') MiB"
 echo
 echo "### App<->sidecar over unix sockets vs loopback TCP (both hops, h2load, 32 connections)"
 echo
@@ -182,7 +182,7 @@ echo "unix/TCP: HTTP/1.1 **$(ratio "$(field uds.h1 1)" "$(field tcp.h1 1)")×**,
 echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "${INSTRUCTIONS:-1}" != 0 ]; then
-  bench_cleanup; pids=(); dir=$(mktemp -d)
+  bench_cleanup; pids=()
   echo
   OUTRIGGER_BIN=$bin bench/proxy-instructions.sh "${N:-4000}"
 fi
