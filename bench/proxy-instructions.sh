@@ -22,11 +22,14 @@
 # upstream exchange is the raw one), and an h2c GET (h2load, hyper's HTTP/2 server).
 # `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building;
 # `ALLOCS_ONLY=1` skips the callgrind part.
-# Needs: valgrind nginx haproxy python3 curl h2load.
+# Needs: nginx python3 curl h2load; valgrind and haproxy unless ALLOCS_ONLY=1; cargo unless
+# ALLOC_BIN is given.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 n=${1:-4000}
-need valgrind nginx haproxy python3 curl h2load
+need nginx python3 curl h2load
+[ -n "${ALLOCS_ONLY:-}" ] || need valgrind haproxy
+[ -n "${ALLOC_BIN:-}" ] || need cargo
 [ -n "${ALLOCS_ONLY:-}" ] || build_release
 UP=18681; P=18691; ADMIN=18692
 
