@@ -533,7 +533,9 @@ fn run(args: RunArgs) -> ExitCode {
 /// set of ~3.3 MB; `GLIBC_TUNABLES=glibc.malloc.tcache_count=0` in the environment keeps it at
 /// ~7 MiB with no measurable throughput cost (docs/BENCHMARKS.md, "fourth step"). glibc reads
 /// it only at exec, so applying it from here would mean re-executing the process (and keeping
-/// the variable out of the app's environment): left to the deployment for now.
+/// the variable out of the app's environment): left to the deployment for now. Set on the
+/// sidecar, a supervised app (`app.command`) inherits it; `app.env: { GLIBC_TUNABLES: "" }`
+/// gives the app glibc's defaults back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
     // SAFETY: mallopt only changes allocator tunables; it is called first thing in main,
