@@ -27,6 +27,28 @@ pub enum Format {
     B3Multi,
 }
 
+/// Bytes of `traceparent` values: each value is a slice of a shared 4 KiB buffer instead of
+/// its own allocation (`HeaderValue::from_bytes` copies into a new one, once per proxied
+/// request). A buffer is freed when the last header sliced from it is.
+const VALUE_ARENA: usize = 4096;
+
+thread_local! {
+    static VALUES: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// `value` as a header value sliced from this thread's buffer of values.
+fn shared_value(value: &[u8]) -> HeaderValue {
+    let bytes = VALUES.with_borrow_mut(|buf| {
+        if buf.capacity() - buf.len() < value.len() {
+            *buf = bytes::BytesMut::with_capacity(VALUE_ARENA.max(value.len()));
+        }
+        buf.extend_from_slice(value);
+        buf.split().freeze()
+    });
+    HeaderValue::from_maybe_shared(bytes).expect("hex is a valid value")
+}
+
 /// One hop's trace context.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
@@ -157,11 +179,7 @@ impl TraceContext {
     }
 
     pub fn inject(&self, h: &mut HeaderMap) {
-        let tp = self.traceparent();
-        h.insert(
-            TRACEPARENT.clone(),
-            HeaderValue::from_bytes(&tp).expect("hex is a valid value"),
-        );
+        h.insert(TRACEPARENT.clone(), shared_value(&self.traceparent()));
         if self.format == Format::None
             && !h.keys().any(|k| k != TRACEPARENT && is_context_header(k))
         {
@@ -313,6 +331,29 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn injected_values_sliced_from_one_buffer_stay_each_their_own() {
+        // More values than one 4 KiB buffer holds: every map keeps its own value, also after
+        // the buffer it was sliced from has been replaced.
+        let maps: Vec<(TraceContext, HeaderMap)> = (0..200u64)
+            .map(|i| {
+                let ctx = TraceContext {
+                    trace_id: u128::from(i) << 64 | 0xabc,
+                    parent_id: None,
+                    span_id: i + 1,
+                    sampled: i % 2 == 0,
+                    format: Format::None,
+                };
+                let mut h = HeaderMap::new();
+                ctx.inject(&mut h);
+                (ctx, h)
+            })
+            .collect();
+        for (ctx, h) in &maps {
+            assert_eq!(h["traceparent"].as_bytes(), &ctx.traceparent()[..]);
+        }
     }
 
     #[test]
