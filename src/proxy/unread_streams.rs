@@ -94,23 +94,37 @@ impl Streams {
         let Ok(end) = STREAM_END.try_with(Arc::clone) else {
             return body;
         };
-        let w = Arc::new(Watch {
+        let fresh = Watch {
             polls: AtomicU64::new(0),
             owed: AtomicBool::new(true),
             done: AtomicBool::new(false),
             swept: AtomicU64::new(u64::MAX),
             end,
-        });
+        };
         let mut watched = self.watched.lock().expect("not poisoned");
-        // Finished bodies leave at the next sweep, or here: a busy connection must not pile
-        // up a period's worth of them (at most 100 streams are open at once).
-        if watched.len() >= FORGET_FINISHED_AT {
-            watched.retain(|w| !w.done.load(Ordering::Relaxed));
-        }
-        if watched.is_empty() {
-            self.busy.notify_one();
-        }
-        watched.push(w.clone());
+        // A finished body's entry that nothing else holds any more (its body was dropped) is
+        // taken over in place: no allocation per response in steady state, and the list stays
+        // as long (not empty), so its sweeps go on as they were.
+        let w = if let Some(i) = watched
+            .iter_mut()
+            .position(|w| Arc::get_mut(w).is_some_and(|w| *w.done.get_mut()))
+        {
+            let w = &mut watched[i];
+            *Arc::get_mut(w).expect("only the list holds it") = fresh;
+            w.clone()
+        } else {
+            // Finished bodies leave at the next sweep, or here: a busy connection must not
+            // pile up a period's worth of them (at most 100 streams are open at once).
+            if watched.len() >= FORGET_FINISHED_AT {
+                watched.retain(|w| !w.done.load(Ordering::Relaxed));
+            }
+            if watched.is_empty() {
+                self.busy.notify_one();
+            }
+            let w = Arc::new(fresh);
+            watched.push(w.clone());
+            w
+        };
         drop(watched);
         http_body_util::BodyExt::boxed(Watched { inner: body, w })
     }
@@ -240,6 +254,29 @@ mod tests {
         });
         rx.await.unwrap();
         assert!(streams.watched.lock().unwrap().len() <= FORGET_FINISHED_AT);
+    }
+
+    /// One stream after another on a connection: each new body takes over the entry of the
+    /// one before (dropped, so finished), instead of adding one of its own.
+    #[tokio::test]
+    async fn a_finished_bodys_entry_is_taken_over() {
+        let streams = Arc::new(Streams::default());
+        let reset = Counter::default();
+        let s = streams.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        StreamExecutor.execute_stream(async move {
+            for _ in 0..10 {
+                drop(s.watch(super::super::body::empty()));
+            }
+            let open = s.watch(super::super::body::full("x"));
+            let _ = tx.send(());
+            let _open = open;
+            std::future::pending::<()>().await;
+        });
+        rx.await.unwrap();
+        assert_eq!(streams.watched.lock().unwrap().len(), 1);
+        // The entry is the open body's, not a finished one: the sweep keeps it.
+        assert_eq!(streams.sweep(&reset), 1);
     }
 
     fn futures_stream(
