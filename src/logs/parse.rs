@@ -458,8 +458,9 @@ fn push_json(out: &mut String, s: &str) {
 /// (`simd-json`, `sonic-rs`) bring large dependencies, `unsafe` and target-feature builds for
 /// what is one grammar of a page. It accepts exactly what `serde_json::from_str` did for an
 /// object: the same escapes, number grammar and whitespace, no nesting limit inside a member's
-/// value (serde_json has none for a raw value), keys with escapes decoded by serde_json itself
-/// (so a lone surrogate there is refused); checked against serde_json in the tests, every
+/// value (serde_json has none for a raw value), top-level keys with escapes decoded by serde_json
+/// itself (so a lone surrogate there is refused, while in a nested key it passes, as it does
+/// in serde_json's raw values); checked against serde_json in the tests, every
 /// one-byte change of a line at every position.
 pub(super) mod scan {
     use std::borrow::Cow;
@@ -615,12 +616,9 @@ pub(super) mod scan {
             if self.peek() != Some(b'"') {
                 return None;
             }
-            let start = self.i;
-            if self.string()? {
-                // serde_json decodes keys, so it refuses a lone surrogate there.
-                let k = std::str::from_utf8(&self.b[start..self.i]).ok()?;
-                serde_json::from_str::<String>(k).ok()?;
-            }
+            // Not decoded: serde_json skips a raw value's nested keys as it skips strings, so
+            // a lone surrogate is accepted here (only top-level keys are decoded, in `members`).
+            self.string()?;
             self.ws();
             if self.peek() != Some(b':') {
                 return None;
@@ -824,6 +822,9 @@ mod tests {
             r#" { "a" : [ 1 , -0.5e+3 , {"b" : [] } , {} , "x\"y\\z\/\b\f\n\r\t\u00e9" ] , "k\u0065y" : -0 } "#,
             r#"{"a":"\ud83d\ude00","b":"\ud800"}"#,
             r#"{"":"","":1}"#,
+            // Nested keys are not decoded by serde_json's raw values: a lone surrogate passes.
+            r#"{"a":{"\ud800":1}}"#,
+            r#"{"a":[{"k\u0065y":1}]}"#,
             "{}",
             "{\"a\":1}\n",
         ];
