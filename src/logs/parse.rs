@@ -870,6 +870,43 @@ mod tests {
         for c in cases {
             assert!(both(c).0.is_some(), "{c:?}");
         }
+        for c in bad {
+            assert!(both(c).0.is_none(), "{c:?}");
+        }
+        // Raw multi-byte characters, long strings, and a quote, backslash or control character
+        // at every offset of an eight-byte step, next to a multi-byte character.
+        for pad in 0..17 {
+            let x = "x".repeat(pad);
+            let valid = [
+                format!(r#"{{"k{x}é":"{x}\"é😀","m":"{x}\\é","n":["{x}é"]}}"#),
+                format!(r#"{{"k":"{x}😀\u00e9é{x}","é{x}":{{"ü{x}😀":"{x}é"}}}}"#),
+                format!("{{\"k\":\"{x}é\u{7f}😀\"}}"),
+            ];
+            for s in &valid {
+                let (got, want) = both(s);
+                assert!(got.is_some(), "{s:?}");
+                assert_eq!(got, want, "{s:?}");
+            }
+            for s in [
+                format!(r#"{{"k":"{x}"é😀"}}"#),
+                format!("{{\"k\":\"{x}\té\"}}"),
+                format!("{{\"k\":\"{x}é\u{1f}😀\"}}"),
+            ] {
+                let (got, want) = both(&s);
+                assert!(got.is_none(), "{s:?}");
+                assert_eq!(got, want, "{s:?}");
+            }
+        }
+        let long = format!(
+            r#"{{"msg":"{}","e":"{}","q":"{}\"{}"}}"#,
+            "é".repeat(300),
+            "😀".repeat(300),
+            "a".repeat(1000),
+            "ü".repeat(1000)
+        );
+        let (got, want) = both(&long);
+        assert!(got.is_some());
+        assert_eq!(got, want);
         // Deep nesting (serde_json's limit of 128 is not applied to raw values).
         for depth in (120..135).chain([300, 1000]) {
             let s = format!(r#"{{"a":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth));
@@ -884,19 +921,30 @@ mod tests {
             assert_eq!(got.is_some(), want.is_some(), "depth {depth}");
         }
         // Every one-byte change of a realistic line, at every position.
-        let line = r#"{"time":"2026-12-06T08:00:00.123456Z","level":"info","msg":"a \"b\" \u00e9","status":200,"d":-1.5e-3,"ok":true,"n":null,"tags":["x",{"y":[false]}],"e":{}}"#;
+        // Every one-byte change and every one-byte deletion of realistic lines, at every
+        // position (those that leave invalid UTF-8 are no `&str` and are skipped).
+        let lines = [
+            r#"{"time":"2026-12-06T08:00:00.123456Z","level":"info","msg":"a \"b\" \u00e9","status":200,"d":-1.5e-3,"ok":true,"n":null,"tags":["x",{"y":[false]}],"e":{}}"#,
+            r#"{"msg":"café \"crème\" 😀","k\u00e9y":"é\\","o":{"ü":["ñ",1]}}"#,
+        ];
         let subs = b" \t\n\"\\{}[]:,.-+0123456789eEtrufalsn\x01\x7fxu/";
-        for i in 0..line.len() {
-            for &c in subs {
+        for line in lines {
+            assert!(both(line).0.is_some(), "{line:?}");
+            for i in 0..line.len() {
+                for &c in subs {
+                    let mut b = line.as_bytes().to_vec();
+                    b[i] = c;
+                    let Ok(s) = String::from_utf8(b) else {
+                        continue;
+                    };
+                    let (got, want) = both(&s);
+                    assert_eq!(got, want, "{s:?}");
+                }
                 let mut b = line.as_bytes().to_vec();
-                b[i] = c;
-                let Ok(s) = String::from_utf8(b.clone()) else {
+                b.remove(i);
+                let Ok(s) = String::from_utf8(b) else {
                     continue;
                 };
-                let (got, want) = both(&s);
-                assert_eq!(got, want, "{s:?}");
-                b.remove(i);
-                let s = String::from_utf8(b).unwrap();
                 let (got, want) = both(&s);
                 assert_eq!(got, want, "{s:?}");
             }
