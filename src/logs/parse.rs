@@ -115,8 +115,34 @@ struct Seen<'a> {
     traceparent: Option<&'a str>,
     /// A key Outrigger replaces: the members must be copied one by one.
     replaced: bool,
-    /// Bit i: the line has configured field i (the first 64; later ones are looked up).
+    /// Bit i: the line has configured field i; `more` holds fields 64 and up (allocated only
+    /// when the line has one of them).
     fields: u64,
+    more: Vec<u64>,
+}
+
+impl Seen<'_> {
+    fn set_field(&mut self, i: usize) {
+        if i < 64 {
+            self.fields |= 1 << i;
+        } else {
+            let w = i / 64 - 1;
+            if self.more.len() <= w {
+                self.more.resize(w + 1, 0);
+            }
+            self.more[w] |= 1 << (i % 64);
+        }
+    }
+
+    fn has_field(&self, i: usize) -> bool {
+        if i < 64 {
+            self.fields & (1 << i) != 0
+        } else {
+            self.more
+                .get(i / 64 - 1)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        }
+    }
 }
 
 impl Encoder {
@@ -203,7 +229,7 @@ impl Encoder {
         let (true, Some(json)) = (valid, json) else {
             out.extend_from_slice(b"{\"message\":");
             json::string(out, &text);
-            self.finish(out, &Seen::default(), "", true, (tail, meta, now));
+            self.finish(out, &Seen::default(), true, (tail, meta, now));
             return matches!(format, LineFormat::Plain | LineFormat::Auto);
         };
         if seen.replaced {
@@ -222,12 +248,12 @@ impl Encoder {
                 out.push(b':');
                 out.extend_from_slice(v.as_bytes());
             });
-            self.finish(out, &seen, json, !first, (tail, meta, now));
+            self.finish(out, &seen, !first, (tail, meta, now));
         } else {
             // The line as written, up to its closing brace.
             let t = json.trim_end();
             out.extend_from_slice(t[..t.len() - 1].trim_end().as_bytes());
-            self.finish(out, &seen, json, !empty, (tail, meta, now));
+            self.finish(out, &seen, !empty, (tail, meta, now));
         }
         true
     }
@@ -273,20 +299,19 @@ impl Encoder {
         if meta.replaces(tail, key) {
             seen.replaced = true;
         }
-        for (i, (name, _)) in self.fields.iter().enumerate().take(64) {
+        for (i, (name, _)) in self.fields.iter().enumerate() {
             if name == key {
-                seen.fields |= 1 << i;
+                seen.set_field(i);
             }
         }
     }
 
-    /// Writes the added members, the tail and the closing `}\n`. `json`: the line's object
-    /// (empty for a plain line); `comma`: something was written after the opening brace already.
+    /// Writes the added members, the tail and the closing `}\n`. `comma`: something was
+    /// written after the opening brace already.
     fn finish(
         &self,
         out: &mut Vec<u8>,
         seen: &Seen<'_>,
-        json: &str,
         comma: bool,
         (tail, meta, now): (&Tail, Meta<'_>, SystemTime),
     ) {
@@ -347,13 +372,7 @@ impl Encoder {
             sep(out);
         }
         for (i, (name, member)) in self.fields.iter().enumerate() {
-            let has = if i < 64 {
-                seen.fields & (1 << i) != 0
-            } else {
-                let mut has = false;
-                scan::members(json, |k, _| has |= *k == **name);
-                has
-            };
+            let has = seen.has_field(i);
             let lifted = (name == "trace_id" && trace_added) || (name == "span_id" && span_added);
             if !has && !lifted {
                 out.extend_from_slice(member);
@@ -1050,6 +1069,37 @@ mod tests {
         assert!(r.get("span_id").is_none());
         let r = record(r#"{"trace_id":7,"traceId":"aaa"}"#, LineFormat::Json);
         assert_eq!(r["trace_id"], 7);
+    }
+
+    #[test]
+    fn a_lines_own_fields_win_past_the_64th_configured_one() {
+        let fields = (0..130)
+            .map(|i| (format!("f{i}"), "cfg".to_string()))
+            .collect();
+        let e = Encoder::new(vec![], fields);
+        let mut out = Vec::new();
+        e.encode(
+            &mut out,
+            br#"{"f0":"own","f64":"own","f129":"own","f70":{"f71":1}}"#,
+            &LineFormat::Json,
+            &Tail::new("app", Origin::Stream("stdout")),
+            Meta::default(),
+            SystemTime::UNIX_EPOCH,
+        );
+        for k in ["f0", "f64", "f129", "f70", "f128"] {
+            let n = out
+                .windows(k.len() + 3)
+                .filter(|w| *w == format!("\"{k}\":").as_bytes())
+                .count();
+            assert_eq!(n, 1, "{k}: {}", String::from_utf8_lossy(&out));
+        }
+        let r: Map<String, Value> = serde_json::from_slice(&out).unwrap();
+        for k in ["f0", "f64", "f129"] {
+            assert_eq!(r[k], "own");
+        }
+        assert_eq!(r["f71"], "cfg");
+        assert_eq!(r["f128"], "cfg");
+        assert_eq!(r.len(), 130 + 3, "{r:?}");
     }
 
     #[test]
