@@ -233,12 +233,10 @@ impl LokiSink {
                 now = clock.max(last + 1);
                 Some(now + lines.max(1) - 1)
             });
-        let now = u128::from(now);
         // Each record's label values, read in one pass over its top-level members (no tree):
         // records are the encoder's own output, so this only finds where the values are.
         type Labels = Vec<(String, String)>;
-        let mut streams: std::collections::BTreeMap<Labels, Vec<(u128, &[u8])>> =
-            Default::default();
+        let mut streams: std::collections::BTreeMap<Labels, Vec<(u64, &[u8])>> = Default::default();
         let mut seen = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let mut raw: Vec<Option<&str>> = vec![None; self.labels.len()];
         for (i, line) in ndjson
@@ -293,7 +291,7 @@ impl LokiSink {
             streams
                 .entry(labels)
                 .or_default()
-                .push((now + i as u128, line));
+                .push((now + i as u64, line));
         }
         drop(seen);
         // `{"streams":[{"stream":{labels},"values":[["ns","line"],…]},…]}`, written directly.
@@ -319,7 +317,7 @@ impl LokiSink {
                     out.push(b',');
                 }
                 out.extend_from_slice(b"[\"");
-                out.extend_from_slice(ns.to_string().as_bytes());
+                json::number(&mut out, ns);
                 out.extend_from_slice(b"\",");
                 json::string(&mut out, &String::from_utf8_lossy(line));
                 out.push(b']');
@@ -392,7 +390,14 @@ impl Sink {
                 tls: _,
             } => Sink::Loki(Box::new(LokiSink {
                 http: HttpSink::new(url, *timeout, headers, "application/json", *gzip, tls),
-                labels: labels.clone(),
+                // A label named twice (`[source, source]` passes the config check) would be
+                // written twice in a stream's object: the first one only.
+                labels: labels.iter().fold(Vec::new(), |mut l: Vec<String>, k| {
+                    if !l.contains(k) {
+                        l.push(k.clone());
+                    }
+                    l
+                }),
                 streams: Default::default(),
                 last_ns: Default::default(),
             })),
@@ -521,7 +526,7 @@ mod tests {
                 url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
                 timeout: crate::config::Duration::from_secs(1),
                 headers: vec![],
-                labels: vec!["source".into(), "level".into()],
+                labels: vec!["source".into(), "level".into(), "source".into()],
                 gzip: false,
                 tls: None,
             },
@@ -538,6 +543,16 @@ mod tests {
             .find(|s| s["stream"]["level"] == "info")
             .unwrap();
         assert_eq!(info["stream"]["source"], "app");
+        // A label named twice is written once (serde_json keeps the last of a repeated key).
+        let object = &body[..];
+        let from = memchr::memmem::find(object, b"{\"stream\":{").unwrap();
+        let to = from + memchr::memmem::find(&object[from..], b"}").unwrap();
+        assert_eq!(
+            memchr::memmem::find_iter(&object[from..to], b"\"source\"").count(),
+            1,
+            "{}",
+            String::from_utf8_lossy(object)
+        );
         let values = info["values"].as_array().unwrap();
         assert_eq!(values.len(), 2);
         let (t0, t1): (u128, u128) = (
