@@ -233,24 +233,43 @@ impl LokiSink {
                 now = clock.max(last + 1);
                 Some(now + lines.max(1) - 1)
             });
-        let now = u128::from(now);
-        let mut streams: std::collections::BTreeMap<Vec<(String, String)>, Vec<[String; 2]>> =
-            Default::default();
+        // Each record's label values, read in one pass over its top-level members (no tree):
+        // records are the encoder's own output, so this only finds where the values are.
+        type Labels = Vec<(String, String)>;
+        let mut streams: std::collections::BTreeMap<Labels, Vec<(u64, &[u8])>> = Default::default();
         let mut seen = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut raw: Vec<Option<&str>> = vec![None; self.labels.len()];
         for (i, line) in ndjson
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
             .enumerate()
         {
-            let record: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+            raw.fill(None);
+            let text = std::str::from_utf8(line).unwrap_or("");
+            // A repeated key: the last one, as in serde_json's map.
+            let whole = super::parse::scan::members(text, |k, v| {
+                for (l, r) in self.labels.iter().zip(raw.iter_mut()) {
+                    if *l == *k {
+                        *r = Some(v);
+                    }
+                }
+            });
+            if !whole {
+                raw.fill(None);
+            }
             let mut labels: Vec<(String, String)> = self
                 .labels
                 .iter()
-                .filter_map(|k| {
-                    let v = match record.get(k)? {
-                        serde_json::Value::String(s) => s.clone(),
-                        serde_json::Value::Null => return None,
-                        other => other.to_string(),
+                .zip(&raw)
+                .filter_map(|(k, v)| {
+                    let v = (*v)?;
+                    let v = match v.as_bytes()[0] {
+                        b'"' => serde_json::from_str::<String>(v).ok()?,
+                        b'n' => return None,
+                        // Numbers, booleans, objects and arrays as serde_json writes them.
+                        _ => serde_json::from_str::<serde_json::Value>(v)
+                            .ok()?
+                            .to_string(),
                     };
                     let mut cut = v.len().min(MAX_LABEL_VALUE);
                     while !v.is_char_boundary(cut) {
@@ -269,24 +288,44 @@ impl LokiSink {
                     labels = vec![("overflow".into(), "true".into())];
                 }
             }
-            streams.entry(labels).or_default().push([
-                (now + i as u128).to_string(),
-                String::from_utf8_lossy(line).into_owned(),
-            ]);
+            streams
+                .entry(labels)
+                .or_default()
+                .push((now + i as u64, line));
         }
-        let streams: Vec<serde_json::Value> = streams
-            .into_iter()
-            .map(|(labels, values)| {
-                let stream: serde_json::Map<String, serde_json::Value> = labels
-                    .into_iter()
-                    .map(|(k, v)| (k, serde_json::Value::String(v)))
-                    .collect();
-                serde_json::json!({ "stream": stream, "values": values })
-            })
-            .collect();
-        Bytes::from(
-            serde_json::to_vec(&serde_json::json!({ "streams": streams })).unwrap_or_default(),
-        )
+        drop(seen);
+        // `{"streams":[{"stream":{labels},"values":[["ns","line"],…]},…]}`, written directly.
+        use crate::telemetry::json;
+        let mut out = Vec::with_capacity(ndjson.len() + ndjson.len() / 8 + 64);
+        out.extend_from_slice(b"{\"streams\":[");
+        for (n, (labels, lines)) in streams.into_iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"stream\":{");
+            for (j, (k, v)) in labels.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                json::string(&mut out, k);
+                out.push(b':');
+                json::string(&mut out, v);
+            }
+            out.extend_from_slice(b"},\"values\":[");
+            for (j, (ns, line)) in lines.into_iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"[\"");
+                json::number(&mut out, ns);
+                out.extend_from_slice(b"\",");
+                json::string(&mut out, &String::from_utf8_lossy(line));
+                out.push(b']');
+            }
+            out.extend_from_slice(b"]}");
+        }
+        out.extend_from_slice(b"]}");
+        Bytes::from(out)
     }
 }
 
@@ -351,7 +390,14 @@ impl Sink {
                 tls: _,
             } => Sink::Loki(Box::new(LokiSink {
                 http: HttpSink::new(url, *timeout, headers, "application/json", *gzip, tls),
-                labels: labels.clone(),
+                // A label named twice (`[source, source]` passes the config check) would be
+                // written twice in a stream's object: the first one only.
+                labels: labels.iter().fold(Vec::new(), |mut l: Vec<String>, k| {
+                    if !l.contains(k) {
+                        l.push(k.clone());
+                    }
+                    l
+                }),
                 streams: Default::default(),
                 last_ns: Default::default(),
             })),
@@ -480,7 +526,7 @@ mod tests {
                 url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
                 timeout: crate::config::Duration::from_secs(1),
                 headers: vec![],
-                labels: vec!["source".into(), "level".into()],
+                labels: vec!["source".into(), "level".into(), "source".into()],
                 gzip: false,
                 tls: None,
             },
@@ -497,6 +543,16 @@ mod tests {
             .find(|s| s["stream"]["level"] == "info")
             .unwrap();
         assert_eq!(info["stream"]["source"], "app");
+        // A label named twice is written once (serde_json keeps the last of a repeated key).
+        let object = &body[..];
+        let from = memchr::memmem::find(object, b"{\"stream\":{").unwrap();
+        let to = from + memchr::memmem::find(&object[from..], b"}").unwrap();
+        assert_eq!(
+            memchr::memmem::find_iter(&object[from..to], b"\"source\"").count(),
+            1,
+            "{}",
+            String::from_utf8_lossy(object)
+        );
         let values = info["values"].as_array().unwrap();
         assert_eq!(values.len(), 2);
         let (t0, t1): (u128, u128) = (
@@ -516,6 +572,44 @@ mod tests {
         let body = sink.prepare(Bytes::from_static(b"{\"source\":\"new\"}\n"));
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["streams"][0]["stream"]["overflow"], "true");
+    }
+
+    #[test]
+    fn loki_labels_are_read_from_each_records_members_and_entries_keep_the_batch_order() {
+        let sink = Sink::new(
+            &LogSink::Loki {
+                url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
+                timeout: crate::config::Duration::from_secs(1),
+                headers: vec![],
+                labels: vec!["s".into(), "n".into()],
+                gzip: false,
+                tls: None,
+            },
+            None,
+        );
+        let body = sink.prepare(Bytes::from_static(
+            b"{\"n\":5,\"s\":\"a\\\"b\",\"m\":\"x\\u00e9\"}\n{\"n\":null}\n{\"s\":\"old\",\"n\":5.0,\"s\":\"a\\\"b\"}\n",
+        ));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 3, "{v}");
+        let find = |f: &dyn Fn(&serde_json::Value) -> bool| {
+            streams.iter().find(|s| f(&s["stream"])).unwrap().clone()
+        };
+        let a = find(&|s| s["n"] == "5");
+        assert_eq!(a["stream"]["s"], "a\"b");
+        assert_eq!(a["stream"].as_object().unwrap().len(), 2);
+        let record: serde_json::Value =
+            serde_json::from_str(a["values"][0][1].as_str().unwrap()).unwrap();
+        assert_eq!(record["m"], "x\u{e9}");
+        let b = find(&|s| s["n"] == "5.0");
+        assert_eq!(b["stream"]["s"], "a\"b");
+        let job = find(&|s| s["job"] == "outrigger");
+        let ns = |s: &serde_json::Value| -> u128 {
+            s["values"][0][0].as_str().unwrap().parse().unwrap()
+        };
+        assert_eq!(ns(&job), ns(&a) + 1);
+        assert_eq!(ns(&b), ns(&a) + 2);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod accept;
 pub mod authz;
 pub mod certs;
+#[cfg(feature = "logs")]
 pub mod client;
 pub mod origination;
 pub mod rotation;
