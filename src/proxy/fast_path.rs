@@ -19,7 +19,7 @@
 //! origin-form target, exactly one Host, no body (no Content-Length other than 0, no
 //! Transfer-Encoding, no Expect), no Upgrade, a listener without `authz`, rate limit or canonical
 //! path rule, an open app gate, and a route without retries, header edits, rewrite or `authz` to
-//! an HTTP/1.1 cluster, no access log line or exported span wanted for it. Anything else, and
+//! an HTTP/1.1 cluster. Anything else, and
 //! every head `httparse` does not read as complete and well formed, goes to hyper's path on the
 //! same connection ([`Outcome::Fallback`] hands over the bytes read so far): what is refused
 //! is refused there, as before, so this path is never less strict than hyper's (it is
@@ -32,6 +32,15 @@
 //! a single response byte, the keep-alive race with an upstream's idle timeout, gets an
 //! idempotent request once more on a new connection (as nginx does by default; hyper's pool
 //! resends only a request it had not written yet, and answers 502 here).
+//!
+//! An access log line and an exported span come from here too: the request's record
+//! ([`super::record::Recording`]) is built from the head as it came (method, target, Host,
+//! `x-request-id` or the one written for it, trace context, the peer's identity) and finished
+//! with what the exchange gave (status, route, cluster, endpoint, body bytes, `x-outrigger-error`
+//! reason, `upstream-reset` or `client-closed` for a body cut off), field for field what hyper's
+//! path records (`fast_path_and_hyper_path_write_the_same_access_log_lines`). It costs a few
+//! small allocations per request (the URI, the Host and request id values, the record's box),
+//! as on hyper's path.
 //!
 //! The phases of [`super::http`] apply in the same order with the same effects: listener
 //! limits (in-flight cap), route, the route's metrics, the cluster's in-flight cap and retry
@@ -53,13 +62,16 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::body::End;
 use super::cluster::pool::{Pool, Raw};
 use super::failure::Failure;
 use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
 use super::listener::Metered;
+use super::record::Recording;
 use super::route::{Target, route_key};
 use crate::config::proxy::Direction;
+use crate::telemetry::record::{Entry, Routed};
 use crate::telemetry::trace::{TraceContext, is_context_name};
 
 /// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
@@ -178,7 +190,7 @@ where
             Kind::Http(state, _) => state.clone(),
             Kind::Tcp(_) => cx.first.clone(),
         };
-        let Some(plan) = plan(&state, &req) else {
+        let Some(mut plan) = plan(&state, cx.down, &req) else {
             return fallback(&buf[start..end]);
         };
         cx.flags.busy.store(true, Ordering::Relaxed);
@@ -187,7 +199,8 @@ where
         plan.target.cluster.deposit();
         out.clear();
         write_request_head(&mut out, &state, cx.down, &req, &plan);
-        let keep = forward(&cx, io, &state, &plan, &mut out, started).await;
+        let mut record = plan.record.take();
+        let keep = forward(&cx, io, &state, &plan, &mut out, started, &mut record).await;
         drop(plan);
         start += head_len;
         if start == end {
@@ -224,16 +237,19 @@ struct Plan {
     idempotent: bool,
     /// Some `Connection` token names a header to strip.
     named: bool,
+    /// The request's record, when an access log or span export wants it.
+    record: Option<Recording>,
 }
 
 /// Whether the fast path takes this request, and with what; None leaves it to hyper. Nothing
 /// here has an effect that outlives a None (permits taken are dropped with it).
-fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
+fn plan(state: &HttpListener, down: &Downstream, req: &httparse::Request<'_, '_>) -> Option<Plan> {
     if req.version != Some(1) {
         return None;
     }
     let method = req.method?;
     let target = req.path?;
+    let target_bytes = target;
     // hyper answers a request-target of 65,535 bytes or more with 414: its path.
     if method == "CONNECT"
         || !target.starts_with('/')
@@ -328,12 +344,6 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
             None,
         )
     };
-    // An access log wants every request, span export the sampled ones. Any recorder sends
-    // the request to hyper's path: a fresh trace's sampling draw made here and made again
-    // there would export spans with probability p² instead of p.
-    if state.recorder.is_some() {
-        return None;
-    }
     let listener_permit = match &state.in_flight {
         None => None,
         Some(s) => Some(s.clone().try_acquire_owned().ok()?),
@@ -341,6 +351,25 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
     let cluster_permit = target.cluster.admit().ok()?;
     let attempt = target.cluster.pick()?;
     let pool = attempt.endpoint.pool()?.clone();
+    // An access log wants every request, span export the sampled ones: the record holds what
+    // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
+    // last, so that a request that goes to hyper after all leaves no record here (hyper's
+    // path draws its own sampling decision then; this one had no effect).
+    let record = match &state.recorder {
+        Some(r) if r.wants(&trace) => Some(Recording::new(
+            r,
+            entry(
+                state,
+                down,
+                req,
+                method.clone(),
+                target_bytes,
+                host,
+                trace.clone(),
+            )?,
+        )),
+        _ => None,
+    };
     Some(Plan {
         idempotent: matches!(
             method,
@@ -363,6 +392,46 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
         context,
         close,
         named,
+        record,
+    })
+}
+
+/// What is known of a request when it arrives, for its record (the fields hyper's path reads
+/// from the decoded request; the header values are copied, as hyper copies them).
+fn entry(
+    state: &HttpListener,
+    down: &Downstream,
+    req: &httparse::Request<'_, '_>,
+    method: Method,
+    target: &str,
+    host: &str,
+    trace: TraceContext,
+) -> Option<Entry> {
+    let first = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+    };
+    // The id this request goes on with: the client's first, or the one written for it.
+    let request_id = match first("x-request-id") {
+        Some(h) => HeaderValue::from_bytes(h.value).ok()?,
+        None => trace.trace_header(),
+    };
+    Some(Entry {
+        started: Instant::now(),
+        direction: state.direction,
+        listener: state.name.clone(),
+        method,
+        uri: http::Uri::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())).ok()?,
+        host: Some(HeaderValue::from_str(host).ok()?),
+        // Only `Content-Length: 0` reaches here.
+        bytes_in: first("content-length").map(|_| 0),
+        trace,
+        request_id: Some(request_id),
+        identity: down
+            .identity
+            .as_ref()
+            .and_then(|i| i.identity().map(Arc::from)),
     })
 }
 
@@ -580,6 +649,7 @@ async fn forward<S>(
     plan: &Plan,
     out: &mut Vec<u8>,
     started: Instant,
+    record: &mut Option<Recording>,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -613,7 +683,7 @@ where
             }
             r
         }
-        Ok(Err(f)) => return answer(io, state, plan, f, out, close, started).await,
+        Ok(Err(f)) => return answer(io, state, plan, f, out, close, started, record).await,
         Err(_) => {
             let message = format!(
                 "no response from {} within {:?}",
@@ -623,7 +693,7 @@ where
                 failure: Failure::Timeout,
                 message,
             };
-            return answer(io, state, plan, f, out, close, started).await;
+            return answer(io, state, plan, f, out, close, started, record).await;
         }
     };
     // A body of known length of which nothing came with the head: its first bytes are
@@ -655,7 +725,7 @@ where
             }),
         };
         if let Some(f) = f {
-            return answer(io, state, plan, f, out, close, started).await;
+            return answer(io, state, plan, f, out, close, started, record).await;
         }
     }
     if head.status >= 500 {
@@ -664,6 +734,9 @@ where
         cluster.succeeded(&plan.attempt);
     }
     target.stats.response(head.status, "");
+    if let Some(r) = record {
+        r.answered(head.status, None, routed(plan));
+    }
     target
         .stats
         .latency
@@ -673,6 +746,20 @@ where
         .stats
         .duration
         .observe(started.elapsed().as_secs_f64());
+    let (bytes, how) = match &streamed {
+        Ok((bytes, _)) => (*bytes, End::Done),
+        Err(Broken { bytes, upstream }) => (
+            *bytes,
+            if *upstream {
+                End::Failed
+            } else {
+                End::Dropped { at_end: false }
+            },
+        ),
+    };
+    if let Some(r) = record.take() {
+        r.end(bytes, how);
+    }
     match streamed {
         Ok((bytes, upstream_clean)) => {
             target.stats.response_bytes.inc_by(bytes);
@@ -681,14 +768,27 @@ where
             }
             !close && io.flush().await.is_ok()
         }
-        Err(Broken { bytes }) => {
+        Err(Broken { bytes, .. }) => {
             target.stats.response_bytes.inc_by(bytes);
             false
         }
     }
 }
 
+/// What the record says routed the request (hyper's path puts the same in the response's
+/// extensions: forward.rs).
+fn routed(plan: &Plan) -> Routed {
+    Routed {
+        route: Some(plan.target.name.clone()),
+        cluster: Some(plan.target.cluster.name.clone()),
+        upstream: Some(plan.attempt.endpoint.label.clone()),
+        retries: 0,
+    }
+}
+
 /// Outrigger's own answer to a failed exchange (the forward phase's, [`HttpListener::fail`]).
+// One call site per failure kind in `forward`; a struct would only rename the list.
+#[allow(clippy::too_many_arguments)]
 async fn answer<S>(
     io: &mut Metered<S>,
     state: &HttpListener,
@@ -697,6 +797,7 @@ async fn answer<S>(
     out: &mut Vec<u8>,
     close: bool,
     started: Instant,
+    record: &mut Option<Recording>,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -728,6 +829,19 @@ where
     let ok = write_all(io, &mut [IoSlice::new(out), IoSlice::new(&body)])
         .await
         .is_ok();
+    if let Some(mut r) = record.take() {
+        r.answered(
+            parts.status.as_u16(),
+            Some(f.failure.reason()),
+            routed(plan),
+        );
+        let how = if ok {
+            End::Done
+        } else {
+            End::Dropped { at_end: false }
+        };
+        r.end(body.len() as u64, how);
+    }
     ok && !close && io.flush().await.is_ok()
 }
 
@@ -988,6 +1102,8 @@ fn parse_length(v: &[u8]) -> u64 {
 /// The response body broke off (upstream or client): the client's connection closes.
 struct Broken {
     bytes: u64,
+    /// The upstream broke it off (or sent a bad chunk); otherwise the client went away.
+    upstream: bool,
 }
 
 /// Writes the head in `out` and the body to the client. Returns the body's data bytes and
@@ -1003,11 +1119,22 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut start = head.len;
-    let broken = |bytes| Err(Broken { bytes });
+    let cut_client = |bytes| {
+        Err(Broken {
+            bytes,
+            upstream: false,
+        })
+    };
+    let cut_upstream = |bytes| {
+        Err(Broken {
+            bytes,
+            upstream: true,
+        })
+    };
     match head.framing {
         Framing::Empty => {
             if write_all(io, &mut [IoSlice::new(out)]).await.is_err() {
-                return broken(0);
+                return cut_client(0);
             }
             Ok((0, start == end))
         }
@@ -1021,13 +1148,13 @@ where
             .await
             .is_err()
             {
-                return broken(0);
+                return cut_client(0);
             }
             left -= n as u64;
             start += n;
             while left > 0 {
                 let n = match conn.io.read(&mut conn.buf).await {
-                    Ok(0) | Err(_) => return broken(total - left),
+                    Ok(0) | Err(_) => return cut_upstream(total - left),
                     Ok(n) => n,
                 };
                 let take = (left.min(n as u64)) as usize;
@@ -1035,7 +1162,7 @@ where
                     .await
                     .is_err()
                 {
-                    return broken(total - left);
+                    return cut_client(total - left);
                 }
                 left -= take as u64;
                 (start, end) = (take, n);
@@ -1048,7 +1175,7 @@ where
             loop {
                 let done = match chunks.scan(&conn.buf[start..end]) {
                     Ok(d) => d,
-                    Err(()) => return broken(chunks.data),
+                    Err(()) => return cut_upstream(chunks.data),
                 };
                 let upto = done.map_or(end, |n| start + n);
                 let body = IoSlice::new(&conn.buf[start..upto]);
@@ -1057,7 +1184,7 @@ where
                     None => write_all(io, &mut [body]).await,
                 };
                 if written.is_err() {
-                    return broken(chunks.data);
+                    return cut_client(chunks.data);
                 }
                 if done.is_some() {
                     return Ok((chunks.data, upto == end));
@@ -1065,11 +1192,11 @@ where
                 // What a TLS stream still holds goes out before we wait on the upstream
                 // (server-sent events must not sit in rustls until the next chunk).
                 if io.flush().await.is_err() {
-                    return broken(chunks.data);
+                    return cut_client(chunks.data);
                 }
                 start = 0;
                 match conn.io.read(&mut conn.buf).await {
-                    Ok(0) | Err(_) => return broken(chunks.data),
+                    Ok(0) | Err(_) => return cut_upstream(chunks.data),
                     Ok(n) => end = n,
                 }
             }
@@ -1088,16 +1215,16 @@ where
                     IoSlice::new(if data.is_empty() { b"" } else { b"\r\n" }),
                 ];
                 if write_all(io, &mut slices).await.is_err() {
-                    return broken(bytes);
+                    return cut_client(bytes);
                 }
                 bytes += data.len() as u64;
                 if io.flush().await.is_err() {
-                    return broken(bytes);
+                    return cut_client(bytes);
                 }
                 start = 0;
                 match conn.io.read(&mut conn.buf).await {
                     Ok(0) => break,
-                    Err(_) => return broken(bytes),
+                    Err(_) => return cut_upstream(bytes),
                     Ok(n) => end = n,
                 }
             }
@@ -1105,7 +1232,7 @@ where
                 .await
                 .is_err()
             {
-                return broken(bytes);
+                return cut_client(bytes);
             }
             Ok((bytes, false))
         }
