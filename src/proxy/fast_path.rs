@@ -371,15 +371,7 @@ fn plan(state: &HttpListener, down: &Downstream, req: &httparse::Request<'_, '_>
         _ => None,
     };
     Some(Plan {
-        idempotent: matches!(
-            method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        ),
+        idempotent: super::forward::is_idempotent(&method),
         head: method == Method::HEAD,
         target: target.clone(),
         attempt,
@@ -665,7 +657,7 @@ where
     if let Ok(Err(f)) = &exchanged
         && f.failure == Failure::Connect
         && state
-            .held_after_refusal(cx.down, &plan.target.cluster)
+            .held_after_refusal(cx.down, &plan.target.cluster, target.timeout)
             .await
     {
         exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;

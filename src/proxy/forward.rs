@@ -200,7 +200,7 @@ impl HttpListener {
             if failure == Failure::Connect
                 && replayable
                 && !held
-                && self.held_after_refusal(down, cluster).await
+                && self.held_after_refusal(down, cluster, target.timeout).await
             {
                 held = true;
                 continue;
@@ -269,7 +269,7 @@ impl HttpListener {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
