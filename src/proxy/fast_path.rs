@@ -71,7 +71,7 @@ use super::listener::Metered;
 use super::record::Recording;
 use super::route::{Target, route_key};
 use crate::config::proxy::Direction;
-use crate::telemetry::record::{Entry, Routed};
+use crate::telemetry::record::Entry;
 use crate::telemetry::trace::{TraceContext, is_context_name};
 
 /// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
@@ -199,8 +199,17 @@ where
         plan.target.cluster.deposit();
         out.clear();
         write_request_head(&mut out, &state, cx.down, &req, &plan);
-        let mut record = plan.record.take();
-        let keep = forward(&cx, io, &state, &plan, &mut out, started, &mut record).await;
+        // The client's connection is watched while the upstream answers (hyper's dispatcher
+        // reads for an EOF on a busy connection too): its next bytes go after this head.
+        if end == buf.len() {
+            buf.resize(end + FIRST_BUFFER, 0);
+        }
+        let mut spare = Spare {
+            buf: &mut buf,
+            end: &mut end,
+            idle_at: start + head_len,
+        };
+        let keep = forward(&cx, io, &state, &mut plan, &mut out, started, &mut spare).await;
         drop(plan);
         start += head_len;
         if start == end {
@@ -632,36 +641,87 @@ struct Failed {
     message: String,
 }
 
+/// Where the client's next bytes go while its request is served: `buf[*end..]`. Nothing
+/// past `idle_at` was read yet when the request began (no pipelined request): only then is
+/// the client watched, as hyper's dispatcher reads a busy connection only with an empty
+/// buffer.
+struct Spare<'a> {
+    buf: &'a mut Vec<u8>,
+    end: &'a mut usize,
+    idle_at: usize,
+}
+
+impl Spare<'_> {
+    /// Runs `work` (waiting on the upstream) while reading the client: `None` when the client
+    /// closed (or its connection failed) first, `work` dropped then (its upstream connection
+    /// closed with it, never pooled mid-exchange). Bytes the client sends meanwhile (its next
+    /// request) are kept, and the watch ends with them.
+    async fn unless_gone<S, T>(
+        &mut self,
+        io: &mut Metered<S>,
+        work: impl Future<Output = T>,
+    ) -> Option<T>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if *self.end != self.idle_at || *self.end == self.buf.len() {
+            return Some(work.await);
+        }
+        tokio::pin!(work);
+        let n = tokio::select! {
+            biased;
+            done = &mut work => return Some(done),
+            n = io.read(&mut self.buf[*self.end..]) => n,
+        };
+        match n {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                *self.end += n;
+                Some(work.await)
+            }
+        }
+    }
+}
+
 /// Sends the request, streams the response back. Returns whether the downstream connection
 /// stays open.
 async fn forward<S>(
     cx: &Ctx<'_>,
     io: &mut Metered<S>,
     state: &HttpListener,
-    plan: &Plan,
+    plan: &mut Plan,
     out: &mut Vec<u8>,
     started: Instant,
-    record: &mut Option<Recording>,
+    spare: &mut Spare<'_>,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let target = &plan.target;
+    let target = plan.target.clone();
     let cluster = &target.cluster;
     let closing =
         || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
     let close = closing();
-    let mut exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
-    // A connect the app refused because it just died: held for its restart and sent once more
-    // (hold.rs), as on hyper's path. `out` still holds the request head: nothing was written.
-    if let Ok(Err(f)) = &exchanged
-        && f.failure == Failure::Connect
-        && state
-            .held_after_refusal(cx.down, &plan.target.cluster, target.timeout)
-            .await
-    {
-        exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
-    }
+    let upstream = async {
+        let p = &*plan;
+        let mut exchanged = tokio::time::timeout(target.timeout, exchange(p, out, close)).await;
+        // A connect the app refused because it just died: held for its restart and sent once
+        // more (hold.rs), as on hyper's path. `out` still holds the request head: nothing was
+        // written.
+        if let Ok(Err(f)) = &exchanged
+            && f.failure == Failure::Connect
+            && state
+                .held_after_refusal(cx.down, &p.target.cluster, target.timeout)
+                .await
+        {
+            exchanged = tokio::time::timeout(target.timeout, exchange(p, out, close)).await;
+        }
+        exchanged
+    };
+    // The client gone before the answer: its record says 499 `client-closed` when dropped.
+    let Some(exchanged) = spare.unless_gone(io, upstream).await else {
+        return false;
+    };
     // A drain or idle watch may have begun while the upstream answered: the response says
     // `connection: close` then (as hyper's path decides after the upstream answered).
     let late = !close && closing();
@@ -675,7 +735,7 @@ where
             }
             r
         }
-        Ok(Err(f)) => return answer(io, state, plan, f, out, close, started, record).await,
+        Ok(Err(f)) => return answer(io, state, plan, f, out, close, started).await,
         Err(_) => {
             let message = format!(
                 "no response from {} within {:?}",
@@ -685,7 +745,7 @@ where
                 failure: Failure::Timeout,
                 message,
             };
-            return answer(io, state, plan, f, out, close, started, record).await;
+            return answer(io, state, plan, f, out, close, started).await;
         }
     };
     // A body of known length of which nothing came with the head: its first bytes are
@@ -699,7 +759,11 @@ where
             conn.buf.resize(end + FIRST_BUFFER, 0);
         }
         let left = target.timeout.saturating_sub(started.elapsed());
-        let f = match tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..])).await {
+        let first = tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..]));
+        let Some(first) = spare.unless_gone(io, first).await else {
+            return false;
+        };
+        let f = match first {
             Ok(Ok(n)) if n > 0 => {
                 end += n;
                 None
@@ -717,7 +781,7 @@ where
             }),
         };
         if let Some(f) = f {
-            return answer(io, state, plan, f, out, close, started, record).await;
+            return answer(io, state, plan, f, out, close, started).await;
         }
     }
     if head.status >= 500 {
@@ -726,8 +790,9 @@ where
         cluster.succeeded(&plan.attempt);
     }
     target.stats.response(head.status, "");
-    if let Some(r) = record {
-        r.answered(head.status, None, routed(plan));
+    if let Some(r) = &mut plan.record {
+        let routed = super::forward::routed(&plan.target, &plan.attempt, 0);
+        r.answered(head.status, None, routed);
     }
     target
         .stats
@@ -749,7 +814,7 @@ where
             },
         ),
     };
-    if let Some(r) = record.take() {
+    if let Some(r) = plan.record.take() {
         r.end(bytes, how);
     }
     match streamed {
@@ -767,29 +832,15 @@ where
     }
 }
 
-/// What the record says routed the request (hyper's path puts the same in the response's
-/// extensions: forward.rs).
-fn routed(plan: &Plan) -> Routed {
-    Routed {
-        route: Some(plan.target.name.clone()),
-        cluster: Some(plan.target.cluster.name.clone()),
-        upstream: Some(plan.attempt.endpoint.label.clone()),
-        retries: 0,
-    }
-}
-
 /// Outrigger's own answer to a failed exchange (the forward phase's, [`HttpListener::fail`]).
-// One call site per failure kind in `forward`; a struct would only rename the list.
-#[allow(clippy::too_many_arguments)]
 async fn answer<S>(
     io: &mut Metered<S>,
     state: &HttpListener,
-    plan: &Plan,
+    plan: &mut Plan,
     f: Failed,
     out: &mut Vec<u8>,
     close: bool,
     started: Instant,
-    record: &mut Option<Recording>,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -821,11 +872,11 @@ where
     let ok = write_all(io, &mut [IoSlice::new(out), IoSlice::new(&body)])
         .await
         .is_ok();
-    if let Some(mut r) = record.take() {
+    if let Some(mut r) = plan.record.take() {
         r.answered(
             parts.status.as_u16(),
             Some(f.failure.reason()),
-            routed(plan),
+            super::forward::routed(&plan.target, &plan.attempt, 0),
         );
         let how = if ok {
             End::Done

@@ -1177,6 +1177,35 @@ fn a_request_cancelled_before_its_response_is_logged_as_client_closed() {
 }
 
 #[test]
+fn an_http1_client_that_gives_up_on_the_fast_path_is_logged_as_client_closed() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address(),
+        log.display()
+    ));
+    sc.wait_ready();
+    // A keep-alive GET without a body: the fast path's. The client closes before the app
+    // answers; the request is not served on to its end (the app's answer would say 200).
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    drop(s);
+    let line: serde_json::Value = eventually(Duration::from_secs(5), "the log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["error"], "client-closed");
+    assert_eq!(line["path"], "/slow/1500");
+    assert!(line["route"].is_null(), "{line}");
+}
+
+#[test]
 fn access_log_names_the_endpoint_and_retries_of_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
