@@ -13,7 +13,8 @@
 //! [`super::cluster::pool::Pool::take_raw`]), parses the response head with `httparse` and
 //! streams the body (Content-Length, chunked, or up to the close, which is sent on chunked)
 //! back with one vectored write of head and first bytes. One read buffer per downstream
-//! connection and one per upstream connection, reused: no heap allocation per request.
+//! connection and one per upstream connection, reused: no heap allocation per request
+//! without a record (an access log or an exported span costs a few: below).
 //!
 //! What it takes, checked before anything has an effect (no metric, no permit kept): HTTP/1.1,
 //! origin-form target, exactly one Host, no body (no Content-Length other than 0, no
@@ -39,8 +40,10 @@
 //! with what the exchange gave (status, route, cluster, endpoint, body bytes, `x-outrigger-error`
 //! reason, `upstream-reset` or `client-closed` for a body cut off), field for field what hyper's
 //! path records (`fast_path_and_hyper_path_write_the_same_access_log_lines`). It costs a few
-//! small allocations per request (the URI, the Host and request id values, the record's box),
-//! as on hyper's path.
+//! small allocations per request (copies of the URI, the Host and request id values), as on
+//! hyper's path. While the upstream answers, the client's connection is read for an EOF (as
+//! hyper's dispatcher does when no pipelined bytes wait): a client gone then drops the
+//! exchange and is logged 499 `client-closed`.
 //!
 //! The phases of [`super::http`] apply in the same order with the same effects: listener
 //! limits (in-flight cap), route, the route's metrics, the cluster's in-flight cap and retry
@@ -798,7 +801,7 @@ where
         .stats
         .latency
         .observe(started.elapsed().as_secs_f64());
-    let streamed = stream_body(io, &mut conn, &head, end, out).await;
+    let streamed = stream_body(io, &mut conn, &head, end, out, &mut plan.record).await;
     target
         .stats
         .duration
@@ -810,7 +813,11 @@ where
             if *upstream {
                 End::Failed
             } else {
-                End::Dropped { at_end: false }
+                // A bodiless response's head not written: hyper's tap sees its body at the
+                // end (no error), as here.
+                End::Dropped {
+                    at_end: head.framing == Framing::Empty,
+                }
             },
         ),
     };
@@ -1150,13 +1157,15 @@ struct Broken {
 }
 
 /// Writes the head in `out` and the body to the client. Returns the body's data bytes and
-/// whether the upstream connection ended the body exactly (nothing more was read).
+/// whether the upstream connection ended the body exactly (nothing more was read). The
+/// record counts the bytes as they go (a connection dropped mid-body logs what was sent).
 async fn stream_body<S>(
     io: &mut Metered<S>,
     conn: &mut Raw,
     head: &Head,
     mut end: usize,
     out: &[u8],
+    record: &mut Option<Recording>,
 ) -> Result<(u64, bool), Broken>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -1195,6 +1204,7 @@ where
             }
             left -= n as u64;
             start += n;
+            sent(record, total - left);
             while left > 0 {
                 let n = match conn.io.read(&mut conn.buf).await {
                     Ok(0) | Err(_) => return cut_upstream(total - left),
@@ -1208,6 +1218,7 @@ where
                     return cut_client(total - left);
                 }
                 left -= take as u64;
+                sent(record, total - left);
                 (start, end) = (take, n);
             }
             Ok((total, start == end))
@@ -1229,6 +1240,7 @@ where
                 if written.is_err() {
                     return cut_client(chunks.data);
                 }
+                sent(record, chunks.data);
                 if done.is_some() {
                     return Ok((chunks.data, upto == end));
                 }
@@ -1261,6 +1273,7 @@ where
                     return cut_client(bytes);
                 }
                 bytes += data.len() as u64;
+                sent(record, bytes);
                 if io.flush().await.is_err() {
                     return cut_client(bytes);
                 }
@@ -1279,6 +1292,13 @@ where
             }
             Ok((bytes, false))
         }
+    }
+}
+
+/// The response body's data bytes written so far, for a record dropped before the end.
+fn sent(record: &mut Option<Recording>, bytes: u64) {
+    if let Some(r) = record {
+        r.sent(bytes);
     }
 }
 

@@ -116,8 +116,9 @@ impl Recording {
         Recording(Some(Pending {
             recorder: recorder.clone(),
             entry,
+            // 499 `client-closed` if dropped unanswered: the error is set then (End::Dropped).
             status: 499,
-            error: Some("client-closed".to_string()),
+            error: None,
             routed: Routed::default(),
             bytes_out: 0,
         }))
@@ -129,6 +130,13 @@ impl Recording {
             p.status = status;
             p.error = error.map(str::to_string);
             p.routed = routed;
+        }
+    }
+
+    /// The response body's data bytes written so far.
+    pub(super) fn sent(&mut self, bytes: u64) {
+        if let Some(p) = &mut self.0 {
+            p.bytes_out = bytes;
         }
     }
 

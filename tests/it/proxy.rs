@@ -1206,6 +1206,42 @@ fn an_http1_client_that_gives_up_on_the_fast_path_is_logged_as_client_closed() {
 }
 
 #[test]
+fn a_fast_path_response_cut_off_by_a_stalled_client_logs_the_bytes_sent() {
+    const LEN: usize = 32 << 20;
+    let app = RawApp::start(|_| {
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\n\r\n").into_bytes();
+        r.resize(r.len() + LEN, b'x');
+        (r, true)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ idle_timeout: 1s }}\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address,
+        log.display()
+    ));
+    sc.wait_ready();
+    // The client reads nothing: the stalled-write watch drops the connection mid-body.
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let line: serde_json::Value = eventually(Duration::from_secs(20), "the log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    drop(s);
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "client-closed", "{line}");
+    let sent = line["bytes_out"].as_u64().unwrap();
+    assert!(
+        sent > 0 && sent < LEN as u64,
+        "the bytes sent so far: {line}"
+    );
+}
+
+#[test]
 fn access_log_names_the_endpoint_and_retries_of_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
