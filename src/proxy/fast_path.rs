@@ -40,8 +40,8 @@
 //! with what the exchange gave (status, route, cluster, endpoint, body bytes, `x-outrigger-error`
 //! reason, `upstream-reset` or `client-closed` for a body cut off), field for field what hyper's
 //! path records (`fast_path_and_hyper_path_write_the_same_access_log_lines`). It costs a few
-//! small allocations per request (one copy of the head, the URI, Host and request id slices of it), as on
-//! hyper's path. While the upstream answers, the client's connection is read for an EOF (as
+//! small allocations per request (one copy of the head, the URI, Host and request id slices
+//! of it), as on hyper's path. While the upstream answers, the client's connection is read for an EOF (as
 //! hyper's dispatcher does when no pipelined bytes wait): a client gone then drops the
 //! exchange and is logged 499 `client-closed`.
 //!
