@@ -13,13 +13,14 @@
 //! [`super::cluster::pool::Pool::take_raw`]), parses the response head with `httparse` and
 //! streams the body (Content-Length, chunked, or up to the close, which is sent on chunked)
 //! back with one vectored write of head and first bytes. One read buffer per downstream
-//! connection and one per upstream connection, reused: no heap allocation per request.
+//! connection and one per upstream connection, reused: no heap allocation per request
+//! without a record (an access log or an exported span costs a few: below).
 //!
 //! What it takes, checked before anything has an effect (no metric, no permit kept): HTTP/1.1,
 //! origin-form target, exactly one Host, no body (no Content-Length other than 0, no
 //! Transfer-Encoding, no Expect), no Upgrade, a listener without `authz`, rate limit or canonical
 //! path rule, an open app gate, and a route without retries, header edits, rewrite or `authz` to
-//! an HTTP/1.1 cluster, no access log line or exported span wanted for it. Anything else, and
+//! an HTTP/1.1 cluster. Anything else, and
 //! every head `httparse` does not read as complete and well formed, goes to hyper's path on the
 //! same connection ([`Outcome::Fallback`] hands over the bytes read so far): what is refused
 //! is refused there, as before, so this path is never less strict than hyper's (it is
@@ -32,6 +33,17 @@
 //! a single response byte, the keep-alive race with an upstream's idle timeout, gets an
 //! idempotent request once more on a new connection (as nginx does by default; hyper's pool
 //! resends only a request it had not written yet, and answers 502 here).
+//!
+//! An access log line and an exported span come from here too: the request's record
+//! ([`super::record::Recording`]) is built from the head as it came (method, target, Host,
+//! `x-request-id` or the one written for it, trace context, the peer's identity) and finished
+//! with what the exchange gave (status, route, cluster, endpoint, body bytes, `x-outrigger-error`
+//! reason, `upstream-reset` or `client-closed` for a body cut off), field for field what hyper's
+//! path records (`fast_path_and_hyper_path_write_the_same_access_log_lines`). It costs a few
+//! small allocations per request (one copy of the head, the URI, Host and request id slices
+//! of it), as on hyper's path. While the upstream answers, the client's connection is read for an EOF (as
+//! hyper's dispatcher does when no pipelined bytes wait): a client gone then drops the
+//! exchange and is logged 499 `client-closed`.
 //!
 //! The phases of [`super::http`] apply in the same order with the same effects: listener
 //! limits (in-flight cap), route, the route's metrics, the cluster's in-flight cap and retry
@@ -53,13 +65,16 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::body::End;
 use super::cluster::pool::{Pool, Raw};
 use super::failure::Failure;
 use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
 use super::listener::Metered;
+use super::record::Recording;
 use super::route::{Target, route_key};
 use crate::config::proxy::Direction;
+use crate::telemetry::record::Entry;
 use crate::telemetry::trace::{TraceContext, is_context_name};
 
 /// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
@@ -178,7 +193,7 @@ where
             Kind::Http(state, _) => state.clone(),
             Kind::Tcp(_) => cx.first.clone(),
         };
-        let Some(plan) = plan(&state, &req) else {
+        let Some(mut plan) = plan(&state, cx.down, head, &req) else {
             return fallback(&buf[start..end]);
         };
         cx.flags.busy.store(true, Ordering::Relaxed);
@@ -187,7 +202,17 @@ where
         plan.target.cluster.deposit();
         out.clear();
         write_request_head(&mut out, &state, cx.down, &req, &plan);
-        let keep = forward(&cx, io, &state, &plan, &mut out, started).await;
+        // The client's connection is watched while the upstream answers (hyper's dispatcher
+        // reads for an EOF on a busy connection too): its next bytes go after this head.
+        if end == buf.len() {
+            buf.resize(end + FIRST_BUFFER, 0);
+        }
+        let mut spare = Spare {
+            buf: &mut buf,
+            end: &mut end,
+            idle_at: start + head_len,
+        };
+        let keep = forward(&cx, io, &state, &mut plan, &mut out, started, &mut spare).await;
         drop(plan);
         start += head_len;
         if start == end {
@@ -224,11 +249,18 @@ struct Plan {
     idempotent: bool,
     /// Some `Connection` token names a header to strip.
     named: bool,
+    /// The request's record, when an access log or span export wants it.
+    record: Option<Recording>,
 }
 
 /// Whether the fast path takes this request, and with what; None leaves it to hyper. Nothing
 /// here has an effect that outlives a None (permits taken are dropped with it).
-fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
+fn plan(
+    state: &HttpListener,
+    down: &Downstream,
+    head: &[u8],
+    req: &httparse::Request<'_, '_>,
+) -> Option<Plan> {
     if req.version != Some(1) {
         return None;
     }
@@ -328,12 +360,6 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
             None,
         )
     };
-    // An access log wants every request, span export the sampled ones. Any recorder sends
-    // the request to hyper's path: a fresh trace's sampling draw made here and made again
-    // there would export spans with probability p² instead of p.
-    if state.recorder.is_some() {
-        return None;
-    }
     let listener_permit = match &state.in_flight {
         None => None,
         Some(s) => Some(s.clone().try_acquire_owned().ok()?),
@@ -341,16 +367,19 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
     let cluster_permit = target.cluster.admit().ok()?;
     let attempt = target.cluster.pick()?;
     let pool = attempt.endpoint.pool()?.clone();
+    // An access log wants every request, span export the sampled ones: the record holds what
+    // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
+    // last, so that a request that goes to hyper after all leaves no record here (hyper's
+    // path draws its own sampling decision then; this one had no effect).
+    let record = match &state.recorder {
+        Some(r) if r.wants(&trace) => Some(Recording::new(
+            r,
+            entry(state, down, head, req, method.clone(), host, trace.clone())?,
+        )),
+        _ => None,
+    };
     Some(Plan {
-        idempotent: matches!(
-            method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        ),
+        idempotent: super::forward::is_idempotent(&method),
         head: method == Method::HEAD,
         target: target.clone(),
         attempt,
@@ -363,6 +392,53 @@ fn plan(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Plan> {
         context,
         close,
         named,
+        record,
+    })
+}
+
+/// What is known of a request when it arrives, for its record (the fields hyper's path reads
+/// from the decoded request). The target, Host and request id are slices of one copy of the
+/// head (`head`, which `req` was parsed from): one allocation instead of three.
+fn entry(
+    state: &HttpListener,
+    down: &Downstream,
+    head: &[u8],
+    req: &httparse::Request<'_, '_>,
+    method: Method,
+    host: &str,
+    trace: TraceContext,
+) -> Option<Entry> {
+    let first = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+    };
+    let shared = Bytes::copy_from_slice(head);
+    // `part` lies in `head`: httparse's slices point into it.
+    let slice = |part: &[u8]| {
+        let at = part.as_ptr() as usize - head.as_ptr() as usize;
+        shared.slice(at..at + part.len())
+    };
+    // The id this request goes on with: the client's first, or the one written for it.
+    let request_id = match first("x-request-id") {
+        Some(h) => HeaderValue::from_maybe_shared(slice(h.value)).ok()?,
+        None => trace.trace_header(),
+    };
+    Some(Entry {
+        started: Instant::now(),
+        direction: state.direction,
+        listener: state.name.clone(),
+        method,
+        uri: http::Uri::from_maybe_shared(slice(req.path?.as_bytes())).ok()?,
+        host: Some(HeaderValue::from_maybe_shared(slice(host.as_bytes())).ok()?),
+        // Only `Content-Length: 0` reaches here.
+        bytes_in: first("content-length").map(|_| 0),
+        trace,
+        request_id: Some(request_id),
+        identity: down
+            .identity
+            .as_ref()
+            .and_then(|i| i.identity().map(Arc::from)),
     })
 }
 
@@ -571,35 +647,87 @@ struct Failed {
     message: String,
 }
 
+/// Where the client's next bytes go while its request is served: `buf[*end..]`. Nothing
+/// past `idle_at` was read yet when the request began (no pipelined request): only then is
+/// the client watched, as hyper's dispatcher reads a busy connection only with an empty
+/// buffer.
+struct Spare<'a> {
+    buf: &'a mut Vec<u8>,
+    end: &'a mut usize,
+    idle_at: usize,
+}
+
+impl Spare<'_> {
+    /// Runs `work` (waiting on the upstream) while reading the client: `None` when the client
+    /// closed (or its connection failed) first, `work` dropped then (its upstream connection
+    /// closed with it, never pooled mid-exchange). Bytes the client sends meanwhile (its next
+    /// request) are kept, and the watch ends with them.
+    async fn unless_gone<S, T>(
+        &mut self,
+        io: &mut Metered<S>,
+        work: impl Future<Output = T>,
+    ) -> Option<T>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if *self.end != self.idle_at || *self.end == self.buf.len() {
+            return Some(work.await);
+        }
+        tokio::pin!(work);
+        let n = tokio::select! {
+            biased;
+            done = &mut work => return Some(done),
+            n = io.read(&mut self.buf[*self.end..]) => n,
+        };
+        match n {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                *self.end += n;
+                Some(work.await)
+            }
+        }
+    }
+}
+
 /// Sends the request, streams the response back. Returns whether the downstream connection
 /// stays open.
 async fn forward<S>(
     cx: &Ctx<'_>,
     io: &mut Metered<S>,
     state: &HttpListener,
-    plan: &Plan,
+    plan: &mut Plan,
     out: &mut Vec<u8>,
     started: Instant,
+    spare: &mut Spare<'_>,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let target = &plan.target;
+    let target = plan.target.clone();
     let cluster = &target.cluster;
     let closing =
         || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
     let close = closing();
-    let mut exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
-    // A connect the app refused because it just died: held for its restart and sent once more
-    // (hold.rs), as on hyper's path. `out` still holds the request head: nothing was written.
-    if let Ok(Err(f)) = &exchanged
-        && f.failure == Failure::Connect
-        && state
-            .held_after_refusal(cx.down, &plan.target.cluster)
-            .await
-    {
-        exchanged = tokio::time::timeout(target.timeout, exchange(plan, out, close)).await;
-    }
+    let upstream = async {
+        let p = &*plan;
+        let mut exchanged = tokio::time::timeout(target.timeout, exchange(p, out, close)).await;
+        // A connect the app refused because it just died: held for its restart and sent once
+        // more (hold.rs), as on hyper's path. `out` still holds the request head: nothing was
+        // written.
+        if let Ok(Err(f)) = &exchanged
+            && f.failure == Failure::Connect
+            && state
+                .held_after_refusal(cx.down, &p.target.cluster, target.timeout)
+                .await
+        {
+            exchanged = tokio::time::timeout(target.timeout, exchange(p, out, close)).await;
+        }
+        exchanged
+    };
+    // The client gone before the answer: its record says 499 `client-closed` when dropped.
+    let Some(exchanged) = spare.unless_gone(io, upstream).await else {
+        return false;
+    };
     // A drain or idle watch may have begun while the upstream answered: the response says
     // `connection: close` then (as hyper's path decides after the upstream answered).
     let late = !close && closing();
@@ -637,7 +765,11 @@ where
             conn.buf.resize(end + FIRST_BUFFER, 0);
         }
         let left = target.timeout.saturating_sub(started.elapsed());
-        let f = match tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..])).await {
+        let first = tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..]));
+        let Some(first) = spare.unless_gone(io, first).await else {
+            return false;
+        };
+        let f = match first {
             Ok(Ok(n)) if n > 0 => {
                 end += n;
                 None
@@ -664,15 +796,37 @@ where
         cluster.succeeded(&plan.attempt);
     }
     target.stats.response(head.status, "");
+    if let Some(r) = &mut plan.record {
+        let routed = super::forward::routed(&plan.target, &plan.attempt, 0);
+        r.answered(head.status, None, routed);
+    }
     target
         .stats
         .latency
         .observe(started.elapsed().as_secs_f64());
-    let streamed = stream_body(io, &mut conn, &head, end, out).await;
+    let streamed = stream_body(io, &mut conn, &head, end, out, &mut plan.record).await;
     target
         .stats
         .duration
         .observe(started.elapsed().as_secs_f64());
+    let (bytes, how) = match &streamed {
+        Ok((bytes, _)) => (*bytes, End::Done),
+        Err(Broken { bytes, upstream }) => (
+            *bytes,
+            if *upstream {
+                End::Failed
+            } else {
+                // A bodiless response's head not written: hyper's tap sees its body at the
+                // end (no error), as here.
+                End::Dropped {
+                    at_end: head.framing == Framing::Empty,
+                }
+            },
+        ),
+    };
+    if let Some(r) = plan.record.take() {
+        r.end(bytes, how);
+    }
     match streamed {
         Ok((bytes, upstream_clean)) => {
             target.stats.response_bytes.inc_by(bytes);
@@ -681,7 +835,7 @@ where
             }
             !close && io.flush().await.is_ok()
         }
-        Err(Broken { bytes }) => {
+        Err(Broken { bytes, .. }) => {
             target.stats.response_bytes.inc_by(bytes);
             false
         }
@@ -692,7 +846,7 @@ where
 async fn answer<S>(
     io: &mut Metered<S>,
     state: &HttpListener,
-    plan: &Plan,
+    plan: &mut Plan,
     f: Failed,
     out: &mut Vec<u8>,
     close: bool,
@@ -728,6 +882,19 @@ where
     let ok = write_all(io, &mut [IoSlice::new(out), IoSlice::new(&body)])
         .await
         .is_ok();
+    if let Some(mut r) = plan.record.take() {
+        r.answered(
+            parts.status.as_u16(),
+            Some(f.failure.reason()),
+            super::forward::routed(&plan.target, &plan.attempt, 0),
+        );
+        let how = if ok {
+            End::Done
+        } else {
+            End::Dropped { at_end: false }
+        };
+        r.end(body.len() as u64, how);
+    }
     ok && !close && io.flush().await.is_ok()
 }
 
@@ -988,26 +1155,41 @@ fn parse_length(v: &[u8]) -> u64 {
 /// The response body broke off (upstream or client): the client's connection closes.
 struct Broken {
     bytes: u64,
+    /// The upstream broke it off (or sent a bad chunk); otherwise the client went away.
+    upstream: bool,
 }
 
 /// Writes the head in `out` and the body to the client. Returns the body's data bytes and
-/// whether the upstream connection ended the body exactly (nothing more was read).
+/// whether the upstream connection ended the body exactly (nothing more was read). The
+/// record counts the bytes as they go (a connection dropped mid-body logs what was sent).
 async fn stream_body<S>(
     io: &mut Metered<S>,
     conn: &mut Raw,
     head: &Head,
     mut end: usize,
     out: &[u8],
+    record: &mut Option<Recording>,
 ) -> Result<(u64, bool), Broken>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut start = head.len;
-    let broken = |bytes| Err(Broken { bytes });
+    let cut_client = |bytes| {
+        Err(Broken {
+            bytes,
+            upstream: false,
+        })
+    };
+    let cut_upstream = |bytes| {
+        Err(Broken {
+            bytes,
+            upstream: true,
+        })
+    };
     match head.framing {
         Framing::Empty => {
             if write_all(io, &mut [IoSlice::new(out)]).await.is_err() {
-                return broken(0);
+                return cut_client(0);
             }
             Ok((0, start == end))
         }
@@ -1021,13 +1203,14 @@ where
             .await
             .is_err()
             {
-                return broken(0);
+                return cut_client(0);
             }
             left -= n as u64;
             start += n;
+            sent(record, total - left);
             while left > 0 {
                 let n = match conn.io.read(&mut conn.buf).await {
-                    Ok(0) | Err(_) => return broken(total - left),
+                    Ok(0) | Err(_) => return cut_upstream(total - left),
                     Ok(n) => n,
                 };
                 let take = (left.min(n as u64)) as usize;
@@ -1035,9 +1218,10 @@ where
                     .await
                     .is_err()
                 {
-                    return broken(total - left);
+                    return cut_client(total - left);
                 }
                 left -= take as u64;
+                sent(record, total - left);
                 (start, end) = (take, n);
             }
             Ok((total, start == end))
@@ -1048,7 +1232,7 @@ where
             loop {
                 let done = match chunks.scan(&conn.buf[start..end]) {
                     Ok(d) => d,
-                    Err(()) => return broken(chunks.data),
+                    Err(()) => return cut_upstream(chunks.data),
                 };
                 let upto = done.map_or(end, |n| start + n);
                 let body = IoSlice::new(&conn.buf[start..upto]);
@@ -1057,19 +1241,20 @@ where
                     None => write_all(io, &mut [body]).await,
                 };
                 if written.is_err() {
-                    return broken(chunks.data);
+                    return cut_client(chunks.data);
                 }
+                sent(record, chunks.data);
                 if done.is_some() {
                     return Ok((chunks.data, upto == end));
                 }
                 // What a TLS stream still holds goes out before we wait on the upstream
                 // (server-sent events must not sit in rustls until the next chunk).
                 if io.flush().await.is_err() {
-                    return broken(chunks.data);
+                    return cut_client(chunks.data);
                 }
                 start = 0;
                 match conn.io.read(&mut conn.buf).await {
-                    Ok(0) | Err(_) => return broken(chunks.data),
+                    Ok(0) | Err(_) => return cut_upstream(chunks.data),
                     Ok(n) => end = n,
                 }
             }
@@ -1088,16 +1273,17 @@ where
                     IoSlice::new(if data.is_empty() { b"" } else { b"\r\n" }),
                 ];
                 if write_all(io, &mut slices).await.is_err() {
-                    return broken(bytes);
+                    return cut_client(bytes);
                 }
                 bytes += data.len() as u64;
+                sent(record, bytes);
                 if io.flush().await.is_err() {
-                    return broken(bytes);
+                    return cut_client(bytes);
                 }
                 start = 0;
                 match conn.io.read(&mut conn.buf).await {
                     Ok(0) => break,
-                    Err(_) => return broken(bytes),
+                    Err(_) => return cut_upstream(bytes),
                     Ok(n) => end = n,
                 }
             }
@@ -1105,10 +1291,17 @@ where
                 .await
                 .is_err()
             {
-                return broken(bytes);
+                return cut_client(bytes);
             }
             Ok((bytes, false))
         }
+    }
+}
+
+/// The response body's data bytes written so far, for a record dropped before the end.
+fn sent(record: &mut Option<Recording>, bytes: u64) {
+    if let Some(r) = record {
+        r.sent(bytes);
     }
 }
 

@@ -147,12 +147,7 @@ impl HttpListener {
                     }
                     let mut res = res;
                     if self.recorder.is_some() {
-                        res.extensions_mut().insert(record::Routed {
-                            route: Some(target.name.clone()),
-                            cluster: Some(cluster.name.clone()),
-                            upstream: Some(attempt.endpoint.label.clone()),
-                            retries: tries,
-                        });
+                        res.extensions_mut().insert(routed(target, &attempt, tries));
                     }
                     if status == 101
                         && let Some(downstream) = upgrade
@@ -200,7 +195,7 @@ impl HttpListener {
             if failure == Failure::Connect
                 && replayable
                 && !held
-                && self.held_after_refusal(down, cluster).await
+                && self.held_after_refusal(down, cluster, target.timeout).await
             {
                 held = true;
                 continue;
@@ -269,7 +264,7 @@ impl HttpListener {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -280,6 +275,20 @@ fn is_idempotent(m: &Method) -> bool {
 async fn backoff(base: Duration, n: u32) {
     let exp = base.saturating_mul(1u32 << (n - 1).min(10));
     tokio::time::sleep(exp.mul_f64(0.5 + fastrand::f64())).await;
+}
+
+/// What a request's record says routed it (the fast path's too).
+pub(super) fn routed(
+    target: &Target,
+    attempt: &super::cluster::Attempt,
+    retries: u32,
+) -> record::Routed {
+    record::Routed {
+        route: Some(target.name.clone()),
+        cluster: Some(target.cluster.name.clone()),
+        upstream: Some(attempt.endpoint.label.clone()),
+        retries,
+    }
 }
 
 #[cfg(test)]

@@ -62,10 +62,17 @@ impl HttpListener {
     }
 
     /// After a connect to the app was refused: true when the app turned out to be restarting
-    /// (the gate closed within [`EXIT_NOTICE`]) and is ready again within `app.hold_timeout`,
-    /// so the request can be sent again; false when this listener holds nothing, the app is
-    /// running but refused (a 502 as before, [`EXIT_NOTICE`] later), or did not come back.
-    pub(super) async fn held_after_refusal(&self, down: &Downstream, cluster: &Cluster) -> bool {
+    /// (the gate closed within [`EXIT_NOTICE`]) and is ready again within `app.hold_timeout`
+    /// and the route's `timeout` (a route's timeout bounds each attempt: a hold is one more
+    /// wait of the same attempt), so the request can be sent again; false when this listener
+    /// holds nothing, the app is running but refused (a 502 as before, [`EXIT_NOTICE`] later),
+    /// or did not come back in time.
+    pub(super) async fn held_after_refusal(
+        &self,
+        down: &Downstream,
+        cluster: &Cluster,
+        timeout: Duration,
+    ) -> bool {
         if !self.may_hold_after_refusal(cluster) {
             return false;
         }
@@ -84,7 +91,7 @@ impl HttpListener {
         }
         tracing::debug!(listener = %self.name, "the app exited under a request; holding it for the restart");
         tokio::select! {
-            open = gate.wait(*limit) => open,
+            open = gate.wait((*limit).min(timeout)) => open,
             _ = drain.signaled() => false,
         }
     }

@@ -3,7 +3,8 @@
 //! away); a request dropped before it had a response is recorded as 499 `client-closed`.
 //!
 //! In: the request's [`Entry`] and the response. Out: a finished record to the access log and
-//! the span exporter ([`Recorder::finish`]).
+//! the span exporter ([`Recorder::finish`]). The HTTP/1 fast path, which has no response body
+//! to wrap, keeps a [`Recording`] instead and says how the response went.
 
 use super::body::{End, ProxyBody, Tap, tap};
 use crate::telemetry::record::{Entry, Recorder, Routed};
@@ -101,5 +102,58 @@ impl Tap for Pending {
             }
         }
         self.finish();
+    }
+}
+
+/// A fast-path request's record ([`super::fast_path`]): the same fields and the same ends as
+/// [`Unanswered`] and its tapped body give a request on hyper's path. Finished when it is
+/// dropped: as 499 `client-closed` until [`Recording::answered`], then with the answer's
+/// status and the body bytes counted so far.
+pub(super) struct Recording(Option<Pending>);
+
+impl Recording {
+    pub(super) fn new(recorder: &Recorder, entry: Entry) -> Recording {
+        Recording(Some(Pending {
+            recorder: recorder.clone(),
+            entry,
+            // 499 `client-closed` if dropped unanswered: the error is set then (End::Dropped).
+            status: 499,
+            error: None,
+            routed: Routed::default(),
+            bytes_out: 0,
+        }))
+    }
+
+    /// A response head went out (`error`: Outrigger's own answer's `x-outrigger-error`).
+    pub(super) fn answered(&mut self, status: u16, error: Option<&str>, routed: Routed) {
+        if let Some(p) = &mut self.0 {
+            p.status = status;
+            p.error = error.map(str::to_string);
+            p.routed = routed;
+        }
+    }
+
+    /// The response body's data bytes written so far.
+    pub(super) fn sent(&mut self, bytes: u64) {
+        if let Some(p) = &mut self.0 {
+            p.bytes_out = bytes;
+        }
+    }
+
+    /// The response body's end: its data bytes, and how it ended (as a tapped body's).
+    pub(super) fn end(mut self, bytes_out: u64, how: End) {
+        if let Some(mut p) = self.0.take() {
+            p.bytes_out = bytes_out;
+            p.end(how);
+        }
+    }
+}
+
+impl Drop for Recording {
+    /// Dropped before its end (the connection's task was): the client went away.
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.end(End::Dropped { at_end: false });
+        }
     }
 }

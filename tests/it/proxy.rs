@@ -1177,6 +1177,71 @@ fn a_request_cancelled_before_its_response_is_logged_as_client_closed() {
 }
 
 #[test]
+fn an_http1_client_that_gives_up_on_the_fast_path_is_logged_as_client_closed() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address(),
+        log.display()
+    ));
+    sc.wait_ready();
+    // A keep-alive GET without a body: the fast path's. The client closes before the app
+    // answers; the request is not served on to its end (the app's answer would say 200).
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    drop(s);
+    let line: serde_json::Value = eventually(Duration::from_secs(5), "the log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["error"], "client-closed");
+    assert_eq!(line["path"], "/slow/1500");
+    assert!(line["route"].is_null(), "{line}");
+}
+
+#[test]
+fn a_fast_path_response_cut_off_by_a_stalled_client_logs_the_bytes_sent() {
+    const LEN: usize = 32 << 20;
+    let app = RawApp::start(|_| {
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\n\r\n").into_bytes();
+        r.resize(r.len() + LEN, b'x');
+        (r, true)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ idle_timeout: 1s }}\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address,
+        log.display()
+    ));
+    sc.wait_ready();
+    // The client reads nothing: the stalled-write watch drops the connection mid-body.
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let line: serde_json::Value = eventually(Duration::from_secs(20), "the log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    drop(s);
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "client-closed", "{line}");
+    let sent = line["bytes_out"].as_u64().unwrap();
+    assert!(
+        sent > 0 && sent < LEN as u64,
+        "the bytes sent so far: {line}"
+    );
+}
+
+#[test]
 fn access_log_names_the_endpoint_and_retries_of_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
@@ -1895,4 +1960,105 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
             "written from the header map: {h}"
         );
     }
+}
+
+/// A request the HTTP/1 fast path serves and the same request through hyper's path (a
+/// listener with a rate limit, which the fast path leaves to hyper) give the same access log
+/// line, field for field, for each way a request ends: a response of known length, a chunked
+/// one, a HEAD with `Content-Length: 0`, a body the upstream cuts off and a connect failure.
+#[test]
+fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
+    let app = RawApp::start(|head| {
+        let path = head.split([' ', '?']).nth(1).unwrap_or("/");
+        let bytes: &[u8] = match path {
+            "/ok" if head.starts_with("HEAD") => b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\n",
+            "/ok" => b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello",
+            "/chunked" => {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            }
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        };
+        (bytes.to_vec(), path == "/cut")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let dead = dead_port();
+    let routes = "    routes:\n      - match: { path_prefix: /dead }\n        cluster: gone\n      - cluster: app\n";
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: fast\n    address: 127.0.0.1:0\n{routes}  - name: hyper\n    address: 127.0.0.1:0\n    limits: {{ rate_limit: {{ requests_per_second: 100000, burst: 100000 }} }}\n{routes}clusters:\n  gone:\n    endpoints: [{dead}]\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address,
+        log.display()
+    ));
+    sc.wait_ready();
+    let requests: [&[u8]; 5] = [
+        b"GET /ok?q=1 HTTP/1.1\r\nHost: a\r\nx-request-id: rid\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nConnection: close\r\n\r\n",
+        b"GET /chunked HTTP/1.1\r\nHost: a:80\r\nConnection: close\r\n\r\n",
+        b"HEAD /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"GET /cut HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"DELETE /dead/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ];
+    for listener in ["fast", "hyper"] {
+        for r in requests {
+            raw(&sc.listeners[listener], r);
+        }
+    }
+    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "ten log lines", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        (lines.len() == 10).then_some(lines)
+    });
+    let heads = app.heads();
+    assert!(
+        heads[..4].iter().all(|h| h.contains("\r\nHost: a")),
+        "the first listener's requests took the fast path (Host in the client's case): {heads:?}"
+    );
+    assert!(
+        heads[4..].iter().all(|h| h.contains("\r\nhost: a")),
+        "the second listener's took hyper's: {heads:?}"
+    );
+    // What differs by nature: the time, the duration, the listener, this hop's span id and,
+    // for a request without trace context, the trace (and so the request id).
+    let same = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        let o = v.as_object_mut().unwrap();
+        assert_eq!(o["trace_id"].as_str().unwrap().len(), 32);
+        assert_eq!(o["span_id"].as_str().unwrap().len(), 16);
+        if o["request_id"] != "rid" {
+            assert_eq!(o["request_id"], o["trace_id"]);
+            o.remove("trace_id");
+            o.remove("request_id");
+        }
+        assert!(o["duration_ms"].as_f64().unwrap() > 0.0);
+        for k in ["time", "duration_ms", "listener", "span_id"] {
+            o.remove(k);
+        }
+        v
+    };
+    for (fast, slow) in lines[..5].iter().zip(&lines[5..]) {
+        assert_eq!(fast["listener"], "fast");
+        assert_eq!(slow["listener"], "hyper");
+        assert_eq!(same(fast), same(slow), "fast path: {fast}\nhyper: {slow}");
+    }
+    let f = |i: usize, k: &str| lines[i][k].clone();
+    assert_eq!(
+        (f(0, "status"), f(0, "bytes_out"), f(0, "path")),
+        (201.into(), 5.into(), "/ok".into())
+    );
+    assert_eq!(f(0, "trace_id"), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+        (f(1, "bytes_out"), f(1, "authority")),
+        (11.into(), "a:80".into())
+    );
+    assert_eq!((f(2, "bytes_in"), f(2, "bytes_out")), (0.into(), 0.into()));
+    assert_eq!(
+        (f(3, "status"), f(3, "error"), f(3, "bytes_out")),
+        (200.into(), "upstream-reset".into(), 3.into())
+    );
+    assert_eq!(
+        (f(4, "status"), f(4, "error"), f(4, "upstream")),
+        (502.into(), "connect".into(), dead.to_string().into())
+    );
 }

@@ -494,3 +494,53 @@ fn the_grafana_dashboard_queries_documented_metrics_with_valid_promql() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_sampled_request_on_the_http1_fast_path_exports_one_span() {
+    let collector = Collector::start();
+    let app = Backend::http();
+    // Spans only (no access log), no listener limits: a GET without a body is the fast path's.
+    let sc = Sidecar::start(&format!(
+        "service: payments\napp:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  tracing: {{ sample: 0, otlp: http://{} }}\n",
+        app.address(),
+        collector.addr
+    ));
+    sc.wait_ready();
+    let c = client();
+    for tp in [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-11111111111111111111111111111111-00f067aa0ba902b7-00",
+    ] {
+        let r = c
+            .get(sc.listener_url("public", "/fast?x=1"))
+            .header("traceparent", tp)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    eventually(Duration::from_secs(10), "the export counted", || {
+        (sc.metric("outrigger_spans_exported_total") >= 1.0).then_some(())
+    });
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 1, "only the sampled request: {spans:?}");
+    let (service, span) = &spans[0];
+    assert_eq!(service, "payments");
+    assert_eq!(span["kind"], 2, "a server span: {span}");
+    assert_eq!(span["name"], "GET default");
+    assert_eq!(span["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(span["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(attr(span, "url.path")["stringValue"], "/fast");
+    assert_eq!(attr(span, "http.response.status_code")["intValue"], "200");
+    assert_eq!(
+        attr(span, "network.peer.address")["stringValue"],
+        app.address()
+    );
+    let seen = app.seen();
+    assert_eq!(
+        seen[0].header("traceparent").unwrap(),
+        format!(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+            span["spanId"].as_str().unwrap()
+        )
+    );
+}

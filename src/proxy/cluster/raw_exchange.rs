@@ -1,7 +1,7 @@
 //! An HTTP/1.1 exchange on one of the endpoint's raw connections (the fast path's, see
 //! [`crate::proxy::fast_path`]) for a request hyper's server decoded: every HTTP/2 request to an
 //! HTTP/1.1 cluster, and the HTTP/1 requests the fast path leaves to hyper (bodies, retries,
-//! header edits, access logs…).
+//! header edits…).
 //!
 //! Why: hyper's HTTP/1 client (a connection task, a dispatch channel per request, a fresh
 //! 8 KiB read buffer per read while the response body still holds the last one) made h2c
@@ -47,10 +47,13 @@ use crate::proxy::fast_path::{
 /// Whether this path takes `req`: the body's length when it does.
 pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
     let h = req.headers();
+    // The forward phase copies the client's version (forward.rs): an HTTP/1.0 request goes to
+    // hyper's client, which sends it as HTTP/1.0. No Transfer-Encoding check: the forward
+    // phase has stripped it with the other hop-by-hop headers, and a body of unknown length
+    // is refused below by its size hint.
     if req.method() == Method::CONNECT
         || req.version() == Version::HTTP_10
         || h.contains_key(header::UPGRADE)
-        || h.contains_key(header::TRANSFER_ENCODING)
     {
         return None;
     }
@@ -116,10 +119,7 @@ pub(super) async fn send(
         }
     }
     let head_request = parts.method == Method::HEAD;
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
+    let idempotent = crate::proxy::forward::is_idempotent(&parts.method);
     let broke = |why: BoxError| SendError {
         connect: false,
         downstream: false,
@@ -465,8 +465,18 @@ fn trailer_map(lines: &[u8]) -> Option<HeaderMap> {
     let mut section = Vec::with_capacity(lines.len() + 2);
     section.extend_from_slice(lines);
     section.extend_from_slice(b"\r\n");
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let (_, parsed) = match httparse::parse_headers(&section, &mut headers) {
+    // As many trailer fields as a response head may have header fields ([`MANY_HEADERS`]; the
+    // section is at most 64 KiB): the stack's slots first, the heap's for a longer section.
+    let mut stack = [httparse::EMPTY_HEADER; 64];
+    let mut heap;
+    let parsed = match httparse::parse_headers(&section, &mut stack) {
+        Err(httparse::Error::TooManyHeaders) => {
+            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
+            httparse::parse_headers(&section, &mut heap)
+        }
+        other => other,
+    };
+    let (_, parsed) = match parsed {
         Ok(httparse::Status::Complete(r)) => r,
         _ => return None,
     };
@@ -532,5 +542,10 @@ mod tests {
         let mut c = Chunked::default();
         assert_eq!(c.decode(b"0\r\n\r\n"), Ok(Step::Done(5)));
         assert!(c.trailers.is_empty());
+        // More fields than the stack's 64 slots: the heap's.
+        let many: String = (0..300).map(|i| format!("x-t{i}: {i}\r\n")).collect();
+        let map = trailer_map(many.as_bytes()).unwrap();
+        assert_eq!(map.len(), 300);
+        assert_eq!(map["x-t299"], "299");
     }
 }
