@@ -34,6 +34,7 @@ pub mod otlp;
 pub mod parse;
 pub mod rate_limit;
 pub mod sink;
+pub mod spool;
 
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +76,9 @@ pub struct Logs {
     tls: std::collections::BTreeMap<String, Arc<sink::SinkClient>>,
     /// Lines of Outrigger's own access log, from its writer (`access_log: true`).
     access: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
+    /// The disk buffer (`logs.buffer`), once its writer has started (it outlives a restart of
+    /// the pipeline).
+    spool: OnceLock<Arc<spool::Spool>>,
 }
 
 impl Logs {
@@ -107,6 +111,7 @@ impl Logs {
             captured: tokio::sync::Mutex::new(captured),
             tls,
             access: tokio::sync::Mutex::new(access),
+            spool: OnceLock::new(),
         }
     }
 }
@@ -150,6 +155,12 @@ struct Work {
     app_limited: usize,
     /// The app's tails (stdout, stderr), rendered once.
     app_tails: Option<[Tail; 2]>,
+    /// The app source when its lines come through the disk buffer's files (`logs.buffer`):
+    /// they keep the app's tails (`stream`, not `file`).
+    spool_source: Option<usize>,
+    /// Look for new files in the next fill, whenever the last look was (the disk buffer's
+    /// writer finished: its last file may be new).
+    scan_now: bool,
     /// The tail of the file read last: (source, path, tail), reused while it stays the same.
     file_tail: Option<(usize, std::path::PathBuf, Tail)>,
     /// The access log source, its lines taken from the queue not yet in a batch, its tail.
@@ -299,7 +310,11 @@ impl Work {
         if self.files.is_empty() {
             return false;
         }
-        self.files.scan_if_due(self.poll);
+        if std::mem::take(&mut self.scan_now) {
+            self.files.scan();
+        } else {
+            self.files.scan_if_due(self.poll);
+        }
         if flush_app {
             self.files.flush_joined();
         }
@@ -310,8 +325,19 @@ impl Work {
             batch,
             sources,
             file_tail,
+            spool_source,
+            app_tails,
             ..
         } = self;
+        if let Some(s) = *spool_source {
+            let name = &sources[s].0;
+            app_tails.get_or_insert_with(|| {
+                [
+                    Tail::new(name, Origin::Stream(Stream::Stdout.as_str())),
+                    Tail::new(name, Origin::Stream(Stream::Stderr.as_str())),
+                ]
+            });
+        }
         // Lines, bytes and lines not in their format per source, added to the counters once
         // per fill.
         let mut read = vec![(0u64, 0u64, 0u64); sources.len()];
@@ -320,21 +346,30 @@ impl Work {
             if batch.lines >= max_lines {
                 return false;
             }
-            let same = file_tail.as_ref().is_some_and(|(s, p, _)| {
-                *s == l.source && p.as_os_str().as_bytes() == l.path.as_os_str().as_bytes()
-            });
+            // The app's lines from the disk buffer: as if read from its stdout/stderr.
+            let spooled = app_tails
+                .as_ref()
+                .filter(|_| Some(l.source) == *spool_source)
+                .map(|t| &t[usize::from(l.stream == Some(Stream::Stderr))]);
+            let same = spooled.is_some()
+                || file_tail.as_ref().is_some_and(|(s, p, _)| {
+                    *s == l.source && p.as_os_str().as_bytes() == l.path.as_os_str().as_bytes()
+                });
             if !same {
                 let tail = Tail::new(&sources[l.source].0, Origin::File(l.path));
                 *file_tail = Some((l.source, l.path.to_path_buf(), tail));
             }
-            let (_, _, tail) = file_tail.as_ref().expect("set above");
+            let tail = match spooled {
+                Some(t) => t,
+                None => &file_tail.as_ref().expect("set above").2,
+            };
             let format = if l.malformed {
                 &plain
             } else {
                 &sources[l.source].1
             };
             let meta = Meta {
-                stream: l.stream.map(Stream::as_str),
+                stream: l.stream.filter(|_| spooled.is_none()).map(Stream::as_str),
                 time: l.time,
             };
             let mut parsed = true;
@@ -385,9 +420,44 @@ fn split_half(ndjson: &Bytes) -> (Bytes, Bytes) {
 pub enum LogsError {
     #[error("the blocking pool failed: {0}")]
     Blocking(String),
+    #[error("cannot start the disk buffer: {0}")]
+    Spool(String),
 }
 
 impl Logs {
+    /// The disk buffer, its writer started with the app's lines on the first run.
+    fn start_spool(
+        &self,
+        buffer: &crate::config::logs::Buffer,
+        app: &str,
+        captured: &mut Option<Captured>,
+    ) -> Result<Arc<spool::Spool>, LogsError> {
+        if let Some(s) = self.spool.get() {
+            return Ok(s.clone());
+        }
+        let spool = spool::Spool::open(buffer, self.metrics.disk_buffer.clone())
+            .map_err(|e| LogsError::Spool(format!("{}: {e}", buffer.dir.display())))?;
+        self.metrics.disk_buffer_max.set(buffer.max_bytes as i64);
+        if let Some(q) = captured.take() {
+            let metrics = spool::WriterMetrics {
+                dropped: self
+                    .metrics
+                    .dropped
+                    .get_or_create(&LogDropLabels {
+                        source: app.to_string(),
+                        reason: "buffer_full",
+                    })
+                    .clone(),
+                echo_dropped: self.metrics.echo_dropped.clone(),
+                queued: self.metrics.app_buffer.clone(),
+            };
+            spool
+                .start(q, metrics, tokio::runtime::Handle::current())
+                .map_err(|e| LogsError::Spool(e.to_string()))?;
+        }
+        Ok(self.spool.get_or_init(|| spool).clone())
+    }
+
     async fn pipeline(&self, cx: ModuleContext) -> Result<(), LogsError> {
         let c = &self.config;
         let mut captured = self.captured.lock().await;
@@ -401,6 +471,7 @@ impl Logs {
         let mut file_sources = Vec::new();
         let mut sources = Vec::new();
         let mut app_source = None;
+        let mut spool_source = None;
         let mut access_source = None;
         let mut access = self.access.lock().await;
         for (i, s) in c.sources.iter().enumerate() {
@@ -421,7 +492,26 @@ impl Logs {
                     .clone(),
             ));
             match &s.kind {
-                LogSourceKind::App => app_source = Some(i),
+                LogSourceKind::App => match &c.buffer {
+                    None => app_source = Some(i),
+                    Some(buffer) => {
+                        let spool = self.start_spool(buffer, &s.name, &mut captured)?;
+                        spool_source = Some(i);
+                        file_sources.push(FileSource {
+                            source: i,
+                            matcher: crate::config::logs::compile_glob(&spool.glob())
+                                .map_err(|e| LogsError::Spool(e.to_string()))?,
+                            base: spool.dir().to_path_buf(),
+                            from_end: false,
+                            // Spool files are deleted only once read and acknowledged to
+                            // their end: nothing more can come.
+                            rotate_wait: Duration::ZERO,
+                            container: Some(crate::config::logs::Container::Cri),
+                            multiline: s.multiline.clone(),
+                            limit: s.rate_limit.map(TokenBucket::new),
+                        });
+                    }
+                },
                 LogSourceKind::AccessLog => access_source = Some(i),
                 LogSourceKind::Files {
                     glob,
@@ -472,6 +562,8 @@ impl Logs {
                 .map(TokenBucket::new),
             app_limited: 0,
             app_tails: None,
+            spool_source,
+            scan_now: false,
             file_tail: None,
             access_source,
             access_pending: Default::default(),
@@ -491,10 +583,17 @@ impl Logs {
             outlets.iter().map(|o| o.label.sink.as_str()),
             c.retry_max.get(),
         );
-        for o in &outlets {
-            self.metrics.sink_up.get_or_create(&o.label).set(1);
-        }
+        // `sink_up` is set from a sink's first attempt on: before it the sink is `pending` (in
+        // /ready and /status) and has no `sink_up` series yet.
         let app_name = app_source.map(|s| c.sources[s].name.clone());
+        let spool = self.spool.get().cloned();
+        if let (Some(spool), Some(path)) = (&spool, &c.checkpoint) {
+            // Spool files a previous run shipped to their end.
+            let saved = checkpoint::load(path).unwrap_or_default();
+            let spool = spool.clone();
+            let _ = tokio::task::spawn_blocking(move || spool.collect(saved.values())).await;
+        }
+        let mut spool_open = spool.as_ref().is_some_and(|s| !s.done());
         let dropped = |reason: &'static str, n: usize| {
             if let (Some(name), true) = (&app_name, n > 0) {
                 self.metrics
@@ -592,6 +691,11 @@ impl Logs {
             // The agent drains after the app has exited: records still being joined leave now
             // (a child the app left behind may still hold its stdout open, and write to it).
             let flush_app = stop.draining();
+            if spool_open && spool.as_ref().is_some_and(|s| s.done()) {
+                // The app's last lines are on disk: read them to their end from now on.
+                spool_open = false;
+                w.scan_now = true;
+            }
             let fill = tokio::task::spawn_blocking(move || {
                 let more = w.fill(app, access_lines, flush_app);
                 (w, more)
@@ -607,6 +711,13 @@ impl Logs {
             let out_of_budget = match shipped {
                 Some(Shipped::Acked(mark)) => {
                     w.files.ack(&mark);
+                    if let Some(spool) = &spool {
+                        let spool = spool.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            spool.collect(mark.positions.iter())
+                        })
+                        .await;
+                    }
                     // Lines still coming faster than the sink takes them when the budget ends.
                     stop.budget()
                         .is_some_and(|left| left.is_zero())
@@ -690,6 +801,7 @@ impl Logs {
             }
             if stop.draining()
                 && !app_open
+                && !spool_open
                 && !more
                 && sealed.is_none()
                 && w.batch.lines == 0

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::support::{Sidecar, Spawn, eventually};
 
+mod buffer;
 mod sinks;
 
 const WAIT: Duration = Duration::from_secs(30);
