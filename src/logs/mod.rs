@@ -17,9 +17,12 @@
 //! While the sink is down the batch is retried (exponential backoff, jitter; halves after a
 //! 413) and nothing more is read from files once the next batch is full — backpressure: their
 //! bytes wait on disk and their positions do not move. The app's lines cannot wait there: they queue up to
-//! `logs.app_buffer`, then are dropped and counted. Delivery is at-least-once for files (a crash
+//! `logs.app_buffer`, then are dropped and counted — unless `logs.buffer` is set: then they
+//! go through spool files on disk ([`spool`]), read back like a file source, up to the
+//! buffer's cap. Delivery is at-least-once for files and the spooled app's lines (a crash
 //! between the sink's acknowledgement and the checkpoint write sends that one batch again) and
-//! best-effort, counted, for the app's stdio. `docs/logs.md` states the guarantees.
+//! best-effort, counted, for the app's stdio held in memory. `docs/logs.md` states the
+//! guarantees.
 //!
 //! A supervised [`Module`]: it drains in step 3 of the stop, after the app has exited — it
 //! reads the app's last lines and the files to their current end, sends them, checkpoints and
