@@ -136,6 +136,44 @@ struct Batch {
     /// Lines from the app (they cannot be read again if the batch is lost).
     app_lines: usize,
     started: Option<Instant>,
+    /// Each record's id, when a sink wants them (`elasticsearch`): see [`Ids`].
+    ids: Option<Ids>,
+}
+
+/// Records' ids (`_bulk`'s `_id`): where a file's (or the disk buffer's) record was read, so a
+/// record sent again — a retry, or read again after a restart — has the same; for the app's
+/// lines held in memory and the access log, this run's prefix and a counter (a retry still
+/// has the same).
+struct Ids {
+    list: Vec<String>,
+    run: String,
+    next: u64,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        let nanos = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Ids {
+            list: Vec::new(),
+            run: format!("r{nanos:x}{:x}", std::process::id()),
+            next: 0,
+        }
+    }
+
+    fn unique(&mut self) {
+        self.next += 1;
+        self.list.push(format!("{}.{:x}", self.run, self.next));
+    }
+
+    fn file(&mut self, at: &files::LineAt) {
+        self.list.push(format!(
+            "f{:x}.{:x}.{:x}.{:x}",
+            at.id.dev, at.id.ino, at.head, at.offset
+        ));
+    }
 }
 
 /// What the blocking pool works on: moved there and back for each fill.
@@ -221,6 +259,9 @@ impl Work {
             n += 1;
             b += l.len() as u64 + 1;
             self.batch.app_lines += 1;
+            if let Some(ids) = &mut self.batch.ids {
+                ids.unique();
+            }
             self.access_pending.pop_front();
         }
         lines.inc_by(n);
@@ -299,6 +340,9 @@ impl Work {
                 n += 1;
                 b += l.line.len() as u64 + 1;
                 self.batch.app_lines += 1;
+                if let Some(ids) = &mut self.batch.ids {
+                    ids.unique();
+                }
                 self.app_pending.pop_front();
             }
             lines.inc_by(n);
@@ -380,6 +424,9 @@ impl Work {
                 parsed = encoder.encode(out, l.line, format, tail, meta, now);
             }) {
                 return false;
+            }
+            if let Some(ids) = &mut batch.ids {
+                ids.file(&l.at);
             }
             let r = &mut read[l.source];
             r.0 += 1;
@@ -544,6 +591,10 @@ impl Logs {
                 fields.push((k.clone(), v));
             }
         }
+        let outlets_want_ids = c
+            .sinks
+            .iter()
+            .any(|s| matches!(s.sink, crate::config::logs::LogSink::Elasticsearch { .. }));
         let mut work = Some(Work {
             files: Files::new(file_sources, saved),
             encoder: Encoder::new(c.redact.clone(), fields),
@@ -552,6 +603,7 @@ impl Logs {
                 lines: 0,
                 app_lines: 0,
                 started: None,
+                ids: outlets_want_ids.then(Ids::new),
             },
             sources,
             app_source,
@@ -796,6 +848,12 @@ impl Logs {
                     ndjson,
                     lines: w.batch.lines,
                     app_lines: w.batch.app_lines,
+                    ids: w
+                        .batch
+                        .ids
+                        .as_mut()
+                        .map(|i| std::mem::take(&mut i.list))
+                        .unwrap_or_default(),
                     mark: w.files.mark(),
                 });
                 w.batch.lines = 0;
@@ -825,7 +883,7 @@ impl Logs {
         let sent = futures_util::future::join_all(
             outlets
                 .iter()
-                .map(|o| self.ship_to(o, &batch.ndjson, batch.lines, stop)),
+                .map(|o| self.ship_to(o, &batch.ndjson, batch.lines, &batch.ids, stop)),
         )
         .await;
         if sent.contains(&false) {
@@ -852,7 +910,14 @@ impl Logs {
 
     /// Sends one batch to one sink until it takes it (retrying with backoff; halves after a
     /// 413). True once taken or refused for good; false when the stop's budget ran out first.
-    async fn ship_to(&self, outlet: &Outlet, ndjson: &Bytes, lines: usize, stop: &Stop) -> bool {
+    async fn ship_to(
+        &self,
+        outlet: &Outlet,
+        ndjson: &Bytes,
+        lines: usize,
+        ids: &[String],
+        stop: &Stop,
+    ) -> bool {
         let c = &self.config;
         let (sink, sink_label) = (&outlet.sink, &outlet.label);
         let name = &sink_label.sink;
@@ -861,9 +926,18 @@ impl Logs {
         let mut attempt = 0u32;
         let (mut shipped, mut rejected) = (0usize, 0usize);
         // Pieces still to send, the next one last: the batch, or its halves after a 413.
-        let mut parts = vec![(ndjson.clone(), lines)];
-        while let Some((part, lines)) = parts.pop() {
-            let body = sink.prepare(part.clone());
+        // Each piece with its records' positions in the batch (for their ids).
+        let mut parts = vec![(ndjson.clone(), lines, (0..lines).collect::<Vec<usize>>())];
+        while let Some((part, lines, at)) = parts.pop() {
+            let body = if sink.wants_ids() && ids.len() >= lines {
+                let part_ids: Vec<&str> = at
+                    .iter()
+                    .filter_map(|&i| ids.get(i).map(String::as_str))
+                    .collect();
+                sink.prepare_with_ids(part.clone(), &part_ids)
+            } else {
+                sink.prepare(part.clone())
+            };
             loop {
                 // A stop during the attempt bounds what is left of it by the flush budget.
                 let send = sink.send(body.clone(), lines);
@@ -909,8 +983,8 @@ impl Logs {
                         let (first, second) = split_half(&part);
                         warn!(sink = %name, error = %e, lines, "the sink refused a batch as too large; sending it in halves");
                         let n = count_lines(&first);
-                        parts.push((second, lines - n));
-                        parts.push((first, n));
+                        parts.push((second, lines - n, at[n.min(at.len())..].to_vec()));
+                        parts.push((first, n, at[..n.min(at.len())].to_vec()));
                         break;
                     }
                     Err(SendError::Partial {
@@ -933,7 +1007,8 @@ impl Logs {
                         shipped += lines.saturating_sub(again + n);
                         rejected += n.min(lines);
                         if again > 0 {
-                            parts.push((Bytes::from(bulk::pick(&part, &retry)), again));
+                            let picked = retry.iter().filter_map(|&p| at.get(p).copied()).collect();
+                            parts.push((Bytes::from(bulk::pick(&part, &retry)), again, picked));
                             let wait = sink::backoff(attempt, c.retry_max.get());
                             attempt = attempt.saturating_add(1);
                             self.metrics.retries.get_or_create(sink_label).inc();
@@ -1005,6 +1080,8 @@ struct Sealed {
     lines: usize,
     /// Lines from the app (they cannot be read again if the batch is lost).
     app_lines: usize,
+    /// Each record's id, when a sink wants them.
+    ids: Vec<String>,
     mark: files::Mark,
 }
 

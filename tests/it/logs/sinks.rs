@@ -238,3 +238,42 @@ fn an_access_log_source_without_an_access_log_is_refused_at_its_line() {
         "{err}"
     );
 }
+
+/// `_bulk` documents carry an `_id` from where their line was read: a batch whose answer was
+/// lost is sent again and answered 409 per item (counted as taken, not stored twice), and the
+/// batch read again after a `kill -9` is not stored twice either.
+#[test]
+fn bulk_ids_make_a_resent_batch_and_a_reread_after_a_kill_conflict_instead_of_doubling() {
+    let es = Receiver::start();
+    es.limits.lose_answers.store(2, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 20_000, "e");
+    let config = format!(
+        "logs:\n  sources: [{{files: {}/*.log, format: plain}}]\n  sinks:\n    - elasticsearch: {}\n      index: logs-test-default\n  checkpoint: {}/checkpoint.json\n  poll: 50ms\n  batch: {{max_lines: 100, max_wait: 50ms, retry_max: 200ms}}\n",
+        dir.path().display(),
+        es.url.trim_end_matches("/ingest"),
+        dir.path().display()
+    );
+    let mut sc = Sidecar::start(&config);
+    // Past the two lost answers, and a few batches further: kill -9 (no last checkpoint).
+    eventually(WAIT, "a few batches stored", || {
+        (es.limits.conflicts.load(Ordering::SeqCst) >= 100 && es.records().len() >= 300)
+            .then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGKILL);
+    sc.wait_exit(WAIT);
+    let conflicts = es.limits.conflicts.load(Ordering::SeqCst);
+    let sc = Sidecar::start(&config);
+    let want = expected(0, 20_000, "e");
+    let counts = es.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    eprintln!(
+        "conflicts: {conflicts} for the resent batches, {} after the restart",
+        es.limits.conflicts.load(Ordering::SeqCst) - conflicts
+    );
+    // Answered 409 is taken: shipped, not retried again and again.
+    eventually(WAIT, "every line counted as shipped", || {
+        (sc.metric("outrigger_logs_checkpoint_lag_bytes") == 0.0).then_some(())
+    });
+}
