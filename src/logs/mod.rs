@@ -799,6 +799,25 @@ impl Logs {
                     }
                 }
                 dropped("shutdown", lost);
+                // The access log's lines not shipped: taken from its queue, or still in it
+                // (those in the last batches are among the app's count above: both are
+                // counted as `app_lines`, lines that cannot be read again).
+                let mut access_lost = w.access_pending.len();
+                if let Some(q) = access.as_mut() {
+                    while q.try_recv().is_ok() {
+                        access_lost += 1;
+                    }
+                }
+                if let (Some(s), true) = (access_source, access_lost > 0) {
+                    self.metrics
+                        .dropped
+                        .get_or_create(&LogDropLabels {
+                            source: c.sources[s].name.clone(),
+                            reason: "shutdown",
+                        })
+                        .inc_by(access_lost as u64);
+                }
+                let lost = lost + access_lost;
                 if lost > 0 || w.batch.lines > 0 {
                     warn!(
                         lost,
