@@ -882,11 +882,15 @@ mod tests {
         );
         let want = "expected exactly one of app: stdio, files: GLOB or access_log: true";
         assert!(
-            lines.iter().any(|l| l.starts_with("3:") && l.contains(want)),
+            lines
+                .iter()
+                .any(|l| l.starts_with("3:") && l.contains(want)),
             "{lines:#?}"
         );
         assert!(
-            lines.iter().any(|l| l.starts_with("4:") && l.contains(want)),
+            lines
+                .iter()
+                .any(|l| l.starts_with("4:") && l.contains(want)),
             "{lines:#?}"
         );
     }

@@ -476,7 +476,7 @@ pub enum LogsError {
 
 impl Logs {
     /// The disk buffer, its writer started with the app's lines on the first run.
-    fn start_spool(
+    async fn start_spool(
         &self,
         buffer: &crate::config::logs::Buffer,
         app: &str,
@@ -485,7 +485,10 @@ impl Logs {
         if let Some(s) = self.spool.get() {
             return Ok(s.clone());
         }
-        let spool = spool::Spool::open(buffer, self.metrics.disk_buffer.clone())
+        let (b, gauge) = (buffer.clone(), self.metrics.disk_buffer.clone());
+        let spool = tokio::task::spawn_blocking(move || spool::Spool::open(&b, gauge))
+            .await
+            .map_err(|e| LogsError::Blocking(e.to_string()))?
             .map_err(|e| LogsError::Spool(format!("{}: {e}", buffer.dir.display())))?;
         self.metrics.disk_buffer_max.set(buffer.max_bytes as i64);
         if let Some(q) = captured.take() {
@@ -511,11 +514,14 @@ impl Logs {
     async fn pipeline(&self, cx: ModuleContext) -> Result<(), LogsError> {
         let c = &self.config;
         let mut captured = self.captured.lock().await;
-        let saved = match &c.checkpoint {
-            Some(path) => checkpoint::load(path).unwrap_or_else(|e| {
-                warn!(error = %e, "ignoring the log checkpoint");
-                Default::default()
-            }),
+        let saved = match c.checkpoint.clone() {
+            Some(path) => tokio::task::spawn_blocking(move || checkpoint::load(&path))
+                .await
+                .map_err(|e| LogsError::Blocking(e.to_string()))?
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "ignoring the log checkpoint");
+                    Default::default()
+                }),
             None => Default::default(),
         };
         let mut file_sources = Vec::new();
@@ -545,7 +551,7 @@ impl Logs {
                 LogSourceKind::App => match &c.buffer {
                     None => app_source = Some(i),
                     Some(buffer) => {
-                        let spool = self.start_spool(buffer, &s.name, &mut captured)?;
+                        let spool = self.start_spool(buffer, &s.name, &mut captured).await?;
                         spool_source = Some(i);
                         file_sources.push(FileSource {
                             source: i,
@@ -595,6 +601,9 @@ impl Logs {
             .sinks
             .iter()
             .any(|s| matches!(s.sink, crate::config::logs::LogSink::Elasticsearch { .. }));
+        // What the checkpoint holds: the spool files a previous run shipped to their end are
+        // collected from it now, and again each time the spool's writer moves on to a new file.
+        let mut acked: Arc<Vec<checkpoint::Position>> = Arc::new(saved.values().cloned().collect());
         let mut work = Some(Work {
             files: Files::new(file_sources, saved),
             encoder: Encoder::new(c.redact.clone(), fields),
@@ -642,12 +651,7 @@ impl Logs {
         // /ready and /status) and has no `sink_up` series yet.
         let app_name = app_source.map(|s| c.sources[s].name.clone());
         let spool = self.spool.get().cloned();
-        if let (Some(spool), Some(path)) = (&spool, &c.checkpoint) {
-            // Spool files a previous run shipped to their end.
-            let saved = checkpoint::load(path).unwrap_or_default();
-            let spool = spool.clone();
-            let _ = tokio::task::spawn_blocking(move || spool.collect(saved.values())).await;
-        }
+        let mut collected_at = None;
         let mut spool_open = spool.as_ref().is_some_and(|s| !s.done());
         let dropped = |reason: &'static str, n: usize| {
             if let (Some(name), true) = (&app_name, n > 0) {
@@ -746,6 +750,14 @@ impl Logs {
             // The agent drains after the app has exited: records still being joined leave now
             // (a child the app left behind may still hold its stdout open, and write to it).
             let flush_app = stop.draining();
+            if let Some(spool) = spool.as_ref().filter(|s| collected_at != Some(s.current())) {
+                // A file the writer closed (full, or the buffer full) that was shipped to its
+                // end before: deleted now, not at the next acknowledgement (with the buffer
+                // full, none may come).
+                collected_at = Some(spool.current());
+                let (spool, acked) = (spool.clone(), acked.clone());
+                let _ = tokio::task::spawn_blocking(move || spool.collect(acked.iter())).await;
+            }
             if spool_open && spool.as_ref().is_some_and(|s| s.done()) {
                 // The app's last lines are on disk: read them to their end from now on.
                 spool_open = false;
@@ -767,11 +779,10 @@ impl Logs {
                 Some(Shipped::Acked(mark)) => {
                     w.files.ack(&mark);
                     if let Some(spool) = &spool {
-                        let spool = spool.clone();
-                        let _ = tokio::task::spawn_blocking(move || {
-                            spool.collect(mark.positions.iter())
-                        })
-                        .await;
+                        acked = Arc::new(mark.positions);
+                        let (spool, acked) = (spool.clone(), acked.clone());
+                        let _ =
+                            tokio::task::spawn_blocking(move || spool.collect(acked.iter())).await;
                     }
                     // Lines still coming faster than the sink takes them when the budget ends.
                     stop.budget()

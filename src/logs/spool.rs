@@ -28,7 +28,7 @@ use tracing::warn;
 
 use super::checkpoint::Position;
 use crate::config::logs::Buffer;
-use crate::lifecycle::capture::{AppLine, Captured};
+use crate::lifecycle::capture::{AppLine, Captured, MAX_LINE};
 use crate::telemetry::json;
 
 /// Spool file names: `spool-` and a 12-digit sequence number (sorts as it was written).
@@ -103,6 +103,12 @@ impl Spool {
         self.done.load(Ordering::Acquire)
     }
 
+    /// The sequence number of the file being written: when it moves on, the file before it
+    /// may have been shipped to its end already and can be collected.
+    pub fn current(&self) -> u64 {
+        self.current.load(Ordering::Acquire)
+    }
+
     /// How large a spool file grows before the next one begins.
     pub fn segment(&self) -> u64 {
         (self.max_bytes / 4).clamp(SEGMENT_MIN, SEGMENT_MAX)
@@ -135,13 +141,21 @@ impl Spool {
         Ok(())
     }
 
-    /// The writer's loop: waits for a line, takes what else is queued (up to 1 MiB), appends
-    /// it in one write.
+    /// The writer's loop: waits for a line, takes what else is queued (up to 1 MiB and the
+    /// current file's room), appends it in one write.
     fn write(&self, mut captured: Captured, metrics: &WriterMetrics, rt: &tokio::runtime::Handle) {
         let mut file: Option<(File, u64)> = None;
         let mut chunk = Vec::with_capacity(1 << 20);
         while let Some(first) = rt.block_on(captured.recv()) {
             let now = std::time::SystemTime::now();
+            // At most what the current file has room for (and 1 MiB): files keep to their
+            // segment size, so shipped bytes are given back in segments.
+            let segment = self.segment();
+            let limit = match &file {
+                Some((_, n)) if *n < segment => segment - n,
+                _ => segment,
+            }
+            .min(1 << 20) as usize;
             let mut next = Some(first);
             let mut dropped = 0u64;
             while let Some(l) = next.take() {
@@ -152,7 +166,7 @@ impl Spool {
                     chunk.truncate(mark);
                     dropped += 1;
                 }
-                if chunk.len() < 1 << 20 {
+                if chunk.len() < limit {
                     next = captured.try_recv().ok();
                 }
             }
@@ -160,30 +174,44 @@ impl Spool {
             metrics
                 .echo_dropped
                 .inc_by(captured.take_echo_dropped() as u64);
+            let full = dropped > 0;
             // Lines the capture queue itself refused (its memory cap) as well.
             let dropped = dropped + captured.take_dropped() as u64;
             if dropped > 0 {
                 metrics.dropped.inc_by(dropped);
             }
-            if chunk.is_empty() {
-                continue;
+            if !chunk.is_empty() {
+                if let Err(e) = self.append(&mut file, &chunk) {
+                    let lines = memchr::memchr_iter(b'\n', &chunk).count() as u64;
+                    warn!(error = %e, dir = %self.dir.display(), lines, "cannot write the app's lines to the disk buffer; dropping them");
+                    metrics.dropped.inc_by(lines);
+                }
+                chunk.clear();
             }
-            if let Err(e) = self.append(&mut file, &chunk) {
-                let lines = memchr::memchr_iter(b'\n', &chunk).count() as u64;
-                warn!(error = %e, dir = %self.dir.display(), lines, "cannot write the app's lines to the disk buffer; dropping them");
-                metrics.dropped.inc_by(lines);
-                file = None;
+            // The buffer is full: the file being written is closed now, not once it reaches its
+            // segment size (it may never: no line is written while the buffer is full), so it
+            // can be deleted once shipped and the buffer frees up.
+            if full {
+                self.next_file(&mut file);
             }
-            chunk.clear();
         }
         metrics.dropped.inc_by(captured.take_dropped() as u64);
     }
 
-    /// Appends `chunk` to the current spool file, beginning the next one when it is full.
-    fn append(&self, file: &mut Option<(File, u64)>, chunk: &[u8]) -> std::io::Result<()> {
-        if file.as_ref().is_some_and(|(_, n)| *n >= self.segment()) {
+    /// Closes the file being written, if it holds anything: the next write begins the next one.
+    fn next_file(&self, file: &mut Option<(File, u64)>) {
+        if file.as_ref().is_some_and(|(_, n)| *n > 0) {
             *file = None;
             self.current.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Appends `chunk` to the current spool file, beginning the next one when it is full. A
+    /// write that fails partway (a full disk) is taken back, so no piece of a line without its
+    /// end is left for the next write to continue; if even that fails the next file begins.
+    fn append(&self, file: &mut Option<(File, u64)>, chunk: &[u8]) -> std::io::Result<()> {
+        if file.as_ref().is_some_and(|(_, n)| *n >= self.segment()) {
+            self.next_file(file);
         }
         if file.is_none() {
             let path = self.path(self.current.load(Ordering::Acquire));
@@ -195,7 +223,13 @@ impl Spool {
             *file = Some((f, len));
         }
         let (f, n) = file.as_mut().expect("opened above");
-        f.write_all(chunk)?;
+        if let Err(e) = f.write_all(chunk) {
+            if f.set_len(*n).is_err() {
+                *file = None;
+                self.current.fetch_add(1, Ordering::AcqRel);
+            }
+            return Err(e);
+        }
         *n += chunk.len() as u64;
         self.add(chunk.len() as i64);
         Ok(())
@@ -233,14 +267,30 @@ impl Spool {
     }
 }
 
-/// One line in the CRI format.
+/// The longest CRI prefix and line end the writer adds to a piece of the app's line: the time
+/// (`2024-01-01T00:00:00.000000Z`, always 27 bytes), ` stdout P ` and `\n`.
+const FRAME_MAX: usize = 27 + " stdout P ".len() + 1;
+/// The largest piece of an app's line in one spool line: with its frame it fits the
+/// [`MAX_LINE`] the file reader reads a line in, so a line the capture cut at `MAX_LINE` is not
+/// cut again (its last bytes a record of their own, not in the CRI format).
+const PIECE_MAX: usize = MAX_LINE - FRAME_MAX;
+
+/// One line in the CRI format: in pieces of at most [`PIECE_MAX`] bytes, all but the last
+/// flagged `P` (the last too when the capture cut the line), which the reader joins again.
 fn encode(out: &mut Vec<u8>, l: &AppLine, now: std::time::SystemTime) {
-    json::time(out, now);
-    out.push(b' ');
-    out.extend_from_slice(l.stream.as_str().as_bytes());
-    out.extend_from_slice(if l.cut { b" P " } else { b" F " });
-    out.extend_from_slice(&l.line);
-    out.push(b'\n');
+    let mut pieces = l.line.chunks(PIECE_MAX).peekable();
+    let mut first = true;
+    while first || pieces.peek().is_some() {
+        first = false;
+        let piece = pieces.next().unwrap_or_default();
+        let cut = l.cut || pieces.peek().is_some();
+        json::time(out, now);
+        out.push(b' ');
+        out.extend_from_slice(l.stream.as_str().as_bytes());
+        out.extend_from_slice(if cut { b" P " } else { b" F " });
+        out.extend_from_slice(piece);
+        out.push(b'\n');
+    }
 }
 
 /// The sequence number of a spool file's name.
@@ -315,6 +365,37 @@ mod tests {
         };
         encode(&mut chunk, &line, std::time::UNIX_EPOCH);
         assert_eq!(chunk, b"1970-01-01T00:00:00.000000Z stderr F hello\n");
+        // A line the capture cut at MAX_LINE: in pieces that fit MAX_LINE with their frame,
+        // all flagged P.
+        let mut long = Vec::new();
+        let cut = AppLine {
+            stream: Stream::Stdout,
+            line: vec![b'a'; MAX_LINE],
+            cut: true,
+        };
+        encode(&mut long, &cut, std::time::UNIX_EPOCH);
+        let pieces: Vec<&[u8]> = long.split_inclusive(|&b| b == b'\n').collect();
+        assert_eq!(pieces.len(), 2);
+        assert!(pieces.iter().all(|p| p.len() <= MAX_LINE));
+        assert_eq!(pieces[0].len(), MAX_LINE);
+        assert!(pieces.iter().all(|p| p[27..].starts_with(b" stdout P ")));
+        assert_eq!(long.len(), MAX_LINE + 2 * FRAME_MAX);
+        // Its rest: the last piece F; an empty line is one line.
+        long.clear();
+        let rest = AppLine { cut: false, ..cut };
+        encode(&mut long, &rest, std::time::UNIX_EPOCH);
+        let tail = [&b" stdout F "[..], &[b'a'; FRAME_MAX], b"\n"].concat();
+        assert!(long.ends_with(&tail));
+        long.clear();
+        encode(
+            &mut long,
+            &AppLine {
+                line: Vec::new(),
+                ..rest
+            },
+            std::time::UNIX_EPOCH,
+        );
+        assert_eq!(long, b"1970-01-01T00:00:00.000000Z stdout F \n");
         let big = vec![b'x'; SEGMENT_MIN as usize];
         s.append(&mut file, &big).unwrap();
         s.append(&mut file, &chunk).unwrap();

@@ -42,6 +42,17 @@ fn app_script(dir: &Path, n: usize) -> String {
     )
 }
 
+/// How many spool files there are.
+fn spool_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("spool"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("spool-")
+        })
+        .count()
+}
+
 fn numbers(n: usize) -> Vec<String> {
     (1..=n).map(|i| i.to_string()).collect()
 }
@@ -58,8 +69,10 @@ fn the_apps_lines_wait_on_disk_while_the_sink_is_down_then_arrive_once() {
     let rx = Receiver::start();
     rx.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&rx, dir.path(), "");
-    let script = app_script(dir.path(), 5000);
+    // 1 MiB of spool in 256 KiB files; 20k lines are ~830 KiB with their CRI prefix: several
+    // files, none dropped.
+    let config = config(&rx, dir.path(), "    max_bytes: 1MiB\n");
+    let script = app_script(dir.path(), 20_000);
     let mut sc = Spawn {
         config: &config,
         app: &["sh", "-c", &script],
@@ -67,16 +80,25 @@ fn the_apps_lines_wait_on_disk_while_the_sink_is_down_then_arrive_once() {
     }
     .start();
     eventually(WAIT, "every line on disk and the sink refusing", || {
-        (spooled(dir.path()).contains(" stdout F 5000\n") && rx.refused.load(Ordering::SeqCst) >= 3)
+        (spooled(dir.path()).contains(" stdout F 20000\n")
+            && rx.refused.load(Ordering::SeqCst) >= 3)
             .then_some(())
     });
-    // Echoed all the same, and the buffer's fill shown.
-    assert!(sc.stdout().contains("\n5000\n"), "{}", sc.diagnostics());
-    assert!(sc.metric("outrigger_logs_disk_buffer_bytes") > 0.0);
-    assert!(sc.metric("outrigger_logs_disk_buffer_max_bytes") > 0.0);
+    // Echoed all the same (the echo is written after the line is queued for the disk), and
+    // the buffer's fill shown.
+    eventually(WAIT, "every line echoed", || {
+        sc.stdout().contains("\n20000\n").then_some(())
+    });
+    let full = sc.metric("outrigger_logs_disk_buffer_bytes");
+    assert!(full > 800_000.0, "{full}");
+    assert_eq!(
+        sc.metric("outrigger_logs_disk_buffer_max_bytes"),
+        (1 << 20) as f64
+    );
+    assert!(spool_files(dir.path()) >= 3, "{}", spool_files(dir.path()));
     assert!(rx.records().is_empty());
     rx.failing.store(false, Ordering::SeqCst);
-    let want = numbers(5000);
+    let want = numbers(20_000);
     let counts = rx.wait_for(&want);
     assert_once(&counts, &want, &sc);
     for r in rx.records() {
@@ -87,17 +109,16 @@ fn the_apps_lines_wait_on_disk_while_the_sink_is_down_then_arrive_once() {
         );
         assert!(r.get("file").is_none(), "{r}");
     }
-    // Shipped spool files are deleted (the one being written stays).
+    // Shipped spool files are deleted (the one being written stays), and the fill drops.
     eventually(WAIT, "shipped spool files deleted", || {
-        let files = std::fs::read_dir(dir.path().join("spool"))
-            .unwrap()
-            .filter(|e| {
-                let name = e.as_ref().unwrap().file_name();
-                name.to_string_lossy().starts_with("spool-")
-            })
-            .count();
-        (files <= 1).then_some(())
+        (spool_files(dir.path()) <= 1
+            && sc.metric("outrigger_logs_disk_buffer_bytes") <= (256 << 10) as f64)
+            .then_some(())
     });
+    assert_eq!(
+        sc.metric("outrigger_logs_dropped_lines_total{source=\"app\",reason=\"buffer_full\"}"),
+        0.0
+    );
     sc.signal(nix::sys::signal::Signal::SIGTERM);
     sc.wait_exit(WAIT);
     kill_app(dir.path());
@@ -134,6 +155,8 @@ fn the_apps_spooled_lines_survive_a_kill_of_the_sidecar() {
     sc.wait_exit(WAIT);
     kill_app(dir.path());
     let before = rx.records().len();
+    // Killed before everything was shipped: the restart has lines to ship from the spool.
+    assert!(before < 20_000, "{before} received before the kill");
     let sc = spawn();
     let want = numbers(20_000);
     let counts = rx.wait_for(&want);
@@ -159,7 +182,11 @@ fn past_the_buffers_cap_the_apps_lines_are_dropped_and_counted_and_the_rest_arri
     let dir = tempfile::tempdir().unwrap();
     // 1 MiB of spool: ~25k lines of ~45 bytes (CRI prefix included); 60k are written.
     let config = config(&rx, dir.path(), "    max_bytes: 1MiB\n");
-    let script = app_script(dir.path(), 60_000);
+    // Once `go` is there (the buffer emptied), one more line.
+    let script = format!(
+        "echo $$ > {d}/app.pid; seq 1 60000; while [ ! -f {d}/go ]; do sleep 0.05; done; echo after; exec sleep 600",
+        d = dir.path().display()
+    );
     let mut sc = Spawn {
         config: &config,
         app: &["sh", "-c", &script],
@@ -183,6 +210,15 @@ fn past_the_buffers_cap_the_apps_lines_are_dropped_and_counted_and_the_rest_arri
     let counts = rx.wait_for(&want);
     assert_once(&counts, &want, &sc);
     eprintln!("kept {on_disk}, dropped {dropped}");
+    // The buffer gives its room back: the shipped files are deleted (the one being written
+    // when the buffer filled up too), and the app's next line is taken and arrives.
+    eventually(WAIT, "the shipped spool files deleted", || {
+        (sc.metric("outrigger_logs_disk_buffer_bytes") < (256 << 10) as f64).then_some(())
+    });
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let counts = rx.wait_for(&["after".to_string()]);
+    assert_eq!(counts.get("after"), Some(&1), "{}", sc.diagnostics());
+    assert_eq!(sc.metric(series) as usize, dropped);
     sc.signal(nix::sys::signal::Signal::SIGTERM);
     sc.wait_exit(WAIT);
     kill_app(dir.path());
@@ -213,4 +249,49 @@ fn a_buffer_dir_that_cannot_be_written_or_without_the_apps_stdio_is_located() {
         "{err}"
     );
     assert!(err.contains("add the source {app: stdio}"), "{err}");
+}
+
+#[test]
+fn an_apps_line_longer_than_a_spool_line_arrives_whole_in_its_pieces() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&rx, dir.path(), "");
+    // 300 KiB: the capture cuts it at 256 KiB, the spool at 256 KiB less its CRI prefix.
+    let script = format!(
+        "echo $$ > {d}/app.pid; head -c 307200 /dev/zero | tr '\\0' a; echo; echo end; exec sleep 600",
+        d = dir.path().display()
+    );
+    let mut sc = Spawn {
+        config: &config,
+        app: &["sh", "-c", &script],
+        ..Spawn::default()
+    }
+    .start();
+    rx.wait_for(&["end".to_string()]);
+    let records = rx.records();
+    let mut text = String::new();
+    for r in &records {
+        // Every piece a record of the app's stdout, none the broken-off end of a spool line.
+        assert_eq!(
+            (&r["source"], &r["stream"]),
+            (&"app".into(), &"stdout".into()),
+            "{}",
+            &r.to_string()[..200.min(r.to_string().len())]
+        );
+        let m = r["message"].as_str().unwrap();
+        if m != "end" {
+            text.push_str(m);
+        }
+    }
+    // The capture's two pieces (256 KiB and the rest), as without the buffer.
+    assert_eq!(records.len(), 3, "{}", sc.diagnostics());
+    assert_eq!(text.len(), 307_200);
+    assert!(text.bytes().all(|b| b == b'a'));
+    assert_eq!(
+        sc.metric("outrigger_logs_unparsed_lines_total{source=\"app\",reason=\"container\"}"),
+        0.0
+    );
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(WAIT);
+    kill_app(dir.path());
 }
