@@ -821,18 +821,20 @@ pub fn validate(
 /// The checkpoint file in `logs.buffer.dir` when `logs.checkpoint` is not set.
 pub const SPOOL_CHECKPOINT: &str = "checkpoint.json";
 
-/// Creates `dir` when missing, then checks a file can be made in it (the probe is removed).
+/// Checks `dir` can be written, or made: the directory itself when it exists, else the nearest
+/// directory above it that exists (the log agent creates the rest when it starts). Nothing is
+/// created: `outrigger check` and a reload leave the filesystem as they found it.
 fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let probe = dir.join(format!(".outrigger-probe-{}", std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&probe)
-        .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
+    use nix::unistd::{AccessFlags, access};
+    let existing = dir
+        .ancestors()
+        .find(|a| a.symlink_metadata().is_ok())
+        .unwrap_or(std::path::Path::new("/"));
+    if !existing.is_dir() {
+        return Err(format!("{} is not a directory", existing.display()));
+    }
+    access(existing, AccessFlags::W_OK | AccessFlags::X_OK)
+        .map_err(|e| format!("cannot write in {}: {e}", existing.display()))
 }
 
 /// Fields every shipped line carries, which `fields` may not replace.
@@ -1111,6 +1113,17 @@ fn glob_base(glob: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_dir_is_checked_without_being_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("a/b/spool");
+        assert_eq!(writable_dir(&spool), Ok(()));
+        assert!(!dir.path().join("a").exists());
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let err = writable_dir(&dir.path().join("file/spool")).unwrap_err();
+        assert!(err.ends_with("file is not a directory"), "{err}");
+    }
 
     #[test]
     fn glob_base_is_the_directory_before_the_first_wildcard() {

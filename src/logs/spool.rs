@@ -11,8 +11,9 @@
 //! with and the sink acknowledged to its end is deleted ([`Spool::collect`]).
 //!
 //! Past `max_bytes` of spool files the app's new lines are dropped and counted
-//! (`reason="buffer_full"`). The echo to Outrigger's own stdout/stderr happens before the
-//! capture queue ([`crate::lifecycle::capture`]) and never waits for the disk; the writer does.
+//! (`reason="buffer_full"`). The echo to Outrigger's own stdout/stderr happens after a line is
+//! put in the capture queue ([`crate::lifecycle::capture`]) and never waits for the disk; the
+//! writer does.
 //! Writes are not fsynced: the lines survive Outrigger being killed (they are in the kernel's
 //! page cache), not a power cut.
 
