@@ -277,3 +277,71 @@ fn bulk_ids_make_a_resent_batch_and_a_reread_after_a_kill_conflict_instead_of_do
         (sc.metric("outrigger_logs_checkpoint_lag_bytes") == 0.0).then_some(())
     });
 }
+
+#[test]
+fn an_https_sink_presents_its_client_certificate_to_a_collector_that_requires_one() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("collector", &[]);
+    let (client_cert, client_key) = pki.issue("shipper", &[]);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.ca()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let tls = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                CertificateDer::pem_file_iter(&cert)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_file(&key).unwrap(),
+            )
+            .unwrap(),
+    );
+    let rx = Receiver::start_on(Some(tls));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 200, "m");
+    let config = |client: &str| {
+        format!(
+            "logs:\n  sources: [{{files: {}/*.log, format: plain}}]\n  sinks:\n    - http: {}\n      tls: {{ca: {}{client}}}\n  checkpoint: {}/checkpoint.json\n  poll: 50ms\n  batch: {{max_lines: 100, max_wait: 50ms, retry_max: 200ms}}\n",
+            dir.path().display(),
+            rx.url,
+            pki.ca().display(),
+            dir.path().display(),
+        )
+    };
+
+    // Without a client certificate the collector refuses every handshake: retried, nothing lost.
+    let mut sc = Sidecar::start(&config(""));
+    eventually(WAIT, "the sink failing", || {
+        let r = sc.get_json("/ready");
+        (r["log_sinks"]["http"]["failed_attempts"].as_u64() >= Some(2)).then_some(())
+    });
+    assert!(rx.records().is_empty());
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(WAIT);
+
+    // With one: every line arrives once.
+    let sc = Sidecar::start(&config(&format!(
+        ", cert: {}, key: {}",
+        client_cert.display(),
+        client_key.display()
+    )));
+    let want = expected(0, 200, "m");
+    let counts = rx.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    assert_eq!(sc.get_json("/ready")["log_sinks"]["http"]["state"], "up");
+}
