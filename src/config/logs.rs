@@ -24,6 +24,9 @@ pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(1000);
 /// Lines of the app's stdout/stderr held while the sink is slow or down (8 MiB): past it, new
 /// lines are still echoed but not shipped, and counted as dropped (the app is never blocked).
 pub const DEFAULT_APP_BUFFER: usize = 8 << 20;
+/// The app's lines spooled on disk at most (`logs.buffer.max_bytes`, 256 MiB): minutes of a
+/// chatty app's output while the sink is down, and a bound a pod's ephemeral storage can hold.
+pub const DEFAULT_SPOOL_BYTES: usize = 256 << 20;
 /// How often file sources look for new files and new bytes: a quarter of a second keeps the
 /// delay small at the cost of a few `stat` calls per file.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
@@ -50,7 +53,20 @@ pub struct RawLogs {
     /// The state file of file positions (default: none, positions live in memory only).
     pub checkpoint: Option<PathBuf>,
     pub app_buffer: Option<ByteSize>,
+    /// The app's stdout/stderr spooled to disk before shipping (survives a sink outage and a
+    /// restart), instead of waiting in memory only.
+    pub buffer: Option<RawBuffer>,
     pub poll: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBuffer {
+    /// The directory of the spool files (created when missing).
+    pub dir: PathBuf,
+    /// Spool files on disk at most; past it new lines are dropped and counted.
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,7 +182,17 @@ pub struct LogsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
     pub app_buffer: usize,
+    /// The app's lines go through spool files on disk (`logs.buffer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<Buffer>,
     pub poll: Duration,
+}
+
+/// `logs.buffer`: the disk buffer of the app's stdout/stderr.
+#[derive(Clone, Debug, Serialize)]
+pub struct Buffer {
+    pub dir: PathBuf,
+    pub max_bytes: usize,
 }
 
 impl LogsConfig {
@@ -722,6 +748,39 @@ pub fn validate(
             format!("expected at least 64KiB, found {app_buffer} bytes"),
         ));
     }
+    let buffer = raw.buffer.and_then(|b| {
+        let max_bytes = b.max_bytes.map_or(DEFAULT_SPOOL_BYTES, |m| m.0);
+        if max_bytes < 1 << 20 {
+            problems.push(doc.problem(
+                "logs.buffer.max_bytes",
+                format!("expected at least 1MiB, found {max_bytes} bytes"),
+            ));
+        }
+        if !app_seen {
+            problems.push(doc.problem(
+                "logs.buffer",
+                "the disk buffer holds the app's stdout/stderr: add the source {app: stdio}",
+            ));
+        }
+        if !b.dir.is_absolute() {
+            problems.push(doc.problem(
+                "logs.buffer.dir",
+                format!("expected an absolute path, found {:?}", b.dir),
+            ));
+            return None;
+        }
+        if let Err(e) = writable_dir(&b.dir) {
+            problems.push(doc.problem(
+                "logs.buffer.dir",
+                format!("expected a directory Outrigger can write: {e}"),
+            ));
+            return None;
+        }
+        Some(Buffer {
+            dir: b.dir,
+            max_bytes,
+        })
+    });
     let poll = raw.poll.unwrap_or(DEFAULT_POLL);
     if poll.get().is_zero() {
         problems.push(doc.problem("logs.poll", "expected a duration above 0"));
@@ -748,10 +807,34 @@ pub fn validate(
         batch_bytes,
         batch_wait: raw.batch.max_wait.unwrap_or(DEFAULT_BATCH_WAIT),
         retry_max: raw.batch.retry_max.unwrap_or(DEFAULT_RETRY_MAX),
-        checkpoint: raw.checkpoint,
+        // The spool's positions must outlive a restart: without a checkpoint of its own
+        // choosing, the buffer keeps one in its directory.
+        checkpoint: raw
+            .checkpoint
+            .or_else(|| buffer.as_ref().map(|b| b.dir.join(SPOOL_CHECKPOINT))),
         app_buffer,
+        buffer,
         poll,
     })
+}
+
+/// The checkpoint file in `logs.buffer.dir` when `logs.checkpoint` is not set.
+pub const SPOOL_CHECKPOINT: &str = "checkpoint.json";
+
+/// Checks `dir` can be written, or made: the directory itself when it exists, else the nearest
+/// directory above it that exists (the log agent creates the rest when it starts). Nothing is
+/// created: `outrigger check` and a reload leave the filesystem as they found it.
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    let existing = dir
+        .ancestors()
+        .find(|a| a.symlink_metadata().is_ok())
+        .unwrap_or(std::path::Path::new("/"));
+    if !existing.is_dir() {
+        return Err(format!("{} is not a directory", existing.display()));
+    }
+    access(existing, AccessFlags::W_OK | AccessFlags::X_OK)
+        .map_err(|e| format!("cannot write in {}: {e}", existing.display()))
 }
 
 /// Fields every shipped line carries, which `fields` may not replace.
@@ -1030,6 +1113,17 @@ fn glob_base(glob: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_dir_is_checked_without_being_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("a/b/spool");
+        assert_eq!(writable_dir(&spool), Ok(()));
+        assert!(!dir.path().join("a").exists());
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let err = writable_dir(&dir.path().join("file/spool")).unwrap_err();
+        assert!(err.ends_with("file is not a directory"), "{err}");
+    }
 
     #[test]
     fn glob_base_is_the_directory_before_the_first_wildcard() {

@@ -874,6 +874,27 @@ mod tests {
         assert!(load_text("logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n    - elasticsearch: http://127.0.0.1:9200/_bulk?refresh=false\n", &[], &[]).is_ok());
     }
 
+    #[cfg(feature = "logs")]
+    #[test]
+    fn a_log_source_with_both_app_and_files_or_neither_is_refused_at_its_line() {
+        let lines = problems_of(
+            "logs:\n  sources:\n    - {app: stdio, files: /var/log/*.log}\n    - {name: nothing}\n  sinks: [{stdout: true}]\n",
+        );
+        let want = "expected exactly one of app: stdio, files: GLOB or access_log: true";
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("3:") && l.contains(want)),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("4:") && l.contains(want)),
+            "{lines:#?}"
+        );
+    }
+
     #[test]
     fn overrides_are_blamed_even_for_new_keys() {
         let err = load_text("service: a\n", &[], &[("foo.bar", "1")]).unwrap_err();

@@ -12,8 +12,11 @@
 //! them out). With `"errors":true`, an answer whose number of items is not the batch's number of
 //! records says nothing reliable about which record fared how (items are matched to records by
 //! position), and neither does one that is not `_bulk`'s JSON: a failed attempt, the whole batch
-//! is sent again. Documents carry no `_id` (Elasticsearch makes one), so records the first
-//! attempt created are then stored twice. `filter_path` in the URL, which drops items, is
+//! is sent again. Each document carries an `_id` derived from where its record was read
+//! ([`super::files::LineAt`] for files and the disk buffer; a process-unique one for the app's
+//! lines held in memory and the access log), so a record the first attempt created answers 409
+//! the next time, counted as taken: a resent batch is not stored twice (nor, for files, a batch
+//! read again after a restart). `filter_path` in the URL, which drops items, is
 //! refused when the configuration is checked.
 
 use serde::Deserialize;
@@ -21,14 +24,28 @@ use serde_json::value::RawValue;
 
 use crate::telemetry::json;
 
-/// The `_bulk` body of one NDJSON batch.
+/// The `_bulk` body of one NDJSON batch, documents without an `_id`.
 pub fn request(ndjson: &[u8], index: &str) -> Vec<u8> {
+    request_with_ids(ndjson, index, &[])
+}
+
+/// The `_bulk` body of one NDJSON batch; `ids[i]`: the `_id` of the i-th record (none past
+/// the end of `ids`).
+pub fn request_with_ids(ndjson: &[u8], index: &str, ids: &[&str]) -> Vec<u8> {
     let mut action = b"{\"create\":{\"_index\":".to_vec();
     json::string(&mut action, index);
-    action.extend_from_slice(b"}}\n");
     let mut out = Vec::with_capacity(ndjson.len() * 2);
-    for line in ndjson.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+    for (i, line) in ndjson
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
         out.extend_from_slice(&action);
+        if let Some(id) = ids.get(i) {
+            out.extend_from_slice(b",\"_id\":");
+            json::string(&mut out, id);
+        }
+        out.extend_from_slice(b"}}\n");
         let doc = line.trim_ascii();
         match timestamp(doc) {
             Some(time) if doc.first() == Some(&b'{') => {
@@ -171,6 +188,16 @@ mod tests {
         assert_eq!(lines[1]["message"], "a");
         assert_eq!(lines[3]["@timestamp"], "x");
         assert_eq!(lines[5], serde_json::json!({}));
+        assert!(lines[0]["create"].get("_id").is_none());
+        let body = request_with_ids(b"{}\n{}\n", "i", &["a.1", "a.2"]);
+        let lines: Vec<serde_json::Value> = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["create"]["_id"], "a.1");
+        assert_eq!(lines[2]["create"]["_id"], "a.2");
+        assert_eq!(lines[2]["create"]["_index"], "i");
     }
 
     #[test]

@@ -98,6 +98,42 @@ pub struct FileLine<'a> {
     /// A container file's line not in its runtime's format (already counted as such): shipped
     /// as plain text, whatever the source's `message_format`.
     pub malformed: bool,
+    /// Where the record begins, in which file: the same when it is read again (a restart).
+    pub at: LineAt,
+}
+
+/// Where a record was read: its file's identity, the hash of the file's first bytes up to the
+/// record's end (at most [`HEAD_BYTES`]: content written later cannot change it, and a new
+/// file on a reused inode has other first bytes), and its offset. Elasticsearch's `_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LineAt {
+    pub id: FileId,
+    pub head: u64,
+    pub offset: u64,
+}
+
+/// What [`LineAt`] needs of a file.
+struct Keyer<'a> {
+    id: FileId,
+    file: &'a File,
+    head_len: u64,
+    head_hash: u64,
+}
+
+impl Keyer<'_> {
+    fn at(&self, start: u64, end: u64) -> LineAt {
+        let len = end.min(HEAD_BYTES);
+        let head = if len == self.head_len {
+            self.head_hash
+        } else {
+            head(self.file, len).unwrap_or(0)
+        };
+        LineAt {
+            id: self.id,
+            head,
+            offset: start,
+        }
+    }
 }
 
 /// Every file source's open files and positions.
@@ -348,7 +384,13 @@ impl Files {
             loop {
                 // Records joined earlier and not yet taken go first.
                 if let Some(a) = &mut t.assembler {
-                    given = give_ready(a, &t.path, index, &mut emit, &mut source.limit, now);
+                    let k = Keyer {
+                        id,
+                        file: &t.file,
+                        head_len: t.head_len,
+                        head_hash: t.head_hash,
+                    };
+                    given = give_ready(a, &t.path, &k, index, &mut emit, &mut source.limit, now);
                     match given {
                         Given::Taken => {}
                         Given::Full => {
@@ -381,9 +423,16 @@ impl Files {
                         line = &line[..line.len() - 1];
                     }
                     let (start, stop) = (t.read + used as u64, t.read + end as u64 + 1);
+                    let k = Keyer {
+                        id,
+                        file: &t.file,
+                        head_len: t.head_len,
+                        head_hash: t.head_hash,
+                    };
                     let (g, took) = offer(
                         t.assembler.as_mut(),
                         &t.path,
+                        &k,
                         index,
                         (line, start, stop, false),
                         &mut emit,
@@ -415,9 +464,16 @@ impl Files {
                     if cut || last {
                         let piece = &chunk[used..n];
                         let (start, stop) = (t.read + used as u64, t.read + n as u64);
+                        let k = Keyer {
+                            id,
+                            file: &t.file,
+                            head_len: t.head_len,
+                            head_hash: t.head_hash,
+                        };
                         let (g, took) = offer(
                             t.assembler.as_mut(),
                             &t.path,
+                            &k,
                             index,
                             (piece, start, stop, cut),
                             &mut emit,
@@ -627,9 +683,11 @@ enum Given {
 /// within [`MAX_LINE`]): to the batch as it is, or into the records `a` joins and then their
 /// complete ones to the batch. Also returns whether the line was taken — into the joining it
 /// always is, whether or not a record it completed fits the batch now.
+#[allow(clippy::too_many_arguments)]
 fn offer(
     a: Option<&mut Assembler>,
     path: &Path,
+    k: &Keyer<'_>,
     source: usize,
     (line, start, stop, cut): (&[u8], u64, u64, bool),
     emit: &mut impl FnMut(FileLine<'_>) -> bool,
@@ -645,6 +703,7 @@ fn offer(
                 stream: None,
                 time: None,
                 malformed: false,
+                at: k.at(start, stop),
             };
             let g = give(emit, limit, now, line);
             let took = matches!(g, Given::Taken);
@@ -652,7 +711,7 @@ fn offer(
         }
         Some(a) => {
             a.push(line, start, stop, None, cut, now);
-            (give_ready(a, path, source, emit, limit, now), true)
+            (give_ready(a, path, k, source, emit, limit, now), true)
         }
     }
 }
@@ -661,6 +720,7 @@ fn offer(
 fn give_ready(
     a: &mut Assembler,
     path: &Path,
+    k: &Keyer<'_>,
     source: usize,
     emit: &mut impl FnMut(FileLine<'_>) -> bool,
     limit: &mut Option<TokenBucket>,
@@ -674,6 +734,7 @@ fn give_ready(
             stream: r.stream,
             time: r.time.as_deref(),
             malformed: r.stream.is_none() && a.container().is_some(),
+            at: k.at(r.start, r.end),
         };
         match give(emit, limit, now, line) {
             Given::Taken => {

@@ -17,9 +17,12 @@
 //! While the sink is down the batch is retried (exponential backoff, jitter; halves after a
 //! 413) and nothing more is read from files once the next batch is full — backpressure: their
 //! bytes wait on disk and their positions do not move. The app's lines cannot wait there: they queue up to
-//! `logs.app_buffer`, then are dropped and counted. Delivery is at-least-once for files (a crash
+//! `logs.app_buffer`, then are dropped and counted — unless `logs.buffer` is set: then they
+//! go through spool files on disk ([`spool`]), read back like a file source, up to the
+//! buffer's cap. Delivery is at-least-once for files and the spooled app's lines (a crash
 //! between the sink's acknowledgement and the checkpoint write sends that one batch again) and
-//! best-effort, counted, for the app's stdio. `docs/logs.md` states the guarantees.
+//! best-effort, counted, for the app's stdio held in memory. `docs/logs.md` states the
+//! guarantees.
 //!
 //! A supervised [`Module`]: it drains in step 3 of the stop, after the app has exited — it
 //! reads the app's last lines and the files to their current end, sends them, checkpoints and
@@ -34,6 +37,7 @@ pub mod otlp;
 pub mod parse;
 pub mod rate_limit;
 pub mod sink;
+pub mod spool;
 
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +79,9 @@ pub struct Logs {
     tls: std::collections::BTreeMap<String, Arc<sink::SinkClient>>,
     /// Lines of Outrigger's own access log, from its writer (`access_log: true`).
     access: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
+    /// The disk buffer (`logs.buffer`), once its writer has started (it outlives a restart of
+    /// the pipeline).
+    spool: OnceLock<Arc<spool::Spool>>,
 }
 
 impl Logs {
@@ -107,6 +114,7 @@ impl Logs {
             captured: tokio::sync::Mutex::new(captured),
             tls,
             access: tokio::sync::Mutex::new(access),
+            spool: OnceLock::new(),
         }
     }
 }
@@ -128,6 +136,44 @@ struct Batch {
     /// Lines from the app (they cannot be read again if the batch is lost).
     app_lines: usize,
     started: Option<Instant>,
+    /// Each record's id, when a sink wants them (`elasticsearch`): see [`Ids`].
+    ids: Option<Ids>,
+}
+
+/// Records' ids (`_bulk`'s `_id`): where a file's (or the disk buffer's) record was read, so a
+/// record sent again — a retry, or read again after a restart — has the same; for the app's
+/// lines held in memory and the access log, this run's prefix and a counter (a retry still
+/// has the same).
+struct Ids {
+    list: Vec<String>,
+    run: String,
+    next: u64,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        let nanos = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Ids {
+            list: Vec::new(),
+            run: format!("r{nanos:x}{:x}", std::process::id()),
+            next: 0,
+        }
+    }
+
+    fn unique(&mut self) {
+        self.next += 1;
+        self.list.push(format!("{}.{:x}", self.run, self.next));
+    }
+
+    fn file(&mut self, at: &files::LineAt) {
+        self.list.push(format!(
+            "f{:x}.{:x}.{:x}.{:x}",
+            at.id.dev, at.id.ino, at.head, at.offset
+        ));
+    }
 }
 
 /// What the blocking pool works on: moved there and back for each fill.
@@ -150,6 +196,12 @@ struct Work {
     app_limited: usize,
     /// The app's tails (stdout, stderr), rendered once.
     app_tails: Option<[Tail; 2]>,
+    /// The app source when its lines come through the disk buffer's files (`logs.buffer`):
+    /// they keep the app's tails (`stream`, not `file`).
+    spool_source: Option<usize>,
+    /// Look for new files in the next fill, whenever the last look was (the disk buffer's
+    /// writer finished: its last file may be new).
+    scan_now: bool,
     /// The tail of the file read last: (source, path, tail), reused while it stays the same.
     file_tail: Option<(usize, std::path::PathBuf, Tail)>,
     /// The access log source, its lines taken from the queue not yet in a batch, its tail.
@@ -207,6 +259,9 @@ impl Work {
             n += 1;
             b += l.len() as u64 + 1;
             self.batch.app_lines += 1;
+            if let Some(ids) = &mut self.batch.ids {
+                ids.unique();
+            }
             self.access_pending.pop_front();
         }
         lines.inc_by(n);
@@ -285,6 +340,9 @@ impl Work {
                 n += 1;
                 b += l.line.len() as u64 + 1;
                 self.batch.app_lines += 1;
+                if let Some(ids) = &mut self.batch.ids {
+                    ids.unique();
+                }
                 self.app_pending.pop_front();
             }
             lines.inc_by(n);
@@ -299,7 +357,11 @@ impl Work {
         if self.files.is_empty() {
             return false;
         }
-        self.files.scan_if_due(self.poll);
+        if std::mem::take(&mut self.scan_now) {
+            self.files.scan();
+        } else {
+            self.files.scan_if_due(self.poll);
+        }
         if flush_app {
             self.files.flush_joined();
         }
@@ -310,8 +372,19 @@ impl Work {
             batch,
             sources,
             file_tail,
+            spool_source,
+            app_tails,
             ..
         } = self;
+        if let Some(s) = *spool_source {
+            let name = &sources[s].0;
+            app_tails.get_or_insert_with(|| {
+                [
+                    Tail::new(name, Origin::Stream(Stream::Stdout.as_str())),
+                    Tail::new(name, Origin::Stream(Stream::Stderr.as_str())),
+                ]
+            });
+        }
         // Lines, bytes and lines not in their format per source, added to the counters once
         // per fill.
         let mut read = vec![(0u64, 0u64, 0u64); sources.len()];
@@ -320,21 +393,30 @@ impl Work {
             if batch.lines >= max_lines {
                 return false;
             }
-            let same = file_tail.as_ref().is_some_and(|(s, p, _)| {
-                *s == l.source && p.as_os_str().as_bytes() == l.path.as_os_str().as_bytes()
-            });
+            // The app's lines from the disk buffer: as if read from its stdout/stderr.
+            let spooled = app_tails
+                .as_ref()
+                .filter(|_| Some(l.source) == *spool_source)
+                .map(|t| &t[usize::from(l.stream == Some(Stream::Stderr))]);
+            let same = spooled.is_some()
+                || file_tail.as_ref().is_some_and(|(s, p, _)| {
+                    *s == l.source && p.as_os_str().as_bytes() == l.path.as_os_str().as_bytes()
+                });
             if !same {
                 let tail = Tail::new(&sources[l.source].0, Origin::File(l.path));
                 *file_tail = Some((l.source, l.path.to_path_buf(), tail));
             }
-            let (_, _, tail) = file_tail.as_ref().expect("set above");
+            let tail = match spooled {
+                Some(t) => t,
+                None => &file_tail.as_ref().expect("set above").2,
+            };
             let format = if l.malformed {
                 &plain
             } else {
                 &sources[l.source].1
             };
             let meta = Meta {
-                stream: l.stream.map(Stream::as_str),
+                stream: l.stream.filter(|_| spooled.is_none()).map(Stream::as_str),
                 time: l.time,
             };
             let mut parsed = true;
@@ -342,6 +424,9 @@ impl Work {
                 parsed = encoder.encode(out, l.line, format, tail, meta, now);
             }) {
                 return false;
+            }
+            if let Some(ids) = &mut batch.ids {
+                ids.file(&l.at);
             }
             let r = &mut read[l.source];
             r.0 += 1;
@@ -385,22 +470,64 @@ fn split_half(ndjson: &Bytes) -> (Bytes, Bytes) {
 pub enum LogsError {
     #[error("the blocking pool failed: {0}")]
     Blocking(String),
+    #[error("cannot start the disk buffer: {0}")]
+    Spool(String),
 }
 
 impl Logs {
+    /// The disk buffer, its writer started with the app's lines on the first run.
+    async fn start_spool(
+        &self,
+        buffer: &crate::config::logs::Buffer,
+        app: &str,
+        captured: &mut Option<Captured>,
+    ) -> Result<Arc<spool::Spool>, LogsError> {
+        if let Some(s) = self.spool.get() {
+            return Ok(s.clone());
+        }
+        let (b, gauge) = (buffer.clone(), self.metrics.disk_buffer.clone());
+        let spool = tokio::task::spawn_blocking(move || spool::Spool::open(&b, gauge))
+            .await
+            .map_err(|e| LogsError::Blocking(e.to_string()))?
+            .map_err(|e| LogsError::Spool(format!("{}: {e}", buffer.dir.display())))?;
+        self.metrics.disk_buffer_max.set(buffer.max_bytes as i64);
+        if let Some(q) = captured.take() {
+            let metrics = spool::WriterMetrics {
+                dropped: self
+                    .metrics
+                    .dropped
+                    .get_or_create(&LogDropLabels {
+                        source: app.to_string(),
+                        reason: "buffer_full",
+                    })
+                    .clone(),
+                echo_dropped: self.metrics.echo_dropped.clone(),
+                queued: self.metrics.app_buffer.clone(),
+            };
+            spool
+                .start(q, metrics, tokio::runtime::Handle::current())
+                .map_err(|e| LogsError::Spool(e.to_string()))?;
+        }
+        Ok(self.spool.get_or_init(|| spool).clone())
+    }
+
     async fn pipeline(&self, cx: ModuleContext) -> Result<(), LogsError> {
         let c = &self.config;
         let mut captured = self.captured.lock().await;
-        let saved = match &c.checkpoint {
-            Some(path) => checkpoint::load(path).unwrap_or_else(|e| {
-                warn!(error = %e, "ignoring the log checkpoint");
-                Default::default()
-            }),
+        let saved = match c.checkpoint.clone() {
+            Some(path) => tokio::task::spawn_blocking(move || checkpoint::load(&path))
+                .await
+                .map_err(|e| LogsError::Blocking(e.to_string()))?
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "ignoring the log checkpoint");
+                    Default::default()
+                }),
             None => Default::default(),
         };
         let mut file_sources = Vec::new();
         let mut sources = Vec::new();
         let mut app_source = None;
+        let mut spool_source = None;
         let mut access_source = None;
         let mut access = self.access.lock().await;
         for (i, s) in c.sources.iter().enumerate() {
@@ -421,7 +548,26 @@ impl Logs {
                     .clone(),
             ));
             match &s.kind {
-                LogSourceKind::App => app_source = Some(i),
+                LogSourceKind::App => match &c.buffer {
+                    None => app_source = Some(i),
+                    Some(buffer) => {
+                        let spool = self.start_spool(buffer, &s.name, &mut captured).await?;
+                        spool_source = Some(i);
+                        file_sources.push(FileSource {
+                            source: i,
+                            matcher: crate::config::logs::compile_glob(&spool.glob())
+                                .map_err(|e| LogsError::Spool(e.to_string()))?,
+                            base: spool.dir().to_path_buf(),
+                            from_end: false,
+                            // Spool files are deleted only once read and acknowledged to
+                            // their end: nothing more can come.
+                            rotate_wait: Duration::ZERO,
+                            container: Some(crate::config::logs::Container::Cri),
+                            multiline: s.multiline.clone(),
+                            limit: s.rate_limit.map(TokenBucket::new),
+                        });
+                    }
+                },
                 LogSourceKind::AccessLog => access_source = Some(i),
                 LogSourceKind::Files {
                     glob,
@@ -451,6 +597,13 @@ impl Logs {
                 fields.push((k.clone(), v));
             }
         }
+        let outlets_want_ids = c
+            .sinks
+            .iter()
+            .any(|s| matches!(s.sink, crate::config::logs::LogSink::Elasticsearch { .. }));
+        // What the checkpoint holds: the spool files a previous run shipped to their end are
+        // collected from it now, and again each time the spool's writer moves on to a new file.
+        let mut acked: Arc<Vec<checkpoint::Position>> = Arc::new(saved.values().cloned().collect());
         let mut work = Some(Work {
             files: Files::new(file_sources, saved),
             encoder: Encoder::new(c.redact.clone(), fields),
@@ -459,6 +612,7 @@ impl Logs {
                 lines: 0,
                 app_lines: 0,
                 started: None,
+                ids: outlets_want_ids.then(Ids::new),
             },
             sources,
             app_source,
@@ -472,6 +626,8 @@ impl Logs {
                 .map(TokenBucket::new),
             app_limited: 0,
             app_tails: None,
+            spool_source,
+            scan_now: false,
             file_tail: None,
             access_source,
             access_pending: Default::default(),
@@ -491,10 +647,12 @@ impl Logs {
             outlets.iter().map(|o| o.label.sink.as_str()),
             c.retry_max.get(),
         );
-        for o in &outlets {
-            self.metrics.sink_up.get_or_create(&o.label).set(1);
-        }
+        // `sink_up` is set from a sink's first attempt on: before it the sink is `pending` (in
+        // /ready and /status) and has no `sink_up` series yet.
         let app_name = app_source.map(|s| c.sources[s].name.clone());
+        let spool = self.spool.get().cloned();
+        let mut collected_at = None;
+        let mut spool_open = spool.as_ref().is_some_and(|s| !s.done());
         let dropped = |reason: &'static str, n: usize| {
             if let (Some(name), true) = (&app_name, n > 0) {
                 self.metrics
@@ -592,6 +750,19 @@ impl Logs {
             // The agent drains after the app has exited: records still being joined leave now
             // (a child the app left behind may still hold its stdout open, and write to it).
             let flush_app = stop.draining();
+            if let Some(spool) = spool.as_ref().filter(|s| collected_at != Some(s.current())) {
+                // A file the writer closed (full, or the buffer full) that was shipped to its
+                // end before: deleted now, not at the next acknowledgement (with the buffer
+                // full, none may come).
+                collected_at = Some(spool.current());
+                let (spool, acked) = (spool.clone(), acked.clone());
+                let _ = tokio::task::spawn_blocking(move || spool.collect(acked.iter())).await;
+            }
+            if spool_open && spool.as_ref().is_some_and(|s| s.done()) {
+                // The app's last lines are on disk: read them to their end from now on.
+                spool_open = false;
+                w.scan_now = true;
+            }
             let fill = tokio::task::spawn_blocking(move || {
                 let more = w.fill(app, access_lines, flush_app);
                 (w, more)
@@ -607,6 +778,12 @@ impl Logs {
             let out_of_budget = match shipped {
                 Some(Shipped::Acked(mark)) => {
                     w.files.ack(&mark);
+                    if let Some(spool) = &spool {
+                        acked = Arc::new(mark.positions);
+                        let (spool, acked) = (spool.clone(), acked.clone());
+                        let _ =
+                            tokio::task::spawn_blocking(move || spool.collect(acked.iter())).await;
+                    }
                     // Lines still coming faster than the sink takes them when the budget ends.
                     stop.budget()
                         .is_some_and(|left| left.is_zero())
@@ -633,6 +810,25 @@ impl Logs {
                     }
                 }
                 dropped("shutdown", lost);
+                // The access log's lines not shipped: taken from its queue, or still in it
+                // (those in the last batches are among the app's count above: both are
+                // counted as `app_lines`, lines that cannot be read again).
+                let mut access_lost = w.access_pending.len();
+                if let Some(q) = access.as_mut() {
+                    while q.try_recv().is_ok() {
+                        access_lost += 1;
+                    }
+                }
+                if let (Some(s), true) = (access_source, access_lost > 0) {
+                    self.metrics
+                        .dropped
+                        .get_or_create(&LogDropLabels {
+                            source: c.sources[s].name.clone(),
+                            reason: "shutdown",
+                        })
+                        .inc_by(access_lost as u64);
+                }
+                let lost = lost + access_lost;
                 if lost > 0 || w.batch.lines > 0 {
                     warn!(
                         lost,
@@ -682,6 +878,12 @@ impl Logs {
                     ndjson,
                     lines: w.batch.lines,
                     app_lines: w.batch.app_lines,
+                    ids: w
+                        .batch
+                        .ids
+                        .as_mut()
+                        .map(|i| std::mem::take(&mut i.list))
+                        .unwrap_or_default(),
                     mark: w.files.mark(),
                 });
                 w.batch.lines = 0;
@@ -690,6 +892,7 @@ impl Logs {
             }
             if stop.draining()
                 && !app_open
+                && !spool_open
                 && !more
                 && sealed.is_none()
                 && w.batch.lines == 0
@@ -710,7 +913,7 @@ impl Logs {
         let sent = futures_util::future::join_all(
             outlets
                 .iter()
-                .map(|o| self.ship_to(o, &batch.ndjson, batch.lines, stop)),
+                .map(|o| self.ship_to(o, &batch.ndjson, batch.lines, &batch.ids, stop)),
         )
         .await;
         if sent.contains(&false) {
@@ -737,7 +940,14 @@ impl Logs {
 
     /// Sends one batch to one sink until it takes it (retrying with backoff; halves after a
     /// 413). True once taken or refused for good; false when the stop's budget ran out first.
-    async fn ship_to(&self, outlet: &Outlet, ndjson: &Bytes, lines: usize, stop: &Stop) -> bool {
+    async fn ship_to(
+        &self,
+        outlet: &Outlet,
+        ndjson: &Bytes,
+        lines: usize,
+        ids: &[String],
+        stop: &Stop,
+    ) -> bool {
         let c = &self.config;
         let (sink, sink_label) = (&outlet.sink, &outlet.label);
         let name = &sink_label.sink;
@@ -746,9 +956,18 @@ impl Logs {
         let mut attempt = 0u32;
         let (mut shipped, mut rejected) = (0usize, 0usize);
         // Pieces still to send, the next one last: the batch, or its halves after a 413.
-        let mut parts = vec![(ndjson.clone(), lines)];
-        while let Some((part, lines)) = parts.pop() {
-            let body = sink.prepare(part.clone());
+        // Each piece with its records' positions in the batch (for their ids).
+        let mut parts = vec![(ndjson.clone(), lines, (0..lines).collect::<Vec<usize>>())];
+        while let Some((part, lines, at)) = parts.pop() {
+            let body = if sink.wants_ids() && ids.len() >= lines {
+                let part_ids: Vec<&str> = at
+                    .iter()
+                    .filter_map(|&i| ids.get(i).map(String::as_str))
+                    .collect();
+                sink.prepare_with_ids(part.clone(), &part_ids)
+            } else {
+                sink.prepare(part.clone())
+            };
             loop {
                 // A stop during the attempt bounds what is left of it by the flush budget.
                 let send = sink.send(body.clone(), lines);
@@ -794,8 +1013,8 @@ impl Logs {
                         let (first, second) = split_half(&part);
                         warn!(sink = %name, error = %e, lines, "the sink refused a batch as too large; sending it in halves");
                         let n = count_lines(&first);
-                        parts.push((second, lines - n));
-                        parts.push((first, n));
+                        parts.push((second, lines - n, at[n.min(at.len())..].to_vec()));
+                        parts.push((first, n, at[..n.min(at.len())].to_vec()));
                         break;
                     }
                     Err(SendError::Partial {
@@ -818,7 +1037,8 @@ impl Logs {
                         shipped += lines.saturating_sub(again + n);
                         rejected += n.min(lines);
                         if again > 0 {
-                            parts.push((Bytes::from(bulk::pick(&part, &retry)), again));
+                            let picked = retry.iter().filter_map(|&p| at.get(p).copied()).collect();
+                            parts.push((Bytes::from(bulk::pick(&part, &retry)), again, picked));
                             let wait = sink::backoff(attempt, c.retry_max.get());
                             attempt = attempt.saturating_add(1);
                             self.metrics.retries.get_or_create(sink_label).inc();
@@ -890,6 +1110,8 @@ struct Sealed {
     lines: usize,
     /// Lines from the app (they cannot be read again if the batch is lost).
     app_lines: usize,
+    /// Each record's id, when a sink wants them.
+    ids: Vec<String>,
     mark: files::Mark,
 }
 

@@ -164,7 +164,9 @@ impl Assembler {
         if u.partial && record.record.text.len() < MAX_LINE {
             self.partial[s] = Some(record);
         } else {
-            self.join(record.record, false, now);
+            // Joined pieces that reached MAX_LINE: the rest of the line follows (as for a line
+            // the reader cut at MAX_LINE).
+            self.join(record.record, u.partial, now);
         }
     }
 

@@ -406,6 +406,16 @@ impl Sink {
 
     /// What is sent for a batch of NDJSON records, built once so every retry sends the same.
     pub fn prepare(&self, ndjson: Bytes) -> Bytes {
+        self.prepare_with_ids(ndjson, &[])
+    }
+
+    /// Whether records need ids (`_bulk`'s `_id`, so a resent record is not stored twice).
+    pub fn wants_ids(&self) -> bool {
+        matches!(self, Sink::Elasticsearch(..))
+    }
+
+    /// [`Sink::prepare`], with each record's id (`elasticsearch` only; others ignore them).
+    pub fn prepare_with_ids(&self, ndjson: Bytes, ids: &[&str]) -> Bytes {
         let (body, gzip) = match self {
             Sink::Loki(l) => (l.push_body(&ndjson), l.http.gzip),
             Sink::Otlp(h) => (
@@ -415,9 +425,10 @@ impl Sink {
                 )),
                 h.gzip,
             ),
-            Sink::Elasticsearch(h, index) => {
-                (Bytes::from(super::bulk::request(&ndjson, index)), h.gzip)
-            }
+            Sink::Elasticsearch(h, index) => (
+                Bytes::from(super::bulk::request_with_ids(&ndjson, index, ids)),
+                h.gzip,
+            ),
             Sink::Http(h) => (ndjson, h.gzip),
             Sink::Stdout | Sink::File(_) => (ndjson, false),
         };

@@ -1,5 +1,5 @@
-//! Each log sink's state as `/ready` and `/status` show it: `up` (its last attempt was
-//! answered), `retrying` (failing, for less than `logs.batch.retry_max`), `down` (failing for
+//! Each log sink's state as `/ready` and `/status` show it: `pending` (no attempt yet: nothing
+//! was sent to it since the agent started), `up` (its last attempt was answered), `retrying` (failing, for less than `logs.batch.retry_max`), `down` (failing for
 //! longer: the backoff has reached its cap), with the time it started failing, the failed
 //! attempts since and the last error. Written by the log agent after every attempt, read by
 //! the admin API; a sink's state never changes readiness (see `docs/logs.md`).
@@ -23,6 +23,8 @@ struct Inner {
 
 #[derive(Clone, Default)]
 struct Tracked {
+    /// An attempt was made (answered or not).
+    tried: bool,
     /// When the current run of failed attempts began (None: the last attempt was answered).
     failing_since: Option<SystemTime>,
     failures: u64,
@@ -33,7 +35,7 @@ struct Tracked {
 /// One sink's state as reported.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SinkReport {
-    /// `up`, `retrying` or `down`.
+    /// `pending`, `up`, `retrying` or `down`.
     pub state: &'static str,
     /// Failing since (RFC 3339), when not up.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,7 +58,7 @@ fn is_zero(n: &u64) -> bool {
 const MAX_ERROR: usize = 512;
 
 impl SinkStates {
-    /// Starts tracking `sinks` (all `up`), forgetting any earlier ones.
+    /// Starts tracking `sinks` (all `pending`), forgetting any earlier ones.
     pub fn reset<'a>(&self, sinks: impl IntoIterator<Item = &'a str>, down_after: Duration) {
         let mut inner = self.0.lock().expect("not poisoned");
         inner.down_after = down_after;
@@ -71,6 +73,7 @@ impl SinkStates {
         let mut inner = self.0.lock().expect("not poisoned");
         let t = inner.sinks.entry(sink.to_string()).or_default();
         *t = Tracked {
+            tried: true,
             last_ok: Some(SystemTime::now()),
             ..Tracked::default()
         };
@@ -80,6 +83,7 @@ impl SinkStates {
     pub fn failed(&self, sink: &str, error: &str) {
         let mut inner = self.0.lock().expect("not poisoned");
         let t = inner.sinks.entry(sink.to_string()).or_default();
+        t.tried = true;
         t.failing_since.get_or_insert_with(SystemTime::now);
         t.failures += 1;
         let mut cut = error.len().min(MAX_ERROR);
@@ -99,6 +103,7 @@ impl SinkStates {
             .iter()
             .map(|(name, t)| {
                 let state = match t.failing_since {
+                    None if !t.tried => "pending",
                     None => "up",
                     Some(since)
                         if now.duration_since(since).unwrap_or_default() >= inner.down_after =>
@@ -128,7 +133,7 @@ mod tests {
     fn a_sink_is_up_then_retrying_then_down_then_up_again() {
         let s = SinkStates::default();
         s.reset(["http"], Duration::from_secs(3600));
-        assert_eq!(s.report()["http"].state, "up");
+        assert_eq!(s.report()["http"].state, "pending");
         s.failed("http", "connection refused");
         s.failed("http", "answered 503");
         let r = &s.report()["http"];

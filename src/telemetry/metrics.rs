@@ -451,6 +451,9 @@ pub struct LogsMetrics {
     pub checkpoint_lag: Gauge,
     /// Bytes of the app's lines waiting for the sink.
     pub app_buffer: Gauge,
+    /// Bytes of the disk buffer's spool files (`logs.buffer`), and its cap.
+    pub disk_buffer: Gauge,
+    pub disk_buffer_max: Gauge,
     /// The app's lines not echoed to our own stdout/stderr (it did not keep up).
     pub echo_dropped: Counter,
     /// Bytes of files lost to truncation before they were read (copytruncate).
@@ -475,6 +478,8 @@ impl Default for LogsMetrics {
             batch_duration: Family::new_with_constructor(latency_histogram),
             checkpoint_lag: Gauge::default(),
             app_buffer: Gauge::default(),
+            disk_buffer: Gauge::default(),
+            disk_buffer_max: Gauge::default(),
             echo_dropped: Counter::default(),
             truncated_bytes: Family::default(),
             unparsed: Family::default(),
@@ -525,6 +530,16 @@ impl LogsMetrics {
             "logs_app_buffer_bytes",
             "Bytes of the app's stdout/stderr lines waiting for the sink",
             self.app_buffer.clone(),
+        );
+        r.register(
+            "logs_disk_buffer_bytes",
+            "Bytes of the app's stdout/stderr lines in the disk buffer's spool files (logs.buffer), shipped or not",
+            self.disk_buffer.clone(),
+        );
+        r.register(
+            "logs_disk_buffer_max_bytes",
+            "The disk buffer's cap (logs.buffer.max_bytes): past it the app's new lines are dropped, reason=buffer_full",
+            self.disk_buffer_max.clone(),
         );
         r.register(
             "logs_echo_dropped_lines",

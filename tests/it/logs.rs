@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::support::{Sidecar, Spawn, eventually};
 
+mod buffer;
 mod sinks;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -36,6 +37,13 @@ struct Limits {
     hung: AtomicUsize,
     /// `_bulk`: messages refused once with a 429 already (a `flaky` one is, the first time).
     flaky_seen: Mutex<std::collections::BTreeSet<String>>,
+    /// `_bulk`: the `_id`s stored (a `create` of one again answers 409).
+    bulk_ids: Mutex<std::collections::BTreeSet<String>>,
+    /// `_bulk`: item conflicts answered (409).
+    conflicts: AtomicUsize,
+    /// `_bulk`: requests left whose documents are stored but whose answer is a 503 (as if the
+    /// answer were lost on the way back).
+    lose_answers: AtomicUsize,
 }
 
 impl Receiver {
@@ -184,6 +192,20 @@ fn serve<S: Read + Write>(
                 let (taken, items) = bulk_records(&body, limits);
                 r.extend(taken);
                 answer = items;
+                if limits
+                    .lose_answers
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    answer.clear();
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    drop(r);
+                    let _ = write!(
+                        reader.get_mut(),
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                    );
+                    continue;
+                }
             } else {
                 for l in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                     r.push(serde_json::from_slice(l).expect("every record is JSON"));
@@ -262,16 +284,29 @@ fn bulk_records(body: &[u8], limits: &Limits) -> (Vec<serde_json::Value>, String
         );
         let doc = &pair[1];
         assert!(doc["@timestamp"].is_string(), "{doc}");
+        let id = pair[0]["create"]["_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("every document has an _id: {}", pair[0]))
+            .to_string();
         let m = doc["message"].as_str().unwrap_or("").to_string();
-        let status = if m.contains("poison") {
+        let status = if limits.bulk_ids.lock().unwrap().contains(&id) {
+            limits.conflicts.fetch_add(1, Ordering::SeqCst);
+            409
+        } else if m.contains("poison") {
             400
         } else if m.contains("flaky") && limits.flaky_seen.lock().unwrap().insert(m.clone()) {
             429
         } else {
+            limits.bulk_ids.lock().unwrap().insert(id);
             taken.push(doc.clone());
             201
         };
-        items.push(serde_json::json!({"create": {"status": status}}));
+        let item = if status == 409 {
+            serde_json::json!({"create": {"status": 409, "error": {"type": "version_conflict_engine_exception"}}})
+        } else {
+            serde_json::json!({"create": {"status": status}})
+        };
+        items.push(item);
     }
     let errors = items.iter().any(|i| i["create"]["status"] != 201);
     let answer = serde_json::json!({"took": 1, "errors": errors, "items": items}).to_string();

@@ -238,3 +238,110 @@ fn an_access_log_source_without_an_access_log_is_refused_at_its_line() {
         "{err}"
     );
 }
+
+/// `_bulk` documents carry an `_id` from where their line was read: a batch whose answer was
+/// lost is sent again and answered 409 per item (counted as taken, not stored twice), and the
+/// batch read again after a `kill -9` is not stored twice either.
+#[test]
+fn bulk_ids_make_a_resent_batch_and_a_reread_after_a_kill_conflict_instead_of_doubling() {
+    let es = Receiver::start();
+    es.limits.lose_answers.store(2, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 20_000, "e");
+    let config = format!(
+        "logs:\n  sources: [{{files: {}/*.log, format: plain}}]\n  sinks:\n    - elasticsearch: {}\n      index: logs-test-default\n  checkpoint: {}/checkpoint.json\n  poll: 50ms\n  batch: {{max_lines: 100, max_wait: 50ms, retry_max: 200ms}}\n",
+        dir.path().display(),
+        es.url.trim_end_matches("/ingest"),
+        dir.path().display()
+    );
+    let mut sc = Sidecar::start(&config);
+    // Past the two lost answers, and a few batches further: kill -9 (no last checkpoint).
+    eventually(WAIT, "a few batches stored", || {
+        (es.limits.conflicts.load(Ordering::SeqCst) >= 100 && es.records().len() >= 300)
+            .then_some(())
+    });
+    sc.signal(nix::sys::signal::Signal::SIGKILL);
+    sc.wait_exit(WAIT);
+    let conflicts = es.limits.conflicts.load(Ordering::SeqCst);
+    let sc = Sidecar::start(&config);
+    let want = expected(0, 20_000, "e");
+    let counts = es.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    eprintln!(
+        "conflicts: {conflicts} for the resent batches, {} after the restart",
+        es.limits.conflicts.load(Ordering::SeqCst) - conflicts
+    );
+    // Answered 409 is taken: shipped, not retried again and again.
+    eventually(WAIT, "every line counted as shipped", || {
+        (sc.metric("outrigger_logs_checkpoint_lag_bytes") == 0.0).then_some(())
+    });
+}
+
+#[test]
+fn an_https_sink_presents_its_client_certificate_to_a_collector_that_requires_one() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("collector", &[]);
+    let (client_cert, client_key) = pki.issue("shipper", &[]);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.ca()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let tls = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                CertificateDer::pem_file_iter(&cert)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_file(&key).unwrap(),
+            )
+            .unwrap(),
+    );
+    let rx = Receiver::start_on(Some(tls));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 200, "m");
+    let config = |client: &str| {
+        format!(
+            "logs:\n  sources: [{{files: {}/*.log, format: plain}}]\n  sinks:\n    - http: {}\n      tls: {{ca: {}{client}}}\n  checkpoint: {}/checkpoint.json\n  poll: 50ms\n  batch: {{max_lines: 100, max_wait: 50ms, retry_max: 200ms}}\n",
+            dir.path().display(),
+            rx.url,
+            pki.ca().display(),
+            dir.path().display(),
+        )
+    };
+
+    // Without a client certificate the collector refuses every handshake: retried, nothing lost.
+    let mut sc = Sidecar::start(&config(""));
+    eventually(WAIT, "the sink failing", || {
+        let r = sc.get_json("/ready");
+        (r["log_sinks"]["http"]["failed_attempts"].as_u64() >= Some(2)).then_some(())
+    });
+    assert!(rx.records().is_empty());
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    sc.wait_exit(WAIT);
+
+    // With one: every line arrives once.
+    let sc = Sidecar::start(&config(&format!(
+        ", cert: {}, key: {}",
+        client_cert.display(),
+        client_key.display()
+    )));
+    let want = expected(0, 200, "m");
+    let counts = rx.wait_for(&want);
+    assert_once(&counts, &want, &sc);
+    assert_eq!(sc.get_json("/ready")["log_sinks"]["http"]["state"], "up");
+}

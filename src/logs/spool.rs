@@ -1,0 +1,446 @@
+//! The disk buffer of the app's stdout/stderr (`logs.buffer`): the app cannot be paused, so
+//! while the sink is slow or down its lines go to spool files instead of waiting in memory.
+//!
+//! A writer thread takes the app's lines from the capture queue and appends them to
+//! `DIR/spool-NNNNNNNNNNNN.log` in the CRI format (`TIME STREAM F|P LINE`, `P` for a line cut at
+//! [`MAX_LINE`](crate::lifecycle::capture::MAX_LINE)); a file is closed for writing once it
+//! holds [`Spool::segment`] bytes and the next one begins. The pipeline reads the spool files as
+//! an ordinary file source ([`super::files`], `format: cri`), so their positions are
+//! checkpointed after the sink's acknowledgement like any file's: the lines survive a sink
+//! outage and a restart of Outrigger (at-least-once, as for files). A file the writer is done
+//! with and the sink acknowledged to its end is deleted ([`Spool::collect`]).
+//!
+//! Past `max_bytes` of spool files the app's new lines are dropped and counted
+//! (`reason="buffer_full"`). The echo to Outrigger's own stdout/stderr happens after a line is
+//! put in the capture queue ([`crate::lifecycle::capture`]) and never waits for the disk; the
+//! writer does.
+//! Writes are not fsynced: the lines survive Outrigger being killed (they are in the kernel's
+//! page cache), not a power cut.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tracing::warn;
+
+use super::checkpoint::Position;
+use crate::config::logs::Buffer;
+use crate::lifecycle::capture::{AppLine, Captured, MAX_LINE};
+use crate::telemetry::json;
+
+/// Spool file names: `spool-` and a 12-digit sequence number (sorts as it was written).
+const PREFIX: &str = "spool-";
+const SUFFIX: &str = ".log";
+/// The smallest and largest spool file: a quarter of the cap, so acknowledged bytes are given
+/// back in steps of at most a quarter, between 256 KiB and 64 MiB.
+const SEGMENT_MIN: u64 = 256 << 10;
+const SEGMENT_MAX: u64 = 64 << 20;
+
+/// The disk buffer, shared by its writer thread and the pipeline.
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Bytes of the spool files on disk.
+    bytes: AtomicU64,
+    /// The sequence number of the file being written (never deleted).
+    current: AtomicU64,
+    /// The writer saw the app's stdout/stderr close and wrote its last line.
+    done: AtomicBool,
+    gauge: Gauge,
+}
+
+/// What the writer counts.
+pub struct WriterMetrics {
+    /// The app's lines dropped because the buffer was full.
+    pub dropped: Counter,
+    /// The app's lines not echoed (read from the capture queue's counter).
+    pub echo_dropped: Counter,
+    /// Bytes in the in-memory capture queue.
+    pub queued: Gauge,
+}
+
+impl Spool {
+    /// The disk buffer in `config.dir`: takes the measure of the spool files already there (a
+    /// restart's), ends an unterminated last line a kill cut short, and starts a new file.
+    pub fn open(config: &Buffer, gauge: Gauge) -> std::io::Result<Arc<Spool>> {
+        std::fs::create_dir_all(&config.dir)?;
+        let files = list(&config.dir)?;
+        if let Some((_, path)) = files.last() {
+            end_last_line(path)?;
+        }
+        let bytes: u64 = files
+            .iter()
+            .map(|(_, path)| std::fs::metadata(path).map_or(0, |m| m.len()))
+            .sum();
+        let current = files.last().map_or(0, |(seq, _)| seq + 1);
+        let spool = Arc::new(Spool {
+            dir: config.dir.clone(),
+            max_bytes: config.max_bytes as u64,
+            bytes: AtomicU64::new(0),
+            current: AtomicU64::new(current),
+            done: AtomicBool::new(false),
+            gauge,
+        });
+        spool.add(bytes as i64);
+        Ok(spool)
+    }
+
+    /// The glob the pipeline follows.
+    pub fn glob(&self) -> String {
+        format!("{}/{PREFIX}*{SUFFIX}", self.dir.display())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the writer is done: the app's stdout/stderr closed and every line taken is on
+    /// disk.
+    pub fn done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// The sequence number of the file being written: when it moves on, the file before it
+    /// may have been shipped to its end already and can be collected.
+    pub fn current(&self) -> u64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// How large a spool file grows before the next one begins.
+    pub fn segment(&self) -> u64 {
+        (self.max_bytes / 4).clamp(SEGMENT_MIN, SEGMENT_MAX)
+    }
+
+    fn add(&self, delta: i64) {
+        let now = if delta >= 0 {
+            self.bytes.fetch_add(delta as u64, Ordering::AcqRel) + delta as u64
+        } else {
+            let d = delta.unsigned_abs();
+            self.bytes.fetch_sub(d, Ordering::AcqRel).saturating_sub(d)
+        };
+        self.gauge.set(now as i64);
+    }
+
+    /// Starts the writer thread: it drains `captured` until the app's stdout/stderr close.
+    pub fn start(
+        self: &Arc<Spool>,
+        captured: Captured,
+        metrics: WriterMetrics,
+        rt: tokio::runtime::Handle,
+    ) -> std::io::Result<()> {
+        let spool = self.clone();
+        std::thread::Builder::new()
+            .name("logs-spool".into())
+            .spawn(move || {
+                spool.write(captured, &metrics, &rt);
+                spool.done.store(true, Ordering::Release);
+            })?;
+        Ok(())
+    }
+
+    /// The writer's loop: waits for a line, takes what else is queued (up to 1 MiB and the
+    /// current file's room), appends it in one write.
+    fn write(&self, mut captured: Captured, metrics: &WriterMetrics, rt: &tokio::runtime::Handle) {
+        let mut file: Option<(File, u64)> = None;
+        let mut chunk = Vec::with_capacity(1 << 20);
+        while let Some(first) = rt.block_on(captured.recv()) {
+            let now = std::time::SystemTime::now();
+            // At most what the current file has room for (and 1 MiB): files keep to their
+            // segment size, so shipped bytes are given back in segments.
+            let segment = self.segment();
+            let limit = match &file {
+                Some((_, n)) if *n < segment => segment - n,
+                _ => segment,
+            }
+            .min(1 << 20) as usize;
+            let mut next = Some(first);
+            let mut dropped = 0u64;
+            while let Some(l) = next.take() {
+                let mark = chunk.len();
+                encode(&mut chunk, &l, now);
+                let total = self.bytes.load(Ordering::Acquire) + chunk.len() as u64;
+                if total > self.max_bytes {
+                    chunk.truncate(mark);
+                    dropped += 1;
+                }
+                if chunk.len() < limit {
+                    next = captured.try_recv().ok();
+                }
+            }
+            metrics.queued.set(captured.queued_bytes() as i64);
+            metrics
+                .echo_dropped
+                .inc_by(captured.take_echo_dropped() as u64);
+            let full = dropped > 0;
+            // Lines the capture queue itself refused (its memory cap) as well.
+            let dropped = dropped + captured.take_dropped() as u64;
+            if dropped > 0 {
+                metrics.dropped.inc_by(dropped);
+            }
+            if !chunk.is_empty() {
+                if let Err(e) = self.append(&mut file, &chunk) {
+                    let lines = memchr::memchr_iter(b'\n', &chunk).count() as u64;
+                    warn!(error = %e, dir = %self.dir.display(), lines, "cannot write the app's lines to the disk buffer; dropping them");
+                    metrics.dropped.inc_by(lines);
+                }
+                chunk.clear();
+            }
+            // The buffer is full: the file being written is closed now, not once it reaches its
+            // segment size (it may never: no line is written while the buffer is full), so it
+            // can be deleted once shipped and the buffer frees up.
+            if full {
+                self.next_file(&mut file);
+            }
+        }
+        metrics.dropped.inc_by(captured.take_dropped() as u64);
+    }
+
+    /// Closes the file being written, if it holds anything: the next write begins the next one.
+    fn next_file(&self, file: &mut Option<(File, u64)>) {
+        if file.as_ref().is_some_and(|(_, n)| *n > 0) {
+            *file = None;
+            self.current.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Appends `chunk` to the current spool file, beginning the next one when it is full. A
+    /// write that fails partway (a full disk) is taken back, so no piece of a line without its
+    /// end is left for the next write to continue; if even that fails the next file begins.
+    fn append(&self, file: &mut Option<(File, u64)>, chunk: &[u8]) -> std::io::Result<()> {
+        if file.as_ref().is_some_and(|(_, n)| *n >= self.segment()) {
+            self.next_file(file);
+        }
+        if file.is_none() {
+            let path = self.path(self.current.load(Ordering::Acquire));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            let len = f.metadata()?.len();
+            *file = Some((f, len));
+        }
+        let (f, n) = file.as_mut().expect("opened above");
+        if let Err(e) = f.write_all(chunk) {
+            if f.set_len(*n).is_err() {
+                *file = None;
+                self.current.fetch_add(1, Ordering::AcqRel);
+            }
+            return Err(e);
+        }
+        *n += chunk.len() as u64;
+        self.add(chunk.len() as i64);
+        Ok(())
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{PREFIX}{seq:012}{SUFFIX}"))
+    }
+
+    /// Deletes the spool files the writer is done with that `acked` (what the checkpoint now
+    /// holds) covers to their end. Blocking file I/O.
+    pub fn collect<'a>(&self, acked: impl IntoIterator<Item = &'a Position>) {
+        use std::os::unix::fs::MetadataExt;
+        let current = self.current.load(Ordering::Acquire);
+        for p in acked {
+            let Some(seq) = sequence(&p.path) else {
+                continue;
+            };
+            if seq >= current || p.path.parent() != Some(self.dir.as_path()) {
+                continue;
+            }
+            let Ok(m) = std::fs::metadata(&p.path) else {
+                continue;
+            };
+            if m.ino() != p.id.ino || m.dev() != p.id.dev || p.offset < m.len() {
+                continue;
+            }
+            match std::fs::remove_file(&p.path) {
+                Ok(()) => self.add(-(m.len() as i64)),
+                Err(e) => {
+                    warn!(error = %e, path = %p.path.display(), "cannot delete a shipped spool file")
+                }
+            }
+        }
+    }
+}
+
+/// The longest CRI prefix and line end the writer adds to a piece of the app's line: the time
+/// (`2024-01-01T00:00:00.000000Z`, always 27 bytes), ` stdout P ` and `\n`.
+const FRAME_MAX: usize = 27 + " stdout P ".len() + 1;
+/// The largest piece of an app's line in one spool line: with its frame it fits the
+/// [`MAX_LINE`] the file reader reads a line in, so a line the capture cut at `MAX_LINE` is not
+/// cut again (its last bytes a record of their own, not in the CRI format).
+const PIECE_MAX: usize = MAX_LINE - FRAME_MAX;
+
+/// One line in the CRI format: in pieces of at most [`PIECE_MAX`] bytes, all but the last
+/// flagged `P` (the last too when the capture cut the line), which the reader joins again.
+fn encode(out: &mut Vec<u8>, l: &AppLine, now: std::time::SystemTime) {
+    let mut pieces = l.line.chunks(PIECE_MAX).peekable();
+    let mut first = true;
+    while first || pieces.peek().is_some() {
+        first = false;
+        let piece = pieces.next().unwrap_or_default();
+        let cut = l.cut || pieces.peek().is_some();
+        json::time(out, now);
+        out.push(b' ');
+        out.extend_from_slice(l.stream.as_str().as_bytes());
+        out.extend_from_slice(if cut { b" P " } else { b" F " });
+        out.extend_from_slice(piece);
+        out.push(b'\n');
+    }
+}
+
+/// The sequence number of a spool file's name.
+fn sequence(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(PREFIX)?
+        .strip_suffix(SUFFIX)?
+        .parse()
+        .ok()
+}
+
+/// The spool files in `dir`, oldest first.
+fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            Some((sequence(&path)?, path))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Ends a spool file whose last line a kill cut short, so it reads as a line (and the file can
+/// be acknowledged to its end and deleted).
+fn end_last_line(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    let mut last = [0u8];
+    if len > 0 {
+        f.read_exact_at(&mut last, len - 1)?;
+        if last[0] != b'\n' {
+            (&f).write_all(b"\n")?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::capture::Stream;
+
+    fn spool(dir: &Path, max_bytes: usize) -> Arc<Spool> {
+        Spool::open(
+            &Buffer {
+                dir: dir.to_path_buf(),
+                max_bytes,
+            },
+            Gauge::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lines_are_written_in_cri_format_rotated_by_size_and_collected_once_acknowledged() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = spool(dir.path(), 1 << 20);
+        assert_eq!(s.segment(), SEGMENT_MIN);
+        let mut file = None;
+        let mut chunk = Vec::new();
+        let line = AppLine {
+            stream: Stream::Stderr,
+            line: b"hello".to_vec(),
+            cut: false,
+        };
+        encode(&mut chunk, &line, std::time::UNIX_EPOCH);
+        assert_eq!(chunk, b"1970-01-01T00:00:00.000000Z stderr F hello\n");
+        // A line the capture cut at MAX_LINE: in pieces that fit MAX_LINE with their frame,
+        // all flagged P.
+        let mut long = Vec::new();
+        let cut = AppLine {
+            stream: Stream::Stdout,
+            line: vec![b'a'; MAX_LINE],
+            cut: true,
+        };
+        encode(&mut long, &cut, std::time::UNIX_EPOCH);
+        let pieces: Vec<&[u8]> = long.split_inclusive(|&b| b == b'\n').collect();
+        assert_eq!(pieces.len(), 2);
+        assert!(pieces.iter().all(|p| p.len() <= MAX_LINE));
+        assert_eq!(pieces[0].len(), MAX_LINE);
+        assert!(pieces.iter().all(|p| p[27..].starts_with(b" stdout P ")));
+        assert_eq!(long.len(), MAX_LINE + 2 * FRAME_MAX);
+        // Its rest: the last piece F; an empty line is one line.
+        long.clear();
+        let rest = AppLine { cut: false, ..cut };
+        encode(&mut long, &rest, std::time::UNIX_EPOCH);
+        let tail = [&b" stdout F "[..], &[b'a'; FRAME_MAX], b"\n"].concat();
+        assert!(long.ends_with(&tail));
+        long.clear();
+        encode(
+            &mut long,
+            &AppLine {
+                line: Vec::new(),
+                ..rest
+            },
+            std::time::UNIX_EPOCH,
+        );
+        assert_eq!(long, b"1970-01-01T00:00:00.000000Z stdout F \n");
+        let big = vec![b'x'; SEGMENT_MIN as usize];
+        s.append(&mut file, &big).unwrap();
+        s.append(&mut file, &chunk).unwrap();
+        let files = list(dir.path()).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(
+            s.bytes.load(Ordering::Acquire),
+            big.len() as u64 + chunk.len() as u64
+        );
+        let position = |path: &Path, offset: u64| {
+            let m = std::fs::metadata(path).unwrap();
+            Position {
+                path: path.to_path_buf(),
+                id: super::super::checkpoint::FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                },
+                offset,
+                head_len: 0,
+                head_hash: 0,
+            }
+        };
+        // Not to its end, then the current file: both kept.
+        let first = position(&files[0].1, 10);
+        let current = position(&files[1].1, chunk.len() as u64);
+        s.collect([&first, &current]);
+        assert_eq!(list(dir.path()).unwrap().len(), 2);
+        s.collect([&position(&files[0].1, big.len() as u64)]);
+        assert_eq!(list(dir.path()).unwrap().len(), 1);
+        assert_eq!(s.bytes.load(Ordering::Acquire), chunk.len() as u64);
+
+        // A restart: the measure is taken again, a cut last line ended, a new file begun.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files[1].1)
+            .unwrap()
+            .write_all(b"1970-01-01T00:00:00Z stdout F cut sh")
+            .unwrap();
+        let s = spool(dir.path(), 1 << 20);
+        assert!(std::fs::read(&files[1].1).unwrap().ends_with(b"cut sh\n"));
+        assert_eq!(s.current.load(Ordering::Acquire), 2);
+        assert_eq!(
+            s.bytes.load(Ordering::Acquire),
+            std::fs::metadata(&files[1].1).unwrap().len()
+        );
+    }
+}
