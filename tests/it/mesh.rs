@@ -158,17 +158,22 @@ fn two_services_talk_mutual_tls_by_app_id_and_outsiders_are_refused() {
             .header("x-forwarded-client-cert")
             .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a")))
     );
-    // One cluster for `b` (both spellings, proxy and bridge), reached over TLS.
+    // One cluster for `b` (both spellings, proxy and bridge), `peer:b.shop`, reached over TLS.
     assert!(
-        a.metric("outrigger_tls_handshakes_total{side=\"client\",name=\"b\",result=\"ok\"}") >= 1.0,
+        a.metric(
+            "outrigger_tls_handshakes_total{side=\"client\",name=\"peer:b.shop\",result=\"ok\"}"
+        ) >= 1.0,
         "{}",
         a.get("/metrics").1
     );
     let status = a.get_json("/status");
-    assert!(
-        status.to_string().contains(&b_mesh),
-        "the peer is on the dashboard: {status}"
-    );
+    let peer = status["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "peer:b.shop"))
+        .unwrap_or_else(|| panic!("the peer is on the dashboard: {status}"));
+    assert!(peer.to_string().contains(&b_mesh), "{peer}");
+    assert_eq!(peer["lb"], "round-robin", "its real settings: {peer}");
+    assert_eq!(peer["tls"], true, "{peer}");
     // A host that is not an app id, or one that names another namespace's peer that B is not:
     // no route.
     let r = client()
@@ -307,6 +312,11 @@ fn malformed_mesh_config_is_located() {
             "bad.yaml:6:21: mesh.outbound_address: 0.0.0.0:15443 is mesh.address's too",
         ],
     );
+    // The peers' cluster names are theirs alone.
+    crate::config::rejected(
+        "clusters:\n  \"peer:b.shop\": { endpoints: [\"127.0.0.1:1\"] }\n",
+        &["clusters.peer:b.shop: cluster names starting with \"peer:\" are the mesh's peers'"],
+    );
     crate::config::rejected(
         "mesh:\n  namespace: shop\n  service_account: web\n  unknown: 1\n",
         &["bad.yaml:4:3: mesh.unknown: unknown field `unknown`"],
@@ -343,6 +353,23 @@ fn a_certificate_that_is_not_the_workloads_is_refused() {
         )) && stderr.contains(&format!(
             "not this workload's SPIFFE ID {TD}/ns/shop/sa/payments"
         )),
+        "{stderr}"
+    );
+    // The right identity, but no app.address: valid, with a warning (no inbound listener).
+    std::fs::write(
+        dir.path().join("o.yaml"),
+        format!(
+            "mesh:\n  namespace: shop\n  service_account: b\n  identity_dir: {}\n",
+            p(&id)
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", "o.yaml"], &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: mesh: app.address is not set, so there is no inbound `mesh` listener"
+        ),
         "{stderr}"
     );
 }
@@ -401,4 +428,112 @@ fn a_renewed_identity_is_used_without_a_restart() {
         "A's new certificate at B",
         || (hash() != before).then_some(()),
     );
+}
+
+/// One gRPC-shaped call over HTTP/2 cleartext to `address` (Host `authority`, extra headers):
+/// the status, the body and the trailers' `grpc-status`.
+fn grpc_call(
+    address: &str,
+    authority: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>, Option<String>) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::post(format!("http://{authority}/echo.v1.Echo/Stream"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+                0, 0, 0, 0, 2, 0x08, 0x01,
+            ])))
+            .unwrap();
+        let res = tokio::time::timeout(std::time::Duration::from_secs(20), send.send_request(req))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let status = res.status().as_u16();
+        let collected = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            res.into_body().collect(),
+        )
+        .await
+        .expect("the body in time")
+        .unwrap();
+        let grpc_status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, collected.to_bytes().to_vec(), grpc_status)
+    })
+}
+
+/// gRPC between apps through the mesh: app A calls B's gRPC method by app id through A's
+/// sidecar (the outbound listener, and the bridge's gRPC proxying with `dapr-app-id`), the
+/// peers speak HTTP/2 over mutual TLS, B's sidecar hands the call to B's gRPC app, and the
+/// trailers (`grpc-status`) come back to A. Plain HTTP/1.1 requests ride the same peer.
+#[test]
+fn grpc_between_apps_crosses_the_mesh_with_its_trailers() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n  protocol: grpc\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n",
+        "bridge:\n  address: 127.0.0.1:0\n",
+    );
+    let diagnostics = || format!("{}\n{}", a.diagnostics(), b.diagnostics());
+
+    let (status, body, grpc_status) = grpc_call(&a.listeners["mesh-outbound"], "b", &[]);
+    assert_eq!(status, 200, "{}", diagnostics());
+    assert_eq!(body, [0, 0, 0, 0, 2, 0x08, 0x01]);
+    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
+    let seen = app_b.seen();
+    assert_eq!(seen[0].path, "/echo.v1.Echo/Stream");
+    assert_eq!(seen[0].version, "HTTP/2.0");
+    assert!(
+        seen[0]
+            .header("x-forwarded-client-cert")
+            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a"))),
+        "{:?}",
+        seen[0]
+    );
+
+    // Daprd's gRPC proxying: the bridge's port, `dapr-app-id: b`.
+    let bridge = a.bridge.clone().expect("the bridge runs");
+    let (status, _, grpc_status) = grpc_call(&bridge, &bridge, &[("dapr-app-id", "b")]);
+    assert_eq!(status, 200, "{}", diagnostics());
+    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
+    assert_eq!(app_b.count(), 2);
+
+    // Plain HTTP/1.1 from the app: the same peer (now HTTP/2 between the sidecars).
+    let r = client()
+        .get(format!("http://{}/plain", a.listeners["mesh-outbound"]))
+        .header("host", "b")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", diagnostics());
+    assert_eq!(app_b.seen()[2].path, "/plain");
 }

@@ -37,6 +37,9 @@ pub const FAILURE_TTL: Duration = Duration::from_secs(5);
 /// App ids the cache of failures holds at most (beyond, failures are not cached).
 pub const MAX_FAILURES: usize = 1024;
 
+/// The `listener` label of `outrigger_tls_reloads_total` for the mesh peers' material.
+pub const PEERS_RELOAD_LABEL: &str = "mesh-peers";
+
 /// App ids `bridge.name_resolution` keeps clusters for.
 pub const MAX_RESOLVED: usize = 256;
 
@@ -220,11 +223,24 @@ impl NameResolution {
         if let Some(m) = material.get(ns) {
             return Ok(Some(m.clone()));
         }
-        let built = crate::tls::client_config(&mesh.peer_tls(ns), false).map_err(|e| {
+        let built = crate::tls::client_config(&mesh.peer_tls(ns), true).map_err(|e| {
             ResolveError::Unresolved(format!("cannot set up mutual TLS to the mesh's peers: {e}"))
         })?;
         material.insert(ns.to_string(), built.clone());
         Ok(Some(built))
+    }
+
+    /// `outrigger_tls_reloads_total{listener="mesh-peers"}`: the peers' client material
+    /// read again (a renewed certificate adopted, or refused and the old one kept).
+    fn count_reload(&self, result: &'static str) {
+        self.metrics
+            .tls
+            .reloads
+            .get_or_create(&crate::tls::ReloadLabels {
+                listener: PEERS_RELOAD_LABEL.to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// The map key and the cluster config of `app_id`.
@@ -234,12 +250,8 @@ impl NameResolution {
                 template,
                 namespace,
             } => {
-                let (id, ns) = app_id.split_once('.').unwrap_or((app_id, namespace));
-                if !crate::config::mesh::dns_label(id) || !crate::config::mesh::dns_label(ns) {
-                    return Err(ResolveError::Malformed(format!(
-                        "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
-                    )));
-                }
+                let (id, ns) = crate::config::mesh::split_app_id(app_id, namespace)
+                    .map_err(ResolveError::Malformed)?;
                 let (host, port) = crate::config::bridge::resolve_name(template, id, ns)
                     .map_err(ResolveError::Malformed)?;
                 let config = ClusterConfig::with_defaults(
@@ -253,18 +265,20 @@ impl NameResolution {
                 Ok((format!("{id}.{ns}"), config))
             }
             How::Mesh(mesh, _) => {
-                let (namespace, host, port) = mesh.peer(app_id).map_err(ResolveError::Malformed)?;
-                let id = app_id.split('.').next().unwrap_or(app_id);
+                let peer = mesh.peer(app_id).map_err(ResolveError::Malformed)?;
                 let mut config = ClusterConfig::with_defaults(
-                    app_id,
+                    &peer.cluster_name(),
                     Discovery::Dns {
-                        host,
-                        port,
+                        host: peer.host,
+                        port: peer.port,
                         refresh: DEFAULT_REFRESH,
                     },
                 );
-                config.tls = Some(mesh.peer_tls(&namespace));
-                Ok((format!("{id}.{namespace}"), config))
+                config.tls = Some(mesh.peer_tls(&peer.namespace));
+                // Both ends are Outrigger: HTTP/2 (ALPN h2) carries gRPC's trailers, and plain
+                // HTTP/1.1 requests ride it as well.
+                config.http2 = true;
+                Ok((format!("{}.{}", peer.id, peer.namespace), config))
             }
         }
     }
@@ -293,13 +307,14 @@ impl crate::tls::Reloadable for NameResolution {
                 if m.fingerprints == now {
                     continue;
                 }
-                match crate::tls::client_config_from(&mesh.peer_tls(ns), false, now.clone()) {
+                match crate::tls::client_config_from(&mesh.peer_tls(ns), true, now.clone()) {
                     Ok(built) => {
                         *m = built.clone();
                         rebuilt.push((ns.clone(), built));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the mesh's TLS material not reloaded; keeping the old one");
+                        self.count_reload("failure");
                         return Err(e);
                     }
                 }
@@ -309,6 +324,7 @@ impl crate::tls::Reloadable for NameResolution {
         if rebuilt.is_empty() {
             return Ok(());
         }
+        self.count_reload("success");
         let peers: Vec<(String, Arc<Cluster>)> = self
             .resolved
             .lock()
@@ -452,6 +468,50 @@ mod tests {
         r.reload_files().unwrap();
         assert_ne!(fingerprints(&a), before);
         assert_eq!(fingerprints(&a), fingerprints(&b));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_with_another_spiffe_id_is_refused_and_the_old_kept() {
+        use crate::tls::Reloadable;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        assert_eq!(&*a.name, "peer:1.1", "a peer's cluster name is its own");
+        assert!(a.config.http2, "peers speak HTTP/2");
+        let before = fingerprints(&a);
+        // From the same CA, but another workload's identity: as if the wrong Secret were
+        // mounted on renewal.
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.path().join("ca"),
+            out: dir.path().join("other"),
+            name: "db".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
+            std::fs::copy(dir.path().join("other").join(from), dir.path().join(to)).unwrap();
+        }
+        let e = r.reload_files().unwrap_err().to_string();
+        assert!(
+            e.contains("not this workload's SPIFFE ID spiffe://cluster.local/ns/1/sa/web"),
+            "{e}"
+        );
+        assert_eq!(fingerprints(&a), before, "the old material kept");
+        let failures = r
+            .metrics
+            .tls
+            .reloads
+            .get_or_create(&crate::tls::ReloadLabels {
+                listener: PEERS_RELOAD_LABEL.into(),
+                result: "failure",
+            })
+            .get();
+        assert_eq!(failures, 1);
     }
 
     #[tokio::test]
