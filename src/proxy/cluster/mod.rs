@@ -182,6 +182,9 @@ pub struct Cluster {
     /// Replaced by a config reload: no more discovery or reporting.
     retired: AtomicBool,
     tls: Option<Arc<Origination>>,
+    /// Milliseconds after `epoch` of its last use, for clusters made on demand (the mesh's
+    /// peers, evicted once unused for a while): [`Cluster::touch`].
+    last_used: AtomicU64,
 }
 
 impl Cluster {
@@ -233,6 +236,7 @@ impl Cluster {
             config,
             metrics,
             retired: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
             tls,
         });
         if watch && cluster.tls.is_some() {
@@ -240,6 +244,32 @@ impl Cluster {
         }
         cluster.export_endpoint_count();
         cluster
+    }
+
+    /// Notes a use (a request routed to it), for [`Cluster::idle_for`].
+    pub fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since its last [`Cluster::touch`] (or since it was made).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_used.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Retired (replaced by a reload, or an evicted peer): no longer to be picked.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight on its endpoints.
+    pub fn requests_in_flight(&self) -> usize {
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| e.in_flight.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Marks the cluster replaced by a reload (its successor, if any, has the same name).

@@ -4,19 +4,24 @@
 //! - `bridge.name_resolution`: a `host:port` template, plain text (the bridge's invocations);
 //! - `mesh:`: the `mesh.peer_dns` template and `mesh.peer_port`, over mutual TLS with this
 //!   workload's certificate, the peer's SPIFFE ID required to be in the trust domain (and in
-//!   the namespace its app id names, with `mesh.require_peer_namespace`). The proxy's outbound
-//!   listeners (a request whose Host is an app id) and the bridge's invocations share it.
+//!   the namespace its app id names, with `mesh.require_peer_namespace`). Both ends are
+//!   Outrigger, so peers speak HTTP/2 (ALPN `h2`): gRPC's trailers cross, and HTTP/1.1
+//!   requests ride it too. A peer's cluster is named `peer:ID.NAMESPACE`, a name no declared
+//!   cluster may have. The proxy's outbound listeners (a request whose Host is an app id) and
+//!   the bridge's invocations share it.
 //!
 //! An app id is `id` (this workload's namespace) or `id.namespace`, each a DNS label, so it
 //! names a workload and never an arbitrary host. Each resolved id is an ordinary
 //! [`Cluster`] with default settings and DNS discovery (balancing, pools, outlier ejection,
-//! retry budget, TLS origination and its certificate rotation all apply), kept for the
-//! sidecar's life; at most `max` of them (each has its own metric series). The name is looked
+//! retry budget, TLS origination and its certificate rotation all apply), kept while used (a
+//! mesh peer unused for [`PEER_IDLE_TIMEOUT`] is evicted, and made again on its next call);
+//! at most `max` of them (each has its own metric series). The name is looked
 //! up (at most [`LOOKUP_TIMEOUT`]) before any cluster is made: a name that does not resolve
 //! makes no cluster, no metric series and no log line, and is answered from a short-lived,
 //! bounded cache of failures for [`FAILURE_TTL`]. The mesh's peers share one TLS client
 //! material per required peer namespace, built once from the identity files, watched by one
-//! file watch for all of them (SIGHUP and config reloads read them again too).
+//! file watch for all of them (SIGHUP and config reloads read them again too); a renewed
+//! certificate without this workload's SPIFFE ID is refused and the old material kept.
 //! In: an app id. Out: its cluster, or why there is none.
 
 use std::collections::HashMap;
@@ -36,6 +41,13 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FAILURE_TTL: Duration = Duration::from_secs(5);
 /// App ids the cache of failures holds at most (beyond, failures are not cached).
 pub const MAX_FAILURES: usize = 1024;
+
+/// A mesh peer unused this long is evicted (its cluster, discovery and pools dropped; made
+/// again on its next call): without it every app id ever called would be looked up in DNS
+/// every 5 s for the sidecar's life.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often idle peers are looked for.
+const EVICTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The `listener` label of `outrigger_tls_reloads_total` for the mesh peers' material.
 pub const PEERS_RELOAD_LABEL: &str = "mesh-peers";
@@ -66,7 +78,7 @@ pub enum ResolveError {
     Unresolved(String),
 }
 
-/// Clusters for app ids, made on first use and kept.
+/// Clusters for app ids, made on first use and kept while used (the mesh's peers).
 pub struct NameResolution {
     how: How,
     max: usize,
@@ -105,8 +117,41 @@ impl NameResolution {
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             crate::tls::spawn_watch(&r);
+            tokio::spawn(Self::evict_idle_peers(Arc::downgrade(&r)));
         }
         r
+    }
+
+    /// Every [`EVICTION_INTERVAL`], evicts the peers unused for [`PEER_IDLE_TIMEOUT`]; ends
+    /// with the resolution.
+    async fn evict_idle_peers(this: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(EVICTION_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(r) = this.upgrade() else { return };
+            r.evict_idle(PEER_IDLE_TIMEOUT);
+        }
+    }
+
+    /// Drops the clusters unused for `idle` with no request in flight: retired (discovery
+    /// stops, a router holding one resolves again), their certificate no longer reported.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let evicted: Vec<Arc<Cluster>> = {
+            let mut resolved = self.resolved.lock().expect("not poisoned");
+            let keys: Vec<String> = resolved
+                .iter()
+                .filter(|(_, c)| c.idle_for() >= idle && c.requests_in_flight() == 0)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| resolved.remove(k)).collect()
+        };
+        for c in &evicted {
+            c.retire();
+            self.metrics.tls.untrack(&format!("cluster/{}", c.name));
+            tracing::info!(cluster = %c.name, idle_seconds = c.idle_for().as_secs(), "unused peer evicted");
+        }
+        evicted.len()
     }
 
     /// How many app ids it keeps clusters for.
@@ -128,6 +173,7 @@ impl NameResolution {
     pub async fn cluster(&self, app_id: &str) -> Result<Arc<Cluster>, ResolveError> {
         let (key, config) = self.config(app_id)?;
         if let Some(c) = self.resolved.lock().expect("not poisoned").get(&key) {
+            c.touch();
             return Ok(c.clone());
         }
         let full = || {
@@ -512,6 +558,20 @@ mod tests {
             })
             .get();
         assert_eq!(failures, 1);
+    }
+
+    #[tokio::test]
+    async fn unused_peers_are_evicted_and_made_again_on_their_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        assert_eq!(r.evict_idle(PEER_IDLE_TIMEOUT), 0, "just used");
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert!(a.is_retired(), "its discovery stops, routers resolve again");
+        assert!(r.clusters().is_empty());
+        let again = r.cluster("1").await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &again) && !again.is_retired());
+        assert_eq!(again.name, a.name, "the same name: the same metric series");
     }
 
     #[tokio::test]
