@@ -537,3 +537,71 @@ fn grpc_between_apps_crosses_the_mesh_with_its_trailers() {
     assert_eq!(r.status(), 200, "{}", diagnostics());
     assert_eq!(app_b.seen()[2].path, "/plain");
 }
+
+/// A WebSocket (an HTTP/1.1 upgrade) from app A to B by app id: HTTP/2 has no `Upgrade`, so
+/// the peers carry this one over HTTP/1.1 (ALPN `http/1.1` on its own mutual-TLS connection),
+/// B's app gets the upgrade, and bytes flow both ways once it is switched.
+#[test]
+fn websocket_upgrades_cross_the_mesh_over_http1() {
+    use std::io::{Read, Write};
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n",
+        "",
+    );
+    let diagnostics = || format!("{}\n{}", a.diagnostics(), b.diagnostics());
+    let mut s = std::net::TcpStream::connect(&a.listeners["mesh-outbound"]).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read_exact(&mut byte).is_err() {
+            panic!(
+                "the answer's head was cut: {:?}\n{}",
+                String::from_utf8_lossy(&head),
+                diagnostics()
+            );
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "{head}\n{}",
+        diagnostics()
+    );
+    for msg in [&b"ping"[..], b"pong and more"] {
+        s.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    }
+    let seen = app_b.seen();
+    assert_eq!(
+        seen[0].header("upgrade"),
+        Some("websocket"),
+        "{:?}",
+        seen[0]
+    );
+    assert_eq!(seen[0].version, "HTTP/1.1");
+    assert!(
+        seen[0]
+            .header("x-forwarded-client-cert")
+            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a"))),
+        "over the mesh's mutual TLS: {:?}",
+        seen[0]
+    );
+}

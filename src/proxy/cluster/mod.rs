@@ -51,6 +51,10 @@ pub struct Endpoint {
     pub client: HttpClient,
     /// The proxy's HTTP/1.1 requests (None for `http2` clusters).
     pool: Option<Arc<pool::Pool>>,
+    /// An `http2` cluster's upgrade requests (WebSocket): HTTP/2 has no `Upgrade`, so they go
+    /// over HTTP/1.1 (ALPN `http/1.1` with TLS); the mesh's peers are such clusters. No
+    /// connection is made until one comes.
+    upgrades: Option<Arc<pool::Pool>>,
     /// The URI authority of requests to this endpoint: the pool key. Fixed, so clients cannot
     /// grow the pool by varying Host; the Host header carries the request's own authority.
     authority: http::uri::Authority,
@@ -67,12 +71,19 @@ pub struct Endpoint {
 impl Endpoint {
     fn new(address: Address, config: &ClusterConfig, tls: Option<&Arc<Origination>>) -> Endpoint {
         let client = connect::client(&address, config, tls);
-        let pool = (!config.http2).then(|| {
-            pool::Pool::new(
-                Connector::new(&address, config, tls),
-                config.pool_idle_timeout.get(),
-            )
-        });
+        let pool = pool::Pool::new(
+            if config.http2 {
+                Connector::new(&address, config, tls).http1()
+            } else {
+                Connector::new(&address, config, tls)
+            },
+            config.pool_idle_timeout.get(),
+        );
+        let (pool, upgrades) = if config.http2 {
+            (None, Some(pool))
+        } else {
+            (Some(pool), None)
+        };
         let authority = match &address {
             Address::Tcp(a) => http::uri::Authority::try_from(a.to_string())
                 .expect("a socket address is an authority"),
@@ -84,6 +95,7 @@ impl Endpoint {
             address,
             client,
             pool,
+            upgrades,
             authority,
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -93,13 +105,24 @@ impl Endpoint {
     }
 
     /// Sends a request to this endpoint: an HTTP/1.1 one on the endpoint's own pool (in
-    /// origin form), anything else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI
-    /// is the endpoint's ([`Endpoint::uri`]).
+    /// origin form; an `http2` cluster's upgrade requests on their HTTP/1.1 pool), anything
+    /// else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI is the endpoint's
+    /// ([`Endpoint::uri`]).
     pub async fn send(
         &self,
         mut req: http::Request<crate::proxy::body::ProxyBody>,
     ) -> Result<http::Response<crate::proxy::body::ProxyBody>, pool::SendError> {
-        match &self.pool {
+        let pool = match (&self.pool, &self.upgrades) {
+            (Some(pool), _) => Some(pool),
+            (None, Some(upgrades))
+                if req.version() == http::Version::HTTP_11
+                    && req.headers().contains_key(http::header::UPGRADE) =>
+            {
+                Some(upgrades)
+            }
+            _ => None,
+        };
+        match pool {
             Some(pool) if req.method() != http::Method::CONNECT => {
                 let origin = req
                     .uri()

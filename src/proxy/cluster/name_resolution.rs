@@ -6,7 +6,8 @@
 //!   workload's certificate, the peer's SPIFFE ID required to be in the trust domain (and in
 //!   the namespace its app id names, with `mesh.require_peer_namespace`). Both ends are
 //!   Outrigger, so peers speak HTTP/2 (ALPN `h2`): gRPC's trailers cross, and HTTP/1.1
-//!   requests ride it too. A peer's cluster is named `peer:ID.NAMESPACE`, a name no declared
+//!   requests ride it too; an upgrade (WebSocket) gets an HTTP/1.1 connection of its own
+//!   (the endpoint's upgrade pool, ALPN `http/1.1`). A peer's cluster is named `peer:ID.NAMESPACE`, a name no declared
 //!   cluster may have. The proxy's outbound listeners (a request whose Host is an app id) and
 //!   the bridge's invocations share it.
 //!
@@ -322,7 +323,7 @@ impl NameResolution {
                 );
                 config.tls = Some(mesh.peer_tls(&peer.namespace));
                 // Both ends are Outrigger: HTTP/2 (ALPN h2) carries gRPC's trailers, and plain
-                // HTTP/1.1 requests ride it as well.
+                // HTTP/1.1 requests ride it as well; upgrades go over HTTP/1.1 (`Endpoint::send`).
                 config.http2 = true;
                 Ok((format!("{}.{}", peer.id, peer.namespace), config))
             }
