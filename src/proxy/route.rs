@@ -494,6 +494,8 @@ impl HttpListener {
                     tracing::debug!(listener = %self.name, host = %key, error = %e, "no route, and not a mesh peer");
                     let failure = match e {
                         ResolveError::Full(_) => Failure::Overload,
+                        // No endpoint can be reached without the TLS material (logged).
+                        ResolveError::Tls(_) => Failure::NoEndpoints,
                         ResolveError::Malformed(_) | ResolveError::Unresolved(_) => {
                             Failure::NoRoute
                         }

@@ -77,6 +77,9 @@ pub enum ResolveError {
     /// The name does not resolve (now).
     #[error("{0}")]
     Unresolved(String),
+    /// The mesh's TLS material cannot be built from the identity files (logged as an error).
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Clusters for app ids, made on first use and kept while used (the mesh's peers).
@@ -116,6 +119,16 @@ impl NameResolution {
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
         });
+        // Built now from the files preflight checked, for the peers of this workload's
+        // namespace (any peer without `require_peer_namespace`): a renewal that does not carry
+        // the workload's SPIFFE ID is then refused and the old material kept, even before the
+        // first call (built lazily, the first call would read the wrong files).
+        let own = if mesh.require_peer_namespace {
+            mesh.namespace.as_str()
+        } else {
+            ""
+        };
+        let _ = r.material_for(own);
         if tokio::runtime::Handle::try_current().is_ok() {
             crate::tls::spawn_watch(&r);
             tokio::spawn(Self::evict_idle_peers(Arc::downgrade(&r)));
@@ -262,16 +275,25 @@ impl NameResolution {
     /// The peers' TLS material for `key`, built from the identity files on first use (`None`:
     /// not the mesh).
     fn material(&self, key: &str) -> Result<Option<LoadedClient>, ResolveError> {
+        let How::Mesh(mesh, _) = &self.how else {
+            return Ok(None);
+        };
+        self.material_for(Self::material_key(mesh, key))
+    }
+
+    /// The peers' TLS material for the required namespace `ns` (`""`: any), built from the
+    /// identity files on first use (`None`: not the mesh).
+    fn material_for(&self, ns: &str) -> Result<Option<LoadedClient>, ResolveError> {
         let How::Mesh(mesh, material) = &self.how else {
             return Ok(None);
         };
-        let ns = Self::material_key(mesh, key);
         let mut material = material.lock().expect("not poisoned");
         if let Some(m) = material.get(ns) {
             return Ok(Some(m.clone()));
         }
         let built = crate::tls::client_config(&mesh.peer_tls(ns), true).map_err(|e| {
-            ResolveError::Unresolved(format!("cannot set up mutual TLS to the mesh's peers: {e}"))
+            tracing::error!(error = %e, "cannot set up mutual TLS to the mesh's peers");
+            ResolveError::Tls(format!("cannot set up mutual TLS to the mesh's peers: {e}"))
         })?;
         material.insert(ns.to_string(), built.clone());
         Ok(Some(built))
@@ -559,6 +581,34 @@ mod tests {
             })
             .get();
         assert_eq!(failures, 1);
+    }
+
+    /// Before any peer was called: the material was built when the mesh was made, so a wrong
+    /// renewal is refused (counted) and the first call uses the workload's own certificate.
+    #[tokio::test]
+    async fn a_wrong_renewal_before_the_first_call_is_refused_too() {
+        use crate::tls::Reloadable;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let own = crate::tls::fingerprints(&r.files());
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.path().join("ca"),
+            out: dir.path().join("other"),
+            name: "db".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
+            std::fs::copy(dir.path().join("other").join(from), dir.path().join(to)).unwrap();
+        }
+        assert!(r.reload_files().is_err(), "refused before any call");
+        let a = r.cluster("1").await.expect("the old material serves");
+        assert_eq!(fingerprints(&a), own);
     }
 
     #[tokio::test]
