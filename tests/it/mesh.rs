@@ -374,14 +374,27 @@ fn a_certificate_that_is_not_the_workloads_is_refused() {
     );
 }
 
+/// Swaps `from`'s certificate and key into the identity directory `to`, as the kubelet does:
+/// new files renamed over the old ones.
+fn renew(from: &Path, to: &Path) {
+    for f in ["tls.key", "tls.crt"] {
+        let tmp = to.join(format!(".{f}.new"));
+        std::fs::copy(from.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, to.join(f)).unwrap();
+    }
+}
+
 /// A renewed identity (the Secret's files replaced) is used for new connections to peers
-/// without a restart: B's app sees A's new certificate.
+/// without a restart: B's app sees A's new certificate. A renewal carrying another
+/// workload's SPIFFE ID is refused on both sides (B's `mesh` listener, A's peers), the old
+/// certificate kept and the refusal counted.
 #[test]
 fn a_renewed_identity_is_used_without_a_restart() {
     let ids = Identities::new();
     let app_b = Backend::http();
+    let b_dir = ids.issue("b", &format!("{TD}/ns/shop/sa/b"));
     let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        &b_dir,
         "b",
         1,
         "",
@@ -395,38 +408,68 @@ fn a_renewed_identity_is_used_without_a_restart() {
         "  outbound_address: 127.0.0.1:0\n",
         "",
     );
-    let hash = || {
+    let field = |xfcc: &str, name: &str| {
+        xfcc.split(';')
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {xfcc}"))
+            .to_string()
+    };
+    let xfcc = || {
         let r = client()
             .get(format!("http://{}/", a.listeners["mesh-outbound"]))
             .header("host", "b")
             .send()
             .unwrap();
-        assert_eq!(r.status(), 200, "{}", a.diagnostics());
+        assert_eq!(r.status(), 200, "{}\n{}", a.diagnostics(), b.diagnostics());
         let seen = app_b.seen();
-        let xfcc = seen
-            .last()
+        seen.last()
             .unwrap()
             .header("x-forwarded-client-cert")
             .unwrap()
-            .to_string();
-        xfcc.split(';')
-            .find_map(|f| f.strip_prefix("Hash="))
-            .unwrap()
             .to_string()
     };
+    let hash = || field(&xfcc(), "Hash=");
     let before = hash();
-    // The same SPIFFE ID, a new certificate and key, swapped in as the kubelet does: new
-    // files renamed over the old ones.
-    let renewed = ids.issue("a-renewed", &format!("{TD}/ns/shop/sa/a"));
-    for f in ["tls.key", "tls.crt"] {
-        let tmp = a_dir.join(format!(".{f}.new"));
-        std::fs::copy(renewed.join(f), &tmp).unwrap();
-        std::fs::rename(&tmp, a_dir.join(f)).unwrap();
-    }
-    crate::support::eventually(
+    // The same SPIFFE ID, a new certificate and key.
+    renew(
+        &ids.issue("a-renewed", &format!("{TD}/ns/shop/sa/a")),
+        &a_dir,
+    );
+    let renewed = crate::support::eventually(
         std::time::Duration::from_secs(20),
         "A's new certificate at B",
-        || (hash() != before).then_some(()),
+        || {
+            let h = hash();
+            (h != before).then_some(h)
+        },
+    );
+
+    // Another workload's SPIFFE ID (the wrong Secret mounted), on both sides: refused, the
+    // old certificates kept, counted.
+    renew(&ids.issue("x", &format!("{TD}/ns/shop/sa/x")), &b_dir);
+    renew(&ids.issue("y", &format!("{TD}/ns/shop/sa/y")), &a_dir);
+    for (sc, listener) in [(&b, "mesh"), (&a, "mesh-peers")] {
+        crate::support::eventually(
+            std::time::Duration::from_secs(20),
+            &format!("the wrong renewal refused ({listener})"),
+            || {
+                (sc.metric(&format!(
+                    "outrigger_tls_reloads_total{{listener=\"{listener}\",result=\"failure\"}}"
+                )) >= 1.0)
+                    .then_some(())
+            },
+        );
+    }
+    let now = xfcc();
+    assert_eq!(field(&now, "Hash="), renewed, "A's certificate kept: {now}");
+    assert!(
+        now.starts_with(&format!("By={TD}/ns/shop/sa/b;")),
+        "B's kept: {now}"
+    );
+    assert!(
+        b.stderr().contains("not this workload's SPIFFE ID"),
+        "{}",
+        b.diagnostics()
     );
 }
 
