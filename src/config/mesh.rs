@@ -36,6 +36,9 @@ pub const DEFAULT_MAX_PEERS: usize = 256;
 pub const LISTENER: &str = "mesh";
 /// The outbound listener's name (reserved).
 pub const OUTBOUND_LISTENER: &str = "mesh-outbound";
+/// The `listener` label of `outrigger_tls_reloads_total` for the peers' client material
+/// (reserved as a listener name, so the series are never a listener's).
+pub const PEERS_LABEL: &str = "mesh-peers";
 /// A resolved peer's cluster is named `peer:ID.NAMESPACE` (`peer:payments.shop`): no cluster
 /// of the config may start so (refused at check), so a peer never shares a name, metric
 /// series or dashboard row with a declared cluster, even one declared later.

@@ -490,7 +490,9 @@ fn validate(
             proxy::default_max_connections(sockets),
         );
         for (i, other) in listeners.iter().enumerate() {
-            if [mesh::LISTENER, mesh::OUTBOUND_LISTENER].contains(&other.name.as_str()) {
+            if [mesh::LISTENER, mesh::OUTBOUND_LISTENER, mesh::PEERS_LABEL]
+                .contains(&other.name.as_str())
+            {
                 problems.push(doc.problem(
                     &format!("listeners[{i}].name"),
                     format!(

@@ -312,6 +312,11 @@ fn malformed_mesh_config_is_located() {
             "bad.yaml:6:21: mesh.outbound_address: 0.0.0.0:15443 is mesh.address's too",
         ],
     );
+    // `mesh-peers` labels the peers' TLS reloads: no listener may be called so.
+    crate::config::rejected(
+        "mesh:\n  namespace: shop\n  service_account: web\nlisteners:\n  - name: mesh-peers\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        &["bad.yaml:5:11: listeners[0].name: the name \"mesh-peers\" is the mesh's"],
+    );
     // The peers' cluster names are theirs alone.
     crate::config::rejected(
         "clusters:\n  \"peer:b.shop\": { endpoints: [\"127.0.0.1:1\"] }\n",

@@ -51,7 +51,7 @@ pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const EVICTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The `listener` label of `outrigger_tls_reloads_total` for the mesh peers' material.
-pub const PEERS_RELOAD_LABEL: &str = "mesh-peers";
+pub const PEERS_RELOAD_LABEL: &str = crate::config::mesh::PEERS_LABEL;
 
 /// App ids `bridge.name_resolution` keeps clusters for.
 pub const MAX_RESOLVED: usize = 256;
