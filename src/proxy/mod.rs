@@ -135,11 +135,6 @@ impl Proxy {
             None => None,
         };
         let recorder = (log.is_some() || spans.is_some()).then_some(Recorder { log, spans });
-        if let Some(m) = &config.mesh {
-            for w in m.warnings(config.app.address.is_some()) {
-                tracing::warn!("{w}");
-            }
-        }
         let peers = config
             .mesh
             .as_ref()

@@ -653,3 +653,38 @@ fn websocket_upgrades_cross_the_mesh_over_http1() {
         seen[0]
     );
 }
+
+/// A mesh member with neither `app.address` nor `mesh.outbound_address` runs no proxy, only
+/// the bridge: it still warns that no peer can call it, and still calls its peers.
+#[cfg(feature = "bridge")]
+#[test]
+fn a_bridge_only_member_warns_and_calls_its_peers() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "",
+        "bridge:\n  address: 127.0.0.1:0\n",
+    );
+    assert!(a.listeners.is_empty(), "{:?}", a.listeners);
+    let r = client()
+        .post(a.bridge_url("/v1.0/invoke/b/method/hello"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}\n{}", a.diagnostics(), b.diagnostics());
+    assert!(
+        a.stderr()
+            .contains("mesh: app.address is not set, so there is no inbound `mesh` listener"),
+        "{}",
+        a.diagnostics()
+    );
+}
