@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::backend::Backend;
-use crate::support::{Sidecar, client, run_to_end};
+use crate::support::{GrpcStream, Sidecar, client, or_panic, run_to_end};
 
 const TD: &str = "spiffe://cluster.local";
 
@@ -478,58 +478,6 @@ fn a_renewed_identity_is_used_without_a_restart() {
     );
 }
 
-/// One gRPC-shaped call over HTTP/2 cleartext to `address` (Host `authority`, extra headers):
-/// the status, the body and the trailers' `grpc-status`.
-fn grpc_call(
-    address: &str,
-    authority: &str,
-    headers: &[(&str, &str)],
-) -> (u16, Vec<u8>, Option<String>) {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let mut req = http::Request::post(format!("http://{authority}/echo.v1.Echo/Stream"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
-                0, 0, 0, 0, 2, 0x08, 0x01,
-            ])))
-            .unwrap();
-        let res = tokio::time::timeout(std::time::Duration::from_secs(20), send.send_request(req))
-            .await
-            .expect("an answer in time")
-            .unwrap();
-        let status = res.status().as_u16();
-        let collected = tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            res.into_body().collect(),
-        )
-        .await
-        .expect("the body in time")
-        .unwrap();
-        let grpc_status = collected
-            .trailers()
-            .and_then(|t| t.get("grpc-status"))
-            .map(|v| v.to_str().unwrap().to_string());
-        (status, collected.to_bytes().to_vec(), grpc_status)
-    })
-}
-
 /// gRPC between apps through the mesh: app A calls B's gRPC method by app id through A's
 /// sidecar (the outbound listener, and the bridge's gRPC proxying with `dapr-app-id`), the
 /// peers speak HTTP/2 over mutual TLS, B's sidecar hands the call to B's gRPC app, and the
@@ -553,37 +501,61 @@ fn grpc_between_apps_crosses_the_mesh_with_its_trailers() {
         "bridge:\n  address: 127.0.0.1:0\n",
     );
     let diagnostics = || format!("{}\n{}", a.diagnostics(), b.diagnostics());
+    const MSG: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
 
-    let (status, body, grpc_status) = grpc_call(&a.listeners["mesh-outbound"], "b", &[]);
-    assert_eq!(status, 200, "{}", diagnostics());
-    assert_eq!(body, [0, 0, 0, 0, 2, 0x08, 0x01]);
-    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
-    let seen = app_b.seen();
-    assert_eq!(seen[0].path, "/echo.v1.Echo/Stream");
-    assert_eq!(seen[0].version, "HTTP/2.0");
-    assert!(
-        seen[0]
-            .header("x-forwarded-client-cert")
-            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a"))),
-        "{:?}",
-        seen[0]
+    // A stream, each message echoed before the next is sent; while it is open, a plain
+    // HTTP/1.1 request from the app rides the same peer connection: one TLS handshake for
+    // both, which only HTTP/2 between the sidecars allows.
+    let mut call = or_panic(
+        GrpcStream::open(&a.listeners["mesh-outbound"], "b", &[], MSG),
+        diagnostics,
     );
-
-    // Daprd's gRPC proxying: the bridge's port, `dapr-app-id: b`.
-    let bridge = a.bridge.clone().expect("the bridge runs");
-    let (status, _, grpc_status) = grpc_call(&bridge, &bridge, &[("dapr-app-id", "b")]);
-    assert_eq!(status, 200, "{}", diagnostics());
-    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
-    assert_eq!(app_b.count(), 2);
-
-    // Plain HTTP/1.1 from the app: the same peer (now HTTP/2 between the sidecars).
+    assert_eq!(call.status, 200, "{}", diagnostics());
     let r = client()
         .get(format!("http://{}/plain", a.listeners["mesh-outbound"]))
         .header("host", "b")
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "{}", diagnostics());
-    assert_eq!(app_b.seen()[2].path, "/plain");
+    or_panic(call.exchange(b"second"), diagnostics);
+    assert_eq!(
+        or_panic(call.finish(), diagnostics).as_deref(),
+        Some("0"),
+        "{}",
+        diagnostics()
+    );
+    let seen = app_b.seen();
+    let grpc = seen
+        .iter()
+        .find(|s| s.path == "/echo.v1.Echo/Stream")
+        .unwrap_or_else(|| panic!("{seen:?}"));
+    assert_eq!(grpc.version, "HTTP/2.0");
+    assert!(
+        grpc.header("x-forwarded-client-cert")
+            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a"))),
+        "{grpc:?}"
+    );
+    assert!(seen.iter().any(|s| s.path == "/plain"), "{seen:?}");
+    assert_eq!(
+        a.metric(
+            "outrigger_tls_handshakes_total{side=\"client\",name=\"peer:b.shop\",result=\"ok\"}"
+        ),
+        1.0,
+        "one multiplexed connection to the peer: {}",
+        diagnostics()
+    );
+
+    // Daprd's gRPC proxying: the bridge's port, `dapr-app-id: b` (a unary call: the bridge
+    // reads the request before forwarding it).
+    let bridge = a.bridge.clone().expect("the bridge runs");
+    let (status, body, grpc_status) = or_panic(
+        GrpcStream::unary(&bridge, &bridge, &[("dapr-app-id", "b")], MSG),
+        diagnostics,
+    );
+    assert_eq!(status, 200, "{}", diagnostics());
+    assert_eq!(body, MSG);
+    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
+    assert_eq!(app_b.count(), 3);
 }
 
 /// A WebSocket (an HTTP/1.1 upgrade) from app A to B by app id: HTTP/2 has no `Upgrade`, so
