@@ -384,6 +384,7 @@ impl GrpcStream {
 
     /// One message and the end of the request at once (a unary call): the status, the
     /// echoed body and the trailers' `grpc-status`.
+    #[cfg(feature = "bridge")]
     pub fn unary(
         address: &str,
         authority: &str,
