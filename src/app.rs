@@ -601,6 +601,13 @@ async fn build_modules(
     let mut bound = BTreeMap::new();
     #[cfg_attr(not(any(feature = "proxy", feature = "bridge")), allow(unused_mut))]
     let mut dashboard = DashboardHandles::default();
+    // Here, not in the proxy: a mesh with neither `app.address` nor `mesh.outbound_address`
+    // has no listener, so no proxy, only the bridge.
+    if let Some(m) = &config.mesh {
+        for w in m.warnings(config.app.address.is_some()) {
+            tracing::warn!("{w}");
+        }
+    }
     #[cfg(feature = "proxy")]
     let proxy = match crate::proxy::Proxy::build(
         config,

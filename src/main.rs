@@ -320,6 +320,11 @@ fn main() -> ExitCode {
         }
         Command::Check(args) => match outrigger::preflight::load(&source(&args), &ProcessEnv) {
             Ok((c, _built)) => {
+                if let Some(m) = &c.mesh {
+                    for w in m.warnings(c.app.address.is_some()) {
+                        eprintln!("warning: {w}");
+                    }
+                }
                 print!("{}", c.to_yaml());
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS

@@ -74,6 +74,8 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
                 Ok(loaded) => {
                     built.tls.servers.insert(l.name.clone(), loaded);
                 }
+                // The mesh's own identity is reported once, by `check_mesh_identity`.
+                Err(crate::tls::TlsError::WrongIdentity { .. }) if at == "mesh.identity_dir" => {}
                 Err(e) => problems.push(parsed.problem(&at, e.to_string())),
             }
         }
@@ -144,26 +146,19 @@ pub fn check(parsed: &Parsed, problems: &mut Vec<Problem>) -> Preflight {
 /// The mesh's identity files: the peers' TLS can be built from them (the client side, also
 /// when there is no inbound listener), and the certificate carries this workload's SPIFFE ID,
 /// so that a Secret mounted into the wrong pod is caught before it talks to anyone.
+/// (The same check runs whenever the files are read again: `CertFiles::identity`.)
 fn check_mesh_identity(parsed: &Parsed, m: &config::mesh::MeshConfig, problems: &mut Vec<Problem>) {
-    if let Err(e) = crate::tls::client_config(&m.peer_tls(&m.namespace), false) {
-        // The listener reported the same files already.
-        if !problems.iter().any(|p| p.path == "mesh.identity_dir") {
-            problems.push(parsed.problem("mesh.identity_dir", e.to_string()));
-        }
-        return;
-    }
-    let want = m.spiffe_id();
-    let Ok(certs) = crate::tls::load_certs(&m.cert()) else {
-        return;
-    };
-    let ids = crate::tls::identities_of(&certs[0]);
-    if !ids.contains(&want) {
-        problems.push(parsed.problem(
+    match crate::tls::client_config(&m.peer_tls(&m.namespace), true) {
+        Ok(_) => {}
+        Err(e @ crate::tls::TlsError::WrongIdentity { .. }) => problems.push(parsed.problem(
             "mesh",
-            format!(
-                "{} carries {ids:?}, not this workload's SPIFFE ID {want} (from mesh.trust_domain, namespace and service_account)",
-                m.cert().display()
-            ),
-        ));
+            format!("{e} (from mesh.trust_domain, namespace and service_account)"),
+        )),
+        // The listener reported the same files already.
+        Err(e) => {
+            if !problems.iter().any(|p| p.path == "mesh.identity_dir") {
+                problems.push(parsed.problem("mesh.identity_dir", e.to_string()));
+            }
+        }
     }
 }

@@ -160,12 +160,23 @@ pub fn status(s: &AdminState) -> Value {
         .unwrap_or_default();
     #[cfg(not(feature = "proxy"))]
     let endpoints: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    // The config's clusters, then the mesh's peers resolved so far (made on demand, with
-    // every default, over mutual TLS).
-    let peers = endpoints
-        .keys()
-        .filter(|name| !config.clusters.contains_key(*name))
-        .map(|name| (name.clone(), json!("round-robin"), true));
+    // The config's clusters, then the mesh's peers resolved so far (made on demand, named
+    // `peer:ID.NAMESPACE`), with the settings they run with.
+    #[cfg(feature = "proxy")]
+    let peers: Vec<(String, Value, bool)> = src
+        .proxy
+        .as_ref()
+        .and_then(|p| p.peers())
+        .map(|r| r.clusters())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            let lb = serde_json::to_value(c.config.lb).unwrap_or(Value::Null);
+            (c.name.to_string(), lb, c.config.tls.is_some())
+        })
+        .collect();
+    #[cfg(not(feature = "proxy"))]
+    let peers: Vec<(String, Value, bool)> = Vec::new();
     let declared = config.clusters.values().map(|c| {
         (
             c.name.clone(),

@@ -174,7 +174,9 @@ pub async fn call(
         (None, Some(resolver)) if !local => {
             resolver.cluster(app_id).await.map_err(|e| match e {
                 ResolveError::Malformed(m) => ApiError::Malformed(m),
-                ResolveError::Full(m) => fail(StatusCode::SERVICE_UNAVAILABLE, m),
+                ResolveError::Full(m) | ResolveError::Tls(m) => {
+                    fail(StatusCode::SERVICE_UNAVAILABLE, m)
+                }
                 ResolveError::Unresolved(m) => fail(StatusCode::INTERNAL_SERVER_ERROR, m),
             })?
         }

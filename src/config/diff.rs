@@ -133,6 +133,10 @@ fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
                 _ => out.push(k.clone()),
             }
         }
+        // A section only the new config has (`mesh:` or `bridge:` added).
+        for k in b.keys().filter(|k| !a.contains_key(*k)) {
+            out.push(k.clone());
+        }
     }
     out
 }
@@ -264,5 +268,34 @@ clusters:
             "{BASE}telemetry: {{ tracing: {{ sample: 0.5 }} }}\n"
         ));
         assert_eq!(changed_keys(&old, &new), ["telemetry.tracing"]);
+    }
+
+    #[test]
+    fn a_changed_mesh_waits_for_a_restart_and_is_named() {
+        let mesh = |ns: &str| {
+            format!(
+                "service: a\napp: {{ address: 127.0.0.1:8080 }}\nmesh:\n  namespace: {ns}\n  service_account: a\n  outbound_address: 127.0.0.1:0\n"
+            )
+        };
+        let old = config(&mesh("shop"));
+        let diff = ConfigDiff::between(&old, &config(&mesh("billing")));
+        assert_eq!(diff.needs_restart, ["mesh.namespace"]);
+        assert_eq!(diff.applied.mesh, old.mesh, "the running mesh is kept");
+        // Joining or leaving the mesh: the section and its listeners.
+        let plain = config("service: a\napp: { address: 127.0.0.1:8080 }\n");
+        let joined = ConfigDiff::between(&plain, &old);
+        assert!(
+            joined.needs_restart.iter().any(|k| k == "mesh"),
+            "{:?}",
+            joined.needs_restart
+        );
+        assert!(joined.applied.mesh.is_none());
+        let left = ConfigDiff::between(&old, &plain);
+        assert!(
+            left.needs_restart.iter().any(|k| k == "mesh"),
+            "{:?}",
+            left.needs_restart
+        );
+        assert_eq!(left.applied.mesh, old.mesh);
     }
 }

@@ -36,6 +36,13 @@ pub const DEFAULT_MAX_PEERS: usize = 256;
 pub const LISTENER: &str = "mesh";
 /// The outbound listener's name (reserved).
 pub const OUTBOUND_LISTENER: &str = "mesh-outbound";
+/// The `listener` label of `outrigger_tls_reloads_total` for the peers' client material
+/// (reserved as a listener name, so the series are never a listener's).
+pub const PEERS_LABEL: &str = "mesh-peers";
+/// A resolved peer's cluster is named `peer:ID.NAMESPACE` (`peer:payments.shop`): no cluster
+/// of the config may start so (refused at check), so a peer never shares a name, metric
+/// series or dashboard row with a declared cluster, even one declared later.
+pub const PEER_CLUSTER_PREFIX: &str = "peer:";
 
 /// The `mesh:` section as written.
 #[derive(Debug, Default, Deserialize)]
@@ -110,27 +117,40 @@ impl MeshConfig {
             client: Some(CertFiles {
                 cert: self.cert(),
                 key: self.key(),
+                identity: Some(self.spiffe_id()),
             }),
             identity: Some(IdentityPattern(identity)),
             min_version: TlsVersion::V1_2,
         }
     }
 
-    /// An app id (`id`, or `id.namespace`) as the namespace it is in and the host:port of
-    /// its peer. Each part is a DNS label, so an app id names a workload and never an
-    /// arbitrary host.
-    pub fn peer(&self, app_id: &str) -> Result<(String, String, u16), String> {
-        let (id, namespace) = app_id.split_once('.').unwrap_or((app_id, &self.namespace));
-        if !dns_label(id) || !dns_label(namespace) {
-            return Err(format!(
-                "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
-            ));
-        }
+    /// An app id (`id`, or `id.namespace`) as its peer: the id, the namespace it is in and
+    /// the host:port of its mesh listener. Each part is a DNS label, so an app id names a
+    /// workload and never an arbitrary host.
+    pub fn peer(&self, app_id: &str) -> Result<Peer, String> {
+        let (id, namespace) = split_app_id(app_id, &self.namespace)?;
         let host = self
             .peer_dns
             .replace("{app_id}", id)
             .replace("{namespace}", namespace);
-        Ok((namespace.to_string(), host, self.peer_port))
+        Ok(Peer {
+            id: id.to_string(),
+            namespace: namespace.to_string(),
+            host,
+            port: self.peer_port,
+        })
+    }
+
+    /// Problems that do not stop the sidecar but are likely mistakes (`outrigger check`
+    /// prints them, the proxy logs them).
+    pub fn warnings(&self, has_app: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        if !has_app {
+            out.push(format!(
+                "mesh: app.address is not set, so there is no inbound `{LISTENER}` listener: this workload can call its peers, but no peer can call it"
+            ));
+        }
+        out
     }
 
     /// The listeners the section stands for: `mesh` (inbound, when the app has an address)
@@ -163,6 +183,7 @@ impl MeshConfig {
                     default: CertFiles {
                         cert: self.cert(),
                         key: self.key(),
+                        identity: Some(self.spiffe_id()),
                     },
                     sni: Vec::new(),
                     client_ca: Some(self.ca()),
@@ -191,6 +212,48 @@ impl MeshConfig {
     }
 }
 
+/// A peer named by an app id ([`MeshConfig::peer`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: String,
+    pub namespace: String,
+    /// Its mesh listener's host (`mesh.peer_dns` filled in) and port.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Peer {
+    /// The name of its cluster: `peer:ID.NAMESPACE`, one for both spellings of an app id.
+    pub fn cluster_name(&self) -> String {
+        format!("{PEER_CLUSTER_PREFIX}{}.{}", self.id, self.namespace)
+    }
+}
+
+/// An app id as its id and namespace: `id` (in `namespace`) or `id.namespace`, each a DNS
+/// label (the mesh's peers and `bridge.name_resolution` alike).
+pub fn split_app_id<'a>(app_id: &'a str, namespace: &'a str) -> Result<(&'a str, &'a str), String> {
+    let (id, namespace) = app_id.split_once('.').unwrap_or((app_id, namespace));
+    if !dns_label(id) || !dns_label(namespace) {
+        return Err(format!(
+            "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
+        ));
+    }
+    Ok((id, namespace))
+}
+
+/// A SPIFFE trust domain (`mesh.trust_domain`, `outrigger certs ca --trust-domain`, the
+/// trust domain of a SPIFFE ID): 1–255 lowercase letters, digits, '-', '.' and '_'.
+pub fn check_trust_domain(td: &str) -> Result<(), String> {
+    let ok =
+        |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_');
+    if td.is_empty() || td.len() > 255 || !td.bytes().all(ok) {
+        return Err(format!(
+            "expected a SPIFFE trust domain (lowercase letters, digits, '-', '.', '_'), like cluster.local, found {td:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// A DNS label as Kubernetes names namespaces and services: 1–63 lowercase letters, digits and
 /// '-', not starting or ending with '-'.
 pub fn dns_label(s: &str) -> bool {
@@ -215,18 +278,8 @@ pub fn validate(raw: RawMesh, doc: &Document, problems: &mut Vec<Problem>) -> Op
     let trust_domain = raw
         .trust_domain
         .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
-    if trust_domain.is_empty()
-        || trust_domain.len() > 255
-        || !trust_domain.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
-        })
-    {
-        problems.push(doc.problem(
-            "mesh.trust_domain",
-            format!(
-                "expected a SPIFFE trust domain (lowercase letters, digits, '-', '.', '_'), like cluster.local, found {trust_domain:?}"
-            ),
-        ));
+    if let Err(e) = check_trust_domain(&trust_domain) {
+        problems.push(doc.problem("mesh.trust_domain", e));
     }
     let mut name = |key: &str, value: Option<String>, what: &str| -> String {
         match value {
@@ -372,18 +425,23 @@ mod tests {
     fn app_ids_name_peers_in_this_or_another_namespace() {
         let m = mesh();
         assert_eq!(m.spiffe_id(), "spiffe://cluster.local/ns/shop/sa/web");
+        let p = m.peer("payments").unwrap();
         assert_eq!(
-            m.peer("payments").unwrap(),
-            (
-                "shop".into(),
-                "payments.shop.svc.cluster.local".into(),
-                15443
-            )
+            (p.namespace.as_str(), p.host.as_str(), p.port),
+            ("shop", "payments.shop.svc.cluster.local", 15443)
+        );
+        assert_eq!(p.cluster_name(), "peer:payments.shop");
+        assert_eq!(
+            m.peer("payments.shop").unwrap(),
+            p,
+            "one peer, two spellings"
         );
         assert_eq!(
-            m.peer("payments.billing").unwrap().1,
+            m.peer("payments.billing").unwrap().host,
             "payments.billing.svc.cluster.local"
         );
+        assert!(m.warnings(true).is_empty());
+        assert!(m.warnings(false)[0].contains("no peer can call it"));
         for bad in ["", "Payments", "a.b.c", "evil.com:80", "x/y", "-a"] {
             assert!(m.peer(bad).is_err(), "{bad}");
         }

@@ -420,6 +420,17 @@ fn validate(
         doc,
         problems,
     );
+    for name in clusters.keys() {
+        if name.starts_with(mesh::PEER_CLUSTER_PREFIX) {
+            problems.push(doc.problem(
+                &format!("clusters.{name}"),
+                format!(
+                    "cluster names starting with {:?} are the mesh's peers' (mesh:); rename this cluster",
+                    mesh::PEER_CLUSTER_PREFIX
+                ),
+            ));
+        }
+    }
     // A gRPC app is reached over HTTP/2 (h2c) by the inbound listeners.
     if app.protocol == AppProtocol::Grpc
         && let Some(c) = clusters.get_mut(proxy::APP_CLUSTER)
@@ -479,7 +490,9 @@ fn validate(
             proxy::default_max_connections(sockets),
         );
         for (i, other) in listeners.iter().enumerate() {
-            if [mesh::LISTENER, mesh::OUTBOUND_LISTENER].contains(&other.name.as_str()) {
+            if [mesh::LISTENER, mesh::OUTBOUND_LISTENER, mesh::PEERS_LABEL]
+                .contains(&other.name.as_str())
+            {
                 problems.push(doc.problem(
                     &format!("listeners[{i}].name"),
                     format!(

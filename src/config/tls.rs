@@ -21,6 +21,10 @@ pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A SPIFFE ID the certificate must carry (the mesh's own identity), checked each time
+    /// the files are read: at start, on reload and when a renewed certificate is adopted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// The lowest TLS version accepted.
@@ -199,6 +203,7 @@ pub fn server(
         default: CertFiles {
             cert: raw.cert.clone(),
             key: raw.key.clone(),
+            identity: None,
         },
         sni: raw
             .sni
@@ -208,6 +213,7 @@ pub fn server(
                 files: CertFiles {
                     cert: s.cert.clone(),
                     key: s.key.clone(),
+                    identity: None,
                 },
             })
             .collect(),
@@ -238,6 +244,7 @@ pub fn client(
         (Some(cert), Some(key)) => Some(CertFiles {
             cert: cert.clone(),
             key: key.clone(),
+            identity: None,
         }),
         (None, None) => None,
         _ => {

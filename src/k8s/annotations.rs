@@ -158,14 +158,7 @@ fn boolean(text: &str) -> Result<bool, String> {
 
 /// An app id becomes a DNS name (`bridge.name_resolution`) and the `service`: an RFC 1123 label.
 fn dns_label(text: &str) -> Result<(), String> {
-    let ok = !text.is_empty()
-        && text.len() <= 63
-        && text
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !text.starts_with('-')
-        && !text.ends_with('-');
-    if ok {
+    if crate::config::mesh::dns_label(text) {
         Ok(())
     } else {
         Err(format!(

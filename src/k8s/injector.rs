@@ -47,6 +47,7 @@ async fn serve(o: InjectorOptions) -> anyhow::Result<()> {
         default: CertFiles {
             cert: o.cert.clone(),
             key: o.key.clone(),
+            identity: None,
         },
         sni: vec![],
         client_ca: None,

@@ -96,7 +96,9 @@ impl HttpListener {
                 started,
             ));
         };
-        parts.version = if target.cluster.config.http2 {
+        // HTTP/2 has no `Upgrade`: an upgrade request (WebSocket) goes over HTTP/1.1 even to
+        // an `http2` cluster (the endpoint's upgrade pool).
+        parts.version = if target.cluster.config.http2 && !upgrade {
             Version::HTTP_2
         } else {
             Version::HTTP_11

@@ -193,7 +193,7 @@ impl Proxy {
     }
 
     /// Every cluster's endpoints and their state, by cluster name (the admin dashboard); the
-    /// mesh's peers resolved so far too.
+    /// mesh's peers resolved so far too (named `peer:ID.NAMESPACE`, never a declared name).
     pub fn cluster_status(&self) -> BTreeMap<String, Vec<cluster::EndpointStatus>> {
         let peers = self.peers.iter().flat_map(|p| p.clusters());
         self.clusters()

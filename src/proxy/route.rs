@@ -279,7 +279,8 @@ pub struct Router {
 }
 
 /// The mesh's peers as this listener's targets (route `peer:HOST`), made on a host's first
-/// request and kept, as many as the peers themselves are bounded to.
+/// request and kept (resolved again once the peer was evicted unused), as many as the peers
+/// themselves are bounded to.
 struct Peers {
     resolution: Arc<NameResolution>,
     targets: Mutex<HashMap<String, Arc<Target>>>,
@@ -374,8 +375,19 @@ impl Router {
     /// first request; None without `mesh:`.
     pub async fn peer(&self, host: &str) -> Option<Result<Arc<Target>, ResolveError>> {
         let peers = self.peers.as_ref()?;
-        if let Some(t) = peers.targets.lock().expect("not poisoned").get(host) {
-            return Some(Ok(t.clone()));
+        {
+            let mut targets = peers.targets.lock().expect("not poisoned");
+            match targets.get(host) {
+                Some(t) if !t.cluster.is_retired() => {
+                    t.cluster.touch();
+                    return Some(Ok(t.clone()));
+                }
+                // Evicted unused: resolved again below.
+                Some(_) => {
+                    targets.remove(host);
+                }
+                None => {}
+            }
         }
         let cluster = match peers.resolution.cluster(host).await {
             Ok(c) => c,
@@ -404,7 +416,10 @@ impl Router {
             authz: None,
         });
         // Two spellings of one app id (`payments`, `payments.shop`) share a cluster, each its
-        // own target: at most twice the peers' bound.
+        // own target: at most twice the peers' bound (evicted peers' targets make room).
+        if targets.len() >= 2 * peers.resolution.max() {
+            targets.retain(|_, t| !t.cluster.is_retired());
+        }
         if targets.len() < 2 * peers.resolution.max() {
             targets.insert(host.to_string(), target.clone());
         }
@@ -479,6 +494,8 @@ impl HttpListener {
                     tracing::debug!(listener = %self.name, host = %key, error = %e, "no route, and not a mesh peer");
                     let failure = match e {
                         ResolveError::Full(_) => Failure::Overload,
+                        // No endpoint can be reached without the TLS material (logged).
+                        ResolveError::Tls(_) => Failure::NoEndpoints,
                         ResolveError::Malformed(_) | ResolveError::Unresolved(_) => {
                             Failure::NoRoute
                         }

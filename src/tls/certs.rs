@@ -61,7 +61,8 @@ pub struct IssueOptions {
 /// Creates a self-signed CA (ECDSA P-256); refuses to replace an existing `ca.key`.
 /// Returns the files written.
 pub fn create_ca(o: &CaOptions) -> anyhow::Result<Vec<PathBuf>> {
-    check_trust_domain(&o.trust_domain).map_err(|e| anyhow!("invalid trust domain: {e}"))?;
+    crate::config::mesh::check_trust_domain(&o.trust_domain)
+        .map_err(|e| anyhow!("invalid trust domain: {e}"))?;
     let (crt, key) = (o.out.join("ca.crt"), o.out.join("ca.key"));
     if fs::symlink_metadata(&key).is_ok() {
         bail!(
@@ -163,22 +164,12 @@ pub fn check_spiffe_id(id: &str) -> anyhow::Result<()> {
         return Err(bad("longer than 2048 bytes"));
     }
     let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    check_trust_domain(trust_domain).map_err(|e| bad(&e))?;
+    crate::config::mesh::check_trust_domain(trust_domain).map_err(|e| bad(&e))?;
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
     let segment_ok = |s: &str| !matches!(s, "" | "." | "..") && s.chars().all(ok);
     if path.is_empty() || !path.split('/').all(segment_ok) {
         return Err(bad(
             "expected a path like /ns/NS/sa/SA of A-Z a-z 0-9 . - _",
-        ));
-    }
-    Ok(())
-}
-
-fn check_trust_domain(td: &str) -> Result<(), String> {
-    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
-    if td.is_empty() || !td.chars().all(ok) {
-        return Err(format!(
-            "expected a trust domain of a-z 0-9 . - _, found {td:?}"
         ));
     }
     Ok(())

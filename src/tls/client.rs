@@ -273,6 +273,7 @@ mod tests {
             client: Some(crate::config::tls::CertFiles {
                 cert: cert.clone(),
                 key: key.clone(),
+                identity: None,
             }),
             identity: None,
             min_version: crate::config::tls::TlsVersion::V1_2,

@@ -66,6 +66,13 @@ pub enum TlsError {
     },
     #[error("{} does not belong to the certificate in {}", key.display(), cert.display())]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    /// The certificate is not the one its owner must present (the mesh's own SPIFFE ID).
+    #[error("{} carries {found:?}, not this workload's SPIFFE ID {want}", path.display())]
+    WrongIdentity {
+        path: PathBuf,
+        found: Vec<String>,
+        want: String,
+    },
     #[error("{} / {}: {source}", cert.display(), key.display())]
     Key {
         cert: PathBuf,
@@ -136,6 +143,16 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn certified_key(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
+    if let Some(want) = &files.identity {
+        let found = identities_of(&certs[0]);
+        if !found.contains(want) {
+            return Err(TlsError::WrongIdentity {
+                path: files.cert.clone(),
+                found,
+                want: want.clone(),
+            });
+        }
+    }
     let info = CertInfo::of(&files.cert, &certs[0])?;
     let mismatch = || TlsError::KeyMismatch {
         cert: files.cert.clone(),

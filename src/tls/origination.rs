@@ -26,7 +26,7 @@ use crate::config::tls::ClientTlsConfig;
 pub struct Origination {
     /// The rustls client config, or why it could not be built (connections then fail: never
     /// fall back to plain text).
-    connector: ArcSwap<Result<tokio_rustls::TlsConnector, String>>,
+    connector: ArcSwap<Result<Connectors, String>>,
     cluster: String,
     /// `tls.server_name`, else the DNS host; else each endpoint's IP.
     server_name: Option<String>,
@@ -35,6 +35,15 @@ pub struct Origination {
     h2: bool,
     fingerprints: Mutex<Vec<u64>>,
     retired: AtomicBool,
+}
+
+/// The client configs made from one read of the files.
+struct Connectors {
+    /// As the cluster speaks: ALPN `h2` for an `http2` cluster, else `http/1.1`.
+    own: tokio_rustls::TlsConnector,
+    /// For an `http2` cluster, the same material offering only `http/1.1`: the connections of
+    /// upgrade requests (WebSocket), which HTTP/2 cannot carry.
+    http1: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Origination {
@@ -99,10 +108,15 @@ impl Origination {
         let fingerprints = loaded.fingerprints.clone();
         self.metrics
             .track(&format!("cluster/{}", self.cluster), &loaded.certs);
-        self.connector
-            .store(Arc::new(Ok(tokio_rustls::TlsConnector::from(
-                loaded.config,
-            ))));
+        let http1 = self.h2.then(|| {
+            let mut c = (*loaded.config).clone();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(c))
+        });
+        self.connector.store(Arc::new(Ok(Connectors {
+            own: tokio_rustls::TlsConnector::from(loaded.config),
+            http1,
+        })));
         *self.fingerprints.lock().expect("not poisoned") = fingerprints;
     }
 
@@ -128,18 +142,24 @@ impl Origination {
         })
     }
 
-    /// The TLS handshake on a connection to `endpoint`, with the material held now.
+    /// The TLS handshake on a connection to `endpoint`, with the material held now; `http1`
+    /// offers only `http/1.1` by ALPN even for an `http2` cluster (an upgrade's connection).
     pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         name: ServerName<'static>,
         stream: S,
         endpoint: &Address,
+        http1: bool,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
         let current = self.connector.load_full();
-        let connector = current
+        let connectors = current
             .as_ref()
             .as_ref()
             .map_err(|e| std::io::Error::other(e.clone()))?;
+        let connector = match &connectors.http1 {
+            Some(h1) if http1 => h1,
+            _ => &connectors.own,
+        };
         match connector.connect(name, stream).await {
             Ok(s) => {
                 self.metrics.handshake("client", &self.cluster, "ok");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::backend::Backend;
-use crate::support::{Sidecar, client, run_to_end};
+use crate::support::{GrpcStream, Sidecar, client, or_panic, run_to_end};
 
 const TD: &str = "spiffe://cluster.local";
 
@@ -158,17 +158,22 @@ fn two_services_talk_mutual_tls_by_app_id_and_outsiders_are_refused() {
             .header("x-forwarded-client-cert")
             .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a")))
     );
-    // One cluster for `b` (both spellings, proxy and bridge), reached over TLS.
+    // One cluster for `b` (both spellings, proxy and bridge), `peer:b.shop`, reached over TLS.
     assert!(
-        a.metric("outrigger_tls_handshakes_total{side=\"client\",name=\"b\",result=\"ok\"}") >= 1.0,
+        a.metric(
+            "outrigger_tls_handshakes_total{side=\"client\",name=\"peer:b.shop\",result=\"ok\"}"
+        ) >= 1.0,
         "{}",
         a.get("/metrics").1
     );
     let status = a.get_json("/status");
-    assert!(
-        status.to_string().contains(&b_mesh),
-        "the peer is on the dashboard: {status}"
-    );
+    let peer = status["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "peer:b.shop"))
+        .unwrap_or_else(|| panic!("the peer is on the dashboard: {status}"));
+    assert!(peer.to_string().contains(&b_mesh), "{peer}");
+    assert_eq!(peer["lb"], "round-robin", "its real settings: {peer}");
+    assert_eq!(peer["tls"], true, "{peer}");
     // A host that is not an app id, or one that names another namespace's peer that B is not:
     // no route.
     let r = client()
@@ -307,6 +312,16 @@ fn malformed_mesh_config_is_located() {
             "bad.yaml:6:21: mesh.outbound_address: 0.0.0.0:15443 is mesh.address's too",
         ],
     );
+    // `mesh-peers` labels the peers' TLS reloads: no listener may be called so.
+    crate::config::rejected(
+        "mesh:\n  namespace: shop\n  service_account: web\nlisteners:\n  - name: mesh-peers\n    address: 127.0.0.1:0\n    direction: outbound\n",
+        &["bad.yaml:5:11: listeners[0].name: the name \"mesh-peers\" is the mesh's"],
+    );
+    // The peers' cluster names are theirs alone.
+    crate::config::rejected(
+        "clusters:\n  \"peer:b.shop\": { endpoints: [\"127.0.0.1:1\"] }\n",
+        &["clusters.peer:b.shop: cluster names starting with \"peer:\" are the mesh's peers'"],
+    );
     crate::config::rejected(
         "mesh:\n  namespace: shop\n  service_account: web\n  unknown: 1\n",
         &["bad.yaml:4:3: mesh.unknown: unknown field `unknown`"],
@@ -345,16 +360,46 @@ fn a_certificate_that_is_not_the_workloads_is_refused() {
         )),
         "{stderr}"
     );
+    // The right identity, but no app.address: valid, with a warning (no inbound listener).
+    std::fs::write(
+        dir.path().join("o.yaml"),
+        format!(
+            "mesh:\n  namespace: shop\n  service_account: b\n  identity_dir: {}\n",
+            p(&id)
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", "o.yaml"], &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: mesh: app.address is not set, so there is no inbound `mesh` listener"
+        ),
+        "{stderr}"
+    );
+}
+
+/// Swaps `from`'s certificate and key into the identity directory `to`, as the kubelet does:
+/// new files renamed over the old ones.
+fn renew(from: &Path, to: &Path) {
+    for f in ["tls.key", "tls.crt"] {
+        let tmp = to.join(format!(".{f}.new"));
+        std::fs::copy(from.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, to.join(f)).unwrap();
+    }
 }
 
 /// A renewed identity (the Secret's files replaced) is used for new connections to peers
-/// without a restart: B's app sees A's new certificate.
+/// without a restart: B's app sees A's new certificate. A renewal carrying another
+/// workload's SPIFFE ID is refused on both sides (B's `mesh` listener, A's peers), the old
+/// certificate kept and the refusal counted.
 #[test]
 fn a_renewed_identity_is_used_without_a_restart() {
     let ids = Identities::new();
     let app_b = Backend::http();
+    let b_dir = ids.issue("b", &format!("{TD}/ns/shop/sa/b"));
     let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        &b_dir,
         "b",
         1,
         "",
@@ -368,37 +413,250 @@ fn a_renewed_identity_is_used_without_a_restart() {
         "  outbound_address: 127.0.0.1:0\n",
         "",
     );
-    let hash = || {
+    let field = |xfcc: &str, name: &str| {
+        xfcc.split(';')
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {xfcc}"))
+            .to_string()
+    };
+    let xfcc = || {
         let r = client()
             .get(format!("http://{}/", a.listeners["mesh-outbound"]))
             .header("host", "b")
             .send()
             .unwrap();
-        assert_eq!(r.status(), 200, "{}", a.diagnostics());
+        assert_eq!(r.status(), 200, "{}\n{}", a.diagnostics(), b.diagnostics());
         let seen = app_b.seen();
-        let xfcc = seen
-            .last()
+        seen.last()
             .unwrap()
             .header("x-forwarded-client-cert")
             .unwrap()
-            .to_string();
-        xfcc.split(';')
-            .find_map(|f| f.strip_prefix("Hash="))
-            .unwrap()
             .to_string()
     };
+    let hash = || field(&xfcc(), "Hash=");
     let before = hash();
-    // The same SPIFFE ID, a new certificate and key, swapped in as the kubelet does: new
-    // files renamed over the old ones.
-    let renewed = ids.issue("a-renewed", &format!("{TD}/ns/shop/sa/a"));
-    for f in ["tls.key", "tls.crt"] {
-        let tmp = a_dir.join(format!(".{f}.new"));
-        std::fs::copy(renewed.join(f), &tmp).unwrap();
-        std::fs::rename(&tmp, a_dir.join(f)).unwrap();
-    }
-    crate::support::eventually(
+    // The same SPIFFE ID, a new certificate and key.
+    renew(
+        &ids.issue("a-renewed", &format!("{TD}/ns/shop/sa/a")),
+        &a_dir,
+    );
+    let renewed = crate::support::eventually(
         std::time::Duration::from_secs(20),
         "A's new certificate at B",
-        || (hash() != before).then_some(()),
+        || {
+            let h = hash();
+            (h != before).then_some(h)
+        },
+    );
+
+    // Another workload's SPIFFE ID (the wrong Secret mounted), on both sides: refused, the
+    // old certificates kept, counted.
+    renew(&ids.issue("x", &format!("{TD}/ns/shop/sa/x")), &b_dir);
+    renew(&ids.issue("y", &format!("{TD}/ns/shop/sa/y")), &a_dir);
+    for (sc, listener) in [(&b, "mesh"), (&a, "mesh-peers")] {
+        crate::support::eventually(
+            std::time::Duration::from_secs(20),
+            &format!("the wrong renewal refused ({listener})"),
+            || {
+                (sc.metric(&format!(
+                    "outrigger_tls_reloads_total{{listener=\"{listener}\",result=\"failure\"}}"
+                )) >= 1.0)
+                    .then_some(())
+            },
+        );
+    }
+    let now = xfcc();
+    assert_eq!(field(&now, "Hash="), renewed, "A's certificate kept: {now}");
+    assert!(
+        now.starts_with(&format!("By={TD}/ns/shop/sa/b;")),
+        "B's kept: {now}"
+    );
+    assert!(
+        b.stderr().contains("not this workload's SPIFFE ID"),
+        "{}",
+        b.diagnostics()
+    );
+}
+
+/// gRPC between apps through the mesh: app A calls B's gRPC method by app id through A's
+/// sidecar (the outbound listener, and the bridge's gRPC proxying with `dapr-app-id`), the
+/// peers speak HTTP/2 over mutual TLS, B's sidecar hands the call to B's gRPC app, and the
+/// trailers (`grpc-status`) come back to A. Plain HTTP/1.1 requests ride the same peer.
+#[test]
+fn grpc_between_apps_crosses_the_mesh_with_its_trailers() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n  protocol: grpc\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n",
+        "bridge:\n  address: 127.0.0.1:0\n",
+    );
+    let diagnostics = || format!("{}\n{}", a.diagnostics(), b.diagnostics());
+    const MSG: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
+
+    // A stream, each message echoed before the next is sent; while it is open, a plain
+    // HTTP/1.1 request from the app rides the same peer connection: one TLS handshake for
+    // both, which only HTTP/2 between the sidecars allows.
+    let mut call = or_panic(
+        GrpcStream::open(&a.listeners["mesh-outbound"], "b", &[], MSG),
+        diagnostics,
+    );
+    assert_eq!(call.status, 200, "{}", diagnostics());
+    let r = client()
+        .get(format!("http://{}/plain", a.listeners["mesh-outbound"]))
+        .header("host", "b")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", diagnostics());
+    or_panic(call.exchange(b"second"), diagnostics);
+    assert_eq!(
+        or_panic(call.finish(), diagnostics).as_deref(),
+        Some("0"),
+        "{}",
+        diagnostics()
+    );
+    let seen = app_b.seen();
+    let grpc = seen
+        .iter()
+        .find(|s| s.path == "/echo.v1.Echo/Stream")
+        .unwrap_or_else(|| panic!("{seen:?}"));
+    assert_eq!(grpc.version, "HTTP/2.0");
+    assert!(
+        grpc.header("x-forwarded-client-cert")
+            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a"))),
+        "{grpc:?}"
+    );
+    assert!(seen.iter().any(|s| s.path == "/plain"), "{seen:?}");
+    assert_eq!(
+        a.metric(
+            "outrigger_tls_handshakes_total{side=\"client\",name=\"peer:b.shop\",result=\"ok\"}"
+        ),
+        1.0,
+        "one multiplexed connection to the peer: {}",
+        diagnostics()
+    );
+
+    // Daprd's gRPC proxying: the bridge's port, `dapr-app-id: b` (a unary call: the bridge
+    // reads the request before forwarding it).
+    let bridge = a.bridge.clone().expect("the bridge runs");
+    let (status, body, grpc_status) = or_panic(
+        GrpcStream::unary(&bridge, &bridge, &[("dapr-app-id", "b")], MSG),
+        diagnostics,
+    );
+    assert_eq!(status, 200, "{}", diagnostics());
+    assert_eq!(body, MSG);
+    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
+    assert_eq!(app_b.count(), 3);
+}
+
+/// A WebSocket (an HTTP/1.1 upgrade) from app A to B by app id: HTTP/2 has no `Upgrade`, so
+/// the peers carry this one over HTTP/1.1 (ALPN `http/1.1` on its own mutual-TLS connection),
+/// B's app gets the upgrade, and bytes flow both ways once it is switched.
+#[test]
+fn websocket_upgrades_cross_the_mesh_over_http1() {
+    use std::io::{Read, Write};
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "  outbound_address: 127.0.0.1:0\n",
+        "",
+    );
+    let diagnostics = || format!("{}\n{}", a.diagnostics(), b.diagnostics());
+    let mut s = std::net::TcpStream::connect(&a.listeners["mesh-outbound"]).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read_exact(&mut byte).is_err() {
+            panic!(
+                "the answer's head was cut: {:?}\n{}",
+                String::from_utf8_lossy(&head),
+                diagnostics()
+            );
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "{head}\n{}",
+        diagnostics()
+    );
+    for msg in [&b"ping"[..], b"pong and more"] {
+        s.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    }
+    let seen = app_b.seen();
+    assert_eq!(
+        seen[0].header("upgrade"),
+        Some("websocket"),
+        "{:?}",
+        seen[0]
+    );
+    assert_eq!(seen[0].version, "HTTP/1.1");
+    assert!(
+        seen[0]
+            .header("x-forwarded-client-cert")
+            .is_some_and(|x| x.contains(&format!("URI={TD}/ns/shop/sa/a"))),
+        "over the mesh's mutual TLS: {:?}",
+        seen[0]
+    );
+}
+
+/// A mesh member with neither `app.address` nor `mesh.outbound_address` runs no proxy, only
+/// the bridge: it still warns that no peer can call it, and still calls its peers.
+#[cfg(feature = "bridge")]
+#[test]
+fn a_bridge_only_member_warns_and_calls_its_peers() {
+    let ids = Identities::new();
+    let app_b = Backend::http();
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n", app_b.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        "",
+        "bridge:\n  address: 127.0.0.1:0\n",
+    );
+    assert!(a.listeners.is_empty(), "{:?}", a.listeners);
+    let r = client()
+        .post(a.bridge_url("/v1.0/invoke/b/method/hello"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}\n{}", a.diagnostics(), b.diagnostics());
+    assert!(
+        a.stderr()
+            .contains("mesh: app.address is not set, so there is no inbound `mesh` listener"),
+        "{}",
+        a.diagnostics()
     );
 }

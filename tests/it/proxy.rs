@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::backend::{Backend, ReceiverStream, dead_port, tcp_echo};
-use crate::support::{Sidecar, client, eventually};
+use crate::backend::{Backend, dead_port, tcp_echo};
+use crate::support::{GrpcStream, Sidecar, client, eventually, or_panic};
 
 fn inbound(app: &Backend, extra: &str) -> Sidecar {
     let sc = Sidecar::start(&format!(
@@ -168,74 +168,28 @@ listeners:
 
 #[test]
 fn grpc_shaped_h2_stream_flows_both_ways_with_trailers() {
-    use http_body_util::BodyExt;
     let app = Backend::http();
     let sc = Sidecar::start(&format!(
         "clusters:\n  grpc: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
         app.address()
     ));
     sc.wait_ready();
-    let addr = sc.listeners["egress"].clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tcp),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
-            let (tx, rx) = tokio::sync::mpsc::channel::<
-                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
-            >(4);
-            let body = http_body_util::StreamBody::new(ReceiverStream(rx));
-            let req = http::Request::post("http://grpc/echo.Echo/Stream")
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(body)
-                .unwrap();
-            tx.send(Ok(hyper::body::Frame::data("one".into())))
-                .await
-                .unwrap();
-            let res = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-                .await
-                .expect("headers before the request ended")
-                .unwrap();
-            assert_eq!(res.status(), 200);
-            let mut body = res.into_body();
-            // Each message comes back before the next is sent: nothing is buffered on the way.
-            for msg in ["one", "two", "three"] {
-                if msg != "one" {
-                    tx.send(Ok(hyper::body::Frame::data(msg.into())))
-                        .await
-                        .unwrap();
-                }
-                let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
-                    .await
-                    .expect("echo in time")
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(frame.into_data().unwrap(), msg);
-            }
-            drop(tx);
-            let trailers = loop {
-                let frame = body.frame().await.unwrap().unwrap();
-                if let Ok(t) = frame.into_trailers() {
-                    break t;
-                }
-            };
-            assert_eq!(trailers["grpc-status"], "0");
-        })
-    }));
-    if let Err(e) = outcome {
-        eprintln!("{}", sc.diagnostics());
-        std::panic::resume_unwind(e);
+    let diag = || sc.diagnostics();
+    // Each message comes back before the next is sent: nothing is buffered on the way.
+    let mut call = or_panic(
+        GrpcStream::open(&sc.listeners["egress"], "grpc", &[], b"one"),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    for msg in ["two", "three"] {
+        or_panic(call.exchange(msg.as_bytes()), diag);
     }
+    assert_eq!(
+        or_panic(call.finish(), diag).as_deref(),
+        Some("0"),
+        "{}",
+        diag()
+    );
     let seen = app.seen()[0].clone();
     assert_eq!(seen.version, "HTTP/2.0");
     assert_eq!(seen.header("te"), Some("trailers"));

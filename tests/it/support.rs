@@ -347,3 +347,177 @@ pub fn venv_python(dir: &str, what: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// `r`'s value, or a panic with its error and `diagnostics` (the sidecars' output).
+pub fn or_panic<T>(r: Result<T, String>, diagnostics: impl FnOnce() -> String) -> T {
+    r.unwrap_or_else(|e| panic!("{e}\n{}", diagnostics()))
+}
+
+type Frames =
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>;
+
+/// One gRPC-shaped stream over HTTP/2 cleartext (the test backend's `…/Stream` echoes each
+/// message as it comes, then ends with `grpc-status` trailers), message by message: each
+/// echo is read before the next message is sent, so nothing on the way may buffer the
+/// stream. Failures are `Err` with what went wrong, for the caller to add its sidecars'
+/// diagnostics; its own runtime runs the connection between calls.
+pub struct GrpcStream {
+    rt: tokio::runtime::Runtime,
+    tx: Option<Frames>,
+    body: hyper::body::Incoming,
+    pub status: u16,
+}
+
+const GRPC_WAIT: Duration = Duration::from_secs(20);
+
+impl GrpcStream {
+    /// `POST http://{authority}/echo.v1.Echo/Stream` to `address` with `headers`, `first`
+    /// sent and its echo read (when the answer is 200).
+    pub fn open(
+        address: &str,
+        authority: &str,
+        headers: &[(&str, &str)],
+        first: &[u8],
+    ) -> Result<GrpcStream, String> {
+        Self::start(address, authority, headers, first, false)
+    }
+
+    /// One message and the end of the request at once (a unary call): the status, the
+    /// echoed body and the trailers' `grpc-status`.
+    #[cfg(feature = "bridge")]
+    pub fn unary(
+        address: &str,
+        authority: &str,
+        headers: &[(&str, &str)],
+        msg: &[u8],
+    ) -> Result<(u16, Vec<u8>, Option<String>), String> {
+        let mut s = Self::start(address, authority, headers, msg, true)?;
+        let body = s.echo(msg.len())?;
+        Ok((s.status, body, s.finish()?))
+    }
+
+    fn start(
+        address: &str,
+        authority: &str,
+        headers: &[(&str, &str)],
+        first: &[u8],
+        end: bool,
+    ) -> Result<GrpcStream, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = bytes::Bytes::copy_from_slice(first);
+        let (status, body, tx) = rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(address)
+                .await
+                .map_err(|e| format!("connect to {address}: {e}"))?;
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            tokio::spawn(conn);
+            let mut req = http::Request::post(format!("http://{authority}/echo.v1.Echo/Stream"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let req = req
+                .body(http_body_util::StreamBody::new(
+                    crate::backend::ReceiverStream(rx),
+                ))
+                .map_err(|e| e.to_string())?;
+            tx.send(Ok(hyper::body::Frame::data(first.clone())))
+                .await
+                .map_err(|_| "the request body closed".to_string())?;
+            let tx = (!end).then_some(tx);
+            let res = tokio::time::timeout(GRPC_WAIT, send.send_request(req))
+                .await
+                .map_err(|_| format!("no response headers within {GRPC_WAIT:?}"))?
+                .map_err(|e| format!("the request failed: {e}"))?;
+            Ok::<_, String>((res.status().as_u16(), res.into_body(), tx))
+        })?;
+        let mut s = GrpcStream {
+            rt,
+            tx,
+            body,
+            status,
+        };
+        if status == 200 && !end {
+            let echoed = s.echo(first.len())?;
+            if echoed != first {
+                return Err(format!("echoed {echoed:?} for {first:?}"));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Sends `msg` and reads its echo.
+    pub fn exchange(&mut self, msg: &[u8]) -> Result<(), String> {
+        let tx = self.tx.clone().ok_or("the stream is finished")?;
+        let msg_copy = msg.to_vec();
+        let msg = bytes::Bytes::copy_from_slice(msg);
+        let n = msg.len();
+        self.rt.block_on(async {
+            tx.send(Ok(hyper::body::Frame::data(msg)))
+                .await
+                .map_err(|_| "the request body closed".to_string())
+        })?;
+        let echoed = self.echo(n)?;
+        if echoed != msg_copy {
+            return Err(format!("echoed {echoed:?} for {msg_copy:?}"));
+        }
+        Ok(())
+    }
+
+    /// The next `n` bytes of the response body (frames may be split or merged on the way).
+    fn echo(&mut self, n: usize) -> Result<Vec<u8>, String> {
+        use http_body_util::BodyExt;
+        let body = &mut self.body;
+        self.rt.block_on(async {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let frame = tokio::time::timeout(GRPC_WAIT, body.frame())
+                    .await
+                    .map_err(|_| format!("no echo within {GRPC_WAIT:?} (got {got:?})"))?
+                    .ok_or_else(|| format!("the response ended before the echo (got {got:?})"))?
+                    .map_err(|e| format!("the response body failed: {e}"))?;
+                match frame.into_data() {
+                    Ok(d) => got.extend_from_slice(&d),
+                    Err(_) => return Err(format!("trailers before the echo (got {got:?})")),
+                }
+            }
+            Ok(got)
+        })
+    }
+
+    /// Ends the request and reads the rest: the trailers' `grpc-status`.
+    pub fn finish(mut self) -> Result<Option<String>, String> {
+        use http_body_util::BodyExt;
+        self.tx = None;
+        let body = &mut self.body;
+        self.rt.block_on(async {
+            loop {
+                let frame = tokio::time::timeout(GRPC_WAIT, body.frame())
+                    .await
+                    .map_err(|_| format!("no trailers within {GRPC_WAIT:?}"))?;
+                match frame {
+                    None => return Ok(None),
+                    Some(Err(e)) => return Err(format!("the response body failed: {e}")),
+                    Some(Ok(f)) => {
+                        if let Ok(t) = f.into_trailers() {
+                            return Ok(t
+                                .get("grpc-status")
+                                .map(|v| v.to_str().unwrap_or("").to_string()));
+                        }
+                    }
+                }
+            }
+        })
+    }
+}

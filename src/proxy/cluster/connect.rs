@@ -33,6 +33,8 @@ pub struct Connector {
     address: Address,
     timeout: Duration,
     tls: Option<(Arc<Origination>, rustls_pki_types::ServerName<'static>)>,
+    /// TLS offers only `http/1.1` (an `http2` cluster's connections for upgrade requests).
+    http1: bool,
 }
 
 /// The connection pool of one endpoint.
@@ -63,14 +65,27 @@ impl Connector {
             address: address.clone(),
             timeout: config.connect_timeout.get(),
             tls: tls.map(|o| (o.clone(), o.server_name(address))),
+            http1: false,
         }
+    }
+
+    /// For an `http2` cluster's upgrade requests (WebSocket): HTTP/1.1, which TLS then
+    /// negotiates by ALPN too.
+    pub(super) fn http1(mut self) -> Connector {
+        self.http1 = true;
+        self
     }
 
     /// A new connection to the endpoint (TLS included), within the connect timeout.
     pub(super) fn connect(
         &self,
     ) -> impl Future<Output = std::io::Result<TokioIo<Stream>>> + Send + 'static {
-        let (address, timeout, tls) = (self.address.clone(), self.timeout, self.tls.clone());
+        let (address, timeout, tls, http1) = (
+            self.address.clone(),
+            self.timeout,
+            self.tls.clone(),
+            self.http1,
+        );
         async move {
             // The connect timeout covers the TLS handshake too.
             let connect = async {
@@ -78,7 +93,7 @@ impl Connector {
                 let Some((origination, name)) = tls else {
                     return Ok(stream);
                 };
-                let s = origination.connect(name, stream, &address).await?;
+                let s = origination.connect(name, stream, &address, http1).await?;
                 Ok(Stream::TlsClient(Box::new(s)))
             };
             match tokio::time::timeout(timeout, connect).await {

@@ -51,6 +51,10 @@ pub struct Endpoint {
     pub client: HttpClient,
     /// The proxy's HTTP/1.1 requests (None for `http2` clusters).
     pool: Option<Arc<pool::Pool>>,
+    /// An `http2` cluster's upgrade requests (WebSocket): HTTP/2 has no `Upgrade`, so they go
+    /// over HTTP/1.1 (ALPN `http/1.1` with TLS); the mesh's peers are such clusters. No
+    /// connection is made until one comes.
+    upgrades: Option<Arc<pool::Pool>>,
     /// The URI authority of requests to this endpoint: the pool key. Fixed, so clients cannot
     /// grow the pool by varying Host; the Host header carries the request's own authority.
     authority: http::uri::Authority,
@@ -67,12 +71,19 @@ pub struct Endpoint {
 impl Endpoint {
     fn new(address: Address, config: &ClusterConfig, tls: Option<&Arc<Origination>>) -> Endpoint {
         let client = connect::client(&address, config, tls);
-        let pool = (!config.http2).then(|| {
-            pool::Pool::new(
-                Connector::new(&address, config, tls),
-                config.pool_idle_timeout.get(),
-            )
-        });
+        let pool = pool::Pool::new(
+            if config.http2 {
+                Connector::new(&address, config, tls).http1()
+            } else {
+                Connector::new(&address, config, tls)
+            },
+            config.pool_idle_timeout.get(),
+        );
+        let (pool, upgrades) = if config.http2 {
+            (None, Some(pool))
+        } else {
+            (Some(pool), None)
+        };
         let authority = match &address {
             Address::Tcp(a) => http::uri::Authority::try_from(a.to_string())
                 .expect("a socket address is an authority"),
@@ -84,6 +95,7 @@ impl Endpoint {
             address,
             client,
             pool,
+            upgrades,
             authority,
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -93,13 +105,24 @@ impl Endpoint {
     }
 
     /// Sends a request to this endpoint: an HTTP/1.1 one on the endpoint's own pool (in
-    /// origin form), anything else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI
-    /// is the endpoint's ([`Endpoint::uri`]).
+    /// origin form; an `http2` cluster's upgrade requests on their HTTP/1.1 pool), anything
+    /// else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI is the endpoint's
+    /// ([`Endpoint::uri`]).
     pub async fn send(
         &self,
         mut req: http::Request<crate::proxy::body::ProxyBody>,
     ) -> Result<http::Response<crate::proxy::body::ProxyBody>, pool::SendError> {
-        match &self.pool {
+        let pool = match (&self.pool, &self.upgrades) {
+            (Some(pool), _) => Some(pool),
+            (None, Some(upgrades))
+                if req.version() == http::Version::HTTP_11
+                    && req.headers().contains_key(http::header::UPGRADE) =>
+            {
+                Some(upgrades)
+            }
+            _ => None,
+        };
+        match pool {
             Some(pool) if req.method() != http::Method::CONNECT => {
                 let origin = req
                     .uri()
@@ -182,6 +205,9 @@ pub struct Cluster {
     /// Replaced by a config reload: no more discovery or reporting.
     retired: AtomicBool,
     tls: Option<Arc<Origination>>,
+    /// Milliseconds after `epoch` of its last use, for clusters made on demand (the mesh's
+    /// peers, evicted once unused for a while): [`Cluster::touch`].
+    last_used: AtomicU64,
 }
 
 impl Cluster {
@@ -233,6 +259,7 @@ impl Cluster {
             config,
             metrics,
             retired: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
             tls,
         });
         if watch && cluster.tls.is_some() {
@@ -240,6 +267,32 @@ impl Cluster {
         }
         cluster.export_endpoint_count();
         cluster
+    }
+
+    /// Notes a use (a request routed to it), for [`Cluster::idle_for`].
+    pub fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since its last [`Cluster::touch`] (or since it was made).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_used.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Retired (replaced by a reload, or an evicted peer): no longer to be picked.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight on its endpoints.
+    pub fn requests_in_flight(&self) -> usize {
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| e.in_flight.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Marks the cluster replaced by a reload (its successor, if any, has the same name).

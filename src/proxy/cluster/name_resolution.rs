@@ -4,19 +4,25 @@
 //! - `bridge.name_resolution`: a `host:port` template, plain text (the bridge's invocations);
 //! - `mesh:`: the `mesh.peer_dns` template and `mesh.peer_port`, over mutual TLS with this
 //!   workload's certificate, the peer's SPIFFE ID required to be in the trust domain (and in
-//!   the namespace its app id names, with `mesh.require_peer_namespace`). The proxy's outbound
-//!   listeners (a request whose Host is an app id) and the bridge's invocations share it.
+//!   the namespace its app id names, with `mesh.require_peer_namespace`). Both ends are
+//!   Outrigger, so peers speak HTTP/2 (ALPN `h2`): gRPC's trailers cross, and HTTP/1.1
+//!   requests ride it too; an upgrade (WebSocket) gets an HTTP/1.1 connection of its own
+//!   (the endpoint's upgrade pool, ALPN `http/1.1`). A peer's cluster is named `peer:ID.NAMESPACE`, a name no declared
+//!   cluster may have. The proxy's outbound listeners (a request whose Host is an app id) and
+//!   the bridge's invocations share it.
 //!
 //! An app id is `id` (this workload's namespace) or `id.namespace`, each a DNS label, so it
 //! names a workload and never an arbitrary host. Each resolved id is an ordinary
 //! [`Cluster`] with default settings and DNS discovery (balancing, pools, outlier ejection,
-//! retry budget, TLS origination and its certificate rotation all apply), kept for the
-//! sidecar's life; at most `max` of them (each has its own metric series). The name is looked
+//! retry budget, TLS origination and its certificate rotation all apply), kept while used (a
+//! mesh peer unused for [`PEER_IDLE_TIMEOUT`] is evicted, and made again on its next call);
+//! at most `max` of them (each has its own metric series). The name is looked
 //! up (at most [`LOOKUP_TIMEOUT`]) before any cluster is made: a name that does not resolve
 //! makes no cluster, no metric series and no log line, and is answered from a short-lived,
 //! bounded cache of failures for [`FAILURE_TTL`]. The mesh's peers share one TLS client
 //! material per required peer namespace, built once from the identity files, watched by one
-//! file watch for all of them (SIGHUP and config reloads read them again too).
+//! file watch for all of them (SIGHUP and config reloads read them again too); a renewed
+//! certificate without this workload's SPIFFE ID is refused and the old material kept.
 //! In: an app id. Out: its cluster, or why there is none.
 
 use std::collections::HashMap;
@@ -36,6 +42,16 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FAILURE_TTL: Duration = Duration::from_secs(5);
 /// App ids the cache of failures holds at most (beyond, failures are not cached).
 pub const MAX_FAILURES: usize = 1024;
+
+/// A mesh peer unused this long is evicted (its cluster, discovery and pools dropped; made
+/// again on its next call): without it every app id ever called would be looked up in DNS
+/// every 5 s for the sidecar's life.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often idle peers are looked for.
+const EVICTION_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The `listener` label of `outrigger_tls_reloads_total` for the mesh peers' material.
+pub const PEERS_RELOAD_LABEL: &str = crate::config::mesh::PEERS_LABEL;
 
 /// App ids `bridge.name_resolution` keeps clusters for.
 pub const MAX_RESOLVED: usize = 256;
@@ -61,9 +77,12 @@ pub enum ResolveError {
     /// The name does not resolve (now).
     #[error("{0}")]
     Unresolved(String),
+    /// The mesh's TLS material cannot be built from the identity files (logged as an error).
+    #[error("{0}")]
+    Tls(String),
 }
 
-/// Clusters for app ids, made on first use and kept.
+/// Clusters for app ids, made on first use and kept while used (the mesh's peers).
 pub struct NameResolution {
     how: How,
     max: usize,
@@ -100,10 +119,53 @@ impl NameResolution {
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
         });
+        // Built now from the files preflight checked, for the peers of this workload's
+        // namespace (any peer without `require_peer_namespace`): a renewal that does not carry
+        // the workload's SPIFFE ID is then refused and the old material kept, even before the
+        // first call (built lazily, the first call would read the wrong files).
+        let own = if mesh.require_peer_namespace {
+            mesh.namespace.as_str()
+        } else {
+            ""
+        };
+        let _ = r.material_for(own);
         if tokio::runtime::Handle::try_current().is_ok() {
             crate::tls::spawn_watch(&r);
+            tokio::spawn(Self::evict_idle_peers(Arc::downgrade(&r)));
         }
         r
+    }
+
+    /// Every [`EVICTION_INTERVAL`], evicts the peers unused for [`PEER_IDLE_TIMEOUT`]; ends
+    /// with the resolution.
+    async fn evict_idle_peers(this: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(EVICTION_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(r) = this.upgrade() else { return };
+            r.evict_idle(PEER_IDLE_TIMEOUT);
+        }
+    }
+
+    /// Drops the clusters unused for `idle` with no request in flight: retired (discovery
+    /// stops, a router holding one resolves again), their certificate no longer reported.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let evicted: Vec<Arc<Cluster>> = {
+            let mut resolved = self.resolved.lock().expect("not poisoned");
+            let keys: Vec<String> = resolved
+                .iter()
+                .filter(|(_, c)| c.idle_for() >= idle && c.requests_in_flight() == 0)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| resolved.remove(k)).collect()
+        };
+        for c in &evicted {
+            c.retire();
+            self.metrics.tls.untrack(&format!("cluster/{}", c.name));
+            tracing::info!(cluster = %c.name, idle_seconds = c.idle_for().as_secs(), "unused peer evicted");
+        }
+        evicted.len()
     }
 
     /// How many app ids it keeps clusters for.
@@ -125,6 +187,7 @@ impl NameResolution {
     pub async fn cluster(&self, app_id: &str) -> Result<Arc<Cluster>, ResolveError> {
         let (key, config) = self.config(app_id)?;
         if let Some(c) = self.resolved.lock().expect("not poisoned").get(&key) {
+            c.touch();
             return Ok(c.clone());
         }
         let full = || {
@@ -212,19 +275,41 @@ impl NameResolution {
     /// The peers' TLS material for `key`, built from the identity files on first use (`None`:
     /// not the mesh).
     fn material(&self, key: &str) -> Result<Option<LoadedClient>, ResolveError> {
+        let How::Mesh(mesh, _) = &self.how else {
+            return Ok(None);
+        };
+        self.material_for(Self::material_key(mesh, key))
+    }
+
+    /// The peers' TLS material for the required namespace `ns` (`""`: any), built from the
+    /// identity files on first use (`None`: not the mesh).
+    fn material_for(&self, ns: &str) -> Result<Option<LoadedClient>, ResolveError> {
         let How::Mesh(mesh, material) = &self.how else {
             return Ok(None);
         };
-        let ns = Self::material_key(mesh, key);
         let mut material = material.lock().expect("not poisoned");
         if let Some(m) = material.get(ns) {
             return Ok(Some(m.clone()));
         }
-        let built = crate::tls::client_config(&mesh.peer_tls(ns), false).map_err(|e| {
-            ResolveError::Unresolved(format!("cannot set up mutual TLS to the mesh's peers: {e}"))
+        let built = crate::tls::client_config(&mesh.peer_tls(ns), true).map_err(|e| {
+            tracing::error!(error = %e, "cannot set up mutual TLS to the mesh's peers");
+            ResolveError::Tls(format!("cannot set up mutual TLS to the mesh's peers: {e}"))
         })?;
         material.insert(ns.to_string(), built.clone());
         Ok(Some(built))
+    }
+
+    /// `outrigger_tls_reloads_total{listener="mesh-peers"}`: the peers' client material
+    /// read again (a renewed certificate adopted, or refused and the old one kept).
+    fn count_reload(&self, result: &'static str) {
+        self.metrics
+            .tls
+            .reloads
+            .get_or_create(&crate::tls::ReloadLabels {
+                listener: PEERS_RELOAD_LABEL.to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// The map key and the cluster config of `app_id`.
@@ -234,12 +319,8 @@ impl NameResolution {
                 template,
                 namespace,
             } => {
-                let (id, ns) = app_id.split_once('.').unwrap_or((app_id, namespace));
-                if !crate::config::mesh::dns_label(id) || !crate::config::mesh::dns_label(ns) {
-                    return Err(ResolveError::Malformed(format!(
-                        "app id {app_id:?} cannot be resolved: expected a DNS label (lowercase letters, digits, '-'; at most 63), optionally .namespace"
-                    )));
-                }
+                let (id, ns) = crate::config::mesh::split_app_id(app_id, namespace)
+                    .map_err(ResolveError::Malformed)?;
                 let (host, port) = crate::config::bridge::resolve_name(template, id, ns)
                     .map_err(ResolveError::Malformed)?;
                 let config = ClusterConfig::with_defaults(
@@ -253,18 +334,20 @@ impl NameResolution {
                 Ok((format!("{id}.{ns}"), config))
             }
             How::Mesh(mesh, _) => {
-                let (namespace, host, port) = mesh.peer(app_id).map_err(ResolveError::Malformed)?;
-                let id = app_id.split('.').next().unwrap_or(app_id);
+                let peer = mesh.peer(app_id).map_err(ResolveError::Malformed)?;
                 let mut config = ClusterConfig::with_defaults(
-                    app_id,
+                    &peer.cluster_name(),
                     Discovery::Dns {
-                        host,
-                        port,
+                        host: peer.host,
+                        port: peer.port,
                         refresh: DEFAULT_REFRESH,
                     },
                 );
-                config.tls = Some(mesh.peer_tls(&namespace));
-                Ok((format!("{id}.{namespace}"), config))
+                config.tls = Some(mesh.peer_tls(&peer.namespace));
+                // Both ends are Outrigger: HTTP/2 (ALPN h2) carries gRPC's trailers, and plain
+                // HTTP/1.1 requests ride it as well; upgrades go over HTTP/1.1 (`Endpoint::send`).
+                config.http2 = true;
+                Ok((format!("{}.{}", peer.id, peer.namespace), config))
             }
         }
     }
@@ -293,13 +376,14 @@ impl crate::tls::Reloadable for NameResolution {
                 if m.fingerprints == now {
                     continue;
                 }
-                match crate::tls::client_config_from(&mesh.peer_tls(ns), false, now.clone()) {
+                match crate::tls::client_config_from(&mesh.peer_tls(ns), true, now.clone()) {
                     Ok(built) => {
                         *m = built.clone();
                         rebuilt.push((ns.clone(), built));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the mesh's TLS material not reloaded; keeping the old one");
+                        self.count_reload("failure");
                         return Err(e);
                     }
                 }
@@ -309,6 +393,7 @@ impl crate::tls::Reloadable for NameResolution {
         if rebuilt.is_empty() {
             return Ok(());
         }
+        self.count_reload("success");
         let peers: Vec<(String, Arc<Cluster>)> = self
             .resolved
             .lock()
@@ -452,6 +537,92 @@ mod tests {
         r.reload_files().unwrap();
         assert_ne!(fingerprints(&a), before);
         assert_eq!(fingerprints(&a), fingerprints(&b));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_with_another_spiffe_id_is_refused_and_the_old_kept() {
+        use crate::tls::Reloadable;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        assert_eq!(&*a.name, "peer:1.1", "a peer's cluster name is its own");
+        assert!(a.config.http2, "peers speak HTTP/2");
+        let before = fingerprints(&a);
+        // From the same CA, but another workload's identity: as if the wrong Secret were
+        // mounted on renewal.
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.path().join("ca"),
+            out: dir.path().join("other"),
+            name: "db".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
+            std::fs::copy(dir.path().join("other").join(from), dir.path().join(to)).unwrap();
+        }
+        let e = r.reload_files().unwrap_err().to_string();
+        assert!(
+            e.contains("not this workload's SPIFFE ID spiffe://cluster.local/ns/1/sa/web"),
+            "{e}"
+        );
+        assert_eq!(fingerprints(&a), before, "the old material kept");
+        let failures = r
+            .metrics
+            .tls
+            .reloads
+            .get_or_create(&crate::tls::ReloadLabels {
+                listener: PEERS_RELOAD_LABEL.into(),
+                result: "failure",
+            })
+            .get();
+        assert_eq!(failures, 1);
+    }
+
+    /// Before any peer was called: the material was built when the mesh was made, so a wrong
+    /// renewal is refused (counted) and the first call uses the workload's own certificate.
+    #[tokio::test]
+    async fn a_wrong_renewal_before_the_first_call_is_refused_too() {
+        use crate::tls::Reloadable;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let own = crate::tls::fingerprints(&r.files());
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.path().join("ca"),
+            out: dir.path().join("other"),
+            name: "db".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
+            std::fs::copy(dir.path().join("other").join(from), dir.path().join(to)).unwrap();
+        }
+        assert!(r.reload_files().is_err(), "refused before any call");
+        let a = r.cluster("1").await.expect("the old material serves");
+        assert_eq!(fingerprints(&a), own);
+    }
+
+    #[tokio::test]
+    async fn unused_peers_are_evicted_and_made_again_on_their_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        assert_eq!(r.evict_idle(PEER_IDLE_TIMEOUT), 0, "just used");
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert!(a.is_retired(), "its discovery stops, routers resolve again");
+        assert!(r.clusters().is_empty());
+        let again = r.cluster("1").await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &again) && !again.is_retired());
+        assert_eq!(again.name, a.name, "the same name: the same metric series");
     }
 
     #[tokio::test]
