@@ -420,6 +420,26 @@ impl crate::tls::Reloadable for NameResolution {
 mod tests {
     use super::*;
 
+    /// Puts another workload's certificate (same CA, SPIFFE ID `…/sa/db`) where the mesh reads
+    /// its own: as if the wrong Secret were mounted on renewal.
+    fn mount_another_workloads_identity(dir: &std::path::Path) {
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.join("ca"),
+            out: dir.join("other"),
+            name: "db".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
+            std::fs::copy(dir.join("other").join(from), dir.join(to)).unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn app_ids_resolve_once_and_within_the_bound() {
         let r = NameResolution {
@@ -548,23 +568,7 @@ mod tests {
         assert_eq!(&*a.name, "peer:1.1", "a peer's cluster name is its own");
         assert!(a.config.http2, "peers speak HTTP/2");
         let before = fingerprints(&a);
-        // From the same CA, but another workload's identity: as if the wrong Secret were
-        // mounted on renewal.
-        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
-            ca_dir: dir.path().join("ca"),
-            out: dir.path().join("other"),
-            name: "db".into(),
-            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
-            dns: vec![],
-            ips: vec![],
-            days: 20,
-            expired: false,
-            key: crate::tls::certs::KeyKind::Ecdsa,
-        })
-        .unwrap();
-        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
-            std::fs::copy(dir.path().join("other").join(from), dir.path().join(to)).unwrap();
-        }
+        mount_another_workloads_identity(dir.path());
         let e = r.reload_files().unwrap_err().to_string();
         assert!(
             e.contains("not this workload's SPIFFE ID spiffe://cluster.local/ns/1/sa/web"),
@@ -591,21 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = mesh_in(dir.path(), false);
         let own = crate::tls::fingerprints(&r.files());
-        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
-            ca_dir: dir.path().join("ca"),
-            out: dir.path().join("other"),
-            name: "db".into(),
-            spiffe: Some("spiffe://cluster.local/ns/1/sa/db".into()),
-            dns: vec![],
-            ips: vec![],
-            days: 20,
-            expired: false,
-            key: crate::tls::certs::KeyKind::Ecdsa,
-        })
-        .unwrap();
-        for (from, to) in [("db.crt", "tls.crt"), ("db.key", "tls.key")] {
-            std::fs::copy(dir.path().join("other").join(from), dir.path().join(to)).unwrap();
-        }
+        mount_another_workloads_identity(dir.path());
         assert!(r.reload_files().is_err(), "refused before any call");
         let a = r.cluster("1").await.expect("the old material serves");
         assert_eq!(fingerprints(&a), own);
