@@ -283,8 +283,15 @@ async fn serve_connection(
                     saw_h2.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 let down = down.clone();
+                // Boxed: the request's future (the whole forward state machine) is large,
+                // and hyper moves the service's future by value into its HTTP/2 stream, the
+                // executor into a task, tokio into the task's cell (each a memcpy of all of
+                // it), and tokio writes a stage of that size again when the task ends. perf
+                // on h2c put those copies at ~13 % of the process's time (docs/BENCHMARKS.md,
+                // "fifth step"); the box is one allocation of a known size instead.
+                let handled = Box::pin(state.handle(down.clone(), req));
                 async move {
-                    let mut response = state.handle(down.clone(), req).await?;
+                    let mut response = handled.await?;
                     // Draining: the client's next request goes on a new connection (to the
                     // process that took over, or nowhere after a stop) instead of racing the
                     // close of this one.
