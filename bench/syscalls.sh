@@ -108,6 +108,8 @@ for target in outrigger:$out_pid:$OUT haproxy:$hap_pid:$HAP nginx:$ngx_worker:$N
   kill -INT $perf_pid $perf_up; wait $perf_pid $perf_up 2>/dev/null || true
   echo "### $name ($proto, $n requests, 32 connections)"
   echo
+  echo "| per request | |"
+  echo "|---|---:|"
   awk -F, -v n="$n" '$3 ~ /^syscalls:sys_enter_/ && $1 + 0 > 0 {
       s = $3; sub("syscalls:sys_enter_", "", s); c[s] = $1; t += $1 }
     END { for (s in c) if (c[s] / n >= 0.05) printf "| %s | %.2f |\n", s, c[s] / n | "sort -t\"|\" -k3 -rn";
