@@ -6,6 +6,9 @@
 #   need TOOL...            exit 1 naming every missing tool
 #   build_release           sets $bin: $OUTRIGGER_BIN if set, else `cargo build --release` and
 #                           target/release/outrigger
+#   bin_label               names what $bin is, for a report's header: the checkout's commit
+#                           ("+changes" when the tree differs from it), or, with OUTRIGGER_BIN,
+#                           that path and its modification time (the binary's commit is unknown)
 #   $dir, $pids             a scratch folder, and the pids to kill; both cleaned up on exit
 #   nginx_upstream PORT [LOCATIONS] [HTTP]
 #                           writes $dir/up.$PORT.conf (nginx, one worker, no access log,
@@ -54,6 +57,14 @@ build_release() {
   else
     cargo build --release -q
     bin=$PWD/target/release/outrigger
+  fi
+}
+
+bin_label() {
+  if [ -n "${OUTRIGGER_BIN:-}" ]; then
+    echo "binary $OUTRIGGER_BIN (built $(date -u -r "$OUTRIGGER_BIN" '+%Y-%m-%d %H:%M UTC'))"
+  else
+    echo "checkout $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +changes)"
   fi
 }
 

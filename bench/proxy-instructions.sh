@@ -12,16 +12,19 @@
 # not under valgrind), each proxy one worker with keep-alive to it; nginx runs with
 # `master_process off` so that its one process is the worker.
 #
-# Allocations: `cargo build --features alloc-count` (a debug build: allocations do not depend on
-# the optimisation level) counts every heap allocation in `outrigger_heap_allocations_total`
-# (`src/counting_alloc.rs`). After a warm-up, the counter is read, N/2 requests sent on 4 new
+# Allocations: `cargo build --features alloc-count` (a debug build: allocations hardly depend on
+# the optimisation level; one exception, tokio boxes a spawned future larger than 2 KiB in debug
+# builds but 16 KiB in release, which touches the h2c count) counts every heap allocation in
+# `outrigger_heap_allocations_total` (`src/counting_alloc.rs`). After a warm-up, the counter is read, N/2 requests sent on 4 new
 # connections, read again, 3N/2 requests on 4 new connections, read again: the difference of
 # the two steps over N is one request's allocations in steady state (the connections' set-up
 # and the `/metrics` scrapes cancel out). Three kinds of request: a keep-alive GET (the HTTP/1
 # fast path), a POST with a 5-byte body (the fast path hands it to hyper's HTTP/1 server; the
 # upstream exchange is the raw one), and an h2c GET (h2load, hyper's HTTP/2 server).
 # `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building;
-# `ALLOCS_ONLY=1` skips the callgrind part.
+# `ALLOCS_ONLY=1` skips the callgrind part; `PROXIES="outrigger"` counts only those proxies;
+# `CG_METHOD=POST` makes the callgrind load POSTs with a 5-byte body (Outrigger: hyper's HTTP/1
+# server instead of the fast path).
 # Needs: nginx python3 curl h2load; valgrind and haproxy unless ALLOCS_ONLY=1; cargo unless
 # ALLOC_BIN is given.
 set -euo pipefail
@@ -100,14 +103,14 @@ count() { # PROXY REQUESTS → total instructions
   esac
   local vg=$!
   wait_up
-  load "$2"
+  load "$2" "${CG_METHOD:-GET}"
   kill -TERM $vg; wait $vg || true
   awk '/Collected :/ {print $4}' "$dir/err"
 }
 
 declare -A per
 if [ -z "${ALLOCS_ONLY:-}" ]; then
-  for p in outrigger haproxy nginx; do
+  for p in ${PROXIES:-outrigger haproxy nginx}; do
     a=$(count $p $((n / 2))); b=$(count $p $((3 * n / 2)))
     per[$p]=$(( (b - a) / n ))
     echo "$p: ${per[$p]} instructions per request" >&2
@@ -136,12 +139,13 @@ done
 
 if [ -z "${ALLOCS_ONLY:-}" ]; then
   echo
-  echo "### Instructions per proxied keep-alive HTTP/1.1 request (callgrind, $n requests, 4 connections)"
+  echo "### Instructions per proxied keep-alive HTTP/1.1 ${CG_METHOD:-GET} (callgrind, $n requests, 4 connections)"
   echo
   echo "| proxy | instructions per request | vs nginx |"
   echo "|---|---:|---:|"
-  for p in outrigger haproxy nginx; do
-    echo "| $p | ${per[$p]} | $(awk -v a="${per[$p]}" -v b="${per[nginx]}" 'BEGIN { printf "%.2f", a / b }')× |"
+  for p in ${PROXIES:-outrigger haproxy nginx}; do
+    vs=–; [ -n "${per[nginx]:-}" ] && vs=$(awk -v a="${per[$p]}" -v b="${per[nginx]}" 'BEGIN { printf "%.2f×", a / b }')
+    echo "| $p | ${per[$p]} | $vs |"
   done
 fi
 echo

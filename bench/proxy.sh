@@ -150,7 +150,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 
 echo
-echo "## Proxy benchmark — $(date -u +%Y-%m-%d), ${secs}s per run, $(nproc) cores, $(git rev-parse --short HEAD 2>/dev/null)"
+echo "## Proxy benchmark — $(date -u +%Y-%m-%d), ${secs}s per run, $(nproc) cores, $(bin_label)"
 echo
 for proto in h1 h2; do
   label=$([ $proto = h1 ] && echo "HTTP/1.1 (wrk, 32 connections)" || echo "HTTP/2 h2c (h2load, 32 connections)")

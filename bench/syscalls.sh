@@ -10,10 +10,18 @@
 # `perf stat` counts every `syscalls:sys_enter_*` tracepoint of the proxy's process (all its
 # threads), plus the voluntary and involuntary context switches of each of its threads read
 # from /proc/PID/task/*/status before and after. Prints per request: every system call type
-# seen at least 0.05 times per request, the total, the context switches, and which threads ran.
+# seen (even once in the run), the total, the context switches, and which threads ran. Entry
+# tracepoints see calls, not results: a read that returns EAGAIN counts as a read (EAGAIN reads
+# show only as more reads than the requests need). System time is estimated by the kernel from
+# 1/CLK_TCK ticks (utime/stime), the total CPU time (schedstat) is exact. TCP segments are the
+# whole machine's (/proc/net/snmp): every hop of the load, and whatever else runs meanwhile.
 # Counts do not depend on the machine's speed the way req/s does, but batching does (a slower
 # proxy finds more ready sockets per epoll_wait): read them next to each other, same run.
 # `OUTRIGGER_BIN=path` measures that binary instead of building. Needs perf with tracepoints.
+# `PROXIES="outrigger"` measures only those of outrigger, haproxy and nginx. `PROFILE=1` adds,
+# per proxy, a fourth run under `perf record -e cpu-clock -F 4999` (no call graphs: the release
+# build has no frame pointers and no debug info) and prints its CPU per request under perf and
+# the symbols with ≥ 1 % of the samples (`perf report --no-children --sort dso,symbol`).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 n=${1:-20000}
@@ -91,6 +99,7 @@ load() {
 
 for target in outrigger:$out_pid:$OUT haproxy:$hap_pid:$HAP nginx:$ngx_worker:$NGX; do
   IFS=: read -r name pid port <<< "$target"
+  [[ " ${PROXIES:-outrigger haproxy nginx} " == *" $name "* ]] || continue
   load "$port"   # warm up: the upstream pools, the first-touch pages
   # CPU time and context switches without perf (its tracepoints cost system time)
   switches "$pid" > "$dir/before"
@@ -106,13 +115,13 @@ for target in outrigger:$out_pid:$OUT haproxy:$hap_pid:$HAP nginx:$ngx_worker:$N
   sleep 0.3
   load "$port"
   kill -INT $perf_pid $perf_up; wait $perf_pid $perf_up 2>/dev/null || true
-  echo "### $name ($proto, $n requests, 32 connections)"
+  echo "### $name ($proto, $n requests, 32 connections; Outrigger: $(bin_label))"
   echo
   echo "| per request | |"
   echo "|---|---:|"
   awk -F, -v n="$n" '$3 ~ /^syscalls:sys_enter_/ && $1 + 0 > 0 {
       s = $3; sub("syscalls:sys_enter_", "", s); c[s] = $1; t += $1 }
-    END { for (s in c) if (c[s] / n >= 0.05) printf "| %s | %.2f |\n", s, c[s] / n | "sort -t\"|\" -k3 -rn";
+    END { for (s in c) printf "| %s | %.3f |\n", s, c[s] / n | "sort -t\"|\" -k3 -rn";
           close("sort -t\"|\" -k3 -rn"); printf "| **all system calls** | **%.2f** |\n", t / n }' "$dir/perf.$name"
   join "$dir/before" "$dir/after" | awk -v n="$n" '
     { v = $6 - $3; i = $7 - $4; tv += v; ti += i
@@ -122,8 +131,19 @@ for target in outrigger:$out_pid:$OUT haproxy:$hap_pid:$HAP nginx:$ngx_worker:$N
   echo "$u0 $u1" | awk -v n="$n" '{printf "| the upstream nginx'"'"'s CPU per request meanwhile | %.2f µs |\n", ($4 - $1) / n / 1000}'
   awk -F, -v n="$n" '$3 ~ /^syscalls:sys_enter_/ && $1 + 0 > 0 { s = $3; sub("syscalls:sys_enter_", "", s); l = l sprintf(" %s %.2f", s, $1 / n); t += $1 }
     END { printf "| the upstream nginx'"'"'s system calls per request | %.2f:%s |\n", t / n, l }' "$dir/perf.up"
-  echo "$s0 $s1" | awk -v n="$n" '{printf "| TCP segments per request, all hops (/proc/net/snmp OutSegs) | %.2f |\n", ($2 - $1) / n}'
+  echo "$s0 $s1" | awk -v n="$n" '{printf "| TCP segments per request, all hops (/proc/net/snmp OutSegs, machine-wide) | %.2f |\n", ($2 - $1) / n}'
   echo "| req/s (h2load, no perf) | $rate |"
   echo
+  if [ -n "${PROFILE:-}" ]; then
+    perf record -q -e cpu-clock -F 4999 -p "$pid" -o "$dir/prof.data" 2>/dev/null &
+    prof_pid=$!
+    sleep 0.3
+    p0=$(cpu "$pid"); load "$port"; p1=$(cpu "$pid")
+    kill -INT $prof_pid; wait $prof_pid 2>/dev/null || true
+    echo "$p0 $p1" | awk -v n="$n" '{printf "%s: CPU per request under perf record: %.2f µs; symbols, share of all samples:\n\n", "'"$name"'", ($4 - $1) / n / 1000}'
+    perf report -i "$dir/prof.data" --no-children --sort dso,symbol --stdio --percent-limit 1 2>/dev/null |
+      awk '/^ +[0-9.]+%/ {sub(/[ -]+$/, ""); print "    " $0}'
+    echo
+  fi
 done
 echo "Load average: $(cut -d' ' -f1-3 /proc/loadavg)"
