@@ -307,7 +307,7 @@ pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Pro
             .map(Secret::new);
     }
     let mut semantic = Vec::new();
-    let config = validate(raw, source, &doc, &mut semantic);
+    let config = validate(raw, source, env, &doc, &mut semantic);
     // Located where the user wrote them (list entries removed as wrong shift the indices); a
     // check of a node that was removed sees the default in its place (an invalid `direction`
     // read as inbound): its problem was reported, the consequences are not.
@@ -319,6 +319,7 @@ pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Pro
 fn validate(
     raw: RawConfig,
     source: &Source,
+    env: &dyn Environment,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Config {
@@ -541,7 +542,7 @@ fn validate(
         .and_then(|b| bridge::validate(b, &service, doc, problems));
     let logs = raw.logs.and_then(|l| {
         let access_log = telemetry.access_log.is_some();
-        logs::validate(l, app.command.is_some(), access_log, doc, problems)
+        logs::validate(l, app.command.is_some(), access_log, env, doc, problems)
     });
     let mut app = app;
     if stop_timeout_set {

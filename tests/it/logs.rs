@@ -44,6 +44,8 @@ struct Limits {
     /// `_bulk`: requests left whose documents are stored but whose answer is a 503 (as if the
     /// answer were lost on the way back).
     lose_answers: AtomicUsize,
+    /// The `authorization` and `x-…` request header lines received, as sent.
+    headers: Mutex<Vec<String>>,
 }
 
 impl Receiver {
@@ -146,6 +148,13 @@ fn serve<S: Read + Write>(
                 first = false;
             }
             let l = line.to_ascii_lowercase();
+            if l.starts_with("authorization:") || l.starts_with("x-") {
+                limits
+                    .headers
+                    .lock()
+                    .unwrap()
+                    .push(line.trim_end().to_string());
+            }
             if l.starts_with("content-encoding:") {
                 assert_eq!(l.trim(), "content-encoding: gzip");
                 gzip = true;
