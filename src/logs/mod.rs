@@ -501,6 +501,14 @@ impl Logs {
                         reason: "buffer_full",
                     })
                     .clone(),
+                failed: self
+                    .metrics
+                    .dropped
+                    .get_or_create(&LogDropLabels {
+                        source: app.to_string(),
+                        reason: "buffer_error",
+                    })
+                    .clone(),
                 echo_dropped: self.metrics.echo_dropped.clone(),
                 queued: self.metrics.app_buffer.clone(),
             };

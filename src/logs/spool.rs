@@ -11,7 +11,11 @@
 //! with and the sink acknowledged to its end is deleted ([`Spool::collect`]).
 //!
 //! Past `max_bytes` of spool files the app's new lines are dropped and counted
-//! (`reason="buffer_full"`). The echo to Outrigger's own stdout/stderr happens after a line is
+//! (`reason="buffer_full"`); lines a write failed for (a full disk, an I/O error) are dropped and
+//! counted apart (`reason="buffer_error"`). A write that fails partway is cut back; when even
+//! that fails, the file is closed with its torn tail noted ([`Spool::torn`]): the reader never
+//! takes an unterminated line of a file still listed, and once its whole lines are shipped the
+//! file is cut back to them and deleted, so the torn piece is neither shipped nor kept. The echo to Outrigger's own stdout/stderr happens after a line is
 //! put in the capture queue ([`crate::lifecycle::capture`]) and never waits for the disk; the
 //! writer does.
 //! Writes are not fsynced: the lines survive Outrigger being killed (they are in the kernel's
@@ -50,6 +54,9 @@ pub struct Spool {
     current: AtomicU64,
     /// The writer saw the app's stdout/stderr close and wrote its last line.
     done: AtomicBool,
+    /// Files closed with a torn tail (a failed write that could not be cut back): sequence
+    /// number → the length of their whole lines.
+    torn: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
     gauge: Gauge,
 }
 
@@ -57,6 +64,8 @@ pub struct Spool {
 pub struct WriterMetrics {
     /// The app's lines dropped because the buffer was full.
     pub dropped: Counter,
+    /// The app's lines dropped because writing them failed.
+    pub failed: Counter,
     /// The app's lines not echoed (read from the capture queue's counter).
     pub echo_dropped: Counter,
     /// Bytes in the in-memory capture queue.
@@ -76,6 +85,14 @@ impl Spool {
             .iter()
             .map(|(_, path)| std::fs::metadata(path).map_or(0, |m| m.len()))
             .sum();
+        // An unterminated tail before the last file is a torn write a previous run could not
+        // cut back (the last file's is a line a kill cut short, ended above).
+        let mut torn = std::collections::BTreeMap::new();
+        for (seq, path) in files.iter().rev().skip(1) {
+            if let Some(whole) = whole_lines(path)? {
+                torn.insert(*seq, whole);
+            }
+        }
         let current = files.last().map_or(0, |(seq, _)| seq + 1);
         let spool = Arc::new(Spool {
             dir: config.dir.clone(),
@@ -83,6 +100,7 @@ impl Spool {
             bytes: AtomicU64::new(0),
             current: AtomicU64::new(current),
             done: AtomicBool::new(false),
+            torn: std::sync::Mutex::new(torn),
             gauge,
         });
         spool.add(bytes as i64);
@@ -182,10 +200,9 @@ impl Spool {
                 metrics.dropped.inc_by(dropped);
             }
             if !chunk.is_empty() {
-                if let Err(e) = self.append(&mut file, &chunk) {
-                    let lines = memchr::memchr_iter(b'\n', &chunk).count() as u64;
-                    warn!(error = %e, dir = %self.dir.display(), lines, "cannot write the app's lines to the disk buffer; dropping them");
-                    metrics.dropped.inc_by(lines);
+                if let Err((e, lost)) = self.append(&mut file, &chunk) {
+                    warn!(error = %e, dir = %self.dir.display(), lines = lost, "cannot write the app's lines to the disk buffer; dropping them");
+                    metrics.failed.inc_by(lost);
                 }
                 chunk.clear();
             }
@@ -207,29 +224,51 @@ impl Spool {
         }
     }
 
-    /// Appends `chunk` to the current spool file, beginning the next one when it is full. A
-    /// write that fails partway (a full disk) is taken back, so no piece of a line without its
-    /// end is left for the next write to continue; if even that fails the next file begins.
-    fn append(&self, file: &mut Option<(File, u64)>, chunk: &[u8]) -> std::io::Result<()> {
+    /// Appends `chunk` (whole lines) to the current spool file, beginning the next one when it
+    /// is full. A write that fails partway (a full disk) is taken back, so no piece of a line
+    /// without its end is left for the next write to continue. If even that fails, the file is
+    /// closed and noted as torn at the end of its whole lines: the lines written whole are
+    /// shipped, the torn piece is not ([`Spool::collect`]). On failure, the error and the
+    /// number of lines of `chunk` not on disk.
+    fn append(
+        &self,
+        file: &mut Option<(File, u64)>,
+        chunk: &[u8],
+    ) -> Result<(), (std::io::Error, u64)> {
+        let lines = |b: &[u8]| memchr::memchr_iter(b'\n', b).count() as u64;
         if file.as_ref().is_some_and(|(_, n)| *n >= self.segment()) {
             self.next_file(file);
         }
         if file.is_none() {
             let path = self.path(self.current.load(Ordering::Acquire));
-            let f = std::fs::OpenOptions::new()
+            let opened = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)?;
-            let len = f.metadata()?.len();
+                .open(&path)
+                .and_then(|f| Ok((f.metadata()?.len(), f)));
+            let (len, f) = opened.map_err(|e| (e, lines(chunk)))?;
             *file = Some((f, len));
         }
         let (f, n) = file.as_mut().expect("opened above");
-        if let Err(e) = f.write_all(chunk) {
-            if f.set_len(*n).is_err() {
-                *file = None;
-                self.current.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = write_all(f, chunk) {
+            if cut_back(f, *n).is_ok() {
+                return Err((e, lines(chunk)));
             }
-            return Err(e);
+            // What is on disk now: the lines written whole stay (and are shipped), the piece
+            // after them is torn.
+            let on_disk = f.metadata().map_or(*n, |m| m.len()).max(*n);
+            let written = &chunk[..((on_disk - *n) as usize).min(chunk.len())];
+            let whole = memchr::memrchr(b'\n', written).map_or(0, |i| i + 1);
+            let seq = self.current.load(Ordering::Acquire);
+            warn!(path = %self.path(seq).display(), "cannot cut a failed write back; the file is closed, its torn last line will not be shipped");
+            self.torn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(seq, *n + whole as u64);
+            self.add((on_disk - *n) as i64);
+            *file = None;
+            self.current.fetch_add(1, Ordering::AcqRel);
+            return Err((e, lines(chunk) - lines(written)));
         }
         *n += chunk.len() as u64;
         self.add(chunk.len() as i64);
@@ -255,8 +294,34 @@ impl Spool {
             let Ok(m) = std::fs::metadata(&p.path) else {
                 continue;
             };
-            if m.ino() != p.id.ino || m.dev() != p.id.dev || p.offset < m.len() {
+            if m.ino() != p.id.ino || m.dev() != p.id.dev {
                 continue;
+            }
+            // A torn file ends at its whole lines: cut back to them first, so the reader (its
+            // descriptor still open) finds nothing after them once the file is deleted.
+            let torn = self
+                .torn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&seq)
+                .copied();
+            let end = torn.unwrap_or(m.len());
+            if p.offset < end {
+                continue;
+            }
+            if torn.is_some() {
+                let cut = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p.path)
+                    .and_then(|f| cut_back(&f, end));
+                if let Err(e) = cut {
+                    warn!(error = %e, path = %p.path.display(), "cannot cut a torn spool file back; trying again later");
+                    continue;
+                }
+                self.torn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&seq);
             }
             match std::fs::remove_file(&p.path) {
                 Ok(()) => self.add(-(m.len() as i64)),
@@ -266,6 +331,26 @@ impl Spool {
             }
         }
     }
+}
+
+/// `f.write_all(chunk)`; in tests, a write can be made to fail after some bytes (a full disk
+/// is not something a test can arrange portably, nor a `set_len` that fails).
+fn write_all(mut f: &File, chunk: &[u8]) -> std::io::Result<()> {
+    #[cfg(test)]
+    if let Some(k) = tests::WRITE_FAILS_AFTER.with(std::cell::Cell::get) {
+        f.write_all(&chunk[..k.min(chunk.len())])?;
+        return Err(std::io::Error::other("no space left (test)"));
+    }
+    f.write_all(chunk)
+}
+
+/// Cuts `f` back to `len` bytes: what a failed write left after them is taken back.
+fn cut_back(f: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(test)]
+    if tests::CUT_BACK_FAILS.with(std::cell::Cell::get) {
+        return Err(std::io::Error::other("cut back fails (test)"));
+    }
+    f.set_len(len)
 }
 
 /// The longest CRI prefix and line end the writer adds to a piece of the app's line: the time
@@ -316,6 +401,23 @@ fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// The length of a spool file's whole lines when it ends with a torn piece (no `\n`), None
+/// when it ends with a whole line. A torn piece is shorter than a write (1 MiB).
+fn whole_lines(path: &Path) -> std::io::Result<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let from = len.saturating_sub(2 << 20);
+    let mut tail = vec![0; (len - from) as usize];
+    f.read_exact_at(&mut tail, from)?;
+    if tail.last().is_none_or(|&b| b == b'\n') {
+        return Ok(None);
+    }
+    Ok(Some(
+        from + memchr::memrchr(b'\n', &tail).map_or(0, |i| i as u64 + 1),
+    ))
+}
+
 /// Ends a spool file whose last line a kill cut short, so it reads as a line (and the file can
 /// be acknowledged to its end and deleted).
 fn end_last_line(path: &Path) -> std::io::Result<()> {
@@ -339,6 +441,97 @@ fn end_last_line(path: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::lifecycle::capture::Stream;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// A spool write on this thread writes this many bytes, then fails.
+        pub(super) static WRITE_FAILS_AFTER: Cell<Option<usize>> = const { Cell::new(None) };
+        /// Cutting a failed write back fails on this thread.
+        pub(super) static CUT_BACK_FAILS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn position(path: &Path, offset: u64) -> Position {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).unwrap();
+        Position {
+            path: path.to_path_buf(),
+            id: super::super::checkpoint::FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+            },
+            offset,
+            head_len: 0,
+            head_hash: 0,
+        }
+    }
+
+    /// A write that fails partway is cut back; when cutting back fails too, the file is closed
+    /// and its whole lines are kept (counted as written), the torn piece noted: once the whole
+    /// lines are acknowledged the file is cut back and deleted — in this run, and in the next
+    /// one (the note is found again from the file).
+    #[test]
+    fn a_torn_write_that_cannot_be_cut_back_is_closed_and_deleted_once_its_whole_lines_are_shipped()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spool(dir.path(), 1 << 20);
+        let mut file = None;
+        let line = |i: usize| format!("1970-01-01T00:00:00.000000Z stdout F line {i}\n");
+        let first = line(0);
+        s.append(&mut file, first.as_bytes()).unwrap();
+        let chunk: String = (1..4).map(line).collect();
+        let partway = first.len() + first.len() / 2; // line 1 whole, half of line 2
+
+        // Cut back: nothing of the chunk stays, every line of it is lost.
+        WRITE_FAILS_AFTER.set(Some(partway));
+        let (_, lost) = s.append(&mut file, chunk.as_bytes()).unwrap_err();
+        assert_eq!(lost, 3);
+        let path0 = s.path(0);
+        assert_eq!(std::fs::read_to_string(&path0).unwrap(), first);
+        assert_eq!(s.current(), 0);
+
+        // Not cut back: line 1 stays whole, the file is closed, torn after it.
+        CUT_BACK_FAILS.set(true);
+        let (_, lost) = s.append(&mut file, chunk.as_bytes()).unwrap_err();
+        WRITE_FAILS_AFTER.set(None);
+        CUT_BACK_FAILS.set(false);
+        assert_eq!(lost, 2);
+        assert!(file.is_none());
+        assert_eq!(s.current(), 1);
+        let whole = (first.len() * 2) as u64;
+        let on_disk = std::fs::metadata(&path0).unwrap().len();
+        assert_eq!(on_disk, first.len() as u64 + partway as u64);
+        assert_eq!(s.bytes.load(Ordering::Acquire), on_disk);
+        s.append(&mut file, line(9).as_bytes()).unwrap();
+
+        // Acknowledged short of its whole lines: kept; to their end: cut back and deleted.
+        s.collect([&position(&path0, first.len() as u64)]);
+        assert!(path0.exists());
+        let reader = File::open(&path0).unwrap();
+        s.collect([&position(&path0, whole)]);
+        assert!(!path0.exists());
+        assert_eq!(
+            reader.metadata().unwrap().len(),
+            whole,
+            "the reader sees no torn piece"
+        );
+        assert_eq!(s.bytes.load(Ordering::Acquire), line(9).len() as u64);
+
+        // The next run finds a torn file (before the last) again from its content.
+        let path1 = s.path(1);
+        drop(s);
+        let torn = format!("{}1970-01-01T00:00", line(10));
+        std::fs::write(&path1, &torn).unwrap();
+        std::fs::write(s_path(dir.path(), 2), line(11)).unwrap();
+        let s = spool(dir.path(), 1 << 20);
+        let whole = line(10).len() as u64;
+        assert_eq!(s.torn.lock().unwrap().get(&1), Some(&whole));
+        s.collect([&position(&path1, whole)]);
+        assert!(!path1.exists());
+    }
+
+    fn s_path(dir: &Path, seq: u64) -> PathBuf {
+        dir.join(format!("{PREFIX}{seq:012}{SUFFIX}"))
+    }
 
     fn spool(dir: &Path, max_bytes: usize) -> Arc<Spool> {
         Spool::open(
