@@ -423,16 +423,9 @@ impl Files {
                         line = &line[..line.len() - 1];
                     }
                     let (start, stop) = (t.read + used as u64, t.read + end as u64 + 1);
-                    let k = Keyer {
-                        id,
-                        file: &t.file,
-                        head_len: t.head_len,
-                        head_hash: t.head_hash,
-                    };
                     let (g, took) = offer(
-                        t.assembler.as_mut(),
-                        &t.path,
-                        &k,
+                        t,
+                        id,
                         index,
                         (line, start, stop, false),
                         &mut emit,
@@ -464,16 +457,9 @@ impl Files {
                     if cut || last {
                         let piece = &chunk[used..n];
                         let (start, stop) = (t.read + used as u64, t.read + n as u64);
-                        let k = Keyer {
-                            id,
-                            file: &t.file,
-                            head_len: t.head_len,
-                            head_hash: t.head_hash,
-                        };
                         let (g, took) = offer(
-                            t.assembler.as_mut(),
-                            &t.path,
-                            &k,
+                            t,
+                            id,
                             index,
                             (piece, start, stop, cut),
                             &mut emit,
@@ -679,22 +665,27 @@ enum Given {
     Limited,
 }
 
-/// Offers one line read from `start..stop` of a file (`cut`: its rest follows, it had no end
-/// within [`MAX_LINE`]): to the batch as it is, or into the records `a` joins and then their
-/// complete ones to the batch. Also returns whether the line was taken — into the joining it
-/// always is, whether or not a record it completed fits the batch now.
-#[allow(clippy::too_many_arguments)]
+/// Offers one line read from `start..stop` of file `id` (`cut`: its rest follows, it had no
+/// end within [`MAX_LINE`]): to the batch as it is, or into the records the file's assembler
+/// joins and then their complete ones to the batch. Also returns whether the line was taken —
+/// into the joining it always is, whether or not a record it completed fits the batch now.
 fn offer(
-    a: Option<&mut Assembler>,
-    path: &Path,
-    k: &Keyer<'_>,
+    t: &mut Tailer,
+    id: FileId,
     source: usize,
     (line, start, stop, cut): (&[u8], u64, u64, bool),
     emit: &mut impl FnMut(FileLine<'_>) -> bool,
     limit: &mut Option<TokenBucket>,
     now: Instant,
 ) -> (Given, bool) {
-    match a {
+    let k = &Keyer {
+        id,
+        file: &t.file,
+        head_len: t.head_len,
+        head_hash: t.head_hash,
+    };
+    let path = &t.path;
+    match t.assembler.as_mut() {
         None => {
             let line = FileLine {
                 source,
