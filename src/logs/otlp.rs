@@ -641,6 +641,29 @@ mod tests {
         }
     }
 
+    /// For `bench/logs-instructions.sh otlp`: encodes the NDJSON file `OTLP_BENCH_FILE` in
+    /// batches of 1,000 records with the encoder `OTLP_BENCH_ENCODER` (`new`, `old` or `none`,
+    /// the baseline: reading the file only), to be counted by callgrind.
+    #[test]
+    #[ignore = "a measurement, run by bench/logs-instructions.sh"]
+    fn otlp_encoder_instructions() {
+        let file = std::env::var("OTLP_BENCH_FILE").expect("OTLP_BENCH_FILE");
+        let ndjson = std::fs::read(file).unwrap();
+        let encoder = std::env::var("OTLP_BENCH_ENCODER").unwrap_or_default();
+        let lines: Vec<&[u8]> = ndjson.split_inclusive(|&b| b == b'\n').collect();
+        let mut bytes = 0;
+        for batch in lines.chunks(1000) {
+            let batch = batch.concat();
+            let body = match encoder.as_str() {
+                "new" => export_request(&batch, SystemTime::UNIX_EPOCH),
+                "old" => reference::export_request(&batch, SystemTime::UNIX_EPOCH),
+                _ => batch,
+            };
+            bytes += std::hint::black_box(body).len();
+        }
+        eprintln!("{encoder}: {} lines, {bytes} bytes out", lines.len());
+    }
+
     #[test]
     fn a_partial_success_is_read() {
         assert_eq!(
