@@ -1247,6 +1247,7 @@ mod tests {
 
     /// The config of `text` with the environment `env`, or its problems (`line:col: path:
     /// message`, the file name cut).
+    #[cfg(feature = "logs")]
     fn load(text: &str, env: &[(&str, &str)]) -> Result<crate::config::Config, Vec<String>> {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), text).unwrap();
@@ -1270,6 +1271,7 @@ mod tests {
         })
     }
 
+    #[cfg(feature = "logs")]
     const SINKS: &str = "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n";
 
     #[cfg(feature = "logs")]
