@@ -60,6 +60,10 @@ pub struct FileSource {
     pub container: Option<Container>,
     pub multiline: Option<Multiline>,
     pub limit: Option<TokenBucket>,
+    /// Only lines with their end are read, even at the end of a deleted file: the disk
+    /// buffer's spool files, whose writer only ever writes whole lines, so an unterminated
+    /// tail there is a torn write, never shipped ([`super::spool`]).
+    pub whole_lines: bool,
 }
 
 /// A file being followed.
@@ -82,6 +86,9 @@ struct Tailer {
     grew_at: Instant,
     /// Bumped when the file is read anew (truncated, replaced): marks taken before do not apply.
     generation: u32,
+    /// Bytes at its end (as of `size`) without a line end, left unread: a source of
+    /// [`FileSource::whole_lines`] closes a deleted file read up to them.
+    unterminated: u64,
     /// Joins lines into records (container formats, multiline); None: a line is a record.
     assembler: Option<Assembler>,
 }
@@ -331,6 +338,7 @@ impl Files {
                 orphan_since: None,
                 grew_at: Instant::now(),
                 generation: 0,
+                unterminated: 0,
                 assembler: Assembler::new(
                     self.sources[source].container,
                     self.sources[source].multiline.clone(),
@@ -377,8 +385,12 @@ impl Files {
             // The source's index in `logs.sources` (`t.source` is its index among files).
             let index = source.source;
             let rotate_wait = source.rotate_wait;
+            let whole_lines = source.whole_lines;
             let closing = |t: &Tailer| {
-                t.orphan_since.is_some() && t.read >= t.size && t.grew_at.elapsed() >= rotate_wait
+                let held = if whole_lines { t.unterminated } else { 0 };
+                t.orphan_since.is_some()
+                    && t.read + held >= t.size
+                    && t.grew_at.elapsed() >= rotate_wait
             };
             let mut given = Given::Taken;
             loop {
@@ -447,6 +459,7 @@ impl Files {
                 if matches!(given, Given::Taken) && used < n {
                     let cut = used == 0 && n == MAX_LINE;
                     let last = !cut
+                        && !whole_lines
                         && t.orphan_since.is_some()
                         && t.read + n as u64 == t.size
                         && t.grew_at.elapsed() >= rotate_wait
@@ -473,6 +486,14 @@ impl Files {
                     }
                 }
                 t.read += used as u64;
+                // What is left of a read to the end without a line end (not taken above; a
+                // full batch or the rate limit leaves whole lines unread).
+                t.unterminated =
+                    if matches!(given, Given::Taken) && t.read + (n - used) as u64 == t.size {
+                        (n - used) as u64
+                    } else {
+                        0
+                    };
                 match given {
                     Given::Taken => {}
                     Given::Full => {
@@ -835,6 +856,7 @@ mod tests {
                 container,
                 multiline,
                 limit: None,
+                whole_lines: false,
             }],
             BTreeMap::new(),
         )
@@ -1058,6 +1080,23 @@ mod tests {
         assert_eq!(lines(&mut f), ["four"]);
         assert_eq!(f.tailers.len(), 1, "the rotated file is closed");
         assert!(lines(&mut f).is_empty());
+    }
+
+    /// A source of whole lines only (the disk buffer's spool): the unterminated tail of a
+    /// deleted file is not a line (a torn write), and the file is closed all the same.
+    #[test]
+    fn a_whole_lines_source_never_takes_an_unterminated_tail_and_closes_the_deleted_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "one\ntwo\nthr").unwrap();
+        let mut f = files(dir.path());
+        f.sources[0].whole_lines = true;
+        f.sources[0].rotate_wait = Duration::ZERO;
+        assert_eq!(lines(&mut f), ["one", "two"]);
+        std::fs::remove_file(&log).unwrap();
+        assert!(lines(&mut f).is_empty());
+        assert!(lines(&mut f).is_empty());
+        assert!(f.tailers.is_empty(), "the deleted file is closed");
     }
 
     #[test]

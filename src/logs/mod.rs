@@ -571,6 +571,8 @@ impl Logs {
                             container: Some(crate::config::logs::Container::Cri),
                             multiline: s.multiline.clone(),
                             limit: s.rate_limit.map(TokenBucket::new),
+                            // A torn write's piece is never shipped.
+                            whole_lines: true,
                         });
                     }
                 },
@@ -590,6 +592,7 @@ impl Logs {
                     container: s.container,
                     multiline: s.multiline.clone(),
                     limit: s.rate_limit.map(TokenBucket::new),
+                    whole_lines: false,
                 }),
             }
         }
