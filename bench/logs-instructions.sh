@@ -43,12 +43,13 @@ with open(sys.argv[1], "w") as f:
 PY
 if [ "${1:-}" = otlp ]; then
   export CARGO_PROFILE_RELEASE_LTO=thin CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
-  test_bin=$(flock /tmp/outrigger-cargo.lock cargo test --release --lib --no-run --message-format=json 2>/dev/null \
+  test_bin=$(flock /tmp/outrigger-cargo.lock cargo test --release --lib --no-run --message-format=json \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "outrigger" and m["profile"]["test"]:
         print(m["executable"])' | tail -1)
+  [ -n "$test_bin" ] || { echo "the release test binary did not build (cargo's errors above)" >&2; exit 1; }
   declare -A cost
   for enc in none old new; do
     OTLP_BENCH_FILE=$dir/in.log OTLP_BENCH_ENCODER=$enc valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$enc" \

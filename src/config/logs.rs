@@ -876,6 +876,17 @@ impl LogSink {
         }
     }
 
+    /// Its extra request headers (`headers`, `headers_env`), values included.
+    pub fn headers(&self) -> &[SinkHeader] {
+        match self {
+            LogSink::Stdout | LogSink::File(_) => &[],
+            LogSink::Http { headers, .. }
+            | LogSink::Loki { headers, .. }
+            | LogSink::Otlp { headers, .. }
+            | LogSink::Elasticsearch { headers, .. } => headers,
+        }
+    }
+
     /// Its `tls` keys, when set.
     pub fn tls(&self) -> Option<&ClientTlsConfig> {
         match self {
@@ -1115,6 +1126,16 @@ fn sink_headers(
 ) -> Option<Vec<SinkHeader>> {
     let before = problems.len();
     let mut out: Vec<SinkHeader> = Vec::new();
+    // The sink's name as `/ready` and the metrics show it (`LogSink::kind`), for the messages.
+    let sink = raw.name.as_deref().unwrap_or(if raw.loki.is_some() {
+        "loki"
+    } else if raw.otlp.is_some() {
+        "otlp"
+    } else if raw.elasticsearch.is_some() {
+        "elasticsearch"
+    } else {
+        "http"
+    });
     let literal = raw
         .headers
         .iter()
@@ -1140,6 +1161,19 @@ fn sink_headers(
             ));
             continue;
         }
+        // The sink frames its requests itself (and sets their type and encoding).
+        let lower = name.to_ascii_lowercase();
+        if super::route::FRAMING_HEADERS.contains(&lower.as_str())
+            || ["content-type", "content-encoding"].contains(&lower.as_str())
+        {
+            problems.push(doc.problem(
+                &at,
+                format!(
+                    "the sink {sink:?} sets {name} itself (it frames and encodes its requests); remove it"
+                ),
+            ));
+            continue;
+        }
         if out.iter().any(|h| h.name.eq_ignore_ascii_case(name)) {
             problems.push(doc.problem(
                 &at,
@@ -1149,23 +1183,19 @@ fn sink_headers(
             ));
             continue;
         }
-        // The sink's name as `/ready` and the metrics show it, for the message.
-        let sink = raw.name.as_deref().unwrap_or(if raw.loki.is_some() {
-            "loki"
-        } else if raw.otlp.is_some() {
-            "otlp"
-        } else if raw.elasticsearch.is_some() {
-            "elasticsearch"
-        } else {
-            "http"
-        });
         let Some(value) = value else {
             let var = var.expect("only a variable can be unset");
             problems.push(doc.problem(
                 &at,
                 format!(
                     "the sink {sink:?} reads its {name} header from the environment variable {var}, which is {}",
-                    if env.var(var).is_some() { "empty" } else { "not set" }
+                    if env.var(var).is_some() {
+                        "empty"
+                    } else if env.is_set(var) {
+                        "not valid UTF-8"
+                    } else {
+                        "not set"
+                    }
                 ),
             ));
             continue;
@@ -1325,7 +1355,7 @@ mod tests {
     fn sink_headers_are_checked_and_each_set_once() {
         let problems = load(
             &format!(
-                "{SINKS}    - http: http://c/x\n      headers: {{authorization: a, 'bad name': b, x-ok: \"s3cret\\u0001\"}}\n      headers_env: {{Authorization: AUTH}}\n    - name: f\n      file: /tmp/x\n      headers_env: {{a: AUTH}}\n"
+                "{SINKS}    - http: http://c/x\n      headers: {{authorization: a, 'bad name': b, x-ok: \"s3cret\\u0001\"}}\n      headers_env: {{Authorization: AUTH}}\n    - name: f\n      file: /tmp/x\n      headers_env: {{a: AUTH}}\n    - otlp: http://o/v1/logs\n      headers: {{host: h, Content-Type: x, X-Tenant: t}}\n"
             ),
             &[("AUTH", "t")],
         )
@@ -1337,6 +1367,8 @@ mod tests {
                 "5:56: logs.sinks[0].headers.x-ok: expected a header value of visible ASCII characters (the value is not shown)",
                 "6:36: logs.sinks[0].headers_env.Authorization: the header Authorization is set twice (in headers and headers_env, or in two cases: header names are case-insensitive)",
                 "9:7: logs.sinks[1].headers_env: headers_env apply to the HTTP sinks only (http, loki, otlp, elasticsearch)",
+                "11:23: logs.sinks[2].headers.host: the sink \"otlp\" sets host itself (it frames and encodes its requests); remove it",
+                "11:40: logs.sinks[2].headers.Content-Type: the sink \"otlp\" sets Content-Type itself (it frames and encodes its requests); remove it",
             ]
         );
     }

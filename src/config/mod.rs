@@ -57,6 +57,11 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 /// Where overrides come from: the process environment, or a map in tests.
 pub trait Environment {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether `name` is set at all (a value that is not UTF-8 included).
+    fn is_set(&self, name: &str) -> bool {
+        self.var(name).is_some()
+    }
 }
 
 /// The real process environment.
@@ -65,6 +70,10 @@ pub struct ProcessEnv;
 impl Environment for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+
+    fn is_set(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some()
     }
 }
 

@@ -404,6 +404,41 @@ fn a_sink_header_from_the_environment_is_sent_and_never_shown() {
     );
     assert!(!output.contains("s3cr3t"), "{output}");
 
+    // A reload to a variable not set is refused at its line; the sink keeps its header.
+    std::fs::write(
+        &sc.config_path,
+        config.replace("TEST_LOKI_AUTH", "TEST_LOKI_MISSING"),
+    )
+    .unwrap();
+    crate::support::client()
+        .post(sc.url("/reload"))
+        .send()
+        .unwrap();
+    eventually(WAIT, "the refused reload", || {
+        (sc.metric("outrigger_config_reloads_total{result=\"failure\"}") >= 1.0).then_some(())
+    });
+    let errors = sc.get_json("/config")["last_reload"]["errors"].to_string();
+    assert!(
+        errors.contains("outrigger.yaml:9:")
+            && errors.contains("TEST_LOKI_MISSING, which is not set"),
+        "{errors}"
+    );
+    rx.limits.headers.lock().unwrap().clear();
+    append(&log, 50, 60, "h");
+    let want = expected(0, 60, "h");
+    assert_once(&rx.wait_for(&want), &want, &sc);
+    let headers = rx.limits.headers.lock().unwrap().clone();
+    assert!(
+        headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&format!("authorization: {SECRET}"))),
+        "{headers:?}"
+    );
+    assert_eq!(
+        sc.metric("outrigger_config_reloads_total{result=\"success\"}"),
+        0.0
+    );
+
     let path = dir.path().join("outrigger.yaml");
     std::fs::write(&path, &config).unwrap();
     let check = |env: &[(&str, &str)]| {
