@@ -225,11 +225,11 @@ impl Spool {
         if full + queue_dropped > 0 {
             metrics.dropped.inc_by(full + queue_dropped);
         }
-        if !chunk.is_empty() {
-            if let Err((e, lost)) = self.append(file, chunk) {
-                warn!(error = %e, dir = %self.dir.display(), lines = lost, "cannot write the app's lines to the disk buffer; dropping them");
-                metrics.failed.inc_by(lost);
-            }
+        if !chunk.is_empty()
+            && let Err((e, lost)) = self.append(file, chunk)
+        {
+            warn!(error = %e, dir = %self.dir.display(), lines = lost, "cannot write the app's lines to the disk buffer; dropping them");
+            metrics.failed.inc_by(lost);
         }
         // The buffer is full: the file being written is closed now, not once it reaches its
         // segment size (it may never: no line is written while the buffer is full), so it can
