@@ -8,6 +8,13 @@
 #
 # The input is the same generator as bench/logs.sh (realistic JSON lines, ~356 bytes); each
 # binary runs under valgrind until the last line is in the output file, then gets SIGTERM.
+#
+#   bench/logs-instructions.sh otlp      the OTLP sink's encoder alone, the Value-based one it
+#                                        replaced against the scanned one, A/B in one build
+#
+# `otlp` builds the library's tests in release (thin LTO: a test binary, not the shipped one)
+# and counts `otlp_encoder_instructions` under callgrind three times: reading the input only
+# (the baseline), the old encoder, the new one; per line is (run - baseline) / lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >/dev/null
@@ -34,6 +41,27 @@ with open(sys.argv[1], "w") as f:
             "user_agent": random.choice(agents)}, separators=(",", ":")) + "\n")
     f.write('{"time":"2026-12-06T09:00:00.000000Z","level":"info","msg":"bench-end"}\n')
 PY
+if [ "${1:-}" = otlp ]; then
+  export CARGO_PROFILE_RELEASE_LTO=thin CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+  test_bin=$(flock /tmp/outrigger-cargo.lock cargo test --release --lib --no-run --message-format=json \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "outrigger" and m["profile"]["test"]:
+        print(m["executable"])' | tail -1)
+  [ -n "$test_bin" ] || { echo "the release test binary did not build (cargo's errors above)" >&2; exit 1; }
+  declare -A cost
+  for enc in none old new; do
+    OTLP_BENCH_FILE=$dir/in.log OTLP_BENCH_ENCODER=$enc valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$enc" \
+      "$test_bin" --ignored --exact logs::otlp::tests::otlp_encoder_instructions --test-threads 1 >/dev/null 2>"$dir/err.$enc"
+    cost[$enc]=$(callgrind_annotate "$dir/cg.$enc" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+  done
+  for enc in old new; do
+    printf 'otlp encoder %s: %.0f instructions per line (%s lines; baseline %s)\n' "$enc" \
+      "$(echo "(${cost[$enc]} - ${cost[none]}) / ($n + 1)" | bc -l)" "$((n + 1))" "${cost[none]}"
+  done
+  exit 0
+fi
 for bin in "${@:-target/release/outrigger}"; do
   st=$dir/run; rm -rf "$st"; mkdir -p "$st"
   printf 'logs:\n  sources:\n    - files: %s\n      format: json\n  fields: { cluster: eu-1, env: bench }\n  checkpoint: %s/checkpoint.json\n  sinks:\n    - file: %s/out.log\n' \

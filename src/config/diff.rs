@@ -99,12 +99,27 @@ impl ConfigDiff {
         {
             keys.push("telemetry.tracing".to_string());
         }
+        // Likewise the log sinks' header values (a rotated token, in the file or the
+        // environment): the sinks are set up once, so a change needs a restart.
+        if sink_header_values(&applied.logs) != sink_header_values(&new.logs)
+            && !keys.iter().any(|k| k == "logs.sinks")
+        {
+            keys.push("logs.sinks".to_string());
+        }
         keys.extend(restart);
         ConfigDiff {
             applied,
             needs_restart: keys,
         }
     }
+}
+
+/// Each log sink's header values (they serialize redacted), in order.
+fn sink_header_values(logs: &Option<super::logs::LogsConfig>) -> Vec<Vec<&str>> {
+    logs.iter()
+        .flat_map(|l| &l.sinks)
+        .map(|s| s.sink.headers().iter().map(|h| h.value.expose()).collect())
+        .collect()
 }
 
 /// Top-level keys (and their direct children) whose values differ.
@@ -297,5 +312,31 @@ clusters:
             left.needs_restart
         );
         assert_eq!(left.applied.mesh, old.mesh);
+    }
+
+    /// Header values serialize redacted: a changed one is still named for a restart (the log
+    /// sinks are set up once).
+    #[cfg(feature = "logs")]
+    #[test]
+    fn a_changed_log_sink_header_value_needs_a_restart() {
+        let with = |token: &str| {
+            config(&format!(
+                "{BASE}logs:\n  sources: [{{files: /var/log/*.log}}]\n  sinks: [{{http: http://c/x, headers: {{Authorization: {token}}}}}]\n"
+            ))
+        };
+        let old = with("a");
+        assert!(
+            ConfigDiff::between(&old, &with("a"))
+                .needs_restart
+                .is_empty()
+        );
+        let diff = ConfigDiff::between(&old, &with("b"));
+        assert_eq!(diff.needs_restart, ["logs.sinks"]);
+        assert_eq!(
+            diff.applied.logs.unwrap().sinks[0].sink.headers()[0]
+                .value
+                .expose(),
+            "a"
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::Environment;
 use super::document::{Document, Problem};
 use super::tls::ClientTlsConfig;
 use super::types::{ByteSize, Duration};
@@ -143,6 +144,9 @@ pub struct RawLogSink {
     pub file: Option<PathBuf>,
     pub timeout: Option<Duration>,
     pub headers: BTreeMap<String, super::Secret>,
+    /// Extra request headers read from the environment: header → variable name (a Kubernetes
+    /// Secret injected as an environment variable), so no credential is written in the file.
+    pub headers_env: BTreeMap<String, String>,
     /// `https://` URLs: the CA bundle (default: the system's roots), a client certificate, the
     /// server name — a cluster's `tls` keys.
     pub tls: Option<super::raw::RawClientTls>,
@@ -309,8 +313,8 @@ pub enum LogSink {
         url: http::Uri,
         timeout: Duration,
         /// Values are never shown.
-        #[serde(serialize_with = "header_names")]
-        headers: Vec<(String, super::Secret)>,
+        #[serde(serialize_with = "redacted_headers")]
+        headers: Vec<SinkHeader>,
         gzip: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         tls: Option<ClientTlsConfig>,
@@ -319,8 +323,8 @@ pub enum LogSink {
         #[serde(serialize_with = "display")]
         url: http::Uri,
         timeout: Duration,
-        #[serde(serialize_with = "header_names")]
-        headers: Vec<(String, super::Secret)>,
+        #[serde(serialize_with = "redacted_headers")]
+        headers: Vec<SinkHeader>,
         labels: Vec<String>,
         gzip: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -330,8 +334,8 @@ pub enum LogSink {
         #[serde(serialize_with = "display")]
         url: http::Uri,
         timeout: Duration,
-        #[serde(serialize_with = "header_names")]
-        headers: Vec<(String, super::Secret)>,
+        #[serde(serialize_with = "redacted_headers")]
+        headers: Vec<SinkHeader>,
         gzip: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         tls: Option<ClientTlsConfig>,
@@ -340,8 +344,8 @@ pub enum LogSink {
         #[serde(serialize_with = "display")]
         url: http::Uri,
         timeout: Duration,
-        #[serde(serialize_with = "header_names")]
-        headers: Vec<(String, super::Secret)>,
+        #[serde(serialize_with = "redacted_headers")]
+        headers: Vec<SinkHeader>,
         index: String,
         gzip: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -360,11 +364,26 @@ fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S:
     s.collect_str(v)
 }
 
-fn header_names<S: serde::Serializer>(
-    h: &[(String, super::Secret)],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(h.iter().map(|(k, _)| k))
+/// An extra request header of an HTTP sink (`headers`, `headers_env`). Its value is a secret.
+#[derive(Clone, Debug)]
+pub struct SinkHeader {
+    /// Checked to be a header name.
+    pub name: String,
+    /// Checked to be a header value (visible ASCII); never shown.
+    pub value: super::Secret,
+    /// `headers_env`: the environment variable the value was read from.
+    pub env: Option<String>,
+}
+
+/// Header name → `<redacted>`, or `<redacted: env VAR>` for one read from the environment.
+fn redacted_headers<S: serde::Serializer>(h: &[SinkHeader], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(h.iter().map(|h| {
+        let shown = match &h.env {
+            Some(var) => format!("<redacted: env {var}>"),
+            None => "<redacted>".to_string(),
+        };
+        (h.name.as_str(), shown)
+    }))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -382,6 +401,7 @@ pub fn validate(
     raw: RawLogs,
     supervised_app: bool,
     access_log: bool,
+    env: &dyn Environment,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Option<LogsConfig> {
@@ -690,7 +710,7 @@ pub fn validate(
     for (i, raw) in raw.sinks.into_iter().enumerate() {
         let key = format!("logs.sinks[{i}]");
         let name = raw.name.clone();
-        let Some(s) = sink(raw, &key, doc, problems) else {
+        let Some(s) = sink(raw, &key, env, doc, problems) else {
             continue;
         };
         let name = name.unwrap_or_else(|| s.kind().to_string());
@@ -856,6 +876,17 @@ impl LogSink {
         }
     }
 
+    /// Its extra request headers (`headers`, `headers_env`), values included.
+    pub fn headers(&self) -> &[SinkHeader] {
+        match self {
+            LogSink::Stdout | LogSink::File(_) => &[],
+            LogSink::Http { headers, .. }
+            | LogSink::Loki { headers, .. }
+            | LogSink::Otlp { headers, .. }
+            | LogSink::Elasticsearch { headers, .. } => headers,
+        }
+    }
+
     /// Its `tls` keys, when set.
     pub fn tls(&self) -> Option<&ClientTlsConfig> {
         match self {
@@ -893,6 +924,7 @@ impl LogSink {
 fn sink(
     raw: RawLogSink,
     key: &str,
+    env: &dyn Environment,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Option<LogSink> {
@@ -933,6 +965,19 @@ fn sink(
         .into_iter()
         .flatten()
         .next();
+    for (set, what) in [
+        (!raw.headers.is_empty(), "headers"),
+        (!raw.headers_env.is_empty(), "headers_env"),
+    ] {
+        if set && url.is_none() {
+            problems.push(doc.problem(
+                &format!("{key}.{what}"),
+                format!("{what} apply to the HTTP sinks only (http, loki, otlp, elasticsearch)"),
+            ));
+            return None;
+        }
+    }
+    let headers = sink_headers(&raw, key, env, doc, problems)?;
     let tls = match (&raw.tls, url) {
         (None, _) => None,
         (Some(_), None) => {
@@ -986,10 +1031,19 @@ fn sink(
             ));
             return None;
         }
+        // Each label once: a stream's labels are a JSON object, and a name written twice in it
+        // is what Loki reads as the last one only (a typo for another field, most likely).
+        if let Some(j) = (1..labels.len()).find(|&j| labels[..j].contains(&labels[j])) {
+            problems.push(doc.problem(
+                &format!("{key}.labels[{j}]"),
+                format!("expected each label once, found {:?} again", labels[j]),
+            ));
+            return None;
+        }
         return Some(LogSink::Loki {
             url: uri,
             timeout,
-            headers: raw.headers.into_iter().collect(),
+            headers,
             labels,
             gzip,
             tls,
@@ -999,7 +1053,7 @@ fn sink(
         return Some(LogSink::Otlp {
             url: with_path(&url, "otlp", "/v1/logs", problems)?,
             timeout,
-            headers: raw.headers.into_iter().collect(),
+            headers,
             gzip,
             tls,
         });
@@ -1038,7 +1092,7 @@ fn sink(
         return Some(LogSink::Elasticsearch {
             url: with_path(&url, "elasticsearch", "/_bulk", problems)?,
             timeout,
-            headers: raw.headers.into_iter().collect(),
+            headers,
             index,
             gzip,
             tls,
@@ -1049,7 +1103,7 @@ fn sink(
         return Some(LogSink::Http {
             url: uri,
             timeout,
-            headers: raw.headers.into_iter().collect(),
+            headers,
             gzip,
             tls,
         });
@@ -1058,6 +1112,113 @@ fn sink(
         return Some(LogSink::File(path));
     }
     Some(LogSink::Stdout)
+}
+
+/// An HTTP sink's `headers` and `headers_env`, checked: header names, visible-ASCII values,
+/// each name once (names are case-insensitive), every variable set. No problem shows a value,
+/// and none shows what a variable holds.
+fn sink_headers(
+    raw: &RawLogSink,
+    key: &str,
+    env: &dyn Environment,
+    doc: &Document,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<SinkHeader>> {
+    let before = problems.len();
+    let mut out: Vec<SinkHeader> = Vec::new();
+    // The sink's name as `/ready` and the metrics show it (`LogSink::kind`), for the messages.
+    let sink = raw.name.as_deref().unwrap_or(if raw.loki.is_some() {
+        "loki"
+    } else if raw.otlp.is_some() {
+        "otlp"
+    } else if raw.elasticsearch.is_some() {
+        "elasticsearch"
+    } else {
+        "http"
+    });
+    let literal = raw
+        .headers
+        .iter()
+        .map(|(name, value)| (name, Some(value.clone()), None));
+    let from_env = raw.headers_env.iter().map(|(name, var)| {
+        let value = env
+            .var(var)
+            .filter(|v| !v.is_empty())
+            .map(super::Secret::new);
+        (name, value, Some(var))
+    });
+    for (name, value, var) in literal.chain(from_env) {
+        let at = match var {
+            None => format!("{key}.headers.{name}"),
+            Some(_) => format!("{key}.headers_env.{name}"),
+        };
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            problems.push(doc.problem(
+                &at,
+                format!(
+                    "expected a header name (letters, digits and !#$%&'*+-.^_`|~), found {name:?}"
+                ),
+            ));
+            continue;
+        }
+        // The sink frames its requests itself (and sets their type and encoding).
+        let lower = name.to_ascii_lowercase();
+        if super::route::FRAMING_HEADERS.contains(&lower.as_str())
+            || ["content-type", "content-encoding"].contains(&lower.as_str())
+        {
+            problems.push(doc.problem(
+                &at,
+                format!(
+                    "the sink {sink:?} sets {name} itself (it frames and encodes its requests); remove it"
+                ),
+            ));
+            continue;
+        }
+        if out.iter().any(|h| h.name.eq_ignore_ascii_case(name)) {
+            problems.push(doc.problem(
+                &at,
+                format!(
+                    "the header {name} is set twice (in headers and headers_env, or in two cases: header names are case-insensitive)"
+                ),
+            ));
+            continue;
+        }
+        let Some(value) = value else {
+            let var = var.expect("only a variable can be unset");
+            problems.push(doc.problem(
+                &at,
+                format!(
+                    "the sink {sink:?} reads its {name} header from the environment variable {var}, which is {}",
+                    if env.var(var).is_some() {
+                        "empty"
+                    } else if env.is_set(var) {
+                        "not valid UTF-8"
+                    } else {
+                        "not set"
+                    }
+                ),
+            ));
+            continue;
+        };
+        if http::HeaderValue::from_str(value.expose()).is_err() {
+            problems.push(doc.problem(
+                &at,
+                match var {
+                    None => "expected a header value of visible ASCII characters (the value is not shown)".to_string(),
+                    Some(var) => format!(
+                        "the sink {sink:?} reads its {name} header from the environment variable {var}, which holds characters a header value cannot (control characters, a line break, non-ASCII: a Secret made with `echo` ends with a newline; the value is not shown)"
+                    ),
+                },
+            ));
+            continue;
+        }
+        out.push(SinkHeader {
+            name: name.clone(),
+            value,
+            env: var.cloned(),
+        });
+    }
+    (problems.len() == before).then_some(out)
 }
 
 fn http_url(
@@ -1113,6 +1274,120 @@ fn glob_base(glob: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The config of `text` with the environment `env`, or its problems (`line:col: path:
+    /// message`, the file name cut).
+    #[cfg(feature = "logs")]
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<crate::config::Config, Vec<String>> {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let source = crate::config::Source {
+            file: Some(file.path().to_path_buf()),
+            ..Default::default()
+        };
+        crate::config::load(&source, &env).map_err(|e| {
+            e.problems
+                .iter()
+                .map(|p| {
+                    let line = p.to_string();
+                    line.split_once(':')
+                        .map_or(line.clone(), |(_, rest)| rest.to_string())
+                })
+                .collect()
+        })
+    }
+
+    #[cfg(feature = "logs")]
+    const SINKS: &str = "logs:\n  sources: [{files: /var/log/*.log}]\n  sinks:\n";
+
+    #[cfg(feature = "logs")]
+    #[test]
+    fn headers_env_values_come_from_the_environment_and_are_never_shown() {
+        let text = format!(
+            "{SINKS}    - loki: http://loki:3100\n      headers: {{X-Scope-OrgID: tenant-1}}\n      headers_env: {{Authorization: LOKI_AUTH}}\n"
+        );
+        let config = load(&text, &[("LOKI_AUTH", "Bearer s3cret")]).unwrap();
+        let logs = config.logs.as_ref().unwrap();
+        let LogSink::Loki { headers, .. } = &logs.sinks[0].sink else {
+            panic!("{logs:?}")
+        };
+        let got: Vec<_> = headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.expose(), h.env.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("X-Scope-OrgID", "tenant-1", None),
+                ("Authorization", "Bearer s3cret", Some("LOKI_AUTH")),
+            ]
+        );
+        let shown = serde_json::to_string(&config).unwrap();
+        assert!(
+            shown.contains(r#""headers":{"X-Scope-OrgID":"<redacted>","Authorization":"<redacted: env LOKI_AUTH>"}"#),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret") && !config.to_yaml().contains("s3cret"));
+        assert!(!format!("{config:?}").contains("s3cret"));
+
+        // Unset, empty, not a header value: refused at the entry, naming variable and sink.
+        let unset = load(&text, &[]).unwrap_err();
+        assert_eq!(
+            unset,
+            [
+                "6:36: logs.sinks[0].headers_env.Authorization: the sink \"loki\" reads its Authorization header from the environment variable LOKI_AUTH, which is not set"
+            ]
+        );
+        let empty = load(&text, &[("LOKI_AUTH", "")]).unwrap_err();
+        assert!(empty[0].ends_with("LOKI_AUTH, which is empty"), "{empty:?}");
+        let newline = load(&text, &[("LOKI_AUTH", "Bearer s3cret\n")]).unwrap_err();
+        assert_eq!(newline.len(), 1, "{newline:?}");
+        assert!(newline[0].starts_with("6:36: logs.sinks[0].headers_env.Authorization: "));
+        assert!(newline[0].contains("ends with a newline") && !newline[0].contains("s3cret"));
+    }
+
+    #[cfg(feature = "logs")]
+    #[test]
+    fn sink_headers_are_checked_and_each_set_once() {
+        let problems = load(
+            &format!(
+                "{SINKS}    - http: http://c/x\n      headers: {{authorization: a, 'bad name': b, x-ok: \"s3cret\\u0001\"}}\n      headers_env: {{Authorization: AUTH}}\n    - name: f\n      file: /tmp/x\n      headers_env: {{a: AUTH}}\n    - otlp: http://o/v1/logs\n      headers: {{host: h, Content-Type: x, X-Tenant: t}}\n"
+            ),
+            &[("AUTH", "t")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "5:47: logs.sinks[0].headers.bad name: expected a header name (letters, digits and !#$%&'*+-.^_`|~), found \"bad name\"",
+                "5:56: logs.sinks[0].headers.x-ok: expected a header value of visible ASCII characters (the value is not shown)",
+                "6:36: logs.sinks[0].headers_env.Authorization: the header Authorization is set twice (in headers and headers_env, or in two cases: header names are case-insensitive)",
+                "9:7: logs.sinks[1].headers_env: headers_env apply to the HTTP sinks only (http, loki, otlp, elasticsearch)",
+                "11:23: logs.sinks[2].headers.host: the sink \"otlp\" sets host itself (it frames and encodes its requests); remove it",
+                "11:40: logs.sinks[2].headers.Content-Type: the sink \"otlp\" sets Content-Type itself (it frames and encodes its requests); remove it",
+            ]
+        );
+    }
+
+    #[cfg(feature = "logs")]
+    #[test]
+    fn a_loki_label_listed_twice_is_refused_at_its_entry() {
+        let problems = load(
+            &format!(
+                "{SINKS}    - loki: http://loki:3100\n      labels: [source, level, source]\n"
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            ["5:31: logs.sinks[0].labels[2]: expected each label once, found \"source\" again"]
+        );
+    }
 
     #[test]
     fn a_buffer_dir_is_checked_without_being_created() {

@@ -57,6 +57,11 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 /// Where overrides come from: the process environment, or a map in tests.
 pub trait Environment {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether `name` is set at all (a value that is not UTF-8 included).
+    fn is_set(&self, name: &str) -> bool {
+        self.var(name).is_some()
+    }
 }
 
 /// The real process environment.
@@ -65,6 +70,10 @@ pub struct ProcessEnv;
 impl Environment for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+
+    fn is_set(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some()
     }
 }
 
@@ -307,7 +316,7 @@ pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Pro
             .map(Secret::new);
     }
     let mut semantic = Vec::new();
-    let config = validate(raw, source, &doc, &mut semantic);
+    let config = validate(raw, source, env, &doc, &mut semantic);
     // Located where the user wrote them (list entries removed as wrong shift the indices); a
     // check of a node that was removed sees the default in its place (an invalid `direction`
     // read as inbound): its problem was reported, the consequences are not.
@@ -319,6 +328,7 @@ pub fn parse(source: &Source, env: &dyn Environment) -> (Option<Parsed>, Vec<Pro
 fn validate(
     raw: RawConfig,
     source: &Source,
+    env: &dyn Environment,
     doc: &Document,
     problems: &mut Vec<Problem>,
 ) -> Config {
@@ -541,7 +551,7 @@ fn validate(
         .and_then(|b| bridge::validate(b, &service, doc, problems));
     let logs = raw.logs.and_then(|l| {
         let access_log = telemetry.access_log.is_some();
-        logs::validate(l, app.command.is_some(), access_log, doc, problems)
+        logs::validate(l, app.command.is_some(), access_log, env, doc, problems)
     });
     let mut app = app;
     if stop_timeout_set {

@@ -78,7 +78,7 @@ impl RetryOn {
 
 /// Headers a route may not add or remove: they frame the message or describe the hop, and an
 /// edit would desynchronise the proxy and the upstream.
-const FRAMING_HEADERS: [&str; 9] = [
+pub(super) const FRAMING_HEADERS: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",

@@ -60,6 +60,10 @@ pub struct FileSource {
     pub container: Option<Container>,
     pub multiline: Option<Multiline>,
     pub limit: Option<TokenBucket>,
+    /// Only lines with their end are read, even at the end of a deleted file: the disk
+    /// buffer's spool files, whose writer only ever writes whole lines, so an unterminated
+    /// tail there is a torn write, never shipped ([`super::spool`]).
+    pub whole_lines: bool,
 }
 
 /// A file being followed.
@@ -82,6 +86,9 @@ struct Tailer {
     grew_at: Instant,
     /// Bumped when the file is read anew (truncated, replaced): marks taken before do not apply.
     generation: u32,
+    /// Bytes at its end (as of `size`) without a line end, left unread: a source of
+    /// [`FileSource::whole_lines`] closes a deleted file read up to them.
+    unterminated: u64,
     /// Joins lines into records (container formats, multiline); None: a line is a record.
     assembler: Option<Assembler>,
 }
@@ -331,6 +338,7 @@ impl Files {
                 orphan_since: None,
                 grew_at: Instant::now(),
                 generation: 0,
+                unterminated: 0,
                 assembler: Assembler::new(
                     self.sources[source].container,
                     self.sources[source].multiline.clone(),
@@ -377,8 +385,12 @@ impl Files {
             // The source's index in `logs.sources` (`t.source` is its index among files).
             let index = source.source;
             let rotate_wait = source.rotate_wait;
+            let whole_lines = source.whole_lines;
             let closing = |t: &Tailer| {
-                t.orphan_since.is_some() && t.read >= t.size && t.grew_at.elapsed() >= rotate_wait
+                let held = if whole_lines { t.unterminated } else { 0 };
+                t.orphan_since.is_some()
+                    && t.read + held >= t.size
+                    && t.grew_at.elapsed() >= rotate_wait
             };
             let mut given = Given::Taken;
             loop {
@@ -423,16 +435,9 @@ impl Files {
                         line = &line[..line.len() - 1];
                     }
                     let (start, stop) = (t.read + used as u64, t.read + end as u64 + 1);
-                    let k = Keyer {
-                        id,
-                        file: &t.file,
-                        head_len: t.head_len,
-                        head_hash: t.head_hash,
-                    };
                     let (g, took) = offer(
-                        t.assembler.as_mut(),
-                        &t.path,
-                        &k,
+                        t,
+                        id,
                         index,
                         (line, start, stop, false),
                         &mut emit,
@@ -454,6 +459,7 @@ impl Files {
                 if matches!(given, Given::Taken) && used < n {
                     let cut = used == 0 && n == MAX_LINE;
                     let last = !cut
+                        && !whole_lines
                         && t.orphan_since.is_some()
                         && t.read + n as u64 == t.size
                         && t.grew_at.elapsed() >= rotate_wait
@@ -464,16 +470,9 @@ impl Files {
                     if cut || last {
                         let piece = &chunk[used..n];
                         let (start, stop) = (t.read + used as u64, t.read + n as u64);
-                        let k = Keyer {
-                            id,
-                            file: &t.file,
-                            head_len: t.head_len,
-                            head_hash: t.head_hash,
-                        };
                         let (g, took) = offer(
-                            t.assembler.as_mut(),
-                            &t.path,
-                            &k,
+                            t,
+                            id,
                             index,
                             (piece, start, stop, cut),
                             &mut emit,
@@ -487,6 +486,14 @@ impl Files {
                     }
                 }
                 t.read += used as u64;
+                // What is left of a read to the end without a line end (not taken above; a
+                // full batch or the rate limit leaves whole lines unread).
+                t.unterminated =
+                    if matches!(given, Given::Taken) && t.read + (n - used) as u64 == t.size {
+                        (n - used) as u64
+                    } else {
+                        0
+                    };
                 match given {
                     Given::Taken => {}
                     Given::Full => {
@@ -679,22 +686,27 @@ enum Given {
     Limited,
 }
 
-/// Offers one line read from `start..stop` of a file (`cut`: its rest follows, it had no end
-/// within [`MAX_LINE`]): to the batch as it is, or into the records `a` joins and then their
-/// complete ones to the batch. Also returns whether the line was taken — into the joining it
-/// always is, whether or not a record it completed fits the batch now.
-#[allow(clippy::too_many_arguments)]
+/// Offers one line read from `start..stop` of file `id` (`cut`: its rest follows, it had no
+/// end within [`MAX_LINE`]): to the batch as it is, or into the records the file's assembler
+/// joins and then their complete ones to the batch. Also returns whether the line was taken —
+/// into the joining it always is, whether or not a record it completed fits the batch now.
 fn offer(
-    a: Option<&mut Assembler>,
-    path: &Path,
-    k: &Keyer<'_>,
+    t: &mut Tailer,
+    id: FileId,
     source: usize,
     (line, start, stop, cut): (&[u8], u64, u64, bool),
     emit: &mut impl FnMut(FileLine<'_>) -> bool,
     limit: &mut Option<TokenBucket>,
     now: Instant,
 ) -> (Given, bool) {
-    match a {
+    let k = &Keyer {
+        id,
+        file: &t.file,
+        head_len: t.head_len,
+        head_hash: t.head_hash,
+    };
+    let path = &t.path;
+    match t.assembler.as_mut() {
         None => {
             let line = FileLine {
                 source,
@@ -844,6 +856,7 @@ mod tests {
                 container,
                 multiline,
                 limit: None,
+                whole_lines: false,
             }],
             BTreeMap::new(),
         )
@@ -1067,6 +1080,23 @@ mod tests {
         assert_eq!(lines(&mut f), ["four"]);
         assert_eq!(f.tailers.len(), 1, "the rotated file is closed");
         assert!(lines(&mut f).is_empty());
+    }
+
+    /// A source of whole lines only (the disk buffer's spool): the unterminated tail of a
+    /// deleted file is not a line (a torn write), and the file is closed all the same.
+    #[test]
+    fn a_whole_lines_source_never_takes_an_unterminated_tail_and_closes_the_deleted_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "one\ntwo\nthr").unwrap();
+        let mut f = files(dir.path());
+        f.sources[0].whole_lines = true;
+        f.sources[0].rotate_wait = Duration::ZERO;
+        assert_eq!(lines(&mut f), ["one", "two"]);
+        std::fs::remove_file(&log).unwrap();
+        assert!(lines(&mut f).is_empty());
+        assert!(lines(&mut f).is_empty());
+        assert!(f.tailers.is_empty(), "the deleted file is closed");
     }
 
     #[test]

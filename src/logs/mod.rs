@@ -492,15 +492,21 @@ impl Logs {
             .map_err(|e| LogsError::Spool(format!("{}: {e}", buffer.dir.display())))?;
         self.metrics.disk_buffer_max.set(buffer.max_bytes as i64);
         if let Some(q) = captured.take() {
-            let metrics = spool::WriterMetrics {
-                dropped: self
-                    .metrics
+            // Each series in a call of its own: `get_or_create`'s read guard lives to the end of
+            // its statement, and creating another series takes the family's write lock.
+            let dropped = |reason| {
+                self.metrics
                     .dropped
                     .get_or_create(&LogDropLabels {
                         source: app.to_string(),
-                        reason: "buffer_full",
+                        reason,
                     })
-                    .clone(),
+                    .clone()
+            };
+            let (full, failed) = (dropped("buffer_full"), dropped("buffer_error"));
+            let metrics = spool::WriterMetrics {
+                dropped: full,
+                failed,
                 echo_dropped: self.metrics.echo_dropped.clone(),
                 queued: self.metrics.app_buffer.clone(),
             };
@@ -565,6 +571,8 @@ impl Logs {
                             container: Some(crate::config::logs::Container::Cri),
                             multiline: s.multiline.clone(),
                             limit: s.rate_limit.map(TokenBucket::new),
+                            // A torn write's piece is never shipped.
+                            whole_lines: true,
                         });
                     }
                 },
@@ -584,6 +592,7 @@ impl Logs {
                     container: s.container,
                     multiline: s.multiline.clone(),
                     limit: s.rate_limit.map(TokenBucket::new),
+                    whole_lines: false,
                 }),
             }
         }

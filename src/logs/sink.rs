@@ -119,7 +119,7 @@ impl HttpSink {
     fn new(
         url: &http::Uri,
         timeout: crate::config::Duration,
-        headers: &[(String, crate::config::Secret)],
+        headers: &[crate::config::logs::SinkHeader],
         content_type: &'static str,
         gzip: bool,
         tls: Option<std::sync::Arc<SinkClient>>,
@@ -134,13 +134,14 @@ impl HttpSink {
             client,
             url: url.clone(),
             timeout: timeout.get(),
+            // Names and values were checked with the config. Marked sensitive: hyper and the
+            // `http` types print such a value as `Sensitive`, never its text.
             headers: headers
                 .iter()
-                .filter_map(|(k, v)| {
-                    Some((
-                        http::HeaderName::try_from(k.as_str()).ok()?,
-                        http::HeaderValue::try_from(v.expose()).ok()?,
-                    ))
+                .filter_map(|h| {
+                    let mut value = http::HeaderValue::try_from(h.value.expose()).ok()?;
+                    value.set_sensitive(true);
+                    Some((http::HeaderName::try_from(h.name.as_str()).ok()?, value))
                 })
                 .collect(),
             content_type,
@@ -390,14 +391,8 @@ impl Sink {
                 tls: _,
             } => Sink::Loki(Box::new(LokiSink {
                 http: HttpSink::new(url, *timeout, headers, "application/json", *gzip, tls),
-                // A label named twice (`[source, source]` passes the config check) would be
-                // written twice in a stream's object: the first one only.
-                labels: labels.iter().fold(Vec::new(), |mut l: Vec<String>, k| {
-                    if !l.contains(k) {
-                        l.push(k.clone());
-                    }
-                    l
-                }),
+                // Each once: the config refuses a label named twice.
+                labels: labels.clone(),
                 streams: Default::default(),
                 last_ns: Default::default(),
             })),
@@ -537,7 +532,7 @@ mod tests {
                 url: "http://loki:3100/loki/api/v1/push".parse().unwrap(),
                 timeout: crate::config::Duration::from_secs(1),
                 headers: vec![],
-                labels: vec!["source".into(), "level".into(), "source".into()],
+                labels: vec!["source".into(), "level".into()],
                 gzip: false,
                 tls: None,
             },
@@ -554,7 +549,7 @@ mod tests {
             .find(|s| s["stream"]["level"] == "info")
             .unwrap();
         assert_eq!(info["stream"]["source"], "app");
-        // A label named twice is written once (serde_json keeps the last of a repeated key).
+        // Each label is written once.
         let object = &body[..];
         let from = memchr::memmem::find(object, b"{\"stream\":{").unwrap();
         let to = from + memchr::memmem::find(&object[from..], b"}").unwrap();

@@ -503,7 +503,7 @@ impl LogsMetrics {
         );
         r.register(
             "logs_dropped_lines",
-            "Log lines not shipped, by source and reason (buffer_full, shutdown, rejected)",
+            "Log lines not shipped, by source and reason (rate_limit, buffer_full, buffer_error, shutdown, rejected)",
             self.dropped.clone(),
         );
         r.register(

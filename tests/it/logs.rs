@@ -44,6 +44,8 @@ struct Limits {
     /// `_bulk`: requests left whose documents are stored but whose answer is a 503 (as if the
     /// answer were lost on the way back).
     lose_answers: AtomicUsize,
+    /// The `authorization` and `x-…` request header lines received, as sent.
+    headers: Mutex<Vec<String>>,
 }
 
 impl Receiver {
@@ -146,6 +148,13 @@ fn serve<S: Read + Write>(
                 first = false;
             }
             let l = line.to_ascii_lowercase();
+            if l.starts_with("authorization:") || l.starts_with("x-") {
+                limits
+                    .headers
+                    .lock()
+                    .unwrap()
+                    .push(line.trim_end().to_string());
+            }
             if l.starts_with("content-encoding:") {
                 assert_eq!(l.trim(), "content-encoding: gzip");
                 gzip = true;
@@ -337,6 +346,36 @@ fn loki_records(body: &[u8]) -> Vec<serde_json::Value> {
         }
     }
     out
+}
+
+/// Kills the test's app (whose script wrote its pid to the file) when the test ends, passed or
+/// failed: an app left behind (the sidecar killed with SIGKILL, or not stopped within the
+/// `Sidecar` drop's few seconds) would otherwise sleep on, holding every fd it inherited (the
+/// shared cargo lock's among them). Create it before the sidecar: the pid file is read at drop.
+struct AppGuard(std::path::PathBuf);
+
+impl AppGuard {
+    /// Kills the app now (its pid read from the file), if it is still the script's `sleep`.
+    fn kill(&self) {
+        let Ok(pid) = std::fs::read_to_string(&self.0) else {
+            return;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            return;
+        };
+        // Not a recycled pid: only the script's own process (`sh`, or the `sleep` it exec'd).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.starts_with(b"sleep\0") || cmdline.starts_with(b"sh\0") {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for AppGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 fn append(path: &Path, from: usize, to: usize, prefix: &str) {
@@ -866,9 +905,14 @@ fn rate_limits_drop_the_apps_excess_and_delay_files() {
         dir.path().display(),
         rx.url
     );
+    let app_guard = AppGuard(dir.path().join("app.pid"));
+    let script = format!(
+        "echo $$ > {}; seq 1 5000; exec sleep 60",
+        app_guard.0.display()
+    );
     let sc = Spawn {
         config: &config,
-        app: &["sh", "-c", "seq 1 5000; exec sleep 60"],
+        app: &["sh", "-c", &script],
         ..Spawn::default()
     }
     .start();

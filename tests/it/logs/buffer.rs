@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use super::{Receiver, WAIT, assert_once};
+use super::{AppGuard, Receiver, WAIT, assert_once};
 use crate::support::{Spawn, eventually};
 
 fn config(rx: &Receiver, dir: &Path, extra: &str) -> String {
@@ -57,18 +57,12 @@ fn numbers(n: usize) -> Vec<String> {
     (1..=n).map(|i| i.to_string()).collect()
 }
 
-fn kill_app(dir: &Path) {
-    if let Ok(pid) = std::fs::read_to_string(dir.join("app.pid")) {
-        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
 #[test]
 fn the_apps_lines_wait_on_disk_while_the_sink_is_down_then_arrive_once() {
     let rx = Receiver::start();
     rx.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
+    let _app = AppGuard(dir.path().join("app.pid"));
     // 1 MiB of spool in 256 KiB files; 20k lines are ~830 KiB with their CRI prefix: several
     // files, none dropped.
     let config = config(&rx, dir.path(), "    max_bytes: 1MiB\n");
@@ -121,7 +115,6 @@ fn the_apps_lines_wait_on_disk_while_the_sink_is_down_then_arrive_once() {
     );
     sc.signal(nix::sys::signal::Signal::SIGTERM);
     sc.wait_exit(WAIT);
-    kill_app(dir.path());
 }
 
 #[test]
@@ -129,6 +122,7 @@ fn the_apps_spooled_lines_survive_a_kill_of_the_sidecar() {
     let rx = Receiver::start();
     rx.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
+    let app = AppGuard(dir.path().join("app.pid"));
     let config = config(&rx, dir.path(), "");
     let script = app_script(dir.path(), 20_000);
     let spawn = || {
@@ -153,7 +147,8 @@ fn the_apps_spooled_lines_survive_a_kill_of_the_sidecar() {
     });
     sc.signal(nix::sys::signal::Signal::SIGKILL);
     sc.wait_exit(WAIT);
-    kill_app(dir.path());
+    // The app is orphaned by the SIGKILL: stopped here, as a pod's restart would.
+    app.kill();
     let before = rx.records().len();
     // Killed before everything was shipped: the restart has lines to ship from the spool.
     assert!(before < 20_000, "{before} received before the kill");
@@ -172,7 +167,6 @@ fn the_apps_spooled_lines_survive_a_kill_of_the_sidecar() {
         sc.diagnostics()
     );
     assert_eq!(counts.len(), want.len());
-    kill_app(dir.path());
 }
 
 #[test]
@@ -180,6 +174,7 @@ fn past_the_buffers_cap_the_apps_lines_are_dropped_and_counted_and_the_rest_arri
     let rx = Receiver::start();
     rx.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
+    let _app = AppGuard(dir.path().join("app.pid"));
     // 1 MiB of spool: ~25k lines of ~45 bytes (CRI prefix included); 60k are written.
     let config = config(&rx, dir.path(), "    max_bytes: 1MiB\n");
     // Once `go` is there (the buffer emptied), one more line.
@@ -221,7 +216,6 @@ fn past_the_buffers_cap_the_apps_lines_are_dropped_and_counted_and_the_rest_arri
     assert_eq!(sc.metric(series) as usize, dropped);
     sc.signal(nix::sys::signal::Signal::SIGTERM);
     sc.wait_exit(WAIT);
-    kill_app(dir.path());
 }
 
 #[test]
@@ -255,6 +249,7 @@ fn a_buffer_dir_that_cannot_be_written_or_without_the_apps_stdio_is_located() {
 fn an_apps_line_longer_than_a_spool_line_arrives_whole_in_its_pieces() {
     let rx = Receiver::start();
     let dir = tempfile::tempdir().unwrap();
+    let _app = AppGuard(dir.path().join("app.pid"));
     let config = config(&rx, dir.path(), "");
     // 300 KiB: the capture cuts it at 256 KiB, the spool at 256 KiB less its CRI prefix.
     let script = format!(
@@ -293,5 +288,4 @@ fn an_apps_line_longer_than_a_spool_line_arrives_whole_in_its_pieces() {
     );
     sc.signal(nix::sys::signal::Signal::SIGTERM);
     sc.wait_exit(WAIT);
-    kill_app(dir.path());
 }

@@ -345,3 +345,125 @@ fn an_https_sink_presents_its_client_certificate_to_a_collector_that_requires_on
     assert_once(&counts, &want, &sc);
     assert_eq!(sc.get_json("/ready")["log_sinks"]["http"]["state"], "up");
 }
+
+/// `headers_env`: a sink's credential read from the environment reaches the collector and is
+/// shown nowhere (`/config`, `/status`, the debug log); a variable not set, or holding what no
+/// header value can (a Secret made with `echo` ends with a newline), is refused by `check` at
+/// its line, naming the variable and the sink, never the value.
+#[test]
+fn a_sink_header_from_the_environment_is_sent_and_never_shown() {
+    const SECRET: &str = "Bearer s3cr3t-from-env";
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, 0, 50, "h");
+    let config = format!(
+        "log:\n  level: debug\nlogs:\n  sources: [{{files: {}/*.log, format: plain}}]\n  sinks:\n    - name: collector\n      loki: {}\n      headers: {{X-Scope-OrgID: tenant-1}}\n      headers_env: {{Authorization: TEST_LOKI_AUTH}}\n  poll: 50ms\n  batch: {{max_wait: 50ms}}\n",
+        dir.path().display(),
+        base(&rx),
+    );
+    let sc = crate::support::Spawn {
+        config: &config,
+        env: &[("TEST_LOKI_AUTH", SECRET)],
+        ..Default::default()
+    }
+    .start();
+    let want = expected(0, 50, "h");
+    assert_once(&rx.wait_for(&want), &want, &sc);
+    let headers = rx.limits.headers.lock().unwrap().clone();
+    let value = |name: &str| {
+        headers
+            .iter()
+            .filter_map(|h| h.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    assert_eq!(
+        value("authorization").as_deref(),
+        Some(SECRET),
+        "{headers:?}"
+    );
+    assert_eq!(
+        value("x-scope-orgid").as_deref(),
+        Some("tenant-1"),
+        "{headers:?}"
+    );
+    let (_, shown) = sc.get("/config");
+    assert!(shown.contains("<redacted: env TEST_LOKI_AUTH>"), "{shown}");
+    for path in ["/config", "/status", "/ready"] {
+        let (_, body) = sc.get(path);
+        assert!(
+            !body.contains("s3cr3t") && !body.contains("tenant-1"),
+            "{path}: {body}"
+        );
+    }
+    let output = format!("{}{}", sc.stdout(), sc.stderr());
+    assert!(
+        output.contains("DEBUG") || output.contains("\"debug\""),
+        "the debug log is on"
+    );
+    assert!(!output.contains("s3cr3t"), "{output}");
+
+    // A reload to a variable not set is refused at its line; the sink keeps its header.
+    std::fs::write(
+        &sc.config_path,
+        config.replace("TEST_LOKI_AUTH", "TEST_LOKI_MISSING"),
+    )
+    .unwrap();
+    crate::support::client()
+        .post(sc.url("/reload"))
+        .send()
+        .unwrap();
+    eventually(WAIT, "the refused reload", || {
+        (sc.metric("outrigger_config_reloads_total{result=\"failure\"}") >= 1.0).then_some(())
+    });
+    let errors = sc.get_json("/config")["last_reload"]["errors"].to_string();
+    assert!(
+        errors.contains("outrigger.yaml:9:")
+            && errors.contains("TEST_LOKI_MISSING, which is not set"),
+        "{errors}"
+    );
+    rx.limits.headers.lock().unwrap().clear();
+    append(&log, 50, 60, "h");
+    let want = expected(0, 60, "h");
+    assert_once(&rx.wait_for(&want), &want, &sc);
+    let headers = rx.limits.headers.lock().unwrap().clone();
+    assert!(
+        headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&format!("authorization: {SECRET}"))),
+        "{headers:?}"
+    );
+    assert_eq!(
+        sc.metric("outrigger_config_reloads_total{result=\"success\"}"),
+        0.0
+    );
+
+    let path = dir.path().join("outrigger.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let check = |env: &[(&str, &str)]| {
+        crate::support::run_to_end(&["check", "-c", path.to_str().unwrap()], env, dir.path())
+    };
+    let (code, _, err) = check(&[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.lines().any(|l| l.contains("outrigger.yaml:9:")
+            && l.contains("logs.sinks[0].headers_env.Authorization")
+            && l.contains("\"collector\"")
+            && l.contains("TEST_LOKI_AUTH, which is not set")),
+        "{err}"
+    );
+    let (code, _, err) = check(&[("TEST_LOKI_AUTH", "Bearer s3cr3t\n")]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("outrigger.yaml:9:") && err.contains("ends with a newline"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cr3t"), "{err}");
+    let (code, out, err) = check(&[("TEST_LOKI_AUTH", SECRET)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.contains("s3cr3t") && !err.contains("s3cr3t"),
+        "{out}{err}"
+    );
+}
