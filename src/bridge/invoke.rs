@@ -160,9 +160,33 @@ pub async fn call(
     app_id: &str,
     method: http::Method,
     path: &str,
-    mut headers: http::HeaderMap,
+    headers: http::HeaderMap,
     body: bytes::Bytes,
 ) -> Result<http::Response<Body>, ApiError> {
+    let body = body::RequestBody::Complete {
+        data: body,
+        trailers: None,
+    };
+    let res = send(st, app_id, method, path, headers, body, None).await?;
+    Ok(res.map(Body::new))
+}
+
+/// Sends one request to `app_id` and returns the answer once its headers came; its body
+/// streams from the callee as it is read (holding the cluster's in-flight permit until it
+/// ends). A whole body is sent again after a connect failure and goes to a gRPC app of our
+/// own app id through `OnInvoke`; a streaming one (gRPC proxying, [`super::grpc::proxying`])
+/// is forwarded as it arrives, once. The headers are awaited up to the cluster's `timeout`,
+/// or up to `deadline` when the caller set one (then a miss is 504, gRPC's
+/// `DEADLINE_EXCEEDED`).
+pub async fn send(
+    st: &BridgeState,
+    app_id: &str,
+    method: http::Method,
+    path: &str,
+    mut headers: http::HeaderMap,
+    mut body: body::RequestBody,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<http::Response<body::ProxyBody>, ApiError> {
     let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
     if app_id.is_empty() {
         return Err(ApiError::NoAppId);
@@ -202,12 +226,24 @@ pub async fn call(
             format!("the app was not ready within {:?}", st.hold_timeout),
         ));
     }
+    // gRPC needs `te: trailers` end to end (it is hop-by-hop only in name).
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     // Hop-by-hop headers belong to this hop, whichever way the call goes on.
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
-    // A gRPC app takes invocations of its own id through `OnInvoke`.
-    if local && let Some(app) = &st.grpc_app {
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // A gRPC app takes invocations of its own id through `OnInvoke` (a gRPC call proxied to
+    // it, a stream, goes to its server as it is).
+    if local
+        && let Some(app) = &st.grpc_app
+        && let body::RequestBody::Complete { data: body, .. } = &body
+    {
+        let body = body.clone();
         let (method_path, query) = path.as_str().split_once('?').unwrap_or((path.as_str(), ""));
         let content_type = headers
             .get(header::CONTENT_TYPE)
@@ -221,13 +257,13 @@ pub async fn call(
                 code: s.code() as i32,
                 message: s.message().to_string(),
             })?;
-        let mut res = http::Response::new(Body::from(body));
+        let mut res = http::Response::new(body::full(body));
         if let Ok(v) = HeaderValue::from_str(&content_type) {
             res.headers_mut().insert(header::CONTENT_TYPE, v);
         }
         return Ok(res);
     }
-    let Ok(_permit) = cluster.admit() else {
+    let Ok(permit) = cluster.admit() else {
         return Err(fail(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cluster {app_id:?} has too many requests in flight"),
@@ -256,7 +292,14 @@ pub async fn call(
                 format!("cluster {cluster_name:?} has no endpoints"),
             ));
         };
-        let mut out = http::Request::new(body::full(body.clone()));
+        let Some(out_body) = body.take() else {
+            // Only a whole body is sent again (below); this is not reached.
+            return Err(fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot invoke {app_id:?}: the request body was already sent"),
+            ));
+        };
+        let mut out = http::Request::new(out_body);
         *out.method_mut() = method.clone();
         *out.uri_mut() = attempt.endpoint.uri(path.clone());
         *out.version_mut() = version;
@@ -268,18 +311,32 @@ pub async fn call(
             headers.insert(header::HOST, v);
         }
         *out.headers_mut() = headers;
-        match tokio::time::timeout(timeout, attempt.endpoint.client.request(out)).await {
+        let request = attempt.endpoint.client.request(out);
+        let answer = match deadline {
+            Some(d) => tokio::time::timeout_at(d, request),
+            None => tokio::time::timeout(timeout, request),
+        };
+        match answer.await {
             Ok(Ok(res)) => {
                 if res.status().is_server_error() {
                     cluster.failed(&attempt);
                 } else {
                     cluster.succeeded(&attempt);
                 }
-                return Ok(res.map(Body::new));
+                // In flight (for the cluster's limit and balancing) until the answer's end.
+                let held = Held {
+                    _permit: permit,
+                    _attempt: attempt,
+                };
+                return Ok(res.map(|b| body::tap(body::incoming(b), held)));
             }
             Ok(Err(e)) => {
                 cluster.failed(&attempt);
-                if e.is_connect() && tries < MAX_CONNECT_RETRIES && cluster.withdraw_retry() {
+                if e.is_connect()
+                    && body.replayable()
+                    && tries < MAX_CONNECT_RETRIES
+                    && cluster.withdraw_retry()
+                {
                     tries += 1;
                     tracing::debug!(app_id, endpoint = %attempt.endpoint.address, "invocation: connect failed; trying another endpoint");
                     continue;
@@ -288,6 +345,16 @@ pub async fn call(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!(
                         "cannot invoke {app_id:?} at {}: {e}",
+                        attempt.endpoint.address
+                    ),
+                ));
+            }
+            Err(_) if deadline.is_some() => {
+                // The caller's deadline, not the callee's fault: no outlier mark.
+                return Err(fail(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the call's deadline passed before {app_id:?} at {} answered",
                         attempt.endpoint.address
                     ),
                 ));
@@ -304,6 +371,18 @@ pub async fn call(
             }
         }
     }
+}
+
+/// What an answer holds until its body ends or is dropped: the cluster's in-flight permit
+/// and the endpoint's attempt (least-request balancing counts it).
+struct Held {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _attempt: crate::proxy::cluster::Attempt,
+}
+
+impl body::Tap for Held {
+    fn data(&mut self, _: u64) {}
+    fn end(self, _: body::End) {}
 }
 
 #[cfg(test)]

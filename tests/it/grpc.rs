@@ -415,6 +415,237 @@ fn a_grpc_call_with_dapr_app_id_is_invoked_not_answered_by_the_bridge() {
     );
 }
 
+/// A sidecar whose bridge proxies gRPC calls with `dapr-app-id: target` to `backend` (a
+/// cluster over h2c); `bridge` is more of the bridge's config.
+fn proxying(backend: &Backend, bridge: &str) -> Sidecar {
+    let config = format!(
+        "service: caller\nbridge:\n  address: 127.0.0.1:0\n  grpc_address: 127.0.0.1:0\n{bridge}clusters:\n  target:\n    endpoints: [{}]\n    http2: true\n",
+        backend.address()
+    );
+    let sc = Spawn {
+        config: &config,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    sc
+}
+
+/// One gRPC message (5-byte prefix, 2 bytes).
+const MSG: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
+const TARGET: &[(&str, &str)] = &[("dapr-app-id", "target")];
+
+/// daprd's gRPC proxying streams both ways: each message reaches the target as it comes and
+/// each echo comes back before the next message is sent (ping-pong, which hangs if either
+/// side buffers); the half-close ends the call with the target's `grpc-status: 0`. (The bridge
+/// used to read the whole request first: no response headers while the stream was open.)
+#[test]
+fn grpc_proxying_streams_a_bidi_call_message_by_message() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::open(&grpc, "target", TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    for payload in [&b"two"[..], b"three", &[7u8; 70_000]] {
+        let msg = crate::support::grpc_message(payload);
+        crate::support::or_panic(call.exchange(&msg), diag);
+    }
+    assert_eq!(
+        crate::support::or_panic(call.finish(), diag).as_deref(),
+        Some("0"),
+        "{}",
+        diag()
+    );
+    let seen = backend.seen();
+    let call = seen
+        .iter()
+        .find(|s| s.path == "/echo.v1.Echo/Stream")
+        .unwrap_or_else(|| panic!("{seen:?}"));
+    assert_eq!(call.version, "HTTP/2.0");
+    assert_eq!(call.header("te"), Some("trailers"));
+    assert_eq!(call.header("dapr-app-id"), None);
+    assert_eq!(
+        sc.metric("outrigger_bridge_requests_total{api=\"invoke\",status_class=\"2xx\"}"),
+        1.0
+    );
+
+    // An app id nobody serves: a gRPC status (trailers-only), not an HTTP error page.
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(
+            &grpc,
+            "nowhere",
+            "/echo.v1.Echo/Stream",
+            &[("dapr-app-id", "nowhere")],
+            MSG,
+        ),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("13"), "{message:?}");
+    assert!(
+        message.as_deref().unwrap_or("").contains("nowhere"),
+        "{message:?}"
+    );
+    assert_eq!(
+        sc.metric("outrigger_bridge_requests_total{api=\"invoke\",status_class=\"5xx\"}"),
+        1.0
+    );
+}
+
+/// A server stream through the bridge: the target's messages come back as it sends them (the
+/// first arrives while the last is not sent yet), then its trailers.
+#[test]
+fn grpc_proxying_streams_the_answer_as_the_target_sends_it() {
+    use crate::backend::TICK;
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(&grpc, "target", "/echo.v1.Echo/Ticks", TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    assert_eq!(crate::support::or_panic(call.read(TICK.len()), diag), TICK);
+    assert!(
+        backend.ticks() < 3,
+        "the first message came only once the last was sent ({:?} apart)",
+        crate::backend::TICK_GAP
+    );
+    for _ in 0..2 {
+        assert_eq!(crate::support::or_panic(call.read(TICK.len()), diag), TICK);
+    }
+    assert_eq!(
+        crate::support::or_panic(call.finish(), diag).as_deref(),
+        Some("0")
+    );
+}
+
+/// A caller that cancels mid-stream (RST_STREAM) cancels the target's stream too.
+#[test]
+fn grpc_proxying_passes_a_cancel_to_the_target() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wait = Duration::from_secs(20);
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post("http://target/echo.v1.Echo/Stream")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("dapr-app-id", "target")
+            .body(())
+            .unwrap();
+        let (res, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(MSG), false)
+            .unwrap();
+        let res = tokio::time::timeout(wait, res)
+            .await
+            .unwrap_or_else(|_| panic!("no response headers\n{}", sc.diagnostics()))
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        let mut echoed = Vec::new();
+        while echoed.len() < MSG.len() {
+            let data = tokio::time::timeout(wait, body.data())
+                .await
+                .unwrap_or_else(|_| panic!("no echo\n{}", sc.diagnostics()))
+                .expect("the echo")
+                .unwrap();
+            let _ = body.flow_control().release_capacity(data.len());
+            echoed.extend_from_slice(&data);
+        }
+        assert_eq!(echoed, MSG);
+        assert_eq!(backend.resets(), 0);
+        send.send_reset(h2::Reason::CANCEL);
+        // The connection stays open (its task runs here) while the target hears of it.
+        let deadline = tokio::time::Instant::now() + wait;
+        while backend.resets() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the target never saw the cancel\n{}",
+                sc.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// The caller's deadline (`grpc-timeout`) bounds the whole call, not only its start: a stream
+/// still open when it passes ends with `DEADLINE_EXCEEDED` and the target's stream is
+/// cancelled.
+#[test]
+fn grpc_proxying_applies_the_callers_deadline() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::open(
+            &grpc,
+            "target",
+            &[("dapr-app-id", "target"), ("grpc-timeout", "3S")],
+            MSG,
+        ),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("4"), "{message:?}\n{}", diag());
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "the target's stream cancelled",
+        || (backend.resets() == 1).then_some(()),
+    );
+}
+
+/// `bridge.max_body` bounds each message of a proxied stream (as daprd's `--max-body-size`
+/// bounds gRPC messages), not the stream: a larger one ends the call with
+/// `RESOURCE_EXHAUSTED` and cancels the target's stream.
+#[test]
+fn grpc_proxying_limits_each_message_to_max_body() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "  max_body: 1KiB\n");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::open(&grpc, "target", TARGET, MSG),
+        diag,
+    );
+    // Messages under the limit pass, however many (the stream is longer than the limit).
+    for _ in 0..3 {
+        let msg = crate::support::grpc_message(&[1u8; 768]);
+        crate::support::or_panic(call.exchange(&msg), diag);
+    }
+    // A 2 KiB message: refused from its prefix.
+    let mut msg = vec![0u8, 0, 0, 8, 0];
+    msg.extend_from_slice(&[1u8; 100]);
+    crate::support::or_panic(call.send(&msg), diag);
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("8"), "{message:?}\n{}", diag());
+    assert!(
+        message.as_deref().unwrap_or("").contains("2048"),
+        "{message:?}"
+    );
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "the target's stream cancelled",
+        || (backend.resets() == 1).then_some(()),
+    );
+}
+
 #[test]
 fn a_grpc_app_on_a_unix_socket_is_a_config_problem() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,9 @@
 //! is `application/grpc…` comes here ([`is_grpc`]), on `bridge.address` and on
 //! `bridge.grpc_address`. [`Grpc::call`] checks the API token (`dapr-api-token` metadata),
 //! answers RPCs we do not implement with `UNIMPLEMENTED` naming their building block, and counts
-//! every call in the bridge's metrics.
+//! every call in the bridge's metrics. A call to another service with `dapr-app-id` metadata
+//! ([`is_proxied`]) is forwarded to that app id as a stream both ways ([`Grpc::proxy`],
+//! [`proxying`]: daprd's gRPC proxying).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -47,6 +49,7 @@ pub mod dapr {
 }
 
 pub mod app;
+pub mod proxying;
 mod subscribe;
 
 use dapr::proto::common::v1 as common;
@@ -105,7 +108,7 @@ impl Grpc {
                 Some(_) => {
                     let mut req = req;
                     req.headers_mut().remove(TOKEN_HEADER);
-                    match self.server.oneshot(req).await {
+                    match self.server.clone().oneshot(req).await {
                         Ok(res) => res.map(Body::new),
                         Err(never) => match never {},
                     }
@@ -115,6 +118,44 @@ impl Grpc {
                 ))),
             }
         };
+        self.observe(api, &response, started);
+        Ok(response)
+    }
+
+    /// Serves one call to another app id (`dapr-app-id`, [`is_proxied`]): the same token check
+    /// as the API's calls, then [`proxying::forward`]; counted as `api="invoke"`.
+    pub async fn proxy(
+        self,
+        mut req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let app_id = req
+            .headers()
+            .get(crate::bridge::invoke::APP_ID_HEADER)
+            .map(|v| v.to_str().map(str::to_string));
+        let response = match (self.authorize(&req), app_id) {
+            (Err(status), _) => {
+                tracing::debug!(
+                    path = req.uri().path(),
+                    "gRPC call refused: {}",
+                    status.message()
+                );
+                status_response(status)
+            }
+            (Ok(()), Some(Ok(app_id))) => {
+                req.headers_mut().remove(TOKEN_HEADER);
+                proxying::forward(&self.state, &app_id, req).await
+            }
+            (Ok(()), _) => status_response(Status::invalid_argument(
+                "expected a dapr-app-id of printable ASCII, found other bytes",
+            )),
+        };
+        self.observe("invoke", &response, started);
+        Ok(response)
+    }
+
+    /// Counts a call and the time to its answer's headers.
+    fn observe(&self, api: &'static str, response: &Response<Body>, started: Instant) {
         let class = grpc_class(response.headers());
         let metrics = &self.state.metrics;
         metrics
@@ -128,13 +169,12 @@ impl Grpc {
             .duration
             .get_or_create(&BridgeApiLabels { api })
             .observe(started.elapsed().as_secs_f64());
-        Ok(response)
     }
 
     /// The API token, when one is configured, must come as `dapr-api-token` metadata; without
     /// one, only IP addresses and localhost are answered (as the HTTP API: a DNS-rebinding page
     /// must not reach it by name).
-    fn authorize(&self, req: &Request<Body>) -> Result<(), Status> {
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), Status> {
         let Some(token) = &self.state.config.api_token else {
             if crate::origin::foreign_host(req.headers(), req.uri()) {
                 return Err(Status::permission_denied(ApiError::ForeignHost.to_string()));
