@@ -175,9 +175,9 @@ pub async fn call(
 /// streams from the callee as it is read (holding the cluster's in-flight permit until it
 /// ends). A whole body is sent again after a connect failure and goes to a gRPC app of our
 /// own app id through `OnInvoke`; a streaming one (gRPC proxying, [`super::grpc::proxying`])
-/// is forwarded as it arrives, once. The headers are awaited up to the cluster's `timeout`,
-/// or up to `deadline` when the caller set one (then a miss is 504, gRPC's
-/// `DEADLINE_EXCEEDED`).
+/// is forwarded as it arrives, once. The headers are awaited up to `deadline` when the caller
+/// set one (then a miss is 504, gRPC's `DEADLINE_EXCEEDED`); otherwise up to the cluster's
+/// `timeout` for a whole body, and without a limit for a streaming one.
 pub async fn send(
     st: &BridgeState,
     app_id: &str,
@@ -281,6 +281,10 @@ pub async fn send(
         Version::HTTP_11
     };
     let timeout = cluster.config.timeout.get();
+    // A stream (gRPC proxying) is bounded by the caller's deadline only: a gRPC server may
+    // send its headers with its first message, any time later (a server stream's first
+    // event, a bidi call's first answer); daprd sets no limit either.
+    let streamed = matches!(body, body::RequestBody::Streaming(_));
     cluster.deposit();
     // A connect failure sent nothing, so it is retried on another endpoint (any method), as
     // far as the cluster's retry budget allows; every other outcome is final.
@@ -313,10 +317,11 @@ pub async fn send(
         *out.headers_mut() = headers;
         let request = attempt.endpoint.client.request(out);
         let answer = match deadline {
-            Some(d) => tokio::time::timeout_at(d, request),
-            None => tokio::time::timeout(timeout, request),
+            Some(d) => tokio::time::timeout_at(d, request).await,
+            None if streamed => Ok(request.await),
+            None => tokio::time::timeout(timeout, request).await,
         };
-        match answer.await {
+        match answer {
             Ok(Ok(res)) => {
                 if res.status().is_server_error() {
                     cluster.failed(&attempt);

@@ -602,12 +602,13 @@ impl Bridge {
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (app, grpc) = (app.clone(), grpc.clone());
                     async move {
-                        // One port for both APIs: gRPC by its content type. A call to
+                        // One port for both APIs: gRPC by its content type. A gRPC call to
                         // another service with `dapr-app-id` is forwarded to that app id as
-                        // it streams (daprd's gRPC proxying), its body as hyper reads it.
-                        if grpc::is_grpc(&req) && grpc::is_proxied(&req) {
+                        // it streams (daprd's gRPC proxying), its body as hyper reads it; a
+                        // gRPC-Web one is invoked as any HTTP request with that header.
+                        if grpc::is_grpc_proper(&req) && grpc::is_proxied(&req) {
                             grpc.proxy(req).await
-                        } else if grpc::is_grpc(&req) {
+                        } else if grpc::is_grpc(&req) && !grpc::is_proxied(&req) {
                             grpc.call(req.map(axum::body::Body::new)).await
                         } else {
                             app.oneshot(req.map(axum::body::Body::new)).await

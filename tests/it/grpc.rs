@@ -418,8 +418,13 @@ fn a_grpc_call_with_dapr_app_id_is_invoked_not_answered_by_the_bridge() {
 /// A sidecar whose bridge proxies gRPC calls with `dapr-app-id: target` to `backend` (a
 /// cluster over h2c); `bridge` is more of the bridge's config.
 fn proxying(backend: &Backend, bridge: &str) -> Sidecar {
+    proxying_with(backend, bridge, "")
+}
+
+/// [`proxying`], with `cluster` more of the `target` cluster's config.
+fn proxying_with(backend: &Backend, bridge: &str, cluster: &str) -> Sidecar {
     let config = format!(
-        "service: caller\nbridge:\n  address: 127.0.0.1:0\n  grpc_address: 127.0.0.1:0\n{bridge}clusters:\n  target:\n    endpoints: [{}]\n    http2: true\n",
+        "service: caller\nbridge:\n  address: 127.0.0.1:0\n  grpc_address: 127.0.0.1:0\n{bridge}clusters:\n  target:\n    endpoints: [{}]\n    http2: true\n{cluster}",
         backend.address()
     );
     let sc = Spawn {
@@ -645,6 +650,57 @@ fn grpc_proxying_limits_each_message_to_max_body() {
         "the target's stream cancelled",
         || (backend.resets() == 1).then_some(()),
     );
+}
+
+/// A proxied call without a deadline waits for the target's headers as long as it takes, not
+/// the cluster's `timeout`: gRPC servers (grpc-go, Java, Python) send their headers only with
+/// their first message, which a server stream may send minutes later. Nor is the target
+/// marked failed (outlier ejection would take away a healthy endpoint).
+#[test]
+fn grpc_proxying_waits_for_late_headers_past_the_cluster_timeout() {
+    let backend = Backend::http();
+    let sc = proxying_with(&backend, "", "    timeout: 500ms\n");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    // `/slow/MS`: headers and body after MS milliseconds.
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(&grpc, &grpc, "/slow/1500", TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    assert_eq!(
+        crate::support::or_panic(call.trailers(), diag),
+        (None, None),
+        "the target's answer, not the bridge's status\n{}",
+        diag()
+    );
+    // A whole-body invocation keeps the cluster's timeout.
+    let res = crate::support::client()
+        .post(sc.bridge_url("/v1.0/invoke/target/method/slow/1500"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 500, "{}", diag());
+}
+
+/// gRPC-Web with `dapr-app-id` is not gRPC's framing (grpc-web-text is base64): it is invoked
+/// as any HTTP request with that header, its body forwarded as it is.
+#[test]
+fn a_grpc_web_call_with_dapr_app_id_is_invoked_as_http() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    for ct in ["application/grpc-web-text", "application/grpc-web+proto"] {
+        let res = crate::support::client()
+            .post(sc.bridge_url("/echo.v1.Echo/Say"))
+            .header("content-type", ct)
+            .header("dapr-app-id", "target")
+            .body("AAAAAAJ4eQ==")
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200, "{ct}\n{}", sc.diagnostics());
+        let echo: serde_json::Value = res.json().unwrap();
+        assert_eq!(echo["path"], "/echo.v1.Echo/Say", "{echo}");
+        assert_eq!(echo["body"], "AAAAAAJ4eQ==", "{echo}");
+    }
 }
 
 #[test]

@@ -66,6 +66,16 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Whether a request is gRPC proper (`application/grpc`, `application/grpc+proto`,
+/// `application/grpc;…`), not gRPC-Web (`application/grpc-web…`, whose body is framed or
+/// base64-encoded otherwise): only these are proxied as streams ([`is_proxied`]).
+pub fn is_grpc_proper<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+}
+
 /// Whether a gRPC call is for another service, to invoke by its `dapr-app-id` (daprd's gRPC
 /// proxying) rather than for Dapr's own API.
 pub fn is_proxied<B>(req: &Request<B>) -> bool {
@@ -1079,6 +1089,34 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// gRPC proper is proxied as a stream; gRPC-Web (its own framing, or base64) is not.
+    #[test]
+    fn grpc_proper_is_not_grpc_web() {
+        let req = |ct: &str| {
+            Request::builder()
+                .header(http::header::CONTENT_TYPE, ct)
+                .body(())
+                .unwrap()
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;charset=utf-8",
+        ] {
+            assert!(is_grpc_proper(&req(ct)), "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/grpc-web-text",
+            "application/grpc-web+proto",
+            "application/grpcx",
+            "application/json",
+        ] {
+            assert!(!is_grpc_proper(&req(ct)), "{ct}");
+        }
+        assert!(!is_grpc_proper(&Request::new(())));
+    }
 
     /// `IMPLEMENTED` decides what reaches the generated server: it must name exactly the RPCs
     /// `proto/` declares (a new RPC would otherwise answer UNIMPLEMENTED, or an undeclared one
