@@ -167,7 +167,7 @@ pub async fn call(
         data: body,
         trailers: None,
     };
-    let res = send(st, app_id, method, path, headers, body, None).await?;
+    let res = send(st, app_id, method, path, headers, body, None, None).await?;
     Ok(res.map(Body::new))
 }
 
@@ -177,7 +177,11 @@ pub async fn call(
 /// own app id through `OnInvoke`; a streaming one (gRPC proxying, [`super::grpc::proxying`])
 /// is forwarded as it arrives, once. The headers are awaited up to `deadline` when the caller
 /// set one (then a miss is 504, gRPC's `DEADLINE_EXCEEDED`); otherwise up to the cluster's
-/// `timeout` for a whole body, and without a limit for a streaming one.
+/// `timeout` for a whole body, and without a limit for a streaming one. The deadline also
+/// bounds the wait for our own app and for name resolution, and goes on as the remaining
+/// `grpc-timeout`. A failure for which `caller_fault` answers true (a streaming body the
+/// caller's side broke) does not count against the endpoint.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     st: &BridgeState,
     app_id: &str,
@@ -186,8 +190,15 @@ pub async fn send(
     mut headers: http::HeaderMap,
     mut body: body::RequestBody,
     deadline: Option<tokio::time::Instant>,
+    caller_fault: Option<&(dyn Fn() -> bool + Sync)>,
 ) -> Result<http::Response<body::ProxyBody>, ApiError> {
     let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
+    let late = || {
+        fail(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the call's deadline passed before {app_id:?} answered"),
+        )
+    };
     if app_id.is_empty() {
         return Err(ApiError::NoAppId);
     }
@@ -196,7 +207,13 @@ pub async fn send(
     let cluster = match (st.clusters.get(cluster_name).await, &st.resolver) {
         (Some(c), _) => c,
         (None, Some(resolver)) if !local => {
-            resolver.cluster(app_id).await.map_err(|e| match e {
+            let resolved = match deadline {
+                Some(d) => tokio::time::timeout_at(d, resolver.cluster(app_id))
+                    .await
+                    .map_err(|_| late())?,
+                None => resolver.cluster(app_id).await,
+            };
+            resolved.map_err(|e| match e {
                 ResolveError::Malformed(m) => ApiError::Malformed(m),
                 ResolveError::Full(m) | ResolveError::Tls(m) => {
                     fail(StatusCode::SERVICE_UNAVAILABLE, m)
@@ -220,11 +237,20 @@ pub async fn send(
     let path: http::uri::PathAndQuery = path
         .parse()
         .map_err(|_| ApiError::Malformed(format!("invalid method path {path:?}")))?;
-    if local && !st.app_gate.wait(st.hold_timeout).await {
-        return Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the app was not ready within {:?}", st.hold_timeout),
-        ));
+    if local {
+        let hold = deadline.map_or(st.hold_timeout, |d| {
+            st.hold_timeout
+                .min(d.saturating_duration_since(tokio::time::Instant::now()))
+        });
+        if !st.app_gate.wait(hold).await {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Err(late());
+            }
+            return Err(fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the app was not ready within {:?}", st.hold_timeout),
+            ));
+        }
     }
     // gRPC needs `te: trailers` end to end (it is hop-by-hop only in name).
     let te_trailers = headers
@@ -314,6 +340,13 @@ pub async fn send(
         {
             headers.insert(header::HOST, v);
         }
+        // The callee gets the time left, not the caller's whole budget.
+        if let Some(d) = deadline
+            && headers.contains_key(GRPC_TIMEOUT)
+        {
+            let left = d.saturating_duration_since(tokio::time::Instant::now());
+            headers.insert(GRPC_TIMEOUT, grpc_timeout_value(left));
+        }
         *out.headers_mut() = headers;
         let request = attempt.endpoint.client.request(out);
         let answer = match deadline {
@@ -336,7 +369,9 @@ pub async fn send(
                 return Ok(res.map(|b| body::tap(body::incoming(b), held)));
             }
             Ok(Err(e)) => {
-                cluster.failed(&attempt);
+                if !caller_fault.is_some_and(|f| f()) {
+                    cluster.failed(&attempt);
+                }
                 if e.is_connect()
                     && body.replayable()
                     && tries < MAX_CONNECT_RETRIES
@@ -378,6 +413,20 @@ pub async fn send(
     }
 }
 
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// `left` as a `grpc-timeout` value (at most 8 digits): milliseconds, rounded up, or seconds
+/// past 99999999 ms.
+fn grpc_timeout_value(left: std::time::Duration) -> HeaderValue {
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    let v = if ms <= 99_999_999 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", left.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&v).expect("digits and a unit")
+}
+
 /// What an answer holds until its body ends or is dropped: the cluster's in-flight permit
 /// and the endpoint's attempt (least-request balancing counts it).
 struct Held {
@@ -393,6 +442,20 @@ impl body::Tap for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_values() {
+        use std::time::Duration;
+        for (d, v) in [
+            (Duration::ZERO, "0m"),
+            (Duration::from_micros(1), "1m"),
+            (Duration::from_millis(2500), "2500m"),
+            (Duration::from_millis(99_999_999), "99999999m"),
+            (Duration::from_secs(100_000), "100000S"),
+        ] {
+            assert_eq!(grpc_timeout_value(d), v, "{d:?}");
+        }
+    }
 
     #[test]
     fn targets() {

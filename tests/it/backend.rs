@@ -5,9 +5,9 @@
 //! `a`, then `b` MS milliseconds later; `/upgrade` switches
 //! protocols and echoes bytes; `/stream` (or a gRPC-like `/pkg.Svc/Stream`) echoes the request body frame by frame and ends with
 //! `grpc-status: 0` trailers (the shape of a gRPC bidi stream; a stream reset by the caller is
-//! counted, [`Backend::resets`]); a gRPC-like `/pkg.Svc/Ticks` answers three 5-byte gRPC
-//! messages ([`TICK`]) [`TICK_GAP`] apart, then `grpc-status: 0` (a server stream; the ticks
-//! sent so far are [`Backend::ticks`]); anything else echoes the request as JSON (method, path,
+//! counted, [`Backend::resets`]); a gRPC-like `/pkg.Svc/Ticks` answers two 5-byte gRPC
+//! messages ([`TICK`]) [`TICK_GAP`] apart, a third once the test calls
+//! [`Backend::release_ticks`], then `grpc-status: 0` (a server stream); anything else echoes the request as JSON (method, path,
 //! headers, body).
 
 use std::convert::Infallible;
@@ -174,12 +174,10 @@ impl Backend {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// `/Ticks` messages sent so far (by every call).
+    /// Lets one `/Ticks` call send its last message.
     #[cfg(feature = "bridge")]
-    pub fn ticks(&self) -> usize {
-        self.counters
-            .ticks
-            .load(std::sync::atomic::Ordering::SeqCst)
+    pub fn release_ticks(&self) {
+        self.counters.release.notify_one();
     }
 }
 
@@ -187,13 +185,14 @@ impl Backend {
 #[derive(Default)]
 struct Counters {
     resets: std::sync::atomic::AtomicUsize,
-    ticks: std::sync::atomic::AtomicUsize,
+    /// Lets a `/Ticks` call send its last message.
+    release: tokio::sync::Notify,
 }
 
 /// One `/Ticks` message: gRPC's 5-byte prefix (uncompressed, length 2) and 2 bytes.
 pub const TICK: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
 /// The pause between two `/Ticks` messages.
-pub const TICK_GAP: Duration = Duration::from_millis(1000);
+pub const TICK_GAP: Duration = Duration::from_millis(200);
 
 impl Drop for Backend {
     fn drop(&mut self) {
@@ -294,8 +293,11 @@ async fn handle(
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         tokio::spawn(async move {
             for i in 0..3 {
-                if i > 0 {
+                if i == 1 {
                     tokio::time::sleep(TICK_GAP).await;
+                }
+                if i == 2 {
+                    counters.release.notified().await;
                 }
                 if tx
                     .send(Ok(Frame::data(Bytes::from_static(TICK))))
@@ -304,9 +306,6 @@ async fn handle(
                 {
                     return;
                 }
-                counters
-                    .ticks
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             let mut trailers = hyper::HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());

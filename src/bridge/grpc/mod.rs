@@ -166,7 +166,7 @@ impl Grpc {
 
     /// Counts a call and the time to its answer's headers.
     fn observe(&self, api: &'static str, response: &Response<Body>, started: Instant) {
-        let class = grpc_class(response.headers());
+        let class = grpc_class(response.status(), response.headers());
         let metrics = &self.state.metrics;
         metrics
             .requests
@@ -187,6 +187,7 @@ impl Grpc {
     fn authorize<B>(&self, req: &Request<B>) -> Result<(), Status> {
         let Some(token) = &self.state.config.api_token else {
             if crate::origin::foreign_host(req.headers(), req.uri()) {
+                tracing::warn!(path = req.uri().path(), authority = ?req.uri().authority(), host = ?req.headers().get(http::header::HOST), "refused a gRPC call for a foreign Host");
                 return Err(Status::permission_denied(ApiError::ForeignHost.to_string()));
             }
             return Ok(());
@@ -297,7 +298,16 @@ fn api_of(method: &str) -> &'static str {
 
 /// The status class of a gRPC answer: a `grpc-status` in the headers is a trailers-only error;
 /// otherwise the call was answered (its final status travels in trailers).
-fn grpc_class(headers: &HeaderMap) -> &'static str {
+fn grpc_class(status: http::StatusCode, headers: &HeaderMap) -> &'static str {
+    // Not a gRPC answer (a proxied callee's HTTP error, with or without `grpc-status`): its
+    // HTTP class.
+    match status.as_u16() / 100 {
+        2 => {}
+        1 => return "1xx",
+        3 => return "3xx",
+        4 => return "4xx",
+        _ => return "5xx",
+    }
     let code = headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())

@@ -10,10 +10,10 @@
 //! [`Outbound`]; the target's answer goes back wrapped in [`Answer`].
 //!
 //! What the bridge adds on the way, as daprd does:
-//! - each request message is at most `bridge.max_body` bytes (read from its 5-byte prefix as
-//!   it passes, not the stream's total): a larger one ends the call with `RESOURCE_EXHAUSTED`
+//! - each request message is at most `bridge.max_body` bytes on the wire (compressed, as its
+//!   5-byte prefix says, read as it passes; not the stream's total): a larger one ends the call with `RESOURCE_EXHAUSTED`
 //!   and cancels the target's stream;
-//! - the caller's deadline (`grpc-timeout`, which the target gets too) bounds the whole call,
+//! - the caller's deadline (`grpc-timeout`, which the target gets as the time left) bounds the whole call,
 //!   not only the wait for the headers: past it the call ends with `DEADLINE_EXCEEDED` and the
 //!   target's stream is cancelled;
 //! - a caller that cancels (RST_STREAM, or a closed connection) cancels the target's stream;
@@ -69,6 +69,8 @@ pub async fn forward(
         parts.headers,
         RequestBody::Streaming(outbound.boxed()),
         deadline,
+        // A message refused before the callee answered is the caller's doing.
+        Some(&|| refused.get().is_some()),
     )
     .await;
     match sent {
@@ -215,6 +217,11 @@ impl Body for Outbound {
 /// The target's answer on its way to the caller: frames pass as they come, up to the
 /// caller's deadline. A stream cut short (the deadline, a refused message, the target's
 /// stream broken) ends with trailers that say why, and drops the target's stream.
+///
+/// The deadline is seen when hyper polls this body, which it does whenever it waits for the
+/// next frame; a caller that stops reading (no HTTP/2 window left) is not polled, so its call
+/// ends past the deadline only once it reads again or goes away (its own gRPC library cancels
+/// it at its deadline anyway).
 struct Answer {
     inner: ProxyBody,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
