@@ -160,10 +160,45 @@ pub async fn call(
     app_id: &str,
     method: http::Method,
     path: &str,
-    mut headers: http::HeaderMap,
+    headers: http::HeaderMap,
     body: bytes::Bytes,
 ) -> Result<http::Response<Body>, ApiError> {
+    let body = body::RequestBody::Complete {
+        data: body,
+        trailers: None,
+    };
+    let res = send(st, app_id, method, path, headers, body, None, None).await?;
+    Ok(res.map(Body::new))
+}
+
+/// Sends one request to `app_id` and returns the answer once its headers came; its body
+/// streams from the callee as it is read (holding the cluster's in-flight permit until it
+/// ends). A whole body is sent again after a connect failure and goes to a gRPC app of our
+/// own app id through `OnInvoke`; a streaming one (gRPC proxying, [`super::grpc::proxying`])
+/// is forwarded as it arrives, once. The headers are awaited up to `deadline` when the caller
+/// set one (then a miss is 504, gRPC's `DEADLINE_EXCEEDED`); otherwise up to the cluster's
+/// `timeout` for a whole body, and without a limit for a streaming one. The deadline also
+/// bounds the wait for our own app and for name resolution, and goes on as the remaining
+/// `grpc-timeout`. A failure for which `caller_fault` answers true (a streaming body the
+/// caller's side broke) does not count against the endpoint.
+#[allow(clippy::too_many_arguments)]
+pub async fn send(
+    st: &BridgeState,
+    app_id: &str,
+    method: http::Method,
+    path: &str,
+    mut headers: http::HeaderMap,
+    mut body: body::RequestBody,
+    deadline: Option<tokio::time::Instant>,
+    caller_fault: Option<&(dyn Fn() -> bool + Sync)>,
+) -> Result<http::Response<body::ProxyBody>, ApiError> {
     let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
+    let late = || {
+        fail(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the call's deadline passed before {app_id:?} answered"),
+        )
+    };
     if app_id.is_empty() {
         return Err(ApiError::NoAppId);
     }
@@ -172,7 +207,13 @@ pub async fn call(
     let cluster = match (st.clusters.get(cluster_name).await, &st.resolver) {
         (Some(c), _) => c,
         (None, Some(resolver)) if !local => {
-            resolver.cluster(app_id).await.map_err(|e| match e {
+            let resolved = match deadline {
+                Some(d) => tokio::time::timeout_at(d, resolver.cluster(app_id))
+                    .await
+                    .map_err(|_| late())?,
+                None => resolver.cluster(app_id).await,
+            };
+            resolved.map_err(|e| match e {
                 ResolveError::Malformed(m) => ApiError::Malformed(m),
                 ResolveError::Full(m) | ResolveError::Tls(m) => {
                     fail(StatusCode::SERVICE_UNAVAILABLE, m)
@@ -196,18 +237,39 @@ pub async fn call(
     let path: http::uri::PathAndQuery = path
         .parse()
         .map_err(|_| ApiError::Malformed(format!("invalid method path {path:?}")))?;
-    if local && !st.app_gate.wait(st.hold_timeout).await {
-        return Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the app was not ready within {:?}", st.hold_timeout),
-        ));
+    if local {
+        let hold = deadline.map_or(st.hold_timeout, |d| {
+            st.hold_timeout
+                .min(d.saturating_duration_since(tokio::time::Instant::now()))
+        });
+        if !st.app_gate.wait(hold).await {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Err(late());
+            }
+            return Err(fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the app was not ready within {:?}", st.hold_timeout),
+            ));
+        }
     }
+    // gRPC needs `te: trailers` end to end (it is hop-by-hop only in name).
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     // Hop-by-hop headers belong to this hop, whichever way the call goes on.
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
-    // A gRPC app takes invocations of its own id through `OnInvoke`.
-    if local && let Some(app) = &st.grpc_app {
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // A gRPC app takes invocations of its own id through `OnInvoke` (a gRPC call proxied to
+    // it, a stream, goes to its server as it is).
+    if local
+        && let Some(app) = &st.grpc_app
+        && let body::RequestBody::Complete { data: body, .. } = &body
+    {
+        let body = body.clone();
         let (method_path, query) = path.as_str().split_once('?').unwrap_or((path.as_str(), ""));
         let content_type = headers
             .get(header::CONTENT_TYPE)
@@ -221,13 +283,13 @@ pub async fn call(
                 code: s.code() as i32,
                 message: s.message().to_string(),
             })?;
-        let mut res = http::Response::new(Body::from(body));
+        let mut res = http::Response::new(body::full(body));
         if let Ok(v) = HeaderValue::from_str(&content_type) {
             res.headers_mut().insert(header::CONTENT_TYPE, v);
         }
         return Ok(res);
     }
-    let Ok(_permit) = cluster.admit() else {
+    let Ok(permit) = cluster.admit() else {
         return Err(fail(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cluster {app_id:?} has too many requests in flight"),
@@ -245,6 +307,10 @@ pub async fn call(
         Version::HTTP_11
     };
     let timeout = cluster.config.timeout.get();
+    // A stream (gRPC proxying) is bounded by the caller's deadline only: a gRPC server may
+    // send its headers with its first message, any time later (a server stream's first
+    // event, a bidi call's first answer); daprd sets no limit either.
+    let streamed = matches!(body, body::RequestBody::Streaming(_));
     cluster.deposit();
     // A connect failure sent nothing, so it is retried on another endpoint (any method), as
     // far as the cluster's retry budget allows; every other outcome is final.
@@ -256,7 +322,14 @@ pub async fn call(
                 format!("cluster {cluster_name:?} has no endpoints"),
             ));
         };
-        let mut out = http::Request::new(body::full(body.clone()));
+        let Some(out_body) = body.take() else {
+            // Only a whole body is sent again (below); this is not reached.
+            return Err(fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot invoke {app_id:?}: the request body was already sent"),
+            ));
+        };
+        let mut out = http::Request::new(out_body);
         *out.method_mut() = method.clone();
         *out.uri_mut() = attempt.endpoint.uri(path.clone());
         *out.version_mut() = version;
@@ -267,19 +340,43 @@ pub async fn call(
         {
             headers.insert(header::HOST, v);
         }
+        // The callee gets the time left, not the caller's whole budget.
+        if let Some(d) = deadline
+            && headers.contains_key(GRPC_TIMEOUT)
+        {
+            let left = d.saturating_duration_since(tokio::time::Instant::now());
+            headers.insert(GRPC_TIMEOUT, grpc_timeout_value(left));
+        }
         *out.headers_mut() = headers;
-        match tokio::time::timeout(timeout, attempt.endpoint.client.request(out)).await {
+        let request = attempt.endpoint.client.request(out);
+        let answer = match deadline {
+            Some(d) => tokio::time::timeout_at(d, request).await,
+            None if streamed => Ok(request.await),
+            None => tokio::time::timeout(timeout, request).await,
+        };
+        match answer {
             Ok(Ok(res)) => {
                 if res.status().is_server_error() {
                     cluster.failed(&attempt);
                 } else {
                     cluster.succeeded(&attempt);
                 }
-                return Ok(res.map(Body::new));
+                // In flight (for the cluster's limit and balancing) until the answer's end.
+                let held = Held {
+                    _permit: permit,
+                    _attempt: attempt,
+                };
+                return Ok(res.map(|b| body::tap(body::incoming(b), held)));
             }
             Ok(Err(e)) => {
-                cluster.failed(&attempt);
-                if e.is_connect() && tries < MAX_CONNECT_RETRIES && cluster.withdraw_retry() {
+                if !caller_fault.is_some_and(|f| f()) {
+                    cluster.failed(&attempt);
+                }
+                if e.is_connect()
+                    && body.replayable()
+                    && tries < MAX_CONNECT_RETRIES
+                    && cluster.withdraw_retry()
+                {
                     tries += 1;
                     tracing::debug!(app_id, endpoint = %attempt.endpoint.address, "invocation: connect failed; trying another endpoint");
                     continue;
@@ -288,6 +385,16 @@ pub async fn call(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!(
                         "cannot invoke {app_id:?} at {}: {e}",
+                        attempt.endpoint.address
+                    ),
+                ));
+            }
+            Err(_) if deadline.is_some() => {
+                // The caller's deadline, not the callee's fault: no outlier mark.
+                return Err(fail(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the call's deadline passed before {app_id:?} at {} answered",
                         attempt.endpoint.address
                     ),
                 ));
@@ -306,9 +413,49 @@ pub async fn call(
     }
 }
 
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// `left` as a `grpc-timeout` value (at most 8 digits): milliseconds, rounded up, or seconds
+/// past 99999999 ms.
+fn grpc_timeout_value(left: std::time::Duration) -> HeaderValue {
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    let v = if ms <= 99_999_999 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", left.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&v).expect("digits and a unit")
+}
+
+/// What an answer holds until its body ends or is dropped: the cluster's in-flight permit
+/// and the endpoint's attempt (least-request balancing counts it).
+struct Held {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _attempt: crate::proxy::cluster::Attempt,
+}
+
+impl body::Tap for Held {
+    fn data(&mut self, _: u64) {}
+    fn end(self, _: body::End) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_values() {
+        use std::time::Duration;
+        for (d, v) in [
+            (Duration::ZERO, "0m"),
+            (Duration::from_micros(1), "1m"),
+            (Duration::from_millis(2500), "2500m"),
+            (Duration::from_millis(99_999_999), "99999999m"),
+            (Duration::from_secs(100_000), "100000S"),
+        ] {
+            assert_eq!(grpc_timeout_value(d), v, "{d:?}");
+        }
+    }
 
     #[test]
     fn targets() {

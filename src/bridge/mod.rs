@@ -600,16 +600,18 @@ impl Bridge {
             let grpc = grpc::Grpc::new(self.state.clone());
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let req = req.map(axum::body::Body::new);
                     let (app, grpc) = (app.clone(), grpc.clone());
                     async move {
-                        // One port for both APIs: gRPC by its content type — except a call
-                        // to another service with `dapr-app-id`, which is invoked (daprd's
-                        // gRPC proxying).
-                        if grpc::is_grpc(&req) && !grpc::is_proxied(&req) {
-                            grpc.call(req).await
+                        // One port for both APIs: gRPC by its content type. A gRPC call to
+                        // another service with `dapr-app-id` is forwarded to that app id as
+                        // it streams (daprd's gRPC proxying), its body as hyper reads it; a
+                        // gRPC-Web one is invoked as any HTTP request with that header.
+                        if grpc::is_grpc_proper(&req) && grpc::is_proxied(&req) {
+                            grpc.proxy(req).await
+                        } else if grpc::is_grpc(&req) && !grpc::is_proxied(&req) {
+                            grpc.call(req.map(axum::body::Body::new)).await
                         } else {
-                            app.oneshot(req).await
+                            app.oneshot(req.map(axum::body::Body::new)).await
                         }
                     }
                 });

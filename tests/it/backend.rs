@@ -4,8 +4,11 @@
 //! Paths: `/status/N` answers N; `/slow/MS` answers after MS milliseconds; `/drip/MS` sends
 //! `a`, then `b` MS milliseconds later; `/upgrade` switches
 //! protocols and echoes bytes; `/stream` (or a gRPC-like `/pkg.Svc/Stream`) echoes the request body frame by frame and ends with
-//! `grpc-status: 0` trailers (the shape of a gRPC bidi stream); anything else echoes the request
-//! as JSON (method, path, headers, body).
+//! `grpc-status: 0` trailers (the shape of a gRPC bidi stream; a stream reset by the caller is
+//! counted, [`Backend::resets`]); a gRPC-like `/pkg.Svc/Ticks` answers two 5-byte gRPC
+//! messages ([`TICK`]) [`TICK_GAP`] apart, a third once the test calls
+//! [`Backend::release_ticks`], then `grpc-status: 0` (a server stream); anything else echoes the request as JSON (method, path,
+//! headers, body).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,6 +50,8 @@ pub struct Backend {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections open to the backend now.
     open: Arc<std::sync::atomic::AtomicUsize>,
+    #[cfg_attr(not(feature = "bridge"), allow(dead_code))]
+    counters: Arc<Counters>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -77,6 +82,8 @@ impl Backend {
         let unix2 = unix.clone();
         let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let open2 = open.clone();
+        let counters = Arc::new(Counters::default());
+        let counters2 = counters.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -98,8 +105,10 @@ impl Backend {
                 };
                 addr_tx.send(addr).unwrap();
                 loop {
-                    let seen = seen2.clone();
-                    let svc = hyper::service::service_fn(move |req| handle(req, seen.clone()));
+                    let (seen, counters) = (seen2.clone(), counters2.clone());
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(req, seen.clone(), counters.clone())
+                    });
                     tokio::select! {
                         _ = &mut rx => return,
                         c = async {
@@ -130,6 +139,7 @@ impl Backend {
             unix,
             seen,
             open,
+            counters,
             shutdown: Some(tx),
             thread: Some(thread),
         }
@@ -155,7 +165,34 @@ impl Backend {
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
+
+    /// `/Stream` calls whose request was reset (cancelled) by the caller.
+    #[cfg(feature = "bridge")]
+    pub fn resets(&self) -> usize {
+        self.counters
+            .resets
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets one `/Ticks` call send its last message.
+    #[cfg(feature = "bridge")]
+    pub fn release_ticks(&self) {
+        self.counters.release.notify_one();
+    }
 }
+
+/// What the streaming paths did, for tests to read.
+#[derive(Default)]
+struct Counters {
+    resets: std::sync::atomic::AtomicUsize,
+    /// Lets a `/Ticks` call send its last message.
+    release: tokio::sync::Notify,
+}
+
+/// One `/Ticks` message: gRPC's 5-byte prefix (uncompressed, length 2) and 2 bytes.
+pub const TICK: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
+/// The pause between two `/Ticks` messages.
+pub const TICK_GAP: Duration = Duration::from_millis(200);
 
 impl Drop for Backend {
     fn drop(&mut self) {
@@ -182,6 +219,7 @@ fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
 async fn handle(
     mut req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    counters: Arc<Counters>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let mut record = Seen {
@@ -226,7 +264,14 @@ async fn handle(
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
         let mut body = req.into_body();
         tokio::spawn(async move {
-            while let Some(Ok(frame)) = body.frame().await {
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    // RST_STREAM from the caller: the call was cancelled.
+                    counters
+                        .resets
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                };
                 if let Ok(data) = frame.into_data()
                     && tx.send(Ok(Frame::data(data))).await.is_err()
                 {
@@ -239,6 +284,34 @@ async fn handle(
         });
         let stream = ReceiverStream(rx);
         let mut r = Response::new(StreamBody::new(stream).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        return Ok(r);
+    }
+    if path.ends_with("/Ticks") {
+        seen.lock().unwrap().push(record);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        tokio::spawn(async move {
+            for i in 0..3 {
+                if i == 1 {
+                    tokio::time::sleep(TICK_GAP).await;
+                }
+                if i == 2 {
+                    counters.release.notified().await;
+                }
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(TICK))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        });
+        let mut r = Response::new(StreamBody::new(ReceiverStream(rx)).boxed());
         r.headers_mut()
             .insert("content-type", "application/grpc".parse().unwrap());
         return Ok(r);

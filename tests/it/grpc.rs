@@ -415,6 +415,395 @@ fn a_grpc_call_with_dapr_app_id_is_invoked_not_answered_by_the_bridge() {
     );
 }
 
+/// A sidecar whose bridge proxies gRPC calls with `dapr-app-id: target` to `backend` (a
+/// cluster over h2c); `bridge` is more of the bridge's config.
+fn proxying(backend: &Backend, bridge: &str) -> Sidecar {
+    proxying_with(backend, bridge, "")
+}
+
+/// [`proxying`], with `cluster` more of the `target` cluster's config.
+fn proxying_with(backend: &Backend, bridge: &str, cluster: &str) -> Sidecar {
+    let config = format!(
+        "service: caller\nbridge:\n  address: 127.0.0.1:0\n  grpc_address: 127.0.0.1:0\n{bridge}clusters:\n  target:\n    endpoints: [{}]\n    http2: true\n{cluster}",
+        backend.address()
+    );
+    let sc = Spawn {
+        config: &config,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    sc
+}
+
+/// One gRPC message (5-byte prefix, 2 bytes).
+const MSG: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
+const TARGET: &[(&str, &str)] = &[("dapr-app-id", "target")];
+
+/// daprd's gRPC proxying streams both ways: each message reaches the target as it comes and
+/// each echo comes back before the next message is sent (ping-pong, which hangs if either
+/// side buffers); the half-close ends the call with the target's `grpc-status: 0`. (The bridge
+/// used to read the whole request first: no response headers while the stream was open.)
+#[test]
+fn grpc_proxying_streams_a_bidi_call_message_by_message() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::open(&grpc, &grpc, TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    for payload in [&b"two"[..], b"three", &[7u8; 70_000]] {
+        let msg = crate::support::grpc_message(payload);
+        crate::support::or_panic(call.exchange(&msg), diag);
+    }
+    assert_eq!(
+        crate::support::or_panic(call.finish(), diag).as_deref(),
+        Some("0"),
+        "{}",
+        diag()
+    );
+    let seen = backend.seen();
+    let call = seen
+        .iter()
+        .find(|s| s.path == "/echo.v1.Echo/Stream")
+        .unwrap_or_else(|| panic!("{seen:?}"));
+    assert_eq!(call.version, "HTTP/2.0");
+    assert_eq!(call.header("te"), Some("trailers"));
+    assert_eq!(call.header("dapr-app-id"), None);
+    assert_eq!(
+        sc.metric("outrigger_bridge_requests_total{api=\"invoke\",status_class=\"2xx\"}"),
+        1.0
+    );
+
+    // An app id nobody serves: a gRPC status (trailers-only), not an HTTP error page.
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(
+            &grpc,
+            &grpc,
+            "/echo.v1.Echo/Stream",
+            &[("dapr-app-id", "nowhere")],
+            MSG,
+        ),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("13"), "{message:?}");
+    assert!(
+        message.as_deref().unwrap_or("").contains("nowhere"),
+        "{message:?}"
+    );
+    assert_eq!(
+        sc.metric("outrigger_bridge_requests_total{api=\"invoke\",status_class=\"5xx\"}"),
+        1.0
+    );
+
+    // A callee's HTTP error without `grpc-status` counts by its HTTP status.
+    let call = crate::support::or_panic(
+        crate::support::GrpcStream::call(&grpc, &grpc, "/status/503", TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 503, "{}", diag());
+    drop(call);
+    assert_eq!(
+        sc.metric("outrigger_bridge_requests_total{api=\"invoke\",status_class=\"5xx\"}"),
+        2.0
+    );
+}
+
+/// A proxied call passes the bridge's checks first, answered as gRPC statuses: the API token
+/// (missing or wrong: `UNAUTHENTICATED`), not forwarded to the callee; without a token, a call
+/// by a name (DNS rebinding) is `PERMISSION_DENIED`, logged as a warning.
+#[test]
+fn grpc_proxying_checks_the_token_and_the_host() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "  api_token: s3cret\n");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let path = "/echo.v1.Echo/Stream";
+    for (headers, want) in [
+        (&[("dapr-app-id", "target")][..], "16"),
+        (
+            &[("dapr-app-id", "target"), ("dapr-api-token", "nope")],
+            "16",
+        ),
+        (
+            &[("dapr-app-id", "target"), ("dapr-api-token", "s3cret")],
+            "0",
+        ),
+    ] {
+        let mut call = crate::support::or_panic(
+            crate::support::GrpcStream::call(&grpc, &grpc, path, headers, MSG),
+            diag,
+        );
+        let (status, message) = crate::support::or_panic(call.trailers(), diag);
+        assert_eq!(status.as_deref(), Some(want), "{headers:?}: {message:?}");
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].header("dapr-api-token"), None, "{seen:?}");
+    drop(sc);
+
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(&grpc, "evil.example", path, TARGET, MSG),
+        diag,
+    );
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("7"), "{message:?}");
+    assert_eq!(backend.count(), 1);
+    crate::support::eventually(Duration::from_secs(5), "the refusal logged", || {
+        sc.stderr()
+            .contains("refused a gRPC call for a foreign Host")
+            .then_some(())
+    });
+}
+
+/// An invocation holds its place in the cluster's `max_requests_in_flight` until its answer
+/// ends or the caller goes away: a call abandoned mid-body gives it back.
+#[test]
+fn an_invocation_abandoned_mid_body_gives_back_its_place() {
+    use std::io::Read;
+    let backend = Backend::http();
+    let sc = proxying_with(&backend, "", "    max_requests_in_flight: 1\n");
+    let client = crate::support::client;
+    // `/drip/MS`: "a", then "b" MS later.
+    let mut res = client()
+        .get(sc.bridge_url("/v1.0/invoke/target/method/drip/60000"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", sc.diagnostics());
+    let mut a = [0u8; 1];
+    res.read_exact(&mut a).unwrap();
+    assert_eq!(&a, b"a");
+    // While it runs, the cluster is full.
+    let full = client()
+        .get(sc.bridge_url("/v1.0/invoke/target/method/status/200"))
+        .send()
+        .unwrap();
+    assert_eq!(full.status(), 503, "{}", sc.diagnostics());
+    drop(res);
+    crate::support::eventually(Duration::from_secs(10), "the place given back", || {
+        let res = client()
+            .get(sc.bridge_url("/v1.0/invoke/target/method/status/200"))
+            .send()
+            .unwrap();
+        (res.status() == 200).then_some(())
+    });
+}
+
+/// A server stream through the bridge: the target's messages come back as it sends them (the
+/// first two arrive while the last is held back until they came), then its trailers.
+#[test]
+fn grpc_proxying_streams_the_answer_as_the_target_sends_it() {
+    use crate::backend::TICK;
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(&grpc, &grpc, "/echo.v1.Echo/Ticks", TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    // The target sends its last message only after these came (a bridge that held the
+    // answer until its end would wait here forever).
+    for _ in 0..2 {
+        assert_eq!(crate::support::or_panic(call.read(TICK.len()), diag), TICK);
+    }
+    backend.release_ticks();
+    assert_eq!(crate::support::or_panic(call.read(TICK.len()), diag), TICK);
+    assert_eq!(
+        crate::support::or_panic(call.finish(), diag).as_deref(),
+        Some("0")
+    );
+}
+
+/// A caller that cancels mid-stream (RST_STREAM) cancels the target's stream too.
+#[test]
+fn grpc_proxying_passes_a_cancel_to_the_target() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wait = Duration::from_secs(20);
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        // (The bridge answers only IP addresses and localhost without a token.)
+        let req = http::Request::post(format!("http://{grpc}/echo.v1.Echo/Stream"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("dapr-app-id", "target")
+            .body(())
+            .unwrap();
+        let (res, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(MSG), false)
+            .unwrap();
+        let res = tokio::time::timeout(wait, res)
+            .await
+            .unwrap_or_else(|_| panic!("no response headers\n{}", sc.diagnostics()))
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        let mut echoed = Vec::new();
+        while echoed.len() < MSG.len() {
+            let data = tokio::time::timeout(wait, body.data())
+                .await
+                .unwrap_or_else(|_| panic!("no echo\n{}", sc.diagnostics()))
+                .expect("the echo")
+                .unwrap();
+            let _ = body.flow_control().release_capacity(data.len());
+            echoed.extend_from_slice(&data);
+        }
+        assert_eq!(echoed, MSG);
+        assert_eq!(backend.resets(), 0);
+        send.send_reset(h2::Reason::CANCEL);
+        // The connection stays open (its task runs here) while the target hears of it.
+        let deadline = tokio::time::Instant::now() + wait;
+        while backend.resets() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the target never saw the cancel\n{}",
+                sc.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// The caller's deadline (`grpc-timeout`) bounds the whole call, not only its start: a stream
+/// still open when it passes ends with `DEADLINE_EXCEEDED` and the target's stream is
+/// cancelled.
+#[test]
+fn grpc_proxying_applies_the_callers_deadline() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::open(
+            &grpc,
+            &grpc,
+            &[("dapr-app-id", "target"), ("grpc-timeout", "3S")],
+            MSG,
+        ),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("4"), "{message:?}\n{}", diag());
+    // The target was given the time left, in milliseconds.
+    let seen = backend.seen();
+    let left = seen[0].header("grpc-timeout").unwrap_or_default();
+    let ms: u64 = left
+        .strip_suffix('m')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("grpc-timeout: {left:?}"));
+    assert!(ms <= 3000, "grpc-timeout: {left:?}");
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "the target's stream cancelled",
+        || (backend.resets() == 1).then_some(()),
+    );
+}
+
+/// `bridge.max_body` bounds each message of a proxied stream (as daprd's `--max-body-size`
+/// bounds gRPC messages), not the stream: a larger one ends the call with
+/// `RESOURCE_EXHAUSTED` and cancels the target's stream.
+#[test]
+fn grpc_proxying_limits_each_message_to_max_body() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "  max_body: 1KiB\n");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::open(&grpc, &grpc, TARGET, MSG),
+        diag,
+    );
+    // Messages under the limit pass, however many (the stream is longer than the limit).
+    for _ in 0..3 {
+        let msg = crate::support::grpc_message(&[1u8; 768]);
+        crate::support::or_panic(call.exchange(&msg), diag);
+    }
+    // A 2 KiB message: refused from its prefix.
+    let mut msg = vec![0u8, 0, 0, 8, 0];
+    msg.extend_from_slice(&[1u8; 100]);
+    crate::support::or_panic(call.send(&msg), diag);
+    let (status, message) = crate::support::or_panic(call.trailers(), diag);
+    assert_eq!(status.as_deref(), Some("8"), "{message:?}\n{}", diag());
+    assert!(
+        message.as_deref().unwrap_or("").contains("2048"),
+        "{message:?}"
+    );
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "the target's stream cancelled",
+        || (backend.resets() == 1).then_some(()),
+    );
+}
+
+/// A proxied call without a deadline waits for the target's headers as long as it takes, not
+/// the cluster's `timeout`: gRPC servers (grpc-go, Java, Python) send their headers only with
+/// their first message, which a server stream may send minutes later. Nor is the target
+/// marked failed (outlier ejection would take away a healthy endpoint).
+#[test]
+fn grpc_proxying_waits_for_late_headers_past_the_cluster_timeout() {
+    let backend = Backend::http();
+    let sc = proxying_with(&backend, "", "    timeout: 500ms\n");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    // `/slow/MS`: headers and body after MS milliseconds.
+    let mut call = crate::support::or_panic(
+        crate::support::GrpcStream::call(&grpc, &grpc, "/slow/1500", TARGET, MSG),
+        diag,
+    );
+    assert_eq!(call.status, 200, "{}", diag());
+    assert_eq!(
+        crate::support::or_panic(call.trailers(), diag),
+        (None, None),
+        "the target's answer, not the bridge's status\n{}",
+        diag()
+    );
+    // A whole-body invocation keeps the cluster's timeout.
+    let res = crate::support::client()
+        .post(sc.bridge_url("/v1.0/invoke/target/method/slow/1500"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 500, "{}", diag());
+}
+
+/// gRPC-Web with `dapr-app-id` is not gRPC's framing (grpc-web-text is base64): it is invoked
+/// as any HTTP request with that header, its body forwarded as it is.
+#[test]
+fn a_grpc_web_call_with_dapr_app_id_is_invoked_as_http() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    for ct in ["application/grpc-web-text", "application/grpc-web+proto"] {
+        let res = crate::support::client()
+            .post(sc.bridge_url("/echo.v1.Echo/Say"))
+            .header("content-type", ct)
+            .header("dapr-app-id", "target")
+            .body("AAAAAAJ4eQ==")
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200, "{ct}\n{}", sc.diagnostics());
+        let echo: serde_json::Value = res.json().unwrap();
+        assert_eq!(echo["path"], "/echo.v1.Echo/Say", "{echo}");
+        assert_eq!(echo["body"], "AAAAAAJ4eQ==", "{echo}");
+    }
+}
+
 #[test]
 fn a_grpc_app_on_a_unix_socket_is_a_config_problem() {
     let dir = tempfile::tempdir().unwrap();

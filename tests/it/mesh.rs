@@ -545,16 +545,24 @@ fn grpc_between_apps_crosses_the_mesh_with_its_trailers() {
         diagnostics()
     );
 
-    // Daprd's gRPC proxying: the bridge's port, `dapr-app-id: b` (a unary call: the bridge
-    // reads the request before forwarding it).
+    // Daprd's gRPC proxying: the bridge's port, `dapr-app-id: b`, the same message by message
+    // stream (the bridge forwards each message as it comes, and each echo as it comes back).
     let bridge = a.bridge.clone().expect("the bridge runs");
-    let (status, body, grpc_status) = or_panic(
-        GrpcStream::unary(&bridge, &bridge, &[("dapr-app-id", "b")], MSG),
+    let mut call = or_panic(
+        GrpcStream::open(&bridge, &bridge, &[("dapr-app-id", "b")], MSG),
         diagnostics,
     );
-    assert_eq!(status, 200, "{}", diagnostics());
-    assert_eq!(body, MSG);
-    assert_eq!(grpc_status.as_deref(), Some("0"), "{}", diagnostics());
+    assert_eq!(call.status, 200, "{}", diagnostics());
+    or_panic(
+        call.exchange(&crate::support::grpc_message(b"second")),
+        diagnostics,
+    );
+    assert_eq!(
+        or_panic(call.finish(), diagnostics).as_deref(),
+        Some("0"),
+        "{}",
+        diagnostics()
+    );
     assert_eq!(app_b.count(), 3);
 }
 

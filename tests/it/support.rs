@@ -353,6 +353,15 @@ pub fn or_panic<T>(r: Result<T, String>, diagnostics: impl FnOnce() -> String) -
     r.unwrap_or_else(|e| panic!("{e}\n{}", diagnostics()))
 }
 
+/// `payload` as one gRPC message: the 5-byte prefix (uncompressed, its length), then it.
+#[cfg(feature = "bridge")]
+pub fn grpc_message(payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![0u8];
+    m.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
 type Frames =
     tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>;
 
@@ -366,6 +375,8 @@ pub struct GrpcStream {
     tx: Option<Frames>,
     body: hyper::body::Incoming,
     pub status: u16,
+    /// The answer's headers (a trailers-only answer's `grpc-status` is there).
+    headers: http::HeaderMap,
 }
 
 const GRPC_WAIT: Duration = Duration::from_secs(20);
@@ -379,26 +390,33 @@ impl GrpcStream {
         headers: &[(&str, &str)],
         first: &[u8],
     ) -> Result<GrpcStream, String> {
-        Self::start(address, authority, headers, first, false)
+        Self::start(
+            address,
+            authority,
+            "/echo.v1.Echo/Stream",
+            headers,
+            first,
+            false,
+        )
     }
 
-    /// One message and the end of the request at once (a unary call): the status, the
-    /// echoed body and the trailers' `grpc-status`.
+    /// `POST http://{authority}{path}` with `headers`, `msg` sent and the request ended at
+    /// once (a unary or server-streaming call); nothing of the answer is read yet.
     #[cfg(feature = "bridge")]
-    pub fn unary(
+    pub fn call(
         address: &str,
         authority: &str,
+        path: &str,
         headers: &[(&str, &str)],
         msg: &[u8],
-    ) -> Result<(u16, Vec<u8>, Option<String>), String> {
-        let mut s = Self::start(address, authority, headers, msg, true)?;
-        let body = s.echo(msg.len())?;
-        Ok((s.status, body, s.finish()?))
+    ) -> Result<GrpcStream, String> {
+        Self::start(address, authority, path, headers, msg, true)
     }
 
     fn start(
         address: &str,
         authority: &str,
+        path: &str,
         headers: &[(&str, &str)],
         first: &[u8],
         end: bool,
@@ -410,7 +428,7 @@ impl GrpcStream {
             .map_err(|e| e.to_string())?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let first = bytes::Bytes::copy_from_slice(first);
-        let (status, body, tx) = rt.block_on(async {
+        let answer = rt.block_on(async {
             let tcp = tokio::net::TcpStream::connect(address)
                 .await
                 .map_err(|e| format!("connect to {address}: {e}"))?;
@@ -421,7 +439,7 @@ impl GrpcStream {
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
             tokio::spawn(conn);
-            let mut req = http::Request::post(format!("http://{authority}/echo.v1.Echo/Stream"))
+            let mut req = http::Request::post(format!("http://{authority}{path}"))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers");
             for (k, v) in headers {
@@ -440,13 +458,16 @@ impl GrpcStream {
                 .await
                 .map_err(|_| format!("no response headers within {GRPC_WAIT:?}"))?
                 .map_err(|e| format!("the request failed: {e}"))?;
-            Ok::<_, String>((res.status().as_u16(), res.into_body(), tx))
+            let (parts, body) = res.into_parts();
+            Ok::<_, String>((parts.status.as_u16(), parts.headers, body, tx))
         })?;
+        let (status, headers, body, tx) = answer;
         let mut s = GrpcStream {
             rt,
             tx,
             body,
             status,
+            headers,
         };
         if status == 200 && !end {
             let echoed = s.echo(first.len())?;
@@ -459,20 +480,29 @@ impl GrpcStream {
 
     /// Sends `msg` and reads its echo.
     pub fn exchange(&mut self, msg: &[u8]) -> Result<(), String> {
+        self.send(msg)?;
+        let echoed = self.echo(msg.len())?;
+        if echoed != msg {
+            return Err(format!("echoed {echoed:?} for {msg:?}"));
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` without waiting for anything.
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), String> {
         let tx = self.tx.clone().ok_or("the stream is finished")?;
-        let msg_copy = msg.to_vec();
         let msg = bytes::Bytes::copy_from_slice(msg);
-        let n = msg.len();
         self.rt.block_on(async {
             tx.send(Ok(hyper::body::Frame::data(msg)))
                 .await
                 .map_err(|_| "the request body closed".to_string())
-        })?;
-        let echoed = self.echo(n)?;
-        if echoed != msg_copy {
-            return Err(format!("echoed {echoed:?} for {msg_copy:?}"));
-        }
-        Ok(())
+        })
+    }
+
+    /// The next `n` bytes of the response body.
+    #[cfg(feature = "bridge")]
+    pub fn read(&mut self, n: usize) -> Result<Vec<u8>, String> {
+        self.echo(n)
     }
 
     /// The next `n` bytes of the response body (frames may be split or merged on the way).
@@ -498,22 +528,33 @@ impl GrpcStream {
 
     /// Ends the request and reads the rest: the trailers' `grpc-status`.
     pub fn finish(mut self) -> Result<Option<String>, String> {
-        use http_body_util::BodyExt;
         self.tx = None;
+        Ok(self.trailers()?.0)
+    }
+
+    /// Reads the rest of the answer (the request stays open): the trailers' `grpc-status`
+    /// and `grpc-message` (a trailers-only answer's, from its headers).
+    pub fn trailers(&mut self) -> Result<(Option<String>, Option<String>), String> {
+        use http_body_util::BodyExt;
         let body = &mut self.body;
+        let head = |k| {
+            self.headers
+                .get(k)
+                .map(|v: &http::HeaderValue| v.to_str().unwrap_or("").to_string())
+        };
+        let only = (head("grpc-status"), head("grpc-message"));
         self.rt.block_on(async {
             loop {
                 let frame = tokio::time::timeout(GRPC_WAIT, body.frame())
                     .await
                     .map_err(|_| format!("no trailers within {GRPC_WAIT:?}"))?;
                 match frame {
-                    None => return Ok(None),
+                    None => return Ok(only),
                     Some(Err(e)) => return Err(format!("the response body failed: {e}")),
                     Some(Ok(f)) => {
                         if let Ok(t) = f.into_trailers() {
-                            return Ok(t
-                                .get("grpc-status")
-                                .map(|v| v.to_str().unwrap_or("").to_string()));
+                            let get = |k| t.get(k).map(|v| v.to_str().unwrap_or("").to_string());
+                            return Ok((get("grpc-status"), get("grpc-message")));
                         }
                     }
                 }

@@ -8,7 +8,9 @@
 //! is `application/grpc…` comes here ([`is_grpc`]), on `bridge.address` and on
 //! `bridge.grpc_address`. [`Grpc::call`] checks the API token (`dapr-api-token` metadata),
 //! answers RPCs we do not implement with `UNIMPLEMENTED` naming their building block, and counts
-//! every call in the bridge's metrics.
+//! every call in the bridge's metrics. A call to another service with `dapr-app-id` metadata
+//! ([`is_proxied`]) is forwarded to that app id as a stream both ways ([`Grpc::proxy`],
+//! [`proxying`]: daprd's gRPC proxying).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -47,6 +49,7 @@ pub mod dapr {
 }
 
 pub mod app;
+pub mod proxying;
 mod subscribe;
 
 use dapr::proto::common::v1 as common;
@@ -61,6 +64,16 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Whether a request is gRPC proper (`application/grpc`, `application/grpc+proto`,
+/// `application/grpc;…`), not gRPC-Web (`application/grpc-web…`, whose body is framed or
+/// base64-encoded otherwise): only these are proxied as streams ([`is_proxied`]).
+pub fn is_grpc_proper<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
 }
 
 /// Whether a gRPC call is for another service, to invoke by its `dapr-app-id` (daprd's gRPC
@@ -105,7 +118,7 @@ impl Grpc {
                 Some(_) => {
                     let mut req = req;
                     req.headers_mut().remove(TOKEN_HEADER);
-                    match self.server.oneshot(req).await {
+                    match self.server.clone().oneshot(req).await {
                         Ok(res) => res.map(Body::new),
                         Err(never) => match never {},
                     }
@@ -115,7 +128,45 @@ impl Grpc {
                 ))),
             }
         };
-        let class = grpc_class(response.headers());
+        self.observe(api, &response, started);
+        Ok(response)
+    }
+
+    /// Serves one call to another app id (`dapr-app-id`, [`is_proxied`]): the same token check
+    /// as the API's calls, then [`proxying::forward`]; counted as `api="invoke"`.
+    pub async fn proxy(
+        self,
+        mut req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let app_id = req
+            .headers()
+            .get(crate::bridge::invoke::APP_ID_HEADER)
+            .map(|v| v.to_str().map(str::to_string));
+        let response = match (self.authorize(&req), app_id) {
+            (Err(status), _) => {
+                tracing::debug!(
+                    path = req.uri().path(),
+                    "gRPC call refused: {}",
+                    status.message()
+                );
+                status_response(status)
+            }
+            (Ok(()), Some(Ok(app_id))) => {
+                req.headers_mut().remove(TOKEN_HEADER);
+                proxying::forward(&self.state, &app_id, req).await
+            }
+            (Ok(()), _) => status_response(Status::invalid_argument(
+                "expected a dapr-app-id of printable ASCII, found other bytes",
+            )),
+        };
+        self.observe("invoke", &response, started);
+        Ok(response)
+    }
+
+    /// Counts a call and the time to its answer's headers.
+    fn observe(&self, api: &'static str, response: &Response<Body>, started: Instant) {
+        let class = grpc_class(response.status(), response.headers());
         let metrics = &self.state.metrics;
         metrics
             .requests
@@ -128,15 +179,15 @@ impl Grpc {
             .duration
             .get_or_create(&BridgeApiLabels { api })
             .observe(started.elapsed().as_secs_f64());
-        Ok(response)
     }
 
     /// The API token, when one is configured, must come as `dapr-api-token` metadata; without
     /// one, only IP addresses and localhost are answered (as the HTTP API: a DNS-rebinding page
     /// must not reach it by name).
-    fn authorize(&self, req: &Request<Body>) -> Result<(), Status> {
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), Status> {
         let Some(token) = &self.state.config.api_token else {
             if crate::origin::foreign_host(req.headers(), req.uri()) {
+                tracing::warn!(path = req.uri().path(), authority = ?req.uri().authority(), host = ?req.headers().get(http::header::HOST), "refused a gRPC call for a foreign Host");
                 return Err(Status::permission_denied(ApiError::ForeignHost.to_string()));
             }
             return Ok(());
@@ -247,7 +298,16 @@ fn api_of(method: &str) -> &'static str {
 
 /// The status class of a gRPC answer: a `grpc-status` in the headers is a trailers-only error;
 /// otherwise the call was answered (its final status travels in trailers).
-fn grpc_class(headers: &HeaderMap) -> &'static str {
+fn grpc_class(status: http::StatusCode, headers: &HeaderMap) -> &'static str {
+    // Not a gRPC answer (a proxied callee's HTTP error, with or without `grpc-status`): its
+    // HTTP class.
+    match status.as_u16() / 100 {
+        2 => {}
+        1 => return "1xx",
+        3 => return "3xx",
+        4 => return "4xx",
+        _ => return "5xx",
+    }
     let code = headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
@@ -1039,6 +1099,34 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// gRPC proper is proxied as a stream; gRPC-Web (its own framing, or base64) is not.
+    #[test]
+    fn grpc_proper_is_not_grpc_web() {
+        let req = |ct: &str| {
+            Request::builder()
+                .header(http::header::CONTENT_TYPE, ct)
+                .body(())
+                .unwrap()
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;charset=utf-8",
+        ] {
+            assert!(is_grpc_proper(&req(ct)), "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/grpc-web-text",
+            "application/grpc-web+proto",
+            "application/grpcx",
+            "application/json",
+        ] {
+            assert!(!is_grpc_proper(&req(ct)), "{ct}");
+        }
+        assert!(!is_grpc_proper(&Request::new(())));
+    }
 
     /// `IMPLEMENTED` decides what reaches the generated server: it must name exactly the RPCs
     /// `proto/` declares (a new RPC would otherwise answer UNIMPLEMENTED, or an undeclared one
