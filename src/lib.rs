@@ -116,6 +116,7 @@ pub mod k8s;
 pub mod lifecycle;
 #[cfg(feature = "logs")]
 pub mod logs;
+pub mod memory;
 pub mod origin;
 pub mod preflight;
 #[cfg(feature = "proxy")]

@@ -1,0 +1,66 @@
+//! The process's own memory (src/memory.rs): start-up's code pages leave the resident set once
+//! start-up is over.
+
+use std::time::Duration;
+
+use crate::support::{Sidecar, Spawn, eventually};
+
+/// Resident KiB of the sidecar binary's executable mappings (its `.text`).
+fn text_rss_kib(sc: &Sidecar) -> u64 {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", sc.pid())).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", sc.pid())).unwrap();
+    let mut ours = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_ascii_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let perms = words.next().unwrap_or("");
+            ours = perms.contains('x') && line.ends_with(exe.to_str().unwrap());
+        } else if ours && first == "Rss:" {
+            kib += words.next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+#[test]
+fn start_up_code_pages_leave_the_resident_set() {
+    let app = crate::backend::Backend::http();
+    let config = &format!(
+        "app: {{ address: \"{}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+        app.address()
+    );
+    let kept = Spawn {
+        config,
+        env: &[("OUTRIGGER_CODE_PAGES", "keep")],
+        ..Spawn::default()
+    }
+    .start();
+    kept.wait_ready();
+    let released = Spawn {
+        config,
+        ..Spawn::default()
+    }
+    .start();
+    released.wait_ready();
+    // Start-up's code mapped in both; 2 s after start-up, the default gives it back.
+    let kept_kib = text_rss_kib(&kept);
+    let released_kib = eventually(Duration::from_secs(10), "the code pages released", || {
+        let kib = text_rss_kib(&released);
+        (kib * 2 < kept_kib).then_some(kib)
+    });
+    // And runs on: what a request needs faults back in.
+    for sc in [&kept, &released] {
+        let status = crate::support::client()
+            .get(sc.listener_url("public", "/"))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap();
+        assert_eq!(status, 200, "{}", sc.diagnostics());
+    }
+    assert!(
+        text_rss_kib(&released) * 2 < kept_kib,
+        "code pages resident: {released_kib} KiB released, {kept_kib} KiB kept"
+    );
+}
