@@ -12,7 +12,8 @@
 # on CPU 1, the load from CPU 0. Per run: /proc/PID/status idle; `wrk -t1 -c32` for 4 s, read
 # at 3 s; `h2load -c32 -m1` for 4 s, read at 3 s; then after the load, once the trimmer
 # (main.rs: 1 s samples, 2 quiet seconds) has run: at least 4 s, then until VmRSS stops
-# falling (the seconds are printed). The figures of docs/BENCHMARKS.md "Where the memory goes".
+# falling (the seconds are printed); the major page faults of the run (code read back from disk
+# after src/memory.rs released it). The figures of docs/BENCHMARKS.md "Where the memory goes".
 #
 # GLIBC_TUNABLES (read by glibc at exec) is given to Outrigger only, not to nginx or the
 # generators. `OUTRIGGER_BIN=path` measures that binary (e.g. a proxy-only build) instead of
@@ -76,8 +77,8 @@ rss() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
 
 echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, OUTRIGGER_CODE_PAGES=${OUTRIGGER_CODE_PAGES:-(default)}, $(git rev-parse --short HEAD 2>/dev/null)"
 echo
-echo "| run | idle | under HTTP/1.1 load (req/s) | under h2c load (req/s) | after the load (s) |"
-echo "|---|---|---|---|---|"
+echo "| run | idle | under HTTP/1.1 load (req/s) | under h2c load (req/s) | after the load (s) | major faults |"
+echo "|---|---|---|---|---|---:|"
 for run in $(seq "$runs"); do
   taskset -c 1 env ${tunables:+GLIBC_TUNABLES=$tunables} "$bin" run -c "$dir/outrigger.yaml" & p=$!; pids+=("$p")
   wait_http "http://127.0.0.1:$OUT/"
@@ -90,7 +91,8 @@ for run in $(seq "$runs"); do
   for _ in $(seq 10); do prev=$(rss $p); sleep 1; after=$((after + 1)); (( $(rss $p) < prev )) || break; done
   h1_rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$dir/wrk.out")
   h2_rps=$(awk '/finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) { r = $i; gsub(",", "", r); printf "%.0f", r } }' "$dir/h2.out")
-  echo "| $run | $(sl "$idle") | $(sl "$h1") ($h1_rps) | $(sl "$h2") ($h2_rps) | $(sl "$(mem $p)") ($after) |"
+  majflt=$(awk '{print $12}' "/proc/$p/stat")
+  echo "| $run | $(sl "$idle") | $(sl "$h1") ($h1_rps) | $(sl "$h2") ($h2_rps) | $(sl "$(mem $p)") ($after) | $majflt |"
   kill $p; wait $p 2>/dev/null || true
 done
 echo
