@@ -262,7 +262,7 @@ mod tests {
         let segments = sys::read_only_segments();
         assert!(!segments.is_empty());
         // This function's own code is in one of them.
-        let here = the_code_of_a_running_process_can_be_released_and_runs_on as usize;
+        let here = the_code_of_a_running_process_can_be_released_and_runs_on as fn() as usize;
         assert!(segments.iter().any(|&(s, e)| s <= here && here < e));
         for how in [CodePages::Unmap, CodePages::Drop] {
             let r = release_code_pages(&segments, how);
