@@ -43,7 +43,7 @@
 //! | the stop order (drain delay, inbound, app, the rest, admin) | `runtime/stop.rs` |
 //! | signals → control requests | `runtime/signals.rs` |
 //! | hot restart: socket and app hand-over, `/server_info`, systemd notify | `runtime/upgrade/` (its `sys.rs` and `memory.rs` hold the crate's only `unsafe`) |
-//! | start-up's code pages out of the resident set (`OUTRIGGER_CODE_PAGES`) | `memory.rs` (called from `app.rs` and the trimmer in `main.rs`) |
+//! | start-up's code pages out of the resident set (`runtime.code_pages`) | `memory.rs` (called from `app.rs` and the trimmer in `main.rs`) |
 //! | module restarts with backoff, `/ready` | `runtime/supervisor.rs`, `runtime/health.rs` |
 //! | the request phases, in order | `proxy/http.rs` (`phases`) |
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |

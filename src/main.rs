@@ -567,8 +567,8 @@ fn tune_allocator() {}
 /// glibc, and p99 with it on and off, in docs/BENCHMARKS.md ("Memory after load").
 /// `OUTRIGGER_MALLOC_TRIM=off` leaves it out (for such comparisons). A thread of its own, off
 /// the data path; it reads `/proc/self/statm` into a stack buffer and the CPU time with
-/// `getrusage`, so it allocates nothing (and gets no arena). With each trim it also unmaps the
-/// code pages the load mapped (`memory::release_code_pages`, unless `OUTRIGGER_CODE_PAGES=keep`).
+/// `getrusage`, so it allocates nothing between trims. With each trim it also unmaps the code
+/// pages the load mapped (`memory::after_trim`, unless `runtime.code_pages` is `keep`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn start_trimmer() {
     use std::os::unix::fs::FileExt;
@@ -602,9 +602,6 @@ fn start_trimmer() {
         }
     };
     use outrigger::memory;
-    // Found here, so that the thread allocates nothing.
-    let code_segments =
-        (memory::CodePages::from_env() != memory::CodePages::Keep).then(memory::code_segments);
     let _ = std::thread::Builder::new()
         .name("outrigger-trim".into())
         .stack_size(64 * 1024)
@@ -633,9 +630,16 @@ fn start_trimmer() {
                     }
                     // And the code pages the load mapped (a page-cache folio or 64 KiB around
                     // each page it ran): unmapped only, no page-cache drop, so the next load
-                    // maps back what it runs from the page cache, without disk reads.
-                    if let Some(segments) = &code_segments {
-                        memory::release_code_pages(segments, memory::CodePages::Unmap);
+                    // maps back what it runs from the page cache, without disk reads. The
+                    // ranges are found again now (/proc/self/smaps): this allocates, once per
+                    // trim, after the trim.
+                    if let Some(r) = memory::after_trim() {
+                        tracing::debug!(
+                            ranges = r.ranges,
+                            bytes = r.bytes,
+                            error = ?r.error,
+                            "code pages unmapped after a load"
+                        );
                     }
                     trimmed = Instant::now();
                     floor = resident().unwrap_or(now);

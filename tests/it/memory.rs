@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Sidecar, Spawn, eventually};
+use crate::support::{Sidecar, Spawn};
 
 /// Resident KiB of the sidecar binary's executable mappings (its `.text`).
 fn text_rss_kib(sc: &Sidecar) -> u64 {
@@ -57,9 +57,33 @@ fn start_up_code_pages_leave_the_resident_set() {
     // Start-up's code (and a request's) mapped in both; 2 s after start-up, the default gives
     // it back.
     let kept_kib = text_rss_kib(&kept);
-    eventually(Duration::from_secs(10), "the code pages released", || {
-        (text_rss_kib(&released) * 2 < kept_kib).then_some(())
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while text_rss_kib(&released) * 2 >= kept_kib {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "code pages not released: {} KiB, kept {kept_kib} KiB\n{}",
+            text_rss_kib(&released),
+            released.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `keep` kept them.
+    assert!(
+        text_rss_kib(&kept) >= kept_kib / 2,
+        "{}",
+        kept.diagnostics()
+    );
     // And runs on: what a request needs faults back in.
     assert_eq!(get(&released), 200, "{}", released.diagnostics());
+}
+
+#[test]
+fn an_unknown_code_pages_mode_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["false", "off", "Keep"] {
+        let (code, _, stderr) =
+            crate::support::run_to_end(&["check"], &[("OUTRIGGER_CODE_PAGES", bad)], dir.path());
+        assert_eq!(code, 78, "{bad}: {stderr}");
+        assert!(stderr.contains("runtime.code_pages"), "{bad}: {stderr}");
+    }
 }
