@@ -155,17 +155,20 @@ pub fn after_trim() -> Option<Released> {
     Some(release_code_pages(CodePages::Unmap))
 }
 
+/// Address ranges `[start, end)`.
+type Ranges = Vec<(usize, usize)>;
+
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 mod sys {
-    use super::CodePages;
+    use super::{CodePages, Ranges};
 
     /// `[start, end)` of each loaded object's non-writable `PT_LOAD` segment, page-aligned
     /// inwards, minus any page of a `PT_GNU_RELRO` range (relocated data made read-only after
     /// relocation: its pages are private copies, and dropping them would bring back the
     /// file's unrelocated bytes). The vDSO is left out. Second: the RELRO ranges (for tests).
-    pub fn read_only_segments() -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
-        let mut out: (Vec<(usize, usize)>, Vec<(usize, usize)>) = Default::default();
+    pub fn read_only_segments() -> (Ranges, Ranges) {
+        let mut out: (Ranges, Ranges) = Default::default();
         // SAFETY: the callback only reads the `dl_phdr_info` the loader hands it, for the
         // duration of the call, and pushes into the Vecs behind `data`.
         unsafe {
@@ -230,12 +233,7 @@ mod sys {
         data: *mut libc::c_void,
     ) -> libc::c_int {
         // SAFETY: the loader passes a valid info for this call; `data` is the Vecs above.
-        let (info, (out, all_relro)) = unsafe {
-            (
-                &*info,
-                &mut *data.cast::<(Vec<(usize, usize)>, Vec<(usize, usize)>)>(),
-            )
-        };
+        let (info, (out, all_relro)) = unsafe { (&*info, &mut *data.cast::<(Ranges, Ranges)>()) };
         if !info.dlpi_name.is_null() {
             // SAFETY: a NUL-terminated name owned by the loader.
             let name = unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) };
@@ -336,8 +334,8 @@ mod sys {
 
 #[cfg(not(target_os = "linux"))]
 mod sys {
-    use super::CodePages;
-    pub fn read_only_segments() -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+    use super::{CodePages, Ranges};
+    pub fn read_only_segments() -> (Ranges, Ranges) {
         Default::default()
     }
     pub fn releasable(_: &[(usize, usize)]) -> std::io::Result<Vec<(usize, usize)>> {
