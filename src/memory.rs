@@ -5,8 +5,8 @@
 //!
 //! - [`release_code_pages`], once start-up is over (config parsed, listeners bound): the pages
 //!   of code and read-only data that start-up mapped into our page tables, found at that
-//!   moment and only where `/proc/self/smaps` shows the file's own bytes ([`code_segments`]). Most of the
-//!   binary's resident set (VmRSS counts them as `RssFile`) is code only start-up ran
+//!   moment and only where `/proc/self/smaps` shows the file's own bytes ([`code_segments`]).
+//!   Most of the binary's resident set (VmRSS counts them as `RssFile`) is code only start-up ran
 //!   (config parsing, preflight, building the modules), and more of it is pages nothing ran:
 //!   for every page touched the kernel maps the 64 KiB around it that the page cache holds
 //!   (fault-around) or the whole page-cache folio (up to a few MiB for a binary written or

@@ -87,3 +87,50 @@ fn an_unknown_code_pages_mode_is_a_config_error() {
         assert!(stderr.contains("runtime.code_pages"), "{bad}: {stderr}");
     }
 }
+
+#[test]
+fn the_trimmer_unmaps_the_code_a_load_mapped() {
+    let app = crate::backend::Backend::http();
+    let config = &format!(
+        "app: {{ address: \"{}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+        app.address()
+    );
+    let sc = Spawn {
+        config,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    // Past the release at 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let released = text_rss_kib(&sc);
+    // A load over several paths: their code comes back (more than the trimmer's 2 MiB of growth
+    // in a debug build).
+    let client = crate::support::client();
+    for _ in 0..50 {
+        for url in [
+            sc.listener_url("public", "/"),
+            sc.url("/metrics"),
+            sc.url("/config"),
+            sc.url("/ready"),
+        ] {
+            let _ = client.get(url).send().and_then(|r| r.bytes());
+        }
+    }
+    let loaded = text_rss_kib(&sc);
+    assert!(
+        loaded > released + 2048,
+        "released {released} KiB, loaded {loaded} KiB"
+    );
+    // Quiet for two 1 s samples: the trimmer runs and unmaps them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while text_rss_kib(&sc) * 2 > loaded {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not unmapped after the load: {} KiB (loaded {loaded}, released {released})\n{}",
+            text_rss_kib(&sc),
+            sc.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
