@@ -4,13 +4,16 @@
 #
 #   bench/rss-load.sh [RUNS]          (default 2; a fresh Outrigger per run)
 #   OUTRIGGER_BIN=path GLIBC_TUNABLES=glibc.malloc.tcache_count=0 bench/rss-load.sh
+#   OUTRIGGER_CODE_PAGES=keep bench/rss-load.sh   (start-up's code pages kept: src/memory.rs)
+#   SMAPS=1 bench/rss-load.sh         (also: the resident file pages per mapping, to stderr)
 #   HEAPTRACK=40000 bench/rss-load.sh (where the h2c allocations come from, see below)
 #
 # One Outrigger (`runtime.worker_threads: 1`, one listener) and its app (nginx, 12-byte body)
 # on CPU 1, the load from CPU 0. Per run: /proc/PID/status idle; `wrk -t1 -c32` for 4 s, read
 # at 3 s; `h2load -c32 -m1` for 4 s, read at 3 s; then after the load, once the trimmer
 # (main.rs: 1 s samples, 2 quiet seconds) has run: at least 4 s, then until VmRSS stops
-# falling (the seconds are printed). The figures of docs/BENCHMARKS.md "Where the memory goes".
+# falling (the seconds are printed); the major page faults of the run (code read back from disk
+# after src/memory.rs released it). The figures of docs/BENCHMARKS.md "Where the memory goes".
 #
 # GLIBC_TUNABLES (read by glibc at exec) is given to Outrigger only, not to nginx or the
 # generators. `OUTRIGGER_BIN=path` measures that binary (e.g. a proxy-only build) instead of
@@ -60,26 +63,36 @@ fi
 # PID → "VmRSS anon file" in MiB
 mem() { awk '$1 == "VmRSS:" {r = $2} $1 == "RssAnon:" {a = $2} $1 == "RssFile:" {f = $2}
              END {printf "%.1f %.1f %.1f", r / 1024, a / 1024, f / 1024}' "/proc/$1/status"; }
+# PID LABEL → to stderr, with SMAPS=1: Rss (anonymous part) per file mapping, in KiB
+smaps() {
+  [ -n "${SMAPS:-}" ] || return 0
+  awk -v label="$2" '
+    /^[0-9a-f]+-[0-9a-f]+ / { key = $2 " " ($6 == "" ? "[anon]" : $6); n = split(key, parts, "/"); key = $2 " " parts[n]; next }
+    $1 == "Rss:" { rss[key] += $2 } $1 == "Anonymous:" { anon[key] += $2 }
+    END { printf "%s:", label; for (k in rss) if (rss[k] > 0 && k !~ /\[anon\]|\[heap\]|\[stack\]/) printf "  %s %d (%d)", k, rss[k], anon[k]; print "" }' \
+    "/proc/$1/smaps" >&2
+}
 sl() { echo "${1// / / }"; }
 rss() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
 
-echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, $(git rev-parse --short HEAD 2>/dev/null)"
+echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, OUTRIGGER_CODE_PAGES=${OUTRIGGER_CODE_PAGES:-(default)}, $(git rev-parse --short HEAD 2>/dev/null)"
 echo
-echo "| run | idle | under HTTP/1.1 load (req/s) | under h2c load (req/s) | after the load (s) |"
-echo "|---|---|---|---|---|"
+echo "| run | idle | under HTTP/1.1 load (req/s) | under h2c load (req/s) | after the load (s) | major faults |"
+echo "|---|---|---|---|---|---:|"
 for run in $(seq "$runs"); do
   taskset -c 1 env ${tunables:+GLIBC_TUNABLES=$tunables} "$bin" run -c "$dir/outrigger.yaml" & p=$!; pids+=("$p")
   wait_http "http://127.0.0.1:$OUT/"
-  idle=$(mem $p)
+  idle=$(mem $p); smaps $p idle
   taskset -c 0 wrk -t1 -c32 -d4s "http://127.0.0.1:$OUT/" > "$dir/wrk.out" & w=$!
-  sleep 3; h1=$(mem $p); wait $w
+  sleep 3; h1=$(mem $p); smaps $p h1; wait $w
   taskset -c 0 h2load -c32 -m1 -D4 "http://127.0.0.1:$OUT/" > "$dir/h2.out" & w=$!
-  sleep 3; h2=$(mem $p); wait $w || true
+  sleep 3; h2=$(mem $p); smaps $p h2c; wait $w || true
   sleep 4; after=4
   for _ in $(seq 10); do prev=$(rss $p); sleep 1; after=$((after + 1)); (( $(rss $p) < prev )) || break; done
   h1_rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$dir/wrk.out")
   h2_rps=$(awk '/finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) { r = $i; gsub(",", "", r); printf "%.0f", r } }' "$dir/h2.out")
-  echo "| $run | $(sl "$idle") | $(sl "$h1") ($h1_rps) | $(sl "$h2") ($h2_rps) | $(sl "$(mem $p)") ($after) |"
+  majflt=$(awk '{print $12}' "/proc/$p/stat")
+  echo "| $run | $(sl "$idle") | $(sl "$h1") ($h1_rps) | $(sl "$h2") ($h2_rps) | $(sl "$(mem $p)") ($after) | $majflt |"
   kill $p; wait $p 2>/dev/null || true
 done
 echo

@@ -318,6 +318,8 @@ async fn serve(mut config: Config, built: Preflight, options: RunOptions) -> Res
     );
     // systemd follows the new main process after a hot restart.
     upgrade::notify_systemd(&format!("READY=1\nMAINPID={}\n", std::process::id()));
+    // Start-up's code pages out of the resident set, 2 s from now (runtime.code_pages).
+    crate::memory::after_start(config.runtime.code_pages);
 
     // Wait: until a stop is asked for, the app ends for good, or a new process takes over.
     let mut app_end = None;

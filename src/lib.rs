@@ -21,7 +21,7 @@
 //!  outrigger inject / injector   k8s: manifests or AdmissionReviews in, Outrigger added as a native sidecar
 //! ```
 //!
-//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin`, `descriptors` →
+//! Floors, from the bottom: `config` (imports nothing above it) → `telemetry`, `watch`, `origin`, `descriptors`, `memory` →
 //! `tls` → `runtime` → `lifecycle`, `admin`, `proxy` → `reload`, `bridge`, `logs` → `preflight` →
 //! `app` → `main`; `k8s` (inject, injector) sits beside `preflight`, above `config` and `tls`,
 //! and nothing imports it but `main`. Every import runs downward; no two top-level modules import each other.
@@ -42,7 +42,8 @@
 //! | the start order | `app.rs` |
 //! | the stop order (drain delay, inbound, app, the rest, admin) | `runtime/stop.rs` |
 //! | signals → control requests | `runtime/signals.rs` |
-//! | hot restart: socket and app hand-over, `/server_info`, systemd notify | `runtime/upgrade/` (its `sys.rs` holds the crate's only `unsafe`) |
+//! | hot restart: socket and app hand-over, `/server_info`, systemd notify | `runtime/upgrade/` (its `sys.rs` and `memory.rs` hold the crate's only `unsafe`) |
+//! | start-up's code pages out of the resident set (`runtime.code_pages`) | `memory.rs` (called from `app.rs` and the trimmer in `main.rs`) |
 //! | module restarts with backoff, `/ready` | `runtime/supervisor.rs`, `runtime/health.rs` |
 //! | the request phases, in order | `proxy/http.rs` (`phases`) |
 //! | listener `authz`, path checks, route `authz` | `proxy/authz.rs` (identity matching: `tls/authz.rs`) |
@@ -116,6 +117,7 @@ pub mod k8s;
 pub mod lifecycle;
 #[cfg(feature = "logs")]
 pub mod logs;
+pub mod memory;
 pub mod origin;
 pub mod preflight;
 #[cfg(feature = "proxy")]

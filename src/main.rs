@@ -533,14 +533,12 @@ fn run(args: RunArgs) -> ExitCode {
 /// stays in the process for reuse instead; peak RSS is unchanged and idle RSS stays small. A
 /// different allocator (mimalloc) fixed the churn too but doubled idle RSS.
 ///
-/// Not set here, because `mallopt` has no parameter for it: glibc's per-thread cache. Under an
-/// h2c load (hyper's paths allocate ~22 times per request) the heap holds 12–20 MiB for a live
-/// set of ~3.3 MB; `GLIBC_TUNABLES=glibc.malloc.tcache_count=0` in the environment keeps it at
-/// ~7 MiB with no measurable throughput cost (docs/BENCHMARKS.md, "fourth step"). glibc reads
-/// it only at exec, so applying it from here would mean re-executing the process (and keeping
-/// the variable out of the app's environment): left to the deployment for now. Set on the
-/// sidecar, a supervised app (`app.command`) inherits it; `app.env: { GLIBC_TUNABLES: "" }`
-/// gives the app glibc's defaults back.
+/// Not set here, because `mallopt` has no parameter for it: glibc's per-thread cache. It once
+/// doubled the heap under h2c load; measured again with a re-exec that set
+/// `GLIBC_TUNABLES=glibc.malloc.tcache_count=0` (docs/BENCHMARKS.md, "RSS under load: start-up's
+/// code pages"), it changed nothing any more (h2c anonymous 4.1–4.5 MiB either way at 32
+/// streams, ~25 MiB either way at 512), so no re-exec. `GLIBC_TUNABLES` set on the sidecar
+/// still works (a supervised app inherits it; `app.env: { GLIBC_TUNABLES: "" }` undoes that).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
     // SAFETY: mallopt only changes allocator tunables; it is called first thing in main,
@@ -569,7 +567,8 @@ fn tune_allocator() {}
 /// glibc, and p99 with it on and off, in docs/BENCHMARKS.md ("Memory after load").
 /// `OUTRIGGER_MALLOC_TRIM=off` leaves it out (for such comparisons). A thread of its own, off
 /// the data path; it reads `/proc/self/statm` into a stack buffer and the CPU time with
-/// `getrusage`, so it allocates nothing (and gets no arena).
+/// `getrusage`, so it allocates nothing between trims. With each trim it also unmaps the code
+/// pages the load mapped (`memory::after_trim`, unless `runtime.code_pages` is `keep`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn start_trimmer() {
     use std::os::unix::fs::FileExt;
@@ -602,6 +601,7 @@ fn start_trimmer() {
             Some(Duration::from_micros(us(u.ru_utime) + us(u.ru_stime)))
         }
     };
+    use outrigger::memory;
     let _ = std::thread::Builder::new()
         .name("outrigger-trim".into())
         .stack_size(64 * 1024)
@@ -627,6 +627,19 @@ fn start_trimmer() {
                     #[allow(unsafe_code)]
                     unsafe {
                         libc::malloc_trim(0);
+                    }
+                    // And the code pages the load mapped (a page-cache folio or 64 KiB around
+                    // each page it ran): unmapped only, no page-cache drop, so the next load
+                    // maps back what it runs from the page cache, without disk reads. The
+                    // ranges are found again now (/proc/self/smaps): this allocates, once per
+                    // trim, after the trim.
+                    if let Some(r) = memory::after_trim() {
+                        tracing::debug!(
+                            ranges = r.ranges,
+                            bytes = r.bytes,
+                            error = ?r.error,
+                            "code pages unmapped after a load"
+                        );
                     }
                     trimmed = Instant::now();
                     floor = resident().unwrap_or(now);

@@ -52,6 +52,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("OUTRIGGER_LOG_LEVEL", "log.level"),
     ("OUTRIGGER_LOG_FORMAT", "log.format"),
     ("OUTRIGGER_WORKER_THREADS", "runtime.worker_threads"),
+    ("OUTRIGGER_CODE_PAGES", "runtime.code_pages"),
 ];
 
 /// Where overrides come from: the process environment, or a map in tests.
@@ -145,6 +146,8 @@ pub struct RuntimeConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upgrade_socket: Option<UpgradeSocket>,
     pub upgrade_timeout: Duration,
+    /// `runtime.code_pages`: what happens to start-up's code pages (src/memory.rs).
+    pub code_pages: crate::memory::CodePages,
 }
 
 /// `runtime.upgrade_socket`: a path, or `off`.
@@ -362,6 +365,17 @@ fn validate(
             format!("expected a number of threads from 1 to 64, found {worker_threads}"),
         ));
     }
+
+    let code_pages = match raw.runtime.code_pages.as_deref() {
+        None => crate::memory::CodePages::default(),
+        Some(v) => crate::memory::CodePages::parse(v).unwrap_or_else(|| {
+            problems.push(doc.problem(
+                "runtime.code_pages",
+                format!("expected `unmap`, `drop` or `keep`, found `{v}`"),
+            ));
+            crate::memory::CodePages::default()
+        }),
+    };
 
     let level = raw
         .log
@@ -585,6 +599,7 @@ fn validate(
             drain_delay,
             upgrade_socket,
             upgrade_timeout,
+            code_pages,
         },
         log: LogConfig {
             level,

@@ -160,6 +160,8 @@ pub struct RawRuntime {
     pub upgrade_socket: Option<String>,
     /// How long a new process may take to start before the old one gives up on it.
     pub upgrade_timeout: Option<Duration>,
+    /// What happens to start-up's code pages (src/memory.rs): `unmap` (default), `drop`, `keep`.
+    pub code_pages: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 #[cfg(feature = "logs")]
 mod logs;
+mod memory;
 #[cfg(all(feature = "bridge", feature = "proxy"))]
 mod mesh;
 mod proxy;

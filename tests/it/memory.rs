@@ -1,0 +1,136 @@
+//! The process's own memory (src/memory.rs): start-up's code pages leave the resident set once
+//! start-up is over.
+
+use std::time::Duration;
+
+use crate::support::{Sidecar, Spawn};
+
+/// Resident KiB of the sidecar binary's executable mappings (its `.text`).
+fn text_rss_kib(sc: &Sidecar) -> u64 {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", sc.pid())).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", sc.pid())).unwrap();
+    let mut ours = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_ascii_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let perms = words.next().unwrap_or("");
+            ours = perms.contains('x') && line.ends_with(exe.to_str().unwrap());
+        } else if ours && first == "Rss:" {
+            kib += words.next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+#[test]
+fn start_up_code_pages_leave_the_resident_set() {
+    let app = crate::backend::Backend::http();
+    let config = &format!(
+        "app: {{ address: \"{}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+        app.address()
+    );
+    let kept = Spawn {
+        config,
+        env: &[("OUTRIGGER_CODE_PAGES", "keep")],
+        ..Spawn::default()
+    }
+    .start();
+    kept.wait_ready();
+    let released = Spawn {
+        config,
+        ..Spawn::default()
+    }
+    .start();
+    released.wait_ready();
+    let get = |sc: &Sidecar| {
+        crate::support::client()
+            .get(sc.listener_url("public", "/"))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap()
+    };
+    for sc in [&kept, &released] {
+        assert_eq!(get(sc), 200, "{}", sc.diagnostics());
+    }
+    // Start-up's code (and a request's) mapped in both; 2 s after start-up, the default gives
+    // it back.
+    let kept_kib = text_rss_kib(&kept);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while text_rss_kib(&released) * 2 >= kept_kib {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "code pages not released: {} KiB, kept {kept_kib} KiB\n{}",
+            text_rss_kib(&released),
+            released.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `keep` kept them.
+    assert!(
+        text_rss_kib(&kept) >= kept_kib / 2,
+        "{}",
+        kept.diagnostics()
+    );
+    // And runs on: what a request needs faults back in.
+    assert_eq!(get(&released), 200, "{}", released.diagnostics());
+}
+
+#[test]
+fn an_unknown_code_pages_mode_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["false", "off", "Keep"] {
+        let (code, _, stderr) =
+            crate::support::run_to_end(&["check"], &[("OUTRIGGER_CODE_PAGES", bad)], dir.path());
+        assert_eq!(code, 78, "{bad}: {stderr}");
+        assert!(stderr.contains("runtime.code_pages"), "{bad}: {stderr}");
+    }
+}
+
+#[test]
+fn the_trimmer_unmaps_the_code_a_load_mapped() {
+    let app = crate::backend::Backend::http();
+    let config = &format!(
+        "app: {{ address: \"{}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+        app.address()
+    );
+    let sc = Spawn {
+        config,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    // Past the release at 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let released = text_rss_kib(&sc);
+    // A load over several paths: their code comes back (more than the trimmer's 2 MiB of growth
+    // in a debug build).
+    let client = crate::support::client();
+    for _ in 0..50 {
+        for url in [
+            sc.listener_url("public", "/"),
+            sc.url("/metrics"),
+            sc.url("/config"),
+            sc.url("/ready"),
+        ] {
+            let _ = client.get(url).send().and_then(|r| r.bytes());
+        }
+    }
+    let loaded = text_rss_kib(&sc);
+    assert!(
+        loaded > released + 2048,
+        "released {released} KiB, loaded {loaded} KiB"
+    );
+    // Quiet for two 1 s samples: the trimmer runs and unmaps them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while text_rss_kib(&sc) * 2 > loaded {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not unmapped after the load: {} KiB (loaded {loaded}, released {released})\n{}",
+            text_rss_kib(&sc),
+            sc.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
