@@ -72,6 +72,7 @@ use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
 use super::listener::Metered;
 use super::record::Recording;
+use super::response_head::{Parsed, Unanswered};
 use super::route::{Target, route_key};
 use crate::config::proxy::Direction;
 use crate::telemetry::record::Entry;
@@ -932,37 +933,20 @@ async fn exchange(
             }
             return Err(broke(address, &e.to_string()));
         }
-        let mut end = 0;
-        // Something came back (a 1xx counts): a close is no longer "closed while idle".
-        let mut answered = false;
-        loop {
-            if end == conn.buf.len() {
-                if end >= MAX_RESPONSE_HEAD {
-                    return Err(broke(address, "the response head is too large"));
-                }
-                conn.buf.resize((end * 2).min(MAX_RESPONSE_HEAD), 0);
-            }
-            let resend = !answered && pooled && plan.idempotent;
-            let n = match conn.io.read(&mut conn.buf[end..]).await {
-                Ok(0) | Err(_) if resend => break, // closed while idle: on a new connection
-                Ok(0) => return Err(broke(address, "the connection closed before a response")),
-                Err(e) => return Err(broke(address, &e.to_string())),
-                Ok(n) => n,
-            };
-            answered = true;
-            end += n;
-            loop {
-                match response_head(&conn.buf[..end], plan.head, close, out) {
-                    // 1xx (not 101, refused there): skipped, as hyper's client does.
-                    Ok(Some(head)) if (100..200).contains(&head.status) => {
-                        conn.buf.copy_within(head.len..end, 0);
-                        end -= head.len;
-                    }
-                    Ok(Some(head)) => return Ok((conn, head, end)),
-                    Ok(None) => break,
-                    Err(why) => return Err(broke(address, why)),
-                }
-            }
+        let resend = pooled && plan.idempotent;
+        let read = super::response_head::read(&mut conn, resend, |bytes| {
+            Ok(match response_head(bytes, plan.head, close, out)? {
+                // 1xx (not 101, refused there): skipped, as hyper's client does.
+                Some(head) if (100..200).contains(&head.status) => Parsed::Informational(head.len),
+                Some(head) => Parsed::Final(head),
+                None => Parsed::Partial,
+            })
+        })
+        .await;
+        match read {
+            Ok((head, end)) => return Ok((conn, head, end)),
+            Err(Unanswered::Resend) => continue, // closed while idle: on a new connection
+            Err(Unanswered::Broke(why)) => return Err(broke(address, &why)),
         }
     }
 }
@@ -982,22 +966,20 @@ fn response_head(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Head>, &'static str> {
-    let mut stack = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut stack);
-    let mut heap;
-    let parsed = match res.parse(bytes) {
-        Err(httparse::Error::TooManyHeaders) => {
-            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
-            res = httparse::Response::new(&mut heap);
-            res.parse(bytes)
-        }
-        other => other,
-    };
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err("invalid response head"),
-    };
+    super::response_head::parse(bytes, |res, len| {
+        client_head(res, len, head_request, close, out)
+    })?
+    .transpose()
+}
+
+/// The client's head for a complete response head of `len` bytes.
+fn client_head(
+    res: &httparse::Response<'_, '_>,
+    len: usize,
+    head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Head, &'static str> {
     let status = res.code.ok_or("invalid response head")?;
     let ResponseFraming {
         framing,
@@ -1006,12 +988,12 @@ fn response_head(
     } = match response_framing(status, res.version, &*res.headers, head_request)? {
         Some(f) => f,
         None => {
-            return Ok(Some(Head {
+            return Ok(Head {
                 status,
                 framing: Framing::Empty,
                 reusable: false,
                 len,
-            }));
+            });
         }
     };
     out.clear();
@@ -1064,12 +1046,12 @@ fn response_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some(Head {
+    Ok(Head {
         status,
         framing,
         reusable: !upstream_close && framing != Framing::Close,
         len,
-    }))
+    })
 }
 
 /// What a response head says about its body and its connection.

@@ -51,6 +51,7 @@ pub mod listener;
 pub mod min_body_rate;
 pub mod record;
 pub mod respond;
+mod response_head;
 pub mod route;
 pub mod tcp;
 pub mod unread_streams;

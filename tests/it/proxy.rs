@@ -1916,6 +1916,164 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
     }
 }
 
+/// A listener whose connections take little at a time (a 536-byte MSS and a small receive
+/// buffer): a sender whose peer reads nothing gets a few tens of KiB into its socket, and its
+/// writes wait (on loopback a 64 KiB write would otherwise fit in the socket buffers whole).
+fn narrow_listener() -> std::net::TcpListener {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    setsockopt(&fd, sockopt::TcpMaxSeg, &536).unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    listen(&fd, Backlog::new(16).unwrap()).unwrap();
+    std::net::TcpListener::from(fd)
+}
+
+/// An upstream that answers a POST after its head, without reading the body, is heard: the
+/// client gets its answer (not a 502 for a write that could not finish, nor a 504 for one
+/// that waits on a peer that reads nothing), over h2c and over HTTP/1.1 through hyper's
+/// path (a chunked body: the fast path leaves it to hyper), and both take the raw exchange.
+/// `/early-close` answers 413 with `Connection: close` and closes; `/early-open` answers 401
+/// and keeps the connection open, reading nothing more: that connection, its request not
+/// written whole, is never pooled, so the next request (on the most recently pooled
+/// connection otherwise) gets its answer on another.
+#[test]
+fn an_upstream_that_answers_before_reading_the_body_is_heard() {
+    let listener = narrow_listener();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        // The connections of `/early-open`, kept open and unread until the test ends.
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 512];
+            let head = loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break String::from_utf8_lossy(&buf[..end]).into_owned();
+                }
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => break String::new(),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            if head.starts_with("POST /early-close ") {
+                let _ = conn.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much");
+            } else if head.starts_with("POST /early-open ") {
+                let _ =
+                    conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope");
+                held.push(conn);
+            } else if !head.is_empty() {
+                // Bodiless requests, one at a time on a connection of their own thread.
+                std::thread::spawn(move || {
+                    let mut buf = buf;
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            if conn
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+    ));
+    sc.wait_ready();
+    let body = vec![b'x'; 60 * 1024];
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let post = |path: &str| {
+        let r = h2
+            .post(sc.listener_url("public", path))
+            .body(body.clone())
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    let get = || {
+        let r = h2.get(sc.listener_url("public", "/next")).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    assert_eq!(
+        post("/early-close"),
+        (413, "too much".into()),
+        "{}",
+        sc.diagnostics()
+    );
+    assert_eq!(get(), (200, "ok".into()));
+    assert_eq!(
+        post("/early-open"),
+        (401, "nope".into()),
+        "{}",
+        sc.diagnostics()
+    );
+    assert_eq!(get(), (200, "ok".into()), "{}", sc.diagnostics());
+    // HTTP/1.1, the body chunked: hyper's server reads it, the raw exchange sends it.
+    let chunked = |path: &str| {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        req.extend_from_slice(b"\r\n0\r\n\r\n");
+        let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&req).unwrap();
+        let end = if path == "/early-close" {
+            "too much"
+        } else {
+            "nope"
+        };
+        read_until(&mut s, end)
+    };
+    let out = chunked("/early-close");
+    assert!(
+        out.starts_with("HTTP/1.1 413") && out.ends_with("too much"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert_eq!(get(), (200, "ok".into()));
+    let out = chunked("/early-open");
+    assert!(
+        out.starts_with("HTTP/1.1 401") && out.ends_with("nope"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    let out = raw(
+        &sc.listeners["public"],
+        b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+        "{out}"
+    );
+    assert_eq!(get(), (200, "ok".into()));
+}
+
 /// A request the HTTP/1 fast path serves and the same request through hyper's path (a
 /// listener with a rate limit, which the fast path leaves to hyper) give the same access log
 /// line, field for field, for each way a request ends: a response of known length, a chunked
