@@ -106,16 +106,6 @@ pub(super) enum Unanswered {
     Broke(Cow<'static, str>),
 }
 
-impl Unanswered {
-    /// Why, for a message.
-    pub(super) fn reason(self) -> Cow<'static, str> {
-        match self {
-            Unanswered::Resend => "the connection closed before a response".into(),
-            Unanswered::Broke(why) => why,
-        }
-    }
-}
-
 /// A response head being read into a raw connection's buffer (from its start).
 #[derive(Default)]
 pub(super) struct HeadRead {
@@ -201,7 +191,10 @@ mod tests {
             head.push_str(&format!("x-h{i}: {i}\r\n"));
         }
         head.push_str("\r\nbody");
-        let parsed = parse(head.as_bytes(), |res, len| (res.headers.len(), len));
+        let parsed = parse(
+            head.as_bytes(),
+            |res: &httparse::Response<'_, '_>, len: usize| (res.headers.len(), len),
+        );
         assert_eq!(parsed, Ok(Some((300, head.len() - 4))));
         assert_eq!(parse(b"HTTP/1.1 200 OK\r\nx-a", |_, _| ()), Ok(None));
         assert_eq!(
@@ -224,8 +217,17 @@ mod tests {
     fn trailer_sections_past_the_stack_slots_are_read_on_the_heap() {
         let many: String = (0..300).map(|i| format!("x-t{i}: {i}\r\n")).collect();
         let section = format!("{many}\r\n");
-        assert_eq!(parse_fields(section.as_bytes(), <[_]>::len), Some(300));
-        assert_eq!(parse_fields(b"x-a: 1\r\n", <[_]>::len), None);
-        assert_eq!(parse_fields(b"bad name: 1\r\n\r\n", <[_]>::len), None);
+        assert_eq!(
+            parse_fields(section.as_bytes(), |f: &[httparse::Header<'_>]| f.len()),
+            Some(300)
+        );
+        assert_eq!(
+            parse_fields(b"x-a: 1\r\n", |f: &[httparse::Header<'_>]| f.len()),
+            None
+        );
+        assert_eq!(
+            parse_fields(b"bad name: 1\r\n\r\n", |f: &[httparse::Header<'_>]| f.len()),
+            None
+        );
     }
 }

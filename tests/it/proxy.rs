@@ -1952,48 +1952,41 @@ fn an_upstream_that_answers_before_reading_the_body_is_heard() {
     let listener = narrow_listener();
     let address = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
-        // The connections of `/early-open`, kept open and unread until the test ends.
-        let mut held = Vec::new();
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 512];
-            let head = loop {
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break String::from_utf8_lossy(&buf[..end]).into_owned();
-                }
-                match conn.read(&mut chunk) {
-                    Ok(0) | Err(_) => break String::new(),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            };
-            if head.starts_with("POST /early-close ") {
-                let _ = conn.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much");
-            } else if head.starts_with("POST /early-open ") {
-                let _ =
-                    conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope");
-                held.push(conn);
-            } else if !head.is_empty() {
-                // Bodiless requests, one at a time on a connection of their own thread.
-                std::thread::spawn(move || {
-                    let mut buf = buf;
-                    loop {
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            if conn
-                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                                .is_err()
-                            {
-                                return;
-                            }
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 512];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        if head.starts_with("POST /early-close ") {
+                            let _ = conn.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much");
+                            return;
                         }
-                        match conn.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        if head.starts_with("POST /early-open ") {
+                            let _ = conn.write_all(
+                                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope",
+                            );
+                            // Open, and nothing more is read, until the test ends.
+                            std::thread::sleep(Duration::from_secs(60));
+                            return;
+                        }
+                        // Bodiless requests.
+                        if conn
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .is_err()
+                        {
+                            return;
                         }
                     }
-                });
-            }
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
         }
     });
     let sc = Sidecar::start(&format!(
