@@ -1939,14 +1939,12 @@ fn narrow_listener() -> std::net::TcpListener {
     std::net::TcpListener::from(fd)
 }
 
-/// An upstream that answers a POST after its head, without reading the body, is heard: the
-/// client gets its answer (not a 502 for a write that could not finish, nor a 504 for one
-/// that waits on a peer that reads nothing), over h2c and over HTTP/1.1 through hyper's
-/// path (a chunked body: the fast path leaves it to hyper), and both take the raw exchange.
-/// `/early-close` answers 413 with `Connection: close` and closes; `/early-open` answers 401
-/// and keeps the connection open, reading nothing more: that connection, its request not
-/// written whole, is never pooled, so the next request (on the most recently pooled
-/// connection otherwise) gets its answer on another.
+/// An upstream that answers a POST after its head, without reading the body, and closes is
+/// heard: the client gets its 413 (not a 502 for the write that could not finish), over h2c
+/// and over HTTP/1.1 through hyper's path (a chunked body: the fast path leaves it to hyper),
+/// both on the raw exchange; the next request works, on a new connection. Each POST goes on
+/// a new connection (the other answers close theirs), whose socket buffers take ~47 KiB of
+/// the 60 KiB before the upstream's close.
 #[test]
 fn an_upstream_that_answers_before_reading_the_body_is_heard() {
     let listener = narrow_listener();
@@ -1955,37 +1953,22 @@ fn an_upstream_that_answers_before_reading_the_body_is_heard() {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             std::thread::spawn(move || {
+                // One request per connection: its head only.
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 512];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end + 4);
-                        if head.starts_with("POST /early-close ") {
-                            let _ = conn.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much");
-                            return;
-                        }
-                        if head.starts_with("POST /early-open ") {
-                            let _ = conn.write_all(
-                                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope",
-                            );
-                            // Open, and nothing more is read, until the test ends.
-                            std::thread::sleep(Duration::from_secs(60));
-                            return;
-                        }
-                        // Bodiless requests.
-                        if conn
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
                     match conn.read(&mut chunk) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
+                let answer: &[u8] = if buf.starts_with(b"POST /early-close ") {
+                    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                };
+                // Closed with the body unread: the sidecar's write fails (a reset).
+                let _ = conn.write_all(answer);
             });
         }
     });
@@ -2017,42 +2000,20 @@ fn an_upstream_that_answers_before_reading_the_body_is_heard() {
         sc.diagnostics()
     );
     assert_eq!(get(), (200, "ok".into()));
-    assert_eq!(
-        post("/early-open"),
-        (401, "nope".into()),
-        "{}",
-        sc.diagnostics()
-    );
-    assert_eq!(get(), (200, "ok".into()), "{}", sc.diagnostics());
     // HTTP/1.1, the body chunked: hyper's server reads it, the raw exchange sends it.
-    let chunked = |path: &str| {
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(&body);
-        req.extend_from_slice(b"\r\n0\r\n\r\n");
-        let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(&req).unwrap();
-        let end = if path == "/early-close" {
-            "too much"
-        } else {
-            "nope"
-        };
-        read_until(&mut s, end)
-    };
-    let out = chunked("/early-close");
+    let mut req = format!(
+        "POST /early-close HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&req).unwrap();
+    let out = read_until(&mut s, "too much");
     assert!(
         out.starts_with("HTTP/1.1 413") && out.ends_with("too much"),
-        "{out}\n{}",
-        sc.diagnostics()
-    );
-    assert_eq!(get(), (200, "ok".into()));
-    let out = chunked("/early-open");
-    assert!(
-        out.starts_with("HTTP/1.1 401") && out.ends_with("nope"),
         "{out}\n{}",
         sc.diagnostics()
     );
