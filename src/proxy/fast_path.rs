@@ -72,8 +72,8 @@ use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
 use super::listener::Metered;
 use super::record::Recording;
-use super::response_head::{Parsed, Unanswered};
 use super::route::{Target, route_key};
+use super::upstream_head::{Parsed, Unanswered};
 use crate::config::proxy::Direction;
 use crate::telemetry::record::Entry;
 use crate::telemetry::trace::{TraceContext, is_context_name};
@@ -81,12 +81,6 @@ use crate::telemetry::trace::{TraceContext, is_context_name};
 /// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
 /// hyper, which refuses it).
 const MAX_REQUEST_HEADERS: usize = 100;
-/// Response headers read on the stack; a response with more is read again with
-/// [`MANY_HEADERS`] on the heap (hyper's client refused more than 100 with a 502).
-pub(super) const RESPONSE_HEADERS: usize = 128;
-pub(super) const MANY_HEADERS: usize = 1024;
-/// The largest response head read (hyper's default buffer limit).
-pub(super) const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// A downstream connection's read buffer to begin with (hyper's too); grown up to the
 /// listener's `max_header_bytes` for a larger head.
 const FIRST_BUFFER: usize = 8 * 1024;
@@ -934,7 +928,7 @@ async fn exchange(
             return Err(broke(address, &e.to_string()));
         }
         let resend = pooled && plan.idempotent;
-        let read = super::response_head::read(&mut conn, resend, |bytes| {
+        let read = super::upstream_head::read(&mut conn, resend, |bytes| {
             Ok(match response_head(bytes, plan.head, close, out)? {
                 // 1xx (not 101, refused there): skipped, as hyper's client does.
                 Some(head) if (100..200).contains(&head.status) => Parsed::Informational(head.len),
@@ -966,7 +960,7 @@ fn response_head(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Head>, &'static str> {
-    super::response_head::parse(bytes, |res, len| {
+    super::upstream_head::parse(bytes, |res, len| {
         client_head(res, len, head_request, close, out)
     })?
     .transpose()

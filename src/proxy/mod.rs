@@ -51,11 +51,11 @@ pub mod listener;
 pub mod min_body_rate;
 pub mod record;
 pub mod respond;
-mod response_head;
 pub mod route;
 pub mod tcp;
 pub mod unread_streams;
 pub mod upgrade;
+mod upstream_head;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -10,7 +10,7 @@
 //! `http::Request` (method, origin-form target, its header map, which the forward phase has
 //! already stripped of hop-by-hop headers) and the body in one vectored write, reads the
 //! response head with `httparse` into the connection's own buffer
-//! ([`crate::proxy::response_head`]; the header values are slices of one copy of the head),
+//! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head),
 //! and the response body reads on from that same buffer: each frame is a copy of exactly its
 //! bytes, and the connection goes back to the pool when the body's end has passed.
 //!
@@ -21,7 +21,12 @@
 //! on while the response body is read (an upstream may stream its answer to the body, as
 //! hyper's client allows), unless the upstream closes after this response (RFC 9112 §9.6:
 //! stop sending); a write that fails then is not an error of the response. A connection
-//! whose request was not written whole never goes back to the pool.
+//! whose request was not written whole when the final response head came never goes back to
+//! the pool, even if the rest is written while the response body is read: an upstream that
+//! answered the head alone (a 401 and keep-alive) may take the body's bytes for its next
+//! request, and the next client would get the answer to them. When every byte was written
+//! before the head came, that cannot be told apart from an answer to the whole request: the
+//! connection is pooled (as hyper's client does).
 //!
 //! What it takes (anything else goes to hyper's client as before, [`super::pool::Pool::send`]):
 //! no `Upgrade`, no `Transfer-Encoding`, a body that is empty or of a known length up to
@@ -53,7 +58,7 @@ use crate::proxy::body::{BoxError, ProxyBody, REPLAY_LIMIT};
 use crate::proxy::fast_path::{
     Chunked, Framing, ResponseFraming, Step, fmt_u64, itoa_buf, response_framing,
 };
-use crate::proxy::response_head::{self, HeadRead, Parsed, Unanswered};
+use crate::proxy::upstream_head::{self, HeadRead, Parsed, Unanswered};
 
 /// Whether this path takes `req`: the body's length when it does.
 pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
@@ -160,20 +165,30 @@ pub(super) async fn send(
             sent: 0,
         });
         let mut write_failed = false;
+        let mut started = false;
         let mut head = HeadRead::default();
         let read = poll_fn(|cx| {
+            let mut parse = |bytes: &[u8]| parse_head(bytes, head_request, &mut parts.headers);
+            // Closed while idle: sent again on another connection, unless part of a body may
+            // have been taken by a request that is not safe to repeat.
+            let may_resend = |write_failed| pooled && (idempotent || (len == 0 && write_failed));
+            // Once the write has begun, the head first: a head that came while the write
+            // waited is an early answer (the connection is not reused, see below) even if
+            // the write could go on by now.
+            if started
+                && upload.is_some()
+                && let Poll::Ready(read) = head.poll(cx, &mut conn, may_resend(false), &mut parse)
+            {
+                return Poll::Ready(read);
+            }
+            started = true;
             if let Some(u) = &mut upload
                 && let Poll::Ready(done) = u.poll(cx, &mut conn)
             {
                 write_failed = done.is_err();
                 data = upload.take().map(|u| u.body).unwrap_or_default();
             }
-            // Closed while idle: sent again on another connection, unless part of a body may
-            // have been taken by a request that is not safe to repeat.
-            let may_resend = pooled && (idempotent || (len == 0 && write_failed));
-            head.poll(cx, &mut conn, may_resend, &mut |bytes| {
-                parse_head(bytes, head_request, &mut parts.headers)
-            })
+            head.poll(cx, &mut conn, may_resend(write_failed), &mut parse)
         })
         .await;
         match read {
@@ -184,8 +199,9 @@ pub(super) async fn send(
                 if answer.upstream_close {
                     upload = None;
                 }
-                // A write that failed leaves the connection unusable after this response.
-                let reusable = answer.reusable() && !write_failed;
+                // Not reused when the write failed, nor when the answer came before the
+                // request was out whole: the upstream may read the rest as another request.
+                let reusable = answer.reusable() && !write_failed && upload.is_none();
                 let mut body = respond(
                     pool,
                     conn,
@@ -309,7 +325,7 @@ fn parse_head(
     head_request: bool,
     spare: &mut HeaderMap,
 ) -> Result<Parsed<Answer>, &'static str> {
-    let parsed = response_head::parse(bytes, |res, len| -> Result<_, &'static str> {
+    let parsed = upstream_head::parse(bytes, |res, len| -> Result<_, &'static str> {
         let status = res.code.ok_or("invalid response head")?;
         let Some(ResponseFraming {
             framing,
@@ -330,6 +346,9 @@ fn parse_head(
             }
             None => Bytes::copy_from_slice(part),
         };
+        // The request's map, cleared: its capacity (grown for the request's headers, up to
+        // the client's limit) goes on with the response, to hyper's server, and is freed
+        // with it; a map sized for the response alone would be allocated here instead.
         let mut headers = std::mem::take(spare);
         headers.clear();
         headers.reserve(res.headers.len());
@@ -416,18 +435,18 @@ struct RawBody {
     end: usize,
     kind: Kind,
     reusable: bool,
-    /// The rest of the request, written on while the response is read (see [`send`]).
+    /// The rest of the request, written on while the response is read (see [`send`]); the
+    /// connection is not reused then.
     upload: Option<Upload>,
 }
 
 impl RawBody {
-    /// The body's end: the connection goes back to the pool if the exchange ended cleanly,
-    /// the whole request written included.
+    /// The body's end: the connection goes back to the pool if the exchange ended cleanly
+    /// (never when the request was still being written as the head came, see [`send`]).
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take()
             && self.reusable
             && self.start == self.end
-            && self.upload.is_none()
         {
             self.pool.put_raw(conn);
         }
@@ -440,11 +459,11 @@ impl RawBody {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Ok(0));
         };
+        // The connection is not reused (`reusable` is false while there is an upload), and
+        // a write that fails is not an error of the response.
         if let Some(u) = &mut self.upload
-            && let Poll::Ready(done) = u.poll(cx, conn)
+            && u.poll(cx, conn).is_ready()
         {
-            // A request not written whole leaves the connection unusable, not the response.
-            self.reusable &= done.is_ok();
             self.upload = None;
         }
         (self.start, self.end) = (0, 0);
@@ -549,7 +568,7 @@ fn trailer_map(lines: &[u8]) -> Option<HeaderMap> {
     let mut section = Vec::with_capacity(lines.len() + 2);
     section.extend_from_slice(lines);
     section.extend_from_slice(b"\r\n");
-    response_head::parse_fields(&section, |fields| {
+    upstream_head::parse_fields(&section, |fields| {
         let mut map = HeaderMap::with_capacity(fields.len());
         for h in fields {
             map.append(

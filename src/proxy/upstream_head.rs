@@ -22,8 +22,13 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::cluster::pool::Raw;
-use super::fast_path::{MANY_HEADERS, MAX_RESPONSE_HEAD, RESPONSE_HEADERS};
 
+/// Response headers read on the stack; a response with more is read again with
+/// [`MANY_HEADERS`] on the heap (hyper's client refused more than 100 with a 502).
+const RESPONSE_HEADERS: usize = 128;
+const MANY_HEADERS: usize = 1024;
+/// The largest response head read (hyper's default buffer limit).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// Trailer fields read on the stack; a longer section is read again with [`MANY_HEADERS`]
 /// slots on the heap (as many as a response head may have).
 const TRAILER_FIELDS: usize = 64;
