@@ -28,10 +28,12 @@ pub enum Format {
 }
 
 /// Bytes of `traceparent` and generated `x-request-id` values: each value is a slice of a
-/// shared 4 KiB buffer instead of its own allocation (`HeaderValue::from_bytes` copies into a
+/// shared 1 KiB buffer instead of its own allocation (`HeaderValue::from_bytes` copies into a
 /// new one, once per proxied request). A buffer is freed when the last header sliced from it
-/// is.
-const VALUE_ARENA: usize = 4096;
+/// is. Why 1 KiB (as the raw exchange's `SHARED_HEAD`): an HTTP/2 upstream connection's HPACK
+/// table may keep a value (~50 entries at most), and each kept value keeps its buffer; 1 KiB
+/// still holds ~11 requests' values (one allocation for them).
+const VALUE_ARENA: usize = 1024;
 
 thread_local! {
     static VALUES: std::cell::RefCell<bytes::BytesMut> =
