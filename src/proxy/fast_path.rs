@@ -73,6 +73,7 @@ use super::http::{Downstream, HttpListener};
 use super::listener::Metered;
 use super::record::Recording;
 use super::route::{Target, route_key};
+use super::upstream_head::{Parsed, Unanswered};
 use crate::config::proxy::Direction;
 use crate::telemetry::record::Entry;
 use crate::telemetry::trace::{TraceContext, is_context_name};
@@ -80,12 +81,6 @@ use crate::telemetry::trace::{TraceContext, is_context_name};
 /// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
 /// hyper, which refuses it).
 const MAX_REQUEST_HEADERS: usize = 100;
-/// Response headers read on the stack; a response with more is read again with
-/// [`MANY_HEADERS`] on the heap (hyper's client refused more than 100 with a 502).
-pub(super) const RESPONSE_HEADERS: usize = 128;
-pub(super) const MANY_HEADERS: usize = 1024;
-/// The largest response head read (hyper's default buffer limit).
-pub(super) const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// A downstream connection's read buffer to begin with (hyper's too); grown up to the
 /// listener's `max_header_bytes` for a larger head.
 const FIRST_BUFFER: usize = 8 * 1024;
@@ -932,37 +927,20 @@ async fn exchange(
             }
             return Err(broke(address, &e.to_string()));
         }
-        let mut end = 0;
-        // Something came back (a 1xx counts): a close is no longer "closed while idle".
-        let mut answered = false;
-        loop {
-            if end == conn.buf.len() {
-                if end >= MAX_RESPONSE_HEAD {
-                    return Err(broke(address, "the response head is too large"));
-                }
-                conn.buf.resize((end * 2).min(MAX_RESPONSE_HEAD), 0);
-            }
-            let resend = !answered && pooled && plan.idempotent;
-            let n = match conn.io.read(&mut conn.buf[end..]).await {
-                Ok(0) | Err(_) if resend => break, // closed while idle: on a new connection
-                Ok(0) => return Err(broke(address, "the connection closed before a response")),
-                Err(e) => return Err(broke(address, &e.to_string())),
-                Ok(n) => n,
-            };
-            answered = true;
-            end += n;
-            loop {
-                match response_head(&conn.buf[..end], plan.head, close, out) {
-                    // 1xx (not 101, refused there): skipped, as hyper's client does.
-                    Ok(Some(head)) if (100..200).contains(&head.status) => {
-                        conn.buf.copy_within(head.len..end, 0);
-                        end -= head.len;
-                    }
-                    Ok(Some(head)) => return Ok((conn, head, end)),
-                    Ok(None) => break,
-                    Err(why) => return Err(broke(address, why)),
-                }
-            }
+        let resend = pooled && plan.idempotent;
+        let read = super::upstream_head::read(&mut conn, resend, |bytes| {
+            Ok(match response_head(bytes, plan.head, close, out)? {
+                // 1xx (not 101, refused there): skipped, as hyper's client does.
+                Some(head) if (100..200).contains(&head.status) => Parsed::Informational(head.len),
+                Some(head) => Parsed::Final(head),
+                None => Parsed::Partial,
+            })
+        })
+        .await;
+        match read {
+            Ok((head, end)) => return Ok((conn, head, end)),
+            Err(Unanswered::Resend) => continue, // closed while idle: on a new connection
+            Err(Unanswered::Broke(why)) => return Err(broke(address, &why)),
         }
     }
 }
@@ -982,22 +960,20 @@ fn response_head(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Head>, &'static str> {
-    let mut stack = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut stack);
-    let mut heap;
-    let parsed = match res.parse(bytes) {
-        Err(httparse::Error::TooManyHeaders) => {
-            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
-            res = httparse::Response::new(&mut heap);
-            res.parse(bytes)
-        }
-        other => other,
-    };
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err("invalid response head"),
-    };
+    super::upstream_head::parse(bytes, |res, len| {
+        client_head(res, len, head_request, close, out)
+    })?
+    .transpose()
+}
+
+/// The client's head for a complete response head of `len` bytes.
+fn client_head(
+    res: &httparse::Response<'_, '_>,
+    len: usize,
+    head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Head, &'static str> {
     let status = res.code.ok_or("invalid response head")?;
     let ResponseFraming {
         framing,
@@ -1006,12 +982,12 @@ fn response_head(
     } = match response_framing(status, res.version, &*res.headers, head_request)? {
         Some(f) => f,
         None => {
-            return Ok(Some(Head {
+            return Ok(Head {
                 status,
                 framing: Framing::Empty,
                 reusable: false,
                 len,
-            }));
+            });
         }
     };
     out.clear();
@@ -1064,12 +1040,12 @@ fn response_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some(Head {
+    Ok(Head {
         status,
         framing,
         reusable: !upstream_close && framing != Framing::Close,
         len,
-    }))
+    })
 }
 
 /// What a response head says about its body and its connection.
