@@ -81,7 +81,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::body::End;
+use super::body::{End, REPLAY_LIMIT};
 use super::cluster::pool::{Pool, Raw};
 use super::failure::Failure;
 use super::generation::{Kind, Listener};
@@ -215,32 +215,72 @@ where
             Kind::Http(state, _) => state.clone(),
             Kind::Tcp(_) => cx.first.clone(),
         };
-        let Some(mut plan) = plan(&state, cx.down, head, &req) else {
+        let Some(checked) = check(&state, &req) else {
             return fallback(&buf[start..end]);
         };
         cx.flags.busy.store(true, Ordering::Relaxed);
         let started = Instant::now();
-        plan.target.stats.requests.inc();
-        plan.target.cluster.deposit();
         out.clear();
-        write_request_head(&mut out, &state, cx.down, &req, &plan);
-        // The body bytes read with the head go up in the same write, copied after the head
-        // (at most a read buffer's worth: the buffer stays free for the watch below, or for
-        // the rest of the body). Pipelined bytes after the body stay where they are.
+        write_request_head(&mut out, &state, cx.down, &req, &checked);
+        // The body bytes read with the head go up in the same write, copied after the head.
+        // Pipelined bytes after the body stay where they are.
         let body_start = start + head_len;
-        let buffered = (plan.length.min((end - body_start) as u64)) as usize;
+        let buffered = (checked.length.min((end - body_start) as u64)) as usize;
         out.extend_from_slice(&buf[body_start..body_start + buffered]);
+        let mut unread = checked.length - buffered as u64;
+        // A body that fits REPLAY_LIMIT is read whole first, into `out` after the head (as
+        // hyper's path reads it ahead, within the route's timeout and `min_body_rate`): a slow
+        // small body holds no permit and never reaches the app, and the request can be resent
+        // whole. Larger bodies stream (below).
+        let mut failed = None;
+        let head_out = out.len() - buffered;
+        let read_first = unread > 0 && checked.length <= REPLAY_LIMIT as u64;
+        if read_first {
+            let (timeout, rate) = (checked.target.timeout, checked.rate);
+            match read_body(io, &mut out, unread as usize, timeout, rate).await {
+                Ok(()) => unread = 0,
+                Err(f) => failed = Some(f),
+            }
+        }
+        let Some(mut plan) = admit(&state, cx.down, head, &req, checked) else {
+            // Overloaded, or no endpoint: hyper's path answers (with the body read first, if
+            // it was, in front of what the buffer holds).
+            return match (read_first, failed) {
+                (false, _) => fallback(&buf[start..end]),
+                (true, None) => {
+                    let mut bytes = buf[start..body_start].to_vec();
+                    bytes.extend_from_slice(&out[head_out..]);
+                    Outcome::Fallback(bytes.into())
+                }
+                (true, Some(_)) => Outcome::Closed,
+            };
+        };
+        plan.target.stats.requests.inc();
+        if let Some(f) = failed {
+            // Its body did not arrive: answered and closed, nothing went upstream (no
+            // lingering: a client too slow to send its body would hold the slot on).
+            answer(io, &state, &mut plan, f, &mut out, true, started).await;
+            cx.flags.busy.store(false, Ordering::Relaxed);
+            if io.flush().await.is_ok() {
+                let _ = io.shutdown().await;
+            }
+            return Outcome::Closed;
+        }
+        plan.target.cluster.deposit();
         // The client's connection is watched while the upstream answers (hyper's dispatcher
         // reads for an EOF on a busy connection too): its next bytes go after this request.
-        if end == buf.len() {
-            buf.resize(end + FIRST_BUFFER, 0);
+        // When nothing waits in the buffer (no pipelined bytes), the whole of it is free for
+        // them (everything before is in `out` or the record); it never grows here.
+        let mut idle_at = body_start + buffered;
+        if idle_at == end {
+            (idle_at, end) = (0, 0);
         }
         let mut spare = Spare {
             buf: &mut buf,
             end: &mut end,
-            idle_at: body_start + buffered,
+            idle_at,
             watch: true,
-            unread: plan.length - buffered as u64,
+            unread,
         };
         let keep = forward(&cx, io, &state, &mut plan, &mut out, started, &mut spare).await;
         let (next, unread) = (spare.idle_at, spare.unread);
@@ -274,15 +314,10 @@ struct Plan {
     pool: Arc<Pool>,
     /// The listener's and the cluster's in-flight permits, held until the response's end.
     _permits: super::limits::Permits,
-    trace: TraceContext,
-    /// The request's trace context headers when it had some, with ours injected.
-    context: Option<HeaderMap>,
     /// The client asked to close after this response.
     close: bool,
     head: bool,
     idempotent: bool,
-    /// Some `Connection` token names a header to strip.
-    named: bool,
     /// The request's record, when an access log or span export wants it.
     record: Option<Recording>,
     /// The request body's length (its one `Content-Length`; 0 without one).
@@ -292,13 +327,8 @@ struct Plan {
 }
 
 /// Whether the fast path takes this request, and with what; None leaves it to hyper. Nothing
-/// here has an effect that outlives a None (permits taken are dropped with it).
-fn plan(
-    state: &HttpListener,
-    down: &Downstream,
-    head: &[u8],
-    req: &httparse::Request<'_, '_>,
-) -> Option<Plan> {
+/// here has an effect ([`admit`] takes the permits, once a small body is read).
+fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checked> {
     if req.version != Some(1) {
         return None;
     }
@@ -352,7 +382,14 @@ fn plan(
             for t in tokens(h.value) {
                 if t.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                } else if t.eq_ignore_ascii_case(b"upgrade")
+                    || t.eq_ignore_ascii_case(b"content-length")
+                    || t.eq_ignore_ascii_case(b"host")
+                    || t.eq_ignore_ascii_case(b"transfer-encoding")
+                {
+                    // Stripping the header that frames the body (or says where it goes)
+                    // would let its bytes reach the upstream as a request of their own:
+                    // hyper's path, which frames the body itself, takes it.
                     return None;
                 } else if !hop_by_hop(t) {
                     named = true;
@@ -405,41 +442,86 @@ fn plan(
             None,
         )
     };
+    Some(Checked {
+        length: length.unwrap_or(0),
+        // As `min_body_rate::applies`: gRPC bodies are exempt.
+        rate: state.limits.min_body_rate.filter(|_| !grpc),
+        idempotent: super::forward::is_idempotent(&method),
+        head: method == Method::HEAD,
+        method,
+        target: target.clone(),
+        trace,
+        context,
+        close,
+        named,
+    })
+}
+
+/// What [`check`] found of a request the fast path takes, before it is admitted.
+struct Checked {
+    target: Arc<Target>,
+    method: Method,
+    trace: TraceContext,
+    /// The request's trace context headers when it had some, with ours injected.
+    context: Option<HeaderMap>,
+    /// The client asked to close after this response.
+    close: bool,
+    head: bool,
+    idempotent: bool,
+    /// Some `Connection` token names a header to strip.
+    named: bool,
+    /// The request body's length (its one `Content-Length`; 0 without one).
+    length: u64,
+    /// The body's minimum data rate (`limits.min_body_rate`; none for gRPC).
+    rate: Option<MinBodyRate>,
+}
+
+/// A checked request admitted: the listener's and the cluster's in-flight permits, an
+/// endpoint and its pool, the record. None (overloaded, no endpoint) leaves it to hyper, as
+/// [`check`]'s None.
+fn admit(
+    state: &HttpListener,
+    down: &Downstream,
+    head: &[u8],
+    req: &httparse::Request<'_, '_>,
+    c: Checked,
+) -> Option<Plan> {
+    let host = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())?;
     let listener_permit = match &state.in_flight {
         None => None,
         Some(s) => Some(s.clone().try_acquire_owned().ok()?),
     };
-    let cluster_permit = target.cluster.admit().ok()?;
-    let attempt = target.cluster.pick()?;
+    let cluster_permit = c.target.cluster.admit().ok()?;
+    let attempt = c.target.cluster.pick()?;
     let pool = attempt.endpoint.pool()?.clone();
     // An access log wants every request, span export the sampled ones: the record holds what
     // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
     // last, so that a request that goes to hyper after all leaves no record here (hyper's
     // path draws its own sampling decision then; this one had no effect).
     let record = match &state.recorder {
-        Some(r) if r.wants(&trace) => Some(Recording::new(
+        Some(r) if r.wants(&c.trace) => Some(Recording::new(
             r,
-            entry(state, down, head, req, method.clone(), host, trace.clone())?,
+            entry(state, down, head, req, c.method, host, c.trace.clone())?,
         )),
         _ => None,
     };
     Some(Plan {
-        length: length.unwrap_or(0),
-        // As `min_body_rate::applies`: gRPC bodies are exempt.
-        rate: state.limits.min_body_rate.filter(|_| !grpc),
-        idempotent: super::forward::is_idempotent(&method),
-        head: method == Method::HEAD,
-        target: target.clone(),
+        length: c.length,
+        rate: c.rate,
+        idempotent: c.idempotent,
+        head: c.head,
+        target: c.target,
         attempt,
         pool,
         _permits: super::limits::Permits {
             _listener: listener_permit,
             _cluster: cluster_permit,
         },
-        trace,
-        context,
-        close,
-        named,
+        close: c.close,
         record,
     })
 }
@@ -558,7 +640,7 @@ fn write_request_head(
     state: &HttpListener,
     down: &Downstream,
     req: &httparse::Request<'_, '_>,
-    plan: &Plan,
+    plan: &Checked,
 ) {
     let inbound = state.direction == Direction::Inbound;
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -1249,6 +1331,73 @@ where
         }
     })
     .await
+}
+
+/// Reads the `left` bytes of a request body the client still owes onto the end of `out`, within
+/// `timeout` (the route's) and `rate` (`limits.min_body_rate`), as hyper's path reads a small
+/// body ahead ([`super::forward`]): 408 when it is late or too slow, 400 when the client closed.
+async fn read_body<S>(
+    io: &mut Metered<S>,
+    out: &mut Vec<u8>,
+    left: usize,
+    timeout: Duration,
+    rate: Option<MinBodyRate>,
+) -> Result<(), Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut credit = Credit::new(rate);
+    let mut at = out.len();
+    out.resize(at + left, 0);
+    let read = async {
+        while at < out.len() {
+            let since = tokio::time::Instant::now();
+            let read = io.read(&mut out[at..]);
+            let n = match &credit {
+                Some(c) => match tokio::time::timeout_at(c.deadline(since), read).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return Err(Failed {
+                            failure: Failure::RequestTimeout,
+                            message: c.too_slow().to_string(),
+                        });
+                    }
+                },
+                None => read.await,
+            };
+            match n {
+                Ok(0) => {
+                    return Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!(
+                            "the client closed its connection {} bytes before the end of the request body",
+                            out.len() - at
+                        ),
+                    });
+                }
+                Err(e) => {
+                    return Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!("reading the request body: {e}"),
+                    });
+                }
+                Ok(n) => {
+                    at += n;
+                    if let Some(c) = &mut credit {
+                        c.arrived(Some(since), n);
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(Failed {
+            failure: Failure::RequestTimeout,
+            message: format!("the request body did not arrive within {timeout:?}"),
+        }),
+    }
 }
 
 /// Reads and drops what the client still sends of a body it was answered before sending

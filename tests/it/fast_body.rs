@@ -401,3 +401,166 @@ fn a_body_cut_short_by_its_client_is_logged_and_its_upstream_connection_dropped(
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(app.accepted(), 2);
 }
+
+/// `Connection: content-length` must not strip the header that frames the body: the upstream
+/// sees one POST with its whole body (which reads like a request of its own), never the body as
+/// a second request (request smuggling).
+#[test]
+fn a_connection_header_naming_content_length_smuggles_nothing() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    for token in [
+        "content-length",
+        "Content-Length, keep-alive",
+        "host",
+        "transfer-encoding",
+    ] {
+        let mut req = format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\nConnection: {token}\r\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(smuggled);
+        s.write_all(&req).unwrap();
+        let out = response(&mut s, &mut Vec::new());
+        assert!(
+            out.starts_with("HTTP/1.1 200")
+                && out.contains(&format!("x-sum: {:x}\r\n", fnv(smuggled))),
+            "{token}: {out}\n{}",
+            sc.diagnostics()
+        );
+    }
+    let heads = app.heads();
+    assert_eq!(heads.len(), 4, "{heads:?}");
+    assert!(
+        heads.iter().all(|h| h.starts_with("POST /echo ")),
+        "{heads:?}"
+    );
+}
+
+/// A body of up to 64 KiB is read whole before anything goes upstream: one that stops gets 408
+/// from `min_body_rate` and the upstream never saw its head (nor a connection); one that comes
+/// slowly but in time arrives in one piece.
+#[test]
+fn a_small_body_is_read_whole_before_the_upstream_sees_it() {
+    let app = EchoApp::start();
+    let sc = sidecar(
+        &app,
+        "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
+        "",
+    );
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 60000\r\n\r\n")
+        .unwrap();
+    s.write_all(&body(20_000)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 408") && out.contains("connection: close\r\n"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(app.heads().is_empty(), "{:?}", app.heads());
+    assert_eq!(
+        app.accepted(),
+        0,
+        "no upstream connection for a body not read"
+    );
+    // In three pieces, 300 ms apart: the upstream gets it whole, with the fast path's head.
+    let mut s = connect(&sc);
+    let data = body(3000);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n")
+        .unwrap();
+    for piece in data.chunks(1000) {
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(app.heads().is_empty(), "sent before the body was whole");
+        s.write_all(piece).unwrap();
+    }
+    let out = response(&mut s, &mut Vec::new());
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains(&format!("x-sum: {:x}\r\n", fnv(&data))),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(
+        app.heads()[0].contains("\r\nHost: a\r\n"),
+        "the fast path's"
+    );
+}
+
+/// The route's timeout while a small body is still coming: 408, nothing upstream.
+#[test]
+fn a_small_body_later_than_the_route_timeout_gets_408() {
+    let app = EchoApp::start();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 500ms\n",
+        app.address
+    ));
+    sc.wait_ready();
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 408") && out.contains("did not arrive within"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert_eq!(app.accepted(), 0);
+}
+
+/// The connection's read buffer does not grow with the requests it carries: 1000 POSTs of
+/// 256 KiB pipelined on one connection (so that every read finds the socket full) leave the
+/// proxy's resident memory about where the first ones did (the buffer grew 8 KiB a request).
+#[test]
+fn many_large_bodies_on_one_connection_do_not_grow_its_buffer() {
+    fn rss_kib(pid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    }
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let data = body(256 * 1024);
+    let mut req = format!(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&data);
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..1000 {
+            writer.write_all(&req).unwrap();
+        }
+    });
+    let mut rest = Vec::new();
+    let mut before = 0;
+    for i in 0..1000 {
+        let out = response(&mut s, &mut rest);
+        assert!(
+            out.starts_with("HTTP/1.1 200"),
+            "{i}: {out}\n{}",
+            sc.diagnostics()
+        );
+        if i == 49 {
+            before = rss_kib(sc.pid());
+        }
+    }
+    sender.join().unwrap();
+    let after = rss_kib(sc.pid());
+    assert!(
+        after < before + 512,
+        "resident memory grew from {before} KiB to {after} KiB\n{}",
+        sc.diagnostics()
+    );
+}
