@@ -90,6 +90,7 @@ use super::listener::Metered;
 use super::min_body_rate::Credit;
 use super::record::Recording;
 use super::route::{Target, route_key};
+use super::upstream_head::{HeadRead, Parsed, Unanswered};
 use crate::config::proxy::{Direction, MinBodyRate};
 use crate::telemetry::record::Entry;
 use crate::telemetry::trace::{TraceContext, is_context_name};
@@ -97,12 +98,6 @@ use crate::telemetry::trace::{TraceContext, is_context_name};
 /// Request headers `httparse` reads per head (hyper's own limit: a head with more goes to
 /// hyper, which refuses it).
 const MAX_REQUEST_HEADERS: usize = 100;
-/// Response headers read on the stack; a response with more is read again with
-/// [`MANY_HEADERS`] on the heap (hyper's client refused more than 100 with a 502).
-pub(super) const RESPONSE_HEADERS: usize = 128;
-pub(super) const MANY_HEADERS: usize = 1024;
-/// The largest response head read (hyper's default buffer limit).
-pub(super) const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// A downstream connection's read buffer to begin with (hyper's too); grown up to the
 /// listener's `max_header_bytes` for a larger head.
 const FIRST_BUFFER: usize = 8 * 1024;
@@ -1117,8 +1112,8 @@ struct Upload<'a, S> {
 enum Pumped {
     /// All of it was written.
     Sent,
-    /// The upstream answered first (a final head), in `out`.
-    Answered(Head),
+    /// The upstream answered first (a final head, in `out`; the end of the bytes read).
+    Answered(Head, usize),
     /// The upstream stopped taking it (closed, reset): whatever it said is read next.
     Refused,
 }
@@ -1166,44 +1161,34 @@ where
             }
             return Err(broke(address, &e.to_string()));
         }
-        let mut end = 0;
-        // Something came back (a 1xx counts): a close is no longer "closed while idle". A
-        // streamed body is never sent again either.
-        let mut answered = up.is_some();
+        let mut parse = |bytes: &[u8]| {
+            Ok(match response_head(bytes, plan.head, close, out)? {
+                // 1xx (not 101, refused there): skipped, as hyper's client does.
+                Some(head) if (100..200).contains(&head.status) => Parsed::Informational(head.len),
+                Some(head) => Parsed::Final(head),
+                None => Parsed::Partial,
+            })
+        };
+        // One head read for the pump and after it: what came while the body was streamed is
+        // parsed before the next read.
+        let mut reading = HeadRead::default();
         if let Some(up) = up.as_deref_mut() {
-            match pump(up, &mut conn, &mut end, plan, close, out).await? {
-                Pumped::Answered(head) => return Ok((conn, head, end)),
+            match pump(up, &mut conn, &mut reading, &mut parse, plan).await? {
+                Pumped::Answered(head, end) => return Ok((conn, head, end)),
                 Pumped::Sent | Pumped::Refused => {}
             }
         }
-        loop {
-            if end == conn.buf.len() {
-                if end >= MAX_RESPONSE_HEAD {
-                    return Err(broke(address, "the response head is too large"));
-                }
-                conn.buf.resize((end * 2).min(MAX_RESPONSE_HEAD), 0);
-            }
-            let resend = !answered && pooled && plan.idempotent;
-            let n = match conn.io.read(&mut conn.buf[end..]).await {
-                Ok(0) | Err(_) if resend => break, // closed while idle: on a new connection
-                Ok(0) => return Err(broke(address, "the connection closed before a response")),
-                Err(e) => return Err(broke(address, &e.to_string())),
-                Ok(n) => n,
-            };
-            answered = true;
-            end += n;
-            loop {
-                match response_head(&conn.buf[..end], plan.head, close, out) {
-                    // 1xx (not 101, refused there): skipped, as hyper's client does.
-                    Ok(Some(head)) if (100..200).contains(&head.status) => {
-                        conn.buf.copy_within(head.len..end, 0);
-                        end -= head.len;
-                    }
-                    Ok(Some(head)) => return Ok((conn, head, end)),
-                    Ok(None) => break,
-                    Err(why) => return Err(broke(address, why)),
-                }
-            }
+        // A streamed body is never sent again.
+        let resend = pooled && plan.idempotent && up.is_none();
+        let read = if up.is_some() {
+            std::future::poll_fn(|cx| reading.poll(cx, &mut conn, false, &mut parse)).await
+        } else {
+            super::upstream_head::read(&mut conn, resend, &mut parse).await
+        };
+        match read {
+            Ok((head, end)) => return Ok((conn, head, end)),
+            Err(Unanswered::Resend) => continue, // closed while idle: on a new connection
+            Err(Unanswered::Broke(why)) => return Err(broke(address, &why)),
         }
     }
 }
@@ -1214,15 +1199,14 @@ where
 /// written), and only time spent waiting on the client counts against `limits.min_body_rate`
 /// (as [`super::min_body_rate::Watched`] counts it). Written as one poll function over both
 /// connections, not two tasks: the upstream connection is this task's (no split, no
-/// allocation), and both directions wake the same task. `end`: response bytes read into
-/// `conn.buf`.
+/// allocation), and both directions wake the same task. `reading`: the response head read
+/// so far ([`HeadRead`], read on after the pump when it did not end in a head).
 async fn pump<S>(
     up: &mut Upload<'_, S>,
     conn: &mut Raw,
-    end: &mut usize,
+    reading: &mut HeadRead,
+    parse: &mut impl FnMut(&[u8]) -> Result<Parsed<Head>, &'static str>,
     plan: &Plan,
-    close: bool,
-    out: &mut Vec<u8>,
 ) -> Result<Pumped, Failed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -1234,32 +1218,15 @@ where
     tokio::pin!(timer);
     std::future::poll_fn(|task| {
         loop {
-            // The upstream's answer, if it has begun one.
-            if *end == conn.buf.len() {
-                if *end >= MAX_RESPONSE_HEAD {
-                    return Poll::Ready(Err(broke(address, "the response head is too large")));
+            // The upstream's answer, if it has begun one (never resent: the body is streamed).
+            match reading.poll(task, conn, false, parse) {
+                Poll::Ready(Ok((head, end))) => return Poll::Ready(Ok(Pumped::Answered(head, end))),
+                Poll::Ready(Err(Unanswered::Broke(why))) => {
+                    return Poll::Ready(Err(broke(address, &why)));
                 }
-                conn.buf.resize((*end * 2).min(MAX_RESPONSE_HEAD), 0);
-            }
-            let mut read = ReadBuf::new(&mut conn.buf[*end..]);
-            match Pin::new(&mut conn.io).poll_read(task, &mut read) {
-                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
-                    *end += read.filled().len();
-                    loop {
-                        match response_head(&conn.buf[..*end], plan.head, close, out) {
-                            Ok(Some(head)) if (100..200).contains(&head.status) => {
-                                conn.buf.copy_within(head.len..*end, 0);
-                                *end -= head.len;
-                            }
-                            Ok(Some(head)) => return Poll::Ready(Ok(Pumped::Answered(head))),
-                            Ok(None) => break,
-                            Err(why) => return Poll::Ready(Err(broke(address, why))),
-                        }
-                    }
-                    continue;
+                Poll::Ready(Err(Unanswered::Resend)) => {
+                    return Poll::Ready(Err(broke(address, "the connection closed")));
                 }
-                // Closed or reset: the read after the pump says what it is.
-                Poll::Ready(_) => return Poll::Ready(Ok(Pumped::Refused)),
                 Poll::Pending => {}
             }
             // Bytes read from the client go up before more are read.
@@ -1435,22 +1402,20 @@ fn response_head(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Head>, &'static str> {
-    let mut stack = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut stack);
-    let mut heap;
-    let parsed = match res.parse(bytes) {
-        Err(httparse::Error::TooManyHeaders) => {
-            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
-            res = httparse::Response::new(&mut heap);
-            res.parse(bytes)
-        }
-        other => other,
-    };
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err("invalid response head"),
-    };
+    super::upstream_head::parse(bytes, |res, len| {
+        client_head(res, len, head_request, close, out)
+    })?
+    .transpose()
+}
+
+/// The client's head for a complete response head of `len` bytes.
+fn client_head(
+    res: &httparse::Response<'_, '_>,
+    len: usize,
+    head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Head, &'static str> {
     let status = res.code.ok_or("invalid response head")?;
     let ResponseFraming {
         framing,
@@ -1459,12 +1424,12 @@ fn response_head(
     } = match response_framing(status, res.version, &*res.headers, head_request)? {
         Some(f) => f,
         None => {
-            return Ok(Some(Head {
+            return Ok(Head {
                 status,
                 framing: Framing::Empty,
                 reusable: false,
                 len,
-            }));
+            });
         }
     };
     out.clear();
@@ -1517,12 +1482,12 @@ fn response_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some(Head {
+    Ok(Head {
         status,
         framing,
         reusable: !upstream_close && framing != Framing::Close,
         len,
-    }))
+    })
 }
 
 /// What a response head says about its body and its connection.

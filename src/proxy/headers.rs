@@ -234,7 +234,7 @@ fn prepare(
     if let Entry::Vacant(e) = headers.entry(&X_REQUEST_ID) {
         let mut id = [0u8; 32];
         crate::telemetry::trace::hex_into(&mut id, fastrand::u128(..));
-        e.insert(HeaderValue::from_bytes(&id).expect("hex is a valid value"));
+        e.insert(crate::telemetry::trace::shared_value(&id));
     }
 }
 

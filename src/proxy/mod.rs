@@ -55,6 +55,7 @@ pub mod route;
 pub mod tcp;
 pub mod unread_streams;
 pub mod upgrade;
+mod upstream_head;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -27,18 +27,21 @@ pub enum Format {
     B3Multi,
 }
 
-/// Bytes of `traceparent` values: each value is a slice of a shared 4 KiB buffer instead of
-/// its own allocation (`HeaderValue::from_bytes` copies into a new one, once per proxied
-/// request). A buffer is freed when the last header sliced from it is.
-const VALUE_ARENA: usize = 4096;
+/// Bytes of `traceparent` and generated `x-request-id` values: each value is a slice of a
+/// shared 1 KiB buffer instead of its own allocation (`HeaderValue::from_bytes` copies into a
+/// new one, once per proxied request). A buffer is freed when the last header sliced from it
+/// is. Why 1 KiB (as the raw exchange's `SHARED_HEAD`): an HTTP/2 upstream connection's HPACK
+/// table may keep a value (~50 entries at most), and each kept value keeps its buffer; 1 KiB
+/// still holds ~11 requests' values (one allocation for them).
+const VALUE_ARENA: usize = 1024;
 
 thread_local! {
     static VALUES: std::cell::RefCell<bytes::BytesMut> =
         std::cell::RefCell::new(bytes::BytesMut::new());
 }
 
-/// `value` as a header value sliced from this thread's buffer of values.
-fn shared_value(value: &[u8]) -> HeaderValue {
+/// `value` (visible ASCII) as a header value sliced from this thread's buffer of values.
+pub(crate) fn shared_value(value: &[u8]) -> HeaderValue {
     let bytes = VALUES.with_borrow_mut(|buf| {
         if buf.capacity() - buf.len() < value.len() {
             *buf = bytes::BytesMut::with_capacity(VALUE_ARENA.max(value.len()));
@@ -156,7 +159,7 @@ impl TraceContext {
     pub fn trace_header(&self) -> HeaderValue {
         let mut buf = [0u8; 32];
         hex_into(&mut buf, self.trace_id);
-        HeaderValue::from_bytes(&buf).expect("hex is a valid value")
+        shared_value(&buf)
     }
 
     pub fn span_hex(&self) -> String {

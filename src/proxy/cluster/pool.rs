@@ -219,6 +219,7 @@ impl Pool {
         if conn.out.capacity() > 4096 {
             conn.out = Vec::new();
         }
+        conn.out.clear();
         let mut idle = self.raw.lock().expect("not poisoned");
         if idle.len() >= MAX_IDLE {
             return;

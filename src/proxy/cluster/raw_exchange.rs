@@ -9,9 +9,24 @@
 //! (docs/BENCHMARKS.md). Here the request's task writes the head from the prepared
 //! `http::Request` (method, origin-form target, its header map, which the forward phase has
 //! already stripped of hop-by-hop headers) and the body in one vectored write, reads the
-//! response head with `httparse` into the connection's own buffer, and the response body
-//! reads on from that same buffer: each frame is a copy of exactly its bytes, and the
-//! connection goes back to the pool when the body's end has passed.
+//! response head with `httparse` into the connection's own buffer
+//! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head),
+//! and the response body reads on from that same buffer: each frame is a copy of exactly its
+//! bytes, and the connection goes back to the pool when the body's end has passed.
+//!
+//! Early answers: the head is read while the request is still being written, in the same
+//! task (one future polls both), since an upstream may answer before it has read the body
+//! (a 413 and a close, a 401 without reading on) and then stop reading; the client gets that
+//! answer, not a 502 for the write that could not finish. The rest of the request is written
+//! on while the response body is read (an upstream may stream its answer to the body, as
+//! hyper's client allows), unless the upstream closes after this response (RFC 9112 §9.6:
+//! stop sending); a write that fails then is not an error of the response. A connection
+//! whose request was not written whole when the final response head came never goes back to
+//! the pool, even if the rest is written while the response body is read: an upstream that
+//! answered the head alone (a 401 and keep-alive) may take the body's bytes for its next
+//! request, and the next client would get the answer to them. When every byte was written
+//! before the head came, that cannot be told apart from an answer to the whole request: the
+//! connection is pooled (as hyper's client does).
 //!
 //! What it takes (anything else goes to hyper's client as before, [`super::pool::Pool::send`]):
 //! no `Upgrade`, no `Transfer-Encoding`, a body that is empty or of a known length up to
@@ -22,9 +37,11 @@
 //! status below 100, a head over 400 KiB), skips 1xx, and decodes a chunked body as strictly
 //! as hyper's decoder, trailers included. Unlike hyper's client it reads more than 100
 //! response headers (up to 1,024, as the fast path). A pooled connection the upstream closed
-//! while idle gets the request again on another (an idempotent or bodiless request whose
-//! write failed; an idempotent one that got no response byte).
+//! while idle, before any response byte, gets the request again on another (an idempotent
+//! request; a bodiless one whose write failed).
 
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -34,15 +51,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use std::io::IoSlice;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::{Pool, Raw, SendError};
 use crate::proxy::body::{BoxError, ProxyBody, REPLAY_LIMIT};
 use crate::proxy::fast_path::{
-    Chunked, Framing, MANY_HEADERS, MAX_RESPONSE_HEAD, RESPONSE_HEADERS, ResponseFraming, Step,
-    fmt_u64, itoa_buf, response_framing, write_all,
+    Chunked, Framing, ResponseFraming, Step, fmt_u64, itoa_buf, response_framing,
 };
+use crate::proxy::upstream_head::{self, HeadRead, Parsed, Unanswered};
 
 /// Whether this path takes `req`: the body's length when it does.
 pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
@@ -85,7 +101,7 @@ pub(super) async fn send(
     req: Request<ProxyBody>,
     len: u64,
 ) -> Result<Response<ProxyBody>, SendError> {
-    let (parts, mut body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     // The body, read whole (the forward phase already holds it: one frame, no copy).
     let mut data = Bytes::new();
     if len > 0 {
@@ -139,34 +155,68 @@ pub(super) async fn send(
                 }
             },
         };
-        let mut out = std::mem::take(&mut conn.out);
-        write_head(&mut out, &parts, len);
-        let sent = async {
-            write_all(&mut conn.io, &mut [IoSlice::new(&out), IoSlice::new(&data)]).await?;
-            conn.io.flush().await
-        }
-        .await;
-        out.clear();
-        conn.out = out;
-        if let Err(e) = sent {
-            // Closed while idle: sent again on another connection, unless part of a body
-            // may have been taken by a request that is not safe to repeat.
-            if pooled && (idempotent || len == 0) {
-                continue;
+        conn.out.clear();
+        write_head(&mut conn.out, &parts, len);
+        // The request is written while the response head is read: an upstream may answer
+        // before it has read the body (a 413, a 401), and then stop reading or close. Its
+        // answer is what the client gets, not a 502 for a write that could not finish.
+        let mut upload = Some(Upload {
+            body: std::mem::take(&mut data),
+            sent: 0,
+        });
+        let mut write_failed = false;
+        let mut started = false;
+        let mut head = HeadRead::default();
+        let read = poll_fn(|cx| {
+            let mut parse = |bytes: &[u8]| parse_head(bytes, head_request, &mut parts.headers);
+            // Closed while idle: sent again on another connection, unless part of a body may
+            // have been taken by a request that is not safe to repeat.
+            let may_resend = |write_failed| pooled && (idempotent || (len == 0 && write_failed));
+            // Once the write has begun, the head first: a head that came while the write
+            // waited is an early answer (the connection is not reused, see below) even if
+            // the write could go on by now.
+            if started
+                && upload.is_some()
+                && let Poll::Ready(read) = head.poll(cx, &mut conn, may_resend(false), &mut parse)
+            {
+                return Poll::Ready(read);
             }
-            return Err(broke(e.into()));
-        }
-        match read_head(&mut conn, head_request, pooled && idempotent).await {
-            Ok(Some((res, framing, reusable, len, mut end))) => {
+            started = true;
+            if let Some(u) = &mut upload
+                && let Poll::Ready(done) = u.poll(cx, &mut conn)
+            {
+                write_failed = done.is_err();
+                data = upload.take().map(|u| u.body).unwrap_or_default();
+            }
+            head.poll(cx, &mut conn, may_resend(write_failed), &mut parse)
+        })
+        .await;
+        match read {
+            Ok((answer, end)) => {
+                // The rest of the request goes on while the response is read (an upstream may
+                // stream its answer to the body), unless the upstream closes after this
+                // response: then it is not sent (RFC 9112 §9.6).
+                if answer.upstream_close {
+                    upload = None;
+                }
+                // Not reused when the write failed, nor when the answer came before the
+                // request was out whole: the upstream may read the rest as another request.
+                let reusable = answer.reusable() && !write_failed && upload.is_none();
+                let mut body = respond(
+                    pool,
+                    conn,
+                    answer.framing,
+                    reusable,
+                    answer.len,
+                    end,
+                    upload,
+                );
                 // A body of known length of which nothing came with the head: its first
                 // bytes are awaited here (within the route's timeout, like the head), so that
                 // an upstream that breaks off gets the client a 502, not a head and a cut body.
-                if matches!(framing, Framing::Length(n) if n > 0) && end == len {
-                    if end == conn.buf.len() {
-                        conn.buf.resize(end + 8 * 1024, 0);
-                    }
-                    match conn.io.read(&mut conn.buf[end..]).await {
-                        Ok(n) if n > 0 => end += n,
+                if matches!(answer.framing, Framing::Length(n) if n > 0) && end == answer.len {
+                    match poll_fn(|cx| body.poll_more(cx)).await {
+                        Ok(n) if n > 0 => {}
                         Ok(_) => {
                             return Err(broke(
                                 "the connection closed before the response body".into(),
@@ -175,11 +225,50 @@ pub(super) async fn send(
                         Err(e) => return Err(broke(e.into())),
                     }
                 }
-                return Ok(respond(pool, conn, res, framing, reusable, len, end));
+                return Ok(answer.res.map(|()| body.boxed()));
             }
-            Ok(None) => continue, // closed while idle: on a new connection
-            Err(why) => return Err(broke(why.into())),
+            Err(Unanswered::Resend) => {
+                // The body (whole: nothing of it may have been taken) for the next connection.
+                if let Some(u) = upload.take() {
+                    data = u.body;
+                }
+                continue;
+            }
+            Err(Unanswered::Broke(why)) => return Err(broke(why.into())),
         }
+    }
+}
+
+/// The request's bytes not written yet: the head in the connection's `out`, then the body.
+struct Upload {
+    body: Bytes,
+    /// Bytes written, of the head and the body together.
+    sent: usize,
+}
+
+impl Upload {
+    /// Writes on (the head and the body in one vectored write while the head is not all out),
+    /// then flushes.
+    fn poll(&mut self, cx: &mut Context<'_>, conn: &mut Raw) -> Poll<io::Result<()>> {
+        let head = conn.out.len();
+        let total = head + self.body.len();
+        while self.sent < total {
+            let io = Pin::new(&mut conn.io);
+            let n = if self.sent < head {
+                let bufs = [
+                    IoSlice::new(&conn.out[self.sent..]),
+                    IoSlice::new(&self.body),
+                ];
+                ready!(io.poll_write_vectored(cx, &bufs))?
+            } else {
+                ready!(io.poll_write(cx, &self.body[self.sent - head..]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        Pin::new(&mut conn.io).poll_flush(cx)
     }
 }
 
@@ -206,117 +295,105 @@ fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, len: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A response head read: the response (empty body yet), how its body ends, whether the
-/// connection can take another request after it, the head's length and the end of the bytes
-/// read. `Ok(None)`: a pooled connection closed before any byte and the request may go again.
-type ReadHead = (Response<()>, Framing, bool, usize, usize);
+/// A final response head: the response (its body empty yet), how its body ends, whether the
+/// upstream closes the connection after it, and the head's length.
+struct Answer {
+    res: Response<()>,
+    framing: Framing,
+    upstream_close: bool,
+    len: usize,
+}
 
-async fn read_head(
-    conn: &mut Raw,
+impl Answer {
+    /// Whether the connection can take another request after this response.
+    fn reusable(&self) -> bool {
+        !self.upstream_close && self.framing != Framing::Close
+    }
+}
+
+/// Heads up to this size are copied once and their header values are slices of the copy;
+/// larger ones get a copy per value. Why the bound: hyper's HTTP/2 server keeps the values
+/// it adds to its HPACK table (a `Date`, an echoed request id: new values, ~50 entries at
+/// most per connection), and each such value keeps its whole head alive; 1 KiB covers the
+/// usual heads (nginx's is ~150 bytes) without letting large ones (cookies) pile up.
+const SHARED_HEAD: usize = 1024;
+
+/// Reads a response head. `spare`: a header map whose memory the response's headers reuse
+/// (the request's, written already), taken for a final head.
+fn parse_head(
+    bytes: &[u8],
     head_request: bool,
-    may_resend: bool,
-) -> Result<Option<ReadHead>, String> {
-    let mut end = 0;
-    let mut answered = false;
-    loop {
-        if end == conn.buf.len() {
-            if end >= MAX_RESPONSE_HEAD {
-                return Err("the response head is too large".into());
-            }
-            conn.buf.resize((end * 2).min(MAX_RESPONSE_HEAD), 0);
-        }
-        let n = match conn.io.read(&mut conn.buf[end..]).await {
-            Ok(0) | Err(_) if !answered && may_resend => return Ok(None),
-            Ok(0) => return Err("the connection closed before a response".into()),
-            Err(e) => return Err(e.to_string()),
-            Ok(n) => n,
+    spare: &mut HeaderMap,
+) -> Result<Parsed<Answer>, &'static str> {
+    let parsed = upstream_head::parse(bytes, |res, len| -> Result<_, &'static str> {
+        let status = res.code.ok_or("invalid response head")?;
+        let Some(ResponseFraming {
+            framing,
+            upstream_close,
+            ..
+        }) = response_framing(status, res.version, &*res.headers, head_request)?
+        else {
+            return Ok(Parsed::Informational(len));
         };
-        answered = true;
-        end += n;
-        loop {
-            match parse_head(&conn.buf[..end], head_request)? {
-                Parsed::Partial => break,
-                Parsed::Informational(len) => {
-                    conn.buf.copy_within(len..end, 0);
-                    end -= len;
-                }
-                Parsed::Final(res, framing, reusable, len) => {
-                    return Ok(Some((res, framing, reusable, len, end)));
-                }
+        let status = StatusCode::from_u16(status).map_err(|_| "invalid status code")?;
+        // One copy of a small head, which every header value is a slice of (a copy per
+        // value was an allocation each: 2 instead of 5 for a usual head).
+        let shared = (len <= SHARED_HEAD).then(|| Bytes::copy_from_slice(&bytes[..len]));
+        let copy = |part: &[u8]| match &shared {
+            Some(head) => {
+                let at = part.as_ptr() as usize - bytes.as_ptr() as usize;
+                head.slice(at..at + part.len())
             }
+            None => Bytes::copy_from_slice(part),
+        };
+        // The request's map, cleared: its capacity (grown for the request's headers, up to
+        // the client's limit) goes on with the response, to hyper's server, and is freed
+        // with it; a map sized for the response alone would be allocated here instead.
+        let mut headers = std::mem::take(spare);
+        headers.clear();
+        headers.reserve(res.headers.len());
+        for h in res.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| "invalid response head: invalid header name")?;
+            let value = HeaderValue::from_maybe_shared(copy(h.value))
+                .map_err(|_| "invalid response head: invalid header value")?;
+            headers.append(name, value);
         }
-    }
-}
-
-enum Parsed {
-    Partial,
-    /// A 1xx of this length, skipped.
-    Informational(usize),
-    Final(Response<()>, Framing, bool, usize),
-}
-
-fn parse_head(bytes: &[u8], head_request: bool) -> Result<Parsed, String> {
-    let mut stack = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut stack);
-    let mut heap;
-    let parsed = match res.parse(bytes) {
-        Err(httparse::Error::TooManyHeaders) => {
-            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
-            res = httparse::Response::new(&mut heap);
-            res.parse(bytes)
+        let mut out = Response::new(());
+        *out.status_mut() = status;
+        *out.version_mut() = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        *out.headers_mut() = headers;
+        // A reason other than the usual one goes on, as hyper's client keeps it.
+        if let Some(r) = res.reason
+            && !r.is_empty()
+            && status.canonical_reason() != Some(r)
+            && let Ok(r) = hyper::ext::ReasonPhrase::try_from(copy(r.as_bytes()))
+        {
+            out.extensions_mut().insert(r);
         }
-        other => other,
-    };
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(e) => return Err(format!("invalid response head: {e}")),
-    };
-    let status = res.code.ok_or("invalid response head")?;
-    let Some(ResponseFraming {
-        framing,
-        upstream_close,
-        ..
-    }) = response_framing(status, res.version, &*res.headers, head_request)?
-    else {
-        return Ok(Parsed::Informational(len));
-    };
-    let status = StatusCode::from_u16(status).map_err(|e| e.to_string())?;
-    let mut headers = HeaderMap::with_capacity(res.headers.len());
-    for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|e| e.to_string())?;
-        headers.append(name, value);
-    }
-    let mut out = Response::new(());
-    *out.status_mut() = status;
-    *out.version_mut() = if res.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    *out.headers_mut() = headers;
-    // A reason other than the usual one goes on, as hyper's client keeps it.
-    if let Some(r) = res.reason
-        && !r.is_empty()
-        && status.canonical_reason() != Some(r)
-        && let Ok(r) = hyper::ext::ReasonPhrase::try_from(Bytes::copy_from_slice(r.as_bytes()))
-    {
-        out.extensions_mut().insert(r);
-    }
-    let reusable = !upstream_close && framing != Framing::Close;
-    Ok(Parsed::Final(out, framing, reusable, len))
+        Ok(Parsed::Final(Answer {
+            res: out,
+            framing,
+            upstream_close,
+            len,
+        }))
+    })?;
+    parsed.unwrap_or(Ok(Parsed::Partial))
 }
 
 fn respond(
     pool: &Arc<Pool>,
     conn: Raw,
-    res: Response<()>,
     framing: Framing,
     reusable: bool,
     head_len: usize,
     end: usize,
-) -> Response<ProxyBody> {
+    upload: Option<Upload>,
+) -> RawBody {
     let kind = match framing {
         Framing::Empty | Framing::Length(0) => Kind::Length(0),
         Framing::Length(n) => Kind::Length(n),
@@ -330,11 +407,12 @@ fn respond(
         end,
         kind,
         reusable,
+        upload,
     };
     if matches!(body.kind, Kind::Length(0)) {
         body.finish();
     }
-    res.map(|()| body.boxed())
+    body
 }
 
 enum Kind {
@@ -357,9 +435,14 @@ struct RawBody {
     end: usize,
     kind: Kind,
     reusable: bool,
+    /// The rest of the request, written on while the response is read (see [`send`]); the
+    /// connection is not reused then.
+    upload: Option<Upload>,
 }
 
 impl RawBody {
+    /// The body's end: the connection goes back to the pool if the exchange ended cleanly
+    /// (never when the request was still being written as the head came, see [`send`]).
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take()
             && self.reusable
@@ -367,6 +450,27 @@ impl RawBody {
         {
             self.pool.put_raw(conn);
         }
+        self.upload = None;
+    }
+
+    /// Writes on the rest of the request, then reads more of the response into the buffer
+    /// (every byte read before is used: from its start). `Ok(0)`: the upstream closed.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        // The connection is not reused (`reusable` is false while there is an upload), and
+        // a write that fails is not an error of the response.
+        if let Some(u) = &mut self.upload
+            && u.poll(cx, conn).is_ready()
+        {
+            self.upload = None;
+        }
+        (self.start, self.end) = (0, 0);
+        let mut buf = ReadBuf::new(&mut conn.buf);
+        ready!(Pin::new(&mut conn.io).poll_read(cx, &mut buf))?;
+        self.end = buf.filled().len();
+        Poll::Ready(Ok(self.end))
     }
 
     fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -430,20 +534,19 @@ impl Body for RawBody {
                 }
                 continue;
             }
-            (this.start, this.end) = (0, 0);
-            let mut buf = ReadBuf::new(&mut conn.buf);
-            if ready!(Pin::new(&mut conn.io).poll_read(cx, &mut buf)).is_err() {
-                return this.fail("the upstream connection broke during the response body");
-            }
-            let n = buf.filled().len();
-            if n == 0 {
-                if matches!(this.kind, Kind::Close) {
+            match ready!(this.poll_more(cx)) {
+                Err(_) => {
+                    return this.fail("the upstream connection broke during the response body");
+                }
+                Ok(0) if matches!(this.kind, Kind::Close) => {
                     this.conn = None;
                     return Poll::Ready(None);
                 }
-                return this.fail("the upstream closed the connection before the body's end");
+                Ok(0) => {
+                    return this.fail("the upstream closed the connection before the body's end");
+                }
+                Ok(_) => {}
             }
-            this.end = n;
         }
     }
 
@@ -465,29 +568,16 @@ fn trailer_map(lines: &[u8]) -> Option<HeaderMap> {
     let mut section = Vec::with_capacity(lines.len() + 2);
     section.extend_from_slice(lines);
     section.extend_from_slice(b"\r\n");
-    // As many trailer fields as a response head may have header fields ([`MANY_HEADERS`]; the
-    // section is at most 64 KiB): the stack's slots first, the heap's for a longer section.
-    let mut stack = [httparse::EMPTY_HEADER; 64];
-    let mut heap;
-    let parsed = match httparse::parse_headers(&section, &mut stack) {
-        Err(httparse::Error::TooManyHeaders) => {
-            heap = vec![httparse::EMPTY_HEADER; MANY_HEADERS];
-            httparse::parse_headers(&section, &mut heap)
+    upstream_head::parse_fields(&section, |fields| {
+        let mut map = HeaderMap::with_capacity(fields.len());
+        for h in fields {
+            map.append(
+                HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                HeaderValue::from_bytes(h.value).ok()?,
+            );
         }
-        other => other,
-    };
-    let (_, parsed) = match parsed {
-        Ok(httparse::Status::Complete(r)) => r,
-        _ => return None,
-    };
-    let mut map = HeaderMap::with_capacity(parsed.len());
-    for h in parsed {
-        map.append(
-            HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-            HeaderValue::from_bytes(h.value).ok()?,
-        );
-    }
-    Some(map)
+        Some(map)
+    })?
 }
 
 #[cfg(test)]
@@ -497,13 +587,15 @@ mod tests {
     #[test]
     fn heads_are_read_as_hyper_read_them() {
         let raw = b"HTTP/1.1 200 Fine\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello";
-        let Parsed::Final(res, framing, reusable, len) = parse_head(raw, false).unwrap() else {
+        let Parsed::Final(answer) = parse_head(raw, false, &mut HeaderMap::new()).unwrap() else {
             panic!("a final head")
         };
+        assert_eq!(answer.framing, Framing::Length(5));
+        assert!(answer.reusable());
+        assert_eq!(answer.len, raw.len() - 5);
+        let res = answer.res;
         assert_eq!(res.status(), 200);
-        assert_eq!(framing, Framing::Length(5));
-        assert!(reusable);
-        assert_eq!(len, raw.len() - 5);
+        assert_eq!(res.headers()["x-a"], "1");
         assert_eq!(res.headers().get_all("x-a").iter().count(), 2);
         assert_eq!(
             res.extensions()
@@ -512,11 +604,19 @@ mod tests {
             Some(&b"Fine"[..])
         );
         assert!(matches!(
-            parse_head(b"HTTP/1.1 100 Continue\r\n\r\n", false),
+            parse_head(
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                false,
+                &mut HeaderMap::new()
+            ),
             Ok(Parsed::Informational(25))
         ));
         assert!(matches!(
-            parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", false),
+            parse_head(
+                b"HTTP/1.1 200 OK\r\nContent-Le",
+                false,
+                &mut HeaderMap::new()
+            ),
             Ok(Parsed::Partial)
         ));
         for bad in [
@@ -526,7 +626,10 @@ mod tests {
             b"HTTP/1.1 099 Low\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
         ] {
-            assert!(parse_head(bad, false).is_err(), "{bad:?}");
+            assert!(
+                parse_head(bad, false, &mut HeaderMap::new()).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
