@@ -1,5 +1,5 @@
-//! The HTTP/1 fast path: plain keep-alive HTTP/1.1 requests without a body are proxied here
-//! without hyper, from the bytes as they came.
+//! The HTTP/1 fast path: plain keep-alive HTTP/1.1 requests, without a body or with one of
+//! a stated `Content-Length`, are proxied here without hyper, from the bytes as they came.
 //!
 //! Why: hyper's two HTTP/1 codecs (decode the request into an `http::Request`, encode it again
 //! for the upstream, and the same for the response), their header maps and the client's
@@ -17,8 +17,8 @@
 //! without a record (an access log or an exported span costs a few: below).
 //!
 //! What it takes, checked before anything has an effect (no metric, no permit kept): HTTP/1.1,
-//! origin-form target, exactly one Host, no body (no Content-Length other than 0, no
-//! Transfer-Encoding, no Expect), no Upgrade, a listener without `authz`, rate limit or canonical
+//! origin-form target, exactly one Host, at most one Content-Length (all digits, at most 19),
+//! no Transfer-Encoding, no Expect, no Upgrade, a listener without `authz`, rate limit or canonical
 //! path rule, an open app gate, and a route without retries, header edits, rewrite or `authz` to
 //! an HTTP/1.1 cluster. Anything else, and
 //! every head `httparse` does not read as complete and well formed, goes to hyper's path on the
@@ -27,11 +27,27 @@
 //! stricter: heads `httparse` ends before their `\r\n\r\n`, obs-text in Host and duplicate
 //! Host go to hyper).
 //!
+//! A request body goes up as it comes: the bytes read with the head in the same write as the
+//! head, the rest as the client sends them, read never past the body's end (a pipelined
+//! request after it stays for its turn). Meanwhile the upstream's answer is read, and may come
+//! first (a 413 before the body was read): the body stops there, the client gets the answer
+//! with `connection: close`, and what it still sends is read and dropped for up to
+//! [`LINGER`] after our side is shut, so that its answer is not lost to a reset. An upstream
+//! connection that did not get the whole body is never pooled, and a request whose body
+//! was streamed is never sent again (a body that came whole with the head is resent on the
+//! same terms as a bodiless request, below, when its method is idempotent). The client's
+//! waits count against `limits.min_body_rate` (408, `request-timeout`, connection closed, as
+//! on hyper's path; the time the upstream takes to read does not count); a client that closes
+//! mid-body gets 400 `bad-request` (hyper's path: an invalid body); the route's timeout while
+//! the body is still coming is a 408 (hyper's: the body did not arrive), after it a 504. The
+//! proxy has no request body size limit of its own: the upstream's is the one (a 413 above).
+//!
 //! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
 //! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the
 //! `Trailer` header declares); and a pooled upstream connection that closes or resets before
 //! a single response byte, the keep-alive race with an upstream's idle timeout, gets an
-//! idempotent request once more on a new connection (as nginx does by default; hyper's pool
+//! idempotent request (its body whole in `out`, never a streamed one) once more on a new
+//! connection (as nginx does by default; hyper's pool
 //! resends only a request it had not written yet, and answers 502 here).
 //!
 //! An access log line and an exported span come from here too: the request's record
@@ -65,16 +81,17 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::body::End;
+use super::body::{End, REPLAY_LIMIT};
 use super::cluster::pool::{Pool, Raw};
 use super::failure::Failure;
 use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
 use super::listener::Metered;
+use super::min_body_rate::Credit;
 use super::record::Recording;
 use super::route::{Target, route_key};
-use super::upstream_head::{Parsed, Unanswered};
-use crate::config::proxy::Direction;
+use super::upstream_head::{HeadRead, Parsed, Unanswered};
+use crate::config::proxy::{Direction, MinBodyRate};
 use crate::telemetry::record::Entry;
 use crate::telemetry::trace::{TraceContext, is_context_name};
 
@@ -84,6 +101,11 @@ const MAX_REQUEST_HEADERS: usize = 100;
 /// A downstream connection's read buffer to begin with (hyper's too); grown up to the
 /// listener's `max_header_bytes` for a larger head.
 const FIRST_BUFFER: usize = 8 * 1024;
+/// How long a connection closed before its client sent all of a request body keeps reading
+/// (and dropping) the rest, so that the client reads its answer before a reset ([`linger`];
+/// nginx waits up to 5 s between reads, 30 s in all, for the same reason). Short: the client
+/// has its answer, the connection's slot is what it holds.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What the connection's watcher and the fast path tell each other.
 #[derive(Default)]
@@ -188,40 +210,92 @@ where
             Kind::Http(state, _) => state.clone(),
             Kind::Tcp(_) => cx.first.clone(),
         };
-        let Some(mut plan) = plan(&state, cx.down, head, &req) else {
+        let Some(checked) = check(&state, &req) else {
             return fallback(&buf[start..end]);
         };
         cx.flags.busy.store(true, Ordering::Relaxed);
         let started = Instant::now();
-        plan.target.stats.requests.inc();
-        plan.target.cluster.deposit();
         out.clear();
-        write_request_head(&mut out, &state, cx.down, &req, &plan);
+        write_request_head(&mut out, &state, cx.down, &req, &checked);
+        // The body bytes read with the head go up in the same write, copied after the head.
+        // Pipelined bytes after the body stay where they are.
+        let body_start = start + head_len;
+        let buffered = (checked.length.min((end - body_start) as u64)) as usize;
+        out.extend_from_slice(&buf[body_start..body_start + buffered]);
+        let mut unread = checked.length - buffered as u64;
+        // A body that fits REPLAY_LIMIT is read whole first, into `out` after the head (as
+        // hyper's path reads it ahead, within the route's timeout and `min_body_rate`): a slow
+        // small body holds no permit and never reaches the app, and the request can be resent
+        // whole. Larger bodies stream (below).
+        let mut failed = None;
+        let head_out = out.len() - buffered;
+        let read_first = unread > 0 && checked.length <= REPLAY_LIMIT as u64;
+        if read_first {
+            let (timeout, rate) = (checked.target.timeout, checked.rate);
+            match read_body(io, &mut out, unread as usize, timeout, rate).await {
+                Ok(()) => unread = 0,
+                Err(f) => failed = Some(f),
+            }
+        }
+        let Some(mut plan) = admit(&state, cx.down, head, &req, checked) else {
+            // Overloaded, or no endpoint: hyper's path answers (with the body read first, if
+            // it was, in front of what the buffer holds).
+            return match (read_first, failed) {
+                (false, _) => fallback(&buf[start..end]),
+                (true, None) => {
+                    let mut bytes = buf[start..body_start].to_vec();
+                    bytes.extend_from_slice(&out[head_out..]);
+                    Outcome::Fallback(bytes.into())
+                }
+                (true, Some(_)) => Outcome::Closed,
+            };
+        };
+        plan.target.stats.requests.inc();
+        if let Some(f) = failed {
+            // Its body did not arrive: answered and closed, nothing went upstream (no
+            // lingering: a client too slow to send its body would hold the slot on).
+            answer(io, &state, &mut plan, f, &mut out, true, started).await;
+            cx.flags.busy.store(false, Ordering::Relaxed);
+            if io.flush().await.is_ok() {
+                let _ = io.shutdown().await;
+            }
+            return Outcome::Closed;
+        }
+        plan.target.cluster.deposit();
         // The client's connection is watched while the upstream answers (hyper's dispatcher
-        // reads for an EOF on a busy connection too): its next bytes go after this head.
-        if end == buf.len() {
-            buf.resize(end + FIRST_BUFFER, 0);
+        // reads for an EOF on a busy connection too): its next bytes go after this request.
+        // When nothing waits in the buffer (no pipelined bytes), the whole of it is free for
+        // them (everything before is in `out` or the record); it never grows here.
+        let mut idle_at = body_start + buffered;
+        if idle_at == end {
+            (idle_at, end) = (0, 0);
         }
         let mut spare = Spare {
             buf: &mut buf,
             end: &mut end,
-            idle_at: start + head_len,
+            idle_at,
+            watch: true,
+            unread,
         };
         let keep = forward(&cx, io, &state, &mut plan, &mut out, started, &mut spare).await;
+        let (next, unread) = (spare.idle_at, spare.unread);
         drop(plan);
-        start += head_len;
+        start = next;
         if start == end {
             (start, end) = (0, 0);
         }
         // A watch that asked for a close while the response was on its way (idle, drain) is
         // obeyed now, as hyper's graceful shutdown closes after the response in flight.
-        if !keep || cx.flags.closing.load(Ordering::Relaxed) {
+        if !keep || unread > 0 || cx.flags.closing.load(Ordering::Relaxed) {
             // Not busy any more: the connection's idle watch closes it if the client never
             // takes the rest (a TLS shutdown must send what rustls still holds, then
             // close_notify); the flush first lets the watch see a stalled write.
             cx.flags.busy.store(false, Ordering::Relaxed);
             if io.flush().await.is_ok() {
                 let _ = io.shutdown().await;
+                if unread > 0 {
+                    linger(io, &mut buf, unread).await;
+                }
             }
             return Outcome::Closed;
         }
@@ -235,27 +309,21 @@ struct Plan {
     pool: Arc<Pool>,
     /// The listener's and the cluster's in-flight permits, held until the response's end.
     _permits: super::limits::Permits,
-    trace: TraceContext,
-    /// The request's trace context headers when it had some, with ours injected.
-    context: Option<HeaderMap>,
     /// The client asked to close after this response.
     close: bool,
     head: bool,
     idempotent: bool,
-    /// Some `Connection` token names a header to strip.
-    named: bool,
     /// The request's record, when an access log or span export wants it.
     record: Option<Recording>,
+    /// The request body's length (its one `Content-Length`; 0 without one).
+    length: u64,
+    /// The body's minimum data rate (`limits.min_body_rate`; none for gRPC).
+    rate: Option<MinBodyRate>,
 }
 
 /// Whether the fast path takes this request, and with what; None leaves it to hyper. Nothing
-/// here has an effect that outlives a None (permits taken are dropped with it).
-fn plan(
-    state: &HttpListener,
-    down: &Downstream,
-    head: &[u8],
-    req: &httparse::Request<'_, '_>,
-) -> Option<Plan> {
+/// here has an effect ([`admit`] takes the permits, once a small body is read).
+fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checked> {
     if req.version != Some(1) {
         return None;
     }
@@ -281,6 +349,8 @@ fn plan(
     let mut close = false;
     let mut named = false;
     let mut context = false;
+    let mut length = None;
+    let mut grpc = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"host") {
@@ -289,9 +359,14 @@ fn plan(
             }
             host = Some(std::str::from_utf8(h.value).ok()?);
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            if h.value != b"0" {
+            // Exactly one, all digits, within u64 (what `check_framing` and hyper's decoder
+            // take); a second one, even equal, is hyper's to judge.
+            if length.is_some() || !valid_length(h.value) {
                 return None;
             }
+            length = Some(parse_length(h.value));
+        } else if name.eq_ignore_ascii_case(b"content-type") {
+            grpc = h.value.starts_with(b"application/grpc");
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
             || name.eq_ignore_ascii_case(b"expect")
@@ -302,7 +377,14 @@ fn plan(
             for t in tokens(h.value) {
                 if t.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                } else if t.eq_ignore_ascii_case(b"upgrade")
+                    || t.eq_ignore_ascii_case(b"content-length")
+                    || t.eq_ignore_ascii_case(b"host")
+                    || t.eq_ignore_ascii_case(b"transfer-encoding")
+                {
+                    // Stripping the header that frames the body (or says where it goes)
+                    // would let its bytes reach the upstream as a request of their own:
+                    // hyper's path, which frames the body itself, takes it.
                     return None;
                 } else if !hop_by_hop(t) {
                     named = true;
@@ -355,38 +437,86 @@ fn plan(
             None,
         )
     };
+    Some(Checked {
+        length: length.unwrap_or(0),
+        // As `min_body_rate::applies`: gRPC bodies are exempt.
+        rate: state.limits.min_body_rate.filter(|_| !grpc),
+        idempotent: super::forward::is_idempotent(&method),
+        head: method == Method::HEAD,
+        method,
+        target: target.clone(),
+        trace,
+        context,
+        close,
+        named,
+    })
+}
+
+/// What [`check`] found of a request the fast path takes, before it is admitted.
+struct Checked {
+    target: Arc<Target>,
+    method: Method,
+    trace: TraceContext,
+    /// The request's trace context headers when it had some, with ours injected.
+    context: Option<HeaderMap>,
+    /// The client asked to close after this response.
+    close: bool,
+    head: bool,
+    idempotent: bool,
+    /// Some `Connection` token names a header to strip.
+    named: bool,
+    /// The request body's length (its one `Content-Length`; 0 without one).
+    length: u64,
+    /// The body's minimum data rate (`limits.min_body_rate`; none for gRPC).
+    rate: Option<MinBodyRate>,
+}
+
+/// A checked request admitted: the listener's and the cluster's in-flight permits, an
+/// endpoint and its pool, the record. None (overloaded, no endpoint) leaves it to hyper, as
+/// [`check`]'s None.
+fn admit(
+    state: &HttpListener,
+    down: &Downstream,
+    head: &[u8],
+    req: &httparse::Request<'_, '_>,
+    c: Checked,
+) -> Option<Plan> {
+    let host = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())?;
     let listener_permit = match &state.in_flight {
         None => None,
         Some(s) => Some(s.clone().try_acquire_owned().ok()?),
     };
-    let cluster_permit = target.cluster.admit().ok()?;
-    let attempt = target.cluster.pick()?;
+    let cluster_permit = c.target.cluster.admit().ok()?;
+    let attempt = c.target.cluster.pick()?;
     let pool = attempt.endpoint.pool()?.clone();
     // An access log wants every request, span export the sampled ones: the record holds what
     // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
     // last, so that a request that goes to hyper after all leaves no record here (hyper's
     // path draws its own sampling decision then; this one had no effect).
     let record = match &state.recorder {
-        Some(r) if r.wants(&trace) => Some(Recording::new(
+        Some(r) if r.wants(&c.trace) => Some(Recording::new(
             r,
-            entry(state, down, head, req, method.clone(), host, trace.clone())?,
+            entry(state, down, head, req, c.method, host, c.trace.clone())?,
         )),
         _ => None,
     };
     Some(Plan {
-        idempotent: super::forward::is_idempotent(&method),
-        head: method == Method::HEAD,
-        target: target.clone(),
+        length: c.length,
+        rate: c.rate,
+        idempotent: c.idempotent,
+        head: c.head,
+        target: c.target,
         attempt,
         pool,
         _permits: super::limits::Permits {
             _listener: listener_permit,
             _cluster: cluster_permit,
         },
-        trace,
-        context,
-        close,
-        named,
+        close: c.close,
         record,
     })
 }
@@ -426,8 +556,8 @@ fn entry(
         method,
         uri: http::Uri::from_maybe_shared(slice(req.path?.as_bytes())).ok()?,
         host: Some(HeaderValue::from_maybe_shared(slice(host.as_bytes())).ok()?),
-        // Only `Content-Length: 0` reaches here.
-        bytes_in: first("content-length").map(|_| 0),
+        // As hyper's path: the Content-Length as the client stated it (one, all digits here).
+        bytes_in: first("content-length").map(|h| parse_length(h.value)),
         trace,
         request_id: Some(request_id),
         identity: down
@@ -505,7 +635,7 @@ fn write_request_head(
     state: &HttpListener,
     down: &Downstream,
     req: &httparse::Request<'_, '_>,
-    plan: &Plan,
+    plan: &Checked,
 ) {
     let inbound = state.direction == Direction::Inbound;
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -645,11 +775,17 @@ struct Failed {
 /// Where the client's next bytes go while its request is served: `buf[*end..]`. Nothing
 /// past `idle_at` was read yet when the request began (no pipelined request): only then is
 /// the client watched, as hyper's dispatcher reads a busy connection only with an empty
-/// buffer.
+/// buffer. A request body still to come from the client is read into the whole of `buf`
+/// (everything in it is sent by then).
 struct Spare<'a> {
     buf: &'a mut Vec<u8>,
     end: &'a mut usize,
+    /// Where the next request begins in `buf` (after this one's body).
     idle_at: usize,
+    /// The client may be read for an EOF: off while it still owes body bytes.
+    watch: bool,
+    /// Body bytes the client still owes (not read yet).
+    unread: u64,
 }
 
 impl Spare<'_> {
@@ -665,7 +801,7 @@ impl Spare<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        if *self.end != self.idle_at || *self.end == self.buf.len() {
+        if !self.watch || *self.end != self.idle_at || *self.end == self.buf.len() {
             return Some(work.await);
         }
         tokio::pin!(work);
@@ -703,29 +839,45 @@ where
     let closing =
         || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
     let close = closing();
-    let upstream = async {
-        let p = &*plan;
-        let mut exchanged = tokio::time::timeout(target.timeout, exchange(p, out, close)).await;
-        // A connect the app refused because it just died: held for its restart and sent once
-        // more (hold.rs), as on hyper's path. `out` still holds the request head: nothing was
-        // written.
-        if let Ok(Err(f)) = &exchanged
-            && f.failure == Failure::Connect
-            && state
-                .held_after_refusal(cx.down, &p.target.cluster, target.timeout)
-                .await
-        {
-            exchanged = tokio::time::timeout(target.timeout, exchange(p, out, close)).await;
-        }
+    // Whether some of the body never reached the upstream (not read, or not written).
+    let mut unsent = false;
+    let exchanged = if spare.unread == 0 {
+        // No body, or all of it came with the head: the client is watched meanwhile.
+        let upstream = send(cx, state, plan, out, close, None::<&mut Upload<'_, S>>);
+        // The client gone before the answer: its record says 499 `client-closed` when dropped.
+        let Some(exchanged) = spare.unless_gone(io, upstream).await else {
+            return false;
+        };
+        exchanged
+    } else {
+        // The rest of the body comes from the client while the upstream may answer.
+        let mut up = Upload {
+            client: io,
+            buf: &mut spare.buf[..],
+            left: spare.unread,
+            at: 0,
+            len: 0,
+            credit: Credit::new(plan.rate),
+        };
+        let exchanged = send(cx, state, plan, out, close, Some(&mut up)).await;
+        spare.unread = up.left;
+        unsent = up.left > 0 || up.at < up.len;
+        // The buffer held only body bytes: it is empty now, and the client is watched
+        // again only if it owes nothing more.
+        (*spare.end, spare.idle_at, spare.watch) = (0, 0, up.left == 0);
         exchanged
     };
-    // The client gone before the answer: its record says 499 `client-closed` when dropped.
-    let Some(exchanged) = spare.unless_gone(io, upstream).await else {
-        return false;
-    };
-    // A drain or idle watch may have begun while the upstream answered: the response says
-    // `connection: close` then (as hyper's path decides after the upstream answered).
-    let late = !close && closing();
+    target
+        .stats
+        .request_bytes
+        .inc_by(plan.length - spare.unread);
+    if unsent {
+        tracing::debug!(listener = %state.name, upstream = %plan.attempt.endpoint.address, unread = spare.unread, "the request body was not sent whole; the upstream connection is discarded");
+    }
+    // A drain or idle watch may have begun while the upstream answered, or the upstream
+    // answered before the client sent its whole body: the response says `connection: close`
+    // then (as hyper's path decides after the upstream answered).
+    let late = !close && (closing() || spare.unread > 0);
     let close = close || late;
     let (mut conn, head, mut end) = match exchanged {
         Ok(Ok(r)) => {
@@ -737,6 +889,18 @@ where
             r
         }
         Ok(Err(f)) => return answer(io, state, plan, f, out, close, started).await,
+        // The route's timeout while the client was still sending: its body did not arrive
+        // in time (hyper's path: 408 when the body is read ahead).
+        Err(_) if spare.unread > 0 => {
+            let f = Failed {
+                failure: Failure::RequestTimeout,
+                message: format!(
+                    "the request body did not arrive within {:?}",
+                    target.timeout
+                ),
+            };
+            return answer(io, state, plan, f, out, close, started).await;
+        }
         Err(_) => {
             let message = format!(
                 "no response from {} within {:?}",
@@ -825,7 +989,9 @@ where
     match streamed {
         Ok((bytes, upstream_clean)) => {
             target.stats.response_bytes.inc_by(bytes);
-            if upstream_clean && head.reusable {
+            // Never pooled with some of the request body not written: the upstream would
+            // read the rest of it as the next request.
+            if upstream_clean && head.reusable && !unsent {
                 plan.pool.put_raw(conn);
             }
             !close && io.flush().await.is_ok()
@@ -850,7 +1016,13 @@ async fn answer<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    plan.target.cluster.failed(&plan.attempt);
+    // The client's own fault (its body) is not the endpoint's, and the connection closes: its
+    // framing can no longer be trusted (hyper's path answers `with_close`).
+    let downstream = matches!(f.failure, Failure::BadRequest | Failure::RequestTimeout);
+    let close = close || downstream;
+    if !downstream {
+        plan.target.cluster.failed(&plan.attempt);
+    }
     let res = state.fail(&plan.target, f.failure, &f.message, started);
     let (parts, body) = res.into_parts();
     let body = body
@@ -893,16 +1065,78 @@ where
     ok && !close && io.flush().await.is_ok()
 }
 
-/// Sends the head on a pooled connection (or a new one) and reads the response head, writing
-/// the client's version of it into `out`. A pooled connection the upstream closed before
-/// answering anything is replaced once more for idempotent requests, as hyper's pool resends
-/// a request a closed connection did not take. Returns the connection, the head and the end
-/// of the bytes read.
-async fn exchange(
+/// The exchange within the route's timeout, and once more after a connect the app refused
+/// because it just died (held for its restart, hold.rs), as on hyper's path. `out` still holds
+/// the request then: nothing was written.
+async fn send<S>(
+    cx: &Ctx<'_>,
+    state: &HttpListener,
     plan: &Plan,
     out: &mut Vec<u8>,
     close: bool,
-) -> Result<(Raw, Head, usize), Failed> {
+    mut up: Option<&mut Upload<'_, S>>,
+) -> Result<Result<(Raw, Head, usize), Failed>, tokio::time::error::Elapsed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let timeout = plan.target.timeout;
+    let mut exchanged =
+        tokio::time::timeout(timeout, exchange(plan, out, up.as_deref_mut(), close)).await;
+    if let Ok(Err(f)) = &exchanged
+        && f.failure == Failure::Connect
+        && state
+            .held_after_refusal(cx.down, &plan.target.cluster, timeout)
+            .await
+    {
+        exchanged = tokio::time::timeout(timeout, exchange(plan, out, up, close)).await;
+    }
+    exchanged
+}
+
+/// The rest of a request body, still to come from the client (what came with the head is
+/// sent with it, from `out`).
+struct Upload<'a, S> {
+    client: &'a mut Metered<S>,
+    /// Where the client's body bytes are read (the connection's read buffer, all of it).
+    buf: &'a mut [u8],
+    /// Bytes the client still owes.
+    left: u64,
+    /// Bytes read and not written yet: `buf[at..len]`.
+    at: usize,
+    len: usize,
+    /// `limits.min_body_rate` over the waits for the client.
+    credit: Option<Credit>,
+}
+
+/// How streaming the rest of a body ended (see [`pump`]).
+enum Pumped {
+    /// All of it was written.
+    Sent,
+    /// The upstream answered first (a final head, in `out`; the end of the bytes read).
+    Answered(Head, usize),
+    /// The upstream stopped taking it (closed, reset): whatever it said is read next.
+    Refused,
+}
+
+/// Sends the head (and the body bytes that came with it, all in `out`) on a pooled connection
+/// (or a new one), streams the rest of the body from the client if some is still to come, and
+/// reads the response head, writing the client's version of it into `out`. Returns the
+/// connection, the head and the end of the bytes read.
+///
+/// A pooled connection the upstream closed before taking the request is replaced once more,
+/// as hyper's pool resends a request a closed connection did not take: when the write failed,
+/// for a bodiless or idempotent request; when nothing came back, for an idempotent one. Never
+/// once the client's body is streamed (`up`): bytes read from the client and written are gone,
+/// the request cannot be sent again.
+async fn exchange<S>(
+    plan: &Plan,
+    out: &mut Vec<u8>,
+    mut up: Option<&mut Upload<'_, S>>,
+    close: bool,
+) -> Result<(Raw, Head, usize), Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let address = &plan.attempt.endpoint.address;
     loop {
         let (mut conn, pooled) = match plan.pool.take_raw() {
@@ -922,27 +1156,235 @@ async fn exchange(
             conn.io.flush().await
         };
         if let Err(e) = sent.await {
-            if pooled {
+            if pooled && up.is_none() && (plan.length == 0 || plan.idempotent) {
                 continue;
             }
             return Err(broke(address, &e.to_string()));
         }
-        let resend = pooled && plan.idempotent;
-        let read = super::upstream_head::read(&mut conn, resend, |bytes| {
+        let mut parse = |bytes: &[u8]| {
             Ok(match response_head(bytes, plan.head, close, out)? {
                 // 1xx (not 101, refused there): skipped, as hyper's client does.
                 Some(head) if (100..200).contains(&head.status) => Parsed::Informational(head.len),
                 Some(head) => Parsed::Final(head),
                 None => Parsed::Partial,
             })
-        })
-        .await;
+        };
+        // One head read for the pump and after it: what came while the body was streamed is
+        // parsed before the next read.
+        let mut reading = HeadRead::default();
+        if let Some(up) = up.as_deref_mut() {
+            match pump(up, &mut conn, &mut reading, &mut parse, plan).await? {
+                Pumped::Answered(head, end) => return Ok((conn, head, end)),
+                Pumped::Sent | Pumped::Refused => {}
+            }
+        }
+        // A streamed body is never sent again.
+        let resend = pooled && plan.idempotent && up.is_none();
+        let read = if up.is_some() {
+            std::future::poll_fn(|cx| reading.poll(cx, &mut conn, false, &mut parse)).await
+        } else {
+            super::upstream_head::read(&mut conn, resend, &mut parse).await
+        };
         match read {
             Ok((head, end)) => return Ok((conn, head, end)),
             Err(Unanswered::Resend) => continue, // closed while idle: on a new connection
             Err(Unanswered::Broke(why)) => return Err(broke(address, &why)),
         }
     }
+}
+
+/// Streams the rest of the body from the client to the upstream while reading the upstream's
+/// answer, which may come first (a 413 before the body is read, say): then the body stops
+/// there. The upstream's pace sets the client's (a read waits until what was read before is
+/// written), and only time spent waiting on the client counts against `limits.min_body_rate`
+/// (as [`super::min_body_rate::Watched`] counts it). Written as one poll function over both
+/// connections, not two tasks: the upstream connection is this task's (no split, no
+/// allocation), and both directions wake the same task. `reading`: the response head read
+/// so far ([`HeadRead`], read on after the pump when it did not end in a head).
+async fn pump<S>(
+    up: &mut Upload<'_, S>,
+    conn: &mut Raw,
+    reading: &mut HeadRead,
+    parse: &mut impl FnMut(&[u8]) -> Result<Parsed<Head>, &'static str>,
+    plan: &Plan,
+) -> Result<Pumped, Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let address = &plan.attempt.endpoint.address;
+    // Since when the client is waited for, and the deadline its credit gives that wait.
+    let mut waiting: Option<tokio::time::Instant> = None;
+    let timer = tokio::time::sleep(Duration::from_secs(86_400));
+    tokio::pin!(timer);
+    std::future::poll_fn(|task| {
+        loop {
+            // The upstream's answer, if it has begun one (never resent: the body is streamed).
+            match reading.poll(task, conn, false, parse) {
+                Poll::Ready(Ok((head, end))) => return Poll::Ready(Ok(Pumped::Answered(head, end))),
+                Poll::Ready(Err(Unanswered::Broke(why))) => {
+                    return Poll::Ready(Err(broke(address, &why)));
+                }
+                Poll::Ready(Err(Unanswered::Resend)) => {
+                    return Poll::Ready(Err(broke(address, "the connection closed")));
+                }
+                Poll::Pending => {}
+            }
+            // Bytes read from the client go up before more are read.
+            if up.at < up.len {
+                match Pin::new(&mut conn.io).poll_write(task, &up.buf[up.at..up.len]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        up.at += n;
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(Ok(Pumped::Refused)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if up.left == 0 {
+                return match Pin::new(&mut conn.io).poll_flush(task) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(Pumped::Sent)),
+                    Poll::Ready(Err(_)) => Poll::Ready(Ok(Pumped::Refused)),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            // What a TLS stream still holds goes out before the client is waited for.
+            if let Poll::Ready(Err(_)) = Pin::new(&mut conn.io).poll_flush(task) {
+                return Poll::Ready(Ok(Pumped::Refused));
+            }
+            // Never past the body: pipelined bytes stay in the client's socket.
+            let want = (up.left.min(up.buf.len() as u64)) as usize;
+            let mut read = ReadBuf::new(&mut up.buf[..want]);
+            match Pin::new(&mut *up.client).poll_read(task, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    let n = read.filled().len();
+                    if let Some(c) = &mut up.credit {
+                        c.arrived(waiting.take(), n);
+                    }
+                    up.left -= n as u64;
+                    (up.at, up.len) = (0, n);
+                }
+                Poll::Ready(Ok(())) => {
+                    return Poll::Ready(Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!(
+                            "the client closed its connection {} bytes before the end of the request body",
+                            up.left
+                        ),
+                    }));
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!("reading the request body: {e}"),
+                    }));
+                }
+                Poll::Pending => {
+                    if let Some(c) = &up.credit {
+                        let since = *waiting.get_or_insert_with(tokio::time::Instant::now);
+                        let deadline = c.deadline(since);
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        if timer.as_mut().poll(task).is_ready() {
+                            return Poll::Ready(Err(Failed {
+                                failure: Failure::RequestTimeout,
+                                message: c.too_slow().to_string(),
+                            }));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Reads the `left` bytes of a request body the client still owes onto the end of `out`, within
+/// `timeout` (the route's) and `rate` (`limits.min_body_rate`), as hyper's path reads a small
+/// body ahead ([`super::forward`]): 408 when it is late or too slow, 400 when the client closed.
+async fn read_body<S>(
+    io: &mut Metered<S>,
+    out: &mut Vec<u8>,
+    left: usize,
+    timeout: Duration,
+    rate: Option<MinBodyRate>,
+) -> Result<(), Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut credit = Credit::new(rate);
+    let mut at = out.len();
+    out.resize(at + left, 0);
+    let read = async {
+        while at < out.len() {
+            let since = tokio::time::Instant::now();
+            let read = io.read(&mut out[at..]);
+            let n = match &credit {
+                Some(c) => match tokio::time::timeout_at(c.deadline(since), read).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return Err(Failed {
+                            failure: Failure::RequestTimeout,
+                            message: c.too_slow().to_string(),
+                        });
+                    }
+                },
+                None => read.await,
+            };
+            match n {
+                Ok(0) => {
+                    return Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!(
+                            "the client closed its connection {} bytes before the end of the request body",
+                            out.len() - at
+                        ),
+                    });
+                }
+                Err(e) => {
+                    return Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!("reading the request body: {e}"),
+                    });
+                }
+                Ok(n) => {
+                    at += n;
+                    if let Some(c) = &mut credit {
+                        c.arrived(Some(since), n);
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(Failed {
+            failure: Failure::RequestTimeout,
+            message: format!("the request body did not arrive within {timeout:?}"),
+        }),
+    }
+}
+
+/// Reads and drops what the client still sends of a body it was answered before sending
+/// (up to `left` bytes, for at most [`LINGER`]), after our side of the connection is shut:
+/// closing a socket with unread bytes resets it, and a reset can reach the client before it
+/// has read its answer (nginx's lingering close, for the same reason).
+async fn linger<S>(io: &mut Metered<S>, buf: &mut [u8], mut left: u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let drained = async {
+        while left > 0 {
+            let want = (left.min(buf.len() as u64)) as usize;
+            match io.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left -= n as u64,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drained).await;
 }
 
 fn broke(address: &crate::config::Address, why: &str) -> Failed {
@@ -1120,6 +1562,7 @@ pub(super) fn response_framing(
     }))
 }
 
+/// All digits, at most 19 (every such value fits a u64; hyper refuses one that does not).
 fn valid_length(v: &[u8]) -> bool {
     !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit)
 }

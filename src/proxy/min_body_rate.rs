@@ -12,7 +12,9 @@
 //! minutes by design (ASP.NET Core turns the rate off for gRPC streams too).
 //!
 //! In: the request body (hyper's `Incoming`). Out: the same frames, or [`TooSlow`]; the
-//! forward phase turns that into the 408 (`request-timeout`).
+//! forward phase turns that into the 408 (`request-timeout`). The HTTP/1 fast path, which
+//! reads a body's bytes itself, keeps a [`Credit`] per body and asks it for the deadline of
+//! each wait on the client: the same rule, without a body type around the bytes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,12 +66,48 @@ pub fn applies(rate: Option<MinBodyRate>, headers: &HeaderMap) -> Option<MinBody
     rate.filter(|_| !grpc)
 }
 
+/// A body's waiting credit under a rate: the rule above, kept by whoever reads the body.
+#[derive(Clone, Copy, Debug)]
+pub struct Credit {
+    rate: MinBodyRate,
+    /// Seconds of waiting left.
+    seconds: f64,
+}
+
+impl Credit {
+    /// A body's credit to begin with (`grace`); None when no rate applies.
+    pub fn new(rate: Option<MinBodyRate>) -> Option<Credit> {
+        rate.map(|rate| Credit {
+            rate,
+            seconds: rate.grace.get().as_secs_f64(),
+        })
+    }
+
+    /// When a wait for the client that began at `since` has used up the credit.
+    pub fn deadline(&self, since: Instant) -> Instant {
+        since + Duration::from_secs_f64(self.seconds.max(0.0))
+    }
+
+    /// `n` bytes arrived after waiting for them since `since` (None: no wait).
+    pub fn arrived(&mut self, since: Option<Instant>, n: usize) {
+        if let Some(since) = since {
+            self.seconds -= since.elapsed().as_secs_f64();
+        }
+        let grace = self.rate.grace.get().as_secs_f64();
+        self.seconds =
+            (self.seconds.max(0.0) + n as f64 / self.rate.bytes_per_second as f64).min(grace);
+    }
+
+    /// The error a body gets when its credit ran out while waiting.
+    pub fn too_slow(&self) -> TooSlow {
+        TooSlow(self.rate)
+    }
+}
+
 /// `inner`, cut with [`TooSlow`] when it falls behind `rate` (unwatched when `rate` is None).
 pub struct Watched<B> {
     inner: B,
-    rate: Option<MinBodyRate>,
-    /// Seconds of waiting left.
-    credit: f64,
+    credit: Option<Credit>,
     /// Since when the proxy waits for the client (its last poll was Pending).
     waiting_since: Option<Instant>,
     /// Fires when the credit runs out while waiting; made on the first wait only.
@@ -79,8 +117,7 @@ pub struct Watched<B> {
 pub fn watch<B>(inner: B, rate: Option<MinBodyRate>) -> Watched<B> {
     Watched {
         inner,
-        credit: rate.map_or(0.0, |r| r.grace.get().as_secs_f64()),
-        rate,
+        credit: Credit::new(rate),
         waiting_since: None,
         timer: None,
     }
@@ -100,28 +137,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let Some(rate) = this.rate else {
+        let Some(credit) = &mut this.credit else {
             return polled.map_err(Into::into);
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(since) = this.waiting_since.take() {
-                    this.credit -= since.elapsed().as_secs_f64();
-                }
-                if let Some(d) = frame.data_ref() {
-                    let grace = rate.grace.get().as_secs_f64();
-                    this.credit = (this.credit.max(0.0)
-                        + d.len() as f64 / rate.bytes_per_second as f64)
-                        .min(grace);
-                }
+                let n = frame.data_ref().map_or(0, |d| d.len());
+                credit.arrived(this.waiting_since.take(), n);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
             Poll::Pending => {
-                let now = Instant::now();
-                let since = *this.waiting_since.get_or_insert(now);
-                let left = Duration::from_secs_f64(this.credit.max(0.0));
-                let deadline = since + left;
+                let since = *this.waiting_since.get_or_insert_with(Instant::now);
+                let deadline = credit.deadline(since);
                 let timer = match &mut this.timer {
                     Some(t) => {
                         if t.deadline() != deadline {
@@ -134,7 +162,7 @@ where
                         .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(TooSlow(rate))))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(credit.too_slow())))),
                     Poll::Pending => Poll::Pending,
                 }
             }

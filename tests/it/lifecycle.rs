@@ -224,8 +224,8 @@ fn requests_during_an_app_restart_wait_for_it_instead_of_502() {
         assert_eq!(r.status(), 200, "round {round}\n{}", sc.diagnostics());
         // The socket file is gone and the app still runs: the next requests are refused by
         // the app's address until it has exited, restarted and passed its probe.
-        // The first is a POST (hyper's path; the GETs take the fast path): the resent
-        // request keeps its headers and body.
+        // The first is a POST (its body came with its head, on the fast path like the GETs):
+        // the resent request keeps its headers and body.
         let r = client()
             .post(sc.listener_url("in", "/echo"))
             .header("x-probe", "kept")

@@ -11,6 +11,7 @@ mod config;
 // The dashboard test runs the bridge too (a subscription's deliveries).
 #[cfg(feature = "bridge")]
 mod dashboard;
+mod fast_body;
 mod generative;
 #[cfg(feature = "bridge")]
 mod grpc;

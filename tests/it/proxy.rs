@@ -1893,10 +1893,11 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
         (r.status().as_u16(), r.text().unwrap()),
         (201, "took".into())
     );
-    // HTTP/1 with a body: hyper's server, then the raw exchange.
+    // HTTP/1 with a body the fast path leaves (chunked): hyper's server reads it ahead, then
+    // the raw exchange sends it with its length.
     let out = raw(
         &sc.listeners["public"],
-        b"POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        b"POST /post HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     );
     assert!(
         out.starts_with("HTTP/1.1 201") && out.ends_with("took"),
@@ -2215,7 +2216,8 @@ fn an_early_answer_to_a_large_body_is_heard() {
 /// A request the HTTP/1 fast path serves and the same request through hyper's path (a
 /// listener with a rate limit, which the fast path leaves to hyper) give the same access log
 /// line, field for field, for each way a request ends: a response of known length, a chunked
-/// one, a HEAD with `Content-Length: 0`, a body the upstream cuts off and a connect failure.
+/// one, a HEAD with `Content-Length: 0`, a body the upstream cuts off, a connect failure and a
+/// POST with a body.
 #[test]
 fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
     let app = RawApp::start(|head| {
@@ -2226,9 +2228,12 @@ fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
             "/chunked" => {
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
             }
+            // The body came in the head's segment (this app reads no bodies): the connection
+            // closes with it.
+            "/post" => b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
             _ => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
         };
-        (bytes.to_vec(), path == "/cut")
+        (bytes.to_vec(), path == "/cut" || path == "/post")
     });
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
@@ -2240,33 +2245,34 @@ fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
         log.display()
     ));
     sc.wait_ready();
-    let requests: [&[u8]; 5] = [
+    let requests: [&[u8]; 6] = [
         b"GET /ok?q=1 HTTP/1.1\r\nHost: a\r\nx-request-id: rid\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nConnection: close\r\n\r\n",
         b"GET /chunked HTTP/1.1\r\nHost: a:80\r\nConnection: close\r\n\r\n",
         b"HEAD /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         b"GET /cut HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         b"DELETE /dead/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
     ];
     for listener in ["fast", "hyper"] {
         for r in requests {
             raw(&sc.listeners[listener], r);
         }
     }
-    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "ten log lines", || {
+    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "12 log lines", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).expect("each line is JSON"))
             .collect();
-        (lines.len() == 10).then_some(lines)
+        (lines.len() == 12).then_some(lines)
     });
     let heads = app.heads();
     assert!(
-        heads[..4].iter().all(|h| h.contains("\r\nHost: a")),
+        heads[..5].iter().all(|h| h.contains("\r\nHost: a")),
         "the first listener's requests took the fast path (Host in the client's case): {heads:?}"
     );
     assert!(
-        heads[4..].iter().all(|h| h.contains("\r\nhost: a")),
+        heads[5..].iter().all(|h| h.contains("\r\nhost: a")),
         "the second listener's took hyper's: {heads:?}"
     );
     // What differs by nature: the time, the duration, the listener, this hop's span id and,
@@ -2287,7 +2293,7 @@ fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
         }
         v
     };
-    for (fast, slow) in lines[..5].iter().zip(&lines[5..]) {
+    for (fast, slow) in lines[..6].iter().zip(&lines[6..]) {
         assert_eq!(fast["listener"], "fast");
         assert_eq!(slow["listener"], "hyper");
         assert_eq!(same(fast), same(slow), "fast path: {fast}\nhyper: {slow}");
@@ -2310,5 +2316,9 @@ fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
     assert_eq!(
         (f(4, "status"), f(4, "error"), f(4, "upstream")),
         (502.into(), "connect".into(), dead.to_string().into())
+    );
+    assert_eq!(
+        (f(5, "status"), f(5, "bytes_in"), f(5, "bytes_out")),
+        (201.into(), 5.into(), 2.into())
     );
 }

@@ -1,0 +1,566 @@
+//! Request bodies on the HTTP/1 fast path (one `Content-Length`): they arrive whole, stream as
+//! the client sends them, stop at an early answer, and a body that stops or trickles never
+//! leaves its upstream connection in the pool. The upstream here reads each body by its
+//! `Content-Length` and answers with its length and checksum; it keeps the heads it saw, whose
+//! header names in the client's case (hyper would have lowercased them) show that the fast path
+//! forwarded the request.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::support::{Sidecar, eventually};
+
+/// FNV-1a: the checksum both sides compute.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// An upstream that reads bodies by their `Content-Length`. `/early` answers 413 with
+/// `Connection: close` right after the head, without reading the body (then drops what comes,
+/// until the proxy closes); every other path answers 200 with `x-len` and `x-sum` of the body.
+struct EchoApp {
+    address: String,
+    heads: Arc<Mutex<Vec<String>>>,
+    accepted: Arc<AtomicUsize>,
+    /// Connections that ended in the middle of a body.
+    cut: Arc<AtomicUsize>,
+}
+
+impl EchoApp {
+    fn start() -> EchoApp {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let cut = Arc::new(AtomicUsize::new(0));
+        let (h, a, c) = (heads.clone(), accepted.clone(), cut.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                a.fetch_add(1, Ordering::SeqCst);
+                let (h, c) = (h.clone(), c.clone());
+                std::thread::spawn(move || serve(conn, &h, &c));
+            }
+        });
+        EchoApp {
+            address,
+            heads,
+            accepted,
+            cut,
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn serve(mut conn: TcpStream, heads: &Mutex<Vec<String>>, cut: &AtomicUsize) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+        buf.drain(..end + 4);
+        heads.lock().unwrap().push(head.clone());
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if head.starts_with("POST /early ") || head.starts_with("PUT /early ") {
+            let _ = conn.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo long",
+            );
+            // Lingers (as nginx does) so that the proxy reads the answer before any reset.
+            while matches!(conn.read(&mut chunk), Ok(n) if n > 0) {}
+            return;
+        }
+        while buf.len() < length {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    cut.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..length).collect();
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nx-len: {}\r\nx-sum: {:x}\r\nContent-Length: 2\r\n\r\nok",
+            body.len(),
+            fnv(&body)
+        );
+        if conn.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn sidecar(app: &EchoApp, limits: &str, telemetry: &str) -> Sidecar {
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ {limits} }}\n    routes:\n      - timeout: 30s\n{telemetry}",
+        app.address
+    ));
+    sc.wait_ready();
+    sc
+}
+
+fn connect(sc: &Sidecar) -> TcpStream {
+    let s = TcpStream::connect(&sc.listeners["public"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads one response (its head and a `Content-Length` body) from `s`, keeping what follows in
+/// `rest`.
+fn response(s: &mut TcpStream, rest: &mut Vec<u8>) -> String {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&rest[..end + 4]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if rest.len() >= end + 4 + length {
+                let whole: Vec<u8> = rest.drain(..end + 4 + length).collect();
+                return String::from_utf8_lossy(&whole).into_owned();
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(rest).into_owned(),
+            Ok(n) => rest.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// POST and PUT bodies of 0, 1, 64 KiB and 4 MiB arrive intact, one after another on one
+/// keep-alive connection (and on one upstream connection); then a 64 KiB body written in 100
+/// byte pieces.
+#[test]
+fn bodies_of_every_size_arrive_intact_on_the_fast_path() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let mut rest = Vec::new();
+    let mut sent = 0;
+    for method in ["POST", "PUT"] {
+        for len in [0, 1, 64 * 1024, 4 << 20] {
+            let data = body(len);
+            let mut req =
+                format!("{method} /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n")
+                    .into_bytes();
+            req.extend_from_slice(&data);
+            s.write_all(&req).unwrap();
+            let out = response(&mut s, &mut rest);
+            assert!(out.starts_with("HTTP/1.1 200"), "{method} {len}: {out}");
+            assert!(
+                out.contains(&format!("x-len: {len}\r\n"))
+                    && out.contains(&format!("x-sum: {:x}\r\n", fnv(&data))),
+                "{method} {len}: {out}"
+            );
+            sent += 1;
+        }
+    }
+    // Written in small pieces, the first with the head.
+    let data = body(64 * 1024);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 65536\r\n\r\n")
+        .unwrap();
+    for (i, piece) in data.chunks(100).enumerate() {
+        s.write_all(piece).unwrap();
+        if i.is_multiple_of(64) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let out = response(&mut s, &mut rest);
+    assert!(
+        out.contains(&format!("x-sum: {:x}\r\n", fnv(&data))),
+        "{out}"
+    );
+    sent += 1;
+    let heads = app.heads();
+    assert_eq!(heads.len(), sent, "{heads:?}");
+    assert!(
+        heads
+            .iter()
+            .all(|h| h.contains("\r\nHost: a\r\n") && h.contains("\r\nContent-Length: ")),
+        "forwarded by the fast path (names as sent): {heads:?}"
+    );
+    assert_eq!(app.accepted(), 1, "one upstream connection, reused");
+    // Counted as hyper's path counts them.
+    let (_, metrics) = sc.get("/metrics");
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("outrigger_http_request_body_bytes_total{")
+                && l.contains("listener=\"public\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        counted,
+        (2 * (1 + 64 * 1024 + (4 << 20)) + 64 * 1024) as f64,
+        "{metrics}"
+    );
+}
+
+/// A POST and a GET written together: the GET's bytes after the body wait for their turn.
+#[test]
+fn a_request_pipelined_after_a_body_is_served_next() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello worldGET /echo HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .unwrap();
+    let mut rest = Vec::new();
+    let first = response(&mut s, &mut rest);
+    let second = response(&mut s, &mut rest);
+    assert!(
+        first.starts_with("HTTP/1.1 200")
+            && first.contains(&format!("x-sum: {:x}\r\n", fnv(b"hello world"))),
+        "{first}"
+    );
+    assert!(
+        second.starts_with("HTTP/1.1 200") && second.contains("x-len: 0\r\n"),
+        "{second}"
+    );
+    let heads = app.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("POST /echo") && heads[1].starts_with("GET /echo"));
+    assert!(
+        heads.iter().all(|h| h.contains("\r\nHost: a\r\n")),
+        "{heads:?}"
+    );
+}
+
+/// An upstream that answers 413 before reading the body: the client, still sending its 4 MiB,
+/// gets the 413 (with `connection: close`: the rest of its body is not read), and the next
+/// request goes on a new upstream connection.
+#[test]
+fn an_early_answer_reaches_a_client_still_sending() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    s.write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 4194304\r\n\r\n")
+        .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let data = body(4 << 20);
+        for piece in data.chunks(16 * 1024) {
+            if writer.write_all(piece).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    });
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(
+        out.contains("connection: close\r\n") && out.ends_with("too long"),
+        "{out}"
+    );
+    let _ = sender.join();
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut Vec::new());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        app.accepted(),
+        2,
+        "the first upstream connection was not reused"
+    );
+}
+
+/// A client that stops sending mid-body is cut by `min_body_rate` (408, connection closed), and
+/// its upstream connection is not reused: the upstream sees it end mid-body, and the next
+/// request goes on a new one.
+#[test]
+fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
+    let app = EchoApp::start();
+    let sc = sidecar(
+        &app,
+        "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
+        "",
+    );
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    s.write_all(&body(20_000)).unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 408"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(
+        out.contains("min_body_rate") && out.contains("connection: close\r\n"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the upstream connection closed",
+        || (app.cut.load(Ordering::SeqCst) == 1).then_some(()),
+    );
+    assert!(
+        app.heads()[0].contains("\r\nHost: a\r\n"),
+        "the fast path's"
+    );
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut Vec::new());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.accepted(), 2);
+}
+
+/// A body shorter than its `Content-Length`, then the client's close: the upstream connection
+/// is dropped (never pooled with half a body in it), and the access log says 400 `bad-request`
+/// with the length the client stated, as hyper's path does.
+#[test]
+fn a_body_cut_short_by_its_client_is_logged_and_its_upstream_connection_dropped() {
+    let app = EchoApp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = sidecar(
+        &app,
+        "",
+        &format!("telemetry:\n  access_log: {{ to: {} }}\n", log.display()),
+    );
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    s.write_all(&body(30_000)).unwrap();
+    eventually(Duration::from_secs(5), "the head upstream", || {
+        (!app.heads().is_empty()).then_some(())
+    });
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    eventually(
+        Duration::from_secs(5),
+        "the upstream connection closed",
+        || (app.cut.load(Ordering::SeqCst) == 1).then_some(()),
+    );
+    let line: serde_json::Value = eventually(Duration::from_secs(5), "a log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    assert_eq!(line["status"], 400, "{line}");
+    assert_eq!(line["error"], "bad-request", "{line}");
+    assert_eq!(line["bytes_in"], 100000, "{line}");
+    let mut s = connect(&sc);
+    s.write_all(b"PUT /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut Vec::new());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.accepted(), 2);
+}
+
+/// `Connection: content-length` must not strip the header that frames the body: the upstream
+/// sees one POST with its whole body (which reads like a request of its own), never the body as
+/// a second request (request smuggling).
+#[test]
+fn a_connection_header_naming_content_length_smuggles_nothing() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    for token in [
+        "content-length",
+        "Content-Length, keep-alive",
+        "host",
+        "transfer-encoding",
+    ] {
+        let mut req = format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\nConnection: {token}\r\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(smuggled);
+        s.write_all(&req).unwrap();
+        let out = response(&mut s, &mut Vec::new());
+        assert!(
+            out.starts_with("HTTP/1.1 200")
+                && out.contains(&format!("x-sum: {:x}\r\n", fnv(smuggled))),
+            "{token}: {out}\n{}",
+            sc.diagnostics()
+        );
+    }
+    let heads = app.heads();
+    assert_eq!(heads.len(), 4, "{heads:?}");
+    assert!(
+        heads.iter().all(|h| h.starts_with("POST /echo ")),
+        "{heads:?}"
+    );
+}
+
+/// A body of up to 64 KiB is read whole before anything goes upstream: one that stops gets 408
+/// from `min_body_rate` and the upstream never saw its head (nor a connection); one that comes
+/// slowly but in time arrives in one piece.
+#[test]
+fn a_small_body_is_read_whole_before_the_upstream_sees_it() {
+    let app = EchoApp::start();
+    let sc = sidecar(
+        &app,
+        "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
+        "",
+    );
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 60000\r\n\r\n")
+        .unwrap();
+    s.write_all(&body(20_000)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 408") && out.contains("connection: close\r\n"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(app.heads().is_empty(), "{:?}", app.heads());
+    assert_eq!(
+        app.accepted(),
+        0,
+        "no upstream connection for a body not read"
+    );
+    // In three pieces, 300 ms apart: the upstream gets it whole, with the fast path's head.
+    let mut s = connect(&sc);
+    let data = body(3000);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n")
+        .unwrap();
+    for piece in data.chunks(1000) {
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(app.heads().is_empty(), "sent before the body was whole");
+        s.write_all(piece).unwrap();
+    }
+    let out = response(&mut s, &mut Vec::new());
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains(&format!("x-sum: {:x}\r\n", fnv(&data))),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(
+        app.heads()[0].contains("\r\nHost: a\r\n"),
+        "the fast path's"
+    );
+}
+
+/// The route's timeout while a small body is still coming: 408, nothing upstream.
+#[test]
+fn a_small_body_later_than_the_route_timeout_gets_408() {
+    let app = EchoApp::start();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 500ms\n",
+        app.address
+    ));
+    sc.wait_ready();
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 408") && out.contains("did not arrive within"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert_eq!(app.accepted(), 0);
+}
+
+/// The connection's read buffer does not grow with the requests it carries: 1000 POSTs of
+/// 256 KiB pipelined on one connection (so that every read finds the socket full) leave the
+/// proxy's resident memory about where the first ones did (the buffer grew 8 KiB a request).
+#[test]
+fn many_large_bodies_on_one_connection_do_not_grow_its_buffer() {
+    fn rss_kib(pid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    }
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let data = body(256 * 1024);
+    let mut req = format!(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&data);
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..1000 {
+            writer.write_all(&req).unwrap();
+        }
+    });
+    let mut rest = Vec::new();
+    let mut before = 0;
+    for i in 0..1000 {
+        let out = response(&mut s, &mut rest);
+        assert!(
+            out.starts_with("HTTP/1.1 200"),
+            "{i}: {out}\n{}",
+            sc.diagnostics()
+        );
+        if i == 49 {
+            before = rss_kib(sc.pid());
+        }
+    }
+    sender.join().unwrap();
+    let after = rss_kib(sc.pid());
+    assert!(
+        after < before + 512,
+        "resident memory grew from {before} KiB to {after} KiB\n{}",
+        sc.diagnostics()
+    );
+}
