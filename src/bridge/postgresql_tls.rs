@@ -1,0 +1,327 @@
+//! TLS to PostgreSQL for `state.postgresql`, `bindings.postgresql` and
+//! `configuration.postgresql`: the connection string's `sslmode`, `sslrootcert`, `sslcert` and
+//! `sslkey` (libpq's names, as daprd's pgx reads them) taken out before tokio-postgres parses
+//! the rest, and a tokio-postgres [`MakeTlsConnect`] over tokio-rustls with the rustls config
+//! of [`crate::tls::stores`].
+//!
+//! Hand-written rather than `tokio-postgres-rustls`: that crate enables rustls' default
+//! features (ring), and the whole connector is the few lines below.
+//!
+//! | `sslmode` | TLS | the server's certificate |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `prefer` (default) | if the server offers it | not checked; the chain when `sslrootcert` is set |
+//! | `require` | always | not checked; the chain when `sslrootcert` is set |
+//! | `verify-ca` | always | the chain (`sslrootcert`, else the system's roots) |
+//! | `verify-full` | always | the chain and the host name |
+//!
+//! `sslrootcert=system` is the system's roots and makes `verify-full` the default (a weaker mode
+//! with it is refused, as libpq does). The SCRAM channel binding (`tls-server-end-point`) is
+//! offered on TLS connections.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+
+use crate::tls::stores::{Pem, StoreTls, Verify, store_client_config};
+
+/// libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(v: &str) -> Result<SslMode, String> {
+        Ok(match v {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            // libpq's `allow` tries plain first: a server that accepts both would never be
+            // reached over TLS, so it is not offered.
+            other => {
+                return Err(format!(
+                    "expected sslmode disable, prefer, require, verify-ca or verify-full, found {other:?}"
+                ));
+            }
+        })
+    }
+
+    /// tokio-postgres knows whether to use TLS; how much to check is ours.
+    fn negotiation(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as T;
+        match self {
+            SslMode::Disable => T::Disable,
+            SslMode::Prefer => T::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => T::Require,
+        }
+    }
+}
+
+/// The TLS keys of a connection string.
+#[derive(Default, Debug)]
+struct SslKeys {
+    mode: Option<String>,
+    rootcert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl SslKeys {
+    /// Takes `key`'s value when it is one of ours (true), leaves it otherwise.
+    fn take(&mut self, key: &str, value: String) -> bool {
+        let slot = match key {
+            "sslmode" => &mut self.mode,
+            "sslrootcert" => &mut self.rootcert,
+            "sslcert" => &mut self.cert,
+            "sslkey" => &mut self.key,
+            _ => return false,
+        };
+        *slot = Some(value);
+        true
+    }
+}
+
+/// Splits the TLS keys out of a connection string (a `postgres://` URL's query or `key=value`
+/// pairs, already normalised): what is left is for tokio-postgres.
+fn split(s: &str) -> (String, SslKeys) {
+    let mut keys = SslKeys::default();
+    if let Some((base, query)) = s.split_once('?')
+        && (s.starts_with("postgres://") || s.starts_with("postgresql://"))
+    {
+        let rest: Vec<&str> = query
+            .split('&')
+            .filter(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                let v = percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                !keys.take(k, v)
+            })
+            .collect();
+        let text = if rest.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        return (text, keys);
+    }
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return (s.to_string(), keys);
+    }
+    let rest: Vec<&str> = s
+        .split_whitespace()
+        .filter(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            !keys.take(k, v.trim_matches('\'').to_string())
+        })
+        .collect();
+    (rest.join(" "), keys)
+}
+
+/// The TLS connector a connection string describes, its files read (a bad path or PEM is an
+/// error here, at preflight), and the connection string without its TLS keys.
+pub(crate) fn from_connection_string(s: &str) -> Result<(String, SslMode, PgTls), String> {
+    let (rest, keys) = split(s);
+    let system = keys.rootcert.as_deref() == Some("system");
+    let mode = match keys.mode.as_deref() {
+        Some(m) => SslMode::parse(m)?,
+        None if system => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+    };
+    if system && mode != SslMode::VerifyFull {
+        return Err(format!(
+            "sslrootcert=system needs sslmode=verify-full (the system's roots vouch for names), found sslmode={}",
+            keys.mode.as_deref().unwrap_or_default()
+        ));
+    }
+    let client = match (keys.cert, keys.key) {
+        (Some(c), Some(k)) => Some((Pem::File(c.into()), Pem::File(k.into()))),
+        (None, None) => None,
+        (Some(_), None) => return Err("sslcert needs sslkey (the client certificate's key)".into()),
+        (None, Some(_)) => return Err("sslkey needs sslcert (the client certificate)".into()),
+    };
+    let ca = keys
+        .rootcert
+        .filter(|r| r != "system")
+        .map(|r| Pem::File(r.into()));
+    let verify = match mode {
+        SslMode::Disable => return Ok((rest, mode, PgTls(None))),
+        // As libpq and pgx: a root certificate given is a root certificate used.
+        SslMode::Prefer | SslMode::Require if ca.is_some() => Verify::Chain,
+        SslMode::Prefer | SslMode::Require => Verify::Nothing,
+        SslMode::VerifyCa => Verify::Chain,
+        SslMode::VerifyFull => Verify::Full,
+    };
+    let config = store_client_config(&StoreTls {
+        ca,
+        client,
+        verify,
+        // PostgreSQL 17's direct TLS requires it; older servers ignore it.
+        alpn: vec![b"postgresql".to_vec()],
+    })
+    .map_err(|e| format!("TLS to PostgreSQL (sslmode={}): {e}", mode_name(mode)))?;
+    Ok((rest, mode, PgTls(Some(config))))
+}
+
+fn mode_name(m: SslMode) -> &'static str {
+    match m {
+        SslMode::Disable => "disable",
+        SslMode::Prefer => "prefer",
+        SslMode::Require => "require",
+        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// Sets what tokio-postgres needs of `mode` on `config`.
+pub(crate) fn apply(config: &mut tokio_postgres::Config, mode: SslMode) {
+    config.ssl_mode(mode.negotiation());
+}
+
+/// tokio-postgres' TLS connector on tokio-rustls (None: `sslmode=disable`, never asked).
+#[derive(Clone)]
+pub(crate) struct PgTls(Option<Arc<ClientConfig>>);
+
+impl MakeTlsConnect<tokio_postgres::Socket> for PgTls {
+    type Stream = PgTlsStream<tokio_postgres::Socket>;
+    type TlsConnect = PgTlsConnect;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> io::Result<PgTlsConnect> {
+        let config = self
+            .0
+            .clone()
+            .ok_or_else(|| io::Error::other("TLS with sslmode=disable"))?;
+        let name = ServerName::try_from(domain.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{domain}: {e}")))?;
+        Ok(PgTlsConnect {
+            connector: tokio_rustls::TlsConnector::from(config),
+            name,
+        })
+    }
+}
+
+/// One connection's handshake.
+pub(crate) struct PgTlsConnect {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl<S> TlsConnect<S> for PgTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PgTlsStream<S>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<PgTlsStream<S>>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            self.connector
+                .connect(self.name, stream)
+                .await
+                .map(PgTlsStream)
+        })
+    }
+}
+
+/// A TLS connection to PostgreSQL.
+pub(crate) struct PgTlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for PgTlsStream<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| crate::tls::stores::tls_server_end_point(c))
+            .map_or_else(ChannelBinding::none, ChannelBinding::tls_server_end_point)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PgTlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_keys_leave_the_connection_string() {
+        let (rest, k) = split(
+            "host=db user=u sslmode=verify-full sslrootcert=/ca.pem sslcert=/c.pem sslkey=/k.pem dbname=x",
+        );
+        assert_eq!(rest, "host=db user=u dbname=x");
+        assert_eq!(k.mode.as_deref(), Some("verify-full"));
+        assert_eq!(k.rootcert.as_deref(), Some("/ca.pem"));
+        assert_eq!(k.cert.as_deref(), Some("/c.pem"));
+        assert_eq!(k.key.as_deref(), Some("/k.pem"));
+        let (rest, k) =
+            split("postgres://u@db:5432/x?sslmode=require&connect_timeout=3&sslrootcert=%2Fa%20b");
+        assert_eq!(rest, "postgres://u@db:5432/x?connect_timeout=3");
+        assert_eq!(k.rootcert.as_deref(), Some("/a b"));
+        let (rest, _) = split("postgresql://u@db/x?sslmode=disable");
+        assert_eq!(rest, "postgresql://u@db/x");
+    }
+
+    #[test]
+    fn modes_as_libpq() {
+        let mode = |s: &str| from_connection_string(s).map(|(_, m, _)| m);
+        assert_eq!(mode("host=db"), Ok(SslMode::Prefer));
+        assert_eq!(mode("host=db sslmode=disable"), Ok(SslMode::Disable));
+        assert_eq!(mode("host=db sslmode=require"), Ok(SslMode::Require));
+        let e = mode("host=db sslmode=allow").unwrap_err();
+        assert!(e.contains("verify-full") && e.contains("\"allow\""), "{e}");
+        let e = mode("host=db sslmode=require sslrootcert=system").unwrap_err();
+        assert!(e.contains("verify-full"), "{e}");
+        let e = mode("host=db sslcert=/c.pem").unwrap_err();
+        assert!(e.contains("sslkey"), "{e}");
+        let e = mode("host=db sslmode=verify-ca sslrootcert=/nowhere/ca.pem").unwrap_err();
+        assert!(e.contains("/nowhere/ca.pem"), "{e}");
+        // disable reads no file.
+        assert_eq!(
+            mode("host=db sslmode=disable sslrootcert=/nowhere/ca.pem"),
+            Ok(SslMode::Disable)
+        );
+    }
+}
