@@ -176,9 +176,7 @@ impl PostgresConfiguration {
             ));
         }
         let setup = async {
-            let (client, mut connection) = self
-                .config
-                .connect(self.tls.clone())
+            let (client, mut connection) = super::postgresql_tls::connect(&self.config, &self.tls)
                 .await
                 .map_err(|e| format!("postgresql: cannot connect: {}", chain(&e)))?;
             // The connection is driven here until LISTEN is done, then by the watch's task.

@@ -10,7 +10,7 @@
 //! | `sslmode` | TLS | the server's certificate |
 //! |---|---|---|
 //! | `disable` | never | — |
-//! | `prefer` (default) | if the server offers it | not checked; the chain when `sslrootcert` is set |
+//! | `prefer` (default) | if the server offers it and the handshake succeeds (else plain, as libpq) | not checked; the chain when `sslrootcert` is set |
 //! | `require` | always | not checked; the chain when `sslrootcert` is set |
 //! | `verify-ca` | always | the chain (`sslrootcert`, else the system's roots) |
 //! | `verify-full` | always | the chain and the host name |
@@ -201,25 +201,23 @@ impl MakeTlsConnect<tokio_postgres::Socket> for PgTls {
     type TlsConnect = PgTlsConnect;
     type Error = io::Error;
 
+    /// tokio-postgres asks for a connector on every connection, whatever the mode: with
+    /// `sslmode=disable` it gets one that is never used (and fails if it were).
     fn make_tls_connect(&mut self, domain: &str) -> io::Result<PgTlsConnect> {
-        let config = self
-            .0
-            .clone()
-            .ok_or_else(|| io::Error::other("TLS with sslmode=disable"))?;
+        let Some(config) = self.0.clone() else {
+            return Ok(PgTlsConnect(None));
+        };
         let name = ServerName::try_from(domain.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{domain}: {e}")))?;
-        Ok(PgTlsConnect {
-            connector: tokio_rustls::TlsConnector::from(config),
+        Ok(PgTlsConnect(Some((
+            tokio_rustls::TlsConnector::from(config),
             name,
-        })
+        ))))
     }
 }
 
-/// One connection's handshake.
-pub(crate) struct PgTlsConnect {
-    connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
-}
+/// One connection's handshake (None: `sslmode=disable`).
+pub(crate) struct PgTlsConnect(Option<(tokio_rustls::TlsConnector, ServerName<'static>)>);
 
 impl<S> TlsConnect<S> for PgTlsConnect
 where
@@ -231,10 +229,94 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            self.connector
-                .connect(self.name, stream)
+            let (connector, name) = self
+                .0
+                .ok_or_else(|| io::Error::other("TLS with sslmode=disable"))?;
+            connector
+                .connect(name, stream)
                 .await
                 .map(PgTlsStream)
+                .map_err(|e| io::Error::new(e.kind(), HandshakeFailed(e)))
+        })
+    }
+}
+
+/// A TLS handshake that failed (the certificate, the protocol): what `sslmode=prefer` retries
+/// without TLS, told apart from the other errors tokio-postgres reports as TLS errors.
+#[derive(Debug)]
+struct HandshakeFailed(io::Error);
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for HandshakeFailed {}
+
+/// tokio-postgres' TLS error holds our io::Error (whose `source` skips its payload).
+fn handshake_failed(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<HandshakeFailed>())
+}
+
+/// One connection by `config` over `tls`. With `sslmode=prefer` a server that offers TLS but
+/// whose handshake fails is tried again without TLS, as libpq does (tokio-postgres alone gives
+/// up); the server's own pg_hba then decides.
+pub(crate) async fn connect(
+    config: &tokio_postgres::Config,
+    tls: &PgTls,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, PgTlsStream<tokio_postgres::Socket>>,
+    ),
+    tokio_postgres::Error,
+> {
+    match config.connect(tls.clone()).await {
+        Err(e)
+            if config.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer
+                && handshake_failed(&e) =>
+        {
+            tracing::debug!(error = %e, "postgresql: TLS failed with sslmode=prefer, trying without");
+            let mut plain = config.clone();
+            plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            plain.connect(tls.clone()).await
+        }
+        r => r,
+    }
+}
+
+/// The pool's way to connect: [`connect`], its connection driven by a task of its own (as
+/// deadpool's default does).
+pub(crate) struct PgConnect(pub(crate) PgTls);
+
+impl deadpool_postgres::Connect for PgConnect {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Pin<
+        Box<
+            dyn Future<
+                    Output = Result<
+                        (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+                        tokio_postgres::Error,
+                    >,
+                > + Send
+                + '_,
+        >,
+    > {
+        let config = config.clone();
+        Box::pin(async move {
+            let (client, connection) = connect(&config, &self.0).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "postgresql: connection error");
+                }
+            });
+            Ok((client, task))
         })
     }
 }

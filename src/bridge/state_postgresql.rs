@@ -204,7 +204,11 @@ pub(crate) fn pool_of(
                 .map_or(MIN_CONNECTIONS, |n| n.get())
                 .max(MIN_CONNECTIONS)
         });
-    let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method });
+    let manager = Manager::from_connect(
+        config,
+        super::postgresql_tls::PgConnect(tls),
+        ManagerConfig { recycling_method },
+    );
     Pool::builder(manager)
         .max_size(max)
         .runtime(Runtime::Tokio1)

@@ -464,12 +464,26 @@ impl PostgresTlsServer {
         s
     }
 
-    /// One of the server's programs, run as its user.
+    /// One of the server's programs, run as its user, holding none of the descriptors the
+    /// test inherited: `flock /tmp/outrigger-cargo.lock cargo test` passes the lock's fd down,
+    /// and a server left over from an aborted run would hold the lock for everyone.
     fn command(&self, program: &str) -> Command {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(self.bin.join(program));
         if let Some((uid, gid)) = self.user {
             cmd.uid(uid).gid(gid);
+        }
+        // SAFETY: close_range is async-signal-safe; CLOEXEC (not closing) leaves std's own
+        // exec-error pipe working, and everything from fd 3 up is gone at exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::close_range(
+                    3,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+                );
+                Ok(())
+            });
         }
         cmd
     }

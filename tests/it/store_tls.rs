@@ -2,7 +2,7 @@
 //! (`servers::PostgresTlsServer`, certificates from `outrigger certs`), reached by the real
 //! binary with each `sslmode` — what is checked of the server's certificate, a client
 //! certificate as the login, SCRAM with channel binding — and the errors: an unknown CA, a
-//! wrong name, a plain connection refused, a bad CA path found by `outrigger check`.
+//! wrong name, a plain connection refused (also `prefer`'s retry after a failed handshake), a bad CA path found by `outrigger check`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -133,6 +133,20 @@ fn postgres_over_tls_by_sslmode() {
             ),
         ),
         (
+            "prefer.yaml",
+            component(
+                "prefer",
+                "state.postgresql",
+                // A root certificate given is used: the handshake fails, and `prefer` tries
+                // again without TLS (as libpq), which this server refuses.
+                &app(
+                    "localhost",
+                    &format!("sslmode=prefer sslrootcert={other_ca}"),
+                ),
+                &table("t_prefer"),
+            ),
+        ),
+        (
             "plain.yaml",
             component(
                 "plain",
@@ -195,6 +209,7 @@ fn postgres_over_tls_by_sslmode() {
         // Another CA of the same name: its signature does not check out.
         ("otherca", "invalid peer certificate: BadSignature"),
         ("plain", "no encryption"),
+        ("prefer", "no encryption"),
     ];
     for (store, why) in failures {
         let (s, body) = save(&sc, store, "k", json!(1));
