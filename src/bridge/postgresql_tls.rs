@@ -12,7 +12,7 @@
 //! | `disable` | never | — |
 //! | `prefer` (default) | if the server offers it and the handshake succeeds (else plain, as libpq) | not checked; the chain when `sslrootcert` is set |
 //! | `require` | always | not checked; the chain when `sslrootcert` is set |
-//! | `verify-ca` | always | the chain (`sslrootcert`, else the system's roots) |
+//! | `verify-ca` | always | the chain (`sslrootcert`, required) |
 //! | `verify-full` | always | the chain and the host name |
 //!
 //! `sslrootcert=system` is the system's roots and makes `verify-full` the default (a weaker mode
@@ -154,6 +154,14 @@ pub(crate) fn from_connection_string(s: &str) -> Result<(String, SslMode, PgTls)
         (Some(_), None) => return Err("sslcert needs sslkey (the client certificate's key)".into()),
         (None, Some(_)) => return Err("sslkey needs sslcert (the client certificate)".into()),
     };
+    if mode == SslMode::VerifyCa && keys.rootcert.is_none() {
+        // The system's roots vouch for names, not for this server: any publicly trusted
+        // certificate would pass. libpq refuses it too.
+        return Err(
+            "sslmode=verify-ca needs sslrootcert=FILE (the CA that signed the server's certificate); with the system's roots use sslmode=verify-full"
+                .into(),
+        );
+    }
     let ca = keys
         .rootcert
         .filter(|r| r != "system")
@@ -173,17 +181,19 @@ pub(crate) fn from_connection_string(s: &str) -> Result<(String, SslMode, PgTls)
         // PostgreSQL 17's direct TLS requires it; older servers ignore it.
         alpn: vec![b"postgresql".to_vec()],
     })
-    .map_err(|e| format!("TLS to PostgreSQL (sslmode={}): {e}", mode_name(mode)))?;
+    .map_err(|e| format!("TLS to PostgreSQL (sslmode={mode}): {e}"))?;
     Ok((rest, mode, PgTls(Some(config))))
 }
 
-fn mode_name(m: SslMode) -> &'static str {
-    match m {
-        SslMode::Disable => "disable",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        })
     }
 }
 
@@ -192,7 +202,7 @@ pub(crate) fn apply(config: &mut tokio_postgres::Config, mode: SslMode) {
     config.ssl_mode(mode.negotiation());
 }
 
-/// tokio-postgres' TLS connector on tokio-rustls (None: `sslmode=disable`, never asked).
+/// tokio-postgres' TLS connector on tokio-rustls (None: `sslmode=disable`, never used).
 #[derive(Clone)]
 pub(crate) struct PgTls(Option<Arc<ClientConfig>>);
 
@@ -201,23 +211,25 @@ impl MakeTlsConnect<tokio_postgres::Socket> for PgTls {
     type TlsConnect = PgTlsConnect;
     type Error = io::Error;
 
-    /// tokio-postgres asks for a connector on every connection, whatever the mode: with
-    /// `sslmode=disable` it gets one that is never used (and fails if it were).
+    /// tokio-postgres asks for a connector on every connection, whatever the mode and the
+    /// host (a unix socket or `hostaddr` alone give ""), before it knows whether TLS is used:
+    /// this never fails, and [`PgTlsConnect::connect`] (reached only when the server offers
+    /// TLS) says what is missing.
     fn make_tls_connect(&mut self, domain: &str) -> io::Result<PgTlsConnect> {
-        let Some(config) = self.0.clone() else {
-            return Ok(PgTlsConnect(None));
-        };
         let name = ServerName::try_from(domain.to_string())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{domain}: {e}")))?;
-        Ok(PgTlsConnect(Some((
-            tokio_rustls::TlsConnector::from(config),
+            .map_err(|e| format!("TLS to PostgreSQL needs a host name, found {domain:?}: {e}"));
+        Ok(PgTlsConnect {
+            config: self.0.clone(),
             name,
-        ))))
+        })
     }
 }
 
-/// One connection's handshake (None: `sslmode=disable`).
-pub(crate) struct PgTlsConnect(Option<(tokio_rustls::TlsConnector, ServerName<'static>)>);
+/// One connection's handshake: the config (None: `sslmode=disable`) and the server's name.
+pub(crate) struct PgTlsConnect {
+    config: Option<Arc<ClientConfig>>,
+    name: Result<ServerName<'static>, String>,
+}
 
 impl<S> TlsConnect<S> for PgTlsConnect
 where
@@ -229,10 +241,13 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let (connector, name) = self
-                .0
+            let config = self
+                .config
                 .ok_or_else(|| io::Error::other("TLS with sslmode=disable"))?;
-            connector
+            let name = self
+                .name
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            tokio_rustls::TlsConnector::from(config)
                 .connect(name, stream)
                 .await
                 .map(PgTlsStream)
@@ -400,10 +415,27 @@ mod tests {
         assert!(e.contains("sslkey"), "{e}");
         let e = mode("host=db sslmode=verify-ca sslrootcert=/nowhere/ca.pem").unwrap_err();
         assert!(e.contains("/nowhere/ca.pem"), "{e}");
+        let e = mode("host=db sslmode=verify-ca").unwrap_err();
+        assert!(e.contains("sslrootcert=FILE"), "{e}");
         // disable reads no file.
         assert_eq!(
             mode("host=db sslmode=disable sslrootcert=/nowhere/ca.pem"),
             Ok(SslMode::Disable)
         );
+    }
+
+    /// A unix socket or `hostaddr` alone gives tokio-postgres no host name: the connector is
+    /// still made (TLS may not even be offered), under every mode.
+    #[test]
+    fn no_host_name_is_no_error_until_tls() {
+        for s in [
+            "host=/run/postgresql",
+            "host=db sslmode=disable",
+            "host=db sslmode=require",
+        ] {
+            let (_, _, mut tls) = from_connection_string(s).unwrap();
+            let c = tls.make_tls_connect("").unwrap();
+            assert!(c.name.is_err(), "{s}");
+        }
     }
 }

@@ -523,6 +523,11 @@ impl PostgresTlsServer {
         }
     }
 
+    /// The directory of the server's unix socket (`local all all trust`).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// SQL as the superuser over the unix socket; the unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = self
