@@ -36,7 +36,7 @@ pub enum Verify {
 
 /// PEM material: a file (libpq's `sslrootcert=/path`) or the text itself (Dapr's `caCert`,
 /// `clientCert`, `clientKey` metadata hold the PEM).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Pem {
     File(PathBuf),
     /// The PEM text and the metadata key it came from (for messages).
@@ -44,6 +44,19 @@ pub enum Pem {
         pem: String,
         key: &'static str,
     },
+}
+
+/// The path, or the metadata key only: a `clientKey`'s text must not reach a log.
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pem::File(p) => f.debug_tuple("File").field(p).finish(),
+            Pem::Text { key, .. } => f
+                .debug_struct("Text")
+                .field("key", key)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// What a component's metadata says about TLS to its server.
@@ -296,4 +309,19 @@ pub fn tls_server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
         _ => return None,
     };
     Some(digest::digest(alg, cert).as_ref().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_text_is_not_printed() {
+        let p = Pem::Text {
+            pem: "-----BEGIN PRIVATE KEY-----secret".into(),
+            key: "clientKey",
+        };
+        let d = format!("{p:?}");
+        assert!(d.contains("clientKey") && !d.contains("secret"), "{d}");
+    }
 }
