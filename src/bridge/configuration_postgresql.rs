@@ -19,16 +19,18 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 
 use super::components::Component;
 use super::configuration::{CHANGES_BUFFERED, Changes, ConfigItem};
-use super::state_postgresql::{chain, client_config, pool};
+use super::postgresql_tls::PgTls;
+use super::state_postgresql::{chain, client_config, pool_of};
 
 /// A `configuration.postgresql` component.
 pub struct PostgresConfiguration {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// For the `LISTEN` connection of a subscription.
+    tls: PgTls,
     table: String,
     timeout: Duration,
 }
@@ -72,11 +74,18 @@ impl PostgresConfiguration {
                 "expected table as a lowercase table name of letters, digits and '_' (optionally schema.table), found {table:?}"
             ));
         }
-        let (config, timeout) = client_config(c)?;
-        let (pool, _) = pool(c)?;
+        let (config, tls, timeout) = client_config(c)?;
+        let pool = pool_of(
+            c,
+            config.clone(),
+            tls.clone(),
+            timeout,
+            deadpool_postgres::RecyclingMethod::Fast,
+        )?;
         Ok(PostgresConfiguration {
             pool,
             config,
+            tls,
             table,
             timeout,
         })
@@ -167,9 +176,7 @@ impl PostgresConfiguration {
             ));
         }
         let setup = async {
-            let (client, mut connection) = self
-                .config
-                .connect(NoTls)
+            let (client, mut connection) = super::postgresql_tls::connect(&self.config, &self.tls)
                 .await
                 .map_err(|e| format!("postgresql: cannot connect: {}", chain(&e)))?;
             // The connection is driven here until LISTEN is done, then by the watch's task.

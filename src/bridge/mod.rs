@@ -32,6 +32,7 @@ pub mod lock;
 pub mod lock_routes;
 pub mod not_implemented;
 pub mod ops;
+pub mod postgresql_tls;
 pub mod pubsub;
 pub mod routes;
 pub mod secrets;

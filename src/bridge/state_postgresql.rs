@@ -6,7 +6,7 @@
 //! (`dapr_metadata`) records the schema level (`migrations` = `2`) as daprd's does.
 //!
 //! Requests come from [`super::state::Store`]; they leave on a bounded deadpool of
-//! tokio-postgres connections (no TLS). The first call creates the tables when missing (under
+//! tokio-postgres connections (TLS by the connection string's `sslmode`, [`super::postgresql_tls`]). The first call creates the tables when missing (under
 //! an advisory lock, so sidecars starting together do not race) and starts the periodic
 //! cleanup of expired rows; a database that is down fails each call with a clear error and
 //! is used again as soon as it is back (nothing connects at start).
@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use super::components::Component;
+use super::postgresql_tls::PgTls;
 use super::state::{Entry, Op, StateError};
 
 /// daprd's default `timeout` for every database operation.
@@ -89,7 +89,7 @@ fn statement_timeout(options: Option<&str>, timeout: Duration) -> Option<String>
     }
 }
 
-pub(crate) fn connection_config(s: &str) -> Result<tokio_postgres::Config, String> {
+pub(crate) fn connection_config(s: &str) -> Result<(tokio_postgres::Config, PgTls), String> {
     let text = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
         s.to_string()
     } else {
@@ -102,17 +102,24 @@ pub(crate) fn connection_config(s: &str) -> Result<tokio_postgres::Config, Strin
             .collect::<Vec<_>>()
             .join(" ")
     };
-    text.parse::<tokio_postgres::Config>()
-        .map_err(|e| format!("invalid connectionString: {e}"))
+    let (text, mode, tls) = super::postgresql_tls::from_connection_string(&text)
+        .map_err(|e| format!("connectionString: {e}"))?;
+    let mut config = text
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("invalid connectionString: {e}"))?;
+    super::postgresql_tls::apply(&mut config, mode);
+    Ok((config, tls))
 }
 
 /// The connection settings a PostgreSQL component describes (`connectionString`, with the
-/// `timeout` as connect and statement timeout), and its `timeout`.
-pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Duration), String> {
+/// `timeout` as connect and statement timeout), its TLS connector, and its `timeout`.
+pub(crate) fn client_config(
+    c: &Component,
+) -> Result<(tokio_postgres::Config, PgTls, Duration), String> {
     let conn = c
         .meta("connectionString")
         .ok_or("expected metadata connectionString, found none")?;
-    let mut config = connection_config(conn)?;
+    let (mut config, tls) = connection_config(conn)?;
     let timeout = match c.meta("timeout").or(c.meta("timeoutInSeconds")) {
         Some(_) => {
             let key = if c.meta("timeout").is_some() {
@@ -135,7 +142,7 @@ pub(crate) fn client_config(c: &Component) -> Result<(tokio_postgres::Config, Du
     if let Some(options) = statement_timeout(config.get_options(), timeout) {
         config.options(&options);
     }
-    Ok((config, timeout))
+    Ok((config, tls, timeout))
 }
 
 /// `SELECT 1` on a connection of `pool`: the health probe of every PostgreSQL component
@@ -170,7 +177,19 @@ pub(crate) fn pool_recycled(
     c: &Component,
     recycling_method: RecyclingMethod,
 ) -> Result<(Pool, Duration), String> {
-    let (config, timeout) = client_config(c)?;
+    let (config, tls, timeout) = client_config(c)?;
+    let pool = pool_of(c, config.clone(), tls, timeout, recycling_method)?;
+    Ok((pool, timeout))
+}
+
+/// The pool for settings [`client_config`] built already (their files read once).
+pub(crate) fn pool_of(
+    c: &Component,
+    config: tokio_postgres::Config,
+    tls: PgTls,
+    timeout: Duration,
+    recycling_method: RecyclingMethod,
+) -> Result<Pool, String> {
     let max = match c.meta("maxConns") {
         Some(v) => v
             .parse::<i64>()
@@ -185,16 +204,19 @@ pub(crate) fn pool_recycled(
                 .map_or(MIN_CONNECTIONS, |n| n.get())
                 .max(MIN_CONNECTIONS)
         });
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
-    let pool = Pool::builder(manager)
+    let manager = Manager::from_connect(
+        config,
+        super::postgresql_tls::PgConnect(tls),
+        ManagerConfig { recycling_method },
+    );
+    Pool::builder(manager)
         .max_size(max)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(timeout))
         .create_timeout(Some(timeout))
         .recycle_timeout(Some(timeout))
         .build()
-        .map_err(|e| format!("cannot build the connection pool: {e}"))?;
-    Ok((pool, timeout))
+        .map_err(|e| format!("cannot build the connection pool: {e}"))
 }
 
 impl Postgres {

@@ -7,7 +7,8 @@
 //! Building material from files is here (`server_config`, `client_config`: what preflight calls
 //! and keeps); holding it while the files rotate is in [`rotation`] (a listener's
 //! [`ServerTls`]) and [`origination`] (a cluster's); our own HTTPS clients (log sinks) in
-//! [`client`]; the handshake on accept in [`accept`];
+//! [`client`]; TLS to the bridge's stores and brokers in [`stores`]; the handshake on accept in
+//! [`accept`];
 //! identity matching for `authz` in [`authz`].
 
 pub mod accept;
@@ -17,6 +18,8 @@ pub mod certs;
 pub mod client;
 pub mod origination;
 pub mod rotation;
+#[cfg(feature = "bridge")]
+pub mod stores;
 
 pub use crate::telemetry::tls::{CertLabels, HandshakeLabels, ReloadLabels, TlsMetrics};
 pub use rotation::{Reloadable, ServerTls, fingerprints, spawn_watch};

@@ -30,6 +30,8 @@ mod pubsub;
 mod reload;
 #[cfg(feature = "bridge")]
 mod servers;
+#[cfg(feature = "bridge")]
+mod store_tls;
 mod support;
 mod telemetry;
 mod tls;

@@ -381,3 +381,190 @@ impl Drop for MosquittoServer {
         let _ = self.child.wait();
     }
 }
+
+/// A PostgreSQL of our own on TLS only (`ssl=on`, plain connections rejected by pg_hba), in a
+/// temp dir on a free port, from `initdb` (~1 s). Role `app` logs in by SCRAM (password
+/// `secret`), role `certuser` by its client certificate (CN `certuser`); both may use database
+/// `app`. Listens on 127.0.0.1 and 127.0.0.2 (an address its certificate does not carry). Runs
+/// as the `postgres` user when the tests run as root (the server refuses root).
+pub struct PostgresTlsServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    /// uid and gid to run as (None: ourselves).
+    user: Option<(u32, u32)>,
+}
+
+impl PostgresTlsServer {
+    /// `certs` holds `ca.crt` and `server.crt`/`server.key` (`outrigger certs`).
+    pub fn start(certs: &std::path::Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|b| b.join("initdb").exists())
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let dir = tempfile::tempdir().unwrap();
+        // The key must belong to the server's user, readable by it only.
+        for f in ["server.crt", "server.key", "ca.crt"] {
+            std::fs::copy(certs.join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::set_permissions(
+            dir.path().join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let user = nix::unistd::Uid::effective().is_root().then(|| {
+            let u = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("a postgres user to run the server as");
+            for entry in std::fs::read_dir(dir.path()).unwrap() {
+                nix::unistd::chown(&entry.unwrap().path(), Some(u.uid), Some(u.gid)).unwrap();
+            }
+            nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
+            (u.uid.as_raw(), u.gid.as_raw())
+        });
+        let mut s = PostgresTlsServer {
+            child: None,
+            port: free_port(),
+            dir,
+            bin,
+            user,
+        };
+        let data = s.dir.path().join("data");
+        let mut initdb = s.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-N", "--auth=trust"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let out = initdb.output().unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all app 127.0.0.0/8 scram-sha-256\n\
+             hostssl all certuser 127.0.0.0/8 cert\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .unwrap();
+        s.spawn();
+        s.psql(
+            "postgres",
+            "CREATE ROLE app LOGIN PASSWORD 'secret'; CREATE ROLE certuser LOGIN",
+        );
+        s.psql("postgres", "CREATE DATABASE app OWNER app");
+        s.psql("app", "GRANT ALL ON SCHEMA public TO certuser");
+        s
+    }
+
+    /// One of the server's programs, run as its user, holding none of the descriptors the
+    /// test inherited: `flock /tmp/outrigger-cargo.lock cargo test` passes the lock's fd down,
+    /// and a server left over from an aborted run would hold the lock for everyone.
+    fn command(&self, program: &str) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        // SAFETY: close_range is async-signal-safe; CLOEXEC (not closing) leaves std's own
+        // exec-error pipe working, and everything from fd 3 up is gone at exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::close_range(
+                    3,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+                );
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(d.join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2", "-c", "ssl=on"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", d.display()))
+            .arg("-c")
+            .arg(format!("ssl_cert_file={}", d.join("server.crt").display()))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", d.join("server.key").display()))
+            .arg("-c")
+            .arg(format!("ssl_ca_file={}", d.join("ca.crt").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let ready = self
+                .command("pg_isready")
+                .arg("-h")
+                .arg(self.dir.path())
+                .args(["-p", &self.port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the TLS postgres did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The directory of the server's unix socket (`local all all trust`).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// SQL as the superuser over the unix socket; the unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = self
+            .command("psql")
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .args(["-v", "ON_ERROR_STOP=1", "-XAtq", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Stops the server (fast shutdown), keeping its data for [`Self::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for PostgresTlsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

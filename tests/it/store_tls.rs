@@ -1,0 +1,286 @@
+//! TLS to the bridge's stores: a PostgreSQL of our own that takes TLS connections only
+//! (`servers::PostgresTlsServer`, certificates from `outrigger certs`), reached by the real
+//! binary with each `sslmode` — what is checked of the server's certificate, a client
+//! certificate as the login, SCRAM with channel binding — and the errors: an unknown CA, a
+//! wrong name, a plain connection refused (also `prefer`'s retry after a failed handshake), a bad CA path found by `outrigger check`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::servers::PostgresTlsServer;
+use crate::support::{Sidecar, Spawn, client, eventually, run_to_end};
+
+/// Runs `outrigger certs ARGS` in `dir`.
+fn certs(dir: &Path, args: &[&str]) {
+    let args: Vec<&str> = ["certs"].iter().chain(args).copied().collect();
+    let (code, stdout, stderr) = run_to_end(&args, &[], dir);
+    assert_eq!(code, 0, "outrigger {args:?}\n{stdout}\n{stderr}");
+}
+
+/// A CA in `dir/NAME/` with `server` (localhost, 127.0.0.1) and `certuser` leaves.
+fn ca(dir: &Path, name: &str) {
+    certs(dir, &["ca", "--out", name, "--trust-domain", "example.org"]);
+    let issue = |leaf: &str, names: &[&str]| {
+        let mut args = vec!["issue", "--ca", name, "--out", name, "--name", leaf];
+        args.extend_from_slice(names);
+        certs(dir, &args);
+    };
+    issue("server", &["--dns", "localhost", "--ip", "127.0.0.1"]);
+    // The CN is the first DNS name: PostgreSQL's `cert` login takes it as the role.
+    issue("certuser", &["--dns", "certuser"]);
+}
+
+fn component(name: &str, kind: &str, connection: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n  - name: connectionString\n    value: \"{connection}\"\n  - name: timeout\n    value: 5s\n{extra}"
+    )
+}
+
+fn table(name: &str) -> String {
+    format!("  - name: tableName\n    value: {name}\n")
+}
+
+fn save(sc: &Sidecar, store: &str, key: &str, value: Value) -> (u16, String) {
+    let r = client()
+        .post(sc.bridge_url(&format!("/v1.0/state/{store}")))
+        .json(&json!([{"key": key, "value": value}]))
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+fn read(sc: &Sidecar, store: &str, key: &str) -> (u16, String) {
+    let r = client()
+        .get(sc.bridge_url(&format!("/v1.0/state/{store}/{key}")))
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+#[test]
+fn postgres_over_tls_by_sslmode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "ca");
+    ca(d, "other");
+    let mut pg = PostgresTlsServer::start(&d.join("ca"));
+    let port = pg.port;
+    let ca_file = d.join("ca/ca.crt").display().to_string();
+    let other_ca = d.join("other/ca.crt").display().to_string();
+    let app = |host: &str, tls: &str| {
+        format!("host={host} port={port} user=app password=secret dbname=app {tls}")
+    };
+    let components = [
+        (
+            "full.yaml",
+            component(
+                "full",
+                "state.postgresql",
+                // SCRAM with channel binding: the server's certificate hashed into the login.
+                &app(
+                    "localhost",
+                    &format!("sslmode=verify-full sslrootcert={ca_file} channel_binding=require"),
+                ),
+                "",
+            ),
+        ),
+        (
+            "require.yaml",
+            component(
+                "require",
+                "state.postgresql",
+                // 127.0.0.2 is not in the certificate: `require` does not look.
+                &app("127.0.0.2", "sslmode=require"),
+                &table("t_require"),
+            ),
+        ),
+        (
+            "chain.yaml",
+            component(
+                "chain",
+                "state.postgresql",
+                // The URL form; verify-ca checks the chain, not the name.
+                &format!(
+                    "postgres://app:secret@127.0.0.2:{port}/app?sslmode=verify-ca&sslrootcert={ca_file}"
+                ),
+                &table("t_chain"),
+            ),
+        ),
+        (
+            "wrongname.yaml",
+            component(
+                "wrongname",
+                "state.postgresql",
+                &app(
+                    "127.0.0.2",
+                    &format!("sslmode=verify-full sslrootcert={ca_file}"),
+                ),
+                &table("t_wrongname"),
+            ),
+        ),
+        (
+            "otherca.yaml",
+            component(
+                "otherca",
+                "state.postgresql",
+                &app(
+                    "localhost",
+                    &format!("sslmode=verify-full sslrootcert={other_ca}"),
+                ),
+                &table("t_otherca"),
+            ),
+        ),
+        (
+            "prefer.yaml",
+            component(
+                "prefer",
+                "state.postgresql",
+                // A root certificate given is used: the handshake fails, and `prefer` tries
+                // again without TLS (as libpq), which this server refuses.
+                &app(
+                    "localhost",
+                    &format!("sslmode=prefer sslrootcert={other_ca}"),
+                ),
+                &table("t_prefer"),
+            ),
+        ),
+        (
+            "plain.yaml",
+            component(
+                "plain",
+                "state.postgresql",
+                &app("127.0.0.1", "sslmode=disable"),
+                &table("t_plain"),
+            ),
+        ),
+        (
+            "socket.yaml",
+            component(
+                "socket",
+                "state.postgresql",
+                // The default `prefer` over a unix socket: no host name for TLS, and the
+                // server offers none there.
+                &format!(
+                    "host={} port={port} user=app dbname=app",
+                    pg.socket_dir().display()
+                ),
+                &table("t_socket"),
+            ),
+        ),
+        (
+            "certlogin.yaml",
+            component(
+                "certlogin",
+                "bindings.postgresql",
+                &format!(
+                    "host=localhost port={port} user=certuser dbname=app sslmode=verify-full sslrootcert={ca_file} sslcert={} sslkey={}",
+                    d.join("ca/certuser.crt").display(),
+                    d.join("ca/certuser.key").display()
+                ),
+                "",
+            ),
+        ),
+    ];
+    let resources = d.join("components");
+    std::fs::create_dir(&resources).unwrap();
+    for (file, text) in &components {
+        std::fs::write(resources.join(file), text).unwrap();
+    }
+    let config = format!(
+        "bridge:\n  address: 127.0.0.1:0\n  resources: {}\nservice: orders\n",
+        resources.display()
+    );
+    let sc = Spawn {
+        config: &config,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+
+    for store in ["full", "require", "chain", "socket"] {
+        let (s, body) = save(&sc, store, "k", json!({"store": store}));
+        assert_eq!(s, 204, "{store}: {body}\n{}", sc.diagnostics());
+        let (s, body) = read(&sc, store, "k");
+        // As jsonb prints it (a space after the colon), as from daprd.
+        assert_eq!(
+            (s, body),
+            (200, format!(r#"{{"store": "{store}"}}"#)),
+            "{store}"
+        );
+    }
+    let failures = [
+        ("wrongname", "certificate not valid for name"),
+        // Another CA of the same name: its signature does not check out.
+        ("otherca", "invalid peer certificate: BadSignature"),
+        ("plain", "no encryption"),
+        ("prefer", "no encryption"),
+    ];
+    for (store, why) in failures {
+        let (s, body) = save(&sc, store, "k", json!(1));
+        assert_eq!(s, 500, "{store}: {body}");
+        assert!(
+            body.contains("ERR_STATE_SAVE") && body.contains("postgresql") && body.contains(why),
+            "{store}: {body}"
+        );
+    }
+    // The client certificate is the login (pg_hba `cert`: its CN is the role).
+    let r = client()
+        .post(sc.bridge_url("/v1.0/bindings/certlogin"))
+        .json(&json!({"operation": "query", "metadata": {"sql": "SELECT current_user"}}))
+        .send()
+        .unwrap();
+    let (s, body) = (r.status().as_u16(), r.text().unwrap());
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("certuser"), "{body}");
+
+    // The server goes away: a clear 500; back: used again.
+    pg.kill();
+    let (s, body) = read(&sc, "full", "k");
+    assert_eq!(s, 500, "{body}");
+    assert!(body.contains("postgresql"), "{body}");
+    pg.restart();
+    eventually(Duration::from_secs(15), "the store after a restart", || {
+        (read(&sc, "full", "k").0 == 200).then_some(())
+    });
+}
+
+/// `outrigger check` finds a CA file that is not there and an unknown `sslmode` at the
+/// component's connection string, exit 78.
+#[test]
+fn postgres_tls_mistakes_are_found_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let resources = d.join("components");
+    std::fs::create_dir(&resources).unwrap();
+    let config = d.join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!("bridge:\n  resources: {}\n", resources.display()),
+    )
+    .unwrap();
+    let check = |connection: &str| {
+        std::fs::write(
+            resources.join("pg.yaml"),
+            component("pg", "state.postgresql", connection, ""),
+        )
+        .unwrap();
+        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], d)
+    };
+    let (code, _, stderr) = check("host=db user=u sslmode=verify-full sslrootcert=system");
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = check("host=db user=u sslmode=verify-ca sslrootcert=/nowhere/ca.crt");
+    assert_eq!(code, 78, "{stderr}");
+    // Located at the connectionString's line (the 10th).
+    assert!(
+        stderr.contains("pg.yaml:10") && stderr.contains("/nowhere/ca.crt"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check("postgres://u@db/x?sslmode=verify_full");
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("pg.yaml:10") && stderr.contains("verify_full"),
+        "{stderr}"
+    );
+}
