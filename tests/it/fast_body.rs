@@ -3,7 +3,8 @@
 //! leaves its upstream connection in the pool. The upstream here reads each body by its
 //! `Content-Length` and answers with its length and checksum; it keeps the heads it saw, whose
 //! header names in the client's case (hyper would have lowercased them) show that the fast path
-//! forwarded the request.
+//! forwarded the request. Bodies over 64 KiB stay on hyper's path until the fast path's streamed
+//! pump is full duplex (`fast_path::check`): their tests here are ignored until then.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -162,7 +163,8 @@ fn body(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
-/// POST and PUT bodies of 0, 1, 64 KiB and 4 MiB arrive intact, one after another on one
+/// POST and PUT bodies of 0, 1 and 64 KiB arrive intact (larger ones stay on hyper's path
+/// until the streamed pump is full duplex, see `fast_path::check`), one after another on one
 /// keep-alive connection (and on one upstream connection); then a 64 KiB body written in 100
 /// byte pieces.
 #[test]
@@ -173,7 +175,7 @@ fn bodies_of_every_size_arrive_intact_on_the_fast_path() {
     let mut rest = Vec::new();
     let mut sent = 0;
     for method in ["POST", "PUT"] {
-        for len in [0, 1, 64 * 1024, 4 << 20] {
+        for len in [0, 1, 64 * 1024] {
             let data = body(len);
             let mut req =
                 format!("{method} /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n")
@@ -227,7 +229,7 @@ fn bodies_of_every_size_arrive_intact_on_the_fast_path() {
         .sum();
     assert_eq!(
         counted,
-        (2 * (1 + 64 * 1024 + (4 << 20)) + 64 * 1024) as f64,
+        (2 * (1 + 64 * 1024) + 64 * 1024) as f64,
         "{metrics}"
     );
 }
@@ -267,6 +269,7 @@ fn a_request_pipelined_after_a_body_is_served_next() {
 /// gets the 413 (with `connection: close`: the rest of its body is not read), and the next
 /// request goes on a new upstream connection.
 #[test]
+#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn an_early_answer_reaches_a_client_still_sending() {
     let app = EchoApp::start();
     let sc = sidecar(&app, "", "");
@@ -309,6 +312,7 @@ fn an_early_answer_reaches_a_client_still_sending() {
 /// its upstream connection is not reused: the upstream sees it end mid-body, and the next
 /// request goes on a new one.
 #[test]
+#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
     let app = EchoApp::start();
     let sc = sidecar(
@@ -359,6 +363,7 @@ fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
 /// is dropped (never pooled with half a body in it), and the access log says 400 `bad-request`
 /// with the length the client stated, as hyper's path does.
 #[test]
+#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn a_body_cut_short_by_its_client_is_logged_and_its_upstream_connection_dropped() {
     let app = EchoApp::start();
     let dir = tempfile::tempdir().unwrap();
@@ -518,6 +523,7 @@ fn a_small_body_later_than_the_route_timeout_gets_408() {
 /// 256 KiB pipelined on one connection (so that every read finds the socket full) leave the
 /// proxy's resident memory about where the first ones did (the buffer grew 8 KiB a request).
 #[test]
+#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn many_large_bodies_on_one_connection_do_not_grow_its_buffer() {
     fn rss_kib(pid: i32) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
