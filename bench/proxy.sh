@@ -6,7 +6,8 @@
 # The upstream is nginx answering a 12-byte body (one worker). Each proxy gets one worker
 # thread and keeps connections to the upstream alive. CPU pinning: the load generator on CPU 0,
 # the proxy and the upstream on CPU 1 (a sidecar shares its pod with the app). HTTP/1.1: wrk,
-# 1 thread, 32 connections. HTTP/2 (h2c prior knowledge): h2load, 32 connections, 1 stream each;
+# 1 thread, 32 connections. HTTP/2 (h2c prior knowledge): h2load, 32 connections, 1 stream each
+# (the rate from a run without h2load's per-request log, p50/p99 from a second run with it);
 # proxies forward over HTTP/1.1.
 # The unix-socket path: a second Outrigger, the same config but listening on a unix socket and
 # reaching the upstream (app) at a unix socket, measured with h2load over the unix socket
@@ -97,11 +98,13 @@ h1() {
     /Non-2xx|Socket errors/ { errs = errs " " $0 }
     END { printf "%.0f %.3f %.3f%s\n", rps, p50, p99, (errs ? " ERR" : "") }' "$dir/wrk.out"
 }
-# h2load: per-request log → "rps p50_ms p99_ms"
+# h2load → "rps p50_ms p99_ms": the rate from a run without a per-request log (the log costs
+# h2load a fifth of its rate, and at these rates the generator's own cost shows in the
+# figure), the percentiles from a second run with one (`--log-file`).
 h2() {
-  taskset -c 0 h2load -c32 -m1 -D1 "http://127.0.0.1:$1/" >/dev/null 2>&1 || true
+  local rps; rps=$(H2LOAD_WARMUP=1 h2load_rate h2 "127.0.0.1:$1" "$secs") || true
+  rps=${rps%% *}
   taskset -c 0 h2load -c32 -m1 -D"$secs" --log-file="$dir/h2.log" "http://127.0.0.1:$1/" > "$dir/h2.out" 2>&1
-  local rps; rps=$(awk '/finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^req\/s/) print $i }' "$dir/h2.out" | tr -d ',')
   local ok; ok=$(awk '/^status codes:/ { print $3 }' "$dir/h2.out")
   sort -n -k3 "$dir/h2.log" | awk -v rps="$rps" -v ok="$ok" '
     { d[NR] = $3 }
