@@ -19,12 +19,12 @@
 # connections, read again, 3N/2 requests on 4 new connections, read again: the difference of
 # the two steps over N is one request's allocations in steady state (the connections' set-up
 # and the `/metrics` scrapes cancel out). Three kinds of request: a keep-alive GET (the HTTP/1
-# fast path), a POST with a 5-byte body (the fast path hands it to hyper's HTTP/1 server; the
-# upstream exchange is the raw one), and an h2c GET (h2load, hyper's HTTP/2 server).
+# fast path), a POST with a 5-byte body (hyper's HTTP/1 server and the raw upstream exchange
+# until 8a23d7b; since then the fast path takes small bodies itself), and an h2c GET (h2load, hyper's HTTP/2 server).
 # `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building;
 # `ALLOCS_ONLY=1` skips the callgrind part; `PROXIES="outrigger"` counts only those proxies;
 # `CG_METHOD=POST` makes the callgrind load POSTs with a 5-byte body (Outrigger: hyper's HTTP/1
-# server instead of the fast path); `CG_PROTO=h2` makes it h2c GETs (h2load, 4 connections, one
+# server instead of the fast path before 8a23d7b); `CG_PROTO=h2` makes it h2c GETs (h2load, 4 connections, one
 # stream in flight each; Outrigger: hyper's HTTP/2 server, HAProxy `bind … proto h2`; nginx is
 # left out: 1.22 has no h2c next to HTTP/1.1 on one port), with the same start-up subtraction.
 # `CG_KEEP=DIR` keeps each callgrind output as DIR/cg.PROXY.REQUESTS (for
@@ -168,5 +168,5 @@ echo
 echo "| request | path | allocations per request |"
 echo "|---|---|---:|"
 echo "| keep-alive GET, HTTP/1.1 | fast path | ${alloc[fast]} |"
-echo "| keep-alive POST, 5-byte body, HTTP/1.1 | hyper's HTTP/1 server, raw upstream exchange | ${alloc[hyper]} |"
+echo "| keep-alive POST, 5-byte body, HTTP/1.1 | the fast path (small bodies, since 8a23d7b) | ${alloc[hyper]} |"
 echo "| GET, h2c (h2load) | hyper's HTTP/2 server, raw upstream exchange | ${alloc[h2c]} |"
