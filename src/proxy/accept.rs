@@ -222,7 +222,10 @@ async fn serve_connection(
                 );
                 tokio::pin!(fast);
                 loop {
+                    // Biased: the connection first, the timers after (no random start per
+                    // wake-up; the timers are only polled while the connection waits).
                     tokio::select! {
+                        biased;
                         outcome = &mut fast => break outcome,
                         _ = &mut drained, if !draining => {
                             // As below: responses from now on say `connection: close`, and a
@@ -293,8 +296,14 @@ async fn serve_connection(
                 // `Either` would be as large as the unboxed future): callgrind counts the same
                 // instructions per request there with and without it.
                 let handled = Box::pin(state.handle(down.clone(), req));
+                // HTTP/2: the response body is watched for a client that reads nothing
+                // (hyper spawns this stream's task right after this call returns).
+                let stream = (!http1).then(|| down.streams.next_stream());
                 async move {
                     let mut response = handled.await?;
+                    if let Some(stream) = stream {
+                        response = response.map(|b| stream.watch(b));
+                    }
                     // Draining: the client's next request goes on a new connection (to the
                     // process that took over, or nowhere after a stop) instead of racing the
                     // close of this one.
@@ -315,7 +324,9 @@ async fn serve_connection(
             tokio::pin!(unread);
             let mut closing = false;
             loop {
+                // Biased, as above.
                 tokio::select! {
+                    biased;
                     res = conn.as_mut() => {
                         if let Err(e) = res {
                             tracing::debug!(listener = %l.name, error = %e, "connection ended with an error");

@@ -93,16 +93,6 @@ pub struct Downstream {
     pub identity: Option<crate::tls::PeerIdentity>,
 }
 
-/// An HTTP/2 response's body, watched for a client that reads none of it
-/// ([`super::unread_streams`]).
-fn watched(down: &Downstream, h2: bool, res: Response<ProxyBody>) -> Response<ProxyBody> {
-    if h2 {
-        res.map(|b| down.streams.watch(b))
-    } else {
-        res
-    }
-}
-
 impl HttpListener {
     // One call site (proxy::generation::build_serving); a params struct would only rename the list.
     #[allow(clippy::too_many_arguments)]
@@ -169,17 +159,12 @@ impl HttpListener {
         // This hop is a span: the trace goes on upstream with our span as its parent, and a
         // request without an id is known by its trace id.
         let trace = TraceContext::from_headers(req.headers(), self.sample);
-        trace.inject(req.headers_mut());
-        if !req.headers().contains_key(&X_REQUEST_ID) {
-            req.headers_mut()
-                .insert(X_REQUEST_ID.clone(), trace.trace_header());
-        }
-        let h2 = req.version() == http::Version::HTTP_2;
+        trace.inject_with_id(req.headers_mut(), &X_REQUEST_ID);
         let recorder = match &self.recorder {
             Some(r) if r.wants(&trace) => r.clone(),
             _ => {
-                let (Ok(res) | Err(res)) = self.phases(down.clone(), req).await;
-                return Ok(watched(&down, h2, res));
+                let (Ok(res) | Err(res)) = self.phases(down, req).await;
+                return Ok(res);
             }
         };
         // Handles, not copies: the URI and header values share the bytes hyper read.
@@ -207,8 +192,8 @@ impl HttpListener {
         };
         // Finished even if this future is dropped before there is a response.
         let unanswered = super::record::Unanswered::new(&recorder, entry);
-        let (Ok(res) | Err(res)) = self.phases(down.clone(), req).await;
-        Ok(watched(&down, h2, unanswered.answered(res)))
+        let (Ok(res) | Err(res)) = self.phases(down, req).await;
+        Ok(unanswered.answered(res))
     }
 
     /// The phases in order. `Err` is a response a phase answered itself (refused or failed).

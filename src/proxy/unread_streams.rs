@@ -9,20 +9,24 @@
 //!
 //! So every HTTP/2 response body is watched: hyper polls it whenever it wants a frame. A body
 //! that handed hyper a frame (or none yet) and is then not polled for a whole `idle_timeout` is
-//! one the client does not read; its stream task is ended, which makes h2 reset the stream
+//! one the client does not read; its stream task is aborted, which makes h2 reset the stream
 //! (RST_STREAM CANCEL) and drops the upstream response, releasing that connection. A body
 //! waiting on a slow upstream (its last poll returned `Pending`) is never cut: the upstream,
 //! not the client, is quiet.
 //!
-//! Pieces: [`StreamExecutor`] spawns hyper's per-stream tasks so that each can be ended from
-//! outside (a [`Notify`] the task's own code can reach through a task-local); [`Streams`] is a
-//! connection's list of watched bodies and its sweep, run by the connection's task once per
-//! idle period while a body is in flight; [`Streams::watch`] wraps a response body.
+//! Pieces: [`Streams::next_stream`] registers an HTTP/2 request's watch when hyper calls the
+//! service, and leaves it for [`StreamExecutor`], which hyper calls next (same thread, no
+//! await between) to spawn that stream's task: the watch keeps the task's [`AbortHandle`];
+//! [`StreamWatch::watch`] wraps the response body; [`Streams`] is a connection's list of
+//! watches and its sweep, run by the connection's task once per idle period while a body is
+//! in flight. (It was a task-local `Notify` polled in a `select!` around each stream: the
+//! per-poll scope, the `Notify` and its allocation were ~1.5 % of an h2c request's
+//! instructions, docs/BENCHMARKS.md.)
 
-use std::future::Future;
+use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,33 +34,33 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 use super::body::{BoxError, ProxyBody};
 
-tokio::task_local! {
-    /// In a task spawned by [`StreamExecutor`] (hyper's HTTP/2 stream tasks): what ends it.
-    static STREAM_END: Arc<Notify>;
+thread_local! {
+    /// The watch of the HTTP/2 stream whose service future was just made, for the
+    /// [`StreamExecutor`] call that spawns it (hyper makes both in one go, on this thread).
+    static NEXT_STREAM: RefCell<Option<Arc<Watch>>> = const { RefCell::new(None) };
 }
 
-/// hyper's executor for the HTTP/2 server: spawns each stream's task on tokio, able to be
-/// ended by [`Streams`] when its client reads nothing.
+/// hyper's executor for the HTTP/2 server: spawns each stream's task on tokio; the stream's
+/// watch (left by [`Streams::next_stream`]) keeps its abort handle, so that [`Streams`] can end
+/// it when its client reads nothing. Other tasks hyper spawns (an extended CONNECT's upgraded
+/// stream) find no watch and are spawned as they are.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StreamExecutor;
 
 impl<F> hyper::rt::Executor<F> for StreamExecutor
 where
-    F: Future + Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let end = Arc::new(Notify::new());
-        tokio::spawn(STREAM_END.scope(end.clone(), async move {
-            tokio::select! {
-                biased;
-                _ = end.notified() => {}
-                _ = fut => {}
-            }
-        }));
+        let task = tokio::spawn(fut);
+        if let Some(w) = NEXT_STREAM.with_borrow_mut(Option::take) {
+            let _ = w.task.set(task.abort_handle());
+        }
     }
 }
 
@@ -64,19 +68,19 @@ where
 /// streams a connection may have open, so it happens at most once per 128 responses).
 const FORGET_FINISHED_AT: usize = 2 * super::generation::MAX_STREAMS_PER_CONNECTION as usize;
 
-/// One watched response body.
+/// One HTTP/2 stream's watch.
 struct Watch {
     /// Polls of the body by hyper.
     polls: AtomicU64,
     /// hyper owes the body a poll: it has not polled yet, or its last poll returned a frame.
     /// (After `Pending` the body waits on its upstream, and the upstream wakes hyper.)
     owed: AtomicBool,
-    /// The body ended or was dropped.
+    /// The body ended or was dropped (or the request ended without one).
     done: AtomicBool,
     /// Polls seen by the previous sweep (`u64::MAX`: no sweep yet).
     swept: AtomicU64,
     /// Ends the stream's task.
-    end: Arc<Notify>,
+    task: OnceLock<AbortHandle>,
 }
 
 /// A connection's in-flight HTTP/2 response bodies.
@@ -87,24 +91,46 @@ pub struct Streams {
     busy: Notify,
 }
 
+/// An HTTP/2 request's watch, until its response body takes it ([`StreamWatch::watch`]);
+/// dropped without a body (the request's future was dropped), the watch is done.
+pub struct StreamWatch(Option<Arc<Watch>>);
+
+impl StreamWatch {
+    /// `body`, watched: hyper owes it a poll from now on (the next sweep starts its period).
+    pub fn watch(mut self, body: ProxyBody) -> ProxyBody {
+        let w = self.0.take().expect("taken once");
+        w.swept.store(u64::MAX, Ordering::Relaxed);
+        w.owed.store(true, Ordering::Relaxed);
+        http_body_util::BodyExt::boxed(Watched { inner: body, w })
+    }
+}
+
+impl Drop for StreamWatch {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.done.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Streams {
-    /// `body`, watched, when it is the body of a response on an HTTP/2 stream task; otherwise
-    /// `body` as is.
-    pub fn watch(&self, body: ProxyBody) -> ProxyBody {
-        let Ok(end) = STREAM_END.try_with(Arc::clone) else {
-            return body;
-        };
+    /// The watch of an HTTP/2 request whose service future hyper is making: call it there,
+    /// only for HTTP/2 requests (hyper spawns that future's stream task right after, through
+    /// [`StreamExecutor`], which takes the watch).
+    pub fn next_stream(&self) -> StreamWatch {
         let fresh = Watch {
             polls: AtomicU64::new(0),
-            owed: AtomicBool::new(true),
+            // Nothing is owed before there is a body: a request waiting on a slow upstream
+            // is not a client that reads nothing.
+            owed: AtomicBool::new(false),
             done: AtomicBool::new(false),
             swept: AtomicU64::new(u64::MAX),
-            end,
+            task: OnceLock::new(),
         };
         let mut watched = self.watched.lock().expect("not poisoned");
-        // A finished body's entry that nothing else holds any more (its body was dropped) is
-        // taken over in place: no allocation per response in steady state, and the list stays
-        // as long (not empty), so its sweeps go on as they were.
+        // A finished watch that nothing else holds any more (its body was dropped) is taken
+        // over in place: no allocation per response in steady state, and the list stays as
+        // long (not empty), so its sweeps go on as they were.
         let w = if let Some(i) = watched
             .iter_mut()
             .position(|w| Arc::get_mut(w).is_some_and(|w| *w.done.get_mut()))
@@ -126,7 +152,8 @@ impl Streams {
             w
         };
         drop(watched);
-        http_body_util::BodyExt::boxed(Watched { inner: body, w })
+        NEXT_STREAM.with_borrow_mut(|next| *next = Some(w.clone()));
+        StreamWatch(Some(w))
     }
 
     /// Runs for the connection's life: while bodies are in flight, sweeps them once per
@@ -159,7 +186,9 @@ impl Streams {
                     "the client read nothing of a response for the idle timeout; stream reset"
                 );
                 reset.inc();
-                w.end.notify_one();
+                if let Some(task) = w.task.get() {
+                    task.abort();
+                }
                 return false;
             }
             true
@@ -207,20 +236,28 @@ impl Body for Watched {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
     /// A body hyper polled and got a frame from, then never polled again, is ended after one
-    /// or two sweeps; a body waiting on its upstream (`Pending`) is not.
+    /// or two sweeps (its stream's task is aborted); a body waiting on its upstream
+    /// (`Pending`) is not, nor is a request with no body yet.
     #[tokio::test]
     async fn a_body_owed_a_poll_for_a_period_ends_its_stream() {
         let streams = Arc::new(Streams::default());
         let reset = Counter::default();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let s = streams.clone();
+        let (alive, ended) = tokio::sync::oneshot::channel::<()>();
+        let waiting = streams.next_stream();
+        let no_body_yet = streams.next_stream();
+        // The stream whose task is spawned next: hyper makes its watch, then spawns it.
+        let stalled = streams.next_stream();
         StreamExecutor.execute_stream(async move {
-            let stalled = s.watch(super::super::body::full("x"));
+            let _alive = alive;
+            let stalled = stalled.watch(super::super::body::full("x"));
             let (_tx2, rx2) = tokio::sync::oneshot::channel::<()>();
-            let waiting = s.watch(http_body_util::BodyExt::boxed(
+            let waiting = waiting.watch(http_body_util::BodyExt::boxed(
                 http_body_util::StreamBody::new(futures_stream(rx2)),
             ));
             let mut stalled = std::pin::pin!(stalled);
@@ -235,8 +272,15 @@ mod tests {
             std::future::pending::<()>().await;
         });
         rx.await.unwrap();
+        assert_eq!(streams.sweep(&reset), 3);
         assert_eq!(streams.sweep(&reset), 2);
+        assert_eq!(reset.get(), 1);
+        // The stalled stream's task was aborted (the waiting body, in the same task here,
+        // went with it); the request with no body yet is still watched until it ends.
+        assert!(ended.await.is_err());
         assert_eq!(streams.sweep(&reset), 1);
+        drop(no_body_yet);
+        assert_eq!(streams.sweep(&reset), 0);
         assert_eq!(reset.get(), 1);
     }
 
@@ -244,15 +288,18 @@ mod tests {
     #[tokio::test]
     async fn finished_bodies_are_forgotten_before_the_next_sweep() {
         let streams = Arc::new(Streams::default());
-        let s = streams.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        StreamExecutor.execute_stream(async move {
-            for _ in 0..10_000 {
-                drop(s.watch(super::super::body::empty()));
-            }
-            let _ = tx.send(());
-        });
-        rx.await.unwrap();
+        for _ in 0..10_000 {
+            let next = streams.next_stream();
+            StreamExecutor.execute_stream(async move {
+                drop(next.watch(super::super::body::empty()));
+            });
+            tokio::task::yield_now().await;
+        }
+        assert!(streams.watched.lock().unwrap().len() <= FORGET_FINISHED_AT);
+        // Requests dropped before their response count as finished too.
+        for _ in 0..10_000 {
+            drop(streams.next_stream());
+        }
         assert!(streams.watched.lock().unwrap().len() <= FORGET_FINISHED_AT);
     }
 
@@ -262,21 +309,16 @@ mod tests {
     async fn a_finished_bodys_entry_is_taken_over() {
         let streams = Arc::new(Streams::default());
         let reset = Counter::default();
-        let s = streams.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        StreamExecutor.execute_stream(async move {
-            for _ in 0..10 {
-                drop(s.watch(super::super::body::empty()));
-            }
-            let open = s.watch(super::super::body::full("x"));
-            let _ = tx.send(());
-            let _open = open;
-            std::future::pending::<()>().await;
-        });
-        rx.await.unwrap();
+        for _ in 0..10 {
+            drop(streams.next_stream().watch(super::super::body::empty()));
+            NEXT_STREAM.with_borrow_mut(Option::take);
+        }
+        let open = streams.next_stream().watch(super::super::body::full("x"));
+        NEXT_STREAM.with_borrow_mut(Option::take);
         assert_eq!(streams.watched.lock().unwrap().len(), 1);
         // The entry is the open body's, not a finished one: the sweep keeps it.
         assert_eq!(streams.sweep(&reset), 1);
+        drop(open);
     }
 
     fn futures_stream(

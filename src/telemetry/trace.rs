@@ -42,14 +42,18 @@ thread_local! {
 
 /// `value` (visible ASCII) as a header value sliced from this thread's buffer of values.
 pub(crate) fn shared_value(value: &[u8]) -> HeaderValue {
-    let bytes = VALUES.with_borrow_mut(|buf| {
+    HeaderValue::from_maybe_shared(shared_bytes(value)).expect("hex is a valid value")
+}
+
+/// `value`'s bytes in this thread's buffer of values.
+fn shared_bytes(value: &[u8]) -> bytes::Bytes {
+    VALUES.with_borrow_mut(|buf| {
         if buf.capacity() - buf.len() < value.len() {
             *buf = bytes::BytesMut::with_capacity(VALUE_ARENA.max(value.len()));
         }
         buf.extend_from_slice(value);
         buf.split().freeze()
-    });
-    HeaderValue::from_maybe_shared(bytes).expect("hex is a valid value")
+    })
 }
 
 /// One hop's trace context.
@@ -67,9 +71,24 @@ pub struct TraceContext {
 /// Writes the low `out.len() * 4` bits of `v` as lowercase hex, right-aligned.
 pub(crate) fn hex_into(out: &mut [u8], mut v: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in out.iter_mut().rev() {
-        *b = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
+    // Two digits per byte of `v` from a table: half the steps of a digit at a time (this runs
+    // twice per proxied request, for the `traceparent` and the request id).
+    static PAIRS: [[u8; 2]; 256] = {
+        let mut t = [[0; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    let mut pairs = out.rchunks_exact_mut(2);
+    for pair in &mut pairs {
+        pair.copy_from_slice(&PAIRS[(v & 0xff) as usize]);
+        v >>= 8;
+    }
+    if let [first] = pairs.into_remainder() {
+        *first = DIGITS[(v & 0xf) as usize];
     }
 }
 
@@ -182,7 +201,23 @@ impl TraceContext {
     }
 
     pub fn inject(&self, h: &mut HeaderMap) {
-        h.insert(TRACEPARENT.clone(), shared_value(&self.traceparent()));
+        self.inject_value(h, shared_value(&self.traceparent()));
+    }
+
+    /// [`inject`](Self::inject), and `id` (`x-request-id`) set to the trace id when `h` has
+    /// none: a slice of the `traceparent` value's bytes, not a second encoding.
+    pub fn inject_with_id(&self, h: &mut HeaderMap, id: &HeaderName) {
+        let tp = shared_bytes(&self.traceparent());
+        if !h.contains_key(id) {
+            let trace_id = HeaderValue::from_maybe_shared(tp.slice(3..35));
+            h.insert(id.clone(), trace_id.expect("hex is a valid value"));
+        }
+        let tp = HeaderValue::from_maybe_shared(tp).expect("hex is a valid value");
+        self.inject_value(h, tp);
+    }
+
+    fn inject_value(&self, h: &mut HeaderMap, traceparent: HeaderValue) {
+        h.insert(TRACEPARENT.clone(), traceparent);
         if self.format == Format::None
             && !h.keys().any(|k| k != TRACEPARENT && is_context_header(k))
         {
@@ -357,6 +392,44 @@ mod tests {
         for (ctx, h) in &maps {
             assert_eq!(h["traceparent"].as_bytes(), &ctx.traceparent()[..]);
         }
+    }
+
+    /// The request id set with the traceparent is the trace id, sliced from the same bytes;
+    /// a request's own id is kept.
+    #[test]
+    fn the_request_id_is_the_trace_id_unless_the_request_has_one() {
+        let ctx = TraceContext {
+            trace_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            parent_id: None,
+            span_id: 0xfedc_ba98_7654_3210,
+            sampled: true,
+            format: Format::None,
+        };
+        let id = HeaderName::from_static("x-request-id");
+        let mut h = HeaderMap::new();
+        ctx.inject_with_id(&mut h, &id);
+        assert_eq!(h[&id], "0123456789abcdef0011223344556677");
+        assert_eq!(h[&id], ctx.trace_header());
+        assert_eq!(
+            h["traceparent"],
+            "00-0123456789abcdef0011223344556677-fedcba9876543210-01"
+        );
+        let mut h = headers(&[("x-request-id", "mine")]);
+        ctx.inject_with_id(&mut h, &id);
+        assert_eq!(h[&id], "mine");
+        assert_eq!(h["traceparent"].as_bytes(), &ctx.traceparent()[..]);
+    }
+
+    #[test]
+    fn hex_is_right_aligned_in_odd_and_even_widths() {
+        for (width, want) in [(1, "f"), (2, "ef"), (3, "def"), (5, "bcdef"), (0, "")] {
+            let mut out = vec![b'-'; width];
+            hex_into(&mut out, 0xabcdef);
+            assert_eq!(out, want.as_bytes());
+        }
+        let mut out = [0; 32];
+        hex_into(&mut out, u128::MAX);
+        assert_eq!(&out, b"ffffffffffffffffffffffffffffffff");
     }
 
     #[test]
