@@ -99,8 +99,10 @@ impl StreamWatch {
     /// `body`, watched: hyper owes it a poll from now on (the next sweep starts its period).
     pub fn watch(mut self, body: ProxyBody) -> ProxyBody {
         let w = self.0.take().expect("taken once");
+        // `swept` before `owed` (Release), read in the other order by `sweep` (Acquire): a
+        // sweep on another worker that sees `owed` also sees the fresh period.
         w.swept.store(u64::MAX, Ordering::Relaxed);
-        w.owed.store(true, Ordering::Relaxed);
+        w.owed.store(true, Ordering::Release);
         http_body_util::BodyExt::boxed(Watched { inner: body, w })
     }
 }
@@ -152,6 +154,8 @@ impl Streams {
             w
         };
         drop(watched);
+        // hyper hands the stream's future to the executor right after calling the service (no
+        // await between), which takes this; a watch left here (no task) is never reset.
         NEXT_STREAM.with_borrow_mut(|next| *next = Some(w.clone()));
         StreamWatch(Some(w))
     }
@@ -178,17 +182,22 @@ impl Streams {
             if w.done.load(Ordering::Relaxed) {
                 return false;
             }
+            // `owed` first (see `StreamWatch::watch`): what the last poll left.
+            let owed = w.owed.load(Ordering::Acquire);
             let polls = w.polls.load(Ordering::Relaxed);
             let before = w.swept.swap(polls, Ordering::Relaxed);
-            // Polls unchanged for a period: `owed` is what the last poll left.
-            if polls == before && w.owed.load(Ordering::Relaxed) {
+            // Polls unchanged for a period and a poll still owed: the client reads nothing.
+            if polls == before && owed {
+                let Some(task) = w.task.get() else {
+                    // No task to end (hyper did not hand this stream to our executor): keep
+                    // watching rather than count a reset that did not happen.
+                    return true;
+                };
                 tracing::debug!(
                     "the client read nothing of a response for the idle timeout; stream reset"
                 );
                 reset.inc();
-                if let Some(task) = w.task.get() {
-                    task.abort();
-                }
+                task.abort();
                 return false;
             }
             true
