@@ -480,6 +480,9 @@ fn redis_over_tls() {
     }
 }
 
+/// Metadata (name, value) pairs.
+type Meta<'a> = &'a [(&'a str, &'a str)];
+
 /// `outrigger check` finds Redis TLS mistakes at the key's line, exit 78: a `enableTLS` that
 /// is not a boolean, PEM that is not a certificate, a key of another certificate, a half
 /// pair, client keys without TLS, a `rediss://` URL as `redisHost`.
@@ -513,7 +516,7 @@ fn redis_tls_mistakes_are_found_by_check() {
         );
         let (code, _, stderr) = check(&good);
         assert_eq!(code, 0, "{kind}: {stderr}");
-        let mistakes: [(&[(&str, &str)], &str, &str); 5] = [
+        let mistakes: [(Meta, &str, &str); 5] = [
             (&[("enableTLS", "yes")], "enableTLS", "yes"),
             (
                 &[tls, ("clientCert", "not PEM"), ("clientKey", &key)],
