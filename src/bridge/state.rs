@@ -562,21 +562,25 @@ end
 return n
 "#;
 
-/// A Redis client for a component's `redisHost`, `redisPassword`, `redisUsername` and
-/// `redisDB` (shared by the Redis state, lock and configuration stores). Connects nothing.
+/// A Redis client for a component's `redisHost`, `redisPassword`, `redisUsername`,
+/// `redisDB` and TLS keys ([`redis_tls`]) (shared by the Redis state, lock, configuration
+/// stores and the Redis binding). Connects nothing.
 pub(crate) fn redis_client(c: &Component) -> Result<redis::Client, String> {
     use redis::IntoConnectionInfo;
     let host = c
         .meta("redisHost")
         .ok_or("expected metadata redisHost (host:port), found none")?;
+    if host.starts_with("rediss://") || host.starts_with("redis://") {
+        return Err(format!(
+            "expected redisHost as host:port (a URL is not taken, as by daprd; TLS is a key of its own), found {host:?}"
+        ));
+    }
     let (h, port) = host
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
         .ok_or_else(|| format!("expected redisHost as host:port, found {host:?}"))?;
     let db: i64 = redis_db(c)?;
-    if c.meta("enableTLS") == Some("true") {
-        return Err("enableTLS is not supported by the bridge's Redis components".into());
-    }
+    let tls = redis_tls(|k| c.meta(k)).map_err(|p| p.to_string())?;
     let mut settings = redis::RedisConnectionInfo::default().set_db(db);
     if let Some(p) = c.meta("redisPassword") {
         settings = settings.set_password(p);
@@ -588,7 +592,157 @@ pub(crate) fn redis_client(c: &Component) -> Result<redis::Client, String> {
         .into_connection_info()
         .map_err(|e| format!("invalid redisHost {host:?}: {e}"))?
         .set_redis_settings(settings);
-    redis::Client::open(info).map_err(|e| e.to_string())
+    redis_open(info, tls.as_ref()).map_err(|e| format!("invalid redisHost {host:?}: {e}"))
+}
+
+/// TLS to Redis as Dapr's Redis components take it: `enableTLS`, then the server's
+/// certificate checked against the system's roots (`SSL_CERT_FILE` / `SSL_CERT_DIR` name
+/// others) and for the `redisHost` name, unless `insecureSkipTLSVerify`; `clientCert` and
+/// `clientKey` (PEM text) for a server that asks for a client certificate.
+pub(crate) struct RedisTls {
+    insecure: bool,
+    client: Option<redis::ClientTlsConfig>,
+}
+
+/// A metadata key that is wrong, what it should be and what it is (each caller words the
+/// message its way).
+#[derive(Debug)]
+pub(crate) struct MetaProblem {
+    pub key: &'static str,
+    pub expected: String,
+    pub found: String,
+}
+
+impl std::fmt::Display for MetaProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "metadata {}: expected {}, found {:?}",
+            self.key, self.expected, self.found
+        )
+    }
+}
+
+/// A boolean as daprd decodes metadata (Go's `strconv.ParseBool`).
+fn go_bool(key: &'static str, v: Option<&str>) -> Result<bool, MetaProblem> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(false),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some(other) => Err(MetaProblem {
+            key,
+            expected: "true or false".into(),
+            found: other.to_string(),
+        }),
+    }
+}
+
+/// The TLS keys of a Redis component (`get` reads its metadata); None: plain TCP. The client
+/// certificate and key are parsed and matched now, so `outrigger check` reports them.
+pub(crate) fn redis_tls<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Option<RedisTls>, MetaProblem> {
+    let enabled = go_bool("enableTLS", get("enableTLS"))?;
+    let insecure = go_bool("insecureSkipTLSVerify", get("insecureSkipTLSVerify"))?;
+    let cert = get("clientCert").filter(|v| !v.trim().is_empty());
+    let key = get("clientKey").filter(|v| !v.trim().is_empty());
+    if !enabled {
+        // daprd ignores these without TLS; a certificate that is never sent is a mistake.
+        for (k, set) in [
+            ("clientCert", cert.is_some()),
+            ("clientKey", key.is_some()),
+            ("insecureSkipTLSVerify", insecure),
+        ] {
+            if set {
+                return Err(MetaProblem {
+                    key: k,
+                    expected: "nothing while TLS is off (it is used with TLS only)".into(),
+                    found: "a value".into(),
+                });
+            }
+        }
+        return Ok(None);
+    }
+    let client = match (cert, key) {
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            // Named by the key that is there: its line is the one shown.
+            let (given, missing) = if cert.is_none() {
+                ("clientKey", "clientCert")
+            } else {
+                ("clientCert", "clientKey")
+            };
+            return Err(MetaProblem {
+                key: given,
+                expected: "clientCert and clientKey together".into(),
+                found: format!("no {missing}"),
+            });
+        }
+        (Some(cert), Some(key)) => {
+            use crate::tls::{Pem, pem_certified_key, pem_certs, pem_key};
+            let cert_pem = Pem::Text {
+                pem: cert.to_string(),
+                key: "clientCert",
+            };
+            let key_pem = Pem::Text {
+                pem: key.to_string(),
+                key: "clientKey",
+            };
+            fn problem(
+                key: &'static str,
+                expected: &'static str,
+            ) -> impl Fn(crate::tls::TlsError) -> MetaProblem {
+                move |e| MetaProblem {
+                    key,
+                    expected: expected.into(),
+                    found: e.to_string(),
+                }
+            }
+            pem_certs(&cert_pem).map_err(problem("clientCert", "a PEM certificate"))?;
+            pem_key(&key_pem).map_err(problem("clientKey", "a PEM private key"))?;
+            // Messages name one key only: the line shown is that key's.
+            pem_certified_key(&cert_pem, &key_pem).map_err(|e| MetaProblem {
+                key: "clientKey",
+                expected: "the private key of the client certificate".into(),
+                found: match e {
+                    crate::tls::TlsError::KeyMismatch { .. } => "another key".into(),
+                    e => e.to_string(),
+                },
+            })?;
+            Some(redis::ClientTlsConfig {
+                client_cert: cert.as_bytes().to_vec(),
+                client_key: key.as_bytes().to_vec(),
+            })
+        }
+    };
+    Ok(Some(RedisTls { insecure, client }))
+}
+
+/// A client for `info`, over TLS when `tls` says so. The redis crate makes the rustls config
+/// for each connection itself (on the process provider, aws-lc-rs).
+pub(crate) fn redis_open(
+    info: redis::ConnectionInfo,
+    tls: Option<&RedisTls>,
+) -> redis::RedisResult<redis::Client> {
+    let Some(tls) = tls else {
+        return redis::Client::open(info);
+    };
+    let info = match info.addr().clone() {
+        redis::ConnectionAddr::Tcp(host, port) => info.set_addr(redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: tls.insecure,
+            tls_params: None,
+        }),
+        _ => info,
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls: tls.client.clone(),
+            root_cert: None,
+        },
+    )
 }
 
 /// `redisDB` (default 0).

@@ -117,29 +117,110 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
     }
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let path_buf = || path.to_path_buf();
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|source| TlsError::Read {
-            path: path_buf(),
-            source,
-        })?
-        .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::NotPem {
-            path: path_buf(),
-            source,
-        })?;
+/// PEM material: a file (`tls.ca: /path`, libpq's `sslrootcert=/path`) or the text itself
+/// (Dapr's `caCert`, `clientCert`, `clientKey` metadata hold the PEM).
+#[derive(Clone)]
+pub enum Pem {
+    File(PathBuf),
+    /// The PEM text and the metadata key it came from (for messages).
+    Text {
+        pem: String,
+        key: &'static str,
+    },
+}
+
+/// The path, or the metadata key only: a `clientKey`'s text must not reach a log.
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pem::File(p) => f.debug_tuple("File").field(p).finish(),
+            Pem::Text { key, .. } => f
+                .debug_struct("Text")
+                .field("key", key)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Pem {
+    /// What messages name: the file, or `metadata KEY` (the text may be a secret).
+    fn origin(&self) -> PathBuf {
+        match self {
+            Pem::File(f) => f.clone(),
+            Pem::Text { key, .. } => PathBuf::from(format!("metadata {key}")),
+        }
+    }
+}
+
+/// The certificates in `pem` (a file is read now); at least one.
+pub fn pem_certs(pem: &Pem) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let parsed: Result<Vec<_>, _> = match pem {
+        Pem::File(path) => CertificateDer::pem_file_iter(path)
+            .map_err(|source| TlsError::Read {
+                path: path.clone(),
+                source,
+            })?
+            .collect(),
+        Pem::Text { pem, .. } => CertificateDer::pem_slice_iter(pem.as_bytes()).collect(),
+    };
+    let certs = parsed.map_err(|source| TlsError::NotPem {
+        path: pem.origin(),
+        source,
+    })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path_buf() });
+        return Err(TlsError::NoCertificate { path: pem.origin() });
     }
     Ok(certs)
 }
 
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::NoKey {
-        path: path.to_path_buf(),
+/// The private key in `pem` (a file is read now).
+pub fn pem_key(pem: &Pem) -> Result<PrivateKeyDer<'static>, TlsError> {
+    match pem {
+        Pem::File(path) => PrivateKeyDer::from_pem_file(path),
+        Pem::Text { pem, .. } => PrivateKeyDer::from_pem_slice(pem.as_bytes()),
+    }
+    .map_err(|source| TlsError::NoKey {
+        path: pem.origin(),
         source,
     })
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    pem_certs(&Pem::File(path.to_path_buf()))
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    pem_key(&Pem::File(path.to_path_buf()))
+}
+
+/// A certificate chain and its key, checked to belong together (`cert` and `key` name them
+/// in messages).
+fn bind_key(
+    certs: Vec<CertificateDer<'static>>,
+    der: PrivateKeyDer<'static>,
+    cert: &Pem,
+    key: &Pem,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let mismatch = || TlsError::KeyMismatch {
+        cert: cert.origin(),
+        key: key.origin(),
+    };
+    let ck = CertifiedKey::from_der(certs, der, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => mismatch(),
+        source => TlsError::Key {
+            cert: cert.origin(),
+            key: key.origin(),
+            source,
+        },
+    })?;
+    ck.keys_match().map_err(|_| mismatch())?;
+    Ok(Arc::new(ck))
+}
+
+/// A client or server certificate and its key, each a file or text, checked to belong
+/// together.
+pub fn pem_certified_key(cert: &Pem, key: &Pem) -> Result<Arc<CertifiedKey>, TlsError> {
+    bind_key(pem_certs(cert)?, pem_key(key)?, cert, key)
 }
 
 /// A certificate and key, checked to belong together.
@@ -157,31 +238,29 @@ fn certified_key(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), Tls
         }
     }
     let info = CertInfo::of(&files.cert, &certs[0])?;
-    let mismatch = || TlsError::KeyMismatch {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-    };
-    let ck = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => mismatch(),
-        source => TlsError::Key {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-            source,
-        },
-    })?;
-    ck.keys_match().map_err(|_| mismatch())?;
-    Ok((Arc::new(ck), info))
+    let ck = bind_key(
+        certs,
+        key,
+        &Pem::File(files.cert.clone()),
+        &Pem::File(files.key.clone()),
+    )?;
+    Ok((ck, info))
 }
 
-fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+/// A root store of the CA certificates in `pem`.
+fn pem_roots(pem: &Pem) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
-    for c in load_certs(path)? {
+    for c in pem_certs(pem)? {
         store.add(c).map_err(|source| TlsError::BadCa {
-            path: path.to_path_buf(),
+            path: pem.origin(),
             source,
         })?;
     }
     Ok(Arc::new(store))
+}
+
+fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    pem_roots(&Pem::File(path.to_path_buf()))
 }
 
 fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
@@ -436,7 +515,7 @@ pub fn client_config_from(
         .map_err(|e| TlsError::Build(e.to_string()))?;
     let identity_replaces_name =
         c.ca.is_some() || c.identity.as_ref().is_some_and(|i| i.0.contains("://"));
-    let verifier = Arc::new(IdentityVerifier {
+    let verifier = Verifier::new(IdentityVerifier {
         inner,
         identity: c.identity.clone(),
         identity_replaces_name,
@@ -475,6 +554,72 @@ pub struct LoadedClient {
     pub fingerprints: Vec<u64>,
 }
 
+/// What one of our server certificate verifiers decides about the certificate; [`Verifier`]
+/// adds the checks of the handshake's signatures, the same for all of them (the provider's
+/// algorithms, as rustls' own WebPKI verifier does).
+pub(crate) trait ServerCertCheck: std::fmt::Debug + Send + Sync {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+/// A rustls verifier from a [`ServerCertCheck`].
+#[derive(Debug)]
+pub(crate) struct Verifier<C> {
+    check: C,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl<C: ServerCertCheck> Verifier<C> {
+    pub(crate) fn new(check: C) -> Arc<Self> {
+        Arc::new(Verifier {
+            check,
+            algorithms: provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl<C: ServerCertCheck> ServerCertVerifier for Verifier<C> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check
+            .check(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// WebPKI verification (chain, validity, usage) plus, when configured, the upstream's identity.
 /// With an identity set, a certificate valid for the identity but not for the server name (a
 /// SPIFFE certificate without DNS names, reached by IP) is accepted: the identity is the
@@ -488,8 +633,8 @@ struct IdentityVerifier {
     identity_replaces_name: bool,
 }
 
-impl ServerCertVerifier for IdentityVerifier {
-    fn verify_server_cert(
+impl ServerCertCheck for IdentityVerifier {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -521,28 +666,6 @@ impl ServerCertVerifier for IdentityVerifier {
                 })),
             )))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 

@@ -9,17 +9,16 @@
 //! here, once, when the component is built — so preflight reports a bad CA path at the
 //! component's line — and not watched (a rotated client certificate needs a restart).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig};
 
-use super::{TlsError, certified_key, provider, roots, system_roots};
-use crate::config::tls::CertFiles;
+pub use super::Pem;
+use super::{
+    ServerCertCheck, TlsError, Verifier, pem_certified_key, pem_roots, provider, system_roots,
+};
 
 /// How much of the server's certificate is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,31 +31,6 @@ pub enum Verify {
     /// The chain and the name we connected to (`verify-full`, and every `amqps://`,
     /// `mqtts://`, `rediss://` connection).
     Full,
-}
-
-/// PEM material: a file (libpq's `sslrootcert=/path`) or the text itself (Dapr's `caCert`,
-/// `clientCert`, `clientKey` metadata hold the PEM).
-#[derive(Clone)]
-pub enum Pem {
-    File(PathBuf),
-    /// The PEM text and the metadata key it came from (for messages).
-    Text {
-        pem: String,
-        key: &'static str,
-    },
-}
-
-/// The path, or the metadata key only: a `clientKey`'s text must not reach a log.
-impl std::fmt::Debug for Pem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Pem::File(p) => f.debug_tuple("File").field(p).finish(),
-            Pem::Text { key, .. } => f
-                .debug_struct("Text")
-                .field("key", key)
-                .finish_non_exhaustive(),
-        }
-    }
 }
 
 /// What a component's metadata says about TLS to its server.
@@ -74,18 +48,17 @@ pub struct StoreTls {
 /// The rustls client config for `t`: its files read and checked now.
 pub fn store_client_config(t: &StoreTls) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier: Arc<dyn ServerCertVerifier> = match t.verify {
-        Verify::Nothing => Arc::new(NoNameNoChain(provider())),
+        Verify::Nothing => Verifier::new(NoNameNoChain),
         Verify::Chain | Verify::Full => {
             let roots = match &t.ca {
-                Some(Pem::File(ca)) => roots(ca)?,
-                Some(Pem::Text { pem, key }) => text_roots(pem, key)?,
+                Some(ca) => pem_roots(ca)?,
                 None => system_roots()?,
             };
             let inner =
                 rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
                     .build()
                     .map_err(|e| TlsError::Build(e.to_string()))?;
-            Arc::new(ChainVerifier {
+            Verifier::new(ChainVerifier {
                 inner,
                 check_name: t.verify == Verify::Full,
             })
@@ -96,97 +69,14 @@ pub fn store_client_config(t: &StoreTls) -> Result<Arc<ClientConfig>, TlsError> 
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match &t.client {
-        Some((Pem::File(cert), Pem::File(key))) => {
-            let (ck, _) = certified_key(&CertFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                identity: None,
-            })?;
-            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)))
-        }
         Some((cert, key)) => {
-            let ck = text_certified_key(cert, key)?;
+            let ck = pem_certified_key(cert, key)?;
             builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)))
         }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = t.alpn.clone();
     Ok(Arc::new(config))
-}
-
-/// Where PEM text came from, for messages: its metadata key (the text may be a secret).
-fn origin(p: &Pem) -> PathBuf {
-    match p {
-        Pem::File(f) => f.clone(),
-        Pem::Text { key, .. } => PathBuf::from(format!("metadata {key}")),
-    }
-}
-
-fn text_certs(pem: &str, key: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let path = || {
-        origin(&Pem::Text {
-            pem: String::new(),
-            key,
-        })
-    };
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::NotPem {
-            path: path(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path() });
-    }
-    Ok(certs)
-}
-
-fn text_roots(pem: &str, key: &'static str) -> Result<Arc<rustls::RootCertStore>, TlsError> {
-    let mut store = rustls::RootCertStore::empty();
-    for c in text_certs(pem, key)? {
-        store.add(c).map_err(|source| TlsError::BadCa {
-            path: origin(&Pem::Text {
-                pem: String::new(),
-                key,
-            }),
-            source,
-        })?;
-    }
-    Ok(Arc::new(store))
-}
-
-/// A client certificate and key where either may be text (a file is read here).
-fn text_certified_key(cert: &Pem, key: &Pem) -> Result<Arc<CertifiedKey>, TlsError> {
-    let certs = match cert {
-        Pem::File(f) => super::load_certs(f)?,
-        Pem::Text { pem, key } => text_certs(pem, key)?,
-    };
-    let der = match key {
-        Pem::File(f) => super::load_key(f)?,
-        Pem::Text { pem, key: k } => {
-            PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| TlsError::NoKey {
-                path: origin(&Pem::Text {
-                    pem: String::new(),
-                    key: k,
-                }),
-                source,
-            })?
-        }
-    };
-    let mismatch = || TlsError::KeyMismatch {
-        cert: origin(cert),
-        key: origin(key),
-    };
-    let ck = CertifiedKey::from_der(certs, der, &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => mismatch(),
-        source => TlsError::Key {
-            cert: origin(cert),
-            key: origin(key),
-            source,
-        },
-    })?;
-    ck.keys_match().map_err(|_| mismatch())?;
-    Ok(Arc::new(ck))
 }
 
 /// WebPKI verification, with the name check left out for [`Verify::Chain`].
@@ -196,8 +86,8 @@ struct ChainVerifier {
     check_name: bool,
 }
 
-impl ServerCertVerifier for ChainVerifier {
-    fn verify_server_cert(
+impl ServerCertCheck for ChainVerifier {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -216,37 +106,15 @@ impl ServerCertVerifier for ChainVerifier {
             other => other,
         }
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Accepts any certificate (libpq's `sslmode=require`: encrypted, not authenticated); the
-/// handshake's signatures are still checked against the certificate's key.
+/// handshake's signatures are still checked against the certificate's key ([`Verifier`]).
 #[derive(Debug)]
-struct NoNameNoChain(Arc<rustls::crypto::CryptoProvider>);
+struct NoNameNoChain;
 
-impl ServerCertVerifier for NoNameNoChain {
-    fn verify_server_cert(
+impl ServerCertCheck for NoNameNoChain {
+    fn check(
         &self,
         _: &CertificateDer<'_>,
         _: &[CertificateDer<'_>],
@@ -255,38 +123,6 @@ impl ServerCertVerifier for NoNameNoChain {
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

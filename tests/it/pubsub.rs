@@ -428,8 +428,8 @@ async fn bad_component_metadata_is_refused_with_the_file() {
         ),
         (
             "pubsub.redis",
-            vec![("redisHost", "h:1"), ("enableTLS", "true")],
-            "enableTLS",
+            vec![("redisHost", "h:1"), ("enableTLS", "yes")],
+            "enableTLS: expected true or false, found \"yes\"",
         ),
         (
             "pubsub.jetstream",

@@ -284,3 +284,272 @@ fn postgres_tls_mistakes_are_found_by_check() {
         "{stderr}"
     );
 }
+
+/// A redis-server of our own on TLS only (`--port 0`), on a free loopback port, listening on
+/// 127.0.0.1 and 127.0.0.2 (an address its certificate does not carry), with `dir`'s
+/// `server.crt`/`server.key`; asking every client for a certificate of `dir`'s CA when
+/// `client_auth`. Killed when dropped.
+struct RedisTlsServer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisTlsServer {
+    fn start(certs: &Path, client_auth: bool) -> Self {
+        let port = crate::servers::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let file = |f: &str| certs.join(f).display().to_string();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "127.0.0.2"])
+            .args(["--tls-cert-file", &file("server.crt")])
+            .args(["--tls-key-file", &file("server.key")])
+            .args(["--tls-ca-cert-file", &file("ca.crt")])
+            .args(["--tls-auth-clients", if client_auth { "yes" } else { "no" }])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (built with TLS) must be installed");
+        let s = RedisTlsServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        eventually(Duration::from_secs(30), "redis-server's TLS port", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        s
+    }
+}
+
+impl Drop for RedisTlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Redis component: `redisHost` then `meta` (name, value) pairs; a value with line breaks
+/// (PEM) goes as a block scalar.
+fn redis_component(name: &str, kind: &str, host: &str, meta: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n  - name: redisHost\n    value: \"{host}\"\n"
+    );
+    for (k, v) in meta {
+        if v.contains('\n') {
+            s.push_str(&format!("  - name: {k}\n    value: |\n"));
+            for line in v.lines() {
+                s.push_str(&format!("      {line}\n"));
+            }
+        } else {
+            s.push_str(&format!("  - name: {k}\n    value: \"{v}\"\n"));
+        }
+    }
+    s
+}
+
+/// The line of `key`'s value in a component from [`redis_component`] (a block scalar's:
+/// its text's first line).
+fn value_line(component: &str, key: &str) -> usize {
+    let lines: Vec<&str> = component.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == format!("- name: {key}"))
+        .unwrap();
+    if lines[at + 1].ends_with('|') {
+        at + 3
+    } else {
+        at + 2
+    }
+}
+
+fn post(sc: &Sidecar, path: &str, body: Value) -> (u16, String) {
+    let r = client()
+        .post(sc.bridge_url(path))
+        .json(&body)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// Dapr's Redis TLS keys on the real binary against TLS-only redis-servers: `enableTLS`
+/// checks the certificate against the system's roots (here `SSL_CERT_FILE`) and the name,
+/// `insecureSkipTLSVerify` checks neither, `clientCert`/`clientKey` (PEM in the metadata) log
+/// in to a server that asks for a certificate; state, lock, binding and pub/sub alike. An
+/// unknown CA, a wrong name and a missing client certificate fail the call with the reason.
+#[test]
+fn redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "ca");
+    ca(d, "other");
+    let plain = RedisTlsServer::start(&d.join("ca"), false);
+    let mutual = RedisTlsServer::start(&d.join("ca"), true);
+    let foreign = RedisTlsServer::start(&d.join("other"), false);
+    let read_file = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    let (cert, key) = (read_file("ca/certuser.crt"), read_file("ca/certuser.key"));
+    let tls = ("enableTLS", "true");
+    let client_cert = [
+        tls,
+        ("clientCert", cert.as_str()),
+        ("clientKey", key.as_str()),
+    ];
+    let at = |port: u16| format!("localhost:{port}");
+    let components = [
+        redis_component("full", "state.redis", &at(plain.port), &[tls]),
+        redis_component("mtls", "state.redis", &at(mutual.port), &client_cert),
+        redis_component("events", "pubsub.redis", &at(mutual.port), &client_cert),
+        redis_component("locks", "lock.redis", &at(plain.port), &[tls]),
+        redis_component("cache", "bindings.redis", &at(plain.port), &[tls]),
+        redis_component(
+            "insecure",
+            "state.redis",
+            &at(foreign.port),
+            &[tls, ("insecureSkipTLSVerify", "true")],
+        ),
+        redis_component(
+            "wrongname",
+            "state.redis",
+            &format!("127.0.0.2:{}", plain.port),
+            &[tls],
+        ),
+        redis_component("otherca", "state.redis", &at(foreign.port), &[tls]),
+        redis_component("nocert", "state.redis", &at(mutual.port), &[tls]),
+        redis_component("notls", "state.redis", &at(plain.port), &[]),
+    ];
+    let resources = d.join("components");
+    std::fs::create_dir(&resources).unwrap();
+    for (i, text) in components.iter().enumerate() {
+        std::fs::write(resources.join(format!("c{i}.yaml")), text).unwrap();
+    }
+    let config = format!(
+        "bridge:\n  address: 127.0.0.1:0\n  resources: {}\nservice: orders\n",
+        resources.display()
+    );
+    let roots = d.join("ca/ca.crt").display().to_string();
+    let sc = Spawn {
+        config: &config,
+        env: &[("SSL_CERT_FILE", &roots)],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+
+    for store in ["full", "mtls", "insecure"] {
+        let (s, body) = save(&sc, store, "k", json!({"store": store}));
+        assert_eq!(s, 204, "{store}: {body}\n{}", sc.diagnostics());
+        let (s, body) = read(&sc, store, "k");
+        assert_eq!(
+            (s, body),
+            (200, format!(r#"{{"store":"{store}"}}"#)),
+            "{store}"
+        );
+    }
+    let (s, body) = post(&sc, "/v1.0/publish/events/orders", json!({"a": 1}));
+    assert_eq!(s, 204, "{body}");
+    let (s, body) = post(
+        &sc,
+        "/v1.0-alpha1/lock/locks",
+        json!({"resourceId": "r", "lockOwner": "o", "expiryInSeconds": 30}),
+    );
+    assert_eq!((s, body.as_str()), (200, r#"{"success":true}"#));
+    let (s, body) = post(
+        &sc,
+        "/v1.0/bindings/cache",
+        json!({"operation": "create", "data": "v", "metadata": {"key": "b"}}),
+    );
+    assert!(s == 200 || s == 204, "{s} {body}");
+
+    let failures = [
+        ("wrongname", "certificate not valid for name"),
+        ("otherca", "invalid peer certificate"),
+        ("nocert", ""),
+        ("notls", ""),
+    ];
+    for (store, why) in failures {
+        let (s, body) = save(&sc, store, "k", json!(1));
+        assert_eq!(s, 500, "{store}: {body}");
+        assert!(
+            body.contains("ERR_STATE_SAVE") && body.contains("redis") && body.contains(why),
+            "{store}: {body}"
+        );
+    }
+}
+
+/// Metadata (name, value) pairs.
+type Meta<'a> = &'a [(&'a str, &'a str)];
+
+/// `outrigger check` finds Redis TLS mistakes at the key's line, exit 78: a `enableTLS` that
+/// is not a boolean, PEM that is not a certificate, a key of another certificate, a half
+/// pair, client keys without TLS, a `rediss://` URL as `redisHost`.
+#[test]
+fn redis_tls_mistakes_are_found_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "ca");
+    let read_file = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    let (cert, key) = (read_file("ca/certuser.crt"), read_file("ca/certuser.key"));
+    let server_key = read_file("ca/server.key");
+    let resources = d.join("components");
+    std::fs::create_dir(&resources).unwrap();
+    let config = d.join("outrigger.yaml");
+    std::fs::write(
+        &config,
+        format!("bridge:\n  resources: {}\n", resources.display()),
+    )
+    .unwrap();
+    let check = |text: &str| {
+        std::fs::write(resources.join("r.yaml"), text).unwrap();
+        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], d)
+    };
+    let tls = ("enableTLS", "true");
+    for kind in ["state.redis", "pubsub.redis", "lock.redis"] {
+        let good = redis_component(
+            "r",
+            kind,
+            "db:6380",
+            &[tls, ("clientCert", &cert), ("clientKey", &key)],
+        );
+        let (code, _, stderr) = check(&good);
+        assert_eq!(code, 0, "{kind}: {stderr}");
+        let mistakes: [(Meta, &str, &str); 5] = [
+            (&[("enableTLS", "yes")], "enableTLS", "yes"),
+            (
+                &[tls, ("clientCert", "not PEM"), ("clientKey", &key)],
+                "clientCert",
+                "no certificate",
+            ),
+            (
+                &[tls, ("clientCert", &cert), ("clientKey", &server_key)],
+                "clientKey",
+                "another key",
+            ),
+            (&[tls, ("clientCert", &cert)], "clientCert", "together"),
+            (
+                &[("clientCert", &cert), ("clientKey", &key)],
+                "clientCert",
+                "TLS is off",
+            ),
+        ];
+        for (meta, at, why) in mistakes {
+            let text = redis_component("r", kind, "db:6380", meta);
+            let (code, _, stderr) = check(&text);
+            assert_eq!(code, 78, "{kind} {at}: {stderr}");
+            let line = format!("r.yaml:{}", value_line(&text, at));
+            assert!(
+                stderr.contains(&line) && stderr.contains(why),
+                "{kind} {at}: want {line} and {why:?}: {stderr}"
+            );
+            // The PEM never reaches the message.
+            assert!(!stderr.contains("BEGIN"), "{stderr}");
+        }
+    }
+    let text = redis_component("r", "state.redis", "rediss://db:6380", &[]);
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("r.yaml:10"), "{stderr}");
+}

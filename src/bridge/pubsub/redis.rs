@@ -86,7 +86,6 @@ impl Redis {
         if host.contains("://") || !host.contains(':') {
             return Err(meta.error("redisHost", "host:port", host));
         }
-        meta.unsupported("enableTLS", "false (TLS to Redis is not supported)")?;
         meta.unsupported("failover", "false (Sentinel is not supported)")?;
         if let Some(t) = meta.str("redisType")
             && t != "node"
@@ -100,8 +99,11 @@ impl Redis {
             None if !user.is_empty() => format!("{}@", percent_encode(user)),
             None => String::new(),
         };
+        let tls = crate::bridge::state::redis_tls(|k| meta.str(k))
+            .map_err(|p| meta.error(p.key, &p.expected, &p.found))?;
         let url = format!("redis://{auth}{host}/{db}");
-        let client = redis::Client::open(url.as_str())
+        let client = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .and_then(|info| crate::bridge::state::redis_open(info, tls.as_ref()))
             .map_err(|e| meta.error("redisHost", "host:port", &format!("{host} ({e})")))?;
         let positive = |key: &str, default: u64| -> Result<usize, String> {
             match meta.u64(key, default)? {
