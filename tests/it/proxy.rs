@@ -2214,7 +2214,12 @@ fn an_early_answer_to_a_large_body_is_heard() {
     assert_eq!(r.text().unwrap(), "too much");
     // Without a length (a streamed body): the same.
     let (status, _, body) = h2_post_unsized(&sc.listeners["public"], "/early-close", 4 << 20);
-    assert_eq!((status, body.as_str()), (413, "too much"), "{}", sc.diagnostics());
+    assert_eq!(
+        (status, body.as_str()),
+        (413, "too much"),
+        "{}",
+        sc.diagnostics()
+    );
     let r = h2.get(sc.listener_url("public", "/next")).send().unwrap();
     assert_eq!((r.status().as_u16(), r.text().unwrap()), (200, "ok".into()));
 }
@@ -2348,9 +2353,8 @@ fn send_while_reading(addr: &str, request: Vec<u8>, end: &str) -> String {
 
 /// An HTTP/1.1 request with a chunked body of `size` bytes in chunks of `chunk` bytes.
 fn chunked_request(path: &str, size: usize, chunk: usize) -> Vec<u8> {
-    let mut req =
-        format!("POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .into_bytes();
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .into_bytes();
     let mut left = size;
     while left > 0 {
         let n = left.min(chunk);
@@ -2375,13 +2379,18 @@ fn an_early_answer_to_a_large_http1_body_is_heard() {
     ));
     sc.wait_ready();
     let addr = &sc.listeners["public"];
-    let out = send_while_reading(addr, chunked_request("/early-close", 4 << 20, 64 * 1024), "too much");
+    let out = send_while_reading(
+        addr,
+        chunked_request("/early-close", 4 << 20, 64 * 1024),
+        "too much",
+    );
     assert!(
         out.starts_with("HTTP/1.1 413") && out.ends_with("too much"),
         "{out}\n{}",
         sc.diagnostics()
     );
-    let mut req = b"POST /early-close HTTP/1.1\r\nHost: a\r\nContent-Length: 4194304\r\n\r\n".to_vec();
+    let mut req =
+        b"POST /early-close HTTP/1.1\r\nHost: a\r\nContent-Length: 4194304\r\n\r\n".to_vec();
     req.extend(std::iter::repeat_n(b'x', 4 << 20));
     let out = send_while_reading(addr, req, "too much");
     assert!(
@@ -2389,8 +2398,14 @@ fn an_early_answer_to_a_large_http1_body_is_heard() {
         "{out}\n{}",
         sc.diagnostics()
     );
-    let out = raw(addr, b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("ok"), "{out}");
+    let out = raw(
+        addr,
+        b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+        "{out}"
+    );
 }
 
 /// Listeners with `limits.max_request_body` 1000 (`public`) and 100 KiB (`big`) in front of
@@ -2425,9 +2440,16 @@ fn a_stated_body_length_over_max_request_body_gets_413() {
             addr,
             format!("POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\n\r\n").as_bytes(),
         );
-        assert!(out.starts_with("HTTP/1.1 413"), "{out}\n{}", sc.diagnostics());
+        assert!(
+            out.starts_with("HTTP/1.1 413"),
+            "{out}\n{}",
+            sc.diagnostics()
+        );
         let lower = out.to_ascii_lowercase();
-        assert!(lower.contains("\r\nx-outrigger-error: body-too-large\r\n"), "{out}");
+        assert!(
+            lower.contains("\r\nx-outrigger-error: body-too-large\r\n"),
+            "{out}"
+        );
         assert!(lower.contains("\r\nconnection: close\r\n"), "{out}");
         assert!(out.contains("limits.max_request_body"), "{out}");
     }
@@ -2445,7 +2467,9 @@ fn a_stated_body_length_over_max_request_body_gets_413() {
     assert_eq!(r.headers()["x-outrigger-error"], "body-too-large");
     assert_eq!(app.count(), 0, "the upstream never saw a refused request");
     // Exactly the limit passes: the fast path, hyper's path (chunked) and h2c.
-    let mut req = b"POST /fits HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n".to_vec();
+    let mut req =
+        b"POST /fits HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+            .to_vec();
     req.extend_from_slice(&[b'x'; 1000]);
     assert!(raw(addr, &req).starts_with("HTTP/1.1 200"));
     let mut req = b"POST /fits HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3e8\r\n".to_vec();
@@ -2460,7 +2484,10 @@ fn a_stated_body_length_over_max_request_body_gets_413() {
     assert_eq!(r.status(), 200);
     let seen = app.seen();
     assert_eq!(seen.len(), 3);
-    assert!(seen.iter().all(|s| s.path == "/fits" && s.body.len() == 1000));
+    assert!(
+        seen.iter()
+            .all(|s| s.path == "/fits" && s.body.len() == 1000)
+    );
     assert_eq!(sc.metric(TOO_LARGE), 3.0, "{}", sc.diagnostics());
     let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "6 log lines", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -2471,7 +2498,11 @@ fn a_stated_body_length_over_max_request_body_gets_413() {
         (lines.len() == 6).then_some(lines)
     });
     for l in &lines[..3] {
-        assert_eq!((&l["status"], &l["error"]), (&413.into(), &"body-too-large".into()), "{l}");
+        assert_eq!(
+            (&l["status"], &l["error"]),
+            (&413.into(), &"body-too-large".into()),
+            "{l}"
+        );
     }
 }
 
@@ -2497,9 +2528,16 @@ fn a_body_growing_past_max_request_body_is_cut_with_413() {
     ] {
         let req = chunked_request("/big", size, chunk);
         let out = send_while_reading(&sc.listeners[listener], req, "(limits.max_request_body)\n");
-        assert!(out.starts_with("HTTP/1.1 413"), "{listener} {size}: {out}\n{}", sc.diagnostics());
+        assert!(
+            out.starts_with("HTTP/1.1 413"),
+            "{listener} {size}: {out}\n{}",
+            sc.diagnostics()
+        );
         let lower = out.to_ascii_lowercase();
-        assert!(lower.contains("\r\nx-outrigger-error: body-too-large\r\n"), "{out}");
+        assert!(
+            lower.contains("\r\nx-outrigger-error: body-too-large\r\n"),
+            "{out}"
+        );
         assert!(lower.contains("\r\nconnection: close\r\n"), "{out}");
     }
     let (status, headers, _) = h2_post_unsized(&sc.listeners["big"], "/big", 160 * 1024);
@@ -2508,7 +2546,11 @@ fn a_body_growing_past_max_request_body_is_cut_with_413() {
     assert_eq!(reason, "body-too-large");
     // The streamed ones (the 16 KiB chunks, h2c) reached the upstream cut short (the echo
     // backend records a body it could not read whole as empty); the others not at all.
-    let big: Vec<_> = app.seen().into_iter().filter(|s| s.path == "/big").collect();
+    let big: Vec<_> = app
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/big")
+        .collect();
     assert!(
         big.len() <= 2 && big.iter().all(|s| s.body.is_empty()),
         "no whole request reached the upstream: {big:?}"
@@ -2516,7 +2558,11 @@ fn a_body_growing_past_max_request_body_is_cut_with_413() {
     assert_eq!(sc.metric(TOO_LARGE), 2.0, "{}", sc.diagnostics());
     assert_eq!(sc.metric(&TOO_LARGE.replace("\"public\"", "\"big\"")), 3.0);
     for listener in ["public", "big", "big"] {
-        let r = client().post(sc.listener_url(listener, "/after")).body("ok").send().unwrap();
+        let r = client()
+            .post(sc.listener_url(listener, "/after"))
+            .body("ok")
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
 }
@@ -2534,7 +2580,9 @@ fn a_zero_max_request_body_is_refused() {
         crate::support::run_to_end(&["check", "-c", "zero.yaml"], &[], dir.path());
     assert_eq!(code, 78, "{stderr}");
     assert!(
-        stderr.contains("zero.yaml:6:25: listeners[0].limits.max_request_body: expected a positive size"),
+        stderr.contains(
+            "zero.yaml:6:25: listeners[0].limits.max_request_body: expected a positive size"
+        ),
         "{stderr}"
     );
 }
