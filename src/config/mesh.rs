@@ -168,6 +168,7 @@ impl MeshConfig {
                 bytes_per_second: super::proxy::DEFAULT_MIN_BODY_RATE,
                 grace: super::proxy::DEFAULT_MIN_BODY_RATE_GRACE,
             }),
+            max_request_body: None,
         };
         if has_app {
             out.push(ListenerConfig {

@@ -857,6 +857,40 @@ mod tests {
     }
 
     #[test]
+    fn max_request_body_is_a_positive_size() {
+        let listener = |limit: &str| {
+            format!(
+                "listeners:\n  - name: out\n    address: 127.0.0.1:0\n    direction: outbound\n    limits:\n      max_request_body: {limit}\n    routes:\n      - cluster: api\nclusters:\n  api:\n    endpoints: [127.0.0.1:1]\n"
+            )
+        };
+        let limit = |text: &str| {
+            load_text(text, &[], &[]).unwrap().listeners[0]
+                .limits
+                .max_request_body
+        };
+        assert_eq!(limit(&listener("10MiB")), Some(10 << 20));
+        assert_eq!(limit(&listener("4096")), Some(4096));
+        assert_eq!(
+            limit(
+                "listeners:\n  - name: out\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - cluster: api\nclusters:\n  api:\n    endpoints: [127.0.0.1:1]\n"
+            ),
+            None,
+            "unlimited by default"
+        );
+        assert_eq!(
+            problems_of(&listener("0")),
+            [
+                "6:25: listeners[0].limits.max_request_body: expected a positive size (like 10MiB), found 0; leave the key out for no limit"
+            ]
+        );
+        let lines = problems_of(&listener("12 parsecs"));
+        assert!(
+            lines[0].starts_with("6:25: listeners[0].limits.max_request_body: invalid value"),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
     fn type_errors_name_no_rust_types() {
         let lines = problems_of("listeners: [nope]\n");
         assert_eq!(

@@ -107,6 +107,8 @@ pub struct Limits {
     pub rate_limit: Option<RateLimit>,
     /// The data rate a request body must keep up; None: off (`bytes_per_second: 0`).
     pub min_body_rate: Option<MinBodyRate>,
+    /// The largest request body taken, in bytes (larger ones get 413); None: unlimited.
+    pub max_request_body: Option<u64>,
 }
 
 /// `limits.min_body_rate`: a request body that arrives slower than `bytes_per_second` (on
@@ -605,6 +607,16 @@ fn listener(
             })
         }
     };
+    let max_request_body = l.max_request_body.and_then(|b| {
+        if b.0 == 0 {
+            problems.push(doc.problem(
+                &format!("{at}.limits.max_request_body"),
+                "expected a positive size (like 10MiB), found 0; leave the key out for no limit",
+            ));
+            return None;
+        }
+        Some(b.0 as u64)
+    });
     Some(ListenerConfig {
         tls,
         authz,
@@ -623,6 +635,7 @@ fn listener(
             max_requests_in_flight: l.max_requests_in_flight,
             rate_limit,
             min_body_rate,
+            max_request_body,
         },
     })
 }

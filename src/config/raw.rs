@@ -360,6 +360,7 @@ pub struct RawLimits {
     pub max_requests_in_flight: Option<usize>,
     pub rate_limit: Option<RawRateLimit>,
     pub min_body_rate: Option<RawMinBodyRate>,
+    pub max_request_body: Option<super::types::ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,6 +42,87 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// The error of a request body that went past `limits.max_request_body`.
+#[derive(Debug)]
+pub struct TooLarge(pub u64);
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body is larger than {} bytes (limits.max_request_body)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// True when `e`, or an error it wraps, is a body cut at `limits.max_request_body`.
+pub fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<TooLarge>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// `inner`, cut with [`TooLarge`] at the data frame that takes it past `limit` bytes (a body
+/// without a stated length: chunked, or HTTP/2 without `content-length`); passed on as it is
+/// when `limit` is None.
+pub struct Capped<B> {
+    inner: B,
+    /// Bytes still allowed, and the limit.
+    left: Option<(u64, u64)>,
+}
+
+pub fn capped<B>(inner: B, limit: Option<u64>) -> Capped<B> {
+    Capped {
+        inner,
+        left: limit.map(|l| (l, l)),
+    }
+}
+
+impl<B> Body for Capped<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let res = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let (Some(Ok(frame)), Some((left, limit))) = (&res, self.left.as_mut())
+            && let Some(d) = frame.data_ref()
+        {
+            let len = d.len() as u64;
+            if len > *left {
+                let limit = *limit;
+                // Nothing more of it is read: the exchange ends here.
+                self.left = Some((0, limit));
+                return Poll::Ready(Some(Err(Box::new(TooLarge(limit)))));
+            }
+            *left -= len;
+        }
+        Poll::Ready(res.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body as the proxy holds it.
 pub enum RequestBody {
     /// Read to its end: can be sent any number of times.
@@ -297,4 +378,34 @@ impl Tap for Counted {
         self.0.inc_by(len);
     }
     fn end(self, _: End) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data frames of these sizes.
+    fn frames(sizes: &[usize]) -> Prefixed {
+        Prefixed {
+            frames: sizes
+                .iter()
+                .map(|n| Frame::data(Bytes::from(vec![b'x'; *n])))
+                .collect(),
+            rest: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_capped_body_passes_up_to_its_limit_and_is_cut_past_it() {
+        let whole = capped(frames(&[400, 600]), Some(1000)).collect().await;
+        assert_eq!(whole.unwrap().to_bytes().len(), 1000);
+        let e = capped(frames(&[400, 600, 1]), Some(1000))
+            .collect()
+            .await
+            .unwrap_err();
+        assert!(too_large(&*e), "{e}");
+        assert!(e.to_string().contains("larger than 1000 bytes"), "{e}");
+        let open = capped(frames(&[1 << 20]), None).collect().await;
+        assert_eq!(open.unwrap().to_bytes().len(), 1 << 20);
+    }
 }

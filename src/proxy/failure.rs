@@ -1,7 +1,7 @@
 //! Failures: why Outrigger answered a request itself, and what that answer looks like.
 //!
 //! Every phase that refuses or fails a request comes here. A [`Failure`] picks the status
-//! (400/403/404/408 downstream's fault, 502/504 upstream's, 503 ours) and the reason that goes
+//! (400/403/404/408/413 downstream's fault, 502/504 upstream's, 503 ours) and the reason that goes
 //! into the `x-outrigger-error` header and the `error` metric label; [`error_response`] writes
 //! the short text answer. Exchanges that got no response are classified here too
 //! (`exchange_fault`): the client's own body failing is the downstream's fault, a connect
@@ -46,6 +46,8 @@ pub enum Failure {
     AppNotReady,
     /// The peer's identity is not in the listener's or route's `authz` (403).
     Forbidden,
+    /// The request body is larger than `limits.max_request_body` (413, downstream's fault).
+    BodyTooLarge,
 }
 
 impl Failure {
@@ -60,6 +62,7 @@ impl Failure {
             Failure::Connect | Failure::Upstream => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Forbidden => StatusCode::FORBIDDEN,
+            Failure::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -75,6 +78,7 @@ impl Failure {
             Failure::Timeout => "timeout",
             Failure::AppNotReady => "app-not-ready",
             Failure::Forbidden => "forbidden",
+            Failure::BodyTooLarge => "body-too-large",
         }
     }
 }
@@ -230,6 +234,7 @@ mod tests {
             (Failure::Timeout, 504, "timeout"),
             (Failure::AppNotReady, 503, "app-not-ready"),
             (Failure::Forbidden, 403, "forbidden"),
+            (Failure::BodyTooLarge, 413, "body-too-large"),
         ];
         for (f, status, reason) in all {
             assert_eq!(f.status().as_u16(), status, "{f:?}");

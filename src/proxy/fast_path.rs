@@ -371,6 +371,10 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
             if l > REPLAY_LIMIT as u64 {
                 return None;
             }
+            // Over `limits.max_request_body`: hyper's path answers the 413 (`check_body_size`).
+            if state.limits.max_request_body.is_some_and(|max| l > max) {
+                return None;
+            }
             length = Some(l);
         } else if name.eq_ignore_ascii_case(b"content-type") {
             grpc = h.value.starts_with(b"application/grpc");

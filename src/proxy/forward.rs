@@ -49,6 +49,10 @@ impl HttpListener {
         // A body that trickles is cut (`limits.min_body_rate`).
         let rate = min_body_rate::applies(self.limits.min_body_rate, &parts.headers);
         let incoming = min_body_rate::watch(incoming, rate);
+        // `limits.max_request_body`: a stated length over it is refused now; a body without
+        // one is cut where it goes past it (413 when no response has started).
+        self.check_body_size(target, incoming.size_hint().lower(), started)?;
+        let incoming = body::capped(incoming, self.limits.max_request_body);
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
         let path =
@@ -175,6 +179,8 @@ impl HttpListener {
                     Fault::Downstream(message) => {
                         let failure = if min_body_rate::too_slow(&e) {
                             Failure::RequestTimeout
+                        } else if body::too_large(&e) {
+                            Failure::BodyTooLarge
                         } else {
                             Failure::BadRequest
                         };
@@ -233,6 +239,12 @@ impl HttpListener {
                 target.stats.request_bytes.clone(),
             ))),
             Ok(Ok(RequestBody::Taken)) => Ok(RequestBody::Taken),
+            Ok(Err(e)) if body::too_large(&*e) => Err(with_close(self.fail(
+                target,
+                Failure::BodyTooLarge,
+                &e.to_string(),
+                started,
+            ))),
             Ok(Err(e)) if min_body_rate::too_slow(&*e) => Err(with_close(self.fail(
                 target,
                 Failure::RequestTimeout,

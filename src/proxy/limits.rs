@@ -5,6 +5,9 @@
 //!
 //! In: the request's listener state. Out: an in-flight permit the request holds until its
 //! response body is done (see `Permits`), or the 503.
+//!
+//! Also `limits.max_request_body` (`check_body_size`, called by the forward phase once the
+//! route is known): a stated body length over it is answered 413 `body-too-large`.
 
 use std::time::Instant;
 
@@ -12,8 +15,9 @@ use http::Response;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::ProxyBody;
-use super::failure::Failure;
+use super::failure::{Failure, with_close};
 use super::http::HttpListener;
+use super::route::Target;
 use crate::config::proxy::RateLimit;
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -66,6 +70,30 @@ impl HttpListener {
     ) -> Result<Option<OwnedSemaphorePermit>, Response<ProxyBody>> {
         self.take_limits()
             .map_err(|why| self.refuse(Failure::Overload, why, started))
+    }
+
+    /// Phase (in `forward`, before the body is read or an upstream contacted): a request whose
+    /// stated length (`Content-Length`) is over `limits.max_request_body` is answered 413
+    /// (`x-outrigger-error: body-too-large`), and an HTTP/1 connection closes after it (its
+    /// body is not read). A body without a stated length is cut as it grows past the limit
+    /// (`body::capped`).
+    pub(super) fn check_body_size(
+        &self,
+        target: &Target,
+        declared: u64,
+        started: Instant,
+    ) -> Result<(), Response<ProxyBody>> {
+        match self.limits.max_request_body {
+            Some(limit) if declared > limit => Err(with_close(self.fail(
+                target,
+                Failure::BodyTooLarge,
+                &format!(
+                    "the request body ({declared} bytes) is larger than {limit} bytes (limits.max_request_body)"
+                ),
+                started,
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn take_limits(&self) -> Result<Option<OwnedSemaphorePermit>, &'static str> {

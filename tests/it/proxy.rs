@@ -2188,12 +2188,12 @@ fn an_early_answer_leaves_its_connection_out_of_the_pool() {
     );
 }
 
-/// Not fixed: a body over the raw exchange's 64 KiB streams through hyper's client
-/// (`Pool::send`), which gives up the exchange when its body write fails and does not
-/// deliver the response that came first: an early `413` + close to a 4 MiB POST gets the h2c
-/// client a reset stream and no status.
+/// A body over the raw exchange's 64 KiB streams through hyper's client (`Pool::send`), whose
+/// body write fails once the upstream has answered early (`413` + close) and reset the
+/// connection: the response read first is what the client gets (the connection's I/O waits
+/// for the read side when a write fails, `pool::EarlyAnswer`), here for a 4 MiB h2c POST.
+/// HTTP/1.1 clients: [`an_early_answer_to_a_large_http1_body_is_heard`].
 #[test]
-#[ignore = "hyper's client drops an early answer when the body write fails (docs/BENCHMARKS.md, issue 13)"]
 fn an_early_answer_to_a_large_body_is_heard() {
     let (address, _seen) = early_answer_upstream();
     let sc = Sidecar::start(&format!(
@@ -2211,6 +2211,17 @@ fn an_early_answer_to_a_large_body_is_heard() {
         .send();
     let r = r.unwrap_or_else(|e| panic!("{e}\n{}", sc.diagnostics()));
     assert_eq!(r.status(), 413);
+    assert_eq!(r.text().unwrap(), "too much");
+    // Without a length (a streamed body): the same.
+    let (status, _, body) = h2_post_unsized(&sc.listeners["public"], "/early-close", 4 << 20);
+    assert_eq!(
+        (status, body.as_str()),
+        (413, "too much"),
+        "{}",
+        sc.diagnostics()
+    );
+    let r = h2.get(sc.listener_url("public", "/next")).send().unwrap();
+    assert_eq!((r.status().as_u16(), r.text().unwrap()), (200, "ok".into()));
 }
 
 /// A request the HTTP/1 fast path serves and the same request through hyper's path (a
@@ -2321,4 +2332,305 @@ fn fast_path_and_hyper_path_write_the_same_access_log_lines() {
         (f(5, "status"), f(5, "bytes_in"), f(5, "bytes_out")),
         (201.into(), 5.into(), 2.into())
     );
+}
+
+/// A client that writes `request` on a thread of its own (its write fails once the sidecar
+/// closes) while this one reads the response whose body ends with `end` (10 s at most).
+fn send_while_reading(addr: &str, request: Vec<u8>, end: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&request);
+    });
+    let out = read_until(&mut s, end);
+    // The writer's socket goes with it: a write still waiting fails at once.
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    out
+}
+
+/// An HTTP/1.1 request with a chunked body of `size` bytes in chunks of `chunk` bytes.
+fn chunked_request(path: &str, size: usize, chunk: usize) -> Vec<u8> {
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .into_bytes();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk);
+        req.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        req.extend(std::iter::repeat_n(b'x', n));
+        req.extend_from_slice(b"\r\n");
+        left -= n;
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
+/// As [`an_early_answer_to_a_large_body_is_heard`], from HTTP/1.1 clients: a 4 MiB chunked
+/// body and a 4 MiB `Content-Length` one (both over 64 KiB: hyper's path and client) get
+/// the upstream's early `413`, not a 502 or a 504 after the route's timeout; the next
+/// request works.
+#[test]
+fn an_early_answer_to_a_large_http1_body_is_heard() {
+    let (address, _seen) = early_answer_upstream();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+    ));
+    sc.wait_ready();
+    let addr = &sc.listeners["public"];
+    let out = send_while_reading(
+        addr,
+        chunked_request("/early-close", 4 << 20, 64 * 1024),
+        "too much",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 413") && out.ends_with("too much"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    let mut req =
+        b"POST /early-close HTTP/1.1\r\nHost: a\r\nContent-Length: 4194304\r\n\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'x', 4 << 20));
+    let out = send_while_reading(addr, req, "too much");
+    assert!(
+        out.starts_with("HTTP/1.1 413") && out.ends_with("too much"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    let out = raw(
+        addr,
+        b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+        "{out}"
+    );
+}
+
+/// Listeners with `limits.max_request_body` 1000 (`public`) and 100 KiB (`big`) in front of
+/// the echo backend, with an access log.
+fn body_limited(app: &Backend, log: &std::path::Path) -> Sidecar {
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1000 }}\n    routes:\n      - timeout: 5s\n  - name: big\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - timeout: 5s\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address(),
+        log.display()
+    ));
+    sc.wait_ready();
+    sc
+}
+
+const TOO_LARGE: &str = "outrigger_http_responses_total{direction=\"inbound\",listener=\"public\",route=\"0\",cluster=\"app\",class=\"4xx\",error=\"body-too-large\"}";
+
+/// `limits.max_request_body`: a `Content-Length` over it is answered 413 `body-too-large` and
+/// the connection closed, before the body is read or the upstream contacted, whether the
+/// request meets the HTTP/1 fast path first (a small body, which it leaves to hyper's path)
+/// or hyper's path (a body over 64 KiB), and from h2c; a body of exactly the limit passes
+/// on each; counted with its reason and in the access log.
+#[test]
+fn a_stated_body_length_over_max_request_body_gets_413() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = body_limited(&app, &log);
+    let addr = &sc.listeners["public"];
+    for length in [1001, 10 << 20] {
+        // The head alone: nothing of the body is waited for.
+        let out = raw(
+            addr,
+            format!("POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            out.starts_with("HTTP/1.1 413"),
+            "{out}\n{}",
+            sc.diagnostics()
+        );
+        let lower = out.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\nx-outrigger-error: body-too-large\r\n"),
+            "{out}"
+        );
+        assert!(lower.contains("\r\nconnection: close\r\n"), "{out}");
+        assert!(out.contains("limits.max_request_body"), "{out}");
+    }
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let r = h2
+        .post(sc.listener_url("public", "/big"))
+        .body(vec![b'x'; 1001])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["x-outrigger-error"], "body-too-large");
+    assert_eq!(app.count(), 0, "the upstream never saw a refused request");
+    // Exactly the limit passes: the fast path, hyper's path (chunked) and h2c.
+    let mut req =
+        b"POST /fits HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    req.extend_from_slice(&[b'x'; 1000]);
+    assert!(raw(addr, &req).starts_with("HTTP/1.1 200"));
+    let mut req = b"POST /fits HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3e8\r\n".to_vec();
+    req.extend_from_slice(&[b'x'; 1000]);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    assert!(raw(addr, &req).starts_with("HTTP/1.1 200"));
+    let r = h2
+        .post(sc.listener_url("public", "/fits"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = app.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter()
+            .all(|s| s.path == "/fits" && s.body.len() == 1000)
+    );
+    assert_eq!(sc.metric(TOO_LARGE), 3.0, "{}", sc.diagnostics());
+    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "6 log lines", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        (lines.len() == 6).then_some(lines)
+    });
+    for l in &lines[..3] {
+        assert_eq!(
+            (&l["status"], &l["error"]),
+            (&413.into(), &"body-too-large".into()),
+            "{l}"
+        );
+    }
+}
+
+/// A body without a length that grows past `limits.max_request_body` is cut: 413 and the
+/// connection closed on HTTP/1.1 (chunked: under a limit below 64 KiB while it is read
+/// ahead, before the upstream is contacted; over 64 KiB while it streams, the upstream
+/// request aborted), 413 on h2c (no `content-length`: streamed); no whole request reaches
+/// the upstream, and the upstream connections of the aborted requests are not pooled (the
+/// next requests work).
+#[test]
+fn a_body_growing_past_max_request_body_is_cut_with_413() {
+    let app = Backend::http();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = body_limited(&app, &log);
+    // Cut while read ahead (the first 64 KiB and the frame that passes them), and while
+    // streamed (16 KiB chunks: streamed from 80 KiB, cut at 100 KiB).
+    for (listener, size, chunk) in [
+        ("public", 2000, 2000),
+        ("public", 4 << 20, 64 * 1024),
+        ("big", 110 * 1024, 64 * 1024),
+        ("big", 4 << 20, 16 * 1024),
+    ] {
+        let req = chunked_request("/big", size, chunk);
+        let out = send_while_reading(&sc.listeners[listener], req, "(limits.max_request_body)\n");
+        assert!(
+            out.starts_with("HTTP/1.1 413"),
+            "{listener} {size}: {out}\n{}",
+            sc.diagnostics()
+        );
+        let lower = out.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\nx-outrigger-error: body-too-large\r\n"),
+            "{out}"
+        );
+        assert!(lower.contains("\r\nconnection: close\r\n"), "{out}");
+    }
+    let (status, headers, _) = h2_post_unsized(&sc.listeners["big"], "/big", 160 * 1024);
+    let reason = headers["x-outrigger-error"].clone();
+    assert_eq!(status, 413, "{}", sc.diagnostics());
+    assert_eq!(reason, "body-too-large");
+    // The streamed ones (the 16 KiB chunks, h2c) reached the upstream cut short (the echo
+    // backend records a body it could not read whole as empty); the others not at all.
+    let big: Vec<_> = app
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/big")
+        .collect();
+    assert!(
+        big.len() <= 2 && big.iter().all(|s| s.body.is_empty()),
+        "no whole request reached the upstream: {big:?}"
+    );
+    assert_eq!(sc.metric(TOO_LARGE), 2.0, "{}", sc.diagnostics());
+    assert_eq!(sc.metric(&TOO_LARGE.replace("\"public\"", "\"big\"")), 3.0);
+    for listener in ["public", "big", "big"] {
+        let r = client()
+            .post(sc.listener_url(listener, "/after"))
+            .body("ok")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+/// `limits.max_request_body: 0` is refused at check, with where it is.
+#[test]
+fn a_zero_max_request_body_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("zero.yaml"),
+        "app: { address: 127.0.0.1:1 }\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_request_body: 0\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        crate::support::run_to_end(&["check", "-c", "zero.yaml"], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains(
+            "zero.yaml:6:25: listeners[0].limits.max_request_body: expected a positive size"
+        ),
+        "{stderr}"
+    );
+}
+
+/// An h2c POST of `size` bytes without a `content-length` (h2 frames of 16 KiB, the stream
+/// left open until the last), with the client's own h2 (reqwest's blocking client reports a
+/// request body cut by the server's reset instead of the response that came first): the
+/// status, headers and body of the response, within 10 s.
+fn h2_post_unsized(addr: &str, path: &str, size: usize) -> (u16, http::HeaderMap, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::post(format!("http://{addr}{path}"))
+                .body(())
+                .unwrap();
+            let (res, mut body) = client.send_request(req, false).unwrap();
+            // Buffered by h2 and sent as the windows open; a reset stream takes no more.
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(16 * 1024);
+                if body.send_data(vec![b'x'; n].into(), false).is_err() {
+                    break;
+                }
+                left -= n;
+            }
+            let _ = body.send_data(bytes::Bytes::new(), true);
+            let res = res.await.expect("a response");
+            let (parts, mut recv) = res.into_parts();
+            let mut out = Vec::new();
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk.expect("the response body");
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                out.extend_from_slice(&chunk);
+            }
+            (
+                parts.status.as_u16(),
+                parts.headers,
+                String::from_utf8_lossy(&out).into_owned(),
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("an answer within 10 s")
+    })
 }

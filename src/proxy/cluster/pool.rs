@@ -15,6 +15,13 @@
 //!
 //! In: requests in origin form from the forward phase. Out: the upstream's response (its body
 //! returns the connection), or a [`SendError`] that says whether a connection was made at all.
+//! Early answers: an upstream may answer a request before it has read the body (a 413 and a
+//! close) and then reset the connection. hyper's HTTP/1 client gives the exchange up at the
+//! first write that fails (its dispatcher reads before it writes, but a write error ends the
+//! connection and goes to the request in place of a response still unread in the socket), so
+//! the connection's I/O is wrapped ([`EarlyAnswer`]): a write that fails because the peer is
+//! gone waits instead, until the read side ends, so that hyper reads the answer first.
+//!
 //! Idle connections close after the cluster's `pool_idle_timeout` (a sweep per pool, as long
 //! as the pool has idle connections) and when the pool is dropped (`Cluster::close_idle`
 //! replaces the endpoints, and so their pools).
@@ -31,6 +38,8 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connect::Connector;
 use crate::proxy::body::{BoxError, ProxyBody};
@@ -250,6 +259,7 @@ impl Pool {
             downstream: false,
             error: e.into(),
         })?;
+        let io = TokioIo::new(EarlyAnswer::new(io.into_inner()));
         let (sender, conn) = http1::handshake(io).await.map_err(|e| SendError {
             connect: true,
             downstream: false,
@@ -261,6 +271,143 @@ impl Pool {
             }
         });
         Ok(sender)
+    }
+}
+
+/// How long a write that failed (the peer gone) waits for the read side to say something
+/// before its error goes to hyper. After a reset the read side ends at once (an answer the
+/// upstream sent first, then EOF), so this only bounds a read side hyper stops polling.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+/// An upstream connection's I/O for hyper's HTTP/1 client, where a write failed because the
+/// upstream went away (a reset, a broken pipe) does not fail at once: it stays pending until
+/// the read side ends (EOF or an error), then fails with its error. Meanwhile hyper's
+/// dispatcher, which polls the read side first on each turn, reads a response the upstream
+/// sent before it went (an early 413 + close to a body it would not read) and hands it to
+/// the request, instead of the write's error; the response body is read to its end, and the
+/// connection ends there (it is never pooled: hyper sees the request unfinished). Without a
+/// response the read side ends at once too (EOF after a reset), and the request gets the
+/// "connection closed before message completed" error, as before. Written here: neither
+/// hyper nor hyper-util has an option for it (hyper's server side has `half_close`, its
+/// client nothing).
+struct EarlyAnswer {
+    io: Stream,
+    /// A write failed with the peer gone: its error kind, and how long it may wait for the
+    /// read side when nothing has been read since.
+    broken: Option<(std::io::ErrorKind, Pin<Box<tokio::time::Sleep>>)>,
+    /// The read side ended (EOF or an error).
+    read_ended: bool,
+    /// Bytes were read since the write failed (a response is coming in).
+    heard: bool,
+}
+
+impl EarlyAnswer {
+    fn new(io: Stream) -> EarlyAnswer {
+        EarlyAnswer {
+            io,
+            broken: None,
+            read_ended: false,
+            heard: false,
+        }
+    }
+
+    /// What a write does once the peer is gone: pending while an answer may still be read,
+    /// else the write's error.
+    fn poll_broken(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Error>> {
+        let (kind, wait) = self.broken.as_mut()?;
+        let kind = *kind;
+        if self.read_ended || (!self.heard && wait.as_mut().poll(cx).is_ready()) {
+            return Some(Poll::Ready(kind.into()));
+        }
+        Some(Poll::Pending)
+    }
+
+    /// Whether `res`, a write's result, is the peer gone (with the read side still open):
+    /// then the connection waits for the read side ([`Self::poll_broken`]).
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        res: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        match res {
+            Poll::Ready(Err(e))
+                if !self.read_ended
+                    && matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) =>
+            {
+                tracing::debug!(error = %e, "upstream write failed; reading for an early answer");
+                self.broken = Some((e.kind(), Box::pin(tokio::time::sleep(EARLY_ANSWER_WAIT))));
+                match self.poll_broken(cx) {
+                    Some(Poll::Ready(e)) => Poll::Ready(Err(e)),
+                    _ => Poll::Pending,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncRead for EarlyAnswer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        match &res {
+            Poll::Ready(Ok(())) if buf.filled().len() == before => self.read_ended = true,
+            Poll::Ready(Ok(())) => self.heard = self.broken.is_some(),
+            Poll::Ready(Err(_)) => self.read_ended = true,
+            Poll::Pending => {}
+        }
+        res
+    }
+}
+
+impl AsyncWrite for EarlyAnswer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(p) = self.poll_broken(cx) {
+            return p.map(Err);
+        }
+        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, res)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(p) = self.poll_broken(cx) {
+            return p.map(Err);
+        }
+        let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, res)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(p) = self.poll_broken(cx) {
+            return p.map(Err);
+        }
+        let res = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, res)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Nothing to shut on a connection the peer has gone from.
+        if self.broken.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
