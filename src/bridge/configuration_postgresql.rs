@@ -12,13 +12,16 @@
 //! Requests come from [`super::configuration::ConfigurationStore`]; gets leave on the shared
 //! pool of [`super::state_postgresql::pool`] (connects on first use; a database that is down
 //! fails each call). A subscription whose connection breaks ends (logged; the app subscribes
-//! again, as with daprd).
+//! again, as with daprd). Subscriptions are bounded by the component's `maxConns` (the pool's
+//! size): each holds a `LISTEN` connection of its own besides the pool, so the component
+//! opens at most twice `maxConns` connections; one more subscription fails at once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::components::Component;
 use super::configuration::{CHANGES_BUFFERED, Changes, ConfigItem};
@@ -33,6 +36,10 @@ pub struct PostgresConfiguration {
     tls: PgTls,
     table: String,
     timeout: Duration,
+    /// One permit per open subscription: as many as the pool's `maxConns`. A subscription's
+    /// `LISTEN` connection is its own (the pool's connections drop notifications), so this
+    /// bounds them apart from the pool.
+    subscriptions: Arc<Semaphore>,
 }
 
 /// contrib's `allowedChars` for keys.
@@ -82,12 +89,14 @@ impl PostgresConfiguration {
             timeout,
             deadpool_postgres::RecyclingMethod::Fast,
         )?;
+        let subscriptions = Arc::new(Semaphore::new(pool.status().max_size));
         Ok(PostgresConfiguration {
             pool,
             config,
             tls,
             table,
             timeout,
+            subscriptions,
         })
     }
 
@@ -175,6 +184,12 @@ impl PostgresConfiguration {
                 "expected pgNotifyChannel as a channel name of letters, digits and '_', found {channel:?}"
             ));
         }
+        let Ok(permit) = self.subscriptions.clone().try_acquire_owned() else {
+            return Err(format!(
+                "postgresql: cannot subscribe: {} subscriptions are open on this component already (at most maxConns, each with a connection of its own); unsubscribe one, or raise maxConns",
+                self.pool.status().max_size
+            ));
+        };
         let setup = async {
             let (client, mut connection) = super::postgresql_tls::connect(&self.config, &self.tls)
                 .await
@@ -211,8 +226,10 @@ impl PostgresConfiguration {
             })?;
         let (tx, rx) = mpsc::channel(CHANGES_BUFFERED);
         let task = tokio::spawn(async move {
-            // Dropping the client closes the connection: it lives as long as the watch.
+            // Dropping the client closes the connection: it lives as long as the watch, and
+            // holds its place among the component's subscriptions.
             let _client = client;
+            let _permit = permit;
             for m in early {
                 if !forward(m, &keys, &tx).await {
                     return;

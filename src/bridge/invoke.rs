@@ -11,6 +11,7 @@
 //! within the cluster's retry budget (`outrigger_retries_total`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -91,8 +92,12 @@ pub async fn fallback(State(st): State<Arc<BridgeState>>, req: Request) -> Respo
         Some((app_id, path)) => {
             let (parts, body) = req.into_parts();
             let call = async {
-                let body = super::routes::read_body(&st, body).await?;
-                call(&st, &app_id, parts.method, &path, parts.headers, body).await
+                // A gRPC app takes its own invocations whole (`OnInvoke`).
+                if app_id == st.config.app_id && st.grpc_app.is_some() {
+                    let body = super::routes::read_body(&st, body).await?;
+                    return call(&st, &app_id, parts.method, &path, parts.headers, body).await;
+                }
+                call_streaming(&st, &app_id, parts.method, &path, parts.headers, body).await
             };
             match call.await {
                 Ok(r) => r.into_response(),
@@ -137,6 +142,20 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// What a streaming request body's owner tells [`send`].
+pub trait Streamed: Sync {
+    /// The failure was the caller's doing (its side of the stream broke): not the endpoint's.
+    fn caller_fault(&self) -> bool;
+    /// The body again, when the failed attempt dropped it before reading anything of it (a
+    /// connect failure); `None` once any of it was read.
+    fn again(&self) -> Option<body::ProxyBody>;
+    /// The callee's headers may come any time later (a gRPC stream): no `timeout` of the
+    /// cluster's applies, only the caller's deadline.
+    fn open_ended(&self) -> bool {
+        true
+    }
+}
+
 /// Connect failures retried on another endpoint (within the cluster's retry budget).
 const MAX_CONNECT_RETRIES: u32 = 2;
 
@@ -153,8 +172,192 @@ const HOP_BY_HOP: [&str; 9] = [
     APP_ID_HEADER,
 ];
 
+/// Bodies up to this size are read whole before they are sent (so a connect failure sends
+/// them again, as any); a longer one streams to the callee as it arrives.
+const READ_WHOLE: usize = body::REPLAY_LIMIT;
+
+/// Calls `app_id` with a request body as it arrives (HTTP invocation): up to [`READ_WHOLE`]
+/// read first, the rest streamed, all of it within `bridge.max_body` (past it the callee's
+/// request is cut and the caller gets 413).
+async fn call_streaming(
+    st: &BridgeState,
+    app_id: &str,
+    method: http::Method,
+    path: &str,
+    headers: http::HeaderMap,
+    incoming: Body,
+) -> Result<http::Response<Body>, ApiError> {
+    use hyper::body::Body as _;
+    let limit = st.config.max_body;
+    if incoming.size_hint().lower() > limit as u64 {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let first = body::prebuffer(SyncBody(Mutex::new(incoming)), READ_WHOLE.min(limit))
+        .await
+        .map_err(|e| ApiError::Malformed(format!("cannot read the request body: {e}")))?;
+    let hooks = Capped {
+        limit,
+        over: Arc::new(AtomicBool::new(false)),
+        broke: Arc::new(AtomicBool::new(false)),
+        unsent: Arc::new(Mutex::new(None)),
+    };
+    let body = match first {
+        body::RequestBody::Streaming(rest) => body::RequestBody::Streaming(hooks.wrap(rest, 0)),
+        whole => whole,
+    };
+    let res = send(st, app_id, method, path, headers, body, None, Some(&hooks)).await;
+    drop(hooks.unsent.lock().expect("not poisoned").take());
+    if hooks.over.load(Ordering::Relaxed) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    Ok(res?.map(Body::new))
+}
+
+/// An axum body made `Sync` for a [`body::ProxyBody`] (a box of `Send + Sync`): it is polled
+/// only through `&mut` (`Mutex::get_mut`, no locking). Written here: a few lines, where a
+/// crate (sync_wrapper) would be one more direct dependency for it.
+struct SyncBody(Mutex<Body>);
+
+impl hyper::body::Body for SyncBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        let inner = self
+            .get_mut()
+            .0
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::pin::Pin::new(inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.lock().map_or(true, |b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.lock().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+/// An HTTP invocation's streamed request body: what [`send`] asks of it, and where an
+/// attempt that could not connect leaves it unread.
+struct Capped {
+    limit: usize,
+    /// The body went past `bridge.max_body`: the call answers 413.
+    over: Arc<AtomicBool>,
+    /// The caller's side broke (a reset, a bad chunk).
+    broke: Arc<AtomicBool>,
+    unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
+}
+
+impl Capped {
+    fn wrap(&self, inner: body::ProxyBody, seen: usize) -> body::ProxyBody {
+        use http_body_util::BodyExt;
+        CappedBody {
+            inner: Some(inner),
+            seen,
+            limit: self.limit,
+            over: self.over.clone(),
+            broke: self.broke.clone(),
+            read: false,
+            unsent: self.unsent.clone(),
+        }
+        .boxed()
+    }
+}
+
+impl Streamed for Capped {
+    fn caller_fault(&self) -> bool {
+        self.over.load(Ordering::Relaxed) || self.broke.load(Ordering::Relaxed)
+    }
+
+    fn again(&self) -> Option<body::ProxyBody> {
+        let (inner, seen) = self.unsent.lock().expect("not poisoned").take()?;
+        Some(self.wrap(inner, seen))
+    }
+
+    fn open_ended(&self) -> bool {
+        false
+    }
+}
+
+/// The body itself: frames pass as they come, counted; past the limit it fails (hyper then
+/// cuts the callee's request). Dropped unread, it leaves the stream for the next attempt.
+struct CappedBody {
+    inner: Option<body::ProxyBody>,
+    /// Bytes passed so far (the part read before it was sent counts too).
+    seen: usize,
+    limit: usize,
+    over: Arc<AtomicBool>,
+    broke: Arc<AtomicBool>,
+    read: bool,
+    unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
+}
+
+impl Drop for CappedBody {
+    fn drop(&mut self) {
+        if !self.read
+            && let Some(inner) = self.inner.take()
+        {
+            *self.unsent.lock().expect("not poisoned") = Some((inner, self.seen));
+        }
+    }
+}
+
+impl hyper::body::Body for CappedBody {
+    type Data = bytes::Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, body::BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        this.read = true;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::pin::Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen = this.seen.saturating_add(data.len());
+                    if this.seen > this.limit {
+                        this.over.store(true, Ordering::Relaxed);
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(
+                            "the request body is over bridge.max_body".into()
+                        )));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.broke.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_default()
+    }
+}
+
 /// Calls `app_id` (a cluster, or our own app) with one request and returns its answer as
-/// received: the HTTP fallback and gRPC's `InvokeService` both come here.
+/// received: gRPC's `InvokeService` and a gRPC app's own invocations come here.
 pub async fn call(
     st: &BridgeState,
     app_id: &str,
@@ -175,12 +378,15 @@ pub async fn call(
 /// streams from the callee as it is read (holding the cluster's in-flight permit until it
 /// ends). A whole body is sent again after a connect failure and goes to a gRPC app of our
 /// own app id through `OnInvoke`; a streaming one (gRPC proxying, [`super::grpc::proxying`])
-/// is forwarded as it arrives, once. The headers are awaited up to `deadline` when the caller
+/// is forwarded as it arrives, and sent again after a connect failure only when `stream`
+/// gives it back unread. The headers are awaited up to `deadline` when the caller
 /// set one (then a miss is 504, gRPC's `DEADLINE_EXCEEDED`); otherwise up to the cluster's
 /// `timeout` for a whole body, and without a limit for a streaming one. The deadline also
 /// bounds the wait for our own app and for name resolution, and goes on as the remaining
-/// `grpc-timeout`. A failure for which `caller_fault` answers true (a streaming body the
-/// caller's side broke) does not count against the endpoint.
+/// `grpc-timeout`. For a streaming body, `stream` says whether a failure was the caller's
+/// doing (then it does not count against the endpoint) and gives the body back after a
+/// connect failure, which sent nothing of it: the call is then tried on another endpoint as a
+/// whole body is.
 #[allow(clippy::too_many_arguments)]
 pub async fn send(
     st: &BridgeState,
@@ -190,7 +396,7 @@ pub async fn send(
     mut headers: http::HeaderMap,
     mut body: body::RequestBody,
     deadline: Option<tokio::time::Instant>,
-    caller_fault: Option<&(dyn Fn() -> bool + Sync)>,
+    stream: Option<&dyn Streamed>,
 ) -> Result<http::Response<body::ProxyBody>, ApiError> {
     let fail = |status: StatusCode, message: String| ApiError::Invoke { status, message };
     let late = || {
@@ -310,7 +516,8 @@ pub async fn send(
     // A stream (gRPC proxying) is bounded by the caller's deadline only: a gRPC server may
     // send its headers with its first message, any time later (a server stream's first
     // event, a bidi call's first answer); daprd sets no limit either.
-    let streamed = matches!(body, body::RequestBody::Streaming(_));
+    let streamed =
+        matches!(body, body::RequestBody::Streaming(_)) && stream.is_none_or(|s| s.open_ended());
     cluster.deposit();
     // A connect failure sent nothing, so it is retried on another endpoint (any method), as
     // far as the cluster's retry budget allows; every other outcome is final.
@@ -323,7 +530,7 @@ pub async fn send(
             ));
         };
         let Some(out_body) = body.take() else {
-            // Only a whole body is sent again (below); this is not reached.
+            // A streaming body is sent again only once given back (below): not reached.
             return Err(fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot invoke {app_id:?}: the request body was already sent"),
@@ -369,11 +576,19 @@ pub async fn send(
                 return Ok(res.map(|b| body::tap(body::incoming(b), held)));
             }
             Ok(Err(e)) => {
-                if !caller_fault.is_some_and(|f| f()) {
+                if !stream.is_some_and(|s| s.caller_fault()) {
                     cluster.failed(&attempt);
                 }
+                // A streaming body comes back when the attempt dropped it unread.
                 if e.is_connect()
-                    && body.replayable()
+                    && !body.replayable()
+                    && tries < MAX_CONNECT_RETRIES
+                    && let Some(again) = stream.and_then(|s| s.again())
+                {
+                    body = body::RequestBody::Streaming(again);
+                }
+                if e.is_connect()
+                    && !matches!(body, body::RequestBody::Taken)
                     && tries < MAX_CONNECT_RETRIES
                     && cluster.withdraw_retry()
                 {

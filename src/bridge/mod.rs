@@ -340,11 +340,11 @@ fn resolver(
     let namespace = std::env::var("NAMESPACE")
         .or_else(|_| std::env::var("POD_NAMESPACE"))
         .unwrap_or_else(|_| "default".to_string());
-    Some(Arc::new(NameResolution::template(
+    Some(NameResolution::template(
         template,
         namespace,
         clusters.metrics(),
-    )))
+    ))
 }
 
 impl BridgeState {

@@ -4,7 +4,8 @@
 //! data out) and `state.postgresql` ([`super::state_postgresql`], daprd's v1 table). ETags are versions: decimal integers, incremented on every write.
 //!
 //! Keys arrive already prefixed (`appid||key`, see [`KeyPrefix`]). Every write goes through
-//! [`Store::apply`], a list of operations applied atomically after all ETag checks pass.
+//! [`Store::apply`], a list of operations applied atomically, in order: each ETag is checked
+//! against the state the earlier operations leave, and one mismatch applies nothing.
 //!
 //! A save may carry a time to live (`ttlInSeconds`): Redis expires the hash (`EXPIRE`, and
 //! `PERSIST` on a later save without one), SQLite keeps a deadline column filtered on read and
@@ -209,12 +210,24 @@ impl Memory {
     }
 
     fn apply(&mut self, ops: Vec<Op>, now: Instant) -> Result<(), StateError> {
+        // In order, each ETag against the version the earlier operations left (none written
+        // until every check passed).
+        let mut after: HashMap<&str, Option<u64>> = HashMap::new();
         for op in &ops {
+            let current = match after.get(op.key()) {
+                Some(v) => *v,
+                None => self.version(op.key(), now),
+            };
             if let Some(want) = op.etag()
-                && self.version(op.key(), now) != Some(want)
+                && current != Some(want)
             {
                 return Err(StateError::EtagMismatch(op.key().to_string()));
             }
+            let next = match op {
+                Op::Upsert { .. } => Some(current.map_or(1, |v| v + 1)),
+                Op::Delete { .. } => None,
+            };
+            after.insert(op.key(), next);
         }
         for op in ops {
             match op {
@@ -308,7 +321,8 @@ impl Store {
         }
     }
 
-    /// Applies every operation, or none: all ETag checks pass first.
+    /// Applies every operation in order, or none: one ETag mismatch (checked against the state
+    /// the earlier operations leave) applies nothing.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
         if ops.is_empty() {
             return Ok(());
@@ -450,30 +464,28 @@ impl Sqlite {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql)?;
-        // Every ETag is checked against the state before the transaction, as the other
-        // stores do, and only then is anything written (so a key touched twice is checked
-        // twice against the same version, not against the first write's result).
+        // In order: each ETag is checked against the state the earlier operations of the
+        // transaction left (as daprd's transactional stores run them); a mismatch drops the
+        // transaction, which rolls back everything written.
         for op in &ops {
-            let Some(want) = op.etag() else { continue };
-            let current: Option<i64> = tx
-                .prepare_cached(&format!(
-                    "SELECT version FROM {} WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
-                    self.table
-                ))
-                .map_err(sql)?
-                .query_row(rusqlite::params![op.key(), now_ms], |r| r.get(0))
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })
-                .map_err(sql)?;
-            if current != Some(want as i64) {
-                // Dropping the transaction rolls it back.
-                return Err(StateError::EtagMismatch(op.key().to_string()));
+            if let Some(want) = op.etag() {
+                let current: Option<i64> = tx
+                    .prepare_cached(&format!(
+                        "SELECT version FROM {} WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+                        self.table
+                    ))
+                    .map_err(sql)?
+                    .query_row(rusqlite::params![op.key(), now_ms], |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })
+                    .map_err(sql)?;
+                if current != Some(want as i64) {
+                    return Err(StateError::EtagMismatch(op.key().to_string()));
+                }
             }
-        }
-        for op in &ops {
             match op {
                 Op::Upsert {
                     key, value, ttl, ..
@@ -530,19 +542,29 @@ pub struct Redis {
     apply: redis::Script,
 }
 
-/// Checks every ETag, then applies every operation: one script, so atomic. ARGV: the number
+/// Checks every ETag in order, each against the version the earlier operations leave (worked
+/// out, not written: a script's writes are not undone by a later error), then applies every
+/// operation: one script, so atomic, and nothing written when a check fails. ARGV: the number
 /// of operations, then for each: kind (`u`/`d`), expected version (empty: no check), value,
 /// seconds to live (empty: never expires, and an earlier expiry is cleared, as daprd's
 /// `PERSIST`). KEYS: one per operation.
 const APPLY_SCRIPT: &str = r#"
 local n = tonumber(ARGV[1])
+local after = {}
 for i = 1, n do
-  local want = ARGV[(i - 1) * 4 + 3]
-  if want ~= "" then
-    local cur = redis.call("HGET", KEYS[i], "version")
-    if (not cur) or cur ~= want then
-      return redis.error_reply("ETAGMISMATCH " .. i)
-    end
+  local base = (i - 1) * 4 + 2
+  local cur = after[KEYS[i]]
+  if cur == nil then
+    cur = tonumber(redis.call("HGET", KEYS[i], "version") or "") or false
+  end
+  local want = ARGV[base + 1]
+  if want ~= "" and ((not cur) or cur ~= tonumber(want)) then
+    return redis.error_reply("ETAGMISMATCH " .. i)
+  end
+  if ARGV[base] == "u" then
+    after[KEYS[i]] = (cur or 0) + 1
+  else
+    after[KEYS[i]] = false
   end
 end
 for i = 1, n do
@@ -917,5 +939,65 @@ mod tests {
         // The rewritten key started again at version 1.
         assert_eq!(m.version("k2", later), Some(1));
         assert!(m.get("forever", later).is_some_and(|e| e.expires.is_none()));
+    }
+
+    /// A transaction runs in order: each ETag against the version the earlier operations
+    /// leave; one mismatch applies nothing.
+    #[test]
+    fn memory_transactions_check_etags_in_order() {
+        let mut m = Memory::new();
+        let t0 = Instant::now();
+        m.apply(vec![upsert("k", None)], t0).unwrap();
+        let with = |op: Op, etag: u64| match op {
+            Op::Upsert {
+                key,
+                value,
+                ttl,
+                json,
+                ..
+            } => Op::Upsert {
+                key,
+                value,
+                etag: Some(etag),
+                ttl,
+                json,
+            },
+            Op::Delete { key, .. } => Op::Delete {
+                key,
+                etag: Some(etag),
+            },
+        };
+        let delete = |key: &str| Op::Delete {
+            key: key.into(),
+            etag: None,
+        };
+        // Written (version 2), then deleted with the version it had before: a mismatch.
+        let e = m
+            .apply(
+                vec![
+                    with(upsert("k", None), 1),
+                    upsert("other", None),
+                    with(delete("k"), 1),
+                ],
+                t0,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, StateError::EtagMismatch(ref k) if k == "k"),
+            "{e}"
+        );
+        assert_eq!(m.version("k", t0), Some(1), "nothing applied");
+        assert_eq!(m.version("other", t0), None, "nothing applied");
+        // With the version the first write leaves: both apply.
+        m.apply(vec![with(upsert("k", None), 1), with(delete("k"), 2)], t0)
+            .unwrap();
+        assert_eq!(m.version("k", t0), None);
+        // A deleted key has no version for a later operation of the transaction.
+        m.apply(vec![upsert("k", None)], t0).unwrap();
+        assert!(
+            m.apply(vec![delete("k"), with(upsert("k", None), 1)], t0)
+                .is_err()
+        );
+        assert_eq!(m.version("k", t0), Some(1));
     }
 }

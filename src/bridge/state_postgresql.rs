@@ -445,22 +445,6 @@ impl Postgres {
                    AND (expiredate IS NULL OR expiredate > now()) FOR UPDATE",
                 self.table
             );
-            for op in &ops {
-                let Some(want) = op_etag(op) else { continue };
-                // `xmin` is 32 bits: a larger ETag is not one of ours (daprd parses it as a
-                // uint32 and answers 400, not 409).
-                if want > u64::from(u32::MAX) {
-                    return Err(StateError::EtagInvalid(want.to_string()));
-                }
-                let found = tx
-                    .query_opt(&check, &[&op_key(op), &(want as i64)])
-                    .await
-                    .map_err(|e| pg("etag check", &e))?;
-                if found.is_none() {
-                    // Dropping the transaction rolls it back.
-                    return Err(StateError::EtagMismatch(op_key(op).to_string()));
-                }
-            }
             let upsert = format!(
                 "INSERT INTO {} (key, value, isbinary, expiredate)
                  VALUES ($1, $2::text::jsonb, $3, now() + $4::bigint * interval '1 second')
@@ -469,7 +453,28 @@ impl Postgres {
                 self.table
             );
             let delete = format!("DELETE FROM {} WHERE key = $1", self.table);
+            // In order, as daprd runs a transaction: each ETag is checked against the state
+            // the earlier operations left (a row written here has this transaction's `xmin`).
+            // `xmin` is 32 bits: a larger ETag is not one of ours (daprd parses it as a uint32
+            // and answers 400, not 409), whichever operation carries it.
+            if let Some(want) = ops
+                .iter()
+                .filter_map(op_etag)
+                .find(|&e| e > u64::from(u32::MAX))
+            {
+                return Err(StateError::EtagInvalid(want.to_string()));
+            }
             for op in &ops {
+                if let Some(want) = op_etag(op) {
+                    let found = tx
+                        .query_opt(&check, &[&op_key(op), &(want as i64)])
+                        .await
+                        .map_err(|e| pg("etag check", &e))?;
+                    if found.is_none() {
+                        // Dropping the transaction rolls it back.
+                        return Err(StateError::EtagMismatch(op_key(op).to_string()));
+                    }
+                }
                 match op {
                     Op::Upsert {
                         key,

@@ -228,8 +228,10 @@ fn state_contract(sc: &Sidecar, store: &str) {
     assert_eq!(s, 204, "{body}");
     assert_eq!(get(sc, &format!("{base}/t1")).2, r#""one""#);
     assert_eq!(get(sc, &format!("{base}/k2")).0, 204);
-    // Every store checks all ETags against the state before the transaction: a key touched
-    // twice with its current ETag passes on each.
+    // In order, as daprd's PostgreSQL and SQLite stores run a transaction: each ETag is
+    // checked against the state the earlier operations leave, so a key written and then
+    // deleted with the ETag it had before is a mismatch, and nothing is applied (every store
+    // used to check all ETags against the state before the transaction: this passed).
     let (_, t1_etag, _) = get(sc, &format!("{base}/t1"));
     let t1_etag = t1_etag.unwrap();
     let (s, body) = post(
@@ -237,7 +239,33 @@ fn state_contract(sc: &Sidecar, store: &str) {
         &tx,
         json!({"operations": [
             {"operation": "upsert", "request": {"key": "t1", "value": "a", "etag": t1_etag}},
-            {"operation": "upsert", "request": {"key": "t1", "value": "b", "etag": t1_etag}},
+            {"operation": "upsert", "request": {"key": "t3", "value": "c"}},
+            {"operation": "delete", "request": {"key": "t1", "etag": t1_etag}},
+        ]}),
+    );
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (409, "ERR_STATE_TRANSACTION"),
+        "{body}"
+    );
+    let (s, etag, body) = get(sc, &format!("{base}/t1"));
+    assert_eq!(
+        (s, etag.as_deref(), body.as_str()),
+        (200, Some(t1_etag.as_str()), r#""one""#),
+        "nothing of it applied"
+    );
+    assert_eq!(
+        get(sc, &format!("{base}/t3")).0,
+        204,
+        "nothing of it applied"
+    );
+    // Its current ETag, then no ETag: both apply, in order.
+    let (s, body) = post(
+        sc,
+        &tx,
+        json!({"operations": [
+            {"operation": "upsert", "request": {"key": "t1", "value": "a", "etag": t1_etag}},
+            {"operation": "upsert", "request": {"key": "t1", "value": "b"}},
         ]}),
     );
     assert_eq!(s, 204, "{body}");
@@ -3054,4 +3082,169 @@ fn configuration_on_postgresql_with_listen_notify() {
             .iter()
             .any(|s| String::from_utf8_lossy(&s.body).contains(&id2))
     );
+}
+
+/// `configuration.postgresql` subscriptions each hold a `LISTEN` connection outside the pool:
+/// they are bounded by the component's `maxConns` (they used to open one connection each,
+/// whatever `maxConns` said). One more fails at once; an unsubscribe gives its place back.
+#[test]
+fn postgres_configuration_subscriptions_are_bounded_by_max_conns() {
+    let db = PostgresDb::create();
+    db.sql("CREATE TABLE boundedconfig (KEY VARCHAR NOT NULL, VALUE VARCHAR NOT NULL, VERSION VARCHAR NOT NULL, METADATA JSON);");
+    let app = Backend::http();
+    let sc = start(
+        &format!("service: orders\napp:\n  address: {}\n", app.address()),
+        &[(
+            "config.yaml",
+            &binding_component(
+                "pgconfig",
+                "configuration.postgresql",
+                &[
+                    ("connectionString", &db.connection_string()),
+                    ("table", "boundedconfig"),
+                    ("maxConns", "2"),
+                ],
+            ),
+        )],
+    );
+    let subscribe = || {
+        get(
+            &sc,
+            "/v1.0/configuration/pgconfig/subscribe?metadata.pgNotifyChannel=bounded",
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (s, _, body) = subscribe();
+        assert_eq!(s, 200, "{body}\n{}", sc.diagnostics());
+        ids.push(
+            serde_json::from_str::<Value>(&body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let (s, _, body) = subscribe();
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (500, "ERR_CONFIGURATION_SUBSCRIBE"),
+        "{body}"
+    );
+    assert!(body.contains("maxConns"), "{body}");
+    // The pool still serves gets.
+    assert_eq!(get(&sc, "/v1.0/configuration/pgconfig?key=missing").0, 204);
+    let (s, _, _) = get(
+        &sc,
+        &format!("/v1.0/configuration/pgconfig/{}/unsubscribe", ids[0]),
+    );
+    assert_eq!(s, 200);
+    eventually(Duration::from_secs(10), "a place given back", || {
+        (subscribe().0 == 200).then_some(())
+    });
+}
+
+/// HTTP invocation streams a request body over 64 KiB to the callee as it arrives (it used to
+/// read the whole body first): the callee's echo of the first part comes back while the rest
+/// is still to be sent. A streamed body past `bridge.max_body` is a 413, whether it says its
+/// length or not.
+#[test]
+fn invocation_streams_large_request_bodies_within_max_body() {
+    use http_body_util::BodyExt;
+    let backend = Backend::http();
+    let sc = start(
+        &format!(
+            "  max_body: 256KiB\nservice: front\nclusters:\n  target:\n    endpoints: [{}]\n    http2: true\n",
+            backend.address()
+        ),
+        &[],
+    );
+    let addr = sc
+        .bridge_url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wait = Duration::from_secs(20);
+    let part = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = http::Request::post(format!("http://{addr}/v1.0/invoke/target/method/stream"))
+            .body(http_body_util::StreamBody::new(
+                crate::backend::ReceiverStream(rx),
+            ))
+            .unwrap();
+        tx.send(Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+            part.clone(),
+        )))
+        .await
+        .unwrap();
+        let res = tokio::time::timeout(wait, send.send_request(req))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no answer while the body is open: read whole first?\n{}",
+                    sc.diagnostics()
+                )
+            })
+            .unwrap();
+        assert_eq!(res.status(), 200, "{}", sc.diagnostics());
+        let mut body = res.into_body();
+        let mut echoed = 0;
+        while echoed < part.len() {
+            let frame = tokio::time::timeout(wait, body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("no echo of the first part\n{}", sc.diagnostics()))
+                .expect("the echo")
+                .unwrap();
+            echoed += frame.data_ref().map_or(0, |d| d.len());
+        }
+        tx.send(Ok(hyper::body::Frame::data(part.clone())))
+            .await
+            .unwrap();
+        drop(tx);
+        let rest = tokio::time::timeout(wait, body.collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        assert_eq!(echoed + rest.len(), 2 * part.len());
+    });
+    // Past the limit: 413, from its Content-Length.
+    let big = vec![b'y'; 300 * 1024];
+    let r = client()
+        .post(sc.bridge_url("/v1.0/invoke/target/method/stream"))
+        .body(big.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(&r.text().unwrap()), "ERR_BODY_TOO_LARGE");
+    // (Without a length it is counted as it passes: the callee reads it all before it
+    // answers, so its request is cut and the caller gets the 413 — or, over HTTP/1, sees the
+    // connection closed while it still sends, as with any early answer.)
+    let sent = client()
+        .post(sc.bridge_url("/v1.0/invoke/target/method/status/200"))
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(big)))
+        .send();
+    if let Ok(r) = sent {
+        assert_eq!(r.status(), 413, "{}", sc.diagnostics());
+    }
+    // A body within the limit, streamed, arrives whole.
+    let r = client()
+        .post(sc.bridge_url("/v1.0/invoke/target/method/stream"))
+        .body(vec![b'z'; 200 * 1024])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().len(), 200 * 1024);
 }

@@ -901,3 +901,102 @@ fn python_sdk_output_binding_http() {
     scenario(&sc, &[], &["binding", "webhook"]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(backend.count(), 2);
 }
+
+/// A proxied call whose target cannot be connected (refused) is tried on the cluster's next
+/// endpoint, as a whole-body invocation is: nothing of its request stream was sent, so the
+/// stream goes to the next attempt unread (within the cluster's retry budget).
+#[test]
+fn grpc_proxying_tries_another_endpoint_after_a_connect_failure() {
+    let backend = Backend::http();
+    let config = format!(
+        "service: caller\nbridge:\n  address: 127.0.0.1:0\n  grpc_address: 127.0.0.1:0\nclusters:\n  target:\n    endpoints: [{}, {}]\n    http2: true\n",
+        crate::backend::dead_port(),
+        backend.address()
+    );
+    let sc = Spawn {
+        config: &config,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let diag = || sc.diagnostics();
+    for i in 0..4 {
+        let mut call = crate::support::or_panic(
+            crate::support::GrpcStream::call(&grpc, &grpc, "/echo.v1.Echo/Stream", TARGET, MSG),
+            diag,
+        );
+        assert_eq!(call.status, 200, "call {i}\n{}", diag());
+        let (status, message) = crate::support::or_panic(call.trailers(), diag);
+        assert_eq!(
+            status.as_deref(),
+            Some("0"),
+            "call {i}: {message:?}\n{}",
+            diag()
+        );
+    }
+    assert_eq!(
+        backend.count(),
+        4,
+        "every call reached the live endpoint once"
+    );
+    assert!(
+        sc.metric("outrigger_retries_total{cluster=\"target\",outcome=\"attempted\"}") >= 1.0,
+        "{}",
+        diag()
+    );
+}
+
+/// The caller's deadline fires on its own: a caller that reads nothing (its HTTP/2 window
+/// is 0, so the bridge has nothing to send it) still has the target's stream cancelled at
+/// its deadline, not when it reads again. (The deadline used to be seen only when the
+/// answer was polled, which hyper does not do without window.)
+#[test]
+fn grpc_proxying_cancels_the_target_at_the_deadline_when_the_caller_does_not_read() {
+    let backend = Backend::http();
+    let sc = proxying(&backend, "");
+    let grpc = sc.bridge_grpc.clone().expect("the bridge runs");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wait = Duration::from_secs(20);
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post(format!("http://{grpc}/echo.v1.Echo/Stream"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("dapr-app-id", "target")
+            .header("grpc-timeout", "2S")
+            .body(())
+            .unwrap();
+        let (res, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(MSG), false)
+            .unwrap();
+        let res = tokio::time::timeout(wait, res)
+            .await
+            .unwrap_or_else(|_| panic!("no response headers\n{}", sc.diagnostics()))
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        // The echo waits in the bridge (no window); nothing is read. The connection stays
+        // open (its task runs here) while the target hears of the deadline.
+        let _body = res.into_body();
+        let until = tokio::time::Instant::now() + wait;
+        while backend.resets() == 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the target's stream was not cancelled at the deadline\n{}",
+                sc.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(send);
+    });
+}

@@ -21,7 +21,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,35 +52,63 @@ pub async fn forward(
         .map_or_else(|| req.uri().path().to_string(), |p| p.to_string());
     let (parts, incoming) = req.into_parts();
     let refused = Arc::new(OnceLock::new());
-    // Dropped with the answer (or here, when there is none): the request stream stops.
+    // Dropped with the answer (or here, when there is none, or at the deadline): the request
+    // stream stops.
     let (ended, ended_rx) = oneshot::channel::<()>();
-    let outbound = Outbound {
-        inner: incoming,
-        limit: st.config.max_body,
-        framing: Framing::default(),
+    let hooks = Hooks {
         refused: refused.clone(),
-        ended: Some(ended_rx),
+        limit: st.config.max_body,
+        unsent: Arc::new(Mutex::new(None)),
     };
+    let outbound = hooks.outbound(Unsent {
+        inner: incoming,
+        ended: Some(ended_rx),
+    });
     let sent = invoke::send(
         st,
         app_id,
         parts.method,
         &path,
         parts.headers,
-        RequestBody::Streaming(outbound.boxed()),
+        RequestBody::Streaming(outbound),
         deadline,
-        // A message refused before the callee answered is the caller's doing.
-        Some(&|| refused.get().is_some()),
+        Some(&hooks),
     )
     .await;
+    // (Holds the caller's stream only between a connect failure and the next attempt.)
+    drop(hooks.unsent.lock().expect("not poisoned").take());
     match sent {
         Ok(res) => res.map(|inner| {
+            let target = Arc::new(Mutex::new(Some(Target {
+                body: inner,
+                _ended: ended,
+            })));
+            // The deadline fires on its own, not only when hyper polls the answer (it does
+            // not while the caller's window is full): the target's stream is cancelled on
+            // time, and the caller gets `DEADLINE_EXCEEDED` as soon as it reads again.
+            let gone = deadline.map(|d| {
+                let (gone, gone_rx) = oneshot::channel::<()>();
+                let target = Arc::downgrade(&target);
+                let app_id = app_id.to_string();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(d) => {
+                            let cut = target.upgrade().and_then(|t| t.lock().expect("not poisoned").take());
+                            if cut.is_some() {
+                                tracing::debug!(app_id, "proxied gRPC call past its deadline: the target's stream cancelled");
+                            }
+                        }
+                        _ = gone_rx => {}
+                    }
+                });
+                gone
+            });
             axum::body::Body::new(Answer {
-                inner,
+                target,
                 deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
                 refused,
                 app_id: app_id.to_string(),
-                _ended: ended,
+                _gone: gone,
                 done: false,
             })
         }),
@@ -90,6 +118,55 @@ pub async fn forward(
             .unwrap_or_else(|| Status::from(e))
             .into_http(),
     }
+}
+
+/// The caller's request stream, not yet read by any attempt.
+struct Unsent {
+    inner: Incoming,
+    /// Resolves (the sender dropped) when the answer is gone: ended early, cut at the
+    /// deadline, or dropped by a caller that went away.
+    ended: Option<oneshot::Receiver<()>>,
+}
+
+/// What [`invoke::send`] asks of the call's request stream.
+struct Hooks {
+    refused: Arc<OnceLock<Status>>,
+    limit: usize,
+    /// Where an attempt that dropped the stream unread (a connect failure) leaves it.
+    unsent: Arc<Mutex<Option<Unsent>>>,
+}
+
+impl Hooks {
+    fn outbound(&self, unsent: Unsent) -> body::ProxyBody {
+        Outbound {
+            stream: Some(unsent),
+            limit: self.limit,
+            framing: Framing::default(),
+            refused: self.refused.clone(),
+            read: false,
+            unsent: self.unsent.clone(),
+        }
+        .boxed()
+    }
+}
+
+impl invoke::Streamed for Hooks {
+    /// A message refused before the callee answered is the caller's doing.
+    fn caller_fault(&self) -> bool {
+        self.refused.get().is_some()
+    }
+
+    fn again(&self) -> Option<body::ProxyBody> {
+        let unsent = self.unsent.lock().expect("not poisoned").take()?;
+        Some(self.outbound(unsent))
+    }
+}
+
+/// The target's side of a call: its answer's body, and (dropped with it) the signal that
+/// stops the request stream. Dropping it cancels the target's stream.
+struct Target {
+    body: ProxyBody,
+    _ended: oneshot::Sender<()>,
 }
 
 /// `grpc-timeout`'s value (gRPC over HTTP/2: 1 to 8 digits, then `H`, `M`, `S`, `m`, `u` or
@@ -158,16 +235,27 @@ impl Framing {
 
 /// The caller's request body on its way to the target: frames pass as they come; a message
 /// over the limit, or the end of the answer, fails it, and hyper then resets the target's
-/// stream (RST_STREAM).
+/// stream (RST_STREAM). Dropped unread (the attempt could not connect), it leaves the stream
+/// for the next attempt ([`Hooks::again`]).
 struct Outbound {
-    inner: Incoming,
+    stream: Option<Unsent>,
     limit: usize,
     framing: Framing,
     /// The status the call ends with when this body refused a message.
     refused: Arc<OnceLock<Status>>,
-    /// Resolves (the sender dropped) when the answer is gone: ended early, or dropped by a
-    /// caller that went away.
-    ended: Option<oneshot::Receiver<()>>,
+    /// Polled at least once: a connection took it, so it is never sent again.
+    read: bool,
+    unsent: Arc<Mutex<Option<Unsent>>>,
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        if !self.read
+            && let Some(unsent) = self.stream.take()
+        {
+            *self.unsent.lock().expect("not poisoned") = Some(unsent);
+        }
+    }
 }
 
 impl Body for Outbound {
@@ -179,13 +267,17 @@ impl Body for Outbound {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(ended) = this.ended.as_mut()
+        this.read = true;
+        let Some(stream) = this.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(ended) = stream.ended.as_mut()
             && Pin::new(ended).poll(cx).is_ready()
         {
-            this.ended = None;
+            stream.ended = None;
             return Poll::Ready(Some(Err("the call ended".into())));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        match Pin::new(&mut stream.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref()
                     && let Err(len) = this.framing.pass(data, this.limit)
@@ -206,11 +298,13 @@ impl Body for Outbound {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.stream.as_ref().is_none_or(|s| s.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.stream
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |s| s.inner.size_hint())
     }
 }
 
@@ -218,17 +312,19 @@ impl Body for Outbound {
 /// caller's deadline. A stream cut short (the deadline, a refused message, the target's
 /// stream broken) ends with trailers that say why, and drops the target's stream.
 ///
-/// The deadline is seen when hyper polls this body, which it does whenever it waits for the
-/// next frame; a caller that stops reading (no HTTP/2 window left) is not polled, so its call
-/// ends past the deadline only once it reads again or goes away (its own gRPC library cancels
-/// it at its deadline anyway).
+/// The deadline is seen here when hyper polls this body (whenever it waits for the next
+/// frame), and by a timer of its own ([`forward`]) that cancels the target's stream on time
+/// even when hyper does not poll (a caller that stopped reading, no HTTP/2 window left): that
+/// caller then gets `DEADLINE_EXCEEDED` when it reads again or goes away (its own gRPC
+/// library cancels at its deadline anyway).
 struct Answer {
-    inner: ProxyBody,
+    /// `None` once the deadline's timer cut it.
+    target: Arc<Mutex<Option<Target>>>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     refused: Arc<OnceLock<Status>>,
     app_id: String,
-    /// Dropped with the answer: the request stream to the target stops ([`Outbound`]).
-    _ended: oneshot::Sender<()>,
+    /// Dropped with the answer: the deadline's timer ends.
+    _gone: Option<oneshot::Sender<()>>,
     done: bool,
 }
 
@@ -237,12 +333,19 @@ impl Answer {
     fn end_with(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         tracing::debug!(app_id = self.app_id, code = ?status.code(), "proxied gRPC call cut short: {}", status.message());
         self.done = true;
-        self.inner = body::empty();
+        drop(self.target.lock().expect("not poisoned").take());
         let mut trailers = HeaderMap::new();
         if status.add_header(&mut trailers).is_err() {
             trailers.insert(Status::GRPC_STATUS, (status.code() as i32).into());
         }
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn past_deadline(&self) -> Status {
+        Status::deadline_exceeded(format!(
+            "the call's deadline (grpc-timeout) passed before {:?} finished",
+            self.app_id
+        ))
     }
 }
 
@@ -261,32 +364,43 @@ impl Body for Answer {
         if let Some(d) = this.deadline.as_mut()
             && d.as_mut().poll(cx).is_ready()
         {
-            return this.end_with(Status::deadline_exceeded(format!(
-                "the call's deadline (grpc-timeout) passed before {:?} finished",
-                this.app_id
-            )));
+            return this.end_with(this.past_deadline());
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+        let polled = {
+            let mut target = this.target.lock().expect("not poisoned");
+            target
+                .as_mut()
+                .map(|t| Pin::new(&mut t.body).poll_frame(cx))
+        };
+        match polled {
+            // Cut by the deadline's timer.
+            None => this.end_with(this.past_deadline()),
+            Some(Poll::Ready(Some(Ok(frame)))) => {
                 this.done = frame.is_trailers();
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => {
+            Some(Poll::Ready(Some(Err(e)))) => {
                 let status = this.refused.get().cloned().unwrap_or_else(|| {
                     Status::unavailable(format!("the stream from {:?} broke: {e}", this.app_id))
                 });
                 this.end_with(status)
             }
-            Poll::Ready(None) => {
+            Some(Poll::Ready(None)) => {
                 this.done = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Some(Poll::Pending) => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.done
+            || self
+                .target
+                .lock()
+                .expect("not poisoned")
+                .as_ref()
+                .is_some_and(|t| t.body.is_end_stream())
     }
 }
 

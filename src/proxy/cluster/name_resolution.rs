@@ -14,8 +14,8 @@
 //! An app id is `id` (this workload's namespace) or `id.namespace`, each a DNS label, so it
 //! names a workload and never an arbitrary host. Each resolved id is an ordinary
 //! [`Cluster`] with default settings and DNS discovery (balancing, pools, outlier ejection,
-//! retry budget, TLS origination and its certificate rotation all apply), kept while used (a
-//! mesh peer unused for [`PEER_IDLE_TIMEOUT`] is evicted, and made again on its next call);
+//! retry budget, TLS origination and its certificate rotation all apply), kept while used (an
+//! app id unused for [`PEER_IDLE_TIMEOUT`] is evicted, and made again on its next call);
 //! at most `max` of them (each has its own metric series). The name is looked
 //! up (at most [`LOOKUP_TIMEOUT`]) before any cluster is made: a name that does not resolve
 //! makes no cluster, no metric series and no log line, and is answered from a short-lived,
@@ -43,7 +43,7 @@ pub const FAILURE_TTL: Duration = Duration::from_secs(5);
 /// App ids the cache of failures holds at most (beyond, failures are not cached).
 pub const MAX_FAILURES: usize = 1024;
 
-/// A mesh peer unused this long is evicted (its cluster, discovery and pools dropped; made
+/// A mesh peer (or a `bridge.name_resolution` app id) unused this long is evicted (its cluster, discovery and pools dropped; made
 /// again on its next call): without it every app id ever called would be looked up in DNS
 /// every 5 s for the sidecar's life.
 pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -95,9 +95,10 @@ pub struct NameResolution {
 
 impl NameResolution {
     /// `bridge.name_resolution`: plain-text clusters; `namespace` fills `{namespace}` for ids
-    /// without one.
-    pub fn template(template: String, namespace: String, metrics: ProxyMetrics) -> Self {
-        NameResolution {
+    /// without one. App ids unused for [`PEER_IDLE_TIMEOUT`] are evicted, as the mesh's peers
+    /// are (when a runtime is running): an app id that went away gives back its place.
+    pub fn template(template: String, namespace: String, metrics: ProxyMetrics) -> Arc<Self> {
+        let r = Arc::new(NameResolution {
             how: How::Template {
                 template,
                 namespace,
@@ -106,7 +107,11 @@ impl NameResolution {
             metrics,
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(Self::evict_idle_peers(Arc::downgrade(&r)));
         }
+        r
     }
 
     /// `mesh:`: mutual-TLS clusters to the peers' inbound mesh listeners, their identity
@@ -163,7 +168,7 @@ impl NameResolution {
         for c in &evicted {
             c.retire();
             self.metrics.tls.untrack(&format!("cluster/{}", c.name));
-            tracing::info!(cluster = %c.name, idle_seconds = c.idle_for().as_secs(), "unused peer evicted");
+            tracing::info!(cluster = %c.name, idle_seconds = c.idle_for().as_secs(), "unused app id evicted (its cluster is made again on its next call)");
         }
         evicted.len()
     }
@@ -650,6 +655,29 @@ mod tests {
             r.cluster("nowhere.default").await,
             Err(ResolveError::Unresolved(_))
         ));
+    }
+
+    /// `bridge.name_resolution`'s app ids are evicted when unused, as the mesh's peers are
+    /// (they used to be kept for the sidecar's life: an app id that went away kept its
+    /// cluster, its DNS refreshes and its place among the 256).
+    #[tokio::test]
+    async fn template_app_ids_are_evicted_when_unused() {
+        let r = NameResolution::template(
+            "127.0.0.{app_id}:{namespace}".into(),
+            "1".into(),
+            ProxyMetrics::default(),
+        );
+        assert_eq!(
+            Arc::weak_count(&r),
+            1,
+            "the eviction task watches the resolution"
+        );
+        let a = r.cluster("1").await.unwrap();
+        assert_eq!(r.evict_idle(PEER_IDLE_TIMEOUT), 0, "just used");
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert!(a.is_retired() && r.clusters().is_empty());
+        let again = r.cluster("1").await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &again), "made again on its next call");
     }
 
     #[test]
