@@ -79,7 +79,8 @@ post() {
     $1 == "50%" { p50 = ms($2) }
     $1 == "99%" { p99 = ms($2) }
     /Non-2xx|Socket errors/ { errs = errs " " $0 }
-    END { printf "%.0f %.3f %.3f%s\n", rps, p50, p99, (errs ? " ERR" : "") }' "$dir/wrk.out"
+    END { printf "%.0f %.3f %.3f%s\n", rps, p50, p99, (errs ? " ERR" : "")
+          if (errs) print "wrk:" errs > "/dev/stderr" }' "$dir/wrk.out"
 }
 
 declare -A R

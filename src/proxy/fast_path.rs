@@ -44,8 +44,10 @@
 //! that answers an error (status 400 or more) or says `Connection: close` before it has the
 //! whole body gets no more: the client hears the answer with `connection: close`, and what it
 //! still sends is read and dropped for up to [`LINGER`] after our side is shut, so that the
-//! answer is not lost to a reset. Any other answer that ends before the body does ends the
-//! body too (the client's connection then closes after it, the same way). An upstream
+//! answer is not lost to a reset. Any other answer that ends before the body does (nginx's
+//! `return` answers at once and reads the body after) gets the rest after it, for up to the
+//! route's timeout, so that both connections go on; failing that, the client's connection
+//! closes after the answer, the same way. An upstream
 //! connection that did not get the whole body is never pooled, and a streamed body is never
 //! sent again (hyper's path does not retry one either; a route with retries is hyper's
 //! anyway). The client's waits count against `limits.min_body_rate` (the upstream's pace
@@ -1054,7 +1056,22 @@ where
     if let Some(r) = plan.record.take() {
         r.end(bytes, how);
     }
-    // The response ended: what the upstream did not take of the body by then stays unsent.
+    // A response that ended before the body did (an upstream that answers at once and reads
+    // the body after, as nginx's `return` does): the rest goes up as the client sends it, for
+    // up to the route's timeout, so that both connections can go on; what the upstream did
+    // not take by then stays unsent.
+    let mut failed = false;
+    if let (Ok((_, true)), Some(u)) = (&streamed, up.as_deref_mut())
+        && head.reusable
+        && !u.stopped
+    {
+        let finish = std::future::poll_fn(|task| u.poll_send(task, io, &mut conn.io));
+        if let Ok(Err(f)) = tokio::time::timeout(target.timeout, finish).await {
+            body_failed(&f);
+            failed = true;
+        }
+        u.stopped = true;
+    }
     let unsent = up.as_ref().is_some_and(|u| u.unsent());
     match streamed {
         Ok((bytes, upstream_clean)) => {
@@ -1064,7 +1081,7 @@ where
             if upstream_clean && head.reusable && !unsent {
                 plan.pool.put_raw(conn);
             }
-            !close && io.flush().await.is_ok()
+            !close && !failed && io.flush().await.is_ok()
         }
         Err(Broken { bytes, .. }) => {
             target.stats.response_bytes.inc_by(bytes);

@@ -26,7 +26,7 @@ fn fnv(data: &[u8]) -> u64 {
 /// until the proxy closes); `/refuse` the same without `Connection: close`; `/stream` answers
 /// 200 with the body's length at once and echoes the body as it reads it; `/abort` reads 64 KiB
 /// of the body and closes without a word; every other path answers 200 with `x-len` and
-/// `x-sum` of the body.
+/// `x-sum` of the body. `/quick` answers 200 at once and reads the body after.
 struct EchoApp {
     address: String,
     heads: Arc<Mutex<Vec<String>>>,
@@ -96,6 +96,26 @@ fn serve(mut conn: TcpStream, heads: &Mutex<Vec<String>>, cut: &AtomicUsize) {
                 .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo long");
             while matches!(conn.read(&mut chunk), Ok(n) if n > 0) {}
             return;
+        }
+        if path == "/quick" {
+            // Answers at once, then reads the body (as nginx's `return` does).
+            if conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .is_err()
+            {
+                return;
+            }
+            while buf.len() < length {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => {
+                        cut.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..length);
+            continue;
         }
         if path == "/abort" {
             while buf.len() < 64 * 1024 {
@@ -831,4 +851,36 @@ fn a_large_body_takes_the_fast_path() {
         "hyper's: {}",
         heads[1]
     );
+}
+
+/// An upstream that answers at once and reads the 1 MiB body after (as nginx's `return`): the
+/// rest of the body still goes up after the answer, and both connections go on.
+#[test]
+fn an_answer_before_the_body_lets_the_body_finish() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let sender = send_in_background(
+        &s,
+        "POST /quick HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
+        body(1 << 20),
+    );
+    let mut rest = Vec::new();
+    let out = response(&mut s, &mut rest);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && !out.contains("connection: close"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(sender.join().unwrap(), "the body was written whole");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut rest);
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert_eq!(app.accepted(), 1, "the upstream connection was reused");
+    assert_eq!(app.cut.load(Ordering::SeqCst), 0);
 }
