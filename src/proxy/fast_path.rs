@@ -34,10 +34,30 @@
 //! `bad-request`), as hyper's path reads such bodies ahead; then it goes up with the head in
 //! one write. So a slow client's small body never reaches the upstream, and the body is
 //! resent on the same terms as a bodiless request (below) when its method is idempotent.
-//! Longer bodies go to hyper's path (`check`): the streamed pump here (`pump`, [`LINGER`])
-//! stops writing at the first final response head, which would stall an upstream that
-//! answers while it still reads (an echo); it is kept, unreached, until it is full duplex. The
-//! proxy has no request body size limit of its own: the upstream's is the one.
+//!
+//! A longer body streams, full duplex: the bytes read with the head go up with it, the rest as
+//! the client sends them (read into the connection's buffer, never past the body's end: a
+//! pipelined request after it waits for its turn), while the upstream's answer is read and
+//! passed on (`pump` until its head, then `duplex` under every read and write of
+//! `stream_body`: one task, one poll function over both connections, no split, no channel). An
+//! upstream that answers while it still reads (an echo) thus gets all of it. An upstream
+//! that answers an error (status 400 or more) or says `Connection: close` before it has the
+//! whole body gets no more: the client hears the answer with `connection: close`, and what it
+//! still sends is read and dropped for up to [`LINGER`] after our side is shut, so that the
+//! answer is not lost to a reset. Any other answer that ends before the body does (nginx's
+//! `return` answers at once and reads the body after) gets the rest after it, for up to the
+//! route's timeout, so that both connections go on; failing that, the client's connection
+//! closes after the answer, the same way. An upstream
+//! connection that did not get the whole body is never pooled, and a streamed body is never
+//! sent again (hyper's path does not retry one either; a route with retries is hyper's
+//! anyway). The client's waits count against `limits.min_body_rate` (the upstream's pace
+//! does not); before the response head, a client that closes mid-body gets 400
+//! `bad-request`, one too slow 408, the route's timeout while the body is still coming 408
+//! (after it, 504), an upstream that closes or resets 502 `upstream-reset` (with
+//! `connection: close` while the client still sends); after the head, a client that fails
+//! its body cuts the response (logged `client-closed`). Chunked request bodies stay on
+//! hyper's path (`check`). The proxy has no request body size limit of its own: the
+//! upstream's is the one.
 //!
 //! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
 //! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the
@@ -83,7 +103,7 @@ use super::cluster::pool::{Pool, Raw};
 use super::failure::Failure;
 use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
-use super::listener::Metered;
+use super::listener::{Metered, Stream};
 use super::min_body_rate::Credit;
 use super::record::Recording;
 use super::route::{Target, route_key};
@@ -362,15 +382,8 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
                 return None;
             }
             let l = parse_length(h.value);
-            // Bodies over REPLAY_LIMIT stay on hyper's path for now: the streamed pump
-            // (`pump`) stops writing at the first final response head, so an upstream that
-            // answers while it still reads (an echo) would wait for the rest of the body
-            // until a timeout, where hyper's client writes on (full duplex). Bodies up to
-            // REPLAY_LIMIT are read whole first (`read_body`), so an early answer cannot
-            // stall them. The streamed tests in tests/it/fast_body.rs are ignored until then.
-            if l > REPLAY_LIMIT as u64 {
-                return None;
-            }
+            // Any length: up to REPLAY_LIMIT the body is read whole first (`read_body`),
+            // beyond it streamed full duplex (`pump`, `duplex`).
             // Over `limits.max_request_body`: hyper's path answers the 413 (`check_body_size`).
             if state.limits.max_request_body.is_some_and(|max| l > max) {
                 return None;
@@ -773,6 +786,8 @@ struct Head {
     framing: Framing,
     /// The upstream connection can take another request after this body.
     reusable: bool,
+    /// The upstream closes its connection after this response (`Connection: close`, HTTP/1.0).
+    upstream_close: bool,
     /// The head's length in the upstream buffer.
     len: usize,
 }
@@ -832,7 +847,9 @@ impl Spare<'_> {
 }
 
 /// Sends the request, streams the response back. Returns whether the downstream connection
-/// stays open.
+/// stays open. A body the client still owes is read into the connection's read buffer (taken
+/// for the exchange: everything in it was sent by then) and sent on while the upstream
+/// answers ([`relay`]).
 async fn forward<S>(
     cx: &Ctx<'_>,
     io: &mut Metered<S>,
@@ -846,63 +863,75 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let target = plan.target.clone();
-    let cluster = &target.cluster;
-    let closing =
-        || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
-    let close = closing();
-    // Whether some of the body never reached the upstream (not read, or not written).
-    let mut unsent = false;
-    let exchanged = if spare.unread == 0 {
+    if spare.unread == 0 {
         // No body, or all of it came with the head: the client is watched meanwhile.
-        let upstream = send(cx, state, plan, out, close, None::<&mut Upload<'_, S>>);
-        // The client gone before the answer: its record says 499 `client-closed` when dropped.
-        let Some(exchanged) = spare.unless_gone(io, upstream).await else {
-            return false;
-        };
-        exchanged
-    } else {
-        // The rest of the body comes from the client while the upstream may answer.
-        let mut up = Upload {
-            client: io,
-            buf: &mut spare.buf[..],
-            left: spare.unread,
-            at: 0,
-            len: 0,
-            credit: Credit::new(plan.rate),
-        };
-        let exchanged = send(cx, state, plan, out, close, Some(&mut up)).await;
-        spare.unread = up.left;
-        unsent = up.left > 0 || up.at < up.len;
-        // The buffer held only body bytes: it is empty now, and the client is watched
-        // again only if it owes nothing more.
-        (*spare.end, spare.idle_at, spare.watch) = (0, 0, up.left == 0);
-        exchanged
-    };
+        target.stats.request_bytes.inc_by(plan.length);
+        return relay(cx, io, state, plan, out, started, spare, None).await;
+    }
+    let mut up = Upload::new(std::mem::take(spare.buf), spare.unread, plan.rate);
+    spare.watch = false;
+    let keep = relay(cx, io, state, plan, out, started, spare, Some(&mut up)).await;
+    *spare.buf = std::mem::take(&mut up.buf);
+    spare.unread = up.left;
+    // The buffer held only body bytes: it is empty now, and the client is watched again only
+    // if it owes nothing more.
+    (*spare.end, spare.idle_at, spare.watch) = (0, 0, up.left == 0);
     target
         .stats
         .request_bytes
         .inc_by(plan.length - spare.unread);
-    if unsent {
-        tracing::debug!(listener = %state.name, upstream = %plan.attempt.endpoint.address, unread = spare.unread, "the request body was not sent whole; the upstream connection is discarded");
+    if up.unsent() {
+        tracing::debug!(listener = %state.name, upstream = %plan.attempt.endpoint.address, unread = up.left, "the request body was not sent whole; the upstream connection is discarded");
     }
-    // A drain or idle watch may have begun while the upstream answered, or the upstream
-    // answered before the client sent its whole body: the response says `connection: close`
-    // then (as hyper's path decides after the upstream answered).
-    let late = !close && (closing() || spare.unread > 0);
-    let close = close || late;
-    let (mut conn, head, mut end) = match exchanged {
-        Ok(Ok(r)) => {
-            if late {
-                // `out` holds the client's head, ending in its blank line.
-                out.truncate(out.len() - 2);
-                out.extend_from_slice(b"connection: close\r\n\r\n");
-            }
-            r
+    keep
+}
+
+/// [`forward`]'s exchange, with `up`: the rest of the body, sent on until the response's end
+/// (full duplex), unless the upstream stops taking it or answers early with an error.
+#[allow(clippy::too_many_arguments)]
+async fn relay<S>(
+    cx: &Ctx<'_>,
+    io: &mut Metered<S>,
+    state: &HttpListener,
+    plan: &mut Plan,
+    out: &mut Vec<u8>,
+    started: Instant,
+    spare: &mut Spare<'_>,
+    mut up: Option<&mut Upload>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let target = plan.target.clone();
+    let cluster = &target.cluster;
+    let closing =
+        || plan.close || cx.down.drain.is_draining() || cx.flags.closing.load(Ordering::Relaxed);
+    let close = closing();
+    let exchanged = match up.as_deref_mut() {
+        None => {
+            let upstream = send(cx, state, plan, out, close, None::<(&mut Metered<S>, _)>);
+            // The client gone before the answer: its record says 499 `client-closed` when
+            // dropped.
+            let Some(exchanged) = spare.unless_gone(io, upstream).await else {
+                return false;
+            };
+            exchanged
         }
-        Ok(Err(f)) => return answer(io, state, plan, f, out, close, started).await,
+        // The rest of the body comes from the client while the upstream may answer.
+        Some(u) => send(cx, state, plan, out, close, Some((&mut *io, u))).await,
+    };
+    let owed = |up: &Option<&mut Upload>| up.as_ref().is_some_and(|u| u.left > 0);
+    let (mut conn, head, mut end) = match exchanged {
+        Ok(Ok(r)) => r,
+        // A client that still owes some of its body is told its connection closes (what it
+        // sends on is read and dropped for a while, [`linger`]).
+        Ok(Err(f)) => {
+            let close = close || owed(&up);
+            return answer(io, state, plan, f, out, close, started).await;
+        }
         // The route's timeout while the client was still sending: its body did not arrive
         // in time (hyper's path: 408 when the body is read ahead).
-        Err(_) if spare.unread > 0 => {
+        Err(_) if owed(&up) => {
             let f = Failed {
                 failure: Failure::RequestTimeout,
                 message: format!(
@@ -924,6 +953,26 @@ where
             return answer(io, state, plan, f, out, close, started).await;
         }
     };
+    // The upstream answered before it had the whole body. An error (a 413, a 401) or an
+    // upstream that closes after it wants no more: the body stops here, and the client, which
+    // still sends it, is told `connection: close` (what it sends on is read and dropped for a
+    // while, [`linger`]). Any other answer (an echo) gets the rest as the response goes back.
+    let early = up
+        .as_ref()
+        .is_some_and(|u| u.unsent() && (head.status >= 400 || head.upstream_close));
+    if early && let Some(u) = up.as_deref_mut() {
+        u.stopped = true;
+    }
+    // A drain or idle watch may have begun while the upstream answered, or the upstream
+    // answered early while the client still owes some of its body: the response says
+    // `connection: close` then (as hyper's path decides after the upstream answered).
+    let late = !close && (closing() || early && owed(&up));
+    let close = close || late;
+    if late {
+        // `out` holds the client's head, ending in its blank line.
+        out.truncate(out.len() - 2);
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+    }
     // A body of known length of which nothing came with the head: its first bytes are
     // awaited before anything reaches the client, so that an upstream that breaks off here
     // gets the client a 502 instead of a head and a cut body.
@@ -935,9 +984,23 @@ where
             conn.buf.resize(end + FIRST_BUFFER, 0);
         }
         let left = target.timeout.saturating_sub(started.elapsed());
-        let first = tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..]));
-        let Some(first) = spare.unless_gone(io, first).await else {
-            return false;
+        let first = if up.is_some() {
+            // The body goes on meanwhile (an echo answers its first bytes once it has them).
+            let Raw {
+                io: upstream, buf, ..
+            } = &mut conn;
+            let read = up_read(io, upstream, &mut up, &mut buf[end..]);
+            match tokio::time::timeout(left, read).await {
+                Ok(Err(f)) => return answer(io, state, plan, f, out, true, started).await,
+                Ok(Ok(r)) => Ok(r),
+                Err(e) => Err(e),
+            }
+        } else {
+            let first = tokio::time::timeout(left, conn.io.read(&mut conn.buf[end..]));
+            let Some(first) = spare.unless_gone(io, first).await else {
+                return false;
+            };
+            first
         };
         let f = match first {
             Ok(Ok(n)) if n > 0 => {
@@ -957,6 +1020,7 @@ where
             }),
         };
         if let Some(f) = f {
+            let close = close || owed(&up);
             return answer(io, state, plan, f, out, close, started).await;
         }
     }
@@ -974,7 +1038,7 @@ where
         .stats
         .latency
         .observe(started.elapsed().as_secs_f64());
-    let streamed = stream_body(io, &mut conn, &head, end, out, &mut plan.record).await;
+    let streamed = stream_body(io, &mut conn, &head, end, out, &mut plan.record, &mut up).await;
     target
         .stats
         .duration
@@ -997,6 +1061,23 @@ where
     if let Some(r) = plan.record.take() {
         r.end(bytes, how);
     }
+    // A response that ended before the body did (an upstream that answers at once and reads
+    // the body after, as nginx's `return` does): the rest goes up as the client sends it, for
+    // up to the route's timeout, so that both connections can go on; what the upstream did
+    // not take by then stays unsent.
+    let mut failed = false;
+    if let (Ok((_, true)), Some(u)) = (&streamed, up.as_deref_mut())
+        && head.reusable
+        && !u.stopped
+    {
+        let finish = std::future::poll_fn(|task| u.poll_send(task, io, &mut conn.io));
+        if let Ok(Err(f)) = tokio::time::timeout(target.timeout, finish).await {
+            body_failed(&f);
+            failed = true;
+        }
+        u.stopped = true;
+    }
+    let unsent = up.as_ref().is_some_and(|u| u.unsent());
     match streamed {
         Ok((bytes, upstream_clean)) => {
             target.stats.response_bytes.inc_by(bytes);
@@ -1005,7 +1086,7 @@ where
             if upstream_clean && head.reusable && !unsent {
                 plan.pool.put_raw(conn);
             }
-            !close && io.flush().await.is_ok()
+            !close && !failed && io.flush().await.is_ok()
         }
         Err(Broken { bytes, .. }) => {
             target.stats.response_bytes.inc_by(bytes);
@@ -1085,14 +1166,14 @@ async fn send<S>(
     plan: &Plan,
     out: &mut Vec<u8>,
     close: bool,
-    mut up: Option<&mut Upload<'_, S>>,
+    mut up: Option<(&mut Metered<S>, &mut Upload)>,
 ) -> Result<Result<(Raw, Head, usize), Failed>, tokio::time::error::Elapsed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let timeout = plan.target.timeout;
     let mut exchanged =
-        tokio::time::timeout(timeout, exchange(plan, out, up.as_deref_mut(), close)).await;
+        tokio::time::timeout(timeout, exchange(plan, out, reborrow(&mut up), close)).await;
     if let Ok(Err(f)) = &exchanged
         && f.failure == Failure::Connect
         && state
@@ -1104,12 +1185,20 @@ where
     exchanged
 }
 
+/// The client's connection and the upload, for one more attempt.
+fn reborrow<'a, S>(
+    up: &'a mut Option<(&mut Metered<S>, &mut Upload)>,
+) -> Option<(&'a mut Metered<S>, &'a mut Upload)> {
+    up.as_mut().map(|(c, u)| (&mut **c, &mut **u))
+}
+
 /// The rest of a request body, still to come from the client (what came with the head is
-/// sent with it, from `out`).
-struct Upload<'a, S> {
-    client: &'a mut Metered<S>,
-    /// Where the client's body bytes are read (the connection's read buffer, all of it).
-    buf: &'a mut [u8],
+/// sent with it, from `out`), sent on while the upstream's answer is read: before its head
+/// ([`pump`]) and while its body is passed on ([`duplex`]).
+struct Upload {
+    /// Where the client's body bytes are read: the connection's read buffer, taken for the
+    /// exchange (everything in it was sent or kept before) and given back after it.
+    buf: Vec<u8>,
     /// Bytes the client still owes.
     left: u64,
     /// Bytes read and not written yet: `buf[at..len]`.
@@ -1117,13 +1206,143 @@ struct Upload<'a, S> {
     len: usize,
     /// `limits.min_body_rate` over the waits for the client.
     credit: Option<Credit>,
+    /// Since when the client is waited for.
+    waiting: Option<tokio::time::Instant>,
+    /// The end of that wait's credit (made at the first wait: only streamed bodies with a
+    /// rate pay for it).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Nothing more goes up: all of it went, the upstream stopped taking it, or its answer
+    /// asked for no more (an early error).
+    stopped: bool,
+}
+
+impl Upload {
+    fn new(buf: Vec<u8>, left: u64, rate: Option<MinBodyRate>) -> Upload {
+        Upload {
+            buf,
+            left,
+            at: 0,
+            len: 0,
+            credit: Credit::new(rate),
+            waiting: None,
+            timer: None,
+            stopped: false,
+        }
+    }
+
+    /// Some of the body never reached the upstream (not read from the client, or not written).
+    fn unsent(&self) -> bool {
+        self.left > 0 || self.at < self.len
+    }
+
+    /// Moves body bytes from the client to the upstream as far as both let it. The
+    /// upstream's pace sets the client's (a read waits until what was read before is
+    /// written), and only time spent waiting on the client counts against
+    /// `limits.min_body_rate` (as [`super::min_body_rate::Watched`] counts it). Ready(Ok)
+    /// once nothing more goes (`stopped`): all of it written and flushed, or the upstream
+    /// stopped taking it (`unsent()` says which; what it answered is read on). Ready(Err)
+    /// when the client failed its body: 400 closed, 408 too slow.
+    fn poll_send<S>(
+        &mut self,
+        task: &mut Context<'_>,
+        client: &mut Metered<S>,
+        upstream: &mut Stream,
+    ) -> Poll<Result<(), Failed>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            if self.stopped {
+                return Poll::Ready(Ok(()));
+            }
+            // Bytes read from the client go up before more are read.
+            if self.at < self.len {
+                match Pin::new(&mut *upstream).poll_write(task, &self.buf[self.at..self.len]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.at += n;
+                        continue;
+                    }
+                    Poll::Ready(_) => {
+                        self.stopped = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.left == 0 {
+                return match Pin::new(&mut *upstream).poll_flush(task) {
+                    Poll::Ready(_) => {
+                        self.stopped = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            // What a TLS stream still holds goes out before the client is waited for.
+            if let Poll::Ready(Err(_)) = Pin::new(&mut *upstream).poll_flush(task) {
+                self.stopped = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Never past the body: pipelined bytes stay in the client's socket.
+            let want = (self.left.min(self.buf.len() as u64)) as usize;
+            let mut read = ReadBuf::new(&mut self.buf[..want]);
+            match Pin::new(&mut *client).poll_read(task, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    let n = read.filled().len();
+                    if let Some(c) = &mut self.credit {
+                        c.arrived(self.waiting.take(), n);
+                    }
+                    self.left -= n as u64;
+                    (self.at, self.len) = (0, n);
+                }
+                Poll::Ready(Ok(())) => {
+                    self.stopped = true;
+                    return Poll::Ready(Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!(
+                            "the client closed its connection {} bytes before the end of the request body",
+                            self.left
+                        ),
+                    }));
+                }
+                Poll::Ready(Err(e)) => {
+                    self.stopped = true;
+                    return Poll::Ready(Err(Failed {
+                        failure: Failure::BadRequest,
+                        message: format!("reading the request body: {e}"),
+                    }));
+                }
+                Poll::Pending => {
+                    if let Some(c) = &self.credit {
+                        let since = *self.waiting.get_or_insert_with(tokio::time::Instant::now);
+                        let deadline = c.deadline(since);
+                        let timer = self
+                            .timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        if timer.as_mut().poll(task).is_ready() {
+                            self.stopped = true;
+                            return Poll::Ready(Err(Failed {
+                                failure: Failure::RequestTimeout,
+                                message: c.too_slow().to_string(),
+                            }));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 /// How streaming the rest of a body ended (see [`pump`]).
 enum Pumped {
     /// All of it was written.
     Sent,
-    /// The upstream answered first (a final head, in `out`; the end of the bytes read).
+    /// The upstream answered first (a final head, in `out`; the end of the bytes read). The
+    /// body goes on with the response ([`forward`] decides).
     Answered(Head, usize),
     /// The upstream stopped taking it (closed, reset): whatever it said is read next.
     Refused,
@@ -1142,7 +1361,7 @@ enum Pumped {
 async fn exchange<S>(
     plan: &Plan,
     out: &mut Vec<u8>,
-    mut up: Option<&mut Upload<'_, S>>,
+    mut up: Option<(&mut Metered<S>, &mut Upload)>,
     close: bool,
 ) -> Result<(Raw, Head, usize), Failed>
 where
@@ -1183,8 +1402,8 @@ where
         // One head read for the pump and after it: what came while the body was streamed is
         // parsed before the next read.
         let mut reading = HeadRead::default();
-        if let Some(up) = up.as_deref_mut() {
-            match pump(up, &mut conn, &mut reading, &mut parse, plan).await? {
+        if let Some((client, up)) = up.as_mut() {
+            match pump(client, up, &mut conn, &mut reading, &mut parse, plan).await? {
                 Pumped::Answered(head, end) => return Ok((conn, head, end)),
                 Pumped::Sent | Pumped::Refused => {}
             }
@@ -1204,16 +1423,15 @@ where
     }
 }
 
-/// Streams the rest of the body from the client to the upstream while reading the upstream's
-/// answer, which may come first (a 413 before the body is read, say): then the body stops
-/// there. The upstream's pace sets the client's (a read waits until what was read before is
-/// written), and only time spent waiting on the client counts against `limits.min_body_rate`
-/// (as [`super::min_body_rate::Watched`] counts it). Written as one poll function over both
-/// connections, not two tasks: the upstream connection is this task's (no split, no
+/// Streams the rest of the body from the client to the upstream ([`Upload::poll_send`]) while
+/// reading the upstream's answer, which may come first: a final head ends the pump, and the
+/// body goes on (or not) with the response ([`forward`]). Written as one poll function over
+/// both connections, not two tasks: the upstream connection is this task's (no split, no
 /// allocation), and both directions wake the same task. `reading`: the response head read
 /// so far ([`HeadRead`], read on after the pump when it did not end in a head).
 async fn pump<S>(
-    up: &mut Upload<'_, S>,
+    client: &mut Metered<S>,
+    up: &mut Upload,
     conn: &mut Raw,
     reading: &mut HeadRead,
     parse: &mut impl FnMut(&[u8]) -> Result<Parsed<Head>, &'static str>,
@@ -1223,90 +1441,49 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let address = &plan.attempt.endpoint.address;
-    // Since when the client is waited for, and the deadline its credit gives that wait.
-    let mut waiting: Option<tokio::time::Instant> = None;
-    let timer = tokio::time::sleep(Duration::from_secs(86_400));
-    tokio::pin!(timer);
     std::future::poll_fn(|task| {
-        loop {
-            // The upstream's answer, if it has begun one (never resent: the body is streamed).
-            match reading.poll(task, conn, false, parse) {
-                Poll::Ready(Ok((head, end))) => return Poll::Ready(Ok(Pumped::Answered(head, end))),
-                Poll::Ready(Err(Unanswered::Broke(why))) => {
-                    return Poll::Ready(Err(broke(address, &why)));
-                }
-                Poll::Ready(Err(Unanswered::Resend)) => {
-                    return Poll::Ready(Err(broke(address, "the connection closed")));
-                }
-                Poll::Pending => {}
+        // The upstream's answer, if it has begun one (never resent: the body is streamed).
+        match reading.poll(task, conn, false, parse) {
+            Poll::Ready(Ok((head, end))) => return Poll::Ready(Ok(Pumped::Answered(head, end))),
+            Poll::Ready(Err(Unanswered::Broke(why))) => {
+                return Poll::Ready(Err(broke(address, &why)));
             }
-            // Bytes read from the client go up before more are read.
-            if up.at < up.len {
-                match Pin::new(&mut conn.io).poll_write(task, &up.buf[up.at..up.len]) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        up.at += n;
-                        continue;
-                    }
-                    Poll::Ready(_) => return Poll::Ready(Ok(Pumped::Refused)),
-                    Poll::Pending => return Poll::Pending,
-                }
+            Poll::Ready(Err(Unanswered::Resend)) => {
+                return Poll::Ready(Err(broke(address, "the connection closed")));
             }
-            if up.left == 0 {
-                return match Pin::new(&mut conn.io).poll_flush(task) {
-                    Poll::Ready(Ok(())) => Poll::Ready(Ok(Pumped::Sent)),
-                    Poll::Ready(Err(_)) => Poll::Ready(Ok(Pumped::Refused)),
-                    Poll::Pending => Poll::Pending,
-                };
-            }
-            // What a TLS stream still holds goes out before the client is waited for.
-            if let Poll::Ready(Err(_)) = Pin::new(&mut conn.io).poll_flush(task) {
-                return Poll::Ready(Ok(Pumped::Refused));
-            }
-            // Never past the body: pipelined bytes stay in the client's socket.
-            let want = (up.left.min(up.buf.len() as u64)) as usize;
-            let mut read = ReadBuf::new(&mut up.buf[..want]);
-            match Pin::new(&mut *up.client).poll_read(task, &mut read) {
-                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
-                    let n = read.filled().len();
-                    if let Some(c) = &mut up.credit {
-                        c.arrived(waiting.take(), n);
-                    }
-                    up.left -= n as u64;
-                    (up.at, up.len) = (0, n);
-                }
-                Poll::Ready(Ok(())) => {
-                    return Poll::Ready(Err(Failed {
-                        failure: Failure::BadRequest,
-                        message: format!(
-                            "the client closed its connection {} bytes before the end of the request body",
-                            up.left
-                        ),
-                    }));
-                }
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready(Err(Failed {
-                        failure: Failure::BadRequest,
-                        message: format!("reading the request body: {e}"),
-                    }));
-                }
-                Poll::Pending => {
-                    if let Some(c) = &up.credit {
-                        let since = *waiting.get_or_insert_with(tokio::time::Instant::now);
-                        let deadline = c.deadline(since);
-                        if timer.deadline() != deadline {
-                            timer.as_mut().reset(deadline);
-                        }
-                        if timer.as_mut().poll(task).is_ready() {
-                            return Poll::Ready(Err(Failed {
-                                failure: Failure::RequestTimeout,
-                                message: c.too_slow().to_string(),
-                            }));
-                        }
-                    }
-                    return Poll::Pending;
-                }
-            }
+            Poll::Pending => {}
         }
+        match up.poll_send(task, client, &mut conn.io) {
+            Poll::Ready(Ok(())) if up.unsent() => Poll::Ready(Ok(Pumped::Refused)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Pumped::Sent)),
+            Poll::Ready(Err(f)) => Poll::Ready(Err(f)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Polls `op` (on the client's connection and the upstream's) to its end while the rest of
+/// the request body, if some is still to go, goes up meanwhile ([`Upload::poll_send`]): the
+/// response and the request body in one task, full duplex, so that an upstream that answers
+/// while it still reads (an echo) gets the rest. Err: the client failed its body (closed,
+/// too slow) — the response cannot go on then.
+async fn duplex<S, T>(
+    client: &mut Metered<S>,
+    upstream: &mut Stream,
+    up: &mut Option<&mut Upload>,
+    mut op: impl FnMut(&mut Context<'_>, &mut Metered<S>, &mut Stream) -> Poll<T>,
+) -> Result<T, Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|task| {
+        if let Some(u) = up.as_deref_mut()
+            && let Poll::Ready(Err(f)) = u.poll_send(task, client, upstream)
+        {
+            return Poll::Ready(Err(f));
+        }
+        op(task, client, upstream).map(Ok)
     })
     .await
 }
@@ -1439,6 +1616,7 @@ fn client_head(
                 status,
                 framing: Framing::Empty,
                 reusable: false,
+                upstream_close: false,
                 len,
             });
         }
@@ -1497,6 +1675,7 @@ fn client_head(
         status,
         framing,
         reusable: !upstream_close && framing != Framing::Close,
+        upstream_close,
         len,
     })
 }
@@ -1592,6 +1771,8 @@ struct Broken {
 /// Writes the head in `out` and the body to the client. Returns the body's data bytes and
 /// whether the upstream connection ended the body exactly (nothing more was read). The
 /// record counts the bytes as they go (a connection dropped mid-body logs what was sent).
+/// `up`: the rest of the request body, sent on meanwhile (a client that fails it cuts the
+/// response: its connection closes).
 async fn stream_body<S>(
     io: &mut Metered<S>,
     conn: &mut Raw,
@@ -1599,10 +1780,14 @@ async fn stream_body<S>(
     mut end: usize,
     out: &[u8],
     record: &mut Option<Recording>,
+    up: &mut Option<&mut Upload>,
 ) -> Result<(u64, bool), Broken>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Raw {
+        io: upstream, buf, ..
+    } = conn;
     let mut start = head.len;
     let cut_client = |bytes| {
         Err(Broken {
@@ -1618,7 +1803,10 @@ where
     };
     match head.framing {
         Framing::Empty => {
-            if write_all(io, &mut [IoSlice::new(out)]).await.is_err() {
+            if down_all(io, upstream, up, &mut [IoSlice::new(out)])
+                .await
+                .is_err()
+            {
                 return cut_client(0);
             }
             Ok((0, start == end))
@@ -1626,9 +1814,11 @@ where
         Framing::Length(total) => {
             let mut left = total;
             let n = (left.min((end - start) as u64)) as usize;
-            if write_all(
+            if down_all(
                 io,
-                &mut [IoSlice::new(out), IoSlice::new(&conn.buf[start..start + n])],
+                upstream,
+                up,
+                &mut [IoSlice::new(out), IoSlice::new(&buf[start..start + n])],
             )
             .await
             .is_err()
@@ -1639,12 +1829,13 @@ where
             start += n;
             sent(record, total - left);
             while left > 0 {
-                let n = match conn.io.read(&mut conn.buf).await {
-                    Ok(0) | Err(_) => return cut_upstream(total - left),
-                    Ok(n) => n,
+                let n = match up_read(io, upstream, up, buf).await {
+                    Err(_) => return cut_client(total - left),
+                    Ok(Ok(0) | Err(_)) => return cut_upstream(total - left),
+                    Ok(Ok(n)) => n,
                 };
                 let take = (left.min(n as u64)) as usize;
-                if write_all(io, &mut [IoSlice::new(&conn.buf[..take])])
+                if down_all(io, upstream, up, &mut [IoSlice::new(&buf[..take])])
                     .await
                     .is_err()
                 {
@@ -1660,15 +1851,15 @@ where
             let mut chunks = Chunked::default();
             let mut first = Some(out);
             loop {
-                let done = match chunks.scan(&conn.buf[start..end]) {
+                let done = match chunks.scan(&buf[start..end]) {
                     Ok(d) => d,
                     Err(()) => return cut_upstream(chunks.data),
                 };
                 let upto = done.map_or(end, |n| start + n);
-                let body = IoSlice::new(&conn.buf[start..upto]);
+                let body = IoSlice::new(&buf[start..upto]);
                 let written = match first.take() {
-                    Some(h) => write_all(io, &mut [IoSlice::new(h), body]).await,
-                    None => write_all(io, &mut [body]).await,
+                    Some(h) => down_all(io, upstream, up, &mut [IoSlice::new(h), body]).await,
+                    None => down_all(io, upstream, up, &mut [body]).await,
                 };
                 if written.is_err() {
                     return cut_client(chunks.data);
@@ -1679,13 +1870,14 @@ where
                 }
                 // What a TLS stream still holds goes out before we wait on the upstream
                 // (server-sent events must not sit in rustls until the next chunk).
-                if io.flush().await.is_err() {
+                if down_flush(io, upstream, up).await.is_err() {
                     return cut_client(chunks.data);
                 }
                 start = 0;
-                match conn.io.read(&mut conn.buf).await {
-                    Ok(0) | Err(_) => return cut_upstream(chunks.data),
-                    Ok(n) => end = n,
+                match up_read(io, upstream, up, buf).await {
+                    Err(_) => return cut_client(chunks.data),
+                    Ok(Ok(0) | Err(_)) => return cut_upstream(chunks.data),
+                    Ok(Ok(n)) => end = n,
                 }
             }
         }
@@ -1693,7 +1885,7 @@ where
             let mut bytes = 0u64;
             let mut first = Some(out);
             loop {
-                let data = &conn.buf[start..end];
+                let data = &buf[start..end];
                 let mut size = [0u8; 18];
                 let size = chunk_size(&mut size, data.len());
                 let mut slices = [
@@ -1702,22 +1894,23 @@ where
                     IoSlice::new(data),
                     IoSlice::new(if data.is_empty() { b"" } else { b"\r\n" }),
                 ];
-                if write_all(io, &mut slices).await.is_err() {
+                if down_all(io, upstream, up, &mut slices).await.is_err() {
                     return cut_client(bytes);
                 }
                 bytes += data.len() as u64;
                 sent(record, bytes);
-                if io.flush().await.is_err() {
+                if down_flush(io, upstream, up).await.is_err() {
                     return cut_client(bytes);
                 }
                 start = 0;
-                match conn.io.read(&mut conn.buf).await {
-                    Ok(0) => break,
-                    Err(_) => return cut_upstream(bytes),
-                    Ok(n) => end = n,
+                match up_read(io, upstream, up, buf).await {
+                    Err(_) => return cut_client(bytes),
+                    Ok(Ok(0)) => break,
+                    Ok(Err(_)) => return cut_upstream(bytes),
+                    Ok(Ok(n)) => end = n,
                 }
             }
-            if write_all(io, &mut [IoSlice::new(b"0\r\n\r\n")])
+            if down_all(io, upstream, up, &mut [IoSlice::new(b"0\r\n\r\n")])
                 .await
                 .is_err()
             {
@@ -1726,6 +1919,96 @@ where
             Ok((bytes, false))
         }
     }
+}
+
+/// Writes `bufs` whole to the client ([`write_all`]) while the rest of the request body, if
+/// some, goes up ([`duplex`]). Err: the client's connection failed, or its body did.
+async fn down_all<S>(
+    io: &mut Metered<S>,
+    upstream: &mut Stream,
+    up: &mut Option<&mut Upload>,
+    mut bufs: &mut [IoSlice<'_>],
+) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if up.as_ref().is_none_or(|u| u.stopped) {
+        return write_all(io, bufs).await.map_err(drop);
+    }
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let written = duplex(io, upstream, up, |task, client, _| {
+            Pin::new(client).poll_write_vectored(task, &*bufs)
+        })
+        .await;
+        match written {
+            Ok(Ok(n)) if n > 0 => IoSlice::advance_slices(&mut bufs, n),
+            Ok(_) => return Err(()),
+            Err(f) => {
+                body_failed(&f);
+                return Err(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flushes the client's connection while the request body goes up ([`duplex`]).
+async fn down_flush<S>(
+    io: &mut Metered<S>,
+    upstream: &mut Stream,
+    up: &mut Option<&mut Upload>,
+) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if up.as_ref().is_none_or(|u| u.stopped) {
+        return io.flush().await.map_err(drop);
+    }
+    match duplex(io, upstream, up, |task, client, _| {
+        Pin::new(client).poll_flush(task)
+    })
+    .await
+    {
+        Ok(r) => r.map_err(drop),
+        Err(f) => {
+            body_failed(&f);
+            Err(())
+        }
+    }
+}
+
+/// Reads the upstream's response into `buf` while the request body goes up ([`duplex`]).
+/// The outer Err: the client failed its body.
+async fn up_read<S>(
+    io: &mut Metered<S>,
+    upstream: &mut Stream,
+    up: &mut Option<&mut Upload>,
+    buf: &mut [u8],
+) -> Result<io::Result<usize>, Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if up.as_ref().is_none_or(|u| u.stopped) {
+        return Ok(upstream.read(buf).await);
+    }
+    duplex(io, upstream, up, |task, _, upstream| {
+        let mut read = ReadBuf::new(&mut *buf);
+        Pin::new(upstream)
+            .poll_read(task, &mut read)
+            .map_ok(|()| read.filled().len())
+    })
+    .await
+}
+
+/// A request body the client failed while its response was on its way: the response is cut
+/// (the client's connection closes).
+fn body_failed(f: &Failed) {
+    tracing::debug!(
+        reason = f.failure.reason(),
+        "{}; the response is cut off",
+        f.message
+    );
 }
 
 /// The response body's data bytes written so far, for a record dropped before the end.

@@ -3,8 +3,8 @@
 //! leaves its upstream connection in the pool. The upstream here reads each body by its
 //! `Content-Length` and answers with its length and checksum; it keeps the heads it saw, whose
 //! header names in the client's case (hyper would have lowercased them) show that the fast path
-//! forwarded the request. Bodies over 64 KiB stay on hyper's path until the fast path's streamed
-//! pump is full duplex (`fast_path::check`): their tests here are ignored until then.
+//! forwarded the request. Bodies over 64 KiB are streamed full duplex: `/stream` answers as it
+//! reads (an echo), so the response comes back while the body still goes up.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -23,7 +23,10 @@ fn fnv(data: &[u8]) -> u64 {
 
 /// An upstream that reads bodies by their `Content-Length`. `/early` answers 413 with
 /// `Connection: close` right after the head, without reading the body (then drops what comes,
-/// until the proxy closes); every other path answers 200 with `x-len` and `x-sum` of the body.
+/// until the proxy closes); `/refuse` the same without `Connection: close`; `/stream` answers
+/// 200 with the body's length at once and echoes the body as it reads it; `/abort` reads 64 KiB
+/// of the body and closes without a word; every other path answers 200 with `x-len` and
+/// `x-sum` of the body. `/quick` answers 200 at once and reads the body after.
 struct EchoApp {
     address: String,
     heads: Arc<Mutex<Vec<String>>>,
@@ -87,6 +90,68 @@ fn serve(mut conn: TcpStream, heads: &Mutex<Vec<String>>, cut: &AtomicUsize) {
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
+        let path = head.split(' ').nth(1).unwrap_or("");
+        if path == "/refuse" {
+            let _ = conn
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo long");
+            while matches!(conn.read(&mut chunk), Ok(n) if n > 0) {}
+            return;
+        }
+        if path == "/quick" {
+            // Answers at once, then reads the body (as nginx's `return` does).
+            if conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .is_err()
+            {
+                return;
+            }
+            while buf.len() < length {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => {
+                        cut.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..length);
+            continue;
+        }
+        if path == "/abort" {
+            while buf.len() < 64 * 1024 {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            return;
+        }
+        if path == "/stream" {
+            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n");
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+            let mut echoed = 0;
+            loop {
+                let n = buf.len().min(length - echoed);
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                buf.drain(..n);
+                echoed += n;
+                if echoed == length {
+                    break;
+                }
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => {
+                        cut.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            continue;
+        }
         if head.starts_with("POST /early ") || head.starts_with("PUT /early ") {
             let _ = conn.write_all(
                 b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo long",
@@ -163,8 +228,7 @@ fn body(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
-/// POST and PUT bodies of 0, 1 and 64 KiB arrive intact (larger ones stay on hyper's path
-/// until the streamed pump is full duplex, see `fast_path::check`), one after another on one
+/// POST and PUT bodies of 0, 1, 64 KiB and 1 MiB arrive intact, one after another on one
 /// keep-alive connection (and on one upstream connection); then a 64 KiB body written in 100
 /// byte pieces.
 #[test]
@@ -175,7 +239,7 @@ fn bodies_of_every_size_arrive_intact_on_the_fast_path() {
     let mut rest = Vec::new();
     let mut sent = 0;
     for method in ["POST", "PUT"] {
-        for len in [0, 1, 64 * 1024] {
+        for len in [0, 1, 64 * 1024, 1 << 20] {
             let data = body(len);
             let mut req =
                 format!("{method} /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n")
@@ -229,7 +293,7 @@ fn bodies_of_every_size_arrive_intact_on_the_fast_path() {
         .sum();
     assert_eq!(
         counted,
-        (2 * (1 + 64 * 1024) + 64 * 1024) as f64,
+        (2 * (1 + 64 * 1024 + (1 << 20)) + 64 * 1024) as f64,
         "{metrics}"
     );
 }
@@ -269,7 +333,6 @@ fn a_request_pipelined_after_a_body_is_served_next() {
 /// gets the 413 (with `connection: close`: the rest of its body is not read), and the next
 /// request goes on a new upstream connection.
 #[test]
-#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn an_early_answer_reaches_a_client_still_sending() {
     let app = EchoApp::start();
     let sc = sidecar(&app, "", "");
@@ -312,7 +375,6 @@ fn an_early_answer_reaches_a_client_still_sending() {
 /// its upstream connection is not reused: the upstream sees it end mid-body, and the next
 /// request goes on a new one.
 #[test]
-#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
     let app = EchoApp::start();
     let sc = sidecar(
@@ -363,7 +425,6 @@ fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
 /// is dropped (never pooled with half a body in it), and the access log says 400 `bad-request`
 /// with the length the client stated, as hyper's path does.
 #[test]
-#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn a_body_cut_short_by_its_client_is_logged_and_its_upstream_connection_dropped() {
     let app = EchoApp::start();
     let dir = tempfile::tempdir().unwrap();
@@ -523,7 +584,6 @@ fn a_small_body_later_than_the_route_timeout_gets_408() {
 /// 256 KiB pipelined on one connection (so that every read finds the socket full) leave the
 /// proxy's resident memory about where the first ones did (the buffer grew 8 KiB a request).
 #[test]
-#[ignore = "bodies over 64 KiB stay on hyper's path until the fast path's streamed pump is full duplex (fast_path::check)"]
 fn many_large_bodies_on_one_connection_do_not_grow_its_buffer() {
     fn rss_kib(pid: i32) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -569,4 +629,258 @@ fn many_large_bodies_on_one_connection_do_not_grow_its_buffer() {
         "resident memory grew from {before} KiB to {after} KiB\n{}",
         sc.diagnostics()
     );
+}
+
+/// Writes `head` and `data` to `s` from a thread (so that the test reads meanwhile); the
+/// thread says whether all of it was written.
+fn send_in_background(s: &TcpStream, head: String, data: Vec<u8>) -> std::thread::JoinHandle<bool> {
+    let mut writer = s.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::thread::spawn(move || {
+        writer.write_all(head.as_bytes()).is_ok()
+            && data
+                .chunks(64 * 1024)
+                .all(|piece| writer.write_all(piece).is_ok())
+    })
+}
+
+/// Reads a response head from `s`; returns it and the body bytes read with it.
+fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end + 4]).into_owned();
+            return (head, got.split_off(end + 4));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return (String::from_utf8_lossy(&got).into_owned(), Vec::new()),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// An upstream that echoes the body as it reads it, 8 MiB (more than the socket buffers on
+/// either side hold): the response comes back while the body still goes up, the exchange
+/// completes, and both connections stay open for the next request.
+#[test]
+fn an_echo_of_8_mib_streams_both_ways_at_once() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let data = body(8 << 20);
+    let head = format!(
+        "POST /stream HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    let sender = send_in_background(&s, head, data.clone());
+    let (head, mut echoed) = read_head(&mut s);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && !head.contains("connection: close"),
+        "{head}\n{}",
+        sc.diagnostics()
+    );
+    let mut chunk = vec![0u8; 64 * 1024];
+    while echoed.len() < data.len() {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => echoed.extend_from_slice(&chunk[..n]),
+        }
+    }
+    assert_eq!(echoed.len(), data.len(), "{}", sc.diagnostics());
+    assert!(echoed == data, "the echo differs");
+    assert!(sender.join().unwrap(), "the body was written whole");
+    // The same client and upstream connections go on.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut Vec::new());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.accepted(), 1, "the upstream connection was reused");
+    assert!(
+        app.heads()
+            .iter()
+            .all(|h| h.contains("\r\nHost: a\r\nContent-Length: ")),
+        "forwarded by the fast path: {:?}",
+        app.heads()
+    );
+}
+
+/// An upstream that answers 413 (without `Connection: close`) to a 1 MiB body it does not
+/// read: the client hears the 413 with `connection: close` while it still sends, and the
+/// upstream connection, which did not get the body, is not reused.
+#[test]
+fn an_early_413_on_a_1_mib_body_reaches_the_client() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let sender = send_in_background(
+        &s,
+        "PUT /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
+        body(1 << 20),
+    );
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 413") && out.contains("connection: close\r\n"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(out.ends_with("too long"), "{out}");
+    let _ = sender.join();
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut Vec::new());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.accepted(), 2, "a new upstream connection");
+}
+
+/// A client that goes away in the middle of its body while the echo comes back: the upstream
+/// sees its connection end mid-body (nothing hangs), the access log says `client-closed`, and
+/// the proxy serves the next client on a new upstream connection.
+#[test]
+fn a_client_that_aborts_mid_body_ends_the_upstream_exchange() {
+    let app = EchoApp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let sc = sidecar(
+        &app,
+        "",
+        &format!("telemetry:\n  access_log: {{ to: {} }}\n", log.display()),
+    );
+    let mut s = connect(&sc);
+    s.write_all(b"POST /stream HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n")
+        .unwrap();
+    s.write_all(&body(100_000)).unwrap();
+    let (head, _) = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(s);
+    eventually(
+        Duration::from_secs(5),
+        "the upstream connection closed mid-body",
+        || (app.cut.load(Ordering::SeqCst) == 1).then_some(()),
+    );
+    let line: serde_json::Value = eventually(Duration::from_secs(5), "a log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .next()
+            .map(|l| serde_json::from_str(l).unwrap())
+    });
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "client-closed", "{line}");
+    assert_eq!(line["bytes_in"], 1048576, "{line}");
+    let mut s = connect(&sc);
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut Vec::new());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(app.accepted(), 2);
+}
+
+/// An upstream that closes after 64 KiB of a 1 MiB body, without an answer: the client, still
+/// sending, gets 502 `upstream-reset` and its connection closes.
+#[test]
+fn an_upstream_that_aborts_mid_body_gets_the_client_a_502() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let sender = send_in_background(
+        &s,
+        "POST /abort HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
+        body(1 << 20),
+    );
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 502")
+            && out.contains("x-outrigger-error: upstream-reset\r\n")
+            && out.contains("connection: close\r\n"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    let _ = sender.join();
+    assert!(
+        app.heads()[0].contains("\r\nHost: a\r\n"),
+        "the fast path's"
+    );
+}
+
+/// How the tests here tell the paths apart: the fast path forwards header lines as they came
+/// (`Host`, `Content-Length`), hyper's path writes names in lower case. A 1 MiB body takes the
+/// fast path; the same request with `Expect: 100-continue` (which the fast path leaves to
+/// hyper) arrives with hyper's names.
+#[test]
+fn a_large_body_takes_the_fast_path() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let data = body(1 << 20);
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let mut s = connect(&sc);
+        let mut req = format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\n{expect}Content-Length: {}\r\n\r\n",
+            data.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&data);
+        s.write_all(&req).unwrap();
+        let mut rest = Vec::new();
+        let mut out = response(&mut s, &mut rest);
+        if out.starts_with("HTTP/1.1 100") {
+            out = response(&mut s, &mut rest);
+        }
+        assert!(
+            out.starts_with("HTTP/1.1 200")
+                && out.contains(&format!("x-sum: {:x}\r\n", fnv(&data))),
+            "{expect}: {out}"
+        );
+    }
+    let heads = app.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[0].contains("\r\nHost: a\r\nContent-Length: 1048576\r\n"),
+        "the fast path's: {}",
+        heads[0]
+    );
+    assert!(
+        heads[1].contains("\r\nhost: a\r\n")
+            && heads[1].contains("\r\ncontent-length: 1048576\r\n"),
+        "hyper's: {}",
+        heads[1]
+    );
+}
+
+/// An upstream that answers at once and reads the 1 MiB body after (as nginx's `return`): the
+/// rest of the body still goes up after the answer, and both connections go on.
+#[test]
+fn an_answer_before_the_body_lets_the_body_finish() {
+    let app = EchoApp::start();
+    let sc = sidecar(&app, "", "");
+    let mut s = connect(&sc);
+    let sender = send_in_background(
+        &s,
+        "POST /quick HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
+        body(1 << 20),
+    );
+    let mut rest = Vec::new();
+    let out = response(&mut s, &mut rest);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && !out.contains("connection: close"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert!(sender.join().unwrap(), "the body was written whole");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let out = response(&mut s, &mut rest);
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "{out}\n{}",
+        sc.diagnostics()
+    );
+    assert_eq!(app.accepted(), 1, "the upstream connection was reused");
+    assert_eq!(app.cut.load(Ordering::SeqCst), 0);
 }
