@@ -293,6 +293,7 @@ fn source(args: &ConfigArgs) -> Source {
 
 fn main() -> ExitCode {
     tune_allocator();
+    outrigger::tls::install_process_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -107,6 +107,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Makes aws-lc-rs the process-wide rustls provider too. Our own configs name theirs
+/// ([`provider`]), but a crate that builds its config itself (redis' `enableTLS` calls
+/// `ClientConfig::builder()`) takes the process default, and rustls panics there if none is
+/// installed and the build cannot pick one. Called once at start; a provider already installed
+/// (a second call, a test harness) is fine.
+pub fn install_process_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {

@@ -27,6 +27,27 @@ pub struct RedisServer {
     persistent: bool,
 }
 
+/// A server program holding none of the descriptors the test inherited:
+/// `flock /tmp/outrigger-cargo.lock cargo test` passes the lock's fd down, and a server left
+/// over from an aborted run would hold the lock for everyone.
+pub fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    // SAFETY: close_range is async-signal-safe; CLOEXEC (not closing) leaves std's own
+    // exec-error pipe working, and everything from fd 3 up is gone at exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close_range(
+                3,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            );
+            Ok(())
+        });
+    }
+    cmd
+}
+
 impl RedisServer {
     /// Without persistence.
     pub fn start() -> Self {
@@ -51,7 +72,7 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let aof = if self.persistent { "yes" } else { "no" };
-        let child = Command::new("redis-server")
+        let child = server_command("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
@@ -128,7 +149,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("nats-server")
+        let child = server_command("nats-server")
             .args([
                 "-js",
                 "-a",
@@ -465,25 +486,12 @@ impl PostgresTlsServer {
     }
 
     /// One of the server's programs, run as its user, holding none of the descriptors the
-    /// test inherited: `flock /tmp/outrigger-cargo.lock cargo test` passes the lock's fd down,
-    /// and a server left over from an aborted run would hold the lock for everyone.
+    /// test inherited (see [`server_command`]).
     fn command(&self, program: &str) -> Command {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(self.bin.join(program));
+        let mut cmd = server_command(self.bin.join(program));
         if let Some((uid, gid)) = self.user {
             cmd.uid(uid).gid(gid);
-        }
-        // SAFETY: close_range is async-signal-safe; CLOEXEC (not closing) leaves std's own
-        // exec-error pipe working, and everything from fd 3 up is gone at exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::close_range(
-                    3,
-                    libc::c_uint::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
-                );
-                Ok(())
-            });
         }
         cmd
     }

@@ -300,7 +300,7 @@ impl RedisTlsServer {
         let port = crate::servers::free_port();
         let dir = tempfile::tempdir().unwrap();
         let file = |f: &str| certs.join(f).display().to_string();
-        let child = std::process::Command::new("redis-server")
+        let child = crate::servers::server_command("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "127.0.0.2"])
             .args(["--tls-cert-file", &file("server.crt")])
@@ -378,7 +378,7 @@ fn post(sc: &Sidecar, path: &str, body: Value) -> (u16, String) {
 
 /// Dapr's Redis TLS keys on the real binary against TLS-only redis-servers: `enableTLS`
 /// checks the certificate against the system's roots (here `SSL_CERT_FILE`) and the name,
-/// `insecureSkipTLSVerify` checks neither, `clientCert`/`clientKey` (PEM in the metadata) log
+/// `insecureSkipTLSVerify: "true"` checks neither (`"false"` checks both), `clientCert`/`clientKey` (PEM in the metadata) log
 /// in to a server that asks for a certificate; state, lock, binding and pub/sub alike. An
 /// unknown CA, a wrong name and a missing client certificate fail the call with the reason.
 #[test]
@@ -418,6 +418,12 @@ fn redis_over_tls() {
             &[tls],
         ),
         redis_component("otherca", "state.redis", &at(foreign.port), &[tls]),
+        redis_component(
+            "verifying",
+            "state.redis",
+            &at(foreign.port),
+            &[tls, ("insecureSkipTLSVerify", "false")],
+        ),
         redis_component("nocert", "state.redis", &at(mutual.port), &[tls]),
         redis_component("notls", "state.redis", &at(plain.port), &[]),
     ];
@@ -467,6 +473,8 @@ fn redis_over_tls() {
     let failures = [
         ("wrongname", "certificate not valid for name"),
         ("otherca", "invalid peer certificate"),
+        // Said "false" in so many words: still checked.
+        ("verifying", "invalid peer certificate"),
         ("nocert", ""),
         ("notls", ""),
     ];
