@@ -270,6 +270,26 @@ fn state_contract(sc: &Sidecar, store: &str) {
     );
     assert_eq!(s, 204, "{body}");
     assert_eq!(get(sc, &format!("{base}/t1")).2, r#""b""#);
+    // Chained ETags in one transaction: the delete carries the version the upsert before it
+    // leaves (Redis: a version number, one up; its Lua script keeps them in its `after` table).
+    let (_, t1_etag, _) = get(sc, &format!("{base}/t1"));
+    if store == "cache"
+        && let Some(v) = t1_etag.as_deref().and_then(|e| e.parse::<u64>().ok())
+    {
+        let (s, body) = post(
+            sc,
+            &tx,
+            json!({"operations": [
+                {"operation": "upsert", "request": {"key": "t1", "value": "c", "etag": v.to_string()}},
+                {"operation": "delete", "request": {"key": "t1", "etag": (v + 1).to_string()}},
+            ]}),
+        );
+        assert_eq!(s, 204, "{body}");
+        assert_eq!(get(sc, &format!("{base}/t1")).0, 204, "deleted");
+        // The key is gone now; write it back for what follows.
+        let (s, body) = post(sc, &base, json!([{"key": "t1", "value": "b"}]));
+        assert_eq!(s, 204, "{body}");
+    }
     let (s, body) = post(
         sc,
         &tx,
