@@ -154,6 +154,11 @@ pub trait Streamed: Sync {
     fn open_ended(&self) -> bool {
         true
     }
+    /// Turns `true` once the caller's body was read to its end: the cluster's `timeout`
+    /// counts from then (`None`: from the start), so a slow upload is not the callee's fault.
+    fn read_all(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// Connect failures retried on another endpoint (within the cluster's retry budget).
@@ -200,10 +205,18 @@ async fn call_streaming(
         over: Arc::new(AtomicBool::new(false)),
         broke: Arc::new(AtomicBool::new(false)),
         unsent: Arc::new(Mutex::new(None)),
+        read_all: Arc::new(tokio::sync::watch::Sender::new(false)),
     };
     let body = match first {
+        // Read up to the limit and still more to come: over it already.
+        body::RequestBody::Streaming(_) if limit <= READ_WHOLE => {
+            return Err(ApiError::TooLarge(limit));
+        }
         body::RequestBody::Streaming(rest) => body::RequestBody::Streaming(hooks.wrap(rest, 0)),
-        whole => whole,
+        whole => {
+            hooks.read_all.send_replace(true);
+            whole
+        }
     };
     let res = send(st, app_id, method, path, headers, body, None, Some(&hooks)).await;
     drop(hooks.unsent.lock().expect("not poisoned").take());
@@ -252,6 +265,8 @@ struct Capped {
     /// The caller's side broke (a reset, a bad chunk).
     broke: Arc<AtomicBool>,
     unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
+    /// Set once the caller's body was read to its end.
+    read_all: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Capped {
@@ -265,6 +280,7 @@ impl Capped {
             broke: self.broke.clone(),
             read: false,
             unsent: self.unsent.clone(),
+            read_all: self.read_all.clone(),
         }
         .boxed()
     }
@@ -283,6 +299,10 @@ impl Streamed for Capped {
     fn open_ended(&self) -> bool {
         false
     }
+
+    fn read_all(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.read_all.subscribe())
+    }
 }
 
 /// The body itself: frames pass as they come, counted; past the limit it fails (hyper then
@@ -296,6 +316,7 @@ struct CappedBody {
     broke: Arc<AtomicBool>,
     read: bool,
     unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
+    read_all: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Drop for CappedBody {
@@ -334,18 +355,29 @@ impl hyper::body::Body for CappedBody {
                         )));
                     }
                 }
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.read_all.send_replace(true);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.broke.store(true, Ordering::Relaxed);
                 Poll::Ready(Some(Err(e)))
             }
-            other => other,
+            Poll::Ready(None) => {
+                this.read_all.send_replace(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        let end = self.inner.as_ref().is_none_or(|b| b.is_end_stream());
+        if end && !self.over.load(Ordering::Relaxed) {
+            self.read_all.send_replace(true);
+        }
+        end
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -556,10 +588,21 @@ pub async fn send(
         }
         *out.headers_mut() = headers;
         let request = attempt.endpoint.client.request(out);
-        let answer = match deadline {
-            Some(d) => tokio::time::timeout_at(d, request).await,
-            None if streamed => Ok(request.await),
-            None => tokio::time::timeout(timeout, request).await,
+        let answer = match (deadline, stream.and_then(|s| s.read_all())) {
+            (Some(d), _) => tokio::time::timeout_at(d, request).await,
+            (None, _) if streamed => Ok(request.await),
+            // While the caller's body is still being read, no limit: a slow upload is the
+            // caller's, not the endpoint's; the timeout counts from the body's end.
+            (None, Some(mut read_all)) => {
+                tokio::pin!(request);
+                tokio::select! {
+                    res = &mut request => Ok(res),
+                    _ = async { read_all.wait_for(|done| *done).await.is_ok() } => {
+                        tokio::time::timeout(timeout, request).await
+                    }
+                }
+            }
+            (None, None) => tokio::time::timeout(timeout, request).await,
         };
         match answer {
             Ok(Ok(res)) => {

@@ -270,6 +270,26 @@ fn state_contract(sc: &Sidecar, store: &str) {
     );
     assert_eq!(s, 204, "{body}");
     assert_eq!(get(sc, &format!("{base}/t1")).2, r#""b""#);
+    // Chained ETags in one transaction: the delete carries the version the upsert before it
+    // leaves (Redis: a version number, one up; its Lua script keeps them in its `after` table).
+    let (_, t1_etag, _) = get(sc, &format!("{base}/t1"));
+    if store == "cache"
+        && let Some(v) = t1_etag.as_deref().and_then(|e| e.parse::<u64>().ok())
+    {
+        let (s, body) = post(
+            sc,
+            &tx,
+            json!({"operations": [
+                {"operation": "upsert", "request": {"key": "t1", "value": "c", "etag": v.to_string()}},
+                {"operation": "delete", "request": {"key": "t1", "etag": (v + 1).to_string()}},
+            ]}),
+        );
+        assert_eq!(s, 204, "{body}");
+        assert_eq!(get(sc, &format!("{base}/t1")).0, 204, "deleted");
+        // The key is gone now; write it back for what follows.
+        let (s, body) = post(sc, &base, json!([{"key": "t1", "value": "b"}]));
+        assert_eq!(s, 204, "{body}");
+    }
     let (s, body) = post(
         sc,
         &tx,
@@ -3236,9 +3256,23 @@ fn invocation_streams_large_request_bodies_within_max_body() {
         .post(sc.bridge_url("/v1.0/invoke/target/method/status/200"))
         .body(reqwest::blocking::Body::new(std::io::Cursor::new(big)))
         .send();
-    if let Ok(r) = sent {
-        assert_eq!(r.status(), 413, "{}", sc.diagnostics());
+    match sent {
+        Ok(r) => assert_eq!(r.status(), 413, "{}", sc.diagnostics()),
+        // HTTP/1: the 413 came while reqwest still sent, and the bridge closed the socket.
+        Err(e) => assert!(
+            e.is_request() || e.is_body() || e.is_connect(),
+            "not a closed connection: {e:?}"
+        ),
     }
+    // Either way the callee never got the whole body: its request was cut at the limit.
+    assert!(
+        backend
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/status/200")
+            .all(|s| s.body.len() < 300 * 1024),
+        "the callee saw a whole request past max_body"
+    );
     // A body within the limit, streamed, arrives whole.
     let r = client()
         .post(sc.bridge_url("/v1.0/invoke/target/method/stream"))
@@ -3247,4 +3281,89 @@ fn invocation_streams_large_request_bodies_within_max_body() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().unwrap().len(), 200 * 1024);
+}
+
+/// The cluster's `timeout` used to run while a streamed request body (over 64 KiB) was still
+/// being uploaded: a slow caller got a 500 and its callee an outlier mark. It counts from the
+/// body's end now: an upload longer than the timeout to a callee that answers at once is a 200.
+#[test]
+fn invocation_timeout_counts_from_the_end_of_a_slow_upload() {
+    use http_body_util::BodyExt;
+    let backend = Backend::http();
+    let sc = start(
+        &format!(
+            "service: front\nclusters:\n  target:\n    endpoints: [{}]\n    timeout: 300ms\n    outlier:\n      consecutive_failures: 1\n",
+            backend.address()
+        ),
+        &[],
+    );
+    let addr = sc
+        .bridge_url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let part = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
+    let (status, body) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = http::Request::post(format!(
+            "http://{addr}/v1.0/invoke/target/method/status/200"
+        ))
+        .header("host", addr.as_str())
+        .body(http_body_util::StreamBody::new(
+            crate::backend::ReceiverStream(rx),
+        ))
+        .unwrap();
+        let uploader = tokio::spawn({
+            let part = part.clone();
+            async move {
+                for _ in 0..2 {
+                    if tx
+                        .send(Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            part.clone(),
+                        )))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    // A slow caller: more than the cluster's timeout between the parts.
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                }
+            }
+        });
+        let res = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        uploader.abort();
+        (status, body)
+    });
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        sc.diagnostics()
+    );
+    let seen = backend.seen();
+    assert_eq!(seen.last().map(|s| s.body.len()), Some(2 * part.len()));
+    // A callee that takes longer than the timeout after the body's end still times out.
+    let r = client()
+        .post(sc.bridge_url("/v1.0/invoke/target/method/slow/2000"))
+        .body(vec![b'z'; 100 * 1024])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 500, "{}", sc.diagnostics());
 }
