@@ -37,7 +37,7 @@
 //! Longer bodies go to hyper's path (`check`): the streamed pump here (`pump`, [`LINGER`])
 //! stops writing at the first final response head, which would stall an upstream that
 //! answers while it still reads (an echo); it is kept, unreached, until it is full duplex. The
-//! proxy has no request body size limit of its own: the upstream's is the one.
+//! proxy's own body size limit (`limits.max_request_body`) is answered on hyper's path.
 //!
 //! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
 //! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the

@@ -2616,6 +2616,36 @@ fn a_body_growing_past_max_request_body_is_cut_with_413() {
     }
 }
 
+/// The same towards an `http2: true` cluster (hyper-util's client, which turns the cut body
+/// into a stream reset): still 413 `body-too-large`, not a 502 against the endpoint.
+#[test]
+fn a_body_cut_towards_an_http2_cluster_is_413() {
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: 127.0.0.1:1\n  probe: {{ enabled: false }}\nclusters:\n  up: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - cluster: up\n        timeout: 5s\n",
+        app.address()
+    ));
+    sc.wait_ready();
+    for _ in 0..3 {
+        let (status, headers, _) = h2_post_unsized(&sc.listeners["public"], "/big", 4 << 20);
+        assert_eq!(status, 413, "{headers:?}\n{}", sc.diagnostics());
+        assert_eq!(headers["x-outrigger-error"], "body-too-large");
+        let req = chunked_request("/big", 4 << 20, 16 * 1024);
+        let out = send_while_reading(&sc.listeners["public"], req, "(limits.max_request_body)\n");
+        assert!(
+            out.starts_with("HTTP/1.1 413"),
+            "{out}\n{}",
+            sc.diagnostics()
+        );
+    }
+    let r = client()
+        .post(sc.listener_url("public", "/after"))
+        .body("ok")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.diagnostics());
+}
+
 /// `limits.max_request_body: 0` is refused at check, with where it is.
 #[test]
 fn a_zero_max_request_body_is_refused() {
