@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -17,6 +19,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
+
+use super::failure::Failure;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -77,12 +81,42 @@ pub struct Capped<B> {
     inner: B,
     /// Bytes still allowed, and the limit.
     left: Option<(u64, u64)>,
+    cut: Cut,
 }
 
 pub fn capped<B>(inner: B, limit: Option<u64>) -> Capped<B> {
     Capped {
         inner,
         left: limit.map(|l| (l, l)),
+        cut: Cut::default(),
+    }
+}
+
+impl<B> Capped<B> {
+    /// Says later whether the body was cut by the client's fault.
+    pub fn cut(&self) -> Cut {
+        self.cut.clone()
+    }
+}
+
+/// Whether a [`Capped`] body was cut past its limit ([`TooLarge`]) or, within it, by a
+/// `min_body_rate` error: shared, because an HTTP/2 upstream client (hyper-util's) turns a
+/// body's error into a stream reset that no longer carries it, and the exchange's failure
+/// must still be the client's (413 / 408), not the endpoint's.
+#[derive(Clone, Default)]
+pub struct Cut(Arc<AtomicU8>);
+
+impl Cut {
+    const TOO_LARGE: u8 = 1;
+    const TOO_SLOW: u8 = 2;
+
+    /// The client's failure that cut the body, if one did.
+    pub fn failure(&self) -> Option<Failure> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::TOO_LARGE => Some(Failure::BodyTooLarge),
+            Self::TOO_SLOW => Some(Failure::RequestTimeout),
+            _ => None,
+        }
     }
 }
 
@@ -107,11 +141,20 @@ where
                 let limit = *limit;
                 // Nothing more of it is read: the exchange ends here.
                 self.left = Some((0, limit));
+                self.cut.0.store(Cut::TOO_LARGE, Ordering::Relaxed);
                 return Poll::Ready(Some(Err(Box::new(TooLarge(limit)))));
             }
             *left -= len;
         }
-        Poll::Ready(res.map(|r| r.map_err(Into::into)))
+        Poll::Ready(res.map(|r| {
+            r.map_err(|e| {
+                let e: BoxError = e.into();
+                if super::min_body_rate::too_slow(&*e) {
+                    self.cut.0.store(Cut::TOO_SLOW, Ordering::Relaxed);
+                }
+                e
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {

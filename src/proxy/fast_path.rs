@@ -56,8 +56,8 @@
 //! (after it, 504), an upstream that closes or resets 502 `upstream-reset` (with
 //! `connection: close` while the client still sends); after the head, a client that fails
 //! its body cuts the response (logged `client-closed`). Chunked request bodies stay on
-//! hyper's path (`check`). The proxy has no request body size limit of its own: the
-//! upstream's is the one.
+//! hyper's path (`check`). A `Content-Length` over the proxy's own limit
+//! (`limits.max_request_body`) goes to hyper's path too, which answers the 413.
 //!
 //! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
 //! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the

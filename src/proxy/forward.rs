@@ -50,9 +50,15 @@ impl HttpListener {
         let rate = min_body_rate::applies(self.limits.min_body_rate, &parts.headers);
         let incoming = min_body_rate::watch(incoming, rate);
         // `limits.max_request_body`: a stated length over it is refused now; a body without
-        // one is cut where it goes past it (413 when no response has started).
-        self.check_body_size(target, incoming.size_hint().lower(), started)?;
-        let incoming = body::capped(incoming, self.limits.max_request_body);
+        // one is cut where it goes past it (413 when no response has started). Not for gRPC
+        // (as `min_body_rate`): a stream's messages would count together against it.
+        let max_body = self
+            .limits
+            .max_request_body
+            .filter(|_| !min_body_rate::is_grpc(&parts.headers));
+        self.check_body_size(target, max_body, incoming.size_hint().lower(), started)?;
+        let incoming = body::capped(incoming, max_body);
+        let cut = incoming.cut();
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
         let path =
@@ -163,6 +169,13 @@ impl HttpListener {
                 // Every failed exchange: count it against the endpoint, then retry when the
                 // policy names the failure and it is safe (a connect failure sent nothing, so
                 // any method; otherwise idempotent methods only).
+                // The client's body was cut (too large, too slow): its fault, whatever the
+                // upstream client made of it (an HTTP/2 stream reset loses the cause).
+                Ok(Err(e)) if cut.failure().is_some() => {
+                    let failure = cut.failure().expect("checked");
+                    let message = format!("the request body was cut: {e}");
+                    return Err(with_close(self.fail(target, failure, &message, started)));
+                }
                 Ok(Err(e)) => match exchange_fault(&e, &attempt.endpoint.address) {
                     Fault::Endpoint(Failure::Connect, message) => (
                         Failure::Connect,

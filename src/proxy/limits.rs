@@ -80,10 +80,11 @@ impl HttpListener {
     pub(super) fn check_body_size(
         &self,
         target: &Target,
+        max: Option<u64>,
         declared: u64,
         started: Instant,
     ) -> Result<(), Response<ProxyBody>> {
-        match self.limits.max_request_body {
+        match max {
             Some(limit) if declared > limit => Err(with_close(self.fail(
                 target,
                 Failure::BodyTooLarge,

@@ -60,10 +60,14 @@ pub fn too_slow(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The rate that applies to a request with these headers: none for gRPC.
 pub fn applies(rate: Option<MinBodyRate>, headers: &HeaderMap) -> Option<MinBodyRate> {
-    let grpc = headers
+    rate.filter(|_| !is_grpc(headers))
+}
+
+/// A gRPC request (`content-type: application/grpc*`): exempt from the body limits.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    rate.filter(|_| !grpc)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A body's waiting credit under a rate: the rule above, kept by whoever reads the body.

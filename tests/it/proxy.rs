@@ -2022,6 +2022,17 @@ fn early_answer_upstream() -> (String, std::sync::Arc<EarlySeen>) {
                         let in_kernel = buf.len() + unread_in_kernel(&conn);
                         seen.in_kernel.lock().unwrap().push(in_kernel);
                     }
+                    if buf.starts_with(b"POST /early-reset ") {
+                        // Closed with the request unread, no answer: a reset.
+                        return;
+                    }
+                    if buf.starts_with(b"POST /early-extra ") {
+                        // A whole keep-alive answer with bytes past its end, then a reset.
+                        let _ = conn.write_all(
+                            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\ndeniedXYZ",
+                        );
+                        return;
+                    }
                     if buf.starts_with(b"POST /early-close ") {
                         // Closed with the request unread: the sidecar's write fails (a reset).
                         let _ = conn.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much");
@@ -2222,6 +2233,44 @@ fn an_early_answer_to_a_large_body_is_heard() {
     );
     let r = h2.get(sc.listener_url("public", "/next")).send().unwrap();
     assert_eq!((r.status().as_u16(), r.text().unwrap()), (200, "ok".into()));
+}
+
+/// Through hyper's client (a 4 MiB body): an upstream that sends a whole keep-alive answer
+/// with bytes past its end and then resets gives the client that answer, and its connection
+/// is not pooled (hyper leaves the extra bytes unread and would keep the connection waiting:
+/// the next request would wait for the route's timeout); an upstream that resets without an
+/// answer gives a 502 (the wait for an answer is bounded), not the route's 504.
+#[test]
+fn an_early_answer_with_bytes_past_it_or_a_reset_without_one_ends_the_connection() {
+    let (address, _seen) = early_answer_upstream();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 60s\n"
+    ));
+    sc.wait_ready();
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let post = |path: &str| {
+        let r = h2
+            .post(sc.listener_url("public", path))
+            .body(vec![b'x'; 4 << 20])
+            .send()
+            .unwrap_or_else(|e| panic!("{e}\n{}", sc.diagnostics()));
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    let get = || {
+        let r = h2
+            .get(sc.listener_url("public", "/next"))
+            .send()
+            .unwrap_or_else(|e| panic!("{e}\n{}", sc.diagnostics()));
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    assert_eq!(post("/early-extra"), (401, "denied".into()));
+    assert_eq!(get(), (200, "ok".into()), "{}", sc.diagnostics());
+    assert_eq!(post("/early-reset").0, 502, "{}", sc.diagnostics());
+    assert_eq!(get(), (200, "ok".into()));
 }
 
 /// A request the HTTP/1 fast path serves and the same request through hyper's path (a
@@ -2565,6 +2614,36 @@ fn a_body_growing_past_max_request_body_is_cut_with_413() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+}
+
+/// The same towards an `http2: true` cluster (hyper-util's client, which turns the cut body
+/// into a stream reset): still 413 `body-too-large`, not a 502 against the endpoint.
+#[test]
+fn a_body_cut_towards_an_http2_cluster_is_413() {
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: 127.0.0.1:1\n  probe: {{ enabled: false }}\nclusters:\n  up: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - cluster: up\n        timeout: 5s\n",
+        app.address()
+    ));
+    sc.wait_ready();
+    for _ in 0..3 {
+        let (status, headers, _) = h2_post_unsized(&sc.listeners["public"], "/big", 4 << 20);
+        assert_eq!(status, 413, "{headers:?}\n{}", sc.diagnostics());
+        assert_eq!(headers["x-outrigger-error"], "body-too-large");
+        let req = chunked_request("/big", 4 << 20, 16 * 1024);
+        let out = send_while_reading(&sc.listeners["public"], req, "(limits.max_request_body)\n");
+        assert!(
+            out.starts_with("HTTP/1.1 413"),
+            "{out}\n{}",
+            sc.diagnostics()
+        );
+    }
+    let r = client()
+        .post(sc.listener_url("public", "/after"))
+        .body("ok")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.diagnostics());
 }
 
 /// `limits.max_request_body: 0` is refused at check, with where it is.

@@ -84,8 +84,22 @@ pub struct Pool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+    sender: Sender,
     since: Instant,
+}
+
+/// A connection's request sender, with the flag its [`EarlyAnswer`] sets when a write failed
+/// with the upstream gone: such a connection is never pooled (hyper may still think it can
+/// take a request, as when the upstream answered in full and then reset).
+struct Sender {
+    tx: http1::SendRequest<ProxyBody>,
+    broken: Arc<AtomicBool>,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.broken.load(Ordering::Relaxed)
+    }
 }
 
 /// An upstream connection the fast path speaks HTTP/1.1 on itself, with its read buffer (made
@@ -143,7 +157,7 @@ impl Pool {
                 Some(s) => (s, true),
                 None => (self.connect().await?, false),
             };
-            if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
+            if let Err(e) = poll_fn(|cx| sender.tx.poll_ready(cx)).await {
                 if pooled {
                     continue; // closed while idle: nothing was sent
                 }
@@ -153,7 +167,7 @@ impl Pool {
                     error: e.into(),
                 });
             }
-            match sender.try_send_request(req).await {
+            match sender.tx.try_send_request(req).await {
                 Ok(res) => {
                     // Not after a 1xx (an upgrade takes the connection over).
                     let back = (!res.status().is_informational()).then(|| (self.clone(), sender));
@@ -176,7 +190,7 @@ impl Pool {
 
     /// The most recently used idle connection that is still open and not past the idle
     /// timeout.
-    fn take(&self) -> Option<http1::SendRequest<ProxyBody>> {
+    fn take(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().expect("not poisoned");
         while let Some(i) = idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < self.idle_timeout {
@@ -187,7 +201,7 @@ impl Pool {
     }
 
     /// A connection whose last response is done goes back on the stack.
-    fn put(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>) {
+    fn put(self: &Arc<Self>, sender: Sender) {
         if sender.is_closed() {
             return;
         }
@@ -253,13 +267,14 @@ impl Pool {
         })
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<ProxyBody>, SendError> {
+    async fn connect(&self) -> Result<Sender, SendError> {
         let io = self.connector.connect().await.map_err(|e| SendError {
             connect: true,
             downstream: false,
             error: e.into(),
         })?;
-        let io = TokioIo::new(EarlyAnswer::new(io.into_inner()));
+        let broken = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(EarlyAnswer::new(io.into_inner(), broken.clone()));
         let (sender, conn) = http1::handshake(io).await.map_err(|e| SendError {
             connect: true,
             downstream: false,
@@ -270,7 +285,7 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Sender { tx: sender, broken })
     }
 }
 
@@ -278,6 +293,12 @@ impl Pool {
 /// before its error goes to hyper. After a reset the read side ends at once (an answer the
 /// upstream sent first, then EOF), so this only bounds a read side hyper stops polling.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+/// Once an answer is coming in, how long the wait may go on without a byte read (a client
+/// that reads the answer slowly holds hyper's reads back). Always bounded: hyper may stop
+/// reading for good (bytes past a complete answer, which it leaves unread), and then the
+/// write's error must end the connection.
+const EARLY_ANSWER_IDLE: Duration = Duration::from_secs(10);
 
 /// An upstream connection's I/O for hyper's HTTP/1 client, where a write failed because the
 /// upstream went away (a reset, a broken pipe) does not fail at once: it stays pending until
@@ -292,22 +313,22 @@ const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// client nothing).
 struct EarlyAnswer {
     io: Stream,
-    /// A write failed with the peer gone: its error kind, and how long it may wait for the
-    /// read side when nothing has been read since.
+    /// A write failed with the peer gone: its error kind, and how long it may still wait for
+    /// the read side ([`EARLY_ANSWER_WAIT`], then [`EARLY_ANSWER_IDLE`] from each read).
     broken: Option<(std::io::ErrorKind, Pin<Box<tokio::time::Sleep>>)>,
     /// The read side ended (EOF or an error).
     read_ended: bool,
-    /// Bytes were read since the write failed (a response is coming in).
-    heard: bool,
+    /// Set with `broken`, shared with the connection's [`Sender`] (which then is not pooled).
+    gone: Arc<AtomicBool>,
 }
 
 impl EarlyAnswer {
-    fn new(io: Stream) -> EarlyAnswer {
+    fn new(io: Stream, gone: Arc<AtomicBool>) -> EarlyAnswer {
         EarlyAnswer {
             io,
             broken: None,
             read_ended: false,
-            heard: false,
+            gone,
         }
     }
 
@@ -316,7 +337,8 @@ impl EarlyAnswer {
     fn poll_broken(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Error>> {
         let (kind, wait) = self.broken.as_mut()?;
         let kind = *kind;
-        if self.read_ended || (!self.heard && wait.as_mut().poll(cx).is_ready()) {
+        // The timer is polled whatever was read: the wait is always bounded.
+        if self.read_ended || wait.as_mut().poll(cx).is_ready() {
             return Some(Poll::Ready(kind.into()));
         }
         Some(Poll::Pending)
@@ -336,6 +358,7 @@ impl EarlyAnswer {
                     && matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) =>
             {
                 tracing::debug!(error = %e, "upstream write failed; reading for an early answer");
+                self.gone.store(true, Ordering::Relaxed);
                 self.broken = Some((e.kind(), Box::pin(tokio::time::sleep(EARLY_ANSWER_WAIT))));
                 match self.poll_broken(cx) {
                     Some(Poll::Ready(e)) => Poll::Ready(Err(e)),
@@ -357,7 +380,13 @@ impl AsyncRead for EarlyAnswer {
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         match &res {
             Poll::Ready(Ok(())) if buf.filled().len() == before => self.read_ended = true,
-            Poll::Ready(Ok(())) => self.heard = self.broken.is_some(),
+            Poll::Ready(Ok(())) => {
+                if let Some((_, wait)) = self.broken.as_mut() {
+                    // An answer is coming in: the wait goes on while bytes come.
+                    wait.as_mut()
+                        .reset(tokio::time::Instant::now() + EARLY_ANSWER_IDLE);
+                }
+            }
             Poll::Ready(Err(_)) => self.read_ended = true,
             Poll::Pending => {}
         }
@@ -431,7 +460,7 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
 /// A response body that returns its connection to the pool once its end has passed.
 struct Returning {
     inner: Incoming,
-    back: Option<(Arc<Pool>, http1::SendRequest<ProxyBody>)>,
+    back: Option<(Arc<Pool>, Sender)>,
 }
 
 impl Returning {
