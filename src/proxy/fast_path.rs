@@ -788,8 +788,6 @@ struct Head {
     framing: Framing,
     /// The upstream connection can take another request after this body.
     reusable: bool,
-    /// The upstream closes its connection after this response (`Connection: close`, HTTP/1.0).
-    upstream_close: bool,
     /// The head's length in the upstream buffer.
     len: usize,
 }
@@ -1636,7 +1634,6 @@ fn client_head(
                 status,
                 framing: Framing::Empty,
                 reusable: false,
-                upstream_close: false,
                 len,
             });
         }
@@ -1695,7 +1692,6 @@ fn client_head(
         status,
         framing,
         reusable: !upstream_close && framing != Framing::Close,
-        upstream_close,
         len,
     })
 }

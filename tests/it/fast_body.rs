@@ -930,7 +930,7 @@ fn an_answer_before_the_body_lets_the_body_finish() {
 }
 
 /// An HTTP/1.0 upstream (Python's http.server) that answers 200 with the length at once and
-/// echoes the 1 MiB body as it reads it: the body keeps going up after that answer (an
+/// echoes the 8 MiB body (more than the socket buffers hold) as it reads it: the body keeps going up after that answer (an
 /// HTTP/1.0 answer is no error), the echo comes back whole, and the client is told its
 /// connection closes only if it still owed some of its body.
 #[test]
@@ -938,7 +938,7 @@ fn an_http_1_0_echo_gets_the_whole_body() {
     let app = EchoApp::start();
     let sc = sidecar(&app, "", "");
     let mut s = connect(&sc);
-    let data = body(1 << 20);
+    let data = body(8 << 20);
     let sender = send_in_background(
         &s,
         format!(
