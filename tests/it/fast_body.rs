@@ -820,8 +820,9 @@ fn a_client_that_aborts_mid_body_ends_the_upstream_exchange() {
     assert_eq!(app.accepted(), 2);
 }
 
-/// An upstream that closes after 64 KiB of a 1 MiB body, without an answer: the client, still
-/// sending, gets 502 `upstream-reset` and its connection closes.
+/// An upstream that closes after 64 KiB of a 1 MiB body, without an answer: the client gets
+/// 502 `upstream-reset` (read by its length: the connection closes only if the client still
+/// owed some of its body).
 #[test]
 fn an_upstream_that_aborts_mid_body_gets_the_client_a_502() {
     let app = EchoApp::start();
@@ -832,13 +833,11 @@ fn an_upstream_that_aborts_mid_body_gets_the_client_a_502() {
         "POST /abort HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
         body(1 << 20),
     );
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    // `connection: close` only if the client still owed some of its body when the upstream
+    // broke off (the socket buffers may have taken all of it by then).
+    let out = response(&mut s, &mut Vec::new());
     assert!(
-        out.starts_with("HTTP/1.1 502")
-            && out.contains("x-outrigger-error: upstream-reset\r\n")
-            && out.contains("connection: close\r\n"),
+        out.starts_with("HTTP/1.1 502") && out.contains("x-outrigger-error: upstream-reset\r\n"),
         "{out}\n{}",
         sc.diagnostics()
     );
