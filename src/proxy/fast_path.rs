@@ -123,6 +123,8 @@ const FIRST_BUFFER: usize = 8 * 1024;
 /// nginx waits up to 5 s between reads, 30 s in all, for the same reason). Short: the client
 /// has its answer, the connection's slot is what it holds.
 const LINGER: Duration = Duration::from_secs(2);
+/// The longest a lingering close reads a client that keeps sending ([`linger`]).
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
 
 /// What the connection's watcher and the fast path tell each other.
 #[derive(Default)]
@@ -786,8 +788,6 @@ struct Head {
     framing: Framing,
     /// The upstream connection can take another request after this body.
     reusable: bool,
-    /// The upstream closes its connection after this response (`Connection: close`, HTTP/1.0).
-    upstream_close: bool,
     /// The head's length in the upstream buffer.
     len: usize,
 }
@@ -868,6 +868,7 @@ where
         target.stats.request_bytes.inc_by(plan.length);
         return relay(cx, io, state, plan, out, started, spare, None).await;
     }
+    let with_head = plan.length - spare.unread;
     let mut up = Upload::new(std::mem::take(spare.buf), spare.unread, plan.rate);
     spare.watch = false;
     let keep = relay(cx, io, state, plan, out, started, spare, Some(&mut up)).await;
@@ -876,10 +877,8 @@ where
     // The buffer held only body bytes: it is empty now, and the client is watched again only
     // if it owes nothing more.
     (*spare.end, spare.idle_at, spare.watch) = (0, 0, up.left == 0);
-    target
-        .stats
-        .request_bytes
-        .inc_by(plan.length - spare.unread);
+    // What came with the head went with it; of the rest, what was written up.
+    target.stats.request_bytes.inc_by(with_head + up.written);
     if up.unsent() {
         tracing::debug!(listener = %state.name, upstream = %plan.attempt.endpoint.address, unread = up.left, "the request body was not sent whole; the upstream connection is discarded");
     }
@@ -929,9 +928,11 @@ where
             let close = close || owed(&up);
             return answer(io, state, plan, f, out, close, started).await;
         }
-        // The route's timeout while the client was still sending: its body did not arrive
-        // in time (hyper's path: 408 when the body is read ahead).
-        Err(_) if owed(&up) => {
+        // The route's timeout while the client was still sending and the upstream took all
+        // it was given: the body did not arrive in time (hyper's path: 408 when the body is
+        // read ahead). Bytes read and not written up mean the upstream stopped reading: it
+        // is the one that stalled (504 below, counted against the endpoint).
+        Err(_) if owed(&up) && up.as_ref().is_some_and(|u| u.at == u.len) => {
             let f = Failed {
                 failure: Failure::RequestTimeout,
                 message: format!(
@@ -950,18 +951,25 @@ where
                 failure: Failure::Timeout,
                 message,
             };
+            // The upstream stopped reading mid-body: the client still owes the rest.
+            let close = close || owed(&up);
             return answer(io, state, plan, f, out, close, started).await;
         }
     };
-    // The upstream answered before it had the whole body. An error (a 413, a 401) or an
-    // upstream that closes after it wants no more: the body stops here, and the client, which
-    // still sends it, is told `connection: close` (what it sends on is read and dropped for a
-    // while, [`linger`]). Any other answer (an echo) gets the rest as the response goes back.
+    // The upstream answered before it had the whole body. An error (a 413, a 401): the body
+    // stops here, and the client, which still sends it, is told `connection: close` (what it
+    // sends on is read and dropped for a while, [`linger`]). Any other answer (an echo, even
+    // an HTTP/1.0 one or one with `connection: close`, which may read the body as it
+    // answers) gets the rest as the response goes back. Reads of the response after the
+    // body stopped end at the route's timeout: an upstream may still wait for the body.
     let early = up
         .as_ref()
-        .is_some_and(|u| u.unsent() && (head.status >= 400 || head.upstream_close));
-    if early && let Some(u) = up.as_deref_mut() {
-        u.stopped = true;
+        .is_some_and(|u| u.unsent() && head.status >= 400);
+    if let Some(u) = up.as_deref_mut() {
+        u.deadline = Some(tokio::time::Instant::from_std(started + target.timeout));
+        if early {
+            u.stopped = true;
+        }
     }
     // A drain or idle watch may have begun while the upstream answered, or the upstream
     // answered early while the client still owes some of its body: the response says
@@ -1071,7 +1079,8 @@ where
         && !u.stopped
     {
         let finish = std::future::poll_fn(|task| u.poll_send(task, io, &mut conn.io));
-        if let Ok(Err(f)) = tokio::time::timeout(target.timeout, finish).await {
+        let left = target.timeout.saturating_sub(started.elapsed());
+        if let Ok(Err(f)) = tokio::time::timeout(left, finish).await {
             body_failed(&f);
             failed = true;
         }
@@ -1214,6 +1223,11 @@ struct Upload {
     /// Nothing more goes up: all of it went, the upstream stopped taking it, or its answer
     /// asked for no more (an early error).
     stopped: bool,
+    /// Bytes written to the upstream.
+    written: u64,
+    /// The end of the route's timeout, once the response head came: a read of the response
+    /// after the body stopped short waits no longer ([`up_read`]).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Upload {
@@ -1227,6 +1241,8 @@ impl Upload {
             waiting: None,
             timer: None,
             stopped: false,
+            written: 0,
+            deadline: None,
         }
     }
 
@@ -1260,6 +1276,7 @@ impl Upload {
                 match Pin::new(&mut *upstream).poll_write(task, &self.buf[self.at..self.len]) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         self.at += n;
+                        self.written += n as u64;
                         continue;
                     }
                     Poll::Ready(_) => {
@@ -1556,9 +1573,10 @@ where
 }
 
 /// Reads and drops what the client still sends of a body it was answered before sending
-/// (up to `left` bytes, for at most [`LINGER`]), after our side of the connection is shut:
-/// closing a socket with unread bytes resets it, and a reset can reach the client before it
-/// has read its answer (nginx's lingering close, for the same reason).
+/// (up to `left` bytes, while it keeps sending: at most [`LINGER`] between reads and
+/// [`LINGER_TOTAL`] in all), after our side of the connection is shut: closing a socket with
+/// unread bytes resets it, and a reset can reach the client before it has read its answer
+/// (nginx's lingering close, `lingering_timeout` and `lingering_time`, for the same reason).
 async fn linger<S>(io: &mut Metered<S>, buf: &mut [u8], mut left: u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -1566,13 +1584,13 @@ where
     let drained = async {
         while left > 0 {
             let want = (left.min(buf.len() as u64)) as usize;
-            match io.read(&mut buf[..want]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left -= n as u64,
+            match tokio::time::timeout(LINGER, io.read(&mut buf[..want])).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => return,
+                Ok(Ok(n)) => left -= n as u64,
             }
         }
     };
-    let _ = tokio::time::timeout(LINGER, drained).await;
+    let _ = tokio::time::timeout(LINGER_TOTAL, drained).await;
 }
 
 fn broke(address: &crate::config::Address, why: &str) -> Failed {
@@ -1616,7 +1634,6 @@ fn client_head(
                 status,
                 framing: Framing::Empty,
                 reusable: false,
-                upstream_close: false,
                 len,
             });
         }
@@ -1675,7 +1692,6 @@ fn client_head(
         status,
         framing,
         reusable: !upstream_close && framing != Framing::Close,
-        upstream_close,
         len,
     })
 }
@@ -1989,6 +2005,16 @@ async fn up_read<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    if let Some(u) = up.as_ref()
+        && u.stopped
+        && u.unsent()
+        && let Some(deadline) = u.deadline
+    {
+        // The body stopped short: an upstream that waits for it would never answer on.
+        return Ok(tokio::time::timeout_at(deadline, upstream.read(buf))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())));
+    }
     if up.as_ref().is_none_or(|u| u.stopped) {
         return Ok(upstream.read(buf).await);
     }
