@@ -18,6 +18,15 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Whether `e`, or an error it wraps (its `source()` chain), satisfies `pred`: how an error
+/// is recognised after hyper and our wrappers have boxed it.
+pub fn any_cause(
+    e: &(dyn std::error::Error + 'static),
+    pred: impl FnMut(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    std::iter::successors(Some(e), |err| err.source()).any(pred)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -64,14 +64,7 @@ impl std::error::Error for TooLarge {}
 
 /// True when `e`, or an error it wraps, is a body cut at `limits.max_request_body`.
 pub fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<TooLarge>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    crate::errors::any_cause(e, |err| err.is::<TooLarge>())
 }
 
 /// `inner`, cut with [`TooLarge`] at the data frame that takes it past `limit` bytes (a body

@@ -204,17 +204,10 @@ pub(super) fn exchange_fault(e: &SendError, endpoint: &Address) -> Fault {
 /// True when an exchange failed because the downstream's request body did (hyper reports the
 /// body we stream as "user" input), not because of the endpoint.
 fn downstream_fault(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err
-            .downcast_ref::<hyper::Error>()
+    crate::errors::any_cause(e, |err| {
+        err.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_user)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    })
 }
 
 #[cfg(test)]

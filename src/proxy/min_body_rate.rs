@@ -48,14 +48,7 @@ impl std::error::Error for TooSlow {}
 
 /// Whether `e` (or an error it wraps) is a [`TooSlow`].
 pub fn too_slow(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<TooSlow>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    crate::errors::any_cause(e, |err| err.is::<TooSlow>())
 }
 
 /// The rate that applies to a request with these headers: none for gRPC.
