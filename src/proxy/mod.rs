@@ -43,6 +43,7 @@ mod fast_path;
 pub mod forward;
 pub mod framing;
 pub mod generation;
+pub mod h2;
 pub mod headers;
 pub mod hold;
 pub mod http;
