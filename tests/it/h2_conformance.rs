@@ -80,6 +80,15 @@ const DIFFERS: &[(&str, &str, &str)] = &[
 
 type Verdict = Result<String, String>;
 
+/// Runs a case's checks, so that they can use `?` and still reach [`Rig::finish`].
+fn attempt(checks: impl FnOnce() -> Verdict) -> Verdict {
+    checks()
+}
+
+/// A response read whole: status, fields (trailers appended), body.
+type Fields = Vec<(String, String)>;
+type Response = (u16, Fields, Vec<u8>);
+
 /// Runs `case` against every server; the server's name is in every message.
 fn run(name: &str, case: fn(&str) -> Verdict) {
     for &server in SERVERS {
@@ -515,18 +524,14 @@ impl Client {
 
     /// The whole response on `stream`: status, fields (trailers appended) and body. DATA is
     /// given its window back as it comes.
-    fn response(&mut self, stream: u32) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+    fn response(&mut self, stream: u32) -> Result<Response, String> {
         let (status, fields, body) = self.rest_of(stream)?;
         let status = status.ok_or(format!("stream {stream}: no :status in {fields:?}"))?;
         Ok((status, fields, body))
     }
 
     /// What is left of the response on `stream`, until its END_STREAM.
-    #[allow(clippy::type_complexity)]
-    fn rest_of(
-        &mut self,
-        stream: u32,
-    ) -> Result<(Option<u16>, Vec<(String, String)>, Vec<u8>), String> {
+    fn rest_of(&mut self, stream: u32) -> Result<(Option<u16>, Fields, Vec<u8>), String> {
         let deadline = Instant::now() + PATIENCE;
         let (mut status, mut fields, mut body) = (None, Vec::new(), Vec::new());
         loop {
@@ -923,7 +928,7 @@ impl Upstream {
 /// (a 4xx and a close): either way nothing is served and the connection ends.
 fn case_bad_preface(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = Client::connect(&rig.addr)?;
         c.write(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n")?;
         c.write(&frame(SETTINGS, 0, 0, &[]))?;
@@ -954,7 +959,7 @@ fn case_bad_preface(server: &str) -> Verdict {
             raw.len(),
             text.lines().next().unwrap_or_default()
         ))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -962,13 +967,13 @@ fn case_bad_preface(server: &str) -> Verdict {
 /// (here PING) is an invalid preface: a connection error PROTOCOL_ERROR.
 fn case_first_frame_not_settings(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = Client::connect(&rig.addr)?;
         let mut hello = PREFACE.to_vec();
         hello.extend(frame(PING, 0, 0, &[0; 8]));
         c.write(&hello)?;
         c.connection_error(&[PROTOCOL_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -976,7 +981,7 @@ fn case_first_frame_not_settings(server: &str) -> Verdict {
 /// PROTOCOL_ERROR.
 fn case_frame_on_stream_zero(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(DATA, 0, 0, b"hello")?;
         let data = c.connection_error(&[PROTOCOL_ERROR])?;
@@ -984,25 +989,25 @@ fn case_frame_on_stream_zero(server: &str) -> Verdict {
         c.headers(0, &get("/zero"), true)?;
         let headers = c.connection_error(&[PROTOCOL_ERROR])?;
         Ok(format!("DATA: {data}; HEADERS: {headers}"))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.5: a SETTINGS length not a multiple of 6 is a connection error FRAME_SIZE_ERROR.
 fn case_settings_bad_length(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(SETTINGS, 0, 0, &[0, 3, 0])?;
         c.connection_error(&[FRAME_SIZE_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.5: SETTINGS on a stream other than 0 is a connection error PROTOCOL_ERROR.
 fn case_settings_on_a_stream(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(
             SETTINGS,
@@ -1011,7 +1016,7 @@ fn case_settings_on_a_stream(server: &str) -> Verdict {
             &settings_payload(&[(MAX_CONCURRENT_STREAMS, 10)]),
         )?;
         c.connection_error(&[PROTOCOL_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1019,7 +1024,7 @@ fn case_settings_on_a_stream(server: &str) -> Verdict {
 /// connection errors PROTOCOL_ERROR.
 fn case_settings_bad_values(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut seen = Vec::new();
         for (what, id, value, code) in [
             ("ENABLE_PUSH 2", ENABLE_PUSH, 2, PROTOCOL_ERROR),
@@ -1044,14 +1049,14 @@ fn case_settings_bad_values(server: &str) -> Verdict {
             seen.push(format!("{what}: {got}"));
         }
         Ok(seen.join("; "))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.5.2: INITIAL_WINDOW_SIZE above 2^31−1 is a connection error FLOW_CONTROL_ERROR.
 fn case_settings_initial_window_too_large(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(
             SETTINGS,
@@ -1060,40 +1065,40 @@ fn case_settings_initial_window_too_large(server: &str) -> Verdict {
             &settings_payload(&[(INITIAL_WINDOW_SIZE, 1 << 31)]),
         )?;
         c.connection_error(&[FLOW_CONTROL_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.5: a SETTINGS ACK with a payload is a connection error FRAME_SIZE_ERROR.
 fn case_settings_ack_with_payload(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(SETTINGS, ACK, 0, &settings_payload(&[(ENABLE_PUSH, 0)]))?;
         c.connection_error(&[FRAME_SIZE_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.7: a PING whose length is not 8 is a connection error FRAME_SIZE_ERROR.
 fn case_ping_bad_length(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(PING, 0, 0, &[0; 7])?;
         c.connection_error(&[FRAME_SIZE_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.7: a PING on a stream other than 0 is a connection error PROTOCOL_ERROR.
 fn case_ping_on_a_stream(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(PING, 0, 1, &[0; 8])?;
         c.connection_error(&[PROTOCOL_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1101,7 +1106,7 @@ fn case_ping_on_a_stream(server: &str) -> Verdict {
 /// answered.
 fn case_ping_answered(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(PING, ACK, 0, b"unasked!")?;
         let before = c.ping(*b"h2conf!!")?;
@@ -1110,7 +1115,7 @@ fn case_ping_answered(server: &str) -> Verdict {
             "an unasked PING ACK was answered"
         );
         Ok("PING ACK with the same payload".into())
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1118,7 +1123,7 @@ fn case_ping_answered(server: &str) -> Verdict {
 /// error PROTOCOL_ERROR on stream 0.
 fn case_window_update_zero(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.open_stream(1)?;
         c.send(WINDOW_UPDATE, 0, 1, &0u32.to_be_bytes())?;
@@ -1127,7 +1132,7 @@ fn case_window_update_zero(server: &str) -> Verdict {
         c.send(WINDOW_UPDATE, 0, 0, &0u32.to_be_bytes())?;
         let conn = c.connection_error(&[PROTOCOL_ERROR])?;
         Ok(format!("stream: {stream}; connection: {conn}"))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1135,7 +1140,7 @@ fn case_window_update_zero(server: &str) -> Verdict {
 /// FLOW_CONTROL_ERROR) or, on stream 0, the connection (GOAWAY FLOW_CONTROL_ERROR).
 fn case_window_overflow(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let max = 0x7fff_ffffu32.to_be_bytes();
         let mut c = rig.client()?;
         c.open_stream(1)?;
@@ -1145,18 +1150,18 @@ fn case_window_overflow(server: &str) -> Verdict {
         c.send(WINDOW_UPDATE, 0, 0, &max)?;
         let conn = c.connection_error(&[FLOW_CONTROL_ERROR])?;
         Ok(format!("stream: {stream}; connection: {conn}"))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §5.1.1: a client's stream ids are odd; an even one is a connection error PROTOCOL_ERROR.
 fn case_even_stream_id(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.headers(2, &get("/even"), true)?;
         c.connection_error(&[PROTOCOL_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1165,14 +1170,14 @@ fn case_even_stream_id(server: &str) -> Verdict {
 /// closed when 5 opened, §5.1).
 fn case_decreasing_stream_id(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.headers(5, &get("/five"), true)?;
         let (status, _, _) = c.response(5)?;
         ensure!(status == 200, "stream 5 answered {status}");
         c.headers(3, &get("/three"), true)?;
         c.connection_error(&[PROTOCOL_ERROR, STREAM_CLOSED])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1180,7 +1185,7 @@ fn case_decreasing_stream_id(server: &str) -> Verdict {
 /// (or a CONTINUATION of another stream) is a connection error PROTOCOL_ERROR.
 fn case_headers_interrupted(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let b = block(&get("/interrupted"));
         let (first, rest) = b.split_at(b.len() / 2);
         let mut c = rig.client()?;
@@ -1194,7 +1199,7 @@ fn case_headers_interrupted(server: &str) -> Verdict {
         Ok(format!(
             "PING inside: {ping}; CONTINUATION of stream 3: {other}"
         ))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1202,7 +1207,7 @@ fn case_headers_interrupted(server: &str) -> Verdict {
 /// END_HEADERS is a connection error PROTOCOL_ERROR.
 fn case_continuation_without_headers(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(CONTINUATION, END_HEADERS, 1, &block(&get("/orphan")))?;
         let alone = c.connection_error(&[PROTOCOL_ERROR])?;
@@ -1211,19 +1216,19 @@ fn case_continuation_without_headers(server: &str) -> Verdict {
         c.send(CONTINUATION, END_HEADERS, 1, &block(&[("x-late", "1")]))?;
         let after = c.connection_error(&[PROTOCOL_ERROR])?;
         Ok(format!("alone: {alone}; after a complete HEADERS: {after}"))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §6.3: a PRIORITY whose length is not 5 is a stream error FRAME_SIZE_ERROR.
 fn case_priority_bad_length(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(PRIORITY, 0, 1, &[0, 0, 0, 0])?;
         let seen = c.stream_error(1, &[FRAME_SIZE_ERROR])?;
         Ok(seen)
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1231,7 +1236,7 @@ fn case_priority_bad_length(server: &str) -> Verdict {
 /// frame or in a HEADERS frame's priority block.
 fn case_priority_self_dependency(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(PRIORITY, 0, 1, &[0, 0, 0, 1, 16])?;
         let priority = c.stream_error(1, &[PROTOCOL_ERROR])?;
@@ -1246,7 +1251,7 @@ fn case_priority_self_dependency(server: &str) -> Verdict {
         )?;
         let headers = c.stream_error(3, &[PROTOCOL_ERROR])?;
         Ok(format!("PRIORITY: {priority}; HEADERS: {headers}"))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1254,7 +1259,7 @@ fn case_priority_self_dependency(server: &str) -> Verdict {
 /// stream error for DATA, a connection error for a frame carrying a field block.
 fn case_frame_over_max_size(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let max = *c.settings.get(&MAX_FRAME_SIZE).unwrap_or(&16_384) as usize;
         c.open_stream(1)?;
@@ -1267,21 +1272,21 @@ fn case_frame_over_max_size(server: &str) -> Verdict {
         c.headers(1, &fields, true)?;
         let headers = c.connection_error(&[FRAME_SIZE_ERROR])?;
         Ok(format!("DATA: {data}; HEADERS: {headers}"))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.4: a client cannot push; a PUSH_PROMISE from it is a connection error PROTOCOL_ERROR.
 fn case_push_promise_from_client(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.open_stream(1)?;
         let mut payload = 2u32.to_be_bytes().to_vec();
         payload.extend(block(&get("/pushed")));
         c.send(PUSH_PROMISE, END_HEADERS, 1, &payload)?;
         c.connection_error(&[PROTOCOL_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1289,7 +1294,7 @@ fn case_push_promise_from_client(server: &str) -> Verdict {
 /// them is answered.
 fn case_unknown_frame_type_ignored(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(0xfa, 0xff, 0, b"whatever")?;
         c.send(0xfb, 0, 1, b"whatever")?;
@@ -1300,7 +1305,7 @@ fn case_unknown_frame_type_ignored(server: &str) -> Verdict {
             "the GET after unknown frames was answered {status}"
         );
         Ok("ignored".into())
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1309,14 +1314,14 @@ fn case_unknown_frame_type_ignored(server: &str) -> Verdict {
 /// h2spec does).
 fn case_data_on_closed_stream(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.headers(1, &get("/closed"), true)?;
         let (status, _, _) = c.response(1)?;
         ensure!(status == 200, "stream 1 answered {status}");
         c.send(DATA, 0, 1, b"late")?;
         c.stream_error(1, &[STREAM_CLOSED])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1327,11 +1332,11 @@ fn case_data_on_closed_stream(server: &str) -> Verdict {
 /// an integer that overflows).
 fn case_hpack_garbage(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.send(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff; 12])?;
         c.connection_error(&[COMPRESSION_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1339,13 +1344,13 @@ fn case_hpack_garbage(server: &str) -> Verdict {
 /// decoding error: a connection error COMPRESSION_ERROR.
 fn case_hpack_index_past_table(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let mut b = block(&get("/index"));
         b.push(0x80 | 70);
         c.send(HEADERS, END_HEADERS | END_STREAM, 1, &b)?;
         c.connection_error(&[COMPRESSION_ERROR])
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1371,18 +1376,18 @@ fn refused(rig: &Rig, what: &str, fields: &[(&str, &str)], body: Option<&[u8]>) 
 /// §8.2.1: field names are lowercase; an uppercase one makes the request malformed.
 fn case_uppercase_header_name(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut fields = get("/upper");
         fields.push(("X-Upper", "a"));
         refused(&rig, "X-Upper", &fields, None)
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.2.2: connection-specific fields make a request malformed.
 fn case_connection_specific_headers(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut seen = Vec::new();
         for (name, value) in [
             ("connection", "keep-alive"),
@@ -1397,25 +1402,25 @@ fn case_connection_specific_headers(server: &str) -> Verdict {
             seen.push(refused(&rig, name, &fields, None)?);
         }
         Ok(seen.join("; "))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.2.2: `te` may only be `trailers`.
 fn case_te_other_than_trailers(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut fields = get("/te-gzip");
         fields.push(("te", "gzip"));
         refused(&rig, "te: gzip", &fields, None)
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.3: pseudo-header fields come before regular ones.
 fn case_pseudo_after_regular(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let fields = [
             (":method", "GET"),
             (":scheme", "http"),
@@ -1424,14 +1429,14 @@ fn case_pseudo_after_regular(server: &str) -> Verdict {
             (":authority", "conformance"),
         ];
         refused(&rig, "pseudo after regular", &fields, None)
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.3.1: a request has exactly one :method, :scheme and a non-empty :path (not CONNECT).
 fn case_missing_pseudo(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut seen = Vec::new();
         for missing in [":method", ":scheme", ":path"] {
             let fields: Vec<_> = get("/missing")
@@ -1448,29 +1453,29 @@ fn case_missing_pseudo(server: &str) -> Verdict {
         fields.insert(1, (":method", "POST"));
         seen.push(refused(&rig, "two :method", &fields, None)?);
         Ok(seen.join("; "))
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.3: an unknown pseudo-header field makes the request malformed.
 fn case_unknown_pseudo(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut fields = get("/unknown-pseudo");
         fields.insert(0, (":foo", "bar"));
         refused(&rig, ":foo", &fields, None)
-    })();
+    });
     rig.finish(v)
 }
 
 /// §8.3: a response pseudo-header field (:status) in a request makes it malformed.
 fn case_response_pseudo_in_request(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut fields = get("/status-in-request");
         fields.insert(0, (":status", "200"));
         refused(&rig, ":status", &fields, None)
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1478,7 +1483,7 @@ fn case_response_pseudo_in_request(server: &str) -> Verdict {
 /// bytes, or more).
 fn case_content_length_mismatch(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut fewer = post("/cl-fewer");
         fewer.push(("content-length", "10"));
         let a = refused(&rig, "content-length 10, 5 bytes", &fewer, Some(b"12345"))?;
@@ -1486,7 +1491,7 @@ fn case_content_length_mismatch(server: &str) -> Verdict {
         more.push(("content-length", "2"));
         let b = refused(&rig, "content-length 2, 5 bytes", &more, Some(b"12345"))?;
         Ok(format!("{a}; {b}"))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1498,7 +1503,7 @@ fn case_content_length_mismatch(server: &str) -> Verdict {
 /// The upstream never answers, so all of them stay in flight.
 fn case_max_concurrent_streams(server: &str) -> Verdict {
     let rig = Rig::to(server, Upstream::silent(), false, "");
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let max = *c
             .settings
@@ -1551,7 +1556,7 @@ fn case_max_concurrent_streams(server: &str) -> Verdict {
         })
         .map_err(|e| format!("after the refusal: {e}"))?;
         Ok(format!("{max} in flight, stream {excess} refused"))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1561,7 +1566,7 @@ fn case_max_concurrent_streams(server: &str) -> Verdict {
 /// only the stream ended.
 fn case_header_list_over_limit(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let max = *c.settings.get(&MAX_FRAME_SIZE).unwrap_or(&16_384) as usize;
         let big = "h".repeat(80 * 1024);
@@ -1612,7 +1617,7 @@ fn case_header_list_over_limit(server: &str) -> Verdict {
             );
         }
         Ok(seen)
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1620,7 +1625,7 @@ fn case_header_list_over_limit(server: &str) -> Verdict {
 /// HEADERS (not flow-controlled), but DATA only once it sends WINDOW_UPDATE.
 fn case_response_waits_for_client_window(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client_with(&[(INITIAL_WINDOW_SIZE, 0)])?;
         c.headers(1, &get("/bytes/100"), true)?;
         let deadline = Instant::now() + PATIENCE;
@@ -1653,7 +1658,7 @@ fn case_response_waits_for_client_window(server: &str) -> Verdict {
             body.len()
         );
         Ok("HEADERS at once, DATA after WINDOW_UPDATE".into())
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1692,7 +1697,7 @@ fn upload(c: &mut Client, stream: u32, size: usize, stall: Duration) -> Result<u
 /// server gives window back (WINDOW_UPDATE as the upstream reads), and arrives whole.
 fn case_upload_follows_server_window(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let initial = (*c.window(1)).max(c.conn_window) as usize;
         let size = 3 * initial + 12_345;
@@ -1722,7 +1727,7 @@ fn case_upload_follows_server_window(server: &str) -> Verdict {
             "{size} bytes through windows of {initial}, {} WINDOW_UPDATEs",
             c.window_updates - updates_before
         ))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1733,7 +1738,7 @@ fn case_upload_follows_server_window(server: &str) -> Verdict {
 fn case_upload_bounded_when_upstream_stops_reading(server: &str) -> Verdict {
     const BOUND: usize = 48 << 20;
     let rig = Rig::to(server, Upstream::silent(), false, "");
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         c.headers(1, &post("/never-read"), false)?;
         let rss_before = rig.rss_kib();
@@ -1767,7 +1772,7 @@ fn case_upload_bounded_when_upstream_stops_reading(server: &str) -> Verdict {
         Ok(format!(
             "granted {sent} bytes then stopped, RSS +{grown} KiB; DATA past the window: {past}"
         ))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1775,7 +1780,7 @@ fn case_upload_bounded_when_upstream_stops_reading(server: &str) -> Verdict {
 /// to an HTTP/2 (gRPC-shaped) upstream.
 fn case_request_trailers_reach_http2_upstream(server: &str) -> Verdict {
     let rig = Rig::to(server, Upstream::trailers_echo(), true, "");
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let mut fields = post("/pkg.Svc/Call");
         fields.push(("content-type", "application/grpc"));
@@ -1791,7 +1796,7 @@ fn case_request_trailers_reach_http2_upstream(server: &str) -> Verdict {
             "the upstream saw these request trailers: {body:?}"
         );
         Ok("trailers passed on".into())
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1799,11 +1804,11 @@ fn case_request_trailers_reach_http2_upstream(server: &str) -> Verdict {
 // Cases: abuse
 
 /// Rapid reset (CVE-2023-44487): 1,000 HEADERS + RST_STREAM pairs. The server either ends the
-/// connection (GOAWAY ENHANCE_YOUR_CALM, recorded) or keeps serving; either way the process
-/// stays healthy and answers another client.
+/// connection (GOAWAY, ENHANCE_YOUR_CALM as a rule; recorded) or keeps serving and answers a
+/// PING after the burst; either way the process stays healthy and answers another client.
 fn case_rapid_reset(server: &str) -> Verdict {
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let mut burst = Vec::new();
         let head = block(&get("/status/200"));
@@ -1833,7 +1838,7 @@ fn case_rapid_reset(server: &str) -> Verdict {
             }
         };
         Ok(format!("{outcome} (burst write: {wrote:?})"))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1843,7 +1848,7 @@ fn case_rapid_reset(server: &str) -> Verdict {
 fn case_continuation_flood(server: &str) -> Verdict {
     const FLOOD: usize = 32 << 20;
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let rss_before = rig.rss_kib();
         let mut c = rig.client()?;
         c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -1891,7 +1896,7 @@ fn case_continuation_flood(server: &str) -> Verdict {
             "{end} after {sent} bytes written (writes stopped: {}), RSS +{grown} KiB",
             stopped.unwrap_or_else(|| "no".into())
         ))
-    })();
+    });
     rig.finish(v)
 }
 
@@ -1922,7 +1927,7 @@ fn flood(c: &mut Client, one: &[u8], bytes: usize) -> (usize, String) {
 fn answer_flood(server: &str, what: &str, one: Vec<u8>) -> Verdict {
     const BYTES: usize = 64 << 20;
     let rig = Rig::new(server);
-    let v = (|| {
+    let v = attempt(|| {
         let mut c = rig.client()?;
         let rss_before = rig.rss_kib();
         let (sent, how) = flood(&mut c, &one, BYTES);
@@ -1936,7 +1941,7 @@ fn answer_flood(server: &str, what: &str, one: Vec<u8>) -> Verdict {
             "took {sent} bytes of {what} from a client that reads nothing"
         );
         Ok(format!("{what}: {sent} bytes, {how}, RSS +{grown} KiB"))
-    })();
+    });
     rig.finish(v)
 }
 
