@@ -154,11 +154,25 @@ pub trait Streamed: Sync {
     fn open_ended(&self) -> bool {
         true
     }
-    /// Turns `true` once the caller's body was read to its end: the cluster's `timeout`
-    /// counts from then (`None`: from the start), so a slow upload is not the callee's fault.
-    fn read_all(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+    /// How far the caller's body got ([`Progress`]; `None`: the cluster's `timeout` counts
+    /// from the start): until its end, the `timeout` bounds each wait in which the callee
+    /// takes none of it, not a slow upload (the caller's); from its end, the wait for the
+    /// answer.
+    fn progress(&self) -> Option<tokio::sync::watch::Receiver<Progress>> {
         None
     }
+}
+
+/// How far a streamed request body got, for [`send`]'s time limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// Pieces passed on to the callee so far.
+    pub pieces: u64,
+    /// The body was read to its end.
+    pub done: bool,
+    /// The callee's side asked for more and waits for the caller to send it: a wait that is
+    /// the caller's (not sent as a change: read when a wait ends).
+    pub waiting_for_caller: bool,
 }
 
 /// Connect failures retried on another endpoint (within the cluster's retry budget).
@@ -205,7 +219,7 @@ async fn call_streaming(
         over: Arc::new(AtomicBool::new(false)),
         broke: Arc::new(AtomicBool::new(false)),
         unsent: Arc::new(Mutex::new(None)),
-        read_all: Arc::new(tokio::sync::watch::Sender::new(false)),
+        progress: Arc::new(tokio::sync::watch::Sender::new(Progress::default())),
     };
     let body = match first {
         // Read up to the limit and still more to come: over it already.
@@ -214,7 +228,7 @@ async fn call_streaming(
         }
         body::RequestBody::Streaming(rest) => body::RequestBody::Streaming(hooks.wrap(rest, 0)),
         whole => {
-            hooks.read_all.send_replace(true);
+            hooks.progress.send_modify(|p| p.done = true);
             whole
         }
     };
@@ -265,8 +279,8 @@ struct Capped {
     /// The caller's side broke (a reset, a bad chunk).
     broke: Arc<AtomicBool>,
     unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
-    /// Set once the caller's body was read to its end.
-    read_all: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How far the caller's body got.
+    progress: Arc<tokio::sync::watch::Sender<Progress>>,
 }
 
 impl Capped {
@@ -280,7 +294,7 @@ impl Capped {
             broke: self.broke.clone(),
             read: false,
             unsent: self.unsent.clone(),
-            read_all: self.read_all.clone(),
+            progress: self.progress.clone(),
         }
         .boxed()
     }
@@ -300,8 +314,8 @@ impl Streamed for Capped {
         false
     }
 
-    fn read_all(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
-        Some(self.read_all.subscribe())
+    fn progress(&self) -> Option<tokio::sync::watch::Receiver<Progress>> {
+        Some(self.progress.subscribe())
     }
 }
 
@@ -316,7 +330,15 @@ struct CappedBody {
     broke: Arc<AtomicBool>,
     read: bool,
     unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
-    read_all: Arc<tokio::sync::watch::Sender<bool>>,
+    progress: Arc<tokio::sync::watch::Sender<Progress>>,
+}
+
+impl CappedBody {
+    /// The body is read to its end.
+    fn done(&self) {
+        self.progress
+            .send_if_modified(|p| !std::mem::replace(&mut p.done, true));
+    }
 }
 
 impl Drop for CappedBody {
@@ -343,8 +365,18 @@ impl hyper::body::Body for CappedBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match std::pin::Pin::new(inner).poll_frame(cx) {
+        let polled = std::pin::Pin::new(inner).poll_frame(cx);
+        let waiting = polled.is_pending();
+        if this.progress.borrow().waiting_for_caller != waiting {
+            // Set without waking the waiter: it reads it when its wait ends.
+            this.progress.send_if_modified(|p| {
+                p.waiting_for_caller = waiting;
+                false
+            });
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                this.progress.send_modify(|p| p.pieces += 1);
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len());
                     if this.seen > this.limit {
@@ -356,7 +388,7 @@ impl hyper::body::Body for CappedBody {
                     }
                 }
                 if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.read_all.send_replace(true);
+                    this.done();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -365,7 +397,7 @@ impl hyper::body::Body for CappedBody {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                this.read_all.send_replace(true);
+                this.done();
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -375,7 +407,7 @@ impl hyper::body::Body for CappedBody {
     fn is_end_stream(&self) -> bool {
         let end = self.inner.as_ref().is_none_or(|b| b.is_end_stream());
         if end && !self.over.load(Ordering::Relaxed) {
-            self.read_all.send_replace(true);
+            self.done();
         }
         end
     }
@@ -413,7 +445,9 @@ pub async fn call(
 /// is forwarded as it arrives, and sent again after a connect failure only when `stream`
 /// gives it back unread. The headers are awaited up to `deadline` when the caller
 /// set one (then a miss is 504, gRPC's `DEADLINE_EXCEEDED`); otherwise up to the cluster's
-/// `timeout` for a whole body, and without a limit for a streaming one. The deadline also
+/// `timeout` for a whole body, without a limit for an open-ended stream (gRPC proxying), and
+/// for an HTTP invocation's streamed body as [`answer_while_streaming`] says (the `timeout`
+/// from the body's end, and for each wait in which the callee takes none of it). The deadline also
 /// bounds the wait for our own app and for name resolution, and goes on as the remaining
 /// `grpc-timeout`. For a streaming body, `stream` says whether a failure was the caller's
 /// doing (then it does not count against the endpoint) and gives the body back after a
@@ -588,17 +622,25 @@ pub async fn send(
         }
         *out.headers_mut() = headers;
         let request = attempt.endpoint.client.request(out);
-        let answer = match (deadline, stream.and_then(|s| s.read_all())) {
+        let answer = match (deadline, stream.and_then(|s| s.progress())) {
             (Some(d), _) => tokio::time::timeout_at(d, request).await,
             (None, _) if streamed => Ok(request.await),
-            // While the caller's body is still being read, no limit: a slow upload is the
-            // caller's, not the endpoint's; the timeout counts from the body's end.
-            (None, Some(mut read_all)) => {
-                tokio::pin!(request);
-                tokio::select! {
-                    res = &mut request => Ok(res),
-                    _ = async { read_all.wait_for(|done| *done).await.is_ok() } => {
-                        tokio::time::timeout(timeout, request).await
+            // While the caller's body is still being read, a slow upload is the caller's, not
+            // the endpoint's: no limit while the callee waits for it. A callee that takes none
+            // of it (and does not answer) for `timeout` is the callee's: the call ends then.
+            // From the body's end, the timeout counts to the answer.
+            (None, Some(progress)) => {
+                match answer_while_streaming(request, progress, timeout).await {
+                    Some(answer) => answer,
+                    None => {
+                        cluster.failed(&attempt);
+                        return Err(fail(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!(
+                                "no response from {app_id:?} at {} within {timeout:?}, nor any more of the request body taken",
+                                attempt.endpoint.address
+                            ),
+                        ));
                     }
                 }
             }
@@ -669,6 +711,38 @@ pub async fn send(
             }
         }
     }
+}
+
+/// Waits for the callee's answer to a request whose body is still streaming (`progress`):
+/// without a limit while the callee waits for the caller's next piece, but never `timeout`
+/// without the callee taking a piece or answering (None: it stalled, neither reading nor
+/// answering); once the body is read to its end, `timeout` for the answer.
+async fn answer_while_streaming<F: std::future::Future>(
+    request: F,
+    mut progress: tokio::sync::watch::Receiver<Progress>,
+    timeout: std::time::Duration,
+) -> Option<Result<F::Output, tokio::time::error::Elapsed>> {
+    tokio::pin!(request);
+    loop {
+        if progress.borrow_and_update().done {
+            break;
+        }
+        tokio::select! {
+            res = &mut request => return Some(Ok(res)),
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    // The body's owner is gone: nothing more will come of it.
+                    break;
+                }
+            }
+            () = tokio::time::sleep(timeout) => {
+                if !progress.borrow().waiting_for_caller {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(tokio::time::timeout(timeout, request).await)
 }
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
