@@ -213,7 +213,38 @@ impl Default for ProxyMetrics {
     }
 }
 
+/// The `outcome` labels of a cluster's `outrigger_retries_total` series (`Cluster::withdraw_retry`).
+pub const RETRY_OUTCOMES: [&str; 2] = ["attempted", "budget_exhausted"];
+/// The `outcome` labels of a cluster's `outrigger_discovery_updates_total` series
+/// (`Cluster::refresh`).
+pub const DISCOVERY_OUTCOMES: [&str; 3] = ["changed", "unchanged", "failed"];
+
 impl ProxyMetrics {
+    /// Removes every series of a cluster that is gone for good (an app id's cluster evicted
+    /// unused by name resolution, made again on its next call): its endpoints, ejections,
+    /// retries and discovery updates. Without it each app id ever called would keep its
+    /// series for the sidecar's life. A cluster replaced by a config reload keeps them: its
+    /// successor has the same name.
+    pub fn remove_cluster(&self, cluster: &Name) {
+        let labels = ClusterLabels {
+            cluster: cluster.clone(),
+        };
+        self.endpoints.remove(&labels);
+        self.ejections.remove(&labels);
+        for outcome in RETRY_OUTCOMES {
+            self.retries.remove(&OutcomeLabels {
+                cluster: cluster.clone(),
+                outcome,
+            });
+        }
+        for outcome in DISCOVERY_OUTCOMES {
+            self.discovery.remove(&OutcomeLabels {
+                cluster: cluster.clone(),
+                outcome,
+            });
+        }
+    }
+
     fn register(&self, r: &mut Registry) {
         self.tls.register(r);
         r.register(

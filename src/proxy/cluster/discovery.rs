@@ -52,6 +52,10 @@ impl Cluster {
                 "failed"
             }
         };
+        // Evicted (or replaced) while it resolved: its series are gone, or its successor's.
+        if self.is_retired() {
+            return;
+        }
         self.metrics
             .discovery
             .get_or_create(&OutcomeLabels {
