@@ -166,7 +166,8 @@ pub trait Streamed: Sync {
 /// How far a streamed request body got, for [`send`]'s time limits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
-    /// Pieces passed on to the callee so far.
+    /// Pieces passed on to the callee so far (not sent as a change: read when the waiter's
+    /// timer fires).
     pub pieces: u64,
     /// The body was read to its end.
     pub done: bool,
@@ -376,7 +377,11 @@ impl hyper::body::Body for CappedBody {
         }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                this.progress.send_modify(|p| p.pieces += 1);
+                // Counted without waking the waiter: it looks when its timer fires.
+                this.progress.send_if_modified(|p| {
+                    p.pieces += 1;
+                    false
+                });
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len());
                     if this.seen > this.limit {
@@ -714,15 +719,22 @@ pub async fn send(
 }
 
 /// Waits for the callee's answer to a request whose body is still streaming (`progress`):
-/// without a limit while the callee waits for the caller's next piece, but never `timeout`
-/// without the callee taking a piece or answering (None: it stalled, neither reading nor
-/// answering); once the body is read to its end, `timeout` for the answer.
+/// without a limit while the callee waits for the caller's next piece, but not a whole
+/// `timeout` without the callee taking a piece or answering (None: it stalled, neither reading
+/// nor answering); once the body is read to its end, `timeout` for the answer.
+///
+/// One timer for the whole body, looked at when it fires: the pieces taken wake no one (a
+/// wake-up and a new timer for each frame of a long body cost more than the call). A stall
+/// therefore ends the call one to two `timeout`s after the last piece taken.
 async fn answer_while_streaming<F: std::future::Future>(
     request: F,
     mut progress: tokio::sync::watch::Receiver<Progress>,
     timeout: std::time::Duration,
 ) -> Option<Result<F::Output, tokio::time::error::Elapsed>> {
     tokio::pin!(request);
+    let stall = tokio::time::sleep(timeout);
+    tokio::pin!(stall);
+    let mut pieces = progress.borrow().pieces;
     loop {
         if progress.borrow_and_update().done {
             break;
@@ -735,10 +747,13 @@ async fn answer_while_streaming<F: std::future::Future>(
                     break;
                 }
             }
-            () = tokio::time::sleep(timeout) => {
-                if !progress.borrow().waiting_for_caller {
+            () = &mut stall => {
+                let now = *progress.borrow();
+                if now.pieces == pieces && !now.waiting_for_caller {
                     return None;
                 }
+                pieces = now.pieces;
+                stall.as_mut().reset(tokio::time::Instant::now() + timeout);
             }
         }
     }
@@ -774,6 +789,114 @@ impl body::Tap for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HTTP invocation's streamed body, its pieces sent on `tx`; its end when `tx` drops.
+    fn streamed_body(hooks: &Capped) -> (tokio::sync::mpsc::Sender<bytes::Bytes>, body::ProxyBody) {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let piece = rx.recv().await?;
+            Some((Ok::<_, body::BoxError>(hyper::body::Frame::data(piece)), rx))
+        });
+        let inner = http_body_util::StreamBody::new(stream).boxed();
+        (tx, hooks.wrap(inner, 0))
+    }
+
+    fn hooks() -> Capped {
+        Capped {
+            limit: usize::MAX,
+            over: Arc::new(AtomicBool::new(false)),
+            broke: Arc::new(AtomicBool::new(false)),
+            unsent: Arc::new(Mutex::new(None)),
+            progress: Arc::new(tokio::sync::watch::Sender::new(Progress::default())),
+        }
+    }
+
+    /// A callee that takes a long body steadily (1000 pieces over 100 `timeout`s, then
+    /// answers) is waited for, and its pieces do not wake the waiter: it is polled when its
+    /// one timer fires (about once per `timeout`), not once per piece, as it was. Paused time:
+    /// the counts do not depend on the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_bodys_pieces_do_not_wake_the_wait_for_the_answer() {
+        use http_body_util::BodyExt;
+        const PIECES: usize = 1000;
+        let timeout = std::time::Duration::from_secs(1);
+        let hooks = hooks();
+        let (tx, mut body) = streamed_body(&hooks);
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        // The callee: a piece every tenth of the timeout, then its answer.
+        tokio::spawn(async move {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+                tokio::time::sleep(timeout / 10).await;
+            }
+            let _ = answer.send(());
+        });
+        // The caller: all its pieces, then the body's end.
+        tokio::spawn(async move {
+            for _ in 0..PIECES {
+                tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+            }
+        });
+        let wait = answer_while_streaming(answered, hooks.progress.subscribe(), timeout);
+        tokio::pin!(wait);
+        let mut polls = 0;
+        let got = std::future::poll_fn(|cx| {
+            polls += 1;
+            wait.as_mut().poll(cx)
+        })
+        .await;
+        assert!(matches!(got, Some(Ok(Ok(())))), "answered: {got:?}");
+        assert!(
+            polls < PIECES / 4,
+            "polled {polls} times for {PIECES} pieces"
+        );
+    }
+
+    /// A callee that stops taking the body (and does not answer) is given up on; a caller
+    /// that stops sending is not the callee's fault: waited for, however long.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_callee_ends_the_wait_and_a_slow_caller_does_not() {
+        use http_body_util::BodyExt;
+        let timeout = std::time::Duration::from_secs(1);
+
+        // The callee takes 10 pieces, then nothing more (the caller would send more).
+        let hooks_a = hooks();
+        let (tx, mut body) = streamed_body(&hooks_a);
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                body.frame().await.unwrap().unwrap();
+            }
+            std::future::pending::<()>().await;
+        });
+        tokio::spawn(
+            async move { while tx.send(bytes::Bytes::from_static(b"x")).await.is_ok() {} },
+        );
+        let never = std::future::pending::<()>();
+        let got = answer_while_streaming(never, hooks_a.progress.subscribe(), timeout).await;
+        assert!(got.is_none(), "a stalled callee ends the wait");
+
+        // The callee reads on; the caller sends one piece, then nothing for 30 timeouts, then
+        // ends its body; the callee then answers.
+        let hooks_b = hooks();
+        let (tx, mut body) = streamed_body(&hooks_b);
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+            }
+            let _ = answer.send(());
+        });
+        tokio::spawn(async move {
+            tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+            tokio::time::sleep(timeout * 30).await;
+        });
+        let got = answer_while_streaming(answered, hooks_b.progress.subscribe(), timeout).await;
+        assert!(
+            matches!(got, Some(Ok(Ok(())))),
+            "a slow caller is waited for: {got:?}"
+        );
+    }
 
     #[test]
     fn grpc_timeout_values() {

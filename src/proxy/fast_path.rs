@@ -100,6 +100,7 @@ use http::Method;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{End, REPLAY_LIMIT};
 use super::cluster::pool::{Pool, Raw};
@@ -450,11 +451,15 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
     let target = state
         .router
         .route_by(&route_key(host), path, &method, &first)?;
-    // Too large: hyper's path refuses it once routed and past the route's `authz`
-    // (`check_body_size`, in `forward`), so a route with `authz` stays its own (a 403 may come
-    // first); retries, header edits, a rewrite or an HTTP/2 cluster change nothing of the 413.
-    // gRPC bodies have no such limit there: its path, as before.
-    if over && (grpc || target.authz.is_some()) {
+    // A router with a route's `authz` makes the listener's `strict_paths`, sent to hyper above.
+    debug_assert!(
+        target.authz.is_none(),
+        "a route with authz on the fast path"
+    );
+    // Too large: hyper's path refuses it once routed (`check_body_size`, in `forward`);
+    // retries, header edits, a rewrite or an HTTP/2 cluster change nothing of the 413. gRPC
+    // bodies have no such limit there: its path, as before.
+    if over && grpc {
         return None;
     }
     let too_large = over;
@@ -536,29 +541,14 @@ fn admit(
     req: &httparse::Request<'_, '_>,
     c: Checked,
 ) -> Option<Plan> {
-    let host = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())?;
-    let listener_permit = match &state.in_flight {
-        None => None,
-        Some(s) => Some(s.clone().try_acquire_owned().ok()?),
-    };
-    let cluster_permit = c.target.cluster.admit().ok()?;
-    let attempt = c.target.cluster.pick()?;
-    let pool = attempt.endpoint.pool()?.clone();
-    // An access log wants every request, span export the sampled ones: the record holds what
-    // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
-    // last, so that a request that goes to hyper after all leaves no record here (hyper's
-    // path draws its own sampling decision then; this one had no effect).
-    let record = match &state.recorder {
-        Some(r) if r.wants(&c.trace) => Some(Recording::new(
-            r,
-            entry(state, down, head, req, c.method, host, c.trace.clone())?,
-        )),
-        _ => None,
-    };
+    let cluster = &c.target.cluster;
+    let (listener_permit, (cluster_permit, attempt, pool), record) =
+        admission(state, down, head, req, c.method, &c.trace, || {
+            let cluster_permit = cluster.admit().ok()?;
+            let attempt = cluster.pick()?;
+            let pool = attempt.endpoint.pool()?.clone();
+            Some((cluster_permit, attempt, pool))
+        })?;
     Some(Plan {
         length: c.length,
         rate: c.rate,
@@ -574,6 +564,45 @@ fn admit(
         close: c.close,
         record,
     })
+}
+
+/// What every request the fast path answers itself takes ([`admit`], [`Refusal::new`]): the
+/// listener's in-flight permit, then what `then` takes (a forwarded request: the cluster's
+/// permit and an endpoint), then its record. None leaves the request to hyper: the listener or
+/// `then` is at its limit, or the head does not make a record.
+fn admission<T>(
+    state: &HttpListener,
+    down: &Downstream,
+    head: &[u8],
+    req: &httparse::Request<'_, '_>,
+    method: Method,
+    trace: &TraceContext,
+    then: impl FnOnce() -> Option<T>,
+) -> Option<(Option<OwnedSemaphorePermit>, T, Option<Recording>)> {
+    let listener_permit = match &state.in_flight {
+        None => None,
+        Some(s) => Some(s.clone().try_acquire_owned().ok()?),
+    };
+    let taken = then()?;
+    // An access log wants every request, span export the sampled ones: the record holds what
+    // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
+    // last, so that a request that goes to hyper after all leaves no record here (hyper's
+    // path draws its own sampling decision then; this one had no effect).
+    let record = match &state.recorder {
+        Some(r) if r.wants(trace) => {
+            let host = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())?;
+            Some(Recording::new(
+                r,
+                entry(state, down, head, req, method, host, trace.clone())?,
+            ))
+        }
+        _ => None,
+    };
+    Some((listener_permit, taken, record))
 }
 
 /// What is known of a request when it arrives, for its record (the fields hyper's path reads
@@ -1145,12 +1174,13 @@ struct Refusal {
     length: u64,
     record: Option<Recording>,
     /// The listener's in-flight permit, held while the answer is written.
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Refusal {
     /// None when hyper's path must answer after all: the listener is at its in-flight limit
-    /// (its 503 comes first there) or the head does not make a record (as [`admit`]).
+    /// (its 503 comes first there) or the head does not make a record ([`admission`], as
+    /// [`admit`]).
     fn new(
         state: &HttpListener,
         down: &Downstream,
@@ -1158,22 +1188,8 @@ impl Refusal {
         req: &httparse::Request<'_, '_>,
         c: Checked,
     ) -> Option<Refusal> {
-        let host = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("host"))
-            .and_then(|h| std::str::from_utf8(h.value).ok())?;
-        let permit = match &state.in_flight {
-            None => None,
-            Some(s) => Some(s.clone().try_acquire_owned().ok()?),
-        };
-        let record = match &state.recorder {
-            Some(r) if r.wants(&c.trace) => Some(Recording::new(
-                r,
-                entry(state, down, head, req, c.method, host, c.trace.clone())?,
-            )),
-            _ => None,
-        };
+        let (permit, (), record) =
+            admission(state, down, head, req, c.method, &c.trace, || Some(()))?;
         Some(Refusal {
             target: c.target,
             length: c.length,
