@@ -154,11 +154,26 @@ pub trait Streamed: Sync {
     fn open_ended(&self) -> bool {
         true
     }
-    /// Turns `true` once the caller's body was read to its end: the cluster's `timeout`
-    /// counts from then (`None`: from the start), so a slow upload is not the callee's fault.
-    fn read_all(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+    /// How far the caller's body got ([`Progress`]; `None`: the cluster's `timeout` counts
+    /// from the start): until its end, the `timeout` bounds each wait in which the callee
+    /// takes none of it, not a slow upload (the caller's); from its end, the wait for the
+    /// answer.
+    fn progress(&self) -> Option<tokio::sync::watch::Receiver<Progress>> {
         None
     }
+}
+
+/// How far a streamed request body got, for [`send`]'s time limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// Pieces passed on to the callee so far (not sent as a change: read when the waiter's
+    /// timer fires).
+    pub pieces: u64,
+    /// The body was read to its end.
+    pub done: bool,
+    /// The callee's side asked for more and waits for the caller to send it: a wait that is
+    /// the caller's (not sent as a change: read when a wait ends).
+    pub waiting_for_caller: bool,
 }
 
 /// Connect failures retried on another endpoint (within the cluster's retry budget).
@@ -205,7 +220,7 @@ async fn call_streaming(
         over: Arc::new(AtomicBool::new(false)),
         broke: Arc::new(AtomicBool::new(false)),
         unsent: Arc::new(Mutex::new(None)),
-        read_all: Arc::new(tokio::sync::watch::Sender::new(false)),
+        progress: Arc::new(tokio::sync::watch::Sender::new(Progress::default())),
     };
     let body = match first {
         // Read up to the limit and still more to come: over it already.
@@ -214,7 +229,7 @@ async fn call_streaming(
         }
         body::RequestBody::Streaming(rest) => body::RequestBody::Streaming(hooks.wrap(rest, 0)),
         whole => {
-            hooks.read_all.send_replace(true);
+            hooks.progress.send_modify(|p| p.done = true);
             whole
         }
     };
@@ -265,8 +280,8 @@ struct Capped {
     /// The caller's side broke (a reset, a bad chunk).
     broke: Arc<AtomicBool>,
     unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
-    /// Set once the caller's body was read to its end.
-    read_all: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How far the caller's body got.
+    progress: Arc<tokio::sync::watch::Sender<Progress>>,
 }
 
 impl Capped {
@@ -280,7 +295,7 @@ impl Capped {
             broke: self.broke.clone(),
             read: false,
             unsent: self.unsent.clone(),
-            read_all: self.read_all.clone(),
+            progress: self.progress.clone(),
         }
         .boxed()
     }
@@ -300,8 +315,8 @@ impl Streamed for Capped {
         false
     }
 
-    fn read_all(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
-        Some(self.read_all.subscribe())
+    fn progress(&self) -> Option<tokio::sync::watch::Receiver<Progress>> {
+        Some(self.progress.subscribe())
     }
 }
 
@@ -316,7 +331,15 @@ struct CappedBody {
     broke: Arc<AtomicBool>,
     read: bool,
     unsent: Arc<Mutex<Option<(body::ProxyBody, usize)>>>,
-    read_all: Arc<tokio::sync::watch::Sender<bool>>,
+    progress: Arc<tokio::sync::watch::Sender<Progress>>,
+}
+
+impl CappedBody {
+    /// The body is read to its end.
+    fn done(&self) {
+        self.progress
+            .send_if_modified(|p| !std::mem::replace(&mut p.done, true));
+    }
 }
 
 impl Drop for CappedBody {
@@ -343,8 +366,22 @@ impl hyper::body::Body for CappedBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match std::pin::Pin::new(inner).poll_frame(cx) {
+        let polled = std::pin::Pin::new(inner).poll_frame(cx);
+        let waiting = polled.is_pending();
+        if this.progress.borrow().waiting_for_caller != waiting {
+            // Set without waking the waiter: it reads it when its wait ends.
+            this.progress.send_if_modified(|p| {
+                p.waiting_for_caller = waiting;
+                false
+            });
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // Counted without waking the waiter: it looks when its timer fires.
+                this.progress.send_if_modified(|p| {
+                    p.pieces += 1;
+                    false
+                });
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len());
                     if this.seen > this.limit {
@@ -356,7 +393,7 @@ impl hyper::body::Body for CappedBody {
                     }
                 }
                 if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.read_all.send_replace(true);
+                    this.done();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -365,7 +402,7 @@ impl hyper::body::Body for CappedBody {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                this.read_all.send_replace(true);
+                this.done();
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -375,7 +412,7 @@ impl hyper::body::Body for CappedBody {
     fn is_end_stream(&self) -> bool {
         let end = self.inner.as_ref().is_none_or(|b| b.is_end_stream());
         if end && !self.over.load(Ordering::Relaxed) {
-            self.read_all.send_replace(true);
+            self.done();
         }
         end
     }
@@ -413,7 +450,9 @@ pub async fn call(
 /// is forwarded as it arrives, and sent again after a connect failure only when `stream`
 /// gives it back unread. The headers are awaited up to `deadline` when the caller
 /// set one (then a miss is 504, gRPC's `DEADLINE_EXCEEDED`); otherwise up to the cluster's
-/// `timeout` for a whole body, and without a limit for a streaming one. The deadline also
+/// `timeout` for a whole body, without a limit for an open-ended stream (gRPC proxying), and
+/// for an HTTP invocation's streamed body as [`answer_while_streaming`] says (the `timeout`
+/// from the body's end, and for each wait in which the callee takes none of it). The deadline also
 /// bounds the wait for our own app and for name resolution, and goes on as the remaining
 /// `grpc-timeout`. For a streaming body, `stream` says whether a failure was the caller's
 /// doing (then it does not count against the endpoint) and gives the body back after a
@@ -588,17 +627,25 @@ pub async fn send(
         }
         *out.headers_mut() = headers;
         let request = attempt.endpoint.client.request(out);
-        let answer = match (deadline, stream.and_then(|s| s.read_all())) {
+        let answer = match (deadline, stream.and_then(|s| s.progress())) {
             (Some(d), _) => tokio::time::timeout_at(d, request).await,
             (None, _) if streamed => Ok(request.await),
-            // While the caller's body is still being read, no limit: a slow upload is the
-            // caller's, not the endpoint's; the timeout counts from the body's end.
-            (None, Some(mut read_all)) => {
-                tokio::pin!(request);
-                tokio::select! {
-                    res = &mut request => Ok(res),
-                    _ = async { read_all.wait_for(|done| *done).await.is_ok() } => {
-                        tokio::time::timeout(timeout, request).await
+            // While the caller's body is still being read, a slow upload is the caller's, not
+            // the endpoint's: no limit while the callee waits for it. A callee that takes none
+            // of it (and does not answer) for `timeout` is the callee's: the call ends then.
+            // From the body's end, the timeout counts to the answer.
+            (None, Some(progress)) => {
+                match answer_while_streaming(request, progress, timeout).await {
+                    Some(answer) => answer,
+                    None => {
+                        cluster.failed(&attempt);
+                        return Err(fail(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!(
+                                "no response from {app_id:?} at {} within {timeout:?}, nor any more of the request body taken",
+                                attempt.endpoint.address
+                            ),
+                        ));
                     }
                 }
             }
@@ -671,6 +718,48 @@ pub async fn send(
     }
 }
 
+/// Waits for the callee's answer to a request whose body is still streaming (`progress`):
+/// without a limit while the callee waits for the caller's next piece, but not a whole
+/// `timeout` without the callee taking a piece or answering (None: it stalled, neither reading
+/// nor answering); once the body is read to its end, `timeout` for the answer.
+///
+/// One timer for the whole body, looked at when it fires: the pieces taken wake no one (a
+/// wake-up and a new timer for each frame of a long body cost more than the call). A stall
+/// therefore ends the call one to two `timeout`s after the last piece taken.
+async fn answer_while_streaming<F: std::future::Future>(
+    request: F,
+    mut progress: tokio::sync::watch::Receiver<Progress>,
+    timeout: std::time::Duration,
+) -> Option<Result<F::Output, tokio::time::error::Elapsed>> {
+    tokio::pin!(request);
+    let stall = tokio::time::sleep(timeout);
+    tokio::pin!(stall);
+    let mut pieces = progress.borrow().pieces;
+    loop {
+        if progress.borrow_and_update().done {
+            break;
+        }
+        tokio::select! {
+            res = &mut request => return Some(Ok(res)),
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    // The body's owner is gone: nothing more will come of it.
+                    break;
+                }
+            }
+            () = &mut stall => {
+                let now = *progress.borrow();
+                if now.pieces == pieces && !now.waiting_for_caller {
+                    return None;
+                }
+                pieces = now.pieces;
+                stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+        }
+    }
+    Some(tokio::time::timeout(timeout, request).await)
+}
+
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// `left` as a `grpc-timeout` value (at most 8 digits): milliseconds, rounded up, or seconds
@@ -700,6 +789,114 @@ impl body::Tap for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HTTP invocation's streamed body, its pieces sent on `tx`; its end when `tx` drops.
+    fn streamed_body(hooks: &Capped) -> (tokio::sync::mpsc::Sender<bytes::Bytes>, body::ProxyBody) {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let piece = rx.recv().await?;
+            Some((Ok::<_, body::BoxError>(hyper::body::Frame::data(piece)), rx))
+        });
+        let inner = http_body_util::StreamBody::new(stream).boxed();
+        (tx, hooks.wrap(inner, 0))
+    }
+
+    fn hooks() -> Capped {
+        Capped {
+            limit: usize::MAX,
+            over: Arc::new(AtomicBool::new(false)),
+            broke: Arc::new(AtomicBool::new(false)),
+            unsent: Arc::new(Mutex::new(None)),
+            progress: Arc::new(tokio::sync::watch::Sender::new(Progress::default())),
+        }
+    }
+
+    /// A callee that takes a long body steadily (1000 pieces over 100 `timeout`s, then
+    /// answers) is waited for, and its pieces do not wake the waiter: it is polled when its
+    /// one timer fires (about once per `timeout`), not once per piece, as it was. Paused time:
+    /// the counts do not depend on the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_bodys_pieces_do_not_wake_the_wait_for_the_answer() {
+        use http_body_util::BodyExt;
+        const PIECES: usize = 1000;
+        let timeout = std::time::Duration::from_secs(1);
+        let hooks = hooks();
+        let (tx, mut body) = streamed_body(&hooks);
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        // The callee: a piece every tenth of the timeout, then its answer.
+        tokio::spawn(async move {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+                tokio::time::sleep(timeout / 10).await;
+            }
+            let _ = answer.send(());
+        });
+        // The caller: all its pieces, then the body's end.
+        tokio::spawn(async move {
+            for _ in 0..PIECES {
+                tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+            }
+        });
+        let wait = answer_while_streaming(answered, hooks.progress.subscribe(), timeout);
+        tokio::pin!(wait);
+        let mut polls = 0;
+        let got = std::future::poll_fn(|cx| {
+            polls += 1;
+            wait.as_mut().poll(cx)
+        })
+        .await;
+        assert!(matches!(got, Some(Ok(Ok(())))), "answered: {got:?}");
+        assert!(
+            polls < PIECES / 4,
+            "polled {polls} times for {PIECES} pieces"
+        );
+    }
+
+    /// A callee that stops taking the body (and does not answer) is given up on; a caller
+    /// that stops sending is not the callee's fault: waited for, however long.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_callee_ends_the_wait_and_a_slow_caller_does_not() {
+        use http_body_util::BodyExt;
+        let timeout = std::time::Duration::from_secs(1);
+
+        // The callee takes 10 pieces, then nothing more (the caller would send more).
+        let hooks_a = hooks();
+        let (tx, mut body) = streamed_body(&hooks_a);
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                body.frame().await.unwrap().unwrap();
+            }
+            std::future::pending::<()>().await;
+        });
+        tokio::spawn(
+            async move { while tx.send(bytes::Bytes::from_static(b"x")).await.is_ok() {} },
+        );
+        let never = std::future::pending::<()>();
+        let got = answer_while_streaming(never, hooks_a.progress.subscribe(), timeout).await;
+        assert!(got.is_none(), "a stalled callee ends the wait");
+
+        // The callee reads on; the caller sends one piece, then nothing for 30 timeouts, then
+        // ends its body; the callee then answers.
+        let hooks_b = hooks();
+        let (tx, mut body) = streamed_body(&hooks_b);
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+            }
+            let _ = answer.send(());
+        });
+        tokio::spawn(async move {
+            tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+            tokio::time::sleep(timeout * 30).await;
+        });
+        let got = answer_while_streaming(answered, hooks_b.progress.subscribe(), timeout).await;
+        assert!(
+            matches!(got, Some(Ok(Ok(())))),
+            "a slow caller is waited for: {got:?}"
+        );
+    }
 
     #[test]
     fn grpc_timeout_values() {

@@ -57,7 +57,10 @@
 //! `connection: close` while the client still sends); after the head, a client that fails
 //! its body cuts the response (logged `client-closed`). Chunked request bodies stay on
 //! hyper's path (`check`). A `Content-Length` over the proxy's own limit
-//! (`limits.max_request_body`) goes to hyper's path too, which answers the 413.
+//! (`limits.max_request_body`) is answered here, as hyper's path would (413 `body-too-large`,
+//! `connection: close`, the same metrics and record: [`Refusal`]), and then the body the
+//! client still sends is read and dropped for up to [`LINGER`] (hyper's path closes at once:
+//! a client that writes its whole body before it reads would get a reset, not its 413).
 //!
 //! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
 //! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the
@@ -97,6 +100,7 @@ use http::Method;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{End, REPLAY_LIMIT};
 use super::cluster::pool::{Pool, Raw};
@@ -234,6 +238,21 @@ where
         };
         cx.flags.busy.store(true, Ordering::Relaxed);
         let started = Instant::now();
+        if checked.too_large {
+            // The body bytes not read yet: dropped after the answer (`linger`).
+            let body_start = start + head_len;
+            let unread = checked.length - checked.length.min((end - body_start) as u64);
+            let Some(refusal) = Refusal::new(&state, cx.down, head, &req, checked) else {
+                return fallback(&buf[start..end]);
+            };
+            refusal.answer(io, &state, &mut out, started).await;
+            cx.flags.busy.store(false, Ordering::Relaxed);
+            if io.flush().await.is_ok() {
+                let _ = io.shutdown().await;
+                linger(io, &mut buf, unread).await;
+            }
+            return Outcome::Closed;
+        }
         out.clear();
         write_request_head(&mut out, &state, cx.down, &req, &checked);
         // The body bytes read with the head go up in the same write, copied after the head.
@@ -369,6 +388,7 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
     let mut named = false;
     let mut context = false;
     let mut length = None;
+    let mut over = false;
     let mut grpc = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -385,11 +405,9 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
             }
             let l = parse_length(h.value);
             // Any length: up to REPLAY_LIMIT the body is read whole first (`read_body`),
-            // beyond it streamed full duplex (`pump`, `duplex`).
-            // Over `limits.max_request_body`: hyper's path answers the 413 (`check_body_size`).
-            if state.limits.max_request_body.is_some_and(|max| l > max) {
-                return None;
-            }
+            // beyond it streamed full duplex (`pump`, `duplex`). Over
+            // `limits.max_request_body`: answered 413 here ([`Refusal`]).
+            over = state.limits.max_request_body.is_some_and(|max| l > max);
             length = Some(l);
         } else if name.eq_ignore_ascii_case(b"content-type") {
             grpc = h.value.starts_with(b"application/grpc");
@@ -433,12 +451,25 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
     let target = state
         .router
         .route_by(&route_key(host), path, &method, &first)?;
-    if target.retry.is_some()
-        || !target.request_headers.is_empty()
-        || !target.response_headers.is_empty()
-        || target.rewrite.is_some()
-        || target.authz.is_some()
-        || target.cluster.config.http2
+    // A router with a route's `authz` makes the listener's `strict_paths`, sent to hyper above.
+    debug_assert!(
+        target.authz.is_none(),
+        "a route with authz on the fast path"
+    );
+    // Too large: hyper's path refuses it once routed (`check_body_size`, in `forward`);
+    // retries, header edits, a rewrite or an HTTP/2 cluster change nothing of the 413. gRPC
+    // bodies have no such limit there: its path, as before.
+    if over && grpc {
+        return None;
+    }
+    let too_large = over;
+    if !too_large
+        && (target.retry.is_some()
+            || !target.request_headers.is_empty()
+            || !target.response_headers.is_empty()
+            || target.rewrite.is_some()
+            || target.authz.is_some()
+            || target.cluster.config.http2)
     {
         return None;
     }
@@ -464,6 +495,7 @@ fn check(state: &HttpListener, req: &httparse::Request<'_, '_>) -> Option<Checke
         )
     };
     Some(Checked {
+        too_large,
         length: length.unwrap_or(0),
         // As `min_body_rate::applies`: gRPC bodies are exempt.
         rate: state.limits.min_body_rate.filter(|_| !grpc),
@@ -493,6 +525,8 @@ struct Checked {
     named: bool,
     /// The request body's length (its one `Content-Length`; 0 without one).
     length: u64,
+    /// The length is over `limits.max_request_body`: answered 413 ([`Refusal`]).
+    too_large: bool,
     /// The body's minimum data rate (`limits.min_body_rate`; none for gRPC).
     rate: Option<MinBodyRate>,
 }
@@ -507,29 +541,14 @@ fn admit(
     req: &httparse::Request<'_, '_>,
     c: Checked,
 ) -> Option<Plan> {
-    let host = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())?;
-    let listener_permit = match &state.in_flight {
-        None => None,
-        Some(s) => Some(s.clone().try_acquire_owned().ok()?),
-    };
-    let cluster_permit = c.target.cluster.admit().ok()?;
-    let attempt = c.target.cluster.pick()?;
-    let pool = attempt.endpoint.pool()?.clone();
-    // An access log wants every request, span export the sampled ones: the record holds what
-    // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
-    // last, so that a request that goes to hyper after all leaves no record here (hyper's
-    // path draws its own sampling decision then; this one had no effect).
-    let record = match &state.recorder {
-        Some(r) if r.wants(&c.trace) => Some(Recording::new(
-            r,
-            entry(state, down, head, req, c.method, host, c.trace.clone())?,
-        )),
-        _ => None,
-    };
+    let cluster = &c.target.cluster;
+    let (listener_permit, (cluster_permit, attempt, pool), record) =
+        admission(state, down, head, req, c.method, &c.trace, || {
+            let cluster_permit = cluster.admit().ok()?;
+            let attempt = cluster.pick()?;
+            let pool = attempt.endpoint.pool()?.clone();
+            Some((cluster_permit, attempt, pool))
+        })?;
     Some(Plan {
         length: c.length,
         rate: c.rate,
@@ -545,6 +564,45 @@ fn admit(
         close: c.close,
         record,
     })
+}
+
+/// What every request the fast path answers itself takes ([`admit`], [`Refusal::new`]): the
+/// listener's in-flight permit, then what `then` takes (a forwarded request: the cluster's
+/// permit and an endpoint), then its record. None leaves the request to hyper: the listener or
+/// `then` is at its limit, or the head does not make a record.
+fn admission<T>(
+    state: &HttpListener,
+    down: &Downstream,
+    head: &[u8],
+    req: &httparse::Request<'_, '_>,
+    method: Method,
+    trace: &TraceContext,
+    then: impl FnOnce() -> Option<T>,
+) -> Option<(Option<OwnedSemaphorePermit>, T, Option<Recording>)> {
+    let listener_permit = match &state.in_flight {
+        None => None,
+        Some(s) => Some(s.clone().try_acquire_owned().ok()?),
+    };
+    let taken = then()?;
+    // An access log wants every request, span export the sampled ones: the record holds what
+    // hyper's path puts in its own (`HttpListener::handle`), from the head as it came. Built
+    // last, so that a request that goes to hyper after all leaves no record here (hyper's
+    // path draws its own sampling decision then; this one had no effect).
+    let record = match &state.recorder {
+        Some(r) if r.wants(trace) => {
+            let host = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())?;
+            Some(Recording::new(
+                r,
+                entry(state, down, head, req, method, host, trace.clone())?,
+            ))
+        }
+        _ => None,
+    };
+    Some((listener_permit, taken, record))
 }
 
 /// What is known of a request when it arrives, for its record (the fields hyper's path reads
@@ -1104,27 +1162,94 @@ where
     }
 }
 
-/// Outrigger's own answer to a failed exchange (the forward phase's, [`HttpListener::fail`]).
-async fn answer<S>(
+/// A request whose `Content-Length` is over `limits.max_request_body`, refused before anything
+/// else is done for it: 413 `body-too-large` with `connection: close`, counted, logged and
+/// recorded as hyper's path does (`check_body_size`: the listener's in-flight permit taken, the
+/// route's request and response counted, `x-outrigger-error`, the record's route and cluster).
+/// Answered here rather than on hyper's path so that the body the client still sends is read
+/// and dropped after the answer ([`linger`]): hyper closes at once, and a client that writes its
+/// whole body before it reads would get a reset instead of its 413.
+struct Refusal {
+    target: Arc<Target>,
+    length: u64,
+    record: Option<Recording>,
+    /// The listener's in-flight permit, held while the answer is written.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Refusal {
+    /// None when hyper's path must answer after all: the listener is at its in-flight limit
+    /// (its 503 comes first there) or the head does not make a record ([`admission`], as
+    /// [`admit`]).
+    fn new(
+        state: &HttpListener,
+        down: &Downstream,
+        head: &[u8],
+        req: &httparse::Request<'_, '_>,
+        c: Checked,
+    ) -> Option<Refusal> {
+        let (permit, (), record) =
+            admission(state, down, head, req, c.method, &c.trace, || Some(()))?;
+        Some(Refusal {
+            target: c.target,
+            length: c.length,
+            record,
+            _permit: permit,
+        })
+    }
+
+    async fn answer<S>(
+        mut self,
+        io: &mut Metered<S>,
+        state: &HttpListener,
+        out: &mut Vec<u8>,
+        started: Instant,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let limit = state.limits.max_request_body.unwrap_or_default();
+        let failure = Failure::BodyTooLarge;
+        self.target.stats.requests.inc();
+        let res = state.fail(
+            &self.target,
+            failure,
+            &format!(
+                "the request body ({} bytes) is larger than {limit} bytes (limits.max_request_body)",
+                self.length
+            ),
+            started,
+        );
+        let (status, ok, body_len) = write_answer(io, res, out, true).await;
+        if let Some(mut r) = self.record.take() {
+            let routed = crate::telemetry::record::Routed {
+                route: Some(self.target.name.clone()),
+                cluster: Some(self.target.cluster.name.clone()),
+                upstream: None,
+                retries: 0,
+            };
+            r.answered(status, Some(failure.reason()), routed);
+            let how = if ok {
+                End::Done
+            } else {
+                End::Dropped { at_end: false }
+            };
+            r.end(body_len, how);
+        }
+    }
+}
+
+/// Writes one of Outrigger's own answers (`res`, from [`HttpListener::fail`]) with its
+/// `content-length` and `date`, and `connection: close` when `close`: its status, whether it
+/// was written whole, and its body's length.
+async fn write_answer<S>(
     io: &mut Metered<S>,
-    state: &HttpListener,
-    plan: &mut Plan,
-    f: Failed,
+    res: http::Response<super::body::ProxyBody>,
     out: &mut Vec<u8>,
     close: bool,
-    started: Instant,
-) -> bool
+) -> (u16, bool, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // The client's own fault (its body) is not the endpoint's, and the connection closes: its
-    // framing can no longer be trusted (hyper's path answers `with_close`).
-    let downstream = matches!(f.failure, Failure::BadRequest | Failure::RequestTimeout);
-    let close = close || downstream;
-    if !downstream {
-        plan.target.cluster.failed(&plan.attempt);
-    }
-    let res = state.fail(&plan.target, f.failure, &f.message, started);
     let (parts, body) = res.into_parts();
     let body = body
         .collect()
@@ -1150,9 +1275,34 @@ where
     let ok = write_all(io, &mut [IoSlice::new(out), IoSlice::new(&body)])
         .await
         .is_ok();
+    (parts.status.as_u16(), ok, body.len() as u64)
+}
+
+/// Outrigger's own answer to a failed exchange (the forward phase's, [`HttpListener::fail`]).
+async fn answer<S>(
+    io: &mut Metered<S>,
+    state: &HttpListener,
+    plan: &mut Plan,
+    f: Failed,
+    out: &mut Vec<u8>,
+    close: bool,
+    started: Instant,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // The client's own fault (its body) is not the endpoint's, and the connection closes: its
+    // framing can no longer be trusted (hyper's path answers `with_close`).
+    let downstream = matches!(f.failure, Failure::BadRequest | Failure::RequestTimeout);
+    let close = close || downstream;
+    if !downstream {
+        plan.target.cluster.failed(&plan.attempt);
+    }
+    let res = state.fail(&plan.target, f.failure, &f.message, started);
+    let (status, ok, body_len) = write_answer(io, res, out, close).await;
     if let Some(mut r) = plan.record.take() {
         r.answered(
-            parts.status.as_u16(),
+            status,
             Some(f.failure.reason()),
             super::forward::routed(&plan.target, &plan.attempt, 0),
         );
@@ -1161,7 +1311,7 @@ where
         } else {
             End::Dropped { at_end: false }
         };
-        r.end(body.len() as u64, how);
+        r.end(body_len, how);
     }
     ok && !close && io.flush().await.is_ok()
 }

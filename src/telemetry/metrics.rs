@@ -213,7 +213,51 @@ impl Default for ProxyMetrics {
     }
 }
 
+/// `outrigger_retries_total{outcome}`: a retry the budget let through (`Cluster::withdraw_retry`).
+pub const RETRY_ATTEMPTED: &str = "attempted";
+/// `outrigger_retries_total{outcome}`: a retry the budget refused.
+pub const RETRY_BUDGET_EXHAUSTED: &str = "budget_exhausted";
+/// Every `outcome` of a cluster's `outrigger_retries_total` series ([`ProxyMetrics::remove_cluster`]).
+pub const RETRY_OUTCOMES: [&str; 2] = [RETRY_ATTEMPTED, RETRY_BUDGET_EXHAUSTED];
+/// `outrigger_discovery_updates_total{outcome}`: a refresh that changed the endpoints
+/// (`Cluster::refresh`).
+pub const DISCOVERY_CHANGED: &str = "changed";
+/// `outrigger_discovery_updates_total{outcome}`: a refresh that found the same endpoints.
+pub const DISCOVERY_UNCHANGED: &str = "unchanged";
+/// `outrigger_discovery_updates_total{outcome}`: a refresh that failed or found none (the last
+/// endpoints kept).
+pub const DISCOVERY_FAILED: &str = "failed";
+/// Every `outcome` of a cluster's `outrigger_discovery_updates_total` series
+/// ([`ProxyMetrics::remove_cluster`]).
+pub const DISCOVERY_OUTCOMES: [&str; 3] =
+    [DISCOVERY_CHANGED, DISCOVERY_UNCHANGED, DISCOVERY_FAILED];
+
 impl ProxyMetrics {
+    /// Removes every series of a cluster that is gone for good (an app id's cluster evicted
+    /// unused by name resolution, made again on its next call): its endpoints, ejections,
+    /// retries and discovery updates. Without it each app id ever called would keep its
+    /// series for the sidecar's life. A cluster replaced by a config reload keeps them: its
+    /// successor has the same name.
+    pub fn remove_cluster(&self, cluster: &Name) {
+        let labels = ClusterLabels {
+            cluster: cluster.clone(),
+        };
+        self.endpoints.remove(&labels);
+        self.ejections.remove(&labels);
+        for outcome in RETRY_OUTCOMES {
+            self.retries.remove(&OutcomeLabels {
+                cluster: cluster.clone(),
+                outcome,
+            });
+        }
+        for outcome in DISCOVERY_OUTCOMES {
+            self.discovery.remove(&OutcomeLabels {
+                cluster: cluster.clone(),
+                outcome,
+            });
+        }
+    }
+
     fn register(&self, r: &mut Registry) {
         self.tls.register(r);
         r.register(

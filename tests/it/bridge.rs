@@ -3367,3 +3367,86 @@ fn invocation_timeout_counts_from_the_end_of_a_slow_upload() {
         .unwrap();
     assert_eq!(r.status(), 500, "{}", sc.diagnostics());
 }
+
+/// A streamed invocation body (over 64 KiB) to a callee that neither reads it nor answers,
+/// from a caller that keeps sending (and its connection open), used to wait forever: the
+/// cluster's `timeout` counted only from the body's end, which never came. The `timeout` now
+/// also bounds each wait in which the callee takes none of the body: the caller gets a 500
+/// `ERR_DIRECT_INVOKE`, as from a callee that does not answer in time.
+#[test]
+fn a_streamed_invocation_to_a_callee_that_never_reads_ends_at_the_timeout() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    // The callee: takes connections and never reads nor answers (kept open).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let callee = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let held = held.clone();
+        move || {
+            for c in listener.incoming().flatten() {
+                held.lock().unwrap().push(c);
+            }
+        }
+    });
+    let sc = start(
+        &format!(
+            "  max_body: 64MiB\nservice: front\nclusters:\n  target:\n    endpoints: [{callee}]\n    timeout: 500ms\n"
+        ),
+        &[],
+    );
+    let addr = sc
+        .bridge_url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = http::Request::post(format!("http://{addr}/v1.0/invoke/target/method/upload"))
+            .body(http_body_util::StreamBody::new(
+                crate::backend::ReceiverStream(rx),
+            ))
+            .unwrap();
+        // The caller sends as long as it is let (far more than the socket buffers between
+        // the bridge and the callee hold), and never ends its body.
+        let part = bytes::Bytes::from(vec![b'x'; 256 * 1024]);
+        let sender = tokio::spawn(async move {
+            for _ in 0..200 {
+                let frame =
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(part.clone()));
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let res = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 20 s\n{}", sc.diagnostics()))
+            .unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        sender.abort();
+        (status, body)
+    });
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 500, "{body}\n{}", sc.diagnostics());
+    assert_eq!(error_code(&body), "ERR_DIRECT_INVOKE");
+    assert!(
+        body.contains("nor any more of the request body taken"),
+        "{body}"
+    );
+    assert!(!held.lock().unwrap().is_empty(), "the callee was called");
+}

@@ -997,3 +997,105 @@ fn an_upstream_that_stops_reading_mid_body_gets_504() {
         "the fast path's"
     );
 }
+
+/// A `Content-Length` over `limits.max_request_body` is answered 413 `body-too-large` by the
+/// fast path, which then reads and drops the body the client still sends (its lingering
+/// close): a client that writes its whole 4 MiB body before it reads gets its 413, every time
+/// (hyper's path, which answered it before, closed at once: the client's write or read then
+/// met a reset). The upstream never sees the request; the answer is counted, and its access
+/// log line is field for field the one hyper's path writes (a listener with a rate limit is
+/// hyper's).
+#[test]
+fn a_body_over_max_request_body_written_whole_before_reading_gets_its_413() {
+    let app = EchoApp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let routes = "    limits: { max_request_body: 1MiB }\n    routes:\n      - timeout: 30s\n";
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n{routes}  - name: hyper\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1MiB, rate_limit: {{ requests_per_second: 100000, burst: 100000 }} }}\n    routes:\n      - timeout: 30s\ntelemetry:\n  access_log: {{ to: {} }}\n",
+        app.address,
+        log.display()
+    ));
+    sc.wait_ready();
+    let data = body(4 << 20);
+    let head =
+        b"PUT /echo HTTP/1.1\r\nHost: a\r\nx-request-id: big\r\nContent-Length: 4194304\r\n\r\n";
+    for i in 0..5 {
+        let mut s = connect(&sc);
+        s.write_all(head).unwrap();
+        if let Err(e) = s.write_all(&data) {
+            panic!(
+                "attempt {i}: the body was not taken: {e}\n{}",
+                sc.diagnostics()
+            );
+        }
+        let mut out = Vec::new();
+        if let Err(e) = s.read_to_end(&mut out) {
+            panic!(
+                "attempt {i}: no answer: {e} (read {:?})\n{}",
+                String::from_utf8_lossy(&out),
+                sc.diagnostics()
+            );
+        }
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        assert!(
+            out.contains("\r\nx-outrigger-error: body-too-large\r\n")
+                && out.contains("\r\nconnection: close\r\n")
+                && out.ends_with("limits.max_request_body)\n"),
+            "{out}"
+        );
+    }
+    assert_eq!(app.accepted(), 0, "the upstream saw {:?}", app.heads());
+    assert_eq!(
+        sc.metric("outrigger_http_responses_total{direction=\"inbound\",listener=\"public\",route=\"0\",cluster=\"app\",class=\"4xx\",error=\"body-too-large\"}"),
+        5.0,
+        "{}",
+        sc.diagnostics()
+    );
+    assert_eq!(
+        sc.metric("outrigger_http_requests_total{direction=\"inbound\",listener=\"public\",route=\"0\",cluster=\"app\"}"),
+        5.0
+    );
+    // hyper's path, for its record: the head alone (its answer comes before any body).
+    let mut s = TcpStream::connect(&sc.listeners["hyper"]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.starts_with(b"HTTP/1.1 413"));
+    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "6 log lines", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        (lines.len() == 6).then_some(lines)
+    });
+    let same = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        let o = v.as_object_mut().unwrap();
+        for k in ["time", "duration_ms", "listener", "span_id", "trace_id"] {
+            o.remove(k);
+        }
+        v
+    };
+    assert_eq!(
+        (
+            &lines[0]["status"],
+            &lines[0]["error"],
+            &lines[0]["bytes_in"]
+        ),
+        (&413.into(), &"body-too-large".into(), &(4u64 << 20).into()),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[5]["listener"], "hyper");
+    assert_eq!(
+        same(&lines[0]),
+        same(&lines[5]),
+        "fast path: {}\nhyper: {}",
+        lines[0],
+        lines[5]
+    );
+}

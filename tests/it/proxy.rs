@@ -2472,9 +2472,8 @@ fn body_limited(app: &Backend, log: &std::path::Path) -> Sidecar {
 const TOO_LARGE: &str = "outrigger_http_responses_total{direction=\"inbound\",listener=\"public\",route=\"0\",cluster=\"app\",class=\"4xx\",error=\"body-too-large\"}";
 
 /// `limits.max_request_body`: a `Content-Length` over it is answered 413 `body-too-large` and
-/// the connection closed, before the body is read or the upstream contacted, whether the
-/// request meets the HTTP/1 fast path first (a small body, which it leaves to hyper's path)
-/// or hyper's path (a body over 64 KiB), and from h2c; a body of exactly the limit passes
+/// the connection closed, before the body is forwarded or the upstream contacted, on the
+/// HTTP/1 fast path (which answers it itself) and from h2c; a body of exactly the limit passes
 /// on each; counted with its reason and in the access log.
 #[test]
 fn a_stated_body_length_over_max_request_body_gets_413() {

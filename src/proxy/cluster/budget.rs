@@ -12,7 +12,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use super::Cluster;
 use crate::config::proxy::RetryBudget;
-use crate::telemetry::metrics::OutcomeLabels;
+use crate::telemetry::metrics::{OutcomeLabels, RETRY_ATTEMPTED, RETRY_BUDGET_EXHAUSTED};
 
 /// The window the budget's ratio is measured over.
 const WINDOW: Duration = Duration::from_secs(10);
@@ -35,7 +35,11 @@ impl Cluster {
             .retries
             .get_or_create(&OutcomeLabels {
                 cluster: self.name.clone(),
-                outcome: if ok { "attempted" } else { "budget_exhausted" },
+                outcome: if ok {
+                    RETRY_ATTEMPTED
+                } else {
+                    RETRY_BUDGET_EXHAUSTED
+                },
             })
             .inc();
         ok

@@ -16,7 +16,9 @@ use tokio::task::JoinSet;
 use super::Cluster;
 use crate::config::Address;
 use crate::config::proxy::Discovery;
-use crate::telemetry::metrics::OutcomeLabels;
+use crate::telemetry::metrics::{
+    DISCOVERY_CHANGED, DISCOVERY_FAILED, DISCOVERY_UNCHANGED, OutcomeLabels,
+};
 
 /// How long the proxy waits for the first DNS/file resolution before reporting ready.
 const FIRST_DISCOVERY: Duration = Duration::from_secs(5);
@@ -32,7 +34,7 @@ impl Cluster {
         let outcome = match self.resolve().await {
             Ok(addrs) if addrs.is_empty() => {
                 tracing::warn!(cluster = %self.name, "discovery found no endpoints; keeping the last ones");
-                "failed"
+                DISCOVERY_FAILED
             }
             Ok(addrs) => {
                 if self.set_endpoints(addrs) {
@@ -42,16 +44,20 @@ impl Cluster {
                         .map(ToString::to_string)
                         .collect();
                     tracing::info!(cluster = %self.name, endpoints = ?now, "endpoints changed");
-                    "changed"
+                    DISCOVERY_CHANGED
                 } else {
-                    "unchanged"
+                    DISCOVERY_UNCHANGED
                 }
             }
             Err(e) => {
                 tracing::warn!(cluster = %self.name, error = %e, "discovery failed; keeping the last endpoints");
-                "failed"
+                DISCOVERY_FAILED
             }
         };
+        // Evicted (or replaced) while it resolved: its series are gone, or its successor's.
+        if self.is_retired() {
+            return;
+        }
         self.metrics
             .discovery
             .get_or_create(&OutcomeLabels {

@@ -163,11 +163,19 @@ impl NameResolution {
                 .filter(|(_, c)| c.idle_for() >= idle && c.requests_in_flight() == 0)
                 .map(|(k, _)| k.clone())
                 .collect();
-            keys.iter().filter_map(|k| resolved.remove(k)).collect()
+            let evicted: Vec<Arc<Cluster>> =
+                keys.iter().filter_map(|k| resolved.remove(k)).collect();
+            // Still under the lock: a call that makes the app id's cluster again waits for it,
+            // so its new series (same name) are not the ones removed here.
+            for c in &evicted {
+                c.retire();
+                self.metrics.tls.untrack(&format!("cluster/{}", c.name));
+                // Retired first: its endpoint gauge is not set again after this.
+                self.metrics.remove_cluster(&c.name);
+            }
+            evicted
         };
         for c in &evicted {
-            c.retire();
-            self.metrics.tls.untrack(&format!("cluster/{}", c.name));
             tracing::info!(cluster = %c.name, idle_seconds = c.idle_for().as_secs(), "unused app id evicted (its cluster is made again on its next call)");
         }
         evicted.len()
@@ -471,6 +479,77 @@ mod tests {
             r.cluster("evil.com:80").await,
             Err(ResolveError::Malformed(_))
         ));
+    }
+
+    /// An app id's cluster evicted unused takes its metric series with it (they stayed for the
+    /// sidecar's life, one set per app id ever called); the app ids still in use keep theirs,
+    /// and an evicted id called again starts new ones.
+    #[tokio::test]
+    async fn an_evicted_app_ids_metric_series_go_with_it() {
+        use crate::telemetry::metrics::{
+            ClusterLabels, DISCOVERY_OUTCOMES, OutcomeLabels, RETRY_OUTCOMES,
+        };
+        let r = NameResolution {
+            how: How::Template {
+                template: "127.0.0.{app_id}:{namespace}".into(),
+                namespace: "1".into(),
+            },
+            max: 4,
+            metrics: ProxyMetrics::default(),
+            resolved: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+        };
+        let m = &r.metrics;
+        let series = |name: &str| {
+            let cluster = Arc::new(name.to_string());
+            let c = ClusterLabels {
+                cluster: cluster.clone(),
+            };
+            let outcome = |outcome| OutcomeLabels {
+                cluster: cluster.clone(),
+                outcome,
+            };
+            [m.endpoints.get(&c).is_some(), m.ejections.get(&c).is_some()]
+                .into_iter()
+                .chain(RETRY_OUTCOMES.map(|o| m.retries.get(&outcome(o)).is_some()))
+                .chain(DISCOVERY_OUTCOMES.map(|o| m.discovery.get(&outcome(o)).is_some()))
+                .filter(|&there| there)
+                .count()
+        };
+        let gone = r.cluster("1").await.unwrap();
+        let kept = r.cluster("2").await.unwrap();
+        for c in [&gone, &kept] {
+            // Every kind of series a cluster has: retries (both outcomes: the budget runs
+            // out), discovery updates, an ejection (as `Cluster::failed` counts one).
+            while c.withdraw_retry() {}
+            c.refresh().await;
+            c.refresh().await;
+            m.ejections
+                .get_or_create(&ClusterLabels {
+                    cluster: c.name.clone(),
+                })
+                .inc();
+        }
+        // Endpoints, ejections, retries twice (attempted, budget_exhausted), discovery
+        // (unchanged).
+        let all = series("1");
+        assert_eq!(all, 5, "series of app id 1");
+        assert_eq!(series("2"), all);
+        // A request in flight keeps `kept` (eviction skips those, however long idle).
+        let in_flight = kept.pick().expect("an endpoint");
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        drop(in_flight);
+        assert!(gone.is_retired() && !kept.is_retired());
+        assert_eq!(series("1"), 0, "the evicted app id's series removed");
+        assert_eq!(series("2"), all, "the app id in use keeps its series");
+        // A refresh that was under way when it was evicted does not bring them back.
+        gone.refresh().await;
+        gone.export_endpoint_count();
+        assert_eq!(series("1"), 0);
+        // Called again: a new cluster, new series.
+        let again = r.cluster("1").await.unwrap();
+        assert!(!Arc::ptr_eq(&again, &gone));
+        assert_eq!(series("1"), 1, "its endpoint count");
     }
 
     /// A mesh whose identity files (a CA of cluster.local, a leaf for `web`) are in `dir`, its
