@@ -577,3 +577,40 @@ pub async fn silent_for(activity: &Activity, first: Duration, limit: Duration) -
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn told(prefix: &[u8], then: &[u8]) -> Preface {
+        let mut rest = then;
+        read_preface(
+            &mut rest,
+            Bytes::copy_from_slice(prefix),
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn the_preface_tells_http2_from_the_rest_reading_more_only_when_too_short() {
+        let mut frames = PREFACE.to_vec();
+        frames.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        // Whole: nothing more is read.
+        assert!(matches!(told(&frames, b"unread").await, Preface::Http2(b) if b == frames));
+        assert!(
+            matches!(told(b"GET / HTTP/1.1\r\n\r\n", b"").await, Preface::Other(b) if b == "GET / HTTP/1.1\r\n\r\n")
+        );
+        // What the fast path hands over when `PRI * HTTP/2.0` came alone: the rest is read.
+        assert!(
+            matches!(told(&PREFACE[..14], &frames[14..]).await, Preface::Http2(b) if b == frames)
+        );
+        assert!(
+            matches!(told(&PREFACE[..14], b"\r\nx: y\r\n\r\n").await, Preface::Other(b) if b == "PRI * HTTP/2.0\r\nx: y\r\n\r\n")
+        );
+        assert!(matches!(
+            told(&PREFACE[..14], b"\r\n").await,
+            Preface::Closed
+        ));
+    }
+}

@@ -343,16 +343,17 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
             None
         }
     };
-    let h2 = (l.protocol == Protocol::Http && l.http2_server == Http2Server::Outrigger).then(|| {
-        let stalled = metrics
-            .client_stream_stalls
-            .get_or_create(&ListenerLabels {
-                direction,
-                listener: name.clone(),
-            })
-            .clone();
-        h2_settings(&l.limits, stalled)
-    });
+    let h2 =
+        (l.protocol == Protocol::Http && l.http2_server == Http2Server::Outrigger).then(|| {
+            let stalled = metrics
+                .client_stream_stalls
+                .get_or_create(&ListenerLabels {
+                    direction,
+                    listener: name.clone(),
+                })
+                .clone();
+            h2_settings(&l.limits, stalled)
+        });
     Ok(Serving {
         h2,
         config: l.clone(),

@@ -194,10 +194,13 @@ listeners:
 
 fn grpc_shaped_h2_stream_flows_both_ways_with_trailers(server: &str) {
     let app = Backend::http();
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "clusters:\n  grpc: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
-        app.address()
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "clusters:\n  grpc: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
+            app.address()
+        ),
+    ));
     sc.wait_ready();
     let diag = || sc.diagnostics();
     // Each message comes back before the next is sent: nothing is buffered on the way.
@@ -1125,11 +1128,14 @@ fn a_request_cancelled_before_its_response_is_logged_as_client_closed(server: &s
     let app = Backend::http();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
-        app.address(),
-        log.display()
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
+            app.address(),
+            log.display()
+        ),
+    ));
     sc.wait_ready();
     // An HTTP/2 client that gives up: its stream is reset before the app answers.
     let impatient = reqwest::blocking::Client::builder()
@@ -1504,10 +1510,13 @@ fn inbound_to(app: &RawApp) -> Sidecar {
 
 /// [`inbound_to`], whose listener serves HTTP/2 with `server` (`http2_server`).
 fn inbound_to_on(server: &str, app: &RawApp) -> Sidecar {
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_header_bytes: 8192\n",
-        app.address
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_header_bytes: 8192\n",
+            app.address
+        ),
+    ));
     sc.wait_ready();
     sc
 }
@@ -1744,10 +1753,13 @@ fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout
             _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
         }
     });
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 2s\n",
-        app.address
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 2s\n",
+            app.address
+        ),
+    ));
     sc.wait_ready();
     // The fast path: one keep-alive connection.
     let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
@@ -1821,10 +1833,13 @@ fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes(serv
     };
     // The app's probe runs a command: no probe connection joins the count.
     let unprobed = |app: &RawApp| {
-        let sc = Sidecar::start(&with_http2_server(server, &format!(
-            "app:\n  address: {}\n  probe: {{ exec: [\"true\"] }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
-            app.address
-        )));
+        let sc = Sidecar::start(&with_http2_server(
+            server,
+            &format!(
+                "app:\n  address: {}\n  probe: {{ exec: [\"true\"] }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+                app.address
+            ),
+        ));
         sc.wait_ready();
         sc
     };
@@ -2121,9 +2136,12 @@ fn assert_the_writes_waited(seen: &EarlySeen, answers: usize) {
 /// upstream's answer (checked: the test says when the write did not wait).
 fn an_upstream_that_answers_before_reading_the_body_is_heard(server: &str) {
     let (address, seen) = early_answer_upstream();
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+        ),
+    ));
     sc.wait_ready();
     let body = vec![b'x'; 60 * 1024];
     let h2 = reqwest::blocking::Client::builder()
@@ -2186,9 +2204,12 @@ fn an_upstream_that_answers_before_reading_the_body_is_heard(server: &str) {
 /// its own answer.
 fn an_early_answer_leaves_its_connection_out_of_the_pool(server: &str) {
     let (address, seen) = early_answer_upstream();
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+        ),
+    ));
     sc.wait_ready();
     let h2 = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
@@ -2228,9 +2249,12 @@ fn an_early_answer_leaves_its_connection_out_of_the_pool(server: &str) {
 /// HTTP/1.1 clients: [`an_early_answer_to_a_large_http1_body_is_heard`].
 fn an_early_answer_to_a_large_body_is_heard(server: &str) {
     let (address, _seen) = early_answer_upstream();
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+        ),
+    ));
     sc.wait_ready();
     let h2 = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
@@ -2263,9 +2287,12 @@ fn an_early_answer_to_a_large_body_is_heard(server: &str) {
 /// answer gives a 502 (the wait for an answer is bounded), not the route's 504.
 fn an_early_answer_with_bytes_past_it_or_a_reset_without_one_ends_the_connection(server: &str) {
     let (address, _seen) = early_answer_upstream();
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 60s\n"
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 60s\n"
+        ),
+    ));
     sc.wait_ready();
     let h2 = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
@@ -2480,11 +2507,14 @@ fn an_early_answer_to_a_large_http1_body_is_heard() {
 /// Listeners with `limits.max_request_body` 1000 (`public`) and 100 KiB (`big`) in front of
 /// the echo backend, with an access log.
 fn body_limited(server: &str, app: &Backend, log: &std::path::Path) -> Sidecar {
-    let sc = Sidecar::start(&with_http2_server(server, &format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1000 }}\n    routes:\n      - timeout: 5s\n  - name: big\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - timeout: 5s\ntelemetry:\n  access_log: {{ to: {} }}\n",
-        app.address(),
-        log.display()
-    )));
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1000 }}\n    routes:\n      - timeout: 5s\n  - name: big\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - timeout: 5s\ntelemetry:\n  access_log: {{ to: {} }}\n",
+            app.address(),
+            log.display()
+        ),
+    ));
     sc.wait_ready();
     sc
 }

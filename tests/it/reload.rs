@@ -421,8 +421,9 @@ fn a_reload_switches_http2_server_for_new_connections() {
     assert_eq!(a.count(), 1);
     assert_eq!(ours(), 0, "{}", sc.stderr());
     let reloads = "outrigger_config_reloads_total{result=\"success\"}";
-    for (i, (to, server, served_by_ours)) in
-        [("b", "outrigger", 1), ("a", "hyper", 1)].into_iter().enumerate()
+    for (i, (to, server, served_by_ours)) in [("b", "outrigger", 1), ("a", "hyper", 1)]
+        .into_iter()
+        .enumerate()
     {
         std::fs::write(&sc.config_path, config(to, server)).unwrap();
         let r = client().post(sc.url("/reload")).send().unwrap();
@@ -432,7 +433,11 @@ fn a_reload_switches_http2_server_for_new_connections() {
         });
         let c = sc.get_json("/config");
         assert_eq!(c["config"]["listeners"][0]["http2_server"], server, "{c}");
-        assert_eq!(c["last_reload"]["needs_restart"], serde_json::json!([]), "{c}");
+        assert_eq!(
+            c["last_reload"]["needs_restart"],
+            serde_json::json!([]),
+            "{c}"
+        );
         // The connection from before the reloads: hyper's still, with the newest routes.
         let (seen_a, seen_b) = (a.count(), b.count());
         get(&before);
@@ -444,9 +449,11 @@ fn a_reload_switches_http2_server_for_new_connections() {
         );
         // A new connection: the new server.
         get(&h2());
-        eventually(Duration::from_secs(5), "the new connection's server", || {
-            (ours() == served_by_ours).then_some(())
-        });
+        eventually(
+            Duration::from_secs(5),
+            "the new connection's server",
+            || (ours() == served_by_ours).then_some(()),
+        );
     }
     assert_eq!(ours(), 1, "{}", sc.stderr());
 }

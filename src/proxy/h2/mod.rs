@@ -11,7 +11,11 @@
 //! proxy's glue (branch `h2glue`, which calls [`serve`] from `accept.rs`). Change a signature
 //! only if both sides agree; the bodies are placeholders.
 
-#![allow(dead_code, unused_variables, reason = "interface stub, filled in by branch h2codec")]
+#![allow(
+    dead_code,
+    unused_variables,
+    reason = "interface stub, filled in by branch h2codec"
+)]
 
 use std::future::Future;
 use std::pin::Pin;
