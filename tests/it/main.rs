@@ -35,6 +35,7 @@ mod fast_body;
 mod generative;
 #[cfg(feature = "bridge")]
 mod grpc;
+mod h2_conformance;
 #[cfg(feature = "k8s")]
 mod k8s;
 mod lifecycle;
