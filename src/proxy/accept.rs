@@ -530,11 +530,16 @@ impl H2Connection<'_> {
                         l.stalled.inc();
                         break;
                     }
-                    // Idle: in-flight streams still finish; the connection then closes.
-                    if !closing {
-                        shutdown.graceful();
-                        closing = true;
+                    // Idle again after the GOAWAY: nothing moved for a whole period since, so
+                    // the close is stuck (a client that never ends its streams); closed, or it
+                    // would hold its `max_connections` slot forever.
+                    if closing {
+                        tracing::debug!(listener = %l.name, "idle after GOAWAY; connection closed");
+                        break;
                     }
+                    // Idle: in-flight streams still finish; the connection then closes.
+                    shutdown.graceful();
+                    closing = true;
                     silent.set(silent_for(&activity, idle, idle));
                 }
             }
