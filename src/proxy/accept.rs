@@ -530,16 +530,15 @@ impl H2Connection<'_> {
                         l.stalled.inc();
                         break;
                     }
-                    // Idle again after the GOAWAY: nothing moved for a whole period since, so
-                    // the close is stuck (a client that never ends its streams); closed, or it
-                    // would hold its `max_connections` slot forever.
-                    if closing {
-                        tracing::debug!(listener = %l.name, "idle after GOAWAY; connection closed");
-                        break;
+                    // Idle: in-flight streams still finish (a quiet stream waiting for its
+                    // upstream too: nothing is being written); the connection then closes.
+                    // Not closed on a second idle period: that would cut such a stream
+                    // (proxy::an_http2_body_waiting_on_a_quiet_upstream_outlives_the_idle_timeout);
+                    // a client that holds its streams open after GOAWAY is the server's to end.
+                    if !closing {
+                        shutdown.graceful();
+                        closing = true;
                     }
-                    // Idle: in-flight streams still finish; the connection then closes.
-                    shutdown.graceful();
-                    closing = true;
                     silent.set(silent_for(&activity, idle, idle));
                 }
             }
