@@ -27,6 +27,8 @@
 # server instead of the fast path before 8a23d7b); `CG_PROTO=h2` makes it h2c GETs (h2load, 4 connections, one
 # stream in flight each; Outrigger: hyper's HTTP/2 server, HAProxy `bind … proto h2`; nginx is
 # left out: 1.22 has no h2c next to HTTP/1.1 on one port), with the same start-up subtraction.
+# `HTTP2_SERVER=outrigger` gives Outrigger's listener our own HTTP/2 server (`http2_server`;
+# default hyper's): the h2c figures (CG_PROTO=h2, and the h2c allocations) are then its.
 # `CG_KEEP=DIR` keeps each callgrind output as DIR/cg.PROXY.REQUESTS (for
 # `callgrind_annotate --inclusive=no DIR/cg.outrigger.6000`, say).
 # Needs: nginx python3 curl h2load; valgrind and haproxy unless ALLOCS_ONLY=1; cargo unless
@@ -79,6 +81,7 @@ app: { address: 127.0.0.1:$UP }
 listeners:
   - name: in
     address: 127.0.0.1:$P
+    http2_server: ${HTTP2_SERVER:-hyper}
 CONF
 nginx -c "$dir/up.conf" & pids+=($!)
 wait_port $UP
@@ -169,4 +172,5 @@ echo "| request | path | allocations per request |"
 echo "|---|---|---:|"
 echo "| keep-alive GET, HTTP/1.1 | fast path | ${alloc[fast]} |"
 echo "| keep-alive POST, 5-byte body, HTTP/1.1 | the fast path (small bodies, since 8a23d7b) | ${alloc[hyper]} |"
-echo "| GET, h2c (h2load) | hyper's HTTP/2 server, raw upstream exchange | ${alloc[h2c]} |"
+h2_server="hyper's HTTP/2 server"; [ "${HTTP2_SERVER:-hyper}" = outrigger ] && h2_server="Outrigger's own HTTP/2 server"
+echo "| GET, h2c (h2load) | $h2_server, raw upstream exchange | ${alloc[h2c]} |"

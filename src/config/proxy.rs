@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::check::{MAX_COUNT, check_count, check_duration};
 use super::document::{Document, Problem};
-pub use super::raw::{Direction, Lb, Protocol};
+pub use super::raw::{Direction, Http2Server, Lb, Protocol};
 use super::raw::{RawCluster, RawListener};
 pub use super::route::{
     DEFAULT_RETRY_BACKOFF, HeaderOps, MatchConfig, PathMatch, RetryOn, RetryPolicy, RouteConfig,
@@ -77,6 +77,9 @@ pub struct ListenerConfig {
     pub address: Address,
     pub direction: Direction,
     pub protocol: Protocol,
+    /// HTTP listeners: which server speaks HTTP/2 on their connections (HTTP/1 is always
+    /// the fast path's, then hyper's).
+    pub http2_server: Http2Server,
     /// tcp listeners: the cluster that receives the bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
@@ -509,6 +512,12 @@ fn listener(
                     return None;
                 }
             };
+            if raw.http2_server.is_some() {
+                problems.push(doc.problem(
+                    &format!("{at}.http2_server"),
+                    "a tcp listener speaks no HTTP; `http2_server` is for http listeners",
+                ));
+            }
             if has_app || !inbound || raw.cluster.is_some() {
                 check_cluster(&name, &format!("{at}.cluster"), problems);
             }
@@ -624,6 +633,7 @@ fn listener(
         address: raw.address,
         direction: raw.direction,
         protocol: raw.protocol,
+        http2_server: raw.http2_server.unwrap_or_default(),
         cluster,
         socket_mode,
         routes,

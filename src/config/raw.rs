@@ -315,6 +315,17 @@ pub enum Protocol {
     Tcp,
 }
 
+/// Which server speaks HTTP/2 on an HTTP listener (`http2_server`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http2Server {
+    /// hyper's (and the `h2` crate's) server.
+    #[default]
+    Hyper,
+    /// Outrigger's own (`proxy::h2`).
+    Outrigger,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Lb {
@@ -333,6 +344,9 @@ pub struct RawListener {
     pub direction: Direction,
     #[serde(default)]
     pub protocol: Protocol,
+    /// HTTP listeners: which server speaks HTTP/2 (default hyper).
+    #[serde(default)]
+    pub http2_server: Option<Http2Server>,
     /// Where a `tcp` listener sends bytes (inbound default: the app).
     #[serde(default)]
     pub cluster: Option<String>,

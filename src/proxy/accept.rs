@@ -1,8 +1,10 @@
 //! Accepting and serving connections: each listener's accept loop (with backpressure at
 //! `max_connections`), then per connection the TLS handshake when the listener terminates TLS
 //! ([`crate::tls::accept`]), the hold for a starting app (`tcp`), and serving: opaque copying
-//! for `tcp` listeners ([`super::tcp`]), hyper's HTTP/1.1 and HTTP/2 server for `http` ones,
-//! each request handled by the listener's newest generation ([`super::http`]).
+//! for `tcp` listeners ([`super::tcp`]); for `http` ones the HTTP/1 fast path first, then
+//! hyper's HTTP/1.1 and HTTP/2 server, or, with `http2_server: outrigger`, our own HTTP/2
+//! server ([`super::h2`]) for connections that begin with the HTTP/2 preface; each request
+//! handled by the listener's newest generation ([`super::http`]).
 //!
 //! In: accepted sockets. Out: requests handed to the HTTP handler, bytes to a cluster; on
 //! drain, connections are told to finish (HTTP/2 GOAWAY) and the loop returns once all are
@@ -13,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -262,6 +265,30 @@ async fn serve_connection(
             let fast_path::Outcome::Fallback(prefix) = outcome else {
                 return;
             };
+            // `http2_server: outrigger`: an HTTP/2 connection (h2c with prior knowledge, or
+            // TLS with ALPN `h2`: both begin with the client preface, which the fast path
+            // hands over unread) goes to our own server; HTTP/1 goes on to hyper below.
+            let prefix = match &serving.h2 {
+                None => prefix,
+                Some(settings) => {
+                    let timeout = serving.limits.header_read_timeout.get();
+                    match read_preface(&mut io, prefix, timeout).await {
+                        Preface::Http2(prefix) => {
+                            let settings = settings.clone();
+                            let connection = H2Connection {
+                                listener: &l,
+                                first,
+                                down,
+                                settings,
+                                draining,
+                            };
+                            return connection.serve(io, prefix).await;
+                        }
+                        Preface::Other(prefix) => prefix,
+                        Preface::Closed => return,
+                    }
+                }
+            };
             // hyper reads the head the fast path stopped at again: the framing scanner starts
             // there too.
             let mut scanner = framing::Scanner::new(down.framing_alarm.clone());
@@ -381,6 +408,144 @@ async fn serve_connection(
     }
 }
 
+/// The HTTP/2 client connection preface (RFC 9113 §3.4): the first bytes of every HTTP/2
+/// connection, h2c with prior knowledge and TLS with ALPN `h2` alike.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection the fast path handed over begins with.
+enum Preface {
+    /// The HTTP/2 preface (and maybe more): these bytes, read so far.
+    Http2(Bytes),
+    /// Anything else (HTTP/1 for hyper): these bytes, read so far.
+    Other(Bytes),
+    /// The client closed, failed or went quiet before it could be told.
+    Closed,
+}
+
+/// Tells an HTTP/2 connection from the rest by its first bytes (`prefix`, what the fast path
+/// read): it stops at the first byte that differs from the preface, and reads more only while
+/// all it has is a (short) prefix of it, for up to `timeout` (the head's time on HTTP/1).
+async fn read_preface<S>(io: &mut S, prefix: Bytes, timeout: Duration) -> Preface
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let short = |b: &[u8]| b.len() < PREFACE.len() && PREFACE.starts_with(b);
+    if !short(&prefix) {
+        return match prefix.starts_with(PREFACE) {
+            true => Preface::Http2(prefix),
+            false => Preface::Other(prefix),
+        };
+    }
+    let mut buf = BytesMut::with_capacity(PREFACE.len().max(prefix.len()) + 512);
+    buf.extend_from_slice(&prefix);
+    let read_on = async {
+        while short(&buf) {
+            match tokio::io::AsyncReadExt::read_buf(io, &mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(timeout, read_on).await {
+        Ok(true) if buf.starts_with(PREFACE) => Preface::Http2(buf.freeze()),
+        Ok(true) => Preface::Other(buf.freeze()),
+        _ => Preface::Closed,
+    }
+}
+
+/// An HTTP/2 connection served by our own server (`http2_server: outrigger`, [`super::h2`]),
+/// under the same watches as hyper's connections above.
+struct H2Connection<'a> {
+    listener: &'a Arc<Listener>,
+    /// The generation the connection was accepted under (if a reload made the listener tcp).
+    first: &'a Arc<http::HttpListener>,
+    down: Arc<http::Downstream>,
+    settings: super::h2::Settings,
+    /// A stop began while the fast path had the connection.
+    draining: bool,
+}
+
+impl H2Connection<'_> {
+    /// Serves the connection until it ends: each stream's request is handled by the listener's
+    /// newest generation; a drain or an idle period sends GOAWAY at once (in-flight streams
+    /// finish, as hyper's HTTP/2 does); a write stalled for a whole idle period (the client
+    /// reads nothing, not even the connection's frames) ends it, streams in flight too.
+    async fn serve(self, io: Metered<Stream>, prefix: Bytes) {
+        let H2Connection {
+            listener: l,
+            first,
+            down,
+            settings,
+            draining,
+        } = self;
+        tracing::debug!(listener = %l.name, "HTTP/2 connection served by outrigger's own server");
+        let activity = down.activity.clone();
+        let idle = down.idle_timeout;
+        let mut drain = down.drain.clone();
+        let shutdown = super::h2::Shutdown::new();
+        let (listener, fallback) = (l.clone(), first.clone());
+        let service = move |req: ::http::Request<super::h2::RecvBody>| {
+            let state = match &listener.serving.load().kind {
+                Kind::Http(state, _) => state.clone(),
+                // Reloaded as a tcp listener: this connection still speaks HTTP.
+                Kind::Tcp(_) => fallback.clone(),
+            };
+            // Boxed, as on hyper's path: the stream's task is spawned with this future in it
+            // (a move of all of it), and the box is one allocation of a known size instead.
+            let handled = Box::pin(state.handle(down.clone(), req));
+            async move {
+                match handled.await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+        };
+        let conn = super::h2::serve(io, prefix, settings, shutdown.clone(), service);
+        let drained = drain.signaled();
+        let silent = silent_for(&activity, idle, idle);
+        tokio::pin!(conn, drained, silent);
+        let mut closing = draining;
+        if closing {
+            shutdown.graceful();
+        }
+        loop {
+            // Biased, as above.
+            tokio::select! {
+                biased;
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(listener = %l.name, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = &mut drained, if !closing => {
+                    // GOAWAY at once: a client retries the streams it refuses.
+                    shutdown.graceful();
+                    closing = true;
+                }
+                silence = &mut silent => {
+                    if silence == Silence::WriteStalled {
+                        tracing::debug!(listener = %l.name, "the client read nothing for the idle timeout; connection closed");
+                        l.stalled.inc();
+                        break;
+                    }
+                    // Idle: in-flight streams still finish (a quiet stream waiting for its
+                    // upstream too: nothing is being written); the connection then closes.
+                    // Not closed on a second idle period: that would cut such a stream
+                    // (proxy::an_http2_body_waiting_on_a_quiet_upstream_outlives_the_idle_timeout);
+                    // a client that holds its streams open after GOAWAY is the server's to end.
+                    if !closing {
+                        shutdown.graceful();
+                        closing = true;
+                    }
+                    silent.set(silent_for(&activity, idle, idle));
+                }
+            }
+        }
+    }
+}
+
 /// How long a draining HTTP/1 connection must be quiet before it is closed (see the drain arm
 /// of the connection loop): long enough that a client between two requests is not cut, short
 /// next to any grace period.
@@ -414,5 +579,42 @@ pub async fn silent_for(activity: &Activity, first: Duration, limit: Duration) -
         if activity.count() == moved {
             return Silence::Idle;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn told(prefix: &[u8], then: &[u8]) -> Preface {
+        let mut rest = then;
+        read_preface(
+            &mut rest,
+            Bytes::copy_from_slice(prefix),
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn the_preface_tells_http2_from_the_rest_reading_more_only_when_too_short() {
+        let mut frames = PREFACE.to_vec();
+        frames.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        // Whole: nothing more is read.
+        assert!(matches!(told(&frames, b"unread").await, Preface::Http2(b) if b == frames));
+        assert!(
+            matches!(told(b"GET / HTTP/1.1\r\n\r\n", b"").await, Preface::Other(b) if b == "GET / HTTP/1.1\r\n\r\n")
+        );
+        // What the fast path hands over when `PRI * HTTP/2.0` came alone: the rest is read.
+        assert!(
+            matches!(told(&PREFACE[..14], &frames[14..]).await, Preface::Http2(b) if b == frames)
+        );
+        assert!(
+            matches!(told(&PREFACE[..14], b"\r\nx: y\r\n\r\n").await, Preface::Other(b) if b == "PRI * HTTP/2.0\r\nx: y\r\n\r\n")
+        );
+        assert!(matches!(
+            told(&PREFACE[..14], b"\r\n").await,
+            Preface::Closed
+        ));
     }
 }

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{self, ProxyBody, REPLAY_LIMIT, RequestBody};
 use super::failure::{Failure, Fault, exchange_fault, with_close};
-use super::http::{Downstream, HttpListener};
+use super::http::{Downstream, HttpListener, RequestBodyIn};
 use super::min_body_rate;
 use super::route::Target;
 use super::upgrade::is_upgrade;
@@ -35,12 +35,12 @@ impl HttpListener {
     /// Phase: prepare the request (see `headers`) and send it, retrying within the policy.
     /// Returns the response and the cluster's in-flight permit (held until the response body
     /// is done).
-    pub(super) async fn forward(
+    pub(super) async fn forward<B: RequestBodyIn>(
         &self,
         target: &Target,
         down: &Arc<Downstream>,
         host: Option<HeaderValue>,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         started: Instant,
     ) -> Result<(Response<ProxyBody>, Option<OwnedSemaphorePermit>), Response<ProxyBody>> {
         let cluster = &target.cluster;

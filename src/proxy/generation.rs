@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::config::proxy::{
     APP_CLUSTER, ClusterConfig, Limits, ListenerConfig, MatchConfig, RouteConfig,
 };
-use crate::config::proxy::{Direction, Protocol};
+use crate::config::proxy::{Direction, Http2Server, Protocol};
 use crate::runtime::AppGate;
 use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
 use crate::telemetry::record::Recorder;
@@ -78,6 +78,9 @@ pub(super) struct Serving {
     pub(super) hold: Option<(AppGate, Duration)>,
     /// TLS termination.
     pub(super) tls: Option<Arc<crate::tls::ServerTls>>,
+    /// `http2_server: outrigger`: what our HTTP/2 server announces and enforces on this
+    /// generation's connections (None: hyper serves HTTP/2).
+    pub(super) h2: Option<super::h2::Settings>,
 }
 
 impl Proxy {
@@ -340,7 +343,19 @@ fn build_serving(l: &ListenerConfig, b: &Build<'_>, previous: Option<&Serving>) 
             None
         }
     };
+    let h2 =
+        (l.protocol == Protocol::Http && l.http2_server == Http2Server::Outrigger).then(|| {
+            let stalled = metrics
+                .client_stream_stalls
+                .get_or_create(&ListenerLabels {
+                    direction,
+                    listener: name.clone(),
+                })
+                .clone();
+            h2_settings(&l.limits, stalled)
+        });
     Ok(Serving {
+        h2,
         config: l.clone(),
         kind,
         connections,
@@ -368,6 +383,34 @@ fn server_builder(limits: &Limits) -> auto::Builder<StreamExecutor> {
         .max_header_list_size(limits.max_header_bytes as u32);
     b
 }
+
+/// What our own HTTP/2 server (`http2_server: outrigger`) announces and enforces: the same
+/// limits as hyper's server above (streams, header list size), hyper's default windows and
+/// frame size, and the idle timeout for a stream whose client reads nothing of its response
+/// (reset and counted in `outrigger_client_stream_stalls_total`, as `unread_streams` does on
+/// hyper's path).
+fn h2_settings(limits: &Limits, stalled_streams: Counter) -> super::h2::Settings {
+    super::h2::Settings {
+        max_concurrent_streams: MAX_STREAMS_PER_CONNECTION,
+        max_header_list_size: limits.max_header_bytes as u32,
+        initial_window_size: H2_STREAM_WINDOW,
+        connection_window_size: H2_CONNECTION_WINDOW,
+        max_frame_size: H2_MAX_FRAME_SIZE,
+        stalled_stream_timeout: limits.idle_timeout.get(),
+        on_stalled_stream: Some(Arc::new(move || {
+            stalled_streams.inc();
+        })),
+    }
+}
+
+/// A request stream's receive window on our HTTP/2 server: hyper's server default (1 MiB), so
+/// that an upload is not slower than on hyper's; a client cannot make us buffer more than this
+/// per stream.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// The connection's receive window: hyper's server default (1 MiB) too.
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// The largest frame we accept: RFC 9113's initial value (and hyper's), 16 KiB.
+const H2_MAX_FRAME_SIZE: u32 = 16 * 1024;
 
 /// Concurrent HTTP/2 streams one downstream connection may open (hyper's default is 200).
 /// Each in-flight stream can hold an upstream connection; 100 is what RFC 9113 asks a peer to

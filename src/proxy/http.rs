@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use http::header;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 
@@ -70,6 +69,28 @@ pub struct HttpListener {
     /// Some route has `authz`: paths must be canonical, or `//admin`, `/./admin` and
     /// `/%61dmin` (which apps read as `/admin`) would miss the protected route.
     pub(super) strict_paths: bool,
+}
+
+/// What a request body from a downstream server must be for the phases: its frames as
+/// `Bytes`, readable from another task (`Send + Sync`: it is boxed into a [`ProxyBody`] when
+/// it streams on) and movable without pinning (`Unpin`: the read-ahead and the limits poll it
+/// in place).
+pub trait RequestBodyIn:
+    hyper::body::Body<Data = bytes::Bytes, Error: Into<super::body::BoxError>>
+    + Send
+    + Sync
+    + Unpin
+    + 'static
+{
+}
+
+impl<B> RequestBodyIn for B where
+    B: hyper::body::Body<Data = bytes::Bytes, Error: Into<super::body::BoxError>>
+        + Send
+        + Sync
+        + Unpin
+        + 'static
+{
 }
 
 /// The downstream connection a request arrived on.
@@ -150,11 +171,14 @@ impl HttpListener {
         }
     }
 
-    /// Serves one request; never fails (errors become responses).
-    pub async fn handle(
+    /// Serves one request; never fails (errors become responses). `B` is the request body as
+    /// the server that read the request gives it: hyper's `Incoming` (HTTP/1, and HTTP/2 with
+    /// `http2_server: hyper`) or our HTTP/2 server's [`RecvBody`](super::h2::RecvBody); each
+    /// gets its own copy of the phases (no boxing on either path).
+    pub async fn handle<B: RequestBodyIn>(
         self: Arc<Self>,
         down: Arc<Downstream>,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         // This hop is a span: the trace goes on upstream with our span as its parent, and a
         // request without an id is known by its trace id.
@@ -197,10 +221,10 @@ impl HttpListener {
     }
 
     /// The phases in order. `Err` is a response a phase answered itself (refused or failed).
-    async fn phases(
+    async fn phases<B: RequestBodyIn>(
         self: Arc<Self>,
         down: Arc<Downstream>,
-        req: Request<Incoming>,
+        req: Request<B>,
     ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
         let started = Instant::now();
         self.authorize_listener(&down, started)?;

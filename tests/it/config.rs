@@ -481,3 +481,19 @@ fn a_subscription_problem_is_located_at_its_document() {
         "{stderr}"
     );
 }
+
+/// `http2_server` takes `hyper` or `outrigger` on HTTP listeners: any other value, and the key
+/// on a tcp listener, are refused with their location, every one of them at once (exit 78 for
+/// `run` and `check`).
+#[test]
+fn http2_server_is_hyper_or_outrigger_on_http_listeners() {
+    rejected(
+        "app:\n  address: 127.0.0.1:8080\nlisteners:\n  - name: one\n    address: 127.0.0.1:0\n    http2_server: nghttp2\n  - name: two\n    address: 127.0.0.1:0\n    http2_server: outrigger\n  - name: three\n    address: 127.0.0.1:0\n    protocol: tcp\n    http2_server: hyper\n  - name: four\n    address: 127.0.0.1:0\n    http2_server: [hyper]\n",
+        &[
+            "invalid configuration (3 problems)",
+            "bad.yaml:6:19: listeners[0].http2_server: unknown variant `nghttp2`, expected `hyper` or `outrigger`",
+            "bad.yaml:13:19: listeners[2].http2_server: a tcp listener speaks no HTTP; `http2_server` is for http listeners",
+            "bad.yaml:16:19: listeners[3].http2_server: invalid type: sequence",
+        ],
+    );
+}

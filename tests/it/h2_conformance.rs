@@ -26,7 +26,7 @@ use crate::backend::Backend;
 use crate::support::Sidecar;
 
 /// The listener's `http2_server` values to judge (the lead adds "outrigger" at merge).
-const SERVERS: &[&str] = &["hyper"];
+const SERVERS: &[&str] = &["hyper", "outrigger"];
 
 /// Known deviations from RFC 9113: (server, case, what the server does instead, why). The
 /// case's test expects its check to fail for that server with a message containing the third

@@ -1,6 +1,26 @@
 //! Integration tests: one binary, one file per module. Each test spawns the real `outrigger`
 //! binary on port 0 (see `support`).
 
+/// An HTTP/2 test of a proxy listener, run once with each `http2_server` (hyper's HTTP/2
+/// server and Outrigger's own): `on_both_http2_servers!(name)` after `fn name(server: &str)`
+/// makes the tests `name::hyper` and `name::outrigger`, so `cargo test --test it name` runs both.
+macro_rules! on_both_http2_servers {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn hyper() {
+                    super::$name("hyper")
+                }
+                #[test]
+                fn outrigger() {
+                    super::$name("outrigger")
+                }
+            }
+        )+
+    };
+}
+
 mod admin;
 mod app;
 mod backend;

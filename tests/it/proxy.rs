@@ -7,12 +7,39 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use crate::backend::{Backend, dead_port, tcp_echo};
-use crate::support::{GrpcStream, Sidecar, client, eventually, or_panic};
+use crate::support::{GrpcStream, Sidecar, client, eventually, or_panic, with_http2_server};
+
+// The HTTP/2 tests of this file, each run with hyper's HTTP/2 server and with Outrigger's own
+// (`NAME::hyper`, `NAME::outrigger`).
+on_both_http2_servers!(
+    inbound_http1_and_h2c_reach_the_app_with_forwarding_headers,
+    grpc_shaped_h2_stream_flows_both_ways_with_trailers,
+    a_request_cancelled_before_its_response_is_logged_as_client_closed,
+    http2_streams_whose_client_reads_nothing_are_reset,
+    an_http2_body_waiting_on_a_quiet_upstream_outlives_the_idle_timeout,
+    the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout,
+    raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes,
+    h2c_and_hyper_path_requests_take_the_raw_exchange,
+    an_upstream_that_answers_before_reading_the_body_is_heard,
+    an_early_answer_leaves_its_connection_out_of_the_pool,
+    an_early_answer_to_a_large_body_is_heard,
+    an_early_answer_with_bytes_past_it_or_a_reset_without_one_ends_the_connection,
+    a_stated_body_length_over_max_request_body_gets_413,
+    a_body_growing_past_max_request_body_is_cut_with_413,
+);
 
 fn inbound(app: &Backend, extra: &str) -> Sidecar {
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n{extra}",
-        app.address()
+    inbound_on("hyper", app, extra)
+}
+
+/// [`inbound`], whose listener serves HTTP/2 with `server` (`http2_server`).
+fn inbound_on(server: &str, app: &Backend, extra: &str) -> Sidecar {
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n{extra}",
+            app.address()
+        ),
     ));
     sc.wait_ready();
     sc
@@ -34,10 +61,9 @@ fn raw(addr: &str, data: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[test]
-fn inbound_http1_and_h2c_reach_the_app_with_forwarding_headers() {
+fn inbound_http1_and_h2c_reach_the_app_with_forwarding_headers(server: &str) {
     let app = Backend::http();
-    let sc = inbound(&app, "");
+    let sc = inbound_on(server, &app, "");
     let r = client()
         .get(sc.listener_url("public", "/hello?x=1"))
         .header("connection", "x-secret")
@@ -166,12 +192,14 @@ listeners:
     assert_eq!(r.headers()["x-outrigger-error"], "no-route");
 }
 
-#[test]
-fn grpc_shaped_h2_stream_flows_both_ways_with_trailers() {
+fn grpc_shaped_h2_stream_flows_both_ways_with_trailers(server: &str) {
     let app = Backend::http();
-    let sc = Sidecar::start(&format!(
-        "clusters:\n  grpc: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
-        app.address()
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "clusters:\n  grpc: {{ endpoints: [\"{}\"], http2: true }}\nlisteners:\n  - name: egress\n    address: 127.0.0.1:0\n    direction: outbound\n",
+            app.address()
+        ),
     ));
     sc.wait_ready();
     let diag = || sc.diagnostics();
@@ -1096,15 +1124,17 @@ fn every_access_log_line_is_written_before_the_sidecar_exits() {
     assert_eq!(text.lines().count(), 50, "{text}");
 }
 
-#[test]
-fn a_request_cancelled_before_its_response_is_logged_as_client_closed() {
+fn a_request_cancelled_before_its_response_is_logged_as_client_closed(server: &str) {
     let app = Backend::http();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
-        app.address(),
-        log.display()
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\ntelemetry:\n  access_log: {{ to: {} }}\n",
+            app.address(),
+            log.display()
+        ),
     ));
     sc.wait_ready();
     // An HTTP/2 client that gives up: its stream is reset before the app answers.
@@ -1257,11 +1287,10 @@ fn a_client_that_reads_nothing_is_cut_off() {
 /// (40 connections × 200 streams held 8,064 descriptors). Now each such stream is reset after
 /// the idle timeout and its upstream connection released; other clients are served as usual.
 /// A connection may open at most 100 streams at once.
-#[test]
-fn http2_streams_whose_client_reads_nothing_are_reset() {
+fn http2_streams_whose_client_reads_nothing_are_reset(server: &str) {
     const STREAMS: usize = 5;
     let app = Backend::http();
-    let sc = inbound(&app, "    limits: { idle_timeout: 1s }\n");
+    let sc = inbound_on(server, &app, "    limits: { idle_timeout: 1s }\n");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1335,10 +1364,9 @@ fn http2_streams_whose_client_reads_nothing_are_reset() {
 
 /// The HTTP/2 watch cuts a client that reads nothing, not a body whose upstream is quiet for
 /// longer than the idle timeout.
-#[test]
-fn an_http2_body_waiting_on_a_quiet_upstream_outlives_the_idle_timeout() {
+fn an_http2_body_waiting_on_a_quiet_upstream_outlives_the_idle_timeout(server: &str) {
     let app = Backend::http();
-    let sc = inbound(&app, "    limits: { idle_timeout: 1s }\n");
+    let sc = inbound_on(server, &app, "    limits: { idle_timeout: 1s }\n");
     let h2c = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -1477,9 +1505,17 @@ fn write_paced(conn: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn inbound_to(app: &RawApp) -> Sidecar {
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_header_bytes: 8192\n",
-        app.address
+    inbound_to_on("hyper", app)
+}
+
+/// [`inbound_to`], whose listener serves HTTP/2 with `server` (`http2_server`).
+fn inbound_to_on(server: &str, app: &RawApp) -> Sidecar {
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_header_bytes: 8192\n",
+            app.address
+        ),
     ));
     sc.wait_ready();
     sc
@@ -1695,8 +1731,7 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
 /// final head), on the fast path and on the raw exchange (h2c); a body that follows its head
 /// after a pause (a long poll) still arrives; one that does not come within the route's
 /// timeout is a 504, not a hang.
-#[test]
-fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout() {
+fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout(server: &str) {
     let app = RawApp::start(|head| {
         let path = head.split(' ').nth(1).unwrap_or("/");
         let ok = |s: &str| (s.as_bytes().to_vec(), false);
@@ -1718,9 +1753,12 @@ fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout
             _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
         }
     });
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 2s\n",
-        app.address
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 2s\n",
+            app.address
+        ),
     ));
     sc.wait_ready();
     // The fast path: one keep-alive connection.
@@ -1784,8 +1822,7 @@ fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout
 /// The raw exchange's connection goes back to the pool once a body has ended cleanly: several
 /// h2c requests use one upstream connection; bytes after a body's end (garbage) cost that
 /// connection, and the next request opens another.
-#[test]
-fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes() {
+fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes(server: &str) {
     let h2 = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -1796,9 +1833,12 @@ fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes() {
     };
     // The app's probe runs a command: no probe connection joins the count.
     let unprobed = |app: &RawApp| {
-        let sc = Sidecar::start(&format!(
-            "app:\n  address: {}\n  probe: {{ exec: [\"true\"] }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
-            app.address
+        let sc = Sidecar::start(&with_http2_server(
+            server,
+            &format!(
+                "app:\n  address: {}\n  probe: {{ exec: [\"true\"] }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+                app.address
+            ),
         ));
         sc.wait_ready();
         sc
@@ -1838,8 +1878,7 @@ fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes() {
 /// as above come back decoded (a chunked body and its trailers, a body up to the close, a 1xx
 /// skipped, more than 100 headers, which hyper's client answered with 502), the broken ones
 /// are 502, and a request body goes with its length.
-#[test]
-fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
+fn h2c_and_hyper_path_requests_take_the_raw_exchange(server: &str) {
     let app = RawApp::start(|head| {
         let path = head.split(' ').nth(1).unwrap_or("/");
         let ok = |s: &str| (s.as_bytes().to_vec(), false);
@@ -1863,7 +1902,7 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange() {
             _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
         }
     });
-    let sc = inbound_to(&app);
+    let sc = inbound_to_on(server, &app);
     let h2 = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -2095,11 +2134,13 @@ fn assert_the_writes_waited(seen: &EarlySeen, answers: usize) {
 /// both on the raw exchange; the next request works. Each POST (a 40 KiB header, a 60 KiB
 /// body) goes on a new connection, whose socket buffers take ~50–90 KiB of it before the
 /// upstream's answer (checked: the test says when the write did not wait).
-#[test]
-fn an_upstream_that_answers_before_reading_the_body_is_heard() {
+fn an_upstream_that_answers_before_reading_the_body_is_heard(server: &str) {
     let (address, seen) = early_answer_upstream();
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+        ),
     ));
     sc.wait_ready();
     let body = vec![b'x'; 60 * 1024];
@@ -2161,11 +2202,13 @@ fn an_upstream_that_answers_before_reading_the_body_is_heard() {
 /// it reads the request as it comes): the connection is not pooled, as the upstream may have taken the
 /// body's bytes for its next request; the next request goes on a new connection and gets
 /// its own answer.
-#[test]
-fn an_early_answer_leaves_its_connection_out_of_the_pool() {
+fn an_early_answer_leaves_its_connection_out_of_the_pool(server: &str) {
     let (address, seen) = early_answer_upstream();
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+        ),
     ));
     sc.wait_ready();
     let h2 = reqwest::blocking::Client::builder()
@@ -2204,11 +2247,13 @@ fn an_early_answer_leaves_its_connection_out_of_the_pool() {
 /// connection: the response read first is what the client gets (the connection's I/O waits
 /// for the read side when a write fails, `pool::EarlyAnswer`), here for a 4 MiB h2c POST.
 /// HTTP/1.1 clients: [`an_early_answer_to_a_large_http1_body_is_heard`].
-#[test]
-fn an_early_answer_to_a_large_body_is_heard() {
+fn an_early_answer_to_a_large_body_is_heard(server: &str) {
     let (address, _seen) = early_answer_upstream();
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 5s\n"
+        ),
     ));
     sc.wait_ready();
     let h2 = reqwest::blocking::Client::builder()
@@ -2240,11 +2285,13 @@ fn an_early_answer_to_a_large_body_is_heard() {
 /// is not pooled (hyper leaves the extra bytes unread and would keep the connection waiting:
 /// the next request would wait for the route's timeout); an upstream that resets without an
 /// answer gives a 502 (the wait for an answer is bounded), not the route's 504.
-#[test]
-fn an_early_answer_with_bytes_past_it_or_a_reset_without_one_ends_the_connection() {
+fn an_early_answer_with_bytes_past_it_or_a_reset_without_one_ends_the_connection(server: &str) {
     let (address, _seen) = early_answer_upstream();
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 60s\n"
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {address}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    routes:\n      - timeout: 60s\n"
+        ),
     ));
     sc.wait_ready();
     let h2 = reqwest::blocking::Client::builder()
@@ -2459,11 +2506,14 @@ fn an_early_answer_to_a_large_http1_body_is_heard() {
 
 /// Listeners with `limits.max_request_body` 1000 (`public`) and 100 KiB (`big`) in front of
 /// the echo backend, with an access log.
-fn body_limited(app: &Backend, log: &std::path::Path) -> Sidecar {
-    let sc = Sidecar::start(&format!(
-        "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1000 }}\n    routes:\n      - timeout: 5s\n  - name: big\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - timeout: 5s\ntelemetry:\n  access_log: {{ to: {} }}\n",
-        app.address(),
-        log.display()
+fn body_limited(server: &str, app: &Backend, log: &std::path::Path) -> Sidecar {
+    let sc = Sidecar::start(&with_http2_server(
+        server,
+        &format!(
+            "app:\n  address: {}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1000 }}\n    routes:\n      - timeout: 5s\n  - name: big\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 100KiB }}\n    routes:\n      - timeout: 5s\ntelemetry:\n  access_log: {{ to: {} }}\n",
+            app.address(),
+            log.display()
+        ),
     ));
     sc.wait_ready();
     sc
@@ -2475,12 +2525,11 @@ const TOO_LARGE: &str = "outrigger_http_responses_total{direction=\"inbound\",li
 /// the connection closed, before the body is forwarded or the upstream contacted, on the
 /// HTTP/1 fast path (which answers it itself) and from h2c; a body of exactly the limit passes
 /// on each; counted with its reason and in the access log.
-#[test]
-fn a_stated_body_length_over_max_request_body_gets_413() {
+fn a_stated_body_length_over_max_request_body_gets_413(server: &str) {
     let app = Backend::http();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let sc = body_limited(&app, &log);
+    let sc = body_limited(server, &app, &log);
     let addr = &sc.listeners["public"];
     for length in [1001, 10 << 20] {
         // The head alone: nothing of the body is waited for.
@@ -2560,12 +2609,11 @@ fn a_stated_body_length_over_max_request_body_gets_413() {
 /// request aborted), 413 on h2c (no `content-length`: streamed); no whole request reaches
 /// the upstream, and the upstream connections of the aborted requests are not pooled (the
 /// next requests work).
-#[test]
-fn a_body_growing_past_max_request_body_is_cut_with_413() {
+fn a_body_growing_past_max_request_body_is_cut_with_413(server: &str) {
     let app = Backend::http();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let sc = body_limited(&app, &log);
+    let sc = body_limited(server, &app, &log);
     // Cut while read ahead (the first 64 KiB and the frame that passes them), and while
     // streamed (16 KiB chunks: streamed from 80 KiB, cut at 100 KiB).
     for (listener, size, chunk) in [

@@ -381,3 +381,79 @@ fn an_https_webhook_is_called_with_the_given_ca() {
         1.0
     );
 }
+
+/// `http2_server` changes on reload like any listener setting: the listener gets a new
+/// generation (nothing named for a restart); an HTTP/2 connection open across the reload keeps
+/// the server it began with and takes the new routes; new connections get the new server; and
+/// back.
+#[test]
+fn a_reload_switches_http2_server_for_new_connections() {
+    let (a, b) = (Backend::http(), Backend::http());
+    let config =
+        |to: &str, server: &str| outbound(to, &a, &b, &format!("    http2_server: {server}\n"));
+    let sc = Spawn {
+        config: &config("a", "hyper"),
+        // Our server logs each connection it takes.
+        args: &["--log-level", "info,outrigger::proxy::accept=debug"],
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    let ours = || {
+        sc.stderr()
+            .matches("HTTP/2 connection served by outrigger's own server")
+            .count()
+    };
+    let url = sc.listener_url("out", "/x");
+    let h2 = || {
+        reqwest::blocking::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap()
+    };
+    let get = |c: &reqwest::blocking::Client| {
+        let r = c.get(&url).send().unwrap();
+        assert_eq!(r.status(), 200, "{}", sc.diagnostics());
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    };
+    let before = h2();
+    get(&before);
+    assert_eq!(a.count(), 1);
+    assert_eq!(ours(), 0, "{}", sc.stderr());
+    let reloads = "outrigger_config_reloads_total{result=\"success\"}";
+    for (i, (to, server, served_by_ours)) in [("b", "outrigger", 1), ("a", "hyper", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(&sc.config_path, config(to, server)).unwrap();
+        let r = client().post(sc.url("/reload")).send().unwrap();
+        assert_eq!(r.status(), 202);
+        eventually(Duration::from_secs(10), "the reload", || {
+            (sc.metric(reloads) == (i + 1) as f64).then_some(())
+        });
+        let c = sc.get_json("/config");
+        assert_eq!(c["config"]["listeners"][0]["http2_server"], server, "{c}");
+        assert_eq!(
+            c["last_reload"]["needs_restart"],
+            serde_json::json!([]),
+            "{c}"
+        );
+        // The connection from before the reloads: hyper's still, with the newest routes.
+        let (seen_a, seen_b) = (a.count(), b.count());
+        get(&before);
+        let newest = if to == "a" { &a } else { &b };
+        assert_eq!(a.count() + b.count(), seen_a + seen_b + 1);
+        assert_eq!(
+            newest.seen().last().unwrap().header("x-generation"),
+            Some(to)
+        );
+        // A new connection: the new server.
+        get(&h2());
+        eventually(
+            Duration::from_secs(5),
+            "the new connection's server",
+            || (ours() == served_by_ours).then_some(()),
+        );
+    }
+    assert_eq!(ours(), 1, "{}", sc.stderr());
+}

@@ -562,3 +562,20 @@ impl GrpcStream {
         })
     }
 }
+
+/// `config` with `http2_server: SERVER` on each of its listeners (every `  - name:` entry of a
+/// top-level `listeners:` list): an HTTP/2 test run with hyper's server and with ours.
+pub fn with_http2_server(server: &str, config: &str) -> String {
+    let mut out = String::with_capacity(config.len() + 64);
+    let mut in_listeners = false;
+    for line in config.split_inclusive('\n') {
+        if !line.starts_with(' ') && !line.trim().is_empty() {
+            in_listeners = line.starts_with("listeners:");
+        }
+        out.push_str(line);
+        if in_listeners && line.starts_with("  - name: ") {
+            out.push_str(&format!("    http2_server: {server}\n"));
+        }
+    }
+    out
+}

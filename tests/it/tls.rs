@@ -129,11 +129,13 @@ fn inbound(pki: &Pki, app: &Backend, tls_extra: &str, extra: &str) -> Sidecar {
     sc
 }
 
-#[test]
-fn https_http1_and_http2_alpn_and_versions_with_curl_and_openssl() {
+// Run with hyper's HTTP/2 server and with Outrigger's own (`NAME::hyper`, `NAME::outrigger`).
+on_both_http2_servers!(https_http1_and_http2_alpn_and_versions_with_curl_and_openssl);
+
+fn https_http1_and_http2_alpn_and_versions_with_curl_and_openssl(server: &str) {
     let pki = Pki::new();
     let app = Backend::http();
-    let sc = inbound(&pki, &app, "", "");
+    let sc = inbound(&pki, &app, "", &format!("    http2_server: {server}\n"));
     let port = sc.listeners["public"]
         .rsplit(':')
         .next()

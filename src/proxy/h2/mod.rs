@@ -6,25 +6,63 @@
 //! proxied request cost (docs/BENCHMARKS.md, "h2c per request"), the largest part of the gap
 //! to HAProxy (32k).
 //!
-//! INTERFACE STUB (lead, 2026-12-07): the types and signatures below are the contract between
-//! the codec/driver (branch `h2codec`, which owns this directory and fills it in) and the
-//! proxy's glue (branch `h2glue`, which calls [`serve`] from `accept.rs`). Change a signature
-//! only if both sides agree; the bodies are placeholders.
-
-#![allow(dead_code, unused_variables, reason = "interface stub, filled in by branch h2codec")]
+//! How it works: one task per connection reads and writes every frame (`conn`: one read
+//! buffer, reused; all frames ready are written with one write per wake); each request's
+//! service future runs on a task of its own (`tokio::spawn`), which queues its response in
+//! state shared with the connection task (`streams`: one `Mutex` per connection and a waker
+//! per side, as `h2` does; no channel per stream) and encodes the response head itself
+//! (`hpack`: a stateless encoder). The request body ([`RecvBody`]) is read from the same
+//! state, and reading it is what gives the client its window back.
+//!
+//! What the client gets (RFC 9113 server side, RFC 7541 HPACK):
+//! - our SETTINGS (max concurrent streams, initial window, max header list size, max frame
+//!   size when not the default) and a WINDOW_UPDATE raising the connection window; no server
+//!   push, no extended CONNECT; the client's settings applied and acknowledged;
+//! - a stream past SETTINGS_MAX_CONCURRENT_STREAMS is refused (REFUSED_STREAM); a malformed
+//!   request (§8.1.1: pseudo-headers, connection-specific fields, `te`, uppercase names,
+//!   NUL/CR/LF in a value, `content-length` against the DATA) is reset with PROTOCOL_ERROR;
+//!   a header list over SETTINGS_MAX_HEADER_LIST_SIZE is answered 431, as h2's server does;
+//! - the request as h2's server builds it: version HTTP/2, an absolute URI from `:scheme`,
+//!   `:authority` and `:path` when `:authority` is there (else the path only), the regular
+//!   fields, no `host` added;
+//! - responses under the client's windows in frames of at most its SETTINGS_MAX_FRAME_SIZE,
+//!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
+//!   stream with HEADERS; a body that fails resets the stream (INTERNAL_ERROR); a response
+//!   that waits `stalled_stream_timeout` for window is reset (CANCEL);
+//! - abuse guards: more client resets of unfinished streams (or of our resets for its
+//!   faults) than max(200, 2 × max concurrent streams) in 10 s, more than 1,000 empty DATA
+//!   or CONTINUATION frames in 10 s, or a header block longer than the max header list
+//!   size + 16 KiB close the connection with ENHANCE_YOUR_CALM; no input is read while 64 KiB
+//!   of output wait for the client (SETTINGS and PING floods);
+//! - [`Shutdown::graceful`]: GOAWAY (NO_ERROR, the last stream taken), open streams finish,
+//!   then the connection closes; a connection error: GOAWAY with its code, then close.
+//!
+//! Not done: priorities (PRIORITY is checked and ignored: responses go in the order they are
+//! ready), a dynamic table in the response encoder, Huffman coding of what we send,
+//! SETTINGS_ENABLE_CONNECT_PROTOCOL, a SETTINGS ACK timeout, a lower `initial_window_size`
+//! than 65,535 enforced on streams opened before the client acknowledged it.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use ::http::{Request, Response};
 use bytes::Bytes;
-use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::body::{BoxError, ProxyBody};
+use super::body::ProxyBody;
+
+mod conn;
+mod frame;
+mod hpack;
+mod stream;
+mod streams;
+#[cfg(test)]
+mod tests;
+
+pub use stream::{RecvBody, StreamError};
 
 /// What our side of a connection announces and enforces.
 #[derive(Clone)]
@@ -32,8 +70,8 @@ pub struct Settings {
     /// SETTINGS_MAX_CONCURRENT_STREAMS; a stream past it is refused (RST_STREAM REFUSED_STREAM).
     pub max_concurrent_streams: u32,
     /// SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 §6.5.2 size: names + values + 32 per field);
-    /// a request over it is answered 431 (as hyper does) or reset; the header block is still
-    /// decoded (HPACK state) but not kept.
+    /// a request over it is answered 431 (as hyper does); the header block is still decoded
+    /// (HPACK state) but not kept.
     pub max_header_list_size: u32,
     /// SETTINGS_INITIAL_WINDOW_SIZE: each stream's receive window for request bodies.
     pub initial_window_size: u32,
@@ -49,53 +87,121 @@ pub struct Settings {
 
 /// Asks a connection to finish: GOAWAY with the last stream id taken, in-flight streams end,
 /// then the connection closes. Cloneable; the glue keeps one per connection.
-#[derive(Clone, Default)]
-pub struct Shutdown {}
+#[derive(Clone)]
+pub struct Shutdown {
+    inner: Arc<ShutdownInner>,
+}
+
+struct ShutdownInner {
+    requested: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            inner: Arc::new(ShutdownInner {
+                requested: AtomicBool::new(false),
+                waker: Mutex::new(None),
+            }),
+        }
+    }
+}
 
 impl Shutdown {
     pub fn new() -> Self {
         Self::default()
     }
+
     /// Graceful: no new streams (GOAWAY NO_ERROR), in-flight ones finish.
     pub fn graceful(&self) {
-        todo!("h2codec")
+        self.inner.requested.store(true, Ordering::Release);
+        let waker = self
+            .inner
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn poll_requested(&self, cx: &mut Context<'_>) -> bool {
+        if self.inner.requested.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut waker = self.inner.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+        drop(waker);
+        self.inner.requested.load(Ordering::Acquire)
     }
 }
 
 /// How a connection ended badly (a connection error we sent GOAWAY for, or I/O).
 #[derive(Debug)]
-pub struct Error {}
+pub struct Error {
+    kind: ErrorKind,
+}
 
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HTTP/2 connection error")
+#[derive(Debug)]
+enum ErrorKind {
+    Io(std::io::Error),
+    Protocol {
+        reason: frame::Reason,
+        detail: &'static str,
+    },
+}
+
+impl Error {
+    fn io(e: std::io::Error) -> Self {
+        Error {
+            kind: ErrorKind::Io(e),
+        }
+    }
+
+    fn protocol(reason: frame::Reason, detail: &'static str) -> Self {
+        Error {
+            kind: ErrorKind::Protocol { reason, detail },
+        }
+    }
+
+    /// The HTTP/2 error code we sent in GOAWAY, when it was a protocol error (not I/O).
+    pub fn code(&self) -> Option<u32> {
+        match &self.kind {
+            ErrorKind::Protocol { reason, .. } => Some(reason.0),
+            ErrorKind::Io(_) => None,
+        }
+    }
+
+    /// The I/O error, when the connection failed on its socket.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match &self.kind {
+            ErrorKind::Io(e) => Some(e),
+            ErrorKind::Protocol { .. } => None,
+        }
     }
 }
 
-impl std::error::Error for Error {}
-
-/// A request's body as the client sends it: DATA frames, then trailers if any. Reading it
-/// gives the client window back (WINDOW_UPDATE). A client's RST_STREAM is an error here.
-pub struct RecvBody {}
-
-impl hyper::body::Body for RecvBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        todo!("h2codec")
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            ErrorKind::Io(e) => write!(f, "HTTP/2 connection error: {e}"),
+            ErrorKind::Protocol { reason, detail } => {
+                write!(f, "HTTP/2 connection error {reason}: {detail}")
+            }
+        }
     }
+}
 
-    fn is_end_stream(&self) -> bool {
-        todo!("h2codec")
-    }
-
-    /// Exact when the request stated a `content-length` (checked against the DATA received).
-    fn size_hint(&self) -> SizeHint {
-        todo!("h2codec")
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::Io(e) => Some(e),
+            ErrorKind::Protocol { .. } => None,
+        }
     }
 }
 
@@ -121,5 +227,7 @@ where
     S: FnMut(Request<RecvBody>) -> F + Send + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    todo!("h2codec")
+    let mut conn = conn::Conn::new(io, prefix, settings, shutdown, service);
+    std::future::poll_fn(|cx: &mut Context<'_>| -> Poll<Result<(), Error>> { conn.poll_conn(cx) })
+        .await
 }

@@ -1,0 +1,1189 @@
+//! The connection task: reads and checks every frame the client sends (RFC 9113), decodes
+//! header blocks, starts a task per request, and writes every frame we send, batched into
+//! one output buffer written once per wake.
+//!
+//! One poll function drives it all (no split of the socket, no channel): write what is
+//! queued; read while the output buffer is under [`OUT_HIGH`] (a client that does not read
+//! our answers, PING or SETTINGS ACKs included, gets no more of its input read); and take the
+//! streams' queued frames under the client's flow-control windows.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
+
+use super::frame::{
+    self, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW, Head, MAX_WINDOW, Reason, flag, kind, setting,
+};
+use super::hpack::{self, BlockReader, Refused};
+use super::stream::{RecvBody, SEND_BUFFER, respond};
+use super::streams::{Queued, Recv, Shared, SharedRef, Stream, lock};
+use super::{Error, Settings, Shutdown};
+use crate::proxy::body::ProxyBody;
+
+/// Past this many bytes of output waiting for the socket, no more input is read and no more
+/// response DATA taken from the streams.
+pub(super) const OUT_HIGH: usize = 64 * 1024;
+/// Client resets of unfinished streams, and our resets for a client's faults, allowed per
+/// [`FLOOD_WINDOW`] (at least; twice SETTINGS_MAX_CONCURRENT_STREAMS when that is more)
+/// before the connection is closed with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+const RESET_LIMIT: u32 = 200;
+/// Empty DATA (without END_STREAM) and empty CONTINUATION frames allowed per
+/// [`FLOOD_WINDOW`] (CVE-2019-9518).
+const EMPTY_FRAME_LIMIT: u32 = 1000;
+const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+/// Header block bytes (HEADERS + CONTINUATION, 9 counted per frame) allowed beyond
+/// SETTINGS_MAX_HEADER_LIST_SIZE before the connection is closed (CONTINUATION flood,
+/// CVE-2024-27316): a block is compressed, so it is rarely longer than its decoded list.
+const BLOCK_SLACK: usize = 16 * 1024;
+/// Ids of streams we reset lately: frames the client sent before it saw the reset are
+/// dropped, not answered with STREAM_CLOSED.
+const RECENT_RESETS: usize = 128;
+
+struct Flood {
+    count: u32,
+    since: Instant,
+}
+
+impl Flood {
+    fn new() -> Self {
+        Flood {
+            count: 0,
+            since: Instant::now(),
+        }
+    }
+    /// Counts one; true when over `limit` in the current window.
+    fn hit(&mut self, limit: u32) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.since) > FLOOD_WINDOW {
+            self.since = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > limit
+    }
+}
+
+/// A header block being received (HEADERS without END_HEADERS, then CONTINUATION).
+struct Block {
+    stream: u32,
+    end_stream: bool,
+    self_dependent: bool,
+    buf: BytesMut,
+    /// Bytes counted against the block limit (payloads + 9 per frame).
+    counted: usize,
+}
+
+#[derive(PartialEq, Eq)]
+enum Phase {
+    /// Reading the 24-byte client magic.
+    Preface,
+    /// The client's first frame must be SETTINGS.
+    FirstSettings,
+    Frames,
+}
+
+type ConnResult = Result<(), (Reason, &'static str)>;
+
+pub(super) struct Conn<IO, S> {
+    io: IO,
+    service: S,
+    shared: SharedRef,
+    settings: Settings,
+    shutdown: Shutdown,
+    read_buf: BytesMut,
+    out: BytesMut,
+    decoder: loona_hpack::Decoder<'static>,
+    phase: Phase,
+    // The client's settings.
+    peer_max_frame: usize,
+    peer_initial_window: i64,
+    conn_send_window: i64,
+    conn_recv_window: i64,
+    our_settings_acked: bool,
+    /// The highest stream id the client opened (or tried to).
+    max_client_stream: u32,
+    /// The highest stream id handed to the service (GOAWAY's last stream id).
+    last_accepted: u32,
+    block: Option<Block>,
+    recent_resets: VecDeque<u32>,
+    /// We sent GOAWAY (graceful): new streams are ignored, the connection ends with the last.
+    goaway_sent: bool,
+    peer_goaway: bool,
+    read_closed: bool,
+    /// A connection error: GOAWAY queued, flush and end.
+    failed: Option<Error>,
+    resets: Flood,
+    empties: Flood,
+    stall_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO, S, F> Conn<IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: FnMut(Request<RecvBody>) -> F + Send + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    pub fn new(io: IO, prefix: Bytes, settings: Settings, shutdown: Shutdown, service: S) -> Self {
+        let mut read_buf = BytesMut::with_capacity(DEFAULT_MAX_FRAME_SIZE as usize + 9);
+        read_buf.extend_from_slice(&prefix);
+        let mut out = BytesMut::with_capacity(4096);
+        let mut ours = vec![
+            (
+                setting::MAX_CONCURRENT_STREAMS,
+                settings.max_concurrent_streams,
+            ),
+            (setting::INITIAL_WINDOW_SIZE, settings.initial_window_size),
+            (setting::MAX_HEADER_LIST_SIZE, settings.max_header_list_size),
+        ];
+        if settings.max_frame_size != DEFAULT_MAX_FRAME_SIZE {
+            ours.push((setting::MAX_FRAME_SIZE, settings.max_frame_size));
+        }
+        frame::put_settings(&mut out, &ours);
+        if settings.connection_window_size > DEFAULT_WINDOW {
+            frame::put_window_update(
+                &mut out,
+                0,
+                settings.connection_window_size - DEFAULT_WINDOW,
+            );
+        }
+        let shared = SharedRef::new(std::sync::Mutex::new(Shared {
+            streams: Default::default(),
+            ready: VecDeque::new(),
+            conn_released: 0,
+            release_due: Vec::new(),
+            conn_waker: None,
+            conn_release_at: (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
+            stream_release_at: (settings.initial_window_size / 2).max(1),
+        }));
+        Conn {
+            io,
+            service,
+            shared,
+            conn_recv_window: i64::from(settings.connection_window_size.max(DEFAULT_WINDOW)),
+            settings,
+            shutdown,
+            read_buf,
+            out,
+            decoder: loona_hpack::Decoder::new(),
+            phase: Phase::Preface,
+            peer_max_frame: DEFAULT_MAX_FRAME_SIZE as usize,
+            peer_initial_window: i64::from(DEFAULT_WINDOW),
+            conn_send_window: i64::from(DEFAULT_WINDOW),
+            our_settings_acked: false,
+            max_client_stream: 0,
+            last_accepted: 0,
+            block: None,
+            recent_resets: VecDeque::new(),
+            goaway_sent: false,
+            peer_goaway: false,
+            read_closed: false,
+            failed: None,
+            resets: Flood::new(),
+            empties: Flood::new(),
+            stall_timer: None,
+        }
+    }
+
+    fn fail(&mut self, reason: Reason, detail: &'static str) {
+        if self.failed.is_some() {
+            return;
+        }
+        tracing::debug!(%reason, detail, "HTTP/2 connection error");
+        frame::put_goaway(&mut self.out, self.last_accepted, reason);
+        self.failed = Some(Error::protocol(reason, detail));
+        self.abort_streams();
+    }
+
+    fn abort_streams(&mut self) {
+        let mut sh = lock(&self.shared);
+        for (_, mut s) in sh.streams.drain() {
+            if let Some(task) = s.task.take() {
+                task.abort();
+            }
+            s.reset.get_or_insert(Reason::CANCEL);
+            s.reset_by_client = true;
+            s.wake_all();
+        }
+        sh.ready.clear();
+    }
+
+    /// All streams closed (for an ending connection).
+    fn idle(&self) -> bool {
+        lock(&self.shared).streams.values().all(|s| s.closed())
+    }
+
+    fn recv_initial_window(&self) -> i64 {
+        let ours = i64::from(self.settings.initial_window_size);
+        // Until the client acknowledged our SETTINGS it may use the default.
+        if self.our_settings_acked {
+            ours
+        } else {
+            ours.max(i64::from(DEFAULT_WINDOW))
+        }
+    }
+
+    pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            let mut progress = false;
+            if self.failed.is_none() && !self.goaway_sent && self.shutdown.poll_requested(cx) {
+                self.goaway_sent = true;
+                frame::put_goaway(&mut self.out, self.last_accepted, Reason::NO_ERROR);
+            }
+            // More to take from the streams once the output is written.
+            let more = self.failed.is_none() && self.gather(cx);
+            while !self.out.is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.out) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(self
+                            .failed
+                            .take()
+                            .unwrap_or_else(|| Error::io(std::io::ErrorKind::WriteZero.into()))));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.out.advance(n);
+                        if self.out.is_empty() {
+                            if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
+                                return Poll::Ready(Err(self
+                                    .failed
+                                    .take()
+                                    .unwrap_or(Error::io(e))));
+                            }
+                            if self.out.capacity() > 4 * OUT_HIGH {
+                                self.out = BytesMut::with_capacity(4096);
+                            }
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(self.failed.take().unwrap_or(Error::io(e))));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if more && self.out.is_empty() {
+                progress = true;
+            }
+            if self.failed.is_some() {
+                if !self.out.is_empty() {
+                    return Poll::Pending;
+                }
+                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                return Poll::Ready(Err(self.failed.take().expect("failed")));
+            }
+            if (self.goaway_sent || self.peer_goaway || self.read_closed)
+                && self.out.is_empty()
+                && self.block.is_none()
+                && self.idle()
+            {
+                if self.read_closed {
+                    // The client is gone; its streams with it.
+                    self.abort_streams();
+                }
+                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                return Poll::Ready(Ok(()));
+            }
+            if !self.read_closed && self.out.len() < OUT_HIGH {
+                if self.read_buf.capacity() - self.read_buf.len() < 4096 {
+                    self.read_buf.reserve(16 * 1024);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+                {
+                    Poll::Ready(Ok(0)) => {
+                        self.read_closed = true;
+                        progress = true;
+                        if !self.read_buf.is_empty() || self.phase != Phase::Frames {
+                            self.abort_streams();
+                            return Poll::Ready(Err(Error::io(
+                                std::io::ErrorKind::UnexpectedEof.into(),
+                            )));
+                        }
+                        // The client closed: no response can reach it any more.
+                        self.abort_streams();
+                    }
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Err((reason, detail)) = self.process() {
+                            self.fail(reason, detail);
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.abort_streams();
+                        return Poll::Ready(Err(Error::io(e)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(timer) = &mut self.stall_timer
+                && timer.as_mut().poll(cx).is_ready()
+            {
+                self.stall_timer = None;
+                self.reset_stalled();
+                progress = true;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Parses and handles every whole frame in the read buffer.
+    fn process(&mut self) -> ConnResult {
+        loop {
+            if self.failed.is_some() {
+                return Ok(());
+            }
+            if self.phase == Phase::Preface {
+                let n = self.read_buf.len().min(frame::PREFACE.len());
+                if self.read_buf[..n] != frame::PREFACE[..n] {
+                    return Err((Reason::PROTOCOL_ERROR, "invalid connection preface"));
+                }
+                if n < frame::PREFACE.len() {
+                    return Ok(());
+                }
+                self.read_buf.advance(n);
+                self.phase = Phase::FirstSettings;
+            }
+            if self.read_buf.len() < frame::HEADER_LEN {
+                return Ok(());
+            }
+            let head = Head::parse(&self.read_buf);
+            if head.len > self.settings.max_frame_size {
+                return Err((
+                    Reason::FRAME_SIZE_ERROR,
+                    "frame larger than SETTINGS_MAX_FRAME_SIZE",
+                ));
+            }
+            let total = frame::HEADER_LEN + head.len as usize;
+            if self.read_buf.len() < total {
+                self.read_buf.reserve(total - self.read_buf.len());
+                return Ok(());
+            }
+            if self.phase == Phase::FirstSettings {
+                if head.kind != kind::SETTINGS || head.flags & flag::ACK != 0 {
+                    return Err((Reason::PROTOCOL_ERROR, "the first frame is not SETTINGS"));
+                }
+                self.phase = Phase::Frames;
+            }
+            self.read_buf.advance(frame::HEADER_LEN);
+            let payload = self.read_buf.split_to(head.len as usize);
+            self.frame(head, payload)?;
+        }
+    }
+
+    fn frame(&mut self, head: Head, payload: BytesMut) -> ConnResult {
+        if let Some(block) = &self.block
+            && (head.kind != kind::CONTINUATION || head.stream != block.stream)
+        {
+            return Err((Reason::PROTOCOL_ERROR, "a frame inside a header block"));
+        }
+        match head.kind {
+            kind::DATA => self.data(head, payload),
+            kind::HEADERS => self.headers(head, payload),
+            kind::PRIORITY => {
+                if head.stream == 0 {
+                    return Err((Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                }
+                if head.len != 5 {
+                    self.reset_stream(head.stream, Reason::FRAME_SIZE_ERROR)?;
+                } else if u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                    & 0x7fff_ffff
+                    == head.stream
+                {
+                    self.reset_stream(head.stream, Reason::PROTOCOL_ERROR)?;
+                }
+                Ok(())
+            }
+            kind::RST_STREAM => self.rst_stream(head, &payload),
+            kind::SETTINGS => self.settings_frame(head, &payload),
+            kind::PUSH_PROMISE => Err((Reason::PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            kind::PING => {
+                if head.stream != 0 {
+                    return Err((Reason::PROTOCOL_ERROR, "PING on a stream"));
+                }
+                if head.len != 8 {
+                    return Err((Reason::FRAME_SIZE_ERROR, "PING of other than 8 bytes"));
+                }
+                if head.flags & flag::ACK == 0 {
+                    frame::put_ping_ack(&mut self.out, &payload);
+                }
+                Ok(())
+            }
+            kind::GOAWAY => {
+                if head.stream != 0 {
+                    return Err((Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                if head.len < 8 {
+                    return Err((Reason::FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes"));
+                }
+                // The client opens no more streams; ours (none: no push) above its last id
+                // would be dropped. The open ones finish.
+                self.peer_goaway = true;
+                Ok(())
+            }
+            kind::WINDOW_UPDATE => self.window_update(head, &payload),
+            kind::CONTINUATION => self.continuation(head, payload),
+            _ => Ok(()),
+        }
+    }
+
+    fn remember_reset(&mut self, id: u32) {
+        if self.recent_resets.len() == RECENT_RESETS {
+            self.recent_resets.pop_front();
+        }
+        self.recent_resets.push_back(id);
+    }
+
+    /// A stream error (§5.4.2): RST_STREAM, the stream's sides told, counted against the
+    /// flood guard.
+    fn reset_stream(&mut self, id: u32, reason: Reason) -> ConnResult {
+        frame::put_rst(&mut self.out, id, reason);
+        self.remember_reset(id);
+        {
+            let mut guard = lock(&self.shared);
+            let sh = &mut *guard;
+            if let Some(s) = sh.streams.get_mut(&id) {
+                s.reset = Some(reason);
+                s.queue.clear();
+                s.queued = 0;
+                s.wake_all();
+                // The body reader still sees the error (it is not given what came before).
+                let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+                sh.conn_released += unread as u32;
+                if s.finished() {
+                    sh.streams.remove(&id);
+                }
+            }
+        }
+        if self.resets.hit(self.reset_limit()) {
+            return Err((Reason::ENHANCE_YOUR_CALM, "too many stream resets"));
+        }
+        Ok(())
+    }
+
+    fn reset_limit(&self) -> u32 {
+        RESET_LIMIT.max(self.settings.max_concurrent_streams.saturating_mul(2))
+    }
+
+    fn data(&mut self, head: Head, mut payload: BytesMut) -> ConnResult {
+        let id = head.stream;
+        if id == 0 {
+            return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        if id > self.max_client_stream {
+            return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
+        }
+        let len = head.len as i64;
+        self.conn_recv_window -= len;
+        if self.conn_recv_window < 0 {
+            return Err((
+                Reason::FLOW_CONTROL_ERROR,
+                "DATA past the connection window",
+            ));
+        }
+        if head.flags & flag::PADDED != 0 {
+            let Some(&pad) = payload.first() else {
+                return Err((Reason::PROTOCOL_ERROR, "PADDED DATA without a pad length"));
+            };
+            if pad as usize >= payload.len() {
+                return Err((Reason::PROTOCOL_ERROR, "DATA padding longer than the frame"));
+            }
+            payload.truncate(payload.len() - pad as usize);
+            payload.advance(1);
+        }
+        let end = head.flags & flag::END_STREAM != 0;
+        if payload.is_empty() && !end && self.empties.hit(EMPTY_FRAME_LIMIT) {
+            return Err((Reason::ENHANCE_YOUR_CALM, "too many empty DATA frames"));
+        }
+        let padding = head.len - payload.len() as u32;
+        let mut guard = lock(&self.shared);
+        let sh = &mut *guard;
+        // Padding is given back at once.
+        sh.conn_released += padding;
+        let error = match sh.streams.get_mut(&id) {
+            None => {
+                sh.conn_released += payload.len() as u32;
+                (!self.recent_resets.contains(&id)).then_some(Reason::STREAM_CLOSED)
+            }
+            Some(s) if s.reset.is_some() => {
+                sh.conn_released += payload.len() as u32;
+                None
+            }
+            Some(s) if s.recv == Recv::Ended => {
+                sh.conn_released += payload.len() as u32;
+                Some(Reason::STREAM_CLOSED)
+            }
+            Some(s) => {
+                s.recv_window -= len;
+                s.recv_released += padding;
+                s.recv_len += payload.len() as u64;
+                if s.recv_window < 0 {
+                    sh.conn_released += payload.len() as u32;
+                    Some(Reason::FLOW_CONTROL_ERROR)
+                } else if s
+                    .content_length
+                    .is_some_and(|cl| s.recv_len > cl || (end && s.recv_len != cl))
+                {
+                    sh.conn_released += payload.len() as u32;
+                    Some(Reason::PROTOCOL_ERROR)
+                } else {
+                    if s.body_gone {
+                        sh.conn_released += payload.len() as u32;
+                    } else if !payload.is_empty() {
+                        s.recv_data.push_back(payload.freeze());
+                    }
+                    if end {
+                        s.recv = Recv::Ended;
+                    }
+                    if let Some(w) = s.body_waker.take() {
+                        w.wake();
+                    }
+                    if s.finished() {
+                        sh.streams.remove(&id);
+                    }
+                    None
+                }
+            }
+        };
+        drop(guard);
+        match error {
+            Some(reason) => self.reset_stream(id, reason),
+            None => Ok(()),
+        }
+    }
+
+    fn headers(&mut self, head: Head, mut payload: BytesMut) -> ConnResult {
+        let id = head.stream;
+        if id == 0 {
+            return Err((Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
+        }
+        if id % 2 == 0 {
+            return Err((Reason::PROTOCOL_ERROR, "HEADERS on an even stream id"));
+        }
+        let mut pad = 0;
+        if head.flags & flag::PADDED != 0 {
+            let Some(&p) = payload.first() else {
+                return Err((
+                    Reason::PROTOCOL_ERROR,
+                    "PADDED HEADERS without a pad length",
+                ));
+            };
+            pad = p as usize;
+            payload.advance(1);
+        }
+        let mut self_dependent = false;
+        if head.flags & flag::PRIORITY != 0 {
+            if payload.len() < 5 {
+                return Err((
+                    Reason::FRAME_SIZE_ERROR,
+                    "HEADERS too short for its priority",
+                ));
+            }
+            let dep =
+                u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+            self_dependent = dep == id;
+            payload.advance(5);
+        }
+        if pad > payload.len() {
+            return Err((
+                Reason::PROTOCOL_ERROR,
+                "HEADERS padding longer than the frame",
+            ));
+        }
+        payload.truncate(payload.len() - pad);
+        let end_stream = head.flags & flag::END_STREAM != 0;
+        if head.flags & flag::END_HEADERS != 0 {
+            return self.header_block(id, &payload, end_stream, self_dependent);
+        }
+        let counted = payload.len() + frame::HEADER_LEN;
+        self.check_block_size(counted)?;
+        self.block = Some(Block {
+            stream: id,
+            end_stream,
+            self_dependent,
+            buf: payload,
+            counted,
+        });
+        Ok(())
+    }
+
+    fn check_block_size(&self, counted: usize) -> ConnResult {
+        if counted > self.settings.max_header_list_size as usize + BLOCK_SLACK {
+            return Err((Reason::ENHANCE_YOUR_CALM, "header block too long"));
+        }
+        Ok(())
+    }
+
+    fn continuation(&mut self, head: Head, payload: BytesMut) -> ConnResult {
+        let Some(mut block) = self.block.take() else {
+            return Err((
+                Reason::PROTOCOL_ERROR,
+                "CONTINUATION without a header block",
+            ));
+        };
+        block.counted += payload.len() + frame::HEADER_LEN;
+        self.check_block_size(block.counted)?;
+        if payload.is_empty()
+            && head.flags & flag::END_HEADERS == 0
+            && self.empties.hit(EMPTY_FRAME_LIMIT)
+        {
+            return Err((
+                Reason::ENHANCE_YOUR_CALM,
+                "too many empty CONTINUATION frames",
+            ));
+        }
+        block.buf.extend_from_slice(&payload);
+        if head.flags & flag::END_HEADERS != 0 {
+            return self.header_block(
+                block.stream,
+                &block.buf,
+                block.end_stream,
+                block.self_dependent,
+            );
+        }
+        self.block = Some(block);
+        Ok(())
+    }
+
+    /// A whole header block: a new request, or a request's trailers.
+    fn header_block(
+        &mut self,
+        id: u32,
+        block: &[u8],
+        end_stream: bool,
+        self_dependent: bool,
+    ) -> ConnResult {
+        let new = id > self.max_client_stream;
+        let mut reader = BlockReader::new(
+            self.settings.max_header_list_size as usize,
+            block.len(),
+            !new,
+        );
+        // Decoded whole whatever becomes of the stream: the dynamic table must stay in step.
+        if self
+            .decoder
+            .decode_with_cb(block, |n, v| reader.field(n, v))
+            .is_err()
+        {
+            return Err((Reason::COMPRESSION_ERROR, "invalid header block"));
+        }
+        if !new {
+            return self.trailers(id, reader, end_stream);
+        }
+        self.max_client_stream = id;
+        if self.goaway_sent {
+            // After our GOAWAY, new streams are ignored (§6.8).
+            self.remember_reset(id);
+            return Ok(());
+        }
+        if self_dependent {
+            return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+        }
+        let req = match reader.finish_request() {
+            Ok(r) => r,
+            Err(Refused::Malformed(why)) => {
+                tracing::debug!(stream = id, why, "malformed HTTP/2 request");
+                return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+            }
+            Err(Refused::TooLarge) => {
+                // As h2's server: 431, and the rest of the request is not wanted.
+                let mut b = BytesMut::new();
+                hpack::encode_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    &http::HeaderMap::new(),
+                    &mut b,
+                );
+                frame::put_header_block(&mut self.out, id, &b, true, self.peer_max_frame);
+                if !end_stream {
+                    frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
+                }
+                self.remember_reset(id);
+                return Ok(());
+            }
+        };
+        if end_stream && req.content_length.is_some_and(|n| n != 0) {
+            return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+        }
+        let mut sh = lock(&self.shared);
+        if sh.streams.len() >= self.settings.max_concurrent_streams as usize {
+            drop(sh);
+            return self.reset_stream(id, Reason::REFUSED_STREAM);
+        }
+        self.last_accepted = id;
+        let head_only = req.method == Method::HEAD;
+        let content_length = req.content_length;
+        sh.streams.insert(
+            id,
+            Stream::new(
+                self.recv_initial_window(),
+                self.peer_initial_window,
+                end_stream,
+                content_length,
+            ),
+        );
+        let body = RecvBody {
+            shared: self.shared.clone(),
+            id,
+            content_length,
+            read: 0,
+            done: end_stream,
+        };
+        if end_stream && let Some(s) = sh.streams.get_mut(&id) {
+            // Nothing to read: no reader to wait for.
+            s.body_gone = true;
+        }
+        let future = (self.service)(req.into_request(body));
+        let task = tokio::spawn(respond(self.shared.clone(), id, head_only, future));
+        if let Some(s) = sh.streams.get_mut(&id) {
+            s.task = Some(task.abort_handle());
+        }
+        Ok(())
+    }
+
+    fn trailers(&mut self, id: u32, reader: BlockReader, end_stream: bool) -> ConnResult {
+        let mut sh = lock(&self.shared);
+        let Some(s) = sh.streams.get_mut(&id) else {
+            drop(sh);
+            if self.recent_resets.contains(&id) {
+                return Ok(());
+            }
+            return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
+        };
+        if s.reset.is_some() {
+            return Ok(());
+        }
+        if s.recv == Recv::Ended {
+            drop(sh);
+            return self.reset_stream(id, Reason::STREAM_CLOSED);
+        }
+        if !end_stream {
+            drop(sh);
+            return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+        }
+        let trailers = match reader.finish_trailers() {
+            Ok(t) => t,
+            Err(_) => {
+                drop(sh);
+                return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+            }
+        };
+        if s.content_length.is_some_and(|cl| cl != s.recv_len) {
+            drop(sh);
+            return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+        }
+        s.recv = Recv::Ended;
+        if !s.body_gone {
+            s.recv_trailers = Some(trailers);
+        }
+        if let Some(w) = s.body_waker.take() {
+            w.wake();
+        }
+        if s.finished() {
+            sh.streams.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn rst_stream(&mut self, head: Head, payload: &[u8]) -> ConnResult {
+        let id = head.stream;
+        if id == 0 {
+            return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+        }
+        if head.len != 4 {
+            return Err((Reason::FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes"));
+        }
+        if id > self.max_client_stream {
+            return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+        }
+        let reason = Reason(u32::from_be_bytes([
+            payload[0], payload[1], payload[2], payload[3],
+        ]));
+        let mut guard = lock(&self.shared);
+        let sh = &mut *guard;
+        let Some(s) = sh.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        let unfinished = !s.closed();
+        if s.reset.is_none() {
+            s.reset = Some(reason);
+            s.reset_by_client = true;
+        }
+        // As hyper: the service's future is dropped with its stream.
+        if let Some(task) = s.task.take() {
+            task.abort();
+        }
+        s.queue.clear();
+        s.queued = 0;
+        s.wake_all();
+        let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+        sh.conn_released += unread as u32;
+        if s.finished() {
+            sh.streams.remove(&id);
+        }
+        drop(guard);
+        if unfinished && self.resets.hit(self.reset_limit()) {
+            return Err((
+                Reason::ENHANCE_YOUR_CALM,
+                "too many stream resets (rapid reset)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn settings_frame(&mut self, head: Head, payload: &[u8]) -> ConnResult {
+        if head.stream != 0 {
+            return Err((Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if head.flags & flag::ACK != 0 {
+            if head.len != 0 {
+                return Err((Reason::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+            }
+            if !self.our_settings_acked {
+                self.our_settings_acked = true;
+                // Streams opened before the ACK got the default window, when ours is less.
+                let delta =
+                    i64::from(self.settings.initial_window_size) - i64::from(DEFAULT_WINDOW);
+                if delta < 0 {
+                    for s in lock(&self.shared).streams.values_mut() {
+                        s.recv_window += delta;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if head.len % 6 != 0 {
+            return Err((
+                Reason::FRAME_SIZE_ERROR,
+                "SETTINGS length not a multiple of 6",
+            ));
+        }
+        for entry in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([entry[0], entry[1]]);
+            let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+            match id {
+                setting::ENABLE_PUSH if value > 1 => {
+                    return Err((Reason::PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1"));
+                }
+                setting::INITIAL_WINDOW_SIZE => {
+                    if i64::from(value) > MAX_WINDOW {
+                        return Err((
+                            Reason::FLOW_CONTROL_ERROR,
+                            "SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1",
+                        ));
+                    }
+                    let delta = i64::from(value) - self.peer_initial_window;
+                    self.peer_initial_window = i64::from(value);
+                    let mut guard = lock(&self.shared);
+                    let sh = &mut *guard;
+                    for (&id, s) in sh.streams.iter_mut() {
+                        s.send_window += delta;
+                        if s.send_window > MAX_WINDOW {
+                            return Err((
+                                Reason::FLOW_CONTROL_ERROR,
+                                "a stream window over 2^31-1",
+                            ));
+                        }
+                        if !s.queue.is_empty() && !s.in_ready {
+                            s.in_ready = true;
+                            sh.ready.push_back(id);
+                        }
+                    }
+                }
+                setting::MAX_FRAME_SIZE => {
+                    if !(DEFAULT_MAX_FRAME_SIZE..=frame::MAX_MAX_FRAME_SIZE).contains(&value) {
+                        return Err((
+                            Reason::PROTOCOL_ERROR,
+                            "SETTINGS_MAX_FRAME_SIZE out of range",
+                        ));
+                    }
+                    self.peer_max_frame = value as usize;
+                }
+                // Our encoder never uses the dynamic table: nothing to resize.
+                setting::HEADER_TABLE_SIZE => {}
+                // MAX_CONCURRENT_STREAMS (we push nothing), MAX_HEADER_LIST_SIZE (advisory)
+                // and unknown ids are ignored.
+                _ => {}
+            }
+        }
+        frame::put_settings_ack(&mut self.out);
+        Ok(())
+    }
+
+    fn window_update(&mut self, head: Head, payload: &[u8]) -> ConnResult {
+        if head.len != 4 {
+            return Err((
+                Reason::FRAME_SIZE_ERROR,
+                "WINDOW_UPDATE of other than 4 bytes",
+            ));
+        }
+        let inc = i64::from(
+            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
+        );
+        let id = head.stream;
+        if id == 0 {
+            if inc == 0 {
+                return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.conn_send_window += inc;
+            if self.conn_send_window > MAX_WINDOW {
+                return Err((Reason::FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
+            }
+            let mut guard = lock(&self.shared);
+            let sh = &mut *guard;
+            for (&id, s) in sh.streams.iter_mut() {
+                if !s.queue.is_empty() && !s.in_ready {
+                    s.in_ready = true;
+                    sh.ready.push_back(id);
+                }
+            }
+            return Ok(());
+        }
+        if id > self.max_client_stream {
+            return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
+        }
+        let mut guard = lock(&self.shared);
+        let sh = &mut *guard;
+        let Some(s) = sh.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if s.reset.is_some() {
+            return Ok(());
+        }
+        if inc == 0 {
+            drop(guard);
+            return self.reset_stream(id, Reason::PROTOCOL_ERROR);
+        }
+        s.send_window += inc;
+        if s.send_window > MAX_WINDOW {
+            drop(guard);
+            return self.reset_stream(id, Reason::FLOW_CONTROL_ERROR);
+        }
+        if !s.queue.is_empty() && !s.in_ready {
+            s.in_ready = true;
+            sh.ready.push_back(id);
+        }
+        Ok(())
+    }
+
+    /// Takes what the streams queued (and the window their readers gave back) into the
+    /// output buffer, under the client's windows, until the buffer is over [`OUT_HIGH`].
+    /// True when streams still have frames to write (the output bound stopped it).
+    fn gather(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut guard = lock(&self.shared);
+        let sh = &mut *guard;
+        if !sh
+            .conn_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            sh.conn_waker = Some(cx.waker().clone());
+        }
+        if sh.conn_released >= sh.conn_release_at
+            || (sh.conn_released > 0 && self.conn_recv_window < i64::from(sh.conn_release_at))
+        {
+            frame::put_window_update(&mut self.out, 0, sh.conn_released);
+            self.conn_recv_window += i64::from(sh.conn_released);
+            sh.conn_released = 0;
+        }
+        for id in sh.release_due.drain(..) {
+            if let Some(s) = sh.streams.get_mut(&id) {
+                s.release_queued = false;
+                if s.recv == Recv::Open && s.reset.is_none() && s.recv_released > 0 {
+                    frame::put_window_update(&mut self.out, id, s.recv_released);
+                    s.recv_window += i64::from(s.recv_released);
+                    s.recv_released = 0;
+                }
+            }
+        }
+        let mut stalled = false;
+        let now_once = std::cell::OnceCell::new();
+        while self.out.len() < OUT_HIGH {
+            let Some(id) = sh.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = sh.streams.get_mut(&id) else {
+                continue;
+            };
+            s.in_ready = false;
+            if s.reset.is_some() {
+                s.queue.clear();
+                s.queued = 0;
+            }
+            while let Some(item) = s.queue.front_mut() {
+                match item {
+                    Queued::Head { block, end } => {
+                        let end = *end;
+                        frame::put_header_block(&mut self.out, id, block, end, self.peer_max_frame);
+                        s.queue.pop_front();
+                        s.send_done |= end;
+                    }
+                    Queued::Trailers(block) => {
+                        frame::put_header_block(
+                            &mut self.out,
+                            id,
+                            block,
+                            true,
+                            self.peer_max_frame,
+                        );
+                        s.queue.pop_front();
+                        s.send_done = true;
+                    }
+                    Queued::Data { data, end } => {
+                        let end = *end;
+                        if data.is_empty() {
+                            frame::put_data(&mut self.out, id, &[], end);
+                            s.queue.pop_front();
+                            s.send_done |= end;
+                            continue;
+                        }
+                        let n = (data.len() as i64)
+                            .min(s.send_window)
+                            .min(self.conn_send_window)
+                            .min(self.peer_max_frame as i64)
+                            .max(0) as usize;
+                        if n == 0 {
+                            if s.stalled_since.is_none() {
+                                s.stalled_since = Some(*now_once.get_or_init(Instant::now));
+                            }
+                            stalled = true;
+                            break;
+                        }
+                        let last = n == data.len();
+                        frame::put_data(&mut self.out, id, &data[..n], end && last);
+                        data.advance(n);
+                        s.send_window -= n as i64;
+                        self.conn_send_window -= n as i64;
+                        s.queued -= n;
+                        s.stalled_since = None;
+                        if s.queued < SEND_BUFFER
+                            && let Some(w) = s.send_waker.take()
+                        {
+                            w.wake();
+                        }
+                        if last {
+                            s.queue.pop_front();
+                            s.send_done |= end;
+                        }
+                    }
+                }
+                if self.out.len() >= OUT_HIGH {
+                    break;
+                }
+            }
+            if !s.queue.is_empty() && s.stalled_since.is_none() && !s.in_ready {
+                // Stopped by the output bound, not by a window: again next time.
+                s.in_ready = true;
+                sh.ready.push_front(id);
+                break;
+            }
+            if let Some(reason) = s.reset_to_send.take()
+                && s.reset.is_none()
+            {
+                // The stream's task failed; what the window did not let out is dropped.
+                frame::put_rst(&mut self.out, id, reason);
+                s.reset = Some(reason);
+                s.queue.clear();
+                s.queued = 0;
+                s.stalled_since = None;
+                s.wake_all();
+                if self.recent_resets.len() == RECENT_RESETS {
+                    self.recent_resets.pop_front();
+                }
+                self.recent_resets.push_back(id);
+            }
+            if s.send_done && s.recv == Recv::Open && s.body_gone && s.reset.is_none() {
+                // The response is complete and nobody reads the request: stop it (§8.1).
+                frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
+                s.reset = Some(Reason::NO_ERROR);
+                if self.recent_resets.len() == RECENT_RESETS {
+                    self.recent_resets.pop_front();
+                }
+                self.recent_resets.push_back(id);
+            }
+            if s.finished() {
+                sh.streams.remove(&id);
+            }
+        }
+        let more = !sh.ready.is_empty();
+        drop(guard);
+        if stalled && self.stall_timer.is_none() {
+            self.stall_timer = Some(Box::pin(tokio::time::sleep(
+                self.settings.stalled_stream_timeout,
+            )));
+        }
+        more
+    }
+
+    /// Resets (CANCEL) the streams whose response waited `stalled_stream_timeout` for the
+    /// client's window.
+    fn reset_stalled(&mut self) {
+        let now = Instant::now();
+        let timeout = self.settings.stalled_stream_timeout;
+        let mut stalled = Vec::new();
+        let mut next: Option<Instant> = None;
+        {
+            let sh = lock(&self.shared);
+            for (&id, s) in sh.streams.iter() {
+                if let Some(since) = s.stalled_since {
+                    if now.duration_since(since) >= timeout {
+                        stalled.push(id);
+                    } else {
+                        let at = since + timeout;
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
+                }
+            }
+        }
+        for id in stalled {
+            if let Some(task) = lock(&self.shared)
+                .streams
+                .get_mut(&id)
+                .and_then(|s| s.task.take())
+            {
+                task.abort();
+            }
+            // Not the client's fault as far as the reset guard goes: it only read slowly.
+            frame::put_rst(&mut self.out, id, Reason::CANCEL);
+            self.remember_reset(id);
+            let mut guard = lock(&self.shared);
+            let sh = &mut *guard;
+            if let Some(s) = sh.streams.get_mut(&id) {
+                s.reset = Some(Reason::CANCEL);
+                s.queue.clear();
+                s.queued = 0;
+                s.wake_all();
+                let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+                sh.conn_released += unread as u32;
+                if s.finished() {
+                    sh.streams.remove(&id);
+                }
+            }
+            drop(guard);
+            if let Some(f) = &self.settings.on_stalled_stream {
+                f();
+            }
+        }
+        if let Some(at) = next {
+            self.stall_timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
+        }
+    }
+}
+
+impl<IO, S> Drop for Conn<IO, S> {
+    fn drop(&mut self) {
+        let mut sh = lock(&self.shared);
+        for (_, mut s) in sh.streams.drain() {
+            if let Some(task) = s.task.take() {
+                task.abort();
+            }
+            s.reset.get_or_insert(Reason::CANCEL);
+            s.reset_by_client = true;
+            s.wake_all();
+        }
+    }
+}

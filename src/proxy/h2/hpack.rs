@@ -1,0 +1,546 @@
+//! Header blocks: a request's block decoded (with `loona-hpack`'s decoder, which keeps the
+//! connection's dynamic table) and checked into an `http::Request` head as h2's server builds
+//! one, and a response's head encoded.
+//!
+//! The response encoder is ours and stateless: `:status` from the static table, every other
+//! field a literal without indexing (never indexed when the value is marked sensitive), its
+//! name from the static table when it is there, no Huffman coding. So it needs no lock, runs
+//! on the stream's own task, never sends a dynamic table size update, and costs a copy of the
+//! bytes: on loopback, fewer instructions matter more than fewer bytes. `loona-hpack`'s
+//! encoder would add every new field to its table with two `Vec` copies.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+
+/// The fields of RFC 9113 §8.2.2 that HTTP/2 has no place for (and, for a response, the
+/// hop-by-hop ones we drop before encoding).
+pub(super) fn connection_specific(name: &HeaderName) -> bool {
+    name == http::header::CONNECTION
+        || name == http::header::TRANSFER_ENCODING
+        || name == http::header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Why a request's header block was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// Malformed (§8.1.1): the stream is reset with PROTOCOL_ERROR.
+    Malformed(&'static str),
+    /// Over SETTINGS_MAX_HEADER_LIST_SIZE: answered 431, as h2's server does.
+    TooLarge,
+}
+
+/// A request head as decoded, before it is turned into an `http::Request`.
+pub(super) struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    /// The `content-length`, when the request stated one.
+    pub content_length: Option<u64>,
+}
+
+/// Collects one header block's fields (a callback of the HPACK decoder, which cannot fail, so
+/// the first problem is remembered and the rest of the block only decoded).
+pub(super) struct BlockReader {
+    max_list_size: usize,
+    size: usize,
+    refused: Option<Refused>,
+    regular_seen: bool,
+    method: Option<Method>,
+    scheme: Option<Scheme>,
+    authority: Option<(usize, usize)>,
+    path: Option<(usize, usize)>,
+    content_length: Option<u64>,
+    /// Values (and `:authority`, `:path`) copied into one buffer, sliced after the block: one
+    /// allocation per block instead of one per value.
+    bytes: BytesMut,
+    fields: Vec<(HeaderName, usize, usize)>,
+    /// Trailers: no pseudo-header allowed.
+    trailers: bool,
+}
+
+impl BlockReader {
+    pub fn new(max_list_size: usize, block_len: usize, trailers: bool) -> Self {
+        BlockReader {
+            max_list_size,
+            size: 0,
+            refused: None,
+            regular_seen: false,
+            method: None,
+            scheme: None,
+            authority: None,
+            path: None,
+            content_length: None,
+            // Huffman-coded strings grow by about 8/5 when decoded; indexed fields more,
+            // but they are rarely long.
+            bytes: BytesMut::with_capacity(block_len * 2),
+            fields: Vec::new(),
+            trailers,
+        }
+    }
+
+    fn refuse(&mut self, why: Refused) {
+        if self.refused.is_none() {
+            self.refused = Some(why);
+        }
+    }
+
+    fn keep(&mut self, value: &[u8]) -> (usize, usize) {
+        let start = self.bytes.len();
+        self.bytes.put_slice(value);
+        (start, self.bytes.len())
+    }
+
+    /// One decoded field.
+    pub fn field(&mut self, name: Cow<[u8]>, value: Cow<[u8]>) {
+        self.size += name.len() + value.len() + 32;
+        if self.size > self.max_list_size {
+            self.refuse(Refused::TooLarge);
+        }
+        if self.refused.is_some() {
+            return;
+        }
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if self.regular_seen || self.trailers {
+                return self.refuse(Refused::Malformed("pseudo-header after a regular field"));
+            }
+            match pseudo {
+                b"method" if self.method.is_none() => match Method::from_bytes(&value) {
+                    Ok(m) => self.method = Some(m),
+                    Err(_) => self.refuse(Refused::Malformed("invalid :method")),
+                },
+                b"scheme" if self.scheme.is_none() => match &value[..] {
+                    b"http" => self.scheme = Some(Scheme::HTTP),
+                    b"https" => self.scheme = Some(Scheme::HTTPS),
+                    other => match Scheme::try_from(other) {
+                        Ok(s) => self.scheme = Some(s),
+                        Err(_) => self.refuse(Refused::Malformed("invalid :scheme")),
+                    },
+                },
+                b"authority" if self.authority.is_none() => {
+                    self.authority = Some(self.keep(&value))
+                }
+                b"path" if self.path.is_none() => self.path = Some(self.keep(&value)),
+                b"method" | b"scheme" | b"authority" | b"path" => {
+                    self.refuse(Refused::Malformed("a pseudo-header twice"))
+                }
+                _ => self.refuse(Refused::Malformed("unknown or response pseudo-header")),
+            }
+            return;
+        }
+        self.regular_seen = true;
+        let Ok(name) = HeaderName::from_lowercase(&name) else {
+            return self.refuse(Refused::Malformed("invalid or uppercase field name"));
+        };
+        if connection_specific(&name) {
+            return self.refuse(Refused::Malformed("connection-specific field"));
+        }
+        if name == http::header::TE && &value[..] != b"trailers" {
+            return self.refuse(Refused::Malformed("te other than \"trailers\""));
+        }
+        if name == http::header::CONTENT_LENGTH && !self.trailers {
+            let Some(n) = parse_length(&value) else {
+                return self.refuse(Refused::Malformed("invalid content-length"));
+            };
+            if self.content_length.is_some_and(|m| m != n) {
+                return self.refuse(Refused::Malformed("two different content-lengths"));
+            }
+            self.content_length = Some(n);
+        }
+        let (a, b) = self.keep(&value);
+        self.fields.push((name, a, b));
+    }
+
+    fn finish_fields(&mut self, bytes: &Bytes) -> Result<HeaderMap, Refused> {
+        let mut headers = HeaderMap::with_capacity(self.fields.len());
+        for (name, a, b) in self.fields.drain(..) {
+            // NUL, CR, LF and other controls but tab are refused here.
+            let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(a..b)) else {
+                return Err(Refused::Malformed("invalid field value"));
+            };
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+
+    /// The request head, once the whole block is decoded.
+    pub fn finish_request(mut self) -> Result<RequestHead, Refused> {
+        if let Some(why) = self.refused.take() {
+            return Err(why);
+        }
+        let bytes = std::mem::take(&mut self.bytes).freeze();
+        let Some(method) = self.method.take() else {
+            return Err(Refused::Malformed("no :method"));
+        };
+        let mut parts = http::uri::Parts::default();
+        if let Some((a, b)) = self.authority {
+            match Authority::from_maybe_shared(bytes.slice(a..b)) {
+                Ok(authority) => parts.authority = Some(authority),
+                Err(_) => return Err(Refused::Malformed("invalid :authority")),
+            }
+        }
+        if method == Method::CONNECT {
+            if self.scheme.is_some() || self.path.is_some() || parts.authority.is_none() {
+                return Err(Refused::Malformed("CONNECT takes :authority only"));
+            }
+        } else {
+            let (Some(scheme), Some((a, b))) = (self.scheme.take(), self.path) else {
+                return Err(Refused::Malformed("no :scheme or :path"));
+            };
+            if a == b {
+                return Err(Refused::Malformed("empty :path"));
+            }
+            // As h2: the scheme goes into the URI only with an authority (absolute form).
+            if parts.authority.is_some() {
+                parts.scheme = Some(scheme);
+            }
+            match PathAndQuery::from_maybe_shared(bytes.slice(a..b)) {
+                Ok(path) => parts.path_and_query = Some(path),
+                Err(_) => return Err(Refused::Malformed("invalid :path")),
+            }
+        }
+        let uri = Uri::from_parts(parts).map_err(|_| Refused::Malformed("invalid uri"))?;
+        let headers = self.finish_fields(&bytes)?;
+        Ok(RequestHead {
+            method,
+            uri,
+            headers,
+            content_length: self.content_length,
+        })
+    }
+
+    /// The trailers, once the whole block is decoded.
+    pub fn finish_trailers(mut self) -> Result<HeaderMap, Refused> {
+        if let Some(why) = self.refused.take() {
+            return Err(why);
+        }
+        let bytes = std::mem::take(&mut self.bytes).freeze();
+        self.finish_fields(&bytes)
+    }
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+impl RequestHead {
+    pub fn into_request<B>(self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Encodes a response head (`:status` and the fields but the connection-specific ones).
+pub(super) fn encode_response(status: StatusCode, headers: &HeaderMap, out: &mut BytesMut) {
+    let indexed = match status.as_u16() {
+        200 => Some(8),
+        204 => Some(9),
+        206 => Some(10),
+        304 => Some(11),
+        400 => Some(12),
+        404 => Some(13),
+        500 => Some(14),
+        _ => None,
+    };
+    match indexed {
+        Some(i) => out.put_u8(0x80 | i),
+        None => {
+            // Literal without indexing, name index 8 (`:status`), 3 digits.
+            out.put_slice(&[0x08, 3]);
+            out.put_slice(status.as_str().as_bytes());
+        }
+    }
+    encode_fields(headers, out);
+}
+
+/// Encodes trailers (or any fields but the connection-specific ones).
+pub(super) fn encode_fields(headers: &HeaderMap, out: &mut BytesMut) {
+    for (name, value) in headers {
+        if connection_specific(name) {
+            continue;
+        }
+        let never = if value.is_sensitive() { 0x10 } else { 0 };
+        match static_name_index(name.as_str()) {
+            Some(i) => put_int(out, i, 4, never),
+            None => {
+                out.put_u8(never);
+                put_string(out, name.as_str().as_bytes());
+            }
+        }
+        put_string(out, value.as_bytes());
+    }
+}
+
+fn put_string(out: &mut BytesMut, s: &[u8]) {
+    put_int(out, s.len(), 7, 0);
+    out.put_slice(s);
+}
+
+/// An HPACK integer (RFC 7541 §5.1) with a `prefix`-bit prefix after `first`'s high bits.
+fn put_int(out: &mut BytesMut, mut value: usize, prefix: u8, first: u8) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.put_u8(first | value as u8);
+        return;
+    }
+    out.put_u8(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.put_u8((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.put_u8(value as u8);
+}
+
+/// The index of a name in HPACK's static table (RFC 7541 Appendix A), first entry of it.
+fn static_name_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "accept-charset" => 15,
+        "accept-encoding" => 16,
+        "accept-language" => 17,
+        "accept-ranges" => 18,
+        "accept" => 19,
+        "access-control-allow-origin" => 20,
+        "age" => 21,
+        "allow" => 22,
+        "authorization" => 23,
+        "cache-control" => 24,
+        "content-disposition" => 25,
+        "content-encoding" => 26,
+        "content-language" => 27,
+        "content-length" => 28,
+        "content-location" => 29,
+        "content-range" => 30,
+        "content-type" => 31,
+        "cookie" => 32,
+        "date" => 33,
+        "etag" => 34,
+        "expect" => 35,
+        "expires" => 36,
+        "from" => 37,
+        "host" => 38,
+        "if-match" => 39,
+        "if-modified-since" => 40,
+        "if-none-match" => 41,
+        "if-range" => 42,
+        "if-unmodified-since" => 43,
+        "last-modified" => 44,
+        "link" => 45,
+        "location" => 46,
+        "max-forwards" => 47,
+        "proxy-authenticate" => 48,
+        "proxy-authorization" => 49,
+        "range" => 50,
+        "referer" => 51,
+        "refresh" => 52,
+        "retry-after" => 53,
+        "server" => 54,
+        "set-cookie" => 55,
+        "strict-transport-security" => 56,
+        "transfer-encoding" => 57,
+        "user-agent" => 58,
+        "vary" => 59,
+        "via" => 60,
+        "www-authenticate" => 61,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(block: &[u8]) -> Vec<(String, String)> {
+        let mut d = loona_hpack::Decoder::new();
+        let mut v = Vec::new();
+        d.decode_with_cb(block, |n, val| {
+            v.push((
+                String::from_utf8(n.into_owned()).unwrap(),
+                String::from_utf8(val.into_owned()).unwrap(),
+            ))
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn response_heads_decode_as_sent_without_connection_fields() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("x-long", HeaderValue::from_str(&"a".repeat(300)).unwrap());
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("keep-alive", HeaderValue::from_static("5"));
+        let mut secret = HeaderValue::from_static("s");
+        secret.set_sensitive(true);
+        h.insert("set-cookie", secret);
+        for (status, want) in [(200, "200"), (418, "418"), (404, "404")] {
+            let mut out = BytesMut::new();
+            encode_response(StatusCode::from_u16(status).unwrap(), &h, &mut out);
+            let got = decode(&out);
+            assert_eq!(got[0], (":status".into(), want.into()));
+            let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, [":status", "content-type", "x-long", "set-cookie"]);
+            assert_eq!(got[2].1.len(), 300);
+        }
+    }
+
+    fn read(fields: &[(&str, &str)], max: usize) -> Result<RequestHead, Refused> {
+        let mut r = BlockReader::new(max, 64, false);
+        for (n, v) in fields {
+            r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+        }
+        r.finish_request()
+    }
+
+    const GET: [(&str, &str); 3] = [(":method", "GET"), (":scheme", "http"), (":path", "/a?b")];
+
+    #[test]
+    fn requests_are_built_as_h2_builds_them() {
+        let r = read(&GET, 1000).unwrap();
+        assert_eq!(r.uri, "/a?b");
+        let mut f = GET.to_vec();
+        f.push((":authority", "example.com:80"));
+        f.push(("x-a", "1"));
+        f.push(("x-a", "2"));
+        f.push(("content-length", "5"));
+        let r = read(&f, 1000).unwrap();
+        assert_eq!(r.uri.to_string(), "http://example.com:80/a?b");
+        assert_eq!(r.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(r.content_length, Some(5));
+        assert!(r.headers.get("host").is_none());
+        let r = read(&[(":method", "CONNECT"), (":authority", "a:443")], 1000).unwrap();
+        assert_eq!(r.uri.to_string(), "a:443");
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[(":method", "GET"), (":scheme", "http")],
+            &[(":method", "GET"), (":path", "/")],
+            &[(":scheme", "http"), (":path", "/")],
+            &[(":method", "GET"), (":scheme", "http"), (":path", "")],
+            &[
+                (":method", "GET"),
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":status", "200"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":foo", "x"),
+            ],
+            &[
+                (":method", "GET"),
+                ("x", "y"),
+                (":scheme", "http"),
+                (":path", "/"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("X-Up", "y"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("connection", "x"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("upgrade", "x"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("keep-alive", "x"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("transfer-encoding", "x"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("proxy-connection", "x"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("te", "gzip"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("a", "b\nc"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("a", "b\0"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("a", "b\rc"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("content-length", "x"),
+            ],
+            &[
+                (":method", "CONNECT"),
+                (":authority", "a:1"),
+                (":path", "/"),
+            ],
+            &[(":method", "CONNECT")],
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            assert!(
+                matches!(read(case, 1000), Err(Refused::Malformed(_))),
+                "case {i}: {case:?}"
+            );
+        }
+        let mut f = GET.to_vec();
+        f.push(("te", "trailers"));
+        assert!(read(&f, 1000).is_ok());
+        let big = "v".repeat(100);
+        f.push(("x", &big));
+        assert_eq!(read(&f, 150).err(), Some(Refused::TooLarge));
+    }
+}

@@ -1,0 +1,183 @@
+//! The state the connection task shares with its streams' tasks: one `Mutex` per connection
+//! over every open stream (its buffered request body, its queued response frames, its send
+//! window) and the wakers of both sides, as `h2` keeps it. A stream's task queues its
+//! response here and wakes the connection task, which writes the frames under the client's
+//! flow control; the connection task queues request DATA here and wakes the stream's body
+//! reader, whose reading gives the window back.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use tokio::task::AbortHandle;
+
+use super::frame::Reason;
+
+/// Stream ids are small odd integers: no need to hash them.
+#[derive(Default)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        // Odd ids: drop the low bit so consecutive streams fill consecutive buckets.
+        self.0 = u64::from(n >> 1);
+    }
+}
+
+pub(super) type StreamMap = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
+
+/// A response's frame waiting to be written.
+pub(super) enum Queued {
+    Head { block: Bytes, end: bool },
+    Data { data: Bytes, end: bool },
+    Trailers(Bytes),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Recv {
+    /// The client may send more DATA (or trailers).
+    Open,
+    /// END_STREAM received.
+    Ended,
+}
+
+pub(super) struct Stream {
+    // Receive side (the request body).
+    pub recv: Recv,
+    pub recv_data: VecDeque<Bytes>,
+    pub recv_trailers: Option<HeaderMap>,
+    /// Bytes the client may still send on this stream.
+    pub recv_window: i64,
+    /// Bytes the body reader took and the client has not been given back yet.
+    pub recv_released: u32,
+    /// DATA bytes received, checked against `content_length`.
+    pub recv_len: u64,
+    pub content_length: Option<u64>,
+    pub body_waker: Option<Waker>,
+    /// The `RecvBody` was dropped or read to its end: what still comes is dropped.
+    pub body_gone: bool,
+
+    // Send side (the response).
+    pub queue: VecDeque<Queued>,
+    /// Bytes of DATA in `queue`.
+    pub queued: usize,
+    pub send_window: i64,
+    /// The last frame of the response (END_STREAM) was written.
+    pub send_done: bool,
+    /// The response's task waits for room in `queue`.
+    pub send_waker: Option<Waker>,
+    /// Set once the stream is reset either way: both sides stop.
+    pub reset: Option<Reason>,
+    /// The reset came from the client (RST_STREAM) or the connection's end.
+    pub reset_by_client: bool,
+    /// In `Shared::release_due`.
+    pub release_queued: bool,
+    /// A reset to write (the stream's own task failed or ended without a response).
+    pub reset_to_send: Option<Reason>,
+    /// In `Shared::ready`.
+    pub in_ready: bool,
+    /// Since when queued DATA waited for the client's window.
+    pub stalled_since: Option<Instant>,
+    pub task: Option<AbortHandle>,
+}
+
+impl Stream {
+    pub fn new(
+        recv_window: i64,
+        send_window: i64,
+        ended: bool,
+        content_length: Option<u64>,
+    ) -> Self {
+        Stream {
+            recv: if ended { Recv::Ended } else { Recv::Open },
+            recv_data: VecDeque::new(),
+            recv_trailers: None,
+            recv_window,
+            recv_released: 0,
+            recv_len: 0,
+            content_length,
+            body_waker: None,
+            body_gone: false,
+            queue: VecDeque::new(),
+            queued: 0,
+            send_window,
+            send_done: false,
+            send_waker: None,
+            reset: None,
+            reset_by_client: false,
+            release_queued: false,
+            reset_to_send: None,
+            in_ready: false,
+            stalled_since: None,
+            task: None,
+        }
+    }
+
+    /// Closed as far as the protocol goes (§5.1): reset, or both sides ended.
+    pub fn closed(&self) -> bool {
+        self.reset.is_some() || (self.send_done && self.recv == Recv::Ended)
+    }
+
+    /// Can leave the map: closed, and nobody will read its body any more.
+    pub fn finished(&self) -> bool {
+        self.closed() && self.body_gone
+    }
+
+    pub fn wake_all(&mut self) {
+        if let Some(w) = self.body_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.send_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+pub(super) struct Shared {
+    pub streams: StreamMap,
+    /// Streams with something for the connection task to write or clean up.
+    pub ready: VecDeque<u32>,
+    /// Window the body readers gave back on the connection, not yet announced.
+    pub conn_released: u32,
+    /// Streams whose body reader gave back enough window for a WINDOW_UPDATE.
+    pub release_due: Vec<u32>,
+    pub conn_waker: Option<Waker>,
+    /// Give back the connection's window once this much was read (half of it).
+    pub conn_release_at: u32,
+    /// Give back a stream's window once this much was read (half of it).
+    pub stream_release_at: u32,
+}
+
+pub(super) type SharedRef = Arc<Mutex<Shared>>;
+
+pub(super) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves consistent enough state for our uses: every
+    // change is a few field writes.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Puts a stream on the connection task's list and returns the waker to wake once the
+    /// lock is released.
+    pub fn make_ready(&mut self, id: u32) -> Option<Waker> {
+        if let Some(s) = self.streams.get_mut(&id)
+            && !s.in_ready
+        {
+            s.in_ready = true;
+            self.ready.push_back(id);
+        }
+        self.conn_waker.take()
+    }
+}
