@@ -42,6 +42,8 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 /// SETTINGS_MAX_HEADER_LIST_SIZE before the connection is closed (CONTINUATION flood,
 /// CVE-2024-27316): a block is compressed, so it is rarely longer than its decoded list.
 const BLOCK_SLACK: usize = 16 * 1024;
+/// The HPACK dynamic table size of RFC 9113's default SETTINGS_HEADER_TABLE_SIZE.
+const HEADER_TABLE_SIZE: usize = 4096;
 /// Ids of streams we reset lately: frames the client sent before it saw the reset are
 /// dropped, not answered with STREAM_CLOSED.
 const RECENT_RESETS: usize = 128;
@@ -117,6 +119,8 @@ pub(super) struct Conn<IO, S> {
     goaway_sent: bool,
     peer_goaway: bool,
     read_closed: bool,
+    /// Written since the last flush.
+    unflushed: bool,
     /// A connection error: GOAWAY queued, flush and end.
     failed: Option<Error>,
     resets: Flood,
@@ -162,6 +166,10 @@ where
             conn_release_at: (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
             stream_release_at: (settings.initial_window_size / 2).max(1),
         }));
+        // We announce no SETTINGS_HEADER_TABLE_SIZE: the client's table updates may not go
+        // past the default (a larger one would be memory the client chose).
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         Conn {
             io,
             service,
@@ -171,7 +179,7 @@ where
             shutdown,
             read_buf,
             out,
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             phase: Phase::Preface,
             peer_max_frame: DEFAULT_MAX_FRAME_SIZE as usize,
             peer_initial_window: i64::from(DEFAULT_WINDOW),
@@ -184,6 +192,7 @@ where
             goaway_sent: false,
             peer_goaway: false,
             read_closed: false,
+            unflushed: false,
             failed: None,
             resets: Flood::new(),
             empties: Flood::new(),
@@ -248,16 +257,9 @@ where
                     }
                     Poll::Ready(Ok(n)) => {
                         self.out.advance(n);
-                        if self.out.is_empty() {
-                            if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
-                                return Poll::Ready(Err(self
-                                    .failed
-                                    .take()
-                                    .unwrap_or(Error::io(e))));
-                            }
-                            if self.out.capacity() > 4 * OUT_HIGH {
-                                self.out = BytesMut::with_capacity(4096);
-                            }
+                        self.unflushed = true;
+                        if self.out.is_empty() && self.out.capacity() > 4 * OUT_HIGH {
+                            self.out = BytesMut::with_capacity(4096);
                         }
                     }
                     Poll::Ready(Err(e)) => {
@@ -266,11 +268,21 @@ where
                     Poll::Pending => break,
                 }
             }
+            // A TLS stream keeps what it was given until flushed (a TCP stream: a no-op).
+            if self.unflushed && self.out.is_empty() {
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(self.failed.take().unwrap_or(Error::io(e))));
+                    }
+                    Poll::Pending => {}
+                }
+            }
             if more && self.out.is_empty() {
                 progress = true;
             }
             if self.failed.is_some() {
-                if !self.out.is_empty() {
+                if !self.out.is_empty() || self.unflushed {
                     return Poll::Pending;
                 }
                 let _ = Pin::new(&mut self.io).poll_shutdown(cx);
@@ -278,6 +290,7 @@ where
             }
             if (self.goaway_sent || self.peer_goaway || self.read_closed)
                 && self.out.is_empty()
+                && !self.unflushed
                 && self.block.is_none()
                 && self.idle()
             {
@@ -562,7 +575,7 @@ where
         if id == 0 {
             return Err((Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             return Err((Reason::PROTOCOL_ERROR, "HEADERS on an even stream id"));
         }
         let mut pad = 0;
@@ -710,7 +723,10 @@ where
             return self.reset_stream(id, Reason::PROTOCOL_ERROR);
         }
         let mut sh = lock(&self.shared);
-        if sh.streams.len() >= self.settings.max_concurrent_streams as usize {
+        let max = self.settings.max_concurrent_streams as usize;
+        // Closed streams stay in the map while their body or task is still being dropped:
+        // counted only when it matters.
+        if sh.streams.len() >= max && sh.streams.values().filter(|s| !s.closed()).count() >= max {
             drop(sh);
             return self.reset_stream(id, Reason::REFUSED_STREAM);
         }
@@ -856,7 +872,7 @@ where
             }
             return Ok(());
         }
-        if head.len % 6 != 0 {
+        if !head.len.is_multiple_of(6) {
             return Err((
                 Reason::FRAME_SIZE_ERROR,
                 "SETTINGS length not a multiple of 6",

@@ -64,6 +64,19 @@ impl hyper::body::Body for Chunks {
     }
 }
 
+/// How many `/hang?KEY` services started and were dropped (aborted), by KEY.
+static HANGS: std::sync::Mutex<Vec<(String, (usize, usize))>> = std::sync::Mutex::new(Vec::new());
+
+fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) {
+    let mut all = HANGS.lock().unwrap();
+    if !all.iter().any(|(k, _)| k == key) {
+        all.push((key.to_string(), (0, 0)));
+    }
+    let c = &mut all.iter_mut().find(|(k, _)| k == key).unwrap().1;
+    f(c);
+    *c
+}
+
 /// The test service: `/echo` echoes the body (and its trailers' count in a header), `/big`
 /// answers 1 MiB, `/trailers` a body and trailers, `/slow` a body that is not ready at once,
 /// `/fail` a body that fails, `/headers` the request's URI and field names, anything else
@@ -115,6 +128,19 @@ async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
                 Err::<Frame<Bytes>, BoxError>("broken".into()),
             ]));
             Response::new(body.boxed())
+        }
+        "/hang" => {
+            struct Flag(String);
+            impl Drop for Flag {
+                fn drop(&mut self) {
+                    hang_count(&self.0, |c| c.1 += 1);
+                }
+            }
+            let key = req.uri().query().unwrap_or("").to_string();
+            hang_count(&key, |c| c.0 += 1);
+            let _flag = Flag(key);
+            std::future::pending::<()>().await;
+            unreachable!()
         }
         "/headers" => {
             let mut names: Vec<_> = req.headers().keys().map(|k| k.as_str()).collect();
@@ -525,6 +551,7 @@ impl Raw {
         raw.io.write_all(&out).await.unwrap();
         let f = raw.next().await.unwrap();
         assert_eq!(f.head.kind, kind::SETTINGS);
+        raw.send(kind::SETTINGS, flag::ACK, 0, &[]).await;
         let f = raw.next().await.unwrap();
         assert_eq!(f.head.kind, kind::WINDOW_UPDATE);
         let f = raw.next().await.unwrap();
@@ -664,4 +691,792 @@ async fn a_get_is_answered_with_headers_and_data() {
     let f = c.next().await.unwrap();
     assert_eq!((f.head.kind, f.head.flags), (kind::DATA, flag::END_STREAM));
     assert_eq!(&f.payload[..], b"hello");
+}
+
+fn u32_at(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+/// A connection error for each frame.
+#[tokio::test]
+async fn connection_errors() {
+    type Case = (&'static str, u8, u8, u32, Vec<u8>, Reason);
+    let cases: Vec<Case> = vec![
+        (
+            "DATA on stream 0",
+            kind::DATA,
+            0,
+            0,
+            vec![1],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "DATA on an idle stream",
+            kind::DATA,
+            0,
+            5,
+            vec![1],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "HEADERS on stream 0",
+            kind::HEADERS,
+            flag::END_HEADERS,
+            0,
+            vec![0x82],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "HEADERS on an even stream",
+            kind::HEADERS,
+            flag::END_HEADERS,
+            2,
+            vec![0x82],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "PRIORITY on stream 0",
+            kind::PRIORITY,
+            0,
+            0,
+            vec![0; 5],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "RST_STREAM on stream 0",
+            kind::RST_STREAM,
+            0,
+            0,
+            vec![0; 4],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "RST_STREAM on an idle stream",
+            kind::RST_STREAM,
+            0,
+            3,
+            vec![0; 4],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "RST_STREAM of 3 bytes",
+            kind::RST_STREAM,
+            0,
+            1,
+            vec![0; 3],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "SETTINGS on a stream",
+            kind::SETTINGS,
+            0,
+            1,
+            vec![],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "SETTINGS of 5 bytes",
+            kind::SETTINGS,
+            0,
+            0,
+            vec![0; 5],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "SETTINGS ACK with a payload",
+            kind::SETTINGS,
+            flag::ACK,
+            0,
+            vec![0; 6],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "ENABLE_PUSH 2",
+            kind::SETTINGS,
+            0,
+            0,
+            vec![0, 2, 0, 0, 0, 2],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "INITIAL_WINDOW_SIZE 2^31",
+            kind::SETTINGS,
+            0,
+            0,
+            vec![0, 4, 0x80, 0, 0, 0],
+            Reason::FLOW_CONTROL_ERROR,
+        ),
+        (
+            "MAX_FRAME_SIZE 16383",
+            kind::SETTINGS,
+            0,
+            0,
+            vec![0, 5, 0, 0, 0x3f, 0xff],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "MAX_FRAME_SIZE 2^24",
+            kind::SETTINGS,
+            0,
+            0,
+            vec![0, 5, 1, 0, 0, 0],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "PUSH_PROMISE",
+            kind::PUSH_PROMISE,
+            flag::END_HEADERS,
+            1,
+            vec![0, 0, 0, 2, 0x82],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "PING on a stream",
+            kind::PING,
+            0,
+            1,
+            vec![0; 8],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "PING of 7 bytes",
+            kind::PING,
+            0,
+            0,
+            vec![0; 7],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "GOAWAY on a stream",
+            kind::GOAWAY,
+            0,
+            1,
+            vec![0; 8],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "GOAWAY of 7 bytes",
+            kind::GOAWAY,
+            0,
+            0,
+            vec![0; 7],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE of 0",
+            kind::WINDOW_UPDATE,
+            0,
+            0,
+            vec![0; 4],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE of 3 bytes",
+            kind::WINDOW_UPDATE,
+            0,
+            0,
+            vec![0, 0, 1],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE past 2^31-1",
+            kind::WINDOW_UPDATE,
+            0,
+            0,
+            vec![0x7f, 0xff, 0xff, 0xff],
+            Reason::FLOW_CONTROL_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE on an idle stream",
+            kind::WINDOW_UPDATE,
+            0,
+            7,
+            vec![0, 0, 0, 1],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "CONTINUATION alone",
+            kind::CONTINUATION,
+            flag::END_HEADERS,
+            1,
+            vec![0x82],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "a frame over our max",
+            0xfa,
+            0,
+            0,
+            vec![0; 16_385],
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
+            "an invalid header block",
+            kind::HEADERS,
+            flag::END_HEADERS | flag::END_STREAM,
+            1,
+            vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            Reason::COMPRESSION_ERROR,
+        ),
+        (
+            "padding longer than DATA",
+            kind::DATA,
+            flag::PADDED,
+            1,
+            vec![5, 0, 0],
+            Reason::PROTOCOL_ERROR,
+        ),
+    ];
+    for (what, k, flags, stream, payload, reason) in cases {
+        let mut c = Raw::start(settings()).await;
+        if what.contains("padding longer than DATA") || what.contains("RST_STREAM of 3") {
+            // An open stream first.
+            let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+            c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+        }
+        c.send(k, flags, stream, &payload).await;
+        eprintln!("case: {what}");
+        c.expect_goaway(reason).await;
+        let err = c.task.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Some(reason.0), "{what}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_preface_is_refused() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let task = tokio::spawn(serve(b, Bytes::new(), settings(), Shutdown::new(), service));
+    a.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    a.read_to_end(&mut out).await.unwrap();
+    assert!(task.await.unwrap().is_err());
+    // The last frame is GOAWAY PROTOCOL_ERROR.
+    assert_eq!(u32_at(&out[out.len() - 4..]), Reason::PROTOCOL_ERROR.0);
+}
+
+#[tokio::test]
+async fn the_first_frame_must_be_settings() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let task = tokio::spawn(serve(b, Bytes::new(), settings(), Shutdown::new(), service));
+    a.write_all(frame::PREFACE).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_window_update(&mut out, 0, 1);
+    a.write_all(&out).await.unwrap();
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).await.unwrap();
+    assert_eq!(task.await.unwrap().unwrap_err().code(), Some(1));
+}
+
+/// Stream errors: RST_STREAM, and the connection goes on.
+#[tokio::test]
+async fn stream_errors() {
+    let mut c = Raw::start(settings()).await;
+    // PRIORITY of 4 bytes; PRIORITY depending on itself.
+    c.send(kind::PRIORITY, 0, 1, &[0; 4]).await;
+    c.expect_rst(1, Reason::FRAME_SIZE_ERROR).await;
+    c.send(kind::PRIORITY, 0, 3, &[0, 0, 0, 3, 16]).await;
+    c.expect_rst(3, Reason::PROTOCOL_ERROR).await;
+    // PRIORITY on an idle stream is fine (and does not open it).
+    c.send(kind::PRIORITY, 0, 9, &[0, 0, 0, 1, 16]).await;
+    // HEADERS depending on itself.
+    let mut b = vec![0, 0, 0, 5, 16];
+    b.extend(c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]));
+    c.send(
+        kind::HEADERS,
+        flag::END_HEADERS | flag::END_STREAM | flag::PRIORITY,
+        5,
+        &b,
+    )
+    .await;
+    c.expect_rst(5, Reason::PROTOCOL_ERROR).await;
+    // A malformed request (uppercase name).
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        ("X-A", "1"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 7, &b)
+        .await;
+    c.expect_rst(7, Reason::PROTOCOL_ERROR).await;
+    // DATA after END_STREAM.
+    c.get(11, "/hang").await;
+    c.send(kind::DATA, 0, 11, b"x").await;
+    c.expect_rst(11, Reason::STREAM_CLOSED).await;
+    // WINDOW_UPDATE of 0 on a stream.
+    c.get(13, "/hang").await;
+    c.send(kind::WINDOW_UPDATE, 0, 13, &[0; 4]).await;
+    c.expect_rst(13, Reason::PROTOCOL_ERROR).await;
+    // A stream window past 2^31-1.
+    c.get(15, "/hang").await;
+    c.send(kind::WINDOW_UPDATE, 0, 15, &[0x7f, 0xff, 0xff, 0xff])
+        .await;
+    c.expect_rst(15, Reason::FLOW_CONTROL_ERROR).await;
+    // Trailers without END_STREAM.
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 17, &b).await;
+    let t = c.block(&[("x-t", "1")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 17, &t).await;
+    c.expect_rst(17, Reason::PROTOCOL_ERROR).await;
+    // The connection still serves.
+    c.get(19, "/").await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 19));
+}
+
+#[tokio::test]
+async fn stream_ids_must_increase() {
+    let mut c = Raw::start(settings()).await;
+    c.get(5, "/").await;
+    c.get(3, "/").await;
+    c.expect_goaway(Reason::PROTOCOL_ERROR).await;
+}
+
+#[tokio::test]
+async fn headers_and_continuation_padding_and_unknown_frames() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/headers"),
+        (":authority", "example.com"),
+        ("x-long", &"l".repeat(100)),
+    ]);
+    // Padded HEADERS with a priority, then two CONTINUATION frames, an unknown frame before.
+    c.send(0xfa, 0, 0, b"ignored").await;
+    let mut h = vec![3, 0, 0, 0, 0, 16];
+    h.extend_from_slice(&b[..10]);
+    h.extend_from_slice(&[0, 0, 0]);
+    c.send(
+        kind::HEADERS,
+        flag::PADDED | flag::PRIORITY | flag::END_STREAM,
+        1,
+        &h,
+    )
+    .await;
+    c.send(kind::CONTINUATION, 0, 1, &b[10..20]).await;
+    c.send(kind::CONTINUATION, flag::END_HEADERS, 1, &b[20..])
+        .await;
+    let f = c.next().await.unwrap();
+    assert_eq!(f.head.kind, kind::HEADERS);
+    let f = c.next().await.unwrap();
+    assert_eq!(
+        &f.payload[..],
+        b"http://example.com/headers HTTP/2.0 x-long"
+    );
+    // A frame between HEADERS and its CONTINUATION.
+    let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]);
+    c.send(kind::HEADERS, flag::END_STREAM, 3, &b[..1]).await;
+    c.send(kind::PING, 0, 0, &[0; 8]).await;
+    c.expect_goaway(Reason::PROTOCOL_ERROR).await;
+}
+
+#[tokio::test]
+async fn continuation_on_another_stream_is_refused() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]);
+    c.send(kind::HEADERS, flag::END_STREAM, 1, &b[..1]).await;
+    c.send(kind::CONTINUATION, flag::END_HEADERS, 3, &b[1..])
+        .await;
+    c.expect_goaway(Reason::PROTOCOL_ERROR).await;
+}
+
+#[tokio::test]
+async fn padded_request_bodies_count_toward_flow_control() {
+    let mut s = settings();
+    s.initial_window_size = 100;
+    let mut c = Raw::start(s).await;
+    // `/` never reads its body: 100 bytes (padding included) fit, one more does not.
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    let mut d = vec![49u8];
+    d.extend_from_slice(&[b'd'; 50]);
+    d.extend_from_slice(&[0; 49]);
+    c.send(kind::DATA, flag::PADDED, 1, &d).await;
+    let seen = c.sync().await;
+    assert!(
+        seen.iter().all(|f| f.head.kind != kind::RST_STREAM),
+        "{seen:?}"
+    );
+    c.send(kind::DATA, 0, 1, b"x").await;
+    c.expect_rst(1, Reason::FLOW_CONTROL_ERROR).await;
+}
+
+#[tokio::test]
+async fn request_bodies_give_the_window_back_as_they_are_read() {
+    let mut s = settings();
+    s.initial_window_size = 100;
+    let mut c = Raw::start(s).await;
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    for _ in 0..10 {
+        c.send(kind::DATA, 0, 1, &[b'e'; 100]).await;
+        // The echo reads it: the window comes back (stream and connection).
+        loop {
+            let f = c.next().await.unwrap();
+            if f.head.kind == kind::WINDOW_UPDATE && f.head.stream == 1 {
+                assert_eq!(u32_at(&f.payload), 100);
+                break;
+            }
+        }
+    }
+    c.send(kind::DATA, flag::END_STREAM, 1, &[]).await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!(f.head.kind, kind::HEADERS);
+    let mut body = 0;
+    while body < 1000 {
+        let f = c.next_skip_wu().await.unwrap();
+        assert_eq!(f.head.kind, kind::DATA);
+        body += f.payload.len();
+    }
+}
+
+#[tokio::test]
+async fn content_length_is_checked_against_the_data() {
+    let mut c = Raw::start(settings()).await;
+    // More than stated.
+    let b = c.block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/echo"),
+        ("content-length", "3"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    c.send(kind::DATA, 0, 1, b"abcd").await;
+    c.expect_rst(1, Reason::PROTOCOL_ERROR).await;
+    // Less than stated.
+    let b = c.block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/echo"),
+        ("content-length", "3"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 3, &b).await;
+    c.send(kind::DATA, flag::END_STREAM, 3, b"ab").await;
+    c.expect_rst(3, Reason::PROTOCOL_ERROR).await;
+    // A length with END_STREAM on the HEADERS.
+    let b = c.block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/echo"),
+        ("content-length", "3"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 5, &b)
+        .await;
+    c.expect_rst(5, Reason::PROTOCOL_ERROR).await;
+    // Exactly: answered, and the echo saw the length.
+    let b = c.block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/echo"),
+        ("content-length", "3"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 7, &b).await;
+    c.send(kind::DATA, flag::END_STREAM, 7, b"abc").await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 7));
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!(&f.payload[..], b"abc");
+}
+
+#[tokio::test]
+async fn the_dynamic_table_stays_in_step_across_refused_streams() {
+    let mut s = settings();
+    s.max_concurrent_streams = 1;
+    let mut c = Raw::start(s).await;
+    // Stream 1 stays open; stream 3 is refused but its block adds to the table.
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        ("x-new", "v"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 3, &b)
+        .await;
+    c.expect_rst(3, Reason::REFUSED_STREAM).await;
+    c.send(kind::RST_STREAM, 0, 1, &[0, 0, 0, 8]).await;
+    // The same fields again: indexed in the encoder's table, so only right if ours matches.
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/headers"),
+        ("x-new", "v"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 5, &b)
+        .await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 5), "{f:?}");
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!(&f.payload[..], b"/headers HTTP/2.0 x-new");
+}
+
+#[tokio::test]
+async fn a_header_list_over_the_limit_is_answered_431() {
+    let mut s = settings();
+    s.max_header_list_size = 1000;
+    let mut c = Raw::start(s).await;
+    let big = "b".repeat(1000);
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        ("x-big", &big),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 1, &b)
+        .await;
+    let f = c.next().await.unwrap();
+    assert_eq!(
+        (f.head.kind, f.head.flags & flag::END_STREAM),
+        (kind::HEADERS, flag::END_STREAM)
+    );
+    assert_eq!(c.decode(&f.payload)[0].1, "431");
+    // The table is still in step.
+    let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 3, &b)
+        .await;
+    let f = c.next().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 3));
+}
+
+#[tokio::test]
+async fn settings_apply_to_the_responses() {
+    // The client's initial window 0: the head goes, no DATA.
+    let mut c = Raw::start_with(settings(), &[(frame::setting::INITIAL_WINDOW_SIZE, 0)]).await;
+    c.get(1, "/big").await;
+    let f = c.next().await.unwrap();
+    assert_eq!(f.head.kind, kind::HEADERS);
+    let seen = c.sync().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    // Raised to 100 by SETTINGS: 100 bytes come.
+    c.send(kind::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 100]).await;
+    let f = c.next().await.unwrap();
+    assert_eq!((f.head.kind, f.head.flags), (kind::SETTINGS, flag::ACK));
+    let f = c.next().await.unwrap();
+    assert_eq!((f.head.kind, f.payload.len()), (kind::DATA, 100));
+    // A larger frame size and window: frames up to 20,000 bytes.
+    c.send(kind::SETTINGS, 0, 0, &[0, 5, 0, 0, 0x4e, 0x20])
+        .await;
+    c.send(kind::WINDOW_UPDATE, 0, 1, &[0, 0, 0x9c, 0x40]).await;
+    let f = c.next().await.unwrap();
+    assert_eq!(f.head.kind, kind::SETTINGS);
+    let f = c.next().await.unwrap();
+    assert_eq!((f.head.kind, f.payload.len()), (kind::DATA, 20_000));
+    // A window pushed past 2^31-1 by SETTINGS.
+    c.send(kind::WINDOW_UPDATE, 0, 1, &[0x7f, 0xff, 0, 0]).await;
+    c.send(kind::SETTINGS, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff])
+        .await;
+    c.expect_goaway(Reason::FLOW_CONTROL_ERROR).await;
+}
+
+#[tokio::test]
+async fn head_responses_have_no_data() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[(":method", "HEAD"), (":scheme", "http"), (":path", "/big")]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 1, &b)
+        .await;
+    let f = c.next().await.unwrap();
+    assert_eq!(
+        (f.head.kind, f.head.flags & flag::END_STREAM),
+        (kind::HEADERS, flag::END_STREAM)
+    );
+    assert!(c.sync().await.is_empty());
+}
+
+#[tokio::test]
+async fn max_concurrent_streams_refuses_the_next() {
+    let mut s = settings();
+    s.max_concurrent_streams = 2;
+    let mut c = Raw::start(s).await;
+    c.get(1, "/hang").await;
+    c.get(3, "/hang").await;
+    c.get(5, "/hang").await;
+    c.expect_rst(5, Reason::REFUSED_STREAM).await;
+}
+
+#[tokio::test]
+async fn ping_is_answered_and_goaway_ends_the_connection() {
+    let mut c = Raw::start(settings()).await;
+    c.send(kind::PING, 0, 0, b"12345678").await;
+    let f = c.next().await.unwrap();
+    assert_eq!(
+        (f.head.kind, f.head.flags, &f.payload[..]),
+        (kind::PING, flag::ACK, &b"12345678"[..])
+    );
+    // A PING ACK is not answered.
+    c.send(kind::PING, flag::ACK, 0, b"12345678").await;
+    assert!(c.sync().await.is_empty());
+    // GOAWAY from the client with a stream open: it finishes, then the connection ends.
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    c.send(kind::GOAWAY, 0, 0, &[0; 8]).await;
+    c.send(kind::DATA, flag::END_STREAM, 1, b"last").await;
+    let mut data = Vec::new();
+    while let Some(f) = c.next().await {
+        if f.head.kind == kind::DATA {
+            data.extend_from_slice(&f.payload);
+        }
+    }
+    assert_eq!(data, b"last");
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_open_streams() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    c.sync().await;
+    c.shutdown.graceful();
+    let f = c.next().await.unwrap();
+    assert_eq!(f.head.kind, kind::GOAWAY);
+    assert_eq!((u32_at(&f.payload), u32_at(&f.payload[4..])), (1, 0));
+    // A new stream after the GOAWAY is ignored.
+    c.get(3, "/").await;
+    c.send(kind::DATA, flag::END_STREAM, 1, b"done").await;
+    let mut frames = Vec::new();
+    while let Some(f) = c.next().await {
+        frames.push(f);
+    }
+    assert!(frames.iter().all(|f| f.head.stream != 3), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.head.kind == kind::DATA && &f.payload[..] == b"done")
+    );
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn dropping_serve_aborts_the_streams() {
+    let mut c = Raw::start(settings()).await;
+    c.get(1, "/hang?drop-serve").await;
+    c.get(3, "/hang?drop-serve").await;
+    while hang_count("drop-serve", |_| {}).0 < 2 {
+        tokio::task::yield_now().await;
+    }
+    c.task.abort();
+    while hang_count("drop-serve", |_| {}).1 < 2 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_reset_drops_the_service() {
+    let mut c = Raw::start(settings()).await;
+    c.get(1, "/hang?client-reset").await;
+    while hang_count("client-reset", |_| {}).0 < 1 {
+        tokio::task::yield_now().await;
+    }
+    c.send(kind::RST_STREAM, 0, 1, &[0, 0, 0, 8]).await;
+    while hang_count("client-reset", |_| {}).1 < 1 {
+        tokio::task::yield_now().await;
+    }
+    // Frames on the reset stream are dropped; the connection goes on.
+    c.send(kind::WINDOW_UPDATE, 0, 1, &[0, 0, 0, 1]).await;
+    c.send(kind::PRIORITY, 0, 1, &[0, 0, 0, 0, 1]).await;
+    assert!(c.sync().await.is_empty());
+}
+
+// ---- Abuse guards ----
+
+#[tokio::test]
+async fn rapid_reset_closes_the_connection() {
+    let mut c = Raw::start(settings()).await;
+    let mut id = 1;
+    let mut buf = BytesMut::new();
+    for _ in 0..300 {
+        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+        frame::put_header_block(&mut buf, id, &b, true, 16_384);
+        frame::put_rst(&mut buf, id, Reason::CANCEL);
+        id += 2;
+    }
+    c.io.write_all(&buf).await.unwrap();
+    c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
+}
+
+#[tokio::test]
+async fn continuation_flood_closes_the_connection() {
+    let mut s = settings();
+    s.max_header_list_size = 4096;
+    let mut c = Raw::start(s).await;
+    let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]);
+    c.send(kind::HEADERS, 0, 1, &b).await;
+    let junk = c.block(&[("x-a", &"a".repeat(1000))]);
+    let mut buf = BytesMut::new();
+    for _ in 0..30 {
+        frame::put_head(&mut buf, junk.len(), kind::CONTINUATION, 0, 1);
+        buf.put_slice(&junk);
+    }
+    c.io.write_all(&buf).await.unwrap();
+    c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
+}
+
+#[tokio::test]
+async fn empty_frame_flood_closes_the_connection() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    let mut buf = BytesMut::new();
+    for _ in 0..1100 {
+        frame::put_data(&mut buf, 1, &[], false);
+    }
+    c.io.write_all(&buf).await.unwrap();
+    c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
+}
+
+/// A client that sends PINGs and reads nothing: once our output is over its bound, no more
+/// of its input is read, so its writes stop (the pipe fills) instead of our memory growing.
+#[tokio::test(start_paused = true)]
+async fn a_ping_flood_from_a_client_that_does_not_read_is_not_read() {
+    let (a, b) = tokio::io::duplex(16 * 1024);
+    let task = tokio::spawn(serve(b, Bytes::new(), settings(), Shutdown::new(), service));
+    let (mut rd, mut wr) = tokio::io::split(a);
+    let total = 100_000usize;
+    let writer = tokio::spawn(async move {
+        wr.write_all(frame::PREFACE).await.unwrap();
+        let mut out = BytesMut::new();
+        frame::put_settings(&mut out, &[]);
+        wr.write_all(&out).await.unwrap();
+        let mut pings = BytesMut::new();
+        for i in 0..total {
+            frame::put_head(&mut pings, 8, kind::PING, 0, 0);
+            pings.put_u64(i as u64);
+        }
+        wr.write_all(&pings).await.unwrap();
+        wr
+    });
+    // With the clock paused, this times out only once every task is blocked: the writer
+    // waits on a full pipe because the server stopped reading.
+    let mut writer = writer;
+    let blocked = tokio::time::timeout(Duration::from_secs(3600), &mut writer).await;
+    assert!(
+        blocked.is_err(),
+        "the server read all of a flood nobody read the answers of"
+    );
+    // Reading the answers lets the client go on: every PING is answered.
+    let mut acks = 0;
+    let mut buf = BytesMut::new();
+    while acks < total {
+        let mut chunk = [0u8; 8192];
+        let n = rd.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let head = Head::parse(&buf);
+            let len = 9 + head.len as usize;
+            if buf.len() < len {
+                break;
+            }
+            if head.kind == kind::PING {
+                acks += 1;
+            }
+            let _ = buf.split_to(len);
+        }
+    }
+    let _wr = writer.await.unwrap();
+    task.abort();
 }
