@@ -173,18 +173,6 @@ impl IntoSpare for tokio::net::UnixStream {
     }
 }
 
-#[cfg(feature = "proxy")]
-impl IntoSpare for crate::proxy::listener::Stream {
-    fn into_spare(self) -> Option<OwnedFd> {
-        use crate::proxy::listener::Stream;
-        match self {
-            Stream::Tcp(s) => s.into_spare(),
-            Stream::Unix(s) => s.into_spare(),
-            _ => None,
-        }
-    }
-}
-
 /// A stream and the [`Refill`] it may hold: when it drops, a stream that used a spare gives
 /// its descriptor back to the reserve in one system call ([`IntoSpare`]); failing that, it is
 /// closed and the reserve refilled by opening.

@@ -193,6 +193,18 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// The socket's descriptor goes back to the reserve when the connection closes (a TLS or
+/// other wrapped stream has none of its own).
+impl crate::descriptors::IntoSpare for Stream {
+    fn into_spare(self) -> Option<std::os::fd::OwnedFd> {
+        match self {
+            Stream::Tcp(s) => crate::descriptors::IntoSpare::into_spare(s),
+            Stream::Unix(s) => crate::descriptors::IntoSpare::into_spare(s),
+            _ => None,
+        }
+    }
+}
+
 impl crate::tls::accept::Accepted for Stream {
     fn tcp(&self) -> Option<&tokio::net::TcpStream> {
         match self {
