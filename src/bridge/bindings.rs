@@ -175,6 +175,17 @@ const MTLS_KEYS: [&str; 3] = ["MTLSRootCA", "MTLSClientCert", "MTLSClientKey"];
 fn http_tls(c: &Component, https: bool) -> Result<Option<rustls::ClientConfig>, String> {
     use crate::tls::stores::{StoreTls, Verify, store_client_config};
     use crate::tls::{Pem, pem_certified_key, pem_certs};
+    // daprd matches metadata keys in any case; we read them as written, so another spelling
+    // is refused rather than ignored (which would quietly drop the CA or client certificate).
+    if let Some((k, want)) = c.metadata.keys().find_map(|k| {
+        MTLS_KEYS
+            .iter()
+            .chain(&["MTLSRenegotiation"])
+            .find(|want| k.eq_ignore_ascii_case(want) && k != *want)
+            .map(|want| (k, want))
+    }) {
+        return Err(format!("expected the key spelled {want}, found {k}"));
+    }
     let [ca, cert, key] = MTLS_KEYS.map(|k| c.meta(k).map(str::trim).filter(|v| !v.is_empty()));
     if !https {
         if let Some(k) = MTLS_KEYS
@@ -252,7 +263,7 @@ fn http_tls(c: &Component, https: bool) -> Result<Option<rustls::ClientConfig>, 
         verify: Verify::Full,
         alpn: Vec::new(),
     })
-    .map_err(|e| format!("cannot use the https:// url (set MTLSRootCA?): {e}"))?;
+    .map_err(|e| format!("cannot make the TLS client for the https:// url: {e}"))?;
     Ok(Some((*config).clone()))
 }
 

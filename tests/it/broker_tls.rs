@@ -318,6 +318,13 @@ fn mqtt_over_tls() {
         "the log names the reason\n{}",
         sc.diagnostics()
     );
+    // Without a client certificate the handshake completes (TLS 1.3) and the broker's alert
+    // comes on the first read: the relay logs it.
+    assert!(
+        sc.stderr().contains("CertificateRequired"),
+        "the log names the broker's alert\n{}",
+        sc.diagnostics()
+    );
 }
 
 /// A second sidecar terminating TLS in front of `app` (the machine's RabbitMQ, or a plain
@@ -479,6 +486,13 @@ fn rabbitmq_and_http_binding_over_tls() {
         }
     }
 
+    // No client certificate: the terminator's alert, named in the log.
+    assert!(
+        sc.stderr().contains("CertificateRequired"),
+        "the log names the terminator's alert\n{}",
+        sc.diagnostics()
+    );
+
     for name in ["webfile", "webtext", "websystem"] {
         let (s, body) = post(
             &sc,
@@ -532,24 +546,21 @@ fn broker_tls_mistakes_are_found_by_check() {
         std::fs::write(resources.join("c.yaml"), text).unwrap();
         run_to_end(&["check", "-c", config.to_str().unwrap()], &[], d)
     };
-    let cases: [(&str, &str, Meta, &str, &str); 9] = [
+    let cases: [(&str, Meta, &str, &str); 10] = [
         (
             "pubsub.mqtt3",
-            "url",
             &[("url", "tcp://b:1883"), ("caCert", &ca_pem)],
             "caCert",
             "TLS is off",
         ),
         (
             "pubsub.mqtt3",
-            "url",
             &[("url", "ssl://b"), ("caCert", "not PEM")],
             "caCert",
             "no certificate",
         ),
         (
             "bindings.mqtt3",
-            "url",
             &[
                 ("url", "ssl://b"),
                 ("topic", "t"),
@@ -561,14 +572,12 @@ fn broker_tls_mistakes_are_found_by_check() {
         ),
         (
             "pubsub.mqtt3",
-            "url",
             &[("url", "ssl://b"), ("clientKey", &key)],
             "clientKey",
             "together",
         ),
         (
             "pubsub.rabbitmq",
-            "connectionString",
             &[
                 ("connectionString", "amqp://b"),
                 ("clientCert", &cert),
@@ -579,7 +588,6 @@ fn broker_tls_mistakes_are_found_by_check() {
         ),
         (
             "pubsub.rabbitmq",
-            "connectionString",
             &[
                 ("connectionString", "amqps://b"),
                 ("saslExternal", "true"),
@@ -590,7 +598,6 @@ fn broker_tls_mistakes_are_found_by_check() {
         ),
         (
             "bindings.rabbitmq",
-            "host",
             &[
                 ("host", "amqps://b"),
                 ("queueName", "q"),
@@ -602,20 +609,24 @@ fn broker_tls_mistakes_are_found_by_check() {
         ),
         (
             "bindings.http",
-            "url",
             &[("url", "http://b"), ("MTLSRootCA", &ca_pem)],
             "MTLSRootCA",
             "https://",
         ),
         (
             "bindings.http",
-            "url",
             &[("url", "https://b"), ("MTLSRootCA", "/nowhere/ca.pem")],
             "MTLSRootCA",
             "/nowhere/ca.pem",
         ),
+        (
+            "bindings.http",
+            &[("url", "https://b"), ("mtlsRootCA", &ca_pem)],
+            "mtlsRootCA",
+            "spelled MTLSRootCA",
+        ),
     ];
-    for (kind, _, meta, at, why) in cases {
+    for (kind, meta, at, why) in cases {
         let text = component("c", kind, meta);
         let (code, _, stderr) = check(&text);
         assert_eq!(code, 78, "{kind} {at}: {stderr}");

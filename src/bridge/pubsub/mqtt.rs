@@ -164,18 +164,26 @@ fn parse_url(url: &str) -> Result<Url, String> {
     if hostport.contains('/') {
         return Err("a path after host:port".into());
     }
+    let default = if tls { 8883 } else { 1883 };
+    let port = |p: &str| p.parse::<u16>().map_err(|_| format!("port {p:?}"));
     // A bracketed IPv6 address holds colons of its own.
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') => {
-            (h, p.parse::<u16>().map_err(|_| format!("port {p:?}"))?)
-        }
-        _ => (hostport, if tls { 8883 } else { 1883 }),
+    let (host, port) = match hostport.strip_prefix('[').map(|h| h.split_once(']')) {
+        Some(Some((h, ""))) => (h, default),
+        Some(Some((h, after))) => match after.strip_prefix(':') {
+            Some(p) => (h, port(p)?),
+            None => return Err(format!("{after:?} after the IPv6 address")),
+        },
+        Some(None) => return Err("no ] after [".into()),
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, port(p)?),
+            None => (hostport, default),
+        },
     };
     if host.is_empty() {
         return Err("no host".into());
     }
     Ok(Url {
-        host: host.trim_matches(['[', ']']).to_string(),
+        host: host.to_string(),
         port,
         user,
         tls,
@@ -297,9 +305,12 @@ impl Shared {
             self.link.send_replace(Link::Connecting);
             let error = match self.relay().await {
                 Err(e) => e,
+                // `relay` holds the TLS connection while rumqttc uses it: dropped with the
+                // event loop when this connection is given up.
                 Ok(relay) => {
+                    let address = relay.as_ref().map(|r| r.address.clone());
                     let (client, eventloop) =
-                        AsyncClient::new(self.options(relay), REQUEST_CAPACITY);
+                        AsyncClient::new(self.options(address), REQUEST_CAPACITY);
                     // Kept messages of the last connection cannot be acked on this one: the
                     // session sends them again.
                     self.unrouted.lock().unwrap().clear();
@@ -315,7 +326,9 @@ impl Shared {
             };
             tracing::warn!(host = %self.settings.host, port = self.settings.port, %error, "mqtt connection lost or refused; reconnecting");
             self.link.send_replace(Link::Down(error.clone()));
-            if let Some(live) = self.live.lock().await.as_mut() {
+            // Taken, not kept until the next connection: a publish while reconnecting (the
+            // backoff, the TLS handshake) is refused with this reason, not by the dead client.
+            if let Some(mut live) = self.live.lock().await.take() {
                 live.fail_all(&format!("mqtt connection lost: {error}"));
             }
             failures += 1;
@@ -324,7 +337,7 @@ impl Shared {
     }
 
     /// With TLS, a new TLS connection and the relay rumqttc dials (its address); without, None.
-    async fn relay(&self) -> Result<Option<String>, String> {
+    async fn relay(&self) -> Result<Option<super::mqtt_tls::Relay>, String> {
         let Some(config) = &self.settings.tls else {
             return Ok(None);
         };
@@ -494,6 +507,14 @@ impl Shared {
 
     /// Waits until the link is up, or fails with why it is down (a first connection gets the
     /// time it takes: the caller's deadline bounds it).
+    /// Why there is no connection to use: the last one's error if there is one.
+    fn not_connected(&self) -> String {
+        match &*self.link.borrow() {
+            Link::Down(e) => format!("mqtt is not connected: {e}"),
+            _ => "mqtt is not connected (reconnecting)".into(),
+        }
+    }
+
     async fn up(&self) -> Result<(), String> {
         let mut rx = self.link.subscribe();
         loop {
@@ -563,7 +584,7 @@ impl Broker for Mqtt {
                 let mut live = s.live.lock().await;
                 let live = live
                     .as_mut()
-                    .ok_or_else(|| BrokerError::Publish("mqtt is not connected".into()))?;
+                    .ok_or_else(|| BrokerError::Publish(s.not_connected()))?;
                 live.unsent.push_back(tx);
                 if let Err(e) =
                     live.client
@@ -615,7 +636,7 @@ impl Broker for Mqtt {
                             }
                         }
                     }
-                    None => Err("mqtt is not connected".into()),
+                    None => Err(s.not_connected()),
                 }
             };
             let result = match sent {
@@ -681,6 +702,9 @@ mod tests {
             parse_url("ssl://[::1]").unwrap(),
             url("::1", 8883, None, true)
         );
+        // The docs' placeholder is no URL.
+        assert!(parse_url("tcp://[username][:password]@host.domain[:port]").is_err());
+        assert!(parse_url("ssl://[::1").is_err());
         assert!(parse_url("wss://h").is_err());
         assert!(parse_url("h:1883").is_err());
         assert_eq!(redact("tcp://u:secret@h:1"), "tcp://u:***@h:1");
