@@ -36,7 +36,7 @@ use super::pubsub::broker::{
     BoxFuture, Broker, BrokerError, Handler, Message, Meta, Outcome, Subscription, stopped,
 };
 use super::pubsub::rabbitmq::{
-    check_uri, connect_uri, headers, metadata_of, publish_confirmed, short,
+    AmqpTarget, check_uri, connect_uri, headers, metadata_of, publish_confirmed, short,
 };
 
 /// daprd's `reconnectWaitInSeconds` default.
@@ -44,7 +44,7 @@ const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Settings {
-    uri: String,
+    target: AmqpTarget,
     queue: String,
     durable: bool,
     delete_when_unused: bool,
@@ -78,10 +78,12 @@ impl RabbitBinding {
                 "an amqp:// URL such as amqp://guest:guest@localhost:5672",
             )?
             .to_string();
-        check_uri(&meta, "host", &uri)?;
-        meta.unsupported(
-            "externalSasl",
-            "false (only user and password authentication is supported)",
+        // daprd's binding spells it `externalSasl` (its pub/sub: `saslExternal`).
+        let target = check_uri(
+            &meta,
+            "host",
+            &uri,
+            ("externalSasl", meta.bool("externalSasl", false)?),
         )?;
         let queue = meta
             .required("queueName", "the queue to publish to and read from")?
@@ -116,7 +118,7 @@ impl RabbitBinding {
         );
         Ok(RabbitBinding {
             settings: Arc::new(Settings {
-                uri,
+                target,
                 queue,
                 durable: meta.bool("durable", false)?,
                 delete_when_unused: meta.bool("deleteWhenUnused", false)?,
@@ -146,7 +148,7 @@ impl RabbitBinding {
         if let Some((old, _)) = slot.take() {
             let _ = old.close(200, "reconnecting".into()).await;
         }
-        let connection = connect_uri(&self.settings.uri, None).await?;
+        let connection = connect_uri(&self.settings.target, None).await?;
         let opened = async {
             let channel = connection
                 .create_channel()
@@ -298,7 +300,7 @@ impl Broker for RabbitBinding {
 
 /// Connects, declares the queue, sets the prefetch and starts consuming.
 async fn consume(s: &Settings) -> Result<(Connection, lapin::Consumer), String> {
-    let connection = connect_uri(&s.uri, None).await?;
+    let connection = connect_uri(&s.target, None).await?;
     let setup = async {
         let channel = connection
             .create_channel()

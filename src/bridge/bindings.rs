@@ -3,6 +3,12 @@
 //! (`create` is POST), `path` metadata is appended to the component's `url`, the other request
 //! metadata goes as headers, and the answer's status (`statusCode`, `status`) and headers come
 //! back as response metadata. A non-2xx answer is an error unless `errorIfNot2XX` is false.
+//! An `https://` url is verified as daprd's: against `MTLSRootCA` alone when it is given, else
+//! the system's roots, and for the url's host; `MTLSClientCert`/`MTLSClientKey` answer a
+//! server that asks for a client certificate. Each of the three is PEM text or a file holding
+//! it (as daprd: text that holds a PEM block is the text, anything else a path), read when the
+//! component is built; only `MTLSRenegotiation: RenegotiateNever` is taken (rustls never
+//! renegotiates).
 //! `bindings.mqtt3` (`create`): publishes the data to the component's `topic` (or the request's
 //! `topic` metadata) through the same MQTT connection its input side reads with.
 //! `bindings.postgresql`, `bindings.redis` and `bindings.rabbitmq` live in their own files
@@ -12,10 +18,12 @@
 //! as daprd answers a component's `InvokeResponse` or its nil.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -156,7 +164,107 @@ pub struct HttpBinding {
     url: String,
     error_if_not_2xx: bool,
     timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// daprd's TLS keys of `bindings.http`, in the order a problem is reported.
+const MTLS_KEYS: [&str; 3] = ["MTLSRootCA", "MTLSClientCert", "MTLSClientKey"];
+
+/// The rustls config for an `https://` url from the component's `MTLS*` keys (None for
+/// `http://`, where they are refused).
+fn http_tls(c: &Component, https: bool) -> Result<Option<rustls::ClientConfig>, String> {
+    use crate::tls::stores::{StoreTls, Verify, store_client_config};
+    use crate::tls::{Pem, pem_certified_key, pem_certs};
+    // daprd matches metadata keys in any case; we read them as written, so another spelling
+    // is refused rather than ignored (which would quietly drop the CA or client certificate).
+    if let Some((k, want)) = c.metadata.keys().find_map(|k| {
+        MTLS_KEYS
+            .iter()
+            .chain(&["MTLSRenegotiation"])
+            .find(|want| k.eq_ignore_ascii_case(want) && k != *want)
+            .map(|want| (k, want))
+    }) {
+        return Err(format!("expected the key spelled {want}, found {k}"));
+    }
+    let [ca, cert, key] = MTLS_KEYS.map(|k| c.meta(k).map(str::trim).filter(|v| !v.is_empty()));
+    if !https {
+        if let Some(k) = MTLS_KEYS
+            .iter()
+            .zip([ca, cert, key])
+            .find_map(|(k, v)| v.map(|_| k))
+        {
+            return Err(format!(
+                "expected {k} only with an https:// url (TLS only), found it with http://"
+            ));
+        }
+        return Ok(None);
+    }
+    match c.meta("MTLSRenegotiation") {
+        None | Some("RenegotiateNever") => {}
+        Some(v) => {
+            return Err(format!(
+                "expected MTLSRenegotiation RenegotiateNever (rustls never renegotiates), found {v:?}"
+            ));
+        }
+    }
+    // daprd's rule: a value holding a PEM block is the PEM, anything else a file name.
+    let pem = |key: &'static str, v: &str| {
+        if v.contains("-----BEGIN ") {
+            Pem::Text {
+                pem: v.to_string(),
+                key,
+            }
+        } else {
+            Pem::File(v.into())
+        }
+    };
+    let ca = match ca {
+        None => None,
+        Some(v) => {
+            let p = pem("MTLSRootCA", v);
+            pem_certs(&p).map_err(|e| {
+                format!("expected MTLSRootCA as PEM CA certificates or a file of them: {e}")
+            })?;
+            Some(p)
+        }
+    };
+    let client = match (cert, key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err("expected MTLSClientCert together with its key, found no key".into());
+        }
+        (None, Some(_)) => {
+            return Err(
+                "expected MTLSClientKey together with its certificate, found no certificate".into(),
+            );
+        }
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (pem("MTLSClientCert", cert), pem("MTLSClientKey", key));
+            pem_certs(&cert).map_err(|e| {
+                format!("expected MTLSClientCert as a PEM certificate or a file holding one: {e}")
+            })?;
+            // The message names the key's origin (a path, or the metadata key), never its text.
+            pem_certified_key(&cert, &key).map_err(|e| match e {
+                crate::tls::TlsError::KeyMismatch { .. } => {
+                    "expected MTLSClientKey as the private key of the client certificate, found another key".to_string()
+                }
+                crate::tls::TlsError::NoKey { path, .. } => format!(
+                    "expected MTLSClientKey as a PEM private key or a file holding one, found none in {}",
+                    path.display()
+                ),
+                e => format!("expected MTLSClientKey as the client certificate's key: {e}"),
+            })?;
+            Some((cert, key))
+        }
+    };
+    let config = store_client_config(&StoreTls {
+        ca,
+        client,
+        verify: Verify::Full,
+        alpn: Vec::new(),
+    })
+    .map_err(|e| format!("cannot make the TLS client for the https:// url: {e}"))?;
+    Ok(Some((*config).clone()))
 }
 
 impl HttpBinding {
@@ -169,14 +277,22 @@ impl HttpBinding {
             .ok_or("expected metadata url (http://host:port/path), found none")?
             .trim_end_matches('/')
             .to_string();
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("expected url as an http:// URL, found {url:?}: {e}"))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!(
-                "expected url as an http:// URL (https is not supported yet), found {url:?}"
-            ));
+        let uri: http::Uri = url.parse().map_err(|e| {
+            format!("expected url as an http:// or https:// URL, found {url:?}: {e}")
+        })?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(format!(
+                    "expected url as an http:// or https:// URL, found {url:?}"
+                ));
+            }
+        };
+        if uri.host().is_none() {
+            return Err(format!("expected url with a host, found {url:?}"));
         }
+        let tls = http_tls(c, https)?;
         // Go's spellings (contrib reads it with `IsTruthy`, so anything else would be false;
         // a typo is refused here rather than silently turning the check off).
         // Empty is unset (the default, true), as for a request's: daprd reads "" as false, but
@@ -200,7 +316,7 @@ impl HttpBinding {
             url,
             error_if_not_2xx,
             timeout,
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            client: https_client(tls),
         })
     }
 
@@ -309,6 +425,38 @@ impl HttpBinding {
             .await
             .unwrap_or_else(|_| Err(format!("no answer from {url} within {:?}", self.timeout)))
     }
+}
+
+/// A pooled client for the url: plain HTTP, or TLS with `tls` (HTTP/1.1; hyper-rustls offers
+/// it by ALPN). Without `tls` an `https://` url cannot occur (`open` refused it).
+fn https_client(
+    tls: Option<rustls::ClientConfig>,
+) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match tls {
+        Some(config) => builder
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http),
+        // A config that trusts nothing: never used, as nothing but http:// reaches it.
+        None => builder
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("aws-lc-rs has the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http),
+    };
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// A boolean as Go spells one: `Some(true)` for contrib's `IsTruthy` set (`true`, `1`, `yes`,

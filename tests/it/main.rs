@@ -26,6 +26,8 @@ mod app;
 mod backend;
 #[cfg(feature = "bridge")]
 mod bridge;
+#[cfg(feature = "bridge")]
+mod broker_tls;
 mod certs;
 mod config;
 // The dashboard test runs the bridge too (a subscription's deliveries).

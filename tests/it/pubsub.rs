@@ -438,8 +438,8 @@ async fn bad_component_metadata_is_refused_with_the_file() {
         ),
         (
             "pubsub.rabbitmq",
-            vec![("connectionString", "amqps://u:secret@h:5671")],
-            "connectionString: expected an amqp:// URL (TLS to RabbitMQ is not supported), found \"amqps://u:***@h:5671\"",
+            vec![("connectionString", "amqpx://u:secret@h:5671")],
+            "connectionString: expected an amqp:// or amqps:// URL such as amqp://user:pass@localhost:5672/vhost, found \"amqpx://u:***@h:5671\"",
         ),
         (
             "pubsub.rabbitmq",
@@ -456,8 +456,8 @@ async fn bad_component_metadata_is_refused_with_the_file() {
         ),
         (
             "pubsub.mqtt3",
-            vec![("url", "ssl://u:secret@h:8883")],
-            "metadata url: expected tcp://[user:password@]host:port (TLS to MQTT is not supported), found \"ssl://u:***@h:8883\"",
+            vec![("url", "wss://u:secret@h:8883")],
+            "metadata url: expected tcp://[user:password@]host:port or ssl://… for TLS (unknown scheme \"wss\"), found \"wss://u:***@h:8883\"",
         ),
         (
             "pubsub.mqtt3",

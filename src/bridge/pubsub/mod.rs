@@ -33,6 +33,7 @@
 //!    `ps.subscribed()` counts subscriptions running on their brokers.
 
 pub mod broker;
+pub(crate) mod broker_tls;
 pub mod bulk_subscribe;
 pub mod cel;
 pub mod cloudevent;
@@ -41,6 +42,7 @@ pub mod http;
 pub mod jetstream;
 pub mod memory;
 pub mod mqtt;
+mod mqtt_tls;
 pub mod rabbitmq;
 pub mod redis;
 pub mod subscription;

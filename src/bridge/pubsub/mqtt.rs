@@ -14,13 +14,19 @@
 //! backoff, re-subscribing every topic; while it is down a publish fails at once with the last
 //! connection error. Each (re)connection is a fresh client, so nothing half-sent is replayed
 //! behind the caller's back: a publish cut short by a lost connection is an error.
+//!
+//! TLS (daprd's `ssl://` URL, or `mqtts://`, `tcps://`, `tls://`; port 8883 by default): the
+//! broker's certificate is checked against `caCert` (else the system's roots) and for the URL's
+//! host, `clientCert`/`clientKey` answer a broker that asks for a client certificate
+//! ([`super::broker_tls`]); the connection is made by [`super::mqtt_tls`], which says why
+//! rumqttc's own TLS is not used.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, Transport};
 use tokio::sync::{Semaphore, oneshot, watch};
 
 use super::broker::{
@@ -51,6 +57,8 @@ type Credentials = (String, Option<String>);
 struct Settings {
     host: String,
     port: u16,
+    /// The client config for a TLS URL.
+    tls: Option<Arc<rustls::ClientConfig>>,
     user: Option<Credentials>,
     consumer_id: Option<String>,
     qos: QoS,
@@ -124,14 +132,24 @@ pub struct Mqtt {
     shared: Arc<Shared>,
 }
 
-/// `tcp://user:pass@host:port` (also `mqtt://`); TLS schemes refused.
-fn parse_url(url: &str) -> Result<(String, u16, Option<Credentials>), String> {
+/// A broker URL's parts.
+#[derive(Debug, PartialEq, Eq)]
+struct Url {
+    host: String,
+    port: u16,
+    user: Option<Credentials>,
+    tls: bool,
+}
+
+/// `tcp://user:pass@host:port` (also `mqtt://`; port 1883 by default), or over TLS `ssl://`
+/// (daprd's spelling; `mqtts://`, `tcps://` and `tls://` as daprd takes them; port 8883).
+fn parse_url(url: &str) -> Result<Url, String> {
     let (scheme, rest) = url.split_once("://").ok_or("no scheme")?;
-    match scheme {
-        "tcp" | "mqtt" => {}
-        "ssl" | "mqtts" | "tcps" | "tls" => return Err("TLS to MQTT is not supported".into()),
+    let tls = match scheme {
+        "tcp" | "mqtt" => false,
+        "ssl" | "mqtts" | "tcps" | "tls" => true,
         _ => return Err(format!("unknown scheme {scheme:?}")),
-    }
+    };
     let rest = rest.trim_end_matches('/');
     let (user, hostport) = match rest.rsplit_once('@') {
         Some((u, h)) => {
@@ -146,14 +164,30 @@ fn parse_url(url: &str) -> Result<(String, u16, Option<Credentials>), String> {
     if hostport.contains('/') {
         return Err("a path after host:port".into());
     }
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("port {p:?}"))?),
-        None => (hostport, 1883),
+    let default = if tls { 8883 } else { 1883 };
+    let port = |p: &str| p.parse::<u16>().map_err(|_| format!("port {p:?}"));
+    // A bracketed IPv6 address holds colons of its own.
+    let (host, port) = match hostport.strip_prefix('[').map(|h| h.split_once(']')) {
+        Some(Some((h, ""))) => (h, default),
+        Some(Some((h, after))) => match after.strip_prefix(':') {
+            Some(p) => (h, port(p)?),
+            None => return Err(format!("{after:?} after the IPv6 address")),
+        },
+        Some(None) => return Err("no ] after [".into()),
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, port(p)?),
+            None => (hostport, default),
+        },
     };
     if host.is_empty() {
         return Err("no host".into());
     }
-    Ok((host.trim_matches(['[', ']']).to_string(), port, user))
+    Ok(Url {
+        host: host.to_string(),
+        port,
+        user,
+        tls,
+    })
 }
 
 /// Whether MQTT topic filter `filter` (`+`, `#`, `$share/{group}/…`) covers `topic`.
@@ -178,10 +212,10 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 impl Mqtt {
     pub fn new(meta: &Meta) -> Result<Self, String> {
         let url = meta.required("url", "the broker's URL, e.g. tcp://localhost:1883")?;
-        let (host, port, user) = parse_url(url).map_err(|e| {
+        let url = parse_url(url).map_err(|e| {
             meta.error(
                 "url",
-                &format!("tcp://[user:password@]host:port ({e})"),
+                &format!("tcp://[user:password@]host:port or ssl://… for TLS ({e})"),
                 &redact(url),
             )
         })?;
@@ -191,19 +225,16 @@ impl Mqtt {
             2 => QoS::ExactlyOnce,
             n => return Err(meta.error("qos", "0, 1 or 2", &n.to_string())),
         };
-        for k in ["caCert", "clientCert", "clientKey"] {
-            if let Some(v) = meta.str(k) {
-                return Err(meta.error(
-                    k,
-                    "nothing (TLS to MQTT is not supported)",
-                    &format!("{} bytes", v.len()),
-                ));
-            }
-        }
+        let tls = super::broker_tls::broker_tls(
+            meta,
+            url.tls,
+            "the url is tcp://; ssl:// is MQTT over TLS",
+        )?;
         let settings = Settings {
-            host,
-            port,
-            user,
+            host: url.host,
+            port: url.port,
+            tls,
+            user: url.user,
             consumer_id: meta.str("consumerID").map(str::to_string),
             qos,
             retain: meta.bool("retain", false)?,
@@ -247,9 +278,17 @@ impl Shared {
         }
     }
 
-    fn options(&self) -> MqttOptions {
+    /// rumqttc's options: to the broker, or to a TLS relay's unix socket ([`super::mqtt_tls`]).
+    fn options(&self, relay: Option<String>) -> MqttOptions {
         let id = self.client_id.lock().unwrap().clone().unwrap_or_default();
-        let mut o = MqttOptions::new(id, self.settings.host.clone(), self.settings.port);
+        let mut o = match relay {
+            None => MqttOptions::new(id, self.settings.host.clone(), self.settings.port),
+            Some(address) => {
+                let mut o = MqttOptions::new(id, address, 0);
+                o.set_transport(Transport::Unix);
+                o
+            }
+        };
         o.set_clean_session(self.settings.clean_session)
             .set_manual_acks(true)
             .set_keep_alive(KEEP_ALIVE);
@@ -263,27 +302,50 @@ impl Shared {
     async fn drive(self: Arc<Self>) {
         let mut failures = 0u32;
         loop {
-            let (client, eventloop) = AsyncClient::new(self.options(), REQUEST_CAPACITY);
             self.link.send_replace(Link::Connecting);
-            // Kept messages of the last connection cannot be acked on this one: the session
-            // sends them again.
-            self.unrouted.lock().unwrap().clear();
-            *self.live.lock().await = Some(Live {
-                client: client.clone(),
-                unsent: VecDeque::new(),
-                unacked: HashMap::new(),
-                subscribes_unsent: VecDeque::new(),
-                subscribes: HashMap::new(),
-            });
-            let error = self.poll(eventloop, &client, &mut failures).await;
+            let error = match self.relay().await {
+                Err(e) => e,
+                // `relay` holds the TLS connection while rumqttc uses it: dropped with the
+                // event loop when this connection is given up.
+                Ok(relay) => {
+                    let address = relay.as_ref().map(|r| r.address.clone());
+                    let (client, eventloop) =
+                        AsyncClient::new(self.options(address), REQUEST_CAPACITY);
+                    // Kept messages of the last connection cannot be acked on this one: the
+                    // session sends them again.
+                    self.unrouted.lock().unwrap().clear();
+                    *self.live.lock().await = Some(Live {
+                        client: client.clone(),
+                        unsent: VecDeque::new(),
+                        unacked: HashMap::new(),
+                        subscribes_unsent: VecDeque::new(),
+                        subscribes: HashMap::new(),
+                    });
+                    self.poll(eventloop, &client, &mut failures).await
+                }
+            };
             tracing::warn!(host = %self.settings.host, port = self.settings.port, %error, "mqtt connection lost or refused; reconnecting");
             self.link.send_replace(Link::Down(error.clone()));
-            if let Some(live) = self.live.lock().await.as_mut() {
+            // Taken, not kept until the next connection: a publish while reconnecting (the
+            // backoff, the TLS handshake) is refused with this reason, not by the dead client.
+            if let Some(mut live) = self.live.lock().await.take() {
                 live.fail_all(&format!("mqtt connection lost: {error}"));
             }
             failures += 1;
             tokio::time::sleep(reconnect_backoff(failures)).await;
         }
+    }
+
+    /// With TLS, a new TLS connection and the relay rumqttc dials (its address); without, None.
+    async fn relay(&self) -> Result<Option<super::mqtt_tls::Relay>, String> {
+        let Some(config) = &self.settings.tls else {
+            return Ok(None);
+        };
+        let (host, port) = (&self.settings.host, self.settings.port);
+        super::mqtt_tls::connect(host, port, config.clone())
+            .await
+            .map(Some)
+            .map_err(|e| format!("mqtt {host}:{port}: {e}"))
     }
 
     /// Polls one connection until it fails; returns the error.
@@ -445,6 +507,14 @@ impl Shared {
 
     /// Waits until the link is up, or fails with why it is down (a first connection gets the
     /// time it takes: the caller's deadline bounds it).
+    /// Why there is no connection to use: the last one's error if there is one.
+    fn not_connected(&self) -> String {
+        match &*self.link.borrow() {
+            Link::Down(e) => format!("mqtt is not connected: {e}"),
+            _ => "mqtt is not connected (reconnecting)".into(),
+        }
+    }
+
     async fn up(&self) -> Result<(), String> {
         let mut rx = self.link.subscribe();
         loop {
@@ -514,7 +584,7 @@ impl Broker for Mqtt {
                 let mut live = s.live.lock().await;
                 let live = live
                     .as_mut()
-                    .ok_or_else(|| BrokerError::Publish("mqtt is not connected".into()))?;
+                    .ok_or_else(|| BrokerError::Publish(s.not_connected()))?;
                 live.unsent.push_back(tx);
                 if let Err(e) =
                     live.client
@@ -566,7 +636,7 @@ impl Broker for Mqtt {
                             }
                         }
                     }
-                    None => Err("mqtt is not connected".into()),
+                    None => Err(s.not_connected()),
                 }
             };
             let result = match sent {
@@ -604,15 +674,38 @@ mod tests {
 
     #[test]
     fn urls_and_filters() {
+        let url = |host: &str, port, user: Option<Credentials>, tls| Url {
+            host: host.into(),
+            port,
+            user,
+            tls,
+        };
         assert_eq!(
             parse_url("tcp://localhost:1883").unwrap(),
-            ("localhost".into(), 1883, None)
+            url("localhost", 1883, None, false)
         );
         assert_eq!(
             parse_url("mqtt://u:p@h").unwrap(),
-            ("h".into(), 1883, Some(("u".into(), Some("p".into()))))
+            url("h", 1883, Some(("u".into(), Some("p".into()))), false)
         );
-        assert!(parse_url("ssl://h:8883").unwrap_err().contains("TLS"));
+        for scheme in ["ssl", "mqtts", "tcps", "tls"] {
+            assert_eq!(
+                parse_url(&format!("{scheme}://h")).unwrap(),
+                url("h", 8883, None, true)
+            );
+        }
+        assert_eq!(
+            parse_url("ssl://[::1]:8884").unwrap(),
+            url("::1", 8884, None, true)
+        );
+        assert_eq!(
+            parse_url("ssl://[::1]").unwrap(),
+            url("::1", 8883, None, true)
+        );
+        // The docs' placeholder is no URL.
+        assert!(parse_url("tcp://[username][:password]@host.domain[:port]").is_err());
+        assert!(parse_url("ssl://[::1").is_err());
+        assert!(parse_url("wss://h").is_err());
         assert!(parse_url("h:1883").is_err());
         assert_eq!(redact("tcp://u:secret@h:1"), "tcp://u:***@h:1");
         assert!(filter_matches("a/+/c", "a/b/c"));
@@ -670,7 +763,7 @@ mod tests {
     async fn dispatch_never_waits_and_keeps_unrouted_messages() {
         let m = mqtt();
         m.set_app_id("app");
-        let (client, _eventloop) = AsyncClient::new(m.shared.options(), 10);
+        let (client, _eventloop) = AsyncClient::new(m.shared.options(None), 10);
         let (stuck, mut stuck_rx) = stuck_route("stuck");
         m.shared.routes.lock().unwrap().push(stuck.clone());
         for i in 0..HELD_PER_SUBSCRIPTION + 50 {

@@ -18,6 +18,12 @@
 //! connection breaks) is neither acked nor nacked: the broker puts it back when the channel
 //! closes. Each subscription has a connection of its own and reconnects by itself
 //! (`reconnectWait`); the publisher connects on first use and again after any failure.
+//!
+//! TLS: an `amqps://` URL (or `protocol: amqps`), as daprd. The broker's certificate is checked
+//! against `caCert` (else the system's roots) and for the URL's host; `clientCert`/`clientKey`
+//! answer a broker that asks for a client certificate, and `saslExternal: true` logs in as
+//! that certificate (SASL EXTERNAL, RabbitMQ's `rabbitmq_auth_mechanism_ssl`) instead of with
+//! the URL's user and password ([`super::broker_tls`], [`AmqpTarget`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -47,7 +53,7 @@ const PARALLEL: usize = 10;
 
 #[derive(Clone, Debug)]
 struct Settings {
-    uri: String,
+    target: AmqpTarget,
     consumer_id: Option<String>,
     durable: bool,
     delete_when_unused: bool,
@@ -81,34 +87,59 @@ struct Publisher {
     declared: Mutex<HashSet<String>>,
 }
 
-/// The broker URL (`key` names where it came from) and the TLS keys, as both RabbitMQ
-/// components take them: a plain `amqp://` URL lapin reads, no TLS material (not supported
-/// yet). The URL is shown with its password redacted, certificates by their size.
-pub(crate) fn check_uri(meta: &Meta, key: &str, uri: &str) -> Result<(), String> {
-    if uri.starts_with("amqps://") {
-        return Err(meta.error(
-            key,
-            "an amqp:// URL (TLS to RabbitMQ is not supported)",
-            &redact(uri),
-        ));
-    }
-    if !uri.starts_with("amqp://") || uri.parse::<lapin::uri::AMQPUri>().is_err() {
-        return Err(meta.error(
-            key,
-            "an amqp:// URL such as amqp://user:pass@localhost:5672/vhost",
-            &redact(uri),
-        ));
-    }
-    for k in ["caCert", "clientCert", "clientKey"] {
-        if let Some(v) = meta.str(k) {
+/// Where and how a RabbitMQ component connects: its URL (with the password: shown only
+/// through [`redact`]) and, for `amqps://`, the TLS client config and whether the client
+/// certificate is the login (SASL EXTERNAL).
+#[derive(Clone, Debug)]
+pub(crate) struct AmqpTarget {
+    uri: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    external: bool,
+}
+
+/// The broker URL (`key` names where it came from), the TLS keys and the SASL EXTERNAL switch
+/// (`external`: its key and value), as both RabbitMQ components take them: an `amqp://` or
+/// `amqps://` URL lapin reads. The URL is shown with its password redacted, certificates by
+/// their size.
+pub(crate) fn check_uri(
+    meta: &Meta,
+    key: &str,
+    uri: &str,
+    external: (&str, bool),
+) -> Result<AmqpTarget, String> {
+    let parsed = match uri.parse::<lapin::uri::AMQPUri>() {
+        Ok(u) if uri.starts_with("amqp://") || uri.starts_with("amqps://") => u,
+        _ => {
             return Err(meta.error(
-                k,
-                "nothing (TLS to RabbitMQ is not supported)",
-                &format!("{} bytes", v.len()),
+                key,
+                "an amqp:// or amqps:// URL such as amqp://user:pass@localhost:5672/vhost",
+                &redact(uri),
             ));
         }
+    };
+    let tls = parsed.scheme == lapin::uri::AMQPScheme::AMQPS;
+    // The message names no other key: the line shown is the TLS key's.
+    let config =
+        super::broker_tls::broker_tls(meta, tls, "the URL is amqp://; amqps:// is AMQP over TLS")?;
+    let (external_key, external) = external;
+    // daprd asks for all three: the client certificate is the login, checked by the broker
+    // against its CA, and the broker's by ours.
+    if external
+        && let Some(missing) = ["caCert", "clientCert", "clientKey"]
+            .into_iter()
+            .find(|k| meta.str(k).is_none())
+    {
+        return Err(meta.error(
+            external_key,
+            "false, or an amqps:// URL with caCert, clientCert and clientKey (SASL EXTERNAL logs in with the client certificate)",
+            &format!("true without {missing}"),
+        ));
     }
-    Ok(())
+    Ok(AmqpTarget {
+        uri: uri.to_string(),
+        tls: config,
+        external,
+    })
 }
 
 /// A RabbitMQ name (exchange, queue): at most 255 bytes, as AMQP's short strings.
@@ -140,10 +171,11 @@ impl RabbitMq {
         } else {
             "protocol"
         };
-        check_uri(meta, key, &uri)?;
-        meta.unsupported(
-            "saslExternal",
-            "false (only user and password authentication is supported)",
+        let target = check_uri(
+            meta,
+            key,
+            &uri,
+            ("saslExternal", meta.bool("saslExternal", false)?),
         )?;
         let exchange_kind = match meta.str("exchangeKind").unwrap_or("fanout") {
             "fanout" => lapin::ExchangeKind::Fanout,
@@ -210,7 +242,7 @@ impl RabbitMq {
         // Accepted: confirms are always on. `publisherConfirm: false` cannot turn them off.
         meta.bool("publisherConfirm", false)?;
         let settings = Settings {
-            uri,
+            target,
             consumer_id: meta.str("consumerID").map(str::to_string),
             durable: meta.bool("durable", true)?,
             delete_when_unused: meta.bool("deletedWhenUnused", true)?,
@@ -357,18 +389,66 @@ pub(crate) fn redact(uri: &str) -> String {
 }
 
 async fn connect(settings: &Settings) -> Result<Connection, String> {
-    connect_uri(&settings.uri, settings.client_name.as_deref()).await
+    connect_uri(&settings.target, settings.client_name.as_deref()).await
 }
 
-/// A connection to `uri` (named `name` in the management UI when given).
-pub(crate) async fn connect_uri(uri: &str, name: Option<&str>) -> Result<Connection, String> {
+/// The TCP connection and TLS handshake of an `amqps://` connection together: a broker that
+/// accepts and then says nothing fails the attempt instead of hanging it.
+const TLS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to `target` (named `name` in the management UI when given).
+///
+/// TLS through lapin's own rustls path (its `rustls-native-certs` feature: rustls-connector on
+/// futures-rustls, aws-lc-rs, no ring) but with our client config and a connect of our own:
+/// lapin's `OwnedTLSConfig` takes a CA bundle and a PKCS#12 identity only, and would make its
+/// own roots and verifier.
+pub(crate) async fn connect_uri(
+    target: &AmqpTarget,
+    name: Option<&str>,
+) -> Result<Connection, String> {
+    let failed = |e: &dyn std::fmt::Display| {
+        format!("rabbitmq: cannot connect to {}: {e}", redact(&target.uri))
+    };
     let mut props = ConnectionProperties::default();
     if let Some(name) = name {
         props = props.with_connection_name(name.into());
     }
-    Connection::connect(uri, props)
+    let Some(config) = &target.tls else {
+        return Connection::connect(&target.uri, props)
+            .await
+            .map_err(|e| failed(&e));
+    };
+    let mut uri: lapin::uri::AMQPUri = target.uri.parse().map_err(|e: String| failed(&e))?;
+    if target.external {
+        uri.query.auth_mechanism = Some(lapin::uri::SASLMechanism::External);
+    }
+    let connector = lapin::tcp::RustlsConnector::from(config.clone());
+    let runtime = lapin::runtime::default_runtime().map_err(|e| failed(&e))?;
+    let open = async move |uri: lapin::uri::AMQPUri, runtime| {
+        let host = uri.authority.host.clone();
+        let connect = async {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), uri.authority.port))
+                    .await?
+                    .collect();
+            let tcp = lapin::tcp::AsyncTcpStream::connect(&runtime, addrs).await?;
+            tcp.into_rustls(&connector, &host).await
+        };
+        match tokio::time::timeout(TLS_CONNECT_TIMEOUT, connect).await {
+            Ok(stream) => Ok(stream?),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no TLS connection within {}s",
+                    TLS_CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+            .into()),
+        }
+    };
+    Connection::connector(uri, runtime, open, props)
         .await
-        .map_err(|e| format!("rabbitmq: cannot connect to {}: {e}", redact(uri)))
+        .map_err(|e| failed(&e))
 }
 
 /// An exchange as daprd declares it: durable, not auto-deleted, of `kind` (the topic's:
