@@ -310,7 +310,12 @@ where
                     Poll::Ready(Ok(0)) => {
                         self.read_closed = true;
                         progress = true;
-                        if !self.read_buf.is_empty() || self.phase != Phase::Frames {
+                        // Mid-frame or mid-header-block (HEADERS without END_HEADERS):
+                        // nothing can finish it now, and the close below waits for no block.
+                        if !self.read_buf.is_empty()
+                            || self.phase != Phase::Frames
+                            || self.block.is_some()
+                        {
                             self.abort_streams();
                             return Poll::Ready(Err(Error::io(
                                 std::io::ErrorKind::UnexpectedEof.into(),

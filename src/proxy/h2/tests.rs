@@ -1480,3 +1480,27 @@ async fn a_ping_flood_from_a_client_that_does_not_read_is_not_read() {
     let _wr = writer.await.unwrap();
     task.abort();
 }
+
+/// A client that closes its side in the middle of a header block (HEADERS without
+/// END_HEADERS, then EOF): nothing can finish the block, so `serve` ends with an error
+/// instead of waiting forever for a CONTINUATION (review finding: it waited, and held the
+/// connection and its `max_connections` slot).
+#[tokio::test]
+async fn an_eof_in_the_middle_of_a_header_block_ends_the_connection() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "a"),
+    ]);
+    c.send(kind::HEADERS, flag::END_STREAM, 1, &b).await;
+    c.io.shutdown().await.unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), c.task)
+        .await
+        .expect("serve ended");
+    assert!(
+        ended.unwrap().is_err(),
+        "an unfinished header block is an error"
+    );
+}
