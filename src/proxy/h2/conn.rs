@@ -291,7 +291,10 @@ where
             if (self.goaway_sent || self.peer_goaway || self.read_closed)
                 && self.out.is_empty()
                 && !self.unflushed
-                && self.block.is_none()
+                // An unfinished header block after our GOAWAY opens nothing we would serve
+                // (or belongs to an open stream, and then the connection is not idle): a
+                // client that stops in the middle of one must not hold the connection.
+                && (self.block.is_none() || self.goaway_sent)
                 && self.idle()
             {
                 if self.read_closed {
@@ -467,6 +470,12 @@ where
             let sh = &mut *guard;
             if let Some(s) = sh.streams.get_mut(&id) {
                 s.reset = Some(reason);
+                // As for a client's reset (and as hyper does for any reset): the service's
+                // future goes with its stream, or its upstream request would go on outside
+                // the stream limit (the stream no longer counts toward it).
+                if let Some(task) = s.task.take() {
+                    task.abort();
+                }
                 s.queue.clear();
                 s.queued = 0;
                 s.wake_all();

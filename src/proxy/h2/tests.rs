@@ -1504,3 +1504,47 @@ async fn an_eof_in_the_middle_of_a_header_block_ends_the_connection() {
         "an unfinished header block is an error"
     );
 }
+
+/// Our own stream error on a stream whose service is still at work (a WINDOW_UPDATE of 0 on
+/// it): RST_STREAM, and the service's future is dropped, as for a client's reset (review
+/// finding: it went on, outside the stream limit).
+#[tokio::test]
+async fn our_reset_drops_the_service() {
+    let mut c = Raw::start(settings()).await;
+    c.get(1, "/hang?our-reset").await;
+    while hang_count("our-reset", |_| {}).0 < 1 {
+        tokio::task::yield_now().await;
+    }
+    c.send(kind::WINDOW_UPDATE, 0, 1, &[0, 0, 0, 0]).await;
+    c.expect_rst(1, Reason::PROTOCOL_ERROR).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while hang_count("our-reset", |_| {}).1 < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the service's future was dropped");
+}
+
+/// A client that stops in the middle of a header block and stays connected: after our GOAWAY
+/// (idle timeout or drain) the connection closes (review finding: it waited for the block
+/// forever and kept its `max_connections` slot).
+#[tokio::test]
+async fn a_header_block_left_unfinished_does_not_hold_the_connection_after_goaway() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "a"),
+    ]);
+    c.send(kind::HEADERS, flag::END_STREAM, 1, &b).await;
+    // The test's runtime has one thread: these let the connection's task read the frame
+    // before it sees the shutdown (otherwise it closes before the block even starts).
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    c.shutdown.graceful();
+    let ended = tokio::time::timeout(Duration::from_secs(20), &mut c.task).await;
+    assert!(ended.is_ok(), "serve ended after GOAWAY");
+}
