@@ -11,8 +11,9 @@
 //! client's and does not count. gRPC bodies are exempt: a client stream may be quiet for
 //! minutes by design (ASP.NET Core turns the rate off for gRPC streams too).
 //!
-//! In: the request body (hyper's `Incoming`, or our HTTP/2 server's `RecvBody`). Out: the same frames, or [`TooSlow`]; the
-//! forward phase turns that into the 408 (`request-timeout`). The HTTP/1 fast path, which
+//! In: the request body (hyper's `Incoming`, or our HTTP/2 server's `RecvBody`). Out: the
+//! same frames, or [`TooSlow`]; the forward phase turns that into the 408
+//! (`request-timeout`). The HTTP/1 fast path, which
 //! reads a body's bytes itself, keeps a [`Credit`] per body and asks it for the deadline of
 //! each wait on the client: the same rule, without a body type around the bytes.
 

@@ -12,7 +12,8 @@
 //!    plain keep-alive HTTP/1.1 requests without a body on the HTTP/1 fast path (`fast_path`:
 //!    httparse, the original header lines with our edits, an upstream connection owned for the
 //!    exchange, no hyper), and at the first request it does not take hand the connection to
-//!    hyper (HTTP/1.1 or HTTP/2) with the [`framing`] scanner watching the bytes, which hands
+//!    hyper (HTTP/1.1 or HTTP/2) with the [`framing`] scanner watching the bytes — or, with
+//!    `http2_server: outrigger`, an HTTP/2 connection to our own server ([`h2`]) — which hands
 //!    each request to the listener's [`http::HttpListener`], whose phases are, in order:
 //!    1. authorize the listener ([`authz`]);
 //!    2. admit ([`limits`]);
