@@ -466,25 +466,10 @@ where
         frame::put_rst(&mut self.out, id, reason);
         self.remember_reset(id);
         {
-            let mut guard = lock(&self.shared);
-            let sh = &mut *guard;
+            let mut sh = lock(&self.shared);
             if let Some(s) = sh.streams.get_mut(&id) {
                 s.reset = Some(reason);
-                // As for a client's reset (and as hyper does for any reset): the service's
-                // future goes with its stream, or its upstream request would go on outside
-                // the stream limit (the stream no longer counts toward it).
-                if let Some(task) = s.task.take() {
-                    task.abort();
-                }
-                s.queue.clear();
-                s.queued = 0;
-                s.wake_all();
-                // The body reader still sees the error (it is not given what came before).
-                let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
-                sh.conn_released += unread as u32;
-                if s.finished() {
-                    sh.streams.remove(&id);
-                }
+                sh.end_reset_stream(id);
             }
         }
         if self.resets.hit(self.reset_limit()) {
@@ -833,8 +818,7 @@ where
         let reason = Reason(u32::from_be_bytes([
             payload[0], payload[1], payload[2], payload[3],
         ]));
-        let mut guard = lock(&self.shared);
-        let sh = &mut *guard;
+        let mut sh = lock(&self.shared);
         let Some(s) = sh.streams.get_mut(&id) else {
             return Ok(());
         };
@@ -843,19 +827,8 @@ where
             s.reset = Some(reason);
             s.reset_by_client = true;
         }
-        // As hyper: the service's future is dropped with its stream.
-        if let Some(task) = s.task.take() {
-            task.abort();
-        }
-        s.queue.clear();
-        s.queued = 0;
-        s.wake_all();
-        let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
-        sh.conn_released += unread as u32;
-        if s.finished() {
-            sh.streams.remove(&id);
-        }
-        drop(guard);
+        sh.end_reset_stream(id);
+        drop(sh);
         if unfinished && self.resets.hit(self.reset_limit()) {
             return Err((
                 Reason::ENHANCE_YOUR_CALM,

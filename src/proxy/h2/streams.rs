@@ -169,6 +169,28 @@ pub(super) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
 }
 
 impl Shared {
+    /// A stream reset either way (its `reset` already set): as hyper does for any reset, the
+    /// service's future goes with it (else its upstream request would go on outside the
+    /// stream limit, which the stream no longer counts toward); nothing queued is sent; both
+    /// sides are woken (the body reader sees the error, not what came before it); its unread
+    /// request bytes go back to the connection window; a finished stream is removed.
+    pub fn end_reset_stream(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if let Some(task) = s.task.take() {
+            task.abort();
+        }
+        s.queue.clear();
+        s.queued = 0;
+        s.wake_all();
+        let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+        self.conn_released += unread as u32;
+        if s.finished() {
+            self.streams.remove(&id);
+        }
+    }
+
     /// Puts a stream on the connection task's list and returns the waker to wake once the
     /// lock is released.
     pub fn make_ready(&mut self, id: u32) -> Option<Waker> {
