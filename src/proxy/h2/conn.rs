@@ -102,6 +102,10 @@ pub(super) struct Conn<IO, S> {
     read_buf: BytesMut,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
+    /// Every header block's fields, decoded into the connection's value arena.
+    reader: BlockReader,
+    /// Response head buffers back from written heads, for the next streams' tasks.
+    spare_blocks: Vec<BytesMut>,
     phase: Phase,
     // The client's settings.
     peer_max_frame: usize,
@@ -165,6 +169,7 @@ where
             conn_waker: None,
             conn_release_at: (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
             stream_release_at: (settings.initial_window_size / 2).max(1),
+            spare_queues: Vec::new(),
         }));
         // We announce no SETTINGS_HEADER_TABLE_SIZE: the client's table updates may not go
         // past the default (a larger one would be memory the client chose).
@@ -180,6 +185,8 @@ where
             read_buf,
             out,
             decoder,
+            reader: BlockReader::new(),
+            spare_blocks: Vec::new(),
             phase: Phase::Preface,
             peer_max_frame: DEFAULT_MAX_FRAME_SIZE as usize,
             peer_initial_window: i64::from(DEFAULT_WINDOW),
@@ -671,11 +678,12 @@ where
         self_dependent: bool,
     ) -> ConnResult {
         let new = id > self.max_client_stream;
-        let mut reader = BlockReader::new(
+        self.reader.start(
             self.settings.max_header_list_size as usize,
             block.len(),
             !new,
         );
+        let reader = &mut self.reader;
         // Decoded whole whatever becomes of the stream: the dynamic table must stay in step.
         if self
             .decoder
@@ -685,7 +693,7 @@ where
             return Err((Reason::COMPRESSION_ERROR, "invalid header block"));
         }
         if !new {
-            return self.trailers(id, reader, end_stream);
+            return self.trailers(id, end_stream);
         }
         self.max_client_stream = id;
         if self.goaway_sent {
@@ -696,7 +704,7 @@ where
         if self_dependent {
             return self.reset_stream(id, Reason::PROTOCOL_ERROR);
         }
-        let req = match reader.finish_request() {
+        let req = match self.reader.finish_request() {
             Ok(r) => r,
             Err(Refused::Malformed(why)) => {
                 tracing::debug!(stream = id, why, "malformed HTTP/2 request");
@@ -753,14 +761,16 @@ where
             s.body_gone = true;
         }
         let future = (self.service)(req.into_request(body));
-        let task = tokio::spawn(respond(self.shared.clone(), id, head_only, future));
+        let block = self.spare_blocks.pop().unwrap_or_default();
+        let task = tokio::spawn(respond(self.shared.clone(), id, head_only, block, future));
         if let Some(s) = sh.streams.get_mut(&id) {
             s.task = Some(task.abort_handle());
         }
         Ok(())
     }
 
-    fn trailers(&mut self, id: u32, reader: BlockReader, end_stream: bool) -> ConnResult {
+    /// The trailers just decoded into `self.reader`.
+    fn trailers(&mut self, id: u32, end_stream: bool) -> ConnResult {
         let mut sh = lock(&self.shared);
         let Some(s) = sh.streams.get_mut(&id) else {
             drop(sh);
@@ -780,7 +790,7 @@ where
             drop(sh);
             return self.reset_stream(id, Reason::PROTOCOL_ERROR);
         }
-        let trailers = match reader.finish_trailers() {
+        let trailers = match self.reader.finish_trailers() {
             Ok(t) => t,
             Err(_) => {
                 drop(sh);
@@ -1022,7 +1032,9 @@ where
                     Queued::Head { block, end } => {
                         let end = *end;
                         frame::put_header_block(&mut self.out, id, block, end, self.peer_max_frame);
-                        s.queue.pop_front();
+                        if let Some(Queued::Head { block, .. }) = s.queue.pop_front() {
+                            give_back(&mut self.spare_blocks, block);
+                        }
                         s.send_done |= end;
                     }
                     Queued::Trailers(block) => {
@@ -1109,7 +1121,7 @@ where
                 self.recent_resets.push_back(id);
             }
             if s.finished() {
-                sh.streams.remove(&id);
+                sh.remove_stream(id);
             }
         }
         let more = !sh.ready.is_empty();
@@ -1174,6 +1186,18 @@ where
         if let Some(at) = next {
             self.stall_timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
         }
+    }
+}
+
+/// Spare response head buffers kept per connection (at most), and the largest kept.
+const SPARE_BLOCKS: usize = 16;
+const SPARE_BLOCK_SIZE: usize = 1024;
+
+/// Keeps a written response head's buffer for a later stream (emptied; not a large one).
+fn give_back(spare: &mut Vec<BytesMut>, mut block: BytesMut) {
+    if block.capacity() <= SPARE_BLOCK_SIZE && spare.len() < SPARE_BLOCKS {
+        block.clear();
+        spare.push(block);
     }
 }
 
