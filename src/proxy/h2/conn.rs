@@ -11,12 +11,14 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Sleep;
+// tokio's clock (the same as std's outside tests): the stall timer is a tokio `Sleep`, and
+// the instants it is compared with must follow tokio's paused clock in tests.
+use tokio::time::{Instant, Sleep};
 
 use super::frame::{
     self, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW, Head, MAX_WINDOW, Reason, flag, kind, setting,
@@ -417,15 +419,22 @@ where
                 if head.stream == 0 {
                     return Err((Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
-                if head.len != 5 {
-                    self.reset_stream(head.stream, Reason::FRAME_SIZE_ERROR)?;
+                let reason = if head.len != 5 {
+                    Reason::FRAME_SIZE_ERROR
                 } else if u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
                     & 0x7fff_ffff
                     == head.stream
                 {
-                    self.reset_stream(head.stream, Reason::PROTOCOL_ERROR)?;
+                    Reason::PROTOCOL_ERROR
+                } else {
+                    return Ok(());
+                };
+                // A stream error, but no RST_STREAM may name an idle stream (§6.4): on one,
+                // the connection's error.
+                if self.idle_stream(head.stream) {
+                    return Err((reason, "invalid PRIORITY on an idle stream"));
                 }
-                Ok(())
+                self.reset_stream(head.stream, reason)
             }
             kind::RST_STREAM => self.rst_stream(head, &payload),
             kind::SETTINGS => self.settings_frame(head, &payload),
@@ -485,6 +494,12 @@ where
         Ok(())
     }
 
+    /// A stream the client did not open (yet): above the highest it opened, or even (ours,
+    /// and we push none).
+    fn idle_stream(&self, id: u32) -> bool {
+        id > self.max_client_stream || id.is_multiple_of(2)
+    }
+
     fn reset_limit(&self) -> u32 {
         RESET_LIMIT.max(self.settings.max_concurrent_streams.saturating_mul(2))
     }
@@ -494,7 +509,7 @@ where
         if id == 0 {
             return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        if id > self.max_client_stream {
+        if self.idle_stream(id) {
             return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         let len = head.len as i64;
@@ -1184,7 +1199,49 @@ where
             }
         }
         if let Some(at) = next {
-            self.stall_timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
+            self.stall_timer = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+    }
+}
+
+/// What a connection holds at one moment (the fuzz tests check it stays bounded).
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Buffered {
+    pub read_buf: usize,
+    pub out: usize,
+    /// An unfinished header block's bytes.
+    pub block: usize,
+    pub streams: usize,
+    /// Streams not closed (§5.1), the ones SETTINGS_MAX_CONCURRENT_STREAMS counts.
+    pub open_streams: usize,
+    /// Request DATA received and not read.
+    pub recv_data: usize,
+    /// Response DATA queued by the streams' tasks.
+    pub queued: usize,
+    pub ready: usize,
+    pub recent_resets: usize,
+}
+
+#[cfg(test)]
+impl<IO, S> Conn<IO, S> {
+    pub(super) fn buffered(&self) -> Buffered {
+        let sh = lock(&self.shared);
+        Buffered {
+            read_buf: self.read_buf.len(),
+            out: self.out.len(),
+            block: self.block.as_ref().map_or(0, |b| b.buf.len()),
+            streams: sh.streams.len(),
+            open_streams: sh.streams.values().filter(|s| !s.closed()).count(),
+            recv_data: sh
+                .streams
+                .values()
+                .flat_map(|s| s.recv_data.iter())
+                .map(Bytes::len)
+                .sum(),
+            queued: sh.streams.values().map(|s| s.queued).sum(),
+            ready: sh.ready.len(),
+            recent_resets: self.recent_resets.len(),
         }
     }
 }

@@ -9,11 +9,11 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::frame::Reason;
 
