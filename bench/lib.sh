@@ -15,6 +15,16 @@
 #                           keep-alive without limit) and prints its path; LOCATIONS replaces
 #                           the default `location / { return 200 "hello world\n"; }`, HTTP adds
 #                           directives to the http block
+#   outrigger_config APP LISTEN [NAME]
+#                           writes $dir/config/NAME.yaml (NAME default `outrigger`): the config of
+#                           the Outrigger the proxy benches run, one worker (`runtime.worker_threads:
+#                           ${WORKERS:-1}`), warn logs, the admin API on a free port, its app at
+#                           APP and one listener `public` at LISTEN (each 127.0.0.1:PORT or
+#                           unix:PATH) with `http2_server: ${HTTP2_SERVER:-hyper}`. A folder of its
+#                           own: Outrigger watches its config's folder, and a generator's log
+#                           written beside it (h2load --log-file) cost the watcher's thread CPU
+#                           and memory under load (docs/BENCHMARKS.md, "RSS under load, the
+#                           growth measured")
 #   start CMD...            runs CMD in the background, pinned to $BENCH_CPU (default 1), and
 #                           adds its pid to $pids ($! is its pid)
 #   wait_port PORT          until 127.0.0.1:PORT accepts a connection (10 s at most)
@@ -87,6 +97,20 @@ http { access_log off; $http
            $locations } }
 CONF
   echo "$conf"
+}
+
+outrigger_config() {
+  mkdir -p "$dir/config"
+  cat > "$dir/config/${3:-outrigger}.yaml" <<YAML
+admin: { address: 127.0.0.1:0 }
+runtime: { worker_threads: ${WORKERS:-1} }
+log: { level: warn }
+app: { address: "$1" }
+listeners:
+  - name: public
+    address: "$2"
+    http2_server: ${HTTP2_SERVER:-hyper}
+YAML
 }
 
 start() {
