@@ -509,6 +509,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    if config.runtime.worker_threads == 1 {
+        one_malloc_arena();
+    }
     let log_level = outrigger::telemetry::log::init(&config.log.level, config.log.format);
     let options = outrigger::app::RunOptions {
         source,
@@ -554,6 +557,28 @@ fn tune_allocator() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
+
+/// With one worker (`runtime.worker_threads: 1`, tokio's current-thread scheduler) every thread
+/// allocates from glibc's main arena. By default each other thread that allocates (the config
+/// watcher's notify thread, a blocking-pool thread) gets an arena of its own, a 64 MiB
+/// reservation whose first 1 MiB ([`tune_allocator`]'s `M_TOP_PAD`) its allocations walk
+/// through and leave resident: with the config's directory busy (a file written beside it) the
+/// notify thread's arena stood at 1 MiB under load, +10 % of the process's RSS
+/// (docs/BENCHMARKS.md, "RSS under load, the growth measured"). Those threads allocate little and
+/// rarely, so sharing the main arena's lock costs nothing measurable; with several workers
+/// their own arenas keep the workers from contending, so it is left to glibc. Called before
+/// any thread other than main exists: glibc fixes its arena limit when the first one is made.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn one_malloc_arena() {
+    // SAFETY: mallopt only changes an allocator tunable; no other thread exists yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_malloc_arena() {}
 
 /// Hands the pages a load burst left free back to the kernel once the load has ended: the
 /// high trim threshold above keeps glibc from doing it per request, and without this an h2c
