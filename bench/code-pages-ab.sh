@@ -30,7 +30,7 @@ delta() {
   awk -v m=$((a[0] - b[0])) -v j=$((a[1] - b[1])) -v n="$n" \
     'BEGIN {printf "%d / %d (%.2f / %.3f per 1k)", m, j, n ? m * 1000 / n : 0, n ? j * 1000 / n : 0}'
 }
-echo "OUTRIGGER_CODE_PAGES A/B, $(basename "$bin"), $(git rev-parse --short HEAD 2>/dev/null), ${secs}s loads, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "OUTRIGGER_CODE_PAGES A/B, $(bin_label), ${secs}s loads, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| round | mode | HTTP/1.1 req/s | faults minor / major | h2c req/s | faults minor / major |"
 echo "|---|---|---:|---|---:|---|"

@@ -5,8 +5,9 @@ import sys, struct, collections, os
 pid = sys.argv[1]
 exe = os.readlink(f"/proc/{pid}/exe")
 pm = open(f"/proc/{pid}/pagemap", "rb"); kf = open("/proc/kpageflags", "rb")
-def flags(pfn):
-    kf.seek(pfn * 8); return struct.unpack("<Q", kf.read(8))[0]
+def flags(pfn):  # a short read (past the end of kpageflags) counts as no flags: not a tail page
+    kf.seek(pfn * 8); b = kf.read(8)
+    return struct.unpack("<Q", b)[0] if len(b) == 8 else 0
 HEAD, TAIL = 1 << 15, 1 << 16
 for line in open(f"/proc/{pid}/maps"):
     f = line.split()

@@ -8,7 +8,9 @@
 #                           target/release/outrigger
 #   bin_label               names what $bin is, for a report's header: the checkout's commit
 #                           ("+changes" when the tree differs from it), or, with OUTRIGGER_BIN,
-#                           that path and its modification time (the binary's commit is unknown)
+#                           that path and its modification time (the binary's commit is unknown);
+#                           then what outrigger_config takes from the environment (worker_threads,
+#                           http2_server), so a value left set in the shell shows in the report
 #   $dir, $pids             a scratch folder, and the pids to kill; both cleaned up on exit
 #   nginx_upstream PORT [LOCATIONS] [HTTP]
 #                           writes $dir/up.$PORT.conf (nginx, one worker, no access log,
@@ -71,11 +73,13 @@ build_release() {
 }
 
 bin_label() {
+  local what
   if [ -n "${OUTRIGGER_BIN:-}" ]; then
-    echo "binary $OUTRIGGER_BIN (built $(date -u -r "$OUTRIGGER_BIN" '+%Y-%m-%d %H:%M UTC'))"
+    what="binary $OUTRIGGER_BIN (built $(date -u -r "$OUTRIGGER_BIN" '+%Y-%m-%d %H:%M UTC'))"
   else
-    echo "checkout $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +changes)"
+    what="checkout $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +changes)"
   fi
+  echo "$what, worker_threads: ${WORKERS:-1}, http2_server: ${HTTP2_SERVER:-hyper}"
 }
 
 dir=$(mktemp -d); pids=()

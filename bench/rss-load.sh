@@ -68,7 +68,7 @@ smaps() {
 sl() { echo "${1// / / }"; }
 rss() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
 
-echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, OUTRIGGER_CODE_PAGES=${OUTRIGGER_CODE_PAGES:-(default)}, http2_server: ${HTTP2_SERVER:-hyper}, $(git rev-parse --short HEAD 2>/dev/null)"
+echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, OUTRIGGER_CODE_PAGES=${OUTRIGGER_CODE_PAGES:-(default)}, $(bin_label)"
 echo
 echo "| run | idle | under HTTP/1.1 load (req/s) | under h2c load (req/s) | after the load (s) | major faults |"
 echo "|---|---|---|---|---|---:|"

@@ -53,4 +53,4 @@ measured "under h2c load with h2load's per-request log in $([ "$logdir" = "$dir"
   taskset -c 0 h2load -c32 -m1 -D5 --log-file="$logdir/h2.log" "http://127.0.0.1:$OUT/"
 echo "peak of the 0.5 s samples, KiB VmRSS / anonymous / file: $(sort -n "$dir/samples" | tail -1 | tr ' ' /)"
 python3 bench/folios.py "$p" || true
-echo "$(bin_label), http2_server: ${HTTP2_SERVER:-hyper}, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$(bin_label), load average $(cut -d' ' -f1-3 /proc/loadavg)"

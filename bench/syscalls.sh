@@ -109,7 +109,7 @@ for target in outrigger:$out_pid:$OUT haproxy:$hap_pid:$HAP nginx:$ngx_worker:$N
   sleep 0.3
   load "$port"
   kill -INT $perf_pid $perf_up; wait $perf_pid $perf_up 2>/dev/null || true
-  echo "### $name ($proto, $n requests, 32 connections; Outrigger: $(bin_label), http2_server: ${HTTP2_SERVER:-hyper})"
+  echo "### $name ($proto, $n requests, 32 connections; Outrigger: $(bin_label))"
   echo
   echo "| per request | |"
   echo "|---|---:|"
