@@ -185,23 +185,41 @@ fn with_one_worker_every_thread_allocates_from_one_malloc_arena() {
     }
     .start();
     single.wait_ready();
-    several.wait_ready();
+    // Read at once: the release comes 2 s after start-up, and the second sidecar's start may
+    // take that long on a busy machine.
     let started_kib = text_rss_kib(&single);
+    // One worker with the limit left to glibc (`OUTRIGGER_MALLOC_ARENA_MAX=default`, the A/B
+    // switch): the other threads' arenas come back.
+    let glibc = Spawn {
+        config: &one,
+        env: &[("OUTRIGGER_MALLOC_ARENA_MAX", "default")],
+        ..Spawn::default()
+    }
+    .start();
+    several.wait_ready();
+    glibc.wait_ready();
     let client = crate::support::client();
-    for sc in [&single, &several] {
+    for sc in [&single, &several, &glibc] {
         // Requests (the workers allocate), and files written beside the config (the config
         // watcher's notify thread allocates for each event).
+        let mut answered = 0;
         for i in 0..50 {
-            let _ = client
+            let ok = client
                 .get(sc.listener_url("public", "/"))
                 .send()
+                .and_then(|r| r.error_for_status())
                 .and_then(|r| r.bytes());
+            answered += usize::from(ok.is_ok());
             std::fs::write(sc.path(&format!("beside-{i}.log")), "x").unwrap();
         }
+        assert!(answered > 0, "no request answered 2xx through {}", sc.pid());
     }
     // Several workers: glibc gives them arenas of their own (what the count below sees).
     crate::support::eventually(Duration::from_secs(10), "an arena per worker", || {
         (malloc_arenas(&several) > 0).then_some(())
+    });
+    crate::support::eventually(Duration::from_secs(10), "glibc's arenas", || {
+        (malloc_arenas(&glibc) > 0).then_some(())
     });
     // One worker: once the code pages are released (a blocking-pool thread, 2 s after start-up)
     // and the file events handled, still no arena but the main one.
