@@ -21,15 +21,7 @@ build_release
 UP=18981; OUT=18991
 
 start nginx -c "$(nginx_upstream $UP)"; wait_port $UP
-cat > "$dir/outrigger.yaml" <<YAML
-admin: { address: 127.0.0.1:0 }
-runtime: { worker_threads: 1 }
-log: { level: warn }
-app: { address: 127.0.0.1:$UP }
-listeners:
-  - name: public
-    address: 127.0.0.1:$OUT
-YAML
+outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
 
 faults() { awk '{print $10, $12}' "/proc/$1/stat"; }
 # "minflt majflt" before, after, requests → "min maj (min/1k maj/1k)"
@@ -38,14 +30,14 @@ delta() {
   awk -v m=$((a[0] - b[0])) -v j=$((a[1] - b[1])) -v n="$n" \
     'BEGIN {printf "%d / %d (%.2f / %.3f per 1k)", m, j, n ? m * 1000 / n : 0, n ? j * 1000 / n : 0}'
 }
-echo "OUTRIGGER_CODE_PAGES A/B, $(basename "$bin"), $(git rev-parse --short HEAD 2>/dev/null), ${secs}s loads, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "OUTRIGGER_CODE_PAGES A/B, $(bin_label), ${secs}s loads, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| round | mode | HTTP/1.1 req/s | faults minor / major | h2c req/s | faults minor / major |"
 echo "|---|---|---:|---|---:|---|"
 for round in $(seq "$rounds"); do
   order=("${modes[@]}"); (( round % 2 )) || order=("${modes[1]}" "${modes[0]}")
   for mode in "${order[@]}"; do
-    OUTRIGGER_CODE_PAGES=$mode taskset -c 1 "$bin" run -c "$dir/outrigger.yaml" & p=$!; pids+=("$p")
+    OUTRIGGER_CODE_PAGES=$mode taskset -c 1 "$bin" run -c "$dir/config/outrigger.yaml" & p=$!; pids+=("$p")
     wait_http "http://127.0.0.1:$OUT/"; sleep 3
     f0=$(faults $p)
     taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:$OUT/" > "$dir/wrk.out"

@@ -6,6 +6,10 @@
 # for each binary given, and the bulk-gets done meanwhile. Loopback only, bounded in time.
 #
 #   bench/isolation.sh BINARY [BINARY…]     (SECONDS=10 per measurement, CLIENTS=32)
+#   ARENAS="1 default" bench/isolation.sh BINARY [BINARY…]
+#                      each binary once per value, as OUTRIGGER_MALLOC_ARENA_MAX (main.rs,
+#                      one_malloc_arena): an A/B of glibc's arena limit with the same binary;
+#                      give the binary several times for several rounds
 set -euo pipefail
 bins=(); for b in "$@"; do bins+=("$(realpath "$b")"); done
 . "$(dirname "$0")/lib.sh"
@@ -21,6 +25,8 @@ latency() {  # url → "p50 p99" in ms (wrk, 1 thread, 8 connections)
 }
 
 for bin in "${bins[@]}"; do
+for arena in ${ARENAS:-unset}; do
+  if [ "$arena" = unset ]; then unset OUTRIGGER_MALLOC_ARENA_MAX; else export OUTRIGGER_MALLOC_ARENA_MAX=$arena; fi
   cat > "$dir/c.yaml" <<YAML
 admin: { address: 127.0.0.1:0 }
 app: { address: 127.0.0.1:$UP, probe: { enabled: false } }
@@ -63,7 +69,15 @@ PY
   loaded=$(latency "http://$proxy/")
   wait "$lpid"
   rss=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$spid/status")
+  # glibc's arenas other than the main one: anonymous rw mappings at 64 MiB boundaries.
+  arenas=$(python3 -c "import sys
+n = 0
+for l in open('/proc/$spid/maps'):
+    f = l.split(); s = int(f[0].split('-')[0], 16)
+    n += len(f) == 5 and f[1] == 'rw-p' and s % (64 << 20) == 0
+print(n)")
   kill "$spid"; wait "$spid" 2>/dev/null || true
-  printf '%s\n  proxied p50/p99 quiet: %s ms\n  proxied p50/p99 while %s clients bulk-get 4 MiB: %s ms (%s bulk gets in %ss)\n  peak RSS %s MiB\n' \
-    "$bin" "$quiet" "$clients" "$loaded" "$(cat "$dir/load")" "$((secs + 2))" "$rss"
+  printf '%s, OUTRIGGER_MALLOC_ARENA_MAX=%s, load average %s\n  proxied p50/p99 quiet: %s ms\n  proxied p50/p99 while %s clients bulk-get 4 MiB: %s ms (%s bulk gets in %ss)\n  peak RSS %s MiB, malloc arenas besides the main one: %s\n' \
+    "$bin" "${OUTRIGGER_MALLOC_ARENA_MAX:-(unset)}" "$(cut -d' ' -f1-3 /proc/loadavg)" "$quiet" "$clients" "$loaded" "$(cat "$dir/load")" "$((secs + 2))" "$rss" "$arenas"
+done
 done

@@ -8,13 +8,25 @@
 #                           target/release/outrigger
 #   bin_label               names what $bin is, for a report's header: the checkout's commit
 #                           ("+changes" when the tree differs from it), or, with OUTRIGGER_BIN,
-#                           that path and its modification time (the binary's commit is unknown)
+#                           that path and its modification time (the binary's commit is unknown);
+#                           then what outrigger_config takes from the environment (worker_threads,
+#                           http2_server), so a value left set in the shell shows in the report
 #   $dir, $pids             a scratch folder, and the pids to kill; both cleaned up on exit
 #   nginx_upstream PORT [LOCATIONS] [HTTP]
 #                           writes $dir/up.$PORT.conf (nginx, one worker, no access log,
 #                           keep-alive without limit) and prints its path; LOCATIONS replaces
 #                           the default `location / { return 200 "hello world\n"; }`, HTTP adds
 #                           directives to the http block
+#   outrigger_config APP LISTEN [NAME]
+#                           writes $dir/config/NAME.yaml (NAME default `outrigger`): the config of
+#                           the Outrigger the proxy benches run, one worker (`runtime.worker_threads:
+#                           ${WORKERS:-1}`), warn logs, the admin API on a free port, its app at
+#                           APP and one listener `public` at LISTEN (each 127.0.0.1:PORT or
+#                           unix:PATH) with `http2_server: ${HTTP2_SERVER:-hyper}`. A folder of its
+#                           own: Outrigger watches its config's folder, and a generator's log
+#                           written beside it (h2load --log-file) cost the watcher's thread CPU
+#                           and memory under load (docs/BENCHMARKS.md, "RSS under load, the
+#                           growth measured")
 #   start CMD...            runs CMD in the background, pinned to $BENCH_CPU (default 1), and
 #                           adds its pid to $pids ($! is its pid)
 #   wait_port PORT          until 127.0.0.1:PORT accepts a connection (10 s at most)
@@ -61,11 +73,13 @@ build_release() {
 }
 
 bin_label() {
+  local what
   if [ -n "${OUTRIGGER_BIN:-}" ]; then
-    echo "binary $OUTRIGGER_BIN (built $(date -u -r "$OUTRIGGER_BIN" '+%Y-%m-%d %H:%M UTC'))"
+    what="binary $OUTRIGGER_BIN (built $(date -u -r "$OUTRIGGER_BIN" '+%Y-%m-%d %H:%M UTC'))"
   else
-    echo "checkout $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +changes)"
+    what="checkout $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +changes)"
   fi
+  echo "$what, worker_threads: ${WORKERS:-1}, http2_server: ${HTTP2_SERVER:-hyper}"
 }
 
 dir=$(mktemp -d); pids=()
@@ -87,6 +101,20 @@ http { access_log off; $http
            $locations } }
 CONF
   echo "$conf"
+}
+
+outrigger_config() {
+  mkdir -p "$dir/config"
+  cat > "$dir/config/${3:-outrigger}.yaml" <<YAML
+admin: { address: 127.0.0.1:0 }
+runtime: { worker_threads: ${WORKERS:-1} }
+log: { level: warn }
+app: { address: "$1" }
+listeners:
+  - name: public
+    address: "$2"
+    http2_server: ${HTTP2_SERVER:-hyper}
+YAML
 }
 
 start() {

@@ -61,17 +61,8 @@ frontend f
 backend b
   server s1 127.0.0.1:$UP
 EOF
-cat > "$dir/outrigger.yaml" <<EOF
-admin: { address: 127.0.0.1:0 }
-runtime: { worker_threads: 1 }
-log: { level: warn }
-app: { address: 127.0.0.1:$UP }
-listeners:
-  - name: public
-    address: 127.0.0.1:$OUT
-    http2_server: ${HTTP2_SERVER:-hyper}
-EOF
-sed -e "s|127.0.0.1:$UP|\"unix:$dir/up.sock\"|" -e "s|127.0.0.1:$OUT|\"unix:$dir/in.sock\"|" "$dir/outrigger.yaml" > "$dir/outrigger-uds.yaml"
+outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
+outrigger_config "unix:$dir/up.sock" "unix:$dir/in.sock" outrigger-uds
 
 # PID: "VmRSS RssAnon" (KiB) every 0.5 s while PID lives
 sample_rss() { while [ -e "/proc/$1" ] && sleep 0.5; do awk '$1 == "VmRSS:" {r = $2} $1 == "RssAnon:" {a = $2} END {print r, a}' "/proc/$1/status" 2>/dev/null; done; }
@@ -86,8 +77,8 @@ rss_kib() {
 start nginx -c "$dir/upstream.conf"; wait_port $UP
 start nginx -c "$dir/nginx.conf"; ngx_pid=$!; wait_port $NGX
 start haproxy -f "$dir/haproxy.cfg"; hap_pid=$!; wait_port $HAP
-start "$bin" run -c "$dir/outrigger.yaml"; out_pid=$!; wait_port $OUT
-start "$bin" run -c "$dir/outrigger-uds.yaml"; wait_http_unix "$dir/in.sock"
+start "$bin" run -c "$dir/config/outrigger.yaml"; out_pid=$!; wait_port $OUT
+start "$bin" run -c "$dir/config/outrigger-uds.yaml"; wait_http_unix "$dir/in.sock"
 
 # wrk: prints "rps p50_ms p99_ms"
 h1() {

@@ -6,6 +6,7 @@
 #   OUTRIGGER_BIN=path GLIBC_TUNABLES=glibc.malloc.tcache_count=0 bench/rss-load.sh
 #   OUTRIGGER_CODE_PAGES=keep bench/rss-load.sh   (start-up's code pages kept: src/memory.rs)
 #   SMAPS=1 bench/rss-load.sh         (also: the resident file pages per mapping, to stderr)
+#   HTTP2_SERVER=outrigger bench/rss-load.sh   (our own HTTP/2 server for the h2c load; default hyper)
 #   HEAPTRACK=40000 bench/rss-load.sh (where the h2c allocations come from, see below)
 #
 # One Outrigger (`runtime.worker_threads: 1`, one listener) and its app (nginx, 12-byte body)
@@ -33,19 +34,11 @@ build_release
 UP=18881; OUT=18891
 
 start nginx -c "$(nginx_upstream $UP)"; wait_port $UP
-cat > "$dir/outrigger.yaml" <<EOF
-admin: { address: 127.0.0.1:0 }
-runtime: { worker_threads: 1 }
-log: { level: warn }
-app: { address: 127.0.0.1:$UP }
-listeners:
-  - name: public
-    address: 127.0.0.1:$OUT
-EOF
+outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
 
 if [ -n "${HEAPTRACK:-}" ]; then
   taskset -c 1 env ${tunables:+GLIBC_TUNABLES=$tunables} \
-    heaptrack -o "$dir/ht" "$bin" run -c "$dir/outrigger.yaml" > "$dir/heaptrack.log" 2>&1 &
+    heaptrack -o "$dir/ht" "$bin" run -c "$dir/config/outrigger.yaml" > "$dir/heaptrack.log" 2>&1 &
   ht=$!; pids+=("$ht")
   wait_http "http://127.0.0.1:$OUT/"
   taskset -c 0 h2load -c32 -m1 -n "$HEAPTRACK" "http://127.0.0.1:$OUT/" | grep '^requests:' >&2
@@ -75,12 +68,12 @@ smaps() {
 sl() { echo "${1// / / }"; }
 rss() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
 
-echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, OUTRIGGER_CODE_PAGES=${OUTRIGGER_CODE_PAGES:-(default)}, $(git rev-parse --short HEAD 2>/dev/null)"
+echo "Outrigger RSS, MiB as VmRSS / anonymous / file pages; $(basename "$bin") ($(du -h "$bin" | cut -f1)), GLIBC_TUNABLES=${tunables:-(none)}, OUTRIGGER_CODE_PAGES=${OUTRIGGER_CODE_PAGES:-(default)}, $(bin_label)"
 echo
 echo "| run | idle | under HTTP/1.1 load (req/s) | under h2c load (req/s) | after the load (s) | major faults |"
 echo "|---|---|---|---|---|---:|"
 for run in $(seq "$runs"); do
-  taskset -c 1 env ${tunables:+GLIBC_TUNABLES=$tunables} "$bin" run -c "$dir/outrigger.yaml" & p=$!; pids+=("$p")
+  taskset -c 1 env ${tunables:+GLIBC_TUNABLES=$tunables} "$bin" run -c "$dir/config/outrigger.yaml" & p=$!; pids+=("$p")
   wait_http "http://127.0.0.1:$OUT/"
   idle=$(mem $p); smaps $p idle
   taskset -c 0 wrk -t1 -c32 -d4s "http://127.0.0.1:$OUT/" > "$dir/wrk.out" & w=$!

@@ -18,6 +18,8 @@
 # Counts do not depend on the machine's speed the way req/s does, but batching does (a slower
 # proxy finds more ready sockets per epoll_wait): read them next to each other, same run.
 # `OUTRIGGER_BIN=path` measures that binary instead of building. Needs perf with tracepoints.
+# `HTTP2_SERVER=outrigger` gives Outrigger's listener our own HTTP/2 server (`http2_server`;
+# default hyper's): what the h2 runs measure. `WORKERS=N` gives it N worker threads (default 1).
 # `PROXIES="outrigger"` measures only those of outrigger, haproxy and nginx. `PROFILE=1` adds,
 # per proxy, a fourth run under `perf record -e cpu-clock -F 4999` (no call graphs: the release
 # build has no frame pointers and no debug info) and prints its CPU per request under perf and
@@ -57,20 +59,12 @@ frontend f
 backend b
   server s1 127.0.0.1:$UP
 EOF
-cat > "$dir/outrigger.yaml" <<EOF
-admin: { address: 127.0.0.1:0 }
-runtime: { worker_threads: ${WORKERS:-1} }
-log: { level: warn }
-app: { address: 127.0.0.1:$UP }
-listeners:
-  - name: public
-    address: 127.0.0.1:$OUT
-EOF
+outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
 
 start nginx -c "$upconf"; up_pid=$!; wait_port $UP
 start nginx -c "$dir/nginx.conf"; ngx_pid=$!; wait_port $NGX
 start haproxy -f "$dir/haproxy.cfg"; hap_pid=$!; wait_port $HAP
-start "$bin" run -c "$dir/outrigger.yaml"; out_pid=$!; wait_port $OUT
+start "$bin" run -c "$dir/config/outrigger.yaml"; out_pid=$!; wait_port $OUT
 sleep 0.5
 # Experiments: BATCH="outrigger haproxy" puts those processes' threads under SCHED_BATCH.
 for b in ${BATCH:-}; do

@@ -48,18 +48,10 @@ frontend f
 backend b
   server s1 127.0.0.1:$UP
 CONF
-cat > "$dir/outrigger.yaml" <<CONF
-admin: { address: 127.0.0.1:0 }
-runtime: { worker_threads: 1 }
-log: { level: warn }
-app: { address: 127.0.0.1:$UP }
-listeners:
-  - name: public
-    address: 127.0.0.1:$OUT
-CONF
+outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
 start nginx -c "$dir/nginx.conf"; wait_port $NGX
 start haproxy -f "$dir/haproxy.cfg"; wait_port $HAP
-start "$bin" run -c "$dir/outrigger.yaml"; wait_port $OUT
+start "$bin" run -c "$dir/config/outrigger.yaml"; wait_port $OUT
 
 for size in 65536 1048576; do
   cat > "$dir/post.$size.lua" <<LUA

@@ -509,6 +509,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    one_malloc_arena(&config);
     let log_level = outrigger::telemetry::log::init(&config.log.level, config.log.format);
     let options = outrigger::app::RunOptions {
         source,
@@ -554,6 +555,51 @@ fn tune_allocator() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
+
+/// With one worker (`runtime.worker_threads: 1`, tokio's current-thread scheduler) the proxy
+/// allocates from glibc's main arena. By default each other thread that allocates (the config
+/// watcher's notify thread, a blocking-pool thread) gets an arena of its own, a 64 MiB
+/// reservation whose first 1 MiB ([`tune_allocator`]'s `M_TOP_PAD`) its allocations walk
+/// through and leave resident: with the config's directory busy (a file written beside it) the
+/// notify thread's arena stood at 1 MiB under load, +10 % of the process's RSS
+/// (docs/BENCHMARKS.md, "RSS under load, the growth measured"). So with one worker every
+/// thread shares the main arena (`M_ARENA_MAX=1`). That includes threads that allocate much:
+/// the bridge's runtime thread (`outrigger-bridge`, which builds 4 MiB JSON answers in
+/// bench/isolation.sh), the access-log writer (`access-log`), the log agent's spool
+/// (`logs-spool`). Measured for the bridge, the heaviest (docs/BENCHMARKS.md, "One malloc
+/// arena and the bridge"): the proxy's p99 under bridge load and the bridge's own rate were no
+/// worse with one arena than with glibc's (4 arenas there), so no exception is made for them.
+/// With several workers their own arenas keep the workers from contending, so it is left to
+/// glibc. `OUTRIGGER_MALLOC_ARENA_MAX=N` (read once, here) sets the limit whatever the config
+/// says, `=default` leaves glibc's own (for such A/B comparisons). Called before any thread
+/// other than main exists: glibc reads the limit when a thread first needs an arena of its own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn one_malloc_arena(config: &outrigger::config::Config) {
+    let by_config = (config.runtime.worker_threads == 1).then_some(1);
+    let limit = match std::env::var("OUTRIGGER_MALLOC_ARENA_MAX").ok().as_deref() {
+        None => by_config,
+        Some("default") => None,
+        Some(n) => match n.parse::<i32>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                eprintln!(
+                    "warning: OUTRIGGER_MALLOC_ARENA_MAX={n:?} ignored (expected a number from 1, or default)"
+                );
+                by_config
+            }
+        },
+    };
+    if let Some(limit) = limit {
+        // SAFETY: mallopt only changes an allocator tunable; no other thread exists yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, limit);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_malloc_arena(_config: &outrigger::config::Config) {}
 
 /// Hands the pages a load burst left free back to the kernel once the load has ended: the
 /// high trim threshold above keeps glibc from doing it per request, and without this an h2c

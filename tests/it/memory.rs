@@ -134,3 +134,103 @@ fn the_trimmer_unmaps_the_code_a_load_mapped() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// glibc's malloc arenas other than the main one (the `[heap]`): each is an anonymous read-write
+/// mapping at a 64 MiB boundary, its heap, followed up to the next 64 MiB boundary by the
+/// inaccessible rest of its reservation (unless the heap fills it).
+fn malloc_arenas(sc: &Sidecar) -> usize {
+    const SIZE: usize = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", sc.pid())).unwrap();
+    let maps: Vec<(usize, usize, &str, bool)> = maps
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_ascii_whitespace().collect();
+            let (s, e) = f[0].split_once('-').unwrap();
+            let s = usize::from_str_radix(s, 16).unwrap();
+            let e = usize::from_str_radix(e, 16).unwrap();
+            (s, e, f[1], f.len() == 5 && f[4] == "0")
+        })
+        .collect();
+    maps.iter()
+        .enumerate()
+        .filter(|&(i, &(s, e, perms, anon))| {
+            anon && perms == "rw-p"
+                && s % SIZE == 0
+                && (e - s == SIZE
+                    || maps
+                        .get(i + 1)
+                        .is_some_and(|&(ns, ne, np, _)| ns == e && ne == s + SIZE && np == "---p"))
+        })
+        .count()
+}
+
+#[test]
+fn with_one_worker_every_thread_allocates_from_one_malloc_arena() {
+    let app = crate::backend::Backend::http();
+    let config = |workers: usize| {
+        format!(
+            "runtime: {{ worker_threads: {workers} }}\napp: {{ address: \"{}\" }}\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n",
+            app.address()
+        )
+    };
+    let (one, two) = (config(1), config(2));
+    let single = Spawn {
+        config: &one,
+        ..Spawn::default()
+    }
+    .start();
+    let several = Spawn {
+        config: &two,
+        ..Spawn::default()
+    }
+    .start();
+    single.wait_ready();
+    // Read at once: the release comes 2 s after start-up, and the second sidecar's start may
+    // take that long on a busy machine.
+    let started_kib = text_rss_kib(&single);
+    // One worker with the limit left to glibc (`OUTRIGGER_MALLOC_ARENA_MAX=default`, the A/B
+    // switch): the other threads' arenas come back.
+    let glibc = Spawn {
+        config: &one,
+        env: &[("OUTRIGGER_MALLOC_ARENA_MAX", "default")],
+        ..Spawn::default()
+    }
+    .start();
+    several.wait_ready();
+    glibc.wait_ready();
+    let client = crate::support::client();
+    for sc in [&single, &several, &glibc] {
+        // Requests (the workers allocate), and files written beside the config (the config
+        // watcher's notify thread allocates for each event).
+        let mut answered = 0;
+        for i in 0..50 {
+            let ok = client
+                .get(sc.listener_url("public", "/"))
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.bytes());
+            answered += usize::from(ok.is_ok());
+            std::fs::write(sc.path(&format!("beside-{i}.log")), "x").unwrap();
+        }
+        assert!(answered > 0, "no request answered 2xx through {}", sc.pid());
+    }
+    // Several workers: glibc gives them arenas of their own (what the count below sees).
+    crate::support::eventually(Duration::from_secs(10), "an arena per worker", || {
+        (malloc_arenas(&several) > 0).then_some(())
+    });
+    crate::support::eventually(Duration::from_secs(10), "glibc's arenas", || {
+        (malloc_arenas(&glibc) > 0).then_some(())
+    });
+    // One worker: once the code pages are released (a blocking-pool thread, 2 s after start-up)
+    // and the file events handled, still no arena but the main one.
+    crate::support::eventually(Duration::from_secs(10), "the code-pages release", || {
+        (text_rss_kib(&single) * 2 < started_kib).then_some(())
+    });
+    assert_eq!(
+        malloc_arenas(&single),
+        0,
+        "{}\n{}",
+        std::fs::read_to_string(format!("/proc/{}/maps", single.pid())).unwrap(),
+        single.diagnostics()
+    );
+}
