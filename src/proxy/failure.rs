@@ -51,6 +51,21 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure (each an `error` label value).
+    pub const ALL: [Failure; 11] = [
+        Failure::BadRequest,
+        Failure::RequestTimeout,
+        Failure::NoRoute,
+        Failure::Overload,
+        Failure::NoEndpoints,
+        Failure::Connect,
+        Failure::Upstream,
+        Failure::Timeout,
+        Failure::AppNotReady,
+        Failure::Forbidden,
+        Failure::BodyTooLarge,
+    ];
+
     pub fn status(self) -> StatusCode {
         match self {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
@@ -229,6 +244,11 @@ mod tests {
             (Failure::Forbidden, 403, "forbidden"),
             (Failure::BodyTooLarge, 413, "body-too-large"),
         ];
+        assert_eq!(
+            Failure::ALL,
+            all.map(|(f, _, _)| f),
+            "ALL lists every failure"
+        );
         for (f, status, reason) in all {
             assert_eq!(f.status().as_u16(), status, "{f:?}");
             assert_eq!(f.reason(), reason, "{f:?}");

@@ -103,8 +103,14 @@ impl Origination {
         true
     }
 
-    /// Swaps in `loaded`.
+    /// Swaps in `loaded`, unless retired. Under the fingerprints' lock, as [`Self::retire`]:
+    /// a reload racing the eviction of a mesh peer (which retires it, then removes its
+    /// certificate's series) either writes the series before the removal or not at all.
     fn install(&self, loaded: super::LoadedClient) {
+        let mut current = self.fingerprints.lock().expect("not poisoned");
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let fingerprints = loaded.fingerprints.clone();
         self.metrics
             .track(&format!("cluster/{}", self.cluster), &loaded.certs);
@@ -117,11 +123,14 @@ impl Origination {
             own: tokio_rustls::TlsConnector::from(loaded.config),
             http1,
         })));
-        *self.fingerprints.lock().expect("not poisoned") = fingerprints;
+        *current = fingerprints;
     }
 
-    /// Replaced by a config reload: no more reloading.
+    /// Replaced by a config reload, or an evicted mesh peer: no more reloading, and no more
+    /// material installed (nor its certificate's series written) once an install under way is
+    /// done.
     pub fn retire(&self) {
+        let _installing = self.fingerprints.lock().expect("not poisoned");
         self.retired.store(true, Ordering::Relaxed);
     }
 
