@@ -1010,9 +1010,9 @@ where
     };
     // The upstream answered before it had the whole body. An error (a 413, a 401): the body
     // stops here, and the client, which still sends it, is told `connection: close` (what it
-    // sends on is read and dropped for a while, [`linger`](linger::drain)). Any other answer (an echo, even
-    // an HTTP/1.0 one or one with `connection: close`, which may read the body as it
-    // answers) gets the rest as the response goes back. Reads of the response after the
+    // sends on is read and dropped for a while, [`linger`](linger::drain)). Any other answer
+    // (an echo, even an HTTP/1.0 one or one with `connection: close`, which may read the body
+    // as it answers) gets the rest as the response goes back. Reads of the response after the
     // body stopped end at the route's timeout: an upstream may still wait for the body.
     let early = up
         .as_ref()

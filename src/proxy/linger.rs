@@ -97,6 +97,14 @@ pub(super) async fn drain<S: AsyncRead + Unpin>(io: &mut S, buf: &mut [u8], left
 
 /// What hyper's path left unread of an HTTP/1 connection's last request body, in bytes
 /// (`u64::MAX`: an unknown rest, chunked; 0: nothing), for [`Lingering`] to drop at the close.
+///
+/// Kept current as the body is read ([`Tracked`]), not only when it is dropped: a body cut at
+/// `limits.max_request_body` is owned by the upstream request, which may drop it on another
+/// worker after hyper has already shut the connection down. The count is what the handler
+/// had not read; it includes what hyper had read ahead into its buffer, and when hyper reads
+/// the rest of a small dropped body itself before a close, the count is stale: that close
+/// then waits up to [`LINGER`] for bytes that do not come (bounded, and rare: hyper keeps
+/// such a connection open for its next request, which resets the count).
 #[derive(Clone, Default)]
 pub(super) struct Unread(Arc<AtomicU64>);
 
@@ -105,14 +113,12 @@ impl Unread {
     /// Hyper reads the next request head only once the last body was read to its end: what
     /// an earlier request left is forgotten.
     pub(super) fn track<B: Body>(&self, body: B, http1: bool) -> Tracked<B> {
-        if http1 {
-            self.0.store(0, Ordering::Relaxed);
-        }
-        Tracked {
+        let tracked = Tracked {
             inner: body,
-            ended: false,
             unread: http1.then(|| self.clone()),
-        }
+        };
+        tracked.note(false);
+        tracked
     }
 
     fn take(&self) -> u64 {
@@ -120,20 +126,21 @@ impl Unread {
     }
 }
 
-/// A request body that tells its connection's [`Unread`] when it is dropped before its end.
+/// A request body that keeps its connection's [`Unread`] at what is left of it.
 pub struct Tracked<B: Body> {
     inner: B,
-    ended: bool,
     unread: Option<Unread>,
 }
 
-impl<B: Body> Drop for Tracked<B> {
-    fn drop(&mut self) {
-        if let Some(u) = &self.unread
-            && !self.ended
-            && !self.inner.is_end_stream()
-        {
-            let left = self.inner.size_hint().exact().unwrap_or(u64::MAX);
+impl<B: Body> Tracked<B> {
+    /// Stores what is left unread: nothing once `ended` or at the end of the stream.
+    fn note(&self, ended: bool) {
+        if let Some(u) = &self.unread {
+            let left = if ended || self.inner.is_end_stream() {
+                0
+            } else {
+                self.inner.size_hint().exact().unwrap_or(u64::MAX)
+            };
             u.0.store(left, Ordering::Relaxed);
         }
     }
@@ -151,9 +158,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let res = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if res.is_none() {
-            self.ended = true;
-        }
+        self.note(res.is_none());
         Poll::Ready(res)
     }
 
@@ -261,6 +266,11 @@ mod tests {
         let unread = Unread::default();
         drop(unread.track(sized(100), true));
         assert_eq!(unread.take(), 100);
+        // Counted while the body is still held: a body cut at the limit is dropped by the
+        // upstream request, maybe after hyper shut the connection down.
+        let held = unread.track(sized(100), true);
+        assert_eq!(unread.take(), 100, "the rest of a body still held");
+        drop(held);
         let read = unread.track(sized(100), true).collect().await.unwrap();
         assert_eq!(read.to_bytes().len(), 100);
         assert_eq!(unread.take(), 0);

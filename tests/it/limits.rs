@@ -245,27 +245,6 @@ fn a_retry_without_attempts_reports_every_problem_at_once() {
     }
 }
 
-/// Writes `head`, then all of `body`, and only then reads: the answer up to the close, or what
-/// failed (a reset while writing or reading).
-fn written_whole_then_read(address: &str, head: &[u8], body: &[u8]) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(address).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(head)
-        .map_err(|e| format!("writing the head: {e}"))?;
-    s.write_all(body)
-        .map_err(|e| format!("writing the body: {e}"))?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).map_err(|e| {
-        format!(
-            "reading the answer: {e} (read {:?})",
-            String::from_utf8_lossy(&out)
-        )
-    })?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
 /// `data` in HTTP/1 chunks of 64 KiB, and the last chunk.
 fn chunked(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 1000 + 16);
@@ -316,7 +295,7 @@ fn hyper_s_path_lingers_so_a_client_writing_a_body_over_the_limit_gets_its_413()
                 }
             );
             let out = crate::support::or_panic(
-                written_whole_then_read(&sc.listeners[listener], head, body),
+                crate::support::written_whole_then_read(&sc.listeners[listener], head, body),
                 || format!("{what}\n{}", sc.diagnostics()),
             );
             assert!(out.starts_with("HTTP/1.1 413"), "{what}: {out}");

@@ -178,9 +178,10 @@ impl NameResolution {
             let mut routes = self.routes.lock().expect("not poisoned");
             for c in &evicted {
                 // Retired first: its endpoint gauge is not set again after this, nor its
-                // certificate's expiry (`Origination::retire`).
+                // certificate's expiry or its handshake counts (`Origination::retire`).
                 c.retire();
                 self.metrics.tls.untrack(&format!("cluster/{}", c.name));
+                self.metrics.tls.remove_client(&c.name);
                 self.metrics.remove_cluster(&c.name);
                 for (labels, remove) in routes.remove(&c.name).unwrap_or_default() {
                     remove(&self.metrics, &labels);
@@ -675,6 +676,59 @@ mod tests {
             tracked(),
             0,
             "the evicted peer's certificate series came back"
+        );
+    }
+
+    /// An evicted peer's `outrigger_tls_handshakes_total{side="client"}` series go with it,
+    /// and a handshake under way at the eviction does not write them again.
+    #[tokio::test]
+    async fn an_evicted_peers_handshake_series_go_with_it() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        let o = a.tls.clone().unwrap();
+        let address = Address::Tcp("127.0.0.1:15443".parse().unwrap());
+        // A handshake with a server that answers in plain text: it fails (`not_tls`).
+        let handshake = |o: Arc<crate::tls::origination::Origination>| {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let address = address.clone();
+            let done = tokio::spawn(async move {
+                let name = o.server_name(&address);
+                o.connect(name, ours, &address, false).await.is_err()
+            });
+            (done, theirs)
+        };
+        let answer = |mut theirs: tokio::io::DuplexStream| async move {
+            theirs.write_all(b"HTTP/1.1 400 \r\n\r\n").await.unwrap();
+            theirs.shutdown().await.unwrap();
+            theirs
+        };
+        let counted = || {
+            r.metrics
+                .tls
+                .handshakes
+                .get(&crate::telemetry::tls::HandshakeLabels {
+                    side: "client",
+                    name: a.name.to_string(),
+                    result: "not_tls",
+                })
+                .is_some()
+        };
+        let (done, theirs) = handshake(o.clone());
+        let _theirs = answer(theirs).await;
+        assert!(done.await.unwrap());
+        assert!(counted(), "the failed handshake counted");
+        // One under way when the peer is evicted, failing after.
+        let (late, theirs) = handshake(o.clone());
+        tokio::task::yield_now().await;
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert!(!counted(), "the evicted peer's series removed");
+        let _theirs = answer(theirs).await;
+        assert!(late.await.unwrap());
+        assert!(
+            !counted(),
+            "a handshake under way at the eviction wrote its series again"
         );
     }
 
