@@ -10,7 +10,8 @@
 //! drain, connections are told to finish (HTTP/2 GOAWAY) and the loop returns once all are
 //! gone. Idle connections close after `idle_timeout`; so do clients that read nothing (a write
 //! waiting that long), and HTTP/2 streams whose client reads nothing are reset
-//! ([`super::unread_streams`]).
+//! ([`super::unread_streams`]). An HTTP/1 connection hyper closes after an answer that left
+//! the request body unread lingers first ([`super::linger`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tokio::task::JoinSet;
 
 use super::generation::{Kind, Listener, Serving};
 use super::listener::{self, Activity, Metered, Peer, Stream};
-use super::{fast_path, framing, http, tcp};
+use super::{fast_path, framing, http, linger, tcp};
 use crate::runtime::Drain;
 
 /// A downstream connection's slot: releases the `max_connections` permit and updates the
@@ -294,7 +295,10 @@ async fn serve_connection(
             let mut scanner = framing::Scanner::new(down.framing_alarm.clone());
             scanner.feed(&prefix);
             io.set_scanner(Some(scanner));
-            let io = fast_path::Rewind::new(prefix, io);
+            // HTTP/1: a connection hyper closes after an answer that left the request body
+            // unread (a refusal, a 413) reads and drops the rest first (`linger`).
+            let unread = linger::Unread::default();
+            let io = linger::Lingering::new(fast_path::Rewind::new(prefix, io), unread.clone());
             // Each request is handled by the listener's newest config generation: a reload
             // reaches keep-alive connections too.
             let (listener, fallback) = (l.clone(), first.clone());
@@ -313,6 +317,7 @@ async fn serve_connection(
                     saw_h2.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 let down = down.clone();
+                let req = req.map(|body| unread.track(body, http1));
                 // Boxed: the request's future (the whole forward state machine) is large,
                 // and hyper moves the service's future by value into its HTTP/2 stream, the
                 // executor into a task, tokio into the task's cell (each a memcpy of all of

@@ -51,6 +51,41 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure (each an `error` label value).
+    pub const ALL: [Failure; 11] = [
+        Failure::BadRequest,
+        Failure::RequestTimeout,
+        Failure::NoRoute,
+        Failure::Overload,
+        Failure::NoEndpoints,
+        Failure::Connect,
+        Failure::Upstream,
+        Failure::Timeout,
+        Failure::AppNotReady,
+        Failure::Forbidden,
+        Failure::BodyTooLarge,
+    ];
+
+    /// The failure at this one's place in [`Self::ALL`], which keeps ALL whole: the match is
+    /// exhaustive (a new variant does not compile without its arm), an arm's place past ALL's
+    /// end does not compile ("index out of bounds"), and the check below it fails to compile
+    /// unless every place holds its own failure.
+    const fn listed(self) -> Failure {
+        match self {
+            Failure::BadRequest => Self::ALL[0],
+            Failure::RequestTimeout => Self::ALL[1],
+            Failure::NoRoute => Self::ALL[2],
+            Failure::Overload => Self::ALL[3],
+            Failure::NoEndpoints => Self::ALL[4],
+            Failure::Connect => Self::ALL[5],
+            Failure::Upstream => Self::ALL[6],
+            Failure::Timeout => Self::ALL[7],
+            Failure::AppNotReady => Self::ALL[8],
+            Failure::Forbidden => Self::ALL[9],
+            Failure::BodyTooLarge => Self::ALL[10],
+        }
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
@@ -82,6 +117,18 @@ impl Failure {
         }
     }
 }
+
+const _: () = {
+    let mut i = 0;
+    while i < Failure::ALL.len() {
+        let f = Failure::ALL[i];
+        assert!(
+            f.listed() as u8 == f as u8,
+            "Failure::ALL holds each failure at its place in Failure::listed"
+        );
+        i += 1;
+    }
+};
 
 /// A response Outrigger writes itself: short text body and the reason header.
 pub fn error_response(failure: Failure, message: &str) -> Response<ProxyBody> {
@@ -229,6 +276,8 @@ mod tests {
             (Failure::Forbidden, 403, "forbidden"),
             (Failure::BodyTooLarge, 413, "body-too-large"),
         ];
+        // Every failure has its row (ALL is whole: `Failure::listed`).
+        assert_eq!(all.map(|(f, _, _)| f), Failure::ALL);
         for (f, status, reason) in all {
             assert_eq!(f.status().as_u16(), status, "{f:?}");
             assert_eq!(f.reason(), reason, "{f:?}");

@@ -43,7 +43,7 @@
 //! upstream that answers while it still reads (an echo) thus gets all of it. An upstream
 //! that answers an error (status 400 or more) or says `Connection: close` before it has the
 //! whole body gets no more: the client hears the answer with `connection: close`, and what it
-//! still sends is read and dropped for up to [`LINGER`] after our side is shut, so that the
+//! still sends is read and dropped for up to [`linger::LINGER`] after our side is shut, so that the
 //! answer is not lost to a reset. Any other answer that ends before the body does (nginx's
 //! `return` answers at once and reads the body after) gets the rest after it, for up to the
 //! route's timeout, so that both connections go on; failing that, the client's connection
@@ -59,8 +59,8 @@
 //! hyper's path (`check`). A `Content-Length` over the proxy's own limit
 //! (`limits.max_request_body`) is answered here, as hyper's path would (413 `body-too-large`,
 //! `connection: close`, the same metrics and record: [`Refusal`]), and then the body the
-//! client still sends is read and dropped for up to [`LINGER`] (hyper's path closes at once:
-//! a client that writes its whole body before it reads would get a reset, not its 413).
+//! client still sends is read and dropped for up to [`linger::LINGER`] (its lingering close;
+//! hyper's path lingers the same way).
 //!
 //! Two deliberate differences from hyper's path: a chunked response is passed on as it came,
 //! chunk extensions and trailer fields included (hyper's encoder keeps only the trailers the
@@ -107,6 +107,7 @@ use super::cluster::pool::{Pool, Raw};
 use super::failure::Failure;
 use super::generation::{Kind, Listener};
 use super::http::{Downstream, HttpListener};
+use super::linger;
 use super::listener::{Metered, Stream};
 use super::min_body_rate::Credit;
 use super::record::Recording;
@@ -122,13 +123,6 @@ const MAX_REQUEST_HEADERS: usize = 100;
 /// A downstream connection's read buffer to begin with (hyper's too); grown up to the
 /// listener's `max_header_bytes` for a larger head.
 const FIRST_BUFFER: usize = 8 * 1024;
-/// How long a connection closed before its client sent all of a request body keeps reading
-/// (and dropping) the rest, so that the client reads its answer before a reset ([`linger`];
-/// nginx waits up to 5 s between reads, 30 s in all, for the same reason). Short: the client
-/// has its answer, the connection's slot is what it holds.
-const LINGER: Duration = Duration::from_secs(2);
-/// The longest a lingering close reads a client that keeps sending ([`linger`]).
-const LINGER_TOTAL: Duration = Duration::from_secs(30);
 
 /// What the connection's watcher and the fast path tell each other.
 #[derive(Default)]
@@ -249,7 +243,7 @@ where
             cx.flags.busy.store(false, Ordering::Relaxed);
             if io.flush().await.is_ok() {
                 let _ = io.shutdown().await;
-                linger(io, &mut buf, unread).await;
+                linger::drain(io, &mut buf, unread).await;
             }
             return Outcome::Closed;
         }
@@ -332,7 +326,7 @@ where
             if io.flush().await.is_ok() {
                 let _ = io.shutdown().await;
                 if unread > 0 {
-                    linger(io, &mut buf, unread).await;
+                    linger::drain(io, &mut buf, unread).await;
                 }
             }
             return Outcome::Closed;
@@ -981,7 +975,7 @@ where
     let (mut conn, head, mut end) = match exchanged {
         Ok(Ok(r)) => r,
         // A client that still owes some of its body is told its connection closes (what it
-        // sends on is read and dropped for a while, [`linger`]).
+        // sends on is read and dropped for a while, [`linger`](linger::drain)).
         Ok(Err(f)) => {
             let close = close || owed(&up);
             return answer(io, state, plan, f, out, close, started).await;
@@ -1016,9 +1010,9 @@ where
     };
     // The upstream answered before it had the whole body. An error (a 413, a 401): the body
     // stops here, and the client, which still sends it, is told `connection: close` (what it
-    // sends on is read and dropped for a while, [`linger`]). Any other answer (an echo, even
-    // an HTTP/1.0 one or one with `connection: close`, which may read the body as it
-    // answers) gets the rest as the response goes back. Reads of the response after the
+    // sends on is read and dropped for a while, [`linger`](linger::drain)). Any other answer
+    // (an echo, even an HTTP/1.0 one or one with `connection: close`, which may read the body
+    // as it answers) gets the rest as the response goes back. Reads of the response after the
     // body stopped end at the route's timeout: an upstream may still wait for the body.
     let early = up
         .as_ref()
@@ -1166,9 +1160,9 @@ where
 /// else is done for it: 413 `body-too-large` with `connection: close`, counted, logged and
 /// recorded as hyper's path does (`check_body_size`: the listener's in-flight permit taken, the
 /// route's request and response counted, `x-outrigger-error`, the record's route and cluster).
-/// Answered here rather than on hyper's path so that the body the client still sends is read
-/// and dropped after the answer ([`linger`]): hyper closes at once, and a client that writes its
-/// whole body before it reads would get a reset instead of its 413.
+/// Answered here rather than on hyper's path (which answers it the same way, and lingers too)
+/// so that a large body's connection costs no hand-over; the body the client still sends is
+/// read and dropped after the answer ([`linger`](linger::drain)).
 struct Refusal {
     target: Arc<Target>,
     length: u64,
@@ -1720,27 +1714,6 @@ where
             message: format!("the request body did not arrive within {timeout:?}"),
         }),
     }
-}
-
-/// Reads and drops what the client still sends of a body it was answered before sending
-/// (up to `left` bytes, while it keeps sending: at most [`LINGER`] between reads and
-/// [`LINGER_TOTAL`] in all), after our side of the connection is shut: closing a socket with
-/// unread bytes resets it, and a reset can reach the client before it has read its answer
-/// (nginx's lingering close, `lingering_timeout` and `lingering_time`, for the same reason).
-async fn linger<S>(io: &mut Metered<S>, buf: &mut [u8], mut left: u64)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let drained = async {
-        while left > 0 {
-            let want = (left.min(buf.len() as u64)) as usize;
-            match tokio::time::timeout(LINGER, io.read(&mut buf[..want])).await {
-                Ok(Ok(0) | Err(_)) | Err(_) => return,
-                Ok(Ok(n)) => left -= n as u64,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER_TOTAL, drained).await;
 }
 
 fn broke(address: &crate::config::Address, why: &str) -> Failed {

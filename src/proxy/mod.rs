@@ -25,7 +25,9 @@
 //!       ([`body`]), pick an endpoint and send, retrying; a 101 is spliced ([`upgrade`]);
 //!    8. respond ([`respond`]): response edits, metrics;
 //!
-//!    and any phase may answer with an error instead ([`failure`]);
+//!    and any phase may answer with an error instead ([`failure`]); an HTTP/1 connection
+//!    closed after an answer that left the request body unread reads and drops the rest for
+//!    a while first (`linger`), so that the client reads its answer before a reset;
 //! 4. upstream: a [`cluster::Cluster`] (discovery, balancing, outlier ejection, retry budget,
 //!    connecting; TLS origination in [`crate::tls::origination`]).
 //!
@@ -49,6 +51,7 @@ pub mod headers;
 pub mod hold;
 pub mod http;
 pub mod limits;
+mod linger;
 pub mod listener;
 pub mod min_body_rate;
 pub mod record;

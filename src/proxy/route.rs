@@ -42,6 +42,9 @@ pub struct Target {
     pub authz: Option<Vec<crate::config::tls::IdentityPattern>>,
 }
 
+/// The `class` label of `outrigger_http_responses_total`, by the status's first digit.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// The metric series of one route, created up front.
 pub struct RouteStats {
     pub requests: Counter,
@@ -70,7 +73,7 @@ impl RouteStats {
             route,
             cluster: cluster.clone(),
         };
-        let responses = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+        let responses = CLASSES.map(|class| {
             metrics
                 .responses
                 .get_or_create(&response_labels(&labels, class, ""))
@@ -100,6 +103,34 @@ impl RouteStats {
             labels,
             metrics: metrics.clone(),
         }
+    }
+
+    /// Removes every series made for the route `labels` (a mesh peer's route, its cluster
+    /// evicted: [`NameResolution::track_route`]): requests, bytes, responses of each class
+    /// (the upstream's and Outrigger's own, by reason) and its listener's latency histograms
+    /// for the cluster.
+    pub fn remove_series(metrics: &ProxyMetrics, labels: &RouteLabels) {
+        metrics.requests.remove(labels);
+        metrics.request_bytes.remove(labels);
+        metrics.response_bytes.remove(labels);
+        for class in CLASSES {
+            metrics
+                .responses
+                .remove(&response_labels(labels, class, ""));
+        }
+        for failure in Failure::ALL {
+            let class = class(failure.status().as_u16());
+            metrics
+                .responses
+                .remove(&response_labels(labels, class, failure.reason()));
+        }
+        let latency = LatencyLabels {
+            direction: labels.direction,
+            listener: labels.listener.clone(),
+            cluster: labels.cluster.clone(),
+        };
+        metrics.latency.remove(&latency);
+        metrics.duration.remove(&latency);
     }
 
     /// Counts an answer Outrigger wrote itself before forwarding (no body to wait for): the
@@ -417,6 +448,12 @@ impl Router {
         });
         // Two spellings of one app id (`payments`, `payments.shop`) share a cluster, each its
         // own target: at most twice the peers' bound (evicted peers' targets make room).
+        // Removed with the cluster when it is evicted.
+        peers.resolution.track_route(
+            &target.cluster,
+            target.stats.labels.clone(),
+            RouteStats::remove_series,
+        );
         if targets.len() >= 2 * peers.resolution.max() {
             targets.retain(|_, t| !t.cluster.is_retired());
         }
@@ -562,6 +599,84 @@ pub(super) fn route_key(authority: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mesh peer's route series (and its listener's latency histograms for the peer's
+    /// cluster) are removed when the cluster is evicted unused, as the cluster's own are; a
+    /// peer in use keeps them, a router that made them as the eviction ran removes them at
+    /// once, and a peer called again starts new ones.
+    #[tokio::test]
+    async fn a_mesh_peers_route_series_go_when_its_cluster_is_evicted() {
+        let metrics = ProxyMetrics::default();
+        let r = NameResolution::template(
+            "127.0.0.{app_id}:{namespace}".into(),
+            "1".into(),
+            metrics.clone(),
+        );
+        let listener: Name = Arc::new("out".into());
+        let router = Router::new("outbound", &listener, &[], &HashMap::new(), false, &metrics)
+            .with_peers(Some(r.clone()));
+        let series = |l: &RouteLabels| {
+            let latency = LatencyLabels {
+                direction: l.direction,
+                listener: l.listener.clone(),
+                cluster: l.cluster.clone(),
+            };
+            [
+                metrics.requests.get(l).is_some(),
+                metrics.request_bytes.get(l).is_some(),
+                metrics.response_bytes.get(l).is_some(),
+                metrics
+                    .responses
+                    .get(&response_labels(l, "2xx", ""))
+                    .is_some(),
+                metrics
+                    .responses
+                    .get(&response_labels(l, "5xx", "overload"))
+                    .is_some(),
+                metrics.latency.get(&latency).is_some(),
+                metrics.duration.get(&latency).is_some(),
+            ]
+            .into_iter()
+            .filter(|&there| there)
+            .count()
+        };
+        let gone = router.peer("1").await.unwrap().unwrap();
+        let kept = router.peer("2").await.unwrap().unwrap();
+        for t in [&gone, &kept] {
+            t.stats.requests.inc();
+            t.stats
+                .answered(503, Failure::Overload.reason(), Instant::now());
+        }
+        assert_eq!(gone.name.as_str(), "peer:1");
+        assert_eq!(series(&gone.stats.labels), 7);
+        assert_eq!(series(&kept.stats.labels), 7);
+        let in_flight = kept.cluster.pick().expect("an endpoint");
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert_eq!(series(&gone.stats.labels), 0, "the evicted peer's series");
+        assert_eq!(
+            series(&kept.stats.labels),
+            7,
+            "the peer in use keeps its series"
+        );
+        // Series made for a cluster evicted meanwhile go at once.
+        let late = r.cluster("3").await.unwrap();
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        let stats = RouteStats::new(
+            &metrics,
+            "outbound",
+            &listener,
+            Arc::new("peer:3".into()),
+            &late.name,
+        );
+        assert_eq!(series(&stats.labels), 6, "all but the error's");
+        r.track_route(&late, stats.labels.clone(), RouteStats::remove_series);
+        assert_eq!(series(&stats.labels), 0);
+        // Called again: new series.
+        let again = router.peer("1").await.unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&again, &gone));
+        assert_eq!(series(&again.stats.labels), 6);
+        drop(in_flight);
+    }
 
     #[test]
     fn hosts() {

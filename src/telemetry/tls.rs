@@ -3,6 +3,7 @@
 //! `tls` module records into them; they live here with the other metric types so that the
 //! whole list can be read and documented in one place.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,8 @@ pub struct TlsMetrics {
     pub expiry: Family<CertLabels, Gauge<f64, AtomicU64>>,
     /// not_after (and identities) by certificate, refreshed into `expiry` periodically.
     known: Arc<Mutex<Vec<Known>>>,
+    /// The results counted so far by cluster (side `client`), for [`Self::remove_client`].
+    client_results: Arc<Mutex<HashMap<String, HashSet<&'static str>>>>,
 }
 
 /// A tracked certificate: its labels, not_after (Unix time) and identities.
@@ -92,6 +95,14 @@ impl TlsMetrics {
     }
 
     pub fn handshake(&self, side: &'static str, name: &str, result: &'static str) {
+        // A client series is noted (and written under the same lock) for `remove_client`.
+        let _noted = (side == "client").then(|| {
+            let mut written = self.client_results.lock().expect("not poisoned");
+            if !written.get(name).is_some_and(|r| r.contains(result)) {
+                written.entry(name.to_string()).or_default().insert(result);
+            }
+            written
+        });
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 side,
@@ -130,6 +141,19 @@ impl TlsMetrics {
                 true
             }
         });
+    }
+
+    /// Removes the client handshake series of cluster `name` (an evicted mesh peer), every
+    /// result counted for it.
+    pub fn remove_client(&self, name: &str) {
+        let mut written = self.client_results.lock().expect("not poisoned");
+        for result in written.remove(name).unwrap_or_default() {
+            self.handshakes.remove(&HandshakeLabels {
+                side: "client",
+                name: name.to_string(),
+                result,
+            });
+        }
     }
 
     /// The certificates in use now, with their identities and expiry.

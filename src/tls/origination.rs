@@ -84,11 +84,10 @@ impl Origination {
     }
 
     /// Builds the client config from the files (whose `fingerprints` were just taken) and
-    /// swaps it in.
-    fn load(&self, fingerprints: Vec<u64>) -> Result<(), super::TlsError> {
+    /// swaps it in; false when retired meanwhile (nothing swapped in).
+    fn load(&self, fingerprints: Vec<u64>) -> Result<bool, super::TlsError> {
         let loaded = super::client_config_from(&self.tls, self.h2, fingerprints)?;
-        self.install(loaded);
-        Ok(())
+        Ok(self.install(loaded))
     }
 
     /// A config reload kept this cluster (same settings) and preflight built `built` from the
@@ -98,13 +97,21 @@ impl Origination {
         if *self.fingerprints.lock().expect("not poisoned") == built.fingerprints {
             return false;
         }
-        self.install(built.clone());
+        if !self.install(built.clone()) {
+            return false;
+        }
         tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
         true
     }
 
-    /// Swaps in `loaded`.
-    fn install(&self, loaded: super::LoadedClient) {
+    /// Swaps in `loaded`, unless retired (false then). Under the fingerprints' lock, as [`Self::retire`]:
+    /// a reload racing the eviction of a mesh peer (which retires it, then removes its
+    /// certificate's series) either writes the series before the removal or not at all.
+    fn install(&self, loaded: super::LoadedClient) -> bool {
+        let mut current = self.fingerprints.lock().expect("not poisoned");
+        if self.retired.load(Ordering::Relaxed) {
+            return false;
+        }
         let fingerprints = loaded.fingerprints.clone();
         self.metrics
             .track(&format!("cluster/{}", self.cluster), &loaded.certs);
@@ -117,12 +124,26 @@ impl Origination {
             own: tokio_rustls::TlsConnector::from(loaded.config),
             http1,
         })));
-        *self.fingerprints.lock().expect("not poisoned") = fingerprints;
+        *current = fingerprints;
+        true
     }
 
-    /// Replaced by a config reload: no more reloading.
+    /// Replaced by a config reload, or an evicted mesh peer: no more reloading, and no more
+    /// material installed (nor its certificate's series written) once an install under way is
+    /// done.
     pub fn retire(&self) {
+        let _installing = self.fingerprints.lock().expect("not poisoned");
         self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a handshake's result, unless retired: under the fingerprints' lock, as
+    /// [`Self::install`], so that an evicted mesh peer's handshake series, removed after it is
+    /// retired, are not written again by a handshake that was under way.
+    fn count_handshake(&self, result: &'static str) {
+        let _retiring = self.fingerprints.lock().expect("not poisoned");
+        if !self.retired.load(Ordering::Relaxed) {
+            self.metrics.handshake("client", &self.cluster, result);
+        }
     }
 
     /// The fingerprints of the files the current material was built from.
@@ -162,12 +183,12 @@ impl Origination {
         };
         match connector.connect(name, stream).await {
             Ok(s) => {
-                self.metrics.handshake("client", &self.cluster, "ok");
+                self.count_handshake("ok");
                 Ok(s)
             }
             Err(e) => {
                 let reason = super::classify(&e);
-                self.metrics.handshake("client", &self.cluster, reason);
+                self.count_handshake(reason);
                 tracing::warn!(cluster = %self.cluster, endpoint = %endpoint, reason, error = %e, "TLS handshake with the upstream failed");
                 Err(e)
             }
@@ -189,8 +210,10 @@ impl Reloadable for Origination {
             return Ok(());
         }
         match self.load(now) {
-            Ok(()) => {
-                tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
+            Ok(installed) => {
+                if installed {
+                    tracing::info!(cluster = %self.cluster, "TLS client material reloaded");
+                }
                 Ok(())
             }
             Err(e) => {

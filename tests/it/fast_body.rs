@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{Sidecar, eventually};
+use crate::support::{Sidecar, eventually, or_panic, written_whole_then_read};
 
 /// FNV-1a: the checksum both sides compute.
 fn fnv(data: &[u8]) -> u64 {
@@ -1006,11 +1006,12 @@ fn an_upstream_that_stops_reading_mid_body_gets_504() {
 
 /// A `Content-Length` over `limits.max_request_body` is answered 413 `body-too-large` by the
 /// fast path, which then reads and drops the body the client still sends (its lingering
-/// close): a client that writes its whole 4 MiB body before it reads gets its 413, every time
-/// (hyper's path, which answered it before, closed at once: the client's write or read then
-/// met a reset). The upstream never sees the request; the answer is counted, and its access
-/// log line is field for field the one hyper's path writes (a listener with a rate limit is
-/// hyper's).
+/// close): a client that writes its whole 64 MiB body before it reads gets its 413, every time,
+/// where a close at once would meet it with a reset. 64 MiB: more than loopback's socket
+/// buffers take (`net.ipv4.tcp_rmem` lets one grow to 32 MiB), which would otherwise swallow it
+/// all before the close. The upstream never sees the request; the answer is counted, and its
+/// access log line is field for field the one hyper's path writes (a listener with a rate limit
+/// is hyper's).
 #[test]
 fn a_body_over_max_request_body_written_whole_before_reading_gets_its_413() {
     let app = EchoApp::start();
@@ -1023,27 +1024,14 @@ fn a_body_over_max_request_body_written_whole_before_reading_gets_its_413() {
         log.display()
     ));
     sc.wait_ready();
-    let data = body(4 << 20);
+    let data = body(64 << 20);
     let head =
-        b"PUT /echo HTTP/1.1\r\nHost: a\r\nx-request-id: big\r\nContent-Length: 4194304\r\n\r\n";
+        b"PUT /echo HTTP/1.1\r\nHost: a\r\nx-request-id: big\r\nContent-Length: 67108864\r\n\r\n";
     for i in 0..5 {
-        let mut s = connect(&sc);
-        s.write_all(head).unwrap();
-        if let Err(e) = s.write_all(&data) {
-            panic!(
-                "attempt {i}: the body was not taken: {e}\n{}",
-                sc.diagnostics()
-            );
-        }
-        let mut out = Vec::new();
-        if let Err(e) = s.read_to_end(&mut out) {
-            panic!(
-                "attempt {i}: no answer: {e} (read {:?})\n{}",
-                String::from_utf8_lossy(&out),
-                sc.diagnostics()
-            );
-        }
-        let out = String::from_utf8_lossy(&out);
+        let out = or_panic(
+            written_whole_then_read(&sc.listeners["public"], head, &data),
+            || format!("attempt {i}\n{}", sc.diagnostics()),
+        );
         assert!(out.starts_with("HTTP/1.1 413"), "{out}");
         assert!(
             out.contains("\r\nx-outrigger-error: body-too-large\r\n")
@@ -1092,7 +1080,7 @@ fn a_body_over_max_request_body_written_whole_before_reading_gets_its_413() {
             &lines[0]["error"],
             &lines[0]["bytes_in"]
         ),
-        (&413.into(), &"body-too-large".into(), &(4u64 << 20).into()),
+        (&413.into(), &"body-too-large".into(), &(64u64 << 20).into()),
         "{}",
         lines[0]
     );

@@ -244,3 +244,77 @@ fn a_retry_without_attempts_reports_every_problem_at_once() {
         assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
     }
 }
+
+/// `data` in HTTP/1 chunks of 64 KiB, and the last chunk.
+fn chunked(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 1000 + 16);
+    for c in data.chunks(64 * 1024) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// hyper's path (a listener with a rate limit; any chunked body) answers a body over a 1 MiB
+/// `limits.max_request_body` with 413 `body-too-large`, then reads and drops what the client
+/// still sends (its lingering close), as the fast path does: a client that writes its whole
+/// body before it reads gets its 413 — a `Content-Length` refused before a byte of the body is
+/// read, and a chunked body cut where it passes the limit — where it got a reset. The body is
+/// 64 MiB: more than loopback's socket buffers take (`net.ipv4.tcp_rmem` lets one grow to
+/// 32 MiB), which would otherwise swallow it all before the close.
+#[test]
+fn hyper_s_path_lingers_so_a_client_writing_a_body_over_the_limit_gets_its_413() {
+    let app = Backend::http();
+    let sc = Sidecar::start(&format!(
+        "app:\n  address: {}\n  probe: {{ enabled: false }}\nlisteners:\n  - name: limited\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1MiB, rate_limit: {{ requests_per_second: 100000, burst: 100000 }} }}\n    routes:\n      - timeout: 30s\n  - name: plain\n    address: 127.0.0.1:0\n    limits: {{ max_request_body: 1MiB }}\n    routes:\n      - timeout: 30s\n",
+        app.address()
+    ));
+    sc.wait_ready();
+    let data = vec![b'z'; 64 << 20];
+    let sized = format!(
+        "PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    let chunks = chunked(&data);
+    let open = "PUT /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let cases = [
+        ("limited", sized.as_bytes(), &data[..]),
+        ("limited", open.as_bytes(), &chunks[..]),
+        ("plain", open.as_bytes(), &chunks[..]),
+    ];
+    for (listener, head, body) in cases {
+        for i in 0..3 {
+            let what = format!(
+                "{listener}, {}, attempt {i}",
+                if body.len() == data.len() {
+                    "content-length"
+                } else {
+                    "chunked"
+                }
+            );
+            let out = crate::support::or_panic(
+                crate::support::written_whole_then_read(&sc.listeners[listener], head, body),
+                || format!("{what}\n{}", sc.diagnostics()),
+            );
+            assert!(out.starts_with("HTTP/1.1 413"), "{what}: {out}");
+            assert!(
+                out.contains("\r\nx-outrigger-error: body-too-large\r\n")
+                    && out.contains("\r\nconnection: close\r\n"),
+                "{what}: {out}"
+            );
+        }
+    }
+    // The Content-Length never reached the app; each chunked body was cut there.
+    assert!(
+        app.seen().iter().all(|s| s.body.len() < data.len()),
+        "the app got a whole body"
+    );
+    assert_eq!(
+        sc.metric("outrigger_http_responses_total{direction=\"inbound\",listener=\"limited\",route=\"0\",cluster=\"app\",class=\"4xx\",error=\"body-too-large\"}"),
+        6.0,
+        "{}",
+        sc.diagnostics()
+    );
+}

@@ -353,6 +353,27 @@ pub fn or_panic<T>(r: Result<T, String>, diagnostics: impl FnOnce() -> String) -
     r.unwrap_or_else(|e| panic!("{e}\n{}", diagnostics()))
 }
 
+/// Writes `head`, then all of `body`, and only then reads: the answer up to the close, or what
+/// failed (a reset while writing or reading).
+pub fn written_whole_then_read(address: &str, head: &[u8], body: &[u8]) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head)
+        .map_err(|e| format!("writing the head: {e}"))?;
+    s.write_all(body)
+        .map_err(|e| format!("writing the body: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| {
+        format!(
+            "reading the answer: {e} (read {:?})",
+            String::from_utf8_lossy(&out)
+        )
+    })?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// `payload` as one gRPC message: the 5-byte prefix (uncompressed, its length), then it.
 #[cfg(feature = "bridge")]
 pub fn grpc_message(payload: &[u8]) -> Vec<u8> {

@@ -33,7 +33,7 @@ use super::Cluster;
 use crate::config::Address;
 use crate::config::mesh::MeshConfig;
 use crate::config::proxy::{ClusterConfig, DEFAULT_REFRESH, Discovery};
-use crate::telemetry::metrics::ProxyMetrics;
+use crate::telemetry::metrics::{Name, ProxyMetrics, RouteLabels};
 use crate::tls::LoadedClient;
 
 /// How long an app id's name lookup may take.
@@ -91,7 +91,13 @@ pub struct NameResolution {
     resolved: Mutex<HashMap<String, Arc<Cluster>>>,
     /// App ids (by the same key) that did not resolve, and when.
     failed: Mutex<HashMap<String, Instant>>,
+    /// The routers' series of each resolved cluster (by its name), removed when it is evicted
+    /// ([`NameResolution::track_route`]). Locked only under `resolved`.
+    routes: Mutex<HashMap<Name, HashMap<RouteLabels, RemoveRoute>>>,
 }
+
+/// Removes the series of a route (`RouteStats::remove_series`, in the proxy's router).
+pub type RemoveRoute = fn(&ProxyMetrics, &RouteLabels);
 
 impl NameResolution {
     /// `bridge.name_resolution`: plain-text clusters; `namespace` fills `{namespace}` for ids
@@ -107,6 +113,7 @@ impl NameResolution {
             metrics,
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(Self::evict_idle_peers(Arc::downgrade(&r)));
@@ -123,6 +130,7 @@ impl NameResolution {
             metrics,
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
         });
         // Built now from the files preflight checked, for the peers of this workload's
         // namespace (any peer without `require_peer_namespace`): a renewal that does not carry
@@ -167,11 +175,17 @@ impl NameResolution {
                 keys.iter().filter_map(|k| resolved.remove(k)).collect();
             // Still under the lock: a call that makes the app id's cluster again waits for it,
             // so its new series (same name) are not the ones removed here.
+            let mut routes = self.routes.lock().expect("not poisoned");
             for c in &evicted {
+                // Retired first: its endpoint gauge is not set again after this, nor its
+                // certificate's expiry or its handshake counts (`Origination::retire`).
                 c.retire();
                 self.metrics.tls.untrack(&format!("cluster/{}", c.name));
-                // Retired first: its endpoint gauge is not set again after this.
+                self.metrics.tls.remove_client(&c.name);
                 self.metrics.remove_cluster(&c.name);
+                for (labels, remove) in routes.remove(&c.name).unwrap_or_default() {
+                    remove(&self.metrics, &labels);
+                }
             }
             evicted
         };
@@ -179,6 +193,24 @@ impl NameResolution {
             tracing::info!(cluster = %c.name, idle_seconds = c.idle_for().as_secs(), "unused app id evicted (its cluster is made again on its next call)");
         }
         evicted.len()
+    }
+
+    /// A router made series (`labels`) for `cluster`: `remove` removes them when the cluster
+    /// is evicted, or at once when it already was (a request that raced the eviction), so
+    /// that the series of a peer no longer called do not stay for the sidecar's life.
+    pub fn track_route(&self, cluster: &Arc<Cluster>, labels: RouteLabels, remove: RemoveRoute) {
+        let resolved = self.resolved.lock().expect("not poisoned");
+        if !resolved.values().any(|c| Arc::ptr_eq(c, cluster)) {
+            drop(resolved);
+            remove(&self.metrics, &labels);
+            return;
+        }
+        self.routes
+            .lock()
+            .expect("not poisoned")
+            .entry(cluster.name.clone())
+            .or_default()
+            .insert(labels, remove);
     }
 
     /// How many app ids it keeps clusters for.
@@ -465,6 +497,7 @@ mod tests {
             metrics: ProxyMetrics::default(),
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
         };
         let a = r.cluster("1").await.unwrap();
         assert_eq!(a.endpoint_addresses()[0].to_string(), "127.0.0.1:1");
@@ -498,6 +531,7 @@ mod tests {
             metrics: ProxyMetrics::default(),
             resolved: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
         };
         let m = &r.metrics;
         let series = |name: &str| {
@@ -593,6 +627,111 @@ mod tests {
         NameResolution::mesh(&mesh, ProxyMetrics::default())
     }
 
+    /// Mounts a renewed certificate of the workload's own (the same SPIFFE ID, new dates).
+    fn renew_own_certificate(dir: &std::path::Path) {
+        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
+            ca_dir: dir.join("ca"),
+            out: dir.join("renewed"),
+            name: "web".into(),
+            spiffe: Some("spiffe://cluster.local/ns/1/sa/web".into()),
+            dns: vec![],
+            ips: vec![],
+            days: 20,
+            expired: false,
+            key: crate::tls::certs::KeyKind::Ecdsa,
+        })
+        .unwrap();
+        std::fs::copy(dir.join("renewed/web.crt"), dir.join("tls.crt")).unwrap();
+        std::fs::copy(dir.join("renewed/web.key"), dir.join("tls.key")).unwrap();
+    }
+
+    /// A certificate reload that took its list of peers before an eviction and hands them the
+    /// renewed material after it (a file watch racing the eviction task) does not put back
+    /// the evicted peer's `outrigger_tls_cert_expiry_seconds` series.
+    #[tokio::test]
+    async fn a_reload_racing_an_eviction_does_not_bring_back_the_evicted_peers_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        let owner = format!("cluster/{}", a.name);
+        let tracked = || {
+            r.metrics
+                .tls
+                .certificates()
+                .iter()
+                .filter(|c| c.owner == owner)
+                .count()
+        };
+        assert!(tracked() > 0, "the peer's certificate is reported");
+        renew_own_certificate(dir.path());
+        let How::Mesh(mesh, _) = &r.how else {
+            unreachable!()
+        };
+        let renewed = crate::tls::client_config(&mesh.peer_tls(""), true).unwrap();
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert_eq!(tracked(), 0, "evicted: its certificate no longer reported");
+        // The reload's last step, for the peer it listed before the eviction.
+        a.adopt_tls(Some(&renewed));
+        assert_eq!(
+            tracked(),
+            0,
+            "the evicted peer's certificate series came back"
+        );
+    }
+
+    /// An evicted peer's `outrigger_tls_handshakes_total{side="client"}` series go with it,
+    /// and a handshake under way at the eviction does not write them again.
+    #[tokio::test]
+    async fn an_evicted_peers_handshake_series_go_with_it() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let r = mesh_in(dir.path(), false);
+        let a = r.cluster("1").await.unwrap();
+        let o = a.tls.clone().unwrap();
+        let address = Address::Tcp("127.0.0.1:15443".parse().unwrap());
+        // A handshake with a server that answers in plain text: it fails (`not_tls`).
+        let handshake = |o: Arc<crate::tls::origination::Origination>| {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let address = address.clone();
+            let done = tokio::spawn(async move {
+                let name = o.server_name(&address);
+                o.connect(name, ours, &address, false).await.is_err()
+            });
+            (done, theirs)
+        };
+        let answer = |mut theirs: tokio::io::DuplexStream| async move {
+            theirs.write_all(b"HTTP/1.1 400 \r\n\r\n").await.unwrap();
+            theirs.shutdown().await.unwrap();
+            theirs
+        };
+        let counted = || {
+            r.metrics
+                .tls
+                .handshakes
+                .get(&crate::telemetry::tls::HandshakeLabels {
+                    side: "client",
+                    name: a.name.to_string(),
+                    result: "not_tls",
+                })
+                .is_some()
+        };
+        let (done, theirs) = handshake(o.clone());
+        let _theirs = answer(theirs).await;
+        assert!(done.await.unwrap());
+        assert!(counted(), "the failed handshake counted");
+        // One under way when the peer is evicted, failing after.
+        let (late, theirs) = handshake(o.clone());
+        tokio::task::yield_now().await;
+        assert_eq!(r.evict_idle(Duration::ZERO), 1);
+        assert!(!counted(), "the evicted peer's series removed");
+        let _theirs = answer(theirs).await;
+        assert!(late.await.unwrap());
+        assert!(
+            !counted(),
+            "a handshake under way at the eviction wrote its series again"
+        );
+    }
+
     fn fingerprints(c: &Cluster) -> Vec<u64> {
         c.tls.as_ref().unwrap().fingerprints()
     }
@@ -616,28 +755,7 @@ mod tests {
         assert_eq!(before, fingerprints(&b));
 
         // A renewed certificate (as the watch or SIGHUP sees it) reaches every peer.
-        crate::tls::certs::issue(&crate::tls::certs::IssueOptions {
-            ca_dir: dir.path().join("ca"),
-            out: dir.path().join("renewed"),
-            name: "web".into(),
-            spiffe: Some("spiffe://cluster.local/ns/1/sa/web".into()),
-            dns: vec![],
-            ips: vec![],
-            days: 20,
-            expired: false,
-            key: crate::tls::certs::KeyKind::Ecdsa,
-        })
-        .unwrap();
-        std::fs::copy(
-            dir.path().join("renewed/web.crt"),
-            dir.path().join("tls.crt"),
-        )
-        .unwrap();
-        std::fs::copy(
-            dir.path().join("renewed/web.key"),
-            dir.path().join("tls.key"),
-        )
-        .unwrap();
+        renew_own_certificate(dir.path());
         r.reload_files().unwrap();
         assert_ne!(fingerprints(&a), before);
         assert_eq!(fingerprints(&a), fingerprints(&b));
