@@ -100,6 +100,8 @@ pub(super) struct Conn<IO, S> {
     settings: Settings,
     shutdown: Shutdown,
     read_buf: BytesMut,
+    /// The size of the allocation `read_buf` reads into (what a slice of it keeps alive).
+    read_alloc: usize,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     phase: Phase,
@@ -177,6 +179,7 @@ where
             conn_recv_window: i64::from(settings.connection_window_size.max(DEFAULT_WINDOW)),
             settings,
             shutdown,
+            read_alloc: read_buf.capacity(),
             read_buf,
             out,
             decoder,
@@ -306,7 +309,7 @@ where
             }
             if !self.read_closed && self.out.len() < OUT_HIGH {
                 if self.read_buf.capacity() - self.read_buf.len() < 4096 {
-                    self.read_buf.reserve(16 * 1024);
+                    self.reserve_read(16 * 1024);
                 }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
                 {
@@ -353,6 +356,16 @@ where
         }
     }
 
+    /// Room for `additional` more bytes in the read buffer; `read_alloc` follows it when it
+    /// moves (a new allocation, or the same one reclaimed from its start).
+    fn reserve_read(&mut self, additional: usize) {
+        let before = self.read_buf.as_ptr();
+        self.read_buf.reserve(additional);
+        if self.read_buf.as_ptr() != before {
+            self.read_alloc = self.read_buf.capacity();
+        }
+    }
+
     /// Parses and handles every whole frame in the read buffer.
     fn process(&mut self) -> ConnResult {
         loop {
@@ -382,7 +395,7 @@ where
             }
             let total = frame::HEADER_LEN + head.len as usize;
             if self.read_buf.len() < total {
-                self.read_buf.reserve(total - self.read_buf.len());
+                self.reserve_read(total - self.read_buf.len());
                 return Ok(());
             }
             if self.phase == Phase::FirstSettings {
@@ -546,8 +559,8 @@ where
                 } else {
                     if s.body_gone {
                         sh.conn_released += payload.len() as u32;
-                    } else if !payload.is_empty() {
-                        s.recv_data.push_back(payload.freeze());
+                    } else {
+                        s.push_recv(payload, self.read_alloc);
                     }
                     if end {
                         s.recv = Recv::Ended;
@@ -1160,7 +1173,7 @@ where
                 s.queue.clear();
                 s.queued = 0;
                 s.wake_all();
-                let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+                let unread = s.drain_recv();
                 sh.conn_released += unread as u32;
                 if s.finished() {
                     sh.streams.remove(&id);

@@ -107,7 +107,7 @@ impl Body for RecvBody {
             this.finish();
             return Poll::Ready(Some(Err(StreamError { reason, by_client }.into())));
         }
-        if let Some(data) = s.recv_data.pop_front() {
+        if let Some(data) = s.pop_recv() {
             let n = data.len() as u32;
             this.read += u64::from(n);
             sh.conn_released += n;
@@ -155,7 +155,7 @@ impl Body for RecvBody {
         sh.streams.get(&self.id).is_some_and(|s| {
             s.reset.is_none()
                 && s.recv == Recv::Ended
-                && s.recv_data.is_empty()
+                && s.recv_is_empty()
                 && s.recv_trailers.is_none()
         })
     }
@@ -183,7 +183,7 @@ impl Drop for RecvBody {
         s.body_gone = true;
         s.body_waker = None;
         // What nobody will read goes back to the connection's window.
-        let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+        let unread = s.drain_recv();
         sh.conn_released += unread as u32;
         let waker = if s.finished() {
             sh.streams.remove(&self.id);

@@ -1548,3 +1548,35 @@ async fn a_header_block_left_unfinished_does_not_hold_the_connection_after_goawa
     let ended = tokio::time::timeout(Duration::from_secs(20), &mut c.task).await;
     assert!(ended.is_ok(), "serve ended after GOAWAY");
 }
+
+#[tokio::test]
+async fn small_and_large_data_frames_reach_the_body_in_order() {
+    // Small payloads are copied together, large ones kept as slices of the read buffer: the
+    // body still reads them in the order sent.
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    let mut sent = Vec::new();
+    for (byte, len) in [
+        (b'a', 10),
+        (b'b', 1),
+        (b'c', 9000),
+        (b'd', 3),
+        (b'e', 16_000),
+        (b'f', 7),
+    ] {
+        let part = vec![byte; len];
+        c.send(kind::DATA, 0, 1, &part).await;
+        sent.extend_from_slice(&part);
+    }
+    c.send(kind::DATA, flag::END_STREAM, 1, &[]).await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let f = c.next_skip_wu().await.unwrap();
+        assert_eq!(f.head.kind, kind::DATA);
+        got.extend_from_slice(&f.payload);
+    }
+    assert_eq!(got, sent);
+}
