@@ -93,6 +93,37 @@ enum Phase {
 
 type ConnResult = Result<(), (Reason, &'static str)>;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TableUpdate {
+    None,
+    /// Due at the start of our next header block.
+    Due,
+    /// Sent: our table's maximum is 0, below anything the client may set.
+    Sent,
+}
+
+/// A header block of ours (HEADERS, CONTINUATION as needed), with the table size update
+/// first when one is due.
+fn put_block(
+    out: &mut BytesMut,
+    update: &mut TableUpdate,
+    stream: u32,
+    block: &[u8],
+    end: bool,
+    max_frame: usize,
+) {
+    if *update == TableUpdate::Due {
+        *update = TableUpdate::Sent;
+        let mut b = Vec::with_capacity(1 + block.len());
+        // Dynamic Table Size Update (`001` prefix) to 0.
+        b.push(0x20);
+        b.extend_from_slice(block);
+        frame::put_header_block(out, stream, &b, end, max_frame);
+    } else {
+        frame::put_header_block(out, stream, block, end, max_frame);
+    }
+}
+
 pub(super) struct Conn<IO, S> {
     io: IO,
     service: S,
@@ -111,6 +142,10 @@ pub(super) struct Conn<IO, S> {
     conn_send_window: i64,
     conn_recv_window: i64,
     our_settings_acked: bool,
+    /// The client lowered SETTINGS_HEADER_TABLE_SIZE: our next header block starts with a
+    /// dynamic table size update (RFC 7541 §4.2), to 0 (our encoder uses no table), and then
+    /// no later change needs one.
+    table_update: TableUpdate,
     /// The highest stream id the client opened (or tried to).
     max_client_stream: u32,
     /// The highest stream id handed to the service (GOAWAY's last stream id).
@@ -188,6 +223,7 @@ where
             peer_initial_window: i64::from(DEFAULT_WINDOW),
             conn_send_window: i64::from(DEFAULT_WINDOW),
             our_settings_acked: false,
+            table_update: TableUpdate::None,
             max_client_stream: 0,
             last_accepted: 0,
             block: None,
@@ -474,7 +510,7 @@ where
     }
 
     /// A stream error (§5.4.2): RST_STREAM, the stream's sides told, counted against the
-    /// flood guard.
+    /// flood guard (but REFUSED_STREAM).
     fn reset_stream(&mut self, id: u32, reason: Reason) -> ConnResult {
         frame::put_rst(&mut self.out, id, reason);
         self.remember_reset(id);
@@ -485,10 +521,18 @@ where
                 sh.end_reset_stream(id);
             }
         }
-        if self.resets.hit(self.reset_limit()) {
+        // A refused stream is no fault: a client may open more than our limit before it
+        // has our SETTINGS, and it retries them.
+        if reason != Reason::REFUSED_STREAM && self.resets.hit(self.reset_limit()) {
             return Err((Reason::ENHANCE_YOUR_CALM, "too many stream resets"));
         }
         Ok(())
+    }
+
+    /// A stream id the client has not opened: above every one it used, or even (a stream
+    /// only we could open, and we push nothing).
+    fn is_idle(&self, id: u32) -> bool {
+        id > self.max_client_stream || id.is_multiple_of(2)
     }
 
     fn reset_limit(&self) -> u32 {
@@ -500,7 +544,7 @@ where
         if id == 0 {
             return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        if id > self.max_client_stream {
+        if self.is_idle(id) {
             return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         let len = head.len as i64;
@@ -545,7 +589,13 @@ where
             }
             Some(s) => {
                 s.recv_window -= len;
+                // The padding is the stream's window too (§6.9.1): given back like what the
+                // body reader takes, once enough of it is due.
                 s.recv_released += padding;
+                if padding > 0 && s.recv_released >= sh.stream_release_at && !s.release_queued {
+                    s.release_queued = true;
+                    sh.release_due.push(id);
+                }
                 s.recv_len += payload.len() as u64;
                 if s.recv_window < 0 {
                     sh.conn_released += payload.len() as u32;
@@ -721,9 +771,17 @@ where
                 hpack::encode_response(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     &http::HeaderMap::new(),
+                    hpack::Added::default(),
                     &mut b,
                 );
-                frame::put_header_block(&mut self.out, id, &b, true, self.peer_max_frame);
+                put_block(
+                    &mut self.out,
+                    &mut self.table_update,
+                    id,
+                    &b,
+                    true,
+                    self.peer_max_frame,
+                );
                 if !end_stream {
                     frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
                 }
@@ -765,9 +823,13 @@ where
             // Nothing to read: no reader to wait for.
             s.body_gone = true;
         }
+        // The service and the spawn run without the lock: a service may look at its body
+        // (which takes the lock), and a new task may run at once on another thread.
+        drop(sh);
         let future = (self.service)(req.into_request(body));
         let task = tokio::spawn(respond(self.shared.clone(), id, head_only, future));
-        if let Some(s) = sh.streams.get_mut(&id) {
+        // Gone already when the task ran to its end on another thread.
+        if let Some(s) = lock(&self.shared).streams.get_mut(&id) {
             s.task = Some(task.abort_handle());
         }
         Ok(())
@@ -780,7 +842,8 @@ where
             if self.recent_resets.contains(&id) {
                 return Ok(());
             }
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
+            // Closed (§5.1): a stream error STREAM_CLOSED, as for DATA.
+            return self.reset_stream(id, Reason::STREAM_CLOSED);
         };
         if s.reset.is_some() {
             return Ok(());
@@ -825,7 +888,7 @@ where
         if head.len != 4 {
             return Err((Reason::FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes"));
         }
-        if id > self.max_client_stream {
+        if self.is_idle(id) {
             return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
         }
         let reason = Reason(u32::from_be_bytes([
@@ -919,8 +982,15 @@ where
                     }
                     self.peer_max_frame = value as usize;
                 }
-                // Our encoder never uses the dynamic table: nothing to resize.
-                setting::HEADER_TABLE_SIZE => {}
+                // Our encoder never uses the dynamic table, but a client that lowers its
+                // size is owed a size update (RFC 7541 §4.2) in our next block.
+                setting::HEADER_TABLE_SIZE => {
+                    if (value as usize) < HEADER_TABLE_SIZE
+                        && self.table_update == TableUpdate::None
+                    {
+                        self.table_update = TableUpdate::Due;
+                    }
+                }
                 // MAX_CONCURRENT_STREAMS (we push nothing), MAX_HEADER_LIST_SIZE (advisory)
                 // and unknown ids are ignored.
                 _ => {}
@@ -959,7 +1029,7 @@ where
             }
             return Ok(());
         }
-        if id > self.max_client_stream {
+        if self.is_idle(id) {
             return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
         }
         let mut guard = lock(&self.shared);
@@ -1034,13 +1104,21 @@ where
                 match item {
                     Queued::Head { block, end } => {
                         let end = *end;
-                        frame::put_header_block(&mut self.out, id, block, end, self.peer_max_frame);
+                        put_block(
+                            &mut self.out,
+                            &mut self.table_update,
+                            id,
+                            block,
+                            end,
+                            self.peer_max_frame,
+                        );
                         s.queue.pop_front();
                         s.send_done |= end;
                     }
                     Queued::Trailers(block) => {
-                        frame::put_header_block(
+                        put_block(
                             &mut self.out,
+                            &mut self.table_update,
                             id,
                             block,
                             true,

@@ -301,7 +301,13 @@ where
     let response = service.await;
     let (parts, mut body) = response.into_parts();
     let mut block = BytesMut::with_capacity(64 + 32 * parts.headers.len());
-    hpack::encode_response(parts.status, &parts.headers, &mut block);
+    let added = hpack::Added::for_response(
+        parts.status,
+        &parts.headers,
+        body.size_hint(),
+        head_only || body.is_end_stream(),
+    );
+    hpack::encode_response(parts.status, &parts.headers, added, &mut block);
     let block = block.freeze();
     let shared = guard.shared.clone();
     if head_only || body.is_end_stream() {
