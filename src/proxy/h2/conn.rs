@@ -11,12 +11,14 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Sleep;
+// tokio's clock (the same as std's outside tests): the stall timer is a tokio `Sleep`, and
+// the instants it is compared with must follow tokio's paused clock in tests.
+use tokio::time::{Instant, Sleep};
 
 use super::frame::{
     self, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW, Head, MAX_WINDOW, Reason, flag, kind, setting,
@@ -135,6 +137,10 @@ pub(super) struct Conn<IO, S> {
     read_alloc: usize,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
+    /// Every header block's fields, decoded into the connection's value arena.
+    reader: BlockReader,
+    /// Response head buffers back from written heads, for the next streams' tasks.
+    spare_blocks: Vec<BytesMut>,
     phase: Phase,
     // The client's settings.
     peer_max_frame: usize,
@@ -202,6 +208,7 @@ where
             conn_waker: None,
             conn_release_at: (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
             stream_release_at: (settings.initial_window_size / 2).max(1),
+            spare_queues: Vec::new(),
         }));
         // We announce no SETTINGS_HEADER_TABLE_SIZE: the client's table updates may not go
         // past the default (a larger one would be memory the client chose).
@@ -218,6 +225,8 @@ where
             read_buf,
             out,
             decoder,
+            reader: BlockReader::new(),
+            spare_blocks: Vec::new(),
             phase: Phase::Preface,
             peer_max_frame: DEFAULT_MAX_FRAME_SIZE as usize,
             peer_initial_window: i64::from(DEFAULT_WINDOW),
@@ -459,15 +468,22 @@ where
                 if head.stream == 0 {
                     return Err((Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
-                if head.len != 5 {
-                    self.reset_stream(head.stream, Reason::FRAME_SIZE_ERROR)?;
+                let reason = if head.len != 5 {
+                    Reason::FRAME_SIZE_ERROR
                 } else if u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
                     & 0x7fff_ffff
                     == head.stream
                 {
-                    self.reset_stream(head.stream, Reason::PROTOCOL_ERROR)?;
+                    Reason::PROTOCOL_ERROR
+                } else {
+                    return Ok(());
+                };
+                // A stream error, but no RST_STREAM may name an idle stream (§6.4): on one,
+                // the connection's error.
+                if self.idle_stream(head.stream) {
+                    return Err((reason, "invalid PRIORITY on an idle stream"));
                 }
-                Ok(())
+                self.reset_stream(head.stream, reason)
             }
             kind::RST_STREAM => self.rst_stream(head, &payload),
             kind::SETTINGS => self.settings_frame(head, &payload),
@@ -529,9 +545,9 @@ where
         Ok(())
     }
 
-    /// A stream id the client has not opened: above every one it used, or even (a stream
-    /// only we could open, and we push nothing).
-    fn is_idle(&self, id: u32) -> bool {
+    /// A stream the client did not open (yet): above the highest it opened, or even (ours,
+    /// and we push none). The one test for both: frames on it are a connection error.
+    fn idle_stream(&self, id: u32) -> bool {
         id > self.max_client_stream || id.is_multiple_of(2)
     }
 
@@ -544,7 +560,7 @@ where
         if id == 0 {
             return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        if self.is_idle(id) {
+        if self.idle_stream(id) {
             return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         let len = head.len as i64;
@@ -734,11 +750,12 @@ where
         self_dependent: bool,
     ) -> ConnResult {
         let new = id > self.max_client_stream;
-        let mut reader = BlockReader::new(
+        self.reader.start(
             self.settings.max_header_list_size as usize,
             block.len(),
             !new,
         );
+        let reader = &mut self.reader;
         // Decoded whole whatever becomes of the stream: the dynamic table must stay in step.
         if self
             .decoder
@@ -748,7 +765,7 @@ where
             return Err((Reason::COMPRESSION_ERROR, "invalid header block"));
         }
         if !new {
-            return self.trailers(id, reader, end_stream);
+            return self.trailers(id, end_stream);
         }
         self.max_client_stream = id;
         if self.goaway_sent {
@@ -759,7 +776,7 @@ where
         if self_dependent {
             return self.reset_stream(id, Reason::PROTOCOL_ERROR);
         }
-        let req = match reader.finish_request() {
+        let req = match self.reader.finish_request() {
             Ok(r) => r,
             Err(Refused::Malformed(why)) => {
                 tracing::debug!(stream = id, why, "malformed HTTP/2 request");
@@ -827,7 +844,8 @@ where
         // (which takes the lock), and a new task may run at once on another thread.
         drop(sh);
         let future = (self.service)(req.into_request(body));
-        let task = tokio::spawn(respond(self.shared.clone(), id, head_only, future));
+        let block = self.spare_blocks.pop().unwrap_or_default();
+        let task = tokio::spawn(respond(self.shared.clone(), id, head_only, block, future));
         // Gone already when the task ran to its end on another thread.
         if let Some(s) = lock(&self.shared).streams.get_mut(&id) {
             s.task = Some(task.abort_handle());
@@ -835,7 +853,8 @@ where
         Ok(())
     }
 
-    fn trailers(&mut self, id: u32, reader: BlockReader, end_stream: bool) -> ConnResult {
+    /// The trailers just decoded into `self.reader`.
+    fn trailers(&mut self, id: u32, end_stream: bool) -> ConnResult {
         let mut sh = lock(&self.shared);
         let Some(s) = sh.streams.get_mut(&id) else {
             drop(sh);
@@ -856,7 +875,7 @@ where
             drop(sh);
             return self.reset_stream(id, Reason::PROTOCOL_ERROR);
         }
-        let trailers = match reader.finish_trailers() {
+        let trailers = match self.reader.finish_trailers() {
             Ok(t) => t,
             Err(_) => {
                 drop(sh);
@@ -888,7 +907,7 @@ where
         if head.len != 4 {
             return Err((Reason::FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes"));
         }
-        if self.is_idle(id) {
+        if self.idle_stream(id) {
             return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
         }
         let reason = Reason(u32::from_be_bytes([
@@ -1029,7 +1048,7 @@ where
             }
             return Ok(());
         }
-        if self.is_idle(id) {
+        if self.idle_stream(id) {
             return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
         }
         let mut guard = lock(&self.shared);
@@ -1112,7 +1131,9 @@ where
                             end,
                             self.peer_max_frame,
                         );
-                        s.queue.pop_front();
+                        if let Some(Queued::Head { block, .. }) = s.queue.pop_front() {
+                            give_back(&mut self.spare_blocks, block);
+                        }
                         s.send_done |= end;
                     }
                     Queued::Trailers(block) => {
@@ -1200,7 +1221,7 @@ where
                 self.recent_resets.push_back(id);
             }
             if s.finished() {
-                sh.streams.remove(&id);
+                sh.remove_stream(id);
             }
         }
         let more = !sh.ready.is_empty();
@@ -1263,8 +1284,62 @@ where
             }
         }
         if let Some(at) = next {
-            self.stall_timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
+            self.stall_timer = Some(Box::pin(tokio::time::sleep_until(at)));
         }
+    }
+}
+
+/// What a connection holds at one moment (the fuzz tests check it stays bounded).
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Buffered {
+    pub read_buf: usize,
+    pub out: usize,
+    /// An unfinished header block's bytes.
+    pub block: usize,
+    pub streams: usize,
+    /// Streams not closed (§5.1), the ones SETTINGS_MAX_CONCURRENT_STREAMS counts.
+    pub open_streams: usize,
+    /// Request DATA received and not read.
+    pub recv_data: usize,
+    /// Response DATA queued by the streams' tasks.
+    pub queued: usize,
+    pub ready: usize,
+    pub recent_resets: usize,
+}
+
+#[cfg(test)]
+impl<IO, S> Conn<IO, S> {
+    pub(super) fn buffered(&self) -> Buffered {
+        let sh = lock(&self.shared);
+        Buffered {
+            read_buf: self.read_buf.len(),
+            out: self.out.len(),
+            block: self.block.as_ref().map_or(0, |b| b.buf.len()),
+            streams: sh.streams.len(),
+            open_streams: sh.streams.values().filter(|s| !s.closed()).count(),
+            recv_data: sh
+                .streams
+                .values()
+                .flat_map(|s| s.recv_data.iter())
+                .map(Bytes::len)
+                .sum(),
+            queued: sh.streams.values().map(|s| s.queued).sum(),
+            ready: sh.ready.len(),
+            recent_resets: self.recent_resets.len(),
+        }
+    }
+}
+
+/// Spare response head buffers kept per connection (at most), and the largest kept.
+const SPARE_BLOCKS: usize = 16;
+const SPARE_BLOCK_SIZE: usize = 1024;
+
+/// Keeps a written response head's buffer for a later stream (emptied; not a large one).
+fn give_back(spare: &mut Vec<BytesMut>, mut block: BytesMut) {
+    if block.capacity() <= SPARE_BLOCK_SIZE && spare.len() < SPARE_BLOCKS {
+        block.clear();
+        spare.push(block);
     }
 }
 

@@ -44,8 +44,18 @@ pub(super) struct RequestHead {
     pub content_length: Option<u64>,
 }
 
+/// Room the proxy's phases need in a request's `HeaderMap` for the fields they add before
+/// forwarding (`x-forwarded-for`, `x-forwarded-proto`, `via`, `x-request-id`, `traceparent`,
+/// `tracestate`, `host`, …): sized for them at once, the map is not grown (a new index table
+/// and a moved entry array each time) three or four times per request.
+const ADDED_BY_PHASES: usize = 8;
+
+/// A new value arena once what is left of the current one is shorter than this.
+const ARENA: usize = 4096;
+
 /// Collects one header block's fields (a callback of the HPACK decoder, which cannot fail, so
-/// the first problem is remembered and the rest of the block only decoded).
+/// the first problem is remembered and the rest of the block only decoded). One per
+/// connection, reused for every block ([`BlockReader::start`]).
 pub(super) struct BlockReader {
     max_list_size: usize,
     size: usize,
@@ -56,18 +66,22 @@ pub(super) struct BlockReader {
     authority: Option<(usize, usize)>,
     path: Option<(usize, usize)>,
     content_length: Option<u64>,
-    /// Values (and `:authority`, `:path`) copied into one buffer, sliced after the block: one
-    /// allocation per block instead of one per value.
+    /// The connection's value arena: a block's values (and `:authority`, `:path`) are copied
+    /// to its end and split off as one `Bytes` when the block is done, which the request's
+    /// `HeaderValue`s and URI slice. A new arena ([`ARENA`] bytes) is allocated only once the
+    /// requests took the last one's room: no allocation per block. A live request keeps its
+    /// arena's memory (at most [`ARENA`] bytes, or its own block when that is longer).
     bytes: BytesMut,
+    /// Kept between blocks (cleared, not freed).
     fields: Vec<(HeaderName, usize, usize)>,
     /// Trailers: no pseudo-header allowed.
     trailers: bool,
 }
 
 impl BlockReader {
-    pub fn new(max_list_size: usize, block_len: usize, trailers: bool) -> Self {
+    pub fn new() -> Self {
         BlockReader {
-            max_list_size,
+            max_list_size: 0,
             size: 0,
             refused: None,
             regular_seen: false,
@@ -76,11 +90,31 @@ impl BlockReader {
             authority: None,
             path: None,
             content_length: None,
-            // Huffman-coded strings grow by about 8/5 when decoded; indexed fields more,
-            // but they are rarely long.
-            bytes: BytesMut::with_capacity(block_len * 2),
+            bytes: BytesMut::new(),
             fields: Vec::new(),
-            trailers,
+            trailers: false,
+        }
+    }
+
+    /// Readies the reader for a new block (whatever a block left unfinished is dropped).
+    pub fn start(&mut self, max_list_size: usize, block_len: usize, trailers: bool) {
+        self.max_list_size = max_list_size;
+        self.size = 0;
+        self.refused = None;
+        self.regular_seen = false;
+        self.method = None;
+        self.scheme = None;
+        self.authority = None;
+        self.path = None;
+        self.content_length = None;
+        self.trailers = trailers;
+        self.fields.clear();
+        self.bytes.clear();
+        // Huffman-coded strings grow by about 8/5 when decoded; indexed fields more, but
+        // they are rarely long (and the arena grows if need be).
+        let want = block_len * 2;
+        if self.bytes.capacity() < want {
+            self.bytes.reserve(want.max(ARENA));
         }
     }
 
@@ -156,8 +190,8 @@ impl BlockReader {
         self.fields.push((name, a, b));
     }
 
-    fn finish_fields(&mut self, bytes: &Bytes) -> Result<HeaderMap, Refused> {
-        let mut headers = HeaderMap::with_capacity(self.fields.len());
+    fn finish_fields(&mut self, bytes: &Bytes, room: usize) -> Result<HeaderMap, Refused> {
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + room);
         for (name, a, b) in self.fields.drain(..) {
             // NUL, CR, LF and other controls but tab are refused here.
             let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(a..b)) else {
@@ -169,11 +203,12 @@ impl BlockReader {
     }
 
     /// The request head, once the whole block is decoded.
-    pub fn finish_request(mut self) -> Result<RequestHead, Refused> {
+    pub fn finish_request(&mut self) -> Result<RequestHead, Refused> {
+        // The block's values leave the arena (its room stays for the next block).
+        let bytes = self.bytes.split().freeze();
         if let Some(why) = self.refused.take() {
             return Err(why);
         }
-        let bytes = std::mem::take(&mut self.bytes).freeze();
         let Some(method) = self.method.take() else {
             return Err(Refused::Malformed("no :method"));
         };
@@ -205,7 +240,7 @@ impl BlockReader {
             }
         }
         let uri = Uri::from_parts(parts).map_err(|_| Refused::Malformed("invalid uri"))?;
-        let headers = self.finish_fields(&bytes)?;
+        let headers = self.finish_fields(&bytes, ADDED_BY_PHASES)?;
         Ok(RequestHead {
             method,
             uri,
@@ -215,12 +250,12 @@ impl BlockReader {
     }
 
     /// The trailers, once the whole block is decoded.
-    pub fn finish_trailers(mut self) -> Result<HeaderMap, Refused> {
+    pub fn finish_trailers(&mut self) -> Result<HeaderMap, Refused> {
+        let bytes = self.bytes.split().freeze();
         if let Some(why) = self.refused.take() {
             return Err(why);
         }
-        let bytes = std::mem::take(&mut self.bytes).freeze();
-        self.finish_fields(&bytes)
+        self.finish_fields(&bytes, 0)
     }
 }
 
@@ -462,7 +497,8 @@ mod tests {
     }
 
     fn read(fields: &[(&str, &str)], max: usize) -> Result<RequestHead, Refused> {
-        let mut r = BlockReader::new(max, 64, false);
+        let mut r = BlockReader::new();
+        r.start(max, 64, false);
         for (n, v) in fields {
             r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
         }
@@ -487,6 +523,37 @@ mod tests {
         assert!(r.headers.get("host").is_none());
         let r = read(&[(":method", "CONNECT"), (":authority", "a:443")], 1000).unwrap();
         assert_eq!(r.uri.to_string(), "a:443");
+    }
+
+    /// One reader per connection: consecutive blocks' values share one arena (the second
+    /// block's values sit right after the first's, with no new buffer), a refused block leaves
+    /// nothing behind, and the request's map has room for what the phases add.
+    #[test]
+    fn blocks_on_a_connection_share_one_value_arena() {
+        let mut r = BlockReader::new();
+        let block = |r: &mut BlockReader, path: &str| {
+            r.start(1000, 16, false);
+            for (n, v) in [(":method", "GET"), (":scheme", "http"), (":path", path)] {
+                r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+            }
+            r.field(Cow::Borrowed(b"x-a"), Cow::Borrowed(b"1"));
+            r.finish_request()
+        };
+        let first = block(&mut r, "/first").unwrap();
+        let arena = r.bytes.capacity();
+        let refused = {
+            r.start(1000, 16, false);
+            r.field(Cow::Borrowed(b":bogus"), Cow::Borrowed(b"x"));
+            r.finish_request()
+        };
+        assert!(refused.is_err());
+        let second = block(&mut r, "/second").unwrap();
+        let (a, b) = (first.uri.path(), second.uri.path());
+        // The first block's values are "/first" then "1": the second's path follows them.
+        assert_eq!(b.as_ptr(), a.as_ptr().wrapping_add(a.len() + 1));
+        assert_eq!(r.bytes.capacity(), arena - "/second1".len());
+        assert_eq!(second.headers["x-a"], "1");
+        assert!(second.headers.capacity() > ADDED_BY_PHASES);
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl RecvBody {
         if let Some(s) = sh.streams.get_mut(&self.id) {
             s.body_gone = true;
             if s.finished() {
-                sh.streams.remove(&self.id);
+                sh.remove_stream(self.id);
             }
         }
     }
@@ -186,7 +186,7 @@ impl Drop for RecvBody {
         let unread = s.drain_recv();
         sh.conn_released += unread as u32;
         let waker = if s.finished() {
-            sh.streams.remove(&self.id);
+            sh.remove_stream(self.id);
             None
         } else if s.send_done {
             // The response is complete and the rest of the request is not wanted: the
@@ -235,13 +235,19 @@ impl Drop for Guard {
 }
 
 /// Queues frames on the stream; false when it is gone or reset (stop answering).
-fn push(shared: &SharedRef, id: u32, head: Option<Bytes>, item: Option<Queued>) -> bool {
-    let mut sh = lock(shared);
+fn push(shared: &SharedRef, id: u32, head: Option<BytesMut>, item: Option<Queued>) -> bool {
+    let mut guard = lock(shared);
+    let sh = &mut *guard;
     let Some(s) = sh.streams.get_mut(&id) else {
         return false;
     };
     if s.reset.is_some() {
         return false;
+    }
+    if s.queue.capacity() == 0
+        && let Some(spare) = sh.spare_queues.pop()
+    {
+        s.queue = spare;
     }
     if let Some(block) = head {
         s.queue.push_back(Queued::Head { block, end: false });
@@ -253,7 +259,7 @@ fn push(shared: &SharedRef, id: u32, head: Option<Bytes>, item: Option<Queued>) 
         s.queue.push_back(item);
     }
     let waker = sh.make_ready(id);
-    drop(sh);
+    drop(guard);
     if let Some(w) = waker {
         w.wake();
     }
@@ -289,8 +295,15 @@ enum Next {
 
 /// A stream's task: runs the service's future, then queues its response (head, DATA,
 /// trailers) for the connection task. `head_only`: a HEAD request, whose response has no DATA.
-pub(super) async fn respond<F>(shared: SharedRef, id: u32, head_only: bool, service: F)
-where
+/// `block`: an empty buffer of the connection's for the response head (its allocation is
+/// reused from stream to stream).
+pub(super) async fn respond<F>(
+    shared: SharedRef,
+    id: u32,
+    head_only: bool,
+    mut block: BytesMut,
+    service: F,
+) where
     F: Future<Output = Response<ProxyBody>>,
 {
     let mut guard = Guard {
@@ -300,7 +313,7 @@ where
     };
     let response = service.await;
     let (parts, mut body) = response.into_parts();
-    let mut block = BytesMut::with_capacity(64 + 32 * parts.headers.len());
+    block.reserve(64 + 32 * parts.headers.len());
     let added = hpack::Added::for_response(
         parts.status,
         &parts.headers,
@@ -308,7 +321,6 @@ where
         head_only || body.is_end_stream(),
     );
     hpack::encode_response(parts.status, &parts.headers, added, &mut block);
-    let block = block.freeze();
     let shared = guard.shared.clone();
     if head_only || body.is_end_stream() {
         guard.done = true;

@@ -9,11 +9,11 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::frame::Reason;
 
@@ -40,8 +40,16 @@ pub(super) type StreamMap = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
 
 /// A response's frame waiting to be written.
 pub(super) enum Queued {
-    Head { block: Bytes, end: bool },
-    Data { data: Bytes, end: bool },
+    /// The response head, encoded in a buffer of the connection's that goes back to it once
+    /// written (`Conn::gather`).
+    Head {
+        block: BytesMut,
+        end: bool,
+    },
+    Data {
+        data: Bytes,
+        end: bool,
+    },
     Trailers(Bytes),
 }
 
@@ -206,7 +214,14 @@ pub(super) struct Shared {
     pub conn_release_at: u32,
     /// Give back a stream's window once this much was read (half of it).
     pub stream_release_at: u32,
+    /// Send queues of removed streams, emptied, for the next streams' responses
+    /// ([`Shared::remove_stream`]): no allocation per stream for one.
+    pub spare_queues: Vec<VecDeque<Queued>>,
 }
+
+/// Spare send queues kept per connection (at most), and the largest kept.
+const SPARE_QUEUES: usize = 16;
+const SPARE_QUEUE_LEN: usize = 8;
 
 pub(super) type SharedRef = Arc<Mutex<Shared>>;
 
@@ -235,7 +250,18 @@ impl Shared {
         let unread = s.drain_recv();
         self.conn_released += unread as u32;
         if s.finished() {
-            self.streams.remove(&id);
+            self.remove_stream(id);
+        }
+    }
+
+    /// Removes a stream, keeping its send queue's allocation for a later stream's response.
+    pub fn remove_stream(&mut self, id: u32) {
+        if let Some(mut s) = self.streams.remove(&id)
+            && (1..=SPARE_QUEUE_LEN).contains(&s.queue.capacity())
+            && self.spare_queues.len() < SPARE_QUEUES
+        {
+            s.queue.clear();
+            self.spare_queues.push(std::mem::take(&mut s.queue));
         }
     }
 
@@ -249,5 +275,40 @@ impl Shared {
             self.ready.push_back(id);
         }
         self.conn_waker.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A removed stream's send queue serves the next stream (no allocation per response);
+    /// a grown one is not kept.
+    #[test]
+    fn removed_streams_leave_their_send_queue_for_the_next() {
+        let mut sh = Shared {
+            streams: Default::default(),
+            ready: VecDeque::new(),
+            conn_released: 0,
+            release_due: Vec::new(),
+            conn_waker: None,
+            conn_release_at: 1,
+            stream_release_at: 1,
+            spare_queues: Vec::new(),
+        };
+        let mut s = Stream::new(10, 10, true, None);
+        s.queue.push_back(Queued::Trailers(Bytes::new()));
+        let kept = s.queue.capacity();
+        sh.streams.insert(1, s);
+        sh.remove_stream(1);
+        assert!(sh.streams.is_empty());
+        assert_eq!(sh.spare_queues.len(), 1);
+        assert!(sh.spare_queues[0].is_empty());
+        assert_eq!(sh.spare_queues[0].capacity(), kept);
+        let mut big = Stream::new(10, 10, true, None);
+        big.queue.reserve(SPARE_QUEUE_LEN + 1);
+        sh.streams.insert(3, big);
+        sh.remove_stream(3);
+        assert_eq!(sh.spare_queues.len(), 1);
     }
 }
