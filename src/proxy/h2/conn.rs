@@ -861,8 +861,11 @@ where
             if self.recent_resets.contains(&id) {
                 return Ok(());
             }
-            // Closed (§5.1): a stream error STREAM_CLOSED, as for DATA.
-            return self.reset_stream(id, Reason::STREAM_CLOSED);
+            // Not open and not one we reset: either finished (§5.1: a connection error
+            // STREAM_CLOSED is allowed there) or skipped, which §5.1.1 makes a connection
+            // error PROTOCOL_ERROR. We keep no record of every id opened, so both get the
+            // one a skipped id must.
+            return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
         };
         if s.reset.is_some() {
             return Ok(());
