@@ -2380,6 +2380,13 @@ thread_local! {
 
 /// A `date` header line, as hyper's server adds to a response without one.
 fn date(out: &mut Vec<u8>) {
+    header_line(out, b"date", &http_date());
+}
+
+/// The current second as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`), formatted once a
+/// second per thread: the `date` hyper's servers add, for ours (this fast path and
+/// `proxy::h2`).
+pub(crate) fn http_date() -> [u8; 29] {
     let now = SystemTime::now();
     let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -2391,7 +2398,7 @@ fn date(out: &mut Vec<u8>) {
         let _ = write!(w, "{}", httpdate::HttpDate::from(now));
         DATE.set((secs, text));
     }
-    header_line(out, b"date", &text);
+    text
 }
 
 /// Bytes read ahead, then the stream: how hyper gets a connection the fast path began.

@@ -192,6 +192,7 @@ const REFUSED_STREAM: u32 = 0x7;
 const COMPRESSION_ERROR: u32 = 0x9;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
+const HEADER_TABLE_SIZE: u16 = 0x1;
 const ENABLE_PUSH: u16 = 0x2;
 const MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const INITIAL_WINDOW_SIZE: u16 = 0x4;
@@ -1427,6 +1428,205 @@ fn case_data_on_closed_stream(server: &str) -> Outcome {
     rig.finish(v)
 }
 
+/// §5.1: HEADERS on a stream that is closed (both sides sent END_STREAM) may be treated as a
+/// connection error STREAM_CLOSED (a stream error accepted too). A server that keeps no
+/// record of every id it saw cannot tell such a stream from a skipped id, where §5.1.1 wants
+/// a connection error PROTOCOL_ERROR: that is accepted as well (ours does it).
+fn case_headers_on_closed_stream(server: &str) -> Outcome {
+    let rig = Rig::new(server);
+    let v = attempt(|| {
+        let mut c = rig.client()?;
+        c.headers(1, &get("/closed"), true)?;
+        let (status, _, _) = c.response(1)?;
+        ensure!(status == 200, "stream 1 answered {status}");
+        c.headers(1, &[("x-late", "1")], true)?;
+        c.stream_error(1, &[STREAM_CLOSED, PROTOCOL_ERROR])
+    });
+    rig.finish(v)
+}
+
+/// §5.1.1, §5.1: an even stream id is one only the server could open; the server pushes
+/// nothing, so such a stream is idle, and DATA, WINDOW_UPDATE or RST_STREAM on it is a
+/// connection error PROTOCOL_ERROR, even below a stream the client opened.
+fn case_frames_on_even_stream(server: &str) -> Outcome {
+    let rig = Rig::new(server);
+    let v = attempt(|| {
+        let mut seen = Vec::new();
+        for (what, kind, payload) in [
+            ("DATA", DATA, vec![b'x']),
+            ("WINDOW_UPDATE", WINDOW_UPDATE, vec![0, 0, 0, 1]),
+            ("RST_STREAM", RST_STREAM, vec![0, 0, 0, 8]),
+        ] {
+            let mut c = rig.client()?;
+            c.headers(3, &get("/three"), true)?;
+            let (status, _, _) = c.response(3)?;
+            ensure!(status == 200, "stream 3 answered {status}");
+            c.send(kind, 0, 2, &payload)?;
+            let got = c
+                .connection_error(&[PROTOCOL_ERROR])
+                .map_err(|e| format!("{what} on stream 2: {e}"))?;
+            seen.push(format!("{what}: {got}"));
+        }
+        Ok(seen.join("; "))
+    });
+    rig.finish(v)
+}
+
+/// RFC 7541 §4.2: a client that lowers SETTINGS_HEADER_TABLE_SIZE (here to 0) must find a
+/// dynamic table size update (to at most its value) at the start of the server's next header
+/// block; the block still decodes.
+fn case_header_table_size_lowered(server: &str) -> Outcome {
+    let rig = Rig::new(server);
+    let v = attempt(|| {
+        let mut c = rig.client_with(&[(HEADER_TABLE_SIZE, 0)])?;
+        c.headers(1, &get("/status/200"), true)?;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match c.read_frame(deadline) {
+                Got::Frame(f) if f.kind == HEADERS && f.stream == 1 => {
+                    let frag = fragment(&f);
+                    ensure!(
+                        frag.first() == Some(&0x20),
+                        "the response's block starts with {:02x?}, not a table size update to 0",
+                        &frag[..frag.len().min(4)]
+                    );
+                    return Ok("size update to 0 first".into());
+                }
+                Got::Frame(f) if f.kind == SETTINGS && f.flags & ACK == 0 => {
+                    let _ = c.write(&frame(SETTINGS, ACK, 0, &[]));
+                }
+                Got::Frame(f) if f.kind == GOAWAY || f.kind == RST_STREAM => {
+                    return Err(format!("{} instead of a response", f.describe()));
+                }
+                Got::Frame(_) => {}
+                Got::Closed(e) => return Err(format!("connection closed ({e})")),
+                Got::Timeout => return Err(format!("no response within {PATIENCE:?}")),
+            }
+        }
+    });
+    rig.finish(v)
+}
+
+/// Responses as hyper's server sends them: a `date` when the upstream (or the proxy's own
+/// answer) has none, and a `content-length` when the body's size is known and none was given.
+/// Here the proxy's own 502 (the upstream refuses connections).
+fn case_response_date_and_length(server: &str) -> Outcome {
+    let rig = Rig::start(server, Backend::http(), "127.0.0.1:1", None, false, "");
+    let v = attempt(|| {
+        let mut c = rig.client()?;
+        c.headers(1, &get("/refused"), true)?;
+        let (status, fields, body) = c.response(1)?;
+        let field = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        ensure!(field("date").is_some(), "no date in {fields:?}");
+        ensure!(
+            field("content-length") == Some(&body.len().to_string()),
+            "content-length {:?} for a body of {} bytes",
+            field("content-length"),
+            body.len()
+        );
+        Ok(format!("{status}: date and content-length {}", body.len()))
+    });
+    rig.finish(v)
+}
+
+/// §6.9.1: padding counts toward flow control, and a receiver gives it back (nobody will
+/// read it). Padding-only DATA to a request whose upstream reads nothing, past half the
+/// stream's window: a WINDOW_UPDATE for the stream comes.
+fn case_padding_given_back(server: &str) -> Outcome {
+    let rig = Rig::to(server, Upstream::silent(), false, "");
+    let v = attempt(|| {
+        let mut c = rig.client()?;
+        c.ping(*b"windows!")?;
+        c.open_stream(1)?;
+        let room = (*c.window(1)).min(c.conn_window);
+        ensure!(room > 4096, "the windows allow only {room} bytes");
+        // 256 flow-controlled bytes each: the pad length byte and 255 bytes of padding.
+        let mut padded = vec![255u8];
+        padded.extend_from_slice(&[0; 255]);
+        let frames = (room * 3 / 4) as usize / padded.len();
+        let mut burst = Vec::new();
+        for _ in 0..frames {
+            burst.extend(frame(DATA, PADDED, 1, &padded));
+        }
+        c.write(&burst)?;
+        let sent = frames * padded.len();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match c.next(deadline) {
+                Got::Frame(f) if f.kind == WINDOW_UPDATE && f.stream == 1 => {
+                    return Ok(format!(
+                        "{sent} bytes of padding; the stream's window came back"
+                    ));
+                }
+                Got::Frame(f) if f.kind == GOAWAY || (f.kind == RST_STREAM && f.stream == 1) => {
+                    return Err(format!("{} after {sent} bytes of padding", f.describe()));
+                }
+                Got::Frame(_) => {}
+                Got::Closed(e) => return Err(format!("connection closed ({e})")),
+                Got::Timeout => {
+                    return Err(format!(
+                        "no WINDOW_UPDATE on stream 1 within {PATIENCE:?} of {sent} bytes of padding (of a window of {room})"
+                    ));
+                }
+            }
+        }
+    });
+    rig.finish(v)
+}
+
+/// §5.1.2: streams refused for going past SETTINGS_MAX_CONCURRENT_STREAMS are the server's
+/// call, and a client retries them: 300 of them (more than a rapid-reset guard's usual 200)
+/// must not end the connection.
+fn case_refused_streams_not_counted_as_resets(server: &str) -> Outcome {
+    let rig = Rig::to(server, Upstream::silent(), false, "");
+    let v = attempt(|| {
+        let mut c = rig.client()?;
+        let max = *c
+            .settings
+            .get(&MAX_CONCURRENT_STREAMS)
+            .ok_or("the server announced no SETTINGS_MAX_CONCURRENT_STREAMS")?;
+        let mut burst = Vec::new();
+        for i in 0..max + 300 {
+            burst.extend(frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                2 * i + 1,
+                &block(&get(&format!("/held/{i}"))),
+            ));
+        }
+        c.write(&burst)?;
+        let before = c.ping(*b"refused!")?;
+        let mut refused = before
+            .iter()
+            .filter(|f| f.kind == RST_STREAM && f.code() == REFUSED_STREAM)
+            .count();
+        if let Some(f) = before.iter().find(|f| f.kind == GOAWAY) {
+            return Err(format!("{} after {refused} refused streams", f.describe()));
+        }
+        // Refusals the PING overtook.
+        while refused < 300 {
+            match c.next(Instant::now() + PATIENCE) {
+                Got::Frame(f) if f.kind == RST_STREAM && f.code() == REFUSED_STREAM => refused += 1,
+                Got::Frame(f) if f.kind == GOAWAY => {
+                    return Err(format!("{} after {refused} refused streams", f.describe()));
+                }
+                Got::Frame(_) => {}
+                Got::Closed(e) => {
+                    return Err(format!(
+                        "connection closed after {refused} refused streams ({e})"
+                    ));
+                }
+                Got::Timeout => return Err(format!("only {refused} of 300 streams refused")),
+            }
+        }
+        c.ping(*b"stillup!")?;
+        Ok(format!(
+            "{max} in flight, {refused} refused, the connection still answers"
+        ))
+    });
+    rig.finish(v)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cases: HPACK and request heads
 
@@ -2186,4 +2386,10 @@ cases! {
     continuation_flood => case_continuation_flood,
     settings_flood => case_settings_flood,
     ping_flood => case_ping_flood,
+    headers_on_closed_stream => case_headers_on_closed_stream,
+    frames_on_even_stream => case_frames_on_even_stream,
+    header_table_size_lowered => case_header_table_size_lowered,
+    response_date_and_length => case_response_date_and_length,
+    padding_given_back => case_padding_given_back,
+    refused_streams_not_counted_as_resets => case_refused_streams_not_counted_as_resets,
 }

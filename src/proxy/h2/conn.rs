@@ -95,6 +95,37 @@ enum Phase {
 
 type ConnResult = Result<(), (Reason, &'static str)>;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TableUpdate {
+    None,
+    /// Due at the start of our next header block.
+    Due,
+    /// Sent: our table's maximum is 0, below anything the client may set.
+    Sent,
+}
+
+/// A header block of ours (HEADERS, CONTINUATION as needed), with the table size update
+/// first when one is due.
+fn put_block(
+    out: &mut BytesMut,
+    update: &mut TableUpdate,
+    stream: u32,
+    block: &[u8],
+    end: bool,
+    max_frame: usize,
+) {
+    if *update == TableUpdate::Due {
+        *update = TableUpdate::Sent;
+        let mut b = Vec::with_capacity(1 + block.len());
+        // Dynamic Table Size Update (`001` prefix) to 0.
+        b.push(0x20);
+        b.extend_from_slice(block);
+        frame::put_header_block(out, stream, &b, end, max_frame);
+    } else {
+        frame::put_header_block(out, stream, block, end, max_frame);
+    }
+}
+
 pub(super) struct Conn<IO, S> {
     io: IO,
     service: S,
@@ -102,6 +133,8 @@ pub(super) struct Conn<IO, S> {
     settings: Settings,
     shutdown: Shutdown,
     read_buf: BytesMut,
+    /// The size of the allocation `read_buf` reads into (what a slice of it keeps alive).
+    read_alloc: usize,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     /// Every header block's fields, decoded into the connection's value arena.
@@ -115,6 +148,10 @@ pub(super) struct Conn<IO, S> {
     conn_send_window: i64,
     conn_recv_window: i64,
     our_settings_acked: bool,
+    /// The client lowered SETTINGS_HEADER_TABLE_SIZE: our next header block starts with a
+    /// dynamic table size update (RFC 7541 §4.2), to 0 (our encoder uses no table), and then
+    /// no later change needs one.
+    table_update: TableUpdate,
     /// The highest stream id the client opened (or tried to).
     max_client_stream: u32,
     /// The highest stream id handed to the service (GOAWAY's last stream id).
@@ -184,6 +221,7 @@ where
             conn_recv_window: i64::from(settings.connection_window_size.max(DEFAULT_WINDOW)),
             settings,
             shutdown,
+            read_alloc: read_buf.capacity(),
             read_buf,
             out,
             decoder,
@@ -194,6 +232,7 @@ where
             peer_initial_window: i64::from(DEFAULT_WINDOW),
             conn_send_window: i64::from(DEFAULT_WINDOW),
             our_settings_acked: false,
+            table_update: TableUpdate::None,
             max_client_stream: 0,
             last_accepted: 0,
             block: None,
@@ -315,7 +354,7 @@ where
             }
             if !self.read_closed && self.out.len() < OUT_HIGH {
                 if self.read_buf.capacity() - self.read_buf.len() < 4096 {
-                    self.read_buf.reserve(16 * 1024);
+                    self.reserve_read(16 * 1024);
                 }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
                 {
@@ -362,6 +401,16 @@ where
         }
     }
 
+    /// Room for `additional` more bytes in the read buffer; `read_alloc` follows it when it
+    /// moves (a new allocation, or the same one reclaimed from its start).
+    fn reserve_read(&mut self, additional: usize) {
+        let before = self.read_buf.as_ptr();
+        self.read_buf.reserve(additional);
+        if self.read_buf.as_ptr() != before {
+            self.read_alloc = self.read_buf.capacity();
+        }
+    }
+
     /// Parses and handles every whole frame in the read buffer.
     fn process(&mut self) -> ConnResult {
         loop {
@@ -391,7 +440,7 @@ where
             }
             let total = frame::HEADER_LEN + head.len as usize;
             if self.read_buf.len() < total {
-                self.read_buf.reserve(total - self.read_buf.len());
+                self.reserve_read(total - self.read_buf.len());
                 return Ok(());
             }
             if self.phase == Phase::FirstSettings {
@@ -477,7 +526,7 @@ where
     }
 
     /// A stream error (§5.4.2): RST_STREAM, the stream's sides told, counted against the
-    /// flood guard.
+    /// flood guard (but REFUSED_STREAM).
     fn reset_stream(&mut self, id: u32, reason: Reason) -> ConnResult {
         frame::put_rst(&mut self.out, id, reason);
         self.remember_reset(id);
@@ -488,14 +537,16 @@ where
                 sh.end_reset_stream(id);
             }
         }
-        if self.resets.hit(self.reset_limit()) {
+        // A refused stream is no fault: a client may open more than our limit before it
+        // has our SETTINGS, and it retries them.
+        if reason != Reason::REFUSED_STREAM && self.resets.hit(self.reset_limit()) {
             return Err((Reason::ENHANCE_YOUR_CALM, "too many stream resets"));
         }
         Ok(())
     }
 
     /// A stream the client did not open (yet): above the highest it opened, or even (ours,
-    /// and we push none).
+    /// and we push none). The one test for both: frames on it are a connection error.
     fn idle_stream(&self, id: u32) -> bool {
         id > self.max_client_stream || id.is_multiple_of(2)
     }
@@ -554,7 +605,13 @@ where
             }
             Some(s) => {
                 s.recv_window -= len;
+                // The padding is the stream's window too (§6.9.1): given back like what the
+                // body reader takes, once enough of it is due.
                 s.recv_released += padding;
+                if padding > 0 && s.recv_released >= sh.stream_release_at && !s.release_queued {
+                    s.release_queued = true;
+                    sh.release_due.push(id);
+                }
                 s.recv_len += payload.len() as u64;
                 if s.recv_window < 0 {
                     sh.conn_released += payload.len() as u32;
@@ -568,8 +625,8 @@ where
                 } else {
                     if s.body_gone {
                         sh.conn_released += payload.len() as u32;
-                    } else if !payload.is_empty() {
-                        s.recv_data.push_back(payload.freeze());
+                    } else {
+                        s.push_recv(payload, self.read_alloc);
                     }
                     if end {
                         s.recv = Recv::Ended;
@@ -731,9 +788,17 @@ where
                 hpack::encode_response(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     &http::HeaderMap::new(),
+                    hpack::Added::default(),
                     &mut b,
                 );
-                frame::put_header_block(&mut self.out, id, &b, true, self.peer_max_frame);
+                put_block(
+                    &mut self.out,
+                    &mut self.table_update,
+                    id,
+                    &b,
+                    true,
+                    self.peer_max_frame,
+                );
                 if !end_stream {
                     frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
                 }
@@ -775,10 +840,14 @@ where
             // Nothing to read: no reader to wait for.
             s.body_gone = true;
         }
+        // The service and the spawn run without the lock: a service may look at its body
+        // (which takes the lock), and a new task may run at once on another thread.
+        drop(sh);
         let future = (self.service)(req.into_request(body));
         let block = self.spare_blocks.pop().unwrap_or_default();
         let task = tokio::spawn(respond(self.shared.clone(), id, head_only, block, future));
-        if let Some(s) = sh.streams.get_mut(&id) {
+        // Gone already when the task ran to its end on another thread.
+        if let Some(s) = lock(&self.shared).streams.get_mut(&id) {
             s.task = Some(task.abort_handle());
         }
         Ok(())
@@ -792,6 +861,10 @@ where
             if self.recent_resets.contains(&id) {
                 return Ok(());
             }
+            // Not open and not one we reset: either finished (§5.1: a connection error
+            // STREAM_CLOSED is allowed there) or skipped, which §5.1.1 makes a connection
+            // error PROTOCOL_ERROR. We keep no record of every id opened, so both get the
+            // one a skipped id must.
             return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
         };
         if s.reset.is_some() {
@@ -837,7 +910,7 @@ where
         if head.len != 4 {
             return Err((Reason::FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes"));
         }
-        if id > self.max_client_stream {
+        if self.idle_stream(id) {
             return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
         }
         let reason = Reason(u32::from_be_bytes([
@@ -931,8 +1004,15 @@ where
                     }
                     self.peer_max_frame = value as usize;
                 }
-                // Our encoder never uses the dynamic table: nothing to resize.
-                setting::HEADER_TABLE_SIZE => {}
+                // Our encoder never uses the dynamic table, but a client that lowers its
+                // size is owed a size update (RFC 7541 §4.2) in our next block.
+                setting::HEADER_TABLE_SIZE => {
+                    if (value as usize) < HEADER_TABLE_SIZE
+                        && self.table_update == TableUpdate::None
+                    {
+                        self.table_update = TableUpdate::Due;
+                    }
+                }
                 // MAX_CONCURRENT_STREAMS (we push nothing), MAX_HEADER_LIST_SIZE (advisory)
                 // and unknown ids are ignored.
                 _ => {}
@@ -971,7 +1051,7 @@ where
             }
             return Ok(());
         }
-        if id > self.max_client_stream {
+        if self.idle_stream(id) {
             return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
         }
         let mut guard = lock(&self.shared);
@@ -1046,15 +1126,23 @@ where
                 match item {
                     Queued::Head { block, end } => {
                         let end = *end;
-                        frame::put_header_block(&mut self.out, id, block, end, self.peer_max_frame);
+                        put_block(
+                            &mut self.out,
+                            &mut self.table_update,
+                            id,
+                            block,
+                            end,
+                            self.peer_max_frame,
+                        );
                         if let Some(Queued::Head { block, .. }) = s.queue.pop_front() {
                             give_back(&mut self.spare_blocks, block);
                         }
                         s.send_done |= end;
                     }
                     Queued::Trailers(block) => {
-                        frame::put_header_block(
+                        put_block(
                             &mut self.out,
+                            &mut self.table_update,
                             id,
                             block,
                             true,
@@ -1187,7 +1275,7 @@ where
                 s.queue.clear();
                 s.queued = 0;
                 s.wake_all();
-                let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+                let unread = s.drain_recv();
                 sh.conn_released += unread as u32;
                 if s.finished() {
                     sh.streams.remove(&id);

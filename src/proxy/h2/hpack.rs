@@ -279,8 +279,45 @@ impl RequestHead {
     }
 }
 
-/// Encodes a response head (`:status` and the fields but the connection-specific ones).
-pub(super) fn encode_response(status: StatusCode, headers: &HeaderMap, out: &mut BytesMut) {
+/// What hyper's HTTP/2 server adds to a response head that lacks it, added the same way.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Added {
+    /// A `date` of the current second, when the head has none.
+    pub date: bool,
+    /// A `content-length`, when the head has none: hyper's takes the body's exact size hint
+    /// for a body that is not already at its end.
+    pub content_length: Option<u64>,
+}
+
+impl Added {
+    /// As hyper's server decides it (`proto/h2/server.rs`): `date` always, `content-length`
+    /// from an exact size hint of a body not at its end (never on 204 or 304, whose head
+    /// must not state a length the body does not have).
+    pub fn for_response(
+        status: StatusCode,
+        headers: &HeaderMap,
+        hint: hyper::body::SizeHint,
+        end: bool,
+    ) -> Self {
+        Added {
+            date: !headers.contains_key(http::header::DATE),
+            content_length: hint.exact().filter(|_| {
+                !end && status != StatusCode::NO_CONTENT
+                    && status != StatusCode::NOT_MODIFIED
+                    && !headers.contains_key(http::header::CONTENT_LENGTH)
+            }),
+        }
+    }
+}
+
+/// Encodes a response head (`:status` and the fields but the connection-specific ones), and
+/// what `added` says after them.
+pub(super) fn encode_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    added: Added,
+    out: &mut BytesMut,
+) {
     let indexed = match status.as_u16() {
         200 => Some(8),
         204 => Some(9),
@@ -300,6 +337,27 @@ pub(super) fn encode_response(status: StatusCode, headers: &HeaderMap, out: &mut
         }
     }
     encode_fields(headers, out);
+    if let Some(n) = added.content_length {
+        // `content-length`: static name 28.
+        put_int(out, 28, 4, 0);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut v = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        put_string(out, &digits[at..]);
+    }
+    if added.date {
+        // `date`: static name 33.
+        put_int(out, 33, 4, 0);
+        put_string(out, &crate::proxy::fast_path::http_date());
+    }
 }
 
 /// Encodes trailers (or any fields but the connection-specific ones).
@@ -424,7 +482,12 @@ mod tests {
         h.insert("set-cookie", secret);
         for (status, want) in [(200, "200"), (418, "418"), (404, "404")] {
             let mut out = BytesMut::new();
-            encode_response(StatusCode::from_u16(status).unwrap(), &h, &mut out);
+            encode_response(
+                StatusCode::from_u16(status).unwrap(),
+                &h,
+                Added::default(),
+                &mut out,
+            );
             let got = decode(&out);
             assert_eq!(got[0], (":status".into(), want.into()));
             let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();

@@ -27,10 +27,22 @@
 //! - a stream past SETTINGS_MAX_CONCURRENT_STREAMS is refused (REFUSED_STREAM); a malformed
 //!   request (§8.1.1: pseudo-headers, connection-specific fields, `te`, uppercase names,
 //!   NUL/CR/LF in a value, `content-length` against the DATA) is reset with PROTOCOL_ERROR;
-//!   a header list over SETTINGS_MAX_HEADER_LIST_SIZE is answered 431, as h2's server does;
+//!   a header list over SETTINGS_MAX_HEADER_LIST_SIZE is answered 431, as h2's server does
+//!   (then RST_STREAM NO_ERROR when the request had not ended); a refused stream is not
+//!   counted as a reset by the abuse guard below;
+//! - DATA, WINDOW_UPDATE or RST_STREAM on a stream the client never opened (above its last,
+//!   or even: we push nothing) is a connection error PROTOCOL_ERROR; HEADERS or DATA on a
+//!   closed stream a stream error STREAM_CLOSED; padding is given back to the connection's
+//!   and the stream's window (§6.9.1);
+//! - request DATA kept unread costs about its own size: a payload under a quarter of the read
+//!   buffer it came in is copied into its stream's buffer rather than kept as a slice that
+//!   would keep the whole read buffer alive;
 //! - the request as h2's server builds it: version HTTP/2, an absolute URI from `:scheme`,
 //!   `:authority` and `:path` when `:authority` is there (else the path only), the regular
 //!   fields, no `host` added;
+//! - response heads with `date` and (from an exact size hint of a body not at its end, not on
+//!   204/304) `content-length` when absent, as hyper's server adds them; a dynamic table size
+//!   update to 0 first in our next block after the client lowers SETTINGS_HEADER_TABLE_SIZE;
 //! - responses under the client's windows in frames of at most its SETTINGS_MAX_FRAME_SIZE,
 //!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
 //!   stream with HEADERS; a body that fails resets the stream (INTERNAL_ERROR); a response
@@ -42,6 +54,8 @@
 //!   of output wait for the client (SETTINGS and PING floods);
 //! - [`Shutdown::graceful`]: GOAWAY (NO_ERROR, the last stream taken), open streams finish,
 //!   then the connection closes; a connection error: GOAWAY with its code, then close.
+//!
+//! The service closure is called, and its task spawned, without the connection's lock held.
 //!
 //! Tested by `tests` (frames in, frames out; real clients) and `fuzz_tests` (generated and
 //! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,

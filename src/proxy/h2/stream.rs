@@ -107,7 +107,7 @@ impl Body for RecvBody {
             this.finish();
             return Poll::Ready(Some(Err(StreamError { reason, by_client }.into())));
         }
-        if let Some(data) = s.recv_data.pop_front() {
+        if let Some(data) = s.pop_recv() {
             let n = data.len() as u32;
             this.read += u64::from(n);
             sh.conn_released += n;
@@ -155,7 +155,7 @@ impl Body for RecvBody {
         sh.streams.get(&self.id).is_some_and(|s| {
             s.reset.is_none()
                 && s.recv == Recv::Ended
-                && s.recv_data.is_empty()
+                && s.recv_is_empty()
                 && s.recv_trailers.is_none()
         })
     }
@@ -183,7 +183,7 @@ impl Drop for RecvBody {
         s.body_gone = true;
         s.body_waker = None;
         // What nobody will read goes back to the connection's window.
-        let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+        let unread = s.drain_recv();
         sh.conn_released += unread as u32;
         let waker = if s.finished() {
             sh.remove_stream(self.id);
@@ -314,7 +314,13 @@ pub(super) async fn respond<F>(
     let response = service.await;
     let (parts, mut body) = response.into_parts();
     block.reserve(64 + 32 * parts.headers.len());
-    hpack::encode_response(parts.status, &parts.headers, &mut block);
+    let added = hpack::Added::for_response(
+        parts.status,
+        &parts.headers,
+        body.size_hint(),
+        head_only || body.is_end_stream(),
+    );
+    hpack::encode_response(parts.status, &parts.headers, added, &mut block);
     let shared = guard.shared.clone();
     if head_only || body.is_end_stream() {
         guard.done = true;

@@ -64,7 +64,12 @@ pub(super) enum Recv {
 pub(super) struct Stream {
     // Receive side (the request body).
     pub recv: Recv,
+    /// Request DATA not read yet, in order: slices of the connection's read buffer (large
+    /// payloads), then `recv_tail`.
     pub recv_data: VecDeque<Bytes>,
+    /// Small payloads copied together (after everything in `recv_data`): a slice of a few
+    /// bytes would keep its whole read buffer (16 KiB or more) alive while unread.
+    pub recv_tail: BytesMut,
     pub recv_trailers: Option<HeaderMap>,
     /// Bytes the client may still send on this stream.
     pub recv_window: i64,
@@ -111,6 +116,7 @@ impl Stream {
         Stream {
             recv: if ended { Recv::Ended } else { Recv::Open },
             recv_data: VecDeque::new(),
+            recv_tail: BytesMut::new(),
             recv_trailers: None,
             recv_window,
             recv_released: 0,
@@ -141,6 +147,48 @@ impl Stream {
     /// Can leave the map: closed, and nobody will read its body any more.
     pub fn finished(&self) -> bool {
         self.closed() && self.body_gone
+    }
+
+    /// Queues a request DATA payload for the body reader. `pins` is the size of the read buffer
+    /// it is a slice of: a payload under a quarter of it is copied into `recv_tail` (with the
+    /// small payloads before it), so what unread DATA keeps alive stays within about four
+    /// times its own size (and twice for tiny frames), whatever the client sends between.
+    pub fn push_recv(&mut self, payload: BytesMut, pins: usize) {
+        if payload.is_empty() {
+            return;
+        }
+        if payload.len().saturating_mul(4) < pins {
+            self.recv_tail.extend_from_slice(&payload);
+            return;
+        }
+        if !self.recv_tail.is_empty() {
+            let tail = self.recv_tail.split().freeze();
+            self.recv_data.push_back(tail);
+        }
+        self.recv_data.push_back(payload.freeze());
+    }
+
+    /// The next unread request DATA.
+    pub fn pop_recv(&mut self) -> Option<Bytes> {
+        if let Some(data) = self.recv_data.pop_front() {
+            return Some(data);
+        }
+        if self.recv_tail.is_empty() {
+            return None;
+        }
+        Some(self.recv_tail.split().freeze())
+    }
+
+    pub fn recv_is_empty(&self) -> bool {
+        self.recv_data.is_empty() && self.recv_tail.is_empty()
+    }
+
+    /// Drops the unread request DATA (nobody will read it); its length, to give back.
+    pub fn drain_recv(&mut self) -> usize {
+        let unread =
+            self.recv_data.drain(..).map(|d| d.len()).sum::<usize>() + self.recv_tail.len();
+        self.recv_tail = BytesMut::new();
+        unread
     }
 
     pub fn wake_all(&mut self) {
@@ -199,7 +247,7 @@ impl Shared {
         s.queue.clear();
         s.queued = 0;
         s.wake_all();
-        let unread: usize = s.recv_data.drain(..).map(|d| d.len()).sum();
+        let unread = s.drain_recv();
         self.conn_released += unread as u32;
         if s.finished() {
             self.remove_stream(id);

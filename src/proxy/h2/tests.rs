@@ -525,6 +525,18 @@ impl Raw {
     }
 
     async fn start_with(settings: Settings, client_settings: &[(u16, u32)]) -> Raw {
+        Self::start_serving(settings, client_settings, service).await
+    }
+
+    async fn start_serving<S, F>(
+        settings: Settings,
+        client_settings: &[(u16, u32)],
+        service: S,
+    ) -> Raw
+    where
+        S: FnMut(Request<RecvBody>) -> F + Send + 'static,
+        F: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
         let (a, b) = tokio::io::duplex(1 << 20);
         let shutdown = Shutdown::new();
         let sd = shutdown.clone();
@@ -919,6 +931,30 @@ async fn connection_errors() {
             Reason::COMPRESSION_ERROR,
         ),
         (
+            "DATA on stream 2",
+            kind::DATA,
+            0,
+            2,
+            vec![1],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE on stream 2",
+            kind::WINDOW_UPDATE,
+            0,
+            2,
+            vec![0, 0, 0, 1],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "RST_STREAM on stream 2",
+            kind::RST_STREAM,
+            0,
+            2,
+            vec![0, 0, 0, 8],
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
             "padding longer than DATA",
             kind::DATA,
             flag::PADDED,
@@ -933,6 +969,11 @@ async fn connection_errors() {
             // An open stream first.
             let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
             c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+        }
+        if what.contains("on stream 2") {
+            // Stream 3 open: stream 2 is below it, and still never opened (we push nothing).
+            let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+            c.send(kind::HEADERS, flag::END_HEADERS, 3, &b).await;
         }
         c.send(k, flags, stream, &payload).await;
         eprintln!("case: {what}");
@@ -973,9 +1014,12 @@ async fn the_first_frame_must_be_settings() {
 #[tokio::test]
 async fn stream_errors() {
     let mut c = Raw::start(settings()).await;
-    // PRIORITY of 4 bytes; PRIORITY depending on itself.
+    // PRIORITY of 4 bytes; PRIORITY depending on itself (on open streams: on an idle one
+    // either is a connection error, as no RST_STREAM may name an idle stream).
+    c.get(1, "/hang").await;
     c.send(kind::PRIORITY, 0, 1, &[0; 4]).await;
     c.expect_rst(1, Reason::FRAME_SIZE_ERROR).await;
+    c.get(3, "/hang").await;
     c.send(kind::PRIORITY, 0, 3, &[0, 0, 0, 3, 16]).await;
     c.expect_rst(3, Reason::PROTOCOL_ERROR).await;
     // PRIORITY on an idle stream is fine (and does not open it).
@@ -1088,19 +1132,29 @@ async fn padded_request_bodies_count_toward_flow_control() {
     let mut s = settings();
     s.initial_window_size = 100;
     let mut c = Raw::start(s).await;
-    // `/` never reads its body: 100 bytes (padding included) fit, one more does not.
+    // `/hang` never reads its body: 100 bytes (padding included) fit; the padding (and its
+    // length byte) comes back to the stream's window (§6.9.1), the data does not.
     let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
     c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
     let mut d = vec![49u8];
     d.extend_from_slice(&[b'd'; 50]);
     d.extend_from_slice(&[0; 49]);
     c.send(kind::DATA, flag::PADDED, 1, &d).await;
-    let seen = c.sync().await;
+    // The WINDOW_UPDATE is queued after the frames are read, so after the first PING's ACK.
+    let mut seen = c.sync().await;
+    seen.extend(c.sync().await);
     assert!(
         seen.iter().all(|f| f.head.kind != kind::RST_STREAM),
         "{seen:?}"
     );
-    c.send(kind::DATA, 0, 1, b"x").await;
+    let back: u32 = seen
+        .iter()
+        .filter(|f| f.head.kind == kind::WINDOW_UPDATE && f.head.stream == 1)
+        .map(|f| u32_at(&f.payload))
+        .sum();
+    assert_eq!(back, 50, "{seen:?}");
+    // 50 fit again, 51 do not.
+    c.send(kind::DATA, 0, 1, &[b'x'; 51]).await;
     c.expect_rst(1, Reason::FLOW_CONTROL_ERROR).await;
 }
 
@@ -1547,4 +1601,168 @@ async fn a_header_block_left_unfinished_does_not_hold_the_connection_after_goawa
     c.shutdown.graceful();
     let ended = tokio::time::timeout(Duration::from_secs(20), &mut c.task).await;
     assert!(ended.is_ok(), "serve ended after GOAWAY");
+}
+
+#[tokio::test]
+async fn small_and_large_data_frames_reach_the_body_in_order() {
+    // Small payloads are copied together, large ones kept as slices of the read buffer: the
+    // body still reads them in the order sent.
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    let mut sent = Vec::new();
+    for (byte, len) in [
+        (b'a', 10),
+        (b'b', 1),
+        (b'c', 9000),
+        (b'd', 3),
+        (b'e', 16_000),
+        (b'f', 7),
+    ] {
+        let part = vec![byte; len];
+        c.send(kind::DATA, 0, 1, &part).await;
+        sent.extend_from_slice(&part);
+    }
+    c.send(kind::DATA, flag::END_STREAM, 1, &[]).await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let f = c.next_skip_wu().await.unwrap();
+        assert_eq!(f.head.kind, kind::DATA);
+        got.extend_from_slice(&f.payload);
+    }
+    assert_eq!(got, sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_is_called_without_the_connection_lock() {
+    // A service that looks at its request body before returning its future (the body's
+    // `is_end_stream` takes the connection's lock): called under that lock, it would
+    // deadlock the connection.
+    let mut c = Raw::start_serving(settings(), &[], |req: Request<RecvBody>| {
+        use hyper::body::Body;
+        let end = req.body().is_end_stream();
+        async move { Response::new(body::full(format!("end {end}"))) }
+    })
+    .await;
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    let f = tokio::time::timeout(Duration::from_secs(10), c.next_skip_wu())
+        .await
+        .expect("an answer, not a deadlock")
+        .unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!(&f.payload[..], b"end false");
+}
+
+#[tokio::test]
+async fn responses_get_date_and_content_length_as_hyper_adds_them() {
+    let mut c = Raw::start(settings()).await;
+    let field = |fields: &[(String, String)], name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    // A body of known size: its length, and the date.
+    c.get(1, "/").await;
+    let f = c.next_skip_wu().await.unwrap();
+    let fields = c.decode(&f.payload);
+    assert_eq!(field(&fields, "content-length").as_deref(), Some("5"));
+    let date = field(&fields, "date").expect("a date");
+    assert!(
+        date.len() == 29 && date.ends_with(" GMT"),
+        "{date:?} is no HTTP date"
+    );
+    // A body of unknown size: the date only (stream 1's DATA may come first).
+    c.get(3, "/trailers").await;
+    let f = loop {
+        let f = c.next_skip_wu().await.unwrap();
+        if (f.head.kind, f.head.stream) == (kind::HEADERS, 3) {
+            break f;
+        }
+    };
+    let fields = c.decode(&f.payload);
+    assert_eq!(field(&fields, "content-length"), None);
+    assert!(field(&fields, "date").is_some());
+    // An empty body (hyper adds no length for a body already at its end) and HEAD.
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/echo")]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 5, &b)
+        .await;
+    let f = loop {
+        let f = c.next_skip_wu().await.unwrap();
+        if (f.head.kind, f.head.stream) == (kind::HEADERS, 5) {
+            break f;
+        }
+    };
+    assert_eq!(field(&c.decode(&f.payload), "content-length"), None);
+    let b = c.block(&[(":method", "HEAD"), (":scheme", "http"), (":path", "/big")]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 7, &b)
+        .await;
+    loop {
+        let f = c.next_skip_wu().await.unwrap();
+        if (f.head.kind, f.head.stream) == (kind::HEADERS, 7) {
+            assert_eq!(field(&c.decode(&f.payload), "content-length"), None);
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lowered_header_table_size_gets_one_size_update() {
+    let mut c = Raw::start_with(settings(), &[(frame::setting::HEADER_TABLE_SIZE, 0)]).await;
+    c.get(1, "/").await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!(f.head.kind, kind::HEADERS);
+    // RFC 7541 §6.3: `001` and the new size (0), first in the block.
+    assert_eq!(f.payload[0], 0x20, "{f:?}");
+    assert_eq!(c.decode(&f.payload)[0].1, "200");
+    c.sync().await;
+    c.get(3, "/").await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 3));
+    assert_ne!(f.payload[0] & 0xe0, 0x20, "one update only: {f:?}");
+}
+
+#[tokio::test]
+async fn refused_streams_are_not_counted_as_resets() {
+    let mut s = settings();
+    s.max_concurrent_streams = 1;
+    let mut c = Raw::start(s).await;
+    c.get(1, "/hang?refused").await;
+    // 300 streams over the limit (the reset guard allows 200 in 10 s): all refused, and
+    // the connection stays.
+    for i in 0..300 {
+        c.get(3 + 2 * i, "/").await;
+    }
+    let seen = c.sync().await;
+    let refused = seen
+        .iter()
+        .filter(|f| {
+            f.head.kind == kind::RST_STREAM && u32_at(&f.payload) == Reason::REFUSED_STREAM.0
+        })
+        .count();
+    assert_eq!(refused, 300);
+    assert!(seen.iter().all(|f| f.head.kind != kind::GOAWAY), "{seen:?}");
+}
+
+#[tokio::test]
+async fn headers_on_a_finished_stream_is_a_connection_error() {
+    let mut c = Raw::start(settings()).await;
+    c.get(1, "/").await;
+    loop {
+        let f = c.next_skip_wu().await.unwrap();
+        if f.head.kind == kind::DATA && f.head.flags & flag::END_STREAM != 0 {
+            break;
+        }
+    }
+    c.sync().await;
+    let t = c.block(&[("x-late", "1")]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 1, &t)
+        .await;
+    // We cannot tell a finished stream from a skipped id (§5.1.1: PROTOCOL_ERROR) without
+    // remembering every id, so both end the connection.
+    c.expect_goaway(Reason::PROTOCOL_ERROR).await;
 }
