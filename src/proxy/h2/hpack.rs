@@ -53,6 +53,10 @@ const ADDED_BY_PHASES: usize = 8;
 /// A new value arena once what is left of the current one is shorter than this.
 const ARENA: usize = 4096;
 
+/// The most fields one block may carry (refused as too large past it), well under what a
+/// `HeaderMap` holds (24,576) with room for what the phases add.
+const MAX_FIELDS: usize = 16_384;
+
 /// Collects one header block's fields (a callback of the HPACK decoder, which cannot fail, so
 /// the first problem is remembered and the rest of the block only decoded). One per
 /// connection, reused for every block ([`BlockReader::start`]).
@@ -133,7 +137,9 @@ impl BlockReader {
     /// One decoded field.
     pub fn field(&mut self, name: Cow<[u8]>, value: Cow<[u8]>) {
         self.size += name.len() + value.len() + 32;
-        if self.size > self.max_list_size {
+        // The field count is capped too: a `HeaderMap` panics past 24,576 entries, which
+        // 1-byte indexed fields reach under a large SETTINGS_MAX_HEADER_LIST_SIZE.
+        if self.size > self.max_list_size || self.fields.len() >= MAX_FIELDS {
             self.refuse(Refused::TooLarge);
         }
         if self.refused.is_some() {
@@ -554,6 +560,38 @@ mod tests {
         assert_eq!(r.bytes.capacity(), arena - "/second1".len());
         assert_eq!(second.headers["x-a"], "1");
         assert!(second.headers.capacity() > ADDED_BY_PHASES);
+    }
+
+    /// A block of many tiny indexed fields under a large SETTINGS_MAX_HEADER_LIST_SIZE (each
+    /// 1-byte `accept: ""` counts 38 bytes, so 1 MiB lets ~27,500 through) is refused as too
+    /// large rather than panicking in `HeaderMap` (whose limit is 24,576 entries), for a
+    /// request and for trailers; a block just under the cap still leaves the phases room.
+    #[test]
+    fn many_tiny_fields_are_refused_not_a_panic() {
+        let mut d = loona_hpack::Decoder::new();
+        let mut r = BlockReader::new();
+        let mut block = vec![0x82, 0x86, 0x84]; // :method GET, :scheme http, :path /
+        block.extend(std::iter::repeat_n(0x80 | 19, 25_000)); // accept: "", 950,000 bytes
+        for trailers in [false, true] {
+            let block = if trailers { &block[3..] } else { &block[..] };
+            r.start(1 << 20, block.len(), trailers);
+            d.decode_with_cb(block, |n, v| r.field(n, v)).unwrap();
+            let got = if trailers {
+                r.finish_trailers().map(|_| ())
+            } else {
+                r.finish_request().map(|_| ())
+            };
+            assert_eq!(got, Err(Refused::TooLarge), "trailers: {trailers}");
+        }
+        let block = &block[..3 + MAX_FIELDS];
+        r.start(1 << 20, block.len(), false);
+        d.decode_with_cb(block, |n, v| r.field(n, v)).unwrap();
+        let mut head = r.finish_request().unwrap();
+        assert_eq!(head.headers.len(), MAX_FIELDS);
+        for i in 0..2 * ADDED_BY_PHASES {
+            let name = HeaderName::try_from(format!("x-phase-{i}")).unwrap();
+            head.headers.insert(name, HeaderValue::from_static("1"));
+        }
     }
 
     #[test]
