@@ -162,7 +162,9 @@ impl Stream {
             return;
         }
         if !self.recv_tail.is_empty() {
-            let tail = self.recv_tail.split().freeze();
+            // Taken, not split: a split would leave `recv_tail` sharing (and, once the
+            // reader drops its part, reusing) the largest buffer it ever grew to.
+            let tail = std::mem::take(&mut self.recv_tail).freeze();
             self.recv_data.push_back(tail);
         }
         self.recv_data.push_back(payload.freeze());
@@ -176,7 +178,7 @@ impl Stream {
         if self.recv_tail.is_empty() {
             return None;
         }
-        Some(self.recv_tail.split().freeze())
+        Some(std::mem::take(&mut self.recv_tail).freeze())
     }
 
     pub fn recv_is_empty(&self) -> bool {
