@@ -582,7 +582,9 @@ where
             payload.advance(1);
         }
         let end = head.flags & flag::END_STREAM != 0;
-        if payload.is_empty() && !end && self.empties.hit(EMPTY_FRAME_LIMIT) {
+        // Only a frame with no byte at all is free to send; one that carries padding costs
+        // the client window like data (given back as data is), so it is no flood of empties.
+        if head.len == 0 && !end && self.empties.hit(EMPTY_FRAME_LIMIT) {
             return Err((Reason::ENHANCE_YOUR_CALM, "too many empty DATA frames"));
         }
         let padding = head.len - payload.len() as u32;

@@ -48,7 +48,7 @@
 //!   stream with HEADERS; a body that fails resets the stream (INTERNAL_ERROR); a response
 //!   that waits `stalled_stream_timeout` for window is reset (CANCEL);
 //! - abuse guards: more client resets of unfinished streams (or of our resets for its
-//!   faults) than max(200, 2 × max concurrent streams) in 10 s, more than 1,000 empty DATA
+//!   faults) than max(200, 2 × max concurrent streams) in 10 s, more than 1,000 empty DATA (zero-length: padding counts as data)
 //!   or CONTINUATION frames in 10 s, or a header block longer than the max header list
 //!   size + 16 KiB close the connection with ENHANCE_YOUR_CALM; no input is read while 64 KiB
 //!   of output wait for the client (SETTINGS and PING floods);
