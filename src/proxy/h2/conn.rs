@@ -1008,12 +1008,11 @@ where
                 }
                 // Our encoder never uses the dynamic table, but a client that lowers its
                 // size is owed a size update (RFC 7541 §4.2) in our next block.
-                setting::HEADER_TABLE_SIZE => {
+                setting::HEADER_TABLE_SIZE
                     if (value as usize) < HEADER_TABLE_SIZE
-                        && self.table_update == TableUpdate::None
-                    {
-                        self.table_update = TableUpdate::Due;
-                    }
+                        && self.table_update == TableUpdate::None =>
+                {
+                    self.table_update = TableUpdate::Due;
                 }
                 // MAX_CONCURRENT_STREAMS (we push nothing), MAX_HEADER_LIST_SIZE (advisory)
                 // and unknown ids are ignored.

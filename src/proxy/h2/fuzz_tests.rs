@@ -965,7 +965,7 @@ fn write_case(case: &Case) -> Input {
         }
         // Mostly past the preface: a broken preface is one quick error.
         let at = |at: u32, len: usize| {
-            if at % 8 == 0 || len <= 24 {
+            if at.is_multiple_of(8) || len <= 24 {
                 at as usize % len
             } else {
                 24 + at as usize % (len - 24)
@@ -1053,18 +1053,20 @@ fn read_sent(bytes: &[u8], server_max_frame: u32) -> Sent {
             s.started = true;
         }
         match head.kind {
-            kind::SETTINGS if head.flags & flag::ACK == 0 && head.stream == 0 => {
-                if payload.len() % 6 == 0 {
-                    s.settings += 1;
-                    for e in payload.chunks_exact(6) {
-                        let id = u16::from_be_bytes([e[0], e[1]]);
-                        let v = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
-                        if id == setting::MAX_FRAME_SIZE && v <= frame::MAX_MAX_FRAME_SIZE {
-                            s.max_frame = s.max_frame.max(v);
-                        }
-                        if id == setting::INITIAL_WINDOW_SIZE {
-                            s.initial_window = s.initial_window.max(i64::from(v));
-                        }
+            kind::SETTINGS
+                if head.flags & flag::ACK == 0
+                    && head.stream == 0
+                    && payload.len().is_multiple_of(6) =>
+            {
+                s.settings += 1;
+                for e in payload.chunks_exact(6) {
+                    let id = u16::from_be_bytes([e[0], e[1]]);
+                    let v = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+                    if id == setting::MAX_FRAME_SIZE && v <= frame::MAX_MAX_FRAME_SIZE {
+                        s.max_frame = s.max_frame.max(v);
+                    }
+                    if id == setting::INITIAL_WINDOW_SIZE {
+                        s.initial_window = s.initial_window.max(i64::from(v));
                     }
                 }
             }
@@ -1085,10 +1087,8 @@ fn read_sent(bytes: &[u8], server_max_frame: u32) -> Sent {
                 }
                 s.block_open = head.flags & flag::END_HEADERS == 0;
             }
-            kind::CONTINUATION => {
-                if head.flags & flag::END_HEADERS != 0 {
-                    s.block_open = false;
-                }
+            kind::CONTINUATION if head.flags & flag::END_HEADERS != 0 => {
+                s.block_open = false;
             }
             _ => {}
         }
@@ -1167,7 +1167,7 @@ fn check_output(out: &[u8], sent: &Sent, result: &Result<(), Error>) -> Result<(
                     }
                 } else {
                     settings += 1;
-                    if settings > 1 || head.len % 6 != 0 {
+                    if settings > 1 || !head.len.is_multiple_of(6) {
                         return Err(format!("{at}: a second or malformed SETTINGS"));
                     }
                 }
