@@ -17,7 +17,7 @@ set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-4}; secs=${4:-5}
 . "$(dirname "$0")/lib.sh"
 need nginx wrk h2load taskset curl bc
-UP=18381; A=18391; B=18392
+read -r UP A B < <(free_ports 3)
 for v in a b; do
   port=$([ $v = a ] && echo $A || echo $B)
   printf 'admin: { address: 127.0.0.1:0 }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$UP" "$port" > "$dir/$v.yaml"

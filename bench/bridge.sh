@@ -22,8 +22,7 @@ need redis-server redis-benchmark wrk h2load taskset curl python3
 # OUTRIGGER_BIN: a binary built already (skips the release build).
 build_release
 
-REDIS=18300
-BRIDGE=18310
+read -r REDIS BRIDGE < <(free_ports 2)
 CONN=${CONN:-16}
 
 mkdir "$dir/components"

@@ -18,7 +18,7 @@ rounds=${1:-3}; secs=${2:-5}
 read -r -a modes <<< "${MODES:-keep unmap}"
 need nginx wrk h2load taskset curl
 build_release
-UP=18981; OUT=18991
+read -r UP OUT < <(free_ports 2)
 
 start nginx -c "$(nginx_upstream $UP)"; wait_port $UP
 outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT

@@ -14,7 +14,7 @@ set -euo pipefail
 rounds=${1:-4}; secs=${2:-5}
 need nginx wrk taskset curl bc
 build_release
-UP=18581; QUIET=18591; WATCHED=18592
+read -r UP QUIET WATCHED < <(free_ports 3)
 conf() { printf 'admin: { address: 127.0.0.1:%s }\nlisteners:\n  - name: egress\n    address: 127.0.0.1:%s\n    direction: outbound\n    routes:\n      - name: api\n        match: { path_prefix: / }\n        cluster: up\nclusters:\n  up:\n    endpoints: [127.0.0.1:%s]\n' "$(( $1 + 100 ))" "$1" "$UP"; }
 conf $QUIET > "$dir/quiet.yaml"; conf $WATCHED > "$dir/watched.yaml"
 start nginx -c "$(nginx_upstream $UP)"

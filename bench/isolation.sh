@@ -15,7 +15,7 @@ bins=(); for b in "$@"; do bins+=("$(realpath "$b")"); done
 . "$(dirname "$0")/lib.sh"
 secs=${SECONDS_EACH:-10}; clients=${CLIENTS:-32}
 need nginx wrk python3 curl taskset
-UP=18491
+read -r UP < <(free_ports 1)
 BENCH_CPU=0-1 start nginx -c "$(nginx_upstream $UP "location / { return 200 \"ok\\n\"; }")"
 
 latency() {  # url → "p50 p99" in ms (wrk, 1 thread, 8 connections)

@@ -122,6 +122,15 @@ start() {
   pids+=($!)
 }
 
+# free_ports N: N distinct loopback ports free right now, on one line (all bound at once, then
+# released), so that two benches, or a bench and the test suite, never collide on fixed ports.
+free_ports() {
+  python3 -c 'import socket, sys
+ss = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
+}
+
 wait_port() {
   for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
   echo "port $1 never opened" >&2; exit 1

@@ -25,7 +25,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 mib=${1:-1024}; rounds=${2:-1}
 SNG=${SYSLOG_NG_ROOT:-/opt/peers/syslog-ng}
-HTTP_PORT=18611; TCP_PORT=18612; ADMIN_PORT=18613
+read -r HTTP_PORT TCP_PORT ADMIN_PORT < <(free_ports 3)
 # A peer that cannot be installed or started here is reported as such ("not measured: …") and
 # the rest of the run goes on. (`apt-get install syslog-ng` itself fails on some machines: held
 # broken packages, syslog-ng-core's version against the meta package's; the unpacking below

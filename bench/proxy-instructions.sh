@@ -40,7 +40,7 @@ need nginx python3 curl h2load
 [ -n "${ALLOCS_ONLY:-}" ] || need valgrind haproxy
 [ -n "${ALLOC_BIN:-}" ] || need cargo
 [ -n "${ALLOCS_ONLY:-}" ] || build_release
-UP=18681; P=18691; ADMIN=18692
+read -r UP P ADMIN < <(free_ports 3)
 
 cat > "$dir/up.conf" <<CONF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;

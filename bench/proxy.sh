@@ -27,7 +27,7 @@ secs=${1:-10}
 need nginx haproxy wrk h2load taskset curl
 build_release
 
-UP=18181; UP_H2=18182; NGX=18190; NGX_H2=18191; HAP=18200; HAP_H2=18201; OUT=18210
+read -r UP UP_H2 NGX NGX_H2 HAP HAP_H2 OUT < <(free_ports 7)
 
 cat > "$dir/upstream.conf" <<EOF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log stderr error;

@@ -31,7 +31,7 @@ runs=${1:-2}
 need nginx wrk h2load taskset curl
 [ -z "${HEAPTRACK:-}" ] || need heaptrack heaptrack_print
 build_release
-UP=18881; OUT=18891
+read -r UP OUT < <(free_ports 2)
 
 start nginx -c "$(nginx_upstream $UP)"; wait_port $UP
 outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT

@@ -21,7 +21,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need nginx wrk h2load taskset curl python3
 build_release
-UP=18581; OUT=18591
+read -r UP OUT < <(free_ports 2)
 start nginx -c "$(nginx_upstream $UP)"; wait_port $UP
 outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
 conf=$dir/config/outrigger.yaml; logdir=$dir/gen; mkdir -p "$logdir"

@@ -24,7 +24,7 @@ bin=$(realpath "$1"); secs=${2:-10}
 . "$(dirname "$0")/lib.sh"
 need nginx python3 prlimit redis-cli
 chmod 755 "$dir"  # nginx workers read subscribe.json
-UP=18511; HOLE=18512; DEAD=18513
+read -r UP HOLE DEAD < <(free_ports 3)
 deep=$(python3 -c 'print("(" * 10000 + "event.type == \"a\"" + ")" * 10000)')
 # The app: nginx answers everything with 200, /dapr/subscribe with the deep rule, and hands
 # deliveries to a socket that accepts and never answers (a subscriber that does not keep up).

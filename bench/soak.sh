@@ -16,7 +16,7 @@ set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); secs=${3:-15}
 . "$(dirname "$0")/lib.sh"
 need nginx python3 prlimit taskset
-UP=18501
+read -r UP < <(free_ports 1)
 BENCH_CPU=0-1 start nginx -c "$(nginx_upstream $UP "location / { return 200 \"ok\\n\"; }" 'client_body_timeout 120s;')"
 
 run() {  # attack label binary

@@ -11,7 +11,7 @@ set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); conns=${3:-300}; secs=${4:-12}
 . "$(dirname "$0")/lib.sh"
 need nginx python3 curl taskset
-UP=18481
+read -r UP < <(free_ports 1)
 head -c 16777216 /dev/zero | tr '\0' 'x' > "$dir/big"
 BENCH_CPU=0-1 start nginx -c "$(nginx_upstream $UP "location /big { alias $dir/big; }
            location / { return 200 \"ok\\n\"; }" 'sendfile on;')"

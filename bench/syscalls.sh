@@ -31,7 +31,7 @@ proto=${2:-h1}
 need nginx haproxy h2load taskset curl perf
 build_release
 
-UP=18281; NGX=18290; HAP=18300; OUT=18310
+read -r UP NGX HAP OUT < <(free_ports 4)
 upconf=$(nginx_upstream $UP)
 cat > "$dir/nginx.conf" <<EOF
 worker_processes 1; daemon off; pid $dir/ngx.pid; error_log stderr error;

@@ -13,7 +13,7 @@ set -euo pipefail
 n=${1:-4000}
 need valgrind nginx python3 curl taskset
 build_release
-UP=18581; P=18591
+read -r UP P < <(free_ports 2)
 start nginx -c "$(nginx_upstream $UP 'location /v1/traces { return 200 "{}"; }
            location / { return 200 "hello world\n"; }')"
 count() { # SETTING REQUESTS → instructions

@@ -16,7 +16,7 @@ set -euo pipefail
 rounds=${1:-4}; secs=${2:-5}
 need nginx wrk taskset curl bc
 build_release
-UP=18481; OFF=18491; ON=18492; FULL=18493
+read -r UP OFF ON FULL < <(free_ports 4)
 base() { printf 'admin: { address: 127.0.0.1:%s }\napp: { address: 127.0.0.1:%s }\nlisteners:\n  - name: in\n    address: 127.0.0.1:%s\n' "$(( $1 + 100 ))" "$UP" "$1"; }
 base $OFF > "$dir/off.yaml"
 { base $ON; printf 'telemetry:\n  access_log: { to: %s/on.log }\n  tracing: { otlp: http://127.0.0.1:%s }\n' "$dir" "$UP"; } > "$dir/on.yaml"

@@ -15,7 +15,7 @@ set -euo pipefail
 secs=${1:-8}; rounds=${2:-2}
 need nginx wrk taskset
 build_release
-UP=18581; NGX=18590; OUT=18591
+read -r UP NGX OUT < <(free_ports 3)
 
 "$bin" certs ca --out "$dir/ca" >/dev/null
 "$bin" certs issue --ca "$dir/ca" --out "$dir" --name server --dns localhost --ip 127.0.0.1 --key ecdsa >/dev/null

@@ -25,7 +25,7 @@ need nginx h2load taskset curl
 [ $proto = h2 ] || need rustc
 build_release
 [ $proto = h2 ] || rustc --edition 2024 -O bench/uds-load.rs -o "$dir/uds-load"
-UP=18781; UP_H2=18782; TCP=18791
+read -r UP UP_H2 TCP < <(free_ports 3)
 cat > "$dir/up.conf" <<CONF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
 events { worker_connections 8192; }

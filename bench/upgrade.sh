@@ -15,7 +15,7 @@ build_release
 # The upgraded process is not our child: find it by its config path.
 trap 'pkill -f "$dir/outrigger.yaml" 2>/dev/null || true; bench_cleanup' EXIT
 
-UP=18281; LISTEN=18290; ADMIN=18299
+read -r UP LISTEN ADMIN < <(free_ports 3)
 cat > "$dir/upstream.conf" <<EOF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log stderr error;
 events { worker_connections 8192; }

@@ -19,7 +19,7 @@ secs=${1:-10}
 need nginx haproxy wrk taskset curl
 build_release
 
-UP=18381; NGX=18390; HAP=18400; OUT=18410
+read -r UP NGX HAP OUT < <(free_ports 4)
 
 start nginx -c "$(nginx_upstream $UP 'location / { return 200 "hello world\n"; }' 'client_max_body_size 0;')"
 wait_port $UP
