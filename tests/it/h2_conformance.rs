@@ -843,11 +843,8 @@ impl Rig {
         http2: bool,
         limits: &str,
     ) -> Rig {
-        let key = if server == "hyper" {
-            String::new()
-        } else {
-            format!("    http2_server: {server}\n")
-        };
+        // Named even when it is the default: the default may change, the case's server must not.
+        let key = format!("    http2_server: {server}\n");
         let h2 = if http2 { ", http2: true" } else { "" };
         // `/status/…` (the fresh GET after each case) always reaches the backend.
         let sc = Sidecar::start(&format!(
