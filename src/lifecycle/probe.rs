@@ -4,6 +4,12 @@
 //! gate); `failure_threshold` failures in a row make it unhealthy again (`/ready` 503; inbound
 //! traffic keeps flowing, since a half-working app usually serves better than none).
 //!
+//! A check the sidecar itself cannot run — out of descriptors (EMFILE/ENFILE) or processes
+//! (EAGAIN on fork) — says nothing about the app: it is logged (once a minute at most) and
+//! counted in `outrigger_app_probe_skipped_total`, not as a failure, and the app's state stays
+//! as it was. Otherwise a flooded listener that takes every descriptor would also make the app
+//! "fail" its probe and `/ready` answer 503, though the app is fine.
+//!
 //! Until the app is ready for the first time the probe runs every [`STARTUP_INTERVAL`] (or
 //! `interval`, when shorter; for at most [`STARTUP_FAST_FOR`]), so a starting app gets traffic
 //! a moment after it listens instead of up to a whole interval later.
@@ -68,8 +74,17 @@ pub async fn run(config: ProbeConfig, status: AppStatus) {
     let (mut ready, mut passes, mut failures) = (false, 0u32, 0u32);
     let mut ever_ready = false;
     let fast_until = tokio::time::Instant::now() + STARTUP_FAST_FOR;
+    let mut skipped_logged: Option<tokio::time::Instant> = None;
     loop {
         match check(&config.check, config.timeout.get()).await {
+            Err(Failure::Sidecar(e)) => {
+                status.metrics.app_probe_skipped.inc();
+                let now = tokio::time::Instant::now();
+                if skipped_logged.is_none_or(|at| now - at >= Duration::from_secs(60)) {
+                    skipped_logged = Some(now);
+                    warn!(probe = %describe(&config.check), error = %e, "the probe could not run (the sidecar's own limit); the app's state is kept");
+                }
+            }
             Ok(()) => {
                 failures = 0;
                 passes = passes.saturating_add(1);
@@ -80,7 +95,7 @@ pub async fn run(config: ProbeConfig, status: AppStatus) {
                     status.set_ready();
                 }
             }
-            Err(e) => {
+            Err(Failure::App(e)) => {
                 status.metrics.app_probe_failures.inc();
                 passes = 0;
                 failures = failures.saturating_add(1);
@@ -119,30 +134,73 @@ pub fn describe(check: &ProbeCheck) -> String {
     }
 }
 
-/// Runs one check within `timeout`.
-pub async fn check(check: &ProbeCheck, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, check_inner(check)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!(
-            "no answer within {}",
-            humantime::format_duration(timeout)
-        )),
+/// Why a check did not pass.
+#[derive(Debug, PartialEq)]
+pub enum Failure {
+    /// The app did not pass the check.
+    App(String),
+    /// The sidecar could not run the check (out of descriptors or processes): says nothing
+    /// about the app.
+    Sidecar(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::App(e)
     }
 }
 
-async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::App(e) | Failure::Sidecar(e) => f.write_str(e),
+        }
+    }
+}
+
+/// An error of the sidecar's own limits: descriptors (EMFILE, ENFILE) or, for a fork,
+/// processes and memory (EAGAIN, ENOMEM).
+fn own_limit(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
+    )
+}
+
+/// A failed connect to the app, classified.
+fn connect_failed(address: &Address, e: std::io::Error) -> Failure {
+    let message = format!("cannot connect to {address}: {e}");
+    if own_limit(&e) {
+        Failure::Sidecar(message)
+    } else {
+        Failure::App(message)
+    }
+}
+
+/// Runs one check within `timeout`.
+pub async fn check(check: &ProbeCheck, timeout: Duration) -> Result<(), Failure> {
+    match tokio::time::timeout(timeout, check_inner(check)).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::App(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+async fn check_inner(check: &ProbeCheck) -> Result<(), Failure> {
     match check {
         ProbeCheck::Tcp(address) => match address {
             Address::Tcp(a) => TcpStream::connect(a).await.map(drop),
             Address::Unix(p) => UnixStream::connect(p).await.map(drop),
         }
-        .map_err(|e| format!("cannot connect to {address}: {e}")),
+        .map_err(|e| connect_failed(address, e)),
         ProbeCheck::Http { address, path } => {
-            let status = request(address, http::Method::GET, path).await?;
+            let status = request_classified(address, http::Method::GET, path).await?;
             if (200..400).contains(&status) {
                 Ok(())
             } else {
-                Err(format!("GET {path} answered {status}"))
+                Err(Failure::App(format!("GET {path} answered {status}")))
             }
         }
         ProbeCheck::Grpc { address, service } => grpc_health(address, *service).await,
@@ -156,7 +214,7 @@ async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
             if status.success() {
                 Ok(())
             } else {
-                Err(format!("{} exited with {status}", cmd[0]))
+                Err(Failure::App(format!("{} exited with {status}", cmd[0])))
             }
         }
     }
@@ -164,7 +222,7 @@ async fn check_inner(check: &ProbeCheck) -> Result<(), String> {
 
 /// Spawns an exec probe, registered with the reaper (not inside an async fn: the registry's
 /// lock must not be held across an await).
-fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32>), String> {
+fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32>), Failure> {
     let mut ours = super::reaper::spawning();
     let child = tokio::process::Command::new(&cmd[0])
         .args(&cmd[1..])
@@ -173,7 +231,14 @@ fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+        .map_err(|e| {
+            let message = format!("cannot run {}: {e}", cmd[0]);
+            if own_limit(&e) {
+                Failure::Sidecar(message)
+            } else {
+                Failure::App(message)
+            }
+        })?;
     let pid = child.id();
     if let Some(pid) = pid {
         ours.insert(pid as i32);
@@ -185,7 +250,7 @@ fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32
 /// than a generated gRPC client: the request is an empty message (five bytes of framing), the
 /// answer needs only `grpc-status` and, for `grpc.health.v1`, one varint field — and the
 /// lifecycle floor stays free of the bridge's protobuf code.
-async fn grpc_health(address: &Address, service: GrpcHealth) -> Result<(), String> {
+async fn grpc_health(address: &Address, service: GrpcHealth) -> Result<(), Failure> {
     use http_body_util::{BodyExt, Full};
     let path = match service {
         GrpcHealth::Dapr => "/dapr.proto.runtime.v1.AppCallbackHealthCheck/HealthCheck",
@@ -195,12 +260,12 @@ async fn grpc_health(address: &Address, service: GrpcHealth) -> Result<(), Strin
         Address::Tcp(a) => Box::new(
             TcpStream::connect(a)
                 .await
-                .map_err(|e| format!("cannot connect to {address}: {e}"))?,
+                .map_err(|e| connect_failed(address, e))?,
         ),
         Address::Unix(p) => Box::new(
             UnixStream::connect(p)
                 .await
-                .map_err(|e| format!("cannot connect to {address}: {e}"))?,
+                .map_err(|e| connect_failed(address, e))?,
         ),
     };
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -253,7 +318,7 @@ async fn grpc_health(address: &Address, service: GrpcHealth) -> Result<(), Strin
         // HealthCheckResponse{status = 1 (SERVING)}: frame header, then field 1 as a varint.
         let serving = message.len() >= 7 && message[5] == 0x08 && message[6] == 1;
         if !serving {
-            return Err(format!("{path}: the server is not SERVING"));
+            return Err(Failure::App(format!("{path}: the server is not SERVING")));
         }
     }
     Ok(())
@@ -266,18 +331,29 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// One request on a fresh connection (as kubelet probes: a probe must not reuse a
 /// connection the app may have half-closed); returns the status. No timeout of its own.
 pub async fn request(address: &Address, method: http::Method, path: &str) -> Result<u16, String> {
+    request_classified(address, method, path)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// [`request`], its failure classified.
+async fn request_classified(
+    address: &Address,
+    method: http::Method,
+    path: &str,
+) -> Result<u16, Failure> {
     match address {
         Address::Tcp(a) => {
             let s = TcpStream::connect(a)
                 .await
-                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-            request_on(s, method, path, "localhost", "outrigger").await
+                .map_err(|e| connect_failed(address, e))?;
+            Ok(request_on(s, method, path, "localhost", "outrigger").await?)
         }
         Address::Unix(p) => {
             let s = UnixStream::connect(p)
                 .await
-                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-            request_on(s, method, path, "localhost", "outrigger").await
+                .map_err(|e| connect_failed(address, e))?;
+            Ok(request_on(s, method, path, "localhost", "outrigger").await?)
         }
     }
 }
@@ -315,6 +391,24 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
 
+    /// A connect or fork refused by the sidecar's own limits is not the app's failure; every
+    /// other error is.
+    #[test]
+    fn own_limits_are_not_the_apps_failure() {
+        let at = Address::Tcp("127.0.0.1:9".parse().unwrap());
+        for code in [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM] {
+            let e = std::io::Error::from_raw_os_error(code);
+            assert!(
+                matches!(connect_failed(&at, e), Failure::Sidecar(_)),
+                "{code}"
+            );
+        }
+        for code in [libc::ECONNREFUSED, libc::ENOENT, libc::ETIMEDOUT] {
+            let e = std::io::Error::from_raw_os_error(code);
+            assert!(matches!(connect_failed(&at, e), Failure::App(_)), "{code}");
+        }
+    }
+
     /// An h2c server answering every call with `message` and `grpc-status: status` in the
     /// trailers, as a gRPC server does.
     async fn server(message: &'static [u8], status: &'static str) -> Address {
@@ -350,12 +444,12 @@ mod tests {
         let e = grpc_health(&not_serving, GrpcHealth::Health)
             .await
             .unwrap_err();
-        assert!(e.contains("not SERVING"), "{e}");
+        assert!(e.to_string().contains("not SERVING"), "{e}");
         let unimplemented = server(&[], "12").await;
         let e = grpc_health(&unimplemented, GrpcHealth::Dapr)
             .await
             .unwrap_err();
-        assert!(e.contains("grpc-status 12"), "{e}");
+        assert!(e.to_string().contains("grpc-status 12"), "{e}");
         let nobody = Address::Tcp("127.0.0.1:1".parse().unwrap());
         assert!(grpc_health(&nobody, GrpcHealth::Dapr).await.is_err());
     }

@@ -59,6 +59,8 @@ pub struct RuntimeMetrics {
     pub app_ready: Gauge,
     pub app_restarts: Counter,
     pub app_probe_failures: Counter,
+    /// Probes the sidecar could not run (out of descriptors or processes): not failures.
+    pub app_probe_skipped: Counter,
     /// Effective content changes seen by each `reload:` entry.
     pub reload_changes: Family<ReloadLabels, Counter>,
     pub reload_actions: Family<ReloadResultLabels, Counter>,
@@ -744,6 +746,11 @@ impl Metrics {
             "app_probe_failures",
             "App probes that failed",
             runtime.app_probe_failures.clone(),
+        );
+        ours.register(
+            "app_probe_skipped",
+            "App probes the sidecar could not run (out of descriptors or processes); the app's state was kept",
+            runtime.app_probe_skipped.clone(),
         );
         ours.register(
             "reload_changes",
