@@ -284,6 +284,19 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Stri
     )
 }
 
+/// `outrigger check` of `config`, written as `file` in a temp dir: it fails (exit 78) and its
+/// stderr holds each of `errors`.
+#[track_caller]
+pub fn check_finds(file: &str, config: &str, errors: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(file), config).unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", file], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    for e in errors {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+}
+
 /// Runs `cmd` (stdout and stderr captured) and waits for it at most `timeout`; past that it is
 /// killed and what it wrote so far is returned (the caller's assertion then shows it).
 #[cfg(feature = "bridge")]
