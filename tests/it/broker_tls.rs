@@ -247,20 +247,16 @@ fn mqtt_over_tls() {
     let system = url("tcps", "localhost", broker.port);
     let wrong = url("ssl", "127.0.0.2", broker.port);
     let components = [
-        mqtt("good", &good, &[("caCert", &ca_pem)]),
+        mqtt("good", &good, &[("caCert", ca_pem)]),
         mqtt(
             "mutual",
             &mutual,
-            &[
-                ("caCert", &ca_pem),
-                ("clientCert", &cert),
-                ("clientKey", &key),
-            ],
+            &[("caCert", ca_pem), ("clientCert", cert), ("clientKey", key)],
         ),
         mqtt("system", &system, &[]),
-        mqtt("otherca", &good, &[("caCert", &other_pem)]),
-        mqtt("wrongname", &wrong, &[("caCert", &ca_pem)]),
-        mqtt("nocert", &mutual, &[("caCert", &ca_pem)]),
+        mqtt("otherca", &good, &[("caCert", other_pem)]),
+        mqtt("wrongname", &wrong, &[("caCert", ca_pem)]),
+        mqtt("nocert", &mutual, &[("caCert", ca_pem)]),
     ];
     let (app, seen) = subscriber(json!([
         {"pubsubname": "good", "topic": "orders", "route": "/good"},
@@ -371,20 +367,16 @@ fn rabbitmq_and_http_binding_over_tls() {
         |name: &str, url: &str, meta: Meta| file(name, "bindings.http", &[("url", url)], meta);
     let binding_url = good.clone();
     let components = vec![
-        rabbit("good", &good, &[("caCert", &ca_pem)]),
+        rabbit("good", &good, &[("caCert", ca_pem)]),
         rabbit(
             "mutual",
             &mutual,
-            &[
-                ("caCert", &ca_pem),
-                ("clientCert", &cert),
-                ("clientKey", &key),
-            ],
+            &[("caCert", ca_pem), ("clientCert", cert), ("clientKey", key)],
         ),
         rabbit("system", &good, &[]),
-        rabbit("otherca", &good, &[("caCert", &other_pem)]),
-        rabbit("wrongname", &elsewhere, &[("caCert", &ca_pem)]),
-        rabbit("nocert", &mutual, &[("caCert", &ca_pem)]),
+        rabbit("otherca", &good, &[("caCert", other_pem)]),
+        rabbit("wrongname", &elsewhere, &[("caCert", ca_pem)]),
+        rabbit("nocert", &mutual, &[("caCert", ca_pem)]),
         (
             "queue.yaml".to_string(),
             component(
@@ -393,16 +385,16 @@ fn rabbitmq_and_http_binding_over_tls() {
                 &[
                     ("host", &binding_url),
                     ("queueName", "jobs"),
-                    ("caCert", &ca_pem),
+                    ("caCert", ca_pem),
                     ("direction", "output"),
                 ],
             ),
         ),
         http("webfile", &web_url, &[("MTLSRootCA", &ca_file)]),
-        http("webtext", &web_url, &[("MTLSRootCA", &ca_pem)]),
+        http("webtext", &web_url, &[("MTLSRootCA", ca_pem)]),
         http("websystem", &web_url, &[]),
-        http("webother", &web_url, &[("MTLSRootCA", &other_pem)]),
-        http("webname", &https("elsewhere"), &[("MTLSRootCA", &ca_pem)]),
+        http("webother", &web_url, &[("MTLSRootCA", other_pem)]),
+        http("webname", &https("elsewhere"), &[("MTLSRootCA", ca_pem)]),
     ];
     let (app, seen) = subscriber(json!([
         {"pubsubname": "good", "topic": "orders", "route": "/good"},
