@@ -184,6 +184,29 @@ impl App {
         self.on(path).iter().filter(|r| r.event["id"] == id).count()
     }
 
+    /// After `retry-me`, `drop-me` and `fail-me` were published with metadata `region=eu` to
+    /// an app that asks for three retries of the first, drops the second and fails the third:
+    /// `retry-me` came 4 times, `drop-me` once, `fail-me` 5 times, each with its `region`
+    /// header, and the last two went to the dead letters (`/poison`).
+    #[track_caller]
+    fn retried_dropped_and_failed(&self) {
+        assert_eq!(self.count_on("/orders", "retry-me"), 4);
+        assert_eq!(self.count_on("/orders", "drop-me"), 1);
+        assert_eq!(self.count_on("/orders", "fail-me"), 5);
+        assert!(
+            self.on("/orders")
+                .iter()
+                .all(|r| r.headers["region"] == "eu")
+        );
+        let mut dead: Vec<String> = self
+            .on("/poison")
+            .iter()
+            .map(|r| r.event["id"].as_str().unwrap().to_string())
+            .collect();
+        dead.sort();
+        assert_eq!(dead, ["drop-me", "fail-me"]);
+    }
+
     fn successes(&self) -> Vec<String> {
         self.state
             .answers
@@ -858,22 +881,8 @@ async fn redis_retries_then_acks_once_drops_and_dead_letters() {
             && redis.pending("poison", "shop").await == 0
     })
     .await;
-    assert_eq!(app.count_on("/orders", "retry-me"), 4);
-    assert_eq!(app.count_on("/orders", "drop-me"), 1);
-    assert_eq!(app.count_on("/orders", "fail-me"), 5);
     // Metadata (first value wins) rides in the stream entry and reaches the app as headers.
-    assert!(
-        app.on("/orders")
-            .iter()
-            .all(|r| r.headers["region"] == "eu")
-    );
-    let mut dead: Vec<String> = app
-        .on("/poison")
-        .iter()
-        .map(|r| r.event["id"].as_str().unwrap().to_string())
-        .collect();
-    dead.sort();
-    assert_eq!(dead, ["drop-me", "fail-me"]);
+    app.retried_dropped_and_failed();
     assert_eq!(app.on("/plain").len(), 1);
     let text = b.metrics_text();
     for line in [
@@ -1209,21 +1218,7 @@ async fn rabbitmq_retries_dead_letters_and_acks_in_daprs_layout() {
         },
     )
     .await;
-    assert_eq!(app.count_on("/orders", "retry-me"), 4);
-    assert_eq!(app.count_on("/orders", "drop-me"), 1);
-    assert_eq!(app.count_on("/orders", "fail-me"), 5);
-    assert!(
-        app.on("/orders")
-            .iter()
-            .all(|r| r.headers["region"] == "eu")
-    );
-    let mut dead: Vec<String> = app
-        .on("/poison")
-        .iter()
-        .map(|r| r.event["id"].as_str().unwrap().to_string())
-        .collect();
-    dead.sort();
-    assert_eq!(dead, ["drop-me", "fail-me"]);
+    app.retried_dropped_and_failed();
     // daprd's names: queue `{consumerID}-{topic}`, dead-letter queue `dlq-{queue}`; the
     // exhausted message without a dead-letter topic was nacked into it; nothing is unacked.
     until("the broker's counts settle", async || {
