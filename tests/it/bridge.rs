@@ -3063,6 +3063,20 @@ fn postgres_configuration_subscriptions_are_bounded_by_max_conns() {
     });
 }
 
+/// The bridge's address (`IP:PORT`), and a current-thread runtime for a client of its own.
+fn bridge_address_and_runtime(sc: &Sidecar) -> (String, tokio::runtime::Runtime) {
+    let addr = sc
+        .bridge_url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (addr, rt)
+}
+
 /// HTTP invocation streams a request body over 64 KiB to the callee as it arrives (it used to
 /// read the whole body first): the callee's echo of the first part comes back while the rest
 /// is still to be sent. A streamed body past `bridge.max_body` is a 413, whether it says its
@@ -3078,15 +3092,7 @@ fn invocation_streams_large_request_bodies_within_max_body() {
         ),
         &[],
     );
-    let addr = sc
-        .bridge_url("/")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (addr, rt) = bridge_address_and_runtime(&sc);
     let wait = Duration::from_secs(20);
     let part = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
     rt.block_on(async {
@@ -3197,15 +3203,7 @@ fn invocation_timeout_counts_from_the_end_of_a_slow_upload() {
         ),
         &[],
     );
-    let addr = sc
-        .bridge_url("/")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (addr, rt) = bridge_address_and_runtime(&sc);
     let part = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
     let (status, body) = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -3295,15 +3293,7 @@ fn a_streamed_invocation_to_a_callee_that_never_reads_ends_at_the_timeout() {
         ),
         &[],
     );
-    let addr = sc
-        .bridge_url("/")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (addr, rt) = bridge_address_and_runtime(&sc);
     let (status, body) = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let (mut send, conn) = hyper::client::conn::http2::handshake(
