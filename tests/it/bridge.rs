@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::backend::Backend;
 use crate::servers::{PostgresDb, RedisServer, free_port};
-use crate::support::{Sidecar, Spawn, client, eventually, run_to_end};
+use crate::support::{ComponentsDir, Sidecar, Spawn, client, eventually, post, run_to_end};
 
 const BRIDGE: &str = "bridge:\n  address: 127.0.0.1:0\n";
 
@@ -36,15 +36,6 @@ fn start_with(extra: &str, components: &[(&str, &str)], env: &[(&str, &str)]) ->
     .start();
     sc.wait_ready();
     sc
-}
-
-fn post(sc: &Sidecar, path: &str, body: Value) -> (u16, String) {
-    let r = client()
-        .post(sc.bridge_url(path))
-        .json(&body)
-        .send()
-        .unwrap();
-    (r.status().as_u16(), r.text().unwrap())
 }
 
 fn post_raw(sc: &Sidecar, path: &str, body: &str) -> (u16, Value) {
@@ -529,30 +520,19 @@ fn body_limit_answers_413() {
 #[test]
 fn unknown_component_type_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
-    std::fs::write(
-        resources.join("kafka.yaml"),
+    let components = ComponentsDir::new(dir.path(), "bridge:\n  address: 127.0.0.1:0\n");
+    components.write(
+        "kafka.yaml",
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.kafka\n  version: v1\n",
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
-            resources.display()
-        ),
-    )
-    .unwrap();
-    let (code, _, stderr) = run_to_end(&["run", "-c", config.to_str().unwrap()], &[], dir.path());
+    );
+    let (code, _, stderr) = components.run("run", &[]);
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("kafka.yaml:6:"), "{stderr}");
     assert!(
         stderr.contains("unknown component type \"pubsub.kafka\""),
         "{stderr}"
     );
-    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 78, "{stderr}");
 }
 
@@ -561,24 +541,15 @@ fn unknown_component_type_is_a_config_error() {
 #[test]
 fn component_certificate_and_key_problems_are_reported_together() {
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
-    std::fs::write(
-        resources.join("kafka.yaml"),
+    let components = ComponentsDir::new(
+        dir.path(),
+        "service: \"bad name\"\napp: { address: 127.0.0.1:1 }\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    tls: { cert: /nonexistent.crt, key: /nonexistent.key }\nbridge:\n  address: 127.0.0.1:0\n",
+    );
+    components.write(
+        "kafka.yaml",
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.kafka\n  version: v1\n",
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "service: \"bad name\"\napp: {{ address: 127.0.0.1:1 }}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    tls: {{ cert: /nonexistent.crt, key: /nonexistent.key }}\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
-            resources.display()
-        ),
-    )
-    .unwrap();
-    let (code, _, run_stderr) =
-        run_to_end(&["run", "-c", config.to_str().unwrap()], &[], dir.path());
+    );
+    let (code, _, run_stderr) = components.run("run", &[]);
     assert_eq!(code, 78, "{run_stderr}");
     for e in [
         "outrigger.yaml:1:10: service: expected a name",
@@ -589,8 +560,7 @@ fn component_certificate_and_key_problems_are_reported_together() {
     ] {
         assert!(run_stderr.contains(e), "missing `{e}` in:\n{run_stderr}");
     }
-    let (code, _, check_stderr) =
-        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    let (code, _, check_stderr) = components.check();
     assert_eq!(code, 78, "{check_stderr}");
     assert_eq!(check_stderr, run_stderr);
 }
@@ -1043,29 +1013,17 @@ fn a_stop_lets_deliveries_in_flight_finish_before_the_app_is_stopped() {
 #[test]
 fn bad_pubsub_metadata_and_subscriptions_are_config_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
-    std::fs::write(
-        resources.join("pubsub.yaml"),
+    let components = ComponentsDir::new(dir.path(), "bridge:\n  address: 127.0.0.1:0\n");
+    components.write(
+        "pubsub.yaml",
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n    - { name: redisHost, value: localhost }\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: local\nspec:\n  type: pubsub.in-memory\n  version: v1\n",
-    )
-    .unwrap();
-    std::fs::write(
-        resources.join("subs.yaml"),
+    );
+    components.write(
+        "subs.yaml",
         "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata:\n  name: orders\nspec:\n  pubsubname: local\n  topic: orders\n  routes:\n    rules:\n      - match: event.type in [\"a\"]\n        path: /a\n    default: /orders\n",
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
-            resources.display()
-        ),
-    )
-    .unwrap();
+    );
     for cmd in ["check", "run"] {
-        let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
+        let (code, _, stderr) = components.run(cmd, &[]);
         assert_eq!(code, 78, "{cmd}: {stderr}");
         // At the value of the key at fault, not the component's first line.
         assert!(stderr.contains("pubsub.yaml:9:1:"), "{cmd}: {stderr}");
@@ -1078,37 +1036,19 @@ fn bad_pubsub_metadata_and_subscriptions_are_config_errors() {
 #[test]
 fn another_apps_pubsub_component_is_not_this_apps_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
+    let components = ComponentsDir::new(
+        dir.path(),
+        "service: shop\nbridge:\n  address: 127.0.0.1:0\n",
+    );
     // A shared directory: another app's component with a setting we do not support.
-    std::fs::write(
-        resources.join("theirs.yaml"),
+    components.write(
+        "theirs.yaml",
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: events\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n    - { name: redisHost, value: localhost }\nscopes: [billing]\n",
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "service: shop\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
-            resources.display()
-        ),
-    )
-    .unwrap();
-    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    );
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 0, "{stderr}");
     // For the app it belongs to, it is an error.
-    let (code, _, stderr) = run_to_end(
-        &[
-            "check",
-            "-c",
-            config.to_str().unwrap(),
-            "--set",
-            "service=billing",
-        ],
-        &[],
-        dir.path(),
-    );
+    let (code, _, stderr) = components.run("check", &["--set", "service=billing"]);
     assert_eq!(code, 78, "{stderr}");
 }
 
@@ -1584,24 +1524,13 @@ fn ignore_errors_skips_a_failing_component_and_shows_it() {
 
     // Without the flag: refused before anything starts, located, by `check` too.
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
-    std::fs::write(
-        resources.join("redis.yaml"),
+    let components = ComponentsDir::new(dir.path(), "bridge:\n  address: 127.0.0.1:0\n");
+    components.write(
+        "redis.yaml",
         component("cache", "state.redis", bad_redis, false),
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "bridge:\n  address: 127.0.0.1:0\n  resources: {}\n",
-            resources.display()
-        ),
-    )
-    .unwrap();
+    );
     for cmd in ["check", "run"] {
-        let (code, _, stderr) = run_to_end(&[cmd, "-c", config.to_str().unwrap()], &[], dir.path());
+        let (code, _, stderr) = components.run(cmd, &[]);
         assert_eq!(code, 78, "{cmd}: {stderr}");
         assert!(stderr.contains("redis.yaml:11:"), "{cmd}: {stderr}");
         assert!(stderr.contains("redisHost"), "{cmd}: {stderr}");
@@ -1779,27 +1708,15 @@ fn lock_store_down_fails_per_request_and_recovers() {
 fn lock_component_is_checked_and_located() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
-    std::fs::write(
-        resources.join("lock.yaml"),
-        lock_component("lockstore", &redis, ""),
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!("bridge:\n  resources: {}\n", resources.display()),
-    )
-    .unwrap();
-    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    let components = ComponentsDir::new(dir.path(), "bridge:\n");
+    components.write("lock.yaml", lock_component("lockstore", &redis, ""));
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 0, "{stderr}");
-    std::fs::write(
-        resources.join("lock.yaml"),
+    components.write(
+        "lock.yaml",
         "# a comment\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: lockstore\nspec:\n  type: lock.redis\n  version: v1\n  metadata:\n  - name: redisHost\n    value: no-port\n",
-    )
-    .unwrap();
-    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    );
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("lock.yaml:"), "{stderr}");
     assert!(stderr.contains("redisHost"), "{stderr}");
@@ -1975,32 +1892,23 @@ fn postgres_down_fails_per_request_and_recovers() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
-    std::fs::write(
-        resources.join("pg.yaml"),
+    let components = ComponentsDir::new(dir.path(), "bridge:\n");
+    components.write(
+        "pg.yaml",
         postgres_component("pg", "state.postgresql", &connection, ""),
-    )
-    .unwrap();
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!("bridge:\n  resources: {}\n", resources.display()),
-    )
-    .unwrap();
-    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    );
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 0, "{stderr}");
-    std::fs::write(
-        resources.join("pg.yaml"),
+    components.write(
+        "pg.yaml",
         postgres_component(
             "pg",
             "state.postgresql",
             &connection,
             "  - name: tableName\n    value: \"bad name\"\n",
         ),
-    )
-    .unwrap();
-    let (code, _, stderr) = run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
+    );
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 78, "{stderr}");
     assert!(
         stderr.contains("pg.yaml:") && stderr.contains("tableName"),
@@ -2321,8 +2229,7 @@ fn cron_input_bindings_reach_the_app() {
 #[test]
 fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("components");
-    std::fs::create_dir(&resources).unwrap();
+    let components = ComponentsDir::new(dir.path(), "bridge:\n");
     let rabbit = "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: rabbitmq-pubsub\nspec:\n  type: pubsub.rabbitmq\n  version: v1\n  metadata:\n  - name: connectionString\n    value: \"amqp://localhost:5672\"\n  - name: protocol\n    value: amqp\n  - name: hostname\n    value: localhost\n  - name: username\n    value: username\n  - name: password\n    value: password\n  - name: consumerID\n    value: channel1\n  - name: durable\n    value: false\n  - name: deletedWhenUnused\n    value: false\n  - name: autoAck\n    value: false\n  - name: deliveryMode\n    value: 0\n  - name: requeueInFailure\n    value: false\n  - name: prefetchCount\n    value: 0\n  - name: reconnectWait\n    value: 0\n  - name: concurrencyMode\n    value: parallel\n  - name: publisherConfirm\n    value: false\n  - name: enableDeadLetter # Optional enable dead Letter or not\n    value: true\n  - name: maxLen # Optional max message count in a queue\n    value: 3000\n  - name: maxLenBytes # Optional maximum length in bytes of a queue.\n    value: 10485760\n  - name: exchangeKind\n    value: fanout\n";
     let mqtt = "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: mqtt-pubsub\nspec:\n  type: pubsub.mqtt3\n  version: v1\n  metadata:\n  - name: url\n    value: \"tcp://[username][:password]@host.domain[:port]\"\n  - name: qos\n    value: 1\n  - name: retain\n    value: \"false\"\n  - name: cleanSession\n    value: \"false\"\n";
     let cron = cron_component(
@@ -2330,13 +2237,6 @@ fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
         "@every 15m",
         "  - name: direction\n    value: \"input\"\n",
     );
-    let config = dir.path().join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!("bridge:\n  resources: {}\n", resources.display()),
-    )
-    .unwrap();
-    let check = || run_to_end(&["check", "-c", config.to_str().unwrap()], &[], dir.path());
     // The docs' placeholder URL is not a URL: the docs' own example with a real host passes.
     let mqtt_real = mqtt.replace(
         "tcp://[username][:password]@host.domain[:port]",
@@ -2347,9 +2247,9 @@ fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
         ("mqtt.yaml", mqtt_real.as_str()),
         ("cron.yaml", cron.as_str()),
     ] {
-        std::fs::write(resources.join(file), text).unwrap();
+        components.write(file, text);
     }
-    let (code, _, stderr) = check();
+    let (code, _, stderr) = components.check();
     assert_eq!(code, 0, "{stderr}");
     for (file, text, key) in [
         (
@@ -2367,10 +2267,10 @@ fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
             "schedule",
         ),
     ] {
-        let good = std::fs::read_to_string(resources.join(file)).unwrap();
+        let good = components.read(file);
         let text = format!("# a comment\n{text}");
-        std::fs::write(resources.join(file), &text).unwrap();
-        let (code, _, stderr) = check();
+        components.write(file, &text);
+        let (code, _, stderr) = components.check();
         assert_eq!(code, 78, "{file}: {stderr}");
         // Located at the faulty key's value: the line after its `- name:`.
         let line = text
@@ -2383,7 +2283,7 @@ fn rabbitmq_mqtt_and_cron_components_are_checked_and_located() {
             "{file}: {stderr}"
         );
         assert!(stderr.contains(key), "{file}: {stderr}");
-        std::fs::write(resources.join(file), good).unwrap();
+        components.write(file, good);
     }
 }
 
@@ -3163,6 +3063,20 @@ fn postgres_configuration_subscriptions_are_bounded_by_max_conns() {
     });
 }
 
+/// The bridge's address (`IP:PORT`), and a current-thread runtime for a client of its own.
+fn bridge_address_and_runtime(sc: &Sidecar) -> (String, tokio::runtime::Runtime) {
+    let addr = sc
+        .bridge_url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (addr, rt)
+}
+
 /// HTTP invocation streams a request body over 64 KiB to the callee as it arrives (it used to
 /// read the whole body first): the callee's echo of the first part comes back while the rest
 /// is still to be sent. A streamed body past `bridge.max_body` is a 413, whether it says its
@@ -3178,15 +3092,7 @@ fn invocation_streams_large_request_bodies_within_max_body() {
         ),
         &[],
     );
-    let addr = sc
-        .bridge_url("/")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (addr, rt) = bridge_address_and_runtime(&sc);
     let wait = Duration::from_secs(20);
     let part = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
     rt.block_on(async {
@@ -3297,15 +3203,7 @@ fn invocation_timeout_counts_from_the_end_of_a_slow_upload() {
         ),
         &[],
     );
-    let addr = sc
-        .bridge_url("/")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (addr, rt) = bridge_address_and_runtime(&sc);
     let part = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
     let (status, body) = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -3395,15 +3293,7 @@ fn a_streamed_invocation_to_a_callee_that_never_reads_ends_at_the_timeout() {
         ),
         &[],
     );
-    let addr = sc
-        .bridge_url("/")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (addr, rt) = bridge_address_and_runtime(&sc);
     let (status, body) = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let (mut send, conn) = hyper::client::conn::http2::handshake(

@@ -14,60 +14,56 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::servers::{RabbitVhost, free_port, server_command};
-use crate::support::{Sidecar, Spawn, client, eventually, run_to_end};
-
-/// Runs `outrigger certs ARGS` in `dir`.
-fn certs(dir: &Path, args: &[&str]) {
-    let args: Vec<&str> = ["certs"].iter().chain(args).copied().collect();
-    let (code, stdout, stderr) = run_to_end(&args, &[], dir);
-    assert_eq!(code, 0, "outrigger {args:?}\n{stdout}\n{stderr}");
-}
+use crate::support::{
+    ComponentsDir, Sidecar, bridge_on, ca_with, client, component_with as component, eventually,
+    post, value_line,
+};
 
 /// A CA in `dir/NAME/` with leaves `server` (localhost, 127.0.0.1), `elsewhere`
 /// (elsewhere.example only) and `client`.
 fn ca(dir: &Path, name: &str) {
-    certs(dir, &["ca", "--out", name, "--trust-domain", "example.org"]);
-    let issue = |leaf: &str, names: &[&str]| {
-        let mut args = vec!["issue", "--ca", name, "--out", name, "--name", leaf];
-        args.extend_from_slice(names);
-        certs(dir, &args);
-    };
-    issue("server", &["--dns", "localhost", "--ip", "127.0.0.1"]);
-    issue("elsewhere", &["--dns", "elsewhere.example"]);
-    issue("client", &["--dns", "client"]);
+    ca_with(
+        dir,
+        name,
+        &[
+            ("server", &["--dns", "localhost", "--ip", "127.0.0.1"]),
+            ("elsewhere", &["--dns", "elsewhere.example"]),
+            ("client", &["--dns", "client"]),
+        ],
+    );
 }
 
-/// A component with metadata (name, value) pairs; a value with line breaks (PEM) goes as a
-/// block scalar.
-fn component(name: &str, kind: &str, meta: &[(&str, &str)]) -> String {
-    let mut s = format!(
-        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n"
-    );
-    for (k, v) in meta {
-        if v.contains('\n') {
-            s.push_str(&format!("  - name: {k}\n    value: |\n"));
-            for line in v.lines() {
-                s.push_str(&format!("      {line}\n"));
-            }
-        } else {
-            s.push_str(&format!("  - name: {k}\n    value: \"{v}\"\n"));
+/// Two CAs in `dir`, `ca` and `other` (see [`ca`]), and the PEM texts the tests use.
+struct Pems {
+    ca: String,
+    other: String,
+    cert: String,
+    key: String,
+}
+
+impl Pems {
+    fn make(dir: &Path) -> Pems {
+        ca(dir, "ca");
+        ca(dir, "other");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        Pems {
+            ca: read("ca/ca.crt"),
+            other: read("other/ca.crt"),
+            cert: read("ca/client.crt"),
+            key: read("ca/client.key"),
         }
     }
-    s
 }
 
-/// The line of `key`'s value in a [`component`] (a block scalar's: its text's first line).
-fn value_line(component: &str, key: &str) -> usize {
-    let lines: Vec<&str> = component.lines().collect();
-    let at = lines
-        .iter()
-        .position(|l| l.trim() == format!("- name: {key}"))
-        .unwrap();
-    if lines[at + 1].ends_with('|') {
-        at + 3
-    } else {
-        at + 2
-    }
+/// Metadata (name, value) pairs.
+type Meta<'a> = &'a [(&'a str, &'a str)];
+
+/// A component file `NAME.yaml`: `first`, then `meta`, as its metadata.
+fn file(name: &str, kind: &str, first: Meta, meta: Meta) -> (String, String) {
+    (
+        format!("{name}.yaml"),
+        component(name, kind, &[first, meta].concat()),
+    )
 }
 
 /// A subscriber app: `/dapr/subscribe` answers `subscriptions`; every delivery's `data` is
@@ -108,15 +104,6 @@ fn subscriber(subscriptions: Value) -> (std::net::SocketAddr, Seen) {
     (addr, seen)
 }
 
-fn post(sc: &Sidecar, path: &str, body: Value) -> (u16, String) {
-    let r = client()
-        .post(sc.bridge_url(path))
-        .json(&body)
-        .send()
-        .unwrap();
-    (r.status().as_u16(), r.text().unwrap())
-}
-
 /// Publishes `{"n": n}` to `ps`'s `topic` (204 each time) until the app has it on `path`: a
 /// subscription made after a publish would not see it.
 fn delivered(sc: &Sidecar, seen: &Seen, (ps, topic, path, n): (&str, &str, &str, u64)) {
@@ -143,25 +130,26 @@ fn delivered(sc: &Sidecar, seen: &Seen, (ps, topic, path, n): (&str, &str, &str,
     }
 }
 
-/// Writes `components` (file name, text) and starts a bridge sidecar on them for app `app`.
-fn bridge(dir: &Path, components: &[(String, String)], app: &str, env: &[(&str, &str)]) -> Sidecar {
-    let resources = dir.join("components");
-    std::fs::create_dir(&resources).unwrap();
-    for (file, text) in components {
-        std::fs::write(resources.join(file), text).unwrap();
+/// A bridge sidecar on `components` (file name, text) for app `app`, whose system roots
+/// (`SSL_CERT_FILE`) are `dir/ca`'s CA.
+fn bridge(dir: &Path, components: &[(String, String)], app: &str) -> Sidecar {
+    let roots = dir.join("ca/ca.crt").display().to_string();
+    let head = format!("app:\n  address: {app}\n");
+    bridge_on(dir, components, &head, &[("SSL_CERT_FILE", &roots)])
+}
+
+/// Each of `failures` (pub/sub component, what its error says): a publish answered 500 with
+/// it, and, when it says something, the component's health too.
+fn publishes_fail(sc: &Sidecar, failures: &[(&str, &str)]) {
+    for &(ps, why) in failures {
+        let (s, body) = post(sc, &format!("/v1.0/publish/{ps}/orders"), json!({"n": 0}));
+        assert_eq!(s, 500, "{ps}: {body}");
+        assert!(body.contains(why), "{ps}: {body}");
+        if !why.is_empty() {
+            let error = unhealthy(sc, ps);
+            assert!(error.contains(why), "{ps}: {error}");
+        }
     }
-    let config = format!(
-        "app:\n  address: {app}\nbridge:\n  address: 127.0.0.1:0\n  resources: {}\nservice: orders\n",
-        resources.display()
-    );
-    let sc = Spawn {
-        config: &config,
-        env,
-        ..Spawn::default()
-    }
-    .start();
-    sc.wait_ready();
-    sc
 }
 
 /// The `error` the bridge's health shows for component `name` once it is unhealthy.
@@ -245,52 +233,36 @@ impl Drop for MosquittoTls {
 fn mqtt_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ca(d, "ca");
-    ca(d, "other");
+    let pems = Pems::make(d);
     let broker = MosquittoTls::start(&d.join("ca"));
-    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-    let (ca_pem, other_pem) = (read("ca/ca.crt"), read("other/ca.crt"));
-    let (cert, key) = (read("ca/client.crt"), read("ca/client.key"));
+    let (ca_pem, other_pem) = (&pems.ca, &pems.other);
+    let (cert, key) = (&pems.cert, &pems.key);
     let url = |scheme: &str, host: &str, port: u16| format!("{scheme}://{host}:{port}");
-    let mqtt = |name: &str, url: &str, meta: &[(&str, &str)]| {
-        let mut all = vec![("url", url), ("consumerID", name)];
-        all.extend_from_slice(meta);
-        (
-            format!("{name}.yaml"),
-            component(name, "pubsub.mqtt3", &all),
-        )
+    let mqtt = |name: &str, url: &str, meta: Meta| {
+        let first = [("url", url), ("consumerID", name)];
+        file(name, "pubsub.mqtt3", &first, meta)
     };
     let good = url("ssl", "localhost", broker.port);
     let mutual = url("mqtts", "localhost", broker.mutual);
     let system = url("tcps", "localhost", broker.port);
     let wrong = url("ssl", "127.0.0.2", broker.port);
     let components = [
-        mqtt("good", &good, &[("caCert", &ca_pem)]),
+        mqtt("good", &good, &[("caCert", ca_pem)]),
         mqtt(
             "mutual",
             &mutual,
-            &[
-                ("caCert", &ca_pem),
-                ("clientCert", &cert),
-                ("clientKey", &key),
-            ],
+            &[("caCert", ca_pem), ("clientCert", cert), ("clientKey", key)],
         ),
         mqtt("system", &system, &[]),
-        mqtt("otherca", &good, &[("caCert", &other_pem)]),
-        mqtt("wrongname", &wrong, &[("caCert", &ca_pem)]),
-        mqtt("nocert", &mutual, &[("caCert", &ca_pem)]),
+        mqtt("otherca", &good, &[("caCert", other_pem)]),
+        mqtt("wrongname", &wrong, &[("caCert", ca_pem)]),
+        mqtt("nocert", &mutual, &[("caCert", ca_pem)]),
     ];
     let (app, seen) = subscriber(json!([
         {"pubsubname": "good", "topic": "orders", "route": "/good"},
         {"pubsubname": "mutual", "topic": "orders", "route": "/mutual"},
     ]));
-    let roots = d.join("ca/ca.crt").display().to_string();
-    let sc = bridge(
-        d,
-        &components,
-        &app.to_string(),
-        &[("SSL_CERT_FILE", &roots)],
-    );
+    let sc = bridge(d, &components, &app.to_string());
 
     // Subscribed over TLS (one broker behind both ports): what one component publishes, the
     // subscriptions of the others get too.
@@ -298,21 +270,15 @@ fn mqtt_over_tls() {
     delivered(&sc, &seen, ("mutual", "orders", "/mutual", 2));
     delivered(&sc, &seen, ("system", "orders", "/good", 3));
 
-    let failures = [
-        // Another CA of the same name: its signature does not check out.
-        ("otherca", "invalid peer certificate"),
-        ("wrongname", "certificate not valid for name"),
-        ("nocert", ""),
-    ];
-    for (ps, why) in failures {
-        let (s, body) = post(&sc, &format!("/v1.0/publish/{ps}/orders"), json!({"n": 0}));
-        assert_eq!(s, 500, "{ps}: {body}");
-        assert!(body.contains(why), "{ps}: {body}");
-        if !why.is_empty() {
-            let error = unhealthy(&sc, ps);
-            assert!(error.contains(why), "{ps}: {error}");
-        }
-    }
+    publishes_fail(
+        &sc,
+        &[
+            // Another CA of the same name: its signature does not check out.
+            ("otherca", "invalid peer certificate"),
+            ("wrongname", "certificate not valid for name"),
+            ("nocert", ""),
+        ],
+    );
     assert!(
         sc.stderr().contains("invalid peer certificate"),
         "the log names the reason\n{}",
@@ -375,15 +341,13 @@ fn port(sc: &Sidecar, listener: &str) -> u16 {
 fn rabbitmq_and_http_binding_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ca(d, "ca");
-    ca(d, "other");
+    let pems = Pems::make(d);
     let web = crate::backend::Backend::http();
     let term = terminator(d, "127.0.0.1:5672", &["tls", "mutual", "elsewhere"]);
     let web_term = terminator(d, &web.address(), &["tls", "elsewhere"]);
     let vhost = RabbitVhost::create();
-    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-    let (ca_pem, other_pem) = (read("ca/ca.crt"), read("other/ca.crt"));
-    let (cert, key) = (read("ca/client.crt"), read("ca/client.key"));
+    let (ca_pem, other_pem) = (&pems.ca, &pems.other);
+    let (cert, key) = (&pems.cert, &pems.key);
     let amqps = |host: &str, listener: &str| {
         format!(
             "amqps://guest:guest@{host}:{}/{}",
@@ -391,43 +355,28 @@ fn rabbitmq_and_http_binding_over_tls() {
             vhost.name
         )
     };
-    let rabbit = |name: &str, url: &str, meta: &[(&str, &str)]| {
-        let mut all = vec![("connectionString", url)];
-        all.extend_from_slice(meta);
-        (
-            format!("{name}.yaml"),
-            component(name, "pubsub.rabbitmq", &all),
-        )
+    let rabbit = |name: &str, url: &str, meta: Meta| {
+        file(name, "pubsub.rabbitmq", &[("connectionString", url)], meta)
     };
     let (good, mutual) = (amqps("localhost", "tls"), amqps("localhost", "mutual"));
     let elsewhere = amqps("localhost", "elsewhere");
     let https = |listener: &str| format!("https://localhost:{}", port(&web_term, listener));
     let web_url = https("tls");
     let ca_file = d.join("ca/ca.crt").display().to_string();
-    let http = |name: &str, url: &str, meta: &[(&str, &str)]| {
-        let mut all = vec![("url", url)];
-        all.extend_from_slice(meta);
-        (
-            format!("{name}.yaml"),
-            component(name, "bindings.http", &all),
-        )
-    };
+    let http =
+        |name: &str, url: &str, meta: Meta| file(name, "bindings.http", &[("url", url)], meta);
     let binding_url = good.clone();
     let components = vec![
-        rabbit("good", &good, &[("caCert", &ca_pem)]),
+        rabbit("good", &good, &[("caCert", ca_pem)]),
         rabbit(
             "mutual",
             &mutual,
-            &[
-                ("caCert", &ca_pem),
-                ("clientCert", &cert),
-                ("clientKey", &key),
-            ],
+            &[("caCert", ca_pem), ("clientCert", cert), ("clientKey", key)],
         ),
         rabbit("system", &good, &[]),
-        rabbit("otherca", &good, &[("caCert", &other_pem)]),
-        rabbit("wrongname", &elsewhere, &[("caCert", &ca_pem)]),
-        rabbit("nocert", &mutual, &[("caCert", &ca_pem)]),
+        rabbit("otherca", &good, &[("caCert", other_pem)]),
+        rabbit("wrongname", &elsewhere, &[("caCert", ca_pem)]),
+        rabbit("nocert", &mutual, &[("caCert", ca_pem)]),
         (
             "queue.yaml".to_string(),
             component(
@@ -436,28 +385,22 @@ fn rabbitmq_and_http_binding_over_tls() {
                 &[
                     ("host", &binding_url),
                     ("queueName", "jobs"),
-                    ("caCert", &ca_pem),
+                    ("caCert", ca_pem),
                     ("direction", "output"),
                 ],
             ),
         ),
         http("webfile", &web_url, &[("MTLSRootCA", &ca_file)]),
-        http("webtext", &web_url, &[("MTLSRootCA", &ca_pem)]),
+        http("webtext", &web_url, &[("MTLSRootCA", ca_pem)]),
         http("websystem", &web_url, &[]),
-        http("webother", &web_url, &[("MTLSRootCA", &other_pem)]),
-        http("webname", &https("elsewhere"), &[("MTLSRootCA", &ca_pem)]),
+        http("webother", &web_url, &[("MTLSRootCA", other_pem)]),
+        http("webname", &https("elsewhere"), &[("MTLSRootCA", ca_pem)]),
     ];
     let (app, seen) = subscriber(json!([
         {"pubsubname": "good", "topic": "orders", "route": "/good"},
         {"pubsubname": "mutual", "topic": "payments", "route": "/mutual"},
     ]));
-    let roots = d.join("ca/ca.crt").display().to_string();
-    let sc = bridge(
-        d,
-        &components,
-        &app.to_string(),
-        &[("SSL_CERT_FILE", &roots)],
-    );
+    let sc = bridge(d, &components, &app.to_string());
 
     delivered(&sc, &seen, ("good", "orders", "/good", 1));
     delivered(&sc, &seen, ("mutual", "payments", "/mutual", 2));
@@ -471,20 +414,14 @@ fn rabbitmq_and_http_binding_over_tls() {
     assert!(s == 200 || s == 204, "{s} {body}");
     assert_eq!(vhost.queues().get("jobs").map(|q| q.0), Some(1));
 
-    let failures = [
-        ("otherca", "invalid peer certificate"),
-        ("wrongname", "certificate not valid for name"),
-        ("nocert", ""),
-    ];
-    for (ps, why) in failures {
-        let (s, body) = post(&sc, &format!("/v1.0/publish/{ps}/orders"), json!({"n": 0}));
-        assert_eq!(s, 500, "{ps}: {body}");
-        assert!(body.contains(why), "{ps}: {body}");
-        if !why.is_empty() {
-            let error = unhealthy(&sc, ps);
-            assert!(error.contains(why), "{ps}: {error}");
-        }
-    }
+    publishes_fail(
+        &sc,
+        &[
+            ("otherca", "invalid peer certificate"),
+            ("wrongname", "certificate not valid for name"),
+            ("nocert", ""),
+        ],
+    );
 
     // No client certificate: the terminator's alert, named in the log.
     assert!(
@@ -516,9 +453,6 @@ fn rabbitmq_and_http_binding_over_tls() {
     }
 }
 
-/// Metadata (name, value) pairs.
-type Meta<'a> = &'a [(&'a str, &'a str)];
-
 /// `outrigger check` finds the TLS mistakes at the key's line, exit 78, and never prints the
 /// PEM: TLS keys on a plain URL, text that is no PEM, a key of another certificate, half a
 /// client pair, SASL EXTERNAL without a client certificate, `MTLSRootCA` on an `http://` url.
@@ -534,17 +468,10 @@ fn broker_tls_mistakes_are_found_by_check() {
         read("ca/client.key"),
     );
     let server_key = read("ca/server.key");
-    let resources = d.join("components");
-    std::fs::create_dir(&resources).unwrap();
-    let config = d.join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!("bridge:\n  resources: {}\n", resources.display()),
-    )
-    .unwrap();
+    let components = ComponentsDir::new(d, "bridge:\n");
     let check = |text: &str| {
-        std::fs::write(resources.join("c.yaml"), text).unwrap();
-        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], d)
+        components.write("c.yaml", text);
+        components.check()
     };
     let cases: [(&str, Meta, &str, &str); 10] = [
         (

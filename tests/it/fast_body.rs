@@ -65,6 +65,16 @@ impl EchoApp {
         self.heads.lock().unwrap().clone()
     }
 
+    /// Asserts that the first request came by the fast path, which forwards header names as
+    /// the client sent them.
+    #[track_caller]
+    fn first_came_by_the_fast_path(&self) {
+        assert!(
+            self.heads()[0].contains("\r\nHost: a\r\n"),
+            "the fast path's"
+        );
+    }
+
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
@@ -262,6 +272,31 @@ fn response(s: &mut TcpStream, rest: &mut Vec<u8>) -> String {
     }
 }
 
+/// Everything `s` receives until the connection ends (or its read timeout), as text.
+fn to_the_end(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A sidecar with `min_body_rate` (1000 bytes a second after a second's grace) in front of
+/// `app`, and its answer to a POST of `length` bytes whose client sends 20,000 and stops.
+fn stopped_body(app: &EchoApp, length: usize) -> (Sidecar, String) {
+    let sc = sidecar(
+        app,
+        "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
+        "",
+    );
+    let mut s = connect(&sc);
+    s.write_all(
+        format!("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body(20_000)).unwrap();
+    let out = to_the_end(&mut s);
+    (sc, out)
+}
+
 fn body(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
@@ -388,9 +423,7 @@ fn an_early_answer_reaches_a_client_still_sending() {
         }
         true
     });
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let out = to_the_end(&mut s);
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     assert!(
         out.contains("connection: close\r\n") && out.ends_with("too long"),
@@ -415,18 +448,7 @@ fn an_early_answer_reaches_a_client_still_sending() {
 #[test]
 fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
     let app = EchoApp::start();
-    let sc = sidecar(
-        &app,
-        "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
-        "",
-    );
-    let mut s = connect(&sc);
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
-        .unwrap();
-    s.write_all(&body(20_000)).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let (sc, out) = stopped_body(&app, 100_000);
     assert!(
         out.starts_with("HTTP/1.1 408"),
         "{out}\n{}",
@@ -441,10 +463,7 @@ fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
         "the upstream connection closed",
         || (app.cut.load(Ordering::SeqCst) == 1).then_some(()),
     );
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
     let mut s = connect(&sc);
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
         .unwrap();
@@ -474,9 +493,7 @@ fn a_body_cut_short_by_its_client_is_logged_and_its_upstream_connection_dropped(
         (!app.heads().is_empty()).then_some(())
     });
     s.shutdown(Shutdown::Write).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let out = to_the_end(&mut s);
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     eventually(
         Duration::from_secs(5),
@@ -544,18 +561,7 @@ fn a_connection_header_naming_content_length_smuggles_nothing() {
 #[test]
 fn a_small_body_is_read_whole_before_the_upstream_sees_it() {
     let app = EchoApp::start();
-    let sc = sidecar(
-        &app,
-        "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
-        "",
-    );
-    let mut s = connect(&sc);
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 60000\r\n\r\n")
-        .unwrap();
-    s.write_all(&body(20_000)).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let (sc, out) = stopped_body(&app, 60_000);
     assert!(
         out.starts_with("HTTP/1.1 408") && out.contains("connection: close\r\n"),
         "{out}\n{}",
@@ -583,10 +589,7 @@ fn a_small_body_is_read_whole_before_the_upstream_sees_it() {
         "{out}\n{}",
         sc.diagnostics()
     );
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
 }
 
 /// The route's timeout while a small body is still coming: 408, nothing upstream.
@@ -601,9 +604,7 @@ fn a_small_body_later_than_the_route_timeout_gets_408() {
     let mut s = connect(&sc);
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
         .unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let out = to_the_end(&mut s);
     assert!(
         out.starts_with("HTTP/1.1 408") && out.contains("did not arrive within"),
         "{out}\n{}",
@@ -663,9 +664,18 @@ fn many_large_bodies_on_one_connection_do_not_grow_its_buffer() {
     );
 }
 
-/// Writes `head` and `data` to `s` from a thread (so that the test reads meanwhile); the
-/// thread says whether all of it was written.
-fn send_in_background(s: &TcpStream, head: String, data: Vec<u8>) -> std::thread::JoinHandle<bool> {
+/// Writes the request `method_path` (`POST /echo`) with `data` as its body (its length the
+/// `Content-Length`) to `s` from a thread (so that the test reads meanwhile); the thread says
+/// whether all of it was written.
+fn send_in_background(
+    s: &TcpStream,
+    method_path: &str,
+    data: Vec<u8>,
+) -> std::thread::JoinHandle<bool> {
+    let head = format!(
+        "{method_path} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
     let mut writer = s.try_clone().unwrap();
     writer
         .set_write_timeout(Some(Duration::from_secs(10)))
@@ -703,11 +713,7 @@ fn an_echo_of_8_mib_streams_both_ways_at_once() {
     let sc = sidecar(&app, "", "");
     let mut s = connect(&sc);
     let data = body(8 << 20);
-    let head = format!(
-        "POST /stream HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-        data.len()
-    );
-    let sender = send_in_background(&s, head, data.clone());
+    let sender = send_in_background(&s, "POST /stream", data.clone());
     let (head, mut echoed) = read_head(&mut s);
     assert!(
         head.starts_with("HTTP/1.1 200") && !head.contains("connection: close"),
@@ -750,17 +756,8 @@ fn an_early_413_on_a_large_body_reaches_the_client() {
     let app = EchoApp::start();
     let sc = sidecar(&app, "", "");
     let mut s = connect(&sc);
-    let sender = send_in_background(
-        &s,
-        format!(
-            "PUT /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-            32 << 20
-        ),
-        body(32 << 20),
-    );
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let sender = send_in_background(&s, "PUT /refuse", body(32 << 20));
+    let out = to_the_end(&mut s);
     assert!(
         out.starts_with("HTTP/1.1 413") && out.contains("connection: close\r\n"),
         "{out}\n{}",
@@ -768,10 +765,7 @@ fn an_early_413_on_a_large_body_reaches_the_client() {
     );
     assert!(out.ends_with("too long"), "{out}");
     let _ = sender.join();
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
     let mut s = connect(&sc);
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
         .unwrap();
@@ -814,10 +808,7 @@ fn a_client_that_aborts_mid_body_ends_the_upstream_exchange() {
     assert_eq!(line["status"], 200, "{line}");
     assert_eq!(line["error"], "client-closed", "{line}");
     assert_eq!(line["bytes_in"], 1048576, "{line}");
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
     let mut s = connect(&sc);
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
         .unwrap();
@@ -834,11 +825,7 @@ fn an_upstream_that_aborts_mid_body_gets_the_client_a_502() {
     let app = EchoApp::start();
     let sc = sidecar(&app, "", "");
     let mut s = connect(&sc);
-    let sender = send_in_background(
-        &s,
-        "POST /abort HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
-        body(1 << 20),
-    );
+    let sender = send_in_background(&s, "POST /abort", body(1 << 20));
     // `connection: close` only if the client still owed some of its body when the upstream
     // broke off (the socket buffers may have taken all of it by then).
     let out = response(&mut s, &mut Vec::new());
@@ -848,10 +835,7 @@ fn an_upstream_that_aborts_mid_body_gets_the_client_a_502() {
         sc.diagnostics()
     );
     let _ = sender.join();
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
 }
 
 /// How the tests here tell the paths apart: the fast path forwards header lines as they came
@@ -905,11 +889,7 @@ fn an_answer_before_the_body_lets_the_body_finish() {
     let app = EchoApp::start();
     let sc = sidecar(&app, "", "");
     let mut s = connect(&sc);
-    let sender = send_in_background(
-        &s,
-        "POST /quick HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n".into(),
-        body(1 << 20),
-    );
+    let sender = send_in_background(&s, "POST /quick", body(1 << 20));
     let mut rest = Vec::new();
     let out = response(&mut s, &mut rest);
     assert!(
@@ -928,10 +908,7 @@ fn an_answer_before_the_body_lets_the_body_finish() {
     );
     assert_eq!(app.accepted(), 1, "the upstream connection was reused");
     assert_eq!(app.cut.load(Ordering::SeqCst), 0);
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
 }
 
 /// An HTTP/1.0 upstream (Python's http.server) that answers 200 with the length at once and
@@ -944,14 +921,7 @@ fn an_http_1_0_echo_gets_the_whole_body() {
     let sc = sidecar(&app, "", "");
     let mut s = connect(&sc);
     let data = body(8 << 20);
-    let sender = send_in_background(
-        &s,
-        format!(
-            "POST /echo10 HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-            data.len()
-        ),
-        data.clone(),
-    );
+    let sender = send_in_background(&s, "POST /echo10", data.clone());
     let (head, mut echoed) = read_head(&mut s);
     assert!(
         head.starts_with("HTTP/1.1 200"),
@@ -968,10 +938,7 @@ fn an_http_1_0_echo_gets_the_whole_body() {
     assert_eq!(echoed.len(), data.len(), "{}", sc.diagnostics());
     assert!(echoed == data, "the echo differs");
     assert!(sender.join().unwrap(), "the body was written whole");
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
 }
 
 /// An upstream that stops reading in the middle of an 8 MiB body (a hung app): the route's
@@ -986,11 +953,7 @@ fn an_upstream_that_stops_reading_mid_body_gets_504() {
     ));
     sc.wait_ready();
     let mut s = connect(&sc);
-    let sender = send_in_background(
-        &s,
-        "POST /stall HTTP/1.1\r\nHost: a\r\nContent-Length: 8388608\r\n\r\n".into(),
-        body(8 << 20),
-    );
+    let sender = send_in_background(&s, "POST /stall", body(8 << 20));
     let (head, _) = read_head(&mut s);
     assert!(
         head.starts_with("HTTP/1.1 504") && head.contains("connection: close\r\n"),
@@ -998,10 +961,7 @@ fn an_upstream_that_stops_reading_mid_body_gets_504() {
         sc.diagnostics()
     );
     let _ = sender.join();
-    assert!(
-        app.heads()[0].contains("\r\nHost: a\r\n"),
-        "the fast path's"
-    );
+    app.first_came_by_the_fast_path();
 }
 
 /// A `Content-Length` over `limits.max_request_body` is answered 413 `body-too-large` by the

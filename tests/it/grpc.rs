@@ -440,6 +440,49 @@ fn proxying_with(backend: &Backend, bridge: &str, cluster: &str) -> Sidecar {
 const MSG: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
 const TARGET: &[(&str, &str)] = &[("dapr-app-id", "target")];
 
+/// On `client` (an h2 connection to the bridge's gRPC address `grpc`; without a token it
+/// answers only IP addresses and localhost), a bidi call to app `target`'s
+/// `/echo.v1.Echo/Stream` with `extra` headers: [`MSG`] sent, the stream left open, and the
+/// response headers awaited (200) within `wait`.
+async fn echo_stream(
+    client: h2::client::SendRequest<bytes::Bytes>,
+    grpc: &str,
+    extra: &[(&str, &str)],
+    wait: Duration,
+    sc: &Sidecar,
+) -> (http::Response<h2::RecvStream>, h2::SendStream<bytes::Bytes>) {
+    let mut client = client.ready().await.unwrap();
+    let mut req = http::Request::post(format!("http://{grpc}/echo.v1.Echo/Stream"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("dapr-app-id", "target");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let (res, mut send) = client.send_request(req.body(()).unwrap(), false).unwrap();
+    send.send_data(bytes::Bytes::from_static(MSG), false)
+        .unwrap();
+    let res = tokio::time::timeout(wait, res)
+        .await
+        .unwrap_or_else(|_| panic!("no response headers\n{}", sc.diagnostics()))
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    (res, send)
+}
+
+/// Waits until `backend` has seen a stream reset, failing with `what` after `wait`.
+async fn until_reset(backend: &Backend, wait: Duration, what: &str, sc: &Sidecar) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while backend.resets() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}\n{}",
+            sc.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// daprd's gRPC proxying streams both ways: each message reaches the target as it comes and
 /// each echo comes back before the next message is sent (ping-pong, which hangs if either
 /// side buffers); the half-close ends the call with the target's `grpc-status: 0`. (The bridge
@@ -639,22 +682,7 @@ fn grpc_proxying_passes_a_cancel_to_the_target() {
         let tcp = tokio::net::TcpStream::connect(&grpc).await.unwrap();
         let (client, conn) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        // (The bridge answers only IP addresses and localhost without a token.)
-        let req = http::Request::post(format!("http://{grpc}/echo.v1.Echo/Stream"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("dapr-app-id", "target")
-            .body(())
-            .unwrap();
-        let (res, mut send) = client.send_request(req, false).unwrap();
-        send.send_data(bytes::Bytes::from_static(MSG), false)
-            .unwrap();
-        let res = tokio::time::timeout(wait, res)
-            .await
-            .unwrap_or_else(|_| panic!("no response headers\n{}", sc.diagnostics()))
-            .unwrap();
-        assert_eq!(res.status(), 200);
+        let (res, mut send) = echo_stream(client, &grpc, &[], wait, &sc).await;
         let mut body = res.into_body();
         let mut echoed = Vec::new();
         while echoed.len() < MSG.len() {
@@ -670,15 +698,7 @@ fn grpc_proxying_passes_a_cancel_to_the_target() {
         assert_eq!(backend.resets(), 0);
         send.send_reset(h2::Reason::CANCEL);
         // The connection stays open (its task runs here) while the target hears of it.
-        let deadline = tokio::time::Instant::now() + wait;
-        while backend.resets() == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the target never saw the cancel\n{}",
-                sc.diagnostics()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_reset(&backend, wait, "the target never saw the cancel", &sc).await;
     });
 }
 
@@ -969,34 +989,12 @@ fn grpc_proxying_cancels_the_target_at_the_deadline_when_the_caller_does_not_rea
             .await
             .unwrap();
         tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::post(format!("http://{grpc}/echo.v1.Echo/Stream"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("dapr-app-id", "target")
-            .header("grpc-timeout", "2S")
-            .body(())
-            .unwrap();
-        let (res, mut send) = client.send_request(req, false).unwrap();
-        send.send_data(bytes::Bytes::from_static(MSG), false)
-            .unwrap();
-        let res = tokio::time::timeout(wait, res)
-            .await
-            .unwrap_or_else(|_| panic!("no response headers\n{}", sc.diagnostics()))
-            .unwrap();
-        assert_eq!(res.status(), 200);
+        let (res, send) = echo_stream(client, &grpc, &[("grpc-timeout", "2S")], wait, &sc).await;
         // The echo waits in the bridge (no window); nothing is read. The connection stays
         // open (its task runs here) while the target hears of the deadline.
         let _body = res.into_body();
-        let until = tokio::time::Instant::now() + wait;
-        while backend.resets() == 0 {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "the target's stream was not cancelled at the deadline\n{}",
-                sc.diagnostics()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = "the target's stream was not cancelled at the deadline";
+        until_reset(&backend, wait, what, &sc).await;
         drop(send);
     });
 }

@@ -105,11 +105,6 @@ struct Outcome {
     serves: Result<(), String>,
 }
 
-/// Runs a case's checks, so that they can use `?` and still reach [`Rig::finish`].
-fn attempt(checks: impl FnOnce() -> Verdict) -> Verdict {
-    checks()
-}
-
 /// A response read whole: status, fields (trailers appended), body.
 type Fields = Vec<(String, String)>;
 type Response = (u16, Fields, Vec<u8>);
@@ -584,6 +579,17 @@ impl Client {
         Ok((status, fields, body))
     }
 
+    /// A GET of `path` on `stream`, answered 200.
+    fn get_ok(&mut self, stream: u32, path: &str) -> Result<(), String> {
+        self.headers(stream, &get(path), true)?;
+        let (status, _, _) = self.response(stream)?;
+        ensure!(
+            status == 200,
+            "GET {path} on stream {stream} was answered {status}"
+        );
+        Ok(())
+    }
+
     /// What is left of the response on `stream`, until its END_STREAM.
     fn rest_of(&mut self, stream: u32) -> Result<(Option<u16>, Fields, Vec<u8>), String> {
         let deadline = Instant::now() + PATIENCE;
@@ -879,6 +885,13 @@ impl Rig {
         proc_status_kib(self.sc.pid(), "VmHWM")
     }
 
+    /// Runs a case's checks on this rig (a closure, so that they can use `?` and still reach
+    /// [`Rig::finish`]), then finishes it.
+    fn check(self, checks: impl FnOnce(&Rig) -> Verdict) -> Outcome {
+        let v = checks(&self);
+        self.finish(v)
+    }
+
     /// The case's verdict, and whether the process still answers a fresh GET on a new
     /// connection (checked apart: a known deviation never excuses a dead process); the
     /// sidecar's diagnostics on either failure.
@@ -909,15 +922,8 @@ impl Rig {
         let mut c = self
             .client()
             .map_err(|e| format!("a fresh connection after the case: {e}"))?;
-        c.headers(1, &get("/status/200"), true)?;
-        let (status, _, _) = c
-            .response(1)
-            .map_err(|e| format!("a fresh GET after the case: {e}"))?;
-        ensure!(
-            status == 200,
-            "a fresh GET after the case was answered {status}"
-        );
-        Ok(())
+        c.get_ok(1, "/status/200")
+            .map_err(|e| format!("a fresh GET after the case: {e}"))
     }
 }
 
@@ -1025,12 +1031,21 @@ impl Upstream {
 // ---------------------------------------------------------------------------------------------
 // Cases: connection preface and frame rules
 
+/// The shape of many cases: one frame (not DATA: no window is kept) on a fresh connection,
+/// answered by a connection error of one of `codes`.
+fn connection_error_after(server: &str, one: Vec<u8>, codes: &[u32]) -> Outcome {
+    Rig::new(server).check(|rig| {
+        let mut c = rig.client()?;
+        c.write(&one)?;
+        c.connection_error(codes)
+    })
+}
+
 /// §3.4: an invalid preface is a connection error PROTOCOL_ERROR; GOAWAY MAY be omitted. A
 /// listener that also speaks HTTP/1.1 may read wrong magic as an HTTP/1 request and refuse it
 /// (a 4xx and a close): either way nothing is served and the connection ends.
 fn case_bad_preface(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = Client::connect(&rig.addr)?;
         c.write(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n")?;
         c.write(&frame(SETTINGS, 0, 0, &[]))?;
@@ -1061,15 +1076,13 @@ fn case_bad_preface(server: &str) -> Outcome {
             raw.len(),
             text.lines().next().unwrap_or_default()
         ))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §3.4: the client preface is the magic followed by a SETTINGS frame; another first frame
 /// (here PING) is an invalid preface: a connection error PROTOCOL_ERROR.
 fn case_first_frame_not_settings(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = Client::connect(&rig.addr)?;
         let mut hello = PREFACE.to_vec();
         hello.extend(frame(PING, 0, 0, &[0; 8]));
@@ -1077,15 +1090,13 @@ fn case_first_frame_not_settings(server: &str) -> Outcome {
         // A short wait of its own: a server that takes the PING keeps the connection open, and
         // the case is a known deviation for hyper (it would otherwise wait out PATIENCE).
         c.connection_error_within(&[PROTOCOL_ERROR], Duration::from_secs(2))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.1, §6.2: DATA and HEADERS must name a stream; on stream 0 they are connection errors
 /// PROTOCOL_ERROR.
 fn case_frame_on_stream_zero(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.send(DATA, 0, 0, b"hello")?;
         let data = c.connection_error(&[PROTOCOL_ERROR])?;
@@ -1093,42 +1104,26 @@ fn case_frame_on_stream_zero(server: &str) -> Outcome {
         c.headers(0, &get("/zero"), true)?;
         let headers = c.connection_error(&[PROTOCOL_ERROR])?;
         Ok(format!("DATA: {data}; HEADERS: {headers}"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.5: a SETTINGS length not a multiple of 6 is a connection error FRAME_SIZE_ERROR.
 fn case_settings_bad_length(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(SETTINGS, 0, 0, &[0, 3, 0])?;
-        c.connection_error(&[FRAME_SIZE_ERROR])
-    });
-    rig.finish(v)
+    let one = frame(SETTINGS, 0, 0, &[0, 3, 0]);
+    connection_error_after(server, one, &[FRAME_SIZE_ERROR])
 }
 
 /// §6.5: SETTINGS on a stream other than 0 is a connection error PROTOCOL_ERROR.
 fn case_settings_on_a_stream(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(
-            SETTINGS,
-            0,
-            1,
-            &settings_payload(&[(MAX_CONCURRENT_STREAMS, 10)]),
-        )?;
-        c.connection_error(&[PROTOCOL_ERROR])
-    });
-    rig.finish(v)
+    let settings = settings_payload(&[(MAX_CONCURRENT_STREAMS, 10)]);
+    let one = frame(SETTINGS, 0, 1, &settings);
+    connection_error_after(server, one, &[PROTOCOL_ERROR])
 }
 
 /// §6.5.2: ENABLE_PUSH other than 0 or 1 and MAX_FRAME_SIZE outside 2^14..2^24−1 are
 /// connection errors PROTOCOL_ERROR.
 fn case_settings_bad_values(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut seen = Vec::new();
         for (what, id, value, code) in [
             ("ENABLE_PUSH 2", ENABLE_PUSH, 2, PROTOCOL_ERROR),
@@ -1153,64 +1148,39 @@ fn case_settings_bad_values(server: &str) -> Outcome {
             seen.push(format!("{what}: {got}"));
         }
         Ok(seen.join("; "))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.5.2: INITIAL_WINDOW_SIZE above 2^31−1 is a connection error FLOW_CONTROL_ERROR.
 fn case_settings_initial_window_too_large(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(
-            SETTINGS,
-            0,
-            0,
-            &settings_payload(&[(INITIAL_WINDOW_SIZE, 1 << 31)]),
-        )?;
-        c.connection_error(&[FLOW_CONTROL_ERROR])
-    });
-    rig.finish(v)
+    let settings = settings_payload(&[(INITIAL_WINDOW_SIZE, 1 << 31)]);
+    let one = frame(SETTINGS, 0, 0, &settings);
+    connection_error_after(server, one, &[FLOW_CONTROL_ERROR])
 }
 
 /// §6.5: a SETTINGS ACK with a payload is a connection error FRAME_SIZE_ERROR.
 fn case_settings_ack_with_payload(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(SETTINGS, ACK, 0, &settings_payload(&[(ENABLE_PUSH, 0)]))?;
-        c.connection_error(&[FRAME_SIZE_ERROR])
-    });
-    rig.finish(v)
+    let settings = settings_payload(&[(ENABLE_PUSH, 0)]);
+    let one = frame(SETTINGS, ACK, 0, &settings);
+    connection_error_after(server, one, &[FRAME_SIZE_ERROR])
 }
 
 /// §6.7: a PING whose length is not 8 is a connection error FRAME_SIZE_ERROR.
 fn case_ping_bad_length(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(PING, 0, 0, &[0; 7])?;
-        c.connection_error(&[FRAME_SIZE_ERROR])
-    });
-    rig.finish(v)
+    let one = frame(PING, 0, 0, &[0; 7]);
+    connection_error_after(server, one, &[FRAME_SIZE_ERROR])
 }
 
 /// §6.7: a PING on a stream other than 0 is a connection error PROTOCOL_ERROR.
 fn case_ping_on_a_stream(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(PING, 0, 1, &[0; 8])?;
-        c.connection_error(&[PROTOCOL_ERROR])
-    });
-    rig.finish(v)
+    let one = frame(PING, 0, 1, &[0; 8]);
+    connection_error_after(server, one, &[PROTOCOL_ERROR])
 }
 
 /// §6.7: a PING is answered with a PING ACK carrying the same 8 bytes; a PING ACK is not
 /// answered.
 fn case_ping_answered(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.send(PING, ACK, 0, b"unasked!")?;
         let before = c.ping(*b"h2conf!!")?;
@@ -1219,15 +1189,13 @@ fn case_ping_answered(server: &str) -> Outcome {
             "an unasked PING ACK was answered"
         );
         Ok("PING ACK with the same payload".into())
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.9: a WINDOW_UPDATE of 0 is a stream error PROTOCOL_ERROR on a stream and a connection
 /// error PROTOCOL_ERROR on stream 0.
 fn case_window_update_zero(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.open_stream(1)?;
         c.send(WINDOW_UPDATE, 0, 1, &0u32.to_be_bytes())?;
@@ -1236,15 +1204,13 @@ fn case_window_update_zero(server: &str) -> Outcome {
         c.send(WINDOW_UPDATE, 0, 0, &0u32.to_be_bytes())?;
         let conn = c.connection_error(&[PROTOCOL_ERROR])?;
         Ok(format!("stream: {stream}; connection: {conn}"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.9.1: a WINDOW_UPDATE that takes a window past 2^31−1 ends the stream (RST_STREAM
 /// FLOW_CONTROL_ERROR) or, on stream 0, the connection (GOAWAY FLOW_CONTROL_ERROR).
 fn case_window_overflow(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let max = 0x7fff_ffffu32.to_be_bytes();
         let mut c = rig.client()?;
         c.open_stream(1)?;
@@ -1254,42 +1220,32 @@ fn case_window_overflow(server: &str) -> Outcome {
         c.send(WINDOW_UPDATE, 0, 0, &max)?;
         let conn = c.connection_error(&[FLOW_CONTROL_ERROR])?;
         Ok(format!("stream: {stream}; connection: {conn}"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.1.1: a client's stream ids are odd; an even one is a connection error PROTOCOL_ERROR.
 fn case_even_stream_id(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.headers(2, &get("/even"), true)?;
-        c.connection_error(&[PROTOCOL_ERROR])
-    });
-    rig.finish(v)
+    let head = block(&get("/even"));
+    let one = frame(HEADERS, END_HEADERS | END_STREAM, 2, &head);
+    connection_error_after(server, one, &[PROTOCOL_ERROR])
 }
 
 /// §5.1.1: a new stream's id must be above every id the client used; a lower one is a
 /// connection error PROTOCOL_ERROR (STREAM_CLOSED accepted too: stream 3 was implicitly
 /// closed when 5 opened, §5.1).
 fn case_decreasing_stream_id(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
-        c.headers(5, &get("/five"), true)?;
-        let (status, _, _) = c.response(5)?;
-        ensure!(status == 200, "stream 5 answered {status}");
+        c.get_ok(5, "/five")?;
         c.headers(3, &get("/three"), true)?;
         c.connection_error(&[PROTOCOL_ERROR, STREAM_CLOSED])
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.10: between a HEADERS without END_HEADERS and its last CONTINUATION, any other frame
 /// (or a CONTINUATION of another stream) is a connection error PROTOCOL_ERROR.
 fn case_headers_interrupted(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let b = block(&get("/interrupted"));
         let (first, rest) = b.split_at(b.len() / 2);
         let mut c = rig.client()?;
@@ -1303,15 +1259,13 @@ fn case_headers_interrupted(server: &str) -> Outcome {
         Ok(format!(
             "PING inside: {ping}; CONTINUATION of stream 3: {other}"
         ))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.10: a CONTINUATION that does not follow a HEADERS (or CONTINUATION) without
 /// END_HEADERS is a connection error PROTOCOL_ERROR.
 fn case_continuation_without_headers(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.send(CONTINUATION, END_HEADERS, 1, &block(&get("/orphan")))?;
         let alone = c.connection_error(&[PROTOCOL_ERROR])?;
@@ -1320,27 +1274,23 @@ fn case_continuation_without_headers(server: &str) -> Outcome {
         c.send(CONTINUATION, END_HEADERS, 1, &block(&[("x-late", "1")]))?;
         let after = c.connection_error(&[PROTOCOL_ERROR])?;
         Ok(format!("alone: {alone}; after a complete HEADERS: {after}"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.3: a PRIORITY whose length is not 5 is a stream error FRAME_SIZE_ERROR.
 fn case_priority_bad_length(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.send(PRIORITY, 0, 1, &[0, 0, 0, 0])?;
         let seen = c.stream_error(1, &[FRAME_SIZE_ERROR])?;
         Ok(seen)
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.3.1: a stream cannot depend on itself: a stream error PROTOCOL_ERROR, in a PRIORITY
 /// frame or in a HEADERS frame's priority block.
 fn case_priority_self_dependency(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.send(PRIORITY, 0, 1, &[0, 0, 0, 1, 16])?;
         let priority = c.stream_error(1, &[PROTOCOL_ERROR])?;
@@ -1355,16 +1305,14 @@ fn case_priority_self_dependency(server: &str) -> Outcome {
         )?;
         let headers = c.stream_error(3, &[PROTOCOL_ERROR])?;
         Ok(format!("PRIORITY: {priority}; HEADERS: {headers}"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §4.2: a frame larger than the server's SETTINGS_MAX_FRAME_SIZE is a FRAME_SIZE_ERROR: a
 /// stream error for DATA (or FLOW_CONTROL_ERROR, §6.9.1, when it also overruns a small
 /// window), a connection error for a frame carrying a field block.
 fn case_frame_over_max_size(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         let max = *c.settings.get(&MAX_FRAME_SIZE).unwrap_or(&16_384) as usize;
         c.open_stream(1)?;
@@ -1379,57 +1327,44 @@ fn case_frame_over_max_size(server: &str) -> Outcome {
         c.headers(1, &fields, true)?;
         let headers = c.connection_error(&[FRAME_SIZE_ERROR])?;
         Ok(format!("DATA: {data}; HEADERS: {headers}"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §8.4: a client cannot push; a PUSH_PROMISE from it is a connection error PROTOCOL_ERROR.
 fn case_push_promise_from_client(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.open_stream(1)?;
         let mut payload = 2u32.to_be_bytes().to_vec();
         payload.extend(block(&get("/pushed")));
         c.send(PUSH_PROMISE, END_HEADERS, 1, &payload)?;
         c.connection_error(&[PROTOCOL_ERROR])
-    });
-    rig.finish(v)
+    })
 }
 
 /// §4.1, §5.5: frames of unknown types are ignored, on stream 0 and on a stream; a GET after
 /// them is answered.
 fn case_unknown_frame_type_ignored(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         c.send(0xfa, 0xff, 0, b"whatever")?;
         c.send(0xfb, 0, 1, b"whatever")?;
-        c.headers(1, &get("/after-unknown"), true)?;
-        let (status, _, _) = c.response(1)?;
-        ensure!(
-            status == 200,
-            "the GET after unknown frames was answered {status}"
-        );
+        c.get_ok(1, "/after-unknown")
+            .map_err(|e| format!("after unknown frames: {e}"))?;
         Ok("ignored".into())
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.1: DATA on a stream that is closed (both sides sent END_STREAM) is an error
 /// STREAM_CLOSED (a connection error by the letter of §5.1; a stream error accepted too, as
 /// h2spec does).
 fn case_data_on_closed_stream(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
-        c.headers(1, &get("/closed"), true)?;
-        let (status, _, _) = c.response(1)?;
-        ensure!(status == 200, "stream 1 answered {status}");
+        c.get_ok(1, "/closed")?;
         c.send(DATA, 0, 1, b"late")?;
         c.stream_error(1, &[STREAM_CLOSED])
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.1: HEADERS on a stream that is closed (both sides sent END_STREAM) may be treated as a
@@ -1437,24 +1372,19 @@ fn case_data_on_closed_stream(server: &str) -> Outcome {
 /// record of every id it saw cannot tell such a stream from a skipped id, where §5.1.1 wants
 /// a connection error PROTOCOL_ERROR: that is accepted as well (ours does it).
 fn case_headers_on_closed_stream(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
-        c.headers(1, &get("/closed"), true)?;
-        let (status, _, _) = c.response(1)?;
-        ensure!(status == 200, "stream 1 answered {status}");
+        c.get_ok(1, "/closed")?;
         c.headers(1, &[("x-late", "1")], true)?;
         c.stream_error(1, &[STREAM_CLOSED, PROTOCOL_ERROR])
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.1.1, §5.1: an even stream id is one only the server could open; the server pushes
 /// nothing, so such a stream is idle, and DATA, WINDOW_UPDATE or RST_STREAM on it is a
 /// connection error PROTOCOL_ERROR, even below a stream the client opened.
 fn case_frames_on_even_stream(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut seen = Vec::new();
         for (what, kind, payload) in [
             ("DATA", DATA, vec![b'x']),
@@ -1462,9 +1392,7 @@ fn case_frames_on_even_stream(server: &str) -> Outcome {
             ("RST_STREAM", RST_STREAM, vec![0, 0, 0, 8]),
         ] {
             let mut c = rig.client()?;
-            c.headers(3, &get("/three"), true)?;
-            let (status, _, _) = c.response(3)?;
-            ensure!(status == 200, "stream 3 answered {status}");
+            c.get_ok(3, "/three")?;
             c.send(kind, 0, 2, &payload)?;
             let got = c
                 .connection_error(&[PROTOCOL_ERROR])
@@ -1472,16 +1400,14 @@ fn case_frames_on_even_stream(server: &str) -> Outcome {
             seen.push(format!("{what}: {got}"));
         }
         Ok(seen.join("; "))
-    });
-    rig.finish(v)
+    })
 }
 
 /// RFC 7541 §4.2: a client that lowers SETTINGS_HEADER_TABLE_SIZE (here to 0) must find a
 /// dynamic table size update (to at most its value) at the start of the server's next header
 /// block; the block still decodes.
 fn case_header_table_size_lowered(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client_with(&[(HEADER_TABLE_SIZE, 0)])?;
         c.headers(1, &get("/status/200"), true)?;
         let deadline = Instant::now() + PATIENCE;
@@ -1507,16 +1433,14 @@ fn case_header_table_size_lowered(server: &str) -> Outcome {
                 Got::Timeout => return Err(format!("no response within {PATIENCE:?}")),
             }
         }
-    });
-    rig.finish(v)
+    })
 }
 
 /// Responses as hyper's server sends them: a `date` when the upstream (or the proxy's own
 /// answer) has none, and a `content-length` when the body's size is known and none was given.
 /// Here the proxy's own 502 (the upstream refuses connections).
 fn case_response_date_and_length(server: &str) -> Outcome {
-    let rig = Rig::start(server, Backend::http(), "127.0.0.1:1", None, false, "");
-    let v = attempt(|| {
+    Rig::start(server, Backend::http(), "127.0.0.1:1", None, false, "").check(|rig| {
         let mut c = rig.client()?;
         c.headers(1, &get("/refused"), true)?;
         let (status, fields, body) = c.response(1)?;
@@ -1529,16 +1453,14 @@ fn case_response_date_and_length(server: &str) -> Outcome {
             body.len()
         );
         Ok(format!("{status}: date and content-length {}", body.len()))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.9.1: padding counts toward flow control, and a receiver gives it back (nobody will
 /// read it). Padding-only DATA to a request whose upstream reads nothing, past half the
 /// stream's window: a WINDOW_UPDATE for the stream comes.
 fn case_padding_given_back(server: &str) -> Outcome {
-    let rig = Rig::to(server, Upstream::silent(), false, "");
-    let v = attempt(|| {
+    Rig::to(server, Upstream::silent(), false, "").check(|rig| {
         let mut c = rig.client()?;
         c.ping(*b"windows!")?;
         c.open_stream(1)?;
@@ -1574,16 +1496,14 @@ fn case_padding_given_back(server: &str) -> Outcome {
                 }
             }
         }
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.1.2: streams refused for going past SETTINGS_MAX_CONCURRENT_STREAMS are the server's
 /// call, and a client retries them: 300 of them (more than a rapid-reset guard's usual 200)
 /// must not end the connection.
 fn case_refused_streams_not_counted_as_resets(server: &str) -> Outcome {
-    let rig = Rig::to(server, Upstream::silent(), false, "");
-    let v = attempt(|| {
+    Rig::to(server, Upstream::silent(), false, "").check(|rig| {
         let mut c = rig.client()?;
         let max = *c
             .settings
@@ -1627,8 +1547,7 @@ fn case_refused_streams_not_counted_as_resets(server: &str) -> Outcome {
         Ok(format!(
             "{max} in flight, {refused} refused, the connection still answers"
         ))
-    });
-    rig.finish(v)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1637,27 +1556,17 @@ fn case_refused_streams_not_counted_as_resets(server: &str) -> Outcome {
 /// §4.3: a header block that cannot be decoded is a connection error COMPRESSION_ERROR (here
 /// an integer that overflows).
 fn case_hpack_garbage(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        c.send(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff; 12])?;
-        c.connection_error(&[COMPRESSION_ERROR])
-    });
-    rig.finish(v)
+    let one = frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff; 12]);
+    connection_error_after(server, one, &[COMPRESSION_ERROR])
 }
 
 /// RFC 7541 §2.3.3, RFC 9113 §4.3: an index past the static and (empty) dynamic table is a
 /// decoding error: a connection error COMPRESSION_ERROR.
 fn case_hpack_index_past_table(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut c = rig.client()?;
-        let mut b = block(&get("/index"));
-        b.push(0x80 | 70);
-        c.send(HEADERS, END_HEADERS | END_STREAM, 1, &b)?;
-        c.connection_error(&[COMPRESSION_ERROR])
-    });
-    rig.finish(v)
+    let mut b = block(&get("/index"));
+    b.push(0x80 | 70);
+    let one = frame(HEADERS, END_HEADERS | END_STREAM, 1, &b);
+    connection_error_after(server, one, &[COMPRESSION_ERROR])
 }
 
 /// The header that marks each malformed request [`refused`] sends, to find it upstream.
@@ -1703,21 +1612,21 @@ fn refused(rig: &Rig, what: &str, fields: &[(&str, &str)], body: Option<&[u8]>) 
     Ok(format!("{what}: {seen}"))
 }
 
+/// The shape of a case of one malformed request: [`refused`] on a fresh rig.
+fn malformed_case(server: &str, what: &str, fields: &[(&str, &str)]) -> Outcome {
+    Rig::new(server).check(|rig| refused(rig, what, fields, None))
+}
+
 /// §8.2.1: field names are lowercase; an uppercase one makes the request malformed.
 fn case_uppercase_header_name(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut fields = get("/upper");
-        fields.push(("X-Upper", "a"));
-        refused(&rig, "X-Upper", &fields, None)
-    });
-    rig.finish(v)
+    let mut fields = get("/upper");
+    fields.push(("X-Upper", "a"));
+    malformed_case(server, "X-Upper", &fields)
 }
 
 /// §8.2.2: connection-specific fields make a request malformed.
 fn case_connection_specific_headers(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut seen = Vec::new();
         for (name, value) in [
             ("connection", "keep-alive"),
@@ -1729,100 +1638,79 @@ fn case_connection_specific_headers(server: &str) -> Outcome {
             let path = format!("/conn-specific/{name}");
             let mut fields = get(&path);
             fields.push((name, value));
-            seen.push(refused(&rig, name, &fields, None)?);
+            seen.push(refused(rig, name, &fields, None)?);
         }
         Ok(seen.join("; "))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §8.2.2: `te` may only be `trailers`.
 fn case_te_other_than_trailers(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut fields = get("/te-gzip");
-        fields.push(("te", "gzip"));
-        refused(&rig, "te: gzip", &fields, None)
-    });
-    rig.finish(v)
+    let mut fields = get("/te-gzip");
+    fields.push(("te", "gzip"));
+    malformed_case(server, "te: gzip", &fields)
 }
 
 /// §8.3: pseudo-header fields come before regular ones.
 fn case_pseudo_after_regular(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let fields = [
-            (":method", "GET"),
-            (":scheme", "http"),
-            ("x-regular", "1"),
-            (":path", "/pseudo-late"),
-            (":authority", "conformance"),
-        ];
-        refused(&rig, "pseudo after regular", &fields, None)
-    });
-    rig.finish(v)
+    let fields = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        ("x-regular", "1"),
+        (":path", "/pseudo-late"),
+        (":authority", "conformance"),
+    ];
+    malformed_case(server, "pseudo after regular", &fields)
 }
 
 /// §8.3.1: a request has exactly one :method, :scheme and a non-empty :path (not CONNECT).
 fn case_missing_pseudo(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut seen = Vec::new();
         for missing in [":method", ":scheme", ":path"] {
             let fields: Vec<_> = get("/missing")
                 .into_iter()
                 .filter(|(k, _)| *k != missing)
                 .collect();
-            seen.push(refused(&rig, &format!("no {missing}"), &fields, None)?);
+            seen.push(refused(rig, &format!("no {missing}"), &fields, None)?);
         }
         let mut fields = get("");
         fields.retain(|(k, _)| *k != ":path");
         fields.push((":path", ""));
-        seen.push(refused(&rig, "empty :path", &fields, None)?);
+        seen.push(refused(rig, "empty :path", &fields, None)?);
         let mut fields = get("/twice");
         fields.insert(1, (":method", "POST"));
-        seen.push(refused(&rig, "two :method", &fields, None)?);
+        seen.push(refused(rig, "two :method", &fields, None)?);
         Ok(seen.join("; "))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §8.3: an unknown pseudo-header field makes the request malformed.
 fn case_unknown_pseudo(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut fields = get("/unknown-pseudo");
-        fields.insert(0, (":foo", "bar"));
-        refused(&rig, ":foo", &fields, None)
-    });
-    rig.finish(v)
+    let mut fields = get("/unknown-pseudo");
+    fields.insert(0, (":foo", "bar"));
+    malformed_case(server, ":foo", &fields)
 }
 
 /// §8.3: a response pseudo-header field (:status) in a request makes it malformed.
 fn case_response_pseudo_in_request(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
-        let mut fields = get("/status-in-request");
-        fields.insert(0, (":status", "200"));
-        refused(&rig, ":status", &fields, None)
-    });
-    rig.finish(v)
+    let mut fields = get("/status-in-request");
+    fields.insert(0, (":status", "200"));
+    malformed_case(server, ":status", &fields)
 }
 
 /// §8.1.1: a content-length that does not match the DATA makes the request malformed (fewer
 /// bytes, or more).
 fn case_content_length_mismatch(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut fewer = post("/cl-fewer");
         fewer.push(("content-length", "10"));
-        let a = refused(&rig, "content-length 10, 5 bytes", &fewer, Some(b"12345"))?;
+        let a = refused(rig, "content-length 10, 5 bytes", &fewer, Some(b"12345"))?;
         let mut more = post("/cl-more");
         more.push(("content-length", "2"));
-        let b = refused(&rig, "content-length 2, 5 bytes", &more, Some(b"12345"))?;
+        let b = refused(rig, "content-length 2, 5 bytes", &more, Some(b"12345"))?;
         Ok(format!("{a}; {b}"))
-    });
-    rig.finish(v)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1832,8 +1720,7 @@ fn case_content_length_mismatch(server: &str) -> Outcome {
 /// is a stream error REFUSED_STREAM (or PROTOCOL_ERROR); the streams within it stay open.
 /// The upstream never answers, so all of them stay in flight.
 fn case_max_concurrent_streams(server: &str) -> Outcome {
-    let rig = Rig::to(server, Upstream::silent(), false, "");
-    let v = attempt(|| {
+    Rig::to(server, Upstream::silent(), false, "").check(|rig| {
         let mut c = rig.client()?;
         let max = *c
             .settings
@@ -1886,8 +1773,7 @@ fn case_max_concurrent_streams(server: &str) -> Outcome {
         })
         .map_err(|e| format!("after the refusal: {e}"))?;
         Ok(format!("{max} in flight, stream {excess} refused"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.5.2, §10.5.1: a header list over what the server announced (the listener's
@@ -1896,8 +1782,7 @@ fn case_max_concurrent_streams(server: &str) -> Outcome {
 /// INTERNAL_ERROR is a failure); it never reaches the upstream and the connection stays usable when
 /// only the stream ended.
 fn case_header_list_over_limit(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         let max = *c.settings.get(&MAX_FRAME_SIZE).unwrap_or(&16_384) as usize;
         let big = "h".repeat(80 * 1024);
@@ -1954,23 +1839,17 @@ fn case_header_list_over_limit(server: &str) -> Outcome {
             "the oversized request reached the upstream ({seen})"
         );
         if seen.starts_with("answered") || seen.starts_with("reset") {
-            c.headers(3, &get("/after-big"), true)?;
-            let (status, _, _) = c.response(3).map_err(|e| format!("after {seen}: {e}"))?;
-            ensure!(
-                status == 200,
-                "after {seen}: the next GET was answered {status}"
-            );
+            c.get_ok(3, "/after-big")
+                .map_err(|e| format!("after {seen}: {e}"))?;
         }
         Ok(seen)
-    });
-    rig.finish(v)
+    })
 }
 
 /// §6.9, §6.9.2: a client that announces INITIAL_WINDOW_SIZE 0 still gets the response
 /// HEADERS (not flow-controlled), but DATA only once it sends WINDOW_UPDATE.
 fn case_response_waits_for_client_window(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client_with(&[(INITIAL_WINDOW_SIZE, 0)])?;
         c.headers(1, &get("/bytes/100"), true)?;
         let deadline = Instant::now() + PATIENCE;
@@ -2003,8 +1882,7 @@ fn case_response_waits_for_client_window(server: &str) -> Outcome {
             body.len()
         );
         Ok("HEADERS at once, DATA after WINDOW_UPDATE".into())
-    });
-    rig.finish(v)
+    })
 }
 
 /// Sends `size` bytes on `stream` within the windows the server grants, waiting for its
@@ -2051,8 +1929,7 @@ fn upload(c: &mut Client, stream: u32, size: usize, stall: Duration) -> Result<u
 /// §6.9: an upload larger than the windows the server announced goes through only as the
 /// server gives window back (WINDOW_UPDATE as the upstream reads), and arrives whole.
 fn case_upload_follows_server_window(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         let initial = (*c.window(1)).max(c.conn_window) as usize;
         let size = 3 * initial + 12_345;
@@ -2082,8 +1959,7 @@ fn case_upload_follows_server_window(server: &str) -> Outcome {
             "{size} bytes through windows of {initial}, {} WINDOW_UPDATEs",
             c.window_updates - updates_before
         ))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.2, §6.9: a server must not take more of a body than it can pass on: when the upstream
@@ -2092,8 +1968,7 @@ fn case_upload_follows_server_window(server: &str) -> Outcome {
 /// FLOW_CONTROL_ERROR (§6.9.1; the message says what happened).
 fn case_upload_bounded_when_upstream_stops_reading(server: &str) -> Outcome {
     const BOUND: usize = 48 << 20;
-    let rig = Rig::to(server, Upstream::silent(), false, "");
-    let v = attempt(|| {
+    Rig::to(server, Upstream::silent(), false, "").check(|rig| {
         let mut c = rig.client()?;
         c.headers(1, &post("/never-read"), false)?;
         let rss_before = rig.rss_kib()?;
@@ -2127,15 +2002,13 @@ fn case_upload_bounded_when_upstream_stops_reading(server: &str) -> Outcome {
         Ok(format!(
             "granted {sent} bytes then stopped, RSS +{grown} KiB; DATA past the window: {past}"
         ))
-    });
-    rig.finish(v)
+    })
 }
 
 /// §8.1: trailers (a HEADERS with END_STREAM after DATA) end a request; the proxy passes them
 /// to an HTTP/2 (gRPC-shaped) upstream.
 fn case_request_trailers_reach_http2_upstream(server: &str) -> Outcome {
-    let rig = Rig::to(server, Upstream::trailers_echo(), true, "");
-    let v = attempt(|| {
+    Rig::to(server, Upstream::trailers_echo(), true, "").check(|rig| {
         let mut c = rig.client()?;
         let mut fields = post("/pkg.Svc/Call");
         fields.push(("content-type", "application/grpc"));
@@ -2151,8 +2024,7 @@ fn case_request_trailers_reach_http2_upstream(server: &str) -> Outcome {
             "the upstream saw these request trailers: {body:?}"
         );
         Ok("trailers passed on".into())
-    });
-    rig.finish(v)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2162,8 +2034,7 @@ fn case_request_trailers_reach_http2_upstream(server: &str) -> Outcome {
 /// connection (GOAWAY, ENHANCE_YOUR_CALM as a rule; recorded) or keeps serving and answers a
 /// PING after the burst; either way the process stays healthy and answers another client.
 fn case_rapid_reset(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         let mut burst = Vec::new();
         let head = block(&get("/status/200"));
@@ -2193,8 +2064,7 @@ fn case_rapid_reset(server: &str) -> Outcome {
             }
         };
         Ok(format!("{outcome} (burst write: {wrote:?})"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// CONTINUATION flood: a HEADERS without END_HEADERS and CONTINUATIONs that never end it. The
@@ -2212,8 +2082,7 @@ fn case_rapid_reset(server: &str) -> Outcome {
 fn case_continuation_flood(server: &str) -> Outcome {
     const FLOOD: usize = 32 << 20;
     const FLOOD_BOUND: usize = 4 << 20;
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         nix::sys::socket::setsockopt(&c.s, nix::sys::socket::sockopt::SndBuf, &(16 << 10))
             .map_err(|e| format!("SO_SNDBUF: {e}"))?;
@@ -2273,8 +2142,7 @@ fn case_continuation_flood(server: &str) -> Outcome {
             "{end} after {sent} bytes written (writes stopped: {}), peak RSS +{grown} KiB",
             stopped.unwrap_or_else(|| "no".into())
         ))
-    });
-    rig.finish(v)
+    })
 }
 
 /// Writes `one` repeatedly without reading, for at most `bytes` or until writes block for a
@@ -2303,8 +2171,7 @@ fn flood(c: &mut Client, one: &[u8], bytes: usize) -> (usize, String) {
 /// must push back (stop reading) or cut the connection, not queue answers without bound.
 fn answer_flood(server: &str, what: &str, one: Vec<u8>) -> Outcome {
     const BYTES: usize = 64 << 20;
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         let rss_before = rig.rss_kib()?;
         let (sent, how) = flood(&mut c, &one, BYTES);
@@ -2318,8 +2185,7 @@ fn answer_flood(server: &str, what: &str, one: Vec<u8>) -> Outcome {
             "took {sent} bytes of {what} from a client that reads nothing"
         );
         Ok(format!("{what}: {sent} bytes, {how}, RSS +{grown} KiB"))
-    });
-    rig.finish(v)
+    })
 }
 
 /// SETTINGS flood while not reading: each SETTINGS owes an ACK.

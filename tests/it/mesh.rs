@@ -90,6 +90,32 @@ fn member(identity: &Path, sa: &str, peer_port: u16, extra: &str, rest: &str) ->
     sc
 }
 
+/// B, with `app` behind the mesh's inbound listener (`app_extra` inside its `app:`; B calls no
+/// one, so any peer port), then A, which calls B's mesh port (`a_mesh` inside A's `mesh:`, `a_rest` at its top level).
+fn b_then_a(
+    ids: &Identities,
+    app: &Backend,
+    app_extra: &str,
+    a_mesh: &str,
+    a_rest: &str,
+) -> (Sidecar, Sidecar) {
+    let b = member(
+        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
+        "b",
+        1,
+        "",
+        &format!("app:\n  address: {}\n{app_extra}", app.address()),
+    );
+    let a = member(
+        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
+        "a",
+        port(&b.listeners["mesh"]),
+        a_mesh,
+        a_rest,
+    );
+    (b, a)
+}
+
 fn port(address: &str) -> u16 {
     address.rsplit_once(':').unwrap().1.parse().unwrap()
 }
@@ -98,23 +124,16 @@ fn port(address: &str) -> u16 {
 fn two_services_talk_mutual_tls_by_app_id_and_outsiders_are_refused() {
     let ids = Identities::new();
     let app_b = Backend::http();
-    // B: its app behind the mesh's inbound listener (it calls no one: any peer port).
-    let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
-        "b",
-        1,
+    // B calls no one (any peer port); A: no app address (so no inbound listener), an outbound
+    // listener and the bridge.
+    let (b, a) = b_then_a(
+        &ids,
+        &app_b,
         "",
-        &format!("app:\n  address: {}\n", app_b.address()),
-    );
-    let b_mesh = b.listeners["mesh"].clone();
-    // A: no app address (so no inbound listener), an outbound listener and the bridge.
-    let a = member(
-        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
-        "a",
-        port(&b_mesh),
         "  outbound_address: 127.0.0.1:0\n",
         "bridge:\n  address: 127.0.0.1:0\n",
     );
+    let b_mesh = b.listeners["mesh"].clone();
     assert!(
         !a.listeners.contains_key("mesh"),
         "no app: no inbound listener"
@@ -262,17 +281,10 @@ fn two_services_talk_mutual_tls_by_app_id_and_outsiders_are_refused() {
 fn a_peer_must_be_in_the_namespace_its_app_id_names_when_required() {
     let ids = Identities::new();
     let app_b = Backend::http();
-    let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
-        "b",
-        1,
+    let (_b, a) = b_then_a(
+        &ids,
+        &app_b,
         "",
-        &format!("app:\n  address: {}\n", app_b.address()),
-    );
-    let a = member(
-        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
-        "a",
-        port(&b.listeners["mesh"]),
         "  outbound_address: 127.0.0.1:0\n  require_peer_namespace: true\n",
         "",
     );
@@ -486,17 +498,10 @@ fn a_renewed_identity_is_used_without_a_restart() {
 fn grpc_between_apps_crosses_the_mesh_with_its_trailers() {
     let ids = Identities::new();
     let app_b = Backend::http();
-    let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
-        "b",
-        1,
-        "",
-        &format!("app:\n  address: {}\n  protocol: grpc\n", app_b.address()),
-    );
-    let a = member(
-        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
-        "a",
-        port(&b.listeners["mesh"]),
+    let (b, a) = b_then_a(
+        &ids,
+        &app_b,
+        "  protocol: grpc\n",
         "  outbound_address: 127.0.0.1:0\n",
         "bridge:\n  address: 127.0.0.1:0\n",
     );
@@ -574,20 +579,7 @@ fn websocket_upgrades_cross_the_mesh_over_http1() {
     use std::io::{Read, Write};
     let ids = Identities::new();
     let app_b = Backend::http();
-    let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
-        "b",
-        1,
-        "",
-        &format!("app:\n  address: {}\n", app_b.address()),
-    );
-    let a = member(
-        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
-        "a",
-        port(&b.listeners["mesh"]),
-        "  outbound_address: 127.0.0.1:0\n",
-        "",
-    );
+    let (b, a) = b_then_a(&ids, &app_b, "", "  outbound_address: 127.0.0.1:0\n", "");
     let diagnostics = || format!("{}\n{}", a.diagnostics(), b.diagnostics());
     let mut s = std::net::TcpStream::connect(&a.listeners["mesh-outbound"]).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
@@ -641,20 +633,7 @@ fn websocket_upgrades_cross_the_mesh_over_http1() {
 fn a_bridge_only_member_warns_and_calls_its_peers() {
     let ids = Identities::new();
     let app_b = Backend::http();
-    let b = member(
-        &ids.issue("b", &format!("{TD}/ns/shop/sa/b")),
-        "b",
-        1,
-        "",
-        &format!("app:\n  address: {}\n", app_b.address()),
-    );
-    let a = member(
-        &ids.issue("a", &format!("{TD}/ns/shop/sa/a")),
-        "a",
-        port(&b.listeners["mesh"]),
-        "",
-        "bridge:\n  address: 127.0.0.1:0\n",
-    );
+    let (b, a) = b_then_a(&ids, &app_b, "", "", "bridge:\n  address: 127.0.0.1:0\n");
     assert!(a.listeners.is_empty(), "{:?}", a.listeners);
     let r = client()
         .post(a.bridge_url("/v1.0/invoke/b/method/hello"))

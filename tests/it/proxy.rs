@@ -774,24 +774,17 @@ fn sigterm_lets_in_flight_requests_finish() {
 
 #[test]
 fn proxy_config_errors_are_located() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bad.yaml"),
+    crate::support::check_finds(
+        "bad.yaml",
         "listeners:\n  - name: public\n    address: 127.0.0.1:0\n  - name: public\n    address: 127.0.0.1:0\n    direction: outbound\n    routes:\n      - cluster: nope\n        retry: { attempts: 1, on: [sometimes] }\n        match: { path_regex: \"([\" }\n",
-    )
-    .unwrap();
-    let (code, _, stderr) =
-        crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir.path());
-    assert_eq!(code, 78, "{stderr}");
-    for e in [
-        "bad.yaml:2:5: listeners[0].direction: an inbound listener forwards to the app, but app.address is not set",
-        "bad.yaml:4:11: listeners[1].name: the name \"public\" is already used by listeners[0]",
-        "bad.yaml:8:18: listeners[1].routes[0].cluster: no cluster named \"nope\"",
-        "bad.yaml:9:36: listeners[1].routes[0].retry.on[0]: expected connect-failure, timeout, reset, 5xx",
-        "bad.yaml:10:30: listeners[1].routes[0].match.path_regex: expected a regular expression",
-    ] {
-        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
-    }
+        &[
+            "bad.yaml:2:5: listeners[0].direction: an inbound listener forwards to the app, but app.address is not set",
+            "bad.yaml:4:11: listeners[1].name: the name \"public\" is already used by listeners[0]",
+            "bad.yaml:8:18: listeners[1].routes[0].cluster: no cluster named \"nope\"",
+            "bad.yaml:9:36: listeners[1].routes[0].retry.on[0]: expected connect-failure, timeout, reset, 5xx",
+            "bad.yaml:10:30: listeners[1].routes[0].match.path_regex: expected a regular expression",
+        ],
+    );
 }
 
 #[test]
@@ -878,23 +871,16 @@ fn content_length_with_transfer_encoding_is_refused() {
 
 #[test]
 fn proxy_limits_and_patterns_are_validated() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bad.yaml"),
+    crate::support::check_finds(
+        "bad.yaml",
         "app: { address: 127.0.0.1:1 }\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits: { max_connections: 0, idle_timeout: 0s }\n    routes:\n      - match: { host: \"*foo.com\" }\n        request_headers: { add: { content-length: \"0\" } }\n",
-    )
-    .unwrap();
-    let (code, _, stderr) =
-        crate::support::run_to_end(&["check", "-c", "bad.yaml"], &[], dir.path());
-    assert_eq!(code, 78, "{stderr}");
-    for e in [
-        "listeners[0].limits.max_connections: expected a number from 1 to 1000000, found 0",
-        "listeners[0].limits.idle_timeout: expected a positive duration",
-        "listeners[0].routes[0].match.host: expected a host or a wildcard like *.example.com",
-        "listeners[0].routes[0].request_headers: \"content-length\" frames the message",
-    ] {
-        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
-    }
+        &[
+            "listeners[0].limits.max_connections: expected a number from 1 to 1000000, found 0",
+            "listeners[0].limits.idle_timeout: expected a positive duration",
+            "listeners[0].routes[0].match.host: expected a host or a wildcard like *.example.com",
+            "listeners[0].routes[0].request_headers: \"content-length\" frames the message",
+        ],
+    );
 }
 
 /// A client that gives up in the middle of a large (streamed) upload says nothing about the
@@ -1579,31 +1565,57 @@ fn refused_shapes_meet_the_fast_path_first_and_are_refused() {
     }
 }
 
+/// The path of a request head (`/` when it has none).
+fn request_path(head: &str) -> &str {
+    head.split(' ').nth(1).unwrap_or("/")
+}
+
+/// A [`RawApp`] answer that keeps the connection.
+fn ok(response: &str) -> (Vec<u8>, bool) {
+    (response.as_bytes().to_vec(), false)
+}
+
+/// A [`RawApp`] answer after which the connection is closed.
+fn closing(response: &str) -> (Vec<u8>, bool) {
+    (response.as_bytes().to_vec(), true)
+}
+
+/// The response framings both framing tests serve, by path: chunked with trailers, a body up
+/// to the close, more than 100 headers, both Content-Length and chunked (broken), else a
+/// plain `ok`.
+fn framing(path: &str) -> (Vec<u8>, bool) {
+    match path {
+        "/chunked" => ok(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+        ),
+        "/close" => closing("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"),
+        "/many" => {
+            let mut r = String::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n");
+            for i in 0..150 {
+                r.push_str(&format!("x-h{i}: {i}\r\n"));
+            }
+            r.push_str("\r\nmany");
+            ok(&r)
+        }
+        "/both" => closing(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    }
+}
+
 /// Response shapes the fast path streams itself: chunked with trailers (passed on as they
 /// came), a body up to the upstream's close (sent on chunked, the client connection kept), a
 /// 1xx before the answer (skipped), more than 100 headers (hyper's client gave 502), and
 /// broken ones (502). Each response is checked on one keep-alive client connection.
 #[test]
 fn response_framings_pass_through_the_fast_path() {
-    let app = RawApp::start(|head| {
-        let path = head.split(' ').nth(1).unwrap_or("/");
-        let ok = |s: &str| (s.as_bytes().to_vec(), false);
-        match path {
-            "/chunked" => ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
-            "/close" => ("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end".as_bytes().to_vec(), true),
-            "/continue" => ok("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"),
-            "/many" => {
-                let mut r = String::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n");
-                for i in 0..150 {
-                    r.push_str(&format!("x-h{i}: {i}\r\n"));
-                }
-                r.push_str("\r\nmany");
-                ok(&r)
-            }
-            "/bad-chunk" => ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".as_bytes().to_vec(), true),
-            "/both" => ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_bytes().to_vec(), true),
-            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
-        }
+    let app = RawApp::start(|head| match request_path(head) {
+        "/continue" => ok(
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate",
+        ),
+        "/bad-chunk" => closing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+        path => framing(path),
     });
     let sc = inbound_to(&app);
     let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
@@ -1661,28 +1673,14 @@ fn response_framings_pass_through_the_fast_path() {
 /// `http::StatusCode` refuses) is a 502 on the fast path as on hyper's.
 #[test]
 fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
-    let app = RawApp::start(|head| {
-        let path = head.split(' ').nth(1).unwrap_or("/");
-        let ok = |s: &str| (s.as_bytes().to_vec(), false);
-        match path {
-            "/no-content" => ok("HTTP/1.1 204 No Content\r\n\r\n"),
-            "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
-            "/low" => (
-                "HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n"
-                    .as_bytes()
-                    .to_vec(),
-                true,
-            ),
-            // A head, then the connection closes before any of the promised body.
-            "/cut" => (
-                "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
-                    .as_bytes()
-                    .to_vec(),
-                true,
-            ),
-            // HEAD: the length of the body a GET would have had, and no body.
-            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
-        }
+    let app = RawApp::start(|head| match request_path(head) {
+        "/no-content" => ok("HTTP/1.1 204 No Content\r\n\r\n"),
+        "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        "/low" => closing("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n"),
+        // A head, then the connection closes before any of the promised body.
+        "/cut" => closing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        // HEAD: the length of the body a GET would have had, and no body.
+        _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
     });
     let sc = inbound_to(&app);
     let mut s = TcpStream::connect(&sc.listeners["public"]).unwrap();
@@ -1732,26 +1730,17 @@ fn bodiless_responses_and_invalid_statuses_on_the_fast_path() {
 /// after a pause (a long poll) still arrives; one that does not come within the route's
 /// timeout is a 504, not a hang.
 fn the_first_body_byte_wait_skips_bodiless_responses_and_keeps_the_route_timeout(server: &str) {
-    let app = RawApp::start(|head| {
-        let path = head.split(' ').nth(1).unwrap_or("/");
-        let ok = |s: &str| (s.as_bytes().to_vec(), false);
-        match path {
-            "/empty" => ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
-            "/no-content" => ok("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
-            "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
-            "/continue" => ok(
-                "HTTP/1.1 100 Continue\r\n\r\n<pause>HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n<pause>late",
-            ),
-            "/slow" => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<pause>0123456789"),
-            "/stall" => (
-                "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<stall>0123456789"
-                    .as_bytes()
-                    .to_vec(),
-                true,
-            ),
-            // HEAD: the length of the body a GET would have had, and no body.
-            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
-        }
+    let app = RawApp::start(|head| match request_path(head) {
+        "/empty" => ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        "/no-content" => ok("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
+        "/not-modified" => ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        "/continue" => ok(
+            "HTTP/1.1 100 Continue\r\n\r\n<pause>HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n<pause>late",
+        ),
+        "/slow" => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<pause>0123456789"),
+        "/stall" => closing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n<stall>0123456789"),
+        // HEAD: the length of the body a GET would have had, and no body.
+        _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
     });
     let sc = Sidecar::start(&with_http2_server(
         server,
@@ -1879,28 +1868,15 @@ fn raw_exchange_reuses_a_clean_connection_and_drops_one_with_trailing_bytes(serv
 /// skipped, more than 100 headers, which hyper's client answered with 502), the broken ones
 /// are 502, and a request body goes with its length.
 fn h2c_and_hyper_path_requests_take_the_raw_exchange(server: &str) {
-    let app = RawApp::start(|head| {
-        let path = head.split(' ').nth(1).unwrap_or("/");
-        let ok = |s: &str| (s.as_bytes().to_vec(), false);
-        match path {
-            "/chunked" => ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
-            "/close" => ("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end".as_bytes().to_vec(), true),
-            "/continue" => ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"),
-            "/many" => {
-                let mut r = String::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n");
-                for i in 0..150 {
-                    r.push_str(&format!("x-h{i}: {i}\r\n"));
-                }
-                r.push_str("\r\nmany");
-                ok(&r)
-            }
-            // The body follows the head on this connection: closed after the answer.
-            "/post" => ("HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntook".as_bytes().to_vec(), true),
-            "/both" => ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_bytes().to_vec(), true),
-            "/low" => ("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n".as_bytes().to_vec(), true),
-            "/cut" => ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".as_bytes().to_vec(), true),
-            _ => ok("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    let app = RawApp::start(|head| match request_path(head) {
+        "/continue" => {
+            ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
         }
+        // The body follows the head on this connection: closed after the answer.
+        "/post" => closing("HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntook"),
+        "/low" => closing("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n"),
+        "/cut" => closing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        path => framing(path),
     });
     let sc = inbound_to_on(server, &app);
     let h2 = reqwest::blocking::Client::builder()
@@ -2696,20 +2672,10 @@ fn a_body_cut_towards_an_http2_cluster_is_413() {
 /// `limits.max_request_body: 0` is refused at check, with where it is.
 #[test]
 fn a_zero_max_request_body_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("zero.yaml"),
+    crate::support::check_finds(
+        "zero.yaml",
         "app: { address: 127.0.0.1:1 }\nlisteners:\n  - name: public\n    address: 127.0.0.1:0\n    limits:\n      max_request_body: 0\n",
-    )
-    .unwrap();
-    let (code, _, stderr) =
-        crate::support::run_to_end(&["check", "-c", "zero.yaml"], &[], dir.path());
-    assert_eq!(code, 78, "{stderr}");
-    assert!(
-        stderr.contains(
-            "zero.yaml:6:25: listeners[0].limits.max_request_body: expected a positive size"
-        ),
-        "{stderr}"
+        &["zero.yaml:6:25: listeners[0].limits.max_request_body: expected a positive size"],
     );
 }
 

@@ -179,6 +179,34 @@ impl App {
     }
 
     /// Deliveries the app answered with SUCCESS (2xx and no other status).
+    /// How many of the deliveries on `path` carried the event `id`.
+    fn count_on(&self, path: &str, id: &str) -> usize {
+        self.on(path).iter().filter(|r| r.event["id"] == id).count()
+    }
+
+    /// After `retry-me`, `drop-me` and `fail-me` were published with metadata `region=eu` to
+    /// an app that asks for three retries of the first, drops the second and fails the third:
+    /// `retry-me` came 4 times, `drop-me` once, `fail-me` 5 times, each with its `region`
+    /// header, and the last two went to the dead letters (`/poison`).
+    #[track_caller]
+    fn retried_dropped_and_failed(&self) {
+        assert_eq!(self.count_on("/orders", "retry-me"), 4);
+        assert_eq!(self.count_on("/orders", "drop-me"), 1);
+        assert_eq!(self.count_on("/orders", "fail-me"), 5);
+        assert!(
+            self.on("/orders")
+                .iter()
+                .all(|r| r.headers["region"] == "eu")
+        );
+        let mut dead: Vec<String> = self
+            .on("/poison")
+            .iter()
+            .map(|r| r.event["id"].as_str().unwrap().to_string())
+            .collect();
+        dead.sort();
+        assert_eq!(dead, ["drop-me", "fail-me"]);
+    }
+
     fn successes(&self) -> Vec<String> {
         self.state
             .answers
@@ -189,6 +217,11 @@ impl App {
             .map(|(id, _, _)| id.clone())
             .collect()
     }
+}
+
+/// A CloudEvent with id `id` and no data.
+fn ce(id: &str) -> String {
+    json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
 }
 
 fn ok() -> (StatusCode, String) {
@@ -276,6 +309,20 @@ impl Bridge {
                 &format!("/v1.0/publish/{pubsub}/{topic}"),
                 &[("content-type", content_type)],
                 body,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    }
+
+    /// POSTs [`ce`]`(id)` as a CloudEvent to the publish `uri` (with metadata in its query, if
+    /// any): 204.
+    async fn publish_ce(&self, uri: impl AsRef<str>, id: &str) {
+        let (status, err) = self
+            .call(
+                "POST",
+                uri.as_ref(),
+                &[("content-type", "application/cloudevents+json")],
+                &ce(id),
             )
             .await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
@@ -815,27 +862,14 @@ async fn redis_retries_then_acks_once_drops_and_dead_letters() {
         ],
     );
     let b = bridge(Some(&app), &[ps], vec![], 3).await;
-    let ce = |id: &str| {
-        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
-    };
     for id in ["retry-me", "drop-me", "fail-me"] {
-        let (status, err) = b
-            .call(
-                "POST",
-                "/v1.0/publish/ps/orders?metadata.region=eu&metadata.region=ignored",
-                &[("content-type", "application/cloudevents+json")],
-                &ce(id),
-            )
-            .await;
-        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+        b.publish_ce(
+            "/v1.0/publish/ps/orders?metadata.region=eu&metadata.region=ignored",
+            id,
+        )
+        .await;
     }
-    b.publish(
-        "ps",
-        "plain",
-        "application/cloudevents+json",
-        &ce("plain-drop"),
-    )
-    .await;
+    b.publish_ce("/v1.0/publish/ps/plain", "plain-drop").await;
 
     until("two dead letters and a success", async || {
         app.on("/poison").len() == 2 && app.successes().contains(&"retry-me".to_string())
@@ -847,28 +881,8 @@ async fn redis_retries_then_acks_once_drops_and_dead_letters() {
             && redis.pending("poison", "shop").await == 0
     })
     .await;
-    let count = |id: &str| {
-        app.on("/orders")
-            .iter()
-            .filter(|r| r.event["id"] == id)
-            .count()
-    };
-    assert_eq!(count("retry-me"), 4);
-    assert_eq!(count("drop-me"), 1);
-    assert_eq!(count("fail-me"), 5);
     // Metadata (first value wins) rides in the stream entry and reaches the app as headers.
-    assert!(
-        app.on("/orders")
-            .iter()
-            .all(|r| r.headers["region"] == "eu")
-    );
-    let mut dead: Vec<String> = app
-        .on("/poison")
-        .iter()
-        .map(|r| r.event["id"].as_str().unwrap().to_string())
-        .collect();
-    dead.sort();
-    assert_eq!(dead, ["drop-me", "fail-me"]);
+    app.retried_dropped_and_failed();
     assert_eq!(app.on("/plain").len(), 1);
     let text = b.metrics_text();
     for line in [
@@ -967,48 +981,27 @@ async fn jetstream_retries_survives_a_restart_and_dead_letters() {
         &[("natsURL", &nats.url()), ("ackWait", "2s")],
     );
     let b = bridge(Some(&app), &[js], vec![], 2).await;
-    let ce = |id: &str| {
-        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
-    };
     // Publish metadata travels with the message (as NATS headers) and reaches the app as headers.
-    let (status, err) = b
-        .call(
-            "POST",
-            "/v1.0/publish/js/orders?metadata.region=eu",
-            &[("content-type", "application/cloudevents+json")],
-            &ce("retry-me"),
-        )
+    b.publish_ce("/v1.0/publish/js/orders?metadata.region=eu", "retry-me")
         .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
-    b.publish(
-        "js",
-        "orders",
-        "application/cloudevents+json",
-        &ce("drop-me"),
-    )
-    .await;
+    b.publish_ce("/v1.0/publish/js/orders", "drop-me").await;
     until("a success after retries and a dead letter", async || {
         app.successes().contains(&"retry-me".to_string()) && app.on("/poison").len() == 1
     })
     .await;
-    let count = |id: &str| {
-        app.on("/orders")
-            .iter()
-            .filter(|r| r.event["id"] == id)
-            .count()
-    };
-    assert_eq!(count("retry-me"), 4);
+    assert_eq!(app.count_on("/orders", "retry-me"), 4);
     assert_eq!(app.on("/orders")[0].headers["region"], "eu");
     assert_eq!(app.on("/poison")[0].event["id"], "drop-me");
 
     // Unacked across a restart: the app refuses, the server restarts, then the app accepts.
     accept.store(false, std::sync::atomic::Ordering::SeqCst);
     for id in ["r1", "r2"] {
-        b.publish("js", "orders", "application/cloudevents+json", &ce(id))
-            .await;
+        b.publish_ce("/v1.0/publish/js/orders", id).await;
     }
     until("both tried", async || {
-        ["r1", "r2"].iter().all(|id| count(id) > 0)
+        ["r1", "r2"]
+            .iter()
+            .all(|id| app.count_on("/orders", id) > 0)
     })
     .await;
     nats.restart();
@@ -1211,27 +1204,11 @@ async fn rabbitmq_retries_dead_letters_and_acks_in_daprs_layout() {
         ],
     );
     let b = bridge(Some(&app), &[rmq], vec![], 3).await;
-    let ce = |id: &str| {
-        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
-    };
     for id in ["retry-me", "drop-me", "fail-me"] {
-        let (status, err) = b
-            .call(
-                "POST",
-                "/v1.0/publish/rmq/orders?metadata.region=eu",
-                &[("content-type", "application/cloudevents+json")],
-                &ce(id),
-            )
+        b.publish_ce("/v1.0/publish/rmq/orders?metadata.region=eu", id)
             .await;
-        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
     }
-    b.publish(
-        "rmq",
-        "plain",
-        "application/cloudevents+json",
-        &ce("nacked"),
-    )
-    .await;
+    b.publish_ce("/v1.0/publish/rmq/plain", "nacked").await;
     until(
         "two dead letters, a success and a nacked message",
         async || {
@@ -1241,27 +1218,7 @@ async fn rabbitmq_retries_dead_letters_and_acks_in_daprs_layout() {
         },
     )
     .await;
-    let count = |id: &str| {
-        app.on("/orders")
-            .iter()
-            .filter(|r| r.event["id"] == id)
-            .count()
-    };
-    assert_eq!(count("retry-me"), 4);
-    assert_eq!(count("drop-me"), 1);
-    assert_eq!(count("fail-me"), 5);
-    assert!(
-        app.on("/orders")
-            .iter()
-            .all(|r| r.headers["region"] == "eu")
-    );
-    let mut dead: Vec<String> = app
-        .on("/poison")
-        .iter()
-        .map(|r| r.event["id"].as_str().unwrap().to_string())
-        .collect();
-    dead.sort();
-    assert_eq!(dead, ["drop-me", "fail-me"]);
+    app.retried_dropped_and_failed();
     // daprd's names: queue `{consumerID}-{topic}`, dead-letter queue `dlq-{queue}`; the
     // exhausted message without a dead-letter topic was nacked into it; nothing is unacked.
     until("the broker's counts settle", async || {
@@ -1306,24 +1263,17 @@ async fn rabbitmq_topic_exchange_routes_by_key() {
         ],
     );
     let b = bridge(Some(&app), &[rmq], vec![], 1).await;
-    let ce = |id: &str| {
-        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
-    };
     // Unroutable first: once the later two arrive, it would have too.
     for (id, key) in [
         ("asia", "asia.tokyo"),
         ("paris", "eu.paris"),
         ("us", "us.orders"),
     ] {
-        let (status, err) = b
-            .call(
-                "POST",
-                &format!("/v1.0/publish/rmq/orders?metadata.routingKey={key}"),
-                &[("content-type", "application/cloudevents+json")],
-                &ce(id),
-            )
-            .await;
-        assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+        b.publish_ce(
+            format!("/v1.0/publish/rmq/orders?metadata.routingKey={key}"),
+            id,
+        )
+        .await;
     }
     until("two deliveries", async || app.on("/orders").len() == 2).await;
     let mut got: Vec<String> = app
@@ -1498,37 +1448,23 @@ async fn mqtt3_retries_dead_letters_and_retains() {
         ],
     );
     let b = bridge(Some(&app), &[mq], vec![], 2).await;
-    let ce = |id: &str| {
-        json!({"specversion":"1.0","id":id,"source":"t","type":"t","data":{}}).to_string()
-    };
     for id in ["retry-me", "drop-me"] {
-        b.publish("mq", &orders, "application/cloudevents+json", &ce(id))
-            .await;
+        b.publish_ce(format!("/v1.0/publish/mq/{orders}"), id).await;
     }
     until("a success after retries and a dead letter", async || {
         app.successes().contains(&"retry-me".to_string()) && app.on("/poison").len() == 1
     })
     .await;
-    let count = |id: &str| {
-        app.on("/orders")
-            .iter()
-            .filter(|r| r.event["id"] == id)
-            .count()
-    };
-    assert_eq!(count("retry-me"), 4);
-    assert_eq!(count("drop-me"), 1);
+    assert_eq!(app.count_on("/orders", "retry-me"), 4);
+    assert_eq!(app.count_on("/orders", "drop-me"), 1);
     assert_eq!(app.on("/poison")[0].event["id"], "drop-me");
     assert_eq!(app.on("/orders")[0].headers["retained"], "false");
     // `retain` per publish: the broker keeps the message for later subscribers.
-    let (status, err) = b
-        .call(
-            "POST",
-            &format!("/v1.0/publish/mq/{kept}?metadata.retain=true"),
-            &[("content-type", "application/cloudevents+json")],
-            &ce("kept-1"),
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    b.publish_ce(
+        format!("/v1.0/publish/mq/{kept}?metadata.retain=true"),
+        "kept-1",
+    )
+    .await;
     let out = std::process::Command::new("mosquitto_sub")
         .args([
             "-h",

@@ -10,26 +10,22 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::servers::PostgresTlsServer;
-use crate::support::{Sidecar, Spawn, client, eventually, run_to_end};
-
-/// Runs `outrigger certs ARGS` in `dir`.
-fn certs(dir: &Path, args: &[&str]) {
-    let args: Vec<&str> = ["certs"].iter().chain(args).copied().collect();
-    let (code, stdout, stderr) = run_to_end(&args, &[], dir);
-    assert_eq!(code, 0, "outrigger {args:?}\n{stdout}\n{stderr}");
-}
+use crate::support::{
+    ComponentsDir, Sidecar, bridge_on, ca_with, client, component_with, eventually, post,
+    value_line,
+};
 
 /// A CA in `dir/NAME/` with `server` (localhost, 127.0.0.1) and `certuser` leaves.
 fn ca(dir: &Path, name: &str) {
-    certs(dir, &["ca", "--out", name, "--trust-domain", "example.org"]);
-    let issue = |leaf: &str, names: &[&str]| {
-        let mut args = vec!["issue", "--ca", name, "--out", name, "--name", leaf];
-        args.extend_from_slice(names);
-        certs(dir, &args);
-    };
-    issue("server", &["--dns", "localhost", "--ip", "127.0.0.1"]);
-    // The CN is the first DNS name: PostgreSQL's `cert` login takes it as the role.
-    issue("certuser", &["--dns", "certuser"]);
+    ca_with(
+        dir,
+        name,
+        &[
+            ("server", &["--dns", "localhost", "--ip", "127.0.0.1"]),
+            // The CN is the first DNS name: PostgreSQL's `cert` login takes it as the role.
+            ("certuser", &["--dns", "certuser"]),
+        ],
+    );
 }
 
 fn component(name: &str, kind: &str, connection: &str, extra: &str) -> String {
@@ -57,6 +53,30 @@ fn read(sc: &Sidecar, store: &str, key: &str) -> (u16, String) {
         .send()
         .unwrap();
     (r.status().as_u16(), r.text().unwrap())
+}
+
+/// Saves `{"store": STORE}` under `k` in each of `stores` (204) and reads it back (200): the
+/// text read must be `stored(STORE)`.
+fn saved_and_read(sc: &Sidecar, stores: &[&str], stored: impl Fn(&str) -> String) {
+    for &store in stores {
+        let (s, body) = save(sc, store, "k", json!({"store": store}));
+        assert_eq!(s, 204, "{store}: {body}\n{}", sc.diagnostics());
+        let (s, body) = read(sc, store, "k");
+        assert_eq!((s, body), (200, stored(store)), "{store}");
+    }
+}
+
+/// Each of `failures` (store, what its error says): a save answered 500 with
+/// `ERR_STATE_SAVE`, `kind` (the store's) and that.
+fn saves_fail(sc: &Sidecar, kind: &str, failures: &[(&str, &str)]) {
+    for &(store, why) in failures {
+        let (s, body) = save(sc, store, "k", json!(1));
+        assert_eq!(s, 500, "{store}: {body}");
+        assert!(
+            body.contains("ERR_STATE_SAVE") && body.contains(kind) && body.contains(why),
+            "{store}: {body}"
+        );
+    }
 }
 
 #[test]
@@ -183,48 +203,23 @@ fn postgres_over_tls_by_sslmode() {
             ),
         ),
     ];
-    let resources = d.join("components");
-    std::fs::create_dir(&resources).unwrap();
-    for (file, text) in &components {
-        std::fs::write(resources.join(file), text).unwrap();
-    }
-    let config = format!(
-        "bridge:\n  address: 127.0.0.1:0\n  resources: {}\nservice: orders\n",
-        resources.display()
-    );
-    let sc = Spawn {
-        config: &config,
-        ..Spawn::default()
-    }
-    .start();
-    sc.wait_ready();
+    let sc = bridge_on(d, &components, "", &[]);
 
-    for store in ["full", "require", "chain", "socket"] {
-        let (s, body) = save(&sc, store, "k", json!({"store": store}));
-        assert_eq!(s, 204, "{store}: {body}\n{}", sc.diagnostics());
-        let (s, body) = read(&sc, store, "k");
-        // As jsonb prints it (a space after the colon), as from daprd.
-        assert_eq!(
-            (s, body),
-            (200, format!(r#"{{"store": "{store}"}}"#)),
-            "{store}"
-        );
-    }
-    let failures = [
-        ("wrongname", "certificate not valid for name"),
-        // Another CA of the same name: its signature does not check out.
-        ("otherca", "invalid peer certificate: BadSignature"),
-        ("plain", "no encryption"),
-        ("prefer", "no encryption"),
-    ];
-    for (store, why) in failures {
-        let (s, body) = save(&sc, store, "k", json!(1));
-        assert_eq!(s, 500, "{store}: {body}");
-        assert!(
-            body.contains("ERR_STATE_SAVE") && body.contains("postgresql") && body.contains(why),
-            "{store}: {body}"
-        );
-    }
+    // As jsonb prints it (a space after the colon), as from daprd.
+    saved_and_read(&sc, &["full", "require", "chain", "socket"], |store| {
+        format!(r#"{{"store": "{store}"}}"#)
+    });
+    saves_fail(
+        &sc,
+        "postgresql",
+        &[
+            ("wrongname", "certificate not valid for name"),
+            // Another CA of the same name: its signature does not check out.
+            ("otherca", "invalid peer certificate: BadSignature"),
+            ("plain", "no encryption"),
+            ("prefer", "no encryption"),
+        ],
+    );
     // The client certificate is the login (pg_hba `cert`: its CN is the role).
     let r = client()
         .post(sc.bridge_url("/v1.0/bindings/certlogin"))
@@ -251,22 +246,13 @@ fn postgres_over_tls_by_sslmode() {
 #[test]
 fn postgres_tls_mistakes_are_found_by_check() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let resources = d.join("components");
-    std::fs::create_dir(&resources).unwrap();
-    let config = d.join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!("bridge:\n  resources: {}\n", resources.display()),
-    )
-    .unwrap();
+    let components = ComponentsDir::new(dir.path(), "bridge:\n");
     let check = |connection: &str| {
-        std::fs::write(
-            resources.join("pg.yaml"),
+        components.write(
+            "pg.yaml",
             component("pg", "state.postgresql", connection, ""),
-        )
-        .unwrap();
-        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], d)
+        );
+        components.check()
     };
     let (code, _, stderr) = check("host=db user=u sslmode=verify-full sslrootcert=system");
     assert_eq!(code, 0, "{stderr}");
@@ -333,47 +319,9 @@ impl Drop for RedisTlsServer {
     }
 }
 
-/// A Redis component: `redisHost` then `meta` (name, value) pairs; a value with line breaks
-/// (PEM) goes as a block scalar.
+/// A Redis component: `redisHost` then `meta` (name, value) pairs (see [`component_with`]).
 fn redis_component(name: &str, kind: &str, host: &str, meta: &[(&str, &str)]) -> String {
-    let mut s = format!(
-        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n  - name: redisHost\n    value: \"{host}\"\n"
-    );
-    for (k, v) in meta {
-        if v.contains('\n') {
-            s.push_str(&format!("  - name: {k}\n    value: |\n"));
-            for line in v.lines() {
-                s.push_str(&format!("      {line}\n"));
-            }
-        } else {
-            s.push_str(&format!("  - name: {k}\n    value: \"{v}\"\n"));
-        }
-    }
-    s
-}
-
-/// The line of `key`'s value in a component from [`redis_component`] (a block scalar's:
-/// its text's first line).
-fn value_line(component: &str, key: &str) -> usize {
-    let lines: Vec<&str> = component.lines().collect();
-    let at = lines
-        .iter()
-        .position(|l| l.trim() == format!("- name: {key}"))
-        .unwrap();
-    if lines[at + 1].ends_with('|') {
-        at + 3
-    } else {
-        at + 2
-    }
-}
-
-fn post(sc: &Sidecar, path: &str, body: Value) -> (u16, String) {
-    let r = client()
-        .post(sc.bridge_url(path))
-        .json(&body)
-        .send()
-        .unwrap();
-    (r.status().as_u16(), r.text().unwrap())
+    component_with(name, kind, &[&[("redisHost", host)], meta].concat())
 }
 
 /// Dapr's Redis TLS keys on the real binary against TLS-only redis-servers: `enableTLS`
@@ -427,34 +375,17 @@ fn redis_over_tls() {
         redis_component("nocert", "state.redis", &at(mutual.port), &[tls]),
         redis_component("notls", "state.redis", &at(plain.port), &[]),
     ];
-    let resources = d.join("components");
-    std::fs::create_dir(&resources).unwrap();
-    for (i, text) in components.iter().enumerate() {
-        std::fs::write(resources.join(format!("c{i}.yaml")), text).unwrap();
-    }
-    let config = format!(
-        "bridge:\n  address: 127.0.0.1:0\n  resources: {}\nservice: orders\n",
-        resources.display()
-    );
+    let files: Vec<_> = components
+        .iter()
+        .enumerate()
+        .map(|(i, text)| (format!("c{i}.yaml"), text))
+        .collect();
     let roots = d.join("ca/ca.crt").display().to_string();
-    let sc = Spawn {
-        config: &config,
-        env: &[("SSL_CERT_FILE", &roots)],
-        ..Spawn::default()
-    }
-    .start();
-    sc.wait_ready();
+    let sc = bridge_on(d, &files, "", &[("SSL_CERT_FILE", &roots)]);
 
-    for store in ["full", "mtls", "insecure"] {
-        let (s, body) = save(&sc, store, "k", json!({"store": store}));
-        assert_eq!(s, 204, "{store}: {body}\n{}", sc.diagnostics());
-        let (s, body) = read(&sc, store, "k");
-        assert_eq!(
-            (s, body),
-            (200, format!(r#"{{"store":"{store}"}}"#)),
-            "{store}"
-        );
-    }
+    saved_and_read(&sc, &["full", "mtls", "insecure"], |store| {
+        format!(r#"{{"store":"{store}"}}"#)
+    });
     let (s, body) = post(&sc, "/v1.0/publish/events/orders", json!({"a": 1}));
     assert_eq!(s, 204, "{body}");
     let (s, body) = post(
@@ -470,22 +401,18 @@ fn redis_over_tls() {
     );
     assert!(s == 200 || s == 204, "{s} {body}");
 
-    let failures = [
-        ("wrongname", "certificate not valid for name"),
-        ("otherca", "invalid peer certificate"),
-        // Said "false" in so many words: still checked.
-        ("verifying", "invalid peer certificate"),
-        ("nocert", ""),
-        ("notls", ""),
-    ];
-    for (store, why) in failures {
-        let (s, body) = save(&sc, store, "k", json!(1));
-        assert_eq!(s, 500, "{store}: {body}");
-        assert!(
-            body.contains("ERR_STATE_SAVE") && body.contains("redis") && body.contains(why),
-            "{store}: {body}"
-        );
-    }
+    saves_fail(
+        &sc,
+        "redis",
+        &[
+            ("wrongname", "certificate not valid for name"),
+            ("otherca", "invalid peer certificate"),
+            // Said "false" in so many words: still checked.
+            ("verifying", "invalid peer certificate"),
+            ("nocert", ""),
+            ("notls", ""),
+        ],
+    );
 }
 
 /// Metadata (name, value) pairs.
@@ -502,17 +429,10 @@ fn redis_tls_mistakes_are_found_by_check() {
     let read_file = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
     let (cert, key) = (read_file("ca/certuser.crt"), read_file("ca/certuser.key"));
     let server_key = read_file("ca/server.key");
-    let resources = d.join("components");
-    std::fs::create_dir(&resources).unwrap();
-    let config = d.join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!("bridge:\n  resources: {}\n", resources.display()),
-    )
-    .unwrap();
+    let components = ComponentsDir::new(d, "bridge:\n");
     let check = |text: &str| {
-        std::fs::write(resources.join("r.yaml"), text).unwrap();
-        run_to_end(&["check", "-c", config.to_str().unwrap()], &[], d)
+        components.write("r.yaml", text);
+        components.check()
     };
     let tls = ("enableTLS", "true");
     for kind in ["state.redis", "pubsub.redis", "lock.redis"] {

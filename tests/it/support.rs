@@ -284,6 +284,19 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Stri
     )
 }
 
+/// `outrigger check` of `config`, written as `file` in a temp dir: it fails (exit 78) and its
+/// stderr holds each of `errors`.
+#[track_caller]
+pub fn check_finds(file: &str, config: &str, errors: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(file), config).unwrap();
+    let (code, _, stderr) = run_to_end(&["check", "-c", file], &[], dir.path());
+    assert_eq!(code, 78, "{stderr}");
+    for e in errors {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+}
+
 /// Runs `cmd` (stdout and stderr captured) and waits for it at most `timeout`; past that it is
 /// killed and what it wrote so far is returned (the caller's assertion then shows it).
 #[cfg(feature = "bridge")]
@@ -599,4 +612,153 @@ pub fn with_http2_server(server: &str, config: &str) -> String {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bridge's components: certificates, component files, a bridge on them, `outrigger check`
+
+/// POSTs `body` as JSON to the bridge's `path`: the status and the answer's text.
+#[cfg(feature = "bridge")]
+pub fn post(sc: &Sidecar, path: &str, body: serde_json::Value) -> (u16, String) {
+    let r = client()
+        .post(sc.bridge_url(path))
+        .json(&body)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// Runs `outrigger certs ARGS` in `dir`.
+#[cfg(feature = "bridge")]
+pub fn certs(dir: &Path, args: &[&str]) {
+    let args: Vec<&str> = ["certs"].iter().chain(args).copied().collect();
+    let (code, stdout, stderr) = run_to_end(&args, &[], dir);
+    assert_eq!(code, 0, "outrigger {args:?}\n{stdout}\n{stderr}");
+}
+
+/// A CA in `dir/NAME/` (trust domain example.org) with `leaves`: each a leaf's name and its
+/// names (`--dns …`, `--ip …`).
+#[cfg(feature = "bridge")]
+pub fn ca_with(dir: &Path, name: &str, leaves: &[(&str, &[&str])]) {
+    certs(dir, &["ca", "--out", name, "--trust-domain", "example.org"]);
+    for (leaf, names) in leaves {
+        let mut args = vec!["issue", "--ca", name, "--out", name, "--name", leaf];
+        args.extend_from_slice(names);
+        certs(dir, &args);
+    }
+}
+
+/// A component with metadata (name, value) pairs; a value with line breaks (PEM) goes as a
+/// block scalar.
+#[cfg(feature = "bridge")]
+pub fn component_with(name: &str, kind: &str, meta: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n"
+    );
+    for (k, v) in meta {
+        if v.contains('\n') {
+            s.push_str(&format!("  - name: {k}\n    value: |\n"));
+            for line in v.lines() {
+                s.push_str(&format!("      {line}\n"));
+            }
+        } else {
+            s.push_str(&format!("  - name: {k}\n    value: \"{v}\"\n"));
+        }
+    }
+    s
+}
+
+/// The line of `key`'s value in a [`component_with`] (a block scalar's: its text's first line).
+#[cfg(feature = "bridge")]
+pub fn value_line(component: &str, key: &str) -> usize {
+    let lines: Vec<&str> = component.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == format!("- name: {key}"))
+        .unwrap();
+    if lines[at + 1].ends_with('|') {
+        at + 3
+    } else {
+        at + 2
+    }
+}
+
+/// Writes `components` (file name, text) to `dir/components` and starts a bridge (service
+/// `orders`) on them, after `head` (config of its own, such as `app:`), with `env`; ready.
+#[cfg(feature = "bridge")]
+pub fn bridge_on<F: AsRef<Path>, T: AsRef<[u8]>>(
+    dir: &Path,
+    components: &[(F, T)],
+    head: &str,
+    env: &[(&str, &str)],
+) -> Sidecar {
+    let resources = dir.join("components");
+    std::fs::create_dir(&resources).unwrap();
+    for (file, text) in components {
+        std::fs::write(resources.join(file), text).unwrap();
+    }
+    let config = format!(
+        "{head}bridge:\n  address: 127.0.0.1:0\n  resources: {}\nservice: orders\n",
+        resources.display()
+    );
+    let sc = Spawn {
+        config: &config,
+        env,
+        ..Spawn::default()
+    }
+    .start();
+    sc.wait_ready();
+    sc
+}
+
+/// A config (`DIR/outrigger.yaml`) whose bridge reads its components from `DIR/components`,
+/// to write component files into and run `outrigger check` (or `run`) on.
+#[cfg(feature = "bridge")]
+pub struct ComponentsDir {
+    dir: PathBuf,
+    resources: PathBuf,
+    config: PathBuf,
+}
+
+#[cfg(feature = "bridge")]
+impl ComponentsDir {
+    /// `head` is the config up to the bridge's `resources:` line, which is added: it ends with
+    /// `bridge:\n` and the bridge's other keys.
+    pub fn new(dir: &Path, head: &str) -> Self {
+        let resources = dir.join("components");
+        std::fs::create_dir(&resources).unwrap();
+        let config = dir.join("outrigger.yaml");
+        std::fs::write(
+            &config,
+            format!("{head}  resources: {}\n", resources.display()),
+        )
+        .unwrap();
+        ComponentsDir {
+            dir: dir.to_path_buf(),
+            resources,
+            config,
+        }
+    }
+
+    /// Writes (or replaces) the component file `file`.
+    pub fn write(&self, file: &str, text: impl AsRef<[u8]>) {
+        std::fs::write(self.resources.join(file), text).unwrap();
+    }
+
+    /// The component file `file`'s text.
+    pub fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.resources.join(file)).unwrap()
+    }
+
+    /// `outrigger CMD -c CONFIG MORE…` in the dir, to its end: (exit code, stdout, stderr).
+    pub fn run(&self, cmd: &str, more: &[&str]) -> (i32, String, String) {
+        let mut args = vec![cmd, "-c", self.config.to_str().unwrap()];
+        args.extend_from_slice(more);
+        run_to_end(&args, &[], &self.dir)
+    }
+
+    /// `outrigger check -c CONFIG`: see [`ComponentsDir::run`].
+    pub fn check(&self) -> (i32, String, String) {
+        self.run("check", &[])
+    }
 }
