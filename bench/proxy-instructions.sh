@@ -40,7 +40,8 @@ need nginx python3 curl h2load
 [ -n "${ALLOCS_ONLY:-}" ] || need valgrind haproxy
 [ -n "${ALLOC_BIN:-}" ] || need cargo
 [ -n "${ALLOCS_ONLY:-}" ] || build_release
-UP=18681; P=18691; ADMIN=18692
+# BENCH_PORT=N moves the three ports (N, N+10, N+11) off the defaults, for two runs side by side.
+UP=${BENCH_PORT:-18681}; P=$((UP + 10)); ADMIN=$((UP + 11))
 
 cat > "$dir/up.conf" <<CONF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
