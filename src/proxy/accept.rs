@@ -197,6 +197,7 @@ async fn serve_connection(
                 framing_alarm: alarm,
                 secure,
                 identity,
+                last_host: Default::default(),
             });
             // Made once per connection, not per wake-up: a fresh timer for every request was
             // a measurable share of the data path.

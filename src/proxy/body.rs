@@ -77,11 +77,13 @@ pub struct Capped<B> {
     cut: Cut,
 }
 
-pub fn capped<B>(inner: B, limit: Option<u64>) -> Capped<B> {
+pub fn capped<B: Body>(inner: B, limit: Option<u64>) -> Capped<B> {
+    // A body at its end already (a GET's) has nothing to cut: no shared flag, no allocation.
+    let cut = Cut((!inner.is_end_stream()).then(Arc::default));
     Capped {
         inner,
         left: limit.map(|l| (l, l)),
-        cut: Cut::default(),
+        cut,
     }
 }
 
@@ -95,9 +97,11 @@ impl<B> Capped<B> {
 /// Whether a [`Capped`] body was cut past its limit ([`TooLarge`]) or, within it, by a
 /// `min_body_rate` error: shared, because an HTTP/2 upstream client (hyper-util's) turns a
 /// body's error into a stream reset that no longer carries it, and the exchange's failure
-/// must still be the client's (413 / 408), not the endpoint's.
-#[derive(Clone, Default)]
-pub struct Cut(Arc<AtomicU8>);
+/// must still be the client's (413 / 408), not the endpoint's. None for a body that was at
+/// its end when capped: such a body yields no frame, so nothing can cut it (one allocation
+/// per bodiless request less, on every path through the forward phase).
+#[derive(Clone)]
+pub struct Cut(Option<Arc<AtomicU8>>);
 
 impl Cut {
     const TOO_LARGE: u8 = 1;
@@ -105,10 +109,16 @@ impl Cut {
 
     /// The client's failure that cut the body, if one did.
     pub fn failure(&self) -> Option<Failure> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.0.as_ref()?.load(Ordering::Relaxed) {
             Self::TOO_LARGE => Some(Failure::BodyTooLarge),
             Self::TOO_SLOW => Some(Failure::RequestTimeout),
             _ => None,
+        }
+    }
+
+    fn set(&self, why: u8) {
+        if let Some(flag) = &self.0 {
+            flag.store(why, Ordering::Relaxed);
         }
     }
 }
@@ -134,7 +144,7 @@ where
                 let limit = *limit;
                 // Nothing more of it is read: the exchange ends here.
                 self.left = Some((0, limit));
-                self.cut.0.store(Cut::TOO_LARGE, Ordering::Relaxed);
+                self.cut.set(Cut::TOO_LARGE);
                 return Poll::Ready(Some(Err(Box::new(TooLarge(limit)))));
             }
             *left -= len;
@@ -143,7 +153,7 @@ where
             r.map_err(|e| {
                 let e: BoxError = e.into();
                 if super::min_body_rate::too_slow(&*e) {
-                    self.cut.0.store(Cut::TOO_SLOW, Ordering::Relaxed);
+                    self.cut.set(Cut::TOO_SLOW);
                 }
                 e
             })
@@ -299,8 +309,12 @@ pub trait Tap: Send + Sync + Unpin + 'static {
     fn end(self, how: End);
 }
 
-/// `inner`, with `tap` told of each data frame and of the end.
-pub fn tap<T: Tap>(inner: ProxyBody, tap: T) -> ProxyBody {
+/// `inner`, with `tap` told of each data frame and of the end. `inner` is kept as it is, not
+/// boxed again: the result is the one box (an upstream's [`UpstreamBody`] is not boxed yet).
+pub fn tap<B, T: Tap>(inner: B, tap: T) -> ProxyBody
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Sync + Unpin + 'static,
+{
     Tapped {
         inner,
         tap: Some(tap),
@@ -308,12 +322,12 @@ pub fn tap<T: Tap>(inner: ProxyBody, tap: T) -> ProxyBody {
     .boxed()
 }
 
-struct Tapped<T: Tap> {
-    inner: ProxyBody,
+struct Tapped<B: Body, T: Tap> {
+    inner: B,
     tap: Option<T>,
 }
 
-impl<T: Tap> Drop for Tapped<T> {
+impl<B: Body, T: Tap> Drop for Tapped<B, T> {
     fn drop(&mut self) {
         if let Some(t) = self.tap.take() {
             t.end(End::Dropped {
@@ -323,7 +337,10 @@ impl<T: Tap> Drop for Tapped<T> {
     }
 }
 
-impl<T: Tap> Body for Tapped<T> {
+impl<B, T: Tap> Body for Tapped<B, T>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -372,7 +389,7 @@ pub struct Measured<G> {
 impl<G: Send + Sync + Unpin + 'static> Measured<G> {
     /// `duration` and `bytes`: the route's duration histogram and response bytes counter.
     pub fn wrap(
-        inner: ProxyBody,
+        inner: UpstreamBody,
         guard: G,
         started: Instant,
         duration: &Histogram,
@@ -399,6 +416,56 @@ impl<G: Send + Sync + Unpin + 'static> Tap for Measured<G> {
         self.duration.observe(self.started.elapsed().as_secs_f64());
         self.counter.inc_by(self.bytes);
         drop(self.guard);
+    }
+}
+
+/// An upstream's response body: the raw exchange's own, not boxed (the respond phase boxes it
+/// once, with its measure: a box each was two allocations per response), or any other.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the large variant is the usual one, held inline so as not to be boxed on its own"
+)]
+pub enum UpstreamBody {
+    Raw(crate::proxy::cluster::RawBody),
+    Boxed(ProxyBody),
+}
+
+impl UpstreamBody {
+    /// As the body type of the rest of the proxy.
+    pub fn boxed(self) -> ProxyBody {
+        match self {
+            UpstreamBody::Raw(b) => b.boxed(),
+            UpstreamBody::Boxed(b) => b,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Raw(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Raw(b) => b.is_end_stream(),
+            UpstreamBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Raw(b) => b.size_hint(),
+            UpstreamBody::Boxed(b) => b.size_hint(),
+        }
     }
 }
 
@@ -443,5 +510,21 @@ mod tests {
         assert!(e.to_string().contains("larger than 1000 bytes"), "{e}");
         let open = capped(frames(&[1 << 20]), None).collect().await;
         assert_eq!(open.unwrap().to_bytes().len(), 1 << 20);
+    }
+
+    /// A capped body cut past its limit says so through its `Cut` (which the forward phase
+    /// reads after the body was handed to the upstream client); a body at its end when capped
+    /// has no flag to share, and says nothing.
+    #[tokio::test]
+    async fn a_cut_is_told_through_the_shared_flag_and_an_ended_body_has_none() {
+        let body = capped(frames(&[400, 600, 1]), Some(1000));
+        let cut = body.cut();
+        assert!(cut.failure().is_none());
+        assert!(body.collect().await.is_err());
+        assert!(matches!(cut.failure(), Some(Failure::BodyTooLarge)));
+        let ended = capped(frames(&[]), Some(0));
+        assert!(ended.cut().0.is_none());
+        assert!(ended.cut().failure().is_none());
+        assert!(ended.collect().await.unwrap().to_bytes().is_empty());
     }
 }

@@ -19,7 +19,7 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Body;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::body::{self, ProxyBody, REPLAY_LIMIT, RequestBody};
+use super::body::{self, ProxyBody, REPLAY_LIMIT, RequestBody, UpstreamBody};
 use super::failure::{Failure, Fault, exchange_fault, with_close};
 use super::http::{Downstream, HttpListener, RequestBodyIn};
 use super::min_body_rate;
@@ -42,7 +42,7 @@ impl HttpListener {
         host: Option<HeaderValue>,
         mut req: Request<B>,
         started: Instant,
-    ) -> Result<(Response<ProxyBody>, Option<OwnedSemaphorePermit>), Response<ProxyBody>> {
+    ) -> Result<(Response<UpstreamBody>, Option<OwnedSemaphorePermit>), Response<ProxyBody>> {
         let cluster = &target.cluster;
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
@@ -162,7 +162,8 @@ impl HttpListener {
                     if status == 101
                         && let Some(downstream) = upgrade
                     {
-                        return Ok((self.hand_off(res, downstream, down), cluster_permit));
+                        let res = self.hand_off(res.map(UpstreamBody::boxed), downstream, down);
+                        return Ok((res.map(UpstreamBody::Boxed), cluster_permit));
                     }
                     return Ok((res, cluster_permit));
                 }

@@ -112,6 +112,8 @@ pub struct Downstream {
     pub secure: bool,
     /// The verified client certificate's identity (mutual TLS).
     pub identity: Option<crate::tls::PeerIdentity>,
+    /// The Host made from the last request's `:authority` (see the route phase).
+    pub last_host: super::route::LastHost,
 }
 
 impl HttpListener {
@@ -234,7 +236,7 @@ impl HttpListener {
         }
         self.check_framing(&down, &req, started)?;
         self.check_path(&down, &req, started)?;
-        let (target, host) = self.route(&req, started).await?;
+        let (target, host) = self.route(&req, &down.last_host, started).await?;
         self.authorize_route(&target, &down, started)?;
         target.stats.requests.inc();
         let version = req.version();

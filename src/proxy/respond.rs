@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use http::{Response, StatusCode, Version};
 
-use super::body::{Measured, ProxyBody};
+use super::body::{Measured, ProxyBody, UpstreamBody};
 use super::failure::X_OUTRIGGER_ERROR;
 use super::headers::strip_hop_by_hop;
 use super::http::HttpListener;
@@ -22,7 +22,7 @@ impl HttpListener {
     pub(super) fn respond(
         &self,
         target: &Target,
-        mut res: Response<ProxyBody>,
+        mut res: Response<UpstreamBody>,
         version: Version,
         permits: Permits,
         started: Instant,
@@ -32,7 +32,11 @@ impl HttpListener {
         *res.version_mut() = version;
         // Only Outrigger says why it answered itself: an upstream's claim is removed (it
         // would also be logged as Outrigger's own failure).
-        res.headers_mut().remove(&X_OUTRIGGER_ERROR);
+        // A pass over the names (a response has a few) is cheaper than the removal's hashing
+        // when there is none, as there almost never is.
+        if res.headers().keys().any(|k| *k == X_OUTRIGGER_ERROR) {
+            res.headers_mut().remove(&X_OUTRIGGER_ERROR);
+        }
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(res.headers_mut(), switching);
         target.response_headers.apply(res.headers_mut());

@@ -1876,6 +1876,12 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange(server: &str) {
         "/post" => closing("HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntook"),
         "/low" => closing("HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n"),
         "/cut" => closing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        // Part of the body with the head (copied with it), the rest read after.
+        "/split" => ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123<pause>456789"),
+        // Only Outrigger says why it answered: an upstream's claim (twice) is removed.
+        "/forged" => ok(
+            "HTTP/1.1 200 OK\r\nX-Outrigger-Error: forged\r\nx-kept: 1\r\nx-outrigger-error: again\r\nContent-Length: 2\r\n\r\nok",
+        ),
         path => framing(path),
     });
     let sc = inbound_to_on(server, &app);
@@ -1894,6 +1900,15 @@ fn h2c_and_hyper_path_requests_take_the_raw_exchange(server: &str) {
     assert_eq!(get("/close"), (200, false, "until the end".into()));
     assert_eq!(get("/continue"), (200, false, "late".into()));
     assert_eq!(get("/many"), (200, true, "many".into()));
+    assert_eq!(get("/plain"), (200, false, "ok".into()));
+    assert_eq!(get("/split"), (200, false, "0123456789".into()));
+    let r = h2.get(sc.listener_url("public", "/forged")).send().unwrap();
+    assert_eq!(
+        r.headers().get("x-kept").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert!(r.headers().get("x-outrigger-error").is_none(), "{r:?}");
+    assert_eq!(r.text().unwrap(), "ok");
     assert_eq!(get("/plain"), (200, false, "ok".into()));
     assert_eq!(get("/both").0, 502);
     assert_eq!(get("/low").0, 502);

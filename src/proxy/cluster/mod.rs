@@ -41,6 +41,7 @@ use crate::telemetry::metrics::{ClusterLabels, Name, ProxyMetrics};
 use crate::tls::origination::Origination;
 pub use connect::{Connector, HttpClient};
 pub use discovery::{first_discovery, parse_endpoints_file};
+pub use raw_exchange::RawBody;
 
 /// One upstream endpoint and its state.
 pub struct Endpoint {
@@ -111,7 +112,7 @@ impl Endpoint {
     pub async fn send(
         &self,
         mut req: http::Request<crate::proxy::body::ProxyBody>,
-    ) -> Result<http::Response<crate::proxy::body::ProxyBody>, pool::SendError> {
+    ) -> Result<http::Response<crate::proxy::body::UpstreamBody>, pool::SendError> {
         let pool = match (&self.pool, &self.upgrades) {
             (Some(pool), _) => Some(pool),
             (None, Some(upgrades))
@@ -133,7 +134,9 @@ impl Endpoint {
                 pool.send(req).await
             }
             _ => match self.client.request(req).await {
-                Ok(res) => Ok(res.map(crate::proxy::body::incoming)),
+                Ok(res) => Ok(res.map(|b| {
+                    crate::proxy::body::UpstreamBody::Boxed(crate::proxy::body::incoming(b))
+                })),
                 Err(e) => Err(pool::SendError {
                     connect: e.is_connect(),
                     downstream: false,

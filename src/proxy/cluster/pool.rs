@@ -42,7 +42,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connect::Connector;
-use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::body::{BoxError, ProxyBody, UpstreamBody};
 use crate::proxy::listener::Stream;
 
 /// Idle connections kept per endpoint (as hyper-util's pool was configured).
@@ -148,14 +148,16 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         if let Some(len) = super::raw_exchange::takes(&req) {
-            return super::raw_exchange::send(self, req, len).await;
+            let res = super::raw_exchange::send(self, req, len).await?;
+            return Ok(res.map(UpstreamBody::Raw));
         }
         loop {
             let (mut sender, pooled) = match self.take() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                // Boxed, as in `connect_raw` (here with hyper's handshake).
+                None => (Box::pin(self.connect()).await?, false),
             };
             if let Err(e) = poll_fn(|cx| sender.tx.poll_ready(cx)).await {
                 if pooled {
@@ -171,7 +173,9 @@ impl Pool {
                 Ok(res) => {
                     // Not after a 1xx (an upgrade takes the connection over).
                     let back = (!res.status().is_informational()).then(|| (self.clone(), sender));
-                    return Ok(res.map(|inner| Returning { inner, back }.boxed()));
+                    return Ok(
+                        res.map(|inner| UpstreamBody::Boxed(Returning { inner, back }.boxed()))
+                    );
                 }
                 Err(mut e) => match e.take_message() {
                     // The connection closed before it took the request: send it again.
@@ -259,7 +263,10 @@ impl Pool {
 
     /// A new raw connection (TLS included, within the connect timeout).
     pub async fn connect_raw(&self) -> std::io::Result<Raw> {
-        let io = self.connector.connect().await?.into_inner();
+        // Boxed: the connect future (TCP, TLS, their timeout) is one of the largest states of
+        // the request's future, which is moved whole into its box and its task; a connection
+        // is made once for many requests, and only then is this allocated.
+        let io = Box::pin(self.connector.connect()).await?.into_inner();
         Ok(Raw {
             io,
             buf: vec![0; RAW_BUFFER],

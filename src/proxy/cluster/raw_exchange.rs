@@ -10,9 +10,10 @@
 //! `http::Request` (method, origin-form target, its header map, which the forward phase has
 //! already stripped of hop-by-hop headers) and the body in one vectored write, reads the
 //! response head with `httparse` into the connection's own buffer
-//! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head),
-//! and the response body reads on from that same buffer: each frame is a copy of exactly its
-//! bytes, and the connection goes back to the pool when the body's end has passed.
+//! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head, and
+//! so is the body's first frame when the body's first bytes came with the head and fit in that
+//! copy), and the response body reads on from that same buffer: each frame is a copy of exactly
+//! its bytes, and the connection goes back to the pool when the body's end has passed.
 //!
 //! Early answers: the head is read while the request is still being written, in the same
 //! task (one future polls both), since an upstream may answer before it has read the body
@@ -100,7 +101,7 @@ pub(super) async fn send(
     pool: &Arc<Pool>,
     req: Request<ProxyBody>,
     len: u64,
-) -> Result<Response<ProxyBody>, SendError> {
+) -> Result<Response<RawBody>, SendError> {
     let (mut parts, mut body) = req.into_parts();
     // The body, read whole (the forward phase already holds it: one frame, no copy).
     let mut data = Bytes::new();
@@ -207,7 +208,7 @@ pub(super) async fn send(
                     conn,
                     answer.framing,
                     reusable,
-                    answer.len,
+                    (answer.len, answer.first),
                     end,
                     upload,
                 );
@@ -225,7 +226,7 @@ pub(super) async fn send(
                         Err(e) => return Err(broke(e.into())),
                     }
                 }
-                return Ok(answer.res.map(|()| body.boxed()));
+                return Ok(answer.res.map(|()| body));
             }
             Err(Unanswered::Resend) => {
                 // The body (whole: nothing of it may have been taken) for the next connection.
@@ -296,12 +297,15 @@ fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, len: u64) {
 }
 
 /// A final response head: the response (its body empty yet), how its body ends, whether the
-/// upstream closes the connection after it, and the head's length.
+/// upstream closes the connection after it, the head's length, and the body's first bytes
+/// when they came with the head and were copied with it (empty otherwise; they follow the head
+/// in the connection's buffer).
 struct Answer {
     res: Response<()>,
     framing: Framing,
     upstream_close: bool,
     len: usize,
+    first: Bytes,
 }
 
 impl Answer {
@@ -317,6 +321,41 @@ impl Answer {
 /// most per connection), and each such value keeps its whole head alive; 1 KiB covers the
 /// usual heads (nginx's is ~150 bytes) without letting large ones (cookies) pile up.
 const SHARED_HEAD: usize = 1024;
+
+/// A copy of a small head (and of the body bytes that came with it, up to [`SHARED_HEAD`] in
+/// all) in the same allocation as its reference count (`Bytes::from_owner`): a `Vec`'s copy
+/// was two allocations, the copy and, at its first slice, the shared count it is promoted to.
+/// `N` is a size class (up to twice the bytes), so that small heads stay small when they are
+/// kept (see [`SHARED_HEAD`]).
+struct Inline<const N: usize> {
+    len: usize,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// `bytes` (at most [`SHARED_HEAD`]) copied into one allocation of its size class.
+fn copy_small(bytes: &[u8]) -> Bytes {
+    fn inline<const N: usize>(bytes: &[u8]) -> Bytes {
+        let mut copy = Inline {
+            len: bytes.len(),
+            bytes: [0; N],
+        };
+        copy.bytes[..bytes.len()].copy_from_slice(bytes);
+        Bytes::from_owner(copy)
+    }
+    debug_assert!(bytes.len() <= SHARED_HEAD);
+    match bytes.len() {
+        0..=128 => inline::<128>(bytes),
+        129..=256 => inline::<256>(bytes),
+        257..=512 => inline::<512>(bytes),
+        _ => inline::<SHARED_HEAD>(bytes),
+    }
+}
 
 /// Reads a response head. `spare`: a header map whose memory the response's headers reuse
 /// (the request's, written already), taken for a final head.
@@ -336,9 +375,17 @@ fn parse_head(
             return Ok(Parsed::Informational(len));
         };
         let status = StatusCode::from_u16(status).map_err(|_| "invalid status code")?;
+        // The body's bytes that came with the head, when they fit in its copy too (a larger
+        // copy would keep a larger block alive under header values that outlive the body).
+        let first = match framing {
+            Framing::Length(n) => n.min((bytes.len() - len) as u64) as usize,
+            _ => 0,
+        };
+        let first = if len + first <= SHARED_HEAD { first } else { 0 };
         // One copy of a small head, which every header value is a slice of (a copy per
-        // value was an allocation each: 2 instead of 5 for a usual head).
-        let shared = (len <= SHARED_HEAD).then(|| Bytes::copy_from_slice(&bytes[..len]));
+        // value was an allocation each), and the body's first frame too (its own copy was
+        // another): one allocation for a usual response.
+        let shared = (len <= SHARED_HEAD).then(|| copy_small(&bytes[..len + first]));
         let copy = |part: &[u8]| match &shared {
             Some(head) => {
                 let at = part.as_ptr() as usize - bytes.as_ptr() as usize;
@@ -375,36 +422,44 @@ fn parse_head(
         {
             out.extensions_mut().insert(r);
         }
+        let first = match &shared {
+            Some(copy) if first > 0 => copy.slice(len..len + first),
+            _ => Bytes::new(),
+        };
         Ok(Parsed::Final(Answer {
             res: out,
             framing,
             upstream_close,
             len,
+            first,
         }))
     })?;
     parsed.unwrap_or(Ok(Parsed::Partial))
 }
 
+/// The response body: `first` (bytes of it copied with the head, [`Answer::first`]), then the
+/// rest, read from the connection's buffer after the head and those bytes.
 fn respond(
     pool: &Arc<Pool>,
     conn: Raw,
     framing: Framing,
     reusable: bool,
-    head_len: usize,
+    (head_len, first): (usize, Bytes),
     end: usize,
     upload: Option<Upload>,
 ) -> RawBody {
     let kind = match framing {
         Framing::Empty | Framing::Length(0) => Kind::Length(0),
-        Framing::Length(n) => Kind::Length(n),
+        Framing::Length(n) => Kind::Length(n - first.len() as u64),
         Framing::Chunked => Kind::Chunked(Chunked::default()),
         Framing::Close => Kind::Close,
     };
     let mut body = RawBody {
         conn: Some(conn),
         pool: pool.clone(),
-        start: head_len,
+        start: head_len + first.len(),
         end,
+        first,
         kind,
         reusable,
         upload,
@@ -426,13 +481,17 @@ enum Kind {
 /// A response body read from the raw connection; the connection goes back to the pool when
 /// the body's end has passed and nothing more was read, and closes when the body is dropped
 /// before its end.
-struct RawBody {
+pub struct RawBody {
     /// None once the body has ended.
     conn: Option<Raw>,
     pool: Arc<Pool>,
     /// Unread bytes: `conn.buf[start..end]`.
     start: usize,
     end: usize,
+    /// The body's first bytes, copied with the head: the first frame (the connection may be
+    /// back in the pool already, if they were all of the body).
+    first: Bytes,
+    /// What is left of the body after `first`.
     kind: Kind,
     reusable: bool,
     /// The rest of the request, written on while the response is read (see [`send`]); the
@@ -488,6 +547,9 @@ impl Body for RawBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if !this.first.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.first)))));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -551,13 +613,14 @@ impl Body for RawBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
+        self.conn.is_none() && self.first.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
+        let first = self.first.len() as u64;
         match (&self.kind, &self.conn) {
-            (_, None) => SizeHint::with_exact(0),
-            (Kind::Length(n), _) => SizeHint::with_exact(*n),
+            (_, None) => SizeHint::with_exact(first),
+            (Kind::Length(n), _) => SizeHint::with_exact(first + *n),
             _ => SizeHint::default(),
         }
     }
@@ -593,6 +656,8 @@ mod tests {
         assert_eq!(answer.framing, Framing::Length(5));
         assert!(answer.reusable());
         assert_eq!(answer.len, raw.len() - 5);
+        // The body came with the head: its first frame is a slice of the head's copy.
+        assert_eq!(answer.first, "hello");
         let res = answer.res;
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["x-a"], "1");
@@ -630,6 +695,42 @@ mod tests {
                 parse_head(bad, false, &mut HeaderMap::new()).is_err(),
                 "{bad:?}"
             );
+        }
+    }
+
+    /// The body's first bytes go with the head's copy only as far as the body's length says
+    /// and [`SHARED_HEAD`] allows; a chunked body's never (they are decoded as read).
+    #[test]
+    fn a_bodys_first_bytes_are_copied_with_the_head_within_its_length_and_the_bound() {
+        let first = |raw: &[u8]| match parse_head(raw, false, &mut HeaderMap::new()) {
+            Ok(Parsed::Final(answer)) => (answer.len, answer.first),
+            _ => panic!("a final head"),
+        };
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        // Part of the body came: that part.
+        let (len, bytes) = first(&[&head[..], b"0123"].concat());
+        assert_eq!((len, &bytes[..]), (head.len(), &b"0123"[..]));
+        // More than the body (the upstream's next bytes): the body's length only.
+        let (_, bytes) = first(&[&head[..], b"0123456789HTTP/1.1"].concat());
+        assert_eq!(bytes, "0123456789");
+        // Nothing yet, or a HEAD request's answer: nothing.
+        assert!(first(head).1.is_empty());
+        let Ok(Parsed::Final(answer)) = parse_head(head, true, &mut HeaderMap::new()) else {
+            panic!("a final head")
+        };
+        assert!(answer.first.is_empty());
+        // Past the bound, the head alone is copied and the body read from the buffer.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n{}",
+            "b".repeat(2000)
+        );
+        assert!(first(big.as_bytes()).1.is_empty());
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert!(first(chunked).1.is_empty());
+        // Every size class holds its bytes.
+        for n in [0, 1, 128, 129, 256, 257, 512, 513, SHARED_HEAD] {
+            let bytes: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            assert_eq!(copy_small(&bytes), bytes);
         }
     }
 
