@@ -1,11 +1,17 @@
-//! What unread request DATA keeps alive in Outrigger's own HTTP/2 server (`proxy::h2`),
-//! measured in heap bytes: a test binary of its own, because it counts allocations with a
-//! global allocator (the library forbids unsafe code, and a counter in the unit tests' binary
-//! would count every other test too).
+//! What a connection of Outrigger's own HTTP/2 server (`proxy::h2`) keeps alive, measured in
+//! heap bytes: unread request DATA, a large header block once it is done, an idle connection.
+//! A test binary of its own, because it counts allocations with a global allocator (the
+//! library forbids unsafe code, and a counter in the unit tests' binary would count every
+//! other test too).
 //!
 //! The count is per thread: the server and the client run on one current-thread runtime on
 //! the test's thread, so what the server allocates while it reads the client's frames is what
 //! the count sees, and nothing else.
+//!
+//! The allocator also grows blocks in place where it can, as glibc's `realloc` often does:
+//! every block of [`IN_PLACE`] bytes gets the system's block of the range's top size, and a
+//! `realloc` within the range keeps the pointer. So a test sees a server that takes a grown
+//! buffer for the same one because its pointer did not move.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -34,28 +40,52 @@ fn live() -> isize {
     LIVE.with(|l| l.get())
 }
 
-// SAFETY: every call is passed to the system allocator unchanged; the counter is a
-// const-initialised thread-local `Cell` that never allocates.
+/// Block sizes the allocator serves with one system block of the range's top size, so that a
+/// `realloc` within the range stays in place.
+const IN_PLACE: std::ops::RangeInclusive<usize> = 8193..=(4 << 20);
+
+/// The layout of the system block behind a block of `layout` (the same for every size in
+/// [`IN_PLACE`], whatever `realloc`s it went through).
+fn real(layout: Layout) -> Layout {
+    if IN_PLACE.contains(&layout.size()) {
+        // The range's top is a valid size for any alignment a smaller layout had.
+        Layout::from_size_align(*IN_PLACE.end(), layout.align()).expect("a valid layout")
+    } else {
+        layout
+    }
+}
+
+// SAFETY: every call is passed to the system allocator with the layout `real` gives, the same
+// for a block's allocation, reallocations and release (a `realloc` that keeps the pointer
+// keeps the block within `IN_PLACE`, whose system block holds any size of it); the counter
+// is a const-initialised thread-local `Cell` that never allocates. What is counted is the
+// sizes asked for, not the system blocks.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.alloc(layout) }
+        // SAFETY: the caller's contract is the system allocator's; `real` keeps it.
+        unsafe { System.alloc(real(layout)) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
         // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { System.alloc_zeroed(real(layout)) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size as isize - layout.size() as isize);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        if IN_PLACE.contains(&layout.size()) && IN_PLACE.contains(&new_size) {
+            // The system block already holds `new_size` bytes: grown (or shrunk) in place.
+            return ptr;
+        }
+        let new = real(Layout::from_size_align(new_size, layout.align()).expect("a layout"));
+        // SAFETY: `ptr` is the system's block of `real(layout)`; a block of the same
+        // alignment and of `new.size()` bytes replaces it.
+        unsafe { System.realloc(ptr, real(layout), new.size()) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         count(-(layout.size() as isize));
         // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { System.dealloc(ptr, real(layout)) }
     }
 }
 
@@ -66,6 +96,8 @@ const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const ACK: u8 = 0x1;
 
@@ -84,6 +116,11 @@ async fn never_reads(req: Request<RecvBody>) -> Response<ProxyBody> {
     unreachable!()
 }
 
+/// A service that answers at once, with no body.
+async fn answers(_req: Request<RecvBody>) -> Response<ProxyBody> {
+    Response::new(outrigger::proxy::body::empty())
+}
+
 struct Client {
     io: DuplexStream,
     buf: Vec<u8>,
@@ -100,6 +137,14 @@ impl Client {
         let mut ping = Vec::new();
         frame(&mut ping, PING, 0, 0, b"pinnedme");
         self.write(&ping).await;
+        self.read_until(|kind, flags, _, payload| {
+            kind == PING && flags & ACK != 0 && payload == b"pinnedme"
+        })
+        .await;
+    }
+
+    /// Reads (and drops) frames until one that `last` picks (kind, flags, stream, payload).
+    async fn read_until(&mut self, last: impl Fn(u8, u8, u32, &[u8]) -> bool) {
         loop {
             while self.buf.len() >= 9 {
                 let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
@@ -107,9 +152,10 @@ impl Client {
                     break;
                 }
                 let (kind, flags) = (self.buf[3], self.buf[4]);
-                let ack = kind == PING && flags & ACK != 0 && &self.buf[9..9 + len] == b"pinnedme";
+                let stream = u32::from_be_bytes(self.buf[5..9].try_into().unwrap());
+                let found = last(kind, flags, stream, &self.buf[9..9 + len]);
                 self.buf.drain(..9 + len);
-                if ack {
+                if found {
                     return;
                 }
             }
@@ -118,6 +164,31 @@ impl Client {
             assert!(n > 0, "the server closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// A GET whose header block is `fields` (after `:method GET`, `:scheme http`, `:path /`,
+    /// from the static table) in HEADERS and CONTINUATION frames of 16 KiB, and its response
+    /// read to its end, then a sync: the stream is gone.
+    async fn get(&mut self, stream: u32, fields: &[u8]) {
+        let mut block = vec![0x82, 0x86, 0x84];
+        block.extend_from_slice(fields);
+        let mut out = Vec::new();
+        let mut parts = block.chunks(16_384).peekable();
+        let mut kind = HEADERS;
+        while let Some(part) = parts.next() {
+            let flags = if kind == HEADERS { END_STREAM } else { 0 };
+            let end = if parts.peek().is_none() {
+                END_HEADERS
+            } else {
+                0
+            };
+            frame(&mut out, kind, flags | end, stream, part);
+            kind = CONTINUATION;
+        }
+        self.write(&out).await;
+        self.read_until(|_, flags, id, _| id == stream && flags & END_STREAM != 0)
+            .await;
+        self.sync().await;
     }
 
     /// A POST (`:method POST`, `:scheme http`, `:path /`, all from the static table) whose
@@ -129,9 +200,8 @@ impl Client {
     }
 }
 
-async fn start() -> Client {
-    let (mut a, b) = tokio::io::duplex(64 * 1024);
-    let settings = Settings {
+fn settings() -> Settings {
+    Settings {
         max_concurrent_streams: 100,
         max_header_list_size: 16 * 1024,
         initial_window_size: 1024 * 1024,
@@ -139,14 +209,20 @@ async fn start() -> Client {
         max_frame_size: 16_384,
         stalled_stream_timeout: Duration::from_secs(30),
         on_stalled_stream: None,
-    };
-    tokio::spawn(serve(
-        b,
-        Bytes::new(),
-        settings,
-        Shutdown::new(),
-        never_reads,
-    ));
+    }
+}
+
+async fn start() -> Client {
+    start_serving(settings(), never_reads).await
+}
+
+async fn start_serving<S, F>(settings: Settings, service: S) -> Client
+where
+    S: FnMut(Request<RecvBody>) -> F + Send + 'static,
+    F: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let (mut a, b) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(b, Bytes::new(), settings, Shutdown::new(), service));
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     frame(&mut hello, SETTINGS, 0, 0, &[]);
     frame(&mut hello, SETTINGS, ACK, 0, &[]);
@@ -237,6 +313,134 @@ fn tiny_data_frames_hold_about_their_size() {
         assert!(
             held < 2 * 20_000 + SLACK,
             "20,000 unread bytes of DATA hold {held} bytes of heap"
+        );
+    });
+}
+
+/// `n` bytes of unknown frames (type 0xfa, ignored, counted against no window), each at most
+/// `size` bytes of payload.
+fn junk(out: &mut Vec<u8>, mut n: usize, size: usize) {
+    let zeros = vec![0u8; size];
+    while n > 0 {
+        let len = n.min(size);
+        frame(out, 0xfa, 0, 0, &zeros[..len]);
+        n -= len;
+    }
+}
+
+/// A read buffer that grew in place (a `realloc` that kept its pointer) is known for its new
+/// size: DATA payloads small for it are copied, not kept as slices that pin it (review
+/// finding: the size followed the buffer only when its pointer moved, so the bound of four
+/// times what is unread could be eight times, or, here, far more).
+#[test]
+fn a_read_buffer_grown_in_place_is_still_known_for_its_size() {
+    runtime().block_on(async {
+        let mut s = settings();
+        s.max_frame_size = 1 << 20;
+        let mut c = start_serving(s, never_reads).await;
+        c.post(1).await;
+        // 64 KiB writes and reads: the pipe's buffers have their size before the count.
+        let mut out = Vec::new();
+        junk(&mut out, 256 * 1024, 16_000);
+        c.write(&out).await;
+        c.sync().await;
+        let before = live();
+        // A frame of 1,000,000 bytes: the read buffer (16 KiB, no slice of it alive) grows
+        // to hold it, in place. Then 8 DATA frames of 5,000 bytes, 60,000 bytes apart (each
+        // a twentieth of the buffer's new size, but more than a quarter of its old one).
+        let mut out = Vec::new();
+        frame(&mut out, 0xfa, 0, 0, &vec![0u8; 1_000_000]);
+        let data = vec![b'd'; 5_000];
+        for _ in 0..8 {
+            frame(&mut out, DATA, 0, 1, &data);
+            junk(&mut out, 60_000, 60_000);
+        }
+        // A frame larger than the buffer: the connection takes a new one (1,048,585 bytes),
+        // and what no slice pins of the last one is freed.
+        frame(&mut out, 0xfa, 0, 0, &vec![0u8; 1 << 20]);
+        c.write(&out).await;
+        drop(out);
+        c.sync().await;
+        let held = live() - before;
+        let unread: isize = 8 * 5_000;
+        eprintln!("held: {held} bytes, {unread} bytes unread");
+        let read_buf: isize = (1 << 20) + 9 + 16 * 1024;
+        assert!(
+            held < read_buf + 4 * unread + SLACK,
+            "{unread} unread bytes of DATA hold {held} bytes of heap (the read buffer: {read_buf})"
+        );
+    });
+}
+
+/// A large header block is done with once its request is: the connection goes back to a
+/// normal value arena (review finding: it kept twice the largest block's size for its life,
+/// ~1 MiB after one 512 KiB block).
+#[test]
+fn a_large_header_block_leaves_a_normal_arena_behind() {
+    runtime().block_on(async {
+        let mut s = settings();
+        s.max_header_list_size = 1 << 20;
+        let mut c = start_serving(s, answers).await;
+        // An ordinary GET first, and 64 KiB writes and reads: the arena, the pipe's buffers
+        // and what else stays have their size.
+        c.get(1, &[]).await;
+        let mut out = Vec::new();
+        junk(&mut out, 256 * 1024, 16_000);
+        c.write(&out).await;
+        drop(out);
+        c.sync().await;
+        let before = live();
+        // `x-big: v…` (512 KiB), a literal without indexing (the decoder's table stays
+        // empty) and no Huffman coding.
+        let value = 512 * 1024;
+        let mut fields = vec![0x00, 5];
+        fields.extend_from_slice(b"x-big");
+        // Its length: 127, then the rest (524,161) in 7-bit groups, low first.
+        fields.extend_from_slice(&[0x7f, 0x81, 0xff, 0x1f]);
+        assert_eq!(127 + 0x01 + (0x7f << 7) + (0x1f << 14), value);
+        fields.extend(std::iter::repeat_n(b'v', value));
+        c.get(3, &fields).await;
+        drop(fields);
+        let after_large = live() - before;
+        c.get(5, &[]).await;
+        let after_next = live() - before;
+        eprintln!("held after the large block: {after_large}, after the next GET: {after_next}");
+        // At most a new normal arena (4 KiB) and its field list, and a read buffer up to a
+        // frame larger (16 KiB: the block's first fragment held the last one when more room
+        // was needed), where it kept twice the block's size (1 MiB) before.
+        assert!(
+            after_large < 24 * 1024 && after_next < 24 * 1024,
+            "a connection holds {after_large} bytes more after one 512 KiB header block \
+             ({after_next} after the next GET)"
+        );
+    });
+}
+
+/// What a connection holds idle: after its handshake (no header block yet: no value arena),
+/// and after one GET (a normal arena, 4 KiB, and the buffers its response used).
+#[test]
+fn an_idle_connection_holds_no_arena_until_its_first_block() {
+    runtime().block_on(async {
+        // A first connection: what the runtime and the pipe allocate once is not counted.
+        let mut warm = start_serving(settings(), answers).await;
+        warm.get(1, &[]).await;
+        let before = live();
+        let mut c = start_serving(settings(), answers).await;
+        let idle = live() - before;
+        c.get(1, &[]).await;
+        let served = live() - before;
+        eprintln!("an idle connection holds {idle} bytes; after one GET, {served}");
+        // The read buffer (16 KiB and a frame header), the output buffer (4 KiB), the
+        // pipe's two buffers, the stream map, the decoder and the task: no arena.
+        let read_and_out = 16_393 + 4096;
+        assert!(
+            idle < read_and_out + 2 * 64 * 1024 + 8 * 1024,
+            "an idle connection holds {idle} bytes"
+        );
+        assert!(
+            served - idle < 8 * 1024,
+            "a connection holds {} bytes more after one GET than idle",
+            served - idle
         );
     });
 }

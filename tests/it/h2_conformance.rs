@@ -1367,6 +1367,23 @@ fn case_data_on_closed_stream(server: &str) -> Outcome {
     })
 }
 
+/// §5.1: after the client's RST_STREAM, any frame but PRIORITY it sends on the stream is a
+/// stream error STREAM_CLOSED (or the same as a connection error). The request, its reset and
+/// DATA after it go in one write, so that the server reads them together, the request's
+/// stream still in its hands.
+fn case_data_after_client_reset(server: &str) -> Outcome {
+    let rig = Rig::new(server);
+    let v = attempt(|| {
+        let mut c = rig.client()?;
+        let mut out = frame(HEADERS, END_HEADERS, 1, &block(&post("/reset")));
+        out.extend(frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()));
+        out.extend(frame(DATA, 0, 1, b"late"));
+        c.write(&out)?;
+        c.stream_error(1, &[STREAM_CLOSED])
+    });
+    rig.finish(v)
+}
+
 /// §5.1: HEADERS on a stream that is closed (both sides sent END_STREAM) may be treated as a
 /// connection error STREAM_CLOSED (a stream error accepted too). A server that keeps no
 /// record of every id it saw cannot tell such a stream from a skipped id, where §5.1.1 wants
@@ -2262,4 +2279,5 @@ cases! {
     response_date_and_length => case_response_date_and_length,
     padding_given_back => case_padding_given_back,
     refused_streams_not_counted_as_resets => case_refused_streams_not_counted_as_resets,
+    data_after_client_reset => case_data_after_client_reset,
 }

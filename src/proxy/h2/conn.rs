@@ -47,8 +47,13 @@ const BLOCK_SLACK: usize = 16 * 1024;
 /// The HPACK dynamic table size of RFC 9113's default SETTINGS_HEADER_TABLE_SIZE.
 const HEADER_TABLE_SIZE: usize = 4096;
 /// Ids of streams we reset lately: frames the client sent before it saw the reset are
-/// dropped, not answered with STREAM_CLOSED.
+/// dropped, not answered with STREAM_CLOSED. As many ids of streams the client reset lately:
+/// HEADERS on one is a stream error STREAM_CLOSED (§5.1), not the connection error an id we
+/// know nothing of gets.
 const RECENT_RESETS: usize = 128;
+/// The read buffer's size (one frame of the default SETTINGS_MAX_FRAME_SIZE and its header),
+/// and the least a new one gets.
+const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
 
 struct Flood {
     count: u32,
@@ -157,7 +162,12 @@ pub(super) struct Conn<IO, S> {
     /// The highest stream id handed to the service (GOAWAY's last stream id).
     last_accepted: u32,
     block: Option<Block>,
+    /// Streams we reset lately (at most [`RECENT_RESETS`]): what the client sent on them
+    /// before it saw our RST_STREAM is dropped (§5.1).
     recent_resets: VecDeque<u32>,
+    /// Streams the client reset lately (at most [`RECENT_RESETS`]), for HEADERS on one after
+    /// it left the stream map: a stream error STREAM_CLOSED (§5.1).
+    client_resets: VecDeque<u32>,
     /// We sent GOAWAY (graceful): new streams are ignored, the connection ends with the last.
     goaway_sent: bool,
     peer_goaway: bool,
@@ -178,7 +188,7 @@ where
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     pub fn new(io: IO, prefix: Bytes, settings: Settings, shutdown: Shutdown, service: S) -> Self {
-        let mut read_buf = BytesMut::with_capacity(DEFAULT_MAX_FRAME_SIZE as usize + 9);
+        let mut read_buf = BytesMut::with_capacity(READ_BUF);
         read_buf.extend_from_slice(&prefix);
         let mut out = BytesMut::with_capacity(4096);
         let mut ours = vec![
@@ -237,6 +247,7 @@ where
             last_accepted: 0,
             block: None,
             recent_resets: VecDeque::new(),
+            client_resets: VecDeque::new(),
             goaway_sent: false,
             peer_goaway: false,
             read_closed: false,
@@ -401,14 +412,19 @@ where
         }
     }
 
-    /// Room for `additional` more bytes in the read buffer; `read_alloc` follows it when it
-    /// moves (a new allocation, or the same one reclaimed from its start).
+    /// Room for `additional` more bytes in the read buffer: in the same allocation when it
+    /// has the room (its start reclaimed once no slice of it is left), else in a new one of
+    /// our own making, whose size `read_alloc` then is exactly. Never `BytesMut::reserve`:
+    /// it may grow the allocation in place (a `realloc` that keeps the pointer), and then
+    /// nothing would tell that the buffer slices pin got larger.
     fn reserve_read(&mut self, additional: usize) {
-        let before = self.read_buf.as_ptr();
-        self.read_buf.reserve(additional);
-        if self.read_buf.as_ptr() != before {
-            self.read_alloc = self.read_buf.capacity();
+        if self.read_buf.try_reclaim(additional) {
+            return;
         }
+        let mut buf = BytesMut::with_capacity((self.read_buf.len() + additional).max(READ_BUF));
+        buf.extend_from_slice(&self.read_buf);
+        self.read_alloc = buf.capacity();
+        self.read_buf = buf;
     }
 
     /// Parses and handles every whole frame in the read buffer.
@@ -525,6 +541,11 @@ where
         self.recent_resets.push_back(id);
     }
 
+    /// We reset the stream lately: what the client sends on it is dropped (§5.1).
+    fn reset_lately(&self, id: u32) -> bool {
+        self.recent_resets.contains(&id)
+    }
+
     /// A stream error (§5.4.2): RST_STREAM, the stream's sides told, counted against the
     /// flood guard (but REFUSED_STREAM).
     fn reset_stream(&mut self, id: u32, reason: Reason) -> ConnResult {
@@ -595,11 +616,13 @@ where
         let error = match sh.streams.get_mut(&id) {
             None => {
                 sh.conn_released += payload.len() as u32;
-                (!self.recent_resets.contains(&id)).then_some(Reason::STREAM_CLOSED)
+                (!self.reset_lately(id)).then_some(Reason::STREAM_CLOSED)
             }
             Some(s) if s.reset.is_some() => {
                 sh.conn_released += payload.len() as u32;
-                None
+                // §5.1: DATA after the client's own RST_STREAM is its error; after ours it may
+                // have been sent before our reset reached the client, and is dropped.
+                (s.reset_by_client && !self.reset_lately(id)).then_some(Reason::STREAM_CLOSED)
             }
             Some(s) if s.recv == Recv::Ended => {
                 sh.conn_released += payload.len() as u32;
@@ -751,6 +774,19 @@ where
         end_stream: bool,
         self_dependent: bool,
     ) -> ConnResult {
+        let result = self.decode_header_block(id, block, end_stream, self_dependent);
+        // Whatever became of the block: no large arena or field list stays behind it.
+        self.reader.end();
+        result
+    }
+
+    fn decode_header_block(
+        &mut self,
+        id: u32,
+        block: &[u8],
+        end_stream: bool,
+        self_dependent: bool,
+    ) -> ConnResult {
         let new = id > self.max_client_stream;
         self.reader.start(
             self.settings.max_header_list_size as usize,
@@ -860,16 +896,25 @@ where
         let mut sh = lock(&self.shared);
         let Some(s) = sh.streams.get_mut(&id) else {
             drop(sh);
-            if self.recent_resets.contains(&id) {
+            if self.reset_lately(id) {
                 return Ok(());
             }
-            // Not open and not one we reset: either finished (§5.1: a connection error
+            if self.client_resets.contains(&id) {
+                // §5.1: a frame but PRIORITY after the client's RST_STREAM.
+                return self.reset_stream(id, Reason::STREAM_CLOSED);
+            }
+            // Not open and not one reset lately: either finished (§5.1: a connection error
             // STREAM_CLOSED is allowed there) or skipped, which §5.1.1 makes a connection
             // error PROTOCOL_ERROR. We keep no record of every id opened, so both get the
             // one a skipped id must.
             return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
         };
         if s.reset.is_some() {
+            // As for DATA: the client's error after its own reset, dropped after ours.
+            if s.reset_by_client && !self.reset_lately(id) {
+                drop(sh);
+                return self.reset_stream(id, Reason::STREAM_CLOSED);
+            }
             return Ok(());
         }
         if s.recv == Recv::Ended {
@@ -919,6 +964,8 @@ where
             payload[0], payload[1], payload[2], payload[3],
         ]));
         let mut sh = lock(&self.shared);
+        // On a stream already closed or reset (ours crossing the client's), or already gone:
+        // nothing to do, and no RST_STREAM may answer a RST_STREAM (§5.4.2).
         let Some(s) = sh.streams.get_mut(&id) else {
             return Ok(());
         };
@@ -929,6 +976,12 @@ where
         }
         sh.end_reset_stream(id);
         drop(sh);
+        if unfinished {
+            if self.client_resets.len() == RECENT_RESETS {
+                self.client_resets.pop_front();
+            }
+            self.client_resets.push_back(id);
+        }
         if unfinished && self.resets.hit(self.reset_limit()) {
             return Err((
                 Reason::ENHANCE_YOUR_CALM,

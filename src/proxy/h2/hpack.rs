@@ -50,8 +50,14 @@ pub(super) struct RequestHead {
 /// and a moved entry array each time) three or four times per request.
 const ADDED_BY_PHASES: usize = 8;
 
-/// A new value arena once what is left of the current one is shorter than this.
+/// The value arena's normal size: a new one of this size once what is left of the current
+/// one is shorter than a block needs. A block that needs more gets an arena of its own size,
+/// which is not kept after the block.
 const ARENA: usize = 4096;
+
+/// The most entries the reused field list keeps room for between blocks (48 bytes each): a
+/// request with more fields grows it for its block only.
+const FIELDS_KEPT: usize = 64;
 
 /// The most fields one block may carry (refused as too large past it), well under what a
 /// `HeaderMap` holds (24,576) with room for what the phases add.
@@ -72,11 +78,16 @@ pub(super) struct BlockReader {
     content_length: Option<u64>,
     /// The connection's value arena: a block's values (and `:authority`, `:path`) are copied
     /// to its end and split off as one `Bytes` when the block is done, which the request's
-    /// `HeaderValue`s and URI slice. A new arena ([`ARENA`] bytes) is allocated only once the
-    /// requests took the last one's room: no allocation per block. A live request keeps its
-    /// arena's memory (at most [`ARENA`] bytes, or its own block when that is longer).
+    /// `HeaderValue`s and URI slice. Allocated at the first block (none before), and a new
+    /// one ([`ARENA`] bytes) only once the requests took the last one's room (or its own
+    /// start again, when no request holds it any more): no allocation per block. A block
+    /// that needs more room gets an arena of its own, dropped after the block ([`Self::end`])
+    /// so that the connection keeps at most [`ARENA`] bytes of it. A live request keeps its
+    /// arena's memory (at most [`ARENA`] bytes, or its own block's when that is longer).
     bytes: BytesMut,
-    /// Kept between blocks (cleared, not freed).
+    /// The arena outgrew [`ARENA`] during the block (seen before its values are split off).
+    oversized: bool,
+    /// Kept between blocks (cleared, not freed) up to [`FIELDS_KEPT`] entries.
     fields: Vec<(HeaderName, usize, usize)>,
     /// Trailers: no pseudo-header allowed.
     trailers: bool,
@@ -95,6 +106,7 @@ impl BlockReader {
             path: None,
             content_length: None,
             bytes: BytesMut::new(),
+            oversized: false,
             fields: Vec::new(),
             trailers: false,
         }
@@ -114,12 +126,42 @@ impl BlockReader {
         self.trailers = trailers;
         self.fields.clear();
         self.bytes.clear();
+        self.oversized = false;
         // Huffman-coded strings grow by about 8/5 when decoded; indexed fields more, but
-        // they are rarely long (and the arena grows if need be).
-        let want = block_len * 2;
+        // they are rarely long (and the arena grows if need be). Past the list size nothing
+        // is kept.
+        let want = block_len.saturating_mul(2).min(max_list_size);
         if self.bytes.capacity() < want {
-            self.bytes.reserve(want.max(ARENA));
+            if want <= ARENA {
+                // A normal arena: the current one's start again when no request holds it
+                // any more, else a new one.
+                self.bytes.reserve(ARENA);
+            } else {
+                self.bytes = BytesMut::with_capacity(want);
+            }
         }
+    }
+
+    /// After a block, whatever became of it: an arena that outgrew [`ARENA`] and a field list
+    /// that outgrew [`FIELDS_KEPT`] are dropped (the next block starts a normal one), so that
+    /// one large block does not stay the connection's memory for its life.
+    pub fn end(&mut self) {
+        self.fields.clear();
+        if self.fields.capacity() > FIELDS_KEPT {
+            self.fields = Vec::new();
+        }
+        if self.oversized || self.bytes.capacity() > ARENA {
+            self.bytes = BytesMut::new();
+        }
+        self.oversized = false;
+    }
+
+    /// The block's values, split off the arena (its room stays for the next block).
+    fn values(&mut self) -> Bytes {
+        // From the block's start to the allocation's end: more than a normal arena only when
+        // this block needed an arena of its own or grew one.
+        self.oversized = self.bytes.capacity() > ARENA;
+        self.bytes.split().freeze()
     }
 
     fn refuse(&mut self, why: Refused) {
@@ -210,8 +252,7 @@ impl BlockReader {
 
     /// The request head, once the whole block is decoded.
     pub fn finish_request(&mut self) -> Result<RequestHead, Refused> {
-        // The block's values leave the arena (its room stays for the next block).
-        let bytes = self.bytes.split().freeze();
+        let bytes = self.values();
         if let Some(why) = self.refused.take() {
             return Err(why);
         }
@@ -257,7 +298,7 @@ impl BlockReader {
 
     /// The trailers, once the whole block is decoded.
     pub fn finish_trailers(&mut self) -> Result<HeaderMap, Refused> {
-        let bytes = self.bytes.split().freeze();
+        let bytes = self.values();
         if let Some(why) = self.refused.take() {
             return Err(why);
         }
@@ -560,6 +601,41 @@ mod tests {
         assert_eq!(r.bytes.capacity(), arena - "/second1".len());
         assert_eq!(second.headers["x-a"], "1");
         assert!(second.headers.capacity() > ADDED_BY_PHASES);
+    }
+
+    /// No arena before the first block; a block longer than a normal arena gets one of its
+    /// own, which goes after the block (the request keeps its values), as does the room of a
+    /// field list grown past [`FIELDS_KEPT`]; the next ordinary block gets a normal arena.
+    #[test]
+    fn a_large_block_leaves_no_large_arena_behind() {
+        let mut r = BlockReader::new();
+        assert_eq!(r.bytes.capacity(), 0, "an arena before any block");
+        let big = "v".repeat(512 * 1024);
+        r.start(1 << 20, big.len() + 4096, false);
+        for (n, v) in GET {
+            r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+        }
+        for i in 0..2 * FIELDS_KEPT {
+            let name = format!("x-{i}");
+            r.field(Cow::Owned(name.into_bytes()), Cow::Borrowed(b"1"));
+        }
+        r.field(Cow::Borrowed(b"x-big"), Cow::Borrowed(big.as_bytes()));
+        let head = r.finish_request().unwrap();
+        r.end();
+        assert_eq!(r.bytes.capacity(), 0, "the large arena is kept");
+        assert!(
+            r.fields.capacity() <= FIELDS_KEPT,
+            "{}",
+            r.fields.capacity()
+        );
+        assert_eq!(head.headers["x-big"].len(), big.len());
+        r.start(1000, 16, false);
+        for (n, v) in GET {
+            r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+        }
+        let _head = r.finish_request().unwrap();
+        r.end();
+        assert!((1..=ARENA).contains(&r.bytes.capacity()));
     }
 
     /// A block of many tiny indexed fields under a large SETTINGS_MAX_HEADER_LIST_SIZE (each

@@ -14,11 +14,18 @@
 //! (`hpack`: a stateless encoder). The request body ([`RecvBody`]) is read from the same
 //! state, and reading it is what gives the client its window back.
 //!
-//! Per request, in steady state, the server itself allocates only the request's `HeaderMap`
-//! (two arrays, sized at once for what the proxy's phases add) and the stream's task: header
-//! values go into a per-connection arena (`hpack::BlockReader`), response heads are encoded
-//! into buffers the connection hands to each stream's task and takes back once written, and
-//! a removed stream's send queue serves the next one (docs/BENCHMARKS.md, "h2c allocations").
+//! Per request, in steady state, the server itself allocates the request's `HeaderMap` (two
+//! arrays, sized at once for what the proxy's phases add; a third once a field name repeats)
+//! and the stream's task (`tokio::spawn`). Header values go into a per-connection arena
+//! (`hpack::BlockReader`: 4 KiB that the requests' values slice, allocated at the first header
+//! block and anew only once requests used up its room; a block that needs more gets one of
+//! its own size, dropped after the block), response heads are encoded into buffers the
+//! connection hands to each stream's task and takes back once written, and a removed
+//! stream's send queue serves the next one (docs/BENCHMARKS.md, "h2c allocations"). What the
+//! client sends can add: a copy of each field name that is not one of `http`'s standard
+//! names (`HeaderName`); from `loona-hpack`, each Huffman-coded literal decoded and each
+//! literal with indexing copied into its table; a buffer for the request's small DATA
+//! payloads (copied together) and one for response trailers.
 //!
 //! What the client gets (RFC 9113 server side, RFC 7541 HPACK):
 //! - our SETTINGS (max concurrent streams, initial window, max header list size, max frame
@@ -31,12 +38,19 @@
 //!   (then RST_STREAM NO_ERROR when the request had not ended); a refused stream is not
 //!   counted as a reset by the abuse guard below;
 //! - DATA, WINDOW_UPDATE or RST_STREAM on a stream the client never opened (above its last,
-//!   or even: we push nothing) is a connection error PROTOCOL_ERROR; HEADERS or DATA on a
-//!   closed stream a stream error STREAM_CLOSED; padding is given back to the connection's
-//!   and the stream's window (§6.9.1);
+//!   or even: we push nothing) is a connection error PROTOCOL_ERROR. On a closed stream
+//!   (§5.1), DATA or HEADERS is a stream error STREAM_CLOSED, after the client's own
+//!   RST_STREAM too; WINDOW_UPDATE, PRIORITY and RST_STREAM are ignored; anything on a stream
+//!   we reset is dropped (the client may have sent it before it saw our reset). Without a
+//!   record of every id: the last 128 streams we reset and the last 128 the client reset are
+//!   remembered for once they left the stream map; HEADERS on another stream gone from it,
+//!   which we cannot tell from a skipped id, is a connection error PROTOCOL_ERROR, DATA a
+//!   stream error STREAM_CLOSED. Padding is given back to the connection's and the stream's
+//!   window (§6.9.1);
 //! - request DATA kept unread costs about its own size: a payload under a quarter of the read
 //!   buffer it came in is copied into its stream's buffer rather than kept as a slice that
-//!   would keep the whole read buffer alive;
+//!   would keep the whole read buffer alive (at most four times what is unread: the read
+//!   buffer is never grown in place, so its size is known);
 //! - the request as h2's server builds it: version HTTP/2, an absolute URI from `:scheme`,
 //!   `:authority` and `:path` when `:authority` is there (else the path only), the regular
 //!   fields, no `host` added;

@@ -1635,26 +1635,38 @@ async fn small_and_large_data_frames_reach_the_body_in_order() {
     assert_eq!(got, sent);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_service_is_called_without_the_connection_lock() {
-    // A service that looks at its request body before returning its future (the body's
-    // `is_end_stream` takes the connection's lock): called under that lock, it would
-    // deadlock the connection.
-    let mut c = Raw::start_serving(settings(), &[], |req: Request<RecvBody>| {
-        use hyper::body::Body;
-        let end = req.body().is_end_stream();
-        async move { Response::new(body::full(format!("end {end}"))) }
-    })
-    .await;
-    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
-    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
-    let f = tokio::time::timeout(Duration::from_secs(10), c.next_skip_wu())
-        .await
-        .expect("an answer, not a deadlock")
-        .unwrap();
-    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
-    let f = c.next_skip_wu().await.unwrap();
-    assert_eq!(&f.payload[..], b"end false");
+/// A service that looks at its request body before returning its future (the body's
+/// `is_end_stream` takes the connection's lock): called under that lock, it would deadlock
+/// the connection's thread. So the exchange runs on a current-thread runtime on a thread of
+/// its own, and the test waits a bounded time for its answer: a deadlock fails the test (and
+/// leaves that thread blocked) rather than hanging it.
+#[test]
+fn the_service_is_called_without_the_connection_lock() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let body = rt.block_on(async {
+            let mut c = Raw::start_serving(settings(), &[], |req: Request<RecvBody>| {
+                use hyper::body::Body;
+                let end = req.body().is_end_stream();
+                async move { Response::new(body::full(format!("end {end}"))) }
+            })
+            .await;
+            let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
+            c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+            let f = c.next_skip_wu().await.unwrap();
+            assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
+            c.next_skip_wu().await.unwrap().payload
+        });
+        let _ = tx.send(body);
+    });
+    let body = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("an answer, not a deadlock");
+    assert_eq!(&body[..], b"end false");
 }
 
 #[tokio::test]
@@ -1765,4 +1777,64 @@ async fn headers_on_a_finished_stream_is_a_connection_error() {
     // We cannot tell a finished stream from a skipped id (§5.1.1: PROTOCOL_ERROR) without
     // remembering every id, so both end the connection.
     c.expect_goaway(Reason::PROTOCOL_ERROR).await;
+}
+
+/// §5.1: after the client's own RST_STREAM, DATA or HEADERS on the stream is a stream error
+/// STREAM_CLOSED (once: what follows our RST_STREAM is dropped), whether the stream is still
+/// in the map (frames in the same read as the reset, its task not dropped yet) or gone from
+/// it (one of the last streams the client reset); WINDOW_UPDATE, PRIORITY and another
+/// RST_STREAM are ignored (none may be answered with RST_STREAM). Review finding: all were
+/// ignored while the stream was in the map, and HEADERS on one gone closed the connection.
+#[tokio::test]
+async fn frames_after_the_clients_reset_are_a_stream_error() {
+    let mut c = Raw::start(settings()).await;
+    let resets_on = |seen: &[In], id: u32| -> Vec<Reason> {
+        assert!(seen.iter().all(|f| f.head.kind != kind::GOAWAY), "{seen:?}");
+        seen.iter()
+            .filter(|f| f.head.kind == kind::RST_STREAM && f.head.stream == id)
+            .map(|f| Reason(u32_at(&f.payload)))
+            .collect()
+    };
+    let cancel = Reason::CANCEL.0.to_be_bytes();
+    // All in one read: the stream is still in the map when the frames after the reset come.
+    let b = c.block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/hang?client-reset-1"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    c.send(kind::RST_STREAM, 0, 1, &cancel).await;
+    c.send(kind::WINDOW_UPDATE, 0, 1, &[0, 0, 1, 0]).await;
+    c.send(kind::PRIORITY, 0, 1, &[0, 0, 0, 0, 16]).await;
+    c.send(kind::RST_STREAM, 0, 1, &cancel).await;
+    c.send(kind::DATA, 0, 1, b"late").await;
+    c.send(kind::DATA, 0, 1, b"later").await;
+    let seen = c.sync().await;
+    assert_eq!(resets_on(&seen, 1), [Reason::STREAM_CLOSED], "{seen:?}");
+    // The same with trailers, after the stream left the map (its service dropped).
+    let b = c.block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/hang?client-reset-3"),
+    ]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 3, &b).await;
+    while hang_count("client-reset-3", |_| {}).0 < 1 {
+        tokio::task::yield_now().await;
+    }
+    c.send(kind::RST_STREAM, 0, 3, &cancel).await;
+    while hang_count("client-reset-3", |_| {}).1 < 1 {
+        tokio::task::yield_now().await;
+    }
+    c.sync().await;
+    c.send(kind::WINDOW_UPDATE, 0, 3, &[0, 0, 1, 0]).await;
+    let t = c.block(&[("x-t", "1")]);
+    c.send(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 3, &t)
+        .await;
+    c.send(kind::DATA, 0, 3, b"late").await;
+    let seen = c.sync().await;
+    assert_eq!(resets_on(&seen, 3), [Reason::STREAM_CLOSED], "{seen:?}");
+    // The connection still serves.
+    c.get(5, "/").await;
+    let f = c.next_skip_wu().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 5));
 }
