@@ -56,6 +56,18 @@ impl Drain {
         }
     }
 
+    /// Reads and drops everything the client sends, for at most `total` in all (and
+    /// [`LINGER`] between reads): HTTP/2's close, after its last GOAWAY.
+    pub(super) fn within(total: Duration) -> Drain {
+        let now = Instant::now();
+        let end = now + total;
+        Drain {
+            left: u64::MAX,
+            end,
+            timer: Box::pin(tokio::time::sleep_until((now + LINGER).min(end))),
+        }
+    }
+
     /// Reads and drops into `buf` until the client closes, errs, has sent `left` bytes or a
     /// deadline passes; Ready then.
     pub(super) fn poll<S: AsyncRead + ?Sized>(

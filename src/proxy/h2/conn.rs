@@ -28,14 +28,26 @@ use super::stream::{RecvBody, SEND_BUFFER, respond};
 use super::streams::{Queued, Recv, Shared, SharedRef, Stream, lock};
 use super::{Error, Settings, Shutdown};
 use crate::proxy::body::ProxyBody;
+use crate::proxy::linger;
 
 /// Past this many bytes of output waiting for the socket, no more input is read and no more
 /// response DATA taken from the streams.
 pub(super) const OUT_HIGH: usize = 64 * 1024;
-/// Client resets of unfinished streams, and our resets for a client's faults, allowed per
-/// [`FLOOD_WINDOW`] (at least; twice SETTINGS_MAX_CONCURRENT_STREAMS when that is more)
-/// before the connection is closed with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+/// Rapid client resets, and our resets for a client's faults, allowed per [`FLOOD_WINDOW`]
+/// (at least; twice SETTINGS_MAX_CONCURRENT_STREAMS when that is more) before the connection
+/// is closed with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
 const RESET_LIMIT: u32 = 200;
+/// A client's RST_STREAM counts toward [`RESET_LIMIT`] only when it is rapid: it came before
+/// any of the response's head was written and within this time of the stream's HEADERS (both
+/// read in the same batch, or nearly). A reset stream's service is dropped at once (hyper
+/// does the same), so a later reset cost us no more than a request of that length, and the
+/// stream held one of SETTINGS_MAX_CONCURRENT_STREAMS meanwhile: such resets come at most
+/// `max_concurrent_streams / RAPID_RESET_AGE` a second, as requests of that length could. Ordinary
+/// cancellations (a gRPC deadline, a browser navigating away, a Go client closing a body
+/// early) come later or after the head, and never close the connection. h2's server counts
+/// only streams reset before the application accepted them (`max_pending_accept_reset_streams`),
+/// which hyper does at once: about the same line, drawn by time instead of by task.
+const RAPID_RESET_AGE: Duration = Duration::from_millis(10);
 /// Empty DATA (without END_STREAM) and empty CONTINUATION frames allowed per
 /// [`FLOOD_WINDOW`] (CVE-2019-9518).
 const EMPTY_FRAME_LIMIT: u32 = 1000;
@@ -46,11 +58,25 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 const BLOCK_SLACK: usize = 16 * 1024;
 /// The HPACK dynamic table size of RFC 9113's default SETTINGS_HEADER_TABLE_SIZE.
 const HEADER_TABLE_SIZE: usize = 4096;
-/// Ids of streams we reset lately: frames the client sent before it saw the reset are
-/// dropped, not answered with STREAM_CLOSED. As many ids of streams the client reset lately:
-/// HEADERS on one is a stream error STREAM_CLOSED (§5.1), not the connection error an id we
-/// know nothing of gets.
-const RECENT_RESETS: usize = 128;
+/// How long the ids of streams we reset are remembered: frames the client sent before it saw
+/// the reset (late DATA, trailers) are dropped, not answered with STREAM_CLOSED or, for
+/// trailers, a connection error (§5.1 lets us limit this period). Many round trips.
+const RESET_MEMORY: Duration = Duration::from_secs(10);
+/// At most this many of them (the oldest forgotten first): 24 KiB at most per connection.
+const RECENT_RESETS: usize = 1024;
+/// Graceful close, first step: GOAWAY with the largest stream id (it refuses nothing yet),
+/// and a PING with this payload. Streams the client opened before it saw the GOAWAY are
+/// still accepted; once its ACK is back (every frame it sent before is read) the real last
+/// stream id follows (as h2's server does).
+const GOAWAY_PING: [u8; 8] = *b"goaway!\0";
+/// The longest we wait for that ACK before the final GOAWAY goes anyway.
+const GOAWAY_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The largest stream id (2^31-1): the first GOAWAY's last stream id.
+const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// Ids of streams the client reset lately, at most this many (the oldest forgotten first):
+/// HEADERS or DATA on one after it left the stream map is a stream error STREAM_CLOSED
+/// (§5.1), not the connection error an id we know nothing of gets.
+const CLIENT_RESETS: usize = 128;
 /// The read buffer's size (one frame of the default SETTINGS_MAX_FRAME_SIZE and its header),
 /// and the least a new one gets.
 const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
@@ -77,6 +103,52 @@ impl Flood {
         self.count += 1;
         self.count > limit
     }
+}
+
+/// Ids of streams we reset, each for [`RESET_MEMORY`] (at most [`RECENT_RESETS`] of them).
+/// Kept in the order they were added, which is the order of their times.
+#[derive(Default)]
+struct RecentResets {
+    ids: VecDeque<(u32, Instant)>,
+}
+
+impl RecentResets {
+    fn remember(&mut self, id: u32, now: Instant) {
+        while self
+            .ids
+            .front()
+            .is_some_and(|&(_, at)| now.duration_since(at) >= RESET_MEMORY)
+        {
+            self.ids.pop_front();
+        }
+        if self.ids.len() == RECENT_RESETS {
+            self.ids.pop_front();
+        }
+        self.ids.push_back((id, now));
+    }
+
+    /// We reset `id` less than [`RESET_MEMORY`] ago.
+    fn contains(&self, id: u32, now: Instant) -> bool {
+        self.ids
+            .iter()
+            .any(|&(i, at)| i == id && now.duration_since(at) < RESET_MEMORY)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Where a graceful close is (RFC 9113 §6.8).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Goaway {
+    None,
+    /// GOAWAY(2^31-1) and [`GOAWAY_PING`] sent: new streams are still taken until the ACK.
+    Announced,
+    /// GOAWAY with the last stream taken: new streams are ignored; the connection closes once
+    /// the open ones are done.
+    Final,
 }
 
 /// A header block being received (HEADERS without END_HEADERS, then CONTINUATION).
@@ -162,14 +234,23 @@ pub(super) struct Conn<IO, S> {
     /// The highest stream id handed to the service (GOAWAY's last stream id).
     last_accepted: u32,
     block: Option<Block>,
-    /// Streams we reset lately (at most [`RECENT_RESETS`]): what the client sent on them
-    /// before it saw our RST_STREAM is dropped (§5.1).
-    recent_resets: VecDeque<u32>,
-    /// Streams the client reset lately (at most [`RECENT_RESETS`]), for HEADERS on one after
-    /// it left the stream map: a stream error STREAM_CLOSED (§5.1).
+    recent_resets: RecentResets,
+    /// Streams the client reset lately (at most [`CLIENT_RESETS`]), for HEADERS or DATA on
+    /// one after it left the stream map: a stream error STREAM_CLOSED (§5.1).
     client_resets: VecDeque<u32>,
-    /// We sent GOAWAY (graceful): new streams are ignored, the connection ends with the last.
-    goaway_sent: bool,
+    /// Graceful close (ours): where it is, and the wait for its PING's ACK.
+    goaway: Goaway,
+    goaway_timer: Option<Pin<Box<Sleep>>>,
+    /// The connection is done: our side is shut and what the client still sends is read and
+    /// dropped for a moment, so that a close with unread input does not reset the
+    /// connection before the client has read our last frames ([`crate::proxy::linger`]).
+    linger: Option<Linger>,
+    /// `prefix` (what was read before `serve`) is processed on the first poll: a client that
+    /// sent its whole first request with the preface sends nothing more until answered.
+    prefix_pending: bool,
+    /// The time of this turn of the connection's loop, read once when needed (stream ages,
+    /// remembered resets).
+    clock: Option<Instant>,
     peer_goaway: bool,
     read_closed: bool,
     /// Written since the last flush.
@@ -246,9 +327,13 @@ where
             max_client_stream: 0,
             last_accepted: 0,
             block: None,
-            recent_resets: VecDeque::new(),
+            recent_resets: RecentResets::default(),
             client_resets: VecDeque::new(),
-            goaway_sent: false,
+            goaway: Goaway::None,
+            goaway_timer: None,
+            linger: None,
+            prefix_pending: !prefix.is_empty(),
+            clock: None,
             peer_goaway: false,
             read_closed: false,
             unflushed: false,
@@ -298,11 +383,32 @@ where
     }
 
     pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if let Some(linger) = &mut self.linger {
+            return linger.poll(cx, &mut self.io).map(Ok);
+        }
+        if std::mem::take(&mut self.prefix_pending)
+            && let Err((reason, detail)) = self.process()
+        {
+            self.fail(reason, detail);
+        }
         loop {
             let mut progress = false;
-            if self.failed.is_none() && !self.goaway_sent && self.shutdown.poll_requested(cx) {
-                self.goaway_sent = true;
-                frame::put_goaway(&mut self.out, self.last_accepted, Reason::NO_ERROR);
+            self.clock = None;
+            if self.failed.is_none()
+                && self.goaway == Goaway::None
+                && self.shutdown.poll_requested(cx)
+            {
+                self.goaway = Goaway::Announced;
+                frame::put_goaway(&mut self.out, MAX_STREAM_ID, Reason::NO_ERROR);
+                frame::put_ping(&mut self.out, &GOAWAY_PING);
+                self.goaway_timer = Some(Box::pin(tokio::time::sleep(GOAWAY_ACK_TIMEOUT)));
+            }
+            if let Some(timer) = &mut self.goaway_timer
+                && timer.as_mut().poll(cx).is_ready()
+            {
+                // No ACK in time (a client that reads nothing, or a slow one): the final
+                // GOAWAY anyway.
+                self.final_goaway();
             }
             // More to take from the streams once the output is written.
             let more = self.failed.is_none() && self.gather(cx);
@@ -347,21 +453,33 @@ where
                 let _ = Pin::new(&mut self.io).poll_shutdown(cx);
                 return Poll::Ready(Err(self.failed.take().expect("failed")));
             }
-            if (self.goaway_sent || self.peer_goaway || self.read_closed)
+            let final_sent = self.goaway == Goaway::Final;
+            if (final_sent || self.peer_goaway || self.read_closed)
                 && self.out.is_empty()
                 && !self.unflushed
                 // An unfinished header block after our GOAWAY opens nothing we would serve
                 // (or belongs to an open stream, and then the connection is not idle): a
                 // client that stops in the middle of one must not hold the connection.
-                && (self.block.is_none() || self.goaway_sent)
+                && (self.block.is_none() || final_sent)
                 && self.idle()
             {
                 if self.read_closed {
                     // The client is gone; its streams with it.
                     self.abort_streams();
+                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    return Poll::Ready(Ok(()));
                 }
-                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
-                return Poll::Ready(Ok(()));
+                // Frames the client sent meanwhile (a request that crossed our GOAWAY, a
+                // WINDOW_UPDATE) may wait unread: a close now would reset the connection,
+                // and the client could lose our GOAWAY and never learn that its request was
+                // not processed. Our side is shut instead, and its bytes read and dropped
+                // until it closes too (it will: no stream is left), for at most
+                // `linger::LINGER`.
+                let linger = self.linger.insert(Linger {
+                    shut: false,
+                    drain: linger::Drain::within(linger::LINGER),
+                });
+                return linger.poll(cx, &mut self.io).map(Ok);
             }
             if !self.read_closed && self.out.len() < OUT_HIGH {
                 if self.read_buf.capacity() - self.read_buf.len() < 4096 {
@@ -409,6 +527,21 @@ where
             if !progress {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// The time of this turn of the loop (one clock read per turn that needs one).
+    fn now(&mut self) -> Instant {
+        *self.clock.get_or_insert_with(Instant::now)
+    }
+
+    /// Graceful close, second step: GOAWAY with the last stream taken (new streams are
+    /// ignored from now on).
+    fn final_goaway(&mut self) {
+        self.goaway_timer = None;
+        if self.goaway == Goaway::Announced && self.failed.is_none() {
+            self.goaway = Goaway::Final;
+            frame::put_goaway(&mut self.out, self.last_accepted, Reason::NO_ERROR);
         }
     }
 
@@ -513,6 +646,9 @@ where
                 }
                 if head.flags & flag::ACK == 0 {
                     frame::put_ping_ack(&mut self.out, &payload);
+                } else if payload[..] == GOAWAY_PING && self.goaway == Goaway::Announced {
+                    // Every stream the client opened before it saw our GOAWAY is read.
+                    self.final_goaway();
                 }
                 Ok(())
             }
@@ -534,16 +670,17 @@ where
         }
     }
 
+    /// Remembers that we reset `id` (for [`RESET_MEMORY`]): what the client sent on it before
+    /// it saw the reset is dropped.
     fn remember_reset(&mut self, id: u32) {
-        if self.recent_resets.len() == RECENT_RESETS {
-            self.recent_resets.pop_front();
-        }
-        self.recent_resets.push_back(id);
+        let now = self.now();
+        self.recent_resets.remember(id, now);
     }
 
-    /// We reset the stream lately: what the client sends on it is dropped (§5.1).
+    /// We reset `id` lately ([`Self::remember_reset`]).
     fn reset_lately(&self, id: u32) -> bool {
-        self.recent_resets.contains(&id)
+        let now = self.clock.unwrap_or_else(Instant::now);
+        self.recent_resets.contains(id, now)
     }
 
     /// A stream error (§5.4.2): RST_STREAM, the stream's sides told, counted against the
@@ -806,7 +943,7 @@ where
             return self.trailers(id, end_stream);
         }
         self.max_client_stream = id;
-        if self.goaway_sent {
+        if self.goaway == Goaway::Final {
             // After our GOAWAY, new streams are ignored (§6.8).
             self.remember_reset(id);
             return Ok(());
@@ -858,15 +995,14 @@ where
         self.last_accepted = id;
         let head_only = req.method == Method::HEAD;
         let content_length = req.content_length;
-        sh.streams.insert(
-            id,
-            Stream::new(
-                self.recv_initial_window(),
-                self.peer_initial_window,
-                end_stream,
-                content_length,
-            ),
+        let mut stream = Stream::new(
+            self.recv_initial_window(),
+            self.peer_initial_window,
+            end_stream,
+            content_length,
         );
+        stream.rapid_until = Some(*self.clock.get_or_insert_with(Instant::now) + RAPID_RESET_AGE);
+        sh.streams.insert(id, stream);
         let body = RecvBody {
             shared: self.shared.clone(),
             id,
@@ -969,7 +1105,12 @@ where
         let Some(s) = sh.streams.get_mut(&id) else {
             return Ok(());
         };
+        // Only a rapid reset counts ([`RAPID_RESET_AGE`]): before the response began, soon
+        // after the request.
         let unfinished = !s.closed();
+        let rapid = unfinished
+            && s.rapid_until
+                .is_some_and(|until| *self.clock.get_or_insert_with(Instant::now) < until);
         if s.reset.is_none() {
             s.reset = Some(reason);
             s.reset_by_client = true;
@@ -977,12 +1118,12 @@ where
         sh.end_reset_stream(id);
         drop(sh);
         if unfinished {
-            if self.client_resets.len() == RECENT_RESETS {
+            if self.client_resets.len() == CLIENT_RESETS {
                 self.client_resets.pop_front();
             }
             self.client_resets.push_back(id);
         }
-        if unfinished && self.resets.hit(self.reset_limit()) {
+        if rapid && self.resets.hit(self.reset_limit()) {
             return Err((
                 Reason::ENHANCE_YOUR_CALM,
                 "too many stream resets (rapid reset)",
@@ -1191,6 +1332,8 @@ where
                         if let Some(Queued::Head { block, .. }) = s.queue.pop_front() {
                             give_back(&mut self.spare_blocks, block);
                         }
+                        // The response began: a reset from now on is no rapid one.
+                        s.rapid_until = None;
                         s.send_done |= end;
                     }
                     Queued::Trailers(block) => {
@@ -1263,19 +1406,15 @@ where
                 s.queued = 0;
                 s.stalled_since = None;
                 s.wake_all();
-                if self.recent_resets.len() == RECENT_RESETS {
-                    self.recent_resets.pop_front();
-                }
-                self.recent_resets.push_back(id);
+                let now = *self.clock.get_or_insert_with(Instant::now);
+                self.recent_resets.remember(id, now);
             }
             if s.send_done && s.recv == Recv::Open && s.body_gone && s.reset.is_none() {
                 // The response is complete and nobody reads the request: stop it (§8.1).
                 frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
                 s.reset = Some(Reason::NO_ERROR);
-                if self.recent_resets.len() == RECENT_RESETS {
-                    self.recent_resets.pop_front();
-                }
-                self.recent_resets.push_back(id);
+                let now = *self.clock.get_or_insert_with(Instant::now);
+                self.recent_resets.remember(id, now);
             }
             if s.finished() {
                 sh.remove_stream(id);
@@ -1385,6 +1524,32 @@ impl<IO, S> Conn<IO, S> {
             ready: sh.ready.len(),
             recent_resets: self.recent_resets.len(),
         }
+    }
+}
+
+/// A connection's lingering close: our side shut first (once `shut`: a TLS stream sends
+/// close_notify, a TCP one FIN), then the client's bytes read and dropped until it closes or
+/// `drain`'s time is up.
+struct Linger {
+    shut: bool,
+    drain: linger::Drain,
+}
+
+impl Linger {
+    fn poll<IO: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut IO,
+    ) -> Poll<()> {
+        if !self.shut {
+            // An error: nothing to wait for.
+            if Pin::new(&mut *io).poll_shutdown(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.shut = true;
+        }
+        let mut scratch = [0u8; 4096];
+        self.drain.poll(cx, Pin::new(io), &mut scratch)
     }
 }
 

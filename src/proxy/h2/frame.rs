@@ -139,6 +139,11 @@ pub(super) fn put_settings_ack(out: &mut BytesMut) {
     put_head(out, 0, kind::SETTINGS, flag::ACK, 0);
 }
 
+pub(super) fn put_ping(out: &mut BytesMut, payload: &[u8; 8]) {
+    put_head(out, 8, kind::PING, 0, 0);
+    out.extend_from_slice(payload);
+}
+
 pub(super) fn put_ping_ack(out: &mut BytesMut, payload: &[u8]) {
     put_head(out, 8, kind::PING, flag::ACK, 0);
     out.put_slice(payload);

@@ -41,12 +41,15 @@
 //!   or even: we push nothing) is a connection error PROTOCOL_ERROR. On a closed stream
 //!   (§5.1), DATA or HEADERS is a stream error STREAM_CLOSED, after the client's own
 //!   RST_STREAM too; WINDOW_UPDATE, PRIORITY and RST_STREAM are ignored; anything on a stream
-//!   we reset is dropped (the client may have sent it before it saw our reset). Without a
-//!   record of every id: the last 128 streams we reset and the last 128 the client reset are
-//!   remembered for once they left the stream map; HEADERS on another stream gone from it,
-//!   which we cannot tell from a skipped id, is a connection error PROTOCOL_ERROR, DATA a
-//!   stream error STREAM_CLOSED. Padding is given back to the connection's and the stream's
-//!   window (§6.9.1);
+//!   we reset in the last 10 s is dropped (the client may have sent it before it saw our
+//!   reset; §5.1 lets us limit that period). Without a record of every id: the streams we
+//!   reset in the last 10 s (1,024 at most) and the last 128 the client reset are remembered
+//!   for once they left the stream map; HEADERS on another stream gone from it, which we
+//!   cannot tell from a skipped id, is a connection error PROTOCOL_ERROR, DATA a stream error
+//!   STREAM_CLOSED. Padding is given back to the connection's and the stream's window
+//!   (§6.9.1);
+//! - frames read with the preface (a client's first flight: preface, SETTINGS, a request)
+//!   are handled at once, not when the client next sends something;
 //! - request DATA kept unread costs about its own size: a payload under a quarter of the read
 //!   buffer it came in is copied into its stream's buffer rather than kept as a slice that
 //!   would keep the whole read buffer alive (at most four times what is unread: the read
@@ -61,13 +64,24 @@
 //!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
 //!   stream with HEADERS; a body that fails resets the stream (INTERNAL_ERROR); a response
 //!   that waits `stalled_stream_timeout` for window is reset (CANCEL);
-//! - abuse guards: more client resets of unfinished streams (or of our resets for its
-//!   faults) than max(200, 2 × max concurrent streams) in 10 s, more than 1,000 empty DATA (zero-length: padding counts as data)
-//!   or CONTINUATION frames in 10 s, or a header block longer than the max header list
-//!   size + 16 KiB close the connection with ENHANCE_YOUR_CALM; no input is read while 64 KiB
-//!   of output wait for the client (SETTINGS and PING floods);
-//! - [`Shutdown::graceful`]: GOAWAY (NO_ERROR, the last stream taken), open streams finish,
-//!   then the connection closes; a connection error: GOAWAY with its code, then close.
+//! - abuse guards: more rapid client resets (RST_STREAM before any of the response's head was
+//!   written and within 10 ms of the request: rapid reset, CVE-2023-44487) and resets of ours
+//!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s, more than
+//!   1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION frames in 10 s, or
+//!   a header block longer than the max header list size + 16 KiB close the connection with
+//!   ENHANCE_YOUR_CALM; no input is read while 64 KiB of output wait for the client (SETTINGS
+//!   and PING floods). A later reset never counts: the stream's service is dropped at once
+//!   (as hyper does), so it cost no more than a request that long, and it held a stream slot
+//!   meanwhile; cancellations (deadlines, navigation, a body closed early) do not close the
+//!   connection, however many (h2's server counts resets of streams not yet accepted by the
+//!   application, which hyper does at once);
+//! - [`Shutdown::graceful`] in two steps, as h2's server: GOAWAY (NO_ERROR, stream 2^31-1) and
+//!   a PING; requests that crossed it are still taken; once the PING's ACK is back (or after
+//!   1 s) GOAWAY with the last stream taken; open streams finish; then our side is shut (FIN)
+//!   and what the client still sends is read and dropped until it closes, 2 s at most (also
+//!   after the client's GOAWAY): a close with unread input would reset the connection, and a
+//!   pooled client that sent a request just as an idle connection closed could not tell it
+//!   was never processed. A connection error: GOAWAY with its code, then close.
 //!
 //! The service closure is called, and its task spawned, without the connection's lock held.
 //!
@@ -92,6 +106,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ProxyBody;
 
+#[cfg(test)]
+mod close_tests;
 mod conn;
 mod frame;
 #[cfg(test)]
@@ -125,8 +141,9 @@ pub struct Settings {
     pub on_stalled_stream: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-/// Asks a connection to finish: GOAWAY with the last stream id taken, in-flight streams end,
-/// then the connection closes. Cloneable; the glue keeps one per connection.
+/// Asks a connection to finish: GOAWAY (in two steps, the last with the last stream id
+/// taken), in-flight streams end, then the connection closes (lingering). Cloneable; the glue
+/// keeps one per connection.
 #[derive(Clone)]
 pub struct Shutdown {
     inner: Arc<ShutdownInner>,

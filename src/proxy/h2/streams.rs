@@ -103,6 +103,9 @@ pub(super) struct Stream {
     pub in_ready: bool,
     /// Since when queued DATA waited for the client's window.
     pub stalled_since: Option<Instant>,
+    /// A client reset before this counts as a rapid one (`conn::RAPID_RESET_AGE`); None once
+    /// the response's head was written.
+    pub rapid_until: Option<Instant>,
     pub task: Option<AbortHandle>,
 }
 
@@ -135,6 +138,7 @@ impl Stream {
             reset_to_send: None,
             in_ready: false,
             stalled_since: None,
+            rapid_until: None,
             task: None,
         }
     }

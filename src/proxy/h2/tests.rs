@@ -17,7 +17,7 @@ use super::frame::{self, Head, Reason, flag, kind};
 use super::{RecvBody, Settings, Shutdown, serve};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
-fn settings() -> Settings {
+pub(super) fn settings() -> Settings {
     Settings {
         max_concurrent_streams: 100,
         max_header_list_size: 16 * 1024,
@@ -67,7 +67,7 @@ impl hyper::body::Body for Chunks {
 /// How many `/hang?KEY` services started and were dropped (aborted), by KEY.
 static HANGS: std::sync::Mutex<Vec<(String, (usize, usize))>> = std::sync::Mutex::new(Vec::new());
 
-fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) {
+pub(super) fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) {
     let mut all = HANGS.lock().unwrap();
     if !all.iter().any(|(k, _)| k == key) {
         all.push((key.to_string(), (0, 0)));
@@ -81,7 +81,7 @@ fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) 
 /// answers 1 MiB, `/trailers` a body and trailers, `/slow` a body that is not ready at once,
 /// `/fail` a body that fails, `/headers` the request's URI and field names, anything else
 /// "hello".
-async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
+pub(super) async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/echo" => {
@@ -195,6 +195,8 @@ async fn server(settings: Settings) -> SocketAddr {
     addr
 }
 
+/// Whether `tool` is installed. These are the only checks with real clients: a missing tool
+/// fails the test, unless `OUTRIGGER_SKIP_TOOLS=1` asks to skip them.
 fn have(tool: &str) -> bool {
     let found = std::process::Command::new("sh")
         .arg("-c")
@@ -202,9 +204,12 @@ fn have(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        eprintln!(
-            "!!!!! SKIPPED: `{tool}` is not installed (apt-get install nghttp2-client curl) !!!!!"
+        assert!(
+            std::env::var("OUTRIGGER_SKIP_TOOLS").is_ok_and(|v| v == "1"),
+            "`{tool}` is not installed (apt-get install nghttp2-client curl); \
+             OUTRIGGER_SKIP_TOOLS=1 skips the tests that need it"
         );
+        eprintln!("!!!!! SKIPPED (OUTRIGGER_SKIP_TOOLS=1): `{tool}` is not installed !!!!!");
     }
     found
 }
@@ -503,24 +508,24 @@ async fn a_client_that_reads_nothing_has_its_stream_reset() {
 // ---- Frames in, frames out ----
 
 /// A raw client on an in-memory pipe to `serve`.
-struct Raw {
-    io: DuplexStream,
+pub(super) struct Raw {
+    pub(super) io: DuplexStream,
     buf: BytesMut,
     enc: loona_hpack::Encoder<'static>,
-    task: tokio::task::JoinHandle<Result<(), super::Error>>,
-    shutdown: Shutdown,
+    pub(super) task: tokio::task::JoinHandle<Result<(), super::Error>>,
+    pub(super) shutdown: Shutdown,
 }
 
 #[derive(Debug)]
-struct In {
-    head: Head,
-    payload: Bytes,
+pub(super) struct In {
+    pub(super) head: Head,
+    pub(super) payload: Bytes,
 }
 
 impl Raw {
     /// Connects, sends the preface (split in two, the first part as `prefix`) and empty
     /// SETTINGS, and reads the server's SETTINGS, WINDOW_UPDATE and the ACK.
-    async fn start(settings: Settings) -> Raw {
+    pub(super) async fn start(settings: Settings) -> Raw {
         Self::start_with(settings, &[]).await
     }
 
@@ -528,7 +533,7 @@ impl Raw {
         Self::start_serving(settings, client_settings, service).await
     }
 
-    async fn start_serving<S, F>(
+    pub(super) async fn start_serving<S, F>(
         settings: Settings,
         client_settings: &[(u16, u32)],
         service: S,
@@ -571,19 +576,19 @@ impl Raw {
         raw
     }
 
-    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    pub(super) async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
         let mut out = BytesMut::new();
         frame::put_head(&mut out, payload.len(), kind, flags, stream);
         out.put_slice(payload);
         self.io.write_all(&out).await.unwrap();
     }
 
-    fn block(&mut self, fields: &[(&str, &str)]) -> Vec<u8> {
+    pub(super) fn block(&mut self, fields: &[(&str, &str)]) -> Vec<u8> {
         self.enc
             .encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
     }
 
-    async fn get(&mut self, stream: u32, path: &str) {
+    pub(super) async fn get(&mut self, stream: u32, path: &str) {
         let b = self.block(&[
             (":method", "GET"),
             (":scheme", "http"),
@@ -600,7 +605,7 @@ impl Raw {
     }
 
     /// The next frame, or None at the end of the connection.
-    async fn next(&mut self) -> Option<In> {
+    pub(super) async fn next(&mut self) -> Option<In> {
         loop {
             if self.buf.len() >= 9 {
                 let head = Head::parse(&self.buf);
@@ -631,7 +636,7 @@ impl Raw {
     }
 
     /// Expects GOAWAY with `reason`, then the end of the connection.
-    async fn expect_goaway(&mut self, reason: Reason) {
+    pub(super) async fn expect_goaway(&mut self, reason: Reason) {
         loop {
             let f = self.next().await.expect("GOAWAY before the end");
             if f.head.kind == kind::GOAWAY {
@@ -664,7 +669,7 @@ impl Raw {
     }
 
     /// Sends a PING and waits for its ACK: everything the server answered before is read.
-    async fn sync(&mut self) -> Vec<In> {
+    pub(super) async fn sync(&mut self) -> Vec<In> {
         self.send(kind::PING, 0, 0, b"syncsync").await;
         let mut seen = Vec::new();
         loop {
@@ -705,7 +710,7 @@ async fn a_get_is_answered_with_headers_and_data() {
     assert_eq!(&f.payload[..], b"hello");
 }
 
-fn u32_at(b: &[u8]) -> u32 {
+pub(super) fn u32_at(b: &[u8]) -> u32 {
     u32::from_be_bytes(b[..4].try_into().unwrap())
 }
 
@@ -1375,6 +1380,8 @@ async fn ping_is_answered_and_goaway_ends_the_connection() {
         }
     }
     assert_eq!(data, b"last");
+    // Our side is shut; the connection ends when the client closes its own.
+    c.io.shutdown().await.unwrap();
     c.task.await.unwrap().unwrap();
 }
 
@@ -1385,6 +1392,16 @@ async fn graceful_shutdown_finishes_open_streams() {
     c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
     c.sync().await;
     c.shutdown.graceful();
+    // GOAWAY(2^31-1) and a PING first (`close_tests`), then, after its ACK, the last stream.
+    let f = c.next().await.unwrap();
+    assert_eq!(f.head.kind, kind::GOAWAY);
+    assert_eq!(
+        (u32_at(&f.payload), u32_at(&f.payload[4..])),
+        (0x7fff_ffff, 0)
+    );
+    let ping = c.next().await.unwrap();
+    assert_eq!(ping.head.kind, kind::PING);
+    c.send(kind::PING, flag::ACK, 0, &ping.payload).await;
     let f = c.next().await.unwrap();
     assert_eq!(f.head.kind, kind::GOAWAY);
     assert_eq!((u32_at(&f.payload), u32_at(&f.payload[4..])), (1, 0));
@@ -1401,6 +1418,8 @@ async fn graceful_shutdown_finishes_open_streams() {
             .iter()
             .any(|f| f.head.kind == kind::DATA && &f.payload[..] == b"done")
     );
+    // Our side is shut; the connection ends when the client closes its own.
+    c.io.shutdown().await.unwrap();
     c.task.await.unwrap().unwrap();
 }
 
