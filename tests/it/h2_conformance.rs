@@ -1372,16 +1372,14 @@ fn case_data_on_closed_stream(server: &str) -> Outcome {
 /// DATA after it go in one write, so that the server reads them together, the request's
 /// stream still in its hands.
 fn case_data_after_client_reset(server: &str) -> Outcome {
-    let rig = Rig::new(server);
-    let v = attempt(|| {
+    Rig::new(server).check(|rig| {
         let mut c = rig.client()?;
         let mut out = frame(HEADERS, END_HEADERS, 1, &block(&post("/reset")));
         out.extend(frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()));
         out.extend(frame(DATA, 0, 1, b"late"));
         c.write(&out)?;
         c.stream_error(1, &[STREAM_CLOSED])
-    });
-    rig.finish(v)
+    })
 }
 
 /// §5.1: HEADERS on a stream that is closed (both sides sent END_STREAM) may be treated as a
