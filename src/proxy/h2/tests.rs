@@ -17,7 +17,7 @@ use super::frame::{self, Head, Reason, flag, kind};
 use super::{RecvBody, Settings, Shutdown, serve};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
-fn settings() -> Settings {
+pub(super) fn settings() -> Settings {
     Settings {
         max_concurrent_streams: 100,
         max_header_list_size: 16 * 1024,
@@ -81,7 +81,7 @@ fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) 
 /// answers 1 MiB, `/trailers` a body and trailers, `/slow` a body that is not ready at once,
 /// `/fail` a body that fails, `/headers` the request's URI and field names, anything else
 /// "hello".
-async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
+pub(super) async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/echo" => {
@@ -503,32 +503,32 @@ async fn a_client_that_reads_nothing_has_its_stream_reset() {
 // ---- Frames in, frames out ----
 
 /// A raw client on an in-memory pipe to `serve`.
-struct Raw {
-    io: DuplexStream,
-    buf: BytesMut,
-    enc: loona_hpack::Encoder<'static>,
-    task: tokio::task::JoinHandle<Result<(), super::Error>>,
-    shutdown: Shutdown,
+pub(super) struct Raw {
+    pub(super) io: DuplexStream,
+    pub(super) buf: BytesMut,
+    pub(super) enc: loona_hpack::Encoder<'static>,
+    pub(super) task: tokio::task::JoinHandle<Result<(), super::Error>>,
+    pub(super) shutdown: Shutdown,
 }
 
 #[derive(Debug)]
-struct In {
-    head: Head,
-    payload: Bytes,
+pub(super) struct In {
+    pub(super) head: Head,
+    pub(super) payload: Bytes,
 }
 
 impl Raw {
     /// Connects, sends the preface (split in two, the first part as `prefix`) and empty
     /// SETTINGS, and reads the server's SETTINGS, WINDOW_UPDATE and the ACK.
-    async fn start(settings: Settings) -> Raw {
+    pub(super) async fn start(settings: Settings) -> Raw {
         Self::start_with(settings, &[]).await
     }
 
-    async fn start_with(settings: Settings, client_settings: &[(u16, u32)]) -> Raw {
+    pub(super) async fn start_with(settings: Settings, client_settings: &[(u16, u32)]) -> Raw {
         Self::start_serving(settings, client_settings, service).await
     }
 
-    async fn start_serving<S, F>(
+    pub(super) async fn start_serving<S, F>(
         settings: Settings,
         client_settings: &[(u16, u32)],
         service: S,
@@ -571,19 +571,19 @@ impl Raw {
         raw
     }
 
-    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    pub(super) async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
         let mut out = BytesMut::new();
         frame::put_head(&mut out, payload.len(), kind, flags, stream);
         out.put_slice(payload);
         self.io.write_all(&out).await.unwrap();
     }
 
-    fn block(&mut self, fields: &[(&str, &str)]) -> Vec<u8> {
+    pub(super) fn block(&mut self, fields: &[(&str, &str)]) -> Vec<u8> {
         self.enc
             .encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
     }
 
-    async fn get(&mut self, stream: u32, path: &str) {
+    pub(super) async fn get(&mut self, stream: u32, path: &str) {
         let b = self.block(&[
             (":method", "GET"),
             (":scheme", "http"),
@@ -600,7 +600,7 @@ impl Raw {
     }
 
     /// The next frame, or None at the end of the connection.
-    async fn next(&mut self) -> Option<In> {
+    pub(super) async fn next(&mut self) -> Option<In> {
         loop {
             if self.buf.len() >= 9 {
                 let head = Head::parse(&self.buf);
@@ -631,7 +631,7 @@ impl Raw {
     }
 
     /// Expects GOAWAY with `reason`, then the end of the connection.
-    async fn expect_goaway(&mut self, reason: Reason) {
+    pub(super) async fn expect_goaway(&mut self, reason: Reason) {
         loop {
             let f = self.next().await.expect("GOAWAY before the end");
             if f.head.kind == kind::GOAWAY {
@@ -646,7 +646,7 @@ impl Raw {
     }
 
     /// Expects RST_STREAM on `stream` with `reason` (other frames skipped).
-    async fn expect_rst(&mut self, stream: u32, reason: Reason) {
+    pub(super) async fn expect_rst(&mut self, stream: u32, reason: Reason) {
         loop {
             let f = self.next().await.expect("RST_STREAM before the end");
             if f.head.kind == kind::GOAWAY {
@@ -664,7 +664,7 @@ impl Raw {
     }
 
     /// Sends a PING and waits for its ACK: everything the server answered before is read.
-    async fn sync(&mut self) -> Vec<In> {
+    pub(super) async fn sync(&mut self) -> Vec<In> {
         self.send(kind::PING, 0, 0, b"syncsync").await;
         let mut seen = Vec::new();
         loop {
