@@ -5,7 +5,8 @@
 //! One poll function drives it all (no split of the socket, no channel): write what is
 //! queued; read while the output buffer is under [`OUT_HIGH`] (a client that does not read
 //! our answers, PING or SETTINGS ACKs included, gets no more of its input read); and take the
-//! streams' queued frames under the client's flow-control windows.
+//! streams' queued frames under the client's flow-control windows, in turns (a FIFO of the
+//! streams waiting for the connection window, as h2 assigns connection capacity).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -58,6 +59,10 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 const BLOCK_SLACK: usize = 16 * 1024;
 /// The HPACK dynamic table size of RFC 9113's default SETTINGS_HEADER_TABLE_SIZE.
 const HEADER_TABLE_SIZE: usize = 4096;
+/// A stream's turn at writing DATA ends once it wrote this much (one frame at the default
+/// SETTINGS_MAX_FRAME_SIZE; at least one frame whatever the size): then it goes to the back
+/// of the queue, so a response body that comes as one large buffer does not hold the others.
+const SEND_TURN: usize = 16 * 1024;
 /// How long the ids of streams we reset are remembered: frames the client sent before it saw
 /// the reset (late DATA, trailers) are dropped, not answered with STREAM_CLOSED or, for
 /// trailers, a connection error (§5.1 lets us limit this period). Many round trips.
@@ -172,6 +177,19 @@ enum Phase {
 
 type ConnResult = Result<(), (Reason, &'static str)>;
 
+/// Why a stream's turn in `Conn::gather` ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Nothing left queued.
+    Done,
+    /// Its turn's [`SEND_TURN`] bytes written, or the output full: again after the others.
+    Turn,
+    /// Its own window is shut: a WINDOW_UPDATE on it puts it back in `ready`.
+    StreamWindow,
+    /// The connection window is shut: it joins `Conn::conn_waiting`.
+    ConnWindow,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TableUpdate {
     None,
@@ -260,6 +278,11 @@ pub(super) struct Conn<IO, S> {
     resets: Flood,
     empties: Flood,
     stall_timer: Option<Pin<Box<Sleep>>>,
+    /// Streams with DATA their own window lets out but the connection window does not, in
+    /// the order they found it closed: they get it in that order when it opens, and one that
+    /// used it up goes to the back (as h2's `pending_capacity`). Ids of streams gone since
+    /// are skipped when met.
+    conn_waiting: VecDeque<u32>,
 }
 
 impl<IO, S, F> Conn<IO, S>
@@ -298,6 +321,7 @@ where
             release_due: Vec::new(),
             conn_waker: None,
             conn_release_at: (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
+            conn_recv_low: false,
             stream_release_at: (settings.initial_window_size / 2).max(1),
             spare_queues: Vec::new(),
         }));
@@ -341,6 +365,7 @@ where
             resets: Flood::new(),
             empties: Flood::new(),
             stall_timer: None,
+            conn_waiting: VecDeque::new(),
         }
     }
 
@@ -1236,12 +1261,17 @@ where
             if self.conn_send_window > MAX_WINDOW {
                 return Err((Reason::FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
             }
-            let mut guard = lock(&self.shared);
-            let sh = &mut *guard;
-            for (&id, s) in sh.streams.iter_mut() {
-                if !s.queue.is_empty() && !s.in_ready {
-                    s.in_ready = true;
-                    sh.ready.push_back(id);
+            // The streams waiting for it get it in turn (`gather`). The client reads: the
+            // stall clock of a stream waiting only for the connection window starts again,
+            // as the FIFO will come to it; one its own window holds keeps its clock.
+            let mut sh = lock(&self.shared);
+            let now = Instant::now();
+            for id in &self.conn_waiting {
+                if let Some(s) = sh.streams.get_mut(id)
+                    && s.in_conn_wait
+                    && s.stalled_since.is_some()
+                {
+                    s.stalled_since = Some(now);
                 }
             }
             return Ok(());
@@ -1275,7 +1305,9 @@ where
 
     /// Takes what the streams queued (and the window their readers gave back) into the
     /// output buffer, under the client's windows, until the buffer is over [`OUT_HIGH`].
-    /// True when streams still have frames to write (the output bound stopped it).
+    /// Streams take turns of [`SEND_TURN`] bytes; the connection window goes to the ones
+    /// that waited for it in their order (`conn_waiting`). True when streams still have
+    /// frames to write (the output bound stopped it).
     fn gather(&mut self, cx: &mut Context<'_>) -> bool {
         let mut guard = lock(&self.shared);
         let sh = &mut *guard;
@@ -1306,17 +1338,36 @@ where
         let mut stalled = false;
         let now_once = std::cell::OnceCell::new();
         while self.out.len() < OUT_HIGH {
-            let Some(id) = sh.ready.pop_front() else {
+            // The connection window, while open, goes first to the streams that waited for
+            // it, in their order; then the streams with anything else to write.
+            let from_waiting = self.conn_send_window > 0 && !self.conn_waiting.is_empty();
+            let next = if from_waiting {
+                self.conn_waiting.pop_front()
+            } else {
+                sh.ready.pop_front()
+            };
+            let Some(id) = next else {
                 break;
             };
             let Some(s) = sh.streams.get_mut(&id) else {
                 continue;
             };
-            s.in_ready = false;
+            if from_waiting {
+                if !s.in_conn_wait {
+                    // Not waiting (each stream is in the FIFO once, flagged).
+                    continue;
+                }
+                s.in_conn_wait = false;
+            } else {
+                s.in_ready = false;
+            }
             if s.reset.is_some() {
                 s.queue.clear();
                 s.queued = 0;
+                s.stalled_since = None;
             }
+            let mut turn = 0;
+            let mut stop = Stop::Done;
             while let Some(item) = s.queue.front_mut() {
                 match item {
                     Queued::Head { block, end } => {
@@ -1356,21 +1407,27 @@ where
                             s.send_done |= end;
                             continue;
                         }
+                        if s.send_window <= 0 {
+                            stop = Stop::StreamWindow;
+                            break;
+                        }
+                        if self.conn_send_window <= 0 {
+                            stop = Stop::ConnWindow;
+                            break;
+                        }
+                        if turn >= SEND_TURN {
+                            stop = Stop::Turn;
+                            break;
+                        }
                         let n = (data.len() as i64)
                             .min(s.send_window)
                             .min(self.conn_send_window)
                             .min(self.peer_max_frame as i64)
-                            .max(0) as usize;
-                        if n == 0 {
-                            if s.stalled_since.is_none() {
-                                s.stalled_since = Some(*now_once.get_or_init(Instant::now));
-                            }
-                            stalled = true;
-                            break;
-                        }
+                            as usize;
                         let last = n == data.len();
                         frame::put_data(&mut self.out, id, &data[..n], end && last);
                         data.advance(n);
+                        turn += n;
                         s.send_window -= n as i64;
                         self.conn_send_window -= n as i64;
                         s.queued -= n;
@@ -1387,14 +1444,32 @@ where
                     }
                 }
                 if self.out.len() >= OUT_HIGH {
+                    stop = Stop::Turn;
                     break;
                 }
             }
-            if !s.queue.is_empty() && s.stalled_since.is_none() && !s.in_ready {
-                // Stopped by the output bound, not by a window: again next time.
-                s.in_ready = true;
-                sh.ready.push_front(id);
-                break;
+            if s.queue.is_empty() {
+                stop = Stop::Done;
+            }
+            match stop {
+                Stop::Done => {}
+                Stop::Turn => {
+                    // Its turn is over (or the output is full): the back of the queue.
+                    if !s.in_ready {
+                        s.in_ready = true;
+                        sh.ready.push_back(id);
+                    }
+                }
+                Stop::StreamWindow | Stop::ConnWindow => {
+                    if s.stalled_since.is_none() {
+                        s.stalled_since = Some(*now_once.get_or_init(Instant::now));
+                    }
+                    stalled = true;
+                    if stop == Stop::ConnWindow && !s.in_conn_wait {
+                        s.in_conn_wait = true;
+                        self.conn_waiting.push_back(id);
+                    }
+                }
             }
             if let Some(reason) = s.reset_to_send.take()
                 && s.reset.is_none()
@@ -1420,7 +1495,15 @@ where
                 sh.remove_stream(id);
             }
         }
-        let more = !sh.ready.is_empty();
+        // Ids of streams gone pile up only while the connection window stays shut: dropped
+        // once they outnumber the streams.
+        if self.conn_waiting.len() > 2 * sh.streams.len() + 16 {
+            self.conn_waiting
+                .retain(|id| sh.streams.get(id).is_some_and(|s| s.in_conn_wait));
+        }
+        sh.conn_recv_low = self.conn_recv_window < i64::from(sh.conn_release_at);
+        let more =
+            !sh.ready.is_empty() || (self.conn_send_window > 0 && !self.conn_waiting.is_empty());
         drop(guard);
         if stalled && self.stall_timer.is_none() {
             self.stall_timer = Some(Box::pin(tokio::time::sleep(
@@ -1440,6 +1523,11 @@ where
         {
             let sh = lock(&self.shared);
             for (&id, s) in sh.streams.iter() {
+                // A stream reset either way waits for nothing (§5.1: and may get no second
+                // RST_STREAM); it stays in the map while its body reader is held.
+                if s.reset.is_some() {
+                    continue;
+                }
                 if let Some(since) = s.stalled_since {
                     if now.duration_since(since) >= timeout {
                         stalled.push(id);

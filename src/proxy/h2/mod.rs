@@ -63,7 +63,18 @@
 //! - responses under the client's windows in frames of at most its SETTINGS_MAX_FRAME_SIZE,
 //!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
 //!   stream with HEADERS; a body that fails resets the stream (INTERNAL_ERROR); a response
-//!   that waits `stalled_stream_timeout` for window is reset (CANCEL);
+//!   that waits `stalled_stream_timeout` for window is reset (CANCEL): for its stream's
+//!   window, or for a connection window the client opens for no stream in that time (one it
+//!   opens goes to the streams in turn, so a stream waiting for it is not passed over); a
+//!   stream already reset is never reset again;
+//! - streams take turns at the output, about 16 KiB of DATA each (one frame at the default
+//!   frame size), so one large body frame does not hold the other responses back; the
+//!   connection window goes to the streams that found it shut in that order, one that used
+//!   it up going to the back (as h2's server assigns connection capacity);
+//! - window a body reader gives back is announced at once when the connection's receive
+//!   window is under half (else once half is due), whichever stream's reader it was and
+//!   whether the stream has ended or not: a client blocked on the connection window by a
+//!   stream whose body nobody reads gets the window the other streams' readers free;
 //! - abuse guards: more rapid client resets (RST_STREAM before any of the response's head was
 //!   written and within 10 ms of the request: rapid reset, CVE-2023-44487) and resets of ours
 //!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s, more than
@@ -87,10 +98,11 @@
 //!
 //! Tested by `tests` (frames in, frames out; real clients) and `fuzz_tests` (generated and
 //! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
-//! no hang, bounded buffers, valid output).
+//! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
+//! back and the stall timer (on tokio's paused clock).
 //!
-//! Not done: priorities (PRIORITY is checked and ignored: responses go in the order they are
-//! ready), a dynamic table in the response encoder, Huffman coding of what we send,
+//! Not done: priorities (PRIORITY is checked and ignored: responses take turns in the order
+//! they are ready), a dynamic table in the response encoder, Huffman coding of what we send,
 //! SETTINGS_ENABLE_CONNECT_PROTOCOL, a SETTINGS ACK timeout, a lower `initial_window_size`
 //! than 65,535 enforced on streams opened before the client acknowledged it.
 
@@ -109,6 +121,8 @@ use super::body::ProxyBody;
 #[cfg(test)]
 mod close_tests;
 mod conn;
+#[cfg(test)]
+mod fair_tests;
 mod frame;
 #[cfg(test)]
 mod fuzz_tests;
@@ -136,7 +150,8 @@ pub struct Settings {
     /// SETTINGS_MAX_FRAME_SIZE we accept (16,384 unless raised).
     pub max_frame_size: u32,
     /// A stream whose response waited this long for the client's flow-control window (the
-    /// client reads nothing of it) is reset (CANCEL) and `on_stalled_stream` called.
+    /// client reads nothing of it: the stream's window stayed shut, or the connection's
+    /// with no WINDOW_UPDATE on it) is reset (CANCEL) and `on_stalled_stream` called.
     pub stalled_stream_timeout: Duration,
     pub on_stalled_stream: Option<Arc<dyn Fn() + Send + Sync>>,
 }

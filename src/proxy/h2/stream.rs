@@ -111,7 +111,7 @@ impl Body for RecvBody {
             let n = data.len() as u32;
             this.read += u64::from(n);
             sh.conn_released += n;
-            let mut wake = sh.conn_released >= sh.conn_release_at;
+            let mut wake = sh.conn_released >= sh.conn_release_at || sh.conn_recv_low;
             if s.recv == Recv::Open {
                 s.recv_released += n;
                 if s.recv_released >= sh.stream_release_at && !s.release_queued {
@@ -185,14 +185,17 @@ impl Drop for RecvBody {
         // What nobody will read goes back to the connection's window.
         let unread = s.drain_recv();
         sh.conn_released += unread as u32;
+        // Whatever becomes of the stream, the window given back is announced under the
+        // same test as `Conn::gather` applies (enough of it, or the client short of it).
+        let release = unread > 0 && (sh.conn_released >= sh.conn_release_at || sh.conn_recv_low);
         let waker = if s.finished() {
             sh.remove_stream(self.id);
-            None
+            if release { sh.conn_waker.take() } else { None }
         } else if s.send_done {
             // The response is complete and the rest of the request is not wanted: the
             // connection task resets the stream with NO_ERROR (§8.1).
             sh.make_ready(self.id)
-        } else if sh.conn_released >= sh.conn_release_at {
+        } else if release {
             sh.conn_waker.take()
         } else {
             None

@@ -101,7 +101,10 @@ pub(super) struct Stream {
     pub reset_to_send: Option<Reason>,
     /// In `Shared::ready`.
     pub in_ready: bool,
-    /// Since when queued DATA waited for the client's window.
+    /// In the connection task's FIFO of streams waiting for the connection window.
+    pub in_conn_wait: bool,
+    /// Since when queued DATA waited for the client's window: the stream's own, or the
+    /// connection's while the client opens it for no stream (see `Conn::window_update`).
     pub stalled_since: Option<Instant>,
     /// A client reset before this counts as a rapid one (`conn::RAPID_RESET_AGE`); None once
     /// the response's head was written.
@@ -137,6 +140,7 @@ impl Stream {
             release_queued: false,
             reset_to_send: None,
             in_ready: false,
+            in_conn_wait: false,
             stalled_since: None,
             rapid_until: None,
             task: None,
@@ -218,6 +222,11 @@ pub(super) struct Shared {
     pub conn_waker: Option<Waker>,
     /// Give back the connection's window once this much was read (half of it).
     pub conn_release_at: u32,
+    /// The connection's receive window is under `conn_release_at`: any window a body reader
+    /// gives back is announced at once (the client may be waiting for it), so the reader
+    /// wakes the connection task. Set by the connection task, the only one that changes
+    /// that window.
+    pub conn_recv_low: bool,
     /// Give back a stream's window once this much was read (half of it).
     pub stream_release_at: u32,
     /// Send queues of removed streams, emptied, for the next streams' responses
@@ -252,6 +261,8 @@ impl Shared {
         }
         s.queue.clear();
         s.queued = 0;
+        // Nothing waits for window any more: the stall timer passes it by.
+        s.stalled_since = None;
         s.wake_all();
         let unread = s.drain_recv();
         self.conn_released += unread as u32;
@@ -299,6 +310,7 @@ mod tests {
             release_due: Vec::new(),
             conn_waker: None,
             conn_release_at: 1,
+            conn_recv_low: false,
             stream_release_at: 1,
             spare_queues: Vec::new(),
         };

@@ -510,8 +510,8 @@ async fn a_client_that_reads_nothing_has_its_stream_reset() {
 /// A raw client on an in-memory pipe to `serve`.
 pub(super) struct Raw {
     pub(super) io: DuplexStream,
-    buf: BytesMut,
-    enc: loona_hpack::Encoder<'static>,
+    pub(super) buf: BytesMut,
+    pub(super) enc: loona_hpack::Encoder<'static>,
     pub(super) task: tokio::task::JoinHandle<Result<(), super::Error>>,
     pub(super) shutdown: Shutdown,
 }
@@ -529,7 +529,7 @@ impl Raw {
         Self::start_with(settings, &[]).await
     }
 
-    async fn start_with(settings: Settings, client_settings: &[(u16, u32)]) -> Raw {
+    pub(super) async fn start_with(settings: Settings, client_settings: &[(u16, u32)]) -> Raw {
         Self::start_serving(settings, client_settings, service).await
     }
 
@@ -651,7 +651,7 @@ impl Raw {
     }
 
     /// Expects RST_STREAM on `stream` with `reason` (other frames skipped).
-    async fn expect_rst(&mut self, stream: u32, reason: Reason) {
+    pub(super) async fn expect_rst(&mut self, stream: u32, reason: Reason) {
         loop {
             let f = self.next().await.expect("RST_STREAM before the end");
             if f.head.kind == kind::GOAWAY {
