@@ -280,8 +280,11 @@ fn to_the_end(s: &mut TcpStream) -> String {
 }
 
 /// A sidecar with `min_body_rate` (1000 bytes a second after a second's grace) in front of
-/// `app`, and its answer to a POST of `length` bytes whose client sends 20,000 and stops.
-fn stopped_body(app: &EchoApp, length: usize) -> (Sidecar, String) {
+/// `app`, its answer to a POST of `length` bytes whose client sends 20,000 and stops, and the
+/// client's connection, still open on our side (so that what the sidecar does next is its own
+/// doing, not an answer to the client leaving). The answer must end with the sidecar's close,
+/// not with the client's read timeout.
+fn stopped_body(app: &EchoApp, length: usize) -> (Sidecar, TcpStream, String) {
     let sc = sidecar(
         app,
         "min_body_rate: { bytes_per_second: 1000, grace: 1s }",
@@ -293,8 +296,19 @@ fn stopped_body(app: &EchoApp, length: usize) -> (Sidecar, String) {
     )
     .unwrap();
     s.write_all(&body(20_000)).unwrap();
-    let out = to_the_end(&mut s);
-    (sc, out)
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the sidecar never closed the connection after its answer: {}\n{}",
+            String::from_utf8_lossy(&out),
+            sc.diagnostics()
+        );
+    }
+    (sc, s, String::from_utf8_lossy(&out).into_owned())
 }
 
 fn body(len: usize) -> Vec<u8> {
@@ -448,7 +462,7 @@ fn an_early_answer_reaches_a_client_still_sending() {
 #[test]
 fn a_body_that_stops_gets_408_and_its_upstream_connection_is_dropped() {
     let app = EchoApp::start();
-    let (sc, out) = stopped_body(&app, 100_000);
+    let (sc, _client, out) = stopped_body(&app, 100_000);
     assert!(
         out.starts_with("HTTP/1.1 408"),
         "{out}\n{}",
@@ -561,7 +575,7 @@ fn a_connection_header_naming_content_length_smuggles_nothing() {
 #[test]
 fn a_small_body_is_read_whole_before_the_upstream_sees_it() {
     let app = EchoApp::start();
-    let (sc, out) = stopped_body(&app, 60_000);
+    let (sc, _client, out) = stopped_body(&app, 60_000);
     assert!(
         out.starts_with("HTTP/1.1 408") && out.contains("connection: close\r\n"),
         "{out}\n{}",

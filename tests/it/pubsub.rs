@@ -178,7 +178,6 @@ impl App {
             .collect()
     }
 
-    /// Deliveries the app answered with SUCCESS (2xx and no other status).
     /// How many of the deliveries on `path` carried the event `id`.
     fn count_on(&self, path: &str, id: &str) -> usize {
         self.on(path).iter().filter(|r| r.event["id"] == id).count()
@@ -207,6 +206,7 @@ impl App {
         assert_eq!(dead, ["drop-me", "fail-me"]);
     }
 
+    /// Deliveries the app answered with SUCCESS (2xx and no other status).
     fn successes(&self) -> Vec<String> {
         self.state
             .answers
