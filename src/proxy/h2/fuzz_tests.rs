@@ -9,8 +9,13 @@
 //! the paused clock then jumps; a spin by the real-time watchdog); what the connection holds
 //! stays bounded (`Conn::buffered` sampled after every poll); every frame we wrote parses as
 //! HTTP/2 a client accepts (lengths, stream ids, no DATA past the client's windows, header
-//! blocks that decode, nothing after RST_STREAM or END_STREAM, an error GOAWAY last and the
-//! one `serve` returned); no task outlives the connection.
+//! blocks that decode, a table size update owed after a lowered SETTINGS_HEADER_TABLE_SIZE,
+//! nothing after RST_STREAM or END_STREAM, an error GOAWAY last and the one `serve`
+//! returned); each response is its own stream's (the service echoes the unique `:path` in
+//! `x-path`; `/echo` and `/mirror` bodies equal the request's); WINDOW_UPDATEs never give back
+//! more than the client sent, and once the connection is idle after the final PING, what was
+//! not given back is exactly what the server holds unread or has yet to give back (padding
+//! included); no task outlives the connection.
 //!
 //! `OUTRIGGER_H2_FUZZ_CASES` (default 2,000) and `OUTRIGGER_H2_FUZZ_SEED` (a number; fixed by
 //! default, so a run is repeatable) choose the run; a failure prints the seed and the
