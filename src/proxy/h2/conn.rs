@@ -1590,6 +1590,12 @@ pub(super) struct Buffered {
     pub queued: usize,
     pub ready: usize,
     pub recent_resets: usize,
+    /// The header block reader's value arena (capacity) and field list (entries' capacity).
+    pub arena: usize,
+    pub fields: usize,
+    /// Spare response head buffers (capacities, summed) and spare send queues (how many).
+    pub spare_blocks: usize,
+    pub spare_queues: usize,
 }
 
 #[cfg(test)]
@@ -1605,13 +1611,22 @@ impl<IO, S> Conn<IO, S> {
             recv_data: sh
                 .streams
                 .values()
-                .flat_map(|s| s.recv_data.iter())
-                .map(Bytes::len)
+                .map(|s| s.recv_data.iter().map(Bytes::len).sum::<usize>() + s.recv_tail.len())
                 .sum(),
             queued: sh.streams.values().map(|s| s.queued).sum(),
             ready: sh.ready.len(),
             recent_resets: self.recent_resets.len(),
+            arena: self.reader.held().0,
+            fields: self.reader.held().1,
+            spare_blocks: self.spare_blocks.iter().map(BytesMut::capacity).sum(),
+            spare_queues: sh.spare_queues.len(),
         }
+    }
+
+    /// The state the connection shares with its streams (the fuzz test reads the windows
+    /// not yet given back once the connection is idle).
+    pub(super) fn shared(&self) -> SharedRef {
+        self.shared.clone()
     }
 }
 

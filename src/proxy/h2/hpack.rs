@@ -296,6 +296,12 @@ impl BlockReader {
         })
     }
 
+    /// What the reader keeps between blocks: the value arena's capacity and the field list's.
+    #[cfg(test)]
+    pub fn held(&self) -> (usize, usize) {
+        (self.bytes.capacity(), self.fields.capacity())
+    }
+
     /// The trailers, once the whole block is decoded.
     pub fn finish_trailers(&mut self) -> Result<HeaderMap, Refused> {
         let bytes = self.values();

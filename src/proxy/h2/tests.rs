@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 
 use super::frame::{self, Head, Reason, flag, kind};
+use super::fuzz_tests::Chunks;
 use super::{RecvBody, Settings, Shutdown, serve};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
@@ -26,41 +27,6 @@ pub(super) fn settings() -> Settings {
         max_frame_size: 16_384,
         stalled_stream_timeout: Duration::from_secs(30),
         on_stalled_stream: None,
-    }
-}
-
-/// A body of `chunks` frames of `size` bytes each, yielded one at a time.
-struct Chunks {
-    left: usize,
-    size: usize,
-    trailers: bool,
-    yield_first: bool,
-}
-
-impl hyper::body::Body for Chunks {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.yield_first {
-            // A body that is not ready at once: the head goes alone.
-            self.yield_first = false;
-            cx.waker().wake_by_ref();
-            return std::task::Poll::Pending;
-        }
-        if self.left == 0 {
-            if self.trailers {
-                self.trailers = false;
-                let mut t = HeaderMap::new();
-                t.insert("grpc-status", "0".parse().unwrap());
-                return std::task::Poll::Ready(Some(Ok(Frame::trailers(t))));
-            }
-            return std::task::Poll::Ready(None);
-        }
-        self.left -= 1;
-        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; self.size])))))
     }
 }
 
@@ -108,8 +74,10 @@ pub(super) async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
             Chunks {
                 left: 3,
                 size: 10,
+                byte: b'x',
                 trailers: true,
-                yield_first: false,
+                yield_next: false,
+                yield_every: false,
             }
             .boxed(),
         ),
@@ -117,8 +85,10 @@ pub(super) async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
             Chunks {
                 left: 20,
                 size: 1000,
+                byte: b'x',
                 trailers: false,
-                yield_first: true,
+                yield_next: true,
+                yield_every: false,
             }
             .boxed(),
         ),
