@@ -22,7 +22,7 @@
 #                           the Outrigger the proxy benches run, one worker (`runtime.worker_threads:
 #                           ${WORKERS:-1}`), warn logs, the admin API on a free port, its app at
 #                           APP and one listener `public` at LISTEN (each 127.0.0.1:PORT or
-#                           unix:PATH) with `http2_server: ${HTTP2_SERVER:-hyper}`. A folder of its
+#                           unix:PATH) with `http2_server: ${HTTP2_SERVER:-outrigger}`. A folder of its
 #                           own: Outrigger watches its config's folder, and a generator's log
 #                           written beside it (h2load --log-file) cost the watcher's thread CPU
 #                           and memory under load (docs/BENCHMARKS.md, "RSS under load, the
@@ -79,7 +79,7 @@ bin_label() {
   else
     what="checkout $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +changes)"
   fi
-  echo "$what, worker_threads: ${WORKERS:-1}, http2_server: ${HTTP2_SERVER:-hyper}"
+  echo "$what, worker_threads: ${WORKERS:-1}, http2_server: ${HTTP2_SERVER:-outrigger}"
 }
 
 dir=$(mktemp -d); pids=()
@@ -113,7 +113,7 @@ app: { address: "$1" }
 listeners:
   - name: public
     address: "$2"
-    http2_server: ${HTTP2_SERVER:-hyper}
+    http2_server: ${HTTP2_SERVER:-outrigger}
 YAML
 }
 

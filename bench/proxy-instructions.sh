@@ -20,15 +20,15 @@
 # the two steps over N is one request's allocations in steady state (the connections' set-up
 # and the `/metrics` scrapes cancel out). Three kinds of request: a keep-alive GET (the HTTP/1
 # fast path), a POST with a 5-byte body (hyper's HTTP/1 server and the raw upstream exchange
-# until 8a23d7b; since then the fast path takes small bodies itself), and an h2c GET (h2load, hyper's HTTP/2 server).
+# until 8a23d7b; since then the fast path takes small bodies itself), and an h2c GET (h2load, the listener's HTTP/2 server, see HTTP2_SERVER).
 # `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building;
 # `ALLOCS_ONLY=1` skips the callgrind part; `PROXIES="outrigger"` counts only those proxies;
 # `CG_METHOD=POST` makes the callgrind load POSTs with a 5-byte body (Outrigger: hyper's HTTP/1
 # server instead of the fast path before 8a23d7b); `CG_PROTO=h2` makes it h2c GETs (h2load, 4 connections, one
-# stream in flight each; Outrigger: hyper's HTTP/2 server, HAProxy `bind … proto h2`; nginx is
+# stream in flight each; Outrigger: its HTTP/2 server (HTTP2_SERVER), HAProxy `bind … proto h2`; nginx is
 # left out: 1.22 has no h2c next to HTTP/1.1 on one port), with the same start-up subtraction.
-# `HTTP2_SERVER=outrigger` gives Outrigger's listener our own HTTP/2 server (`http2_server`;
-# default hyper's): the h2c figures (CG_PROTO=h2, and the h2c allocations) are then its.
+# `HTTP2_SERVER=hyper|outrigger` picks Outrigger's HTTP/2 server (`http2_server`; default
+# outrigger, our own, as the listener's default): the h2c figures (CG_PROTO=h2, and the h2c allocations) are its.
 # `CG_KEEP=DIR` keeps each callgrind output as DIR/cg.PROXY.REQUESTS (for
 # `callgrind_annotate --inclusive=no DIR/cg.outrigger.6000`, say).
 # Needs: nginx python3 curl h2load; valgrind and haproxy unless ALLOCS_ONLY=1; cargo unless
@@ -81,7 +81,7 @@ app: { address: 127.0.0.1:$UP }
 listeners:
   - name: in
     address: 127.0.0.1:$P
-    http2_server: ${HTTP2_SERVER:-hyper}
+    http2_server: ${HTTP2_SERVER:-outrigger}
 CONF
 nginx -c "$dir/up.conf" & pids+=($!)
 wait_port $UP
@@ -172,5 +172,5 @@ echo "| request | path | allocations per request |"
 echo "|---|---|---:|"
 echo "| keep-alive GET, HTTP/1.1 | fast path | ${alloc[fast]} |"
 echo "| keep-alive POST, 5-byte body, HTTP/1.1 | the fast path (small bodies, since 8a23d7b) | ${alloc[hyper]} |"
-h2_server="hyper's HTTP/2 server"; [ "${HTTP2_SERVER:-hyper}" = outrigger ] && h2_server="Outrigger's own HTTP/2 server"
+h2_server="hyper's HTTP/2 server"; [ "${HTTP2_SERVER:-outrigger}" = outrigger ] && h2_server="Outrigger's own HTTP/2 server"
 echo "| GET, h2c (h2load) | $h2_server, raw upstream exchange | ${alloc[h2c]} |"

@@ -18,8 +18,8 @@
 # and nginx, and Outrigger's heap allocations per request on its three paths (INSTRUCTIONS=0
 # skips it; ALLOC_BIN=path gives it an alloc-count build).
 # `OUTRIGGER_BIN=path` measures that binary instead of building (also for the instructions part).
-# `HTTP2_SERVER=outrigger` gives Outrigger's listeners our own HTTP/2 server (`http2_server`;
-# default hyper's), for the instructions part too.
+# `HTTP2_SERVER=hyper|outrigger` picks Outrigger's HTTP/2 server (`http2_server`; default
+# outrigger, our own, as the listener's default), for the instructions part too.
 # Needs: nginx haproxy wrk h2load valgrind curl (Debian: nginx haproxy wrk nghttp2-client valgrind curl).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"

@@ -6,7 +6,7 @@
 #   OUTRIGGER_BIN=path GLIBC_TUNABLES=glibc.malloc.tcache_count=0 bench/rss-load.sh
 #   OUTRIGGER_CODE_PAGES=keep bench/rss-load.sh   (start-up's code pages kept: src/memory.rs)
 #   SMAPS=1 bench/rss-load.sh         (also: the resident file pages per mapping, to stderr)
-#   HTTP2_SERVER=outrigger bench/rss-load.sh   (our own HTTP/2 server for the h2c load; default hyper)
+#   HTTP2_SERVER=hyper bench/rss-load.sh   (hyper's HTTP/2 server for the h2c load; default outrigger, our own)
 #   HEAPTRACK=40000 bench/rss-load.sh (where the h2c allocations come from, see below)
 #
 # One Outrigger (`runtime.worker_threads: 1`, one listener) and its app (nginx, 12-byte body)

@@ -18,8 +18,8 @@
 # Counts do not depend on the machine's speed the way req/s does, but batching does (a slower
 # proxy finds more ready sockets per epoll_wait): read them next to each other, same run.
 # `OUTRIGGER_BIN=path` measures that binary instead of building. Needs perf with tracepoints.
-# `HTTP2_SERVER=outrigger` gives Outrigger's listener our own HTTP/2 server (`http2_server`;
-# default hyper's): what the h2 runs measure. `WORKERS=N` gives it N worker threads (default 1).
+# `HTTP2_SERVER=hyper|outrigger` picks Outrigger's HTTP/2 server (`http2_server`; default
+# outrigger, our own): what the h2 runs measure. `WORKERS=N` gives it N worker threads (default 1).
 # `PROXIES="outrigger"` measures only those of outrigger, haproxy and nginx. `PROFILE=1` adds,
 # per proxy, a fourth run under `perf record -e cpu-clock -F 4999` (no call graphs: the release
 # build has no frame pointers and no debug info) and prints its CPU per request under perf and

@@ -319,10 +319,10 @@ pub enum Protocol {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Http2Server {
-    /// hyper's (and the `h2` crate's) server.
-    #[default]
+    /// hyper's (and the `h2` crate's) server, kept as a fallback.
     Hyper,
-    /// Outrigger's own (`proxy::h2`).
+    /// Outrigger's own (`proxy::h2`), the default.
+    #[default]
     Outrigger,
 }
 
@@ -344,7 +344,7 @@ pub struct RawListener {
     pub direction: Direction,
     #[serde(default)]
     pub protocol: Protocol,
-    /// HTTP listeners: which server speaks HTTP/2 (default hyper).
+    /// HTTP listeners: which server speaks HTTP/2 (default Outrigger's own).
     #[serde(default)]
     pub http2_server: Option<Http2Server>,
     /// Where a `tcp` listener sends bytes (inbound default: the app).

@@ -1,6 +1,7 @@
-//! Outrigger's own HTTP/2 server (listener key `http2_server: outrigger`): the connection
-//! codec (frames, HPACK, stream states, flow control, settings, GOAWAY) and its driver, in
-//! place of hyper's and `h2`'s server for HTTP/2 connections on proxy listeners.
+//! Outrigger's own HTTP/2 server (listener key `http2_server: outrigger`, the default;
+//! `hyper` keeps hyper's and `h2`'s as a fallback): the connection codec (frames, HPACK,
+//! stream states, flow control, settings, GOAWAY) and its driver, for HTTP/2 connections on
+//! proxy listeners.
 //!
 //! Why: on h2c, hyper's and h2's server were ~22k of the ~52k user-space instructions a
 //! proxied request cost (docs/BENCHMARKS.md, "h2c per request"), the largest part of the gap
