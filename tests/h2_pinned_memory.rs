@@ -12,6 +12,9 @@
 //! every block of [`IN_PLACE`] bytes gets the system's block of the range's top size, and a
 //! `realloc` within the range keeps the pointer. So a test sees a server that takes a grown
 //! buffer for the same one because its pointer did not move.
+//!
+//! It counts allocations too (per thread), for the one test here that is not about the HTTP/2
+//! server: what a connection's shared Host value ([`LastHost`]) costs.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -23,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use outrigger::proxy::body::ProxyBody;
 use outrigger::proxy::h2::{RecvBody, Settings, Shutdown, serve};
+use outrigger::proxy::route::LastHost;
 
 struct Counting;
 
@@ -30,10 +34,20 @@ thread_local! {
     /// Heap bytes allocated and not freed by this thread (frees of another thread's blocks
     /// count where they happen: none in these tests).
     static LIVE: Cell<isize> = const { Cell::new(0) };
+    /// Allocations (and reallocations) made by this thread.
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
 }
 
 fn count(delta: isize) {
     let _ = LIVE.try_with(|l| l.set(l.get() + delta));
+}
+
+fn count_allocation() {
+    let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
+}
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(|a| a.get())
 }
 
 fn live() -> isize {
@@ -63,16 +77,19 @@ fn real(layout: Layout) -> Layout {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        count_allocation();
         // SAFETY: the caller's contract is the system allocator's; `real` keeps it.
         unsafe { System.alloc(real(layout)) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        count_allocation();
         // SAFETY: as above.
         unsafe { System.alloc_zeroed(real(layout)) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size as isize - layout.size() as isize);
+        count_allocation();
         if IN_PLACE.contains(&layout.size()) && IN_PLACE.contains(&new_size) {
             // The system block already holds `new_size` bytes: grown (or shrunk) in place.
             return ptr;
@@ -443,4 +460,23 @@ fn an_idle_connection_holds_no_arena_until_its_first_block() {
             served - idle
         );
     });
+}
+
+/// A connection's first Host value (or one for a new authority) is one allocation, as it was
+/// before the value was shared: its bytes and reference count together, so that the clone
+/// `LastHost` keeps, and those later requests get, allocate nothing (a `Vec`-backed value
+/// would allocate its shared count at its first clone).
+#[test]
+fn a_connections_host_value_is_one_allocation_and_its_clones_none() {
+    let last = LastHost::default();
+    let before = allocations();
+    let first = last.value("api.internal:8080").unwrap();
+    let again = last.value("api.internal:8080").unwrap();
+    let clone = again.clone();
+    assert_eq!(allocations() - before, 1);
+    let before = allocations();
+    let other = last.value("other.internal").unwrap();
+    assert_eq!(allocations() - before, 1);
+    assert_eq!(first, clone);
+    assert_eq!(other, "other.internal");
 }

@@ -77,9 +77,11 @@ pub struct Capped<B> {
     cut: Cut,
 }
 
-pub fn capped<B: Body>(inner: B, limit: Option<u64>) -> Capped<B> {
-    // A body at its end already (a GET's) has nothing to cut: no shared flag, no allocation.
-    let cut = Cut((!inner.is_end_stream()).then(Arc::default));
+/// `at_end`: whether `inner` is at its end already (a GET's body), as the caller asked it
+/// once (for `http2_server: outrigger`, asking takes the connection's lock); such a body has
+/// nothing to cut: no shared flag, no allocation. A stale `false` only costs the flag.
+pub fn capped<B: Body>(inner: B, limit: Option<u64>, at_end: bool) -> Capped<B> {
+    let cut = Cut((!at_end).then(Arc::default));
     Capped {
         inner,
         left: limit.map(|l| (l, l)),
@@ -500,15 +502,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_capped_body_passes_up_to_its_limit_and_is_cut_past_it() {
-        let whole = capped(frames(&[400, 600]), Some(1000)).collect().await;
+        let whole = capped(frames(&[400, 600]), Some(1000), false)
+            .collect()
+            .await;
         assert_eq!(whole.unwrap().to_bytes().len(), 1000);
-        let e = capped(frames(&[400, 600, 1]), Some(1000))
+        let e = capped(frames(&[400, 600, 1]), Some(1000), false)
             .collect()
             .await
             .unwrap_err();
         assert!(too_large(&*e), "{e}");
         assert!(e.to_string().contains("larger than 1000 bytes"), "{e}");
-        let open = capped(frames(&[1 << 20]), None).collect().await;
+        let open = capped(frames(&[1 << 20]), None, false).collect().await;
         assert_eq!(open.unwrap().to_bytes().len(), 1 << 20);
     }
 
@@ -517,14 +521,41 @@ mod tests {
     /// has no flag to share, and says nothing.
     #[tokio::test]
     async fn a_cut_is_told_through_the_shared_flag_and_an_ended_body_has_none() {
-        let body = capped(frames(&[400, 600, 1]), Some(1000));
+        let body = capped(frames(&[400, 600, 1]), Some(1000), false);
         let cut = body.cut();
         assert!(cut.failure().is_none());
         assert!(body.collect().await.is_err());
         assert!(matches!(cut.failure(), Some(Failure::BodyTooLarge)));
-        let ended = capped(frames(&[]), Some(0));
+        let ended = capped(frames(&[]), Some(0), true);
         assert!(ended.cut().0.is_none());
         assert!(ended.cut().failure().is_none());
         assert!(ended.collect().await.unwrap().to_bytes().is_empty());
+    }
+
+    /// A body whose end only its caller may ask (as our HTTP/2 server's, behind the
+    /// connection's lock): capping it does not ask again.
+    #[test]
+    fn capping_a_body_does_not_ask_it_whether_it_ended() {
+        struct AskedOnce(Prefixed);
+        impl Body for AskedOnce {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Pin::new(&mut self.get_mut().0).poll_frame(cx)
+            }
+            fn is_end_stream(&self) -> bool {
+                panic!("asked whether it ended")
+            }
+        }
+        assert!(capped(AskedOnce(frames(&[])), None, true).cut().0.is_none());
+        assert!(
+            capped(AskedOnce(frames(&[1])), None, false)
+                .cut()
+                .0
+                .is_some()
+        );
     }
 }

@@ -57,7 +57,10 @@ impl HttpListener {
             .max_request_body
             .filter(|_| !min_body_rate::is_grpc(&parts.headers));
         self.check_body_size(target, max_body, incoming.size_hint().lower(), started)?;
-        let incoming = body::capped(incoming, max_body);
+        // Asked once (our HTTP/2 server's body answers under the connection's lock): a
+        // stale `false` is harmless, such a body is read ahead below.
+        let at_end = incoming.is_end_stream();
+        let incoming = body::capped(incoming, max_body, at_end);
         let cut = incoming.cut();
         let h1_chunked = parts.version <= Version::HTTP_11
             && parts.headers.contains_key(header::TRANSFER_ENCODING);
@@ -68,7 +71,7 @@ impl HttpListener {
             .size_hint()
             .upper()
             .is_some_and(|n| n as usize <= REPLAY_LIMIT);
-        let mut body = if incoming.is_end_stream() {
+        let mut body = if at_end {
             RequestBody::Complete {
                 data: Bytes::new(),
                 trailers: None,

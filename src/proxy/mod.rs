@@ -57,6 +57,7 @@ pub mod min_body_rate;
 pub mod record;
 pub mod respond;
 pub mod route;
+mod small_bytes;
 pub mod tcp;
 pub mod unread_streams;
 pub mod upgrade;

@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -571,21 +571,37 @@ impl HttpListener {
 /// count) instead of copying the authority into a new one (an allocation per request, the
 /// URI's bytes cannot be shared as a header value). One value per connection, replaced when
 /// the authority differs: it never grows.
+///
+/// A new value is one allocation, its bytes and reference count together
+/// ([`copy_small`](super::small_bytes::copy_small), for an authority of up to 1 KiB), so that
+/// keeping a clone of it costs nothing more: the first request of a connection, or one whose
+/// authority changed, allocates once, as without the sharing. The lock is only tried: the
+/// streams of one HTTP/2 connection are tasks of their own, and a request that finds it
+/// taken makes its own value rather than wait.
 #[derive(Default)]
 pub struct LastHost(Mutex<Option<HeaderValue>>);
 
 impl LastHost {
     /// `authority` as a Host value; None when it is not a valid one.
     pub fn value(&self, authority: &str) -> Option<HeaderValue> {
-        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = match self.0.try_lock() {
+            Ok(last) => last,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return Self::new_value(authority),
+        };
         if let Some(v) = &*last
             && v.as_bytes() == authority.as_bytes()
         {
             return Some(v.clone());
         }
-        let v = HeaderValue::from_str(authority).ok()?;
+        let v = Self::new_value(authority)?;
         *last = Some(v.clone());
         Some(v)
+    }
+
+    /// A Host value whose clones never allocate (see [`LastHost`]).
+    fn new_value(authority: &str) -> Option<HeaderValue> {
+        HeaderValue::from_maybe_shared(super::small_bytes::copy_small(authority.as_bytes())).ok()
     }
 }
 
@@ -763,6 +779,23 @@ mod tests {
             last.value("api.internal:8080").unwrap(),
             "api.internal:8080"
         );
+    }
+
+    /// A request that finds the connection's value taken (another stream of the same HTTP/2
+    /// connection) makes its own instead of waiting, and leaves the shared one alone.
+    #[test]
+    fn a_request_does_not_wait_for_the_last_host() {
+        let last = LastHost::default();
+        let shared = last.value("api.internal:8080").unwrap();
+        let held = last.0.lock().unwrap();
+        std::thread::scope(|s| {
+            let v = s.spawn(|| last.value("other.internal")).join().unwrap();
+            assert_eq!(v.unwrap(), "other.internal");
+        });
+        assert_eq!(held.as_ref().unwrap(), "api.internal:8080");
+        drop(held);
+        let again = last.value("api.internal:8080").unwrap();
+        assert_eq!(again.as_bytes().as_ptr(), shared.as_bytes().as_ptr());
     }
 
     /// The one-pass `route_key` says what the three searches it replaced said.
