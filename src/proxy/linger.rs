@@ -68,6 +68,16 @@ impl Drain {
         }
     }
 
+    /// Ready once the current deadline has passed ([`LINGER`] since the last read or the
+    /// start, never past `end`): for a shutdown that does not complete (a TLS close_notify
+    /// that a client that reads nothing leaves stuck in a full send buffer).
+    pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.end {
+            return Poll::Ready(());
+        }
+        self.timer.as_mut().poll(cx)
+    }
+
     /// Reads and drops into `buf` until the client closes, errs, has sent `left` bytes or a
     /// deadline passes; Ready then.
     pub(super) fn poll<S: AsyncRead + ?Sized>(
@@ -193,7 +203,8 @@ pub(super) struct Lingering<S> {
 }
 
 enum Closing {
-    Open,
+    /// Until hyper's shutdown completes; with the deadline set at its first Pending.
+    Open(Option<Pin<Box<Sleep>>>),
     Draining(Drain),
     Done,
 }
@@ -203,7 +214,7 @@ impl<S> Lingering<S> {
         Lingering {
             inner,
             unread,
-            state: Closing::Open,
+            state: Closing::Open(None),
         }
     }
 }
@@ -243,9 +254,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
         let this = self.get_mut();
         loop {
             match &mut this.state {
-                Closing::Open => {
-                    // A TLS stream sends what it still holds and close_notify first.
-                    ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+                Closing::Open(deadline) => {
+                    // A TLS stream sends what it still holds and close_notify first, which a
+                    // client that reads nothing can hold up for good: for at most [`LINGER`],
+                    // then the connection is dropped without them.
+                    if Pin::new(&mut this.inner).poll_shutdown(cx)?.is_pending() {
+                        let timer =
+                            deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+                        ready!(timer.as_mut().poll(cx));
+                        this.state = Closing::Done;
+                        continue;
+                    }
                     this.state = match this.unread.take() {
                         0 => Closing::Done,
                         left => Closing::Draining(Drain::new(left)),
@@ -263,7 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -307,5 +326,47 @@ mod tests {
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"HTTP/1.1 413 \r\n\r\n");
         closing.await.unwrap();
+    }
+
+    /// An IO whose shutdown never completes: a TLS stream whose close_notify does not fit in
+    /// the send buffer of a client that reads nothing.
+    pub(crate) struct StuckShutdown<S>(pub(crate) S);
+
+    impl<S: AsyncRead + Unpin> AsyncRead for StuckShutdown<S> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for StuckShutdown<S> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    /// A shutdown that never completes (review h2-merged SERIOUS 1) ends after [`LINGER`]:
+    /// the connection is then dropped without its close_notify.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_that_never_completes_is_given_up() {
+        let (ours, _client) = tokio::io::duplex(1024);
+        let mut io = Lingering::new(StuckShutdown(ours), Unread::default());
+        tokio::time::timeout(Duration::from_secs(60), io.shutdown())
+            .await
+            .expect("the shutdown was given up")
+            .unwrap();
     }
 }

@@ -377,6 +377,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         res
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_shutdown(cx);
+        // TLS writes close_notify here, which a client that reads nothing can hold up.
+        if res.is_pending() {
+            this.activity.write_blocked();
+        }
+        res
     }
 }

@@ -8,10 +8,10 @@
 //! streams' queued frames under the client's flow-control windows, in turns (a FIFO of the
 //! streams waiting for the connection window, as h2 assigns connection capacity).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -111,10 +111,13 @@ impl Flood {
 }
 
 /// Ids of streams we reset, each for [`RESET_MEMORY`] (at most [`RECENT_RESETS`] of them).
-/// Kept in the order they were added, which is the order of their times.
+/// Kept in the order they were added, which is the order of their times, and counted by id
+/// for O(1) lookups (an id reset twice is in the deque twice): the two evicted together.
 #[derive(Default)]
 struct RecentResets {
     ids: VecDeque<(u32, Instant)>,
+    /// Per id in `ids`: how many times, and the latest.
+    index: HashMap<u32, (u32, Instant)>,
 }
 
 impl RecentResets {
@@ -124,19 +127,33 @@ impl RecentResets {
             .front()
             .is_some_and(|&(_, at)| now.duration_since(at) >= RESET_MEMORY)
         {
-            self.ids.pop_front();
+            self.evict();
         }
         if self.ids.len() == RECENT_RESETS {
-            self.ids.pop_front();
+            self.evict();
         }
         self.ids.push_back((id, now));
+        let e = self.index.entry(id).or_insert((0, now));
+        *e = (e.0 + 1, now);
+    }
+
+    fn evict(&mut self) {
+        let Some((id, _)) = self.ids.pop_front() else {
+            return;
+        };
+        if let Some(e) = self.index.get_mut(&id) {
+            e.0 -= 1;
+            if e.0 == 0 {
+                self.index.remove(&id);
+            }
+        }
     }
 
     /// We reset `id` less than [`RESET_MEMORY`] ago.
     fn contains(&self, id: u32, now: Instant) -> bool {
-        self.ids
-            .iter()
-            .any(|&(i, at)| i == id && now.duration_since(at) < RESET_MEMORY)
+        self.index
+            .get(&id)
+            .is_some_and(|&(_, at)| now.duration_since(at) < RESET_MEMORY)
     }
 
     #[cfg(test)]
@@ -409,7 +426,9 @@ where
 
     pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if let Some(linger) = &mut self.linger {
-            return linger.poll(cx, &mut self.io).map(Ok);
+            ready!(linger.poll(cx, &mut self.io));
+            // A connection error's GOAWAY went out before its linger.
+            return Poll::Ready(self.failed.take().map_or(Ok(()), Err));
         }
         if std::mem::take(&mut self.prefix_pending)
             && let Err((reason, detail)) = self.process()
@@ -475,7 +494,13 @@ where
                 if !self.out.is_empty() || self.unflushed {
                     return Poll::Pending;
                 }
-                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                // Unread input would turn the close into a TCP reset, which can destroy the
+                // GOAWAY (and its reason) before the client reads it: a short linger first.
+                let linger = self.linger.insert(Linger {
+                    shut: false,
+                    drain: linger::Drain::within(ERROR_LINGER),
+                });
+                ready!(linger.poll(cx, &mut self.io));
                 return Poll::Ready(Err(self.failed.take().expect("failed")));
             }
             let final_sent = self.goaway == Goaway::Final;
@@ -657,6 +682,9 @@ where
                 if self.idle_stream(head.stream) {
                     return Err((reason, "invalid PRIORITY on an idle stream"));
                 }
+                if self.ignored(head.stream) {
+                    return Ok(());
+                }
                 self.reset_stream(head.stream, reason)
             }
             kind::RST_STREAM => self.rst_stream(head, &payload),
@@ -700,6 +728,12 @@ where
     fn remember_reset(&mut self, id: u32) {
         let now = self.now();
         self.recent_resets.remember(id, now);
+    }
+
+    /// A stream the client opened after our final GOAWAY, which we ignored: its frames are
+    /// dropped (one comparison; no record that many of them would fill).
+    fn ignored(&self, id: u32) -> bool {
+        self.goaway == Goaway::Final && id > self.last_accepted
     }
 
     /// We reset `id` lately ([`Self::remember_reset`]).
@@ -778,17 +812,18 @@ where
         let error = match sh.streams.get_mut(&id) {
             None => {
                 sh.conn_released += payload.len() as u32;
-                (!self.reset_lately(id)).then_some(Reason::STREAM_CLOSED)
+                // Unless we reset it lately: looked up once the lock is released.
+                (!self.ignored(id)).then_some((Reason::STREAM_CLOSED, true))
             }
             Some(s) if s.reset.is_some() => {
                 sh.conn_released += payload.len() as u32;
                 // §5.1: DATA after the client's own RST_STREAM is its error; after ours it may
                 // have been sent before our reset reached the client, and is dropped.
-                (s.reset_by_client && !self.reset_lately(id)).then_some(Reason::STREAM_CLOSED)
+                s.reset_by_client.then_some((Reason::STREAM_CLOSED, true))
             }
             Some(s) if s.recv == Recv::Ended => {
                 sh.conn_released += payload.len() as u32;
-                Some(Reason::STREAM_CLOSED)
+                Some((Reason::STREAM_CLOSED, false))
             }
             Some(s) => {
                 s.recv_window -= len;
@@ -802,13 +837,13 @@ where
                 s.recv_len += payload.len() as u64;
                 if s.recv_window < 0 {
                     sh.conn_released += payload.len() as u32;
-                    Some(Reason::FLOW_CONTROL_ERROR)
+                    Some((Reason::FLOW_CONTROL_ERROR, false))
                 } else if s
                     .content_length
                     .is_some_and(|cl| s.recv_len > cl || (end && s.recv_len != cl))
                 {
                     sh.conn_released += payload.len() as u32;
-                    Some(Reason::PROTOCOL_ERROR)
+                    Some((Reason::PROTOCOL_ERROR, false))
                 } else {
                     if s.body_gone {
                         sh.conn_released += payload.len() as u32;
@@ -830,7 +865,8 @@ where
         };
         drop(guard);
         match error {
-            Some(reason) => self.reset_stream(id, reason),
+            Some((_, true)) if self.reset_lately(id) => Ok(()),
+            Some((reason, _)) => self.reset_stream(id, reason),
             None => Ok(()),
         }
     }
@@ -969,8 +1005,8 @@ where
         }
         self.max_client_stream = id;
         if self.goaway == Goaway::Final {
-            // After our GOAWAY, new streams are ignored (§6.8).
-            self.remember_reset(id);
+            // After our GOAWAY, new streams are ignored (§6.8), with no record: their later
+            // frames are dropped by id ([`Self::ignored`]).
             return Ok(());
         }
         if self_dependent {
@@ -1057,7 +1093,7 @@ where
         let mut sh = lock(&self.shared);
         let Some(s) = sh.streams.get_mut(&id) else {
             drop(sh);
-            if self.reset_lately(id) {
+            if self.ignored(id) || self.reset_lately(id) {
                 return Ok(());
             }
             if self.client_resets.contains(&id) {
@@ -1072,8 +1108,9 @@ where
         };
         if s.reset.is_some() {
             // As for DATA: the client's error after its own reset, dropped after ours.
-            if s.reset_by_client && !self.reset_lately(id) {
-                drop(sh);
+            let by_client = s.reset_by_client;
+            drop(sh);
+            if by_client && !self.reset_lately(id) {
                 return self.reset_stream(id, Reason::STREAM_CLOSED);
             }
             return Ok(());
@@ -1264,8 +1301,12 @@ where
             // The streams waiting for it get it in turn (`gather`). The client reads: the
             // stall clock of a stream waiting only for the connection window starts again,
             // as the FIFO will come to it; one its own window holds keeps its clock.
+            if self.conn_waiting.is_empty() {
+                // No lock, no clock read: the common case, one every half window.
+                return Ok(());
+            }
+            let now = self.now();
             let mut sh = lock(&self.shared);
-            let now = Instant::now();
             for id in &self.conn_waiting {
                 if let Some(s) = sh.streams.get_mut(id)
                     && s.in_conn_wait
@@ -1386,6 +1427,14 @@ where
                         // The response began: a reset from now on is no rapid one.
                         s.rapid_until = None;
                         s.send_done |= end;
+                    }
+                    // No fields: an empty DATA frame ends the stream instead (a block of
+                    // only a table size update is legal, but some decoders reject it; the
+                    // update goes with the next real block).
+                    Queued::Trailers(block) if block.is_empty() => {
+                        frame::put_data(&mut self.out, id, &[], true);
+                        s.queue.pop_front();
+                        s.send_done = true;
                     }
                     Queued::Trailers(block) => {
                         put_block(
@@ -1630,6 +1679,10 @@ impl<IO, S> Conn<IO, S> {
     }
 }
 
+/// The lingering close after a connection error's GOAWAY, in all: short (an abuser's
+/// connection is not held), long enough for the client to read the GOAWAY.
+const ERROR_LINGER: Duration = Duration::from_millis(500);
+
 /// A connection's lingering close: our side shut first (once `shut`: a TLS stream sends
 /// close_notify, a TCP one FIN), then the client's bytes read and dropped until it closes or
 /// `drain`'s time is up.
@@ -1645,11 +1698,13 @@ impl Linger {
         io: &mut IO,
     ) -> Poll<()> {
         if !self.shut {
-            // An error: nothing to wait for.
-            if Pin::new(&mut *io).poll_shutdown(cx).is_pending() {
-                return Poll::Pending;
+            match Pin::new(&mut *io).poll_shutdown(cx) {
+                // A TLS stream's close_notify may never fit (a client that reads nothing, its
+                // buffers full): the same deadline, and the connection is dropped without it.
+                Poll::Pending => return self.drain.poll_expired(cx),
+                // An error: nothing to wait for.
+                Poll::Ready(_) => self.shut = true,
             }
-            self.shut = true;
         }
         let mut scratch = [0u8; 4096];
         self.drain.poll(cx, Pin::new(io), &mut scratch)

@@ -45,7 +45,8 @@
 //!   we reset in the last 10 s is dropped (the client may have sent it before it saw our
 //!   reset; §5.1 lets us limit that period). Without a record of every id: the streams we
 //!   reset in the last 10 s (1,024 at most) and the last 128 the client reset are remembered
-//!   for once they left the stream map; HEADERS on another stream gone from it, which we
+//!   for once they left the stream map (streams opened after our final GOAWAY are not: their
+//!   frames are dropped by id); HEADERS on another stream gone from it, which we
 //!   cannot tell from a skipped id, is a connection error PROTOCOL_ERROR, DATA a stream error
 //!   STREAM_CLOSED. Padding is given back to the connection's and the stream's window
 //!   (§6.9.1);
@@ -63,7 +64,7 @@
 //!   update to 0 first in our next block after the client lowers SETTINGS_HEADER_TABLE_SIZE;
 //! - responses under the client's windows in frames of at most its SETTINGS_MAX_FRAME_SIZE,
 //!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
-//!   stream with HEADERS; a body that fails resets the stream (INTERNAL_ERROR); a response
+//!   stream with HEADERS, empty ones with an empty DATA frame (END_STREAM); a body that fails resets the stream (INTERNAL_ERROR); a response
 //!   that waits `stalled_stream_timeout` for window is reset (CANCEL): for its stream's
 //!   window, or for a connection window the client opens for no stream in that time (one it
 //!   opens goes to the streams in turn, so a stream waiting for it is not passed over); a
@@ -91,9 +92,11 @@
 //!   a PING; requests that crossed it are still taken; once the PING's ACK is back (or after
 //!   1 s) GOAWAY with the last stream taken; open streams finish; then our side is shut (FIN)
 //!   and what the client still sends is read and dropped until it closes, 2 s at most (also
-//!   after the client's GOAWAY): a close with unread input would reset the connection, and a
+//!   after the client's GOAWAY; also while our shutdown itself waits: a TLS close_notify that
+//!   a client that reads nothing never lets out, the connection then dropped without it): a close with unread input would reset the connection, and a
 //!   pooled client that sent a request just as an idle connection closed could not tell it
-//!   was never processed. A connection error: GOAWAY with its code, then close.
+//!   was never processed. A connection error: GOAWAY with its code, then the same close,
+//!   500 ms at most (so the client reads the GOAWAY rather than a TCP reset).
 //!
 //! The service closure is called, and its task spawned, without the connection's lock held.
 //!
