@@ -4,11 +4,12 @@
 //! gate); `failure_threshold` failures in a row make it unhealthy again (`/ready` 503; inbound
 //! traffic keeps flowing, since a half-working app usually serves better than none).
 //!
-//! A check the sidecar itself cannot run — out of descriptors (EMFILE/ENFILE) or processes
-//! (EAGAIN on fork) — says nothing about the app: it is logged (once a minute at most) and
-//! counted in `outrigger_app_probe_skipped_total`, not as a failure, and the app's state stays
-//! as it was. Otherwise a flooded listener that takes every descriptor would also make the app
-//! "fail" its probe and `/ready` answer 503, though the app is fine.
+//! A check the sidecar itself cannot run — out of descriptors (EMFILE/ENFILE), memory
+//! (ENOMEM/ENOBUFS) or, for an exec probe's fork, processes (EAGAIN) — says nothing about the
+//! app: it is logged (once a minute at most) and counted in
+//! `outrigger_app_probe_skipped_total`, not as a failure, and the app's state stays as it was.
+//! Otherwise a flooded listener that takes every descriptor would also make the app "fail" its
+//! probe and `/ready` answer 503, though the app is fine.
 //!
 //! Until the app is ready for the first time the probe runs every [`STARTUP_INTERVAL`] (or
 //! `interval`, when shorter; for at most [`STARTUP_FAST_FOR`]), so a starting app gets traffic
@@ -158,19 +159,21 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// An error of the sidecar's own limits: descriptors (EMFILE, ENFILE) or, for a fork,
-/// processes and memory (EAGAIN, ENOMEM).
-fn own_limit(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
-    )
+/// An error of the sidecar's own limits: descriptors (EMFILE, ENFILE) or memory (ENOMEM,
+/// ENOBUFS); for a fork also processes (EAGAIN). Not EAGAIN on a connect: on a unix socket it
+/// means the app's listen backlog is full, which is the app's state.
+fn own_limit(e: &std::io::Error, fork: bool) -> bool {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS) => true,
+        Some(libc::EAGAIN) => fork,
+        _ => false,
+    }
 }
 
 /// A failed connect to the app, classified.
 fn connect_failed(address: &Address, e: std::io::Error) -> Failure {
     let message = format!("cannot connect to {address}: {e}");
-    if own_limit(&e) {
+    if own_limit(&e, false) {
         Failure::Sidecar(message)
     } else {
         Failure::App(message)
@@ -233,7 +236,7 @@ fn spawn_registered(cmd: &[String]) -> Result<(tokio::process::Child, Option<u32
         .spawn()
         .map_err(|e| {
             let message = format!("cannot run {}: {e}", cmd[0]);
-            if own_limit(&e) {
+            if own_limit(&e, true) {
                 Failure::Sidecar(message)
             } else {
                 Failure::App(message)
@@ -396,14 +399,25 @@ mod tests {
     #[test]
     fn own_limits_are_not_the_apps_failure() {
         let at = Address::Tcp("127.0.0.1:9".parse().unwrap());
-        for code in [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM] {
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS] {
             let e = std::io::Error::from_raw_os_error(code);
             assert!(
                 matches!(connect_failed(&at, e), Failure::Sidecar(_)),
                 "{code}"
             );
         }
-        for code in [libc::ECONNREFUSED, libc::ENOENT, libc::ETIMEDOUT] {
+        // EAGAIN on a connect is a unix socket's full backlog: the app's state. On a fork it
+        // is the process limit: ours.
+        assert!(own_limit(
+            &std::io::Error::from_raw_os_error(libc::EAGAIN),
+            true
+        ));
+        for code in [
+            libc::ECONNREFUSED,
+            libc::ENOENT,
+            libc::ETIMEDOUT,
+            libc::EAGAIN,
+        ] {
             let e = std::io::Error::from_raw_os_error(code);
             assert!(matches!(connect_failed(&at, e), Failure::App(_)), "{code}");
         }

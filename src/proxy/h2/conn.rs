@@ -494,6 +494,12 @@ where
                 if !self.out.is_empty() || self.unflushed {
                     return Poll::Pending;
                 }
+                // An abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets) is at once:
+                // the abuser gets no more of our time, and what it sent is not read.
+                if self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0) {
+                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    return Poll::Ready(Err(self.failed.take().expect("failed")));
+                }
                 // Unread input would turn the close into a TCP reset, which can destroy the
                 // GOAWAY (and its reason) before the client reads it: a short linger first.
                 let linger = self.linger.insert(Linger {
@@ -1679,8 +1685,9 @@ impl<IO, S> Conn<IO, S> {
     }
 }
 
-/// The lingering close after a connection error's GOAWAY, in all: short (an abuser's
-/// connection is not held), long enough for the client to read the GOAWAY.
+/// The lingering close after a connection error's GOAWAY, in all: short, long enough for the
+/// client to read the GOAWAY (not after ENHANCE_YOUR_CALM: an abuser's connection is closed at
+/// once).
 const ERROR_LINGER: Duration = Duration::from_millis(500);
 
 /// A connection's lingering close: our side shut first (once `shut`: a TLS stream sends

@@ -93,10 +93,12 @@
 //!   1 s) GOAWAY with the last stream taken; open streams finish; then our side is shut (FIN)
 //!   and what the client still sends is read and dropped until it closes, 2 s at most (also
 //!   after the client's GOAWAY; also while our shutdown itself waits: a TLS close_notify that
-//!   a client that reads nothing never lets out, the connection then dropped without it): a close with unread input would reset the connection, and a
-//!   pooled client that sent a request just as an idle connection closed could not tell it
-//!   was never processed. A connection error: GOAWAY with its code, then the same close,
-//!   500 ms at most (so the client reads the GOAWAY rather than a TCP reset).
+//!   a client that reads nothing never lets out, the connection then dropped without it): a
+//!   close with unread input would reset the connection, and a pooled client that sent a
+//!   request just as an idle connection closed could not tell it was never processed. A
+//!   connection error: GOAWAY with its code, then the same close, 500 ms at most (so the
+//!   client reads the GOAWAY rather than a TCP reset); after ENHANCE_YOUR_CALM (an abuse
+//!   guard: floods, rapid resets) the close is at once, nothing more read.
 //!
 //! The service closure is called, and its task spawned, without the connection's lock held.
 //!
