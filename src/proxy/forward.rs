@@ -125,7 +125,9 @@ impl HttpListener {
             };
             let mut attempt_req = Request::new(b);
             *attempt_req.method_mut() = parts.method.clone();
-            *attempt_req.uri_mut() = attempt.endpoint.uri(path.clone());
+            // Origin form: the endpoint adds its scheme and authority where they are sent
+            // (HTTP/2 upstreams, `Endpoint::send`).
+            *attempt_req.uri_mut() = http::Uri::from(path.clone());
             *attempt_req.version_mut() = parts.version;
             // The headers are copied only when another attempt may follow: a retry, or the
             // one resend after the supervised app restarted under the request (hold.rs).
