@@ -418,7 +418,7 @@ fn respond(
     let kind = match framing {
         Framing::Empty | Framing::Length(0) => Kind::Length(0),
         Framing::Length(n) => Kind::Length(n - first.len() as u64),
-        Framing::Chunked => Kind::Chunked(Chunked::default()),
+        Framing::Chunked => Kind::Chunked(Box::default()),
         Framing::Close => Kind::Close,
     };
     let mut body = RawBody {
@@ -429,7 +429,7 @@ fn respond(
         first,
         kind,
         reusable,
-        upload,
+        upload: upload.map(Box::new),
     };
     if matches!(body.kind, Kind::Length(0)) {
         body.finish();
@@ -437,10 +437,14 @@ fn respond(
     body
 }
 
+/// What is left of a response body. The rare parts of a [`RawBody`] are boxed (a chunked
+/// body's decoder here, the rest of an upload there): the body is moved with its response
+/// through the phases, and its size is `memcpy`'s work at each move (the h2c profile's, see
+/// docs/BENCHMARKS.md "h2c shared path, second round").
 enum Kind {
     /// Bytes left.
     Length(u64),
-    Chunked(Chunked),
+    Chunked(Box<Chunked>),
     /// Up to the upstream's close.
     Close,
 }
@@ -462,8 +466,8 @@ pub struct RawBody {
     kind: Kind,
     reusable: bool,
     /// The rest of the request, written on while the response is read (see [`send`]); the
-    /// connection is not reused then.
-    upload: Option<Upload>,
+    /// connection is not reused then. Boxed: rare (an early answer), see [`Kind`].
+    upload: Option<Box<Upload>>,
 }
 
 impl RawBody {
