@@ -367,6 +367,9 @@ fn parse_head(
         headers.clear();
         headers.reserve(res.headers.len());
         for h in res.headers.iter() {
+            if skipped(h) {
+                continue;
+            }
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| "invalid response head: invalid header name")?;
             let value = HeaderValue::from_maybe_shared(copy(h.value))
@@ -402,6 +405,38 @@ fn parse_head(
         }))
     })?;
     parsed.unwrap_or(Ok(Parsed::Partial))
+}
+
+/// Whether a response field is left out of the response's map: a hop-by-hop field the respond
+/// phase would remove anyway ([`crate::proxy::headers::strip_hop_by_hop`]), when leaving it out
+/// changes nothing of what the client gets. Each such field was a name, a value and an
+/// insertion here, then a lookup and a removal there (`Connection: keep-alive`, on nearly
+/// every upstream response: ~600 instructions per h2c request, docs/BENCHMARKS.md "h2c
+/// shared path, second round"). Kept: `TE` (the phase keeps `te: trailers`), and a
+/// `Connection` that names anything but hop-by-hop fields (`close` included: the phase
+/// removes a field so named), which the phase must read.
+fn skipped(h: &httparse::Header<'_>) -> bool {
+    let name = h.name.as_bytes();
+    // By length first: most names are none of these, and are told at once.
+    match name.len() {
+        10 if name.eq_ignore_ascii_case(b"connection") => tokens(h.value).all(|t| {
+            !t.eq_ignore_ascii_case(b"close") && crate::proxy::fast_path::hop_by_hop(t)
+        }),
+        10 => name.eq_ignore_ascii_case(b"keep-alive"),
+        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+        7 => name.eq_ignore_ascii_case(b"upgrade"),
+        18 => name.eq_ignore_ascii_case(b"proxy-authenticate"),
+        19 => name.eq_ignore_ascii_case(b"proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// A field value's comma-separated tokens (empty ones skipped).
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 /// The response body: `first` (bytes of it copied with the head, [`Answer::first`]), then the
@@ -698,6 +733,52 @@ mod tests {
         assert!(first(big.as_bytes()).1.is_empty());
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
         assert!(first(chunked).1.is_empty());
+    }
+
+    /// Hop-by-hop fields the respond phase removes anyway are not put in the response's map;
+    /// what that phase must still read (a `Connection` naming other fields or `close`, `TE`)
+    /// is.
+    #[test]
+    fn hop_by_hop_fields_the_respond_phase_removes_are_left_out() {
+        let map = |raw: &str| match parse_head(raw.as_bytes(), false, &mut HeaderMap::new()) {
+            Ok(Parsed::Final(answer)) => answer.res.into_parts().0.headers,
+            _ => panic!("a final head"),
+        };
+        let usual = map(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(
+            usual.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["server", "content-length"]
+        );
+        let chunked = map(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\
+             Proxy-Authenticate: Basic\r\nProxy-Connection: x\r\nTE: trailers\r\n\r\n",
+        );
+        assert_eq!(chunked.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["te"]);
+        for kept in ["close", "x-secret", "keep-alive, x-secret", "Keep-Alive, Close"] {
+            let m = map(&format!(
+                "HTTP/1.1 200 OK\r\nConnection: {kept}\r\nContent-Length: 0\r\n\r\n"
+            ));
+            assert_eq!(m["connection"], kept);
+        }
+        // Empty tokens and case do not matter.
+        let m = map("HTTP/1.1 200 OK\r\nconnection: , Keep-Alive ,\r\nContent-Length: 0\r\n\r\n");
+        assert!(!m.contains_key("connection"));
+    }
+
+    /// The body is moved with its response through the phases, a `memcpy` of its size each
+    /// time: its rare parts (a chunked decoder, an upload's rest) are boxed, not inline.
+    /// Its size with the rare parts boxed (x86-64): a connection, the pool, two offsets, the
+    /// first bytes, a length or a decoder's box, an upload's box, a flag.
+    const RAW_BODY_SIZE: usize = 184;
+
+    #[test]
+    fn a_raw_body_keeps_its_rare_parts_out_of_line() {
+        let size = std::mem::size_of::<RawBody>();
+        println!("RawBody: {size} bytes");
+        assert!(size <= RAW_BODY_SIZE, "{size}");
     }
 
     #[test]
