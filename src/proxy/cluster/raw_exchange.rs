@@ -69,10 +69,17 @@ pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
     // hyper's client, which sends it as HTTP/1.0. No Transfer-Encoding check: the forward
     // phase has stripped it with the other hop-by-hop headers, and a body of unknown length
     // is refused below by its size hint.
-    if req.method() == Method::CONNECT
-        || req.version() == Version::HTTP_10
-        || h.contains_key(header::UPGRADE)
-    {
+    if req.method() == Method::CONNECT || req.version() == Version::HTTP_10 {
+        return None;
+    }
+    // One pass over the names for both fields, which a request rarely has (two lookups hash
+    // their names every time: ~200 instructions per request, callgrind on h2c).
+    let (mut upgrade, mut length) = (false, false);
+    for k in h.keys() {
+        upgrade |= *k == header::UPGRADE;
+        length |= *k == header::CONTENT_LENGTH;
+    }
+    if upgrade {
         return None;
     }
     let body = req.body();
@@ -83,6 +90,9 @@ pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
             .exact()
             .filter(|n| *n <= REPLAY_LIMIT as u64)?
     };
+    if !length {
+        return Some(len);
+    }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
     match (lengths.next(), lengths.next()) {
         (None, _) => Some(len),
