@@ -1,7 +1,8 @@
 //! Headers: what the upstream sees of a request, and what the client sees of a response.
 //!
 //! Requests: hop-by-hop headers go (RFC 9110 §7.6.1, and those named in `Connection`),
-//! `x-forwarded-for`, `x-forwarded-proto`, `via` and `x-request-id` are set, inbound the
+//! `x-forwarded-for`, `x-forwarded-proto` and `via` are set (`x-request-id` is, before any
+//! phase, by the handler: `TraceContext::inject_with_id`), inbound the
 //! verified client certificate goes in `x-forwarded-client-cert`, then the route's
 //! `request_headers` edits and `rewrite_path_prefix` apply. Responses lose their hop-by-hop
 //! headers too (see the respond phase). In: the request's parts as hyper parsed them. Out: the

@@ -13,7 +13,9 @@
 //! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head, and
 //! so is the body's first frame when the body's first bytes came with the head and fit in that
 //! copy), and the response body reads on from that same buffer: each frame is a copy of exactly
-//! its bytes, and the connection goes back to the pool when the body's end has passed.
+//! its bytes, and the connection goes back to the pool when the body's end has passed. The
+//! response's hop-by-hop fields that the respond phase would only remove are not put in its
+//! header map ([`skipped`]).
 //!
 //! Early answers: the head is read while the request is still being written, in the same
 //! task (one future polls both), since an upstream may answer before it has read the body
@@ -429,9 +431,8 @@ fn skipped(h: &httparse::Header<'_>) -> bool {
     let name = h.name.as_bytes();
     // By length first: most names are none of these, and are told at once.
     match name.len() {
-        10 if name.eq_ignore_ascii_case(b"connection") => tokens(h.value).all(|t| {
-            !t.eq_ignore_ascii_case(b"close") && crate::proxy::fast_path::hop_by_hop(t)
-        }),
+        10 if name.eq_ignore_ascii_case(b"connection") => tokens(h.value)
+            .all(|t| !t.eq_ignore_ascii_case(b"close") && crate::proxy::fast_path::hop_by_hop(t)),
         10 => name.eq_ignore_ascii_case(b"keep-alive"),
         16 => name.eq_ignore_ascii_case(b"proxy-connection"),
         17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
@@ -766,8 +767,16 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\
              Proxy-Authenticate: Basic\r\nProxy-Connection: x\r\nTE: trailers\r\n\r\n",
         );
-        assert_eq!(chunked.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["te"]);
-        for kept in ["close", "x-secret", "keep-alive, x-secret", "Keep-Alive, Close"] {
+        assert_eq!(
+            chunked.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["te"]
+        );
+        for kept in [
+            "close",
+            "x-secret",
+            "keep-alive, x-secret",
+            "Keep-Alive, Close",
+        ] {
             let m = map(&format!(
                 "HTTP/1.1 200 OK\r\nConnection: {kept}\r\nContent-Length: 0\r\n\r\n"
             ));
