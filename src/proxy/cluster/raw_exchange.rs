@@ -464,7 +464,7 @@ fn respond(
     let kind = match framing {
         Framing::Empty | Framing::Length(0) => Kind::Length(0),
         Framing::Length(n) => Kind::Length(n - first.len() as u64),
-        Framing::Chunked => Kind::Chunked(Box::default()),
+        Framing::Chunked => Kind::Chunked(Chunked::default()),
         Framing::Close => Kind::Close,
     };
     let mut body = RawBody {
@@ -483,14 +483,16 @@ fn respond(
     body
 }
 
-/// What is left of a response body. The rare parts of a [`RawBody`] are boxed (a chunked
-/// body's decoder here, the rest of an upload there): the body is moved with its response
-/// through the phases, and its size is `memcpy`'s work at each move (the h2c profile's, see
-/// docs/BENCHMARKS.md "h2c shared path, second round").
+/// What is left of a response body. A chunked body's decoder is inline, not boxed: chunked
+/// responses are common (Node's `res.write`, Go handlers past their buffer, streaming), and
+/// a box would be an allocation and a free on each of them (`Chunked::default()` allocates
+/// nothing: its trailers' `Vec` is empty until trailers come), against a `memcpy` some 40
+/// bytes shorter at each move of the response (docs/BENCHMARKS.md "h2c shared path, second
+/// round": ~70 instructions per request for both boxes).
 enum Kind {
     /// Bytes left.
     Length(u64),
-    Chunked(Box<Chunked>),
+    Chunked(Chunked),
     /// Up to the upstream's close.
     Close,
 }
@@ -512,7 +514,8 @@ pub struct RawBody {
     kind: Kind,
     reusable: bool,
     /// The rest of the request, written on while the response is read (see [`send`]); the
-    /// connection is not reused then. Boxed: rare (an early answer), see [`Kind`].
+    /// connection is not reused then. Boxed: rare (an early answer), and the body is moved
+    /// with its response through the phases, a `memcpy` of its size at each move.
     upload: Option<Box<Upload>>,
 }
 
@@ -788,10 +791,10 @@ mod tests {
     }
 
     /// The body is moved with its response through the phases, a `memcpy` of its size each
-    /// time: its rare parts (a chunked decoder, an upload's rest) are boxed, not inline.
-    /// Its size with the rare parts boxed (x86-64): a connection, the pool, two offsets, the
-    /// first bytes, a length or a decoder's box, an upload's box, a flag.
-    const RAW_BODY_SIZE: usize = 184;
+    /// time: its rare part (an upload's rest) is boxed, not inline.
+    /// Its size (x86-64): a connection, the pool, two offsets, the first bytes, a length or
+    /// a chunked decoder (inline: chunked responses are common), an upload's box, a flag.
+    const RAW_BODY_SIZE: usize = 216;
 
     #[test]
     fn a_raw_body_keeps_its_rare_parts_out_of_line() {
