@@ -651,8 +651,8 @@ fn plain_target_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
 }
 
-/// A header list's comma-separated tokens, trimmed.
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// A header list's comma-separated tokens, trimmed (empty ones skipped).
+pub(super) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',')
         .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty())

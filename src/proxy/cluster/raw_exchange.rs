@@ -59,7 +59,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::pool::{Pool, Raw, SendError};
 use crate::proxy::body::{BoxError, ProxyBody, REPLAY_LIMIT};
 use crate::proxy::fast_path::{
-    Chunked, Framing, ResponseFraming, Step, fmt_u64, itoa_buf, response_framing,
+    self, Chunked, Framing, ResponseFraming, Step, fmt_u64, itoa_buf, response_framing,
 };
 use crate::proxy::small_bytes::{self, copy_small};
 use crate::proxy::upstream_head::{self, HeadRead, Parsed, Unanswered};
@@ -423,31 +423,20 @@ fn parse_head(
 /// phase would remove anyway ([`crate::proxy::headers::strip_hop_by_hop`]), when leaving it out
 /// changes nothing of what the client gets. Each such field was a name, a value and an
 /// insertion here, then a lookup and a removal there (`Connection: keep-alive`, on nearly
-/// every upstream response: ~600 instructions per h2c request, docs/BENCHMARKS.md "h2c
-/// shared path, second round"). Kept: `TE` (the phase keeps `te: trailers`), and a
-/// `Connection` that names anything but hop-by-hop fields (`close` included: the phase
-/// removes a field so named), which the phase must read.
+/// every upstream response: ~990 instructions per h2c request, docs/BENCHMARKS.md "h2c
+/// shared path, second round"). The names are [`fast_path::hop_by_hop`]'s (the same list
+/// as the phase's, not a third copy), less `TE`, which the phase keeps as `te: trailers`;
+/// a `Connection` is left out only when it names nothing but hop-by-hop fields (not
+/// `close`: the phase removes a field so named), so the phase has nothing to read in it.
+/// `skipping_changes_nothing_the_respond_phase_passes_on` holds the two to the same result.
 fn skipped(h: &httparse::Header<'_>) -> bool {
     let name = h.name.as_bytes();
-    // By length first: most names are none of these, and are told at once.
-    match name.len() {
-        10 if name.eq_ignore_ascii_case(b"connection") => tokens(h.value)
-            .all(|t| !t.eq_ignore_ascii_case(b"close") && crate::proxy::fast_path::hop_by_hop(t)),
-        10 => name.eq_ignore_ascii_case(b"keep-alive"),
-        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
-        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
-        7 => name.eq_ignore_ascii_case(b"upgrade"),
-        18 => name.eq_ignore_ascii_case(b"proxy-authenticate"),
-        19 => name.eq_ignore_ascii_case(b"proxy-authorization"),
-        _ => false,
+    if !fast_path::hop_by_hop(name) || name.eq_ignore_ascii_case(b"te") {
+        return false;
     }
-}
-
-/// A field value's comma-separated tokens (empty ones skipped).
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|b| *b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+    !name.eq_ignore_ascii_case(b"connection")
+        || fast_path::tokens(h.value)
+            .all(|t| !t.eq_ignore_ascii_case(b"close") && fast_path::hop_by_hop(t))
 }
 
 /// The response body: `first` (bytes of it copied with the head, [`Answer::first`]), then the
@@ -788,6 +777,61 @@ mod tests {
         // Empty tokens and case do not matter.
         let m = map("HTTP/1.1 200 OK\r\nconnection: , Keep-Alive ,\r\nContent-Length: 0\r\n\r\n");
         assert!(!m.contains_key("connection"));
+    }
+
+    /// The skips change nothing the respond phase passes on: over heads of every shape the
+    /// skip tells apart, `strip_hop_by_hop` (as the phase calls it: no upgrade) gives the same
+    /// map from `parse_head`'s (skips taken) as from a map of every field (no skips).
+    #[test]
+    fn skipping_changes_nothing_the_respond_phase_passes_on() {
+        let fields = [
+            "Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+            "Connection: keep-alive\r\nConnection: x-secret\r\nX-Secret: 1\r\n",
+            "Connection: keep-alive\r\nConnection: close\r\n",
+            "Connection: close\r\nClose: 1\r\nKeep-Alive: 1\r\n",
+            "Connection: Keep-Alive, Close\r\nKeep-Alive: timeout=5\r\n",
+            "Connection: keep-alive, x-request-id\r\nX-Request-Id: abc\r\nKeep-Alive: 1\r\n",
+            "Connection: keep-alive, x-\u{e9}t\u{e9}\r\nKeep-Alive: 1\r\n",
+            "Connection: , ,keep-alive,, \r\nKeep-Alive: 1\r\n",
+            "Connection: ,\r\n",
+            "Connection: te\r\nTE: trailers\r\n",
+            "Connection: te, upgrade\r\nTE: trailers, deflate\r\nUpgrade: h2c\r\n",
+            "TE: deflate\r\nTransfer-Encoding: chunked\r\n",
+            "TE: trailers\r\nProxy-Connection: keep-alive\r\nProxy-Authenticate: Basic\r\n\
+             Proxy-Authorization: Basic x\r\n",
+            "Upgrade: websocket\r\nconnection: UPGRADE\r\n",
+        ];
+        for f in fields {
+            let framing = if f.contains("Transfer-Encoding") {
+                ""
+            } else {
+                "Content-Length: 0\r\n"
+            };
+            let raw = format!("HTTP/1.1 200 OK\r\nServer: s\r\n{f}{framing}\r\n");
+            // Each char is one byte (`\u{e9}`: obs-text).
+            let bytes: Vec<u8> = raw
+                .chars()
+                .map(|c| u8::try_from(u32::from(c)).unwrap())
+                .collect();
+            let mut skips = match parse_head(&bytes, false, &mut HeaderMap::new()) {
+                Ok(Parsed::Final(answer)) => answer.res.into_parts().0.headers,
+                _ => panic!("a final head: {f}"),
+            };
+            let mut all = HeaderMap::new();
+            let mut slots = [httparse::EMPTY_HEADER; 16];
+            let mut res = httparse::Response::new(&mut slots);
+            assert!(res.parse(&bytes).unwrap().is_complete(), "{f}");
+            for h in res.headers.iter() {
+                all.append(
+                    HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(h.value).unwrap(),
+                );
+            }
+            assert!(skips.len() < all.len(), "nothing skipped: {f}");
+            crate::proxy::headers::strip_hop_by_hop(&mut skips, false);
+            crate::proxy::headers::strip_hop_by_hop(&mut all, false);
+            assert_eq!(skips, all, "{f}");
+        }
     }
 
     /// The body is moved with its response through the phases, a `memcpy` of its size each
