@@ -115,6 +115,15 @@ impl Endpoint {
         &self,
         mut req: http::Request<crate::proxy::body::ProxyBody>,
     ) -> Result<http::Response<crate::proxy::body::UpstreamBody>, pool::SendError> {
+        // The contract above, checked in debug builds (and so in the tests): an absolute URI
+        // would reach `Pool::send`'s hyper fallback (HTTP/1.0, large or streaming bodies,
+        // upgrades) as an absolute-form request line. The one caller is `forward`'s attempt
+        // (a `PathAndQuery`); the bridge's invocation calls hyper-util's client itself.
+        debug_assert!(
+            req.uri().scheme().is_none() && req.uri().authority().is_none(),
+            "Endpoint::send takes an origin-form URI, not {}",
+            req.uri()
+        );
         let pool = match (&self.pool, &self.upgrades) {
             (Some(pool), _) => Some(pool),
             (None, Some(upgrades))
