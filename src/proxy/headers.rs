@@ -85,7 +85,7 @@ impl HttpListener {
             }
             // Only Outrigger says who the peer is: a client's own claim is removed. A pass over
             // the names first (a removal hashes the name even when there is none, as there
-            // almost never is: ~190 instructions per request, callgrind on h2c).
+            // almost never is; docs/BENCHMARKS.md "h2c shared path, second round", `prepare`).
             if parts.headers.keys().any(|k| *k == X_FORWARDED_CLIENT_CERT) {
                 parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
             }
@@ -203,7 +203,8 @@ fn prepare(
     strip_hop_by_hop(headers, upgrade);
     // Which of the three a client sent (one pass over the names, comparing them): most send
     // none, and a header it did not send is appended without an entry's lookup first (each
-    // entry hashed its name and probed: ~120 instructions per header, callgrind on h2c).
+    // entry hashed its name and probed; with the other `prepare` cuts, −460 instructions per
+    // h2c request, docs/BENCHMARKS.md "h2c shared path, second round").
     let (mut has_for, mut has_proto, mut has_via) = (false, false, false);
     for k in headers.keys() {
         has_for |= *k == X_FORWARDED_FOR;

@@ -610,7 +610,8 @@ impl LastHost {
 /// Host headers are refused.
 fn authority<B>(req: &Request<B>) -> Result<(&str, bool), &'static str> {
     // A pass over the names first: an HTTP/2 request rarely has a Host header, and a lookup
-    // hashes the name even when there is none (~110 instructions per h2c request).
+    // hashes the name even when there is none (~90 instructions per h2c request,
+    // docs/BENCHMARKS.md "h2c shared path, second round").
     let host = if req.headers().keys().any(|k| *k == header::HOST) {
         let mut hosts = req.headers().get_all(header::HOST).iter();
         let host = hosts.next();

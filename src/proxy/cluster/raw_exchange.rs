@@ -75,7 +75,8 @@ pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
         return None;
     }
     // One pass over the names for both fields, which a request rarely has (two lookups hash
-    // their names every time: ~200 instructions per request, callgrind on h2c).
+    // their names every time: ~170 instructions per h2c request, docs/BENCHMARKS.md "h2c
+    // shared path, second round").
     let (mut upgrade, mut length) = (false, false);
     for k in h.keys() {
         upgrade |= *k == header::UPGRADE;
