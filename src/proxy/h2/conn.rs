@@ -409,7 +409,6 @@ where
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
     R: Future<Output = ()> + Send + 'static,
 {
-
     fn fail(&mut self, reason: Reason, detail: &'static str) {
         if self.failed.is_some() {
             return;

@@ -154,8 +154,8 @@ impl<R: Future<Output = ()>> Inline<R> {
     /// Inline streams when the current runtime is a current-thread one.
     pub fn new() -> Self {
         use tokio::runtime::{Handle, RuntimeFlavor};
-        let on = Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
+        let on =
+            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
         Inline {
             on,
             slots: Vec::new(),
@@ -263,8 +263,9 @@ impl<R: Future<Output = ()>> Inline<R> {
             s.shared_waker.queued.store(false, Ordering::Release);
             let mut cx = Context::from_waker(&s.waker);
             let future = s.future.as_mut();
-            let polled =
-                catch_unwind(AssertUnwindSafe(|| future.as_pin_mut().map(|f| f.poll(&mut cx))));
+            let polled = catch_unwind(AssertUnwindSafe(|| {
+                future.as_pin_mut().map(|f| f.poll(&mut cx))
+            }));
             done = true;
             match polled {
                 Ok(Some(Poll::Pending)) => {}
