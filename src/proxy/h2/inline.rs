@@ -15,7 +15,8 @@
 //! How:
 //! - each slot keeps its future in a pinned box that is reused from stream to stream
 //!   (`Pin::set`: no allocation per stream once the connection has as many slots as it had
-//!   streams at once), and a waker of its own, made once (an `Arc` of [`SlotWaker`]);
+//!   streams at once; at most [`SPARE_SLOTS`] free slots keep theirs), and a waker of its own,
+//!   made once (an `Arc` of [`SlotWaker`]);
 //! - a slot's waker puts the slot on the connection's ready list (once: a flag) and wakes the
 //!   connection task; `poll_conn` polls only the slots on that list, so a stream waiting for a
 //!   slow upstream costs nothing until its waker fires, and one that is ready does not wait
@@ -51,6 +52,10 @@ use super::streams::{SharedRef, lock};
 /// Inline polls one `poll_conn` call makes at most before it yields (tokio's own budget per
 /// task poll is 128 operations on its resources).
 pub(super) const INLINE_BUDGET: u32 = 64;
+/// Free slots that keep their future's box for the next stream (at most): a connection keeps
+/// no more memory than that for the streams it once had at once (a reset's future is dropped
+/// at the next poll, so one read of HEADERS and RST_STREAM pairs takes a slot per pair).
+const SPARE_SLOTS: usize = 16;
 
 /// How a stream's response is served: what ends it when the stream is reset.
 pub(super) enum Task {
@@ -124,8 +129,9 @@ impl Wake for SlotWaker {
 }
 
 struct Slot<R> {
-    /// Reused: `Pin::set` replaces the future in place.
-    future: Pin<Box<Option<R>>>,
+    /// Reused: `Pin::set` replaces the future in place (None: a free slot past
+    /// [`SPARE_SLOTS`], its box dropped).
+    future: Option<Pin<Box<Option<R>>>>,
     /// The stream it serves (0: empty).
     id: u32,
     shared_waker: Arc<SlotWaker>,
@@ -184,7 +190,7 @@ impl<R: Future<Output = ()>> Inline<R> {
                 woken: self.woken.clone(),
             });
             self.slots.push(Slot {
-                future: Box::pin(None),
+                future: None,
                 id: 0,
                 waker: Waker::from(shared_waker.clone()),
                 shared_waker,
@@ -201,7 +207,10 @@ impl<R: Future<Output = ()>> Inline<R> {
     /// [`Self::poll`].
     pub fn start(&mut self, slot: usize, id: u32, future: R) {
         let s = &mut self.slots[slot];
-        s.future.as_mut().set(Some(future));
+        match &mut s.future {
+            Some(b) => b.as_mut().set(Some(future)),
+            None => s.future = Some(Box::pin(Some(future))),
+        }
         s.id = id;
         self.live += 1;
         self.fresh.push(slot);
@@ -262,10 +271,8 @@ impl<R: Future<Output = ()>> Inline<R> {
             // Before the poll: a wake during it puts the slot back on the list.
             s.shared_waker.queued.store(false, Ordering::Release);
             let mut cx = Context::from_waker(&s.waker);
-            let future = s.future.as_mut();
-            let polled = catch_unwind(AssertUnwindSafe(|| {
-                future.as_pin_mut().map(|f| f.poll(&mut cx))
-            }));
+            let future = s.future.as_mut().and_then(|b| b.as_mut().as_pin_mut());
+            let polled = catch_unwind(AssertUnwindSafe(|| future.map(|f| f.poll(&mut cx))));
             done = true;
             match polled {
                 Ok(Some(Poll::Pending)) => {}
@@ -286,7 +293,11 @@ impl<R: Future<Output = ()>> Inline<R> {
     fn end(&mut self, n: usize) {
         let s = &mut self.slots[n];
         s.id = 0;
-        s.future.as_mut().set(None);
+        if self.free.len() >= SPARE_SLOTS {
+            s.future = None;
+        } else if let Some(b) = &mut s.future {
+            b.as_mut().set(None);
+        }
         self.live -= 1;
         self.free.push(n);
     }
@@ -305,5 +316,16 @@ impl<R: Future<Output = ()>> Inline<R> {
     #[cfg(test)]
     pub fn live(&self) -> usize {
         self.live
+    }
+
+    /// Slots, and boxes kept by free ones (tests).
+    #[cfg(test)]
+    pub fn kept(&self) -> (usize, usize) {
+        let spare = self
+            .slots
+            .iter()
+            .filter(|s| s.id == 0 && s.future.is_some())
+            .count();
+        (self.slots.len(), spare)
     }
 }

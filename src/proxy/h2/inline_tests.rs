@@ -249,6 +249,10 @@ async fn inline_polls_are_bounded_per_connection_poll() {
     assert!(all.iter().all(|&p| p == 1), "{all:?}");
     assert_eq!(yields.0.load(Ordering::SeqCst), 2);
     assert_eq!(inline.live(), n);
+    // All dropped (the connection's end): the slots stay, at most `SPARE_SLOTS` boxes with them.
+    inline.clear();
+    assert_eq!(inline.live(), 0);
+    assert_eq!(inline.kept(), (n, 16));
 }
 
 fn shared() -> SharedRef {
