@@ -50,16 +50,20 @@ impl Drop for DropFlag {
     }
 }
 
-/// A response body that yields 16 KiB frames for ever (a response the client's window holds).
-struct Endless(#[allow(dead_code)] DropFlag);
+/// A response body that yields one 16 KiB frame (a response the client's window holds), then
+/// nothing, and never wakes its reader: only the stream's end can drop it.
+struct Endless(bool, #[allow(dead_code)] DropFlag);
 
 impl hyper::body::Body for Endless {
     type Data = Bytes;
     type Error = BoxError;
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if std::mem::replace(&mut self.0, true) {
+            return Poll::Pending;
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'e'; 16 * 1024])))))
     }
 }
@@ -71,7 +75,7 @@ type Service = Box<
 
 /// Every response says where its service ran: "inline" (on the connection's task, whose id
 /// the service closure reads: it is called there) or "spawned". `/wait` waits for a permit
-/// of `gate`, `/hang` for ever, `/panic` panics, `/endless` answers a body without end;
+/// of `gate`, `/hang` for ever, `/panic` panics, `/endless` answers one frame and then nothing;
 /// `/wait`, `/hang`, `/panic` and `/endless` count in `started`, and their drop in
 /// `dropped`.
 fn probe_service(probe: Arc<Probe>) -> Service {
@@ -103,7 +107,7 @@ fn probe_service(probe: Arc<Probe>) -> Service {
                     tokio::task::yield_now().await;
                     panic!("a service that panics (inline_tests)");
                 }
-                "/endless" => return Response::new(Endless(flag).boxed()),
+                "/endless" => return Response::new(Endless(false, flag).boxed()),
                 _ => std::mem::forget(flag),
             }
             Response::new(body::full(place))
