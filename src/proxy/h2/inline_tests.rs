@@ -148,10 +148,12 @@ async fn answer(c: &mut Raw, stream: u32) -> (Result<Vec<u8>, Reason>, Vec<In>) 
     }
 }
 
+/// Waits for `f`, 60 s at most: a sleep between checks, not a yield, so that on the paused
+/// clock the time moves (a test fails rather than spins for ever).
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     tokio::time::timeout(Duration::from_secs(60), async {
         while !f() {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     })
     .await
