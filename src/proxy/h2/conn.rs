@@ -1,6 +1,6 @@
 //! The connection task: reads and checks every frame the client sends (RFC 9113), decodes
-//! header blocks, starts a task per request, and writes every frame we send, batched into
-//! one output buffer written once per wake.
+//! header blocks, starts a task per request (or polls the request's future itself: `inline`),
+//! and writes every frame we send, batched into one output buffer written once per wake.
 //!
 //! One poll function drives it all (no split of the socket, no channel): write what is
 //! queued; read while the output buffer is under [`OUT_HIGH`] (a client that does not read
@@ -25,6 +25,7 @@ use super::frame::{
     self, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW, Head, MAX_WINDOW, Reason, flag, kind, setting,
 };
 use super::hpack::{self, BlockReader, Refused};
+use super::inline::{Inline, Task};
 use super::stream::{RecvBody, SEND_BUFFER, respond};
 use super::streams::{Queued, Recv, Shared, SharedRef, Stream, lock};
 use super::{Error, Settings, Shutdown};
@@ -238,9 +239,15 @@ fn put_block(
     }
 }
 
-pub(super) struct Conn<IO, S> {
+/// `F`: the service's future; `R`: a stream's `respond` future around it (a type only the
+/// compiler can name: `respond` is an `async fn`, so `Conn::new` returns it as an `impl Future`
+/// and keeps the function to make one).
+pub(super) struct Conn<IO, S, F, R> {
     io: IO,
     service: S,
+    respond: fn(SharedRef, u32, bool, BytesMut, F) -> R,
+    /// Streams served on this task rather than spawned (`inline`).
+    inline: Inline<R>,
     shared: SharedRef,
     settings: Settings,
     shutdown: Shutdown,
@@ -302,13 +309,19 @@ pub(super) struct Conn<IO, S> {
     conn_waiting: VecDeque<u32>,
 }
 
-impl<IO, S, F> Conn<IO, S>
+impl<IO, S, F> Conn<IO, S, F, ()>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: FnMut(Request<RecvBody>) -> F + Send + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    pub fn new(io: IO, prefix: Bytes, settings: Settings, shutdown: Shutdown, service: S) -> Self {
+    pub fn new(
+        io: IO,
+        prefix: Bytes,
+        settings: Settings,
+        shutdown: Shutdown,
+        service: S,
+    ) -> Conn<IO, S, F, impl Future<Output = ()> + Send + 'static> {
         let mut read_buf = BytesMut::with_capacity(READ_BUF);
         read_buf.extend_from_slice(&prefix);
         let mut out = BytesMut::with_capacity(4096);
@@ -349,6 +362,8 @@ where
         Conn {
             io,
             service,
+            respond: respond::<F>,
+            inline: Inline::new(),
             shared,
             conn_recv_window: i64::from(settings.connection_window_size.max(DEFAULT_WINDOW)),
             settings,
@@ -385,7 +400,15 @@ where
             conn_waiting: VecDeque::new(),
         }
     }
+}
 
+impl<IO, S, F, R> Conn<IO, S, F, R>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: FnMut(Request<RecvBody>) -> F + Send + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    R: Future<Output = ()> + Send + 'static,
+{
     fn fail(&mut self, reason: Reason, detail: &'static str) {
         if self.failed.is_some() {
             return;
@@ -407,6 +430,9 @@ where
             s.wake_all();
         }
         sh.ready.clear();
+        drop(sh);
+        // Now, not at a next poll: the connection may be ending.
+        self.inline.clear();
     }
 
     /// All streams closed (for an ending connection).
@@ -435,7 +461,11 @@ where
         {
             self.fail(reason, detail);
         }
+        self.inline.begin();
         loop {
+            // The inline streams woken (`inline`): what they queue is gathered below, in this
+            // turn (no progress to report for it).
+            self.inline.poll(cx, &self.shared);
             let mut progress = false;
             self.clock = None;
             if self.failed.is_none()
@@ -531,6 +561,7 @@ where
                 // not processed. Our side is shut instead, and its bytes read and dropped
                 // until it closes too (it will: no stream is left), for at most
                 // `linger::LINGER`.
+                self.inline.clear();
                 let linger = self.linger.insert(Linger {
                     shut: false,
                     drain: linger::Drain::within(linger::LINGER),
@@ -1069,6 +1100,12 @@ where
             content_length,
         );
         stream.rapid_until = Some(*self.clock.get_or_insert_with(Instant::now) + RAPID_RESET_AGE);
+        // The rule (`inline`): a request without a body, on a current-thread runtime.
+        let inline = (end_stream && self.inline.on()).then(|| {
+            let (slot, task) = self.inline.reserve(id);
+            stream.task = Some(task);
+            slot
+        });
         sh.streams.insert(id, stream);
         let body = RecvBody {
             shared: self.shared.clone(),
@@ -1086,10 +1123,16 @@ where
         drop(sh);
         let future = (self.service)(req.into_request(body));
         let block = self.spare_blocks.pop().unwrap_or_default();
-        let task = tokio::spawn(respond(self.shared.clone(), id, head_only, block, future));
+        let respond = (self.respond)(self.shared.clone(), id, head_only, block, future);
+        if let Some(slot) = inline {
+            // First polled at the top of `poll_conn`'s next turn (this one read something).
+            self.inline.start(slot, id, respond);
+            return Ok(());
+        }
+        let task = tokio::spawn(respond);
         // Gone already when the task ran to its end on another thread.
         if let Some(s) = lock(&self.shared).streams.get_mut(&id) {
-            s.task = Some(task.abort_handle());
+            s.task = Some(Task::Spawned(task.abort_handle()));
         }
         Ok(())
     }
@@ -1654,7 +1697,7 @@ pub(super) struct Buffered {
 }
 
 #[cfg(test)]
-impl<IO, S> Conn<IO, S> {
+impl<IO, S, F, R> Conn<IO, S, F, R> {
     pub(super) fn buffered(&self) -> Buffered {
         let sh = lock(&self.shared);
         Buffered {
@@ -1730,7 +1773,7 @@ fn give_back(spare: &mut Vec<BytesMut>, mut block: BytesMut) {
     }
 }
 
-impl<IO, S> Drop for Conn<IO, S> {
+impl<IO, S, F, R> Drop for Conn<IO, S, F, R> {
     fn drop(&mut self) {
         let mut sh = lock(&self.shared);
         for (_, mut s) in sh.streams.drain() {

@@ -9,15 +9,17 @@
 //!
 //! How it works: one task per connection reads and writes every frame (`conn`: one read
 //! buffer, reused; all frames ready are written with one write per wake); each request's
-//! service future runs on a task of its own (`tokio::spawn`), which queues its response in
-//! state shared with the connection task (`streams`: one `Mutex` per connection and a waker
+//! service future runs on a task of its own (`tokio::spawn`), or on the connection's task for
+//! a request without a body on a current-thread runtime (`inline`: the rule and why there),
+//! and queues its response in state shared with the connection task (`streams`: one `Mutex` per connection and a waker
 //! per side, as `h2` does; no channel per stream) and encodes the response head itself
 //! (`hpack`: a stateless encoder). The request body ([`RecvBody`]) is read from the same
 //! state, and reading it is what gives the client its window back.
 //!
 //! Per request, in steady state, the server itself allocates the request's `HeaderMap` (two
 //! arrays, sized at once for what the proxy's phases add; a third once a field name repeats)
-//! and the stream's task (`tokio::spawn`). Header values go into a per-connection arena
+//! and, for a spawned stream, its task (`tokio::spawn`; an inline stream reuses a slot of the
+//! connection's once it had as many streams at once). Header values go into a per-connection arena
 //! (`hpack::BlockReader`: 4 KiB that the requests' values slice, allocated at the first header
 //! block and anew only once requests used up its room; a block that needs more gets one of
 //! its own size, dropped after the block), response heads are encoded into buffers the
@@ -100,9 +102,11 @@
 //!   client reads the GOAWAY rather than a TCP reset); after ENHANCE_YOUR_CALM (an abuse
 //!   guard: floods, rapid resets) the close is at once, nothing more read.
 //!
-//! The service closure is called, and its task spawned, without the connection's lock held.
+//! The service closure is called, and its task spawned (or its future put in its slot),
+//! without the connection's lock held.
 //!
-//! Tested by `tests` (frames in, frames out; real clients) and `fuzz_tests` (generated and
+//! Tested by `tests` (frames in, frames out; real clients), `inline_tests` (the inline
+//! streams: the rule, fairness, resets, panics, shutdown) and `fuzz_tests` (generated and
 //! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
 //! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
 //! back and the stall timer (on tokio's paused clock).
@@ -133,6 +137,9 @@ mod frame;
 #[cfg(test)]
 mod fuzz_tests;
 mod hpack;
+mod inline;
+#[cfg(test)]
+mod inline_tests;
 mod stream;
 mod streams;
 #[cfg(test)]
@@ -289,10 +296,11 @@ impl std::error::Error for Error {
 ///
 /// Each stream's request (`http::Request` as hyper builds one: version HTTP/2, the URI from
 /// `:scheme`, `:authority` and `:path`, the regular fields in its `HeaderMap`, no `host` added)
-/// goes to `service` on a task of its own (`tokio::spawn`); its response (head, body frames,
-/// trailers) is sent back under flow control. A response body that fails resets its stream
-/// (INTERNAL_ERROR). Dropping the returned future closes the connection and aborts its
-/// streams' tasks.
+/// goes to `service`, whose future runs on a task of its own (`tokio::spawn`) or on the
+/// connection's (`inline`: a request without a body on a current-thread runtime); its response
+/// (head, body frames, trailers) is sent back under flow control. A response body that fails,
+/// or a service that panics, resets its stream (INTERNAL_ERROR). Dropping the returned future
+/// closes the connection and aborts its streams' tasks (drops the inline ones).
 pub async fn serve<IO, S, F>(
     io: IO,
     prefix: Bytes,

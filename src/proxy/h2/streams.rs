@@ -12,10 +12,10 @@ use std::task::Waker;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::frame::Reason;
+use super::inline::Task;
 
 /// Stream ids are small odd integers: no need to hash them.
 #[derive(Default)]
@@ -109,7 +109,8 @@ pub(super) struct Stream {
     /// A client reset before this counts as a rapid one (`conn::RAPID_RESET_AGE`); None once
     /// the response's head was written.
     pub rapid_until: Option<Instant>,
-    pub task: Option<AbortHandle>,
+    /// The response's task, or its slot on the connection's task (`inline`).
+    pub task: Option<Task>,
 }
 
 impl Stream {
