@@ -27,8 +27,10 @@
 //!   I/O also draws on the connection task's tokio budget);
 //! - a stream ended by a reset (the client's RST_STREAM, ours, the stall timer, the
 //!   connection's end) has its future dropped, as a spawned one is aborted: `Task::abort` marks
-//!   the slot (with the stream id: a slot since reused by another stream is not touched) and
-//!   puts it on the ready list, and the next poll drops the future instead of polling it
+//!   the slot and puts it on the ready list only while the slot still serves that stream (its
+//!   `current` id, set when reserved and cleared when its future ends: a stream whose future
+//!   has ended but whose response still waits for the client's window may be reset long after
+//!   its slot went to another stream), and the next poll drops the future instead of polling it
 //!   (`Conn::abort_streams` and a closing connection drop them all at once). Dropping the
 //!   future drops the service's (its upstream connection released as for an aborted task);
 //! - a poll that panics is caught (`catch_unwind`) and its future dropped: its guard resets the
@@ -73,8 +75,12 @@ impl Task {
         match self {
             Task::Spawned(handle) => handle.abort(),
             Task::Inline(waker, id) => {
-                waker.doomed.store(*id, Ordering::Release);
-                waker.wake_by_ref();
+                // Only the slot's current stream: its future may have ended and the slot
+                // serve another stream now.
+                if waker.current.load(Ordering::Acquire) == *id {
+                    waker.doomed.store(*id, Ordering::Release);
+                    waker.wake_by_ref();
+                }
             }
         }
     }
@@ -108,6 +114,9 @@ pub(super) struct SlotWaker {
     queued: AtomicBool,
     /// The stream whose future is to be dropped, not polled (0: none; stream ids are odd).
     doomed: AtomicU32,
+    /// The stream the slot serves (0: none): set by `Inline::reserve`, cleared when its future
+    /// ends; `Task::abort` of any other stream leaves the slot alone.
+    current: AtomicU32,
     woken: Arc<Woken>,
 }
 
@@ -187,6 +196,7 @@ impl<R: Future<Output = ()>> Inline<R> {
                 slot,
                 queued: AtomicBool::new(false),
                 doomed: AtomicU32::new(0),
+                current: AtomicU32::new(0),
                 woken: self.woken.clone(),
             });
             self.slots.push(Slot {
@@ -200,6 +210,7 @@ impl<R: Future<Output = ()>> Inline<R> {
         let waker = self.slots[slot].shared_waker.clone();
         // A doom for this stream from before (none) or for the slot's last stream is void.
         waker.doomed.store(0, Ordering::Release);
+        waker.current.store(id, Ordering::Release);
         (slot, Task::Inline(waker, id))
     }
 
@@ -293,6 +304,7 @@ impl<R: Future<Output = ()>> Inline<R> {
     fn end(&mut self, n: usize) {
         let s = &mut self.slots[n];
         s.id = 0;
+        s.shared_waker.current.store(0, Ordering::Release);
         if self.free.len() >= SPARE_SLOTS {
             s.future = None;
         } else if let Some(b) = &mut s.future {
