@@ -33,7 +33,8 @@
 //!   its slot went to another stream), and the next poll drops the future instead of polling it
 //!   (`Conn::abort_streams` and a closing connection drop them all at once). Dropping the
 //!   future drops the service's (its upstream connection released as for an aborted task);
-//! - a poll that panics is caught (`catch_unwind`) and its future dropped: its guard resets the
+//! - a poll that panics is caught (`catch_unwind`) and its future dropped (a panic in that drop
+//!   is caught too): its guard resets the
 //!   stream (INTERNAL_ERROR) and the connection goes on, as when a spawned stream's task
 //!   panics (tokio catches it; the panic hook runs in both cases);
 //! - the connection does not wait for them on its own: an inline stream is open until its
@@ -305,11 +306,15 @@ impl<R: Future<Output = ()>> Inline<R> {
         let s = &mut self.slots[n];
         s.id = 0;
         s.shared_waker.current.store(0, Ordering::Release);
-        if self.free.len() >= SPARE_SLOTS {
-            s.future = None;
-        } else if let Some(b) = &mut s.future {
-            b.as_mut().set(None);
-        }
+        // A drop that panics (a service's or a body's `Drop`) costs only its stream, as for a
+        // spawned task (tokio catches a panic while dropping an aborted task's future).
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            if self.free.len() >= SPARE_SLOTS {
+                s.future = None;
+            } else if let Some(b) = &mut s.future {
+                b.as_mut().set(None);
+            }
+        }));
         self.live -= 1;
         self.free.push(n);
     }
