@@ -148,6 +148,13 @@ struct Slot<R> {
     waker: Waker,
 }
 
+impl<R> Drop for Inline<R> {
+    fn drop(&mut self) {
+        // As in `clear`: the slot wakers may outlive the connection.
+        self.woken.lock().conn = None;
+    }
+}
+
 /// The connection's inline streams (see the module doc).
 pub(super) struct Inline<R> {
     /// The rule's runtime half: a current-thread runtime.
@@ -327,6 +334,9 @@ impl<R: Future<Output = ()>> Inline<R> {
             }
         }
         self.fresh.clear();
+        // A slot waker kept by an upstream resource after the connection ends does not keep
+        // the connection task (its waker) alive.
+        self.woken.lock().conn = None;
     }
 
     /// Futures held (tests).
