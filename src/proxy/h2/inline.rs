@@ -41,6 +41,7 @@
 //!   response is written, and graceful shutdown and drain wait for open streams (`Conn::idle`)
 //!   as for spawned ones.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -95,8 +96,9 @@ struct Woken {
 
 #[derive(Default)]
 struct WokenInner {
-    /// Slots woken since the connection task last looked.
-    ready: Vec<usize>,
+    /// Slots woken since the connection task last looked, in the order they were woken (the
+    /// ones a poll left out for want of budget at the front).
+    ready: VecDeque<usize>,
     /// The connection task's waker.
     conn: Option<Waker>,
 }
@@ -131,7 +133,7 @@ impl Wake for SlotWaker {
             return;
         }
         let mut w = self.woken.lock();
-        w.ready.push(self.slot);
+        w.ready.push_back(self.slot);
         if let Some(conn) = &w.conn {
             conn.wake_by_ref();
         }
@@ -167,6 +169,8 @@ pub(super) struct Inline<R> {
     fresh: Vec<usize>,
     /// The slots of one poll (kept for its allocation).
     batch: Vec<usize>,
+    /// The slots of one poll left for the next (kept for its allocation).
+    rest: Vec<usize>,
     /// Polls left in this `poll_conn` call.
     budget: u32,
     /// Slots holding a future.
@@ -186,6 +190,7 @@ impl<R: Future<Output = ()>> Inline<R> {
             woken: Arc::default(),
             fresh: Vec::new(),
             batch: Vec::new(),
+            rest: Vec::new(),
             budget: INLINE_BUDGET,
             live: 0,
         }
@@ -249,22 +254,23 @@ impl<R: Future<Output = ()>> Inline<R> {
         if self.live == 0 {
             return false;
         }
+        // The woken first (oldest first), then the fresh: a steady flow of new streams does
+        // not hold back a woken one.
         let mut batch = std::mem::take(&mut self.batch);
-        batch.append(&mut self.fresh);
         {
             let mut w = self.woken.lock();
             if !w.conn.as_ref().is_some_and(|c| c.will_wake(cx.waker())) {
                 w.conn = Some(cx.waker().clone());
             }
-            batch.append(&mut w.ready);
+            batch.extend(w.ready.drain(..));
         }
+        batch.append(&mut self.fresh);
         if batch.is_empty() {
             self.batch = batch;
             return false;
         }
         lock(shared).conn_waker = None;
         let mut done = false;
-        let mut left = false;
         for &n in &batch {
             let s = &mut self.slots[n];
             if s.id == 0 {
@@ -280,10 +286,9 @@ impl<R: Future<Output = ()>> Inline<R> {
                 continue;
             }
             if self.budget == 0 {
-                // Out of budget: next time (on the list, flagged as a wake leaves it).
+                // Out of budget: next time, first (on the list, flagged as a wake leaves it).
                 s.shared_waker.queued.store(true, Ordering::Release);
-                self.woken.lock().ready.push(n);
-                left = true;
+                self.rest.push(n);
                 continue;
             }
             self.budget -= 1;
@@ -299,7 +304,13 @@ impl<R: Future<Output = ()>> Inline<R> {
                 Ok(_) | Err(_) => self.end(n),
             }
         }
-        if left {
+        if !self.rest.is_empty() {
+            let mut w = self.woken.lock();
+            for &n in self.rest.iter().rev() {
+                w.ready.push_front(n);
+            }
+            drop(w);
+            self.rest.clear();
             // The task yields and comes back for the rest.
             cx.waker().wake_by_ref();
         }
