@@ -246,13 +246,12 @@ impl<R: Future<Output = ()>> Inline<R> {
     }
 
     /// Drops the futures of the slots marked by [`Task::abort`] and polls the woken ones (at
-    /// most what is left of the budget). True when any was polled or dropped: their frames
-    /// are queued for `gather`. The connection's waker in `shared` is taken first, so that a
+    /// most what is left of the budget); what they queue is for the caller's `gather`. The connection's waker in `shared` is taken first, so that a
     /// future queueing its response does not wake the running connection task (the caller
     /// gathers next, which puts it back).
-    pub fn poll(&mut self, cx: &mut Context<'_>, shared: &SharedRef) -> bool {
+    pub fn poll(&mut self, cx: &mut Context<'_>, shared: &SharedRef) {
         if self.live == 0 {
-            return false;
+            return;
         }
         // The woken first (oldest first), then the fresh: a steady flow of new streams does
         // not hold back a woken one.
@@ -267,10 +266,9 @@ impl<R: Future<Output = ()>> Inline<R> {
         batch.append(&mut self.fresh);
         if batch.is_empty() {
             self.batch = batch;
-            return false;
+            return;
         }
         lock(shared).conn_waker = None;
-        let mut done = false;
         for &n in &batch {
             let s = &mut self.slots[n];
             if s.id == 0 {
@@ -282,7 +280,6 @@ impl<R: Future<Output = ()>> Inline<R> {
                 // Dropped whatever the budget: it holds an upstream connection, say.
                 s.shared_waker.queued.store(false, Ordering::Release);
                 self.end(n);
-                done = true;
                 continue;
             }
             if self.budget == 0 {
@@ -297,7 +294,6 @@ impl<R: Future<Output = ()>> Inline<R> {
             let mut cx = Context::from_waker(&s.waker);
             let future = s.future.as_mut().and_then(|b| b.as_mut().as_pin_mut());
             let polled = catch_unwind(AssertUnwindSafe(|| future.map(|f| f.poll(&mut cx))));
-            done = true;
             match polled {
                 Ok(Some(Poll::Pending)) => {}
                 // Ended; or panicked: dropping the future resets the stream (its guard).
@@ -316,7 +312,6 @@ impl<R: Future<Output = ()>> Inline<R> {
         }
         batch.clear();
         self.batch = batch;
-        done
     }
 
     /// Drops slot `n`'s future and frees the slot.
