@@ -23,8 +23,12 @@
 //!   for it;
 //! - at most [`INLINE_BUDGET`] polls per `poll_conn` call; past it the rest wait on the list and
 //!   the task yields (wakes itself), so a burst of ready streams does not hold back the
-//!   connection's reads and writes (as tokio's budget does for a task; each inline future's
-//!   I/O also draws on the connection task's tokio budget);
+//!   connection's reads and writes (as tokio's budget does for a task); the same when the
+//!   connection task's tokio budget is spent (each inline future's I/O draws on it, and
+//!   spent it would make the connection's own socket reads and writes wait for the next
+//!   poll). Checking it (`coop::has_budget_remaining`) rather than moving the socket's
+//!   read and write before the inline polls keeps one turn's order: what the inline futures
+//!   queue is written in the same turn;
 //! - a stream ended by a reset (the client's RST_STREAM, ours, the stall timer, the
 //!   connection's end) has its future dropped, as a spawned one is aborted: `Task::abort` marks
 //!   the slot and puts it on the ready list only while the slot still serves that stream (its
@@ -282,8 +286,11 @@ impl<R: Future<Output = ()>> Inline<R> {
                 self.end(n);
                 continue;
             }
-            if self.budget == 0 {
-                // Out of budget: next time, first (on the list, flagged as a wake leaves it).
+            // Out of our budget, or of the connection task's tokio budget (the inline
+            // futures' I/O draws on it: spent, the connection's own reads and writes would
+            // return Pending until the next poll of the task).
+            if self.budget == 0 || !tokio::task::coop::has_budget_remaining() {
+                // Next time, first (on the list, flagged as a wake leaves it).
                 s.shared_waker.queued.store(true, Ordering::Release);
                 self.rest.push(n);
                 continue;
