@@ -464,7 +464,7 @@ where
         self.inline.begin();
         loop {
             // The inline streams woken (`inline`): what they queue is gathered below, in this
-            // turn (no progress to report for it).
+            // turn.
             self.inline.poll(cx, &self.shared);
             let mut progress = false;
             self.clock = None;

@@ -23,21 +23,29 @@
 //!   for it;
 //! - at most [`INLINE_BUDGET`] polls per `poll_conn` call; past it the rest wait on the list and
 //!   the task yields (wakes itself), so a burst of ready streams does not hold back the
-//!   connection's reads and writes (as tokio's budget does for a task; each inline future's
-//!   I/O also draws on the connection task's tokio budget);
+//!   connection's reads and writes (as tokio's budget does for a task); the same when the
+//!   connection task's tokio budget is spent (each inline future's I/O draws on it, and
+//!   spent it would make the connection's own socket reads and writes wait for the next
+//!   poll). Checking it (`coop::has_budget_remaining`) rather than moving the socket's
+//!   read and write before the inline polls keeps one turn's order: what the inline futures
+//!   queue is written in the same turn;
 //! - a stream ended by a reset (the client's RST_STREAM, ours, the stall timer, the
 //!   connection's end) has its future dropped, as a spawned one is aborted: `Task::abort` marks
-//!   the slot (with the stream id: a slot since reused by another stream is not touched) and
-//!   puts it on the ready list, and the next poll drops the future instead of polling it
+//!   the slot and puts it on the ready list only while the slot still serves that stream (its
+//!   `current` id, set when reserved and cleared when its future ends: a stream whose future
+//!   has ended but whose response still waits for the client's window may be reset long after
+//!   its slot went to another stream), and the next poll drops the future instead of polling it
 //!   (`Conn::abort_streams` and a closing connection drop them all at once). Dropping the
 //!   future drops the service's (its upstream connection released as for an aborted task);
-//! - a poll that panics is caught (`catch_unwind`) and its future dropped: its guard resets the
+//! - a poll that panics is caught (`catch_unwind`) and its future dropped (a panic in that drop
+//!   is caught too): its guard resets the
 //!   stream (INTERNAL_ERROR) and the connection goes on, as when a spawned stream's task
 //!   panics (tokio catches it; the panic hook runs in both cases);
 //! - the connection does not wait for them on its own: an inline stream is open until its
 //!   response is written, and graceful shutdown and drain wait for open streams (`Conn::idle`)
 //!   as for spawned ones.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -73,8 +81,12 @@ impl Task {
         match self {
             Task::Spawned(handle) => handle.abort(),
             Task::Inline(waker, id) => {
-                waker.doomed.store(*id, Ordering::Release);
-                waker.wake_by_ref();
+                // Only the slot's current stream: its future may have ended and the slot
+                // serve another stream now.
+                if waker.current.load(Ordering::Acquire) == *id {
+                    waker.doomed.store(*id, Ordering::Release);
+                    waker.wake_by_ref();
+                }
             }
         }
     }
@@ -88,8 +100,9 @@ struct Woken {
 
 #[derive(Default)]
 struct WokenInner {
-    /// Slots woken since the connection task last looked.
-    ready: Vec<usize>,
+    /// Slots woken since the connection task last looked, in the order they were woken (the
+    /// ones a poll left out for want of budget at the front).
+    ready: VecDeque<usize>,
     /// The connection task's waker.
     conn: Option<Waker>,
 }
@@ -108,6 +121,9 @@ pub(super) struct SlotWaker {
     queued: AtomicBool,
     /// The stream whose future is to be dropped, not polled (0: none; stream ids are odd).
     doomed: AtomicU32,
+    /// The stream the slot serves (0: none): set by `Inline::reserve`, cleared when its future
+    /// ends; `Task::abort` of any other stream leaves the slot alone.
+    current: AtomicU32,
     woken: Arc<Woken>,
 }
 
@@ -121,7 +137,7 @@ impl Wake for SlotWaker {
             return;
         }
         let mut w = self.woken.lock();
-        w.ready.push(self.slot);
+        w.ready.push_back(self.slot);
         if let Some(conn) = &w.conn {
             conn.wake_by_ref();
         }
@@ -138,6 +154,13 @@ struct Slot<R> {
     waker: Waker,
 }
 
+impl<R> Drop for Inline<R> {
+    fn drop(&mut self) {
+        // As in `clear`: the slot wakers may outlive the connection.
+        self.woken.lock().conn = None;
+    }
+}
+
 /// The connection's inline streams (see the module doc).
 pub(super) struct Inline<R> {
     /// The rule's runtime half: a current-thread runtime.
@@ -150,6 +173,8 @@ pub(super) struct Inline<R> {
     fresh: Vec<usize>,
     /// The slots of one poll (kept for its allocation).
     batch: Vec<usize>,
+    /// The slots of one poll left for the next (kept for its allocation).
+    rest: Vec<usize>,
     /// Polls left in this `poll_conn` call.
     budget: u32,
     /// Slots holding a future.
@@ -169,6 +194,7 @@ impl<R: Future<Output = ()>> Inline<R> {
             woken: Arc::default(),
             fresh: Vec::new(),
             batch: Vec::new(),
+            rest: Vec::new(),
             budget: INLINE_BUDGET,
             live: 0,
         }
@@ -187,6 +213,7 @@ impl<R: Future<Output = ()>> Inline<R> {
                 slot,
                 queued: AtomicBool::new(false),
                 doomed: AtomicU32::new(0),
+                current: AtomicU32::new(0),
                 woken: self.woken.clone(),
             });
             self.slots.push(Slot {
@@ -200,6 +227,7 @@ impl<R: Future<Output = ()>> Inline<R> {
         let waker = self.slots[slot].shared_waker.clone();
         // A doom for this stream from before (none) or for the slot's last stream is void.
         waker.doomed.store(0, Ordering::Release);
+        waker.current.store(id, Ordering::Release);
         (slot, Task::Inline(waker, id))
     }
 
@@ -222,30 +250,29 @@ impl<R: Future<Output = ()>> Inline<R> {
     }
 
     /// Drops the futures of the slots marked by [`Task::abort`] and polls the woken ones (at
-    /// most what is left of the budget). True when any was polled or dropped: their frames
-    /// are queued for `gather`. The connection's waker in `shared` is taken first, so that a
+    /// most what is left of the budget); what they queue is for the caller's `gather`. The connection's waker in `shared` is taken first, so that a
     /// future queueing its response does not wake the running connection task (the caller
     /// gathers next, which puts it back).
-    pub fn poll(&mut self, cx: &mut Context<'_>, shared: &SharedRef) -> bool {
+    pub fn poll(&mut self, cx: &mut Context<'_>, shared: &SharedRef) {
         if self.live == 0 {
-            return false;
+            return;
         }
+        // The woken first (oldest first), then the fresh: a steady flow of new streams does
+        // not hold back a woken one.
         let mut batch = std::mem::take(&mut self.batch);
-        batch.append(&mut self.fresh);
         {
             let mut w = self.woken.lock();
             if !w.conn.as_ref().is_some_and(|c| c.will_wake(cx.waker())) {
                 w.conn = Some(cx.waker().clone());
             }
-            batch.append(&mut w.ready);
+            batch.extend(w.ready.drain(..));
         }
+        batch.append(&mut self.fresh);
         if batch.is_empty() {
             self.batch = batch;
-            return false;
+            return;
         }
         lock(shared).conn_waker = None;
-        let mut done = false;
-        let mut left = false;
         for &n in &batch {
             let s = &mut self.slots[n];
             if s.id == 0 {
@@ -257,14 +284,15 @@ impl<R: Future<Output = ()>> Inline<R> {
                 // Dropped whatever the budget: it holds an upstream connection, say.
                 s.shared_waker.queued.store(false, Ordering::Release);
                 self.end(n);
-                done = true;
                 continue;
             }
-            if self.budget == 0 {
-                // Out of budget: next time (on the list, flagged as a wake leaves it).
+            // Out of our budget, or of the connection task's tokio budget (the inline
+            // futures' I/O draws on it: spent, the connection's own reads and writes would
+            // return Pending until the next poll of the task).
+            if self.budget == 0 || !tokio::task::coop::has_budget_remaining() {
+                // Next time, first (on the list, flagged as a wake leaves it).
                 s.shared_waker.queued.store(true, Ordering::Release);
-                self.woken.lock().ready.push(n);
-                left = true;
+                self.rest.push(n);
                 continue;
             }
             self.budget -= 1;
@@ -273,31 +301,40 @@ impl<R: Future<Output = ()>> Inline<R> {
             let mut cx = Context::from_waker(&s.waker);
             let future = s.future.as_mut().and_then(|b| b.as_mut().as_pin_mut());
             let polled = catch_unwind(AssertUnwindSafe(|| future.map(|f| f.poll(&mut cx))));
-            done = true;
             match polled {
                 Ok(Some(Poll::Pending)) => {}
                 // Ended; or panicked: dropping the future resets the stream (its guard).
                 Ok(_) | Err(_) => self.end(n),
             }
         }
-        if left {
+        if !self.rest.is_empty() {
+            let mut w = self.woken.lock();
+            for &n in self.rest.iter().rev() {
+                w.ready.push_front(n);
+            }
+            drop(w);
+            self.rest.clear();
             // The task yields and comes back for the rest.
             cx.waker().wake_by_ref();
         }
         batch.clear();
         self.batch = batch;
-        done
     }
 
     /// Drops slot `n`'s future and frees the slot.
     fn end(&mut self, n: usize) {
         let s = &mut self.slots[n];
         s.id = 0;
-        if self.free.len() >= SPARE_SLOTS {
-            s.future = None;
-        } else if let Some(b) = &mut s.future {
-            b.as_mut().set(None);
-        }
+        s.shared_waker.current.store(0, Ordering::Release);
+        // A drop that panics (a service's or a body's `Drop`) costs only its stream, as for a
+        // spawned task (tokio catches a panic while dropping an aborted task's future).
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            if self.free.len() >= SPARE_SLOTS {
+                s.future = None;
+            } else if let Some(b) = &mut s.future {
+                b.as_mut().set(None);
+            }
+        }));
         self.live -= 1;
         self.free.push(n);
     }
@@ -310,6 +347,9 @@ impl<R: Future<Output = ()>> Inline<R> {
             }
         }
         self.fresh.clear();
+        // A slot waker kept by an upstream resource after the connection ends does not keep
+        // the connection task (its waker) alive.
+        self.woken.lock().conn = None;
     }
 
     /// Futures held (tests).

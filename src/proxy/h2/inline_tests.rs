@@ -241,16 +241,16 @@ async fn inline_polls_are_bounded_per_connection_poll() {
         counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
     };
     inline.begin();
-    assert!(inline.poll(&mut cx, &shared));
+    inline.poll(&mut cx, &shared);
     assert_eq!(polls(&counts).iter().sum::<usize>(), INLINE_BUDGET as usize);
     assert_eq!(yields.0.load(Ordering::SeqCst), 1, "the task yields");
     // The same budget for the rest of this `poll_conn` call: nothing more.
-    assert!(!inline.poll(&mut cx, &shared));
+    inline.poll(&mut cx, &shared);
     assert_eq!(polls(&counts).iter().sum::<usize>(), INLINE_BUDGET as usize);
     assert_eq!(yields.0.load(Ordering::SeqCst), 2);
     // The next call: the ones left out, and only them (nothing woke the others).
     inline.begin();
-    assert!(inline.poll(&mut cx, &shared));
+    inline.poll(&mut cx, &shared);
     let all = polls(&counts);
     assert!(all.iter().all(|&p| p == 1), "{all:?}");
     assert_eq!(yields.0.load(Ordering::SeqCst), 2);
@@ -302,6 +302,42 @@ async fn resets_drop_the_inline_future() {
     .await;
     c.get(5, "/").await;
     assert_eq!(answer(&mut c, 5).await.0.unwrap(), b"inline");
+}
+
+/// A reset of a stream whose inline future has ended (its response waits for the client's
+/// window) does not touch the slot's next stream; and two resets in one read each drop their
+/// own stream's future (review h2inline, SERIOUS 1).
+#[tokio::test]
+async fn a_reset_touches_only_its_own_stream_in_a_reused_slot() {
+    let (mut c, probe) = start(settings(), &[(setting::INITIAL_WINDOW_SIZE, 0)]).await;
+    // Stream 1's response: its HEADERS out, its body held by the window; its future ended and
+    // its slot free.
+    c.get(1, "/").await;
+    loop {
+        let f = c.next().await.expect("the connection is open");
+        if f.head.stream == 1 && f.head.kind == kind::HEADERS {
+            break;
+        }
+    }
+    // Stream 3 takes the same slot.
+    c.get(3, "/hang").await;
+    until("the service started", || {
+        probe.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // RST_STREAM(3) then RST_STREAM(1), in one write.
+    let mut out = BytesMut::new();
+    for id in [3, 1] {
+        super::frame::put_head(&mut out, 4, kind::RST_STREAM, 0, id);
+        out.extend_from_slice(&Reason::CANCEL.0.to_be_bytes());
+    }
+    tokio::io::AsyncWriteExt::write_all(&mut c.io, &out)
+        .await
+        .unwrap();
+    until("stream 3's reset dropped its service", || {
+        probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
 }
 
 /// A response the client's window holds for `stalled_stream_timeout` is reset (CANCEL) and its
