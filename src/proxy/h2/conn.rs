@@ -32,8 +32,17 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::linger;
 
 /// Past this many bytes of output waiting for the socket, no more input is read and no more
-/// response DATA taken from the streams.
+/// response DATA taken from the streams. What went in last may take the output past it: one
+/// DATA frame ([`DATA_FRAME`] at most, whatever the client's SETTINGS_MAX_FRAME_SIZE), or one
+/// stream's header block (a response head: the upstream's, under the proxy's own limit on
+/// response headers), and the small frames a read batch answers (PING and SETTINGS ACKs,
+/// RST_STREAM, WINDOW_UPDATE) while under it.
 pub(super) const OUT_HIGH: usize = 64 * 1024;
+/// The largest DATA payload we send, even to a client that accepts larger frames: the
+/// output's bound above stays the same whatever the client announces (review finding: a
+/// client's 16 MiB frames let one frame take it 16 MiB over). Frame headers cost 9 bytes per
+/// 16 KiB (0.05 %); the writes are batched anyway.
+pub(super) const DATA_FRAME: usize = 16 * 1024;
 /// Rapid client resets, and our resets for a client's faults, allowed per [`FLOOD_WINDOW`]
 /// (at least; twice SETTINGS_MAX_CONCURRENT_STREAMS when that is more) before the connection
 /// is closed with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
@@ -57,6 +66,14 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 /// SETTINGS_MAX_HEADER_LIST_SIZE before the connection is closed (CONTINUATION flood,
 /// CVE-2024-27316): a block is compressed, so it is rarely longer than its decoded list.
 const BLOCK_SLACK: usize = 16 * 1024;
+// What each abuse guard's close (ENHANCE_YOUR_CALM) says: [`super::Error::abuse_guard`]
+// tells them apart for the metric.
+pub(super) const RAPID_RESETS: &str = "too many stream resets (rapid reset)";
+pub(super) const CANCELLED_STREAMS: &str = "too many streams reset before their response";
+pub(super) const STREAM_ERRORS: &str = "too many stream resets";
+pub(super) const EMPTY_DATA: &str = "too many empty DATA frames";
+pub(super) const EMPTY_CONTINUATIONS: &str = "too many empty CONTINUATION frames";
+pub(super) const LONG_HEADER_BLOCK: &str = "header block too long";
 /// The HPACK dynamic table size of RFC 9113's default SETTINGS_HEADER_TABLE_SIZE.
 const HEADER_TABLE_SIZE: usize = 4096;
 /// A stream's turn at writing DATA ends once it wrote this much (one frame at the default
@@ -84,7 +101,21 @@ const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 const CLIENT_RESETS: usize = 128;
 /// The read buffer's size (one frame of the default SETTINGS_MAX_FRAME_SIZE and its header),
 /// and the least a new one gets.
-const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+pub(super) const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+
+/// Reads the clock. Every read of the connection's goes through here (most through
+/// [`Conn::now`]: once per turn of its loop), counted in tests.
+fn clock() -> Instant {
+    #[cfg(test)]
+    CLOCK_READS.with(|n| n.set(n.get() + 1));
+    Instant::now()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Clock reads by the connections polled on this thread.
+    pub(super) static CLOCK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 struct Flood {
     count: u32,
@@ -95,18 +126,76 @@ impl Flood {
     fn new() -> Self {
         Flood {
             count: 0,
-            since: Instant::now(),
+            since: clock(),
         }
     }
     /// Counts one; true when over `limit` in the current window.
-    fn hit(&mut self, limit: u32) -> bool {
-        let now = Instant::now();
+    fn hit(&mut self, now: Instant, limit: u32) -> bool {
         if now.duration_since(self.since) > FLOOD_WINDOW {
             self.since = now;
             self.count = 0;
         }
         self.count += 1;
         self.count > limit
+    }
+}
+
+/// A client's resets of streams whose response had not begun (none of its head written),
+/// whatever their age, allowed per [`FLOOD_WINDOW`] beyond the streams that completed normally
+/// on the connection (this window and the one before): [`RESET_LIMIT`] (or twice
+/// SETTINGS_MAX_CONCURRENT_STREAMS when that is more) more than those, before the connection is closed with
+/// ENHANCE_YOUR_CALM. The second budget, behind [`RAPID_RESET_AGE`]'s: a client that waits
+/// longer than that before each reset is not counted by the first, and could start
+/// `max_concurrent_streams / RAPID_RESET_AGE` upstream requests a second and cancel them all.
+/// A client that cancels slow calls (deadlines during an upstream slowdown) while others
+/// complete keeps its connection however many it cancels: each completion allows one more
+/// cancellation; one that only starts and cancels (or whose calls all time out) is closed after
+/// the base allowance. On average over windows, cancels stay under the base plus twice the
+/// completions: what a client makes us start and then drop is bounded by what it lets finish.
+///
+/// Others draw the line elsewhere: h2's server counts streams reset before the application
+/// accepted them (`max_pending_accept_reset_streams`, 20 at once) and its own resets for
+/// protocol errors (`max_local_error_reset_streams`, 1,024 in a connection's life); nginx
+/// ends a connection after `keepalive_requests` (1,000) requests whatever became of them;
+/// Varnish counts resets within `h2_rapid_reset` (1 s) of the request against a budget
+/// (`h2_rapid_reset_limit` per `h2_rapid_reset_period`); HAProxy counts such "glitches"
+/// against `tune.h2.fe.glitches-threshold`. A completion credit keeps the long-lived,
+/// busy connections of gRPC clients, which cancel as part of normal work, and still ends a
+/// connection whose requests are mostly started to be dropped.
+///
+/// Completions are counted by the connection (`Conn::completed`, no clock read for them); a
+/// window's share is what the count grew by since the window began, read when a reset comes.
+struct Cancels {
+    count: u32,
+    since: Instant,
+    /// `Conn::completed` when this window began.
+    completed_at_start: u64,
+    /// Completions in the window before (from its start to this one's).
+    completed_before: u64,
+}
+
+impl Cancels {
+    fn new() -> Self {
+        Cancels {
+            count: 0,
+            since: clock(),
+            completed_at_start: 0,
+            completed_before: 0,
+        }
+    }
+
+    /// Counts one; true when over `base` plus the completions of this window and the one
+    /// before (`completed`: the connection's count so far).
+    fn hit(&mut self, now: Instant, completed: u64, base: u32) -> bool {
+        if now.duration_since(self.since) > FLOOD_WINDOW {
+            self.completed_before = completed - self.completed_at_start;
+            self.completed_at_start = completed;
+            self.since = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        let credit = completed - self.completed_at_start + self.completed_before;
+        u64::from(self.count) > u64::from(base).saturating_add(credit)
     }
 }
 
@@ -284,7 +373,8 @@ pub(super) struct Conn<IO, S> {
     /// sent its whole first request with the preface sends nothing more until answered.
     prefix_pending: bool,
     /// The time of this turn of the connection's loop, read once when needed (stream ages,
-    /// remembered resets).
+    /// remembered resets, flood windows, stall starts): a turn reads one batch of input, so a
+    /// batch that opens many streams reads the clock once, not once per stream.
     clock: Option<Instant>,
     peer_goaway: bool,
     read_closed: bool,
@@ -293,6 +383,11 @@ pub(super) struct Conn<IO, S> {
     /// A connection error: GOAWAY queued, flush and end.
     failed: Option<Error>,
     resets: Flood,
+    /// Client resets before any of the response's head, against `completed`.
+    cancels: Cancels,
+    /// Streams whose response ended normally (its END_STREAM written, no reset), in the
+    /// connection's life: the credit of [`Cancels`].
+    completed: u64,
     empties: Flood,
     stall_timer: Option<Pin<Box<Sleep>>>,
     /// Streams with DATA their own window lets out but the connection window does not, in
@@ -380,6 +475,8 @@ where
             unflushed: false,
             failed: None,
             resets: Flood::new(),
+            cancels: Cancels::new(),
+            completed: 0,
             empties: Flood::new(),
             stall_timer: None,
             conn_waiting: VecDeque::new(),
@@ -494,17 +591,16 @@ where
                 if !self.out.is_empty() || self.unflushed {
                     return Poll::Pending;
                 }
-                // An abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets) is at once:
-                // the abuser gets no more of our time, and what it sent is not read.
-                if self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0) {
-                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
-                    return Poll::Ready(Err(self.failed.take().expect("failed")));
-                }
                 // Unread input would turn the close into a TCP reset, which can destroy the
                 // GOAWAY (and its reason) before the client reads it: a short linger first.
+                // Not after an abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets):
+                // at once (a drain of no time: our side shut once, nothing read), the abuser
+                // gets no more of our time.
+                let calm =
+                    self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0);
                 let linger = self.linger.insert(Linger {
                     shut: false,
-                    drain: linger::Drain::within(ERROR_LINGER),
+                    drain: linger::Drain::within(if calm { Duration::ZERO } else { ERROR_LINGER }),
                 });
                 ready!(linger.poll(cx, &mut self.io));
                 return Poll::Ready(Err(self.failed.take().expect("failed")));
@@ -588,7 +684,7 @@ where
 
     /// The time of this turn of the loop (one clock read per turn that needs one).
     fn now(&mut self) -> Instant {
-        *self.clock.get_or_insert_with(Instant::now)
+        *self.clock.get_or_insert_with(clock)
     }
 
     /// Graceful close, second step: GOAWAY with the last stream taken (new streams are
@@ -616,6 +712,22 @@ where
         self.read_buf = buf;
     }
 
+    /// Back to a read buffer of the usual size ([`READ_BUF`]) once a larger one, taken for a
+    /// frame larger than it (SETTINGS_MAX_FRAME_SIZE raised), has no whole frame header left:
+    /// the connection does not keep its largest frame's size for its life (slices of the
+    /// large one, unread request DATA, keep it alive only as long as they are). At most
+    /// one allocation per frame larger than the usual buffer, which a larger one needs anyway
+    /// when its last frame's payload is still held.
+    fn shrink_read(&mut self) {
+        if self.read_alloc <= READ_BUF {
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        buf.extend_from_slice(&self.read_buf);
+        self.read_alloc = buf.capacity();
+        self.read_buf = buf;
+    }
+
     /// Parses and handles every whole frame in the read buffer.
     fn process(&mut self) -> ConnResult {
         loop {
@@ -634,6 +746,7 @@ where
                 self.phase = Phase::FirstSettings;
             }
             if self.read_buf.len() < frame::HEADER_LEN {
+                self.shrink_read();
                 return Ok(());
             }
             let head = Head::parse(&self.read_buf);
@@ -743,8 +856,8 @@ where
     }
 
     /// We reset `id` lately ([`Self::remember_reset`]).
-    fn reset_lately(&self, id: u32) -> bool {
-        let now = self.clock.unwrap_or_else(Instant::now);
+    fn reset_lately(&mut self, id: u32) -> bool {
+        let now = self.now();
         self.recent_resets.contains(id, now)
     }
 
@@ -762,8 +875,11 @@ where
         }
         // A refused stream is no fault: a client may open more than our limit before it
         // has our SETTINGS, and it retries them.
-        if reason != Reason::REFUSED_STREAM && self.resets.hit(self.reset_limit()) {
-            return Err((Reason::ENHANCE_YOUR_CALM, "too many stream resets"));
+        if reason != Reason::REFUSED_STREAM && {
+            let now = self.now();
+            self.resets.hit(now, self.reset_limit())
+        } {
+            return Err((Reason::ENHANCE_YOUR_CALM, STREAM_ERRORS));
         }
         Ok(())
     }
@@ -807,8 +923,11 @@ where
         let end = head.flags & flag::END_STREAM != 0;
         // Only a frame with no byte at all is free to send; one that carries padding costs
         // the client window like data (given back as data is), so it is no flood of empties.
-        if head.len == 0 && !end && self.empties.hit(EMPTY_FRAME_LIMIT) {
-            return Err((Reason::ENHANCE_YOUR_CALM, "too many empty DATA frames"));
+        if head.len == 0 && !end && {
+            let now = self.now();
+            self.empties.hit(now, EMPTY_FRAME_LIMIT)
+        } {
+            return Err((Reason::ENHANCE_YOUR_CALM, EMPTY_DATA));
         }
         let padding = head.len - payload.len() as u32;
         let mut guard = lock(&self.shared);
@@ -863,7 +982,7 @@ where
                         w.wake();
                     }
                     if s.finished() {
-                        sh.streams.remove(&id);
+                        sh.remove_stream(id);
                     }
                     None
                 }
@@ -917,11 +1036,13 @@ where
         }
         payload.truncate(payload.len() - pad);
         let end_stream = head.flags & flag::END_STREAM != 0;
+        // One rule for a block in one frame or in many (the frame size bounds only the
+        // first): its fragments and 9 per frame, against the list size + BLOCK_SLACK.
+        let counted = payload.len() + frame::HEADER_LEN;
+        self.check_block_size(counted)?;
         if head.flags & flag::END_HEADERS != 0 {
             return self.header_block(id, &payload, end_stream, self_dependent);
         }
-        let counted = payload.len() + frame::HEADER_LEN;
-        self.check_block_size(counted)?;
         self.block = Some(Block {
             stream: id,
             end_stream,
@@ -934,7 +1055,7 @@ where
 
     fn check_block_size(&self, counted: usize) -> ConnResult {
         if counted > self.settings.max_header_list_size as usize + BLOCK_SLACK {
-            return Err((Reason::ENHANCE_YOUR_CALM, "header block too long"));
+            return Err((Reason::ENHANCE_YOUR_CALM, LONG_HEADER_BLOCK));
         }
         Ok(())
     }
@@ -948,14 +1069,11 @@ where
         };
         block.counted += payload.len() + frame::HEADER_LEN;
         self.check_block_size(block.counted)?;
-        if payload.is_empty()
-            && head.flags & flag::END_HEADERS == 0
-            && self.empties.hit(EMPTY_FRAME_LIMIT)
-        {
-            return Err((
-                Reason::ENHANCE_YOUR_CALM,
-                "too many empty CONTINUATION frames",
-            ));
+        if payload.is_empty() && head.flags & flag::END_HEADERS == 0 && {
+            let now = self.now();
+            self.empties.hit(now, EMPTY_FRAME_LIMIT)
+        } {
+            return Err((Reason::ENHANCE_YOUR_CALM, EMPTY_CONTINUATIONS));
         }
         block.buf.extend_from_slice(&payload);
         if head.flags & flag::END_HEADERS != 0 {
@@ -1068,7 +1186,7 @@ where
             end_stream,
             content_length,
         );
-        stream.rapid_until = Some(*self.clock.get_or_insert_with(Instant::now) + RAPID_RESET_AGE);
+        stream.rapid_until = Some(*self.clock.get_or_insert_with(clock) + RAPID_RESET_AGE);
         sh.streams.insert(id, stream);
         let body = RecvBody {
             shared: self.shared.clone(),
@@ -1148,7 +1266,7 @@ where
             w.wake();
         }
         if s.finished() {
-            sh.streams.remove(&id);
+            sh.remove_stream(id);
         }
         Ok(())
     }
@@ -1173,12 +1291,13 @@ where
         let Some(s) = sh.streams.get_mut(&id) else {
             return Ok(());
         };
-        // Only a rapid reset counts ([`RAPID_RESET_AGE`]): before the response began, soon
-        // after the request.
+        // Before the response began ([`Cancels`]), and of those the rapid ones, soon
+        // after the request ([`RAPID_RESET_AGE`]).
         let unfinished = !s.closed();
-        let rapid = unfinished
+        let before_head = unfinished && s.rapid_until.is_some();
+        let rapid = before_head
             && s.rapid_until
-                .is_some_and(|until| *self.clock.get_or_insert_with(Instant::now) < until);
+                .is_some_and(|until| *self.clock.get_or_insert_with(clock) < until);
         if s.reset.is_none() {
             s.reset = Some(reason);
             s.reset_by_client = true;
@@ -1191,11 +1310,15 @@ where
             }
             self.client_resets.push_back(id);
         }
-        if rapid && self.resets.hit(self.reset_limit()) {
-            return Err((
-                Reason::ENHANCE_YOUR_CALM,
-                "too many stream resets (rapid reset)",
-            ));
+        if !before_head {
+            return Ok(());
+        }
+        let now = self.now();
+        if rapid && self.resets.hit(now, self.reset_limit()) {
+            return Err((Reason::ENHANCE_YOUR_CALM, RAPID_RESETS));
+        }
+        if self.cancels.hit(now, self.completed, self.reset_limit()) {
+            return Err((Reason::ENHANCE_YOUR_CALM, CANCELLED_STREAMS));
         }
         Ok(())
     }
@@ -1383,7 +1506,6 @@ where
             }
         }
         let mut stalled = false;
-        let now_once = std::cell::OnceCell::new();
         while self.out.len() < OUT_HIGH {
             // The connection window, while open, goes first to the streams that waited for
             // it, in their order; then the streams with anything else to write.
@@ -1413,6 +1535,7 @@ where
                 s.queued = 0;
                 s.stalled_since = None;
             }
+            let was_done = s.send_done;
             let mut turn = 0;
             let mut stop = Stop::Done;
             while let Some(item) = s.queue.front_mut() {
@@ -1477,7 +1600,7 @@ where
                         let n = (data.len() as i64)
                             .min(s.send_window)
                             .min(self.conn_send_window)
-                            .min(self.peer_max_frame as i64)
+                            .min(self.peer_max_frame.min(DATA_FRAME) as i64)
                             as usize;
                         let last = n == data.len();
                         frame::put_data(&mut self.out, id, &data[..n], end && last);
@@ -1506,6 +1629,10 @@ where
             if s.queue.is_empty() {
                 stop = Stop::Done;
             }
+            if s.send_done && !was_done && s.reset.is_none() {
+                // The response ended normally: one more cancellation allowed ([`Cancels`]).
+                self.completed += 1;
+            }
             match stop {
                 Stop::Done => {}
                 Stop::Turn => {
@@ -1517,7 +1644,7 @@ where
                 }
                 Stop::StreamWindow | Stop::ConnWindow => {
                     if s.stalled_since.is_none() {
-                        s.stalled_since = Some(*now_once.get_or_init(Instant::now));
+                        s.stalled_since = Some(*self.clock.get_or_insert_with(clock));
                     }
                     stalled = true;
                     if stop == Stop::ConnWindow && !s.in_conn_wait {
@@ -1536,14 +1663,14 @@ where
                 s.queued = 0;
                 s.stalled_since = None;
                 s.wake_all();
-                let now = *self.clock.get_or_insert_with(Instant::now);
+                let now = *self.clock.get_or_insert_with(clock);
                 self.recent_resets.remember(id, now);
             }
             if s.send_done && s.recv == Recv::Open && s.body_gone && s.reset.is_none() {
                 // The response is complete and nobody reads the request: stop it (§8.1).
                 frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
                 s.reset = Some(Reason::NO_ERROR);
-                let now = *self.clock.get_or_insert_with(Instant::now);
+                let now = *self.clock.get_or_insert_with(clock);
                 self.recent_resets.remember(id, now);
             }
             if s.finished() {
@@ -1571,7 +1698,7 @@ where
     /// Resets (CANCEL) the streams whose response waited `stalled_stream_timeout` for the
     /// client's window.
     fn reset_stalled(&mut self) {
-        let now = Instant::now();
+        let now = clock();
         let timeout = self.settings.stalled_stream_timeout;
         let mut stalled = Vec::new();
         let mut next: Option<Instant> = None;
@@ -1614,7 +1741,7 @@ where
                 let unread = s.drain_recv();
                 sh.conn_released += unread as u32;
                 if s.finished() {
-                    sh.streams.remove(&id);
+                    sh.remove_stream(id);
                 }
             }
             drop(guard);
@@ -1633,6 +1760,8 @@ where
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Buffered {
     pub read_buf: usize,
+    /// The size of the read buffer's allocation.
+    pub read_alloc: usize,
     pub out: usize,
     /// An unfinished header block's bytes.
     pub block: usize,
@@ -1659,6 +1788,7 @@ impl<IO, S> Conn<IO, S> {
         let sh = lock(&self.shared);
         Buffered {
             read_buf: self.read_buf.len(),
+            read_alloc: self.read_alloc,
             out: self.out.len(),
             block: self.block.as_ref().map_or(0, |b| b.buf.len()),
             streams: sh.streams.len(),

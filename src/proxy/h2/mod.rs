@@ -52,6 +52,9 @@
 //!   (§6.9.1);
 //! - frames read with the preface (a client's first flight: preface, SETTINGS, a request)
 //!   are handled at once, not when the client next sends something;
+//! - the read buffer holds one frame (16 KiB and its header); a larger frame (a raised
+//!   SETTINGS_MAX_FRAME_SIZE) gets a buffer of its size, let go once the frame is handled and
+//!   no whole frame header is left in it;
 //! - request DATA kept unread costs about its own size: a payload under a quarter of the read
 //!   buffer it came in is copied into its stream's buffer rather than kept as a slice that
 //!   would keep the whole read buffer alive (at most four times what is unread: the read
@@ -62,7 +65,8 @@
 //! - response heads with `date` and (from an exact size hint of a body not at its end, not on
 //!   204/304) `content-length` when absent, as hyper's server adds them; a dynamic table size
 //!   update to 0 first in our next block after the client lowers SETTINGS_HEADER_TABLE_SIZE;
-//! - responses under the client's windows in frames of at most its SETTINGS_MAX_FRAME_SIZE,
+//! - responses under the client's windows in DATA frames of at most its SETTINGS_MAX_FRAME_SIZE
+//!   and 16 KiB (whatever it accepts: the output's bound does not depend on it),
 //!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
 //!   stream with HEADERS, empty ones with an empty DATA frame (END_STREAM); a body that fails resets the stream (INTERNAL_ERROR); a response
 //!   that waits `stalled_stream_timeout` for window is reset (CANCEL): for its stream's
@@ -79,15 +83,23 @@
 //!   stream whose body nobody reads gets the window the other streams' readers free;
 //! - abuse guards: more rapid client resets (RST_STREAM before any of the response's head was
 //!   written and within 10 ms of the request: rapid reset, CVE-2023-44487) and resets of ours
-//!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s, more than
-//!   1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION frames in 10 s, or
-//!   a header block longer than the max header list size + 16 KiB close the connection with
-//!   ENHANCE_YOUR_CALM; no input is read while 64 KiB of output wait for the client (SETTINGS
-//!   and PING floods). A later reset never counts: the stream's service is dropped at once
-//!   (as hyper does), so it cost no more than a request that long, and it held a stream slot
-//!   meanwhile; cancellations (deadlines, navigation, a body closed early) do not close the
-//!   connection, however many (h2's server counts resets of streams not yet accepted by the
-//!   application, which hyper does at once);
+//!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s; more client
+//!   resets before any of the response's head, whatever their age, than that many plus the
+//!   streams completed normally (their END_STREAM written) in that 10 s window and the one
+//!   before; more than 1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION
+//!   frames in 10 s; or a header block (in one HEADERS frame or with CONTINUATION: fragments
+//!   and 9 bytes per frame) longer than the max header list size + 16 KiB close the connection
+//!   with ENHANCE_YOUR_CALM ([`Error::abuse_guard`] says which, for
+//!   `outrigger_client_abuse_closes_total`); no input is read while 64 KiB of output wait for
+//!   the client (SETTINGS and PING floods; the output can go past it by one DATA frame of 16
+//!   KiB or one response head). A reset after the head never counts: the stream's service is
+//!   dropped at once (as hyper does), so it cost no more than a request that long. A later one
+//!   before the head counts only against the second budget: cancellations (deadlines,
+//!   navigation) on a connection that also completes requests never close it, however many;
+//!   one that only starts requests and cancels them is closed after 200 (a client all of whose
+//!   calls time out too: it reconnects). h2's server counts resets of streams not yet
+//!   accepted by the application, which hyper does at once (`conn::Cancels` says what others
+//!   do);
 //! - [`Shutdown::graceful`] in two steps, as h2's server: GOAWAY (NO_ERROR, stream 2^31-1) and
 //!   a PING; requests that crossed it are still taken; once the PING's ACK is back (or after
 //!   1 s) GOAWAY with the last stream taken; open streams finish; then our side is shut (FIN)
@@ -98,11 +110,14 @@
 //!   request just as an idle connection closed could not tell it was never processed. A
 //!   connection error: GOAWAY with its code, then the same close, 500 ms at most (so the
 //!   client reads the GOAWAY rather than a TCP reset); after ENHANCE_YOUR_CALM (an abuse
-//!   guard: floods, rapid resets) the close is at once, nothing more read.
+//!   guard: floods, rapid resets) the close is at once (the same close, with no drain time),
+//!   nothing more read.
 //!
 //! The service closure is called, and its task spawned, without the connection's lock held.
 //!
-//! Tested by `tests` (frames in, frames out; real clients) and `fuzz_tests` (generated and
+//! Tested by `tests` (frames in, frames out; real clients), `guard_tests` (the second reset
+//! budget, the bounds on output, header blocks and the read buffer, one clock read per read
+//! batch) and `fuzz_tests` (generated and
 //! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
 //! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
 //! back and the stall timer (on tokio's paused clock).
@@ -132,6 +147,8 @@ mod fair_tests;
 mod frame;
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(test)]
+mod guard_tests;
 mod hpack;
 mod stream;
 mod streams;
@@ -252,6 +269,28 @@ impl Error {
             ErrorKind::Protocol { reason, .. } => Some(reason.0),
             ErrorKind::Io(_) => None,
         }
+    }
+
+    /// Which abuse guard closed the connection (GOAWAY ENHANCE_YOUR_CALM), as the `guard`
+    /// label of `outrigger_client_abuse_closes_total`: `rapid_reset` (resets soon after the
+    /// request), `cancelled_streams` (resets before the response, whatever their age, beyond
+    /// the streams completed), `stream_errors` (our resets for the client's faults),
+    /// `empty_frames` (empty DATA or CONTINUATION), `header_block` (a header block too long).
+    pub fn abuse_guard(&self) -> Option<&'static str> {
+        let ErrorKind::Protocol { reason, detail } = &self.kind else {
+            return None;
+        };
+        if *reason != frame::Reason::ENHANCE_YOUR_CALM {
+            return None;
+        }
+        Some(match *detail {
+            conn::RAPID_RESETS => "rapid_reset",
+            conn::CANCELLED_STREAMS => "cancelled_streams",
+            conn::STREAM_ERRORS => "stream_errors",
+            conn::EMPTY_DATA | conn::EMPTY_CONTINUATIONS => "empty_frames",
+            conn::LONG_HEADER_BLOCK => "header_block",
+            _ => "other",
+        })
     }
 
     /// The I/O error, when the connection failed on its socket.
