@@ -14,6 +14,10 @@
 # (`--base-uri=unix:PATH`; `--h1` for HTTP/1.1) next to the same h2load over 127.0.0.1 to the
 # first Outrigger: both hops over UDS vs both over TCP, same generator. RSS is read from /proc
 # after each proxy's runs (Outrigger's split into anonymous memory and the binary's file pages).
+# The ceiling row, HTTP/1.1 only: HAProxy in `mode tcp` (a byte relay: each client connection
+# gets its own upstream connection, bytes copied both ways, no HTTP parsing). It makes the same
+# four system calls per request as an HTTP proxy, so its rate bounds what any cut in an HTTP
+# proxy's user-space work could reach on this machine; "relay/HAProxy" is that bound's ratio.
 # Then bench/proxy-instructions.sh: callgrind instructions per request for Outrigger, HAProxy
 # and nginx, and Outrigger's heap allocations per request on its three paths (INSTRUCTIONS=0
 # skips it; ALLOC_BIN=path gives it an alloc-count build).
@@ -27,7 +31,7 @@ secs=${1:-10}
 need nginx haproxy wrk h2load taskset curl
 build_release
 
-read -r UP UP_H2 NGX NGX_H2 HAP HAP_H2 OUT < <(free_ports 7)
+read -r UP UP_H2 NGX NGX_H2 HAP HAP_H2 OUT REL < <(free_ports 8)
 
 cat > "$dir/upstream.conf" <<EOF
 worker_processes 1; daemon off; pid $dir/up.pid; error_log stderr error;
@@ -59,6 +63,13 @@ frontend f
   bind 127.0.0.1:$HAP_H2 proto h2
   default_backend b
 backend b
+  server s1 127.0.0.1:$UP
+frontend relay
+  mode tcp
+  bind 127.0.0.1:$REL
+  default_backend r
+backend r
+  mode tcp
   server s1 127.0.0.1:$UP
 EOF
 outrigger_config 127.0.0.1:$UP 127.0.0.1:$OUT
@@ -109,12 +120,12 @@ h2() {
 h2l() { local r; r=$(H2LOAD_WARMUP=1 h2load_rate "$1" "$2" "$secs") || return 1; echo "${r% *}"; }
 
 declare -A R
-for target in direct:$UP:$UP_H2 outrigger:$OUT:$OUT haproxy:$HAP:$HAP_H2 nginx:$NGX:$NGX_H2; do
+for target in direct:$UP:$UP_H2 outrigger:$OUT:$OUT haproxy:$HAP:$HAP_H2 nginx:$NGX:$NGX_H2 relay:$REL:-; do
   IFS=: read -r name p1 p2 <<< "$target"
   # Outrigger's resident set under load: sampled every 0.5 s during its runs (the peak is kept).
   [ "$name" = outrigger ] && { sample_rss $out_pid > "$dir/rss.samples" & sampler=$!; pids+=("$sampler"); }
   R[$name.h1]=$(h1 "$p1")
-  R[$name.h2]=$(h2 "$p2")
+  if [ "$p2" = - ]; then R[$name.h2]="- - -"; else R[$name.h2]=$(h2 "$p2"); fi
   [ "$name" = outrigger ] && { kill $sampler; wait $sampler 2>/dev/null || true; }
   echo "$name  h1: ${R[$name.h1]}   h2c: ${R[$name.h2]}" >&2
 done
@@ -155,12 +166,13 @@ for proto in h1 h2; do
   echo
   echo "| target | req/s | p50 ms | p99 ms | p50 added vs direct ms |"
   echo "|---|---:|---:|---:|---:|"
-  for name in direct outrigger haproxy nginx; do
-    echo "| $name | $(field $name.$proto 1) | $(field $name.$proto 2) | $(field $name.$proto 3) | $(added "$(field $name.$proto 2)" "$(field direct.$proto 2)") |"
+  for name in direct outrigger haproxy nginx $([ $proto = h1 ] && echo relay); do
+    echo "| $([ $name = relay ] && echo "relay (HAProxy \`mode tcp\`: the ceiling)" || echo $name) | $(field $name.$proto 1) | $(field $name.$proto 2) | $(field $name.$proto 3) | $(added "$(field $name.$proto 2)" "$(field direct.$proto 2)") |"
   done
   o=$(field outrigger.$proto 1)
   echo
   echo "Outrigger/HAProxy throughput: **$(ratio "$o" "$(field haproxy.$proto 1)")×**, Outrigger/nginx: **$(ratio "$o" "$(field nginx.$proto 1)")×**"
+  [ $proto = h1 ] && { echo; echo "Ceiling: relay/HAProxy **$(ratio "$(field relay.h1 1)" "$(field haproxy.h1 1)")×** (the most a cut in user-space work could give), Outrigger/relay $(ratio "$o" "$(field relay.h1 1)")×"; }
   echo
 done
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }

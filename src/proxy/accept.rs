@@ -329,7 +329,7 @@ async fn serve_connection(
                 // requests on hyper get it too (one future type for both protocols; an
                 // `Either` would be as large as the unboxed future): callgrind counts the same
                 // instructions per request there with and without it.
-                let handled = Box::pin(state.handle(down.clone(), req));
+                let handled = boxed(|| state.handle(down.clone(), req));
                 // HTTP/2: the response body is watched for a client that reads nothing
                 // (hyper spawns this stream's task right after this call returns).
                 let stream = (!http1).then(|| down.streams.next_stream());
@@ -500,7 +500,7 @@ impl H2Connection<'_> {
             };
             // Boxed, as on hyper's path: the stream's task is spawned with this future in it
             // (a move of all of it), and the box is one allocation of a known size instead.
-            let handled = Box::pin(state.handle(down.clone(), req));
+            let handled = boxed(|| state.handle(down.clone(), req));
             async move {
                 match handled.await {
                     Ok(response) => response,
@@ -596,6 +596,15 @@ pub async fn silent_for(activity: &Activity, first: Duration, limit: Duration) -
             return Silence::Idle;
         }
     }
+}
+
+/// The future `make` makes, in a box allocated before it is made, so that it can be written
+/// there (the box is the call's return slot) rather than made on the stack and copied: the
+/// request's future is several KiB, and `Box::pin(f())` copied it whole, twice per h2c request
+/// by callgrind (~650 instructions of `memcpy`, docs/BENCHMARKS.md "h2c shared path, second
+/// round").
+fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 #[cfg(test)]

@@ -46,8 +46,16 @@ impl HttpListener {
         let cluster = &target.cluster;
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
-        // A body that trickles is cut (`limits.min_body_rate`).
-        let rate = min_body_rate::applies(self.limits.min_body_rate, &parts.headers);
+        // Asked once (our HTTP/2 server's body answers under the connection's lock): a
+        // stale `false` is harmless, such a body is read ahead below.
+        let at_end = incoming.is_end_stream();
+        // A body that trickles is cut (`limits.min_body_rate`); one that has ended cannot
+        // trickle (and its request's content type is not looked up).
+        let rate = if at_end {
+            None
+        } else {
+            min_body_rate::applies(self.limits.min_body_rate, &parts.headers)
+        };
         let incoming = min_body_rate::watch(incoming, rate);
         // `limits.max_request_body`: a stated length over it is refused now; a body without
         // one is cut where it goes past it (413 when no response has started). Not for gRPC
@@ -57,9 +65,6 @@ impl HttpListener {
             .max_request_body
             .filter(|_| !min_body_rate::is_grpc(&parts.headers));
         self.check_body_size(target, max_body, incoming.size_hint().lower(), started)?;
-        // Asked once (our HTTP/2 server's body answers under the connection's lock): a
-        // stale `false` is harmless, such a body is read ahead below.
-        let at_end = incoming.is_end_stream();
         let incoming = body::capped(incoming, max_body, at_end);
         let cut = incoming.cut();
         let h1_chunked = parts.version <= Version::HTTP_11
@@ -125,7 +130,9 @@ impl HttpListener {
             };
             let mut attempt_req = Request::new(b);
             *attempt_req.method_mut() = parts.method.clone();
-            *attempt_req.uri_mut() = attempt.endpoint.uri(path.clone());
+            // Origin form: the endpoint adds its scheme and authority where they are sent
+            // (HTTP/2 upstreams, `Endpoint::send`).
+            *attempt_req.uri_mut() = http::Uri::from(path.clone());
             *attempt_req.version_mut() = parts.version;
             // The headers are copied only when another attempt may follow: a retry, or the
             // one resend after the supervised app restarted under the request (hold.rs).

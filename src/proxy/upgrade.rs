@@ -21,6 +21,10 @@ use crate::telemetry::metrics::Name;
 /// protocols is not treated as one (its Upgrade header is then dropped as hop-by-hop): a proxy
 /// that passes h2c upgrades can be used to smuggle requests past its routing and limits.
 pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
+    // The version first: an HTTP/2 request (no `Upgrade` in HTTP/2) looks nothing up.
+    if req.version() != Version::HTTP_11 {
+        return false;
+    }
     let mut protocols = req
         .headers()
         .get_all(header::UPGRADE)
@@ -29,8 +33,7 @@ pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .peekable();
-    req.version() == Version::HTTP_11
-        && connection_has(req.headers(), "upgrade")
+    connection_has(req.headers(), "upgrade")
         && protocols.peek().is_some()
         && protocols.all(|p| !p.eq_ignore_ascii_case("h2c") && !p.is_empty())
 }

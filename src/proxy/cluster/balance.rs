@@ -28,10 +28,12 @@ impl Cluster {
         if n == 0 {
             return None;
         }
-        let now = self.now_ms();
+        // The clock is read only to choose among several (one endpoint is taken ejected or
+        // not, as before): a cluster of one, the app's, reads it once less per request.
         let chosen = match (self.config.lb, n) {
             (_, 1) => &all[0],
             (Lb::RoundRobin, n) => {
+                let now = self.now_ms();
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
                     .map(|i| &all[(start + i) % n])
@@ -39,6 +41,7 @@ impl Cluster {
                     .unwrap_or(&all[start % n])
             }
             (Lb::P2cEwma, n) => {
+                let now = self.now_ms();
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
                 if b >= a {

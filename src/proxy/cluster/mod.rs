@@ -107,8 +107,10 @@ impl Endpoint {
 
     /// Sends a request to this endpoint: an HTTP/1.1 one on the endpoint's own pool (in
     /// origin form; an `http2` cluster's upgrade requests on their HTTP/1.1 pool), anything
-    /// else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI is the endpoint's
-    /// ([`Endpoint::uri`]).
+    /// else (HTTP/2, CONNECT) through hyper-util's client. `req`'s URI is in origin form (its
+    /// path and query only): the endpoint's absolute URI ([`Endpoint::uri`]) is made here for
+    /// hyper-util's client alone, the pools' HTTP/1.1 requests need none (an absolute URI
+    /// per attempt, then replaced by its path, was work for nothing on the usual path).
     pub async fn send(
         &self,
         mut req: http::Request<crate::proxy::body::ProxyBody>,
@@ -124,25 +126,25 @@ impl Endpoint {
             _ => None,
         };
         match pool {
-            Some(pool) if req.method() != http::Method::CONNECT => {
-                let origin = req
+            Some(pool) if req.method() != http::Method::CONNECT => pool.send(req).await,
+            _ => {
+                let path = req
                     .uri()
                     .path_and_query()
                     .cloned()
                     .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-                *req.uri_mut() = http::Uri::from(origin);
-                pool.send(req).await
+                *req.uri_mut() = self.uri(path);
+                match self.client.request(req).await {
+                    Ok(res) => Ok(res.map(|b| {
+                        crate::proxy::body::UpstreamBody::Boxed(crate::proxy::body::incoming(b))
+                    })),
+                    Err(e) => Err(pool::SendError {
+                        connect: e.is_connect(),
+                        downstream: false,
+                        error: e.into(),
+                    }),
+                }
             }
-            _ => match self.client.request(req).await {
-                Ok(res) => Ok(res.map(|b| {
-                    crate::proxy::body::UpstreamBody::Boxed(crate::proxy::body::incoming(b))
-                })),
-                Err(e) => Err(pool::SendError {
-                    connect: e.is_connect(),
-                    downstream: false,
-                    error: e.into(),
-                }),
-            },
         }
     }
 

@@ -13,7 +13,9 @@
 //! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head, and
 //! so is the body's first frame when the body's first bytes came with the head and fit in that
 //! copy), and the response body reads on from that same buffer: each frame is a copy of exactly
-//! its bytes, and the connection goes back to the pool when the body's end has passed.
+//! its bytes, and the connection goes back to the pool when the body's end has passed. The
+//! response's hop-by-hop fields that the respond phase would only remove are not put in its
+//! header map ([`skipped`]).
 //!
 //! Early answers: the head is read while the request is still being written, in the same
 //! task (one future polls both), since an upstream may answer before it has read the body
@@ -69,10 +71,17 @@ pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
     // hyper's client, which sends it as HTTP/1.0. No Transfer-Encoding check: the forward
     // phase has stripped it with the other hop-by-hop headers, and a body of unknown length
     // is refused below by its size hint.
-    if req.method() == Method::CONNECT
-        || req.version() == Version::HTTP_10
-        || h.contains_key(header::UPGRADE)
-    {
+    if req.method() == Method::CONNECT || req.version() == Version::HTTP_10 {
+        return None;
+    }
+    // One pass over the names for both fields, which a request rarely has (two lookups hash
+    // their names every time: ~200 instructions per request, callgrind on h2c).
+    let (mut upgrade, mut length) = (false, false);
+    for k in h.keys() {
+        upgrade |= *k == header::UPGRADE;
+        length |= *k == header::CONTENT_LENGTH;
+    }
+    if upgrade {
         return None;
     }
     let body = req.body();
@@ -83,6 +92,9 @@ pub(super) fn takes(req: &Request<ProxyBody>) -> Option<u64> {
             .exact()
             .filter(|n| *n <= REPLAY_LIMIT as u64)?
     };
+    if !length {
+        return Some(len);
+    }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
     match (lengths.next(), lengths.next()) {
         (None, _) => Some(len),
@@ -367,6 +379,9 @@ fn parse_head(
         headers.clear();
         headers.reserve(res.headers.len());
         for h in res.headers.iter() {
+            if skipped(h) {
+                continue;
+            }
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| "invalid response head: invalid header name")?;
             let value = HeaderValue::from_maybe_shared(copy(h.value))
@@ -404,6 +419,37 @@ fn parse_head(
     parsed.unwrap_or(Ok(Parsed::Partial))
 }
 
+/// Whether a response field is left out of the response's map: a hop-by-hop field the respond
+/// phase would remove anyway ([`crate::proxy::headers::strip_hop_by_hop`]), when leaving it out
+/// changes nothing of what the client gets. Each such field was a name, a value and an
+/// insertion here, then a lookup and a removal there (`Connection: keep-alive`, on nearly
+/// every upstream response: ~600 instructions per h2c request, docs/BENCHMARKS.md "h2c
+/// shared path, second round"). Kept: `TE` (the phase keeps `te: trailers`), and a
+/// `Connection` that names anything but hop-by-hop fields (`close` included: the phase
+/// removes a field so named), which the phase must read.
+fn skipped(h: &httparse::Header<'_>) -> bool {
+    let name = h.name.as_bytes();
+    // By length first: most names are none of these, and are told at once.
+    match name.len() {
+        10 if name.eq_ignore_ascii_case(b"connection") => tokens(h.value)
+            .all(|t| !t.eq_ignore_ascii_case(b"close") && crate::proxy::fast_path::hop_by_hop(t)),
+        10 => name.eq_ignore_ascii_case(b"keep-alive"),
+        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+        7 => name.eq_ignore_ascii_case(b"upgrade"),
+        18 => name.eq_ignore_ascii_case(b"proxy-authenticate"),
+        19 => name.eq_ignore_ascii_case(b"proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// A field value's comma-separated tokens (empty ones skipped).
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 /// The response body: `first` (bytes of it copied with the head, [`Answer::first`]), then the
 /// rest, read from the connection's buffer after the head and those bytes.
 fn respond(
@@ -418,7 +464,7 @@ fn respond(
     let kind = match framing {
         Framing::Empty | Framing::Length(0) => Kind::Length(0),
         Framing::Length(n) => Kind::Length(n - first.len() as u64),
-        Framing::Chunked => Kind::Chunked(Chunked::default()),
+        Framing::Chunked => Kind::Chunked(Box::default()),
         Framing::Close => Kind::Close,
     };
     let mut body = RawBody {
@@ -429,7 +475,7 @@ fn respond(
         first,
         kind,
         reusable,
-        upload,
+        upload: upload.map(Box::new),
     };
     if matches!(body.kind, Kind::Length(0)) {
         body.finish();
@@ -437,10 +483,14 @@ fn respond(
     body
 }
 
+/// What is left of a response body. The rare parts of a [`RawBody`] are boxed (a chunked
+/// body's decoder here, the rest of an upload there): the body is moved with its response
+/// through the phases, and its size is `memcpy`'s work at each move (the h2c profile's, see
+/// docs/BENCHMARKS.md "h2c shared path, second round").
 enum Kind {
     /// Bytes left.
     Length(u64),
-    Chunked(Chunked),
+    Chunked(Box<Chunked>),
     /// Up to the upstream's close.
     Close,
 }
@@ -462,8 +512,8 @@ pub struct RawBody {
     kind: Kind,
     reusable: bool,
     /// The rest of the request, written on while the response is read (see [`send`]); the
-    /// connection is not reused then.
-    upload: Option<Upload>,
+    /// connection is not reused then. Boxed: rare (an early answer), see [`Kind`].
+    upload: Option<Box<Upload>>,
 }
 
 impl RawBody {
@@ -694,6 +744,60 @@ mod tests {
         assert!(first(big.as_bytes()).1.is_empty());
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
         assert!(first(chunked).1.is_empty());
+    }
+
+    /// Hop-by-hop fields the respond phase removes anyway are not put in the response's map;
+    /// what that phase must still read (a `Connection` naming other fields or `close`, `TE`)
+    /// is.
+    #[test]
+    fn hop_by_hop_fields_the_respond_phase_removes_are_left_out() {
+        let map = |raw: &str| match parse_head(raw.as_bytes(), false, &mut HeaderMap::new()) {
+            Ok(Parsed::Final(answer)) => answer.res.into_parts().0.headers,
+            _ => panic!("a final head"),
+        };
+        let usual = map(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(
+            usual.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["server", "content-length"]
+        );
+        let chunked = map(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\
+             Proxy-Authenticate: Basic\r\nProxy-Connection: x\r\nTE: trailers\r\n\r\n",
+        );
+        assert_eq!(
+            chunked.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["te"]
+        );
+        for kept in [
+            "close",
+            "x-secret",
+            "keep-alive, x-secret",
+            "Keep-Alive, Close",
+        ] {
+            let m = map(&format!(
+                "HTTP/1.1 200 OK\r\nConnection: {kept}\r\nContent-Length: 0\r\n\r\n"
+            ));
+            assert_eq!(m["connection"], kept);
+        }
+        // Empty tokens and case do not matter.
+        let m = map("HTTP/1.1 200 OK\r\nconnection: , Keep-Alive ,\r\nContent-Length: 0\r\n\r\n");
+        assert!(!m.contains_key("connection"));
+    }
+
+    /// The body is moved with its response through the phases, a `memcpy` of its size each
+    /// time: its rare parts (a chunked decoder, an upload's rest) are boxed, not inline.
+    /// Its size with the rare parts boxed (x86-64): a connection, the pool, two offsets, the
+    /// first bytes, a length or a decoder's box, an upload's box, a flag.
+    const RAW_BODY_SIZE: usize = 184;
+
+    #[test]
+    fn a_raw_body_keeps_its_rare_parts_out_of_line() {
+        let size = std::mem::size_of::<RawBody>();
+        println!("RawBody: {size} bytes");
+        assert!(size <= RAW_BODY_SIZE, "{size}");
     }
 
     #[test]
