@@ -52,12 +52,19 @@ const RESET_LIMIT: u32 = 200;
 /// read in the same batch, or nearly). A reset stream's service is dropped at once (hyper
 /// does the same), so a later reset cost us no more than a request of that length, and the
 /// stream held one of SETTINGS_MAX_CONCURRENT_STREAMS meanwhile: such resets come at most
-/// `max_concurrent_streams / RAPID_RESET_AGE` a second, as requests of that length could. Ordinary
-/// cancellations (a gRPC deadline, a browser navigating away, a Go client closing a body
-/// early) come later or after the head, and never close the connection. h2's server counts
+/// `max_concurrent_streams / RAPID_RESET_AGE` a second, as requests of that length could: later
+/// ones before the head count against a second budget ([`Cancels`]) while the stream is
+/// younger than [`CANCEL_FLOOR`]. Ordinary cancellations (a gRPC deadline, a browser
+/// navigating away, a Go client closing a body early) come later or after the head. h2's server counts
 /// only streams reset before the application accepted them (`max_pending_accept_reset_streams`),
 /// which hyper does at once: about the same line, drawn by time instead of by task.
 const RAPID_RESET_AGE: Duration = Duration::from_millis(10);
+/// A client's reset before the response's head, of a stream at least this old, is counted by
+/// neither budget ([`Cancels`] says why).
+const CANCEL_FLOOR: Duration = Duration::from_secs(1);
+/// [`Cancels`]: a window's completions raise its allowance by at most this many times the
+/// base.
+const CANCEL_CREDIT: u32 = 4;
 /// Empty DATA (without END_STREAM) and empty CONTINUATION frames allowed per
 /// [`FLOOD_WINDOW`] (CVE-2019-9518).
 const EMPTY_FRAME_LIMIT: u32 = 1000;
@@ -141,17 +148,28 @@ impl Flood {
 }
 
 /// A client's resets of streams whose response had not begun (none of its head written),
-/// whatever their age, allowed per [`FLOOD_WINDOW`] beyond the streams that completed normally
-/// on the connection (this window and the one before): [`RESET_LIMIT`] (or twice
-/// SETTINGS_MAX_CONCURRENT_STREAMS when that is more) more than those, before the connection is closed with
-/// ENHANCE_YOUR_CALM. The second budget, behind [`RAPID_RESET_AGE`]'s: a client that waits
-/// longer than that before each reset is not counted by the first, and could start
-/// `max_concurrent_streams / RAPID_RESET_AGE` upstream requests a second and cancel them all.
-/// A client that cancels slow calls (deadlines during an upstream slowdown) while others
-/// complete keeps its connection however many it cancels: each completion allows one more
-/// cancellation; one that only starts and cancels (or whose calls all time out) is closed after
-/// the base allowance. On average over windows, cancels stay under the base plus twice the
-/// completions: what a client makes us start and then drop is bounded by what it lets finish.
+/// younger than [`CANCEL_FLOOR`] and not rapid ([`RAPID_RESET_AGE`]: the first budget counts
+/// those), allowed per [`FLOOD_WINDOW`]: [`RESET_LIMIT`] (or twice
+/// SETTINGS_MAX_CONCURRENT_STREAMS when that is more), plus one for each stream that completed
+/// normally in the same window, those at most [`CANCEL_CREDIT`] times the base; one more and
+/// the connection is closed with ENHANCE_YOUR_CALM. The second budget, behind
+/// [`RAPID_RESET_AGE`]'s: a client that waits longer than that before each reset is not
+/// counted by the first, and could start `max_concurrent_streams / RAPID_RESET_AGE` upstream
+/// requests a second (10,000 at 100 streams) and cancel them all.
+///
+/// Older resets never count: each held one of SETTINGS_MAX_CONCURRENT_STREAMS for at least
+/// [`CANCEL_FLOOR`], so they come at most `max_concurrent_streams` a second (100 at the
+/// default), as slow requests could; and slow calls are what legitimate clients cancel (a
+/// gRPC deadline during an upstream slowdown). Younger ones: at most the base plus
+/// [`CANCEL_CREDIT`] times it per window (1,000 per 10 s at 100 streams), whatever the
+/// client completes; completions are cheap to make (a 404 for an unrouted host never reaches
+/// an upstream), so they raise the allowance only up to that cap. At 100 streams a connection
+/// can thus make us start and drop at most about 100 (old) + 100 (young) + 20 (rapid)
+/// upstream requests a second.
+///
+/// A window begins with the first counted reset after the previous one ended (the first at
+/// the connection's start) and lasts [`FLOOD_WINDOW`]; its completions are those since it
+/// began, each counted once: none from an earlier window, however long ago.
 ///
 /// Others draw the line elsewhere: h2's server counts streams reset before the application
 /// accepted them (`max_pending_accept_reset_streams`, 20 at once) and its own resets for
@@ -159,9 +177,7 @@ impl Flood {
 /// ends a connection after `keepalive_requests` (1,000) requests whatever became of them;
 /// Varnish counts resets within `h2_rapid_reset` (1 s) of the request against a budget
 /// (`h2_rapid_reset_limit` per `h2_rapid_reset_period`); HAProxy counts such "glitches"
-/// against `tune.h2.fe.glitches-threshold`. A completion credit keeps the long-lived,
-/// busy connections of gRPC clients, which cancel as part of normal work, and still ends a
-/// connection whose requests are mostly started to be dropped.
+/// against `tune.h2.fe.glitches-threshold`.
 ///
 /// Completions are counted by the connection (`Conn::completed`, no clock read for them); a
 /// window's share is what the count grew by since the window began, read when a reset comes.
@@ -170,8 +186,6 @@ struct Cancels {
     since: Instant,
     /// `Conn::completed` when this window began.
     completed_at_start: u64,
-    /// Completions in the window before (from its start to this one's).
-    completed_before: u64,
 }
 
 impl Cancels {
@@ -180,22 +194,21 @@ impl Cancels {
             count: 0,
             since: clock(),
             completed_at_start: 0,
-            completed_before: 0,
         }
     }
 
-    /// Counts one; true when over `base` plus the completions of this window and the one
-    /// before (`completed`: the connection's count so far).
+    /// Counts one; true when over `base` plus the completions of this window (at most
+    /// [`CANCEL_CREDIT`] × `base`; `completed`: the connection's count so far).
     fn hit(&mut self, now: Instant, completed: u64, base: u32) -> bool {
         if now.duration_since(self.since) > FLOOD_WINDOW {
-            self.completed_before = completed - self.completed_at_start;
             self.completed_at_start = completed;
             self.since = now;
             self.count = 0;
         }
         self.count += 1;
-        let credit = completed - self.completed_at_start + self.completed_before;
-        u64::from(self.count) > u64::from(base).saturating_add(credit)
+        let credit =
+            (completed - self.completed_at_start).min(u64::from(base) * u64::from(CANCEL_CREDIT));
+        u64::from(self.count) > u64::from(base) + credit
     }
 }
 
@@ -1186,7 +1199,7 @@ where
             end_stream,
             content_length,
         );
-        stream.rapid_until = Some(*self.clock.get_or_insert_with(clock) + RAPID_RESET_AGE);
+        stream.opened = Some(*self.clock.get_or_insert_with(clock));
         sh.streams.insert(id, stream);
         let body = RecvBody {
             shared: self.shared.clone(),
@@ -1291,13 +1304,15 @@ where
         let Some(s) = sh.streams.get_mut(&id) else {
             return Ok(());
         };
-        // Before the response began ([`Cancels`]), and of those the rapid ones, soon
-        // after the request ([`RAPID_RESET_AGE`]).
+        // Before the response began, the stream's age: under [`RAPID_RESET_AGE`] a rapid
+        // one, under [`CANCEL_FLOOR`] a cancellation ([`Cancels`]), else neither.
         let unfinished = !s.closed();
-        let before_head = unfinished && s.rapid_until.is_some();
-        let rapid = before_head
-            && s.rapid_until
-                .is_some_and(|until| *self.clock.get_or_insert_with(clock) < until);
+        let age = match s.opened {
+            Some(opened) if unfinished => {
+                Some(self.clock.get_or_insert_with(clock).duration_since(opened))
+            }
+            _ => None,
+        };
         if s.reset.is_none() {
             s.reset = Some(reason);
             s.reset_by_client = true;
@@ -1310,14 +1325,15 @@ where
             }
             self.client_resets.push_back(id);
         }
-        if !before_head {
+        let Some(age) = age else {
             return Ok(());
-        }
+        };
         let now = self.now();
-        if rapid && self.resets.hit(now, self.reset_limit()) {
-            return Err((Reason::ENHANCE_YOUR_CALM, RAPID_RESETS));
-        }
-        if self.cancels.hit(now, self.completed, self.reset_limit()) {
+        if age < RAPID_RESET_AGE {
+            if self.resets.hit(now, self.reset_limit()) {
+                return Err((Reason::ENHANCE_YOUR_CALM, RAPID_RESETS));
+            }
+        } else if age < CANCEL_FLOOR && self.cancels.hit(now, self.completed, self.reset_limit()) {
             return Err((Reason::ENHANCE_YOUR_CALM, CANCELLED_STREAMS));
         }
         Ok(())
@@ -1553,8 +1569,8 @@ where
                         if let Some(Queued::Head { block, .. }) = s.queue.pop_front() {
                             give_back(&mut self.spare_blocks, block);
                         }
-                        // The response began: a reset from now on is no rapid one.
-                        s.rapid_until = None;
+                        // The response began: a reset from now on counts in no budget.
+                        s.opened = None;
                         s.send_done |= end;
                     }
                     // No fields: an empty DATA frame ends the stream instead (a block of
@@ -1630,7 +1646,8 @@ where
                 stop = Stop::Done;
             }
             if s.send_done && !was_done && s.reset.is_none() {
-                // The response ended normally: one more cancellation allowed ([`Cancels`]).
+                // The response ended normally: one more cancellation allowed in this window
+                // ([`Cancels`]).
                 self.completed += 1;
             }
             match stop {

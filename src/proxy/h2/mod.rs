@@ -84,22 +84,26 @@
 //! - abuse guards: more rapid client resets (RST_STREAM before any of the response's head was
 //!   written and within 10 ms of the request: rapid reset, CVE-2023-44487) and resets of ours
 //!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s; more client
-//!   resets before any of the response's head, whatever their age, than that many plus the
-//!   streams completed normally (their END_STREAM written) in that 10 s window and the one
-//!   before; more than 1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION
+//!   resets before any of the response's head, of streams 10 ms to 1 s old, than that many
+//!   plus the streams completed normally (their END_STREAM written) in the same 10 s window
+//!   (those at most 4 × that many); more than 1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION
 //!   frames in 10 s; or a header block (in one HEADERS frame or with CONTINUATION: fragments
 //!   and 9 bytes per frame) longer than the max header list size + 16 KiB close the connection
 //!   with ENHANCE_YOUR_CALM ([`Error::abuse_guard`] says which, for
 //!   `outrigger_client_abuse_closes_total`); no input is read while 64 KiB of output wait for
 //!   the client (SETTINGS and PING floods; the output can go past it by one DATA frame of 16
 //!   KiB or one response head). A reset after the head never counts: the stream's service is
-//!   dropped at once (as hyper does), so it cost no more than a request that long. A later one
-//!   before the head counts only against the second budget: cancellations (deadlines,
-//!   navigation) on a connection that also completes requests never close it, however many;
-//!   one that only starts requests and cancels them is closed after 200 (a client all of whose
-//!   calls time out too: it reconnects). h2's server counts resets of streams not yet
-//!   accepted by the application, which hyper does at once (`conn::Cancels` says what others
-//!   do);
+//!   dropped at once (as hyper does), so it cost no more than a request that long; nor one of
+//!   a stream 1 s old or more: each held one of the max concurrent streams that long, so they
+//!   come at most that many a second (100 at the default), and slow calls are what clients
+//!   cancel (gRPC deadlines in an upstream slowdown: never closed, however many). A reset
+//!   before the head of a stream 10 ms to 1 s old counts against the second budget: a client
+//!   may cancel 200 of those per 10 s, plus one per request it completed in that window, at
+//!   most 1,000 in all at 100 streams (completions are cheap: a 404 of our own counts); one
+//!   that only starts requests and cancels them young is closed after 200. In all, one
+//!   connection can make us start and drop about 100 + 100 + 20 upstream requests a second at
+//!   100 streams. h2's server counts resets of streams not yet accepted by the application,
+//!   which hyper does at once (`conn::Cancels` says what others do);
 //! - [`Shutdown::graceful`] in two steps, as h2's server: GOAWAY (NO_ERROR, stream 2^31-1) and
 //!   a PING; requests that crossed it are still taken; once the PING's ACK is back (or after
 //!   1 s) GOAWAY with the last stream taken; open streams finish; then our side is shut (FIN)
@@ -273,7 +277,7 @@ impl Error {
 
     /// Which abuse guard closed the connection (GOAWAY ENHANCE_YOUR_CALM), as the `guard`
     /// label of `outrigger_client_abuse_closes_total`: `rapid_reset` (resets soon after the
-    /// request), `cancelled_streams` (resets before the response, whatever their age, beyond
+    /// request), `cancelled_streams` (resets before the response of streams 10 ms to 1 s old, beyond
     /// the streams completed), `stream_errors` (our resets for the client's faults),
     /// `empty_frames` (empty DATA or CONTINUATION), `header_block` (a header block too long).
     pub fn abuse_guard(&self) -> Option<&'static str> {
