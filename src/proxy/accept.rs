@@ -528,7 +528,7 @@ impl H2Connection<'_> {
                                 .get_or_create(&GuardLabels {
                                     direction: l.direction,
                                     listener: l.name.clone(),
-                                    guard,
+                                    guard: guard.label(),
                                 })
                                 .inc();
                         }

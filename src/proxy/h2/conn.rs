@@ -27,7 +27,7 @@ use super::frame::{
 use super::hpack::{self, BlockReader, Refused};
 use super::stream::{RecvBody, SEND_BUFFER, respond};
 use super::streams::{Queued, Recv, Shared, SharedRef, Stream, lock};
-use super::{Error, Settings, Shutdown};
+use super::{Error, Guard, Settings, Shutdown};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::linger;
 
@@ -73,14 +73,6 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 /// SETTINGS_MAX_HEADER_LIST_SIZE before the connection is closed (CONTINUATION flood,
 /// CVE-2024-27316): a block is compressed, so it is rarely longer than its decoded list.
 const BLOCK_SLACK: usize = 16 * 1024;
-// What each abuse guard's close (ENHANCE_YOUR_CALM) says: [`super::Error::abuse_guard`]
-// tells them apart for the metric.
-pub(super) const RAPID_RESETS: &str = "too many stream resets (rapid reset)";
-pub(super) const CANCELLED_STREAMS: &str = "too many streams reset before their response";
-pub(super) const STREAM_ERRORS: &str = "too many stream resets";
-pub(super) const EMPTY_DATA: &str = "too many empty DATA frames";
-pub(super) const EMPTY_CONTINUATIONS: &str = "too many empty CONTINUATION frames";
-pub(super) const LONG_HEADER_BLOCK: &str = "header block too long";
 /// The HPACK dynamic table size of RFC 9113's default SETTINGS_HEADER_TABLE_SIZE.
 const HEADER_TABLE_SIZE: usize = 4096;
 /// A stream's turn at writing DATA ends once it wrote this much (one frame at the default
@@ -294,7 +286,34 @@ enum Phase {
     Frames,
 }
 
-type ConnResult = Result<(), (Reason, &'static str)>;
+type ConnResult = Result<(), Fault>;
+
+/// A connection error: the GOAWAY's code, what the log says, and the abuse guard that
+/// closed the connection (ENHANCE_YOUR_CALM) if one did.
+struct Fault {
+    reason: Reason,
+    detail: &'static str,
+    guard: Option<Guard>,
+}
+
+impl Fault {
+    fn new(reason: Reason, detail: &'static str) -> Self {
+        Fault {
+            reason,
+            detail,
+            guard: None,
+        }
+    }
+
+    /// An abuse guard's close.
+    fn calm(guard: Guard) -> Self {
+        Fault {
+            reason: Reason::ENHANCE_YOUR_CALM,
+            detail: guard.detail(),
+            guard: Some(guard),
+        }
+    }
+}
 
 /// Why a stream's turn in `Conn::gather` ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -496,13 +515,18 @@ where
         }
     }
 
-    fn fail(&mut self, reason: Reason, detail: &'static str) {
+    fn fail(&mut self, fault: Fault) {
         if self.failed.is_some() {
             return;
         }
+        let Fault {
+            reason,
+            detail,
+            guard,
+        } = fault;
         tracing::debug!(%reason, detail, "HTTP/2 connection error");
         frame::put_goaway(&mut self.out, self.last_accepted, reason);
-        self.failed = Some(Error::protocol(reason, detail));
+        self.failed = Some(Error::protocol(reason, detail, guard));
         self.abort_streams();
     }
 
@@ -541,9 +565,9 @@ where
             return Poll::Ready(self.failed.take().map_or(Ok(()), Err));
         }
         if std::mem::take(&mut self.prefix_pending)
-            && let Err((reason, detail)) = self.process()
+            && let Err(fault) = self.process()
         {
-            self.fail(reason, detail);
+            self.fail(fault);
         }
         loop {
             let mut progress = false;
@@ -671,8 +695,8 @@ where
                     }
                     Poll::Ready(Ok(_)) => {
                         progress = true;
-                        if let Err((reason, detail)) = self.process() {
-                            self.fail(reason, detail);
+                        if let Err(fault) = self.process() {
+                            self.fail(fault);
                         }
                     }
                     Poll::Ready(Err(e)) => {
@@ -750,7 +774,10 @@ where
             if self.phase == Phase::Preface {
                 let n = self.read_buf.len().min(frame::PREFACE.len());
                 if self.read_buf[..n] != frame::PREFACE[..n] {
-                    return Err((Reason::PROTOCOL_ERROR, "invalid connection preface"));
+                    return Err(Fault::new(
+                        Reason::PROTOCOL_ERROR,
+                        "invalid connection preface",
+                    ));
                 }
                 if n < frame::PREFACE.len() {
                     return Ok(());
@@ -764,7 +791,7 @@ where
             }
             let head = Head::parse(&self.read_buf);
             if head.len > self.settings.max_frame_size {
-                return Err((
+                return Err(Fault::new(
                     Reason::FRAME_SIZE_ERROR,
                     "frame larger than SETTINGS_MAX_FRAME_SIZE",
                 ));
@@ -776,7 +803,10 @@ where
             }
             if self.phase == Phase::FirstSettings {
                 if head.kind != kind::SETTINGS || head.flags & flag::ACK != 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "the first frame is not SETTINGS"));
+                    return Err(Fault::new(
+                        Reason::PROTOCOL_ERROR,
+                        "the first frame is not SETTINGS",
+                    ));
                 }
                 self.phase = Phase::Frames;
             }
@@ -790,14 +820,17 @@ where
         if let Some(block) = &self.block
             && (head.kind != kind::CONTINUATION || head.stream != block.stream)
         {
-            return Err((Reason::PROTOCOL_ERROR, "a frame inside a header block"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "a frame inside a header block",
+            ));
         }
         match head.kind {
             kind::DATA => self.data(head, payload),
             kind::HEADERS => self.headers(head, payload),
             kind::PRIORITY => {
                 if head.stream == 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                    return Err(Fault::new(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
                 let reason = if head.len != 5 {
                     Reason::FRAME_SIZE_ERROR
@@ -812,7 +845,7 @@ where
                 // A stream error, but no RST_STREAM may name an idle stream (§6.4): on one,
                 // the connection's error.
                 if self.idle_stream(head.stream) {
-                    return Err((reason, "invalid PRIORITY on an idle stream"));
+                    return Err(Fault::new(reason, "invalid PRIORITY on an idle stream"));
                 }
                 if self.ignored(head.stream) {
                     return Ok(());
@@ -821,13 +854,19 @@ where
             }
             kind::RST_STREAM => self.rst_stream(head, &payload),
             kind::SETTINGS => self.settings_frame(head, &payload),
-            kind::PUSH_PROMISE => Err((Reason::PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            kind::PUSH_PROMISE => Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "PUSH_PROMISE from a client",
+            )),
             kind::PING => {
                 if head.stream != 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "PING on a stream"));
+                    return Err(Fault::new(Reason::PROTOCOL_ERROR, "PING on a stream"));
                 }
                 if head.len != 8 {
-                    return Err((Reason::FRAME_SIZE_ERROR, "PING of other than 8 bytes"));
+                    return Err(Fault::new(
+                        Reason::FRAME_SIZE_ERROR,
+                        "PING of other than 8 bytes",
+                    ));
                 }
                 if head.flags & flag::ACK == 0 {
                     frame::put_ping_ack(&mut self.out, &payload);
@@ -839,10 +878,13 @@ where
             }
             kind::GOAWAY => {
                 if head.stream != 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                    return Err(Fault::new(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
                 }
                 if head.len < 8 {
-                    return Err((Reason::FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes"));
+                    return Err(Fault::new(
+                        Reason::FRAME_SIZE_ERROR,
+                        "GOAWAY shorter than 8 bytes",
+                    ));
                 }
                 // The client opens no more streams; ours (none: no push) above its last id
                 // would be dropped. The open ones finish.
@@ -892,7 +934,7 @@ where
             let now = self.now();
             self.resets.hit(now, self.reset_limit())
         } {
-            return Err((Reason::ENHANCE_YOUR_CALM, STREAM_ERRORS));
+            return Err(Fault::calm(Guard::StreamErrors));
         }
         Ok(())
     }
@@ -910,25 +952,31 @@ where
     fn data(&mut self, head: Head, mut payload: BytesMut) -> ConnResult {
         let id = head.stream;
         if id == 0 {
-            return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
         if self.idle_stream(id) {
-            return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         let len = head.len as i64;
         self.conn_recv_window -= len;
         if self.conn_recv_window < 0 {
-            return Err((
+            return Err(Fault::new(
                 Reason::FLOW_CONTROL_ERROR,
                 "DATA past the connection window",
             ));
         }
         if head.flags & flag::PADDED != 0 {
             let Some(&pad) = payload.first() else {
-                return Err((Reason::PROTOCOL_ERROR, "PADDED DATA without a pad length"));
+                return Err(Fault::new(
+                    Reason::PROTOCOL_ERROR,
+                    "PADDED DATA without a pad length",
+                ));
             };
             if pad as usize >= payload.len() {
-                return Err((Reason::PROTOCOL_ERROR, "DATA padding longer than the frame"));
+                return Err(Fault::new(
+                    Reason::PROTOCOL_ERROR,
+                    "DATA padding longer than the frame",
+                ));
             }
             payload.truncate(payload.len() - pad as usize);
             payload.advance(1);
@@ -940,7 +988,7 @@ where
             let now = self.now();
             self.empties.hit(now, EMPTY_FRAME_LIMIT)
         } {
-            return Err((Reason::ENHANCE_YOUR_CALM, EMPTY_DATA));
+            return Err(Fault::calm(Guard::EmptyData));
         }
         let padding = head.len - payload.len() as u32;
         let mut guard = lock(&self.shared);
@@ -1012,15 +1060,18 @@ where
     fn headers(&mut self, head: Head, mut payload: BytesMut) -> ConnResult {
         let id = head.stream;
         if id == 0 {
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
         if id.is_multiple_of(2) {
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on an even stream id"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "HEADERS on an even stream id",
+            ));
         }
         let mut pad = 0;
         if head.flags & flag::PADDED != 0 {
             let Some(&p) = payload.first() else {
-                return Err((
+                return Err(Fault::new(
                     Reason::PROTOCOL_ERROR,
                     "PADDED HEADERS without a pad length",
                 ));
@@ -1031,7 +1082,7 @@ where
         let mut self_dependent = false;
         if head.flags & flag::PRIORITY != 0 {
             if payload.len() < 5 {
-                return Err((
+                return Err(Fault::new(
                     Reason::FRAME_SIZE_ERROR,
                     "HEADERS too short for its priority",
                 ));
@@ -1042,7 +1093,7 @@ where
             payload.advance(5);
         }
         if pad > payload.len() {
-            return Err((
+            return Err(Fault::new(
                 Reason::PROTOCOL_ERROR,
                 "HEADERS padding longer than the frame",
             ));
@@ -1068,14 +1119,14 @@ where
 
     fn check_block_size(&self, counted: usize) -> ConnResult {
         if counted > self.settings.max_header_list_size as usize + BLOCK_SLACK {
-            return Err((Reason::ENHANCE_YOUR_CALM, LONG_HEADER_BLOCK));
+            return Err(Fault::calm(Guard::HeaderBlock));
         }
         Ok(())
     }
 
     fn continuation(&mut self, head: Head, payload: BytesMut) -> ConnResult {
         let Some(mut block) = self.block.take() else {
-            return Err((
+            return Err(Fault::new(
                 Reason::PROTOCOL_ERROR,
                 "CONTINUATION without a header block",
             ));
@@ -1086,7 +1137,7 @@ where
             let now = self.now();
             self.empties.hit(now, EMPTY_FRAME_LIMIT)
         } {
-            return Err((Reason::ENHANCE_YOUR_CALM, EMPTY_CONTINUATIONS));
+            return Err(Fault::calm(Guard::EmptyContinuations));
         }
         block.buf.extend_from_slice(&payload);
         if head.flags & flag::END_HEADERS != 0 {
@@ -1135,7 +1186,10 @@ where
             .decode_with_cb(block, |n, v| reader.field(n, v))
             .is_err()
         {
-            return Err((Reason::COMPRESSION_ERROR, "invalid header block"));
+            return Err(Fault::new(
+                Reason::COMPRESSION_ERROR,
+                "invalid header block",
+            ));
         }
         if !new {
             return self.trailers(id, end_stream);
@@ -1241,7 +1295,10 @@ where
             // STREAM_CLOSED is allowed there) or skipped, which §5.1.1 makes a connection
             // error PROTOCOL_ERROR. We keep no record of every id opened, so both get the
             // one a skipped id must.
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "HEADERS on a closed stream",
+            ));
         };
         if s.reset.is_some() {
             // As for DATA: the client's error after its own reset, dropped after ours.
@@ -1287,13 +1344,19 @@ where
     fn rst_stream(&mut self, head: Head, payload: &[u8]) -> ConnResult {
         let id = head.stream;
         if id == 0 {
-            return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
         }
         if head.len != 4 {
-            return Err((Reason::FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes"));
+            return Err(Fault::new(
+                Reason::FRAME_SIZE_ERROR,
+                "RST_STREAM of other than 4 bytes",
+            ));
         }
         if self.idle_stream(id) {
-            return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "RST_STREAM on an idle stream",
+            ));
         }
         let reason = Reason(u32::from_be_bytes([
             payload[0], payload[1], payload[2], payload[3],
@@ -1331,21 +1394,24 @@ where
         let now = self.now();
         if age < RAPID_RESET_AGE {
             if self.resets.hit(now, self.reset_limit()) {
-                return Err((Reason::ENHANCE_YOUR_CALM, RAPID_RESETS));
+                return Err(Fault::calm(Guard::RapidReset));
             }
         } else if age < CANCEL_FLOOR && self.cancels.hit(now, self.completed, self.reset_limit()) {
-            return Err((Reason::ENHANCE_YOUR_CALM, CANCELLED_STREAMS));
+            return Err(Fault::calm(Guard::CancelledStreams));
         }
         Ok(())
     }
 
     fn settings_frame(&mut self, head: Head, payload: &[u8]) -> ConnResult {
         if head.stream != 0 {
-            return Err((Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
         }
         if head.flags & flag::ACK != 0 {
             if head.len != 0 {
-                return Err((Reason::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+                return Err(Fault::new(
+                    Reason::FRAME_SIZE_ERROR,
+                    "SETTINGS ACK with a payload",
+                ));
             }
             if !self.our_settings_acked {
                 self.our_settings_acked = true;
@@ -1361,7 +1427,7 @@ where
             return Ok(());
         }
         if !head.len.is_multiple_of(6) {
-            return Err((
+            return Err(Fault::new(
                 Reason::FRAME_SIZE_ERROR,
                 "SETTINGS length not a multiple of 6",
             ));
@@ -1371,11 +1437,14 @@ where
             let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
             match id {
                 setting::ENABLE_PUSH if value > 1 => {
-                    return Err((Reason::PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1"));
+                    return Err(Fault::new(
+                        Reason::PROTOCOL_ERROR,
+                        "SETTINGS_ENABLE_PUSH not 0 or 1",
+                    ));
                 }
                 setting::INITIAL_WINDOW_SIZE => {
                     if i64::from(value) > MAX_WINDOW {
-                        return Err((
+                        return Err(Fault::new(
                             Reason::FLOW_CONTROL_ERROR,
                             "SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1",
                         ));
@@ -1387,7 +1456,7 @@ where
                     for (&id, s) in sh.streams.iter_mut() {
                         s.send_window += delta;
                         if s.send_window > MAX_WINDOW {
-                            return Err((
+                            return Err(Fault::new(
                                 Reason::FLOW_CONTROL_ERROR,
                                 "a stream window over 2^31-1",
                             ));
@@ -1400,7 +1469,7 @@ where
                 }
                 setting::MAX_FRAME_SIZE => {
                     if !(DEFAULT_MAX_FRAME_SIZE..=frame::MAX_MAX_FRAME_SIZE).contains(&value) {
-                        return Err((
+                        return Err(Fault::new(
                             Reason::PROTOCOL_ERROR,
                             "SETTINGS_MAX_FRAME_SIZE out of range",
                         ));
@@ -1426,7 +1495,7 @@ where
 
     fn window_update(&mut self, head: Head, payload: &[u8]) -> ConnResult {
         if head.len != 4 {
-            return Err((
+            return Err(Fault::new(
                 Reason::FRAME_SIZE_ERROR,
                 "WINDOW_UPDATE of other than 4 bytes",
             ));
@@ -1437,11 +1506,14 @@ where
         let id = head.stream;
         if id == 0 {
             if inc == 0 {
-                return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+                return Err(Fault::new(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
             }
             self.conn_send_window += inc;
             if self.conn_send_window > MAX_WINDOW {
-                return Err((Reason::FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
+                return Err(Fault::new(
+                    Reason::FLOW_CONTROL_ERROR,
+                    "connection window over 2^31-1",
+                ));
             }
             // The streams waiting for it get it in turn (`gather`). The client reads: the
             // stall clock of a stream waiting only for the connection window starts again,
@@ -1463,7 +1535,10 @@ where
             return Ok(());
         }
         if self.idle_stream(id) {
-            return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE on an idle stream",
+            ));
         }
         let mut guard = lock(&self.shared);
         let sh = &mut *guard;

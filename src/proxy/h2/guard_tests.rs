@@ -16,7 +16,7 @@ use super::conn::{Buffered, Conn, DATA_FRAME, OUT_HIGH, READ_BUF};
 use super::frame::{self, Reason, flag, kind, setting};
 use super::streams::{Queued, SharedRef, lock};
 use super::tests::{In, Raw, hang_count, service, settings};
-use super::{RecvBody, Settings, Shutdown};
+use super::{Guard, RecvBody, Settings, Shutdown};
 use crate::proxy::body::ProxyBody;
 
 fn rst(code: Reason) -> [u8; 4] {
@@ -119,7 +119,7 @@ async fn starting_and_cancelling_requests_closes_the_connection() {
         Some(Reason::ENHANCE_YOUR_CALM)
     );
     let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-    assert_eq!(err.abuse_guard(), Some("cancelled_streams"), "{err}");
+    assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
 }
 
 /// A gRPC-like client that cancels many slow calls (more than the base allowance in every
@@ -259,7 +259,7 @@ async fn three_cancellations_of_young_calls_per_cheap_completion_close_the_conne
         period: Duration::from_millis(133),
     };
     let (after, err) = mixed("guard-three-to-one", m).await.expect("closed");
-    assert_eq!(err.abuse_guard(), Some("cancelled_streams"), "{err}");
+    assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
     assert!(after < Duration::from_secs(10), "closed {after:?} after");
 }
 
@@ -279,7 +279,7 @@ async fn one_cheap_completion_per_two_cancellations_closes_the_connection() {
         period: Duration::from_millis(66),
     };
     let (after, err) = mixed("guard-two-to-one", m).await.expect("closed");
-    assert_eq!(err.abuse_guard(), Some("cancelled_streams"), "{err}");
+    assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
     assert!(after < Duration::from_secs(30), "closed {after:?} after");
 }
 
@@ -297,7 +297,7 @@ async fn rapid_resets_are_told_apart_from_late_cancellations() {
     c.io.write_all(&buf).await.unwrap();
     c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
     let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-    assert_eq!(err.abuse_guard(), Some("rapid_reset"), "{err}");
+    assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
 }
 
 // ---- One clock read per read batch ----
@@ -508,7 +508,7 @@ async fn a_header_block_too_long_closes_the_connection_in_one_frame_or_many() {
         let err = c.task.await.unwrap().expect_err("an abuse guard's close");
         assert_eq!(
             err.abuse_guard(),
-            Some("header_block"),
+            Some(Guard::HeaderBlock),
             "in one frame: {in_one_frame}"
         );
     }

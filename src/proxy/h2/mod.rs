@@ -251,7 +251,54 @@ enum ErrorKind {
     Protocol {
         reason: frame::Reason,
         detail: &'static str,
+        /// The abuse guard that closed the connection (then `reason` is ENHANCE_YOUR_CALM).
+        guard: Option<Guard>,
     },
+}
+
+/// An abuse guard of the server, which closes the connection with GOAWAY ENHANCE_YOUR_CALM
+/// (the `guard` label of `outrigger_client_abuse_closes_total`: [`Guard::label`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// Client resets within 10 ms of the request, before the response. One count with
+    /// [`Guard::StreamErrors`]: the label names the kind that passed the limit.
+    RapidReset,
+    /// Client resets before the response of streams 10 ms to 1 s old, beyond the streams
+    /// completed (`conn::Cancels`).
+    CancelledStreams,
+    /// Our resets for the client's faults (one count with [`Guard::RapidReset`]).
+    StreamErrors,
+    /// Empty DATA frames (without END_STREAM).
+    EmptyData,
+    /// Empty CONTINUATION frames.
+    EmptyContinuations,
+    /// A header block too long (CONTINUATION flood).
+    HeaderBlock,
+}
+
+impl Guard {
+    /// The metric's label: one per guard, but both kinds of empty frames are `empty_frames`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Guard::RapidReset => "rapid_reset",
+            Guard::CancelledStreams => "cancelled_streams",
+            Guard::StreamErrors => "stream_errors",
+            Guard::EmptyData | Guard::EmptyContinuations => "empty_frames",
+            Guard::HeaderBlock => "header_block",
+        }
+    }
+
+    /// What the close says (in the log and the error's text).
+    fn detail(self) -> &'static str {
+        match self {
+            Guard::RapidReset => "too many stream resets (rapid reset)",
+            Guard::CancelledStreams => "too many streams reset before their response",
+            Guard::StreamErrors => "too many stream resets",
+            Guard::EmptyData => "too many empty DATA frames",
+            Guard::EmptyContinuations => "too many empty CONTINUATION frames",
+            Guard::HeaderBlock => "header block too long",
+        }
+    }
 }
 
 impl Error {
@@ -261,9 +308,13 @@ impl Error {
         }
     }
 
-    fn protocol(reason: frame::Reason, detail: &'static str) -> Self {
+    fn protocol(reason: frame::Reason, detail: &'static str, guard: Option<Guard>) -> Self {
         Error {
-            kind: ErrorKind::Protocol { reason, detail },
+            kind: ErrorKind::Protocol {
+                reason,
+                detail,
+                guard,
+            },
         }
     }
 
@@ -275,26 +326,12 @@ impl Error {
         }
     }
 
-    /// Which abuse guard closed the connection (GOAWAY ENHANCE_YOUR_CALM), as the `guard`
-    /// label of `outrigger_client_abuse_closes_total`: `rapid_reset` (resets soon after the
-    /// request), `cancelled_streams` (resets before the response of streams 10 ms to 1 s old, beyond
-    /// the streams completed), `stream_errors` (our resets for the client's faults),
-    /// `empty_frames` (empty DATA or CONTINUATION), `header_block` (a header block too long).
-    pub fn abuse_guard(&self) -> Option<&'static str> {
-        let ErrorKind::Protocol { reason, detail } = &self.kind else {
-            return None;
-        };
-        if *reason != frame::Reason::ENHANCE_YOUR_CALM {
-            return None;
+    /// Which abuse guard closed the connection (GOAWAY ENHANCE_YOUR_CALM), if one did.
+    pub fn abuse_guard(&self) -> Option<Guard> {
+        match &self.kind {
+            ErrorKind::Protocol { guard, .. } => *guard,
+            ErrorKind::Io(_) => None,
         }
-        Some(match *detail {
-            conn::RAPID_RESETS => "rapid_reset",
-            conn::CANCELLED_STREAMS => "cancelled_streams",
-            conn::STREAM_ERRORS => "stream_errors",
-            conn::EMPTY_DATA | conn::EMPTY_CONTINUATIONS => "empty_frames",
-            conn::LONG_HEADER_BLOCK => "header_block",
-            _ => "other",
-        })
     }
 
     /// The I/O error, when the connection failed on its socket.
@@ -310,7 +347,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ErrorKind::Io(e) => write!(f, "HTTP/2 connection error: {e}"),
-            ErrorKind::Protocol { reason, detail } => {
+            ErrorKind::Protocol { reason, detail, .. } => {
                 write!(f, "HTTP/2 connection error {reason}: {detail}")
             }
         }
