@@ -114,6 +114,8 @@ fn clock() -> Instant {
 thread_local! {
     /// Clock reads by the connections polled on this thread.
     pub(super) static CLOCK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Read buffers shrunk back to [`READ_BUF`] by the connections polled on this thread.
+    pub(super) static SHRINKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 struct Flood {
@@ -368,6 +370,8 @@ pub(super) struct Conn<IO, S> {
     read_buf: BytesMut,
     /// The size of the allocation `read_buf` reads into (what a slice of it keeps alive).
     read_alloc: usize,
+    /// A frame larger than [`READ_BUF`] was read: [`Self::shrink_read`] is due.
+    large_frame: bool,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     /// Every header block's fields, decoded into the connection's value arena.
@@ -481,6 +485,7 @@ where
             settings,
             shutdown,
             read_alloc: read_buf.capacity(),
+            large_frame: false,
             read_buf,
             out,
             decoder,
@@ -750,15 +755,20 @@ where
     }
 
     /// Back to a read buffer of the usual size ([`READ_BUF`]) once a larger one, taken for a
-    /// frame larger than it (SETTINGS_MAX_FRAME_SIZE raised), has no whole frame header left:
+    /// frame larger than it (SETTINGS_MAX_FRAME_SIZE raised: `large_frame`), has no whole
+    /// frame header left (not a buffer the loop's top-up made larger, up to `len` + 16 KiB,
+    /// while request DATA slices held the old one: review finding, an upload of 16 KiB frames
+    /// paid one more allocation per frame):
     /// the connection does not keep its largest frame's size for its life (slices of the
     /// large one, unread request DATA, keep it alive only as long as they are). At most
     /// one allocation per frame larger than the usual buffer, which a larger one needs anyway
     /// when its last frame's payload is still held.
     fn shrink_read(&mut self) {
-        if self.read_alloc <= READ_BUF {
+        if !std::mem::take(&mut self.large_frame) || self.read_alloc <= READ_BUF {
             return;
         }
+        #[cfg(test)]
+        SHRINKS.with(|n| n.set(n.get() + 1));
         let mut buf = BytesMut::with_capacity(READ_BUF);
         buf.extend_from_slice(&self.read_buf);
         self.read_alloc = buf.capacity();
@@ -797,6 +807,9 @@ where
                 ));
             }
             let total = frame::HEADER_LEN + head.len as usize;
+            if total > READ_BUF {
+                self.large_frame = true;
+            }
             if self.read_buf.len() < total {
                 self.reserve_read(total - self.read_buf.len());
                 return Ok(());

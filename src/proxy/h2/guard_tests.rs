@@ -530,3 +530,26 @@ async fn a_large_frame_leaves_a_read_buffer_of_the_usual_size() {
     // (The large buffer was taken and let go within polls: only the last size is seen.)
     assert_eq!(seen.lock().unwrap().last.read_alloc, READ_BUF);
 }
+
+/// An upload of 16 KiB DATA frames (the usual frame size) whose body the service holds (its
+/// slices keep the read buffer alive, so the loop's top-ups take new ones, larger than the
+/// usual size): no buffer is shrunk, none of those allocations is paid twice (review
+/// finding: the buffer shrank whenever it was over 16 KiB + 9, not only after a larger
+/// frame).
+#[tokio::test]
+async fn an_upload_of_usual_frames_shrinks_no_read_buffer() {
+    use super::conn::SHRINKS;
+    let (mut c, _, seen) = start_watched(settings(), &[], 64 * 1024, holds_the_body).await;
+    SHRINKS.with(|n| n.set(0));
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 1, &b).await;
+    for _ in 0..40 {
+        c.send(kind::DATA, 0, 1, &[7u8; 16_384]).await;
+    }
+    c.sync().await;
+    assert_eq!(SHRINKS.with(|n| n.get()), 0);
+    assert!(
+        seen.lock().unwrap().max.read_alloc > READ_BUF,
+        "no top-up larger than usual"
+    );
+}
