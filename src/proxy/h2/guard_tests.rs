@@ -302,32 +302,102 @@ async fn rapid_resets_are_told_apart_from_late_cancellations() {
 
 // ---- One clock read per read batch ----
 
-/// A read batch that opens many streams reads the clock once (the streams' start, for the
-/// rapid-reset age), not once per stream; answering them reads it no more.
-#[tokio::test]
-async fn a_batch_that_opens_many_streams_reads_the_clock_once() {
+/// A read batch of late client resets (streams 20 ms old: the second budget's count, the
+/// remembered ids) and empty DATA frames (the empty-frame guard's window) reads the clock
+/// once, not once per frame (the sites this per-turn clock changed: `Flood::hit`,
+/// `Cancels::hit`, `reset_lately`).
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_late_resets_and_empty_frames_reads_the_clock_once() {
     use super::conn::CLOCK_READS;
     let mut c = Raw::start(settings()).await;
+    let key = "guard-clock";
+    for i in 0..50u32 {
+        assert!(start_hanging(&mut c, 1 + 2 * i, key, i as usize).await);
+    }
+    // A request whose body stays open, for the empty DATA frames.
+    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
+    c.send(kind::HEADERS, flag::END_HEADERS, 101, &b).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let mut buf = BytesMut::new();
     for i in 0..50u32 {
-        let b = c.block(&[
-            (":method", "GET"),
-            (":scheme", "http"),
-            (":path", "/"),
-            (":authority", "x"),
-        ]);
-        frame::put_header_block(&mut buf, 1 + 2 * i, &b, true, 16_384);
+        frame::put_rst(&mut buf, 1 + 2 * i, Reason::CANCEL);
+        frame::put_head(&mut buf, 0, kind::DATA, 0, 101);
     }
+    frame::put_ping(&mut buf, b"syncsync");
     CLOCK_READS.with(|n| n.set(0));
     c.io.write_all(&buf).await.unwrap();
-    let mut ended = 0;
-    while ended < 50 {
-        let f = c.next().await.expect("the responses");
-        if f.head.kind == kind::DATA && f.head.flags & flag::END_STREAM != 0 {
-            ended += 1;
+    loop {
+        let f = c.next().await.expect("the PING's ACK");
+        assert_ne!(f.head.kind, kind::GOAWAY, "{f:?}");
+        if f.head.kind == kind::PING {
+            break;
         }
     }
     assert_eq!(CLOCK_READS.with(|n| n.get()), 1);
+}
+
+// ---- The close after a connection error ----
+
+/// Frames from a client that keeps writing after our GOAWAY (not read).
+async fn keep_writing(c: &mut Raw) {
+    let mut buf = BytesMut::new();
+    for _ in 0..10 {
+        frame::put_ping(&mut buf, b"stillon!");
+    }
+    let _ = c.io.write_all(&buf).await;
+}
+
+/// Reads to the GOAWAY; its code.
+async fn goaway_code(c: &mut Raw) -> Reason {
+    loop {
+        let f = c.next().await.expect("GOAWAY");
+        if f.head.kind == kind::GOAWAY {
+            return Reason(u32::from_be_bytes(f.payload[4..8].try_into().unwrap()));
+        }
+    }
+}
+
+/// An abuse guard's close (ENHANCE_YOUR_CALM) is at once, whatever the client still sends;
+/// another connection error lingers 500 ms (reading and dropping the client's input, so the
+/// close is no TCP reset that could destroy the GOAWAY). On the paused clock: a linger's
+/// timer would fire after the test's own short one.
+#[tokio::test(start_paused = true)]
+async fn an_abuse_close_is_at_once_and_other_errors_linger() {
+    let mut c = Raw::start(settings()).await;
+    let mut buf = BytesMut::new();
+    for i in 0..300u32 {
+        let id = 1 + 2 * i;
+        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+        frame::put_header_block(&mut buf, id, &b, true, 16_384);
+        frame::put_rst(&mut buf, id, Reason::CANCEL);
+    }
+    c.io.write_all(&buf).await.unwrap();
+    assert_eq!(goaway_code(&mut c).await, Reason::ENHANCE_YOUR_CALM);
+    keep_writing(&mut c).await;
+    let end = tokio::time::timeout(Duration::from_millis(1), &mut c.task).await;
+    let err = end
+        .expect("closed at once")
+        .unwrap()
+        .expect_err("an abuse guard's close");
+    assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
+
+    let mut c = Raw::start(settings()).await;
+    c.send(kind::RST_STREAM, 0, 0, &rst(Reason::CANCEL)).await;
+    assert_eq!(goaway_code(&mut c).await, Reason::PROTOCOL_ERROR);
+    keep_writing(&mut c).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), &mut c.task)
+            .await
+            .is_err(),
+        "closed before the linger's end"
+    );
+    keep_writing(&mut c).await;
+    let end = tokio::time::timeout(Duration::from_millis(200), &mut c.task).await;
+    let err = end
+        .expect("closed after the linger")
+        .unwrap()
+        .expect_err("an error");
+    assert_eq!(err.abuse_guard(), None, "{err}");
 }
 
 // ---- A connection polled here: its state in view ----
