@@ -102,8 +102,9 @@ const CLIENT_RESETS: usize = 128;
 /// and the least a new one gets.
 pub(super) const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
 
-/// Reads the clock. Every read of the connection's goes through here (most through
-/// [`Conn::now`]: once per turn of its loop), counted in tests.
+/// Reads the clock. Every clock read of the frame loop goes through here (most through
+/// [`Conn::now`]: once per turn of its loop), counted in tests; the close's linger
+/// (`linger::Drain`) reads its own.
 fn clock() -> Instant {
     #[cfg(test)]
     CLOCK_READS.with(|n| n.set(n.get() + 1));
@@ -1704,8 +1705,9 @@ where
                         let n = (data.len() as i64)
                             .min(s.send_window)
                             .min(self.conn_send_window)
-                            .min(self.peer_max_frame.min(DATA_FRAME) as i64)
-                            as usize;
+                            // Not the client's SETTINGS_MAX_FRAME_SIZE: §6.5.2 makes it at
+                            // least 16 KiB, DATA_FRAME.
+                            .min(DATA_FRAME as i64) as usize;
                         let last = n == data.len();
                         frame::put_data(&mut self.out, id, &data[..n], end && last);
                         data.advance(n);
