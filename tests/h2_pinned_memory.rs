@@ -480,3 +480,36 @@ fn a_connections_host_value_is_one_allocation_and_its_clones_none() {
     assert_eq!(first, clone);
     assert_eq!(other, "other.internal");
 }
+
+/// A frame larger than the read buffer is read into a larger one; once it is handled, the
+/// connection goes back to a buffer of the usual size (review finding: it kept its largest
+/// frame's size, 1 MB here, for its life, as the header arena did before).
+#[test]
+fn a_large_frame_leaves_a_normal_read_buffer_behind() {
+    runtime().block_on(async {
+        let mut s = settings();
+        s.max_frame_size = 1 << 20;
+        let mut c = start_serving(s, answers).await;
+        // An ordinary GET first, and 64 KiB writes and reads: what stays has its size.
+        c.get(1, &[]).await;
+        let mut out = Vec::new();
+        junk(&mut out, 256 * 1024, 16_000);
+        c.write(&out).await;
+        drop(out);
+        c.sync().await;
+        let before = live();
+        let mut out = Vec::new();
+        frame(&mut out, 0xfa, 0, 0, &vec![0u8; 1_000_000]);
+        c.write(&out).await;
+        drop(out);
+        c.sync().await;
+        let held = live() - before;
+        eprintln!("held after a 1,000,000-byte frame: {held} bytes");
+        // A read buffer of the usual size (16 KiB and a frame header) replaces the large
+        // one: about nothing more than before.
+        assert!(
+            held < 16 * 1024,
+            "a connection holds {held} bytes more after one frame of 1,000,000 bytes"
+        );
+    });
+}

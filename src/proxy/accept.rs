@@ -26,6 +26,7 @@ use super::generation::{Kind, Listener, Serving};
 use super::listener::{self, Activity, Metered, Peer, Stream};
 use super::{fast_path, framing, http, linger, tcp};
 use crate::runtime::Drain;
+use crate::telemetry::metrics::GuardLabels;
 
 /// A downstream connection's slot: releases the `max_connections` permit and updates the
 /// connection gauges when the last holder (the connection, or an upgraded stream spliced from
@@ -522,6 +523,15 @@ impl H2Connection<'_> {
                 res = conn.as_mut() => {
                     if let Err(e) = res {
                         tracing::debug!(listener = %l.name, error = %e, "connection ended with an error");
+                        if let Some(guard) = e.abuse_guard() {
+                            l.abuse_closes
+                                .get_or_create(&GuardLabels {
+                                    direction: l.direction,
+                                    listener: l.name.clone(),
+                                    guard: guard.label(),
+                                })
+                                .inc();
+                        }
                     }
                     break;
                 }

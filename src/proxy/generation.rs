@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 
@@ -34,7 +35,7 @@ use crate::config::proxy::{
 };
 use crate::config::proxy::{Direction, Http2Server, Protocol};
 use crate::runtime::AppGate;
-use crate::telemetry::metrics::{FlowLabels, ListenerLabels, Name, ProxyMetrics};
+use crate::telemetry::metrics::{FlowLabels, GuardLabels, ListenerLabels, Name, ProxyMetrics};
 use crate::telemetry::record::Recorder;
 
 /// What a listener does with a connection.
@@ -57,6 +58,11 @@ pub(super) struct Listener {
     /// HTTP/2 streams reset because their client read nothing
     /// (`outrigger_client_stream_stalls_total`).
     pub(super) stalled_streams: Counter,
+    /// HTTP/2 connections our server closed for abuse, by guard
+    /// (`outrigger_client_abuse_closes_total`; a series once a guard closed one).
+    pub(super) abuse_closes: Family<GuardLabels, Counter>,
+    /// `inbound` or `outbound`, as the metrics' `direction` label.
+    pub(super) direction: &'static str,
     /// HTTP connections closed because their client sent no byte
     /// (`outrigger_client_silent_closes_total`).
     pub(super) silent: Counter,
@@ -230,6 +236,8 @@ pub(super) fn build_listener(l: &ListenerConfig, bound: Bound, b: &Build<'_>) ->
         closed: metrics.connections_closed.get_or_create(&labels).clone(),
         stalled: metrics.client_stalls.get_or_create(&labels).clone(),
         stalled_streams: metrics.client_stream_stalls.get_or_create(&labels).clone(),
+        abuse_closes: metrics.client_abuse_closes.clone(),
+        direction,
         silent: metrics.client_silent.get_or_create(&labels).clone(),
         open: metrics.connections_open.get_or_create(&labels).clone(),
         received: flow("received"),

@@ -89,6 +89,15 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardLabels {
+    pub direction: &'static str,
+    pub listener: Name,
+    /// Which abuse guard (`rapid_reset`, `cancelled_streams`, `stream_errors`,
+    /// `empty_frames`, `header_block`).
+    pub guard: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub direction: &'static str,
     pub listener: Name,
@@ -171,6 +180,8 @@ pub struct ProxyMetrics {
     /// HTTP/2 streams reset because their client took none of their response for the idle
     /// timeout.
     pub client_stream_stalls: Family<ListenerLabels, Counter>,
+    /// HTTP/2 connections closed by an abuse guard of our server (GOAWAY ENHANCE_YOUR_CALM).
+    pub client_abuse_closes: Family<GuardLabels, Counter>,
     /// Connections closed because the client sent no byte within `header_read_timeout`.
     pub client_silent: Family<ListenerLabels, Counter>,
     pub connections_open: Family<ListenerLabels, Gauge>,
@@ -199,6 +210,7 @@ impl Default for ProxyMetrics {
             connections_closed: Family::default(),
             client_stalls: Family::default(),
             client_stream_stalls: Family::default(),
+            client_abuse_closes: Family::default(),
             client_silent: Family::default(),
             connections_open: Family::default(),
             bytes: Family::default(),
@@ -329,6 +341,11 @@ impl ProxyMetrics {
             "client_stream_stalls",
             "HTTP/2 streams reset because the client took none of their response for the idle timeout (flow control kept the socket writable)",
             self.client_stream_stalls.clone(),
+        );
+        r.register(
+            "client_abuse_closes",
+            "HTTP/2 connections closed (GOAWAY ENHANCE_YOUR_CALM) by an abuse guard of outrigger's HTTP/2 server, by guard",
+            self.client_abuse_closes.clone(),
         );
         r.register(
             "client_silent_closes",

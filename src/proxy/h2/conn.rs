@@ -28,13 +28,22 @@ use super::hpack::{self, BlockReader, Refused};
 use super::inline::{Inline, Task};
 use super::stream::{RecvBody, SEND_BUFFER, respond};
 use super::streams::{Queued, Recv, Shared, SharedRef, Stream, lock};
-use super::{Error, Settings, Shutdown};
+use super::{Error, Guard, Settings, Shutdown};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::linger;
 
 /// Past this many bytes of output waiting for the socket, no more input is read and no more
-/// response DATA taken from the streams.
+/// response DATA taken from the streams. What went in last may take the output past it: one
+/// DATA frame ([`DATA_FRAME`] at most, whatever the client's SETTINGS_MAX_FRAME_SIZE), or one
+/// stream's header block (a response head: the upstream's, under the proxy's own limit on
+/// response headers), and the small frames a read batch answers (PING and SETTINGS ACKs,
+/// RST_STREAM, WINDOW_UPDATE) while under it.
 pub(super) const OUT_HIGH: usize = 64 * 1024;
+/// The largest DATA payload we send, even to a client that accepts larger frames: the
+/// output's bound above stays the same whatever the client announces (review finding: a
+/// client's 16 MiB frames let one frame take it 16 MiB over). Frame headers cost 9 bytes per
+/// 16 KiB (0.05 %); the writes are batched anyway.
+pub(super) const DATA_FRAME: usize = 16 * 1024;
 /// Rapid client resets, and our resets for a client's faults, allowed per [`FLOOD_WINDOW`]
 /// (at least; twice SETTINGS_MAX_CONCURRENT_STREAMS when that is more) before the connection
 /// is closed with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
@@ -44,12 +53,19 @@ const RESET_LIMIT: u32 = 200;
 /// read in the same batch, or nearly). A reset stream's service is dropped at once (hyper
 /// does the same), so a later reset cost us no more than a request of that length, and the
 /// stream held one of SETTINGS_MAX_CONCURRENT_STREAMS meanwhile: such resets come at most
-/// `max_concurrent_streams / RAPID_RESET_AGE` a second, as requests of that length could. Ordinary
-/// cancellations (a gRPC deadline, a browser navigating away, a Go client closing a body
-/// early) come later or after the head, and never close the connection. h2's server counts
+/// `max_concurrent_streams / RAPID_RESET_AGE` a second, as requests of that length could: later
+/// ones before the head count against a second budget ([`Cancels`]) while the stream is
+/// younger than [`CANCEL_FLOOR`]. Ordinary cancellations (a gRPC deadline, a browser
+/// navigating away, a Go client closing a body early) come later or after the head. h2's server counts
 /// only streams reset before the application accepted them (`max_pending_accept_reset_streams`),
 /// which hyper does at once: about the same line, drawn by time instead of by task.
 const RAPID_RESET_AGE: Duration = Duration::from_millis(10);
+/// A client's reset before the response's head, of a stream at least this old, is counted by
+/// neither budget ([`Cancels`] says why).
+const CANCEL_FLOOR: Duration = Duration::from_secs(1);
+/// [`Cancels`]: a window's completions raise its allowance by at most this many times the
+/// base.
+const CANCEL_CREDIT: u32 = 4;
 /// Empty DATA (without END_STREAM) and empty CONTINUATION frames allowed per
 /// [`FLOOD_WINDOW`] (CVE-2019-9518).
 const EMPTY_FRAME_LIMIT: u32 = 1000;
@@ -85,7 +101,24 @@ const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 const CLIENT_RESETS: usize = 128;
 /// The read buffer's size (one frame of the default SETTINGS_MAX_FRAME_SIZE and its header),
 /// and the least a new one gets.
-const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+pub(super) const READ_BUF: usize = DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+
+/// Reads the clock. Every clock read of the frame loop goes through here (most through
+/// [`Conn::now`]: once per turn of its loop), counted in tests; the close's linger
+/// (`linger::Drain`) reads its own.
+fn clock() -> Instant {
+    #[cfg(test)]
+    CLOCK_READS.with(|n| n.set(n.get() + 1));
+    Instant::now()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Clock reads by the connections polled on this thread.
+    pub(super) static CLOCK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Read buffers shrunk back to [`READ_BUF`] by the connections polled on this thread.
+    pub(super) static SHRINKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 struct Flood {
     count: u32,
@@ -96,18 +129,82 @@ impl Flood {
     fn new() -> Self {
         Flood {
             count: 0,
-            since: Instant::now(),
+            since: clock(),
         }
     }
     /// Counts one; true when over `limit` in the current window.
-    fn hit(&mut self, limit: u32) -> bool {
-        let now = Instant::now();
+    fn hit(&mut self, now: Instant, limit: u32) -> bool {
         if now.duration_since(self.since) > FLOOD_WINDOW {
             self.since = now;
             self.count = 0;
         }
         self.count += 1;
         self.count > limit
+    }
+}
+
+/// A client's resets of streams whose response had not begun (none of its head written),
+/// younger than [`CANCEL_FLOOR`] and not rapid ([`RAPID_RESET_AGE`]: the first budget counts
+/// those), allowed per [`FLOOD_WINDOW`]: [`RESET_LIMIT`] (or twice
+/// SETTINGS_MAX_CONCURRENT_STREAMS when that is more), plus one for each stream that completed
+/// normally in the same window, those at most [`CANCEL_CREDIT`] times the base; one more and
+/// the connection is closed with ENHANCE_YOUR_CALM. The second budget, behind
+/// [`RAPID_RESET_AGE`]'s: a client that waits longer than that before each reset is not
+/// counted by the first, and could start `max_concurrent_streams / RAPID_RESET_AGE` upstream
+/// requests a second (10,000 at 100 streams) and cancel them all.
+///
+/// Older resets never count: each held one of SETTINGS_MAX_CONCURRENT_STREAMS for at least
+/// [`CANCEL_FLOOR`], so they come at most `max_concurrent_streams` a second (100 at the
+/// default), as slow requests could; and slow calls are what legitimate clients cancel (a
+/// gRPC deadline during an upstream slowdown). Younger ones: at most the base plus
+/// [`CANCEL_CREDIT`] times it per window (1,000 per 10 s at 100 streams), whatever the
+/// client completes; completions are cheap to make (a 404 for an unrouted host never reaches
+/// an upstream), so they raise the allowance only up to that cap. At 100 streams a connection
+/// can thus make us start and drop at most about 100 (old) + 100 (young) + 20 (rapid)
+/// upstream requests a second.
+///
+/// A window begins with the first counted reset after the previous one ended (the first at
+/// the connection's start) and lasts [`FLOOD_WINDOW`]; its completions are those since it
+/// began, each counted once: none from an earlier window, however long ago.
+///
+/// Others draw the line elsewhere: h2's server counts streams reset before the application
+/// accepted them (`max_pending_accept_reset_streams`, 20 at once) and its own resets for
+/// protocol errors (`max_local_error_reset_streams`, 1,024 in a connection's life); nginx
+/// ends a connection after `keepalive_requests` (1,000) requests whatever became of them;
+/// Varnish counts resets within `h2_rapid_reset` (1 s) of the request against a budget
+/// (`h2_rapid_reset_limit` per `h2_rapid_reset_period`); HAProxy counts such "glitches"
+/// against `tune.h2.fe.glitches-threshold`.
+///
+/// Completions are counted by the connection (`Conn::completed`, no clock read for them); a
+/// window's share is what the count grew by since the window began, read when a reset comes.
+struct Cancels {
+    count: u32,
+    since: Instant,
+    /// `Conn::completed` when this window began.
+    completed_at_start: u64,
+}
+
+impl Cancels {
+    fn new() -> Self {
+        Cancels {
+            count: 0,
+            since: clock(),
+            completed_at_start: 0,
+        }
+    }
+
+    /// Counts one; true when over `base` plus the completions of this window (at most
+    /// [`CANCEL_CREDIT`] × `base`; `completed`: the connection's count so far).
+    fn hit(&mut self, now: Instant, completed: u64, base: u32) -> bool {
+        if now.duration_since(self.since) > FLOOD_WINDOW {
+            self.completed_at_start = completed;
+            self.since = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        let credit =
+            (completed - self.completed_at_start).min(u64::from(base) * u64::from(CANCEL_CREDIT));
+        u64::from(self.count) > u64::from(base) + credit
     }
 }
 
@@ -193,7 +290,34 @@ enum Phase {
     Frames,
 }
 
-type ConnResult = Result<(), (Reason, &'static str)>;
+type ConnResult = Result<(), Fault>;
+
+/// A connection error: the GOAWAY's code, what the log says, and the abuse guard that
+/// closed the connection (ENHANCE_YOUR_CALM) if one did.
+struct Fault {
+    reason: Reason,
+    detail: &'static str,
+    guard: Option<Guard>,
+}
+
+impl Fault {
+    fn new(reason: Reason, detail: &'static str) -> Self {
+        Fault {
+            reason,
+            detail,
+            guard: None,
+        }
+    }
+
+    /// An abuse guard's close.
+    fn calm(guard: Guard) -> Self {
+        Fault {
+            reason: Reason::ENHANCE_YOUR_CALM,
+            detail: guard.detail(),
+            guard: Some(guard),
+        }
+    }
+}
 
 /// Why a stream's turn in `Conn::gather` ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -254,6 +378,8 @@ pub(super) struct Conn<IO, S, F, R> {
     read_buf: BytesMut,
     /// The size of the allocation `read_buf` reads into (what a slice of it keeps alive).
     read_alloc: usize,
+    /// A frame larger than [`READ_BUF`] was read: [`Self::shrink_read`] is due.
+    large_frame: bool,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     /// Every header block's fields, decoded into the connection's value arena.
@@ -291,7 +417,8 @@ pub(super) struct Conn<IO, S, F, R> {
     /// sent its whole first request with the preface sends nothing more until answered.
     prefix_pending: bool,
     /// The time of this turn of the connection's loop, read once when needed (stream ages,
-    /// remembered resets).
+    /// remembered resets, flood windows, stall starts): a turn reads one batch of input, so a
+    /// batch that opens many streams reads the clock once, not once per stream.
     clock: Option<Instant>,
     peer_goaway: bool,
     read_closed: bool,
@@ -300,6 +427,11 @@ pub(super) struct Conn<IO, S, F, R> {
     /// A connection error: GOAWAY queued, flush and end.
     failed: Option<Error>,
     resets: Flood,
+    /// Client resets before any of the response's head, against `completed`.
+    cancels: Cancels,
+    /// Streams whose response ended normally (its END_STREAM written, no reset), in the
+    /// connection's life: the credit of [`Cancels`].
+    completed: u64,
     empties: Flood,
     stall_timer: Option<Pin<Box<Sleep>>>,
     /// Streams with DATA their own window lets out but the connection window does not, in
@@ -369,6 +501,7 @@ where
             settings,
             shutdown,
             read_alloc: read_buf.capacity(),
+            large_frame: false,
             read_buf,
             out,
             decoder,
@@ -395,6 +528,8 @@ where
             unflushed: false,
             failed: None,
             resets: Flood::new(),
+            cancels: Cancels::new(),
+            completed: 0,
             empties: Flood::new(),
             stall_timer: None,
             conn_waiting: VecDeque::new(),
@@ -409,13 +544,18 @@ where
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
     R: Future<Output = ()> + Send + 'static,
 {
-    fn fail(&mut self, reason: Reason, detail: &'static str) {
+    fn fail(&mut self, fault: Fault) {
         if self.failed.is_some() {
             return;
         }
+        let Fault {
+            reason,
+            detail,
+            guard,
+        } = fault;
         tracing::debug!(%reason, detail, "HTTP/2 connection error");
         frame::put_goaway(&mut self.out, self.last_accepted, reason);
-        self.failed = Some(Error::protocol(reason, detail));
+        self.failed = Some(Error::protocol(reason, detail, guard));
         self.abort_streams();
     }
 
@@ -457,9 +597,9 @@ where
             return Poll::Ready(self.failed.take().map_or(Ok(()), Err));
         }
         if std::mem::take(&mut self.prefix_pending)
-            && let Err((reason, detail)) = self.process()
+            && let Err(fault) = self.process()
         {
-            self.fail(reason, detail);
+            self.fail(fault);
         }
         self.inline.begin();
         loop {
@@ -524,17 +664,16 @@ where
                 if !self.out.is_empty() || self.unflushed {
                     return Poll::Pending;
                 }
-                // An abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets) is at once:
-                // the abuser gets no more of our time, and what it sent is not read.
-                if self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0) {
-                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
-                    return Poll::Ready(Err(self.failed.take().expect("failed")));
-                }
                 // Unread input would turn the close into a TCP reset, which can destroy the
                 // GOAWAY (and its reason) before the client reads it: a short linger first.
+                // Not after an abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets):
+                // at once (a drain of no time: our side shut once, nothing read), the abuser
+                // gets no more of our time.
+                let calm =
+                    self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0);
                 let linger = self.linger.insert(Linger {
                     shut: false,
-                    drain: linger::Drain::within(ERROR_LINGER),
+                    drain: linger::Drain::within(if calm { Duration::ZERO } else { ERROR_LINGER }),
                 });
                 ready!(linger.poll(cx, &mut self.io));
                 return Poll::Ready(Err(self.failed.take().expect("failed")));
@@ -593,8 +732,8 @@ where
                     }
                     Poll::Ready(Ok(_)) => {
                         progress = true;
-                        if let Err((reason, detail)) = self.process() {
-                            self.fail(reason, detail);
+                        if let Err(fault) = self.process() {
+                            self.fail(fault);
                         }
                     }
                     Poll::Ready(Err(e)) => {
@@ -619,7 +758,7 @@ where
 
     /// The time of this turn of the loop (one clock read per turn that needs one).
     fn now(&mut self) -> Instant {
-        *self.clock.get_or_insert_with(Instant::now)
+        *self.clock.get_or_insert_with(clock)
     }
 
     /// Graceful close, second step: GOAWAY with the last stream taken (new streams are
@@ -647,6 +786,27 @@ where
         self.read_buf = buf;
     }
 
+    /// Back to a read buffer of the usual size ([`READ_BUF`]) once a larger one, taken for a
+    /// frame larger than it (SETTINGS_MAX_FRAME_SIZE raised: `large_frame`), has no whole
+    /// frame header left (not a buffer the loop's top-up made larger, up to `len` + 16 KiB,
+    /// while request DATA slices held the old one: review finding, an upload of 16 KiB frames
+    /// paid one more allocation per frame):
+    /// the connection does not keep its largest frame's size for its life (slices of the
+    /// large one, unread request DATA, keep it alive only as long as they are). At most
+    /// one allocation per frame larger than the usual buffer, which a larger one needs anyway
+    /// when its last frame's payload is still held.
+    fn shrink_read(&mut self) {
+        if !std::mem::take(&mut self.large_frame) || self.read_alloc <= READ_BUF {
+            return;
+        }
+        #[cfg(test)]
+        SHRINKS.with(|n| n.set(n.get() + 1));
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        buf.extend_from_slice(&self.read_buf);
+        self.read_alloc = buf.capacity();
+        self.read_buf = buf;
+    }
+
     /// Parses and handles every whole frame in the read buffer.
     fn process(&mut self) -> ConnResult {
         loop {
@@ -656,7 +816,10 @@ where
             if self.phase == Phase::Preface {
                 let n = self.read_buf.len().min(frame::PREFACE.len());
                 if self.read_buf[..n] != frame::PREFACE[..n] {
-                    return Err((Reason::PROTOCOL_ERROR, "invalid connection preface"));
+                    return Err(Fault::new(
+                        Reason::PROTOCOL_ERROR,
+                        "invalid connection preface",
+                    ));
                 }
                 if n < frame::PREFACE.len() {
                     return Ok(());
@@ -665,23 +828,30 @@ where
                 self.phase = Phase::FirstSettings;
             }
             if self.read_buf.len() < frame::HEADER_LEN {
+                self.shrink_read();
                 return Ok(());
             }
             let head = Head::parse(&self.read_buf);
             if head.len > self.settings.max_frame_size {
-                return Err((
+                return Err(Fault::new(
                     Reason::FRAME_SIZE_ERROR,
                     "frame larger than SETTINGS_MAX_FRAME_SIZE",
                 ));
             }
             let total = frame::HEADER_LEN + head.len as usize;
+            if total > READ_BUF {
+                self.large_frame = true;
+            }
             if self.read_buf.len() < total {
                 self.reserve_read(total - self.read_buf.len());
                 return Ok(());
             }
             if self.phase == Phase::FirstSettings {
                 if head.kind != kind::SETTINGS || head.flags & flag::ACK != 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "the first frame is not SETTINGS"));
+                    return Err(Fault::new(
+                        Reason::PROTOCOL_ERROR,
+                        "the first frame is not SETTINGS",
+                    ));
                 }
                 self.phase = Phase::Frames;
             }
@@ -695,14 +865,17 @@ where
         if let Some(block) = &self.block
             && (head.kind != kind::CONTINUATION || head.stream != block.stream)
         {
-            return Err((Reason::PROTOCOL_ERROR, "a frame inside a header block"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "a frame inside a header block",
+            ));
         }
         match head.kind {
             kind::DATA => self.data(head, payload),
             kind::HEADERS => self.headers(head, payload),
             kind::PRIORITY => {
                 if head.stream == 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                    return Err(Fault::new(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
                 let reason = if head.len != 5 {
                     Reason::FRAME_SIZE_ERROR
@@ -717,7 +890,7 @@ where
                 // A stream error, but no RST_STREAM may name an idle stream (§6.4): on one,
                 // the connection's error.
                 if self.idle_stream(head.stream) {
-                    return Err((reason, "invalid PRIORITY on an idle stream"));
+                    return Err(Fault::new(reason, "invalid PRIORITY on an idle stream"));
                 }
                 if self.ignored(head.stream) {
                     return Ok(());
@@ -726,13 +899,19 @@ where
             }
             kind::RST_STREAM => self.rst_stream(head, &payload),
             kind::SETTINGS => self.settings_frame(head, &payload),
-            kind::PUSH_PROMISE => Err((Reason::PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            kind::PUSH_PROMISE => Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "PUSH_PROMISE from a client",
+            )),
             kind::PING => {
                 if head.stream != 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "PING on a stream"));
+                    return Err(Fault::new(Reason::PROTOCOL_ERROR, "PING on a stream"));
                 }
                 if head.len != 8 {
-                    return Err((Reason::FRAME_SIZE_ERROR, "PING of other than 8 bytes"));
+                    return Err(Fault::new(
+                        Reason::FRAME_SIZE_ERROR,
+                        "PING of other than 8 bytes",
+                    ));
                 }
                 if head.flags & flag::ACK == 0 {
                     frame::put_ping_ack(&mut self.out, &payload);
@@ -744,10 +923,13 @@ where
             }
             kind::GOAWAY => {
                 if head.stream != 0 {
-                    return Err((Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                    return Err(Fault::new(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
                 }
                 if head.len < 8 {
-                    return Err((Reason::FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes"));
+                    return Err(Fault::new(
+                        Reason::FRAME_SIZE_ERROR,
+                        "GOAWAY shorter than 8 bytes",
+                    ));
                 }
                 // The client opens no more streams; ours (none: no push) above its last id
                 // would be dropped. The open ones finish.
@@ -774,8 +956,8 @@ where
     }
 
     /// We reset `id` lately ([`Self::remember_reset`]).
-    fn reset_lately(&self, id: u32) -> bool {
-        let now = self.clock.unwrap_or_else(Instant::now);
+    fn reset_lately(&mut self, id: u32) -> bool {
+        let now = self.now();
         self.recent_resets.contains(id, now)
     }
 
@@ -793,8 +975,11 @@ where
         }
         // A refused stream is no fault: a client may open more than our limit before it
         // has our SETTINGS, and it retries them.
-        if reason != Reason::REFUSED_STREAM && self.resets.hit(self.reset_limit()) {
-            return Err((Reason::ENHANCE_YOUR_CALM, "too many stream resets"));
+        if reason != Reason::REFUSED_STREAM && {
+            let now = self.now();
+            self.resets.hit(now, self.reset_limit())
+        } {
+            return Err(Fault::calm(Guard::StreamErrors));
         }
         Ok(())
     }
@@ -812,25 +997,31 @@ where
     fn data(&mut self, head: Head, mut payload: BytesMut) -> ConnResult {
         let id = head.stream;
         if id == 0 {
-            return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
         if self.idle_stream(id) {
-            return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         let len = head.len as i64;
         self.conn_recv_window -= len;
         if self.conn_recv_window < 0 {
-            return Err((
+            return Err(Fault::new(
                 Reason::FLOW_CONTROL_ERROR,
                 "DATA past the connection window",
             ));
         }
         if head.flags & flag::PADDED != 0 {
             let Some(&pad) = payload.first() else {
-                return Err((Reason::PROTOCOL_ERROR, "PADDED DATA without a pad length"));
+                return Err(Fault::new(
+                    Reason::PROTOCOL_ERROR,
+                    "PADDED DATA without a pad length",
+                ));
             };
             if pad as usize >= payload.len() {
-                return Err((Reason::PROTOCOL_ERROR, "DATA padding longer than the frame"));
+                return Err(Fault::new(
+                    Reason::PROTOCOL_ERROR,
+                    "DATA padding longer than the frame",
+                ));
             }
             payload.truncate(payload.len() - pad as usize);
             payload.advance(1);
@@ -838,8 +1029,11 @@ where
         let end = head.flags & flag::END_STREAM != 0;
         // Only a frame with no byte at all is free to send; one that carries padding costs
         // the client window like data (given back as data is), so it is no flood of empties.
-        if head.len == 0 && !end && self.empties.hit(EMPTY_FRAME_LIMIT) {
-            return Err((Reason::ENHANCE_YOUR_CALM, "too many empty DATA frames"));
+        if head.len == 0 && !end && {
+            let now = self.now();
+            self.empties.hit(now, EMPTY_FRAME_LIMIT)
+        } {
+            return Err(Fault::calm(Guard::EmptyData));
         }
         let padding = head.len - payload.len() as u32;
         let mut guard = lock(&self.shared);
@@ -894,7 +1088,7 @@ where
                         w.wake();
                     }
                     if s.finished() {
-                        sh.streams.remove(&id);
+                        sh.remove_stream(id);
                     }
                     None
                 }
@@ -911,15 +1105,18 @@ where
     fn headers(&mut self, head: Head, mut payload: BytesMut) -> ConnResult {
         let id = head.stream;
         if id == 0 {
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
         if id.is_multiple_of(2) {
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on an even stream id"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "HEADERS on an even stream id",
+            ));
         }
         let mut pad = 0;
         if head.flags & flag::PADDED != 0 {
             let Some(&p) = payload.first() else {
-                return Err((
+                return Err(Fault::new(
                     Reason::PROTOCOL_ERROR,
                     "PADDED HEADERS without a pad length",
                 ));
@@ -930,7 +1127,7 @@ where
         let mut self_dependent = false;
         if head.flags & flag::PRIORITY != 0 {
             if payload.len() < 5 {
-                return Err((
+                return Err(Fault::new(
                     Reason::FRAME_SIZE_ERROR,
                     "HEADERS too short for its priority",
                 ));
@@ -941,18 +1138,20 @@ where
             payload.advance(5);
         }
         if pad > payload.len() {
-            return Err((
+            return Err(Fault::new(
                 Reason::PROTOCOL_ERROR,
                 "HEADERS padding longer than the frame",
             ));
         }
         payload.truncate(payload.len() - pad);
         let end_stream = head.flags & flag::END_STREAM != 0;
+        // One rule for a block in one frame or in many (the frame size bounds only the
+        // first): its fragments and 9 per frame, against the list size + BLOCK_SLACK.
+        let counted = payload.len() + frame::HEADER_LEN;
+        self.check_block_size(counted)?;
         if head.flags & flag::END_HEADERS != 0 {
             return self.header_block(id, &payload, end_stream, self_dependent);
         }
-        let counted = payload.len() + frame::HEADER_LEN;
-        self.check_block_size(counted)?;
         self.block = Some(Block {
             stream: id,
             end_stream,
@@ -965,28 +1164,25 @@ where
 
     fn check_block_size(&self, counted: usize) -> ConnResult {
         if counted > self.settings.max_header_list_size as usize + BLOCK_SLACK {
-            return Err((Reason::ENHANCE_YOUR_CALM, "header block too long"));
+            return Err(Fault::calm(Guard::HeaderBlock));
         }
         Ok(())
     }
 
     fn continuation(&mut self, head: Head, payload: BytesMut) -> ConnResult {
         let Some(mut block) = self.block.take() else {
-            return Err((
+            return Err(Fault::new(
                 Reason::PROTOCOL_ERROR,
                 "CONTINUATION without a header block",
             ));
         };
         block.counted += payload.len() + frame::HEADER_LEN;
         self.check_block_size(block.counted)?;
-        if payload.is_empty()
-            && head.flags & flag::END_HEADERS == 0
-            && self.empties.hit(EMPTY_FRAME_LIMIT)
-        {
-            return Err((
-                Reason::ENHANCE_YOUR_CALM,
-                "too many empty CONTINUATION frames",
-            ));
+        if payload.is_empty() && head.flags & flag::END_HEADERS == 0 && {
+            let now = self.now();
+            self.empties.hit(now, EMPTY_FRAME_LIMIT)
+        } {
+            return Err(Fault::calm(Guard::EmptyContinuations));
         }
         block.buf.extend_from_slice(&payload);
         if head.flags & flag::END_HEADERS != 0 {
@@ -1035,7 +1231,10 @@ where
             .decode_with_cb(block, |n, v| reader.field(n, v))
             .is_err()
         {
-            return Err((Reason::COMPRESSION_ERROR, "invalid header block"));
+            return Err(Fault::new(
+                Reason::COMPRESSION_ERROR,
+                "invalid header block",
+            ));
         }
         if !new {
             return self.trailers(id, end_stream);
@@ -1099,7 +1298,7 @@ where
             end_stream,
             content_length,
         );
-        stream.rapid_until = Some(*self.clock.get_or_insert_with(Instant::now) + RAPID_RESET_AGE);
+        stream.opened = Some(*self.clock.get_or_insert_with(clock));
         // The rule (`inline`): a request without a body, on a current-thread runtime.
         let inline = (end_stream && self.inline.on()).then(|| {
             let (slot, task) = self.inline.reserve(id);
@@ -1153,7 +1352,10 @@ where
             // STREAM_CLOSED is allowed there) or skipped, which §5.1.1 makes a connection
             // error PROTOCOL_ERROR. We keep no record of every id opened, so both get the
             // one a skipped id must.
-            return Err((Reason::PROTOCOL_ERROR, "HEADERS on a closed stream"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "HEADERS on a closed stream",
+            ));
         };
         if s.reset.is_some() {
             // As for DATA: the client's error after its own reset, dropped after ours.
@@ -1191,7 +1393,7 @@ where
             w.wake();
         }
         if s.finished() {
-            sh.streams.remove(&id);
+            sh.remove_stream(id);
         }
         Ok(())
     }
@@ -1199,13 +1401,19 @@ where
     fn rst_stream(&mut self, head: Head, payload: &[u8]) -> ConnResult {
         let id = head.stream;
         if id == 0 {
-            return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
         }
         if head.len != 4 {
-            return Err((Reason::FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes"));
+            return Err(Fault::new(
+                Reason::FRAME_SIZE_ERROR,
+                "RST_STREAM of other than 4 bytes",
+            ));
         }
         if self.idle_stream(id) {
-            return Err((Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "RST_STREAM on an idle stream",
+            ));
         }
         let reason = Reason(u32::from_be_bytes([
             payload[0], payload[1], payload[2], payload[3],
@@ -1216,12 +1424,15 @@ where
         let Some(s) = sh.streams.get_mut(&id) else {
             return Ok(());
         };
-        // Only a rapid reset counts ([`RAPID_RESET_AGE`]): before the response began, soon
-        // after the request.
+        // Before the response began, the stream's age: under [`RAPID_RESET_AGE`] a rapid
+        // one, under [`CANCEL_FLOOR`] a cancellation ([`Cancels`]), else neither.
         let unfinished = !s.closed();
-        let rapid = unfinished
-            && s.rapid_until
-                .is_some_and(|until| *self.clock.get_or_insert_with(Instant::now) < until);
+        let age = match s.opened {
+            Some(opened) if unfinished => {
+                Some(self.clock.get_or_insert_with(clock).duration_since(opened))
+            }
+            _ => None,
+        };
         if s.reset.is_none() {
             s.reset = Some(reason);
             s.reset_by_client = true;
@@ -1234,22 +1445,30 @@ where
             }
             self.client_resets.push_back(id);
         }
-        if rapid && self.resets.hit(self.reset_limit()) {
-            return Err((
-                Reason::ENHANCE_YOUR_CALM,
-                "too many stream resets (rapid reset)",
-            ));
+        let Some(age) = age else {
+            return Ok(());
+        };
+        let now = self.now();
+        if age < RAPID_RESET_AGE {
+            if self.resets.hit(now, self.reset_limit()) {
+                return Err(Fault::calm(Guard::RapidReset));
+            }
+        } else if age < CANCEL_FLOOR && self.cancels.hit(now, self.completed, self.reset_limit()) {
+            return Err(Fault::calm(Guard::CancelledStreams));
         }
         Ok(())
     }
 
     fn settings_frame(&mut self, head: Head, payload: &[u8]) -> ConnResult {
         if head.stream != 0 {
-            return Err((Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+            return Err(Fault::new(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
         }
         if head.flags & flag::ACK != 0 {
             if head.len != 0 {
-                return Err((Reason::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+                return Err(Fault::new(
+                    Reason::FRAME_SIZE_ERROR,
+                    "SETTINGS ACK with a payload",
+                ));
             }
             if !self.our_settings_acked {
                 self.our_settings_acked = true;
@@ -1265,7 +1484,7 @@ where
             return Ok(());
         }
         if !head.len.is_multiple_of(6) {
-            return Err((
+            return Err(Fault::new(
                 Reason::FRAME_SIZE_ERROR,
                 "SETTINGS length not a multiple of 6",
             ));
@@ -1275,11 +1494,14 @@ where
             let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
             match id {
                 setting::ENABLE_PUSH if value > 1 => {
-                    return Err((Reason::PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1"));
+                    return Err(Fault::new(
+                        Reason::PROTOCOL_ERROR,
+                        "SETTINGS_ENABLE_PUSH not 0 or 1",
+                    ));
                 }
                 setting::INITIAL_WINDOW_SIZE => {
                     if i64::from(value) > MAX_WINDOW {
-                        return Err((
+                        return Err(Fault::new(
                             Reason::FLOW_CONTROL_ERROR,
                             "SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1",
                         ));
@@ -1291,7 +1513,7 @@ where
                     for (&id, s) in sh.streams.iter_mut() {
                         s.send_window += delta;
                         if s.send_window > MAX_WINDOW {
-                            return Err((
+                            return Err(Fault::new(
                                 Reason::FLOW_CONTROL_ERROR,
                                 "a stream window over 2^31-1",
                             ));
@@ -1304,7 +1526,7 @@ where
                 }
                 setting::MAX_FRAME_SIZE => {
                     if !(DEFAULT_MAX_FRAME_SIZE..=frame::MAX_MAX_FRAME_SIZE).contains(&value) {
-                        return Err((
+                        return Err(Fault::new(
                             Reason::PROTOCOL_ERROR,
                             "SETTINGS_MAX_FRAME_SIZE out of range",
                         ));
@@ -1330,7 +1552,7 @@ where
 
     fn window_update(&mut self, head: Head, payload: &[u8]) -> ConnResult {
         if head.len != 4 {
-            return Err((
+            return Err(Fault::new(
                 Reason::FRAME_SIZE_ERROR,
                 "WINDOW_UPDATE of other than 4 bytes",
             ));
@@ -1341,11 +1563,14 @@ where
         let id = head.stream;
         if id == 0 {
             if inc == 0 {
-                return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+                return Err(Fault::new(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
             }
             self.conn_send_window += inc;
             if self.conn_send_window > MAX_WINDOW {
-                return Err((Reason::FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
+                return Err(Fault::new(
+                    Reason::FLOW_CONTROL_ERROR,
+                    "connection window over 2^31-1",
+                ));
             }
             // The streams waiting for it get it in turn (`gather`). The client reads: the
             // stall clock of a stream waiting only for the connection window starts again,
@@ -1367,7 +1592,10 @@ where
             return Ok(());
         }
         if self.idle_stream(id) {
-            return Err((Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
+            return Err(Fault::new(
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE on an idle stream",
+            ));
         }
         let mut guard = lock(&self.shared);
         let sh = &mut *guard;
@@ -1426,7 +1654,6 @@ where
             }
         }
         let mut stalled = false;
-        let now_once = std::cell::OnceCell::new();
         while self.out.len() < OUT_HIGH {
             // The connection window, while open, goes first to the streams that waited for
             // it, in their order; then the streams with anything else to write.
@@ -1456,6 +1683,7 @@ where
                 s.queued = 0;
                 s.stalled_since = None;
             }
+            let was_done = s.send_done;
             let mut turn = 0;
             let mut stop = Stop::Done;
             while let Some(item) = s.queue.front_mut() {
@@ -1473,8 +1701,8 @@ where
                         if let Some(Queued::Head { block, .. }) = s.queue.pop_front() {
                             give_back(&mut self.spare_blocks, block);
                         }
-                        // The response began: a reset from now on is no rapid one.
-                        s.rapid_until = None;
+                        // The response began: a reset from now on counts in no budget.
+                        s.opened = None;
                         s.send_done |= end;
                     }
                     // No fields: an empty DATA frame ends the stream instead (a block of
@@ -1520,8 +1748,9 @@ where
                         let n = (data.len() as i64)
                             .min(s.send_window)
                             .min(self.conn_send_window)
-                            .min(self.peer_max_frame as i64)
-                            as usize;
+                            // Not the client's SETTINGS_MAX_FRAME_SIZE: §6.5.2 makes it at
+                            // least 16 KiB, DATA_FRAME.
+                            .min(DATA_FRAME as i64) as usize;
                         let last = n == data.len();
                         frame::put_data(&mut self.out, id, &data[..n], end && last);
                         data.advance(n);
@@ -1549,6 +1778,11 @@ where
             if s.queue.is_empty() {
                 stop = Stop::Done;
             }
+            if s.send_done && !was_done && s.reset.is_none() {
+                // The response ended normally: one more cancellation allowed in this window
+                // ([`Cancels`]).
+                self.completed += 1;
+            }
             match stop {
                 Stop::Done => {}
                 Stop::Turn => {
@@ -1560,7 +1794,7 @@ where
                 }
                 Stop::StreamWindow | Stop::ConnWindow => {
                     if s.stalled_since.is_none() {
-                        s.stalled_since = Some(*now_once.get_or_init(Instant::now));
+                        s.stalled_since = Some(*self.clock.get_or_insert_with(clock));
                     }
                     stalled = true;
                     if stop == Stop::ConnWindow && !s.in_conn_wait {
@@ -1579,14 +1813,14 @@ where
                 s.queued = 0;
                 s.stalled_since = None;
                 s.wake_all();
-                let now = *self.clock.get_or_insert_with(Instant::now);
+                let now = *self.clock.get_or_insert_with(clock);
                 self.recent_resets.remember(id, now);
             }
             if s.send_done && s.recv == Recv::Open && s.body_gone && s.reset.is_none() {
                 // The response is complete and nobody reads the request: stop it (§8.1).
                 frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
                 s.reset = Some(Reason::NO_ERROR);
-                let now = *self.clock.get_or_insert_with(Instant::now);
+                let now = *self.clock.get_or_insert_with(clock);
                 self.recent_resets.remember(id, now);
             }
             if s.finished() {
@@ -1614,7 +1848,7 @@ where
     /// Resets (CANCEL) the streams whose response waited `stalled_stream_timeout` for the
     /// client's window.
     fn reset_stalled(&mut self) {
-        let now = Instant::now();
+        let now = clock();
         let timeout = self.settings.stalled_stream_timeout;
         let mut stalled = Vec::new();
         let mut next: Option<Instant> = None;
@@ -1657,7 +1891,7 @@ where
                 let unread = s.drain_recv();
                 sh.conn_released += unread as u32;
                 if s.finished() {
-                    sh.streams.remove(&id);
+                    sh.remove_stream(id);
                 }
             }
             drop(guard);
@@ -1676,6 +1910,8 @@ where
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Buffered {
     pub read_buf: usize,
+    /// The size of the read buffer's allocation.
+    pub read_alloc: usize,
     pub out: usize,
     /// An unfinished header block's bytes.
     pub block: usize,
@@ -1702,6 +1938,7 @@ impl<IO, S, F, R> Conn<IO, S, F, R> {
         let sh = lock(&self.shared);
         Buffered {
             read_buf: self.read_buf.len(),
+            read_alloc: self.read_alloc,
             out: self.out.len(),
             block: self.block.as_ref().map_or(0, |b| b.buf.len()),
             streams: sh.streams.len(),

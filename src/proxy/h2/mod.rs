@@ -54,6 +54,9 @@
 //!   (§6.9.1);
 //! - frames read with the preface (a client's first flight: preface, SETTINGS, a request)
 //!   are handled at once, not when the client next sends something;
+//! - the read buffer holds one frame (16 KiB and its header); a larger frame (a raised
+//!   SETTINGS_MAX_FRAME_SIZE) gets a buffer of its size, let go once the frame is handled and
+//!   no whole frame header is left in it;
 //! - request DATA kept unread costs about its own size: a payload under a quarter of the read
 //!   buffer it came in is copied into its stream's buffer rather than kept as a slice that
 //!   would keep the whole read buffer alive (at most four times what is unread: the read
@@ -64,7 +67,8 @@
 //! - response heads with `date` and (from an exact size hint of a body not at its end, not on
 //!   204/304) `content-length` when absent, as hyper's server adds them; a dynamic table size
 //!   update to 0 first in our next block after the client lowers SETTINGS_HEADER_TABLE_SIZE;
-//! - responses under the client's windows in frames of at most its SETTINGS_MAX_FRAME_SIZE,
+//! - responses under the client's windows in DATA frames of at most its SETTINGS_MAX_FRAME_SIZE
+//!   and 16 KiB (whatever it accepts: the output's bound does not depend on it),
 //!   connection-specific fields dropped; a HEAD response has no DATA; trailers end the
 //!   stream with HEADERS, empty ones with an empty DATA frame (END_STREAM); a body that fails resets the stream (INTERNAL_ERROR); a response
 //!   that waits `stalled_stream_timeout` for window is reset (CANCEL): for its stream's
@@ -81,15 +85,27 @@
 //!   stream whose body nobody reads gets the window the other streams' readers free;
 //! - abuse guards: more rapid client resets (RST_STREAM before any of the response's head was
 //!   written and within 10 ms of the request: rapid reset, CVE-2023-44487) and resets of ours
-//!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s, more than
-//!   1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION frames in 10 s, or
-//!   a header block longer than the max header list size + 16 KiB close the connection with
-//!   ENHANCE_YOUR_CALM; no input is read while 64 KiB of output wait for the client (SETTINGS
-//!   and PING floods). A later reset never counts: the stream's service is dropped at once
-//!   (as hyper does), so it cost no more than a request that long, and it held a stream slot
-//!   meanwhile; cancellations (deadlines, navigation, a body closed early) do not close the
-//!   connection, however many (h2's server counts resets of streams not yet accepted by the
-//!   application, which hyper does at once);
+//!   for the client's faults than max(200, 2 × max concurrent streams) in 10 s; more client
+//!   resets before any of the response's head, of streams 10 ms to 1 s old, than that many
+//!   plus the streams completed normally (their END_STREAM written) in the same 10 s window
+//!   (those at most 4 × that many); more than 1,000 empty DATA (zero-length: padding counts as data) or CONTINUATION
+//!   frames in 10 s; or a header block (in one HEADERS frame or with CONTINUATION: fragments
+//!   and 9 bytes per frame) longer than the max header list size + 16 KiB close the connection
+//!   with ENHANCE_YOUR_CALM ([`Error::abuse_guard`] says which, for
+//!   `outrigger_client_abuse_closes_total`); no input is read while 64 KiB of output wait for
+//!   the client (SETTINGS and PING floods; the output can go past it by one DATA frame of 16
+//!   KiB or one response head). A reset after the head never counts: the stream's service is
+//!   dropped at once (as hyper does), so it cost no more than a request that long; nor one of
+//!   a stream 1 s old or more: each held one of the max concurrent streams that long, so they
+//!   come at most that many a second (100 at the default), and slow calls are what clients
+//!   cancel (gRPC deadlines in an upstream slowdown: never closed, however many). A reset
+//!   before the head of a stream 10 ms to 1 s old counts against the second budget: a client
+//!   may cancel 200 of those per 10 s, plus one per request it completed in that window, at
+//!   most 1,000 in all at 100 streams (completions are cheap: a 404 of our own counts); one
+//!   that only starts requests and cancels them young is closed after 200. In all, one
+//!   connection can make us start and drop about 100 + 100 + 20 upstream requests a second at
+//!   100 streams. h2's server counts resets of streams not yet accepted by the application,
+//!   which hyper does at once (`conn::Cancels` says what others do);
 //! - [`Shutdown::graceful`] in two steps, as h2's server: GOAWAY (NO_ERROR, stream 2^31-1) and
 //!   a PING; requests that crossed it are still taken; once the PING's ACK is back (or after
 //!   1 s) GOAWAY with the last stream taken; open streams finish; then our side is shut (FIN)
@@ -100,13 +116,16 @@
 //!   request just as an idle connection closed could not tell it was never processed. A
 //!   connection error: GOAWAY with its code, then the same close, 500 ms at most (so the
 //!   client reads the GOAWAY rather than a TCP reset); after ENHANCE_YOUR_CALM (an abuse
-//!   guard: floods, rapid resets) the close is at once, nothing more read.
+//!   guard: floods, rapid resets) the close is at once (the same close, with no drain time),
+//!   nothing more read.
 //!
 //! The service closure is called, and its task spawned (or its future put in its slot),
 //! without the connection's lock held.
 //!
 //! Tested by `tests` (frames in, frames out; real clients), `inline_tests` (the inline
-//! streams: the rule, fairness, resets, panics, shutdown) and `fuzz_tests` (generated and
+//! streams: the rule, fairness, resets, panics, shutdown), `guard_tests` (the second reset
+//! budget, the bounds on output, header blocks and the read buffer, one clock read per read
+//! batch) and `fuzz_tests` (generated and
 //! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
 //! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
 //! back and the stall timer (on tokio's paused clock).
@@ -136,6 +155,8 @@ mod fair_tests;
 mod frame;
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(test)]
+mod guard_tests;
 mod hpack;
 mod inline;
 #[cfg(test)]
@@ -237,7 +258,54 @@ enum ErrorKind {
     Protocol {
         reason: frame::Reason,
         detail: &'static str,
+        /// The abuse guard that closed the connection (then `reason` is ENHANCE_YOUR_CALM).
+        guard: Option<Guard>,
     },
+}
+
+/// An abuse guard of the server, which closes the connection with GOAWAY ENHANCE_YOUR_CALM
+/// (the `guard` label of `outrigger_client_abuse_closes_total`: [`Guard::label`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// Client resets within 10 ms of the request, before the response. One count with
+    /// [`Guard::StreamErrors`]: the label names the kind that passed the limit.
+    RapidReset,
+    /// Client resets before the response of streams 10 ms to 1 s old, beyond the streams
+    /// completed (`conn::Cancels`).
+    CancelledStreams,
+    /// Our resets for the client's faults (one count with [`Guard::RapidReset`]).
+    StreamErrors,
+    /// Empty DATA frames (without END_STREAM).
+    EmptyData,
+    /// Empty CONTINUATION frames.
+    EmptyContinuations,
+    /// A header block too long (CONTINUATION flood).
+    HeaderBlock,
+}
+
+impl Guard {
+    /// The metric's label: one per guard, but both kinds of empty frames are `empty_frames`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Guard::RapidReset => "rapid_reset",
+            Guard::CancelledStreams => "cancelled_streams",
+            Guard::StreamErrors => "stream_errors",
+            Guard::EmptyData | Guard::EmptyContinuations => "empty_frames",
+            Guard::HeaderBlock => "header_block",
+        }
+    }
+
+    /// What the close says (in the log and the error's text).
+    fn detail(self) -> &'static str {
+        match self {
+            Guard::RapidReset => "too many stream resets (rapid reset)",
+            Guard::CancelledStreams => "too many streams reset before their response",
+            Guard::StreamErrors => "too many stream resets",
+            Guard::EmptyData => "too many empty DATA frames",
+            Guard::EmptyContinuations => "too many empty CONTINUATION frames",
+            Guard::HeaderBlock => "header block too long",
+        }
+    }
 }
 
 impl Error {
@@ -247,9 +315,13 @@ impl Error {
         }
     }
 
-    fn protocol(reason: frame::Reason, detail: &'static str) -> Self {
+    fn protocol(reason: frame::Reason, detail: &'static str, guard: Option<Guard>) -> Self {
         Error {
-            kind: ErrorKind::Protocol { reason, detail },
+            kind: ErrorKind::Protocol {
+                reason,
+                detail,
+                guard,
+            },
         }
     }
 
@@ -257,6 +329,14 @@ impl Error {
     pub fn code(&self) -> Option<u32> {
         match &self.kind {
             ErrorKind::Protocol { reason, .. } => Some(reason.0),
+            ErrorKind::Io(_) => None,
+        }
+    }
+
+    /// Which abuse guard closed the connection (GOAWAY ENHANCE_YOUR_CALM), if one did.
+    pub fn abuse_guard(&self) -> Option<Guard> {
+        match &self.kind {
+            ErrorKind::Protocol { guard, .. } => *guard,
             ErrorKind::Io(_) => None,
         }
     }
@@ -274,7 +354,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ErrorKind::Io(e) => write!(f, "HTTP/2 connection error: {e}"),
-            ErrorKind::Protocol { reason, detail } => {
+            ErrorKind::Protocol { reason, detail, .. } => {
                 write!(f, "HTTP/2 connection error {reason}: {detail}")
             }
         }

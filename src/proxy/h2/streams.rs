@@ -106,9 +106,10 @@ pub(super) struct Stream {
     /// Since when queued DATA waited for the client's window: the stream's own, or the
     /// connection's while the client opens it for no stream (see `Conn::window_update`).
     pub stalled_since: Option<Instant>,
-    /// A client reset before this counts as a rapid one (`conn::RAPID_RESET_AGE`); None once
-    /// the response's head was written.
-    pub rapid_until: Option<Instant>,
+    /// When its HEADERS were read (the turn's clock), for the age of a client's reset
+    /// (`conn::RAPID_RESET_AGE`, `conn::CANCEL_FLOOR`); None once the response's head was
+    /// written.
+    pub opened: Option<Instant>,
     /// The response's task, or its slot on the connection's task (`inline`).
     pub task: Option<Task>,
 }
@@ -143,7 +144,7 @@ impl Stream {
             in_ready: false,
             in_conn_wait: false,
             stalled_since: None,
-            rapid_until: None,
+            opened: None,
             task: None,
         }
     }
