@@ -199,7 +199,22 @@ impl App {
         if matches!(self.process, Process::Own(_)) {
             let _ = killpg(self.pgid, Signal::SIGKILL);
         }
+        self.drain_stdio().await;
         status
+    }
+
+    /// After the app's exit: lets the capture tasks read its pipes to their end and echo the
+    /// last lines to our stdout/stderr, [`STDIO_DRAIN`] at most (a process that left the group
+    /// may keep a pipe open). Without it, a sidecar that stops with its app could exit before
+    /// the app's last lines (its crash message, say) were echoed (seen under load: the echo
+    /// task had not run yet). Cancel-safe: a finished task is not polled again.
+    async fn drain_stdio(&mut self) {
+        let deadline = tokio::time::Instant::now() + STDIO_DRAIN;
+        for (task, _) in &mut self.stdio {
+            if !task.is_finished() {
+                let _ = tokio::time::timeout_at(deadline, &mut *task).await;
+            }
+        }
     }
 
     /// Waits for the main process to exit (cancel-safe).
@@ -237,6 +252,7 @@ impl App {
         match tokio::time::timeout(left, self.wait_process()).await {
             Ok(status) => {
                 let _ = killpg(self.pgid, Signal::SIGKILL);
+                self.drain_stdio().await;
                 status
             }
             Err(_) => {
@@ -457,6 +473,9 @@ pub struct AppSpec {
 }
 
 /// The first restart waits this long; each failure doubles it up to [`RESTART_BACKOFF_MAX`].
+/// How long an exited app's pipes are read and echoed at most before the exit is acted on
+/// (`App::drain_stdio`).
+const STDIO_DRAIN: Duration = Duration::from_secs(1);
 pub const RESTART_BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A run this long was healthy: the backoff starts over.
