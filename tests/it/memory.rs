@@ -122,9 +122,11 @@ fn the_trimmer_unmaps_the_code_a_load_mapped() {
         loaded > released + 2048,
         "released {released} KiB, loaded {loaded} KiB"
     );
-    // Quiet for two 1 s samples: the trimmer runs and unmaps them.
+    // Quiet for two 1 s samples: the trimmer runs and unmaps them: at least half of what the
+    // load mapped is gone again (not "half of the loaded total": with a large resident base,
+    // as the proxy-only debug build has, that could stay out of reach after a full unmap).
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while text_rss_kib(&sc) * 2 > loaded {
+    while text_rss_kib(&sc) > released + (loaded - released) / 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "not unmapped after the load: {} KiB (loaded {loaded}, released {released})\n{}",
