@@ -476,17 +476,10 @@ where
                 settings.connection_window_size - DEFAULT_WINDOW,
             );
         }
-        let shared = SharedRef::new(std::sync::Mutex::new(Shared {
-            streams: Default::default(),
-            ready: VecDeque::new(),
-            conn_released: 0,
-            release_due: Vec::new(),
-            conn_waker: None,
-            conn_release_at: (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
-            conn_recv_low: false,
-            stream_release_at: (settings.initial_window_size / 2).max(1),
-            spare_queues: Vec::new(),
-        }));
+        let shared = SharedRef::new(std::sync::Mutex::new(Shared::new(
+            (settings.connection_window_size.max(DEFAULT_WINDOW) / 2).max(1),
+            (settings.initial_window_size / 2).max(1),
+        )));
         // We announce no SETTINGS_HEADER_TABLE_SIZE: the client's table updates may not go
         // past the default (a larger one would be memory the client chose).
         let mut decoder = loona_hpack::Decoder::new();

@@ -262,17 +262,7 @@ async fn inline_polls_are_bounded_per_connection_poll() {
 }
 
 fn shared() -> SharedRef {
-    Arc::new(std::sync::Mutex::new(Shared {
-        streams: Default::default(),
-        ready: Default::default(),
-        conn_released: 0,
-        release_due: Vec::new(),
-        conn_waker: None,
-        conn_release_at: 1,
-        conn_recv_low: false,
-        stream_release_at: 1,
-        spare_queues: Vec::new(),
-    }))
+    Arc::new(std::sync::Mutex::new(Shared::new(1, 1)))
 }
 
 // ---- Early ends drop the future at once ----

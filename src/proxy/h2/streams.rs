@@ -249,6 +249,22 @@ pub(super) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
 }
 
 impl Shared {
+    /// No streams yet; window given back once `conn_release_at` (the connection's) or
+    /// `stream_release_at` (a stream's) bytes are due.
+    pub fn new(conn_release_at: u32, stream_release_at: u32) -> Self {
+        Shared {
+            streams: Default::default(),
+            ready: VecDeque::new(),
+            conn_released: 0,
+            release_due: Vec::new(),
+            conn_waker: None,
+            conn_release_at,
+            conn_recv_low: false,
+            stream_release_at,
+            spare_queues: Vec::new(),
+        }
+    }
+
     /// A stream reset either way (its `reset` already set): as hyper does for any reset, the
     /// service's future goes with it (else its upstream request would go on outside the
     /// stream limit, which the stream no longer counts toward); nothing queued is sent; both
@@ -305,17 +321,7 @@ mod tests {
     /// a grown one is not kept.
     #[test]
     fn removed_streams_leave_their_send_queue_for_the_next() {
-        let mut sh = Shared {
-            streams: Default::default(),
-            ready: VecDeque::new(),
-            conn_released: 0,
-            release_due: Vec::new(),
-            conn_waker: None,
-            conn_release_at: 1,
-            conn_recv_low: false,
-            stream_release_at: 1,
-            spare_queues: Vec::new(),
-        };
+        let mut sh = Shared::new(1, 1);
         let mut s = Stream::new(10, 10, true, None);
         s.queue.push_back(Queued::Trailers(Bytes::new()));
         let kept = s.queue.capacity();
