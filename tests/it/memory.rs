@@ -24,6 +24,19 @@ fn text_rss_kib(sc: &Sidecar) -> u64 {
     kib
 }
 
+/// The environment under which a sidecar logs its code-pages release (at debug).
+const SAYS_RELEASED: (&str, &str) = ("OUTRIGGER_LOG_LEVEL", "info,outrigger::memory=debug");
+
+/// Waits for the start-up code pages' release ([`SAYS_RELEASED`]'s log line), 2 s after
+/// start-up: its log line, not a drop of the resident set, which what runs after it brings back.
+fn released(sc: &Sidecar) {
+    crate::support::eventually(Duration::from_secs(15), "the code-pages release", || {
+        sc.stderr()
+            .contains("start-up code pages released")
+            .then_some(())
+    });
+}
+
 #[test]
 fn start_up_code_pages_leave_the_resident_set() {
     let app = crate::backend::Backend::http();
@@ -55,10 +68,14 @@ fn start_up_code_pages_leave_the_resident_set() {
         assert_eq!(get(sc), 200, "{}", sc.diagnostics());
     }
     // Start-up's code (and a request's) mapped in both; 2 s after start-up, the default gives
-    // it back.
+    // it back: at least a quarter of what `keep` holds is gone. Not "half": what steady state
+    // runs comes back (a request, the runtime's timers, fault-around and whole page-cache
+    // folios with it), ~10 MiB in a debug build whichever features it has, and the proxy-only
+    // build keeps only ~20 MiB (CI saw 10,984 KiB against 20,004; the full build: ~10 against
+    // ~31 MiB).
     let kept_kib = text_rss_kib(&kept);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while text_rss_kib(&released) * 2 >= kept_kib {
+    while text_rss_kib(&released) * 4 > kept_kib * 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "code pages not released: {} KiB, kept {kept_kib} KiB\n{}",
@@ -97,12 +114,15 @@ fn the_trimmer_unmaps_the_code_a_load_mapped() {
     );
     let sc = Spawn {
         config,
+        env: &[SAYS_RELEASED],
         ..Spawn::default()
     }
     .start();
     sc.wait_ready();
-    // Past the release at 2 s.
-    std::thread::sleep(Duration::from_secs(3));
+    released(&sc);
+    // The trimmer samples the resident set once a second and trims only what grew above the
+    // lowest it saw: let it see the released one first (no log line tells when it has).
+    std::thread::sleep(Duration::from_millis(1500));
     let released = text_rss_kib(&sc);
     // A load over several paths: their code comes back (more than the trimmer's 2 MiB of growth
     // in a debug build).
@@ -176,8 +196,10 @@ fn with_one_worker_every_thread_allocates_from_one_malloc_arena() {
         )
     };
     let (one, two) = (config(1), config(2));
+    // Says when it released its code pages (at debug).
     let single = Spawn {
         config: &one,
+        env: &[SAYS_RELEASED],
         ..Spawn::default()
     }
     .start();
@@ -187,9 +209,6 @@ fn with_one_worker_every_thread_allocates_from_one_malloc_arena() {
     }
     .start();
     single.wait_ready();
-    // Read at once: the release comes 2 s after start-up, and the second sidecar's start may
-    // take that long on a busy machine.
-    let started_kib = text_rss_kib(&single);
     // One worker with the limit left to glibc (`OUTRIGGER_MALLOC_ARENA_MAX=default`, the A/B
     // switch): the other threads' arenas come back.
     let glibc = Spawn {
@@ -225,9 +244,7 @@ fn with_one_worker_every_thread_allocates_from_one_malloc_arena() {
     });
     // One worker: once the code pages are released (a blocking-pool thread, 2 s after start-up)
     // and the file events handled, still no arena but the main one.
-    crate::support::eventually(Duration::from_secs(10), "the code-pages release", || {
-        (text_rss_kib(&single) * 2 < started_kib).then_some(())
-    });
+    released(&single);
     assert_eq!(
         malloc_arenas(&single),
         0,
