@@ -426,6 +426,10 @@ pub(super) struct Conn<IO, S, F, R> {
     unflushed: bool,
     /// A connection error: GOAWAY queued, flush and end.
     failed: Option<Error>,
+    /// Set with `failed`: the end of its close, GOAWAY's flush included ([`CALM_GRACE`] after
+    /// an abuse guard's error, [`ERROR_LINGER`] after another). A client that reads nothing
+    /// never makes room for the GOAWAY: the connection is dropped then with what did not fit.
+    close_by: Option<Pin<Box<Sleep>>>,
     resets: Flood,
     /// Client resets before any of the response's head, against `completed`.
     cancels: Cancels,
@@ -520,6 +524,7 @@ where
             read_closed: false,
             unflushed: false,
             failed: None,
+            close_by: None,
             resets: Flood::new(),
             cancels: Cancels::new(),
             completed: 0,
@@ -549,6 +554,12 @@ where
         tracing::debug!(%reason, detail, "HTTP/2 connection error");
         frame::put_goaway(&mut self.out, self.last_accepted, reason);
         self.failed = Some(Error::protocol(reason, detail, guard));
+        let close = if reason == Reason::ENHANCE_YOUR_CALM {
+            CALM_GRACE
+        } else {
+            ERROR_LINGER
+        };
+        self.close_by = Some(Box::pin(tokio::time::sleep(close)));
         self.abort_streams();
     }
 
@@ -654,20 +665,33 @@ where
                 progress = true;
             }
             if self.failed.is_some() {
+                let close_by = self.close_by.as_mut().expect("set with failed");
                 if !self.out.is_empty() || self.unflushed {
-                    return Poll::Pending;
+                    // The GOAWAY waits for room in the socket until the close's end, not for
+                    // good: a client that reads nothing (its buffers full of our answers) is
+                    // then dropped with what did not fit, and the close is still its
+                    // guard's, not the stall watch's (review MINOR 5: it waited for
+                    // `limits.idle_timeout`, then counted as a stall).
+                    ready!(close_by.as_mut().poll(cx));
+                    tracing::debug!(
+                        unsent = self.out.len(),
+                        "HTTP/2 connection error: the client did not take our last frames, GOAWAY included"
+                    );
+                    return Poll::Ready(Err(self.failed.take().expect("failed").unsent()));
                 }
                 // Unread input would turn the close into a TCP reset, which can destroy the
-                // GOAWAY (and its reason) before the client reads it: a short linger first.
-                // Not after an abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets):
-                // at once (a drain of no time: our side shut once, nothing read), the abuser
-                // gets no more of our time.
+                // GOAWAY (and its reason) before the client reads it: a short linger first,
+                // to the close's end. Not after an abuse guard's close (ENHANCE_YOUR_CALM:
+                // floods, rapid resets): at once (a drain of no time: our side shut once,
+                // nothing read), the abuser gets no more of our time.
                 let calm =
                     self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0);
-                let linger = self.linger.insert(Linger {
-                    shut: false,
-                    drain: linger::Drain::within(if calm { Duration::ZERO } else { ERROR_LINGER }),
-                });
+                let drain = if calm {
+                    linger::Drain::within(Duration::ZERO)
+                } else {
+                    linger::Drain::until(close_by.deadline())
+                };
+                let linger = self.linger.insert(Linger { shut: false, drain });
                 ready!(linger.poll(cx, &mut self.io));
                 return Poll::Ready(Err(self.failed.take().expect("failed")));
             }
@@ -1958,10 +1982,14 @@ impl<IO, S, F, R> Conn<IO, S, F, R> {
     }
 }
 
-/// The lingering close after a connection error's GOAWAY, in all: short, long enough for the
-/// client to read the GOAWAY (not after ENHANCE_YOUR_CALM: an abuser's connection is closed at
-/// once).
-const ERROR_LINGER: Duration = Duration::from_millis(500);
+/// The close after a connection error's GOAWAY, in all (the GOAWAY's wait for room in the
+/// socket, then the lingering close): short, long enough for the client to read the GOAWAY.
+pub(super) const ERROR_LINGER: Duration = Duration::from_millis(500);
+/// The same after an abuse guard's GOAWAY (ENHANCE_YOUR_CALM), which lingers not at all: the
+/// most the GOAWAY waits for room in the socket behind what was queued before it (64 KiB and
+/// a frame at most, [`OUT_HIGH`]: a client that reads takes it in far less). A client that
+/// reads nothing never makes room, and gets no more of our time than this.
+pub(super) const CALM_GRACE: Duration = Duration::from_millis(100);
 
 /// A connection's lingering close: our side shut first (once `shut`: a TLS stream sends
 /// close_notify, a TCP one FIN), then the client's bytes read and dropped until it closes or

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::conn::{Buffered, Conn, DATA_FRAME, OUT_HIGH, READ_BUF};
+use super::conn::{Buffered, CALM_GRACE, Conn, DATA_FRAME, ERROR_LINGER, OUT_HIGH, READ_BUF};
 use super::frame::{self, Reason, flag, kind, setting};
 use super::streams::{Queued, SharedRef, lock};
 use super::tests::{In, Raw, hang_count, service, settings};
@@ -398,6 +398,65 @@ async fn an_abuse_close_is_at_once_and_other_errors_linger() {
         .unwrap()
         .expect_err("an error");
     assert_eq!(err.abuse_guard(), None, "{err}");
+}
+
+/// Connection errors to a client that reads nothing, its pipe full of our PING ACKs (the
+/// output still under its bound, so input is read), the GOAWAY stuck behind them: an abuse
+/// guard's close ends within [`CALM_GRACE`], another error's within [`ERROR_LINGER`], with
+/// what did not fit dropped. Review MINOR 5: both waited for the client for good (in the
+/// proxy, until the idle timeout's stall watch cut the connection and counted a stall, not
+/// the guard).
+#[tokio::test(start_paused = true)]
+async fn a_close_does_not_wait_for_a_client_that_reads_nothing() {
+    /// 300 rapid resets.
+    fn abuse(c: &mut Raw) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for i in 0..300u32 {
+            let id = 1 + 2 * i;
+            let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+            frame::put_header_block(&mut buf, id, &b, true, 16_384);
+            frame::put_rst(&mut buf, id, Reason::CANCEL);
+        }
+        buf
+    }
+    /// A protocol error (RST_STREAM on stream 0).
+    fn fault(_: &mut Raw) -> BytesMut {
+        let mut buf = BytesMut::new();
+        frame::put_rst(&mut buf, 0, Reason::CANCEL);
+        buf
+    }
+    type Make = fn(&mut Raw) -> BytesMut;
+    let cases: [(Make, Duration, Option<Guard>); 2] = [
+        (abuse, CALM_GRACE, Some(Guard::RapidReset)),
+        (fault, ERROR_LINGER, None),
+    ];
+    for (make, bound, guard) in cases {
+        let (mut c, _, seen) = start_watched(settings(), &[], 4096, service).await;
+        // 6.8 KiB of PING ACKs: more than the pipe takes, less than the output's bound.
+        let mut buf = BytesMut::new();
+        for _ in 0..400 {
+            frame::put_ping(&mut buf, b"fillfill");
+        }
+        buf.extend_from_slice(&make(&mut c));
+        let started = tokio::time::Instant::now();
+        // Taken while the connection reads; it stops at its error (then the write fails or,
+        // on the old code, waits out this timeout).
+        let _ = tokio::time::timeout(Duration::from_secs(60), c.io.write_all(&buf)).await;
+        let end = tokio::time::timeout(Duration::from_secs(60), &mut c.task).await;
+        let err = end
+            .unwrap_or_else(|_| panic!("still open after 60 s (guard {guard:?})"))
+            .unwrap()
+            .expect_err("a connection error");
+        assert_eq!(err.abuse_guard(), guard, "{err}");
+        assert!(err.goaway_unsent(), "{err}");
+        assert!(
+            started.elapsed() <= bound,
+            "closed {:?} after ({err})",
+            started.elapsed()
+        );
+        let left = seen.lock().unwrap().last.out;
+        assert!(left > 0, "the GOAWAY was never stuck ({err})");
+    }
 }
 
 // ---- A connection polled here: its state in view ----

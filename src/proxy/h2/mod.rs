@@ -114,10 +114,13 @@
 //!   a client that reads nothing never lets out, the connection then dropped without it): a
 //!   close with unread input would reset the connection, and a pooled client that sent a
 //!   request just as an idle connection closed could not tell it was never processed. A
-//!   connection error: GOAWAY with its code, then the same close, 500 ms at most (so the
-//!   client reads the GOAWAY rather than a TCP reset); after ENHANCE_YOUR_CALM (an abuse
-//!   guard: floods, rapid resets) the close is at once (the same close, with no drain time),
-//!   nothing more read.
+//!   connection error: GOAWAY with its code, then the same close, 500 ms at most in all, the
+//!   GOAWAY's wait for room in the socket included (so the client reads the GOAWAY rather
+//!   than a TCP reset); after ENHANCE_YOUR_CALM (an abuse guard: floods, rapid resets) the
+//!   close is at once (the same close, with no drain time), nothing more read, once the
+//!   GOAWAY is written, 100 ms at most. A client that reads nothing never makes room for the
+//!   GOAWAY: its connection is dropped at that time with what did not fit
+//!   ([`Error::goaway_unsent`]), and an abuse close is still its guard's, not a stall.
 //!
 //! The service closure is called, and its task spawned (or its future put in its slot),
 //! without the connection's lock held.
@@ -260,6 +263,10 @@ enum ErrorKind {
         detail: &'static str,
         /// The abuse guard that closed the connection (then `reason` is ENHANCE_YOUR_CALM).
         guard: Option<Guard>,
+        /// The close ended before the client took all of our last frames (it read nothing
+        /// for the close's time): the GOAWAY, and maybe more, was dropped with the
+        /// connection.
+        unsent: bool,
     },
 }
 
@@ -321,8 +328,23 @@ impl Error {
                 reason,
                 detail,
                 guard,
+                unsent: false,
             },
         }
+    }
+
+    /// The same error, its close given up before the client took our last frames.
+    fn unsent(mut self) -> Self {
+        if let ErrorKind::Protocol { unsent, .. } = &mut self.kind {
+            *unsent = true;
+        }
+        self
+    }
+
+    /// Whether the close was given up before the client took all of our last frames (the
+    /// GOAWAY among them): a client that read nothing for the close's time.
+    pub fn goaway_unsent(&self) -> bool {
+        matches!(self.kind, ErrorKind::Protocol { unsent: true, .. })
     }
 
     /// The HTTP/2 error code we sent in GOAWAY, when it was a protocol error (not I/O).
