@@ -18,16 +18,9 @@ use super::fuzz_tests::Chunks;
 use super::{RecvBody, Settings, Shutdown, serve};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
+/// [`Settings::for_tests`], the settings every test here starts from.
 pub(super) fn settings() -> Settings {
-    Settings {
-        max_concurrent_streams: 100,
-        max_header_list_size: 16 * 1024,
-        initial_window_size: 1024 * 1024,
-        connection_window_size: 4 * 1024 * 1024,
-        max_frame_size: 16_384,
-        stalled_stream_timeout: Duration::from_secs(30),
-        on_stalled_stream: None,
-    }
+    Settings::for_tests()
 }
 
 /// How many `/hang?KEY` services started and were dropped (aborted), by KEY.
