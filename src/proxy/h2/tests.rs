@@ -486,6 +486,21 @@ pub(super) struct In {
 }
 
 impl Raw {
+    /// A client on `io`, the connection's end, served by `task`.
+    pub(super) fn new(
+        io: DuplexStream,
+        task: tokio::task::JoinHandle<Result<(), super::Error>>,
+        shutdown: Shutdown,
+    ) -> Raw {
+        Raw {
+            io,
+            buf: BytesMut::new(),
+            enc: loona_hpack::Encoder::new(),
+            task,
+            shutdown,
+        }
+    }
+
     /// Connects, sends the preface (split in two, the first part as `prefix`) and empty
     /// SETTINGS, and reads the server's SETTINGS, WINDOW_UPDATE and the ACK.
     pub(super) async fn start(settings: Settings) -> Raw {
@@ -518,13 +533,7 @@ impl Raw {
             )
             .await
         });
-        let mut raw = Raw {
-            io: a,
-            buf: BytesMut::new(),
-            enc: loona_hpack::Encoder::new(),
-            task,
-            shutdown,
-        };
+        let mut raw = Raw::new(a, task, shutdown);
         raw.io.write_all(&frame::PREFACE[5..]).await.unwrap();
         let mut out = BytesMut::new();
         frame::put_settings(&mut out, client_settings);
@@ -603,10 +612,7 @@ impl Raw {
         loop {
             let f = self.next().await.expect("GOAWAY before the end");
             if f.head.kind == kind::GOAWAY {
-                assert_eq!(
-                    Reason(u32::from_be_bytes(f.payload[4..8].try_into().unwrap())),
-                    reason
-                );
+                assert_eq!(Reason(u32_at(&f.payload[4..])), reason);
                 break;
             }
         }
@@ -622,10 +628,7 @@ impl Raw {
             }
             if f.head.kind == kind::RST_STREAM {
                 assert_eq!(f.head.stream, stream);
-                assert_eq!(
-                    Reason(u32::from_be_bytes(f.payload[..4].try_into().unwrap())),
-                    reason
-                );
+                assert_eq!(Reason(u32_at(&f.payload)), reason);
                 return;
             }
         }
