@@ -12,7 +12,10 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::conn::{Buffered, CALM_GRACE, Conn, DATA_FRAME, ERROR_LINGER, OUT_HIGH, READ_BUF};
+use super::conn::{
+    Buffered, CALM_CLOSE_MAX, CALM_GRACE, Conn, DATA_FRAME, ERROR_CLOSE_MAX, ERROR_LINGER,
+    OUT_HIGH, READ_BUF,
+};
 use super::frame::{self, Reason, flag, kind, setting};
 use super::streams::{Queued, SharedRef, lock};
 use super::tests::{In, Raw, hang_count, service, settings, u32_at};
@@ -456,13 +459,133 @@ async fn a_close_does_not_wait_for_a_client_that_reads_nothing() {
             .expect_err("a connection error");
         assert_eq!(err.abuse_guard(), guard, "{err}");
         assert!(err.goaway_unsent(), "{err}");
+        // One tick (1 ms) over: the paused clock lands on the timer's tick, not before it.
         assert!(
-            started.elapsed() <= bound,
+            started.elapsed() <= bound + Duration::from_millis(1),
             "closed {:?} after ({err})",
             started.elapsed()
         );
         let left = seen.lock().unwrap().last.out;
         assert!(left > 0, "the GOAWAY was never stuck ({err})");
+    }
+}
+
+/// 300 rapid resets (an abuse guard's error).
+fn rapid_resets(c: &mut Raw) -> BytesMut {
+    let mut buf = BytesMut::new();
+    for i in 0..300u32 {
+        let id = 1 + 2 * i;
+        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+        frame::put_header_block(&mut buf, id, &b, true, 16_384);
+        frame::put_rst(&mut buf, id, Reason::CANCEL);
+    }
+    buf
+}
+
+/// A protocol error (RST_STREAM on stream 0).
+fn stream_zero_reset(_: &mut Raw) -> BytesMut {
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 0, Reason::CANCEL);
+    buf
+}
+
+/// A connection error after 2,000 PINGs on a 4 KiB pipe (34 KB of ACKs queued before the
+/// GOAWAY, under the output's bound), then a client that reads `chunk` bytes every 50 ms
+/// until the end: what it read (in `c.buf`), the connection's end, and how long after the
+/// error it came (seen at a read: 50 ms late at most; the reader may still be taking what
+/// the pipe holds).
+async fn close_to_slow_reader(
+    make: fn(&mut Raw) -> BytesMut,
+    chunk: usize,
+) -> (Raw, Result<(), super::Error>, Duration) {
+    let (mut c, _, _) = start_watched(settings(), &[], 4096, service).await;
+    let mut buf = BytesMut::new();
+    for _ in 0..2000 {
+        frame::put_ping(&mut buf, b"fillfill");
+    }
+    buf.extend_from_slice(&make(&mut c));
+    c.io.write_all(&buf).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut scratch = vec![0u8; chunk];
+    let mut ended = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if ended.is_none() && c.task.is_finished() {
+            ended = Some(started.elapsed());
+        }
+        match tokio::io::AsyncReadExt::read(&mut c.io, &mut scratch).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => c.buf.extend_from_slice(&scratch[..n]),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no end");
+    }
+    let end = (&mut c.task).await.unwrap();
+    let took = ended.unwrap_or_else(|| started.elapsed());
+    (c, end, took)
+}
+
+/// A client that reads slowly but steadily (2 KiB every 50 ms: 34 KB in about 850 ms, far
+/// over [`CALM_GRACE`] and [`ERROR_LINGER`]) gets its GOAWAY whole after the ACKs queued
+/// before it: the close's wait is re-armed by each write that moves our bytes (review
+/// MINORs 1+2: it was a fixed 100 ms / 500 ms in all, and such a client, a bulk download on a
+/// slow link, was cut mid-frame without the GOAWAY).
+#[tokio::test(start_paused = true)]
+async fn a_close_waits_for_a_client_that_reads_slowly_but_steadily() {
+    type Make = fn(&mut Raw) -> BytesMut;
+    let cases: [(Make, Reason, Option<Guard>); 2] = [
+        (
+            rapid_resets,
+            Reason::ENHANCE_YOUR_CALM,
+            Some(Guard::RapidReset),
+        ),
+        (stream_zero_reset, Reason::PROTOCOL_ERROR, None),
+    ];
+    for (make, code, guard) in cases {
+        let (mut c, end, took) = close_to_slow_reader(make, 2048).await;
+        let err = end.expect_err("a connection error");
+        assert_eq!(err.abuse_guard(), guard, "{err}");
+        assert!(!err.goaway_unsent(), "{err} after {took:?}");
+        let mut pings = 0;
+        let mut goaway = None;
+        while let Some(f) = c.next().await {
+            assert!(goaway.is_none(), "a frame after the GOAWAY ({err})");
+            match f.head.kind {
+                kind::PING => pings += 1,
+                kind::GOAWAY => goaway = Some(Reason(u32_at(&f.payload[4..]))),
+                _ => {}
+            }
+        }
+        assert!(
+            c.buf.is_empty(),
+            "{} bytes of a cut frame ({err})",
+            c.buf.len()
+        );
+        assert_eq!(goaway, Some(code), "{err} after {took:?}");
+        assert_eq!(pings, 2000, "{err}");
+    }
+}
+
+/// A client that takes a little now and then (64 bytes every 50 ms) never lets the grace run
+/// out, and is still dropped at the close's cap ([`CALM_CLOSE_MAX`], [`ERROR_CLOSE_MAX`]),
+/// not before it and not much after.
+#[tokio::test(start_paused = true)]
+async fn a_close_to_a_trickling_client_ends_at_its_cap() {
+    type Make = fn(&mut Raw) -> BytesMut;
+    let cases: [(Make, Duration, Option<Guard>); 2] = [
+        (rapid_resets, CALM_CLOSE_MAX, Some(Guard::RapidReset)),
+        (stream_zero_reset, ERROR_CLOSE_MAX, None),
+    ];
+    for (make, cap, guard) in cases {
+        let (_, end, took) = close_to_slow_reader(make, 64).await;
+        let err = end.expect_err("a connection error");
+        assert_eq!(err.abuse_guard(), guard, "{err}");
+        assert!(err.goaway_unsent(), "{err} after {took:?}");
+        assert!(err.to_string().ends_with(" (GOAWAY unsent)"), "{err}");
+        // Seen at the reader's next read: 50 ms late at most, and a tick.
+        assert!(
+            took >= cap && took <= cap + Duration::from_millis(51),
+            "closed {took:?} after ({err})"
+        );
     }
 }
 

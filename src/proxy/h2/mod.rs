@@ -114,13 +114,16 @@
 //!   a client that reads nothing never lets out, the connection then dropped without it): a
 //!   close with unread input would reset the connection, and a pooled client that sent a
 //!   request just as an idle connection closed could not tell it was never processed. A
-//!   connection error: GOAWAY with its code, then the same close, 500 ms at most in all, the
-//!   GOAWAY's wait for room in the socket included (so the client reads the GOAWAY rather
-//!   than a TCP reset); after ENHANCE_YOUR_CALM (an abuse guard: floods, rapid resets) the
-//!   close is at once (the same close, with no drain time), nothing more read, once the
-//!   GOAWAY is written, 100 ms at most. A client that reads nothing never makes room for the
-//!   GOAWAY: its connection is dropped at that time with what did not fit
-//!   ([`Error::goaway_unsent`]), and an abuse close is still its guard's, not a stall.
+//!   connection error: GOAWAY with its code, then the same close for 500 ms after the GOAWAY
+//!   is flushed (so the client reads the GOAWAY rather than a TCP reset); after
+//!   ENHANCE_YOUR_CALM (an abuse guard: floods, rapid resets) the close is at once (the same
+//!   close, with no drain time), nothing more read, once the GOAWAY is written. Nothing is
+//!   read while the GOAWAY waits for room in the socket behind what was queued before it:
+//!   the wait is re-armed each time the client takes some of our bytes, 500 ms (100 ms after
+//!   an abuse guard's) at a time, the whole close capped at 5 s (2 s). A client that reads
+//!   nothing for that long, or still reads at the cap, is dropped with what did not fit
+//!   ([`Error::goaway_unsent`], " (GOAWAY unsent)" in its message), and an abuse close is
+//!   still its guard's, not a stall.
 //!
 //! The service closure is called, and its task spawned (or its future put in its slot),
 //! without the connection's lock held.
@@ -397,8 +400,17 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ErrorKind::Io(e) => write!(f, "HTTP/2 connection error: {e}"),
-            ErrorKind::Protocol { reason, detail, .. } => {
-                write!(f, "HTTP/2 connection error {reason}: {detail}")
+            ErrorKind::Protocol {
+                reason,
+                detail,
+                unsent,
+                ..
+            } => {
+                write!(f, "HTTP/2 connection error {reason}: {detail}")?;
+                if *unsent {
+                    f.write_str(" (GOAWAY unsent)")?;
+                }
+                Ok(())
             }
         }
     }
