@@ -20,9 +20,9 @@ const RESET_LIMIT: usize = 200;
 
 /// Rapid reset (CVE-2023-44487): 1,000 HEADERS + RST_STREAM(CANCEL) pairs in one burst. The
 /// connection is closed with GOAWAY ENHANCE_YOUR_CALM after the guard's 200; the close is
-/// counted once under `guard="rapid_reset"` and not as a stall; at most the streams the guard
-/// let through (201) reached the app; a well-behaved client on a second connection then gets
-/// its 200 over HTTP/2.
+/// counted once under `guard="rapid_reset"` and not as a stall; a well-behaved client on a
+/// second connection then gets its 200 over HTTP/2. The GOAWAY is what tells a missing guard:
+/// the count of requests that reached the app is only a sanity bound (see there).
 #[test]
 fn a_rapid_reset_client_is_closed_counted_and_others_served() {
     let app = Backend::http();
@@ -84,6 +84,10 @@ fn a_rapid_reset_client_is_closed_counted_and_others_served() {
         "{} after the burst; {reached} requests reached the app",
         goaway.describe()
     );
+    // A sanity bound, not the guard's test: each stream's RST_STREAM comes in the same read
+    // as its HEADERS and is processed before the stream's task runs, so about none of the
+    // burst reaches the app, guard or no guard (0 were seen). Past the bound, the resets
+    // would no longer cancel requests before they leave.
     assert!(
         reached <= RESET_LIMIT + 1,
         "{reached} of the 1,000 reset requests reached the app"
