@@ -128,7 +128,10 @@
 //! batch) and `fuzz_tests` (generated and
 //! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
 //! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
-//! back and the stall timer (on tokio's paused clock).
+//! back and the stall timer (on tokio's paused clock). The tests of resets, stalls, closes,
+//! guards and stream limits run on both paths of a request without a body (`on_both_paths!`:
+//! inline, and spawned as on a multi-thread runtime; those that do not pause the clock also on
+//! a multi-thread runtime).
 //!
 //! Not done: priorities (PRIORITY is checked and ignored: responses take turns in the order
 //! they are ready), a dynamic table in the response encoder, Huffman coding of what we send,
@@ -146,6 +149,44 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ProxyBody;
+
+/// Tests: a test run on both paths of a request without a body: `NAME::inline`, served on
+/// the connection's task (the current-thread runtime's rule), and `NAME::spawned`, on a task
+/// of its own as on a multi-thread runtime (`inline::spawn_all`), with the test's own
+/// attributes (`#[tokio::test]`, a paused clock). With `multi_thread;` first, also
+/// `NAME::multi_thread` on a multi-thread runtime of two workers (for a test that does not
+/// pause the clock). The body is written once; it may ask `inline::spawning_all()`.
+#[cfg(test)]
+macro_rules! on_both_paths {
+    ($(#[$attr:meta])* async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])*
+            async fn inline() $body
+            $(#[$attr])*
+            async fn spawned() {
+                let _spawned = crate::proxy::h2::inline::spawn_all();
+                $body
+            }
+        }
+    };
+    (multi_thread; $(#[$attr:meta])* async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])*
+            async fn inline() $body
+            $(#[$attr])*
+            async fn spawned() {
+                let _spawned = crate::proxy::h2::inline::spawn_all();
+                $body
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn multi_thread() $body
+        }
+    };
+}
 
 #[cfg(test)]
 mod close_tests;
