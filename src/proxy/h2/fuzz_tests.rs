@@ -360,6 +360,9 @@ struct ServerCfg {
     conn_window: u32,
     max_frame: u32,
     stall_secs: u8,
+    /// Every stream spawned (`inline::spawn_all`), as on a multi-thread runtime; else a
+    /// request without a body is served inline (the fuzz runtime is a current-thread one).
+    spawned: bool,
 }
 
 impl ServerCfg {
@@ -754,9 +757,18 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(4 * 1024 * 1024u32), 0..=200_000u32],
         prop_oneof![4 => Just(16_384u32), 1 => 16_384..=70_000u32],
         1..=60u8,
+        any::<bool>(),
     )
         .prop_map(
-            |(max_streams, header_list, initial_window, conn_window, max_frame, stall_secs)| {
+            |(
+                max_streams,
+                header_list,
+                initial_window,
+                conn_window,
+                max_frame,
+                stall_secs,
+                spawned,
+            )| {
                 ServerCfg {
                     max_streams,
                     header_list,
@@ -764,6 +776,7 @@ fn case() -> impl Strategy<Value = Case> {
                     conn_window,
                     max_frame,
                     stall_secs,
+                    spawned,
                 }
             },
         );
@@ -2263,8 +2276,10 @@ fn run_case(case: &Case) -> Result<Outcome, String> {
         .unwrap();
     FUZZING.with(|f| f.set(true));
     PANICS.with(|p| p.set(0));
+    let spawned = case.server.spawned.then(super::inline::spawn_all);
     let r = rt.block_on(run_case_async(case, &input, &sent));
     drop(rt);
+    drop(spawned);
     FUZZING.with(|f| f.set(false));
     let panics = PANICS.with(Cell::get);
     if panics > 0 {
@@ -2391,6 +2406,7 @@ fn regression_case(ops: Vec<Op>) -> Case {
             conn_window: 4 * 1024 * 1024,
             max_frame: 16_384,
             stall_secs: 30,
+            spawned: false,
         },
         client_settings: Vec::new(),
         ops,

@@ -126,8 +126,8 @@
 //! streams: the rule, fairness, resets, panics, shutdown), `guard_tests` (the second reset
 //! budget, the bounds on output, header blocks and the read buffer, one clock read per read
 //! batch) and `fuzz_tests` (generated and
-//! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
-//! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
+//! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more, about
+//! half with every stream spawned: no panic, no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
 //! back and the stall timer (on tokio's paused clock). The tests of resets, stalls, closes,
 //! guards and stream limits run on both paths of a request without a body (`on_both_paths!`:
 //! inline, and spawned as on a multi-thread runtime; those that do not pause the clock also on
