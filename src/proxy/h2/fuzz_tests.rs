@@ -379,6 +379,20 @@ impl ServerCfg {
     }
 }
 
+impl From<Settings> for ServerCfg {
+    fn from(s: Settings) -> Self {
+        ServerCfg {
+            max_streams: s.max_concurrent_streams,
+            header_list: s.max_header_list_size,
+            initial_window: s.initial_window_size,
+            conn_window: s.connection_window_size,
+            max_frame: s.max_frame_size,
+            stall_secs: u8::try_from(s.stalled_stream_timeout.as_secs()).expect("at most 255 s"),
+            spawned: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     server: ServerCfg,
@@ -2399,15 +2413,7 @@ fn random_client_input_never_breaks_the_server() {
 
 fn regression_case(ops: Vec<Op>) -> Case {
     Case {
-        server: ServerCfg {
-            max_streams: 100,
-            header_list: 16 * 1024,
-            initial_window: 1024 * 1024,
-            conn_window: 4 * 1024 * 1024,
-            max_frame: 16_384,
-            stall_secs: 30,
-            spawned: false,
-        },
+        server: ServerCfg::from(Settings::for_tests()),
         client_settings: Vec::new(),
         ops,
         mutations: Vec::new(),

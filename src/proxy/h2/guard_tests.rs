@@ -15,12 +15,43 @@ use tokio::io::AsyncWriteExt;
 use super::conn::{Buffered, Conn, DATA_FRAME, OUT_HIGH, READ_BUF};
 use super::frame::{self, Reason, flag, kind, setting};
 use super::streams::{Queued, SharedRef, lock};
-use super::tests::{In, Raw, hang_count, service, settings};
+use super::tests::{In, Raw, hang_count, service, settings, u32_at};
 use super::{Guard, RecvBody, Settings, Shutdown};
 use crate::proxy::body::ProxyBody;
 
 fn rst(code: Reason) -> [u8; 4] {
     code.0.to_be_bytes()
+}
+
+/// The client cancels stream `id` (RST_STREAM CANCEL).
+async fn cancel(c: &mut Raw, id: u32) {
+    c.send(kind::RST_STREAM, 0, id, &rst(Reason::CANCEL)).await;
+}
+
+/// A rapid reset attack: 300 GETs of `/hang`, each reset (CANCEL) right after its HEADERS,
+/// in one write.
+async fn send_rapid_resets(c: &mut Raw) {
+    let mut buf = BytesMut::new();
+    for i in 0..300u32 {
+        let id = 1 + 2 * i;
+        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+        frame::put_header_block(&mut buf, id, &b, true, 16_384);
+        frame::put_rst(&mut buf, id, Reason::CANCEL);
+    }
+    c.io.write_all(&buf).await.unwrap();
+}
+
+/// An abuse guard's close, after what the client sent was read: a GOAWAY ENHANCE_YOUR_CALM
+/// (see [`sync_or_goaway`]), and `guard` named in the connection's error. `case` names the
+/// case in a failure's message.
+async fn expect_abuse_close(mut c: Raw, guard: Guard, case: &str) {
+    assert_eq!(
+        sync_or_goaway(&mut c).await.err(),
+        Some(Reason::ENHANCE_YOUR_CALM),
+        "{case}"
+    );
+    let err = c.task.await.unwrap().expect_err("an abuse guard's close");
+    assert_eq!(err.abuse_guard(), Some(guard), "{case}: {err}");
 }
 
 /// Opens `/hang?KEY` on `id` and waits until its service runs (the connection read the
@@ -79,9 +110,7 @@ async fn sync_or_goaway(c: &mut Raw) -> Result<Vec<In>, Reason> {
     let mut seen = Vec::new();
     while let Some(f) = c.next().await {
         if f.head.kind == kind::GOAWAY {
-            return Err(Reason(u32::from_be_bytes(
-                f.payload[4..8].try_into().unwrap(),
-            )));
+            return Err(Reason(u32_at(&f.payload[4..])));
         }
         if f.head.kind == kind::PING && &f.payload[..] == b"syncsync" {
             return Ok(seen);
@@ -110,17 +139,12 @@ on_both_paths! {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-            c.send(kind::RST_STREAM, 0, id, &rst(Reason::CANCEL)).await;
+            cancel(&mut c, id).await;
         }
         if let Some(i) = closed_after {
             assert!(i > 200, "closed after {i} cancellations");
         }
-        assert_eq!(
-            sync_or_goaway(&mut c).await.err(),
-            Some(Reason::ENHANCE_YOUR_CALM)
-        );
-        let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-        assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
+        expect_abuse_close(c, Guard::CancelledStreams, "cancellations").await;
     }
 }
 
@@ -142,8 +166,7 @@ on_both_paths! {
                 panic!("closed after {i} cancellations: {f:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-            c.send(kind::RST_STREAM, 0, cancelled, &rst(Reason::CANCEL))
-                .await;
+            cancel(&mut c, cancelled).await;
         }
         let seen = sync_or_goaway(&mut c).await.expect("the connection kept");
         assert!(seen.iter().all(|f| f.head.kind != kind::GOAWAY), "{seen:?}");
@@ -191,9 +214,7 @@ async fn mixed(key: &str, m: Mix) -> Option<(Duration, super::Error)> {
                 break 'rounds;
             }
             if let Some(f) = complete(&mut c, id).await {
-                goaway = Some(Reason(u32::from_be_bytes(
-                    f.payload[4..8].try_into().unwrap(),
-                )));
+                goaway = Some(Reason(u32_at(&f.payload[4..])));
                 break 'rounds;
             }
             id += 2;
@@ -299,14 +320,7 @@ on_both_paths! {
     #[tokio::test]
     async fn rapid_resets_are_told_apart_from_late_cancellations() {
         let mut c = Raw::start(settings()).await;
-        let mut buf = BytesMut::new();
-        for i in 0..300u32 {
-            let id = 1 + 2 * i;
-            let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
-            frame::put_header_block(&mut buf, id, &b, true, 16_384);
-            frame::put_rst(&mut buf, id, Reason::CANCEL);
-        }
-        c.io.write_all(&buf).await.unwrap();
+        send_rapid_resets(&mut c).await;
         c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
         let err = c.task.await.unwrap().expect_err("an abuse guard's close");
         assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
@@ -367,7 +381,7 @@ async fn goaway_code(c: &mut Raw) -> Reason {
     loop {
         let f = c.next().await.expect("GOAWAY");
         if f.head.kind == kind::GOAWAY {
-            return Reason(u32::from_be_bytes(f.payload[4..8].try_into().unwrap()));
+            return Reason(u32_at(&f.payload[4..]));
         }
     }
 }
@@ -380,14 +394,7 @@ on_both_paths! {
     #[tokio::test(start_paused = true)]
     async fn an_abuse_close_is_at_once_and_other_errors_linger() {
         let mut c = Raw::start(settings()).await;
-        let mut buf = BytesMut::new();
-        for i in 0..300u32 {
-            let id = 1 + 2 * i;
-            let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
-            frame::put_header_block(&mut buf, id, &b, true, 16_384);
-            frame::put_rst(&mut buf, id, Reason::CANCEL);
-        }
-        c.io.write_all(&buf).await.unwrap();
+        send_rapid_resets(&mut c).await;
         assert_eq!(goaway_code(&mut c).await, Reason::ENHANCE_YOUR_CALM);
         keep_writing(&mut c).await;
         let end = tokio::time::timeout(Duration::from_millis(1), &mut c.task).await;
@@ -458,13 +465,7 @@ where
         })
         .await
     });
-    let mut c = Raw {
-        io: a,
-        buf: BytesMut::new(),
-        enc: loona_hpack::Encoder::new(),
-        task,
-        shutdown,
-    };
+    let mut c = Raw::new(a, task, shutdown);
     let mut hello = BytesMut::from(&frame::PREFACE[..]);
     frame::put_settings(&mut hello, client_settings);
     c.io.write_all(&hello).await.unwrap();
@@ -594,17 +595,8 @@ on_both_paths! {
                 if in_one_frame { 64 * 1024 } else { 16_384 },
             );
             c.io.write_all(&out).await.unwrap();
-            assert_eq!(
-                sync_or_goaway(&mut c).await.err(),
-                Some(Reason::ENHANCE_YOUR_CALM),
-                "in one frame: {in_one_frame}"
-            );
-            let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-            assert_eq!(
-                err.abuse_guard(),
-                Some(Guard::HeaderBlock),
-                "in one frame: {in_one_frame}"
-            );
+            let case = format!("in one frame: {in_one_frame}");
+            expect_abuse_close(c, Guard::HeaderBlock, &case).await;
         }
     }
 }

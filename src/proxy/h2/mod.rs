@@ -231,6 +231,27 @@ pub struct Settings {
     pub on_stalled_stream: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
+impl Settings {
+    /// The settings the HTTP/2 tests start from (the unit tests' and `tests/h2_pinned_memory.rs`,
+    /// which links only the library: hence public), each test changing what it is about. Not
+    /// the listener's: those come from its limits (`generation::h2_settings`: a 64 KiB header
+    /// list, a 1 MiB connection window, the 60 s idle timeout by default); these keep the
+    /// values the tests were written against (a 16 KiB header list, a 4 MiB connection window,
+    /// 30 s before a stalled stream is reset).
+    #[doc(hidden)]
+    pub fn for_tests() -> Self {
+        Settings {
+            max_concurrent_streams: 100,
+            max_header_list_size: 16 * 1024,
+            initial_window_size: 1024 * 1024,
+            connection_window_size: 4 * 1024 * 1024,
+            max_frame_size: 16_384,
+            stalled_stream_timeout: Duration::from_secs(30),
+            on_stalled_stream: None,
+        }
+    }
+}
+
 /// Asks a connection to finish: GOAWAY (in two steps, the last with the last stream id
 /// taken), in-flight streams end, then the connection closes (lingering). Cloneable; the glue
 /// keeps one per connection.
