@@ -74,17 +74,19 @@ thread_local! {
 
 /// Tests: until the guard is dropped, connections made on this thread spawn every stream
 /// (the multi-thread runtime's path) whatever the runtime, so that the tests on tokio's
-/// current-thread runtime (and its paused clock) cover both paths (`on_both_paths!`).
+/// current-thread runtime (and its paused clock) cover both paths (`on_both_paths!`). The
+/// guard's drop restores what was set before (nested switches). Bind it to a name: `let _ =`
+/// drops it at once.
 #[cfg(test)]
+#[must_use = "the switch is on only while the guard lives: `let _spawned = spawn_all();`"]
 pub(super) fn spawn_all() -> impl Drop {
-    struct Reset;
-    impl Drop for Reset {
+    struct Restore(bool);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            SPAWN_ALL.set(false);
+            SPAWN_ALL.set(self.0);
         }
     }
-    SPAWN_ALL.set(true);
-    Reset
+    Restore(SPAWN_ALL.replace(true))
 }
 
 /// Tests: whether [`spawn_all`] is on for this thread.

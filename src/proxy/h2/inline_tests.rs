@@ -163,9 +163,7 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 /// Where `/` says a request without a body was served: inline, unless the test runs on the
 /// spawned path (`on_both_paths!`) or a multi-thread runtime.
 fn bodiless() -> &'static [u8] {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    let current_thread = Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
-    if current_thread && !super::inline::spawning_all() {
+    if super::tests::test_path() == "inline" {
         b"inline"
     } else {
         b"spawned"
@@ -208,6 +206,20 @@ async fn the_tests_switch_spawns_every_stream_on_a_current_thread_runtime() {
     let (mut c, _) = start(settings(), &[]).await;
     c.get(1, "/").await;
     assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"inline");
+}
+
+/// The switch's guard restores what was set before: an inner switch dropped leaves the outer
+/// one on.
+#[test]
+fn the_tests_switch_restores_what_was_set_before() {
+    let outer = super::inline::spawn_all();
+    drop(super::inline::spawn_all());
+    assert!(
+        super::inline::spawning_all(),
+        "the outer switch is still on"
+    );
+    drop(outer);
+    assert!(!super::inline::spawning_all());
 }
 
 // ---- Fairness ----

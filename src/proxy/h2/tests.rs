@@ -28,12 +28,16 @@ pub(super) fn settings() -> Settings {
 static HANGS: std::sync::Mutex<Vec<(String, (usize, usize))>> = std::sync::Mutex::new(Vec::new());
 
 pub(super) fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) {
-    let key = format!("{}/{key}", test_path());
+    hang_count_of(&format!("{}/{key}", test_path()), f)
+}
+
+/// [`hang_count`] by its full key (`PATH/KEY`).
+fn hang_count_of(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usize, usize) {
     let mut all = HANGS.lock().unwrap();
-    if !all.iter().any(|(k, _)| *k == key) {
-        all.push((key.clone(), (0, 0)));
+    if !all.iter().any(|(k, _)| k == key) {
+        all.push((key.to_string(), (0, 0)));
     }
-    let c = &mut all.iter_mut().find(|(k, _)| *k == key).unwrap().1;
+    let c = &mut all.iter_mut().find(|(k, _)| k == key).unwrap().1;
     f(c);
     *c
 }
@@ -41,7 +45,9 @@ pub(super) fn hang_count(key: &str, f: impl FnOnce(&mut (usize, usize))) -> (usi
 /// The path of the test running in this runtime (`on_both_paths!`): "inline" on a
 /// current-thread runtime, "spawned" there with `inline::spawn_all`, "multi_thread" on a
 /// multi-thread runtime ("none" outside a runtime). The same in the test's body and in the
-/// services and drops of its connections (on its thread, or on the multi-thread runtime).
+/// services of its connections (on its thread, or on the multi-thread runtime); a service's
+/// drop may come after the body (the runtime's own drop), so `/hang` keeps the key it started
+/// with.
 pub(super) fn test_path() -> &'static str {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
@@ -109,14 +115,16 @@ pub(super) async fn service(req: Request<RecvBody>) -> Response<ProxyBody> {
             Response::new(body.boxed())
         }
         "/hang" => {
+            /// The full key (`PATH/KEY`), built when the service starts: its drop may come
+            /// once the test's switch is reset, and is booked to the path it started on.
             struct Flag(String);
             impl Drop for Flag {
                 fn drop(&mut self) {
-                    hang_count(&self.0, |c| c.1 += 1);
+                    hang_count_of(&self.0, |c| c.1 += 1);
                 }
             }
-            let key = req.uri().query().unwrap_or("").to_string();
-            hang_count(&key, |c| c.0 += 1);
+            let key = format!("{}/{}", test_path(), req.uri().query().unwrap_or(""));
+            hang_count_of(&key, |c| c.0 += 1);
             let _flag = Flag(key);
             std::future::pending::<()>().await;
             unreachable!()
