@@ -170,8 +170,12 @@ on_both_paths! {
                 && f.head.flags & flag::END_STREAM != 0),
             "stream 1 answered: {frames:?}"
         );
-        // Our side is shut; the connection ends once the client closes its own.
-        assert!(!c.task.is_finished());
+        // Our side is shut; the connection ends once the client closes its own. Not checked
+        // on the multi-thread runtime: there its drain (2 s of the real clock after its last
+        // read) may be over by now on a loaded machine.
+        if crate::proxy::h2::tests::test_path() != "multi_thread" {
+            assert!(!c.task.is_finished());
+        }
         c.io.shutdown().await.unwrap();
         c.task.await.unwrap().unwrap();
     }
@@ -246,7 +250,6 @@ async fn read_to_end(client: &mut TcpStream) -> (Vec<(Head, Bytes)>, Option<std:
 }
 
 on_both_paths! {
-    multi_thread;
     /// The idle-timeout race (review finding): a pooled client sends a request on an idle
     /// connection just as the server closes it. The request must be answered, or refused by a
     /// GOAWAY the client reads (it then retries it elsewhere), never met with a TCP reset that

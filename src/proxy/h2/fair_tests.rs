@@ -170,97 +170,91 @@ on_both_paths! {
     }
 }
 
-on_both_paths! {
-    /// Review item 4: stream 1's service does not read its 700 KiB upload, stream 3's reads its
-    /// 324 KiB, and the connection window (1 MiB) is then 0. What stream 3's reader gave back
-    /// (under half the window) is announced at once: the client can send no more DATA, so no
-    /// frame of its would wake the connection task (it used to wait for one).
-    #[tokio::test(start_paused = true)]
-    async fn window_read_on_one_stream_is_given_back_while_another_holds_its_upload() {
-        let mut s = settings();
-        s.initial_window_size = 1 << 20;
-        s.connection_window_size = 1 << 20;
-        let kept = Arc::new(Mutex::new(Vec::new()));
-        let mut c = Raw::start_serving(s, &[], with_kept(kept)).await;
-        post(&mut c, 1, "/hold").await;
-        upload(&mut c, 1, 700 << 10, false).await;
-        let seen = c.sync().await;
-        assert!(seen.is_empty(), "{seen:?}");
-        // `/echo` reads the body as it comes and waits for its end.
-        post(&mut c, 3, "/echo").await;
-        upload(&mut c, 3, 324 << 10, false).await;
-        let mut given = 0;
-        while given < 324 << 10 {
-            let inc = connection_window_update(&mut c).await;
-            given += inc.expect("the window stream 3's reader took was not given back");
-        }
-        assert_eq!(given, 324 << 10);
-    }
-}
-
-on_both_paths! {
-    /// Review item 4, the other path: a request body kept past the end of its stream (the
-    /// response sent, the request ended) and dropped unread gives its window back at once.
-    #[tokio::test(start_paused = true)]
-    async fn window_of_a_body_dropped_after_its_stream_ended_is_given_back() {
-        let mut s = settings();
-        s.initial_window_size = 1 << 20;
-        s.connection_window_size = 1 << 20;
-        let kept = Arc::new(Mutex::new(Vec::new()));
-        let mut c = Raw::start_serving(s, &[], with_kept(kept.clone())).await;
-        post(&mut c, 1, "/keep").await;
-        upload(&mut c, 1, 1 << 20, true).await;
-        let seen = c.sync().await;
-        assert!(
-            seen.iter().any(|f| f.head.kind == kind::DATA
-                && f.head.stream == 1
-                && f.head.flags & flag::END_STREAM != 0),
-            "the response: {seen:?}"
-        );
-        assert_eq!(kept.lock().unwrap().len(), 1);
-        kept.lock().unwrap().clear();
+/// Review item 4: stream 1's service does not read its 700 KiB upload, stream 3's reads its
+/// 324 KiB, and the connection window (1 MiB) is then 0. What stream 3's reader gave back
+/// (under half the window) is announced at once: the client can send no more DATA, so no
+/// frame of its would wake the connection task (it used to wait for one).
+#[tokio::test(start_paused = true)]
+async fn window_read_on_one_stream_is_given_back_while_another_holds_its_upload() {
+    let mut s = settings();
+    s.initial_window_size = 1 << 20;
+    s.connection_window_size = 1 << 20;
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let mut c = Raw::start_serving(s, &[], with_kept(kept)).await;
+    post(&mut c, 1, "/hold").await;
+    upload(&mut c, 1, 700 << 10, false).await;
+    let seen = c.sync().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    // `/echo` reads the body as it comes and waits for its end.
+    post(&mut c, 3, "/echo").await;
+    upload(&mut c, 3, 324 << 10, false).await;
+    let mut given = 0;
+    while given < 324 << 10 {
         let inc = connection_window_update(&mut c).await;
-        assert_eq!(
-            inc,
-            Some(1 << 20),
-            "the window of the dropped body was not given back"
-        );
+        given += inc.expect("the window stream 3's reader took was not given back");
     }
+    assert_eq!(given, 324 << 10);
 }
 
-on_both_paths! {
-    /// Review item 6: a stream waiting for window that the client resets, while its request body
-    /// is still held elsewhere (the stream stays in the map), is not reset again (§5.1: nothing
-    /// but PRIORITY on a closed stream) nor counted as stalled when the stall timer fires.
-    #[tokio::test(start_paused = true)]
-    async fn a_stalled_stream_the_client_reset_is_not_reset_again() {
-        let mut s = settings();
-        s.stalled_stream_timeout = Duration::from_secs(10);
-        let stalls = stall_counter(&mut s);
-        let kept = Arc::new(Mutex::new(Vec::new()));
-        let mut c = Raw::start_serving(
-            s,
-            &[(frame::setting::INITIAL_WINDOW_SIZE, 0)],
-            with_kept(kept.clone()),
-        )
+/// Review item 4, the other path: a request body kept past the end of its stream (the
+/// response sent, the request ended) and dropped unread gives its window back at once.
+#[tokio::test(start_paused = true)]
+async fn window_of_a_body_dropped_after_its_stream_ended_is_given_back() {
+    let mut s = settings();
+    s.initial_window_size = 1 << 20;
+    s.connection_window_size = 1 << 20;
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let mut c = Raw::start_serving(s, &[], with_kept(kept.clone())).await;
+    post(&mut c, 1, "/keep").await;
+    upload(&mut c, 1, 1 << 20, true).await;
+    let seen = c.sync().await;
+    assert!(
+        seen.iter().any(|f| f.head.kind == kind::DATA
+            && f.head.stream == 1
+            && f.head.flags & flag::END_STREAM != 0),
+        "the response: {seen:?}"
+    );
+    assert_eq!(kept.lock().unwrap().len(), 1);
+    kept.lock().unwrap().clear();
+    let inc = connection_window_update(&mut c).await;
+    assert_eq!(
+        inc,
+        Some(1 << 20),
+        "the window of the dropped body was not given back"
+    );
+}
+
+/// Review item 6: a stream waiting for window that the client resets, while its request body
+/// is still held elsewhere (the stream stays in the map), is not reset again (§5.1: nothing
+/// but PRIORITY on a closed stream) nor counted as stalled when the stall timer fires.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_stream_the_client_reset_is_not_reset_again() {
+    let mut s = settings();
+    s.stalled_stream_timeout = Duration::from_secs(10);
+    let stalls = stall_counter(&mut s);
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let mut c = Raw::start_serving(
+        s,
+        &[(frame::setting::INITIAL_WINDOW_SIZE, 0)],
+        with_kept(kept.clone()),
+    )
+    .await;
+    // `/keep` answers "ok" at once; the window 0 holds its DATA back.
+    post(&mut c, 1, "/keep").await;
+    let f = c.next().await.unwrap();
+    assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
+    c.send(kind::RST_STREAM, 0, 1, &Reason::CANCEL.0.to_be_bytes())
         .await;
-        // `/keep` answers "ok" at once; the window 0 holds its DATA back.
-        post(&mut c, 1, "/keep").await;
-        let f = c.next().await.unwrap();
-        assert_eq!((f.head.kind, f.head.stream), (kind::HEADERS, 1));
-        c.send(kind::RST_STREAM, 0, 1, &Reason::CANCEL.0.to_be_bytes())
-            .await;
-        let seen = c.sync().await;
-        assert!(seen.is_empty(), "{seen:?}");
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        let seen = c.sync().await;
-        assert!(
-            !seen.iter().any(|f| f.head.kind == kind::RST_STREAM),
-            "a reset stream was reset again: {seen:?}"
-        );
-        assert_eq!(stalls.load(Ordering::SeqCst), 0);
-        assert_eq!(kept.lock().unwrap().len(), 1);
-    }
+    let seen = c.sync().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let seen = c.sync().await;
+    assert!(
+        !seen.iter().any(|f| f.head.kind == kind::RST_STREAM),
+        "a reset stream was reset again: {seen:?}"
+    );
+    assert_eq!(stalls.load(Ordering::SeqCst), 0);
+    assert_eq!(kept.lock().unwrap().len(), 1);
 }
 
 on_both_paths! {

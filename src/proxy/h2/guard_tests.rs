@@ -490,7 +490,7 @@ async fn holds_the_body(req: Request<RecvBody>) -> Response<ProxyBody> {
 // ---- One removal for finished streams ----
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     /// A stream that finishes on the client's last DATA, or on its trailers, leaves its send
     /// queue for the next stream, as one that finishes anywhere else does (review finding: those
     /// two removed it without keeping its queue).
@@ -567,7 +567,7 @@ on_both_paths! {
 // ---- One size rule for header blocks ----
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     /// A header block longer than the header list size + 16 KiB closes the connection whether it
     /// came in one HEADERS frame (a client that may send large frames) or with CONTINUATION
     /// frames (review finding: in one frame it was decoded, and answered 431).

@@ -1370,7 +1370,7 @@ on_both_paths! {
 }
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     #[tokio::test]
     async fn ping_is_answered_and_goaway_ends_the_connection() {
         let mut c = Raw::start(settings()).await;
@@ -1402,7 +1402,7 @@ on_both_paths! {
 }
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     #[tokio::test]
     async fn graceful_shutdown_finishes_open_streams() {
         let mut c = Raw::start(settings()).await;
@@ -1500,7 +1500,7 @@ on_both_paths! {
 }
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     #[tokio::test]
     async fn continuation_flood_closes_the_connection() {
         let mut s = settings();
@@ -1520,7 +1520,7 @@ on_both_paths! {
 }
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     #[tokio::test]
     async fn empty_frame_flood_closes_the_connection() {
         let mut c = Raw::start(settings()).await;
@@ -1535,63 +1535,61 @@ on_both_paths! {
     }
 }
 
-on_both_paths! {
-    /// A client that sends PINGs and reads nothing: once our output is over its bound, no more
-    /// of its input is read, so its writes stop (the pipe fills) instead of our memory growing.
-    #[tokio::test(start_paused = true)]
-    async fn a_ping_flood_from_a_client_that_does_not_read_is_not_read() {
-        let (a, b) = tokio::io::duplex(16 * 1024);
-        let task = tokio::spawn(serve(b, Bytes::new(), settings(), Shutdown::new(), service));
-        let (mut rd, mut wr) = tokio::io::split(a);
-        let total = 100_000usize;
-        let writer = tokio::spawn(async move {
-            wr.write_all(frame::PREFACE).await.unwrap();
-            let mut out = BytesMut::new();
-            frame::put_settings(&mut out, &[]);
-            wr.write_all(&out).await.unwrap();
-            let mut pings = BytesMut::new();
-            for i in 0..total {
-                frame::put_head(&mut pings, 8, kind::PING, 0, 0);
-                pings.put_u64(i as u64);
-            }
-            wr.write_all(&pings).await.unwrap();
-            wr
-        });
-        // With the clock paused, this times out only once every task is blocked: the writer
-        // waits on a full pipe because the server stopped reading.
-        let mut writer = writer;
-        let blocked = tokio::time::timeout(Duration::from_secs(3600), &mut writer).await;
-        assert!(
-            blocked.is_err(),
-            "the server read all of a flood nobody read the answers of"
-        );
-        // Reading the answers lets the client go on: every PING is answered.
-        let mut acks = 0;
-        let mut buf = BytesMut::new();
-        while acks < total {
-            let mut chunk = [0u8; 8192];
-            let n = rd.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            buf.extend_from_slice(&chunk[..n]);
-            while buf.len() >= 9 {
-                let head = Head::parse(&buf);
-                let len = 9 + head.len as usize;
-                if buf.len() < len {
-                    break;
-                }
-                if head.kind == kind::PING {
-                    acks += 1;
-                }
-                let _ = buf.split_to(len);
-            }
+/// A client that sends PINGs and reads nothing: once our output is over its bound, no more
+/// of its input is read, so its writes stop (the pipe fills) instead of our memory growing.
+#[tokio::test(start_paused = true)]
+async fn a_ping_flood_from_a_client_that_does_not_read_is_not_read() {
+    let (a, b) = tokio::io::duplex(16 * 1024);
+    let task = tokio::spawn(serve(b, Bytes::new(), settings(), Shutdown::new(), service));
+    let (mut rd, mut wr) = tokio::io::split(a);
+    let total = 100_000usize;
+    let writer = tokio::spawn(async move {
+        wr.write_all(frame::PREFACE).await.unwrap();
+        let mut out = BytesMut::new();
+        frame::put_settings(&mut out, &[]);
+        wr.write_all(&out).await.unwrap();
+        let mut pings = BytesMut::new();
+        for i in 0..total {
+            frame::put_head(&mut pings, 8, kind::PING, 0, 0);
+            pings.put_u64(i as u64);
         }
-        let _wr = writer.await.unwrap();
-        task.abort();
+        wr.write_all(&pings).await.unwrap();
+        wr
+    });
+    // With the clock paused, this times out only once every task is blocked: the writer
+    // waits on a full pipe because the server stopped reading.
+    let mut writer = writer;
+    let blocked = tokio::time::timeout(Duration::from_secs(3600), &mut writer).await;
+    assert!(
+        blocked.is_err(),
+        "the server read all of a flood nobody read the answers of"
+    );
+    // Reading the answers lets the client go on: every PING is answered.
+    let mut acks = 0;
+    let mut buf = BytesMut::new();
+    while acks < total {
+        let mut chunk = [0u8; 8192];
+        let n = rd.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let head = Head::parse(&buf);
+            let len = 9 + head.len as usize;
+            if buf.len() < len {
+                break;
+            }
+            if head.kind == kind::PING {
+                acks += 1;
+            }
+            let _ = buf.split_to(len);
+        }
     }
+    let _wr = writer.await.unwrap();
+    task.abort();
 }
 
 on_both_paths! {
-    multi_thread;
+    both_runtimes;
     /// A client that closes its side in the middle of a header block (HEADERS without
     /// END_HEADERS, then EOF): nothing can finish the block, so `serve` ends with an error
     /// instead of waiting forever for a CONTINUATION (review finding: it waited, and held the
@@ -1641,30 +1639,27 @@ on_both_paths! {
     }
 }
 
-on_both_paths! {
-    multi_thread;
-    /// A client that stops in the middle of a header block and stays connected: after our GOAWAY
-    /// (idle timeout or drain) the connection closes (review finding: it waited for the block
-    /// forever and kept its `max_connections` slot).
-    #[tokio::test]
-    async fn a_header_block_left_unfinished_does_not_hold_the_connection_after_goaway() {
-        let mut c = Raw::start(settings()).await;
-        let b = c.block(&[
-            (":method", "GET"),
-            (":scheme", "http"),
-            (":path", "/"),
-            (":authority", "a"),
-        ]);
-        c.send(kind::HEADERS, flag::END_STREAM, 1, &b).await;
-        // The test's runtime has one thread: these let the connection's task read the frame
-        // before it sees the shutdown (otherwise it closes before the block even starts).
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
-        c.shutdown.graceful();
-        let ended = tokio::time::timeout(Duration::from_secs(20), &mut c.task).await;
-        assert!(ended.is_ok(), "serve ended after GOAWAY");
+/// A client that stops in the middle of a header block and stays connected: after our GOAWAY
+/// (idle timeout or drain) the connection closes (review finding: it waited for the block
+/// forever and kept its `max_connections` slot).
+#[tokio::test]
+async fn a_header_block_left_unfinished_does_not_hold_the_connection_after_goaway() {
+    let mut c = Raw::start(settings()).await;
+    let b = c.block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "a"),
+    ]);
+    c.send(kind::HEADERS, flag::END_STREAM, 1, &b).await;
+    // The test's runtime has one thread: these let the connection's task read the frame
+    // before it sees the shutdown (otherwise it closes before the block even starts).
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
     }
+    c.shutdown.graceful();
+    let ended = tokio::time::timeout(Duration::from_secs(20), &mut c.task).await;
+    assert!(ended.is_ok(), "serve ended after GOAWAY");
 }
 
 #[tokio::test]
