@@ -41,8 +41,10 @@ const SCRATCH: usize = 8 * 1024;
 pub(super) struct Drain {
     left: u64,
     end: Instant,
-    /// The next read's deadline: [`LINGER`] after the last one, never past `end`.
-    timer: Pin<Box<Sleep>>,
+    /// The next read's deadline: [`LINGER`] after the last one, never past `end`. None for a
+    /// drain of no time ([`Drain::within`] zero: HTTP/2's close after ENHANCE_YOUR_CALM), over
+    /// at once: no timer built and registered that nothing would poll.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Drain {
@@ -52,12 +54,13 @@ impl Drain {
         Drain {
             left,
             end,
-            timer: Box::pin(tokio::time::sleep_until((now + LINGER).min(end))),
+            timer: Some(Box::pin(tokio::time::sleep_until((now + LINGER).min(end)))),
         }
     }
 
     /// Reads and drops everything the client sends, for at most `total` in all (and
-    /// [`LINGER`] between reads): HTTP/2's close, after its last GOAWAY.
+    /// [`LINGER`] between reads): HTTP/2's close, after its last GOAWAY. Zero: over at once,
+    /// nothing read (and no timer).
     pub(super) fn within(total: Duration) -> Drain {
         Drain::until(Instant::now() + total)
     }
@@ -68,7 +71,8 @@ impl Drain {
         Drain {
             left: u64::MAX,
             end,
-            timer: Box::pin(tokio::time::sleep_until((now + LINGER).min(end))),
+            timer: (!total.is_zero())
+                .then(|| Box::pin(tokio::time::sleep_until((now + LINGER).min(end)))),
         }
     }
 
@@ -76,10 +80,13 @@ impl Drain {
     /// start, never past `end`): for a shutdown that does not complete (a TLS close_notify
     /// that a client that reads nothing leaves stuck in a full send buffer).
     pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(timer) = &mut self.timer else {
+            return Poll::Ready(());
+        };
         if Instant::now() >= self.end {
             return Poll::Ready(());
         }
-        self.timer.as_mut().poll(cx)
+        timer.as_mut().poll(cx)
     }
 
     /// Reads and drops into `buf` until the client closes, errs, has sent `left` bytes or a
@@ -90,6 +97,9 @@ impl Drain {
         mut io: Pin<&mut S>,
         buf: &mut [u8],
     ) -> Poll<()> {
+        let Some(timer) = &mut self.timer else {
+            return Poll::Ready(());
+        };
         while self.left > 0 {
             let now = Instant::now();
             if now >= self.end {
@@ -100,12 +110,12 @@ impl Drain {
             match io.as_mut().poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if !read.filled().is_empty() => {
                     self.left -= read.filled().len() as u64;
-                    self.timer.as_mut().reset((now + LINGER).min(self.end));
+                    timer.as_mut().reset((now + LINGER).min(self.end));
                 }
                 // Closed or failed: nothing more to wait for.
                 Poll::Ready(_) => return Poll::Ready(()),
                 Poll::Pending => {
-                    ready!(self.timer.as_mut().poll(cx));
+                    ready!(timer.as_mut().poll(cx));
                     return Poll::Ready(());
                 }
             }
@@ -360,6 +370,32 @@ pub(crate) mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Pending
         }
+    }
+
+    /// A drain of no time (HTTP/2's close after ENHANCE_YOUR_CALM) is over at once, whether
+    /// our shutdown waits or not, and reads nothing of a client that keeps writing; it builds
+    /// no timer: it runs on a runtime without one, where building a `Sleep` panics (review
+    /// h2guard leftover: the timer was built and never polled).
+    #[test]
+    fn a_drain_of_no_time_ends_at_once_and_builds_no_timer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut ours, mut client) = tokio::io::duplex(1024);
+            client.write_all(b"more").await.unwrap();
+            let mut d = Drain::within(Duration::ZERO);
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(d.poll_expired(&mut cx).is_ready(), "a stuck shutdown");
+            let mut scratch = [0u8; 64];
+            assert!(
+                d.poll(&mut cx, Pin::new(&mut ours), &mut scratch)
+                    .is_ready()
+            );
+            let mut unread = [0u8; 4];
+            ours.read_exact(&mut unread).await.unwrap();
+            assert_eq!(&unread, b"more", "nothing read");
+        });
     }
 
     /// A shutdown that never completes (review h2-merged SERIOUS 1) ends after [`LINGER`]:

@@ -360,6 +360,9 @@ struct ServerCfg {
     conn_window: u32,
     max_frame: u32,
     stall_secs: u8,
+    /// Every stream spawned (`inline::spawn_all`), as on a multi-thread runtime; else a
+    /// request without a body is served inline (the fuzz runtime is a current-thread one).
+    spawned: bool,
 }
 
 impl ServerCfg {
@@ -385,6 +388,7 @@ impl From<Settings> for ServerCfg {
             conn_window: s.connection_window_size,
             max_frame: s.max_frame_size,
             stall_secs: u8::try_from(s.stalled_stream_timeout.as_secs()).expect("at most 255 s"),
+            spawned: false,
         }
     }
 }
@@ -767,9 +771,18 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(4 * 1024 * 1024u32), 0..=200_000u32],
         prop_oneof![4 => Just(16_384u32), 1 => 16_384..=70_000u32],
         1..=60u8,
+        any::<bool>(),
     )
         .prop_map(
-            |(max_streams, header_list, initial_window, conn_window, max_frame, stall_secs)| {
+            |(
+                max_streams,
+                header_list,
+                initial_window,
+                conn_window,
+                max_frame,
+                stall_secs,
+                spawned,
+            )| {
                 ServerCfg {
                     max_streams,
                     header_list,
@@ -777,6 +790,7 @@ fn case() -> impl Strategy<Value = Case> {
                     conn_window,
                     max_frame,
                     stall_secs,
+                    spawned,
                 }
             },
         );
@@ -2293,8 +2307,10 @@ fn run_case(case: &Case) -> Result<Outcome, String> {
         .unwrap();
     FUZZING.with(|f| f.set(true));
     PANICS.with(|p| p.set(0));
+    let spawned = case.server.spawned.then(super::inline::spawn_all);
     let r = rt.block_on(run_case_async(case, &input, &sent));
     drop(rt);
+    drop(spawned);
     FUZZING.with(|f| f.set(false));
     let panics = PANICS.with(Cell::get);
     if panics > 0 {

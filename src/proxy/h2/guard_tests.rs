@@ -125,51 +125,55 @@ async fn sync_or_goaway(c: &mut Raw) -> Result<Vec<In>, Reason> {
 
 // ---- The second reset budget ----
 
-/// A client that starts requests and cancels each once its service is at work, later than
-/// a rapid reset (20 ms), and completes none: closed (ENHANCE_YOUR_CALM) after the base
-/// allowance (max(200, 2 × 100 streams)), not before. Review finding: it was never counted,
-/// and could make ~10k upstream requests a second on one connection.
-#[tokio::test(start_paused = true)]
-async fn starting_and_cancelling_requests_closes_the_connection() {
-    let mut c = Raw::start(settings()).await;
-    let key = "guard-cancel-only";
-    let mut closed_after = None;
-    for i in 0..300u32 {
-        let id = 1 + 2 * i;
-        if !start_hanging(&mut c, id, key, i as usize).await {
-            closed_after = Some(i);
-            break;
+on_both_paths! {
+    /// A client that starts requests and cancels each once its service is at work, later than
+    /// a rapid reset (20 ms), and completes none: closed (ENHANCE_YOUR_CALM) after the base
+    /// allowance (max(200, 2 × 100 streams)), not before. Review finding: it was never counted,
+    /// and could make ~10k upstream requests a second on one connection.
+    #[tokio::test(start_paused = true)]
+    async fn starting_and_cancelling_requests_closes_the_connection() {
+        let mut c = Raw::start(settings()).await;
+        let key = "guard-cancel-only";
+        let mut closed_after = None;
+        for i in 0..300u32 {
+            let id = 1 + 2 * i;
+            if !start_hanging(&mut c, id, key, i as usize).await {
+                closed_after = Some(i);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cancel(&mut c, id).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        cancel(&mut c, id).await;
+        if let Some(i) = closed_after {
+            assert!(i > 200, "closed after {i} cancellations");
+        }
+        expect_abuse_close(c, Guard::CancelledStreams, "cancellations").await;
     }
-    if let Some(i) = closed_after {
-        assert!(i > 200, "closed after {i} cancellations");
-    }
-    expect_abuse_close(c, Guard::CancelledStreams, "cancellations").await;
 }
 
-/// A gRPC-like client that cancels many slow calls (more than the base allowance in every
-/// 10 s) while it completes about as many: kept, over several windows.
-#[tokio::test(start_paused = true)]
-async fn cancelling_slow_calls_while_others_complete_keeps_the_connection() {
-    let mut c = Raw::start(settings()).await;
-    let key = "guard-cancel-and-complete";
-    // 20 ms apart: 500 cancellations and 500 completions per 10 s, 18 s in all.
-    for i in 0..900u32 {
-        let cancelled = 1 + 4 * i;
-        assert!(
-            start_hanging(&mut c, cancelled, key, i as usize).await,
-            "closed after {i} cancellations"
-        );
-        if let Some(f) = complete(&mut c, cancelled + 2).await {
-            panic!("closed after {i} cancellations: {f:?}");
+on_both_paths! {
+    /// A gRPC-like client that cancels many slow calls (more than the base allowance in every
+    /// 10 s) while it completes about as many: kept, over several windows.
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_slow_calls_while_others_complete_keeps_the_connection() {
+        let mut c = Raw::start(settings()).await;
+        let key = "guard-cancel-and-complete";
+        // 20 ms apart: 500 cancellations and 500 completions per 10 s, 18 s in all.
+        for i in 0..900u32 {
+            let cancelled = 1 + 4 * i;
+            assert!(
+                start_hanging(&mut c, cancelled, key, i as usize).await,
+                "closed after {i} cancellations"
+            );
+            if let Some(f) = complete(&mut c, cancelled + 2).await {
+                panic!("closed after {i} cancellations: {f:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cancel(&mut c, cancelled).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        cancel(&mut c, cancelled).await;
+        let seen = sync_or_goaway(&mut c).await.expect("the connection kept");
+        assert!(seen.iter().all(|f| f.head.kind != kind::GOAWAY), "{seen:?}");
     }
-    let seen = sync_or_goaway(&mut c).await.expect("the connection kept");
-    assert!(seen.iter().all(|f| f.head.kind != kind::GOAWAY), "{seen:?}");
 }
 
 /// A client's traffic for [`mixed`]: after `warmup` rounds of `completions` only, `rounds` of
@@ -248,109 +252,120 @@ async fn mixed(key: &str, m: Mix) -> Option<(Duration, super::Error)> {
     }
 }
 
-/// A gRPC client on a new connection during an upstream brownout: 100 calls a second with 1 s
-/// deadlines, 65 % of them cancelled at their deadline, before any response (65 streams in
-/// flight, under the 100 allowed), the others completed. Kept: a stream 1 s old is counted by
-/// no budget. Review finding: a new connection had no credit from a window before and was
-/// closed after about 7 s, and the client's reconnection again (every call in flight lost).
-#[tokio::test(start_paused = true)]
-async fn a_new_connection_cancelling_most_of_its_slow_calls_is_kept() {
-    let m = Mix {
-        warmup: 0,
-        rounds: 25,
-        cancels: 65,
-        completions: 35,
-        age: Duration::from_secs(1),
-        period: Duration::from_secs(1),
-    };
-    if let Some((after, err)) = mixed("guard-brownout", m).await {
-        panic!("closed {after:?} after the first cancellation: {err}");
+on_both_paths! {
+    /// A gRPC client on a new connection during an upstream brownout: 100 calls a second with 1 s
+    /// deadlines, 65 % of them cancelled at their deadline, before any response (65 streams in
+    /// flight, under the 100 allowed), the others completed. Kept: a stream 1 s old is counted by
+    /// no budget. Review finding: a new connection had no credit from a window before and was
+    /// closed after about 7 s, and the client's reconnection again (every call in flight lost).
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_cancelling_most_of_its_slow_calls_is_kept() {
+        let m = Mix {
+            warmup: 0,
+            rounds: 25,
+            cancels: 65,
+            completions: 35,
+            age: Duration::from_secs(1),
+            period: Duration::from_secs(1),
+        };
+        if let Some((after, err)) = mixed("guard-brownout", m).await {
+            panic!("closed {after:?} after the first cancellation: {err}");
+        }
     }
 }
 
-/// Three cancellations of 20 ms calls per completion of a cheap request, on a connection
-/// that completed 200 requests before: closed within 10 s of the first cancellation (after
-/// the base 200 and one per completion in the window: about 300 cancellations, 6.7 s at 45
-/// a second). Review finding: the completions before counted in the next window too.
-#[tokio::test(start_paused = true)]
-async fn three_cancellations_of_young_calls_per_cheap_completion_close_the_connection() {
-    let m = Mix {
-        warmup: 100,
-        rounds: 150,
-        cancels: 6,
-        completions: 2,
-        age: Duration::from_millis(20),
-        period: Duration::from_millis(133),
-    };
-    let (after, err) = mixed("guard-three-to-one", m).await.expect("closed");
-    assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
-    assert!(after < Duration::from_secs(10), "closed {after:?} after");
+on_both_paths! {
+    /// Three cancellations of 20 ms calls per completion of a cheap request, on a connection
+    /// that completed 200 requests before: closed within 10 s of the first cancellation (after
+    /// the base 200 and one per completion in the window: about 300 cancellations, 6.7 s at 45
+    /// a second). Review finding: the completions before counted in the next window too.
+    #[tokio::test(start_paused = true)]
+    async fn three_cancellations_of_young_calls_per_cheap_completion_close_the_connection() {
+        let m = Mix {
+            warmup: 100,
+            rounds: 150,
+            cancels: 6,
+            completions: 2,
+            age: Duration::from_millis(20),
+            period: Duration::from_millis(133),
+        };
+        let (after, err) = mixed("guard-three-to-one", m).await.expect("closed");
+        assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
+        assert!(after < Duration::from_secs(10), "closed {after:?} after");
+    }
 }
 
-/// One cheap completion per two cancellations of 50 ms calls (60 a second), for 30 s: closed
-/// (ENHANCE_YOUR_CALM), once this window's cancellations pass 200 plus its completions.
-/// Review finding: each completion counted in two windows, so cancellations up to 200 plus
-/// twice the completions passed, and a client could start and drop about 4,500 upstream
-/// requests a second while it kept 10 streams busy with 404s.
-#[tokio::test(start_paused = true)]
-async fn one_cheap_completion_per_two_cancellations_closes_the_connection() {
-    let m = Mix {
-        warmup: 150,
-        rounds: 450,
-        cancels: 4,
-        completions: 2,
-        age: Duration::from_millis(50),
-        period: Duration::from_millis(66),
-    };
-    let (after, err) = mixed("guard-two-to-one", m).await.expect("closed");
-    assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
-    assert!(after < Duration::from_secs(30), "closed {after:?} after");
+on_both_paths! {
+    /// One cheap completion per two cancellations of 50 ms calls (60 a second), for 30 s: closed
+    /// (ENHANCE_YOUR_CALM), once this window's cancellations pass 200 plus its completions.
+    /// Review finding: each completion counted in two windows, so cancellations up to 200 plus
+    /// twice the completions passed, and a client could start and drop about 4,500 upstream
+    /// requests a second while it kept 10 streams busy with 404s.
+    #[tokio::test(start_paused = true)]
+    async fn one_cheap_completion_per_two_cancellations_closes_the_connection() {
+        let m = Mix {
+            warmup: 150,
+            rounds: 450,
+            cancels: 4,
+            completions: 2,
+            age: Duration::from_millis(50),
+            period: Duration::from_millis(66),
+        };
+        let (after, err) = mixed("guard-two-to-one", m).await.expect("closed");
+        assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
+        assert!(after < Duration::from_secs(30), "closed {after:?} after");
+    }
 }
 
-/// The rapid-reset guard closes first, and says so.
-#[tokio::test]
-async fn rapid_resets_are_told_apart_from_late_cancellations() {
-    let mut c = Raw::start(settings()).await;
-    send_rapid_resets(&mut c).await;
-    c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
-    let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-    assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
+on_both_paths! {
+    multi_thread;
+    /// The rapid-reset guard closes first, and says so.
+    #[tokio::test]
+    async fn rapid_resets_are_told_apart_from_late_cancellations() {
+        let mut c = Raw::start(settings()).await;
+        send_rapid_resets(&mut c).await;
+        c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
+        let err = c.task.await.unwrap().expect_err("an abuse guard's close");
+        assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
+    }
 }
 
 // ---- One clock read per read batch ----
 
-/// A read batch of late client resets (streams 20 ms old: the second budget's count, the
-/// remembered ids) and empty DATA frames (the empty-frame guard's window) reads the clock
-/// once, not once per frame (the sites this per-turn clock changed: `Flood::hit`,
-/// `Cancels::hit`, `reset_lately`).
-#[tokio::test(start_paused = true)]
-async fn a_batch_of_late_resets_and_empty_frames_reads_the_clock_once() {
-    use super::conn::CLOCK_READS;
-    let mut c = Raw::start(settings()).await;
-    let key = "guard-clock";
-    for i in 0..50u32 {
-        assert!(start_hanging(&mut c, 1 + 2 * i, key, i as usize).await);
-    }
-    // A request whose body stays open, for the empty DATA frames.
-    let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
-    c.send(kind::HEADERS, flag::END_HEADERS, 101, &b).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let mut buf = BytesMut::new();
-    for i in 0..50u32 {
-        frame::put_rst(&mut buf, 1 + 2 * i, Reason::CANCEL);
-        frame::put_head(&mut buf, 0, kind::DATA, 0, 101);
-    }
-    frame::put_ping(&mut buf, b"syncsync");
-    CLOCK_READS.with(|n| n.set(0));
-    c.io.write_all(&buf).await.unwrap();
-    loop {
-        let f = c.next().await.expect("the PING's ACK");
-        assert_ne!(f.head.kind, kind::GOAWAY, "{f:?}");
-        if f.head.kind == kind::PING {
-            break;
+on_both_paths! {
+    /// A read batch of late client resets (streams 20 ms old: the second budget's count, the
+    /// remembered ids) and empty DATA frames (the empty-frame guard's window) reads the clock
+    /// once, not once per frame (the sites this per-turn clock changed: `Flood::hit`,
+    /// `Cancels::hit`, `reset_lately`).
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_of_late_resets_and_empty_frames_reads_the_clock_once() {
+        use crate::proxy::h2::conn::CLOCK_READS;
+        let mut c = Raw::start(settings()).await;
+        let key = "guard-clock";
+        for i in 0..50u32 {
+            assert!(start_hanging(&mut c, 1 + 2 * i, key, i as usize).await);
         }
+        // A request whose body stays open, for the empty DATA frames.
+        let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/hang")]);
+        c.send(kind::HEADERS, flag::END_HEADERS, 101, &b).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut buf = BytesMut::new();
+        for i in 0..50u32 {
+            frame::put_rst(&mut buf, 1 + 2 * i, Reason::CANCEL);
+            frame::put_head(&mut buf, 0, kind::DATA, 0, 101);
+        }
+        frame::put_ping(&mut buf, b"syncsync");
+        CLOCK_READS.with(|n| n.set(0));
+        c.io.write_all(&buf).await.unwrap();
+        loop {
+            let f = c.next().await.expect("the PING's ACK");
+            assert_ne!(f.head.kind, kind::GOAWAY, "{f:?}");
+            if f.head.kind == kind::PING {
+                break;
+            }
+        }
+        assert_eq!(CLOCK_READS.with(|n| n.get()), 1);
     }
-    assert_eq!(CLOCK_READS.with(|n| n.get()), 1);
 }
 
 // ---- The close after a connection error ----
@@ -374,40 +389,42 @@ async fn goaway_code(c: &mut Raw) -> Reason {
     }
 }
 
-/// An abuse guard's close (ENHANCE_YOUR_CALM) is at once, whatever the client still sends;
-/// another connection error lingers 500 ms (reading and dropping the client's input, so the
-/// close is no TCP reset that could destroy the GOAWAY). On the paused clock: a linger's
-/// timer would fire after the test's own short one.
-#[tokio::test(start_paused = true)]
-async fn an_abuse_close_is_at_once_and_other_errors_linger() {
-    let mut c = Raw::start(settings()).await;
-    send_rapid_resets(&mut c).await;
-    assert_eq!(goaway_code(&mut c).await, Reason::ENHANCE_YOUR_CALM);
-    keep_writing(&mut c).await;
-    let end = tokio::time::timeout(Duration::from_millis(1), &mut c.task).await;
-    let err = end
-        .expect("closed at once")
-        .unwrap()
-        .expect_err("an abuse guard's close");
-    assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
+on_both_paths! {
+    /// An abuse guard's close (ENHANCE_YOUR_CALM) is at once, whatever the client still sends;
+    /// another connection error lingers 500 ms (reading and dropping the client's input, so the
+    /// close is no TCP reset that could destroy the GOAWAY). On the paused clock: a linger's
+    /// timer would fire after the test's own short one.
+    #[tokio::test(start_paused = true)]
+    async fn an_abuse_close_is_at_once_and_other_errors_linger() {
+        let mut c = Raw::start(settings()).await;
+        send_rapid_resets(&mut c).await;
+        assert_eq!(goaway_code(&mut c).await, Reason::ENHANCE_YOUR_CALM);
+        keep_writing(&mut c).await;
+        let end = tokio::time::timeout(Duration::from_millis(1), &mut c.task).await;
+        let err = end
+            .expect("closed at once")
+            .unwrap()
+            .expect_err("an abuse guard's close");
+        assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
 
-    let mut c = Raw::start(settings()).await;
-    c.send(kind::RST_STREAM, 0, 0, &rst(Reason::CANCEL)).await;
-    assert_eq!(goaway_code(&mut c).await, Reason::PROTOCOL_ERROR);
-    keep_writing(&mut c).await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(400), &mut c.task)
-            .await
-            .is_err(),
-        "closed before the linger's end"
-    );
-    keep_writing(&mut c).await;
-    let end = tokio::time::timeout(Duration::from_millis(200), &mut c.task).await;
-    let err = end
-        .expect("closed after the linger")
-        .unwrap()
-        .expect_err("an error");
-    assert_eq!(err.abuse_guard(), None, "{err}");
+        let mut c = Raw::start(settings()).await;
+        c.send(kind::RST_STREAM, 0, 0, &rst(Reason::CANCEL)).await;
+        assert_eq!(goaway_code(&mut c).await, Reason::PROTOCOL_ERROR);
+        keep_writing(&mut c).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), &mut c.task)
+                .await
+                .is_err(),
+            "closed before the linger's end"
+        );
+        keep_writing(&mut c).await;
+        let end = tokio::time::timeout(Duration::from_millis(200), &mut c.task).await;
+        let err = end
+            .expect("closed after the linger")
+            .unwrap()
+            .expect_err("an error");
+        assert_eq!(err.abuse_guard(), None, "{err}");
+    }
 }
 
 /// Connection errors to a client that reads nothing, its pipe full of our PING ACKs (the
@@ -654,107 +671,115 @@ async fn holds_the_body(req: Request<RecvBody>) -> Response<ProxyBody> {
 
 // ---- One removal for finished streams ----
 
-/// A stream that finishes on the client's last DATA, or on its trailers, leaves its send
-/// queue for the next stream, as one that finishes anywhere else does (review finding: those
-/// two removed it without keeping its queue).
-#[tokio::test]
-async fn streams_finished_by_request_data_or_trailers_leave_their_send_queue() {
-    let (mut c, shared, _) = start_watched(settings(), &[], 1 << 20, holds_the_body).await;
-    for id in [1, 3] {
-        let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
-        c.send(kind::HEADERS, flag::END_HEADERS, id, &b).await;
-    }
-    c.sync().await;
-    {
-        // The response is all written and nobody reads the body any more; the send queue
-        // was used (a response's head and body went through it).
-        let mut sh = lock(&shared);
+on_both_paths! {
+    both_runtimes;
+    /// A stream that finishes on the client's last DATA, or on its trailers, leaves its send
+    /// queue for the next stream, as one that finishes anywhere else does (review finding: those
+    /// two removed it without keeping its queue).
+    #[tokio::test]
+    async fn streams_finished_by_request_data_or_trailers_leave_their_send_queue() {
+        let (mut c, shared, _) = start_watched(settings(), &[], 1 << 20, holds_the_body).await;
         for id in [1, 3] {
-            let s = sh.streams.get_mut(&id).expect("open");
-            s.send_done = true;
-            s.body_gone = true;
-            s.queue.push_back(Queued::Trailers(Bytes::new()));
-            s.queue.clear();
+            let b = c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
+            c.send(kind::HEADERS, flag::END_HEADERS, id, &b).await;
         }
-        assert!(sh.spare_queues.is_empty());
+        c.sync().await;
+        {
+            // The response is all written and nobody reads the body any more; the send queue
+            // was used (a response's head and body went through it).
+            let mut sh = lock(&shared);
+            for id in [1, 3] {
+                let s = sh.streams.get_mut(&id).expect("open");
+                s.send_done = true;
+                s.body_gone = true;
+                s.queue.push_back(Queued::Trailers(Bytes::new()));
+                s.queue.clear();
+            }
+            assert!(sh.spare_queues.is_empty());
+        }
+        c.send(kind::DATA, flag::END_STREAM, 1, b"end").await;
+        let trailers = c.block(&[("x-t", "1")]);
+        c.send(
+            kind::HEADERS,
+            flag::END_HEADERS | flag::END_STREAM,
+            3,
+            &trailers,
+        )
+        .await;
+        c.sync().await;
+        let sh = lock(&shared);
+        assert!(sh.streams.is_empty());
+        assert_eq!(sh.spare_queues.len(), 2);
     }
-    c.send(kind::DATA, flag::END_STREAM, 1, b"end").await;
-    let trailers = c.block(&[("x-t", "1")]);
-    c.send(
-        kind::HEADERS,
-        flag::END_HEADERS | flag::END_STREAM,
-        3,
-        &trailers,
-    )
-    .await;
-    c.sync().await;
-    let sh = lock(&shared);
-    assert!(sh.streams.is_empty());
-    assert_eq!(sh.spare_queues.len(), 2);
 }
 
 // ---- The output's bound ----
 
-/// A client that accepts 16 MiB frames and opens its windows wide, then reads nothing:
-/// the output stops at its bound and one frame of ours (16 KiB), not one of the client's
-/// size (review finding: one 1 MiB frame went past it).
-#[tokio::test(start_paused = true)]
-async fn the_output_bound_holds_whatever_frame_size_the_client_accepts() {
-    let client = [
-        (setting::MAX_FRAME_SIZE, frame::MAX_MAX_FRAME_SIZE),
-        (setting::INITIAL_WINDOW_SIZE, (1 << 31) - 1),
-    ];
-    let (mut c, _, seen) = start_watched(settings(), &client, 16 * 1024, service).await;
-    c.send(
-        kind::WINDOW_UPDATE,
-        0,
-        0,
-        &((1u32 << 31) - 1 - 65_535).to_be_bytes(),
-    )
-    .await;
-    c.get(1, "/big").await;
-    // The paused clock moves once every task waits: the connection waits for the client.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let max = seen.lock().unwrap().max.out;
-    // Filled (less what the pipe took), and not past the bound by more than one of our frames.
-    assert!(max > OUT_HIGH - 16 * 1024 - DATA_FRAME, "{max}");
-    assert!(
-        max <= OUT_HIGH + DATA_FRAME + 9,
-        "{max} bytes of output waited for the client"
-    );
+on_both_paths! {
+    /// A client that accepts 16 MiB frames and opens its windows wide, then reads nothing:
+    /// the output stops at its bound and one frame of ours (16 KiB), not one of the client's
+    /// size (review finding: one 1 MiB frame went past it).
+    #[tokio::test(start_paused = true)]
+    async fn the_output_bound_holds_whatever_frame_size_the_client_accepts() {
+        let client = [
+            (setting::MAX_FRAME_SIZE, frame::MAX_MAX_FRAME_SIZE),
+            (setting::INITIAL_WINDOW_SIZE, (1 << 31) - 1),
+        ];
+        let (mut c, _, seen) = start_watched(settings(), &client, 16 * 1024, service).await;
+        c.send(
+            kind::WINDOW_UPDATE,
+            0,
+            0,
+            &((1u32 << 31) - 1 - 65_535).to_be_bytes(),
+        )
+        .await;
+        c.get(1, "/big").await;
+        // The paused clock moves once every task waits: the connection waits for the client.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let max = seen.lock().unwrap().max.out;
+        // Filled (less what the pipe took), and not past the bound by more than one of our frames.
+        assert!(max > OUT_HIGH - 16 * 1024 - DATA_FRAME, "{max}");
+        assert!(
+            max <= OUT_HIGH + DATA_FRAME + 9,
+            "{max} bytes of output waited for the client"
+        );
+    }
 }
 
 // ---- One size rule for header blocks ----
 
-/// A header block longer than the header list size + 16 KiB closes the connection whether it
-/// came in one HEADERS frame (a client that may send large frames) or with CONTINUATION
-/// frames (review finding: in one frame it was decoded, and answered 431).
-#[tokio::test]
-async fn a_header_block_too_long_closes_the_connection_in_one_frame_or_many() {
-    let mut s = settings();
-    s.max_header_list_size = 1024;
-    s.max_frame_size = 64 * 1024;
-    for in_one_frame in [true, false] {
-        let mut c = Raw::start(s.clone()).await;
-        let value = "v".repeat(20_000);
-        let b = c.block(&[
-            (":method", "GET"),
-            (":scheme", "http"),
-            (":path", "/"),
-            ("x-big", &value),
-        ]);
-        assert!(b.len() > 1024 + 16 * 1024);
-        let mut out = BytesMut::new();
-        frame::put_header_block(
-            &mut out,
-            1,
-            &b,
-            true,
-            if in_one_frame { 64 * 1024 } else { 16_384 },
-        );
-        c.io.write_all(&out).await.unwrap();
-        let case = format!("in one frame: {in_one_frame}");
-        expect_abuse_close(c, Guard::HeaderBlock, &case).await;
+on_both_paths! {
+    both_runtimes;
+    /// A header block longer than the header list size + 16 KiB closes the connection whether it
+    /// came in one HEADERS frame (a client that may send large frames) or with CONTINUATION
+    /// frames (review finding: in one frame it was decoded, and answered 431).
+    #[tokio::test]
+    async fn a_header_block_too_long_closes_the_connection_in_one_frame_or_many() {
+        let mut s = settings();
+        s.max_header_list_size = 1024;
+        s.max_frame_size = 64 * 1024;
+        for in_one_frame in [true, false] {
+            let mut c = Raw::start(s.clone()).await;
+            let value = "v".repeat(20_000);
+            let b = c.block(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("x-big", &value),
+            ]);
+            assert!(b.len() > 1024 + 16 * 1024);
+            let mut out = BytesMut::new();
+            frame::put_header_block(
+                &mut out,
+                1,
+                &b,
+                true,
+                if in_one_frame { 64 * 1024 } else { 16_384 },
+            );
+            c.io.write_all(&out).await.unwrap();
+            let case = format!("in one frame: {in_one_frame}");
+            expect_abuse_close(c, Guard::HeaderBlock, &case).await;
+        }
     }
 }
 

@@ -65,6 +65,36 @@ pub(super) const INLINE_BUDGET: u32 = 64;
 /// at the next poll, so one read of HEADERS and RST_STREAM pairs takes a slot per pair).
 const SPARE_SLOTS: usize = 16;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: connections made on this thread spawn every stream, as on a multi-thread
+    /// runtime ([`spawn_all`]).
+    static SPAWN_ALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests: until the guard is dropped, connections made on this thread spawn every stream
+/// (the multi-thread runtime's path) whatever the runtime, so that the tests on tokio's
+/// current-thread runtime (and its paused clock) cover both paths (`on_both_paths!`). The
+/// guard's drop restores what was set before (nested switches). Bind it to a name: `let _ =`
+/// drops it at once.
+#[cfg(test)]
+#[must_use = "the switch is on only while the guard lives: `let _spawned = spawn_all();`"]
+pub(super) fn spawn_all() -> impl Drop {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SPAWN_ALL.set(self.0);
+        }
+    }
+    Restore(SPAWN_ALL.replace(true))
+}
+
+/// Tests: whether [`spawn_all`] is on for this thread.
+#[cfg(test)]
+pub(super) fn spawning_all() -> bool {
+    SPAWN_ALL.get()
+}
+
 /// How a stream's response is served: what ends it when the stream is reset.
 pub(super) enum Task {
     /// On a task of its own.
@@ -187,6 +217,8 @@ impl<R: Future<Output = ()>> Inline<R> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let on =
             Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
+        #[cfg(test)]
+        let on = on && !SPAWN_ALL.get();
         Inline {
             on,
             slots: Vec::new(),

@@ -160,6 +160,16 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     .unwrap_or_else(|_| panic!("{what}"));
 }
 
+/// Where `/` says a request without a body was served: inline, unless the test runs on the
+/// spawned path (`on_both_paths!`) or a multi-thread runtime.
+fn bodiless() -> &'static [u8] {
+    if super::tests::test_path() == "inline" {
+        b"inline"
+    } else {
+        b"spawned"
+    }
+}
+
 // ---- The rule ----
 
 /// On a current-thread runtime (the tests' and Outrigger's default), a request that ended with
@@ -184,25 +194,56 @@ async fn every_stream_is_spawned_on_a_multi_thread_runtime() {
     assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"spawned");
 }
 
+/// The tests' switch (`inline::spawn_all`, for `on_both_paths!`): on a current-thread
+/// runtime, every stream spawned while it is on, inline again once it is dropped.
+#[tokio::test]
+async fn the_tests_switch_spawns_every_stream_on_a_current_thread_runtime() {
+    let spawned = super::inline::spawn_all();
+    let (mut c, _) = start(settings(), &[]).await;
+    c.get(1, "/").await;
+    assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"spawned");
+    drop(spawned);
+    let (mut c, _) = start(settings(), &[]).await;
+    c.get(1, "/").await;
+    assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"inline");
+}
+
+/// The switch's guard restores what was set before: an inner switch dropped leaves the outer
+/// one on.
+#[test]
+fn the_tests_switch_restores_what_was_set_before() {
+    let outer = super::inline::spawn_all();
+    drop(super::inline::spawn_all());
+    assert!(
+        super::inline::spawning_all(),
+        "the outer switch is still on"
+    );
+    drop(outer);
+    assert!(!super::inline::spawning_all());
+}
+
 // ---- Fairness ----
 
-/// A stream whose service waits (a slow upstream) holds back neither a later stream nor the
-/// connection's own frames; it is answered once it can be.
-#[tokio::test]
-async fn a_slow_inline_stream_does_not_hold_back_a_fast_one() {
-    let (mut c, probe) = start(settings(), &[]).await;
-    c.get(1, "/wait").await;
-    until("the slow service started", || {
-        probe.started.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    c.get(3, "/").await;
-    let (fast, others) = answer(&mut c, 3).await;
-    assert_eq!(fast.unwrap(), b"inline");
-    assert!(others.is_empty(), "{others:?}");
-    assert!(c.sync().await.is_empty());
-    probe.gate.add_permits(1);
-    assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"inline");
+on_both_paths! {
+    multi_thread;
+    /// A stream whose service waits (a slow upstream) holds back neither a later stream nor the
+    /// connection's own frames; it is answered once it can be.
+    #[tokio::test]
+    async fn a_slow_inline_stream_does_not_hold_back_a_fast_one() {
+        let (mut c, probe) = start(settings(), &[]).await;
+        c.get(1, "/wait").await;
+        until("the slow service started", || {
+            probe.started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        c.get(3, "/").await;
+        let (fast, others) = answer(&mut c, 3).await;
+        assert_eq!(fast.unwrap(), bodiless());
+        assert!(others.is_empty(), "{others:?}");
+        assert!(c.sync().await.is_empty());
+        probe.gate.add_permits(1);
+        assert_eq!(answer(&mut c, 1).await.0.unwrap(), bodiless());
+    }
 }
 
 /// At most `INLINE_BUDGET` polls per `poll_conn` call: the rest wait for the next, and the
@@ -267,172 +308,189 @@ fn shared() -> SharedRef {
 
 // ---- Early ends drop the future at once ----
 
-/// The client's RST_STREAM and a reset of ours (a zero WINDOW_UPDATE: PROTOCOL_ERROR) drop the
-/// inline stream's future; the connection goes on.
-#[tokio::test]
-async fn resets_drop_the_inline_future() {
-    let (mut c, probe) = start(settings(), &[]).await;
-    c.get(1, "/hang").await;
-    c.get(3, "/hang").await;
-    until("both services started", || {
-        probe.started.load(Ordering::SeqCst) == 2
-    })
-    .await;
-    c.send(kind::RST_STREAM, 0, 1, &Reason::CANCEL.0.to_be_bytes())
+on_both_paths! {
+    multi_thread;
+    /// The client's RST_STREAM and a reset of ours (a zero WINDOW_UPDATE: PROTOCOL_ERROR) drop the
+    /// inline stream's future; the connection goes on.
+    #[tokio::test]
+    async fn resets_drop_the_inline_future() {
+        let (mut c, probe) = start(settings(), &[]).await;
+        c.get(1, "/hang").await;
+        c.get(3, "/hang").await;
+        until("both services started", || {
+            probe.started.load(Ordering::SeqCst) == 2
+        })
         .await;
-    until("the client's reset dropped the service", || {
-        probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    c.send(kind::WINDOW_UPDATE, 0, 3, &[0, 0, 0, 0]).await;
-    c.expect_rst(3, Reason::PROTOCOL_ERROR).await;
-    until("our reset dropped the service", || {
-        probe.dropped.load(Ordering::SeqCst) == 2
-    })
-    .await;
-    c.get(5, "/").await;
-    assert_eq!(answer(&mut c, 5).await.0.unwrap(), b"inline");
+        c.send(kind::RST_STREAM, 0, 1, &Reason::CANCEL.0.to_be_bytes())
+            .await;
+        until("the client's reset dropped the service", || {
+            probe.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        c.send(kind::WINDOW_UPDATE, 0, 3, &[0, 0, 0, 0]).await;
+        c.expect_rst(3, Reason::PROTOCOL_ERROR).await;
+        until("our reset dropped the service", || {
+            probe.dropped.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        c.get(5, "/").await;
+        assert_eq!(answer(&mut c, 5).await.0.unwrap(), bodiless());
+    }
 }
 
-/// A reset of a stream whose inline future has ended (its response waits for the client's
-/// window) does not touch the slot's next stream; and two resets in one read each drop their
-/// own stream's future (review h2inline, SERIOUS 1).
-#[tokio::test]
-async fn a_reset_touches_only_its_own_stream_in_a_reused_slot() {
-    let (mut c, probe) = start(settings(), &[(setting::INITIAL_WINDOW_SIZE, 0)]).await;
-    // Stream 1's response: its HEADERS out, its body held by the window; its future ended and
-    // its slot free.
-    c.get(1, "/").await;
-    loop {
-        let f = c.next().await.expect("the connection is open");
-        if f.head.stream == 1 && f.head.kind == kind::HEADERS {
-            break;
+on_both_paths! {
+    multi_thread;
+    /// A reset of a stream whose inline future has ended (its response waits for the client's
+    /// window) does not touch the slot's next stream; and two resets in one read each drop their
+    /// own stream's future (review h2inline, SERIOUS 1).
+    #[tokio::test]
+    async fn a_reset_touches_only_its_own_stream_in_a_reused_slot() {
+        let (mut c, probe) = start(settings(), &[(setting::INITIAL_WINDOW_SIZE, 0)]).await;
+        // Stream 1's response: its HEADERS out, its body held by the window; its future ended and
+        // its slot free.
+        c.get(1, "/").await;
+        loop {
+            let f = c.next().await.expect("the connection is open");
+            if f.head.stream == 1 && f.head.kind == kind::HEADERS {
+                break;
+            }
         }
-    }
-    // Stream 3 takes the same slot.
-    c.get(3, "/hang").await;
-    until("the service started", || {
-        probe.started.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    // RST_STREAM(3) then RST_STREAM(1), in one write.
-    let mut out = BytesMut::new();
-    for id in [3, 1] {
-        super::frame::put_head(&mut out, 4, kind::RST_STREAM, 0, id);
-        out.extend_from_slice(&Reason::CANCEL.0.to_be_bytes());
-    }
-    tokio::io::AsyncWriteExt::write_all(&mut c.io, &out)
-        .await
-        .unwrap();
-    until("stream 3's reset dropped its service", || {
-        probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
-}
-
-/// A response the client's window holds for `stalled_stream_timeout` is reset (CANCEL) and its
-/// inline future dropped.
-#[tokio::test(start_paused = true)]
-async fn the_stall_timer_drops_the_inline_future() {
-    let mut s = settings();
-    s.stalled_stream_timeout = Duration::from_secs(5);
-    let (mut c, probe) = start(s, &[(setting::INITIAL_WINDOW_SIZE, 0)]).await;
-    c.get(1, "/endless").await;
-    let (end, _) = answer(&mut c, 1).await;
-    assert_eq!(end.unwrap_err(), Reason::CANCEL);
-    until("the stall reset dropped the body", || {
-        probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
-}
-
-/// A connection error drops the inline futures at once, before the connection's closing
-/// linger (which may last 500 ms); so does the client's close.
-#[tokio::test(start_paused = true)]
-async fn a_connection_error_or_close_drops_the_inline_futures_at_once() {
-    let (mut c, probe) = start(settings(), &[]).await;
-    c.get(1, "/hang").await;
-    c.get(3, "/hang").await;
-    until("both services started", || {
-        probe.started.load(Ordering::SeqCst) == 2
-    })
-    .await;
-    // PING on a stream: a connection error (PROTOCOL_ERROR).
-    c.send(kind::PING, 0, 1, b"12345678").await;
-    loop {
-        let f = c.next().await.expect("GOAWAY");
-        if f.head.kind == kind::GOAWAY {
-            break;
+        // Stream 3 takes the same slot.
+        c.get(3, "/hang").await;
+        until("the service started", || {
+            probe.started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // RST_STREAM(3) then RST_STREAM(1), in one write.
+        let mut out = BytesMut::new();
+        for id in [3, 1] {
+            crate::proxy::h2::frame::put_head(&mut out, 4, kind::RST_STREAM, 0, id);
+            out.extend_from_slice(&Reason::CANCEL.0.to_be_bytes());
         }
+        tokio::io::AsyncWriteExt::write_all(&mut c.io, &out)
+            .await
+            .unwrap();
+        until("stream 3's reset dropped its service", || {
+            probe.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
     }
-    // No time passes (the paused clock moves only when every task waits): at once.
-    assert_eq!(probe.dropped.load(Ordering::SeqCst), 2);
-    assert!(!c.task.is_finished(), "still lingering");
+}
 
-    let (mut c, probe) = start(settings(), &[]).await;
-    c.get(1, "/hang").await;
-    until("the service started", || {
-        probe.started.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    tokio::io::AsyncWriteExt::shutdown(&mut c.io).await.unwrap();
-    until("the client's close dropped the service", || {
-        probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+on_both_paths! {
+    /// A response the client's window holds for `stalled_stream_timeout` is reset (CANCEL) and its
+    /// inline future dropped.
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_timer_drops_the_inline_future() {
+        let mut s = settings();
+        s.stalled_stream_timeout = Duration::from_secs(5);
+        let (mut c, probe) = start(s, &[(setting::INITIAL_WINDOW_SIZE, 0)]).await;
+        c.get(1, "/endless").await;
+        let (end, _) = answer(&mut c, 1).await;
+        assert_eq!(end.unwrap_err(), Reason::CANCEL);
+        until("the stall reset dropped the body", || {
+            probe.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    }
+}
+
+on_both_paths! {
+    /// A connection error drops the inline futures at once, before the connection's closing
+    /// linger (which may last 500 ms); so does the client's close.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_error_or_close_drops_the_inline_futures_at_once() {
+        let (mut c, probe) = start(settings(), &[]).await;
+        c.get(1, "/hang").await;
+        c.get(3, "/hang").await;
+        until("both services started", || {
+            probe.started.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        // PING on a stream: a connection error (PROTOCOL_ERROR).
+        c.send(kind::PING, 0, 1, b"12345678").await;
+        loop {
+            let f = c.next().await.expect("GOAWAY");
+            if f.head.kind == kind::GOAWAY {
+                break;
+            }
+        }
+        // No time passes (the paused clock moves only when every task waits): at once.
+        assert_eq!(probe.dropped.load(Ordering::SeqCst), 2);
+        assert!(!c.task.is_finished(), "still lingering");
+
+        let (mut c, probe) = start(settings(), &[]).await;
+        c.get(1, "/hang").await;
+        until("the service started", || {
+            probe.started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::io::AsyncWriteExt::shutdown(&mut c.io).await.unwrap();
+        until("the client's close dropped the service", || {
+            probe.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    }
 }
 
 // ---- Panics ----
 
-/// A service that panics costs its stream only (INTERNAL_ERROR), as when its task was
-/// spawned: the connection and its other streams go on.
-#[tokio::test]
-async fn a_panicking_service_resets_only_its_stream() {
-    let (mut c, probe) = start(settings(), &[]).await;
-    c.get(1, "/wait").await;
-    c.get(3, "/panic").await;
-    let (end, _) = answer(&mut c, 3).await;
-    assert_eq!(end.unwrap_err(), Reason::INTERNAL_ERROR);
-    c.get(5, "/").await;
-    assert_eq!(answer(&mut c, 5).await.0.unwrap(), b"inline");
-    probe.gate.add_permits(1);
-    assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"inline");
-    assert!(!c.task.is_finished());
+on_both_paths! {
+    multi_thread;
+    /// A service that panics costs its stream only (INTERNAL_ERROR), as when its task was
+    /// spawned: the connection and its other streams go on.
+    #[tokio::test]
+    async fn a_panicking_service_resets_only_its_stream() {
+        let (mut c, probe) = start(settings(), &[]).await;
+        c.get(1, "/wait").await;
+        c.get(3, "/panic").await;
+        let (end, _) = answer(&mut c, 3).await;
+        assert_eq!(end.unwrap_err(), Reason::INTERNAL_ERROR);
+        c.get(5, "/").await;
+        assert_eq!(answer(&mut c, 5).await.0.unwrap(), bodiless());
+        probe.gate.add_permits(1);
+        assert_eq!(answer(&mut c, 1).await.0.unwrap(), bodiless());
+        assert!(!c.task.is_finished());
+    }
 }
 
 // ---- Shutdown ----
 
-/// Graceful shutdown waits for the inline streams to finish (their responses whole), then
-/// closes.
-#[tokio::test(start_paused = true)]
-async fn graceful_shutdown_waits_for_inline_streams() {
-    let (mut c, probe) = start(settings(), &[]).await;
-    c.get(1, "/wait").await;
-    until("the service started", || {
-        probe.started.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    c.shutdown.graceful();
-    let mut last = None;
-    while last.is_none() {
-        let f = c.next().await.expect("GOAWAY");
-        match f.head.kind {
-            kind::PING => c.send(kind::PING, flag::ACK, 0, &f.payload).await,
-            kind::GOAWAY if u32_at(&f.payload) != 0x7fff_ffff => last = Some(u32_at(&f.payload)),
-            _ => {}
+on_both_paths! {
+    /// Graceful shutdown waits for the inline streams to finish (their responses whole), then
+    /// closes.
+    #[tokio::test(start_paused = true)]
+    async fn graceful_shutdown_waits_for_inline_streams() {
+        let (mut c, probe) = start(settings(), &[]).await;
+        c.get(1, "/wait").await;
+        until("the service started", || {
+            probe.started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        c.shutdown.graceful();
+        let mut last = None;
+        while last.is_none() {
+            let f = c.next().await.expect("GOAWAY");
+            match f.head.kind {
+                kind::PING => c.send(kind::PING, flag::ACK, 0, &f.payload).await,
+                kind::GOAWAY if u32_at(&f.payload) != 0x7fff_ffff => {
+                    last = Some(u32_at(&f.payload))
+                }
+                _ => {}
+            }
         }
+        assert_eq!(last, Some(1));
+        // Long after (the paused clock jumps while every task waits): still open for stream 1.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!c.task.is_finished());
+        assert_eq!(probe.dropped.load(Ordering::SeqCst), 0);
+        probe.gate.add_permits(1);
+        assert_eq!(answer(&mut c, 1).await.0.unwrap(), bodiless());
+        tokio::io::AsyncWriteExt::shutdown(&mut c.io).await.unwrap();
+        let mut rest = BytesMut::new();
+        while let Some(f) = c.next().await {
+            rest.extend_from_slice(&f.payload);
+        }
+        c.task.await.unwrap().unwrap();
     }
-    assert_eq!(last, Some(1));
-    // Long after (the paused clock jumps while every task waits): still open for stream 1.
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(!c.task.is_finished());
-    assert_eq!(probe.dropped.load(Ordering::SeqCst), 0);
-    probe.gate.add_permits(1);
-    assert_eq!(answer(&mut c, 1).await.0.unwrap(), b"inline");
-    tokio::io::AsyncWriteExt::shutdown(&mut c.io).await.unwrap();
-    let mut rest = BytesMut::new();
-    while let Some(f) = c.next().await {
-        rest.extend_from_slice(&f.payload);
-    }
-    c.task.await.unwrap().unwrap();
 }

@@ -132,9 +132,12 @@
 //! streams: the rule, fairness, resets, panics, shutdown), `guard_tests` (the second reset
 //! budget, the bounds on output, header blocks and the read buffer, one clock read per read
 //! batch) and `fuzz_tests` (generated and
-//! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more: no panic,
-//! no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
-//! back and the stall timer (on tokio's paused clock).
+//! mutated client input, 2,000 cases by default, `OUTRIGGER_H2_FUZZ_CASES` for more, about
+//! half with every stream spawned: no panic, no hang, bounded buffers, valid output); `fair_tests` for the turns, the window given
+//! back and the stall timer (on tokio's paused clock). The tests of resets, stalls, closes,
+//! guards and stream limits that make a request without a body run on both of its paths
+//! (`on_both_paths!`: inline, and spawned as on a multi-thread runtime; some that do not pause
+//! the clock also on a multi-thread runtime); some that make none run on both runtimes.
 //!
 //! Not done: priorities (PRIORITY is checked and ignored: responses take turns in the order
 //! they are ready), a dynamic table in the response encoder, Huffman coding of what we send,
@@ -152,6 +155,69 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ProxyBody;
+
+/// Tests: a test run on both paths of a request without a body: `NAME::inline`, served on
+/// the connection's task (the current-thread runtime's rule), and `NAME::spawned`, on a task
+/// of its own as on a multi-thread runtime (`inline::spawn_all`), with the test's own
+/// attributes (`#[tokio::test]`, a paused clock). With `multi_thread;` first, also
+/// `NAME::multi_thread` on a multi-thread runtime of two workers. With `both_runtimes;`
+/// first (a test that makes no request without a body, so one path only), `NAME::current_thread`
+/// and `NAME::multi_thread`. The last two forms take doc comments and a plain
+/// `#[tokio::test]` only (no paused clock, which the multi-thread runtime has not): anything
+/// else is a compile error. The body is written once; it may ask `tests::test_path()`.
+#[cfg(test)]
+macro_rules! on_both_paths {
+    ($(#[$attr:meta])* async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])*
+            async fn inline() $body
+            $(#[$attr])*
+            async fn spawned() {
+                let _spawned = crate::proxy::h2::inline::spawn_all();
+                $body
+            }
+        }
+    };
+    (multi_thread; $(#[doc = $doc:literal])* #[tokio::test] async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[doc = $doc])*
+            #[tokio::test]
+            async fn inline() $body
+            $(#[doc = $doc])*
+            #[tokio::test]
+            async fn spawned() {
+                let _spawned = crate::proxy::h2::inline::spawn_all();
+                $body
+            }
+            $(#[doc = $doc])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn multi_thread() $body
+        }
+    };
+    (both_runtimes; $(#[doc = $doc:literal])* #[tokio::test] async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[doc = $doc])*
+            #[tokio::test]
+            async fn current_thread() $body
+            $(#[doc = $doc])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn multi_thread() $body
+        }
+    };
+    ($runtimes:ident; $($rest:tt)*) => {
+        compile_error!(concat!(
+            "on_both_paths!(",
+            stringify!($runtimes),
+            "; ...) takes doc comments and a plain #[tokio::test] only (no paused clock)"
+        ));
+    };
+}
 
 #[cfg(test)]
 mod close_tests;
