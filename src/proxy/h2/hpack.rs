@@ -196,7 +196,7 @@ impl BlockReader {
                     Ok(m) => self.method = Some(m),
                     Err(_) => self.refuse(Refused::Malformed("invalid :method")),
                 },
-                b"scheme" if self.scheme.is_none() => match &value[..] {
+                b"scheme" if self.scheme.is_none() => match value {
                     b"http" => self.scheme = Some(Scheme::HTTP),
                     b"https" => self.scheme = Some(Scheme::HTTPS),
                     other => match Scheme::try_from(other) {
@@ -673,6 +673,40 @@ mod tests {
             let name = HeaderName::try_from(format!("x-phase-{i}")).unwrap();
             head.headers.insert(name, HeaderValue::from_static("1"));
         }
+    }
+
+    /// The encoder's static name indexes are the decoder's static table's (first entry of
+    /// each name).
+    #[test]
+    fn static_name_indexes_match_the_decoders_table() {
+        use super::super::hpack_decode::STATIC_TABLE;
+        for (i, (name, _)) in STATIC_TABLE.iter().enumerate().skip(14) {
+            let first = STATIC_TABLE.iter().position(|(n, _)| n == name).unwrap() + 1;
+            assert_eq!(static_name_index(name), Some(first), "{name}");
+            assert_eq!(first, i + 1, "{name}");
+        }
+        assert_eq!(static_name_index(":path"), None);
+    }
+
+    /// A field sent never indexed (RFC 7541 §6.2.3) becomes a sensitive value, as h2 makes
+    /// it, so that our encoder (and h2's, upstream) send it never indexed in turn.
+    #[test]
+    fn never_indexed_fields_become_sensitive_values() {
+        let mut d = super::super::hpack_decode::Decoder::new(4096);
+        let mut r = BlockReader::new();
+        // GET http / ; `authorization: s` never indexed (name 23); `x-a: 1` without indexing.
+        let block = [
+            0x82, 0x86, 0x84, 0x1f, 0x08, 0x01, b's', 0x00, 0x03, b'x', b'-', b'a', 0x01, b'1',
+        ];
+        r.start(1000, block.len(), false);
+        d.decode_with_cb(&block, |n, v, s| r.field(n, v, s))
+            .unwrap();
+        let head = r.finish_request().unwrap();
+        assert!(head.headers["authorization"].is_sensitive());
+        assert!(!head.headers["x-a"].is_sensitive());
+        let mut out = BytesMut::new();
+        encode_fields(&head.headers, &mut out);
+        assert_eq!(out[0], 0x1f, "not sent never indexed: {:02x?}", &out[..]);
     }
 
     #[test]
