@@ -20,7 +20,15 @@
 # the two steps over N is one request's allocations in steady state (the connections' set-up
 # and the `/metrics` scrapes cancel out). Three kinds of request: a keep-alive GET (the HTTP/1
 # fast path), a POST with a 5-byte body (hyper's HTTP/1 server and the raw upstream exchange
-# until 8a23d7b; since then the fast path takes small bodies itself), and an h2c GET (h2load, the listener's HTTP/2 server, see HTTP2_SERVER).
+# until 8a23d7b; since then the fast path takes small bodies itself), and an h2c GET (h2load, the listener's HTTP/2 server, see HTTP2_SERVER);
+# then a keep-alive GET and an h2c GET of `/index.html`, which nginx answers chunked (the
+# same 12 bytes through `sub_filter`, which drops the length: one 12-byte chunk and the last
+# chunk): the fast path passes the chunks on as they came, the h2c path decodes them
+# (`RawBody`, src/proxy/cluster/raw_exchange.rs). `/index.html`, not a path of its own: it is
+# in HPACK's static table, as `/` is, so h2load sends it as one index; any other path comes
+# as a Huffman-coded literal in every request (h2load does not index `:path`), and decoding
+# that costs allocations of its own, which the last row counts: an h2c GET of `/hello`
+# (answered as `/`, fixed length).
 # `OUTRIGGER_BIN=path` uses that binary for the callgrind part instead of building;
 # `ALLOCS_ONLY=1` skips the callgrind part; `PROXIES="outrigger"` counts only those proxies;
 # `CG_METHOD=POST` makes the callgrind load POSTs with a 5-byte body (Outrigger: hyper's HTTP/1
@@ -47,7 +55,9 @@ worker_processes 1; daemon off; pid $dir/up.pid; error_log /dev/null crit;
 events { worker_connections 1024; }
 http { access_log off;
   server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
-           location / { return 200 "hello world\n"; } } }
+           location / { return 200 "hello world\n"; }
+           location = /index.html { sub_filter_types *; sub_filter_once off; sub_filter hello hello;
+                               return 200 "hello world\n"; } } }
 CONF
 cat > "$dir/nginx.conf" <<CONF
 worker_processes 1; daemon off; master_process off; pid $dir/ngx.pid; error_log /dev/null crit;
@@ -86,21 +96,21 @@ CONF
 nginx -c "$dir/up.conf" & pids+=($!)
 wait_port $UP
 
-load() { # REQUESTS [METHOD]: keep-alive requests over 4 connections (POST: a 5-byte body)
-  python3 - "$P" "$1" "${2:-GET}" <<'PY'
+load() { # REQUESTS [METHOD [PATH]]: keep-alive requests over 4 connections (POST: a 5-byte body)
+  python3 - "$P" "$1" "${2:-GET}" "${3:-/}" <<'PY'
 import http.client, sys, threading
-port, n, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+port, n, method, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 body = b"hello" if method == "POST" else None
 def work():
     c = http.client.HTTPConnection("127.0.0.1", port)
     for _ in range(n // 4):
-        c.request(method, "/", body=body); r = c.getresponse(); r.read()
+        c.request(method, path, body=body); r = c.getresponse(); r.read()
         assert r.status == 200, r.status
 ts = [threading.Thread(target=work) for _ in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
 PY
 }
-h2c() { local out; out=$(h2load -c4 -m1 -n "$1" "http://127.0.0.1:$P/"); grep -q " $1 succeeded" <<< "$out" || { echo "h2load: not all $1 succeeded" >&2; exit 1; }; }
+h2c() { local out; out=$(h2load -c4 -m1 -n "$1" "http://127.0.0.1:$P${2:-/}"); grep -q " $1 succeeded" <<< "$out" || { echo "h2load: not all $1 succeeded" >&2; exit 1; }; }
 if [ "${CG_PROTO:-h1}" = h2 ]; then
   [ -n "${ALLOCS_ONLY:-}" ] || [ -n "${PROXIES:-}" ] || PROXIES="outrigger haproxy"
   sed -i 's/^  bind 127.0.0.1:\([0-9]*\)$/  bind 127.0.0.1:\1 proto h2/' "$dir/haproxy.cfg"
@@ -138,11 +148,14 @@ if [ -z "${ALLOC_BIN:-}" ]; then cargo build -q --features alloc-count; fi
 wait_up
 allocs() { curl -sf "http://127.0.0.1:$ADMIN/metrics" | awk '/^outrigger_heap_allocations_total / {print $2}'; }
 declare -A alloc
-for kind in fast hyper h2c; do
+for kind in fast hyper h2c fast_chunked h2c_chunked h2c_literal; do
   case $kind in
     fast) send() { load "$1" GET; } ;;
     hyper) send() { load "$1" POST; } ;;
     h2c) send() { h2c "$1"; } ;;
+    fast_chunked) send() { load "$1" GET /index.html; } ;;
+    h2c_chunked) send() { h2c "$1" /index.html; } ;;
+    h2c_literal) send() { h2c "$1" /hello; } ;;
   esac
   send 400
   a0=$(allocs); send $((n / 2)); a1=$(allocs); send $((3 * n / 2)); a2=$(allocs)
@@ -174,3 +187,6 @@ echo "| keep-alive GET, HTTP/1.1 | fast path | ${alloc[fast]} |"
 echo "| keep-alive POST, 5-byte body, HTTP/1.1 | the fast path (small bodies, since 8a23d7b) | ${alloc[hyper]} |"
 h2_server="hyper's HTTP/2 server"; [ "${HTTP2_SERVER:-outrigger}" = outrigger ] && h2_server="Outrigger's own HTTP/2 server"
 echo "| GET, h2c (h2load) | $h2_server, raw upstream exchange | ${alloc[h2c]} |"
+echo "| keep-alive GET, HTTP/1.1, chunked response | fast path (chunks passed on as they came) | ${alloc[fast_chunked]} |"
+echo "| GET, h2c (h2load), chunked response | $h2_server, raw upstream exchange (chunks decoded) | ${alloc[h2c_chunked]} |"
+echo "| GET, h2c (h2load), \`:path\` a Huffman-coded literal (\`/hello\`) | $h2_server, raw upstream exchange | ${alloc[h2c_literal]} |"
