@@ -95,6 +95,9 @@ listeners:
 CONF
 nginx -c "$dir/up.conf" & pids+=($!)
 wait_port $UP
+# The chunked rows measure a chunked answer only if nginx still gives one.
+curl -s -D- -o /dev/null "http://127.0.0.1:$UP/index.html" | grep -qi '^transfer-encoding: chunked' \
+  || { echo "the upstream's /index.html is not chunked: the chunked rows would measure something else" >&2; exit 1; }
 
 load() { # REQUESTS [METHOD [PATH]]: keep-alive requests over 4 connections (POST: a 5-byte body)
   python3 - "$P" "$1" "${2:-GET}" "${3:-/}" <<'PY'

@@ -18,7 +18,6 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -223,20 +222,8 @@ impl Client {
     }
 }
 
-fn settings() -> Settings {
-    Settings {
-        max_concurrent_streams: 100,
-        max_header_list_size: 16 * 1024,
-        initial_window_size: 1024 * 1024,
-        connection_window_size: 4 * 1024 * 1024,
-        max_frame_size: 16_384,
-        stalled_stream_timeout: Duration::from_secs(30),
-        on_stalled_stream: None,
-    }
-}
-
 async fn start() -> Client {
-    start_serving(settings(), never_reads).await
+    start_serving(Settings::for_tests(), never_reads).await
 }
 
 async fn start_serving<S, F>(settings: Settings, service: S) -> Client
@@ -258,14 +245,25 @@ where
     c
 }
 
-/// `pairs` times: a 1-byte DATA frame on `stream`, then an unknown frame of 16,000 bytes
-/// (ignored, and counted against no window), in writes of about 64 KiB.
-async fn data_between_junk(c: &mut Client, stream: u32, pairs: usize) {
-    let junk = vec![0u8; 16_000];
+/// What a connection whose service reads no request body holds after an [`upload`] of `times`
+/// times the frames `each` writes. The same upload on another stream first, so the buffers
+/// that stay (the pipe's, the server's read buffer, the stream map) have their size before
+/// the count starts.
+async fn held_after_unread_upload(times: usize, each: impl Fn(&mut Vec<u8>, u32)) -> isize {
+    let mut c = start().await;
+    upload(&mut c, 1, times, &each).await;
+    let before = live();
+    upload(&mut c, 3, times, &each).await;
+    live() - before
+}
+
+/// A POST on `stream`, then `times` times the frames `each` writes for it, in writes of
+/// about 64 KiB, then a sync.
+async fn upload(c: &mut Client, stream: u32, times: usize, each: &impl Fn(&mut Vec<u8>, u32)) {
+    c.post(stream).await;
     let mut out = Vec::new();
-    for _ in 0..pairs {
-        frame(&mut out, DATA, 0, stream, b"d");
-        frame(&mut out, 0xfa, 0, 0, &junk);
+    for _ in 0..times {
+        each(&mut out, stream);
         if out.len() >= 64 * 1024 {
             c.write(&out).await;
             out.clear();
@@ -275,16 +273,11 @@ async fn data_between_junk(c: &mut Client, stream: u32, pairs: usize) {
     c.sync().await;
 }
 
-/// `frames` 1-byte DATA frames back to back on `stream`.
-async fn tiny_data(c: &mut Client, stream: u32, frames: usize) {
+/// Unknown frames (ignored, counted against no window) of 256 KiB in all, in 64 KiB writes,
+/// then a sync: the pipe's buffers and what else stays have their size before a count.
+async fn settle(c: &mut Client) {
     let mut out = Vec::new();
-    for _ in 0..frames {
-        frame(&mut out, DATA, 0, stream, b"d");
-        if out.len() >= 64 * 1024 {
-            c.write(&out).await;
-            out.clear();
-        }
-    }
+    junk(&mut out, 256 * 1024, 16_000);
     c.write(&out).await;
     c.sync().await;
 }
@@ -302,15 +295,14 @@ const SLACK: isize = 64 * 1024;
 #[test]
 fn tiny_data_between_large_frames_does_not_pin_the_read_buffers() {
     runtime().block_on(async {
-        let mut c = start().await;
-        // The same traffic once first, so the buffers that stay (the pipe's, the server's
-        // read buffer, the stream map) have their size before the count starts.
-        c.post(1).await;
-        data_between_junk(&mut c, 1, 64).await;
-        let before = live();
-        c.post(3).await;
-        data_between_junk(&mut c, 3, 64).await;
-        let held = live() - before;
+        // 64 times: a 1-byte DATA frame, then an unknown frame of 16,000 bytes (ignored, and
+        // counted against no window).
+        let zeros = vec![0u8; 16_000];
+        let held = held_after_unread_upload(64, |out, stream| {
+            frame(out, DATA, 0, stream, b"d");
+            frame(out, 0xfa, 0, 0, &zeros);
+        })
+        .await;
         eprintln!("held: {held} bytes");
         // 64 bytes of DATA unread; without copying, each keeps a 16 KiB+ read buffer alive.
         assert!(
@@ -323,13 +315,9 @@ fn tiny_data_between_large_frames_does_not_pin_the_read_buffers() {
 #[test]
 fn tiny_data_frames_hold_about_their_size() {
     runtime().block_on(async {
-        let mut c = start().await;
-        c.post(1).await;
-        tiny_data(&mut c, 1, 20_000).await;
-        let before = live();
-        c.post(3).await;
-        tiny_data(&mut c, 3, 20_000).await;
-        let held = live() - before;
+        // 20,000 1-byte DATA frames back to back.
+        let held =
+            held_after_unread_upload(20_000, |out, stream| frame(out, DATA, 0, stream, b"d")).await;
         eprintln!("held: {held} bytes");
         // 20,000 bytes unread: held in one growing buffer (at most twice), not in 20,000
         // slices of 32 bytes each plus the 10-byte frames' read buffers.
@@ -358,15 +346,11 @@ fn junk(out: &mut Vec<u8>, mut n: usize, size: usize) {
 #[test]
 fn a_read_buffer_grown_in_place_is_still_known_for_its_size() {
     runtime().block_on(async {
-        let mut s = settings();
+        let mut s = Settings::for_tests();
         s.max_frame_size = 1 << 20;
         let mut c = start_serving(s, never_reads).await;
         c.post(1).await;
-        // 64 KiB writes and reads: the pipe's buffers have their size before the count.
-        let mut out = Vec::new();
-        junk(&mut out, 256 * 1024, 16_000);
-        c.write(&out).await;
-        c.sync().await;
+        settle(&mut c).await;
         let before = live();
         // A frame of 1,000,000 bytes: the read buffer (16 KiB, no slice of it alive) grows
         // to hold it, in place. Then 8 DATA frames of 5,000 bytes, 60,000 bytes apart (each
@@ -401,17 +385,12 @@ fn a_read_buffer_grown_in_place_is_still_known_for_its_size() {
 #[test]
 fn a_large_header_block_leaves_a_normal_arena_behind() {
     runtime().block_on(async {
-        let mut s = settings();
+        let mut s = Settings::for_tests();
         s.max_header_list_size = 1 << 20;
         let mut c = start_serving(s, answers).await;
-        // An ordinary GET first, and 64 KiB writes and reads: the arena, the pipe's buffers
-        // and what else stays have their size.
+        // An ordinary GET first: the arena has its size.
         c.get(1, &[]).await;
-        let mut out = Vec::new();
-        junk(&mut out, 256 * 1024, 16_000);
-        c.write(&out).await;
-        drop(out);
-        c.sync().await;
+        settle(&mut c).await;
         let before = live();
         // `x-big: v…` (512 KiB), a literal without indexing (the decoder's table stays
         // empty) and no Huffman coding.
@@ -445,10 +424,10 @@ fn a_large_header_block_leaves_a_normal_arena_behind() {
 fn an_idle_connection_holds_no_arena_until_its_first_block() {
     runtime().block_on(async {
         // A first connection: what the runtime and the pipe allocate once is not counted.
-        let mut warm = start_serving(settings(), answers).await;
+        let mut warm = start_serving(Settings::for_tests(), answers).await;
         warm.get(1, &[]).await;
         let before = live();
-        let mut c = start_serving(settings(), answers).await;
+        let mut c = start_serving(Settings::for_tests(), answers).await;
         let idle = live() - before;
         c.get(1, &[]).await;
         let served = live() - before;
@@ -477,7 +456,7 @@ fn an_idle_connection_holds_no_arena_until_its_first_block() {
 #[test]
 fn a_huffman_coded_path_costs_no_more_allocations_than_an_indexed_one() {
     runtime().block_on(async {
-        let mut c = start_serving(settings(), answers).await;
+        let mut c = start_serving(Settings::for_tests(), answers).await;
         // `:method GET` and `:scheme http` indexed, then `:path`: `/` indexed, `/` as a
         // literal without indexing (name 4) Huffman-coded (1 byte), `/hello` raw, and
         // `/hello` Huffman-coded (5 bytes).
@@ -545,16 +524,12 @@ fn a_connections_host_value_is_one_allocation_and_its_clones_none() {
 #[test]
 fn a_large_frame_leaves_a_normal_read_buffer_behind() {
     runtime().block_on(async {
-        let mut s = settings();
+        let mut s = Settings::for_tests();
         s.max_frame_size = 1 << 20;
         let mut c = start_serving(s, answers).await;
-        // An ordinary GET first, and 64 KiB writes and reads: what stays has its size.
+        // An ordinary GET first: what stays has its size.
         c.get(1, &[]).await;
-        let mut out = Vec::new();
-        junk(&mut out, 256 * 1024, 16_000);
-        c.write(&out).await;
-        drop(out);
-        c.sync().await;
+        settle(&mut c).await;
         let before = live();
         let mut out = Vec::new();
         frame(&mut out, 0xfa, 0, 0, &vec![0u8; 1_000_000]);

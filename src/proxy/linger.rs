@@ -59,8 +59,12 @@ impl Drain {
     /// Reads and drops everything the client sends, for at most `total` in all (and
     /// [`LINGER`] between reads): HTTP/2's close, after its last GOAWAY.
     pub(super) fn within(total: Duration) -> Drain {
+        Drain::until(Instant::now() + total)
+    }
+
+    /// [`Drain::within`], to `end`.
+    pub(super) fn until(end: Instant) -> Drain {
         let now = Instant::now();
-        let end = now + total;
         Drain {
             left: u64::MAX,
             end,

@@ -170,19 +170,19 @@ macro_rules! ensure {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
+pub(crate) const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
-const RST_STREAM: u8 = 0x3;
+pub(crate) const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PUSH_PROMISE: u8 = 0x5;
 const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
+pub(crate) const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 
-const END_STREAM: u8 = 0x1;
+pub(crate) const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub(crate) const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY_FLAG: u8 = 0x20;
 
@@ -192,7 +192,7 @@ const STREAM_CLOSED: u32 = 0x5;
 const FRAME_SIZE_ERROR: u32 = 0x6;
 const REFUSED_STREAM: u32 = 0x7;
 const COMPRESSION_ERROR: u32 = 0x9;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
+pub(crate) const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 const HEADER_TABLE_SIZE: u16 = 0x1;
 const ENABLE_PUSH: u16 = 0x2;
@@ -203,7 +203,7 @@ const MAX_FRAME_SIZE: u16 = 0x5;
 const DEFAULT_WINDOW: i64 = 65_535;
 /// How long a read waits for the server before the case fails (a hang turned into a failure):
 /// generous, as it only bounds waits for what should come (a slow CI box must not fail them).
-const PATIENCE: Duration = Duration::from_secs(15);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(15);
 
 fn code_name(code: u32) -> String {
     let name = match code {
@@ -239,8 +239,8 @@ fn names(codes: &[u32]) -> String {
 
 /// One frame: its 9-byte header (RFC 9113 §4.1) and payload. A HEADERS frame read from the
 /// server carries its whole block (CONTINUATIONs folded in), decoded into `fields`.
-struct Frame {
-    kind: u8,
+pub(crate) struct Frame {
+    pub(crate) kind: u8,
     flags: u8,
     stream: u32,
     payload: Vec<u8>,
@@ -249,7 +249,7 @@ struct Frame {
 
 impl Frame {
     /// The error code of a RST_STREAM or GOAWAY.
-    fn code(&self) -> u32 {
+    pub(crate) fn code(&self) -> u32 {
         let at = if self.kind == GOAWAY { 4 } else { 0 };
         self.payload
             .get(at..at + 4)
@@ -264,7 +264,7 @@ impl Frame {
             .and_then(|(_, v)| v.parse().ok())
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self.kind {
             DATA => format!(
                 "DATA stream {} len {} flags {:#x}",
@@ -296,7 +296,7 @@ impl Frame {
     }
 }
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut out = Vec::with_capacity(9 + payload.len());
     out.extend_from_slice(&len.to_be_bytes()[1..]);
@@ -334,7 +334,7 @@ fn hpack_int(out: &mut Vec<u8>, prefix_bits: u8, high: u8, mut v: usize) {
 
 /// A header block of literals without indexing, new names, no Huffman (RFC 7541 §6.2.2): the
 /// server's table is never touched, and any name or value can be sent as it is.
-fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn block(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in fields {
         out.push(0x00);
@@ -346,7 +346,7 @@ fn block(fields: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
-fn get(path: &str) -> Vec<(&str, &str)> {
+pub(crate) fn get(path: &str) -> Vec<(&str, &str)> {
     vec![
         (":method", "GET"),
         (":scheme", "http"),
@@ -381,14 +381,14 @@ fn fragment(f: &Frame) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // The raw client
 
-enum Got {
+pub(crate) enum Got {
     Frame(Frame),
     /// The server closed (EOF) or reset the connection.
     Closed(String),
     Timeout,
 }
 
-struct Client {
+pub(crate) struct Client {
     s: TcpStream,
     buf: Vec<u8>,
     hpack: loona_hpack::Decoder<'static>,
@@ -419,7 +419,7 @@ impl Client {
 
     /// Preface and our SETTINGS, then waits for the server's SETTINGS (acknowledged as they
     /// come, in `next`).
-    fn open(addr: &str, settings: &[(u16, u32)]) -> Result<Client, String> {
+    pub(crate) fn open(addr: &str, settings: &[(u16, u32)]) -> Result<Client, String> {
         let mut c = Client::connect(addr)?;
         let mut hello = PREFACE.to_vec();
         hello.extend(frame(SETTINGS, 0, 0, &settings_payload(settings)));
@@ -435,7 +435,7 @@ impl Client {
         }
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         self.s.write_all(bytes).map_err(|e| format!("write: {e}"))
     }
 
@@ -503,7 +503,7 @@ impl Client {
 
     /// The next frame; a HEADERS frame with its CONTINUATIONs folded in and decoded. Answers
     /// the server's SETTINGS (ACK) and keeps the send windows.
-    fn next(&mut self, deadline: Instant) -> Got {
+    pub(crate) fn next(&mut self, deadline: Instant) -> Got {
         let mut f = match self.read_frame(deadline) {
             Got::Frame(f) => f,
             other => return other,
@@ -682,7 +682,7 @@ impl Client {
 
     /// After a GOAWAY for a connection error, the server closes the connection (§5.4.1): reads
     /// until EOF or reset, skipping frames, within [`PATIENCE`].
-    fn closes_after(&mut self, goaway: &str) -> Result<(), String> {
+    pub(crate) fn closes_after(&mut self, goaway: &str) -> Result<(), String> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             match self.read_frame(deadline) {

@@ -37,6 +37,7 @@ mod fast_body;
 mod generative;
 #[cfg(feature = "bridge")]
 mod grpc;
+mod h2_abuse;
 mod h2_conformance;
 #[cfg(feature = "k8s")]
 mod k8s;

@@ -11,11 +11,11 @@
 //! already stripped of hop-by-hop headers) and the body in one vectored write, reads the
 //! response head with `httparse` into the connection's own buffer
 //! ([`crate::proxy::upstream_head`]; the header values are slices of one copy of the head, and
-//! so is the body's first frame when the body's first bytes came with the head and fit in that
-//! copy), and the response body reads on from that same buffer: each frame is a copy of exactly
-//! its bytes, and the connection goes back to the pool when the body's end has passed. The
-//! response's hop-by-hop fields that the respond phase would only remove are not put in its
-//! header map ([`skipped`]).
+//! so is the body's first frame when the body's first bytes, or a chunked body's first chunk,
+//! came with the head and fit in that copy), and the response body reads on from that same
+//! buffer: each frame is a copy of exactly its bytes, and the connection goes back to the pool
+//! when the body's end has passed. The response's hop-by-hop fields that the respond phase
+//! would only remove are not put in its header map ([`skipped`]).
 //!
 //! Early answers: the head is read while the request is still being written, in the same
 //! task (one future polls both), since an upstream may answer before it has read the body
@@ -222,7 +222,7 @@ pub(super) async fn send(
                     conn,
                     answer.framing,
                     reusable,
-                    (answer.len, answer.first),
+                    (answer.len + answer.taken, answer.first, answer.chunks),
                     end,
                     upload,
                 );
@@ -320,6 +320,10 @@ struct Answer {
     upstream_close: bool,
     len: usize,
     first: Bytes,
+    /// The bytes after the head that `first` took: its own, and a first chunk's framing.
+    taken: usize,
+    /// A chunked body's decoder, past those bytes.
+    chunks: Chunked,
 }
 
 impl Answer {
@@ -357,15 +361,33 @@ fn parse_head(
         let status = StatusCode::from_u16(status).map_err(|_| "invalid status code")?;
         // The body's bytes that came with the head, when they fit in its copy too (a larger
         // copy would keep a larger block alive under header values that outlive the body).
-        let first = match framing {
-            Framing::Length(n) => n.min((bytes.len() - len) as u64) as usize,
-            _ => 0,
+        // A chunked body's first chunk is decoded here: its data (as much as came) is the
+        // first frame, a slice of the head's copy as a fixed-length body's is, where the body
+        // would copy it on its own (an allocation per chunked response), and the decoder
+        // goes on from there. `taken`: the bytes after the head that this takes.
+        let mut chunks = Chunked::default();
+        let (taken, first) = match framing {
+            Framing::Length(n) => {
+                let n = n.min((bytes.len() - len) as u64) as usize;
+                (n, 0..n)
+            }
+            Framing::Chunked => match chunks.decode(&bytes[len..]) {
+                Ok(Step::Data(s, e)) => (e, s..e),
+                // The rest (framing only, an empty body's end, an error) is the body's.
+                _ => (0, 0..0),
+            },
+            _ => (0, 0..0),
         };
-        let first = if len + first <= SHARED_HEAD { first } else { 0 };
+        let (taken, first) = if taken > 0 && len + taken <= SHARED_HEAD {
+            (taken, first)
+        } else {
+            chunks = Chunked::default();
+            (0, 0..0)
+        };
         // One copy of a small head, which every header value is a slice of (a copy per
         // value was an allocation each), and the body's first frame too (its own copy was
         // another): one allocation for a usual response.
-        let shared = (len <= SHARED_HEAD).then(|| copy_small(&bytes[..len + first]));
+        let shared = (len <= SHARED_HEAD).then(|| copy_small(&bytes[..len + taken]));
         let copy = |part: &[u8]| match &shared {
             Some(head) => {
                 let at = part.as_ptr() as usize - bytes.as_ptr() as usize;
@@ -406,7 +428,7 @@ fn parse_head(
             out.extensions_mut().insert(r);
         }
         let first = match &shared {
-            Some(copy) if first > 0 => copy.slice(len..len + first),
+            Some(copy) if !first.is_empty() => copy.slice(len + first.start..len + first.end),
             _ => Bytes::new(),
         };
         Ok(Parsed::Final(Answer {
@@ -415,6 +437,8 @@ fn parse_head(
             upstream_close,
             len,
             first,
+            taken,
+            chunks,
         }))
     })?;
     parsed.unwrap_or(Ok(Parsed::Partial))
@@ -441,26 +465,27 @@ fn skipped(h: &httparse::Header<'_>) -> bool {
 }
 
 /// The response body: `first` (bytes of it copied with the head, [`Answer::first`]), then the
-/// rest, read from the connection's buffer after the head and those bytes.
+/// rest, read from the connection's buffer from `start` (after the head and the bytes `first`
+/// took), a chunked body with `chunks`, the decoder past those bytes.
 fn respond(
     pool: &Arc<Pool>,
     conn: Raw,
     framing: Framing,
     reusable: bool,
-    (head_len, first): (usize, Bytes),
+    (start, first, chunks): (usize, Bytes, Chunked),
     end: usize,
     upload: Option<Upload>,
 ) -> RawBody {
     let kind = match framing {
         Framing::Empty | Framing::Length(0) => Kind::Length(0),
         Framing::Length(n) => Kind::Length(n - first.len() as u64),
-        Framing::Chunked => Kind::Chunked(Chunked::default()),
+        Framing::Chunked => Kind::Chunked(chunks),
         Framing::Close => Kind::Close,
     };
     let mut body = RawBody {
         conn: Some(conn),
         pool: pool.clone(),
-        start: head_len + first.len(),
+        start,
         end,
         first,
         kind,
@@ -709,7 +734,8 @@ mod tests {
     }
 
     /// The body's first bytes go with the head's copy only as far as the body's length says
-    /// and [`SHARED_HEAD`] allows; a chunked body's never (they are decoded as read).
+    /// and [`SHARED_HEAD`] allows; a chunked body's first chunk's data as far as it came,
+    /// its framing taken too, and the decoder goes on after them.
     #[test]
     fn a_bodys_first_bytes_are_copied_with_the_head_within_its_length_and_the_bound() {
         let first = |raw: &[u8]| match parse_head(raw, false, &mut HeaderMap::new()) {
@@ -735,8 +761,27 @@ mod tests {
             "b".repeat(2000)
         );
         assert!(first(big.as_bytes()).1.is_empty());
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert!(first(chunked).1.is_empty());
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let answer = |raw: &[u8]| match parse_head(raw, false, &mut HeaderMap::new()) {
+            Ok(Parsed::Final(answer)) => answer,
+            _ => panic!("a final head"),
+        };
+        let mut a = answer(&[&head[..], b"3\r\nabc\r\n0\r\n\r\n"].concat());
+        assert_eq!((a.len, a.taken, &a.first[..]), (head.len(), 6, &b"abc"[..]));
+        // The decoder is past the chunk's data: the rest ends the body.
+        assert_eq!(a.chunks.decode(b"\r\n0\r\n\r\n"), Ok(Step::Done(7)));
+        // Part of a chunk: that part; the decoder wants the rest of it.
+        let mut a = answer(&[&head[..], b"a\r\nabc"].concat());
+        assert_eq!((a.taken, &a.first[..]), (6, &b"abc"[..]));
+        assert_eq!(a.chunks.decode(b"defghij\r\n"), Ok(Step::Data(0, 7)));
+        // Framing only, an empty body, a bad size, a chunk past the bound: nothing taken.
+        for rest in [&b"3\r"[..], b"0\r\n\r\n", b"z\r\n"] {
+            let a = answer(&[&head[..], rest].concat());
+            assert_eq!((a.taken, a.first.len()), (0, 0), "{rest:?}");
+        }
+        let big = format!("7d0\r\n{}", "b".repeat(2000));
+        let a = answer(&[&head[..], big.as_bytes()].concat());
+        assert_eq!((a.taken, a.first.len()), (0, 0));
     }
 
     /// Hop-by-hop fields the respond phase removes anyway are not put in the response's map;

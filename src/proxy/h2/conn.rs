@@ -427,6 +427,8 @@ pub(super) struct Conn<IO, S, F, R> {
     unflushed: bool,
     /// A connection error: GOAWAY queued, flush and end.
     failed: Option<Error>,
+    /// Set with `failed`: how long its close may still wait for the client ([`Closing`]).
+    closing: Option<Closing>,
     resets: Flood,
     /// Client resets before any of the response's head, against `completed`.
     cancels: Cancels,
@@ -520,6 +522,7 @@ where
             read_closed: false,
             unflushed: false,
             failed: None,
+            closing: None,
             resets: Flood::new(),
             cancels: Cancels::new(),
             completed: 0,
@@ -549,6 +552,7 @@ where
         tracing::debug!(%reason, detail, "HTTP/2 connection error");
         frame::put_goaway(&mut self.out, self.last_accepted, reason);
         self.failed = Some(Error::protocol(reason, detail, guard));
+        self.closing = Some(Closing::new(reason == Reason::ENHANCE_YOUR_CALM));
         self.abort_streams();
     }
 
@@ -622,14 +626,17 @@ where
             while !self.out.is_empty() {
                 match Pin::new(&mut self.io).poll_write(cx, &self.out) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(self
-                            .failed
-                            .take()
-                            .unwrap_or_else(|| Error::io(std::io::ErrorKind::WriteZero.into()))));
+                        return Poll::Ready(Err(self.failed.take().map_or_else(
+                            || Error::io(std::io::ErrorKind::WriteZero.into()),
+                            Error::unsent,
+                        )));
                     }
                     Poll::Ready(Ok(n)) => {
                         self.out.advance(n);
                         self.unflushed = true;
+                        if let Some(closing) = &mut self.closing {
+                            closing.progress();
+                        }
                         if self.out.is_empty() && self.out.capacity() > 4 * OUT_HIGH {
                             self.out = BytesMut::with_capacity(4096);
                         }
@@ -643,7 +650,12 @@ where
             // A TLS stream keeps what it was given until flushed (a TCP stream: a no-op).
             if self.unflushed && self.out.is_empty() {
                 match Pin::new(&mut self.io).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Ok(())) => {
+                        self.unflushed = false;
+                        if let Some(closing) = &mut self.closing {
+                            closing.progress();
+                        }
+                    }
                     Poll::Ready(Err(e)) => {
                         return Poll::Ready(Err(self.failed.take().unwrap_or(Error::io(e))));
                     }
@@ -654,20 +666,35 @@ where
                 progress = true;
             }
             if self.failed.is_some() {
+                let closing = self.closing.as_mut().expect("set with failed");
                 if !self.out.is_empty() || self.unflushed {
-                    return Poll::Pending;
+                    // The GOAWAY waits for room in the socket while the client takes our
+                    // bytes, not for good: a client that reads nothing for the grace (its
+                    // buffers full of our answers), or still reads at the cap, is then
+                    // dropped with what did not fit, and the close is still its guard's, not
+                    // the stall watch's (it waited for `limits.idle_timeout`, then counted as
+                    // a stall).
+                    ready!(closing.by.as_mut().poll(cx));
+                    tracing::debug!(
+                        unsent = self.out.len(),
+                        "HTTP/2 connection error: the client did not take our last frames, GOAWAY included"
+                    );
+                    return Poll::Ready(Err(self.failed.take().expect("failed").unsent()));
                 }
                 // Unread input would turn the close into a TCP reset, which can destroy the
-                // GOAWAY (and its reason) before the client reads it: a short linger first.
-                // Not after an abuse guard's close (ENHANCE_YOUR_CALM: floods, rapid resets):
-                // at once (a drain of no time: our side shut once, nothing read), the abuser
-                // gets no more of our time.
+                // GOAWAY (and its reason) before the client reads it: a short linger first,
+                // [`ERROR_LINGER`] from the flush (within the cap). Not after an abuse guard's
+                // close (ENHANCE_YOUR_CALM: floods, rapid resets): at once (a drain of no
+                // time: our side shut once, nothing read), the abuser gets no more of our
+                // time.
                 let calm =
                     self.failed.as_ref().and_then(Error::code) == Some(Reason::ENHANCE_YOUR_CALM.0);
-                let linger = self.linger.insert(Linger {
-                    shut: false,
-                    drain: linger::Drain::within(if calm { Duration::ZERO } else { ERROR_LINGER }),
-                });
+                let drain = if calm {
+                    linger::Drain::within(Duration::ZERO)
+                } else {
+                    linger::Drain::until((Instant::now() + ERROR_LINGER).min(closing.cap))
+                };
+                let linger = self.linger.insert(Linger { shut: false, drain });
                 ready!(linger.poll(cx, &mut self.io));
                 return Poll::Ready(Err(self.failed.take().expect("failed")));
             }
@@ -1958,10 +1985,54 @@ impl<IO, S, F, R> Conn<IO, S, F, R> {
     }
 }
 
-/// The lingering close after a connection error's GOAWAY, in all: short, long enough for the
-/// client to read the GOAWAY (not after ENHANCE_YOUR_CALM: an abuser's connection is closed at
-/// once).
-const ERROR_LINGER: Duration = Duration::from_millis(500);
+/// After a connection error's GOAWAY (not an abuse guard's): the longest the GOAWAY waits for
+/// the client to take any of our bytes (it waits behind what was queued before it, 64 KiB and
+/// a frame at most, [`OUT_HIGH`]), and the lingering close once it is flushed: short, long
+/// enough for the client to read the GOAWAY.
+pub(super) const ERROR_LINGER: Duration = Duration::from_millis(500);
+/// The same wait after an abuse guard's GOAWAY (ENHANCE_YOUR_CALM), which lingers not at all.
+/// A client that reads nothing never makes room, and gets no more of our time than this.
+pub(super) const CALM_GRACE: Duration = Duration::from_millis(100);
+/// An abuse guard's close in all, however steadily the client reads: the 64 KiB before its
+/// GOAWAY take 2 s at about 260 kbit/s. Past it the connection is dropped with what is left.
+pub(super) const CALM_CLOSE_MAX: Duration = Duration::from_secs(2);
+/// Another connection error's close in all, linger included: 64 KiB at about 100 kbit/s.
+pub(super) const ERROR_CLOSE_MAX: Duration = Duration::from_secs(5);
+
+/// The time a connection error's close may still take. Progress-based: each write or flush
+/// that moves our bytes re-arms the grace ([`CALM_GRACE`] or [`ERROR_LINGER`]), so a client
+/// that reads slowly but steadily (a bulk download on a slow link, the socket's buffers full
+/// when the error came) gets its GOAWAY whole, and one that reads nothing goes after the
+/// grace; the cap ([`CALM_CLOSE_MAX`], [`ERROR_CLOSE_MAX`]) bounds one that reads a byte now
+/// and then.
+struct Closing {
+    /// The grace's end (never past `cap`).
+    by: Pin<Box<Sleep>>,
+    grace: Duration,
+    cap: Instant,
+}
+
+impl Closing {
+    fn new(calm: bool) -> Closing {
+        let (grace, max) = if calm {
+            (CALM_GRACE, CALM_CLOSE_MAX)
+        } else {
+            (ERROR_LINGER, ERROR_CLOSE_MAX)
+        };
+        let now = Instant::now();
+        Closing {
+            by: Box::pin(tokio::time::sleep_until(now + grace)),
+            grace,
+            cap: now + max,
+        }
+    }
+
+    /// Our bytes moved: the grace again, from now.
+    fn progress(&mut self) {
+        let end = (Instant::now() + self.grace).min(self.cap);
+        self.by.as_mut().reset(end);
+    }
+}
 
 /// A connection's lingering close: our side shut first (once `shut`: a TLS stream sends
 /// close_notify, a TCP one FIN), then the client's bytes read and dropped until it closes or

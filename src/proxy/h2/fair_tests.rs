@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::RecvBody;
 use super::frame::{self, Reason, flag, kind};
-use super::tests::{Raw, service, settings};
+use super::tests::{Raw, service, settings, u32_at};
 use crate::proxy::body::{self, ProxyBody};
 
 type Service = Box<
@@ -97,7 +97,7 @@ async fn connection_window_update(c: &mut Raw) -> Option<u32> {
         loop {
             let f = c.next().await.expect("the connection goes on");
             if f.head.kind == kind::WINDOW_UPDATE && f.head.stream == 0 {
-                return u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+                return u32_at(&f.payload);
             }
         }
     };

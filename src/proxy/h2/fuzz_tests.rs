@@ -376,6 +376,19 @@ impl ServerCfg {
     }
 }
 
+impl From<Settings> for ServerCfg {
+    fn from(s: Settings) -> Self {
+        ServerCfg {
+            max_streams: s.max_concurrent_streams,
+            header_list: s.max_header_list_size,
+            initial_window: s.initial_window_size,
+            conn_window: s.connection_window_size,
+            max_frame: s.max_frame_size,
+            stall_secs: u8::try_from(s.stalled_stream_timeout.as_secs()).expect("at most 255 s"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     server: ServerCfg,
@@ -1572,6 +1585,13 @@ fn table_size_update(block: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// Whether `serve` may have ended with its output cut mid-frame: an I/O error (the rest never
+/// written), or a connection error whose close gave up on a client that took nothing of its
+/// last frames (`ReadMode::Never`).
+fn cut_short(e: &Error) -> bool {
+    e.io_error().is_some() || e.goaway_unsent()
+}
+
 fn check_output(
     out: &[u8],
     sent: &Sent,
@@ -1604,8 +1624,9 @@ fn check_output(
             given_at_quiet = Some((given_conn, given.clone()));
         }
         if out.len() - pos < 9 {
-            // An input cut mid-frame ends `serve` at once (I/O error), its output unflushed.
-            if result.as_ref().is_err_and(|e| e.io_error().is_some()) {
+            // An input cut mid-frame ends `serve` at once (I/O error), its output unflushed;
+            // a connection error's close gives up on a client that reads nothing.
+            if result.as_ref().is_err_and(cut_short) {
                 break;
             }
             return Err(format!(
@@ -1616,8 +1637,9 @@ fn check_output(
         let head = Head::parse(&out[pos..]);
         let end = pos + 9 + head.len as usize;
         if end > out.len() {
-            // An input cut mid-frame ends `serve` at once (I/O error), its output unflushed.
-            if result.as_ref().is_err_and(|e| e.io_error().is_some()) {
+            // An input cut mid-frame ends `serve` at once (I/O error), its output unflushed;
+            // a connection error's close gives up on a client that reads nothing.
+            if result.as_ref().is_err_and(cut_short) {
                 break;
             }
             return Err(format!("a partial frame at the end: {head:?}"));
@@ -1942,6 +1964,14 @@ fn check_output(
     }
     let last_code = goaways.last().map(|g| g.1).filter(|&c| c != 0);
     match result {
+        // Given up before the client took it: the GOAWAY may be missing, never another.
+        Err(e) if e.goaway_unsent() => {
+            if last_code.is_some() && last_code != e.code() {
+                return Err(format!(
+                    "serve failed with {e} (GOAWAY unsent) but the last GOAWAY is {goaways:?}"
+                ));
+            }
+        }
         Err(e) if e.code().is_some() => {
             if last_code != e.code() || goaways.last().is_none() {
                 return Err(format!(
@@ -2384,14 +2414,7 @@ fn random_client_input_never_breaks_the_server() {
 
 fn regression_case(ops: Vec<Op>) -> Case {
     Case {
-        server: ServerCfg {
-            max_streams: 100,
-            header_list: 16 * 1024,
-            initial_window: 1024 * 1024,
-            conn_window: 4 * 1024 * 1024,
-            max_frame: 16_384,
-            stall_secs: 30,
-        },
+        server: ServerCfg::from(Settings::for_tests()),
         client_settings: Vec::new(),
         ops,
         mutations: Vec::new(),

@@ -12,15 +12,49 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::conn::{Buffered, Conn, DATA_FRAME, OUT_HIGH, READ_BUF};
+use super::conn::{
+    Buffered, CALM_CLOSE_MAX, CALM_GRACE, Conn, DATA_FRAME, ERROR_CLOSE_MAX, ERROR_LINGER,
+    OUT_HIGH, READ_BUF,
+};
 use super::frame::{self, Reason, flag, kind, setting};
 use super::streams::{Queued, SharedRef, lock};
-use super::tests::{In, Raw, hang_count, service, settings};
+use super::tests::{In, Raw, hang_count, service, settings, u32_at};
 use super::{Guard, RecvBody, Settings, Shutdown};
 use crate::proxy::body::ProxyBody;
 
 fn rst(code: Reason) -> [u8; 4] {
     code.0.to_be_bytes()
+}
+
+/// The client cancels stream `id` (RST_STREAM CANCEL).
+async fn cancel(c: &mut Raw, id: u32) {
+    c.send(kind::RST_STREAM, 0, id, &rst(Reason::CANCEL)).await;
+}
+
+/// A rapid reset attack: 300 GETs of `/hang`, each reset (CANCEL) right after its HEADERS,
+/// in one write.
+async fn send_rapid_resets(c: &mut Raw) {
+    let mut buf = BytesMut::new();
+    for i in 0..300u32 {
+        let id = 1 + 2 * i;
+        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+        frame::put_header_block(&mut buf, id, &b, true, 16_384);
+        frame::put_rst(&mut buf, id, Reason::CANCEL);
+    }
+    c.io.write_all(&buf).await.unwrap();
+}
+
+/// An abuse guard's close, after what the client sent was read: a GOAWAY ENHANCE_YOUR_CALM
+/// (see [`sync_or_goaway`]), and `guard` named in the connection's error. `case` names the
+/// case in a failure's message.
+async fn expect_abuse_close(mut c: Raw, guard: Guard, case: &str) {
+    assert_eq!(
+        sync_or_goaway(&mut c).await.err(),
+        Some(Reason::ENHANCE_YOUR_CALM),
+        "{case}"
+    );
+    let err = c.task.await.unwrap().expect_err("an abuse guard's close");
+    assert_eq!(err.abuse_guard(), Some(guard), "{case}: {err}");
 }
 
 /// Opens `/hang?KEY` on `id` and waits until its service runs (the connection read the
@@ -79,9 +113,7 @@ async fn sync_or_goaway(c: &mut Raw) -> Result<Vec<In>, Reason> {
     let mut seen = Vec::new();
     while let Some(f) = c.next().await {
         if f.head.kind == kind::GOAWAY {
-            return Err(Reason(u32::from_be_bytes(
-                f.payload[4..8].try_into().unwrap(),
-            )));
+            return Err(Reason(u32_at(&f.payload[4..])));
         }
         if f.head.kind == kind::PING && &f.payload[..] == b"syncsync" {
             return Ok(seen);
@@ -109,17 +141,12 @@ async fn starting_and_cancelling_requests_closes_the_connection() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        c.send(kind::RST_STREAM, 0, id, &rst(Reason::CANCEL)).await;
+        cancel(&mut c, id).await;
     }
     if let Some(i) = closed_after {
         assert!(i > 200, "closed after {i} cancellations");
     }
-    assert_eq!(
-        sync_or_goaway(&mut c).await.err(),
-        Some(Reason::ENHANCE_YOUR_CALM)
-    );
-    let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-    assert_eq!(err.abuse_guard(), Some(Guard::CancelledStreams), "{err}");
+    expect_abuse_close(c, Guard::CancelledStreams, "cancellations").await;
 }
 
 /// A gRPC-like client that cancels many slow calls (more than the base allowance in every
@@ -139,8 +166,7 @@ async fn cancelling_slow_calls_while_others_complete_keeps_the_connection() {
             panic!("closed after {i} cancellations: {f:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        c.send(kind::RST_STREAM, 0, cancelled, &rst(Reason::CANCEL))
-            .await;
+        cancel(&mut c, cancelled).await;
     }
     let seen = sync_or_goaway(&mut c).await.expect("the connection kept");
     assert!(seen.iter().all(|f| f.head.kind != kind::GOAWAY), "{seen:?}");
@@ -187,9 +213,7 @@ async fn mixed(key: &str, m: Mix) -> Option<(Duration, super::Error)> {
                 break 'rounds;
             }
             if let Some(f) = complete(&mut c, id).await {
-                goaway = Some(Reason(u32::from_be_bytes(
-                    f.payload[4..8].try_into().unwrap(),
-                )));
+                goaway = Some(Reason(u32_at(&f.payload[4..])));
                 break 'rounds;
             }
             id += 2;
@@ -287,14 +311,7 @@ async fn one_cheap_completion_per_two_cancellations_closes_the_connection() {
 #[tokio::test]
 async fn rapid_resets_are_told_apart_from_late_cancellations() {
     let mut c = Raw::start(settings()).await;
-    let mut buf = BytesMut::new();
-    for i in 0..300u32 {
-        let id = 1 + 2 * i;
-        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
-        frame::put_header_block(&mut buf, id, &b, true, 16_384);
-        frame::put_rst(&mut buf, id, Reason::CANCEL);
-    }
-    c.io.write_all(&buf).await.unwrap();
+    send_rapid_resets(&mut c).await;
     c.expect_goaway(Reason::ENHANCE_YOUR_CALM).await;
     let err = c.task.await.unwrap().expect_err("an abuse guard's close");
     assert_eq!(err.abuse_guard(), Some(Guard::RapidReset), "{err}");
@@ -352,7 +369,7 @@ async fn goaway_code(c: &mut Raw) -> Reason {
     loop {
         let f = c.next().await.expect("GOAWAY");
         if f.head.kind == kind::GOAWAY {
-            return Reason(u32::from_be_bytes(f.payload[4..8].try_into().unwrap()));
+            return Reason(u32_at(&f.payload[4..]));
         }
     }
 }
@@ -364,14 +381,7 @@ async fn goaway_code(c: &mut Raw) -> Reason {
 #[tokio::test(start_paused = true)]
 async fn an_abuse_close_is_at_once_and_other_errors_linger() {
     let mut c = Raw::start(settings()).await;
-    let mut buf = BytesMut::new();
-    for i in 0..300u32 {
-        let id = 1 + 2 * i;
-        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
-        frame::put_header_block(&mut buf, id, &b, true, 16_384);
-        frame::put_rst(&mut buf, id, Reason::CANCEL);
-    }
-    c.io.write_all(&buf).await.unwrap();
+    send_rapid_resets(&mut c).await;
     assert_eq!(goaway_code(&mut c).await, Reason::ENHANCE_YOUR_CALM);
     keep_writing(&mut c).await;
     let end = tokio::time::timeout(Duration::from_millis(1), &mut c.task).await;
@@ -398,6 +408,185 @@ async fn an_abuse_close_is_at_once_and_other_errors_linger() {
         .unwrap()
         .expect_err("an error");
     assert_eq!(err.abuse_guard(), None, "{err}");
+}
+
+/// Connection errors to a client that reads nothing, its pipe full of our PING ACKs (the
+/// output still under its bound, so input is read), the GOAWAY stuck behind them: an abuse
+/// guard's close ends within [`CALM_GRACE`], another error's within [`ERROR_LINGER`], with
+/// what did not fit dropped. Review MINOR 5: both waited for the client for good (in the
+/// proxy, until the idle timeout's stall watch cut the connection and counted a stall, not
+/// the guard).
+#[tokio::test(start_paused = true)]
+async fn a_close_does_not_wait_for_a_client_that_reads_nothing() {
+    /// 300 rapid resets.
+    fn abuse(c: &mut Raw) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for i in 0..300u32 {
+            let id = 1 + 2 * i;
+            let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+            frame::put_header_block(&mut buf, id, &b, true, 16_384);
+            frame::put_rst(&mut buf, id, Reason::CANCEL);
+        }
+        buf
+    }
+    /// A protocol error (RST_STREAM on stream 0).
+    fn fault(_: &mut Raw) -> BytesMut {
+        let mut buf = BytesMut::new();
+        frame::put_rst(&mut buf, 0, Reason::CANCEL);
+        buf
+    }
+    type Make = fn(&mut Raw) -> BytesMut;
+    let cases: [(Make, Duration, Option<Guard>); 2] = [
+        (abuse, CALM_GRACE, Some(Guard::RapidReset)),
+        (fault, ERROR_LINGER, None),
+    ];
+    for (make, bound, guard) in cases {
+        let (mut c, _, seen) = start_watched(settings(), &[], 4096, service).await;
+        // 6.8 KiB of PING ACKs: more than the pipe takes, less than the output's bound.
+        let mut buf = BytesMut::new();
+        for _ in 0..400 {
+            frame::put_ping(&mut buf, b"fillfill");
+        }
+        buf.extend_from_slice(&make(&mut c));
+        let started = tokio::time::Instant::now();
+        // Taken while the connection reads; it stops at its error (then the write fails or,
+        // on the old code, waits out this timeout).
+        let _ = tokio::time::timeout(Duration::from_secs(60), c.io.write_all(&buf)).await;
+        let end = tokio::time::timeout(Duration::from_secs(60), &mut c.task).await;
+        let err = end
+            .unwrap_or_else(|_| panic!("still open after 60 s (guard {guard:?})"))
+            .unwrap()
+            .expect_err("a connection error");
+        assert_eq!(err.abuse_guard(), guard, "{err}");
+        assert!(err.goaway_unsent(), "{err}");
+        // One tick (1 ms) over: the paused clock lands on the timer's tick, not before it.
+        assert!(
+            started.elapsed() <= bound + Duration::from_millis(1),
+            "closed {:?} after ({err})",
+            started.elapsed()
+        );
+        let left = seen.lock().unwrap().last.out;
+        assert!(left > 0, "the GOAWAY was never stuck ({err})");
+    }
+}
+
+/// 300 rapid resets (an abuse guard's error).
+fn rapid_resets(c: &mut Raw) -> BytesMut {
+    let mut buf = BytesMut::new();
+    for i in 0..300u32 {
+        let id = 1 + 2 * i;
+        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
+        frame::put_header_block(&mut buf, id, &b, true, 16_384);
+        frame::put_rst(&mut buf, id, Reason::CANCEL);
+    }
+    buf
+}
+
+/// A protocol error (RST_STREAM on stream 0).
+fn stream_zero_reset(_: &mut Raw) -> BytesMut {
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 0, Reason::CANCEL);
+    buf
+}
+
+/// A connection error after 2,000 PINGs on a 4 KiB pipe (34 KB of ACKs queued before the
+/// GOAWAY, under the output's bound), then a client that reads `chunk` bytes every 50 ms
+/// until the end: what it read (in `c.buf`), the connection's end, and how long after the
+/// error it came (seen at a read: 50 ms late at most; the reader may still be taking what
+/// the pipe holds).
+async fn close_to_slow_reader(
+    make: fn(&mut Raw) -> BytesMut,
+    chunk: usize,
+) -> (Raw, Result<(), super::Error>, Duration) {
+    let (mut c, _, _) = start_watched(settings(), &[], 4096, service).await;
+    let mut buf = BytesMut::new();
+    for _ in 0..2000 {
+        frame::put_ping(&mut buf, b"fillfill");
+    }
+    buf.extend_from_slice(&make(&mut c));
+    c.io.write_all(&buf).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut scratch = vec![0u8; chunk];
+    let mut ended = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if ended.is_none() && c.task.is_finished() {
+            ended = Some(started.elapsed());
+        }
+        match tokio::io::AsyncReadExt::read(&mut c.io, &mut scratch).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => c.buf.extend_from_slice(&scratch[..n]),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no end");
+    }
+    let end = (&mut c.task).await.unwrap();
+    let took = ended.unwrap_or_else(|| started.elapsed());
+    (c, end, took)
+}
+
+/// A client that reads slowly but steadily (2 KiB every 50 ms: 34 KB in about 850 ms, far
+/// over [`CALM_GRACE`] and [`ERROR_LINGER`]) gets its GOAWAY whole after the ACKs queued
+/// before it: the close's wait is re-armed by each write that moves our bytes (review
+/// MINORs 1+2: it was a fixed 100 ms / 500 ms in all, and such a client, a bulk download on a
+/// slow link, was cut mid-frame without the GOAWAY).
+#[tokio::test(start_paused = true)]
+async fn a_close_waits_for_a_client_that_reads_slowly_but_steadily() {
+    type Make = fn(&mut Raw) -> BytesMut;
+    let cases: [(Make, Reason, Option<Guard>); 2] = [
+        (
+            rapid_resets,
+            Reason::ENHANCE_YOUR_CALM,
+            Some(Guard::RapidReset),
+        ),
+        (stream_zero_reset, Reason::PROTOCOL_ERROR, None),
+    ];
+    for (make, code, guard) in cases {
+        let (mut c, end, took) = close_to_slow_reader(make, 2048).await;
+        let err = end.expect_err("a connection error");
+        assert_eq!(err.abuse_guard(), guard, "{err}");
+        assert!(!err.goaway_unsent(), "{err} after {took:?}");
+        let mut pings = 0;
+        let mut goaway = None;
+        while let Some(f) = c.next().await {
+            assert!(goaway.is_none(), "a frame after the GOAWAY ({err})");
+            match f.head.kind {
+                kind::PING => pings += 1,
+                kind::GOAWAY => goaway = Some(Reason(u32_at(&f.payload[4..]))),
+                _ => {}
+            }
+        }
+        assert!(
+            c.buf.is_empty(),
+            "{} bytes of a cut frame ({err})",
+            c.buf.len()
+        );
+        assert_eq!(goaway, Some(code), "{err} after {took:?}");
+        assert_eq!(pings, 2000, "{err}");
+    }
+}
+
+/// A client that takes a little now and then (64 bytes every 50 ms) never lets the grace run
+/// out, and is still dropped at the close's cap ([`CALM_CLOSE_MAX`], [`ERROR_CLOSE_MAX`]),
+/// not before it and not much after.
+#[tokio::test(start_paused = true)]
+async fn a_close_to_a_trickling_client_ends_at_its_cap() {
+    type Make = fn(&mut Raw) -> BytesMut;
+    let cases: [(Make, Duration, Option<Guard>); 2] = [
+        (rapid_resets, CALM_CLOSE_MAX, Some(Guard::RapidReset)),
+        (stream_zero_reset, ERROR_CLOSE_MAX, None),
+    ];
+    for (make, cap, guard) in cases {
+        let (_, end, took) = close_to_slow_reader(make, 64).await;
+        let err = end.expect_err("a connection error");
+        assert_eq!(err.abuse_guard(), guard, "{err}");
+        assert!(err.goaway_unsent(), "{err} after {took:?}");
+        assert!(err.to_string().ends_with(" (GOAWAY unsent)"), "{err}");
+        // Seen at the reader's next read: 50 ms late at most, and a tick.
+        assert!(
+            took >= cap && took <= cap + Duration::from_millis(51),
+            "closed {took:?} after ({err})"
+        );
+    }
 }
 
 // ---- A connection polled here: its state in view ----
@@ -441,13 +630,7 @@ where
         })
         .await
     });
-    let mut c = Raw {
-        io: a,
-        buf: BytesMut::new(),
-        enc: loona_hpack::Encoder::new(),
-        task,
-        shutdown,
-    };
+    let mut c = Raw::new(a, task, shutdown);
     let mut hello = BytesMut::from(&frame::PREFACE[..]);
     frame::put_settings(&mut hello, client_settings);
     c.io.write_all(&hello).await.unwrap();
@@ -570,17 +753,8 @@ async fn a_header_block_too_long_closes_the_connection_in_one_frame_or_many() {
             if in_one_frame { 64 * 1024 } else { 16_384 },
         );
         c.io.write_all(&out).await.unwrap();
-        assert_eq!(
-            sync_or_goaway(&mut c).await.err(),
-            Some(Reason::ENHANCE_YOUR_CALM),
-            "in one frame: {in_one_frame}"
-        );
-        let err = c.task.await.unwrap().expect_err("an abuse guard's close");
-        assert_eq!(
-            err.abuse_guard(),
-            Some(Guard::HeaderBlock),
-            "in one frame: {in_one_frame}"
-        );
+        let case = format!("in one frame: {in_one_frame}");
+        expect_abuse_close(c, Guard::HeaderBlock, &case).await;
     }
 }
 

@@ -116,10 +116,16 @@
 //!   a client that reads nothing never lets out, the connection then dropped without it): a
 //!   close with unread input would reset the connection, and a pooled client that sent a
 //!   request just as an idle connection closed could not tell it was never processed. A
-//!   connection error: GOAWAY with its code, then the same close, 500 ms at most (so the
-//!   client reads the GOAWAY rather than a TCP reset); after ENHANCE_YOUR_CALM (an abuse
-//!   guard: floods, rapid resets) the close is at once (the same close, with no drain time),
-//!   nothing more read.
+//!   connection error: GOAWAY with its code, then the same close for 500 ms after the GOAWAY
+//!   is flushed (so the client reads the GOAWAY rather than a TCP reset); after
+//!   ENHANCE_YOUR_CALM (an abuse guard: floods, rapid resets) the close is at once (the same
+//!   close, with no drain time), nothing more read, once the GOAWAY is written. Nothing is
+//!   read while the GOAWAY waits for room in the socket behind what was queued before it:
+//!   the wait is re-armed each time the client takes some of our bytes, 500 ms (100 ms after
+//!   an abuse guard's) at a time, the whole close capped at 5 s (2 s). A client that reads
+//!   nothing for that long, or still reads at the cap, is dropped with what did not fit
+//!   ([`Error::goaway_unsent`], " (GOAWAY unsent)" in its message), and an abuse close is
+//!   still its guard's, not a stall.
 //!
 //! The service closure is called, and its task spawned (or its future put in its slot),
 //! without the connection's lock held.
@@ -193,6 +199,27 @@ pub struct Settings {
     pub on_stalled_stream: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
+impl Settings {
+    /// The settings the HTTP/2 tests start from (the unit tests' and `tests/h2_pinned_memory.rs`,
+    /// which links only the library: hence public), each test changing what it is about. Not
+    /// the listener's: those come from its limits (`generation::h2_settings`: a 64 KiB header
+    /// list, a 1 MiB connection window, the 60 s idle timeout by default); these keep the
+    /// values the tests were written against (a 16 KiB header list, a 4 MiB connection window,
+    /// 30 s before a stalled stream is reset).
+    #[doc(hidden)]
+    pub fn for_tests() -> Self {
+        Settings {
+            max_concurrent_streams: 100,
+            max_header_list_size: 16 * 1024,
+            initial_window_size: 1024 * 1024,
+            connection_window_size: 4 * 1024 * 1024,
+            max_frame_size: 16_384,
+            stalled_stream_timeout: Duration::from_secs(30),
+            on_stalled_stream: None,
+        }
+    }
+}
+
 /// Asks a connection to finish: GOAWAY (in two steps, the last with the last stream id
 /// taken), in-flight streams end, then the connection closes (lingering). Cloneable; the glue
 /// keeps one per connection.
@@ -263,6 +290,10 @@ enum ErrorKind {
         detail: &'static str,
         /// The abuse guard that closed the connection (then `reason` is ENHANCE_YOUR_CALM).
         guard: Option<Guard>,
+        /// The close ended before the client took all of our last frames (it read nothing
+        /// for the close's time): the GOAWAY, and maybe more, was dropped with the
+        /// connection.
+        unsent: bool,
     },
 }
 
@@ -324,8 +355,23 @@ impl Error {
                 reason,
                 detail,
                 guard,
+                unsent: false,
             },
         }
+    }
+
+    /// The same error, its close given up before the client took our last frames.
+    fn unsent(mut self) -> Self {
+        if let ErrorKind::Protocol { unsent, .. } = &mut self.kind {
+            *unsent = true;
+        }
+        self
+    }
+
+    /// Whether the close was given up before the client took all of our last frames (the
+    /// GOAWAY among them): a client that read nothing for the close's time.
+    pub fn goaway_unsent(&self) -> bool {
+        matches!(self.kind, ErrorKind::Protocol { unsent: true, .. })
     }
 
     /// The HTTP/2 error code we sent in GOAWAY, when it was a protocol error (not I/O).
@@ -357,8 +403,17 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             ErrorKind::Io(e) => write!(f, "HTTP/2 connection error: {e}"),
-            ErrorKind::Protocol { reason, detail, .. } => {
-                write!(f, "HTTP/2 connection error {reason}: {detail}")
+            ErrorKind::Protocol {
+                reason,
+                detail,
+                unsent,
+                ..
+            } => {
+                write!(f, "HTTP/2 connection error {reason}: {detail}")?;
+                if *unsent {
+                    f.write_str(" (GOAWAY unsent)")?;
+                }
+                Ok(())
             }
         }
     }

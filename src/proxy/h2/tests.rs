@@ -18,16 +18,9 @@ use super::fuzz_tests::Chunks;
 use super::{RecvBody, Settings, Shutdown, serve};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
+/// [`Settings::for_tests`], the settings every test here starts from.
 pub(super) fn settings() -> Settings {
-    Settings {
-        max_concurrent_streams: 100,
-        max_header_list_size: 16 * 1024,
-        initial_window_size: 1024 * 1024,
-        connection_window_size: 4 * 1024 * 1024,
-        max_frame_size: 16_384,
-        stalled_stream_timeout: Duration::from_secs(30),
-        on_stalled_stream: None,
-    }
+    Settings::for_tests()
 }
 
 /// How many `/hang?KEY` services started and were dropped (aborted), by KEY.
@@ -493,6 +486,21 @@ pub(super) struct In {
 }
 
 impl Raw {
+    /// A client on `io`, the connection's end, served by `task`.
+    pub(super) fn new(
+        io: DuplexStream,
+        task: tokio::task::JoinHandle<Result<(), super::Error>>,
+        shutdown: Shutdown,
+    ) -> Raw {
+        Raw {
+            io,
+            buf: BytesMut::new(),
+            enc: loona_hpack::Encoder::new(),
+            task,
+            shutdown,
+        }
+    }
+
     /// Connects, sends the preface (split in two, the first part as `prefix`) and empty
     /// SETTINGS, and reads the server's SETTINGS, WINDOW_UPDATE and the ACK.
     pub(super) async fn start(settings: Settings) -> Raw {
@@ -525,13 +533,7 @@ impl Raw {
             )
             .await
         });
-        let mut raw = Raw {
-            io: a,
-            buf: BytesMut::new(),
-            enc: loona_hpack::Encoder::new(),
-            task,
-            shutdown,
-        };
+        let mut raw = Raw::new(a, task, shutdown);
         raw.io.write_all(&frame::PREFACE[5..]).await.unwrap();
         let mut out = BytesMut::new();
         frame::put_settings(&mut out, client_settings);
@@ -610,10 +612,7 @@ impl Raw {
         loop {
             let f = self.next().await.expect("GOAWAY before the end");
             if f.head.kind == kind::GOAWAY {
-                assert_eq!(
-                    Reason(u32::from_be_bytes(f.payload[4..8].try_into().unwrap())),
-                    reason
-                );
+                assert_eq!(Reason(u32_at(&f.payload[4..])), reason);
                 break;
             }
         }
@@ -629,10 +628,7 @@ impl Raw {
             }
             if f.head.kind == kind::RST_STREAM {
                 assert_eq!(f.head.stream, stream);
-                assert_eq!(
-                    Reason(u32::from_be_bytes(f.payload[..4].try_into().unwrap())),
-                    reason
-                );
+                assert_eq!(Reason(u32_at(&f.payload)), reason);
                 return;
             }
         }
