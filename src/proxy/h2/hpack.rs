@@ -436,7 +436,7 @@ fn put_string(out: &mut BytesMut, s: &[u8]) {
 }
 
 /// An HPACK integer (RFC 7541 §5.1) with a `prefix`-bit prefix after `first`'s high bits.
-fn put_int(out: &mut BytesMut, mut value: usize, prefix: u8, first: u8) {
+pub(super) fn put_int(out: &mut impl BufMut, mut value: usize, prefix: u8, first: u8) {
     let max = (1usize << prefix) - 1;
     if value < max {
         out.put_u8(first | value as u8);

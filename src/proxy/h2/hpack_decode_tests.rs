@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 
+use super::super::hpack::put_int;
 use super::*;
 
 type Fields = Vec<(String, String)>;
@@ -51,21 +52,6 @@ fn huffman_encode(s: &[u8]) -> Vec<u8> {
         out.push(((acc << (8 - bits)) as u8) | (0xff >> bits));
     }
     out
-}
-
-fn put_int(out: &mut Vec<u8>, mut value: usize, prefix: u8, first: u8) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
 }
 
 fn put_string(out: &mut Vec<u8>, s: &[u8], huffman: bool) {
@@ -323,6 +309,32 @@ fn bad_huffman_padding_and_eos_are_refused() {
         decode(&mut d, &[0x04, 0x81, 0x18]),
         Err(DecodeError::HuffmanPadding)
     );
+}
+
+/// Appendix C.1's integers: 10 with a 5-bit prefix, 1337 with a 5-bit prefix (`1f 9a 0a`),
+/// 42 on a byte boundary (an 8-bit prefix); read by `integer`, written by the encoder's
+/// `put_int`, and 10 and 1337 as size updates (`2a`, `3f 9a 0a`) through the decoder.
+#[test]
+fn rfc7541_c1_integers() {
+    for (value, prefix, bytes) in [
+        (10, 5, &[0x0a][..]),
+        (1337, 5, &[0x1f, 0x9a, 0x0a]),
+        (42, 8, &[0x2a]),
+    ] {
+        assert_eq!(
+            integer(bytes, 0, prefix),
+            Ok((value, bytes.len())),
+            "{value}"
+        );
+        let mut out = Vec::new();
+        put_int(&mut out, value, prefix, 0);
+        assert_eq!(out, bytes, "{value}");
+    }
+    let mut d = Decoder::new(4096);
+    assert_eq!(decode(&mut d, &[0x2a]), Ok(vec![]));
+    assert_eq!(d.table.max, 10);
+    assert_eq!(decode(&mut d, &[0x3f, 0x9a, 0x0a]), Ok(vec![]));
+    assert_eq!(d.table.max, 1337);
 }
 
 #[test]
@@ -654,4 +666,35 @@ proptest! {
             prop_assert_eq!(got, list);
         }
     }
+}
+
+/// A name taken from the dynamic table costs no copy of it: one 4000-byte literal name, then
+/// `7e 00` (incremental indexing, name = index 62, empty value) 5000 times. Each repeat
+/// replaces the entry it names; copying the name each time would be 20 MB copied for a
+/// 14 KB block. The bytes copied into the table must stay within the block's length.
+#[test]
+fn a_name_from_the_dynamic_table_is_not_copied_per_insert() {
+    let mut block = vec![0x40];
+    put_int(&mut block, 4000, 7, 0);
+    block.extend(std::iter::repeat_n(b'x', 4000));
+    block.push(0x00);
+    for _ in 0..5000 {
+        block.extend_from_slice(&[0x7e, 0x00]);
+    }
+    let mut d = Decoder::new(4096);
+    let mut n = 0;
+    d.decode_with_cb(&block, |name, value, _| {
+        assert_eq!((name.len(), value.len()), (4000, 0));
+        n += 1;
+    })
+    .unwrap();
+    assert_eq!(n, 5001);
+    let (entries, size) = d.table();
+    assert_eq!((entries.len(), size), (1, 4032));
+    assert!(
+        d.copied <= block.len(),
+        "{} bytes copied into the table for a {}-byte block",
+        d.copied,
+        block.len()
+    );
 }
