@@ -188,6 +188,12 @@ impl Client {
     async fn get(&mut self, stream: u32, fields: &[u8]) {
         let mut block = vec![0x82, 0x86, 0x84];
         block.extend_from_slice(fields);
+        self.request(stream, &block).await;
+    }
+
+    /// A request whose whole header block is `block`, ended with it, as [`Self::get`] sends
+    /// it and reads its response.
+    async fn request(&mut self, stream: u32, block: &[u8]) {
         let mut out = Vec::new();
         let mut parts = block.chunks(16_384).peekable();
         let mut kind = HEADERS;
@@ -437,6 +443,58 @@ fn an_idle_connection_holds_no_arena_until_its_first_block() {
             served - idle < 8 * 1024,
             "a connection holds {} bytes more after one GET than idle",
             served - idle
+        );
+    });
+}
+
+/// A request whose `:path` is a Huffman-coded literal (as h2load, and browsers for a path not
+/// in the static table, send it) costs no more allocations than the same `:path` indexed
+/// (`/`) or as a raw literal (`/hello`): the Huffman decoder is a table built once per
+/// process and decodes into a buffer the connection keeps. (`loona-hpack` built a decoder of
+/// all 257 codes for every Huffman-coded string: about 60 allocations more.) Each kind's
+/// fewest of three, after warm-up: a new value arena now and then is not the decoder's.
+#[test]
+fn a_huffman_coded_path_costs_no_more_allocations_than_an_indexed_one() {
+    runtime().block_on(async {
+        let mut c = start_serving(Settings::for_tests(), answers).await;
+        // `:method GET` and `:scheme http` indexed, then `:path`: `/` indexed, `/` as a
+        // literal without indexing (name 4) Huffman-coded (1 byte), `/hello` raw, and
+        // `/hello` Huffman-coded (5 bytes).
+        let blocks: [&[u8]; 4] = [
+            &[0x82, 0x86, 0x84],
+            &[0x82, 0x86, 0x04, 0x81, 0x63],
+            b"\x82\x86\x04\x06/hello",
+            &[0x82, 0x86, 0x04, 0x85, 0x62, 0x72, 0xd1, 0x41, 0xff],
+        ];
+        let mut stream = 1;
+        for _ in 0..4 {
+            for block in blocks {
+                c.request(stream, block).await;
+                stream += 2;
+            }
+        }
+        let mut fewest = [usize::MAX; 4];
+        for _ in 0..3 {
+            for (i, block) in blocks.into_iter().enumerate() {
+                let before = allocations();
+                c.request(stream, block).await;
+                fewest[i] = fewest[i].min(allocations() - before);
+                stream += 2;
+            }
+        }
+        let [indexed, huffman, raw_hello, huffman_hello] = fewest;
+        eprintln!(
+            "allocations per request: `/` indexed {indexed}, Huffman-coded {huffman}; \
+             `/hello` raw {raw_hello}, Huffman-coded {huffman_hello}"
+        );
+        assert!(
+            huffman <= indexed,
+            "a Huffman-coded :path / costs {huffman} allocations, an indexed one {indexed}"
+        );
+        assert!(
+            huffman_hello <= raw_hello,
+            "a Huffman-coded :path /hello costs {huffman_hello} allocations, a raw one \
+             {raw_hello}"
         );
     });
 }

@@ -25,6 +25,7 @@ use super::frame::{
     self, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW, Head, MAX_WINDOW, Reason, flag, kind, setting,
 };
 use super::hpack::{self, BlockReader, Refused};
+use super::hpack_decode;
 use super::inline::{Inline, Task};
 use super::stream::{RecvBody, SEND_BUFFER, respond};
 use super::streams::{Queued, Recv, Shared, SharedRef, Stream, lock};
@@ -381,7 +382,7 @@ pub(super) struct Conn<IO, S, F, R> {
     /// A frame larger than [`READ_BUF`] was read: [`Self::shrink_read`] is due.
     large_frame: bool,
     out: BytesMut,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack_decode::Decoder,
     /// Every header block's fields, decoded into the connection's value arena.
     reader: BlockReader,
     /// Response head buffers back from written heads, for the next streams' tasks.
@@ -484,8 +485,7 @@ where
         )));
         // We announce no SETTINGS_HEADER_TABLE_SIZE: the client's table updates may not go
         // past the default (a larger one would be memory the client chose).
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+        let decoder = hpack_decode::Decoder::new(HEADER_TABLE_SIZE);
         Conn {
             io,
             service,
@@ -1246,11 +1246,11 @@ where
         );
         let reader = &mut self.reader;
         // Decoded whole whatever becomes of the stream: the dynamic table must stay in step.
-        if self
+        if let Err(error) = self
             .decoder
-            .decode_with_cb(block, |n, v| reader.field(n, v))
-            .is_err()
+            .decode_with_cb(block, |n, v, never| reader.field(n, v, never))
         {
+            tracing::debug!(stream = id, %error, "undecodable header block");
             return Err(Fault::new(
                 Reason::COMPRESSION_ERROR,
                 "invalid header block",

@@ -1,4 +1,4 @@
-//! Header blocks: a request's block decoded (with `loona-hpack`'s decoder, which keeps the
+//! Header blocks: a request's block decoded (by [`super::hpack_decode`], which keeps the
 //! connection's dynamic table) and checked into an `http::Request` head as h2's server builds
 //! one, and a response's head encoded.
 //!
@@ -8,8 +8,6 @@
 //! on the stream's own task, never sends a dynamic table size update, and costs a copy of the
 //! bytes: on loopback, fewer instructions matter more than fewer bytes. `loona-hpack`'s
 //! encoder would add every new field to its table with two `Vec` copies.
-
-use std::borrow::Cow;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -55,7 +53,7 @@ const ADDED_BY_PHASES: usize = 8;
 /// which is not kept after the block.
 const ARENA: usize = 4096;
 
-/// The most entries the reused field list keeps room for between blocks (48 bytes each): a
+/// The most entries the reused field list keeps room for between blocks (56 bytes each): a
 /// request with more fields grows it for its block only.
 const FIELDS_KEPT: usize = 64;
 
@@ -87,8 +85,9 @@ pub(super) struct BlockReader {
     bytes: BytesMut,
     /// The arena outgrew [`ARENA`] during the block (seen before its values are split off).
     oversized: bool,
-    /// Kept between blocks (cleared, not freed) up to [`FIELDS_KEPT`] entries.
-    fields: Vec<(HeaderName, usize, usize)>,
+    /// Kept between blocks (cleared, not freed) up to [`FIELDS_KEPT`] entries: each field's
+    /// name, its value's place in the arena, and whether it came never indexed.
+    fields: Vec<(HeaderName, usize, usize, bool)>,
     /// Trailers: no pseudo-header allowed.
     trailers: bool,
 }
@@ -176,8 +175,9 @@ impl BlockReader {
         (start, self.bytes.len())
     }
 
-    /// One decoded field.
-    pub fn field(&mut self, name: Cow<[u8]>, value: Cow<[u8]>) {
+    /// One decoded field; `never_indexed` marks its value sensitive (as h2 does), so that
+    /// it stays out of any compression table when forwarded over HTTP/2.
+    pub fn field(&mut self, name: &[u8], value: &[u8], never_indexed: bool) {
         self.size += name.len() + value.len() + 32;
         // The field count is capped too: a `HeaderMap` panics past 24,576 entries, which
         // 1-byte indexed fields reach under a large SETTINGS_MAX_HEADER_LIST_SIZE.
@@ -192,11 +192,11 @@ impl BlockReader {
                 return self.refuse(Refused::Malformed("pseudo-header after a regular field"));
             }
             match pseudo {
-                b"method" if self.method.is_none() => match Method::from_bytes(&value) {
+                b"method" if self.method.is_none() => match Method::from_bytes(value) {
                     Ok(m) => self.method = Some(m),
                     Err(_) => self.refuse(Refused::Malformed("invalid :method")),
                 },
-                b"scheme" if self.scheme.is_none() => match &value[..] {
+                b"scheme" if self.scheme.is_none() => match value {
                     b"http" => self.scheme = Some(Scheme::HTTP),
                     b"https" => self.scheme = Some(Scheme::HTTPS),
                     other => match Scheme::try_from(other) {
@@ -204,10 +204,8 @@ impl BlockReader {
                         Err(_) => self.refuse(Refused::Malformed("invalid :scheme")),
                     },
                 },
-                b"authority" if self.authority.is_none() => {
-                    self.authority = Some(self.keep(&value))
-                }
-                b"path" if self.path.is_none() => self.path = Some(self.keep(&value)),
+                b"authority" if self.authority.is_none() => self.authority = Some(self.keep(value)),
+                b"path" if self.path.is_none() => self.path = Some(self.keep(value)),
                 b"method" | b"scheme" | b"authority" | b"path" => {
                     self.refuse(Refused::Malformed("a pseudo-header twice"))
                 }
@@ -216,17 +214,17 @@ impl BlockReader {
             return;
         }
         self.regular_seen = true;
-        let Ok(name) = HeaderName::from_lowercase(&name) else {
+        let Ok(name) = HeaderName::from_lowercase(name) else {
             return self.refuse(Refused::Malformed("invalid or uppercase field name"));
         };
         if connection_specific(&name) {
             return self.refuse(Refused::Malformed("connection-specific field"));
         }
-        if name == http::header::TE && &value[..] != b"trailers" {
+        if name == http::header::TE && value != b"trailers" {
             return self.refuse(Refused::Malformed("te other than \"trailers\""));
         }
         if name == http::header::CONTENT_LENGTH && !self.trailers {
-            let Some(n) = parse_length(&value) else {
+            let Some(n) = parse_length(value) else {
                 return self.refuse(Refused::Malformed("invalid content-length"));
             };
             if self.content_length.is_some_and(|m| m != n) {
@@ -234,17 +232,18 @@ impl BlockReader {
             }
             self.content_length = Some(n);
         }
-        let (a, b) = self.keep(&value);
-        self.fields.push((name, a, b));
+        let (a, b) = self.keep(value);
+        self.fields.push((name, a, b, never_indexed));
     }
 
     fn finish_fields(&mut self, bytes: &Bytes, room: usize) -> Result<HeaderMap, Refused> {
         let mut headers = HeaderMap::with_capacity(self.fields.len() + room);
-        for (name, a, b) in self.fields.drain(..) {
+        for (name, a, b, never_indexed) in self.fields.drain(..) {
             // NUL, CR, LF and other controls but tab are refused here.
-            let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(a..b)) else {
+            let Ok(mut value) = HeaderValue::from_maybe_shared(bytes.slice(a..b)) else {
                 return Err(Refused::Malformed("invalid field value"));
             };
+            value.set_sensitive(never_indexed);
             headers.append(name, value);
         }
         Ok(headers)
@@ -437,7 +436,7 @@ fn put_string(out: &mut BytesMut, s: &[u8]) {
 }
 
 /// An HPACK integer (RFC 7541 §5.1) with a `prefix`-bit prefix after `first`'s high bits.
-fn put_int(out: &mut BytesMut, mut value: usize, prefix: u8, first: u8) {
+pub(super) fn put_int(out: &mut impl BufMut, mut value: usize, prefix: u8, first: u8) {
     let max = (1usize << prefix) - 1;
     if value < max {
         out.put_u8(first | value as u8);
@@ -553,7 +552,7 @@ mod tests {
         let mut r = BlockReader::new();
         r.start(max, 64, false);
         for (n, v) in fields {
-            r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+            r.field(n.as_bytes(), v.as_bytes(), false);
         }
         r.finish_request()
     }
@@ -587,16 +586,16 @@ mod tests {
         let block = |r: &mut BlockReader, path: &str| {
             r.start(1000, 16, false);
             for (n, v) in [(":method", "GET"), (":scheme", "http"), (":path", path)] {
-                r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+                r.field(n.as_bytes(), v.as_bytes(), false);
             }
-            r.field(Cow::Borrowed(b"x-a"), Cow::Borrowed(b"1"));
+            r.field(b"x-a", b"1", false);
             r.finish_request()
         };
         let first = block(&mut r, "/first").unwrap();
         let arena = r.bytes.capacity();
         let refused = {
             r.start(1000, 16, false);
-            r.field(Cow::Borrowed(b":bogus"), Cow::Borrowed(b"x"));
+            r.field(b":bogus", b"x", false);
             r.finish_request()
         };
         assert!(refused.is_err());
@@ -619,13 +618,13 @@ mod tests {
         let big = "v".repeat(512 * 1024);
         r.start(1 << 20, big.len() + 4096, false);
         for (n, v) in GET {
-            r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+            r.field(n.as_bytes(), v.as_bytes(), false);
         }
         for i in 0..2 * FIELDS_KEPT {
             let name = format!("x-{i}");
-            r.field(Cow::Owned(name.into_bytes()), Cow::Borrowed(b"1"));
+            r.field(name.as_bytes(), b"1", false);
         }
-        r.field(Cow::Borrowed(b"x-big"), Cow::Borrowed(big.as_bytes()));
+        r.field(b"x-big", big.as_bytes(), false);
         let head = r.finish_request().unwrap();
         r.end();
         assert_eq!(r.bytes.capacity(), 0, "the large arena is kept");
@@ -637,7 +636,7 @@ mod tests {
         assert_eq!(head.headers["x-big"].len(), big.len());
         r.start(1000, 16, false);
         for (n, v) in GET {
-            r.field(Cow::Borrowed(n.as_bytes()), Cow::Borrowed(v.as_bytes()));
+            r.field(n.as_bytes(), v.as_bytes(), false);
         }
         let _head = r.finish_request().unwrap();
         r.end();
@@ -650,14 +649,14 @@ mod tests {
     /// request and for trailers; a block just under the cap still leaves the phases room.
     #[test]
     fn many_tiny_fields_are_refused_not_a_panic() {
-        let mut d = loona_hpack::Decoder::new();
+        let mut d = super::super::hpack_decode::Decoder::new(4096);
         let mut r = BlockReader::new();
         let mut block = vec![0x82, 0x86, 0x84]; // :method GET, :scheme http, :path /
         block.extend(std::iter::repeat_n(0x80 | 19, 25_000)); // accept: "", 950,000 bytes
         for trailers in [false, true] {
             let block = if trailers { &block[3..] } else { &block[..] };
             r.start(1 << 20, block.len(), trailers);
-            d.decode_with_cb(block, |n, v| r.field(n, v)).unwrap();
+            d.decode_with_cb(block, |n, v, s| r.field(n, v, s)).unwrap();
             let got = if trailers {
                 r.finish_trailers().map(|_| ())
             } else {
@@ -667,13 +666,47 @@ mod tests {
         }
         let block = &block[..3 + MAX_FIELDS];
         r.start(1 << 20, block.len(), false);
-        d.decode_with_cb(block, |n, v| r.field(n, v)).unwrap();
+        d.decode_with_cb(block, |n, v, s| r.field(n, v, s)).unwrap();
         let mut head = r.finish_request().unwrap();
         assert_eq!(head.headers.len(), MAX_FIELDS);
         for i in 0..2 * ADDED_BY_PHASES {
             let name = HeaderName::try_from(format!("x-phase-{i}")).unwrap();
             head.headers.insert(name, HeaderValue::from_static("1"));
         }
+    }
+
+    /// The encoder's static name indexes are the decoder's static table's (first entry of
+    /// each name).
+    #[test]
+    fn static_name_indexes_match_the_decoders_table() {
+        use super::super::hpack_decode::STATIC_TABLE;
+        for (i, (name, _)) in STATIC_TABLE.iter().enumerate().skip(14) {
+            let first = STATIC_TABLE.iter().position(|(n, _)| n == name).unwrap() + 1;
+            assert_eq!(static_name_index(name), Some(first), "{name}");
+            assert_eq!(first, i + 1, "{name}");
+        }
+        assert_eq!(static_name_index(":path"), None);
+    }
+
+    /// A field sent never indexed (RFC 7541 §6.2.3) becomes a sensitive value, as h2 makes
+    /// it, so that our encoder (and h2's, upstream) send it never indexed in turn.
+    #[test]
+    fn never_indexed_fields_become_sensitive_values() {
+        let mut d = super::super::hpack_decode::Decoder::new(4096);
+        let mut r = BlockReader::new();
+        // GET http / ; `authorization: s` never indexed (name 23); `x-a: 1` without indexing.
+        let block = [
+            0x82, 0x86, 0x84, 0x1f, 0x08, 0x01, b's', 0x00, 0x03, b'x', b'-', b'a', 0x01, b'1',
+        ];
+        r.start(1000, block.len(), false);
+        d.decode_with_cb(&block, |n, v, s| r.field(n, v, s))
+            .unwrap();
+        let head = r.finish_request().unwrap();
+        assert!(head.headers["authorization"].is_sensitive());
+        assert!(!head.headers["x-a"].is_sensitive());
+        let mut out = BytesMut::new();
+        encode_fields(&head.headers, &mut out);
+        assert_eq!(out[0], 0x1f, "not sent never indexed: {:02x?}", &out[..]);
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! a request without a body on a current-thread runtime (`inline`: the rule and why there),
 //! and queues its response in state shared with the connection task (`streams`: one `Mutex` per connection and a waker
 //! per side, as `h2` does; no channel per stream) and encodes the response head itself
-//! (`hpack`: a stateless encoder). The request body ([`RecvBody`]) is read from the same
+//! (`hpack`: a stateless encoder; request blocks are decoded by `hpack_decode`, our own,
+//! whose Huffman decoder is a table built once per process). The request body ([`RecvBody`]) is read from the same
 //! state, and reading it is what gives the client its window back.
 //!
 //! Per request, in steady state, the server itself allocates the request's `HeaderMap` (two
@@ -26,8 +27,9 @@
 //! connection hands to each stream's task and takes back once written, and a removed
 //! stream's send queue serves the next one (docs/BENCHMARKS.md, "h2c allocations"). What the
 //! client sends can add: a copy of each field name that is not one of `http`'s standard
-//! names (`HeaderName`); from `loona-hpack`, each Huffman-coded literal decoded and each
-//! literal with indexing copied into its table; a buffer for the request's small DATA
+//! names (`HeaderName`); from our HPACK decoder (`hpack_decode`), each literal with indexing
+//! copied into its table (one allocation; Huffman-coded strings are decoded into one scratch
+//! buffer the connection keeps); a buffer for the request's small DATA
 //! payloads (copied together) and one for response trailers.
 //!
 //! What the client gets (RFC 9113 server side, RFC 7541 HPACK):
@@ -230,6 +232,7 @@ mod fuzz_tests;
 #[cfg(test)]
 mod guard_tests;
 mod hpack;
+mod hpack_decode;
 mod inline;
 #[cfg(test)]
 mod inline_tests;
