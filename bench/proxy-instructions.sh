@@ -37,6 +37,8 @@
 # left out: 1.22 has no h2c next to HTTP/1.1 on one port), with the same start-up subtraction.
 # `HTTP2_SERVER=hyper|outrigger` picks Outrigger's HTTP/2 server (`http2_server`; default
 # outrigger, our own, as the listener's default): the h2c figures (CG_PROTO=h2, and the h2c allocations) are its.
+# `CG_PATH=/hello` makes the callgrind load ask that path (h2c: not in HPACK's static table, so
+# h2load sends it as a Huffman-coded literal in every request; `/` is one index).
 # `CG_KEEP=DIR` keeps each callgrind output as DIR/cg.PROXY.REQUESTS (for
 # `callgrind_annotate --inclusive=no DIR/cg.outrigger.6000`, say).
 # Needs: nginx python3 curl h2load; valgrind and haproxy unless ALLOCS_ONLY=1; cargo unless
@@ -129,7 +131,7 @@ count() { # PROXY REQUESTS → total instructions
   esac
   local vg=$!
   wait_up
-  if [ "${CG_PROTO:-h1}" = h2 ]; then h2c "$2"; else load "$2" "${CG_METHOD:-GET}"; fi
+  if [ "${CG_PROTO:-h1}" = h2 ]; then h2c "$2" "${CG_PATH:-/}"; else load "$2" "${CG_METHOD:-GET}" "${CG_PATH:-/}"; fi
   kill -TERM $vg; wait $vg || true
   awk '/Collected :/ {print $4}' "$dir/err"
   if [ -n "${CG_KEEP:-}" ]; then mkdir -p "$CG_KEEP"; cp "$dir/cg.out" "$CG_KEEP/cg.$1.$2"; fi
@@ -169,7 +171,7 @@ done
 if [ -z "${ALLOCS_ONLY:-}" ]; then
   echo
   if [ "${CG_PROTO:-h1}" = h2 ]; then
-  echo "### Instructions per proxied h2c GET (callgrind, $n requests, 4 connections, h2load -m1)"
+  echo "### Instructions per proxied h2c GET ${CG_PATH:-/} (callgrind, $n requests, 4 connections, h2load -m1)"
 else
   echo "### Instructions per proxied keep-alive HTTP/1.1 ${CG_METHOD:-GET} (callgrind, $n requests, 4 connections)"
 fi

@@ -59,8 +59,8 @@ impl Drain {
     }
 
     /// Reads and drops everything the client sends, for at most `total` in all (and
-    /// [`LINGER`] between reads): HTTP/2's close, after its last GOAWAY. Zero: over at once,
-    /// nothing read (and no timer).
+    /// [`LINGER`] between reads): HTTP/2's close, after its last GOAWAY. Zero (or an `end`
+    /// already past): over at once, nothing read (and no timer).
     pub(super) fn within(total: Duration) -> Drain {
         Drain::until(Instant::now() + total)
     }
@@ -71,8 +71,7 @@ impl Drain {
         Drain {
             left: u64::MAX,
             end,
-            timer: (!total.is_zero())
-                .then(|| Box::pin(tokio::time::sleep_until((now + LINGER).min(end)))),
+            timer: (end > now).then(|| Box::pin(tokio::time::sleep_until((now + LINGER).min(end)))),
         }
     }
 
