@@ -568,6 +568,13 @@ impl Decoder {
             .collect()
     }
 
+    /// Whether each dynamic table entry's name is a static table name, newest first.
+    #[cfg(test)]
+    fn static_names(&self) -> Vec<bool> {
+        let is_static = |e: &Entry| matches!(e.name, Name::Static(_));
+        self.table.entries.iter().map(is_static).collect()
+    }
+
     /// The dynamic table's entries, newest first, and its size.
     #[cfg(test)]
     fn table(&self) -> (Vec<(String, String)>, usize) {
