@@ -34,6 +34,12 @@ async fn cancel(c: &mut Raw, id: u32) {
 /// A rapid reset attack: 300 GETs of `/hang`, each reset (CANCEL) right after its HEADERS,
 /// in one write.
 async fn send_rapid_resets(c: &mut Raw) {
+    let buf = rapid_resets(c);
+    c.io.write_all(&buf).await.unwrap();
+}
+
+/// 300 rapid resets (an abuse guard's error).
+fn rapid_resets(c: &mut Raw) -> BytesMut {
     let mut buf = BytesMut::new();
     for i in 0..300u32 {
         let id = 1 + 2 * i;
@@ -41,7 +47,14 @@ async fn send_rapid_resets(c: &mut Raw) {
         frame::put_header_block(&mut buf, id, &b, true, 16_384);
         frame::put_rst(&mut buf, id, Reason::CANCEL);
     }
-    c.io.write_all(&buf).await.unwrap();
+    buf
+}
+
+/// A protocol error (RST_STREAM on stream 0).
+fn stream_zero_reset(_: &mut Raw) -> BytesMut {
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 0, Reason::CANCEL);
+    buf
 }
 
 /// An abuse guard's close, after what the client sent was read: a GOAWAY ENHANCE_YOUR_CALM
@@ -435,27 +448,10 @@ on_both_paths! {
 /// the guard).
 #[tokio::test(start_paused = true)]
 async fn a_close_does_not_wait_for_a_client_that_reads_nothing() {
-    /// 300 rapid resets.
-    fn abuse(c: &mut Raw) -> BytesMut {
-        let mut buf = BytesMut::new();
-        for i in 0..300u32 {
-            let id = 1 + 2 * i;
-            let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
-            frame::put_header_block(&mut buf, id, &b, true, 16_384);
-            frame::put_rst(&mut buf, id, Reason::CANCEL);
-        }
-        buf
-    }
-    /// A protocol error (RST_STREAM on stream 0).
-    fn fault(_: &mut Raw) -> BytesMut {
-        let mut buf = BytesMut::new();
-        frame::put_rst(&mut buf, 0, Reason::CANCEL);
-        buf
-    }
     type Make = fn(&mut Raw) -> BytesMut;
     let cases: [(Make, Duration, Option<Guard>); 2] = [
-        (abuse, CALM_GRACE, Some(Guard::RapidReset)),
-        (fault, ERROR_LINGER, None),
+        (rapid_resets, CALM_GRACE, Some(Guard::RapidReset)),
+        (stream_zero_reset, ERROR_LINGER, None),
     ];
     for (make, bound, guard) in cases {
         let (mut c, _, seen) = start_watched(settings(), &[], 4096, service).await;
@@ -485,25 +481,6 @@ async fn a_close_does_not_wait_for_a_client_that_reads_nothing() {
         let left = seen.lock().unwrap().last.out;
         assert!(left > 0, "the GOAWAY was never stuck ({err})");
     }
-}
-
-/// 300 rapid resets (an abuse guard's error).
-fn rapid_resets(c: &mut Raw) -> BytesMut {
-    let mut buf = BytesMut::new();
-    for i in 0..300u32 {
-        let id = 1 + 2 * i;
-        let b = c.block(&[(":method", "GET"), (":scheme", "http"), (":path", "/hang")]);
-        frame::put_header_block(&mut buf, id, &b, true, 16_384);
-        frame::put_rst(&mut buf, id, Reason::CANCEL);
-    }
-    buf
-}
-
-/// A protocol error (RST_STREAM on stream 0).
-fn stream_zero_reset(_: &mut Raw) -> BytesMut {
-    let mut buf = BytesMut::new();
-    frame::put_rst(&mut buf, 0, Reason::CANCEL);
-    buf
 }
 
 /// A connection error after 2,000 PINGs on a 4 KiB pipe (34 KB of ACKs queued before the

@@ -675,16 +675,20 @@ proptest! {
 /// the static table is the static table's own.
 #[test]
 fn a_name_from_a_table_is_shared_not_copied() {
-    let mut block = vec![0x40];
-    put_int(&mut block, 100, 7, 0);
-    block.extend(std::iter::repeat_n(b'x', 100));
-    block.push(0x00);
-    for _ in 0..20 {
-        block.extend_from_slice(&[0x7e, 0x00]);
-    }
+    // A `len`-byte literal name with an empty value, indexed, then `repeats` × `7e 00`.
+    let block = |len: usize, repeats: usize| {
+        let mut block = vec![0x40];
+        put_int(&mut block, len, 7, 0);
+        block.extend(std::iter::repeat_n(b'x', len));
+        block.push(0x00);
+        for _ in 0..repeats {
+            block.extend_from_slice(&[0x7e, 0x00]);
+        }
+        block
+    };
     let mut d = Decoder::new(4096);
     let mut n = 0;
-    d.decode_with_cb(&block, |name, value, _| {
+    d.decode_with_cb(&block(100, 20), |name, value, _| {
         assert_eq!((name.len(), value.len()), (100, 0));
         n += 1;
     })
@@ -700,14 +704,7 @@ fn a_name_from_a_table_is_shared_not_copied() {
     d.decode_with_cb(&[0x41, 0x01, b'a'], |_, _, _| {}).unwrap();
     assert_eq!(d.static_names()[..2], [true, false]);
     // And the long case decodes to one entry of its size.
-    let mut block = vec![0x40];
-    put_int(&mut block, 4000, 7, 0);
-    block.extend(std::iter::repeat_n(b'x', 4000));
-    block.push(0x00);
-    for _ in 0..5000 {
-        block.extend_from_slice(&[0x7e, 0x00]);
-    }
     let mut d = Decoder::new(4096);
-    d.decode_with_cb(&block, |_, _, _| {}).unwrap();
+    d.decode_with_cb(&block(4000, 5000), |_, _, _| {}).unwrap();
     assert_eq!(d.table().1, 4032);
 }
